@@ -1,0 +1,135 @@
+# Control plane: membership, health, status and commands, all through the
+# coordinator. Field ordinals (@N) are explicit and only ever appended, so a
+# newer peer can add fields without breaking an older one.
+@0x93893771789b8197;
+
+using Cxx = import "/capnp/c++.capnp";
+$Cxx.namespace("grove::wire");
+
+enum Role {
+  unknown @0;
+  coordinator @1;
+  rollout @2;
+  verifier @3;
+  replay @4;
+  learner @5;
+  client @6;      # grove CLI and other tools: never registered
+}
+
+enum ActorState {
+  starting @0;
+  healthy @1;
+  suspect @2;     # missed heartbeats, still inside the liveness window
+  dead @3;        # missed the whole liveness window, or exited
+  draining @4;    # finishing its work after a drain or stop command
+  stopped @5;     # exited cleanly
+}
+
+struct Counter {
+  name @0 :Text;
+  value @1 :Float64;
+}
+
+struct Register {
+  role @0 :Role;
+  id @1 :Text;              # unique in the cluster, e.g. "rollout-0"
+  host @2 :Text;
+  pid @3 :Int32;
+  dataEndpoint @4 :Text;    # where this actor serves data ("" if it serves none)
+  startedAtMs @5 :Int64;    # wall clock, milliseconds since the epoch
+  restarts @6 :UInt32;      # how often the supervisor restarted this id
+  incarnation @7 :UInt64;   # random per process start: tells a restart from a re-register
+  policyVersion @8 :Int64;
+}
+
+struct RegisterAck {
+  accepted @0 :Bool;
+  reason @1 :Text;
+  heartbeatIntervalMs @2 :UInt32;
+  livenessMisses @3 :UInt32;   # heartbeats missed before an actor is dead
+  coordinatorEpoch @4 :UInt64; # changes when the coordinator restarts
+  policyVersion @5 :Int64;     # the newest policy version the coordinator knows
+}
+
+struct Heartbeat {
+  state @0 :ActorState;
+  policyVersion @1 :Int64;
+  counters @2 :List(Counter);  # the role's own figures (tokens/s, groups stored, ...)
+  rssBytes @3 :UInt64;
+  detail @4 :Text;             # free text the role wants shown (e.g. a precision plan)
+}
+
+struct HeartbeatAck {
+  known @0 :Bool;               # false: the coordinator does not know the sender; re-register
+  coordinatorEpoch @1 :UInt64;
+  policyVersion @2 :Int64;
+  command @3 :CommandKind;      # a pending command for the sender (none if nothing)
+}
+
+enum CommandKind {
+  none @0;
+  drain @1;   # finish in-flight work, stop taking new work, then exit
+  stop @2;    # exit now (after saving what must be saved)
+}
+
+struct Command {
+  kind @0 :CommandKind;
+  target @1 :Text;  # actor id, or a role name for every actor of that role, or "*"
+  reason @2 :Text;
+}
+
+struct CommandReply {
+  matched @0 :UInt32;
+}
+
+struct StatusRequest {
+  includeDead @0 :Bool;
+}
+
+struct ActorStatus {
+  role @0 :Role;
+  id @1 :Text;
+  host @2 :Text;
+  pid @3 :Int32;
+  state @4 :ActorState;
+  heartbeatAgeMs @5 :Int64;
+  uptimeMs @6 :Int64;
+  restarts @7 :UInt32;
+  policyVersion @8 :Int64;
+  counters @9 :List(Counter);
+  rssBytes @10 :UInt64;
+  exitReason @11 :Text;   # how a dead or stopped actor ended ("signal 9", "exit 1")
+  dataEndpoint @12 :Text;
+  detail @13 :Text;
+}
+
+struct StatusReply {
+  actors @0 :List(ActorStatus);
+  cluster @1 :List(Counter);     # learner step, staleness, queue depths, reward mean
+  coordinatorEpoch @2 :UInt64;
+  uptimeMs @3 :Int64;
+}
+
+struct LookupRequest {
+  role @0 :Role;
+}
+
+struct Endpoint {
+  id @0 :Text;
+  address @1 :Text;
+}
+
+struct LookupReply {
+  endpoints @0 :List(Endpoint);  # healthy actors of the role with a data endpoint
+}
+
+# An actor, or its supervisor, reports how a process ended.
+struct ExitReport {
+  id @0 :Text;
+  reason @1 :Text;
+  clean @2 :Bool;
+}
+
+struct ErrorReply {
+  message @0 :Text;
+}

@@ -1,0 +1,77 @@
+#include "base/config.h"
+
+#include <gtest/gtest.h>
+
+namespace grove {
+namespace {
+
+constexpr char kToml[] = R"(
+name = "run"
+[learner]
+lr = 1e-3
+steps = 40
+clip = [0.2, 0.28]
+use_kl = true
+[[actors]]
+role = "rollout"
+[[actors]]
+role = "verifier"
+)";
+
+TEST(Config, TypedReads) {
+  Result<Config> c = Config::Parse(kToml, "test.toml");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(*c->String("name"), "run");
+  EXPECT_DOUBLE_EQ(*c->Double("learner.lr"), 1e-3);
+  EXPECT_DOUBLE_EQ(*c->Double("learner.steps"), 40.0);  // int accepted as float
+  EXPECT_EQ(*c->Int("learner.steps"), 40);
+  EXPECT_EQ(*c->Bool("learner.use_kl"), true);
+  EXPECT_EQ(c->DoubleList("learner.clip")->at(1), 0.28);
+  EXPECT_EQ(*c->Int("learner.missing", 7), 7);
+  Config learner = c->Section("learner");
+  EXPECT_EQ(*learner.Int("steps"), 40);
+  auto actors = c->TableArray("actors");
+  ASSERT_TRUE(actors.ok());
+  ASSERT_EQ(actors->size(), 2u);
+  EXPECT_EQ(*(*actors)[1].String("role"), "verifier");
+}
+
+TEST(Config, ErrorsNameThePath) {
+  Config c = *Config::Parse(kToml, "test.toml");
+  Result<int64_t> wrong = c.Int("learner.lr");
+  ASSERT_FALSE(wrong.ok());
+  EXPECT_EQ(wrong.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(wrong.status().message().find("learner.lr"), std::string::npos);
+  EXPECT_NE(wrong.status().message().find("test.toml"), std::string::npos);
+  EXPECT_EQ(c.Int("learner.nope").status().code(), StatusCode::kNotFound);
+  // A wrong type is an error even when a fallback exists.
+  EXPECT_FALSE(c.Int("name", 3).ok());
+}
+
+TEST(Config, ParseErrorHasLine) {
+  Result<Config> c = Config::Parse("a = 1\nb = = 2\n", "bad.toml");
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("bad.toml:2"), std::string::npos) << c.status();
+}
+
+TEST(Config, CheckKeysCatchesTypos) {
+  Config c = *Config::Parse("[learner]\nleraning_rate = 1\n");
+  Status s = c.Section("learner").CheckKeys({"learning_rate", "steps"});
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("learner.leraning_rate"), std::string::npos);
+}
+
+TEST(Config, OverrideIsCopyOnWrite) {
+  Config a = *Config::Parse(kToml);
+  Config b = a;
+  ASSERT_TRUE(b.Override("learner.steps=5").ok());
+  ASSERT_TRUE(b.Override("new.section.word=hello").ok());
+  EXPECT_EQ(*a.Int("learner.steps"), 40);
+  EXPECT_EQ(*b.Int("learner.steps"), 5);
+  EXPECT_EQ(*b.String("new.section.word"), "hello");
+  EXPECT_FALSE(b.Override("noequals").ok());
+  EXPECT_FALSE(b.Override("name.x=1").ok());  // name is a string, not a table
+}
+
+}  // namespace
+}  // namespace grove
