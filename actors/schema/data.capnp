@@ -57,6 +57,9 @@ struct SampleGroup {
   rolloutId @5 :Text;
   generateMs @6 :Float64;
   createdAtMs @7 :Int64;
+  # Routed experts of the prompt tokens at prefill, flattened like
+  # Sample.routedExperts; shared by every sample of the group.
+  promptRoutedExperts @8 :List(UInt16);
 }
 
 struct NamedScore {
