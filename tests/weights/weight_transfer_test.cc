@@ -1,0 +1,109 @@
+#include "actors/weight_transfer.h"
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <random>
+
+#include <capnp/message.h>
+#include <capnp/serialize.h>
+#include <gtest/gtest.h>
+
+namespace grove::actors {
+namespace {
+
+WeightSnapshot RandomSnapshot(uint32_t seed, int64_t version) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n(0, 1);
+  WeightSnapshot s;
+  s.version = version;
+  s.tensors = {{"a", {3, 5}, 0, 15}, {"b", {7}, 15, 7}, {"c", {2, 2, 2}, 22, 8}};
+  s.flat.resize(30);
+  for (float& x : s.flat) x = n(rng);
+  s.checksum = WeightChecksum(s.flat.data(), s.flat.size());
+  return s;
+}
+
+// Serializes and re-reads a message, as the transport would.
+template <typename Fill, typename T>
+kj::Array<capnp::word> RoundTrip(Fill fill) {
+  capnp::MallocMessageBuilder mb;
+  fill(mb.initRoot<T>());
+  return capnp::messageToFlatArray(mb);
+}
+
+TEST(WeightTransfer, ShuffledChunksReassembleBitExact) {
+  WeightSnapshot s = RandomSnapshot(1, 42);
+  const uint64_t chunk = 16;  // bytes: 4 floats, last chunk short (120 bytes total)
+  auto ann = RoundTrip<std::function<void(wire::WeightAnnounce::Builder)>, wire::WeightAnnounce>(
+      [&](auto b) { FillWeightAnnounce(s, chunk, b); });
+  capnp::FlatArrayMessageReader ar(ann);
+  WeightAssembler asm_;
+  ASSERT_TRUE(asm_.Begin(ar.getRoot<wire::WeightAnnounce>(), 1 << 20).ok());
+  std::vector<uint64_t> offsets;
+  for (uint64_t o = 0; o < s.flat.size() * 4; o += chunk) offsets.push_back(o);
+  std::shuffle(offsets.begin(), offsets.end(), std::mt19937(7));
+  offsets.push_back(offsets.front());  // a repeated chunk is harmless
+  for (size_t i = 0; i < offsets.size(); ++i) {
+    const uint64_t o = offsets[i];
+    EXPECT_EQ(asm_.complete(), i + 1 == offsets.size());  // only the repeat comes after the end
+    uint64_t len = std::min<uint64_t>(chunk, s.flat.size() * 4 - o);
+    auto c = RoundTrip<std::function<void(wire::WeightChunk::Builder)>, wire::WeightChunk>(
+        [&](auto b) { FillWeightChunk(s, o, len, b); });
+    capnp::FlatArrayMessageReader cr(c);
+    ASSERT_TRUE(asm_.Add(cr.getRoot<wire::WeightChunk>()).ok());
+  }
+  ASSERT_TRUE(asm_.complete());
+  Result<WeightSnapshot> got = asm_.Finish();
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->version, 42);
+  EXPECT_EQ(0, std::memcmp(got->flat.data(), s.flat.data(), s.flat.size() * 4));
+  ASSERT_EQ(got->tensors.size(), 3u);
+  EXPECT_EQ(got->tensors[2].name, "c");
+  EXPECT_EQ(got->tensors[2].offset, 22u);
+  EXPECT_EQ(got->tensors[2].shape, (std::vector<int64_t>{2, 2, 2}));
+}
+
+TEST(WeightTransfer, RejectsBadInput) {
+  WeightSnapshot s = RandomSnapshot(2, 3);
+  capnp::MallocMessageBuilder mb;
+  auto a = mb.initRoot<wire::WeightAnnounce>();
+  FillWeightAnnounce(s, 16, a);
+  WeightAssembler w;
+  // Over the size limit.
+  EXPECT_EQ(w.Begin(a.asReader(), 64).code(), StatusCode::kResourceExhausted);
+  // A tensor outside the buffer.
+  a.getTensors()[1].setOffset(1000);
+  EXPECT_EQ(w.Begin(a.asReader(), 1 << 20).code(), StatusCode::kCorruption);
+  FillWeightAnnounce(s, 16, a);
+  ASSERT_TRUE(w.Begin(a.asReader(), 1 << 20).ok());
+  capnp::MallocMessageBuilder cb;
+  auto c = cb.initRoot<wire::WeightChunk>();
+  FillWeightChunk(s, 0, 16, c);
+  c.setVersion(4);  // wrong version
+  EXPECT_EQ(w.Add(c.asReader()).code(), StatusCode::kInvalidArgument);
+  FillWeightChunk(s, 8, 16, c);  // misaligned offset
+  EXPECT_EQ(w.Add(c.asReader()).code(), StatusCode::kCorruption);
+  FillWeightChunk(s, 0, 12, c);  // short chunk
+  EXPECT_EQ(w.Add(c.asReader()).code(), StatusCode::kCorruption);
+  EXPECT_EQ(w.Finish().status().code(), StatusCode::kFailedPrecondition);
+}
+
+TEST(WeightTransfer, ChecksumCatchesFlippedBit) {
+  WeightSnapshot s = RandomSnapshot(3, 1);
+  capnp::MallocMessageBuilder mb;
+  auto a = mb.initRoot<wire::WeightAnnounce>();
+  FillWeightAnnounce(s, 1024, a);
+  WeightAssembler w;
+  ASSERT_TRUE(w.Begin(a.asReader(), 1 << 20).ok());
+  WeightSnapshot corrupt = s;
+  reinterpret_cast<uint8_t*>(corrupt.flat.data())[37] ^= 0x10;
+  capnp::MallocMessageBuilder cb;
+  auto c = cb.initRoot<wire::WeightChunk>();
+  FillWeightChunk(corrupt, 0, s.flat.size() * 4, c);
+  ASSERT_TRUE(w.Add(c.asReader()).ok());
+  EXPECT_EQ(w.Finish().status().code(), StatusCode::kCorruption);
+}
+
+}  // namespace
+}  // namespace grove::actors
