@@ -20,6 +20,7 @@ Status CheckTokens(capnp::List<int32_t>::Reader tokens, int64_t vocab, const std
 Status CheckRoutes(capnp::List<uint16_t>::Reader routes, size_t tokens, const GroupShape& s,
                    const std::string& what, std::vector<uint16_t>& out) {
   if (routes.size() == 0) return Status::OK();  // no routing replay for this sequence
+  if (tokens == 0) return Status::InvalidArgument(what + " has routes but no routed positions");
   const size_t want = tokens * static_cast<size_t>(s.moe_layers) * s.top_k;
   if (routes.size() != want)
     return Status::InvalidArgument(what + " has " + std::to_string(routes.size()) +
@@ -72,7 +73,8 @@ Result<TrainingGroup> DecodeTrainingGroup(wire::ScoredGroup::Reader scored, cons
       if (!std::isfinite(lp) || lp > 0) return Status::InvalidArgument(sw + " has an invalid log-prob");
       ts.rollout_logprobs.push_back(lp);
     }
-    GROVE_RETURN_IF_ERROR(CheckRoutes(s.getRoutedExperts(), ts.tokens.size(), shape, sw, ts.routes));
+    // The last completion token is never fed back, so it has no route.
+    GROVE_RETURN_IF_ERROR(CheckRoutes(s.getRoutedExperts(), ts.tokens.size() - 1, shape, sw, ts.routes));
     ts.policy_version = s.getPolicyVersion();
     ts.truncated = s.getFinish() == wire::FinishReason::LENGTH;
     ts.reward = rewards[i].getTotal();

@@ -16,7 +16,7 @@ namespace grove::learner {
 struct TrainingSample {
   std::vector<int32_t> tokens;           // completion tokens
   std::vector<float> rollout_logprobs;   // one per completion token
-  std::vector<uint16_t> routes;          // [token][moe layer][k], may be empty
+  std::vector<uint16_t> routes;          // [token][moe layer][k] for tokens[0..n-1), may be empty
   int64_t policy_version = 0;
   double reward = 0;
   bool truncated = false;                // hit the length limit

@@ -39,7 +39,9 @@ enum FinishReason {
 struct Sample {
   tokens @0 :List(Int32);        # completion tokens only
   logprobs @1 :List(Float32);    # per completion token, under the sampling policy
-  # Routed experts, flattened [token][moeLayer][k]; moeLayers * topK per token.
+  # Routed experts, flattened [row][moeLayer][k], one row per completion
+  # token that was fed back into the model: every token but the last
+  # (tokens.size() - 1 rows; empty when routing is not recorded).
   routedExperts @2 :List(UInt16);
   moeLayers @3 :UInt16;
   topK @4 :UInt16;

@@ -30,7 +30,7 @@ void FillValid(wire::ScoredGroup::Builder sg) {
     auto lp = smp.initLogprobs(2);
     lp.set(0, -0.5f);
     lp.set(1, -1.5f);
-    auto re = smp.initRoutedExperts(2 * 2 * 2);
+    auto re = smp.initRoutedExperts(1 * 2 * 2);  // the last token has no route
     for (uint32_t i = 0; i < re.size(); ++i) re.set(i, 3 - i % 4);
     smp.setPolicyVersion(3);
     smp.setFinish(s == 1 ? wire::FinishReason::LENGTH : wire::FinishReason::STOP);
@@ -63,7 +63,7 @@ TEST(TrainingGroup, RefusesHostileGroups) {
       {"log-probs for", [](auto sg) { sg.getGroup().getSamples()[0].initLogprobs(1); }},
       {"invalid log-prob", [](auto sg) { sg.getGroup().getSamples()[1].getLogprobs().set(0, NAN); }},
       {"invalid log-prob", [](auto sg) { sg.getGroup().getSamples()[1].getLogprobs().set(0, 0.5f); }},
-      {"routed experts", [](auto sg) { sg.getGroup().getSamples()[0].initRoutedExperts(3); }},
+      {"routed experts", [](auto sg) { sg.getGroup().getSamples()[0].initRoutedExperts(8); }},
       {"routes to expert", [](auto sg) { sg.getGroup().getPromptRoutedExperts().set(0, 4); }},
       {"rewards for", [](auto sg) { sg.initRewards(1); }},
       {"non-finite reward", [](auto sg) { sg.getRewards()[0].setTotal(INFINITY); }},
