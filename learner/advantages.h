@@ -50,6 +50,8 @@ Result<std::vector<float>> GroupAdvantages(std::span<const float> rewards,
 // only dilutes the batch. Returns, per group, true when every reward is within
 // `tolerance` of the group's first reward (such a group should be dropped and
 // the batch refilled). Same input checks as GroupAdvantages; tolerance >= 0.
+// Pass the correctness scores, not rewards after overlong shaping: DAPO filters
+// on accuracy 0 or 1, and a length penalty would make a flat group look mixed.
 Result<std::vector<bool>> GroupsWithEqualRewards(std::span<const float> rewards,
                                                  std::span<const int64_t> group_sizes,
                                                  double tolerance = 0.0);
