@@ -65,7 +65,7 @@ Result<GrpoConfig> ParseGrpoConfig(const Config& root, std::string_view path) {
   const std::string opt_path = std::string(path) + ".optimizer";
   const std::string sched_path = std::string(path) + ".schedule";
   GROVE_RETURN_IF_ERROR(s.CheckKeys({"variant", "clip_low", "clip_high", "beta", "loss_aggregation", "max_tokens",
-                                     "ratio", "tis_cap", "scale_advantage_by_std", "advantage_std", "advantage_eps",
+                                     "ratio", "tis_cap", "dual_clip", "scale_advantage_by_std", "advantage_std", "advantage_eps",
                                      "dynamic_sampling", "optimizer", "schedule"}));
   GROVE_ASSIGN_OR_RETURN(std::string variant_name, s.String("variant", "grpo"));
   Result<GrpoVariant> variant = ParseGrpoVariant(variant_name);
@@ -92,6 +92,7 @@ Result<GrpoConfig> ParseGrpoConfig(const Config& root, std::string_view path) {
                                    "' (known: token, sequence)");
   }
   GROVE_ASSIGN_OR_RETURN(c.loss.tis_cap, s.Double("tis_cap", c.loss.tis_cap));
+  GROVE_ASSIGN_OR_RETURN(c.loss.dual_clip, s.Double("dual_clip", c.loss.dual_clip));
   Status loss_ok = ValidatePolicyLossConfig(c.loss);
   if (!loss_ok.ok()) return loss_ok.WithContext(root.source() + ": " + std::string(path));
 

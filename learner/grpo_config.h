@@ -9,6 +9,7 @@
 //   max_tokens = 512            # the constant of seq_mean_token_sum_norm
 //   ratio = "token"             # token | sequence (GSPO)
 //   tis_cap = 2.0               # truncated importance sampling cap; <= 0 disables
+//   dual_clip = 0.0             # 0 off, else > 1: bound on the ratio when A < 0
 //   scale_advantage_by_std = true
 //   advantage_std = "sample"    # sample | population (see advantages.h)
 //   advantage_eps = 1e-6

@@ -30,6 +30,9 @@ Status ValidatePolicyLossConfig(const PolicyLossConfig& c) {
   if (!(c.beta >= 0.0) || !std::isfinite(c.beta))
     return Status::InvalidArgument("beta must be a finite value >= 0, got " + std::to_string(c.beta));
   if (std::isnan(c.tis_cap)) return Status::InvalidArgument("tis_cap is NaN");
+  if (!(c.dual_clip == 0.0 || (c.dual_clip > 1.0 && std::isfinite(c.dual_clip))))
+    return Status::InvalidArgument("dual_clip must be 0 (off) or a finite value > 1, got " +
+                                   std::to_string(c.dual_clip));
   if (c.aggregation == LossAggregation::kSeqMeanTokenSumNorm && c.max_tokens <= 0)
     return Status::InvalidArgument(
         "loss aggregation seq_mean_token_sum_norm needs max_tokens > 0, got " + std::to_string(c.max_tokens));
@@ -41,12 +44,25 @@ namespace {
 // Which branch of min(x*A, clip(x)*A) is taken. kNone: the unclipped x*A (it
 // carries the gradient); at a tie the unclipped branch is taken, so the
 // gradient is the one-sided derivative from inside the trust region.
-enum class Clip { kNone, kLow, kHigh };
+enum class Clip { kNone, kLow, kHigh, kDual };
 
-Clip Classify(double x, double a, double lo, double hi) {
+// dual <= 0: no dual clip.
+Clip Classify(double x, double a, double lo, double hi, double dual) {
   if (a > 0.0 && x > hi) return Clip::kHigh;
   if (a < 0.0 && x < lo) return Clip::kLow;
+  if (a < 0.0 && dual > 0.0 && x > dual) return Clip::kDual;
   return Clip::kNone;
+}
+
+// The objective's value for a ratio x on branch `clip`.
+double Objective(Clip clip, double x, double a, double lo, double hi, double dual) {
+  switch (clip) {
+    case Clip::kNone: return x * a;
+    case Clip::kLow: return lo * a;
+    case Clip::kHigh: return hi * a;
+    case Clip::kDual: return dual * a;
+  }
+  return 0.0;
 }
 
 template <typename Real>
@@ -62,6 +78,8 @@ Status CheckBatch(const PolicyBatchOf<Real>& b, const PolicyLossConfig& c) {
   if (b.seq_offsets[n] != tokens)
     return Status::InvalidArgument("seq_offsets end at " + std::to_string(b.seq_offsets[n]) + " but logp has " +
                                    std::to_string(tokens) + " tokens");
+  if (b.total_tokens < 0 || b.total_sequences < 0)
+    return Status::InvalidArgument("total_tokens and total_sequences must be >= 0 (0: this batch's own)");
   if (b.advantages.size() != n)
     return Status::InvalidArgument("advantages has " + std::to_string(b.advantages.size()) + " entries for " +
                                    std::to_string(n) + " sequences");
@@ -120,7 +138,6 @@ Result<PolicyLossOutputOf<Real>> ComputePolicyLoss(const PolicyBatchOf<Real>& b,
   PolicyLossOutputOf<Real> out;
   out.grad_logp.assign(b.logp.size(), Real(0));
   PolicyLossStats& st = out.stats;
-  st.num_sequences = static_cast<int64_t>(n);
 
   // Pass 1: token counts, and for the sequence ratio the mean log ratio and
   // the sum of TIS weights (d l / d logp of one token involves all of them).
@@ -143,22 +160,30 @@ Result<PolicyLossOutputOf<Real>> ComputePolicyLoss(const PolicyBatchOf<Real>& b,
     }
     st.num_tokens += count[i];
   }
+  st.num_sequences = nonempty;
+  if ((b.total_tokens > 0 && b.total_tokens < st.num_tokens) ||
+      (b.total_sequences > 0 && b.total_sequences < nonempty))
+    return Status::InvalidArgument("total_tokens/total_sequences (" + std::to_string(b.total_tokens) + "/" +
+                                   std::to_string(b.total_sequences) + ") are less than this batch's own (" +
+                                   std::to_string(st.num_tokens) + "/" + std::to_string(nonempty) + ")");
   if (st.num_tokens == 0) return out;
+  const double norm_tokens = static_cast<double>(b.total_tokens > 0 ? b.total_tokens : st.num_tokens);
+  const double norm_seqs = static_cast<double>(b.total_sequences > 0 ? b.total_sequences : nonempty);
 
   double pg = 0.0, kl = 0.0;
   double ratio_sum = 0.0, kl_sum = 0.0, mm_sum = 0.0, mm_k3_sum = 0.0, w_sum = 0.0, neg_logp_sum = 0.0;
-  int64_t n_low = 0, n_high = 0, n_capped = 0;
+  int64_t n_low = 0, n_high = 0, n_dual = 0, n_capped = 0;
   for (size_t i = 0; i < n; ++i) {
     if (count[i] == 0) continue;
     const double a = static_cast<double>(b.advantages[i]);
     double agg = 0.0;  // d L / d l_t for every token of this sequence
     switch (c.aggregation) {
       case LossAggregation::kSeqMeanTokenMean:
-        agg = 1.0 / (static_cast<double>(nonempty) * static_cast<double>(count[i]));
+        agg = 1.0 / (norm_seqs * static_cast<double>(count[i]));
         break;
-      case LossAggregation::kTokenMean: agg = 1.0 / static_cast<double>(st.num_tokens); break;
+      case LossAggregation::kTokenMean: agg = 1.0 / norm_tokens; break;
       case LossAggregation::kSeqMeanTokenSumNorm:
-        agg = 1.0 / (static_cast<double>(n) * static_cast<double>(c.max_tokens));
+        agg = 1.0 / (norm_seqs * static_cast<double>(c.max_tokens));
         break;
     }
     // Sequence ratio: f(s_i) and d f / d log s_i, shared by the sequence.
@@ -166,8 +191,8 @@ Result<PolicyLossOutputOf<Real>> ComputePolicyLoss(const PolicyBatchOf<Real>& b,
     Clip seq_clip = Clip::kNone;
     if (c.ratio_level == RatioLevel::kSequence) {
       seq_ratio = std::exp(mean_log_ratio[i]);
-      seq_clip = Classify(seq_ratio, a, lo, hi);
-      seq_obj = seq_clip == Clip::kHigh ? hi * a : seq_clip == Clip::kLow ? lo * a : seq_ratio * a;
+      seq_clip = Classify(seq_ratio, a, lo, hi, c.dual_clip);
+      seq_obj = Objective(seq_clip, seq_ratio, a, lo, hi, c.dual_clip);
       seq_dobj = seq_clip == Clip::kNone ? seq_ratio * a : 0.0;
     }
     for (int64_t t = b.seq_offsets[i]; t < b.seq_offsets[i + 1]; ++t) {
@@ -180,8 +205,8 @@ Result<PolicyLossOutputOf<Real>> ComputePolicyLoss(const PolicyBatchOf<Real>& b,
       Clip clip;
       if (c.ratio_level == RatioLevel::kToken) {
         ratio = std::exp(logp - old);
-        clip = Classify(ratio, a, lo, hi);
-        obj = clip == Clip::kHigh ? hi * a : clip == Clip::kLow ? lo * a : ratio * a;
+        clip = Classify(ratio, a, lo, hi, c.dual_clip);
+        obj = Objective(clip, ratio, a, lo, hi, c.dual_clip);
         dpg = -w * (clip == Clip::kNone ? ratio * a : 0.0);
       } else {
         ratio = seq_ratio;
@@ -208,6 +233,7 @@ Result<PolicyLossOutputOf<Real>> ComputePolicyLoss(const PolicyBatchOf<Real>& b,
       ratio_sum += ratio;
       n_low += clip == Clip::kLow;
       n_high += clip == Clip::kHigh;
+      n_dual += clip == Clip::kDual;
       w_sum += w;
       n_capped += capped;
       neg_logp_sum -= logp;
@@ -225,6 +251,7 @@ Result<PolicyLossOutputOf<Real>> ComputePolicyLoss(const PolicyBatchOf<Real>& b,
   st.ratio_mean = ratio_sum * inv_t;
   st.clip_frac_low = static_cast<double>(n_low) * inv_t;
   st.clip_frac_high = static_cast<double>(n_high) * inv_t;
+  st.clip_frac_dual = static_cast<double>(n_dual) * inv_t;
   st.kl_ref_k3_mean = kl_sum * inv_t;
   st.mismatch_log_ratio_mean = mm_sum * inv_t;
   st.mismatch_kl_k3 = mm_k3_sum * inv_t;

@@ -9,24 +9,29 @@
 //   s_i    = exp(mean_t(logp_t - old_logp_t))          sequence ratio (GSPO)
 //   w_t    = min(exp(old_logp_t - rollout_logp_t), tis_cap), detached   (TIS)
 //   k3_t   = exp(ref_t - logp_t) - (ref_t - logp_t) - 1                  (KL)
-//   f(x)   = min(x * A, clip(x, 1 - clip_low, 1 + clip_high) * A)
+//   f(x)   = min(x * A, clip(x, 1 - clip_low, 1 + clip_high) * A), and with
+//            dual clip c > 1 (Ye et al. 2020) for A < 0: max(f(x), c * A), which
+//            bounds the loss of a far off-policy token with a negative advantage
 // Per-token loss:
 //   token ratio:    l_t = -w_t * f(r_t)  + beta * k3_t
 //   sequence ratio: l_t = -w_t * f(s_i)  + beta * k3_t
 // TIS multiplies the policy-gradient term only (as in Yao et al. 2025, "Your
 // efficient RL framework secretly brings you off-policy RL training"); the KL
 // term is against the frozen reference and needs no correction.
-// Aggregation, with N sequences and T masked tokens in the batch:
-//   kSeqMeanTokenMean     L = 1/N' sum_i 1/|o_i| sum_t l_t   (GRPO; GSPO's
-//                             sequence objective exactly); N' counts only the
-//                             sequences with at least one masked token
-//   kTokenMean            L = 1/T  sum_i sum_t l_t          (DAPO)
-//   kSeqMeanTokenSumNorm  L = 1/N  sum_i sum_t l_t / max_tokens   (Dr. GRPO;
-//                             N is every sequence, so the normaliser is a
-//                             constant of the batch shape)
+// Aggregation, with T masked tokens and N sequences that have at least one
+// masked token (a sequence without any has no loss and does not count):
+//   kSeqMeanTokenMean     L = 1/N sum_i 1/|o_i| sum_t l_t   (GRPO; GSPO's
+//                             sequence objective exactly)
+//   kTokenMean            L = 1/T sum_i sum_t l_t          (DAPO)
+//   kSeqMeanTokenSumNorm  L = 1/N sum_i sum_t l_t / max_tokens   (Dr. GRPO:
+//                             no dependence on the completion's own length)
+// Gradient accumulation: a batch split into micro-batches gives, micro-batch
+// by micro-batch, losses and gradients that add up to the whole batch's when
+// each micro-batch is told the whole batch's N and T (PolicyBatchOf::total_*).
 // A ratio is "clipped" when the clipped branch is the min and so carries no
-// gradient: A > 0 and x > 1 + clip_high (high), or A < 0 and x < 1 - clip_low
-// (low). For the sequence ratio every token of a clipped sequence counts.
+// gradient: A > 0 and x > 1 + clip_high (high), A < 0 and x < 1 - clip_low
+// (low), or A < 0 and x > c (dual). For the sequence ratio every token of a
+// clipped sequence counts.
 // DAPO's overlong reward shaping is applied to the rewards by the verifier
 // (reward/) before advantages are taken; this file does not repeat it.
 #pragma once
@@ -55,6 +60,7 @@ struct PolicyLossConfig {
   LossAggregation aggregation = LossAggregation::kSeqMeanTokenMean;
   int64_t max_tokens = 0;  // the constant of kSeqMeanTokenSumNorm; > 0 there
   double tis_cap = 0.0;    // <= 0 disables truncated importance sampling
+  double dual_clip = 0.0;  // 0 disables; else > 1 (verl uses 3)
 };
 
 // InvalidArgument naming the first bad field.
@@ -75,18 +81,23 @@ struct PolicyBatchOf {
   std::span<const Real> rollout_logp;  // rollout worker's own; empty: no TIS, no mismatch stats
   std::span<const uint8_t> mask;       // 1: token counts; empty: all count
   std::span<const Real> advantages;    // one per sequence
+  // For micro-batches of a larger batch: that batch's T (masked tokens) and N
+  // (sequences with a masked token). 0: this batch's own.
+  int64_t total_tokens = 0;
+  int64_t total_sequences = 0;
 };
 using PolicyBatch = PolicyBatchOf<float>;
 
 struct PolicyLossStats {
-  int64_t num_sequences = 0;  // N
-  int64_t num_tokens = 0;     // T, masked tokens
+  int64_t num_sequences = 0;  // sequences with at least one masked token, this batch
+  int64_t num_tokens = 0;     // masked tokens, this batch
   double pg_loss = 0.0;       // the policy-gradient part of the loss
   double kl_loss = 0.0;       // beta * aggregated k3 (0 when beta == 0)
   // Token means below are over the T masked tokens (0 when T == 0).
   double ratio_mean = 0.0;      // of the ratio the objective used (r_t or s_i)
   double clip_frac_low = 0.0;   // fraction of tokens clipped at 1 - clip_low
   double clip_frac_high = 0.0;  // fraction of tokens clipped at 1 + clip_high
+  double clip_frac_dual = 0.0;  // fraction of tokens held by the dual clip
   double kl_ref_k3_mean = 0.0;  // mean k3 to the reference (needs ref_logp; beta may be 0)
   // Rollout/learner mismatch, tokens sampled by the rollout policy (needs
   // rollout_logp): mean(old - rollout), whose negative is the k1 estimate of

@@ -79,6 +79,7 @@ beta = 0
 loss_aggregation = "token_mean"
 ratio = "sequence"
 tis_cap = 0
+dual_clip = 3
 scale_advantage_by_std = false
 advantage_std = "population"
 advantage_eps = 1e-4
@@ -100,6 +101,7 @@ min_lr = 1e-5
   EXPECT_DOUBLE_EQ(c->loss.clip_low, 0.1);
   EXPECT_EQ(c->loss.ratio_level, RatioLevel::kSequence);
   EXPECT_EQ(c->loss.tis_cap, 0.0);
+  EXPECT_DOUBLE_EQ(c->loss.dual_clip, 3.0);
   EXPECT_EQ(c->advantages.std_kind, StdKind::kPopulation);
   EXPECT_DOUBLE_EQ(c->advantages.eps, 1e-4);
   EXPECT_DOUBLE_EQ(c->schedule.peak_lr, 3e-4);
@@ -119,6 +121,7 @@ TEST(GrpoConfig, ClearErrors) {
   ExpectError("[learner.grpo]\nclip_low = -0.1\n", "clip_low");
   ExpectError("[learner.grpo]\nclip_high = -0.1\n", "clip_high");
   ExpectError("[learner.grpo]\nbeta = -0.01\n", "beta");
+  ExpectError("[learner.grpo]\ndual_clip = 0.5\n", "dual_clip");
   ExpectError("[learner.grpo]\nbeta = \"high\"\n", "learner.grpo.beta");  // wrong type
   ExpectError("[learner.grpo]\nloss_aggregation = \"sum\"\n", "unknown loss aggregation");
   ExpectError("[learner.grpo]\nratio = \"tok\"\n", "learner.grpo.ratio");

@@ -184,6 +184,66 @@ TEST(GrpoLoss, TruncatedImportanceSamplingMatchesHandDerivation) {
   EXPECT_NEAR(out->stats.mismatch_log_ratio_mean, std::log(1.5) / 9, kTol);
 }
 
+// Dual clip 1.4 on the GRPO setting: only s4 (A = -0.5, r = 1.5 > 1.4) changes:
+// max(min(-0.75, -0.6), 1.4 * -0.5) = -0.7, so its loss term is 0.7 and its
+// gradient 0. pg = (-2.7/3 + 1.9/2 - 1.55/3 + 0.7) / 4.
+TEST(GrpoLoss, DualClipMatchesHandDerivation) {
+  TinyBatch b;
+  PolicyLossConfig c;
+  c.dual_clip = 1.4;
+  auto out = ComputePolicyLoss(b.View(), c);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_NEAR(out->loss, (-2.7 / 3 + 1.9 / 2 - 1.55 / 3 + 0.7) / 4, kTol);
+  ExpectGrad(out->grad_logp, {-1.0 / 12, 0, -0.5 / 12, 0, 1.1 / 8, 0, 0, -0.5 / 12, -0.45 / 12, 0, 0, 0});
+  EXPECT_NEAR(out->stats.clip_frac_dual, 1.0 / 9, 1e-12);
+  c.dual_clip = 1.0;  // must be > 1
+  EXPECT_FALSE(ComputePolicyLoss(b.View(), c).ok());
+}
+
+// Splitting the batch into micro-batches [s1, s2] and [s3, s4], each told the
+// whole batch's counts, gives losses and gradients that add up to the whole's.
+TEST(GrpoLoss, MicroBatchesAddUpToTheBatch) {
+  TinyBatch b;
+  for (LossAggregation agg :
+       {LossAggregation::kSeqMeanTokenMean, LossAggregation::kTokenMean, LossAggregation::kSeqMeanTokenSumNorm}) {
+    for (RatioLevel level : {RatioLevel::kToken, RatioLevel::kSequence}) {
+      PolicyLossConfig c;
+      c.aggregation = agg;
+      c.ratio_level = level;
+      c.max_tokens = 4;
+      c.beta = 0.04;
+      c.tis_cap = 2.0;
+      auto whole = ComputePolicyLoss(b.View(), c);
+      ASSERT_TRUE(whole.ok());
+      std::vector<int64_t> offsets{0, 3, 6};
+      double loss = 0.0;
+      std::vector<float> grad;
+      for (size_t part = 0; part < 2; ++part) {
+        PolicyBatch v = b.View();
+        const size_t t0 = 6 * part;
+        v.seq_offsets = offsets;
+        v.logp = v.logp.subspan(t0, 6);
+        v.old_logp = v.old_logp.subspan(t0, 6);
+        v.ref_logp = v.ref_logp.subspan(t0, 6);
+        v.rollout_logp = v.rollout_logp.subspan(t0, 6);
+        v.mask = v.mask.subspan(t0, 6);
+        v.advantages = v.advantages.subspan(2 * part, 2);
+        v.total_tokens = 9;
+        v.total_sequences = 4;
+        auto out = ComputePolicyLoss(v, c);
+        ASSERT_TRUE(out.ok()) << out.status();
+        loss += out->loss;
+        grad.insert(grad.end(), out->grad_logp.begin(), out->grad_logp.end());
+      }
+      EXPECT_NEAR(loss, whole->loss, 1e-12);
+      for (size_t t = 0; t < grad.size(); ++t) EXPECT_FLOAT_EQ(grad[t], whole->grad_logp[t]);
+    }
+  }
+  PolicyBatch v = b.View();
+  v.total_tokens = 5;  // fewer than this batch's own 9
+  EXPECT_FALSE(ComputePolicyLoss(v, PolicyLossConfig{}).ok());
+}
+
 // On-policy (old_logp empty): every ratio is 1, nothing is clipped, and the
 // gradient is the REINFORCE one, -A * aggregation weight.
 TEST(GrpoLoss, OnPolicyWithoutOldLogp) {
@@ -324,7 +384,8 @@ void CheckFiniteDifferences(const PolicyLossConfig& c, uint32_t seed) {
       ASSERT_TRUE(plus.ok() && minus.ok());
       // Skip a token whose step crosses a clip boundary (the loss has a kink there).
       auto same_branch = [&](const PolicyLossStats& s) {
-        return s.clip_frac_low == base->stats.clip_frac_low && s.clip_frac_high == base->stats.clip_frac_high;
+        return s.clip_frac_low == base->stats.clip_frac_low && s.clip_frac_high == base->stats.clip_frac_high &&
+               s.clip_frac_dual == base->stats.clip_frac_dual;
       };
       if (!same_branch(plus->stats) || !same_branch(minus->stats)) continue;
       const double fd = (plus->loss - minus->loss) / (2 * h);
@@ -342,6 +403,7 @@ TEST(GrpoLossFiniteDifferences, Grpo) {
   PolicyLossConfig c;
   c.beta = 0.05;
   c.tis_cap = 1.5;
+  c.dual_clip = 1.3;
   CheckFiniteDifferences(c, 1);
 }
 
@@ -372,6 +434,7 @@ TEST(GrpoLossFiniteDifferences, GspoEveryAggregation) {
     c.max_tokens = 7;
     c.beta = 0.03;
     c.tis_cap = 1.5;
+    c.dual_clip = 1.2;
     SCOPED_TRACE(std::string(LossAggregationName(agg)));
     CheckFiniteDifferences(c, 4);
   }
