@@ -1,4 +1,5 @@
 #include "learner/adamw.h"
+#include "learner/optimizer_step.h"
 
 #include <gtest/gtest.h>
 
@@ -181,6 +182,35 @@ TEST(GradClip, NormMatchesDoubleReference) {
   EXPECT_NEAR(before, std::sqrt(ref), 1e-9 * std::sqrt(ref));
   EXPECT_NEAR(GlobalGradNorm(c), 10.0, 1e-4);
   for (size_t i = 0; i < g.size(); i += 997) EXPECT_NEAR(c[i], g[i] * 10.0 / before, 1e-6);
+}
+
+// ApplyUpdate: warm-up rate 1e-3 * (k+1)/2 at step k, the gradient [3, 4]
+// clipped to norm 1, and a non-finite gradient skips without touching state.
+TEST(ApplyUpdate, ClipsSchedulesAndSkipsNonFinite) {
+  auto opt = AdamW::Create(2, {0.9, 0.999, 1e-8, 0.0});
+  auto sched = LrSchedule::Create({1e-3, 2, LrDecay::kConstant, 0, 0.0});
+  ASSERT_TRUE(opt.ok() && sched.ok());
+  std::vector<float> p{0, 0}, g{3, 4};
+  auto r = ApplyUpdate(*opt, *sched, 1.0, p, g);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_FALSE(r->skipped);
+  EXPECT_DOUBLE_EQ(r->grad_norm, 5.0);
+  EXPECT_DOUBLE_EQ(r->lr, 5e-4);
+  EXPECT_FLOAT_EQ(g[0], 0.6f);
+  // First Adam step moves each coordinate by lr * sign(g) (m^/sqrt(v^) = +-1).
+  EXPECT_NEAR(p[0], -5e-4, 1e-9);
+  EXPECT_NEAR(p[1], -5e-4, 1e-9);
+
+  std::vector<float> bad{1, NAN};
+  r = ApplyUpdate(*opt, *sched, 1.0, p, bad);
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE(r->skipped);
+  EXPECT_DOUBLE_EQ(r->lr, 1e-3);
+  EXPECT_EQ(opt->step(), 1);
+  EXPECT_NEAR(p[0], -5e-4, 1e-9);
+
+  std::vector<float> short_g{1};
+  EXPECT_FALSE(ApplyUpdate(*opt, *sched, 1.0, p, short_g).ok());
 }
 
 }  // namespace
