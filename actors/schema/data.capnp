@@ -158,6 +158,13 @@ struct WeightChunk {
   data @2 :Data;
 }
 
+# Pull-based weight transfer. Without wantChunk: "what is the newest
+# version?", answered by a WeightAnnounce (version <= haveVersion: nothing
+# newer). With wantChunk: the chunk of `version` at byte `offset`, answered
+# by a WeightChunk, or an error when that version is no longer held.
 struct WeightRequest {
   haveVersion @0 :Int64;   # -1: none
+  wantChunk @1 :Bool;
+  version @2 :Int64;
+  offset @3 :UInt64;
 }

@@ -1,0 +1,305 @@
+#include "learner/grpo_trainer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+
+#include <glog/logging.h>
+
+#include "model/checkpoint.h"
+
+namespace grove::learner {
+namespace {
+
+Result<std::unique_ptr<model::Model>> CopyModel(const model::Model& from) {
+  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<model::Model> m, model::Model::Create(from.config(), 0));
+  std::copy(from.params().begin(), from.params().end(), m->params().begin());
+  return m;
+}
+
+// The routes to replay for one completion: prompt rows then completion rows,
+// prompt.size() + completion.size() - 1 rows in all, or none when the
+// rollout did not record both.
+std::vector<uint16_t> ReplayRoutes(const TrainingGroup& g, const TrainingSample& s) {
+  if (g.prompt_routes.empty() || (s.routes.empty() && s.tokens.size() > 1)) return {};
+  std::vector<uint16_t> r;
+  r.reserve(g.prompt_routes.size() + s.routes.size());
+  r.insert(r.end(), g.prompt_routes.begin(), g.prompt_routes.end());
+  r.insert(r.end(), s.routes.begin(), s.routes.end());
+  return r;
+}
+
+// Token-weighted running mean of the loss statistics over micro-batches.
+void Accumulate(PolicyLossStats& acc, const PolicyLossStats& s, int64_t tokens_before) {
+  const double n0 = static_cast<double>(tokens_before), n1 = static_cast<double>(s.num_tokens);
+  if (n1 == 0) return;
+  auto mix = [&](double& a, double b) { a = (a * n0 + b * n1) / (n0 + n1); };
+  mix(acc.ratio_mean, s.ratio_mean);
+  mix(acc.clip_frac_low, s.clip_frac_low);
+  mix(acc.clip_frac_high, s.clip_frac_high);
+  mix(acc.clip_frac_dual, s.clip_frac_dual);
+  mix(acc.kl_ref_k3_mean, s.kl_ref_k3_mean);
+  mix(acc.mismatch_log_ratio_mean, s.mismatch_log_ratio_mean);
+  mix(acc.mismatch_kl_k3, s.mismatch_kl_k3);
+  mix(acc.tis_capped_frac, s.tis_capped_frac);
+  mix(acc.tis_weight_mean, s.tis_weight_mean);
+  mix(acc.neg_logp_mean, s.neg_logp_mean);
+  acc.pg_loss += s.pg_loss;
+  acc.kl_loss += s.kl_loss;
+  acc.num_tokens += s.num_tokens;
+  acc.num_sequences += s.num_sequences;
+}
+
+}  // namespace
+
+std::vector<ParamRange> NoDecayRanges(const model::ParamLayout& layout) {
+  std::vector<ParamRange> ranges;
+  for (const model::TensorInfo& t : layout.tensors()) {
+    const bool no_decay = !t.trainable || t.shape.size() < 2 || t.name == "embed" ||
+                          t.name.find("norm") != std::string::npos;
+    if (no_decay) ranges.push_back({static_cast<size_t>(t.offset), static_cast<size_t>(t.offset + t.numel)});
+  }
+  return ranges;
+}
+
+GrpoTrainer::GrpoTrainer(std::unique_ptr<model::Model> policy, std::unique_ptr<model::Model> reference,
+                         TrainerOptions options, AdamW optimizer, AdamW sft_optimizer, LrSchedule schedule)
+    : policy_(std::move(policy)),
+      reference_(std::move(reference)),
+      options_(std::move(options)),
+      optimizer_(std::move(optimizer)),
+      sft_optimizer_(std::move(sft_optimizer)),
+      schedule_(std::move(schedule)) {}
+
+Result<std::unique_ptr<GrpoTrainer>> GrpoTrainer::Create(std::unique_ptr<model::Model> policy,
+                                                         TrainerOptions options) {
+  if (!policy) return Status::InvalidArgument("GrpoTrainer needs a model");
+  if (options.micro_batch < 1) return Status::InvalidArgument("learner micro_batch must be >= 1");
+  GROVE_RETURN_IF_ERROR(ValidatePolicyLossConfig(options.grpo.loss));
+  const size_t n = policy->params().size();
+  GROVE_ASSIGN_OR_RETURN(AdamW opt, AdamW::Create(n, options.grpo.optimizer));
+  AdamWOptions sft_options = options.grpo.optimizer;
+  GROVE_ASSIGN_OR_RETURN(AdamW sft, AdamW::Create(n, sft_options));
+  std::vector<ParamRange> no_decay = NoDecayRanges(policy->layout());
+  GROVE_RETURN_IF_ERROR(opt.SetNoDecayRanges(no_decay));
+  GROVE_RETURN_IF_ERROR(sft.SetNoDecayRanges(no_decay));
+  LrScheduleOptions sched = options.grpo.schedule;
+  sched.peak_lr = options.grpo.optimizer.lr;
+  GROVE_ASSIGN_OR_RETURN(LrSchedule schedule, LrSchedule::Create(sched));
+  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<model::Model> reference, CopyModel(*policy));
+  return std::unique_ptr<GrpoTrainer>(new GrpoTrainer(std::move(policy), std::move(reference), std::move(options),
+                                                      std::move(opt), std::move(sft), std::move(schedule)));
+}
+
+void GrpoTrainer::FreezeReference() {
+  std::copy(policy_->params().begin(), policy_->params().end(), reference_->params().begin());
+}
+
+Result<GrpoStepStats> GrpoTrainer::Step(const std::vector<TrainingGroup>& groups) {
+  const auto t0 = std::chrono::steady_clock::now();
+  GrpoStepStats st;
+  st.groups = static_cast<int64_t>(groups.size());
+  if (groups.empty()) return Status::InvalidArgument("GRPO step on an empty batch");
+
+  // Rewards in group order, for advantages and dynamic sampling.
+  std::vector<float> rewards;
+  std::vector<int64_t> sizes;
+  double reward_sum = 0, staleness_sum = 0;
+  int64_t samples = 0;
+  for (const TrainingGroup& g : groups) {
+    sizes.push_back(static_cast<int64_t>(g.samples.size()));
+    for (const TrainingSample& s : g.samples) {
+      rewards.push_back(static_cast<float>(s.reward));
+      reward_sum += s.reward;
+      const int64_t stale = version_ - s.policy_version;
+      staleness_sum += static_cast<double>(stale);
+      st.staleness_max = std::max(st.staleness_max, stale);
+      ++samples;
+    }
+  }
+  st.reward_mean = reward_sum / std::max<int64_t>(samples, 1);
+  st.staleness_mean = staleness_sum / std::max<int64_t>(samples, 1);
+
+  std::vector<bool> drop(groups.size(), false);
+  if (options_.grpo.dynamic_sampling) {
+    GROVE_ASSIGN_OR_RETURN(drop, GroupsWithEqualRewards(rewards, sizes, 1e-6));
+  }
+  GROVE_ASSIGN_OR_RETURN(std::vector<float> advantages,
+                         GroupAdvantages(rewards, sizes, options_.grpo.advantages));
+
+  // Flatten the kept completions.
+  struct Item {
+    model::ScoreRequest request;
+    const TrainingSample* sample;
+    float advantage;
+  };
+  std::vector<Item> items;
+  size_t flat = 0;
+  for (size_t gi = 0; gi < groups.size(); ++gi) {
+    const TrainingGroup& g = groups[gi];
+    for (const TrainingSample& s : g.samples) {
+      const float adv = advantages[flat++];
+      if (drop[gi]) continue;
+      Item it;
+      it.request.tokens = g.prompt_tokens;
+      it.request.tokens.insert(it.request.tokens.end(), s.tokens.begin(), s.tokens.end());
+      it.request.score_from = static_cast<int64_t>(g.prompt_tokens.size());
+      if (options_.routing_replay) it.request.replay_routes = ReplayRoutes(g, s);
+      it.sample = &s;
+      it.advantage = adv;
+      items.push_back(std::move(it));
+    }
+    if (drop[gi]) ++st.groups_dropped;
+  }
+
+  model::Model& m = *policy_;
+  m.ZeroGrad();
+  int64_t total_tokens = 0;
+  for (const Item& it : items) total_tokens += static_cast<int64_t>(it.sample->tokens.size());
+  st.sequences = static_cast<int64_t>(items.size());
+  st.tokens = total_tokens;
+
+  const model::ModelConfig& mc = m.config();
+  std::vector<std::vector<int64_t>> load(mc.moe_layers(), std::vector<int64_t>(mc.experts, 0));
+  const bool need_ref = options_.grpo.loss.beta > 0;
+  for (size_t b = 0; b < items.size(); b += options_.micro_batch) {
+    const size_t e = std::min(items.size(), b + static_cast<size_t>(options_.micro_batch));
+    std::vector<model::ScoreRequest> reqs;
+    for (size_t i = b; i < e; ++i) reqs.push_back(items[i].request);
+    GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> cur, m.Score(reqs, /*keep_for_backward=*/true));
+    model::ScoreResult<float> ref;
+    if (need_ref) {
+      GROVE_ASSIGN_OR_RETURN(ref, reference_->Score(reqs, false));
+    }
+    std::vector<int64_t> offsets{0};
+    std::vector<float> logp, ref_logp, rollout_logp, adv;
+    for (size_t i = b; i < e; ++i) {
+      const auto& lp = cur.logprobs[i - b];
+      logp.insert(logp.end(), lp.begin(), lp.end());
+      if (need_ref) ref_logp.insert(ref_logp.end(), ref.logprobs[i - b].begin(), ref.logprobs[i - b].end());
+      rollout_logp.insert(rollout_logp.end(), items[i].sample->rollout_logprobs.begin(),
+                          items[i].sample->rollout_logprobs.end());
+      offsets.push_back(static_cast<int64_t>(logp.size()));
+      adv.push_back(items[i].advantage);
+    }
+    if (rollout_logp.size() != logp.size())
+      return Status::Internal("rollout log-probs and scored log-probs differ in length");
+    PolicyBatch pb;
+    pb.seq_offsets = offsets;
+    pb.logp = logp;
+    // One update per batch: the proximal policy is the current one (ratio 1,
+    // still differentiated); the rollout's own log-probs enter through TIS.
+    pb.ref_logp = ref_logp;
+    pb.rollout_logp = rollout_logp;
+    pb.advantages = adv;
+    pb.total_tokens = total_tokens;
+    pb.total_sequences = st.sequences;
+    GROVE_ASSIGN_OR_RETURN(PolicyLossOutput out, ComputePolicyLoss(pb, options_.grpo.loss));
+    st.loss += out.loss;
+    Accumulate(st.policy, out.stats, st.policy.num_tokens);
+    std::vector<std::vector<float>> dlogp;
+    for (size_t i = 0; i + 1 < offsets.size(); ++i)
+      dlogp.emplace_back(out.grad_logp.begin() + offsets[i], out.grad_logp.begin() + offsets[i + 1]);
+    GROVE_RETURN_IF_ERROR(m.Backward(dlogp));
+    for (size_t l = 0; l < cur.expert_load.size() && l < load.size(); ++l)
+      for (size_t x = 0; x < cur.expert_load[l].size() && x < load[l].size(); ++x) load[l][x] += cur.expert_load[l][x];
+  }
+
+  if (!items.empty()) {
+    GROVE_ASSIGN_OR_RETURN(st.update, ApplyUpdate(optimizer_, schedule_, options_.grpo.max_grad_norm,
+                                                  m.params(), m.grads()));
+    if (options_.update_router_bias && mc.moe_layers() > 0) GROVE_RETURN_IF_ERROR(m.UpdateRouterBias(load));
+  }
+  ++version_;
+  st.version = version_;
+  st.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return st;
+}
+
+Result<SupervisedStepStats> GrpoTrainer::SupervisedStep(const std::vector<SupervisedExample>& batch, double lr) {
+  if (batch.empty()) return Status::InvalidArgument("supervised step on an empty batch");
+  model::Model& m = *policy_;
+  m.ZeroGrad();
+  SupervisedStepStats st;
+  for (const SupervisedExample& ex : batch) st.tokens += static_cast<int64_t>(ex.completion.size());
+  if (st.tokens == 0) return Status::InvalidArgument("supervised batch without completion tokens");
+  const float scale = -1.0f / static_cast<float>(st.tokens);
+  double nll = 0;
+  for (size_t b = 0; b < batch.size(); b += options_.micro_batch) {
+    const size_t e = std::min(batch.size(), b + static_cast<size_t>(options_.micro_batch));
+    std::vector<model::ScoreRequest> reqs;
+    for (size_t i = b; i < e; ++i) {
+      model::ScoreRequest r;
+      r.tokens = batch[i].prompt;
+      r.tokens.insert(r.tokens.end(), batch[i].completion.begin(), batch[i].completion.end());
+      r.score_from = static_cast<int64_t>(batch[i].prompt.size());
+      reqs.push_back(std::move(r));
+    }
+    GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> cur, m.Score(reqs, true));
+    std::vector<std::vector<float>> dlogp;
+    for (const auto& lp : cur.logprobs) {
+      for (float v : lp) {
+        nll -= v;
+        st.confident_fraction += v > std::log(0.5f) ? 1 : 0;
+      }
+      dlogp.emplace_back(lp.size(), scale);
+    }
+    GROVE_RETURN_IF_ERROR(m.Backward(dlogp));
+  }
+  st.loss = nll / static_cast<double>(st.tokens);
+  st.confident_fraction /= static_cast<double>(st.tokens);
+  GROVE_ASSIGN_OR_RETURN(LrSchedule constant, LrSchedule::Create(LrScheduleOptions{lr, 0}));
+  GROVE_ASSIGN_OR_RETURN(st.update, ApplyUpdate(sft_optimizer_, constant, options_.grpo.max_grad_norm,
+                                                m.params(), m.grads()));
+  return st;
+}
+
+Status GrpoTrainer::SaveCheckpoint(const std::string& dir) const {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) return Status::IOError("cannot create checkpoint directory '" + dir + "': " + ec.message());
+  // Write into a fresh temporary directory, then rename: a learner killed
+  // mid-save leaves the previous checkpoint intact.
+  const std::string tmp = dir + ".tmp";
+  std::filesystem::remove_all(tmp, ec);
+  std::filesystem::create_directories(tmp, ec);
+  std::map<std::string, std::string> meta = {{"version", std::to_string(version_)},
+                                             {"rl_steps", std::to_string(optimizer_.step())}};
+  GROVE_RETURN_IF_ERROR(model::SaveModel(tmp + "/model.safetensors", *policy_, meta));
+  GROVE_RETURN_IF_ERROR(model::SaveModel(tmp + "/reference.safetensors", *reference_, meta));
+  AdamWState s = optimizer_.ExportState();
+  std::map<std::string, std::string> om = meta;
+  om["adam_step"] = std::to_string(s.step);
+  GROVE_RETURN_IF_ERROR(model::SaveOptimizerState(model::OptimizerStatePath(tmp + "/model.safetensors"),
+                                                  policy_->layout(), {{"adam_m", s.m}, {"adam_v", s.v}}, om));
+  const std::string old = dir + ".old";
+  std::filesystem::remove_all(old, ec);
+  std::filesystem::rename(dir, old, ec);
+  std::filesystem::rename(tmp, dir, ec);
+  if (ec) return Status::IOError("cannot move checkpoint into place at '" + dir + "': " + ec.message());
+  std::filesystem::remove_all(old, ec);
+  return Status::OK();
+}
+
+Status GrpoTrainer::LoadCheckpoint(const std::string& dir) {
+  const std::string model_path = dir + "/model.safetensors";
+  GROVE_ASSIGN_OR_RETURN(auto meta, model::ReadMetadata(model_path));
+  GROVE_RETURN_IF_ERROR(model::LoadParams(model_path, policy_.get()));
+  GROVE_RETURN_IF_ERROR(model::LoadParams(dir + "/reference.safetensors", reference_.get()));
+  GROVE_ASSIGN_OR_RETURN(model::OptimizerState os,
+                         model::LoadOptimizerState(model::OptimizerStatePath(model_path), policy_->layout(),
+                                                   {"adam_m", "adam_v"}));
+  AdamWState s;
+  try {
+    s.step = std::stoll(os.metadata.at("adam_step"));
+    version_ = std::stoll(meta.at("version"));
+  } catch (const std::exception&) {
+    return Status::Corruption("checkpoint '" + dir + "' lacks its version or optimizer step");
+  }
+  s.m = std::move(os.buffers["adam_m"]);
+  s.v = std::move(os.buffers["adam_v"]);
+  return optimizer_.ImportState(s);
+}
+
+}  // namespace grove::learner

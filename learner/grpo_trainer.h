@@ -1,0 +1,109 @@
+// GrpoTrainer: one learner's model, frozen reference, optimizer and policy
+// version, and the two kinds of step it takes: a supervised warm-start step
+// on demonstrations (DeepSeek-R1's cold start) and a GRPO step on scored
+// groups. It owns no socket; the learner actor feeds it and publishes what
+// it returns.
+//
+// A GRPO step, in order: drop groups whose rewards are all equal (DAPO's
+// dynamic sampling, when on), take group-relative advantages, score every
+// completion under the current policy with the rollout's routes replayed,
+// score it under the frozen reference (when beta > 0), compute the GRPO loss
+// and its gradient per token against the rollout's log-probs (truncated IS),
+// back-propagate micro-batch by micro-batch, clip, take an AdamW step, update
+// the router bias from the expert loads (aux-loss-free balancing), and
+// advance the policy version by one.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "base/result.h"
+#include "learner/adamw.h"
+#include "learner/grpo_config.h"
+#include "learner/lr_schedule.h"
+#include "learner/optimizer_step.h"
+#include "learner/training_group.h"
+#include "model/transformer.h"
+
+namespace grove::learner {
+
+struct TrainerOptions {
+  GrpoConfig grpo;
+  bool routing_replay = true;       // score with the experts the rollout chose
+  bool update_router_bias = true;   // aux-loss-free balancing after each step
+  int64_t micro_batch = 32;         // sequences per forward/backward
+};
+
+struct GrpoStepStats {
+  int64_t version = 0;              // policy version after the step
+  int64_t groups = 0;               // groups received
+  int64_t groups_dropped = 0;       // all-equal rewards, dropped by dynamic sampling
+  int64_t sequences = 0;            // completions trained on
+  int64_t tokens = 0;               // completion tokens trained on
+  double reward_mean = 0;           // over every received completion
+  double staleness_mean = 0;        // version before the step minus sample version
+  int64_t staleness_max = 0;
+  double loss = 0;
+  PolicyLossStats policy;           // token-weighted over micro-batches
+  UpdateReport update;
+  double seconds = 0;
+};
+
+struct SupervisedExample {
+  std::vector<int32_t> prompt;      // conditioning tokens, not trained on
+  std::vector<int32_t> completion;  // trained on: -mean log p
+};
+
+struct SupervisedStepStats {
+  double loss = 0;                  // mean negative log-likelihood per completion token
+  double confident_fraction = 0;    // completion tokens the model gives p > 1/2 (surely its argmax)
+  int64_t tokens = 0;
+  UpdateReport update;
+};
+
+class GrpoTrainer {
+ public:
+  // Takes ownership of `policy`; the reference starts as a copy of it.
+  static Result<std::unique_ptr<GrpoTrainer>> Create(std::unique_ptr<model::Model> policy,
+                                                     TrainerOptions options);
+
+  Result<GrpoStepStats> Step(const std::vector<TrainingGroup>& groups);
+
+  // One supervised step with its own optimizer state and constant `lr`.
+  Result<SupervisedStepStats> SupervisedStep(const std::vector<SupervisedExample>& batch, double lr);
+
+  // The reference becomes a copy of the current policy (after warm-start).
+  void FreezeReference();
+
+  model::Model& policy() { return *policy_; }
+  const model::Model& policy() const { return *policy_; }
+  int64_t version() const { return version_; }
+  void set_version(int64_t v) { version_ = v; }
+  int64_t rl_steps() const { return optimizer_.step(); }
+  const TrainerOptions& options() const { return options_; }
+
+  // Weights (model file), optimizer state beside it, and the version and
+  // the reference's weights, so a restarted learner continues exactly.
+  Status SaveCheckpoint(const std::string& dir) const;
+  Status LoadCheckpoint(const std::string& dir);
+
+ private:
+  GrpoTrainer(std::unique_ptr<model::Model> policy, std::unique_ptr<model::Model> reference,
+              TrainerOptions options, AdamW optimizer, AdamW sft_optimizer, LrSchedule schedule);
+
+  std::unique_ptr<model::Model> policy_;
+  std::unique_ptr<model::Model> reference_;
+  TrainerOptions options_;
+  AdamW optimizer_;
+  AdamW sft_optimizer_;
+  LrSchedule schedule_;
+  int64_t version_ = 0;
+};
+
+// The no-weight-decay ranges of a model: norms, embeddings, router bias.
+std::vector<ParamRange> NoDecayRanges(const model::ParamLayout& layout);
+
+}  // namespace grove::learner

@@ -1,0 +1,360 @@
+#include "learner/learner_actor.h"
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+
+#include <glog/logging.h>
+#include <nlohmann/json.hpp>
+
+#include "actors/process.h"
+#include "actors/socket.h"
+#include "learner/evaluation.h"
+#include "learner/grpo_trainer.h"
+#include "learner/weight_publisher.h"
+#include "model/prompt_format.h"
+#include "model/tokenizer.h"
+#include "reward/registry.h"
+#include "reward/task.h"
+
+namespace grove::learner {
+namespace {
+
+using actors::BodyKind;
+
+struct LearnerSettings {
+  int64_t steps = 40;
+  int64_t batch_groups = 8;
+  int64_t max_staleness = 1;
+  int64_t micro_batch = 32;
+  int64_t checkpoint_every = 10;
+  int64_t eval_every = 10;
+  int64_t eval_problems = 64;
+  int64_t max_new_tokens = 32;
+  int64_t warmstart_steps = 60;
+  int64_t warmstart_batch = 32;
+  double warmstart_lr = 3e-3;
+  int64_t seed = 1;
+  int64_t weight_chunk_bytes = 1 << 20;
+  int64_t request_timeout_ms = 5000;
+  bool routing_replay = true;
+};
+
+Result<LearnerSettings> ParseSettings(const Config& cfg) {
+  Config s = cfg.Section("learner");
+  GROVE_RETURN_IF_ERROR(s.CheckKeys({"steps", "batch_groups", "max_staleness", "micro_batch", "checkpoint_every",
+                                     "eval_every", "eval_problems", "max_new_tokens", "warmstart_steps",
+                                     "warmstart_batch", "warmstart_lr", "seed", "weight_chunk_bytes",
+                                     "request_timeout_ms", "routing_replay", "grpo"}));
+  LearnerSettings o;
+  GROVE_ASSIGN_OR_RETURN(o.steps, s.Int("steps", o.steps));
+  GROVE_ASSIGN_OR_RETURN(o.batch_groups, s.Int("batch_groups", o.batch_groups));
+  GROVE_ASSIGN_OR_RETURN(o.max_staleness, s.Int("max_staleness", o.max_staleness));
+  GROVE_ASSIGN_OR_RETURN(o.micro_batch, s.Int("micro_batch", o.micro_batch));
+  GROVE_ASSIGN_OR_RETURN(o.checkpoint_every, s.Int("checkpoint_every", o.checkpoint_every));
+  GROVE_ASSIGN_OR_RETURN(o.eval_every, s.Int("eval_every", o.eval_every));
+  GROVE_ASSIGN_OR_RETURN(o.eval_problems, s.Int("eval_problems", o.eval_problems));
+  GROVE_ASSIGN_OR_RETURN(o.max_new_tokens, s.Int("max_new_tokens", o.max_new_tokens));
+  GROVE_ASSIGN_OR_RETURN(o.warmstart_steps, s.Int("warmstart_steps", o.warmstart_steps));
+  GROVE_ASSIGN_OR_RETURN(o.warmstart_batch, s.Int("warmstart_batch", o.warmstart_batch));
+  GROVE_ASSIGN_OR_RETURN(o.warmstart_lr, s.Double("warmstart_lr", o.warmstart_lr));
+  GROVE_ASSIGN_OR_RETURN(o.seed, s.Int("seed", o.seed));
+  GROVE_ASSIGN_OR_RETURN(o.weight_chunk_bytes, s.Int("weight_chunk_bytes", o.weight_chunk_bytes));
+  GROVE_ASSIGN_OR_RETURN(o.request_timeout_ms, s.Int("request_timeout_ms", o.request_timeout_ms));
+  GROVE_ASSIGN_OR_RETURN(o.routing_replay, s.Bool("routing_replay", o.routing_replay));
+  auto bad = [&](const char* key, bool cond) {
+    return cond ? Status::InvalidArgument(cfg.source() + ": learner." + key + " is out of range") : Status::OK();
+  };
+  GROVE_RETURN_IF_ERROR(bad("steps", o.steps < 0));
+  GROVE_RETURN_IF_ERROR(bad("batch_groups", o.batch_groups < 1 || o.batch_groups > 4096));
+  GROVE_RETURN_IF_ERROR(bad("max_staleness", o.max_staleness < 0));
+  GROVE_RETURN_IF_ERROR(bad("micro_batch", o.micro_batch < 1));
+  GROVE_RETURN_IF_ERROR(bad("checkpoint_every", o.checkpoint_every < 1));
+  GROVE_RETURN_IF_ERROR(bad("eval_every", o.eval_every < 0));
+  GROVE_RETURN_IF_ERROR(bad("eval_problems", o.eval_problems < 1));
+  GROVE_RETURN_IF_ERROR(bad("max_new_tokens", o.max_new_tokens < 1));
+  GROVE_RETURN_IF_ERROR(bad("warmstart_steps", o.warmstart_steps < 0));
+  GROVE_RETURN_IF_ERROR(bad("warmstart_batch", o.warmstart_batch < 1));
+  GROVE_RETURN_IF_ERROR(bad("warmstart_lr", !(o.warmstart_lr >= 0)));
+  GROVE_RETURN_IF_ERROR(bad("weight_chunk_bytes", o.weight_chunk_bytes < 4096 || o.weight_chunk_bytes % 4 != 0));
+  GROVE_RETURN_IF_ERROR(bad("request_timeout_ms", o.request_timeout_ms < 10));
+  return o;
+}
+
+std::shared_ptr<const actors::WeightSnapshot> Snapshot(const model::Model& m, int64_t version) {
+  auto snap = std::make_shared<actors::WeightSnapshot>();
+  snap->version = version;
+  for (const model::TensorInfo& t : m.layout().tensors())
+    snap->tensors.push_back({t.name, t.shape, static_cast<uint64_t>(t.offset), static_cast<uint64_t>(t.numel)});
+  snap->flat.assign(m.params().begin(), m.params().end());
+  snap->checksum = actors::WeightChecksum(snap->flat.data(), snap->flat.size());
+  return snap;
+}
+
+class MetricsLog {
+ public:
+  explicit MetricsLog(const std::string& path) : out_(path, std::ios::app) {}
+  void Write(const nlohmann::json& line) {
+    out_ << line.dump() << "\n";
+    out_.flush();
+  }
+  bool ok() const { return static_cast<bool>(out_); }
+
+ private:
+  std::ofstream out_;
+};
+
+// The learner's conversation with the replay store.
+class ReplayLink {
+ public:
+  ReplayLink(actors::ActorProcess& proc, std::string id, int timeout_ms)
+      : proc_(proc), id_(std::move(id)), timeout_ms_(timeout_ms) {}
+
+  // Connects (looking the store up through the coordinator) if not yet.
+  Status Ensure() {
+    if (rpc_) return Status::OK();
+    GROVE_ASSIGN_OR_RETURN(auto peers, proc_.client().Lookup(wire::Role::REPLAY));
+    if (peers.empty()) return Status::Unavailable("no replay store registered yet");
+    auto rpc = std::make_unique<actors::RpcClient>(id_);
+    GROVE_RETURN_IF_ERROR(rpc->Connect(peers.front().address));
+    rpc_ = std::move(rpc);
+    return Status::OK();
+  }
+  void Reset() { rpc_.reset(); }
+
+  Result<actors::Frame> Call(capnp::MallocMessageBuilder& mb, std::initializer_list<BodyKind> expected) {
+    GROVE_RETURN_IF_ERROR(Ensure());
+    Result<actors::Frame> r = rpc_->Call(mb, expected, timeout_ms_);
+    // A timed-out store may have moved (restarted on another port): look it up again.
+    if (!r.ok() && r.status().code() != StatusCode::kFailedPrecondition) Reset();
+    return r;
+  }
+  const std::string& id() const { return id_; }
+
+ private:
+  actors::ActorProcess& proc_;
+  std::string id_;
+  int timeout_ms_;
+  std::unique_ptr<actors::RpcClient> rpc_;
+};
+
+Result<std::unique_ptr<GrpoTrainer>> BuildTrainer(const Config& cfg, const LearnerSettings& s) {
+  GROVE_ASSIGN_OR_RETURN(model::ModelConfig mc, model::ModelConfig::FromConfig(cfg.Section("model")));
+  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<model::Model> m, model::Model::Create(mc, static_cast<uint64_t>(s.seed)));
+  TrainerOptions opt;
+  GROVE_ASSIGN_OR_RETURN(opt.grpo, ParseGrpoConfig(cfg, "learner.grpo"));
+  opt.micro_batch = s.micro_batch;
+  opt.routing_replay = s.routing_replay;
+  return GrpoTrainer::Create(std::move(m), std::move(opt));
+}
+
+Status WarmStart(GrpoTrainer& trainer, const model::Tokenizer& tok, const reward::Task& task,
+                 const LearnerSettings& s, actors::ActorProcess& proc) {
+  uint64_t index = 0;
+  for (int64_t step = 0; step < s.warmstart_steps && !proc.draining(); ++step) {
+    std::vector<SupervisedExample> batch;
+    for (int64_t i = 0; i < s.warmstart_batch; ++i) {
+      reward::Problem p = task.Generate(reward::Split::kTrain, (1ull << 40) + index++);
+      SupervisedExample ex;
+      GROVE_ASSIGN_OR_RETURN(ex.prompt, model::EncodePrompt(tok, p.prompt));
+      GROVE_ASSIGN_OR_RETURN(ex.completion, model::EncodeCompletion(tok, p.demonstration));
+      batch.push_back(std::move(ex));
+    }
+    GROVE_ASSIGN_OR_RETURN(SupervisedStepStats st, trainer.SupervisedStep(batch, s.warmstart_lr));
+    if (step % 10 == 0 || step + 1 == s.warmstart_steps)
+      LOG(INFO) << "warm-start step " << step + 1 << "/" << s.warmstart_steps << " loss " << st.loss
+                << " confident " << st.confident_fraction;
+    proc.client().SetCounter("warmstart_step", static_cast<double>(step + 1));
+  }
+  return Status::OK();
+}
+
+Status RunLearnerLoop(const RoleArgs& args) {
+  GROVE_ASSIGN_OR_RETURN(LearnerSettings s, ParseSettings(args.config));
+  const std::string run_dir = args.run_dir.empty() ? "grove-learner-" + args.id : args.run_dir;
+  const std::string ckpt_dir = run_dir + "/checkpoints/latest";
+  std::filesystem::create_directories(run_dir + "/checkpoints");
+  MetricsLog metrics(run_dir + "/metrics.jsonl");
+  if (!metrics.ok()) return Status::IOError("cannot open " + run_dir + "/metrics.jsonl");
+
+  Config task_cfg = args.config.Section("task");
+  GROVE_ASSIGN_OR_RETURN(std::string task_name, task_cfg.String("name", "arithmetic"));
+  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<reward::Task> task, reward::MakeTask(task_name, task_cfg));
+  reward::VerifierRegistry registry;
+  model::CharTokenizer tok;
+  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<GrpoTrainer> trainer, BuildTrainer(args.config, s));
+  if (trainer->policy().config().vocab_size < tok.vocab_size())
+    return Status::InvalidArgument("model.vocab_size " + std::to_string(trainer->policy().config().vocab_size) +
+                                   " is smaller than the tokenizer's " + std::to_string(tok.vocab_size()));
+
+  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<WeightPublisher> publisher,
+                         WeightPublisher::Start(args.bind.empty() ? "tcp://127.0.0.1:0" : args.bind, args.id,
+                                                static_cast<uint64_t>(s.weight_chunk_bytes)));
+  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<actors::ActorProcess> proc,
+                         actors::ActorProcess::Start(args, wire::Role::LEARNER, publisher->endpoint()));
+  ReplayLink replay(*proc, args.id, static_cast<int>(s.request_timeout_ms));
+
+  EvalOptions eval_opt;
+  eval_opt.problems = s.eval_problems;
+  eval_opt.max_new_tokens = s.max_new_tokens;
+  auto evaluate = [&](const char* when) -> Result<EvalResult> {
+    GROVE_ASSIGN_OR_RETURN(EvalResult r, EvaluateHeldOut(trainer->policy(), tok, *task, registry, eval_opt));
+    LOG(INFO) << "eval (" << when << "): accuracy " << r.accuracy << " reward " << r.reward_mean << " format "
+              << r.format_rate << " over " << r.problems << " held-out problems";
+    for (const std::string& line : r.samples) LOG(INFO) << "  " << line;
+    proc->client().SetCounter("eval_accuracy", r.accuracy);
+    return r;
+  };
+
+  // Resume, or start fresh with the warm-start.
+  const auto start = std::chrono::steady_clock::now();
+  auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
+  if (std::filesystem::exists(ckpt_dir + "/model.safetensors")) {
+    GROVE_RETURN_IF_ERROR(trainer->LoadCheckpoint(ckpt_dir).WithContext("resuming from " + ckpt_dir));
+    // The store's cursor may be ahead of the checkpoint (steps whose groups
+    // were marked consumed after it): versions continue from the larger.
+    for (int attempt = 0; attempt < 50 && !proc->draining(); ++attempt) {
+      capnp::MallocMessageBuilder mb;
+      actors::InitEnvelope(mb, args.id, 0).getBody().initCursorRequest().setConsumerId(args.id);
+      Result<actors::Frame> r = replay.Call(mb, {BodyKind::CURSOR_REPLY});
+      if (r.ok()) {
+        const int64_t cursor = r->envelope().getBody().getCursorReply().getLearnerVersion();
+        if (cursor > trainer->version()) trainer->set_version(cursor);
+        break;
+      }
+      proc->WaitFor(200);
+    }
+    LOG(INFO) << "resumed from " << ckpt_dir << " at policy version " << trainer->version() << " after "
+              << trainer->rl_steps() << " GRPO steps";
+  } else {
+    GROVE_ASSIGN_OR_RETURN(EvalResult init, evaluate("initial weights"));
+    GROVE_RETURN_IF_ERROR(WarmStart(*trainer, tok, *task, s, *proc));
+    trainer->FreezeReference();
+    GROVE_ASSIGN_OR_RETURN(EvalResult warm, evaluate("after warm-start"));
+    GROVE_RETURN_IF_ERROR(trainer->SaveCheckpoint(ckpt_dir));
+    metrics.Write({{"step", 0}, {"version", trainer->version()}, {"phase", "warmstart"},
+                   {"eval_accuracy", warm.accuracy}, {"eval_reward", warm.reward_mean},
+                   {"eval_format", warm.format_rate}, {"init_accuracy", init.accuracy}, {"kl", 0.0},
+                   {"time_s", elapsed()}});
+  }
+  publisher->Publish(Snapshot(trainer->policy(), trainer->version()));
+  proc->client().SetPolicyVersion(trainer->version());
+  proc->client().SetCounter("step", static_cast<double>(trainer->rl_steps()));
+
+  const model::ModelConfig& mc = trainer->policy().config();
+  GroupShape shape{mc.vocab_size, static_cast<int>(mc.moe_layers()), static_cast<int>(mc.top_k),
+                   static_cast<int>(mc.experts), mc.max_seq_len};
+  int64_t rejected_groups = 0, dropped_stale = 0;
+  while (trainer->rl_steps() < s.steps && !proc->draining()) {
+    capnp::MallocMessageBuilder mb;
+    auto req = actors::InitEnvelope(mb, args.id, 0).getBody().initBatchRequest();
+    req.setBatchSize(static_cast<uint32_t>(s.batch_groups));
+    req.setLearnerVersion(trainer->version());
+    req.setMaxStaleness(s.max_staleness);
+    req.setConsumerId(args.id);
+    Result<actors::Frame> reply = replay.Call(mb, {BodyKind::BATCH});
+    if (!reply.ok()) {
+      LOG_EVERY_N(WARNING, 20) << "batch request: " << reply.status();
+      proc->WaitFor(200);
+      continue;
+    }
+    auto batch = reply->envelope().getBody().getBatch();
+    dropped_stale += static_cast<int64_t>(batch.getDroppedStale());
+    if (!batch.getReady() || batch.getGroups().size() == 0) {
+      proc->WaitFor(static_cast<int>(std::clamp<uint32_t>(batch.getRetryAfterMs(), 10, 1000)));
+      continue;
+    }
+    std::vector<TrainingGroup> groups;
+    std::vector<std::string> ids;
+    for (auto sg : batch.getGroups()) {
+      ids.push_back(sg.getGroup().getGroupId().cStr());
+      Result<TrainingGroup> g = DecodeTrainingGroup(sg, shape);
+      if (!g.ok()) {
+        ++rejected_groups;
+        LOG(WARNING) << "refusing a group: " << g.status();
+        continue;
+      }
+      groups.push_back(std::move(*g));
+    }
+    GrpoStepStats st;
+    if (!groups.empty()) {
+      GROVE_ASSIGN_OR_RETURN(st, trainer->Step(groups));
+    }
+    // Mark the batch consumed (with the new cursor) before anything else can
+    // fail: a restarted learner must not train on these groups again.
+    {
+      capnp::MallocMessageBuilder cm;
+      auto mark = actors::InitEnvelope(cm, args.id, 0).getBody().initConsumeMark();
+      auto list = mark.initGroupIds(static_cast<unsigned>(ids.size()));
+      for (size_t i = 0; i < ids.size(); ++i) list.set(static_cast<unsigned>(i), ids[i]);
+      mark.setLearnerVersion(trainer->version());
+      mark.setConsumerId(args.id);
+      Status marked;
+      for (int attempt = 0; attempt < 20; ++attempt) {
+        Result<actors::Frame> r = replay.Call(cm, {BodyKind::CONSUME_ACK});
+        marked = r.status();
+        if (marked.ok()) break;
+        proc->WaitFor(200);
+      }
+      if (!marked.ok()) return marked.WithContext("marking a trained batch consumed");
+    }
+    if (groups.empty()) continue;
+    publisher->Publish(Snapshot(trainer->policy(), trainer->version()));
+    proc->client().SetPolicyVersion(trainer->version());
+    const int64_t step = trainer->rl_steps();
+    if (step % s.checkpoint_every == 0) GROVE_RETURN_IF_ERROR(trainer->SaveCheckpoint(ckpt_dir));
+    nlohmann::json line = {{"step", step},
+                           {"version", st.version},
+                           {"phase", "grpo"},
+                           {"reward_mean", st.reward_mean},
+                           {"kl", st.policy.kl_ref_k3_mean},
+                           {"clip_frac", st.policy.clip_frac_low + st.policy.clip_frac_high},
+                           {"mismatch_kl", st.policy.mismatch_kl_k3},
+                           {"tis_capped", st.policy.tis_capped_frac},
+                           {"loss", st.loss},
+                           {"grad_norm", st.update.grad_norm},
+                           {"lr", st.update.lr},
+                           {"groups", st.groups},
+                           {"groups_dropped", st.groups_dropped},
+                           {"groups_rejected", rejected_groups},
+                           {"dropped_stale", dropped_stale},
+                           {"sequences", st.sequences},
+                           {"tokens", st.tokens},
+                           {"tokens_per_s", st.seconds > 0 ? st.tokens / st.seconds : 0.0},
+                           {"staleness", st.staleness_mean},
+                           {"staleness_max", st.staleness_max},
+                           {"step_s", st.seconds},
+                           {"time_s", elapsed()}};
+    if ((s.eval_every > 0 && step % s.eval_every == 0) || step == s.steps) {
+      GROVE_ASSIGN_OR_RETURN(EvalResult r, evaluate("grpo"));
+      line["eval_accuracy"] = r.accuracy;
+      line["eval_reward"] = r.reward_mean;
+      line["eval_format"] = r.format_rate;
+    }
+    metrics.Write(line);
+    proc->client().SetCounter("step", static_cast<double>(step));
+    proc->client().SetCounter("reward_mean", st.reward_mean);
+    proc->client().SetCounter("kl", st.policy.kl_ref_k3_mean);
+    proc->client().SetCounter("tokens_per_s", st.seconds > 0 ? st.tokens / st.seconds : 0.0);
+    proc->client().SetCounter("staleness", st.staleness_mean);
+    proc->client().SetCounter("weight_bytes_served", static_cast<double>(publisher->bytes_served()));
+  }
+  proc->ReportDraining();
+  GROVE_RETURN_IF_ERROR(trainer->SaveCheckpoint(ckpt_dir));
+  LOG(INFO) << "learner done at step " << trainer->rl_steps() << ", version " << trainer->version();
+  proc->Finish(0, "");
+  return Status::OK();
+}
+
+}  // namespace
+
+int RunLearner(const RoleArgs& args) {
+  Status s = RunLearnerLoop(args);
+  if (!s.ok()) {
+    LOG(ERROR) << "learner failed: " << s;
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace grove::learner

@@ -1,0 +1,90 @@
+#include "learner/weight_publisher.h"
+
+#include <glog/logging.h>
+
+namespace grove::learner {
+
+Result<std::unique_ptr<WeightPublisher>> WeightPublisher::Start(const std::string& bind, std::string sender_id,
+                                                                uint64_t chunk_bytes) {
+  if (chunk_bytes == 0 || chunk_bytes % sizeof(float) != 0 || chunk_bytes > actors::kMaxFrameBytes / 2)
+    return Status::InvalidArgument("weight chunk_bytes must be a positive multiple of 4 below half the frame limit");
+  std::unique_ptr<WeightPublisher> p(new WeightPublisher(std::move(sender_id), chunk_bytes));
+  p->socket_ = std::make_unique<actors::RouterSocket>();
+  GROVE_ASSIGN_OR_RETURN(p->endpoint_, p->socket_->Bind(bind));
+  p->thread_ = std::thread([raw = p.get()] { raw->Serve(); });
+  return p;
+}
+
+WeightPublisher::~WeightPublisher() {
+  stop_ = true;
+  if (thread_.joinable()) thread_.join();
+}
+
+void WeightPublisher::Publish(std::shared_ptr<const actors::WeightSnapshot> snapshot) {
+  std::lock_guard<std::mutex> lock(mu_);
+  previous_ = std::move(current_);
+  current_ = std::move(snapshot);
+}
+
+int64_t WeightPublisher::version() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return current_ ? current_->version : -1;
+}
+
+uint64_t WeightPublisher::frames_rejected() const { return socket_->stats().Total(); }
+
+std::shared_ptr<const actors::WeightSnapshot> WeightPublisher::Find(int64_t version) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (current_ && current_->version == version) return current_;
+  if (previous_ && previous_->version == version) return previous_;
+  return nullptr;
+}
+
+void WeightPublisher::Serve() {
+  using actors::BodyKind;
+  while (!stop_) {
+    std::optional<actors::Incoming> in = socket_->Receive(100);
+    if (!in) continue;
+    Result<actors::Frame> frame = actors::DecodeFrame(in->payload.data(), in->payload.size(),
+                                                      {BodyKind::WEIGHT_REQUEST}, &socket_->stats());
+    if (!frame.ok()) continue;  // counted and logged once per kind by the codec
+    auto env = frame->envelope();
+    auto req = env.getBody().getWeightRequest();
+    capnp::MallocMessageBuilder mb;
+    auto out = actors::InitEnvelope(mb, sender_id_, env.getRequestId());
+    if (!req.getWantChunk()) {
+      std::shared_ptr<const actors::WeightSnapshot> cur;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        cur = current_;
+      }
+      if (!cur) {
+        out.getBody().initError().setMessage("no policy version published yet");
+      } else if (cur->version <= req.getHaveVersion()) {
+        // Nothing newer: an announce of the version alone, without layout.
+        out.getBody().initWeightAnnounce().setVersion(cur->version);
+      } else {
+        actors::FillWeightAnnounce(*cur, chunk_bytes_, out.getBody().initWeightAnnounce());
+      }
+    } else {
+      std::shared_ptr<const actors::WeightSnapshot> snap = Find(req.getVersion());
+      const uint64_t total = snap ? snap->flat.size() * sizeof(float) : 0;
+      const uint64_t off = req.getOffset();
+      if (!snap) {
+        out.getBody().initError().setMessage("weights of version " + std::to_string(req.getVersion()) +
+                                             " are no longer held; fetch the newest");
+      } else if (off % chunk_bytes_ != 0 || off >= total) {
+        out.getBody().initError().setMessage("bad weight chunk offset " + std::to_string(off));
+      } else {
+        const uint64_t len = std::min(chunk_bytes_, total - off);
+        actors::FillWeightChunk(*snap, off, len, out.getBody().initWeightChunk());
+        bytes_served_ += len;
+      }
+    }
+    Status s = socket_->Send(in->peer, actors::EncodeFrame(mb));
+    if (!s.ok()) VLOG(1) << "weight reply to a gone peer: " << s;
+    ++requests_served_;
+  }
+}
+
+}  // namespace grove::learner

@@ -1,0 +1,54 @@
+// WeightPublisher: serves the learner's published policy versions to rollout
+// workers over ZeroMQ, pull-based: a worker asks for the newest version's
+// announce, then for its chunks one request at a time (a worker that joins
+// late, or dies half way, costs the learner nothing). It runs on its own
+// thread so that serving never waits for a training step, and it keeps the
+// newest two versions so a transfer that started before a publish can end.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "actors/socket.h"
+#include "actors/weight_transfer.h"
+#include "base/result.h"
+
+namespace grove::learner {
+
+class WeightPublisher {
+ public:
+  // Binds `bind` (port 0 picks a free port). chunk_bytes: the bucket size.
+  static Result<std::unique_ptr<WeightPublisher>> Start(const std::string& bind, std::string sender_id,
+                                                        uint64_t chunk_bytes);
+  ~WeightPublisher();
+
+  const std::string& endpoint() const { return endpoint_; }
+  void Publish(std::shared_ptr<const actors::WeightSnapshot> snapshot);
+  int64_t version() const;
+
+  uint64_t bytes_served() const { return bytes_served_.load(); }
+  uint64_t requests_served() const { return requests_served_.load(); }
+  uint64_t frames_rejected() const;
+
+ private:
+  WeightPublisher(std::string sender_id, uint64_t chunk_bytes)
+      : sender_id_(std::move(sender_id)), chunk_bytes_(chunk_bytes) {}
+  void Serve();
+  std::shared_ptr<const actors::WeightSnapshot> Find(int64_t version) const;
+
+  std::string sender_id_;
+  uint64_t chunk_bytes_;
+  std::unique_ptr<actors::RouterSocket> socket_;
+  std::string endpoint_;
+  mutable std::mutex mu_;
+  std::shared_ptr<const actors::WeightSnapshot> current_, previous_;
+  std::atomic<bool> stop_{false};
+  std::atomic<uint64_t> bytes_served_{0}, requests_served_{0};
+  std::thread thread_;
+};
+
+}  // namespace grove::learner

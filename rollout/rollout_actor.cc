@@ -1,0 +1,304 @@
+#include "rollout/rollout_actor.h"
+
+#include <chrono>
+#include <map>
+
+#include <cblas.h>
+#include <glog/logging.h>
+
+#include "actors/process.h"
+#include "actors/socket.h"
+#include "model/prompt_format.h"
+#include "model/tokenizer.h"
+#include "model/transformer.h"
+#include "rollout/int8_quantizer.h"
+#include "rollout/weight_fetch.h"
+
+namespace grove::rollout {
+namespace {
+
+using actors::BodyKind;
+
+struct RolloutSettings {
+  int64_t group_size = 8;
+  int64_t prompts_per_request = 2;
+  double temperature = 1.0;
+  double top_p = 1.0;
+  int64_t top_k = 0;
+  int64_t max_new_tokens = 32;
+  std::string quantize = "int8";
+  int64_t request_timeout_ms = 10000;
+  int64_t blas_threads = 1;
+};
+
+Result<RolloutSettings> ParseSettings(const Config& cfg) {
+  Config s = cfg.Section("rollout");
+  GROVE_RETURN_IF_ERROR(s.CheckKeys({"group_size", "prompts_per_request", "temperature", "top_p", "top_k",
+                                     "max_new_tokens", "quantize", "request_timeout_ms", "blas_threads"}));
+  RolloutSettings o;
+  GROVE_ASSIGN_OR_RETURN(o.group_size, s.Int("group_size", o.group_size));
+  GROVE_ASSIGN_OR_RETURN(o.prompts_per_request, s.Int("prompts_per_request", o.prompts_per_request));
+  GROVE_ASSIGN_OR_RETURN(o.temperature, s.Double("temperature", o.temperature));
+  GROVE_ASSIGN_OR_RETURN(o.top_p, s.Double("top_p", o.top_p));
+  GROVE_ASSIGN_OR_RETURN(o.top_k, s.Int("top_k", o.top_k));
+  GROVE_ASSIGN_OR_RETURN(o.max_new_tokens, s.Int("max_new_tokens", o.max_new_tokens));
+  GROVE_ASSIGN_OR_RETURN(o.quantize, s.String("quantize", o.quantize));
+  GROVE_ASSIGN_OR_RETURN(o.request_timeout_ms, s.Int("request_timeout_ms", o.request_timeout_ms));
+  GROVE_ASSIGN_OR_RETURN(o.blas_threads, s.Int("blas_threads", o.blas_threads));
+  if (o.group_size < 2 || o.group_size > 1024)
+    return Status::InvalidArgument(cfg.source() + ": rollout.group_size must be in [2, 1024] (GRPO compares within a group)");
+  if (o.prompts_per_request < 1) return Status::InvalidArgument(cfg.source() + ": rollout.prompts_per_request must be >= 1");
+  if (!(o.temperature > 0)) return Status::InvalidArgument(cfg.source() + ": rollout.temperature must be > 0");
+  if (!(o.top_p > 0 && o.top_p <= 1)) return Status::InvalidArgument(cfg.source() + ": rollout.top_p must be in (0, 1]");
+  if (o.max_new_tokens < 1) return Status::InvalidArgument(cfg.source() + ": rollout.max_new_tokens must be >= 1");
+  if (o.quantize != "int8" && o.quantize != "none")
+    return Status::InvalidArgument(cfg.source() + ": rollout.quantize must be \"int8\" or \"none\"");
+  if (o.request_timeout_ms < 10) return Status::InvalidArgument(cfg.source() + ": rollout.request_timeout_ms must be >= 10");
+  return o;
+}
+
+// Installs a received snapshot into the model: the layout must match the
+// model's exactly, then the weights are quantized as configured.
+Status InstallWeights(actors::WeightSnapshot& snap, model::Model& m, const RolloutSettings& s,
+                      QuantizationReport& report) {
+  const auto& tensors = m.layout().tensors();
+  if (snap.tensors.size() != tensors.size() || snap.flat.size() != m.params().size())
+    return Status::InvalidArgument("received weights have " + std::to_string(snap.tensors.size()) +
+                                   " tensors, this model has " + std::to_string(tensors.size()) +
+                                   ": learner and rollout configs differ");
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const auto& a = snap.tensors[i];
+    const auto& b = tensors[i];
+    if (a.name != b.name || a.shape != b.shape || a.offset != static_cast<uint64_t>(b.offset))
+      return Status::InvalidArgument("received tensor '" + a.name + "' does not match this model's '" + b.name + "'");
+  }
+  if (s.quantize == "int8") report = QuantizeInt8InPlace(snap.tensors, snap.flat);
+  std::copy(snap.flat.begin(), snap.flat.end(), m.params().begin());
+  return Status::OK();
+}
+
+uint64_t Mix(uint64_t h, uint64_t v) {
+  h ^= v + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
+  return h;
+}
+
+class VerifierLinks {
+ public:
+  VerifierLinks(actors::ActorProcess& proc, std::string id) : proc_(proc), id_(std::move(id)) {}
+
+  // The next verifier in round-robin order, refreshing the list when empty.
+  Result<actors::RpcClient*> Next() {
+    if (links_.empty()) {
+      GROVE_ASSIGN_OR_RETURN(auto peers, proc_.client().Lookup(wire::Role::VERIFIER));
+      for (const auto& p : peers) {
+        auto rpc = std::make_unique<actors::RpcClient>(id_);
+        if (rpc->Connect(p.address).ok()) links_.push_back({p.id, std::move(rpc)});
+      }
+      if (links_.empty()) return Status::Unavailable("no verifier registered");
+    }
+    cursor_ = (cursor_ + 1) % links_.size();
+    return links_[cursor_].rpc.get();
+  }
+  // Forgets every link (one failed: the set may have changed).
+  void Reset() { links_.clear(); }
+
+ private:
+  struct Link {
+    std::string id;
+    std::unique_ptr<actors::RpcClient> rpc;
+  };
+  actors::ActorProcess& proc_;
+  std::string id_;
+  std::vector<Link> links_;
+  size_t cursor_ = 0;
+};
+
+Status RunRolloutLoop(const RoleArgs& args) {
+  GROVE_ASSIGN_OR_RETURN(RolloutSettings s, ParseSettings(args.config));
+  openblas_set_num_threads(static_cast<int>(std::max<int64_t>(1, s.blas_threads)));
+  GROVE_ASSIGN_OR_RETURN(model::ModelConfig mc, model::ModelConfig::FromConfig(args.config.Section("model")));
+  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<model::Model> m, model::Model::Create(mc, 0));
+  model::CharTokenizer tok;
+  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<actors::ActorProcess> proc,
+                         actors::ActorProcess::Start(args, wire::Role::ROLLOUT, ""));
+  actors::ActorClient& client = proc->client();
+  std::unique_ptr<actors::RpcClient> learner;
+  VerifierLinks verifiers(*proc, args.id);
+  FetchOptions fetch;
+  fetch.timeout_ms = static_cast<int>(s.request_timeout_ms);
+
+  int64_t version = -1;
+  uint64_t groups_sent = 0, tokens_total = 0, prompts_total = 0, resends = 0;
+  double gen_seconds = 0;
+  const auto start = std::chrono::steady_clock::now();
+  while (!proc->draining()) {
+    // Weights: between requests only, so a group never mixes versions.
+    if (version < 0 || client.coordinator_policy_version() > version) {
+      if (!learner) {
+        Result<std::vector<actors::PeerEndpoint>> peers = client.Lookup(wire::Role::LEARNER);
+        if (peers.ok() && !peers->empty()) {
+          learner = std::make_unique<actors::RpcClient>(args.id);
+          if (!learner->Connect(peers->front().address).ok()) learner.reset();
+        }
+      }
+      if (learner) {
+        const auto t0 = std::chrono::steady_clock::now();
+        Result<std::optional<actors::WeightSnapshot>> got = FetchNewerWeights(*learner, version, fetch);
+        if (got.ok() && got->has_value()) {
+          QuantizationReport q;
+          GROVE_RETURN_IF_ERROR(InstallWeights(**got, *m, s, q));
+          version = (*got)->version;
+          client.SetPolicyVersion(version);
+          const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+          client.SetCounter("weight_sync_ms", ms);
+          client.SetDetail(s.quantize == "int8"
+                               ? "int8 per-channel: " + std::to_string(q.tensors_quantized) + " tensors, " +
+                                     std::to_string(q.bits_per_weight).substr(0, 5) + " bits/weight"
+                               : "fp32 weights");
+          LOG(INFO) << "policy version " << version << " installed in " << ms << " ms ("
+                    << q.tensors_quantized << " tensors int8, rel err " << q.rel_l2_error << ")";
+        } else if (!got.ok()) {
+          LOG_EVERY_N(WARNING, 10) << "weight fetch: " << got.status();
+          if (got.status().code() != StatusCode::kAborted) learner.reset();
+        }
+      }
+      if (version < 0) {
+        proc->WaitFor(200);
+        continue;
+      }
+    }
+
+    Result<actors::WorkBatch> work = client.RequestWork(static_cast<uint32_t>(s.prompts_per_request), version);
+    if (!work.ok()) {
+      LOG_EVERY_N(WARNING, 10) << "work request: " << work.status();
+      proc->WaitFor(200);
+      continue;
+    }
+    if (work->prompts.empty()) {
+      proc->WaitFor(static_cast<int>(std::clamp<uint32_t>(work->retry_after_ms, 10, 1000)));
+      continue;
+    }
+    std::vector<uint64_t> done;
+    for (const Prompt& p : work->prompts) {
+      Result<std::vector<int32_t>> ptoks = model::EncodePrompt(tok, p.text);
+      if (!ptoks.ok() || static_cast<int64_t>(ptoks->size()) >= mc.max_seq_len) {
+        // A prompt the model cannot read is the task's fault: report it done
+        // so it is not handed out forever, and say so.
+        LOG(ERROR) << "prompt " << p.id << " cannot be sampled: "
+                   << (ptoks.ok() ? "longer than the model's context" : ptoks.status().ToString());
+        done.push_back(p.id);
+        continue;
+      }
+      model::SamplingOptions so;
+      so.temperature = s.temperature;
+      so.top_p = s.top_p;
+      so.top_k = s.top_k;
+      so.max_new_tokens = s.max_new_tokens;
+      so.stop_tokens = {tok.eos_id()};
+      so.seed = Mix(Mix(Mix(std::hash<std::string>{}(args.id), p.id), static_cast<uint64_t>(version)), args.restarts);
+      std::vector<std::vector<int32_t>> prompts(static_cast<size_t>(s.group_size), *ptoks);
+      const auto t0 = std::chrono::steady_clock::now();
+      GROVE_ASSIGN_OR_RETURN(auto completions, m->Generate(prompts, so));
+      gen_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+      capnp::MallocMessageBuilder mb;
+      auto env = actors::InitEnvelope(mb, args.id, 0);
+      auto g = env.getBody().initSampleGroup();
+      g.setGroupId(args.id + ":" + std::to_string(args.restarts) + ":" + std::to_string(p.id));
+      auto wp = g.initPrompt();
+      wp.setId(p.id);
+      wp.setTask(p.task);
+      wp.setText(p.text);
+      wp.setReference(p.reference);
+      wp.setSplit("train");
+      auto pt = g.initPromptTokens(static_cast<unsigned>(ptoks->size()));
+      for (size_t i = 0; i < ptoks->size(); ++i) pt.set(static_cast<unsigned>(i), (*ptoks)[i]);
+      g.setPolicyVersion(version);
+      g.setRolloutId(args.id);
+      g.setGenerateMs(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      g.setCreatedAtMs(actors::WallClockMs());
+      const size_t row = static_cast<size_t>(mc.moe_layers() * mc.top_k);
+      const size_t prompt_route_values = row * ptoks->size();
+      if (row > 0 && !completions.empty() && completions[0].routes.size() >= prompt_route_values) {
+        auto pr = g.initPromptRoutedExperts(static_cast<unsigned>(prompt_route_values));
+        for (size_t i = 0; i < prompt_route_values; ++i) pr.set(static_cast<unsigned>(i), completions[0].routes[i]);
+      }
+      auto samples = g.initSamples(static_cast<unsigned>(completions.size()));
+      for (size_t i = 0; i < completions.size(); ++i) {
+        const auto& c = completions[i];
+        auto smp = samples[static_cast<unsigned>(i)];
+        auto t = smp.initTokens(static_cast<unsigned>(c.tokens.size()));
+        auto lp = smp.initLogprobs(static_cast<unsigned>(c.logprobs.size()));
+        for (size_t j = 0; j < c.tokens.size(); ++j) t.set(static_cast<unsigned>(j), c.tokens[j]);
+        for (size_t j = 0; j < c.logprobs.size(); ++j) lp.set(static_cast<unsigned>(j), c.logprobs[j]);
+        if (row > 0 && c.routes.size() >= prompt_route_values) {
+          auto re = smp.initRoutedExperts(static_cast<unsigned>(c.routes.size() - prompt_route_values));
+          for (size_t j = prompt_route_values; j < c.routes.size(); ++j)
+            re.set(static_cast<unsigned>(j - prompt_route_values), c.routes[j]);
+        }
+        smp.setMoeLayers(static_cast<uint16_t>(mc.moe_layers()));
+        smp.setTopK(static_cast<uint16_t>(mc.top_k));
+        smp.setPolicyVersion(version);
+        smp.setFinish(c.finish == model::FinishReason::kStop ? wire::FinishReason::STOP : wire::FinishReason::LENGTH);
+        Result<std::string> text = model::DecodeCompletion(tok, c.tokens);
+        smp.setText(text.ok() ? *text : std::string());
+        tokens_total += c.tokens.size();
+      }
+
+      // Deliver until stored: the verifier answers with the store's ack.
+      bool stored = false;
+      while (!stored && !proc->stopping()) {
+        Result<actors::RpcClient*> v = verifiers.Next();
+        if (!v.ok()) {
+          proc->WaitFor(200);
+          if (proc->draining() && !proc->stopping()) continue;
+          continue;
+        }
+        Result<actors::Frame> ack = (*v)->Call(mb, {BodyKind::INSERT_ACK}, static_cast<int>(s.request_timeout_ms));
+        if (!ack.ok()) {
+          ++resends;
+          LOG(WARNING) << "group " << p.id << " not acknowledged (" << ack.status() << "); sending again";
+          verifiers.Reset();
+          continue;
+        }
+        auto a = ack->envelope().getBody().getInsertAck();
+        if (a.getAccepted()) {
+          stored = true;
+        } else {
+          // Back-pressure from the store: wait as told, then send again.
+          ++resends;
+          proc->WaitFor(static_cast<int>(std::clamp<uint32_t>(a.getRetryAfterMs(), 20, 2000)));
+        }
+      }
+      if (!stored) break;  // stopping: the lease returns the prompt to the queue
+      done.push_back(p.id);
+      ++groups_sent;
+      ++prompts_total;
+    }
+    if (!done.empty()) {
+      Status st = client.PromptDone(done);
+      if (!st.ok()) LOG(WARNING) << "prompt done: " << st;
+    }
+    const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    client.SetCounter("groups_sent", static_cast<double>(groups_sent));
+    client.SetCounter("tokens_per_s", gen_seconds > 0 ? tokens_total / gen_seconds : 0);
+    client.SetCounter("prompts_per_s", wall > 0 ? prompts_total / wall : 0);
+    client.SetCounter("resends", static_cast<double>(resends));
+  }
+  proc->ReportDraining();
+  proc->Finish(0, "");
+  return Status::OK();
+}
+
+}  // namespace
+
+int RunRollout(const RoleArgs& args) {
+  Status s = RunRolloutLoop(args);
+  if (!s.ok()) {
+    LOG(ERROR) << "rollout failed: " << s;
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace grove::rollout
