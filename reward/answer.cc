@@ -48,13 +48,13 @@ AnswerBlock ExtractAnswer(std::string_view completion) {
   if (think_close != std::string_view::npos) {
     after_think = completion.substr(think_close + kThinkClose.size());
   }
-  size_t opens = CountOf(after_think, kAnswerOpen);
-  if (opens == 0) {
-    block.error = CountOf(completion, kAnswerOpen) > 0 ? "answer only inside <think>" : "no <answer> block";
+  const size_t total = CountOf(completion, kAnswerOpen);
+  if (total > 1) {
+    block.error = std::to_string(total) + " <answer> blocks";
     return block;
   }
-  if (opens > 1) {
-    block.error = std::to_string(opens) + " <answer> blocks";
+  if (CountOf(after_think, kAnswerOpen) == 0) {
+    block.error = total > 0 ? "answer only inside <think>" : "no <answer> block";
     return block;
   }
   size_t open = after_think.find(kAnswerOpen);

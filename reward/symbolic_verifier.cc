@@ -195,6 +195,13 @@ class Builder {
     b.degree = base->degree * std::max(1.0, magnitude);
     b.bits = (base->bits + 1) * std::max(1.0, magnitude);
     b.value = GiNaC::pow(base->value, GiNaC::numeric(q.num) / GiNaC::numeric(q.den));
+    // Keep small integer powers of constants as constants, so that a tower
+    // like 9^9^9 is judged by its real exponent (387420489: too large).
+    if (base->constant && q.den == 1 && q.num >= 0) {
+      std::optional<Rational> power = Rational::Int(1);
+      for (int64_t k = 0; k < q.num && power; ++k) power = Mul(*power, *base->constant);
+      b.constant = power;
+    }
     return Check(std::move(b));
   }
 
