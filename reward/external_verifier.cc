@@ -123,7 +123,7 @@ class ExternalVerifier final : public Verifier {
     // Give a dying program a moment to be reaped so the reason can name how it ended.
     int status = 0;
     pid_t done = 0;
-    for (int i = 0; i < 50 && done == 0; ++i) {
+    for (int i = 0; i < 500 && done == 0; ++i) {
       done = waitpid(pid_, &status, WNOHANG);
       if (done == 0) usleep(2000);
     }
