@@ -145,7 +145,10 @@ class CountdownTask final : public SplitTask {
       expr = (i > 1 ? "(" + expr + ")" : expr) + op + std::to_string(n);
       acc = next;
     }
-    if (acc < 1 || acc > max_target_) return std::nullopt;
+    // A target that is one of the numbers needs no arithmetic at all.
+    if (acc < 1 || acc > max_target_ || std::find(numbers.begin(), numbers.end(), acc) != numbers.end()) {
+      return std::nullopt;
+    }
     std::string prompt = "use";
     for (int64_t n : numbers) prompt += " " + std::to_string(n);
     prompt += " to make " + std::to_string(acc);
@@ -235,14 +238,16 @@ class SymbolicTask final : public SplitTask {
     const int factors = max_degree_ >= 3 && rng.Chance(0.3) ? 3 : 2;
     Poly product = {1};
     std::string prompt = "expand ";
+    std::string steps;  // the running product after each factor past the first
     for (int f = 0; f < factors; ++f) {
       // (a x + b) with a in 1..2 so the numbers stay small.
       Poly factor = {Coefficient(rng, true), rng.Chance(0.7) ? 1 : 2};
       product = Multiply(product, factor);
       prompt += "(" + PolyText({factor[0], factor[1]}) + ")";
+      if (f > 0 && f + 1 < factors) steps += PolyText(product) + ",";
     }
     std::string answer = PolyText(product);
-    return Problem{prompt, json(answer).dump(), Demo("multiply out", answer)};
+    return Problem{prompt, json(answer).dump(), Demo(steps + answer, answer)};
   }
 
   int max_degree_, max_coefficient_;
