@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 
+#include <chrono>
 #include <utility>
 
 #include "reward/builtin_verifiers.h"
@@ -125,6 +126,25 @@ std::vector<std::string> VerifierRegistry::Names() const {
   std::vector<std::string> names;
   for (const auto& [n, f] : factories_) names.push_back(n);
   return names;
+}
+
+Status ConfigureRegistry(const Config& section, VerifierRegistry* registry) {
+  GROVE_ASSIGN_OR_RETURN(std::vector<std::string> plugins, section.StringList("plugins", std::vector<std::string>{}));
+  for (const std::string& path : plugins) {
+    Result<std::string> name = registry->LoadPlugin(path);
+    if (!name.ok()) return name.status().WithContext(section.source());
+  }
+  Config external = section.Section("external");
+  for (const std::string& name : external.Keys()) {
+    Config one = external.Section(name);
+    GROVE_RETURN_IF_ERROR(one.CheckKeys({"command", "timeout_ms"}));
+    ExternalVerifierOptions options;
+    GROVE_ASSIGN_OR_RETURN(options.command, one.String("command"));
+    GROVE_ASSIGN_OR_RETURN(int64_t timeout_ms, one.Int("timeout_ms", 2000));
+    options.timeout = std::chrono::milliseconds(timeout_ms);
+    GROVE_RETURN_IF_ERROR(registry->RegisterExternal(name, options).WithContext(section.source()));
+  }
+  return Status::OK();
 }
 
 }  // namespace grove::reward

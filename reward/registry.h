@@ -19,6 +19,7 @@
 #include <string_view>
 #include <vector>
 
+#include "base/config.h"
 #include "base/result.h"
 #include "reward/external_verifier.h"
 #include "reward/verifier.h"
@@ -46,6 +47,15 @@ class VerifierRegistry {
  private:
   std::map<std::string, VerifierFactory, std::less<>> factories_;
 };
+
+// Adds the plug-ins a config section names to `registry`:
+//   [reward]
+//   plugins = ["build/lib/libcase_insensitive.so"]
+//   [reward.external.answer_in_set]
+//   command = "python3 examples/verifiers/external/answer_in_set.py"
+//   timeout_ms = 2000        # optional, 2000 when absent
+// Other keys of the section (e.g. the [reward.verifiers] weights) are left alone.
+Status ConfigureRegistry(const Config& section, VerifierRegistry* registry);
 
 // Adds a verifier to the compiled-in set that every registry starts with.
 // Call before constructing registries (static initialisers are fine).

@@ -156,5 +156,28 @@ TEST(ExternalPlugin, HangGarbageAndExitAreContained) {
   }
 }
 
+// All three kinds from one experiment file, as the verifier actor will read it.
+TEST(ConfigureRegistry, LoadsPluginsAndExternalsFromConfig) {
+  const std::string toml = "[reward]\nplugins = [\"" + kPluginDir + "/libcase_insensitive_verifier.so\"]\n" +
+                           "[reward.verifiers]\ncase_insensitive = 1.0\nreply_one = 0.5\nformat = 0.1\n" +
+                           "[reward.external.reply_one]\ncommand = \"while read -r l; do echo '{\\\"reward\\\": 1}'; done\"\n" +
+                           "timeout_ms = 1000\n";
+  Result<Config> config = Config::Parse(toml, "experiment.toml");
+  ASSERT_TRUE(config.ok()) << config.status() << "\n" << toml;
+  VerifierRegistry registry;
+  ASSERT_TRUE(ConfigureRegistry(config->Section("reward"), &registry).ok());
+  auto spec = VerifierSpecFromConfig(config->Section("reward.verifiers"));
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  auto verifier = MakeCompositeVerifier(registry, *spec);
+  ASSERT_TRUE(verifier.ok()) << verifier.status();
+  auto pool = ScoringPool::Start(std::shared_ptr<const Verifier>(std::move(*verifier)), ScoringPoolOptions{});
+  ASSERT_TRUE(pool.ok());
+  std::vector<VerifyOutput> out = (*pool)->Score(std::vector<VerifyInput>{{"", "<think>a</think><answer>Ok</answer>", "\"OK\""}});
+  EXPECT_NEAR(out[0].reward, 1.6, 1e-12) << out[0].reason;
+
+  Result<Config> bad = Config::Parse("[reward.external.x]\ncommand = \"true\"\ntimeout = 5\n");
+  EXPECT_EQ(ConfigureRegistry(bad->Section("reward"), &registry).code(), StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace grove::reward
