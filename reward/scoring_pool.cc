@@ -171,6 +171,9 @@ Result<std::unique_ptr<ScoringPool>> ScoringPool::Start(std::shared_ptr<const Ve
     return Status::InvalidArgument("scoring pool needs 1..256 workers, got " + std::to_string(options.num_workers));
   }
   if (options.sample_timeout.count() <= 0) return Status::InvalidArgument("scoring pool needs a positive sample timeout");
+  if (options.pipeline_depth < 1 || options.pipeline_depth > 64) {
+    return Status::InvalidArgument("scoring pool pipeline_depth must be in [1, 64]");
+  }
   std::unique_ptr<ScoringPool> pool(new ScoringPool(std::move(verifier), options));
   pool->workers_.resize(static_cast<size_t>(options.num_workers));
   for (Worker& w : pool->workers_) GROVE_RETURN_IF_ERROR(pool->Spawn(w));
@@ -211,7 +214,7 @@ Status ScoringPool::Spawn(Worker& w) {
   close(fds[1]);
   w.pid = pid;
   w.fd = fds[0];
-  w.sample = -1;
+  w.inflight.clear();
   w.inbox.clear();
   return Status::OK();
 }
@@ -225,7 +228,7 @@ void ScoringPool::Kill(Worker& w) {
     waitpid(w.pid, nullptr, 0);
   }
   w.pid = -1;
-  w.sample = -1;
+  w.inflight.clear();
   w.inbox.clear();
 }
 
@@ -248,7 +251,6 @@ std::string ScoringPool::Reap(Worker& w, bool killed) {
     }
   }
   w.pid = -1;
-  w.sample = -1;
   w.inbox.clear();
   return how;
 }
@@ -256,8 +258,8 @@ std::string ScoringPool::Reap(Worker& w, bool killed) {
 std::vector<VerifyOutput> ScoringPool::Score(std::span<const VerifyInput> batch) {
   std::vector<VerifyOutput> results(batch.size());
   std::vector<int> attempts(batch.size(), 0);
-  std::vector<size_t> queue;  // samples waiting, taken from the back
-  for (size_t i = batch.size(); i > 0; --i) queue.push_back(i - 1);
+  std::deque<size_t> queue;  // samples waiting, in input order
+  for (size_t i = 0; i < batch.size(); ++i) queue.push_back(i);
   size_t done = 0;
 
   auto finish = [&](size_t index, VerifyOutput out, bool failed) {
@@ -275,51 +277,66 @@ std::vector<VerifyOutput> ScoringPool::Score(std::span<const VerifyInput> batch)
     Status s = Spawn(w);
     if (!s.ok()) LOG(ERROR) << "scoring pool could not re-create a worker: " << s;
   };
+  // A dead worker's front sample is charged with `reason`; those queued
+  // behind it never started and go back to the front of the queue.
+  auto fail_front = [&](Worker& w, std::string reason) {
+    std::deque<size_t> inflight = std::move(w.inflight);
+    w.inflight.clear();
+    finish(inflight.front(), Failure(std::move(reason)), true);
+    for (size_t k = inflight.size(); k > 1; --k) queue.push_front(inflight[k - 1]);
+  };
 
   while (done < batch.size()) {
-    // Hand out work to idle workers.
+    // Keep every worker's pipeline full.
     for (Worker& w : workers_) {
-      if (queue.empty()) break;
-      if (w.sample >= 0) continue;
-      if (w.pid < 0) respawn(w);
-      if (w.pid < 0) continue;
-      size_t index = queue.back();
-      const VerifyInput& in = batch[index];
-      Writer req;
-      req.I64(in.token_count);
-      req.Str(in.prompt);
-      req.Str(in.completion);
-      req.Str(in.reference);
-      // The worker is blocked reading, so a large request cannot deadlock.
-      if (!SendAll(w.fd, req.Frame())) {
-        // It died while idle: not this sample's fault, so it is retried once.
-        Reap(w, true);
-        respawn(w);
-        if (++attempts[index] > 1) {
-          queue.pop_back();
-          finish(index, Failure("verifier worker could not be started"), true);
+      while (!queue.empty() && w.inflight.size() < static_cast<size_t>(options_.pipeline_depth)) {
+        if (w.pid < 0) respawn(w);
+        if (w.pid < 0) break;
+        const size_t index = queue.front();
+        const VerifyInput& in = batch[index];
+        Writer req;
+        req.I64(in.token_count);
+        req.Str(in.prompt);
+        req.Str(in.completion);
+        req.Str(in.reference);
+        // The worker reads requests as fast as it can, and its replies are
+        // small, so a blocking send cannot deadlock against it.
+        if (!SendAll(w.fd, req.Frame())) {
+          // It died: its front sample (if any) is charged, this one retried.
+          std::string how = Reap(w, true);
+          if (!w.inflight.empty()) {
+            fail_front(w, "verifier crashed (" + (how.empty() ? std::string("connection lost") : how) + ")");
+          }
+          if (++attempts[index] > 2) {
+            queue.pop_front();
+            finish(index, Failure("verifier worker could not be started"), true);
+          }
+          break;
         }
-        continue;
+        queue.pop_front();
+        if (w.inflight.empty()) w.deadline = Clock::now() + options_.sample_timeout;
+        w.inflight.push_back(index);
       }
-      queue.pop_back();
-      w.sample = static_cast<long>(index);
-      w.deadline = Clock::now() + options_.sample_timeout;
     }
 
     std::vector<pollfd> fds;
     std::vector<Worker*> busy;
     Clock::time_point next_deadline = Clock::time_point::max();
     for (Worker& w : workers_) {
-      if (w.sample < 0) continue;
+      if (w.inflight.empty()) continue;
       fds.push_back(pollfd{w.fd, POLLIN, 0});
       busy.push_back(&w);
       next_deadline = std::min(next_deadline, w.deadline);
     }
     if (busy.empty()) {
+      if (queue.empty()) break;
+      bool any_alive = false;
+      for (Worker& w : workers_) any_alive = any_alive || w.pid > 0;
+      if (any_alive) continue;
       // No worker could be started: fail what is left rather than spin.
       while (!queue.empty()) {
-        finish(queue.back(), Failure("no verifier worker could be started"), true);
-        queue.pop_back();
+        finish(queue.front(), Failure("no verifier worker could be started"), true);
+        queue.pop_front();
       }
       break;
     }
@@ -327,42 +344,43 @@ std::vector<VerifyOutput> ScoringPool::Score(std::span<const VerifyInput> batch)
     int ready = poll(fds.data(), fds.size(), static_cast<int>(std::max<long long>(0, wait_ms) + 1));
     if (ready < 0 && errno != EINTR) PLOG(ERROR) << "scoring pool: poll";
 
-    const Clock::time_point now = Clock::now();
     for (size_t k = 0; k < busy.size(); ++k) {
       Worker& w = *busy[k];
-      const size_t index = static_cast<size_t>(w.sample);
       if (fds[k].revents != 0) {
         char chunk[65536];
         ssize_t n = recv(w.fd, chunk, sizeof(chunk), MSG_DONTWAIT);
         if (n > 0) {
           w.inbox.append(chunk, static_cast<size_t>(n));
           std::string payload;
-          if (w.inbox.size() > kMaxReplyBytes + 8) {
-            Reap(w, true);
-            finish(index, Failure("verifier reply too large"), true);
-          } else if (TakeFrame(&w.inbox, &payload)) {
+          bool broken = false;
+          while (!w.inflight.empty() && TakeFrame(&w.inbox, &payload)) {
             VerifyOutput out;
-            if (ParseReply(payload, &out)) {
-              bool failed = out.reason.starts_with("verifier threw");
-              w.sample = -1;
-              finish(index, std::move(out), failed);
-            } else {
-              Reap(w, true);
-              finish(index, Failure("verifier sent a malformed reply"), true);
+            if (!ParseReply(payload, &out)) {
+              broken = true;
+              break;
             }
+            const size_t index = w.inflight.front();
+            w.inflight.pop_front();
+            const bool failed = out.reason.starts_with("verifier threw");
+            finish(index, std::move(out), failed);
+            // The next sample starts now.
+            w.deadline = Clock::now() + options_.sample_timeout;
+          }
+          if (broken || w.inbox.size() > kMaxReplyBytes + 8) {
+            Reap(w, true);
+            fail_front(w, broken ? "verifier sent a malformed reply" : "verifier reply too large");
           }
           continue;
         }
         if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
           std::string how = Reap(w, false);
-          finish(index, Failure("verifier crashed (" + (how.empty() ? std::string("connection lost") : how) + ")"), true);
+          fail_front(w, "verifier crashed (" + (how.empty() ? std::string("connection lost") : how) + ")");
           continue;
         }
       }
-      if (now >= w.deadline) {
+      if (!w.inflight.empty() && Clock::now() >= w.deadline) {
         Reap(w, true);
-        finish(index, Failure("verifier timed out after " + std::to_string(options_.sample_timeout.count()) + " ms"),
-               true);
+        fail_front(w, "verifier timed out after " + std::to_string(options_.sample_timeout.count()) + " ms");
       }
     }
   }

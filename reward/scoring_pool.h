@@ -23,6 +23,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <deque>
 #include <memory>
 #include <span>
 #include <string>
@@ -37,6 +38,11 @@ struct ScoringPoolOptions {
   int num_workers = 2;
   std::chrono::milliseconds sample_timeout{5000};
   size_t memory_limit_bytes = size_t{4} << 30;  // per worker; 0 = no limit
+  // Samples sent ahead to each worker, so that it never waits on the caller.
+  // The time limit runs for one sample at a time (from when the worker can
+  // start it); when a worker dies, the samples queued behind the one that
+  // killed it are re-sent elsewhere at no cost to them.
+  int pipeline_depth = 4;
 };
 
 struct ScoringPoolStats {
@@ -63,15 +69,16 @@ class ScoringPool {
   struct Worker {
     pid_t pid = -1;
     int fd = -1;
-    long sample = -1;  // index being scored, -1 when idle
-    std::chrono::steady_clock::time_point deadline;
+    std::deque<size_t> inflight;  // sent, unanswered, in order; the front is being scored
+    std::chrono::steady_clock::time_point deadline;  // for the front
     std::string inbox;
   };
 
   ScoringPool(std::shared_ptr<const Verifier> verifier, ScoringPoolOptions options);
   Status Spawn(Worker& w);
   void Kill(Worker& w);
-  std::string Reap(Worker& w, bool killed);  // how the worker ended, for reasons
+  // How the worker ended, for reasons. Leaves w.inflight for the caller.
+  std::string Reap(Worker& w, bool killed);
 
   std::shared_ptr<const Verifier> verifier_;
   ScoringPoolOptions options_;

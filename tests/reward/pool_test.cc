@@ -57,6 +57,7 @@ std::vector<VerifyInput> Inputs(const std::vector<std::string>& completions, con
 TEST(ScoringPool, ResultsComeBackInInputOrder) {
   for (int workers : {1, 2, 3}) {
     auto pool = StartPool(workers, 5000);
+    SCOPED_TRACE(workers);
     std::vector<std::string> completions;
     for (int i = 0; i < 200; ++i) completions.push_back(std::to_string(i * 0.25));
     std::vector<VerifyOutput> out = pool->Score(Inputs(completions));
@@ -86,11 +87,37 @@ TEST(ScoringPool, MisbehaviourCostsOnlyThatSample) {
   EXPECT_EQ(pool->stats().failed, 6u);
 
   // The pool is whole again afterwards; dead workers are re-created when
-  // next needed: one each for segv, hang and abort.
-  out = pool->Score(Inputs({"8", "9"}));
-  EXPECT_EQ(out[0].reward, 8.0);
-  EXPECT_EQ(out[1].reward, 9.0);
+  // next needed (a batch larger than one pipeline needs both): one each for
+  // segv, hang and abort.
+  std::vector<std::string> more;
+  for (int i = 0; i < 20; ++i) more.push_back(std::to_string(i));
+  out = pool->Score(Inputs(more));
+  for (int i = 0; i < 20; ++i) EXPECT_EQ(out[static_cast<size_t>(i)].reward, i);
   EXPECT_EQ(pool->stats().restarts, 3u);
+}
+
+// Samples queued behind one that hangs or crashes did not run; they are
+// re-sent to a live worker and score normally, at any pipeline depth.
+TEST(ScoringPool, SamplesBehindAFailureAreNotCharged) {
+  for (int depth : {1, 2, 8}) {
+    SCOPED_TRACE(depth);
+    ScoringPoolOptions options;
+    options.num_workers = 2;
+    options.pipeline_depth = depth;
+    options.sample_timeout = std::chrono::milliseconds(300);
+    auto pool = ScoringPool::Start(std::make_shared<Scripted>(), options);
+    ASSERT_TRUE(pool.ok());
+    std::vector<std::string> completions = {"hang", "1", "2", "3", "segv", "4", "5", "6", "7", "hang", "8"};
+    std::vector<VerifyOutput> out = (*pool)->Score(Inputs(completions));
+    for (size_t i = 0; i < completions.size(); ++i) {
+      if (completions[i] == "hang" || completions[i] == "segv") {
+        EXPECT_EQ(out[i].reward, 0.0) << i;
+      } else {
+        EXPECT_EQ(out[i].reward, std::stod(completions[i])) << i << ": " << out[i].reason;
+      }
+    }
+    EXPECT_EQ((*pool)->stats().failed, 3u);
+  }
 }
 
 TEST(ScoringPool, EmptyBatchAndRecreatedWorker) {
@@ -116,6 +143,10 @@ TEST(ScoringPool, RejectsBadOptions) {
   ScoringPoolOptions options;
   options.num_workers = 0;
   EXPECT_FALSE(ScoringPool::Start(std::make_shared<Scripted>(), options).ok());
+  options.num_workers = 1;
+  options.pipeline_depth = 0;
+  EXPECT_FALSE(ScoringPool::Start(std::make_shared<Scripted>(), options).ok());
+  options.pipeline_depth = 4;
   options.num_workers = 1;
   EXPECT_FALSE(ScoringPool::Start(nullptr, options).ok());
 }
