@@ -107,6 +107,9 @@ bool TakeFrame(std::string* inbox, std::string* payload) {
 
 constexpr uint64_t kMaxRequestBytes = uint64_t{1} << 31;
 constexpr uint64_t kMaxReplyBytes = uint64_t{1} << 20;
+// Request bytes that may wait in a busy worker's socket; far below the
+// kernel's default Unix socket buffer (about 200 KiB).
+constexpr size_t kPipelineBytes = 32 << 10;
 
 VerifyOutput Failure(std::string reason) { return VerifyOutput::Make(0.0, std::move(reason)); }
 
@@ -258,6 +261,7 @@ std::string ScoringPool::Reap(Worker& w, bool killed) {
 std::vector<VerifyOutput> ScoringPool::Score(std::span<const VerifyInput> batch) {
   std::vector<VerifyOutput> results(batch.size());
   std::vector<int> attempts(batch.size(), 0);
+  std::vector<size_t> frame_bytes(batch.size(), 0);
   std::deque<size_t> queue;  // samples waiting, in input order
   for (size_t i = 0; i < batch.size(); ++i) queue.push_back(i);
   size_t done = 0;
@@ -299,9 +303,16 @@ std::vector<VerifyOutput> ScoringPool::Score(std::span<const VerifyInput> batch)
         req.Str(in.prompt);
         req.Str(in.completion);
         req.Str(in.reference);
-        // The worker reads requests as fast as it can, and its replies are
-        // small, so a blocking send cannot deadlock against it.
-        if (!SendAll(w.fd, req.Frame())) {
+        std::string frame = req.Frame();
+        // The send blocks. It cannot block for long when the worker is idle
+        // (it is reading), nor when everything queued to a busy worker fits
+        // in the socket buffer; a larger sample waits for the worker to be
+        // idle, so a hanging sample can never stall the pool in send().
+        size_t queued = 0;
+        for (size_t q : w.inflight) queued += frame_bytes[q];
+        if (!w.inflight.empty() && queued + frame.size() > kPipelineBytes) break;
+        frame_bytes[index] = frame.size();
+        if (!SendAll(w.fd, frame)) {
           // It died: its front sample (if any) is charged, this one retried.
           std::string how = Reap(w, true);
           if (!w.inflight.empty()) {

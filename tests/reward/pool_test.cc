@@ -139,6 +139,25 @@ TEST(ScoringPool, LargeSamplesTravelIntact) {
   EXPECT_EQ(out[1].reward, 2.0);
 }
 
+// A large sample queued behind a hanging one must not block the pool in
+// send() past the time limit.
+TEST(ScoringPool, LargeSampleBehindAHangDoesNotStall) {
+  ScoringPoolOptions options;
+  options.num_workers = 1;
+  options.pipeline_depth = 8;
+  options.sample_timeout = std::chrono::milliseconds(300);
+  auto pool = ScoringPool::Start(std::make_shared<Scripted>(), options);
+  ASSERT_TRUE(pool.ok());
+  std::string big(8 << 20, 'p');
+  std::vector<VerifyInput> in = {{"", "hang", ""}, {big, "1", ""}, {"", "2", ""}, {big, "3", ""}};
+  std::vector<VerifyOutput> out = (*pool)->Score(in);
+  EXPECT_EQ(out[0].reason, "verifier timed out after 300 ms");
+  EXPECT_EQ(out[1].reward, 1.0);
+  EXPECT_EQ(out[1].scores[0].value, static_cast<double>(big.size()));
+  EXPECT_EQ(out[2].reward, 2.0);
+  EXPECT_EQ(out[3].reward, 3.0);
+}
+
 TEST(ScoringPool, RejectsBadOptions) {
   ScoringPoolOptions options;
   options.num_workers = 0;
