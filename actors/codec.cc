@@ -20,21 +20,24 @@ void Validate(const capnp::DynamicValue::Reader& value, int depth) {
   if (depth > 64) KJ_FAIL_REQUIRE("message nests too deep");
   switch (value.getType()) {
     case capnp::DynamicValue::TEXT:
-      value.as<capnp::Text>();
+      value.as<capnp::Text>();  // checks the NUL terminator
+      break;
+    case capnp::DynamicValue::DATA:
+      value.as<capnp::Data>();
       break;
     case capnp::DynamicValue::STRUCT: {
       auto s = value.as<capnp::DynamicStruct>();
       for (auto field : s.getSchema().getFields()) {
         if (!s.has(field)) continue;
         auto t = field.getType();
-        if (t.isStruct() || t.isText() || t.isList()) Validate(s.get(field), depth + 1);
+        if (t.isStruct() || t.isText() || t.isData() || t.isList()) Validate(s.get(field), depth + 1);
       }
       break;
     }
     case capnp::DynamicValue::LIST: {
       auto l = value.as<capnp::DynamicList>();
       auto elem = l.getSchema().getElementType();
-      if (elem.isStruct() || elem.isText() || elem.isList()) {
+      if (elem.isStruct() || elem.isText() || elem.isData() || elem.isList()) {
         for (auto item : l) Validate(item, depth + 1);
       }
       break;
