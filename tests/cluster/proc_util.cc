@@ -31,7 +31,7 @@ int Spawn(const std::vector<std::string>& args, const std::string& log_path) {
   return pid;
 }
 
-std::string RunCapture(const std::vector<std::string>& args, int* exit_code) {
+std::string RunCapture(const std::vector<std::string>& args, int* exit_code, bool with_stderr) {
   int fds[2];
   if (pipe(fds) != 0) return "";
   std::vector<std::string> copy = args;
@@ -41,6 +41,7 @@ std::string RunCapture(const std::vector<std::string>& args, int* exit_code) {
   pid_t pid = fork();
   if (pid == 0) {
     dup2(fds[1], 1);
+    if (with_stderr) dup2(fds[1], 2);
     close(fds[0]);
     close(fds[1]);
     execv(argv[0], argv.data());

@@ -11,7 +11,8 @@ namespace grove::testing {
 // Starts argv (stdout+stderr appended to log_path) and returns its pid.
 int Spawn(const std::vector<std::string>& argv, const std::string& log_path);
 // Runs argv to completion; returns stdout, sets *exit_code.
-std::string RunCapture(const std::vector<std::string>& argv, int* exit_code);
+std::string RunCapture(const std::vector<std::string>& argv, int* exit_code,
+                       bool with_stderr = false);
 // Waits for a child; true if it exited within timeout_ms (status in *status).
 bool WaitExit(int pid, int timeout_ms, int* status = nullptr);
 // Polls `done` every 10 ms until true or timeout; returns its last value.
