@@ -99,9 +99,13 @@ wire::Envelope::Builder InitEnvelope(capnp::MessageBuilder& message, std::string
 }
 
 std::string EncodeFrame(capnp::MessageBuilder& message) {
-  auto words = capnp::messageToFlatArray(message);
-  auto bytes = words.asBytes();
-  return std::string(reinterpret_cast<const char*>(bytes.begin()), bytes.size());
+  // Serialize straight into the string: one copy of the segments, no more.
+  const size_t bytes = capnp::computeSerializedSizeInWords(message) * sizeof(capnp::word);
+  std::string out(bytes, '\0');
+  kj::ArrayOutputStream stream(
+      kj::arrayPtr(reinterpret_cast<kj::byte*>(out.data()), out.size()));
+  capnp::writeMessage(stream, message);
+  return out;
 }
 
 std::string BodyKindName(BodyKind kind) {
@@ -115,6 +119,12 @@ std::string BodyKindName(BodyKind kind) {
 
 Result<Frame> DecodeFrame(const void* data, size_t size, std::initializer_list<BodyKind> expected,
                           FrameStats* stats, const DecodeLimits& limits) {
+  return DecodeFrame(nullptr, data, size, expected, stats, limits);
+}
+
+Result<Frame> DecodeFrame(std::shared_ptr<void> owner, const void* data, size_t size,
+                          std::initializer_list<BodyKind> expected, FrameStats* stats,
+                          const DecodeLimits& limits) {
   auto reject = [&](FrameError e, Status status) -> Result<Frame> {
     if (stats != nullptr) stats->Count(e, status.message());
     return status;
@@ -130,13 +140,21 @@ Result<Frame> DecodeFrame(const void* data, size_t size, std::initializer_list<B
   }
   Frame frame;
   const size_t words = size / sizeof(capnp::word);
-  frame.words_ = kj::heapArray<capnp::word>(words);
-  std::memcpy(frame.words_.begin(), data, words * sizeof(capnp::word));
+  kj::ArrayPtr<const capnp::word> view;
+  if (owner != nullptr && reinterpret_cast<uintptr_t>(data) % alignof(capnp::word) == 0) {
+    frame.owner_ = std::move(owner);
+    view = kj::arrayPtr(static_cast<const capnp::word*>(data), words);
+  } else {
+    frame.words_ = kj::heapArray<capnp::word>(words);
+    std::memcpy(frame.words_.begin(), data, words * sizeof(capnp::word));
+    view = frame.words_.asPtr();
+  }
+  frame.size_words_ = words;
 
   // The segment table says how long the message is; compare with what arrived.
   size_t promised = 0;
   try {
-    promised = capnp::expectedSizeInWordsFromPrefix(frame.words_.asPtr());
+    promised = capnp::expectedSizeInWordsFromPrefix(view);
   } catch (const kj::Exception& e) {
     return reject(FrameError::kGarbage, Status::Corruption("bad segment table"));
   }
@@ -161,7 +179,7 @@ Result<Frame> DecodeFrame(const void* data, size_t size, std::initializer_list<B
       std::min<uint64_t>(limits.traversal_limit_words, uint64_t{words} * 8 + 1024);
   options.nestingLimit = limits.nesting_limit;
   try {
-    frame.reader_ = std::make_unique<capnp::FlatArrayMessageReader>(frame.words_.asPtr(), options);
+    frame.reader_ = std::make_unique<capnp::FlatArrayMessageReader>(view, options);
     auto env = frame.reader_->getRoot<wire::Envelope>();
     if (env.getMagic() != wire::K_MAGIC) {
       return reject(FrameError::kGarbage, Status::Corruption("bad magic"));

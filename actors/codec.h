@@ -74,13 +74,16 @@ class Frame {
 
   wire::Envelope::Reader envelope() const { return envelope_; }
   BodyKind kind() const { return envelope_.getBody().which(); }
-  size_t size_bytes() const { return words_.size() * sizeof(capnp::word); }
+  size_t size_bytes() const { return size_words_ * sizeof(capnp::word); }
 
  private:
-  friend Result<Frame> DecodeFrame(const void*, size_t, std::initializer_list<BodyKind>,
-                                   FrameStats*, const DecodeLimits&);
+  friend Result<Frame> DecodeFrame(std::shared_ptr<void>, const void*, size_t,
+                                   std::initializer_list<BodyKind>, FrameStats*,
+                                   const DecodeLimits&);
   Frame() = default;
-  kj::Array<capnp::word> words_;
+  std::shared_ptr<void> owner_;       // keeps the received bytes alive (zero-copy case)
+  kj::Array<capnp::word> words_;      // a word-aligned copy (when the bytes were unaligned)
+  size_t size_words_ = 0;
   std::unique_ptr<capnp::FlatArrayMessageReader> reader_;
   wire::Envelope::Reader envelope_;
 };
@@ -90,7 +93,10 @@ class Frame {
 wire::Envelope::Builder InitEnvelope(capnp::MessageBuilder& message, std::string_view sender,
                                      uint64_t request_id);
 
-// Encodes a built Envelope to frame bytes.
+// Encodes a built Envelope to frame bytes (one copy of the message). For
+// large payloads, build the Data field with
+// message.getOrphanage().referenceExternalData(...) so the payload is copied
+// only here, not also into the builder.
 std::string EncodeFrame(capnp::MessageBuilder& message);
 
 // Decodes `size` bytes. `expected` lists the body kinds this receiver takes
@@ -99,6 +105,11 @@ std::string EncodeFrame(capnp::MessageBuilder& message);
 // ResourceExhausted for oversized frames, and counts it in `stats` if given.
 Result<Frame> DecodeFrame(const void* data, size_t size, std::initializer_list<BodyKind> expected,
                           FrameStats* stats, const DecodeLimits& limits = DecodeLimits());
+// Zero-copy variant: `owner` keeps `data` alive and unchanged for the
+// Frame's lifetime; word-aligned bytes are read in place (others are copied).
+Result<Frame> DecodeFrame(std::shared_ptr<void> owner, const void* data, size_t size,
+                          std::initializer_list<BodyKind> expected, FrameStats* stats,
+                          const DecodeLimits& limits = DecodeLimits());
 
 // The name of a body kind as written in the schema ("heartbeat"), or
 // "unknown(<n>)".

@@ -20,6 +20,14 @@ void SetCommonOptions(zmq::socket_t& s, const SocketOptions& o) {
 
 }  // namespace
 
+Result<Frame> DecodeMessage(zmq::message_t&& message, std::initializer_list<BodyKind> expected,
+                            FrameStats* stats, const DecodeLimits& limits) {
+  auto owned = std::make_shared<zmq::message_t>(std::move(message));
+  const void* data = owned->data();
+  const size_t size = owned->size();
+  return DecodeFrame(std::move(owned), data, size, expected, stats, limits);
+}
+
 zmq::context_t& SharedContext() {
   // Leaked on purpose: a static context's destructor would block at exit on
   // sockets owned by detached threads.
@@ -185,8 +193,8 @@ Result<Frame> RpcClient::Call(capnp::MallocMessageBuilder& message,
     if (left <= 0) break;
     auto reply = dealer_.Receive(static_cast<int>(left));
     if (!reply) break;
-    auto frame = DecodeFrame(reply->data(), reply->size(), {}, &stats_,
-                             DecodeLimits{.max_frame_bytes = dealer_.options().max_frame_bytes});
+    auto frame = DecodeMessage(std::move(*reply), {}, &stats_,
+                               DecodeLimits{.max_frame_bytes = dealer_.options().max_frame_bytes});
     if (!frame.ok()) continue;
     if (frame->envelope().getRequestId() != id) continue;  // late reply to an old request
     if (frame->kind() == BodyKind::ERROR) {

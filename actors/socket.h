@@ -39,6 +39,10 @@ struct SocketOptions {
   int reconnect_ivl_max_ms = 2000;
 };
 
+// Decodes a received message without copying it (the Frame keeps it).
+Result<Frame> DecodeMessage(zmq::message_t&& message, std::initializer_list<BodyKind> expected,
+                            FrameStats* stats, const DecodeLimits& limits = DecodeLimits());
+
 struct Incoming {
   std::string peer;        // ROUTER identity of the sender; pass to Send()
   zmq::message_t payload;  // the frame; decode with DecodeFrame
