@@ -1,5 +1,7 @@
 #include "actors/socket.h"
 
+#include <malloc.h>
+
 #include <random>
 
 #include <glog/logging.h>
@@ -28,7 +30,17 @@ Result<Frame> DecodeMessage(zmq::message_t&& message, std::initializer_list<Body
   return DecodeFrame(std::move(owned), data, size, expected, stats, limits);
 }
 
+void KeepLargeBuffersInProcess() {
+  static const bool done = [] {
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    mallopt(M_TRIM_THRESHOLD, 256 << 20);
+    return true;
+  }();
+  (void)done;
+}
+
 zmq::context_t& SharedContext() {
+  KeepLargeBuffersInProcess();
   // Leaked on purpose: a static context's destructor would block at exit on
   // sockets owned by detached threads.
   static zmq::context_t* context = new zmq::context_t(1);

@@ -175,12 +175,14 @@ int CmdUp(int argc, char** argv) {
     return Fail(s);
   }
   for (const auto& [role, n] : counts) {
+    if (n == 0) continue;
     s = launcher_proc.Scale(role, n);
     if (!s.ok()) {
       launcher_proc.Shutdown(true);
       return Fail(s);
     }
   }
+  launcher_proc.MarkReady();
   if (!detach) {
     std::printf("grove: cluster %s up (coordinator %s); Ctrl-C stops it\n", dir->c_str(),
                 launcher_proc.coordinator().c_str());

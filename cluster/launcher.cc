@@ -303,6 +303,11 @@ void Launcher::Shutdown(bool force) {
   WriteClusterJson();
 }
 
+void Launcher::MarkReady() {
+  ready_ = true;
+  WriteClusterJson();
+}
+
 void Launcher::WriteClusterJson() {
   nlohmann::json pids = nlohmann::json::object();
   for (const auto& c : children_) {
@@ -315,7 +320,7 @@ void Launcher::WriteClusterJson() {
                          {"launcher_pid", static_cast<int>(getpid())},
                          {"config", options_.config_path},
                          {"pids", pids},
-                         {"ready", !coordinator_.empty() && !stop_requested_}};
+                         {"ready", ready_ && !stop_requested_}};
   Status s = WriteJsonAtomically(options_.run_dir + "/cluster.json", info);
   if (!s.ok()) LOG(WARNING) << s;
 }

@@ -59,6 +59,10 @@ class Launcher {
   // stop_timeout_ms (or at once when `force`), then stops the coordinator.
   void Shutdown(bool force);
 
+  // Marks the cluster started in cluster.json ("ready": true), which
+  // `grove up --detach` waits for.
+  void MarkReady();
+
   const std::string& coordinator() const { return coordinator_; }
   const std::string& control_endpoint() const { return control_endpoint_; }
 
@@ -85,6 +89,7 @@ class Launcher {
   std::unique_ptr<actors::RpcClient> reporter_;
   std::vector<Child> children_;  // the coordinator is children_[0]
   bool stop_requested_ = false;
+  bool ready_ = false;
   bool learner_exited_ = false;
   int learner_exit_code_ = 0;
 };

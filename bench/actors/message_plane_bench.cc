@@ -75,6 +75,57 @@ void Latency(int rounds) {
               sum / static_cast<double>(v.size()));
 }
 
+// The same round trip with raw 64-byte ZeroMQ messages and no codec: the
+// transport's (and this machine's scheduling) share of the figure above.
+void RawLatency(int rounds) {
+  RouterSocket server;
+  const std::string endpoint = *server.Bind("tcp://127.0.0.1:0");
+  std::thread echo([&] {
+    for (int i = 0; i < rounds; ++i) {
+      auto in = server.Receive(5000);
+      if (!in) return;
+      (void)server.Send(in->peer, std::string(64, 'a'));
+    }
+  });
+  DealerSocket client;
+  (void)client.Connect(endpoint);
+  std::vector<double> v;
+  for (int i = 0; i < rounds; ++i) {
+    const double t0 = NowUs();
+    (void)client.Send(std::string(64, 'q'), 5000);
+    if (!client.Receive(5000)) break;
+    v.push_back(NowUs() - t0);
+  }
+  echo.join();
+  v.erase(v.begin(), v.begin() + static_cast<long>(v.size() / 10));
+  std::sort(v.begin(), v.end());
+  auto pct = [&](double p) { return v[std::min(v.size() - 1, static_cast<size_t>(p * v.size()))]; };
+  std::printf("%-34s %8zu  p50 %7.1f us  p99 %7.1f us  p99.9 %7.1f us\n",
+              "round trip, raw zmq, no codec", v.size(), pct(0.50), pct(0.99), pct(0.999));
+}
+
+// CPU cost of the codec alone (build + encode + decode with validation).
+void CodecCost(size_t payload_bytes, int messages) {
+  std::vector<kj::byte> data(payload_bytes, 7);
+  const double t0 = NowUs();
+  size_t total = 0;
+  for (int i = 0; i < messages; ++i) {
+    capnp::MallocMessageBuilder msg(static_cast<unsigned>(payload_bytes / 8 + 64));
+    auto chunk = InitEnvelope(msg, "learner", static_cast<uint64_t>(i)).getBody().initWeightChunk();
+    chunk.adoptData(msg.getOrphanage().referenceExternalData(
+        capnp::Data::Reader(data.data(), data.size())));
+    std::string frame = EncodeFrame(msg);
+    auto owned = std::make_shared<std::string>(std::move(frame));
+    auto decoded = DecodeFrame(owned, owned->data(), owned->size(), {BodyKind::WEIGHT_CHUNK}, nullptr);
+    total += decoded.ok() ? decoded->envelope().getBody().getWeightChunk().getData().size() : 0;
+  }
+  const double us = (NowUs() - t0) / messages;
+  char label[64];
+  std::snprintf(label, sizeof(label), "codec only, %zu B payload", payload_bytes);
+  std::printf("%-34s %8d  %7.2f us/msg  %7.3f GB/s\n", label, messages, us,
+              static_cast<double>(total) / (us * messages) / 1e3);
+}
+
 void Throughput(size_t payload_bytes, int messages) {
   SocketOptions options;
   options.send_hwm = 64;
@@ -126,8 +177,12 @@ void Throughput(size_t payload_bytes, int messages) {
 
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  grove::actors::KeepLargeBuffersInProcess();  // as every actor process does
   std::printf("grove message plane, TCP loopback, through the runtime's sockets and codec\n");
   grove::actors::Latency(quick ? 2000 : 20000);
+  grove::actors::RawLatency(quick ? 2000 : 20000);
+  grove::actors::CodecCost(1024, quick ? 20000 : 200000);
+  grove::actors::CodecCost(1 << 20, quick ? 200 : 2000);
   grove::actors::Throughput(1024, quick ? 20000 : 200000);
   grove::actors::Throughput(1 << 20, quick ? 200 : 2000);
   return 0;
