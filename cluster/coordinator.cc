@@ -64,7 +64,10 @@ Coordinator::Coordinator(CoordinatorOptions options, std::unique_ptr<PromptSourc
       source_(std::move(source)),
       socket_(ServerSocketOptions(options_)),
       registry_(options_.timing),
-      queue_(source_.get(), options_.work) {
+      queue_(source_.get(), options_.work,
+             options_.first_prompt_id != 0
+                 ? options_.first_prompt_id
+                 : static_cast<uint64_t>(actors::WallClockMs()) << 20) {
   std::random_device rd;
   epoch_ = (uint64_t{rd()} << 32) | rd();
   started_ms_ = MonotonicMs();

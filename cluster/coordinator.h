@@ -32,6 +32,11 @@ struct CoordinatorOptions {
   WorkQueueLimits work;
   // Control messages are small; a frame above this is counted as oversized.
   size_t max_frame_bytes = size_t{4} << 20;
+  // The first prompt id this coordinator hands out. 0: start at
+  // wall-clock-ms << 20, so a restarted coordinator never reuses an id of
+  // its predecessor (ids name groups downstream) unless it handed out more
+  // than 2^20 prompts per millisecond of its life.
+  uint64_t first_prompt_id = 0;
 
   // Reads the [coordinator] section: heartbeat_interval_ms, suspect_misses,
   // liveness_misses, prompts_per_step, max_staleness, max_frame_bytes, bind.

@@ -2,8 +2,8 @@
 
 namespace grove {
 
-WorkQueue::WorkQueue(PromptSource* source, WorkQueueLimits limits)
-    : source_(source), limits_(limits) {}
+WorkQueue::WorkQueue(PromptSource* source, WorkQueueLimits limits, uint64_t first_id)
+    : source_(source), limits_(limits), next_id_(first_id) {}
 
 int64_t WorkQueue::Allowance(int64_t learner_version) const {
   if (limits_.prompts_per_step <= 0) return -1;

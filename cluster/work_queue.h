@@ -38,7 +38,8 @@ class WorkQueue {
 
   // `source` may be null (no prompts until the lead plugs one in); it must
   // outlive the queue.
-  WorkQueue(PromptSource* source, WorkQueueLimits limits);
+  // Prompt ids are first_id, first_id + 1, ...
+  WorkQueue(PromptSource* source, WorkQueueLimits limits, uint64_t first_id = 1);
 
   Grant Take(const std::string& worker, uint32_t max_prompts, int64_t learner_version);
   // Releases the worker's leases on these ids; returns how many it held.

@@ -36,6 +36,7 @@ class CoordinatorTest : public ::testing::Test {
     CoordinatorOptions o;
     o.timing = HealthTiming{50, 2, 6};
     o.work = WorkQueueLimits{4, 0};  // synchronous: 4 prompts per learner step
+    o.first_prompt_id = 1;
     coordinator_ = std::make_unique<Coordinator>(o, std::make_unique<CountingSource>());
     auto ep = coordinator_->Bind();
     ASSERT_TRUE(ep.ok()) << ep.status();

@@ -75,6 +75,15 @@ TEST(WorkQueue, StalenessGateBoundsPromptsPerLearnerVersion) {
   EXPECT_EQ(sync.Take("a", 100, 2).prompts.size(), 8u);
 }
 
+TEST(WorkQueue, IdsStartWhereTold) {
+  CountingSource source(10);
+  WorkQueue q(&source, WorkQueueLimits{}, uint64_t{1} << 60);
+  auto g = q.Take("a", 2, 0);
+  ASSERT_EQ(g.prompts.size(), 2u);
+  EXPECT_EQ(g.prompts[0].id, uint64_t{1} << 60);
+  EXPECT_EQ(g.prompts[1].id, (uint64_t{1} << 60) + 1);
+}
+
 TEST(WorkQueue, DrySourceAndNoSource) {
   CountingSource source(2);
   WorkQueue q(&source, WorkQueueLimits{});
