@@ -142,6 +142,30 @@ TEST_F(GroveCli, UpStatusRestartScaleDown) {
   for (int pid : pids) EXPECT_NE(kill(pid, 0), 0) << "pid " << pid << " still running";
 }
 
+TEST_F(GroveCli, ForegroundUpEndsWithTheLearnersExitCode) {
+  const std::string actor = testing::TestActorBinary();
+  const std::string config = WriteConfig(
+      "[cluster]\nlearner = 1\nrollout = 1\n"
+      "[coordinator]\nheartbeat_interval_ms = 50\n"
+      "[launcher.programs]\nlearner = \"" + actor + "\"\nrollout = \"" + actor + "\"\n");
+  setenv("GROVE_TEST_LEARNER_EXIT", "1500:3", 1);
+  int code = -1;
+  const auto start = std::chrono::steady_clock::now();
+  std::string out = RunCapture({GroveBinary(), "up", "--config", config, "--runs_dir",
+                                dir_ + "/runs"},
+                               &code, true);
+  unsetenv("GROVE_TEST_LEARNER_EXIT");
+  const auto took = std::chrono::steady_clock::now() - start;
+  EXPECT_EQ(code, 3) << out;
+  EXPECT_LT(took, std::chrono::seconds(12));
+  // Everything it started is gone, and the logs say how each ended.
+  auto info = nlohmann::json::parse(testing::ReadFile(dir_ + "/runs/latest/cluster.json"));
+  EXPECT_TRUE(info["pids"].empty()) << info.dump();
+  const std::string launcher_log = out;
+  EXPECT_NE(launcher_log.find("learner-0 exited: exit 3"), std::string::npos) << out;
+  EXPECT_NE(launcher_log.find("rollout-0 exited: exit 0"), std::string::npos) << out;
+}
+
 TEST_F(GroveCli, UpRefusesARoleThisBuildCannotStart) {
   const std::string config = WriteConfig("[cluster]\nrollout = 2\n");
   int code = -1;

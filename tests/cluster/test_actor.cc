@@ -3,7 +3,9 @@
 // statusRequest with commandReply{matched = frames served} and counts bad
 // frames, and publishes its figures in heartbeats. Started by the
 // multi-process tests directly and by `grove up` via [launcher.programs].
+#include <cctype>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 
 #include <gflags/gflags.h>
@@ -20,6 +22,16 @@ DEFINE_int32(restarts, 0, "restart count from the launcher");
 DEFINE_string(endpoint_file, "", "write the data endpoint here");
 DEFINE_int32(crash_after_ms, -1, "abort() after this many ms (tests restarts)");
 DEFINE_int32(max_frame_bytes, 1 << 20, "data socket frame limit");
+
+// For tests through `grove up`, which passes only the standard flags:
+// GROVE_TEST_<ROLE>_EXIT="after_ms:code" makes actors of that role finish
+// after after_ms with exit code `code` (e.g. a learner ending a run).
+bool ExitPlan(const std::string& role, int* after_ms, int* code) {
+  std::string name = "GROVE_TEST_" + role + "_EXIT";
+  for (auto& c : name) c = static_cast<char>(std::toupper(c));
+  const char* v = std::getenv(name.c_str());
+  return v != nullptr && std::sscanf(v, "%d:%d", after_ms, code) == 2;
+}
 
 using grove::actors::BodyKind;
 
@@ -54,7 +66,12 @@ int main(int argc, char** argv) {
   auto& client = (*proc)->client();
   const int64_t started = grove::actors::MonotonicMs();
   uint64_t served = 0;
+  int exit_after_ms = -1, exit_code = 0;
+  const bool planned_exit = ExitPlan(FLAGS_role, &exit_after_ms, &exit_code);
   while (!(*proc)->draining()) {
+    if (planned_exit && grove::actors::MonotonicMs() - started > exit_after_ms) {
+      return (*proc)->Finish(exit_code, "");
+    }
     if (FLAGS_crash_after_ms >= 0 && grove::actors::MonotonicMs() - started > FLAGS_crash_after_ms) {
       std::abort();
     }
