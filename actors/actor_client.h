@@ -30,6 +30,7 @@
 
 #include "actors/prompt.h"
 #include "actors/schema/envelope.capnp.h"
+#include "actors/rpc_client.h"
 #include "actors/socket.h"
 #include "base/result.h"
 

@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "actors/process.h"
+#include "actors/rpc_client.h"
 #include "actors/socket.h"
 #include "cluster/cli_flags.h"
 #include "cluster/commands.h"

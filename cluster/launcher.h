@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "actors/rpc_client.h"
 #include "actors/socket.h"
 #include "base/result.h"
 

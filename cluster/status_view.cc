@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <sstream>
 
+#include "actors/rpc_client.h"
 #include "actors/socket.h"
 #include "cluster/registry.h"
 

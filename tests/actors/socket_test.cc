@@ -1,5 +1,6 @@
 // Socket tests on loopback with ephemeral ports: request/reply, timeouts,
 // late replies, unreachable peers, malformed multipart messages.
+#include "actors/rpc_client.h"
 #include "actors/socket.h"
 
 #include <thread>

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "actors/codec.h"
+#include "actors/rpc_client.h"
 #include "actors/socket.h"
 #include "tests/cluster/proc_util.h"
 
