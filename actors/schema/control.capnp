@@ -133,3 +133,17 @@ struct ExitReport {
 struct ErrorReply {
   message @0 :Text;
 }
+
+# Appended for `grove scale`: the CLI asks the launcher (on the launcher's
+# control socket, named in the run directory's cluster.json) to run `count`
+# actors of `role`; the launcher starts or drains workers to match.
+struct ScaleRequest {
+  role @0 :Role;
+  count @1 :UInt32;
+}
+
+struct ScaleReply {
+  previous @0 :UInt32;
+  count @1 :UInt32;
+  message @2 :Text;
+}

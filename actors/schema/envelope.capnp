@@ -47,5 +47,9 @@ struct Envelope {
     weightAnnounce @29 :Data.WeightAnnounce;
     weightChunk @30 :Data.WeightChunk;
     weightRequest @31 :Data.WeightRequest;
+
+    # Appended: launcher control (grove scale).
+    scaleRequest @32 :Control.ScaleRequest;
+    scaleReply @33 :Control.ScaleReply;
   }
 }

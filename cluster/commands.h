@@ -1,0 +1,13 @@
+// The `grove` subcommands. Each is `int Cmd<Name>(int argc, char** argv)`
+// with argv[0] = "grove" and argv[1] = the subcommand; each answers --help.
+#pragma once
+
+namespace grove::cli {
+
+int CmdUp(int argc, char** argv);
+int CmdStatus(int argc, char** argv);
+int CmdScale(int argc, char** argv);
+int CmdDown(int argc, char** argv);
+int CmdRun(int argc, char** argv);
+
+}  // namespace grove::cli
