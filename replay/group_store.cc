@@ -339,6 +339,20 @@ Result<std::unique_ptr<GroupStore>> GroupStore::Open(const GroupStoreOptions& op
     std::set<std::string> have(names.begin(), names.end());
     std::set<std::string> want = {rocksdb::kDefaultColumnFamilyName, kSamplesCf, kIdsCf, kMetaCf};
     if (have != want) {
+      // A damaged MANIFEST can also list too few column families (its bad
+      // records are skipped by the listing): a read-only open, which changes
+      // nothing on disk, tells the two apart.
+      std::vector<rocksdb::ColumnFamilyDescriptor> listed;
+      for (const auto& n : names) listed.emplace_back(n, rocksdb::ColumnFamilyOptions());
+      std::vector<rocksdb::ColumnFamilyHandle*> listed_handles;
+      rocksdb::DB* probe = nullptr;
+      rocksdb::Status probe_status =
+          rocksdb::DB::OpenForReadOnly(db_options, options.path, listed, &listed_handles, &probe);
+      if (probe) {
+        for (auto* h : listed_handles) probe->DestroyColumnFamilyHandle(h);
+        delete probe;
+      }
+      if (!probe_status.ok()) return FromRocks(probe_status, "cannot open replay store at " + options.path);
       std::string list;
       for (const auto& n : names) list += (list.empty() ? "" : ", ") + n;
       return Status::FailedPrecondition("RocksDB database at " + options.path +
