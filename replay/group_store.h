@@ -136,8 +136,8 @@ class GroupStore {
   // (with its id entries and marks) by range deletion, then compacts those
   // ranges so the space is freed now. Every such group must be settled, else
   // FailedPrecondition naming one that is not. Later inserts below the new
-  // floor are answered kBelowRetentionFloor. A no-op when below_version is not
-  // above the current floor.
+  // floor are answered kBelowRetentionFloor. A no-op (the floor stays) when
+  // below_version is not above the current floor or no group lies below it.
   Status RetireBelow(int64_t below_version);
 
   StoreCounters Counters() const;
