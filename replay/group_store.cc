@@ -144,13 +144,21 @@ struct GroupStore::Impl {
   PersistentCounters counters;  // guarded by write_mu
   std::atomic<uint64_t> duplicates{0};
 
-  // Group commit queue.
+  // Group commit is a two-stage pipeline. The committer writes each batch of
+  // waiting inserts (unsynced) and hands it to the syncer; the syncer fsyncs
+  // the WAL (SyncWAL) and only then answers the batches written before that
+  // fsync began. While one fsync runs, the next batch is being written, so the
+  // disk sees back-to-back large syncs instead of one small sync per batch.
   std::mutex queue_mu;
   std::condition_variable queue_cv;  // wakes the committer
+  std::condition_variable sync_cv;   // wakes the syncer
   std::condition_variable done_cv;   // wakes waiting inserters
-  std::deque<PendingInsert*> queue;
+  std::deque<PendingInsert*> queue;      // waiting to be written
+  std::vector<PendingInsert*> unsynced;  // written, waiting for an fsync
   bool stopping = false;
+  bool committer_done = false;
   std::thread committer;
+  std::thread syncer;
 
   ~Impl() {
     if (committer.joinable()) {
@@ -160,6 +168,12 @@ struct GroupStore::Impl {
       }
       queue_cv.notify_all();
       committer.join();
+      {
+        std::lock_guard<std::mutex> lock(queue_mu);
+        committer_done = true;
+      }
+      sync_cv.notify_all();
+      syncer.join();
     }
     if (db) {
       for (auto* h : handles) db->DestroyColumnFamilyHandle(h);
@@ -169,27 +183,27 @@ struct GroupStore::Impl {
     }
   }
 
-  static rocksdb::WriteOptions SyncedWrite() {
-    rocksdb::WriteOptions wo;
-    wo.sync = true;
-    return wo;
-  }
-
   Status Context(const rocksdb::Status& s, std::string_view what) const {
     return FromRocks(s, "replay store at " + options.path + ": " + std::string(what));
   }
 
-  // Writes `batch` with the counters `next` and, on success, makes them current.
-  Status WriteWithCounters(rocksdb::WriteBatch* batch, const PersistentCounters& next) {
+  // Writes `batch` with the counters `next` and, on success, makes them
+  // current. sync=false only for group commit, whose syncer fsyncs after.
+  Status WriteWithCounters(rocksdb::WriteBatch* batch, const PersistentCounters& next, bool sync = true) {
     rocksdb::Status s = batch->Put(meta, rocksdb::Slice(kCountersKey.data(), kCountersKey.size()), next.Encode());
-    if (s.ok()) s = db->Write(SyncedWrite(), batch);
+    rocksdb::WriteOptions wo;
+    wo.sync = sync;
+    if (s.ok()) s = db->Write(wo, batch);
     if (!s.ok()) return Context(s, "synced write");
     counters = next;
     return Status::OK();
   }
 
-  // Commits a batch of inserts as one synced WriteBatch. Caller holds write_mu.
-  void CommitLocked(const std::vector<PendingInsert*>& items) {
+  // Commits a batch of inserts as one WriteBatch, synced unless `sync` is
+  // false (then the caller must fsync the WAL before answering any item,
+  // duplicates included: their first copy may be in the same unsynced
+  // stretch of the WAL). Caller holds write_mu.
+  void CommitLocked(const std::vector<PendingInsert*>& items, bool sync) {
     rocksdb::WriteBatch batch;
     PersistentCounters next = counters;
     std::unordered_map<std::string_view, SampleKey> in_batch;
@@ -239,7 +253,7 @@ struct GroupStore::Impl {
     }
     duplicates += duplicates_here;
     if (written.empty()) return;
-    Status status = WriteWithCounters(&batch, next);
+    Status status = WriteWithCounters(&batch, next, sync);
     if (!status.ok()) {
       for (PendingInsert* item : written) item->result = status;
     }
@@ -260,7 +274,29 @@ struct GroupStore::Impl {
       lock.unlock();
       {
         std::lock_guard<std::mutex> write_lock(write_mu);
-        CommitLocked(items);
+        CommitLocked(items, /*sync=*/false);
+      }
+      lock.lock();
+      unsynced.insert(unsynced.end(), items.begin(), items.end());
+      sync_cv.notify_one();
+    }
+  }
+
+  void SyncerLoop() {
+    std::unique_lock<std::mutex> lock(queue_mu);
+    while (true) {
+      sync_cv.wait(lock, [&] { return committer_done || !unsynced.empty(); });
+      if (unsynced.empty() && committer_done) return;
+      // Everything in `items` was written before this fsync starts.
+      std::vector<PendingInsert*> items;
+      items.swap(unsynced);
+      lock.unlock();
+      const rocksdb::Status s = db->SyncWAL();
+      if (!s.ok()) {
+        const Status failed = Context(s, "fsync of the write-ahead log");
+        for (PendingInsert* item : items) {
+          if (item->result.ok()) item->result = failed;
+        }
       }
       lock.lock();
       for (PendingInsert* item : items) item->done = true;
@@ -420,6 +456,7 @@ Result<std::unique_ptr<GroupStore>> GroupStore::Open(const GroupStoreOptions& op
   }
   if (options.sync_mode == SyncMode::kGroupCommit) {
     impl->committer = std::thread([p = impl.get()] { p->CommitterLoop(); });
+    impl->syncer = std::thread([p = impl.get()] { p->SyncerLoop(); });
   }
   return std::unique_ptr<GroupStore>(new GroupStore(std::move(impl)));
 }
@@ -479,7 +516,7 @@ Result<InsertResult> GroupStore::Insert(const GroupRecord& record) {
   pending.record = &record;
   if (impl_->options.sync_mode == SyncMode::kPerWrite) {
     std::lock_guard<std::mutex> lock(impl_->write_mu);
-    impl_->CommitLocked({&pending});
+    impl_->CommitLocked({&pending}, /*sync=*/true);
     return std::move(pending.result);
   }
   std::unique_lock<std::mutex> lock(impl_->queue_mu);

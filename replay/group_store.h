@@ -14,13 +14,20 @@
 //            'c' + consumer  -> data cursor (learner version, consumed count)
 //
 // Durability contract: Insert returns OK only after the WriteBatch holding the
-// record has been written to the write-ahead log and fsync'd (WriteOptions.sync).
-// The two sync modes differ only in how many inserts share one fsync:
-//   kPerWrite:    each insert is its own synced write, one at a time.
-//   kGroupCommit: inserts waiting at the same moment are gathered by one
-//                 committer thread into a single synced WriteBatch; every caller
-//                 in that batch is answered after the batch's fsync returns, and
-//                 the batch is atomic (all of it is recovered or none of it).
+// record has been written to the write-ahead log and the log fsync'd. The two
+// sync modes differ only in how many inserts share one fsync:
+//   kPerWrite:    each insert is its own WriteBatch written with
+//                 WriteOptions.sync, one at a time.
+//   kGroupCommit: inserts waiting at the same moment are gathered by a
+//                 committer thread into one WriteBatch (atomic: recovered whole
+//                 or not at all), written unsynced; a syncer thread then calls
+//                 SyncWAL and answers every batch written before that fsync
+//                 began. The committer writes the next batch while the syncer
+//                 fsyncs, so throughput follows disk bandwidth, not fsync
+//                 latency. A duplicate is also answered only after an fsync,
+//                 since its first copy may still be unsynced. An unsynced group
+//                 can be visible to readers of this process before it is
+//                 acknowledged; ReplayService serves only acknowledged groups.
 // Either way an acknowledged insert survives a process crash and a machine
 // crash (given a disk that honours fsync); an unacknowledged one may or may not
 // be present after a crash, and its sender's retry is then answered "duplicate".
