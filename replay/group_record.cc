@@ -57,14 +57,19 @@ std::string VersionLowerBound(int64_t policy_version) {
   return EncodeSampleKey(SampleKey{policy_version, 0});
 }
 
-std::string EncodeSampleValue(std::string_view group_id, int64_t policy_version,
-                              std::string_view payload) {
+std::string EncodeSampleValueHeader(std::string_view group_id, int64_t policy_version) {
   std::string out;
-  out.reserve(1 + 4 + group_id.size() + 8 + payload.size());
+  out.reserve(1 + 4 + group_id.size() + 8);
   out.push_back(static_cast<char>(kRecordFormat));
   PutLittleEndian<uint32_t>(&out, static_cast<uint32_t>(group_id.size()));
   out.append(group_id);
   PutLittleEndian<int64_t>(&out, policy_version);
+  return out;
+}
+
+std::string EncodeSampleValue(std::string_view group_id, int64_t policy_version,
+                              std::string_view payload) {
+  std::string out = EncodeSampleValueHeader(group_id, policy_version);
   out.append(payload);
   return out;
 }

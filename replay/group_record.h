@@ -41,6 +41,9 @@ std::string VersionLowerBound(int64_t policy_version);
 // caught when it is parsed.
 std::string EncodeSampleValue(std::string_view group_id, int64_t policy_version,
                               std::string_view payload);
+// The value without its payload: EncodeSampleValueHeader(...) + payload ==
+// EncodeSampleValue(...). Lets a writer hand RocksDB the payload in place.
+std::string EncodeSampleValueHeader(std::string_view group_id, int64_t policy_version);
 // Corruption (naming what is wrong) when the bytes are not a record of this
 // format, or the version disagrees with `key`.
 Result<GroupRecord> DecodeSampleValue(std::string_view value, SampleKey key);

@@ -242,7 +242,11 @@ struct GroupStore::Impl {
       }
       SampleKey key{r.policy_version, next.next_arrival++};
       const std::string encoded_key = EncodeSampleKey(key);
-      batch.Put(samples, encoded_key, EncodeSampleValue(r.group_id, r.policy_version, r.payload));
+      // The payload is copied once, into the batch, not into a value string first.
+      const std::string header = EncodeSampleValueHeader(r.group_id, r.policy_version);
+      const rocksdb::Slice key_slice(encoded_key);
+      const rocksdb::Slice value_parts[2] = {rocksdb::Slice(header), rocksdb::Slice(r.payload)};
+      batch.Put(samples, rocksdb::SliceParts(&key_slice, 1), rocksdb::SliceParts(value_parts, 2));
       batch.Put(ids, Prefixed(kIdPrefix, r.group_id), encoded_key);
       batch.Put(ids, Prefixed(kVersionPrefix, encoded_key), r.group_id);
       next.stored += 1;

@@ -42,6 +42,7 @@ TEST(SampleKeyTest, WrongLengthIsCorruption) {
 TEST(SampleValueTest, RoundTripsAndRejectsDamage) {
   const std::string payload("\0\1\2binary\xff", 10);
   const std::string value = EncodeSampleValue("group-9", -4, payload);
+  EXPECT_EQ(EncodeSampleValueHeader("group-9", -4) + payload, value);
   Result<GroupRecord> r = DecodeSampleValue(value, SampleKey{-4, 77});
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->group_id, "group-9");
