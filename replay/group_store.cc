@@ -407,6 +407,12 @@ Result<std::unique_ptr<GroupStore>> GroupStore::Open(const GroupStoreOptions& op
   samples_options.write_buffer_size = options.write_buffer_bytes;
   samples_options.max_write_buffer_number = 3;
   samples_options.target_file_size_base = 64 << 20;
+  // Groups are usually consumed and range-deleted soon after they arrive.
+  // Letting more flushed files wait in L0 means retention often deletes them
+  // before any compaction rewrites them: less write amplification on a disk
+  // that already carries every byte twice (WAL, flush).
+  samples_options.level0_file_num_compaction_trigger = 8;
+  samples_options.max_bytes_for_level_base = 1 << 30;
   // Payloads are token ids, float log-probs and expert ids: they compress
   // little, and compression would spend CPU this workload needs for fsyncs.
   samples_options.compression = rocksdb::kNoCompression;

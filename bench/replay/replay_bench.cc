@@ -82,6 +82,21 @@ AppendResult MeasureAppends(ReplayService& replay, const std::vector<std::string
   return r;
 }
 
+// Bytes this process caused to be written to storage (Linux /proc/self/io),
+// to report write amplification: disk bytes per payload byte.
+uint64_t ProcessWriteBytes() {
+  FILE* f = fopen("/proc/self/io", "r");
+  if (!f) return 0;
+  char key[64];
+  unsigned long long value;
+  uint64_t out = 0;
+  while (fscanf(f, "%63s %llu", key, &value) == 2) {
+    if (std::string(key) == "write_bytes:") out = value;
+  }
+  fclose(f);
+  return out;
+}
+
 double Percentile(const std::vector<double>& sorted, double p) {
   if (sorted.empty()) return 0;
   return sorted[std::min(sorted.size() - 1, static_cast<size_t>(p * sorted.size()))];
@@ -110,7 +125,8 @@ int main(int argc, char** argv) {
          "%u hardware threads\n",
          PayloadBytes(), FLAGS_completions, FLAGS_tokens, FLAGS_layers, FLAGS_topk, FLAGS_writers,
          std::thread::hardware_concurrency());
-  printf("%-13s %8s %10s %9s %9s %9s %9s\n", "mode", "writers", "appends/s", "MB/s", "p50 ms", "p99 ms", "groups");
+  printf("%-13s %8s %10s %9s %9s %9s %9s %6s\n", "mode", "writers", "appends/s", "MB/s", "p50 ms", "p99 ms", "groups",
+         "w-amp");
   for (SyncMode mode : {SyncMode::kGroupCommit, SyncMode::kPerWrite}) {
     for (int writers : {1, FLAGS_writers}) {
       const fs::path db = root / (std::string(SyncModeName(mode)) + "_" + std::to_string(writers));
@@ -123,10 +139,12 @@ int main(int argc, char** argv) {
         fprintf(stderr, "%s\n", replay.status().ToString().c_str());
         return 1;
       }
+      const uint64_t written_before = ProcessWriteBytes();
       AppendResult r = MeasureAppends(**replay, payloads, writers, FLAGS_seconds, 1);
-      printf("%-13s %8d %10.0f %9.1f %9.2f %9.2f %9lu\n", std::string(SyncModeName(mode)).c_str(), writers,
+      const double amp = static_cast<double>(ProcessWriteBytes() - written_before) / std::max<uint64_t>(1, r.bytes);
+      printf("%-13s %8d %10.0f %9.1f %9.2f %9.2f %9lu %6.2f\n", std::string(SyncModeName(mode)).c_str(), writers,
              r.groups / r.seconds, r.bytes / r.seconds / 1e6, Percentile(r.latencies_ms, 0.5),
-             Percentile(r.latencies_ms, 0.99), static_cast<unsigned long>(r.groups));
+             Percentile(r.latencies_ms, 0.99), static_cast<unsigned long>(r.groups), amp);
       replay->reset();
       fs::remove_all(db);
     }
