@@ -371,6 +371,7 @@ Result<std::unique_ptr<GroupStore>> GroupStore::Open(const GroupStoreOptions& op
   db_options.max_background_jobs = 2;
   db_options.info_log_level = rocksdb::InfoLogLevel::WARN_LEVEL;
   db_options.keep_log_file_num = 2;
+  if (options.env != nullptr) db_options.env = options.env;
 
   if (!creating) {
     std::vector<std::string> names;

@@ -47,6 +47,10 @@
 #include "base/result.h"
 #include "replay/group_record.h"
 
+namespace rocksdb {
+class Env;
+}
+
 namespace grove::replay {
 
 enum class SyncMode { kPerWrite, kGroupCommit };
@@ -66,6 +70,8 @@ struct GroupStoreOptions {
   // open, so corruption is reported at start rather than when the learner
   // reaches it. Costs a full read of the live data; retention keeps that small.
   bool verify_records_at_open = true;
+  // Not owned; null: the default. Tests inject file-system faults through it.
+  rocksdb::Env* env = nullptr;
 };
 
 enum class InsertOutcome {

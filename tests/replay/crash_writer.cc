@@ -19,12 +19,14 @@
 
 #include "replay/replay_service.h"
 #include "tests/replay/crash_payload.h"
+#include "tests/replay/sync_journal_fs.h"
 
 DEFINE_string(db, "", "replay store directory");
 DEFINE_string(sync_mode, "group_commit", "per_write or group_commit");
 DEFINE_int32(round, 0, "round number; ids are r<round>-t<thread>-<n>");
 DEFINE_int32(threads, 4, "inserting threads");
 DEFINE_int32(resend, 20, "ids of the previous round each thread sends again first");
+DEFINE_string(sync_journal, "", "if set, journal every WAL fsync here (see sync_journal_fs.h)");
 
 namespace {
 
@@ -60,6 +62,15 @@ int main(int argc, char** argv) {
   }
   options.store.sync_mode = *mode;
   options.max_unconsumed = 1 << 20;
+  std::shared_ptr<grove::replay::testing::SyncJournalFileSystem> journal_fs;
+  std::unique_ptr<rocksdb::Env> journal_env;
+  if (!FLAGS_sync_journal.empty()) {
+    journal_fs = std::make_shared<grove::replay::testing::SyncJournalFileSystem>(rocksdb::FileSystem::Default(),
+                                                                                FLAGS_sync_journal);
+    if (!journal_fs->ok()) return 2;
+    journal_env = rocksdb::NewCompositeEnv(journal_fs);
+    options.store.env = journal_env.get();
+  }
   auto opened = ReplayService::Open(options);
   if (!opened.ok()) {
     fprintf(stderr, "open: %s\n", opened.status().ToString().c_str());
