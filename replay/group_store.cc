@@ -362,6 +362,11 @@ Result<std::unique_ptr<GroupStore>> GroupStore::Open(const GroupStoreOptions& op
   if (creating && !options.create_if_missing) {
     return Status::NotFound("no replay store at " + options.path + " and create_if_missing is off");
   }
+  if (creating) {
+    // RocksDB creates only the last path component.
+    fs::create_directories(dir, ec);
+    if (ec) return Status::IOError("cannot create replay store directory " + options.path + ": " + ec.message());
+  }
 
   rocksdb::DBOptions db_options;
   db_options.create_if_missing = creating;
@@ -646,7 +651,7 @@ Result<DataCursor> GroupStore::Cursor(std::string_view consumer) const {
   return DecodeCursor(value, consumer);
 }
 
-Status GroupStore::RetireBelow(int64_t below_version) {
+Status GroupStore::RetireBelow(int64_t below_version, uint64_t min_groups) {
   std::unique_lock<std::mutex> lock(impl_->write_mu);
   const int64_t floor = impl_->counters.retention_floor;
   if (below_version <= floor) return Status::OK();
@@ -672,9 +677,9 @@ Status GroupStore::RetireBelow(int64_t below_version) {
     batch.Delete(impl_->ids, Prefixed(kIdPrefix, it->value().ToStringView()));
   }
   if (!it->status().ok()) return impl_->Context(it->status(), "scanning the retired range");
-  // Nothing stored in the range: leave the floor where it is rather than pay a
-  // synced write and three compactions for nothing.
-  if (batch.Count() == 0) return Status::OK();
+  // Too little in the range: leave the floor where it is rather than pay a
+  // synced write and three compactions for it.
+  if (batch.Count() < std::max<uint64_t>(min_groups, 1)) return Status::OK();
   batch.DeleteRange(impl_->samples, lo, hi);
   batch.DeleteRange(impl_->ids, lo_v, hi_v);
   batch.DeleteRange(impl_->meta, lo_m, hi_m);

@@ -150,8 +150,10 @@ class GroupStore {
   // ranges so the space is freed now. Every such group must be settled, else
   // FailedPrecondition naming one that is not. Later inserts below the new
   // floor are answered kBelowRetentionFloor. A no-op (the floor stays) when
-  // below_version is not above the current floor or no group lies below it.
-  Status RetireBelow(int64_t below_version);
+  // below_version is not above the current floor or fewer than `min_groups`
+  // groups (at least one) lie below it: each retirement compacts the files
+  // overlapping the range, so it pays to retire in large chunks.
+  Status RetireBelow(int64_t below_version, uint64_t min_groups = 1);
 
   StoreCounters Counters() const;
   // Bytes of live SST files (after flushing memtables): what retention frees.

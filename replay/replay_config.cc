@@ -15,7 +15,7 @@ Result<ReplayOptions> ReplayOptionsFromConfig(const Config& section) {
   GROVE_RETURN_IF_ERROR(section.CheckKeys({"path", "sync_mode", "max_unconsumed", "min_size_to_serve",
                                            "samples_per_insert", "samples_per_insert_error_buffer",
                                            "lease_timeout_ms", "group_commit_max_mb", "verify_records_at_open",
-                                           "retire_on_consume"}));
+                                           "retire_on_consume", "retire_min_groups"}));
   ReplayOptions o;
   GROVE_ASSIGN_OR_RETURN(o.store.path, section.String("path"));
   GROVE_ASSIGN_OR_RETURN(std::string mode, section.String("sync_mode", std::string("group_commit")));
@@ -31,6 +31,7 @@ Result<ReplayOptions> ReplayOptionsFromConfig(const Config& section) {
   GROVE_ASSIGN_OR_RETURN(uint64_t lease_ms, NonNegative(section, "lease_timeout_ms", 0));
   o.lease_timeout = std::chrono::milliseconds(lease_ms);
   GROVE_ASSIGN_OR_RETURN(o.retire_on_consume, section.Bool("retire_on_consume", true));
+  GROVE_ASSIGN_OR_RETURN(o.retire_min_groups, NonNegative(section, "retire_min_groups", 1024));
   return o;
 }
 

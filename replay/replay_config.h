@@ -11,6 +11,7 @@
 //   group_commit_max_mb = 64
 //   verify_records_at_open = true
 //   retire_on_consume = true
+//   retire_min_groups = 1024
 #pragma once
 
 #include "base/config.h"

@@ -279,7 +279,7 @@ Result<int64_t> ReplayService::RetireServedOut() {
     below = *m.last_stale_threshold;
     if (!m.index.empty()) below = std::min(below, m.index.begin()->first.policy_version);
   }
-  GROVE_RETURN_IF_ERROR(m.store->RetireBelow(below));
+  GROVE_RETURN_IF_ERROR(m.store->RetireBelow(below, m.options.retire_min_groups));
   return m.store->Counters().retention_floor;
 }
 

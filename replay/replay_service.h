@@ -50,6 +50,9 @@ struct ReplayOptions {
   // can no longer be served: below both the oldest unsettled group and the
   // last learner_version - max_staleness seen by SampleBatch.
   bool retire_on_consume = true;
+  // ... but only once at least this many groups can go at once: each
+  // retirement compacts the files overlapping the range.
+  uint64_t retire_min_groups = 1024;
 };
 
 struct SampledBatch {

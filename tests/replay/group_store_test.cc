@@ -132,7 +132,7 @@ INSTANTIATE_TEST_SUITE_P(BothSyncModes, GroupStoreModes,
 
 TEST(GroupStoreTest, MarkConsumedMovesCursorAtomicallyAndIdempotently) {
   ScratchDir dir;
-  auto store = OpenOrDie(dir.Sub("db"));
+  auto store = OpenOrDie(dir.Sub("nested/dirs/db"));  // missing parents are created
   ASSERT_NE(store, nullptr);
   for (int i = 0; i < 10; ++i) ASSERT_TRUE(store->Insert({"g" + std::to_string(i), i / 3, "p", 0}).ok());
   EXPECT_EQ(store->Cursor("learner").value().learner_version, -1);
@@ -169,7 +169,7 @@ TEST(GroupStoreTest, MarkConsumedMovesCursorAtomicallyAndIdempotently) {
   ASSERT_TRUE(store->ForEachUnsettled([&](const UnsettledGroup& g) { unsettled.insert(g.group_id); }).ok());
   EXPECT_EQ(unsettled, (std::set<std::string>{"g5", "g6", "g7", "g8", "g9"}));
   store.reset();
-  store = OpenOrDie(dir.Sub("db"));
+  store = OpenOrDie(dir.Sub("nested/dirs/db"));
   ASSERT_NE(store, nullptr);
   EXPECT_EQ(store->Cursor("learner").value().consumed, 4u);
   EXPECT_EQ(store->Counters().consumed, 5u);
@@ -206,7 +206,11 @@ TEST(GroupStoreTest, RetentionFreesTheRetiredRangeAndOnlyIt) {
   std::optional<SampleKey> last = store->Find(old_ids.back()).value();
   ASSERT_TRUE(last.has_value());
   EXPECT_EQ(store->MarkDroppedStale({*last}).value(), 1u);
-  ASSERT_TRUE(store->RetireBelow(4).ok());
+  // Fewer groups below the bound than asked for: nothing happens yet.
+  ASSERT_TRUE(store->RetireBelow(4, 4 * kPerVersion + 1).ok());
+  EXPECT_EQ(store->Counters().retention_floor, INT64_MIN);
+  EXPECT_TRUE(store->Find(old_ids.front()).value().has_value());
+  ASSERT_TRUE(store->RetireBelow(4, 4 * kPerVersion).ok());
 
   const uint64_t after = store->LiveFileBytes().value();
   const uint64_t retired = uint64_t{4 * kPerVersion} * kPayload;
