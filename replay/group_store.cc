@@ -376,6 +376,9 @@ Result<std::unique_ptr<GroupStore>> GroupStore::Open(const GroupStoreOptions& op
   db_options.max_background_jobs = 2;
   db_options.info_log_level = rocksdb::InfoLogLevel::WARN_LEVEL;
   db_options.keep_log_file_num = 2;
+  // Write flushed SST data back in 1 MiB steps instead of one large fsync at
+  // the end of each flush, which would stall the WAL fsyncs behind it.
+  db_options.bytes_per_sync = 1 << 20;
   if (options.env != nullptr) db_options.env = options.env;
 
   if (!creating) {
