@@ -52,6 +52,8 @@ struct MoeSaved {
   std::vector<std::vector<T>> a, b, h, y;   // per expert, [rows, F] / [rows, H]
   std::vector<T> sa, sb, sh;       // shared experts [n, S*F]
   std::vector<int64_t> seq_start;  // sequence boundaries (for the balance loss), size seqs+1
+  // Scratch reused across calls (no allocation once shapes were seen).
+  std::vector<T> xg, dyg, dxg, dgate, dlogits, scratch;
 };
 
 // x: [n, H] -> out [n, H] (overwritten). replay: [n, k] ids or null.
@@ -97,8 +99,9 @@ double MoeForward(const MoeShape& s, const MoeWeights<T>& w, const T* x, int64_t
       m.gates[t * K + j] = (s.norm_topk ? sc[id[j]] / z : sc[id[j]]) * T(s.route_scale);
   }
   // Dispatch: group token rows per expert, run each expert once on its rows.
-  m.rows.assign(E, {});
-  m.slots.assign(E, {});
+  m.rows.resize(E);
+  m.slots.resize(E);
+  for (int64_t e = 0; e < E; ++e) { m.rows[e].clear(); m.slots[e].clear(); }
   for (int64_t t = 0; t < n; ++t)
     for (int64_t j = 0; j < K; ++j) {
       m.rows[m.ids[t * K + j]].push_back(t);
@@ -115,7 +118,7 @@ double MoeForward(const MoeShape& s, const MoeWeights<T>& w, const T* x, int64_t
     std::fill(out, out + n * H, T(0));
   }
   m.a.resize(E); m.b.resize(E); m.h.resize(E); m.y.resize(E);
-  std::vector<T> xg;
+  std::vector<T>& xg = m.xg;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r = int64_t(m.rows[e].size());
     if (r == 0) continue;
@@ -164,13 +167,14 @@ void UpdateBias(T* bias, const int64_t* load, int64_t E, double gamma) {
 // dout [n, H] -> dx += ..., grads += ...; alpha as in forward.
 template <typename T>
 void MoeBackward(const MoeShape& s, const MoeWeights<T>& w, const MoeGrads<T>& g, const T* x, const T* dout,
-                 double alpha, const MoeSaved<T>& m, T* dx) {
+                 double alpha, MoeSaved<T>& m, T* dx) {
   const int64_t H = s.hidden, E = s.experts, K = s.top_k, F = s.expert_hidden, n = m.n;
-  std::vector<T> scratch, xg, dyg, dxg;
+  std::vector<T>&scratch = m.scratch, &xg = m.xg, &dyg = m.dyg, &dxg = m.dxg;
   if (s.shared_hidden > 0)
     layers::SwiGluBackward(x, w.s_w1, w.s_w3, w.s_w2, m.sa.data(), m.sb.data(), m.sh.data(), dout, dx, g.s_w1,
                            g.s_w3, g.s_w2, n, H, s.shared_hidden, &scratch);
-  std::vector<T> dgate(n * K, T(0));
+  std::vector<T>& dgate = m.dgate;
+  dgate.assign(n * K, T(0));
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r = int64_t(m.rows[e].size());
     if (r == 0) continue;
@@ -194,7 +198,8 @@ void MoeBackward(const MoeShape& s, const MoeWeights<T>& w, const MoeGrads<T>& g
     }
   }
   // Gates -> scores -> router logits.
-  std::vector<T> dlogits(n * E, T(0));
+  std::vector<T>& dlogits = m.dlogits;
+  dlogits.assign(n * E, T(0));
   std::vector<double> fcoef(E);
   for (size_t q = 0; q + 1 < m.seq_start.size(); ++q) {
     const int64_t t0 = m.seq_start[q], t1 = m.seq_start[q + 1], len = t1 - t0;

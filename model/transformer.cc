@@ -36,6 +36,19 @@ struct LayerTape {
   MoeSaved<T> moe;
 };
 
+// Buffers reused across calls: a training step allocates (and page-faults)
+// nothing once the shapes have been seen.
+template <typename T>
+struct Workspace {
+  std::vector<T> x, h, rstd, q, k, v, o, f, fa, fb, fh;
+  std::vector<T> dx, dh, dq, dk, dv, dO, sw;
+  std::vector<T> hs, dhs, z, h_final, dh_final;
+  std::vector<uint16_t> routes;
+  std::vector<uint16_t> layer_replay;
+  MoeSaved<T> moe;
+  std::vector<T> scratch;
+};
+
 template <typename T>
 struct Tape {
   int64_t rows = 0;
@@ -55,8 +68,17 @@ struct Tape {
 template <typename T>
 struct Transformer<T>::Impl {
   std::vector<T> rope_cos, rope_sin;
-  std::unique_ptr<Tape<T>> tape;
-  std::vector<T> scratch;
+  std::unique_ptr<Tape<T>> tape;   // kept by the last Score(keep_for_backward)
+  std::unique_ptr<Tape<T>> spare;  // a consumed tape, reused for its buffers
+  Workspace<T> ws;
+
+  std::unique_ptr<Tape<T>> TakeTape() {
+    std::unique_ptr<Tape<T>> t = spare ? std::move(spare) : std::make_unique<Tape<T>>();
+    t->rows = 0;
+    t->tokens.clear(); t->segs.clear(); t->sc_row.clear(); t->sc_req.clear(); t->sc_idx.clear();
+    t->sc_target.clear(); t->sizes.clear();
+    return t;
+  }
 };
 
 namespace {
@@ -109,19 +131,23 @@ struct Ctx {
 template <typename T>
 double RunLayers(const Ctx<T>& cx, const std::vector<int32_t>& tokens, const std::vector<Segment>& segs,
                  const uint16_t* replay, Tape<T>* tape, std::vector<KvCache<T>>* caches, uint16_t* routes,
-                 std::vector<std::vector<int64_t>>* load, std::vector<T>* h_final, std::vector<T>* scratch) {
+                 std::vector<std::vector<int64_t>>* load, std::vector<T>* h_final, Workspace<T>* ws) {
+  std::vector<T>* scratch = &ws->scratch;
   const ModelConfig& c = cx.c;
   const int64_t R = int64_t(tokens.size()), H = c.hidden, hd = c.head_dim, qd = c.heads * hd,
                 kd = c.kv_heads * hd, half = hd / 2, K = c.top_k, M = c.moe_layers();
-  std::vector<T> x(R * H), h(R * H), rstd(R), q(R * qd), k(R * kd), v(R * kd), o(R * qd), f(R * H);
+  std::vector<T>&x = ws->x, &h = ws->h, &rstd = ws->rstd, &q = ws->q, &k = ws->k, &v = ws->v, &o = ws->o,
+                &f = ws->f;
+  x.resize(R * H); h.resize(R * H); rstd.resize(R); q.resize(R * qd); k.resize(R * kd); v.resize(R * kd);
+  o.resize(R * qd); f.resize(R * H);
   const T* embed = cx.P("embed");
   for (int64_t r = 0; r < R; ++r) std::copy(embed + tokens[r] * H, embed + (tokens[r] + 1) * H, x.data() + r * H);
   std::vector<int64_t> seq_start;
   for (const Segment& s : segs) seq_start.push_back(s.row0);
   seq_start.push_back(R);
-  std::vector<uint16_t> layer_replay, layer_ids;
+  std::vector<uint16_t>& layer_replay = ws->layer_replay;
   double balance = 0;
-  if (tape) tape->layers.assign(c.layers, {});
+  if (tape) tape->layers.resize(c.layers);
   for (int64_t l = 0; l < c.layers; ++l) {
     LayerTape<T>* lt = tape ? &tape->layers[l] : nullptr;
     if (lt) lt->x_in = x;
@@ -159,10 +185,10 @@ double RunLayers(const Ctx<T>& cx, const std::vector<int32_t>& tokens, const std
     if (lt) { lt->rstd2 = rstd; lt->h2 = h; }
     if (!c.is_moe_layer(l)) {
       const int64_t F = c.dense_hidden;
-      std::vector<T> a(R * F), b(R * F), hh(R * F);
+      std::vector<T>&a = lt ? lt->fa : ws->fa, &b = lt ? lt->fb : ws->fb, &hh = lt ? lt->fh : ws->fh;
+      a.resize(R * F); b.resize(R * F); hh.resize(R * F);
       layers::SwiGluForward(h.data(), cx.P(cx.L(l, "mlp.w1")), cx.P(cx.L(l, "mlp.w3")), cx.P(cx.L(l, "mlp.w2")),
                             a.data(), b.data(), hh.data(), f.data(), R, H, F);
-      if (lt) { lt->fa = std::move(a); lt->fb = std::move(b); lt->fh = std::move(hh); }
     } else {
       const int64_t mi = c.moe_index(l);
       const uint16_t* rep = nullptr;
@@ -172,8 +198,7 @@ double RunLayers(const Ctx<T>& cx, const std::vector<int32_t>& tokens, const std
           std::copy(replay + (r * M + mi) * K, replay + (r * M + mi + 1) * K, layer_replay.data() + r * K);
         rep = layer_replay.data();
       }
-      MoeSaved<T> local;
-      MoeSaved<T>* saved = lt ? &lt->moe : &local;
+      MoeSaved<T>* saved = lt ? &lt->moe : &ws->moe;
       balance += MoeForward(cx.Shape(), cx.MoeW(l), h.data(), R, seq_start, rep, caches ? 0.0 : c.balance_alpha,
                             f.data(), saved, load ? (*load)[mi].data() : nullptr);
       if (routes)
@@ -189,14 +214,17 @@ double RunLayers(const Ctx<T>& cx, const std::vector<int32_t>& tokens, const std
 }
 
 template <typename T>
-void BackwardLayers(const Ctx<T>& cx, Tape<T>& tp, std::vector<T>& dh_final, std::vector<T>* scratch) {
+void BackwardLayers(const Ctx<T>& cx, Tape<T>& tp, std::vector<T>& dh_final, Workspace<T>* ws) {
+  std::vector<T>* scratch = &ws->scratch;
   const ModelConfig& c = cx.c;
   const int64_t R = tp.rows, H = c.hidden, hd = c.head_dim, qd = c.heads * hd, kd = c.kv_heads * hd,
                 half = hd / 2;
-  std::vector<T> dx(R * H, T(0)), dh(R * H), dq(R * qd), dk(R * kd), dv(R * kd), dO(R * qd);
+  std::vector<T>&dx = ws->dx, &dh = ws->dh, &dq = ws->dq, &dk = ws->dk, &dv = ws->dv, &dO = ws->dO;
+  dx.assign(R * H, T(0)); dh.resize(R * H); dq.resize(R * qd); dk.resize(R * kd); dv.resize(R * kd);
+  dO.resize(R * qd);
   layers::RmsNormBackward(tp.x_final.data(), cx.P("norm"), tp.rstd_final.data(), dh_final.data(), dx.data(),
                           cx.G("norm"), R, H);
-  std::vector<T> sw;
+  std::vector<T>& sw = ws->sw;
   for (int64_t l = c.layers - 1; l >= 0; --l) {
     LayerTape<T>& lt = tp.layers[l];
     std::fill(dh.begin(), dh.end(), T(0));
@@ -306,7 +334,7 @@ template <typename T>
 Result<ScoreResult<T>> Transformer<T>::Score(const std::vector<ScoreRequest>& batch, bool keep_for_backward) {
   const ModelConfig& c = config_;
   const int64_t M = c.moe_layers(), K = c.top_k, V = c.vocab_size, H = c.hidden;
-  auto tape = std::make_unique<Tape<T>>();
+  std::unique_ptr<Tape<T>> tape = impl_->TakeTape();
   std::vector<uint16_t> replay;
   bool any_replay = false;
   for (const ScoreRequest& r : batch) any_replay |= !r.replay_routes.empty();
@@ -357,15 +385,19 @@ Result<ScoreResult<T>> Transformer<T>::Score(const std::vector<ScoreRequest>& ba
   }
   ScoreResult<T> out;
   out.expert_load.assign(M, std::vector<int64_t>(c.experts, 0));
-  std::vector<uint16_t> routes(tape->rows * M * K);
+  std::vector<uint16_t>& routes = impl_->ws.routes;
+  routes.resize(tape->rows * M * K);
   Ctx<T> cx{c, layout_, params_.data(), grads_.data(), impl_->rope_cos.data(), impl_->rope_sin.data()};
-  std::vector<T> hf;
+  std::vector<T>& hf = impl_->ws.h_final;
   out.balance_loss = RunLayers<T>(cx, tape->tokens, tape->segs, any_replay ? replay.data() : nullptr,
                                keep_for_backward ? tape.get() : nullptr, nullptr, routes.data(), &out.expert_load,
-                               &hf, &impl_->scratch);
+                               &hf, &impl_->ws);
   // LM head on the scored rows only.
   const int64_t S = int64_t(tape->sc_row.size());
-  std::vector<T> hs(S * H), z(S * V);
+  std::vector<T>& hs = impl_->ws.hs;
+  std::vector<T>& z = keep_for_backward ? tape->sc_probs : impl_->ws.z;
+  hs.resize(S * H);
+  z.resize(S * V);
   for (int64_t i = 0; i < S; ++i) std::copy(hf.data() + tape->sc_row[i] * H, hf.data() + (tape->sc_row[i] + 1) * H, hs.data() + i * H);
   layers::LinearForward(hs.data(), params_.data() + layout_.Offset("lm_head"), z.data(), S, H, V);
   out.logprobs.resize(batch.size());
@@ -382,9 +414,9 @@ Result<ScoreResult<T>> Transformer<T>::Score(const std::vector<ScoreRequest>& ba
     out.routes[i].assign(routes.begin() + s.row0 * M * K, routes.begin() + (s.row0 + s.n) * M * K);
   }
   if (keep_for_backward) {
-    tape->sc_probs = std::move(z);
-    impl_->tape = std::move(tape);
+    std::swap(impl_->tape, tape);  // the previous kept tape, if any, becomes the spare
   }
+  if (tape) impl_->spare = std::move(tape);
   return out;
 }
 
@@ -409,16 +441,20 @@ Status Transformer<T>::Backward(const std::vector<std::vector<T>>& dlogprobs) {
     for (int64_t j = 0; j < V; ++j) zi[j] = -g * zi[j];
     zi[tape->sc_target[i]] += g;
   }
-  std::vector<T> hs(S * H), dhs(S * H, T(0));
+  std::vector<T>&hs = impl_->ws.hs, &dhs = impl_->ws.dhs;
+  hs.resize(S * H);
+  dhs.assign(S * H, T(0));
   for (int64_t i = 0; i < S; ++i)
     std::copy(tape->h_final.data() + tape->sc_row[i] * H, tape->h_final.data() + (tape->sc_row[i] + 1) * H, hs.data() + i * H);
   const int64_t lm = layout_.Offset("lm_head");
   layers::LinearBackward(hs.data(), params_.data() + lm, dz.data(), dhs.data(), grads_.data() + lm, S, H, V);
-  std::vector<T> dh(tape->rows * H, T(0));
+  std::vector<T>& dh = impl_->ws.dh_final;
+  dh.assign(tape->rows * H, T(0));
   for (int64_t i = 0; i < S; ++i)
     for (int64_t j = 0; j < H; ++j) dh[tape->sc_row[i] * H + j] += dhs[i * H + j];
   Ctx<T> cx{config_, layout_, params_.data(), grads_.data(), impl_->rope_cos.data(), impl_->rope_sin.data()};
-  BackwardLayers(cx, *tape, dh, &impl_->scratch);
+  BackwardLayers(cx, *tape, dh, &impl_->ws);
+  impl_->spare = std::move(tape);
   return Status::OK();
 }
 
@@ -447,7 +483,7 @@ Result<std::vector<T>> Transformer<T>::FullLogits(const std::vector<int32_t>& to
     if (t < 0 || t >= V) return Status::InvalidArgument("FullLogits: token outside vocabulary");
   Ctx<T> cx{config_, layout_, params_.data(), grads_.data(), impl_->rope_cos.data(), impl_->rope_sin.data()};
   std::vector<T> hf, z(L * V);
-  RunLayers<T>(cx, tokens, {Segment{0, L, 0, -1}}, nullptr, nullptr, nullptr, nullptr, nullptr, &hf, &impl_->scratch);
+  RunLayers<T>(cx, tokens, {Segment{0, L, 0, -1}}, nullptr, nullptr, nullptr, nullptr, nullptr, &hf, &impl_->ws);
   layers::LinearForward(hf.data(), params_.data() + layout_.Offset("lm_head"), z.data(), L, H, V);
   return z;
 }
@@ -466,11 +502,11 @@ Result<std::vector<T>> Transformer<T>::CachedLogits(const std::vector<int32_t>& 
   caches[0].v = caches[0].k;
   std::vector<T> hf, z(L * V);
   std::vector<int32_t> first(tokens.begin(), tokens.begin() + split);
-  RunLayers<T>(cx, first, {Segment{0, split, 0, 0}}, nullptr, nullptr, &caches, nullptr, nullptr, &hf, &impl_->scratch);
+  RunLayers<T>(cx, first, {Segment{0, split, 0, 0}}, nullptr, nullptr, &caches, nullptr, nullptr, &hf, &impl_->ws);
   layers::LinearForward(hf.data(), params_.data() + layout_.Offset("lm_head"), z.data(), split, H, V);
   for (int64_t p = split; p < L; ++p) {
     RunLayers<T>(cx, {tokens[p]}, {Segment{0, 1, p, 0}}, nullptr, nullptr, &caches, nullptr, nullptr, &hf,
-              &impl_->scratch);
+              &impl_->ws);
     layers::LinearForward(hf.data(), params_.data() + layout_.Offset("lm_head"), z.data() + p * V, 1, H, V);
   }
   return z;
@@ -520,7 +556,7 @@ Result<std::vector<Completion<T>>> Transformer<T>::Generate(const std::vector<st
   std::vector<uint16_t> routes;
   while (!active.empty()) {
     routes.assign(toks.size() * M * K, 0);
-    RunLayers<T>(cx, toks, segs, nullptr, nullptr, &caches, routes.data(), nullptr, &hf, &impl_->scratch);
+    RunLayers<T>(cx, toks, segs, nullptr, nullptr, &caches, routes.data(), nullptr, &hf, &impl_->ws);
     last_h.resize(active.size() * H);
     for (size_t a = 0; a < active.size(); ++a) {
       const Segment& s = segs[a];
