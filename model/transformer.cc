@@ -7,6 +7,7 @@
 #include <numeric>
 #include <cstring>
 #include <string>
+#include <thread>
 
 #include "model/layers.h"
 #include "model/moe.h"
@@ -43,8 +44,9 @@ struct Workspace {
   std::vector<T> x, h, rstd, q, k, v, o, f, fa, fb, fh;
   std::vector<T> dx, dh, dq, dk, dv, dO, sw;
   std::vector<T> hs, dhs, z, h_final, dh_final;
-  std::vector<uint16_t> routes;
+  std::vector<uint16_t> routes, replay;
   std::vector<uint16_t> layer_replay;
+  std::vector<T> grads;  // shards > 0 accumulate their gradient here
   MoeSaved<T> moe;
   std::vector<T> scratch;
 };
@@ -68,12 +70,25 @@ struct Tape {
 template <typename T>
 struct Transformer<T>::Impl {
   std::vector<T> rope_cos, rope_sin;
-  std::unique_ptr<Tape<T>> tape;   // kept by the last Score(keep_for_backward)
-  std::unique_ptr<Tape<T>> spare;  // a consumed tape, reused for its buffers
-  Workspace<T> ws;
+  std::vector<std::unique_ptr<Tape<T>>> tapes;   // one per shard, kept by the last Score(keep_for_backward)
+  std::vector<size_t> kept_sizes;                 // log-probs per request of that Score
+  std::vector<std::unique_ptr<Tape<T>>> spares;  // consumed tapes, reused for their buffers
+  std::vector<Workspace<T>> ws;                   // one per shard
 
+  void Prepare(int shards) {
+    if (int(ws.size()) < shards) ws.resize(shards);
+  }
+  void Release(std::unique_ptr<Tape<T>> t) {
+    if (t) spares.push_back(std::move(t));
+  }
   std::unique_ptr<Tape<T>> TakeTape() {
-    std::unique_ptr<Tape<T>> t = spare ? std::move(spare) : std::make_unique<Tape<T>>();
+    std::unique_ptr<Tape<T>> t;
+    if (spares.empty()) {
+      t = std::make_unique<Tape<T>>();
+    } else {
+      t = std::move(spares.back());
+      spares.pop_back();
+    }
     t->rows = 0;
     t->tokens.clear(); t->segs.clear(); t->sc_row.clear(); t->sc_req.clear(); t->sc_idx.clear();
     t->sc_target.clear(); t->sizes.clear();
@@ -294,7 +309,10 @@ class Normal {
 
 template <typename T>
 Transformer<T>::Transformer(const ModelConfig& config)
-    : config_(config), layout_(config), impl_(std::make_unique<Impl>()) {}
+    : config_(config), layout_(config), impl_(std::make_unique<Impl>()) {
+  impl_->Prepare(1);
+  threads_ = std::max(1, int(std::thread::hardware_concurrency()));
+}
 
 template <typename T>
 Transformer<T>::~Transformer() = default;
@@ -330,14 +348,37 @@ void Transformer<T>::ZeroGrad() {
   std::fill(grads_.begin(), grads_.end(), T(0));
 }
 
+// Runs fn(0..n-1) on n threads (the caller runs 0). With more than one
+// shard, each matrix product runs single-threaded inside its shard: on small
+// matrices (K = hidden) OpenBLAS's own threads barely scale, while shards of
+// whole sequences are independent and do.
+template <typename F>
+void ForShards(int n, F&& fn) {
+  if (n <= 1) {
+    fn(0);
+    return;
+  }
+  const int blas_threads = openblas_get_num_threads();
+  openblas_set_num_threads(1);
+  std::vector<std::thread> threads;
+  for (int s = 1; s < n; ++s) threads.emplace_back([&fn, s] { fn(s); });
+  fn(0);
+  for (auto& t : threads) t.join();
+  openblas_set_num_threads(blas_threads);
+}
+
+template <typename T>
+void Transformer<T>::set_threads(int threads) {
+  threads_ = std::max(1, threads);
+}
+
 template <typename T>
 Result<ScoreResult<T>> Transformer<T>::Score(const std::vector<ScoreRequest>& batch, bool keep_for_backward) {
   const ModelConfig& c = config_;
   const int64_t M = c.moe_layers(), K = c.top_k, V = c.vocab_size, H = c.hidden;
-  std::unique_ptr<Tape<T>> tape = impl_->TakeTape();
-  std::vector<uint16_t> replay;
   bool any_replay = false;
   for (const ScoreRequest& r : batch) any_replay |= !r.replay_routes.empty();
+  int64_t total_rows = 0;
   for (size_t i = 0; i < batch.size(); ++i) {
     const ScoreRequest& r = batch[i];
     const int64_t L = int64_t(r.tokens.size());
@@ -355,7 +396,8 @@ Result<ScoreResult<T>> Transformer<T>::Score(const std::vector<ScoreRequest>& ba
                                        std::to_string(t) + " outside vocabulary of " + std::to_string(V));
     const int64_t row_len = M * K;
     if (!r.replay_routes.empty()) {
-      if (int64_t(r.replay_routes.size()) < (L - 1) * row_len || int64_t(r.replay_routes.size()) % std::max<int64_t>(row_len, 1) != 0)
+      if (int64_t(r.replay_routes.size()) < (L - 1) * row_len ||
+          int64_t(r.replay_routes.size()) % std::max<int64_t>(row_len, 1) != 0)
         return Status::InvalidArgument(where + "replay_routes has " + std::to_string(r.replay_routes.size()) +
                                        " ids, need a multiple of " + std::to_string(row_len) + " covering " +
                                        std::to_string(L - 1) + " positions");
@@ -363,98 +405,161 @@ Result<ScoreResult<T>> Transformer<T>::Score(const std::vector<ScoreRequest>& ba
         if (r.replay_routes[j] >= c.experts)
           return Status::InvalidArgument(where + "replayed expert id " + std::to_string(r.replay_routes[j]) +
                                          " >= experts " + std::to_string(c.experts));
+    } else if (any_replay) {
+      return Status::InvalidArgument(where + "replay_routes missing while other requests of the batch replay");
     }
-    Segment s;
-    s.row0 = tape->rows;
-    s.n = L - 1;
-    tape->segs.push_back(s);
-    tape->tokens.insert(tape->tokens.end(), r.tokens.begin(), r.tokens.end() - 1);
-    if (any_replay) {
-      if (r.replay_routes.empty())
-        return Status::InvalidArgument(where + "replay_routes missing while other requests of the batch replay");
-      replay.insert(replay.end(), r.replay_routes.begin(), r.replay_routes.begin() + (L - 1) * row_len);
-    }
-    for (int64_t t = r.score_from; t < L; ++t) {
-      tape->sc_row.push_back(s.row0 + t - 1);
-      tape->sc_req.push_back(int64_t(i));
-      tape->sc_idx.push_back(t - r.score_from);
-      tape->sc_target.push_back(r.tokens[t]);
-    }
-    tape->sizes.push_back(size_t(L - r.score_from));
-    tape->rows += s.n;
+    total_rows += L - 1;
   }
+  if (batch.empty()) return Status::InvalidArgument("Score: empty batch");
+  // Contiguous shards of requests with about equal token counts.
+  const int shards = int(std::min<size_t>(size_t(threads_), batch.size()));
+  std::vector<size_t> first(shards + 1, batch.size());
+  first[0] = 0;
+  {
+    int64_t acc = 0;
+    int sh = 1;
+    for (size_t i = 0; i < batch.size() && sh < shards; ++i) {
+      acc += int64_t(batch[i].tokens.size()) - 1;
+      if (acc * shards >= total_rows * sh && batch.size() - (i + 1) >= size_t(shards - sh)) first[sh++] = i + 1;
+    }
+    for (; sh < shards; ++sh) first[sh] = batch.size() - size_t(shards - sh);
+  }
+  impl_->Prepare(shards);
   ScoreResult<T> out;
-  out.expert_load.assign(M, std::vector<int64_t>(c.experts, 0));
-  std::vector<uint16_t>& routes = impl_->ws.routes;
-  routes.resize(tape->rows * M * K);
-  Ctx<T> cx{c, layout_, params_.data(), grads_.data(), impl_->rope_cos.data(), impl_->rope_sin.data()};
-  std::vector<T>& hf = impl_->ws.h_final;
-  out.balance_loss = RunLayers<T>(cx, tape->tokens, tape->segs, any_replay ? replay.data() : nullptr,
-                               keep_for_backward ? tape.get() : nullptr, nullptr, routes.data(), &out.expert_load,
-                               &hf, &impl_->ws);
-  // LM head on the scored rows only.
-  const int64_t S = int64_t(tape->sc_row.size());
-  std::vector<T>& hs = impl_->ws.hs;
-  std::vector<T>& z = keep_for_backward ? tape->sc_probs : impl_->ws.z;
-  hs.resize(S * H);
-  z.resize(S * V);
-  for (int64_t i = 0; i < S; ++i) std::copy(hf.data() + tape->sc_row[i] * H, hf.data() + (tape->sc_row[i] + 1) * H, hs.data() + i * H);
-  layers::LinearForward(hs.data(), params_.data() + layout_.Offset("lm_head"), z.data(), S, H, V);
   out.logprobs.resize(batch.size());
-  for (size_t i = 0; i < batch.size(); ++i) out.logprobs[i].resize(tape->sizes[i]);
-  for (int64_t i = 0; i < S; ++i) {
-    T* zi = z.data() + i * V;
-    const T lse = layers::LogSumExp(zi, V);
-    out.logprobs[tape->sc_req[i]][tape->sc_idx[i]] = zi[tape->sc_target[i]] - lse;
-    for (int64_t j = 0; j < V; ++j) zi[j] = std::exp(zi[j] - lse);
-  }
   out.routes.resize(batch.size());
-  for (size_t i = 0; i < batch.size(); ++i) {
-    const Segment& s = tape->segs[i];
-    out.routes[i].assign(routes.begin() + s.row0 * M * K, routes.begin() + (s.row0 + s.n) * M * K);
+  std::vector<std::vector<std::vector<int64_t>>> loads(shards, std::vector<std::vector<int64_t>>(M, std::vector<int64_t>(c.experts, 0)));
+  std::vector<double> balance(shards, 0.0);
+  std::vector<std::unique_ptr<Tape<T>>> tapes(shards);
+  for (int sh = 0; sh < shards; ++sh) tapes[sh] = impl_->TakeTape();
+  ForShards(shards, [&](int sh) {
+    Tape<T>* tape = tapes[sh].get();
+    Workspace<T>& ws = impl_->ws[sh];
+    std::vector<uint16_t>& replay = ws.replay;
+    replay.clear();
+    for (size_t i = first[sh]; i < first[sh + 1]; ++i) {
+      const ScoreRequest& r = batch[i];
+      const int64_t L = int64_t(r.tokens.size());
+      Segment s;
+      s.row0 = tape->rows;
+      s.n = L - 1;
+      tape->segs.push_back(s);
+      tape->tokens.insert(tape->tokens.end(), r.tokens.begin(), r.tokens.end() - 1);
+      if (any_replay) replay.insert(replay.end(), r.replay_routes.begin(), r.replay_routes.begin() + (L - 1) * M * K);
+      for (int64_t t = r.score_from; t < L; ++t) {
+        tape->sc_row.push_back(s.row0 + t - 1);
+        tape->sc_req.push_back(int64_t(i));
+        tape->sc_idx.push_back(t - r.score_from);
+        tape->sc_target.push_back(r.tokens[t]);
+      }
+      tape->sizes.push_back(size_t(L - r.score_from));
+      tape->rows += s.n;
+    }
+    std::vector<uint16_t>& routes = ws.routes;
+    routes.resize(tape->rows * M * K);
+    Ctx<T> cx{c, layout_, params_.data(), nullptr, impl_->rope_cos.data(), impl_->rope_sin.data()};
+    std::vector<T>& hf = ws.h_final;
+    balance[sh] = RunLayers<T>(cx, tape->tokens, tape->segs, any_replay ? replay.data() : nullptr,
+                               keep_for_backward ? tape : nullptr, nullptr, routes.data(), &loads[sh], &hf, &ws);
+    // LM head on the scored rows only.
+    const int64_t S = int64_t(tape->sc_row.size());
+    std::vector<T>& hs = ws.hs;
+    std::vector<T>& z = keep_for_backward ? tape->sc_probs : ws.z;
+    hs.resize(S * H);
+    z.resize(S * V);
+    for (int64_t i = 0; i < S; ++i)
+      std::copy(hf.data() + tape->sc_row[i] * H, hf.data() + (tape->sc_row[i] + 1) * H, hs.data() + i * H);
+    layers::LinearForward(hs.data(), params_.data() + layout_.Offset("lm_head"), z.data(), S, H, V);
+    for (size_t i = first[sh]; i < first[sh + 1]; ++i) out.logprobs[i].resize(tape->sizes[i - first[sh]]);
+    for (int64_t i = 0; i < S; ++i) {
+      T* zi = z.data() + i * V;
+      const T lse = layers::LogSumExp(zi, V);
+      out.logprobs[tape->sc_req[i]][tape->sc_idx[i]] = zi[tape->sc_target[i]] - lse;
+      for (int64_t j = 0; j < V; ++j) zi[j] = std::exp(zi[j] - lse);
+    }
+    for (size_t i = first[sh]; i < first[sh + 1]; ++i) {
+      const Segment& s = tape->segs[i - first[sh]];
+      out.routes[i].assign(routes.begin() + s.row0 * M * K, routes.begin() + (s.row0 + s.n) * M * K);
+    }
+  });
+  out.expert_load.assign(M, std::vector<int64_t>(c.experts, 0));
+  for (int sh = 0; sh < shards; ++sh) {
+    out.balance_loss += balance[sh];
+    for (int64_t mi = 0; mi < M; ++mi)
+      for (int64_t e = 0; e < c.experts; ++e) out.expert_load[mi][e] += loads[sh][mi][e];
   }
+  for (auto& t : impl_->tapes) impl_->Release(std::move(t));
+  impl_->tapes.clear();
   if (keep_for_backward) {
-    std::swap(impl_->tape, tape);  // the previous kept tape, if any, becomes the spare
+    impl_->tapes = std::move(tapes);
+    impl_->kept_sizes.clear();
+    for (const ScoreRequest& r : batch) impl_->kept_sizes.push_back(r.tokens.size() - size_t(r.score_from));
+  } else {
+    for (auto& t : tapes) impl_->Release(std::move(t));
   }
-  if (tape) impl_->spare = std::move(tape);
   return out;
 }
 
 template <typename T>
 Status Transformer<T>::Backward(const std::vector<std::vector<T>>& dlogprobs) {
-  if (!impl_->tape) return Status::FailedPrecondition("Backward needs a Score(keep_for_backward=true) before it");
-  std::unique_ptr<Tape<T>> tape = std::move(impl_->tape);
-  if (dlogprobs.size() != tape->sizes.size())
+  if (impl_->tapes.empty())
+    return Status::FailedPrecondition("Backward needs a Score(keep_for_backward=true) before it");
+  const std::vector<size_t>& sizes = impl_->kept_sizes;
+  if (dlogprobs.size() != sizes.size())
     return Status::InvalidArgument("Backward: " + std::to_string(dlogprobs.size()) + " gradient rows for " +
-                                   std::to_string(tape->sizes.size()) + " scored requests");
+                                   std::to_string(sizes.size()) + " scored requests");
   for (size_t i = 0; i < dlogprobs.size(); ++i)
-    if (dlogprobs[i].size() != tape->sizes[i])
+    if (dlogprobs[i].size() != sizes[i])
       return Status::InvalidArgument("Backward: request " + std::to_string(i) + " has " +
                                      std::to_string(dlogprobs[i].size()) + " gradients for " +
-                                     std::to_string(tape->sizes[i]) + " log-probs");
-  const int64_t V = config_.vocab_size, H = config_.hidden, S = int64_t(tape->sc_row.size());
-  // d logp / dz = onehot(target) - softmax(z)
-  std::vector<T>& dz = tape->sc_probs;
-  for (int64_t i = 0; i < S; ++i) {
-    const T g = dlogprobs[tape->sc_req[i]][tape->sc_idx[i]];
-    T* zi = dz.data() + i * V;
-    for (int64_t j = 0; j < V; ++j) zi[j] = -g * zi[j];
-    zi[tape->sc_target[i]] += g;
+                                     std::to_string(sizes[i]) + " log-probs");
+  std::vector<std::unique_ptr<Tape<T>>> tapes = std::move(impl_->tapes);
+  impl_->tapes.clear();
+  const int shards = int(tapes.size());
+  const int64_t V = config_.vocab_size, H = config_.hidden, N = layout_.total();
+  // Shard 0 accumulates into grads(); the others into their own zeroed
+  // buffers, summed into grads() afterwards.
+  ForShards(shards, [&](int sh) {
+    Tape<T>& tape = *tapes[sh];
+    Workspace<T>& ws = impl_->ws[sh];
+    T* grads = grads_.data();
+    if (sh > 0) {
+      ws.grads.assign(N, T(0));
+      grads = ws.grads.data();
+    }
+    const int64_t S = int64_t(tape.sc_row.size());
+    std::vector<T>& dz = tape.sc_probs;  // d logp / dz = onehot(target) - softmax(z)
+    for (int64_t i = 0; i < S; ++i) {
+      const T g = dlogprobs[tape.sc_req[i]][tape.sc_idx[i]];
+      T* zi = dz.data() + i * V;
+      for (int64_t j = 0; j < V; ++j) zi[j] = -g * zi[j];
+      zi[tape.sc_target[i]] += g;
+    }
+    std::vector<T>&hs = ws.hs, &dhs = ws.dhs;
+    hs.resize(S * H);
+    dhs.assign(S * H, T(0));
+    for (int64_t i = 0; i < S; ++i)
+      std::copy(tape.h_final.data() + tape.sc_row[i] * H, tape.h_final.data() + (tape.sc_row[i] + 1) * H,
+                hs.data() + i * H);
+    const int64_t lm = layout_.Offset("lm_head");
+    layers::LinearBackward(hs.data(), params_.data() + lm, dz.data(), dhs.data(), grads + lm, S, H, V);
+    std::vector<T>& dh = ws.dh_final;
+    dh.assign(tape.rows * H, T(0));
+    for (int64_t i = 0; i < S; ++i)
+      for (int64_t j = 0; j < H; ++j) dh[tape.sc_row[i] * H + j] += dhs[i * H + j];
+    Ctx<T> cx{config_, layout_, params_.data(), grads, impl_->rope_cos.data(), impl_->rope_sin.data()};
+    BackwardLayers(cx, tape, dh, &ws);
+  });
+  if (shards > 1) {
+    ForShards(shards, [&](int part) {
+      const int64_t lo = N * part / shards, hi = N * (part + 1) / shards;
+      for (int sh = 1; sh < shards; ++sh) {
+        const T* g = impl_->ws[sh].grads.data();
+        for (int64_t i = lo; i < hi; ++i) grads_[i] += g[i];
+      }
+    });
   }
-  std::vector<T>&hs = impl_->ws.hs, &dhs = impl_->ws.dhs;
-  hs.resize(S * H);
-  dhs.assign(S * H, T(0));
-  for (int64_t i = 0; i < S; ++i)
-    std::copy(tape->h_final.data() + tape->sc_row[i] * H, tape->h_final.data() + (tape->sc_row[i] + 1) * H, hs.data() + i * H);
-  const int64_t lm = layout_.Offset("lm_head");
-  layers::LinearBackward(hs.data(), params_.data() + lm, dz.data(), dhs.data(), grads_.data() + lm, S, H, V);
-  std::vector<T>& dh = impl_->ws.dh_final;
-  dh.assign(tape->rows * H, T(0));
-  for (int64_t i = 0; i < S; ++i)
-    for (int64_t j = 0; j < H; ++j) dh[tape->sc_row[i] * H + j] += dhs[i * H + j];
-  Ctx<T> cx{config_, layout_, params_.data(), grads_.data(), impl_->rope_cos.data(), impl_->rope_sin.data()};
-  BackwardLayers(cx, *tape, dh, &impl_->ws);
-  impl_->spare = std::move(tape);
+  for (auto& t : tapes) impl_->Release(std::move(t));
   return Status::OK();
 }
 
@@ -483,7 +588,7 @@ Result<std::vector<T>> Transformer<T>::FullLogits(const std::vector<int32_t>& to
     if (t < 0 || t >= V) return Status::InvalidArgument("FullLogits: token outside vocabulary");
   Ctx<T> cx{config_, layout_, params_.data(), grads_.data(), impl_->rope_cos.data(), impl_->rope_sin.data()};
   std::vector<T> hf, z(L * V);
-  RunLayers<T>(cx, tokens, {Segment{0, L, 0, -1}}, nullptr, nullptr, nullptr, nullptr, nullptr, &hf, &impl_->ws);
+  RunLayers<T>(cx, tokens, {Segment{0, L, 0, -1}}, nullptr, nullptr, nullptr, nullptr, nullptr, &hf, &impl_->ws[0]);
   layers::LinearForward(hf.data(), params_.data() + layout_.Offset("lm_head"), z.data(), L, H, V);
   return z;
 }
@@ -502,11 +607,11 @@ Result<std::vector<T>> Transformer<T>::CachedLogits(const std::vector<int32_t>& 
   caches[0].v = caches[0].k;
   std::vector<T> hf, z(L * V);
   std::vector<int32_t> first(tokens.begin(), tokens.begin() + split);
-  RunLayers<T>(cx, first, {Segment{0, split, 0, 0}}, nullptr, nullptr, &caches, nullptr, nullptr, &hf, &impl_->ws);
+  RunLayers<T>(cx, first, {Segment{0, split, 0, 0}}, nullptr, nullptr, &caches, nullptr, nullptr, &hf, &impl_->ws[0]);
   layers::LinearForward(hf.data(), params_.data() + layout_.Offset("lm_head"), z.data(), split, H, V);
   for (int64_t p = split; p < L; ++p) {
     RunLayers<T>(cx, {tokens[p]}, {Segment{0, 1, p, 0}}, nullptr, nullptr, &caches, nullptr, nullptr, &hf,
-              &impl_->ws);
+              &impl_->ws[0]);
     layers::LinearForward(hf.data(), params_.data() + layout_.Offset("lm_head"), z.data() + p * V, 1, H, V);
   }
   return z;
@@ -556,7 +661,7 @@ Result<std::vector<Completion<T>>> Transformer<T>::Generate(const std::vector<st
   std::vector<uint16_t> routes;
   while (!active.empty()) {
     routes.assign(toks.size() * M * K, 0);
-    RunLayers<T>(cx, toks, segs, nullptr, nullptr, &caches, routes.data(), nullptr, &hf, &impl_->ws);
+    RunLayers<T>(cx, toks, segs, nullptr, nullptr, &caches, routes.data(), nullptr, &hf, &impl_->ws[0]);
     last_h.resize(active.size() * H);
     for (size_t a = 0; a < active.size(); ++a) {
       const Segment& s = segs[a];

@@ -14,7 +14,7 @@
 // sequence of L tokens has L-1 input positions when scored (the last token is
 // only a target) and all positions in generation's prompt prefill.
 //
-// Not thread-safe: one caller at a time (OpenBLAS threads each matrix product).
+// Not thread-safe: one caller at a time (the model uses threads inside).
 #pragma once
 
 #include <cstdint>
@@ -88,6 +88,14 @@ class Transformer {
   std::span<T> grads() { return grads_; }
   void ZeroGrad();
 
+  // Score() and Backward() split a batch into up to `threads` shards of whole
+  // sequences run in parallel (matrix products single-threaded inside a
+  // shard); 1 runs one shard with OpenBLAS's own threading. Default: the
+  // hardware's thread count. Results do not depend on it beyond fp32
+  // rounding (different matrix shapes); for one setting they are repeatable.
+  void set_threads(int threads);
+  int threads() const { return threads_; }
+
   // Log-probs of the requested targets. keep_for_backward: keep activations
   // for one Backward() call (replacing any kept before).
   Result<ScoreResult<T>> Score(const std::vector<ScoreRequest>& batch, bool keep_for_backward);
@@ -119,6 +127,7 @@ class Transformer {
   ParamLayout layout_;
   std::vector<T> params_, grads_;
   std::unique_ptr<Impl> impl_;
+  int threads_ = 1;
 };
 
 using Model = Transformer<float>;

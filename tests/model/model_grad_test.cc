@@ -2,6 +2,8 @@
 // router paths and balance loss) against finite differences in double.
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include "model/transformer.h"
 #include "tests/model/grad_check.h"
 #include "tests/model/test_util.h"
@@ -39,7 +41,9 @@ TEST_P(ModelGrad, EveryTensorMatchesFiniteDifferences) {
   for (auto& lp : base->logprobs) w.push_back(testing::RandomVector<double>(lp.size(), rng));
   ASSERT_EQ(w[0].size(), 4u);
   ASSERT_EQ(w[1].size(), 3u);
-  if (cs.alpha > 0) EXPECT_GT(base->balance_loss, 0.0);
+  if (cs.alpha > 0) {
+    EXPECT_GT(base->balance_loss, 0.0);
+  }
   m.ZeroGrad();
   ASSERT_TRUE(m.Backward(w).ok());
   std::vector<double> grad(m.grads().begin(), m.grads().end());
@@ -76,6 +80,40 @@ TEST(ModelGrad, BackwardNeedsAKeptForward) {
   s = (*m)->Backward({{1.0}});  // wrong count: 2 log-probs
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("1 gradients for 2 log-probs"), std::string::npos) << s;
+}
+
+TEST(ModelGrad, ShardedStepEqualsSingleShard) {
+  // Score/Backward over 1 shard and over 3 parallel shards give the same
+  // log-probs, routes, loads, balance loss and (summed) gradients.
+  ModelConfig c = testing::MicroConfig(ScoreFunc::kSigmoid, true, 0.1);
+  auto made = Transformer<double>::Create(c, 8);
+  ASSERT_TRUE(made.ok());
+  Transformer<double>& m = **made;
+  std::mt19937_64 rng(4);
+  std::vector<ScoreRequest> batch(5);
+  for (size_t i = 0; i < batch.size(); ++i) {
+    batch[i].tokens.resize(4 + 2 * i);
+    for (auto& t : batch[i].tokens) t = int32_t(rng() % c.vocab_size);
+    batch[i].score_from = 2;
+  }
+  std::vector<std::vector<double>> w;
+  for (const auto& r : batch) w.push_back(testing::RandomVector<double>(r.tokens.size() - 2, rng));
+  auto run = [&](int threads) {
+    m.set_threads(threads);
+    m.ZeroGrad();
+    auto r = m.Score(batch, true);
+    EXPECT_TRUE(r.ok());
+    EXPECT_TRUE(m.Backward(w).ok());
+    return std::make_pair(*r, std::vector<double>(m.grads().begin(), m.grads().end()));
+  };
+  auto [one, g1] = run(1);
+  auto [three, g3] = run(3);
+  EXPECT_EQ(one.routes, three.routes);
+  EXPECT_EQ(one.expert_load, three.expert_load);
+  EXPECT_NEAR(one.balance_loss, three.balance_loss, 1e-12);
+  for (size_t i = 0; i < batch.size(); ++i)
+    for (size_t j = 0; j < one.logprobs[i].size(); ++j) EXPECT_NEAR(one.logprobs[i][j], three.logprobs[i][j], 1e-12);
+  for (size_t i = 0; i < g1.size(); ++i) ASSERT_NEAR(g1[i], g3[i], 1e-12 + 1e-10 * std::fabs(g1[i])) << i;
 }
 
 TEST(ModelTraining, SupervisedLossFallsOnTwoCores) {
