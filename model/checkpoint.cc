@@ -77,7 +77,7 @@ Result<std::map<std::string, std::string>> ReadMetadata(const std::string& path)
 Result<std::unique_ptr<Model>> LoadModel(const std::string& path) {
   GROVE_ASSIGN_OR_RETURN(SafetensorsFile file, ReadSafetensors(path));
   GROVE_ASSIGN_OR_RETURN(ModelConfig config, ConfigOf(path, file));
-  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Create(config, 0));
+  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Create(config, 0, /*random_init=*/false));
   GROVE_RETURN_IF_ERROR(CopyLayout(path, file, model->layout(), "", model->params().data(), true));
   return model;
 }

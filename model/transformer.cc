@@ -318,11 +318,14 @@ template <typename T>
 Transformer<T>::~Transformer() = default;
 
 template <typename T>
-Result<std::unique_ptr<Transformer<T>>> Transformer<T>::Create(const ModelConfig& config, uint64_t seed) {
+Result<std::unique_ptr<Transformer<T>>> Transformer<T>::Create(const ModelConfig& config, uint64_t seed,
+                                                               bool random_init) {
   GROVE_RETURN_IF_ERROR(config.Validate());
   std::unique_ptr<Transformer<T>> m(new Transformer<T>(config));
   m->params_.assign(m->layout_.total(), T(0));
-  m->grads_.assign(m->layout_.total(), T(0));
+  layers::RopeTables(config.max_seq_len, config.head_dim, config.rope_base, &m->impl_->rope_cos,
+                     &m->impl_->rope_sin);
+  if (!random_init) return m;
   Normal normal(seed);
   const double out_std = config.init_std / std::sqrt(2.0 * double(config.layers));
   for (const TensorInfo& t : m->layout_.tensors()) {
@@ -338,13 +341,18 @@ Result<std::unique_ptr<Transformer<T>>> Transformer<T>::Create(const ModelConfig
       for (int64_t i = 0; i < t.numel; ++i) p[i] = T(sd * normal.Next());
     }
   }
-  layers::RopeTables(config.max_seq_len, config.head_dim, config.rope_base, &m->impl_->rope_cos,
-                     &m->impl_->rope_sin);
   return m;
 }
 
 template <typename T>
+std::span<T> Transformer<T>::grads() {
+  if (grads_.empty()) grads_.assign(layout_.total(), T(0));
+  return grads_;
+}
+
+template <typename T>
 void Transformer<T>::ZeroGrad() {
+  if (grads_.empty()) grads_.assign(layout_.total(), T(0));
   std::fill(grads_.begin(), grads_.end(), T(0));
 }
 
@@ -517,6 +525,7 @@ Status Transformer<T>::Backward(const std::vector<std::vector<T>>& dlogprobs) {
   impl_->tapes.clear();
   const int shards = int(tapes.size());
   const int64_t V = config_.vocab_size, H = config_.hidden, N = layout_.total();
+  grads();  // allocates on first use
   // Shard 0 accumulates into grads(); the others into their own zeroed
   // buffers, summed into grads() afterwards.
   ForShards(shards, [&](int sh) {

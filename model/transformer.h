@@ -78,14 +78,18 @@ class Transformer {
  public:
   // Random init: weights ~ N(0, init_std) (output projections wo/w2 scaled by
   // 1/sqrt(2*layers)), norms 1, router bias 0. Same seed -> same weights.
-  static Result<std::unique_ptr<Transformer>> Create(const ModelConfig& config, uint64_t seed);
+  // random_init=false leaves every parameter 0 (for loading a checkpoint).
+  static Result<std::unique_ptr<Transformer>> Create(const ModelConfig& config, uint64_t seed,
+                                                     bool random_init = true);
   ~Transformer();
 
   const ModelConfig& config() const { return config_; }
   const ParamLayout& layout() const { return layout_; }
   std::span<T> params() { return params_; }
   std::span<const T> params() const { return params_; }
-  std::span<T> grads() { return grads_; }
+  // The gradient buffer, allocated (zeroed) on first use so that a model
+  // that only generates holds no gradient memory.
+  std::span<T> grads();
   void ZeroGrad();
 
   // Score() and Backward() split a batch into up to `threads` shards of whole
