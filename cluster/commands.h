@@ -9,5 +9,6 @@ int CmdStatus(int argc, char** argv);
 int CmdScale(int argc, char** argv);
 int CmdDown(int argc, char** argv);
 int CmdRun(int argc, char** argv);
+int CmdEval(int argc, char** argv);     // grove eval
 
 }  // namespace grove::cli

@@ -159,7 +159,11 @@ void Coordinator::Handle(actors::Incoming& in) {
       ack.setKnown(r != nullptr);
       ack.setCoordinatorEpoch(epoch_);
       if (r != nullptr) {
-        if (r->role == wire::Role::LEARNER) learner_version_ = r->policy_version;
+        if (r->role == wire::Role::LEARNER) {
+          learner_version_ = r->policy_version;
+          auto wasted = r->counters.find("groups_wasted");
+          if (wasted != r->counters.end()) learner_wasted_ = static_cast<int64_t>(wasted->second);
+        }
         ack.setCommand(r->command);
       }
       ack.setPolicyVersion(learner_version_);
@@ -216,7 +220,7 @@ void Coordinator::Handle(actors::Incoming& in) {
       auto grant = r->state == wire::ActorState::DRAINING
                        ? WorkQueue::Grant{{}, WorkQueue::Empty::kSourceDry}
                        : queue_.Take(sender, std::min<uint32_t>(req.getMaxPrompts(), 4096),
-                                     learner_version_);
+                                     learner_version_, learner_wasted_);
       auto batch = reply.getBody().initPromptBatch();
       batch.setPolicyVersion(learner_version_);
       if (grant.prompts.empty()) {

@@ -71,6 +71,7 @@ class Coordinator {
   uint64_t epoch_;
   int64_t started_ms_;
   int64_t learner_version_ = 0;
+  int64_t learner_wasted_ = 0;  // groups the learner never trained on (its "groups_wasted")
   uint64_t unreachable_replies_ = 0;
 };
 

@@ -7,6 +7,7 @@
 #include "actors/process.h"
 #include "cluster/coordinator.h"
 #include "cluster/roles.h"
+#include "cluster/task_prompt_source.h"
 
 namespace grove {
 
@@ -33,9 +34,24 @@ int RunCoordinator(const RoleArgs& args) {
     return 2;
   }
   if (!args.bind.empty()) options->bind = args.bind;
-  // Prompt sources (task generators) are plugged in by the reward/ work; until
-  // one is configured, work requests are answered "retry later".
-  Coordinator coordinator(*options, nullptr);
+  // Prompts come from the [task] section's generator; a config without one
+  // runs a cluster that only reports health (work requests: "retry later").
+  std::unique_ptr<PromptSource> source;
+  if (args.config.Has("task")) {
+    Config task_cfg = args.config.Section("task");
+    auto name = task_cfg.String("name", "arithmetic");
+    if (!name.ok()) {
+      LOG(ERROR) << name.status();
+      return 2;
+    }
+    auto task = reward::MakeTask(*name, task_cfg);
+    if (!task.ok()) {
+      LOG(ERROR) << task.status();
+      return 2;
+    }
+    source = std::make_unique<TaskPromptSource>(std::move(*task));
+  }
+  Coordinator coordinator(*options, std::move(source));
   auto endpoint = coordinator.Bind();
   if (!endpoint.ok()) {
     LOG(ERROR) << endpoint.status();

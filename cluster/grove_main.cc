@@ -4,6 +4,8 @@
 #include <cstring>
 
 #include "cluster/commands.h"
+#include "cluster/metrics_plot.h"
+#include "reward/verify_command.h"
 
 namespace {
 
@@ -13,12 +15,19 @@ struct Subcommand {
   const char* summary;
 };
 
+// These take argv with their own name first (argv[0] = "verify").
+int VerifyCommand(int argc, char** argv) { return grove::reward::VerifyMain(argc - 1, argv + 1); }
+int PlotCommand(int argc, char** argv) { return grove::cluster::PlotMain(argc - 1, argv + 1); }
+
 const Subcommand kSubcommands[] = {
     {"up", &grove::cli::CmdUp, "start a local cluster from a config (foreground or --detach)"},
     {"status", &grove::cli::CmdStatus, "show the cluster's health (--json, --watch)"},
     {"scale", &grove::cli::CmdScale, "run N actors of a role: grove scale rollout=4"},
     {"down", &grove::cli::CmdDown, "drain and stop the cluster"},
     {"run", &grove::cli::CmdRun, "run one actor: grove run ROLE --id ID --coordinator tcp://H:P"},
+    {"verify", &VerifyCommand, "score completions offline: grove verify --verifiers format:0.1,exact:1 --input F"},
+    {"eval", &grove::cli::CmdEval, "held-out accuracy of a checkpoint: grove eval --checkpoint DIR"},
+    {"plot", &PlotCommand, "draw reward, accuracy and KL of a run: grove plot RUN_DIR"},
 };
 
 void PrintHelp(FILE* out) {

@@ -5,14 +5,14 @@ namespace grove {
 WorkQueue::WorkQueue(PromptSource* source, WorkQueueLimits limits, uint64_t first_id)
     : source_(source), limits_(limits), next_id_(first_id) {}
 
-int64_t WorkQueue::Allowance(int64_t learner_version) const {
+int64_t WorkQueue::Allowance(int64_t learner_version, int64_t wasted) const {
   if (limits_.prompts_per_step <= 0) return -1;
   const int64_t steps = std::max<int64_t>(0, learner_version + 1 + limits_.max_staleness);
-  return limits_.prompts_per_step * steps;
+  return limits_.prompts_per_step * steps + std::max<int64_t>(0, wasted);
 }
 
 WorkQueue::Grant WorkQueue::Take(const std::string& worker, uint32_t max_prompts,
-                                 int64_t learner_version) {
+                                 int64_t learner_version, int64_t wasted) {
   Grant grant;
   auto& mine = leases_[worker];
   while (grant.prompts.size() < max_prompts && !requeued_.empty()) {
@@ -21,7 +21,7 @@ WorkQueue::Grant WorkQueue::Take(const std::string& worker, uint32_t max_prompts
     mine.emplace(p.id, p);
     grant.prompts.push_back(std::move(p));
   }
-  const int64_t allowance = Allowance(learner_version);
+  const int64_t allowance = Allowance(learner_version, wasted);
   while (grant.prompts.size() < max_prompts) {
     if (allowance >= 0 && static_cast<int64_t>(handed_out_) >= allowance) {
       if (grant.prompts.empty()) grant.why_empty = Empty::kStalenessGate;

@@ -6,6 +6,9 @@
 // they go out again before any new prompt. New prompts are pulled from the
 // PromptSource only while the total handed out stays within
 //   prompts_per_step * (learner_version + 1 + max_staleness)
+// plus `wasted`: groups the learner reports it never trained on (dropped
+// by the replay store as too stale, or refused as invalid), whose prompts
+// must be replaced or the gate would starve the learner.
 // (prompts_per_step <= 0 disables the gate; max_staleness 0 = synchronous:
 // a step's prompts only go out once the learner has finished the previous
 // step). Re-queued prompts were counted when first handed out and are never
@@ -41,7 +44,8 @@ class WorkQueue {
   // Prompt ids are first_id, first_id + 1, ...
   WorkQueue(PromptSource* source, WorkQueueLimits limits, uint64_t first_id = 1);
 
-  Grant Take(const std::string& worker, uint32_t max_prompts, int64_t learner_version);
+  Grant Take(const std::string& worker, uint32_t max_prompts, int64_t learner_version,
+             int64_t wasted = 0);
   // Releases the worker's leases on these ids; returns how many it held.
   size_t Done(const std::string& worker, const std::vector<uint64_t>& ids);
   // Re-queues everything leased to `worker` at the front; returns how many.
@@ -49,7 +53,7 @@ class WorkQueue {
 
   // The most prompts that may have been handed out at this learner version
   // (-1: unlimited).
-  int64_t Allowance(int64_t learner_version) const;
+  int64_t Allowance(int64_t learner_version, int64_t wasted = 0) const;
 
   size_t requeued_depth() const { return requeued_.size(); }
   size_t leased() const;

@@ -84,9 +84,7 @@ Result<std::unique_ptr<GrpoTrainer>> GrpoTrainer::Create(std::unique_ptr<model::
   std::vector<ParamRange> no_decay = NoDecayRanges(policy->layout());
   GROVE_RETURN_IF_ERROR(opt.SetNoDecayRanges(no_decay));
   GROVE_RETURN_IF_ERROR(sft.SetNoDecayRanges(no_decay));
-  LrScheduleOptions sched = options.grpo.schedule;
-  sched.peak_lr = options.grpo.optimizer.lr;
-  GROVE_ASSIGN_OR_RETURN(LrSchedule schedule, LrSchedule::Create(sched));
+  GROVE_ASSIGN_OR_RETURN(LrSchedule schedule, LrSchedule::Create(options.grpo.schedule));
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<model::Model> reference, CopyModel(*policy));
   return std::unique_ptr<GrpoTrainer>(new GrpoTrainer(std::move(policy), std::move(reference), std::move(options),
                                                       std::move(opt), std::move(sft), std::move(schedule)));

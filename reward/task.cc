@@ -277,7 +277,7 @@ Result<std::unique_ptr<Task>> MakeUnchecked(std::string_view name, const Config&
   GROVE_ASSIGN_OR_RETURN(uint64_t seed, Seed(c));
   GROVE_ASSIGN_OR_RETURN(double eval_fraction, EvalFraction(c));
   if (name == "arithmetic") {
-    GROVE_RETURN_IF_ERROR(c.CheckKeys({"seed", "eval_fraction", "min_digits", "max_digits", "ops"}));
+    GROVE_RETURN_IF_ERROR(c.CheckKeys({"name", "seed", "eval_fraction", "min_digits", "max_digits", "ops"}));
     GROVE_ASSIGN_OR_RETURN(int64_t min_digits, c.Int("min_digits", 1));
     GROVE_ASSIGN_OR_RETURN(int64_t max_digits, c.Int("max_digits", 2));
     GROVE_ASSIGN_OR_RETURN(std::string ops, c.String("ops", "+-*"));
@@ -290,7 +290,7 @@ Result<std::unique_ptr<Task>> MakeUnchecked(std::string_view name, const Config&
                                                     static_cast<int>(max_digits), ops));
   }
   if (name == "countdown") {
-    GROVE_RETURN_IF_ERROR(c.CheckKeys({"seed", "eval_fraction", "count", "max_number", "max_target"}));
+    GROVE_RETURN_IF_ERROR(c.CheckKeys({"name", "seed", "eval_fraction", "count", "max_number", "max_target"}));
     GROVE_ASSIGN_OR_RETURN(int64_t count, c.Int("count", 3));
     GROVE_ASSIGN_OR_RETURN(int64_t max_number, c.Int("max_number", 20));
     GROVE_ASSIGN_OR_RETURN(int64_t max_target, c.Int("max_target", 200));
@@ -301,7 +301,7 @@ Result<std::unique_ptr<Task>> MakeUnchecked(std::string_view name, const Config&
                                                    static_cast<int>(max_number), static_cast<int>(max_target)));
   }
   if (name == "symbolic") {
-    GROVE_RETURN_IF_ERROR(c.CheckKeys({"seed", "eval_fraction", "max_degree", "max_coefficient", "modes"}));
+    GROVE_RETURN_IF_ERROR(c.CheckKeys({"name", "seed", "eval_fraction", "max_degree", "max_coefficient", "modes"}));
     GROVE_ASSIGN_OR_RETURN(int64_t max_degree, c.Int("max_degree", 3));
     GROVE_ASSIGN_OR_RETURN(int64_t max_coefficient, c.Int("max_coefficient", 5));
     GROVE_ASSIGN_OR_RETURN(std::string modes, c.String("modes", "diff,expand"));

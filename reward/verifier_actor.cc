@@ -5,6 +5,7 @@
 #include <glog/logging.h>
 
 #include "actors/process.h"
+#include "actors/rpc_client.h"
 #include "actors/socket.h"
 #include "reward/composite_verifier.h"
 #include "reward/registry.h"

@@ -7,6 +7,7 @@
 #include <glog/logging.h>
 
 #include "actors/process.h"
+#include "actors/rpc_client.h"
 #include "actors/socket.h"
 #include "model/prompt_format.h"
 #include "model/tokenizer.h"
@@ -177,6 +178,17 @@ Status RunRolloutLoop(const RoleArgs& args) {
     if (work->prompts.empty()) {
       proc->WaitFor(static_cast<int>(std::clamp<uint32_t>(work->retry_after_ms, 10, 1000)));
       continue;
+    }
+    // A newer policy exists: take it before sampling, so these prompts are
+    // not sampled from weights the learner is about to find too stale.
+    if (learner && work->policy_version > version) {
+      Result<std::optional<actors::WeightSnapshot>> got = FetchNewerWeights(*learner, version, fetch);
+      if (got.ok() && got->has_value()) {
+        QuantizationReport q;
+        GROVE_RETURN_IF_ERROR(InstallWeights(**got, *m, s, q));
+        version = (*got)->version;
+        client.SetPolicyVersion(version);
+      }
     }
     std::vector<uint64_t> done;
     for (const Prompt& p : work->prompts) {

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "actors/rpc_client.h"
 #include "actors/socket.h"
 #include "actors/weight_transfer.h"
 #include "base/result.h"

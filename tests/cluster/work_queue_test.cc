@@ -68,6 +68,11 @@ TEST(WorkQueue, StalenessGateBoundsPromptsPerLearnerVersion) {
   EXPECT_EQ(q.Take("b", 20, 0).prompts.size(), 8u);
   // The learner advances: 4 more.
   EXPECT_EQ(q.Take("b", 20, 1).prompts.size(), 4u);
+  EXPECT_TRUE(q.Take("b", 20, 1).prompts.empty());
+  // The learner reports 3 groups it never trained on (dropped stale): their
+  // prompts are replaced, and no more than that.
+  EXPECT_EQ(q.Take("b", 20, 1, /*wasted=*/3).prompts.size(), 3u);
+  EXPECT_EQ(q.Take("b", 20, 1, 3).why_empty, WorkQueue::Empty::kStalenessGate);
   // Synchronous (max_staleness 0): version v allows 4 * (v + 1).
   CountingSource s2(1000);
   WorkQueue sync(&s2, WorkQueueLimits{4, 0});
