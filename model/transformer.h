@@ -97,11 +97,15 @@ class Transformer {
   // shard); 1 runs one shard with OpenBLAS's own threading. Default: the
   // hardware's thread count. Results do not depend on it beyond fp32
   // rounding (different matrix shapes); for one setting they are repeatable.
+  // While shards run, OpenBLAS is set to 1 thread process-wide (restored
+  // after): other threads' BLAS calls at that moment run single-threaded.
   void set_threads(int threads);
   int threads() const { return threads_; }
 
-  // Log-probs of the requested targets. keep_for_backward: keep activations
-  // for one Backward() call (replacing any kept before).
+  // Log-probs of the requested targets (InvalidArgument, naming the request,
+  // for an empty batch, a bad token, length or score_from, or bad replay
+  // routes). keep_for_backward: keep activations for one Backward() call
+  // (replacing any kept before; a Score without it leaves them alone).
   Result<ScoreResult<T>> Score(const std::vector<ScoreRequest>& batch, bool keep_for_backward);
   // Accumulates d(objective)/d(params) into grads(), where dlogprobs[i][j] is
   // d(objective)/d(logprobs[i][j]) of the last kept Score(), plus, when
