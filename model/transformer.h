@@ -37,6 +37,9 @@ struct ScoreRequest {
   // Routing replay: when non-empty, routes for at least tokens.size()-1
   // input positions (extra rows ignored); the forward uses these experts
   // instead of its own top-k (gates still from the current scores).
+  // From a rollout: the group's prompt routes followed by the sample's
+  // routes (prompt.size() + completion.size() - 1 rows: exactly L-1).
+  // Within one batch either every request replays or none does.
   std::vector<uint16_t> replay_routes;
 };
 
