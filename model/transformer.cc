@@ -496,9 +496,8 @@ Result<ScoreResult<T>> Transformer<T>::Score(const std::vector<ScoreRequest>& ba
     for (int64_t mi = 0; mi < M; ++mi)
       for (int64_t e = 0; e < c.experts; ++e) out.expert_load[mi][e] += loads[sh][mi][e];
   }
-  for (auto& t : impl_->tapes) impl_->Release(std::move(t));
-  impl_->tapes.clear();
-  if (keep_for_backward) {
+  if (keep_for_backward) {  // replaces the tapes of an earlier kept Score
+    for (auto& t : impl_->tapes) impl_->Release(std::move(t));
     impl_->tapes = std::move(tapes);
     impl_->kept_sizes.clear();
     for (const ScoreRequest& r : batch) impl_->kept_sizes.push_back(r.tokens.size() - size_t(r.score_from));
@@ -648,9 +647,11 @@ Result<std::vector<Completion<T>>> Transformer<T>::Generate(const std::vector<st
   if (B == 0) return out;
   Ctx<T> cx{c, layout_, params_.data(), grads_.data(), impl_->rope_cos.data(), impl_->rope_sin.data()};
   std::vector<KvCache<T>> caches(B);
-  for (auto& kc : caches) {
-    kc.k.assign(c.layers, std::vector<T>(c.max_seq_len * kd));
-    kc.v = kc.k;
+  for (size_t i = 0; i < B; ++i) {
+    // Room for the prompt and every token that may still be fed back.
+    const int64_t cap = std::min<int64_t>(c.max_seq_len, int64_t(prompts[i].size()) + opt.max_new_tokens);
+    caches[i].k.assign(c.layers, std::vector<T>(cap * kd));
+    caches[i].v = caches[i].k;
   }
   std::vector<Sampler> samplers;
   for (size_t i = 0; i < B; ++i) samplers.emplace_back(opt, i);

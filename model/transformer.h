@@ -37,6 +37,9 @@ struct ScoreRequest {
   // Routing replay: when non-empty, routes for at least tokens.size()-1
   // input positions (extra rows ignored); the forward uses these experts
   // instead of its own top-k (gates still from the current scores).
+  // From a rollout: the group's prompt routes followed by the sample's
+  // routes (prompt.size() + completion.size() - 1 rows: exactly L-1).
+  // Within one batch either every request replays or none does.
   std::vector<uint16_t> replay_routes;
 };
 
@@ -97,11 +100,15 @@ class Transformer {
   // shard); 1 runs one shard with OpenBLAS's own threading. Default: the
   // hardware's thread count. Results do not depend on it beyond fp32
   // rounding (different matrix shapes); for one setting they are repeatable.
+  // While shards run, OpenBLAS is set to 1 thread process-wide (restored
+  // after): other threads' BLAS calls at that moment run single-threaded.
   void set_threads(int threads);
   int threads() const { return threads_; }
 
-  // Log-probs of the requested targets. keep_for_backward: keep activations
-  // for one Backward() call (replacing any kept before).
+  // Log-probs of the requested targets (InvalidArgument, naming the request,
+  // for an empty batch, a bad token, length or score_from, or bad replay
+  // routes). keep_for_backward: keep activations for one Backward() call
+  // (replacing any kept before; a Score without it leaves them alone).
   Result<ScoreResult<T>> Score(const std::vector<ScoreRequest>& batch, bool keep_for_backward);
   // Accumulates d(objective)/d(params) into grads(), where dlogprobs[i][j] is
   // d(objective)/d(logprobs[i][j]) of the last kept Score(), plus, when

@@ -23,6 +23,7 @@ DEFINE_string(config, "configs/model/tiny.toml", "model config (TOML with a [mod
 DEFINE_int32(batch, 8, "sequences per step");
 DEFINE_int32(seq, 128, "tokens per sequence");
 DEFINE_int32(steps, 10, "timed repetitions (after one warm-up); the best is reported");
+DEFINE_int32(threads, 0, "model shards (Transformer::set_threads); 0 keeps the default (hardware threads)");
 DEFINE_bool(train_only, false, "time only training steps (for profiling)");
 
 namespace {
@@ -60,6 +61,7 @@ int main(int argc, char** argv) {
   auto made = Model::Create(c, 1);
   if (!made.ok()) return 1;
   Model& m = **made;
+  if (FLAGS_threads > 0) m.set_threads(FLAGS_threads);
   const int64_t L = std::min<int64_t>(FLAGS_seq, c.max_seq_len), B = FLAGS_batch, T = B * (L - 1);
   std::mt19937_64 rng(2);
   std::vector<ScoreRequest> batch(B);
@@ -118,9 +120,10 @@ int main(int argc, char** argv) {
 
   const double sq = SgemmGflops(1024, 1024, 1024);
   const double shaped = SgemmGflops(T, c.expert_hidden > 0 ? c.expert_hidden : c.dense_hidden, H);
-  std::printf("config %s: %lld params, %lld active/token; batch %lld x %lld tokens (%lld positions)\n",
+  std::printf("config %s: %lld params, %lld active/token; batch %lld x %lld tokens (%lld positions); "
+              "%d model shards, %d OpenBLAS threads\n",
               FLAGS_config.c_str(), (long long)m.layout().total(), (long long)c.ActiveParams(), (long long)B,
-              (long long)L, (long long)T);
+              (long long)L, (long long)T, m.threads(), openblas_get_num_threads());
   std::printf("%-34s %12s %12s\n", "", "tokens/s", "GFLOP/s");
   std::printf("%-34s %12.0f %12.2f\n", "forward+backward (training step)", T / train_s, 3 * fwd / train_s / 1e9);
   std::printf("%-34s %12.0f %12.2f\n", "forward only (log-probs)", T / fwd_s, fwd / fwd_s / 1e9);

@@ -77,9 +77,13 @@ TEST(ModelGrad, BackwardNeedsAKeptForward) {
   EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
   auto r = (*m)->Score({ScoreRequest{{1, 2, 3}, 1, {}}}, true);
   ASSERT_TRUE(r.ok());
+  auto other = (*m)->Score({ScoreRequest{{4, 5}, 1, {}}}, false);  // does not drop the kept activations
+  ASSERT_TRUE(other.ok());
   s = (*m)->Backward({{1.0}});  // wrong count: 2 log-probs
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("1 gradients for 2 log-probs"), std::string::npos) << s;
+  EXPECT_TRUE((*m)->Backward({{1.0, -1.0}}).ok());
+  EXPECT_EQ((*m)->Backward({{1.0, -1.0}}).code(), StatusCode::kFailedPrecondition);  // consumed
 }
 
 TEST(ModelGrad, ShardedStepEqualsSingleShard) {
