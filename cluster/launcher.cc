@@ -22,8 +22,12 @@ using actors::MonotonicMs;
 
 namespace {
 
+// Every role recovers from a crash: workers hold nothing, the replay store
+// reopens RocksDB, the learner resumes from its checkpoint and the store's
+// cursor, and the coordinator relearns the cluster from heartbeats.
 bool Restartable(const std::string& role) {
-  return role == "rollout" || role == "verifier" || role == "coordinator";
+  return role == "rollout" || role == "verifier" || role == "coordinator" || role == "replay" ||
+         role == "learner";
 }
 
 std::string DescribeWait(int status) {
@@ -207,7 +211,11 @@ void Launcher::Reap() {
       const bool clean = WIFEXITED(status) && WEXITSTATUS(status) == 0;
       LOG(INFO) << c.id << " exited: " << reason;
       if (c.role != "coordinator") ReportExit(c.id, reason, clean);
-      if (c.role == "learner") {
+      // A learner that exits (0: its steps are done; else: it failed and said
+      // why) ends the run; one killed by a signal crashed and is restarted.
+      const bool learner_crashed = c.role == "learner" && WIFSIGNALED(status) && !stop_requested_ &&
+                                   c.restarts < options_.restart_limit;
+      if (c.role == "learner" && !learner_crashed) {
         learner_exited_ = true;
         learner_exit_code_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
       } else if (!clean && !c.retiring && !stop_requested_ && Restartable(c.role)) {

@@ -245,7 +245,7 @@ Status RunLearnerLoop(const RoleArgs& args) {
   const model::ModelConfig& mc = trainer->policy().config();
   GroupShape shape{mc.vocab_size, static_cast<int>(mc.moe_layers()), static_cast<int>(mc.top_k),
                    static_cast<int>(mc.experts), mc.max_seq_len};
-  int64_t rejected_groups = 0, dropped_stale = 0;
+  int64_t rejected_groups = 0, dropped_stale = 0, reconsumed = 0;
   while (trainer->rl_steps() < s.steps && !proc->draining()) {
     capnp::MallocMessageBuilder mb;
     auto req = actors::InitEnvelope(mb, args.id, 0).getBody().initBatchRequest();
@@ -295,7 +295,14 @@ Status RunLearnerLoop(const RoleArgs& args) {
       for (int attempt = 0; attempt < 20; ++attempt) {
         Result<actors::Frame> r = replay.Call(cm, {BodyKind::CONSUME_ACK});
         marked = r.status();
-        if (marked.ok()) break;
+        if (marked.ok()) {
+          // Fewer newly marked than sent: some group was consumed before.
+          // Retries of this same mark are the only innocent cause, so count
+          // only on the first attempt; the tests assert this stays 0.
+          const uint32_t n = r->envelope().getBody().getConsumeAck().getMarked();
+          if (attempt == 0 && n < ids.size()) reconsumed += static_cast<int64_t>(ids.size() - n);
+          break;
+        }
         proc->WaitFor(200);
       }
       if (!marked.ok()) return marked.WithContext("marking a trained batch consumed");
@@ -320,6 +327,7 @@ Status RunLearnerLoop(const RoleArgs& args) {
                            {"groups_dropped", st.groups_dropped},
                            {"groups_rejected", rejected_groups},
                            {"dropped_stale", dropped_stale},
+                           {"groups_reconsumed", reconsumed},
                            {"sequences", st.sequences},
                            {"tokens", st.tokens},
                            {"tokens_per_s", st.seconds > 0 ? st.tokens / st.seconds : 0.0},

@@ -95,10 +95,39 @@ class ArithmeticTask final : public SplitTask {
     int64_t value = op == '+' ? a + b : op == '-' ? a - b : a * b;
     std::string expr = std::to_string(a) + op + std::to_string(b);
     std::string answer = std::to_string(value);
-    return Problem{expr + "=", json(answer).dump(), Demo(expr + "=" + answer, answer)};
+    const std::string thinking = op == '*' ? expr + "=" + answer : ColumnSteps(a, b, op);
+    return Problem{expr + "=", json(answer).dump(), Demo(thinking, answer)};
   }
 
  private:
+  // The working of a + b or a - b (a >= b) column by column from the ones,
+  // as a person writes it: "8+7=15,5+6+1=12" for 58+67, "12-8=4,5-1-3=1"
+  // for 52-38. A small model that learns one column at a time, carry
+  // included, can add numbers longer than any it was shown.
+  static std::string ColumnSteps(int64_t a, int64_t b, char op) {
+    std::string out;
+    int64_t carry = 0;
+    while (a > 0 || b > 0 || (op == '+' && carry > 0)) {
+      const int64_t da = a % 10, db = b % 10;
+      if (!out.empty()) out += ',';
+      if (op == '+') {
+        const int64_t sum = da + db + carry;
+        out += std::to_string(da) + "+" + std::to_string(db) + (carry ? "+1" : "") + "=" + std::to_string(sum);
+        carry = sum / 10;
+      } else {
+        const int64_t top = da - carry;
+        const int64_t borrow = top < db ? 1 : 0;
+        out += std::to_string(da + 10 * borrow) + (carry ? "-1" : "") + "-" + std::to_string(db) + "=" +
+               std::to_string(top + 10 * borrow - db);
+        carry = borrow;
+      }
+      a /= 10;
+      b /= 10;
+      if (op == '-' && a == 0 && b == 0) break;
+    }
+    return out.empty() ? "0" + std::string(1, op) + "0=0" : out;
+  }
+
   int64_t Operand(Rng& rng) const {
     int digits = static_cast<int>(rng.Uniform(min_digits_, max_digits_));
     int64_t lo = 1, hi = 9;
