@@ -13,6 +13,7 @@
 #include "actors/process.h"
 #include "cluster/cli_flags.h"
 #include "cluster/commands.h"
+#include "cluster/progress_report.h"
 #include "cluster/launcher.h"
 #include "cluster/roles.h"
 #include "cluster/run_dir.h"
@@ -188,9 +189,17 @@ int CmdUp(int argc, char** argv) {
                 launcher_proc.coordinator().c_str());
     std::fflush(stdout);
   }
-  const int code = launcher_proc.Supervise([] { return actors::DrainSignalled(); });
+  ProgressReport progress(*dir + "/metrics.jsonl", stdout);
+  const int code = launcher_proc.Supervise([&] {
+    if (!detach) progress.Poll();
+    return actors::DrainSignalled();
+  });
   LOG(INFO) << "shutting the cluster down";
   launcher_proc.Shutdown(actors::StopSignalled());
+  if (!detach) {
+    progress.PrintSummary();
+    if (code != 0) std::fprintf(stderr, "grove up: the learner exited with code %d; see %s/logs/learner-0.log\n", code, dir->c_str());
+  }
   return code;
 }
 
