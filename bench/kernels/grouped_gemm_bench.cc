@@ -1,0 +1,287 @@
+// Grouped expert GEMM: TFLOP/s of grove's implementations against cuBLAS on
+// a dense GEMM of the same total work, a loop of per-expert cuBLAS calls and
+// cuBLAS's grouped-batched GEMM, at the GPU reference model's training
+// shapes (64 experts, top-6, hidden 1024, expert hidden 512). Also measures
+// the two ceilings (device copy bandwidth, a large cuBLAS bf16 GEMM) and
+// prints each implementation's agreement with the cuBLAS loop.
+//
+// Usage: kernel_bench [--quick]   (prints a table; no assertions)
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/grouped_gemm.h"
+
+namespace {
+
+using grove::kernels::GemmOutType;
+using grove::kernels::GroupedGemm;
+using grove::kernels::GroupedGemmArgs;
+using grove::kernels::GroupedGemmImpl;
+
+#define CUDA_CHECK(x)                                                                   \
+  do {                                                                                  \
+    cudaError_t e_ = (x);                                                               \
+    if (e_ != cudaSuccess) {                                                            \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                     \
+    }                                                                                   \
+  } while (0)
+#define CUBLAS_CHECK(x)                                                            \
+  do {                                                                             \
+    cublasStatus_t s_ = (x);                                                       \
+    if (s_ != CUBLAS_STATUS_SUCCESS) {                                             \
+      std::fprintf(stderr, "%s:%d %s: cublas status %d\n", __FILE__, __LINE__, #x, \
+                   static_cast<int>(s_));                                          \
+      std::exit(1);                                                                \
+    }                                                                              \
+  } while (0)
+
+// Median time of `reps` runs of fn (each bracketed by events), after warm-up.
+double MedianMs(const std::function<void()>& fn, int reps, int warmup = 3) {
+  for (int i = 0; i < warmup; ++i) fn();
+  CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<cudaEvent_t> ev(reps + 1);
+  for (auto& e : ev) CUDA_CHECK(cudaEventCreate(&e));
+  CUDA_CHECK(cudaEventRecord(ev[0]));
+  for (int i = 0; i < reps; ++i) {
+    fn();
+    CUDA_CHECK(cudaEventRecord(ev[i + 1]));
+  }
+  CUDA_CHECK(cudaEventSynchronize(ev[reps]));
+  CUDA_CHECK(cudaGetLastError());
+  std::vector<float> ms(reps);
+  for (int i = 0; i < reps; ++i) CUDA_CHECK(cudaEventElapsedTime(&ms[i], ev[i], ev[i + 1]));
+  for (auto& e : ev) cudaEventDestroy(e);
+  std::sort(ms.begin(), ms.end());
+  return ms[reps / 2];
+}
+
+__nv_bfloat16* RandomDeviceBf16(size_t count, std::mt19937_64& rng) {
+  std::vector<__nv_bfloat16> h(count);
+  std::uniform_real_distribution<float> dist(-1.f, 1.f);
+  for (auto& x : h) x = __float2bfloat16(dist(rng));
+  __nv_bfloat16* d = nullptr;
+  CUDA_CHECK(cudaMalloc(&d, count * 2));
+  CUDA_CHECK(cudaMemcpy(d, h.data(), count * 2, cudaMemcpyHostToDevice));
+  return d;
+}
+
+// Row-major C[m, n] = A[m, k] * W[n, k]^T through column-major cuBLAS:
+// C^T (n x m) = W (as k x n, transposed) * A^T (k x m).
+void CublasLinear(cublasHandle_t h, const __nv_bfloat16* a, const __nv_bfloat16* w, void* c,
+                  int m, int n, int k, GemmOutType out) {
+  const float alpha = 1.f, beta = 0.f;
+  CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, w, CUDA_R_16BF, k, a,
+                            CUDA_R_16BF, k, &beta, c,
+                            out == GemmOutType::kF32 ? CUDA_R_32F : CUDA_R_16BF, n,
+                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+std::vector<int> Routing(int rows, int experts, bool skewed, std::mt19937_64& rng) {
+  std::vector<int> counts(experts, rows / experts);
+  for (int e = 0; e < rows % experts; ++e) ++counts[e];
+  if (!skewed) return counts;
+  // Log-normal expert popularity (sigma 0.5: the busiest experts get ~2-3x
+  // the mean, as in a router mid-training), rows assigned by largest remainder.
+  std::lognormal_distribution<double> pop(0.0, 0.5);
+  std::vector<double> p(experts);
+  double sum = 0;
+  for (auto& x : p) sum += (x = pop(rng));
+  int given = 0;
+  for (int e = 0; e < experts; ++e) given += (counts[e] = static_cast<int>(rows * p[e] / sum));
+  for (int e = 0; given < rows; e = (e + 1) % experts, ++given) ++counts[e];
+  return counts;
+}
+
+double MaxRelDiff(const void* x, const void* y, size_t count, GemmOutType out) {
+  std::vector<float> hx(count), hy(count);
+  if (out == GemmOutType::kF32) {
+    CUDA_CHECK(cudaMemcpy(hx.data(), x, count * 4, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(hy.data(), y, count * 4, cudaMemcpyDeviceToHost));
+  } else {
+    std::vector<__nv_bfloat16> bx(count), by(count);
+    CUDA_CHECK(cudaMemcpy(bx.data(), x, count * 2, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(by.data(), y, count * 2, cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < count; ++i) hx[i] = __bfloat162float(bx[i]), hy[i] = __bfloat162float(by[i]);
+  }
+  double num = 0, den = 0;
+  for (size_t i = 0; i < count; ++i) {
+    if (!std::isfinite(hx[i])) return INFINITY;
+    num += (hx[i] - hy[i]) * double(hx[i] - hy[i]);
+    den += double(hy[i]) * hy[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+void Ceilings(cublasHandle_t h, std::mt19937_64& rng) {
+  const size_t bytes = size_t{1} << 31;  // 2 GiB copy
+  void *src, *dst;
+  CUDA_CHECK(cudaMalloc(&src, bytes));
+  CUDA_CHECK(cudaMalloc(&dst, bytes));
+  CUDA_CHECK(cudaMemset(src, 1, bytes));
+  double ms = MedianMs([&] { CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); }, 10);
+  std::printf("ceiling: device copy %.0f GB/s (read + write)\n", 2.0 * bytes / ms / 1e6);
+  cudaFree(src);
+  cudaFree(dst);
+  const int s = 8192;
+  __nv_bfloat16* a = RandomDeviceBf16(size_t(s) * s, rng);
+  __nv_bfloat16* b = RandomDeviceBf16(size_t(s) * s, rng);
+  __nv_bfloat16* c;
+  CUDA_CHECK(cudaMalloc(&c, size_t(s) * s * 2));
+  ms = MedianMs([&] { CublasLinear(h, a, b, c, s, s, s, GemmOutType::kBF16); }, 10);
+  std::printf("ceiling: cuBLAS bf16 GEMM 8192^3 %.0f TFLOP/s\n", 2.0 * s * s * double(s) / ms / 1e9);
+  cudaFree(a);
+  cudaFree(b);
+  cudaFree(c);
+}
+
+struct Row {
+  std::string shape, method;
+  double ms, tflops, pct_dense, vs_loop, diff;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  cudaDeviceProp prop;
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s, %d SMs, cc %d.%d\n", prop.name, prop.multiProcessorCount, prop.major,
+              prop.minor);
+  std::mt19937_64 rng(12345);
+  cublasHandle_t h;
+  CUBLAS_CHECK(cublasCreate(&h));
+  Ceilings(h, rng);
+
+  const int experts = 64, top_k = 6, hidden = 1024, expert_hidden = 512;
+  const int reps = quick ? 5 : 20;
+  std::vector<Row> table;
+  for (int tokens : {8192, 16384}) {
+    for (bool skewed : {false, true}) {
+      const int rows = tokens * top_k;
+      std::vector<int> counts = Routing(rows, experts, skewed, rng);
+      std::vector<int32_t> offsets(experts + 1, 0);
+      for (int e = 0; e < experts; ++e) offsets[e + 1] = offsets[e] + counts[e];
+      int32_t* d_off;
+      CUDA_CHECK(cudaMalloc(&d_off, offsets.size() * 4));
+      CUDA_CHECK(cudaMemcpy(d_off, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
+      const int max_count = *std::max_element(counts.begin(), counts.end());
+      const int min_count = *std::min_element(counts.begin(), counts.end());
+
+      struct Proj { const char* name; int n, k; };
+      for (Proj p : {Proj{"w1/w3", expert_hidden, hidden}, Proj{"w2", hidden, expert_hidden}}) {
+        for (GemmOutType out : {GemmOutType::kBF16, GemmOutType::kF32}) {
+          const size_t out_bytes = out == GemmOutType::kF32 ? 4 : 2;
+          __nv_bfloat16* a = RandomDeviceBf16(size_t(rows) * p.k, rng);
+          __nv_bfloat16* w = RandomDeviceBf16(size_t(experts) * p.n * p.k, rng);
+          void *c_ref, *c;
+          CUDA_CHECK(cudaMalloc(&c_ref, size_t(rows) * p.n * out_bytes));
+          CUDA_CHECK(cudaMalloc(&c, size_t(rows) * p.n * out_bytes));
+          const double flops = 2.0 * rows * double(p.n) * p.k;
+          char shape[160];
+          std::snprintf(shape, sizeof shape, "T=%d %s %s [Te,%d]x[%d,%d] Te %d..%d %s", tokens,
+                        skewed ? "skew" : "even", p.name, p.k, p.k, p.n, min_count, max_count,
+                        out == GemmOutType::kF32 ? "f32" : "bf16");
+
+          auto loop = [&] {
+            for (int e = 0; e < experts; ++e)
+              if (counts[e] > 0)
+                CublasLinear(h, a + size_t(offsets[e]) * p.k, w + size_t(e) * p.n * p.k,
+                             static_cast<char*>(c_ref) + size_t(offsets[e]) * p.n * out_bytes,
+                             counts[e], p.n, p.k, out);
+          };
+          const double loop_ms = MedianMs(loop, reps);
+          const double dense_ms = MedianMs([&] { CublasLinear(h, a, w, c, rows, p.n, p.k, out); }, reps);
+          loop();  // c_ref holds the per-expert result for the diff column
+          CUDA_CHECK(cudaDeviceSynchronize());
+          table.push_back({shape, "cuBLAS dense same work", dense_ms, flops / dense_ms / 1e9, 100.0,
+                           loop_ms / dense_ms, 0});
+          table.push_back({shape, "cuBLAS per-expert loop", loop_ms, flops / loop_ms / 1e9,
+                           100.0 * dense_ms / loop_ms, 1.0, 0});
+
+          // cuBLAS grouped-batched: one group per non-empty expert.
+          {
+            std::vector<cublasOperation_t> ta, tb;
+            std::vector<int> ms, ns, ks, ld_w, ld_a, ld_c, gs;
+            std::vector<float> alpha, beta;
+            std::vector<const void*> pw, pa;
+            std::vector<void*> pc;
+            for (int e = 0; e < experts; ++e) {
+              if (counts[e] == 0) continue;
+              ta.push_back(CUBLAS_OP_T); tb.push_back(CUBLAS_OP_N);
+              ms.push_back(p.n); ns.push_back(counts[e]); ks.push_back(p.k);
+              ld_w.push_back(p.k); ld_a.push_back(p.k); ld_c.push_back(p.n); gs.push_back(1);
+              alpha.push_back(1.f); beta.push_back(0.f);
+              pw.push_back(w + size_t(e) * p.n * p.k);
+              pa.push_back(a + size_t(offsets[e]) * p.k);
+              pc.push_back(static_cast<char*>(c) + size_t(offsets[e]) * p.n * out_bytes);
+            }
+            const void** d_pw; const void** d_pa; void** d_pc;
+            CUDA_CHECK(cudaMalloc(&d_pw, pw.size() * 8));
+            CUDA_CHECK(cudaMalloc(&d_pa, pa.size() * 8));
+            CUDA_CHECK(cudaMalloc(&d_pc, pc.size() * 8));
+            CUDA_CHECK(cudaMemcpy(d_pw, pw.data(), pw.size() * 8, cudaMemcpyHostToDevice));
+            CUDA_CHECK(cudaMemcpy(d_pa, pa.data(), pa.size() * 8, cudaMemcpyHostToDevice));
+            CUDA_CHECK(cudaMemcpy(d_pc, pc.data(), pc.size() * 8, cudaMemcpyHostToDevice));
+            auto grouped = [&]() -> cublasStatus_t {
+              return cublasGemmGroupedBatchedEx(
+                  h, ta.data(), tb.data(), ms.data(), ns.data(), ks.data(), alpha.data(), d_pw,
+                  CUDA_R_16BF, ld_w.data(), d_pa, CUDA_R_16BF, ld_a.data(), beta.data(), d_pc,
+                  out == GemmOutType::kF32 ? CUDA_R_32F : CUDA_R_16BF, ld_c.data(),
+                  static_cast<int>(gs.size()), gs.data(), CUBLAS_COMPUTE_32F);
+            };
+            if (grouped() == CUBLAS_STATUS_SUCCESS) {
+              const double g_ms = MedianMs([&] { grouped(); }, reps);
+              CUDA_CHECK(cudaDeviceSynchronize());
+              table.push_back({shape, "cuBLAS grouped-batched", g_ms, flops / g_ms / 1e9,
+                               100.0 * dense_ms / g_ms, loop_ms / g_ms,
+                               MaxRelDiff(c, c_ref, size_t(rows) * p.n, out)});
+            } else {
+              table.push_back({shape, "cuBLAS grouped-batched (unsupported)", 0, 0, 0, 0, 0});
+            }
+            cudaFree(d_pw); cudaFree(d_pa); cudaFree(d_pc);
+          }
+
+          for (GroupedGemmImpl impl : {GroupedGemmImpl::kWgmmaBn128, GroupedGemmImpl::kWgmmaBn256,
+                                       GroupedGemmImpl::kMmaSync, GroupedGemmImpl::kWmma}) {
+            GroupedGemmArgs args;
+            args.a = a; args.w = w; args.c = c; args.expert_offsets = d_off;
+            args.total_rows = rows; args.num_experts = experts; args.n = p.n; args.k = p.k;
+            args.out_type = out;
+            CUDA_CHECK(cudaMemset(c, 0xFF, size_t(rows) * p.n * out_bytes));
+            grove::Status s = GroupedGemm(args, impl, nullptr);
+            if (!s.ok()) {
+              std::printf("%s %s: %s\n", shape, GroupedGemmImplName(impl), s.ToString().c_str());
+              continue;
+            }
+            CUDA_CHECK(cudaDeviceSynchronize());
+            const double diff = MaxRelDiff(c, c_ref, size_t(rows) * p.n, out);
+            const double ms = MedianMs([&] { (void)GroupedGemm(args, impl, nullptr); }, reps);
+            table.push_back({shape, std::string("grove ") + GroupedGemmImplName(impl), ms,
+                             flops / ms / 1e9, 100.0 * dense_ms / ms, loop_ms / ms, diff});
+          }
+          cudaFree(a); cudaFree(w); cudaFree(c); cudaFree(c_ref);
+        }
+      }
+      cudaFree(d_off);
+    }
+  }
+  std::printf("\n%-62s %-24s %9s %8s %8s %8s %9s\n", "shape", "method", "ms", "TFLOP/s",
+              "%dense", "x loop", "rel diff");
+  for (const Row& r : table)
+    std::printf("%-62s %-24s %9.4f %8.1f %8.1f %8.2f %9.2e\n", r.shape.c_str(), r.method.c_str(),
+                r.ms, r.tflops, r.pct_dense, r.vs_loop, r.diff);
+  cublasDestroy(h);
+  return 0;
+}
