@@ -51,6 +51,7 @@ const char* GroupedGemmImplName(GroupedGemmImpl impl) {
     case GroupedGemmImpl::kAuto: return "auto";
     case GroupedGemmImpl::kWgmmaBn128: return "wgmma_bn128";
     case GroupedGemmImpl::kWgmmaBn256: return "wgmma_bn256";
+    case GroupedGemmImpl::kWgmmaPingpong: return "wgmma_pingpong";
     case GroupedGemmImpl::kMmaSync: return "mma_sync";
     case GroupedGemmImpl::kWmma: return "wmma";
   }
@@ -69,11 +70,15 @@ Status GroupedGemm(const GroupedGemmArgs& args, GroupedGemmImpl impl, cudaStream
   switch (impl) {
     case GroupedGemmImpl::kWgmmaBn128:
     case GroupedGemmImpl::kWgmmaBn256:
+    case GroupedGemmImpl::kWgmmaPingpong:
       if (!hopper)
         return Status::FailedPrecondition("grouped GEMM: the wgmma path needs an sm_90 GPU");
-      return detail::LaunchGroupedGemmWgmma(args, dev,
-                                            impl == GroupedGemmImpl::kWgmmaBn256 ? 256 : 128,
-                                            stream);
+      return detail::LaunchGroupedGemmWgmma(
+          args, dev,
+          impl == GroupedGemmImpl::kWgmmaBn128   ? detail::WgmmaVariant::kCooperativeBn128
+          : impl == GroupedGemmImpl::kWgmmaBn256 ? detail::WgmmaVariant::kCooperativeBn256
+                                                 : detail::WgmmaVariant::kPingpongBn128,
+          stream);
     case GroupedGemmImpl::kMmaSync:
     case GroupedGemmImpl::kWmma:
       if (dev.cc_major < 8)

@@ -27,7 +27,8 @@ inline constexpr int kGroupedGemmMaxExperts = 1024;
 enum class GroupedGemmImpl {
   kAuto,
   kWgmmaBn128,  // sm_90a: TMA + mbarrier ring feeding wgmma, warp-specialized, persistent;
-  kWgmmaBn256,  //   128 x 128 or 128 x 256 output tiles
+  kWgmmaBn256,  //   both consumer warpgroups on one 128 x 128 or 128 x 256 tile
+  kWgmmaPingpong,  // sm_90a: as above, the consumer warpgroups on alternate 128 x 128 tiles
   kMmaSync,     // sm_80+: cp.async multistage + ldmatrix + mma.sync, persistent, 128 x 128
   kWmma,        // the kMmaSync tiling written in plain CUDA C++ (nvcuda::wmma), for comparison
 };

@@ -24,9 +24,9 @@ inline Status CudaStatus(cudaError_t err, const char* what) {
   return Status::Internal(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
-// block_n: 128 or 256.
-Status LaunchGroupedGemmWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev, int block_n,
-                              cudaStream_t stream);
+enum class WgmmaVariant { kCooperativeBn128, kCooperativeBn256, kPingpongBn128 };
+Status LaunchGroupedGemmWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev,
+                              WgmmaVariant variant, cudaStream_t stream);
 Status LaunchGroupedGemmMmaSync(const GroupedGemmArgs& args, const DeviceInfo& dev,
                                 cudaStream_t stream);
 Status LaunchGroupedGemmWmma(const GroupedGemmArgs& args, const DeviceInfo& dev,

@@ -55,7 +55,8 @@ void ReferenceGroupedGemm(const std::vector<double>& a, const std::vector<double
 }
 
 const GroupedGemmImpl kAllImpls[] = {GroupedGemmImpl::kAuto, GroupedGemmImpl::kWgmmaBn128,
-                                     GroupedGemmImpl::kWgmmaBn256, GroupedGemmImpl::kMmaSync,
+                                     GroupedGemmImpl::kWgmmaBn256, GroupedGemmImpl::kWgmmaPingpong,
+                                     GroupedGemmImpl::kMmaSync,
                                      GroupedGemmImpl::kWmma};
 
 bool IsHopper() {
@@ -98,7 +99,9 @@ void CheckCase(const std::vector<int>& counts, int n, int k, int extra_rows) {
   GROVE_CUDA_OK(d_off.Upload(offsets));
 
   for (GroupedGemmImpl impl : kAllImpls) {
-    const bool wgmma = impl == GroupedGemmImpl::kWgmmaBn128 || impl == GroupedGemmImpl::kWgmmaBn256;
+    const bool wgmma = impl == GroupedGemmImpl::kWgmmaBn128 ||
+                       impl == GroupedGemmImpl::kWgmmaBn256 ||
+                       impl == GroupedGemmImpl::kWgmmaPingpong;
     if (wgmma && !IsHopper()) continue;
     for (GemmOutType out : {GemmOutType::kF32, GemmOutType::kBF16}) {
       const bool f32 = out == GemmOutType::kF32;
