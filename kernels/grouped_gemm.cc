@@ -51,7 +51,9 @@ const char* GroupedGemmImplName(GroupedGemmImpl impl) {
     case GroupedGemmImpl::kAuto: return "auto";
     case GroupedGemmImpl::kWgmmaBn128: return "wgmma_bn128";
     case GroupedGemmImpl::kWgmmaBn256: return "wgmma_bn256";
+    case GroupedGemmImpl::kWgmmaBn256Bk32: return "wgmma_bn256_bk32";
     case GroupedGemmImpl::kWgmmaPingpong: return "wgmma_pingpong";
+    case GroupedGemmImpl::kWgmmaCluster: return "wgmma_cluster";
     case GroupedGemmImpl::kMmaSync: return "mma_sync";
     case GroupedGemmImpl::kWmma: return "wmma";
   }
@@ -65,20 +67,31 @@ Status GroupedGemm(const GroupedGemmArgs& args, GroupedGemmImpl impl, cudaStream
   GROVE_RETURN_IF_ERROR(QueryDevice(&dev));
   // sm_90a machine code runs on compute capability 9.0 only.
   const bool hopper = dev.cc_major == 9 && dev.cc_minor == 0;
-  if (impl == GroupedGemmImpl::kAuto)
-    impl = hopper ? GroupedGemmImpl::kWgmmaBn128 : GroupedGemmImpl::kMmaSync;
+  if (impl == GroupedGemmImpl::kAuto) {
+    // Measured on an H100 (docs/kernels.md): at k >= 1024 the ping-pong
+    // kernel is as fast or faster (its epilogue hides behind the other
+    // warpgroup's main loop); at smaller k the 128 x 256 cooperative tile wins.
+    impl = !hopper          ? GroupedGemmImpl::kMmaSync
+           : args.k >= 1024 ? GroupedGemmImpl::kWgmmaPingpong
+                            : GroupedGemmImpl::kWgmmaBn256;
+  }
   switch (impl) {
     case GroupedGemmImpl::kWgmmaBn128:
     case GroupedGemmImpl::kWgmmaBn256:
+    case GroupedGemmImpl::kWgmmaBn256Bk32:
     case GroupedGemmImpl::kWgmmaPingpong:
+    case GroupedGemmImpl::kWgmmaCluster: {
       if (!hopper)
         return Status::FailedPrecondition("grouped GEMM: the wgmma path needs an sm_90 GPU");
-      return detail::LaunchGroupedGemmWgmma(
-          args, dev,
-          impl == GroupedGemmImpl::kWgmmaBn128   ? detail::WgmmaVariant::kCooperativeBn128
-          : impl == GroupedGemmImpl::kWgmmaBn256 ? detail::WgmmaVariant::kCooperativeBn256
-                                                 : detail::WgmmaVariant::kPingpongBn128,
-          stream);
+      using detail::WgmmaVariant;
+      const WgmmaVariant variant =
+          impl == GroupedGemmImpl::kWgmmaBn128       ? WgmmaVariant::kCooperativeBn128
+          : impl == GroupedGemmImpl::kWgmmaBn256     ? WgmmaVariant::kCooperativeBn256
+          : impl == GroupedGemmImpl::kWgmmaBn256Bk32 ? WgmmaVariant::kCooperativeBn256Bk32
+          : impl == GroupedGemmImpl::kWgmmaPingpong  ? WgmmaVariant::kPingpongBn128
+                                                     : WgmmaVariant::kClusterBn256;
+      return detail::LaunchGroupedGemmWgmma(args, dev, variant, stream);
+    }
     case GroupedGemmImpl::kMmaSync:
     case GroupedGemmImpl::kWmma:
       if (dev.cc_major < 8)

@@ -22,13 +22,15 @@ enum class GemmOutType { kF32, kBF16 };
 inline constexpr int kGroupedGemmMaxExperts = 1024;
 
 // Which implementation runs. kAuto picks a wgmma one on sm_90 (H100/H200)
-// and kMmaSync elsewhere. The others exist to be compared (bench/kernels)
+// by shape and kMmaSync elsewhere. The others exist to be compared (bench/kernels)
 // and tested against each other.
 enum class GroupedGemmImpl {
   kAuto,
   kWgmmaBn128,  // sm_90a: TMA + mbarrier ring feeding wgmma, warp-specialized, persistent;
   kWgmmaBn256,  //   both consumer warpgroups on one 128 x 128 or 128 x 256 tile
+  kWgmmaBn256Bk32,  // kWgmmaBn256 with k steps of 32 in an 8-deep ring (more bytes in flight)
   kWgmmaPingpong,  // sm_90a: as above, the consumer warpgroups on alternate 128 x 128 tiles
+  kWgmmaCluster,   // sm_90a: kWgmmaBn256 on 2-CTA clusters sharing each W tile by TMA multicast
   kMmaSync,     // sm_80+: cp.async multistage + ldmatrix + mma.sync, persistent, 128 x 128
   kWmma,        // the kMmaSync tiling written in plain CUDA C++ (nvcuda::wmma), for comparison
 };

@@ -24,7 +24,13 @@ inline Status CudaStatus(cudaError_t err, const char* what) {
   return Status::Internal(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
-enum class WgmmaVariant { kCooperativeBn128, kCooperativeBn256, kPingpongBn128 };
+enum class WgmmaVariant {
+  kCooperativeBn128,
+  kCooperativeBn256,
+  kCooperativeBn256Bk32,
+  kPingpongBn128,
+  kClusterBn256,
+};
 Status LaunchGroupedGemmWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev,
                               WgmmaVariant variant, cudaStream_t stream);
 Status LaunchGroupedGemmMmaSync(const GroupedGemmArgs& args, const DeviceInfo& dev,

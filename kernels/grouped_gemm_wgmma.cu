@@ -15,6 +15,7 @@
 #include "kernels/grouped_gemm_internal.h"
 #include "kernels/grouped_gemm_schedule.cuh"
 #include "kernels/grouped_gemm_store.cuh"
+#include "kernels/ptx/cluster.cuh"
 #include "kernels/ptx/mbarrier.cuh"
 #include "kernels/ptx/tensor_map.h"
 #include "kernels/ptx/tma.cuh"
@@ -24,12 +25,15 @@ namespace grove::kernels::detail {
 namespace {
 
 constexpr int kBlockM = 128;
-constexpr int kBlockK = 64;  // one 128-byte swizzle row of bf16
 constexpr int kThreads = 384;
 
-template <int BN>
+// BK is one swizzle span of bf16: 64 (128-byte swizzle) or 32 (64-byte).
+template <int BN, int BK, int STAGES>
 struct WgmmaConfig {
-  static constexpr int kStages = BN == 256 ? 4 : 6;
+  static constexpr int kBlockN = BN;
+  static constexpr int kBlockK = BK;
+  static constexpr int kStages = STAGES;
+  static constexpr int kSwizzleBytes = BK * 2;
   static constexpr int kABytes = kBlockM * kBlockK * 2;
   static constexpr int kBBytes = BN * kBlockK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;
@@ -37,16 +41,26 @@ struct WgmmaConfig {
   static constexpr int kBarrierOffset = kStages * kStageBytes;
   static constexpr int kPrefixOffset = kBarrierOffset + (2 * kStages + 2) * 8;
   static constexpr int kSmemBytes = kPrefixOffset + (kMaxExperts + 1) * 4 + 1024;  // + align slack
+  static_assert(BK == 64 || BK == 32);
+  static_assert(kSmemBytes <= 227 * 1024);
+  static __device__ __forceinline__ uint64_t Desc(const void* p) {
+    if constexpr (BK == 64) {
+      return ptx::make_wgmma_desc_k_sw128(p);
+    } else {
+      return ptx::make_wgmma_desc_k_sw64(p);
+    }
+  }
 };
 
-template <int BN, typename OutT>
+template <typename Cfg, typename OutT>
 __global__ void __launch_bounds__(kThreads, 1)
     GroupedGemmWgmmaKernel(const __grid_constant__ CUtensorMap tmap_a,
                            const __grid_constant__ CUtensorMap tmap_w,
                            const int32_t* __restrict__ offsets, int num_experts, int total_rows,
                            int n, int k, OutT* __restrict__ c) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Cfg = WgmmaConfig<BN>;
+  constexpr int BN = Cfg::kBlockN;
+  constexpr int kBlockK = Cfg::kBlockK;
   extern __shared__ uint8_t smem_raw[];
   // 128-byte swizzled TMA boxes and wgmma descriptors want 1024-byte alignment.
   uint8_t* smem = reinterpret_cast<uint8_t*>(
@@ -123,8 +137,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         ptx::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kBlockK / 16; ++kk) {
-          const uint64_t desc_a = ptx::make_wgmma_desc_k_sw128(a_tile + kk * 16);
-          const uint64_t desc_w = ptx::make_wgmma_desc_k_sw128(w_tile + kk * 16);
+          const uint64_t desc_a = Cfg::Desc(a_tile + kk * 16);
+          const uint64_t desc_w = Cfg::Desc(w_tile + kk * 16);
           const int accumulate = (kb > 0 || kk > 0) ? 1 : 0;
           if constexpr (BN == 256) {
             ptx::wgmma_m64n256k16_f32_bf16_ss(acc, desc_a, desc_w, accumulate);
@@ -146,21 +160,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       ptx::wgmma_wait_group<0>();
       if (prev_stage >= 0 && lane == 0) ptx::mbarrier_arrive(&empty_bar[prev_stage]);
 
-      // Epilogue: register i of this thread is (row r0 + 8*((i/2)%2),
-      // column 8*(i/4) + 2*(lane%4) + i%2) of the consumer's 64 x BN block.
-      const int r0 = consumer * 64 + warp_in_group * 16 + lane / 4;
-      const int c0 = t.col_begin + 2 * (lane % 4);
-#pragma unroll
-      for (int i = 0; i < BN / 2; i += 4) {
-        const int col = c0 + 8 * (i / 4);
-        if (col < n) {
-          if (r0 < t.rows)
-            StorePair(c + static_cast<int64_t>(t.row_begin + r0) * n + col, acc[i], acc[i + 1]);
-          if (r0 + 8 < t.rows)
-            StorePair(c + static_cast<int64_t>(t.row_begin + r0 + 8) * n + col, acc[i + 2],
-                      acc[i + 3]);
-        }
-      }
+      // Epilogue: this warp's 16 rows of the consumer's 64 x BN block.
+      const int row_off = consumer * 64 + warp_in_group * 16;
+      StoreWgmmaAccumulator(acc, c, n, static_cast<int64_t>(t.row_begin) + row_off,
+                            t.rows - row_off, t.col_begin);
     }
   }
 #else
@@ -182,15 +185,16 @@ __global__ void __launch_bounds__(kThreads, 1)
 // waits up to there. So the main loops take turns: "turn" mbarrier w
 // completes when warpgroup 1-w has waited on every stage of its tile, and
 // warpgroup w waits for it before its next main loop.
-template <typename OutT>
+template <typename Cfg, typename OutT>
 __global__ void __launch_bounds__(kThreads, 1)
     GroupedGemmWgmmaPingpongKernel(const __grid_constant__ CUtensorMap tmap_a,
                                    const __grid_constant__ CUtensorMap tmap_w,
                                    const int32_t* __restrict__ offsets, int num_experts,
                                    int total_rows, int n, int k, OutT* __restrict__ c) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int BN = 128;
-  using Cfg = WgmmaConfig<BN>;
+  constexpr int BN = Cfg::kBlockN;
+  constexpr int kBlockK = Cfg::kBlockK;
+  static_assert(BN == 128, "two m64n128 accumulators per thread");
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
@@ -279,12 +283,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         ptx::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kBlockK / 16; ++kk) {
-          const uint64_t desc_w = ptx::make_wgmma_desc_k_sw128(w_tile + kk * 16);
+          const uint64_t desc_w = Cfg::Desc(w_tile + kk * 16);
           const int accumulate = (kb > 0 || kk > 0) ? 1 : 0;
           ptx::wgmma_m64n128k16_f32_bf16_ss(
-              acc[0], ptx::make_wgmma_desc_k_sw128(a_tile + kk * 16), desc_w, accumulate);
+              acc[0], Cfg::Desc(a_tile + kk * 16), desc_w, accumulate);
           ptx::wgmma_m64n128k16_f32_bf16_ss(
-              acc[1], ptx::make_wgmma_desc_k_sw128(a_tile + 64 * kBlockK + kk * 16), desc_w,
+              acc[1], Cfg::Desc(a_tile + 64 * kBlockK + kk * 16), desc_w,
               accumulate);
         }
         ptx::wgmma_commit_group();
@@ -300,20 +304,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int r0 = half * 64 + warp_in_group * 16 + lane / 4;
-        const int c0 = t.col_begin + 2 * (lane % 4);
-#pragma unroll
-        for (int i = 0; i < 64; i += 4) {
-          const int col = c0 + 8 * (i / 4);
-          if (col < n) {
-            if (r0 < t.rows)
-              StorePair(c + static_cast<int64_t>(t.row_begin + r0) * n + col, acc[half][i],
-                        acc[half][i + 1]);
-            if (r0 + 8 < t.rows)
-              StorePair(c + static_cast<int64_t>(t.row_begin + r0 + 8) * n + col,
-                        acc[half][i + 2], acc[half][i + 3]);
-          }
-        }
+        const int row_off = half * 64 + warp_in_group * 16;
+        StoreWgmmaAccumulator(acc[half], c, n, static_cast<int64_t>(t.row_begin) + row_off,
+                              t.rows - row_off, t.col_begin);
       }
     }
   }
@@ -322,46 +315,250 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-template <int BN, typename OutT, bool kPingpong>
+// The cluster variant: the cooperative kernel on clusters of 2 CTAs that
+// take vertically adjacent 128-row blocks of the same expert and column
+// block. Both need the same W tile, so each CTA loads half of it (BN / 2
+// rows) with a multicast TMA into both CTAs' shared memory: W traffic from
+// L2 per CTA halves (48 -> 32 KB a stage for BN = 256). The tile schedule
+// counts 256-row pair blocks; when an expert's last pair has one real block,
+// the second CTA computes rows of the next expert (or TMA zeros) and stores
+// nothing. A stage may be overwritten by either CTA's multicast, so its
+// "empty" barrier waits for the consumer warps of both CTAs (16 arrivals).
+template <typename Cfg, typename OutT>
+__global__ void __launch_bounds__(kThreads, 1)
+    GroupedGemmWgmmaClusterKernel(const __grid_constant__ CUtensorMap tmap_a,
+                                  const __grid_constant__ CUtensorMap tmap_w,
+                                  const int32_t* __restrict__ offsets, int num_experts,
+                                  int total_rows, int n, int k, OutT* __restrict__ c) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int BN = Cfg::kBlockN;
+  constexpr int kBlockK = Cfg::kBlockK;
+  constexpr int kHalfWBytes = Cfg::kBBytes / 2;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + Cfg::kBarrierOffset);
+  uint64_t* empty_bar = full_bar + Cfg::kStages;
+  int* tile_prefix = reinterpret_cast<int*>(smem + Cfg::kPrefixOffset);
+
+  const uint32_t rank = ptx::cluster_ctarank();
+  const uint32_t peer = rank ^ 1;
+  const int cluster_id = blockIdx.x / 2;
+  const int num_clusters = gridDim.x / 2;
+  const int warpgroup = threadIdx.x / 128;
+  const int n_tiles = (n + BN - 1) / BN;
+  const int k_blocks = (k + kBlockK - 1) / kBlockK;
+
+  if (threadIdx.x == 0) {
+    ptx::prefetch_tensormap(&tmap_a);
+    ptx::prefetch_tensormap(&tmap_w);
+    for (int s = 0; s < Cfg::kStages; ++s) {
+      ptx::mbarrier_init(&full_bar[s], 1);
+      ptx::mbarrier_init(&empty_bar[s], 16);  // 8 consumer warps of each CTA
+    }
+    ptx::fence_mbarrier_init();
+  }
+  if (threadIdx.x / 32 == 1) {
+    BuildTilePrefix(offsets, num_experts, total_rows, 2 * kBlockM, n_tiles, tile_prefix);
+  }
+  __syncthreads();
+  ptx::cluster_sync();  // the peer's barriers exist before anyone signals them
+  const int total_pairs = tile_prefix[num_experts];
+
+  if (warpgroup == 0) {
+    ptx::setmaxnreg_dec<40>();
+    if (threadIdx.x == 0) {
+      int stage = 0;
+      uint32_t phase = 0;
+      int expert_hint = 0;
+      for (int pair = cluster_id; pair < total_pairs; pair += num_clusters) {
+        const TileCoord t = LocateTile(pair, tile_prefix, offsets, total_rows, 2 * kBlockM, BN,
+                                       n_tiles, expert_hint);
+        const int a_row = t.row_begin + static_cast<int>(rank) * kBlockM;
+        const int w_row = t.expert * n + t.col_begin + static_cast<int>(rank) * (BN / 2);
+        for (int kb = 0; kb < k_blocks; ++kb) {
+          ptx::mbarrier_wait_parity(&empty_bar[stage], phase ^ 1);
+          uint8_t* a_dst = smem + stage * Cfg::kStageBytes;
+          uint8_t* w_dst = a_dst + Cfg::kABytes + rank * kHalfWBytes;
+          ptx::mbarrier_arrive_expect_tx(&full_bar[stage], Cfg::kStageBytes);
+          ptx::cp_async_bulk_tensor_2d_g2s(a_dst, &tmap_a, kb * kBlockK, a_row,
+                                           &full_bar[stage]);
+          ptx::cp_async_bulk_tensor_2d_g2s_multicast(w_dst, &tmap_w, kb * kBlockK, w_row,
+                                                     &full_bar[stage], 0x3);
+          if (++stage == Cfg::kStages) {
+            stage = 0;
+            phase ^= 1;
+          }
+        }
+      }
+    }
+  } else {
+    ptx::setmaxnreg_inc<232>();
+    const int consumer = warpgroup - 1;
+    const int warp_in_group = (threadIdx.x / 32) % 4;
+    const int lane = threadIdx.x % 32;
+    int stage = 0;
+    uint32_t phase = 0;
+    int expert_hint = 0;
+    float acc[BN / 2];
+    for (int pair = cluster_id; pair < total_pairs; pair += num_clusters) {
+      const TileCoord t = LocateTile(pair, tile_prefix, offsets, total_rows, 2 * kBlockM, BN,
+                                     n_tiles, expert_hint);
+      int prev_stage = -1;
+      auto release = [&](int s) {
+        if (lane == 0) {
+          ptx::mbarrier_arrive(&empty_bar[s]);
+          ptx::mbarrier_arrive_cluster(ptx::mapa_shared_cluster(&empty_bar[s], peer));
+        }
+      };
+      for (int kb = 0; kb < k_blocks; ++kb) {
+        ptx::mbarrier_wait_parity(&full_bar[stage], phase);
+        const __nv_bfloat16* a_tile = reinterpret_cast<const __nv_bfloat16*>(
+                                          smem + stage * Cfg::kStageBytes) +
+                                      consumer * 64 * kBlockK;
+        const __nv_bfloat16* w_tile = reinterpret_cast<const __nv_bfloat16*>(
+            smem + stage * Cfg::kStageBytes + Cfg::kABytes);
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBlockK / 16; ++kk) {
+          const uint64_t desc_a = Cfg::Desc(a_tile + kk * 16);
+          const uint64_t desc_w = Cfg::Desc(w_tile + kk * 16);
+          const int accumulate = (kb > 0 || kk > 0) ? 1 : 0;
+          if constexpr (BN == 256) {
+            ptx::wgmma_m64n256k16_f32_bf16_ss(acc, desc_a, desc_w, accumulate);
+          } else {
+            ptx::wgmma_m64n128k16_f32_bf16_ss(acc, desc_a, desc_w, accumulate);
+          }
+        }
+        ptx::wgmma_commit_group();
+        ptx::wgmma_wait_group<1>();
+        if (prev_stage >= 0) release(prev_stage);
+        prev_stage = stage;
+        if (++stage == Cfg::kStages) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+      ptx::wgmma_wait_group<0>();
+      if (prev_stage >= 0) release(prev_stage);
+
+      const int row_off = static_cast<int>(rank) * kBlockM + consumer * 64 + warp_in_group * 16;
+      StoreWgmmaAccumulator(acc, c, n, static_cast<int64_t>(t.row_begin) + row_off,
+                            t.rows - row_off, t.col_begin);
+    }
+  }
+  // No CTA may leave while its peer can still arrive on its barriers.
+  ptx::cluster_sync();
+#else
+  __trap();
+#endif
+}
+
+template <typename Cfg, typename OutT, bool kPingpong>
 Status LaunchWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev, cudaStream_t stream) {
-  static_assert(!kPingpong || BN == 128);
-  using Cfg = WgmmaConfig<BN>;
+  constexpr int BN = Cfg::kBlockN;
   CUtensorMap tmap_a, tmap_w;
-  GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Sw128(
-      &tmap_a, args.a, static_cast<uint64_t>(args.total_rows), args.k, args.k, kBlockM, kBlockK));
-  GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Sw128(
+  GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
+      &tmap_a, args.a, static_cast<uint64_t>(args.total_rows), args.k, args.k, kBlockM,
+      Cfg::kBlockK, Cfg::kSwizzleBytes));
+  GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
       &tmap_w, args.w, static_cast<uint64_t>(args.num_experts) * args.n, args.k, args.k, BN,
-      kBlockK));
-  auto kernel = kPingpong ? GroupedGemmWgmmaPingpongKernel<OutT> : GroupedGemmWgmmaKernel<BN, OutT>;
+      Cfg::kBlockK, Cfg::kSwizzleBytes));
+  auto kernel = [] {
+    if constexpr (kPingpong) {
+      return GroupedGemmWgmmaPingpongKernel<Cfg, OutT>;
+    } else {
+      return GroupedGemmWgmmaKernel<Cfg, OutT>;
+    }
+  }();
   GROVE_RETURN_IF_ERROR(CudaStatus(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
       "wgmma grouped GEMM: shared memory attribute"));
   // Never more CTAs than tiles can exist (each expert adds at most one
   // partial row block).
   const int64_t n_tiles = (args.n + BN - 1) / BN;
-  const int64_t max_tiles = (static_cast<int64_t>(args.total_rows) / kBlockM + args.num_experts) * n_tiles;
-  const int grid = static_cast<int>(std::min<int64_t>(dev.sm_count, std::max<int64_t>(max_tiles, 1)));
+  const int64_t max_tiles =
+      (static_cast<int64_t>(args.total_rows) / kBlockM + args.num_experts) * n_tiles;
+  const int grid =
+      static_cast<int>(std::min<int64_t>(dev.sm_count, std::max<int64_t>(max_tiles, 1)));
   kernel<<<grid, kThreads, Cfg::kSmemBytes, stream>>>(
       tmap_a, tmap_w, args.expert_offsets, args.num_experts, args.total_rows, args.n, args.k,
       static_cast<OutT*>(args.c));
   return CudaStatus(cudaGetLastError(), "wgmma grouped GEMM launch");
 }
 
+template <typename Cfg, typename OutT>
+Status LaunchWgmmaCluster(const GroupedGemmArgs& args, const DeviceInfo& dev,
+                          cudaStream_t stream) {
+  constexpr int BN = Cfg::kBlockN;
+  CUtensorMap tmap_a, tmap_w;
+  GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
+      &tmap_a, args.a, static_cast<uint64_t>(args.total_rows), args.k, args.k, kBlockM,
+      Cfg::kBlockK, Cfg::kSwizzleBytes));
+  GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
+      &tmap_w, args.w, static_cast<uint64_t>(args.num_experts) * args.n, args.k, args.k, BN / 2,
+      Cfg::kBlockK, Cfg::kSwizzleBytes));
+  auto kernel = GroupedGemmWgmmaClusterKernel<Cfg, OutT>;
+  GROVE_RETURN_IF_ERROR(CudaStatus(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
+      "wgmma cluster grouped GEMM: shared memory attribute"));
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 2;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = Cfg::kSmemBytes;
+  config.stream = stream;
+  // As many clusters as can be resident at once (GPCs need not hold an even
+  // number of free SMs), and never more than pair tiles can exist.
+  config.gridDim = dim3(2 * (dev.sm_count / 2));
+  int max_clusters = 0;
+  GROVE_RETURN_IF_ERROR(CudaStatus(cudaOccupancyMaxActiveClusters(&max_clusters, kernel, &config),
+                                   "wgmma cluster grouped GEMM: cluster occupancy"));
+  if (max_clusters < 1)
+    return Status::FailedPrecondition("wgmma cluster grouped GEMM: no cluster of 2 fits");
+  const int64_t n_tiles = (args.n + BN - 1) / BN;
+  const int64_t max_pairs =
+      (static_cast<int64_t>(args.total_rows) / (2 * kBlockM) + args.num_experts) * n_tiles;
+  const int clusters = static_cast<int>(std::min<int64_t>(max_clusters, std::max<int64_t>(max_pairs, 1)));
+  config.gridDim = dim3(2 * clusters);
+  GROVE_RETURN_IF_ERROR(CudaStatus(
+      cudaLaunchKernelEx(&config, kernel, tmap_a, tmap_w, args.expert_offsets, args.num_experts,
+                         args.total_rows, args.n, args.k, static_cast<OutT*>(args.c)),
+      "wgmma cluster grouped GEMM launch"));
+  return CudaStatus(cudaGetLastError(), "wgmma cluster grouped GEMM launch");
+}
+
+template <typename Cfg, bool kPingpong>
+Status LaunchWgmmaOut(const GroupedGemmArgs& args, const DeviceInfo& dev, cudaStream_t stream) {
+  return args.out_type == GemmOutType::kF32
+             ? LaunchWgmma<Cfg, float, kPingpong>(args, dev, stream)
+             : LaunchWgmma<Cfg, __nv_bfloat16, kPingpong>(args, dev, stream);
+}
+
 }  // namespace
 
 Status LaunchGroupedGemmWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev,
                               WgmmaVariant variant, cudaStream_t stream) {
-  const bool f32 = args.out_type == GemmOutType::kF32;
   switch (variant) {
     case WgmmaVariant::kCooperativeBn128:
-      return f32 ? LaunchWgmma<128, float, false>(args, dev, stream)
-                 : LaunchWgmma<128, __nv_bfloat16, false>(args, dev, stream);
+      return LaunchWgmmaOut<WgmmaConfig<128, 64, 6>, false>(args, dev, stream);
     case WgmmaVariant::kCooperativeBn256:
-      return f32 ? LaunchWgmma<256, float, false>(args, dev, stream)
-                 : LaunchWgmma<256, __nv_bfloat16, false>(args, dev, stream);
+      return LaunchWgmmaOut<WgmmaConfig<256, 64, 4>, false>(args, dev, stream);
+    case WgmmaVariant::kCooperativeBn256Bk32:
+      return LaunchWgmmaOut<WgmmaConfig<256, 32, 8>, false>(args, dev, stream);
     case WgmmaVariant::kPingpongBn128:
-      return f32 ? LaunchWgmma<128, float, true>(args, dev, stream)
-                 : LaunchWgmma<128, __nv_bfloat16, true>(args, dev, stream);
+      return LaunchWgmmaOut<WgmmaConfig<128, 64, 6>, true>(args, dev, stream);
+    case WgmmaVariant::kClusterBn256: {
+      using Cfg = WgmmaConfig<256, 64, 4>;
+      return args.out_type == GemmOutType::kF32
+                 ? LaunchWgmmaCluster<Cfg, float>(args, dev, stream)
+                 : LaunchWgmmaCluster<Cfg, __nv_bfloat16>(args, dev, stream);
+    }
   }
   return Status::Internal("unknown wgmma variant");
 }

@@ -57,6 +57,15 @@ __device__ __forceinline__ uint64_t make_wgmma_desc_k_sw128(const void* smem_ptr
          (uint64_t{1} << 62);
 }
 
+// The same for a K-major tile written with CU_TENSOR_MAP_SWIZZLE_64B: rows of
+// 32 bf16 (64 bytes), 8-row groups 512 bytes apart, the tile 512-byte aligned.
+//   bits 32-45: stride byte offset >> 4 (512 >> 4 = 32); bits 62-63: 2 = 64-byte swizzle
+__device__ __forceinline__ uint64_t make_wgmma_desc_k_sw64(const void* smem_ptr) {
+  const uint64_t addr = smem_addr(smem_ptr);
+  return ((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{512 >> 4} << 32) |
+         (uint64_t{2} << 62);
+}
+
 // setmaxnreg: moves registers between the warpgroups of a CTA (sm_90a). Takes
 // effect only in a kernel with a register cap at entry (launch bounds with a
 // minimum of 1 block); every warp of a warpgroup must execute it.

@@ -30,16 +30,19 @@ Result<PFN_cuTensorMapEncodeTiled_v12000> EncodeTiledFn() {
 
 }  // namespace
 
-Status MakeTensorMap2dBf16Sw128(CUtensorMap* map, const void* base, uint64_t rows, uint64_t cols,
-                                uint64_t row_stride_elems, uint32_t box_rows, uint32_t box_cols) {
+Status MakeTensorMap2dBf16Swizzled(CUtensorMap* map, const void* base, uint64_t rows,
+                                   uint64_t cols, uint64_t row_stride_elems, uint32_t box_rows,
+                                   uint32_t box_cols, uint32_t swizzle_bytes) {
   if (map == nullptr || base == nullptr) return Status::InvalidArgument("tensor map: null pointer");
   if (reinterpret_cast<uintptr_t>(base) % 16 != 0)
     return Status::InvalidArgument("tensor map: base must be 16-byte aligned");
   if (rows == 0 || cols == 0) return Status::InvalidArgument("tensor map: empty tensor");
   if (row_stride_elems < cols || row_stride_elems % 8 != 0)
     return Status::InvalidArgument("tensor map: row stride must be >= cols and a multiple of 8");
-  if (box_cols * 2 != 128 || box_rows == 0 || box_rows > 256)
-    return Status::InvalidArgument("tensor map: box must be [1..256, 64] for 128-byte swizzle");
+  if ((swizzle_bytes != 64 && swizzle_bytes != 128) || box_cols * 2 != swizzle_bytes ||
+      box_rows == 0 || box_rows > 256)
+    return Status::InvalidArgument(
+        "tensor map: swizzle must be 64 or 128 bytes and the box [1..256, swizzle / 2]");
   auto fn = EncodeTiledFn();
   if (!fn.ok()) return fn.status();
   const cuuint64_t dims[2] = {cols, rows};
@@ -48,7 +51,8 @@ Status MakeTensorMap2dBf16Sw128(CUtensorMap* map, const void* base, uint64_t row
   const cuuint32_t elem_strides[2] = {1, 1};
   CUresult r = (*fn)(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims,
                      strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                     CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                     swizzle_bytes == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B,
+                     CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS)
     return Status::InvalidArgument("cuTensorMapEncodeTiled failed with CUresult " +

@@ -13,10 +13,11 @@ namespace grove::ptx {
 
 // A 2-D row-major bf16 tensor [rows, cols] (cols contiguous, row stride
 // `row_stride_elems` >= cols, a multiple of 8 so rows start 16-byte aligned)
-// read in boxes of [box_rows, box_cols] with 128-byte swizzle: box_cols * 2
-// must be 128 (box_cols == 64), box_rows <= 256, `base` 16-byte aligned.
-// Elements of a box outside the tensor are read as zeros.
-Status MakeTensorMap2dBf16Sw128(CUtensorMap* map, const void* base, uint64_t rows, uint64_t cols,
-                                uint64_t row_stride_elems, uint32_t box_rows, uint32_t box_cols);
+// read in boxes of [box_rows, box_cols] whose rows are one swizzle span:
+// box_cols * 2 == swizzle_bytes (64 or 128), box_rows <= 256, `base`
+// 16-byte aligned. Elements of a box outside the tensor are read as zeros.
+Status MakeTensorMap2dBf16Swizzled(CUtensorMap* map, const void* base, uint64_t rows,
+                                   uint64_t cols, uint64_t row_stride_elems, uint32_t box_rows,
+                                   uint32_t box_cols, uint32_t swizzle_bytes);
 
 }  // namespace grove::ptx

@@ -55,7 +55,8 @@ void ReferenceGroupedGemm(const std::vector<double>& a, const std::vector<double
 }
 
 const GroupedGemmImpl kAllImpls[] = {GroupedGemmImpl::kAuto, GroupedGemmImpl::kWgmmaBn128,
-                                     GroupedGemmImpl::kWgmmaBn256, GroupedGemmImpl::kWgmmaPingpong,
+                                     GroupedGemmImpl::kWgmmaBn256, GroupedGemmImpl::kWgmmaBn256Bk32,
+                                     GroupedGemmImpl::kWgmmaPingpong, GroupedGemmImpl::kWgmmaCluster,
                                      GroupedGemmImpl::kMmaSync,
                                      GroupedGemmImpl::kWmma};
 
@@ -101,7 +102,9 @@ void CheckCase(const std::vector<int>& counts, int n, int k, int extra_rows) {
   for (GroupedGemmImpl impl : kAllImpls) {
     const bool wgmma = impl == GroupedGemmImpl::kWgmmaBn128 ||
                        impl == GroupedGemmImpl::kWgmmaBn256 ||
-                       impl == GroupedGemmImpl::kWgmmaPingpong;
+                       impl == GroupedGemmImpl::kWgmmaBn256Bk32 ||
+                       impl == GroupedGemmImpl::kWgmmaPingpong ||
+                       impl == GroupedGemmImpl::kWgmmaCluster;
     if (wgmma && !IsHopper()) continue;
     for (GemmOutType out : {GemmOutType::kF32, GemmOutType::kBF16}) {
       const bool f32 = out == GemmOutType::kF32;
