@@ -8,6 +8,8 @@
 // columns 32*wn..+31 with 4 x 4 mma.sync m16n8k16 per 16-wide k step.
 #include <cuda_bf16.h>
 
+#include <type_traits>
+
 #include "kernels/grouped_gemm_internal.h"
 #include "kernels/grouped_gemm_schedule.cuh"
 #include "kernels/grouped_gemm_store.cuh"
@@ -120,19 +122,27 @@ __global__ void __launch_bounds__(kThreads, 2)
     ptx::cp_async_wait_all();
     __syncthreads();  // every warp is done with the ring before the next tile refills it
 
+    // bf16: column groups j, j+1 go out together (StoreSwappedQuad: full
+    // 32-byte sectors). fp32 pairs already fill a sector per quad, and the
+    // swap would push this kernel past its 128-register cap into spills.
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int r0 = wm * 64 + i * 16 + lane / 4;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int col = t.col_begin + wn * 32 + j * 8 + 2 * (lane % 4);
-        if (col < n) {
-          if (r0 < t.rows)
-            StorePair(c + static_cast<int64_t>(t.row_begin + r0) * n + col, acc[i][j][0],
-                      acc[i][j][1]);
-          if (r0 + 8 < t.rows)
-            StorePair(c + static_cast<int64_t>(t.row_begin + r0 + 8) * n + col, acc[i][j][2],
-                      acc[i][j][3]);
+      for (int h = 0; h < 2; ++h) {
+        const int row = wm * 64 + i * 16 + lane / 4 + 8 * h;
+        const int64_t grow = static_cast<int64_t>(t.row_begin) + row;
+        if constexpr (std::is_same_v<OutT, float>) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int col = t.col_begin + wn * 32 + j * 8 + 2 * (lane % 4);
+            if (row < t.rows && col < n)
+              StorePair(c + grow * n + col, acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < 4; j += 2)
+            StoreSwappedQuad(c, n, grow, row < t.rows, t.col_begin + wn * 32 + j * 8,
+                             &acc[i][j][2 * h], &acc[i][j + 1][2 * h]);
         }
       }
     }

@@ -37,35 +37,45 @@ __device__ __forceinline__ void StoreQuad(__nv_bfloat16* p, float a, float b, fl
 //
 // In the accumulator a lane holds 2 adjacent columns of each 8-column group,
 // so a plain store writes 16 bytes per row per instruction and bf16 rows
-// land as half sectors. Lanes q and q^1 (q = lane % 4) first swap one pair:
-// even q then owns 4 adjacent columns of group g, odd q 4 of group g+1, and
-// each store instruction covers 32 (bf16) or 64 (fp32) contiguous bytes per row.
+// land as half sectors. StoreSwappedQuad takes one row's pairs of two
+// adjacent groups (mine: group at col_group0, next: the one after; all 32
+// lanes call it together): lanes q and q^1 (q = lane % 4) swap one pair, so
+// even q owns 4 adjacent columns of the first group and odd q 4 of the
+// second, and each store instruction covers 32 (bf16) or 64 (fp32)
+// contiguous bytes per row. mma.sync's m16n8 accumulators have the same
+// per-quad layout.
+template <typename OutT>
+__device__ __forceinline__ void StoreSwappedQuad(OutT* c, int n, int64_t row, bool row_ok,
+                                                 int col_group0, const float* mine,
+                                                 const float* next) {
+  const int q = threadIdx.x % 4;
+  const bool odd = q & 1;
+  const float send_x = odd ? mine[0] : next[0];
+  const float send_y = odd ? mine[1] : next[1];
+  const float got_x = __shfl_xor_sync(0xffffffffu, send_x, 1);
+  const float got_y = __shfl_xor_sync(0xffffffffu, send_y, 1);
+  const int col = odd ? col_group0 + 8 + 2 * (q - 1) : col_group0 + 2 * q;
+  if (row_ok && col < n) {
+    OutT* p = c + row * n + col;
+    if (odd) {
+      StoreQuad(p, got_x, got_y, next[0], next[1]);
+    } else {
+      StoreQuad(p, mine[0], mine[1], got_x, got_y);
+    }
+  }
+}
+
 template <int kRegs, typename OutT>
 __device__ __forceinline__ void StoreWgmmaAccumulator(const float (&acc)[kRegs], OutT* c, int n,
                                                       int64_t row0, int rows_valid, int col0) {
   const int lane = threadIdx.x % 32;
-  const int q = lane % 4;
-  const bool odd = q & 1;
 #pragma unroll
   for (int g = 0; g < kRegs / 4; g += 2) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const float* mine = &acc[4 * g + 2 * h];        // group g, row half h
-      const float* next = &acc[4 * (g + 1) + 2 * h];  // group g + 1
-      const float send_x = odd ? mine[0] : next[0];
-      const float send_y = odd ? mine[1] : next[1];
-      const float got_x = __shfl_xor_sync(0xffffffffu, send_x, 1);
-      const float got_y = __shfl_xor_sync(0xffffffffu, send_y, 1);
       const int row = lane / 4 + 8 * h;
-      const int col = odd ? col0 + 8 * (g + 1) + 2 * (q - 1) : col0 + 8 * g + 2 * q;
-      if (row < rows_valid && col < n) {
-        OutT* p = c + (row0 + row) * n + col;
-        if (odd) {
-          StoreQuad(p, got_x, got_y, next[0], next[1]);
-        } else {
-          StoreQuad(p, mine[0], mine[1], got_x, got_y);
-        }
-      }
+      StoreSwappedQuad(c, n, row0 + row, row < rows_valid, col0 + 8 * g, &acc[4 * g + 2 * h],
+                       &acc[4 * (g + 1) + 2 * h]);
     }
   }
 }

@@ -1,4 +1,6 @@
-// Grouped expert GEMM: TFLOP/s of grove's implementations against cuBLAS on
+// grove's kernels on the GPU. First the memory-bound ones (RMSNorm, SwiGLU,
+// AdamW) in GB/s against the device copy rate; then the grouped expert GEMM:
+// TFLOP/s of grove's implementations against cuBLAS on
 // a dense GEMM of the same total work, a loop of per-expert cuBLAS calls and
 // cuBLAS's grouped-batched GEMM, at the GPU reference model's training
 // shapes (64 experts, top-6, hidden 1024, expert hidden 512). Also measures
@@ -22,7 +24,10 @@
 #include <string>
 #include <vector>
 
+#include "kernels/adamw.h"
 #include "kernels/grouped_gemm.h"
+#include "kernels/rmsnorm.h"
+#include "kernels/swiglu.h"
 
 namespace {
 
@@ -126,14 +131,15 @@ double MaxRelDiff(const void* x, const void* y, size_t count, GemmOutType out) {
   return std::sqrt(num / std::max(den, 1e-30));
 }
 
-void Ceilings(cublasHandle_t h, std::mt19937_64& rng) {
+double Ceilings(cublasHandle_t h, std::mt19937_64& rng) {
   const size_t bytes = size_t{1} << 31;  // 2 GiB copy
   void *src, *dst;
   CUDA_CHECK(cudaMalloc(&src, bytes));
   CUDA_CHECK(cudaMalloc(&dst, bytes));
   CUDA_CHECK(cudaMemset(src, 1, bytes));
   double ms = MedianMs([&] { CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); }, 10);
-  std::printf("ceiling: device copy %.0f GB/s (read + write)\n", 2.0 * bytes / ms / 1e6);
+  const double copy_gbs = 2.0 * bytes / ms / 1e6;
+  std::printf("ceiling: device copy %.0f GB/s (read + write)\n", copy_gbs);
   cudaFree(src);
   cudaFree(dst);
   const int s = 8192;
@@ -146,6 +152,69 @@ void Ceilings(cublasHandle_t h, std::mt19937_64& rng) {
   cudaFree(a);
   cudaFree(b);
   cudaFree(c);
+  return copy_gbs;
+}
+
+// The memory-bound kernels: achieved bandwidth (bytes each must move once)
+// against the device copy ceiling.
+void MemoryBoundKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
+  std::printf("\n%-44s %9s %9s %8s\n", "memory-bound kernel", "ms", "GB/s", "%copy");
+  auto report = [&](const char* name, double ms, double bytes) {
+    std::printf("%-44s %9.4f %9.0f %8.1f\n", name, ms, bytes / ms / 1e6,
+                100.0 * bytes / ms / 1e6 / copy_gbs);
+  };
+  {
+    const int tokens = 16384, hidden = 1024;
+    const size_t n = size_t(tokens) * hidden;
+    __nv_bfloat16* x = RandomDeviceBf16(n, rng);
+    __nv_bfloat16* dy = RandomDeviceBf16(n, rng);
+    __nv_bfloat16 *y, *dx;
+    float *w, *rstd, *dw;
+    void* ws;
+    CUDA_CHECK(cudaMalloc(&y, n * 2));
+    CUDA_CHECK(cudaMalloc(&dx, n * 2));
+    CUDA_CHECK(cudaMalloc(&w, hidden * 4));
+    CUDA_CHECK(cudaMalloc(&rstd, tokens * 4));
+    CUDA_CHECK(cudaMalloc(&dw, hidden * 4));
+    CUDA_CHECK(cudaMalloc(&ws, grove::kernels::RmsNormBackwardWorkspaceBytes(tokens, hidden)));
+    std::vector<float> hw(hidden, 1.f);
+    CUDA_CHECK(cudaMemcpy(w, hw.data(), hidden * 4, cudaMemcpyHostToDevice));
+    double ms = MedianMs([&] { (void)grove::kernels::RmsNormForward(x, w, y, rstd, tokens, hidden, 1e-6f, nullptr); }, reps);
+    report("RMSNorm fwd [16384,1024] bf16", ms, n * 4.0);
+    ms = MedianMs([&] { (void)grove::kernels::RmsNormBackward(dy, x, w, rstd, dx, dw, ws, tokens, hidden, nullptr); }, reps);
+    report("RMSNorm bwd [16384,1024] bf16", ms, n * 6.0);
+    cudaFree(x); cudaFree(dy); cudaFree(y); cudaFree(dx); cudaFree(w); cudaFree(rstd);
+    cudaFree(dw); cudaFree(ws);
+  }
+  {
+    const size_t n = size_t(16384) * 6 * 512;
+    __nv_bfloat16* g = RandomDeviceBf16(n, rng);
+    __nv_bfloat16* u = RandomDeviceBf16(n, rng);
+    __nv_bfloat16 *h, *dg, *du;
+    CUDA_CHECK(cudaMalloc(&h, n * 2));
+    CUDA_CHECK(cudaMalloc(&dg, n * 2));
+    CUDA_CHECK(cudaMalloc(&du, n * 2));
+    double ms = MedianMs([&] { (void)grove::kernels::SwiGluForward(g, u, h, n, nullptr); }, reps);
+    report("SwiGLU fwd [98304,512] bf16", ms, n * 6.0);
+    ms = MedianMs([&] { (void)grove::kernels::SwiGluBackward(h, g, u, dg, du, n, nullptr); }, reps);
+    report("SwiGLU bwd [98304,512] bf16", ms, n * 10.0);
+    cudaFree(g); cudaFree(u); cudaFree(h); cudaFree(dg); cudaFree(du);
+  }
+  {
+    const size_t n = size_t{128} << 20;
+    float *p, *g, *m, *v;
+    __nv_bfloat16* pb;
+    for (float** b : {&p, &g, &m, &v}) {
+      CUDA_CHECK(cudaMalloc(b, n * 4));
+      CUDA_CHECK(cudaMemset(*b, 0, n * 4));
+    }
+    CUDA_CHECK(cudaMalloc(&pb, n * 2));
+    grove::kernels::AdamWHyper hyper;
+    double ms = MedianMs([&] { (void)grove::kernels::AdamWStep(p, g, m, v, pb, n, hyper, nullptr); }, reps);
+    report("AdamW 128M params (+bf16 copy)", ms, n * 30.0);
+    for (float* b : {p, g, m, v}) cudaFree(b);
+    cudaFree(pb);
+  }
 }
 
 struct Row {
@@ -200,7 +269,8 @@ int main(int argc, char** argv) {
   std::mt19937_64 rng(12345);
   cublasHandle_t h;
   CUBLAS_CHECK(cublasCreate(&h));
-  Ceilings(h, rng);
+  const double copy_gbs = Ceilings(h, rng);
+  MemoryBoundKernels(rng, quick ? 10 : 30, copy_gbs);
 
   const int experts = 64, top_k = 6, hidden = 1024, expert_hidden = 512;
   const int reps = quick ? 5 : 20;
