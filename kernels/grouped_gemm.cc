@@ -54,6 +54,7 @@ const char* GroupedGemmImplName(GroupedGemmImpl impl) {
     case GroupedGemmImpl::kWgmmaBn256Bk32: return "wgmma_bn256_bk32";
     case GroupedGemmImpl::kWgmmaPingpong: return "wgmma_pingpong";
     case GroupedGemmImpl::kWgmmaCluster: return "wgmma_cluster";
+    case GroupedGemmImpl::kWgmmaStaged: return "wgmma_staged";
     case GroupedGemmImpl::kMmaSync: return "mma_sync";
     case GroupedGemmImpl::kWmma: return "wmma";
   }
@@ -69,18 +70,20 @@ Status GroupedGemm(const GroupedGemmArgs& args, GroupedGemmImpl impl, cudaStream
   const bool hopper = dev.cc_major == 9 && dev.cc_minor == 0;
   if (impl == GroupedGemmImpl::kAuto) {
     // Measured on an H100 (docs/kernels.md): at k >= 1024 the ping-pong
-    // kernel is as fast or faster (its epilogue hides behind the other
-    // warpgroup's main loop); at smaller k the 128 x 256 cooperative tile wins.
+    // kernel is the fastest (its epilogue hides behind the other
+    // warpgroup's main loop); at smaller k, where the epilogue weighs more,
+    // the 128 x 256 tile with the staged epilogue (fp32: plain 128 x 256).
     impl = !hopper          ? GroupedGemmImpl::kMmaSync
            : args.k >= 1024 ? GroupedGemmImpl::kWgmmaPingpong
-                            : GroupedGemmImpl::kWgmmaBn256;
+                            : GroupedGemmImpl::kWgmmaStaged;
   }
   switch (impl) {
     case GroupedGemmImpl::kWgmmaBn128:
     case GroupedGemmImpl::kWgmmaBn256:
     case GroupedGemmImpl::kWgmmaBn256Bk32:
     case GroupedGemmImpl::kWgmmaPingpong:
-    case GroupedGemmImpl::kWgmmaCluster: {
+    case GroupedGemmImpl::kWgmmaCluster:
+    case GroupedGemmImpl::kWgmmaStaged: {
       if (!hopper)
         return Status::FailedPrecondition("grouped GEMM: the wgmma path needs an sm_90 GPU");
       using detail::WgmmaVariant;
@@ -89,7 +92,8 @@ Status GroupedGemm(const GroupedGemmArgs& args, GroupedGemmImpl impl, cudaStream
           : impl == GroupedGemmImpl::kWgmmaBn256     ? WgmmaVariant::kCooperativeBn256
           : impl == GroupedGemmImpl::kWgmmaBn256Bk32 ? WgmmaVariant::kCooperativeBn256Bk32
           : impl == GroupedGemmImpl::kWgmmaPingpong  ? WgmmaVariant::kPingpongBn128
-                                                     : WgmmaVariant::kClusterBn256;
+          : impl == GroupedGemmImpl::kWgmmaCluster   ? WgmmaVariant::kClusterBn256
+                                                     : WgmmaVariant::kStagedBn256;
       return detail::LaunchGroupedGemmWgmma(args, dev, variant, stream);
     }
     case GroupedGemmImpl::kMmaSync:

@@ -31,6 +31,8 @@ enum class GroupedGemmImpl {
   kWgmmaBn256Bk32,  // kWgmmaBn256 with k steps of 32 in an 8-deep ring (more bytes in flight)
   kWgmmaPingpong,  // sm_90a: as above, the consumer warpgroups on alternate 128 x 128 tiles
   kWgmmaCluster,   // sm_90a: kWgmmaBn256 on 2-CTA clusters sharing each W tile by TMA multicast
+  kWgmmaStaged,    // sm_90a: kWgmmaBn256 (3 stages) whose bf16 epilogue is staged in shared
+                   //   memory and stored by otherwise idle producer warps (fp32: kWgmmaBn256)
   kMmaSync,     // sm_80+: cp.async multistage + ldmatrix + mma.sync, persistent, 128 x 128
   kWmma,        // the kMmaSync tiling written in plain CUDA C++ (nvcuda::wmma), for comparison
 };

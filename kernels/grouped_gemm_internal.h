@@ -30,6 +30,7 @@ enum class WgmmaVariant {
   kCooperativeBn256Bk32,
   kPingpongBn128,
   kClusterBn256,
+  kStagedBn256,
 };
 Status LaunchGroupedGemmWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev,
                               WgmmaVariant variant, cudaStream_t stream);

@@ -40,7 +40,8 @@ struct WgmmaConfig {
   // stages, then full/empty (and ping-pong turn) barriers, then the tile table.
   static constexpr int kBarrierOffset = kStages * kStageBytes;
   static constexpr int kPrefixOffset = kBarrierOffset + (2 * kStages + 2) * 8;
-  static constexpr int kSmemBytes = kPrefixOffset + (kMaxExperts + 1) * 4 + 1024;  // + align slack
+  static constexpr int kTableEnd = kPrefixOffset + (kMaxExperts + 1) * 4;
+  static constexpr int kSmemBytes = kTableEnd + 1024;  // + align slack
   static_assert(BK == 64 || BK == 32);
   static_assert(kSmemBytes <= 227 * 1024);
   static __device__ __forceinline__ uint64_t Desc(const void* p) {
@@ -168,6 +169,173 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 #else
   __trap();  // built for a device without wgmma; the host never launches this
+#endif
+}
+
+// The staged-epilogue variant (bf16 output): the cooperative kernel, but
+// the consumers only dump their accumulators as bf16 into a padded
+// shared-memory tile and go straight on to the next tile's main loop; warps
+// 1-3 of the producer warpgroup (idle otherwise) copy that tile to global
+// memory in 16-byte, row-contiguous stores, masking rows past the expert's
+// end. "c_full" (256 consumer arrivals) hands the tile to the storers,
+// "c_empty" (96 storer arrivals) hands the buffer back. The ring is 3 stages
+// deep to make room for the 66 KB tile.
+// The staged-epilogue kernel's bf16 output tile, after the tile table: rows
+// padded by 16 bytes against bank conflicts.
+template <typename Cfg>
+struct StagedTile {
+  static constexpr int kPitchBytes = Cfg::kBlockN * 2 + 16;
+  static constexpr int kOffset = (Cfg::kTableEnd + 127) / 128 * 128;
+  static constexpr int kSmemBytes = kOffset + kBlockM * kPitchBytes + 1024;
+};
+
+template <typename Cfg>
+__global__ void __launch_bounds__(kThreads, 1)
+    GroupedGemmWgmmaStagedKernel(const __grid_constant__ CUtensorMap tmap_a,
+                                 const __grid_constant__ CUtensorMap tmap_w,
+                                 const int32_t* __restrict__ offsets, int num_experts,
+                                 int total_rows, int n, int k, __nv_bfloat16* __restrict__ c) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int BN = Cfg::kBlockN;
+  constexpr int kBlockK = Cfg::kBlockK;
+  constexpr int kPitch = StagedTile<Cfg>::kPitchBytes;
+  constexpr int kChunksPerRow = BN * 2 / 16;
+  constexpr int kStorers = 96;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + Cfg::kBarrierOffset);
+  uint64_t* empty_bar = full_bar + Cfg::kStages;
+  uint64_t* c_full = empty_bar + Cfg::kStages;
+  uint64_t* c_empty = c_full + 1;
+  int* tile_prefix = reinterpret_cast<int*>(smem + Cfg::kPrefixOffset);
+  uint8_t* c_tile = smem + StagedTile<Cfg>::kOffset;
+
+  const int warpgroup = threadIdx.x / 128;
+  const int n_tiles = (n + BN - 1) / BN;
+  const int k_blocks = (k + kBlockK - 1) / kBlockK;
+
+  if (threadIdx.x == 0) {
+    ptx::prefetch_tensormap(&tmap_a);
+    ptx::prefetch_tensormap(&tmap_w);
+    for (int s = 0; s < Cfg::kStages; ++s) {
+      ptx::mbarrier_init(&full_bar[s], 1);
+      ptx::mbarrier_init(&empty_bar[s], 8);
+    }
+    ptx::mbarrier_init(c_full, 256);
+    ptx::mbarrier_init(c_empty, kStorers);
+    ptx::fence_mbarrier_init();
+  }
+  if (threadIdx.x / 32 == 1) {
+    BuildTilePrefix(offsets, num_experts, total_rows, kBlockM, n_tiles, tile_prefix);
+  }
+  __syncthreads();
+  const int total_tiles = tile_prefix[num_experts];
+
+  if (warpgroup == 0) {
+    ptx::setmaxnreg_dec<40>();
+    int expert_hint = 0;
+    if (threadIdx.x == 0) {
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+        const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
+                                       n_tiles, expert_hint);
+        const int w_row = t.expert * n + t.col_begin;
+        for (int kb = 0; kb < k_blocks; ++kb) {
+          ptx::mbarrier_wait_parity(&empty_bar[stage], phase ^ 1);
+          uint8_t* a_dst = smem + stage * Cfg::kStageBytes;
+          uint8_t* w_dst = a_dst + Cfg::kABytes;
+          ptx::mbarrier_arrive_expect_tx(&full_bar[stage], Cfg::kStageBytes);
+          ptx::cp_async_bulk_tensor_2d_g2s(a_dst, &tmap_a, kb * kBlockK, t.row_begin,
+                                           &full_bar[stage]);
+          ptx::cp_async_bulk_tensor_2d_g2s(w_dst, &tmap_w, kb * kBlockK, w_row,
+                                           &full_bar[stage]);
+          if (++stage == Cfg::kStages) {
+            stage = 0;
+            phase ^= 1;
+          }
+        }
+      }
+    } else if (threadIdx.x >= 32) {
+      const int sid = threadIdx.x - 32;  // storer 0..95
+      uint32_t j = 0;
+      for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x, ++j) {
+        const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
+                                       n_tiles, expert_hint);
+        ptx::mbarrier_wait_parity(c_full, j & 1);
+        for (int idx = sid; idx < t.rows * kChunksPerRow; idx += kStorers) {
+          const int r = idx / kChunksPerRow, ch = idx % kChunksPerRow;
+          const int col = t.col_begin + ch * 8;
+          if (col < n) {
+            const uint4 v = *reinterpret_cast<const uint4*>(c_tile + r * kPitch + ch * 16);
+            *reinterpret_cast<uint4*>(c + static_cast<int64_t>(t.row_begin + r) * n + col) = v;
+          }
+        }
+        ptx::mbarrier_arrive(c_empty);
+      }
+    }
+  } else {
+    ptx::setmaxnreg_inc<232>();
+    const int consumer = warpgroup - 1;
+    const int warp_in_group = (threadIdx.x / 32) % 4;
+    const int lane = threadIdx.x % 32;
+    int stage = 0;
+    uint32_t phase = 0;
+    int expert_hint = 0;
+    uint32_t j = 0;
+    float acc[BN / 2];
+    for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x, ++j) {
+      LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN, n_tiles, expert_hint);
+      int prev_stage = -1;
+      for (int kb = 0; kb < k_blocks; ++kb) {
+        ptx::mbarrier_wait_parity(&full_bar[stage], phase);
+        const __nv_bfloat16* a_tile = reinterpret_cast<const __nv_bfloat16*>(
+                                          smem + stage * Cfg::kStageBytes) +
+                                      consumer * 64 * kBlockK;
+        const __nv_bfloat16* w_tile = reinterpret_cast<const __nv_bfloat16*>(
+            smem + stage * Cfg::kStageBytes + Cfg::kABytes);
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBlockK / 16; ++kk) {
+          const uint64_t desc_a = Cfg::Desc(a_tile + kk * 16);
+          const uint64_t desc_w = Cfg::Desc(w_tile + kk * 16);
+          const int accumulate = (kb > 0 || kk > 0) ? 1 : 0;
+          if constexpr (BN == 256) {
+            ptx::wgmma_m64n256k16_f32_bf16_ss(acc, desc_a, desc_w, accumulate);
+          } else {
+            ptx::wgmma_m64n128k16_f32_bf16_ss(acc, desc_a, desc_w, accumulate);
+          }
+        }
+        ptx::wgmma_commit_group();
+        ptx::wgmma_wait_group<1>();
+        if (prev_stage >= 0 && lane == 0) ptx::mbarrier_arrive(&empty_bar[prev_stage]);
+        prev_stage = stage;
+        if (++stage == Cfg::kStages) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+      ptx::wgmma_wait_group<0>();
+      if (prev_stage >= 0 && lane == 0) ptx::mbarrier_arrive(&empty_bar[prev_stage]);
+
+      // Dump: the previous tile must have left the buffer. Rows 528 bytes
+      // apart put the 8 rows x 4 lanes of each store in 32 distinct banks.
+      if (j > 0) ptx::mbarrier_wait_parity(c_empty, (j - 1) & 1);
+      const int r0 = consumer * 64 + warp_in_group * 16 + lane / 4;
+#pragma unroll
+      for (int i = 0; i < BN / 2; i += 4) {
+        const int col = 8 * (i / 4) + 2 * (lane % 4);
+        *reinterpret_cast<__nv_bfloat162*>(c_tile + r0 * kPitch + col * 2) =
+            __floats2bfloat162_rn(acc[i], acc[i + 1]);
+        *reinterpret_cast<__nv_bfloat162*>(c_tile + (r0 + 8) * kPitch + col * 2) =
+            __floats2bfloat162_rn(acc[i + 2], acc[i + 3]);
+      }
+      ptx::mbarrier_arrive(c_full);
+    }
+  }
+#else
+  __trap();
 #endif
 }
 
@@ -533,6 +701,34 @@ Status LaunchWgmmaCluster(const GroupedGemmArgs& args, const DeviceInfo& dev,
   return CudaStatus(cudaGetLastError(), "wgmma cluster grouped GEMM launch");
 }
 
+template <typename Cfg>
+Status LaunchWgmmaStaged(const GroupedGemmArgs& args, const DeviceInfo& dev,
+                         cudaStream_t stream) {
+  static_assert(StagedTile<Cfg>::kSmemBytes <= 227 * 1024);
+  constexpr int BN = Cfg::kBlockN;
+  CUtensorMap tmap_a, tmap_w;
+  GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
+      &tmap_a, args.a, static_cast<uint64_t>(args.total_rows), args.k, args.k, kBlockM,
+      Cfg::kBlockK, Cfg::kSwizzleBytes));
+  GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
+      &tmap_w, args.w, static_cast<uint64_t>(args.num_experts) * args.n, args.k, args.k, BN,
+      Cfg::kBlockK, Cfg::kSwizzleBytes));
+  auto kernel = GroupedGemmWgmmaStagedKernel<Cfg>;
+  GROVE_RETURN_IF_ERROR(CudaStatus(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           StagedTile<Cfg>::kSmemBytes),
+      "wgmma staged grouped GEMM: shared memory attribute"));
+  const int64_t n_tiles = (args.n + BN - 1) / BN;
+  const int64_t max_tiles =
+      (static_cast<int64_t>(args.total_rows) / kBlockM + args.num_experts) * n_tiles;
+  const int grid =
+      static_cast<int>(std::min<int64_t>(dev.sm_count, std::max<int64_t>(max_tiles, 1)));
+  kernel<<<grid, kThreads, StagedTile<Cfg>::kSmemBytes, stream>>>(
+      tmap_a, tmap_w, args.expert_offsets, args.num_experts, args.total_rows, args.n, args.k,
+      static_cast<__nv_bfloat16*>(args.c));
+  return CudaStatus(cudaGetLastError(), "wgmma staged grouped GEMM launch");
+}
+
 template <typename Cfg, bool kPingpong>
 Status LaunchWgmmaOut(const GroupedGemmArgs& args, const DeviceInfo& dev, cudaStream_t stream) {
   return args.out_type == GemmOutType::kF32
@@ -553,6 +749,12 @@ Status LaunchGroupedGemmWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev
       return LaunchWgmmaOut<WgmmaConfig<256, 32, 8>, false>(args, dev, stream);
     case WgmmaVariant::kPingpongBn128:
       return LaunchWgmmaOut<WgmmaConfig<128, 64, 6>, true>(args, dev, stream);
+    case WgmmaVariant::kStagedBn256:
+      // The staged epilogue holds a bf16 tile; fp32 output takes the
+      // cooperative kernel's direct stores (already full sectors).
+      if (args.out_type == GemmOutType::kF32)
+        return LaunchWgmmaOut<WgmmaConfig<256, 64, 4>, false>(args, dev, stream);
+      return LaunchWgmmaStaged<WgmmaConfig<256, 64, 3>>(args, dev, stream);
     case WgmmaVariant::kClusterBn256: {
       using Cfg = WgmmaConfig<256, 64, 4>;
       return args.out_type == GemmOutType::kF32

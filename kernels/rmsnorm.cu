@@ -64,7 +64,7 @@ __global__ void RmsNormBackwardKernel(const __nv_bfloat16* __restrict__ dy,
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int chunks = hidden / 8;
   float* my_dw = dw_rows + warp * hidden;
-  for (int j = lane; j < hidden; j += 32) my_dw[j] = 0.f;
+  for (int j = lane; j < hidden; j += 32) my_dw[j] = 0.f;  // layout [8][chunks]
   for (int row = blockIdx.x * kWarps + warp; row < tokens; row += gridDim.x * kWarps) {
     const int64_t off = static_cast<int64_t>(row) * hidden;
     const float rstd = rstd_in[row];
@@ -78,7 +78,9 @@ __global__ void RmsNormBackwardKernel(const __nv_bfloat16* __restrict__ dy,
       for (int i = 0; i < 8; ++i) {
         const float xhat = xv[i] * rstd;
         dot += dyv[i] * wv[i] * xhat;
-        my_dw[8 * c + i] += dyv[i] * xhat;  // lane-owned columns: no race
+        // Column 8c+i lives at [i][c]: lanes (consecutive c) hit
+        // consecutive banks; each lane owns its columns, so no race.
+        my_dw[i * chunks + c] += dyv[i] * xhat;
       }
     }
     const float mean_dot = WarpSum(dot) / hidden;
@@ -96,7 +98,7 @@ __global__ void RmsNormBackwardKernel(const __nv_bfloat16* __restrict__ dy,
   for (int j = threadIdx.x; j < hidden; j += blockDim.x) {
     float s = 0.f;
 #pragma unroll
-    for (int r = 0; r < kWarps; ++r) s += dw_rows[r * hidden + j];
+    for (int r = 0; r < kWarps; ++r) s += dw_rows[r * hidden + (j % 8) * chunks + j / 8];
     partial[static_cast<int64_t>(blockIdx.x) * hidden + j] = s;
   }
 }

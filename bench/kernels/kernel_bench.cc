@@ -240,7 +240,8 @@ int Profile(cublasHandle_t h, std::mt19937_64& rng) {
     CUDA_CHECK(cudaMalloc(&c, size_t(rows) * n * 2));
     CublasLinear(h, a, w, c, rows, n, k, GemmOutType::kBF16);
     for (GroupedGemmImpl impl : {GroupedGemmImpl::kWgmmaBn256, GroupedGemmImpl::kWgmmaBn256Bk32,
-                                 GroupedGemmImpl::kWgmmaPingpong, GroupedGemmImpl::kWgmmaCluster}) {
+                                 GroupedGemmImpl::kWgmmaPingpong, GroupedGemmImpl::kWgmmaCluster,
+                                 GroupedGemmImpl::kWgmmaStaged}) {
       GroupedGemmArgs args;
       args.a = a; args.w = w; args.c = c; args.expert_offsets = d_off;
       args.total_rows = rows; args.num_experts = experts; args.n = n; args.k = k;
@@ -375,6 +376,7 @@ int main(int argc, char** argv) {
           for (GroupedGemmImpl impl : {GroupedGemmImpl::kWgmmaBn128, GroupedGemmImpl::kWgmmaBn256,
                                        GroupedGemmImpl::kWgmmaBn256Bk32,
                                        GroupedGemmImpl::kWgmmaPingpong, GroupedGemmImpl::kWgmmaCluster,
+                                     GroupedGemmImpl::kWgmmaStaged,
                                        GroupedGemmImpl::kMmaSync, GroupedGemmImpl::kWmma}) {
             GroupedGemmArgs args;
             args.a = a; args.w = w; args.c = c; args.expert_offsets = d_off;

@@ -57,6 +57,7 @@ void ReferenceGroupedGemm(const std::vector<double>& a, const std::vector<double
 const GroupedGemmImpl kAllImpls[] = {GroupedGemmImpl::kAuto, GroupedGemmImpl::kWgmmaBn128,
                                      GroupedGemmImpl::kWgmmaBn256, GroupedGemmImpl::kWgmmaBn256Bk32,
                                      GroupedGemmImpl::kWgmmaPingpong, GroupedGemmImpl::kWgmmaCluster,
+                                     GroupedGemmImpl::kWgmmaStaged,
                                      GroupedGemmImpl::kMmaSync,
                                      GroupedGemmImpl::kWmma};
 
@@ -104,7 +105,8 @@ void CheckCase(const std::vector<int>& counts, int n, int k, int extra_rows) {
                        impl == GroupedGemmImpl::kWgmmaBn256 ||
                        impl == GroupedGemmImpl::kWgmmaBn256Bk32 ||
                        impl == GroupedGemmImpl::kWgmmaPingpong ||
-                       impl == GroupedGemmImpl::kWgmmaCluster;
+                       impl == GroupedGemmImpl::kWgmmaCluster ||
+                       impl == GroupedGemmImpl::kWgmmaStaged;
     if (wgmma && !IsHopper()) continue;
     for (GemmOutType out : {GemmOutType::kF32, GemmOutType::kBF16}) {
       const bool f32 = out == GemmOutType::kF32;
