@@ -103,14 +103,27 @@ __global__ void RmsNormBackwardKernel(const __nv_bfloat16* __restrict__ dy,
   }
 }
 
-// dweight[j] = sum over blocks of partial[b][j], in block order.
+// dweight[j] = sum over blocks of partial[b][j] in a fixed order (so the
+// result is deterministic): block x takes 32 columns; thread (ty, tx) sums
+// blocks ty, ty + 32, ... of column 32x + tx (a warp reads 128 contiguous
+// bytes), then the 32 partial sums of a column are added in ty order. (One
+// thread per column looping over all blocks ran ~25 us: too few loads in
+// flight.)
 __global__ void SumPartialsKernel(const float* __restrict__ partial, int blocks, int hidden,
                                   float* __restrict__ out) {
-  const int j = blockIdx.x * blockDim.x + threadIdx.x;
-  if (j >= hidden) return;
+  __shared__ float part[32][33];
+  const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
+  const int j = blockIdx.x * 32 + tx;
   float s = 0.f;
-  for (int b = 0; b < blocks; ++b) s += partial[static_cast<int64_t>(b) * hidden + j];
-  out[j] = s;
+  if (j < hidden)
+    for (int b = ty; b < blocks; b += 32) s += partial[static_cast<int64_t>(b) * hidden + j];
+  part[ty][tx] = s;
+  __syncthreads();
+  if (ty == 0 && j < hidden) {
+    float total = 0.f;
+    for (int r = 0; r < 32; ++r) total += part[r][tx];
+    out[j] = total;
+  }
 }
 
 Status CheckShape(int tokens, int hidden) {
@@ -178,7 +191,7 @@ Status RmsNormBackward(const __nv_bfloat16* dy, const __nv_bfloat16* x, const fl
   RmsNormBackwardKernel<<<blocks, kWarps * 32, smem, stream>>>(dy, x, weight, rstd, dx, partial,
                                                                tokens, hidden);
   GROVE_RETURN_IF_ERROR(LaunchStatus("RMSNorm backward launch"));
-  SumPartialsKernel<<<(hidden + 255) / 256, 256, 0, stream>>>(partial, blocks, hidden, dweight);
+  SumPartialsKernel<<<(hidden + 31) / 32, 1024, 0, stream>>>(partial, blocks, hidden, dweight);
   return LaunchStatus("RMSNorm weight-gradient reduction launch");
 }
 
