@@ -27,6 +27,7 @@
 #include "kernels/adamw.h"
 #include "kernels/grouped_gemm.h"
 #include "kernels/rmsnorm.h"
+#include "kernels/router.h"
 #include "kernels/swiglu.h"
 
 namespace {
@@ -199,6 +200,27 @@ void MemoryBoundKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
     ms = MedianMs([&] { (void)grove::kernels::SwiGluBackward(h, g, u, dg, du, n, nullptr); }, reps);
     report("SwiGLU bwd [98304,512] bf16", ms, n * 10.0);
     cudaFree(g); cudaFree(u); cudaFree(h); cudaFree(dg); cudaFree(du);
+  }
+  {
+    const int tokens = 16384, experts = 64, top_k = 6;
+    std::vector<float> h(size_t(tokens) * experts);
+    std::normal_distribution<float> nd(0.f, 2.f);
+    for (float& x : h) x = nd(rng);
+    float *logits, *scores, *gates;
+    uint16_t* ids;
+    CUDA_CHECK(cudaMalloc(&logits, h.size() * 4));
+    CUDA_CHECK(cudaMalloc(&scores, h.size() * 4));
+    CUDA_CHECK(cudaMalloc(&gates, size_t(tokens) * top_k * 4));
+    CUDA_CHECK(cudaMalloc(&ids, size_t(tokens) * top_k * 2));
+    CUDA_CHECK(cudaMemcpy(logits, h.data(), h.size() * 4, cudaMemcpyHostToDevice));
+    grove::kernels::RouterArgs ra;
+    ra.logits = logits; ra.scores = scores; ra.gates = gates; ra.ids = ids;
+    ra.tokens = tokens; ra.experts = experts; ra.top_k = top_k; ra.sigmoid = true;
+    ra.norm_topk = true;
+    double ms = MedianMs([&] { (void)grove::kernels::RouterTopK(ra, nullptr); }, reps);
+    report("router sigmoid top-6 of 64, 16384 tokens", ms,
+           h.size() * 8.0 + tokens * top_k * 6.0);
+    cudaFree(logits); cudaFree(scores); cudaFree(gates); cudaFree(ids);
   }
   {
     const size_t n = size_t{128} << 20;
