@@ -21,20 +21,22 @@ enum class GemmOutType { kF32, kBF16 };
 // Most experts one call takes (the tile schedule lives in shared memory).
 inline constexpr int kGroupedGemmMaxExperts = 1024;
 
-// Which implementation runs. kAuto picks a wgmma one on sm_90 (H100/H200)
-// by shape and kMmaSync elsewhere. The others exist to be compared (bench/kernels)
-// and tested against each other.
+// Which implementation runs. kAuto: on sm_90 (H100/H200) kWgmmaPingpong
+// when k >= 1024 and kWgmmaStaged otherwise (measured, docs/kernels.md);
+// kMmaSync elsewhere. The others exist to be compared (bench/kernels) and
+// tested against each other. All wgmma ones are sm_90a, persistent and
+// warp-specialized: one producer warpgroup feeds a TMA + mbarrier ring.
 enum class GroupedGemmImpl {
   kAuto,
-  kWgmmaBn128,  // sm_90a: TMA + mbarrier ring feeding wgmma, warp-specialized, persistent;
-  kWgmmaBn256,  //   both consumer warpgroups on one 128 x 128 or 128 x 256 tile
-  kWgmmaBn256Bk32,  // kWgmmaBn256 with k steps of 32 in an 8-deep ring (more bytes in flight)
-  kWgmmaPingpong,  // sm_90a: as above, the consumer warpgroups on alternate 128 x 128 tiles
-  kWgmmaCluster,   // sm_90a: kWgmmaBn256 on 2-CTA clusters sharing each W tile by TMA multicast
-  kWgmmaStaged,    // sm_90a: kWgmmaBn256 (3 stages) whose bf16 epilogue is staged in shared
-                   //   memory and stored by otherwise idle producer warps (fp32: kWgmmaBn256)
-  kMmaSync,     // sm_80+: cp.async multistage + ldmatrix + mma.sync, persistent, 128 x 128
-  kWmma,        // the kMmaSync tiling written in plain CUDA C++ (nvcuda::wmma), for comparison
+  kWgmmaBn128,       // two consumer warpgroups share one 128 x 128 tile
+  kWgmmaBn256,       // ... one 128 x 256 tile
+  kWgmmaBn256Bk32,   // kWgmmaBn256 with k steps of 32 in an 8-deep ring (slower; kept measured)
+  kWgmmaPingpong,    // consumer warpgroups on alternate 128 x 128 tiles (epilogue overlaps)
+  kWgmmaCluster,     // kWgmmaBn256 on 2-CTA clusters sharing W tiles by multicast (slower)
+  kWgmmaStaged,      // kWgmmaBn256 (3 stages), bf16 epilogue staged in shared memory and
+                     //   stored by the idle producer warps; fp32 output runs kWgmmaBn256
+  kMmaSync,          // sm_80+: cp.async ring + ldmatrix + mma.sync, 128 x 128, persistent
+  kWmma,             // the kMmaSync tiling in plain CUDA C++ (nvcuda::wmma), for comparison
 };
 
 struct GroupedGemmArgs {
