@@ -1,0 +1,111 @@
+#include "kernels/grouped_gemm.h"
+
+#include <cstdint>
+#include <string>
+
+#include "kernels/grouped_gemm_internal.h"
+
+namespace grove::kernels {
+namespace {
+
+Status CheckArgs(const GroupedGemmArgs& a) {
+  if (a.num_experts <= 0 || a.num_experts > kGroupedGemmMaxExperts)
+    return Status::InvalidArgument("grouped GEMM: num_experts must be in 1.." +
+                                   std::to_string(kGroupedGemmMaxExperts) + ", got " +
+                                   std::to_string(a.num_experts));
+  if (a.total_rows < 0) return Status::InvalidArgument("grouped GEMM: total_rows < 0");
+  if (a.n <= 0 || a.k <= 0 || a.n % 8 != 0 || a.k % 8 != 0)
+    return Status::InvalidArgument("grouped GEMM: n and k must be positive multiples of 8, got n=" +
+                                   std::to_string(a.n) + " k=" + std::to_string(a.k));
+  if (static_cast<int64_t>(a.num_experts) * a.n > INT32_MAX)
+    return Status::InvalidArgument("grouped GEMM: num_experts * n overflows int32");
+  if (a.expert_offsets == nullptr || a.w == nullptr)
+    return Status::InvalidArgument("grouped GEMM: null weights or offsets");
+  if (a.total_rows > 0 && (a.a == nullptr || a.c == nullptr))
+    return Status::InvalidArgument("grouped GEMM: null activations or output");
+  auto misaligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 != 0; };
+  if (misaligned(a.a) || misaligned(a.w) || misaligned(a.c))
+    return Status::InvalidArgument("grouped GEMM: A, W and C must be 16-byte aligned");
+  return Status::OK();
+}
+
+Status QueryDevice(detail::DeviceInfo* info) {
+  int dev = 0;
+  GROVE_RETURN_IF_ERROR(detail::CudaStatus(cudaGetDevice(&dev), "grouped GEMM: cudaGetDevice"));
+  GROVE_RETURN_IF_ERROR(detail::CudaStatus(
+      cudaDeviceGetAttribute(&info->sm_count, cudaDevAttrMultiProcessorCount, dev), "SM count"));
+  GROVE_RETURN_IF_ERROR(detail::CudaStatus(
+      cudaDeviceGetAttribute(&info->cc_major, cudaDevAttrComputeCapabilityMajor, dev), "cc"));
+  GROVE_RETURN_IF_ERROR(detail::CudaStatus(
+      cudaDeviceGetAttribute(&info->cc_minor, cudaDevAttrComputeCapabilityMinor, dev), "cc"));
+  GROVE_RETURN_IF_ERROR(detail::CudaStatus(
+      cudaDeviceGetAttribute(&info->max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+      "shared memory limit"));
+  return Status::OK();
+}
+
+}  // namespace
+
+const char* GroupedGemmImplName(GroupedGemmImpl impl) {
+  switch (impl) {
+    case GroupedGemmImpl::kAuto: return "auto";
+    case GroupedGemmImpl::kWgmmaBn128: return "wgmma_bn128";
+    case GroupedGemmImpl::kWgmmaBn256: return "wgmma_bn256";
+    case GroupedGemmImpl::kWgmmaBn256Bk32: return "wgmma_bn256_bk32";
+    case GroupedGemmImpl::kWgmmaPingpong: return "wgmma_pingpong";
+    case GroupedGemmImpl::kWgmmaCluster: return "wgmma_cluster";
+    case GroupedGemmImpl::kWgmmaStaged: return "wgmma_staged";
+    case GroupedGemmImpl::kMmaSync: return "mma_sync";
+    case GroupedGemmImpl::kWmma: return "wmma";
+  }
+  return "unknown";
+}
+
+Status GroupedGemm(const GroupedGemmArgs& args, GroupedGemmImpl impl, cudaStream_t stream) {
+  GROVE_RETURN_IF_ERROR(CheckArgs(args));
+  if (args.total_rows == 0) return Status::OK();  // nothing routed anywhere
+  detail::DeviceInfo dev;
+  GROVE_RETURN_IF_ERROR(QueryDevice(&dev));
+  // sm_90a machine code runs on compute capability 9.0 only.
+  const bool hopper = dev.cc_major == 9 && dev.cc_minor == 0;
+  if (impl == GroupedGemmImpl::kAuto) {
+    // Measured on an H100 (docs/kernels.md): at k >= 1024 the ping-pong
+    // kernel is the fastest (its epilogue hides behind the other
+    // warpgroup's main loop); at smaller k, where the epilogue weighs more,
+    // the 128 x 256 tile with the staged epilogue (fp32: plain 128 x 256).
+    impl = !hopper          ? GroupedGemmImpl::kMmaSync
+           : args.k >= 1024 ? GroupedGemmImpl::kWgmmaPingpong
+                            : GroupedGemmImpl::kWgmmaStaged;
+  }
+  switch (impl) {
+    case GroupedGemmImpl::kWgmmaBn128:
+    case GroupedGemmImpl::kWgmmaBn256:
+    case GroupedGemmImpl::kWgmmaBn256Bk32:
+    case GroupedGemmImpl::kWgmmaPingpong:
+    case GroupedGemmImpl::kWgmmaCluster:
+    case GroupedGemmImpl::kWgmmaStaged: {
+      if (!hopper)
+        return Status::FailedPrecondition("grouped GEMM: the wgmma path needs an sm_90 GPU");
+      using detail::WgmmaVariant;
+      const WgmmaVariant variant =
+          impl == GroupedGemmImpl::kWgmmaBn128       ? WgmmaVariant::kCooperativeBn128
+          : impl == GroupedGemmImpl::kWgmmaBn256     ? WgmmaVariant::kCooperativeBn256
+          : impl == GroupedGemmImpl::kWgmmaBn256Bk32 ? WgmmaVariant::kCooperativeBn256Bk32
+          : impl == GroupedGemmImpl::kWgmmaPingpong  ? WgmmaVariant::kPingpongBn128
+          : impl == GroupedGemmImpl::kWgmmaCluster   ? WgmmaVariant::kClusterBn256
+                                                     : WgmmaVariant::kStagedBn256;
+      return detail::LaunchGroupedGemmWgmma(args, dev, variant, stream);
+    }
+    case GroupedGemmImpl::kMmaSync:
+    case GroupedGemmImpl::kWmma:
+      if (dev.cc_major < 8)
+        return Status::FailedPrecondition("grouped GEMM: needs an sm_80 or newer GPU");
+      return impl == GroupedGemmImpl::kMmaSync
+                 ? detail::LaunchGroupedGemmMmaSync(args, dev, stream)
+                 : detail::LaunchGroupedGemmWmma(args, dev, stream);
+    case GroupedGemmImpl::kAuto: break;
+  }
+  return Status::Internal("grouped GEMM: unknown implementation");
+}
+
+}  // namespace grove::kernels

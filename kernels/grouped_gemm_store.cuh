@@ -1,0 +1,83 @@
+// Epilogue helpers shared by the grouped GEMM kernels.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+namespace grove::kernels::detail {
+
+// Two adjacent fp32 accumulators (columns col, col + 1; col even, row
+// stride a multiple of 8) as float2 or bf16x2.
+__device__ __forceinline__ void StorePair(float* p, float x, float y) {
+  *reinterpret_cast<float2*>(p) = make_float2(x, y);
+}
+
+__device__ __forceinline__ void StorePair(__nv_bfloat16* p, float x, float y) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(x, y);
+}
+
+// Four adjacent values (col a multiple of 4): one 16-byte or 8-byte store.
+__device__ __forceinline__ void StoreQuad(float* p, float a, float b, float c, float d) {
+  *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
+}
+
+__device__ __forceinline__ void StoreQuad(__nv_bfloat16* p, float a, float b, float c, float d) {
+  const __nv_bfloat162 lo = __floats2bfloat162_rn(a, b), hi = __floats2bfloat162_rn(c, d);
+  uint2 v;
+  v.x = *reinterpret_cast<const uint32_t*>(&lo);
+  v.y = *reinterpret_cast<const uint32_t*>(&hi);
+  *reinterpret_cast<uint2*>(p) = v;
+}
+
+// Stores one warp's share of a wgmma m64nNk16 fp32 accumulator (N/2
+// registers; layout in kernels/ptx/wgmma.cuh): rows row0 + lane/4 (+8) of
+// the warp's 16, columns col0 .. col0 + N - 1. Only rows < rows_valid
+// (relative to row0) and columns < n are written; n % 8 == 0, col0 % 8 == 0.
+//
+// In the accumulator a lane holds 2 adjacent columns of each 8-column group,
+// so a plain store writes 16 bytes per row per instruction and bf16 rows
+// land as half sectors. StoreSwappedQuad takes one row's pairs of two
+// adjacent groups (mine: group at col_group0, next: the one after; all 32
+// lanes call it together): lanes q and q^1 (q = lane % 4) swap one pair, so
+// even q owns 4 adjacent columns of the first group and odd q 4 of the
+// second, and each store instruction covers 32 (bf16) or 64 (fp32)
+// contiguous bytes per row. mma.sync's m16n8 accumulators have the same
+// per-quad layout.
+template <typename OutT>
+__device__ __forceinline__ void StoreSwappedQuad(OutT* c, int n, int64_t row, bool row_ok,
+                                                 int col_group0, const float* mine,
+                                                 const float* next) {
+  const int q = threadIdx.x % 4;
+  const bool odd = q & 1;
+  const float send_x = odd ? mine[0] : next[0];
+  const float send_y = odd ? mine[1] : next[1];
+  const float got_x = __shfl_xor_sync(0xffffffffu, send_x, 1);
+  const float got_y = __shfl_xor_sync(0xffffffffu, send_y, 1);
+  const int col = odd ? col_group0 + 8 + 2 * (q - 1) : col_group0 + 2 * q;
+  if (row_ok && col < n) {
+    OutT* p = c + row * n + col;
+    if (odd) {
+      StoreQuad(p, got_x, got_y, next[0], next[1]);
+    } else {
+      StoreQuad(p, mine[0], mine[1], got_x, got_y);
+    }
+  }
+}
+
+template <int kRegs, typename OutT>
+__device__ __forceinline__ void StoreWgmmaAccumulator(const float (&acc)[kRegs], OutT* c, int n,
+                                                      int64_t row0, int rows_valid, int col0) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int g = 0; g < kRegs / 4; g += 2) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = lane / 4 + 8 * h;
+      StoreSwappedQuad(c, n, row0 + row, row < rows_valid, col0 + 8 * g, &acc[4 * g + 2 * h],
+                       &acc[4 * (g + 1) + 2 * h]);
+    }
+  }
+}
+
+}  // namespace grove::kernels::detail

@@ -1,0 +1,768 @@
+// kGroupedGemmImpl::kWgmma: the sm_90a grouped GEMM.
+//
+// One persistent CTA per SM, three warpgroups: warpgroup 0 is the producer
+// (one thread issues TMA loads of A and W tiles into a ring of kStages
+// shared-memory stages, each completing on a "full" mbarrier), warpgroups 1
+// and 2 are consumers (each owns 64 rows of the 128-row tile and issues
+// wgmma m64n{BN}k16 on the stage, then releases it on an "empty" mbarrier).
+// The producer runs ahead across tile boundaries, so the next tile's loads
+// overlap the consumers' epilogue. Rows of a tile past its expert's end are
+// computed from whatever A holds there (or TMA zeros past the tensor) and
+// never stored.
+#include <cuda.h>
+#include <cuda_bf16.h>
+
+#include "kernels/grouped_gemm_internal.h"
+#include "kernels/grouped_gemm_schedule.cuh"
+#include "kernels/grouped_gemm_store.cuh"
+#include "kernels/ptx/cluster.cuh"
+#include "kernels/ptx/mbarrier.cuh"
+#include "kernels/ptx/tensor_map.h"
+#include "kernels/ptx/tma.cuh"
+#include "kernels/ptx/wgmma.cuh"
+
+namespace grove::kernels::detail {
+namespace {
+
+constexpr int kBlockM = 128;
+constexpr int kThreads = 384;
+
+// BK is one swizzle span of bf16: 64 (128-byte swizzle) or 32 (64-byte).
+template <int BN, int BK, int STAGES>
+struct WgmmaConfig {
+  static constexpr int kBlockN = BN;
+  static constexpr int kBlockK = BK;
+  static constexpr int kStages = STAGES;
+  static constexpr int kSwizzleBytes = BK * 2;
+  static constexpr int kABytes = kBlockM * kBlockK * 2;
+  static constexpr int kBBytes = BN * kBlockK * 2;
+  static constexpr int kStageBytes = kABytes + kBBytes;
+  // stages, then full/empty (and ping-pong turn) barriers, then the tile table.
+  static constexpr int kBarrierOffset = kStages * kStageBytes;
+  static constexpr int kPrefixOffset = kBarrierOffset + (2 * kStages + 2) * 8;
+  static constexpr int kTableEnd = kPrefixOffset + (kMaxExperts + 1) * 4;
+  static constexpr int kSmemBytes = kTableEnd + 1024;  // + align slack
+  static_assert(BK == 64 || BK == 32);
+  static_assert(kSmemBytes <= 227 * 1024);
+  static __device__ __forceinline__ uint64_t Desc(const void* p) {
+    if constexpr (BK == 64) {
+      return ptx::make_wgmma_desc_k_sw128(p);
+    } else {
+      return ptx::make_wgmma_desc_k_sw64(p);
+    }
+  }
+};
+
+template <typename Cfg, typename OutT>
+__global__ void __launch_bounds__(kThreads, 1)
+    GroupedGemmWgmmaKernel(const __grid_constant__ CUtensorMap tmap_a,
+                           const __grid_constant__ CUtensorMap tmap_w,
+                           const int32_t* __restrict__ offsets, int num_experts, int total_rows,
+                           int n, int k, OutT* __restrict__ c) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int BN = Cfg::kBlockN;
+  constexpr int kBlockK = Cfg::kBlockK;
+  extern __shared__ uint8_t smem_raw[];
+  // 128-byte swizzled TMA boxes and wgmma descriptors want 1024-byte alignment.
+  uint8_t* smem = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + Cfg::kBarrierOffset);
+  uint64_t* empty_bar = full_bar + Cfg::kStages;
+  int* tile_prefix = reinterpret_cast<int*>(smem + Cfg::kPrefixOffset);
+
+  const int warpgroup = threadIdx.x / 128;
+  const int n_tiles = (n + BN - 1) / BN;
+  const int k_blocks = (k + kBlockK - 1) / kBlockK;
+
+  if (threadIdx.x == 0) {
+    ptx::prefetch_tensormap(&tmap_a);
+    ptx::prefetch_tensormap(&tmap_w);
+    for (int s = 0; s < Cfg::kStages; ++s) {
+      ptx::mbarrier_init(&full_bar[s], 1);
+      ptx::mbarrier_init(&empty_bar[s], 8);  // one arrival per consumer warp
+    }
+    ptx::fence_mbarrier_init();
+  }
+  if (threadIdx.x / 32 == 1) {
+    BuildTilePrefix(offsets, num_experts, total_rows, kBlockM, n_tiles, tile_prefix);
+  }
+  __syncthreads();
+  const int total_tiles = tile_prefix[num_experts];
+
+  if (warpgroup == 0) {
+    ptx::setmaxnreg_dec<40>();
+    if (threadIdx.x == 0) {
+      int stage = 0;
+      uint32_t phase = 0;
+      int expert_hint = 0;
+      for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+        const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
+                                       n_tiles, expert_hint);
+        const int w_row = t.expert * n + t.col_begin;
+        for (int kb = 0; kb < k_blocks; ++kb) {
+          ptx::mbarrier_wait_parity(&empty_bar[stage], phase ^ 1);
+          uint8_t* a_dst = smem + stage * Cfg::kStageBytes;
+          uint8_t* w_dst = a_dst + Cfg::kABytes;
+          ptx::mbarrier_arrive_expect_tx(&full_bar[stage], Cfg::kStageBytes);
+          ptx::cp_async_bulk_tensor_2d_g2s(a_dst, &tmap_a, kb * kBlockK, t.row_begin,
+                                           &full_bar[stage]);
+          ptx::cp_async_bulk_tensor_2d_g2s(w_dst, &tmap_w, kb * kBlockK, w_row,
+                                           &full_bar[stage]);
+          if (++stage == Cfg::kStages) {
+            stage = 0;
+            phase ^= 1;
+          }
+        }
+      }
+    }
+  } else {
+    ptx::setmaxnreg_inc<232>();
+    const int consumer = warpgroup - 1;  // rows consumer*64 .. +63 of the tile
+    const int warp_in_group = (threadIdx.x / 32) % 4;
+    const int lane = threadIdx.x % 32;
+    int stage = 0;
+    uint32_t phase = 0;
+    int expert_hint = 0;
+    float acc[BN / 2];
+    for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+      const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
+                                     n_tiles, expert_hint);
+      int prev_stage = -1;
+      for (int kb = 0; kb < k_blocks; ++kb) {
+        ptx::mbarrier_wait_parity(&full_bar[stage], phase);
+        const __nv_bfloat16* a_tile = reinterpret_cast<const __nv_bfloat16*>(
+                                          smem + stage * Cfg::kStageBytes) +
+                                      consumer * 64 * kBlockK;
+        const __nv_bfloat16* w_tile = reinterpret_cast<const __nv_bfloat16*>(
+            smem + stage * Cfg::kStageBytes + Cfg::kABytes);
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBlockK / 16; ++kk) {
+          const uint64_t desc_a = Cfg::Desc(a_tile + kk * 16);
+          const uint64_t desc_w = Cfg::Desc(w_tile + kk * 16);
+          const int accumulate = (kb > 0 || kk > 0) ? 1 : 0;
+          if constexpr (BN == 256) {
+            ptx::wgmma_m64n256k16_f32_bf16_ss(acc, desc_a, desc_w, accumulate);
+          } else {
+            ptx::wgmma_m64n128k16_f32_bf16_ss(acc, desc_a, desc_w, accumulate);
+          }
+        }
+        ptx::wgmma_commit_group();
+        // The previous stage's wgmmas are done once at most this batch is
+        // pending: hand that stage back to the producer.
+        ptx::wgmma_wait_group<1>();
+        if (prev_stage >= 0 && lane == 0) ptx::mbarrier_arrive(&empty_bar[prev_stage]);
+        prev_stage = stage;
+        if (++stage == Cfg::kStages) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+      ptx::wgmma_wait_group<0>();
+      if (prev_stage >= 0 && lane == 0) ptx::mbarrier_arrive(&empty_bar[prev_stage]);
+
+      // Epilogue: this warp's 16 rows of the consumer's 64 x BN block.
+      const int row_off = consumer * 64 + warp_in_group * 16;
+      StoreWgmmaAccumulator(acc, c, n, static_cast<int64_t>(t.row_begin) + row_off,
+                            t.rows - row_off, t.col_begin);
+    }
+  }
+#else
+  __trap();  // built for a device without wgmma; the host never launches this
+#endif
+}
+
+// The staged-epilogue variant (bf16 output): the cooperative kernel, but
+// the consumers only dump their accumulators as bf16 into a padded
+// shared-memory tile and go straight on to the next tile's main loop; warps
+// 1-3 of the producer warpgroup (idle otherwise) copy that tile to global
+// memory in 16-byte, row-contiguous stores, masking rows past the expert's
+// end. "c_full" (256 consumer arrivals) hands the tile to the storers,
+// "c_empty" (96 storer arrivals) hands the buffer back. The ring is 3 stages
+// deep to make room for the 66 KB tile.
+// The staged-epilogue kernel's bf16 output tile, after the tile table: rows
+// padded by 16 bytes against bank conflicts.
+template <typename Cfg>
+struct StagedTile {
+  static constexpr int kPitchBytes = Cfg::kBlockN * 2 + 16;
+  static constexpr int kOffset = (Cfg::kTableEnd + 127) / 128 * 128;
+  static constexpr int kSmemBytes = kOffset + kBlockM * kPitchBytes + 1024;
+};
+
+template <typename Cfg>
+__global__ void __launch_bounds__(kThreads, 1)
+    GroupedGemmWgmmaStagedKernel(const __grid_constant__ CUtensorMap tmap_a,
+                                 const __grid_constant__ CUtensorMap tmap_w,
+                                 const int32_t* __restrict__ offsets, int num_experts,
+                                 int total_rows, int n, int k, __nv_bfloat16* __restrict__ c) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int BN = Cfg::kBlockN;
+  constexpr int kBlockK = Cfg::kBlockK;
+  constexpr int kPitch = StagedTile<Cfg>::kPitchBytes;
+  constexpr int kChunksPerRow = BN * 2 / 16;
+  constexpr int kStorers = 96;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + Cfg::kBarrierOffset);
+  uint64_t* empty_bar = full_bar + Cfg::kStages;
+  uint64_t* c_full = empty_bar + Cfg::kStages;
+  uint64_t* c_empty = c_full + 1;
+  int* tile_prefix = reinterpret_cast<int*>(smem + Cfg::kPrefixOffset);
+  uint8_t* c_tile = smem + StagedTile<Cfg>::kOffset;
+
+  const int warpgroup = threadIdx.x / 128;
+  const int n_tiles = (n + BN - 1) / BN;
+  const int k_blocks = (k + kBlockK - 1) / kBlockK;
+
+  if (threadIdx.x == 0) {
+    ptx::prefetch_tensormap(&tmap_a);
+    ptx::prefetch_tensormap(&tmap_w);
+    for (int s = 0; s < Cfg::kStages; ++s) {
+      ptx::mbarrier_init(&full_bar[s], 1);
+      ptx::mbarrier_init(&empty_bar[s], 8);
+    }
+    ptx::mbarrier_init(c_full, 256);
+    ptx::mbarrier_init(c_empty, kStorers);
+    ptx::fence_mbarrier_init();
+  }
+  if (threadIdx.x / 32 == 1) {
+    BuildTilePrefix(offsets, num_experts, total_rows, kBlockM, n_tiles, tile_prefix);
+  }
+  __syncthreads();
+  const int total_tiles = tile_prefix[num_experts];
+
+  if (warpgroup == 0) {
+    ptx::setmaxnreg_dec<40>();
+    int expert_hint = 0;
+    if (threadIdx.x == 0) {
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+        const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
+                                       n_tiles, expert_hint);
+        const int w_row = t.expert * n + t.col_begin;
+        for (int kb = 0; kb < k_blocks; ++kb) {
+          ptx::mbarrier_wait_parity(&empty_bar[stage], phase ^ 1);
+          uint8_t* a_dst = smem + stage * Cfg::kStageBytes;
+          uint8_t* w_dst = a_dst + Cfg::kABytes;
+          ptx::mbarrier_arrive_expect_tx(&full_bar[stage], Cfg::kStageBytes);
+          ptx::cp_async_bulk_tensor_2d_g2s(a_dst, &tmap_a, kb * kBlockK, t.row_begin,
+                                           &full_bar[stage]);
+          ptx::cp_async_bulk_tensor_2d_g2s(w_dst, &tmap_w, kb * kBlockK, w_row,
+                                           &full_bar[stage]);
+          if (++stage == Cfg::kStages) {
+            stage = 0;
+            phase ^= 1;
+          }
+        }
+      }
+    } else if (threadIdx.x >= 32) {
+      const int sid = threadIdx.x - 32;  // storer 0..95
+      uint32_t j = 0;
+      for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x, ++j) {
+        const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
+                                       n_tiles, expert_hint);
+        ptx::mbarrier_wait_parity(c_full, j & 1);
+        for (int idx = sid; idx < t.rows * kChunksPerRow; idx += kStorers) {
+          const int r = idx / kChunksPerRow, ch = idx % kChunksPerRow;
+          const int col = t.col_begin + ch * 8;
+          if (col < n) {
+            const uint4 v = *reinterpret_cast<const uint4*>(c_tile + r * kPitch + ch * 16);
+            *reinterpret_cast<uint4*>(c + static_cast<int64_t>(t.row_begin + r) * n + col) = v;
+          }
+        }
+        ptx::mbarrier_arrive(c_empty);
+      }
+    }
+  } else {
+    ptx::setmaxnreg_inc<232>();
+    const int consumer = warpgroup - 1;
+    const int warp_in_group = (threadIdx.x / 32) % 4;
+    const int lane = threadIdx.x % 32;
+    int stage = 0;
+    uint32_t phase = 0;
+    int expert_hint = 0;
+    uint32_t j = 0;
+    float acc[BN / 2];
+    for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x, ++j) {
+      LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN, n_tiles, expert_hint);
+      int prev_stage = -1;
+      for (int kb = 0; kb < k_blocks; ++kb) {
+        ptx::mbarrier_wait_parity(&full_bar[stage], phase);
+        const __nv_bfloat16* a_tile = reinterpret_cast<const __nv_bfloat16*>(
+                                          smem + stage * Cfg::kStageBytes) +
+                                      consumer * 64 * kBlockK;
+        const __nv_bfloat16* w_tile = reinterpret_cast<const __nv_bfloat16*>(
+            smem + stage * Cfg::kStageBytes + Cfg::kABytes);
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBlockK / 16; ++kk) {
+          const uint64_t desc_a = Cfg::Desc(a_tile + kk * 16);
+          const uint64_t desc_w = Cfg::Desc(w_tile + kk * 16);
+          const int accumulate = (kb > 0 || kk > 0) ? 1 : 0;
+          if constexpr (BN == 256) {
+            ptx::wgmma_m64n256k16_f32_bf16_ss(acc, desc_a, desc_w, accumulate);
+          } else {
+            ptx::wgmma_m64n128k16_f32_bf16_ss(acc, desc_a, desc_w, accumulate);
+          }
+        }
+        ptx::wgmma_commit_group();
+        ptx::wgmma_wait_group<1>();
+        if (prev_stage >= 0 && lane == 0) ptx::mbarrier_arrive(&empty_bar[prev_stage]);
+        prev_stage = stage;
+        if (++stage == Cfg::kStages) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+      ptx::wgmma_wait_group<0>();
+      if (prev_stage >= 0 && lane == 0) ptx::mbarrier_arrive(&empty_bar[prev_stage]);
+
+      // Dump: the previous tile must have left the buffer. Rows 528 bytes
+      // apart put the 8 rows x 4 lanes of each store in 32 distinct banks.
+      if (j > 0) ptx::mbarrier_wait_parity(c_empty, (j - 1) & 1);
+      const int r0 = consumer * 64 + warp_in_group * 16 + lane / 4;
+#pragma unroll
+      for (int i = 0; i < BN / 2; i += 4) {
+        const int col = 8 * (i / 4) + 2 * (lane % 4);
+        *reinterpret_cast<__nv_bfloat162*>(c_tile + r0 * kPitch + col * 2) =
+            __floats2bfloat162_rn(acc[i], acc[i + 1]);
+        *reinterpret_cast<__nv_bfloat162*>(c_tile + (r0 + 8) * kPitch + col * 2) =
+            __floats2bfloat162_rn(acc[i + 2], acc[i + 3]);
+      }
+      ptx::mbarrier_arrive(c_full);
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+// The ping-pong variant: the two consumer warpgroups take alternate tiles
+// of the CTA's sequence, each a whole 128 x 128 tile (two m64n128k16 per k
+// step, 128 accumulators per thread). The producer fills the ring in tile
+// order, so one warpgroup's main loop runs while the other stores its
+// previous tile: the epilogue hides behind the tensor cores instead of
+// stalling them. Ring position p (stage p % kStages, parity (p / kStages) & 1)
+// of k block kb of the CTA's i-th tile is i * k_blocks + kb.
+//
+// A parity wait can only tell the awaited fill of a stage from the one
+// before it, never from two before: a warpgroup that skipped the other's
+// tile must not wait on a position before the other has passed its own
+// waits up to there. So the main loops take turns: "turn" mbarrier w
+// completes when warpgroup 1-w has waited on every stage of its tile, and
+// warpgroup w waits for it before its next main loop.
+template <typename Cfg, typename OutT>
+__global__ void __launch_bounds__(kThreads, 1)
+    GroupedGemmWgmmaPingpongKernel(const __grid_constant__ CUtensorMap tmap_a,
+                                   const __grid_constant__ CUtensorMap tmap_w,
+                                   const int32_t* __restrict__ offsets, int num_experts,
+                                   int total_rows, int n, int k, OutT* __restrict__ c) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int BN = Cfg::kBlockN;
+  constexpr int kBlockK = Cfg::kBlockK;
+  static_assert(BN == 128, "two m64n128 accumulators per thread");
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + Cfg::kBarrierOffset);
+  uint64_t* empty_bar = full_bar + Cfg::kStages;
+  uint64_t* turn_bar = empty_bar + Cfg::kStages;  // 2 barriers
+  int* tile_prefix = reinterpret_cast<int*>(smem + Cfg::kPrefixOffset);
+
+  const int warpgroup = threadIdx.x / 128;
+  const int n_tiles = (n + BN - 1) / BN;
+  const int k_blocks = (k + kBlockK - 1) / kBlockK;
+
+  if (threadIdx.x == 0) {
+    ptx::prefetch_tensormap(&tmap_a);
+    ptx::prefetch_tensormap(&tmap_w);
+    for (int s = 0; s < Cfg::kStages; ++s) {
+      ptx::mbarrier_init(&full_bar[s], 1);
+      ptx::mbarrier_init(&empty_bar[s], 4);  // the 4 warps of the one consuming warpgroup
+    }
+    ptx::mbarrier_init(&turn_bar[0], 1);
+    ptx::mbarrier_init(&turn_bar[1], 1);
+    ptx::fence_mbarrier_init();
+  }
+  if (threadIdx.x / 32 == 1) {
+    BuildTilePrefix(offsets, num_experts, total_rows, kBlockM, n_tiles, tile_prefix);
+  }
+  __syncthreads();
+  const int total_tiles = tile_prefix[num_experts];
+
+  if (warpgroup == 0) {
+    ptx::setmaxnreg_dec<40>();
+    if (threadIdx.x == 0) {
+      int stage = 0;
+      uint32_t phase = 0;
+      int expert_hint = 0;
+      for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+        const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
+                                       n_tiles, expert_hint);
+        const int w_row = t.expert * n + t.col_begin;
+        for (int kb = 0; kb < k_blocks; ++kb) {
+          ptx::mbarrier_wait_parity(&empty_bar[stage], phase ^ 1);
+          uint8_t* a_dst = smem + stage * Cfg::kStageBytes;
+          uint8_t* w_dst = a_dst + Cfg::kABytes;
+          ptx::mbarrier_arrive_expect_tx(&full_bar[stage], Cfg::kStageBytes);
+          ptx::cp_async_bulk_tensor_2d_g2s(a_dst, &tmap_a, kb * kBlockK, t.row_begin,
+                                           &full_bar[stage]);
+          ptx::cp_async_bulk_tensor_2d_g2s(w_dst, &tmap_w, kb * kBlockK, w_row,
+                                           &full_bar[stage]);
+          if (++stage == Cfg::kStages) {
+            stage = 0;
+            phase ^= 1;
+          }
+        }
+      }
+    }
+  } else {
+    ptx::setmaxnreg_inc<232>();
+    const int consumer = warpgroup - 1;
+    const int warp_in_group = (threadIdx.x / 32) % 4;
+    const int lane = threadIdx.x % 32;
+    int expert_hint = 0;
+    float acc[2][64];
+    int iter = 0;
+    for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x, ++iter) {
+      if ((iter & 1) != consumer) continue;
+      const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
+                                     n_tiles, expert_hint);
+      // This warpgroup's j-th tile (j = iter / 2) waits for completion j of
+      // its turn barrier (warpgroup 0's first tile waits for nothing).
+      const int j = iter / 2;
+      if (consumer == 1) {
+        ptx::mbarrier_wait_parity(&turn_bar[1], j & 1);
+      } else if (j > 0) {
+        ptx::mbarrier_wait_parity(&turn_bar[0], (j - 1) & 1);
+      }
+      const uint32_t pos0 = static_cast<uint32_t>(iter) * k_blocks;
+      int prev_stage = -1;
+      for (int kb = 0; kb < k_blocks; ++kb) {
+        const uint32_t pos = pos0 + kb;
+        const int stage = static_cast<int>(pos % Cfg::kStages);
+        ptx::mbarrier_wait_parity(&full_bar[stage], (pos / Cfg::kStages) & 1);
+        const __nv_bfloat16* a_tile =
+            reinterpret_cast<const __nv_bfloat16*>(smem + stage * Cfg::kStageBytes);
+        const __nv_bfloat16* w_tile = reinterpret_cast<const __nv_bfloat16*>(
+            smem + stage * Cfg::kStageBytes + Cfg::kABytes);
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBlockK / 16; ++kk) {
+          const uint64_t desc_w = Cfg::Desc(w_tile + kk * 16);
+          const int accumulate = (kb > 0 || kk > 0) ? 1 : 0;
+          ptx::wgmma_m64n128k16_f32_bf16_ss(
+              acc[0], Cfg::Desc(a_tile + kk * 16), desc_w, accumulate);
+          ptx::wgmma_m64n128k16_f32_bf16_ss(
+              acc[1], Cfg::Desc(a_tile + 64 * kBlockK + kk * 16), desc_w,
+              accumulate);
+        }
+        ptx::wgmma_commit_group();
+        ptx::wgmma_wait_group<1>();
+        if (prev_stage >= 0 && lane == 0) ptx::mbarrier_arrive(&empty_bar[prev_stage]);
+        prev_stage = stage;
+      }
+      // This thread has passed every full-barrier wait of the tile; the other
+      // warpgroup's next tile comes after it in the ring.
+      if (threadIdx.x % 128 == 0) ptx::mbarrier_arrive(&turn_bar[1 - consumer]);
+      ptx::wgmma_wait_group<0>();
+      if (prev_stage >= 0 && lane == 0) ptx::mbarrier_arrive(&empty_bar[prev_stage]);
+
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row_off = half * 64 + warp_in_group * 16;
+        StoreWgmmaAccumulator(acc[half], c, n, static_cast<int64_t>(t.row_begin) + row_off,
+                              t.rows - row_off, t.col_begin);
+      }
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+// The cluster variant: the cooperative kernel on clusters of 2 CTAs that
+// take vertically adjacent 128-row blocks of the same expert and column
+// block. Both need the same W tile, so each CTA loads half of it (BN / 2
+// rows) with a multicast TMA into both CTAs' shared memory: W traffic from
+// L2 per CTA halves (48 -> 32 KB a stage for BN = 256). The tile schedule
+// counts 256-row pair blocks; when an expert's last pair has one real block,
+// the second CTA computes rows of the next expert (or TMA zeros) and stores
+// nothing. A stage may be overwritten by either CTA's multicast, so its
+// "empty" barrier waits for the consumer warps of both CTAs (16 arrivals).
+template <typename Cfg, typename OutT>
+__global__ void __launch_bounds__(kThreads, 1)
+    GroupedGemmWgmmaClusterKernel(const __grid_constant__ CUtensorMap tmap_a,
+                                  const __grid_constant__ CUtensorMap tmap_w,
+                                  const int32_t* __restrict__ offsets, int num_experts,
+                                  int total_rows, int n, int k, OutT* __restrict__ c) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int BN = Cfg::kBlockN;
+  constexpr int kBlockK = Cfg::kBlockK;
+  constexpr int kHalfWBytes = Cfg::kBBytes / 2;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + Cfg::kBarrierOffset);
+  uint64_t* empty_bar = full_bar + Cfg::kStages;
+  int* tile_prefix = reinterpret_cast<int*>(smem + Cfg::kPrefixOffset);
+
+  const uint32_t rank = ptx::cluster_ctarank();
+  const uint32_t peer = rank ^ 1;
+  const int cluster_id = blockIdx.x / 2;
+  const int num_clusters = gridDim.x / 2;
+  const int warpgroup = threadIdx.x / 128;
+  const int n_tiles = (n + BN - 1) / BN;
+  const int k_blocks = (k + kBlockK - 1) / kBlockK;
+
+  if (threadIdx.x == 0) {
+    ptx::prefetch_tensormap(&tmap_a);
+    ptx::prefetch_tensormap(&tmap_w);
+    for (int s = 0; s < Cfg::kStages; ++s) {
+      ptx::mbarrier_init(&full_bar[s], 1);
+      ptx::mbarrier_init(&empty_bar[s], 16);  // 8 consumer warps of each CTA
+    }
+    ptx::fence_mbarrier_init();
+  }
+  if (threadIdx.x / 32 == 1) {
+    BuildTilePrefix(offsets, num_experts, total_rows, 2 * kBlockM, n_tiles, tile_prefix);
+  }
+  __syncthreads();
+  ptx::cluster_sync();  // the peer's barriers exist before anyone signals them
+  const int total_pairs = tile_prefix[num_experts];
+
+  if (warpgroup == 0) {
+    ptx::setmaxnreg_dec<40>();
+    if (threadIdx.x == 0) {
+      int stage = 0;
+      uint32_t phase = 0;
+      int expert_hint = 0;
+      for (int pair = cluster_id; pair < total_pairs; pair += num_clusters) {
+        const TileCoord t = LocateTile(pair, tile_prefix, offsets, total_rows, 2 * kBlockM, BN,
+                                       n_tiles, expert_hint);
+        const int a_row = t.row_begin + static_cast<int>(rank) * kBlockM;
+        const int w_row = t.expert * n + t.col_begin + static_cast<int>(rank) * (BN / 2);
+        for (int kb = 0; kb < k_blocks; ++kb) {
+          ptx::mbarrier_wait_parity(&empty_bar[stage], phase ^ 1);
+          uint8_t* a_dst = smem + stage * Cfg::kStageBytes;
+          uint8_t* w_dst = a_dst + Cfg::kABytes + rank * kHalfWBytes;
+          ptx::mbarrier_arrive_expect_tx(&full_bar[stage], Cfg::kStageBytes);
+          ptx::cp_async_bulk_tensor_2d_g2s(a_dst, &tmap_a, kb * kBlockK, a_row,
+                                           &full_bar[stage]);
+          ptx::cp_async_bulk_tensor_2d_g2s_multicast(w_dst, &tmap_w, kb * kBlockK, w_row,
+                                                     &full_bar[stage], 0x3);
+          if (++stage == Cfg::kStages) {
+            stage = 0;
+            phase ^= 1;
+          }
+        }
+      }
+    }
+  } else {
+    ptx::setmaxnreg_inc<232>();
+    const int consumer = warpgroup - 1;
+    const int warp_in_group = (threadIdx.x / 32) % 4;
+    const int lane = threadIdx.x % 32;
+    int stage = 0;
+    uint32_t phase = 0;
+    int expert_hint = 0;
+    float acc[BN / 2];
+    for (int pair = cluster_id; pair < total_pairs; pair += num_clusters) {
+      const TileCoord t = LocateTile(pair, tile_prefix, offsets, total_rows, 2 * kBlockM, BN,
+                                     n_tiles, expert_hint);
+      int prev_stage = -1;
+      auto release = [&](int s) {
+        if (lane == 0) {
+          ptx::mbarrier_arrive(&empty_bar[s]);
+          ptx::mbarrier_arrive_cluster(ptx::mapa_shared_cluster(&empty_bar[s], peer));
+        }
+      };
+      for (int kb = 0; kb < k_blocks; ++kb) {
+        ptx::mbarrier_wait_parity(&full_bar[stage], phase);
+        const __nv_bfloat16* a_tile = reinterpret_cast<const __nv_bfloat16*>(
+                                          smem + stage * Cfg::kStageBytes) +
+                                      consumer * 64 * kBlockK;
+        const __nv_bfloat16* w_tile = reinterpret_cast<const __nv_bfloat16*>(
+            smem + stage * Cfg::kStageBytes + Cfg::kABytes);
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBlockK / 16; ++kk) {
+          const uint64_t desc_a = Cfg::Desc(a_tile + kk * 16);
+          const uint64_t desc_w = Cfg::Desc(w_tile + kk * 16);
+          const int accumulate = (kb > 0 || kk > 0) ? 1 : 0;
+          if constexpr (BN == 256) {
+            ptx::wgmma_m64n256k16_f32_bf16_ss(acc, desc_a, desc_w, accumulate);
+          } else {
+            ptx::wgmma_m64n128k16_f32_bf16_ss(acc, desc_a, desc_w, accumulate);
+          }
+        }
+        ptx::wgmma_commit_group();
+        ptx::wgmma_wait_group<1>();
+        if (prev_stage >= 0) release(prev_stage);
+        prev_stage = stage;
+        if (++stage == Cfg::kStages) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+      ptx::wgmma_wait_group<0>();
+      if (prev_stage >= 0) release(prev_stage);
+
+      const int row_off = static_cast<int>(rank) * kBlockM + consumer * 64 + warp_in_group * 16;
+      StoreWgmmaAccumulator(acc, c, n, static_cast<int64_t>(t.row_begin) + row_off,
+                            t.rows - row_off, t.col_begin);
+    }
+  }
+  // No CTA may leave while its peer can still arrive on its barriers.
+  ptx::cluster_sync();
+#else
+  __trap();
+#endif
+}
+
+template <typename Cfg, typename OutT, bool kPingpong>
+Status LaunchWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev, cudaStream_t stream) {
+  constexpr int BN = Cfg::kBlockN;
+  CUtensorMap tmap_a, tmap_w;
+  GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
+      &tmap_a, args.a, static_cast<uint64_t>(args.total_rows), args.k, args.k, kBlockM,
+      Cfg::kBlockK, Cfg::kSwizzleBytes));
+  GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
+      &tmap_w, args.w, static_cast<uint64_t>(args.num_experts) * args.n, args.k, args.k, BN,
+      Cfg::kBlockK, Cfg::kSwizzleBytes));
+  auto kernel = [] {
+    if constexpr (kPingpong) {
+      return GroupedGemmWgmmaPingpongKernel<Cfg, OutT>;
+    } else {
+      return GroupedGemmWgmmaKernel<Cfg, OutT>;
+    }
+  }();
+  GROVE_RETURN_IF_ERROR(CudaStatus(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
+      "wgmma grouped GEMM: shared memory attribute"));
+  // Never more CTAs than tiles can exist (each expert adds at most one
+  // partial row block).
+  const int64_t n_tiles = (args.n + BN - 1) / BN;
+  const int64_t max_tiles =
+      (static_cast<int64_t>(args.total_rows) / kBlockM + args.num_experts) * n_tiles;
+  const int grid =
+      static_cast<int>(std::min<int64_t>(dev.sm_count, std::max<int64_t>(max_tiles, 1)));
+  kernel<<<grid, kThreads, Cfg::kSmemBytes, stream>>>(
+      tmap_a, tmap_w, args.expert_offsets, args.num_experts, args.total_rows, args.n, args.k,
+      static_cast<OutT*>(args.c));
+  return CudaStatus(cudaGetLastError(), "wgmma grouped GEMM launch");
+}
+
+template <typename Cfg, typename OutT>
+Status LaunchWgmmaCluster(const GroupedGemmArgs& args, const DeviceInfo& dev,
+                          cudaStream_t stream) {
+  constexpr int BN = Cfg::kBlockN;
+  CUtensorMap tmap_a, tmap_w;
+  GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
+      &tmap_a, args.a, static_cast<uint64_t>(args.total_rows), args.k, args.k, kBlockM,
+      Cfg::kBlockK, Cfg::kSwizzleBytes));
+  GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
+      &tmap_w, args.w, static_cast<uint64_t>(args.num_experts) * args.n, args.k, args.k, BN / 2,
+      Cfg::kBlockK, Cfg::kSwizzleBytes));
+  auto kernel = GroupedGemmWgmmaClusterKernel<Cfg, OutT>;
+  GROVE_RETURN_IF_ERROR(CudaStatus(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
+      "wgmma cluster grouped GEMM: shared memory attribute"));
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 2;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = Cfg::kSmemBytes;
+  config.stream = stream;
+  // As many clusters as can be resident at once (GPCs need not hold an even
+  // number of free SMs), and never more than pair tiles can exist.
+  config.gridDim = dim3(2 * (dev.sm_count / 2));
+  int max_clusters = 0;
+  GROVE_RETURN_IF_ERROR(CudaStatus(cudaOccupancyMaxActiveClusters(&max_clusters, kernel, &config),
+                                   "wgmma cluster grouped GEMM: cluster occupancy"));
+  if (max_clusters < 1)
+    return Status::FailedPrecondition("wgmma cluster grouped GEMM: no cluster of 2 fits");
+  const int64_t n_tiles = (args.n + BN - 1) / BN;
+  const int64_t max_pairs =
+      (static_cast<int64_t>(args.total_rows) / (2 * kBlockM) + args.num_experts) * n_tiles;
+  const int clusters = static_cast<int>(std::min<int64_t>(max_clusters, std::max<int64_t>(max_pairs, 1)));
+  config.gridDim = dim3(2 * clusters);
+  GROVE_RETURN_IF_ERROR(CudaStatus(
+      cudaLaunchKernelEx(&config, kernel, tmap_a, tmap_w, args.expert_offsets, args.num_experts,
+                         args.total_rows, args.n, args.k, static_cast<OutT*>(args.c)),
+      "wgmma cluster grouped GEMM launch"));
+  return CudaStatus(cudaGetLastError(), "wgmma cluster grouped GEMM launch");
+}
+
+template <typename Cfg>
+Status LaunchWgmmaStaged(const GroupedGemmArgs& args, const DeviceInfo& dev,
+                         cudaStream_t stream) {
+  static_assert(StagedTile<Cfg>::kSmemBytes <= 227 * 1024);
+  constexpr int BN = Cfg::kBlockN;
+  CUtensorMap tmap_a, tmap_w;
+  GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
+      &tmap_a, args.a, static_cast<uint64_t>(args.total_rows), args.k, args.k, kBlockM,
+      Cfg::kBlockK, Cfg::kSwizzleBytes));
+  GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
+      &tmap_w, args.w, static_cast<uint64_t>(args.num_experts) * args.n, args.k, args.k, BN,
+      Cfg::kBlockK, Cfg::kSwizzleBytes));
+  auto kernel = GroupedGemmWgmmaStagedKernel<Cfg>;
+  GROVE_RETURN_IF_ERROR(CudaStatus(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           StagedTile<Cfg>::kSmemBytes),
+      "wgmma staged grouped GEMM: shared memory attribute"));
+  const int64_t n_tiles = (args.n + BN - 1) / BN;
+  const int64_t max_tiles =
+      (static_cast<int64_t>(args.total_rows) / kBlockM + args.num_experts) * n_tiles;
+  const int grid =
+      static_cast<int>(std::min<int64_t>(dev.sm_count, std::max<int64_t>(max_tiles, 1)));
+  kernel<<<grid, kThreads, StagedTile<Cfg>::kSmemBytes, stream>>>(
+      tmap_a, tmap_w, args.expert_offsets, args.num_experts, args.total_rows, args.n, args.k,
+      static_cast<__nv_bfloat16*>(args.c));
+  return CudaStatus(cudaGetLastError(), "wgmma staged grouped GEMM launch");
+}
+
+template <typename Cfg, bool kPingpong>
+Status LaunchWgmmaOut(const GroupedGemmArgs& args, const DeviceInfo& dev, cudaStream_t stream) {
+  return args.out_type == GemmOutType::kF32
+             ? LaunchWgmma<Cfg, float, kPingpong>(args, dev, stream)
+             : LaunchWgmma<Cfg, __nv_bfloat16, kPingpong>(args, dev, stream);
+}
+
+}  // namespace
+
+Status LaunchGroupedGemmWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev,
+                              WgmmaVariant variant, cudaStream_t stream) {
+  switch (variant) {
+    case WgmmaVariant::kCooperativeBn128:
+      return LaunchWgmmaOut<WgmmaConfig<128, 64, 6>, false>(args, dev, stream);
+    case WgmmaVariant::kCooperativeBn256:
+      return LaunchWgmmaOut<WgmmaConfig<256, 64, 4>, false>(args, dev, stream);
+    case WgmmaVariant::kCooperativeBn256Bk32:
+      return LaunchWgmmaOut<WgmmaConfig<256, 32, 8>, false>(args, dev, stream);
+    case WgmmaVariant::kPingpongBn128:
+      return LaunchWgmmaOut<WgmmaConfig<128, 64, 6>, true>(args, dev, stream);
+    case WgmmaVariant::kStagedBn256:
+      // The staged epilogue holds a bf16 tile; fp32 output takes the
+      // cooperative kernel's direct stores (already full sectors).
+      if (args.out_type == GemmOutType::kF32)
+        return LaunchWgmmaOut<WgmmaConfig<256, 64, 4>, false>(args, dev, stream);
+      return LaunchWgmmaStaged<WgmmaConfig<256, 64, 3>>(args, dev, stream);
+    case WgmmaVariant::kClusterBn256: {
+      using Cfg = WgmmaConfig<256, 64, 4>;
+      return args.out_type == GemmOutType::kF32
+                 ? LaunchWgmmaCluster<Cfg, float>(args, dev, stream)
+                 : LaunchWgmmaCluster<Cfg, __nv_bfloat16>(args, dev, stream);
+    }
+  }
+  return Status::Internal("unknown wgmma variant");
+}
+
+}  // namespace grove::kernels::detail

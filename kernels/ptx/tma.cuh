@@ -1,0 +1,43 @@
+// cp.async.bulk.tensor: the Hopper tensor memory accelerator (TMA), copying
+// a box of a tensor described by a CUtensorMap from global to shared memory
+// and completing on an mbarrier (sm_90+). Host side: kernels/ptx/tensor_map.h.
+#pragma once
+
+#include <cuda.h>
+
+#include <cstdint>
+
+#include "kernels/ptx/common.cuh"
+
+namespace grove::ptx {
+
+// cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes:
+// copies the box at (c0 innermost, c1) into `smem_dst` (aligned as the map's
+// swizzle needs: 1024 bytes for 128B swizzle) and signals its byte count on
+// `bar`. Out-of-range elements of the box are written as zeros and still
+// count towards the bytes.
+__device__ __forceinline__ void cp_async_bulk_tensor_2d_g2s(void* smem_dst,
+                                                            const CUtensorMap* tensor_map,
+                                                            int32_t c0, int32_t c1,
+                                                            uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(smem_addr(smem_dst)),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(smem_addr(bar))
+      : "memory");
+}
+
+// prefetch.tensormap: pulls a __grid_constant__ tensor map into the
+// descriptor cache ahead of its first use.
+__device__ __forceinline__ void prefetch_tensormap(const CUtensorMap* tensor_map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tensor_map))
+               : "memory");
+}
+
+// fence.proxy.async.shared::cta: orders this thread's ordinary shared-memory
+// writes before later reads by the async proxy (wgmma operands, TMA stores).
+__device__ __forceinline__ void fence_proxy_async_shared_cta() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+}  // namespace grove::ptx

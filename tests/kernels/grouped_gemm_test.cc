@@ -1,0 +1,251 @@
+// The grouped expert GEMM against a plain double-precision CPU reference, on
+// fresh random inputs, for every implementation and both output types.
+//
+// Tolerances. The inputs are bf16 and the reference sees exactly the same
+// bf16 values (in double), so the only differences are (1) the fp32
+// accumulation of k products (each product of two bf16 is exact in fp32):
+// |err| <= k * u * sum_k |a_k w_k| with u = 2^-23 for truncating adders
+// (the element-wise bound checked below, with a factor 2 slack), and
+// typically ~sqrt(k) * 2^-24 relative, far under the norm-wise 2e-5; and
+// (2) for bf16 output, one rounding to 8 significant bits: at most 2^-9
+// relative per element (element bound 2^-8 |ref|, norm-wise 5e-3). A wrong
+// index, a lost k block or a race gives errors of order 1e-1 and more.
+#include "kernels/grouped_gemm.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "tests/kernels/gpu_test_util.h"
+
+namespace grove::kernels {
+namespace {
+
+using testing::DeviceBuffer;
+using testing::RelativeError;
+
+// C[r, j] = sum_k A[r, k] * W[e(r), j, k] in double, with |.|-sums for the bound.
+void ReferenceGroupedGemm(const std::vector<double>& a, const std::vector<double>& w,
+                          const std::vector<int32_t>& offsets, int n, int k,
+                          std::vector<double>* c, std::vector<double>* abs_sum) {
+  const int rows = offsets.back();
+  c->assign(static_cast<size_t>(rows) * n, 0.0);
+  abs_sum->assign(static_cast<size_t>(rows) * n, 0.0);
+  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
+    const double* we = w.data() + e * static_cast<size_t>(n) * k;
+    for (int r = offsets[e]; r < offsets[e + 1]; ++r) {
+      const double* ar = a.data() + static_cast<size_t>(r) * k;
+      for (int j = 0; j < n; ++j) {
+        const double* wj = we + static_cast<size_t>(j) * k;
+        double s = 0, sa = 0;
+        for (int i = 0; i < k; ++i) {
+          s += ar[i] * wj[i];
+          sa += std::fabs(ar[i] * wj[i]);
+        }
+        (*c)[static_cast<size_t>(r) * n + j] = s;
+        (*abs_sum)[static_cast<size_t>(r) * n + j] = sa;
+      }
+    }
+  }
+}
+
+const GroupedGemmImpl kAllImpls[] = {GroupedGemmImpl::kAuto, GroupedGemmImpl::kWgmmaBn128,
+                                     GroupedGemmImpl::kWgmmaBn256, GroupedGemmImpl::kWgmmaBn256Bk32,
+                                     GroupedGemmImpl::kWgmmaPingpong, GroupedGemmImpl::kWgmmaCluster,
+                                     GroupedGemmImpl::kWgmmaStaged,
+                                     GroupedGemmImpl::kMmaSync,
+                                     GroupedGemmImpl::kWmma};
+
+bool IsHopper() {
+  int dev = 0, major = 0, minor = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  return major == 9 && minor == 0;
+}
+
+// Runs every implementation and output type on one routing and compares
+// each with the reference. `extra_rows` rows of A/C past offsets.back()
+// must stay untouched.
+void CheckCase(const std::vector<int>& counts, int n, int k, int extra_rows) {
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed) + " n=" + std::to_string(n) +
+               " k=" + std::to_string(k));
+  std::mt19937_64 rng(seed);
+  const int experts = static_cast<int>(counts.size());
+  std::vector<int32_t> offsets(experts + 1, 0);
+  for (int e = 0; e < experts; ++e) offsets[e + 1] = offsets[e] + counts[e];
+  const int routed = offsets.back();
+  const int total_rows = routed + extra_rows;
+
+  std::vector<__nv_bfloat16> a_bf, w_bf;
+  std::vector<double> a, w;
+  testing::RandomBf16(rng, static_cast<size_t>(total_rows) * k, &a_bf, &a);
+  testing::RandomBf16(rng, static_cast<size_t>(experts) * n * k, &w_bf, &w);
+  std::vector<double> ref, abs_sum;
+  ReferenceGroupedGemm(a, w, offsets, n, k, &ref, &abs_sum);
+
+  DeviceBuffer<__nv_bfloat16> d_a(a_bf.size()), d_w(w_bf.size());
+  DeviceBuffer<int32_t> d_off(offsets.size());
+  DeviceBuffer<float> d_c(static_cast<size_t>(std::max(total_rows, 1)) * n);
+  ASSERT_TRUE(d_w.get() && d_off.get() && d_c.get());
+  if (total_rows > 0) {
+    GROVE_CUDA_OK(d_a.Upload(a_bf));
+  }
+  GROVE_CUDA_OK(d_w.Upload(w_bf));
+  GROVE_CUDA_OK(d_off.Upload(offsets));
+
+  for (GroupedGemmImpl impl : kAllImpls) {
+    const bool wgmma = impl == GroupedGemmImpl::kWgmmaBn128 ||
+                       impl == GroupedGemmImpl::kWgmmaBn256 ||
+                       impl == GroupedGemmImpl::kWgmmaBn256Bk32 ||
+                       impl == GroupedGemmImpl::kWgmmaPingpong ||
+                       impl == GroupedGemmImpl::kWgmmaCluster ||
+                       impl == GroupedGemmImpl::kWgmmaStaged;
+    if (wgmma && !IsHopper()) continue;
+    for (GemmOutType out : {GemmOutType::kF32, GemmOutType::kBF16}) {
+      const bool f32 = out == GemmOutType::kF32;
+      SCOPED_TRACE(std::string(GroupedGemmImplName(impl)) + (f32 ? " f32" : " bf16"));
+      // Poison: 0xFF bytes are NaN in fp32 and bf16 alike.
+      GROVE_CUDA_OK(cudaMemset(d_c.get(), 0xFF, d_c.count() * sizeof(float)));
+      GroupedGemmArgs args;
+      args.a = d_a.get();
+      args.w = d_w.get();
+      args.c = d_c.get();
+      args.expert_offsets = d_off.get();
+      args.total_rows = total_rows;
+      args.num_experts = experts;
+      args.n = n;
+      args.k = k;
+      args.out_type = out;
+      Status s = GroupedGemm(args, impl, nullptr);
+      ASSERT_TRUE(s.ok()) << s;
+      GROVE_CUDA_OK(cudaDeviceSynchronize());
+
+      std::vector<double> got(static_cast<size_t>(routed) * n);
+      size_t poisoned_tail = 0;
+      if (f32) {
+        std::vector<float> h(static_cast<size_t>(total_rows) * n);
+        GROVE_CUDA_OK(cudaMemcpy(h.data(), d_c.get(), h.size() * 4, cudaMemcpyDeviceToHost));
+        for (size_t i = 0; i < got.size(); ++i) got[i] = h[i];
+        for (size_t i = got.size(); i < h.size(); ++i) poisoned_tail += std::isnan(h[i]) ? 1 : 0;
+      } else {
+        std::vector<__nv_bfloat16> h(static_cast<size_t>(total_rows) * n);
+        GROVE_CUDA_OK(cudaMemcpy(h.data(), d_c.get(), h.size() * 2, cudaMemcpyDeviceToHost));
+        for (size_t i = 0; i < got.size(); ++i) got[i] = __bfloat162float(h[i]);
+        for (size_t i = got.size(); i < h.size(); ++i)
+          poisoned_tail += std::isnan(__bfloat162float(h[i])) ? 1 : 0;
+      }
+      EXPECT_EQ(poisoned_tail, static_cast<size_t>(extra_rows) * n)
+          << "rows past the last expert were written";
+
+      const double rel = RelativeError(got, ref);
+      EXPECT_LT(rel, f32 ? 2e-5 : 5e-3);
+      size_t bad = 0, first_bad = 0;
+      for (size_t i = 0; i < got.size(); ++i) {
+        const double bound = 2.0 * k * std::ldexp(1.0, -23) * abs_sum[i] +
+                             (f32 ? 0.0 : std::ldexp(1.0, -8) * std::fabs(ref[i])) + 1e-30;
+        if (!(std::fabs(got[i] - ref[i]) <= bound)) {
+          if (bad == 0) first_bad = i;
+          ++bad;
+        }
+      }
+      EXPECT_EQ(bad, 0u) << "first bad element row " << first_bad / n << " col " << first_bad % n
+                         << ": got " << got[first_bad] << " want " << ref[first_bad]
+                         << " (rel err " << rel << ")";
+    }
+  }
+}
+
+TEST(GroupedGemmTest, RaggedWithEmptyExpertsAndTails) {
+  GROVE_SKIP_WITHOUT_GPU();
+  // Counts around the 128-row tile: empty, 1, tile-1, tile, tile+1, several
+  // tiles; n = 264 leaves a partial column tile, k = 200 a partial k block.
+  CheckCase({0, 1, 127, 128, 129, 300, 0, 45}, 264, 200, 0);
+}
+
+TEST(GroupedGemmTest, OnlyOneExpertHasTokens) {
+  GROVE_SKIP_WITHOUT_GPU();
+  std::vector<int> counts(16, 0);
+  counts[5] = 77;
+  CheckCase(counts, 128, 64, 0);
+}
+
+TEST(GroupedGemmTest, RowsPastTheLastExpertStayUntouched) {
+  GROVE_SKIP_WITHOUT_GPU();
+  CheckCase({33, 0, 190}, 136, 72, 19);
+}
+
+TEST(GroupedGemmTest, TrainingShapeUpProjectionRandomRouting) {
+  GROVE_SKIP_WITHOUT_GPU();
+  // The reference model's w1/w3 shape ([T_e,1024] x [1024,512]) on fewer
+  // experts so the CPU reference stays fast; counts drawn fresh.
+  std::mt19937_64 rng(testing::FreshSeed());
+  std::uniform_int_distribution<int> count(0, 400);
+  std::vector<int> counts(8);
+  for (int& c : counts) c = count(rng);
+  CheckCase(counts, 512, 1024, 0);
+}
+
+TEST(GroupedGemmTest, TrainingShapeDownProjectionRandomRouting) {
+  GROVE_SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(testing::FreshSeed());
+  std::uniform_int_distribution<int> count(0, 400);
+  std::vector<int> counts(8);
+  for (int& c : counts) c = count(rng);
+  CheckCase(counts, 1024, 512, 0);
+}
+
+TEST(GroupedGemmTest, ManyExpertsMostlyEmpty) {
+  GROVE_SKIP_WITHOUT_GPU();
+  // More experts than a warp's scan chunk (the tile table is built 32 at a time).
+  std::mt19937_64 rng(testing::FreshSeed());
+  std::vector<int> counts(100, 0);
+  for (int i = 0; i < 100; i += 7) counts[i] = 1 + static_cast<int>(rng() % 150);
+  CheckCase(counts, 64, 128, 5);
+}
+
+TEST(GroupedGemmTest, NoRowsAtAllIsANoOp) {
+  GROVE_SKIP_WITHOUT_GPU();
+  CheckCase({0, 0, 0}, 64, 64, 0);
+}
+
+// Argument checks happen before any device work: these run without a GPU.
+TEST(GroupedGemmTest, RejectsBadShapes) {
+  GroupedGemmArgs args;
+  alignas(16) static __nv_bfloat16 dummy[64];
+  static int32_t offsets[3];
+  args.a = dummy;
+  args.w = dummy;
+  args.c = dummy;
+  args.expert_offsets = offsets;
+  args.total_rows = 4;
+  args.num_experts = 2;
+  args.n = 12;  // not a multiple of 8
+  args.k = 64;
+  Status s = GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s;
+  args.n = 64;
+  args.num_experts = 0;
+  EXPECT_EQ(GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr).code(),
+            StatusCode::kInvalidArgument);
+  args.num_experts = kGroupedGemmMaxExperts + 1;
+  EXPECT_EQ(GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr).code(),
+            StatusCode::kInvalidArgument);
+  args.num_experts = 2;
+  args.a = reinterpret_cast<const __nv_bfloat16*>(reinterpret_cast<const char*>(dummy) + 2);
+  EXPECT_EQ(GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr).code(),
+            StatusCode::kInvalidArgument);
+  args.a = dummy;
+  args.expert_offsets = nullptr;
+  EXPECT_EQ(GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr).code(),
+            StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace grove::kernels

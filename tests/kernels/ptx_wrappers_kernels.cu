@@ -1,0 +1,152 @@
+#include "tests/kernels/ptx_wrappers_kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "kernels/ptx/cp_async.cuh"
+#include "kernels/ptx/ldmatrix.cuh"
+#include "kernels/ptx/mma.cuh"
+
+namespace grove::kernels::testing {
+namespace {
+
+__device__ uint32_t Pack(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ float Lo(uint32_t r) { return __bfloat162float(__ushort_as_bfloat16(r & 0xffff)); }
+__device__ float Hi(uint32_t r) { return __bfloat162float(__ushort_as_bfloat16(r >> 16)); }
+
+__global__ void LdmatrixKernel(int matrices, bool trans, float* out) {
+  __shared__ __align__(16) __nv_bfloat16 m[32 * 8];
+  const int lane = threadIdx.x;
+  for (int i = lane; i < 32 * 8; i += 32) m[i] = __float2bfloat16(static_cast<float>(i));
+  __syncwarp();
+  uint32_t r[4] = {0, 0, 0, 0};
+  const void* row = &m[lane * 8];
+  if (matrices == 1) {
+    trans ? ptx::ldmatrix_x1_trans(r[0], row) : ptx::ldmatrix_x1(r[0], row);
+  } else if (matrices == 2) {
+    trans ? ptx::ldmatrix_x2_trans(r[0], r[1], row) : ptx::ldmatrix_x2(r[0], r[1], row);
+  } else {
+    trans ? ptx::ldmatrix_x4_trans(r[0], r[1], r[2], r[3], row)
+          : ptx::ldmatrix_x4(r[0], r[1], r[2], r[3], row);
+  }
+  for (int i = 0; i < 4; ++i) {
+    out[(lane * 4 + i) * 2] = Lo(r[i]);
+    out[(lane * 4 + i) * 2 + 1] = Hi(r[i]);
+  }
+}
+
+__global__ void StmatrixKernel(int matrices, bool trans, float* out) {
+  __shared__ __align__(16) __nv_bfloat16 m[32 * 8];
+  const int lane = threadIdx.x;
+  for (int i = lane; i < 32 * 8; i += 32) m[i] = __float2bfloat16(-1.f);
+  __syncwarp();
+  uint32_t r[4];
+  for (int i = 0; i < 4; ++i)
+    r[i] = Pack(static_cast<float>((i * 32 + lane) * 2), static_cast<float>((i * 32 + lane) * 2 + 1));
+  void* row = &m[lane * 8];
+  if (matrices == 1) {
+    ptx::stmatrix_x1(row, r[0]);
+  } else if (matrices == 2) {
+    ptx::stmatrix_x2(row, r[0], r[1]);
+  } else if (trans) {
+    ptx::stmatrix_x4_trans(row, r[0], r[1], r[2], r[3]);
+  } else {
+    ptx::stmatrix_x4(row, r[0], r[1], r[2], r[3]);
+  }
+  __syncwarp();
+  for (int i = lane; i < 32 * 8; i += 32) out[i] = __bfloat162float(m[i]);
+}
+
+__global__ void MmaKernel(const float* a, const float* b, float* c) {
+  const int lane = threadIdx.x, g = lane / 4, q = lane % 4;
+  uint32_t af[4], bf[2];
+  af[0] = Pack(a[g * 16 + 2 * q], a[g * 16 + 2 * q + 1]);
+  af[1] = Pack(a[(g + 8) * 16 + 2 * q], a[(g + 8) * 16 + 2 * q + 1]);
+  af[2] = Pack(a[g * 16 + 2 * q + 8], a[g * 16 + 2 * q + 9]);
+  af[3] = Pack(a[(g + 8) * 16 + 2 * q + 8], a[(g + 8) * 16 + 2 * q + 9]);
+  bf[0] = Pack(b[g * 16 + 2 * q], b[g * 16 + 2 * q + 1]);
+  bf[1] = Pack(b[g * 16 + 2 * q + 8], b[g * 16 + 2 * q + 9]);
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
+  ptx::mma_m16n8k16_bf16_f32(d, af, bf);
+  c[g * 8 + 2 * q] = d[0];
+  c[g * 8 + 2 * q + 1] = d[1];
+  c[(g + 8) * 8 + 2 * q] = d[2];
+  c[(g + 8) * 8 + 2 * q + 1] = d[3];
+}
+
+__global__ void CpAsyncKernel(const uint8_t* src, uint8_t* out) {
+  __shared__ __align__(16) uint8_t s[1024];
+  const int t = threadIdx.x;
+  for (int i = t; i < 1024; i += 64) s[i] = 0xAB;  // poison
+  __syncthreads();
+  if (t % 3 == 0) {
+    ptx::cp_async_ca_16(s + 16 * t, src + 16 * t);
+  } else if (t % 3 == 1) {
+    ptx::cp_async_cg_16(s + 16 * t, src + 16 * t);
+  } else {
+    ptx::cp_async_cg_16_zfill(s + 16 * t, src + 16 * t, t % 17);
+  }
+  ptx::cp_async_commit_group();
+  ptx::cp_async_wait_group<0>();
+  __syncthreads();
+  for (int i = t; i < 1024; i += 64) out[i] = s[i];
+}
+
+template <typename T>
+int Fetch(T* dev, size_t count, std::vector<T>* host) {
+  host->resize(count);
+  cudaError_t e = cudaMemcpy(host->data(), dev, count * sizeof(T), cudaMemcpyDeviceToHost);
+  cudaFree(dev);
+  return static_cast<int>(e);
+}
+
+}  // namespace
+
+int RunLdmatrix(int matrices, bool trans, std::vector<float>* out) {
+  float* d;
+  if (cudaMalloc(&d, 32 * 4 * 2 * sizeof(float)) != cudaSuccess) return cudaErrorMemoryAllocation;
+  cudaMemset(d, 0, 32 * 4 * 2 * sizeof(float));
+  LdmatrixKernel<<<1, 32>>>(matrices, trans, d);
+  if (cudaError_t e = cudaDeviceSynchronize(); e != cudaSuccess) return static_cast<int>(e);
+  return Fetch(d, 32 * 4 * 2, out);
+}
+
+int RunStmatrix(int matrices, bool trans, std::vector<float>* out) {
+  float* d;
+  if (cudaMalloc(&d, 32 * 8 * sizeof(float)) != cudaSuccess) return cudaErrorMemoryAllocation;
+  StmatrixKernel<<<1, 32>>>(matrices, trans, d);
+  if (cudaError_t e = cudaDeviceSynchronize(); e != cudaSuccess) return static_cast<int>(e);
+  return Fetch(d, 32 * 8, out);
+}
+
+int RunMma(const std::vector<float>& a, const std::vector<float>& b, std::vector<float>* c) {
+  float *da, *db, *dc;
+  cudaMalloc(&da, 256 * 4);
+  cudaMalloc(&db, 128 * 4);
+  cudaMalloc(&dc, 128 * 4);
+  cudaMemcpy(da, a.data(), 256 * 4, cudaMemcpyHostToDevice);
+  cudaMemcpy(db, b.data(), 128 * 4, cudaMemcpyHostToDevice);
+  MmaKernel<<<1, 32>>>(da, db, dc);
+  cudaError_t e = cudaDeviceSynchronize();
+  cudaFree(da);
+  cudaFree(db);
+  if (e != cudaSuccess) return static_cast<int>(e);
+  return Fetch(dc, 128, c);
+}
+
+int RunCpAsync(const std::vector<uint8_t>& src, std::vector<uint8_t>* out) {
+  uint8_t *ds, *dout;
+  cudaMalloc(&ds, 1024);
+  cudaMalloc(&dout, 1024);
+  cudaMemcpy(ds, src.data(), 1024, cudaMemcpyHostToDevice);
+  CpAsyncKernel<<<1, 64>>>(ds, dout);
+  cudaError_t e = cudaDeviceSynchronize();
+  cudaFree(ds);
+  if (e != cudaSuccess) return static_cast<int>(e);
+  return Fetch(dout, 1024, out);
+}
+
+}  // namespace grove::kernels::testing

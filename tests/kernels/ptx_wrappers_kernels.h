@@ -1,0 +1,32 @@
+// Test-only launchers for kernels that exercise single PTX wrappers of
+// kernels/ptx/ (the ones no production kernel uses yet, and the layouts the
+// others rely on). Plain host types so the GoogleTest file stays C++20 host
+// code; each returns the CUDA error of its launch and copies.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace grove::kernels::testing {
+
+// ldmatrix .x{1,2,4} (trans or not) from a 32 x 8 bf16 matrix whose element
+// (r, c) is r * 8 + c; lane l gives the address of row l. Returns per lane
+// and register the two bf16 halves as floats: out[(lane * 4 + reg) * 2 + half].
+int RunLdmatrix(int matrices, bool trans, std::vector<float>* out);
+
+// stmatrix .x{1,2,4} (trans or not): lane l's register i holds halves with
+// codes (i * 32 + l) * 2 + h; lane l gives the address of row l of a 32 x 8
+// bf16 matrix (poisoned with -1 first). Returns that matrix, row-major.
+int RunStmatrix(int matrices, bool trans, std::vector<float>* out);
+
+// One mma.sync m16n8k16: a [16][16] row-major, b [8][16] ([n][k]), c [16][8];
+// fragments are loaded straight from global memory by the documented layout.
+int RunMma(const std::vector<float>& a, const std::vector<float>& b, std::vector<float>* c);
+
+// 64 threads each copy one 16-byte chunk of `src` (1024 bytes) into shared
+// memory with cp.async: chunk t by .ca if t % 3 == 0, .cg if t % 3 == 1, and
+// .cg with src-size t % 17 (zero fill) if t % 3 == 2; then wait_group 0 and
+// copy shared memory back out.
+int RunCpAsync(const std::vector<uint8_t>& src, std::vector<uint8_t>* out);
+
+}  // namespace grove::kernels::testing
