@@ -160,7 +160,9 @@ Result<GrpoStepStats> GrpoTrainer::Step(const std::vector<TrainingGroup>& groups
 
   const model::ModelConfig& mc = m.config();
   std::vector<std::vector<int64_t>> load(mc.moe_layers(), std::vector<int64_t>(mc.experts, 0));
-  const bool need_ref = options_.grpo.loss.beta > 0;
+  // The reference is scored even with beta = 0: KL to it is the run's main
+  // drift signal in the metrics, at the cost of one forward without backward.
+  const bool need_ref = true;
   for (size_t b = 0; b < items.size(); b += options_.micro_batch) {
     const size_t e = std::min(items.size(), b + static_cast<size_t>(options_.micro_batch));
     std::vector<model::ScoreRequest> reqs;

@@ -123,6 +123,27 @@ TEST(EndToEnd, GrpoRaisesHeldOutAccuracyAcrossRealProcesses) {
   EXPECT_NE(ReadFile(run / "metrics.svg").find("<polyline"), std::string::npos);
 }
 
+// max_staleness = 0 is synchronous: every group the learner trains on was
+// sampled by the policy version it is about to update, never an older one.
+TEST(EndToEnd, SynchronousModeTrainsOnlyOnCurrentPolicySamples) {
+  fs::path runs = FreshDir("sync");
+  const std::string cmd = "timeout 300 " + Grove() + " up --config " + Smoke() + " --runs_dir " + runs.string() +
+                          " --name sync --set coordinator.max_staleness=0 --set learner.max_staleness=0"
+                          " --set learner.steps=8 --set learner.eval_every=0 --set learner.warmstart_steps=50 > " +
+                          (runs / "up.log").string() + " 2>&1";
+  ASSERT_EQ(Shell(cmd), 0) << ReadFile(runs / "up.log");
+  std::vector<json> rows = Metrics(OnlyRun(runs));
+  int grpo_rows = 0;
+  for (const json& r : rows) {
+    if (r.value("phase", "") != "grpo") continue;
+    ++grpo_rows;
+    EXPECT_EQ(r.value("staleness_max", int64_t{-1}), 0) << r.dump();
+    EXPECT_EQ(r.value("groups", int64_t{0}), 16) << r.dump();
+  }
+  EXPECT_EQ(grpo_rows, 8);
+  ExpectVersionsRiseAndNothingReconsumed(rows);
+}
+
 TEST(EndToEnd, KilledLearnerResumesWithoutTrainingOnAGroupTwice) {
   fs::path runs = FreshDir("resume");
   const std::string up = Grove() + " up --detach --config " + Smoke() + " --runs_dir " + runs.string() +
