@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <map>
+#include <thread>
 
 #include <cblas.h>
 #include <glog/logging.h>
@@ -132,37 +133,44 @@ Status RunRolloutLoop(const RoleArgs& args) {
   uint64_t groups_sent = 0, tokens_total = 0, prompts_total = 0, resends = 0;
   double gen_seconds = 0;
   const auto start = std::chrono::steady_clock::now();
+  // Fetches and installs the learner's newest version if it is newer than
+  // ours. Transport trouble is logged and retried later; only weights that
+  // do not fit this model's config are an error.
+  auto update_weights = [&]() -> Status {
+    if (!learner) {
+      Result<std::vector<actors::PeerEndpoint>> peers = client.Lookup(wire::Role::LEARNER);
+      if (peers.ok() && !peers->empty()) {
+        learner = std::make_unique<actors::RpcClient>(args.id);
+        if (!learner->Connect(peers->front().address).ok()) learner.reset();
+      }
+      if (!learner) return Status::OK();
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    Result<std::optional<actors::WeightSnapshot>> got = FetchNewerWeights(*learner, version, fetch);
+    if (!got.ok()) {
+      LOG_EVERY_N(WARNING, 10) << "weight fetch: " << got.status();
+      if (got.status().code() != StatusCode::kAborted) learner.reset();
+      return Status::OK();
+    }
+    if (!got->has_value()) return Status::OK();
+    QuantizationReport q;
+    GROVE_RETURN_IF_ERROR(InstallWeights(**got, *m, s, q));
+    version = (*got)->version;
+    client.SetPolicyVersion(version);
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    client.SetCounter("weight_sync_ms", ms);
+    client.SetDetail(s.quantize == "int8"
+                         ? "int8 per-channel: " + std::to_string(q.tensors_quantized) + " tensors, " +
+                               std::to_string(q.bits_per_weight).substr(0, 5) + " bits/weight"
+                         : "fp32 weights");
+    VLOG(1) << "policy version " << version << " installed in " << ms << " ms (" << q.tensors_quantized
+            << " tensors int8, rel err " << q.rel_l2_error << ")";
+    return Status::OK();
+  };
   while (!proc->draining()) {
     // Weights: between requests only, so a group never mixes versions.
     if (version < 0 || client.coordinator_policy_version() > version) {
-      if (!learner) {
-        Result<std::vector<actors::PeerEndpoint>> peers = client.Lookup(wire::Role::LEARNER);
-        if (peers.ok() && !peers->empty()) {
-          learner = std::make_unique<actors::RpcClient>(args.id);
-          if (!learner->Connect(peers->front().address).ok()) learner.reset();
-        }
-      }
-      if (learner) {
-        const auto t0 = std::chrono::steady_clock::now();
-        Result<std::optional<actors::WeightSnapshot>> got = FetchNewerWeights(*learner, version, fetch);
-        if (got.ok() && got->has_value()) {
-          QuantizationReport q;
-          GROVE_RETURN_IF_ERROR(InstallWeights(**got, *m, s, q));
-          version = (*got)->version;
-          client.SetPolicyVersion(version);
-          const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-          client.SetCounter("weight_sync_ms", ms);
-          client.SetDetail(s.quantize == "int8"
-                               ? "int8 per-channel: " + std::to_string(q.tensors_quantized) + " tensors, " +
-                                     std::to_string(q.bits_per_weight).substr(0, 5) + " bits/weight"
-                               : "fp32 weights");
-          LOG(INFO) << "policy version " << version << " installed in " << ms << " ms ("
-                    << q.tensors_quantized << " tensors int8, rel err " << q.rel_l2_error << ")";
-        } else if (!got.ok()) {
-          LOG_EVERY_N(WARNING, 10) << "weight fetch: " << got.status();
-          if (got.status().code() != StatusCode::kAborted) learner.reset();
-        }
-      }
+      GROVE_RETURN_IF_ERROR(update_weights());
       if (version < 0) {
         proc->WaitFor(200);
         continue;
@@ -181,15 +189,7 @@ Status RunRolloutLoop(const RoleArgs& args) {
     }
     // A newer policy exists: take it before sampling, so these prompts are
     // not sampled from weights the learner is about to find too stale.
-    if (learner && work->policy_version > version) {
-      Result<std::optional<actors::WeightSnapshot>> got = FetchNewerWeights(*learner, version, fetch);
-      if (got.ok() && got->has_value()) {
-        QuantizationReport q;
-        GROVE_RETURN_IF_ERROR(InstallWeights(**got, *m, s, q));
-        version = (*got)->version;
-        client.SetPolicyVersion(version);
-      }
-    }
+    if (work->policy_version > version) GROVE_RETURN_IF_ERROR(update_weights());
     std::vector<uint64_t> done;
     for (const Prompt& p : work->prompts) {
       Result<std::vector<int32_t>> ptoks = model::EncodePrompt(tok, p.text);
@@ -261,9 +261,10 @@ Status RunRolloutLoop(const RoleArgs& args) {
       bool stored = false;
       while (!stored && !proc->stopping()) {
         Result<actors::RpcClient*> v = verifiers.Next();
-        if (!v.ok()) {
-          proc->WaitFor(200);
-          if (proc->draining() && !proc->stopping()) continue;
+        // Plain sleeps here: WaitFor returns at once while draining, and a
+        // draining worker still delivers the group it holds.
+        if (!v.ok()) {  // no verifier yet (or all gone): keep the group and wait
+          std::this_thread::sleep_for(std::chrono::milliseconds(200));
           continue;
         }
         Result<actors::Frame> ack = (*v)->Call(mb, {BodyKind::INSERT_ACK}, static_cast<int>(s.request_timeout_ms));
@@ -279,7 +280,7 @@ Status RunRolloutLoop(const RoleArgs& args) {
         } else {
           // Back-pressure from the store: wait as told, then send again.
           ++resends;
-          proc->WaitFor(static_cast<int>(std::clamp<uint32_t>(a.getRetryAfterMs(), 20, 2000)));
+          std::this_thread::sleep_for(std::chrono::milliseconds(std::clamp<uint32_t>(a.getRetryAfterMs(), 20, 2000)));
         }
       }
       if (!stored) break;  // stopping: the lease returns the prompt to the queue
