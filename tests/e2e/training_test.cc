@@ -97,14 +97,17 @@ TEST(EndToEnd, GrpoRaisesHeldOutAccuracyAcrossRealProcesses) {
   ASSERT_EQ(rows.front().value("phase", ""), "warmstart");
   const double warm = rows.front().at("eval_accuracy").get<double>();
   const json& last = rows.back();
-  ASSERT_TRUE(last.contains("eval_accuracy")) << last.dump();
-  const double final_acc = last.at("eval_accuracy").get<double>();
-  // The steps are done, the policy was trained on real groups, and held-out
-  // accuracy (greedy, 128 eval-split problems never trained on) rose by at
-  // least 8 points: with p near 0.5, one eval's standard error is about
-  // 0.044, so 0.08 is beyond noise of a single side yet far below the
-  // 15 to 30 point gains this config shows.
   EXPECT_EQ(last.value("step", 0), 40);
+  std::vector<double> evals;
+  for (const json& r : rows)
+    if (r.value("phase", "") == "grpo" && r.contains("eval_accuracy")) evals.push_back(r["eval_accuracy"].get<double>());
+  ASSERT_GE(evals.size(), 2u) << last.dump();
+  // Held-out accuracy (greedy, 256 eval-split problems never trained on),
+  // averaged over the last two evaluations (steps 30 and 40), must beat the
+  // warm-start by 8 points. One evaluation's standard error is about 0.03
+  // near p = 0.4, the mean of two about 0.02; this config gains 10 to 16
+  // points by step 40 on this machine.
+  const double final_acc = (evals[evals.size() - 1] + evals[evals.size() - 2]) / 2;
   EXPECT_GT(final_acc, warm + 0.08) << "warm-start " << warm << " -> final " << final_acc;
   ExpectVersionsRiseAndNothingReconsumed(rows);
   // The rollouts ran on int8 weights: a small but non-zero mismatch with the
