@@ -23,6 +23,8 @@
 // query) and their queries have dO = 0 and rowsum = 0, so they add nothing.
 #include "kernels/attention.h"
 
+#include <algorithm>
+#include <climits>
 #include <cmath>
 #include <string>
 
@@ -45,6 +47,12 @@ using ptx::stmatrix_x4;
 
 constexpr int kTile = 64;  // queries per forward CTA, keys per backward CTA, and the step
 constexpr int kThreads = 128;
+// Forward: 128 queries per CTA, 32 per warp (two m16 tiles share every K / V
+// fragment, halving the shared-memory reads per mma against 16 rows a warp).
+constexpr int kFwdRowsPerWarp = 32;
+constexpr int kFwdBlockM = 4 * kFwdRowsPerWarp;
+// About how many CTAs an H100 runs at once (132 SMs x 2): the chunk size of OrderTiles.
+constexpr int kResidentCtas = 256;
 constexpr float kLog2e = 1.4426950408889634f;
 
 struct Params {
@@ -61,7 +69,9 @@ struct Params {
   bf16* dk;
   bf16* dv;
   const int32_t* cu_seqlens;
-  int total_tokens, num_heads, num_kv_heads, group;
+  int total_tokens, num_heads, num_kv_heads, group, batch;
+  int tiles;        // query (forward) or key (backward) tiles of the longest sequence
+  int chunk_pairs;  // see OrderTiles
   float scale;
 };
 
@@ -76,14 +86,14 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// cp.async a [64][D] tile whose row r is at src + r * stride; rows >= valid
-// are zero-filled (their source is not read).
-template <int D>
+// cp.async a [ROWS][D] tile whose row r is at src + r * stride; rows >=
+// valid are zero-filled (their source is not read).
+template <int D, int ROWS = kTile>
 __device__ __forceinline__ void LoadTile(bf16* dst, const bf16* src, int64_t stride, int valid,
                                          int tid) {
   constexpr int kChunks = D / 8;
 #pragma unroll
-  for (int c = tid; c < kTile * kChunks; c += kThreads) {
+  for (int c = tid; c < ROWS * kChunks; c += kThreads) {
     const int r = c / kChunks, ch = c % kChunks;
     const bool ok = r < valid;
     cp_async_cg_16_zfill(dst + Swz<D>(r, ch * 8), ok ? src + r * stride + ch * 8 : src,
@@ -154,14 +164,14 @@ __device__ __forceinline__ void StoreAccToTile(bf16* tile, int row0, const float
                 PackBf16(acc[2 * dp + 1][2] * s1, acc[2 * dp + 1][3] * s1));
 }
 
-// Copies a warp's 16 rows of a swizzled tile to global rows (row0 + r) *
+// Copies a warp's ROWS rows of a swizzled tile to global rows (row0 + r) *
 // stride, 16-byte stores, rows >= valid skipped.
-template <int D>
+template <int D, int ROWS = 16>
 __device__ __forceinline__ void StoreRows(bf16* dst, int64_t stride, const bf16* tile, int row0,
                                           int valid, int lane) {
   constexpr int kChunks = D / 8;
 #pragma unroll
-  for (int c = lane; c < 16 * kChunks; c += 32) {
+  for (int c = lane; c < ROWS * kChunks; c += 32) {
     const int r = c / kChunks, ch = c % kChunks;
     if (r < valid)
       *reinterpret_cast<uint4*>(dst + r * stride + ch * 8) =
@@ -169,35 +179,60 @@ __device__ __forceinline__ void StoreRows(bf16* dst, int64_t stride, const bf16*
   }
 }
 
+// The 1-D grid's order. CTAs are numbered chunk by chunk, a chunk being
+// `chunk_pairs` (sequence, head) pairs and all their tiles, tile-major inside
+// it: the CTAs resident at once (about one chunk: ~256 of them) share a few
+// pairs, whose K/V (forward) or Q/dO/dQ (backward) then stay in L2, and the
+// heaviest tiles (tile 0) of a chunk start first, so the short ones fill the
+// tail. (Heaviest-first over the whole grid, tried first, helped the GQA
+// backward but made the MHA backward 1.5x slower; the suspected cause, not
+// profiled: every resident CTA then reads a different pair's Q/dO and adds
+// into a different pair's dQ, a working set far beyond L2.)
+struct TileOrder {
+  int tile, pair;
+};
+__device__ __forceinline__ TileOrder OrderTiles(int idx, int tiles, int pairs, int chunk_pairs) {
+  const int chunk = idx / (chunk_pairs * tiles);
+  const int first = chunk * chunk_pairs;
+  const int in_chunk = min(chunk_pairs, pairs - first);
+  const int within = idx - chunk * chunk_pairs * tiles;
+  return {within / in_chunk, first + within % in_chunk};
+}
+
 template <int D>
 __global__ void __launch_bounds__(kThreads) AttentionForwardKernel(Params p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  bf16* s_q = reinterpret_cast<bf16*>(smem_raw);
-  bf16* s_k = s_q + kTile * D;      // 2 stages
-  bf16* s_v = s_k + 2 * kTile * D;  // 2 stages
-  const int b = blockIdx.z, h = blockIdx.y;
-  const int m_block = gridDim.x - 1 - blockIdx.x;  // longest rows first
+  bf16* s_q = reinterpret_cast<bf16*>(smem_raw);  // [kFwdBlockM][D]
+  bf16* s_k = s_q + kFwdBlockM * D;                // 2 stages of [64][D]
+  bf16* s_v = s_k + 2 * kTile * D;                 // 2 stages
+  const TileOrder order = OrderTiles(blockIdx.x, p.tiles, p.num_heads * p.batch, p.chunk_pairs);
+  const int h = order.pair % p.num_heads, b = order.pair / p.num_heads;
+  const int m_block = p.tiles - 1 - order.tile;  // the last query tiles have the most keys
   const int start = p.cu_seqlens[b], len = p.cu_seqlens[b + 1] - start;
-  const int m0 = m_block * kTile;
+  const int m0 = m_block * kFwdBlockM;
   if (m0 >= len) return;
   const int kvh = h / p.group;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, q = lane & 3;
+  const int wrow = warp * kFwdRowsPerWarp;  // the warp's first row in the tile
   const int64_t q_stride = int64_t{p.num_heads} * D, kv_stride = int64_t{p.num_kv_heads} * D;
   const bf16* g_k = p.k + (int64_t{start} * p.num_kv_heads + kvh) * D;
   const bf16* g_v = p.v + (int64_t{start} * p.num_kv_heads + kvh) * D;
 
-  LoadTile<D>(s_q, p.q + (int64_t{start + m0} * p.num_heads + h) * D, q_stride, len - m0, tid);
+  LoadTile<D, kFwdBlockM>(s_q, p.q + (int64_t{start + m0} * p.num_heads + h) * D, q_stride,
+                          len - m0, tid);
   LoadTile<D>(s_k, g_k, kv_stride, len, tid);
   LoadTile<D>(s_v, g_v, kv_stride, len, tid);
   cp_async_commit_group();
 
   const float sl2 = p.scale * kLog2e;
-  uint32_t qf[D / 16][4];
-  float o[D / 8][4];
+  float o[2][D / 8][4];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
-  const int n_blocks = m_block + 1;
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
+  float row_max[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};
+  float row_sum[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+  const int n_blocks = min((m0 + kFwdBlockM) / kTile, (len + kTile - 1) / kTile);
   for (int j = 0; j < n_blocks; ++j) {
     cp_async_wait_group<0>();
     __syncthreads();
@@ -207,76 +242,114 @@ __global__ void __launch_bounds__(kThreads) AttentionForwardKernel(Params p) {
       LoadTile<D>(s_v + st * kTile * D, g_v + n1 * kv_stride, kv_stride, len - n1, tid);
     }
     cp_async_commit_group();
-    if (j == 0) {
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        ldmatrix_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3],
-                    s_q + Swz<D>(warp * 16 + RowA(lane), kk * 16 + ColA(lane)));
-    }
+    const int n0 = j * kTile;
+    if (n0 > m0 + wrow + kFwdRowsPerWarp - 1) continue;  // every key after every row of the warp
     const bf16* k_tile = s_k + (j & 1) * kTile * D;
     const bf16* v_tile = s_v + (j & 1) * kTile * D;
-    float s[8][4];
+    float s[2][8][4];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+        ldmatrix_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3],
+                    s_q + Swz<D>(wrow + mt * 16 + RowA(lane), kk * 16 + ColA(lane)));
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
         uint32_t b0[2], b1[2];
         ldmatrix_x4(b0[0], b0[1], b1[0], b1[1],
                     k_tile + Swz<D>(np * 16 + RowB(lane), kk * 16 + ColB(lane)));
-        mma_m16n8k16_bf16_f32(s[2 * np], qf[kk], b0);
-        mma_m16n8k16_bf16_f32(s[2 * np + 1], qf[kk], b1);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          mma_m16n8k16_bf16_f32(s[mt][2 * np], a[mt], b0);
+          mma_m16n8k16_bf16_f32(s[mt][2 * np + 1], a[mt], b1);
+        }
       }
     }
-    if (j == m_block) {  // the diagonal tile: key > query is masked
+    if (n0 + kTile - 1 > m0 + wrow) {  // some key after some row: mask key > query
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
+      for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (nt * 8 + 2 * q + (e & 1) > warp * 16 + g + (e >> 1) * 8) s[nt][e] = -INFINITY;
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (n0 + nt * 8 + 2 * q + (e & 1) > m0 + wrow + mt * 16 + g + (e >> 1) * 8)
+              s[mt][nt][e] = -INFINITY;
     }
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = row_max[r];
+    for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float base = (mx == -INFINITY ? 0.f : mx) * sl2;
-      const float corr = exp2f(row_max[r] * sl2 - base);
-      row_max[r] = mx;
-      row_sum[r] *= corr;
+      for (int r = 0; r < 2; ++r) {
+        float mx = row_max[mt][r];
 #pragma unroll
-      for (int i = 0; i < D / 8; ++i) {
-        o[i][2 * r] *= corr;
-        o[i][2 * r + 1] *= corr;
+        for (int nt = 0; nt < 8; ++nt)
+          mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float base = (mx == -INFINITY ? 0.f : mx) * sl2;
+        const float corr = exp2f(row_max[mt][r] * sl2 - base);
+        row_max[mt][r] = mx;
+        row_sum[mt][r] *= corr;
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+          o[mt][i][2 * r] *= corr;
+          o[mt][i][2 * r + 1] *= corr;
+        }
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          s[mt][nt][2 * r] = exp2f(s[mt][nt][2 * r] * sl2 - base);
+          s[mt][nt][2 * r + 1] = exp2f(s[mt][nt][2 * r + 1] * sl2 - base);
+          row_sum[mt][r] += s[mt][nt][2 * r] + s[mt][nt][2 * r + 1];
+        }
+      }
+    // O += P V; each V fragment serves both 16-row halves of the warp.
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t a[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        a[mt][0] = PackBf16(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = PackBf16(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = PackBf16(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = PackBf16(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
       }
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        s[nt][2 * r] = exp2f(s[nt][2 * r] * sl2 - base);
-        s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] * sl2 - base);
-        row_sum[r] += s[nt][2 * r] + s[nt][2 * r + 1];
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b0[2], b1[2];
+        ldmatrix_x4_trans(b0[0], b0[1], b1[0], b1[1],
+                          v_tile + Swz<D>(kk * 16 + RowA(lane), dp * 16 + ColA(lane)));
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          mma_m16n8k16_bf16_f32(o[mt][2 * dp], a[mt], b0);
+          mma_m16n8k16_bf16_f32(o[mt][2 * dp + 1], a[mt], b1);
+        }
       }
     }
-    MmaAccTimesTile<D>(o, s, v_tile, lane);
   }
   cp_async_wait_group<0>();
-  float inv[2];
+  __syncwarp();  // the warp's Q rows (read only by this warp) become the O staging area
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
-    inv[r] = 1.f / row_sum[r];
-    const int row = m0 + warp * 16 + g + r * 8;
-    if (q == 0 && row < len)
-      p.lse[int64_t{h} * p.total_tokens + start + row] = row_max[r] * p.scale + logf(row_sum[r]);
+  for (int mt = 0; mt < 2; ++mt) {
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float sum = row_sum[mt][r];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      inv[r] = 1.f / sum;
+      const int row = m0 + wrow + mt * 16 + g + r * 8;
+      if (q == 0 && row < len)
+        p.lse[int64_t{h} * p.total_tokens + start + row] = row_max[mt][r] * p.scale + logf(sum);
+    }
+    StoreAccToTile<D>(s_q, wrow + mt * 16, o[mt], inv[0], inv[1], lane);
   }
-  // The warp's own Q rows are free now (its fragments are in registers).
-  StoreAccToTile<D>(s_q, warp * 16, o, inv[0], inv[1], lane);
   __syncwarp();
-  StoreRows<D>(p.o + (int64_t{start + m0 + warp * 16} * p.num_heads + h) * D, q_stride, s_q,
-               warp * 16, len - m0 - warp * 16, lane);
+  StoreRows<D, kFwdRowsPerWarp>(p.o + (int64_t{start + m0 + wrow} * p.num_heads + h) * D,
+                                q_stride, s_q, wrow, len - m0 - wrow, lane);
 }
 
 // dvec[h, t] = sum_d dO[t, h, d] * O[t, h, d]; one warp per (token, head).
@@ -314,7 +387,10 @@ __global__ void __launch_bounds__(kThreads) AttentionBackwardKernel(Params p) {
   bf16* s_ds = s_do + 2 * kTile * D;   // [64 keys][64 queries]
   float* s_lse = reinterpret_cast<float*>(s_ds + kTile * kTile);  // 2 stages
   float* s_dvec = s_lse + 2 * kTile;                              // 2 stages
-  const int b = blockIdx.z, kvh = blockIdx.y, n_block = blockIdx.x;
+  const TileOrder order =
+      OrderTiles(blockIdx.x, p.tiles, p.num_kv_heads * p.batch, p.chunk_pairs);
+  const int kvh = order.pair % p.num_kv_heads, b = order.pair / p.num_kv_heads;
+  const int n_block = order.tile;  // key tile 0 sees every query tile: the most work
   const int start = p.cu_seqlens[b], len = p.cu_seqlens[b + 1] - start;
   const int n0 = n_block * kTile;
   if (n0 >= len) return;
@@ -484,6 +560,7 @@ Params MakeParams(const AttentionShape& s) {
   p.num_heads = s.num_heads;
   p.num_kv_heads = s.num_kv_heads;
   p.group = s.num_heads / s.num_kv_heads;
+  p.batch = s.batch;
   p.scale = s.softmax_scale > 0.f ? s.softmax_scale : 1.f / std::sqrt(float(s.head_dim));
   return p;
 }
@@ -494,7 +571,7 @@ Status LaunchStatus(const char* what) {
   return Status::Internal(std::string("attention: ") + what + ": " + cudaGetErrorString(err));
 }
 
-constexpr size_t ForwardSmem(int d) { return size_t{5} * kTile * d * sizeof(bf16); }
+constexpr size_t ForwardSmem(int d) { return (size_t{kFwdBlockM} + 4 * kTile) * d * sizeof(bf16); }
 constexpr size_t BackwardSmem(int d) {
   return (size_t{6} * kTile * d + kTile * kTile) * sizeof(bf16) + 4 * kTile * sizeof(float);
 }
@@ -506,8 +583,12 @@ Status LaunchForward(const AttentionShape& s, const Params& p, cudaStream_t stre
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess)
     return Status::Internal(std::string("attention: smem attribute: ") + cudaGetErrorString(err));
-  const dim3 grid((s.max_seqlen + kTile - 1) / kTile, s.num_heads, s.batch);
-  AttentionForwardKernel<D><<<grid, kThreads, smem, stream>>>(p);
+  Params args = p;
+  args.tiles = (s.max_seqlen + kFwdBlockM - 1) / kFwdBlockM;
+  args.chunk_pairs = std::max(1, kResidentCtas / args.tiles);
+  const int64_t ctas = int64_t{args.tiles} * s.num_heads * s.batch;
+  if (ctas > INT32_MAX) return Status::InvalidArgument("attention: too many query tiles");
+  AttentionForwardKernel<D><<<unsigned(ctas), kThreads, smem, stream>>>(args);
   return LaunchStatus("forward launch");
 }
 
@@ -520,8 +601,12 @@ Status LaunchBackward(const AttentionShape& s, const Params& p, cudaStream_t str
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess)
     return Status::Internal(std::string("attention: smem attribute: ") + cudaGetErrorString(err));
-  const dim3 grid((s.max_seqlen + kTile - 1) / kTile, s.num_kv_heads, s.batch);
-  AttentionBackwardKernel<D><<<grid, kThreads, smem, stream>>>(p);
+  Params args = p;
+  args.tiles = (s.max_seqlen + kTile - 1) / kTile;
+  args.chunk_pairs = std::max(1, kResidentCtas / args.tiles);
+  const int64_t ctas = int64_t{args.tiles} * s.num_kv_heads * s.batch;
+  if (ctas > INT32_MAX) return Status::InvalidArgument("attention: too many key tiles");
+  AttentionBackwardKernel<D><<<unsigned(ctas), kThreads, smem, stream>>>(args);
   GROVE_RETURN_IF_ERROR(LaunchStatus("backward launch"));
   return Status::OK();
 }

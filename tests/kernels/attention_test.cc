@@ -34,6 +34,7 @@ using testing::DeviceBuffer;
 struct Case {
   std::vector<int> lens;
   int heads, kv_heads, head_dim;
+  int max_seqlen_slack = 0;  // max_seqlen passed above the longest length (a looser bound)
 };
 
 std::string Describe(const Case& c) {
@@ -148,7 +149,7 @@ void CheckAttention(const Case& c) {
   AttentionShape shape;
   shape.cu_seqlens = d_cu.get();
   shape.batch = int(c.lens.size());
-  shape.max_seqlen = *std::max_element(c.lens.begin(), c.lens.end());
+  shape.max_seqlen = *std::max_element(c.lens.begin(), c.lens.end()) + c.max_seqlen_slack;
   shape.total_tokens = T;
   shape.num_heads = H;
   shape.num_kv_heads = Hk;
@@ -213,8 +214,19 @@ TEST(AttentionTest, SingleTokenAndMultiHead) {
 
 TEST(AttentionTest, LargeQueryGroup) {
   GROVE_SKIP_WITHOUT_GPU();
-  CheckAttention({{100, 64, 191}, 6, 1, 64});
+  CheckAttention({{100, 64, 191}, 6, 1, 64, 300});
   CheckAttention({{320}, 8, 2, 128});
+}
+
+// Many short sequences under a loose max_seqlen: the grid spans several
+// chunks of (sequence, head) pairs, the last one partial, and most CTAs
+// find their tile past their sequence's end.
+TEST(AttentionTest, ManySequencesLooseBound) {
+  GROVE_SKIP_WITHOUT_GPU();
+  std::vector<int> lens;
+  for (int i = 0; i < 23; ++i) lens.push_back(1 + (i * 37) % 150);
+  CheckAttention({lens, 4, 2, 64, 1100 - 149});
+  CheckAttention({lens, 4, 2, 128, 1100 - 149});
 }
 
 TEST(AttentionTest, RejectsBadShapes) {
