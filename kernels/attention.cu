@@ -1,11 +1,12 @@
 // Causal grouped-query flash attention (see attention.h), mma.sync m16n8k16
 // bf16 -> fp32 with ldmatrix / stmatrix / cp.async from kernels/ptx.
 //
-// Forward (one CTA = 64 queries of one head, 4 warps x 16 rows): Q fragments
-// stay in registers; K/V tiles of 64 keys stream through a 2-stage cp.async
-// ring; each warp keeps its rows' running max and sum (online softmax) and
-// the O accumulator, rescaling it when the max grows. P goes from the S
-// accumulator straight into the A fragment of P.V (same register layout).
+// Forward (one CTA = 128 queries of one head, 4 warps x 32 rows): K/V tiles
+// of 64 keys stream through a 2-stage cp.async ring; each warp keeps its
+// rows' running max and sum (online softmax) and the O accumulator,
+// rescaling it when the max grows. P goes from the S accumulator straight
+// into the A fragment of P.V (same register layout). Key tiles wholly after
+// a warp's rows are skipped; only tiles that cross the diagonal are masked.
 //
 // Backward (one CTA = 64 keys of one KV head, 4 warps x 16 keys): dK and dV
 // live in registers while the CTA walks every query tile at or after its

@@ -6,8 +6,9 @@
 //
 // Query head h reads key/value head h / (num_heads / num_kv_heads). bf16
 // Q/K/V/O and gradients, fp32 accumulation and softmax statistics. Tiled
-// (64 queries x 64 keys per step, online softmax, mma.sync m16n8k16); the
-// backward recomputes P from lse (no S or P is ever stored).
+// (forward: 128 queries x 64 keys per step, online softmax; backward: 64
+// keys x 64 queries), mma.sync m16n8k16 through kernels/ptx; the backward
+// recomputes P from lse (no S or P is ever stored in global memory).
 //
 // Layouts (all device pointers, 16-byte aligned, rows packed by token):
 //   q, out, dout, dq: [total_tokens, num_heads,    head_dim]
