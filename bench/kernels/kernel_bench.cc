@@ -7,7 +7,12 @@
 // the two ceilings (device copy bandwidth, a large cuBLAS bf16 GEMM) and
 // prints each implementation's agreement with the cuBLAS loop.
 //
+// Then causal flash attention forward and backward in TFLOP/s at 16k tokens
+// per batch (FLOPs counted as in FlashAttention's benchmarks: 4 * B * L^2 *
+// H * D for the forward, halved for the causal mask; the backward 2.5x).
+//
 // Usage: kernel_bench [--quick]   (prints a table; no assertions)
+//        kernel_bench --attention (only the attention table)
 //        kernel_bench --profile   (one launch of each wgmma variant and cuBLAS
 //                                  dense at T=16384, bf16 out: for ncu)
 #include <cublas_v2.h>
@@ -25,6 +30,7 @@
 #include <vector>
 
 #include "kernels/adamw.h"
+#include "kernels/attention.h"
 #include "kernels/grouped_gemm.h"
 #include "kernels/rmsnorm.h"
 #include "kernels/router.h"
@@ -239,6 +245,78 @@ void MemoryBoundKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
   }
 }
 
+// Causal attention at batch * seqlen = 16384 tokens. The FlashAttention-2
+// H100 figures are those of the FlashAttention-3 paper (Shah et al. 2024,
+// arXiv 2407.08608, Fig. 5 forward causal head dim 128; Fig. 6 backward head
+// dim 128 is the non-causal one, no causal FA2 backward figure was found).
+void AttentionBench(std::mt19937_64& rng, int reps) {
+  struct Config { int heads, kv_heads, dim; const char* what; };
+  const Config configs[] = {{16, 16, 128, "MHA 16x128 (FA paper shape)"},
+                            {8, 2, 128, "GQA 8/2x128 (grove model)"},
+                            {32, 32, 64, "MHA 32x64 (FA paper shape)"}};
+  std::printf("\n%-30s %6s %5s %9s %8s %9s %8s %12s\n", "causal attention, 16k tokens", "seqlen",
+              "batch", "fwd ms", "fwd TF/s", "bwd ms", "bwd TF/s", "FA2 H100 f|b");
+  for (const Config& c : configs) {
+    for (int seqlen : {512, 1024, 2048}) {
+      const int batch = 16384 / seqlen, tokens = batch * seqlen;
+      const size_t nq = size_t(tokens) * c.heads * c.dim, nk = size_t(tokens) * c.kv_heads * c.dim;
+      __nv_bfloat16* q = RandomDeviceBf16(nq, rng);
+      __nv_bfloat16* k = RandomDeviceBf16(nk, rng);
+      __nv_bfloat16* v = RandomDeviceBf16(nk, rng);
+      __nv_bfloat16* d_o = RandomDeviceBf16(nq, rng);
+      __nv_bfloat16 *o, *dq, *dk, *dv;
+      float* lse;
+      int32_t* cu;
+      CUDA_CHECK(cudaMalloc(&o, nq * 2));
+      CUDA_CHECK(cudaMalloc(&dq, nq * 2));
+      CUDA_CHECK(cudaMalloc(&dk, nk * 2));
+      CUDA_CHECK(cudaMalloc(&dv, nk * 2));
+      CUDA_CHECK(cudaMalloc(&lse, size_t(tokens) * c.heads * 4));
+      std::vector<int32_t> hcu(batch + 1);
+      for (int b = 0; b <= batch; ++b) hcu[b] = b * seqlen;
+      CUDA_CHECK(cudaMalloc(&cu, hcu.size() * 4));
+      CUDA_CHECK(cudaMemcpy(cu, hcu.data(), hcu.size() * 4, cudaMemcpyHostToDevice));
+      grove::kernels::AttentionShape shape;
+      shape.cu_seqlens = cu;
+      shape.batch = batch;
+      shape.max_seqlen = seqlen;
+      shape.total_tokens = tokens;
+      shape.num_heads = c.heads;
+      shape.num_kv_heads = c.kv_heads;
+      shape.head_dim = c.dim;
+      void* ws;
+      CUDA_CHECK(cudaMalloc(&ws, grove::kernels::AttentionBackwardWorkspaceBytes(shape)));
+      grove::Status st = grove::kernels::AttentionForward(shape, q, k, v, o, lse, nullptr);
+      if (st.ok())
+        st = grove::kernels::AttentionBackward(shape, q, k, v, o, d_o, lse, dq, dk, dv, ws, nullptr);
+      if (!st.ok()) {
+        std::printf("%s: %s\n", c.what, st.ToString().c_str());
+        std::exit(1);
+      }
+      const double fwd_ms = MedianMs(
+          [&] { (void)grove::kernels::AttentionForward(shape, q, k, v, o, lse, nullptr); }, reps);
+      const double bwd_ms = MedianMs(
+          [&] {
+            (void)grove::kernels::AttentionBackward(shape, q, k, v, o, d_o, lse, dq, dk, dv, ws,
+                                                    nullptr);
+          },
+          reps);
+      const double fwd_flop = 4.0 * batch * double(seqlen) * seqlen * c.heads * c.dim / 2;
+      const int fa2_fwd = c.dim == 128 ? (seqlen == 512 ? 191 : seqlen == 1024 ? 260 : 298) : 0;
+      const int fa2_bwd = c.dim == 128 ? (seqlen == 512 ? 214 : seqlen == 1024 ? 260 : 291) : 0;
+      char fa2[32] = "n/a";
+      if (fa2_fwd) std::snprintf(fa2, sizeof fa2, "%d|%d*", fa2_fwd, fa2_bwd);
+      std::printf("%-30s %6d %5d %9.4f %8.1f %9.4f %8.1f %12s\n", c.what, seqlen, batch, fwd_ms,
+                  fwd_flop / fwd_ms / 1e9, bwd_ms, 2.5 * fwd_flop / bwd_ms / 1e9, fa2);
+      for (void* p : {(void*)q, (void*)k, (void*)v, (void*)d_o, (void*)o, (void*)dq, (void*)dk,
+                      (void*)dv, (void*)lse, (void*)cu, ws})
+        cudaFree(p);
+    }
+  }
+  std::printf("(* FA2 H100 SXM5 figures from the FlashAttention-3 paper, Figs. 5-6: forward\n"
+              "   causal hdim 128; the backward one is non-causal, the only one published there)\n");
+}
+
 struct Row {
   std::string shape, method;
   double ms, tflops, pct_dense, vs_loop, diff;
@@ -279,6 +357,11 @@ int Profile(cublasHandle_t h, std::mt19937_64& rng) {
 
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  if (argc > 1 && std::strcmp(argv[1], "--attention") == 0) {
+    std::mt19937_64 rng(7);
+    AttentionBench(rng, 20);
+    return 0;
+  }
   if (argc > 1 && std::strcmp(argv[1], "--profile") == 0) {
     std::mt19937_64 rng(7);
     cublasHandle_t h;
@@ -294,6 +377,7 @@ int main(int argc, char** argv) {
   CUBLAS_CHECK(cublasCreate(&h));
   const double copy_gbs = Ceilings(h, rng);
   MemoryBoundKernels(rng, quick ? 10 : 30, copy_gbs);
+  AttentionBench(rng, quick ? 5 : 20);
 
   const int experts = 64, top_k = 6, hidden = 1024, expert_hidden = 512;
   const int reps = quick ? 5 : 20;

@@ -32,6 +32,15 @@ __device__ __forceinline__ void cp_async_cg_16_zfill(void* smem_dst, const void*
                : "memory");
 }
 
+// cp.async.ca with a source size, 4 bytes: copies `src_bytes` (0 or 4) and
+// zero-fills the rest (a single fp32 whose source may be only 4-byte aligned).
+__device__ __forceinline__ void cp_async_ca_4_zfill(void* smem_dst, const void* gmem_src,
+                                                    uint32_t src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem_dst)),
+               "l"(gmem_src), "r"(src_bytes)
+               : "memory");
+}
+
 // cp.async.commit_group: closes the group of this thread's copies issued so far.
 __device__ __forceinline__ void cp_async_commit_group() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");

@@ -1,0 +1,271 @@
+// Causal grouped-query flash attention, forward and backward, against a
+// double-precision CPU loop on fresh random bf16 inputs: ragged batches,
+// length-1 sequences, lengths off the 64-row tile, head_dim 64 and 128,
+// query groups of 1, 4 and 6 heads per KV head.
+//
+// Tolerances. The reference sees the kernels' bf16 inputs exactly, so only
+// the kernels' own roundings remain: scores and sums in fp32 (relative
+// ~1e-6 at these sizes, with ex2.approx ~2 ulp), and four bf16 roundings
+// of 2^-9 = 2e-3 relative each: P before P.V (and P^T before P^T.dO), dS
+// before dS.K / dS^T.Q, every output, and O itself, which the backward's
+// rowsum(dO o O) reads rounded. These are independent per element, so the
+// norm-wise error of each output is a few times 2^-9 at most: O is held to
+// 1e-2 norm-wise and 3e-2 in every (token, head) row (the worst of
+// thousands of rows), dQ/dK/dV to 2e-2 norm-wise (dS = P (dP - rowsum)
+// loses digits to cancellation where dP ~ rowsum, hence the wider bound),
+// and the fp32 log-sum-exp to 1e-4 absolute (a relative 1e-6 of scores ~10).
+#include "kernels/attention.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "tests/kernels/gpu_test_util.h"
+
+namespace grove::kernels {
+namespace {
+
+using testing::DeviceBuffer;
+
+struct Case {
+  std::vector<int> lens;
+  int heads, kv_heads, head_dim;
+  int max_seqlen_slack = 0;  // max_seqlen passed above the longest length (a looser bound)
+};
+
+std::string Describe(const Case& c) {
+  std::string s = "D=" + std::to_string(c.head_dim) + " H=" + std::to_string(c.heads) +
+                  " Hkv=" + std::to_string(c.kv_heads) + " lens";
+  for (int l : c.lens) s += " " + std::to_string(l);
+  return s;
+}
+
+// Double-precision causal GQA attention of one batch, forward and backward.
+struct Reference {
+  std::vector<double> o, lse, dq, dk, dv;
+};
+
+Reference RunReference(const Case& c, const std::vector<int>& cu, const std::vector<double>& q,
+                       const std::vector<double>& k, const std::vector<double>& v,
+                       const std::vector<double>& dout, double scale) {
+  const int H = c.heads, Hk = c.kv_heads, D = c.head_dim, T = cu.back();
+  Reference r;
+  r.o.assign(size_t(T) * H * D, 0);
+  r.lse.assign(size_t(H) * T, 0);
+  r.dq.assign(size_t(T) * H * D, 0);
+  r.dk.assign(size_t(T) * Hk * D, 0);
+  r.dv.assign(size_t(T) * Hk * D, 0);
+  auto qi = [&](int t, int h) { return (size_t(t) * H + h) * D; };
+  auto ki = [&](int t, int h) { return (size_t(t) * Hk + h) * D; };
+  for (size_t b = 0; b + 1 < cu.size(); ++b) {
+    const int s0 = cu[b], len = cu[b + 1] - cu[b];
+    for (int h = 0; h < H; ++h) {
+      const int kh = h / (H / Hk);
+      std::vector<double> p(size_t(len) * len, 0.0);
+      for (int i = 0; i < len; ++i) {
+        double mx = -INFINITY;
+        for (int j = 0; j <= i; ++j) {
+          double s = 0;
+          for (int d = 0; d < D; ++d) s += q[qi(s0 + i, h) + d] * k[ki(s0 + j, kh) + d];
+          p[size_t(i) * len + j] = s * scale;
+          mx = std::max(mx, s * scale);
+        }
+        double sum = 0;
+        for (int j = 0; j <= i; ++j) sum += std::exp(p[size_t(i) * len + j] - mx);
+        r.lse[size_t(h) * T + s0 + i] = mx + std::log(sum);
+        for (int j = 0; j <= i; ++j) {
+          double& pij = p[size_t(i) * len + j];
+          pij = std::exp(pij - mx) / sum;
+          for (int d = 0; d < D; ++d) r.o[qi(s0 + i, h) + d] += pij * v[ki(s0 + j, kh) + d];
+        }
+      }
+      for (int i = 0; i < len; ++i) {
+        double rowdot = 0;
+        for (int d = 0; d < D; ++d) rowdot += dout[qi(s0 + i, h) + d] * r.o[qi(s0 + i, h) + d];
+        for (int j = 0; j <= i; ++j) {
+          const double pij = p[size_t(i) * len + j];
+          double dp = 0;
+          for (int d = 0; d < D; ++d) {
+            dp += dout[qi(s0 + i, h) + d] * v[ki(s0 + j, kh) + d];
+            r.dv[ki(s0 + j, kh) + d] += pij * dout[qi(s0 + i, h) + d];
+          }
+          const double ds = pij * (dp - rowdot) * scale;
+          for (int d = 0; d < D; ++d) {
+            r.dq[qi(s0 + i, h) + d] += ds * k[ki(s0 + j, kh) + d];
+            r.dk[ki(s0 + j, kh) + d] += ds * q[qi(s0 + i, h) + d];
+          }
+        }
+      }
+    }
+  }
+  return r;
+}
+
+std::vector<double> ToDouble(const std::vector<__nv_bfloat16>& x) {
+  std::vector<double> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) out[i] = __bfloat162float(x[i]);
+  return out;
+}
+
+void CheckAttention(const Case& c) {
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed) + " " + Describe(c));
+  std::mt19937_64 rng(seed);
+  const int H = c.heads, Hk = c.kv_heads, D = c.head_dim;
+  std::vector<int> cu{0};
+  for (int l : c.lens) cu.push_back(cu.back() + l);
+  const int T = cu.back();
+  std::vector<__nv_bfloat16> q_bf, k_bf, v_bf, do_bf;
+  std::vector<double> q, k, v, dout;
+  testing::RandomBf16(rng, size_t(T) * H * D, &q_bf, &q);
+  testing::RandomBf16(rng, size_t(T) * Hk * D, &k_bf, &k);
+  testing::RandomBf16(rng, size_t(T) * Hk * D, &v_bf, &v);
+  testing::RandomBf16(rng, size_t(T) * H * D, &do_bf, &dout);
+  // Queries in [-6, 6]: scores of standard deviation ~2, so softmax rows are
+  // peaked (max-subtraction and rescaling matter), not near-uniform.
+  for (size_t i = 0; i < q.size(); ++i) {
+    q_bf[i] = __float2bfloat16(6.f * __bfloat162float(q_bf[i]));
+    q[i] = __bfloat162float(q_bf[i]);
+  }
+  const double scale = 1.0 / std::sqrt(double(D));
+
+  DeviceBuffer<int32_t> d_cu(cu.size());
+  DeviceBuffer<__nv_bfloat16> d_q(q.size()), d_k(k.size()), d_v(v.size()), d_do(dout.size()),
+      d_o(q.size()), d_dq(q.size()), d_dk(k.size()), d_dv(v.size());
+  DeviceBuffer<float> d_lse(size_t(H) * T);
+  GROVE_CUDA_OK(d_cu.Upload(std::vector<int32_t>(cu.begin(), cu.end())));
+  GROVE_CUDA_OK(d_q.Upload(q_bf));
+  GROVE_CUDA_OK(d_k.Upload(k_bf));
+  GROVE_CUDA_OK(d_v.Upload(v_bf));
+  GROVE_CUDA_OK(d_do.Upload(do_bf));
+  for (auto* b : {&d_o, &d_dq, &d_dk, &d_dv})
+    GROVE_CUDA_OK(cudaMemset(b->get(), 0xFF, b->count() * 2));  // NaN
+  GROVE_CUDA_OK(cudaMemset(d_lse.get(), 0xFF, d_lse.count() * 4));
+
+  AttentionShape shape;
+  shape.cu_seqlens = d_cu.get();
+  shape.batch = int(c.lens.size());
+  shape.max_seqlen = *std::max_element(c.lens.begin(), c.lens.end()) + c.max_seqlen_slack;
+  shape.total_tokens = T;
+  shape.num_heads = H;
+  shape.num_kv_heads = Hk;
+  shape.head_dim = D;
+  DeviceBuffer<char> ws(AttentionBackwardWorkspaceBytes(shape));
+  GROVE_CUDA_OK(cudaMemset(ws.get(), 0xFF, ws.count()));
+  Status st = AttentionForward(shape, d_q.get(), d_k.get(), d_v.get(), d_o.get(), d_lse.get(),
+                               nullptr);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  st = AttentionBackward(shape, d_q.get(), d_k.get(), d_v.get(), d_o.get(), d_do.get(),
+                         d_lse.get(), d_dq.get(), d_dk.get(), d_dv.get(), ws.get(), nullptr);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  GROVE_CUDA_OK(cudaDeviceSynchronize());
+
+  std::vector<__nv_bfloat16> o_bf, dq_bf, dk_bf, dv_bf;
+  std::vector<float> lse;
+  GROVE_CUDA_OK(d_o.Download(&o_bf));
+  GROVE_CUDA_OK(d_dq.Download(&dq_bf));
+  GROVE_CUDA_OK(d_dk.Download(&dk_bf));
+  GROVE_CUDA_OK(d_dv.Download(&dv_bf));
+  GROVE_CUDA_OK(d_lse.Download(&lse));
+  const Reference ref = RunReference(c, cu, q, k, v, dout, scale);
+
+  const std::vector<double> o = ToDouble(o_bf);
+  const double err_o = testing::RelativeError(o, ref.o);
+  const double err_dq = testing::RelativeError(ToDouble(dq_bf), ref.dq);
+  const double err_dk = testing::RelativeError(ToDouble(dk_bf), ref.dk);
+  const double err_dv = testing::RelativeError(ToDouble(dv_bf), ref.dv);
+  double err_lse = 0, worst_row = 0;
+  for (size_t i = 0; i < lse.size(); ++i)
+    err_lse = std::max(err_lse, std::isfinite(lse[i]) ? std::fabs(lse[i] - ref.lse[i]) : INFINITY);
+  for (size_t row = 0; row < size_t(T) * H; ++row) {
+    std::vector<double> got(o.begin() + row * D, o.begin() + (row + 1) * D);
+    std::vector<double> want(ref.o.begin() + row * D, ref.o.begin() + (row + 1) * D);
+    worst_row = std::max(worst_row, testing::RelativeError(got, want));
+  }
+  std::printf("%s: rel err O %.2e (worst row %.2e) dQ %.2e dK %.2e dV %.2e, |lse| %.1e\n",
+              Describe(c).c_str(), err_o, worst_row, err_dq, err_dk, err_dv, err_lse);
+  EXPECT_LE(err_o, 1e-2);
+  EXPECT_LE(worst_row, 3e-2);
+  EXPECT_LE(err_lse, 1e-4);
+  EXPECT_LE(err_dq, 2e-2);
+  EXPECT_LE(err_dk, 2e-2);
+  EXPECT_LE(err_dv, 2e-2);
+}
+
+TEST(AttentionTest, RaggedBatchHeadDim128) {
+  GROVE_SKIP_WITHOUT_GPU();
+  CheckAttention({{1, 17, 64, 65, 130, 200}, 8, 2, 128});
+}
+
+TEST(AttentionTest, RaggedBatchHeadDim64) {
+  GROVE_SKIP_WITHOUT_GPU();
+  CheckAttention({{3, 128, 1, 257, 63}, 8, 2, 64});
+}
+
+TEST(AttentionTest, SingleTokenAndMultiHead) {
+  GROVE_SKIP_WITHOUT_GPU();
+  CheckAttention({{1}, 4, 4, 128});
+  CheckAttention({{1, 1, 2}, 4, 4, 64});
+}
+
+TEST(AttentionTest, LargeQueryGroup) {
+  GROVE_SKIP_WITHOUT_GPU();
+  CheckAttention({{100, 64, 191}, 6, 1, 64, 300});
+  CheckAttention({{320}, 8, 2, 128});
+}
+
+// Many short sequences under a loose max_seqlen: the grid spans several
+// chunks of (sequence, head) pairs, the last one partial, and most CTAs
+// find their tile past their sequence's end.
+TEST(AttentionTest, ManySequencesLooseBound) {
+  GROVE_SKIP_WITHOUT_GPU();
+  std::vector<int> lens;
+  for (int i = 0; i < 23; ++i) lens.push_back(1 + (i * 37) % 150);
+  CheckAttention({lens, 4, 2, 64, 1100 - 149});
+  CheckAttention({lens, 4, 2, 128, 1100 - 149});
+}
+
+TEST(AttentionTest, RejectsBadShapes) {
+  alignas(16) static __nv_bfloat16 buf[64];
+  alignas(16) static float lse[64];
+  alignas(16) static int32_t cu[2] = {0, 4};
+  AttentionShape s;
+  s.cu_seqlens = cu;
+  s.batch = 1;
+  s.max_seqlen = 4;
+  s.total_tokens = 4;
+  s.num_heads = 8;
+  s.num_kv_heads = 2;
+  s.head_dim = 96;
+  EXPECT_EQ(AttentionForward(s, buf, buf, buf, buf, lse, nullptr).code(),
+            StatusCode::kInvalidArgument);
+  s.head_dim = 64;
+  s.num_kv_heads = 3;
+  EXPECT_EQ(AttentionForward(s, buf, buf, buf, buf, lse, nullptr).code(),
+            StatusCode::kInvalidArgument);
+  s.num_kv_heads = 2;
+  s.max_seqlen = 0;
+  EXPECT_EQ(AttentionForward(s, buf, buf, buf, buf, lse, nullptr).code(),
+            StatusCode::kInvalidArgument);
+  s.max_seqlen = 4;
+  s.softmax_scale = -1.f;
+  EXPECT_EQ(AttentionForward(s, buf, buf, buf, buf, lse, nullptr).code(),
+            StatusCode::kInvalidArgument);
+  s.softmax_scale = 0.f;
+  EXPECT_EQ(AttentionForward(s, nullptr, buf, buf, buf, lse, nullptr).code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(AttentionForward(s, buf + 1, buf, buf, buf, lse, nullptr).code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(AttentionBackward(s, buf, buf, buf, buf, buf, lse, buf, buf, buf, nullptr, nullptr)
+                .code(),
+            StatusCode::kInvalidArgument);
+  s.batch = 0;  // nothing to do
+  EXPECT_TRUE(AttentionForward(s, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr).ok());
+}
+
+}  // namespace
+}  // namespace grove::kernels
