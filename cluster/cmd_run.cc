@@ -45,6 +45,11 @@ int CmdRun(int argc, char** argv) {
                  ("\nRoles:" + roles_text).c_str());
     return 2;
   }
+  if (args.role != "coordinator" && args.coordinator.empty()) {
+    std::fprintf(stderr, "grove run: %s needs --coordinator tcp://HOST:PORT (grove status shows it)\n",
+                 args.role.c_str());
+    return 2;
+  }
   if (args.id.empty()) args.id = args.role;
   args.restarts = static_cast<uint32_t>(std::max<int64_t>(0, restarts));
   if (!args.config_path.empty()) {

@@ -140,6 +140,12 @@ Line ParseLine(const std::string& text) {
 }  // namespace
 
 int VerifyMain(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    if (std::string_view(argv[i]) == "--help" || std::string_view(argv[i]) == "-h") {
+      std::cout << kUsage;
+      return 0;
+    }
+  }
   Options options;
   std::string error;
   if (!ParseArgs(argc, argv, &options, &error)) {

@@ -167,19 +167,19 @@ TEST_F(GroveCli, ForegroundUpEndsWithTheLearnersExitCode) {
 }
 
 TEST_F(GroveCli, UpRefusesARoleThisBuildCannotStart) {
-  const std::string config = WriteConfig("[cluster]\nrollout = 2\n");
+  const std::string config = WriteConfig("[cluster]\ntrainer = 2\n");
   int code = -1;
   std::string out = RunCapture({GroveBinary(), "up", "--config", config, "--runs_dir",
                                 dir_ + "/runs"},
                                &code, true);
   EXPECT_EQ(code, 1);
-  EXPECT_NE(out.find("cannot start role 'rollout'"), std::string::npos) << out;
+  EXPECT_NE(out.find("cannot start role 'trainer'"), std::string::npos) << out;
   EXPECT_FALSE(std::filesystem::exists(dir_ + "/runs"));  // nothing was started or created
 }
 
 TEST_F(GroveCli, EverySubcommandHasHelpAndStatusWithoutClusterFailsClearly) {
   int code = -1;
-  for (const char* sub : {"up", "status", "scale", "down", "run"}) {
+  for (const char* sub : {"up", "status", "scale", "down", "run", "eval"}) {
     std::string out = RunCapture({GroveBinary(), sub, "--help"}, &code);
     EXPECT_EQ(code, 0) << sub;
     EXPECT_EQ(out.rfind(std::string("usage: grove ") + sub, 0), 0u) << out;
@@ -187,9 +187,17 @@ TEST_F(GroveCli, EverySubcommandHasHelpAndStatusWithoutClusterFailsClearly) {
   std::string out = RunCapture({GroveBinary(), "status", "--run_dir", dir_ + "/nothing"}, &code, true);
   EXPECT_EQ(code, 1);
   EXPECT_NE(out.find("no cluster found"), std::string::npos) << out;
+  out = RunCapture({GroveBinary(), "run", "trainer"}, &code, true);
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(out.find("no role 'trainer'"), std::string::npos) << out;
   out = RunCapture({GroveBinary(), "run", "rollout"}, &code, true);
   EXPECT_EQ(code, 2);
-  EXPECT_NE(out.find("no role 'rollout'"), std::string::npos) << out;
+  EXPECT_NE(out.find("needs --coordinator"), std::string::npos) << out;
+  for (const char* sub : {"verify", "plot"}) {  // these print their own usage
+    out = RunCapture({GroveBinary(), sub, "--help"}, &code);
+    EXPECT_EQ(code, 0) << sub;
+    EXPECT_NE(out.find(std::string("grove ") + sub), std::string::npos) << out;
+  }
   out = RunCapture({GroveBinary(), "frobnicate"}, &code, true);
   EXPECT_EQ(code, 2);
 }
