@@ -25,6 +25,8 @@
 # directory is the same path on every host (--remote_dir to change it).
 # On the first host DIR/cluster.json names the coordinator, so
 # `grove status --run_dir DIR` and `grove logs ROLE --run_dir DIR` work there.
+# Remote scripts are written in single quotes on purpose (they expand there).
+# shellcheck disable=SC2016
 set -euo pipefail
 
 usage() {
@@ -80,7 +82,12 @@ while [ $# -gt 0 ]; do
   shift 2
 done
 
+# One ssh connection per host, reused by every later call (a fresh login
+# costs about a second on a loaded machine): OpenSSH connection sharing,
+# closed by itself a minute after the last use.
+ssh_mux=(-o ControlMaster=auto -o "ControlPath=${TMPDIR:-/tmp}/grove-ssh-%C" -o ControlPersist=60)
 read -r -a ssh_argv <<<"$ssh_cmd"
+ssh_argv+=("${ssh_mux[@]}")
 # Runs a shell command on a host; the command is one word for the remote shell.
 on() {
   local host="$1"
@@ -127,29 +134,18 @@ if [ "$cmd" = up ]; then
       "$ssh_cmd" "$first" "$advertise" "$port" "$remote_dir" "$grove_bin"
   } >"$state/settings.env"
 
-  # The config goes to every host (once per distinct host).
-  declare -A copied=()
-  for h in "${host_list[@]}"; do
-    if [ -n "${copied[$h]:-}" ]; then continue; fi
-    on "$h" "mkdir -p $(q "$remote_dir/logs") && cat > $(q "$remote_dir/config.toml")" <"$config" \
-      || die "cannot reach $h over ssh ($ssh_cmd $h)"
-    copied[$h]=1
-  done
-
-  : >"$state/actors.tsv"
+  # One ssh call per host (a login costs a round trip and, with a heavy
+  # shell profile, seconds): each gets the config on stdin and a script that
+  # starts its actors detached (setsid nohup, output to logs/<id>.log) and
+  # prints "started ID PID" for each.
   coordinator="tcp://$advertise:$port"
-  # start HOST ROLE ID ARGV...: starts one process detached; records its pid.
-  start() {
-    local host="$1" role="$2" id="$3"
+  declare -A script=() roles_on=()
+  add() {  # add HOST ROLE ID ARGV...
+    local host="$1" role="$2" id="$3" words=""
     shift 3
-    local words=""
     for w in "$@"; do words+=" $(q "$w")"; done
-    local pid
-    pid="$(on "$host" "cd $(q "$remote_dir") && { setsid nohup$words >> logs/$(q "$id").log 2>&1 < /dev/null & echo \$!; }")" \
-      || die "starting $id on $host failed"
-    [[ "$pid" =~ ^[0-9]+$ ]] || die "starting $id on $host: no pid (got '$pid')"
-    printf '%s\t%s\t%s\t%s\n' "$host" "$role" "$id" "$pid" >>"$state/actors.tsv"
-    echo "ssh.sh: $id on $host pid $pid"
+    script[$host]+="launch $(q "$id")$words"$'\n'
+    roles_on[$host]+=" $id:$role"
   }
   # Actors that serve (replay, learner weights, verifiers) bind the address
   # other hosts reach their host at: its IPv4 address as this machine
@@ -162,7 +158,7 @@ if [ "$cmd" = up ]; then
   actor() {
     local host="$1" role="$2" id="$3"
     if [ -n "${program[$role]:-}" ]; then
-      start "$host" "$role" "$id" "${program[$role]}" "--role=$role" "--id=$id" \
+      add "$host" "$role" "$id" "${program[$role]}" "--role=$role" "--id=$id" \
         "--coordinator=$coordinator" "--config=$remote_dir/config.toml" "--run_dir=$remote_dir"
       return
     fi
@@ -173,23 +169,22 @@ if [ "$cmd" = up ]; then
       [ -n "$address" ] || die "cannot resolve $host to an IPv4 address for $id to bind"
       bind=("--bind=tcp://$address:0")
     fi
-    start "$host" "$role" "$id" "$grove_bin" run "$role" "--id=$id" \
+    add "$host" "$role" "$id" "$grove_bin" run "$role" "--id=$id" \
       "--coordinator=$coordinator" "--config=$remote_dir/config.toml" "--run_dir=$remote_dir" \
       "${bind[@]}"
   }
 
-  on "$first" "rm -f $(q "$remote_dir/coordinator.endpoint") $(q "$remote_dir/coordinator.metrics")"
-  start "$first" coordinator coordinator "$grove_bin" run coordinator --id=coordinator \
+  # The first host: the coordinator (waited for: the others register with
+  # it), then the replay store and the learner.
+  add "$first" coordinator coordinator "$grove_bin" run coordinator --id=coordinator \
     "--bind=tcp://0.0.0.0:$port" "--config=$remote_dir/config.toml" "--run_dir=$remote_dir" \
     "--endpoint_file=$remote_dir/coordinator.endpoint"
-  # Wait until it serves (it writes the endpoint file once bound).
-  if ! on "$first" "for i in \$(seq 300); do [ -s $(q "$remote_dir/coordinator.endpoint") ] && exit 0; sleep 0.1; done; exit 1"; then
-    echo "ssh.sh: the coordinator did not start within 30 s; its log:" >&2
-    on "$first" "tail -n 20 $(q "$remote_dir/logs/coordinator.log")" >&2 || true
-    exit 1
-  fi
-  metrics="$(on "$first" "cat $(q "$remote_dir/coordinator.metrics") 2>/dev/null" || true)"
-
+  script[$first]+='for i in $(seq 300); do [ -s coordinator.endpoint ] && break; sleep 0.1; done
+if [ ! -s coordinator.endpoint ]; then
+  echo "the coordinator did not start within 30 s; its log:"; tail -n 20 logs/coordinator.log; exit 1
+fi
+echo "metrics $(cat coordinator.metrics 2>/dev/null)"
+'
   for role in replay learner; do
     for ((i = 0; i < count[$role]; i++)); do actor "$first" "$role" "$role-$i"; done
   done
@@ -201,6 +196,44 @@ if [ "$cmd" = up ]; then
       actor "${workers[$((n % ${#workers[@]}))]}" "$role" "$role-$i"
       n=$((n + 1))
     done
+  done
+
+  : >"$state/actors.tsv"
+  metrics=""
+  order=("$first")
+  for h in "${workers[@]}"; do
+    [[ " ${order[*]} " == *" $h "* ]] || order+=("$h")
+  done
+  for h in "${order[@]}"; do
+    [ -n "${script[$h]:-}" ] || continue
+    prelude="set -e
+mkdir -p $(q "$remote_dir/logs")
+cat > $(q "$remote_dir/config.toml")
+cd $(q "$remote_dir")
+"
+    [ "$h" = "$first" ] && prelude+="rm -f coordinator.endpoint coordinator.metrics"$'\n'
+    prelude+='launch() { id=$1; shift; setsid nohup "$@" >> "logs/$id.log" 2>&1 < /dev/null & echo "started $id $!"; }'$'\n'
+    set +e
+    out="$(on "$h" "$prelude${script[$h]}" <"$config" 2>&1)"
+    code=$?
+    set -e
+    # Record what did start, even when something after it failed: down stops it.
+    while read -r word id pid _; do
+      [ "$word" = started ] || continue
+      role=""
+      for e in ${roles_on[$h]}; do [ "${e%%:*}" = "$id" ] && role="${e#*:}"; done
+      printf '%s\t%s\t%s\t%s\n' "$h" "$role" "$id" "$pid" >>"$state/actors.tsv"
+      echo "ssh.sh: $id on $h pid $pid"
+    done <<<"$out"
+    if [ "$h" = "$first" ]; then metrics="$(sed -n 's/^metrics //p' <<<"$out")"; fi
+    if [ $code -ne 0 ]; then
+      if [ ! -s "$state/actors.tsv" ]; then rm -f "$state/actors.tsv"; fi
+      [ $code -eq 255 ] && die "cannot reach $h over ssh ($ssh_cmd $h): $out"
+      echo "ssh.sh: starting actors on $h failed:" >&2
+      grep -v '^started ' <<<"$out" >&2 || true
+      echo "ssh.sh: stop what did start with: $0 down --state $state" >&2
+      exit 1
+    fi
   done
 
   # cluster.json on the first host: `grove status`/`grove logs --run_dir` work
@@ -225,6 +258,7 @@ fi
 # shellcheck source=/dev/null
 source "$state/settings.env"
 read -r -a ssh_argv <<<"$ssh_cmd"
+ssh_argv+=("${ssh_mux[@]}")
 
 if [ "$cmd" = status ]; then
   on "$first" "$(q "$grove_bin") status --coordinator $(q "tcp://127.0.0.1:$port")"
@@ -233,37 +267,64 @@ fi
 
 # down: workers first (they hand back their prompts), then the learner (it
 # checkpoints on SIGTERM), the replay store, and the coordinator last, so
-# every exit is still recorded. Per host: SIGTERM, wait, SIGKILL after
+# every exit is still recorded. Each stage: SIGTERM, wait, SIGKILL after
 # --timeout. A pid is only signalled while its command line still names the
-# actor's id (the process may be gone and the pid reused).
+# actor's id (the process may be gone and the pid reused). One ssh call per
+# host and step: the workers' hosts in parallel, then each host's remaining
+# stages in order in one call (up puts all of them on the first host).
 [[ "$timeout" =~ ^[0-9]+$ ]] || die "bad --timeout $timeout"
-killed=0 stopped=0
-for phase in "rollout verifier" "learner" "replay" "coordinator"; do
-  declare -A by_host=()
-  while IFS=$'\t' read -r h role id pid; do
-    [[ " $phase " == *" $role "* ]] || continue
-    by_host[$h]+=" $pid:$id"
-  done <"$state/actors.tsv"
-  for h in "${!by_host[@]}"; do
-    result="$(on "$h" "
-      ours() { tr '\\0' ' ' < /proc/\$1/cmdline 2>/dev/null | grep -q -- \"--id=\$2 \"; }
-      live=''
-      for e in ${by_host[$h]}; do p=\${e%%:*}; i=\${e#*:}; ours \$p \$i && live=\"\$live \$e\"; done
-      for e in \$live; do kill -TERM \${e%%:*} 2>/dev/null || true; done
-      n=0; left=\$live
-      while [ -n \"\$left\" ] && [ \$n -lt $((timeout * 10)) ]; do
-        sleep 0.1; n=\$((n + 1)); next=''
-        for e in \$left; do ours \${e%%:*} \${e#*:} && next=\"\$next \$e\"; done
-        left=\$next
-      done
-      k=0
-      for e in \$left; do kill -KILL \${e%%:*} 2>/dev/null && k=\$((k + 1)); done
-      echo \$(echo \$live | wc -w) \$k")" || { echo "ssh.sh: cannot reach $h to stop:${by_host[$h]}" >&2; continue; }
-    read -r s k <<<"$result"
-    stopped=$((stopped + s - k))
-    killed=$((killed + k))
+# The remote side: stop_stage "PID:ID ..." prints "stopped N killed K".
+stop_fn='ours() { tr "\0" " " < /proc/$1/cmdline 2>/dev/null | grep -q -- "--id=$2 "; }
+stop_stage() {
+  live=""
+  for e in $1; do ours "${e%%:*}" "${e#*:}" && live="$live $e"; done
+  for e in $live; do kill -TERM "${e%%:*}" 2>/dev/null || true; done
+  n=0; left=$live
+  while [ -n "$left" ] && [ $n -lt '"$((timeout * 10))"' ]; do
+    sleep 0.1; n=$((n + 1)); next=""
+    for e in $left; do ours "${e%%:*}" "${e#*:}" && next="$next $e"; done
+    left=$next
   done
-  unset by_host
+  k=0
+  for e in $left; do kill -KILL "${e%%:*}" 2>/dev/null && k=$((k + 1)); done
+  echo "stopped $(echo $live | wc -w) killed $k"
+}
+'
+# stage_of ROLE: 0 workers, 1 learner, 2 replay, 3 coordinator.
+stage_of() {
+  case "$1" in rollout|verifier) echo 0 ;; learner) echo 1 ;; replay) echo 2 ;; *) echo 3 ;; esac
+}
+declare -A worker_stage=() late_stages=()
+while IFS=$'\t' read -r h role id pid; do
+  st="$(stage_of "$role")"
+  if [ "$st" = 0 ]; then
+    worker_stage[$h]+=" $pid:$id"
+  else
+    late_stages[$h]+=" $st:$pid:$id"
+  fi
+done <"$state/actors.tsv"
+results="$(mktemp -d)"
+trap 'rm -rf "$results"' EXIT
+n=0
+for h in "${!worker_stage[@]}"; do
+  on "$h" "$stop_fn stop_stage '${worker_stage[$h]}'" >"$results/$n" 2>&1 \
+    || echo "ssh.sh: cannot reach $h to stop:${worker_stage[$h]}" >&2 &
+  n=$((n + 1))
 done
+wait
+for h in "${!late_stages[@]}"; do
+  calls=""
+  for st in 1 2 3; do
+    group=""
+    for e in ${late_stages[$h]}; do
+      if [ "${e%%:*}" = "$st" ]; then group+=" ${e#*:}"; fi
+    done
+    if [ -n "$group" ]; then calls+="stop_stage '$group'"$'\n'; fi
+  done
+  on "$h" "$stop_fn$calls" >"$results/$n" 2>&1 || echo "ssh.sh: cannot reach $h to stop:${late_stages[$h]}" >&2
+  n=$((n + 1))
+done
+read -r stopped killed < <(cat "$results"/* 2>/dev/null |
+  awk '$1 == "stopped" { s += $2 - $4; k += $4 } END { print s + 0, k + 0 }')
 mv "$state/actors.tsv" "$state/actors.stopped.tsv"
 echo "ssh.sh: down: $stopped processes stopped, $killed needed SIGKILL"
