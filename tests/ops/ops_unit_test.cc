@@ -139,6 +139,13 @@ TEST(Prometheus, ExpositionParsesAndCarriesEveryFigure) {
     EXPECT_LT(text.find("# TYPE grove_actor_restarts gauge"), text.find("grove_actor_restarts{"));
   }
   EXPECT_EQ(PrometheusName("9lives.per-s"), "_9lives_per_s");
+  // Short where that is exact, every bit where it is not.
+  const std::string text = RenderPrometheus(
+      {{"cluster", {{"a", 0.1}, {"b", 1.0 / 3}, {"c", 1e300}, {"d", -0.0}, {"e", 42}}}});
+  EXPECT_NE(text.find("grove_cluster_a 0.1\n"), std::string::npos) << text;
+  EXPECT_NE(text.find("grove_cluster_b 0.33333333333333331\n"), std::string::npos) << text;
+  EXPECT_NE(text.find("grove_cluster_c 1e+300\n"), std::string::npos) << text;
+  EXPECT_NE(text.find("grove_cluster_e 42\n"), std::string::npos) << text;
   // An empty status still renders valid text.
   EXPECT_TRUE(testing::ParseExposition(RenderPrometheus(nlohmann::json::object())).ok());
 }
