@@ -232,5 +232,23 @@ TEST_F(OpsCluster, LogsPrintsAndFollowsAnActorsLog) {
   EXPECT_TRUE(WIFEXITED(wait_status) && WEXITSTATUS(wait_status) == 0) << wait_status;
 }
 
+TEST(OpsCli, LogsHelpAndErrorsWithoutACluster) {
+  int code = -1;
+  std::string out = RunCapture({GroveBinary(), "logs", "--help"}, &code);
+  EXPECT_EQ(code, 0);
+  EXPECT_EQ(out.rfind("usage: grove logs ROLE[/ID] [-f]", 0), 0u) << out;
+  const std::string dir = testing::MakeTempDir();
+  out = RunCapture({GroveBinary(), "logs", "learner", "--run_dir", dir + "/none"}, &code, true);
+  EXPECT_EQ(code, 1);
+  EXPECT_NE(out.find("no cluster found"), std::string::npos) << out;
+  out = RunCapture({GroveBinary(), "logs", "--run_dir", dir}, &code, true);
+  EXPECT_EQ(code, 1);
+  EXPECT_NE(out.find("name exactly one actor"), std::string::npos) << out;
+  out = RunCapture({GroveBinary(), "logs", "a", "--tail", "-3"}, &code, true);
+  EXPECT_EQ(code, 1);
+  EXPECT_NE(out.find("--tail must be >= 0"), std::string::npos) << out;
+  std::filesystem::remove_all(dir);
+}
+
 }  // namespace
 }  // namespace grove
