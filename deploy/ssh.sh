@@ -327,4 +327,8 @@ done
 read -r stopped killed < <(cat "$results"/* 2>/dev/null |
   awk '$1 == "stopped" { s += $2 - $4; k += $4 } END { print s + 0, k + 0 }')
 mv "$state/actors.tsv" "$state/actors.stopped.tsv"
+# Close the shared ssh connections now rather than a minute from now.
+for h in "${!worker_stage[@]}" "${!late_stages[@]}"; do
+  "${ssh_argv[@]}" -O exit "$h" >/dev/null 2>&1 || true
+done
 echo "ssh.sh: down: $stopped processes stopped, $killed needed SIGKILL"
