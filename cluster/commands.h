@@ -10,5 +10,6 @@ int CmdScale(int argc, char** argv);
 int CmdDown(int argc, char** argv);
 int CmdRun(int argc, char** argv);
 int CmdEval(int argc, char** argv);     // grove eval
+int CmdLogs(int argc, char** argv);     // grove logs ROLE[/ID] [-f]
 
 }  // namespace grove::cli

@@ -14,7 +14,8 @@ Result<CoordinatorOptions> CoordinatorOptions::FromConfig(const Config& root) {
   Config c = root.Section("coordinator");
   GROVE_RETURN_IF_ERROR(c.CheckKeys({"bind", "heartbeat_interval_ms", "suspect_misses",
                                      "liveness_misses", "prompts_per_step", "max_staleness",
-                                     "max_frame_bytes"}));
+                                     "max_frame_bytes", "metrics_bind"}));
+  GROVE_ASSIGN_OR_RETURN(o.metrics_bind, c.String("metrics_bind", o.metrics_bind));
   GROVE_ASSIGN_OR_RETURN(o.bind, c.String("bind", o.bind));
   GROVE_ASSIGN_OR_RETURN(o.timing.heartbeat_interval_ms,
                          c.Int("heartbeat_interval_ms", o.timing.heartbeat_interval_ms));

@@ -37,9 +37,12 @@ struct CoordinatorOptions {
   // its predecessor (ids name groups downstream) unless it handed out more
   // than 2^20 prompts per millisecond of its life.
   uint64_t first_prompt_id = 0;
+  // Where `grove run coordinator` serves Prometheus text at /metrics
+  // (HOST:PORT, port 0: any free port; "" or "off": no metrics server).
+  std::string metrics_bind = "127.0.0.1:0";
 
   // Reads the [coordinator] section: heartbeat_interval_ms, suspect_misses,
-  // liveness_misses, prompts_per_step, max_staleness, max_frame_bytes, bind.
+  // liveness_misses, prompts_per_step, max_staleness, max_frame_bytes, bind, metrics_bind.
   static Result<CoordinatorOptions> FromConfig(const Config& root);
 };
 

@@ -6,6 +6,9 @@
 
 #include "actors/process.h"
 #include "cluster/coordinator.h"
+#include "cluster/metrics_http.h"
+#include "cluster/prometheus_text.h"
+#include "cluster/status_view.h"
 #include "cluster/roles.h"
 #include "cluster/task_prompt_source.h"
 
@@ -61,6 +64,31 @@ int RunCoordinator(const RoleArgs& args) {
             << ", heartbeat " << options->timing.heartbeat_interval_ms << " ms, suspect after "
             << options->timing.suspect_misses << ", dead after "
             << options->timing.liveness_misses << ")";
+  // /metrics asks this coordinator for its status like `grove status` does,
+  // on the server's own thread, so the exposition always equals what
+  // `grove status --json` shows and the coordinator's loop stays
+  // single-threaded.
+  MetricsServer metrics([endpoint = *endpoint]() -> Result<std::string> {
+    GROVE_ASSIGN_OR_RETURN(nlohmann::json status, FetchStatus(endpoint, 2000));
+    return RenderPrometheus(status);
+  });
+  if (!options->metrics_bind.empty() && options->metrics_bind != "off") {
+    auto address = metrics.Start(options->metrics_bind);
+    if (!address.ok()) {
+      LOG(ERROR) << address.status();
+      return 1;
+    }
+    LOG(INFO) << "metrics at http://" << *address << "/metrics";
+    // Written before the endpoint file: whoever waits for that one finds
+    // this one complete.
+    if (!args.run_dir.empty()) {
+      Status s = WriteFileAtomically(args.run_dir + "/coordinator.metrics", *address + "\n");
+      if (!s.ok()) {
+        LOG(ERROR) << s;
+        return 1;
+      }
+    }
+  }
   if (!args.endpoint_file.empty()) {
     Status s = WriteFileAtomically(args.endpoint_file, *endpoint + "\n");
     if (!s.ok()) {
@@ -70,6 +98,7 @@ int RunCoordinator(const RoleArgs& args) {
   }
   actors::InstallDrainSignalHandlers();
   coordinator.Serve([] { return actors::DrainSignalled(); });
+  metrics.Stop();
   LOG(INFO) << "coordinator stopped";
   return 0;
 }

@@ -24,6 +24,7 @@ const Subcommand kSubcommands[] = {
     {"status", &grove::cli::CmdStatus, "show the cluster's health (--json, --watch)"},
     {"scale", &grove::cli::CmdScale, "run N actors of a role: grove scale rollout=4"},
     {"down", &grove::cli::CmdDown, "drain and stop the cluster"},
+    {"logs", &grove::cli::CmdLogs, "print an actor's log: grove logs rollout/1 [-f]"},
     {"run", &grove::cli::CmdRun, "run one actor: grove run ROLE --id ID --coordinator tcp://H:P"},
     {"verify", &VerifyCommand, "score completions offline: grove verify --verifiers format:0.1,exact:1 --input F"},
     {"eval", &grove::cli::CmdEval, "held-out accuracy of a checkpoint: grove eval --checkpoint DIR"},

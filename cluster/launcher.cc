@@ -73,6 +73,9 @@ Status Launcher::Spawn(Child& child) {
             "--bind=" + coordinator_bind_, "--config=" + options_.config_path,
             "--endpoint_file=" + options_.run_dir + "/coordinator.endpoint",
             "--restarts=" + std::to_string(child.restarts), "--run_dir=" + options_.run_dir};
+    // A restarted coordinator serves /metrics where its predecessor did, so
+    // scrapers configured with the address keep working.
+    if (!metrics_address_.empty()) args.push_back("--set=coordinator.metrics_bind=\"" + metrics_address_ + "\"");
   } else {
     args = {options_.grove_binary, "run", child.role, "--id=" + child.id,
             "--coordinator=" + coordinator_, "--config=" + options_.config_path,
@@ -113,6 +116,7 @@ Status Launcher::StartCoordinator(int timeout_ms) {
   GROVE_ASSIGN_OR_RETURN(control_endpoint_, control_->Bind("tcp://127.0.0.1:0"));
   const std::string endpoint_file = options_.run_dir + "/coordinator.endpoint";
   std::remove(endpoint_file.c_str());
+  std::remove((options_.run_dir + "/coordinator.metrics").c_str());
   auto cfg = Config::LoadFile(options_.config_path);
   if (!cfg.ok()) return cfg.status();
   GROVE_ASSIGN_OR_RETURN(coordinator_bind_,
@@ -128,6 +132,8 @@ Status Launcher::StartCoordinator(int timeout_ms) {
       // Restarts bind the same port, so actors find the new coordinator
       // where the old one was.
       coordinator_bind_ = endpoint;
+      std::ifstream metrics(options_.run_dir + "/coordinator.metrics");
+      if (!(metrics >> metrics_address_)) metrics_address_.clear();
       reporter_ = std::make_unique<actors::RpcClient>("launcher");
       GROVE_RETURN_IF_ERROR(reporter_->Connect(coordinator_));
       WriteClusterJson();
@@ -311,6 +317,10 @@ void Launcher::Shutdown(bool force) {
   WriteClusterJson();
 }
 
+std::string Launcher::metrics_url() const {
+  return metrics_address_.empty() ? "" : "http://" + metrics_address_ + "/metrics";
+}
+
 void Launcher::MarkReady() {
   ready_ = true;
   WriteClusterJson();
@@ -327,6 +337,7 @@ void Launcher::WriteClusterJson() {
                          {"launcher", control_endpoint_},
                          {"launcher_pid", static_cast<int>(getpid())},
                          {"config", options_.config_path},
+                         {"metrics", metrics_url()},
                          {"pids", pids},
                          {"ready", ready_ && !stop_requested_}};
   Status s = WriteJsonAtomically(options_.run_dir + "/cluster.json", info);

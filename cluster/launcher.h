@@ -5,7 +5,7 @@
 // (ExitReport, so status says "signal 9" or "exit 1"), restarts crashed
 // rollout and verifier workers (and the coordinator, on its old port) with
 // exponential back-off up to a limit, and keeps <run_dir>/cluster.json
-// current (endpoints and pids).
+// current (endpoints, pids and the coordinator's /metrics URL).
 //
 // Control socket (a ROUTER; its endpoint is "launcher" in cluster.json):
 //   scaleRequest{role, count}  -> scaleReply   starts or drains workers
@@ -66,6 +66,8 @@ class Launcher {
 
   const std::string& coordinator() const { return coordinator_; }
   const std::string& control_endpoint() const { return control_endpoint_; }
+  // "http://HOST:PORT/metrics" of the coordinator ("" when it serves none).
+  std::string metrics_url() const;
 
  private:
   struct Child {
@@ -85,6 +87,7 @@ class Launcher {
   LauncherOptions options_;
   std::string coordinator_;
   std::string coordinator_bind_;
+  std::string metrics_address_;  // HOST:PORT of the coordinator's /metrics ("" when off)
   std::string control_endpoint_;
   std::unique_ptr<actors::RouterSocket> control_;
   std::unique_ptr<actors::RpcClient> reporter_;

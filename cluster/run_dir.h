@@ -3,7 +3,9 @@
 //
 //   runs/<name>-<YYYYmmdd-HHMMSS>/
 //     cluster.json      {"name", "coordinator": "tcp://H:P", "launcher": "tcp://H:P",
-//                        "launcher_pid", "pids": {"<id>": pid, ...}, "config"}
+//                        "launcher_pid", "pids": {"<id>": pid, ...}, "config",
+//                        "metrics": "http://H:P/metrics" ("" when off)}
+//     coordinator.endpoint, coordinator.metrics   what the coordinator bound
 //     config.toml       the effective config
 //     logs/<id>.log     one per actor (stdout and stderr), launcher.log when detached
 //   runs/latest -> <name>-<time>

@@ -16,6 +16,8 @@ packages=(
   nlohmann-json3-dev                # JSON lines for verifiers, status, metrics
   libtomlplusplus-dev               # experiment configs
   procps psmisc                     # ps/pkill used by the launcher and tests
+  openssh-client openssh-server     # deploy/ssh.sh and its loopback test
+  python3-yaml                      # the deploy-files test reads the Kubernetes manifests
 )
 
 missing=()
