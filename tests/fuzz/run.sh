@@ -50,6 +50,7 @@ cmake --build "$build" -j"$jobs" --target "${targets[@]/#/fuzz_}" ||
   { echo "run.sh: build failed (is libclang-rt-14-dev installed? see $build.configure.log)" >&2; exit 2; }
 
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
+export LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$root/tests/fuzz/lsan.supp}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 status=0
 summary=()
