@@ -14,13 +14,14 @@ struct Config::Impl {
 
 namespace {
 
-// Keys with control characters (possible in quoted TOML keys and in --set
-// keys) are refused: no grove key has one, and toml++ writes such a key back
-// as a literal string that does not parse, so ToToml's output (the config
-// file `grove up` hands every actor) would be unreadable.
-bool HasControlChar(std::string_view key) {
+// Keys with a control character or a single quote (possible in quoted TOML
+// keys and in --set keys) are refused: no grove key has one, and toml++
+// writes such a key back in a form that does not parse (a literal string
+// with the raw control character; a bare key with the quote), so ToToml's
+// output -- the config file `grove up` hands every actor -- was unreadable.
+bool HasUnwritableKeyChar(std::string_view key) {
   for (unsigned char c : key) {
-    if (c < 0x20 || c == 0x7f) return true;
+    if (c < 0x20 || c == 0x7f || c == '\'') return true;
   }
   return false;
 }
@@ -51,8 +52,8 @@ Status CheckKeyChars(const toml::node& node, const std::string& source, const st
   if (const toml::table* t = node.as_table()) {
     for (const auto& [key, child] : *t) {
       const std::string full = path.empty() ? std::string(key.str()) : path + "." + std::string(key.str());
-      if (HasControlChar(key.str()))
-        return Status::InvalidArgument(source + ": key '" + full + "' contains a control character");
+      if (HasUnwritableKeyChar(key.str()))
+        return Status::InvalidArgument(source + ": key '" + full + "' contains a control character or a '");
       GROVE_RETURN_IF_ERROR(CheckKeyChars(child, source, full));
     }
   } else if (const toml::array* a = node.as_array()) {
@@ -246,7 +247,8 @@ Status Config::Override(std::string_view assignment) {
   if (eq == std::string_view::npos || eq == 0)
     return Status::InvalidArgument("override '" + std::string(assignment) + "' is not KEY=VALUE");
   std::string key = Join(prefix_, assignment.substr(0, eq));
-  if (HasControlChar(key)) return Status::InvalidArgument("override key contains a control character");
+  if (HasUnwritableKeyChar(key))
+    return Status::InvalidArgument("override key contains a control character or a '");
   if (!IsUtf8(assignment)) return Status::InvalidArgument("override is not valid UTF-8");
   std::string value(assignment.substr(eq + 1));
   toml::table holder;
