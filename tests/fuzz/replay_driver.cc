@@ -1,8 +1,9 @@
 // A standalone stand-in for libFuzzer's main(): runs LLVMFuzzerTestOneInput
 // once over every file named on the command line, or every regular file of
-// each directory named (not recursive), in sorted order. It is what the
-// normal (gcc) build links every fuzz target with, so the suite replays the
-// seed corpus and every regression input deterministically, with no clang.
+// each directory named (not recursive, dot files skipped), in sorted order.
+// It is what the normal (gcc) build links every fuzz target with, so the
+// suite replays the seed corpus and every regression input deterministically,
+// with no clang.
 //
 // Exit status: 0 when every input ran to completion (a target that crashes
 // takes the process down with it, which ctest reports as a failure), 1 when a
@@ -42,7 +43,8 @@ int main(int argc, char** argv) {
     if (fs::is_directory(arg, ec)) {
       std::vector<fs::path> files;
       for (const auto& entry : fs::directory_iterator(arg, ec)) {
-        if (entry.is_regular_file()) files.push_back(entry.path());
+        // Dot files (.gitkeep) are bookkeeping, not inputs.
+        if (entry.is_regular_file() && entry.path().filename().string()[0] != '.') files.push_back(entry.path());
       }
       if (ec) {
         std::fprintf(stderr, "cannot list %s: %s\n", arg.c_str(), ec.message().c_str());
@@ -68,8 +70,8 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "cannot read %s\n", path.c_str());
       return 1;
     }
-    // A copy of exactly `size` bytes, so a read past the end is an overrun
-    // that a sanitizer (or a guard page) can see, as under libFuzzer.
+    // A copy allocated at exactly `size` bytes, so a read past the end is an
+    // overrun a sanitizer can see, as under libFuzzer.
     std::vector<uint8_t> exact(bytes.begin(), bytes.end());
     LLVMFuzzerTestOneInput(exact.empty() ? nullptr : exact.data(), exact.size());
   }
