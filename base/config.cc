@@ -1,6 +1,7 @@
 #include "base/config.h"
 
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include <toml++/toml.h>
@@ -26,6 +27,23 @@ bool HasUnwritableKeyChar(std::string_view key) {
   return false;
 }
 
+// True when toml++ writes `value` back as text that parses to the same
+// string. It does not always: a string starting with a newline is written as
+// a multi-line literal, whose first newline TOML drops (found by fuzzing).
+bool StringRoundTrips(const std::string& value) {
+  toml::table t;
+  t.insert("v", value);
+  std::ostringstream out;
+  out << t;
+  try {
+    toml::table back = toml::parse(out.str());
+    const std::optional<std::string> v = back["v"].value<std::string>();
+    return v.has_value() && *v == value;
+  } catch (const toml::parse_error&) {
+    return false;
+  }
+}
+
 // True when `s` is well-formed UTF-8 (no overlong forms, surrogates or code
 // points above U+10FFFF). toml++ checks files itself; Override's text is
 // checked here, since toml++ would write raw bytes back as other characters.
@@ -48,16 +66,21 @@ bool IsUtf8(std::string_view s) {
   return true;
 }
 
-Status CheckKeyChars(const toml::node& node, const std::string& source, const std::string& path) {
-  if (const toml::table* t = node.as_table()) {
+// Every key and string value of `node` can be written back by ToToml.
+Status CheckWritable(const toml::node& node, const std::string& source, const std::string& path) {
+  if (const toml::value<std::string>* str = node.as_string()) {
+    if (!StringRoundTrips(str->get()))
+      return Status::InvalidArgument(source + ": the string at '" + path +
+                                     "' cannot be written back as TOML unchanged (e.g. it starts with a newline)");
+  } else if (const toml::table* t = node.as_table()) {
     for (const auto& [key, child] : *t) {
       const std::string full = path.empty() ? std::string(key.str()) : path + "." + std::string(key.str());
       if (HasUnwritableKeyChar(key.str()))
         return Status::InvalidArgument(source + ": key '" + full + "' contains a control character or a '");
-      GROVE_RETURN_IF_ERROR(CheckKeyChars(child, source, full));
+      GROVE_RETURN_IF_ERROR(CheckWritable(child, source, full));
     }
   } else if (const toml::array* a = node.as_array()) {
-    for (const toml::node& item : *a) GROVE_RETURN_IF_ERROR(CheckKeyChars(item, source, path));
+    for (const toml::node& item : *a) GROVE_RETURN_IF_ERROR(CheckWritable(item, source, path));
   }
   return Status::OK();
 }
@@ -150,7 +173,7 @@ Result<Config> Config::Parse(std::string_view text, std::string source_name) {
         << ": " << err.description();
     return Status::InvalidArgument(msg.str());
   }
-  GROVE_RETURN_IF_ERROR(CheckKeyChars(c.impl_->root, source_name, ""));
+  GROVE_RETURN_IF_ERROR(CheckWritable(c.impl_->root, source_name, ""));
   c.impl_->source = std::move(source_name);
   return c;
 }
@@ -257,6 +280,7 @@ Status Config::Override(std::string_view assignment) {
   } catch (const toml::parse_error&) {
     holder.insert("v", value);  // a bare word: take it as a string
   }
+  GROVE_RETURN_IF_ERROR(CheckWritable(*holder.get("v"), "override", key));
   // Copy-on-write: a Config copied earlier keeps its own values.
   impl_ = std::make_shared<Impl>(*impl_);
   toml::table* t = &impl_->root;

@@ -100,6 +100,15 @@ TEST(Config, ControlCharactersInKeysAreRefusedAndValuesRoundTrip) {
   EXPECT_FALSE(c.Override("a.'b.c=1").ok());
   ASSERT_TRUE(Config::Parse("\"a.b c\" = 1\n").ok());  // other quoted keys round-trip
   EXPECT_TRUE(Config::Parse(Config::Parse("\"a.b c\" = 1\n")->ToToml()).ok());
+  // toml++ writes a string starting with a newline as a multi-line literal,
+  // whose first newline TOML drops: refused from files and overrides alike.
+  auto newline = Config::Parse("[a]\nv = \"\\nx\"\n", "nl.toml");
+  ASSERT_FALSE(newline.ok());
+  EXPECT_NE(newline.status().message().find("nl.toml: the string at 'a.v'"), std::string::npos) << newline.status();
+  EXPECT_FALSE(c.Override("a.s=\ns").ok());
+  EXPECT_FALSE(c.Override("a.s=[\"x\", \"\\ny\"]").ok());
+  ASSERT_TRUE(c.Override("a.s=[\"x\", \"y\\nz\"]").ok());
+  EXPECT_EQ(*c.StringList("a.s"), (std::vector<std::string>{"x", "y\nz"}));
   // Bytes that are not UTF-8 would be written back as other characters.
   EXPECT_FALSE(c.Override("a.k\xff=1").ok());
   EXPECT_FALSE(c.Override("a.k=\xc3").ok());
