@@ -41,13 +41,14 @@ fi
 # The libraries under test get coverage instrumentation and the sanitizers
 # through the global flags; the targets add -fsanitize=fuzzer themselves.
 san="-fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
+mkdir -p "$build"
 if [ ! -f "$build/CMakeCache.txt" ]; then
   CC=clang CXX=clang++ cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DGROVE_CUDA=OFF \
-    -DGROVE_FUZZ=ON "-DCMAKE_C_FLAGS=$san" "-DCMAKE_CXX_FLAGS=$san" >"$build.configure.log" 2>&1 ||
-    { echo "run.sh: configure failed, see $build.configure.log" >&2; exit 2; }
+    -DGROVE_FUZZ=ON "-DCMAKE_C_FLAGS=$san" "-DCMAKE_CXX_FLAGS=$san" >"$build/configure.log" 2>&1 ||
+    { echo "run.sh: configure failed, see $build/configure.log" >&2; exit 2; }
 fi
 cmake --build "$build" -j"$jobs" --target "${targets[@]/#/fuzz_}" ||
-  { echo "run.sh: build failed (is libclang-rt-14-dev installed? see $build.configure.log)" >&2; exit 2; }
+  { echo "run.sh: build failed (is libclang-rt-14-dev installed? see $build/configure.log)" >&2; exit 2; }
 
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
 export LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$root/tests/fuzz/lsan.supp}
