@@ -172,15 +172,23 @@ Result<Frame> DecodeFrame(std::shared_ptr<void> owner, const void* data, size_t 
                   Status::Corruption("frame has trailing bytes after the message"));
   }
 
+  // Validation walks the whole message once on its own budget: a message
+  // that costs more than twice its size (plus slack) to walk is amplifying
+  // through shared pointers, and is refused here. The reader the role gets
+  // has a fresh budget of four such walks, so a frame that passed can be
+  // read whole without a traversal-limit exception in a handler. (With one
+  // shared budget, validation could spend nearly all of it and the role's
+  // first full read threw; found by fuzzing.)
+  const uint64_t walk_budget = std::min<uint64_t>(limits.traversal_limit_words, uint64_t{words} * 2 + 1024);
+  capnp::ReaderOptions check_options;
+  check_options.traversalLimitInWords = walk_budget;
+  check_options.nestingLimit = limits.nesting_limit;
   capnp::ReaderOptions options;
-  // Readers may visit each word a few times (validation + the role's reads);
-  // more than that means pointer amplification.
-  options.traversalLimitInWords =
-      std::min<uint64_t>(limits.traversal_limit_words, uint64_t{words} * 8 + 1024);
+  options.traversalLimitInWords = walk_budget * 4;  // four full reads of what passed
   options.nestingLimit = limits.nesting_limit;
   try {
-    frame.reader_ = std::make_unique<capnp::FlatArrayMessageReader>(view, options);
-    auto env = frame.reader_->getRoot<wire::Envelope>();
+    capnp::FlatArrayMessageReader check(view, check_options);
+    auto env = check.getRoot<wire::Envelope>();
     if (env.getMagic() != wire::K_MAGIC) {
       return reject(FrameError::kGarbage, Status::Corruption("bad magic"));
     }
@@ -190,7 +198,8 @@ Result<Frame> DecodeFrame(std::shared_ptr<void> owner, const void* data, size_t 
                     Status::Corruption("unknown body kind " + std::to_string(which)));
     }
     Validate(capnp::DynamicStruct::Reader(env), 0);
-    frame.envelope_ = env;
+    frame.reader_ = std::make_unique<capnp::FlatArrayMessageReader>(view, options);
+    frame.envelope_ = frame.reader_->getRoot<wire::Envelope>();
   } catch (const kj::Exception& e) {
     return reject(FrameError::kGarbage,
                   Status::Corruption(std::string("malformed message: ") + e.getDescription().cStr()));

@@ -1,6 +1,7 @@
 #include "base/config.h"
 
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include <toml++/toml.h>
@@ -13,6 +14,76 @@ struct Config::Impl {
 };
 
 namespace {
+
+// Keys with a control character or a single quote (possible in quoted TOML
+// keys and in --set keys) are refused: no grove key has one, and toml++
+// writes such a key back in a form that does not parse (a literal string
+// with the raw control character; a bare key with the quote), so ToToml's
+// output -- the config file `grove up` hands every actor -- was unreadable.
+bool HasUnwritableKeyChar(std::string_view key) {
+  for (unsigned char c : key) {
+    if (c < 0x20 || c == 0x7f || c == '\'') return true;
+  }
+  return false;
+}
+
+// True when toml++ writes `value` back as text that parses to the same
+// string. It does not always: a string starting with a newline is written as
+// a multi-line literal, whose first newline TOML drops (found by fuzzing).
+bool StringRoundTrips(const std::string& value) {
+  toml::table t;
+  t.insert("v", value);
+  std::ostringstream out;
+  out << t;
+  try {
+    toml::table back = toml::parse(out.str());
+    const std::optional<std::string> v = back["v"].value<std::string>();
+    return v.has_value() && *v == value;
+  } catch (const toml::parse_error&) {
+    return false;
+  }
+}
+
+// True when `s` is well-formed UTF-8 (no overlong forms, surrogates or code
+// points above U+10FFFF). toml++ checks files itself; Override's text is
+// checked here, since toml++ would write raw bytes back as other characters.
+bool IsUtf8(std::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    int extra = c < 0x80 ? 0 : (c >> 5) == 0x6 ? 1 : (c >> 4) == 0xe ? 2 : (c >> 3) == 0x1e ? 3 : -1;
+    if (extra < 0 || s.size() - i <= static_cast<size_t>(extra)) return false;
+    uint32_t cp = extra == 0 ? c : c & (0x3f >> extra);
+    for (int k = 1; k <= extra; ++k) {
+      const auto d = static_cast<unsigned char>(s[i + k]);
+      if ((d & 0xc0) != 0x80) return false;
+      cp = (cp << 6) | (d & 0x3f);
+    }
+    static constexpr uint32_t kMin[] = {0, 0x80, 0x800, 0x10000};
+    if (cp < kMin[extra] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return false;
+    i += static_cast<size_t>(extra) + 1;
+  }
+  return true;
+}
+
+// Every key and string value of `node` can be written back by ToToml.
+Status CheckWritable(const toml::node& node, const std::string& source, const std::string& path) {
+  if (const toml::value<std::string>* str = node.as_string()) {
+    if (!StringRoundTrips(str->get()))
+      return Status::InvalidArgument(source + ": the string at '" + path +
+                                     "' cannot be written back as TOML unchanged (e.g. it starts with a newline)");
+  } else if (const toml::table* t = node.as_table()) {
+    for (const auto& [key, child] : *t) {
+      const std::string full = path.empty() ? std::string(key.str()) : path + "." + std::string(key.str());
+      if (HasUnwritableKeyChar(key.str()))
+        return Status::InvalidArgument(source + ": key '" + full + "' contains a control character or a '");
+      GROVE_RETURN_IF_ERROR(CheckWritable(child, source, full));
+    }
+  } else if (const toml::array* a = node.as_array()) {
+    for (const toml::node& item : *a) GROVE_RETURN_IF_ERROR(CheckWritable(item, source, path));
+  }
+  return Status::OK();
+}
 
 std::string Join(std::string_view prefix, std::string_view path) {
   if (prefix.empty()) return std::string(path);
@@ -102,6 +173,7 @@ Result<Config> Config::Parse(std::string_view text, std::string source_name) {
         << ": " << err.description();
     return Status::InvalidArgument(msg.str());
   }
+  GROVE_RETURN_IF_ERROR(CheckWritable(c.impl_->root, source_name, ""));
   c.impl_->source = std::move(source_name);
   return c;
 }
@@ -198,6 +270,9 @@ Status Config::Override(std::string_view assignment) {
   if (eq == std::string_view::npos || eq == 0)
     return Status::InvalidArgument("override '" + std::string(assignment) + "' is not KEY=VALUE");
   std::string key = Join(prefix_, assignment.substr(0, eq));
+  if (HasUnwritableKeyChar(key))
+    return Status::InvalidArgument("override key contains a control character or a '");
+  if (!IsUtf8(assignment)) return Status::InvalidArgument("override is not valid UTF-8");
   std::string value(assignment.substr(eq + 1));
   toml::table holder;
   try {
@@ -205,6 +280,7 @@ Status Config::Override(std::string_view assignment) {
   } catch (const toml::parse_error&) {
     holder.insert("v", value);  // a bare word: take it as a string
   }
+  GROVE_RETURN_IF_ERROR(CheckWritable(*holder.get("v"), "override", key));
   // Copy-on-write: a Config copied earlier keeps its own values.
   impl_ = std::make_shared<Impl>(*impl_);
   toml::table* t = &impl_->root;

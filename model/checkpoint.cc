@@ -77,6 +77,12 @@ Result<std::map<std::string, std::string>> ReadMetadata(const std::string& path)
 Result<std::unique_ptr<Model>> LoadModel(const std::string& path) {
   GROVE_ASSIGN_OR_RETURN(SafetensorsFile file, ReadSafetensors(path));
   GROVE_ASSIGN_OR_RETURN(ModelConfig config, ConfigOf(path, file));
+  // The config comes from the file: allocate the model only when the file
+  // can hold its weights, so a small file cannot ask for terabytes.
+  const int64_t needed = ParamLayout(config).total();
+  if (needed > static_cast<int64_t>(file.data.size()))
+    return Status::InvalidArgument(path + ": the config in the metadata describes " + std::to_string(needed) +
+                                   " parameters, the file holds " + std::to_string(file.data.size()));
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Create(config, 0, /*random_init=*/false));
   GROVE_RETURN_IF_ERROR(CopyLayout(path, file, model->layout(), "", model->params().data(), true));
   return model;

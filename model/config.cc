@@ -1,5 +1,9 @@
 #include "model/config.h"
 
+#include <cmath>
+#include <string>
+#include <utility>
+
 #include <nlohmann/json.hpp>
 
 namespace grove::model {
@@ -41,6 +45,35 @@ Status ModelConfig::Validate() const {
   GROVE_RETURN_IF_ERROR(need(balance_alpha >= 0.0, "balance_alpha must be >= 0"));
   GROVE_RETURN_IF_ERROR(need(bias_gamma >= 0.0, "bias_gamma must be >= 0"));
   GROVE_RETURN_IF_ERROR(need(init_std > 0.0, "init_std must be > 0"));
+  // Configs also arrive inside checkpoint files, so sizes are bounded before
+  // anyone loops over layers and experts or multiplies sizes in int64: a
+  // hostile or mistyped size is refused here instead of hanging ParamLayout,
+  // overflowing ActiveParams or allocating without bound.
+  GROVE_RETURN_IF_ERROR(need(std::isfinite(rope_base) && std::isfinite(norm_eps) && std::isfinite(route_scale) &&
+                                 std::isfinite(balance_alpha) && std::isfinite(bias_gamma) && std::isfinite(init_std),
+                             "rope_base, norm_eps, route_scale, balance_alpha, bias_gamma and init_std must be finite"));
+  constexpr int64_t kMaxWidth = int64_t{1} << 24;  // any one width or the vocabulary
+  const std::pair<int64_t, const char*> widths[] = {{vocab_size, "vocab_size"},   {hidden, "hidden"},
+                                                    {head_dim, "head_dim"},       {max_seq_len, "max_seq_len"},
+                                                    {dense_hidden, "dense_hidden"}, {expert_hidden, "expert_hidden"}};
+  for (const auto& [value, name] : widths) {
+    GROVE_RETURN_IF_ERROR(need(value <= kMaxWidth, std::string(name) + " must be <= " + std::to_string(kMaxWidth)));
+  }
+  GROVE_RETURN_IF_ERROR(need(layers <= 4096, "layers must be <= 4096"));
+  GROVE_RETURN_IF_ERROR(need(heads <= 65536, "heads must be <= 65536"));
+  GROVE_RETURN_IF_ERROR(need(top_k <= 65535 && shared_experts <= 65535, "top_k and shared_experts must be <= 65535"));
+  // Every size is now small enough that these products are exact in double.
+  const double moe = static_cast<double>(moe_layers());
+  const double tensors = 1.0 + 12.0 * static_cast<double>(layers) + moe * 3.0 * static_cast<double>(experts);
+  GROVE_RETURN_IF_ERROR(need(tensors <= double(int64_t{1} << 20), "layers x experts makes more than 2^20 tensors"));
+  const double h = static_cast<double>(hidden);
+  const double attn = h * static_cast<double>(heads + kv_heads) * static_cast<double>(head_dim) * 2 + 2 * h;
+  const double dense = 3 * h * static_cast<double>(dense_hidden);
+  const double expert = static_cast<double>(experts) * h +
+                        3 * h * static_cast<double>(expert_hidden) * static_cast<double>(experts + shared_experts);
+  const double total = 2 * static_cast<double>(vocab_size) * h + h + static_cast<double>(layers) * attn +
+                       (static_cast<double>(layers) - moe) * dense + moe * expert;
+  GROVE_RETURN_IF_ERROR(need(total <= double(int64_t{1} << 40), "the model has more than 2^40 parameters"));
   return Status::OK();
 }
 

@@ -185,5 +185,19 @@ TEST(Safetensors, WriterRejectsBadInput) {
   EXPECT_FALSE(WriteSafetensors("/nonexistent-dir/x.safetensors", {{"a", {3}, v}}, {}).ok());
 }
 
+// Found by fuzzing (tests/fuzz, safetensors target): LoadModel built the model
+// from the file's config before checking that the file could hold its
+// weights, so a few hundred bytes could ask for gigabytes.
+TEST_F(CheckpointTest, ConfigLargerThanTheFileIsRefusedBeforeAllocating) {
+  ASSERT_TRUE(SaveModel(path_, *model_).ok());
+  EditHeader([](nlohmann::json& h) {
+    auto cfg = nlohmann::json::parse(h["__metadata__"]["config"].get<std::string>());
+    cfg["hidden"] = 1 << 16;  // a valid config of ~10^7 parameters; the file holds ~10^3
+    h["__metadata__"]["config"] = cfg.dump();
+  });
+  const std::string error = LoadError();
+  EXPECT_NE(error.find("parameters, the file holds"), std::string::npos) << error;
+}
+
 }  // namespace
 }  // namespace grove::model

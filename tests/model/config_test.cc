@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <limits>
+
 #include "model/param_layout.h"
 #include "model/tokenizer.h"
 #include "tests/model/test_util.h"
@@ -57,6 +59,39 @@ TEST(ModelConfig, JsonRoundTripAndErrors) {
   r = ModelConfig::FromConfig(bad->Section("model"));
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find("kv_heads must divide heads"), std::string::npos) << r.status();
+}
+
+// Found by fuzzing (tests/fuzz, config target): sizes were unbounded, so a
+// config (or a checkpoint's metadata) with an absurd size hung ParamLayout
+// and ActiveParams (a loop per layer and expert) or overflowed int64.
+TEST(ModelConfig, AbsurdSizesAreRefusedByName) {
+  const ModelConfig good = testing::MicroConfig(ScoreFunc::kSoftmax, true, 0.0);
+  ASSERT_TRUE(good.Validate().ok());
+  auto refused = [&](auto edit, const std::string& needle) {
+    ModelConfig c = good;
+    edit(c);
+    Status s = c.Validate();
+    EXPECT_FALSE(s.ok()) << needle;
+    EXPECT_NE(s.message().find(needle), std::string::npos) << s;
+    EXPECT_FALSE(ModelConfig::FromJson(c.ToJson()).ok()) << needle;
+  };
+  refused([](ModelConfig& c) { c.layers = int64_t{1} << 40; }, "layers");
+  refused([](ModelConfig& c) { c.hidden = int64_t{1} << 40; }, "hidden");
+  refused([](ModelConfig& c) { c.vocab_size = int64_t{1} << 62; }, "vocab_size");
+  refused([](ModelConfig& c) { c.head_dim = int64_t{1} << 50; }, "head_dim");
+  refused([](ModelConfig& c) { c.heads = c.kv_heads = int64_t{1} << 30; }, "heads");
+  refused([](ModelConfig& c) { c.layers = 4096; c.dense_layers = 0; c.experts = 65535; c.top_k = 1; }, "2^20 tensors");
+  refused([](ModelConfig& c) { c.hidden = c.expert_hidden = 1 << 24; }, "2^40 parameters");
+  refused([](ModelConfig& c) { c.init_std = std::numeric_limits<double>::infinity(); }, "finite");
+  refused([](ModelConfig& c) { c.rope_base = std::numeric_limits<double>::infinity(); }, "finite");
+  // The largest sizes still accepted give a layout whose total is exact.
+  ModelConfig big = good;
+  big.layers = 64;
+  big.experts = 256;
+  big.dense_layers = 1;
+  big.top_k = 8;
+  ASSERT_TRUE(big.Validate().ok());
+  EXPECT_GT(ParamLayout(big).total(), big.ActiveParams());
 }
 
 }  // namespace

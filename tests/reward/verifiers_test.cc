@@ -156,6 +156,18 @@ TEST(SymbolicVerifier, RejectsDifferentExpressions) {
   EXPECT_NE(Check("symbolic", Answer("foo(x)"), "\"x\"").reason.find("unknown function"), std::string::npos);
 }
 
+// Found by fuzzing (tests/fuzz, reward target, LeakSanitizer): GiNaC leaks
+// the power it was building when it throws on 0^0 or 0^-n, so these are
+// refused before GiNaC sees them, with their own reason.
+TEST(SymbolicVerifier, ZeroToANonPositivePowerIsRefusedBeforeGinac) {
+  EXPECT_EQ(Check("symbolic", Answer("0^0"), "\"1\"").reason, "0^0 is undefined");
+  EXPECT_EQ(Check("symbolic", Answer("sin(x)(x)^0^0+cos(x)^1"), "\"1\"").reason, "0^0 is undefined");
+  EXPECT_EQ(Check("symbolic", Answer("(x-x)^0"), "\"1\"").reason, "0^0 is undefined");
+  EXPECT_EQ(Check("symbolic", Answer("(x-x)^(-2)"), "\"1\"").reason, "division by zero");
+  EXPECT_EQ(Check("symbolic", Answer("x^0"), "\"1\"").reward, 1.0);
+  EXPECT_EQ(Check("symbolic", Answer("0^2+1"), "\"1\"").reward, 1.0);
+}
+
 TEST(SymbolicVerifier, HostileAnswersAreRefusedBeforeGinac) {
   EXPECT_EQ(Check("symbolic", Answer("9^9^9^9"), "\"1\"").reason, "exponent too large");
   EXPECT_EQ(Check("symbolic", Answer("(x+1)^1000"), "\"1\"").reason, "exponent too large");
