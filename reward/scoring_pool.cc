@@ -290,6 +290,25 @@ std::vector<VerifyOutput> ScoringPool::Score(std::span<const VerifyInput> batch)
     for (size_t k = inflight.size(); k > 1; --k) queue.push_front(inflight[k - 1]);
   };
 
+  // Takes every reply a worker already wrote: one that died may have answered
+  // several samples before the one it died on, and only that one is charged.
+  // False when a reply is malformed.
+  auto drain_replies = [&](Worker& w) {
+    char chunk[65536];
+    ssize_t n;
+    while ((n = recv(w.fd, chunk, sizeof(chunk), MSG_DONTWAIT)) > 0) w.inbox.append(chunk, static_cast<size_t>(n));
+    std::string payload;
+    while (!w.inflight.empty() && TakeFrame(&w.inbox, &payload)) {
+      VerifyOutput out;
+      if (!ParseReply(payload, &out)) return false;
+      const size_t index = w.inflight.front();
+      w.inflight.pop_front();
+      const bool failed = out.reason.starts_with("verifier threw");
+      finish(index, std::move(out), failed);
+    }
+    return true;
+  };
+
   while (done < batch.size()) {
     // Keep every worker's pipeline full.
     for (Worker& w : workers_) {
@@ -313,7 +332,9 @@ std::vector<VerifyOutput> ScoringPool::Score(std::span<const VerifyInput> batch)
         if (!w.inflight.empty() && queued + frame.size() > kPipelineBytes) break;
         frame_bytes[index] = frame.size();
         if (!SendAll(w.fd, frame)) {
-          // It died: its front sample (if any) is charged, this one retried.
+          // It died: the sample it died on (the first unanswered one, if
+          // any) is charged, this one retried.
+          drain_replies(w);
           std::string how = Reap(w, true);
           if (!w.inflight.empty()) {
             fail_front(w, "verifier crashed (" + (how.empty() ? std::string("connection lost") : how) + ")");
