@@ -66,9 +66,18 @@ Result<std::string> RouterSocket::Bind(const std::string& endpoint) {
 
 std::optional<Incoming> RouterSocket::Receive(int timeout_ms) {
   zmq::pollitem_t item{socket_.handle(), 0, ZMQ_POLLIN, 0};
+  // A dropped garbage message must not cut the caller's wait short: keep
+  // waiting for a good one until the original deadline.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(std::max(timeout_ms, 0));
   for (;;) {
     try {
-      if (zmq::poll(&item, 1, std::chrono::milliseconds(timeout_ms)) <= 0) return std::nullopt;
+      long wait_ms = timeout_ms;
+      if (timeout_ms >= 0) {
+        wait_ms = std::max<long>(0, std::chrono::duration_cast<std::chrono::milliseconds>(
+                                        deadline - std::chrono::steady_clock::now())
+                                        .count());
+      }
+      if (zmq::poll(&item, 1, std::chrono::milliseconds(wait_ms)) <= 0) return std::nullopt;
       Incoming in;
       zmq::message_t identity;
       if (!socket_.recv(identity, zmq::recv_flags::dontwait)) return std::nullopt;
@@ -84,7 +93,6 @@ std::optional<Incoming> RouterSocket::Receive(int timeout_ms) {
       if (parts == 1) return in;
       stats_.Count(FrameError::kGarbage,
                    "message of " + std::to_string(parts) + " parts (expected one frame)");
-      timeout_ms = 0;  // drop it and look for the next one without waiting
     } catch (const zmq::error_t& e) {
       if (e.num() == EINTR) return std::nullopt;  // a signal: let the caller check its flags
       LOG(ERROR) << "router receive: " << e.what();
