@@ -160,24 +160,20 @@ Result<GrpoStepStats> GrpoTrainer::Step(const std::vector<TrainingGroup>& groups
 
   const model::ModelConfig& mc = m.config();
   std::vector<std::vector<int64_t>> load(mc.moe_layers(), std::vector<int64_t>(mc.experts, 0));
-  // The reference is scored even with beta = 0: KL to it is the run's main
-  // drift signal in the metrics, at the cost of one forward without backward.
-  const bool need_ref = true;
   for (size_t b = 0; b < items.size(); b += options_.micro_batch) {
     const size_t e = std::min(items.size(), b + static_cast<size_t>(options_.micro_batch));
     std::vector<model::ScoreRequest> reqs;
     for (size_t i = b; i < e; ++i) reqs.push_back(items[i].request);
     GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> cur, m.Score(reqs, /*keep_for_backward=*/true));
-    model::ScoreResult<float> ref;
-    if (need_ref) {
-      GROVE_ASSIGN_OR_RETURN(ref, reference_->Score(reqs, false));
-    }
+    // The reference is scored even with beta = 0: KL to it is the run's main
+    // drift signal in the metrics, at the cost of one forward without backward.
+    GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> ref, reference_->Score(reqs, false));
     std::vector<int64_t> offsets{0};
     std::vector<float> logp, ref_logp, rollout_logp, adv;
     for (size_t i = b; i < e; ++i) {
       const auto& lp = cur.logprobs[i - b];
       logp.insert(logp.end(), lp.begin(), lp.end());
-      if (need_ref) ref_logp.insert(ref_logp.end(), ref.logprobs[i - b].begin(), ref.logprobs[i - b].end());
+      ref_logp.insert(ref_logp.end(), ref.logprobs[i - b].begin(), ref.logprobs[i - b].end());
       rollout_logp.insert(rollout_logp.end(), items[i].sample->rollout_logprobs.begin(),
                           items[i].sample->rollout_logprobs.end());
       offsets.push_back(static_cast<int64_t>(logp.size()));

@@ -261,6 +261,7 @@ Status RunLearnerLoop(const RoleArgs& args) {
     }
     auto batch = reply->envelope().getBody().getBatch();
     dropped_stale += static_cast<int64_t>(batch.getDroppedStale());
+    // The coordinator replaces the prompts of groups never trained on.
     proc->client().SetCounter("groups_wasted", static_cast<double>(dropped_stale + rejected_groups));
     if (!batch.getReady() || batch.getGroups().size() == 0) {
       proc->WaitFor(static_cast<int>(std::clamp<uint32_t>(batch.getRetryAfterMs(), 10, 1000)));
@@ -348,8 +349,6 @@ Status RunLearnerLoop(const RoleArgs& args) {
     proc->client().SetCounter("tokens_per_s", st.seconds > 0 ? st.tokens / st.seconds : 0.0);
     proc->client().SetCounter("staleness", st.staleness_mean);
     proc->client().SetCounter("weight_bytes_served", static_cast<double>(publisher->bytes_served()));
-    // The coordinator replaces the prompts of groups never trained on.
-    proc->client().SetCounter("groups_wasted", static_cast<double>(dropped_stale + rejected_groups));
   }
   proc->ReportDraining();
   GROVE_RETURN_IF_ERROR(trainer->SaveCheckpoint(ckpt_dir));
