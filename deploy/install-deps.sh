@@ -18,6 +18,9 @@ packages=(
   procps psmisc                     # ps/pkill used by the launcher and tests
   openssh-client openssh-server     # deploy/ssh.sh and its loopback test
   python3-yaml                      # the deploy-files test reads the Kubernetes manifests
+  bubblewrap                        # sandbox of the code-execution verifier
+  slurm-wlm munge                   # the single-node Slurm test of deploy/slurm
+  iproute2                          # network namespaces of the network-fault tests
 )
 
 missing=()
