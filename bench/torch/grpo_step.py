@@ -167,6 +167,9 @@ def grouped_mm_fn():
 def experts_loop(xs, counts, w1, w3, w2):
     """Rows of xs sorted by expert, counts[e] of them for expert e: one
     SwiGLU per expert with rows (data-dependent sizes: kept out of compile)."""
+    # unbind, not w1[e]: the backward of 64 separate selects would add 64
+    # full-size zero-padded gradients of the stacked weight; unbind's is one stack.
+    w1, w3, w2 = w1.unbind(0), w3.unbind(0), w2.unbind(0)
     ys = []
     start = 0
     for e, c in enumerate(counts.tolist()):
@@ -550,7 +553,7 @@ def bench(args):
         "weights": args.checkpoint or "random", "step_ms_median": ms, "step_ms_min": min(times),
         "step_ms_max": max(times), "steps": args.steps, "warmup_s": warm_s,
         "tokens_per_s": tokens_per_step / (ms / 1e3), "tflops": tflops, "mfu": tflops / PEAK_TFLOPS,
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss.detach()),
         "flops_per_token": cfg.flops_per_token(L), "n_matmul": cfg.matmul_params_per_token(),
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
     }

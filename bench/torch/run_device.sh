@@ -2,7 +2,8 @@
 # The baseline's run on the GPU machine, from a folder holding grpo_step.py,
 # gpu-ref.toml and the check-* folders dump_reference wrote (see
 # docs/gpu-learner-baseline.md for how that folder is staged):
-#   bash run_device.sh [SECONDS] MODE:IMPL[:replay] ...
+#   bash run_device.sh [SECONDS] MODE:IMPL[:OPTS] ...
+# OPTS: comma-separated "replay" (routing replay) and/or "bN" (batch N; default 32).
 # Runs every --check, then one process per configuration (a failure or OOM
 # costs only its row), all inside SECONDS (default 560), and prints the table.
 # Results go to $OUT (the device tool's folder) or /tmp/torchbase.
@@ -25,7 +26,14 @@ for spec in "$@"; do
   if (( left < 40 )); then echo "no time left for $spec" | tee -a "$out/skipped.txt"; continue; fi
   limit=$(( left < 300 ? left - 5 : 300 ))
   flags=()
-  [[ ${extra:-} == replay ]] && flags+=(--replay)
+  IFS=, read -ra opts <<< "${extra:-}"
+  for o in "${opts[@]}"; do
+    case $o in
+      replay) flags+=(--replay) ;;
+      b[0-9]*) flags+=(--batch "${o#b}") ;;
+      *) echo "unknown option $o in $spec" >&2; exit 2 ;;
+    esac
+  done
   echo "== $spec (limit ${limit}s)"
   timeout "$limit" python3 "$here/grpo_step.py" --config "$here/gpu-ref.toml" --random --mode "$mode" \
     --impl "$impl" "${flags[@]}" --results "$out/results.jsonl" 2>&1 | tail -n 25 | tee -a "$out/log.txt"
