@@ -8,22 +8,25 @@ namespace {
 
 constexpr int kThreads = 128;
 
-// One block per token (grid-stride): the block computes the token's half
-// cosines and sines once (double, rounded to fp32 as the CPU tables are),
-// then rotates every head's pairs, V consecutive pairs per thread.
+// One block per token (grid-stride over a bounded grid, so each block's
+// base^(-2i/head_dim), a double pow, is computed once and reused): the block
+// computes the token's half cosines and sines (double, rounded to fp32 as
+// the CPU tables are), then rotates every head's pairs, V pairs per thread.
 template <int V>
 __global__ void RopeKernel(__nv_bfloat16* x, const int32_t* positions, int tokens, int heads, int head_dim,
                            double base, int64_t row_stride, float sign) {
+  __shared__ double inv_freq[kRopeMaxHeadDim / 2];
   __shared__ float cos_s[kRopeMaxHeadDim / 2];
   __shared__ float sin_s[kRopeMaxHeadDim / 2];
   const int half = head_dim / 2;
   const int groups = half / V;  // vectors per half-head
+  for (int i = threadIdx.x; i < half; i += blockDim.x)
+    inv_freq[i] = pow(base, -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
   for (int t = blockIdx.x; t < tokens; t += gridDim.x) {
     const double pos = static_cast<double>(positions[t]);
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
-      const double angle = pos * pow(base, -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
       double s, c;
-      sincos(angle, &s, &c);
+      sincos(pos * inv_freq[i], &s, &c);
       cos_s[i] = static_cast<float>(c);
       sin_s[i] = sign * static_cast<float>(s);
     }
@@ -76,7 +79,7 @@ Status Rope(const char* what, __nv_bfloat16* x, const int32_t* positions, int to
                                    " < heads * head_dim " + std::to_string(packed));
   if (tokens == 0) return Status::OK();
   if (!x || !positions) return Status::InvalidArgument(std::string(what) + ": null pointer");
-  const int blocks = tokens < 65536 ? tokens : 65536;
+  const int blocks = tokens < 2048 ? tokens : 2048;  // ~16 per SM; each block reuses its inv_freq
   const bool vec = (head_dim / 2) % 8 == 0 && row_stride % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   if (vec)
     RopeKernel<8><<<blocks, kThreads, 0, stream>>>(x, positions, tokens, heads, head_dim, base, row_stride, sign);

@@ -42,7 +42,8 @@ Status RouterTopK(const RouterArgs& args, cudaStream_t stream);
 // the chosen scores; else scale * dgate_j), plus, when balance_alpha > 0, the
 // sequence-wise balance loss alpha * sum_e f_e P_e through P (P_e = mean over
 // the sequence of s_e / sum s), then through the sigmoid or the softmax.
-// fp32, one warp per token; deterministic.
+// fp32, one warp per token; deterministic (the balance counts are integer
+// atomics).
 struct RouterBackwardArgs {
   const float* scores = nullptr;    // [tokens, experts] from RouterTopK
   const uint16_t* ids = nullptr;    // [tokens, top_k] from RouterTopK
@@ -56,16 +57,22 @@ struct RouterBackwardArgs {
   float route_scale = 1.f;
   // Balance loss (model/moe.h, DeepSeek-V3 sequence-wise): 0 = off. When on,
   // seq_offsets int32 [sequences + 1] on the device partition the tokens
-  // (seq_offsets[0] = 0, seq_offsets[sequences] = tokens: the caller's
-  // contract) and the workspace holds RouterBackwardWorkspaceBytes.
+  // (seq_offsets[0] = 0, non-decreasing, seq_offsets[sequences] = tokens:
+  // the caller's contract) and the workspace holds
+  // RouterBackwardWorkspaceBytes(sequences, tokens, experts).
   float balance_alpha = 0.f;
   const int32_t* seq_offsets = nullptr;
   int sequences = 0;
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
+  // Optional (needs balance_alpha > 0): the balance loss's value, alpha *
+  // sum over sequences of sum_e f_e P_e (what MoeForward returns), written
+  // to this device float for logging. Per-token terms in fp32, summed in
+  // double in a fixed order.
+  float* balance_loss = nullptr;
 };
 
-size_t RouterBackwardWorkspaceBytes(int sequences, int experts);
+size_t RouterBackwardWorkspaceBytes(int sequences, int tokens, int experts);
 
 Status RouterBackward(const RouterBackwardArgs& args, cudaStream_t stream);
 

@@ -400,16 +400,19 @@ void StepKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
     CUDA_CHECK(cudaMemcpy(seq, hseq.data(), hseq.size() * 4, cudaMemcpyHostToDevice));
     void* rws;
     const int seqs = int(hseq.size()) - 1;
-    const size_t rws_bytes = gk::RouterBackwardWorkspaceBytes(seqs, experts);
+    const size_t rws_bytes = gk::RouterBackwardWorkspaceBytes(seqs, tokens, experts);
+    float* balance_loss;
+    CUDA_CHECK(cudaMalloc(&balance_loss, 4));
     CUDA_CHECK(cudaMalloc(&rws, rws_bytes));
     gk::RouterBackwardArgs rb;
     rb.scores = scores; rb.ids = d_ids; rb.dgates = dgates; rb.dlogits = dlogits;
     rb.tokens = tokens; rb.experts = experts; rb.top_k = top_k; rb.sigmoid = true; rb.norm_topk = true;
     rb.balance_alpha = 1e-4f; rb.seq_offsets = seq; rb.sequences = seqs; rb.workspace = rws;
     rb.workspace_bytes = rws_bytes;
+    rb.balance_loss = balance_loss;
     ms = MedianMs([&] { check(gk::RouterBackward(rb, nullptr)); }, reps);
     report("router bwd sigmoid top-6/64 + balance loss", ms, hs.size() * 8.0 + rows * 6.0);
-    cudaFree(scores); cudaFree(dlogits); cudaFree(seq); cudaFree(rws); cudaFree(dgates);
+    cudaFree(scores); cudaFree(dlogits); cudaFree(seq); cudaFree(rws); cudaFree(dgates); cudaFree(balance_loss);
     cudaFree(d_ids); cudaFree(offsets); cudaFree(row_of_slot); cudaFree(slot_of_row); cudaFree(load); cudaFree(ws);
   }
   // Log-prob head over [16384, 32768] logits, fp32 and bf16.

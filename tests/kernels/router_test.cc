@@ -208,6 +208,7 @@ void CheckRouterBackward(const BackwardCase& c) {
 
   // Reference: model/moe.h's backward in double.
   std::vector<double> ref(size_t(c.tokens) * E, 0.0), row_scale(c.tokens, 0.0);
+  double ref_loss = 0;  // alpha * sum over sequences of sum_e f_e P_e, as MoeForward returns it
   for (int q = 0; q + 1 < int(seq.size()); ++q) {
     const int t0 = seq[q], t1 = seq[q + 1], len = t1 - t0;
     std::vector<double> fcoef(E, 0.0);
@@ -232,6 +233,7 @@ void CheckRouterBackward(const BackwardCase& c) {
         for (int e = 0; e < E; ++e) z += sc[e];
         for (int e = 0; e < E; ++e) dot += fcoef[e] * sc[e] / z;
         for (int e = 0; e < E; ++e) dl[e] += (fcoef[e] - dot) / z;
+        ref_loss += dot;  // fcoef holds alpha f_e / len: this token's share of the loss
       }
       double dl_max = 0;
       for (int e = 0; e < E; ++e) dl_max = std::max(dl_max, std::fabs(dl[e]));
@@ -250,8 +252,9 @@ void CheckRouterBackward(const BackwardCase& c) {
   DeviceBuffer<float> d_scores(scores.size()), d_dgates(dgates.size()), d_dlogits(scores.size());
   DeviceBuffer<uint16_t> d_ids(ids.size());
   DeviceBuffer<int32_t> d_seq(seq.size());
-  const size_t ws_bytes = RouterBackwardWorkspaceBytes(c.sequences, E);
+  const size_t ws_bytes = RouterBackwardWorkspaceBytes(c.sequences, c.tokens, E);
   DeviceBuffer<char> d_ws(ws_bytes);
+  DeviceBuffer<float> d_loss(1);
   GROVE_CUDA_OK(d_scores.Upload(scores));
   GROVE_CUDA_OK(d_dgates.Upload(dgates));
   GROVE_CUDA_OK(d_ids.Upload(ids));
@@ -273,6 +276,7 @@ void CheckRouterBackward(const BackwardCase& c) {
   a.sequences = c.sequences;
   a.workspace = d_ws.get();
   a.workspace_bytes = ws_bytes;
+  a.balance_loss = c.alpha > 0 ? d_loss.get() : nullptr;
   Status s = RouterBackward(a, nullptr);
   ASSERT_TRUE(s.ok()) << s;
   std::vector<float> dlogits;
@@ -286,6 +290,13 @@ void CheckRouterBackward(const BackwardCase& c) {
                       << " (row scale " << row_scale[t] << ")";
     }
   EXPECT_EQ(bad, 0u);
+  if (c.alpha > 0) {
+    // Per token an fp32 sum of E <= 256 positive products: within
+    // (E + 2) 2^-24 < 1.6e-5 relative, and so is the double sum of them.
+    std::vector<float> loss;
+    GROVE_CUDA_OK(d_loss.Download(&loss));
+    EXPECT_NEAR(loss[0], ref_loss, 2e-5 * ref_loss + 1e-30);
+  }
 }
 
 TEST(RouterBackwardTest, GpuReferenceRouting) {
@@ -317,6 +328,9 @@ TEST(RouterBackwardTest, RejectsBadShapes) {
   a.balance_alpha = 0.1f;  // without sequences and workspace
   EXPECT_EQ(RouterBackward(a, nullptr).code(), StatusCode::kInvalidArgument);
   a.balance_alpha = -1.f;
+  EXPECT_EQ(RouterBackward(a, nullptr).code(), StatusCode::kInvalidArgument);
+  a.balance_alpha = 0.f;
+  a.balance_loss = &f;  // a loss without the balance term
   EXPECT_EQ(RouterBackward(a, nullptr).code(), StatusCode::kInvalidArgument);
 }
 
