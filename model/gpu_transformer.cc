@@ -88,7 +88,7 @@ struct Tape {
   std::vector<DevBuf> resid;      // residual stream entering each layer (+ the final one)
   std::vector<LayerTape> layers;
   DevBuf ids, counts, offsets, prob_mean, bal_count;  // [moe layers, ...]
-  DevBuf rstd_final, h_final, hs, logits, lse, logp;
+  DevBuf rstd_final, h_final, hs, lse, logp;  // logits are recomputed per chunk, never kept
   bool valid = false;
 };
 
@@ -109,6 +109,12 @@ Status Gemm(cublasHandle_t h, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
                 what);
 }
 
+// Scored rows per LM-head chunk: the fp32 logits of a chunk are at most
+// 2^27 floats (512 MiB), so the [scored, vocab] block is never whole in
+// memory (3.8 GB at 28k rows x 32k vocab); the backward recomputes each
+// chunk's logits (one more lm_head GEMM, ~1% of a step's FLOPs).
+int64_t LmHeadChunk(int64_t vocab) { return std::max<int64_t>(1, (int64_t(1) << 27) / vocab); }
+
 }  // namespace
 
 struct GpuTransformer::Impl {
@@ -119,7 +125,7 @@ struct GpuTransformer::Impl {
   Tape kept, scratch;
   // Backward workspace.
   DevBuf dres, dres_b, dmain, dmain_b, dq, dk, dv, dout_b, dwork, dnorm_w, attn_ws, norm_ws, dz, dhs, dlogits,
-      dgate, dea, deb, deh, dey, dxe1, dxe3, xe, g, router_logits, shared_out;
+      dgate, dea, deb, deh, dey, dxe1, dxe3, xe, g, router_logits, shared_out, logits;
   std::vector<float> h_prob_mean;
   std::vector<int32_t> h_bal_count;
 
@@ -516,17 +522,22 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   // Final norm, LM head on the scored rows, log-probs.
   bf16 *hf, *hs;
   float *rstd_f, *logits, *lse, *logp;
+  const int64_t chunk = std::min<int64_t>(S, LmHeadChunk(V));
   GROVE_RETURN_IF_ERROR(tp.h_final.Reserve(R * H, &hf));
   GROVE_RETURN_IF_ERROR(tp.rstd_final.Reserve(R, &rstd_f));
   GROVE_RETURN_IF_ERROR(tp.hs.Reserve(S * H, &hs));
-  GROVE_RETURN_IF_ERROR(tp.logits.Reserve(S * V, &logits));
+  GROVE_RETURN_IF_ERROR(im.logits.Reserve(chunk * V, &logits));
   GROVE_RETURN_IF_ERROR(tp.lse.Reserve(S, &lse));
   GROVE_RETURN_IF_ERROR(tp.logp.Reserve(S, &logp));
   GROVE_RETURN_IF_ERROR(
       kernels::RmsNormForward(resid(c.layers).as<bf16>(), Pf("norm"), hf, rstd_f, R, int(H), eps, st));
   gpu::GatherRows(hf, tp.sc_row.as<int32_t>(), hs, S, int(H), st);
-  GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, S, V, H, hs, H, Wb("lm_head"), H, logits, true, V, 0, "lm_head"));
-  gpu::LogProbForward(logits, tp.sc_target.as<int32_t>(), lse, logp, S, int(V), st);
+  for (int64_t r0 = 0; r0 < S; r0 += chunk) {
+    const int64_t n = std::min<int64_t>(chunk, S - r0);
+    GROVE_RETURN_IF_ERROR(
+        Gemm(cb, false, true, n, V, H, hs + r0 * H, H, Wb("lm_head"), H, logits, true, V, 0, "lm_head"));
+    gpu::LogProbForward(logits, tp.sc_target.as<int32_t>() + r0, lse + r0, logp + r0, int(n), int(V), st);
+  }
   GPU_LAUNCHED("log-probs");
 
   // Results to the host.
@@ -633,7 +644,10 @@ Status GpuTransformer::Backward(const std::vector<std::vector<float>>& dlogprobs
   GROVE_RETURN_IF_ERROR(im.dnorm_w.Reserve(H, &dnorm_w));
   GROVE_RETURN_IF_ERROR(im.g.Reserve(S, &dg));
   GROVE_RETURN_IF_ERROR(im.dhs.Reserve(S * H, &dhs));
-  GROVE_RETURN_IF_ERROR(im.dz.Reserve(S * V, &dz));
+  const int64_t chunk = std::min<int64_t>(S, LmHeadChunk(V));
+  float* logits = nullptr;
+  GROVE_RETURN_IF_ERROR(im.dz.Reserve(chunk * V, &dz));
+  GROVE_RETURN_IF_ERROR(im.logits.Reserve(chunk * V, &logits));
   GROVE_RETURN_IF_ERROR(im.norm_ws.Reserve(kernels::RmsNormBackwardWorkspaceBytes(R, int(H))));
   kernels::AttentionShape ash;
   ash.cu_seqlens = tp.cu_seqlens.as<int32_t>();
@@ -663,10 +677,16 @@ Status GpuTransformer::Backward(const std::vector<std::vector<float>>& dlogprobs
   };
 
   // LM head and final norm.
-  gpu::LogProbBackward(tp.logits.as<float>(), tp.sc_target.as<int32_t>(), tp.lse.as<float>(), dg, dz, S, int(V), st);
-  GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, S, H, V, dz, V, Wb("lm_head"), H, dhs, true, H, 0, "lm_head dx"));
-  GROVE_RETURN_IF_ERROR(
-      Gemm(cb, true, false, V, H, S, dz, V, tp.hs.as<bf16>(), H, Gf("lm_head"), true, H, 1, "lm_head dW"));
+  for (int64_t r0 = 0; r0 < S; r0 += chunk) {
+    const int64_t n = std::min<int64_t>(chunk, S - r0);
+    const bf16* hs = tp.hs.as<bf16>() + r0 * H;
+    GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, n, V, H, hs, H, Wb("lm_head"), H, logits, true, V, 0, "lm_head"));
+    gpu::LogProbBackward(logits, tp.sc_target.as<int32_t>() + r0, tp.lse.as<float>() + r0, dg + r0, dz, int(n),
+                         int(V), st);
+    GROVE_RETURN_IF_ERROR(
+        Gemm(cb, false, false, n, H, V, dz, V, Wb("lm_head"), H, dhs + r0 * H, true, H, 0, "lm_head dx"));
+    GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, V, H, n, dz, V, hs, H, Gf("lm_head"), true, H, 1, "lm_head dW"));
+  }
   GPU_OK(cudaMemsetAsync(dmain, 0, size_t(R) * H * sizeof(float), st));
   gpu::ScatterRows(dhs, tp.sc_row.as<int32_t>(), dmain, S, int(H), st);
   GPU_OK(cudaMemsetAsync(dres, 0, size_t(R) * H * sizeof(float), st));

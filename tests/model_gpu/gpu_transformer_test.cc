@@ -7,8 +7,11 @@
 // stream is bf16 too, so each layer adds ~2u of relative noise to it. For a
 // log-prob, the final logits z = h W^T carry errors of a few u * |z| plus the
 // propagated hidden-state error; with the test's init (std 0.08, |z| up to
-// ~3) that is ~1e-2 nats in the worst token and a few 1e-3 on average, so
-// max |dlogp| <= 0.05 and mean <= 0.01 leave a margin of ~3-5x.
+// ~3) that is a few 1e-2 nats in the worst token and ~1e-2 on average.
+// Measured on the H100 (replayed routes, 4 seeds over both configs): max
+// 0.014-0.037, mean 0.0045-0.0097. Bounds: max 0.08, mean 0.02 (2x the
+// worst seen; a real error -- a wrong expert, position or mask -- moves
+// log-probs by 0.1-1 nats).
 // Gradients (with routing replay, so both sides route identically): each
 // weight gradient is a sum over many rows of products of bf16-rounded
 // factors whose rounding errors are independent, so the relative L2 error
@@ -195,8 +198,8 @@ TEST_P(GpuTransformerTest, ScoreMatchesCpu) {
   ASSERT_TRUE(gpu_r.ok()) << gpu_r.status().ToString();
   const LogpError er = CompareLogprobs(*cpu, *gpu_r);
   std::printf("[config %d] replayed: max |dlogp| %.3g mean %.3g\n", GetParam(), er.max, er.mean);
-  EXPECT_LE(er.max, 0.05);
-  EXPECT_LE(er.mean, 0.01);
+  EXPECT_LE(er.max, 0.08);
+  EXPECT_LE(er.mean, 0.02);
   for (size_t i = 0; i < batch.size(); ++i) EXPECT_EQ(gpu_r->routes[i], cpu->routes[i]);
   EXPECT_EQ(gpu_r->expert_load, cpu->expert_load);
   EXPECT_NEAR(gpu_r->balance_loss, cpu->balance_loss, 1e-2 * std::abs(cpu->balance_loss) + 1e-9);
