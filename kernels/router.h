@@ -35,4 +35,45 @@ struct RouterArgs {
 // gives gate 0 and is written back as given).
 Status RouterTopK(const RouterArgs& args, cudaStream_t stream);
 
+// The gradient of RouterTopK's gates with respect to the logits, as
+// model/moe.h's MoeBackward computes it: the selection is a constant, the
+// bias never gets a gradient. Per token, d/ds at the chosen experts
+// (norm_topk: scale * (dgate_j - sum_i dgate_i s_i / z) / z with z the sum of
+// the chosen scores; else scale * dgate_j), plus, when balance_alpha > 0, the
+// sequence-wise balance loss alpha * sum_e f_e P_e through P (P_e = mean over
+// the sequence of s_e / sum s), then through the sigmoid or the softmax.
+// fp32, one warp per token; deterministic (the balance counts are integer
+// atomics).
+struct RouterBackwardArgs {
+  const float* scores = nullptr;    // [tokens, experts] from RouterTopK
+  const uint16_t* ids = nullptr;    // [tokens, top_k] from RouterTopK
+  const float* dgates = nullptr;    // [tokens, top_k]
+  float* dlogits = nullptr;         // [tokens, experts] out (overwritten)
+  int tokens = 0;
+  int experts = 0;
+  int top_k = 0;
+  bool sigmoid = false;
+  bool norm_topk = false;
+  float route_scale = 1.f;
+  // Balance loss (model/moe.h, DeepSeek-V3 sequence-wise): 0 = off. When on,
+  // seq_offsets int32 [sequences + 1] on the device partition the tokens
+  // (seq_offsets[0] = 0, non-decreasing, seq_offsets[sequences] = tokens:
+  // the caller's contract) and the workspace holds
+  // RouterBackwardWorkspaceBytes(sequences, tokens, experts).
+  float balance_alpha = 0.f;
+  const int32_t* seq_offsets = nullptr;
+  int sequences = 0;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  // Optional (needs balance_alpha > 0): the balance loss's value, alpha *
+  // sum over sequences of sum_e f_e P_e (what MoeForward returns), written
+  // to this device float for logging. Per-token terms in fp32, summed in
+  // double in a fixed order.
+  float* balance_loss = nullptr;
+};
+
+size_t RouterBackwardWorkspaceBytes(int sequences, int tokens, int experts);
+
+Status RouterBackward(const RouterBackwardArgs& args, cudaStream_t stream);
+
 }  // namespace grove::kernels

@@ -11,8 +11,14 @@
 // per batch (FLOPs counted as in FlashAttention's benchmarks: 4 * B * L^2 *
 // H * D for the forward, halved for the causal mask; the backward 2.5x).
 //
+// The training step's other kernels (embedding, RoPE, MoE permutation and
+// combine, router backward, log-prob head, GRPO loss) at the GPU reference
+// model's training shape (16384 tokens) in GB/s of the bytes each must move
+// once, against the device copy rate.
+//
 // Usage: kernel_bench [--quick]   (prints a table; no assertions)
 //        kernel_bench --attention (only the attention table)
+//        kernel_bench --step      (copy ceiling and the step-kernel table)
 //        kernel_bench --profile   (one launch of each wgmma variant and cuBLAS
 //                                  dense at T=16384, bf16 out: for ncu)
 #include <cublas_v2.h>
@@ -31,6 +37,11 @@
 
 #include "kernels/adamw.h"
 #include "kernels/attention.h"
+#include "kernels/embedding.h"
+#include "kernels/grpo_loss.h"
+#include "kernels/logprob_head.h"
+#include "kernels/moe_permute.h"
+#include "kernels/rope.h"
 #include "kernels/grouped_gemm.h"
 #include "kernels/rmsnorm.h"
 #include "kernels/router.h"
@@ -138,17 +149,25 @@ double MaxRelDiff(const void* x, const void* y, size_t count, GemmOutType out) {
   return std::sqrt(num / std::max(den, 1e-30));
 }
 
-double Ceilings(cublasHandle_t h, std::mt19937_64& rng) {
-  const size_t bytes = size_t{1} << 31;  // 2 GiB copy
+// Device-to-device copy rate of 2 GiB (read + write), printed.
+double CopyCeilingGbs() {
+  const size_t bytes = size_t{1} << 31;
   void *src, *dst;
   CUDA_CHECK(cudaMalloc(&src, bytes));
   CUDA_CHECK(cudaMalloc(&dst, bytes));
   CUDA_CHECK(cudaMemset(src, 1, bytes));
-  double ms = MedianMs([&] { CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); }, 10);
+  const double ms =
+      MedianMs([&] { CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); }, 10);
   const double copy_gbs = 2.0 * bytes / ms / 1e6;
   std::printf("ceiling: device copy %.0f GB/s (read + write)\n", copy_gbs);
   cudaFree(src);
   cudaFree(dst);
+  return copy_gbs;
+}
+
+double Ceilings(cublasHandle_t h, std::mt19937_64& rng) {
+  const double copy_gbs = CopyCeilingGbs();
+  double ms;
   const int s = 8192;
   __nv_bfloat16* a = RandomDeviceBf16(size_t(s) * s, rng);
   __nv_bfloat16* b = RandomDeviceBf16(size_t(s) * s, rng);
@@ -242,6 +261,228 @@ void MemoryBoundKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
     report("AdamW 128M params (+bf16 copy)", ms, n * 30.0);
     for (float* b : {p, g, m, v}) cudaFree(b);
     cudaFree(pb);
+  }
+}
+
+// The step kernels of issue 8 at 16384 tokens of the GPU reference model
+// (hidden 1024, 8 + 2 heads x 128, 64 experts top-6, vocab 32768). Bytes are
+// the minimum each kernel must move (every input read once, every output
+// written once); index work (sorts, scans) is not counted as bytes.
+void StepKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
+  namespace gk = grove::kernels;
+  std::printf("\n%-52s %9s %9s %8s\n", "step kernel (16384 tokens)", "ms", "GB/s", "%copy");
+  auto report = [&](const char* name, double ms, double bytes) {
+    std::printf("%-52s %9.4f %9.0f %8.1f\n", name, ms, bytes / ms / 1e6, 100.0 * bytes / ms / 1e6 / copy_gbs);
+    std::fflush(stdout);
+  };
+  auto check = [](const grove::Status& s) {
+    if (!s.ok()) {
+      std::fprintf(stderr, "step kernel failed: %s\n", s.ToString().c_str());
+      std::exit(1);
+    }
+  };
+  const int tokens = 16384, hidden = 1024, vocab = 32768, experts = 64, top_k = 6;
+  const int rows = tokens * top_k;
+  const size_t th = size_t(tokens) * hidden, rh = size_t(rows) * hidden;
+  // Embedding.
+  {
+    std::vector<int32_t> ids(tokens);
+    std::uniform_int_distribution<int> pick(0, vocab - 1);
+    std::vector<char> seen(vocab, 0);
+    int unique = 0;
+    for (int32_t& id : ids) {
+      id = pick(rng);
+      unique += !seen[id];
+      seen[id] = 1;
+    }
+    int32_t* d_ids;
+    CUDA_CHECK(cudaMalloc(&d_ids, tokens * 4));
+    CUDA_CHECK(cudaMemcpy(d_ids, ids.data(), tokens * 4, cudaMemcpyHostToDevice));
+    __nv_bfloat16* table = RandomDeviceBf16(size_t(vocab) * hidden, rng);
+    __nv_bfloat16* dout = RandomDeviceBf16(th, rng);
+    __nv_bfloat16* out;
+    float* dtable;
+    void* ws;
+    const size_t ws_bytes = gk::EmbeddingBackwardWorkspaceBytes(tokens, vocab);
+    CUDA_CHECK(cudaMalloc(&out, th * 2));
+    CUDA_CHECK(cudaMalloc(&dtable, size_t(vocab) * hidden * 4));
+    CUDA_CHECK(cudaMemset(dtable, 0, size_t(vocab) * hidden * 4));
+    CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
+    double ms = MedianMs([&] { check(gk::EmbeddingForward(d_ids, table, out, tokens, vocab, hidden, nullptr)); }, reps);
+    report("embedding fwd [16384 of 32768, 1024] bf16", ms, th * 4.0);
+    ms = MedianMs([&] {
+      check(gk::EmbeddingBackward(d_ids, dout, dtable, ws, ws_bytes, tokens, vocab, hidden, nullptr));
+    }, reps);
+    report("embedding bwd (sort + fp32 += rows)", ms, th * 2.0 + double(unique) * hidden * 8.0);
+    cudaFree(d_ids); cudaFree(table); cudaFree(dout); cudaFree(out); cudaFree(dtable); cudaFree(ws);
+  }
+  // RoPE on q and k.
+  {
+    std::vector<int32_t> pos(tokens);
+    for (int t = 0; t < tokens; ++t) pos[t] = t % 2048;  // 8 sequences of 2048
+    int32_t* d_pos;
+    CUDA_CHECK(cudaMalloc(&d_pos, tokens * 4));
+    CUDA_CHECK(cudaMemcpy(d_pos, pos.data(), tokens * 4, cudaMemcpyHostToDevice));
+    __nv_bfloat16* q = RandomDeviceBf16(size_t(tokens) * 8 * 128, rng);
+    __nv_bfloat16* k = RandomDeviceBf16(size_t(tokens) * 2 * 128, rng);
+    double ms = MedianMs([&] { check(gk::RopeForward(q, d_pos, tokens, 8, 128, 10000.0, nullptr)); }, reps);
+    report("rope fwd q [16384, 8, 128] in place", ms, tokens * 8 * 128 * 4.0);
+    ms = MedianMs([&] { check(gk::RopeForward(k, d_pos, tokens, 2, 128, 10000.0, nullptr)); }, reps);
+    report("rope fwd k [16384, 2, 128] in place", ms, tokens * 2 * 128 * 4.0);
+    ms = MedianMs([&] { check(gk::RopeBackward(q, d_pos, tokens, 8, 128, 10000.0, nullptr)); }, reps);
+    report("rope bwd dq [16384, 8, 128] in place", ms, tokens * 8 * 128 * 4.0);
+    cudaFree(d_pos); cudaFree(q); cudaFree(k);
+  }
+  // MoE: route index, permute, combine and their backwards; router backward.
+  {
+    std::vector<uint16_t> ids(rows);
+    std::vector<int> perm(experts);
+    for (int e = 0; e < experts; ++e) perm[e] = e;
+    for (int t = 0; t < tokens; ++t) {
+      std::shuffle(perm.begin(), perm.end(), rng);
+      for (int j = 0; j < top_k; ++j) ids[size_t(t) * top_k + j] = uint16_t(perm[j]);
+    }
+    uint16_t* d_ids;
+    int32_t *offsets, *row_of_slot, *slot_of_row, *load;
+    void* ws;
+    const size_t ws_bytes = gk::MoeRouteIndexWorkspaceBytes(tokens, top_k, experts);
+    CUDA_CHECK(cudaMalloc(&d_ids, rows * 2));
+    CUDA_CHECK(cudaMemcpy(d_ids, ids.data(), rows * 2, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMalloc(&offsets, (experts + 1) * 4));
+    CUDA_CHECK(cudaMalloc(&row_of_slot, rows * 4));
+    CUDA_CHECK(cudaMalloc(&slot_of_row, rows * 4));
+    CUDA_CHECK(cudaMalloc(&load, experts * 4));
+    CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
+    double ms = MedianMs([&] {
+      check(gk::MoeRouteIndex(d_ids, tokens, top_k, experts, ws, ws_bytes, offsets, row_of_slot, slot_of_row, load,
+                              nullptr));
+    }, reps);
+    report("MoE route index (98304 slots, 64 experts)", ms, rows * 10.0);
+    __nv_bfloat16* x = RandomDeviceBf16(th, rng);
+    __nv_bfloat16* c = RandomDeviceBf16(rh, rng);
+    __nv_bfloat16* dy = RandomDeviceBf16(th, rng);
+    __nv_bfloat16 *a, *y, *dc;
+    float *gates, *dgates;
+    CUDA_CHECK(cudaMalloc(&a, rh * 2));
+    CUDA_CHECK(cudaMalloc(&y, th * 2));
+    CUDA_CHECK(cudaMalloc(&dc, rh * 2));
+    CUDA_CHECK(cudaMalloc(&gates, rows * 4));
+    CUDA_CHECK(cudaMalloc(&dgates, rows * 4));
+    CUDA_CHECK(cudaMemset(gates, 0, rows * 4));
+    ms = MedianMs([&] { check(gk::MoePermute(x, slot_of_row, a, rows, top_k, hidden, nullptr)); }, reps);
+    report("MoE permute x -> a [98304, 1024] bf16", ms, rh * 4.0);
+    ms = MedianMs([&] { check(gk::MoeCombine(c, gates, row_of_slot, y, false, tokens, top_k, hidden, nullptr)); },
+                  reps);
+    report("MoE combine c -> y (gated sum of 6)", ms, rh * 2.0 + th * 2.0);
+    ms = MedianMs([&] { check(gk::MoeCombine(c, gates, row_of_slot, y, true, tokens, top_k, hidden, nullptr)); },
+                  reps);
+    report("MoE combine, accumulate into y", ms, rh * 2.0 + th * 4.0);
+    ms = MedianMs([&] {
+      check(gk::MoeCombineBackward(dy, c, gates, row_of_slot, dc, dgates, tokens, top_k, hidden, nullptr));
+    }, reps);
+    report("MoE combine bwd (dc, dgates)", ms, th * 2.0 + rh * 4.0);
+    ms = MedianMs([&] { check(gk::MoePermuteBackward(c, row_of_slot, y, false, tokens, top_k, hidden, nullptr)); },
+                  reps);
+    report("MoE permute bwd da -> dx", ms, rh * 2.0 + th * 2.0);
+    cudaFree(x); cudaFree(c); cudaFree(dy); cudaFree(a); cudaFree(y); cudaFree(dc); cudaFree(gates);
+
+    std::vector<float> hs(size_t(tokens) * experts);
+    std::uniform_real_distribution<float> u(0.05f, 0.95f);
+    for (float& v : hs) v = u(rng);
+    float *scores, *dlogits;
+    int32_t* seq;
+    std::vector<int32_t> hseq;
+    for (int t = 0; t <= tokens; t += 2048) hseq.push_back(t);
+    CUDA_CHECK(cudaMalloc(&scores, hs.size() * 4));
+    CUDA_CHECK(cudaMalloc(&dlogits, hs.size() * 4));
+    CUDA_CHECK(cudaMalloc(&seq, hseq.size() * 4));
+    CUDA_CHECK(cudaMemcpy(scores, hs.data(), hs.size() * 4, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(seq, hseq.data(), hseq.size() * 4, cudaMemcpyHostToDevice));
+    void* rws;
+    const int seqs = int(hseq.size()) - 1;
+    const size_t rws_bytes = gk::RouterBackwardWorkspaceBytes(seqs, tokens, experts);
+    float* balance_loss;
+    CUDA_CHECK(cudaMalloc(&balance_loss, 4));
+    CUDA_CHECK(cudaMalloc(&rws, rws_bytes));
+    gk::RouterBackwardArgs rb;
+    rb.scores = scores; rb.ids = d_ids; rb.dgates = dgates; rb.dlogits = dlogits;
+    rb.tokens = tokens; rb.experts = experts; rb.top_k = top_k; rb.sigmoid = true; rb.norm_topk = true;
+    rb.balance_alpha = 1e-4f; rb.seq_offsets = seq; rb.sequences = seqs; rb.workspace = rws;
+    rb.workspace_bytes = rws_bytes;
+    rb.balance_loss = balance_loss;
+    ms = MedianMs([&] { check(gk::RouterBackward(rb, nullptr)); }, reps);
+    report("router bwd sigmoid top-6/64 + balance loss", ms, hs.size() * 8.0 + rows * 6.0);
+    cudaFree(scores); cudaFree(dlogits); cudaFree(seq); cudaFree(rws); cudaFree(dgates); cudaFree(balance_loss);
+    cudaFree(d_ids); cudaFree(offsets); cudaFree(row_of_slot); cudaFree(slot_of_row); cudaFree(load); cudaFree(ws);
+  }
+  // Log-prob head over [16384, 32768] logits, fp32 and bf16.
+  {
+    const size_t n = size_t(tokens) * vocab;
+    std::vector<int32_t> targets(tokens);
+    std::uniform_int_distribution<int> pick(0, vocab - 1);
+    for (int32_t& t : targets) t = pick(rng);
+    int32_t* d_targets;
+    float *logp, *lse, *dlogp, *logits32;
+    __nv_bfloat16* dlogits;
+    CUDA_CHECK(cudaMalloc(&d_targets, tokens * 4));
+    CUDA_CHECK(cudaMemcpy(d_targets, targets.data(), tokens * 4, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMalloc(&logp, tokens * 4));
+    CUDA_CHECK(cudaMalloc(&lse, tokens * 4));
+    CUDA_CHECK(cudaMalloc(&dlogp, tokens * 4));
+    CUDA_CHECK(cudaMemset(dlogp, 0, tokens * 4));
+    CUDA_CHECK(cudaMalloc(&dlogits, n * 2));
+    __nv_bfloat16* logits16 = RandomDeviceBf16(n, rng);
+    CUDA_CHECK(cudaMalloc(&logits32, n * 4));
+    CUDA_CHECK(cudaMemset(logits32, 0, n * 4));
+    double ms = MedianMs([&] { check(gk::TokenLogProbForward(logits32, d_targets, logp, lse, tokens, vocab, nullptr)); },
+                         reps);
+    report("log-prob fwd fp32 logits [16384, 32768]", ms, n * 4.0);
+    ms = MedianMs([&] {
+      check(gk::TokenLogProbBackward(logits32, d_targets, lse, dlogp, dlogits, tokens, vocab, nullptr));
+    }, reps);
+    report("log-prob bwd fp32 logits -> bf16 dlogits", ms, n * 6.0);
+    ms = MedianMs([&] { check(gk::TokenLogProbForward(logits16, d_targets, logp, lse, tokens, vocab, nullptr)); },
+                  reps);
+    report("log-prob fwd bf16 logits [16384, 32768]", ms, n * 2.0);
+    ms = MedianMs([&] {
+      check(gk::TokenLogProbBackward(logits16, d_targets, lse, dlogp, dlogits, tokens, vocab, nullptr));
+    }, reps);
+    report("log-prob bwd bf16 logits -> bf16 dlogits", ms, n * 4.0);
+    cudaFree(d_targets); cudaFree(logp); cudaFree(lse); cudaFree(dlogp); cudaFree(dlogits); cudaFree(logits16);
+    cudaFree(logits32);
+  }
+  // GRPO loss over 16384 completion tokens in 64 sequences.
+  {
+    const int seqs = 64;
+    std::vector<int32_t> off(seqs + 1);
+    for (int i = 0; i <= seqs; ++i) off[i] = i * (tokens / seqs);
+    std::vector<float> lp(tokens), adv(seqs);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    for (float& v : lp) v = -std::fabs(nd(rng));
+    for (float& v : adv) v = nd(rng);
+    int32_t* d_off;
+    float *d_lp, *d_adv, *d_dlogp;
+    gk::GrpoLossStats* stats;
+    void* ws;
+    const size_t ws_bytes = gk::GrpoLossWorkspaceBytes(seqs);
+    CUDA_CHECK(cudaMalloc(&d_off, off.size() * 4));
+    CUDA_CHECK(cudaMalloc(&d_lp, tokens * 4));
+    CUDA_CHECK(cudaMalloc(&d_adv, seqs * 4));
+    CUDA_CHECK(cudaMalloc(&d_dlogp, tokens * 4));
+    CUDA_CHECK(cudaMalloc(&stats, sizeof(gk::GrpoLossStats)));
+    CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
+    CUDA_CHECK(cudaMemcpy(d_off, off.data(), off.size() * 4, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(d_lp, lp.data(), tokens * 4, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(d_adv, adv.data(), seqs * 4, cudaMemcpyHostToDevice));
+    gk::GrpoLossConfig cfg;
+    cfg.beta = 0.0;
+    gk::GrpoLossArgs ga;
+    ga.seq_offsets = d_off; ga.logp = d_lp; ga.old_logp = d_lp; ga.rollout_logp = d_lp; ga.advantages = d_adv;
+    ga.tokens = tokens; ga.sequences = seqs; ga.dlogp = d_dlogp; ga.stats = stats;
+    cfg.tis_cap = 2.0;
+    double ms = MedianMs([&] { check(gk::GrpoLoss(cfg, ga, ws, ws_bytes, nullptr)); }, reps);
+    report("GRPO loss 16384 tokens / 64 seqs (TIS, 4 launches)", ms, tokens * 16.0);
+    cudaFree(d_off); cudaFree(d_lp); cudaFree(d_adv); cudaFree(d_dlogp); cudaFree(stats); cudaFree(ws);
   }
 }
 
@@ -362,6 +603,11 @@ int main(int argc, char** argv) {
     AttentionBench(rng, 20);
     return 0;
   }
+  if (argc > 1 && std::strcmp(argv[1], "--step") == 0) {
+    std::mt19937_64 rng(7);
+    StepKernels(rng, 30, CopyCeilingGbs());
+    return 0;
+  }
   if (argc > 1 && std::strcmp(argv[1], "--profile") == 0) {
     std::mt19937_64 rng(7);
     cublasHandle_t h;
@@ -377,6 +623,7 @@ int main(int argc, char** argv) {
   CUBLAS_CHECK(cublasCreate(&h));
   const double copy_gbs = Ceilings(h, rng);
   MemoryBoundKernels(rng, quick ? 10 : 30, copy_gbs);
+  StepKernels(rng, quick ? 10 : 30, copy_gbs);
   AttentionBench(rng, quick ? 5 : 20);
 
   const int experts = 64, top_k = 6, hidden = 1024, expert_hidden = 512;

@@ -160,5 +160,179 @@ TEST(RouterTest, RejectsBadShapes) {
   EXPECT_EQ(RouterTopK(a, nullptr).code(), StatusCode::kInvalidArgument);
 }
 
+// RouterBackward against model/moe.h's MoeBackward (gates -> scores ->
+// logits, plus the sequence-wise balance loss) evaluated in double on the
+// kernel's fp32 inputs. The kernel's fp32 sums run over at most E = 256
+// terms, so each output is within 256 * 2^-24 * (sum of the magnitudes that
+// make it) of the reference; the test uses 2e-5 times the row's largest
+// |d/ds| times its largest score term, a bound above that.
+struct BackwardCase {
+  int tokens, experts, top_k;
+  bool sigmoid, norm_topk;
+  float route_scale, alpha;
+  int sequences;
+};
+
+void CheckRouterBackward(const BackwardCase& c) {
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed) + " E " + std::to_string(c.experts) + " k " +
+               std::to_string(c.top_k) + " alpha " + std::to_string(c.alpha));
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.f, 1.5f);
+  const int E = c.experts, K = c.top_k;
+  std::vector<float> scores(size_t(c.tokens) * E), dgates(size_t(c.tokens) * K);
+  std::vector<uint16_t> ids(size_t(c.tokens) * K);
+  for (int t = 0; t < c.tokens; ++t) {
+    float* sc = &scores[size_t(t) * E];
+    double sum = 0;
+    for (int e = 0; e < E; ++e) {
+      const double l = nd(rng);
+      sc[e] = c.sigmoid ? float(1.0 / (1.0 + std::exp(-l))) : float(std::exp(l));
+      sum += sc[e];
+    }
+    if (!c.sigmoid)
+      for (int e = 0; e < E; ++e) sc[e] = float(sc[e] / sum);
+    std::vector<int> perm(E);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    for (int j = 0; j < K; ++j) {
+      ids[size_t(t) * K + j] = uint16_t(perm[j]);
+      dgates[size_t(t) * K + j] = nd(rng);
+    }
+  }
+  // Ragged sequences, one of them empty, covering all tokens.
+  std::vector<int32_t> seq{0};
+  for (int q = 1; q < c.sequences; ++q)
+    seq.push_back(q == 1 ? 0 : std::min(c.tokens, seq.back() + int(std::uniform_int_distribution<int>(0, 2 * c.tokens / c.sequences)(rng))));
+  seq.push_back(c.tokens);
+
+  // Reference: model/moe.h's backward in double.
+  std::vector<double> ref(size_t(c.tokens) * E, 0.0), row_scale(c.tokens, 0.0);
+  double ref_loss = 0;  // alpha * sum over sequences of sum_e f_e P_e, as MoeForward returns it
+  for (int q = 0; q + 1 < int(seq.size()); ++q) {
+    const int t0 = seq[q], t1 = seq[q + 1], len = t1 - t0;
+    std::vector<double> fcoef(E, 0.0);
+    if (c.alpha > 0 && len > 0)
+      for (int t = t0; t < t1; ++t)
+        for (int j = 0; j < K; ++j) fcoef[ids[size_t(t) * K + j]] += double(c.alpha) * E / double(K * len) / len;
+    for (int t = t0; t < t1; ++t) {
+      const float* sc = &scores[size_t(t) * E];
+      const uint16_t* id = &ids[size_t(t) * K];
+      const float* dg = &dgates[size_t(t) * K];
+      std::vector<double> dl(E, 0.0);
+      if (c.norm_topk) {
+        double z = 0, dot = 0;
+        for (int j = 0; j < K; ++j) z += sc[id[j]];
+        for (int j = 0; j < K; ++j) dot += double(dg[j]) * sc[id[j]] / z;
+        for (int j = 0; j < K; ++j) dl[id[j]] += double(c.route_scale) * (dg[j] - dot) / z;
+      } else {
+        for (int j = 0; j < K; ++j) dl[id[j]] += double(c.route_scale) * dg[j];
+      }
+      if (c.alpha > 0) {
+        double z = 0, dot = 0;
+        for (int e = 0; e < E; ++e) z += sc[e];
+        for (int e = 0; e < E; ++e) dot += fcoef[e] * sc[e] / z;
+        for (int e = 0; e < E; ++e) dl[e] += (fcoef[e] - dot) / z;
+        ref_loss += dot;  // fcoef holds alpha f_e / len: this token's share of the loss
+      }
+      double dl_max = 0;
+      for (int e = 0; e < E; ++e) dl_max = std::max(dl_max, std::fabs(dl[e]));
+      row_scale[t] = dl_max;
+      if (c.sigmoid) {
+        for (int e = 0; e < E; ++e) dl[e] *= double(sc[e]) * (1.0 - sc[e]);
+      } else {
+        double dot = 0;
+        for (int e = 0; e < E; ++e) dot += dl[e] * sc[e];
+        for (int e = 0; e < E; ++e) dl[e] = sc[e] * (dl[e] - dot);
+      }
+      std::copy(dl.begin(), dl.end(), ref.begin() + size_t(t) * E);
+    }
+  }
+
+  DeviceBuffer<float> d_scores(scores.size()), d_dgates(dgates.size()), d_dlogits(scores.size());
+  DeviceBuffer<uint16_t> d_ids(ids.size());
+  DeviceBuffer<int32_t> d_seq(seq.size());
+  const size_t ws_bytes = RouterBackwardWorkspaceBytes(c.sequences, c.tokens, E);
+  DeviceBuffer<char> d_ws(ws_bytes);
+  DeviceBuffer<float> d_loss(1);
+  GROVE_CUDA_OK(d_scores.Upload(scores));
+  GROVE_CUDA_OK(d_dgates.Upload(dgates));
+  GROVE_CUDA_OK(d_ids.Upload(ids));
+  GROVE_CUDA_OK(d_seq.Upload(seq));
+  GROVE_CUDA_OK(cudaMemset(d_dlogits.get(), 0x7F, d_dlogits.count() * 4));
+  RouterBackwardArgs a;
+  a.scores = d_scores.get();
+  a.ids = d_ids.get();
+  a.dgates = d_dgates.get();
+  a.dlogits = d_dlogits.get();
+  a.tokens = c.tokens;
+  a.experts = E;
+  a.top_k = K;
+  a.sigmoid = c.sigmoid;
+  a.norm_topk = c.norm_topk;
+  a.route_scale = c.route_scale;
+  a.balance_alpha = c.alpha;
+  a.seq_offsets = d_seq.get();
+  a.sequences = c.sequences;
+  a.workspace = d_ws.get();
+  a.workspace_bytes = ws_bytes;
+  a.balance_loss = c.alpha > 0 ? d_loss.get() : nullptr;
+  Status s = RouterBackward(a, nullptr);
+  ASSERT_TRUE(s.ok()) << s;
+  std::vector<float> dlogits;
+  GROVE_CUDA_OK(d_dlogits.Download(&dlogits));
+  size_t bad = 0;
+  for (int t = 0; t < c.tokens; ++t)
+    for (int e = 0; e < E; ++e) {
+      const size_t i = size_t(t) * E + e;
+      if (!(std::fabs(dlogits[i] - ref[i]) <= 2e-5 * row_scale[t] + 1e-30) && bad++ < 3)
+        ADD_FAILURE() << "token " << t << " expert " << e << ": " << dlogits[i] << " vs " << ref[i]
+                      << " (row scale " << row_scale[t] << ")";
+    }
+  EXPECT_EQ(bad, 0u);
+  if (c.alpha > 0) {
+    // Per token an fp32 sum of E <= 256 positive products: within
+    // (E + 2) 2^-24 < 1.6e-5 relative, and so is the double sum of them.
+    std::vector<float> loss;
+    GROVE_CUDA_OK(d_loss.Download(&loss));
+    EXPECT_NEAR(loss[0], ref_loss, 2e-5 * ref_loss + 1e-30);
+  }
+}
+
+TEST(RouterBackwardTest, GpuReferenceRouting) {
+  GROVE_SKIP_WITHOUT_GPU();
+  CheckRouterBackward({4099, 64, 6, true, true, 1.f, 1e-4f, 7});  // gpu-ref: sigmoid, norm_topk, balance
+  CheckRouterBackward({4099, 64, 6, true, true, 1.f, 0.f, 1});
+}
+
+TEST(RouterBackwardTest, SoftmaxAndOtherShapes) {
+  GROVE_SKIP_WITHOUT_GPU();
+  CheckRouterBackward({1000, 64, 6, false, false, 1.f, 0.f, 1});
+  CheckRouterBackward({1000, 64, 6, false, true, 2.5f, 0.01f, 9});
+  CheckRouterBackward({333, 256, 16, true, false, 1.5f, 0.01f, 4});
+  CheckRouterBackward({100, 3, 1, false, true, 1.f, 0.1f, 2});
+}
+
+TEST(RouterBackwardTest, RejectsBadShapes) {
+  RouterBackwardArgs a;
+  a.tokens = 1;
+  a.experts = kRouterMaxExperts + 1;
+  a.top_k = 1;
+  EXPECT_EQ(RouterBackward(a, nullptr).code(), StatusCode::kInvalidArgument);
+  a.experts = 8;
+  EXPECT_EQ(RouterBackward(a, nullptr).code(), StatusCode::kInvalidArgument);  // null pointers
+  float f = 0;
+  uint16_t id = 0;
+  a.scores = a.dgates = a.dlogits = &f;
+  a.ids = &id;
+  a.balance_alpha = 0.1f;  // without sequences and workspace
+  EXPECT_EQ(RouterBackward(a, nullptr).code(), StatusCode::kInvalidArgument);
+  a.balance_alpha = -1.f;
+  EXPECT_EQ(RouterBackward(a, nullptr).code(), StatusCode::kInvalidArgument);
+  a.balance_alpha = 0.f;
+  a.balance_loss = &f;  // a loss without the balance term
+  EXPECT_EQ(RouterBackward(a, nullptr).code(), StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace grove::kernels

@@ -1,0 +1,105 @@
+#include "kernels/rope.h"
+
+#include <cmath>
+#include <string>
+
+namespace grove::kernels {
+namespace {
+
+constexpr int kThreads = 128;
+
+// One block per token (grid-stride over a bounded grid, so each block's
+// base^(-2i/head_dim), a double pow, is computed once and reused): the block
+// computes the token's half cosines and sines (double, rounded to fp32 as
+// the CPU tables are), then rotates every head's pairs, V pairs per thread.
+template <int V>
+__global__ void RopeKernel(__nv_bfloat16* x, const int32_t* positions, int tokens, int heads, int head_dim,
+                           double base, int64_t row_stride, float sign) {
+  __shared__ double inv_freq[kRopeMaxHeadDim / 2];
+  __shared__ float cos_s[kRopeMaxHeadDim / 2];
+  __shared__ float sin_s[kRopeMaxHeadDim / 2];
+  const int half = head_dim / 2;
+  const int groups = half / V;  // vectors per half-head
+  for (int i = threadIdx.x; i < half; i += blockDim.x)
+    inv_freq[i] = pow(base, -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
+  for (int t = blockIdx.x; t < tokens; t += gridDim.x) {
+    const double pos = static_cast<double>(positions[t]);
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+      double s, c;
+      sincos(pos * inv_freq[i], &s, &c);
+      cos_s[i] = static_cast<float>(c);
+      sin_s[i] = sign * static_cast<float>(s);
+    }
+    __syncthreads();
+    __nv_bfloat16* row = x + static_cast<int64_t>(t) * row_stride;
+    for (int idx = threadIdx.x; idx < heads * groups; idx += blockDim.x) {
+      const int h = idx / groups;
+      const int i0 = (idx % groups) * V;
+      __nv_bfloat16* lo = row + static_cast<int64_t>(h) * head_dim + i0;
+      __nv_bfloat16* hi = lo + half;
+      if constexpr (V == 8) {
+        uint4 a_raw = *reinterpret_cast<const uint4*>(lo);
+        uint4 b_raw = *reinterpret_cast<const uint4*>(hi);
+        __nv_bfloat162* a2 = reinterpret_cast<__nv_bfloat162*>(&a_raw);
+        __nv_bfloat162* b2 = reinterpret_cast<__nv_bfloat162*>(&b_raw);
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+          const float2 a = __bfloat1622float2(a2[p]);
+          const float2 b = __bfloat1622float2(b2[p]);
+          const float c0 = cos_s[i0 + 2 * p], s0 = sin_s[i0 + 2 * p];
+          const float c1 = cos_s[i0 + 2 * p + 1], s1 = sin_s[i0 + 2 * p + 1];
+          a2[p] = __floats2bfloat162_rn(a.x * c0 - b.x * s0, a.y * c1 - b.y * s1);
+          b2[p] = __floats2bfloat162_rn(a.x * s0 + b.x * c0, a.y * s1 + b.y * c1);
+        }
+        *reinterpret_cast<uint4*>(lo) = a_raw;
+        *reinterpret_cast<uint4*>(hi) = b_raw;
+      } else {
+        const float a = __bfloat162float(*lo), b = __bfloat162float(*hi);
+        const float c = cos_s[i0], s = sin_s[i0];
+        *lo = __float2bfloat16_rn(a * c - b * s);
+        *hi = __float2bfloat16_rn(a * s + b * c);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+Status Rope(const char* what, __nv_bfloat16* x, const int32_t* positions, int tokens, int heads, int head_dim,
+            double base, cudaStream_t stream, int64_t row_stride, float sign) {
+  if (tokens < 0 || heads < 1 || head_dim < 2 || head_dim % 2 != 0 || head_dim > kRopeMaxHeadDim)
+    return Status::InvalidArgument(std::string(what) + ": need tokens >= 0, heads >= 1, head_dim even in 2.." +
+                                   std::to_string(kRopeMaxHeadDim) + "; got tokens " + std::to_string(tokens) +
+                                   ", heads " + std::to_string(heads) + ", head_dim " + std::to_string(head_dim));
+  if (!(base > 1.0) || !std::isfinite(base))
+    return Status::InvalidArgument(std::string(what) + ": base must be a finite value > 1");
+  const int64_t packed = static_cast<int64_t>(heads) * head_dim;
+  if (row_stride == 0) row_stride = packed;
+  if (row_stride < packed)
+    return Status::InvalidArgument(std::string(what) + ": row_stride " + std::to_string(row_stride) +
+                                   " < heads * head_dim " + std::to_string(packed));
+  if (tokens == 0) return Status::OK();
+  if (!x || !positions) return Status::InvalidArgument(std::string(what) + ": null pointer");
+  const int blocks = tokens < 2048 ? tokens : 2048;  // ~16 per SM; each block reuses its inv_freq
+  const bool vec = (head_dim / 2) % 8 == 0 && row_stride % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  if (vec)
+    RopeKernel<8><<<blocks, kThreads, 0, stream>>>(x, positions, tokens, heads, head_dim, base, row_stride, sign);
+  else
+    RopeKernel<1><<<blocks, kThreads, 0, stream>>>(x, positions, tokens, heads, head_dim, base, row_stride, sign);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return Status::Internal(std::string(what) + " launch: " + cudaGetErrorString(err));
+  return Status::OK();
+}
+
+}  // namespace
+
+Status RopeForward(__nv_bfloat16* x, const int32_t* positions, int tokens, int heads, int head_dim, double base,
+                   cudaStream_t stream, int64_t row_stride) {
+  return Rope("RopeForward", x, positions, tokens, heads, head_dim, base, stream, row_stride, 1.f);
+}
+
+Status RopeBackward(__nv_bfloat16* dx, const int32_t* positions, int tokens, int heads, int head_dim, double base,
+                    cudaStream_t stream, int64_t row_stride) {
+  return Rope("RopeBackward", dx, positions, tokens, heads, head_dim, base, stream, row_stride, -1.f);
+}
+
+}  // namespace grove::kernels
