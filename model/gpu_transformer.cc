@@ -9,12 +9,15 @@
 #include <string>
 
 #include "kernels/attention.h"
+#include "kernels/embedding.h"
 #include "kernels/grouped_gemm.h"
+#include "kernels/logprob_head.h"
+#include "kernels/moe_permute.h"
 #include "kernels/rmsnorm.h"
+#include "kernels/rope.h"
 #include "kernels/router.h"
 #include "kernels/swiglu.h"
 #include "model/gpu_transformer_kernels.h"
-#include "model/layers.h"
 
 namespace grove::model {
 namespace {
@@ -120,12 +123,12 @@ int64_t LmHeadChunk(int64_t vocab) { return std::max<int64_t>(1, (int64_t(1) << 
 struct GpuTransformer::Impl {
   cudaStream_t stream = nullptr;
   cublasHandle_t cublas = nullptr;
-  DevBuf params, grads, mirror, rope_cos, rope_sin;
+  DevBuf params, grads, mirror;
   std::vector<ExpertPack> packs;  // per MoE layer
   Tape kept, scratch;
   // Backward workspace.
   DevBuf dres, dres_b, dmain, dmain_b, dq, dk, dv, dout_b, dwork, dnorm_w, attn_ws, norm_ws, dz, dhs, dlogits,
-      dgate, dea, deb, deh, dey, dxe1, dxe3, xe, g, router_logits, shared_out, logits;
+      dgate, dea, deb, deh, dey, dxe1, dxe3, xe, g, router_logits, logits, index_ws, embed_ws, router_ws, dlogits_f;
   std::vector<float> h_prob_mean;
   std::vector<int32_t> h_bal_count;
 
@@ -163,6 +166,9 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
                         c.expert_hidden % 8 != 0))
     return Status::InvalidArgument("GpuTransformer: needs experts <= 256, top_k <= 16, expert_hidden % 8 == 0");
   if (c.dense_hidden % 8 != 0) return Status::InvalidArgument("GpuTransformer: dense_hidden must be a multiple of 8");
+  if (c.vocab_size % 8 != 0)
+    return Status::InvalidArgument("GpuTransformer: vocab_size " + std::to_string(c.vocab_size) +
+                                   " must be a multiple of 8 (16-byte logit rows for the log-prob head)");
   std::unique_ptr<GpuTransformer> m(new GpuTransformer(c, device, trainable));
   for (const TensorInfo& t : m->layout_.tensors())
     if (t.offset % 8 != 0)
@@ -202,13 +208,6 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
       GROVE_RETURN_IF_ERROR(pk.w2t.Reserve(E * F * H, &d));
     }
   }
-  std::vector<float> cos_t, sin_t;
-  layers::RopeTables<float>(c.max_seq_len, c.head_dim, c.rope_base, &cos_t, &sin_t);
-  float* d = nullptr;
-  GROVE_RETURN_IF_ERROR(im.rope_cos.Reserve(int64_t(cos_t.size()), &d));
-  GPU_OK(cudaMemcpy(d, cos_t.data(), cos_t.size() * sizeof(float), cudaMemcpyHostToDevice));
-  GROVE_RETURN_IF_ERROR(im.rope_sin.Reserve(int64_t(sin_t.size()), &d));
-  GPU_OK(cudaMemcpy(d, sin_t.data(), sin_t.size() * sizeof(float), cudaMemcpyHostToDevice));
   GROVE_RETURN_IF_ERROR(m->RefreshComputeCopies(true));
   GROVE_RETURN_IF_ERROR(m->Synchronize());
   return m;
@@ -409,7 +408,8 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   ash.num_kv_heads = int(c.kv_heads);
   ash.head_dim = int(hd);
 
-  gpu::EmbeddingGather(tp.tokens.as<int32_t>(), Wb("embed"), resid(0).as<bf16>(), R, int(H), st);
+  GROVE_RETURN_IF_ERROR(
+      kernels::EmbeddingForward(tp.tokens.as<int32_t>(), Wb("embed"), resid(0).as<bf16>(), R, int(V), int(H), st));
   const float eps = float(c.norm_eps);
   for (int64_t l = 0; l < c.layers; ++l) {
     LayerTape& lt = tp.layers[keep ? l : 0];
@@ -432,11 +432,8 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, qd, H, h1, H, Wb(name(l, "attn.wq")), H, q, false, qd, 0, "wq"));
     GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, kd, H, h1, H, Wb(name(l, "attn.wk")), H, k, false, kd, 0, "wk"));
     GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, kd, H, h1, H, Wb(name(l, "attn.wv")), H, v, false, kd, 0, "wv"));
-    gpu::Rope(q, tp.pos.as<int32_t>(), im.rope_cos.as<float>(), im.rope_sin.as<float>(), R, int(c.heads), int(hd),
-              false, st);
-    gpu::Rope(k, tp.pos.as<int32_t>(), im.rope_cos.as<float>(), im.rope_sin.as<float>(), R, int(c.kv_heads),
-              int(hd), false, st);
-    GPU_LAUNCHED("rope");
+    GROVE_RETURN_IF_ERROR(kernels::RopeForward(q, tp.pos.as<int32_t>(), R, int(c.heads), int(hd), c.rope_base, st));
+    GROVE_RETURN_IF_ERROR(kernels::RopeForward(k, tp.pos.as<int32_t>(), R, int(c.kv_heads), int(hd), c.rope_base, st));
     GROVE_RETURN_IF_ERROR(kernels::AttentionForward(ash, q, k, v, o, lse, st));
     GPU_OK(cudaMemcpyAsync(x_mid, xin, size_t(R) * H * sizeof(bf16), cudaMemcpyDeviceToDevice, st));
     GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, H, qd, o, qd, Wb(name(l, "attn.wo")), qd, x_mid, false, H, 1, "wo"));
@@ -447,7 +444,6 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     const int64_t Fd = moe ? c.shared_experts * c.expert_hidden : c.dense_hidden;
     const std::string w1n = moe ? "moe.shared.w1" : "mlp.w1", w3n = moe ? "moe.shared.w3" : "mlp.w3",
                       w2n = moe ? "moe.shared.w2" : "mlp.w2";
-    float* shared_out = nullptr;
     if (Fd > 0) {
       bf16 *fa, *fb, *fh;
       GROVE_RETURN_IF_ERROR(lt.fa.Reserve(R * Fd, &fa));
@@ -456,14 +452,8 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
       GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, Fd, H, h2, H, Wb(name(l, w1n.c_str())), H, fa, false, Fd, 0, "w1"));
       GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, Fd, H, h2, H, Wb(name(l, w3n.c_str())), H, fb, false, Fd, 0, "w3"));
       GROVE_RETURN_IF_ERROR(kernels::SwiGluForward(fa, fb, fh, R * Fd, st));
-      if (moe) {
-        GROVE_RETURN_IF_ERROR(im.shared_out.Reserve(R * H, &shared_out));
-        GROVE_RETURN_IF_ERROR(
-            Gemm(cb, false, true, R, H, Fd, fh, Fd, Wb(name(l, w2n.c_str())), Fd, shared_out, true, H, 0, "shared w2"));
-      } else {
-        GROVE_RETURN_IF_ERROR(
-            Gemm(cb, false, true, R, H, Fd, fh, Fd, Wb(name(l, w2n.c_str())), Fd, xout, false, H, 1, "w2"));
-      }
+      GROVE_RETURN_IF_ERROR(
+          Gemm(cb, false, true, R, H, Fd, fh, Fd, Wb(name(l, w2n.c_str())), Fd, xout, false, H, 1, "w2"));
     }
     if (!moe) continue;
     const int64_t mi = c.moe_index(l), F = c.expert_hidden, Pn = int64_t(R) * K;
@@ -497,9 +487,11 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     ra.route_scale = float(c.route_scale);
     GROVE_RETURN_IF_ERROR(kernels::RouterTopK(ra, st));
     int32_t* offsets = offsets_all + mi * (E + 1);
-    gpu::MoeGroup(ra.ids, R, int(K), int(E), counts_all + mi * E, offsets, pos_g, src_g, st);
-    gpu::MoeGather(h2, src_g, xe, R, int(K), int(H), st);
-    GPU_LAUNCHED("moe grouping");
+    const size_t index_bytes = kernels::MoeRouteIndexWorkspaceBytes(R, int(K), int(E));
+    GROVE_RETURN_IF_ERROR(im.index_ws.Reserve(index_bytes));
+    GROVE_RETURN_IF_ERROR(kernels::MoeRouteIndex(ra.ids, R, int(K), int(E), im.index_ws.as<void>(), index_bytes,
+                                                 offsets, pos_g, src_g, counts_all + mi * E, st));
+    GROVE_RETURN_IF_ERROR(kernels::MoePermute(h2, src_g, xe, int(Pn), int(K), int(H), st));
     const ExpertPack& pk = im.packs[mi];
     kernels::GroupedGemmArgs ga;
     ga.expert_offsets = offsets;
@@ -513,7 +505,7 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     GROVE_RETURN_IF_ERROR(kernels::SwiGluForward(ea, eb, eh, Pn * F, st));
     ga.a = eh; ga.w = pk.w2.as<bf16>(); ga.c = ey; ga.n = int(H); ga.k = int(F);
     GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
-    gpu::MoeCombine(xout, shared_out, ey, gates, pos_g, R, int(K), int(H), st);
+    GROVE_RETURN_IF_ERROR(kernels::MoeCombine(ey, gates, pos_g, xout, /*accumulate=*/true, R, int(K), int(H), st));
     if (c.balance_alpha > 0)
       gpu::BalanceStats(scores, ra.ids, tp.seq.as<int32_t>(), tp.seq_len.as<int32_t>(), R, B, int(E), int(K),
                         prob_mean + mi * B * E, bal_count + mi * B * E, st);
@@ -536,7 +528,8 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     const int64_t n = std::min<int64_t>(chunk, S - r0);
     GROVE_RETURN_IF_ERROR(
         Gemm(cb, false, true, n, V, H, hs + r0 * H, H, Wb("lm_head"), H, logits, true, V, 0, "lm_head"));
-    gpu::LogProbForward(logits, tp.sc_target.as<int32_t>() + r0, lse + r0, logp + r0, int(n), int(V), st);
+    GROVE_RETURN_IF_ERROR(kernels::TokenLogProbForward(logits, tp.sc_target.as<int32_t>() + r0, logp + r0, lse + r0,
+                                                       int(n), int(V), st));
   }
   GPU_LAUNCHED("log-probs");
 
@@ -681,8 +674,8 @@ Status GpuTransformer::Backward(const std::vector<std::vector<float>>& dlogprobs
     const int64_t n = std::min<int64_t>(chunk, S - r0);
     const bf16* hs = tp.hs.as<bf16>() + r0 * H;
     GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, n, V, H, hs, H, Wb("lm_head"), H, logits, true, V, 0, "lm_head"));
-    gpu::LogProbBackward(logits, tp.sc_target.as<int32_t>() + r0, tp.lse.as<float>() + r0, dg + r0, dz, int(n),
-                         int(V), st);
+    GROVE_RETURN_IF_ERROR(kernels::TokenLogProbBackward(logits, tp.sc_target.as<int32_t>() + r0,
+                                                        tp.lse.as<float>() + r0, dg + r0, dz, int(n), int(V), st));
     GROVE_RETURN_IF_ERROR(
         Gemm(cb, false, false, n, H, V, dz, V, Wb("lm_head"), H, dhs + r0 * H, true, H, 0, "lm_head dx"));
     GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, V, H, n, dz, V, hs, H, Gf("lm_head"), true, H, 1, "lm_head dW"));
@@ -736,7 +729,8 @@ Status GpuTransformer::Backward(const std::vector<std::vector<float>>& dlogprobs
       GROVE_RETURN_IF_ERROR(im.xe.Reserve(Pn * H, &xe));
       GROVE_RETURN_IF_ERROR(im.dgate.Reserve(Pn, &dgate));
       GROVE_RETURN_IF_ERROR(im.dlogits.Reserve(R * E, &dlogits));
-      gpu::MoeCombineBackward(dres_b, lt.ey.as<bf16>(), lt.gates.as<float>(), pos_g, dey, dgate, R, int(K), int(H), st);
+      GROVE_RETURN_IF_ERROR(kernels::MoeCombineBackward(dres_b, lt.ey.as<bf16>(), lt.gates.as<float>(), pos_g, dey,
+                                                        dgate, R, int(K), int(H), st));
       kernels::GroupedGemmArgs ga;
       ga.expert_offsets = offsets;
       ga.total_rows = int(Pn);
@@ -753,8 +747,8 @@ Status GpuTransformer::Backward(const std::vector<std::vector<float>>& dlogprobs
       gpu::MoeScatterBackward(dxe1, dxe3, pos_g, dmain, R, int(K), int(H), st);
       // Expert weight gradients, one cuBLAS call per expert and kind: fp32
       // accumulation straight into the layout-ordered gradient (beta = 1).
-      gpu::MoeGather(h2, lt.src.as<int32_t>(), xe, R, int(K), int(H), st);
       GPU_LAUNCHED("moe backward");
+      GROVE_RETURN_IF_ERROR(kernels::MoePermute(h2, lt.src.as<int32_t>(), xe, int(Pn), int(K), int(H), st));
       int64_t off = 0;
       for (int64_t e = 0; e < E; ++e) {
         const int64_t n = tp.h_counts[mi * E + e];
@@ -769,23 +763,29 @@ Status GpuTransformer::Backward(const std::vector<std::vector<float>>& dlogprobs
         }
         off += n;
       }
-      gpu::RouterBackwardArgs rb;
+      float* dlogits_f = nullptr;
+      GROVE_RETURN_IF_ERROR(im.dlogits_f.Reserve(R * E, &dlogits_f));
+      kernels::RouterBackwardArgs rb;
       rb.scores = lt.scores.as<float>();
       rb.ids = tp.ids.as<uint16_t>() + mi * R * K;
-      rb.gates = lt.gates.as<float>();
-      rb.dgate = dgate;
-      rb.count = tp.bal_count.as<int32_t>() + mi * B * E;
-      rb.seq = tp.seq.as<int32_t>();
-      rb.seq_len = tp.seq_len.as<int32_t>();
-      rb.dlogits = dlogits;
-      rb.rows = R;
+      rb.dgates = dgate;
+      rb.dlogits = dlogits_f;
+      rb.tokens = R;
       rb.experts = int(E);
       rb.top_k = int(K);
       rb.sigmoid = c.score_func == ScoreFunc::kSigmoid;
       rb.norm_topk = c.norm_topk;
       rb.route_scale = float(c.route_scale);
-      rb.alpha = float(c.balance_alpha);
-      gpu::RouterBackward(rb, st);
+      if (c.balance_alpha > 0) {
+        rb.balance_alpha = float(c.balance_alpha);
+        rb.seq_offsets = tp.cu_seqlens.as<int32_t>();
+        rb.sequences = B;
+        rb.workspace_bytes = kernels::RouterBackwardWorkspaceBytes(B, R, int(E));
+        GROVE_RETURN_IF_ERROR(im.router_ws.Reserve(rb.workspace_bytes));
+        rb.workspace = im.router_ws.as<void>();
+      }
+      GROVE_RETURN_IF_ERROR(kernels::RouterBackward(rb, st));
+      gpu::CastToBf16(dlogits_f, dlogits, R * E, st);  // the GEMMs below read bf16
       GPU_LAUNCHED("router backward");
       GROVE_RETURN_IF_ERROR(
           Gemm(cb, false, false, R, H, E, dlogits, E, Wb(name(l, "moe.router")), H, dmain, true, H, 1, "router dx"));
@@ -804,11 +804,9 @@ Status GpuTransformer::Backward(const std::vector<std::vector<float>>& dlogprobs
         Gemm(cb, true, false, H, qd, R, dres_b, H, o, qd, Gf(name(l, "attn.wo")), true, qd, 1, "wo dW"));
     GROVE_RETURN_IF_ERROR(kernels::AttentionBackward(ash, q, k, v, o, dout_b, lt.lse.as<float>(), dq, dk, dv,
                                                      im.attn_ws.as<void>(), st));
-    gpu::Rope(dq, tp.pos.as<int32_t>(), im.rope_cos.as<float>(), im.rope_sin.as<float>(), R, int(c.heads), int(hd),
-              true, st);
-    gpu::Rope(dk, tp.pos.as<int32_t>(), im.rope_cos.as<float>(), im.rope_sin.as<float>(), R, int(c.kv_heads), int(hd),
-              true, st);
-    GPU_LAUNCHED("rope backward");
+    GROVE_RETURN_IF_ERROR(kernels::RopeBackward(dq, tp.pos.as<int32_t>(), R, int(c.heads), int(hd), c.rope_base, st));
+    GROVE_RETURN_IF_ERROR(
+        kernels::RopeBackward(dk, tp.pos.as<int32_t>(), R, int(c.kv_heads), int(hd), c.rope_base, st));
     GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, R, H, qd, dq, qd, Wb(name(l, "attn.wq")), H, dmain, true, H, 0, "wq dx"));
     GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, R, H, kd, dk, kd, Wb(name(l, "attn.wk")), H, dmain, true, H, 1, "wk dx"));
     GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, R, H, kd, dv, kd, Wb(name(l, "attn.wv")), H, dmain, true, H, 1, "wv dx"));
@@ -817,8 +815,11 @@ Status GpuTransformer::Backward(const std::vector<std::vector<float>>& dlogprobs
     GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, kd, H, R, dv, kd, h1, H, Gf(name(l, "attn.wv")), true, H, 1, "wv dW"));
     GROVE_RETURN_IF_ERROR(norm_backward(dmain, tp.resid[l].as<bf16>(), name(l, "attn_norm"), lt.rstd1.as<float>()));
   }
-  gpu::EmbeddingScatterAdd(tp.tokens.as<int32_t>(), dres, Gf("embed"), R, int(H), st);
-  GPU_LAUNCHED("embedding backward");
+  gpu::CastToBf16(dres, dres_b, int64_t(R) * H, st);
+  const size_t embed_bytes = kernels::EmbeddingBackwardWorkspaceBytes(R, int(V));
+  GROVE_RETURN_IF_ERROR(im.embed_ws.Reserve(embed_bytes));
+  GROVE_RETURN_IF_ERROR(kernels::EmbeddingBackward(tp.tokens.as<int32_t>(), dres_b, Gf("embed"), im.embed_ws.as<void>(),
+                                                   embed_bytes, R, int(V), int(H), st));
   return Synchronize();
 }
 

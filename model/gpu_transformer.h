@@ -16,8 +16,8 @@
 //   a GEMM reads it).
 //
 // Supported shapes: head_dim 64 or 128 (the attention kernel), hidden,
-// widths and every tensor offset multiples of 8 (16-byte rows), experts <=
-// 256, top_k <= 16. Create() says which rule a config breaks.
+// vocab, widths and every tensor offset multiples of 8 (16-byte rows),
+// experts <= 256, top_k <= 16. Create() says which rule a config breaks.
 //
 // This header needs no CUDA: device pointers are exposed as void*/float*.
 // Not thread-safe; one GPU per object (the device is made current in each

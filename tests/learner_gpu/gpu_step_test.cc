@@ -9,7 +9,10 @@
 // as vectors: cosine >= 0.98 and relative L2 <= 0.2 (<= 1% of elements
 // flipped gives ~0.14), and every element within 2 lr (+ fp32 rounding) of
 // the CPU's. Loss and gradient norm are sums over all tokens / all
-// parameters: 2e-2 relative. The router bias moves by +-gamma from the
+// parameters: 2e-2 relative on the first step; the second step starts from
+// parameters that already differ by those flipped elements (a step at lr
+// 1e-3 moves this model's KL to the reference by ~2 nats), so there 5e-2
+// (measured on the H100: 0.6-2.9%). The router bias moves by +-gamma from the
 // expert loads, which replay makes identical: exactly equal.
 #include <gtest/gtest.h>
 
@@ -94,7 +97,8 @@ TEST(GpuGrpoStep, MatchesTheCpuStep) {
   SCOPED_TRACE("seed " + std::to_string(seed));
   auto mc = model::ModelConfig::LoadFile(SourcePath("configs/model/tiny.toml"));
   ASSERT_TRUE(mc.ok());
-  mc->head_dim = 64;  // the attention kernel's smallest head size
+  mc->head_dim = 64;    // the attention kernel's smallest head size
+  mc->vocab_size = 64;  // a multiple of 8 (16-byte logit rows)
   mc->init_std = 0.08;
   TrainerOptions opt;
   opt.grpo.schedule.peak_lr = 1e-3;
@@ -116,8 +120,9 @@ TEST(GpuGrpoStep, MatchesTheCpuStep) {
     ASSERT_TRUE(sc.ok() && sg.ok()) << sg.status().ToString();
     std::printf("step %d: loss %.6g vs %.6g, grad norm %.6g vs %.6g, kl %.4g vs %.4g\n", step, sc->loss, sg->loss,
                 sc->update.grad_norm, sg->update.grad_norm, sc->policy.kl_ref_k3_mean, sg->policy.kl_ref_k3_mean);
-    EXPECT_NEAR(sg->loss, sc->loss, 2e-2 * std::abs(sc->loss) + 1e-4);
-    EXPECT_NEAR(sg->update.grad_norm, sc->update.grad_norm, 2e-2 * sc->update.grad_norm);
+    const double tol = step == 0 ? 2e-2 : 5e-2;
+    EXPECT_NEAR(sg->loss, sc->loss, tol * std::abs(sc->loss) + 1e-4);
+    EXPECT_NEAR(sg->update.grad_norm, sc->update.grad_norm, tol * sc->update.grad_norm);
     EXPECT_EQ(sg->version, sc->version);
     EXPECT_EQ((*gpu)->rl_steps(), (*cpu)->rl_steps());
     std::span<const float> pc = (*cpu)->policy().params(), pg = (*gpu)->policy().params();

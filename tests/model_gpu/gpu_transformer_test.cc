@@ -50,13 +50,15 @@ std::string SourcePath(const std::string& rel) {
 }
 
 // configs/model/tiny.toml with head_dim 64 (its 32 is below what the
-// attention kernel takes): GQA 4/2, shared expert, dense first layer,
+// attention kernel takes) and vocab 64 (55 is not a multiple of 8, which the
+// log-prob head needs): GQA 4/2, shared expert, dense first layer,
 // sigmoid scores with norm_topk, balance loss on.
 ModelConfig TinyGpuConfig() {
   auto c = ModelConfig::LoadFile(SourcePath("configs/model/tiny.toml"));
   EXPECT_TRUE(c.ok()) << c.status().ToString();
   ModelConfig m = *c;
   m.head_dim = 64;
+  m.vocab_size = 64;
   m.init_std = 0.08;
   m.balance_alpha = 0.01;
   return m;
