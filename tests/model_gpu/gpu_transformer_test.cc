@@ -16,8 +16,12 @@
 // weight gradient is a sum over many rows of products of bf16-rounded
 // factors whose rounding errors are independent, so the relative L2 error
 // per tensor is a few u (2e-3 .. 1e-2) times the depth it flows through;
-// 3e-2 relative L2 and cosine >= 0.999 (an angle of 2.6 degrees) bound that.
-// The routers get 5e-2: their gradient goes through dgate = dout . y (a dot
+// an expert that got few rows of the small test batch averages fewer of
+// them. Measured on the H100, worst of ~100 tensors per run: 1.6-2.9e-2
+// (6 runs), cosine >= 0.99962. Bounds: 4e-2 and cosine >= 0.999 (an angle
+// of 2.6 degrees); a wrong term (a missing branch, a wrong transpose) gives
+// O(1).
+// The routers get 5e-2 too: their gradient goes through dgate = dout . y (a dot
 // product of two bf16 vectors whose terms cancel), the norm_topk difference
 // dgate_j - sum_i dgate_i g_i (more cancellation) and a bf16 rounding of
 // d(logits) before its GEMMs; measured 1.5-2.4e-2 where the others are 2e-2.
@@ -267,7 +271,7 @@ TEST_P(GpuTransformerTest, GradientsMatchCpuWithReplay) {
     }
     const double rel = std::sqrt(num) / nrm, cosine = dot / (nrm * std::sqrt(gg) + 1e-300);
     const bool router = t.name.find("moe.router") != std::string::npos;
-    EXPECT_LE(rel, router ? 5e-2 : 3e-2) << t.name;
+    EXPECT_LE(rel, router ? 5e-2 : 4e-2) << t.name;
     EXPECT_GE(cosine, 0.999) << t.name;
     if (rel > worst_rel) { worst_rel = rel; worst_name = t.name; }
     worst_cos = std::min(worst_cos, cosine);
