@@ -270,7 +270,18 @@ Status GpuTransformer::UploadRange(int64_t offset, std::span<const float> values
   GPU_OK(cudaMemcpyAsync(im.params.as<float>() + offset, values.data(), values.size() * sizeof(float),
                          cudaMemcpyHostToDevice, im.stream));
   gpu::CastToBf16(im.params.as<float>() + offset, im.mirror.as<bf16>() + offset, int64_t(values.size()), im.stream);
-  GROVE_RETURN_IF_ERROR(RefreshComputeCopies(false));
+  // Repack the experts only when the range touches expert weights (the
+  // router-bias update after every step does not).
+  const ModelConfig& c = config_;
+  bool experts = false;
+  for (int64_t l = c.dense_layers; l < c.layers && c.experts > 0; ++l) {
+    const std::string p = "layers." + std::to_string(l) + ".moe.experts.";
+    const int64_t lo = layout_.Offset(p + "0.w1");
+    const TensorInfo* last = layout_.Find(p + std::to_string(c.experts - 1) + ".w2");
+    experts |= offset < last->offset + last->numel && offset + int64_t(values.size()) > lo;
+  }
+  if (experts) GROVE_RETURN_IF_ERROR(RefreshComputeCopies(false));
+  GPU_LAUNCHED("upload range");
   return Synchronize();
 }
 
