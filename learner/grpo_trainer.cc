@@ -8,6 +8,9 @@
 #include <glog/logging.h>
 
 #include "model/checkpoint.h"
+#ifdef GROVE_LEARNER_GPU
+#include "learner/gpu_step.h"
+#endif
 
 namespace grove::learner {
 namespace {
@@ -53,6 +56,42 @@ void Accumulate(PolicyLossStats& acc, const PolicyLossStats& s, int64_t tokens_b
 
 }  // namespace
 
+Result<LearnerDevice> ParseLearnerDevice(std::string_view name) {
+  if (name == "auto") return LearnerDevice::kAuto;
+  if (name == "cpu") return LearnerDevice::kCpu;
+  if (name == "gpu") return LearnerDevice::kGpu;
+  return Status::InvalidArgument("learner device '" + std::string(name) + "' is none of auto, cpu, gpu");
+}
+
+void GpuGrpoStepDeleter::operator()(GpuGrpoStep* step) const {
+#ifdef GROVE_LEARNER_GPU
+  delete step;
+#else
+  CHECK(step == nullptr) << "a GPU step in a build without CUDA";
+#endif
+}
+
+int64_t GrpoTrainer::rl_steps() const {
+#ifdef GROVE_LEARNER_GPU
+  if (gpu_) return gpu_->step();
+#endif
+  return optimizer_.step();
+}
+
+Status GrpoTrainer::SyncFromGpu() {
+#ifdef GROVE_LEARNER_GPU
+  if (gpu_) return gpu_->policy().DownloadParams(policy_->params());
+#endif
+  return Status::OK();
+}
+
+Status GrpoTrainer::SyncPolicyToGpu() {
+#ifdef GROVE_LEARNER_GPU
+  if (gpu_) return gpu_->policy().UploadParams(policy_->params());
+#endif
+  return Status::OK();
+}
+
 std::vector<ParamRange> NoDecayRanges(const model::ParamLayout& layout) {
   std::vector<ParamRange> ranges;
   for (const model::TensorInfo& t : layout.tensors()) {
@@ -86,12 +125,39 @@ Result<std::unique_ptr<GrpoTrainer>> GrpoTrainer::Create(std::unique_ptr<model::
   GROVE_RETURN_IF_ERROR(sft.SetNoDecayRanges(no_decay));
   GROVE_ASSIGN_OR_RETURN(LrSchedule schedule, LrSchedule::Create(options.grpo.schedule));
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<model::Model> reference, CopyModel(*policy));
-  return std::unique_ptr<GrpoTrainer>(new GrpoTrainer(std::move(policy), std::move(reference), std::move(options),
-                                                      std::move(opt), std::move(sft), std::move(schedule)));
+  const LearnerDevice device = options.device;
+  std::unique_ptr<GrpoTrainer> t(new GrpoTrainer(std::move(policy), std::move(reference), std::move(options),
+                                                 std::move(opt), std::move(sft), std::move(schedule)));
+  if (device == LearnerDevice::kCpu) return t;
+#ifdef GROVE_LEARNER_GPU
+  if (device == LearnerDevice::kAuto && model::GpuTransformer::DeviceCount() == 0) {
+    LOG(INFO) << "learner: no CUDA device, the step runs on the CPU";
+    return t;
+  }
+  auto gpu = GpuGrpoStep::Create(*t->policy_, *t->reference_, t->options_.grpo.optimizer, no_decay);
+  if (!gpu.ok()) {
+    if (device == LearnerDevice::kGpu) return gpu.status();
+    LOG(WARNING) << "learner: the step runs on the CPU: " << gpu.status().ToString();
+    return t;
+  }
+  t->gpu_.reset(gpu->release());
+  LOG(INFO) << "learner: the step runs on GPU " << t->gpu_->policy().device();
+  return t;
+#else
+  if (device == LearnerDevice::kGpu)
+    return Status::FailedPrecondition("learner device 'gpu' asked for, but grove was built without CUDA");
+  return t;
+#endif
 }
 
 void GrpoTrainer::FreezeReference() {
   std::copy(policy_->params().begin(), policy_->params().end(), reference_->params().begin());
+#ifdef GROVE_LEARNER_GPU
+  if (gpu_) {
+    const Status s = gpu_->reference().UploadParams(reference_->params());
+    CHECK(s.ok()) << "uploading the frozen reference to the GPU: " << s.ToString();
+  }
+#endif
 }
 
 Result<GrpoStepStats> GrpoTrainer::Step(const std::vector<TrainingGroup>& groups) {
@@ -152,7 +218,33 @@ Result<GrpoStepStats> GrpoTrainer::Step(const std::vector<TrainingGroup>& groups
   }
 
   model::Model& m = *policy_;
+#ifdef GROVE_LEARNER_GPU
+  model::GpuTransformer* gpu_policy = gpu_ ? &gpu_->policy() : nullptr;
+  model::GpuTransformer* gpu_reference = gpu_ ? &gpu_->reference() : nullptr;
+#endif
+  // Score / Backward on the device that runs the step.
+  auto score = [&](bool policy, const std::vector<model::ScoreRequest>& reqs,
+                   bool keep) -> Result<model::ScoreResult<float>> {
+#ifdef GROVE_LEARNER_GPU
+    if (gpu_) return (policy ? gpu_policy : gpu_reference)->Score(reqs, keep);
+#endif
+    return (policy ? *policy_ : *reference_).Score(reqs, keep);
+  };
+  auto backward = [&](const std::vector<std::vector<float>>& dlogp) -> Status {
+#ifdef GROVE_LEARNER_GPU
+    if (gpu_) return gpu_policy->Backward(dlogp);
+#endif
+    return m.Backward(dlogp);
+  };
+#ifdef GROVE_LEARNER_GPU
+  if (gpu_) {
+    GROVE_RETURN_IF_ERROR(gpu_policy->ZeroGrad());
+  } else {
+    m.ZeroGrad();
+  }
+#else
   m.ZeroGrad();
+#endif
   int64_t total_tokens = 0;
   for (const Item& it : items) total_tokens += static_cast<int64_t>(it.sample->tokens.size());
   st.sequences = static_cast<int64_t>(items.size());
@@ -164,10 +256,10 @@ Result<GrpoStepStats> GrpoTrainer::Step(const std::vector<TrainingGroup>& groups
     const size_t e = std::min(items.size(), b + static_cast<size_t>(options_.micro_batch));
     std::vector<model::ScoreRequest> reqs;
     for (size_t i = b; i < e; ++i) reqs.push_back(items[i].request);
-    GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> cur, m.Score(reqs, /*keep_for_backward=*/true));
+    GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> cur, score(true, reqs, /*keep_for_backward=*/true));
     // The reference is scored even with beta = 0: KL to it is the run's main
     // drift signal in the metrics, at the cost of one forward without backward.
-    GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> ref, reference_->Score(reqs, false));
+    GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> ref, score(false, reqs, false));
     std::vector<int64_t> offsets{0};
     std::vector<float> logp, ref_logp, rollout_logp, adv;
     for (size_t i = b; i < e; ++i) {
@@ -197,15 +289,33 @@ Result<GrpoStepStats> GrpoTrainer::Step(const std::vector<TrainingGroup>& groups
     std::vector<std::vector<float>> dlogp;
     for (size_t i = 0; i + 1 < offsets.size(); ++i)
       dlogp.emplace_back(out.grad_logp.begin() + offsets[i], out.grad_logp.begin() + offsets[i + 1]);
-    GROVE_RETURN_IF_ERROR(m.Backward(dlogp));
+    GROVE_RETURN_IF_ERROR(backward(dlogp));
     for (size_t l = 0; l < cur.expert_load.size() && l < load.size(); ++l)
       for (size_t x = 0; x < cur.expert_load[l].size() && x < load[l].size(); ++x) load[l][x] += cur.expert_load[l][x];
   }
 
   if (!items.empty()) {
-    GROVE_ASSIGN_OR_RETURN(st.update, ApplyUpdate(optimizer_, schedule_, options_.grpo.max_grad_norm,
-                                                  m.params(), m.grads()));
-    if (options_.update_router_bias && mc.moe_layers() > 0) GROVE_RETURN_IF_ERROR(m.UpdateRouterBias(load));
+#ifdef GROVE_LEARNER_GPU
+    if (gpu_) {
+      // Update on the device, then the host copy for publishing; the router
+      // bias moves on the host and goes back up (a few floats per layer).
+      GROVE_ASSIGN_OR_RETURN(st.update, gpu_->Update(schedule_.At(gpu_->step()), options_.grpo.max_grad_norm));
+      GROVE_RETURN_IF_ERROR(SyncFromGpu());
+      if (options_.update_router_bias && mc.moe_layers() > 0) {
+        GROVE_RETURN_IF_ERROR(m.UpdateRouterBias(load));
+        for (int64_t l = mc.dense_layers; l < mc.layers; ++l) {
+          const model::TensorInfo* b = m.layout().Find("layers." + std::to_string(l) + ".moe.router_bias");
+          GROVE_RETURN_IF_ERROR(gpu_policy->UploadRange(
+              b->offset, std::span<const float>(m.params().data() + b->offset, size_t(b->numel))));
+        }
+      }
+    } else
+#endif
+    {
+      GROVE_ASSIGN_OR_RETURN(st.update, ApplyUpdate(optimizer_, schedule_, options_.grpo.max_grad_norm,
+                                                    m.params(), m.grads()));
+      if (options_.update_router_bias && mc.moe_layers() > 0) GROVE_RETURN_IF_ERROR(m.UpdateRouterBias(load));
+    }
   }
   ++version_;
   st.version = version_;
@@ -248,6 +358,8 @@ Result<SupervisedStepStats> GrpoTrainer::SupervisedStep(const std::vector<Superv
   GROVE_ASSIGN_OR_RETURN(LrSchedule constant, LrSchedule::Create(LrScheduleOptions{lr, 0}));
   GROVE_ASSIGN_OR_RETURN(st.update, ApplyUpdate(sft_optimizer_, constant, options_.grpo.max_grad_norm,
                                                 m.params(), m.grads()));
+  // Warm-start steps run on the CPU model; the GPU copy follows.
+  GROVE_RETURN_IF_ERROR(SyncPolicyToGpu());
   return st;
 }
 
@@ -264,7 +376,11 @@ Status GrpoTrainer::SaveCheckpoint(const std::string& dir) const {
                                              {"rl_steps", std::to_string(optimizer_.step())}};
   GROVE_RETURN_IF_ERROR(model::SaveModel(tmp + "/model.safetensors", *policy_, meta));
   GROVE_RETURN_IF_ERROR(model::SaveModel(tmp + "/reference.safetensors", *reference_, meta));
+#ifdef GROVE_LEARNER_GPU
+  GROVE_ASSIGN_OR_RETURN(AdamWState s, gpu_ ? gpu_->ExportState() : Result<AdamWState>(optimizer_.ExportState()));
+#else
   AdamWState s = optimizer_.ExportState();
+#endif
   std::map<std::string, std::string> om = meta;
   om["adam_step"] = std::to_string(s.step);
   GROVE_RETURN_IF_ERROR(model::SaveOptimizerState(model::OptimizerStatePath(tmp + "/model.safetensors"),
@@ -295,6 +411,13 @@ Status GrpoTrainer::LoadCheckpoint(const std::string& dir) {
   }
   s.m = std::move(os.buffers["adam_m"]);
   s.v = std::move(os.buffers["adam_v"]);
+#ifdef GROVE_LEARNER_GPU
+  if (gpu_) {
+    GROVE_RETURN_IF_ERROR(gpu_->ImportState(s));
+    GROVE_RETURN_IF_ERROR(SyncPolicyToGpu());
+    return gpu_->reference().UploadParams(reference_->params());
+  }
+#endif
   return optimizer_.ImportState(s);
 }
 

@@ -18,6 +18,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "base/result.h"
@@ -30,8 +31,21 @@
 
 namespace grove::learner {
 
+// Where the step runs ([learner] device): kAuto takes the GPU when one is
+// present and the model fits GpuTransformer's shapes (else the CPU, with a
+// log line saying why); kGpu fails Create() instead of falling back.
+enum class LearnerDevice { kAuto, kCpu, kGpu };
+// "auto" | "cpu" | "gpu"; InvalidArgument naming the value otherwise.
+Result<LearnerDevice> ParseLearnerDevice(std::string_view name);
+
+class GpuGrpoStep;  // learner/gpu_step.h, built only with CUDA
+struct GpuGrpoStepDeleter {
+  void operator()(GpuGrpoStep* step) const;
+};
+
 struct TrainerOptions {
   GrpoConfig grpo;
+  LearnerDevice device = LearnerDevice::kCpu;
   bool routing_replay = true;       // score with the experts the rollout chose
   bool update_router_bias = true;   // aux-loss-free balancing after each step
   int64_t micro_batch = 32;         // sequences per forward/backward
@@ -82,7 +96,9 @@ class GrpoTrainer {
   const model::Model& policy() const { return *policy_; }
   int64_t version() const { return version_; }
   void set_version(int64_t v) { version_ = v; }
-  int64_t rl_steps() const { return optimizer_.step(); }
+  int64_t rl_steps() const;
+  // True when Step() runs on the GPU (GpuGrpoStep).
+  bool on_gpu() const { return gpu_ != nullptr; }
   const TrainerOptions& options() const { return options_; }
 
   // Weights (model file), optimizer state beside it, and the version and
@@ -91,6 +107,10 @@ class GrpoTrainer {
   Status LoadCheckpoint(const std::string& dir);
 
  private:
+  // The host policy's parameters after a step on the GPU (weights publishing
+  // and checkpoints read the host Model), and uploads after host changes.
+  Status SyncFromGpu();
+  Status SyncPolicyToGpu();
   GrpoTrainer(std::unique_ptr<model::Model> policy, std::unique_ptr<model::Model> reference,
               TrainerOptions options, AdamW optimizer, AdamW sft_optimizer, LrSchedule schedule);
 
@@ -101,6 +121,7 @@ class GrpoTrainer {
   AdamW sft_optimizer_;
   LrSchedule schedule_;
   int64_t version_ = 0;
+  std::unique_ptr<GpuGrpoStep, GpuGrpoStepDeleter> gpu_;  // null: the step runs on the CPU
 };
 
 // The no-weight-decay ranges of a model: norms, embeddings, router bias.

@@ -39,6 +39,7 @@ struct LearnerSettings {
   int64_t weight_chunk_bytes = 1 << 20;
   int64_t request_timeout_ms = 5000;
   bool routing_replay = true;
+  std::string device = "auto";  // where the GRPO step runs: auto | cpu | gpu
 };
 
 Result<LearnerSettings> ParseSettings(const Config& cfg) {
@@ -46,7 +47,7 @@ Result<LearnerSettings> ParseSettings(const Config& cfg) {
   GROVE_RETURN_IF_ERROR(s.CheckKeys({"steps", "batch_groups", "max_staleness", "micro_batch", "checkpoint_every",
                                      "eval_every", "eval_problems", "max_new_tokens", "warmstart_steps",
                                      "warmstart_batch", "warmstart_lr", "seed", "weight_chunk_bytes",
-                                     "request_timeout_ms", "routing_replay", "grpo"}));
+                                     "request_timeout_ms", "routing_replay", "device", "grpo"}));
   LearnerSettings o;
   GROVE_ASSIGN_OR_RETURN(o.steps, s.Int("steps", o.steps));
   GROVE_ASSIGN_OR_RETURN(o.batch_groups, s.Int("batch_groups", o.batch_groups));
@@ -63,6 +64,9 @@ Result<LearnerSettings> ParseSettings(const Config& cfg) {
   GROVE_ASSIGN_OR_RETURN(o.weight_chunk_bytes, s.Int("weight_chunk_bytes", o.weight_chunk_bytes));
   GROVE_ASSIGN_OR_RETURN(o.request_timeout_ms, s.Int("request_timeout_ms", o.request_timeout_ms));
   GROVE_ASSIGN_OR_RETURN(o.routing_replay, s.Bool("routing_replay", o.routing_replay));
+  GROVE_ASSIGN_OR_RETURN(o.device, s.String("device", o.device));
+  if (!ParseLearnerDevice(o.device).ok())
+    return Status::InvalidArgument(cfg.source() + ": learner.device '" + o.device + "' is none of auto, cpu, gpu");
   auto bad = [&](const char* key, bool cond) {
     return cond ? Status::InvalidArgument(cfg.source() + ": learner." + key + " is out of range") : Status::OK();
   };
@@ -146,6 +150,7 @@ Result<std::unique_ptr<GrpoTrainer>> BuildTrainer(const Config& cfg, const Learn
   GROVE_ASSIGN_OR_RETURN(opt.grpo, ParseGrpoConfig(cfg, "learner.grpo"));
   opt.micro_batch = s.micro_batch;
   opt.routing_replay = s.routing_replay;
+  GROVE_ASSIGN_OR_RETURN(opt.device, ParseLearnerDevice(s.device));
   return GrpoTrainer::Create(std::move(m), std::move(opt));
 }
 

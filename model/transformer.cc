@@ -380,13 +380,10 @@ void Transformer<T>::set_threads(int threads) {
   threads_ = std::max(1, threads);
 }
 
-template <typename T>
-Result<ScoreResult<T>> Transformer<T>::Score(const std::vector<ScoreRequest>& batch, bool keep_for_backward) {
-  const ModelConfig& c = config_;
-  const int64_t M = c.moe_layers(), K = c.top_k, V = c.vocab_size, H = c.hidden;
+Status ValidateScoreRequests(const ModelConfig& c, const std::vector<ScoreRequest>& batch) {
+  const int64_t M = c.moe_layers(), K = c.top_k, V = c.vocab_size;
   bool any_replay = false;
   for (const ScoreRequest& r : batch) any_replay |= !r.replay_routes.empty();
-  int64_t total_rows = 0;
   for (size_t i = 0; i < batch.size(); ++i) {
     const ScoreRequest& r = batch[i];
     const int64_t L = int64_t(r.tokens.size());
@@ -416,9 +413,22 @@ Result<ScoreResult<T>> Transformer<T>::Score(const std::vector<ScoreRequest>& ba
     } else if (any_replay) {
       return Status::InvalidArgument(where + "replay_routes missing while other requests of the batch replay");
     }
-    total_rows += L - 1;
   }
   if (batch.empty()) return Status::InvalidArgument("Score: empty batch");
+  return Status::OK();
+}
+
+template <typename T>
+Result<ScoreResult<T>> Transformer<T>::Score(const std::vector<ScoreRequest>& batch, bool keep_for_backward) {
+  const ModelConfig& c = config_;
+  const int64_t M = c.moe_layers(), K = c.top_k, V = c.vocab_size, H = c.hidden;
+  GROVE_RETURN_IF_ERROR(ValidateScoreRequests(c, batch));
+  bool any_replay = false;
+  int64_t total_rows = 0;
+  for (const ScoreRequest& r : batch) {
+    any_replay |= !r.replay_routes.empty();
+    total_rows += int64_t(r.tokens.size()) - 1;
+  }
   // Contiguous shards of requests with about equal token counts.
   const int shards = int(std::min<size_t>(size_t(threads_), batch.size()));
   std::vector<size_t> first(shards + 1, batch.size());

@@ -43,6 +43,10 @@ struct ScoreRequest {
   std::vector<uint16_t> replay_routes;
 };
 
+// The checks Score() makes on a batch (InvalidArgument naming the request):
+// shared by every implementation of Score (CPU and GPU).
+Status ValidateScoreRequests(const ModelConfig& config, const std::vector<ScoreRequest>& batch);
+
 template <typename T>
 struct ScoreResult {
   std::vector<std::vector<T>> logprobs;          // per request, tokens.size() - score_from values

@@ -1,0 +1,212 @@
+// The whole GRPO training step of a model on one GPU, timed by part:
+// policy forward (GpuTransformer::Score, activations kept), the GRPO loss
+// (learner::ComputePolicyLoss on the host, over the downloaded log-probs),
+// backward (GpuTransformer::Backward), and the optimizer (GpuGrpoStep::Update:
+// global norm, clipping, fused AdamW, bf16 copies repacked).
+//
+// Batch: synthetic groups of random tokens, --batch sequences of --prompt +
+// --completion tokens, routing replay of the model's own routes (one scoring
+// pass before the timed steps), rollout log-probs = the model's own (ratio 1),
+// beta 0 (no reference forward; --reference times one separately).
+//
+// Throughput counts every token of the batch (batch * (prompt + completion)).
+// MFU = FLOPs/token * tokens/s / 989.4 TFLOP/s (H100 SXM dense bf16), with
+// FLOPs/token = 6 * N_matmul + 6 * layers * heads * head_dim * L (causal
+// attention, forward + backward) and N_matmul the weights one token
+// multiplies: attention projections, the dense or routed (top_k) + shared
+// expert SwiGLUs, the router, and the lm_head; not the embedding lookup.
+//
+// --save_checkpoint PATH writes the initial parameters as model/'s
+// safetensors checkpoint (for the PyTorch baseline to load the same weights).
+#include <cuda_runtime.h>
+#include <gflags/gflags.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "learner/advantages.h"
+#include "learner/gpu_step.h"
+#include "learner/grpo_loss.h"
+#include "learner/grpo_trainer.h"
+#include "model/checkpoint.h"
+#include "model/config.h"
+#include "model/gpu_transformer.h"
+
+DEFINE_string(config, "configs/model/gpu-ref.toml", "model config (its [model] section)");
+DEFINE_int32(batch, 32, "sequences per step");
+DEFINE_int32(group, 8, "completions per prompt");
+DEFINE_int32(prompt, 128, "prompt tokens");
+DEFINE_int32(completion, 896, "completion tokens");
+DEFINE_int32(steps, 5, "timed steps (after one warm-up step)");
+DEFINE_bool(reference, false, "also time one reference forward (beta > 0 needs it)");
+DEFINE_string(save_checkpoint, "", "write the initial parameters here (safetensors)");
+DEFINE_uint64(seed, 1, "init and token seed");
+
+namespace grove::learner {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+#define CHECK_OK(expr)                                                                      \
+  do {                                                                                      \
+    auto _s = (expr);                                                                       \
+    if (!_s.ok()) {                                                                         \
+      std::fprintf(stderr, "%s failed: %s\n", #expr, _s.ToString().c_str());               \
+      std::exit(1);                                                                         \
+    }                                                                                       \
+  } while (0)
+
+// The weights one token multiplies (see the header).
+double MatmulParamsPerToken(const model::ModelConfig& c) {
+  const double H = double(c.hidden), qd = double(c.heads * c.head_dim), kd = double(c.kv_heads * c.head_dim);
+  double n = 0;
+  for (int64_t l = 0; l < c.layers; ++l) {
+    n += 2 * H * qd + 2 * H * kd;
+    if (c.is_moe_layer(l))
+      n += double(c.experts) * H + double(c.top_k + c.shared_experts) * 3 * H * double(c.expert_hidden);
+    else
+      n += 3 * H * double(c.dense_hidden);
+  }
+  return n + double(c.vocab_size) * H;
+}
+
+int Run() {
+  auto mc = model::ModelConfig::LoadFile(FLAGS_config);
+  CHECK_OK(mc.status());
+  const model::ModelConfig& c = *mc;
+  const int L = FLAGS_prompt + FLAGS_completion, B = FLAGS_batch;
+  if (L > c.max_seq_len || B % FLAGS_group != 0 || FLAGS_prompt < 1 || FLAGS_completion < 1) {
+    std::fprintf(stderr, "bad shape: prompt + completion <= max_seq_len %lld, batch a multiple of group\n",
+                 (long long)c.max_seq_len);
+    return 2;
+  }
+  auto t0 = Clock::now();
+  auto host = model::Model::Create(c, FLAGS_seed);
+  CHECK_OK(host.status());
+  std::printf("model %s: %lld parameters, init %.1f s\n", FLAGS_config.c_str(),
+              (long long)(*host)->layout().total(), Since(t0));
+  if (!FLAGS_save_checkpoint.empty()) {
+    t0 = Clock::now();
+    CHECK_OK(model::SaveModel(FLAGS_save_checkpoint, **host, {{"seed", std::to_string(FLAGS_seed)}}));
+    std::printf("saved the initial parameters to %s (%.1f s)\n", FLAGS_save_checkpoint.c_str(), Since(t0));
+  }
+  t0 = Clock::now();
+  AdamWOptions adam;
+  adam.beta2 = 0.95;
+  adam.weight_decay = 0.1;
+  auto step = GpuGrpoStep::Create(**host, **host, adam, NoDecayRanges((*host)->layout()));
+  CHECK_OK(step.status());
+  std::printf("uploaded to the GPU in %.1f s\n", Since(t0));
+  model::GpuTransformer& policy = (*step)->policy();
+
+  // Synthetic groups; routes and rollout log-probs from the model itself.
+  std::mt19937_64 rng(FLAGS_seed);
+  std::uniform_int_distribution<int> tok(0, int(c.vocab_size) - 1);
+  std::vector<model::ScoreRequest> batch(B);
+  std::vector<float> rewards(B);
+  std::vector<int64_t> group_sizes(B / FLAGS_group, FLAGS_group);
+  for (int g = 0; g < B / FLAGS_group; ++g) {
+    std::vector<int32_t> prompt(FLAGS_prompt);
+    for (int32_t& t : prompt) t = tok(rng);
+    for (int s = 0; s < FLAGS_group; ++s) {
+      model::ScoreRequest& r = batch[g * FLAGS_group + s];
+      r.tokens = prompt;
+      for (int t = 0; t < FLAGS_completion; ++t) r.tokens.push_back(tok(rng));
+      r.score_from = FLAGS_prompt;
+      rewards[g * FLAGS_group + s] = float(s % 2);
+    }
+  }
+  t0 = Clock::now();
+  auto own = policy.Score(batch, false);
+  CHECK_OK(own.status());
+  std::printf("routing pass (forward without keep) %.3f s\n", Since(t0));
+  std::vector<float> rollout;
+  std::vector<int64_t> offsets{0};
+  for (int i = 0; i < B; ++i) {
+    batch[i].replay_routes = own->routes[i];
+    rollout.insert(rollout.end(), own->logprobs[i].begin(), own->logprobs[i].end());
+    offsets.push_back(int64_t(rollout.size()));
+  }
+  auto adv = GroupAdvantages(rewards, group_sizes, AdvantageOptions{});
+  CHECK_OK(adv.status());
+  PolicyLossConfig loss_cfg;
+  loss_cfg.beta = 0;
+  loss_cfg.tis_cap = 2.0;
+  if (FLAGS_reference) {
+    t0 = Clock::now();
+    CHECK_OK((*step)->reference().Score(batch, false).status());
+    std::printf("reference forward %.3f s\n", Since(t0));
+  }
+
+  const double flops_per_token =
+      6 * MatmulParamsPerToken(c) + 6.0 * double(c.layers * c.heads * c.head_dim) * double(L);
+  const double tokens = double(B) * L;
+  std::printf("batch %d x %d tokens (prompt %d + completion %d), N_matmul %.4g, FLOPs/token %.4g\n", B, L,
+              FLAGS_prompt, FLAGS_completion, MatmulParamsPerToken(c), flops_per_token);
+  std::printf("%-6s %9s %9s %9s %9s %9s %11s %7s\n", "step", "fwd s", "loss s", "bwd s", "optim s", "total s",
+              "tokens/s", "MFU");
+  std::vector<double> totals, fwds, bwds, opts, losses;
+  for (int it = 0; it <= FLAGS_steps; ++it) {
+    const auto s0 = Clock::now();
+    CHECK_OK(policy.ZeroGrad());
+    auto cur = policy.Score(batch, true);
+    CHECK_OK(cur.status());
+    const double t_fwd = Since(s0);
+    const auto s1 = Clock::now();
+    std::vector<float> logp;
+    for (const auto& lp : cur->logprobs) logp.insert(logp.end(), lp.begin(), lp.end());
+    PolicyBatch pb;
+    pb.seq_offsets = offsets;
+    pb.logp = logp;
+    pb.rollout_logp = rollout;
+    pb.advantages = *adv;
+    auto out = ComputePolicyLoss(pb, loss_cfg);
+    CHECK_OK(out.status());
+    std::vector<std::vector<float>> dlogp;
+    for (int i = 0; i < B; ++i)
+      dlogp.emplace_back(out->grad_logp.begin() + offsets[i], out->grad_logp.begin() + offsets[i + 1]);
+    const double t_loss = Since(s1);
+    const auto s2 = Clock::now();
+    CHECK_OK(policy.Backward(dlogp));
+    const double t_bwd = Since(s2);
+    const auto s3 = Clock::now();
+    auto rep = (*step)->Update(1e-6, 1.0);
+    CHECK_OK(rep.status());
+    const double t_opt = Since(s3), total = Since(s0);
+    std::printf("%-6s %9.3f %9.3f %9.3f %9.3f %9.3f %11.0f %6.1f%%\n", it == 0 ? "warmup" : std::to_string(it).c_str(),
+                t_fwd, t_loss, t_bwd, t_opt, total, tokens / total, 100.0 * flops_per_token * tokens / total / 989.4e12);
+    if (it > 0) {
+      totals.push_back(total); fwds.push_back(t_fwd); bwds.push_back(t_bwd); opts.push_back(t_opt);
+      losses.push_back(t_loss);
+    }
+  }
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  const double tm = median(totals);
+  std::printf("median: forward %.3f s, loss %.3f s, backward %.3f s, optimizer %.3f s, step %.3f s\n", median(fwds),
+              median(losses), median(bwds), median(opts), tm);
+  std::printf("RESULT tokens/s %.0f  MFU %.1f%%  (step %.3f s, %d x %d tokens)\n", tokens / tm,
+              100.0 * flops_per_token * tokens / tm / 989.4e12, tm, B, L);
+  t0 = Clock::now();
+  CHECK_OK(policy.DownloadParams((*host)->params()));
+  std::printf("weights to the host for publishing: %.3f s\n", Since(t0));
+  size_t free_b = 0, total_b = 0;
+  cudaMemGetInfo(&free_b, &total_b);
+  std::printf("GPU memory in use: %.1f GiB of %.1f GiB\n", double(total_b - free_b) / (1 << 30),
+              double(total_b) / (1 << 30));
+  return 0;
+}
+
+}  // namespace
+}  // namespace grove::learner
+
+int main(int argc, char** argv) {
+  gflags::ParseCommandLineFlags(&argc, &argv, true);
+  return grove::learner::Run();
+}

@@ -1,0 +1,63 @@
+// GpuGrpoStep: the device half of GrpoTrainer's step when the learner runs on
+// a GPU: the policy (with gradients) and the frozen reference as
+// model::GpuTransformer, AdamW's moments on the device, and the update
+// (global gradient norm, clipping, fused AdamW with the no-decay ranges)
+// without leaving the GPU. The host Model stays the source of truth for
+// weight publishing and checkpoints: the trainer downloads the parameters
+// after each update (and uploads after anything that changes them on the
+// host: warm-start steps, the router-bias update, checkpoint loads).
+//
+// Only built with CUDA (GROVE_HAVE_CUDA); the header needs no CUDA.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "base/result.h"
+#include "learner/adamw.h"
+#include "learner/optimizer_step.h"
+#include "model/gpu_transformer.h"
+#include "model/transformer.h"
+
+namespace grove::learner {
+
+class GpuGrpoStep {
+ public:
+  // Uploads both models to `device`; moments zero, step 0. no_decay as for
+  // AdamW::SetNoDecayRanges (non-trainable tensors are never touched).
+  static Result<std::unique_ptr<GpuGrpoStep>> Create(const model::Model& policy, const model::Model& reference,
+                                                     const AdamWOptions& options,
+                                                     const std::vector<ParamRange>& no_decay, int device = 0);
+  ~GpuGrpoStep();
+
+  model::GpuTransformer& policy() { return *policy_; }
+  model::GpuTransformer& reference() { return *reference_; }
+
+  // One update from the accumulated device gradients at rate lr: the global
+  // norm (cuBLAS nrm2 in fp32), a skip when it is not finite (nothing
+  // changes, as learner::ApplyUpdate), clipping to max_grad_norm (<= 0: off),
+  // AdamW per contiguous run of decayed / not decayed trainable tensors,
+  // then the bf16 compute copies. The parameters stay on the device.
+  Result<UpdateReport> Update(double lr, double max_grad_norm);
+
+  int64_t step() const { return step_; }
+  // Moments and step, for checkpoints (AdamW's format).
+  Result<AdamWState> ExportState() const;
+  Status ImportState(const AdamWState& state);
+
+ private:
+  struct Run {
+    int64_t offset = 0, count = 0;
+    bool decay = true;
+  };
+  GpuGrpoStep() = default;
+  std::unique_ptr<model::GpuTransformer> policy_, reference_;
+  AdamWOptions options_;
+  std::vector<Run> runs_;
+  float* m_ = nullptr;
+  float* v_ = nullptr;
+  int64_t step_ = 0;
+};
+
+}  // namespace grove::learner

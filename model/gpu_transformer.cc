@@ -1,0 +1,837 @@
+#include "model/gpu_transformer.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <glog/logging.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "kernels/attention.h"
+#include "kernels/embedding.h"
+#include "kernels/grouped_gemm.h"
+#include "kernels/logprob_head.h"
+#include "kernels/moe_permute.h"
+#include "kernels/rmsnorm.h"
+#include "kernels/rope.h"
+#include "kernels/router.h"
+#include "kernels/swiglu.h"
+#include "model/gpu_transformer_kernels.h"
+
+namespace grove::model {
+namespace {
+
+using gpu::bf16;
+
+Status Cuda(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return Status::OK();
+  return Status::Internal(std::string("GpuTransformer: ") + what + ": " + cudaGetErrorString(err));
+}
+Status Cublas(cublasStatus_t st, const char* what) {
+  if (st == CUBLAS_STATUS_SUCCESS) return Status::OK();
+  return Status::Internal(std::string("GpuTransformer: cuBLAS ") + what + " failed with status " +
+                          std::to_string(int(st)));
+}
+#define GPU_OK(expr) GROVE_RETURN_IF_ERROR(Cuda((expr), #expr))
+// Launch errors of the glue kernels surface at the next check.
+#define GPU_LAUNCHED(what) GROVE_RETURN_IF_ERROR(Cuda(cudaGetLastError(), what))
+
+// A device allocation that grows on demand (contents are lost on growth).
+class DevBuf {
+ public:
+  DevBuf() = default;
+  DevBuf(const DevBuf&) = delete;
+  DevBuf& operator=(const DevBuf&) = delete;
+  DevBuf(DevBuf&& o) noexcept : p_(o.p_), bytes_(o.bytes_) { o.p_ = nullptr; o.bytes_ = 0; }
+  ~DevBuf() { if (p_) cudaFree(p_); }
+  Status Reserve(size_t bytes) {
+    if (bytes <= bytes_) return Status::OK();
+    if (p_) cudaFree(p_);
+    p_ = nullptr;
+    bytes_ = 0;
+    const cudaError_t err = cudaMalloc(&p_, std::max<size_t>(bytes, 256));
+    if (err != cudaSuccess) {
+      p_ = nullptr;
+      return Status::ResourceExhausted("GpuTransformer: cannot allocate " + std::to_string(bytes) +
+                                       " bytes on the GPU: " + cudaGetErrorString(err));
+    }
+    bytes_ = bytes;
+    return Status::OK();
+  }
+  template <typename T>
+  Status Reserve(int64_t count, T** out) {
+    GROVE_RETURN_IF_ERROR(Reserve(size_t(std::max<int64_t>(count, 1)) * sizeof(T)));
+    *out = static_cast<T*>(p_);
+    return Status::OK();
+  }
+  template <typename T>
+  T* as() const { return static_cast<T*>(p_); }
+
+ private:
+  void* p_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// What one layer's forward keeps for the backward.
+struct LayerTape {
+  DevBuf x_mid, h1, q, k, v, o, lse, h2, rstd1, rstd2;
+  DevBuf fa, fb, fh;                  // dense SwiGLU or the shared experts, [R, F] bf16
+  DevBuf scores, gates, pos, src;     // router and grouping
+  DevBuf ea, eb, eh, ey;              // grouped expert activations
+};
+
+// One forward's state. Score(keep=false) runs in its own Tape that keeps
+// one LayerTape (reused by every layer) and two residual buffers.
+struct Tape {
+  int rows = 0, seqs = 0, scored = 0, max_seqlen = 0;
+  std::vector<size_t> sizes;      // log-probs per request
+  std::vector<int32_t> h_counts;  // [moe layers, experts] of the last forward
+  DevBuf tokens, pos, seq, seq_len, cu_seqlens, sc_row, sc_target, replay;
+  std::vector<DevBuf> resid;      // residual stream entering each layer (+ the final one)
+  std::vector<LayerTape> layers;
+  DevBuf ids, counts, offsets, prob_mean, bal_count;  // [moe layers, ...]
+  DevBuf rstd_final, h_final, hs, lse, logp;  // logits are recomputed per chunk, never kept
+  bool valid = false;
+};
+
+struct ExpertPack {
+  DevBuf w1, w3, w2;     // [E, F, H], [E, F, H], [E, H, F]
+  DevBuf w1t, w3t, w2t;  // [E, H, F], [E, H, F], [E, F, H]
+};
+
+// Row-major C[M,N] = alpha op(A) op(B) + beta C with bf16 A, B and fp32
+// accumulation; C bf16 or fp32. cuBLAS is column-major: C^T = op(B)^T op(A)^T.
+Status Gemm(cublasHandle_t h, bool ta, bool tb, int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda,
+            const bf16* B, int64_t ldb, void* C, bool c_f32, int64_t ldc, float beta, const char* what) {
+  if (M == 0 || N == 0) return Status::OK();
+  const float alpha = 1.f;
+  return Cublas(cublasGemmEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, int(N), int(M),
+                             int(K), &alpha, B, CUDA_R_16BF, int(ldb), A, CUDA_R_16BF, int(lda), &beta, C,
+                             c_f32 ? CUDA_R_32F : CUDA_R_16BF, int(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                what);
+}
+
+// Scored rows per LM-head chunk: the fp32 logits of a chunk are at most
+// 2^27 floats (512 MiB), so the [scored, vocab] block is never whole in
+// memory (3.8 GB at 28k rows x 32k vocab); the backward recomputes each
+// chunk's logits (one more lm_head GEMM, ~1% of a step's FLOPs).
+int64_t LmHeadChunk(int64_t vocab) { return std::max<int64_t>(1, (int64_t(1) << 27) / vocab); }
+
+}  // namespace
+
+struct GpuTransformer::Impl {
+  cudaStream_t stream = nullptr;
+  cublasHandle_t cublas = nullptr;
+  DevBuf params, grads, mirror;
+  std::vector<ExpertPack> packs;  // per MoE layer
+  Tape kept, scratch;
+  // Backward workspace.
+  DevBuf dres, dres_b, dmain, dmain_b, dq, dk, dv, dout_b, dwork, dnorm_w, attn_ws, norm_ws, dz, dhs, dlogits,
+      dgate, dea, deb, deh, dey, dxe1, dxe3, xe, g, router_logits, logits, index_ws, embed_ws, router_ws, dlogits_f;
+  std::vector<float> h_prob_mean;
+  std::vector<int32_t> h_bal_count;
+
+  ~Impl() {
+    if (cublas) cublasDestroy(cublas);
+    if (stream) cudaStreamDestroy(stream);
+  }
+};
+
+int GpuTransformer::DeviceCount() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no device" error
+    return 0;
+  }
+  return n;
+}
+
+GpuTransformer::GpuTransformer(const ModelConfig& config, int device, bool trainable)
+    : config_(config), layout_(config), device_(device), trainable_(trainable), impl_(std::make_unique<Impl>()) {}
+
+GpuTransformer::~GpuTransformer() {
+  if (impl_) cudaSetDevice(device_);
+}
+
+Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig& c, int device, bool trainable) {
+  GROVE_RETURN_IF_ERROR(c.Validate());
+  if (c.head_dim != 64 && c.head_dim != 128)
+    return Status::InvalidArgument("GpuTransformer: head_dim " + std::to_string(c.head_dim) +
+                                   " unsupported (the attention kernel takes 64 or 128)");
+  if (c.hidden % 8 != 0 || c.hidden > kernels::kRmsNormMaxHidden)
+    return Status::InvalidArgument("GpuTransformer: hidden must be a multiple of 8, at most " +
+                                   std::to_string(kernels::kRmsNormMaxHidden));
+  if (c.experts > 0 && (c.experts > kernels::kRouterMaxExperts || c.top_k > kernels::kRouterMaxTopK ||
+                        c.expert_hidden % 8 != 0))
+    return Status::InvalidArgument("GpuTransformer: needs experts <= 256, top_k <= 16, expert_hidden % 8 == 0");
+  if (c.dense_hidden % 8 != 0) return Status::InvalidArgument("GpuTransformer: dense_hidden must be a multiple of 8");
+  if (c.vocab_size % 8 != 0)
+    return Status::InvalidArgument("GpuTransformer: vocab_size " + std::to_string(c.vocab_size) +
+                                   " must be a multiple of 8 (16-byte logit rows for the log-prob head)");
+  std::unique_ptr<GpuTransformer> m(new GpuTransformer(c, device, trainable));
+  for (const TensorInfo& t : m->layout_.tensors())
+    if (t.offset % 8 != 0)
+      return Status::InvalidArgument("GpuTransformer: tensor " + t.name + " starts at element " +
+                                     std::to_string(t.offset) +
+                                     ", not a multiple of 8 (16-byte rows); make experts a multiple of 8");
+  const int count = DeviceCount();
+  if (device < 0 || device >= count)
+    return Status::FailedPrecondition("GpuTransformer: device " + std::to_string(device) + " not present (" +
+                                      std::to_string(count) + " CUDA devices)");
+  GPU_OK(cudaSetDevice(device));
+  Impl& im = *m->impl_;
+  GPU_OK(cudaStreamCreateWithFlags(&im.stream, cudaStreamNonBlocking));
+  GROVE_RETURN_IF_ERROR(Cublas(cublasCreate(&im.cublas), "create"));
+  GROVE_RETURN_IF_ERROR(Cublas(cublasSetStream(im.cublas, im.stream), "set stream"));
+  const int64_t N = m->layout_.total();
+  float* p = nullptr;
+  GROVE_RETURN_IF_ERROR(im.params.Reserve(N, &p));
+  GPU_OK(cudaMemset(p, 0, N * sizeof(float)));
+  bf16* mb = nullptr;
+  GROVE_RETURN_IF_ERROR(im.mirror.Reserve(N, &mb));
+  if (trainable) {
+    float* g = nullptr;
+    GROVE_RETURN_IF_ERROR(im.grads.Reserve(N, &g));
+    GPU_OK(cudaMemset(g, 0, N * sizeof(float)));
+  }
+  const int64_t E = c.experts, F = c.expert_hidden, H = c.hidden;
+  im.packs.resize(c.moe_layers());
+  for (ExpertPack& pk : im.packs) {
+    bf16* d = nullptr;
+    GROVE_RETURN_IF_ERROR(pk.w1.Reserve(E * F * H, &d));
+    GROVE_RETURN_IF_ERROR(pk.w3.Reserve(E * F * H, &d));
+    GROVE_RETURN_IF_ERROR(pk.w2.Reserve(E * F * H, &d));
+    if (trainable) {
+      GROVE_RETURN_IF_ERROR(pk.w1t.Reserve(E * F * H, &d));
+      GROVE_RETURN_IF_ERROR(pk.w3t.Reserve(E * F * H, &d));
+      GROVE_RETURN_IF_ERROR(pk.w2t.Reserve(E * F * H, &d));
+    }
+  }
+  GROVE_RETURN_IF_ERROR(m->RefreshComputeCopies(true));
+  GROVE_RETURN_IF_ERROR(m->Synchronize());
+  return m;
+}
+
+float* GpuTransformer::device_params() { return impl_->params.as<float>(); }
+float* GpuTransformer::device_grads() { return impl_->grads.as<float>(); }
+void* GpuTransformer::device_params_bf16() { return impl_->mirror.as<void>(); }
+void* GpuTransformer::stream() const { return impl_->stream; }
+
+Status GpuTransformer::Synchronize() const {
+  GPU_OK(cudaSetDevice(device_));
+  return Cuda(cudaStreamSynchronize(impl_->stream), "synchronize");
+}
+
+Status GpuTransformer::RefreshComputeCopies(bool mirror_from_master) {
+  GPU_OK(cudaSetDevice(device_));
+  Impl& im = *impl_;
+  const ModelConfig& c = config_;
+  if (mirror_from_master) gpu::CastToBf16(im.params.as<float>(), im.mirror.as<bf16>(), layout_.total(), im.stream);
+  const int64_t F = c.expert_hidden, H = c.hidden, stride = 3 * F * H;
+  for (int64_t mi = 0; mi < c.moe_layers(); ++mi) {
+    const std::string p = "layers." + std::to_string(c.dense_layers + mi) + ".moe.experts.0.";
+    const bf16* w1 = im.mirror.as<bf16>() + layout_.Offset(p + "w1");
+    const bf16* w3 = im.mirror.as<bf16>() + layout_.Offset(p + "w3");
+    const bf16* w2 = im.mirror.as<bf16>() + layout_.Offset(p + "w2");
+    ExpertPack& pk = im.packs[mi];
+    const int E = int(c.experts);
+    gpu::PackExperts(w1, stride, E, int(F), int(H), false, pk.w1.as<bf16>(), im.stream);
+    gpu::PackExperts(w3, stride, E, int(F), int(H), false, pk.w3.as<bf16>(), im.stream);
+    gpu::PackExperts(w2, stride, E, int(H), int(F), false, pk.w2.as<bf16>(), im.stream);
+    if (trainable_) {
+      gpu::PackExperts(w1, stride, E, int(F), int(H), true, pk.w1t.as<bf16>(), im.stream);
+      gpu::PackExperts(w3, stride, E, int(F), int(H), true, pk.w3t.as<bf16>(), im.stream);
+      gpu::PackExperts(w2, stride, E, int(H), int(F), true, pk.w2t.as<bf16>(), im.stream);
+    }
+  }
+  GPU_LAUNCHED("refresh compute copies");
+  return Status::OK();
+}
+
+Status GpuTransformer::UploadParams(std::span<const float> params) {
+  if (int64_t(params.size()) != layout_.total())
+    return Status::InvalidArgument("UploadParams: " + std::to_string(params.size()) + " values for " +
+                                   std::to_string(layout_.total()) + " parameters");
+  GPU_OK(cudaSetDevice(device_));
+  GPU_OK(cudaMemcpyAsync(impl_->params.as<float>(), params.data(), params.size() * sizeof(float),
+                         cudaMemcpyHostToDevice, impl_->stream));
+  GROVE_RETURN_IF_ERROR(RefreshComputeCopies(true));
+  return Synchronize();
+}
+
+Status GpuTransformer::UploadRange(int64_t offset, std::span<const float> values) {
+  if (offset < 0 || offset + int64_t(values.size()) > layout_.total())
+    return Status::InvalidArgument("UploadRange: [" + std::to_string(offset) + ", " +
+                                   std::to_string(offset + int64_t(values.size())) + ") outside the " +
+                                   std::to_string(layout_.total()) + " parameters");
+  GPU_OK(cudaSetDevice(device_));
+  Impl& im = *impl_;
+  GPU_OK(cudaMemcpyAsync(im.params.as<float>() + offset, values.data(), values.size() * sizeof(float),
+                         cudaMemcpyHostToDevice, im.stream));
+  gpu::CastToBf16(im.params.as<float>() + offset, im.mirror.as<bf16>() + offset, int64_t(values.size()), im.stream);
+  // Repack the experts only when the range touches expert weights (the
+  // router-bias update after every step does not).
+  const ModelConfig& c = config_;
+  bool experts = false;
+  for (int64_t l = c.dense_layers; l < c.layers && c.experts > 0; ++l) {
+    const std::string p = "layers." + std::to_string(l) + ".moe.experts.";
+    const int64_t lo = layout_.Offset(p + "0.w1");
+    const TensorInfo* last = layout_.Find(p + std::to_string(c.experts - 1) + ".w2");
+    experts |= offset < last->offset + last->numel && offset + int64_t(values.size()) > lo;
+  }
+  if (experts) GROVE_RETURN_IF_ERROR(RefreshComputeCopies(false));
+  GPU_LAUNCHED("upload range");
+  return Synchronize();
+}
+
+Status GpuTransformer::DownloadParams(std::span<float> params) const {
+  if (int64_t(params.size()) != layout_.total())
+    return Status::InvalidArgument("DownloadParams: room for " + std::to_string(params.size()) + " of " +
+                                   std::to_string(layout_.total()) + " parameters");
+  GPU_OK(cudaSetDevice(device_));
+  GPU_OK(cudaMemcpyAsync(params.data(), impl_->params.as<float>(), params.size() * sizeof(float),
+                         cudaMemcpyDeviceToHost, impl_->stream));
+  return Synchronize();
+}
+
+Status GpuTransformer::ZeroGrad() {
+  if (!trainable_) return Status::FailedPrecondition("ZeroGrad on a GpuTransformer created without gradients");
+  GPU_OK(cudaSetDevice(device_));
+  GPU_OK(cudaMemsetAsync(impl_->grads.as<float>(), 0, layout_.total() * sizeof(float), impl_->stream));
+  return Status::OK();
+}
+
+Status GpuTransformer::DownloadGrads(std::span<float> grads) const {
+  if (!trainable_) return Status::FailedPrecondition("DownloadGrads on a GpuTransformer created without gradients");
+  if (int64_t(grads.size()) != layout_.total())
+    return Status::InvalidArgument("DownloadGrads: room for " + std::to_string(grads.size()) + " of " +
+                                   std::to_string(layout_.total()) + " gradients");
+  GPU_OK(cudaSetDevice(device_));
+  GPU_OK(cudaMemcpyAsync(grads.data(), impl_->grads.as<float>(), grads.size() * sizeof(float),
+                         cudaMemcpyDeviceToHost, impl_->stream));
+  return Synchronize();
+}
+
+namespace {
+
+template <typename T>
+Status Upload(DevBuf& buf, const std::vector<T>& host, cudaStream_t stream) {
+  T* d = nullptr;
+  GROVE_RETURN_IF_ERROR(buf.Reserve(int64_t(host.size()), &d));
+  if (host.empty()) return Status::OK();
+  return Cuda(cudaMemcpyAsync(d, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice, stream), "upload");
+}
+
+}  // namespace
+
+Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>& batch, bool keep) {
+  const ModelConfig& c = config_;
+  GROVE_RETURN_IF_ERROR(ValidateScoreRequests(c, batch));
+  if (keep && !trainable_)
+    return Status::FailedPrecondition("Score(keep_for_backward) on a GpuTransformer created without gradients");
+  GPU_OK(cudaSetDevice(device_));
+  Impl& im = *impl_;
+  cudaStream_t st = im.stream;
+  cublasHandle_t cb = im.cublas;
+  const int64_t M = c.moe_layers(), K = c.top_k, E = c.experts, V = c.vocab_size, H = c.hidden,
+                hd = c.head_dim, qd = c.heads * hd, kd = c.kv_heads * hd;
+  Tape& tp = keep ? im.kept : im.scratch;
+  tp.valid = false;
+
+  // Host-side index arrays of the packed batch (row r = input position).
+  const bool replay = !batch[0].replay_routes.empty();
+  std::vector<int32_t> tokens, pos, seq, seq_len, cu{0}, sc_row, sc_target;
+  std::vector<uint16_t> replay_ids;
+  tp.sizes.clear();
+  int max_len = 0;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const ScoreRequest& r = batch[i];
+    const int n = int(r.tokens.size()) - 1;
+    const int row0 = int(tokens.size());
+    for (int t = 0; t < n; ++t) {
+      tokens.push_back(r.tokens[t]);
+      pos.push_back(t);
+      seq.push_back(int32_t(i));
+    }
+    for (int64_t t = r.score_from; t < n + 1; ++t) {
+      sc_row.push_back(row0 + int32_t(t) - 1);
+      sc_target.push_back(r.tokens[t]);
+    }
+    tp.sizes.push_back(size_t(n + 1 - r.score_from));
+    seq_len.push_back(n);
+    cu.push_back(row0 + n);
+    max_len = std::max(max_len, n);
+  }
+  const int R = int(tokens.size()), S = int(sc_row.size()), B = int(batch.size());
+  if (replay) {  // [moe layer][row][k]
+    replay_ids.resize(size_t(M) * R * K);
+    int row = 0;
+    for (const ScoreRequest& r : batch) {
+      const int n = int(r.tokens.size()) - 1;
+      for (int t = 0; t < n; ++t, ++row)
+        for (int64_t mi = 0; mi < M; ++mi)
+          for (int64_t j = 0; j < K; ++j)
+            replay_ids[(mi * R + row) * K + j] = r.replay_routes[(t * M + mi) * K + j];
+    }
+  }
+  tp.rows = R;
+  tp.seqs = B;
+  tp.scored = S;
+  tp.max_seqlen = max_len;
+  GROVE_RETURN_IF_ERROR(Upload(tp.tokens, tokens, st));
+  GROVE_RETURN_IF_ERROR(Upload(tp.pos, pos, st));
+  GROVE_RETURN_IF_ERROR(Upload(tp.seq, seq, st));
+  GROVE_RETURN_IF_ERROR(Upload(tp.seq_len, seq_len, st));
+  GROVE_RETURN_IF_ERROR(Upload(tp.cu_seqlens, cu, st));
+  GROVE_RETURN_IF_ERROR(Upload(tp.sc_row, sc_row, st));
+  GROVE_RETURN_IF_ERROR(Upload(tp.sc_target, sc_target, st));
+  if (replay) GROVE_RETURN_IF_ERROR(Upload(tp.replay, replay_ids, st));
+
+  const float* P = im.params.as<float>();
+  const bf16* W = im.mirror.as<bf16>();
+  auto name = [](int64_t l, const char* s) { return "layers." + std::to_string(l) + "." + s; };
+  auto Wb = [&](const std::string& n) { return W + layout_.Offset(n); };
+  auto Pf = [&](const std::string& n) { return P + layout_.Offset(n); };
+
+  const int n_resid = keep ? int(c.layers) + 1 : 2;
+  if (int(tp.resid.size()) < n_resid) tp.resid.resize(n_resid);
+  const int n_lt = keep ? int(c.layers) : 1;
+  if (int(tp.layers.size()) < n_lt) tp.layers.resize(n_lt);
+  auto resid = [&](int64_t i) -> DevBuf& { return tp.resid[keep ? i : i % 2]; };
+  for (int i = 0; i < n_resid; ++i) GROVE_RETURN_IF_ERROR(tp.resid[i].Reserve(size_t(R) * H * sizeof(bf16)));
+
+  uint16_t* ids_all = nullptr;
+  int32_t *counts_all = nullptr, *offsets_all = nullptr, *bal_count = nullptr;
+  float* prob_mean = nullptr;
+  GROVE_RETURN_IF_ERROR(tp.ids.Reserve(M * R * K, &ids_all));
+  GROVE_RETURN_IF_ERROR(tp.counts.Reserve(M * E, &counts_all));
+  GROVE_RETURN_IF_ERROR(tp.offsets.Reserve(M * (E + 1), &offsets_all));
+  GROVE_RETURN_IF_ERROR(tp.bal_count.Reserve(M * B * E, &bal_count));
+  GROVE_RETURN_IF_ERROR(tp.prob_mean.Reserve(M * B * E, &prob_mean));
+
+  kernels::AttentionShape ash;
+  ash.cu_seqlens = tp.cu_seqlens.as<int32_t>();
+  ash.batch = B;
+  ash.max_seqlen = max_len;
+  ash.total_tokens = R;
+  ash.num_heads = int(c.heads);
+  ash.num_kv_heads = int(c.kv_heads);
+  ash.head_dim = int(hd);
+
+  GROVE_RETURN_IF_ERROR(
+      kernels::EmbeddingForward(tp.tokens.as<int32_t>(), Wb("embed"), resid(0).as<bf16>(), R, int(V), int(H), st));
+  const float eps = float(c.norm_eps);
+  for (int64_t l = 0; l < c.layers; ++l) {
+    LayerTape& lt = tp.layers[keep ? l : 0];
+    bf16* xin = resid(l).as<bf16>();
+    bf16* xout = resid(l + 1).as<bf16>();
+    bf16 *h1, *q, *k, *v, *o, *x_mid, *h2;
+    float *rstd1, *rstd2, *lse;
+    GROVE_RETURN_IF_ERROR(lt.h1.Reserve(R * H, &h1));
+    GROVE_RETURN_IF_ERROR(lt.q.Reserve(R * qd, &q));
+    GROVE_RETURN_IF_ERROR(lt.k.Reserve(R * kd, &k));
+    GROVE_RETURN_IF_ERROR(lt.v.Reserve(R * kd, &v));
+    GROVE_RETURN_IF_ERROR(lt.o.Reserve(R * qd, &o));
+    GROVE_RETURN_IF_ERROR(lt.x_mid.Reserve(R * H, &x_mid));
+    GROVE_RETURN_IF_ERROR(lt.h2.Reserve(R * H, &h2));
+    GROVE_RETURN_IF_ERROR(lt.rstd1.Reserve(R, &rstd1));
+    GROVE_RETURN_IF_ERROR(lt.rstd2.Reserve(R, &rstd2));
+    GROVE_RETURN_IF_ERROR(lt.lse.Reserve(int64_t(c.heads) * R, &lse));
+    // Attention block.
+    GROVE_RETURN_IF_ERROR(kernels::RmsNormForward(xin, Pf(name(l, "attn_norm")), h1, rstd1, R, int(H), eps, st));
+    GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, qd, H, h1, H, Wb(name(l, "attn.wq")), H, q, false, qd, 0, "wq"));
+    GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, kd, H, h1, H, Wb(name(l, "attn.wk")), H, k, false, kd, 0, "wk"));
+    GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, kd, H, h1, H, Wb(name(l, "attn.wv")), H, v, false, kd, 0, "wv"));
+    GROVE_RETURN_IF_ERROR(kernels::RopeForward(q, tp.pos.as<int32_t>(), R, int(c.heads), int(hd), c.rope_base, st));
+    GROVE_RETURN_IF_ERROR(kernels::RopeForward(k, tp.pos.as<int32_t>(), R, int(c.kv_heads), int(hd), c.rope_base, st));
+    GROVE_RETURN_IF_ERROR(kernels::AttentionForward(ash, q, k, v, o, lse, st));
+    GPU_OK(cudaMemcpyAsync(x_mid, xin, size_t(R) * H * sizeof(bf16), cudaMemcpyDeviceToDevice, st));
+    GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, H, qd, o, qd, Wb(name(l, "attn.wo")), qd, x_mid, false, H, 1, "wo"));
+    // Feed-forward block.
+    GROVE_RETURN_IF_ERROR(kernels::RmsNormForward(x_mid, Pf(name(l, "ffn_norm")), h2, rstd2, R, int(H), eps, st));
+    GPU_OK(cudaMemcpyAsync(xout, x_mid, size_t(R) * H * sizeof(bf16), cudaMemcpyDeviceToDevice, st));
+    const bool moe = c.is_moe_layer(l);
+    const int64_t Fd = moe ? c.shared_experts * c.expert_hidden : c.dense_hidden;
+    const std::string w1n = moe ? "moe.shared.w1" : "mlp.w1", w3n = moe ? "moe.shared.w3" : "mlp.w3",
+                      w2n = moe ? "moe.shared.w2" : "mlp.w2";
+    if (Fd > 0) {
+      bf16 *fa, *fb, *fh;
+      GROVE_RETURN_IF_ERROR(lt.fa.Reserve(R * Fd, &fa));
+      GROVE_RETURN_IF_ERROR(lt.fb.Reserve(R * Fd, &fb));
+      GROVE_RETURN_IF_ERROR(lt.fh.Reserve(R * Fd, &fh));
+      GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, Fd, H, h2, H, Wb(name(l, w1n.c_str())), H, fa, false, Fd, 0, "w1"));
+      GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, Fd, H, h2, H, Wb(name(l, w3n.c_str())), H, fb, false, Fd, 0, "w3"));
+      GROVE_RETURN_IF_ERROR(kernels::SwiGluForward(fa, fb, fh, R * Fd, st));
+      GROVE_RETURN_IF_ERROR(
+          Gemm(cb, false, true, R, H, Fd, fh, Fd, Wb(name(l, w2n.c_str())), Fd, xout, false, H, 1, "w2"));
+    }
+    if (!moe) continue;
+    const int64_t mi = c.moe_index(l), F = c.expert_hidden, Pn = int64_t(R) * K;
+    float *logits, *scores, *gates;
+    int32_t *pos_g, *src_g;
+    bf16 *xe, *ea, *eb, *eh, *ey;
+    GROVE_RETURN_IF_ERROR(im.router_logits.Reserve(R * E, &logits));
+    GROVE_RETURN_IF_ERROR(lt.scores.Reserve(R * E, &scores));
+    GROVE_RETURN_IF_ERROR(lt.gates.Reserve(R * K, &gates));
+    GROVE_RETURN_IF_ERROR(lt.pos.Reserve(Pn, &pos_g));
+    GROVE_RETURN_IF_ERROR(lt.src.Reserve(Pn, &src_g));
+    GROVE_RETURN_IF_ERROR(im.xe.Reserve(Pn * H, &xe));
+    GROVE_RETURN_IF_ERROR(lt.ea.Reserve(Pn * F, &ea));
+    GROVE_RETURN_IF_ERROR(lt.eb.Reserve(Pn * F, &eb));
+    GROVE_RETURN_IF_ERROR(lt.eh.Reserve(Pn * F, &eh));
+    GROVE_RETURN_IF_ERROR(lt.ey.Reserve(Pn * H, &ey));
+    GROVE_RETURN_IF_ERROR(
+        Gemm(cb, false, true, R, E, H, h2, H, Wb(name(l, "moe.router")), H, logits, true, E, 0, "router"));
+    kernels::RouterArgs ra;
+    ra.logits = logits;
+    ra.bias = Pf(name(l, "moe.router_bias"));
+    ra.replay_ids = replay ? tp.replay.as<uint16_t>() + mi * R * K : nullptr;
+    ra.scores = scores;
+    ra.ids = ids_all + mi * R * K;
+    ra.gates = gates;
+    ra.tokens = R;
+    ra.experts = int(E);
+    ra.top_k = int(K);
+    ra.sigmoid = c.score_func == ScoreFunc::kSigmoid;
+    ra.norm_topk = c.norm_topk;
+    ra.route_scale = float(c.route_scale);
+    GROVE_RETURN_IF_ERROR(kernels::RouterTopK(ra, st));
+    int32_t* offsets = offsets_all + mi * (E + 1);
+    const size_t index_bytes = kernels::MoeRouteIndexWorkspaceBytes(R, int(K), int(E));
+    GROVE_RETURN_IF_ERROR(im.index_ws.Reserve(index_bytes));
+    GROVE_RETURN_IF_ERROR(kernels::MoeRouteIndex(ra.ids, R, int(K), int(E), im.index_ws.as<void>(), index_bytes,
+                                                 offsets, pos_g, src_g, counts_all + mi * E, st));
+    GROVE_RETURN_IF_ERROR(kernels::MoePermute(h2, src_g, xe, int(Pn), int(K), int(H), st));
+    const ExpertPack& pk = im.packs[mi];
+    kernels::GroupedGemmArgs ga;
+    ga.expert_offsets = offsets;
+    ga.total_rows = int(Pn);
+    ga.num_experts = int(E);
+    ga.out_type = kernels::GemmOutType::kBF16;
+    ga.a = xe; ga.w = pk.w1.as<bf16>(); ga.c = ea; ga.n = int(F); ga.k = int(H);
+    GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
+    ga.w = pk.w3.as<bf16>(); ga.c = eb;
+    GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
+    GROVE_RETURN_IF_ERROR(kernels::SwiGluForward(ea, eb, eh, Pn * F, st));
+    ga.a = eh; ga.w = pk.w2.as<bf16>(); ga.c = ey; ga.n = int(H); ga.k = int(F);
+    GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
+    GROVE_RETURN_IF_ERROR(kernels::MoeCombine(ey, gates, pos_g, xout, /*accumulate=*/true, R, int(K), int(H), st));
+    if (c.balance_alpha > 0)
+      gpu::BalanceStats(scores, ra.ids, tp.seq.as<int32_t>(), tp.seq_len.as<int32_t>(), R, B, int(E), int(K),
+                        prob_mean + mi * B * E, bal_count + mi * B * E, st);
+    GPU_LAUNCHED("moe combine");
+  }
+  // Final norm, LM head on the scored rows, log-probs.
+  bf16 *hf, *hs;
+  float *rstd_f, *logits, *lse, *logp;
+  const int64_t chunk = std::min<int64_t>(S, LmHeadChunk(V));
+  GROVE_RETURN_IF_ERROR(tp.h_final.Reserve(R * H, &hf));
+  GROVE_RETURN_IF_ERROR(tp.rstd_final.Reserve(R, &rstd_f));
+  GROVE_RETURN_IF_ERROR(tp.hs.Reserve(S * H, &hs));
+  GROVE_RETURN_IF_ERROR(im.logits.Reserve(chunk * V, &logits));
+  GROVE_RETURN_IF_ERROR(tp.lse.Reserve(S, &lse));
+  GROVE_RETURN_IF_ERROR(tp.logp.Reserve(S, &logp));
+  GROVE_RETURN_IF_ERROR(
+      kernels::RmsNormForward(resid(c.layers).as<bf16>(), Pf("norm"), hf, rstd_f, R, int(H), eps, st));
+  gpu::GatherRows(hf, tp.sc_row.as<int32_t>(), hs, S, int(H), st);
+  for (int64_t r0 = 0; r0 < S; r0 += chunk) {
+    const int64_t n = std::min<int64_t>(chunk, S - r0);
+    GROVE_RETURN_IF_ERROR(
+        Gemm(cb, false, true, n, V, H, hs + r0 * H, H, Wb("lm_head"), H, logits, true, V, 0, "lm_head"));
+    GROVE_RETURN_IF_ERROR(kernels::TokenLogProbForward(logits, tp.sc_target.as<int32_t>() + r0, logp + r0, lse + r0,
+                                                       int(n), int(V), st));
+  }
+  GPU_LAUNCHED("log-probs");
+
+  // Results to the host.
+  std::vector<float> h_logp(S);
+  std::vector<uint16_t> h_ids(size_t(M) * R * K);
+  tp.h_counts.assign(size_t(M) * E, 0);
+  GPU_OK(cudaMemcpyAsync(h_logp.data(), logp, S * sizeof(float), cudaMemcpyDeviceToHost, st));
+  if (M > 0) {
+    GPU_OK(cudaMemcpyAsync(h_ids.data(), ids_all, h_ids.size() * sizeof(uint16_t), cudaMemcpyDeviceToHost, st));
+    GPU_OK(cudaMemcpyAsync(tp.h_counts.data(), counts_all, tp.h_counts.size() * sizeof(int32_t),
+                           cudaMemcpyDeviceToHost, st));
+  }
+  const bool balance = M > 0 && c.balance_alpha > 0;
+  if (balance) {
+    im.h_prob_mean.resize(size_t(M) * B * E);
+    im.h_bal_count.resize(size_t(M) * B * E);
+    GPU_OK(cudaMemcpyAsync(im.h_prob_mean.data(), prob_mean, im.h_prob_mean.size() * sizeof(float),
+                           cudaMemcpyDeviceToHost, st));
+    GPU_OK(cudaMemcpyAsync(im.h_bal_count.data(), bal_count, im.h_bal_count.size() * sizeof(int32_t),
+                           cudaMemcpyDeviceToHost, st));
+  }
+  GROVE_RETURN_IF_ERROR(Synchronize());
+
+  ScoreResult<float> out;
+  out.logprobs.resize(B);
+  out.routes.resize(B);
+  size_t at = 0;
+  int row = 0;
+  for (int i = 0; i < B; ++i) {
+    out.logprobs[i].assign(h_logp.begin() + at, h_logp.begin() + at + tp.sizes[i]);
+    at += tp.sizes[i];
+    const int n = seq_len[i];
+    std::vector<uint16_t>& rt = out.routes[i];
+    rt.resize(size_t(n) * M * K);
+    for (int t = 0; t < n; ++t)
+      for (int64_t mi = 0; mi < M; ++mi)
+        for (int64_t j = 0; j < K; ++j) rt[(t * M + mi) * K + j] = h_ids[(mi * R + row + t) * K + j];
+    row += n;
+  }
+  out.expert_load.assign(M, std::vector<int64_t>(E, 0));
+  for (int64_t mi = 0; mi < M; ++mi)
+    for (int64_t e = 0; e < E; ++e) out.expert_load[mi][e] = tp.h_counts[mi * E + e];
+  if (balance) {
+    double loss = 0;
+    for (int64_t mi = 0; mi < M; ++mi)
+      for (int q = 0; q < B; ++q) {
+        const double len = seq_len[q];
+        if (len == 0) continue;
+        for (int64_t e = 0; e < E; ++e) {
+          const size_t i = (mi * B + q) * E + e;
+          loss += c.balance_alpha * (double(E) / (double(K) * len) * im.h_bal_count[i]) * im.h_prob_mean[i];
+        }
+      }
+    out.balance_loss = loss;
+  }
+  tp.valid = keep;
+  return out;
+}
+
+Status GpuTransformer::Backward(const std::vector<std::vector<float>>& dlogprobs) {
+  if (!trainable_) return Status::FailedPrecondition("Backward on a GpuTransformer created without gradients");
+  Impl& im = *impl_;
+  Tape& tp = im.kept;
+  if (!tp.valid) return Status::FailedPrecondition("Backward needs a Score(keep_for_backward=true) before it");
+  if (dlogprobs.size() != tp.sizes.size())
+    return Status::InvalidArgument("Backward: " + std::to_string(dlogprobs.size()) + " gradient rows for " +
+                                   std::to_string(tp.sizes.size()) + " scored requests");
+  std::vector<float> g;
+  for (size_t i = 0; i < dlogprobs.size(); ++i) {
+    if (dlogprobs[i].size() != tp.sizes[i])
+      return Status::InvalidArgument("Backward: request " + std::to_string(i) + " has " +
+                                     std::to_string(dlogprobs[i].size()) + " gradients for " +
+                                     std::to_string(tp.sizes[i]) + " log-probs");
+    g.insert(g.end(), dlogprobs[i].begin(), dlogprobs[i].end());
+  }
+  tp.valid = false;
+  GPU_OK(cudaSetDevice(device_));
+  const ModelConfig& c = config_;
+  cudaStream_t st = im.stream;
+  cublasHandle_t cb = im.cublas;
+  const int64_t K = c.top_k, E = c.experts, V = c.vocab_size, H = c.hidden,
+                hd = c.head_dim, qd = c.heads * hd, kd = c.kv_heads * hd;
+  const int R = tp.rows, S = tp.scored, B = tp.seqs;
+  const float* P = im.params.as<float>();
+  const bf16* W = im.mirror.as<bf16>();
+  float* G = im.grads.as<float>();
+  auto name = [](int64_t l, const char* s) { return "layers." + std::to_string(l) + "." + s; };
+  auto Wb = [&](const std::string& n) { return W + layout_.Offset(n); };
+  auto Pf = [&](const std::string& n) { return P + layout_.Offset(n); };
+  auto Gf = [&](const std::string& n) { return G + layout_.Offset(n); };
+
+  int64_t widest = std::max({qd, c.dense_hidden, c.shared_experts * c.expert_hidden, H});
+  float *dres, *dmain, *dnorm_w, *dg, *dhs, *dgate;
+  bf16 *dres_b, *dmain_b, *dq, *dk, *dv, *dout_b, *dwork, *dz, *dlogits;
+  GROVE_RETURN_IF_ERROR(im.dres.Reserve(R * H, &dres));
+  GROVE_RETURN_IF_ERROR(im.dres_b.Reserve(R * H, &dres_b));
+  GROVE_RETURN_IF_ERROR(im.dmain.Reserve(R * H, &dmain));
+  GROVE_RETURN_IF_ERROR(im.dmain_b.Reserve(R * H, &dmain_b));
+  GROVE_RETURN_IF_ERROR(im.dq.Reserve(R * qd, &dq));
+  GROVE_RETURN_IF_ERROR(im.dk.Reserve(R * kd, &dk));
+  GROVE_RETURN_IF_ERROR(im.dv.Reserve(R * kd, &dv));
+  GROVE_RETURN_IF_ERROR(im.dout_b.Reserve(R * widest, &dout_b));
+  GROVE_RETURN_IF_ERROR(im.dwork.Reserve(2 * R * widest, &dwork));
+  GROVE_RETURN_IF_ERROR(im.dnorm_w.Reserve(H, &dnorm_w));
+  GROVE_RETURN_IF_ERROR(im.g.Reserve(S, &dg));
+  GROVE_RETURN_IF_ERROR(im.dhs.Reserve(S * H, &dhs));
+  const int64_t chunk = std::min<int64_t>(S, LmHeadChunk(V));
+  float* logits = nullptr;
+  GROVE_RETURN_IF_ERROR(im.dz.Reserve(chunk * V, &dz));
+  GROVE_RETURN_IF_ERROR(im.logits.Reserve(chunk * V, &logits));
+  GROVE_RETURN_IF_ERROR(im.norm_ws.Reserve(kernels::RmsNormBackwardWorkspaceBytes(R, int(H))));
+  kernels::AttentionShape ash;
+  ash.cu_seqlens = tp.cu_seqlens.as<int32_t>();
+  ash.batch = B;
+  ash.max_seqlen = tp.max_seqlen;
+  ash.total_tokens = R;
+  ash.num_heads = int(c.heads);
+  ash.num_kv_heads = int(c.kv_heads);
+  ash.head_dim = int(hd);
+  GROVE_RETURN_IF_ERROR(im.attn_ws.Reserve(kernels::AttentionBackwardWorkspaceBytes(ash)));
+  GPU_OK(cudaMemcpyAsync(dg, g.data(), g.size() * sizeof(float), cudaMemcpyHostToDevice, st));
+
+  const float one = 1.f;
+  // y += dweight (an RMSNorm weight's gradient, computed overwritten).
+  auto add_norm_grad = [&](const std::string& n) {
+    return Cublas(cublasSaxpy_v2_64(cb, H, &one, dnorm_w, 1, Gf(n), 1), "saxpy");
+  };
+  // dres += RMSNorm backward of d (fp32 [R,H], rounded to bf16 for the kernel).
+  auto norm_backward = [&](const float* d, const bf16* x, const std::string& wname, const float* rstd) -> Status {
+    gpu::CastToBf16(d, dmain_b, int64_t(R) * H, st);
+    GROVE_RETURN_IF_ERROR(kernels::RmsNormBackward(dmain_b, x, Pf(wname), rstd, dres_b, dnorm_w,
+                                                   im.norm_ws.as<void>(), R, int(H), st));
+    GROVE_RETURN_IF_ERROR(add_norm_grad(wname));
+    gpu::AddBf16Into(dres_b, dres, int64_t(R) * H, st);
+    GPU_LAUNCHED("norm backward");
+    return Status::OK();
+  };
+
+  // LM head and final norm.
+  for (int64_t r0 = 0; r0 < S; r0 += chunk) {
+    const int64_t n = std::min<int64_t>(chunk, S - r0);
+    const bf16* hs = tp.hs.as<bf16>() + r0 * H;
+    GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, n, V, H, hs, H, Wb("lm_head"), H, logits, true, V, 0, "lm_head"));
+    GROVE_RETURN_IF_ERROR(kernels::TokenLogProbBackward(logits, tp.sc_target.as<int32_t>() + r0,
+                                                        tp.lse.as<float>() + r0, dg + r0, dz, int(n), int(V), st));
+    GROVE_RETURN_IF_ERROR(
+        Gemm(cb, false, false, n, H, V, dz, V, Wb("lm_head"), H, dhs + r0 * H, true, H, 0, "lm_head dx"));
+    GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, V, H, n, dz, V, hs, H, Gf("lm_head"), true, H, 1, "lm_head dW"));
+  }
+  GPU_OK(cudaMemsetAsync(dmain, 0, size_t(R) * H * sizeof(float), st));
+  gpu::ScatterRows(dhs, tp.sc_row.as<int32_t>(), dmain, S, int(H), st);
+  GPU_OK(cudaMemsetAsync(dres, 0, size_t(R) * H * sizeof(float), st));
+  GROVE_RETURN_IF_ERROR(norm_backward(dmain, tp.resid[c.layers].as<bf16>(), "norm", tp.rstd_final.as<float>()));
+
+  for (int64_t l = c.layers - 1; l >= 0; --l) {
+    LayerTape& lt = tp.layers[l];
+    const bf16* h2 = lt.h2.as<bf16>();
+    // Feed-forward block: d(output) = dres.
+    gpu::CastToBf16(dres, dres_b, int64_t(R) * H, st);
+    const bool moe = c.is_moe_layer(l);
+    const int64_t Fd = moe ? c.shared_experts * c.expert_hidden : c.dense_hidden;
+    const std::string w1n = moe ? "moe.shared.w1" : "mlp.w1", w3n = moe ? "moe.shared.w3" : "mlp.w3",
+                      w2n = moe ? "moe.shared.w2" : "mlp.w2";
+    if (Fd > 0) {  // the first GEMM into dmain overwrites it
+      bf16 *dfh = dout_b, *dfa = dwork, *dfb = dwork + R * Fd;
+      GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, R, Fd, H, dres_b, H, Wb(name(l, w2n.c_str())), Fd, dfh, false, Fd,
+                                 0, "w2 dx"));
+      GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, H, Fd, R, dres_b, H, lt.fh.as<bf16>(), Fd, Gf(name(l, w2n.c_str())),
+                                 true, Fd, 1, "w2 dW"));
+      GROVE_RETURN_IF_ERROR(
+          kernels::SwiGluBackward(dfh, lt.fa.as<bf16>(), lt.fb.as<bf16>(), dfa, dfb, R * Fd, st));
+      GROVE_RETURN_IF_ERROR(
+          Gemm(cb, false, false, R, H, Fd, dfa, Fd, Wb(name(l, w1n.c_str())), H, dmain, true, H, 0, "w1 dx"));
+      GROVE_RETURN_IF_ERROR(
+          Gemm(cb, false, false, R, H, Fd, dfb, Fd, Wb(name(l, w3n.c_str())), H, dmain, true, H, 1, "w3 dx"));
+      GROVE_RETURN_IF_ERROR(
+          Gemm(cb, true, false, Fd, H, R, dfa, Fd, h2, H, Gf(name(l, w1n.c_str())), true, H, 1, "w1 dW"));
+      GROVE_RETURN_IF_ERROR(
+          Gemm(cb, true, false, Fd, H, R, dfb, Fd, h2, H, Gf(name(l, w3n.c_str())), true, H, 1, "w3 dW"));
+    } else {
+      GPU_OK(cudaMemsetAsync(dmain, 0, size_t(R) * H * sizeof(float), st));
+    }
+    if (moe) {
+      const int64_t mi = c.moe_index(l), F = c.expert_hidden, Pn = int64_t(R) * K;
+      const ExpertPack& pk = im.packs[mi];
+      const int32_t* pos_g = lt.pos.as<int32_t>();
+      const int32_t* offsets = tp.offsets.as<int32_t>() + mi * (E + 1);
+      bf16 *dey, *deh, *dea, *deb, *xe;
+      float *dxe1, *dxe3;
+      GROVE_RETURN_IF_ERROR(im.dey.Reserve(Pn * H, &dey));
+      GROVE_RETURN_IF_ERROR(im.deh.Reserve(Pn * F, &deh));
+      GROVE_RETURN_IF_ERROR(im.dea.Reserve(Pn * F, &dea));
+      GROVE_RETURN_IF_ERROR(im.deb.Reserve(Pn * F, &deb));
+      GROVE_RETURN_IF_ERROR(im.dxe1.Reserve(Pn * H, &dxe1));
+      GROVE_RETURN_IF_ERROR(im.dxe3.Reserve(Pn * H, &dxe3));
+      GROVE_RETURN_IF_ERROR(im.xe.Reserve(Pn * H, &xe));
+      GROVE_RETURN_IF_ERROR(im.dgate.Reserve(Pn, &dgate));
+      GROVE_RETURN_IF_ERROR(im.dlogits.Reserve(R * E, &dlogits));
+      GROVE_RETURN_IF_ERROR(kernels::MoeCombineBackward(dres_b, lt.ey.as<bf16>(), lt.gates.as<float>(), pos_g, dey,
+                                                        dgate, R, int(K), int(H), st));
+      kernels::GroupedGemmArgs ga;
+      ga.expert_offsets = offsets;
+      ga.total_rows = int(Pn);
+      ga.num_experts = int(E);
+      ga.out_type = kernels::GemmOutType::kBF16;
+      ga.a = dey; ga.w = pk.w2t.as<bf16>(); ga.c = deh; ga.n = int(F); ga.k = int(H);
+      GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
+      GROVE_RETURN_IF_ERROR(kernels::SwiGluBackward(deh, lt.ea.as<bf16>(), lt.eb.as<bf16>(), dea, deb, Pn * F, st));
+      ga.out_type = kernels::GemmOutType::kF32;
+      ga.a = dea; ga.w = pk.w1t.as<bf16>(); ga.c = dxe1; ga.n = int(H); ga.k = int(F);
+      GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
+      ga.a = deb; ga.w = pk.w3t.as<bf16>(); ga.c = dxe3;
+      GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
+      gpu::MoeScatterBackward(dxe1, dxe3, pos_g, dmain, R, int(K), int(H), st);
+      // Expert weight gradients, one cuBLAS call per expert and kind: fp32
+      // accumulation straight into the layout-ordered gradient (beta = 1).
+      GPU_LAUNCHED("moe backward");
+      GROVE_RETURN_IF_ERROR(kernels::MoePermute(h2, lt.src.as<int32_t>(), xe, int(Pn), int(K), int(H), st));
+      int64_t off = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t n = tp.h_counts[mi * E + e];
+        if (n > 0) {
+          const std::string x = name(l, "moe.experts.") + std::to_string(e) + ".";
+          GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, H, F, n, dey + off * H, H, lt.eh.as<bf16>() + off * F, F,
+                                     Gf(x + "w2"), true, F, 1, "expert w2 dW"));
+          GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, F, H, n, dea + off * F, F, xe + off * H, H, Gf(x + "w1"), true,
+                                     H, 1, "expert w1 dW"));
+          GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, F, H, n, deb + off * F, F, xe + off * H, H, Gf(x + "w3"), true,
+                                     H, 1, "expert w3 dW"));
+        }
+        off += n;
+      }
+      float* dlogits_f = nullptr;
+      GROVE_RETURN_IF_ERROR(im.dlogits_f.Reserve(R * E, &dlogits_f));
+      kernels::RouterBackwardArgs rb;
+      rb.scores = lt.scores.as<float>();
+      rb.ids = tp.ids.as<uint16_t>() + mi * R * K;
+      rb.dgates = dgate;
+      rb.dlogits = dlogits_f;
+      rb.tokens = R;
+      rb.experts = int(E);
+      rb.top_k = int(K);
+      rb.sigmoid = c.score_func == ScoreFunc::kSigmoid;
+      rb.norm_topk = c.norm_topk;
+      rb.route_scale = float(c.route_scale);
+      if (c.balance_alpha > 0) {
+        rb.balance_alpha = float(c.balance_alpha);
+        rb.seq_offsets = tp.cu_seqlens.as<int32_t>();
+        rb.sequences = B;
+        rb.workspace_bytes = kernels::RouterBackwardWorkspaceBytes(B, R, int(E));
+        GROVE_RETURN_IF_ERROR(im.router_ws.Reserve(rb.workspace_bytes));
+        rb.workspace = im.router_ws.as<void>();
+      }
+      GROVE_RETURN_IF_ERROR(kernels::RouterBackward(rb, st));
+      gpu::CastToBf16(dlogits_f, dlogits, R * E, st);  // the GEMMs below read bf16
+      GPU_LAUNCHED("router backward");
+      GROVE_RETURN_IF_ERROR(
+          Gemm(cb, false, false, R, H, E, dlogits, E, Wb(name(l, "moe.router")), H, dmain, true, H, 1, "router dx"));
+      GROVE_RETURN_IF_ERROR(
+          Gemm(cb, true, false, E, H, R, dlogits, E, h2, H, Gf(name(l, "moe.router")), true, H, 1, "router dW"));
+    }
+    GROVE_RETURN_IF_ERROR(norm_backward(dmain, lt.x_mid.as<bf16>(), name(l, "ffn_norm"), lt.rstd2.as<float>()));
+
+    // Attention block: d(output) = dres again (the residual passes through).
+    gpu::CastToBf16(dres, dres_b, int64_t(R) * H, st);
+    const bf16 *q = lt.q.as<bf16>(), *k = lt.k.as<bf16>(), *v = lt.v.as<bf16>(), *o = lt.o.as<bf16>(),
+               *h1 = lt.h1.as<bf16>();
+    GROVE_RETURN_IF_ERROR(
+        Gemm(cb, false, false, R, qd, H, dres_b, H, Wb(name(l, "attn.wo")), qd, dout_b, false, qd, 0, "wo dx"));
+    GROVE_RETURN_IF_ERROR(
+        Gemm(cb, true, false, H, qd, R, dres_b, H, o, qd, Gf(name(l, "attn.wo")), true, qd, 1, "wo dW"));
+    GROVE_RETURN_IF_ERROR(kernels::AttentionBackward(ash, q, k, v, o, dout_b, lt.lse.as<float>(), dq, dk, dv,
+                                                     im.attn_ws.as<void>(), st));
+    GROVE_RETURN_IF_ERROR(kernels::RopeBackward(dq, tp.pos.as<int32_t>(), R, int(c.heads), int(hd), c.rope_base, st));
+    GROVE_RETURN_IF_ERROR(
+        kernels::RopeBackward(dk, tp.pos.as<int32_t>(), R, int(c.kv_heads), int(hd), c.rope_base, st));
+    GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, R, H, qd, dq, qd, Wb(name(l, "attn.wq")), H, dmain, true, H, 0, "wq dx"));
+    GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, R, H, kd, dk, kd, Wb(name(l, "attn.wk")), H, dmain, true, H, 1, "wk dx"));
+    GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, R, H, kd, dv, kd, Wb(name(l, "attn.wv")), H, dmain, true, H, 1, "wv dx"));
+    GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, qd, H, R, dq, qd, h1, H, Gf(name(l, "attn.wq")), true, H, 1, "wq dW"));
+    GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, kd, H, R, dk, kd, h1, H, Gf(name(l, "attn.wk")), true, H, 1, "wk dW"));
+    GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, kd, H, R, dv, kd, h1, H, Gf(name(l, "attn.wv")), true, H, 1, "wv dW"));
+    GROVE_RETURN_IF_ERROR(norm_backward(dmain, tp.resid[l].as<bf16>(), name(l, "attn_norm"), lt.rstd1.as<float>()));
+  }
+  gpu::CastToBf16(dres, dres_b, int64_t(R) * H, st);
+  const size_t embed_bytes = kernels::EmbeddingBackwardWorkspaceBytes(R, int(V));
+  GROVE_RETURN_IF_ERROR(im.embed_ws.Reserve(embed_bytes));
+  GROVE_RETURN_IF_ERROR(kernels::EmbeddingBackward(tp.tokens.as<int32_t>(), dres_b, Gf("embed"), im.embed_ws.as<void>(),
+                                                   embed_bytes, R, int(V), int(H), st));
+  return Synchronize();
+}
+
+}  // namespace grove::model

@@ -1,0 +1,97 @@
+// GpuTransformer: model::Transformer's Score/Backward on one CUDA GPU, for
+// the learner. Same architecture, parameter layout and results as the CPU
+// model (transformer.h), computed in bf16 with fp32 accumulation:
+//
+// - Parameters: fp32 master copy in ParamLayout order (what Upload/Download
+//   move and what the optimizer updates in place), a bf16 mirror of it in the
+//   same order (the dense weights cuBLAS reads), and the routed experts'
+//   weights packed per kind [experts, n, k] (w1, w3, w2) plus transposed
+//   [experts, k, n] for the backward's dX = dY W, all refreshed from the
+//   mirror by RefreshComputeCopies().
+// - Gradients: fp32 in ParamLayout order, accumulated by Backward() (cuBLAS
+//   writes weight gradients straight into them with beta = 1).
+// - Activations: the residual stream is bf16 (what RmsNormForward reads;
+//   every residual add rounds once, ~2^-9 relative per layer), its gradient
+//   fp32 (summed from several branches per layer, rounded to bf16 only where
+//   a GEMM reads it).
+//
+// Supported shapes: head_dim 64 or 128 (the attention kernel), hidden,
+// vocab, widths and every tensor offset multiples of 8 (16-byte rows),
+// experts <= 256, top_k <= 16. Create() says which rule a config breaks.
+//
+// This header needs no CUDA: device pointers are exposed as void*/float*.
+// Not thread-safe; one GPU per object (the device is made current in each
+// call).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "base/result.h"
+#include "model/config.h"
+#include "model/param_layout.h"
+#include "model/transformer.h"
+
+namespace grove::model {
+
+class GpuTransformer {
+ public:
+  // Number of usable CUDA devices (0 without a driver or GPU).
+  static int DeviceCount();
+
+  // Allocates everything for `config` on `device`; parameters start at 0
+  // (UploadParams them). trainable=false (a frozen reference) allocates no
+  // gradient buffer and no transposed expert copies, and Backward fails.
+  static Result<std::unique_ptr<GpuTransformer>> Create(const ModelConfig& config, int device = 0,
+                                                        bool trainable = true);
+  ~GpuTransformer();
+
+  const ModelConfig& config() const { return config_; }
+  const ParamLayout& layout() const { return layout_; }
+  int device() const { return device_; }
+
+  // Whole parameter buffer, layout().total() floats (InvalidArgument
+  // otherwise); Upload refreshes the compute copies.
+  Status UploadParams(std::span<const float> params);
+  Status DownloadParams(std::span<float> params) const;
+  // Replaces params[offset, offset + values.size()) and refreshes the
+  // compute copies of that range (e.g. the router bias after its update).
+  Status UploadRange(int64_t offset, std::span<const float> values);
+
+  // As Transformer::Score (same validation, same semantics: routing replay,
+  // routes, expert_load, balance_loss). keep_for_backward keeps this
+  // batch's activations for one Backward(); a Score without it leaves them.
+  Result<ScoreResult<float>> Score(const std::vector<ScoreRequest>& batch, bool keep_for_backward);
+  // As Transformer::Backward: accumulates into the device gradients.
+  Status Backward(const std::vector<std::vector<float>>& dlogprobs);
+  Status ZeroGrad();
+  Status DownloadGrads(std::span<float> grads) const;
+
+  // For an optimizer on the device (learner/): the fp32 master parameters,
+  // their gradients and the bf16 mirror (layout order), and the stream all
+  // work is enqueued on (a cudaStream_t). After changing parameters on the
+  // device, call RefreshComputeCopies (the mirror first if not written).
+  float* device_params();
+  float* device_grads();
+  void* device_params_bf16();
+  void* stream() const;
+  // mirror_from_master: recompute the bf16 mirror from the fp32 master
+  // (false when an optimizer already wrote it); then repack the experts.
+  Status RefreshComputeCopies(bool mirror_from_master);
+  // Waits for the stream.
+  Status Synchronize() const;
+
+  struct Impl;
+
+ private:
+  GpuTransformer(const ModelConfig& config, int device, bool trainable);
+  ModelConfig config_;
+  ParamLayout layout_;
+  int device_ = 0;
+  bool trainable_ = true;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace grove::model

@@ -1,0 +1,132 @@
+#include "model/gpu_transformer_kernels.h"
+
+#include <cuda_runtime.h>
+
+namespace grove::model::gpu {
+namespace {
+
+constexpr int kThreads = 256;
+
+inline int Blocks(int64_t n, int per_block = kThreads) {
+  int64_t b = (n + per_block - 1) / per_block;
+  return int(b < 65535 * 32 ? (b < 1 ? 1 : b) : 65535 * 32);
+}
+
+// 8 bf16 <-> 8 floats through one 16-byte access.
+struct alignas(16) Bf16x8 {
+  bf16 v[8];
+};
+__global__ void CastKernel(const float* src, bf16* dst, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] = __float2bfloat16(src[i]);
+}
+__global__ void AddBf16Kernel(const bf16* src, float* dst, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] += __bfloat162float(src[i]);
+}
+
+// 32x32 tiles through shared memory; blockIdx.z = expert.
+__global__ void PackTransposeKernel(const bf16* src, int64_t stride, int n, int k, bf16* dst) {
+  __shared__ bf16 tile[32][33];
+  const int e = blockIdx.z;
+  const bf16* s = src + e * stride;
+  bf16* d = dst + int64_t(e) * n * k;
+  const int r0 = blockIdx.y * 32, c0 = blockIdx.x * 32;
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+    const int r = r0 + i, c = c0 + threadIdx.x;
+    if (r < n && c < k) tile[i][threadIdx.x] = s[int64_t(r) * k + c];
+  }
+  __syncthreads();
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+    const int c = c0 + i, r = r0 + threadIdx.x;  // out row c (of k), column r (of n)
+    if (r < n && c < k) d[int64_t(c) * n + r] = tile[threadIdx.x][i];
+  }
+}
+
+__global__ void GatherRowsKernel(const bf16* src, const int32_t* index, bf16* dst, int rows, int h) {
+  const int64_t total = int64_t(rows) * (h / 8);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / (h / 8), c = (i % (h / 8)) * 8;
+    *reinterpret_cast<Bf16x8*>(dst + r * h + c) = *reinterpret_cast<const Bf16x8*>(src + int64_t(index[r]) * h + c);
+  }
+}
+__global__ void ScatterRowsKernel(const float* src, const int32_t* index, float* dst, int rows, int h) {
+  const int64_t total = int64_t(rows) * h;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
+    dst[int64_t(index[i / h]) * h + i % h] = src[i];
+}
+
+__global__ void MoeScatterBackwardKernel(const float* a, const float* b, const int32_t* pos, float* dx, int rows,
+                                         int top_k, int h) {
+  const int64_t total = int64_t(rows) * h;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / h, c = i % h;
+    float s = 0.f;
+    for (int j = 0; j < top_k; ++j) {
+      const int64_t p = pos[t * top_k + j];
+      s += a[p * h + c] + b[p * h + c];
+    }
+    dx[i] += s;
+  }
+}
+
+// One warp per row.
+__global__ void BalanceStatsKernel(const float* scores, const uint16_t* ids, const int32_t* seq,
+                                   const int32_t* seq_len, int rows, int experts, int top_k, float* prob_mean,
+                                   int32_t* count) {
+  const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
+  for (int64_t t = blockIdx.x * int64_t(warps) + threadIdx.x / 32; t < rows; t += int64_t(gridDim.x) * warps) {
+    const float* s = scores + t * experts;
+    float z = 0.f;
+    for (int e = lane; e < experts; e += 32) z += s[e];
+    for (int d = 16; d > 0; d /= 2) z += __shfl_xor_sync(0xffffffffu, z, d);
+    const int q = seq[t];
+    const float w = 1.f / (z * float(seq_len[q]));
+    for (int e = lane; e < experts; e += 32) atomicAdd(prob_mean + int64_t(q) * experts + e, s[e] * w);
+    if (lane < top_k) atomicAdd(count + int64_t(q) * experts + ids[t * top_k + lane], 1);
+  }
+}
+
+}  // namespace
+
+void CastToBf16(const float* src, bf16* dst, int64_t n, cudaStream_t stream) {
+  if (n > 0) CastKernel<<<Blocks(n), kThreads, 0, stream>>>(src, dst, n);
+}
+void AddBf16Into(const bf16* src, float* dst, int64_t n, cudaStream_t stream) {
+  if (n > 0) AddBf16Kernel<<<Blocks(n), kThreads, 0, stream>>>(src, dst, n);
+}
+
+void PackExperts(const bf16* src, int64_t expert_stride, int experts, int n, int k, bool transpose, bf16* dst,
+                 cudaStream_t stream) {
+  if (experts == 0) return;
+  if (!transpose) {
+    cudaMemcpy2DAsync(dst, size_t(n) * k * sizeof(bf16), src, size_t(expert_stride) * sizeof(bf16),
+                      size_t(n) * k * sizeof(bf16), experts, cudaMemcpyDeviceToDevice, stream);
+    return;
+  }
+  dim3 grid((k + 31) / 32, (n + 31) / 32, experts);
+  PackTransposeKernel<<<grid, dim3(32, 8), 0, stream>>>(src, expert_stride, n, k, dst);
+}
+
+void GatherRows(const bf16* src, const int32_t* index, bf16* dst, int rows, int h, cudaStream_t stream) {
+  if (rows > 0) GatherRowsKernel<<<Blocks(int64_t(rows) * h / 8), kThreads, 0, stream>>>(src, index, dst, rows, h);
+}
+void ScatterRows(const float* src, const int32_t* index, float* dst, int rows, int h, cudaStream_t stream) {
+  if (rows > 0) ScatterRowsKernel<<<Blocks(int64_t(rows) * h), kThreads, 0, stream>>>(src, index, dst, rows, h);
+}
+
+void MoeScatterBackward(const float* a, const float* b, const int32_t* pos, float* dx, int rows, int top_k, int h,
+                        cudaStream_t stream) {
+  if (rows > 0) MoeScatterBackwardKernel<<<Blocks(int64_t(rows) * h), kThreads, 0, stream>>>(a, b, pos, dx, rows, top_k, h);
+}
+
+void BalanceStats(const float* scores, const uint16_t* ids, const int32_t* seq, const int32_t* seq_len, int rows,
+                  int seqs, int experts, int top_k, float* prob_mean, int32_t* count, cudaStream_t stream) {
+  cudaMemsetAsync(prob_mean, 0, sizeof(float) * seqs * experts, stream);
+  cudaMemsetAsync(count, 0, sizeof(int32_t) * seqs * experts, stream);
+  if (rows > 0)
+    BalanceStatsKernel<<<Blocks(rows, kThreads / 32), kThreads, 0, stream>>>(scores, ids, seq, seq_len, rows, experts,
+                                                                             top_k, prob_mean, count);
+}
+
+}  // namespace grove::model::gpu

@@ -1,0 +1,51 @@
+// Glue kernels of GpuTransformer (internal to model/gpu_transformer.cc):
+// casts, the expert-weight packing, row gathers of the scored positions and
+// the forward's balance-loss statistics -- what is specific to how the model
+// lays its tensors out; the step's real kernels are in kernels/. Each launcher only
+// enqueues work on `stream`; shapes are checked by the caller. bf16 is
+// __nv_bfloat16, every pointer a device pointer, rows of bf16 tensors
+// 16-byte aligned (widths multiples of 8).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace grove::model::gpu {
+
+using bf16 = __nv_bfloat16;
+
+// dst[i] = bf16(src[i]).
+void CastToBf16(const float* src, bf16* dst, int64_t n, cudaStream_t stream);
+// dst[i] += float(src[i]).
+void AddBf16Into(const bf16* src, float* dst, int64_t n, cudaStream_t stream);
+
+// Expert weights from the layout-ordered bf16 mirror into one [experts, n, k]
+// tensor per kind: expert e's [n, k] block starts at src + e * expert_stride.
+// transpose=true writes [experts, k, n] instead (for dA = dY W).
+void PackExperts(const bf16* src, int64_t expert_stride, int experts, int n, int k, bool transpose,
+                 bf16* dst, cudaStream_t stream);
+
+// Rows of src gathered: dst[i] = src[index[i]].
+void GatherRows(const bf16* src, const int32_t* index, bf16* dst, int rows, int h, cudaStream_t stream);
+// dst[index[i]] = src[i] (dst pre-zeroed; indices distinct).
+void ScatterRows(const float* src, const int32_t* index, float* dst, int rows, int h, cudaStream_t stream);
+
+// dx[t] += sum_j (a[p] + b[p]) over p = pos[t,j]: the gradients of the
+// expert inputs through w1 (a) and w3 (b), fp32, summed into the fp32
+// residual gradient with no bf16 rounding (kernels::MoePermuteBackward takes
+// and gives bf16; this sits where two fp32 GEMM outputs meet an fp32 sum).
+void MoeScatterBackward(const float* a, const float* b, const int32_t* pos, float* dx, int rows, int top_k,
+                        int h, cudaStream_t stream);
+
+// Sequence-wise balance loss statistics for its value in the forward
+// (model/moe.h; kernels::RouterBackward has the gradient): per sequence q and
+// expert e, prob_mean[q,e] = mean over its rows of s_e / sum s, count[q,e]
+// = routed pairs. seq[r]: the row's sequence; seq_len[q] rows of q. Both
+// outputs are overwritten.
+void BalanceStats(const float* scores, const uint16_t* ids, const int32_t* seq, const int32_t* seq_len,
+                  int rows, int seqs, int experts, int top_k, float* prob_mean, int32_t* count,
+                  cudaStream_t stream);
+
+}  // namespace grove::model::gpu
