@@ -24,6 +24,12 @@ FormatChooser UniformFfn(const model::ModelConfig& c, PrecisionFormat f) {
   return p.Chooser();
 }
 
+std::string Scientific(double v) {
+  char buf[48];
+  std::snprintf(buf, sizeof buf, "%.2e", v);
+  return buf;
+}
+
 }  // namespace
 
 const std::vector<std::string_view>& QuantizeKeys() {
@@ -131,7 +137,7 @@ std::string PolicyQuantizer::Detail() const {
     case QuantizeMode::kInt4: return "int4 g128 FFN, bf16 attention: " + model_bits;
     case QuantizeMode::kPlan:
       if (!plan_) return "plan: none yet";
-      return plan_->Summary() + " (" + model_bits + "); KL " + Fixed(mismatch_.mean_kl, 5) + "/tok, routes differ " +
+      return plan_->Summary() + " (" + model_bits + "); KL " + Scientific(mismatch_.mean_kl) + "/tok, routes differ " +
              Fixed(100 * mismatch_.routes_differ, 1) + "%";
   }
   return "";
