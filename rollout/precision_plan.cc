@@ -51,6 +51,75 @@ void UnitForward(const model::ParamLayout& layout, std::span<const float> params
                                y.data(), rows, hidden, F);
 }
 
+// What the model does on the scored positions of a batch (the positions
+// predicting tokens score_from..L-1): next-token log-probs over the whole
+// vocabulary and, optionally, the routed experts.
+struct PolicyOutputs {
+  std::vector<std::vector<float>> logprobs;  // per sequence [positions, vocab]
+  std::vector<std::vector<uint16_t>> routes;  // per sequence [positions, moe layers, k]; empty if not asked
+};
+
+Result<PolicyOutputs> RunPolicy(model::Model& model, const std::vector<model::ScoreRequest>& sequences,
+                                bool with_routes) {
+  const model::ModelConfig& c = model.config();
+  const int64_t V = c.vocab_size, row = c.moe_layers() * c.top_k;
+  PolicyOutputs out;
+  if (with_routes) {
+    GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> scored, model.Score(sequences, false));
+    for (size_t s = 0; s < sequences.size(); ++s) {
+      const auto& r = scored.routes[s];
+      out.routes.emplace_back(r.begin() + (sequences[s].score_from - 1) * row, r.end());
+    }
+  }
+  for (const model::ScoreRequest& q : sequences) {
+    GROVE_ASSIGN_OR_RETURN(std::vector<float> logits, model.FullLogits(q.tokens));
+    const int64_t L = static_cast<int64_t>(q.tokens.size());
+    std::vector<float>& lp = out.logprobs.emplace_back();
+    for (int64_t t = q.score_from - 1; t < L - 1; ++t) {
+      const float* z = logits.data() + t * V;
+      const float lse = model::layers::LogSumExp(z, V);
+      for (int64_t v = 0; v < V; ++v) lp.push_back(z[v] - lse);
+    }
+  }
+  return out;
+}
+
+// KL(q || p) per position, averaged; routes compared when both have them.
+MismatchReport Compare(const model::ModelConfig& c, const PolicyOutputs& p, const PolicyOutputs& q) {
+  const int64_t V = c.vocab_size, K = c.top_k, M = c.moe_layers();
+  const bool routes = !p.routes.empty() && !q.routes.empty();
+  MismatchReport rep;
+  double kl_sum = 0;
+  int64_t differ = 0;
+  std::vector<uint16_t> a(K), b(K);
+  for (size_t s = 0; s < p.logprobs.size(); ++s) {
+    const int64_t n = static_cast<int64_t>(p.logprobs[s].size()) / V;
+    for (int64_t t = 0; t < n; ++t) {
+      const float* lp = p.logprobs[s].data() + t * V;
+      const float* lq = q.logprobs[s].data() + t * V;
+      double kl = 0;
+      for (int64_t v = 0; v < V; ++v) kl += std::exp(double(lq[v])) * (double(lq[v]) - double(lp[v]));
+      kl_sum += std::max(kl, 0.0);  // >= 0 up to rounding
+      bool diff = false;
+      for (int64_t mi = 0; routes && mi < M && !diff; ++mi) {
+        const auto at = (t * M + mi) * K;
+        std::copy(p.routes[s].begin() + at, p.routes[s].begin() + at + K, a.begin());
+        std::copy(q.routes[s].begin() + at, q.routes[s].begin() + at + K, b.begin());
+        std::sort(a.begin(), a.end());
+        std::sort(b.begin(), b.end());
+        diff = a != b;
+      }
+      differ += diff;
+      ++rep.tokens;
+    }
+  }
+  if (rep.tokens > 0) {
+    rep.mean_kl = kl_sum / static_cast<double>(rep.tokens);
+    rep.routes_differ = static_cast<double>(differ) / static_cast<double>(rep.tokens);
+  }
+  return rep;
+}
+
 }  // namespace
 
 double PrecisionPlan::bits_per_weight() const {
@@ -160,6 +229,35 @@ Status MeasureUnitErrors(model::Model& model, const std::vector<model::ScoreRequ
       u.error[fi] = e;
     }
   }
+  return ScaleByLayerSensitivity(model, calibration, units);
+}
+
+Status ScaleByLayerSensitivity(model::Model& model, const std::vector<model::ScoreRequest>& calibration,
+                               std::vector<PlanUnit>& units) {
+  const model::ParamLayout& layout = model.layout();
+  const std::vector<float> full(model.params().begin(), model.params().end());
+  std::map<int64_t, double> local;  // layer -> sum of its units' int4 errors
+  for (const PlanUnit& u : units) local[u.layer] += u.error[0];
+  std::map<int64_t, double> factor;
+  GROVE_ASSIGN_OR_RETURN(PolicyOutputs reference, RunPolicy(model, calibration, false));
+  for (const auto& [layer, sum] : local) {
+    // The model with this layer's units in int4, everything else full.
+    std::vector<float> w = full;
+    for (const PlanUnit& u : units) {
+      if (u.layer != layer) continue;
+      for (const std::string& name : u.tensors) {
+        const model::TensorInfo* t = layout.Find(name);
+        RoundTripInPlace(PrecisionFormat::kInt4, w.data() + t->offset, t->shape[0], t->shape[1]);
+      }
+    }
+    std::copy(w.begin(), w.end(), model.params().begin());
+    Result<PolicyOutputs> quantized = RunPolicy(model, calibration, false);
+    std::copy(full.begin(), full.end(), model.params().begin());
+    GROVE_RETURN_IF_ERROR(quantized.status());
+    factor[layer] = sum > 0 ? Compare(model.config(), reference, *quantized).mean_kl / sum : 0.0;
+  }
+  for (PlanUnit& u : units)
+    for (double& e : u.error) e *= factor[u.layer];
   return Status::OK();
 }
 
@@ -231,8 +329,6 @@ Result<MismatchReport> MeasureMismatch(model::Model& model, std::span<const floa
   if (full_precision.size() != model.params().size())
     return Status::InvalidArgument("mismatch: " + std::to_string(full_precision.size()) +
                                    " reference weights for a model of " + std::to_string(model.params().size()));
-  const model::ModelConfig& c = model.config();
-  const int64_t V = c.vocab_size, K = c.top_k, M = c.moe_layers();
   const std::vector<float> rollout(model.params().begin(), model.params().end());
   // The rollout weights go back into the model on every way out.
   struct Restore {
@@ -240,54 +336,11 @@ Result<MismatchReport> MeasureMismatch(model::Model& model, std::span<const floa
     const std::vector<float>& w;
     ~Restore() { std::copy(w.begin(), w.end(), m.params().begin()); }
   } restore{model, rollout};
-  // Pass 0: full precision; pass 1: rollout weights (left in the model).
-  std::array<std::vector<std::vector<uint16_t>>, 2> routes;
-  std::vector<std::vector<float>> ref_logprobs(sequences.size());
-  MismatchReport rep;
-  double kl_sum = 0;
-  int64_t differ = 0;
-  for (int pass = 0; pass < 2; ++pass) {
-    const std::span<const float> w = pass == 0 ? full_precision : std::span<const float>(rollout);
-    std::copy(w.begin(), w.end(), model.params().begin());
-    GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> scored, model.Score(sequences, false));
-    routes[pass] = std::move(scored.routes);
-    for (size_t s = 0; s < sequences.size(); ++s) {
-      const model::ScoreRequest& q = sequences[s];
-      GROVE_ASSIGN_OR_RETURN(std::vector<float> logits, model.FullLogits(q.tokens));
-      const int64_t L = static_cast<int64_t>(q.tokens.size());
-      for (int64_t t = q.score_from - 1; t < L - 1; ++t) {
-        float* z = logits.data() + t * V;
-        const float lse = model::layers::LogSumExp(z, V);
-        if (pass == 0) {
-          for (int64_t v = 0; v < V; ++v) ref_logprobs[s].push_back(z[v] - lse);
-          continue;
-        }
-        const float* p = ref_logprobs[s].data() + (t - (q.score_from - 1)) * V;
-        double kl = 0;
-        for (int64_t v = 0; v < V; ++v) {
-          const double lq = z[v] - lse;  // rounded as the reference's, so equal weights give exactly 0
-          kl += std::exp(lq) * (lq - p[v]);
-        }
-        kl_sum += std::max(kl, 0.0);
-        // Routed experts of this input position: any MoE layer's set differs?
-        bool diff = false;
-        for (int64_t mi = 0; mi < M && !diff; ++mi) {
-          std::vector<uint16_t> a(routes[0][s].begin() + (t * M + mi) * K, routes[0][s].begin() + (t * M + mi + 1) * K);
-          std::vector<uint16_t> b(routes[1][s].begin() + (t * M + mi) * K, routes[1][s].begin() + (t * M + mi + 1) * K);
-          std::sort(a.begin(), a.end());
-          std::sort(b.begin(), b.end());
-          diff = a != b;
-        }
-        differ += diff;
-        ++rep.tokens;
-      }
-    }
-  }
-  if (rep.tokens > 0) {
-    rep.mean_kl = kl_sum / static_cast<double>(rep.tokens);
-    rep.routes_differ = static_cast<double>(differ) / static_cast<double>(rep.tokens);
-  }
-  return rep;
+  std::copy(full_precision.begin(), full_precision.end(), model.params().begin());
+  GROVE_ASSIGN_OR_RETURN(PolicyOutputs full, RunPolicy(model, sequences, true));
+  std::copy(rollout.begin(), rollout.end(), model.params().begin());
+  GROVE_ASSIGN_OR_RETURN(PolicyOutputs quantized, RunPolicy(model, sequences, true));
+  return Compare(model.config(), full, quantized);
 }
 
 void ReplanTrigger::Planned(int64_t version, std::span<const float> weights) {

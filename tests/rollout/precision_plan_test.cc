@@ -151,7 +151,8 @@ TEST(PrecisionPlan, PicksTheSensitiveExpert) {
   EXPECT_EQ(cold->rows_seen, 0);
   EXPECT_EQ(cold->error[0], 0.0);
   for (const PlanUnit& u : units) {
-    if (&u != hot) EXPECT_GT(hot->error[0], u.error[0]) << u.name;
+    if (&u == hot) continue;
+    EXPECT_GT(hot->error[0], u.error[0]) << u.name;
   }
   // Room for about one expert in int8 beyond all-int4.
   double params = 0, bits4 = 0;
@@ -188,6 +189,29 @@ TEST(PrecisionPlan, MismatchFollowsPrecision) {
   std::cout << "measure units on the tiny model: "
             << std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() << " ms\n";
   EXPECT_TRUE(std::equal(full.begin(), full.end(), m->params().begin()));
+  std::vector<actors::TensorSpec> specs;
+  for (const auto& t : m->layout().tensors()) specs.push_back({t.name, t.shape, uint64_t(t.offset), uint64_t(t.numel)});
+  // Errors are in KL units: a layer's int4 errors add up to the KL of that
+  // layer alone in int4 (measured here independently through MeasureMismatch).
+  for (int64_t layer = 0; layer < c.layers; ++layer) {
+    double sum = 0;
+    for (const PlanUnit& u : units)
+      if (u.layer == layer) sum += u.error[0];
+    PrecisionPlan one{0, units};
+    for (PlanUnit& u : one.units) u.format = u.layer == layer ? PrecisionFormat::kInt4 : PrecisionFormat::kBF16;
+    FormatChooser only_layer = [&](const actors::TensorSpec& t) -> std::optional<PrecisionFormat> {
+      auto f = one.Chooser()(t);
+      return f == PrecisionFormat::kInt4 ? f : std::nullopt;
+    };
+    std::vector<float> q = full;
+    QuantizeInPlace(specs, q, only_layer);
+    std::copy(q.begin(), q.end(), m->params().begin());
+    auto kl = MeasureMismatch(*m, full, *calib);
+    ASSERT_TRUE(kl.ok());
+    EXPECT_GT(sum, 0.0) << "layer " << layer;
+    EXPECT_NEAR(sum, kl->mean_kl, 1e-6 * kl->mean_kl) << "layer " << layer;
+  }
+  std::copy(full.begin(), full.end(), m->params().begin());
   double last_error = INFINITY;
   for (double budget : {4.5, 5.0, 6.0, 16.0}) {
     std::vector<PlanUnit> u = units;
@@ -197,9 +221,6 @@ TEST(PrecisionPlan, MismatchFollowsPrecision) {
     last_error = plan.total_error();
   }
   auto mismatch_of = [&](const FormatChooser& choose) {
-    std::vector<actors::TensorSpec> specs;
-    for (const auto& t : m->layout().tensors())
-      specs.push_back({t.name, t.shape, uint64_t(t.offset), uint64_t(t.numel)});
     std::vector<float> q = full;
     QuantizeInPlace(specs, q, choose);
     std::copy(q.begin(), q.end(), m->params().begin());
