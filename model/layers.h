@@ -2,7 +2,9 @@
 // scalar type: float is the model, double is the reference the tests use for
 // finite differences. Row-major; a Linear weight W is [out, in], y = x W^T.
 // Backward functions ACCUMULATE (+=) into parameter gradients and into dx
-// unless stated otherwise. Internal to model/ (and its tests).
+// unless stated otherwise. Internal to model/ (and its tests), except that
+// rollout/precision_plan.cc runs single experts through SwiGluForward and
+// takes LogSumExp.
 #pragma once
 
 #include <cblas.h>

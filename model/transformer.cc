@@ -582,6 +582,30 @@ Status Transformer<T>::Backward(const std::vector<std::vector<T>>& dlogprobs) {
 }
 
 template <typename T>
+Result<FfnInputs<T>> Transformer<T>::KeptFfnInputs(int64_t layer) const {
+  if (impl_->tapes.empty())
+    return Status::FailedPrecondition("KeptFfnInputs needs a Score(keep_for_backward=true) not yet consumed by Backward");
+  if (layer < 0 || layer >= config_.layers)
+    return Status::InvalidArgument("KeptFfnInputs: layer " + std::to_string(layer) + " not in [0, " +
+                                   std::to_string(config_.layers) + ")");
+  const int64_t H = config_.hidden, K = config_.top_k;
+  const bool moe = config_.is_moe_layer(layer);
+  FfnInputs<T> in;
+  // Shards hold contiguous runs of requests in order, so concatenating them
+  // gives batch order.
+  for (const auto& tape : impl_->tapes) {
+    const LayerTape<T>& lt = tape->layers[layer];
+    in.x.insert(in.x.end(), lt.h2.begin(), lt.h2.begin() + tape->rows * H);
+    if (moe) {
+      in.experts.insert(in.experts.end(), lt.moe.ids.begin(), lt.moe.ids.begin() + tape->rows * K);
+      in.gates.insert(in.gates.end(), lt.moe.gates.begin(), lt.moe.gates.begin() + tape->rows * K);
+    }
+    in.rows += tape->rows;
+  }
+  return in;
+}
+
+template <typename T>
 Status Transformer<T>::UpdateRouterBias(const std::vector<std::vector<int64_t>>& load) {
   const ModelConfig& c = config_;
   if (int64_t(load.size()) != c.moe_layers())

@@ -80,6 +80,18 @@ struct Completion {
   FinishReason finish = FinishReason::kLength;
 };
 
+// One layer's feed-forward input as the last Score(keep_for_backward) saw
+// it, for measuring what a change of that layer's FFN weights does (the
+// rollout precision plan). Rows in batch order: request 0's tokens.size()-1
+// input positions, then request 1's, ... (the rows of ScoreResult::routes).
+template <typename T>
+struct FfnInputs {
+  int64_t rows = 0;
+  std::vector<T> x;               // [rows, hidden]: the ffn_norm output, the FFN's input
+  std::vector<uint16_t> experts;  // MoE layers: [rows, top_k] routed experts; empty for dense layers
+  std::vector<T> gates;           // MoE layers: [rows, top_k] the gates weighting those experts
+};
+
 template <typename T>
 class Transformer {
  public:
@@ -119,6 +131,11 @@ class Transformer {
   // balance_alpha > 0, the gradient of balance_loss (objective = yours +
   // balance_loss). Supervised loss -sum logprob: pass all -1.
   Status Backward(const std::vector<std::vector<T>>& dlogprobs);
+
+  // The FFN input of `layer` (0-based over all layers) kept by the last
+  // Score(keep_for_backward=true); FailedPrecondition when none is kept (or
+  // Backward() consumed it), InvalidArgument for a bad layer.
+  Result<FfnInputs<T>> KeptFfnInputs(int64_t layer) const;
 
   // Aux-loss-free balancing: bias_i += bias_gamma * sign(mean load - load_i)
   // per MoE layer, from loads (ScoreResult::expert_load, summed as you like).

@@ -7,10 +7,10 @@
 
 #include <cstdint>
 #include <functional>
-#include <string>
 #include <vector>
 
 #include "actors/weight_transfer.h"
+#include "rollout/precision_format.h"
 
 namespace grove::rollout {
 
@@ -23,23 +23,8 @@ struct Int8Matrix {
 Int8Matrix QuantizeInt8PerRow(const float* w, int64_t rows, int64_t cols);
 void DequantizeInt8(const Int8Matrix& m, float* out);
 
-struct QuantizationReport {
-  int64_t tensors_quantized = 0;
-  int64_t params_quantized = 0;
-  int64_t params_total = 0;
-  double max_abs_error = 0;   // over all quantized weights
-  double rel_l2_error = 0;    // ||w - dq|| / ||w|| over all quantized weights
-  // Average storage bits per weight of the whole model (8 + 32/cols for
-  // quantized rows, 32 for the rest).
-  double bits_per_weight = 32;
-};
-
-// Which tensors a rollout worker quantizes: 2-D weights, except embeddings,
-// the router and norms, which stay fp32 (small, and sensitive: the router's
-// top-k choice must stay close to the learner's).
-bool IsQuantizedTensor(const actors::TensorSpec& t);
-
-// Replaces every selected tensor of `flat` by its int8 round trip.
+// Replaces every selected tensor of `flat` by its int8 round trip
+// (QuantizeInPlace with kInt8 for the selected tensors).
 QuantizationReport QuantizeInt8InPlace(const std::vector<actors::TensorSpec>& tensors,
                                        std::vector<float>& flat,
                                        const std::function<bool(const actors::TensorSpec&)>& select =

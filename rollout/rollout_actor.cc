@@ -13,7 +13,8 @@
 #include "model/prompt_format.h"
 #include "model/tokenizer.h"
 #include "model/transformer.h"
-#include "rollout/int8_quantizer.h"
+#include "reward/task.h"
+#include "rollout/policy_quantizer.h"
 #include "rollout/weight_fetch.h"
 
 namespace grove::rollout {
@@ -28,15 +29,17 @@ struct RolloutSettings {
   double top_p = 1.0;
   int64_t top_k = 0;
   int64_t max_new_tokens = 32;
-  std::string quantize = "int8";
+  QuantizeSettings quantize;
   int64_t request_timeout_ms = 10000;
   int64_t blas_threads = 1;
 };
 
 Result<RolloutSettings> ParseSettings(const Config& cfg) {
   Config s = cfg.Section("rollout");
-  GROVE_RETURN_IF_ERROR(s.CheckKeys({"group_size", "prompts_per_request", "temperature", "top_p", "top_k",
-                                     "max_new_tokens", "quantize", "request_timeout_ms", "blas_threads"}));
+  std::vector<std::string_view> keys = {"group_size",     "prompts_per_request", "temperature", "top_p", "top_k",
+                                        "max_new_tokens", "request_timeout_ms",  "blas_threads"};
+  keys.insert(keys.end(), QuantizeKeys().begin(), QuantizeKeys().end());
+  GROVE_RETURN_IF_ERROR(s.CheckKeys(keys));
   RolloutSettings o;
   GROVE_ASSIGN_OR_RETURN(o.group_size, s.Int("group_size", o.group_size));
   GROVE_ASSIGN_OR_RETURN(o.prompts_per_request, s.Int("prompts_per_request", o.prompts_per_request));
@@ -44,7 +47,7 @@ Result<RolloutSettings> ParseSettings(const Config& cfg) {
   GROVE_ASSIGN_OR_RETURN(o.top_p, s.Double("top_p", o.top_p));
   GROVE_ASSIGN_OR_RETURN(o.top_k, s.Int("top_k", o.top_k));
   GROVE_ASSIGN_OR_RETURN(o.max_new_tokens, s.Int("max_new_tokens", o.max_new_tokens));
-  GROVE_ASSIGN_OR_RETURN(o.quantize, s.String("quantize", o.quantize));
+  GROVE_ASSIGN_OR_RETURN(o.quantize, ParseQuantizeSettings(s));
   GROVE_ASSIGN_OR_RETURN(o.request_timeout_ms, s.Int("request_timeout_ms", o.request_timeout_ms));
   GROVE_ASSIGN_OR_RETURN(o.blas_threads, s.Int("blas_threads", o.blas_threads));
   if (o.group_size < 2 || o.group_size > 1024)
@@ -53,16 +56,13 @@ Result<RolloutSettings> ParseSettings(const Config& cfg) {
   if (!(o.temperature > 0)) return Status::InvalidArgument(cfg.source() + ": rollout.temperature must be > 0");
   if (!(o.top_p > 0 && o.top_p <= 1)) return Status::InvalidArgument(cfg.source() + ": rollout.top_p must be in (0, 1]");
   if (o.max_new_tokens < 1) return Status::InvalidArgument(cfg.source() + ": rollout.max_new_tokens must be >= 1");
-  if (o.quantize != "int8" && o.quantize != "none")
-    return Status::InvalidArgument(cfg.source() + ": rollout.quantize must be \"int8\" or \"none\"");
   if (o.request_timeout_ms < 10) return Status::InvalidArgument(cfg.source() + ": rollout.request_timeout_ms must be >= 10");
   return o;
 }
 
 // Installs a received snapshot into the model: the layout must match the
 // model's exactly, then the weights are quantized as configured.
-Status InstallWeights(actors::WeightSnapshot& snap, model::Model& m, const RolloutSettings& s,
-                      QuantizationReport& report) {
+Status InstallWeights(actors::WeightSnapshot& snap, model::Model& m, PolicyQuantizer& quantizer) {
   const auto& tensors = m.layout().tensors();
   if (snap.tensors.size() != tensors.size() || snap.flat.size() != m.params().size())
     return Status::InvalidArgument("received weights have " + std::to_string(snap.tensors.size()) +
@@ -74,9 +74,7 @@ Status InstallWeights(actors::WeightSnapshot& snap, model::Model& m, const Rollo
     if (a.name != b.name || a.shape != b.shape || a.offset != static_cast<uint64_t>(b.offset))
       return Status::InvalidArgument("received tensor '" + a.name + "' does not match this model's '" + b.name + "'");
   }
-  if (s.quantize == "int8") report = QuantizeInt8InPlace(snap.tensors, snap.flat);
-  std::copy(snap.flat.begin(), snap.flat.end(), m.params().begin());
-  return Status::OK();
+  return quantizer.Install(snap.version, snap.tensors, snap.flat, m);
 }
 
 uint64_t Mix(uint64_t h, uint64_t v) {
@@ -121,6 +119,20 @@ Status RunRolloutLoop(const RoleArgs& args) {
   GROVE_ASSIGN_OR_RETURN(model::ModelConfig mc, model::ModelConfig::FromConfig(args.config.Section("model")));
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<model::Model> m, model::Model::Create(mc, 0));
   model::CharTokenizer tok;
+  // Plan mode calibrates on prompts of the task this cluster trains on.
+  std::vector<std::vector<int32_t>> calibration;
+  if (s.quantize.mode == QuantizeMode::kPlan) {
+    Config task_cfg = args.config.Section("task");
+    GROVE_ASSIGN_OR_RETURN(std::string task_name, task_cfg.String("name", "arithmetic"));
+    GROVE_ASSIGN_OR_RETURN(std::unique_ptr<reward::Task> task, reward::MakeTask(task_name, task_cfg));
+    for (int64_t i = 0; i < s.quantize.plan_sequences; ++i) {
+      GROVE_ASSIGN_OR_RETURN(std::vector<int32_t> p,
+                             model::EncodePrompt(tok, task->Generate(reward::Split::kTrain, uint64_t(i)).prompt));
+      if (static_cast<int64_t>(p.size()) < mc.max_seq_len) calibration.push_back(std::move(p));
+    }
+    if (calibration.empty()) return Status::InvalidArgument("rollout: no task prompt fits the model's context");
+  }
+  PolicyQuantizer quantizer(s.quantize, std::move(calibration), tok.eos_id());
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<actors::ActorProcess> proc,
                          actors::ActorProcess::Start(args, wire::Role::ROLLOUT, ""));
   actors::ActorClient& client = proc->client();
@@ -153,18 +165,20 @@ Status RunRolloutLoop(const RoleArgs& args) {
       return Status::OK();
     }
     if (!got->has_value()) return Status::OK();
-    QuantizationReport q;
-    GROVE_RETURN_IF_ERROR(InstallWeights(**got, *m, s, q));
+    GROVE_RETURN_IF_ERROR(InstallWeights(**got, *m, quantizer));
+    const QuantizationReport& q = quantizer.report();
     version = (*got)->version;
     client.SetPolicyVersion(version);
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     client.SetCounter("weight_sync_ms", ms);
-    client.SetDetail(s.quantize == "int8"
-                         ? "int8 per-channel: " + std::to_string(q.tensors_quantized) + " tensors, " +
-                               std::to_string(q.bits_per_weight).substr(0, 5) + " bits/weight"
-                         : "fp32 weights");
+    client.SetDetail(quantizer.Detail());
+    if (quantizer.plan()) {
+      client.SetCounter("plan_s", quantizer.plan_seconds());
+      client.SetCounter("plan_kl", quantizer.mismatch().mean_kl);
+      client.SetCounter("plan_routes_differ", quantizer.mismatch().routes_differ);
+    }
     VLOG(1) << "policy version " << version << " installed in " << ms << " ms (" << q.tensors_quantized
-            << " tensors int8, rel err " << q.rel_l2_error << ")";
+            << " tensors quantized, rel err " << q.rel_l2_error << ")";
     return Status::OK();
   };
   while (!proc->draining()) {

@@ -1,0 +1,88 @@
+// What a rollout worker does to each policy version it receives: holds the
+// weights as configured by [rollout] quantize, and in "plan" mode keeps the
+// per-expert precision plan (precision_plan.h), remade when the weights have
+// moved enough, with its mismatch against full precision measured when made.
+//
+// [rollout] keys read here:
+//   quantize = "none" | "int8" | "int4" | "plan"   ("int8")
+//     none: fp32; int8: every quantizable weight int8 per row (the CPU
+//     worker's original mode); int4: every FFN weight int4 (group 128),
+//     attention and lm_head bf16 (the plan's floor); plan: per-expert mix.
+//   plan_bits = 5.0                 budget, average bits/weight of FFN weights
+//   plan_sequences = 8              calibration prompts (from the task)
+//   plan_max_new_tokens = 32        completion length sampled per prompt
+//   plan_every_versions = 0         remake the plan every N versions (0: off)
+//   plan_weight_change = 0.05       ... or when ||w - w_plan|| / ||w_plan|| exceeds this (0: off)
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "actors/weight_transfer.h"
+#include "base/config.h"
+#include "base/result.h"
+#include "model/transformer.h"
+#include "rollout/precision_format.h"
+#include "rollout/precision_plan.h"
+
+namespace grove::rollout {
+
+enum class QuantizeMode { kNone, kInt8, kInt4, kPlan };
+
+struct QuantizeSettings {
+  QuantizeMode mode = QuantizeMode::kInt8;
+  double plan_bits = 5.0;
+  int64_t plan_sequences = 8;
+  int64_t plan_max_new_tokens = 32;
+  ReplanPolicy replan;
+};
+
+// The keys above, for the caller's CheckKeys of the [rollout] table.
+const std::vector<std::string_view>& QuantizeKeys();
+// Reads them from the [rollout] section; InvalidArgument (naming the file)
+// for an unknown mode or a bad value.
+Result<QuantizeSettings> ParseQuantizeSettings(const Config& rollout);
+
+class PolicyQuantizer {
+ public:
+  // calibration_prompts: token ids of task prompts (plan mode only; at least
+  // one then); stop_token ends their sampled completions.
+  PolicyQuantizer(QuantizeSettings settings, std::vector<std::vector<int32_t>> calibration_prompts,
+                  int32_t stop_token);
+
+  // Quantizes `flat` (the fp32 weights of `version`, laid out as `tensors`,
+  // which must match the model) in place as configured, remaking the plan
+  // first when due, and copies the result into the model.
+  Status Install(int64_t version, const std::vector<actors::TensorSpec>& tensors, std::vector<float>& flat,
+                 model::Model& model);
+
+  const QuantizeSettings& settings() const { return settings_; }
+  const QuantizationReport& report() const { return report_; }
+  // Plan mode, after the first Install: the plan in force, its mismatch on
+  // its calibration batch, and what making it cost.
+  const std::optional<PrecisionPlan>& plan() const { return plan_; }
+  const MismatchReport& mismatch() const { return mismatch_; }
+  double plan_seconds() const { return plan_seconds_; }
+  int64_t plans_made() const { return plans_made_; }
+  // One line for `grove status`.
+  std::string Detail() const;
+
+ private:
+  Status MakePlan(int64_t version, std::span<const float> full, model::Model& model);
+
+  QuantizeSettings settings_;
+  std::vector<std::vector<int32_t>> prompts_;
+  int32_t stop_token_;
+  ReplanTrigger trigger_;
+  QuantizationReport report_;
+  std::optional<PrecisionPlan> plan_;
+  std::vector<model::ScoreRequest> calibration_;
+  MismatchReport mismatch_;
+  double plan_seconds_ = 0;
+  int64_t plans_made_ = 0;
+};
+
+}  // namespace grove::rollout
