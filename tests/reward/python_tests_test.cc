@@ -1,5 +1,11 @@
 // python_tests: where the program is read from a completion, how test cases
 // score, and that the registry and `grove verify` can run it.
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <set>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -8,7 +14,10 @@
 
 #include "reward/python_code.h"
 #include "reward/python_tests_verifier.h"
+#include "reward/composite_verifier.h"
 #include "reward/registry.h"
+#include "reward/task.h"
+#include "tests/cluster/proc_util.h"
 
 namespace grove::reward {
 namespace {
@@ -137,6 +146,84 @@ TEST_F(PythonTests, TheRegistryMakesIt) {
   Result<std::unique_ptr<Verifier>> v = registry.Create("python_tests");
   ASSERT_TRUE(v.ok()) << v.status();
   EXPECT_EQ(Score(v->get(), "print(int(input()) * 3 + 2)", kLinear).reward, 1.0);
+}
+
+TEST_F(PythonTests, TaskDemonstrationsPassAndWrongProgramsFail) {
+  Result<std::unique_ptr<Task>> task = MakeTask("python", *Config::Parse("seed = 3\ntests = 2"));
+  ASSERT_TRUE(task.ok()) << task.status();
+  EXPECT_EQ((*task)->verifier_spec(), "format:0.1,python_tests:1");
+  VerifierRegistry registry;
+  Result<std::vector<WeightedVerifier>> spec = ParseVerifierSpec((*task)->verifier_spec());
+  ASSERT_TRUE(spec.ok());
+  Result<std::unique_ptr<Verifier>> verifier = MakeCompositeVerifier(registry, *spec);
+  ASSERT_TRUE(verifier.ok()) << verifier.status();
+  std::set<std::string> kinds;
+  for (Split split : {Split::kTrain, Split::kEval}) {
+    for (uint64_t i = 0; i < 3; ++i) {
+      Problem p = (*task)->Generate(split, i + (split == Split::kEval ? 100 : 0));
+      EXPECT_TRUE(IsPromptText(p.prompt)) << p.prompt;
+      EXPECT_LE(p.prompt.size(), 40u) << p.prompt;
+      json ref = json::parse(p.reference);
+      ASSERT_EQ(ref["tests"].size(), 2u) << p.reference;
+      kinds.insert(p.prompt.substr(0, p.prompt.find_first_of("0123456789")));
+      VerifyOutput out = (*verifier)->Verify(VerifyInput{p.prompt, p.demonstration, p.reference});
+      EXPECT_NEAR(out.reward, 1.1, 1e-12) << p.prompt << " | " << p.demonstration << " | " << out.reason;
+      std::string wrong = p.demonstration;
+      wrong.insert(wrong.find("</answer>"), "+1");  // print(...)+1: a TypeError
+      out = (*verifier)->Verify(VerifyInput{p.prompt, wrong, p.reference});
+      EXPECT_NEAR(out.reward, 0.1, 1e-12) << wrong << " | " << out.reason;
+    }
+  }
+  EXPECT_GE(kinds.size(), 3u);  // several kinds of problem, not one
+}
+
+TEST(PythonTask, HeldOutSplitAndBadConfigs) {
+  Result<std::unique_ptr<Task>> task = MakeTask("python", Config());
+  ASSERT_TRUE(task.ok()) << task.status();
+  std::set<std::string> train;
+  for (uint64_t i = 0; i < 2000; ++i) train.insert((*task)->Generate(Split::kTrain, i).prompt);
+  int eval_distinct = 0;
+  std::set<std::string> eval;
+  for (uint64_t i = 0; i < 100; ++i) {
+    Problem p = (*task)->Generate(Split::kEval, i);
+    EXPECT_EQ(train.count(p.prompt), 0u) << p.prompt;
+    eval_distinct += eval.insert(p.prompt).second;
+  }
+  EXPECT_GT(eval_distinct, 20);
+  EXPECT_EQ(MakeTask("python", *Config::Parse("tests = 0")).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(MakeTask("python", *Config::Parse("max_m = 3")).status().code(), StatusCode::kInvalidArgument);
+}
+
+// End to end through the real command line, as a person trying it would.
+TEST_F(PythonTests, GroveVerifyRunsIt) {
+  Result<std::unique_ptr<Task>> task = MakeTask("python", Config());
+  ASSERT_TRUE(task.ok());
+  Problem p = (*task)->Generate(Split::kTrain, 7);
+  const std::string dir = grove::testing::MakeTempDir();
+  const std::string input = dir + "/samples.jsonl";
+  {
+    std::ofstream f(input);
+    json reference = json::parse(p.reference);
+    f << json{{"prompt", p.prompt}, {"completion", p.demonstration}, {"reference", reference}}.dump() << "\n";
+    f << json{{"prompt", p.prompt}, {"completion", "<think>x</think><answer>print(-1)</answer>"}, {"reference", reference}}.dump()
+      << "\n";
+  }
+  int code = -1;
+  std::string out = grove::testing::RunCapture(
+      {grove::testing::GroveBinary(), "verify", "--verifiers", "format:0.1,python_tests:1", "--input", input,
+       "--workers", "2", "--timeout_ms", "20000"},
+      &code);
+  EXPECT_EQ(code, 0) << out;
+  std::istringstream lines(out);
+  std::vector<json> scored;
+  for (std::string line; std::getline(lines, line);) scored.push_back(json::parse(line));
+  ASSERT_EQ(scored.size(), 2u) << out;
+  EXPECT_NEAR(scored[0]["reward"].get<double>(), 1.1, 1e-12) << scored[0].dump();
+  EXPECT_EQ(scored[0]["scores"]["python_tests"].get<double>(), 1.0);
+  EXPECT_NEAR(scored[1]["reward"].get<double>(), 0.1, 1e-12) << scored[1].dump();
+  EXPECT_EQ(scored[1]["reason"].get<std::string>().find("wrong output") != std::string::npos, true) << scored[1].dump();
+  std::remove(input.c_str());
+  rmdir(dir.c_str());
 }
 
 }  // namespace

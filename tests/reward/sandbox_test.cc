@@ -12,9 +12,11 @@
 
 #include <chrono>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -22,6 +24,7 @@
 #include "reward/python_tests_verifier.h"
 #include "reward/registry.h"
 #include "reward/sandbox.h"
+#include "tests/cluster/proc_util.h"
 
 namespace grove::reward {
 namespace {
@@ -40,9 +43,8 @@ const std::vector<std::string> kProbe = {"/usr/bin/python3", "-I", "-c", "print(
 class SandboxTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char dir[] = "/tmp/grove_sandbox_test_XXXXXX";
-    ASSERT_NE(mkdtemp(dir), nullptr);
-    host_dir_ = dir;
+    host_dir_ = grove::testing::MakeTempDir();
+    ASSERT_NE(host_dir_, "/tmp");
   }
   void TearDown() override {
     std::string cmd = "rm -rf '" + host_dir_ + "'";
@@ -50,14 +52,20 @@ class SandboxTest : public ::testing::Test {
   }
 
   // Runs a Python program in a sandbox with `limits`.
+  // Runs a Python program in a sandbox with `limits` (sandboxes are made
+  // once per distinct limits: each creation runs the probe).
   Result<SandboxRun> RunPython(const std::string& code, SandboxLimits limits = DefaultPythonSandboxOptions().limits,
                                std::string stdin_data = "") {
-    SandboxOptions options = DefaultPythonSandboxOptions();
-    options.limits = limits;
-    Result<std::unique_ptr<Sandbox>> sandbox = Sandbox::Create(options, kProbe, "ok\n");
-    if (!sandbox.ok()) return sandbox.status();
-    last_limits_ = limits;
-    return (*sandbox)->Run({"/usr/bin/python3", "-I", "/tmp/main.py"}, stdin_data, {{"/tmp/main.py", code}});
+    auto key = std::make_pair(limits.wall_time.count(), limits.cpu_seconds);
+    auto it = sandboxes_.find(key);
+    if (it == sandboxes_.end()) {
+      SandboxOptions options = DefaultPythonSandboxOptions();
+      options.limits = limits;
+      Result<std::unique_ptr<Sandbox>> sandbox = Sandbox::Create(options, kProbe, "ok\n");
+      if (!sandbox.ok()) return sandbox.status();
+      it = sandboxes_.emplace(key, std::move(*sandbox)).first;
+    }
+    return it->second->Run({"/usr/bin/python3", "-I", "/tmp/main.py"}, stdin_data, {{"/tmp/main.py", code}});
   }
 
   std::string WriteHostFile(const std::string& name, const std::string& content) {
@@ -66,15 +74,8 @@ class SandboxTest : public ::testing::Test {
     return path;
   }
 
-  static std::string ReadHostFile(const std::string& path) {
-    std::ifstream f(path);
-    std::stringstream s;
-    s << f.rdbuf();
-    return s.str();
-  }
-
   std::string host_dir_;
-  SandboxLimits last_limits_;
+  static inline std::map<std::pair<int64_t, int>, std::unique_ptr<Sandbox>> sandboxes_;
 };
 
 // Processes on the host owned by a uid of the sandbox range.
@@ -160,10 +161,10 @@ TEST_F(SandboxTest, WritesOutsideTmpFailAndHostFilesStayUntouched) {
   std::getline(lines, second);
   EXPECT_EQ(first, "denied denied denied denied wrote") << run->stderr_text;
   // Writing to the host's path lands, at most, in the sandbox's private /tmp.
-  EXPECT_EQ(ReadHostFile(target), "original");
+  EXPECT_EQ(grove::testing::ReadFile(target), "original");
   EXPECT_NE(access((host_dir_ + "/new_file").c_str(), F_OK), 0);
   EXPECT_NE(access("/usr/lib/grove_escape", F_OK), 0);
-  EXPECT_EQ(ReadHostFile(target), "original") << second;
+  EXPECT_EQ(grove::testing::ReadFile(target), "original") << second;
 }
 
 TEST_F(SandboxTest, HostFilesAndEnvironmentAreUnreadable) {
@@ -205,8 +206,7 @@ TEST_F(SandboxTest, HostFilesAndEnvironmentAreUnreadable) {
 
 TEST_F(SandboxTest, ForkBombIsContainedAndCleanedUp) {
   // Earlier tests' sandboxes may still be in teardown.
-  for (int i = 0; i < 100 && SandboxProcesses() != 0; ++i) std::this_thread::sleep_for(50ms);
-  ASSERT_EQ(SandboxProcesses(), 0);
+  ASSERT_TRUE(grove::testing::WaitFor([] { return SandboxProcesses() == 0; }, 5000));
   SandboxLimits limits = DefaultPythonSandboxOptions().limits;
   limits.wall_time = 1500ms;
   // First: how many children can the program make? RLIMIT_NPROC bounds it.
@@ -239,12 +239,8 @@ TEST_F(SandboxTest, ForkBombIsContainedAndCleanedUp) {
   auto took = std::chrono::steady_clock::now() - start;
   EXPECT_TRUE(bomb->timed_out || !bomb->exited || bomb->exit_code != 0) << bomb->Describe(limits);
   EXPECT_LT(took, limits.wall_time + 2500ms);
-  int left = -1;
-  for (int i = 0; i < 100 && left != 0; ++i) {
-    left = SandboxProcesses();
-    if (left != 0) std::this_thread::sleep_for(50ms);
-  }
-  EXPECT_EQ(left, 0) << "sandbox processes still alive on the host";
+  EXPECT_TRUE(grove::testing::WaitFor([] { return SandboxProcesses() == 0; }, 5000))
+      << SandboxProcesses() << " sandbox processes still alive on the host";
 }
 
 TEST_F(SandboxTest, InfiniteLoopsAreKilledAtTheDeadline) {
@@ -314,10 +310,9 @@ TEST(SandboxSetup, MissingBwrapIsAnErrorNamingIt) {
 TEST(SandboxSetup, BwrapThatCannotCreateNamespacesIsAnErrorWithItsReason) {
   // A stand-in for bwrap on a host where user namespaces are off: it fails
   // the way bwrap does there.
-  char dir[] = "/tmp/grove_fake_bwrap_XXXXXX";
-  ASSERT_NE(mkdtemp(dir), nullptr);
-  ASSERT_EQ(chmod(dir, 0755), 0);  // the sandbox starts bwrap as an unprivileged uid
-  std::string fake = std::string(dir) + "/bwrap";
+  const std::string dir = grove::testing::MakeTempDir();
+  ASSERT_EQ(chmod(dir.c_str(), 0755), 0);  // the sandbox starts bwrap as an unprivileged uid
+  std::string fake = dir + "/bwrap";
   std::ofstream(fake) << "#!/bin/sh\necho 'bwrap: No permissions to creating new namespace, likely because the kernel "
                          "does not allow non-privileged user namespaces.' >&2\nexit 1\n";
   ASSERT_EQ(chmod(fake.c_str(), 0755), 0);
@@ -325,7 +320,7 @@ TEST(SandboxSetup, BwrapThatCannotCreateNamespacesIsAnErrorWithItsReason) {
   options.bwrap_path = fake;
   Result<std::unique_ptr<Sandbox>> sandbox = Sandbox::Create(options, kProbe, "ok\n");
   unlink(fake.c_str());
-  rmdir(dir);
+  rmdir(dir.c_str());
   ASSERT_FALSE(sandbox.ok());
   EXPECT_EQ(sandbox.status().code(), StatusCode::kFailedPrecondition);
   EXPECT_NE(sandbox.status().message().find("No permissions to creating new namespace"), std::string::npos)
