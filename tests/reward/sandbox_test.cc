@@ -183,16 +183,17 @@ TEST_F(SandboxTest, HostFilesAndEnvironmentAreUnreadable) {
       "print(ls('/root'), ls('/home'), ls('/work'), ls('" + host_dir_ + "'))\n"
       "print(repr(read('/proc/1/environ')))\n"
       "print(sorted(os.environ.items()))\n"
-      "print(sorted(p for p in os.listdir('/proc') if p.isdigit()))\n");
+      "print(sorted(p for p in os.listdir('/proc') if p.isdigit()))\n"
+      "fds = sorted(int(f) for f in os.listdir('/proc/self/fd'))\n"
+      "print([f for f in fds if os.path.exists('/proc/self/fd/%d' % f)], oct(os.stat('/tmp/main.py').st_mode & 0o777))\n"
+      "try:\n"
+      "    open('/tmp/main.py', 'a').write('x'); print('main.py writable')\n"
+      "except OSError: print('main.py read-only')\n");
   unsetenv("GROVE_SANDBOX_TEST_SECRET");
   SKIP_WITHOUT_SANDBOX(run);
   std::istringstream lines(run->stdout_text);
-  std::string files, dirs, pid1_env, env, pids;
-  std::getline(lines, files);
-  std::getline(lines, dirs);
-  std::getline(lines, pid1_env);
-  std::getline(lines, env);
-  std::getline(lines, pids);
+  std::string files, dirs, pid1_env, env, pids, fds, program;
+  for (std::string* line : {&files, &dirs, &pid1_env, &env, &pids, &fds, &program}) std::getline(lines, *line);
   EXPECT_EQ(files, "unreadable unreadable unreadable") << run->stderr_text;
   EXPECT_EQ(dirs, "missing missing missing missing");
   EXPECT_EQ(run->stdout_text.find("hunter2"), std::string::npos);
@@ -202,6 +203,10 @@ TEST_F(SandboxTest, HostFilesAndEnvironmentAreUnreadable) {
   // Its own PID namespace, where the program is PID 1: nothing of the host.
   EXPECT_EQ(pids, "['1']");
   EXPECT_NE(pid1_env.find("PATH=/usr/bin:/bin"), std::string::npos) << pid1_env;
+  // Only stdin, stdout and stderr (and the directory listing's own fd, closed
+  // by the time it is checked): no descriptor of grove or bwrap leaks in.
+  EXPECT_EQ(fds, "[0, 1, 2] 0o444");
+  EXPECT_EQ(program, "main.py read-only");
 }
 
 TEST_F(SandboxTest, ForkBombIsContainedAndCleanedUp) {
