@@ -288,8 +288,9 @@ Result<SandboxRun> Sandbox::RunWithLimits(const std::vector<std::string>& argv, 
   pid_t pid = fork();
   if (pid < 0) return Status::Internal(Errno("fork"));
   if (pid == 0) {
+    int error_fd = exec_write.get();  // kExecErrorFd once the descriptors are in place
     auto fail = [&](int err) {
-      ssize_t ignored = write(exec_write.get(), &err, sizeof(err));
+      ssize_t ignored = write(error_fd, &err, sizeof(err));
       (void)ignored;
       _exit(127);
     };
@@ -306,6 +307,7 @@ Result<SandboxRun> Sandbox::RunWithLimits(const std::vector<std::string>& argv, 
     for (int i = 0; i < num_fds; ++i) {
       if (dup2(high[i], i) < 0) fail(errno);  // dup2 clears close-on-exec
     }
+    error_fd = kExecErrorFd;
     if (fcntl(kExecErrorFd, F_SETFD, FD_CLOEXEC) != 0) fail(errno);
     if (syscall(SYS_close_range, static_cast<unsigned>(num_fds), ~0U, 0U) != 0) {
       for (int fd = num_fds; fd < 65536; ++fd) close(fd);

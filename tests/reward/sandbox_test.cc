@@ -332,6 +332,23 @@ TEST(SandboxSetup, BwrapThatCannotCreateNamespacesIsAnErrorWithItsReason) {
       << sandbox.status();
 }
 
+TEST(SandboxSetup, BwrapTheSandboxUserCannotExecuteIsAnErrorSayingSo) {
+  if (geteuid() != 0) GTEST_SKIP() << "only root drops to a sandbox uid before exec";
+  const std::string dir = grove::testing::MakeTempDir();  // 0700: the sandbox uid cannot enter it
+  std::string fake = dir + "/bwrap";
+  std::ofstream(fake) << "#!/bin/sh\nexit 0\n";
+  ASSERT_EQ(chmod(fake.c_str(), 0755), 0);
+  SandboxOptions options = DefaultPythonSandboxOptions();
+  options.bwrap_path = fake;
+  Result<std::unique_ptr<Sandbox>> sandbox = Sandbox::Create(options, kProbe, "ok\n");
+  unlink(fake.c_str());
+  rmdir(dir.c_str());
+  ASSERT_FALSE(sandbox.ok());
+  EXPECT_EQ(sandbox.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(sandbox.status().message().find("cannot start " + fake + ": Permission denied"), std::string::npos)
+      << sandbox.status();
+}
+
 TEST(SandboxSetup, BadOptionsAreRefused) {
   SandboxOptions options = DefaultPythonSandboxOptions();
   options.limits.max_processes = 1;
