@@ -151,13 +151,18 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   GROVE_FUZZ_CHECK(std::memcmp(snap->flat.data(), model.data(), model.size() * sizeof(float)) == 0);
   for (const grove::actors::TensorSpec& t : snap->tensors) {
     GROVE_FUZZ_CHECK(t.offset <= snap->flat.size() && t.count <= snap->flat.size() - t.offset);
+    // The true product: 0 when any dimension is 0 (even after a huge one),
+    // otherwise exact in 128 bits until it passes 2^64.
     unsigned __int128 elems = 1;
+    bool zero = false, over = false;
     for (int64_t d : t.shape) {
       GROVE_FUZZ_CHECK(d >= 0);
-      elems *= static_cast<uint64_t>(d);
-      if (elems > t.count) break;  // stays bounded; the check below fails
+      zero = zero || d == 0;
+      if (!over) elems *= static_cast<uint64_t>(d);
+      over = over || elems > UINT64_MAX;
     }
-    GROVE_FUZZ_CHECK(elems == t.count);
+    if (zero) elems = 0;
+    GROVE_FUZZ_CHECK((zero || !over) && elems == t.count);
   }
   return 0;
 }
