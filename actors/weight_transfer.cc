@@ -81,7 +81,10 @@ Status WeightAssembler::Begin(wire::WeightAnnounce::Reader a, uint64_t max_bytes
     for (int64_t d : t.getShape()) {
       if (d < 0) return Status::Corruption("weight announce: negative dimension in " + spec.name);
       spec.shape.push_back(d);
-      elems *= static_cast<uint64_t>(d);
+      // Checked: a shape like [2^32, 2^32] must not wrap to a small count
+      // (to 0 it would match a 0-byte tensor and be trusted downstream).
+      if (__builtin_mul_overflow(elems, static_cast<uint64_t>(d), &elems))
+        return Status::Corruption("weight announce: shape of '" + spec.name + "' overflows 64 bits");
     }
     spec.offset = t.getOffset() / sizeof(float);
     spec.count = t.getBytes() / sizeof(float);

@@ -13,6 +13,9 @@
 //   overlong   DAPO's soft overlong penalty for {"max_tokens": L, "buffer": B}:
 //              0 up to L-B tokens, falling linearly to -1 at L, -1 beyond.
 //              Tokens = the input's token_count, else characters.
+//   python_tests, python_tests_all
+//              run the completion's Python program on hidden stdin/stdout
+//              tests in a bubblewrap sandbox (python_tests_verifier.h).
 // Every one of them bounds its work on the answer and never throws.
 #pragma once
 

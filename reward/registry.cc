@@ -3,20 +3,36 @@
 #include <dlfcn.h>
 
 #include <chrono>
+#include <stdexcept>
 #include <utility>
 
 #include "reward/builtin_verifiers.h"
+#include "reward/python_tests_verifier.h"
 
 namespace grove::reward {
 namespace {
 
 using CompiledIn = std::vector<std::pair<std::string, VerifierFactory>>;
 
+// The sandboxed code verifier checks bubblewrap when made; when it cannot
+// work here, Create() reports why (the registry turns the exception into a
+// Status naming the cause).
+VerifierFactory PythonTestsFactory(bool all_or_nothing) {
+  return [all_or_nothing]() -> std::unique_ptr<Verifier> {
+    PythonTestsOptions options;
+    options.all_or_nothing = all_or_nothing;
+    Result<std::unique_ptr<Verifier>> v = MakePythonTestsVerifier(std::move(options));
+    if (!v.ok()) throw std::runtime_error(v.status().ToString());
+    return std::move(*v);
+  };
+}
+
 CompiledIn& CompiledInVerifiers() {
   static CompiledIn* list = new CompiledIn{
       {"format", MakeFormatVerifier},     {"exact", MakeExactVerifier},
       {"countdown", MakeCountdownVerifier}, {"symbolic", MakeSymbolicVerifier},
       {"overlong", MakeOverlongVerifier},
+      {"python_tests", PythonTestsFactory(false)}, {"python_tests_all", PythonTestsFactory(true)},
   };
   return *list;
 }

@@ -283,6 +283,74 @@ class SymbolicTask final : public SplitTask {
   bool diff_, expand_;
 };
 
+// ---- python ------------------------------------------------------------------
+
+// Small stdin/stdout programs, scored by running them on hidden test cases in
+// the sandbox (python_tests). The prompt states the function; the reference
+// holds `tests` inputs drawn from the problem's own generator and the
+// outputs computed here.
+class PythonTask final : public SplitTask {
+ public:
+  PythonTask(uint64_t seed, double eval_fraction, int tests, int64_t max_n)
+      : SplitTask(seed, eval_fraction), tests_(tests), max_n_(max_n) {}
+  std::string_view name() const override { return "python"; }
+  std::string verifier_spec() const override { return "format:0.1,python_tests:1"; }
+
+ protected:
+  std::optional<Problem> Make(Rng& rng) const override {
+    // Each kind: prompt, the program that solves it, the function itself,
+    // and whether it reads two numbers.
+    struct Kind {
+      std::string prompt, code;
+      std::function<int64_t(int64_t, int64_t)> f;
+      bool two = false;
+    };
+    Kind k;
+    const int64_t a = rng.Uniform(2, 20), b = rng.Uniform(0, 50);
+    switch (rng.Uniform(0, 4)) {
+      case 0:
+        k = {"read n, print " + std::to_string(a) + "*n+" + std::to_string(b),
+             "print(" + std::to_string(a) + "*n+" + std::to_string(b) + ")", [a, b](int64_t n, int64_t) { return a * n + b; }};
+        break;
+      case 1:
+        k = {"read n, print n*n+" + std::to_string(b), "print(n*n+" + std::to_string(b) + ")",
+             [b](int64_t n, int64_t) { return n * n + b; }};
+        break;
+      case 2:
+        k = {"read n, print n mod " + std::to_string(a), "print(n%" + std::to_string(a) + ")",
+             [a](int64_t n, int64_t) { return n % a; }};
+        break;
+      case 3: {
+        const int64_t c = rng.Uniform(1, 9);
+        k = {"read x y, print " + std::to_string(c) + "*x+" + std::to_string(a) + "*y",
+             "print(" + std::to_string(c) + "*x+" + std::to_string(a) + "*y)",
+             [a, c](int64_t x, int64_t y) { return c * x + a * y; }, true};
+        break;
+      }
+      default:
+        k = {"read n, print the digit sum of n", "print(sum(map(int,str(n))))", [](int64_t n, int64_t) {
+               int64_t sum = 0;
+               for (; n > 0; n /= 10) sum += n % 10;
+               return sum;
+             }};
+        break;
+    }
+    json tests = json::array();
+    for (int i = 0; i < tests_; ++i) {
+      const int64_t x = rng.Uniform(0, max_n_), y = rng.Uniform(0, max_n_);
+      std::string input = k.two ? std::to_string(x) + " " + std::to_string(y) + "\n" : std::to_string(x) + "\n";
+      tests.push_back({{"input", input}, {"output", std::to_string(k.f(x, y)) + "\n"}});
+    }
+    const std::string read = k.two ? "x,y=map(int,input().split())\n" : "n=int(input())\n";
+    json reference = {{"tests", tests}};
+    return Problem{k.prompt, reference.dump(), Demo(k.prompt.substr(k.prompt.find(',') + 2), read + k.code)};
+  }
+
+ private:
+  int tests_;
+  int64_t max_n_;
+};
+
 Result<uint64_t> Seed(const Config& c) {
   GROVE_ASSIGN_OR_RETURN(int64_t seed, c.Int("seed", 1));
   return static_cast<uint64_t>(seed);
@@ -350,7 +418,15 @@ Result<std::unique_ptr<Task>> MakeUnchecked(std::string_view name, const Config&
     return std::unique_ptr<Task>(new SymbolicTask(seed, eval_fraction, static_cast<int>(max_degree),
                                                   static_cast<int>(max_coefficient), diff, expand));
   }
-  return Status::NotFound("no task named '" + std::string(name) + "' (known: arithmetic, countdown, symbolic)");
+  if (name == "python") {
+    GROVE_RETURN_IF_ERROR(c.CheckKeys({"name", "seed", "eval_fraction", "tests", "max_n"}));
+    GROVE_ASSIGN_OR_RETURN(int64_t tests, c.Int("tests", 5));
+    GROVE_ASSIGN_OR_RETURN(int64_t max_n, c.Int("max_n", 1000));
+    GROVE_RETURN_IF_ERROR(InRange("tests", tests, 1, 20));
+    GROVE_RETURN_IF_ERROR(InRange("max_n", max_n, 1, 1000000000));
+    return std::unique_ptr<Task>(new PythonTask(seed, eval_fraction, static_cast<int>(tests), max_n));
+  }
+  return Status::NotFound("no task named '" + std::string(name) + "' (known: arithmetic, countdown, symbolic, python)");
 }
 
 }  // namespace
@@ -370,7 +446,7 @@ Result<std::unique_ptr<Task>> MakeTask(std::string_view name, const Config& sect
   return task;
 }
 
-std::vector<std::string> TaskNames() { return {"arithmetic", "countdown", "symbolic"}; }
+std::vector<std::string> TaskNames() { return {"arithmetic", "countdown", "symbolic", "python"}; }
 
 bool IsPromptText(std::string_view text) {
   for (char c : text) {

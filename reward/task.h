@@ -20,6 +20,12 @@
 //   symbolic    seed[1] max_degree[3] max_coefficient[5] modes["diff,expand"] eval_fraction[0.1]
 //               prompt "diff 3x^2+2x-1" or "expand (x+2)(x-3)";
 //               verifiers "format:0.1,symbolic:1"
+//   python      seed[1] tests[5] max_n[1000] eval_fraction[0.1]
+//               prompt "read n, print 3*n+2" (also n*n+b, n mod a, c*x+a*y, digit
+//               sum); reference {"tests": [{"input": "7\n", "output": "23\n"}, ...]}
+//               hidden cases with inputs in [0, max_n]; the demonstration's
+//               answer is the program. Verifiers "format:0.1,python_tests:1"
+//               (runs the program in the bubblewrap sandbox).
 #pragma once
 
 #include <cstdint>

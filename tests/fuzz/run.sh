@@ -29,7 +29,7 @@ shift $((OPTIND - 1))
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
-all_targets=(frame config safetensors reward training_group)
+all_targets=(frame config safetensors reward training_group weight_chunks replay_value python_code)
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=("${all_targets[@]}")
 

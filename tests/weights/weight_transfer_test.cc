@@ -89,6 +89,24 @@ TEST(WeightTransfer, RejectsBadInput) {
   EXPECT_EQ(w.Finish().status().code(), StatusCode::kFailedPrecondition);
 }
 
+// Found by the weight_chunks fuzz target: the element count of a shape was
+// computed modulo 2^64, so [2^32, 2^32] passed as a 0-byte tensor.
+TEST(WeightTransfer, ShapeWhoseElementCountOverflowsIsRefused) {
+  WeightSnapshot s = RandomSnapshot(4, 1);
+  capnp::MallocMessageBuilder mb;
+  auto a = mb.initRoot<wire::WeightAnnounce>();
+  FillWeightAnnounce(s, 16, a);
+  auto t = a.getTensors()[1];
+  t.setBytes(0);
+  auto shape = t.initShape(2);
+  shape.set(0, int64_t{1} << 32);
+  shape.set(1, int64_t{1} << 32);
+  WeightAssembler w;
+  Status st = w.Begin(a.asReader(), 1 << 20);
+  EXPECT_EQ(st.code(), StatusCode::kCorruption);
+  EXPECT_NE(st.message().find("overflows"), std::string::npos) << st;
+}
+
 TEST(WeightTransfer, ChecksumCatchesFlippedBit) {
   WeightSnapshot s = RandomSnapshot(3, 1);
   capnp::MallocMessageBuilder mb;
