@@ -103,9 +103,11 @@ TEST(ExternalPlugin, PythonExampleScoresEndToEnd) {
   VerifierRegistry registry;
   ASSERT_TRUE(registry
                   .RegisterExternal("answer_in_set",
-                                    External("python3 " + kSourceDir + "/examples/verifiers/external/answer_in_set.py"))
+                                    External("python3 " + kSourceDir + "/examples/verifiers/external/answer_in_set.py",
+                                             /*timeout_ms=*/10000))
                   .ok());
-  auto pool = PoolFor(registry, "format:0.1,answer_in_set:1");
+  // Generous deadlines: python3's start alone took over 3 s on a loaded CI box.
+  auto pool = PoolFor(registry, "format:0.1,answer_in_set:1", /*timeout_ms=*/15000);
   const std::string ref = R"({"accept": ["4", "four"]})";
   std::vector<VerifyInput> in = {
       {"2+2=", "<think>2+2</think><answer>Four</answer>", ref},
