@@ -79,6 +79,26 @@ double Get(const nlohmann::json& obj, const char* key) {
   return it != obj.end() && it->is_number() ? it->get<double>() : 0.0;
 }
 
+// Latency windows (actors/latency_window.h) heartbeat four counters each;
+// the table shows them as one item, `<base>=P50/P99ms`, at the _p50_ms one.
+std::string LatencyBase(const std::string& name) {
+  const std::string suffix = "_p50_ms";
+  if (name.size() <= suffix.size() || name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0) return "";
+  return name.substr(0, name.size() - suffix.size());
+}
+
+// True for _p99_ms, _count and _sum_ms of a window whose _p50_ms exists.
+bool IsLatencyPart(const nlohmann::json& counters, const std::string& name) {
+  for (const char* suffix : {"_p99_ms", "_count", "_sum_ms"}) {
+    const std::string s = suffix;
+    if (name.size() > s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0 &&
+        counters.contains(name.substr(0, name.size() - s.size()) + "_p50_ms")) {
+      return true;
+    }
+  }
+  return false;
+}
+
 }  // namespace
 
 std::string RenderStatusTable(const nlohmann::json& status) {
@@ -115,8 +135,16 @@ std::string RenderStatusTable(const nlohmann::json& status) {
     if (state == "dead" || state == "stopped") {
       extra = a.value("exit_reason", "");
     } else {
-      for (const auto& [name, value] : a.at("counters").items()) {
+      const auto& counters = a.at("counters");
+      for (const auto& [name, value] : counters.items()) {
+        const std::string latency = LatencyBase(name);
+        if (latency.empty() && IsLatencyPart(counters, name)) continue;
         if (!extra.empty()) extra += " ";
+        if (!latency.empty()) {  // one item per latency window: p50/p99 in ms
+          extra += latency + "=" + Number(value.get<double>()) + "/" +
+                   Number(Get(counters, (latency + "_p99_ms").c_str())) + "ms";
+          continue;
+        }
         extra += name + "=" + Number(value.get<double>());
       }
       const std::string detail = a.value("detail", "");
