@@ -283,6 +283,20 @@ class SlurmDeploy : public ::testing::Test {
     return states;
   }
 
+  // Waits until no component of `job` is pending or running any more.
+  bool WaitEnded(const std::string& job, int timeout_ms, std::vector<std::string>* states, std::string* text) {
+    return WaitFor(
+        [&] {
+          *states = JobStates(job, text);
+          if (states->empty()) return false;
+          for (const auto& s : *states) {
+            if (s == "PENDING" || s == "RUNNING" || s == "CONFIGURING" || s == "COMPLETING") return false;
+          }
+          return true;
+        },
+        timeout_ms);
+  }
+
   std::string Logs(const std::string& run_dir) {
     std::string s;
     for (const char* id : {"coordinator", "learner-0", "replay-0", "verifier-0", "rollout-0", "rollout-1"}) {
@@ -408,9 +422,10 @@ TEST_F(SlurmDeploy, HeterogeneousJobRegistersTrainsJoinsAndCompletes) {
   EXPECT_GE(count->second, 1);
   EXPECT_EQ(samples->count("grove_actor_pid{role=\"rollout\",id=\"" + joined + "\"}"), 1u);
 
-  // scancel drains the joined worker: it leaves as stopped, not dead.
+  // scancel --signal=TERM drains the joined worker: it leaves as stopped,
+  // not dead, and its job completes.
   int code = -1;
-  out = RunCapture({bin_["scancel"], join}, &code, true);
+  out = RunCapture({bin_["scancel"], "--signal=TERM", join}, &code, true);
   ASSERT_EQ(code, 0) << out;
   ASSERT_TRUE(WaitFor(
       [&] {
@@ -420,24 +435,18 @@ TEST_F(SlurmDeploy, HeterogeneousJobRegistersTrainsJoinsAndCompletes) {
       },
       60000))
       << status.dump(2) << Tail(run_dir + "/logs/" + joined + ".log");
+  std::vector<std::string> states;
+  ASSERT_TRUE(WaitEnded(join, 60000, &states, &job_text)) << job_text;
+  EXPECT_EQ(states, std::vector<std::string>{"COMPLETED"}) << job_text;
+  EXPECT_NE(ReadFile(run_dir + "/logs/" + joined + ".log").find("stopping: exit 0"), std::string::npos)
+      << Tail(run_dir + "/logs/" + joined + ".log");
 
   // The run ends: SIGTERM to the job's steps drains the learner (exit 0)
   // and the workers; the script stops the rest, and Slurm records the job
   // as completed with the learner's exit code.
   out = RunCapture({bin_["scancel"], "--signal=TERM", job}, &code, true);
   ASSERT_EQ(code, 0) << out;
-  std::vector<std::string> states;
-  ASSERT_TRUE(WaitFor(
-      [&] {
-        states = JobStates(job, &job_text);
-        if (states.empty()) return false;
-        for (const auto& s : states) {
-          if (s == "PENDING" || s == "RUNNING" || s == "CONFIGURING" || s == "COMPLETING") return false;
-        }
-        return true;
-      },
-      90000))
-      << job_text << Logs(run_dir);
+  ASSERT_TRUE(WaitEnded(job, 90000, &states, &job_text)) << job_text << Logs(run_dir);
   ASSERT_EQ(states.size(), 2u) << job_text;  // two components
   for (const auto& s : states) EXPECT_EQ(s, "COMPLETED") << job_text << Logs(run_dir);
   EXPECT_EQ(Field(job_text, "ExitCode"), "0:0") << job_text;
@@ -456,6 +465,46 @@ TEST_F(SlurmDeploy, HeterogeneousJobRegistersTrainsJoinsAndCompletes) {
   EXPECT_NE(ReadFile(run_dir + "/logs/coordinator.log").find("coordinator stopped"), std::string::npos);
   // Nothing the jobs started outlives them.
   for (int pid : actor_pids_) EXPECT_FALSE(Alive(pid)) << "pid " << pid << " still runs";
+}
+
+// The script's own ending: the learner trains its steps and exits; the
+// script drains the workers (through Slurm, so that srun does not kill
+// them) and the rest, and the job completes with exit code 0. The script's
+// defaults otherwise: two verifiers, GROVE_RUN_DIR given.
+TEST_F(SlurmDeploy, JobEndsWhenTheLearnerHasTrainedItsSteps) {
+  const std::string source = std::getenv("GROVE_SOURCE_DIR");
+  const std::string run_dir = dir_ + "/work/natural";
+  const std::map<std::string, std::string> env = {
+      {"GROVE_CONFIG", source + "/configs/smoke.toml"},
+      {"GROVE_BIN", testing::GroveBinary()},
+      {"GROVE_PORT", std::to_string(FreePort())},
+      {"GROVE_RUN_DIR", run_dir},
+      {"GROVE_SET",
+       "learner.steps=4 learner.warmstart_steps=0 learner.eval_every=0 learner.eval_problems=8 "
+       "learner.max_new_tokens=12 learner.batch_groups=4 coordinator.prompts_per_step=4 "
+       "replay.min_size_to_serve=4 rollout.group_size=4 rollout.max_new_tokens=12"}};
+  std::string out;
+  const std::string job = Submit({"--cpus-per-task=1", "--mem=1G", ":", "--nodes=1", "--ntasks-per-node=1",
+                                  "--cpus-per-task=1", "--mem=1G", source + "/deploy/slurm/grove.sbatch"},
+                                 env, &out);
+  ASSERT_FALSE(job.empty()) << "sbatch failed: " << out;
+  std::vector<std::string> states;
+  std::string job_text;
+  ASSERT_TRUE(WaitEnded(job, 120000, &states, &job_text)) << job_text << Logs(run_dir);
+  ASSERT_EQ(states.size(), 2u) << job_text;
+  for (const auto& s : states) EXPECT_EQ(s, "COMPLETED") << job_text << Logs(run_dir);
+  EXPECT_EQ(Field(job_text, "ExitCode"), "0:0") << job_text;
+  EXPECT_NE(ReadFile(run_dir + "/logs/learner-0.log").find("learner done at step 4"), std::string::npos)
+      << Tail(run_dir + "/logs/learner-0.log");
+  for (const char* id : {"learner-0", "replay-0", "verifier-0", "verifier-1", "rollout-0"}) {
+    EXPECT_NE(ReadFile(run_dir + "/logs/" + id + ".log").find("stopping: exit 0"), std::string::npos)
+        << Tail(run_dir + "/logs/" + std::string(id) + ".log") << Tail(dir_ + "/work/grove-" + job + ".out");
+  }
+  EXPECT_NE(ReadFile(run_dir + "/logs/coordinator.log").find("coordinator stopped"), std::string::npos);
+  const std::string batch_out = ReadFile(dir_ + "/work/grove-" + job + ".out");
+  EXPECT_NE(batch_out.find("learner exited with 0"), std::string::npos) << batch_out;
+  EXPECT_EQ(batch_out.find("Killed"), std::string::npos) << batch_out;
+  EXPECT_TRUE(std::filesystem::exists(run_dir + "/checkpoints/latest")) << run_dir;
 }
 
 }  // namespace
