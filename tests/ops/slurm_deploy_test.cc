@@ -8,9 +8,9 @@
 //
 // The job is the real script with the smoke config, shortened through the
 // script's GROVE_SET and sized to fit on the command line (component 0 on
-// one node, two rollout workers on the other). The test checks that every
-// actor registers and is healthy in `grove status --json`, that a worker
-// from grove-join.sbatch joins and drains on scancel, that the verifier's
+// one node, up to two rollout workers on the other). The test checks that
+// every actor registers and is healthy in `grove status --json`, that a
+// worker from grove-join.sbatch joins and drains on scancel, that the verifier's
 // reward latency shows in status and /metrics, that the learner trains its
 // steps, and that Slurm records the job as completed with exit code 0.
 // Skips where the Slurm or munge binaries are missing or the daemons cannot
@@ -134,6 +134,7 @@ class SlurmDeploy : public ::testing::Test {
     const std::string hw = RunCapture({bin_["slurmd"], "-C"}, &code, true);
     const std::string cpus = Field(hw, "CPUs"), memory = Field(hw, "RealMemory");
     ASSERT_FALSE(cpus.empty() || memory.empty()) << "slurmd -C: " << hw;
+    rollout_tasks_ = std::stoi(cpus) >= 2 ? 2 : 1;  // component 1 fits on one node
     conf_ = dir_ + "/slurm.conf";
     std::ofstream conf(conf_);
     conf << "ClusterName=grovetest\n"
@@ -311,6 +312,7 @@ class SlurmDeploy : public ::testing::Test {
   std::vector<int> slurmd_pids_;
   std::vector<std::string> jobs_;
   std::set<int> actor_pids_;
+  int rollout_tasks_ = 2;
 };
 
 TEST_F(SlurmDeploy, HeterogeneousJobRegistersTrainsJoinsAndCompletes) {
@@ -330,10 +332,12 @@ TEST_F(SlurmDeploy, HeterogeneousJobRegistersTrainsJoinsAndCompletes) {
                                                    {"GROVE_VERIFIERS", "1"}};
   unsetenv("GROVE_RUN_DIR");
 
-  // Component 0 (coordinator, replay, verifier, learner) on one node, two
-  // rollout workers on the other: the script's components, sized to fit.
+  // Component 0 (coordinator, replay, verifier, learner) on one node, a
+  // rollout worker per CPU (up to two) on the other: the script's
+  // components, sized to fit.
   std::string out;
-  const std::string job = Submit({"--cpus-per-task=1", "--mem=1G", ":", "--nodes=1", "--ntasks-per-node=2",
+  const std::string job = Submit({"--cpus-per-task=1", "--mem=1G", ":", "--nodes=1",
+                                  "--ntasks-per-node=" + std::to_string(rollout_tasks_),
                                   "--cpus-per-task=1", "--mem=1G", source + "/deploy/slurm/grove.sbatch"},
                                  env, &out);
   ASSERT_FALSE(job.empty()) << "sbatch failed: " << out;
@@ -354,7 +358,8 @@ TEST_F(SlurmDeploy, HeterogeneousJobRegistersTrainsJoinsAndCompletes) {
   ASSERT_EQ(coordinator.substr(coordinator.rfind(':') + 1), std::to_string(port)) << info.dump();
 
   // Every role of the job registers and is healthy.
-  const std::vector<std::string> ids = {"replay-0", "verifier-0", "learner-0", "rollout-0", "rollout-1"};
+  std::vector<std::string> ids = {"replay-0", "verifier-0", "learner-0"};
+  for (int t = 0; t < rollout_tasks_; ++t) ids.push_back("rollout-" + std::to_string(t));
   nlohmann::json status;
   auto all_healthy = [&](const std::vector<std::string>& want) {
     status = Status(coordinator);
