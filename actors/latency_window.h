@@ -13,12 +13,40 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "actors/actor_client.h"
 
 namespace grove::actors {
+
+// A counter name as LatencyWindow::Publish writes it, taken apart:
+// "<base>_p<digits>_ms" is a quantile (0.<digits>), "<base>_count" and
+// "<base>_sum_ms" the totals. Status views use it to tell a latency window's
+// counters from the others (a bare "_count" counter is a window's only if
+// the same base also has a quantile).
+struct LatencyCounter {
+  enum class Kind { kQuantile, kCount, kSum };
+  Kind kind;
+  std::string base;
+  std::string digits;  // kQuantile: "50", "99", ...
+};
+
+inline std::optional<LatencyCounter> ParseLatencyCounter(const std::string& name) {
+  auto ends_with = [&](const std::string& suffix) {
+    return name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+  };
+  if (ends_with("_sum_ms")) return LatencyCounter{LatencyCounter::Kind::kSum, name.substr(0, name.size() - 7), ""};
+  if (ends_with("_count")) return LatencyCounter{LatencyCounter::Kind::kCount, name.substr(0, name.size() - 6), ""};
+  if (!ends_with("_ms")) return std::nullopt;
+  const std::string head = name.substr(0, name.size() - 3);  // <base>_p<digits>
+  const auto p = head.rfind("_p");
+  if (p == std::string::npos || p == 0 || p + 2 >= head.size()) return std::nullopt;
+  const std::string digits = head.substr(p + 2);
+  if (digits.find_first_not_of("0123456789") != std::string::npos) return std::nullopt;
+  return LatencyCounter{LatencyCounter::Kind::kQuantile, head.substr(0, p), digits};
+}
 
 class LatencyWindow {
  public:

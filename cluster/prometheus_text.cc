@@ -4,7 +4,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <map>
+#include <optional>
 #include <vector>
+
+#include "actors/latency_window.h"
 
 namespace grove {
 namespace {
@@ -85,14 +88,10 @@ double Number(const nlohmann::json& obj, const char* key) {
 // tools expect. Called for every counter; acts on the quantile ones.
 void AddLatencySummary(Exposition& e, const std::string& role, const Labels& labels,
                        const nlohmann::json& counters, const std::string& counter) {
-  const std::string tail = "_ms";
-  if (counter.size() < tail.size() + 3 || counter.compare(counter.size() - 3, 3, tail) != 0) return;
-  const std::string head = counter.substr(0, counter.size() - 3);  // <base>_p<digits>
-  const auto p = head.rfind("_p");
-  if (p == std::string::npos || p == 0 || p + 2 >= head.size()) return;
-  const std::string digits = head.substr(p + 2);
-  if (digits.find_first_not_of("0123456789") != std::string::npos) return;
-  const std::string base = head.substr(0, p);
+  const std::optional<actors::LatencyCounter> parsed = actors::ParseLatencyCounter(counter);
+  if (!parsed || parsed->kind != actors::LatencyCounter::Kind::kQuantile) return;
+  const std::string& base = parsed->base;
+  const std::string& digits = parsed->digits;
   const std::string family = "grove_" + PrometheusName(role) + "_" + PrometheusName(base) + "_seconds";
   const std::string help = "Latency '" + base + "' that " + role + " actors report, in seconds.";
   Labels with_quantile = labels;

@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <sstream>
 
+#include "actors/latency_window.h"
 #include "actors/rpc_client.h"
 #include "actors/socket.h"
 #include "cluster/registry.h"
@@ -81,22 +82,13 @@ double Get(const nlohmann::json& obj, const char* key) {
 
 // Latency windows (actors/latency_window.h) heartbeat four counters each;
 // the table shows them as one item, `<base>=P50/P99ms`, at the _p50_ms one.
-std::string LatencyBase(const std::string& name) {
-  const std::string suffix = "_p50_ms";
-  if (name.size() <= suffix.size() || name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0) return "";
-  return name.substr(0, name.size() - suffix.size());
-}
-
-// True for _p99_ms, _count and _sum_ms of a window whose _p50_ms exists.
-bool IsLatencyPart(const nlohmann::json& counters, const std::string& name) {
-  for (const char* suffix : {"_p99_ms", "_count", "_sum_ms"}) {
-    const std::string s = suffix;
-    if (name.size() > s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0 &&
-        counters.contains(name.substr(0, name.size() - s.size()) + "_p50_ms")) {
-      return true;
-    }
-  }
-  return false;
+// Returns the window's base for that counter, "-" for its other three (to
+// skip), "" for any other counter.
+std::string LatencyItem(const nlohmann::json& counters, const std::string& name) {
+  const auto parsed = actors::ParseLatencyCounter(name);
+  if (!parsed || !counters.contains(parsed->base + "_p50_ms")) return "";
+  const bool median = parsed->kind == actors::LatencyCounter::Kind::kQuantile && parsed->digits == "50";
+  return median ? parsed->base : "-";
 }
 
 }  // namespace
@@ -137,8 +129,8 @@ std::string RenderStatusTable(const nlohmann::json& status) {
     } else {
       const auto& counters = a.at("counters");
       for (const auto& [name, value] : counters.items()) {
-        const std::string latency = LatencyBase(name);
-        if (latency.empty() && IsLatencyPart(counters, name)) continue;
+        const std::string latency = LatencyItem(counters, name);
+        if (latency == "-") continue;
         if (!extra.empty()) extra += " ";
         if (!latency.empty()) {  // one item per latency window: p50/p99 in ms
           extra += latency + "=" + Number(value.get<double>()) + "/" +

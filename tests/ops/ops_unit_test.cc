@@ -191,6 +191,26 @@ TEST(LatencyWindow, QuantilesOfTheRecentWindowAgainstASort) {
   EXPECT_EQ(w.count(), 2u);
 }
 
+TEST(LatencyWindow, CounterNamesTakeApartAsPublishWritesThem) {
+  using Kind = actors::LatencyCounter::Kind;
+  auto q = actors::ParseLatencyCounter("reward_latency_p99_ms");
+  ASSERT_TRUE(q.has_value());
+  EXPECT_EQ(q->kind, Kind::kQuantile);
+  EXPECT_EQ(q->base, "reward_latency");
+  EXPECT_EQ(q->digits, "99");
+  auto c = actors::ParseLatencyCounter("reward_latency_count");
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(c->kind, Kind::kCount);
+  EXPECT_EQ(c->base, "reward_latency");
+  auto sum = actors::ParseLatencyCounter("a_b_sum_ms");
+  ASSERT_TRUE(sum.has_value());
+  EXPECT_EQ(sum->kind, Kind::kSum);
+  EXPECT_EQ(sum->base, "a_b");
+  for (const char* other : {"weight_sync_ms", "odd_pxx_ms", "_p50_ms", "p50_ms", "x_p_ms", "tokens_per_s", "_count"}) {
+    EXPECT_FALSE(actors::ParseLatencyCounter(other).has_value()) << other;
+  }
+}
+
 // Latency counters become a Prometheus summary in seconds (quantiles, _sum,
 // _count in one block) and one p50/p99 item in the status table.
 TEST(Prometheus, LatencyWindowsRenderAsASummaryAndOneTableItem) {
