@@ -4,7 +4,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <map>
+#include <optional>
 #include <vector>
+
+#include "actors/latency_window.h"
 
 namespace grove {
 namespace {
@@ -39,10 +42,14 @@ using Labels = std::vector<std::pair<std::string, std::string>>;
 // together, under one HELP and TYPE line.
 class Exposition {
  public:
-  void Add(const std::string& name, const std::string& help, const Labels& labels, double value) {
+  // A sample of metric family `name`; `suffix` names a summary's _sum and
+  // _count samples, which belong to the family's block.
+  void Add(const std::string& name, const std::string& help, const Labels& labels, double value,
+           const char* type = "gauge", const std::string& suffix = "") {
     auto& m = metrics_[name];
     if (m.help.empty()) m.help = help;
-    std::string line = name;
+    m.type = type;
+    std::string line = name + suffix;
     if (!labels.empty()) {
       line += '{';
       for (size_t i = 0; i < labels.size(); ++i) {
@@ -55,7 +62,7 @@ class Exposition {
   std::string Text() const {
     std::string out;
     for (const auto& [name, m] : metrics_) {
-      out += "# HELP " + name + " " + m.help + "\n# TYPE " + name + " gauge\n";
+      out += "# HELP " + name + " " + m.help + "\n# TYPE " + name + " " + m.type + "\n";
       for (const auto& s : m.samples) out += s + "\n";
     }
     return out;
@@ -64,6 +71,7 @@ class Exposition {
  private:
   struct Metric {
     std::string help;
+    std::string type;
     std::vector<std::string> samples;
   };
   std::map<std::string, Metric> metrics_;
@@ -72,6 +80,34 @@ class Exposition {
 double Number(const nlohmann::json& obj, const char* key) {
   auto it = obj.find(key);
   return it != obj.end() && it->is_number() ? it->get<double>() : 0.0;
+}
+
+// Latency counters (actors/latency_window.h: <base>_p50_ms, <base>_p99_ms,
+// <base>_count, <base>_sum_ms) once more as a summary in seconds,
+// grove_<role>_<base>_seconds{role,id,quantile}, the shape Prometheus
+// tools expect. Called for every counter; acts on the quantile ones.
+void AddLatencySummary(Exposition& e, const std::string& role, const Labels& labels,
+                       const nlohmann::json& counters, const std::string& counter) {
+  const std::optional<actors::LatencyCounter> parsed = actors::ParseLatencyCounter(counter);
+  if (!parsed || parsed->kind != actors::LatencyCounter::Kind::kQuantile) return;
+  const std::string& base = parsed->base;
+  const std::string& digits = parsed->digits;
+  const std::string family = "grove_" + PrometheusName(role) + "_" + PrometheusName(base) + "_seconds";
+  const std::string help = "Latency '" + base + "' that " + role + " actors report, in seconds.";
+  Labels with_quantile = labels;
+  with_quantile.push_back({"quantile", Value(std::strtod(("0." + digits).c_str(), nullptr))});
+  e.Add(family, help, with_quantile, counters[counter].get<double>() / 1000.0, "summary");
+  // _sum and _count once per actor: with the median, the one quantile every
+  // latency window reports.
+  if (digits != "50") return;
+  auto sum = counters.find(base + "_sum_ms");
+  auto count = counters.find(base + "_count");
+  if (sum != counters.end() && sum->is_number()) {
+    e.Add(family, help, labels, sum->get<double>() / 1000.0, "summary", "_sum");
+  }
+  if (count != counters.end() && count->is_number()) {
+    e.Add(family, help, labels, count->get<double>(), "summary", "_count");
+  }
 }
 
 }  // namespace
@@ -130,11 +166,13 @@ std::string RenderPrometheus(const nlohmann::json& status) {
           Number(a, "policy_version"));
     e.Add("grove_actor_pid", "Process id on the actor's host.", labels, Number(a, "pid"));
     if (!a.contains("counters")) continue;
-    for (const auto& [name, value] : a["counters"].items()) {
+    const auto& counters = a["counters"];
+    for (const auto& [name, value] : counters.items()) {
       if (!value.is_number()) continue;
       e.Add("grove_" + PrometheusName(role) + "_" + PrometheusName(name),
             "Counter '" + name + "' that " + role + " actors heartbeat.", labels,
             value.get<double>());
+      AddLatencySummary(e, role, labels, counters, name);
     }
   }
   return e.Text();

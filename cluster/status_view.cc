@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <sstream>
 
+#include "actors/latency_window.h"
 #include "actors/rpc_client.h"
 #include "actors/socket.h"
 #include "cluster/registry.h"
@@ -79,6 +80,17 @@ double Get(const nlohmann::json& obj, const char* key) {
   return it != obj.end() && it->is_number() ? it->get<double>() : 0.0;
 }
 
+// Latency windows (actors/latency_window.h) heartbeat four counters each;
+// the table shows them as one item, `<base>=P50/P99ms`, at the _p50_ms one.
+// Returns the window's base for that counter, "-" for its other three (to
+// skip), "" for any other counter.
+std::string LatencyItem(const nlohmann::json& counters, const std::string& name) {
+  const auto parsed = actors::ParseLatencyCounter(name);
+  if (!parsed || !counters.contains(parsed->base + "_p50_ms")) return "";
+  const bool median = parsed->kind == actors::LatencyCounter::Kind::kQuantile && parsed->digits == "50";
+  return median ? parsed->base : "-";
+}
+
 }  // namespace
 
 std::string RenderStatusTable(const nlohmann::json& status) {
@@ -115,8 +127,16 @@ std::string RenderStatusTable(const nlohmann::json& status) {
     if (state == "dead" || state == "stopped") {
       extra = a.value("exit_reason", "");
     } else {
-      for (const auto& [name, value] : a.at("counters").items()) {
+      const auto& counters = a.at("counters");
+      for (const auto& [name, value] : counters.items()) {
+        const std::string latency = LatencyItem(counters, name);
+        if (latency == "-") continue;
         if (!extra.empty()) extra += " ";
+        if (!latency.empty()) {  // one item per latency window: p50/p99 in ms
+          extra += latency + "=" + Number(value.get<double>()) + "/" +
+                   Number(Get(counters, (latency + "_p99_ms").c_str())) + "ms";
+          continue;
+        }
         extra += name + "=" + Number(value.get<double>());
       }
       const std::string detail = a.value("detail", "");

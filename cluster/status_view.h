@@ -17,7 +17,8 @@ Result<nlohmann::json> FetchStatus(const std::string& endpoint, int timeout_ms);
 
 // A table a person reads at a glance: one cluster line on top, then one row
 // per actor (role, id, state, heartbeat age, uptime, restarts, version, RSS,
-// and the role's counters or exit reason).
+// and the role's counters, a latency window as one `name=P50/P99ms` item,
+// or the exit reason).
 std::string RenderStatusTable(const nlohmann::json& status);
 
 }  // namespace grove

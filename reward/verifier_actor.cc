@@ -4,6 +4,7 @@
 
 #include <glog/logging.h>
 
+#include "actors/latency_window.h"
 #include "actors/process.h"
 #include "actors/rpc_client.h"
 #include "actors/socket.h"
@@ -74,6 +75,10 @@ Status RunVerifierLoop(const RoleArgs& args) {
 
   uint64_t groups = 0, samples = 0;
   double reward_ema = 0, score_seconds = 0;
+  // reward_latency: this verifier received a group -> its scores exist.
+  // rollout_to_scored: the rollout finished generating it -> its scores exist
+  // (wall clocks of two hosts: as good as their time sync; resends included).
+  actors::LatencyWindow reward_latency, rollout_to_scored;
   bool have_ema = false;
   while (!proc->draining()) {
     std::optional<actors::Incoming> in = socket.Receive(100);
@@ -81,6 +86,7 @@ Status RunVerifierLoop(const RoleArgs& args) {
     Result<actors::Frame> frame =
         actors::DecodeFrame(in->payload.data(), in->payload.size(), {BodyKind::SAMPLE_GROUP}, &socket.stats());
     if (!frame.ok()) continue;  // counted, logged once per kind
+    const auto received = std::chrono::steady_clock::now();
     auto env = frame->envelope();
     auto group = env.getBody().getSampleGroup();
     auto prompt = group.getPrompt();
@@ -97,6 +103,8 @@ Status RunVerifierLoop(const RoleArgs& args) {
     std::vector<VerifyOutput> scores = pool->Score(inputs);
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     score_seconds += ms / 1000;
+    reward_latency.Add(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - received).count());
+    if (group.getCreatedAtMs() > 0) rollout_to_scored.Add(static_cast<double>(actors::WallClockMs() - group.getCreatedAtMs()));
 
     capnp::MallocMessageBuilder mb;
     auto out = actors::InitEnvelope(mb, args.id, 0);
@@ -163,6 +171,8 @@ Status RunVerifierLoop(const RoleArgs& args) {
     client.SetCounter("reward_mean", reward_ema);
     client.SetCounter("verifier_failures", static_cast<double>(pool->stats().failed));
     client.SetCounter("bad_frames", static_cast<double>(socket.stats().Total()));
+    reward_latency.Publish(client, "reward_latency");
+    rollout_to_scored.Publish(client, "rollout_to_scored");
   }
   proc->ReportDraining();
   proc->Finish(0, "");

@@ -1,14 +1,18 @@
 // Unit tests of the operating tools: log resolution for `grove logs`, the
 // Prometheus rendering and the /metrics HTTP server.
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <random>
 
 #include <gtest/gtest.h>
 
+#include "actors/latency_window.h"
 #include "cluster/log_files.h"
 #include "cluster/metrics_http.h"
 #include "cluster/prometheus_text.h"
+#include "cluster/status_view.h"
 #include "tests/cluster/proc_util.h"
 #include "tests/ops/http_get.h"
 #include "tests/ops/prometheus_parse.h"
@@ -148,6 +152,116 @@ TEST(Prometheus, ExpositionParsesAndCarriesEveryFigure) {
   EXPECT_NE(text.find("grove_cluster_e 42\n"), std::string::npos) << text;
   // An empty status still renders valid text.
   EXPECT_TRUE(testing::ParseExposition(RenderPrometheus(nlohmann::json::object())).ok());
+}
+
+// Quantiles of the latest `capacity` values against a sort of exactly those
+// values; count and sum over every value ever added.
+TEST(LatencyWindow, QuantilesOfTheRecentWindowAgainstASort) {
+  std::mt19937 rng(std::random_device{}());
+  std::lognormal_distribution<double> latency(2.0, 1.0);
+  for (size_t capacity : {1u, 7u, 64u, 1024u}) {
+    actors::LatencyWindow w(capacity);
+    EXPECT_EQ(w.Quantile(0.5), 0);  // empty
+    std::vector<double> all;
+    double sum = 0;
+    const int n = static_cast<int>(capacity) * 3 + 5;
+    for (int i = 0; i < n; ++i) {
+      const double v = latency(rng);
+      w.Add(v);
+      all.push_back(v);
+      sum += v;
+    }
+    std::vector<double> recent(all.end() - static_cast<std::ptrdiff_t>(capacity), all.end());
+    std::sort(recent.begin(), recent.end());
+    for (double q : {0.0, 0.01, 0.5, 0.9, 0.99, 1.0}) {
+      // Nearest rank: the smallest value with at least q of the window at or below it.
+      size_t rank = static_cast<size_t>(std::ceil(q * static_cast<double>(recent.size())));
+      rank = std::max<size_t>(rank, 1) - 1;
+      EXPECT_EQ(w.Quantile(q), recent[rank]) << "capacity " << capacity << " q " << q;
+    }
+    EXPECT_EQ(w.window_size(), capacity);
+    EXPECT_EQ(w.count(), static_cast<uint64_t>(n));
+    EXPECT_NEAR(w.sum_ms(), sum, 1e-9 * sum);
+  }
+  actors::LatencyWindow w(4);
+  w.Add(-3);  // a clock step between hosts
+  w.Add(std::nan(""));
+  EXPECT_EQ(w.Quantile(1.0), 0);
+  EXPECT_EQ(w.sum_ms(), 0);
+  EXPECT_EQ(w.count(), 2u);
+}
+
+TEST(LatencyWindow, CounterNamesTakeApartAsPublishWritesThem) {
+  using Kind = actors::LatencyCounter::Kind;
+  auto q = actors::ParseLatencyCounter("reward_latency_p99_ms");
+  ASSERT_TRUE(q.has_value());
+  EXPECT_EQ(q->kind, Kind::kQuantile);
+  EXPECT_EQ(q->base, "reward_latency");
+  EXPECT_EQ(q->digits, "99");
+  auto c = actors::ParseLatencyCounter("reward_latency_count");
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(c->kind, Kind::kCount);
+  EXPECT_EQ(c->base, "reward_latency");
+  auto sum = actors::ParseLatencyCounter("a_b_sum_ms");
+  ASSERT_TRUE(sum.has_value());
+  EXPECT_EQ(sum->kind, Kind::kSum);
+  EXPECT_EQ(sum->base, "a_b");
+  for (const char* other : {"weight_sync_ms", "odd_pxx_ms", "_p50_ms", "p50_ms", "x_p_ms", "tokens_per_s", "_count"}) {
+    EXPECT_FALSE(actors::ParseLatencyCounter(other).has_value()) << other;
+  }
+}
+
+// Latency counters become a Prometheus summary in seconds (quantiles, _sum,
+// _count in one block) and one p50/p99 item in the status table.
+TEST(Prometheus, LatencyWindowsRenderAsASummaryAndOneTableItem) {
+  nlohmann::json counters = {{"groups_scored", 12},
+                             {"reward_latency_p50_ms", 3.5},
+                             {"reward_latency_p99_ms", 41.25},
+                             {"reward_latency_count", 12},
+                             {"reward_latency_sum_ms", 96.5},
+                             {"rollout_to_scored_p50_ms", 250},
+                             {"rollout_to_scored_p99_ms", 900},
+                             {"rollout_to_scored_count", 12},
+                             {"rollout_to_scored_sum_ms", 4000},
+                             {"odd_pxx_ms", 1}};
+  nlohmann::json status = {
+      {"cluster", {{"uptime_ms", 1000}}},
+      {"actors", {{{"role", "verifier"}, {"id", "verifier-0"}, {"state", "healthy"}, {"counters", counters}}}}};
+  const std::string text = RenderPrometheus(status);
+  auto samples = testing::ParseExposition(text);
+  ASSERT_TRUE(samples.ok()) << samples.status() << "\n" << text;
+  const std::string l = "role=\"verifier\",id=\"verifier-0\"";
+  auto at = [&](const std::string& key) {
+    auto it = samples->find(key);
+    EXPECT_NE(it, samples->end()) << key << " missing in\n" << text;
+    return it == samples->end() ? -12345.0 : it->second;
+  };
+  EXPECT_DOUBLE_EQ(at("grove_verifier_reward_latency_seconds{" + l + ",quantile=\"0.5\"}"), 0.0035);
+  EXPECT_DOUBLE_EQ(at("grove_verifier_reward_latency_seconds{" + l + ",quantile=\"0.99\"}"), 0.04125);
+  EXPECT_DOUBLE_EQ(at("grove_verifier_reward_latency_seconds_sum{" + l + "}"), 0.0965);
+  EXPECT_EQ(at("grove_verifier_reward_latency_seconds_count{" + l + "}"), 12);
+  EXPECT_DOUBLE_EQ(at("grove_verifier_rollout_to_scored_seconds{" + l + ",quantile=\"0.99\"}"), 0.9);
+  // The raw counters stay, as gauges, like every other counter.
+  EXPECT_EQ(at("grove_verifier_reward_latency_p99_ms{" + l + "}"), 41.25);
+  EXPECT_EQ(samples->count("grove_verifier_odd_seconds{" + l + ",quantile=\"0.xx\"}"), 0u);
+  // One block per summary: TYPE once, then quantiles, _sum and _count together.
+  const auto type = text.find("# TYPE grove_verifier_reward_latency_seconds summary\n");
+  ASSERT_NE(type, std::string::npos) << text;
+  EXPECT_EQ(type, text.rfind("# TYPE grove_verifier_reward_latency_seconds summary\n"));
+  const auto next = text.find("# HELP", type);
+  for (const char* sample : {"grove_verifier_reward_latency_seconds{", "grove_verifier_reward_latency_seconds_sum{",
+                             "grove_verifier_reward_latency_seconds_count{"}) {
+    const auto at_sample = text.find(sample);
+    EXPECT_GT(at_sample, type) << sample;
+    EXPECT_LT(at_sample, next) << sample;
+  }
+
+  const std::string table = RenderStatusTable(status);
+  EXPECT_NE(table.find("reward_latency=3.5/41.25ms"), std::string::npos) << table;
+  EXPECT_NE(table.find("rollout_to_scored=250/900ms"), std::string::npos) << table;
+  EXPECT_NE(table.find("groups_scored=12"), std::string::npos) << table;
+  EXPECT_EQ(table.find("reward_latency_p99_ms"), std::string::npos) << table;
+  EXPECT_EQ(table.find("reward_latency_count"), std::string::npos) << table;
 }
 
 TEST(MetricsServer, ServesMetricsAndRefusesTheRest) {
