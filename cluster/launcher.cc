@@ -291,28 +291,42 @@ int Launcher::Supervise(const std::function<bool()>& should_stop) {
   return learner_exited_ ? learner_exit_code_ : 0;
 }
 
+// Stops the actors in data-flow order, each stage drained before the next is
+// signalled: a draining rollout worker delivers its last group to a verifier,
+// a draining verifier its scores to the replay store, the learner checkpoints
+// while the store still serves, and the coordinator goes last so every actor
+// can still deregister. Stopping all at once left rollout workers waiting
+// for verifiers that had already gone (SIGKILLed at the stop timeout).
 void Launcher::Shutdown(bool force) {
   stop_requested_ = true;
-  auto wait_all = [&](bool coordinator, int timeout_ms) {
+  static const std::vector<std::string> kStopOrder = {"rollout", "verifier", "learner", "replay"};
+  auto stage_of = [&](const std::string& role) -> size_t {
+    if (role == "coordinator") return kStopOrder.size() + 1;
+    for (size_t i = 0; i < kStopOrder.size(); ++i) {
+      if (kStopOrder[i] == role) return i;
+    }
+    return kStopOrder.size();  // any other role: after the known ones, before the coordinator
+  };
+  auto wait_stage = [&](size_t stage, int timeout_ms) {
     const int64_t deadline = MonotonicMs() + timeout_ms;
     for (;;) {
       Reap();
       bool any = false;
-      for (auto& c : children_) any = any || (c.pid > 0 && (c.role == "coordinator") == coordinator);
+      for (auto& c : children_) any = any || (c.pid > 0 && stage_of(c.role) == stage);
       if (!any || MonotonicMs() >= deadline) return;
       if (control_) HandleControl(10); else SleepMs(10);
     }
   };
-  auto signal_all = [&](bool coordinator, int sig) {
+  auto signal_stage = [&](size_t stage, int sig) {
     for (auto& c : children_) {
-      if (c.pid > 0 && (c.role == "coordinator") == coordinator) kill(c.pid, sig);
+      if (c.pid > 0 && stage_of(c.role) == stage) kill(c.pid, sig);
     }
   };
-  for (bool coordinator : {false, true}) {
-    signal_all(coordinator, force ? SIGKILL : SIGTERM);
-    wait_all(coordinator, force ? 1000 : options_.stop_timeout_ms);
-    signal_all(coordinator, SIGKILL);
-    wait_all(coordinator, 1000);
+  for (size_t stage = 0; stage <= kStopOrder.size() + 1; ++stage) {
+    signal_stage(stage, force ? SIGKILL : SIGTERM);
+    wait_stage(stage, force ? 1000 : options_.stop_timeout_ms);
+    signal_stage(stage, SIGKILL);
+    wait_stage(stage, 1000);
   }
   WriteClusterJson();
 }

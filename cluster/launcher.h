@@ -56,8 +56,10 @@ class Launcher {
   // Supervises until should_stop() is true, a stop command arrives, or the
   // learner exits. Returns the learner's exit code, else 0.
   int Supervise(const std::function<bool()>& should_stop);
-  // Drains every actor (SIGTERM), SIGKILLs what is left after
-  // stop_timeout_ms (or at once when `force`), then stops the coordinator.
+  // Drains the actors stage by stage in data-flow order (rollout workers,
+  // verifiers, learner, replay, other roles, coordinator last): SIGTERM, then
+  // SIGKILL for what is left of a stage after stop_timeout_ms (at once when
+  // `force`).
   void Shutdown(bool force);
 
   // Marks the cluster started in cluster.json ("ready": true), which

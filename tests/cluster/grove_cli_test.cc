@@ -63,7 +63,7 @@ TEST_F(GroveCli, UpStatusRestartScaleDown) {
   const std::string config = WriteConfig(
       "[cluster]\nrollout = 2\n"
       "[coordinator]\nheartbeat_interval_ms = 50\nliveness_misses = 10\n"
-      "[launcher]\nname = \"clitest\"\nrestart_backoff_ms = 1000\nstop_timeout_ms = 3000\n"
+      "[launcher]\nname = \"clitest\"\nrestart_backoff_ms = 3000\nstop_timeout_ms = 3000\n"
       "[launcher.programs]\nrollout = \"" + testing::TestActorBinary() + "\"\n");
   int code = -1;
   std::string out = RunCapture({GroveBinary(), "up", "--config", config, "--detach", "--runs_dir",
@@ -109,7 +109,7 @@ TEST_F(GroveCli, UpStatusRestartScaleDown) {
         status = Status();
         return State(status, "rollout-0") == "healthy";
       },
-      10000))
+      15000))
       << status.dump(2);
   EXPECT_EQ((*Find(status, "rollout-0"))["restarts"], 1);
   EXPECT_NE((*Find(status, "rollout-0"))["pid"], old_pid);

@@ -28,7 +28,9 @@ using testing::WaitFor;
 
 constexpr int kHeartbeatMs = 50;
 constexpr int kSuspectMisses = 2;
-constexpr int kLivenessMisses = 10;  // liveness window 500 ms
+// Liveness window 1500 ms: the suspect state (100..1500 ms after the last
+// heartbeat) must last longer than one `grove status` call on a loaded box.
+constexpr int kLivenessMisses = 30;
 
 class Cluster : public ::testing::Test {
  protected:
