@@ -107,12 +107,12 @@ std::string RenderStatusTable(const nlohmann::json& status) {
                     .c_str(),
                 Duration(static_cast<int64_t>(Get(c, "uptime_ms"))).c_str());
   out << line;
-  if (Get(c, "auth_refusals") > 0) {
+  if (Get(c, "curve") > 0 || Get(c, "auth_refusals") > 0) {
     // Refused handshakes leave no other trace: ZeroMQ hands a server nothing
     // from a peer that failed authentication.
     const std::string last = c.value("auth_last_refused", "");
-    out << "security refused " << Number(Get(c, "auth_refusals"))
-        << " connections from unauthorized actors"
+    out << "security CurveZMQ " << (Get(c, "curve") > 0 ? "on" : "off") << "  refused "
+        << Number(Get(c, "auth_refusals")) << " connections from unauthorized actors"
         << (last.empty() ? std::string() : " (last: " + last + ")") << "\n";
   }
   std::snprintf(line, sizeof(line), "%-11s %-14s %-9s %8s %8s %4s %7s %6s %7s  %s\n", "ROLE", "ID",

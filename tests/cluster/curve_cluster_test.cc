@@ -167,7 +167,7 @@ TEST_F(CurveCluster, KeyedActorRegistersStrangersAreRefusedAndCounted) {
   const std::string table = RunCapture(
       {GroveBinary(), "status", "--coordinator", coordinator, "--keys", keys_}, &code);
   EXPECT_EQ(code, 0);
-  EXPECT_NE(table.find("security refused "), std::string::npos) << table;
+  EXPECT_NE(table.find("\nsecurity CurveZMQ on  refused "), std::string::npos) << table;
   EXPECT_NE(table.find("connections from unauthorized actors (last: 127.0.0.1"), std::string::npos)
       << table;
 
@@ -226,6 +226,8 @@ TEST_F(CurveCluster, GroveUpWithKeysRunsEndToEnd) {
   EXPECT_EQ(status["cluster"].value("curve", 0.0), 1.0);
   EXPECT_EQ(status["cluster"].value("auth_refusals", -1.0), 0.0);
   EXPECT_NE(testing::ReadFile(run + "/config.toml").find(dir_ + "/keys/server"), std::string::npos);
+  const std::string table = RunCapture({GroveBinary(), "status", "--run_dir", run}, &code);
+  EXPECT_NE(table.find("\nsecurity CurveZMQ on  refused 0 connections"), std::string::npos) << table;
 
   // Scale and down go through the launcher's secured control socket.
   out = RunCapture({GroveBinary(), "scale", "rollout=2", "--run_dir", run}, &code, true);
