@@ -129,6 +129,8 @@ Status InstallProcessSecurity(const SecurityConfig& config, KeyUse use) {
                              ZapAuthenticator::Start(SharedContext(), std::move(authorized)));
       g_authenticator = std::move(started);
     }
+    // Keys added to (or removed from) authorized_dir apply without a restart.
+    g_authenticator->ReloadFrom(config.authorized_dir);
     security.authenticator = g_authenticator;
     LOG(INFO) << "CurveZMQ on: server key " << security.server.public_key << ", own key "
               << security.client.public_key << ", " << n << " authorized client keys in "

@@ -4,11 +4,13 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 
 #include <glog/logging.h>
 
+#include "actors/codec.h"  // MonotonicMs
 #include "actors/curve_keys.h"
 
 namespace grove::actors {
@@ -44,6 +46,25 @@ std::string PeerOfFd(int fd) {
     return "";
   }
   return std::string(host) + ":" + std::to_string(port);
+}
+
+// What an authorized directory looks like: its *.pub files' names, sizes
+// and modification times. Any change to the set changes this text.
+std::string AuthorizedDirStamp(const std::string& dir) {
+  std::vector<std::string> lines;
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+    if (entry.path().extension() != ".pub") continue;
+    std::error_code fec;
+    const auto size = entry.file_size(fec);
+    const auto time = entry.last_write_time(fec).time_since_epoch().count();
+    lines.push_back(entry.path().filename().string() + "/" + std::to_string(size) + "/" +
+                    std::to_string(time));
+  }
+  std::sort(lines.begin(), lines.end());  // directory order is arbitrary
+  std::string stamp;
+  for (const auto& l : lines) stamp += l + "\n";
+  return stamp;
 }
 
 std::string HostOf(const std::string& peer) {
@@ -115,6 +136,41 @@ void ZapAuthenticator::SetAuthorizedKeys(AuthorizedKeys authorized) {
   authorized_ = std::move(authorized);
 }
 
+void ZapAuthenticator::ReloadFrom(std::string dir, int interval_ms) {
+  std::string stamp = AuthorizedDirStamp(dir);
+  std::lock_guard<std::mutex> lock(mu_);
+  reload_dir_ = std::move(dir);
+  reload_interval_ms_ = std::max(interval_ms, 10);
+  reload_stamp_ = std::move(stamp);
+}
+
+void ZapAuthenticator::MaybeReload() {
+  std::string dir, old_stamp;
+  int interval_ms = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    dir = reload_dir_;
+    interval_ms = reload_interval_ms_;
+    old_stamp = reload_stamp_;
+  }
+  const int64_t now = MonotonicMs();
+  if (dir.empty() || now < next_reload_ms_) return;
+  next_reload_ms_ = now + interval_ms;
+  std::string stamp = AuthorizedDirStamp(dir);
+  if (stamp == old_stamp) return;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    reload_stamp_ = stamp;
+  }
+  auto keys = ReadAuthorizedKeys(dir);
+  if (!keys.ok()) {
+    LOG(WARNING) << "authorized keys not reloaded, keeping the current set: " << keys.status();
+    return;
+  }
+  LOG(INFO) << "authorized keys reloaded from " << dir << ": " << keys->size() << " keys";
+  SetAuthorizedKeys(std::move(*keys));
+}
+
 size_t ZapAuthenticator::authorized_count() const {
   std::lock_guard<std::mutex> lock(mu_);
   return authorized_.size();
@@ -171,6 +227,7 @@ void ZapAuthenticator::Loop() {
       for (auto& m : adopting_) monitors_.push_back(std::move(m));
       adopting_.clear();
     }
+    MaybeReload();
     std::vector<zmq::pollitem_t> items;
     items.push_back({zap_.handle(), 0, ZMQ_POLLIN, 0});
     for (auto& m : monitors_) items.push_back({m->pair.handle(), 0, ZMQ_POLLIN, 0});

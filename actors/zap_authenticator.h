@@ -67,6 +67,12 @@ class ZapAuthenticator {
   void SetAuthorizedKeys(AuthorizedKeys authorized);
   size_t authorized_count() const;
 
+  // Keeps the authorized set in step with `dir`: every interval_ms the
+  // handler thread looks at the *.pub files' names, sizes and times, and
+  // re-reads them (ReadAuthorizedKeys) when any changed. A directory that no
+  // longer reads (a bad key file, emptied) keeps the current set and logs why.
+  void ReloadFrom(std::string dir, int interval_ms = 2000);
+
   // Counts handshakes of `server` that fail before ZAP (no CURVE, wrong
   // server key). Call from the socket's owning thread, before it serves.
   Status Watch(zmq::socket_t& server, const std::string& endpoint);
@@ -80,6 +86,7 @@ class ZapAuthenticator {
   void HandleZapRequest();
   void HandleMonitorEvent(Monitor& m);
   void Refuse(const std::string& peer, const std::string& who, const std::string& reason);
+  void MaybeReload();
 
   zmq::context_t& context_;
   zmq::socket_t zap_;  // REP, used by the handler thread only
@@ -90,7 +97,12 @@ class ZapAuthenticator {
   std::set<std::string> logged_;                    // (who, reason) already logged
   std::vector<std::unique_ptr<Monitor>> adopting_;  // handed over by Watch()
 
+  std::string reload_dir_;       // "" when not reloading
+  int reload_interval_ms_ = 0;
+  std::string reload_stamp_;     // the directory as last read
+
   std::vector<std::unique_ptr<Monitor>> monitors_;  // handler thread only
+  int64_t next_reload_ms_ = 0;                      // handler thread only
   std::atomic<bool> stop_{false};
   std::thread thread_;
 };

@@ -58,7 +58,7 @@ Status ExplainNoReply(const Status& s, bool curve) {
   if (curve) {
     return Status(s.code(), "no reply: authentication may have failed (cluster uses CurveZMQ; "
                             "pass --keys DIR holding its server.pub and an authorized client "
-                            "key pair) [" + s.message() + "]");
+                            "key pair), or the server is down [" + s.message() + "]");
   }
   return Status(s.code(), s.message() + " (if the cluster uses CurveZMQ, pass --keys DIR)");
 }

@@ -381,6 +381,33 @@ TEST_F(CurveServer, StrangersGetNothingThroughAndAreCounted) {
   EXPECT_TRUE(Ask(*endpoint, stranger_, 3000).ok());
 }
 
+TEST_F(CurveServer, AuthorizedDirectoryIsReloaded) {
+  EchoServer server(ServerOptions());
+  auto endpoint = server.Start();
+  ASSERT_TRUE(endpoint.ok());
+  zap_->ReloadFrom(dir_ + "/authorized", 20);
+  EXPECT_FALSE(Ask(*endpoint, stranger_, 300).ok());
+  // Listing the stranger's key admits it without a restart.
+  std::ofstream(dir_ + "/authorized/stranger.pub") << stranger_->client.public_key << "\n";
+  bool admitted = false;
+  for (int i = 0; i < 20 && !admitted; ++i) admitted = Ask(*endpoint, stranger_, 300).ok();
+  EXPECT_TRUE(admitted);
+  EXPECT_EQ(zap_->authorized_count(), 2u);
+  // A broken file keeps the set in use rather than locking everyone out.
+  std::ofstream(dir_ + "/authorized/broken.pub") << "not a key\n";
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_EQ(zap_->authorized_count(), 2u);
+  EXPECT_TRUE(Ask(*endpoint, admitted_, 3000).ok());
+  // Removing the key (and the broken file) turns the stranger away again.
+  fs::remove(dir_ + "/authorized/broken.pub");
+  fs::remove(dir_ + "/authorized/stranger.pub");
+  for (int i = 0; i < 100 && zap_->authorized_count() != 1; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(zap_->authorized_count(), 1u);
+  EXPECT_FALSE(Ask(*endpoint, stranger_, 300).ok());
+}
+
 TEST_F(CurveServer, MisconfiguredSocketsFailClearly) {
   // A server without a ZAP handler would admit anyone: refused at bind.
   auto no_zap = std::make_shared<SocketSecurity>(*server_security_);
