@@ -216,7 +216,7 @@ void ZapAuthenticator::Refuse(const std::string& peer, const std::string& who,
   const std::string log_key = who + "\n" + reason;
   if (logged_.size() < kMaxLogged && logged_.insert(log_key).second) {
     LOG(WARNING) << "refused a connection from " << (peer.empty() ? "an unknown peer" : peer)
-                 << ": " << reason << " (logged once per " << (who.empty() ? "peer" : who) << ")";
+                 << ": " << reason << " (logged once per key or host; grove status counts them all)";
   }
 }
 
