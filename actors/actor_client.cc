@@ -136,6 +136,11 @@ void ActorClient::FillHeartbeat(wire::Heartbeat::Builder hb) {
   hb.setPolicyVersion(policy_version_);
   hb.setRssBytes(CurrentRssBytes());
   hb.setDetail(detail_);
+  // Handshakes this process's servers refused (curve_security.h), summed by
+  // the coordinator into the cluster's auth_refusals.
+  if (const uint64_t refused = ProcessAuthRefusals().count; refused > 0) {
+    counters_["auth_refusals"] = static_cast<double>(refused);
+  }
   auto list = hb.initCounters(static_cast<unsigned>(counters_.size()));
   unsigned i = 0;
   for (const auto& [name, value] : counters_) {

@@ -55,6 +55,9 @@ RouterSocket::RouterSocket(SocketOptions options)
 }
 
 Result<std::string> RouterSocket::Bind(const std::string& endpoint) {
+  if (options_.security != nullptr) {
+    GROVE_RETURN_IF_ERROR(ApplyServerSecurity(socket_, *options_.security, endpoint));
+  }
   try {
     socket_.bind(endpoint);
   } catch (const zmq::error_t& e) {
@@ -136,6 +139,9 @@ void DealerSocket::Open() {
 }
 
 Status DealerSocket::Connect(const std::string& endpoint) {
+  if (options_.security != nullptr) {
+    GROVE_RETURN_IF_ERROR(ApplyClientSecurity(socket_, *options_.security));
+  }
   try {
     socket_.connect(endpoint);
   } catch (const zmq::error_t& e) {

@@ -14,6 +14,7 @@
 #include <zmq.hpp>
 
 #include "actors/codec.h"
+#include "actors/curve_security.h"
 #include "base/result.h"
 
 namespace grove::actors {
@@ -47,6 +48,10 @@ struct SocketOptions {
   // TCP reconnect back-off of a DEALER: starts at ivl and doubles up to max.
   int reconnect_ivl_ms = 50;
   int reconnect_ivl_max_ms = 2000;
+  // CurveZMQ keys (curve_security.h): a RouterSocket serves with them, a
+  // DealerSocket connects with them; null: plain TCP. Defaults to what the
+  // process installed, so every socket of a secured process is secured.
+  std::shared_ptr<const SocketSecurity> security = ProcessSocketSecurity();
 };
 
 // Decodes a received message without copying it (the Frame keeps it).
@@ -62,7 +67,8 @@ class RouterSocket {
  public:
   explicit RouterSocket(SocketOptions options = SocketOptions());
 
-  // Binds and returns the actual endpoint (ZMQ_LAST_ENDPOINT).
+  // Binds and returns the actual endpoint (ZMQ_LAST_ENDPOINT). With
+  // options.security, binds as a CurveZMQ server (ApplyServerSecurity).
   Result<std::string> Bind(const std::string& endpoint);
   const std::string& endpoint() const { return endpoint_; }
 
@@ -89,6 +95,9 @@ class DealerSocket {
  public:
   explicit DealerSocket(SocketOptions options = SocketOptions());
 
+  // With options.security, connects as a CurveZMQ client
+  // (ApplyClientSecurity); a server that refuses our key never completes
+  // the connection, so sends then time out.
   Status Connect(const std::string& endpoint);
   // Closes the socket and opens a fresh one to the same endpoint: drops
   // queued requests and late replies (the Lazy Pirate reset).

@@ -2,6 +2,9 @@
 #include <cstdio>
 #include <filesystem>
 
+#include <glog/logging.h>
+
+#include "actors/curve_security.h"
 #include "actors/process.h"
 #include "cluster/cli_flags.h"
 #include "cluster/commands.h"
@@ -68,6 +71,14 @@ int CmdRun(int argc, char** argv) {
     }
   }
   actors::InitActorLogging(argv[0], args.id);
+  // Before the role opens any socket: with [security] curve = true every
+  // socket of this process serves and connects with CurveZMQ.
+  Status security = actors::InstallProcessSecurity(args.config);
+  if (!security.ok()) {
+    LOG(ERROR) << "security: " << security;
+    std::fprintf(stderr, "grove run: [security]: %s\n", security.ToString().c_str());
+    return 2;
+  }
   return role->main(args);
 }
 

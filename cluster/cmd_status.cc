@@ -6,6 +6,7 @@
 #include <iostream>
 #include <thread>
 
+#include "actors/curve_security.h"
 #include "actors/process.h"
 #include "actors/rpc_client.h"
 #include "actors/socket.h"
@@ -25,13 +26,53 @@ int Fail(const char* cmd, const Status& s) {
 
 bool Alive(int pid) { return pid > 0 && kill(pid, 0) == 0; }
 
+// CurveZMQ for the CLI's own sockets: the keys of --keys DIR, else (when the
+// cluster is found through its run directory) the [security] section of the
+// run's config. Sets *curve when the cluster uses it.
+Status InstallCliSecurity(const std::string& keys_dir, const std::string& run_dir_flag,
+                          bool use_run_dir, bool* curve) {
+  *curve = false;
+  actors::SecurityConfig config;
+  if (!keys_dir.empty()) {
+    config = actors::SecurityConfig::ForKeysDir(keys_dir);
+  } else {
+    if (!use_run_dir) return Status::OK();
+    auto dir = FindRunDir(run_dir_flag);
+    if (!dir.ok()) return Status::OK();  // FindCoordinator reports what is missing
+    auto info = ReadJsonFile(*dir + "/cluster.json");
+    if (!info.ok() || info->value("config", "").empty()) return Status::OK();
+    auto run_config = Config::LoadFile(info->value("config", ""));
+    if (!run_config.ok()) return Status::OK();  // an old run directory; plain TCP
+    GROVE_ASSIGN_OR_RETURN(config, actors::SecurityConfig::FromConfig(*run_config));
+  }
+  if (!config.curve) return Status::OK();
+  *curve = true;
+  return actors::InstallProcessSecurity(config, actors::KeyUse::kConnectOnly)
+      .WithContext("CurveZMQ keys (pass --keys DIR with server.pub and client.key)");
+}
+
+// A secured server answers nothing to a client it refused, so a timeout is
+// all the CLI sees; say what it most likely means.
+Status ExplainNoReply(const Status& s, bool curve) {
+  if (s.code() != StatusCode::kDeadlineExceeded && s.code() != StatusCode::kUnavailable) return s;
+  if (curve) {
+    return Status(s.code(), "no reply: authentication may have failed (cluster uses CurveZMQ; "
+                            "pass --keys DIR holding its server.pub and an authorized client "
+                            "key pair), or the server is down [" + s.message() + "]");
+  }
+  return Status(s.code(), s.message() + " (if the cluster uses CurveZMQ, pass --keys DIR)");
+}
+
+constexpr const char* kKeysHelp =
+    "CurveZMQ keys directory: server.pub and client.key/.pub (default: the run's [security])";
+
 }  // namespace
 
 int CmdStatus(int argc, char** argv) {
-  std::string coordinator, run_dir;
+  std::string coordinator, run_dir, keys;
   bool json = false, watch = false;
   int64_t timeout_ms = 2000, interval_ms = 1000;
-  FlagSet flags("grove status [--json] [--watch] [--coordinator tcp://H:P | --run_dir DIR]",
+  FlagSet flags("grove status [--json] [--watch] [--coordinator tcp://H:P | --run_dir DIR] [--keys DIR]",
                 "Shows the cluster's health: a cluster line, then one row per actor.\n"
                 "Finds the coordinator from --coordinator, else $GROVE_RUN_DIR, else runs/latest.");
   flags.String("coordinator", &coordinator, "coordinator endpoint tcp://HOST:PORT");
@@ -42,6 +83,7 @@ int CmdStatus(int argc, char** argv) {
   flags.Bool("watch", &watch, "refresh in place until Ctrl-C");
   flags.Int("interval_ms", &interval_ms, "refresh interval with --watch");
   flags.Int("timeout_ms", &timeout_ms, "how long to wait for the coordinator");
+  flags.String("keys", &keys, kKeysHelp);
   Status parsed = flags.Parse(argc, argv, 2);
   if (flags.help()) {
     std::fputs(flags.Usage().c_str(), stdout);
@@ -50,13 +92,17 @@ int CmdStatus(int argc, char** argv) {
   if (!parsed.ok()) return Fail("status", parsed);
   auto endpoint = FindCoordinator(coordinator, run_dir);
   if (!endpoint.ok()) return Fail("status", endpoint.status());
+  bool curve = false;
+  Status security = InstallCliSecurity(keys, run_dir, coordinator.empty() || !run_dir.empty(), &curve);
+  if (!security.ok()) return Fail("status", security);
   actors::InstallDrainSignalHandlers();
   for (;;) {
     auto status = FetchStatus(*endpoint, static_cast<int>(timeout_ms));
     std::string text;
     if (!status.ok()) {
-      if (!watch) return Fail("status", status.status().WithContext("coordinator " + *endpoint));
-      text = "coordinator " + *endpoint + ": " + status.status().ToString() + "\n";
+      const Status why = ExplainNoReply(status.status(), curve);
+      if (!watch) return Fail("status", why.WithContext("coordinator " + *endpoint));
+      text = "coordinator " + *endpoint + ": " + why.ToString() + "\n";
     } else {
       text = json ? status->dump(watch ? 2 : -1) + "\n" : RenderStatusTable(*status);
     }
@@ -72,17 +118,20 @@ int CmdStatus(int argc, char** argv) {
 }
 
 int CmdScale(int argc, char** argv) {
-  std::string run_dir;
-  FlagSet flags("grove scale ROLE=N [--run_dir DIR]",
+  std::string run_dir, keys;
+  FlagSet flags("grove scale ROLE=N [--run_dir DIR] [--keys DIR]",
                 "Asks the cluster's launcher (grove up) to run N actors of ROLE (rollout or\n"
                 "verifier): it starts new ones or drains the highest-numbered.");
   flags.String("run_dir", &run_dir, "run directory (default $GROVE_RUN_DIR, else runs/latest)");
+  flags.String("keys", &keys, kKeysHelp);
   Status parsed = flags.Parse(argc, argv, 2);
   if (flags.help()) {
     std::fputs(flags.Usage().c_str(), stdout);
     return 0;
   }
   if (!parsed.ok()) return Fail("scale", parsed);
+  bool curve = false;
+  if (Status st = InstallCliSecurity(keys, run_dir, true, &curve); !st.ok()) return Fail("scale", st);
   if (flags.positional().size() != 1 || flags.positional()[0].find('=') == std::string::npos) {
     return Fail("scale", Status::InvalidArgument("want exactly one ROLE=N, e.g. rollout=4"));
   }
@@ -113,26 +162,35 @@ int CmdScale(int argc, char** argv) {
   req.setRole(role);
   req.setCount(static_cast<uint32_t>(count));
   auto reply = rpc.Call(msg, {actors::BodyKind::SCALE_REPLY}, 5000);
-  if (!reply.ok()) return Fail("scale", reply.status().WithContext("launcher " + launcher));
+  if (!reply.ok()) {
+    return Fail("scale", ExplainNoReply(reply.status(), curve).WithContext("launcher " + launcher));
+  }
   std::printf("%s\n", reply->envelope().getBody().getScaleReply().getMessage().cStr());
   return 0;
 }
 
 int CmdDown(int argc, char** argv) {
-  std::string run_dir;
+  std::string run_dir, keys;
   int64_t timeout_ms = 15000;
-  FlagSet flags("grove down [--run_dir DIR] [--timeout_ms MS]",
+  FlagSet flags("grove down [--run_dir DIR] [--timeout_ms MS] [--keys DIR]",
                 "Stops the cluster: asks the launcher to drain every actor and the coordinator\n"
                 "(or, if the launcher is gone, tells the coordinator to drain everyone and\n"
                 "sends SIGTERM itself); SIGKILLs whatever still runs after the timeout.");
   flags.String("run_dir", &run_dir, "run directory (default $GROVE_RUN_DIR, else runs/latest)");
   flags.Int("timeout_ms", &timeout_ms, "how long to wait before SIGKILL");
+  flags.String("keys", &keys, kKeysHelp);
   Status parsed = flags.Parse(argc, argv, 2);
   if (flags.help()) {
     std::fputs(flags.Usage().c_str(), stdout);
     return 0;
   }
   if (!parsed.ok()) return Fail("down", parsed);
+  // Without working keys the commands go unanswered and down falls back to
+  // signals, which still stop a local cluster.
+  bool curve = false;
+  if (Status st = InstallCliSecurity(keys, run_dir, true, &curve); !st.ok()) {
+    std::fprintf(stderr, "grove down: %s; stopping with signals\n", st.ToString().c_str());
+  }
   auto dir = FindRunDir(run_dir);
   if (!dir.ok()) return Fail("down", dir.status());
   auto info = ReadJsonFile(*dir + "/cluster.json");

@@ -10,6 +10,7 @@
 
 #include <glog/logging.h>
 
+#include "actors/curve_security.h"
 #include "actors/process.h"
 #include "cluster/cli_flags.h"
 #include "cluster/commands.h"
@@ -91,6 +92,27 @@ int CmdUp(int argc, char** argv) {
     if (!path.ok()) return Fail(path.status());
     options.programs[role] = std::filesystem::absolute(*path).string();
   }
+  // [security]: the keys are checked now, and their paths made absolute in
+  // the config every child reads, so they mean the same files for all.
+  auto security = actors::SecurityConfig::FromConfig(*config);
+  if (!security.ok()) return Fail(security.status());
+  if (security->curve) {
+    const actors::SecurityConfig abs = security->Absolute();
+    auto keys = actors::LoadSocketSecurity(abs, actors::KeyUse::kServeAndConnect);
+    if (!keys.ok()) return Fail(keys.status().WithContext("[security]"));
+    auto authorized = actors::ReadAuthorizedKeys(abs.authorized_dir);
+    if (!authorized.ok()) return Fail(authorized.status().WithContext("[security]"));
+    for (auto [key, value] : {std::pair{"server_key", &abs.server_key},
+                              std::pair{"client_key", &abs.client_key},
+                              std::pair{"authorized_dir", &abs.authorized_dir}}) {
+      Status st = config->Override(std::string("security.") + key + "=\"" + *value + "\"");
+      if (!st.ok()) return Fail(st);
+    }
+    if (!abs.keys_dir.empty()) {
+      Status st = config->Override("security.keys_dir=\"" + abs.keys_dir + "\"");
+      if (!st.ok()) return Fail(st);
+    }
+  }
   std::vector<std::pair<std::string, int>> counts;
   Config cluster = config->Section("cluster");
   for (const auto& role : cluster.Keys()) {
@@ -169,6 +191,8 @@ int CmdUp(int argc, char** argv) {
 
   actors::InitActorLogging(argv[0], "launcher");
   actors::InstallDrainSignalHandlers();
+  // After the fork: the ZAP handler is a thread and a ZeroMQ socket.
+  if (Status st = actors::InstallProcessSecurity(*config); !st.ok()) return Fail(st);
   Launcher launcher_proc(options);
   Status s = launcher_proc.StartCoordinator(15000);
   if (!s.ok()) {

@@ -11,5 +11,6 @@ int CmdDown(int argc, char** argv);
 int CmdRun(int argc, char** argv);
 int CmdEval(int argc, char** argv);     // grove eval
 int CmdLogs(int argc, char** argv);     // grove logs ROLE[/ID] [-f]
+int CmdKeygen(int argc, char** argv);   // grove keygen --out DIR [--name NAME]
 
 }  // namespace grove::cli

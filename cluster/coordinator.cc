@@ -330,6 +330,20 @@ void Coordinator::FillStatus(wire::StatusReply::Builder reply, bool include_dead
         static_cast<double>(socket_.stats().Get(err));
   }
   cluster["unreachable_replies"] = static_cast<double>(unreachable_replies_);
+  // CurveZMQ: handshakes refused by this process's ZAP handler plus those
+  // the actors' own servers report (their "auth_refusals" counter).
+  const actors::AuthRefusals refused = actors::ProcessAuthRefusals();
+  double auth_refusals = static_cast<double>(refused.count);
+  for (const auto& [id, r] : registry_.actors()) {
+    auto it = r.counters.find("auth_refusals");
+    if (it != r.counters.end()) auth_refusals += it->second;
+  }
+  cluster["auth_refusals"] = auth_refusals;
+  cluster["curve"] = actors::ProcessSocketSecurity() != nullptr ? 1 : 0;
+  if (refused.count > 0) {
+    reply.setLastAuthRefusal((refused.last_peer.empty() ? "unknown peer" : refused.last_peer) +
+                             ": " + refused.last_reason);
+  }
   auto out = reply.initCluster(static_cast<unsigned>(cluster.size()));
   unsigned k = 0;
   for (const auto& [name, value] : cluster) {

@@ -28,6 +28,7 @@ const Subcommand kSubcommands[] = {
     {"run", &grove::cli::CmdRun, "run one actor: grove run ROLE --id ID --coordinator tcp://H:P"},
     {"verify", &VerifyCommand, "score completions offline: grove verify --verifiers format:0.1,exact:1 --input F"},
     {"eval", &grove::cli::CmdEval, "held-out accuracy of a checkpoint: grove eval --checkpoint DIR"},
+    {"keygen", &grove::cli::CmdKeygen, "CurveZMQ keys for [security]: grove keygen --out DIR --cluster"},
     {"plot", &PlotCommand, "draw reward, accuracy and KL of a run: grove plot RUN_DIR"},
 };
 

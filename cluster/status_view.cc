@@ -23,6 +23,7 @@ Result<nlohmann::json> FetchStatus(const std::string& endpoint, int timeout_ms) 
   cluster["epoch"] = reply.getCoordinatorEpoch();
   cluster["uptime_ms"] = reply.getUptimeMs();
   for (auto c : reply.getCluster()) cluster[c.getName().cStr()] = c.getValue();
+  cluster["auth_last_refused"] = reply.getLastAuthRefusal().cStr();
   nlohmann::json actors = nlohmann::json::array();
   for (auto a : reply.getActors()) {
     nlohmann::json counters = nlohmann::json::object();
@@ -118,6 +119,14 @@ std::string RenderStatusTable(const nlohmann::json& status) {
                     .c_str(),
                 Duration(static_cast<int64_t>(Get(c, "uptime_ms"))).c_str());
   out << line;
+  if (Get(c, "curve") > 0 || Get(c, "auth_refusals") > 0) {
+    // Refused handshakes leave no other trace: ZeroMQ hands a server nothing
+    // from a peer that failed authentication.
+    const std::string last = c.value("auth_last_refused", "");
+    out << "security CurveZMQ " << (Get(c, "curve") > 0 ? "on" : "off") << "  refused "
+        << Number(Get(c, "auth_refusals")) << " connections from unauthorized actors"
+        << (last.empty() ? std::string() : " (last: " + last + ")") << "\n";
+  }
   std::snprintf(line, sizeof(line), "%-11s %-14s %-9s %8s %8s %4s %7s %6s %7s  %s\n", "ROLE", "ID",
                 "STATE", "HB AGE", "UPTIME", "RST", "VERSION", "RSS", "PID", "COUNTERS / EXIT");
   out << line;

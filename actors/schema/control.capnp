@@ -108,6 +108,7 @@ struct StatusReply {
   cluster @1 :List(Counter);     # learner step, staleness, queue depths, reward mean
   coordinatorEpoch @2 :UInt64;
   uptimeMs @3 :Int64;
+  lastAuthRefusal @4 :Text;      # "PEER: reason" of the newest handshake the coordinator refused
 }
 
 struct LookupRequest {

@@ -11,12 +11,13 @@
 #include <gflags/gflags.h>
 #include <glog/logging.h>
 
+#include "actors/curve_security.h"
 #include "actors/process.h"
 
 DEFINE_string(role, "rollout", "role to register as");
 DEFINE_string(id, "test-actor", "actor id");
 DEFINE_string(coordinator, "", "coordinator endpoint");
-DEFINE_string(config, "", "ignored (the launcher passes it)");
+DEFINE_string(config, "", "config; only its [security] section is used");
 DEFINE_string(run_dir, "", "ignored (the launcher passes it)");
 DEFINE_int32(restarts, 0, "restart count from the launcher");
 DEFINE_string(endpoint_file, "", "write the data endpoint here");
@@ -38,6 +39,16 @@ using grove::actors::BodyKind;
 int main(int argc, char** argv) {
   gflags::ParseCommandLineFlags(&argc, &argv, true);
   grove::actors::InitActorLogging(argv[0], FLAGS_id);
+  if (!FLAGS_config.empty()) {
+    // As `grove run` does: CurveZMQ on every socket when [security] says so.
+    auto config = grove::Config::LoadFile(FLAGS_config);
+    grove::Status security =
+        config.ok() ? grove::actors::InstallProcessSecurity(*config) : config.status();
+    if (!security.ok()) {
+      LOG(ERROR) << "security: " << security;
+      return 2;
+    }
+  }
 
   grove::actors::SocketOptions socket_options;
   socket_options.max_frame_bytes = static_cast<size_t>(FLAGS_max_frame_bytes);
