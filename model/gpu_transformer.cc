@@ -5,9 +5,11 @@
 #include <glog/logging.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <string>
+#include <thread>
 
 #include "kernels/attention.h"
 #include "kernels/embedding.h"
@@ -114,6 +116,25 @@ Status Gemm(cublasHandle_t h, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
                 what);
 }
 
+// fn(i) for i in [0, n) on up to 8 host threads: Score's per-request index
+// loops over a 32k-row batch (~3M route ids each way) take ~10 ms on one core.
+template <typename F>
+void ParallelFor(int n, F&& fn) {
+  const int threads = std::min({n, 8, int(std::max(1u, std::thread::hardware_concurrency()))});
+  if (threads <= 1 || n < 4) {
+    for (int i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::atomic<int> next{0};
+  auto work = [&] {
+    for (int i; (i = next.fetch_add(1)) < n;) fn(i);
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(work);
+  work();
+  for (std::thread& t : pool) t.join();
+}
+
 // Two row-major products of Gemm's shapes at once (strided batch of 2),
 // fp32 C: C_i = op(A_i) op(B_i) + beta C_i with A_i = A + i stride_a, etc.
 Status GemmBatched2(cublasHandle_t h, bool ta, bool tb, int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda,
@@ -148,9 +169,10 @@ struct GpuTransformer::Impl {
   std::vector<float> h_prob_mean;
   std::vector<int32_t> h_bal_count;
   std::unique_ptr<PhaseTimer> prof;
-  // Optional side streams for the experts' weight gradients (small GEMMs,
-  // [F, H] per expert), forked from and joined back into `stream` by
-  // events; outputs are disjoint. Off by default (measured no faster).
+  // Side streams for the experts' weight gradients, forked from `stream`
+  // once their inputs exist and joined back before those are overwritten
+  // (the next MoE layer's backward, or the end of Backward): the gradients
+  // they write are disjoint from everything else.
   std::vector<cudaStream_t> side;
   std::vector<cublasHandle_t> side_cublas;
   std::vector<cudaEvent_t> side_done;
@@ -218,12 +240,16 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
   im.prof = std::make_unique<PhaseTimer>(im.stream);
   if (const char* env = std::getenv("GROVE_GPU_PROFILE"); env && std::string(env) == "1") im.prof->SetEnabled(true);
   if (trainable && c.experts > 0) {
-    // GROVE_EXPERT_DW_STREAMS=N > 1 spreads the experts' dW GEMMs over N
-    // side streams; default 1, the main stream: on the H100 4 streams were
-    // no faster (31.8 vs 34.9 ms per step; cuBLAS already fills the GPU).
-    int ns = 1;
-    if (const char* env = std::getenv("GROVE_EXPERT_DW_STREAMS")) ns = std::clamp(std::atoi(env), 1, 16);
-    if (ns > 1) {
+    // GROVE_EXPERT_DW_STREAMS=N > 0 runs the experts' dW GEMMs on N side
+    // streams, joined back only before their inputs are next overwritten, so
+    // they overlap the main stream's router, attention and shared-expert
+    // backward of the layers below. Default 0 (in order on the main stream):
+    // on the H100 neither 1 overlapped stream (backward 133-134 ms either
+    // way: the overlapped kernels slow each other) nor 4 forked-and-joined
+    // ones (dW 34.9 vs 31.8 ms) was faster.
+    int ns = 0;
+    if (const char* env = std::getenv("GROVE_EXPERT_DW_STREAMS")) ns = std::clamp(std::atoi(env), 0, 16);
+    if (ns > 0) {
       im.side.resize(ns, nullptr);
       im.side_cublas.resize(ns, nullptr);
       im.side_done.resize(ns, nullptr);
@@ -426,14 +452,13 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   const int R = int(tokens.size()), S = int(sc_row.size()), B = int(batch.size());
   if (replay) {  // [moe layer][row][k]
     replay_ids.resize(size_t(M) * R * K);
-    int row = 0;
-    for (const ScoreRequest& r : batch) {
-      const int n = int(r.tokens.size()) - 1;
-      for (int t = 0; t < n; ++t, ++row)
-        for (int64_t mi = 0; mi < M; ++mi)
-          for (int64_t j = 0; j < K; ++j)
-            replay_ids[(mi * R + row) * K + j] = r.replay_routes[(t * M + mi) * K + j];
-    }
+    ParallelFor(B, [&](int i) {
+      const ScoreRequest& r = batch[i];
+      const int n = int(r.tokens.size()) - 1, row0 = cu[i];
+      for (int64_t mi = 0; mi < M; ++mi)
+        for (int t = 0; t < n; ++t)
+          std::copy_n(r.replay_routes.data() + (t * M + mi) * K, K, replay_ids.data() + (mi * R + row0 + t) * K);
+    });
   }
   tp.rows = R;
   tp.seqs = B;
@@ -656,19 +681,17 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   ScoreResult<float> out;
   out.logprobs.resize(B);
   out.routes.resize(B);
-  size_t at = 0;
-  int row = 0;
-  for (int i = 0; i < B; ++i) {
-    out.logprobs[i].assign(h_logp.begin() + at, h_logp.begin() + at + tp.sizes[i]);
-    at += tp.sizes[i];
-    const int n = seq_len[i];
+  std::vector<size_t> at(B + 1, 0);
+  for (int i = 0; i < B; ++i) at[i + 1] = at[i] + tp.sizes[i];
+  ParallelFor(B, [&](int i) {
+    out.logprobs[i].assign(h_logp.begin() + at[i], h_logp.begin() + at[i + 1]);
+    const int n = seq_len[i], row0 = cu[i];
     std::vector<uint16_t>& rt = out.routes[i];
     rt.resize(size_t(n) * M * K);
-    for (int t = 0; t < n; ++t)
-      for (int64_t mi = 0; mi < M; ++mi)
-        for (int64_t j = 0; j < K; ++j) rt[(t * M + mi) * K + j] = h_ids[(mi * R + row + t) * K + j];
-    row += n;
-  }
+    for (int64_t mi = 0; mi < M; ++mi)
+      for (int t = 0; t < n; ++t)
+        std::copy_n(h_ids.data() + (mi * R + row0 + t) * K, K, rt.data() + (t * M + mi) * K);
+  });
   out.expert_load.assign(M, std::vector<int64_t>(E, 0));
   for (int64_t mi = 0; mi < M; ++mi)
     for (int64_t e = 0; e < E; ++e) out.expert_load[mi][e] = tp.h_counts[mi * E + e];
@@ -787,6 +810,16 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
     return Status::OK();
   };
 
+  // Expert dW work in flight on the side streams (see Impl::side).
+  bool dw_pending = false;
+  auto join_dw = [&]() -> Status {
+    if (!dw_pending) return Status::OK();
+    for (cudaEvent_t e : im.side_done) GPU_OK(cudaStreamWaitEvent(st, e, 0));
+    dw_pending = false;
+    im.Lap("wait for expert dW (side streams)");
+    return Status::OK();
+  };
+
   // LM head and final norm.
   for (int64_t r0 = 0; r0 < S; r0 += chunk) {
     const int64_t n = std::min<int64_t>(chunk, S - r0);
@@ -857,6 +890,7 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       GROVE_RETURN_IF_ERROR(im.xe.Reserve(Pn * H, &xe));
       GROVE_RETURN_IF_ERROR(im.dgate.Reserve(Pn, &dgate));
       GROVE_RETURN_IF_ERROR(im.dlogits.Reserve(R * E, &dlogits));
+      GROVE_RETURN_IF_ERROR(join_dw());  // dey, dea, deb and xe are rewritten below
       GROVE_RETURN_IF_ERROR(kernels::MoeCombineBackward(dres_b, lt.ey.as<bf16>(), lt.gates.as<float>(), pos_g, dey,
                                                         dgate, R, int(K), int(H), st));
       im.Lap("moe permute/combine bwd");
@@ -910,11 +944,9 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
         }
         off += n;
       }
-      for (int i = 0; i < ns; ++i) {
-        GPU_OK(cudaEventRecord(im.side_done[i], im.side[i]));
-        GPU_OK(cudaStreamWaitEvent(st, im.side_done[i], 0));
-      }
-      im.Lap("expert dW", 6.0 * Pn * F * H);
+      for (int i = 0; i < ns; ++i) GPU_OK(cudaEventRecord(im.side_done[i], im.side[i]));
+      dw_pending = ns > 0;
+      if (ns == 0) im.Lap("expert dW", 6.0 * Pn * F * H);
       float* dlogits_f = nullptr;
       GROVE_RETURN_IF_ERROR(im.dlogits_f.Reserve(R * E, &dlogits_f));
       kernels::RouterBackwardArgs rb;
@@ -981,6 +1013,7 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
   GROVE_RETURN_IF_ERROR(kernels::EmbeddingBackward(tp.tokens.as<int32_t>(), dres_b, Gf("embed"), im.embed_ws.as<void>(),
                                                    embed_bytes, R, int(V), int(H), st));
   im.Lap("embedding bwd");
+  GROVE_RETURN_IF_ERROR(join_dw());
   return Synchronize();
 }
 
