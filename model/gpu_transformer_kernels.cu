@@ -57,21 +57,33 @@ bool Aligned32(const void* a, const void* b) {
   return reinterpret_cast<uintptr_t>(a) % 32 == 0 && reinterpret_cast<uintptr_t>(b) % 32 == 0;
 }
 
-// 32x32 tiles through shared memory; blockIdx.z = expert.
+// 64 x 64 tiles through shared memory, two bf16 per 4-byte access on both
+// sides (n and k are multiples of 8, so an even index inside the matrix has
+// its pair inside too); blockIdx.z = expert. Row pitch 66: the transposed
+// reads (rows 2t and 2t+1 of one column) hit banks 2-way at most.
 __global__ void PackTransposeKernel(const bf16* src, int64_t stride, int n, int k, bf16* dst) {
-  __shared__ bf16 tile[32][33];
+  __shared__ bf16 tile[64][66];
   const int e = blockIdx.z;
   const bf16* s = src + e * stride;
   bf16* d = dst + int64_t(e) * n * k;
-  const int r0 = blockIdx.y * 32, c0 = blockIdx.x * 32;
-  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
-    const int r = r0 + i, c = c0 + threadIdx.x;
-    if (r < n && c < k) tile[i][threadIdx.x] = s[int64_t(r) * k + c];
+  const int r0 = blockIdx.y * 64, c0 = blockIdx.x * 64, t2 = 2 * threadIdx.x;
+  for (int i = threadIdx.y; i < 64; i += blockDim.y) {
+    const int r = r0 + i, c = c0 + t2;
+    if (r < n && c < k) {
+      const __nv_bfloat162 v = *reinterpret_cast<const __nv_bfloat162*>(s + int64_t(r) * k + c);
+      tile[i][t2] = v.x;
+      tile[i][t2 + 1] = v.y;
+    }
   }
   __syncthreads();
-  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
-    const int c = c0 + i, r = r0 + threadIdx.x;  // out row c (of k), column r (of n)
-    if (r < n && c < k) d[int64_t(c) * n + r] = tile[threadIdx.x][i];
+  for (int i = threadIdx.y; i < 64; i += blockDim.y) {
+    const int c = c0 + i, r = r0 + t2;  // out row c (of k), columns r, r + 1 (of n)
+    if (r < n && c < k) {
+      __nv_bfloat162 v;
+      v.x = tile[t2][i];
+      v.y = tile[t2 + 1][i];
+      *reinterpret_cast<__nv_bfloat162*>(d + int64_t(c) * n + r) = v;
+    }
   }
 }
 
@@ -150,7 +162,7 @@ void PackExperts(const bf16* src, int64_t expert_stride, int experts, int n, int
                       size_t(n) * k * sizeof(bf16), experts, cudaMemcpyDeviceToDevice, stream);
     return;
   }
-  dim3 grid((k + 31) / 32, (n + 31) / 32, experts);
+  dim3 grid((k + 63) / 64, (n + 63) / 64, experts);
   PackTransposeKernel<<<grid, dim3(32, 8), 0, stream>>>(src, expert_stride, n, k, dst);
 }
 
