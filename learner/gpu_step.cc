@@ -7,6 +7,7 @@
 #include <string>
 
 #include "kernels/adamw.h"
+#include "kernels/grpo_loss.h"
 
 namespace grove::learner {
 namespace {
@@ -22,6 +23,8 @@ GpuGrpoStep::~GpuGrpoStep() {
   if (policy_) cudaSetDevice(policy_->device());
   if (m_) cudaFree(m_);
   if (v_) cudaFree(v_);
+  if (loss_buf_) cudaFree(loss_buf_);
+  if (cublas_) cublasDestroy(cublas_);
 }
 
 Result<std::unique_ptr<GpuGrpoStep>> GpuGrpoStep::Create(const model::Model& policy, const model::Model& reference,
@@ -54,6 +57,11 @@ Result<std::unique_ptr<GpuGrpoStep>> GpuGrpoStep::Create(const model::Model& pol
   GROVE_RETURN_IF_ERROR(Cuda(cudaMalloc(&s->v_, bytes), "allocate AdamW v"));
   GROVE_RETURN_IF_ERROR(Cuda(cudaMemset(s->m_, 0, bytes), "zero m"));
   GROVE_RETURN_IF_ERROR(Cuda(cudaMemset(s->v_, 0, bytes), "zero v"));
+  // The norm's own handle (the model's is private to it), made once: a
+  // cublasCreate per step costs milliseconds.
+  if (cublasCreate(&s->cublas_) != CUBLAS_STATUS_SUCCESS) return Status::Internal("GpuGrpoStep: cublasCreate failed");
+  if (cublasSetStream(s->cublas_, static_cast<cudaStream_t>(s->policy_->stream())) != CUBLAS_STATUS_SUCCESS)
+    return Status::Internal("GpuGrpoStep: cublasSetStream failed");
   return s;
 }
 
@@ -65,18 +73,16 @@ Result<UpdateReport> GpuGrpoStep::Update(double lr, double max_grad_norm) {
   float* grads = p.device_grads();
   UpdateReport report;
   report.lr = lr;
-  // The norm through a short-lived cuBLAS handle on the model's stream (the
-  // model's own handle is private to it).
-  cublasHandle_t h = nullptr;
-  if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) return Status::Internal("GpuGrpoStep: cublasCreate failed");
-  cublasSetStream(h, stream);
+  model::PhaseTimer& prof = p.profiler();
+  prof.Start();
   float norm = 0.f;
-  cublasStatus_t cs = cublasSnrm2_v2_64(h, n, grads, 1, &norm);
+  cublasStatus_t cs = cublasSnrm2_v2_64(cublas_, n, grads, 1, &norm);
+  prof.Lap("optimizer: grad norm");
   if (cs == CUBLAS_STATUS_SUCCESS && max_grad_norm > 0 && std::isfinite(norm) && norm > max_grad_norm) {
     const float scale = float(max_grad_norm / double(norm));
-    cs = cublasSscal_v2_64(h, n, &scale, grads, 1);
+    cs = cublasSscal_v2_64(cublas_, n, &scale, grads, 1);
+    prof.Lap("optimizer: clip scale");
   }
-  cublasDestroy(h);
   if (cs != CUBLAS_STATUS_SUCCESS) return Status::Internal("GpuGrpoStep: cuBLAS norm/scale failed");
   report.grad_norm = norm;
   if (!std::isfinite(norm)) {
@@ -97,9 +103,163 @@ Result<UpdateReport> GpuGrpoStep::Update(double lr, double max_grad_norm) {
     GROVE_RETURN_IF_ERROR(kernels::AdamWStep(params + r.offset, grads + r.offset, m_ + r.offset, v_ + r.offset,
                                              mirror + r.offset, r.count, hyper, stream));
   }
+  prof.Lap("optimizer: AdamW");
   GROVE_RETURN_IF_ERROR(p.RefreshComputeCopies(/*mirror_from_master=*/false));
   GROVE_RETURN_IF_ERROR(p.Synchronize());
   return report;
+}
+
+namespace {
+
+kernels::GrpoLossConfig DeviceLossConfig(const PolicyLossConfig& c) {
+  kernels::GrpoLossConfig d;
+  d.ratio_level = c.ratio_level == RatioLevel::kSequence ? kernels::GrpoRatioLevel::kSequence
+                                                         : kernels::GrpoRatioLevel::kToken;
+  d.clip_low = c.clip_low;
+  d.clip_high = c.clip_high;
+  d.beta = c.beta;
+  switch (c.aggregation) {
+    case LossAggregation::kSeqMeanTokenMean: d.aggregation = kernels::GrpoAggregation::kSeqMeanTokenMean; break;
+    case LossAggregation::kTokenMean: d.aggregation = kernels::GrpoAggregation::kTokenMean; break;
+    case LossAggregation::kSeqMeanTokenSumNorm:
+      d.aggregation = kernels::GrpoAggregation::kSeqMeanTokenSumNorm;
+      break;
+  }
+  d.max_tokens = c.max_tokens;
+  d.tis_cap = c.tis_cap;
+  d.dual_clip = c.dual_clip;
+  return d;
+}
+
+// Bump allocation inside one device buffer, 256-byte aligned pieces.
+struct Carver {
+  char* base = nullptr;
+  size_t used = 0;
+  template <typename T>
+  T* Take(size_t count) {
+    T* p = reinterpret_cast<T*>(base ? base + used : nullptr);
+    used += (count * sizeof(T) + 255) / 256 * 256;
+    return p;
+  }
+};
+
+}  // namespace
+
+Result<PolicyLossOutput> GpuGrpoStep::LossAndBackward(const PolicyBatch& batch, const PolicyLossConfig& config,
+                                                      bool want_grad_logp) {
+  GROVE_RETURN_IF_ERROR(ValidatePolicyLossConfig(config));
+  model::GpuTransformer& p = *policy_;
+  const int64_t T = p.scored_tokens();
+  const float* logp = p.device_logprobs();
+  if (logp == nullptr) return Status::FailedPrecondition("LossAndBackward needs a pending Score(keep_for_backward=true)");
+  const size_t N = batch.advantages.size();
+  if (batch.seq_offsets.size() != N + 1 || batch.seq_offsets.front() != 0 || batch.seq_offsets.back() != T)
+    return Status::InvalidArgument("LossAndBackward: seq_offsets must be N + 1 = " + std::to_string(N + 1) +
+                                   " offsets from 0 to the " + std::to_string(T) + " scored tokens");
+  for (size_t i = 0; i < N; ++i)
+    if (batch.seq_offsets[i + 1] < batch.seq_offsets[i])
+      return Status::InvalidArgument("LossAndBackward: seq_offsets decrease at " + std::to_string(i));
+  auto sized = [&](size_t n, const char* what) -> Status {
+    if (n != 0 && int64_t(n) != T)
+      return Status::InvalidArgument(std::string("LossAndBackward: ") + what + " has " + std::to_string(n) +
+                                     " values for " + std::to_string(T) + " tokens");
+    return Status::OK();
+  };
+  GROVE_RETURN_IF_ERROR(sized(batch.old_logp.size(), "old_logp"));
+  GROVE_RETURN_IF_ERROR(sized(batch.ref_logp.size(), "ref_logp"));
+  GROVE_RETURN_IF_ERROR(sized(batch.rollout_logp.size(), "rollout_logp"));
+  GROVE_RETURN_IF_ERROR(sized(batch.mask.size(), "mask"));
+  if (config.beta > 0 && batch.ref_logp.empty())
+    return Status::InvalidArgument("LossAndBackward: beta > 0 needs ref_logp");
+  GROVE_RETURN_IF_ERROR(Cuda(cudaSetDevice(p.device()), "set device"));
+  cudaStream_t stream = static_cast<cudaStream_t>(p.stream());
+  model::PhaseTimer& prof = p.profiler();
+  prof.Start();
+
+  // One buffer: inputs, dlogp, stats, workspace (sizes first, then carve).
+  const size_t ws_bytes = kernels::GrpoLossWorkspaceBytes(int(N));
+  auto carve = [&](Carver& c) {
+    struct {
+      int32_t* offsets; float *old_logp, *ref_logp, *rollout_logp, *adv, *dlogp; uint8_t* mask;
+      kernels::GrpoLossStats* stats; void* ws;
+    } v;
+    v.offsets = c.Take<int32_t>(N + 1);
+    v.old_logp = c.Take<float>(batch.old_logp.size());
+    v.ref_logp = c.Take<float>(batch.ref_logp.size());
+    v.rollout_logp = c.Take<float>(batch.rollout_logp.size());
+    v.adv = c.Take<float>(N);
+    v.dlogp = c.Take<float>(size_t(T));
+    v.mask = c.Take<uint8_t>(batch.mask.size());
+    v.stats = c.Take<kernels::GrpoLossStats>(1);
+    v.ws = c.Take<char>(ws_bytes);
+    return v;
+  };
+  Carver sizing;
+  carve(sizing);
+  if (sizing.used > loss_buf_bytes_) {
+    if (loss_buf_) cudaFree(loss_buf_);
+    loss_buf_ = nullptr;
+    loss_buf_bytes_ = 0;
+    GROVE_RETURN_IF_ERROR(Cuda(cudaMalloc(&loss_buf_, sizing.used), "allocate the loss buffers"));
+    loss_buf_bytes_ = sizing.used;
+  }
+  Carver at{static_cast<char*>(loss_buf_), 0};
+  const auto d = carve(at);
+  std::vector<int32_t> offsets(batch.seq_offsets.begin(), batch.seq_offsets.end());
+  auto up = [&](void* dst, const void* src, size_t bytes) -> Status {
+    if (bytes == 0) return Status::OK();
+    return Cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream), "upload loss inputs");
+  };
+  GROVE_RETURN_IF_ERROR(up(d.offsets, offsets.data(), offsets.size() * sizeof(int32_t)));
+  GROVE_RETURN_IF_ERROR(up(d.old_logp, batch.old_logp.data(), batch.old_logp.size_bytes()));
+  GROVE_RETURN_IF_ERROR(up(d.ref_logp, batch.ref_logp.data(), batch.ref_logp.size_bytes()));
+  GROVE_RETURN_IF_ERROR(up(d.rollout_logp, batch.rollout_logp.data(), batch.rollout_logp.size_bytes()));
+  GROVE_RETURN_IF_ERROR(up(d.adv, batch.advantages.data(), batch.advantages.size_bytes()));
+  GROVE_RETURN_IF_ERROR(up(d.mask, batch.mask.data(), batch.mask.size_bytes()));
+  kernels::GrpoLossArgs a;
+  a.seq_offsets = d.offsets;
+  a.logp = logp;
+  a.old_logp = batch.old_logp.empty() ? nullptr : d.old_logp;
+  a.ref_logp = batch.ref_logp.empty() ? nullptr : d.ref_logp;
+  a.rollout_logp = batch.rollout_logp.empty() ? nullptr : d.rollout_logp;
+  a.mask = batch.mask.empty() ? nullptr : d.mask;
+  a.advantages = d.adv;
+  a.tokens = int(T);
+  a.sequences = int(N);
+  a.total_tokens = batch.total_tokens;
+  a.total_sequences = batch.total_sequences;
+  a.dlogp = d.dlogp;
+  a.stats = d.stats;
+  GROVE_RETURN_IF_ERROR(kernels::GrpoLoss(DeviceLossConfig(config), a, d.ws, ws_bytes, stream));
+  kernels::GrpoLossStats st;
+  GROVE_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(&st, d.stats, sizeof(st), cudaMemcpyDeviceToHost, stream), "stats"));
+  PolicyLossOutput out;
+  if (want_grad_logp) {
+    out.grad_logp.resize(size_t(T));
+    GROVE_RETURN_IF_ERROR(Cuda(
+        cudaMemcpyAsync(out.grad_logp.data(), d.dlogp, size_t(T) * sizeof(float), cudaMemcpyDeviceToHost, stream),
+        "download dlogp"));
+  }
+  prof.Lap("GRPO loss (device)");
+  // The backward is enqueued behind the loss on the same stream; its final
+  // synchronization also completes the downloads above.
+  GROVE_RETURN_IF_ERROR(p.BackwardFromDevice(d.dlogp));
+  out.loss = st.loss;
+  out.stats.num_sequences = int64_t(st.num_sequences);
+  out.stats.num_tokens = int64_t(st.num_tokens);
+  out.stats.pg_loss = st.pg_loss;
+  out.stats.kl_loss = st.kl_loss;
+  out.stats.ratio_mean = st.ratio_mean;
+  out.stats.clip_frac_low = st.clip_frac_low;
+  out.stats.clip_frac_high = st.clip_frac_high;
+  out.stats.clip_frac_dual = st.clip_frac_dual;
+  out.stats.kl_ref_k3_mean = st.kl_ref_k3_mean;
+  out.stats.mismatch_log_ratio_mean = st.mismatch_log_ratio_mean;
+  out.stats.mismatch_kl_k3 = st.mismatch_kl_k3;
+  out.stats.tis_capped_frac = st.tis_capped_frac;
+  out.stats.tis_weight_mean = st.tis_weight_mean;
+  out.stats.neg_logp_mean = st.neg_logp_mean;
+  return out;
 }
 
 Result<AdamWState> GpuGrpoStep::ExportState() const {

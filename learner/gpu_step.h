@@ -16,9 +16,12 @@
 
 #include "base/result.h"
 #include "learner/adamw.h"
+#include "learner/grpo_loss.h"
 #include "learner/optimizer_step.h"
 #include "model/gpu_transformer.h"
 #include "model/transformer.h"
+
+struct cublasContext;  // cublasHandle_t without cublas_v2.h
 
 namespace grove::learner {
 
@@ -41,6 +44,16 @@ class GpuGrpoStep {
   // then the bf16 compute copies. The parameters stay on the device.
   Result<UpdateReport> Update(double lr, double max_grad_norm);
 
+  // The GRPO policy loss on the device (kernels::GrpoLoss, the same math as
+  // learner::ComputePolicyLoss) over the log-probs of the policy's pending
+  // Score(keep_for_backward = true), then the policy's backward from its
+  // gradient, without the log-probs leaving the GPU. batch.logp is ignored
+  // (the device's are used; it may be empty); the other fields as for
+  // ComputePolicyLoss, sized to the scored tokens. The loss and stats come
+  // back in fp32 precision; grad_logp only with want_grad_logp (a download).
+  Result<PolicyLossOutput> LossAndBackward(const PolicyBatch& batch, const PolicyLossConfig& config,
+                                           bool want_grad_logp = false);
+
   int64_t step() const { return step_; }
   // Moments and step, for checkpoints (AdamW's format).
   Result<AdamWState> ExportState() const;
@@ -57,6 +70,9 @@ class GpuGrpoStep {
   std::vector<Run> runs_;
   float* m_ = nullptr;
   float* v_ = nullptr;
+  cublasContext* cublas_ = nullptr;  // on the policy's stream
+  void* loss_buf_ = nullptr;         // LossAndBackward's inputs, outputs and workspace
+  size_t loss_buf_bytes_ = 0;
   int64_t step_ = 0;
 };
 

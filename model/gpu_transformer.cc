@@ -5,8 +5,11 @@
 #include <glog/logging.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <string>
+#include <thread>
 
 #include "kernels/attention.h"
 #include "kernels/embedding.h"
@@ -85,6 +88,7 @@ struct LayerTape {
 // one LayerTape (reused by every layer) and two residual buffers.
 struct Tape {
   int rows = 0, seqs = 0, scored = 0, max_seqlen = 0;
+  double len_sq = 0;              // sum of squared sequence lengths (attention FLOPs)
   std::vector<size_t> sizes;      // log-probs per request
   std::vector<int32_t> h_counts;  // [moe layers, experts] of the last forward
   DevBuf tokens, pos, seq, seq_len, cu_seqlens, sc_row, sc_target, replay;
@@ -112,6 +116,39 @@ Status Gemm(cublasHandle_t h, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
                 what);
 }
 
+// fn(i) for i in [0, n) on up to 8 host threads: Score's per-request index
+// loops over a 32k-row batch (~3M route ids each way) take ~10 ms on one core.
+template <typename F>
+void ParallelFor(int n, F&& fn) {
+  const int threads = std::min({n, 8, int(std::max(1u, std::thread::hardware_concurrency()))});
+  if (threads <= 1 || n < 4) {
+    for (int i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::atomic<int> next{0};
+  auto work = [&] {
+    for (int i; (i = next.fetch_add(1)) < n;) fn(i);
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(work);
+  work();
+  for (std::thread& t : pool) t.join();
+}
+
+// Two row-major products of Gemm's shapes at once (strided batch of 2),
+// fp32 C: C_i = op(A_i) op(B_i) + beta C_i with A_i = A + i stride_a, etc.
+Status GemmBatched2(cublasHandle_t h, bool ta, bool tb, int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda,
+                    int64_t stride_a, const bf16* B, int64_t ldb, int64_t stride_b, float* C, int64_t ldc,
+                    int64_t stride_c, float beta, const char* what) {
+  if (M == 0 || N == 0) return Status::OK();
+  const float alpha = 1.f;
+  return Cublas(cublasGemmStridedBatchedEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, int(N),
+                                           int(M), int(K), &alpha, B, CUDA_R_16BF, int(ldb), stride_b, A, CUDA_R_16BF,
+                                           int(lda), stride_a, &beta, C, CUDA_R_32F, int(ldc), stride_c, 2,
+                                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                what);
+}
+
 // Scored rows per LM-head chunk: the fp32 logits of a chunk are at most
 // 2^27 floats (512 MiB), so the [scored, vocab] block is never whole in
 // memory (3.8 GB at 28k rows x 32k vocab); the backward recomputes each
@@ -128,11 +165,27 @@ struct GpuTransformer::Impl {
   Tape kept, scratch;
   // Backward workspace.
   DevBuf dres, dres_b, dmain, dmain_b, dq, dk, dv, dout_b, dwork, dnorm_w, attn_ws, norm_ws, dz, dhs, dlogits,
-      dgate, dea, deb, deh, dey, dxe1, dxe3, xe, g, router_logits, logits, index_ws, embed_ws, router_ws, dlogits_f;
+      dgate, dea, deh, dey, dxe1, dxe3, xe, g, router_logits, logits, index_ws, embed_ws, router_ws, dlogits_f;
   std::vector<float> h_prob_mean;
   std::vector<int32_t> h_bal_count;
+  std::unique_ptr<PhaseTimer> prof;
+  // Side streams for the experts' weight gradients, forked from `stream`
+  // once their inputs exist and joined back before those are overwritten
+  // (the next MoE layer's backward, or the end of Backward): the gradients
+  // they write are disjoint from everything else.
+  std::vector<cudaStream_t> side;
+  std::vector<cublasHandle_t> side_cublas;
+  std::vector<cudaEvent_t> side_done;
+  cudaEvent_t fork = nullptr;
+
+  void Lap(const char* phase, double flops = 0) { prof->Lap(phase, flops); }
 
   ~Impl() {
+    for (cublasHandle_t h : side_cublas) cublasDestroy(h);
+    for (cudaStream_t s : side) cudaStreamDestroy(s);
+    for (cudaEvent_t e : side_done) cudaEventDestroy(e);
+    if (fork) cudaEventDestroy(fork);
+    prof.reset();
     if (cublas) cublasDestroy(cublas);
     if (stream) cudaStreamDestroy(stream);
   }
@@ -184,6 +237,31 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
   GPU_OK(cudaStreamCreateWithFlags(&im.stream, cudaStreamNonBlocking));
   GROVE_RETURN_IF_ERROR(Cublas(cublasCreate(&im.cublas), "create"));
   GROVE_RETURN_IF_ERROR(Cublas(cublasSetStream(im.cublas, im.stream), "set stream"));
+  im.prof = std::make_unique<PhaseTimer>(im.stream);
+  if (const char* env = std::getenv("GROVE_GPU_PROFILE"); env && std::string(env) == "1") im.prof->SetEnabled(true);
+  if (trainable && c.experts > 0) {
+    // GROVE_EXPERT_DW_STREAMS=N > 0 runs the experts' dW GEMMs on N side
+    // streams, joined back only before their inputs are next overwritten, so
+    // they overlap the main stream's router, attention and shared-expert
+    // backward of the layers below. Default 0 (in order on the main stream):
+    // on the H100 neither 1 overlapped stream (backward 133-134 ms either
+    // way: the overlapped kernels slow each other) nor 4 forked-and-joined
+    // ones (dW 34.9 vs 31.8 ms) was faster.
+    int ns = 0;
+    if (const char* env = std::getenv("GROVE_EXPERT_DW_STREAMS")) ns = std::clamp(std::atoi(env), 0, 16);
+    if (ns > 0) {
+      im.side.resize(ns, nullptr);
+      im.side_cublas.resize(ns, nullptr);
+      im.side_done.resize(ns, nullptr);
+      GPU_OK(cudaEventCreateWithFlags(&im.fork, cudaEventDisableTiming));
+      for (int i = 0; i < ns; ++i) {
+        GPU_OK(cudaStreamCreateWithFlags(&im.side[i], cudaStreamNonBlocking));
+        GPU_OK(cudaEventCreateWithFlags(&im.side_done[i], cudaEventDisableTiming));
+        GROVE_RETURN_IF_ERROR(Cublas(cublasCreate(&im.side_cublas[i]), "create"));
+        GROVE_RETURN_IF_ERROR(Cublas(cublasSetStream(im.side_cublas[i], im.side[i]), "set stream"));
+      }
+    }
+  }
   const int64_t N = m->layout_.total();
   float* p = nullptr;
   GROVE_RETURN_IF_ERROR(im.params.Reserve(N, &p));
@@ -217,6 +295,7 @@ float* GpuTransformer::device_params() { return impl_->params.as<float>(); }
 float* GpuTransformer::device_grads() { return impl_->grads.as<float>(); }
 void* GpuTransformer::device_params_bf16() { return impl_->mirror.as<void>(); }
 void* GpuTransformer::stream() const { return impl_->stream; }
+PhaseTimer& GpuTransformer::profiler() { return *impl_->prof; }
 
 Status GpuTransformer::Synchronize() const {
   GPU_OK(cudaSetDevice(device_));
@@ -227,7 +306,10 @@ Status GpuTransformer::RefreshComputeCopies(bool mirror_from_master) {
   GPU_OK(cudaSetDevice(device_));
   Impl& im = *impl_;
   const ModelConfig& c = config_;
-  if (mirror_from_master) gpu::CastToBf16(im.params.as<float>(), im.mirror.as<bf16>(), layout_.total(), im.stream);
+  if (mirror_from_master) {
+    gpu::CastToBf16(im.params.as<float>(), im.mirror.as<bf16>(), layout_.total(), im.stream);
+    im.Lap("bf16 mirror from master");
+  }
   const int64_t F = c.expert_hidden, H = c.hidden, stride = 3 * F * H;
   for (int64_t mi = 0; mi < c.moe_layers(); ++mi) {
     const std::string p = "layers." + std::to_string(c.dense_layers + mi) + ".moe.experts.0.";
@@ -245,6 +327,7 @@ Status GpuTransformer::RefreshComputeCopies(bool mirror_from_master) {
       gpu::PackExperts(w2, stride, E, int(H), int(F), true, pk.w2t.as<bf16>(), im.stream);
     }
   }
+  im.Lap("expert repack");
   GPU_LAUNCHED("refresh compute copies");
   return Status::OK();
 }
@@ -298,7 +381,9 @@ Status GpuTransformer::DownloadParams(std::span<float> params) const {
 Status GpuTransformer::ZeroGrad() {
   if (!trainable_) return Status::FailedPrecondition("ZeroGrad on a GpuTransformer created without gradients");
   GPU_OK(cudaSetDevice(device_));
+  impl_->prof->Start();
   GPU_OK(cudaMemsetAsync(impl_->grads.as<float>(), 0, layout_.total() * sizeof(float), impl_->stream));
+  impl_->Lap("zero grads");
   return Status::OK();
 }
 
@@ -332,6 +417,7 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     return Status::FailedPrecondition("Score(keep_for_backward) on a GpuTransformer created without gradients");
   GPU_OK(cudaSetDevice(device_));
   Impl& im = *impl_;
+  im.prof->Start();
   cudaStream_t st = im.stream;
   cublasHandle_t cb = im.cublas;
   const int64_t M = c.moe_layers(), K = c.top_k, E = c.experts, V = c.vocab_size, H = c.hidden,
@@ -366,14 +452,13 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   const int R = int(tokens.size()), S = int(sc_row.size()), B = int(batch.size());
   if (replay) {  // [moe layer][row][k]
     replay_ids.resize(size_t(M) * R * K);
-    int row = 0;
-    for (const ScoreRequest& r : batch) {
-      const int n = int(r.tokens.size()) - 1;
-      for (int t = 0; t < n; ++t, ++row)
-        for (int64_t mi = 0; mi < M; ++mi)
-          for (int64_t j = 0; j < K; ++j)
-            replay_ids[(mi * R + row) * K + j] = r.replay_routes[(t * M + mi) * K + j];
-    }
+    ParallelFor(B, [&](int i) {
+      const ScoreRequest& r = batch[i];
+      const int n = int(r.tokens.size()) - 1, row0 = cu[i];
+      for (int64_t mi = 0; mi < M; ++mi)
+        for (int t = 0; t < n; ++t)
+          std::copy_n(r.replay_routes.data() + (t * M + mi) * K, K, replay_ids.data() + (mi * R + row0 + t) * K);
+    });
   }
   tp.rows = R;
   tp.seqs = B;
@@ -387,6 +472,13 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   GROVE_RETURN_IF_ERROR(Upload(tp.sc_row, sc_row, st));
   GROVE_RETURN_IF_ERROR(Upload(tp.sc_target, sc_target, st));
   if (replay) GROVE_RETURN_IF_ERROR(Upload(tp.replay, replay_ids, st));
+  im.Lap("fwd: host index prep + upload");
+  // FLOPs for the timer's TFLOP/s: 2 m n k per product; causal attention
+  // 2 (QK^T and PV) x 2 x len^2 / 2 x head_dim per head forward, 2.5x that
+  // backward (five products).
+  tp.len_sq = 0;
+  for (int n : seq_len) tp.len_sq += double(n) * n;
+  const double attn_fwd_flops = 2.0 * tp.len_sq * double(hd) * double(c.heads);
 
   const float* P = im.params.as<float>();
   const bf16* W = im.mirror.as<bf16>();
@@ -421,6 +513,7 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
 
   GROVE_RETURN_IF_ERROR(
       kernels::EmbeddingForward(tp.tokens.as<int32_t>(), Wb("embed"), resid(0).as<bf16>(), R, int(V), int(H), st));
+  im.Lap("embedding");
   const float eps = float(c.norm_eps);
   for (int64_t l = 0; l < c.layers; ++l) {
     LayerTape& lt = tp.layers[keep ? l : 0];
@@ -440,17 +533,25 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     GROVE_RETURN_IF_ERROR(lt.lse.Reserve(int64_t(c.heads) * R, &lse));
     // Attention block.
     GROVE_RETURN_IF_ERROR(kernels::RmsNormForward(xin, Pf(name(l, "attn_norm")), h1, rstd1, R, int(H), eps, st));
+    im.Lap("rmsnorm fwd");
     GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, qd, H, h1, H, Wb(name(l, "attn.wq")), H, q, false, qd, 0, "wq"));
     GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, kd, H, h1, H, Wb(name(l, "attn.wk")), H, k, false, kd, 0, "wk"));
     GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, kd, H, h1, H, Wb(name(l, "attn.wv")), H, v, false, kd, 0, "wv"));
+    im.Lap("dense GEMM fwd", 2.0 * R * H * (qd + 2 * kd));
     GROVE_RETURN_IF_ERROR(kernels::RopeForward(q, tp.pos.as<int32_t>(), R, int(c.heads), int(hd), c.rope_base, st));
     GROVE_RETURN_IF_ERROR(kernels::RopeForward(k, tp.pos.as<int32_t>(), R, int(c.kv_heads), int(hd), c.rope_base, st));
+    im.Lap("rope");
     GROVE_RETURN_IF_ERROR(kernels::AttentionForward(ash, q, k, v, o, lse, st));
+    im.Lap("attention fwd", attn_fwd_flops);
     GPU_OK(cudaMemcpyAsync(x_mid, xin, size_t(R) * H * sizeof(bf16), cudaMemcpyDeviceToDevice, st));
+    im.Lap("residual copies");
     GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, H, qd, o, qd, Wb(name(l, "attn.wo")), qd, x_mid, false, H, 1, "wo"));
+    im.Lap("dense GEMM fwd", 2.0 * R * H * qd);
     // Feed-forward block.
     GROVE_RETURN_IF_ERROR(kernels::RmsNormForward(x_mid, Pf(name(l, "ffn_norm")), h2, rstd2, R, int(H), eps, st));
+    im.Lap("rmsnorm fwd");
     GPU_OK(cudaMemcpyAsync(xout, x_mid, size_t(R) * H * sizeof(bf16), cudaMemcpyDeviceToDevice, st));
+    im.Lap("residual copies");
     const bool moe = c.is_moe_layer(l);
     const int64_t Fd = moe ? c.shared_experts * c.expert_hidden : c.dense_hidden;
     const std::string w1n = moe ? "moe.shared.w1" : "mlp.w1", w3n = moe ? "moe.shared.w3" : "mlp.w3",
@@ -462,9 +563,12 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
       GROVE_RETURN_IF_ERROR(lt.fh.Reserve(R * Fd, &fh));
       GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, Fd, H, h2, H, Wb(name(l, w1n.c_str())), H, fa, false, Fd, 0, "w1"));
       GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, Fd, H, h2, H, Wb(name(l, w3n.c_str())), H, fb, false, Fd, 0, "w3"));
+      im.Lap("dense GEMM fwd", 4.0 * R * Fd * H);
       GROVE_RETURN_IF_ERROR(kernels::SwiGluForward(fa, fb, fh, R * Fd, st));
+      im.Lap("swiglu fwd");
       GROVE_RETURN_IF_ERROR(
           Gemm(cb, false, true, R, H, Fd, fh, Fd, Wb(name(l, w2n.c_str())), Fd, xout, false, H, 1, "w2"));
+      im.Lap("dense GEMM fwd", 2.0 * R * Fd * H);
     }
     if (!moe) continue;
     const int64_t mi = c.moe_index(l), F = c.expert_hidden, Pn = int64_t(R) * K;
@@ -502,7 +606,9 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     GROVE_RETURN_IF_ERROR(im.index_ws.Reserve(index_bytes));
     GROVE_RETURN_IF_ERROR(kernels::MoeRouteIndex(ra.ids, R, int(K), int(E), im.index_ws.as<void>(), index_bytes,
                                                  offsets, pos_g, src_g, counts_all + mi * E, st));
+    im.Lap("router + route index fwd", 2.0 * R * E * H);
     GROVE_RETURN_IF_ERROR(kernels::MoePermute(h2, src_g, xe, int(Pn), int(K), int(H), st));
+    im.Lap("moe permute/combine fwd");
     const ExpertPack& pk = im.packs[mi];
     kernels::GroupedGemmArgs ga;
     ga.expert_offsets = offsets;
@@ -513,13 +619,17 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
     ga.w = pk.w3.as<bf16>(); ga.c = eb;
     GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
+    im.Lap("grouped GEMM fwd", 4.0 * Pn * F * H);
     GROVE_RETURN_IF_ERROR(kernels::SwiGluForward(ea, eb, eh, Pn * F, st));
+    im.Lap("swiglu fwd");
     ga.a = eh; ga.w = pk.w2.as<bf16>(); ga.c = ey; ga.n = int(H); ga.k = int(F);
     GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
+    im.Lap("grouped GEMM fwd", 2.0 * Pn * F * H);
     GROVE_RETURN_IF_ERROR(kernels::MoeCombine(ey, gates, pos_g, xout, /*accumulate=*/true, R, int(K), int(H), st));
     if (c.balance_alpha > 0)
       gpu::BalanceStats(scores, ra.ids, tp.seq.as<int32_t>(), tp.seq_len.as<int32_t>(), R, B, int(E), int(K),
                         prob_mean + mi * B * E, bal_count + mi * B * E, st);
+    im.Lap("moe permute/combine fwd");
     GPU_LAUNCHED("moe combine");
   }
   // Final norm, LM head on the scored rows, log-probs.
@@ -535,6 +645,7 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   GROVE_RETURN_IF_ERROR(
       kernels::RmsNormForward(resid(c.layers).as<bf16>(), Pf("norm"), hf, rstd_f, R, int(H), eps, st));
   gpu::GatherRows(hf, tp.sc_row.as<int32_t>(), hs, S, int(H), st);
+  im.Lap("rmsnorm fwd");
   for (int64_t r0 = 0; r0 < S; r0 += chunk) {
     const int64_t n = std::min<int64_t>(chunk, S - r0);
     GROVE_RETURN_IF_ERROR(
@@ -542,6 +653,7 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     GROVE_RETURN_IF_ERROR(kernels::TokenLogProbForward(logits, tp.sc_target.as<int32_t>() + r0, logp + r0, lse + r0,
                                                        int(n), int(V), st));
   }
+  im.Lap("lm head + log-prob fwd", 2.0 * S * V * H);
   GPU_LAUNCHED("log-probs");
 
   // Results to the host.
@@ -563,24 +675,23 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     GPU_OK(cudaMemcpyAsync(im.h_bal_count.data(), bal_count, im.h_bal_count.size() * sizeof(int32_t),
                            cudaMemcpyDeviceToHost, st));
   }
+  im.Lap("fwd results to host");
   GROVE_RETURN_IF_ERROR(Synchronize());
 
   ScoreResult<float> out;
   out.logprobs.resize(B);
   out.routes.resize(B);
-  size_t at = 0;
-  int row = 0;
-  for (int i = 0; i < B; ++i) {
-    out.logprobs[i].assign(h_logp.begin() + at, h_logp.begin() + at + tp.sizes[i]);
-    at += tp.sizes[i];
-    const int n = seq_len[i];
+  std::vector<size_t> at(B + 1, 0);
+  for (int i = 0; i < B; ++i) at[i + 1] = at[i] + tp.sizes[i];
+  ParallelFor(B, [&](int i) {
+    out.logprobs[i].assign(h_logp.begin() + at[i], h_logp.begin() + at[i + 1]);
+    const int n = seq_len[i], row0 = cu[i];
     std::vector<uint16_t>& rt = out.routes[i];
     rt.resize(size_t(n) * M * K);
-    for (int t = 0; t < n; ++t)
-      for (int64_t mi = 0; mi < M; ++mi)
-        for (int64_t j = 0; j < K; ++j) rt[(t * M + mi) * K + j] = h_ids[(mi * R + row + t) * K + j];
-    row += n;
-  }
+    for (int64_t mi = 0; mi < M; ++mi)
+      for (int t = 0; t < n; ++t)
+        std::copy_n(h_ids.data() + (mi * R + row0 + t) * K, K, rt.data() + (t * M + mi) * K);
+  });
   out.expert_load.assign(M, std::vector<int64_t>(E, 0));
   for (int64_t mi = 0; mi < M; ++mi)
     for (int64_t e = 0; e < E; ++e) out.expert_load[mi][e] = tp.h_counts[mi * E + e];
@@ -617,6 +728,25 @@ Status GpuTransformer::Backward(const std::vector<std::vector<float>>& dlogprobs
                                      std::to_string(tp.sizes[i]) + " log-probs");
     g.insert(g.end(), dlogprobs[i].begin(), dlogprobs[i].end());
   }
+  GPU_OK(cudaSetDevice(device_));
+  im.prof->Start();
+  float* dg = nullptr;
+  GROVE_RETURN_IF_ERROR(im.g.Reserve(int64_t(g.size()), &dg));
+  GPU_OK(cudaMemcpyAsync(dg, g.data(), g.size() * sizeof(float), cudaMemcpyHostToDevice, im.stream));
+  im.Lap("bwd: host prep + upload");
+  return BackwardFromDevice(dg);
+}
+
+const float* GpuTransformer::device_logprobs() const { return impl_->kept.valid ? impl_->kept.logp.as<float>() : nullptr; }
+
+int64_t GpuTransformer::scored_tokens() const { return impl_->kept.valid ? impl_->kept.scored : 0; }
+
+Status GpuTransformer::BackwardFromDevice(const float* dg) {
+  if (!trainable_) return Status::FailedPrecondition("Backward on a GpuTransformer created without gradients");
+  Impl& im = *impl_;
+  Tape& tp = im.kept;
+  if (!tp.valid) return Status::FailedPrecondition("Backward needs a Score(keep_for_backward=true) before it");
+  if (dg == nullptr) return Status::InvalidArgument("BackwardFromDevice: null gradient");
   tp.valid = false;
   GPU_OK(cudaSetDevice(device_));
   const ModelConfig& c = config_;
@@ -634,7 +764,7 @@ Status GpuTransformer::Backward(const std::vector<std::vector<float>>& dlogprobs
   auto Gf = [&](const std::string& n) { return G + layout_.Offset(n); };
 
   int64_t widest = std::max({qd, c.dense_hidden, c.shared_experts * c.expert_hidden, H});
-  float *dres, *dmain, *dnorm_w, *dg, *dhs, *dgate;
+  float *dres, *dmain, *dnorm_w, *dhs, *dgate;
   bf16 *dres_b, *dmain_b, *dq, *dk, *dv, *dout_b, *dwork, *dz, *dlogits;
   GROVE_RETURN_IF_ERROR(im.dres.Reserve(R * H, &dres));
   GROVE_RETURN_IF_ERROR(im.dres_b.Reserve(R * H, &dres_b));
@@ -646,7 +776,6 @@ Status GpuTransformer::Backward(const std::vector<std::vector<float>>& dlogprobs
   GROVE_RETURN_IF_ERROR(im.dout_b.Reserve(R * widest, &dout_b));
   GROVE_RETURN_IF_ERROR(im.dwork.Reserve(2 * R * widest, &dwork));
   GROVE_RETURN_IF_ERROR(im.dnorm_w.Reserve(H, &dnorm_w));
-  GROVE_RETURN_IF_ERROR(im.g.Reserve(S, &dg));
   GROVE_RETURN_IF_ERROR(im.dhs.Reserve(S * H, &dhs));
   const int64_t chunk = std::min<int64_t>(S, LmHeadChunk(V));
   float* logits = nullptr;
@@ -662,7 +791,7 @@ Status GpuTransformer::Backward(const std::vector<std::vector<float>>& dlogprobs
   ash.num_kv_heads = int(c.kv_heads);
   ash.head_dim = int(hd);
   GROVE_RETURN_IF_ERROR(im.attn_ws.Reserve(kernels::AttentionBackwardWorkspaceBytes(ash)));
-  GPU_OK(cudaMemcpyAsync(dg, g.data(), g.size() * sizeof(float), cudaMemcpyHostToDevice, st));
+  const double attn_bwd_flops = 5.0 * tp.len_sq * double(hd) * double(c.heads);  // FLOPs as in Score
 
   const float one = 1.f;
   // y += dweight (an RMSNorm weight's gradient, computed overwritten).
@@ -676,7 +805,18 @@ Status GpuTransformer::Backward(const std::vector<std::vector<float>>& dlogprobs
                                                    im.norm_ws.as<void>(), R, int(H), st));
     GROVE_RETURN_IF_ERROR(add_norm_grad(wname));
     gpu::AddBf16Into(dres_b, dres, int64_t(R) * H, st);
+    im.Lap("rmsnorm bwd (+casts, residual add)");
     GPU_LAUNCHED("norm backward");
+    return Status::OK();
+  };
+
+  // Expert dW work in flight on the side streams (see Impl::side).
+  bool dw_pending = false;
+  auto join_dw = [&]() -> Status {
+    if (!dw_pending) return Status::OK();
+    for (cudaEvent_t e : im.side_done) GPU_OK(cudaStreamWaitEvent(st, e, 0));
+    dw_pending = false;
+    im.Lap("wait for expert dW (side streams)");
     return Status::OK();
   };
 
@@ -691,9 +831,11 @@ Status GpuTransformer::Backward(const std::vector<std::vector<float>>& dlogprobs
         Gemm(cb, false, false, n, H, V, dz, V, Wb("lm_head"), H, dhs + r0 * H, true, H, 0, "lm_head dx"));
     GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, V, H, n, dz, V, hs, H, Gf("lm_head"), true, H, 1, "lm_head dW"));
   }
+  im.Lap("lm head + log-prob bwd (recompute, dX, dW)", 6.0 * S * V * H);
   GPU_OK(cudaMemsetAsync(dmain, 0, size_t(R) * H * sizeof(float), st));
   gpu::ScatterRows(dhs, tp.sc_row.as<int32_t>(), dmain, S, int(H), st);
   GPU_OK(cudaMemsetAsync(dres, 0, size_t(R) * H * sizeof(float), st));
+  im.Lap("bwd casts, memsets");
   GROVE_RETURN_IF_ERROR(norm_backward(dmain, tp.resid[c.layers].as<bf16>(), "norm", tp.rstd_final.as<float>()));
 
   for (int64_t l = c.layers - 1; l >= 0; --l) {
@@ -701,6 +843,7 @@ Status GpuTransformer::Backward(const std::vector<std::vector<float>>& dlogprobs
     const bf16* h2 = lt.h2.as<bf16>();
     // Feed-forward block: d(output) = dres.
     gpu::CastToBf16(dres, dres_b, int64_t(R) * H, st);
+    im.Lap("bwd casts, memsets");
     const bool moe = c.is_moe_layer(l);
     const int64_t Fd = moe ? c.shared_experts * c.expert_hidden : c.dense_hidden;
     const std::string w1n = moe ? "moe.shared.w1" : "mlp.w1", w3n = moe ? "moe.shared.w3" : "mlp.w3",
@@ -709,39 +852,48 @@ Status GpuTransformer::Backward(const std::vector<std::vector<float>>& dlogprobs
       bf16 *dfh = dout_b, *dfa = dwork, *dfb = dwork + R * Fd;
       GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, R, Fd, H, dres_b, H, Wb(name(l, w2n.c_str())), Fd, dfh, false, Fd,
                                  0, "w2 dx"));
+      im.Lap("dense GEMM dX", 2.0 * R * Fd * H);
       GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, H, Fd, R, dres_b, H, lt.fh.as<bf16>(), Fd, Gf(name(l, w2n.c_str())),
                                  true, Fd, 1, "w2 dW"));
+      im.Lap("dense GEMM dW", 2.0 * R * Fd * H);
       GROVE_RETURN_IF_ERROR(
           kernels::SwiGluBackward(dfh, lt.fa.as<bf16>(), lt.fb.as<bf16>(), dfa, dfb, R * Fd, st));
+      im.Lap("swiglu bwd");
       GROVE_RETURN_IF_ERROR(
           Gemm(cb, false, false, R, H, Fd, dfa, Fd, Wb(name(l, w1n.c_str())), H, dmain, true, H, 0, "w1 dx"));
       GROVE_RETURN_IF_ERROR(
           Gemm(cb, false, false, R, H, Fd, dfb, Fd, Wb(name(l, w3n.c_str())), H, dmain, true, H, 1, "w3 dx"));
+      im.Lap("dense GEMM dX", 4.0 * R * Fd * H);
       GROVE_RETURN_IF_ERROR(
           Gemm(cb, true, false, Fd, H, R, dfa, Fd, h2, H, Gf(name(l, w1n.c_str())), true, H, 1, "w1 dW"));
       GROVE_RETURN_IF_ERROR(
           Gemm(cb, true, false, Fd, H, R, dfb, Fd, h2, H, Gf(name(l, w3n.c_str())), true, H, 1, "w3 dW"));
+      im.Lap("dense GEMM dW", 4.0 * R * Fd * H);
     } else {
       GPU_OK(cudaMemsetAsync(dmain, 0, size_t(R) * H * sizeof(float), st));
+      im.Lap("bwd casts, memsets");
     }
     if (moe) {
       const int64_t mi = c.moe_index(l), F = c.expert_hidden, Pn = int64_t(R) * K;
       const ExpertPack& pk = im.packs[mi];
       const int32_t* pos_g = lt.pos.as<int32_t>();
       const int32_t* offsets = tp.offsets.as<int32_t>() + mi * (E + 1);
-      bf16 *dey, *deh, *dea, *deb, *xe;
-      float *dxe1, *dxe3;
+      bf16 *dey, *deh, *dea, *xe, *dxe1, *dxe3;
       GROVE_RETURN_IF_ERROR(im.dey.Reserve(Pn * H, &dey));
       GROVE_RETURN_IF_ERROR(im.deh.Reserve(Pn * F, &deh));
-      GROVE_RETURN_IF_ERROR(im.dea.Reserve(Pn * F, &dea));
-      GROVE_RETURN_IF_ERROR(im.deb.Reserve(Pn * F, &deb));
+      // dea and deb in one buffer, deb right after dea: the w1 and w3
+      // weight gradients of an expert are then one strided-batched GEMM.
+      GROVE_RETURN_IF_ERROR(im.dea.Reserve(2 * Pn * F, &dea));
+      bf16* deb = dea + Pn * F;
       GROVE_RETURN_IF_ERROR(im.dxe1.Reserve(Pn * H, &dxe1));
       GROVE_RETURN_IF_ERROR(im.dxe3.Reserve(Pn * H, &dxe3));
       GROVE_RETURN_IF_ERROR(im.xe.Reserve(Pn * H, &xe));
       GROVE_RETURN_IF_ERROR(im.dgate.Reserve(Pn, &dgate));
       GROVE_RETURN_IF_ERROR(im.dlogits.Reserve(R * E, &dlogits));
+      GROVE_RETURN_IF_ERROR(join_dw());  // dey, dea, deb and xe are rewritten below
       GROVE_RETURN_IF_ERROR(kernels::MoeCombineBackward(dres_b, lt.ey.as<bf16>(), lt.gates.as<float>(), pos_g, dey,
                                                         dgate, R, int(K), int(H), st));
+      im.Lap("moe permute/combine bwd");
       kernels::GroupedGemmArgs ga;
       ga.expert_offsets = offsets;
       ga.total_rows = int(Pn);
@@ -749,31 +901,52 @@ Status GpuTransformer::Backward(const std::vector<std::vector<float>>& dlogprobs
       ga.out_type = kernels::GemmOutType::kBF16;
       ga.a = dey; ga.w = pk.w2t.as<bf16>(); ga.c = deh; ga.n = int(F); ga.k = int(H);
       GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
+      im.Lap("grouped GEMM dX", 2.0 * Pn * F * H);
       GROVE_RETURN_IF_ERROR(kernels::SwiGluBackward(deh, lt.ea.as<bf16>(), lt.eb.as<bf16>(), dea, deb, Pn * F, st));
-      ga.out_type = kernels::GemmOutType::kF32;
+      im.Lap("swiglu bwd");
+      // The expert inputs' gradients through w1 and w3 in bf16 (one rounding
+      // each, 2^-9 relative; summed in fp32 below): half the bytes of fp32
+      // through the GEMM's stores and the scatter's loads.
       ga.a = dea; ga.w = pk.w1t.as<bf16>(); ga.c = dxe1; ga.n = int(H); ga.k = int(F);
       GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
       ga.a = deb; ga.w = pk.w3t.as<bf16>(); ga.c = dxe3;
       GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
+      im.Lap("grouped GEMM dX", 4.0 * Pn * F * H);
       gpu::MoeScatterBackward(dxe1, dxe3, pos_g, dmain, R, int(K), int(H), st);
-      // Expert weight gradients, one cuBLAS call per expert and kind: fp32
-      // accumulation straight into the layout-ordered gradient (beta = 1).
+      // Expert weight gradients, two cuBLAS calls per expert (w2; w1 and w3
+      // batched): fp32 accumulation straight into the layout-ordered
+      // gradient (beta = 1), optionally spread round-robin over the side
+      // streams (disjoint outputs; the
+      // inputs are complete at the fork, and the join precedes the next
+      // writer of dey/dea/deb/xe, the next layer's backward).
       GPU_LAUNCHED("moe backward");
       GROVE_RETURN_IF_ERROR(kernels::MoePermute(h2, lt.src.as<int32_t>(), xe, int(Pn), int(K), int(H), st));
+      im.Lap("moe permute/combine bwd");
+      const int ns = int(im.side.size());
+      if (ns > 0) {
+        GPU_OK(cudaEventRecord(im.fork, st));
+        for (cudaStream_t s : im.side) GPU_OK(cudaStreamWaitEvent(s, im.fork, 0));
+      }
       int64_t off = 0;
+      int call = 0;
+      auto handle = [&]() { return ns > 0 ? im.side_cublas[call++ % ns] : cb; };
       for (int64_t e = 0; e < E; ++e) {
         const int64_t n = tp.h_counts[mi * E + e];
         if (n > 0) {
           const std::string x = name(l, "moe.experts.") + std::to_string(e) + ".";
-          GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, H, F, n, dey + off * H, H, lt.eh.as<bf16>() + off * F, F,
+          GROVE_RETURN_IF_ERROR(Gemm(handle(), true, false, H, F, n, dey + off * H, H, lt.eh.as<bf16>() + off * F, F,
                                      Gf(x + "w2"), true, F, 1, "expert w2 dW"));
-          GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, F, H, n, dea + off * F, F, xe + off * H, H, Gf(x + "w1"), true,
-                                     H, 1, "expert w1 dW"));
-          GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, F, H, n, deb + off * F, F, xe + off * H, H, Gf(x + "w3"), true,
-                                     H, 1, "expert w3 dW"));
+          // w1 and w3 together: batch 2 over (dea, deb) = Pn * F apart and
+          // (w1, w3) gradients adjacent in the layout; xe shared (stride 0).
+          float* g1 = Gf(x + "w1");
+          GROVE_RETURN_IF_ERROR(GemmBatched2(handle(), true, false, F, H, n, dea + off * F, F, Pn * F, xe + off * H, H,
+                                             0, g1, H, Gf(x + "w3") - g1, 1, "expert w1/w3 dW"));
         }
         off += n;
       }
+      for (int i = 0; i < ns; ++i) GPU_OK(cudaEventRecord(im.side_done[i], im.side[i]));
+      dw_pending = ns > 0;
+      if (ns == 0) im.Lap("expert dW", 6.0 * Pn * F * H);
       float* dlogits_f = nullptr;
       GROVE_RETURN_IF_ERROR(im.dlogits_f.Reserve(R * E, &dlogits_f));
       kernels::RouterBackwardArgs rb;
@@ -802,28 +975,36 @@ Status GpuTransformer::Backward(const std::vector<std::vector<float>>& dlogprobs
           Gemm(cb, false, false, R, H, E, dlogits, E, Wb(name(l, "moe.router")), H, dmain, true, H, 1, "router dx"));
       GROVE_RETURN_IF_ERROR(
           Gemm(cb, true, false, E, H, R, dlogits, E, h2, H, Gf(name(l, "moe.router")), true, H, 1, "router dW"));
+      im.Lap("router bwd", 4.0 * R * E * H);
     }
     GROVE_RETURN_IF_ERROR(norm_backward(dmain, lt.x_mid.as<bf16>(), name(l, "ffn_norm"), lt.rstd2.as<float>()));
 
     // Attention block: d(output) = dres again (the residual passes through).
     gpu::CastToBf16(dres, dres_b, int64_t(R) * H, st);
+    im.Lap("bwd casts, memsets");
     const bf16 *q = lt.q.as<bf16>(), *k = lt.k.as<bf16>(), *v = lt.v.as<bf16>(), *o = lt.o.as<bf16>(),
                *h1 = lt.h1.as<bf16>();
     GROVE_RETURN_IF_ERROR(
         Gemm(cb, false, false, R, qd, H, dres_b, H, Wb(name(l, "attn.wo")), qd, dout_b, false, qd, 0, "wo dx"));
+    im.Lap("dense GEMM dX", 2.0 * R * qd * H);
     GROVE_RETURN_IF_ERROR(
         Gemm(cb, true, false, H, qd, R, dres_b, H, o, qd, Gf(name(l, "attn.wo")), true, qd, 1, "wo dW"));
+    im.Lap("dense GEMM dW", 2.0 * R * qd * H);
     GROVE_RETURN_IF_ERROR(kernels::AttentionBackward(ash, q, k, v, o, dout_b, lt.lse.as<float>(), dq, dk, dv,
                                                      im.attn_ws.as<void>(), st));
+    im.Lap("attention bwd", attn_bwd_flops);
     GROVE_RETURN_IF_ERROR(kernels::RopeBackward(dq, tp.pos.as<int32_t>(), R, int(c.heads), int(hd), c.rope_base, st));
     GROVE_RETURN_IF_ERROR(
         kernels::RopeBackward(dk, tp.pos.as<int32_t>(), R, int(c.kv_heads), int(hd), c.rope_base, st));
+    im.Lap("rope");
     GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, R, H, qd, dq, qd, Wb(name(l, "attn.wq")), H, dmain, true, H, 0, "wq dx"));
     GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, R, H, kd, dk, kd, Wb(name(l, "attn.wk")), H, dmain, true, H, 1, "wk dx"));
     GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, R, H, kd, dv, kd, Wb(name(l, "attn.wv")), H, dmain, true, H, 1, "wv dx"));
+    im.Lap("dense GEMM dX", 2.0 * R * H * (qd + 2 * kd));
     GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, qd, H, R, dq, qd, h1, H, Gf(name(l, "attn.wq")), true, H, 1, "wq dW"));
     GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, kd, H, R, dk, kd, h1, H, Gf(name(l, "attn.wk")), true, H, 1, "wk dW"));
     GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, kd, H, R, dv, kd, h1, H, Gf(name(l, "attn.wv")), true, H, 1, "wv dW"));
+    im.Lap("dense GEMM dW", 2.0 * R * H * (qd + 2 * kd));
     GROVE_RETURN_IF_ERROR(norm_backward(dmain, tp.resid[l].as<bf16>(), name(l, "attn_norm"), lt.rstd1.as<float>()));
   }
   gpu::CastToBf16(dres, dres_b, int64_t(R) * H, st);
@@ -831,6 +1012,8 @@ Status GpuTransformer::Backward(const std::vector<std::vector<float>>& dlogprobs
   GROVE_RETURN_IF_ERROR(im.embed_ws.Reserve(embed_bytes));
   GROVE_RETURN_IF_ERROR(kernels::EmbeddingBackward(tp.tokens.as<int32_t>(), dres_b, Gf("embed"), im.embed_ws.as<void>(),
                                                    embed_bytes, R, int(V), int(H), st));
+  im.Lap("embedding bwd");
+  GROVE_RETURN_IF_ERROR(join_dw());
   return Synchronize();
 }
 

@@ -31,6 +31,7 @@
 
 #include "base/result.h"
 #include "model/config.h"
+#include "model/gpu_transformer_profile.h"
 #include "model/param_layout.h"
 #include "model/transformer.h"
 
@@ -66,6 +67,13 @@ class GpuTransformer {
   Result<ScoreResult<float>> Score(const std::vector<ScoreRequest>& batch, bool keep_for_backward);
   // As Transformer::Backward: accumulates into the device gradients.
   Status Backward(const std::vector<std::vector<float>>& dlogprobs);
+  // The last Score(keep_for_backward=true)'s log-probs on the device
+  // (scored_tokens() floats, requests in order; null / 0 when no such Score
+  // is pending), and Backward from their gradients already on the device
+  // (scored_tokens() floats, written on stream() before this call).
+  const float* device_logprobs() const;
+  int64_t scored_tokens() const;
+  Status BackwardFromDevice(const float* dlogprobs);
   Status ZeroGrad();
   Status DownloadGrads(std::span<float> grads) const;
 
@@ -82,6 +90,11 @@ class GpuTransformer {
   Status RefreshComputeCopies(bool mirror_from_master);
   // Waits for the stream.
   Status Synchronize() const;
+
+  // Per-phase timing of Score, Backward and RefreshComputeCopies (and of
+  // whatever else a caller laps on this model's stream, e.g. the
+  // optimizer); off unless GROVE_GPU_PROFILE=1 at Create or SetEnabled.
+  PhaseTimer& profiler();
 
   struct Impl;
 

@@ -2,6 +2,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 namespace grove::model::gpu {
 namespace {
 
@@ -16,30 +18,72 @@ inline int Blocks(int64_t n, int per_block = kThreads) {
 struct alignas(16) Bf16x8 {
   bf16 v[8];
 };
-__global__ void CastKernel(const float* src, bf16* dst, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    dst[i] = __float2bfloat16(src[i]);
+// The casts move 6 bytes per element and run ~130 times per gpu-ref step:
+// eight elements per thread (two float4 and one 16-byte bf16 access) where
+// the pointers allow it (`vec` = both 32-byte aligned: n / 8 groups, then a
+// scalar tail), one otherwise.
+__global__ void CastKernel(const float* src, bf16* dst, int64_t n, bool vec) {
+  const int64_t step = int64_t(gridDim.x) * blockDim.x;
+  int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t groups = vec ? n / 8 : 0;
+  for (int64_t g = i; g < groups; g += step) {
+    const float4 a = reinterpret_cast<const float4*>(src)[2 * g], b = reinterpret_cast<const float4*>(src)[2 * g + 1];
+    Bf16x8 o;
+    o.v[0] = __float2bfloat16(a.x); o.v[1] = __float2bfloat16(a.y);
+    o.v[2] = __float2bfloat16(a.z); o.v[3] = __float2bfloat16(a.w);
+    o.v[4] = __float2bfloat16(b.x); o.v[5] = __float2bfloat16(b.y);
+    o.v[6] = __float2bfloat16(b.z); o.v[7] = __float2bfloat16(b.w);
+    reinterpret_cast<Bf16x8*>(dst)[g] = o;
+  }
+  for (int64_t j = groups * 8 + i; j < n; j += step) dst[j] = __float2bfloat16(src[j]);
 }
-__global__ void AddBf16Kernel(const bf16* src, float* dst, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    dst[i] += __bfloat162float(src[i]);
+__global__ void AddBf16Kernel(const bf16* src, float* dst, int64_t n, bool vec) {
+  const int64_t step = int64_t(gridDim.x) * blockDim.x;
+  int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t groups = vec ? n / 8 : 0;
+  for (int64_t g = i; g < groups; g += step) {
+    const Bf16x8 x = reinterpret_cast<const Bf16x8*>(src)[g];
+    float4 a = reinterpret_cast<float4*>(dst)[2 * g], b = reinterpret_cast<float4*>(dst)[2 * g + 1];
+    a.x += __bfloat162float(x.v[0]); a.y += __bfloat162float(x.v[1]);
+    a.z += __bfloat162float(x.v[2]); a.w += __bfloat162float(x.v[3]);
+    b.x += __bfloat162float(x.v[4]); b.y += __bfloat162float(x.v[5]);
+    b.z += __bfloat162float(x.v[6]); b.w += __bfloat162float(x.v[7]);
+    reinterpret_cast<float4*>(dst)[2 * g] = a;
+    reinterpret_cast<float4*>(dst)[2 * g + 1] = b;
+  }
+  for (int64_t j = groups * 8 + i; j < n; j += step) dst[j] += __bfloat162float(src[j]);
+}
+bool Aligned32(const void* a, const void* b) {
+  return reinterpret_cast<uintptr_t>(a) % 32 == 0 && reinterpret_cast<uintptr_t>(b) % 32 == 0;
 }
 
-// 32x32 tiles through shared memory; blockIdx.z = expert.
+// 64 x 64 tiles through shared memory, two bf16 per 4-byte access on both
+// sides (n and k are multiples of 8, so an even index inside the matrix has
+// its pair inside too); blockIdx.z = expert. Row pitch 66: the transposed
+// reads (rows 2t and 2t+1 of one column) hit banks 2-way at most.
 __global__ void PackTransposeKernel(const bf16* src, int64_t stride, int n, int k, bf16* dst) {
-  __shared__ bf16 tile[32][33];
+  __shared__ bf16 tile[64][66];
   const int e = blockIdx.z;
   const bf16* s = src + e * stride;
   bf16* d = dst + int64_t(e) * n * k;
-  const int r0 = blockIdx.y * 32, c0 = blockIdx.x * 32;
-  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
-    const int r = r0 + i, c = c0 + threadIdx.x;
-    if (r < n && c < k) tile[i][threadIdx.x] = s[int64_t(r) * k + c];
+  const int r0 = blockIdx.y * 64, c0 = blockIdx.x * 64, t2 = 2 * threadIdx.x;
+  for (int i = threadIdx.y; i < 64; i += blockDim.y) {
+    const int r = r0 + i, c = c0 + t2;
+    if (r < n && c < k) {
+      const __nv_bfloat162 v = *reinterpret_cast<const __nv_bfloat162*>(s + int64_t(r) * k + c);
+      tile[i][t2] = v.x;
+      tile[i][t2 + 1] = v.y;
+    }
   }
   __syncthreads();
-  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
-    const int c = c0 + i, r = r0 + threadIdx.x;  // out row c (of k), column r (of n)
-    if (r < n && c < k) d[int64_t(c) * n + r] = tile[threadIdx.x][i];
+  for (int i = threadIdx.y; i < 64; i += blockDim.y) {
+    const int c = c0 + i, r = r0 + t2;  // out row c (of k), columns r, r + 1 (of n)
+    if (r < n && c < k) {
+      __nv_bfloat162 v;
+      v.x = tile[t2][i];
+      v.y = tile[t2 + 1][i];
+      *reinterpret_cast<__nv_bfloat162*>(d + int64_t(c) * n + r) = v;
+    }
   }
 }
 
@@ -56,17 +100,29 @@ __global__ void ScatterRowsKernel(const float* src, const int32_t* index, float*
     dst[int64_t(index[i / h]) * h + i % h] = src[i];
 }
 
-__global__ void MoeScatterBackwardKernel(const float* a, const float* b, const int32_t* pos, float* dx, int rows,
+// Eight columns per thread: 16-byte loads of a and b, two float4 updates of dx.
+__global__ void MoeScatterBackwardKernel(const bf16* a, const bf16* b, const int32_t* pos, float* dx, int rows,
                                          int top_k, int h) {
-  const int64_t total = int64_t(rows) * h;
+  const int hv = h / 8;
+  const int64_t total = int64_t(rows) * hv;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t t = i / h, c = i % h;
-    float s = 0.f;
+    const int64_t t = i / hv, c = (i % hv) * 8;
+    float s[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     for (int j = 0; j < top_k; ++j) {
       const int64_t p = pos[t * top_k + j];
-      s += a[p * h + c] + b[p * h + c];
+      const uint4 va = *reinterpret_cast<const uint4*>(a + p * h + c);
+      const uint4 vb = *reinterpret_cast<const uint4*>(b + p * h + c);
+      const bf16* ea = reinterpret_cast<const bf16*>(&va);
+      const bf16* eb = reinterpret_cast<const bf16*>(&vb);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) s[k] += __bfloat162float(ea[k]) + __bfloat162float(eb[k]);
     }
-    dx[i] += s;
+    float4* d = reinterpret_cast<float4*>(dx + t * h + c);
+    float4 d0 = d[0], d1 = d[1];
+    d0.x += s[0]; d0.y += s[1]; d0.z += s[2]; d0.w += s[3];
+    d1.x += s[4]; d1.y += s[5]; d1.z += s[6]; d1.w += s[7];
+    d[0] = d0;
+    d[1] = d1;
   }
 }
 
@@ -90,10 +146,12 @@ __global__ void BalanceStatsKernel(const float* scores, const uint16_t* ids, con
 }  // namespace
 
 void CastToBf16(const float* src, bf16* dst, int64_t n, cudaStream_t stream) {
-  if (n > 0) CastKernel<<<Blocks(n), kThreads, 0, stream>>>(src, dst, n);
+  const bool vec = Aligned32(src, dst);
+  if (n > 0) CastKernel<<<Blocks(vec ? (n + 7) / 8 : n), kThreads, 0, stream>>>(src, dst, n, vec);
 }
 void AddBf16Into(const bf16* src, float* dst, int64_t n, cudaStream_t stream) {
-  if (n > 0) AddBf16Kernel<<<Blocks(n), kThreads, 0, stream>>>(src, dst, n);
+  const bool vec = Aligned32(src, dst);
+  if (n > 0) AddBf16Kernel<<<Blocks(vec ? (n + 7) / 8 : n), kThreads, 0, stream>>>(src, dst, n, vec);
 }
 
 void PackExperts(const bf16* src, int64_t expert_stride, int experts, int n, int k, bool transpose, bf16* dst,
@@ -104,7 +162,7 @@ void PackExperts(const bf16* src, int64_t expert_stride, int experts, int n, int
                       size_t(n) * k * sizeof(bf16), experts, cudaMemcpyDeviceToDevice, stream);
     return;
   }
-  dim3 grid((k + 31) / 32, (n + 31) / 32, experts);
+  dim3 grid((k + 63) / 64, (n + 63) / 64, experts);
   PackTransposeKernel<<<grid, dim3(32, 8), 0, stream>>>(src, expert_stride, n, k, dst);
 }
 
@@ -115,9 +173,10 @@ void ScatterRows(const float* src, const int32_t* index, float* dst, int rows, i
   if (rows > 0) ScatterRowsKernel<<<Blocks(int64_t(rows) * h), kThreads, 0, stream>>>(src, index, dst, rows, h);
 }
 
-void MoeScatterBackward(const float* a, const float* b, const int32_t* pos, float* dx, int rows, int top_k, int h,
+void MoeScatterBackward(const bf16* a, const bf16* b, const int32_t* pos, float* dx, int rows, int top_k, int h,
                         cudaStream_t stream) {
-  if (rows > 0) MoeScatterBackwardKernel<<<Blocks(int64_t(rows) * h), kThreads, 0, stream>>>(a, b, pos, dx, rows, top_k, h);
+  if (rows > 0)
+    MoeScatterBackwardKernel<<<Blocks(int64_t(rows) * (h / 8)), kThreads, 0, stream>>>(a, b, pos, dx, rows, top_k, h);
 }
 
 void BalanceStats(const float* scores, const uint16_t* ids, const int32_t* seq, const int32_t* seq_len, int rows,

@@ -33,10 +33,11 @@ void GatherRows(const bf16* src, const int32_t* index, bf16* dst, int rows, int 
 void ScatterRows(const float* src, const int32_t* index, float* dst, int rows, int h, cudaStream_t stream);
 
 // dx[t] += sum_j (a[p] + b[p]) over p = pos[t,j]: the gradients of the
-// expert inputs through w1 (a) and w3 (b), fp32, summed into the fp32
-// residual gradient with no bf16 rounding (kernels::MoePermuteBackward takes
-// and gives bf16; this sits where two fp32 GEMM outputs meet an fp32 sum).
-void MoeScatterBackward(const float* a, const float* b, const int32_t* pos, float* dx, int rows, int top_k,
+// expert inputs through w1 (a) and w3 (b), bf16 (each rounded once by its
+// grouped GEMM), summed in fp32 into the fp32 residual gradient
+// (kernels::MoePermuteBackward gives bf16; this adds two inputs and the
+// residual in one pass). h a multiple of 8.
+void MoeScatterBackward(const bf16* a, const bf16* b, const int32_t* pos, float* dx, int rows, int top_k,
                         int h, cudaStream_t stream);
 
 // Sequence-wise balance loss statistics for its value in the forward

@@ -16,15 +16,35 @@
 // multiplies: attention projections, the dense or routed (top_k) + shared
 // expert SwiGLUs, the router, and the lm_head; not the embedding lookup.
 //
+// The loss runs on the device (GpuGrpoStep::LossAndBackward, kernels::
+// GrpoLoss) unless --host_loss (learner::ComputePolicyLoss over downloaded
+// log-probs, then Backward from the host's gradients).
+//
+// GROVE_GPU_PROFILE=1 in the environment adds a per-phase table (CUDA events
+// on the model's stream, model/gpu_transformer_profile.h): ms per step, share
+// of the step, and TFLOP/s for the matrix products. GROVE_EXPERT_DW_STREAMS=N
+// runs the experts' weight-gradient GEMMs on N side streams overlapping the
+// rest of the backward (default 0: in order on the model's stream).
+//
+// --fast_init fills the weights with the model's init distribution on all
+// cores (N(0, init_std), output projections scaled, norms 1, router bias 0)
+// instead of Model::Create's single-threaded seeded stream: the same
+// distribution, different values, ~1 min less on the device machine.
+//
 // --save_checkpoint PATH writes the initial parameters as model/'s
 // safetensors checkpoint (for the PyTorch baseline to load the same weights).
 #include <cuda_runtime.h>
 #include <gflags/gflags.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <map>
 #include <random>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include "learner/advantages.h"
@@ -44,6 +64,8 @@ DEFINE_int32(steps, 5, "timed steps (after one warm-up step)");
 DEFINE_bool(reference, false, "also time one reference forward (beta > 0 needs it)");
 DEFINE_string(save_checkpoint, "", "write the initial parameters here (safetensors)");
 DEFINE_uint64(seed, 1, "init and token seed");
+DEFINE_bool(fast_init, true, "fill the weights on all cores (same distribution as Model::Create)");
+DEFINE_bool(host_loss, false, "GRPO loss on the host (downloaded log-probs) instead of on the device");
 
 namespace grove::learner {
 namespace {
@@ -74,6 +96,37 @@ double MatmulParamsPerToken(const model::ModelConfig& c) {
   return n + double(c.vocab_size) * H;
 }
 
+// Model::Create's init rules (model/transformer.cc), filled per tensor on
+// all cores with per-tensor seeded generators.
+void FastInit(model::Model& m, uint64_t seed) {
+  const model::ModelConfig& c = m.config();
+  const auto& tensors = m.layout().tensors();
+  const double out_std = c.init_std / std::sqrt(2.0 * double(c.layers));
+  std::atomic<size_t> next{0};
+  auto work = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < tensors.size();) {
+      const model::TensorInfo& t = tensors[i];
+      float* p = m.params().data() + t.offset;
+      auto ends = [&](const std::string& s) {
+        return t.name.size() >= s.size() && t.name.compare(t.name.size() - s.size(), s.size(), s) == 0;
+      };
+      if (ends("norm")) {
+        std::fill(p, p + t.numel, 1.f);
+      } else if (ends("router_bias")) {
+        std::fill(p, p + t.numel, 0.f);
+      } else {
+        std::mt19937_64 rng(seed * 1000003 + i);
+        std::normal_distribution<float> normal(0.f, float((ends("wo") || ends("w2")) ? out_std : c.init_std));
+        for (int64_t j = 0; j < t.numel; ++j) p[j] = normal(rng);
+      }
+    }
+  };
+  std::vector<std::thread> threads;
+  for (unsigned k = 1; k < std::max(1u, std::thread::hardware_concurrency()); ++k) threads.emplace_back(work);
+  work();
+  for (auto& th : threads) th.join();
+}
+
 int Run() {
   auto mc = model::ModelConfig::LoadFile(FLAGS_config);
   CHECK_OK(mc.status());
@@ -85,8 +138,9 @@ int Run() {
     return 2;
   }
   auto t0 = Clock::now();
-  auto host = model::Model::Create(c, FLAGS_seed);
+  auto host = model::Model::Create(c, FLAGS_seed, /*random_init=*/!FLAGS_fast_init);
   CHECK_OK(host.status());
+  if (FLAGS_fast_init) FastInit(**host, FLAGS_seed);
   std::printf("model %s: %lld parameters, init %.1f s\n", FLAGS_config.c_str(),
               (long long)(*host)->layout().total(), Since(t0));
   if (!FLAGS_save_checkpoint.empty()) {
@@ -147,9 +201,13 @@ int Run() {
   const double tokens = double(B) * L;
   std::printf("batch %d x %d tokens (prompt %d + completion %d), N_matmul %.4g, FLOPs/token %.4g\n", B, L,
               FLAGS_prompt, FLAGS_completion, MatmulParamsPerToken(c), flops_per_token);
+  std::printf("GRPO loss on the %s; expert dW streams: %s\n", FLAGS_host_loss ? "host" : "device",
+              std::getenv("GROVE_EXPERT_DW_STREAMS") ? std::getenv("GROVE_EXPERT_DW_STREAMS")
+                                                     : "default (0, in order)");
   std::printf("%-6s %9s %9s %9s %9s %9s %11s %7s\n", "step", "fwd s", "loss s", "bwd s", "optim s", "total s",
               "tokens/s", "MFU");
   std::vector<double> totals, fwds, bwds, opts, losses;
+  std::vector<model::PhaseTime> phases;  // summed over the timed steps, in first-seen order
   for (int it = 0; it <= FLAGS_steps; ++it) {
     const auto s0 = Clock::now();
     CHECK_OK(policy.ZeroGrad());
@@ -157,28 +215,45 @@ int Run() {
     CHECK_OK(cur.status());
     const double t_fwd = Since(s0);
     const auto s1 = Clock::now();
-    std::vector<float> logp;
-    for (const auto& lp : cur->logprobs) logp.insert(logp.end(), lp.begin(), lp.end());
     PolicyBatch pb;
     pb.seq_offsets = offsets;
-    pb.logp = logp;
     pb.rollout_logp = rollout;
     pb.advantages = *adv;
-    auto out = ComputePolicyLoss(pb, loss_cfg);
-    CHECK_OK(out.status());
-    std::vector<std::vector<float>> dlogp;
-    for (int i = 0; i < B; ++i)
-      dlogp.emplace_back(out->grad_logp.begin() + offsets[i], out->grad_logp.begin() + offsets[i + 1]);
-    const double t_loss = Since(s1);
-    const auto s2 = Clock::now();
-    CHECK_OK(policy.Backward(dlogp));
-    const double t_bwd = Since(s2);
+    double t_loss = 0, t_bwd = 0;
+    if (FLAGS_host_loss) {
+      std::vector<float> logp;
+      for (const auto& lp : cur->logprobs) logp.insert(logp.end(), lp.begin(), lp.end());
+      pb.logp = logp;
+      auto out = ComputePolicyLoss(pb, loss_cfg);
+      CHECK_OK(out.status());
+      std::vector<std::vector<float>> dlogp;
+      for (int i = 0; i < B; ++i)
+        dlogp.emplace_back(out->grad_logp.begin() + offsets[i], out->grad_logp.begin() + offsets[i + 1]);
+      t_loss = Since(s1);
+      const auto s2 = Clock::now();
+      CHECK_OK(policy.Backward(dlogp));
+      t_bwd = Since(s2);
+    } else {  // loss and backward in one call; the loss's share is in the profile table
+      CHECK_OK((*step)->LossAndBackward(pb, loss_cfg).status());
+      t_bwd = Since(s1);
+    }
     const auto s3 = Clock::now();
     auto rep = (*step)->Update(1e-6, 1.0);
     CHECK_OK(rep.status());
     const double t_opt = Since(s3), total = Since(s0);
     std::printf("%-6s %9.3f %9.3f %9.3f %9.3f %9.3f %11.0f %6.1f%%\n", it == 0 ? "warmup" : std::to_string(it).c_str(),
                 t_fwd, t_loss, t_bwd, t_opt, total, tokens / total, 100.0 * flops_per_token * tokens / total / 989.4e12);
+    auto prof = policy.profiler().Take();
+    CHECK_OK(prof.status());
+    if (it > 0)
+      for (const model::PhaseTime& p : *prof) {
+        auto at = std::find_if(phases.begin(), phases.end(), [&](const model::PhaseTime& q) { return q.phase == p.phase; });
+        if (at == phases.end()) {
+          phases.push_back(p);
+        } else {
+          at->ms += p.ms; at->flops += p.flops; at->laps += p.laps;
+        }
+      }
     if (it > 0) {
       totals.push_back(total); fwds.push_back(t_fwd); bwds.push_back(t_bwd); opts.push_back(t_opt);
       losses.push_back(t_loss);
@@ -193,6 +268,21 @@ int Run() {
               median(losses), median(bwds), median(opts), tm);
   std::printf("RESULT tokens/s %.0f  MFU %.1f%%  (step %.3f s, %d x %d tokens)\n", tokens / tm,
               100.0 * flops_per_token * tokens / tm / 989.4e12, tm, B, L);
+  if (!phases.empty()) {
+    double sum = 0;
+    for (const auto& p : phases) sum += p.ms;
+    std::printf("\nper-phase GPU time (CUDA events on the model's stream), mean of %d steps; timed phases sum to "
+                "%.1f ms/step\n%-44s %9s %7s %9s %8s\n", FLAGS_steps, sum / FLAGS_steps, "phase", "ms/step",
+                "% step", "TFLOP/s", "laps");
+    std::vector<model::PhaseTime> sorted = phases;
+    std::sort(sorted.begin(), sorted.end(), [](const auto& a, const auto& b) { return a.ms > b.ms; });
+    for (const auto& p : sorted) {
+      char tf[32] = "";
+      if (p.flops > 0) std::snprintf(tf, sizeof tf, "%.0f", p.flops / (p.ms * 1e-3) / 1e12);
+      std::printf("%-44s %9.2f %6.1f%% %9s %8lld\n", p.phase.c_str(), p.ms / FLAGS_steps, 100 * p.ms / sum, tf,
+                  (long long)(p.laps / FLAGS_steps));
+    }
+  }
   t0 = Clock::now();
   CHECK_OK(policy.DownloadParams((*host)->params()));
   std::printf("weights to the host for publishing: %.3f s\n", Since(t0));
