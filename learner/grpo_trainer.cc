@@ -283,13 +283,24 @@ Result<GrpoStepStats> GrpoTrainer::Step(const std::vector<TrainingGroup>& groups
     pb.advantages = adv;
     pb.total_tokens = total_tokens;
     pb.total_sequences = st.sequences;
-    GROVE_ASSIGN_OR_RETURN(PolicyLossOutput out, ComputePolicyLoss(pb, options_.grpo.loss));
-    st.loss += out.loss;
-    Accumulate(st.policy, out.stats, st.policy.num_tokens);
-    std::vector<std::vector<float>> dlogp;
-    for (size_t i = 0; i + 1 < offsets.size(); ++i)
-      dlogp.emplace_back(out.grad_logp.begin() + offsets[i], out.grad_logp.begin() + offsets[i + 1]);
-    GROVE_RETURN_IF_ERROR(backward(dlogp));
+#ifdef GROVE_LEARNER_GPU
+    if (gpu_) {
+      // The loss kernel reads the device's own log-probs and feeds its
+      // gradient straight to the backward: nothing per token crosses PCIe.
+      GROVE_ASSIGN_OR_RETURN(PolicyLossOutput out, gpu_->LossAndBackward(pb, options_.grpo.loss));
+      st.loss += out.loss;
+      Accumulate(st.policy, out.stats, st.policy.num_tokens);
+    } else
+#endif
+    {
+      GROVE_ASSIGN_OR_RETURN(PolicyLossOutput out, ComputePolicyLoss(pb, options_.grpo.loss));
+      st.loss += out.loss;
+      Accumulate(st.policy, out.stats, st.policy.num_tokens);
+      std::vector<std::vector<float>> dlogp;
+      for (size_t i = 0; i + 1 < offsets.size(); ++i)
+        dlogp.emplace_back(out.grad_logp.begin() + offsets[i], out.grad_logp.begin() + offsets[i + 1]);
+      GROVE_RETURN_IF_ERROR(backward(dlogp));
+    }
     for (size_t l = 0; l < cur.expert_load.size() && l < load.size(); ++l)
       for (size_t x = 0; x < cur.expert_load[l].size() && x < load[l].size(); ++x) load[l][x] += cur.expert_load[l][x];
   }
