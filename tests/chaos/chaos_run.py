@@ -107,7 +107,7 @@ class Run:
     def find_run_dir(self):
         if self.run_dir is None:
             for d in self.runs_dir.iterdir():
-                if d.is_dir() and (d / "cluster.json").exists():
+                if d.is_dir() and not d.is_symlink() and (d / "cluster.json").exists():
                     self.run_dir = d
         return self.run_dir
 
