@@ -364,7 +364,8 @@ def overrides(args):
     o = [f"learner.steps={args.steps}", "learner.eval_every=0", f"learner.eval_problems={args.eval_problems}",
          f"learner.batch_groups={args.batch_groups}", f"coordinator.prompts_per_step={args.batch_groups}",
          f"learner.checkpoint_every={args.checkpoint_every}", "rollout.ack_log=true",
-         f"launcher.restart_limit={args.restart_limit}", f"launcher.restart_backoff_ms={args.restart_backoff_ms}"]
+         f"launcher.restart_limit={args.restart_limit}", f"launcher.restart_backoff_ms={args.restart_backoff_ms}",
+         f"launcher.restart_reset_ms={args.restart_reset_ms}"]
     return o + args.set
 
 
@@ -398,6 +399,8 @@ def main():
     ap.add_argument("--eval_problems", type=int, default=256)
     ap.add_argument("--restart_limit", type=int, default=1000)
     ap.add_argument("--restart_backoff_ms", type=int, default=50)
+    # Kills come from outside, seconds apart: not a crash loop to back off from.
+    ap.add_argument("--restart_reset_ms", type=int, default=2000)
     ap.add_argument("--timeout", type=int, default=3600, help="seconds for one run")
     ap.add_argument("--reference", choices=["run", "stored", "skip"], default=None,
                     help="undisturbed run to compare with (default: run; --short: stored)")
