@@ -43,7 +43,7 @@ int CmdUp(int argc, char** argv) {
       "cluster.json, config.toml; runs/latest points at it). Runs in the foreground until the\n"
       "learner exits (with its exit code) or Ctrl-C; --detach leaves it running (grove down\n"
       "stops it). Crashed rollout and verifier workers are restarted with back-off.\n"
-      "[launcher] keys: name, runs_dir, restart_limit, restart_backoff_ms, stop_timeout_ms,\n"
+      "[launcher] keys: name, runs_dir, restart_limit, restart_backoff_ms, restart_reset_ms, stop_timeout_ms,\n"
       "and [launcher.programs] ROLE = \"/path/prog\" to run an external program for a role.");
   flags.String("config", &config_path, "experiment config (TOML)");
   flags.Repeated("set", &sets, "config override a.b=VALUE");
@@ -68,7 +68,7 @@ int CmdUp(int argc, char** argv) {
   LauncherOptions options;
   Config launcher = config->Section("launcher");
   Status keys = launcher.CheckKeys(
-      {"name", "runs_dir", "restart_limit", "restart_backoff_ms", "stop_timeout_ms", "programs"});
+      {"name", "runs_dir", "restart_limit", "restart_backoff_ms", "restart_reset_ms", "stop_timeout_ms", "programs"});
   if (!keys.ok()) return Fail(keys);
   auto str = [&](const char* key, std::string fallback) {
     return launcher.String(key, fallback).value_or(fallback);
@@ -80,6 +80,7 @@ int CmdUp(int argc, char** argv) {
   if (runs_dir.empty()) runs_dir = str("runs_dir", "runs");
   for (auto [key, field] : {std::pair{"restart_limit", &options.restart_limit},
                             std::pair{"restart_backoff_ms", &options.restart_backoff_ms},
+                            std::pair{"restart_reset_ms", &options.restart_reset_ms},
                             std::pair{"stop_timeout_ms", &options.stop_timeout_ms}}) {
     auto v = num(key, *field);
     if (!v.ok()) return Fail(v.status());

@@ -142,7 +142,11 @@ void Coordinator::Handle(actors::Incoming& in) {
       LOG(INFO) << "register " << RoleName(r.role) << " " << r.id << " pid " << r.pid << " at "
                 << r.host << (r.data_endpoint.empty() ? "" : " serving " + r.data_endpoint)
                 << " (restarts " << r.restarts << ")";
-      if (r.role == wire::Role::LEARNER) learner_version_ = r.policy_version;
+      if (r.role == wire::Role::LEARNER) {
+        learner_version_ = r.policy_version;
+        if (!learner_seen_) gate_baseline_pending_ = r.policy_version > 0;
+        learner_seen_ = true;
+      }
       registry_.Register(std::move(r), now);
       ack.setAccepted(true);
       ack.setHeartbeatIntervalMs(static_cast<uint32_t>(options_.timing.heartbeat_interval_ms));
@@ -164,6 +168,14 @@ void Coordinator::Handle(actors::Incoming& in) {
           learner_version_ = r->policy_version;
           auto wasted = r->counters.find("groups_wasted");
           if (wasted != r->counters.end()) learner_wasted_ = static_cast<int64_t>(wasted->second);
+          if (gate_baseline_pending_) {
+            gate_baseline_pending_ = false;
+            const int64_t assumed =
+                queue_.Allowance(learner_version_, learner_wasted_) - options_.work.prompts_per_step;
+            if (assumed > 0 && queue_.AssumeHandedOut(static_cast<uint64_t>(assumed)))
+              LOG(INFO) << "learner at version " << learner_version_ << ": assuming " << assumed
+                        << " prompts were handed out before this coordinator started";
+          }
         }
         ack.setCommand(r->command);
       }

@@ -75,6 +75,13 @@ class Coordinator {
   int64_t started_ms_;
   int64_t learner_version_ = 0;
   int64_t learner_wasted_ = 0;  // groups the learner never trained on (its "groups_wasted")
+  // The first learner to register here already had a version > 0: this
+  // coordinator replaced one that handed out prompts. At that learner's first
+  // heartbeat (which carries groups_wasted) the gate assumes its predecessor
+  // handed out all it was allowed but one step's worth, instead of opening
+  // for every step since the start (prompts that would only go stale).
+  bool learner_seen_ = false;
+  bool gate_baseline_pending_ = false;
   uint64_t unreachable_replies_ = 0;
 };
 

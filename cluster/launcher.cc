@@ -105,6 +105,7 @@ Status Launcher::Spawn(Child& child) {
   }
   child.pid = pid;
   child.restart_at = 0;
+  child.started_ms = MonotonicMs();
   LOG(INFO) << "started " << child.id << " pid " << pid << " (restarts " << child.restarts
             << ", log " << log << ")";
   WriteClusterJson();
@@ -217,20 +218,22 @@ void Launcher::Reap() {
       const bool clean = WIFEXITED(status) && WEXITSTATUS(status) == 0;
       LOG(INFO) << c.id << " exited: " << reason;
       if (c.role != "coordinator") ReportExit(c.id, reason, clean);
+      if (MonotonicMs() - c.started_ms >= options_.restart_reset_ms) c.crash_streak = 0;
       // A learner that exits (0: its steps are done; else: it failed and said
       // why) ends the run; one killed by a signal crashed and is restarted.
       const bool learner_crashed = c.role == "learner" && WIFSIGNALED(status) && !stop_requested_ &&
-                                   c.restarts < options_.restart_limit;
+                                   c.crash_streak < options_.restart_limit;
       if (c.role == "learner" && !learner_crashed) {
         learner_exited_ = true;
         learner_exit_code_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
       } else if (!clean && !c.retiring && !stop_requested_ && Restartable(c.role)) {
-        if (c.restarts < options_.restart_limit) {
-          const int delay = options_.restart_backoff_ms << std::min(c.restarts, 10);
+        if (c.crash_streak < options_.restart_limit) {
+          const int delay = options_.restart_backoff_ms << std::min(c.crash_streak, 10);
+          ++c.crash_streak;
           c.restart_at = MonotonicMs() + delay;
           LOG(INFO) << "restarting " << c.id << " in " << delay << " ms";
         } else {
-          LOG(ERROR) << c.id << " crashed " << c.restarts + 1 << " times; not restarting it";
+          LOG(ERROR) << c.id << " crashed " << c.crash_streak + 1 << " times in a row; not restarting it";
         }
       }
       WriteClusterJson();

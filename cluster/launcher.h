@@ -34,8 +34,13 @@ struct LauncherOptions {
   // role -> external program started instead of `grove run ROLE`; it gets
   // --role= --id= --coordinator= --config= --restarts= --run_dir=.
   std::map<std::string, std::string> programs;
-  int restart_limit = 5;               // per actor id
-  int restart_backoff_ms = 500;        // doubled per restart of the same id
+  // Back-off and limit count crashes in a row: a child that ran for
+  // restart_reset_ms before it crashed starts a fresh streak, so a
+  // long-running cluster that loses an actor now and then restarts it
+  // promptly every time, while one crashing at start gives up.
+  int restart_limit = 5;               // crashes in a row, per actor id
+  int restart_backoff_ms = 500;        // doubled per crash in a row of the same id
+  int restart_reset_ms = 60000;        // a run this long ends the streak
   int stop_timeout_ms = 10000;         // SIGTERM -> SIGKILL
 };
 
@@ -75,7 +80,9 @@ class Launcher {
   struct Child {
     std::string role, id;
     int pid = 0;             // 0: not running
-    int restarts = 0;
+    int restarts = 0;        // all restarts (the actor's --restarts)
+    int crash_streak = 0;    // crashes in a row, each within restart_reset_ms of its start
+    int64_t started_ms = 0;  // monotonic ms of the last start
     bool retiring = false;   // scaled down: do not restart
     int64_t restart_at = 0;  // monotonic ms of a pending restart (0: none)
   };

@@ -5,6 +5,12 @@ namespace grove {
 WorkQueue::WorkQueue(PromptSource* source, WorkQueueLimits limits, uint64_t first_id)
     : source_(source), limits_(limits), next_id_(first_id) {}
 
+bool WorkQueue::AssumeHandedOut(uint64_t n) {
+  if (n <= handed_out_) return false;
+  handed_out_ = n;
+  return true;
+}
+
 int64_t WorkQueue::Allowance(int64_t learner_version, int64_t wasted) const {
   if (limits_.prompts_per_step <= 0) return -1;
   const int64_t steps = std::max<int64_t>(0, learner_version + 1 + limits_.max_staleness);

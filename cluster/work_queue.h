@@ -51,6 +51,11 @@ class WorkQueue {
   // Re-queues everything leased to `worker` at the front; returns how many.
   size_t Requeue(const std::string& worker);
 
+  // Counts at least `n` prompts as handed out: a restarted coordinator's
+  // estimate of what its predecessor handed out, so the gate does not open
+  // wide again. Returns true if that raised the count.
+  bool AssumeHandedOut(uint64_t n);
+
   // The most prompts that may have been handed out at this learner version
   // (-1: unlimited).
   int64_t Allowance(int64_t learner_version, int64_t wasted = 0) const;
@@ -64,7 +69,7 @@ class WorkQueue {
   PromptSource* source_;
   WorkQueueLimits limits_;
   uint64_t next_id_ = 1;
-  uint64_t handed_out_ = 0;  // distinct prompts pulled from the source
+  uint64_t handed_out_ = 0;  // distinct prompts pulled from the source (or assumed)
   uint64_t done_ = 0;
   std::deque<Prompt> requeued_;
   std::map<std::string, std::map<uint64_t, Prompt>> leases_;  // worker -> id -> prompt

@@ -182,6 +182,12 @@ Status RunLearnerLoop(const RoleArgs& args) {
   std::filesystem::create_directories(run_dir + "/checkpoints");
   MetricsLog metrics(run_dir + "/metrics.jsonl");
   if (!metrics.ok()) return Status::IOError("cannot open " + run_dir + "/metrics.jsonl");
+  // Provenance: the ids of the groups behind every consume mark, one line per
+  // acknowledged mark, so an audit (tests/chaos) can tell which acknowledged
+  // group went into which version. A crash between the mark and this line
+  // loses the line, never the mark.
+  MetricsLog consumed_log(run_dir + "/consumed.jsonl");
+  if (!consumed_log.ok()) return Status::IOError("cannot open " + run_dir + "/consumed.jsonl");
 
   Config task_cfg = args.config.Section("task");
   GROVE_ASSIGN_OR_RETURN(std::string task_name, task_cfg.String("name", "arithmetic"));
@@ -307,6 +313,9 @@ Status RunLearnerLoop(const RoleArgs& args) {
           // only on the first attempt; the tests assert this stays 0.
           const uint32_t n = r->envelope().getBody().getConsumeAck().getMarked();
           if (attempt == 0 && n < ids.size()) reconsumed += static_cast<int64_t>(ids.size() - n);
+          consumed_log.Write({{"step", trainer->rl_steps()}, {"version", trainer->version()},
+                              {"groups", ids}, {"trained", groups.size()}, {"newly_marked", n},
+                              {"attempt", attempt}});
           break;
         }
         proc->WaitFor(200);

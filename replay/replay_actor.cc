@@ -125,6 +125,10 @@ class ReplayServer {
       return;
     }
     auto req = env.getBody().getCursorRequest();
+    // A consumer reads its cursor when it (re)starts: the batches it had
+    // leased died with its previous process, so serve them again.
+    if (uint64_t n = service_.ReleaseLeases(req.getConsumerId().cStr()))
+      LOG(INFO) << "released " << n << " groups leased to " << req.getConsumerId().cStr() << " (it restarted)";
     Result<DataCursor> cursor = service_.Cursor(req.getConsumerId().cStr());
     Send(in.peer, env.getRequestId(), [&](wire::Envelope::Body::Builder b) {
       if (cursor.ok()) {

@@ -270,6 +270,19 @@ Result<uint64_t> ReplayService::MarkConsumed(const std::vector<std::string>& gro
 
 Result<DataCursor> ReplayService::Cursor(std::string_view consumer) const { return impl_->store->Cursor(consumer); }
 
+uint64_t ReplayService::ReleaseLeases(std::string_view consumer) {
+  Impl& m = *impl_;
+  std::lock_guard<std::mutex> lock(m.mu);
+  uint64_t released = 0;
+  for (auto& [key, entry] : m.index) {
+    if (entry.leased_by.empty() || entry.leased_by != consumer) continue;
+    entry.leased_by.clear();
+    --m.leased;
+    ++released;
+  }
+  return released;
+}
+
 Result<int64_t> ReplayService::RetireServedOut() {
   Impl& m = *impl_;
   int64_t below;

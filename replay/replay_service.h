@@ -105,6 +105,11 @@ class ReplayService {
   Result<uint64_t> MarkConsumed(const std::vector<std::string>& group_ids, int64_t learner_version,
                                 std::string_view consumer);
   Result<DataCursor> Cursor(std::string_view consumer) const;
+  // Ends every lease `consumer` holds, so its unmarked groups are served
+  // again (oldest first). For a consumer that restarts: what it held leased
+  // died with its previous process, and with lease_timeout 0 would otherwise
+  // never be served (nor dropped as stale) again. Returns how many.
+  uint64_t ReleaseLeases(std::string_view consumer);
 
   // Retires every version that can no longer be served (see retire_on_consume);
   // returns the retention floor afterwards.

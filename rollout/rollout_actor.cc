@@ -1,6 +1,8 @@
 #include "rollout/rollout_actor.h"
 
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <thread>
 
@@ -32,12 +34,16 @@ struct RolloutSettings {
   QuantizeSettings quantize;
   int64_t request_timeout_ms = 10000;
   int64_t blas_threads = 1;
+  // Append "GROUP_ID VERSION" to RUN_DIR/acks/ID.log for every group the
+  // store acknowledged: the senders' own record, which an audit holds against
+  // the store's contents (tests/chaos). Off by default: one line per group.
+  bool ack_log = false;
 };
 
 Result<RolloutSettings> ParseSettings(const Config& cfg) {
   Config s = cfg.Section("rollout");
   std::vector<std::string_view> keys = {"group_size",     "prompts_per_request", "temperature", "top_p", "top_k",
-                                        "max_new_tokens", "request_timeout_ms",  "blas_threads"};
+                                        "max_new_tokens", "request_timeout_ms",  "blas_threads", "ack_log"};
   keys.insert(keys.end(), QuantizeKeys().begin(), QuantizeKeys().end());
   GROVE_RETURN_IF_ERROR(s.CheckKeys(keys));
   RolloutSettings o;
@@ -50,6 +56,7 @@ Result<RolloutSettings> ParseSettings(const Config& cfg) {
   GROVE_ASSIGN_OR_RETURN(o.quantize, ParseQuantizeSettings(s));
   GROVE_ASSIGN_OR_RETURN(o.request_timeout_ms, s.Int("request_timeout_ms", o.request_timeout_ms));
   GROVE_ASSIGN_OR_RETURN(o.blas_threads, s.Int("blas_threads", o.blas_threads));
+  GROVE_ASSIGN_OR_RETURN(o.ack_log, s.Bool("ack_log", o.ack_log));
   if (o.group_size < 2 || o.group_size > 1024)
     return Status::InvalidArgument(cfg.source() + ": rollout.group_size must be in [2, 1024] (GRPO compares within a group)");
   if (o.prompts_per_request < 1) return Status::InvalidArgument(cfg.source() + ": rollout.prompts_per_request must be >= 1");
@@ -141,6 +148,15 @@ Status RunRolloutLoop(const RoleArgs& args) {
   FetchOptions fetch;
   fetch.timeout_ms = static_cast<int>(s.request_timeout_ms);
 
+  std::ofstream ack_log;
+  if (s.ack_log) {
+    if (args.run_dir.empty()) return Status::InvalidArgument("rollout.ack_log needs a run directory (--run_dir)");
+    std::filesystem::create_directories(args.run_dir + "/acks");
+    const std::string path = args.run_dir + "/acks/" + args.id + ".log";
+    ack_log.open(path, std::ios::app);
+    if (!ack_log) return Status::IOError("cannot open " + path);
+  }
+
   int64_t version = -1;
   uint64_t groups_sent = 0, tokens_total = 0, prompts_total = 0, resends = 0;
   double gen_seconds = 0;
@@ -230,7 +246,8 @@ Status RunRolloutLoop(const RoleArgs& args) {
       capnp::MallocMessageBuilder mb;
       auto env = actors::InitEnvelope(mb, args.id, 0);
       auto g = env.getBody().initSampleGroup();
-      g.setGroupId(args.id + ":" + std::to_string(args.restarts) + ":" + std::to_string(p.id));
+      const std::string group_id = args.id + ":" + std::to_string(args.restarts) + ":" + std::to_string(p.id);
+      g.setGroupId(group_id);
       auto wp = g.initPrompt();
       wp.setId(p.id);
       wp.setTask(p.task);
@@ -291,6 +308,7 @@ Status RunRolloutLoop(const RoleArgs& args) {
         auto a = ack->envelope().getBody().getInsertAck();
         if (a.getAccepted()) {
           stored = true;
+          if (ack_log.is_open()) ack_log << group_id << " " << version << std::endl;
         } else {
           // Back-pressure from the store: wait as told, then send again.
           ++resends;

@@ -150,5 +150,52 @@ TEST_F(CoordinatorTest, WorkLeasesStalenessGateLookupAndCommands) {
   EXPECT_NE(refused.status().message().find("register first"), std::string::npos);
 }
 
+// A coordinator restarted mid-run meets a learner at version 10 with 6
+// groups wasted. Its gate must not open for all eleven steps since the start
+// (4 * (10 + 1) + 6 = 50 prompts, which would only go stale): it assumes its
+// predecessor handed out all but one step's worth.
+TEST_F(CoordinatorTest, RestartedCoordinatorDoesNotReopenTheGateForPastSteps) {
+  auto r0 = Client("r0", wire::Role::ROLLOUT);
+  ActorClientOptions o;
+  o.id = "learner-0";
+  o.role = wire::Role::LEARNER;
+  o.coordinator = endpoint_;
+  o.data_endpoint = "tcp://learner-0:1";
+  ActorClient learner(o);
+  learner.SetPolicyVersion(10);
+  learner.SetCounter("groups_wasted", 6);
+  ASSERT_TRUE(learner.Start().ok());
+  ASSERT_TRUE(testing::WaitFor([&] { return r0->coordinator_policy_version() == 10; }, 3000));
+  // A heartbeat of the learner's (the one with groups_wasted) has arrived once
+  // the version reached r0 through its own heartbeat ack; wait for another
+  // learner beat to be sure.
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  auto a = r0->RequestWork(100, 10);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(a->prompts.size(), 4u);  // one step (max_staleness 0 here)
+  auto gated = r0->RequestWork(100, 10);
+  ASSERT_TRUE(gated.ok());
+  EXPECT_TRUE(gated->prompts.empty());
+  // The gate moves with the learner as before.
+  learner.SetPolicyVersion(11);
+  ASSERT_TRUE(testing::WaitFor([&] { return r0->coordinator_policy_version() == 11; }, 3000));
+  auto b = r0->RequestWork(100, 11);
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ(b->prompts.size(), 4u);
+  learner.Shutdown(wire::ActorState::STOPPED, "exit 0", true);
+}
+
+// A fresh run's learner registers at version 0: nothing is assumed, and the
+// first step's prompts go out.
+TEST_F(CoordinatorTest, FreshLearnerLeavesTheGateAsItIs) {
+  auto r0 = Client("r0", wire::Role::ROLLOUT);
+  auto learner = Client("learner-0", wire::Role::LEARNER);
+  learner->SetCounter("groups_wasted", 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  auto a = r0->RequestWork(100, 0);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(a->prompts.size(), 4u);
+}
+
 }  // namespace
 }  // namespace grove

@@ -226,6 +226,31 @@ TEST(ReplayServiceTest, LeasedGroupsAreNotServedTwiceButComeBackAfterRestart) {
   EXPECT_EQ(replay->Insert({"g5", 3, "x", 0}).value(), InsertOutcome::kDuplicate);
 }
 
+// A learner killed between taking a batch and marking it comes back with
+// the same consumer id and reads its cursor: the batch it held must be served
+// again, not stay leased to the dead process forever (lease_timeout 0).
+TEST(ReplayServiceTest, RestartedConsumerGetsItsUnmarkedBatchAgain) {
+  ScratchDir dir;
+  auto replay = OpenOrDie(BaseOptions(dir));
+  ASSERT_NE(replay, nullptr);
+  for (int i = 0; i < 6; ++i) ASSERT_TRUE(replay->Insert({"g" + std::to_string(i), 3, "x", 0}).ok());
+  SampledBatch held = replay->SampleBatch(4, 3, 1, "learner-0").value();
+  ASSERT_EQ(IdsOf(held.groups), (std::vector<std::string>{"g0", "g1", "g2", "g3"}));
+  SampledBatch other = replay->SampleBatch(1, 3, 1, "learner-1").value();
+  ASSERT_EQ(IdsOf(other.groups), (std::vector<std::string>{"g4"}));
+  // "Crash": nothing marked. Only learner-0's leases end.
+  EXPECT_EQ(replay->ReleaseLeases("learner-0"), 4u);
+  EXPECT_EQ(replay->ReleaseLeases("learner-0"), 0u);
+  EXPECT_EQ(replay->Counters().leased, 1u);
+  SampledBatch again = replay->SampleBatch(8, 3, 1, "learner-0").value();
+  EXPECT_EQ(IdsOf(again.groups), (std::vector<std::string>{"g0", "g1", "g2", "g3", "g5"}));
+  // Released leases are stale-droppable again too: nothing is stranded.
+  ASSERT_EQ(replay->ReleaseLeases("learner-0"), 5u);
+  SampledBatch later = replay->SampleBatch(8, 10, 1, "learner-0").value();
+  EXPECT_EQ(later.dropped_stale, 5u);  // g4 is still leased to learner-1
+  EXPECT_EQ(replay->Counters().queue_depth, 1u);
+}
+
 TEST(ReplayServiceTest, ConsumedVersionsAreRetired) {
   ScratchDir dir;
   ReplayOptions o = BaseOptions(dir);
