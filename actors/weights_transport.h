@@ -1,0 +1,33 @@
+// The [weights] section: how policy versions travel from the learner to the
+// rollout workers (docs/weights.md). Unknown keys are rejected.
+//   transport   = "zmq" | "nccl" | "auto"   (auto: nccl where this build has
+//                 NCCL and the process sees a GPU, else zmq)
+//   bucket_mb   = 64      NCCL bucket (and ZeroMQ chunk) size, MiB
+//   deadline_ms = 30000   bound on forming a group and on one version's transfer
+//   poll_ms     = 200     how often group members ask the coordinator
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "base/config.h"
+#include "base/result.h"
+
+namespace grove::actors {
+
+enum class WeightTransport { kZmq, kNccl, kAuto };
+
+struct WeightsTransportOptions {
+  WeightTransport transport = WeightTransport::kZmq;
+  uint64_t bucket_bytes = uint64_t{64} << 20;
+  int64_t deadline_ms = 30000;
+  int64_t poll_ms = 200;
+
+  static Result<WeightsTransportOptions> FromConfig(const Config& root);
+  // kAuto resolved: nccl when `nccl_usable` (built with NCCL, a GPU seen).
+  WeightTransport Resolve(bool nccl_usable) const;
+};
+
+std::string WeightTransportName(WeightTransport t);
+
+}  // namespace grove::actors
