@@ -32,9 +32,12 @@ Result<WeightsTransportOptions> WeightsTransportOptions::FromConfig(const Config
   return o;
 }
 
-WeightTransport WeightsTransportOptions::Resolve(bool nccl_usable) const {
-  if (transport != WeightTransport::kAuto) return transport;
-  return nccl_usable ? WeightTransport::kNccl : WeightTransport::kZmq;
+Result<WeightTransport> WeightsTransportOptions::Choose(bool nccl_usable) const {
+  if (transport == WeightTransport::kAuto) return nccl_usable ? WeightTransport::kNccl : WeightTransport::kZmq;
+  if (transport == WeightTransport::kNccl && !nccl_usable) {
+    return Status::FailedPrecondition("weights.transport = \"nccl\", but this build has no NCCL or no GPU is visible");
+  }
+  return transport;
 }
 
 std::string WeightTransportName(WeightTransport t) {

@@ -24,8 +24,10 @@ struct WeightsTransportOptions {
   int64_t poll_ms = 200;
 
   static Result<WeightsTransportOptions> FromConfig(const Config& root);
-  // kAuto resolved: nccl when `nccl_usable` (built with NCCL, a GPU seen).
-  WeightTransport Resolve(bool nccl_usable) const;
+  // The transport to use, kAuto resolved: nccl when `nccl_usable` (this
+  // build has NCCL and the process sees a GPU). FailedPrecondition for an
+  // explicit "nccl" that is not usable here.
+  Result<WeightTransport> Choose(bool nccl_usable) const;
 };
 
 std::string WeightTransportName(WeightTransport t);

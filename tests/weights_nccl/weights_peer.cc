@@ -163,7 +163,7 @@ int RunWorker() {
 int RunIpcReader() {
   std::ifstream in(FLAGS_frame, std::ios::binary);
   std::string frame((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  auto decoded = actors::DecodeFrame(frame.data(), frame.size(), {actors::BodyKind::WEIGHT_ANNOUNCE});
+  auto decoded = actors::DecodeFrame(frame.data(), frame.size(), {actors::BodyKind::WEIGHT_ANNOUNCE}, nullptr);
   if (!decoded.ok()) {
     std::fprintf(stderr, "decode: %s\n", decoded.status().ToString().c_str());
     return 2;

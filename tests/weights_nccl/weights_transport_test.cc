@@ -33,10 +33,13 @@ TEST(WeightsTransport, ReadsEveryKey) {
 TEST(WeightsTransport, AutoResolvesByWhatThisProcessHas) {
   auto o = Read("[weights]\ntransport = \"auto\"\n");
   ASSERT_TRUE(o.ok()) << o.status();
-  EXPECT_EQ(o->Resolve(true), WeightTransport::kNccl);
-  EXPECT_EQ(o->Resolve(false), WeightTransport::kZmq);
+  EXPECT_EQ(*o->Choose(true), WeightTransport::kNccl);
+  EXPECT_EQ(*o->Choose(false), WeightTransport::kZmq);
   auto z = Read("[weights]\ntransport = \"zmq\"\n");
-  EXPECT_EQ(z->Resolve(true), WeightTransport::kZmq) << "an explicit choice stands";
+  EXPECT_EQ(*z->Choose(true), WeightTransport::kZmq) << "an explicit choice stands";
+  auto n = Read("[weights]\ntransport = \"nccl\"\n");
+  EXPECT_EQ(n->Choose(false).status().code(), StatusCode::kFailedPrecondition)
+      << "nccl asked for where it cannot run: a clear error, not a silent fallback";
 }
 
 TEST(WeightsTransport, RejectsBadInput) {
