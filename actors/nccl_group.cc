@@ -40,6 +40,16 @@ int CudaDeviceCount() {
   return n;
 }
 
+Status InitCudaDevice(int device) {
+  if (device < 0 || device >= CudaDeviceCount()) {
+    return Status::InvalidArgument("CUDA device " + std::to_string(device) + " does not exist");
+  }
+  cudaError_t e = cudaSetDevice(device);
+  if (e == cudaSuccess) e = cudaFree(nullptr);
+  if (e != cudaSuccess) return Status::Unavailable(std::string("CUDA init: ") + cudaGetErrorString(e));
+  return Status::OK();
+}
+
 Result<std::string> NcclGroup::NewUniqueId() {
   ncclUniqueId id;
   ncclResult_t r = ncclGetUniqueId(&id);

@@ -83,5 +83,8 @@ class NcclGroup {
 
 // Number of CUDA devices (0 when there is no driver or no GPU).
 int CudaDeviceCount();
+// Creates this process's CUDA context on `device` now (it takes a moment),
+// so that it is not paid inside the first deadline.
+Status InitCudaDevice(int device);
 
 }  // namespace grove::actors

@@ -21,8 +21,8 @@ Result<std::unique_ptr<NcclWeightBroadcaster>> NcclWeightBroadcaster::Start(Nccl
   if (options.poll_ms < 1 || options.deadline_ms < options.poll_ms) {
     return Status::InvalidArgument("NCCL broadcaster: need 1 <= poll_ms <= deadline_ms");
   }
-  if (options.device < 0 || options.device >= actors::CudaDeviceCount()) {
-    return Status::FailedPrecondition("NCCL broadcaster: no CUDA device " + std::to_string(options.device));
+  if (Status s = actors::InitCudaDevice(options.device); !s.ok()) {
+    return Status::FailedPrecondition("NCCL broadcaster: " + s.ToString());
   }
   std::unique_ptr<NcclWeightBroadcaster> b(new NcclWeightBroadcaster(std::move(options)));
   b->thread_ = std::thread([p = b.get()] { p->Run(); });
@@ -95,7 +95,10 @@ void NcclWeightBroadcaster::Run() {
       LOG_EVERY_N(WARNING, 20) << "weight group poll: " << view.status();
       continue;
     }
-    if (view->reform_needed) {
+    // An epoch this broadcaster did not form (a previous incarnation of the
+    // learner did) carries nothing: form a fresh one.
+    const bool foreign_epoch = view->epoch != epoch && view->size > 1;
+    if (view->reform_needed || foreign_epoch) {
       // After a failure the survivors need a poll or two to re-confirm.
       if (NcclClock::now() - failed_at < std::chrono::milliseconds(2 * o.poll_ms)) continue;
       group.reset();

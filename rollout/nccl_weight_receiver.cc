@@ -20,8 +20,8 @@ Result<std::unique_ptr<NcclWeightReceiver>> NcclWeightReceiver::Start(NcclReceiv
   if (options.poll_ms < 1 || options.deadline_ms < options.poll_ms || options.idle_timeout_ms < options.poll_ms) {
     return Status::InvalidArgument("NCCL receiver: need 1 <= poll_ms <= deadline_ms, idle_timeout_ms");
   }
-  if (options.device < 0 || options.device >= actors::CudaDeviceCount()) {
-    return Status::FailedPrecondition("NCCL receiver: no CUDA device " + std::to_string(options.device));
+  if (Status s = actors::InitCudaDevice(options.device); !s.ok()) {
+    return Status::FailedPrecondition("NCCL receiver: " + s.ToString());
   }
   std::unique_ptr<NcclWeightReceiver> r(new NcclWeightReceiver(std::move(options)));
   r->thread_ = std::thread([p = r.get()] { p->Run(); });

@@ -112,7 +112,8 @@ TEST_F(NcclWeightsTest, EveryWorkerReceivesEveryVersionBitForBit) {
   if (gpus_ < 2) GTEST_SKIP() << "needs 2 GPUs, found " << gpus_;
   StartCoordinator();
   const int workers = std::min(3, gpus_ - 1);
-  const std::vector<std::string> common{"--floats=3000001", "--bucket_bytes=1048576", "--versions=4"};
+  const std::vector<std::string> common{"--floats=3000001", "--bucket_bytes=1048576", "--versions=4",
+                                        "--deadline_ms=5000"};
   auto with = [&](std::vector<std::string> v) {
     v.insert(v.end(), common.begin(), common.end());
     return v;
@@ -144,7 +145,7 @@ TEST_F(NcclWeightsTest, KilledWorkerDoesNotHangTheLearner) {
   if (gpus_ < 2) GTEST_SKIP() << "needs 2 GPUs, found " << gpus_;
   StartCoordinator();
   const std::vector<std::string> common{"--floats=4000000", "--bucket_bytes=1048576", "--versions=6",
-                                        "--deadline_ms=2000"};
+                                        "--deadline_ms=4000"};
   auto with = [&](std::vector<std::string> v) {
     v.insert(v.end(), common.begin(), common.end());
     return v;
@@ -154,7 +155,7 @@ TEST_F(NcclWeightsTest, KilledWorkerDoesNotHangTheLearner) {
   if (gpus_ >= 3) other = Peer("worker", "rollout-other", 2, with({"--run_ms=40000"}));
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
   const auto t0 = std::chrono::steady_clock::now();
-  Peer("learner", "learner", 0, with({"--interval_ms=1500", "--run_ms=16000"}));
+  Peer("learner", "learner", 0, with({"--interval_ms=1500", "--run_ms=20000"}));
   int status = -1;
   ASSERT_TRUE(testing::WaitExit(doomed, 20000, &status)) << ReadFile(Events("rollout-doomed"));
   ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << ReadFile(Events("rollout-doomed"));
@@ -177,14 +178,15 @@ TEST_F(NcclWeightsTest, KilledWorkerDoesNotHangTheLearner) {
 TEST_F(NcclWeightsTest, WorkerAddedMidRunReceivesCurrentWeights) {
   if (gpus_ < 3) GTEST_SKIP() << "needs 3 GPUs (with 2, KilledWorkerDoesNotHangTheLearner covers a join)";
   StartCoordinator();
-  const std::vector<std::string> common{"--floats=2000003", "--bucket_bytes=524288", "--versions=6"};
+  const std::vector<std::string> common{"--floats=2000003", "--bucket_bytes=524288", "--versions=6",
+                                        "--deadline_ms=5000"};
   auto with = [&](std::vector<std::string> v) {
     v.insert(v.end(), common.begin(), common.end());
     return v;
   };
   const int first = Peer("worker", "rollout-first", 1, with({"--run_ms=40000"}));
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
-  Peer("learner", "learner", 0, with({"--interval_ms=1500", "--run_ms=15000"}));
+  Peer("learner", "learner", 0, with({"--interval_ms=1500", "--run_ms=20000"}));
   ASSERT_TRUE(testing::WaitFor([&] { return NewestOk(Lines(Events("rollout-first"))) >= 2; }, 20000));
   const int late = Peer("worker", "rollout-late", 2, with({"--run_ms=30000"}));
   int status = -1;
