@@ -1,6 +1,8 @@
 // The [weights] section: defaults, every key, and clear errors for unknown
 // keys and out-of-range values.
 #include "actors/weights_transport.h"
+#include "learner/weight_publisher.h"
+#include "rollout/weight_fetch.h"
 
 #include <gtest/gtest.h>
 
@@ -57,3 +59,29 @@ TEST(WeightsTransport, RejectsBadInput) {
 
 }  // namespace
 }  // namespace grove::actors
+
+// What the learner and the rollout worker start from [weights]: nothing
+// extra for zmq; for nccl where it cannot run, an error at start.
+namespace grove {
+namespace {
+
+TEST(WeightsTransportInRoles, ZmqStartsNoNcclSide) {
+  auto c = Config::Parse("[weights]\ntransport = \"zmq\"\n");
+  ASSERT_TRUE(c.ok());
+  auto b = learner::StartWeightBroadcast(*c, "learner", "tcp://127.0.0.1:1");
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(*b, nullptr);
+  auto f = rollout::StartWeightFeed(*c, "rollout-0", "tcp://127.0.0.1:1");
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(*f, nullptr);
+}
+
+TEST(WeightsTransportInRoles, BadSectionIsAnErrorAtStart) {
+  auto c = Config::Parse("[weights]\ntransport = \"nccl\"\nbucket_mb = 9999\n");
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(learner::StartWeightBroadcast(*c, "l", "tcp://127.0.0.1:1").status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(rollout::StartWeightFeed(*c, "r", "tcp://127.0.0.1:1").status().code(), StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace grove
