@@ -4,14 +4,12 @@
 
 #include <cuda_runtime_api.h>
 
+#include "actors/cuda_status.h"
+
 namespace grove::actors {
 namespace {
 
-Status CudaOk(cudaError_t e, const char* what) {
-  if (e == cudaSuccess) return Status::OK();
-  cudaGetLastError();  // clear it for the next call
-  return Status::Unavailable(std::string(what) + ": " + cudaGetErrorString(e));
-}
+Status CudaOk(cudaError_t e, const char* what) { return CudaStatus(e, what, StatusCode::kUnavailable); }
 
 }  // namespace
 

@@ -9,6 +9,8 @@
 #include <glog/logging.h>
 #include <nccl.h>
 
+#include "actors/cuda_status.h"
+
 namespace grove::actors {
 namespace {
 
@@ -46,8 +48,7 @@ Status InitCudaDevice(int device) {
   }
   cudaError_t e = cudaSetDevice(device);
   if (e == cudaSuccess) e = cudaFree(nullptr);
-  if (e != cudaSuccess) return Status::Unavailable(std::string("CUDA init: ") + cudaGetErrorString(e));
-  return Status::OK();
+  return CudaStatus(e, "CUDA init", StatusCode::kUnavailable);
 }
 
 Result<std::string> NcclGroup::NewUniqueId() {

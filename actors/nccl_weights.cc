@@ -6,6 +6,8 @@
 #include <capnp/serialize.h>
 #include <cuda_runtime_api.h>
 
+#include "actors/cuda_status.h"
+
 namespace grove::actors {
 namespace {
 
@@ -26,11 +28,6 @@ double MsSince(NcclClock::time_point t0) {
   return std::chrono::duration<double, std::milli>(NcclClock::now() - t0).count();
 }
 
-Status CudaOk(cudaError_t e, const char* what) {
-  if (e == cudaSuccess) return Status::OK();
-  return Status::Internal(std::string(what) + ": " + cudaGetErrorString(e));
-}
-
 // Header then announce, both in staging slot 0 (announce 8-byte aligned
 // after the header).
 Status SendPreamble(NcclGroup& group, const WeightSnapshot& snap, uint64_t total_bytes,
@@ -45,10 +42,10 @@ Status SendPreamble(NcclGroup& group, const WeightSnapshot& snap, uint64_t total
   char* dev = static_cast<char*>(ctl);
   cudaStream_t stream = static_cast<cudaStream_t>(group.stream());
   // Pageable sources: the copies finish before the calls return.
-  GROVE_RETURN_IF_ERROR(CudaOk(cudaMemcpyAsync(dev, &h, sizeof(h), cudaMemcpyHostToDevice, stream), "header copy"));
-  GROVE_RETURN_IF_ERROR(CudaOk(cudaMemcpyAsync(dev + sizeof(h), announce.begin(), announce.size(),
+  GROVE_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(dev, &h, sizeof(h), cudaMemcpyHostToDevice, stream), "header copy"));
+  GROVE_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(dev + sizeof(h), announce.begin(), announce.size(),
                                                cudaMemcpyHostToDevice, stream), "announce copy"));
-  GROVE_RETURN_IF_ERROR(CudaOk(cudaStreamSynchronize(stream), "preamble copy"));
+  GROVE_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "preamble copy"));
   GROVE_RETURN_IF_ERROR(group.Broadcast(dev, sizeof(h), 0, deadline, cancelled));
   return group.Broadcast(dev + sizeof(h), announce.size(), 0, deadline, cancelled);
 }
@@ -99,7 +96,7 @@ Status SendWeights(NcclGroup& group, const WeightSnapshot& snap, NcclStaging& st
   if (bytes == 0) return Status::InvalidArgument("no weights to send");
   auto t0 = NcclClock::now();
   GROVE_ASSIGN_OR_RETURN(void* payload, staging.Get(1, bytes, group.device()));
-  GROVE_RETURN_IF_ERROR(CudaOk(cudaMemcpy(payload, snap.flat.data(), bytes, cudaMemcpyHostToDevice),
+  GROVE_RETURN_IF_ERROR(CudaStatus(cudaMemcpy(payload, snap.flat.data(), bytes, cudaMemcpyHostToDevice),
                                "weights to device"));
   if (timing != nullptr) timing->stage_ms = MsSince(t0);
   auto t1 = NcclClock::now();
@@ -138,7 +135,7 @@ Result<WeightSnapshot> ReceiveWeights(NcclGroup& group, NcclStaging& staging,
   GROVE_RETURN_IF_ERROR(group.Broadcast(ctl, sizeof(h), 0, header_deadline, cancelled));
   auto t0 = NcclClock::now();
   const NcclDeadline deadline = NcclDeadlineIn(options.payload_timeout_ms);
-  GROVE_RETURN_IF_ERROR(CudaOk(cudaMemcpy(&h, ctl, sizeof(h), cudaMemcpyDeviceToHost), "header copy"));
+  GROVE_RETURN_IF_ERROR(CudaStatus(cudaMemcpy(&h, ctl, sizeof(h), cudaMemcpyDeviceToHost), "header copy"));
   if (h.magic != kHeaderMagic) return refuse(Status::Corruption("weight header: bad magic"));
   if (h.announce_bytes == 0 || h.announce_bytes > kMaxAnnounceBytes || h.announce_bytes % 8 != 0) {
     return refuse(Status::Corruption("weight header: announce of " + std::to_string(h.announce_bytes) + " bytes"));
@@ -153,7 +150,7 @@ Result<WeightSnapshot> ReceiveWeights(NcclGroup& group, NcclStaging& staging,
   GROVE_ASSIGN_OR_RETURN(ctl, staging.Get(0, h.announce_bytes, group.device()));
   GROVE_RETURN_IF_ERROR(group.Broadcast(ctl, h.announce_bytes, 0, deadline, cancelled));
   kj::Array<capnp::word> words = kj::heapArray<capnp::word>(h.announce_bytes / 8);
-  GROVE_RETURN_IF_ERROR(CudaOk(cudaMemcpy(words.begin(), ctl, h.announce_bytes, cudaMemcpyDeviceToHost),
+  GROVE_RETURN_IF_ERROR(CudaStatus(cudaMemcpy(words.begin(), ctl, h.announce_bytes, cudaMemcpyDeviceToHost),
                                "announce copy"));
   WeightAssembler assembler;
   Status begun;
@@ -178,7 +175,7 @@ Result<WeightSnapshot> ReceiveWeights(NcclGroup& group, NcclStaging& staging,
   if (timing != nullptr) timing->broadcast_ms = MsSince(t0);
   auto t1 = NcclClock::now();
   GROVE_RETURN_IF_ERROR(assembler.FillAll([&](void* dst, uint64_t bytes) {
-    return CudaOk(cudaMemcpyAsync(dst, payload, bytes, cudaMemcpyDeviceToHost, stream) == cudaSuccess
+    return CudaStatus(cudaMemcpyAsync(dst, payload, bytes, cudaMemcpyDeviceToHost, stream) == cudaSuccess
                       ? cudaStreamSynchronize(stream)
                       : cudaGetLastError(),
                   "weights to host");
