@@ -1,5 +1,6 @@
 #include "cluster/coordinator.h"
 
+#include <algorithm>
 #include <random>
 
 #include <glog/logging.h>
@@ -69,8 +70,13 @@ Coordinator::Coordinator(CoordinatorOptions options, std::unique_ptr<PromptSourc
              options_.first_prompt_id != 0
                  ? options_.first_prompt_id
                  : static_cast<uint64_t>(actors::WallClockMs()) << 20),
-      // A candidate that missed a liveness window of polls is gone.
-      weight_group_(options_.timing.heartbeat_interval_ms * options_.timing.liveness_misses) {
+      // A worker that stopped polling for a minute no longer wants NCCL
+      // weights. Deaths are caught sooner: the sweep and exit reports forget
+      // dead workers, and a failed epoch drops those silent since the
+      // failure. Long enough that a worker busy copying and verifying a big
+      // version (seconds, without polls) is not mistaken for gone.
+      weight_group_(std::max<int64_t>(60000, options_.timing.heartbeat_interval_ms *
+                                                 options_.timing.liveness_misses)) {
   std::random_device rd;
   epoch_ = (uint64_t{rd()} << 32) | rd();
   started_ms_ = MonotonicMs();
