@@ -20,7 +20,8 @@ Result<WeightsTransportOptions> WeightsTransportOptions::FromConfig(const Config
   GROVE_ASSIGN_OR_RETURN(int64_t bucket_mb, c.Int("bucket_mb", 64));
   GROVE_ASSIGN_OR_RETURN(o.deadline_ms, c.Int("deadline_ms", o.deadline_ms));
   GROVE_ASSIGN_OR_RETURN(o.poll_ms, c.Int("poll_ms", o.poll_ms));
-  // A ZeroMQ chunk must fit in one frame (256 MiB) with its envelope.
+  // Large enough to amortize a launch per bucket; 255 keeps room to use the
+  // same size for ZeroMQ chunks (256 MiB frames) later.
   if (bucket_mb < 1 || bucket_mb > 255) return Status::InvalidArgument("weights.bucket_mb must be in [1, 255]");
   if (o.deadline_ms < 100 || o.deadline_ms > 3600000) {
     return Status::InvalidArgument("weights.deadline_ms must be in [100, 3600000]");

@@ -2,7 +2,7 @@
 // rollout workers (docs/weights.md). Unknown keys are rejected.
 //   transport   = "zmq" | "nccl" | "auto"   (auto: nccl where this build has
 //                 NCCL and the process sees a GPU, else zmq)
-//   bucket_mb   = 64      NCCL bucket (and ZeroMQ chunk) size, MiB
+//   bucket_mb   = 64      NCCL bucket size, MiB (ZeroMQ keeps learner.weight_chunk_bytes)
 //   deadline_ms = 30000   bound on forming a group and on one version's transfer
 //   poll_ms     = 200     how often group members ask the coordinator
 #pragma once
