@@ -163,22 +163,31 @@ Status NcclGroup::Broadcast(void* data, size_t bytes, size_t bucket_bytes, NcclD
   if (bucket_bytes == 0 || bucket_bytes > bytes) bucket_bytes = bytes;
   cudaSetDevice(device_);
   char* base = static_cast<char*>(data);
-  for (size_t off = 0; off < bytes; off += bucket_bytes) {
+  // One NCCL group for all buckets: one launch and, on this non-blocking
+  // communicator, one in-progress wait for the lot (per-call waits cost
+  // ~0.1 ms each, which small buckets cannot afford).
+  ncclResult_t r = ncclGroupStart();
+  for (size_t off = 0; r == ncclSuccess && off < bytes; off += bucket_bytes) {
     const size_t len = std::min(bucket_bytes, bytes - off);
-    ncclResult_t r = ncclBroadcast(base + off, base + off, len, ncclChar, /*root=*/0, Comm(comm_),
-                                   Stream(stream_));
-    // Non-blocking comm: an enqueue may still be in progress (e.g. lazy
-    // connection set-up); the next call must wait until it is not.
-    while (r == ncclInProgress) {
-      if (Expired(deadline)) return Fail(Status::DeadlineExceeded("NCCL broadcast enqueue missed its deadline"));
-      if (cancelled && cancelled()) return Fail(Status::Aborted("NCCL broadcast cancelled"));
-      std::this_thread::sleep_for(kPollInterval);
-      ncclResult_t state;
-      ncclResult_t e = ncclCommGetAsyncError(Comm(comm_), &state);
-      r = e != ncclSuccess ? e : state;
-    }
-    if (r != ncclSuccess) return Fail(Status::Unavailable(NcclError("ncclBroadcast", r, Comm(comm_))));
+    r = ncclBroadcast(base + off, base + off, len, ncclChar, /*root=*/0, Comm(comm_), Stream(stream_));
   }
+  ncclResult_t end = ncclGroupEnd();
+  if (r == ncclSuccess) r = end;
+  // The enqueue may still be in progress (e.g. lazy connection set-up):
+  // spin briefly, then poll at the usual interval.
+  for (int spins = 0; r == ncclInProgress; ++spins) {
+    if (Expired(deadline)) return Fail(Status::DeadlineExceeded("NCCL broadcast enqueue missed its deadline"));
+    if (cancelled && cancelled()) return Fail(Status::Aborted("NCCL broadcast cancelled"));
+    if (spins < 1000) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(kPollInterval);
+    }
+    ncclResult_t state;
+    ncclResult_t e = ncclCommGetAsyncError(Comm(comm_), &state);
+    r = e != ncclSuccess ? e : state;
+  }
+  if (r != ncclSuccess) return Fail(Status::Unavailable(NcclError("ncclBroadcast", r, Comm(comm_))));
   return Wait(deadline, cancelled, "NCCL broadcast");
 }
 

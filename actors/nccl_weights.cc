@@ -147,8 +147,15 @@ Result<WeightSnapshot> ReceiveWeights(NcclGroup& group, NcclStaging& staging,
   }
   if (options.after_header) options.after_header(h.version);
 
+  // Every broadcast of the version first (their sizes come from the
+  // header), so the sender is never kept waiting by this side's host work;
+  // then the announce and the bytes are checked.
   GROVE_ASSIGN_OR_RETURN(ctl, staging.Get(0, h.announce_bytes, group.device()));
   GROVE_RETURN_IF_ERROR(group.Broadcast(ctl, h.announce_bytes, 0, deadline, cancelled));
+  GROVE_ASSIGN_OR_RETURN(void* payload, staging.Get(1, h.total_bytes, group.device()));
+  GROVE_RETURN_IF_ERROR(group.Broadcast(payload, h.total_bytes, h.bucket_bytes, deadline, cancelled));
+  if (timing != nullptr) timing->broadcast_ms = MsSince(t0);
+  auto t1 = NcclClock::now();
   kj::Array<capnp::word> words = kj::heapArray<capnp::word>(h.announce_bytes / 8);
   GROVE_RETURN_IF_ERROR(CudaStatus(cudaMemcpy(words.begin(), ctl, h.announce_bytes, cudaMemcpyDeviceToHost),
                                "announce copy"));
@@ -168,12 +175,8 @@ Result<WeightSnapshot> ReceiveWeights(NcclGroup& group, NcclStaging& staging,
   } catch (const kj::Exception& e) {
     begun = Status::Corruption("weight announce does not decode: " + std::string(e.getDescription().cStr()));
   }
-  if (!begun.ok()) return refuse(begun);
-
-  GROVE_ASSIGN_OR_RETURN(void* payload, staging.Get(1, h.total_bytes, group.device()));
-  GROVE_RETURN_IF_ERROR(group.Broadcast(payload, h.total_bytes, h.bucket_bytes, deadline, cancelled));
-  if (timing != nullptr) timing->broadcast_ms = MsSince(t0);
-  auto t1 = NcclClock::now();
+  // All calls of this version matched: the group stays usable.
+  if (!begun.ok()) return begun;
   GROVE_RETURN_IF_ERROR(assembler.FillAll([&](void* dst, uint64_t bytes) {
     return CudaStatus(cudaMemcpyAsync(dst, payload, bytes, cudaMemcpyDeviceToHost, stream) == cudaSuccess
                       ? cudaStreamSynchronize(stream)

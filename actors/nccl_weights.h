@@ -66,7 +66,7 @@ struct NcclReceiveOptions {
 
 struct NcclReceiveTiming {
   double broadcast_ms = 0;  // from the header's arrival to the last bucket
-  double copy_ms = 0;       // device -> host
+  double copy_ms = 0;       // host buffer + device -> host
   double verify_ms = 0;     // checksum
 };
 

@@ -188,7 +188,7 @@ int main(int argc, char** argv) {
   std::printf("  learner host->device staging      %9.1f ms\n", send.stage_ms);
   std::printf("  learner broadcast (hdr+ann+data)  %9.1f ms\n", send.broadcast_ms);
   std::printf("  worker: broadcast after header    %9.1f ms\n", recv.broadcast_ms);
-  std::printf("  worker: device->host copy         %9.1f ms\n", recv.copy_ms);
+  std::printf("  worker: host buffer + D2H copy    %9.1f ms\n", recv.copy_ms);
   std::printf("  worker: checksum verify           %9.1f ms (learner's checksum: %.1f ms)\n", recv.verify_ms, checksum_ms);
   std::printf("  worker: receive total (from call) %9.1f ms, verified %s\n", receive_total, verified ? "yes" : "NO");
   if (FLAGS_quantize) std::printf("  worker: CPU int8 re-quantization  %9.1f ms\n", quant_ms);
