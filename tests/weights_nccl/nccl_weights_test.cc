@@ -165,9 +165,14 @@ TEST_F(NcclWeightsTest, KilledWorkerDoesNotHangTheLearner) {
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << ReadFile(Events("rollout-other"));
   EXPECT_EQ(NewestOk(lines), 6) << ReadFile(Events("rollout-other"));
   for (const auto& l : lines) EXPECT_EQ(l.find("MISMATCH"), std::string::npos) << l;
-  // The learner went on: it reported the failure and sent later versions.
+  // The learner went on, past the death, to a later epoch and version. It
+  // learns of the death one of two ways, both seen on two H200s: its
+  // broadcast misses the deadline (reported failure), or, when NCCL's
+  // buffers swallowed the whole version, the coordinator's health check
+  // drops the worker and asks for a new epoch before the next version.
   const std::string learner = ReadFile(Events("learner"));
-  EXPECT_NE(learner.find("failures 1"), std::string::npos) << learner;
+  EXPECT_TRUE(learner.find("failures 1") != std::string::npos || learner.find("epoch 2 size") != std::string::npos)
+      << learner;
   EXPECT_NE(learner.find("sent 6"), std::string::npos) << learner;
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_LT(secs, 40.0);
