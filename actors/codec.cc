@@ -11,7 +11,7 @@
 namespace grove::actors {
 namespace {
 
-constexpr uint16_t kLastKnownKind = static_cast<uint16_t>(BodyKind::SCALE_REPLY);
+constexpr uint16_t kLastKnownKind = static_cast<uint16_t>(BodyKind::WEIGHT_GROUP_REPLY);
 
 // Walks every struct, list of structs and Text reachable from `value`, so a
 // malformed pointer or an unterminated Text throws here, inside the decoder,

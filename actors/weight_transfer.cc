@@ -122,6 +122,14 @@ Status WeightAssembler::Add(wire::WeightChunk::Reader c) {
   return Status::OK();
 }
 
+Status WeightAssembler::FillAll(const std::function<Status(void* dst, uint64_t bytes)>& fill) {
+  if (!snap_) return Status::FailedPrecondition("weight bytes before their announce");
+  GROVE_RETURN_IF_ERROR(fill(snap_->flat.data(), total_bytes_));
+  have_.assign(have_.size(), true);
+  chunks_left_ = 0;
+  return Status::OK();
+}
+
 bool WeightAssembler::complete() const { return snap_ && chunks_left_ == 0; }
 
 uint64_t WeightAssembler::next_missing_offset() const {

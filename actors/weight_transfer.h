@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -52,6 +53,10 @@ class WeightAssembler {
   Status Begin(wire::WeightAnnounce::Reader announce, uint64_t max_bytes);
   // Adds one chunk; chunks may come in any order; a repeated chunk is ignored.
   Status Add(wire::WeightChunk::Reader chunk);
+  // For a transport that moves the whole buffer in one piece (NCCL): `fill`
+  // writes all announced bytes straight into the snapshot's buffer (no
+  // intermediate copy); Finish() still verifies the checksum.
+  Status FillAll(const std::function<Status(void* dst, uint64_t bytes)>& fill);
   bool complete() const;
   int64_t version() const { return snap_ ? snap_->version : -1; }
   // The next byte offset still missing (for a pull-based receiver).

@@ -1,5 +1,6 @@
 #include "cluster/coordinator.h"
 
+#include <algorithm>
 #include <random>
 
 #include <glog/logging.h>
@@ -68,7 +69,14 @@ Coordinator::Coordinator(CoordinatorOptions options, std::unique_ptr<PromptSourc
       queue_(source_.get(), options_.work,
              options_.first_prompt_id != 0
                  ? options_.first_prompt_id
-                 : static_cast<uint64_t>(actors::WallClockMs()) << 20) {
+                 : static_cast<uint64_t>(actors::WallClockMs()) << 20),
+      // A worker that stopped polling for a minute no longer wants NCCL
+      // weights. Deaths are caught sooner: the sweep and exit reports forget
+      // dead workers, and a failed epoch drops those silent since the
+      // failure. Long enough that a worker busy copying and verifying a big
+      // version (seconds, without polls) is not mistaken for gone.
+      weight_group_(std::max<int64_t>(60000, options_.timing.heartbeat_interval_ms *
+                                                 options_.timing.liveness_misses)) {
   std::random_device rd;
   epoch_ = (uint64_t{rd()} << 32) | rd();
   started_ms_ = MonotonicMs();
@@ -93,6 +101,7 @@ int64_t Coordinator::LearnerVersion() const { return learner_version_; }
 
 void Coordinator::SweepAndRequeue() {
   for (const std::string& id : registry_.Sweep(MonotonicMs())) {
+    weight_group_.Forget(id);
     if (size_t n = queue_.Requeue(id)) LOG(INFO) << "re-queued " << n << " prompts of dead " << id;
   }
 }
@@ -102,7 +111,7 @@ void Coordinator::Handle(actors::Incoming& in) {
       in.payload.data(), in.payload.size(),
       {BodyKind::REGISTER, BodyKind::HEARTBEAT, BodyKind::COMMAND, BodyKind::STATUS_REQUEST,
        BodyKind::LOOKUP_REQUEST, BodyKind::EXIT_REPORT, BodyKind::WORK_REQUEST,
-       BodyKind::PROMPT_DONE},
+       BodyKind::PROMPT_DONE, BodyKind::WEIGHT_GROUP_REQUEST},
       &socket_.stats(), actors::DecodeLimits{.max_frame_bytes = options_.max_frame_bytes});
   if (!frame.ok()) return;  // counted and logged once per kind by the codec
   auto env = frame->envelope();
@@ -216,6 +225,7 @@ void Coordinator::Handle(actors::Incoming& in) {
       const std::string id = ex.getId().cStr();
       const ActorRecord* r = registry_.Exit(id, ex.getReason().cStr(), ex.getClean());
       size_t requeued = queue_.Requeue(id);
+      weight_group_.Forget(id);
       LOG(INFO) << id << " exited: " << ex.getReason().cStr() << " (reported by " << sender
                 << (requeued ? ", re-queued " + std::to_string(requeued) + " prompts" : "")
                 << ")";
@@ -257,6 +267,9 @@ void Coordinator::Handle(actors::Incoming& in) {
       reply.getBody().initCommandReply().setMatched(static_cast<uint32_t>(released));
       break;
     }
+    case BodyKind::WEIGHT_GROUP_REQUEST:
+      HandleWeightGroup(sender, body.getWeightGroupRequest(), reply, now);
+      break;
     default:
       return;  // not reachable: DecodeFrame filtered the kinds
   }
@@ -265,6 +278,61 @@ void Coordinator::Handle(actors::Incoming& in) {
     ++unreachable_replies_;
     VLOG(1) << "reply to " << sender << ": " << s;
   }
+}
+
+void Coordinator::HandleWeightGroup(const std::string& sender,
+                                    wire::WeightGroupRequest::Reader req,
+                                    wire::Envelope::Builder reply, int64_t now) {
+  const ActorRecord* r = registry_.Find(sender);
+  auto alive = [this](const std::string& id) {
+    const ActorRecord* a = registry_.Find(id);
+    return a != nullptr && a->state != wire::ActorState::DEAD &&
+           a->state != wire::ActorState::STOPPED && a->state != wire::ActorState::DRAINING;
+  };
+  if (r == nullptr || !alive(sender) ||
+      (r->role != wire::Role::LEARNER && r->role != wire::Role::ROLLOUT)) {
+    reply.getBody().initError().setMessage("weight group: '" + sender +
+                                           "' is no live learner or rollout worker");
+    return;
+  }
+  WeightGroupView view;
+  if (r->role == wire::Role::ROLLOUT) {
+    if (req.getAction() != wire::WeightGroupAction::POLL) {
+      reply.getBody().initError().setMessage("weight group: only the learner proposes or fails epochs");
+      return;
+    }
+    view = weight_group_.PollWorker(sender, now);
+  } else {
+    Status s;
+    if (req.getAction() == wire::WeightGroupAction::PROPOSE) {
+      auto id = req.getUniqueId();
+      s = weight_group_.Propose(sender, req.getEpoch(),
+                                std::string(reinterpret_cast<const char*>(id.begin()), id.size()),
+                                now, alive);
+      if (s.ok()) {
+        LOG(INFO) << "weight group epoch " << weight_group_.epoch() << ": "
+                  << weight_group_.members().size() << " members";
+      }
+    } else if (req.getAction() == wire::WeightGroupAction::FAILED) {
+      s = weight_group_.Fail(sender, req.getEpoch(), now);
+      if (s.ok()) LOG(INFO) << "weight group epoch " << req.getEpoch() << " failed (" << sender << ")";
+    }
+    if (!s.ok()) {
+      reply.getBody().initError().setMessage(s.ToString());
+      return;
+    }
+    view = weight_group_.PollLearner(sender, now, alive);
+  }
+  auto out = reply.getBody().initWeightGroupReply();
+  out.setEpoch(view.epoch);
+  out.setRank(view.rank);
+  out.setSize(view.size);
+  out.setUniqueId(kj::arrayPtr(reinterpret_cast<const kj::byte*>(view.unique_id.data()),
+                               view.unique_id.size()));
+  auto members = out.initMembers(static_cast<unsigned>(view.members.size()));
+  for (unsigned i = 0; i < view.members.size(); ++i) members.set(i, view.members[i]);
+  out.setFailed(view.failed);
+  out.setReformNeeded(view.reform_needed);
 }
 
 void Coordinator::FillStatus(wire::StatusReply::Builder reply, bool include_dead) {

@@ -9,6 +9,8 @@
 //   heartbeat     -> heartbeatAck     lookupRequest -> lookupReply
 //   command       -> commandReply     exitReport    -> commandReply
 //   workRequest   -> promptBatch      promptDone    -> commandReply (matched = released)
+//   weightGroupRequest -> weightGroupReply (the NCCL weight-broadcast group;
+//                         see cluster/weight_group_membership.h)
 // Requests from an actor that is not registered (workRequest, promptDone)
 // get an `error` reply.
 #pragma once
@@ -22,6 +24,7 @@
 #include "base/config.h"
 #include "cluster/prompt_source.h"
 #include "cluster/registry.h"
+#include "cluster/weight_group_membership.h"
 #include "cluster/work_queue.h"
 
 namespace grove {
@@ -65,12 +68,15 @@ class Coordinator {
   void SweepAndRequeue();
   void FillStatus(wire::StatusReply::Builder reply, bool include_dead);
   int64_t LearnerVersion() const;
+  void HandleWeightGroup(const std::string& sender, wire::WeightGroupRequest::Reader req,
+                         wire::Envelope::Builder reply, int64_t now);
 
   CoordinatorOptions options_;
   std::unique_ptr<PromptSource> source_;
   actors::RouterSocket socket_;
   Registry registry_;
   WorkQueue queue_;
+  WeightGroupMembership weight_group_;
   uint64_t epoch_;
   int64_t started_ms_;
   int64_t learner_version_ = 0;

@@ -204,6 +204,12 @@ Status RunLearnerLoop(const RoleArgs& args) {
                                                 static_cast<uint64_t>(s.weight_chunk_bytes)));
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<actors::ActorProcess> proc,
                          actors::ActorProcess::Start(args, wire::Role::LEARNER, publisher->endpoint()));
+  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<WeightBroadcast> broadcast,
+                         StartWeightBroadcast(args.config, args.id, args.coordinator));
+  auto publish = [&](std::shared_ptr<const actors::WeightSnapshot> snap) {
+    if (broadcast) broadcast->Publish(snap);
+    publisher->Publish(std::move(snap));
+  };
   ReplayLink replay(*proc, args.id, static_cast<int>(s.request_timeout_ms));
 
   EvalOptions eval_opt;
@@ -249,7 +255,7 @@ Status RunLearnerLoop(const RoleArgs& args) {
                    {"eval_format", warm.format_rate}, {"init_accuracy", init.accuracy}, {"kl", 0.0},
                    {"time_s", elapsed()}});
   }
-  publisher->Publish(Snapshot(trainer->policy(), trainer->version()));
+  publish(Snapshot(trainer->policy(), trainer->version()));
   proc->client().SetPolicyVersion(trainer->version());
   proc->client().SetCounter("step", static_cast<double>(trainer->rl_steps()));
 
@@ -323,7 +329,7 @@ Status RunLearnerLoop(const RoleArgs& args) {
       if (!marked.ok()) return marked.WithContext("marking a trained batch consumed");
     }
     if (groups.empty()) continue;
-    publisher->Publish(Snapshot(trainer->policy(), trainer->version()));
+    publish(Snapshot(trainer->policy(), trainer->version()));
     proc->client().SetPolicyVersion(trainer->version());
     const int64_t step = trainer->rl_steps();
     if (step % s.checkpoint_every == 0) GROVE_RETURN_IF_ERROR(trainer->SaveCheckpoint(ckpt_dir));

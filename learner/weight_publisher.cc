@@ -2,6 +2,12 @@
 
 #include <glog/logging.h>
 
+#include "actors/weights_transport.h"
+#ifdef GROVE_WITH_NCCL
+#include "actors/nccl_group.h"
+#include "learner/nccl_weight_broadcaster.h"
+#endif
+
 namespace grove::learner {
 
 Result<std::unique_ptr<WeightPublisher>> WeightPublisher::Start(const std::string& bind, std::string sender_id,
@@ -85,6 +91,47 @@ void WeightPublisher::Serve() {
     if (!s.ok()) VLOG(1) << "weight reply to a gone peer: " << s;
     ++requests_served_;
   }
+}
+
+namespace {
+
+#ifdef GROVE_WITH_NCCL
+class NcclBroadcast : public WeightBroadcast {
+ public:
+  explicit NcclBroadcast(std::unique_ptr<NcclWeightBroadcaster> b) : b_(std::move(b)) {}
+  void Publish(std::shared_ptr<const actors::WeightSnapshot> snapshot) override { b_->Publish(std::move(snapshot)); }
+
+ private:
+  std::unique_ptr<NcclWeightBroadcaster> b_;
+};
+#endif
+
+}  // namespace
+
+Result<std::unique_ptr<WeightBroadcast>> StartWeightBroadcast(const Config& root, const std::string& learner_id,
+                                                              const std::string& coordinator) {
+  GROVE_ASSIGN_OR_RETURN(actors::WeightsTransportOptions w, actors::WeightsTransportOptions::FromConfig(root));
+#ifdef GROVE_WITH_NCCL
+  const bool nccl_usable = actors::CudaDeviceCount() > 0;
+#else
+  const bool nccl_usable = false;
+#endif
+  GROVE_ASSIGN_OR_RETURN(actors::WeightTransport t, w.Choose(nccl_usable));
+  if (t == actors::WeightTransport::kZmq) return std::unique_ptr<WeightBroadcast>();
+#ifdef GROVE_WITH_NCCL
+  NcclBroadcasterOptions o;
+  o.coordinator = coordinator;
+  o.learner_id = learner_id;
+  o.device = 0;  // the first GPU this process sees (the launcher picks it)
+  o.bucket_bytes = w.bucket_bytes;
+  o.deadline_ms = w.deadline_ms;
+  o.poll_ms = w.poll_ms;
+  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<NcclWeightBroadcaster> b, NcclWeightBroadcaster::Start(o));
+  LOG(INFO) << "weights: NCCL broadcast in " << (w.bucket_bytes >> 20) << " MiB buckets, ZeroMQ beside it";
+  return std::unique_ptr<WeightBroadcast>(new NcclBroadcast(std::move(b)));
+#else
+  return Status::Internal("unreachable");
+#endif
 }
 
 }  // namespace grove::learner

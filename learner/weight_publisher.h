@@ -15,6 +15,7 @@
 
 #include "actors/socket.h"
 #include "actors/weight_transfer.h"
+#include "base/config.h"
 #include "base/result.h"
 
 namespace grove::learner {
@@ -50,5 +51,20 @@ class WeightPublisher {
   std::atomic<uint64_t> bytes_served_{0}, requests_served_{0};
   std::thread thread_;
 };
+
+// The NCCL broadcast that [weights] transport may add beside the ZeroMQ
+// publisher (docs/weights.md): the publisher keeps serving either way (for
+// workers without a GPU, and as the fallback).
+class WeightBroadcast {
+ public:
+  virtual ~WeightBroadcast() = default;
+  virtual void Publish(std::shared_ptr<const actors::WeightSnapshot> snapshot) = 0;
+};
+
+// Reads [weights]; null when the transport resolves to zmq. Errors:
+// InvalidArgument (bad section), FailedPrecondition (transport = "nccl" in a
+// build without NCCL or a process that sees no GPU).
+Result<std::unique_ptr<WeightBroadcast>> StartWeightBroadcast(const Config& root, const std::string& learner_id,
+                                                              const std::string& coordinator);
 
 }  // namespace grove::learner

@@ -147,6 +147,7 @@ Status RunRolloutLoop(const RoleArgs& args) {
   VerifierLinks verifiers(*proc, args.id);
   FetchOptions fetch;
   fetch.timeout_ms = static_cast<int>(s.request_timeout_ms);
+  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<WeightFeed> feed, StartWeightFeed(args.config, args.id, args.coordinator));
 
   std::ofstream ack_log;
   if (s.ack_log) {
@@ -165,7 +166,7 @@ Status RunRolloutLoop(const RoleArgs& args) {
   // ours. Transport trouble is logged and retried later; only weights that
   // do not fit this model's config are an error.
   auto update_weights = [&]() -> Status {
-    if (!learner) {
+    if (!feed && !learner) {
       Result<std::vector<actors::PeerEndpoint>> peers = client.Lookup(wire::Role::LEARNER);
       if (peers.ok() && !peers->empty()) {
         learner = std::make_unique<actors::RpcClient>(args.id);
@@ -174,7 +175,9 @@ Status RunRolloutLoop(const RoleArgs& args) {
       if (!learner) return Status::OK();
     }
     const auto t0 = std::chrono::steady_clock::now();
-    Result<std::optional<actors::WeightSnapshot>> got = FetchNewerWeights(*learner, version, fetch);
+    Result<std::optional<actors::WeightSnapshot>> got =
+        feed ? Result<std::optional<actors::WeightSnapshot>>(feed->TakeNewer(version))
+             : FetchNewerWeights(*learner, version, fetch);
     if (!got.ok()) {
       LOG_EVERY_N(WARNING, 10) << "weight fetch: " << got.status();
       if (got.status().code() != StatusCode::kAborted) learner.reset();

@@ -148,3 +148,29 @@ struct ScaleReply {
   count @1 :UInt32;
   message @2 :Text;
 }
+
+# Appended for the NCCL weight-broadcast group (docs/weights.md). Every
+# member asks the coordinator with WeightGroupRequest and is answered with a
+# WeightGroupReply naming the current epoch of the group. The learner is
+# always rank 0 and creates the NCCL unique id of every epoch.
+enum WeightGroupAction {
+  poll @0;      # "which epoch am I in?"; a rollout worker that polls is a candidate member
+  propose @1;   # learner: form epoch `epoch` with `uniqueId` over the current candidates
+  failed @2;    # learner: epoch `epoch` failed (deadline or NCCL error); form a new one
+}
+
+struct WeightGroupRequest {
+  action @0 :WeightGroupAction;
+  epoch @1 :UInt64;      # propose: the new epoch (current + 1); failed: the failed one; poll: the one held (0: none)
+  uniqueId @2 :Data;     # propose: the ncclUniqueId bytes of the new epoch
+}
+
+struct WeightGroupReply {
+  epoch @0 :UInt64;          # 0: no group formed yet
+  rank @1 :Int32;            # the sender's rank in `epoch`; -1: not a member
+  size @2 :Int32;
+  uniqueId @3 :Data;
+  members @4 :List(Text);    # actor ids in rank order; members[0] is the learner
+  failed @5 :Bool;           # `epoch` was reported failed: members abort and poll again
+  reformNeeded @6 :Bool;     # learner only: the candidates differ from the members (propose)
+}

@@ -150,6 +150,10 @@ struct WeightAnnounce {
   chunkBytes @2 :UInt64;
   tensors @3 :List(TensorMeta);
   checksum @4 :UInt64;   # of the whole flat buffer
+  # Appended: set when the bytes are not sent as chunks but lie in the
+  # sender's GPU memory, exported as a CUDA IPC handle (same GPU only).
+  ipcHandle @5 :Data;
+  ipcDevice @6 :Int32;
 }
 
 struct WeightChunk {

@@ -51,5 +51,9 @@ struct Envelope {
     # Appended: launcher control (grove scale).
     scaleRequest @32 :Control.ScaleRequest;
     scaleReply @33 :Control.ScaleReply;
+
+    # Appended: the NCCL weight-broadcast group (coordinator).
+    weightGroupRequest @34 :Control.WeightGroupRequest;
+    weightGroupReply @35 :Control.WeightGroupReply;
   }
 }

@@ -25,7 +25,7 @@ namespace {
 
 using grove::actors::BodyKind;
 
-constexpr int kLastKind = static_cast<int>(BodyKind::SCALE_REPLY);
+constexpr int kLastKind = static_cast<int>(BodyKind::WEIGHT_GROUP_REPLY);
 
 // Touches every value reachable from `value`; returns a digest so the reads
 // cannot be optimized away.

@@ -1,0 +1,72 @@
+// NcclWeightReceiver: a rollout worker's side of the NCCL weight group
+// (docs/weights.md). Its own thread asks the coordinator which epoch to be
+// in, joins it (NcclGroup::Form with the epoch's unique id and rank), and
+// receives every version the learner broadcasts into a device staging
+// buffer, then into a host snapshot verified against its checksum. The
+// rollout loop picks the newest verified version up between requests with
+// TakeNewer(), so a group of completions never mixes versions.
+//
+// While it waits for the next version the thread keeps polling the
+// coordinator; an epoch that moved on or was reported failed cancels the
+// wait and aborts the communicator, so a learner's re-formation never waits
+// on this worker, and this worker never waits on a dead peer.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include "actors/weight_transfer.h"
+#include "base/result.h"
+
+namespace grove::rollout {
+
+struct NcclReceiverOptions {
+  std::string coordinator;   // tcp://HOST:PORT
+  std::string worker_id;     // the worker's registered actor id
+  int device = 0;
+  int64_t deadline_ms = 30000;   // forming an epoch; one version's payload
+  int64_t poll_ms = 200;
+  int64_t idle_timeout_ms = 3600000;  // waiting for the next version's header
+  uint64_t max_bytes = uint64_t{16} << 30;
+  int rpc_timeout_ms = 2000;
+  // Test-only fault injection: called after a version's header arrived.
+  std::function<void(int64_t version)> after_header;
+};
+
+struct NcclReceiverStats {
+  uint64_t epoch = 0;
+  int32_t rank = -1;
+  int64_t last_version = -1;
+  uint64_t versions_received = 0;
+  uint64_t failures = 0;
+  double last_receive_ms = 0;  // header to verified host snapshot
+};
+
+class NcclWeightReceiver {
+ public:
+  static Result<std::unique_ptr<NcclWeightReceiver>> Start(NcclReceiverOptions options);
+  ~NcclWeightReceiver();
+
+  // The newest verified version if newer than have_version (moved out).
+  std::optional<actors::WeightSnapshot> TakeNewer(int64_t have_version);
+  NcclReceiverStats stats() const;
+
+ private:
+  explicit NcclWeightReceiver(NcclReceiverOptions options) : options_(std::move(options)) {}
+  void Run();
+
+  NcclReceiverOptions options_;
+  mutable std::mutex mu_;
+  std::optional<actors::WeightSnapshot> newest_;
+  NcclReceiverStats stats_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+}  // namespace grove::rollout
