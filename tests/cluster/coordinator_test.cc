@@ -9,7 +9,7 @@
 #include <gtest/gtest.h>
 
 #include "actors/actor_client.h"
-#include "tests/cluster/proc_util.h"
+#include "tests/support/proc_util.h"
 
 namespace grove {
 namespace {

@@ -12,7 +12,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include "tests/cluster/proc_util.h"
+#include "tests/support/proc_util.h"
 
 namespace grove {
 namespace {

@@ -14,7 +14,7 @@
 #include "actors/codec.h"
 #include "actors/rpc_client.h"
 #include "actors/socket.h"
-#include "tests/cluster/proc_util.h"
+#include "tests/support/proc_util.h"
 
 namespace grove {
 namespace {

@@ -13,7 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "actors/rpc_client.h"
-#include "tests/cluster/proc_util.h"
+#include "tests/support/proc_util.h"
 #include "tests/ops/http_get.h"
 #include "tests/ops/prometheus_parse.h"
 

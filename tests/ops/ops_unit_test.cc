@@ -13,7 +13,7 @@
 #include "cluster/metrics_http.h"
 #include "cluster/prometheus_text.h"
 #include "cluster/status_view.h"
-#include "tests/cluster/proc_util.h"
+#include "tests/support/proc_util.h"
 #include "tests/ops/http_get.h"
 #include "tests/ops/prometheus_parse.h"
 

@@ -35,7 +35,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include "tests/cluster/proc_util.h"
+#include "tests/support/proc_util.h"
 #include "tests/ops/http_get.h"
 #include "tests/ops/prometheus_parse.h"
 

@@ -17,7 +17,7 @@
 #include "reward/composite_verifier.h"
 #include "reward/registry.h"
 #include "reward/task.h"
-#include "tests/cluster/proc_util.h"
+#include "tests/support/proc_util.h"
 
 namespace grove::reward {
 namespace {

@@ -24,7 +24,7 @@
 #include "reward/python_tests_verifier.h"
 #include "reward/registry.h"
 #include "reward/sandbox.h"
-#include "tests/cluster/proc_util.h"
+#include "tests/support/proc_util.h"
 
 namespace grove::reward {
 namespace {

@@ -19,7 +19,7 @@
 #include "actors/cuda_ipc.h"
 #include "actors/nccl_group.h"
 #include "cluster/coordinator.h"
-#include "tests/cluster/proc_util.h"
+#include "tests/support/proc_util.h"
 #include "tests/weights_nccl/weights_peer.h"
 
 namespace grove {

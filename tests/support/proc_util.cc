@@ -1,4 +1,4 @@
-#include "tests/cluster/proc_util.h"
+#include "tests/support/proc_util.h"
 
 #include <fcntl.h>
 #include <signal.h>
