@@ -18,6 +18,9 @@ bool WaitExit(int pid, int timeout_ms, int* status = nullptr);
 // Polls `done` every 10 ms until true or timeout; returns its last value.
 bool WaitFor(const std::function<bool()>& done, int timeout_ms);
 std::string ReadFile(const std::string& path);
+// A TCP port on 127.0.0.1 that was free a moment ago (the kernel's pick for
+// an ephemeral bind; another process may take it before the caller does).
+int FreePort();
 // A fresh directory under $TMPDIR, removed by the caller when wanted.
 std::string MakeTempDir();
 // $GROVE_BIN/grove, and the test actor ($GROVE_TEST_ACTOR).
