@@ -50,16 +50,22 @@ Status FillIpcWeightAnnounce(const WeightSnapshot& snap, const void* device_flat
   return Status::OK();
 }
 
-Result<WeightSnapshot> ReceiveIpcWeights(wire::WeightAnnounce::Reader announce, uint64_t max_bytes) {
+Result<WeightSnapshot> ReceiveIpcWeights(wire::WeightAnnounce::Reader announce, uint64_t max_bytes, int device) {
   if (!announce.hasIpcHandle()) return Status::InvalidArgument("weight announce carries no IPC handle");
   auto h = announce.getIpcHandle();
   const std::string handle(reinterpret_cast<const char*>(h.begin()), h.size());
   WeightAssembler assembler;
   GROVE_RETURN_IF_ERROR(assembler.Begin(announce, max_bytes));
   GROVE_RETURN_IF_ERROR(assembler.FillAll([&](void* dst, uint64_t bytes) {
-    return CopyFromCudaIpcHandle(handle, announce.getIpcDevice(), bytes, dst);
+    return CopyFromCudaIpcHandle(handle, device >= 0 ? device : announce.getIpcDevice(), bytes, dst);
   }));
   return assembler.Finish();
+}
+
+Result<std::string> CudaDeviceUuid(int device) {
+  cudaDeviceProp prop;
+  GROVE_RETURN_IF_ERROR(CudaOk(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties"));
+  return std::string(prop.uuid.bytes, sizeof(prop.uuid.bytes));
 }
 
 }  // namespace grove::actors

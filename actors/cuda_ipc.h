@@ -31,7 +31,13 @@ Status FillIpcWeightAnnounce(const WeightSnapshot& snap, const void* device_flat
                              int device, wire::WeightAnnounce::Builder out);
 
 // The worker: the snapshot an IPC announce names, checked like any other
-// received version (limit, layout, checksum).
-Result<WeightSnapshot> ReceiveIpcWeights(wire::WeightAnnounce::Reader announce, uint64_t max_bytes);
+// received version (limit, layout, checksum). device: where to open the
+// handle (this process's index of the GPU; -1: the announce's ipcDevice,
+// right when both processes number the GPUs alike).
+Result<WeightSnapshot> ReceiveIpcWeights(wire::WeightAnnounce::Reader announce, uint64_t max_bytes, int device = -1);
+
+// The 16 bytes of `device`'s UUID (the same GPU has the same UUID in every
+// process, whatever CUDA_VISIBLE_DEVICES numbers it).
+Result<std::string> CudaDeviceUuid(int device);
 
 }  // namespace grove::actors

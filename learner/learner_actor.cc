@@ -202,6 +202,10 @@ Status RunLearnerLoop(const RoleArgs& args) {
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<WeightPublisher> publisher,
                          WeightPublisher::Start(args.bind.empty() ? "tcp://127.0.0.1:0" : args.bind, args.id,
                                                 static_cast<uint64_t>(s.weight_chunk_bytes)));
+  // Workers on this learner's GPU read versions through CUDA IPC (the GPU
+  // the step runs on, the first this process sees).
+  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<DeviceWeightExport> device_export, StartDeviceWeightExport(args.config, 0));
+  if (device_export) publisher->SetDeviceExport(std::move(device_export));
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<actors::ActorProcess> proc,
                          actors::ActorProcess::Start(args, wire::Role::LEARNER, publisher->endpoint()));
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<WeightBroadcast> broadcast,

@@ -5,6 +5,7 @@
 #include "actors/weights_transport.h"
 #ifdef GROVE_WITH_NCCL
 #include "actors/nccl_group.h"
+#include "learner/ipc_weight_export.h"
 #include "learner/nccl_weight_broadcaster.h"
 #endif
 
@@ -26,7 +27,23 @@ WeightPublisher::~WeightPublisher() {
   if (thread_.joinable()) thread_.join();
 }
 
+void WeightPublisher::SetDeviceExport(std::unique_ptr<DeviceWeightExport> device) {
+  std::lock_guard<std::mutex> lock(mu_);
+  device_ = std::move(device);
+}
+
 void WeightPublisher::Publish(std::shared_ptr<const actors::WeightSnapshot> snapshot) {
+  std::shared_ptr<DeviceWeightExport> device;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    device = device_;
+  }
+  // Before the version is announced, so an IPC announce never names bytes
+  // not yet on the device.
+  if (device) {
+    Status s = device->Publish(*snapshot);
+    if (!s.ok()) LOG(WARNING) << "weights: device copy of version " << snapshot->version << ": " << s;
+  }
   std::lock_guard<std::mutex> lock(mu_);
   previous_ = std::move(current_);
   current_ = std::move(snapshot);
@@ -60,17 +77,27 @@ void WeightPublisher::Serve() {
     auto out = actors::InitEnvelope(mb, sender_id_, env.getRequestId());
     if (!req.getWantChunk()) {
       std::shared_ptr<const actors::WeightSnapshot> cur;
+      std::shared_ptr<DeviceWeightExport> device;
       {
         std::lock_guard<std::mutex> lock(mu_);
         cur = current_;
+        device = device_;
       }
+      const bool same_gpu = device && req.hasDeviceUuid() && req.getDeviceUuid().size() > 0 &&
+                            std::string(reinterpret_cast<const char*>(req.getDeviceUuid().begin()),
+                                        req.getDeviceUuid().size()) == device->device_uuid();
       if (!cur) {
         out.getBody().initError().setMessage("no policy version published yet");
       } else if (cur->version <= req.getHaveVersion()) {
         // Nothing newer: an announce of the version alone, without layout.
         out.getBody().initWeightAnnounce().setVersion(cur->version);
-      } else {
+      } else if (!same_gpu || !device->FillAnnounce(*cur, out.getBody().initWeightAnnounce())) {
         actors::FillWeightAnnounce(*cur, chunk_bytes_, out.getBody().initWeightAnnounce());
+      }
+      if (device && out.getBody().isWeightAnnounce()) {
+        const std::string& uuid = device->device_uuid();
+        out.getBody().getWeightAnnounce().setDeviceUuid(
+            kj::arrayPtr(reinterpret_cast<const kj::byte*>(uuid.data()), uuid.size()));
       }
     } else {
       std::shared_ptr<const actors::WeightSnapshot> snap = Find(req.getVersion());
@@ -107,6 +134,24 @@ class NcclBroadcast : public WeightBroadcast {
 #endif
 
 }  // namespace
+
+Result<std::unique_ptr<DeviceWeightExport>> StartDeviceWeightExport(const Config& root, int gpu) {
+  GROVE_ASSIGN_OR_RETURN(actors::WeightsTransportOptions w, actors::WeightsTransportOptions::FromConfig(root));
+#ifdef GROVE_WITH_NCCL
+  const bool gpu_usable = actors::CudaDeviceCount() > gpu;
+#else
+  const bool gpu_usable = false;
+#endif
+  GROVE_ASSIGN_OR_RETURN(actors::WeightTransport t, w.Choose(gpu_usable));
+  if (t == actors::WeightTransport::kZmq) return std::unique_ptr<DeviceWeightExport>();
+#ifdef GROVE_WITH_NCCL
+  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<DeviceWeightExport> e, IpcWeightExport::Create(gpu));
+  LOG(INFO) << "weights: CUDA IPC for rollout workers on GPU " << gpu;
+  return e;
+#else
+  return Status::Internal("unreachable");
+#endif
+}
 
 Result<std::unique_ptr<WeightBroadcast>> StartWeightBroadcast(const Config& root, const std::string& learner_id,
                                                               const std::string& coordinator) {

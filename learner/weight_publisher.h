@@ -20,6 +20,24 @@
 
 namespace grove::learner {
 
+// Same-GPU weights (docs/weights.md, CUDA IPC): a device copy of the
+// published versions that a rollout worker on the learner's GPU reads
+// through an IPC handle instead of fetching chunks. Thread-safe: Publish is
+// called by the training loop, FillAnnounce by the publisher's thread.
+class DeviceWeightExport {
+ public:
+  virtual ~DeviceWeightExport() = default;
+  // The UUID of the GPU the copies lie on (actors::CudaDeviceUuid).
+  virtual const std::string& device_uuid() const = 0;
+  // Copies `snapshot` to the device. The two newest versions stay readable;
+  // a reader still copying an older one sees its checksum fail and asks
+  // again.
+  virtual Status Publish(const actors::WeightSnapshot& snapshot) = 0;
+  // An IPC announce of `snapshot` when its bytes are held; false otherwise
+  // (the publisher then announces chunks).
+  virtual bool FillAnnounce(const actors::WeightSnapshot& snapshot, wire::WeightAnnounce::Builder out) = 0;
+};
+
 class WeightPublisher {
  public:
   // Binds `bind` (port 0 picks a free port). chunk_bytes: the bucket size.
@@ -28,6 +46,9 @@ class WeightPublisher {
   ~WeightPublisher();
 
   const std::string& endpoint() const { return endpoint_; }
+  // Also offers every version published from now on through `device`
+  // (workers on its GPU get an IPC announce); null: chunks only.
+  void SetDeviceExport(std::unique_ptr<DeviceWeightExport> device);
   void Publish(std::shared_ptr<const actors::WeightSnapshot> snapshot);
   int64_t version() const;
 
@@ -47,6 +68,7 @@ class WeightPublisher {
   std::string endpoint_;
   mutable std::mutex mu_;
   std::shared_ptr<const actors::WeightSnapshot> current_, previous_;
+  std::shared_ptr<DeviceWeightExport> device_;
   std::atomic<bool> stop_{false};
   std::atomic<uint64_t> bytes_served_{0}, requests_served_{0};
   std::thread thread_;
@@ -60,6 +82,11 @@ class WeightBroadcast {
   virtual ~WeightBroadcast() = default;
   virtual void Publish(std::shared_ptr<const actors::WeightSnapshot> snapshot) = 0;
 };
+
+// Reads [weights]: the device copy for workers on this learner's GPU, null
+// when the transport resolves to zmq or the build has no CUDA. gpu: the
+// learner's device.
+Result<std::unique_ptr<DeviceWeightExport>> StartDeviceWeightExport(const Config& root, int gpu);
 
 // Reads [weights]; null when the transport resolves to zmq. Errors:
 // InvalidArgument (bad section), FailedPrecondition (transport = "nccl" in a

@@ -89,43 +89,64 @@ Status PolicyQuantizer::MakePlan(int64_t version, std::span<const float> full, m
   return Status::OK();
 }
 
+Result<FormatChooser> PolicyQuantizer::Choose(int64_t version, const model::ModelConfig& config,
+                                               std::span<const float> flat, model::Model* model, bool* remade) {
+  *remade = false;
+  switch (settings_.mode) {
+    case QuantizeMode::kNone:
+      return FormatChooser([](const actors::TensorSpec&) { return std::optional<PrecisionFormat>(); });
+    case QuantizeMode::kInt8:
+      return FormatChooser([](const actors::TensorSpec& t) -> std::optional<PrecisionFormat> {
+        return IsQuantizedTensor(t) ? std::optional(PrecisionFormat::kInt8) : std::nullopt;
+      });
+    case QuantizeMode::kInt4:
+      return UniformFfn(config, PrecisionFormat::kInt4);
+    case QuantizeMode::kPlan:
+      if (prompts_.empty()) return Status::FailedPrecondition("plan mode needs calibration prompts");
+      if (model == nullptr) return Status::FailedPrecondition("plan mode needs a CPU model to calibrate on");
+      if (trigger_.Due(version, flat)) {
+        GROVE_RETURN_IF_ERROR(MakePlan(version, flat, *model));
+        *remade = true;
+      }
+      return plan_->Chooser();
+  }
+  return Status::Internal("unknown quantize mode");
+}
+
+Status PolicyQuantizer::MeasurePlan(int64_t version, const std::vector<actors::TensorSpec>& tensors,
+                                    std::span<const float> full, model::Model& model) {
+  std::vector<float> planned(full.begin(), full.end());
+  const QuantizationReport q = QuantizeInPlace(tensors, planned, plan_->Chooser());
+  std::copy(planned.begin(), planned.end(), model.params().begin());
+  GROVE_ASSIGN_OR_RETURN(mismatch_, MeasureMismatch(model, full, calibration_));
+  LOG(INFO) << "precision plan for version " << version << ": " << plan_->Summary() << " (" << Fixed(plan_seconds_, 2)
+            << " s on " << calibration_.size() << " sequences); model " << Fixed(q.bits_per_weight, 2)
+            << " b/w; vs full precision: KL " << mismatch_.mean_kl << " per token, routes differ on "
+            << Fixed(100 * mismatch_.routes_differ, 1) << "% of " << mismatch_.tokens << " tokens";
+  return Status::OK();
+}
+
 Status PolicyQuantizer::Install(int64_t version, const std::vector<actors::TensorSpec>& tensors,
                                 std::vector<float>& flat, model::Model& model) {
   if (flat.size() != model.params().size())
     return Status::InvalidArgument("weights of " + std::to_string(flat.size()) + " values for a model of " +
                                    std::to_string(model.params().size()));
-  switch (settings_.mode) {
-    case QuantizeMode::kNone:
-      report_ = QuantizeInPlace(tensors, flat, [](const actors::TensorSpec&) { return std::nullopt; });
-      break;
-    case QuantizeMode::kInt8:
-      report_ = QuantizeInPlace(tensors, flat, [](const actors::TensorSpec& t) -> std::optional<PrecisionFormat> {
-        return IsQuantizedTensor(t) ? std::optional(PrecisionFormat::kInt8) : std::nullopt;
-      });
-      break;
-    case QuantizeMode::kInt4:
-      report_ = QuantizeInPlace(tensors, flat, UniformFfn(model.config(), PrecisionFormat::kInt4));
-      break;
-    case QuantizeMode::kPlan: {
-      if (prompts_.empty()) return Status::FailedPrecondition("plan mode needs calibration prompts");
-      if (!trigger_.Due(version, flat)) {
-        report_ = QuantizeInPlace(tensors, flat, plan_->Chooser());
-        break;
-      }
-      const std::vector<float> full = flat;
-      GROVE_RETURN_IF_ERROR(MakePlan(version, full, model));
-      report_ = QuantizeInPlace(tensors, flat, plan_->Chooser());
-      std::copy(flat.begin(), flat.end(), model.params().begin());
-      GROVE_ASSIGN_OR_RETURN(mismatch_, MeasureMismatch(model, full, calibration_));
-      LOG(INFO) << "precision plan for version " << version << ": " << plan_->Summary() << " (" << Fixed(plan_seconds_, 2)
-                << " s on " << calibration_.size() << " sequences); model " << Fixed(report_.bits_per_weight, 2)
-                << " b/w; vs full precision: KL " << mismatch_.mean_kl << " per token, routes differ on "
-                << Fixed(100 * mismatch_.routes_differ, 1) << "% of " << mismatch_.tokens << " tokens";
-      break;
-    }
-  }
+  bool remade = false;
+  GROVE_ASSIGN_OR_RETURN(FormatChooser choose, Choose(version, model.config(), flat, &model, &remade));
+  if (remade) GROVE_RETURN_IF_ERROR(MeasurePlan(version, tensors, flat, model));
+  report_ = QuantizeInPlace(tensors, flat, choose);
   std::copy(flat.begin(), flat.end(), model.params().begin());
   return Status::OK();
+}
+
+Result<FormatChooser> PolicyQuantizer::Formats(int64_t version, const model::ModelConfig& config,
+                                               const std::vector<actors::TensorSpec>& tensors,
+                                               std::span<const float> flat, model::Model* plan_model) {
+  bool remade = false;
+  GROVE_ASSIGN_OR_RETURN(FormatChooser choose, Choose(version, config, flat, plan_model, &remade));
+  if (remade) GROVE_RETURN_IF_ERROR(MeasurePlan(version, tensors, flat, *plan_model));
+  report_ = StorageReport(tensors, choose);
+  return choose;
 }
 
 std::string PolicyQuantizer::Detail() const {

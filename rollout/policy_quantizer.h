@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -59,6 +60,17 @@ class PolicyQuantizer {
   Status Install(int64_t version, const std::vector<actors::TensorSpec>& tensors, std::vector<float>& flat,
                  model::Model& model);
 
+  // The format of each tensor of `version` (a model of `config`) as
+  // configured, remaking the plan first when due, without touching `flat`:
+  // what an engine that quantizes on the GPU (GpuGenerator::LoadWeights) is
+  // handed. Plan mode calibrates and measures its mismatch on `plan_model`,
+  // a CPU model of `config` whose parameters it overwrites (required then,
+  // FailedPrecondition if null; other modes ignore it). report() then has
+  // the storage bits only (the rounding errors are the device's to know).
+  Result<FormatChooser> Formats(int64_t version, const model::ModelConfig& config,
+                                const std::vector<actors::TensorSpec>& tensors, std::span<const float> flat,
+                                model::Model* plan_model);
+
   const QuantizeSettings& settings() const { return settings_; }
   const QuantizationReport& report() const { return report_; }
   // Plan mode, after the first Install: the plan in force, its mismatch on
@@ -72,6 +84,13 @@ class PolicyQuantizer {
 
  private:
   Status MakePlan(int64_t version, std::span<const float> full, model::Model& model);
+  // The chooser of the configured mode (plan mode: of the plan in force);
+  // *remade is set when the plan was remade for this version.
+  Result<FormatChooser> Choose(int64_t version, const model::ModelConfig& config, std::span<const float> flat,
+                               model::Model* model, bool* remade);
+  // After a remake: the plan's mismatch against `full`, on `model`.
+  Status MeasurePlan(int64_t version, const std::vector<actors::TensorSpec>& tensors, std::span<const float> full,
+                     model::Model& model);
 
   QuantizeSettings settings_;
   std::vector<std::vector<int32_t>> prompts_;

@@ -65,11 +65,9 @@ bool IsQuantizedTensor(const actors::TensorSpec& t) {
   return true;
 }
 
-QuantizationReport QuantizeInPlace(const std::vector<actors::TensorSpec>& tensors, std::vector<float>& flat,
-                                   const FormatChooser& choose) {
+QuantizationReport StorageReport(const std::vector<actors::TensorSpec>& tensors, const FormatChooser& choose) {
   QuantizationReport rep;
-  double err2 = 0, ref2 = 0, bits = 0;
-  std::vector<float> dq;
+  double bits = 0;
   for (const actors::TensorSpec& t : tensors) {
     rep.params_total += static_cast<int64_t>(t.count);
     const std::optional<PrecisionFormat> f = t.shape.size() == 2 ? choose(t) : std::nullopt;
@@ -77,6 +75,22 @@ QuantizationReport QuantizeInPlace(const std::vector<actors::TensorSpec>& tensor
       bits += 32.0 * t.count;
       continue;
     }
+    bits += StorageBits(*f, t.shape[0], t.shape[1]);
+    rep.tensors_quantized += 1;
+    rep.params_quantized += static_cast<int64_t>(t.count);
+  }
+  rep.bits_per_weight = rep.params_total > 0 ? bits / rep.params_total : 32;
+  return rep;
+}
+
+QuantizationReport QuantizeInPlace(const std::vector<actors::TensorSpec>& tensors, std::vector<float>& flat,
+                                   const FormatChooser& choose) {
+  QuantizationReport rep = StorageReport(tensors, choose);
+  double err2 = 0, ref2 = 0;
+  std::vector<float> dq;
+  for (const actors::TensorSpec& t : tensors) {
+    const std::optional<PrecisionFormat> f = t.shape.size() == 2 ? choose(t) : std::nullopt;
+    if (!f || t.count == 0) continue;
     const int64_t rows = t.shape[0], cols = t.shape[1];
     float* w = flat.data() + t.offset;
     dq.assign(w, w + t.count);
@@ -88,12 +102,8 @@ QuantizationReport QuantizeInPlace(const std::vector<actors::TensorSpec>& tensor
       rep.max_abs_error = std::max(rep.max_abs_error, std::fabs(e));
     }
     std::copy(dq.begin(), dq.end(), w);
-    bits += StorageBits(*f, rows, cols);
-    rep.tensors_quantized += 1;
-    rep.params_quantized += static_cast<int64_t>(t.count);
   }
   rep.rel_l2_error = ref2 > 0 ? std::sqrt(err2 / ref2) : 0;
-  rep.bits_per_weight = rep.params_total > 0 ? bits / rep.params_total : 32;
   return rep;
 }
 

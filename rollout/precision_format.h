@@ -56,6 +56,10 @@ bool IsQuantizedTensor(const actors::TensorSpec& t);
 // applied to 2-D tensors.
 using FormatChooser = std::function<std::optional<PrecisionFormat>(const actors::TensorSpec&)>;
 
+// The counts and storage bits of applying `choose` (errors left 0): what a
+// worker that quantizes on the GPU reports.
+QuantizationReport StorageReport(const std::vector<actors::TensorSpec>& tensors, const FormatChooser& choose);
+
 // Replaces each tensor of `flat` that `choose` gives a format by its round
 // trip through that format.
 QuantizationReport QuantizeInPlace(const std::vector<actors::TensorSpec>& tensors, std::vector<float>& flat,

@@ -9,13 +9,16 @@
 #include <cblas.h>
 #include <glog/logging.h>
 
+#include "actors/latency_window.h"
 #include "actors/process.h"
 #include "actors/rpc_client.h"
 #include "actors/socket.h"
 #include "model/prompt_format.h"
 #include "model/tokenizer.h"
+#include "model/param_layout.h"
 #include "model/transformer.h"
 #include "reward/task.h"
+#include "rollout/generation_backend.h"
 #include "rollout/policy_quantizer.h"
 #include "rollout/weight_fetch.h"
 
@@ -32,6 +35,7 @@ struct RolloutSettings {
   int64_t top_k = 0;
   int64_t max_new_tokens = 32;
   QuantizeSettings quantize;
+  BackendSettings backend;
   int64_t request_timeout_ms = 10000;
   int64_t blas_threads = 1;
   // Append "GROUP_ID VERSION" to RUN_DIR/acks/ID.log for every group the
@@ -45,6 +49,7 @@ Result<RolloutSettings> ParseSettings(const Config& cfg) {
   std::vector<std::string_view> keys = {"group_size",     "prompts_per_request", "temperature", "top_p", "top_k",
                                         "max_new_tokens", "request_timeout_ms",  "blas_threads", "ack_log"};
   keys.insert(keys.end(), QuantizeKeys().begin(), QuantizeKeys().end());
+  keys.insert(keys.end(), BackendKeys().begin(), BackendKeys().end());
   GROVE_RETURN_IF_ERROR(s.CheckKeys(keys));
   RolloutSettings o;
   GROVE_ASSIGN_OR_RETURN(o.group_size, s.Int("group_size", o.group_size));
@@ -54,6 +59,7 @@ Result<RolloutSettings> ParseSettings(const Config& cfg) {
   GROVE_ASSIGN_OR_RETURN(o.top_k, s.Int("top_k", o.top_k));
   GROVE_ASSIGN_OR_RETURN(o.max_new_tokens, s.Int("max_new_tokens", o.max_new_tokens));
   GROVE_ASSIGN_OR_RETURN(o.quantize, ParseQuantizeSettings(s));
+  GROVE_ASSIGN_OR_RETURN(o.backend, ParseBackendSettings(s));
   GROVE_ASSIGN_OR_RETURN(o.request_timeout_ms, s.Int("request_timeout_ms", o.request_timeout_ms));
   GROVE_ASSIGN_OR_RETURN(o.blas_threads, s.Int("blas_threads", o.blas_threads));
   GROVE_ASSIGN_OR_RETURN(o.ack_log, s.Bool("ack_log", o.ack_log));
@@ -67,11 +73,11 @@ Result<RolloutSettings> ParseSettings(const Config& cfg) {
   return o;
 }
 
-// Installs a received snapshot into the model: the layout must match the
+// Installs a received snapshot into the engine: the layout must match the
 // model's exactly, then the weights are quantized as configured.
-Status InstallWeights(actors::WeightSnapshot& snap, model::Model& m, PolicyQuantizer& quantizer) {
-  const auto& tensors = m.layout().tensors();
-  if (snap.tensors.size() != tensors.size() || snap.flat.size() != m.params().size())
+Status InstallWeights(actors::WeightSnapshot& snap, const model::ParamLayout& layout, GenerationBackend& engine) {
+  const auto& tensors = layout.tensors();
+  if (snap.tensors.size() != tensors.size() || snap.flat.size() != static_cast<size_t>(layout.total()))
     return Status::InvalidArgument("received weights have " + std::to_string(snap.tensors.size()) +
                                    " tensors, this model has " + std::to_string(tensors.size()) +
                                    ": learner and rollout configs differ");
@@ -81,7 +87,7 @@ Status InstallWeights(actors::WeightSnapshot& snap, model::Model& m, PolicyQuant
     if (a.name != b.name || a.shape != b.shape || a.offset != static_cast<uint64_t>(b.offset))
       return Status::InvalidArgument("received tensor '" + a.name + "' does not match this model's '" + b.name + "'");
   }
-  return quantizer.Install(snap.version, snap.tensors, snap.flat, m);
+  return engine.Install(snap.version, snap.tensors, snap.flat);
 }
 
 uint64_t Mix(uint64_t h, uint64_t v) {
@@ -124,7 +130,7 @@ Status RunRolloutLoop(const RoleArgs& args) {
   GROVE_ASSIGN_OR_RETURN(RolloutSettings s, ParseSettings(args.config));
   openblas_set_num_threads(static_cast<int>(std::max<int64_t>(1, s.blas_threads)));
   GROVE_ASSIGN_OR_RETURN(model::ModelConfig mc, model::ModelConfig::FromConfig(args.config.Section("model")));
-  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<model::Model> m, model::Model::Create(mc, 0));
+  const model::ParamLayout layout(mc);
   model::CharTokenizer tok;
   // Plan mode calibrates on prompts of the task this cluster trains on.
   std::vector<std::vector<int32_t>> calibration;
@@ -139,7 +145,13 @@ Status RunRolloutLoop(const RoleArgs& args) {
     }
     if (calibration.empty()) return Status::InvalidArgument("rollout: no task prompt fits the model's context");
   }
-  PolicyQuantizer quantizer(s.quantize, std::move(calibration), tok.eos_id());
+  // The engine before the process registers: a worker that cannot sample
+  // where it was told to (rollout.device = gpu) fails at start, clearly.
+  GROVE_ASSIGN_OR_RETURN(
+      std::unique_ptr<GenerationBackend> engine,
+      MakeGenerationBackend(s.backend, mc, args.id,
+                            std::make_unique<PolicyQuantizer>(s.quantize, std::move(calibration), tok.eos_id())));
+  const PolicyQuantizer& quantizer = engine->quantizer();
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<actors::ActorProcess> proc,
                          actors::ActorProcess::Start(args, wire::Role::ROLLOUT, ""));
   actors::ActorClient& client = proc->client();
@@ -147,7 +159,10 @@ Status RunRolloutLoop(const RoleArgs& args) {
   VerifierLinks verifiers(*proc, args.id);
   FetchOptions fetch;
   fetch.timeout_ms = static_cast<int>(s.request_timeout_ms);
-  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<WeightFeed> feed, StartWeightFeed(args.config, args.id, args.coordinator));
+  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<WeightSource> weight_source,
+                         WeightSource::Start(args.config, args.id, args.coordinator, engine->gpu(), fetch));
+  WeightSource& weights = *weight_source;
+  actors::LatencyWindow stall(64);
 
   std::ofstream ack_log;
   if (s.ack_log) {
@@ -166,7 +181,7 @@ Status RunRolloutLoop(const RoleArgs& args) {
   // ours. Transport trouble is logged and retried later; only weights that
   // do not fit this model's config are an error.
   auto update_weights = [&]() -> Status {
-    if (!feed && !learner) {
+    if (weights.needs_learner() && !learner) {
       Result<std::vector<actors::PeerEndpoint>> peers = client.Lookup(wire::Role::LEARNER);
       if (peers.ok() && !peers->empty()) {
         learner = std::make_unique<actors::RpcClient>(args.id);
@@ -175,29 +190,45 @@ Status RunRolloutLoop(const RoleArgs& args) {
       if (!learner) return Status::OK();
     }
     const auto t0 = std::chrono::steady_clock::now();
-    Result<std::optional<actors::WeightSnapshot>> got =
-        feed ? Result<std::optional<actors::WeightSnapshot>>(feed->TakeNewer(version))
-             : FetchNewerWeights(*learner, version, fetch);
+    Result<std::optional<actors::WeightSnapshot>> got = weights.TakeNewer(learner.get(), version);
     if (!got.ok()) {
+      if (got.status().code() == StatusCode::kInternal) return got.status();
       LOG_EVERY_N(WARNING, 10) << "weight fetch: " << got.status();
       if (got.status().code() != StatusCode::kAborted) learner.reset();
       return Status::OK();
     }
     if (!got->has_value()) return Status::OK();
-    GROVE_RETURN_IF_ERROR(InstallWeights(**got, *m, quantizer));
+    // The stall this version costs the loop: receive (the whole transfer
+    // when fetched, the hand-over when a feed received it in the background),
+    // then quantize and switch the engine to it.
+    const auto t1 = std::chrono::steady_clock::now();
+    GROVE_RETURN_IF_ERROR(InstallWeights(**got, layout, *engine));
     const QuantizationReport& q = quantizer.report();
     version = (*got)->version;
     client.SetPolicyVersion(version);
-    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-    client.SetCounter("weight_sync_ms", ms);
+    const auto t2 = std::chrono::steady_clock::now();
+    const double receive_ms = std::chrono::duration<double, std::milli>(t1 - t0).count();
+    const double install_ms = std::chrono::duration<double, std::milli>(t2 - t1).count();
+    const double ms = receive_ms + install_ms;
+    stall.Add(ms);
+    stall.Publish(client, "weight_stall");
+    client.SetCounter("weight_stall_ms", ms);
+    client.SetCounter("weight_receive_ms", receive_ms);
+    client.SetCounter("weight_install_ms", install_ms);
+    LOG(INFO) << "policy version " << version << " on " << engine->name() << " via " << weights.name() << ": stall "
+              << ms << " ms (receive " << receive_ms << " ms, quantize + switch " << install_ms << " ms"
+              << (engine->last_device_load_seconds() > 0
+                      ? ", device load " + std::to_string(1e3 * engine->last_device_load_seconds()) + " ms"
+                      : std::string())
+              << "); p50 " << stall.Quantile(0.5) << " ms over " << stall.window_size() << " versions";
     client.SetDetail(quantizer.Detail());
     if (quantizer.plan()) {
       client.SetCounter("plan_s", quantizer.plan_seconds());
       client.SetCounter("plan_kl", quantizer.mismatch().mean_kl);
       client.SetCounter("plan_routes_differ", quantizer.mismatch().routes_differ);
     }
-    VLOG(1) << "policy version " << version << " installed in " << ms << " ms (" << q.tensors_quantized
-            << " tensors quantized, rel err " << q.rel_l2_error << ")";
+    VLOG(1) << "policy version " << version << ": " << q.tensors_quantized << " tensors quantized, rel err "
+            << q.rel_l2_error;
     return Status::OK();
   };
   while (!proc->draining()) {
@@ -223,10 +254,52 @@ Status RunRolloutLoop(const RoleArgs& args) {
     // A newer policy exists: take it before sampling, so these prompts are
     // not sampled from weights the learner is about to find too stale.
     if (work->policy_version > version) GROVE_RETURN_IF_ERROR(update_weights());
+    auto sampling = [&](uint64_t prompt_id) {
+      model::SamplingOptions so;
+      so.temperature = s.temperature;
+      so.top_p = s.top_p;
+      so.top_k = s.top_k;
+      so.max_new_tokens = s.max_new_tokens;
+      so.stop_tokens = {tok.eos_id()};
+      so.seed = Mix(Mix(Mix(std::hash<std::string>{}(args.id), prompt_id), static_cast<uint64_t>(version)),
+                    args.restarts);
+      return so;
+    };
+    std::vector<Result<std::vector<int32_t>>> encoded;
+    for (const Prompt& p : work->prompts) encoded.push_back(model::EncodePrompt(tok, p.text));
+    auto sampleable = [&](size_t i) {
+      return encoded[i].ok() && static_cast<int64_t>(encoded[i]->size()) < mc.max_seq_len;
+    };
+    // The GPU engine samples every group of the request in one batch; the
+    // groups are then sent one by one as on the CPU.
+    std::vector<std::vector<model::Completion<float>>> joined;
+    double joined_ms = 0;
+    if (engine->joins_groups()) {
+      std::vector<std::vector<int32_t>> all;
+      for (size_t i = 0; i < encoded.size(); ++i)
+        if (sampleable(i)) all.insert(all.end(), static_cast<size_t>(s.group_size), *encoded[i]);
+      if (!all.empty()) {
+        const auto t0 = std::chrono::steady_clock::now();
+        GROVE_ASSIGN_OR_RETURN(std::vector<model::Completion<float>> comps,
+                               engine->Generate(all, sampling(work->prompts.front().id)));
+        joined_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        gen_seconds += joined_ms / 1e3;
+        if (comps.size() != all.size())
+          return Status::Internal("the engine returned " + std::to_string(comps.size()) + " completions for " +
+                                  std::to_string(all.size()) + " prompts");
+        joined.resize(encoded.size());
+        size_t next = 0;
+        for (size_t i = 0; i < encoded.size(); ++i) {
+          if (!sampleable(i)) continue;
+          for (int64_t k = 0; k < s.group_size; ++k) joined[i].push_back(std::move(comps[next++]));
+        }
+      }
+    }
     std::vector<uint64_t> done;
-    for (const Prompt& p : work->prompts) {
-      Result<std::vector<int32_t>> ptoks = model::EncodePrompt(tok, p.text);
-      if (!ptoks.ok() || static_cast<int64_t>(ptoks->size()) >= mc.max_seq_len) {
+    for (size_t pi = 0; pi < work->prompts.size(); ++pi) {
+      const Prompt& p = work->prompts[pi];
+      const Result<std::vector<int32_t>>& ptoks = encoded[pi];
+      if (!sampleable(pi)) {
         // A prompt the model cannot read is the task's fault: report it done
         // so it is not handed out forever, and say so.
         LOG(ERROR) << "prompt " << p.id << " cannot be sampled: "
@@ -234,17 +307,17 @@ Status RunRolloutLoop(const RoleArgs& args) {
         done.push_back(p.id);
         continue;
       }
-      model::SamplingOptions so;
-      so.temperature = s.temperature;
-      so.top_p = s.top_p;
-      so.top_k = s.top_k;
-      so.max_new_tokens = s.max_new_tokens;
-      so.stop_tokens = {tok.eos_id()};
-      so.seed = Mix(Mix(Mix(std::hash<std::string>{}(args.id), p.id), static_cast<uint64_t>(version)), args.restarts);
-      std::vector<std::vector<int32_t>> prompts(static_cast<size_t>(s.group_size), *ptoks);
-      const auto t0 = std::chrono::steady_clock::now();
-      GROVE_ASSIGN_OR_RETURN(auto completions, m->Generate(prompts, so));
-      gen_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      std::vector<model::Completion<float>> completions;
+      double generate_ms = joined_ms;
+      if (!joined.empty()) {
+        completions = std::move(joined[pi]);
+      } else {
+        std::vector<std::vector<int32_t>> prompts(static_cast<size_t>(s.group_size), *ptoks);
+        const auto t0 = std::chrono::steady_clock::now();
+        GROVE_ASSIGN_OR_RETURN(completions, engine->Generate(prompts, sampling(p.id)));
+        generate_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        gen_seconds += generate_ms / 1e3;
+      }
 
       capnp::MallocMessageBuilder mb;
       auto env = actors::InitEnvelope(mb, args.id, 0);
@@ -261,7 +334,7 @@ Status RunRolloutLoop(const RoleArgs& args) {
       for (size_t i = 0; i < ptoks->size(); ++i) pt.set(static_cast<unsigned>(i), (*ptoks)[i]);
       g.setPolicyVersion(version);
       g.setRolloutId(args.id);
-      g.setGenerateMs(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      g.setGenerateMs(generate_ms);
       g.setCreatedAtMs(actors::WallClockMs());
       const size_t row = static_cast<size_t>(mc.moe_layers() * mc.top_k);
       const size_t prompt_route_values = row * ptoks->size();

@@ -1,10 +1,13 @@
 #include "rollout/weight_fetch.h"
 
+#include <limits>
+
 #include <glog/logging.h>
 
 #include "actors/weights_transport.h"
 #ifdef GROVE_WITH_NCCL
 #include "actors/nccl_group.h"
+#include "actors/cuda_ipc.h"
 #include "rollout/nccl_weight_receiver.h"
 #endif
 
@@ -17,10 +20,23 @@ Result<std::optional<actors::WeightSnapshot>> FetchNewerWeights(actors::RpcClien
   {
     capnp::MallocMessageBuilder mb;
     auto env = actors::InitEnvelope(mb, learner.sender_id(), 0);
-    env.getBody().initWeightRequest().setHaveVersion(have_version);
+    auto req = env.getBody().initWeightRequest();
+    req.setHaveVersion(have_version);
+    if (!options.device_uuid.empty())
+      req.setDeviceUuid(kj::arrayPtr(reinterpret_cast<const kj::byte*>(options.device_uuid.data()),
+                                     options.device_uuid.size()));
     GROVE_ASSIGN_OR_RETURN(actors::Frame reply, learner.Call(mb, {BodyKind::WEIGHT_ANNOUNCE}, options.timeout_ms));
     auto ann = reply.envelope().getBody().getWeightAnnounce();
     if (ann.getVersion() <= have_version) return std::optional<actors::WeightSnapshot>();
+    if (ann.hasIpcHandle() && ann.getIpcHandle().size() > 0) {
+#ifdef GROVE_WITH_NCCL
+      GROVE_ASSIGN_OR_RETURN(actors::WeightSnapshot snap,
+                             actors::ReceiveIpcWeights(ann, options.max_bytes, options.ipc_device));
+      return std::optional<actors::WeightSnapshot>(std::move(snap));
+#else
+      return Status::FailedPrecondition("the learner sent a CUDA IPC handle to a build without CUDA");
+#endif
+    }
     GROVE_RETURN_IF_ERROR(assembler.Begin(ann, options.max_bytes));
   }
   while (!assembler.complete()) {
@@ -43,6 +59,23 @@ Result<std::optional<actors::WeightSnapshot>> FetchNewerWeights(actors::RpcClien
   return std::optional<actors::WeightSnapshot>(std::move(snap));
 }
 
+Result<LearnerWeightsInfo> ProbeLearnerWeights(actors::RpcClient& learner, int timeout_ms) {
+  using actors::BodyKind;
+  capnp::MallocMessageBuilder mb;
+  auto env = actors::InitEnvelope(mb, learner.sender_id(), 0);
+  // Claims to hold every version: the answer is the bare announce.
+  env.getBody().initWeightRequest().setHaveVersion(std::numeric_limits<int64_t>::max());
+  GROVE_ASSIGN_OR_RETURN(actors::Frame reply, learner.Call(mb, {BodyKind::WEIGHT_ANNOUNCE}, timeout_ms));
+  auto ann = reply.envelope().getBody().getWeightAnnounce();
+  LearnerWeightsInfo info;
+  info.version = ann.getVersion();
+  if (ann.hasDeviceUuid()) {
+    auto u = ann.getDeviceUuid();
+    info.device_uuid.assign(reinterpret_cast<const char*>(u.begin()), u.size());
+  }
+  return info;
+}
+
 namespace {
 
 #ifdef GROVE_WITH_NCCL
@@ -59,7 +92,7 @@ class NcclFeed : public WeightFeed {
 }  // namespace
 
 Result<std::unique_ptr<WeightFeed>> StartWeightFeed(const Config& root, const std::string& worker_id,
-                                                    const std::string& coordinator) {
+                                                    const std::string& coordinator, int device) {
   GROVE_ASSIGN_OR_RETURN(actors::WeightsTransportOptions w, actors::WeightsTransportOptions::FromConfig(root));
 #ifdef GROVE_WITH_NCCL
   const bool nccl_usable = actors::CudaDeviceCount() > 0;
@@ -72,15 +105,92 @@ Result<std::unique_ptr<WeightFeed>> StartWeightFeed(const Config& root, const st
   NcclReceiverOptions o;
   o.coordinator = coordinator;
   o.worker_id = worker_id;
-  o.device = 0;  // the first GPU this process sees (the launcher picks it)
+  o.device = device;
   o.deadline_ms = w.deadline_ms;
   o.poll_ms = w.poll_ms;
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<NcclWeightReceiver> r, NcclWeightReceiver::Start(o));
   LOG(INFO) << "weights: received over NCCL";
   return std::unique_ptr<WeightFeed>(new NcclFeed(std::move(r)));
 #else
+  (void)worker_id;
+  (void)coordinator;
+  (void)device;
   return Status::Internal("unreachable");
 #endif
+}
+
+Result<std::unique_ptr<WeightSource>> WeightSource::Start(const Config& root, const std::string& worker_id,
+                                                          const std::string& coordinator, int gpu,
+                                                          FetchOptions fetch) {
+  GROVE_ASSIGN_OR_RETURN(actors::WeightsTransportOptions w, actors::WeightsTransportOptions::FromConfig(root));
+#ifdef GROVE_WITH_NCCL
+  const bool nccl_usable = actors::CudaDeviceCount() > 0;
+#else
+  const bool nccl_usable = false;
+#endif
+  GROVE_ASSIGN_OR_RETURN(actors::WeightTransport t, w.Choose(nccl_usable));
+  std::unique_ptr<WeightSource> src(new WeightSource());
+  src->root_ = root;
+  src->worker_id_ = worker_id;
+  src->coordinator_ = coordinator;
+  src->nccl_device_ = gpu >= 0 ? gpu : 0;
+  src->fetch_ = std::move(fetch);
+  src->fetch_.device_uuid.clear();
+  if (t == actors::WeightTransport::kZmq) {
+    src->mode_ = Mode::kFetch;
+    return src;
+  }
+#ifdef GROVE_WITH_NCCL
+  // NCCL or CUDA IPC: which one depends on the learner's GPU, known from
+  // its first announce.
+  GROVE_ASSIGN_OR_RETURN(src->fetch_.device_uuid, actors::CudaDeviceUuid(src->nccl_device_));
+  src->fetch_.ipc_device = src->nccl_device_;
+  src->mode_ = Mode::kUndecided;
+#endif
+  return src;
+}
+
+WeightSource::~WeightSource() = default;
+
+std::string WeightSource::name() const {
+  switch (mode_) {
+    case Mode::kUndecided: return "undecided";
+    case Mode::kFetch: return "zmq";
+    case Mode::kIpc: return "cuda-ipc";
+    case Mode::kNccl: return "nccl";
+  }
+  return "";
+}
+
+bool WeightSource::needs_learner() const { return mode_ != Mode::kNccl; }
+
+Status WeightSource::Decide(actors::RpcClient& learner) {
+  GROVE_ASSIGN_OR_RETURN(LearnerWeightsInfo info, ProbeLearnerWeights(learner, fetch_.timeout_ms));
+  if (!info.device_uuid.empty() && info.device_uuid == fetch_.device_uuid) {
+    mode_ = Mode::kIpc;
+    LOG(INFO) << "weights: the learner is on this worker's GPU " << fetch_.ipc_device << ": CUDA IPC";
+    return Status::OK();
+  }
+  Result<std::unique_ptr<WeightFeed>> feed = StartWeightFeed(root_, worker_id_, coordinator_, nccl_device_);
+  if (!feed.ok() || !*feed)
+    return Status::Internal("weights: the NCCL receiver did not start: " +
+                            (feed.ok() ? std::string("transport resolved to zmq") : feed.status().ToString()));
+  feed_ = std::move(*feed);
+  mode_ = Mode::kNccl;
+  LOG(INFO) << "weights: the learner is on another GPU (or exports none): NCCL on GPU " << nccl_device_;
+  return Status::OK();
+}
+
+Result<std::optional<actors::WeightSnapshot>> WeightSource::TakeNewer(actors::RpcClient* learner,
+                                                                      int64_t have_version) {
+  if (mode_ == Mode::kNccl) return feed_->TakeNewer(have_version);
+  if (learner == nullptr) return std::optional<actors::WeightSnapshot>();
+  if (mode_ == Mode::kUndecided) {
+    // Nothing published yet, or the learner away: the caller asks again.
+    GROVE_RETURN_IF_ERROR(Decide(*learner));
+    if (mode_ == Mode::kNccl) return feed_->TakeNewer(have_version);
+  }
+  return FetchNewerWeights(*learner, have_version, fetch_);
 }
 
 }  // namespace grove::rollout

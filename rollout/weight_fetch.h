@@ -4,7 +4,9 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
+#include <string>
 
 #include "actors/rpc_client.h"
 #include "actors/socket.h"
@@ -17,6 +19,11 @@ namespace grove::rollout {
 struct FetchOptions {
   int timeout_ms = 5000;               // per request
   uint64_t max_bytes = uint64_t{8} << 30;
+  // Same-GPU weights: the UUID of this worker's GPU (actors::CudaDeviceUuid)
+  // and its index here. A learner on that GPU answers with a CUDA IPC
+  // handle, read on ipc_device. Empty: chunks only.
+  std::string device_uuid;
+  int ipc_device = -1;
 };
 
 // nullopt when the learner holds nothing newer than have_version. Errors:
@@ -24,6 +31,16 @@ struct FetchOptions {
 // version was dropped mid-transfer: call again for the newest).
 Result<std::optional<actors::WeightSnapshot>> FetchNewerWeights(actors::RpcClient& learner, int64_t have_version,
                                                                  const FetchOptions& options);
+
+// What the learner's publisher says of itself, without a transfer: its
+// newest version and the UUID of the GPU it can export weights from ("" when
+// it exports none). Errors as FetchNewerWeights (Unavailable before the
+// learner's first version).
+struct LearnerWeightsInfo {
+  int64_t version = -1;
+  std::string device_uuid;
+};
+Result<LearnerWeightsInfo> ProbeLearnerWeights(actors::RpcClient& learner, int timeout_ms);
 
 // Versions pushed to this worker (the NCCL group, docs/weights.md) instead
 // of fetched: received and verified in the background, taken between
@@ -38,7 +55,45 @@ class WeightFeed {
 // Reads [weights]; null when the transport resolves to zmq (fetch with
 // FetchNewerWeights). Errors: InvalidArgument (bad section),
 // FailedPrecondition (transport = "nccl" without NCCL or a visible GPU).
+// device: the GPU this worker's NCCL rank uses.
 Result<std::unique_ptr<WeightFeed>> StartWeightFeed(const Config& root, const std::string& worker_id,
-                                                    const std::string& coordinator);
+                                                    const std::string& coordinator, int device = 0);
+
+// Where a rollout worker's versions come from (docs/weights.md): fetched
+// in chunks over ZeroMQ; pushed by the NCCL group (the learner is on another
+// GPU); or read through a CUDA IPC handle (the learner is on this worker's
+// GPU, where NCCL cannot have both). With a GPU and [weights] transport
+// nccl/auto, the choice between the last two waits for the learner's first
+// announce, which says which GPU the learner is on.
+class WeightSource {
+ public:
+  // gpu: the device this worker samples on (-1: none; the NCCL rank then
+  // uses device 0). Errors as StartWeightFeed.
+  static Result<std::unique_ptr<WeightSource>> Start(const Config& root, const std::string& worker_id,
+                                                     const std::string& coordinator, int gpu, FetchOptions fetch);
+  ~WeightSource();
+
+  // "zmq", "nccl", "cuda-ipc", or "undecided".
+  std::string name() const;
+  // True while versions come through the learner's publisher (or the
+  // choice is still open): TakeNewer needs `learner` then.
+  bool needs_learner() const;
+  // The newest version if newer than have_version (nullopt: none yet, or
+  // undecided without a learner to ask). Errors as FetchNewerWeights, all
+  // worth a retry, except Internal: the NCCL receiver could not start.
+  Result<std::optional<actors::WeightSnapshot>> TakeNewer(actors::RpcClient* learner, int64_t have_version);
+
+ private:
+  enum class Mode { kUndecided, kFetch, kIpc, kNccl };
+  WeightSource() = default;
+  Status Decide(actors::RpcClient& learner);
+
+  Config root_;
+  std::string worker_id_, coordinator_;
+  int nccl_device_ = 0;
+  FetchOptions fetch_;
+  Mode mode_ = Mode::kFetch;
+  std::unique_ptr<WeightFeed> feed_;
+};
 
 }  // namespace grove::rollout

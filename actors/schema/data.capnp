@@ -154,6 +154,10 @@ struct WeightAnnounce {
   # sender's GPU memory, exported as a CUDA IPC handle (same GPU only).
   ipcHandle @5 :Data;
   ipcDevice @6 :Int32;
+  # The UUID of the GPU the sender's weights lie on, on every announce of a
+  # sender that can export them (empty: none). A worker whose GPU has this
+  # UUID asks with WeightRequest.deviceUuid and gets ipcHandle set.
+  deviceUuid @7 :Data;
 }
 
 struct WeightChunk {
@@ -171,4 +175,8 @@ struct WeightRequest {
   wantChunk @1 :Bool;
   version @2 :Int64;
   offset @3 :UInt64;
+  # Appended: the UUID of the asking worker's GPU. When it is the sender's
+  # (WeightAnnounce.deviceUuid), the announce carries a CUDA IPC handle
+  # instead of inviting chunk requests.
+  deviceUuid @4 :Data;
 }

@@ -1,0 +1,76 @@
+#include "rollout/gpu_generation_backend.h"
+
+#include <string>
+
+#include <cuda_runtime_api.h>
+
+#include "rollout/gpu_generator.h"
+
+namespace grove::rollout {
+
+int GpuGeneratorDeviceCount() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();  // no driver or no device: clear the sticky error
+    return 0;
+  }
+  return n;
+}
+
+namespace {
+
+class GpuBackend : public GenerationBackend {
+ public:
+  GpuBackend(model::ModelConfig config, int device, std::unique_ptr<GpuGenerator> g,
+             std::unique_ptr<PolicyQuantizer> q, std::unique_ptr<model::Model> plan_model)
+      : config_(std::move(config)), device_(device), generator_(std::move(g)), quantizer_(std::move(q)),
+        plan_model_(std::move(plan_model)) {}
+
+  std::string name() const override { return "gpu " + std::to_string(device_); }
+  int gpu() const override { return device_; }
+  bool joins_groups() const override { return true; }
+
+  Status Install(int64_t version, const std::vector<actors::TensorSpec>& tensors,
+                 std::vector<float>& flat) override {
+    GROVE_ASSIGN_OR_RETURN(FormatChooser choose,
+                           quantizer_->Formats(version, config_, tensors, flat, plan_model_.get()));
+    GROVE_ASSIGN_OR_RETURN(last_load_s_, generator_->LoadWeights(flat, choose));
+    return Status::OK();
+  }
+
+  Result<std::vector<model::Completion<float>>> Generate(const std::vector<std::vector<int32_t>>& prompts,
+                                                         const model::SamplingOptions& options) override {
+    return generator_->Generate(prompts, options);
+  }
+  const PolicyQuantizer& quantizer() const override { return *quantizer_; }
+  double last_device_load_seconds() const override { return last_load_s_; }
+
+ private:
+  model::ModelConfig config_;
+  int device_;
+  std::unique_ptr<GpuGenerator> generator_;
+  std::unique_ptr<PolicyQuantizer> quantizer_;
+  std::unique_ptr<model::Model> plan_model_;  // plan mode: the CPU copy the plan calibrates on
+  double last_load_s_ = 0;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<GenerationBackend>> MakeGpuBackend(const BackendSettings& settings, int device,
+                                                          const model::ModelConfig& config,
+                                                          std::unique_ptr<PolicyQuantizer>& quantizer) {
+  GpuGeneratorOptions o;
+  o.device = device;
+  o.max_batch = static_cast<int>(settings.max_batch);
+  o.kv_memory_fraction = settings.kv_memory_fraction;
+  o.cuda_graphs = settings.cuda_graphs;
+  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<GpuGenerator> g, GpuGenerator::Create(config, o));
+  std::unique_ptr<model::Model> plan_model;
+  if (quantizer->settings().mode == QuantizeMode::kPlan) {
+    GROVE_ASSIGN_OR_RETURN(plan_model, model::Model::Create(config, 0));
+  }
+  return std::unique_ptr<GenerationBackend>(
+      new GpuBackend(config, device, std::move(g), std::move(quantizer), std::move(plan_model)));
+}
+
+}  // namespace grove::rollout
