@@ -63,6 +63,14 @@ Result<LearnerDevice> ParseLearnerDevice(std::string_view name) {
   return Status::InvalidArgument("learner device '" + std::string(name) + "' is none of auto, cpu, gpu");
 }
 
+bool GrpoTrainer::GpuAvailable() {
+#ifdef GROVE_LEARNER_GPU
+  return model::GpuTransformer::DeviceCount() > 0;
+#else
+  return false;
+#endif
+}
+
 void GpuGrpoStepDeleter::operator()(GpuGrpoStep* step) const {
 #ifdef GROVE_LEARNER_GPU
   delete step;

@@ -83,6 +83,8 @@ class GrpoTrainer {
   // Takes ownership of `policy`; the reference starts as a copy of it.
   static Result<std::unique_ptr<GrpoTrainer>> Create(std::unique_ptr<model::Model> policy,
                                                      TrainerOptions options);
+  // Whether device = gpu can be had here: a CUDA build and a visible GPU.
+  static bool GpuAvailable();
 
   Result<GrpoStepStats> Step(const std::vector<TrainingGroup>& groups);
 

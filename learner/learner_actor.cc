@@ -10,6 +10,7 @@
 #include "actors/process.h"
 #include "actors/rpc_client.h"
 #include "actors/socket.h"
+#include "actors/weights_transport.h"
 #include "learner/evaluation.h"
 #include "learner/grpo_trainer.h"
 #include "learner/weight_publisher.h"
@@ -382,6 +383,25 @@ Status RunLearnerLoop(const RoleArgs& args) {
 }
 
 }  // namespace
+
+Status ValidateLearnerConfig(const Config& config, bool check_device) {
+  GROVE_ASSIGN_OR_RETURN(LearnerSettings s, ParseSettings(config));
+  GROVE_RETURN_IF_ERROR(ParseGrpoConfig(config, "learner.grpo").status());
+  GROVE_ASSIGN_OR_RETURN(model::ModelConfig mc, model::ModelConfig::FromConfig(config.Section("model")));
+  if (mc.vocab_size < model::CharTokenizer().vocab_size())
+    return Status::InvalidArgument(config.source() + ": model.vocab_size is smaller than the tokenizer's");
+  Config task_cfg = config.Section("task");
+  GROVE_ASSIGN_OR_RETURN(std::string task_name, task_cfg.String("name", "arithmetic"));
+  GROVE_RETURN_IF_ERROR(reward::MakeTask(task_name, task_cfg).status());
+  GROVE_RETURN_IF_ERROR(actors::WeightsTransportOptions::FromConfig(config).status());
+  if (!check_device) return Status::OK();
+  GROVE_ASSIGN_OR_RETURN(LearnerDevice device, ParseLearnerDevice(s.device));
+  if (device == LearnerDevice::kGpu && !GrpoTrainer::GpuAvailable())
+    return Status::FailedPrecondition(config.source() +
+                                      ": learner.device = gpu, but this process sees no GPU (or grove was built "
+                                      "without CUDA)");
+  return Status::OK();
+}
 
 int RunLearner(const RoleArgs& args) {
   Status s = RunLearnerLoop(args);

@@ -11,9 +11,17 @@
 #pragma once
 
 #include "actors/role_args.h"
+#include "base/status.h"
 
 namespace grove::learner {
 
 int RunLearner(const RoleArgs& args);
+
+// The checks a learner makes on `config` at start, without starting:
+// [learner] (with its grpo tables), [model], [task], [weights] and the
+// model's vocabulary against the tokenizer (InvalidArgument naming the
+// file). check_device: also that [learner] device = gpu can run here
+// (FailedPrecondition without a GPU or a CUDA build).
+Status ValidateLearnerConfig(const Config& config, bool check_device);
 
 }  // namespace grove::learner

@@ -6,6 +6,7 @@
 
 #ifdef GROVE_WITH_GPU_GENERATOR
 #include "rollout/gpu_generation_backend.h"
+#include "rollout/gpu_generator.h"
 #endif
 
 namespace grove::rollout {
@@ -54,7 +55,7 @@ Result<int> PickGpu(int64_t gpu, const std::string& worker_id, int device_count)
 
 int GenerationGpuCount() {
 #ifdef GROVE_WITH_GPU_GENERATOR
-  return GpuGeneratorDeviceCount();
+  return GpuGenerator::DeviceCount();
 #else
   return 0;
 #endif
@@ -106,7 +107,7 @@ Result<std::unique_ptr<GenerationBackend>> MakeGenerationBackend(const BackendSe
     return MakeCpuBackend(config, std::move(quantizer));
   };
 #ifdef GROVE_WITH_GPU_GENERATOR
-  const int count = GpuGeneratorDeviceCount();
+  const int count = GpuGenerator::DeviceCount();
   if (count == 0) return unusable(Status::FailedPrecondition("no GPU is visible to this process"));
   Result<int> device = PickGpu(settings.gpu, worker_id, count);
   if (!device.ok()) return unusable(device.status());

@@ -2,20 +2,9 @@
 
 #include <string>
 
-#include <cuda_runtime_api.h>
-
 #include "rollout/gpu_generator.h"
 
 namespace grove::rollout {
-
-int GpuGeneratorDeviceCount() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    (void)cudaGetLastError();  // no driver or no device: clear the sticky error
-    return 0;
-  }
-  return n;
-}
 
 namespace {
 

@@ -14,9 +14,6 @@
 
 namespace grove::rollout {
 
-// Visible CUDA devices (0 without a driver or a GPU).
-int GpuGeneratorDeviceCount();
-
 // An engine on `device`. Takes `quantizer` only on success (on failure the
 // caller still holds it, to fall back to the CPU); the error says which
 // shape rule the model breaks or what the device lacks.

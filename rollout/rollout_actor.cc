@@ -13,6 +13,7 @@
 #include "actors/process.h"
 #include "actors/rpc_client.h"
 #include "actors/socket.h"
+#include "actors/weights_transport.h"
 #include "model/prompt_format.h"
 #include "model/tokenizer.h"
 #include "model/param_layout.h"
@@ -412,6 +413,24 @@ Status RunRolloutLoop(const RoleArgs& args) {
 }
 
 }  // namespace
+
+Status ValidateRolloutConfig(const Config& config, bool check_device) {
+  GROVE_ASSIGN_OR_RETURN(RolloutSettings s, ParseSettings(config));
+  GROVE_ASSIGN_OR_RETURN(model::ModelConfig mc, model::ModelConfig::FromConfig(config.Section("model")));
+  if (mc.vocab_size < model::CharTokenizer().vocab_size())
+    return Status::InvalidArgument(config.source() + ": model.vocab_size is smaller than the tokenizer's");
+  Config task_cfg = config.Section("task");
+  GROVE_ASSIGN_OR_RETURN(std::string task_name, task_cfg.String("name", "arithmetic"));
+  GROVE_RETURN_IF_ERROR(reward::MakeTask(task_name, task_cfg).status());
+  GROVE_RETURN_IF_ERROR(actors::WeightsTransportOptions::FromConfig(config).status());
+  if (!check_device || s.backend.device != RolloutDevice::kGpu) return Status::OK();
+  const int count = GenerationGpuCount();
+  if (count == 0)
+    return Status::FailedPrecondition(config.source() +
+                                      ": rollout.device = gpu, but this build has no GPU engine or this process "
+                                      "sees no GPU");
+  return PickGpu(s.backend.gpu, "rollout-0", count).status();
+}
 
 int RunRollout(const RoleArgs& args) {
   Status s = RunRolloutLoop(args);

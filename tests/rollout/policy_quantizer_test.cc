@@ -132,5 +132,45 @@ TEST(PolicyQuantizer, UniformModes) {
   EXPECT_EQ(no_prompts.Install(1, f.specs, short_flat, *f.m).code(), StatusCode::kInvalidArgument);
 }
 
+// What an engine that quantizes on the GPU is handed: the same choice
+// Install applies on the CPU, the same storage bits, the weights untouched.
+TEST(PolicyQuantizer, FormatsIsInstallsChoiceWithoutTouchingTheWeights) {
+  Fixture f = Make();
+  for (QuantizeMode mode : {QuantizeMode::kNone, QuantizeMode::kInt8, QuantizeMode::kInt4, QuantizeMode::kPlan}) {
+    QuantizeSettings s;
+    s.mode = mode;
+    s.plan_max_new_tokens = 8;
+    PolicyQuantizer cpu(s, f.prompts, 2), gpu(s, f.prompts, 2);
+    std::vector<float> installed = f.full;
+    ASSERT_TRUE(cpu.Install(1, f.specs, installed, *f.m).ok());
+    const std::vector<float> untouched = f.full;
+    auto plan_model = model::Model::Create(f.m->config(), 5);
+    ASSERT_TRUE(plan_model.ok());
+    (*plan_model)->set_threads(f.m->threads());  // same sums, same plan
+    Result<FormatChooser> choose = gpu.Formats(1, f.m->config(), f.specs, untouched, plan_model->get());
+    ASSERT_TRUE(choose.ok()) << choose.status();
+    EXPECT_TRUE(std::equal(untouched.begin(), untouched.end(), f.full.begin()));
+    std::vector<float> applied = f.full;
+    QuantizeInPlace(f.specs, applied, *choose);
+    EXPECT_TRUE(std::equal(applied.begin(), applied.end(), installed.begin())) << int(mode);
+    EXPECT_DOUBLE_EQ(gpu.report().bits_per_weight, cpu.report().bits_per_weight) << int(mode);
+    EXPECT_EQ(gpu.report().tensors_quantized, cpu.report().tensors_quantized);
+    EXPECT_EQ(gpu.Detail().empty(), false);
+    if (mode == QuantizeMode::kPlan) {
+      EXPECT_EQ(gpu.plans_made(), 1);
+      EXPECT_GT(gpu.mismatch().tokens, 0);
+      EXPECT_NEAR(gpu.mismatch().mean_kl, cpu.mismatch().mean_kl, 1e-12);
+    }
+  }
+  // Plan mode calibrates on a CPU model: none given is a clear error.
+  QuantizeSettings plan;
+  plan.mode = QuantizeMode::kPlan;
+  PolicyQuantizer q(plan, f.prompts, 2);
+  Result<FormatChooser> none = q.Formats(1, f.m->config(), f.specs, f.full, nullptr);
+  ASSERT_FALSE(none.ok());
+  EXPECT_EQ(none.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(none.status().ToString().find("CPU model"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace grove::rollout
