@@ -398,7 +398,8 @@ void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
         const double pre = silu * u;
         h[i] = rollout::RoundToBf16(static_cast<float>(pre));
         const double eg = 2.0 * H * kU * mg, eu = 2.0 * H * kU * mu;
-        hb[i] = Bf16Ulp(pre) + 1.1 * eg * (std::fabs(u) + eu) + (std::fabs(silu) + 1.1 * eg) * eu + 8 * kU * std::fabs(pre);
+        // Both sides round to nearest: one flip, up to 1.5 ulp across a binade edge.
+        hb[i] = 2 * Bf16Ulp(pre) + 1.1 * eg * (std::fabs(u) + eu) + (std::fabs(silu) + 1.1 * eg) * eu + 8 * kU * std::fabs(pre);
       }
       for (int r = 0; r < H; ++r) {
         double p = 0, mag = 0, hbound = 0;
