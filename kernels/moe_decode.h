@@ -10,6 +10,13 @@
 // training path does). Deterministic: the top_k contributions of a token are
 // summed in slot order, no atomics on out.
 //
+// Shapes: hidden and expert_hidden multiples of 128 (at most 5120), experts
+// in 1..256, top_k in 1..min(experts, 16). Contract the launch cannot check
+// without a host sync: w1/w3[e] are [expert_hidden, hidden] and w2[e]
+// [hidden, expert_hidden] in a valid format with 16-byte aligned data. An id
+// >= experts drops its slot (it adds nothing). Shared experts can ride along
+// as extra experts routed for every token with gate 1 (one launch for all).
+//
 // Host header, no device code.
 #pragma once
 
@@ -36,7 +43,7 @@ struct MoeDecodeArgs {
   float* out = nullptr;  // [m, hidden]
   Accumulate mode = Accumulate::kAdd;
   int m = 0, hidden = 0, expert_hidden = 0, experts = 0, top_k = 0;
-  void* workspace = nullptr;  // MoeDecodeWorkspaceBytes bytes
+  void* workspace = nullptr;  // MoeDecodeWorkspaceBytes bytes, 256-byte aligned
   size_t workspace_bytes = 0;
 };
 

@@ -52,12 +52,25 @@ enum class Accumulate : int32_t { kOverwrite = 0, kAdd = 1 };
 
 // Scratch QuantLinear may use for large m (e.g. a bf16 copy of W for a
 // tensor-core path); QuantLinearWorkspaceBytes(f, n, k, m) bytes, 0 when the
-// path needs none. Callers size one workspace for their largest weight.
+// path needs none (today always 0: workspace may be null). Callers size one
+// workspace for their largest weight.
 size_t QuantLinearWorkspaceBytes(QuantFormat f, int64_t n, int64_t k, int64_t m);
 
 // y [m, n] (fp32, row stride ldy >= n) (+)= x [m, k] (bf16, row stride ldx
 // >= k) W^T. Any m >= 1; small m (decode batches) reads each weight byte once
 // per call. Graph-capturable (no host sync, no allocation).
+//
+// How (kernels/quant_gemv.cuh): one launch per pass of up to 16 rows of x
+// (fewer when k > 5120, so the pass's x fits in shared memory); each pass
+// streams W once with 16-byte loads, dequantizes in registers (w = q * scale
+// in fp32, the CPU dequantizer's exact values) and accumulates in fp32 on
+// the CUDA cores. So m > 16 costs ceil(m / 16) passes over W: chosen over a
+// dequantize-to-bf16 + cuBLAS path because it needs no workspace, keeps the
+// fp32 weight values (a bf16 copy would round int8/int4 weights again), and
+// gives every row of y the same bits whatever m is (a prompt's prefill and
+// its decode agree); the price is CUDA-core FLOPs, fine for decode batches,
+// slow for long prefills. ldx must be a multiple of 8 (16-byte rows).
+// Returns InvalidArgument on a bad shape, stride, format or pointer.
 Status QuantLinear(const __nv_bfloat16* x, int64_t ldx, int64_t m, const QuantWeight& w, float* y,
                    int64_t ldy, Accumulate mode, void* workspace, size_t workspace_bytes,
                    cudaStream_t stream);
