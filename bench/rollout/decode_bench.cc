@@ -36,7 +36,7 @@
 DEFINE_string(config, "configs/model/gpu-ref.toml", "model config (its [model] section)");
 DEFINE_string(batches, "1,8,32,128", "batch sizes (comma-separated)");
 DEFINE_string(plans, "bf16,int8,int4,mixed", "weight plans: bf16, int8, int4, mixed");
-DEFINE_int32(prompt, 64, "prompt tokens");
+DEFINE_int32(prompt, 64, "prompt tokens (>= 2)");
 DEFINE_int32(new_tokens, 128, "tokens generated per sequence");
 DEFINE_bool(graphs_off, true, "also time without CUDA graphs");
 DEFINE_bool(quick, false, "32 new tokens, graphs on only");
@@ -119,6 +119,10 @@ int Run() {
   const model::ModelConfig& c = *mc;
   const int new_tokens = FLAGS_quick ? 32 : FLAGS_new_tokens;
   const bool graphs_off = FLAGS_graphs_off && !FLAGS_quick;
+  if (FLAGS_prompt < 2 || FLAGS_prompt + new_tokens > c.max_seq_len) {
+    std::fprintf(stderr, "decode_bench: need 2 <= --prompt and --prompt + new tokens <= max_seq_len\n");
+    return 2;
+  }
   if (GpuGenerator::DeviceCount() == 0) {
     std::printf("decode_bench: no CUDA device, nothing to measure\n");
     return 0;
@@ -157,7 +161,9 @@ int Run() {
         model::SamplingOptions so;
         so.temperature = 0;
         so.max_new_tokens = 4;
-        CHECK_OK((*gen)->Generate(prompts, so).status());  // warm-up: captures this bucket's graph
+        // Warm-up on 2-token prompts (a cheap prefill): captures this bucket's graph.
+        std::vector<std::vector<int32_t>> warm(b, std::vector<int32_t>(prompts[0].begin(), prompts[0].begin() + 2));
+        CHECK_OK((*gen)->Generate(warm, so).status());
         const GpuGenerator::Stats before = (*gen)->stats();
         so.max_new_tokens = new_tokens;
         CHECK_OK((*gen)->Generate(prompts, so).status());
