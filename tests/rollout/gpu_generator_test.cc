@@ -252,15 +252,20 @@ TEST(GpuGenerator, GreedyMatchesTheCpuModel) {
   EXPECT_EQ(st.prefill_tokens, prompt_tokens);
   EXPECT_TRUE(st.graphs_used) << "CUDA graph capture failed (see the log)";
 
-  // A stop token: the CPU's 6th token of sequence 0.
+  // A stop token: the engine's own 6th token of sequence 0. Its rerun must
+  // stop there (generation is deterministic), and every sequence must still
+  // agree with the CPU run under the same stop token.
   model::SamplingOptions stop = Greedy(kNewTokens);
-  stop.stop_tokens = {(*want)[0].tokens[5]};
+  const int32_t stop_tok = (*got)[0].tokens[5];
+  stop.stop_tokens = {stop_tok};
   auto want_stop = cpu->Generate(prompts, stop);
   auto got_stop = gen->Generate(prompts, stop);
   ASSERT_TRUE(want_stop.ok() && got_stop.ok());
   Compare(*cpu, prompts, *want_stop, *got_stop);
+  const std::vector<int32_t>& first = (*got)[0].tokens;
+  const size_t upto = size_t(std::find(first.begin(), first.end(), stop_tok) - first.begin()) + 1;
+  EXPECT_EQ((*got_stop)[0].tokens, std::vector<int32_t>(first.begin(), first.begin() + upto));
   EXPECT_EQ(int((*got_stop)[0].finish), int(model::FinishReason::kStop));
-  EXPECT_LE((*got_stop)[0].tokens.size(), 6u);
 
   // max_new_tokens 0: prompt routes only; and the max_seq_len cap.
   auto none = gen->Generate(prompts, Greedy(0));
