@@ -576,6 +576,7 @@ Result<double> GpuGenerator::LoadWeights(std::span<const float> params, const Fo
       end = std::max(end, e);
       ++j;
     }
+    if (j == i) return Status::Internal("LoadWeights: " + g.slots[order[i]].name + " exceeds the staging buffer");
     GEN_CUDA(cudaMemcpyAsync(g.staging, params.data() + start, (end - start) * sizeof(float), cudaMemcpyHostToDevice,
                              g.stream));
     for (size_t t = i; t < j; ++t) {
