@@ -91,7 +91,6 @@ MismatchReport Compare(const model::ModelConfig& c, const PolicyOutputs& p, cons
   MismatchReport rep;
   double kl_sum = 0;
   int64_t differ = 0;
-  std::vector<uint16_t> a(K), b(K);
   for (size_t s = 0; s < p.logprobs.size(); ++s) {
     const int64_t n = static_cast<int64_t>(p.logprobs[s].size()) / V;
     for (int64_t t = 0; t < n; ++t) {
@@ -100,16 +99,7 @@ MismatchReport Compare(const model::ModelConfig& c, const PolicyOutputs& p, cons
       double kl = 0;
       for (int64_t v = 0; v < V; ++v) kl += std::exp(double(lq[v])) * (double(lq[v]) - double(lp[v]));
       kl_sum += std::max(kl, 0.0);  // >= 0 up to rounding
-      bool diff = false;
-      for (int64_t mi = 0; routes && mi < M && !diff; ++mi) {
-        const auto at = (t * M + mi) * K;
-        std::copy(p.routes[s].begin() + at, p.routes[s].begin() + at + K, a.begin());
-        std::copy(q.routes[s].begin() + at, q.routes[s].begin() + at + K, b.begin());
-        std::sort(a.begin(), a.end());
-        std::sort(b.begin(), b.end());
-        diff = a != b;
-      }
-      differ += diff;
+      differ += routes && RouteSetsDiffer(p.routes[s].data() + t * M * K, q.routes[s].data() + t * M * K, M, K);
       ++rep.tokens;
     }
   }
@@ -121,6 +111,18 @@ MismatchReport Compare(const model::ModelConfig& c, const PolicyOutputs& p, cons
 }
 
 }  // namespace
+
+bool RouteSetsDiffer(const uint16_t* a, const uint16_t* b, int64_t moe_layers, int64_t top_k) {
+  std::vector<uint16_t> x(static_cast<size_t>(top_k)), y(static_cast<size_t>(top_k));
+  for (int64_t mi = 0; mi < moe_layers; ++mi) {
+    std::copy(a + mi * top_k, a + (mi + 1) * top_k, x.begin());
+    std::copy(b + mi * top_k, b + (mi + 1) * top_k, y.begin());
+    std::sort(x.begin(), x.end());
+    std::sort(y.begin(), y.end());
+    if (x != y) return true;
+  }
+  return false;
+}
 
 double PrecisionPlan::bits_per_weight() const {
   double bits = 0, params = 0;

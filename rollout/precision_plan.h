@@ -102,6 +102,11 @@ Result<std::vector<model::ScoreRequest>> CalibrationBatch(model::Model& model,
 
 // How far a quantized copy of the policy is from the full-precision one, on
 // the scored positions of `sequences` (the completion tokens).
+// One token's routes, [moe_layers][top_k] each: true when the set of
+// experts differs in at least one MoE layer (the order within a layer is
+// the gate order, which may differ without changing the computation).
+bool RouteSetsDiffer(const uint16_t* a, const uint16_t* b, int64_t moe_layers, int64_t top_k);
+
 struct MismatchReport {
   int64_t tokens = 0;
   // Mean over tokens of KL(rollout || full) of the next-token distributions,
