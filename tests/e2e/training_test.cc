@@ -20,6 +20,8 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "rollout/generation_backend.h"
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -193,6 +195,36 @@ TEST(EndToEnd, KilledLearnerResumesWithoutTrainingOnAGroupTwice) {
   }
   EXPECT_GE(resumed_step, 1);
   EXPECT_LE(resumed_step, killed_at + 1);
+}
+
+// configs/gpu-1.toml, shortened: learner and both rollout workers on GPU 0,
+// versions through CUDA IPC (the worker's log names the way each version
+// came and its stall), sampling on the GPU engine. Skips without a GPU.
+TEST(EndToEnd, GpuOneRunSamplesOnTheGpuWithWeightsThroughCudaIpc) {
+  if (grove::rollout::GenerationGpuCount() == 0) GTEST_SKIP() << "no GPU engine here";
+  fs::path runs = FreshDir("gpu1");
+  const std::string cmd = "timeout 300 " + Grove() + " up --config " + Env("GROVE_SOURCE_DIR") +
+                          "/configs/gpu-1.toml --runs_dir " + runs.string() +
+                          " --name gpu1 --set learner.steps=8 --set learner.warmstart_steps=30"
+                          " --set learner.eval_problems=32 --set learner.eval_every=0"
+                          " --set learner.checkpoint_every=4 > " +
+                          (runs / "up.log").string() + " 2>&1";
+  ASSERT_EQ(Shell(cmd), 0) << ReadFile(runs / "up.log");
+  fs::path run = OnlyRun(runs);
+  ASSERT_FALSE(run.empty());
+  std::vector<json> rows = Metrics(run);
+  ASSERT_FALSE(rows.empty());
+  EXPECT_EQ(rows.back().value("step", 0), 8) << rows.back().dump();
+  ExpectVersionsRiseAndNothingReconsumed(rows);
+  const std::string learner = ReadFile(run / "logs" / "learner-0.log");
+  EXPECT_NE(learner.find("the step runs on GPU"), std::string::npos) << learner;
+  EXPECT_NE(learner.find("CUDA IPC for rollout workers"), std::string::npos) << learner;
+  for (const char* id : {"rollout-0", "rollout-1"}) {
+    const std::string log = ReadFile(run / "logs" / (std::string(id) + ".log"));
+    EXPECT_NE(log.find("rollout: sampling on gpu 0"), std::string::npos) << id << ":\n" << log;
+    EXPECT_NE(log.find("via cuda-ipc: stall"), std::string::npos) << id << ":\n" << log;
+    EXPECT_EQ(log.find("NCCL on GPU"), std::string::npos) << id << ":\n" << log;
+  }
 }
 
 }  // namespace

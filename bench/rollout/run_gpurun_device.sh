@@ -1,0 +1,25 @@
+#!/bin/bash
+# The GPU rollout worker's tests and benchmarks on the device machine (from the
+# repository root, programs built on the CPU machine into build/; configs/ and
+# bench/torch/ from the tree).
+#   bench/rollout/run_gpurun_device.sh          tests + mismatch_bench --quick + HF baseline
+#   bench/rollout/run_gpurun_device.sh e2e      also the shortened gpu-1.toml run (grove up)
+# Rough wall time on an H100: tests ~10 s, mismatch_bench --quick ~30-60 s
+# (GPU reference model; most of it the CPU init and the CPU-calibrated plan),
+# hf_generate.py ~60-120 s, e2e ~60-120 s.
+set -u
+rc=0
+export GROVE_SOURCE_DIR=$PWD GROVE_BIN=$PWD/build/bin
+build/tests/generation_backend_test --gtest_brief=1 || rc=1
+build/tests/weight_source_test --gtest_brief=1 || rc=1
+build/tests/sampled_mismatch_test --gtest_brief=1 || rc=1
+if [ "${1:-}" = "e2e" ]; then
+  build/tests/e2e_training_test --gtest_filter='*GpuOneRun*' || rc=1
+fi
+timeout 150 build/bench/mismatch_bench --quick || rc=1
+if python3 -c 'import torch, transformers' 2>/dev/null; then
+  timeout 200 python3 bench/torch/hf_generate.py --random --batches 1,8,32 --repeats 2 || rc=1
+else
+  python3 bench/torch/hf_generate.py --random  # prints which of torch / transformers is missing
+fi
+exit $rc
