@@ -166,7 +166,15 @@ bool WeightSource::needs_learner() const { return mode_ != Mode::kNccl; }
 
 Status WeightSource::Decide(actors::RpcClient& learner) {
   GROVE_ASSIGN_OR_RETURN(LearnerWeightsInfo info, ProbeLearnerWeights(learner, fetch_.timeout_ms));
-  if (!info.device_uuid.empty() && info.device_uuid == fetch_.device_uuid) {
+  if (info.device_uuid.empty()) {
+    // A learner that exports no GPU copy resolved its own transport to zmq
+    // (no GPU, or no NCCL): it broadcasts nothing, so fetch.
+    mode_ = Mode::kFetch;
+    fetch_.device_uuid.clear();
+    LOG(INFO) << "weights: the learner offers no GPU transport: ZeroMQ";
+    return Status::OK();
+  }
+  if (info.device_uuid == fetch_.device_uuid) {
     mode_ = Mode::kIpc;
     LOG(INFO) << "weights: the learner is on this worker's GPU " << fetch_.ipc_device << ": CUDA IPC";
     return Status::OK();
@@ -177,7 +185,7 @@ Status WeightSource::Decide(actors::RpcClient& learner) {
                             (feed.ok() ? std::string("transport resolved to zmq") : feed.status().ToString()));
   feed_ = std::move(*feed);
   mode_ = Mode::kNccl;
-  LOG(INFO) << "weights: the learner is on another GPU (or exports none): NCCL on GPU " << nccl_device_;
+  LOG(INFO) << "weights: the learner is on another GPU: NCCL on GPU " << nccl_device_;
   return Status::OK();
 }
 

@@ -63,8 +63,9 @@ Result<std::unique_ptr<WeightFeed>> StartWeightFeed(const Config& root, const st
 // in chunks over ZeroMQ; pushed by the NCCL group (the learner is on another
 // GPU); or read through a CUDA IPC handle (the learner is on this worker's
 // GPU, where NCCL cannot have both). With a GPU and [weights] transport
-// nccl/auto, the choice between the last two waits for the learner's first
-// announce, which says which GPU the learner is on.
+// nccl/auto, the choice waits for the learner's first announce, which says
+// which GPU the learner exports from: this worker's -> IPC; another -> NCCL;
+// none (the learner resolved its transport to zmq) -> fetch.
 class WeightSource {
  public:
   // gpu: the device this worker samples on (-1: none; the NCCL rank then
