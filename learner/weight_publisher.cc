@@ -141,6 +141,7 @@ Result<std::unique_ptr<DeviceWeightExport>> StartDeviceWeightExport(const Config
   const bool gpu_usable = actors::CudaDeviceCount() > gpu;
 #else
   const bool gpu_usable = false;
+  (void)gpu;
 #endif
   GROVE_ASSIGN_OR_RETURN(actors::WeightTransport t, w.Choose(gpu_usable));
   if (t == actors::WeightTransport::kZmq) return std::unique_ptr<DeviceWeightExport>();

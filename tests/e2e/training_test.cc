@@ -186,12 +186,23 @@ TEST(EndToEnd, KilledLearnerResumesWithoutTrainingOnAGroupTwice) {
   std::vector<json> rows = Metrics(run);
   ExpectVersionsRiseAndNothingReconsumed(rows);
   // Resumed from the checkpoint at or before the kill: some step numbers
-  // repeat, none is skipped.
+  // repeat, none is skipped. Unless the kill came right after a
+  // checkpoint's own line (steps 5, 10, ...): then the resume point is that
+  // step and nothing repeats; the learner's log says which.
   int64_t resumed_step = -1;
   for (size_t i = 1; i < rows.size(); ++i) {
     const int64_t prev = rows[i - 1].value("step", int64_t{0}), cur = rows[i].value("step", int64_t{0});
     if (cur <= prev) resumed_step = cur;
     else EXPECT_EQ(cur, prev + 1) << "a step was skipped";
+  }
+  if (resumed_step < 0) {
+    const size_t at = log.find(" GRPO steps", log.find("resumed from"));
+    ASSERT_NE(at, std::string::npos) << log;
+    const size_t from = log.rfind(' ', at - 1) + 1;
+    const int64_t resumed_after = std::stoll(log.substr(from, at - from));
+    EXPECT_EQ(resumed_after % 5, 0) << "resumed after step " << resumed_after << " but no step repeats";
+    EXPECT_GE(resumed_after, killed_at) << "resumed before the kill, yet no step repeats";
+    resumed_step = resumed_after + 1;
   }
   EXPECT_GE(resumed_step, 1);
   EXPECT_LE(resumed_step, killed_at + 1);
