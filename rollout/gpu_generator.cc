@@ -20,6 +20,7 @@
 #include "model/param_layout.h"
 #include "model/sampling.h"
 #include "rollout/gpu_generator_kernels.h"
+#include "rollout/kv_page_table.h"
 
 namespace grove::rollout {
 namespace {
@@ -71,11 +72,9 @@ struct LayerWeights {
 
 struct Seq {
   int idx = 0;       // prompt index
-  int slot = 0;
+  int slot = 0;      // in the KvPageTable
   int64_t len = 0;   // tokens in the sequence (prompt + generated)
-  int64_t cap = 0;   // max new tokens
   int32_t pending = 0;  // last token, fed at position len - 1 by the next decode
-  std::vector<int32_t> pages;
 };
 
 }  // namespace
@@ -131,8 +130,7 @@ struct GpuGenerator::Impl {
   // KV cache.
   bf16* kv_pool = nullptr;
   int num_pages = 0, max_pages_per_seq = 0;
-  int32_t* d_page_table = nullptr;
-  std::vector<int32_t> page_table;  // host [max_batch, max_pages_per_seq]
+  int32_t* d_page_table = nullptr;  // mirrors a Generate call's KvPageTable::table()
 
   // Decode graphs per bucket, valid for the weight formats in graph_formats.
   std::map<int, cudaGraphExec_t> graphs;
@@ -351,7 +349,6 @@ Status GpuGenerator::Impl::Build() {
 
   // KV pages from what is left.
   max_pages_per_seq = int((c.max_seq_len + opt.page_tokens - 1) / opt.page_tokens);
-  page_table.assign(size_t(Bm) * max_pages_per_seq, -1);
   GROVE_RETURN_IF_ERROR(Alloc(&d_page_table, Bm * max_pages_per_seq));
   size_t free_bytes = 0, total_bytes = 0;
   GEN_CUDA(cudaMemGetInfo(&free_bytes, &total_bytes));
@@ -640,33 +637,22 @@ Result<std::vector<model::Completion<float>>> GpuGenerator::Generate(const std::
   std::vector<model::Completion<float>> out(B);
   if (B == 0) return out;
 
-  const int P = g.opt.page_tokens;
-  std::vector<int64_t> cap(B);
+  KvPageTable kv(g.opt.max_batch, g.num_pages, g.opt.page_tokens, g.max_pages_per_seq);
   std::vector<int> pages_needed(B);
   for (size_t i = 0; i < B; ++i) {
     const int64_t L = int64_t(prompts[i].size());
-    cap[i] = std::min<int64_t>(opt.max_new_tokens, c.max_seq_len - L);
+    const int64_t cap = std::min<int64_t>(opt.max_new_tokens, c.max_seq_len - L);
     // Positions written: the prompt, then every generated token but the last.
-    const int64_t positions = std::max<int64_t>(L, L + cap[i] - 1);
-    pages_needed[i] = int((positions + P - 1) / P);
+    pages_needed[i] = kv.PagesFor(std::max<int64_t>(L, L + cap - 1));
     if (pages_needed[i] > g.num_pages)
       return Status::ResourceExhausted("prompt " + std::to_string(i) + " needs " + std::to_string(pages_needed[i]) +
                                        " KV pages, the pool has " + std::to_string(g.num_pages));
   }
   std::deque<int> waiting;
   for (size_t i = 0; i < B; ++i) waiting.push_back(int(i));
-  std::vector<int> free_slots;
-  for (int s = g.opt.max_batch - 1; s >= 0; --s) free_slots.push_back(s);
-  std::vector<int32_t> free_pages;
-  for (int p = g.num_pages - 1; p >= 0; --p) free_pages.push_back(p);
   std::vector<Seq> running;
 
-  auto retire = [&](Seq& s) {
-    for (int32_t p : s.pages) free_pages.push_back(p);
-    std::fill(g.page_table.begin() + int64_t(s.slot) * g.max_pages_per_seq,
-              g.page_table.begin() + int64_t(s.slot + 1) * g.max_pages_per_seq, -1);
-    free_slots.push_back(s.slot);
-  };
+  auto retire = [&](Seq& s) { kv.Release(s.slot); };
   // Records a sampled token; false when the sequence is finished.
   auto accept = [&](Seq& s, int32_t tok, float lp) {
     model::Completion<float>& o = out[s.idx];
@@ -693,19 +679,14 @@ Result<std::vector<model::Completion<float>>> GpuGenerator::Generate(const std::
     while (!waiting.empty()) {
       const int i = waiting.front();
       const int L = int(prompts[i].size());
-      if (free_slots.empty() || int(free_pages.size()) < pages_needed[i] || rows + L > g.max_rows) break;
+      if (rows + L > g.max_rows) break;
+      const std::optional<int> slot = kv.Admit(pages_needed[i]);
+      if (!slot) break;
       waiting.pop_front();
       Seq s;
       s.idx = i;
-      s.slot = free_slots.back();
-      free_slots.pop_back();
+      s.slot = *slot;
       s.len = L;
-      s.cap = cap[i];
-      for (int p = 0; p < pages_needed[i]; ++p) {
-        s.pages.push_back(free_pages.back());
-        free_pages.pop_back();
-        g.page_table[int64_t(s.slot) * g.max_pages_per_seq + p] = s.pages.back();
-      }
       for (int t = 0; t < L; ++t) {
         g.h_tokens[rows + t] = prompts[i][t];
         g.h_slot[rows + t] = s.slot;
@@ -718,14 +699,14 @@ Result<std::vector<model::Completion<float>>> GpuGenerator::Generate(const std::
       rows += L;
       admitted.push_back(std::move(s));
     }
-    g.stats.kv_pages_peak = std::max<int64_t>(g.stats.kv_pages_peak, g.num_pages - int64_t(free_pages.size()));
+    g.stats.kv_pages_peak = std::max<int64_t>(g.stats.kv_pages_peak, kv.peak_pages());
     if (admitted.empty() && running.empty())
       return Status::Internal("GpuGenerator: nothing admitted with every slot and page free");
 
     if (!admitted.empty()) {
       const auto t0 = Clock::now();
       const int n = int(admitted.size());
-      GEN_CUDA(cudaMemcpyAsync(g.d_page_table, g.page_table.data(), g.page_table.size() * sizeof(int32_t),
+      GEN_CUDA(cudaMemcpyAsync(g.d_page_table, kv.table().data(), kv.table().size() * sizeof(int32_t),
                                cudaMemcpyHostToDevice, g.stream));
       GEN_CUDA(cudaMemcpyAsync(g.d_tokens, g.h_tokens, rows * sizeof(int32_t), cudaMemcpyHostToDevice, g.stream));
       GEN_CUDA(cudaMemcpyAsync(g.d_slot, g.h_slot, rows * sizeof(int32_t), cudaMemcpyHostToDevice, g.stream));
