@@ -365,6 +365,31 @@ TEST(GpuGenerator, QuantizedWeightsMatchTheCpuOnRoundTrippedWeights) {
   }
 }
 
+TEST(GpuGenerator, GraphsAndEagerGiveTheSameBits) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = MakeModel(7);
+  const auto prompts = Prompts(14, 5, 2, 20);
+  GpuGeneratorOptions o;
+  o.max_batch = 8;
+  o.kv_memory_fraction = 0.05;
+  std::vector<std::vector<model::Completion<float>>> runs;
+  for (bool graphs : {true, false}) {
+    o.cuda_graphs = graphs;
+    auto g = GpuGenerator::Create(cpu->config(), o);
+    ASSERT_TRUE(g.ok()) << g.status().ToString();
+    ASSERT_TRUE((*g)->LoadWeights(cpu->params(), nullptr).ok());
+    auto r = (*g)->Generate(prompts, Greedy(12));
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    EXPECT_EQ((*g)->stats().graphs_used, graphs);
+    runs.push_back(std::move(*r));
+  }
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    EXPECT_EQ(runs[0][i].tokens, runs[1][i].tokens) << "sequence " << i;
+    EXPECT_EQ(runs[0][i].logprobs, runs[1][i].logprobs) << "sequence " << i;
+    EXPECT_EQ(runs[0][i].routes, runs[1][i].routes) << "sequence " << i;
+  }
+}
+
 TEST(GpuGenerator, RejectsBadInput) {
   SKIP_WITHOUT_GPU();
   auto cpu = MakeModel(7);
