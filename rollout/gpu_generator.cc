@@ -52,9 +52,12 @@ QuantFormat ToQuant(PrecisionFormat f) {
 // (bf16 data, int4's scale count), so reloading in another format never
 // moves it.
 struct WeightSlot {
-  std::string name;        // the ParamLayout tensor (qkv: "layers.L.attn.wq+wk+wv")
+  std::string name;        // the ParamLayout tensor (fused: "layers.L.attn.wq+wk+wv")
   int64_t offset = 0, n = 0, k = 0;
   bool choosable = false;  // the FormatChooser decides its format
+  // The layout tensors stacked row-wise in this slot (adjacent in the
+  // layout): the chooser is asked for each and must give them one format.
+  std::vector<const model::TensorInfo*> parts;
   void* data = nullptr;
   float* scales = nullptr;
   QuantWeight qw;
@@ -62,8 +65,8 @@ struct WeightSlot {
 
 struct LayerWeights {
   int qkv = -1, wo = -1;
-  int w1 = -1, w3 = -1, w2 = -1;                // dense SwiGLU
-  int router = -1, s_w1 = -1, s_w3 = -1, s_w2 = -1;
+  int w13 = -1, w2 = -1;                         // dense SwiGLU (w1 and w3 stacked)
+  int router = -1, s_w13 = -1, s_w2 = -1;        // shared experts (w1 and w3 stacked)
   std::vector<int> e_w1, e_w3, e_w2;            // routed experts
   QuantWeight *d_w1 = nullptr, *d_w3 = nullptr, *d_w2 = nullptr;  // device arrays [experts]
   std::vector<QuantWeight> h_w1, h_w3, h_w2;                    // their host copies
@@ -106,7 +109,7 @@ struct GpuGenerator::Impl {
   float* qkv = nullptr;
   bf16* q = nullptr;
   bf16* attn = nullptr;
-  float *fa = nullptr, *fb = nullptr;
+  float* fa = nullptr;  // [rows, 2F]: x W1^T | x W3^T
   bf16* fh = nullptr;
   float *rlogits = nullptr, *rscores = nullptr, *gates = nullptr;
   uint16_t *ids = nullptr, *routes = nullptr;
@@ -180,18 +183,36 @@ struct GpuGenerator::Impl {
   }
   int AddTensor(const std::string& name, bool choosable) {
     const model::TensorInfo* t = layout.Find(name);
-    return AddSlot(name, t->offset, t->shape[0], t->shape[1], choosable);
+    const int i = AddSlot(name, t->offset, t->shape[0], t->shape[1], choosable);
+    slots[i].parts = {t};
+    return i;
+  }
+  // Tensors adjacent in the layout, same columns, stacked into one slot
+  // (one QuantLinear for all: row-wise formats quantize the stack exactly as
+  // each part alone).
+  Result<int> AddStack(const std::vector<std::string>& names, const std::string& name, bool choosable) {
+    std::vector<const model::TensorInfo*> parts;
+    int64_t n = 0;
+    for (const std::string& nm : names) {
+      const model::TensorInfo* t = layout.Find(nm);
+      if (!parts.empty() && (t->offset != parts[0]->offset + n * parts[0]->shape[1] || t->shape[1] != parts[0]->shape[1]))
+        return Status::Internal("GpuGenerator: " + nm + " does not follow " + names[0] + " in the layout");
+      parts.push_back(t);
+      n += t->shape[0];
+    }
+    const int i = AddSlot(name, parts[0]->offset, n, parts[0]->shape[1], choosable);
+    slots[i].parts = parts;
+    return i;
   }
 
   Status Build();
   Status Linear(const bf16* x_in, int64_t ldx, int rows, int slot, float* y, int64_t ldy, Accumulate mode) {
     return kernels::QuantLinear(x_in, ldx, rows, slots[slot].qw, y, ldy, mode, ql_ws, ql_ws_bytes, stream);
   }
-  // x += SwiGLU(h) with width F.
-  Status Ffn(int rows, int w1, int w3, int w2, int64_t F) {
-    GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w1, fa, F, Accumulate::kOverwrite));
-    GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w3, fb, F, Accumulate::kOverwrite));
-    GROVE_RETURN_IF_ERROR(gpu::SwiGluRows(fa, fb, fh, int64_t(rows) * F, stream));
+  // x += SwiGLU(h) with width F; w13 = [W1; W3] stacked.
+  Status Ffn(int rows, int w13, int w2, int64_t F) {
+    GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w13, fa, 2 * F, Accumulate::kOverwrite));
+    GROVE_RETURN_IF_ERROR(gpu::SwiGluRows(fa, rows, int(F), fh, stream));
     return Linear(fh, F, rows, w2, x, H, Accumulate::kAdd);
   }
   Status Forward(int rows, int n_logits, bool gather_last);
@@ -225,14 +246,10 @@ Status GpuGenerator::Impl::Build() {
   for (int64_t l = 0; l < L; ++l) {
     const std::string p = "layers." + std::to_string(l) + ".";
     LayerWeights w;
-    const int64_t oq = layout.Offset(p + "attn.wq");
-    if (layout.Offset(p + "attn.wk") != oq + qd * H || layout.Offset(p + "attn.wv") != oq + (qd + kd) * H)
-      return Status::Internal("GpuGenerator: wq, wk, wv are not contiguous in the layout");
-    w.qkv = AddSlot(p + "attn.wq+wk+wv", oq, qd + 2 * kd, H, false);
+    GROVE_ASSIGN_OR_RETURN(w.qkv, AddStack({p + "attn.wq", p + "attn.wk", p + "attn.wv"}, p + "attn.wq+wk+wv", false));
     w.wo = AddTensor(p + "attn.wo", false);
     if (!c.is_moe_layer(l)) {
-      w.w1 = AddTensor(p + "mlp.w1", true);
-      w.w3 = AddTensor(p + "mlp.w3", true);
+      GROVE_ASSIGN_OR_RETURN(w.w13, AddStack({p + "mlp.w1", p + "mlp.w3"}, p + "mlp.w1+w3", true));
       w.w2 = AddTensor(p + "mlp.w2", true);
     } else {
       w.router = AddTensor(p + "moe.router", false);
@@ -243,8 +260,8 @@ Status GpuGenerator::Impl::Build() {
         w.e_w2.push_back(AddTensor(x + "w2", true));
       }
       if (c.shared_experts > 0) {
-        w.s_w1 = AddTensor(p + "moe.shared.w1", true);
-        w.s_w3 = AddTensor(p + "moe.shared.w3", true);
+        GROVE_ASSIGN_OR_RETURN(w.s_w13,
+                               AddStack({p + "moe.shared.w1", p + "moe.shared.w3"}, p + "moe.shared.w1+w3", true));
         w.s_w2 = AddTensor(p + "moe.shared.w2", true);
       }
     }
@@ -309,8 +326,7 @@ Status GpuGenerator::Impl::Build() {
   GROVE_RETURN_IF_ERROR(Alloc(&qkv, R * (qd + 2 * kd)));
   GROVE_RETURN_IF_ERROR(Alloc(&q, R * qd));
   GROVE_RETURN_IF_ERROR(Alloc(&attn, R * qd));
-  GROVE_RETURN_IF_ERROR(Alloc(&fa, R * F_max));
-  GROVE_RETURN_IF_ERROR(Alloc(&fb, R * F_max));
+  GROVE_RETURN_IF_ERROR(Alloc(&fa, R * 2 * F_max));
   GROVE_RETURN_IF_ERROR(Alloc(&fh, R * F_max));
   GROVE_RETURN_IF_ERROR(Alloc(&rlogits, R * std::max<int64_t>(E, 1)));
   GROVE_RETURN_IF_ERROR(Alloc(&rscores, R * std::max<int64_t>(E, 1)));
@@ -390,7 +406,7 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     GROVE_RETURN_IF_ERROR(Linear(attn, qd, rows, w.wo, x, H, Accumulate::kAdd));
     GROVE_RETURN_IF_ERROR(gpu::RmsNormRows(x, w.ffn_norm, h, rows, int(H), float(c.norm_eps), stream));
     if (!c.is_moe_layer(l)) {
-      GROVE_RETURN_IF_ERROR(Ffn(rows, w.w1, w.w3, w.w2, c.dense_hidden));
+      GROVE_RETURN_IF_ERROR(Ffn(rows, w.w13, w.w2, c.dense_hidden));
       continue;
     }
     const int64_t mi = c.moe_index(l);
@@ -411,7 +427,7 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     GEN_CUDA(cudaMemcpy2DAsync(routes + mi * K, M * K * sizeof(uint16_t), ids, K * sizeof(uint16_t),
                                K * sizeof(uint16_t), rows, cudaMemcpyDeviceToDevice, stream));
     if (c.shared_experts > 0)
-      GROVE_RETURN_IF_ERROR(Ffn(rows, w.s_w1, w.s_w3, w.s_w2, c.shared_experts * c.expert_hidden));
+      GROVE_RETURN_IF_ERROR(Ffn(rows, w.s_w13, w.s_w2, c.shared_experts * c.expert_hidden));
     kernels::MoeDecodeArgs ma;
     ma.x = h;
     ma.ids = ids;
@@ -535,13 +551,16 @@ Result<double> GpuGenerator::LoadWeights(std::span<const float> params, const Fo
   for (size_t i = 0; i < g.slots.size(); ++i) {
     const WeightSlot& s = g.slots[i];
     if (!s.choosable || !choose) continue;
-    actors::TensorSpec spec;
-    spec.name = s.name;
-    spec.shape = {s.n, s.k};
-    spec.offset = uint64_t(s.offset);
-    spec.count = uint64_t(s.n * s.k);
-    const std::optional<PrecisionFormat> f = choose(spec);
-    if (f) formats[i] = ToQuant(*f);
+    for (size_t j = 0; j < s.parts.size(); ++j) {
+      const model::TensorInfo& t = *s.parts[j];
+      const actors::TensorSpec spec{t.name, t.shape, uint64_t(t.offset), uint64_t(t.numel)};
+      const std::optional<PrecisionFormat> f = choose(spec);
+      const QuantFormat q = f ? ToQuant(*f) : QuantFormat::kBF16;
+      if (j > 0 && q != formats[i])
+        return Status::InvalidArgument("LoadWeights: " + t.name + " must have the format of " + s.parts[0]->name +
+                                       " (the engine runs them as one stacked weight)");
+      formats[i] = q;
+    }
   }
   auto put = [&](float* dst, const std::string& name) -> Status {
     const model::TensorInfo* t = g.layout.Find(name);

@@ -12,7 +12,9 @@
 // and softmax. Attention and router weights bf16; norms, router bias and the
 // embedding table fp32 (exact); every other 2-D weight (dense and expert
 // SwiGLU, shared experts, lm_head) in the format the FormatChooser gives
-// (nullopt: bf16).
+// (nullopt: bf16). The w1 and w3 of one MLP (dense layer, shared experts,
+// routed expert) must get the same format -- one unit of the precision plan
+// (precision_plan.h) -- since the engine stacks them into one weight.
 //
 // Engine: continuous batching. Sequences wait in a queue; each engine step
 // admits waiting sequences while a slot (max_batch) and KV pages for their
