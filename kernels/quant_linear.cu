@@ -460,7 +460,9 @@ Status QuantLinearOnPath(QuantLinearPath path, const __nv_bfloat16* x, int64_t l
     return Status::InvalidArgument("QuantLinear: x and w.data must be 16-byte aligned, y 4-byte aligned (non-null)");
   if (w.format != QuantFormat::kBF16 && !Aligned(w.scales, 4))
     return Status::InvalidArgument("QuantLinear: int8/int4 weight without scales");
-  if (path == QuantLinearPath::kAuto) path = m == 1 ? QuantLinearPath::kCudaCore : QuantLinearPath::kTensorCore;
+  if (path == QuantLinearPath::kAuto)  // tensor cores need x for 8 tokens in shared memory (k <= ~9900)
+    path = m == 1 || mma::SmemBytes(w.k, 1) > kMaxSmemBytes ? QuantLinearPath::kCudaCore
+                                                            : QuantLinearPath::kTensorCore;
   // Tokens per pass: 16, or fewer when k is so long that 16 rows of x would
   // not fit in shared memory. Each pass streams W once; any m works.
   const bool tensor = path == QuantLinearPath::kTensorCore;
