@@ -4,8 +4,8 @@
 #include <cstring>
 #include <string>
 
-#include "kernels/ptx/mma.cuh"
 #include "kernels/quant_gemv.cuh"
+#include "kernels/quant_mma.cuh"
 #include "kernels/quant_linear_internal.h"
 
 namespace grove::kernels {
@@ -175,179 +175,40 @@ Status LaunchGemvTokens(const __nv_bfloat16* x, int64_t ldx, int count, const Qu
   return LaunchGemv<F, 16>(x, ldx, count, w, y, ldy, mode, stream);
 }
 
-// ---- The tensor-core path: mma.sync m16n8k16, weights as the A operand ----
-//
-// A warp owns 16 weight rows r0..r0+15; lane (g = lane / 4, q = lane % 4)
-// loads rows r0+g and r0+g+8, 16-byte chunk 4 it + q of each ("iteration"
-// it covers 4 chunks = 32 / 64 / 128 columns for bf16 / int8 / int4). Each
-// 8-column octet of a chunk feeds two k16 steps: the dot product does not
-// care in which order the columns are summed, so lane q's octet elements
-// 0,1 / 2,3 play the virtual k 2q,2q+1 / 2q+8,2q+9 of the first step and
-// 4,5 / 6,7 those of the second, and the B operand (x, token g of an 8-token
-// tile) is loaded from the very same columns by the same lane. A holds the
-// weights as bf16 q (exact: |q| <= 127) or bf16 w; int8 sums are scaled per
-// row at the end, int4 sums per iteration (an iteration is exactly one
-// group of 128). Warps split the iterations ("slices") as the CUDA-core
-// path does, reduced across slices in order through shared memory.
-namespace mma {
+template <int NT>
+constexpr int kMmaReduceFloats = gemv::kWarps * NT * 4 * 32;
 
-constexpr int kTileRows = 16;
+// Shared bytes of the tensor-core kernel for 8 * nt tokens.
+int64_t MmaSmemBytes(int64_t k, int nt) { return int64_t{gemv::kWarps} * nt * 4 * 32 * 4 + mma::XBytes(k, nt); }
 
-struct Split {
-  int iters = 0, slices = 1, groups = 8;
-};
-
-__host__ __device__ inline Split MakeSplit(QuantFormat f, int k) {
-  Split s;
-  s.iters = k / (4 * gemv::ChunkCols(f));
-  s.slices = s.iters >= 8 ? 8 : s.iters >= 4 ? 4 : s.iters >= 2 ? 2 : 1;
-  s.groups = gemv::kWarps / s.slices;
-  return s;
-}
-
-// Shared bytes: the reduction buffer and x for 8 * nt tokens.
-__host__ __device__ inline int64_t SmemBytes(int64_t k, int nt) {
-  return int64_t{gemv::kWarps} * nt * 4 * 32 * 4 + k * 2 * 8 * nt;
-}
-
-// Octet index of (iteration it, octet s of the chunk, token, quad q) in the
-// shared x tile of T tokens: the 32 lanes of a warp read 32 consecutive
-// octets for each (it, s, tile).
-__device__ __forceinline__ int XIndex(int it, int s, int S, int T, int token, int q) {
-  return ((it * S + s) * T + token) * 4 + q;
-}
-
-// The 8 columns of octet s of a loaded chunk as 4 bf16 pairs (elements
-// 2j, 2j+1 in pair j, lower column in the low half).
-template <QuantFormat F>
-__device__ __forceinline__ void OctetPairs(const uint4& raw, int s, uint32_t (&p)[4]) {
-  if constexpr (F == QuantFormat::kBF16) {
-    p[0] = raw.x;
-    p[1] = raw.y;
-    p[2] = raw.z;
-    p[3] = raw.w;
-  } else if constexpr (F == QuantFormat::kInt8) {
-    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-    float a[4], b[4];
-    Int8WordToFloats(words[2 * s], a);
-    Int8WordToFloats(words[2 * s + 1], b);
-    const float v[8] = {a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);  // exact: small integers
-      std::memcpy(&p[j], &h, 4);
-    }
-  } else {
-    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-    Int4WordToBf16Pairs(words[s], p);
-  }
-}
-
+// The tensor-core path (kernels/quant_mma.cuh): 8 warps per block, a warp
+// group of `slices` warps per 16-row tile, passes over tiles as the CUDA-core
+// kernel does; partial tiles reduced across slices in order through shared
+// memory ([warp][NT][4][32] floats, then x).
 template <QuantFormat F, int NT>
 __global__ void __launch_bounds__(kThreads)
     QuantMmaKernel(const __nv_bfloat16* __restrict__ x, int64_t ldx, int count, QuantWeight w, float* y,
                    int64_t ldy, Accumulate mode, int passes) {
-  constexpr int C = gemv::Format<F>::kChunkCols, S = C / 8, T = 8 * NT;
   extern __shared__ uint4 smem[];
-  float* red_s = reinterpret_cast<float*>(smem);  // [warp][NT][4][32]
-  uint4* x_s = smem + gemv::kWarps * NT * 4 * 32 * 4 / 16;
-  const Split split = MakeSplit(F, w.k);
+  float* red_s = reinterpret_cast<float*>(smem);
+  uint4* x_s = smem + kMmaReduceFloats<NT> / 4;
+  const mma::Split split = mma::MakeSplit(F, w.k);
+  mma::StageX<F, NT>(x_s, w.k, count, [&](int i) { return x + i * ldx; });
 
-  // Stage x: every (it, s, token, q) octet, zero past `count` tokens.
-  for (int idx = threadIdx.x; idx < split.iters * S * T * 4; idx += blockDim.x) {
-    const int q = idx % 4, token = (idx / 4) % T, rest = idx / (4 * T);
-    const int s = rest % S, it = rest / S;
-    const int octet = (4 * it + q) * S + s;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (token < count) v = *reinterpret_cast<const uint4*>(x + token * ldx + 8 * octet);
-    x_s[idx] = v;
-  }
-  __syncthreads();
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wg = warp / split.slices, slice = warp % split.slices;
-  const int rows_per_pass = kTileRows * split.groups;
-  const int64_t row_bytes = gemv::RowBytes(F, w.k), row_scales = gemv::RowScales(F, w.k);
-  const uint8_t* data = static_cast<const uint8_t*>(w.data);
+  const int rows_per_pass = mma::kTileRows * split.groups;
   for (int pass = blockIdx.x; pass < passes; pass += gridDim.x) {
-    const int64_t r0 = int64_t{pass} * rows_per_pass + wg * kTileRows;
-    const int64_t ra = r0 + g, rb = r0 + g + 8;
-    const bool va = ra < w.n, vb = rb < w.n;
+    const int64_t r0 = int64_t{pass} * rows_per_pass + wg * mma::kTileRows;
     float acc[NT][4];
-#pragma unroll
-    for (int t = 0; t < NT; ++t)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[t][r] = 0.f;
     if (r0 < w.n) {
-      const uint4* pa = reinterpret_cast<const uint4*>(data + (va ? ra : 0) * row_bytes);
-      const uint4* pb = reinterpret_cast<const uint4*>(data + (vb ? rb : 0) * row_bytes);
-      const uint4 zero = make_uint4(0, 0, 0, 0);
-      int it = slice;
-      uint4 wa = zero, wb = zero;
-      if (it < split.iters) {
-        wa = va ? __ldg(pa + 4 * it + q) : zero;
-        wb = vb ? __ldg(pb + 4 * it + q) : zero;
-      }
-      while (it < split.iters) {
-        // Issue the next iteration's loads before this one's math.
-        const int next = it + split.slices;
-        uint4 na = zero, nb = zero;
-        if (next < split.iters) {
-          na = va ? __ldg(pa + 4 * next + q) : zero;
-          nb = vb ? __ldg(pb + 4 * next + q) : zero;
-        }
-        float d[NT][4];
+      mma::WarpTile<F, NT>(static_cast<const uint8_t*>(w.data), w.scales, w.n, r0, w.k, x_s, slice, split.slices,
+                           acc);
+    } else {
 #pragma unroll
-        for (int t = 0; t < NT; ++t)
+      for (int t = 0; t < NT; ++t)
 #pragma unroll
-          for (int r = 0; r < 4; ++r) d[t][r] = 0.f;
-#pragma unroll
-        for (int s = 0; s < S; ++s) {
-          uint32_t fa[4], fb[4];
-          OctetPairs<F>(wa, s, fa);
-          OctetPairs<F>(wb, s, fb);
-#pragma unroll
-          for (int t = 0; t < NT; ++t) {
-            const uint4 xv = x_s[XIndex(it, s, S, T, 8 * t + g, q)];
-            const uint32_t a0[4] = {fa[0], fb[0], fa[1], fb[1]};
-            const uint32_t b0[2] = {xv.x, xv.y};
-            ptx::mma_m16n8k16_bf16_f32(d[t], a0, b0);
-            const uint32_t a1[4] = {fa[2], fb[2], fa[3], fb[3]};
-            const uint32_t b1[2] = {xv.z, xv.w};
-            ptx::mma_m16n8k16_bf16_f32(d[t], a1, b1);
-          }
-        }
-        if constexpr (F == QuantFormat::kInt4) {
-          const float sa = va ? __ldg(w.scales + ra * row_scales + it) : 0.f;
-          const float sb = vb ? __ldg(w.scales + rb * row_scales + it) : 0.f;
-#pragma unroll
-          for (int t = 0; t < NT; ++t) {
-            acc[t][0] = fmaf(sa, d[t][0], acc[t][0]);
-            acc[t][1] = fmaf(sa, d[t][1], acc[t][1]);
-            acc[t][2] = fmaf(sb, d[t][2], acc[t][2]);
-            acc[t][3] = fmaf(sb, d[t][3], acc[t][3]);
-          }
-        } else {
-#pragma unroll
-          for (int t = 0; t < NT; ++t)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[t][r] += d[t][r];
-        }
-        wa = na;
-        wb = nb;
-        it = next;
-      }
-      if constexpr (F == QuantFormat::kInt8) {
-        const float sa = va ? __ldg(w.scales + ra) : 0.f;
-        const float sb = vb ? __ldg(w.scales + rb) : 0.f;
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-          acc[t][0] *= sa;
-          acc[t][1] *= sa;
-          acc[t][2] *= sb;
-          acc[t][3] *= sb;
-        }
-      }
+        for (int r = 0; r < 4; ++r) acc[t][r] = 0.f;
     }
 #pragma unroll
     for (int t = 0; t < NT; ++t)
@@ -356,8 +217,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     for (int idx = threadIdx.x; idx < split.groups * NT * 4 * 32; idx += blockDim.x) {
       const int l = idx % 32, r = (idx / 32) % 4, t = (idx / 128) % NT, gg = idx / (128 * NT);
-      const int64_t row = int64_t{pass} * rows_per_pass + gg * kTileRows + l / 4 + (r >= 2 ? 8 : 0);
-      const int token = 8 * t + 2 * (l % 4) + (r & 1);
+      const int64_t row = int64_t{pass} * rows_per_pass + gg * mma::kTileRows + mma::TileRow(l, r);
+      const int token = mma::TileToken(l, t, r);
       if (row >= w.n || token >= count) continue;
       float v = 0.f;
       for (int j = 0; j < split.slices; ++j) v += red_s[(((gg * split.slices + j) * NT + t) * 4 + r) * 32 + l];
@@ -368,8 +229,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-}  // namespace mma
-
 template <QuantFormat F, int NT>
 Status LaunchMma(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y, int64_t ldy,
                  Accumulate mode, cudaStream_t stream) {
@@ -377,8 +236,8 @@ Status LaunchMma(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeig
   const int rows_per_pass = mma::kTileRows * split.groups;
   const int passes = static_cast<int>((w.n + rows_per_pass - 1) / rows_per_pass);
   const int blocks = std::min(passes, SmCount() * 4);
-  const size_t smem = mma::SmemBytes(w.k, NT);
-  auto kernel = mma::QuantMmaKernel<F, NT>;
+  const size_t smem = MmaSmemBytes(w.k, NT);
+  auto kernel = QuantMmaKernel<F, NT>;
   if (smem > 48 * 1024 &&
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
           cudaSuccess)
@@ -461,13 +320,13 @@ Status QuantLinearOnPath(QuantLinearPath path, const __nv_bfloat16* x, int64_t l
   if (w.format != QuantFormat::kBF16 && !Aligned(w.scales, 4))
     return Status::InvalidArgument("QuantLinear: int8/int4 weight without scales");
   if (path == QuantLinearPath::kAuto)  // tensor cores need x for 8 tokens in shared memory (k <= ~9900)
-    path = m == 1 || mma::SmemBytes(w.k, 1) > kMaxSmemBytes ? QuantLinearPath::kCudaCore
+    path = m == 1 || MmaSmemBytes(w.k, 1) > kMaxSmemBytes ? QuantLinearPath::kCudaCore
                                                             : QuantLinearPath::kTensorCore;
   // Tokens per pass: 16, or fewer when k is so long that 16 rows of x would
   // not fit in shared memory. Each pass streams W once; any m works.
   const bool tensor = path == QuantLinearPath::kTensorCore;
   auto smem = [&](int tokens) {
-    return tensor ? mma::SmemBytes(w.k, (tokens + 7) / 8) : gemv::kReduceBytes + gemv::XTileBytes(w.k, tokens);
+    return tensor ? MmaSmemBytes(w.k, (tokens + 7) / 8) : gemv::kReduceBytes + gemv::XTileBytes(w.k, tokens);
   };
   int per_pass = gemv::kMaxTokens;
   while (per_pass > (tensor ? 8 : 1) && smem(per_pass) > kMaxSmemBytes) per_pass /= 2;
