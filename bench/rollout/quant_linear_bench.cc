@@ -33,6 +33,7 @@
 
 #include "bench/rollout/hbm_read.h"
 #include "kernels/moe_decode.h"
+#include "kernels/moe_decode_internal.h"
 #include "kernels/quant_linear.h"
 #include "kernels/quant_linear_internal.h"
 
@@ -245,7 +246,9 @@ void MoeTable(double read_gbs, std::mt19937_64& rng) {
   CUDA_CHECK(cudaMalloc(&scratch, size_t{E} * H * 4));
   std::printf("(c) MoeDecodeForward, 64 experts x 512, top-6, hidden 1024; us | GB/s of the touched experts' "
               "weights (%% of read ceiling)\n");
-  std::printf("%-6s %4s %8s | %22s\n", "format", "m", "experts", "time");
+  std::printf("(default = MoeDecodeForward's choice; then each kernel pair's time: cc = CUDA cores, tc = tensor cores)\n");
+  std::printf("%-6s %4s %8s | %7s | %14s | %7s | %7s\n", "format", "m", "experts", "us", "GB/s (%)", "cc us",
+              "tc us");
   const int max_m = 128;
   __nv_bfloat16* x = nullptr;
   float *out = nullptr, *gates = nullptr;
@@ -310,10 +313,15 @@ void MoeTable(double read_gbs, std::mt19937_64& rng) {
       a.top_k = top_k;
       a.workspace = ws;
       a.workspace_bytes = ws_bytes;
-      const double us = MedianUs([&] { STATUS_CHECK(grove::kernels::MoeDecodeForward(a, nullptr)); });
+      using grove::kernels::detail::MoeDecodePath;
+      auto time_path = [&](MoeDecodePath path) {
+        return MedianUs([&] { STATUS_CHECK(grove::kernels::detail::MoeDecodeForwardOnPath(a, path, nullptr)); });
+      };
+      const double us = time_path(MoeDecodePath::kAuto);
+      const double cc = time_path(MoeDecodePath::kCudaCore), tc = time_path(MoeDecodePath::kTensorCore);
       const double gbs = bytes / us / 1e3;
-      std::printf("%-6s %4d %8d | %7.1f | %5.0f (%3.0f%%)\n", mix < 3 ? Name(kFormats[mix]) : "mixed", m, active, us,
-                  gbs, 100.0 * gbs / read_gbs);
+      std::printf("%-6s %4d %8d | %7.1f | %5.0f (%3.0f%%) | %7.1f | %7.1f\n", mix < 3 ? Name(kFormats[mix]) : "mixed", m,
+                  active, us, gbs, 100.0 * gbs / read_gbs, cc, tc);
     }
   }
   cudaFree(scratch);

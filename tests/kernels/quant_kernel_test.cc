@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "kernels/moe_decode.h"
+#include "kernels/moe_decode_internal.h"
 #include "kernels/quant_linear.h"
 #include "kernels/quant_linear_internal.h"
 #include "kernels/quant_unpack.h"
@@ -402,11 +403,24 @@ void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
   a.top_k = c.top_k;
   a.workspace = ws.get();
   a.workspace_bytes = ws_bytes;
-  const Status s = MoeDecodeForward(a, nullptr);
-  ASSERT_TRUE(s.ok()) << s.ToString();
+  // Both kernel pairs, each from the same starting out, against one reference.
+  std::vector<float> outs[2];
+  const detail::MoeDecodePath paths[2] = {detail::MoeDecodePath::kCudaCore, detail::MoeDecodePath::kTensorCore};
+  for (int p = 0; p < 2; ++p) {
+    ASSERT_EQ(dout.Upload(out0), cudaSuccess);
+    const Status s = detail::MoeDecodeForwardOnPath(a, paths[p], nullptr);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_EQ(dout.Download(&outs[p]), cudaSuccess);
+  }
+  // And the public entry point (kAuto picks one of the two) runs.
+  ASSERT_EQ(dout.Upload(out0), cudaSuccess);
+  ASSERT_TRUE(MoeDecodeForward(a, nullptr).ok());
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  std::vector<float> out;
-  ASSERT_EQ(dout.Download(&out), cudaSuccess);
+  std::vector<float> out_auto;
+  ASSERT_EQ(dout.Download(&out_auto), cudaSuccess);
+  ASSERT_TRUE(std::memcmp(out_auto.data(), outs[0].data(), out_auto.size() * 4) == 0 ||
+              std::memcmp(out_auto.data(), outs[1].data(), out_auto.size() * 4) == 0);
 
   for (int t = 0; t < c.m; ++t) {
     std::vector<double> ref(H, 0.0), bound(H, 0.0);
@@ -450,7 +464,8 @@ void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
         want += out0[t * H + r];
         b += 2 * kU * (std::fabs(want) + std::fabs(ref[r]));
       }
-      ASSERT_NEAR(out[t * H + r], want, b) << "token " << t << " column " << r;
+      ASSERT_NEAR(outs[0][t * H + r], want, b) << "CUDA-core path, token " << t << " column " << r;
+      ASSERT_NEAR(outs[1][t * H + r], want, b) << "tensor-core path, token " << t << " column " << r;
     }
   }
 }
