@@ -206,6 +206,7 @@ struct GpuGenerator::Impl {
   }
 
   Status Build();
+  Result<double> Load(const float* params, bool on_device, const FormatChooser& choose);
   Status Linear(const bf16* x_in, int64_t ldx, int rows, int slot, float* y, int64_t ldy, Accumulate mode) {
     return kernels::QuantLinear(x_in, ldx, rows, slots[slot].qw, y, ldy, mode, ql_ws, ql_ws_bytes, stream);
   }
@@ -540,11 +541,21 @@ Result<std::unique_ptr<GpuGenerator>> GpuGenerator::Create(const model::ModelCon
 }
 
 Result<double> GpuGenerator::LoadWeights(std::span<const float> params, const FormatChooser& choose) {
-  Impl& g = *impl_;
-  const auto t0 = Clock::now();
-  if (int64_t(params.size()) != g.layout.total())
+  if (int64_t(params.size()) != impl_->layout.total())
     return Status::InvalidArgument("LoadWeights: " + std::to_string(params.size()) + " floats, the layout has " +
-                                   std::to_string(g.layout.total()));
+                                   std::to_string(impl_->layout.total()));
+  return impl_->Load(params.data(), /*on_device=*/false, choose);
+}
+
+Result<double> GpuGenerator::LoadWeightsFromDevice(const float* params, const FormatChooser& choose) {
+  if (!params) return Status::InvalidArgument("LoadWeightsFromDevice: null params");
+  return impl_->Load(params, /*on_device=*/true, choose);
+}
+
+Result<double> GpuGenerator::Impl::Load(const float* params, bool on_device, const FormatChooser& choose) {
+  Impl& g = *this;
+  const auto t0 = Clock::now();
+  const cudaMemcpyKind kind = on_device ? cudaMemcpyDeviceToDevice : cudaMemcpyHostToDevice;
   GEN_CUDA(cudaSetDevice(g.opt.device));
   // Formats first, so a bad choice changes nothing.
   std::vector<QuantFormat> formats(g.slots.size(), QuantFormat::kBF16);
@@ -564,7 +575,7 @@ Result<double> GpuGenerator::LoadWeights(std::span<const float> params, const Fo
   }
   auto put = [&](float* dst, const std::string& name) -> Status {
     const model::TensorInfo* t = g.layout.Find(name);
-    return Cuda(cudaMemcpyAsync(dst, params.data() + t->offset, t->numel * sizeof(float), cudaMemcpyHostToDevice,
+    return Cuda(cudaMemcpyAsync(dst, params + t->offset, t->numel * sizeof(float), kind,
                                 g.stream),
                 "upload");
   };
@@ -593,13 +604,18 @@ Result<double> GpuGenerator::LoadWeights(std::span<const float> params, const Fo
       ++j;
     }
     if (j == i) return Status::Internal("LoadWeights: " + g.slots[order[i]].name + " exceeds the staging buffer");
-    GEN_CUDA(cudaMemcpyAsync(g.staging, params.data() + start, (end - start) * sizeof(float), cudaMemcpyHostToDevice,
-                             g.stream));
+    // On the device the weights are quantized where they are.
+    const float* src = params + start;
+    if (!on_device) {
+      GEN_CUDA(cudaMemcpyAsync(g.staging, params + start, (end - start) * sizeof(float), cudaMemcpyHostToDevice,
+                               g.stream));
+      src = g.staging;
+    }
     for (size_t t = i; t < j; ++t) {
       WeightSlot& s = g.slots[order[t]];
       const QuantFormat f = formats[order[t]];
       GROVE_RETURN_IF_ERROR(
-          kernels::QuantizeWeight(g.staging + (s.offset - start), s.n, s.k, f, s.data, s.scales, g.stream));
+          kernels::QuantizeWeight(src + (s.offset - start), s.n, s.k, f, s.data, s.scales, g.stream));
       s.qw.format = f;
       s.qw.n = int32_t(s.n);
       s.qw.k = int32_t(s.k);

@@ -71,6 +71,12 @@ class GpuGenerator {
   // bf16/fp32 whatever it says. Quantizes on the GPU (kernels::QuantizeWeight).
   // Returns the seconds it took (upload included).
   Result<double> LoadWeights(std::span<const float> params, const FormatChooser& choose);
+  // The same from fp32 params already on this generator's device (layout
+  // order, layout().total() floats, 16-byte aligned; e.g. an NCCL receive
+  // buffer): quantized where they are, no host round trip. They must be
+  // complete when this is called (synchronize the stream that wrote them) and
+  // stay unchanged until it returns (it synchronizes).
+  Result<double> LoadWeightsFromDevice(const float* params, const FormatChooser& choose);
 
   // As model::Transformer<float>::Generate (same validation).
   // FailedPrecondition before the first LoadWeights.

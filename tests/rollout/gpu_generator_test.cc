@@ -18,6 +18,8 @@
 // log-prob tolerance are not vacuous.
 #include "rollout/gpu_generator.h"
 
+#include <cuda_runtime_api.h>
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -478,6 +480,38 @@ TEST(GpuGenerator, GraphsAndEagerGiveTheSameBits) {
     EXPECT_EQ(runs[0][i].logprobs, runs[1][i].logprobs) << "sequence " << i;
     EXPECT_EQ(runs[0][i].routes, runs[1][i].routes) << "sequence " << i;
   }
+}
+
+TEST(GpuGenerator, LoadFromDeviceEqualsLoadFromHost) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = MakeModel(7);
+  const auto prompts = Prompts(15, 4, 2, 16);
+  const FormatChooser mixed = [](const actors::TensorSpec& t) -> std::optional<PrecisionFormat> {
+    if (t.name.find("moe.experts.") != std::string::npos)
+      return t.name.find(".experts.1.") != std::string::npos ? PrecisionFormat::kInt8 : PrecisionFormat::kInt4;
+    return std::nullopt;
+  };
+  auto gen = MakeEngine(*cpu, 4, mixed);
+  ASSERT_TRUE(gen);
+  auto from_host = gen->Generate(prompts, Greedy(10));
+  ASSERT_TRUE(from_host.ok());
+  float* dev = nullptr;
+  const size_t bytes = cpu->params().size() * sizeof(float);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&dev), bytes), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dev, cpu->params().data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
+  // Another plan first, so the reload really rewrites every weight.
+  ASSERT_TRUE(gen->LoadWeights(cpu->params(), nullptr).ok());
+  auto secs = gen->LoadWeightsFromDevice(dev, mixed);
+  ASSERT_TRUE(secs.ok()) << secs.status().ToString();
+  auto from_dev = gen->Generate(prompts, Greedy(10));
+  cudaFree(dev);
+  ASSERT_TRUE(from_dev.ok());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    EXPECT_EQ((*from_host)[i].tokens, (*from_dev)[i].tokens);
+    EXPECT_EQ((*from_host)[i].logprobs, (*from_dev)[i].logprobs);
+    EXPECT_EQ((*from_host)[i].routes, (*from_dev)[i].routes);
+  }
+  EXPECT_FALSE(gen->LoadWeightsFromDevice(nullptr, nullptr).ok());
 }
 
 TEST(GpuGenerator, RejectsBadInput) {
