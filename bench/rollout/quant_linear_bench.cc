@@ -10,7 +10,9 @@
 //      the measured read ceiling, and int4 / bf16 speedup;
 //  (c) MoeDecodeForward at m = 1, 8, 32, 128 (64 experts, top-6, uniform
 //      random distinct routing) per format: microseconds and the bytes of the
-//      experts it touched per second.
+//      experts it touched per second;
+//  (d) QuantizeWeight over one MoE layer's fp32 weights per format, and the
+//      whole model's time extrapolated from it (issue 9: "well under a second").
 // L2 (50 MB on the H100) is flushed before every timed repetition by a
 // 256 MB memset outside the timed region, so weights come from HBM as in
 // decode, where a layer's weights are evicted by the other layers.
@@ -333,6 +335,57 @@ void MoeTable(double read_gbs, std::mt19937_64& rng) {
   cudaFree(dw);
 }
 
+// (d) Re-quantizing the model on receipt: one gpu-ref MoE layer's weights
+// (qkv, wo, 64 + 2 experts' w1/w3/w2) from fp32 on the device, per format,
+// then scaled to the whole model (15 such layers + the dense layer and the
+// lm head counted by their sizes).
+void QuantizeTable(double read_gbs) {
+  const int H = 1024, E = 512;
+  std::vector<std::pair<int, int>> layer = {{1536, H}, {H, 1024}};
+  for (int e = 0; e < 66; ++e) {
+    layer.push_back({E, H});
+    layer.push_back({E, H});
+    layer.push_back({H, E});
+  }
+  size_t layer_params = 0;
+  for (auto [n, k] : layer) layer_params += static_cast<size_t>(n) * k;
+  const size_t model_params = 15 * layer_params + (1536 + 1024) * size_t{H} + 3 * size_t{2816} * H + size_t{32768} * H;
+  // fp32 sources for the whole layer (one buffer per weight, as received),
+  // and destinations sized for the largest format.
+  std::vector<float*> src;
+  for (auto [n, k] : layer) {
+    float* p = nullptr;
+    CUDA_CHECK(cudaMalloc(&p, static_cast<size_t>(n) * k * 4));
+    CUDA_CHECK(cudaMemset(p, 0x3c, static_cast<size_t>(n) * k * 4));
+    src.push_back(p);
+  }
+  std::vector<void*> data;
+  std::vector<float*> scales;
+  for (auto [n, k] : layer) {
+    void* d = nullptr;
+    float* sc = nullptr;
+    CUDA_CHECK(cudaMalloc(&d, grove::kernels::QuantDataBytes(QuantFormat::kBF16, n, k)));
+    CUDA_CHECK(cudaMalloc(&sc, grove::kernels::QuantScaleCount(QuantFormat::kInt4, n, k) * 4));
+    data.push_back(d);
+    scales.push_back(sc);
+  }
+  std::printf("\n(d) QuantizeWeight: one MoE layer (%.1f M params, %zu calls) from fp32; whole model %.0f M params\n",
+              layer_params / 1e6, layer.size(), model_params / 1e6);
+  for (QuantFormat f : kFormats) {
+    const double us = MedianUs([&] {
+      for (size_t i = 0; i < layer.size(); ++i)
+        STATUS_CHECK(grove::kernels::QuantizeWeight(src[i], layer[i].first, layer[i].second, f, data[i], scales[i],
+                                                    nullptr));
+    });
+    const double gbs = layer_params * 4.0 / us / 1e3;  // fp32 bytes read once
+    std::printf("%-5s layer %8.1f us (fp32 read %5.0f GB/s, %3.0f%% of ceiling); whole model ~%6.1f ms\n", Name(f), us,
+                gbs, 100.0 * gbs / read_gbs, us * model_params / layer_params / 1e3);
+  }
+  for (auto* p : src) cudaFree(p);
+  for (auto* p : data) cudaFree(p);
+  for (auto* p : scales) cudaFree(p);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -358,6 +411,7 @@ int main(int argc, char** argv) {
   const double read_gbs = Ceilings();
   LinearTable(read_gbs, rng);
   MoeTable(read_gbs, rng);
+  QuantizeTable(read_gbs);
   cudaFree(g_flush);
   return 0;
 }
