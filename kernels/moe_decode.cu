@@ -18,8 +18,10 @@
 #include <algorithm>
 #include <string>
 
+#include "kernels/moe_decode_internal.h"
 #include "kernels/moe_permute.h"
 #include "kernels/quant_gemv.cuh"
+#include "kernels/quant_mma.cuh"
 
 namespace grove::kernels {
 namespace {
@@ -205,6 +207,124 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- Tensor-core variants (busy experts): a block owns one 16-row tile of
+// its expert's W1 and W3 (up) or W2 (down), all 8 warps splitting k, the
+// warps' partial tiles summed in warp order through shared memory. ----
+
+constexpr int kMmaWarps = gemv::kWarps;
+constexpr int kMmaUpReduceFloats = kMmaWarps * 2 * 2 * 4 * 32;    // [warp][g, u][NT <= 2][4][32]
+constexpr int kMmaDownReduceFloats = kMmaWarps * 2 * 4 * 32;      // [warp][NT <= 2][4][32]
+
+template <QuantFormat F>
+__device__ void UpTile(const MoeDecodeArgs& a, const QuantWeight& w1, const QuantWeight& w3, int begin, int end,
+                       const int32_t* slot_of_row, __nv_bfloat16* h, uint4* smem) {
+  float* red_s = reinterpret_cast<float*>(smem);
+  uint4* x_s = smem + kMmaUpReduceFloats / 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int u0 = blockIdx.x * mma::kTileRows;
+  for (int t0 = begin; t0 < end; t0 += 16) {
+    const int count = min(16, end - t0);
+    auto body = [&](auto tiles) {
+      constexpr int NT = decltype(tiles)::value;
+      mma::StageX<F, NT>(x_s, a.hidden, count, [&](int i) {
+        return a.x + static_cast<int64_t>(slot_of_row[t0 + i] / a.top_k) * a.hidden;
+      });
+      float g[NT][4], u[NT][4];
+      mma::WarpTile<F, NT>(static_cast<const uint8_t*>(w1.data), w1.scales, a.expert_hidden, u0, a.hidden, x_s, warp,
+                           kMmaWarps, g);
+      mma::WarpTile<F, NT>(static_cast<const uint8_t*>(w3.data), w3.scales, a.expert_hidden, u0, a.hidden, x_s, warp,
+                           kMmaWarps, u);
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          red_s[(((warp * 2 + 0) * NT + t) * 4 + r) * 32 + lane] = g[t][r];
+          red_s[(((warp * 2 + 1) * NT + t) * 4 + r) * 32 + lane] = u[t][r];
+        }
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < NT * 4 * 32; idx += blockDim.x) {
+        const int l = idx % 32, r = (idx / 32) % 4, t = idx / 128;
+        const int token = mma::TileToken(l, t, r);
+        if (token >= count) continue;
+        float gv = 0.f, uv = 0.f;
+        for (int j = 0; j < kMmaWarps; ++j) {
+          gv += red_s[(((j * 2 + 0) * NT + t) * 4 + r) * 32 + l];
+          uv += red_s[(((j * 2 + 1) * NT + t) * 4 + r) * 32 + l];
+        }
+        h[static_cast<int64_t>(t0 + token) * a.expert_hidden + u0 + mma::TileRow(l, r)] =
+            __float2bfloat16_rn(Silu(gv) * uv);
+      }
+      __syncthreads();
+    };
+    if (count <= 8) body(std::integral_constant<int, 1>{});
+    else body(std::integral_constant<int, 2>{});
+  }
+}
+
+template <QuantFormat F>
+__device__ void DownTile(const MoeDecodeArgs& a, const QuantWeight& w2, int begin, int end, const __nv_bfloat16* h,
+                         float* partial, uint4* smem) {
+  float* red_s = reinterpret_cast<float*>(smem);
+  uint4* x_s = smem + kMmaDownReduceFloats / 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int r0 = blockIdx.x * mma::kTileRows;
+  for (int t0 = begin; t0 < end; t0 += 16) {
+    const int count = min(16, end - t0);
+    auto body = [&](auto tiles) {
+      constexpr int NT = decltype(tiles)::value;
+      mma::StageX<F, NT>(x_s, a.expert_hidden, count,
+                         [&](int i) { return h + static_cast<int64_t>(t0 + i) * a.expert_hidden; });
+      float acc[NT][4];
+      mma::WarpTile<F, NT>(static_cast<const uint8_t*>(w2.data), w2.scales, a.hidden, r0, a.expert_hidden, x_s, warp,
+                           kMmaWarps, acc);
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) red_s[((warp * NT + t) * 4 + r) * 32 + lane] = acc[t][r];
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < NT * 4 * 32; idx += blockDim.x) {
+        const int l = idx % 32, r = (idx / 32) % 4, t = idx / 128;
+        const int token = mma::TileToken(l, t, r);
+        if (token >= count) continue;
+        float v = 0.f;
+        for (int j = 0; j < kMmaWarps; ++j) v += red_s[((j * NT + t) * 4 + r) * 32 + l];
+        partial[static_cast<int64_t>(t0 + token) * a.hidden + r0 + mma::TileRow(l, r)] = v;
+      }
+      __syncthreads();
+    };
+    if (count <= 8) body(std::integral_constant<int, 1>{});
+    else body(std::integral_constant<int, 2>{});
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    MoeUpMmaKernel(MoeDecodeArgs a, const int32_t* offsets, const int32_t* slot_of_row, __nv_bfloat16* h) {
+  extern __shared__ uint4 smem[];
+  const int e = FindActiveExpert(offsets, a.experts, blockIdx.y);
+  if (e < 0) return;
+  const int begin = offsets[e], end = offsets[e + 1];
+  const QuantWeight w1 = a.w1[e], w3 = a.w3[e];
+  switch (w1.format) {
+    case QuantFormat::kBF16: UpTile<QuantFormat::kBF16>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
+    case QuantFormat::kInt8: UpTile<QuantFormat::kInt8>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
+    case QuantFormat::kInt4: UpTile<QuantFormat::kInt4>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    MoeDownMmaKernel(MoeDecodeArgs a, const int32_t* offsets, const __nv_bfloat16* h, float* partial) {
+  extern __shared__ uint4 smem[];
+  const int e = FindActiveExpert(offsets, a.experts, blockIdx.y);
+  if (e < 0) return;
+  const int begin = offsets[e], end = offsets[e + 1];
+  const QuantWeight w2 = a.w2[e];
+  switch (w2.format) {
+    case QuantFormat::kBF16: DownTile<QuantFormat::kBF16>(a, w2, begin, end, h, partial, smem); break;
+    case QuantFormat::kInt8: DownTile<QuantFormat::kInt8>(a, w2, begin, end, h, partial, smem); break;
+    case QuantFormat::kInt4: DownTile<QuantFormat::kInt4>(a, w2, begin, end, h, partial, smem); break;
+  }
+}
+
 // One thread per (token, 4 columns): the top_k partials in slot order.
 __global__ void MoeDecodeCombineKernel(const float* __restrict__ partial, const float* __restrict__ gates,
                                        const int32_t* __restrict__ row_of_slot, float* out, Accumulate mode, int m,
@@ -235,8 +355,10 @@ __global__ void MoeDecodeCombineKernel(const float* __restrict__ partial, const 
   *o = s;
 }
 
+// Opts in above the default 48 KB per block, which counts the kernels'
+// static shared memory (FindActiveExpert's 4 bytes) too.
 Status SetSmem(const void* kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return Status::OK();
+  if (bytes + 256 <= 48 * 1024) return Status::OK();
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)) !=
       cudaSuccess)
     return Launched("MoeDecodeForward: shared memory attribute");
@@ -252,7 +374,9 @@ size_t MoeDecodeWorkspaceBytes(int m, int hidden, int expert_hidden, int experts
   return MakeLayout(m, hidden, expert_hidden, experts, top_k).total;
 }
 
-Status MoeDecodeForward(const MoeDecodeArgs& a, cudaStream_t stream) {
+namespace detail {
+
+Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaStream_t stream) {
   if (a.m < 0) return Status::InvalidArgument("MoeDecodeForward: m must be >= 0");
   if (a.hidden <= 0 || a.hidden % 128 != 0 || a.expert_hidden <= 0 || a.expert_hidden % 128 != 0)
     return Status::InvalidArgument("MoeDecodeForward: hidden (" + std::to_string(a.hidden) + ") and expert_hidden (" +
@@ -288,18 +412,43 @@ Status MoeDecodeForward(const MoeDecodeArgs& a, cudaStream_t stream) {
   // At most min(experts, slots) experts are active; blocks past the actual
   // number exit after one look at the offsets.
   const int max_active = static_cast<int>(std::min<int64_t>(a.experts, int64_t{a.m} * a.top_k));
-  GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(MoeUpKernel), up_smem));
-  MoeUpKernel<<<dim3(a.expert_hidden / kUpSlabUnits, max_active), kThreads, up_smem, stream>>>(a, offsets,
-                                                                                              slot_of_row, h);
-  GROVE_RETURN_IF_ERROR(Launched("MoeDecodeForward up"));
-  GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(MoeDownKernel), down_smem));
-  MoeDownKernel<<<dim3(a.hidden / kDownSlabRows, max_active), kThreads, down_smem, stream>>>(a, offsets, h,
-                                                                                            partial);
-  GROVE_RETURN_IF_ERROR(Launched("MoeDecodeForward down"));
+  const size_t up_mma = kMmaUpReduceFloats * 4 + mma::XBytes(a.hidden, 2);
+  const size_t down_mma = kMmaDownReduceFloats * 4 + mma::XBytes(a.expert_hidden, 2);
+  const bool mma_fits = static_cast<int64_t>(std::max(up_mma, down_mma)) <= kMaxSmemBytes;
+  if (path == MoeDecodePath::kAuto)
+    path = mma_fits && int64_t{a.m} * a.top_k >= 4 * int64_t{a.experts} ? MoeDecodePath::kTensorCore
+                                                                          : MoeDecodePath::kCudaCore;
+  if (path == MoeDecodePath::kTensorCore) {
+    if (!mma_fits)
+      return Status::InvalidArgument("MoeDecodeForward: hidden / expert_hidden too large for the tensor-core path");
+    GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(MoeUpMmaKernel), up_mma));
+    MoeUpMmaKernel<<<dim3(a.expert_hidden / mma::kTileRows, max_active), kThreads, up_mma, stream>>>(
+        a, offsets, slot_of_row, h);
+    GROVE_RETURN_IF_ERROR(Launched("MoeDecodeForward up (tensor cores)"));
+    GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(MoeDownMmaKernel), down_mma));
+    MoeDownMmaKernel<<<dim3(a.hidden / mma::kTileRows, max_active), kThreads, down_mma, stream>>>(a, offsets, h,
+                                                                                                 partial);
+    GROVE_RETURN_IF_ERROR(Launched("MoeDecodeForward down (tensor cores)"));
+  } else {
+    GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(MoeUpKernel), up_smem));
+    MoeUpKernel<<<dim3(a.expert_hidden / kUpSlabUnits, max_active), kThreads, up_smem, stream>>>(a, offsets,
+                                                                                                slot_of_row, h);
+    GROVE_RETURN_IF_ERROR(Launched("MoeDecodeForward up"));
+    GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(MoeDownKernel), down_smem));
+    MoeDownKernel<<<dim3(a.hidden / kDownSlabRows, max_active), kThreads, down_smem, stream>>>(a, offsets, h,
+                                                                                              partial);
+    GROVE_RETURN_IF_ERROR(Launched("MoeDecodeForward down"));
+  }
   const int64_t threads = int64_t{a.m} * (a.hidden / 4);
   MoeDecodeCombineKernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
       partial, a.gates, row_of_slot, a.out, a.mode, a.m, a.hidden, a.top_k);
   return Launched("MoeDecodeForward combine");
+}
+
+}  // namespace detail
+
+Status MoeDecodeForward(const MoeDecodeArgs& a, cudaStream_t stream) {
+  return detail::MoeDecodeForwardOnPath(a, detail::MoeDecodePath::kAuto, stream);
 }
 
 }  // namespace grove::kernels

@@ -16,8 +16,9 @@
 // column 0, k at heads*head_dim, v at (heads+kv_heads)*head_dim), applies
 // rotary embedding to q and k exactly as model/layers.h's RopeRow does (fp32
 // arithmetic with the caller's fp32 cos/sin tables [max_pos, head_dim/2],
-// i.e. layers::RopeTables), writes q as bf16 [rows, heads*head_dim] and k, v
-// as bf16 into the rows' cache positions.
+// i.e. layers::RopeTables, covering every position a row may carry), writes
+// q as bf16 [rows, heads*head_dim] and k, v as bf16 into the rows' cache
+// positions. A position without a page in the table is not written.
 //
 // PagedAttention: row r, query head h attends keys 0..pos[r] of its slot
 // through kv head h / (heads / kv_heads): S = scale * q.k, softmax in fp32

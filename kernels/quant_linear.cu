@@ -1,9 +1,12 @@
 #include "kernels/quant_linear.h"
 
 #include <algorithm>
+#include <cstring>
 #include <string>
 
 #include "kernels/quant_gemv.cuh"
+#include "kernels/quant_mma.cuh"
+#include "kernels/quant_linear_internal.h"
 
 namespace grove::kernels {
 namespace {
@@ -172,6 +175,84 @@ Status LaunchGemvTokens(const __nv_bfloat16* x, int64_t ldx, int count, const Qu
   return LaunchGemv<F, 16>(x, ldx, count, w, y, ldy, mode, stream);
 }
 
+template <int NT>
+constexpr int kMmaReduceFloats = gemv::kWarps * NT * 4 * 32;
+
+// Shared bytes of the tensor-core kernel for 8 * nt tokens.
+int64_t MmaSmemBytes(int64_t k, int nt) { return int64_t{gemv::kWarps} * nt * 4 * 32 * 4 + mma::XBytes(k, nt); }
+
+// The tensor-core path (kernels/quant_mma.cuh): 8 warps per block, a warp
+// group of `slices` warps per 16-row tile, passes over tiles as the CUDA-core
+// kernel does; partial tiles reduced across slices in order through shared
+// memory ([warp][NT][4][32] floats, then x).
+template <QuantFormat F, int NT>
+__global__ void __launch_bounds__(kThreads)
+    QuantMmaKernel(const __nv_bfloat16* __restrict__ x, int64_t ldx, int count, QuantWeight w, float* y,
+                   int64_t ldy, Accumulate mode, int passes) {
+  extern __shared__ uint4 smem[];
+  float* red_s = reinterpret_cast<float*>(smem);
+  uint4* x_s = smem + kMmaReduceFloats<NT> / 4;
+  const mma::Split split = mma::MakeSplit(F, w.k);
+  mma::StageX<F, NT>(x_s, w.k, count, [&](int i) { return x + i * ldx; });
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wg = warp / split.slices, slice = warp % split.slices;
+  const int rows_per_pass = mma::kTileRows * split.groups;
+  for (int pass = blockIdx.x; pass < passes; pass += gridDim.x) {
+    const int64_t r0 = int64_t{pass} * rows_per_pass + wg * mma::kTileRows;
+    float acc[NT][4];
+    if (r0 < w.n) {
+      mma::WarpTile<F, NT>(static_cast<const uint8_t*>(w.data), w.scales, w.n, r0, w.k, x_s, slice, split.slices,
+                           acc);
+    } else {
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[t][r] = 0.f;
+    }
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) red_s[((warp * NT + t) * 4 + r) * 32 + lane] = acc[t][r];
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < split.groups * NT * 4 * 32; idx += blockDim.x) {
+      const int l = idx % 32, r = (idx / 32) % 4, t = (idx / 128) % NT, gg = idx / (128 * NT);
+      const int64_t row = int64_t{pass} * rows_per_pass + gg * mma::kTileRows + mma::TileRow(l, r);
+      const int token = mma::TileToken(l, t, r);
+      if (row >= w.n || token >= count) continue;
+      float v = 0.f;
+      for (int j = 0; j < split.slices; ++j) v += red_s[(((gg * split.slices + j) * NT + t) * 4 + r) * 32 + l];
+      float* out = y + token * ldy + row;
+      *out = mode == Accumulate::kAdd ? *out + v : v;
+    }
+    __syncthreads();
+  }
+}
+
+template <QuantFormat F, int NT>
+Status LaunchMma(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y, int64_t ldy,
+                 Accumulate mode, cudaStream_t stream) {
+  const mma::Split split = mma::MakeSplit(F, w.k);
+  const int rows_per_pass = mma::kTileRows * split.groups;
+  const int passes = static_cast<int>((w.n + rows_per_pass - 1) / rows_per_pass);
+  const int blocks = std::min(passes, SmCount() * 4);
+  const size_t smem = MmaSmemBytes(w.k, NT);
+  auto kernel = QuantMmaKernel<F, NT>;
+  if (smem > 48 * 1024 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
+          cudaSuccess)
+    return Launched("QuantLinear: shared memory attribute");
+  kernel<<<blocks, kThreads, smem, stream>>>(x, ldx, count, w, y, ldy, mode, passes);
+  return Launched("QuantLinear tensor-core launch");
+}
+
+template <QuantFormat F>
+Status LaunchMmaTokens(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y, int64_t ldy,
+                       Accumulate mode, cudaStream_t stream) {
+  if (count <= 8) return LaunchMma<F, 1>(x, ldx, count, w, y, ldy, mode, stream);
+  return LaunchMma<F, 2>(x, ldx, count, w, y, ldy, mode, stream);
+}
+
 Status CheckShape(const char* what, QuantFormat f, int64_t n, int64_t k) {
   if (f != QuantFormat::kBF16 && f != QuantFormat::kInt8 && f != QuantFormat::kInt4)
     return Status::InvalidArgument(std::string(what) + ": unknown format " + std::to_string(static_cast<int>(f)));
@@ -224,8 +305,10 @@ Status QuantizeWeight(const float* w, int64_t n, int64_t k, QuantFormat f, void*
 
 size_t QuantLinearWorkspaceBytes(QuantFormat, int64_t, int64_t, int64_t) { return 0; }
 
-Status QuantLinear(const __nv_bfloat16* x, int64_t ldx, int64_t m, const QuantWeight& w, float* y, int64_t ldy,
-                   Accumulate mode, void* /*workspace*/, size_t /*workspace_bytes*/, cudaStream_t stream) {
+namespace detail {
+
+Status QuantLinearOnPath(QuantLinearPath path, const __nv_bfloat16* x, int64_t ldx, int64_t m, const QuantWeight& w,
+                         float* y, int64_t ldy, Accumulate mode, cudaStream_t stream) {
   GROVE_RETURN_IF_ERROR(CheckShape("QuantLinear", w.format, w.n, w.k));
   if (m < 1) return Status::InvalidArgument("QuantLinear: m must be >= 1, got " + std::to_string(m));
   if (ldx < w.k || ldx % 8 != 0)
@@ -236,29 +319,47 @@ Status QuantLinear(const __nv_bfloat16* x, int64_t ldx, int64_t m, const QuantWe
     return Status::InvalidArgument("QuantLinear: x and w.data must be 16-byte aligned, y 4-byte aligned (non-null)");
   if (w.format != QuantFormat::kBF16 && !Aligned(w.scales, 4))
     return Status::InvalidArgument("QuantLinear: int8/int4 weight without scales");
+  if (path == QuantLinearPath::kAuto)  // tensor cores need x for 8 tokens in shared memory (k <= ~9900)
+    path = m == 1 || MmaSmemBytes(w.k, 1) > kMaxSmemBytes ? QuantLinearPath::kCudaCore
+                                                            : QuantLinearPath::kTensorCore;
   // Tokens per pass: 16, or fewer when k is so long that 16 rows of x would
   // not fit in shared memory. Each pass streams W once; any m works.
+  const bool tensor = path == QuantLinearPath::kTensorCore;
+  auto smem = [&](int tokens) {
+    return tensor ? MmaSmemBytes(w.k, (tokens + 7) / 8) : gemv::kReduceBytes + gemv::XTileBytes(w.k, tokens);
+  };
   int per_pass = gemv::kMaxTokens;
-  while (per_pass > 1 && gemv::kReduceBytes + gemv::XTileBytes(w.k, per_pass) > kMaxSmemBytes) per_pass /= 2;
-  if (gemv::kReduceBytes + gemv::XTileBytes(w.k, per_pass) > kMaxSmemBytes)
-    return Status::InvalidArgument("QuantLinear: k " + std::to_string(w.k) + " too long for one activation row in shared memory");
+  while (per_pass > (tensor ? 8 : 1) && smem(per_pass) > kMaxSmemBytes) per_pass /= 2;
+  if (smem(per_pass) > kMaxSmemBytes)
+    return Status::InvalidArgument("QuantLinear: k " + std::to_string(w.k) +
+                                   " too long for the activation rows in shared memory");
   for (int64_t m0 = 0; m0 < m; m0 += per_pass) {
     const int count = static_cast<int>(std::min<int64_t>(per_pass, m - m0));
     const __nv_bfloat16* xs = x + m0 * ldx;
     float* ys = y + m0 * ldy;
     switch (w.format) {
       case QuantFormat::kBF16:
-        GROVE_RETURN_IF_ERROR(LaunchGemvTokens<QuantFormat::kBF16>(xs, ldx, count, w, ys, ldy, mode, stream));
+        GROVE_RETURN_IF_ERROR(tensor ? LaunchMmaTokens<QuantFormat::kBF16>(xs, ldx, count, w, ys, ldy, mode, stream)
+                                     : LaunchGemvTokens<QuantFormat::kBF16>(xs, ldx, count, w, ys, ldy, mode, stream));
         break;
       case QuantFormat::kInt8:
-        GROVE_RETURN_IF_ERROR(LaunchGemvTokens<QuantFormat::kInt8>(xs, ldx, count, w, ys, ldy, mode, stream));
+        GROVE_RETURN_IF_ERROR(tensor ? LaunchMmaTokens<QuantFormat::kInt8>(xs, ldx, count, w, ys, ldy, mode, stream)
+                                     : LaunchGemvTokens<QuantFormat::kInt8>(xs, ldx, count, w, ys, ldy, mode, stream));
         break;
       case QuantFormat::kInt4:
-        GROVE_RETURN_IF_ERROR(LaunchGemvTokens<QuantFormat::kInt4>(xs, ldx, count, w, ys, ldy, mode, stream));
+        GROVE_RETURN_IF_ERROR(tensor ? LaunchMmaTokens<QuantFormat::kInt4>(xs, ldx, count, w, ys, ldy, mode, stream)
+                                     : LaunchGemvTokens<QuantFormat::kInt4>(xs, ldx, count, w, ys, ldy, mode, stream));
         break;
     }
   }
   return Status::OK();
+}
+
+}  // namespace detail
+
+Status QuantLinear(const __nv_bfloat16* x, int64_t ldx, int64_t m, const QuantWeight& w, float* y, int64_t ldy,
+                   Accumulate mode, void* /*workspace*/, size_t /*workspace_bytes*/, cudaStream_t stream) {
+  return detail::QuantLinearOnPath(detail::QuantLinearPath::kAuto, x, ldx, m, w, y, ldy, mode, stream);
 }
 
 }  // namespace grove::kernels

@@ -60,16 +60,19 @@ size_t QuantLinearWorkspaceBytes(QuantFormat f, int64_t n, int64_t k, int64_t m)
 // >= k) W^T. Any m >= 1; small m (decode batches) reads each weight byte once
 // per call. Graph-capturable (no host sync, no allocation).
 //
-// How (kernels/quant_gemv.cuh): one launch per pass of up to 16 rows of x
-// (fewer when k > 5120, so the pass's x fits in shared memory); each pass
-// streams W once with 16-byte loads, dequantizes in registers (w = q * scale
-// in fp32, the CPU dequantizer's exact values) and accumulates in fp32 on
-// the CUDA cores. So m > 16 costs ceil(m / 16) passes over W: chosen over a
-// dequantize-to-bf16 + cuBLAS path because it needs no workspace, keeps the
-// fp32 weight values (a bf16 copy would round int8/int4 weights again), and
-// gives every row of y the same bits whatever m is (a prompt's prefill and
-// its decode agree); the price is CUDA-core FLOPs, fine for decode batches,
-// slow for long prefills. ldx must be a multiple of 8 (16-byte rows).
+// How: one launch per pass of up to 16 rows of x (fewer when k is so long
+// that they would not fit in shared memory); each pass streams W once with
+// 16-byte loads and dequantizes in registers. m == 1: fp32 FMAs on the CUDA
+// cores with w = q * scale (the CPU dequantizer's exact fp32 values;
+// kernels/quant_gemv.cuh, shared with the MoE). m >= 2: mma.sync tensor
+// cores on bf16 q (exact) and x, fp32 sums scaled per row (int8) or per
+// group (int4): at 16 tokens the CUDA cores would need ~4x more FMAs per
+// int4 byte than the H100 issues while streaming HBM, so they, not memory,
+// would bound the time. m > 16 costs ceil(m / 16) passes over W; chosen over
+// a dequantize-to-bf16 + cuBLAS path because it needs no workspace, keeps the
+// weights' values (a bf16 copy would round int8 weights and int4 scales
+// again) and, on each path, gives a row of y the same bits whatever m is.
+// Slow for long prefills (no large-tile GEMM). ldx must be a multiple of 8.
 // Returns InvalidArgument on a bad shape, stride, format or pointer.
 Status QuantLinear(const __nv_bfloat16* x, int64_t ldx, int64_t m, const QuantWeight& w, float* y,
                    int64_t ldy, Accumulate mode, void* workspace, size_t workspace_bytes,

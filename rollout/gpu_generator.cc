@@ -20,6 +20,7 @@
 #include "model/param_layout.h"
 #include "model/sampling.h"
 #include "rollout/gpu_generator_kernels.h"
+#include "rollout/kv_page_table.h"
 
 namespace grove::rollout {
 namespace {
@@ -51,9 +52,12 @@ QuantFormat ToQuant(PrecisionFormat f) {
 // (bf16 data, int4's scale count), so reloading in another format never
 // moves it.
 struct WeightSlot {
-  std::string name;        // the ParamLayout tensor (qkv: "layers.L.attn.wq+wk+wv")
+  std::string name;        // the ParamLayout tensor (fused: "layers.L.attn.wq+wk+wv")
   int64_t offset = 0, n = 0, k = 0;
   bool choosable = false;  // the FormatChooser decides its format
+  // The layout tensors stacked row-wise in this slot (adjacent in the
+  // layout): the chooser is asked for each and must give them one format.
+  std::vector<const model::TensorInfo*> parts;
   void* data = nullptr;
   float* scales = nullptr;
   QuantWeight qw;
@@ -61,8 +65,8 @@ struct WeightSlot {
 
 struct LayerWeights {
   int qkv = -1, wo = -1;
-  int w1 = -1, w3 = -1, w2 = -1;                // dense SwiGLU
-  int router = -1, s_w1 = -1, s_w3 = -1, s_w2 = -1;
+  int w13 = -1, w2 = -1;                         // dense SwiGLU (w1 and w3 stacked)
+  int router = -1, s_w13 = -1, s_w2 = -1;        // shared experts (w1 and w3 stacked)
   std::vector<int> e_w1, e_w3, e_w2;            // routed experts
   QuantWeight *d_w1 = nullptr, *d_w3 = nullptr, *d_w2 = nullptr;  // device arrays [experts]
   std::vector<QuantWeight> h_w1, h_w3, h_w2;                    // their host copies
@@ -71,11 +75,9 @@ struct LayerWeights {
 
 struct Seq {
   int idx = 0;       // prompt index
-  int slot = 0;
+  int slot = 0;      // in the KvPageTable
   int64_t len = 0;   // tokens in the sequence (prompt + generated)
-  int64_t cap = 0;   // max new tokens
   int32_t pending = 0;  // last token, fed at position len - 1 by the next decode
-  std::vector<int32_t> pages;
 };
 
 }  // namespace
@@ -107,7 +109,7 @@ struct GpuGenerator::Impl {
   float* qkv = nullptr;
   bf16* q = nullptr;
   bf16* attn = nullptr;
-  float *fa = nullptr, *fb = nullptr;
+  float* fa = nullptr;  // [rows, 2F]: x W1^T | x W3^T
   bf16* fh = nullptr;
   float *rlogits = nullptr, *rscores = nullptr, *gates = nullptr;
   uint16_t *ids = nullptr, *routes = nullptr;
@@ -131,8 +133,7 @@ struct GpuGenerator::Impl {
   // KV cache.
   bf16* kv_pool = nullptr;
   int num_pages = 0, max_pages_per_seq = 0;
-  int32_t* d_page_table = nullptr;
-  std::vector<int32_t> page_table;  // host [max_batch, max_pages_per_seq]
+  int32_t* d_page_table = nullptr;  // mirrors a Generate call's KvPageTable::table()
 
   // Decode graphs per bucket, valid for the weight formats in graph_formats.
   std::map<int, cudaGraphExec_t> graphs;
@@ -182,18 +183,37 @@ struct GpuGenerator::Impl {
   }
   int AddTensor(const std::string& name, bool choosable) {
     const model::TensorInfo* t = layout.Find(name);
-    return AddSlot(name, t->offset, t->shape[0], t->shape[1], choosable);
+    const int i = AddSlot(name, t->offset, t->shape[0], t->shape[1], choosable);
+    slots[i].parts = {t};
+    return i;
+  }
+  // Tensors adjacent in the layout, same columns, stacked into one slot
+  // (one QuantLinear for all: row-wise formats quantize the stack exactly as
+  // each part alone).
+  Result<int> AddStack(const std::vector<std::string>& names, const std::string& name, bool choosable) {
+    std::vector<const model::TensorInfo*> parts;
+    int64_t n = 0;
+    for (const std::string& nm : names) {
+      const model::TensorInfo* t = layout.Find(nm);
+      if (!parts.empty() && (t->offset != parts[0]->offset + n * parts[0]->shape[1] || t->shape[1] != parts[0]->shape[1]))
+        return Status::Internal("GpuGenerator: " + nm + " does not follow " + names[0] + " in the layout");
+      parts.push_back(t);
+      n += t->shape[0];
+    }
+    const int i = AddSlot(name, parts[0]->offset, n, parts[0]->shape[1], choosable);
+    slots[i].parts = parts;
+    return i;
   }
 
   Status Build();
+  Result<double> Load(const float* params, bool on_device, const FormatChooser& choose);
   Status Linear(const bf16* x_in, int64_t ldx, int rows, int slot, float* y, int64_t ldy, Accumulate mode) {
     return kernels::QuantLinear(x_in, ldx, rows, slots[slot].qw, y, ldy, mode, ql_ws, ql_ws_bytes, stream);
   }
-  // x += SwiGLU(h) with width F.
-  Status Ffn(int rows, int w1, int w3, int w2, int64_t F) {
-    GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w1, fa, F, Accumulate::kOverwrite));
-    GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w3, fb, F, Accumulate::kOverwrite));
-    GROVE_RETURN_IF_ERROR(gpu::SwiGluRows(fa, fb, fh, int64_t(rows) * F, stream));
+  // x += SwiGLU(h) with width F; w13 = [W1; W3] stacked.
+  Status Ffn(int rows, int w13, int w2, int64_t F) {
+    GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w13, fa, 2 * F, Accumulate::kOverwrite));
+    GROVE_RETURN_IF_ERROR(gpu::SwiGluRows(fa, rows, int(F), fh, stream));
     return Linear(fh, F, rows, w2, x, H, Accumulate::kAdd);
   }
   Status Forward(int rows, int n_logits, bool gather_last);
@@ -227,14 +247,10 @@ Status GpuGenerator::Impl::Build() {
   for (int64_t l = 0; l < L; ++l) {
     const std::string p = "layers." + std::to_string(l) + ".";
     LayerWeights w;
-    const int64_t oq = layout.Offset(p + "attn.wq");
-    if (layout.Offset(p + "attn.wk") != oq + qd * H || layout.Offset(p + "attn.wv") != oq + (qd + kd) * H)
-      return Status::Internal("GpuGenerator: wq, wk, wv are not contiguous in the layout");
-    w.qkv = AddSlot(p + "attn.wq+wk+wv", oq, qd + 2 * kd, H, false);
+    GROVE_ASSIGN_OR_RETURN(w.qkv, AddStack({p + "attn.wq", p + "attn.wk", p + "attn.wv"}, p + "attn.wq+wk+wv", false));
     w.wo = AddTensor(p + "attn.wo", false);
     if (!c.is_moe_layer(l)) {
-      w.w1 = AddTensor(p + "mlp.w1", true);
-      w.w3 = AddTensor(p + "mlp.w3", true);
+      GROVE_ASSIGN_OR_RETURN(w.w13, AddStack({p + "mlp.w1", p + "mlp.w3"}, p + "mlp.w1+w3", true));
       w.w2 = AddTensor(p + "mlp.w2", true);
     } else {
       w.router = AddTensor(p + "moe.router", false);
@@ -245,8 +261,8 @@ Status GpuGenerator::Impl::Build() {
         w.e_w2.push_back(AddTensor(x + "w2", true));
       }
       if (c.shared_experts > 0) {
-        w.s_w1 = AddTensor(p + "moe.shared.w1", true);
-        w.s_w3 = AddTensor(p + "moe.shared.w3", true);
+        GROVE_ASSIGN_OR_RETURN(w.s_w13,
+                               AddStack({p + "moe.shared.w1", p + "moe.shared.w3"}, p + "moe.shared.w1+w3", true));
         w.s_w2 = AddTensor(p + "moe.shared.w2", true);
       }
     }
@@ -311,8 +327,7 @@ Status GpuGenerator::Impl::Build() {
   GROVE_RETURN_IF_ERROR(Alloc(&qkv, R * (qd + 2 * kd)));
   GROVE_RETURN_IF_ERROR(Alloc(&q, R * qd));
   GROVE_RETURN_IF_ERROR(Alloc(&attn, R * qd));
-  GROVE_RETURN_IF_ERROR(Alloc(&fa, R * F_max));
-  GROVE_RETURN_IF_ERROR(Alloc(&fb, R * F_max));
+  GROVE_RETURN_IF_ERROR(Alloc(&fa, R * 2 * F_max));
   GROVE_RETURN_IF_ERROR(Alloc(&fh, R * F_max));
   GROVE_RETURN_IF_ERROR(Alloc(&rlogits, R * std::max<int64_t>(E, 1)));
   GROVE_RETURN_IF_ERROR(Alloc(&rscores, R * std::max<int64_t>(E, 1)));
@@ -351,7 +366,6 @@ Status GpuGenerator::Impl::Build() {
 
   // KV pages from what is left.
   max_pages_per_seq = int((c.max_seq_len + opt.page_tokens - 1) / opt.page_tokens);
-  page_table.assign(size_t(Bm) * max_pages_per_seq, -1);
   GROVE_RETURN_IF_ERROR(Alloc(&d_page_table, Bm * max_pages_per_seq));
   size_t free_bytes = 0, total_bytes = 0;
   GEN_CUDA(cudaMemGetInfo(&free_bytes, &total_bytes));
@@ -393,7 +407,7 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     GROVE_RETURN_IF_ERROR(Linear(attn, qd, rows, w.wo, x, H, Accumulate::kAdd));
     GROVE_RETURN_IF_ERROR(gpu::RmsNormRows(x, w.ffn_norm, h, rows, int(H), float(c.norm_eps), stream));
     if (!c.is_moe_layer(l)) {
-      GROVE_RETURN_IF_ERROR(Ffn(rows, w.w1, w.w3, w.w2, c.dense_hidden));
+      GROVE_RETURN_IF_ERROR(Ffn(rows, w.w13, w.w2, c.dense_hidden));
       continue;
     }
     const int64_t mi = c.moe_index(l);
@@ -414,7 +428,7 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     GEN_CUDA(cudaMemcpy2DAsync(routes + mi * K, M * K * sizeof(uint16_t), ids, K * sizeof(uint16_t),
                                K * sizeof(uint16_t), rows, cudaMemcpyDeviceToDevice, stream));
     if (c.shared_experts > 0)
-      GROVE_RETURN_IF_ERROR(Ffn(rows, w.s_w1, w.s_w3, w.s_w2, c.shared_experts * c.expert_hidden));
+      GROVE_RETURN_IF_ERROR(Ffn(rows, w.s_w13, w.s_w2, c.shared_experts * c.expert_hidden));
     kernels::MoeDecodeArgs ma;
     ma.x = h;
     ma.ids = ids;
@@ -527,28 +541,41 @@ Result<std::unique_ptr<GpuGenerator>> GpuGenerator::Create(const model::ModelCon
 }
 
 Result<double> GpuGenerator::LoadWeights(std::span<const float> params, const FormatChooser& choose) {
-  Impl& g = *impl_;
-  const auto t0 = Clock::now();
-  if (int64_t(params.size()) != g.layout.total())
+  if (int64_t(params.size()) != impl_->layout.total())
     return Status::InvalidArgument("LoadWeights: " + std::to_string(params.size()) + " floats, the layout has " +
-                                   std::to_string(g.layout.total()));
+                                   std::to_string(impl_->layout.total()));
+  return impl_->Load(params.data(), /*on_device=*/false, choose);
+}
+
+Result<double> GpuGenerator::LoadWeightsFromDevice(const float* params, const FormatChooser& choose) {
+  if (!params) return Status::InvalidArgument("LoadWeightsFromDevice: null params");
+  return impl_->Load(params, /*on_device=*/true, choose);
+}
+
+Result<double> GpuGenerator::Impl::Load(const float* params, bool on_device, const FormatChooser& choose) {
+  Impl& g = *this;
+  const auto t0 = Clock::now();
+  const cudaMemcpyKind kind = on_device ? cudaMemcpyDeviceToDevice : cudaMemcpyHostToDevice;
   GEN_CUDA(cudaSetDevice(g.opt.device));
   // Formats first, so a bad choice changes nothing.
   std::vector<QuantFormat> formats(g.slots.size(), QuantFormat::kBF16);
   for (size_t i = 0; i < g.slots.size(); ++i) {
     const WeightSlot& s = g.slots[i];
     if (!s.choosable || !choose) continue;
-    actors::TensorSpec spec;
-    spec.name = s.name;
-    spec.shape = {s.n, s.k};
-    spec.offset = uint64_t(s.offset);
-    spec.count = uint64_t(s.n * s.k);
-    const std::optional<PrecisionFormat> f = choose(spec);
-    if (f) formats[i] = ToQuant(*f);
+    for (size_t j = 0; j < s.parts.size(); ++j) {
+      const model::TensorInfo& t = *s.parts[j];
+      const actors::TensorSpec spec{t.name, t.shape, uint64_t(t.offset), uint64_t(t.numel)};
+      const std::optional<PrecisionFormat> f = choose(spec);
+      const QuantFormat q = f ? ToQuant(*f) : QuantFormat::kBF16;
+      if (j > 0 && q != formats[i])
+        return Status::InvalidArgument("LoadWeights: " + t.name + " must have the format of " + s.parts[0]->name +
+                                       " (the engine runs them as one stacked weight)");
+      formats[i] = q;
+    }
   }
   auto put = [&](float* dst, const std::string& name) -> Status {
     const model::TensorInfo* t = g.layout.Find(name);
-    return Cuda(cudaMemcpyAsync(dst, params.data() + t->offset, t->numel * sizeof(float), cudaMemcpyHostToDevice,
+    return Cuda(cudaMemcpyAsync(dst, params + t->offset, t->numel * sizeof(float), kind,
                                 g.stream),
                 "upload");
   };
@@ -577,13 +604,18 @@ Result<double> GpuGenerator::LoadWeights(std::span<const float> params, const Fo
       ++j;
     }
     if (j == i) return Status::Internal("LoadWeights: " + g.slots[order[i]].name + " exceeds the staging buffer");
-    GEN_CUDA(cudaMemcpyAsync(g.staging, params.data() + start, (end - start) * sizeof(float), cudaMemcpyHostToDevice,
-                             g.stream));
+    // On the device the weights are quantized where they are.
+    const float* src = params + start;
+    if (!on_device) {
+      GEN_CUDA(cudaMemcpyAsync(g.staging, params + start, (end - start) * sizeof(float), cudaMemcpyHostToDevice,
+                               g.stream));
+      src = g.staging;
+    }
     for (size_t t = i; t < j; ++t) {
       WeightSlot& s = g.slots[order[t]];
       const QuantFormat f = formats[order[t]];
       GROVE_RETURN_IF_ERROR(
-          kernels::QuantizeWeight(g.staging + (s.offset - start), s.n, s.k, f, s.data, s.scales, g.stream));
+          kernels::QuantizeWeight(src + (s.offset - start), s.n, s.k, f, s.data, s.scales, g.stream));
       s.qw.format = f;
       s.qw.n = int32_t(s.n);
       s.qw.k = int32_t(s.k);
@@ -640,33 +672,22 @@ Result<std::vector<model::Completion<float>>> GpuGenerator::Generate(const std::
   std::vector<model::Completion<float>> out(B);
   if (B == 0) return out;
 
-  const int P = g.opt.page_tokens;
-  std::vector<int64_t> cap(B);
+  KvPageTable kv(g.opt.max_batch, g.num_pages, g.opt.page_tokens, g.max_pages_per_seq);
   std::vector<int> pages_needed(B);
   for (size_t i = 0; i < B; ++i) {
     const int64_t L = int64_t(prompts[i].size());
-    cap[i] = std::min<int64_t>(opt.max_new_tokens, c.max_seq_len - L);
+    const int64_t cap = std::min<int64_t>(opt.max_new_tokens, c.max_seq_len - L);
     // Positions written: the prompt, then every generated token but the last.
-    const int64_t positions = std::max<int64_t>(L, L + cap[i] - 1);
-    pages_needed[i] = int((positions + P - 1) / P);
+    pages_needed[i] = kv.PagesFor(std::max<int64_t>(L, L + cap - 1));
     if (pages_needed[i] > g.num_pages)
       return Status::ResourceExhausted("prompt " + std::to_string(i) + " needs " + std::to_string(pages_needed[i]) +
                                        " KV pages, the pool has " + std::to_string(g.num_pages));
   }
   std::deque<int> waiting;
   for (size_t i = 0; i < B; ++i) waiting.push_back(int(i));
-  std::vector<int> free_slots;
-  for (int s = g.opt.max_batch - 1; s >= 0; --s) free_slots.push_back(s);
-  std::vector<int32_t> free_pages;
-  for (int p = g.num_pages - 1; p >= 0; --p) free_pages.push_back(p);
   std::vector<Seq> running;
 
-  auto retire = [&](Seq& s) {
-    for (int32_t p : s.pages) free_pages.push_back(p);
-    std::fill(g.page_table.begin() + int64_t(s.slot) * g.max_pages_per_seq,
-              g.page_table.begin() + int64_t(s.slot + 1) * g.max_pages_per_seq, -1);
-    free_slots.push_back(s.slot);
-  };
+  auto retire = [&](Seq& s) { kv.Release(s.slot); };
   // Records a sampled token; false when the sequence is finished.
   auto accept = [&](Seq& s, int32_t tok, float lp) {
     model::Completion<float>& o = out[s.idx];
@@ -693,19 +714,14 @@ Result<std::vector<model::Completion<float>>> GpuGenerator::Generate(const std::
     while (!waiting.empty()) {
       const int i = waiting.front();
       const int L = int(prompts[i].size());
-      if (free_slots.empty() || int(free_pages.size()) < pages_needed[i] || rows + L > g.max_rows) break;
+      if (rows + L > g.max_rows) break;
+      const std::optional<int> slot = kv.Admit(pages_needed[i]);
+      if (!slot) break;
       waiting.pop_front();
       Seq s;
       s.idx = i;
-      s.slot = free_slots.back();
-      free_slots.pop_back();
+      s.slot = *slot;
       s.len = L;
-      s.cap = cap[i];
-      for (int p = 0; p < pages_needed[i]; ++p) {
-        s.pages.push_back(free_pages.back());
-        free_pages.pop_back();
-        g.page_table[int64_t(s.slot) * g.max_pages_per_seq + p] = s.pages.back();
-      }
       for (int t = 0; t < L; ++t) {
         g.h_tokens[rows + t] = prompts[i][t];
         g.h_slot[rows + t] = s.slot;
@@ -718,14 +734,14 @@ Result<std::vector<model::Completion<float>>> GpuGenerator::Generate(const std::
       rows += L;
       admitted.push_back(std::move(s));
     }
-    g.stats.kv_pages_peak = std::max<int64_t>(g.stats.kv_pages_peak, g.num_pages - int64_t(free_pages.size()));
+    g.stats.kv_pages_peak = std::max<int64_t>(g.stats.kv_pages_peak, kv.peak_pages());
     if (admitted.empty() && running.empty())
       return Status::Internal("GpuGenerator: nothing admitted with every slot and page free");
 
     if (!admitted.empty()) {
       const auto t0 = Clock::now();
       const int n = int(admitted.size());
-      GEN_CUDA(cudaMemcpyAsync(g.d_page_table, g.page_table.data(), g.page_table.size() * sizeof(int32_t),
+      GEN_CUDA(cudaMemcpyAsync(g.d_page_table, kv.table().data(), kv.table().size() * sizeof(int32_t),
                                cudaMemcpyHostToDevice, g.stream));
       GEN_CUDA(cudaMemcpyAsync(g.d_tokens, g.h_tokens, rows * sizeof(int32_t), cudaMemcpyHostToDevice, g.stream));
       GEN_CUDA(cudaMemcpyAsync(g.d_slot, g.h_slot, rows * sizeof(int32_t), cudaMemcpyHostToDevice, g.stream));

@@ -12,7 +12,9 @@
 // and softmax. Attention and router weights bf16; norms, router bias and the
 // embedding table fp32 (exact); every other 2-D weight (dense and expert
 // SwiGLU, shared experts, lm_head) in the format the FormatChooser gives
-// (nullopt: bf16).
+// (nullopt: bf16). The w1 and w3 of one MLP (dense layer, shared experts,
+// routed expert) must get the same format -- one unit of the precision plan
+// (precision_plan.h) -- since the engine stacks them into one weight.
 //
 // Engine: continuous batching. Sequences wait in a queue; each engine step
 // admits waiting sequences while a slot (max_batch) and KV pages for their
@@ -69,6 +71,12 @@ class GpuGenerator {
   // bf16/fp32 whatever it says. Quantizes on the GPU (kernels::QuantizeWeight).
   // Returns the seconds it took (upload included).
   Result<double> LoadWeights(std::span<const float> params, const FormatChooser& choose);
+  // The same from fp32 params already on this generator's device (layout
+  // order, layout().total() floats, 16-byte aligned; e.g. an NCCL receive
+  // buffer): quantized where they are, no host round trip. They must be
+  // complete when this is called (synchronize the stream that wrote them) and
+  // stay unchanged until it returns (it synchronizes).
+  Result<double> LoadWeightsFromDevice(const float* params, const FormatChooser& choose);
 
   // As model::Transformer<float>::Generate (same validation).
   // FailedPrecondition before the first LoadWeights.

@@ -39,10 +39,11 @@ __global__ void __launch_bounds__(kNormThreads)
   for (int j = threadIdx.x; j < hidden; j += kNormThreads) yr[j] = __float2bfloat16(xr[j] * rstd * w[j]);
 }
 
-__global__ void SwiGluKernel(const float* a, const float* b, bf16* h, int64_t count) {
+__global__ void SwiGluKernel(const float* ab, int width, bf16* h, int64_t count) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
-    const float g = a[i];
-    h[i] = __float2bfloat16(g / (1.f + expf(-g)) * b[i]);
+    const int64_t r = i / width, j = i % width;
+    const float g = ab[r * 2 * width + j], u = ab[r * 2 * width + width + j];
+    h[i] = __float2bfloat16(g / (1.f + expf(-g)) * u);
   }
 }
 
@@ -68,10 +69,11 @@ Status RmsNormRows(const float* x, const float* w, bf16* y, int rows, int hidden
   return LaunchStatus("RmsNormRows");
 }
 
-Status SwiGluRows(const float* a, const float* b, bf16* h, int64_t count, cudaStream_t stream) {
+Status SwiGluRows(const float* ab, int rows, int width, bf16* h, cudaStream_t stream) {
+  const int64_t count = int64_t(rows) * width;
   if (count == 0) return Status::OK();
   const int64_t blocks = (count + 255) / 256;
-  SwiGluKernel<<<int(blocks < 4096 ? blocks : 4096), 256, 0, stream>>>(a, b, h, count);
+  SwiGluKernel<<<int(blocks < 4096 ? blocks : 4096), 256, 0, stream>>>(ab, width, h, count);
   return LaunchStatus("SwiGluRows");
 }
 

@@ -25,8 +25,9 @@ Status EmbedRows(const int32_t* tokens, const float* table, float* x, int rows, 
 // model/layers.h's RmsNormForward (sum of squares in fp32 here, double there).
 Status RmsNormRows(const float* x, const float* w, bf16* y, int rows, int hidden, float eps, cudaStream_t stream);
 
-// h = bf16(a * sigmoid(a) * b), elementwise over count values.
-Status SwiGluRows(const float* a, const float* b, bf16* h, int64_t count, cudaStream_t stream);
+// h[r, j] = bf16(a * sigmoid(a) * b) with a = ab[r, j], b = ab[r, width + j]
+// (ab [rows, 2 * width]: the stacked W1|W3 projection), h [rows, width].
+Status SwiGluRows(const float* ab, int rows, int width, bf16* h, cudaStream_t stream);
 
 // dst[i, :] = src[index[i], :].
 Status GatherRows(const bf16* src, const int32_t* index, bf16* dst, int rows, int hidden, cudaStream_t stream);

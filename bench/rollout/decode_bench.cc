@@ -14,6 +14,10 @@
 // bandwidth, against the H100's ~3.35 TB/s HBM3 (3.02 TB/s measured copy,
 // docs/kernels.md).
 //
+// Also printed: the seconds LoadWeights (fp32 from the host) and
+// LoadWeightsFromDevice (fp32 already on the GPU: the re-quantization a
+// worker pays per policy version) take per plan.
+//
 // Default run: 4 plans x batches 1, 8, 32, 128 x graphs on/off, 128 new
 // tokens; --quick: 32 new tokens and graphs on only.
 #include <cuda_runtime_api.h>
@@ -139,8 +143,18 @@ int Run() {
   std::mt19937_64 rng(FLAGS_seed);
   std::uniform_int_distribution<int32_t> tok(0, int32_t(c.vocab_size) - 1);
 
+  // The fp32 weights on the device too, as a weight receive buffer holds
+  // them: LoadWeightsFromDevice's re-quantization time per plan.
+  float* dev_params = nullptr;
+  const size_t param_bytes = (*host)->params().size() * sizeof(float);
+  if (cudaMalloc(reinterpret_cast<void**>(&dev_params), param_bytes) != cudaSuccess ||
+      cudaMemcpy(dev_params, (*host)->params().data(), param_bytes, cudaMemcpyHostToDevice) != cudaSuccess) {
+    std::fprintf(stderr, "decode_bench: cannot stage the weights on the device\n");
+    return 1;
+  }
   std::printf("\n| plan | graphs | batch | decode tok/s | ms/step | prefill tok/s | weight GB/step | weight TB/s |\n");
   std::printf("| --- | --- | --- | --- | --- | --- | --- | --- |\n");
+  std::vector<std::string> load_lines;
   for (bool graphs : {true, false}) {
     if (!graphs && !graphs_off) continue;
     GpuGeneratorOptions o;
@@ -153,7 +167,10 @@ int Run() {
       const FormatChooser choose = Plan(plan);
       auto secs = (*gen)->LoadWeights((*host)->params(), choose);
       CHECK_OK(secs.status());
-      std::fprintf(stderr, "plan %s: weights loaded and quantized in %.2f s\n", plan.c_str(), *secs);
+      auto dev_secs = (*gen)->LoadWeightsFromDevice(dev_params, choose);
+      CHECK_OK(dev_secs.status());
+      load_lines.push_back("plan " + plan + ": LoadWeights (host fp32) " + std::to_string(*secs) +
+                           " s, LoadWeightsFromDevice (re-quantize on the GPU) " + std::to_string(*dev_secs) + " s");
       for (int b : batches) {
         std::vector<std::vector<int32_t>> prompts(b, std::vector<int32_t>(FLAGS_prompt));
         for (auto& p : prompts)
@@ -186,6 +203,9 @@ int Run() {
     const GpuGenerator::Stats& st = (*gen)->stats();
     std::printf("KV pool: %lld pages, peak %lld\n", (long long)st.kv_pages_total, (long long)st.kv_pages_peak);
   }
+  std::printf("\n");
+  for (const std::string& l : load_lines) std::printf("%s\n", l.c_str());
+  cudaFree(dev_params);
   return 0;
 }
 

@@ -10,7 +10,9 @@
 //      the measured read ceiling, and int4 / bf16 speedup;
 //  (c) MoeDecodeForward at m = 1, 8, 32, 128 (64 experts, top-6, uniform
 //      random distinct routing) per format: microseconds and the bytes of the
-//      experts it touched per second.
+//      experts it touched per second;
+//  (d) QuantizeWeight over one MoE layer's fp32 weights per format, and the
+//      whole model's time extrapolated from it (issue 9: "well under a second").
 // L2 (50 MB on the H100) is flushed before every timed repetition by a
 // 256 MB memset outside the timed region, so weights come from HBM as in
 // decode, where a layer's weights are evicted by the other layers.
@@ -33,7 +35,9 @@
 
 #include "bench/rollout/hbm_read.h"
 #include "kernels/moe_decode.h"
+#include "kernels/moe_decode_internal.h"
 #include "kernels/quant_linear.h"
+#include "kernels/quant_linear_internal.h"
 
 namespace {
 
@@ -186,7 +190,9 @@ void LinearTable(double read_gbs, std::mt19937_64& rng) {
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
 
   std::printf("(b) QuantLinear, y[m, n] = x[m, k] W^T, weights from HBM; us | weight GB/s (%% of read ceiling)\n");
-  std::printf("%-30s %3s | %22s | %22s | %22s | %9s\n", "shape", "m", "bf16", "int8", "int4", "int4/bf16");
+  std::printf("(last column: int4 on the path QuantLinear does not take at that m: tc = tensor cores, cc = CUDA cores)\n");
+  std::printf("%-30s %3s | %22s | %22s | %22s | %9s | %s\n", "shape", "m", "bf16", "int8", "int4", "int4/bf16",
+              "int4 other path us");
   for (const Shape& shape : shapes) {
     std::vector<std::unique_ptr<Weight>> ws[3];
     size_t bytes[3] = {0, 0, 0};
@@ -196,34 +202,37 @@ void LinearTable(double read_gbs, std::mt19937_64& rng) {
         bytes[fi] += ws[fi].back()->bytes;
       }
     for (int m : {1, 2, 4, 8, 16}) {
-      double us[3];
-      for (int fi = 0; fi < 3; ++fi) {
+      // Per format the default path (QuantLinear), and int4 on the other
+      // path for comparison (CUDA cores at m >= 2, tensor cores at m = 1).
+      auto time_calls = [&](int fi, grove::kernels::detail::QuantLinearPath path) {
         auto calls = [&](cudaStream_t s) {
           for (const auto& w : ws[fi])
-            STATUS_CHECK(grove::kernels::QuantLinear(x, w->w.k, m, w->w, y, w->w.n, Accumulate::kOverwrite, nullptr,
-                                                     0, s));
+            STATUS_CHECK(grove::kernels::detail::QuantLinearOnPath(path, x, w->w.k, m, w->w, y, w->w.n,
+                                                                   Accumulate::kOverwrite, s));
         };
-        if (shape.weights.size() == 1) {
-          us[fi] = MedianUs([&] { calls(nullptr); });
-        } else {
-          cudaGraph_t graph;
-          cudaGraphExec_t exec;
-          CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-          calls(stream);
-          CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-          CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-          us[fi] = MedianUs([&] { CUDA_CHECK(cudaGraphLaunch(exec, nullptr)); });
-          cudaGraphExecDestroy(exec);
-          cudaGraphDestroy(graph);
-        }
-      }
+        if (shape.weights.size() == 1) return MedianUs([&] { calls(nullptr); });
+        cudaGraph_t graph;
+        cudaGraphExec_t exec;
+        CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+        calls(stream);
+        CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+        CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+        const double t = MedianUs([&] { CUDA_CHECK(cudaGraphLaunch(exec, nullptr)); });
+        cudaGraphExecDestroy(exec);
+        cudaGraphDestroy(graph);
+        return t;
+      };
+      using grove::kernels::detail::QuantLinearPath;
+      double us[3];
+      for (int fi = 0; fi < 3; ++fi) us[fi] = time_calls(fi, QuantLinearPath::kAuto);
+      const double other = time_calls(2, m == 1 ? QuantLinearPath::kTensorCore : QuantLinearPath::kCudaCore);
       char cell[3][64];
       for (int fi = 0; fi < 3; ++fi) {
         const double gbs = bytes[fi] / us[fi] / 1e3;
         std::snprintf(cell[fi], sizeof(cell[fi]), "%7.1f | %5.0f (%3.0f%%)", us[fi], gbs, 100.0 * gbs / read_gbs);
       }
-      std::printf("%-30s %3d | %22s | %22s | %22s | %8.2fx\n", shape.name, m, cell[0], cell[1], cell[2],
-                  us[0] / us[2]);
+      std::printf("%-30s %3d | %22s | %22s | %22s | %8.2fx | %7.1f %s\n", shape.name, m, cell[0], cell[1], cell[2],
+                  us[0] / us[2], other, m == 1 ? "tc" : "cc");
     }
   }
   std::printf("\n");
@@ -239,7 +248,9 @@ void MoeTable(double read_gbs, std::mt19937_64& rng) {
   CUDA_CHECK(cudaMalloc(&scratch, size_t{E} * H * 4));
   std::printf("(c) MoeDecodeForward, 64 experts x 512, top-6, hidden 1024; us | GB/s of the touched experts' "
               "weights (%% of read ceiling)\n");
-  std::printf("%-6s %4s %8s | %22s\n", "format", "m", "experts", "time");
+  std::printf("(default = MoeDecodeForward's choice; then each kernel pair's time: cc = CUDA cores, tc = tensor cores)\n");
+  std::printf("%-6s %4s %8s | %7s | %14s | %7s | %7s\n", "format", "m", "experts", "us", "GB/s (%)", "cc us",
+              "tc us");
   const int max_m = 128;
   __nv_bfloat16* x = nullptr;
   float *out = nullptr, *gates = nullptr;
@@ -304,10 +315,15 @@ void MoeTable(double read_gbs, std::mt19937_64& rng) {
       a.top_k = top_k;
       a.workspace = ws;
       a.workspace_bytes = ws_bytes;
-      const double us = MedianUs([&] { STATUS_CHECK(grove::kernels::MoeDecodeForward(a, nullptr)); });
+      using grove::kernels::detail::MoeDecodePath;
+      auto time_path = [&](MoeDecodePath path) {
+        return MedianUs([&] { STATUS_CHECK(grove::kernels::detail::MoeDecodeForwardOnPath(a, path, nullptr)); });
+      };
+      const double us = time_path(MoeDecodePath::kAuto);
+      const double cc = time_path(MoeDecodePath::kCudaCore), tc = time_path(MoeDecodePath::kTensorCore);
       const double gbs = bytes / us / 1e3;
-      std::printf("%-6s %4d %8d | %7.1f | %5.0f (%3.0f%%)\n", mix < 3 ? Name(kFormats[mix]) : "mixed", m, active, us,
-                  gbs, 100.0 * gbs / read_gbs);
+      std::printf("%-6s %4d %8d | %7.1f | %5.0f (%3.0f%%) | %7.1f | %7.1f\n", mix < 3 ? Name(kFormats[mix]) : "mixed", m,
+                  active, us, gbs, 100.0 * gbs / read_gbs, cc, tc);
     }
   }
   cudaFree(scratch);
@@ -317,6 +333,57 @@ void MoeTable(double read_gbs, std::mt19937_64& rng) {
   cudaFree(ids);
   cudaFree(ws);
   cudaFree(dw);
+}
+
+// (d) Re-quantizing the model on receipt: one gpu-ref MoE layer's weights
+// (qkv, wo, 64 + 2 experts' w1/w3/w2) from fp32 on the device, per format,
+// then scaled to the whole model (15 such layers + the dense layer and the
+// lm head counted by their sizes).
+void QuantizeTable(double read_gbs) {
+  const int H = 1024, E = 512;
+  std::vector<std::pair<int, int>> layer = {{1536, H}, {H, 1024}};
+  for (int e = 0; e < 66; ++e) {
+    layer.push_back({E, H});
+    layer.push_back({E, H});
+    layer.push_back({H, E});
+  }
+  size_t layer_params = 0;
+  for (auto [n, k] : layer) layer_params += static_cast<size_t>(n) * k;
+  const size_t model_params = 15 * layer_params + (1536 + 1024) * size_t{H} + 3 * size_t{2816} * H + size_t{32768} * H;
+  // fp32 sources for the whole layer (one buffer per weight, as received),
+  // and destinations sized for the largest format.
+  std::vector<float*> src;
+  for (auto [n, k] : layer) {
+    float* p = nullptr;
+    CUDA_CHECK(cudaMalloc(&p, static_cast<size_t>(n) * k * 4));
+    CUDA_CHECK(cudaMemset(p, 0x3c, static_cast<size_t>(n) * k * 4));
+    src.push_back(p);
+  }
+  std::vector<void*> data;
+  std::vector<float*> scales;
+  for (auto [n, k] : layer) {
+    void* d = nullptr;
+    float* sc = nullptr;
+    CUDA_CHECK(cudaMalloc(&d, grove::kernels::QuantDataBytes(QuantFormat::kBF16, n, k)));
+    CUDA_CHECK(cudaMalloc(&sc, grove::kernels::QuantScaleCount(QuantFormat::kInt4, n, k) * 4));
+    data.push_back(d);
+    scales.push_back(sc);
+  }
+  std::printf("\n(d) QuantizeWeight: one MoE layer (%.1f M params, %zu calls) from fp32; whole model %.0f M params\n",
+              layer_params / 1e6, layer.size(), model_params / 1e6);
+  for (QuantFormat f : kFormats) {
+    const double us = MedianUs([&] {
+      for (size_t i = 0; i < layer.size(); ++i)
+        STATUS_CHECK(grove::kernels::QuantizeWeight(src[i], layer[i].first, layer[i].second, f, data[i], scales[i],
+                                                    nullptr));
+    });
+    const double gbs = layer_params * 4.0 / us / 1e3;  // fp32 bytes read once
+    std::printf("%-5s layer %8.1f us (fp32 read %5.0f GB/s, %3.0f%% of ceiling); whole model ~%6.1f ms\n", Name(f), us,
+                gbs, 100.0 * gbs / read_gbs, us * model_params / layer_params / 1e3);
+  }
+  for (auto* p : src) cudaFree(p);
+  for (auto* p : data) cudaFree(p);
+  for (auto* p : scales) cudaFree(p);
 }
 
 }  // namespace
@@ -344,6 +411,7 @@ int main(int argc, char** argv) {
   const double read_gbs = Ceilings();
   LinearTable(read_gbs, rng);
   MoeTable(read_gbs, rng);
+  QuantizeTable(read_gbs);
   cudaFree(g_flush);
   return 0;
 }

@@ -4,12 +4,16 @@
 // weights (rollout::RoundTripInPlace), the device unpack instructions against
 // their host twins. Argument checks run anywhere; the rest skips without a GPU.
 //
-// Tolerances. The kernels multiply a bf16 x by the exact fp32 dequantized
-// weight (q * scale, the same fp32 product the CPU dequantizer forms) and
-// accumulate in fp32: with recursive or tree summation of k products, each
-// rounding is relative 2^-24, so |y - y_ref| <= 2 k 2^-24 sum_j |x_j w_j|
-// (the usual gamma_k bound, with the factor 2 covering the product's own
-// rounding); with Accumulate::kAdd one more rounding of the sum, 2^-23 |y|.
+// Tolerances. The CUDA-core path multiplies a bf16 x by the exact fp32
+// dequantized weight (q * scale, the same fp32 product the CPU dequantizer
+// forms) and accumulates in fp32: with recursive or tree summation of k
+// products, each rounding is relative 2^-24, so |y - y_ref| <= 2 k 2^-24
+// sum_j |x_j w_j| (the usual gamma_k bound, the factor 2 covering the
+// product's own rounding and the tensor cores' truncating fp32 adds, whose
+// error per add stays below one ulp = 2^-23); the tensor-core path sums exact
+// products q x and scales the sum (one more rounding, inside the same bound
+// as the 2^-24 of fl(q * scale) it replaces); with Accumulate::kAdd one more
+// rounding of the sum, 2^-23 |y|.
 // The MoE adds the bf16 rounding of h before W2: the GPU's h before rounding
 // differs from the reference's by the bound above (through silu and the
 // product), so the rounded values can differ by one bf16 ulp when they sit
@@ -28,7 +32,9 @@
 #include <vector>
 
 #include "kernels/moe_decode.h"
+#include "kernels/moe_decode_internal.h"
 #include "kernels/quant_linear.h"
+#include "kernels/quant_linear_internal.h"
 #include "kernels/quant_unpack.h"
 #include "rollout/int4_quantizer.h"
 #include "rollout/int8_quantizer.h"
@@ -39,6 +45,7 @@
 namespace grove::kernels {
 namespace {
 
+using detail::QuantLinearPath;
 using testing::DeviceBuffer;
 
 constexpr double kU = 1.0 / (1 << 24);  // fp32 unit roundoff
@@ -205,9 +212,13 @@ TEST(QuantizeWeightGpu, BitIdenticalToTheCpuQuantizers) {
 
 // y = x W^T (+ y0) against the double-precision reference, every element
 // within the bound of the file comment.
+const char* PathName(QuantLinearPath p) {
+  return p == QuantLinearPath::kAuto ? "auto" : p == QuantLinearPath::kCudaCore ? "cuda-core" : "tensor-core";
+}
+
 void CheckQuantLinear(std::mt19937_64& rng, QuantFormat f, int64_t n, int64_t k, const std::vector<int>& ms,
-                      bool padded) {
-  SCOPED_TRACE(std::string(Name(f)) + " [" + std::to_string(n) + ", " + std::to_string(k) + "]");
+                      bool padded, QuantLinearPath path = QuantLinearPath::kAuto) {
+  SCOPED_TRACE(std::string(Name(f)) + " [" + std::to_string(n) + ", " + std::to_string(k) + "] " + PathName(path));
   DeviceWeight dw(f, n, k);
   QuantizeOnGpu(RandomWeights(rng, n, k), &dw);
   const int64_t ldx = padded ? k + 8 : k, ldy = padded ? n + 4 : n;
@@ -225,7 +236,9 @@ void CheckQuantLinear(std::mt19937_64& rng, QuantFormat f, int64_t n, int64_t k,
     DeviceBuffer<float> dy(y0.size());
     ASSERT_EQ(dx.Upload(xb), cudaSuccess);
     ASSERT_EQ(dy.Upload(y0), cudaSuccess);
-    const Status s = QuantLinear(dx.get(), ldx, m, dw.w, dy.get(), ldy, mode, nullptr, 0, nullptr);
+    const Status s = path == QuantLinearPath::kAuto
+                         ? QuantLinear(dx.get(), ldx, m, dw.w, dy.get(), ldy, mode, nullptr, 0, nullptr)
+                         : detail::QuantLinearOnPath(path, dx.get(), ldx, m, dw.w, dy.get(), ldy, mode, nullptr);
     ASSERT_TRUE(s.ok()) << s.ToString();
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     std::vector<float> y;
@@ -271,33 +284,52 @@ TEST(QuantLinearGpu, MatchesTheDequantizedReference) {
   }
 }
 
+TEST(QuantLinearGpu, BothPathsAtEveryBatchShape) {
+  // kAuto takes the CUDA-core path at m = 1 only; the MoE uses its core at
+  // every token count, and the tensor-core path at m = 1 is valid too.
+  GROVE_SKIP_WITHOUT_GPU();
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  for (QuantFormat f : {QuantFormat::kBF16, QuantFormat::kInt8, QuantFormat::kInt4}) {
+    CheckQuantLinear(rng, f, 40, 640, {1, 2, 5, 16, 33}, true, QuantLinearPath::kCudaCore);
+    CheckQuantLinear(rng, f, 1024, 2816, {3, 16, 17}, false, QuantLinearPath::kCudaCore);
+    CheckQuantLinear(rng, f, 40, 640, {1, 2, 5, 16, 33}, true, QuantLinearPath::kTensorCore);
+    CheckQuantLinear(rng, f, 1536, 1024, {1}, false, QuantLinearPath::kTensorCore);
+  }
+}
+
 TEST(QuantLinearGpu, RowsAreIndependentOfTheBatch) {
-  // A token's output is the same bits whether it runs alone or in a batch
-  // (prefill and decode agree).
+  // On each path a token's output is the same bits whatever else shares the
+  // call (a prompt's prefill and its decode agree): 37 rows at once (passes
+  // of 16, 16, 5) against the same rows one at a time (CUDA-core path) or
+  // two at a time (tensor-core path).
   GROVE_SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(testing::FreshSeed());
-  for (QuantFormat f : {QuantFormat::kBF16, QuantFormat::kInt8, QuantFormat::kInt4}) {
-    const int64_t n = 264, k = 1152;
-    const int m = 37;
-    DeviceWeight dw(f, n, k);
-    QuantizeOnGpu(RandomWeights(rng, n, k), &dw);
-    std::vector<__nv_bfloat16> xb;
-    std::vector<double> xd;
-    testing::RandomBf16(rng, static_cast<size_t>(m) * k, &xb, &xd);
-    DeviceBuffer<__nv_bfloat16> dx(xb.size());
-    DeviceBuffer<float> batch(static_cast<size_t>(m) * n), single(static_cast<size_t>(m) * n);
-    ASSERT_EQ(dx.Upload(xb), cudaSuccess);
-    ASSERT_TRUE(QuantLinear(dx.get(), k, m, dw.w, batch.get(), n, Accumulate::kOverwrite, nullptr, 0, nullptr).ok());
-    for (int i = 0; i < m; ++i)
-      ASSERT_TRUE(QuantLinear(dx.get() + i * k, k, 1, dw.w, single.get() + i * n, n, Accumulate::kOverwrite, nullptr,
-                              0, nullptr)
-                      .ok());
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    std::vector<float> a, b;
-    ASSERT_EQ(batch.Download(&a), cudaSuccess);
-    ASSERT_EQ(single.Download(&b), cudaSuccess);
-    ASSERT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0) << Name(f);
-  }
+  for (QuantLinearPath path : {QuantLinearPath::kCudaCore, QuantLinearPath::kTensorCore})
+    for (QuantFormat f : {QuantFormat::kBF16, QuantFormat::kInt8, QuantFormat::kInt4}) {
+      const int64_t n = 264, k = 1152;
+      const int m = 37, step = path == QuantLinearPath::kCudaCore ? 1 : 2;
+      DeviceWeight dw(f, n, k);
+      QuantizeOnGpu(RandomWeights(rng, n, k), &dw);
+      std::vector<__nv_bfloat16> xb;
+      std::vector<double> xd;
+      testing::RandomBf16(rng, static_cast<size_t>(m) * k, &xb, &xd);
+      DeviceBuffer<__nv_bfloat16> dx(xb.size());
+      DeviceBuffer<float> batch(static_cast<size_t>(m) * n), split(static_cast<size_t>(m) * n);
+      ASSERT_EQ(dx.Upload(xb), cudaSuccess);
+      ASSERT_TRUE(
+          detail::QuantLinearOnPath(path, dx.get(), k, m, dw.w, batch.get(), n, Accumulate::kOverwrite, nullptr).ok());
+      for (int i = 0; i < m; i += step)
+        ASSERT_TRUE(detail::QuantLinearOnPath(path, dx.get() + i * k, k, std::min(step, m - i), dw.w,
+                                              split.get() + i * n, n, Accumulate::kOverwrite, nullptr)
+                        .ok());
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      std::vector<float> a, b;
+      ASSERT_EQ(batch.Download(&a), cudaSuccess);
+      ASSERT_EQ(split.Download(&b), cudaSuccess);
+      ASSERT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0) << Name(f) << " " << PathName(path);
+    }
 }
 
 // ---- MoE ----
@@ -371,11 +403,24 @@ void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
   a.top_k = c.top_k;
   a.workspace = ws.get();
   a.workspace_bytes = ws_bytes;
-  const Status s = MoeDecodeForward(a, nullptr);
-  ASSERT_TRUE(s.ok()) << s.ToString();
+  // Both kernel pairs, each from the same starting out, against one reference.
+  std::vector<float> outs[2];
+  const detail::MoeDecodePath paths[2] = {detail::MoeDecodePath::kCudaCore, detail::MoeDecodePath::kTensorCore};
+  for (int p = 0; p < 2; ++p) {
+    ASSERT_EQ(dout.Upload(out0), cudaSuccess);
+    const Status s = detail::MoeDecodeForwardOnPath(a, paths[p], nullptr);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_EQ(dout.Download(&outs[p]), cudaSuccess);
+  }
+  // And the public entry point (kAuto picks one of the two) runs.
+  ASSERT_EQ(dout.Upload(out0), cudaSuccess);
+  ASSERT_TRUE(MoeDecodeForward(a, nullptr).ok());
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  std::vector<float> out;
-  ASSERT_EQ(dout.Download(&out), cudaSuccess);
+  std::vector<float> out_auto;
+  ASSERT_EQ(dout.Download(&out_auto), cudaSuccess);
+  ASSERT_TRUE(std::memcmp(out_auto.data(), outs[0].data(), out_auto.size() * 4) == 0 ||
+              std::memcmp(out_auto.data(), outs[1].data(), out_auto.size() * 4) == 0);
 
   for (int t = 0; t < c.m; ++t) {
     std::vector<double> ref(H, 0.0), bound(H, 0.0);
@@ -419,7 +464,8 @@ void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
         want += out0[t * H + r];
         b += 2 * kU * (std::fabs(want) + std::fabs(ref[r]));
       }
-      ASSERT_NEAR(out[t * H + r], want, b) << "token " << t << " column " << r;
+      ASSERT_NEAR(outs[0][t * H + r], want, b) << "CUDA-core path, token " << t << " column " << r;
+      ASSERT_NEAR(outs[1][t * H + r], want, b) << "tensor-core path, token " << t << " column " << r;
     }
   }
 }
