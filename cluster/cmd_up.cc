@@ -18,6 +18,8 @@
 #include "cluster/launcher.h"
 #include "cluster/roles.h"
 #include "cluster/run_dir.h"
+#include "learner/learner_actor.h"
+#include "rollout/rollout_actor.h"
 
 namespace grove::cli {
 namespace {
@@ -138,6 +140,12 @@ int CmdUp(int argc, char** argv) {
       if (n == 0) continue;
       Status s = probe.CanStart(role);
       if (!s.ok()) return Fail(s.WithContext("cluster." + role + " = " + std::to_string(n)));
+      // What the learner and the workers would refuse at start (bad keys, a
+      // GPU the config asks for that this machine lacks), refused here once.
+      if (options.programs.count(role) > 0) continue;
+      if (role == "learner") s = learner::ValidateLearnerConfig(*config, /*check_device=*/true);
+      if (role == "rollout") s = rollout::ValidateRolloutConfig(*config, /*check_device=*/true);
+      if (!s.ok()) return Fail(s.WithContext("[" + role + "]"));
     }
   }
 

@@ -1,5 +1,6 @@
 #include "rollout/generation_backend.h"
 
+#include <cstdio>
 #include <cstdlib>
 #include <random>
 
@@ -220,6 +221,22 @@ TEST_P(GpuConfigs, ParseAndValidate) {
   if (GenerationGpuCount() == 0) {
     EXPECT_EQ(device.code(), StatusCode::kFailedPrecondition) << device;
     EXPECT_NE(device.ToString().find("rollout.device = gpu"), std::string::npos) << device;
+    // `grove up` refuses it before starting a process, saying why.
+    const char* bin = std::getenv("GROVE_BIN");
+    if (bin != nullptr) {
+      const std::string dir = ::testing::TempDir() + "grove_gpu_configs_up";
+      const std::string cmd = std::string(bin) + "/grove up --config " + SourcePath(GetParam()) + " --runs_dir " +
+                              dir + " 2>&1";
+      std::string out;
+      FILE* p = popen(cmd.c_str(), "r");
+      ASSERT_NE(p, nullptr);
+      char buf[512];
+      while (fgets(buf, sizeof buf, p) != nullptr) out += buf;
+      const int rc = pclose(p);
+      EXPECT_NE(rc, 0) << out;
+      EXPECT_NE(out.find("device = gpu"), std::string::npos) << out;
+      EXPECT_EQ(out.find("started coordinator"), std::string::npos) << out;
+    }
     GTEST_SKIP() << "no GPU engine here: the device half of " << GetParam() << " is checked on a GPU machine";
   }
   if (device.code() == StatusCode::kInvalidArgument && b->gpu >= GenerationGpuCount())
