@@ -15,6 +15,12 @@ build/tests/weight_source_test --gtest_brief=1 || rc=1
 build/tests/sampled_mismatch_test --gtest_brief=1 || rc=1
 if [ "${1:-}" = "e2e" ]; then
   build/tests/e2e_training_test --gtest_filter='*GpuOneRun*' || rc=1
+  # The run's figures: the stall per version, the last progress lines.
+  run=$(ls -td /tmp/grove_e2e_gpu1_*/gpu1-*/ 2>/dev/null | head -1)
+  if [ -n "$run" ]; then
+    grep -h "via cuda-ipc: stall" "$run"/logs/rollout-0.log | tail -n 3
+    grep -h "^step" "$(dirname "$run")/up.log" | tail -n 3
+  fi
 fi
 timeout 150 build/bench/mismatch_bench --quick || rc=1
 if python3 -c 'import torch, transformers' 2>/dev/null; then

@@ -71,8 +71,10 @@ class GroveForCausalLM(PreTrainedModel, GenerationMixin):
         self.grove = grove_model
         if getattr(self, "generation_config", None) is None:
             self.generation_config = GenerationConfig()
-        self.generation_config.eos_token_id = None  # fixed-length runs: never stop early
-        self.generation_config.pad_token_id = 0
+        # Fixed-length runs: no end token, and no pad token (equal-length
+        # prompts; a pad id would mask every prompt token that happens to equal it).
+        self.generation_config.eos_token_id = None
+        self.generation_config.pad_token_id = None
 
     def get_input_embeddings(self):
         return None
