@@ -70,6 +70,8 @@ class GenerationBackend {
   virtual Result<std::vector<model::Completion<float>>> Generate(const std::vector<std::vector<int32_t>>& prompts,
                                                                  const model::SamplingOptions& options) = 0;
   virtual const PolicyQuantizer& quantizer() const = 0;
+  // One line for `grove status`: the engine and its weights.
+  virtual std::string Detail() const { return quantizer().Detail(); }
   // True when one Generate over every group of a request pays (the GPU's
   // batch); false: one call per group (the CPU engine, one seed per group).
   virtual bool joins_groups() const { return false; }

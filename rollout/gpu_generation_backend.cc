@@ -32,6 +32,11 @@ class GpuBackend : public GenerationBackend {
     return generator_->Generate(prompts, options);
   }
   const PolicyQuantizer& quantizer() const override { return *quantizer_; }
+  std::string Detail() const override {
+    // quantize = "none" leaves every weight to the engine, which holds bf16.
+    return name() + ", " +
+           (quantizer_->settings().mode == QuantizeMode::kNone ? std::string("bf16 weights") : quantizer_->Detail());
+  }
   double last_device_load_seconds() const override { return last_load_s_; }
 
  private:

@@ -222,7 +222,7 @@ Status RunRolloutLoop(const RoleArgs& args) {
                       ? ", device load " + std::to_string(1e3 * engine->last_device_load_seconds()) + " ms"
                       : std::string())
               << "); p50 " << stall.Quantile(0.5) << " ms over " << stall.window_size() << " versions";
-    client.SetDetail(quantizer.Detail());
+    client.SetDetail(engine->Detail());
     if (quantizer.plan()) {
       client.SetCounter("plan_s", quantizer.plan_seconds());
       client.SetCounter("plan_kl", quantizer.mismatch().mean_kl);
