@@ -6,6 +6,7 @@
 #include "kernels/ptx/cp_async.cuh"
 #include "kernels/ptx/ldmatrix.cuh"
 #include "kernels/ptx/mma.cuh"
+#include "kernels/quant_unpack.h"
 
 namespace grove::kernels::testing {
 namespace {
@@ -95,6 +96,18 @@ __global__ void CpAsyncKernel(const uint8_t* src, uint8_t* out) {
   for (int i = t; i < 1024; i += 64) out[i] = s[i];
 }
 
+// Each thread unpacks one word both ways through the device recipe (lop3,
+// hsub2, prmt): 8 int4 columns and 4 int8 columns.
+__global__ void QuantUnpackKernel(const uint32_t* words, int count, float* int4_out, float* int8_out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= count) return;
+  float q4[8], q8[4];
+  Int4WordToFloats(words[i], q4);
+  Int8WordToFloats(words[i], q8);
+  for (int e = 0; e < 8; ++e) int4_out[8 * i + e] = q4[e];
+  for (int e = 0; e < 4; ++e) int8_out[4 * i + e] = q8[e];
+}
+
 template <typename T>
 int Fetch(T* dev, size_t count, std::vector<T>* host) {
   host->resize(count);
@@ -147,6 +160,22 @@ int RunCpAsync(const std::vector<uint8_t>& src, std::vector<uint8_t>* out) {
   cudaFree(ds);
   if (e != cudaSuccess) return static_cast<int>(e);
   return Fetch(dout, 1024, out);
+}
+
+int RunQuantUnpack(const std::vector<uint32_t>& words, std::vector<float>* int4_out, std::vector<float>* int8_out) {
+  const int count = static_cast<int>(words.size());
+  uint32_t* dw = nullptr;
+  float *d4 = nullptr, *d8 = nullptr;
+  if (cudaMalloc(&dw, count * 4) != cudaSuccess || cudaMalloc(&d4, count * 32) != cudaSuccess ||
+      cudaMalloc(&d8, count * 16) != cudaSuccess)
+    return cudaErrorMemoryAllocation;
+  cudaMemcpy(dw, words.data(), count * 4, cudaMemcpyHostToDevice);
+  QuantUnpackKernel<<<(count + 255) / 256, 256>>>(dw, count, d4, d8);
+  cudaError_t e = cudaDeviceSynchronize();
+  cudaFree(dw);
+  if (e != cudaSuccess) return static_cast<int>(e);
+  if (const int e4 = Fetch(d4, static_cast<size_t>(count) * 8, int4_out); e4 != 0) return e4;
+  return Fetch(d8, static_cast<size_t>(count) * 4, int8_out);
 }
 
 }  // namespace grove::kernels::testing

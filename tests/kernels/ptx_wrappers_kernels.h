@@ -29,4 +29,9 @@ int RunMma(const std::vector<float>& a, const std::vector<float>& b, std::vector
 // copy shared memory back out.
 int RunCpAsync(const std::vector<uint8_t>& src, std::vector<uint8_t>* out);
 
+// kernels/quant_unpack.h's device recipes (lop3 / hsub2 / prmt) on each word:
+// int4_out[8 * i + c] = column c of words[i] as int4, int8_out[4 * i + c] =
+// byte c of words[i] as int8.
+int RunQuantUnpack(const std::vector<uint32_t>& words, std::vector<float>* int4_out, std::vector<float>* int8_out);
+
 }  // namespace grove::kernels::testing

@@ -1,0 +1,454 @@
+// MoeDecodeForward in five launches, none per expert:
+//  1-3. MoeRouteIndex (kernels/moe_permute.h): the routed slots grouped by
+//       expert, in slot order inside an expert (deterministic);
+//  4.   up: blocks over (row slab of W1/W3, active expert): each block finds
+//       its expert among the non-empty ones (blocks past the number of
+//       active experts exit at once), streams its slab of W1 and W3 once per
+//       16 of the expert's tokens through the shared GEMV core
+//       (kernels/quant_gemv.cuh; one warp group owns a W1 row and the W3 row
+//       of the same hidden unit), and writes h = silu(g) * u rounded to bf16
+//       per routed row;
+//  5.   down: the same over row slabs of W2, writing fp32 partial outputs per
+//       routed row;
+//  6.   combine: out[t] (+)= sum over slots j in order of gate * partial.
+// Each expert's weight format is read on the device (QuantWeight.format) and
+// chosen per block.
+#include "kernels/moe_decode.h"
+
+#include <algorithm>
+#include <string>
+
+#include "kernels/moe_decode_internal.h"
+#include "kernels/moe_permute.h"
+#include "kernels/quant_gemv.cuh"
+#include "kernels/quant_mma.cuh"
+
+namespace grove::kernels {
+namespace {
+
+using gemv::kRows;
+using gemv::kThreads;
+
+constexpr int kUpSlabUnits = 8;   // hidden units (W1 + W3 row pairs) per up block
+constexpr int kDownSlabRows = 16; // W2 rows per down block
+constexpr int kMaxTopK = 16;
+constexpr int64_t kMaxSmemBytes = 160 * 1024;
+
+size_t AlignUp(size_t x) { return (x + 255) / 256 * 256; }
+
+struct Layout {
+  size_t route = 0, offsets = 0, row_of_slot = 0, slot_of_row = 0, h = 0, partial = 0, total = 0;
+};
+
+Layout MakeLayout(int m, int hidden, int expert_hidden, int experts, int top_k) {
+  const size_t slots = static_cast<size_t>(m) * top_k;
+  Layout l;
+  size_t at = 0;
+  l.route = at;
+  at += AlignUp(MoeRouteIndexWorkspaceBytes(m, top_k, experts));
+  l.offsets = at;
+  at += AlignUp(sizeof(int32_t) * (experts + 1));
+  l.row_of_slot = at;
+  at += AlignUp(sizeof(int32_t) * slots);
+  l.slot_of_row = at;
+  at += AlignUp(sizeof(int32_t) * slots);
+  l.h = at;
+  at += AlignUp(sizeof(__nv_bfloat16) * slots * expert_hidden);
+  l.partial = at;
+  at += AlignUp(sizeof(float) * slots * hidden);
+  l.total = at;
+  return l;
+}
+
+Status Launched(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) return Status::OK();
+  return Status::Internal(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+// The `index`-th expert (in id order) with at least one routed row, or -1.
+// Called by the whole block; ends with a barrier.
+__device__ int FindActiveExpert(const int32_t* offsets, int experts, int index) {
+  __shared__ int found_s;
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    int target = index, found = -1;
+    for (int base = 0; base < experts && found < 0; base += 32) {
+      const int e = base + lane;
+      const bool busy = e < experts && offsets[e + 1] > offsets[e];
+      const unsigned mask = __ballot_sync(0xffffffffu, busy);
+      const int busy_count = __popc(mask);
+      if (target < busy_count) {
+        for (int b = 0; b < 32; ++b)
+          if ((mask >> b) & 1u) {
+            if (target == 0) {
+              found = base + b;
+              break;
+            }
+            --target;
+          }
+      } else {
+        target -= busy_count;
+      }
+    }
+    if (lane == 0) found_s = found;
+  }
+  __syncthreads();
+  return found_s;
+}
+
+__device__ __forceinline__ float Silu(float g) { return g / (1.f + expf(-g)); }
+
+template <QuantFormat F>
+__device__ void UpSlab(const MoeDecodeArgs& a, const QuantWeight& w1, const QuantWeight& w3, int begin, int end,
+                       const int32_t* slot_of_row, __nv_bfloat16* h, uint4* smem) {
+  float* red_s = reinterpret_cast<float*>(smem);
+  uint4* x_s = smem + gemv::kReduceBytes / 16;
+  const gemv::Split split = gemv::MakeSplit(F, a.hidden);
+  const int warp = threadIdx.x / 32, g = warp / split.slices, slice = warp % split.slices;
+  const int64_t row_bytes = gemv::RowBytes(F, a.hidden), row_scales = gemv::RowScales(F, a.hidden);
+  const int unit0 = blockIdx.x * kUpSlabUnits;
+  for (int t0 = begin; t0 < end; t0 += gemv::kMaxTokens) {
+    const int count = min(gemv::kMaxTokens, end - t0);
+    gemv::DispatchTokens(count, [&](auto tokens) {
+      constexpr int M = decltype(tokens)::value;
+      gemv::StageX<F, M>(x_s, a.hidden, count, [&](int i) {
+        return a.x + static_cast<int64_t>(slot_of_row[t0 + i] / a.top_k) * a.hidden;
+      });
+      for (int pass = 0; pass < kUpSlabUnits / split.groups; ++pass) {
+        const int unit = unit0 + pass * split.groups + g;
+        const uint8_t* rows[kRows] = {static_cast<const uint8_t*>(w1.data) + unit * row_bytes,
+                                      static_cast<const uint8_t*>(w3.data) + unit * row_bytes};
+        const float* scales[kRows] = {w1.scales + unit * row_scales, w3.scales + unit * row_scales};
+        float acc[kRows][M];
+        gemv::WarpDot<F, M>(rows, scales, x_s, split, slice, acc);
+        gemv::WarpReduceToShared<M>(acc, red_s);
+        __syncthreads();
+        for (int t = threadIdx.x; t < split.groups * M; t += blockDim.x) {
+          const int gg = t % split.groups, i = t / split.groups;
+          if (i >= count) continue;
+          const float gv = gemv::SliceSum(red_s, split, gg, 0, i);
+          const float uv = gemv::SliceSum(red_s, split, gg, 1, i);
+          h[static_cast<int64_t>(t0 + i) * a.expert_hidden + unit0 + pass * split.groups + gg] =
+              __float2bfloat16_rn(Silu(gv) * uv);
+        }
+        __syncthreads();
+      }
+    });
+  }
+}
+
+template <QuantFormat F>
+__device__ void DownSlab(const MoeDecodeArgs& a, const QuantWeight& w2, int begin, int end,
+                         const __nv_bfloat16* h, float* partial, uint4* smem) {
+  float* red_s = reinterpret_cast<float*>(smem);
+  uint4* x_s = smem + gemv::kReduceBytes / 16;
+  const gemv::Split split = gemv::MakeSplit(F, a.expert_hidden);
+  const int warp = threadIdx.x / 32, g = warp / split.slices, slice = warp % split.slices;
+  const int rows_per_pass = kRows * split.groups;
+  const int64_t row_bytes = gemv::RowBytes(F, a.expert_hidden), row_scales = gemv::RowScales(F, a.expert_hidden);
+  const int slab0 = blockIdx.x * kDownSlabRows;
+  for (int t0 = begin; t0 < end; t0 += gemv::kMaxTokens) {
+    const int count = min(gemv::kMaxTokens, end - t0);
+    gemv::DispatchTokens(count, [&](auto tokens) {
+      constexpr int M = decltype(tokens)::value;
+      gemv::StageX<F, M>(x_s, a.expert_hidden, count,
+                         [&](int i) { return h + static_cast<int64_t>(t0 + i) * a.expert_hidden; });
+      for (int pass = 0; pass < kDownSlabRows / rows_per_pass; ++pass) {
+        const int row0 = slab0 + pass * rows_per_pass + g * kRows;
+        const uint8_t* rows[kRows];
+        const float* scales[kRows];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          rows[r] = static_cast<const uint8_t*>(w2.data) + (row0 + r) * row_bytes;
+          scales[r] = w2.scales + (row0 + r) * row_scales;
+        }
+        float acc[kRows][M];
+        gemv::WarpDot<F, M>(rows, scales, x_s, split, slice, acc);
+        gemv::WarpReduceToShared<M>(acc, red_s);
+        __syncthreads();
+        for (int t = threadIdx.x; t < rows_per_pass * M; t += blockDim.x) {
+          const int rr = t % rows_per_pass, i = t / rows_per_pass;
+          if (i >= count) continue;
+          partial[static_cast<int64_t>(t0 + i) * a.hidden + slab0 + pass * rows_per_pass + rr] =
+              gemv::SliceSum(red_s, split, rr / kRows, rr % kRows, i);
+        }
+        __syncthreads();
+      }
+    });
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    MoeUpKernel(MoeDecodeArgs a, const int32_t* offsets, const int32_t* slot_of_row, __nv_bfloat16* h) {
+  extern __shared__ uint4 smem[];
+  const int e = FindActiveExpert(offsets, a.experts, blockIdx.y);
+  if (e < 0) return;
+  const int begin = offsets[e], end = offsets[e + 1];
+  const QuantWeight w1 = a.w1[e], w3 = a.w3[e];
+  switch (w1.format) {
+    case QuantFormat::kBF16: UpSlab<QuantFormat::kBF16>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
+    case QuantFormat::kInt8: UpSlab<QuantFormat::kInt8>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
+    case QuantFormat::kInt4: UpSlab<QuantFormat::kInt4>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    MoeDownKernel(MoeDecodeArgs a, const int32_t* offsets, const __nv_bfloat16* h, float* partial) {
+  extern __shared__ uint4 smem[];
+  const int e = FindActiveExpert(offsets, a.experts, blockIdx.y);
+  if (e < 0) return;
+  const int begin = offsets[e], end = offsets[e + 1];
+  const QuantWeight w2 = a.w2[e];
+  switch (w2.format) {
+    case QuantFormat::kBF16: DownSlab<QuantFormat::kBF16>(a, w2, begin, end, h, partial, smem); break;
+    case QuantFormat::kInt8: DownSlab<QuantFormat::kInt8>(a, w2, begin, end, h, partial, smem); break;
+    case QuantFormat::kInt4: DownSlab<QuantFormat::kInt4>(a, w2, begin, end, h, partial, smem); break;
+  }
+}
+
+// ---- Tensor-core variants (busy experts): a block owns one 16-row tile of
+// its expert's W1 and W3 (up) or W2 (down), all 8 warps splitting k, the
+// warps' partial tiles summed in warp order through shared memory. ----
+
+constexpr int kMmaWarps = gemv::kWarps;
+constexpr int kMmaUpReduceFloats = kMmaWarps * 2 * 2 * 4 * 32;    // [warp][g, u][NT <= 2][4][32]
+constexpr int kMmaDownReduceFloats = kMmaWarps * 2 * 4 * 32;      // [warp][NT <= 2][4][32]
+
+template <QuantFormat F>
+__device__ void UpTile(const MoeDecodeArgs& a, const QuantWeight& w1, const QuantWeight& w3, int begin, int end,
+                       const int32_t* slot_of_row, __nv_bfloat16* h, uint4* smem) {
+  float* red_s = reinterpret_cast<float*>(smem);
+  uint4* x_s = smem + kMmaUpReduceFloats / 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int u0 = blockIdx.x * mma::kTileRows;
+  for (int t0 = begin; t0 < end; t0 += 16) {
+    const int count = min(16, end - t0);
+    auto body = [&](auto tiles) {
+      constexpr int NT = decltype(tiles)::value;
+      mma::StageX<F, NT>(x_s, a.hidden, count, [&](int i) {
+        return a.x + static_cast<int64_t>(slot_of_row[t0 + i] / a.top_k) * a.hidden;
+      });
+      float g[NT][4], u[NT][4];
+      mma::WarpTile<F, NT>(static_cast<const uint8_t*>(w1.data), w1.scales, a.expert_hidden, u0, a.hidden, x_s, warp,
+                           kMmaWarps, g);
+      mma::WarpTile<F, NT>(static_cast<const uint8_t*>(w3.data), w3.scales, a.expert_hidden, u0, a.hidden, x_s, warp,
+                           kMmaWarps, u);
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          red_s[(((warp * 2 + 0) * NT + t) * 4 + r) * 32 + lane] = g[t][r];
+          red_s[(((warp * 2 + 1) * NT + t) * 4 + r) * 32 + lane] = u[t][r];
+        }
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < NT * 4 * 32; idx += blockDim.x) {
+        const int l = idx % 32, r = (idx / 32) % 4, t = idx / 128;
+        const int token = mma::TileToken(l, t, r);
+        if (token >= count) continue;
+        float gv = 0.f, uv = 0.f;
+        for (int j = 0; j < kMmaWarps; ++j) {
+          gv += red_s[(((j * 2 + 0) * NT + t) * 4 + r) * 32 + l];
+          uv += red_s[(((j * 2 + 1) * NT + t) * 4 + r) * 32 + l];
+        }
+        h[static_cast<int64_t>(t0 + token) * a.expert_hidden + u0 + mma::TileRow(l, r)] =
+            __float2bfloat16_rn(Silu(gv) * uv);
+      }
+      __syncthreads();
+    };
+    if (count <= 8) body(std::integral_constant<int, 1>{});
+    else body(std::integral_constant<int, 2>{});
+  }
+}
+
+template <QuantFormat F>
+__device__ void DownTile(const MoeDecodeArgs& a, const QuantWeight& w2, int begin, int end, const __nv_bfloat16* h,
+                         float* partial, uint4* smem) {
+  float* red_s = reinterpret_cast<float*>(smem);
+  uint4* x_s = smem + kMmaDownReduceFloats / 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int r0 = blockIdx.x * mma::kTileRows;
+  for (int t0 = begin; t0 < end; t0 += 16) {
+    const int count = min(16, end - t0);
+    auto body = [&](auto tiles) {
+      constexpr int NT = decltype(tiles)::value;
+      mma::StageX<F, NT>(x_s, a.expert_hidden, count,
+                         [&](int i) { return h + static_cast<int64_t>(t0 + i) * a.expert_hidden; });
+      float acc[NT][4];
+      mma::WarpTile<F, NT>(static_cast<const uint8_t*>(w2.data), w2.scales, a.hidden, r0, a.expert_hidden, x_s, warp,
+                           kMmaWarps, acc);
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) red_s[((warp * NT + t) * 4 + r) * 32 + lane] = acc[t][r];
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < NT * 4 * 32; idx += blockDim.x) {
+        const int l = idx % 32, r = (idx / 32) % 4, t = idx / 128;
+        const int token = mma::TileToken(l, t, r);
+        if (token >= count) continue;
+        float v = 0.f;
+        for (int j = 0; j < kMmaWarps; ++j) v += red_s[((j * NT + t) * 4 + r) * 32 + l];
+        partial[static_cast<int64_t>(t0 + token) * a.hidden + r0 + mma::TileRow(l, r)] = v;
+      }
+      __syncthreads();
+    };
+    if (count <= 8) body(std::integral_constant<int, 1>{});
+    else body(std::integral_constant<int, 2>{});
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    MoeUpMmaKernel(MoeDecodeArgs a, const int32_t* offsets, const int32_t* slot_of_row, __nv_bfloat16* h) {
+  extern __shared__ uint4 smem[];
+  const int e = FindActiveExpert(offsets, a.experts, blockIdx.y);
+  if (e < 0) return;
+  const int begin = offsets[e], end = offsets[e + 1];
+  const QuantWeight w1 = a.w1[e], w3 = a.w3[e];
+  switch (w1.format) {
+    case QuantFormat::kBF16: UpTile<QuantFormat::kBF16>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
+    case QuantFormat::kInt8: UpTile<QuantFormat::kInt8>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
+    case QuantFormat::kInt4: UpTile<QuantFormat::kInt4>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    MoeDownMmaKernel(MoeDecodeArgs a, const int32_t* offsets, const __nv_bfloat16* h, float* partial) {
+  extern __shared__ uint4 smem[];
+  const int e = FindActiveExpert(offsets, a.experts, blockIdx.y);
+  if (e < 0) return;
+  const int begin = offsets[e], end = offsets[e + 1];
+  const QuantWeight w2 = a.w2[e];
+  switch (w2.format) {
+    case QuantFormat::kBF16: DownTile<QuantFormat::kBF16>(a, w2, begin, end, h, partial, smem); break;
+    case QuantFormat::kInt8: DownTile<QuantFormat::kInt8>(a, w2, begin, end, h, partial, smem); break;
+    case QuantFormat::kInt4: DownTile<QuantFormat::kInt4>(a, w2, begin, end, h, partial, smem); break;
+  }
+}
+
+// One thread per (token, 4 columns): the top_k partials in slot order.
+__global__ void MoeDecodeCombineKernel(const float* __restrict__ partial, const float* __restrict__ gates,
+                                       const int32_t* __restrict__ row_of_slot, float* out, Accumulate mode, int m,
+                                       int hidden, int top_k) {
+  const int quads = hidden / 4;
+  const int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (idx >= int64_t{m} * quads) return;
+  const int t = static_cast<int>(idx / quads), c = static_cast<int>(idx % quads) * 4;
+  float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int j = 0; j < top_k; ++j) {
+    const int row = row_of_slot[t * top_k + j];
+    if (row < 0) continue;  // dropped slot (id out of range): no contribution
+    const float gate = gates[t * top_k + j];
+    const float4 p = *reinterpret_cast<const float4*>(partial + static_cast<int64_t>(row) * hidden + c);
+    s.x = fmaf(gate, p.x, s.x);
+    s.y = fmaf(gate, p.y, s.y);
+    s.z = fmaf(gate, p.z, s.z);
+    s.w = fmaf(gate, p.w, s.w);
+  }
+  float4* o = reinterpret_cast<float4*>(out + static_cast<int64_t>(t) * hidden + c);
+  if (mode == Accumulate::kAdd) {
+    const float4 old = *o;
+    s.x += old.x;
+    s.y += old.y;
+    s.z += old.z;
+    s.w += old.w;
+  }
+  *o = s;
+}
+
+// Opts in above the default 48 KB per block, which counts the kernels'
+// static shared memory (FindActiveExpert's 4 bytes) too.
+Status SetSmem(const void* kernel, size_t bytes) {
+  if (bytes + 256 <= 48 * 1024) return Status::OK();
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)) !=
+      cudaSuccess)
+    return Launched("MoeDecodeForward: shared memory attribute");
+  return Status::OK();
+}
+
+bool Aligned16(const void* p) { return p && reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace
+
+size_t MoeDecodeWorkspaceBytes(int m, int hidden, int expert_hidden, int experts, int top_k) {
+  if (m <= 0 || hidden <= 0 || expert_hidden <= 0 || experts <= 0 || top_k <= 0) return 0;
+  return MakeLayout(m, hidden, expert_hidden, experts, top_k).total;
+}
+
+namespace detail {
+
+Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaStream_t stream) {
+  if (a.m < 0) return Status::InvalidArgument("MoeDecodeForward: m must be >= 0");
+  if (a.hidden <= 0 || a.hidden % 128 != 0 || a.expert_hidden <= 0 || a.expert_hidden % 128 != 0)
+    return Status::InvalidArgument("MoeDecodeForward: hidden (" + std::to_string(a.hidden) + ") and expert_hidden (" +
+                                   std::to_string(a.expert_hidden) + ") must be positive multiples of 128");
+  if (a.experts < 1 || a.experts > kMoeMaxExperts)
+    return Status::InvalidArgument("MoeDecodeForward: experts must be in 1.." + std::to_string(kMoeMaxExperts));
+  if (a.top_k < 1 || a.top_k > std::min(a.experts, kMaxTopK))
+    return Status::InvalidArgument("MoeDecodeForward: top_k must be in 1..min(experts, 16), got " +
+                                   std::to_string(a.top_k));
+  if (a.m == 0) return Status::OK();
+  if (!Aligned16(a.x) || !Aligned16(a.out) || !a.ids || !a.gates || !a.w1 || !a.w3 || !a.w2 || !a.workspace)
+    return Status::InvalidArgument("MoeDecodeForward: null pointer, or x / out not 16-byte aligned");
+  if (reinterpret_cast<uintptr_t>(a.workspace) % 256 != 0)
+    return Status::InvalidArgument("MoeDecodeForward: workspace must be 256-byte aligned");
+  const Layout l = MakeLayout(a.m, a.hidden, a.expert_hidden, a.experts, a.top_k);
+  if (a.workspace_bytes < l.total)
+    return Status::InvalidArgument("MoeDecodeForward: workspace of " + std::to_string(a.workspace_bytes) +
+                                   " bytes, needs " + std::to_string(l.total));
+  const size_t up_smem = gemv::kReduceBytes + gemv::XTileBytes(a.hidden, gemv::kMaxTokens);
+  const size_t down_smem = gemv::kReduceBytes + gemv::XTileBytes(a.expert_hidden, gemv::kMaxTokens);
+  if (static_cast<int64_t>(std::max(up_smem, down_smem)) > kMaxSmemBytes)
+    return Status::InvalidArgument("MoeDecodeForward: hidden / expert_hidden too large for the shared activation tile");
+
+  uint8_t* ws = static_cast<uint8_t*>(a.workspace);
+  int32_t* offsets = reinterpret_cast<int32_t*>(ws + l.offsets);
+  int32_t* row_of_slot = reinterpret_cast<int32_t*>(ws + l.row_of_slot);
+  int32_t* slot_of_row = reinterpret_cast<int32_t*>(ws + l.slot_of_row);
+  __nv_bfloat16* h = reinterpret_cast<__nv_bfloat16*>(ws + l.h);
+  float* partial = reinterpret_cast<float*>(ws + l.partial);
+  GROVE_RETURN_IF_ERROR(MoeRouteIndex(a.ids, a.m, a.top_k, a.experts, ws + l.route, l.offsets - l.route, offsets,
+                                      row_of_slot, slot_of_row, nullptr, stream));
+
+  // At most min(experts, slots) experts are active; blocks past the actual
+  // number exit after one look at the offsets.
+  const int max_active = static_cast<int>(std::min<int64_t>(a.experts, int64_t{a.m} * a.top_k));
+  const size_t up_mma = kMmaUpReduceFloats * 4 + mma::XBytes(a.hidden, 2);
+  const size_t down_mma = kMmaDownReduceFloats * 4 + mma::XBytes(a.expert_hidden, 2);
+  const bool mma_fits = static_cast<int64_t>(std::max(up_mma, down_mma)) <= kMaxSmemBytes;
+  if (path == MoeDecodePath::kAuto)
+    path = mma_fits && int64_t{a.m} * a.top_k >= 4 * int64_t{a.experts} ? MoeDecodePath::kTensorCore
+                                                                          : MoeDecodePath::kCudaCore;
+  if (path == MoeDecodePath::kTensorCore) {
+    if (!mma_fits)
+      return Status::InvalidArgument("MoeDecodeForward: hidden / expert_hidden too large for the tensor-core path");
+    GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(MoeUpMmaKernel), up_mma));
+    MoeUpMmaKernel<<<dim3(a.expert_hidden / mma::kTileRows, max_active), kThreads, up_mma, stream>>>(
+        a, offsets, slot_of_row, h);
+    GROVE_RETURN_IF_ERROR(Launched("MoeDecodeForward up (tensor cores)"));
+    GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(MoeDownMmaKernel), down_mma));
+    MoeDownMmaKernel<<<dim3(a.hidden / mma::kTileRows, max_active), kThreads, down_mma, stream>>>(a, offsets, h,
+                                                                                                 partial);
+    GROVE_RETURN_IF_ERROR(Launched("MoeDecodeForward down (tensor cores)"));
+  } else {
+    GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(MoeUpKernel), up_smem));
+    MoeUpKernel<<<dim3(a.expert_hidden / kUpSlabUnits, max_active), kThreads, up_smem, stream>>>(a, offsets,
+                                                                                                slot_of_row, h);
+    GROVE_RETURN_IF_ERROR(Launched("MoeDecodeForward up"));
+    GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(MoeDownKernel), down_smem));
+    MoeDownKernel<<<dim3(a.hidden / kDownSlabRows, max_active), kThreads, down_smem, stream>>>(a, offsets, h,
+                                                                                              partial);
+    GROVE_RETURN_IF_ERROR(Launched("MoeDecodeForward down"));
+  }
+  const int64_t threads = int64_t{a.m} * (a.hidden / 4);
+  MoeDecodeCombineKernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
+      partial, a.gates, row_of_slot, a.out, a.mode, a.m, a.hidden, a.top_k);
+  return Launched("MoeDecodeForward combine");
+}
+
+}  // namespace detail
+
+Status MoeDecodeForward(const MoeDecodeArgs& a, cudaStream_t stream) {
+  return detail::MoeDecodeForwardOnPath(a, detail::MoeDecodePath::kAuto, stream);
+}
+
+}  // namespace grove::kernels

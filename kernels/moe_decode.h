@@ -1,0 +1,55 @@
+// The routed experts of one MoE layer for the rollout engine, every active
+// expert in one launch per stage (no per-expert launch), weights in any
+// QuantFormat per expert (the precision plan mixes them within a layer):
+//
+//   out[t] (+)= sum_j gates[t, j] * W2_e (silu(W1_e x_t) * (W3_e x_t)),
+//   e = ids[t, j], j < top_k,
+//
+// x bf16 [m, hidden], ids/gates from kernels/router.h's RouterTopK, out fp32
+// [m, hidden]. The hidden activation h is rounded to bf16 before W2 (as the
+// training path does). Deterministic: the top_k contributions of a token are
+// summed in slot order, no atomics on out.
+//
+// Shapes: hidden and expert_hidden multiples of 128 (at most 5120), experts
+// in 1..256, top_k in 1..min(experts, 16). Contract the launch cannot check
+// without a host sync: w1/w3[e] are [expert_hidden, hidden] and w2[e]
+// [hidden, expert_hidden] in a valid format with 16-byte aligned data. An id
+// >= experts drops its slot (it adds nothing). Shared experts can ride along
+// as extra experts routed for every token with gate 1 (one launch for all).
+//
+// Host header, no device code.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "base/status.h"
+#include "kernels/quant_linear.h"
+
+namespace grove::kernels {
+
+struct MoeDecodeArgs {
+  const __nv_bfloat16* x = nullptr;  // [m, hidden]
+  const uint16_t* ids = nullptr;     // [m, top_k] expert ids (< experts)
+  const float* gates = nullptr;      // [m, top_k]
+  // Device arrays of `experts` QuantWeight each: w1/w3 [expert_hidden,
+  // hidden], w2 [hidden, expert_hidden]; w1[e] and w3[e] in the same format.
+  const QuantWeight* w1 = nullptr;
+  const QuantWeight* w3 = nullptr;
+  const QuantWeight* w2 = nullptr;
+  float* out = nullptr;  // [m, hidden]
+  Accumulate mode = Accumulate::kAdd;
+  int m = 0, hidden = 0, expert_hidden = 0, experts = 0, top_k = 0;
+  void* workspace = nullptr;  // MoeDecodeWorkspaceBytes bytes, 256-byte aligned
+  size_t workspace_bytes = 0;
+};
+
+size_t MoeDecodeWorkspaceBytes(int m, int hidden, int expert_hidden, int experts, int top_k);
+
+// Graph-capturable (no host sync, no allocation).
+Status MoeDecodeForward(const MoeDecodeArgs& args, cudaStream_t stream);
+
+}  // namespace grove::kernels

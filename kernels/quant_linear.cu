@@ -1,0 +1,365 @@
+#include "kernels/quant_linear.h"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "kernels/quant_gemv.cuh"
+#include "kernels/quant_mma.cuh"
+#include "kernels/quant_linear_internal.h"
+
+namespace grove::kernels {
+namespace {
+
+using gemv::kRows;
+using gemv::kThreads;
+
+// Activation tiles larger than this take fewer tokens per pass (k > 5120 at
+// 16 tokens); below the 227 KB limit so the attribute call always succeeds.
+constexpr int64_t kMaxSmemBytes = 160 * 1024;
+
+bool Aligned(const void* p, size_t a) { return p && reinterpret_cast<uintptr_t>(p) % a == 0; }
+
+Status Launched(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) return Status::OK();
+  return Status::Internal(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+// ---- Quantization: the CPU quantizers' fp32 operations, in the same order ----
+
+// rollout/precision_format.cc's RoundToBf16: round to nearest even, NaN kept quiet.
+__device__ __forceinline__ uint16_t RoundToBf16Bits(float x) {
+  uint32_t u = __float_as_uint(x);
+  if (x != x) return static_cast<uint16_t>(((u | 0x00400000u) & 0xFFFF0000u) >> 16);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+__global__ void QuantizeBf16Kernel(const float* __restrict__ w, uint16_t* __restrict__ out, int64_t count) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count; i += int64_t{gridDim.x} * blockDim.x)
+    out[i] = RoundToBf16Bits(w[i]);
+}
+
+// One block per row (rollout/int8_quantizer.cc's QuantizeInt8PerRow).
+__global__ void QuantizeInt8Kernel(const float* __restrict__ w, int64_t k, int8_t* __restrict__ q,
+                                   float* __restrict__ scales) {
+  __shared__ float warp_max[kThreads / 32];
+  const float* row = w + blockIdx.x * k;
+  float amax = 0.f;
+  for (int64_t c = threadIdx.x; c < k; c += blockDim.x) amax = fmaxf(amax, fabsf(row[c]));
+  for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = amax;
+  __syncthreads();
+  amax = 0.f;
+  for (int i = 0; i < kThreads / 32; ++i) amax = fmaxf(amax, warp_max[i]);  // max is exact in any order
+  const float scale = amax / 127.0f;
+  const float inv = scale > 0 ? 1.0f / scale : 0.0f;
+  if (threadIdx.x == 0) scales[blockIdx.x] = scale;
+  int8_t* out = q + blockIdx.x * k;
+  for (int64_t c = threadIdx.x; c < k; c += blockDim.x) {
+    const float v = rintf(row[c] * inv);
+    out[c] = static_cast<int8_t>(fminf(fmaxf(v, -127.0f), 127.0f));
+  }
+}
+
+// One warp per (row, group of 128) (rollout/int4_quantizer.cc's QuantizeInt4Grouped).
+__global__ void QuantizeInt4Kernel(const float* __restrict__ w, int64_t n, int64_t k, uint32_t* __restrict__ packed,
+                                   float* __restrict__ scales) {
+  const int64_t groups = k / 128;
+  const int64_t task = blockIdx.x * int64_t{blockDim.x / 32} + threadIdx.x / 32;
+  if (task >= n * groups) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t r = task / groups, g = task % groups;
+  const float* src = w + r * k + g * 128;
+  const float4 v4 = reinterpret_cast<const float4*>(src)[lane];
+  float amax = fmaxf(fmaxf(fabsf(v4.x), fabsf(v4.y)), fmaxf(fabsf(v4.z), fabsf(v4.w)));
+  for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  const float scale = amax / 7.0f;
+  if (lane == 0) scales[task] = scale;
+  if (lane < 16) {
+    uint32_t word = 0;
+    for (int j = 0; j < 8; ++j) {
+      const float q = scale > 0 ? fminf(fmaxf(rintf(src[8 * lane + j] / scale), -7.0f), 7.0f) : 0.0f;
+      const uint32_t u = static_cast<uint32_t>(static_cast<int>(q) + 8);
+      const int slot = (j % 2 == 0) ? j / 2 : 4 + j / 2;  // inverse of kInt4NibbleOrder
+      word |= u << (4 * slot);
+    }
+    packed[r * (k / 8) + g * 16 + lane] = word;
+  }
+}
+
+// ---- The GEMV: weight rows streamed once per pass of up to 16 tokens ----
+
+// Blocks loop over "passes" of kRows * groups rows; the activation tile is
+// staged once per block.
+template <QuantFormat F, int M>
+__global__ void __launch_bounds__(kThreads)
+    QuantGemvKernel(const __nv_bfloat16* __restrict__ x, int64_t ldx, int count, QuantWeight w, float* y,
+                    int64_t ldy, Accumulate mode, int passes) {
+  extern __shared__ uint4 smem[];
+  float* red_s = reinterpret_cast<float*>(smem);
+  uint4* x_s = smem + gemv::kReduceBytes / 16;
+  const gemv::Split split = gemv::MakeSplit(F, w.k);
+  gemv::StageX<F, M>(x_s, w.k, count, [&](int i) { return x + i * ldx; });
+
+  const int warp = threadIdx.x / 32;
+  const int g = warp / split.slices, slice = warp % split.slices;
+  const int rows_per_pass = kRows * split.groups;
+  const int64_t row_bytes = gemv::RowBytes(F, w.k), row_scales = gemv::RowScales(F, w.k);
+  const uint8_t* data = static_cast<const uint8_t*>(w.data);
+  for (int pass = blockIdx.x; pass < passes; pass += gridDim.x) {
+    const int64_t row0 = int64_t{pass} * rows_per_pass + g * kRows;
+    float acc[kRows][M];
+    if (row0 < w.n) {  // n is even: both rows of the warp exist
+      const uint8_t* rows[kRows];
+      const float* scales[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        rows[r] = data + (row0 + r) * row_bytes;
+        scales[r] = w.scales + (row0 + r) * row_scales;
+      }
+      gemv::WarpDot<F, M>(rows, scales, x_s, split, slice, acc);
+    } else {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+#pragma unroll
+        for (int i = 0; i < M; ++i) acc[r][i] = 0.f;
+    }
+    gemv::WarpReduceToShared<M>(acc, red_s);
+    __syncthreads();
+    for (int t = threadIdx.x; t < rows_per_pass * M; t += blockDim.x) {
+      const int i = t / rows_per_pass, rr = t % rows_per_pass;
+      const int64_t row = int64_t{pass} * rows_per_pass + rr;
+      if (i >= count || row >= w.n) continue;
+      const float v = gemv::SliceSum(red_s, split, rr / kRows, rr % kRows, i);
+      float* out = y + i * ldy + row;
+      *out = mode == Accumulate::kAdd ? *out + v : v;
+    }
+    __syncthreads();
+  }
+}
+
+int SmCount() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0)
+    return 132;
+  return sms;
+}
+
+template <QuantFormat F, int M>
+Status LaunchGemv(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y, int64_t ldy,
+                  Accumulate mode, cudaStream_t stream) {
+  const gemv::Split split = gemv::MakeSplit(F, w.k);
+  const int rows_per_pass = kRows * split.groups;
+  const int passes = static_cast<int>((w.n + rows_per_pass - 1) / rows_per_pass);
+  const int blocks = std::min(passes, SmCount() * 4);
+  const size_t smem = gemv::kReduceBytes + gemv::XTileBytes(w.k, M);
+  auto kernel = QuantGemvKernel<F, M>;
+  if (smem > 48 * 1024 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
+          cudaSuccess)
+    return Launched("QuantLinear: shared memory attribute");
+  kernel<<<blocks, kThreads, smem, stream>>>(x, ldx, count, w, y, ldy, mode, passes);
+  return Launched("QuantLinear launch");
+}
+
+template <QuantFormat F>
+Status LaunchGemvTokens(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y,
+                        int64_t ldy, Accumulate mode, cudaStream_t stream) {
+  if (count <= 1) return LaunchGemv<F, 1>(x, ldx, count, w, y, ldy, mode, stream);
+  if (count <= 2) return LaunchGemv<F, 2>(x, ldx, count, w, y, ldy, mode, stream);
+  if (count <= 4) return LaunchGemv<F, 4>(x, ldx, count, w, y, ldy, mode, stream);
+  if (count <= 8) return LaunchGemv<F, 8>(x, ldx, count, w, y, ldy, mode, stream);
+  return LaunchGemv<F, 16>(x, ldx, count, w, y, ldy, mode, stream);
+}
+
+template <int NT>
+constexpr int kMmaReduceFloats = gemv::kWarps * NT * 4 * 32;
+
+// Shared bytes of the tensor-core kernel for 8 * nt tokens.
+int64_t MmaSmemBytes(int64_t k, int nt) { return int64_t{gemv::kWarps} * nt * 4 * 32 * 4 + mma::XBytes(k, nt); }
+
+// The tensor-core path (kernels/quant_mma.cuh): 8 warps per block, a warp
+// group of `slices` warps per 16-row tile, passes over tiles as the CUDA-core
+// kernel does; partial tiles reduced across slices in order through shared
+// memory ([warp][NT][4][32] floats, then x).
+template <QuantFormat F, int NT>
+__global__ void __launch_bounds__(kThreads)
+    QuantMmaKernel(const __nv_bfloat16* __restrict__ x, int64_t ldx, int count, QuantWeight w, float* y,
+                   int64_t ldy, Accumulate mode, int passes) {
+  extern __shared__ uint4 smem[];
+  float* red_s = reinterpret_cast<float*>(smem);
+  uint4* x_s = smem + kMmaReduceFloats<NT> / 4;
+  const mma::Split split = mma::MakeSplit(F, w.k);
+  mma::StageX<F, NT>(x_s, w.k, count, [&](int i) { return x + i * ldx; });
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wg = warp / split.slices, slice = warp % split.slices;
+  const int rows_per_pass = mma::kTileRows * split.groups;
+  for (int pass = blockIdx.x; pass < passes; pass += gridDim.x) {
+    const int64_t r0 = int64_t{pass} * rows_per_pass + wg * mma::kTileRows;
+    float acc[NT][4];
+    if (r0 < w.n) {
+      mma::WarpTile<F, NT>(static_cast<const uint8_t*>(w.data), w.scales, w.n, r0, w.k, x_s, slice, split.slices,
+                           acc);
+    } else {
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[t][r] = 0.f;
+    }
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) red_s[((warp * NT + t) * 4 + r) * 32 + lane] = acc[t][r];
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < split.groups * NT * 4 * 32; idx += blockDim.x) {
+      const int l = idx % 32, r = (idx / 32) % 4, t = (idx / 128) % NT, gg = idx / (128 * NT);
+      const int64_t row = int64_t{pass} * rows_per_pass + gg * mma::kTileRows + mma::TileRow(l, r);
+      const int token = mma::TileToken(l, t, r);
+      if (row >= w.n || token >= count) continue;
+      float v = 0.f;
+      for (int j = 0; j < split.slices; ++j) v += red_s[(((gg * split.slices + j) * NT + t) * 4 + r) * 32 + l];
+      float* out = y + token * ldy + row;
+      *out = mode == Accumulate::kAdd ? *out + v : v;
+    }
+    __syncthreads();
+  }
+}
+
+template <QuantFormat F, int NT>
+Status LaunchMma(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y, int64_t ldy,
+                 Accumulate mode, cudaStream_t stream) {
+  const mma::Split split = mma::MakeSplit(F, w.k);
+  const int rows_per_pass = mma::kTileRows * split.groups;
+  const int passes = static_cast<int>((w.n + rows_per_pass - 1) / rows_per_pass);
+  const int blocks = std::min(passes, SmCount() * 4);
+  const size_t smem = MmaSmemBytes(w.k, NT);
+  auto kernel = QuantMmaKernel<F, NT>;
+  if (smem > 48 * 1024 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
+          cudaSuccess)
+    return Launched("QuantLinear: shared memory attribute");
+  kernel<<<blocks, kThreads, smem, stream>>>(x, ldx, count, w, y, ldy, mode, passes);
+  return Launched("QuantLinear tensor-core launch");
+}
+
+template <QuantFormat F>
+Status LaunchMmaTokens(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y, int64_t ldy,
+                       Accumulate mode, cudaStream_t stream) {
+  if (count <= 8) return LaunchMma<F, 1>(x, ldx, count, w, y, ldy, mode, stream);
+  return LaunchMma<F, 2>(x, ldx, count, w, y, ldy, mode, stream);
+}
+
+Status CheckShape(const char* what, QuantFormat f, int64_t n, int64_t k) {
+  if (f != QuantFormat::kBF16 && f != QuantFormat::kInt8 && f != QuantFormat::kInt4)
+    return Status::InvalidArgument(std::string(what) + ": unknown format " + std::to_string(static_cast<int>(f)));
+  if (n <= 0 || k <= 0 || n % 8 != 0 || k % 128 != 0 || n > (int64_t{1} << 30) || k > (int64_t{1} << 30))
+    return Status::InvalidArgument(std::string(what) + ": shape [" + std::to_string(n) + ", " + std::to_string(k) +
+                                   "] must be positive with n a multiple of 8 and k a multiple of 128");
+  return Status::OK();
+}
+
+}  // namespace
+
+size_t QuantDataBytes(QuantFormat f, int64_t n, int64_t k) {
+  if (n <= 0 || k <= 0) return 0;
+  return static_cast<size_t>(n) * static_cast<size_t>(gemv::RowBytes(f, k));
+}
+
+int64_t QuantScaleCount(QuantFormat f, int64_t n, int64_t k) {
+  if (n <= 0 || k <= 0) return 0;
+  return n * gemv::RowScales(f, k);
+}
+
+Status QuantizeWeight(const float* w, int64_t n, int64_t k, QuantFormat f, void* data, float* scales,
+                      cudaStream_t stream) {
+  GROVE_RETURN_IF_ERROR(CheckShape("QuantizeWeight", f, n, k));
+  if (!Aligned(w, 16) || !Aligned(data, 16))
+    return Status::InvalidArgument("QuantizeWeight: w and data must be non-null and 16-byte aligned");
+  if (f != QuantFormat::kBF16 && !Aligned(scales, 4))
+    return Status::InvalidArgument("QuantizeWeight: int8/int4 need a non-null, aligned scales array");
+  switch (f) {
+    case QuantFormat::kBF16: {
+      const int64_t count = n * k;
+      const int blocks = static_cast<int>(std::min<int64_t>((count + 255) / 256, 132 * 32));
+      QuantizeBf16Kernel<<<blocks, 256, 0, stream>>>(w, static_cast<uint16_t*>(data), count);
+      return Launched("QuantizeWeight bf16");
+    }
+    case QuantFormat::kInt8:
+      QuantizeInt8Kernel<<<static_cast<unsigned>(n), kThreads, 0, stream>>>(w, k, static_cast<int8_t*>(data),
+                                                                            scales);
+      return Launched("QuantizeWeight int8");
+    case QuantFormat::kInt4: {
+      const int64_t tasks = n * (k / 128);
+      const int per_block = 8;  // warps
+      QuantizeInt4Kernel<<<static_cast<unsigned>((tasks + per_block - 1) / per_block), 32 * per_block, 0, stream>>>(
+          w, n, k, static_cast<uint32_t*>(data), scales);
+      return Launched("QuantizeWeight int4");
+    }
+  }
+  return Status::InvalidArgument("QuantizeWeight: unknown format");
+}
+
+size_t QuantLinearWorkspaceBytes(QuantFormat, int64_t, int64_t, int64_t) { return 0; }
+
+namespace detail {
+
+Status QuantLinearOnPath(QuantLinearPath path, const __nv_bfloat16* x, int64_t ldx, int64_t m, const QuantWeight& w,
+                         float* y, int64_t ldy, Accumulate mode, cudaStream_t stream) {
+  GROVE_RETURN_IF_ERROR(CheckShape("QuantLinear", w.format, w.n, w.k));
+  if (m < 1) return Status::InvalidArgument("QuantLinear: m must be >= 1, got " + std::to_string(m));
+  if (ldx < w.k || ldx % 8 != 0)
+    return Status::InvalidArgument("QuantLinear: ldx " + std::to_string(ldx) + " must be >= k (" +
+                                   std::to_string(w.k) + ") and a multiple of 8");
+  if (ldy < w.n) return Status::InvalidArgument("QuantLinear: ldy " + std::to_string(ldy) + " < n");
+  if (!Aligned(x, 16) || !Aligned(w.data, 16) || !Aligned(y, 4))
+    return Status::InvalidArgument("QuantLinear: x and w.data must be 16-byte aligned, y 4-byte aligned (non-null)");
+  if (w.format != QuantFormat::kBF16 && !Aligned(w.scales, 4))
+    return Status::InvalidArgument("QuantLinear: int8/int4 weight without scales");
+  if (path == QuantLinearPath::kAuto)  // tensor cores need x for 8 tokens in shared memory (k <= ~9900)
+    path = m == 1 || MmaSmemBytes(w.k, 1) > kMaxSmemBytes ? QuantLinearPath::kCudaCore
+                                                            : QuantLinearPath::kTensorCore;
+  // Tokens per pass: 16, or fewer when k is so long that 16 rows of x would
+  // not fit in shared memory. Each pass streams W once; any m works.
+  const bool tensor = path == QuantLinearPath::kTensorCore;
+  auto smem = [&](int tokens) {
+    return tensor ? MmaSmemBytes(w.k, (tokens + 7) / 8) : gemv::kReduceBytes + gemv::XTileBytes(w.k, tokens);
+  };
+  int per_pass = gemv::kMaxTokens;
+  while (per_pass > (tensor ? 8 : 1) && smem(per_pass) > kMaxSmemBytes) per_pass /= 2;
+  if (smem(per_pass) > kMaxSmemBytes)
+    return Status::InvalidArgument("QuantLinear: k " + std::to_string(w.k) +
+                                   " too long for the activation rows in shared memory");
+  for (int64_t m0 = 0; m0 < m; m0 += per_pass) {
+    const int count = static_cast<int>(std::min<int64_t>(per_pass, m - m0));
+    const __nv_bfloat16* xs = x + m0 * ldx;
+    float* ys = y + m0 * ldy;
+    switch (w.format) {
+      case QuantFormat::kBF16:
+        GROVE_RETURN_IF_ERROR(tensor ? LaunchMmaTokens<QuantFormat::kBF16>(xs, ldx, count, w, ys, ldy, mode, stream)
+                                     : LaunchGemvTokens<QuantFormat::kBF16>(xs, ldx, count, w, ys, ldy, mode, stream));
+        break;
+      case QuantFormat::kInt8:
+        GROVE_RETURN_IF_ERROR(tensor ? LaunchMmaTokens<QuantFormat::kInt8>(xs, ldx, count, w, ys, ldy, mode, stream)
+                                     : LaunchGemvTokens<QuantFormat::kInt8>(xs, ldx, count, w, ys, ldy, mode, stream));
+        break;
+      case QuantFormat::kInt4:
+        GROVE_RETURN_IF_ERROR(tensor ? LaunchMmaTokens<QuantFormat::kInt4>(xs, ldx, count, w, ys, ldy, mode, stream)
+                                     : LaunchGemvTokens<QuantFormat::kInt4>(xs, ldx, count, w, ys, ldy, mode, stream));
+        break;
+    }
+  }
+  return Status::OK();
+}
+
+}  // namespace detail
+
+Status QuantLinear(const __nv_bfloat16* x, int64_t ldx, int64_t m, const QuantWeight& w, float* y, int64_t ldy,
+                   Accumulate mode, void* /*workspace*/, size_t /*workspace_bytes*/, cudaStream_t stream) {
+  return detail::QuantLinearOnPath(detail::QuantLinearPath::kAuto, x, ldx, m, w, y, ldy, mode, stream);
+}
+
+}  // namespace grove::kernels

@@ -1,0 +1,539 @@
+// The rollout engine's quantized kernels against CPU references:
+// QuantizeWeight bit for bit against rollout/'s quantizers, QuantLinear and
+// MoeDecodeForward against double-precision sums over the dequantized
+// weights (rollout::RoundTripInPlace), the device unpack instructions against
+// their host twins. Argument checks run anywhere; the rest skips without a GPU.
+//
+// Tolerances. The CUDA-core path multiplies a bf16 x by the exact fp32
+// dequantized weight (q * scale, the same fp32 product the CPU dequantizer
+// forms) and accumulates in fp32: with recursive or tree summation of k
+// products, each rounding is relative 2^-24, so |y - y_ref| <= 2 k 2^-24
+// sum_j |x_j w_j| (the usual gamma_k bound, the factor 2 covering the
+// product's own rounding and the tensor cores' truncating fp32 adds, whose
+// error per add stays below one ulp = 2^-23); the tensor-core path sums exact
+// products q x and scales the sum (one more rounding, inside the same bound
+// as the 2^-24 of fl(q * scale) it replaces); with Accumulate::kAdd one more
+// rounding of the sum, 2^-23 |y|.
+// The MoE adds the bf16 rounding of h before W2: the GPU's h before rounding
+// differs from the reference's by the bound above (through silu and the
+// product), so the rounded values can differ by one bf16 ulp when they sit
+// near a rounding boundary; the bound per output charges every h element one
+// ulp plus that pre-rounding error, times |W2| and |gate|.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <random>
+#include <vector>
+
+#include "kernels/moe_decode.h"
+#include "kernels/moe_decode_internal.h"
+#include "kernels/quant_linear.h"
+#include "kernels/quant_linear_internal.h"
+#include "kernels/quant_unpack.h"
+#include "rollout/int4_quantizer.h"
+#include "rollout/int8_quantizer.h"
+#include "rollout/precision_format.h"
+#include "tests/kernels/gpu_test_util.h"
+#include "tests/kernels/ptx_wrappers_kernels.h"
+
+namespace grove::kernels {
+namespace {
+
+using detail::QuantLinearPath;
+using testing::DeviceBuffer;
+
+constexpr double kU = 1.0 / (1 << 24);  // fp32 unit roundoff
+
+rollout::PrecisionFormat ToPrecision(QuantFormat f) {
+  return f == QuantFormat::kBF16 ? rollout::PrecisionFormat::kBF16
+         : f == QuantFormat::kInt8 ? rollout::PrecisionFormat::kInt8
+                                   : rollout::PrecisionFormat::kInt4;
+}
+const char* Name(QuantFormat f) { return f == QuantFormat::kBF16 ? "bf16" : f == QuantFormat::kInt8 ? "int8" : "int4"; }
+
+std::vector<float> RandomWeights(std::mt19937_64& rng, int64_t n, int64_t k) {
+  std::normal_distribution<float> dist(0.f, 1.f / std::sqrt(static_cast<float>(k)));
+  std::vector<float> w(n * k);
+  for (auto& v : w) v = dist(rng);
+  return w;
+}
+
+// A weight quantized on the device, plus the fp32 values the CPU dequantizer gives.
+struct DeviceWeight {
+  DeviceBuffer<uint8_t> data;
+  DeviceBuffer<float> scales;
+  QuantWeight w;
+  std::vector<float> dequant;  // [n, k]
+  DeviceWeight(QuantFormat f, int64_t n, int64_t k)
+      : data(QuantDataBytes(f, n, k)), scales(std::max<int64_t>(1, QuantScaleCount(f, n, k))) {
+    w.format = f;
+    w.n = static_cast<int32_t>(n);
+    w.k = static_cast<int32_t>(k);
+    w.data = data.get();
+    w.scales = f == QuantFormat::kBF16 ? nullptr : scales.get();
+  }
+};
+
+// Quantizes `fp32` on the GPU into `out` and fills its CPU dequantized twin.
+void QuantizeOnGpu(const std::vector<float>& fp32, DeviceWeight* out) {
+  DeviceBuffer<float> dw(fp32.size());
+  ASSERT_EQ(dw.Upload(fp32), cudaSuccess);
+  const Status s = QuantizeWeight(dw.get(), out->w.n, out->w.k, out->w.format, out->data.get(), out->scales.get(), nullptr);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  out->dequant = fp32;
+  rollout::RoundTripInPlace(ToPrecision(out->w.format), out->dequant.data(), out->w.n, out->w.k);
+}
+
+// ---- Argument checks (no GPU needed: they fail before any CUDA call) ----
+
+TEST(QuantLinearArgs, BadShapesAndPointersAreRejected) {
+  alignas(16) static __nv_bfloat16 x[256];
+  alignas(16) static float y[256];
+  alignas(16) static uint8_t data[4096];
+  QuantWeight w{QuantFormat::kBF16, 8, 100, data, nullptr};
+  EXPECT_FALSE(QuantLinear(x, 128, 1, w, y, 8, Accumulate::kOverwrite, nullptr, 0, nullptr).ok());  // k % 128
+  w.k = 128;
+  w.n = 12;
+  EXPECT_FALSE(QuantLinear(x, 128, 1, w, y, 12, Accumulate::kOverwrite, nullptr, 0, nullptr).ok());  // n % 8
+  w.n = 8;
+  EXPECT_FALSE(QuantLinear(x, 128, 0, w, y, 8, Accumulate::kOverwrite, nullptr, 0, nullptr).ok());    // m
+  EXPECT_FALSE(QuantLinear(x, 64, 1, w, y, 8, Accumulate::kOverwrite, nullptr, 0, nullptr).ok());     // ldx < k
+  EXPECT_FALSE(QuantLinear(x, 128, 1, w, y, 4, Accumulate::kOverwrite, nullptr, 0, nullptr).ok());    // ldy < n
+  EXPECT_FALSE(QuantLinear(x + 1, 128, 1, w, y, 8, Accumulate::kOverwrite, nullptr, 0, nullptr).ok()); // alignment
+  w.format = QuantFormat::kInt4;
+  EXPECT_FALSE(QuantLinear(x, 128, 1, w, y, 8, Accumulate::kOverwrite, nullptr, 0, nullptr).ok());    // no scales
+  w.format = static_cast<QuantFormat>(7);
+  EXPECT_FALSE(QuantLinear(x, 128, 1, w, y, 8, Accumulate::kOverwrite, nullptr, 0, nullptr).ok());
+  EXPECT_FALSE(QuantizeWeight(y, 8, 128, QuantFormat::kInt8, data, nullptr, nullptr).ok());
+  EXPECT_FALSE(QuantizeWeight(y, 8, 120, QuantFormat::kBF16, data, nullptr, nullptr).ok());
+}
+
+TEST(QuantSizes, MatchTheCpuLayouts) {
+  EXPECT_EQ(QuantDataBytes(QuantFormat::kBF16, 16, 256), 16u * 256 * 2);
+  EXPECT_EQ(QuantDataBytes(QuantFormat::kInt8, 16, 256), 16u * 256);
+  EXPECT_EQ(QuantDataBytes(QuantFormat::kInt4, 16, 256), 16u * 256 / 2);
+  EXPECT_EQ(QuantScaleCount(QuantFormat::kBF16, 16, 256), 0);
+  EXPECT_EQ(QuantScaleCount(QuantFormat::kInt8, 16, 256), 16);
+  EXPECT_EQ(QuantScaleCount(QuantFormat::kInt4, 16, 256), 32);
+  EXPECT_EQ(8.0 * QuantDataBytes(QuantFormat::kInt4, 24, 384) + 32.0 * QuantScaleCount(QuantFormat::kInt4, 24, 384),
+            rollout::Int4StorageBits(24, 384));
+}
+
+TEST(MoeDecodeArgs, BadArgumentsAreRejected) {
+  MoeDecodeArgs a;
+  a.m = 1;
+  a.hidden = 100;
+  a.expert_hidden = 128;
+  a.experts = 4;
+  a.top_k = 2;
+  EXPECT_FALSE(MoeDecodeForward(a, nullptr).ok());  // hidden % 128
+  a.hidden = 128;
+  a.top_k = 5;
+  EXPECT_FALSE(MoeDecodeForward(a, nullptr).ok());  // top_k > experts
+  a.top_k = 2;
+  EXPECT_FALSE(MoeDecodeForward(a, nullptr).ok());  // null pointers
+  a.m = 0;
+  EXPECT_TRUE(MoeDecodeForward(a, nullptr).ok());   // nothing to do
+}
+
+// ---- GPU ----
+
+TEST(QuantUnpackGpu, DeviceInstructionsMatchTheHostTwins) {
+  GROVE_SKIP_WITHOUT_GPU();
+  std::vector<uint32_t> words;
+  for (uint32_t i = 0; i < (1u << 16); ++i) {
+    words.push_back(i | (i << 16));       // every 16-bit pattern, both halves
+    words.push_back(i * 0x9E3779B9u);     // spread patterns
+  }
+  std::vector<float> q4, q8;
+  ASSERT_EQ(testing::RunQuantUnpack(words, &q4, &q8), 0);
+  for (size_t i = 0; i < words.size(); ++i) {
+    float h4[8], h8[4];
+    Int4WordToFloats(words[i], h4);
+    Int8WordToFloats(words[i], h8);
+    for (int e = 0; e < 8; ++e) ASSERT_EQ(q4[8 * i + e], h4[e]) << std::hex << words[i] << " int4 column " << e;
+    for (int e = 0; e < 4; ++e) ASSERT_EQ(q8[4 * i + e], h8[e]) << std::hex << words[i] << " int8 byte " << e;
+  }
+}
+
+TEST(QuantizeWeightGpu, BitIdenticalToTheCpuQuantizers) {
+  GROVE_SKIP_WITHOUT_GPU();
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int64_t shapes[][2] = {{8, 128}, {24, 384}, {1536, 1024}, {1024, 2816}};
+  for (const auto& shape : shapes) {
+    const int64_t n = shape[0], k = shape[1];
+    std::vector<float> w = RandomWeights(rng, n, k);
+    std::fill(w.begin(), w.begin() + k, 0.f);              // an all-zero row
+    std::fill(w.begin() + k + 128, w.begin() + k + 256 > w.begin() + 2 * k ? w.begin() + 2 * k : w.begin() + k + 256,
+              0.f);                                        // an all-zero int4 group (when k > 128)
+    // Exact ties: row 2 has max 7 and halves, so w / scale lands on .5 (int4
+    // rounds them to even), and values that are exact multiples.
+    const float ties[] = {7.f, 3.5f, -2.5f, 0.5f, -6.5f, 1.5f, 4.f, -7.f};
+    for (int i = 0; i < 8; ++i) w[2 * k + i] = ties[i];
+    for (QuantFormat f : {QuantFormat::kBF16, QuantFormat::kInt8, QuantFormat::kInt4}) {
+      SCOPED_TRACE(std::string(Name(f)) + " [" + std::to_string(n) + ", " + std::to_string(k) + "]");
+      DeviceWeight dw(f, n, k);
+      QuantizeOnGpu(w, &dw);
+      std::vector<uint8_t> bytes;
+      std::vector<float> scales;
+      ASSERT_EQ(dw.data.Download(&bytes), cudaSuccess);
+      ASSERT_EQ(dw.scales.Download(&scales), cudaSuccess);
+      if (f == QuantFormat::kBF16) {
+        for (int64_t i = 0; i < n * k; ++i) {
+          const float want = rollout::RoundToBf16(w[i]);
+          uint32_t bits;
+          std::memcpy(&bits, &want, 4);
+          uint16_t got;
+          std::memcpy(&got, bytes.data() + 2 * i, 2);
+          ASSERT_EQ(got, bits >> 16) << "element " << i;
+        }
+      } else if (f == QuantFormat::kInt8) {
+        const rollout::Int8Matrix m = rollout::QuantizeInt8PerRow(w.data(), n, k);
+        ASSERT_EQ(std::memcmp(bytes.data(), m.q.data(), n * k), 0);
+        ASSERT_EQ(std::memcmp(scales.data(), m.scales.data(), n * 4), 0);
+      } else {
+        auto m = rollout::QuantizeInt4Grouped(w.data(), n, k);
+        ASSERT_TRUE(m.ok());
+        ASSERT_EQ(std::memcmp(bytes.data(), m->packed.data(), n * k / 2), 0);
+        ASSERT_EQ(std::memcmp(scales.data(), m->scales.data(), m->scales.size() * 4), 0);
+      }
+    }
+  }
+}
+
+// y = x W^T (+ y0) against the double-precision reference, every element
+// within the bound of the file comment.
+const char* PathName(QuantLinearPath p) {
+  return p == QuantLinearPath::kAuto ? "auto" : p == QuantLinearPath::kCudaCore ? "cuda-core" : "tensor-core";
+}
+
+void CheckQuantLinear(std::mt19937_64& rng, QuantFormat f, int64_t n, int64_t k, const std::vector<int>& ms,
+                      bool padded, QuantLinearPath path = QuantLinearPath::kAuto) {
+  SCOPED_TRACE(std::string(Name(f)) + " [" + std::to_string(n) + ", " + std::to_string(k) + "] " + PathName(path));
+  DeviceWeight dw(f, n, k);
+  QuantizeOnGpu(RandomWeights(rng, n, k), &dw);
+  const int64_t ldx = padded ? k + 8 : k, ldy = padded ? n + 4 : n;
+  for (size_t mi = 0; mi < ms.size(); ++mi) {
+    const int m = ms[mi];
+    const Accumulate mode = (mi % 2 == 0) ? Accumulate::kOverwrite : Accumulate::kAdd;
+    SCOPED_TRACE("m " + std::to_string(m) + (mode == Accumulate::kAdd ? " add" : " overwrite"));
+    std::vector<__nv_bfloat16> xb;
+    std::vector<double> xd;
+    testing::RandomBf16(rng, static_cast<size_t>(m) * ldx, &xb, &xd);
+    std::vector<float> y0(static_cast<size_t>(m) * ldy);
+    std::uniform_real_distribution<float> yd(-1.f, 1.f);
+    for (auto& v : y0) v = yd(rng);
+    DeviceBuffer<__nv_bfloat16> dx(xb.size());
+    DeviceBuffer<float> dy(y0.size());
+    ASSERT_EQ(dx.Upload(xb), cudaSuccess);
+    ASSERT_EQ(dy.Upload(y0), cudaSuccess);
+    const Status s = path == QuantLinearPath::kAuto
+                         ? QuantLinear(dx.get(), ldx, m, dw.w, dy.get(), ldy, mode, nullptr, 0, nullptr)
+                         : detail::QuantLinearOnPath(path, dx.get(), ldx, m, dw.w, dy.get(), ldy, mode, nullptr);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    std::vector<float> y;
+    ASSERT_EQ(dy.Download(&y), cudaSuccess);
+    for (int i = 0; i < m; ++i) {
+      for (int64_t r = 0; r < n; ++r) {
+        const double* xr = xd.data() + i * ldx;
+        const float* wr = dw.dequant.data() + r * k;
+        double sum = 0, mag = 0;
+        for (int64_t c = 0; c < k; ++c) {
+          const double p = xr[c] * static_cast<double>(wr[c]);
+          sum += p;
+          mag += std::fabs(p);
+        }
+        double bound = 2.0 * k * kU * mag + 1e-30;
+        if (mode == Accumulate::kAdd) {
+          sum += y0[i * ldy + r];
+          bound += 2 * kU * (std::fabs(sum) + mag);
+        }
+        ASSERT_NEAR(y[i * ldy + r], sum, bound) << "row " << i << " col " << r;
+      }
+      // Columns past n in the padded rows are never written.
+      for (int64_t r = n; r < ldy; ++r) ASSERT_EQ(y[i * ldy + r], y0[i * ldy + r]);
+    }
+  }
+}
+
+TEST(QuantLinearGpu, MatchesTheDequantizedReference) {
+  GROVE_SKIP_WITHOUT_GPU();
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const std::vector<int> all_m = {1, 3, 8, 16, 17, 64, 300};
+  for (QuantFormat f : {QuantFormat::kBF16, QuantFormat::kInt8, QuantFormat::kInt4}) {
+    CheckQuantLinear(rng, f, 8, 128, all_m, true);
+    CheckQuantLinear(rng, f, 24, 384, all_m, false);
+    CheckQuantLinear(rng, f, 40, 640, all_m, true);
+    CheckQuantLinear(rng, f, 1536, 1024, {1, 3, 8, 16, 17, 64}, false);  // qkv
+    CheckQuantLinear(rng, f, 1024, 1024, {1, 16, 300}, false);           // wo
+    CheckQuantLinear(rng, f, 2816, 1024, {1, 8, 17}, false);             // dense up
+    CheckQuantLinear(rng, f, 1024, 2816, {1, 16, 17}, true);             // dense down
+    CheckQuantLinear(rng, f, 32768, 1024, {1, 3}, false);                // lm head
+  }
+}
+
+TEST(QuantLinearGpu, BothPathsAtEveryBatchShape) {
+  // kAuto takes the CUDA-core path at m = 1 only; the MoE uses its core at
+  // every token count, and the tensor-core path at m = 1 is valid too.
+  GROVE_SKIP_WITHOUT_GPU();
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  for (QuantFormat f : {QuantFormat::kBF16, QuantFormat::kInt8, QuantFormat::kInt4}) {
+    CheckQuantLinear(rng, f, 40, 640, {1, 2, 5, 16, 33}, true, QuantLinearPath::kCudaCore);
+    CheckQuantLinear(rng, f, 1024, 2816, {3, 16, 17}, false, QuantLinearPath::kCudaCore);
+    CheckQuantLinear(rng, f, 40, 640, {1, 2, 5, 16, 33}, true, QuantLinearPath::kTensorCore);
+    CheckQuantLinear(rng, f, 1536, 1024, {1}, false, QuantLinearPath::kTensorCore);
+  }
+}
+
+TEST(QuantLinearGpu, RowsAreIndependentOfTheBatch) {
+  // On each path a token's output is the same bits whatever else shares the
+  // call (a prompt's prefill and its decode agree): 37 rows at once (passes
+  // of 16, 16, 5) against the same rows one at a time (CUDA-core path) or
+  // two at a time (tensor-core path).
+  GROVE_SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(testing::FreshSeed());
+  for (QuantLinearPath path : {QuantLinearPath::kCudaCore, QuantLinearPath::kTensorCore})
+    for (QuantFormat f : {QuantFormat::kBF16, QuantFormat::kInt8, QuantFormat::kInt4}) {
+      const int64_t n = 264, k = 1152;
+      const int m = 37, step = path == QuantLinearPath::kCudaCore ? 1 : 2;
+      DeviceWeight dw(f, n, k);
+      QuantizeOnGpu(RandomWeights(rng, n, k), &dw);
+      std::vector<__nv_bfloat16> xb;
+      std::vector<double> xd;
+      testing::RandomBf16(rng, static_cast<size_t>(m) * k, &xb, &xd);
+      DeviceBuffer<__nv_bfloat16> dx(xb.size());
+      DeviceBuffer<float> batch(static_cast<size_t>(m) * n), split(static_cast<size_t>(m) * n);
+      ASSERT_EQ(dx.Upload(xb), cudaSuccess);
+      ASSERT_TRUE(
+          detail::QuantLinearOnPath(path, dx.get(), k, m, dw.w, batch.get(), n, Accumulate::kOverwrite, nullptr).ok());
+      for (int i = 0; i < m; i += step)
+        ASSERT_TRUE(detail::QuantLinearOnPath(path, dx.get() + i * k, k, std::min(step, m - i), dw.w,
+                                              split.get() + i * n, n, Accumulate::kOverwrite, nullptr)
+                        .ok());
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      std::vector<float> a, b;
+      ASSERT_EQ(batch.Download(&a), cudaSuccess);
+      ASSERT_EQ(split.Download(&b), cudaSuccess);
+      ASSERT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0) << Name(f) << " " << PathName(path);
+    }
+}
+
+// ---- MoE ----
+
+struct MoeCase {
+  int m, hidden, expert_hidden, experts, top_k;
+  std::vector<uint16_t> ids;  // [m, top_k]
+  std::vector<QuantFormat> formats;  // per expert
+  Accumulate mode;
+};
+
+double Bf16Ulp(double v) {
+  if (v == 0) return std::ldexp(1.0, -133);  // smallest bf16 subnormal step
+  int e;
+  std::frexp(std::fabs(v), &e);  // |v| in [2^(e-1), 2^e)
+  return std::ldexp(1.0, e - 1 - 7);
+}
+
+void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
+  SCOPED_TRACE("m " + std::to_string(c.m) + " experts " + std::to_string(c.experts) + " top_k " +
+               std::to_string(c.top_k));
+  const int H = c.hidden, E = c.expert_hidden;
+  std::vector<std::unique_ptr<DeviceWeight>> w1, w3, w2;
+  std::vector<QuantWeight> q1, q3, q2;
+  for (int e = 0; e < c.experts; ++e) {
+    const QuantFormat f = c.formats[e];
+    w1.push_back(std::make_unique<DeviceWeight>(f, E, H));
+    w3.push_back(std::make_unique<DeviceWeight>(f, E, H));
+    w2.push_back(std::make_unique<DeviceWeight>(f, H, E));
+    QuantizeOnGpu(RandomWeights(rng, E, H), w1.back().get());
+    QuantizeOnGpu(RandomWeights(rng, E, H), w3.back().get());
+    QuantizeOnGpu(RandomWeights(rng, H, E), w2.back().get());
+    q1.push_back(w1.back()->w);
+    q3.push_back(w3.back()->w);
+    q2.push_back(w2.back()->w);
+  }
+  std::vector<__nv_bfloat16> xb;
+  std::vector<double> xd;
+  testing::RandomBf16(rng, static_cast<size_t>(c.m) * H, &xb, &xd);
+  std::vector<float> gates(static_cast<size_t>(c.m) * c.top_k), out0(static_cast<size_t>(c.m) * H);
+  std::uniform_real_distribution<float> u01(0.05f, 1.f), u11(-1.f, 1.f);
+  for (auto& g : gates) g = u01(rng);
+  for (auto& v : out0) v = u11(rng);
+
+  DeviceBuffer<__nv_bfloat16> dx(xb.size());
+  DeviceBuffer<uint16_t> dids(c.ids.size());
+  DeviceBuffer<float> dgates(gates.size()), dout(out0.size());
+  DeviceBuffer<QuantWeight> dq1(c.experts), dq3(c.experts), dq2(c.experts);
+  ASSERT_EQ(dx.Upload(xb), cudaSuccess);
+  ASSERT_EQ(dids.Upload(c.ids), cudaSuccess);
+  ASSERT_EQ(dgates.Upload(gates), cudaSuccess);
+  ASSERT_EQ(dout.Upload(out0), cudaSuccess);
+  ASSERT_EQ(dq1.Upload(q1), cudaSuccess);
+  ASSERT_EQ(dq3.Upload(q3), cudaSuccess);
+  ASSERT_EQ(dq2.Upload(q2), cudaSuccess);
+  const size_t ws_bytes = MoeDecodeWorkspaceBytes(c.m, H, E, c.experts, c.top_k);
+  DeviceBuffer<uint8_t> ws(ws_bytes);
+  MoeDecodeArgs a;
+  a.x = dx.get();
+  a.ids = dids.get();
+  a.gates = dgates.get();
+  a.w1 = dq1.get();
+  a.w3 = dq3.get();
+  a.w2 = dq2.get();
+  a.out = dout.get();
+  a.mode = c.mode;
+  a.m = c.m;
+  a.hidden = H;
+  a.expert_hidden = E;
+  a.experts = c.experts;
+  a.top_k = c.top_k;
+  a.workspace = ws.get();
+  a.workspace_bytes = ws_bytes;
+  // Both kernel pairs, each from the same starting out, against one reference.
+  std::vector<float> outs[2];
+  const detail::MoeDecodePath paths[2] = {detail::MoeDecodePath::kCudaCore, detail::MoeDecodePath::kTensorCore};
+  for (int p = 0; p < 2; ++p) {
+    ASSERT_EQ(dout.Upload(out0), cudaSuccess);
+    const Status s = detail::MoeDecodeForwardOnPath(a, paths[p], nullptr);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_EQ(dout.Download(&outs[p]), cudaSuccess);
+  }
+  // And the public entry point (kAuto picks one of the two) runs.
+  ASSERT_EQ(dout.Upload(out0), cudaSuccess);
+  ASSERT_TRUE(MoeDecodeForward(a, nullptr).ok());
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<float> out_auto;
+  ASSERT_EQ(dout.Download(&out_auto), cudaSuccess);
+  ASSERT_TRUE(std::memcmp(out_auto.data(), outs[0].data(), out_auto.size() * 4) == 0 ||
+              std::memcmp(out_auto.data(), outs[1].data(), out_auto.size() * 4) == 0);
+
+  for (int t = 0; t < c.m; ++t) {
+    std::vector<double> ref(H, 0.0), bound(H, 0.0);
+    for (int j = 0; j < c.top_k; ++j) {
+      const int e = c.ids[t * c.top_k + j];
+      if (e >= c.experts) continue;  // dropped slot
+      const double gate = gates[t * c.top_k + j];
+      // h = bf16(silu(g) * u) and the bound on |h_gpu - h| per element.
+      std::vector<double> h(E), hb(E);
+      for (int i = 0; i < E; ++i) {
+        double g = 0, u = 0, mg = 0, mu = 0;
+        for (int cc = 0; cc < H; ++cc) {
+          const double x = xd[t * H + cc];
+          g += x * w1[e]->dequant[i * H + cc];
+          u += x * w3[e]->dequant[i * H + cc];
+          mg += std::fabs(x * w1[e]->dequant[i * H + cc]);
+          mu += std::fabs(x * w3[e]->dequant[i * H + cc]);
+        }
+        const double silu = g / (1 + std::exp(-g));
+        const double pre = silu * u;
+        h[i] = rollout::RoundToBf16(static_cast<float>(pre));
+        const double eg = 2.0 * H * kU * mg, eu = 2.0 * H * kU * mu;
+        // Both sides round to nearest: one flip, up to 1.5 ulp across a binade edge.
+        hb[i] = 2 * Bf16Ulp(pre) + 1.1 * eg * (std::fabs(u) + eu) + (std::fabs(silu) + 1.1 * eg) * eu + 8 * kU * std::fabs(pre);
+      }
+      for (int r = 0; r < H; ++r) {
+        double p = 0, mag = 0, hbound = 0;
+        for (int i = 0; i < E; ++i) {
+          const double w = w2[e]->dequant[r * E + i];
+          p += w * h[i];
+          mag += std::fabs(w * h[i]);
+          hbound += std::fabs(w) * hb[i];
+        }
+        ref[r] += gate * p;
+        bound[r] += gate * (hbound + 2.0 * E * kU * (mag + hbound)) + 2 * kU * c.top_k * gate * mag;
+      }
+    }
+    for (int r = 0; r < H; ++r) {
+      double want = ref[r], b = bound[r] + 1e-30;
+      if (c.mode == Accumulate::kAdd) {
+        want += out0[t * H + r];
+        b += 2 * kU * (std::fabs(want) + std::fabs(ref[r]));
+      }
+      ASSERT_NEAR(outs[0][t * H + r], want, b) << "CUDA-core path, token " << t << " column " << r;
+      ASSERT_NEAR(outs[1][t * H + r], want, b) << "tensor-core path, token " << t << " column " << r;
+    }
+  }
+}
+
+std::vector<uint16_t> DistinctIds(std::mt19937_64& rng, int m, int experts, int top_k) {
+  std::vector<uint16_t> ids;
+  std::vector<uint16_t> perm(experts);
+  for (int t = 0; t < m; ++t) {
+    for (int e = 0; e < experts; ++e) perm[e] = static_cast<uint16_t>(e);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    ids.insert(ids.end(), perm.begin(), perm.begin() + top_k);
+  }
+  return ids;
+}
+
+TEST(MoeDecodeGpu, GpuRefShapeMixedFormats) {
+  GROVE_SKIP_WITHOUT_GPU();
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  for (int m : {1, 5}) {
+    MoeCase c{m, 1024, 512, 64, 6, DistinctIds(rng, m, 64, 6), {}, m == 1 ? Accumulate::kAdd : Accumulate::kOverwrite};
+    for (int e = 0; e < 64; ++e) c.formats.push_back(static_cast<QuantFormat>(e % 3));
+    CheckMoe(rng, c);
+  }
+}
+
+TEST(MoeDecodeGpu, RaggedLoadsAndEmptyExperts) {
+  GROVE_SKIP_WITHOUT_GPU();
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  // 16 experts, 4 never used, expert 0 in almost every token (more than 16
+  // rows: several token passes), the rest by a skewed draw.
+  const int m = 40, experts = 16, top_k = 4;
+  std::vector<uint16_t> ids;
+  std::discrete_distribution<int> pick({0, 9, 7, 5, 4, 3, 3, 2, 2, 1, 1, 1, 0, 0, 0, 0});
+  for (int t = 0; t < m; ++t) {
+    std::vector<uint16_t> row = {0};
+    while (static_cast<int>(row.size()) < top_k) {
+      const uint16_t e = static_cast<uint16_t>(pick(rng));
+      if (std::find(row.begin(), row.end(), e) == row.end()) row.push_back(e);
+    }
+    std::shuffle(row.begin(), row.end(), rng);
+    ids.insert(ids.end(), row.begin(), row.end());
+  }
+  std::vector<QuantFormat> formats;
+  for (int e = 0; e < experts; ++e) formats.push_back(static_cast<QuantFormat>((e * 7) % 3));
+  CheckMoe(rng, {m, 256, 128, experts, top_k, ids, formats, Accumulate::kAdd});
+  CheckMoe(rng, {m, 256, 128, experts, top_k, ids, formats, Accumulate::kOverwrite});
+}
+
+TEST(MoeDecodeGpu, AllTokensOnOneExpertAndDroppedIds) {
+  GROVE_SKIP_WITHOUT_GPU();
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  for (QuantFormat f : {QuantFormat::kBF16, QuantFormat::kInt8, QuantFormat::kInt4}) {
+    const int m = 37, experts = 8;
+    // top_k 1: every token on expert 5 (37 rows: passes of 16, 16, 5).
+    CheckMoe(rng, {m, 384, 256, experts, 1, std::vector<uint16_t>(m, 5), std::vector<QuantFormat>(experts, f),
+                   Accumulate::kOverwrite});
+    // top_k 2: slot 0 on expert 2, slot 1 out of range (dropped: adds nothing).
+    std::vector<uint16_t> ids;
+    for (int t = 0; t < m; ++t) ids.insert(ids.end(), {2, static_cast<uint16_t>(experts + t % 3)});
+    CheckMoe(rng, {m, 384, 256, experts, 2, ids, std::vector<QuantFormat>(experts, f), Accumulate::kAdd});
+  }
+}
+
+}  // namespace
+}  // namespace grove::kernels
