@@ -1,0 +1,218 @@
+// Decode throughput of the GPU rollout engine (rollout/gpu_generator.h) on a
+// model config (default the GPU reference model), random weights
+// (bench::FastInit): for each weight plan (bf16, int8, int4, and a mix:
+// routed experts alternately int4/int8 by expert id, the rest int8), each
+// batch size, CUDA graphs on and off: --batch prompts of --prompt random
+// tokens, greedy, --new_tokens tokens each (no stop token).
+//
+// Columns: decode tokens/s (generated tokens / time in decode steps, the
+// per-step sampling and host sync included), ms per decode step, prefill
+// tokens/s, and at every batch the bytes of weights one decode step must
+// read (attention, router, dense/shared SwiGLU, lm_head, and the routed
+// experts the batch touches: min(experts, batch * top_k) per MoE layer, an
+// upper bound at batch >= 2) over the step time: the achieved weight
+// bandwidth, against the H100's ~3.35 TB/s HBM3 (3.02 TB/s measured copy,
+// docs/kernels.md).
+//
+// Also printed: the seconds LoadWeights (fp32 from the host) and
+// LoadWeightsFromDevice (fp32 already on the GPU: the re-quantization a
+// worker pays per policy version) take per plan.
+//
+// Default run: 4 plans x batches 1, 8, 32, 128 x graphs on/off, 128 new
+// tokens; --quick: 32 new tokens and graphs on only.
+#include <cuda_runtime_api.h>
+#include <gflags/gflags.h>
+
+#include <chrono>
+#include <cstdio>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "bench/support/fast_init.h"
+#include "kernels/quant_linear.h"
+#include "model/config.h"
+#include "model/transformer.h"
+#include "rollout/gpu_generator.h"
+#include "rollout/precision_format.h"
+
+DEFINE_string(config, "configs/model/gpu-ref.toml", "model config (its [model] section)");
+DEFINE_string(batches, "1,8,32,128", "batch sizes (comma-separated)");
+DEFINE_string(plans, "bf16,int8,int4,mixed", "weight plans: bf16, int8, int4, mixed");
+DEFINE_int32(prompt, 64, "prompt tokens (>= 2)");
+DEFINE_int32(new_tokens, 128, "tokens generated per sequence");
+DEFINE_bool(graphs_off, true, "also time without CUDA graphs");
+DEFINE_bool(quick, false, "32 new tokens, graphs on only");
+DEFINE_uint64(seed, 1, "weights and prompts seed");
+
+namespace grove::rollout {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+#define CHECK_OK(expr)                                                        \
+  do {                                                                        \
+    auto _s = (expr);                                                         \
+    if (!_s.ok()) {                                                           \
+      std::fprintf(stderr, "%s failed: %s\n", #expr, _s.ToString().c_str()); \
+      std::exit(1);                                                           \
+    }                                                                         \
+  } while (0)
+
+std::vector<int> ParseInts(const std::string& s) {
+  std::vector<int> out;
+  std::stringstream ss(s);
+  for (std::string t; std::getline(ss, t, ',');) out.push_back(std::stoi(t));
+  return out;
+}
+std::vector<std::string> ParseNames(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  for (std::string t; std::getline(ss, t, ',');) out.push_back(t);
+  return out;
+}
+
+bool IsAttentionOrRouter(const std::string& name) {
+  return name.find("attn.") != std::string::npos || name.find("router") != std::string::npos;
+}
+
+// The chooser of a plan (the engine keeps attention and router bf16 anyway).
+FormatChooser Plan(const std::string& plan) {
+  if (plan == "bf16") return nullptr;
+  const PrecisionFormat all = plan == "int4" ? PrecisionFormat::kInt4 : PrecisionFormat::kInt8;
+  const bool mixed = plan == "mixed";
+  return [all, mixed](const actors::TensorSpec& t) -> std::optional<PrecisionFormat> {
+    if (IsAttentionOrRouter(t.name)) return std::nullopt;
+    const size_t at = t.name.find("moe.experts.");
+    if (mixed && at != std::string::npos) {
+      const int e = std::stoi(t.name.substr(at + 12));
+      return e % 2 == 0 ? PrecisionFormat::kInt4 : PrecisionFormat::kInt8;
+    }
+    return all;
+  };
+}
+
+kernels::QuantFormat ToQuant(std::optional<PrecisionFormat> f) {
+  if (!f || *f == PrecisionFormat::kBF16) return kernels::QuantFormat::kBF16;
+  return *f == PrecisionFormat::kInt8 ? kernels::QuantFormat::kInt8 : kernels::QuantFormat::kInt4;
+}
+
+// Bytes of weights (data + scales) a decode step of `batch` rows reads.
+double StepWeightBytes(const model::Model& m, const FormatChooser& choose, int batch) {
+  const model::ModelConfig& c = m.config();
+  const double touched = c.experts > 0 ? std::min<double>(double(c.experts), double(batch) * double(c.top_k)) : 0;
+  double bytes = 0;
+  for (const model::TensorInfo& t : m.layout().tensors()) {
+    if (t.shape.size() != 2 || t.name == "embed") continue;
+    actors::TensorSpec spec{t.name, t.shape, uint64_t(t.offset), uint64_t(t.numel)};
+    const kernels::QuantFormat f =
+        IsAttentionOrRouter(t.name) || !choose ? kernels::QuantFormat::kBF16 : ToQuant(choose(spec));
+    double b = double(kernels::QuantDataBytes(f, t.shape[0], t.shape[1])) +
+               4.0 * double(kernels::QuantScaleCount(f, t.shape[0], t.shape[1]));
+    if (t.name.find("moe.experts.") != std::string::npos) b *= touched / double(c.experts);
+    bytes += b;
+  }
+  return bytes;
+}
+
+int Run() {
+  auto mc = model::ModelConfig::LoadFile(FLAGS_config);
+  CHECK_OK(mc.status());
+  const model::ModelConfig& c = *mc;
+  const int new_tokens = FLAGS_quick ? 32 : FLAGS_new_tokens;
+  const bool graphs_off = FLAGS_graphs_off && !FLAGS_quick;
+  if (FLAGS_prompt < 2 || FLAGS_prompt + new_tokens > c.max_seq_len) {
+    std::fprintf(stderr, "decode_bench: need 2 <= --prompt and --prompt + new tokens <= max_seq_len\n");
+    return 2;
+  }
+  if (GpuGenerator::DeviceCount() == 0) {
+    std::printf("decode_bench: no CUDA device, nothing to measure\n");
+    return 0;
+  }
+  auto t0 = Clock::now();
+  auto host = model::Model::Create(c, FLAGS_seed, /*random_init=*/false);
+  CHECK_OK(host.status());
+  bench::FastInit(**host, FLAGS_seed);
+  std::printf("model %s: %lld parameters, init %.1f s; prompt %d, %d new tokens, greedy\n", FLAGS_config.c_str(),
+              (long long)(*host)->layout().total(), Since(t0), FLAGS_prompt, new_tokens);
+  const std::vector<int> batches = ParseInts(FLAGS_batches);
+  int max_batch = 1;
+  for (int b : batches) max_batch = std::max(max_batch, b);
+  std::mt19937_64 rng(FLAGS_seed);
+  std::uniform_int_distribution<int32_t> tok(0, int32_t(c.vocab_size) - 1);
+
+  // The fp32 weights on the device too, as a weight receive buffer holds
+  // them: LoadWeightsFromDevice's re-quantization time per plan.
+  float* dev_params = nullptr;
+  const size_t param_bytes = (*host)->params().size() * sizeof(float);
+  if (cudaMalloc(reinterpret_cast<void**>(&dev_params), param_bytes) != cudaSuccess ||
+      cudaMemcpy(dev_params, (*host)->params().data(), param_bytes, cudaMemcpyHostToDevice) != cudaSuccess) {
+    std::fprintf(stderr, "decode_bench: cannot stage the weights on the device\n");
+    return 1;
+  }
+  std::printf("\n| plan | graphs | batch | decode tok/s | ms/step | prefill tok/s | weight GB/step | weight TB/s |\n");
+  std::printf("| --- | --- | --- | --- | --- | --- | --- | --- |\n");
+  std::vector<std::string> load_lines;
+  for (bool graphs : {true, false}) {
+    if (!graphs && !graphs_off) continue;
+    GpuGeneratorOptions o;
+    o.max_batch = max_batch;
+    o.kv_memory_fraction = 0.3;
+    o.cuda_graphs = graphs;
+    auto gen = GpuGenerator::Create(c, o);
+    CHECK_OK(gen.status());
+    for (const std::string& plan : ParseNames(FLAGS_plans)) {
+      const FormatChooser choose = Plan(plan);
+      auto secs = (*gen)->LoadWeights((*host)->params(), choose);
+      CHECK_OK(secs.status());
+      auto dev_secs = (*gen)->LoadWeightsFromDevice(dev_params, choose);
+      CHECK_OK(dev_secs.status());
+      load_lines.push_back("plan " + plan + ": LoadWeights (host fp32) " + std::to_string(*secs) +
+                           " s, LoadWeightsFromDevice (re-quantize on the GPU) " + std::to_string(*dev_secs) + " s");
+      for (int b : batches) {
+        std::vector<std::vector<int32_t>> prompts(b, std::vector<int32_t>(FLAGS_prompt));
+        for (auto& p : prompts)
+          for (int32_t& t : p) t = tok(rng);
+        model::SamplingOptions so;
+        so.temperature = 0;
+        so.max_new_tokens = 4;
+        // Warm-up on 2-token prompts (a cheap prefill): captures this bucket's graph.
+        std::vector<std::vector<int32_t>> warm(b, std::vector<int32_t>(prompts[0].begin(), prompts[0].begin() + 2));
+        CHECK_OK((*gen)->Generate(warm, so).status());
+        const GpuGenerator::Stats before = (*gen)->stats();
+        so.max_new_tokens = new_tokens;
+        CHECK_OK((*gen)->Generate(prompts, so).status());
+        const GpuGenerator::Stats& after = (*gen)->stats();
+        const double dsec = after.decode_seconds - before.decode_seconds;
+        const int64_t steps = after.decode_steps - before.decode_steps;
+        // Tokens from decode steps: all but each sequence's first (sampled after its prefill).
+        const double dtok = double(after.generated_tokens - before.generated_tokens) - b;
+        const double psec = after.prefill_seconds - before.prefill_seconds;
+        const double ptok = double(after.prefill_tokens - before.prefill_tokens);
+        const double step_s = steps > 0 ? dsec / double(steps) : 0;
+        const double wbytes = StepWeightBytes(**host, choose, b);
+        std::printf("| %s | %s | %d | %.0f | %.3f | %.0f | %.3f | %.2f |\n", plan.c_str(), graphs ? "on" : "off", b,
+                    dsec > 0 ? dtok / dsec : 0, step_s * 1e3, psec > 0 ? ptok / psec : 0, wbytes / 1e9,
+                    step_s > 0 ? wbytes / step_s / 1e12 : 0);
+        std::fflush(stdout);
+      }
+    }
+    if (graphs && !(*gen)->stats().graphs_used) std::printf("(graph capture failed: the 'on' rows ran eagerly)\n");
+    const GpuGenerator::Stats& st = (*gen)->stats();
+    std::printf("KV pool: %lld pages, peak %lld\n", (long long)st.kv_pages_total, (long long)st.kv_pages_peak);
+  }
+  std::printf("\n");
+  for (const std::string& l : load_lines) std::printf("%s\n", l.c_str());
+  cudaFree(dev_params);
+  return 0;
+}
+
+}  // namespace
+}  // namespace grove::rollout
+
+int main(int argc, char** argv) {
+  gflags::ParseCommandLineFlags(&argc, &argv, true);
+  return grove::rollout::Run();
+}

@@ -1,0 +1,71 @@
+// A key/value cache in fixed-size pages for the rollout engine, and the
+// attention of query rows over it (decode and prefill alike).
+//
+// Storage, per layer: k and v pages bf16 [num_pages, page_tokens, kv_heads,
+// head_dim]. A sequence lives in a slot; page_table int32 [slots,
+// max_pages_per_seq] (device) maps its token position p to page
+// page_table[slot, p / page_tokens], row p % page_tokens of that page.
+// Pages are handed out by the caller (the engine's free list); these kernels
+// only read the table.
+//
+// A batch of "rows": row r is one token of sequence slot[r] at position
+// pos[r] (int32 device arrays). A row with slot < 0 is padding (a CUDA
+// graph's fixed batch size): skipped by the append, zeros from attention.
+//
+// PagedKvAppend: from the fused projection output qkv fp32 [rows, ld] (q at
+// column 0, k at heads*head_dim, v at (heads+kv_heads)*head_dim), applies
+// rotary embedding to q and k exactly as model/layers.h's RopeRow does (fp32
+// arithmetic with the caller's fp32 cos/sin tables [max_pos, head_dim/2],
+// i.e. layers::RopeTables, covering every position a row may carry), writes
+// q as bf16 [rows, heads*head_dim] and k, v as bf16 into the rows' cache
+// positions. A position without a page in the table is not written.
+//
+// PagedAttention: row r, query head h attends keys 0..pos[r] of its slot
+// through kv head h / (heads / kv_heads): S = scale * q.k, softmax in fp32
+// (online, exp of differences to the running max), out = P V in fp32,
+// written bf16 [rows, heads*head_dim]. The rows of one prefill may all be
+// appended first and attended in one launch: each row sees only keys <= its
+// position. Contract the kernel cannot check without a host sync: every
+// position 0..pos[r] of the row's slot was appended (this or an earlier
+// launch) and its pages are in the table.
+//
+// head_dim 64 or 128; heads / kv_heads <= kPagedMaxGroup. Graph-capturable
+// (no host sync, no allocation). Host header, no device code.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "base/status.h"
+
+namespace grove::kernels {
+
+inline constexpr int kPagedMaxGroup = 8;
+
+struct PagedKvCache {
+  __nv_bfloat16* k = nullptr;  // one layer: [num_pages, page_tokens, kv_heads, head_dim]
+  __nv_bfloat16* v = nullptr;
+  const int32_t* page_table = nullptr;  // [slots, max_pages_per_seq]
+  int num_pages = 0;
+  int page_tokens = 0;
+  int max_pages_per_seq = 0;
+  int kv_heads = 0;
+  int head_dim = 0;
+};
+
+struct PagedRows {
+  const int32_t* slot = nullptr;  // [rows]; < 0: padding row
+  const int32_t* pos = nullptr;   // [rows]; 0 <= pos < page_tokens * max_pages_per_seq
+  int rows = 0;
+};
+
+Status PagedKvAppend(const PagedKvCache& cache, const PagedRows& rows, int heads, const float* qkv, int64_t ld,
+                     const float* rope_cos, const float* rope_sin, __nv_bfloat16* q_out, cudaStream_t stream);
+
+// scale 0 means 1 / sqrt(head_dim).
+Status PagedAttention(const PagedKvCache& cache, const PagedRows& rows, int heads, const __nv_bfloat16* q,
+                      __nv_bfloat16* out, float scale, cudaStream_t stream);
+
+}  // namespace grove::kernels

@@ -1,0 +1,823 @@
+#include "rollout/gpu_generator.h"
+
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+#include <glog/logging.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <deque>
+#include <map>
+#include <string>
+
+#include "kernels/moe_decode.h"
+#include "kernels/paged_kv.h"
+#include "kernels/quant_linear.h"
+#include "kernels/router.h"
+#include "kernels/sampling.h"
+#include "model/layers.h"
+#include "model/param_layout.h"
+#include "model/sampling.h"
+#include "rollout/gpu_generator_kernels.h"
+#include "rollout/kv_page_table.h"
+
+namespace grove::rollout {
+namespace {
+
+using bf16 = __nv_bfloat16;
+using kernels::Accumulate;
+using kernels::QuantFormat;
+using kernels::QuantWeight;
+using Clock = std::chrono::steady_clock;
+
+double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+Status Cuda(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return Status::OK();
+  return Status::Internal(std::string("GpuGenerator: ") + what + ": " + cudaGetErrorString(err));
+}
+#define GEN_CUDA(expr) GROVE_RETURN_IF_ERROR(Cuda((expr), #expr))
+
+QuantFormat ToQuant(PrecisionFormat f) {
+  switch (f) {
+    case PrecisionFormat::kInt8: return QuantFormat::kInt8;
+    case PrecisionFormat::kInt4: return QuantFormat::kInt4;
+    case PrecisionFormat::kBF16: break;
+  }
+  return QuantFormat::kBF16;
+}
+
+// One 2-D weight on the device: fixed buffers sized for its largest format
+// (bf16 data, int4's scale count), so reloading in another format never
+// moves it.
+struct WeightSlot {
+  std::string name;        // the ParamLayout tensor (fused: "layers.L.attn.wq+wk+wv")
+  int64_t offset = 0, n = 0, k = 0;
+  bool choosable = false;  // the FormatChooser decides its format
+  // The layout tensors stacked row-wise in this slot (adjacent in the
+  // layout): the chooser is asked for each and must give them one format.
+  std::vector<const model::TensorInfo*> parts;
+  void* data = nullptr;
+  float* scales = nullptr;
+  QuantWeight qw;
+};
+
+struct LayerWeights {
+  int qkv = -1, wo = -1;
+  int w13 = -1, w2 = -1;                         // dense SwiGLU (w1 and w3 stacked)
+  int router = -1, s_w13 = -1, s_w2 = -1;        // shared experts (w1 and w3 stacked)
+  std::vector<int> e_w1, e_w3, e_w2;            // routed experts
+  QuantWeight *d_w1 = nullptr, *d_w3 = nullptr, *d_w2 = nullptr;  // device arrays [experts]
+  std::vector<QuantWeight> h_w1, h_w3, h_w2;                    // their host copies
+  float *attn_norm = nullptr, *ffn_norm = nullptr, *router_bias = nullptr;
+};
+
+struct Seq {
+  int idx = 0;       // prompt index
+  int slot = 0;      // in the KvPageTable
+  int64_t len = 0;   // tokens in the sequence (prompt + generated)
+  int32_t pending = 0;  // last token, fed at position len - 1 by the next decode
+};
+
+}  // namespace
+
+struct GpuGenerator::Impl {
+  model::ModelConfig c;
+  model::ParamLayout layout;
+  GpuGeneratorOptions opt;
+  cudaStream_t stream = nullptr;
+  int64_t H = 0, qd = 0, kd = 0, V = 0, E = 0, K = 0, M = 0, F_max = 0;
+  int max_rows = 0;  // rows of one forward (prefill chunk bound)
+  std::vector<void*> device_allocs;
+  std::vector<void*> host_allocs;
+
+  // Weights.
+  float* embed = nullptr;
+  float* final_norm = nullptr;
+  float *rope_cos = nullptr, *rope_sin = nullptr;
+  std::vector<WeightSlot> slots;
+  std::vector<LayerWeights> lw;
+  int lm_head = -1;
+  float* staging = nullptr;
+  int64_t staging_floats = 0;
+  bool loaded = false;
+
+  // Activations (max_rows rows) and per-step inputs/outputs.
+  float* x = nullptr;
+  bf16* h = nullptr;
+  float* qkv = nullptr;
+  bf16* q = nullptr;
+  bf16* attn = nullptr;
+  float* fa = nullptr;  // [rows, 2F]: x W1^T | x W3^T
+  bf16* fh = nullptr;
+  float *rlogits = nullptr, *rscores = nullptr, *gates = nullptr;
+  uint16_t *ids = nullptr, *routes = nullptr;
+  bf16* h_last = nullptr;
+  float* logits = nullptr;  // [max_batch, V]
+  int32_t *d_tokens = nullptr, *d_slot = nullptr, *d_pos = nullptr, *d_last = nullptr, *d_step = nullptr;
+  int64_t* d_seq = nullptr;
+  int32_t* d_out_tok = nullptr;
+  float* d_out_lp = nullptr;
+  void* ql_ws = nullptr;
+  size_t ql_ws_bytes = 0;
+  void* moe_ws = nullptr;
+  size_t moe_ws_bytes = 0;
+  // Pinned host mirrors.
+  int32_t *h_tokens = nullptr, *h_slot = nullptr, *h_pos = nullptr, *h_lastrow = nullptr, *h_step = nullptr;
+  int64_t* h_seq = nullptr;
+  int32_t* h_out_tok = nullptr;
+  float* h_out_lp = nullptr;
+  uint16_t* h_routes = nullptr;
+
+  // KV cache.
+  bf16* kv_pool = nullptr;
+  int num_pages = 0, max_pages_per_seq = 0;
+  int32_t* d_page_table = nullptr;  // mirrors a Generate call's KvPageTable::table()
+
+  // Decode graphs per bucket, valid for the weight formats in graph_formats.
+  std::map<int, cudaGraphExec_t> graphs;
+  std::vector<QuantFormat> graph_formats;
+  bool graphs_failed = false;
+
+  Stats stats;
+
+  ~Impl() {
+    if (stream) cudaStreamSynchronize(stream);
+    for (auto& [b, g] : graphs) cudaGraphExecDestroy(g);
+    for (void* p : device_allocs) cudaFree(p);
+    for (void* p : host_allocs) cudaFreeHost(p);
+    if (stream) cudaStreamDestroy(stream);
+  }
+
+  template <typename T>
+  Status Alloc(T** p, int64_t count) {
+    void* v = nullptr;
+    const size_t bytes = std::max<size_t>(16, size_t(count) * sizeof(T));
+    const cudaError_t err = cudaMalloc(&v, bytes);
+    if (err != cudaSuccess)
+      return Status::ResourceExhausted("GpuGenerator: cudaMalloc of " + std::to_string(bytes) +
+                                       " bytes: " + cudaGetErrorString(err));
+    device_allocs.push_back(v);
+    *p = static_cast<T*>(v);
+    return Status::OK();
+  }
+  template <typename T>
+  Status AllocHost(T** p, int64_t count) {
+    void* v = nullptr;
+    GEN_CUDA(cudaMallocHost(&v, std::max<size_t>(16, size_t(count) * sizeof(T))));
+    host_allocs.push_back(v);
+    *p = static_cast<T*>(v);
+    return Status::OK();
+  }
+
+  int AddSlot(const std::string& name, int64_t offset, int64_t n, int64_t k, bool choosable) {
+    WeightSlot s;
+    s.name = name;
+    s.offset = offset;
+    s.n = n;
+    s.k = k;
+    s.choosable = choosable;
+    slots.push_back(s);
+    return int(slots.size()) - 1;
+  }
+  int AddTensor(const std::string& name, bool choosable) {
+    const model::TensorInfo* t = layout.Find(name);
+    const int i = AddSlot(name, t->offset, t->shape[0], t->shape[1], choosable);
+    slots[i].parts = {t};
+    return i;
+  }
+  // Tensors adjacent in the layout, same columns, stacked into one slot
+  // (one QuantLinear for all: row-wise formats quantize the stack exactly as
+  // each part alone).
+  Result<int> AddStack(const std::vector<std::string>& names, const std::string& name, bool choosable) {
+    std::vector<const model::TensorInfo*> parts;
+    int64_t n = 0;
+    for (const std::string& nm : names) {
+      const model::TensorInfo* t = layout.Find(nm);
+      if (!parts.empty() && (t->offset != parts[0]->offset + n * parts[0]->shape[1] || t->shape[1] != parts[0]->shape[1]))
+        return Status::Internal("GpuGenerator: " + nm + " does not follow " + names[0] + " in the layout");
+      parts.push_back(t);
+      n += t->shape[0];
+    }
+    const int i = AddSlot(name, parts[0]->offset, n, parts[0]->shape[1], choosable);
+    slots[i].parts = parts;
+    return i;
+  }
+
+  Status Build();
+  Result<double> Load(const float* params, bool on_device, const FormatChooser& choose);
+  Status Linear(const bf16* x_in, int64_t ldx, int rows, int slot, float* y, int64_t ldy, Accumulate mode) {
+    return kernels::QuantLinear(x_in, ldx, rows, slots[slot].qw, y, ldy, mode, ql_ws, ql_ws_bytes, stream);
+  }
+  // x += SwiGLU(h) with width F; w13 = [W1; W3] stacked.
+  Status Ffn(int rows, int w13, int w2, int64_t F) {
+    GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w13, fa, 2 * F, Accumulate::kOverwrite));
+    GROVE_RETURN_IF_ERROR(gpu::SwiGluRows(fa, rows, int(F), fh, stream));
+    return Linear(fh, F, rows, w2, x, H, Accumulate::kAdd);
+  }
+  Status Forward(int rows, int n_logits, bool gather_last);
+  Status RunDecode(int bucket);
+  Status Sample(int n, const model::SamplingOptions& o);
+  std::vector<QuantFormat> Formats() const {
+    std::vector<QuantFormat> f;
+    for (const WeightSlot& s : slots) f.push_back(s.qw.format);
+    return f;
+  }
+  void DropGraphs() {
+    for (auto& [b, g] : graphs) cudaGraphExecDestroy(g);
+    graphs.clear();
+  }
+};
+
+Status GpuGenerator::Impl::Build() {
+  const int64_t L = c.layers, hd = c.head_dim;
+  H = c.hidden;
+  qd = c.heads * hd;
+  kd = c.kv_heads * hd;
+  V = c.vocab_size;
+  E = c.experts;
+  K = c.top_k;
+  M = c.moe_layers();
+  const int64_t Fs = c.shared_experts * c.expert_hidden;
+  F_max = std::max<int64_t>({8, c.dense_layers > 0 ? c.dense_hidden : 0, Fs});
+  max_rows = int(std::max<int64_t>({c.max_seq_len, 2048, opt.max_batch}));
+
+  // Weight slots, in layout order.
+  for (int64_t l = 0; l < L; ++l) {
+    const std::string p = "layers." + std::to_string(l) + ".";
+    LayerWeights w;
+    GROVE_ASSIGN_OR_RETURN(w.qkv, AddStack({p + "attn.wq", p + "attn.wk", p + "attn.wv"}, p + "attn.wq+wk+wv", false));
+    w.wo = AddTensor(p + "attn.wo", false);
+    if (!c.is_moe_layer(l)) {
+      GROVE_ASSIGN_OR_RETURN(w.w13, AddStack({p + "mlp.w1", p + "mlp.w3"}, p + "mlp.w1+w3", true));
+      w.w2 = AddTensor(p + "mlp.w2", true);
+    } else {
+      w.router = AddTensor(p + "moe.router", false);
+      for (int64_t e = 0; e < E; ++e) {
+        const std::string x = p + "moe.experts." + std::to_string(e) + ".";
+        w.e_w1.push_back(AddTensor(x + "w1", true));
+        w.e_w3.push_back(AddTensor(x + "w3", true));
+        w.e_w2.push_back(AddTensor(x + "w2", true));
+      }
+      if (c.shared_experts > 0) {
+        GROVE_ASSIGN_OR_RETURN(w.s_w13,
+                               AddStack({p + "moe.shared.w1", p + "moe.shared.w3"}, p + "moe.shared.w1+w3", true));
+        w.s_w2 = AddTensor(p + "moe.shared.w2", true);
+      }
+    }
+    lw.push_back(std::move(w));
+  }
+  lm_head = AddTensor("lm_head", true);
+
+  // Shape rules of QuantLinear (k multiple of 128, n multiple of 8).
+  for (const WeightSlot& s : slots)
+    if (s.k % 128 != 0 || s.n % 8 != 0)
+      return Status::InvalidArgument("GpuGenerator: weight " + s.name + " is [" + std::to_string(s.n) + ", " +
+                                     std::to_string(s.k) +
+                                     "]; the quantized linear needs rows a multiple of 8 and columns of 128");
+
+  // One arena for every slot at its largest size.
+  auto align = [](size_t b) { return (b + 255) / 256 * 256; };
+  size_t arena = 0;
+  int64_t biggest = 0;
+  for (const WeightSlot& s : slots) {
+    arena += align(kernels::QuantDataBytes(QuantFormat::kBF16, s.n, s.k));
+    arena += align(sizeof(float) * std::max(kernels::QuantScaleCount(QuantFormat::kInt8, s.n, s.k),
+                                            kernels::QuantScaleCount(QuantFormat::kInt4, s.n, s.k)));
+    biggest = std::max(biggest, s.n * s.k);
+  }
+  char* base = nullptr;
+  GROVE_RETURN_IF_ERROR(Alloc(&base, int64_t(arena)));
+  for (WeightSlot& s : slots) {
+    s.data = base;
+    base += align(kernels::QuantDataBytes(QuantFormat::kBF16, s.n, s.k));
+    s.scales = reinterpret_cast<float*>(base);
+    base += align(sizeof(float) * std::max(kernels::QuantScaleCount(QuantFormat::kInt8, s.n, s.k),
+                                           kernels::QuantScaleCount(QuantFormat::kInt4, s.n, s.k)));
+  }
+  staging_floats = std::max<int64_t>(biggest, std::min<int64_t>(layout.total(), int64_t(1) << 25));
+  GROVE_RETURN_IF_ERROR(Alloc(&staging, staging_floats));
+
+  // fp32 tensors.
+  GROVE_RETURN_IF_ERROR(Alloc(&embed, V * H));
+  GROVE_RETURN_IF_ERROR(Alloc(&final_norm, H));
+  for (int64_t l = 0; l < L; ++l) {
+    LayerWeights& w = lw[l];
+    GROVE_RETURN_IF_ERROR(Alloc(&w.attn_norm, H));
+    GROVE_RETURN_IF_ERROR(Alloc(&w.ffn_norm, H));
+    if (c.is_moe_layer(l)) {
+      GROVE_RETURN_IF_ERROR(Alloc(&w.router_bias, E));
+      GROVE_RETURN_IF_ERROR(Alloc(&w.d_w1, E));
+      GROVE_RETURN_IF_ERROR(Alloc(&w.d_w3, E));
+      GROVE_RETURN_IF_ERROR(Alloc(&w.d_w2, E));
+    }
+  }
+  std::vector<float> cos_t, sin_t;
+  model::layers::RopeTables<float>(c.max_seq_len, hd, c.rope_base, &cos_t, &sin_t);
+  GROVE_RETURN_IF_ERROR(Alloc(&rope_cos, int64_t(cos_t.size())));
+  GROVE_RETURN_IF_ERROR(Alloc(&rope_sin, int64_t(sin_t.size())));
+  GEN_CUDA(cudaMemcpy(rope_cos, cos_t.data(), cos_t.size() * sizeof(float), cudaMemcpyHostToDevice));
+  GEN_CUDA(cudaMemcpy(rope_sin, sin_t.data(), sin_t.size() * sizeof(float), cudaMemcpyHostToDevice));
+
+  // Activations.
+  const int64_t R = max_rows, Bm = opt.max_batch;
+  GROVE_RETURN_IF_ERROR(Alloc(&x, R * H));
+  GROVE_RETURN_IF_ERROR(Alloc(&h, R * H));
+  GROVE_RETURN_IF_ERROR(Alloc(&qkv, R * (qd + 2 * kd)));
+  GROVE_RETURN_IF_ERROR(Alloc(&q, R * qd));
+  GROVE_RETURN_IF_ERROR(Alloc(&attn, R * qd));
+  GROVE_RETURN_IF_ERROR(Alloc(&fa, R * 2 * F_max));
+  GROVE_RETURN_IF_ERROR(Alloc(&fh, R * F_max));
+  GROVE_RETURN_IF_ERROR(Alloc(&rlogits, R * std::max<int64_t>(E, 1)));
+  GROVE_RETURN_IF_ERROR(Alloc(&rscores, R * std::max<int64_t>(E, 1)));
+  GROVE_RETURN_IF_ERROR(Alloc(&gates, R * std::max<int64_t>(K, 1)));
+  GROVE_RETURN_IF_ERROR(Alloc(&ids, R * std::max<int64_t>(K, 1)));
+  GROVE_RETURN_IF_ERROR(Alloc(&routes, R * std::max<int64_t>(M * K, 1)));
+  GROVE_RETURN_IF_ERROR(Alloc(&h_last, Bm * H));
+  GROVE_RETURN_IF_ERROR(Alloc(&logits, Bm * V));
+  GROVE_RETURN_IF_ERROR(Alloc(&d_tokens, R));
+  GROVE_RETURN_IF_ERROR(Alloc(&d_slot, R));
+  GROVE_RETURN_IF_ERROR(Alloc(&d_pos, R));
+  GROVE_RETURN_IF_ERROR(Alloc(&d_last, Bm));
+  GROVE_RETURN_IF_ERROR(Alloc(&d_step, Bm));
+  GROVE_RETURN_IF_ERROR(Alloc(&d_seq, Bm));
+  GROVE_RETURN_IF_ERROR(Alloc(&d_out_tok, Bm));
+  GROVE_RETURN_IF_ERROR(Alloc(&d_out_lp, Bm));
+  GROVE_RETURN_IF_ERROR(AllocHost(&h_tokens, R));
+  GROVE_RETURN_IF_ERROR(AllocHost(&h_slot, R));
+  GROVE_RETURN_IF_ERROR(AllocHost(&h_pos, R));
+  GROVE_RETURN_IF_ERROR(AllocHost(&h_lastrow, Bm));
+  GROVE_RETURN_IF_ERROR(AllocHost(&h_step, Bm));
+  GROVE_RETURN_IF_ERROR(AllocHost(&h_seq, Bm));
+  GROVE_RETURN_IF_ERROR(AllocHost(&h_out_tok, Bm));
+  GROVE_RETURN_IF_ERROR(AllocHost(&h_out_lp, Bm));
+  GROVE_RETURN_IF_ERROR(AllocHost(&h_routes, R * std::max<int64_t>(M * K, 1)));
+
+  // Workspaces: the largest any weight needs in any format at max_rows.
+  for (const WeightSlot& s : slots)
+    for (QuantFormat f : {QuantFormat::kBF16, QuantFormat::kInt8, QuantFormat::kInt4})
+      ql_ws_bytes = std::max(ql_ws_bytes, kernels::QuantLinearWorkspaceBytes(f, s.n, s.k, R));
+  if (ql_ws_bytes > 0) GROVE_RETURN_IF_ERROR(Alloc(reinterpret_cast<char**>(&ql_ws), int64_t(ql_ws_bytes)));
+  if (M > 0) {
+    moe_ws_bytes = kernels::MoeDecodeWorkspaceBytes(int(R), int(H), int(c.expert_hidden), int(E), int(K));
+    if (moe_ws_bytes > 0) GROVE_RETURN_IF_ERROR(Alloc(reinterpret_cast<char**>(&moe_ws), int64_t(moe_ws_bytes)));
+  }
+
+  // KV pages from what is left.
+  max_pages_per_seq = int((c.max_seq_len + opt.page_tokens - 1) / opt.page_tokens);
+  GROVE_RETURN_IF_ERROR(Alloc(&d_page_table, Bm * max_pages_per_seq));
+  size_t free_bytes = 0, total_bytes = 0;
+  GEN_CUDA(cudaMemGetInfo(&free_bytes, &total_bytes));
+  const size_t page_elems = size_t(opt.page_tokens) * kd;  // one layer's k (or v) of one page
+  const size_t page_bytes = 2 * size_t(L) * page_elems * sizeof(bf16);
+  const size_t want = size_t(double(free_bytes) * opt.kv_memory_fraction) / page_bytes;
+  num_pages = int(std::min<size_t>(want, size_t(Bm) * max_pages_per_seq));
+  if (num_pages < 1)
+    return Status::ResourceExhausted("GpuGenerator: no GPU memory left for a single KV page (" +
+                                     std::to_string(free_bytes) + " bytes free)");
+  GROVE_RETURN_IF_ERROR(Alloc(&kv_pool, int64_t(num_pages) * int64_t(page_elems) * 2 * L));
+  stats.kv_pages_total = num_pages;
+  LOG(INFO) << "GpuGenerator: " << slots.size() << " weights, " << (arena >> 20) << " MiB weight arena, "
+            << num_pages << " KV pages of " << opt.page_tokens << " tokens (" << ((size_t(num_pages) * page_bytes) >> 20)
+            << " MiB)";
+  return Status::OK();
+}
+
+Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
+  const size_t page_layer = size_t(num_pages) * opt.page_tokens * kd;
+  kernels::PagedRows pr{d_slot, d_pos, rows};
+  GROVE_RETURN_IF_ERROR(gpu::EmbedRows(d_tokens, embed, x, rows, int(V), int(H), stream));
+  for (int64_t l = 0; l < c.layers; ++l) {
+    LayerWeights& w = lw[l];
+    kernels::PagedKvCache kv;
+    kv.k = kv_pool + (2 * l) * page_layer;
+    kv.v = kv_pool + (2 * l + 1) * page_layer;
+    kv.page_table = d_page_table;
+    kv.num_pages = num_pages;
+    kv.page_tokens = opt.page_tokens;
+    kv.max_pages_per_seq = max_pages_per_seq;
+    kv.kv_heads = int(c.kv_heads);
+    kv.head_dim = int(c.head_dim);
+    GROVE_RETURN_IF_ERROR(gpu::RmsNormRows(x, w.attn_norm, h, rows, int(H), float(c.norm_eps), stream));
+    GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w.qkv, qkv, qd + 2 * kd, Accumulate::kOverwrite));
+    GROVE_RETURN_IF_ERROR(
+        kernels::PagedKvAppend(kv, pr, int(c.heads), qkv, qd + 2 * kd, rope_cos, rope_sin, q, stream));
+    GROVE_RETURN_IF_ERROR(kernels::PagedAttention(kv, pr, int(c.heads), q, attn, 0.f, stream));
+    GROVE_RETURN_IF_ERROR(Linear(attn, qd, rows, w.wo, x, H, Accumulate::kAdd));
+    GROVE_RETURN_IF_ERROR(gpu::RmsNormRows(x, w.ffn_norm, h, rows, int(H), float(c.norm_eps), stream));
+    if (!c.is_moe_layer(l)) {
+      GROVE_RETURN_IF_ERROR(Ffn(rows, w.w13, w.w2, c.dense_hidden));
+      continue;
+    }
+    const int64_t mi = c.moe_index(l);
+    GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w.router, rlogits, E, Accumulate::kOverwrite));
+    kernels::RouterArgs ra;
+    ra.logits = rlogits;
+    ra.bias = w.router_bias;
+    ra.scores = rscores;
+    ra.ids = ids;
+    ra.gates = gates;
+    ra.tokens = rows;
+    ra.experts = int(E);
+    ra.top_k = int(K);
+    ra.sigmoid = c.score_func == model::ScoreFunc::kSigmoid;
+    ra.norm_topk = c.norm_topk;
+    ra.route_scale = float(c.route_scale);
+    GROVE_RETURN_IF_ERROR(kernels::RouterTopK(ra, stream));
+    GEN_CUDA(cudaMemcpy2DAsync(routes + mi * K, M * K * sizeof(uint16_t), ids, K * sizeof(uint16_t),
+                               K * sizeof(uint16_t), rows, cudaMemcpyDeviceToDevice, stream));
+    if (c.shared_experts > 0)
+      GROVE_RETURN_IF_ERROR(Ffn(rows, w.s_w13, w.s_w2, c.shared_experts * c.expert_hidden));
+    kernels::MoeDecodeArgs ma;
+    ma.x = h;
+    ma.ids = ids;
+    ma.gates = gates;
+    ma.w1 = w.d_w1;
+    ma.w3 = w.d_w3;
+    ma.w2 = w.d_w2;
+    ma.out = x;
+    ma.mode = Accumulate::kAdd;
+    ma.m = rows;
+    ma.hidden = int(H);
+    ma.expert_hidden = int(c.expert_hidden);
+    ma.experts = int(E);
+    ma.top_k = int(K);
+    ma.workspace = moe_ws;
+    ma.workspace_bytes = moe_ws_bytes;
+    GROVE_RETURN_IF_ERROR(kernels::MoeDecodeForward(ma, stream));
+  }
+  GROVE_RETURN_IF_ERROR(gpu::RmsNormRows(x, final_norm, h, rows, int(H), float(c.norm_eps), stream));
+  const bf16* src = h;
+  if (gather_last) {
+    GROVE_RETURN_IF_ERROR(gpu::GatherRows(h, d_last, h_last, n_logits, int(H), stream));
+    src = h_last;
+  }
+  return Linear(src, H, n_logits, lm_head, logits, V, Accumulate::kOverwrite);
+}
+
+Status GpuGenerator::Impl::RunDecode(int bucket) {
+  if (opt.cuda_graphs && !graphs_failed) {
+    auto it = graphs.find(bucket);
+    if (it == graphs.end()) {
+      GEN_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
+      const Status fwd = Forward(bucket, bucket, false);
+      cudaGraph_t graph = nullptr;
+      const cudaError_t end = cudaStreamEndCapture(stream, &graph);
+      cudaGraphExec_t exec = nullptr;
+      cudaError_t inst = cudaErrorUnknown;
+      if (fwd.ok() && end == cudaSuccess && graph) inst = cudaGraphInstantiate(&exec, graph, 0);
+      if (graph) cudaGraphDestroy(graph);
+      if (!fwd.ok() || end != cudaSuccess || inst != cudaSuccess) {
+        cudaGetLastError();  // clear the capture's error; eager from now on
+        graphs_failed = true;
+        LOG(WARNING) << "GpuGenerator: CUDA graph capture of the decode step failed ("
+                     << (fwd.ok() ? cudaGetErrorString(end != cudaSuccess ? end : inst) : fwd.ToString())
+                     << "); running it eagerly";
+      } else {
+        it = graphs.emplace(bucket, exec).first;
+        graph_formats = Formats();
+      }
+    }
+    if (it != graphs.end()) {
+      GEN_CUDA(cudaGraphLaunch(it->second, stream));
+      stats.graphs_used = true;
+      return Status::OK();
+    }
+  }
+  return Forward(bucket, bucket, false);
+}
+
+Status GpuGenerator::Impl::Sample(int n, const model::SamplingOptions& o) {
+  kernels::SamplingParams sp;
+  sp.temperature = float(o.temperature);
+  sp.top_p = float(o.top_p);
+  sp.top_k = int(std::min<int64_t>(o.top_k, V));
+  sp.seed = o.seed;
+  GROVE_RETURN_IF_ERROR(kernels::SampleTokens(logits, n, int(V), V, sp, d_seq, d_step, d_out_tok, d_out_lp, stream));
+  GEN_CUDA(cudaMemcpyAsync(h_out_tok, d_out_tok, n * sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
+  GEN_CUDA(cudaMemcpyAsync(h_out_lp, d_out_lp, n * sizeof(float), cudaMemcpyDeviceToHost, stream));
+  return Status::OK();
+}
+
+int GpuGenerator::DeviceCount() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+GpuGenerator::GpuGenerator(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+GpuGenerator::~GpuGenerator() = default;
+
+Result<std::unique_ptr<GpuGenerator>> GpuGenerator::Create(const model::ModelConfig& config,
+                                                           const GpuGeneratorOptions& options) {
+  GROVE_RETURN_IF_ERROR(config.Validate());
+  if (config.head_dim != 64 && config.head_dim != 128)
+    return Status::InvalidArgument("GpuGenerator: head_dim must be 64 or 128 (paged attention)");
+  if (config.heads % config.kv_heads != 0 || config.heads / config.kv_heads > kernels::kPagedMaxGroup)
+    return Status::InvalidArgument("GpuGenerator: at most " + std::to_string(kernels::kPagedMaxGroup) +
+                                   " query heads per kv head");
+  if (config.experts > kernels::kRouterMaxExperts || config.top_k > kernels::kRouterMaxTopK)
+    return Status::InvalidArgument("GpuGenerator: experts <= 256 and top_k <= 16 (router kernel)");
+  if (config.hidden % 8 != 0) return Status::InvalidArgument("GpuGenerator: hidden must be a multiple of 8");
+  if (options.max_batch < 1 || options.page_tokens < 1 || !(options.kv_memory_fraction > 0.0) ||
+      options.kv_memory_fraction > 1.0)
+    return Status::InvalidArgument("GpuGenerator: max_batch and page_tokens >= 1, kv_memory_fraction in (0, 1]");
+  int count = DeviceCount();
+  if (options.device < 0 || options.device >= count)
+    return Status::FailedPrecondition("GpuGenerator: no CUDA device " + std::to_string(options.device) + " (" +
+                                      std::to_string(count) + " present)");
+  GEN_CUDA(cudaSetDevice(options.device));
+  auto impl = std::make_unique<Impl>();
+  impl->c = config;
+  impl->layout = model::ParamLayout(config);
+  impl->opt = options;
+  GEN_CUDA(cudaStreamCreateWithFlags(&impl->stream, cudaStreamNonBlocking));
+  GROVE_RETURN_IF_ERROR(impl->Build());
+  return std::unique_ptr<GpuGenerator>(new GpuGenerator(std::move(impl)));
+}
+
+Result<double> GpuGenerator::LoadWeights(std::span<const float> params, const FormatChooser& choose) {
+  if (int64_t(params.size()) != impl_->layout.total())
+    return Status::InvalidArgument("LoadWeights: " + std::to_string(params.size()) + " floats, the layout has " +
+                                   std::to_string(impl_->layout.total()));
+  return impl_->Load(params.data(), /*on_device=*/false, choose);
+}
+
+Result<double> GpuGenerator::LoadWeightsFromDevice(const float* params, const FormatChooser& choose) {
+  if (!params) return Status::InvalidArgument("LoadWeightsFromDevice: null params");
+  return impl_->Load(params, /*on_device=*/true, choose);
+}
+
+Result<double> GpuGenerator::Impl::Load(const float* params, bool on_device, const FormatChooser& choose) {
+  Impl& g = *this;
+  const auto t0 = Clock::now();
+  const cudaMemcpyKind kind = on_device ? cudaMemcpyDeviceToDevice : cudaMemcpyHostToDevice;
+  GEN_CUDA(cudaSetDevice(g.opt.device));
+  // Formats first, so a bad choice changes nothing.
+  std::vector<QuantFormat> formats(g.slots.size(), QuantFormat::kBF16);
+  for (size_t i = 0; i < g.slots.size(); ++i) {
+    const WeightSlot& s = g.slots[i];
+    if (!s.choosable || !choose) continue;
+    for (size_t j = 0; j < s.parts.size(); ++j) {
+      const model::TensorInfo& t = *s.parts[j];
+      const actors::TensorSpec spec{t.name, t.shape, uint64_t(t.offset), uint64_t(t.numel)};
+      const std::optional<PrecisionFormat> f = choose(spec);
+      const QuantFormat q = f ? ToQuant(*f) : QuantFormat::kBF16;
+      if (j > 0 && q != formats[i])
+        return Status::InvalidArgument("LoadWeights: " + t.name + " must have the format of " + s.parts[0]->name +
+                                       " (the engine runs them as one stacked weight)");
+      formats[i] = q;
+    }
+  }
+  auto put = [&](float* dst, const std::string& name) -> Status {
+    const model::TensorInfo* t = g.layout.Find(name);
+    return Cuda(cudaMemcpyAsync(dst, params + t->offset, t->numel * sizeof(float), kind,
+                                g.stream),
+                "upload");
+  };
+  GROVE_RETURN_IF_ERROR(put(g.embed, "embed"));
+  GROVE_RETURN_IF_ERROR(put(g.final_norm, "norm"));
+  for (int64_t l = 0; l < g.c.layers; ++l) {
+    const std::string p = "layers." + std::to_string(l) + ".";
+    GROVE_RETURN_IF_ERROR(put(g.lw[l].attn_norm, p + "attn_norm"));
+    GROVE_RETURN_IF_ERROR(put(g.lw[l].ffn_norm, p + "ffn_norm"));
+    if (g.c.is_moe_layer(l)) GROVE_RETURN_IF_ERROR(put(g.lw[l].router_bias, p + "moe.router_bias"));
+  }
+  // Quantized weights: contiguous runs of the layout through the staging
+  // buffer (stream order keeps a run's quantization before the next upload).
+  std::vector<size_t> order(g.slots.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return g.slots[a].offset < g.slots[b].offset; });
+  for (size_t i = 0; i < order.size();) {
+    const int64_t start = g.slots[order[i]].offset;
+    int64_t end = start;
+    size_t j = i;
+    while (j < order.size()) {
+      const WeightSlot& s = g.slots[order[j]];
+      const int64_t e = s.offset + s.n * s.k;
+      if (e - start > g.staging_floats) break;
+      end = std::max(end, e);
+      ++j;
+    }
+    if (j == i) return Status::Internal("LoadWeights: " + g.slots[order[i]].name + " exceeds the staging buffer");
+    // On the device the weights are quantized where they are.
+    const float* src = params + start;
+    if (!on_device) {
+      GEN_CUDA(cudaMemcpyAsync(g.staging, params + start, (end - start) * sizeof(float), cudaMemcpyHostToDevice,
+                               g.stream));
+      src = g.staging;
+    }
+    for (size_t t = i; t < j; ++t) {
+      WeightSlot& s = g.slots[order[t]];
+      const QuantFormat f = formats[order[t]];
+      GROVE_RETURN_IF_ERROR(
+          kernels::QuantizeWeight(src + (s.offset - start), s.n, s.k, f, s.data, s.scales, g.stream));
+      s.qw.format = f;
+      s.qw.n = int32_t(s.n);
+      s.qw.k = int32_t(s.k);
+      s.qw.data = s.data;
+      s.qw.scales = f == QuantFormat::kBF16 ? nullptr : s.scales;
+    }
+    i = j;
+  }
+  for (int64_t l = 0; l < g.c.layers; ++l) {
+    LayerWeights& w = g.lw[l];
+    if (!g.c.is_moe_layer(l)) continue;
+    w.h_w1.clear();
+    w.h_w3.clear();
+    w.h_w2.clear();
+    for (int64_t e = 0; e < g.E; ++e) {
+      if (g.slots[w.e_w1[e]].qw.format != g.slots[w.e_w3[e]].qw.format)
+        return Status::InvalidArgument("LoadWeights: " + g.slots[w.e_w1[e]].name + " and w3 must share a format");
+      w.h_w1.push_back(g.slots[w.e_w1[e]].qw);
+      w.h_w3.push_back(g.slots[w.e_w3[e]].qw);
+      w.h_w2.push_back(g.slots[w.e_w2[e]].qw);
+    }
+    GEN_CUDA(cudaMemcpyAsync(w.d_w1, w.h_w1.data(), g.E * sizeof(QuantWeight), cudaMemcpyHostToDevice, g.stream));
+    GEN_CUDA(cudaMemcpyAsync(w.d_w3, w.h_w3.data(), g.E * sizeof(QuantWeight), cudaMemcpyHostToDevice, g.stream));
+    GEN_CUDA(cudaMemcpyAsync(w.d_w2, w.h_w2.data(), g.E * sizeof(QuantWeight), cudaMemcpyHostToDevice, g.stream));
+  }
+  GEN_CUDA(cudaStreamSynchronize(g.stream));
+  // A captured decode graph holds the non-expert weights' QuantWeight by
+  // value; buffers never move, so only a format change invalidates it.
+  if (!g.graphs.empty() && g.Formats() != g.graph_formats) g.DropGraphs();
+  g.loaded = true;
+  return Since(t0);
+}
+
+Result<std::vector<model::Completion<float>>> GpuGenerator::Generate(const std::vector<std::vector<int32_t>>& prompts,
+                                                                     const model::SamplingOptions& opt) {
+  Impl& g = *impl_;
+  const model::ModelConfig& c = g.c;
+  const int64_t V = c.vocab_size, MK = g.M * g.K;
+  GROVE_RETURN_IF_ERROR(model::ValidateSampling(opt));
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const std::string where = "prompt " + std::to_string(i) + ": ";
+    if (prompts[i].empty()) return Status::InvalidArgument(where + "empty");
+    if (int64_t(prompts[i].size()) >= c.max_seq_len)
+      return Status::InvalidArgument(where + std::to_string(prompts[i].size()) +
+                                     " tokens leave no room under max_seq_len " + std::to_string(c.max_seq_len));
+    for (int32_t t : prompts[i])
+      if (t < 0 || t >= V) return Status::InvalidArgument(where + "token " + std::to_string(t) + " outside vocabulary");
+  }
+  for (int32_t t : opt.stop_tokens)
+    if (t < 0 || t >= V) return Status::InvalidArgument("stop token " + std::to_string(t) + " outside vocabulary");
+  if (!g.loaded) return Status::FailedPrecondition("GpuGenerator: Generate before LoadWeights");
+  GEN_CUDA(cudaSetDevice(g.opt.device));
+  const size_t B = prompts.size();
+  std::vector<model::Completion<float>> out(B);
+  if (B == 0) return out;
+
+  KvPageTable kv(g.opt.max_batch, g.num_pages, g.opt.page_tokens, g.max_pages_per_seq);
+  std::vector<int> pages_needed(B);
+  for (size_t i = 0; i < B; ++i) {
+    const int64_t L = int64_t(prompts[i].size());
+    const int64_t cap = std::min<int64_t>(opt.max_new_tokens, c.max_seq_len - L);
+    // Positions written: the prompt, then every generated token but the last.
+    pages_needed[i] = kv.PagesFor(std::max<int64_t>(L, L + cap - 1));
+    if (pages_needed[i] > g.num_pages)
+      return Status::ResourceExhausted("prompt " + std::to_string(i) + " needs " + std::to_string(pages_needed[i]) +
+                                       " KV pages, the pool has " + std::to_string(g.num_pages));
+  }
+  std::deque<int> waiting;
+  for (size_t i = 0; i < B; ++i) waiting.push_back(int(i));
+  std::vector<Seq> running;
+
+  auto retire = [&](Seq& s) { kv.Release(s.slot); };
+  // Records a sampled token; false when the sequence is finished.
+  auto accept = [&](Seq& s, int32_t tok, float lp) {
+    model::Completion<float>& o = out[s.idx];
+    o.tokens.push_back(tok);
+    o.logprobs.push_back(lp);
+    ++s.len;
+    ++g.stats.generated_tokens;
+    if (std::find(opt.stop_tokens.begin(), opt.stop_tokens.end(), tok) != opt.stop_tokens.end()) {
+      o.finish = model::FinishReason::kStop;
+      return false;
+    }
+    if (int64_t(o.tokens.size()) >= opt.max_new_tokens || s.len >= c.max_seq_len) {
+      o.finish = model::FinishReason::kLength;
+      return false;
+    }
+    s.pending = tok;
+    return true;
+  };
+
+  while (!waiting.empty() || !running.empty()) {
+    // Admission.
+    std::vector<Seq> admitted;
+    int rows = 0;
+    while (!waiting.empty()) {
+      const int i = waiting.front();
+      const int L = int(prompts[i].size());
+      if (rows + L > g.max_rows) break;
+      const std::optional<int> slot = kv.Admit(pages_needed[i]);
+      if (!slot) break;
+      waiting.pop_front();
+      Seq s;
+      s.idx = i;
+      s.slot = *slot;
+      s.len = L;
+      for (int t = 0; t < L; ++t) {
+        g.h_tokens[rows + t] = prompts[i][t];
+        g.h_slot[rows + t] = s.slot;
+        g.h_pos[rows + t] = t;
+      }
+      const int a = int(admitted.size());
+      g.h_lastrow[a] = rows + L - 1;
+      g.h_seq[a] = i;
+      g.h_step[a] = 0;
+      rows += L;
+      admitted.push_back(std::move(s));
+    }
+    g.stats.kv_pages_peak = std::max<int64_t>(g.stats.kv_pages_peak, kv.peak_pages());
+    if (admitted.empty() && running.empty())
+      return Status::Internal("GpuGenerator: nothing admitted with every slot and page free");
+
+    if (!admitted.empty()) {
+      const auto t0 = Clock::now();
+      const int n = int(admitted.size());
+      GEN_CUDA(cudaMemcpyAsync(g.d_page_table, kv.table().data(), kv.table().size() * sizeof(int32_t),
+                               cudaMemcpyHostToDevice, g.stream));
+      GEN_CUDA(cudaMemcpyAsync(g.d_tokens, g.h_tokens, rows * sizeof(int32_t), cudaMemcpyHostToDevice, g.stream));
+      GEN_CUDA(cudaMemcpyAsync(g.d_slot, g.h_slot, rows * sizeof(int32_t), cudaMemcpyHostToDevice, g.stream));
+      GEN_CUDA(cudaMemcpyAsync(g.d_pos, g.h_pos, rows * sizeof(int32_t), cudaMemcpyHostToDevice, g.stream));
+      GEN_CUDA(cudaMemcpyAsync(g.d_last, g.h_lastrow, n * sizeof(int32_t), cudaMemcpyHostToDevice, g.stream));
+      GEN_CUDA(cudaMemcpyAsync(g.d_seq, g.h_seq, n * sizeof(int64_t), cudaMemcpyHostToDevice, g.stream));
+      GEN_CUDA(cudaMemcpyAsync(g.d_step, g.h_step, n * sizeof(int32_t), cudaMemcpyHostToDevice, g.stream));
+      GROVE_RETURN_IF_ERROR(g.Forward(rows, n, /*gather_last=*/true));
+      if (MK > 0)
+        GEN_CUDA(cudaMemcpyAsync(g.h_routes, g.routes, size_t(rows) * MK * sizeof(uint16_t), cudaMemcpyDeviceToHost,
+                                 g.stream));
+      GROVE_RETURN_IF_ERROR(g.Sample(n, opt));
+      GEN_CUDA(cudaStreamSynchronize(g.stream));
+      int row0 = 0;
+      for (int a = 0; a < n; ++a) {
+        Seq& s = admitted[a];
+        const int L = int(prompts[s.idx].size());
+        out[s.idx].routes.assign(g.h_routes + int64_t(row0) * MK, g.h_routes + int64_t(row0 + L) * MK);
+        row0 += L;
+        if (opt.max_new_tokens == 0 || !accept(s, g.h_out_tok[a], g.h_out_lp[a])) {
+          retire(s);
+        } else {
+          running.push_back(std::move(s));
+        }
+      }
+      g.stats.prefill_tokens += rows;
+      g.stats.prefill_seconds += Since(t0);
+    }
+
+    if (!running.empty()) {
+      const auto t0 = Clock::now();
+      const int n = int(running.size());
+      int bucket = 1;
+      while (bucket < n) bucket *= 2;
+      bucket = std::min(bucket, g.opt.max_batch);
+      for (int a = 0; a < bucket; ++a) {
+        const bool real = a < n;
+        g.h_tokens[a] = real ? running[a].pending : 0;
+        g.h_slot[a] = real ? running[a].slot : -1;
+        g.h_pos[a] = real ? int32_t(running[a].len - 1) : 0;
+        if (real) {
+          g.h_seq[a] = running[a].idx;
+          g.h_step[a] = int32_t(out[running[a].idx].tokens.size());
+        }
+      }
+      // The device page table is current: only admissions change a live
+      // slot's entries, and the prefill uploaded them.
+      GEN_CUDA(cudaMemcpyAsync(g.d_tokens, g.h_tokens, bucket * sizeof(int32_t), cudaMemcpyHostToDevice, g.stream));
+      GEN_CUDA(cudaMemcpyAsync(g.d_slot, g.h_slot, bucket * sizeof(int32_t), cudaMemcpyHostToDevice, g.stream));
+      GEN_CUDA(cudaMemcpyAsync(g.d_pos, g.h_pos, bucket * sizeof(int32_t), cudaMemcpyHostToDevice, g.stream));
+      GEN_CUDA(cudaMemcpyAsync(g.d_seq, g.h_seq, n * sizeof(int64_t), cudaMemcpyHostToDevice, g.stream));
+      GEN_CUDA(cudaMemcpyAsync(g.d_step, g.h_step, n * sizeof(int32_t), cudaMemcpyHostToDevice, g.stream));
+      GROVE_RETURN_IF_ERROR(g.RunDecode(bucket));
+      if (MK > 0)
+        GEN_CUDA(cudaMemcpyAsync(g.h_routes, g.routes, size_t(n) * MK * sizeof(uint16_t), cudaMemcpyDeviceToHost,
+                                 g.stream));
+      GROVE_RETURN_IF_ERROR(g.Sample(n, opt));
+      GEN_CUDA(cudaStreamSynchronize(g.stream));
+      std::vector<Seq> still;
+      for (int a = 0; a < n; ++a) {
+        Seq& s = running[a];
+        std::vector<uint16_t>& r = out[s.idx].routes;
+        r.insert(r.end(), g.h_routes + int64_t(a) * MK, g.h_routes + int64_t(a + 1) * MK);
+        if (accept(s, g.h_out_tok[a], g.h_out_lp[a]))
+          still.push_back(std::move(s));
+        else
+          retire(s);
+      }
+      running = std::move(still);
+      ++g.stats.decode_steps;
+      g.stats.decode_seconds += Since(t0);
+    }
+  }
+  return out;
+}
+
+const GpuGenerator::Stats& GpuGenerator::stats() const { return impl_->stats; }
+
+}  // namespace grove::rollout

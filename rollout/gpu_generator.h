@@ -1,0 +1,102 @@
+// GpuGenerator: the rollout engine on one CUDA GPU. Same results contract as
+// model::Transformer<float>::Generate (stop tokens, max_new_tokens capped by
+// max_seq_len - prompt length, per-token log-probs at temperature 1 over the
+// full vocabulary, routes: prompt rows then one row per completion token
+// except the last, [moe_layers][top_k] uint16 per row), computed with
+// weight-only quantized linears (kernels/quant_linear.h), the fused MoE
+// decode (kernels/moe_decode.h), a paged KV cache (kernels/paged_kv.h) and
+// GPU sampling (kernels/sampling.h).
+//
+// Numerics: residual stream fp32; every matmul input (normed activations,
+// attention output, SwiGLU hidden) and the KV cache bf16; fp32 accumulation
+// and softmax. Attention and router weights bf16; norms, router bias and the
+// embedding table fp32 (exact); every other 2-D weight (dense and expert
+// SwiGLU, shared experts, lm_head) in the format the FormatChooser gives
+// (nullopt: bf16). The w1 and w3 of one MLP (dense layer, shared experts,
+// routed expert) must get the same format -- one unit of the precision plan
+// (precision_plan.h) -- since the engine stacks them into one weight.
+//
+// Engine: continuous batching. Sequences wait in a queue; each engine step
+// admits waiting sequences while a slot (max_batch) and KV pages for their
+// whole budget (prompt + capped max_new_tokens) are free, prefills their
+// prompts in one batched forward (rows of all of them), then decodes one
+// token for every running sequence; finished sequences free their slot and
+// pages at once. KV pages are sized from the free GPU memory after the
+// weights (kv_memory_fraction of it). The decode forward runs as a CUDA
+// graph per batch-size bucket (1, 2, 4, ..., max_batch; rows padded), captured
+// on first use; sampling runs after the graph. A failed capture falls back to
+// eager launches (stats().graphs_used stays false).
+//
+// Sampled tokens (temperature > 0) are drawn with Philox keyed by (seed,
+// prompt index, token index): repeatable, independent of batch composition,
+// but not the CPU engine's mt19937 stream (same distribution, other draws).
+//
+// Host header, no CUDA. Not thread-safe; one GPU per object.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "base/result.h"
+#include "model/config.h"
+#include "model/transformer.h"
+#include "rollout/precision_format.h"
+
+namespace grove::rollout {
+
+struct GpuGeneratorOptions {
+  int device = 0;
+  int max_batch = 128;
+  int page_tokens = 16;
+  double kv_memory_fraction = 0.6;  // of free memory after weights
+  bool cuda_graphs = true;
+};
+
+class GpuGenerator {
+ public:
+  // Number of usable CUDA devices (0 without a driver or GPU).
+  static int DeviceCount();
+
+  // Allocates weights (capacity for bf16 of every weight, so a later
+  // LoadWeights in any format reuses the same buffers), activations and the
+  // KV pages. InvalidArgument names the unsupported part of the config.
+  static Result<std::unique_ptr<GpuGenerator>> Create(const model::ModelConfig& config,
+                                                      const GpuGeneratorOptions& options);
+  ~GpuGenerator();
+
+  // fp32 params in ParamLayout order (host). choose(tensor) gives each 2-D
+  // weight's format (nullopt = bf16); attention, router, norms, embed stay
+  // bf16/fp32 whatever it says. Quantizes on the GPU (kernels::QuantizeWeight).
+  // Returns the seconds it took (upload included).
+  Result<double> LoadWeights(std::span<const float> params, const FormatChooser& choose);
+  // The same from fp32 params already on this generator's device (layout
+  // order, layout().total() floats, 16-byte aligned; e.g. an NCCL receive
+  // buffer): quantized where they are, no host round trip. They must be
+  // complete when this is called (synchronize the stream that wrote them) and
+  // stay unchanged until it returns (it synchronizes).
+  Result<double> LoadWeightsFromDevice(const float* params, const FormatChooser& choose);
+
+  // As model::Transformer<float>::Generate (same validation).
+  // FailedPrecondition before the first LoadWeights.
+  Result<std::vector<model::Completion<float>>> Generate(const std::vector<std::vector<int32_t>>& prompts,
+                                                         const model::SamplingOptions& options);
+
+  struct Stats {
+    int64_t kv_pages_total = 0, kv_pages_peak = 0;
+    int64_t decode_steps = 0, prefill_tokens = 0, generated_tokens = 0;
+    double decode_seconds = 0, prefill_seconds = 0;
+    bool graphs_used = false;
+  };
+  // Cumulative over Generate calls (kv_pages_total: the pool's size).
+  const Stats& stats() const;
+
+  struct Impl;
+
+ private:
+  explicit GpuGenerator(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace grove::rollout

@@ -1,0 +1,86 @@
+#include "rollout/gpu_generator_kernels.h"
+
+#include <string>
+
+namespace grove::rollout::gpu {
+namespace {
+
+constexpr int kNormThreads = 256;
+
+Status LaunchStatus(const char* who) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return Status::Internal(std::string(who) + " launch: " + cudaGetErrorString(err));
+  return Status::OK();
+}
+
+__global__ void EmbedKernel(const int32_t* tokens, const float* table, float* x, int vocab, int hidden) {
+  const int r = blockIdx.x;
+  const int t = tokens[r];
+  float* xr = x + int64_t(r) * hidden;
+  const bool ok = t >= 0 && t < vocab;
+  const float* src = table + int64_t(ok ? t : 0) * hidden;
+  for (int j = threadIdx.x; j < hidden; j += blockDim.x) xr[j] = ok ? src[j] : 0.f;
+}
+
+__global__ void __launch_bounds__(kNormThreads)
+    RmsNormKernel(const float* x, const float* w, bf16* y, int hidden, float eps) {
+  __shared__ float part[kNormThreads / 32];
+  const int r = blockIdx.x;
+  const float* xr = x + int64_t(r) * hidden;
+  float ss = 0.f;
+  for (int j = threadIdx.x; j < hidden; j += kNormThreads) ss += xr[j] * xr[j];
+  for (int d = 16; d > 0; d /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, d);
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = ss;
+  __syncthreads();
+  float total = 0.f;
+  for (int i = 0; i < kNormThreads / 32; ++i) total += part[i];
+  const float rstd = rsqrtf(total / float(hidden) + eps);
+  bf16* yr = y + int64_t(r) * hidden;
+  for (int j = threadIdx.x; j < hidden; j += kNormThreads) yr[j] = __float2bfloat16(xr[j] * rstd * w[j]);
+}
+
+__global__ void SwiGluKernel(const float* ab, int width, bf16* h, int64_t count) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / width, j = i % width;
+    const float g = ab[r * 2 * width + j], u = ab[r * 2 * width + width + j];
+    h[i] = __float2bfloat16(g / (1.f + expf(-g)) * u);
+  }
+}
+
+__global__ void GatherKernel(const bf16* src, const int32_t* index, bf16* dst, int hidden) {
+  const int r = blockIdx.x;
+  const bf16* s = src + int64_t(index[r]) * hidden;
+  bf16* d = dst + int64_t(r) * hidden;
+  for (int j = threadIdx.x; j < hidden; j += blockDim.x) d[j] = s[j];
+}
+
+}  // namespace
+
+Status EmbedRows(const int32_t* tokens, const float* table, float* x, int rows, int vocab, int hidden,
+                 cudaStream_t stream) {
+  if (rows == 0) return Status::OK();
+  EmbedKernel<<<rows, 256, 0, stream>>>(tokens, table, x, vocab, hidden);
+  return LaunchStatus("EmbedRows");
+}
+
+Status RmsNormRows(const float* x, const float* w, bf16* y, int rows, int hidden, float eps, cudaStream_t stream) {
+  if (rows == 0) return Status::OK();
+  RmsNormKernel<<<rows, kNormThreads, 0, stream>>>(x, w, y, hidden, eps);
+  return LaunchStatus("RmsNormRows");
+}
+
+Status SwiGluRows(const float* ab, int rows, int width, bf16* h, cudaStream_t stream) {
+  const int64_t count = int64_t(rows) * width;
+  if (count == 0) return Status::OK();
+  const int64_t blocks = (count + 255) / 256;
+  SwiGluKernel<<<int(blocks < 4096 ? blocks : 4096), 256, 0, stream>>>(ab, width, h, count);
+  return LaunchStatus("SwiGluRows");
+}
+
+Status GatherRows(const bf16* src, const int32_t* index, bf16* dst, int rows, int hidden, cudaStream_t stream) {
+  if (rows == 0) return Status::OK();
+  GatherKernel<<<rows, 256, 0, stream>>>(src, index, dst, hidden);
+  return LaunchStatus("GatherRows");
+}
+
+}  // namespace grove::rollout::gpu

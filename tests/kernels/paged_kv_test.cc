@@ -1,0 +1,196 @@
+// Paged KV append + paged attention against a CPU reference: ragged
+// sequences over pages handed out in shuffled order, a prefill launch (many
+// rows per sequence) followed by a decode launch (one row per sequence), a
+// padding row, head_dim 64 and 128, GQA groups of 4.
+#include "kernels/paged_kv.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "tests/kernels/gpu_test_util.h"
+
+namespace grove::kernels {
+namespace {
+
+using testing::DeviceBuffer;
+
+float Bf(float x) { return __bfloat162float(__float2bfloat16(x)); }
+
+struct Case {
+  int head_dim;
+  std::vector<int> lengths;  // tokens per sequence (all appended; the last one by the decode launch)
+};
+
+void RunCase(const Case& tc, uint64_t seed) {
+  SCOPED_TRACE("head_dim " + std::to_string(tc.head_dim) + " seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int heads = 8, kv_heads = 2, hd = tc.head_dim, half = hd / 2, P = 16, G = heads / kv_heads;
+  const int S = int(tc.lengths.size()), max_pages = 16, max_pos = P * max_pages;
+  const int qd = heads * hd, kd = kv_heads * hd, ld = qd + 2 * kd;
+  // Pages: each sequence's in a random order over the pool, plus spare pages.
+  std::vector<int> need(S);
+  int total_pages = 3;
+  for (int s = 0; s < S; ++s) total_pages += need[s] = (tc.lengths[s] + P - 1) / P;
+  std::vector<int> ids(total_pages);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  std::vector<int32_t> table(size_t(S) * max_pages, -1);
+  for (int s = 0, next = 0; s < S; ++s)
+    for (int p = 0; p < need[s]; ++p) table[s * max_pages + p] = ids[next++];
+  // RoPE tables as model/layers.h builds them (angle in double, fp32 values).
+  std::vector<float> cos_t(size_t(max_pos) * half), sin_t(cos_t.size());
+  for (int p = 0; p < max_pos; ++p)
+    for (int i = 0; i < half; ++i) {
+      const double a = double(p) * std::pow(10000.0, -2.0 * i / hd);
+      cos_t[p * half + i] = float(std::cos(a));
+      sin_t[p * half + i] = float(std::sin(a));
+    }
+  // Rows: prefill = all but the last token of each sequence (+ one padding
+  // row); decode = the last token of each.
+  std::vector<int32_t> pre_slot, pre_pos, dec_slot, dec_pos;
+  for (int s = 0; s < S; ++s) {
+    for (int t = 0; t + 1 < tc.lengths[s]; ++t) { pre_slot.push_back(s); pre_pos.push_back(t); }
+    dec_slot.push_back(s);
+    dec_pos.push_back(tc.lengths[s] - 1);
+  }
+  pre_slot.push_back(-1);
+  pre_pos.push_back(0);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  auto random_qkv = [&](size_t rows) {
+    std::vector<float> v(rows * ld);
+    for (float& x : v) x = nd(rng);
+    return v;
+  };
+  const std::vector<float> pre_qkv = random_qkv(pre_slot.size()), dec_qkv = random_qkv(dec_slot.size());
+
+  DeviceBuffer<__nv_bfloat16> kpool(size_t(total_pages) * P * kd), vpool(kpool.count());
+  DeviceBuffer<int32_t> d_table(table.size());
+  DeviceBuffer<float> d_cos(cos_t.size()), d_sin(sin_t.size());
+  GROVE_CUDA_OK(d_table.Upload(table));
+  GROVE_CUDA_OK(d_cos.Upload(cos_t));
+  GROVE_CUDA_OK(d_sin.Upload(sin_t));
+  PagedKvCache cache{kpool.get(), vpool.get(), d_table.get(), total_pages, P, max_pages, kv_heads, hd};
+
+  struct Launch {
+    std::vector<__nv_bfloat16> q, out;
+  };
+  auto launch = [&](const std::vector<int32_t>& slot, const std::vector<int32_t>& pos, const std::vector<float>& qkv,
+                    Launch* res) {
+    const int rows = int(slot.size());
+    DeviceBuffer<int32_t> d_slot(rows), d_pos(rows);
+    DeviceBuffer<float> d_qkv(qkv.size());
+    DeviceBuffer<__nv_bfloat16> d_q(size_t(rows) * qd), d_out(size_t(rows) * qd);
+    GROVE_CUDA_OK(d_slot.Upload(slot));
+    GROVE_CUDA_OK(d_pos.Upload(pos));
+    GROVE_CUDA_OK(d_qkv.Upload(qkv));
+    PagedRows pr{d_slot.get(), d_pos.get(), rows};
+    ASSERT_TRUE(PagedKvAppend(cache, pr, heads, d_qkv.get(), ld, d_cos.get(), d_sin.get(), d_q.get(), nullptr).ok());
+    ASSERT_TRUE(PagedAttention(cache, pr, heads, d_q.get(), d_out.get(), 0.f, nullptr).ok());
+    GROVE_CUDA_OK(cudaDeviceSynchronize());
+    GROVE_CUDA_OK(d_q.Download(&res->q));
+    GROVE_CUDA_OK(d_out.Download(&res->out));
+  };
+  Launch pre, dec;
+  launch(pre_slot, pre_pos, pre_qkv, &pre);
+  launch(dec_slot, dec_pos, dec_qkv, &dec);
+  std::vector<__nv_bfloat16> kh, vh;
+  GROVE_CUDA_OK(kpool.Download(&kh));
+  GROVE_CUDA_OK(vpool.Download(&vh));
+
+  // Reference K/V/Q per sequence position, fp32 rotation then bf16 rounding.
+  // The GPU's fp32 products may be contracted to FMAs, so a stored value may
+  // sit one bf16 step (2^-8 relative) from the reference at a rounding tie.
+  auto rotate = [&](const float* x, int p, float* y) {
+    for (int i = 0; i < half; ++i) {
+      const float c = cos_t[p * half + i], s = sin_t[p * half + i], a = x[i], b = x[i + half];
+      y[i] = Bf(a * c - b * s);
+      y[i + half] = Bf(a * s + b * c);
+    }
+  };
+  auto near = [](float got, float want) { return std::fabs(got - want) <= std::ldexp(std::fabs(want), -8) + 1e-6f; };
+  auto cache_at = [&](const std::vector<__nv_bfloat16>& pool, int s, int p, int kh_i, int d) {
+    const int page = table[s * max_pages + p / P];
+    return __bfloat162float(pool[((size_t(page) * P + p % P) * kv_heads + kh_i) * hd + d]);
+  };
+  std::vector<float> y(hd);
+  int bad = 0;
+  auto check_row_qkv = [&](const float* row, int s, int p, const std::vector<__nv_bfloat16>& qgot, size_t r) {
+    for (int hh = 0; hh < heads; ++hh) {
+      rotate(row + hh * hd, p, y.data());
+      for (int d = 0; d < hd; ++d) bad += !near(__bfloat162float(qgot[r * qd + hh * hd + d]), y[d]);
+    }
+    for (int g = 0; g < kv_heads; ++g) {
+      rotate(row + qd + g * hd, p, y.data());
+      for (int d = 0; d < hd; ++d) {
+        bad += !near(cache_at(kh, s, p, g, d), y[d]);
+        bad += cache_at(vh, s, p, g, d) != Bf(row[qd + kd + g * hd + d]);
+      }
+    }
+  };
+  for (size_t r = 0; r + 1 < pre_slot.size(); ++r) check_row_qkv(&pre_qkv[r * ld], pre_slot[r], pre_pos[r], pre.q, r);
+  for (size_t r = 0; r < dec_slot.size(); ++r) check_row_qkv(&dec_qkv[r * ld], dec_slot[r], dec_pos[r], dec.q, r);
+  EXPECT_EQ(bad, 0) << "q/k/v values off by more than one bf16 step";
+
+  // Attention reference in double on the kernel's own bf16 q and cache.
+  // Error budget: the output's bf16 rounding (2^-9 relative) plus fp32
+  // accumulation over <= 256 keys of values |v| < 6 (~256 * 6 * 2^-24 < 1e-4).
+  const double scale = 1.0 / std::sqrt(double(hd));
+  double worst = 0;
+  auto check_attn = [&](const std::vector<__nv_bfloat16>& qv, const std::vector<__nv_bfloat16>& out, size_t r, int s,
+                        int p) {
+    for (int hh = 0; hh < heads; ++hh) {
+      const int g = hh / G;
+      std::vector<double> sc(p + 1);
+      double mx = -1e300;
+      for (int j = 0; j <= p; ++j) {
+        double dot = 0;
+        for (int d = 0; d < hd; ++d) dot += double(__bfloat162float(qv[r * qd + hh * hd + d])) * cache_at(kh, s, j, g, d);
+        sc[j] = dot * scale;
+        mx = std::max(mx, sc[j]);
+      }
+      double sum = 0;
+      for (double& v : sc) sum += v = std::exp(v - mx);
+      for (int d = 0; d < hd; ++d) {
+        double o = 0;
+        for (int j = 0; j <= p; ++j) o += sc[j] * cache_at(vh, s, j, g, d);
+        o /= sum;
+        const double got = __bfloat162float(out[r * qd + hh * hd + d]);
+        const double err = std::fabs(got - o), tol = std::ldexp(std::fabs(o), -8) + 1e-4;
+        worst = std::max(worst, err / tol);
+      }
+    }
+  };
+  for (size_t r = 0; r + 1 < pre_slot.size(); ++r) check_attn(pre.q, pre.out, r, pre_slot[r], pre_pos[r]);
+  for (size_t r = 0; r < dec_slot.size(); ++r) check_attn(dec.q, dec.out, r, dec_slot[r], dec_pos[r]);
+  EXPECT_LE(worst, 1.0) << "attention error / tolerance";
+  const size_t pad = pre_slot.size() - 1;
+  for (int i = 0; i < qd; ++i) ASSERT_EQ(__bfloat162float(pre.out[pad * qd + i]), 0.f) << "padding row";
+}
+
+TEST(PagedKv, RaggedPrefillThenDecodeHeadDim128) {
+  GROVE_SKIP_WITHOUT_GPU();
+  RunCase({128, {1, 2, 16, 17, 33, 100, 255}}, testing::FreshSeed());
+}
+
+TEST(PagedKv, RaggedPrefillThenDecodeHeadDim64) {
+  GROVE_SKIP_WITHOUT_GPU();
+  RunCase({64, {3, 15, 16, 48, 129}}, testing::FreshSeed());
+}
+
+TEST(PagedKv, RejectsBadShapes) {
+  PagedKvCache c;
+  c.head_dim = 96;
+  PagedRows r;
+  EXPECT_FALSE(PagedAttention(c, r, 8, nullptr, nullptr, 0.f, nullptr).ok());
+  c.head_dim = 128;
+  c.kv_heads = 1;
+  EXPECT_FALSE(PagedAttention(c, r, 16, nullptr, nullptr, 0.f, nullptr).ok());  // group 16 > kPagedMaxGroup
+}
+
+}  // namespace
+}  // namespace grove::kernels

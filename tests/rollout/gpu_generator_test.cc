@@ -1,0 +1,532 @@
+// GpuGenerator against the CPU model (model::Transformer<float>::Generate)
+// on the same weights: greedy tokens, log-probs and routes; continuous
+// batching against one-by-one generation; graphs against eager; int8/int4
+// weights against the CPU model on the round-tripped weights.
+//
+// Why results may legitimately differ: the GPU rounds every matmul input and
+// the KV cache to bf16 (2^-9 relative per rounding, ~4 roundings per layer,
+// 3 layers: logits move by ~0.4% of their spread, ~0.01 here; router logits
+// by ~2e-3 of theirs). So along a sequence the first difference may be a
+// token where the CPU's top-2 logit gap is below kGapBound, or a route where
+// the CPU ranked the GPU's extra expert within kRouteTieBound of its own k-th
+// choice; the comparison of that sequence stops there (Compare). The test
+// model is built so that most greedy steps have a clear winner (lm_head
+// partly tied to a permutation of the embedding, so each token strongly
+// suggests a next one while attention and the experts still move every
+// logit); TestModelHasClearMargins checks that premise on the CPU (it runs
+// without a GPU), so "a quarter of the sequences agree in full" and the
+// log-prob tolerance are not vacuous.
+#include "rollout/gpu_generator.h"
+
+#include <cuda_runtime_api.h>
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "model/transformer.h"
+#include "rollout/precision_format.h"
+
+namespace grove::rollout {
+namespace {
+
+constexpr double kGapBound = 0.05;     // logits: where a bf16-activation engine may pick the runner-up
+constexpr double kLogprobTol = 0.05;   // |GPU - CPU| log-prob of the same token (2x the logit error estimate)
+// Router: the GPU's router logits carry ~2e-3 of their spread in error
+// (bf16 input, upstream bf16 activations); the sigmoid scores here spread
+// ~0.08 (logits ~0.3), i.e. ~1.5e-4 in the keys; a GPU pick within 4e-3 of
+// the CPU's k-th key (25x that) is a near-tie, and such events must stay rare.
+constexpr double kRouteTieBound = 4e-3;
+constexpr double kRouteEventRate = 0.03;  // near-tie route events per (row, MoE layer) pair
+constexpr int kNewTokens = 32;
+
+model::ModelConfig SmallConfig() {
+  model::ModelConfig c;
+  c.vocab_size = 512;
+  c.hidden = 256;
+  c.layers = 3;
+  c.heads = 4;
+  c.kv_heads = 2;
+  c.head_dim = 64;
+  c.max_seq_len = 160;
+  c.dense_layers = 1;
+  c.dense_hidden = 512;
+  c.experts = 8;
+  c.top_k = 2;
+  c.shared_experts = 1;
+  c.expert_hidden = 128;
+  c.score_func = model::ScoreFunc::kSigmoid;
+  c.norm_topk = true;
+  c.route_scale = 1.0;
+  c.init_std = 0.02;
+  return c;
+}
+
+// Random weights with a clear greedy winner most of the time (see the top),
+// every parameter rounded to bf16 so the GPU's bf16/fp32 copies equal the
+// CPU model's values.
+std::unique_ptr<model::Model> MakeModel(uint64_t seed) {
+  const model::ModelConfig c = SmallConfig();
+  auto m = model::Model::Create(c, seed);
+  EXPECT_TRUE(m.ok()) << m.status().ToString();
+  model::Model& mm = **m;
+  const int64_t V = c.vocab_size, H = c.hidden;
+  float* p = mm.params().data();
+  float* embed = p + mm.layout().Offset("embed");
+  float* head = p + mm.layout().Offset("lm_head");
+  std::vector<int64_t> perm(V);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), std::mt19937_64(seed + 1));
+  for (int64_t v = 0; v < V; ++v)
+    for (int64_t j = 0; j < H; ++j) head[v * H + j] += 3.0f * embed[perm[v] * H + j];
+  for (const auto& t : mm.layout().tensors())
+    if (t.name.find("moe.experts") != std::string::npos)
+      for (int64_t i = 0; i < t.numel; ++i) p[t.offset + i] *= 2.0f;
+  for (float& x : mm.params()) x = RoundToBf16(x);
+  return std::move(*m);
+}
+
+std::vector<std::vector<int32_t>> Prompts(uint64_t seed, int count, int min_len, int max_len) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> len(min_len, max_len), tok(0, int(SmallConfig().vocab_size) - 1);
+  std::vector<std::vector<int32_t>> out(count);
+  for (auto& p : out) {
+    p.resize(len(rng));
+    for (int32_t& t : p) t = tok(rng);
+  }
+  return out;
+}
+
+// The CPU's top-2 logit gap before each completion token.
+std::vector<double> Gaps(model::Model& m, const std::vector<int32_t>& prompt, const std::vector<int32_t>& completion) {
+  std::vector<int32_t> all = prompt;
+  all.insert(all.end(), completion.begin(), completion.end());
+  auto z = m.FullLogits(all);
+  EXPECT_TRUE(z.ok());
+  const int64_t V = m.config().vocab_size;
+  std::vector<double> gaps;
+  for (size_t t = 0; t < completion.size(); ++t) {
+    const float* row = z->data() + (prompt.size() - 1 + t) * V;
+    std::vector<float> r(row, row + V);
+    std::partial_sort(r.begin(), r.begin() + 2, r.end(), std::greater<float>());
+    gaps.push_back(double(r[0]) - r[1]);
+  }
+  return gaps;
+}
+
+bool ClearMargins(const std::vector<double>& gaps) {
+  return std::all_of(gaps.begin(), gaps.end(), [](double g) { return g >= kGapBound; });
+}
+
+// The CPU's expert selection keys (score + bias, what top-k ranks) of every
+// input row of prompt + completion, per MoE layer: [moe layer][row * E + e].
+std::vector<std::vector<float>> SelectionKeys(model::Model& m, const std::vector<int32_t>& prompt,
+                                              const std::vector<int32_t>& completion) {
+  const model::ModelConfig& c = m.config();
+  model::ScoreRequest r;
+  r.tokens = prompt;
+  r.tokens.insert(r.tokens.end(), completion.begin(), completion.end());
+  r.score_from = 1;
+  std::vector<std::vector<float>> keys(c.moe_layers());
+  if (r.tokens.size() < 2) return keys;
+  auto sc = m.Score({r}, /*keep_for_backward=*/true);
+  EXPECT_TRUE(sc.ok()) << sc.status().ToString();
+  if (!sc.ok()) return keys;
+  const int64_t E = c.experts, H = c.hidden;
+  for (int64_t l = 0; l < c.layers; ++l) {
+    if (!c.is_moe_layer(l)) continue;
+    auto in = m.KeptFfnInputs(l);
+    EXPECT_TRUE(in.ok());
+    if (!in.ok()) continue;
+    const std::string p = "layers." + std::to_string(l) + ".moe.";
+    const float* router = m.params().data() + m.layout().Offset(p + "router");
+    const float* bias = m.params().data() + m.layout().Offset(p + "router_bias");
+    std::vector<float>& k = keys[c.moe_index(l)];
+    k.resize(in->rows * E);
+    for (int64_t row = 0; row < in->rows; ++row) {
+      std::vector<double> z(E);
+      double mx = -1e300, sum = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        for (int64_t j = 0; j < H; ++j) z[e] += double(in->x[row * H + j]) * router[e * H + j];
+        mx = std::max(mx, z[e]);
+      }
+      if (c.score_func != model::ScoreFunc::kSigmoid)
+        for (int64_t e = 0; e < E; ++e) sum += std::exp(z[e] - mx);
+      for (int64_t e = 0; e < E; ++e) {
+        const double s = c.score_func == model::ScoreFunc::kSigmoid ? 1 / (1 + std::exp(-z[e])) : std::exp(z[e] - mx) / sum;
+        k[row * E + e] = float(s + bias[e]);
+      }
+    }
+  }
+  return keys;
+}
+
+struct Comparison {
+  int sequences = 0, full_matches = 0, route_events = 0, divergences = 0;
+  int clear = 0;  // sequences whose CPU token gaps are all >= kGapBound
+  int64_t row_layers = 0;  // (row, MoE layer) pairs compared
+  double worst_logprob = 0;
+};
+
+// want: the CPU's completions; got: the engine's. Walks each sequence's rows
+// in order (prompt rows, then one per fed-back token). At row r it compares
+// the routes, then (from the last prompt row on) the token sampled from that
+// row's logits and its log-prob. The first difference ends the sequence's
+// comparison and must be legitimate: a token only where the CPU's top-2 gap
+// is < kGapBound; a route only where the CPU ranked the GPU's extra expert
+// within kRouteTieBound of its own k-th choice (a near-tie; after it the
+// sequence's logits legitimately differ).
+Comparison Compare(model::Model& cpu, const std::vector<std::vector<int32_t>>& prompts,
+                   const std::vector<model::Completion<float>>& want, const std::vector<model::Completion<float>>& got) {
+  Comparison c;
+  const model::ModelConfig& mc = cpu.config();
+  const int64_t M = mc.moe_layers(), K = mc.top_k, MK = M * K, E = mc.experts;
+  EXPECT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < want.size() && i < got.size(); ++i) {
+    SCOPED_TRACE("sequence " + std::to_string(i));
+    ++c.sequences;
+    const model::Completion<float>& w = want[i];
+    const model::Completion<float>& g = got[i];
+    const int64_t L = int64_t(prompts[i].size()), Tw = int64_t(w.tokens.size()), Tg = int64_t(g.tokens.size());
+    // Well-formed whatever happens.
+    EXPECT_EQ(g.logprobs.size(), g.tokens.size());
+    EXPECT_EQ(int64_t(g.routes.size()), (L + std::max<int64_t>(Tg, 1) - 1) * MK);
+    for (float lp : g.logprobs) EXPECT_TRUE(std::isfinite(lp) && lp <= 1e-6f);
+    const std::vector<double> gaps = Gaps(cpu, prompts[i], w.tokens);
+    c.clear += ClearMargins(gaps);
+    const std::vector<std::vector<float>> keys = SelectionKeys(cpu, prompts[i], w.tokens);
+    const int64_t rows = std::min(int64_t(w.routes.size()), int64_t(g.routes.size())) / std::max<int64_t>(MK, 1);
+    bool stopped = false;
+    for (int64_t r = 0; r < rows && !stopped; ++r) {
+      for (int64_t m = 0; m < M && !stopped; ++m) {
+        ++c.row_layers;
+        const uint16_t* gw = w.routes.data() + (r * M + m) * K;
+        const uint16_t* gg = g.routes.data() + (r * M + m) * K;
+        std::vector<uint16_t> a(gw, gw + K), b(gg, gg + K);
+        std::sort(a.begin(), a.end());
+        std::sort(b.begin(), b.end());
+        if (a == b) continue;
+        stopped = true;
+        ++c.route_events;
+        const float* key = keys[m].data() + r * E;
+        float kth = 1e30f;
+        for (uint16_t e : a) kth = std::min(kth, key[e]);
+        for (uint16_t e : b) {
+          if (std::binary_search(a.begin(), a.end(), e)) continue;
+          EXPECT_GE(key[e], kth - kRouteTieBound)
+              << "row " << r << " MoE layer " << m << ": GPU chose expert " << e << " whose CPU key " << key[e]
+              << " is far below the CPU's k-th " << kth;
+        }
+      }
+      if (stopped) break;
+      const int64_t t = r - (L - 1);  // the token sampled from this row's logits
+      if (t < 0 || t >= Tw || t >= Tg) continue;
+      if (w.tokens[t] != g.tokens[t]) {
+        ++c.divergences;
+        EXPECT_LT(gaps[t], kGapBound) << "diverged at token " << t << " where the CPU's top-2 gap is " << gaps[t];
+        stopped = true;
+        break;
+      }
+      c.worst_logprob = std::max(c.worst_logprob, double(std::fabs(g.logprobs[t] - w.logprobs[t])));
+    }
+    if (!stopped) {
+      EXPECT_EQ(Tg, Tw) << "every row agreed, yet the lengths differ";
+      if (Tg == Tw) {
+        ++c.full_matches;
+        EXPECT_EQ(int(g.finish), int(w.finish));
+      }
+    }
+  }
+  std::printf("  %d sequences: %d full matches, %d route near-ties, %d token near-ties, %d with clear token margins; "
+              "worst logprob diff %.4f\n",
+              c.sequences, c.full_matches, c.route_events, c.divergences, c.clear, c.worst_logprob);
+  EXPECT_LE(c.worst_logprob, kLogprobTol);
+  EXPECT_LE(double(c.route_events), kRouteEventRate * double(c.row_layers))
+      << c.route_events << " route near-ties in " << c.row_layers << " (row, layer) pairs";
+  EXPECT_GE(4 * c.full_matches, c.sequences) << "fewer than a quarter of the sequences agree in full";
+  return c;
+}
+
+model::SamplingOptions Greedy(int64_t max_new) {
+  model::SamplingOptions o;
+  o.temperature = 0;
+  o.max_new_tokens = max_new;
+  return o;
+}
+
+bool HaveGpu() { return GpuGenerator::DeviceCount() > 0; }
+
+// Runs without a GPU: the premise that makes the GPU comparison meaningful.
+// (1) Most greedy sequences of the test model have clear margins; (2) the
+// logprobs depend strongly on attention and on the routed experts (removing
+// either moves them by far more than kLogprobTol), so matching log-probs
+// checks those paths, not just the embedding.
+TEST(GpuGeneratorModel, TestModelHasClearMargins) {
+  auto cpu = MakeModel(7);
+  const auto prompts = Prompts(11, 8, 3, 24);
+  auto want = cpu->Generate(prompts, Greedy(kNewTokens));
+  ASSERT_TRUE(want.ok()) << want.status().ToString();
+  int clear = 0;
+  for (size_t i = 0; i < prompts.size(); ++i) clear += ClearMargins(Gaps(*cpu, prompts[i], (*want)[i].tokens));
+  EXPECT_GE(clear, 5) << "of " << prompts.size() << " sequences have all top-2 gaps >= " << kGapBound;
+  // Near-tied routes (CPU k-th vs (k+1)-th key within kRouteTieBound): the
+  // places where the GPU may legitimately pick another expert.
+  int64_t pairs = 0, near = 0;
+  const int64_t E = cpu->config().experts, K = cpu->config().top_k;
+  for (size_t i = 0; i < prompts.size(); ++i)
+    for (const std::vector<float>& k : SelectionKeys(*cpu, prompts[i], (*want)[i].tokens))
+      for (size_t row = 0; row * E < k.size(); ++row) {
+        std::vector<float> v(k.begin() + row * E, k.begin() + (row + 1) * E);
+        std::sort(v.begin(), v.end(), std::greater<float>());
+        ++pairs;
+        near += v[K - 1] - v[K] < kRouteTieBound;
+      }
+  std::printf("near-tied routes: %lld of %lld (row, MoE layer) pairs\n", (long long)near, (long long)pairs);
+  EXPECT_LE(double(near), 0.2 * double(pairs));
+  for (const char* part : {"attn.wo", "moe.experts"}) {
+    auto other = MakeModel(7);
+    for (const auto& t : other->layout().tensors())
+      if (t.name.find(part) != std::string::npos)
+        std::fill(other->params().begin() + t.offset, other->params().begin() + t.offset + t.numel, 0.f);
+    std::vector<model::ScoreRequest> batch;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      model::ScoreRequest r;
+      r.tokens = prompts[i];
+      r.tokens.insert(r.tokens.end(), (*want)[i].tokens.begin(), (*want)[i].tokens.end());
+      r.score_from = int64_t(prompts[i].size());
+      batch.push_back(r);
+    }
+    auto sc = other->Score(batch, false);
+    ASSERT_TRUE(sc.ok()) << sc.status().ToString();
+    double diff = 0;
+    int64_t n = 0;
+    for (size_t i = 0; i < prompts.size(); ++i)
+      for (size_t t = 0; t < (*want)[i].logprobs.size(); ++t, ++n)
+        diff += std::fabs(sc->logprobs[i][t] - (*want)[i].logprobs[t]);
+    EXPECT_GE(diff / double(n), 5 * kLogprobTol) << "removing " << part << " barely moves the log-probs";
+  }
+}
+
+#define SKIP_WITHOUT_GPU() \
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device"
+
+std::unique_ptr<GpuGenerator> MakeEngine(const model::Model& cpu, int max_batch, const FormatChooser& choose) {
+  GpuGeneratorOptions o;
+  o.max_batch = max_batch;
+  o.kv_memory_fraction = 0.05;  // the test model needs little; leave the GPU to others
+  auto g = GpuGenerator::Create(cpu.config(), o);
+  EXPECT_TRUE(g.ok()) << g.status().ToString();
+  if (!g.ok()) return nullptr;
+  auto secs = (*g)->LoadWeights(cpu.params(), choose);
+  EXPECT_TRUE(secs.ok()) << secs.status().ToString();
+  return std::move(*g);
+}
+
+TEST(GpuGenerator, GreedyMatchesTheCpuModel) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = MakeModel(7);
+  const auto prompts = Prompts(11, 8, 3, 24);
+  auto want = cpu->Generate(prompts, Greedy(kNewTokens));
+  ASSERT_TRUE(want.ok());
+  auto gen = MakeEngine(*cpu, 16, nullptr);
+  ASSERT_TRUE(gen);
+  auto got = gen->Generate(prompts, Greedy(kNewTokens));
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  Compare(*cpu, prompts, *want, *got);
+  const GpuGenerator::Stats& st = gen->stats();
+  EXPECT_GT(st.kv_pages_total, 0);
+  EXPECT_GT(st.kv_pages_peak, 0);
+  EXPECT_EQ(st.generated_tokens, int64_t(prompts.size()) * kNewTokens);
+  int64_t prompt_tokens = 0;
+  for (const auto& p : prompts) prompt_tokens += int64_t(p.size());
+  EXPECT_EQ(st.prefill_tokens, prompt_tokens);
+  EXPECT_TRUE(st.graphs_used) << "CUDA graph capture failed (see the log)";
+
+  // A stop token: the engine's own 6th token of sequence 0. Its rerun must
+  // stop there (generation is deterministic), and every sequence must still
+  // agree with the CPU run under the same stop token.
+  model::SamplingOptions stop = Greedy(kNewTokens);
+  const int32_t stop_tok = (*got)[0].tokens[5];
+  stop.stop_tokens = {stop_tok};
+  auto want_stop = cpu->Generate(prompts, stop);
+  auto got_stop = gen->Generate(prompts, stop);
+  ASSERT_TRUE(want_stop.ok() && got_stop.ok());
+  Compare(*cpu, prompts, *want_stop, *got_stop);
+  const std::vector<int32_t>& first = (*got)[0].tokens;
+  const size_t upto = size_t(std::find(first.begin(), first.end(), stop_tok) - first.begin()) + 1;
+  EXPECT_EQ((*got_stop)[0].tokens, std::vector<int32_t>(first.begin(), first.begin() + upto));
+  EXPECT_EQ(int((*got_stop)[0].finish), int(model::FinishReason::kStop));
+
+  // max_new_tokens 0: prompt routes only; and the max_seq_len cap.
+  auto none = gen->Generate(prompts, Greedy(0));
+  ASSERT_TRUE(none.ok());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    EXPECT_TRUE((*none)[i].tokens.empty());
+    EXPECT_EQ((*none)[i].routes.size(), prompts[i].size() * size_t(cpu->config().moe_layers() * cpu->config().top_k));
+  }
+  std::vector<std::vector<int32_t>> longp = {std::vector<int32_t>(cpu->config().max_seq_len - 3, 7)};
+  auto capped = gen->Generate(longp, Greedy(50));
+  ASSERT_TRUE(capped.ok()) << capped.status().ToString();
+  EXPECT_LE((*capped)[0].tokens.size(), 3u);
+}
+
+TEST(GpuGenerator, ContinuousBatchingMatchesOneByOne) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = MakeModel(7);
+  // More prompts than slots, lengths 1..40: sequences join as others finish.
+  auto prompts = Prompts(12, 11, 1, 40);
+  model::SamplingOptions o = Greedy(kNewTokens);
+  auto gen = MakeEngine(*cpu, 4, nullptr);
+  ASSERT_TRUE(gen);
+  auto batched = gen->Generate(prompts, o);
+  ASSERT_TRUE(batched.ok()) << batched.status().ToString();
+  std::vector<model::Completion<float>> alone;
+  for (const auto& p : prompts) {
+    auto one = gen->Generate({p}, o);
+    ASSERT_TRUE(one.ok());
+    alone.push_back((*one)[0]);
+  }
+  // Both against the CPU (same divergence rule), and against each other:
+  // where neither diverged from the CPU they must be identical.
+  auto want = cpu->Generate(prompts, o);
+  ASSERT_TRUE(want.ok());
+  Compare(*cpu, prompts, *want, *batched);
+  Compare(*cpu, prompts, *want, alone);
+  for (size_t i = 0; i < prompts.size(); ++i)
+    if ((*batched)[i].tokens == (*want)[i].tokens && alone[i].tokens == (*want)[i].tokens) {
+      for (size_t t = 0; t < alone[i].logprobs.size(); ++t)
+        EXPECT_NEAR((*batched)[i].logprobs[t], alone[i].logprobs[t], kLogprobTol) << "sequence " << i;
+    }
+  EXPECT_GT(gen->stats().kv_pages_peak, 0);
+}
+
+TEST(GpuGenerator, QuantizedWeightsMatchTheCpuOnRoundTrippedWeights) {
+  SKIP_WITHOUT_GPU();
+  // Routed experts int4, dense/shared SwiGLU int8, lm_head int8; attention
+  // and router stay bf16 (the engine never quantizes them).
+  const FormatChooser choose = [](const actors::TensorSpec& t) -> std::optional<PrecisionFormat> {
+    if (t.name.find("moe.experts") != std::string::npos) return PrecisionFormat::kInt4;
+    if (t.name.find("mlp.") != std::string::npos || t.name.find("shared") != std::string::npos ||
+        t.name == "lm_head")
+      return PrecisionFormat::kInt8;
+    return std::nullopt;
+  };
+  auto cpu = MakeModel(7);
+  auto gen = MakeEngine(*cpu, 8, choose);
+  ASSERT_TRUE(gen);
+  // The CPU model on the same round trip (weights already bf16-exact).
+  std::vector<actors::TensorSpec> specs;
+  for (const auto& t : cpu->layout().tensors())
+    specs.push_back({t.name, t.shape, uint64_t(t.offset), uint64_t(t.numel)});
+  std::vector<float> flat(cpu->params().begin(), cpu->params().end());
+  QuantizeInPlace(specs, flat, choose);
+  std::copy(flat.begin(), flat.end(), cpu->params().begin());
+  const auto prompts = Prompts(13, 6, 2, 30);
+  auto want = cpu->Generate(prompts, Greedy(16));
+  auto got = gen->Generate(prompts, Greedy(16));
+  ASSERT_TRUE(want.ok() && got.ok()) << got.status().ToString();
+  Compare(*cpu, prompts, *want, *got);
+  // Sampling path on quantized weights: well-formed, in range, repeatable.
+  model::SamplingOptions s;
+  s.temperature = 0.8;
+  s.top_p = 0.9;
+  s.top_k = 50;
+  s.seed = 99;
+  s.max_new_tokens = 12;
+  auto s1 = gen->Generate(prompts, s);
+  auto s2 = gen->Generate(prompts, s);
+  ASSERT_TRUE(s1.ok() && s2.ok());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    EXPECT_EQ((*s1)[i].tokens, (*s2)[i].tokens) << "same seed, same tokens";
+    EXPECT_EQ((*s1)[i].tokens.size(), 12u);
+    for (int32_t t : (*s1)[i].tokens) EXPECT_TRUE(t >= 0 && t < cpu->config().vocab_size);
+    // The recorded log-prob is the temperature-1 one: Score of the same tokens on the CPU.
+    model::ScoreRequest r;
+    r.tokens = prompts[i];
+    r.tokens.insert(r.tokens.end(), (*s1)[i].tokens.begin(), (*s1)[i].tokens.end());
+    r.score_from = int64_t(prompts[i].size());
+    auto sc = cpu->Score({r}, false);
+    ASSERT_TRUE(sc.ok());
+    for (size_t t = 0; t < (*s1)[i].logprobs.size(); ++t)
+      EXPECT_NEAR((*s1)[i].logprobs[t], sc->logprobs[0][t], kLogprobTol) << "sequence " << i << " token " << t;
+  }
+}
+
+TEST(GpuGenerator, GraphsAndEagerGiveTheSameBits) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = MakeModel(7);
+  const auto prompts = Prompts(14, 5, 2, 20);
+  GpuGeneratorOptions o;
+  o.max_batch = 8;
+  o.kv_memory_fraction = 0.05;
+  std::vector<std::vector<model::Completion<float>>> runs;
+  for (bool graphs : {true, false}) {
+    o.cuda_graphs = graphs;
+    auto g = GpuGenerator::Create(cpu->config(), o);
+    ASSERT_TRUE(g.ok()) << g.status().ToString();
+    ASSERT_TRUE((*g)->LoadWeights(cpu->params(), nullptr).ok());
+    auto r = (*g)->Generate(prompts, Greedy(12));
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    EXPECT_EQ((*g)->stats().graphs_used, graphs);
+    runs.push_back(std::move(*r));
+  }
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    EXPECT_EQ(runs[0][i].tokens, runs[1][i].tokens) << "sequence " << i;
+    EXPECT_EQ(runs[0][i].logprobs, runs[1][i].logprobs) << "sequence " << i;
+    EXPECT_EQ(runs[0][i].routes, runs[1][i].routes) << "sequence " << i;
+  }
+}
+
+TEST(GpuGenerator, LoadFromDeviceEqualsLoadFromHost) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = MakeModel(7);
+  const auto prompts = Prompts(15, 4, 2, 16);
+  const FormatChooser mixed = [](const actors::TensorSpec& t) -> std::optional<PrecisionFormat> {
+    if (t.name.find("moe.experts.") != std::string::npos)
+      return t.name.find(".experts.1.") != std::string::npos ? PrecisionFormat::kInt8 : PrecisionFormat::kInt4;
+    return std::nullopt;
+  };
+  auto gen = MakeEngine(*cpu, 4, mixed);
+  ASSERT_TRUE(gen);
+  auto from_host = gen->Generate(prompts, Greedy(10));
+  ASSERT_TRUE(from_host.ok());
+  float* dev = nullptr;
+  const size_t bytes = cpu->params().size() * sizeof(float);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&dev), bytes), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dev, cpu->params().data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
+  // Another plan first, so the reload really rewrites every weight.
+  ASSERT_TRUE(gen->LoadWeights(cpu->params(), nullptr).ok());
+  auto secs = gen->LoadWeightsFromDevice(dev, mixed);
+  ASSERT_TRUE(secs.ok()) << secs.status().ToString();
+  auto from_dev = gen->Generate(prompts, Greedy(10));
+  cudaFree(dev);
+  ASSERT_TRUE(from_dev.ok());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    EXPECT_EQ((*from_host)[i].tokens, (*from_dev)[i].tokens);
+    EXPECT_EQ((*from_host)[i].logprobs, (*from_dev)[i].logprobs);
+    EXPECT_EQ((*from_host)[i].routes, (*from_dev)[i].routes);
+  }
+  EXPECT_FALSE(gen->LoadWeightsFromDevice(nullptr, nullptr).ok());
+}
+
+TEST(GpuGenerator, RejectsBadInput) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = MakeModel(7);
+  auto gen = MakeEngine(*cpu, 4, nullptr);
+  ASSERT_TRUE(gen);
+  EXPECT_FALSE(gen->Generate({{}}, Greedy(4)).ok());
+  EXPECT_FALSE(gen->Generate({{1, 100000}}, Greedy(4)).ok());
+  EXPECT_FALSE(gen->LoadWeights(std::span<const float>(cpu->params().data(), 10), nullptr).ok());
+  model::ModelConfig bad = cpu->config();
+  bad.head_dim = 32;
+  bad.heads = 8;
+  EXPECT_FALSE(GpuGenerator::Create(bad, GpuGeneratorOptions{}).ok());
+}
+
+}  // namespace
+}  // namespace grove::rollout
