@@ -13,7 +13,7 @@ __global__ void AdamWKernel(float* __restrict__ param, const float* __restrict__
                             float* __restrict__ m, float* __restrict__ v,
                             __nv_bfloat16* __restrict__ param_bf16, int64_t quads, float lr,
                             float beta1, float beta2, float eps, float wd, float inv_bc1,
-                            float inv_bc2) {
+                            float inv_bc2, float grad_scale) {
   for (int64_t q = blockIdx.x * int64_t{kThreads} + threadIdx.x; q < quads;
        q += int64_t{gridDim.x} * kThreads) {
     float4 p = reinterpret_cast<float4*>(param)[q];
@@ -26,8 +26,9 @@ __global__ void AdamWKernel(float* __restrict__ param, const float* __restrict__
     float* vp = &vv.x;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      mp[i] = beta1 * mp[i] + (1.f - beta1) * gg[i];
-      vp[i] = beta2 * vp[i] + (1.f - beta2) * gg[i] * gg[i];
+      const float gi = grad_scale * gg[i];
+      mp[i] = beta1 * mp[i] + (1.f - beta1) * gi;
+      vp[i] = beta2 * vp[i] + (1.f - beta2) * gi * gi;
       const float update = (mp[i] * inv_bc1) / (sqrtf(vp[i] * inv_bc2) + eps);
       pp[i] -= lr * (update + wd * pp[i]);
     }
@@ -56,7 +57,7 @@ Status AdamWStep(float* param, const float* grad, float* exp_avg, float* exp_avg
                                    std::to_string(count));
   if (h.step < 1) return Status::InvalidArgument("AdamW: step must be >= 1");
   if (!(h.beta1 >= 0.f && h.beta1 < 1.f && h.beta2 >= 0.f && h.beta2 < 1.f && h.eps > 0.f &&
-        h.lr >= 0.f && h.weight_decay >= 0.f))
+        h.lr >= 0.f && h.weight_decay >= 0.f && h.grad_scale >= 0.f && std::isfinite(h.grad_scale)))
     return Status::InvalidArgument("AdamW: hyperparameters out of range");
   if (count == 0) return Status::OK();
   if (!Aligned16(param) || !Aligned16(grad) || !Aligned16(exp_avg) || !Aligned16(exp_avg_sq) ||
@@ -69,7 +70,7 @@ Status AdamWStep(float* param, const float* grad, float* exp_avg, float* exp_avg
   const int blocks = static_cast<int>(std::min<int64_t>((quads + kThreads - 1) / kThreads, 132 * 16));
   AdamWKernel<<<blocks, kThreads, 0, stream>>>(param, grad, exp_avg, exp_avg_sq, param_bf16, quads,
                                                h.lr, h.beta1, h.beta2, h.eps, h.weight_decay,
-                                               inv_bc1, inv_bc2);
+                                               inv_bc1, inv_bc2, h.grad_scale);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
     return Status::Internal(std::string("AdamW launch: ") + cudaGetErrorString(err));

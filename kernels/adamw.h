@@ -1,6 +1,8 @@
 // Fused AdamW step over one flat fp32 parameter buffer (decoupled weight
 // decay, bias-corrected moments), optionally writing the bf16 compute copy
-// of the updated parameters in the same pass:
+// of the updated parameters in the same pass. The gradient is read scaled,
+// g = grad_scale * grad (gradient clipping folded in: the buffer itself is
+// left unscaled, which saves a whole read-modify-write pass over it):
 //   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
 //   p -= lr * (m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + wd * p)
 // Device pointers, 16-byte aligned; count a multiple of 4; step t >= 1.
@@ -22,6 +24,7 @@ struct AdamWHyper {
   float eps = 1e-8f;
   float weight_decay = 0.f;
   int64_t step = 1;  // 1 for the first update
+  float grad_scale = 1.f;  // finite, >= 0 (e.g. max_norm / norm when clipping)
 };
 
 // param, exp_avg (m) and exp_avg_sq (v) are updated in place; grad is read;

@@ -78,12 +78,7 @@ Result<UpdateReport> GpuGrpoStep::Update(double lr, double max_grad_norm) {
   float norm = 0.f;
   cublasStatus_t cs = cublasSnrm2_v2_64(cublas_, n, grads, 1, &norm);
   prof.Lap("optimizer: grad norm");
-  if (cs == CUBLAS_STATUS_SUCCESS && max_grad_norm > 0 && std::isfinite(norm) && norm > max_grad_norm) {
-    const float scale = float(max_grad_norm / double(norm));
-    cs = cublasSscal_v2_64(cublas_, n, &scale, grads, 1);
-    prof.Lap("optimizer: clip scale");
-  }
-  if (cs != CUBLAS_STATUS_SUCCESS) return Status::Internal("GpuGrpoStep: cuBLAS norm/scale failed");
+  if (cs != CUBLAS_STATUS_SUCCESS) return Status::Internal("GpuGrpoStep: cuBLAS grad norm failed");
   report.grad_norm = norm;
   if (!std::isfinite(norm)) {
     report.skipped = true;
@@ -96,6 +91,8 @@ Result<UpdateReport> GpuGrpoStep::Update(double lr, double max_grad_norm) {
   hyper.beta2 = float(options_.beta2);
   hyper.eps = float(options_.eps);
   hyper.step = step_;
+  // Clipping is folded into AdamW's read of the gradient (no separate pass).
+  if (max_grad_norm > 0 && norm > max_grad_norm) hyper.grad_scale = float(max_grad_norm / double(norm));
   float* params = p.device_params();
   auto* mirror = static_cast<__nv_bfloat16*>(p.device_params_bf16());
   for (const Run& r : runs_) {

@@ -40,6 +40,8 @@ TEST(AdamWTest, MatchesReferenceOverSteps) {
   h.weight_decay = 0.1f;
   for (int step = 1; step <= 5; ++step) {
     h.step = step;
+    // Steps 3 and 4 clip (a folded-in gradient scale), the others do not.
+    h.grad_scale = (step == 3 || step == 4) ? 0.37f : 1.f;
     std::vector<float> g(count);
     for (float& x : g) x = 1e-2f * nd(rng);
     GROVE_CUDA_OK(d_g.Upload(g));
@@ -47,8 +49,9 @@ TEST(AdamWTest, MatchesReferenceOverSteps) {
                           nullptr).ok());
     const double bc1 = 1 - std::pow(double{h.beta1}, step), bc2 = 1 - std::pow(double{h.beta2}, step);
     for (int64_t i = 0; i < count; ++i) {
-      rm[i] = h.beta1 * rm[i] + (1 - double{h.beta1}) * g[i];
-      rv[i] = h.beta2 * rv[i] + (1 - double{h.beta2}) * double{g[i]} * g[i];
+      const double gi = double{h.grad_scale} * g[i];
+      rm[i] = h.beta1 * rm[i] + (1 - double{h.beta1}) * gi;
+      rv[i] = h.beta2 * rv[i] + (1 - double{h.beta2}) * gi * gi;
       rp[i] -= h.lr * (rm[i] / bc1 / (std::sqrt(rv[i] / bc2) + h.eps) + h.weight_decay * rp[i]);
     }
   }
@@ -80,6 +83,13 @@ TEST(AdamWTest, RejectsBadArguments) {
             StatusCode::kInvalidArgument);
   h.step = 1;
   h.beta2 = 1.f;
+  EXPECT_EQ(AdamWStep(buf, buf, buf, buf, nullptr, 8, h, nullptr).code(),
+            StatusCode::kInvalidArgument);
+  h.beta2 = 0.95f;
+  h.grad_scale = -1.f;
+  EXPECT_EQ(AdamWStep(buf, buf, buf, buf, nullptr, 8, h, nullptr).code(),
+            StatusCode::kInvalidArgument);
+  h.grad_scale = std::nanf("");
   EXPECT_EQ(AdamWStep(buf, buf, buf, buf, nullptr, 8, h, nullptr).code(),
             StatusCode::kInvalidArgument);
 }

@@ -441,6 +441,7 @@ TEST(GpuGenerator, QuantizedWeightsMatchTheCpuOnRoundTrippedWeights) {
   auto s1 = gen->Generate(prompts, s);
   auto s2 = gen->Generate(prompts, s);
   ASSERT_TRUE(s1.ok() && s2.ok());
+  size_t compared = 0, total = 0;
   for (size_t i = 0; i < prompts.size(); ++i) {
     EXPECT_EQ((*s1)[i].tokens, (*s2)[i].tokens) << "same seed, same tokens";
     EXPECT_EQ((*s1)[i].tokens.size(), 12u);
@@ -452,9 +453,36 @@ TEST(GpuGenerator, QuantizedWeightsMatchTheCpuOnRoundTrippedWeights) {
     r.score_from = int64_t(prompts[i].size());
     auto sc = cpu->Score({r}, false);
     ASSERT_TRUE(sc.ok());
-    for (size_t t = 0; t < (*s1)[i].logprobs.size(); ++t)
+    // Sampled tokens have no clear-margin guarantee: the CPU may route an
+    // input position to another expert at a near-tie (a whole different
+    // expert output, log-prob moved by ~1). Compare up to the first input
+    // position whose routed set differs; every later log-prob depends on it.
+    const size_t per_row = size_t(cpu->config().moe_layers() * cpu->config().top_k);
+    const std::vector<uint16_t>& gr = (*s1)[i].routes;
+    const std::vector<uint16_t>& cr = sc->routes[0];
+    ASSERT_EQ(gr.size(), cr.size());
+    size_t first_diff = gr.size() / per_row;
+    for (size_t row = 0; row < gr.size() / per_row && first_diff == gr.size() / per_row; ++row)
+      for (size_t j = 0; j < per_row; j += cpu->config().top_k) {
+        std::vector<uint16_t> a(gr.begin() + row * per_row + j, gr.begin() + row * per_row + j + cpu->config().top_k);
+        std::vector<uint16_t> b(cr.begin() + row * per_row + j, cr.begin() + row * per_row + j + cpu->config().top_k);
+        std::sort(a.begin(), a.end());
+        std::sort(b.begin(), b.end());
+        if (a != b) {
+          first_diff = row;
+          break;
+        }
+      }
+    for (size_t t = 0; t < (*s1)[i].logprobs.size(); ++t) {
+      if (prompts[i].size() - 1 + t >= first_diff) break;  // token t is predicted at input row P-1+t
+      ++compared;
       EXPECT_NEAR((*s1)[i].logprobs[t], sc->logprobs[0][t], kLogprobTol) << "sequence " << i << " token " << t;
+    }
+    total += (*s1)[i].logprobs.size();
   }
+  // Route near-ties are rare enough that at least half the sampled log-probs
+  // are compared (the greedy comparison above checks the near-tie premise).
+  EXPECT_GE(compared * 2, total) << compared << " of " << total << " sampled log-probs compared";
 }
 
 TEST(GpuGenerator, GraphsAndEagerGiveTheSameBits) {
