@@ -32,8 +32,8 @@ Status IpcWeightExport::Publish(const actors::WeightSnapshot& snapshot) {
   if (s.capacity < bytes) {
     if (s.data != nullptr) cudaFree(s.data);
     s = Slot{};
-    GROVE_RETURN_IF_ERROR(
-        actors::CudaStatus(cudaMalloc(&s.data, bytes), "cudaMalloc of the IPC weight buffer", StatusCode::kUnavailable));
+    GROVE_RETURN_IF_ERROR(actors::CudaStatus(cudaMalloc(&s.data, bytes), "cudaMalloc of the IPC weight buffer",
+                                             StatusCode::kUnavailable));
     s.capacity = bytes;
   }
   // Marked unreadable while it is overwritten.

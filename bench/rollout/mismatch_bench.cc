@@ -180,8 +180,9 @@ int Run() {
     const double score_s = Since(tq);
     auto m = CompareSampledTokens(prompts, *completions, *score, c.moe_layers(), c.top_k);
     CHECK_OK(m.status());
-    std::printf("| %s | %.2f | %lld | %.3e | %.3e | %.3e | %.2f%% | %.2f | %.2f | %.2f |\n", plan.c_str(), bits, (long long)m->tokens, m->mean_diff, m->mean_sq_diff,
-                m->max_abs_diff, 100 * m->routes_differ, *load, sample_s, score_s);
+    std::printf("| %s | %.2f | %lld | %.3e | %.3e | %.3e | %.2f%% | %.2f | %.2f | %.2f |\n", plan.c_str(), bits,
+                (long long)m->tokens, m->mean_diff, m->mean_sq_diff, m->max_abs_diff, 100 * m->routes_differ, *load,
+                sample_s, score_s);
     std::fflush(stdout);
   }
   return 0;

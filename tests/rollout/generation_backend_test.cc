@@ -29,7 +29,8 @@ TEST(BackendSettings, ParsesAndRejectsBadValues) {
   EXPECT_EQ(d->device, RolloutDevice::kAuto);
   EXPECT_EQ(d->gpu, -1);
   EXPECT_EQ(d->max_batch, 128);
-  auto g = Parse("[rollout]\ndevice = \"gpu\"\ngpu = 1\nmax_batch = 64\nkv_memory_fraction = 0.2\ncuda_graphs = false\n");
+  auto g = Parse(
+      "[rollout]\ndevice = \"gpu\"\ngpu = 1\nmax_batch = 64\nkv_memory_fraction = 0.2\ncuda_graphs = false\n");
   ASSERT_TRUE(g.ok()) << g.status();
   EXPECT_EQ(g->device, RolloutDevice::kGpu);
   EXPECT_EQ(g->gpu, 1);
