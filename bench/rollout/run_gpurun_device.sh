@@ -2,10 +2,11 @@
 # The GPU rollout worker's tests and benchmarks on the device machine (from the
 # repository root, programs built on the CPU machine into build/; configs/ and
 # bench/torch/ from the tree).
-#   bench/rollout/run_gpurun_device.sh          tests + mismatch_bench --quick + HF baseline
+#   bench/rollout/run_gpurun_device.sh          tests + mismatch_bench --quick + ipc_stall_bench + HF baseline
 #   bench/rollout/run_gpurun_device.sh e2e      also the shortened gpu-1.toml run (grove up)
 # Rough wall time on an H100: tests ~10 s, mismatch_bench --quick ~30-60 s
 # (GPU reference model; most of it the CPU init and the CPU-calibrated plan),
+# ipc_stall_bench ~30-60 s (6.7 GB through host copies and checksums),
 # hf_generate.py ~60-120 s, e2e ~60-120 s.
 set -u
 rc=0
@@ -23,6 +24,7 @@ if [ "${1:-}" = "e2e" ]; then
   fi
 fi
 timeout 150 build/bench/mismatch_bench --quick || rc=1
+timeout 120 build/bench/ipc_stall_bench --versions=2 || rc=1
 if python3 -c 'import torch, transformers' 2>/dev/null; then
   timeout 200 python3 bench/torch/hf_generate.py --random --batches 1,8,32 --repeats 2 || rc=1
 else
