@@ -205,8 +205,14 @@ Status RunLearnerLoop(const RoleArgs& args) {
                                                 static_cast<uint64_t>(s.weight_chunk_bytes)));
   // Workers on this learner's GPU read versions through CUDA IPC (the GPU
   // the step runs on, the first this process sees).
-  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<DeviceWeightExport> device_export, StartDeviceWeightExport(args.config, 0));
-  if (device_export) publisher->SetDeviceExport(std::move(device_export));
+  // Without it those workers fetch chunks (they see no GPU on the announce).
+  Result<std::unique_ptr<DeviceWeightExport>> device_export = StartDeviceWeightExport(args.config, 0);
+  if (!device_export.ok()) {
+    if (device_export.status().code() == StatusCode::kInvalidArgument) return device_export.status();
+    LOG(WARNING) << "weights: no CUDA IPC export, workers on this GPU fetch over ZeroMQ: " << device_export.status();
+  } else if (*device_export) {
+    publisher->SetDeviceExport(std::move(*device_export));
+  }
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<actors::ActorProcess> proc,
                          actors::ActorProcess::Start(args, wire::Role::LEARNER, publisher->endpoint()));
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<WeightBroadcast> broadcast,
