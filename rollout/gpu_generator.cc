@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cmath>
 #include <deque>
+#include <initializer_list>
 #include <map>
 #include <string>
 
@@ -80,7 +81,88 @@ struct Seq {
   int32_t pending = 0;  // last token, fed at position len - 1 by the next decode
 };
 
+// Events on the stream in launch order, each opening an interval of one
+// DecodePhase that the next event closes (profile_decode).
+class PhaseTimer {
+ public:
+  ~PhaseTimer() {
+    for (cudaEvent_t e : events_) cudaEventDestroy(e);
+  }
+  // Records the next event; the interval it opens counts toward `phase`
+  // (DecodePhase::kCount: closes the last interval, opens none).
+  Status Mark(DecodePhase phase, cudaStream_t stream) {
+    cudaEvent_t* e = nullptr;
+    GROVE_RETURN_IF_ERROR(Reserve(phase, &e));
+    return Cuda(cudaEventRecord(*e, stream), "cudaEventRecord (profile)");
+  }
+  // Reserves `count` consecutive events for a callee to record in order
+  // (MoeDecodeArgs::stage_events); phases[i] is the interval event i opens.
+  Result<const cudaEvent_t*> Take(std::initializer_list<DecodePhase> phases) {
+    const size_t first = used_;
+    for (DecodePhase p : phases) {
+      cudaEvent_t* e = nullptr;
+      GROVE_RETURN_IF_ERROR(Reserve(p, &e));
+    }
+    return &events_[first];
+  }
+  // After the stream is synchronized: adds each interval to its phase and
+  // returns the first-to-last span in seconds; then starts over.
+  Result<double> Collect(std::array<double, kDecodePhases>* seconds) {
+    double span = 0;
+    for (size_t i = 0; i + 1 < used_; ++i) {
+      float ms = 0;
+      GROVE_RETURN_IF_ERROR(Cuda(cudaEventElapsedTime(&ms, events_[i], events_[i + 1]), "cudaEventElapsedTime"));
+      if (phase_[i] != DecodePhase::kCount) (*seconds)[int(phase_[i])] += ms * 1e-3;
+      span += ms * 1e-3;
+    }
+    used_ = 0;
+    return span;
+  }
+  // Forgets recorded events (a step that failed part-way).
+  void Clear() { used_ = 0; }
+
+ private:
+  Status Reserve(DecodePhase phase, cudaEvent_t** e) {
+    if (used_ == events_.size()) {
+      cudaEvent_t ev = nullptr;
+      GROVE_RETURN_IF_ERROR(Cuda(cudaEventCreate(&ev), "cudaEventCreate (profile)"));
+      events_.push_back(ev);
+      phase_.push_back(DecodePhase::kCount);
+    }
+    phase_[used_] = phase;
+    *e = &events_[used_++];
+    return Status::OK();
+  }
+  // A deque: Take's pointer stays valid while later events are added.
+  std::deque<cudaEvent_t> events_;
+  std::vector<DecodePhase> phase_;
+  size_t used_ = 0;
+};
+
 }  // namespace
+
+const char* DecodePhaseName(DecodePhase phase) {
+  switch (phase) {
+    case DecodePhase::kInputs: return "inputs + embed";
+    case DecodePhase::kNorms: return "rmsnorm";
+    case DecodePhase::kQkvLinear: return "qkv linear";
+    case DecodePhase::kRopeAppend: return "rope + kv append";
+    case DecodePhase::kAttention: return "attention";
+    case DecodePhase::kWo: return "wo linear";
+    case DecodePhase::kDenseFfn: return "dense ffn";
+    case DecodePhase::kRouter: return "router linear + topk";
+    case DecodePhase::kSharedExperts: return "shared experts";
+    case DecodePhase::kMoeRouteIndex: return "moe route index";
+    case DecodePhase::kMoeUp: return "moe up";
+    case DecodePhase::kMoeDown: return "moe down";
+    case DecodePhase::kMoeCombine: return "moe combine";
+    case DecodePhase::kLmHead: return "lm head";
+    case DecodePhase::kSampling: return "sampling + copies";
+    case DecodePhase::kHost: return "host bookkeeping";
+    case DecodePhase::kCount: break;
+  }
+  return "?";
+}
 
 struct GpuGenerator::Impl {
   model::ModelConfig c;
@@ -141,6 +223,10 @@ struct GpuGenerator::Impl {
   bool graphs_failed = false;
 
   Stats stats;
+  // profile_decode: `timing` is set for the span of one decode step.
+  PhaseTimer timer;
+  bool timing = false;
+  Status Mark(DecodePhase phase) { return timing ? timer.Mark(phase, stream) : Status::OK(); }
 
   ~Impl() {
     if (stream) cudaStreamSynchronize(stream);
@@ -387,6 +473,7 @@ Status GpuGenerator::Impl::Build() {
 Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
   const size_t page_layer = size_t(num_pages) * opt.page_tokens * kd;
   kernels::PagedRows pr{d_slot, d_pos, rows};
+  GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kInputs));
   GROVE_RETURN_IF_ERROR(gpu::EmbedRows(d_tokens, embed, x, rows, int(V), int(H), stream));
   for (int64_t l = 0; l < c.layers; ++l) {
     LayerWeights& w = lw[l];
@@ -399,18 +486,26 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     kv.max_pages_per_seq = max_pages_per_seq;
     kv.kv_heads = int(c.kv_heads);
     kv.head_dim = int(c.head_dim);
+    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kNorms));
     GROVE_RETURN_IF_ERROR(gpu::RmsNormRows(x, w.attn_norm, h, rows, int(H), float(c.norm_eps), stream));
+    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kQkvLinear));
     GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w.qkv, qkv, qd + 2 * kd, Accumulate::kOverwrite));
+    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kRopeAppend));
     GROVE_RETURN_IF_ERROR(
         kernels::PagedKvAppend(kv, pr, int(c.heads), qkv, qd + 2 * kd, rope_cos, rope_sin, q, stream));
+    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kAttention));
     GROVE_RETURN_IF_ERROR(kernels::PagedAttention(kv, pr, int(c.heads), q, attn, 0.f, stream));
+    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kWo));
     GROVE_RETURN_IF_ERROR(Linear(attn, qd, rows, w.wo, x, H, Accumulate::kAdd));
+    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kNorms));
     GROVE_RETURN_IF_ERROR(gpu::RmsNormRows(x, w.ffn_norm, h, rows, int(H), float(c.norm_eps), stream));
     if (!c.is_moe_layer(l)) {
+      GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kDenseFfn));
       GROVE_RETURN_IF_ERROR(Ffn(rows, w.w13, w.w2, c.dense_hidden));
       continue;
     }
     const int64_t mi = c.moe_index(l);
+    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kRouter));
     GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w.router, rlogits, E, Accumulate::kOverwrite));
     kernels::RouterArgs ra;
     ra.logits = rlogits;
@@ -427,6 +522,7 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     GROVE_RETURN_IF_ERROR(kernels::RouterTopK(ra, stream));
     GEN_CUDA(cudaMemcpy2DAsync(routes + mi * K, M * K * sizeof(uint16_t), ids, K * sizeof(uint16_t),
                                K * sizeof(uint16_t), rows, cudaMemcpyDeviceToDevice, stream));
+    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kSharedExperts));
     if (c.shared_experts > 0)
       GROVE_RETURN_IF_ERROR(Ffn(rows, w.s_w13, w.s_w2, c.shared_experts * c.expert_hidden));
     kernels::MoeDecodeArgs ma;
@@ -445,9 +541,16 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     ma.top_k = int(K);
     ma.workspace = moe_ws;
     ma.workspace_bytes = moe_ws_bytes;
+    if (timing) {
+      GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kMoeRouteIndex));
+      GROVE_ASSIGN_OR_RETURN(ma.stage_events,
+                             timer.Take({DecodePhase::kMoeUp, DecodePhase::kMoeDown, DecodePhase::kMoeCombine}));
+    }
     GROVE_RETURN_IF_ERROR(kernels::MoeDecodeForward(ma, stream));
   }
+  GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kNorms));
   GROVE_RETURN_IF_ERROR(gpu::RmsNormRows(x, final_norm, h, rows, int(H), float(c.norm_eps), stream));
+  GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kLmHead));
   const bf16* src = h;
   if (gather_last) {
     GROVE_RETURN_IF_ERROR(gpu::GatherRows(h, d_last, h_last, n_logits, int(H), stream));
@@ -457,7 +560,7 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
 }
 
 Status GpuGenerator::Impl::RunDecode(int bucket) {
-  if (opt.cuda_graphs && !graphs_failed) {
+  if (opt.cuda_graphs && !opt.profile_decode && !graphs_failed) {
     auto it = graphs.find(bucket);
     if (it == graphs.end()) {
       GEN_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
@@ -668,6 +771,7 @@ Result<std::vector<model::Completion<float>>> GpuGenerator::Generate(const std::
     if (t < 0 || t >= V) return Status::InvalidArgument("stop token " + std::to_string(t) + " outside vocabulary");
   if (!g.loaded) return Status::FailedPrecondition("GpuGenerator: Generate before LoadWeights");
   GEN_CUDA(cudaSetDevice(g.opt.device));
+  g.timing = false;  // set only inside a decode step
   const size_t B = prompts.size();
   std::vector<model::Completion<float>> out(B);
   if (B == 0) return out;
@@ -789,17 +893,27 @@ Result<std::vector<model::Completion<float>>> GpuGenerator::Generate(const std::
       }
       // The device page table is current: only admissions change a live
       // slot's entries, and the prefill uploaded them.
+      g.timing = g.opt.profile_decode;
+      g.timer.Clear();
+      GROVE_RETURN_IF_ERROR(g.Mark(DecodePhase::kInputs));
       GEN_CUDA(cudaMemcpyAsync(g.d_tokens, g.h_tokens, bucket * sizeof(int32_t), cudaMemcpyHostToDevice, g.stream));
       GEN_CUDA(cudaMemcpyAsync(g.d_slot, g.h_slot, bucket * sizeof(int32_t), cudaMemcpyHostToDevice, g.stream));
       GEN_CUDA(cudaMemcpyAsync(g.d_pos, g.h_pos, bucket * sizeof(int32_t), cudaMemcpyHostToDevice, g.stream));
       GEN_CUDA(cudaMemcpyAsync(g.d_seq, g.h_seq, n * sizeof(int64_t), cudaMemcpyHostToDevice, g.stream));
       GEN_CUDA(cudaMemcpyAsync(g.d_step, g.h_step, n * sizeof(int32_t), cudaMemcpyHostToDevice, g.stream));
       GROVE_RETURN_IF_ERROR(g.RunDecode(bucket));
+      GROVE_RETURN_IF_ERROR(g.Mark(DecodePhase::kSampling));
       if (MK > 0)
         GEN_CUDA(cudaMemcpyAsync(g.h_routes, g.routes, size_t(n) * MK * sizeof(uint16_t), cudaMemcpyDeviceToHost,
                                  g.stream));
       GROVE_RETURN_IF_ERROR(g.Sample(n, opt));
+      GROVE_RETURN_IF_ERROR(g.Mark(DecodePhase::kCount));
+      g.timing = false;
       GEN_CUDA(cudaStreamSynchronize(g.stream));
+      double gpu_span = 0;
+      if (g.opt.profile_decode) {
+        GROVE_ASSIGN_OR_RETURN(gpu_span, g.timer.Collect(&g.stats.decode_phase_seconds));
+      }
       std::vector<Seq> still;
       for (int a = 0; a < n; ++a) {
         Seq& s = running[a];
@@ -812,7 +926,10 @@ Result<std::vector<model::Completion<float>>> GpuGenerator::Generate(const std::
       }
       running = std::move(still);
       ++g.stats.decode_steps;
-      g.stats.decode_seconds += Since(t0);
+      const double wall = Since(t0);
+      g.stats.decode_seconds += wall;
+      if (g.opt.profile_decode)
+        g.stats.decode_phase_seconds[int(DecodePhase::kHost)] += std::max(0.0, wall - gpu_span);
     }
   }
   return out;

@@ -34,6 +34,7 @@
 // Host header, no CUDA. Not thread-safe; one GPU per object.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -46,12 +47,41 @@
 
 namespace grove::rollout {
 
+// The parts of a decode step that profile_decode times separately.
+enum class DecodePhase : int {
+  kInputs,         // embedding lookup (and the step's input uploads before it)
+  kNorms,          // attention, ffn and final RMSNorm
+  kQkvLinear,      // fused q/k/v projection
+  kRopeAppend,     // RoPE + KV-cache append
+  kAttention,      // paged attention
+  kWo,             // attention output projection (+ residual)
+  kDenseFfn,       // dense SwiGLU layers
+  kRouter,         // router linear + top-k (+ the routes copy)
+  kSharedExperts,  // shared-expert SwiGLU
+  kMoeRouteIndex,  // MoeDecodeForward: grouping slots by expert
+  kMoeUp,          // MoeDecodeForward: W1|W3 + SwiGLU
+  kMoeDown,        // MoeDecodeForward: W2
+  kMoeCombine,     // MoeDecodeForward: gated sum into the residual
+  kLmHead,         // final gather + lm_head
+  kSampling,       // sampling + result copies to the host
+  kHost,           // host bookkeeping: step wall time outside the GPU span
+  kCount
+};
+inline constexpr int kDecodePhases = static_cast<int>(DecodePhase::kCount);
+const char* DecodePhaseName(DecodePhase phase);
+
 struct GpuGeneratorOptions {
   int device = 0;
   int max_batch = 128;
   int page_tokens = 16;
   double kv_memory_fraction = 0.6;  // of free memory after weights
   bool cuda_graphs = true;
+  // Profiling: decode steps run eagerly (no graph) with a cudaEvent before
+  // each op, summed per DecodePhase into Stats::decode_phase_seconds. The
+  // events serialize nothing, but eager launches are slower than a graph at
+  // small batch, and a phase's time includes any launch gap the GPU waits
+  // through before its first kernel. Results are unchanged.
+  bool profile_decode = false;
 };
 
 class GpuGenerator {
@@ -88,6 +118,9 @@ class GpuGenerator {
     int64_t decode_steps = 0, prefill_tokens = 0, generated_tokens = 0;
     double decode_seconds = 0, prefill_seconds = 0;
     bool graphs_used = false;
+    // With profile_decode: seconds per DecodePhase over all decode steps
+    // (kHost: each step's wall time minus its first-to-last event span).
+    std::array<double, kDecodePhases> decode_phase_seconds{};
   };
   // Cumulative over Generate calls (kv_pages_total: the pool's size).
   const Stats& stats() const;

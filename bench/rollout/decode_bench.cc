@@ -20,9 +20,17 @@
 //
 // Default run: 4 plans x batches 1, 8, 32, 128 x graphs on/off, 128 new
 // tokens; --quick: 32 new tokens and graphs on only.
+//
+// --profile: instead, the decode step split by phase (GpuGeneratorOptions::
+// profile_decode: eager launches with a cudaEvent before each op) for each
+// plan of --plans at --profile_batches, 32 new tokens: ms per step per phase
+// (rmsnorm, qkv linear, rope + append, attention, wo, router, shared experts,
+// MoE route index / up / down / combine, lm head, sampling, host).
 #include <cuda_runtime_api.h>
 #include <gflags/gflags.h>
 
+#include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdio>
 #include <random>
@@ -45,6 +53,8 @@ DEFINE_int32(new_tokens, 128, "tokens generated per sequence");
 DEFINE_bool(graphs_off, true, "also time without CUDA graphs");
 DEFINE_bool(quick, false, "32 new tokens, graphs on only");
 DEFINE_uint64(seed, 1, "weights and prompts seed");
+DEFINE_bool(profile, false, "print the eager decode step's time per phase instead of the throughput table");
+DEFINE_string(profile_batches, "1,32", "batch sizes of --profile");
 
 namespace grove::rollout {
 namespace {
@@ -117,6 +127,89 @@ double StepWeightBytes(const model::Model& m, const FormatChooser& choose, int b
   return bytes;
 }
 
+// One timed Generate of `b` random prompts after a short warm-up one (which
+// captures the bucket's graph); the stats accumulated by the timed call.
+struct Timed {
+  GpuGenerator::Stats delta;
+  double decode_tokens = 0;
+};
+Timed TimeGenerate(GpuGenerator& gen, int b, int prompt_len, int new_tokens, std::mt19937_64& rng, int32_t vocab) {
+  std::uniform_int_distribution<int32_t> tok(0, vocab - 1);
+  std::vector<std::vector<int32_t>> prompts(b, std::vector<int32_t>(prompt_len));
+  for (auto& p : prompts)
+    for (int32_t& t : p) t = tok(rng);
+  model::SamplingOptions so;
+  so.temperature = 0;
+  so.max_new_tokens = 4;
+  std::vector<std::vector<int32_t>> warm(b, std::vector<int32_t>(prompts[0].begin(), prompts[0].begin() + 2));
+  CHECK_OK(gen.Generate(warm, so).status());
+  const GpuGenerator::Stats before = gen.stats();
+  so.max_new_tokens = new_tokens;
+  CHECK_OK(gen.Generate(prompts, so).status());
+  const GpuGenerator::Stats& after = gen.stats();
+  Timed t;
+  t.delta.decode_seconds = after.decode_seconds - before.decode_seconds;
+  t.delta.decode_steps = after.decode_steps - before.decode_steps;
+  t.delta.prefill_seconds = after.prefill_seconds - before.prefill_seconds;
+  t.delta.prefill_tokens = after.prefill_tokens - before.prefill_tokens;
+  t.delta.generated_tokens = after.generated_tokens - before.generated_tokens;
+  for (int i = 0; i < kDecodePhases; ++i)
+    t.delta.decode_phase_seconds[i] = after.decode_phase_seconds[i] - before.decode_phase_seconds[i];
+  // Tokens from decode steps: all but each sequence's first (sampled after its prefill).
+  t.decode_tokens = double(t.delta.generated_tokens) - b;
+  return t;
+}
+
+// --profile: one column per (plan, batch), one row per phase, ms per step.
+int RunProfile(const model::ModelConfig& c, const model::Model& host) {
+  const std::vector<int> batches = ParseInts(FLAGS_profile_batches);
+  int max_batch = 1;
+  for (int b : batches) max_batch = std::max(max_batch, b);
+  GpuGeneratorOptions o;
+  o.max_batch = max_batch;
+  o.kv_memory_fraction = 0.3;
+  o.profile_decode = true;
+  auto gen = GpuGenerator::Create(c, o);
+  CHECK_OK(gen.status());
+  std::mt19937_64 rng(FLAGS_seed);
+  std::vector<std::string> heads;
+  std::vector<std::array<double, kDecodePhases>> cols;
+  std::vector<double> totals;
+  for (const std::string& plan : ParseNames(FLAGS_plans)) {
+    CHECK_OK((*gen)->LoadWeights(host.params(), Plan(plan)).status());
+    for (int b : batches) {
+      const Timed t = TimeGenerate(**gen, b, FLAGS_prompt, 32, rng, int32_t(c.vocab_size));
+      const double steps = double(std::max<int64_t>(1, t.delta.decode_steps));
+      std::array<double, kDecodePhases> ms{};
+      for (int i = 0; i < kDecodePhases; ++i) ms[i] = t.delta.decode_phase_seconds[i] / steps * 1e3;
+      heads.push_back(plan + " b" + std::to_string(b));
+      cols.push_back(ms);
+      totals.push_back(t.delta.decode_seconds / steps * 1e3);
+    }
+  }
+  std::printf("\neager decode step by phase, ms per step (cudaEvents; a phase includes launch gaps before it)\n");
+  std::printf("| phase |");
+  for (const std::string& h : heads) std::printf(" %s |", h.c_str());
+  std::printf("\n| --- |");
+  for (size_t i = 0; i < heads.size(); ++i) std::printf(" --- |");
+  std::printf("\n");
+  for (int p = 0; p < kDecodePhases; ++p) {
+    std::printf("| %s |", DecodePhaseName(DecodePhase(p)));
+    for (const auto& col : cols) std::printf(" %.3f |", col[p]);
+    std::printf("\n");
+  }
+  std::printf("| sum of phases |");
+  for (const auto& col : cols) {
+    double sum = 0;
+    for (double v : col) sum += v;
+    std::printf(" %.3f |", sum);
+  }
+  std::printf("\n| step wall time |");
+  for (double t : totals) std::printf(" %.3f |", t);
+  std::printf("\n");
+  return 0;
+}
+
 int Run() {
   auto mc = model::ModelConfig::LoadFile(FLAGS_config);
   CHECK_OK(mc.status());
@@ -137,11 +230,11 @@ int Run() {
   bench::FastInit(**host, FLAGS_seed);
   std::printf("model %s: %lld parameters, init %.1f s; prompt %d, %d new tokens, greedy\n", FLAGS_config.c_str(),
               (long long)(*host)->layout().total(), Since(t0), FLAGS_prompt, new_tokens);
+  if (FLAGS_profile) return RunProfile(c, **host);
   const std::vector<int> batches = ParseInts(FLAGS_batches);
   int max_batch = 1;
   for (int b : batches) max_batch = std::max(max_batch, b);
   std::mt19937_64 rng(FLAGS_seed);
-  std::uniform_int_distribution<int32_t> tok(0, int32_t(c.vocab_size) - 1);
 
   // The fp32 weights on the device too, as a weight receive buffer holds
   // them: LoadWeightsFromDevice's re-quantization time per plan.
@@ -172,25 +265,12 @@ int Run() {
       load_lines.push_back("plan " + plan + ": LoadWeights (host fp32) " + std::to_string(*secs) +
                            " s, LoadWeightsFromDevice (re-quantize on the GPU) " + std::to_string(*dev_secs) + " s");
       for (int b : batches) {
-        std::vector<std::vector<int32_t>> prompts(b, std::vector<int32_t>(FLAGS_prompt));
-        for (auto& p : prompts)
-          for (int32_t& t : p) t = tok(rng);
-        model::SamplingOptions so;
-        so.temperature = 0;
-        so.max_new_tokens = 4;
-        // Warm-up on 2-token prompts (a cheap prefill): captures this bucket's graph.
-        std::vector<std::vector<int32_t>> warm(b, std::vector<int32_t>(prompts[0].begin(), prompts[0].begin() + 2));
-        CHECK_OK((*gen)->Generate(warm, so).status());
-        const GpuGenerator::Stats before = (*gen)->stats();
-        so.max_new_tokens = new_tokens;
-        CHECK_OK((*gen)->Generate(prompts, so).status());
-        const GpuGenerator::Stats& after = (*gen)->stats();
-        const double dsec = after.decode_seconds - before.decode_seconds;
-        const int64_t steps = after.decode_steps - before.decode_steps;
-        // Tokens from decode steps: all but each sequence's first (sampled after its prefill).
-        const double dtok = double(after.generated_tokens - before.generated_tokens) - b;
-        const double psec = after.prefill_seconds - before.prefill_seconds;
-        const double ptok = double(after.prefill_tokens - before.prefill_tokens);
+        const Timed t = TimeGenerate(**gen, b, FLAGS_prompt, new_tokens, rng, int32_t(c.vocab_size));
+        const double dsec = t.delta.decode_seconds;
+        const int64_t steps = t.delta.decode_steps;
+        const double dtok = t.decode_tokens;
+        const double psec = t.delta.prefill_seconds;
+        const double ptok = double(t.delta.prefill_tokens);
         const double step_s = steps > 0 ? dsec / double(steps) : 0;
         const double wbytes = StepWeightBytes(**host, choose, b);
         std::printf("| %s | %s | %d | %.0f | %.3f | %.0f | %.3f | %.2f |\n", plan.c_str(), graphs ? "on" : "off", b,

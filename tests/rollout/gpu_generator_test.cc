@@ -485,7 +485,7 @@ TEST(GpuGenerator, QuantizedWeightsMatchTheCpuOnRoundTrippedWeights) {
   EXPECT_GE(compared * 2, total) << compared << " of " << total << " sampled log-probs compared";
 }
 
-TEST(GpuGenerator, GraphsAndEagerGiveTheSameBits) {
+TEST(GpuGenerator, GraphsEagerAndProfiledGiveTheSameBits) {
   SKIP_WITHOUT_GPU();
   auto cpu = MakeModel(7);
   const auto prompts = Prompts(14, 5, 2, 20);
@@ -493,21 +493,44 @@ TEST(GpuGenerator, GraphsAndEagerGiveTheSameBits) {
   o.max_batch = 8;
   o.kv_memory_fraction = 0.05;
   std::vector<std::vector<model::Completion<float>>> runs;
-  for (bool graphs : {true, false}) {
-    o.cuda_graphs = graphs;
+  // Graphs, eager, and eager with the per-phase profile (events only).
+  for (int mode = 0; mode < 3; ++mode) {
+    o.cuda_graphs = mode == 0;
+    o.profile_decode = mode == 2;
     auto g = GpuGenerator::Create(cpu->config(), o);
     ASSERT_TRUE(g.ok()) << g.status().ToString();
     ASSERT_TRUE((*g)->LoadWeights(cpu->params(), nullptr).ok());
     auto r = (*g)->Generate(prompts, Greedy(12));
     ASSERT_TRUE(r.ok()) << r.status().ToString();
-    EXPECT_EQ((*g)->stats().graphs_used, graphs);
+    const GpuGenerator::Stats& st = (*g)->stats();
+    EXPECT_EQ(st.graphs_used, mode == 0);
+    double phases = 0;
+    for (double v : st.decode_phase_seconds) phases += v;
+    if (mode == 2) {
+      // Every phase the model has took time; the phases cover the steps'
+      // wall time (GPU span + host remainder), up to float event rounding.
+      const model::ModelConfig& c = cpu->config();
+      for (DecodePhase p : {DecodePhase::kNorms, DecodePhase::kQkvLinear, DecodePhase::kRopeAppend,
+                            DecodePhase::kAttention, DecodePhase::kWo, DecodePhase::kLmHead, DecodePhase::kSampling})
+        EXPECT_GT(st.decode_phase_seconds[int(p)], 0.0) << DecodePhaseName(p);
+      if (c.experts > 0)
+        for (DecodePhase p : {DecodePhase::kRouter, DecodePhase::kMoeRouteIndex, DecodePhase::kMoeUp,
+                              DecodePhase::kMoeDown, DecodePhase::kMoeCombine})
+          EXPECT_GT(st.decode_phase_seconds[int(p)], 0.0) << DecodePhaseName(p);
+      if (c.dense_layers > 0) EXPECT_GT(st.decode_phase_seconds[int(DecodePhase::kDenseFfn)], 0.0);
+      EXPECT_GT(st.decode_steps, 0);
+      EXPECT_NEAR(phases, st.decode_seconds, 0.05 * st.decode_seconds);
+    } else {
+      EXPECT_EQ(phases, 0.0) << "no profile unless asked";
+    }
     runs.push_back(std::move(*r));
   }
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    EXPECT_EQ(runs[0][i].tokens, runs[1][i].tokens) << "sequence " << i;
-    EXPECT_EQ(runs[0][i].logprobs, runs[1][i].logprobs) << "sequence " << i;
-    EXPECT_EQ(runs[0][i].routes, runs[1][i].routes) << "sequence " << i;
-  }
+  for (size_t i = 0; i < prompts.size(); ++i)
+    for (int mode = 1; mode < 3; ++mode) {
+      EXPECT_EQ(runs[0][i].tokens, runs[mode][i].tokens) << "sequence " << i << ", mode " << mode;
+      EXPECT_EQ(runs[0][i].logprobs, runs[mode][i].logprobs) << "sequence " << i << ", mode " << mode;
+      EXPECT_EQ(runs[0][i].routes, runs[mode][i].routes) << "sequence " << i << ", mode " << mode;
+    }
 }
 
 TEST(GpuGenerator, LoadFromDeviceEqualsLoadFromHost) {
