@@ -29,6 +29,10 @@ struct RouterArgs {
   bool sigmoid = false;                 // false: softmax
   bool norm_topk = false;
   float route_scale = 1.f;
+  // Row stride of ids and gates in elements; 0 means top_k. Larger leaves
+  // columns top_k.. of each row untouched (the rollout engine keeps its
+  // shared experts' constant ids/gates there for the fused MoE).
+  int out_stride = 0;
 };
 
 // Replayed ids must be < experts (checked on the device: an out-of-range id

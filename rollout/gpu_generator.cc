@@ -72,7 +72,21 @@ struct LayerWeights {
   QuantWeight *d_w1 = nullptr, *d_w3 = nullptr, *d_w2 = nullptr;  // device arrays [experts]
   std::vector<QuantWeight> h_w1, h_w3, h_w2;                    // their host copies
   float *attn_norm = nullptr, *ffn_norm = nullptr, *router_bias = nullptr;
+  // fold_shared_experts: the shared W2's column blocks (one per shared
+  // expert, [hidden, expert_hidden] each), copied from s_w2 in its format.
+  uint8_t* s_w2_blocks = nullptr;
+  float* s_w2_block_scales = nullptr;  // int4 only (int8 rows keep s_w2's scale)
 };
+
+// Rows [r0, r0 + n) of a row-major quantized weight (every format is
+// row-major with per-row or per-row-group scales): a view, no copy.
+QuantWeight RowSlice(const QuantWeight& w, int64_t r0, int64_t n) {
+  QuantWeight s = w;
+  s.n = int32_t(n);
+  s.data = static_cast<const uint8_t*>(w.data) + kernels::QuantDataBytes(w.format, r0, w.k);
+  s.scales = w.scales ? w.scales + kernels::QuantScaleCount(w.format, r0, w.k) : nullptr;
+  return s;
+}
 
 struct Seq {
   int idx = 0;       // prompt index
@@ -170,6 +184,9 @@ struct GpuGenerator::Impl {
   GpuGeneratorOptions opt;
   cudaStream_t stream = nullptr;
   int64_t H = 0, qd = 0, kd = 0, V = 0, E = 0, K = 0, M = 0, F_max = 0;
+  // Shared experts folded into the MoE launch (0: not folded); ids/gates
+  // rows are KS = K + S wide, columns K.. constant (ids E + s, gate 1).
+  int64_t S = 0, KS = 0;
   int max_rows = 0;  // rows of one forward (prefill chunk bound)
   std::vector<void*> device_allocs;
   std::vector<void*> host_allocs;
@@ -292,6 +309,7 @@ struct GpuGenerator::Impl {
   }
 
   Status Build();
+  Status AppendFoldedSharedExperts(LayerWeights& w);
   Result<double> Load(const float* params, bool on_device, const FormatChooser& choose);
   Status Linear(const bf16* x_in, int64_t ldx, int rows, int slot, float* y, int64_t ldy, Accumulate mode) {
     return kernels::QuantLinear(x_in, ldx, rows, slots[slot].qw, y, ldy, mode, ql_ws, ql_ws_bytes, stream);
@@ -325,6 +343,8 @@ Status GpuGenerator::Impl::Build() {
   E = c.experts;
   K = c.top_k;
   M = c.moe_layers();
+  S = opt.fold_shared_experts && M > 0 ? c.shared_experts : 0;
+  KS = K + S;
   const int64_t Fs = c.shared_experts * c.expert_hidden;
   F_max = std::max<int64_t>({8, c.dense_layers > 0 ? c.dense_hidden : 0, Fs});
   max_rows = int(std::max<int64_t>({c.max_seq_len, 2048, opt.max_batch}));
@@ -394,9 +414,13 @@ Status GpuGenerator::Impl::Build() {
     GROVE_RETURN_IF_ERROR(Alloc(&w.ffn_norm, H));
     if (c.is_moe_layer(l)) {
       GROVE_RETURN_IF_ERROR(Alloc(&w.router_bias, E));
-      GROVE_RETURN_IF_ERROR(Alloc(&w.d_w1, E));
-      GROVE_RETURN_IF_ERROR(Alloc(&w.d_w3, E));
-      GROVE_RETURN_IF_ERROR(Alloc(&w.d_w2, E));
+      GROVE_RETURN_IF_ERROR(Alloc(&w.d_w1, E + S));
+      GROVE_RETURN_IF_ERROR(Alloc(&w.d_w3, E + S));
+      GROVE_RETURN_IF_ERROR(Alloc(&w.d_w2, E + S));
+      if (S > 0) {
+        GROVE_RETURN_IF_ERROR(Alloc(&w.s_w2_blocks, int64_t(kernels::QuantDataBytes(QuantFormat::kBF16, H, Fs))));
+        GROVE_RETURN_IF_ERROR(Alloc(&w.s_w2_block_scales, kernels::QuantScaleCount(QuantFormat::kInt4, H, Fs)));
+      }
     }
   }
   std::vector<float> cos_t, sin_t;
@@ -417,8 +441,21 @@ Status GpuGenerator::Impl::Build() {
   GROVE_RETURN_IF_ERROR(Alloc(&fh, R * F_max));
   GROVE_RETURN_IF_ERROR(Alloc(&rlogits, R * std::max<int64_t>(E, 1)));
   GROVE_RETURN_IF_ERROR(Alloc(&rscores, R * std::max<int64_t>(E, 1)));
-  GROVE_RETURN_IF_ERROR(Alloc(&gates, R * std::max<int64_t>(K, 1)));
-  GROVE_RETURN_IF_ERROR(Alloc(&ids, R * std::max<int64_t>(K, 1)));
+  GROVE_RETURN_IF_ERROR(Alloc(&gates, R * std::max<int64_t>(KS, 1)));
+  GROVE_RETURN_IF_ERROR(Alloc(&ids, R * std::max<int64_t>(KS, 1)));
+  if (S > 0) {
+    // The folded shared experts' columns, written once (the router fills
+    // only columns 0..K-1 of each row).
+    std::vector<uint16_t> h_ids(size_t(R * KS), 0);
+    std::vector<float> h_gates(size_t(R * KS), 0.f);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t s = 0; s < S; ++s) {
+        h_ids[size_t(r * KS + K + s)] = uint16_t(E + s);
+        h_gates[size_t(r * KS + K + s)] = 1.f;
+      }
+    GEN_CUDA(cudaMemcpy(ids, h_ids.data(), h_ids.size() * sizeof(uint16_t), cudaMemcpyHostToDevice));
+    GEN_CUDA(cudaMemcpy(gates, h_gates.data(), h_gates.size() * sizeof(float), cudaMemcpyHostToDevice));
+  }
   GROVE_RETURN_IF_ERROR(Alloc(&routes, R * std::max<int64_t>(M * K, 1)));
   GROVE_RETURN_IF_ERROR(Alloc(&h_last, Bm * H));
   GROVE_RETURN_IF_ERROR(Alloc(&logits, Bm * V));
@@ -446,7 +483,7 @@ Status GpuGenerator::Impl::Build() {
       ql_ws_bytes = std::max(ql_ws_bytes, kernels::QuantLinearWorkspaceBytes(f, s.n, s.k, R));
   if (ql_ws_bytes > 0) GROVE_RETURN_IF_ERROR(Alloc(reinterpret_cast<char**>(&ql_ws), int64_t(ql_ws_bytes)));
   if (M > 0) {
-    moe_ws_bytes = kernels::MoeDecodeWorkspaceBytes(int(R), int(H), int(c.expert_hidden), int(E), int(K));
+    moe_ws_bytes = kernels::MoeDecodeWorkspaceBytes(int(R), int(H), int(c.expert_hidden), int(E + S), int(KS));
     if (moe_ws_bytes > 0) GROVE_RETURN_IF_ERROR(Alloc(reinterpret_cast<char**>(&moe_ws), int64_t(moe_ws_bytes)));
   }
 
@@ -467,6 +504,46 @@ Status GpuGenerator::Impl::Build() {
   LOG(INFO) << "GpuGenerator: " << slots.size() << " weights, " << (arena >> 20) << " MiB weight arena, "
             << num_pages << " KV pages of " << opt.page_tokens << " tokens (" << ((size_t(num_pages) * page_bytes) >> 20)
             << " MiB)";
+  return Status::OK();
+}
+
+// fold_shared_experts: shared expert s as MoE expert E + s. W1/W3 are row
+// slices of the stacked [W1; W3] slot; W2's column block s is copied, in its
+// quantized form, into s_w2_blocks (stream-ordered after s_w2's quantization),
+// so every folded weight holds exactly the values of the unfolded path. An
+// int8 block keeps its row's scale (the same pointer); an int4 block's group
+// scales are the matching [hidden, eh / 128] column block.
+Status GpuGenerator::Impl::AppendFoldedSharedExperts(LayerWeights& w) {
+  if (S == 0) return Status::OK();
+  const int64_t eh = c.expert_hidden, Fs = S * eh;
+  const QuantWeight& up = slots[w.s_w13].qw;
+  const QuantWeight& down = slots[w.s_w2].qw;
+  const QuantFormat f = down.format;
+  const size_t row_bytes = kernels::QuantDataBytes(f, 1, Fs), block_bytes = kernels::QuantDataBytes(f, 1, eh);
+  const int64_t row_scales = kernels::QuantScaleCount(QuantFormat::kInt4, 1, Fs);
+  const int64_t block_scales = kernels::QuantScaleCount(QuantFormat::kInt4, 1, eh);
+  for (int64_t s = 0; s < S; ++s) {
+    w.h_w1.push_back(RowSlice(up, s * eh, eh));
+    w.h_w3.push_back(RowSlice(up, Fs + s * eh, eh));
+    QuantWeight blk;
+    blk.format = f;
+    blk.n = int32_t(H);
+    blk.k = int32_t(eh);
+    uint8_t* dst = w.s_w2_blocks + size_t(s) * size_t(H) * block_bytes;
+    GEN_CUDA(cudaMemcpy2DAsync(dst, block_bytes, static_cast<const uint8_t*>(down.data) + s * block_bytes, row_bytes,
+                               block_bytes, size_t(H), cudaMemcpyDeviceToDevice, stream));
+    blk.data = dst;
+    if (f == QuantFormat::kInt8) {
+      blk.scales = down.scales;
+    } else if (f == QuantFormat::kInt4) {
+      float* sdst = w.s_w2_block_scales + s * H * block_scales;
+      GEN_CUDA(cudaMemcpy2DAsync(sdst, block_scales * sizeof(float), down.scales + s * block_scales,
+                                 row_scales * sizeof(float), block_scales * sizeof(float), size_t(H),
+                                 cudaMemcpyDeviceToDevice, stream));
+      blk.scales = sdst;
+    }
+    w.h_w2.push_back(blk);
+  }
   return Status::OK();
 }
 
@@ -519,11 +596,12 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     ra.sigmoid = c.score_func == model::ScoreFunc::kSigmoid;
     ra.norm_topk = c.norm_topk;
     ra.route_scale = float(c.route_scale);
+    ra.out_stride = int(KS);
     GROVE_RETURN_IF_ERROR(kernels::RouterTopK(ra, stream));
-    GEN_CUDA(cudaMemcpy2DAsync(routes + mi * K, M * K * sizeof(uint16_t), ids, K * sizeof(uint16_t),
+    GEN_CUDA(cudaMemcpy2DAsync(routes + mi * K, M * K * sizeof(uint16_t), ids, KS * sizeof(uint16_t),
                                K * sizeof(uint16_t), rows, cudaMemcpyDeviceToDevice, stream));
     GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kSharedExperts));
-    if (c.shared_experts > 0)
+    if (c.shared_experts > 0 && S == 0)
       GROVE_RETURN_IF_ERROR(Ffn(rows, w.s_w13, w.s_w2, c.shared_experts * c.expert_hidden));
     kernels::MoeDecodeArgs ma;
     ma.x = h;
@@ -537,8 +615,8 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     ma.m = rows;
     ma.hidden = int(H);
     ma.expert_hidden = int(c.expert_hidden);
-    ma.experts = int(E);
-    ma.top_k = int(K);
+    ma.experts = int(E + S);
+    ma.top_k = int(KS);
     ma.workspace = moe_ws;
     ma.workspace_bytes = moe_ws_bytes;
     if (timing) {
@@ -626,6 +704,11 @@ Result<std::unique_ptr<GpuGenerator>> GpuGenerator::Create(const model::ModelCon
   if (config.experts > kernels::kRouterMaxExperts || config.top_k > kernels::kRouterMaxTopK)
     return Status::InvalidArgument("GpuGenerator: experts <= 256 and top_k <= 16 (router kernel)");
   if (config.hidden % 8 != 0) return Status::InvalidArgument("GpuGenerator: hidden must be a multiple of 8");
+  if (options.fold_shared_experts && config.experts > 0 && config.shared_experts > 0 &&
+      (config.top_k + config.shared_experts > 16 || config.experts + config.shared_experts > 256))
+    return Status::InvalidArgument(
+        "GpuGenerator: fold_shared_experts needs top_k + shared_experts <= 16 and experts + shared_experts <= 256 "
+        "(MoeDecodeForward's limits)");
   if (options.max_batch < 1 || options.page_tokens < 1 || !(options.kv_memory_fraction > 0.0) ||
       options.kv_memory_fraction > 1.0)
     return Status::InvalidArgument("GpuGenerator: max_batch and page_tokens >= 1, kv_memory_fraction in (0, 1]");
@@ -740,9 +823,11 @@ Result<double> GpuGenerator::Impl::Load(const float* params, bool on_device, con
       w.h_w3.push_back(g.slots[w.e_w3[e]].qw);
       w.h_w2.push_back(g.slots[w.e_w2[e]].qw);
     }
-    GEN_CUDA(cudaMemcpyAsync(w.d_w1, w.h_w1.data(), g.E * sizeof(QuantWeight), cudaMemcpyHostToDevice, g.stream));
-    GEN_CUDA(cudaMemcpyAsync(w.d_w3, w.h_w3.data(), g.E * sizeof(QuantWeight), cudaMemcpyHostToDevice, g.stream));
-    GEN_CUDA(cudaMemcpyAsync(w.d_w2, w.h_w2.data(), g.E * sizeof(QuantWeight), cudaMemcpyHostToDevice, g.stream));
+    GROVE_RETURN_IF_ERROR(g.AppendFoldedSharedExperts(w));
+    const size_t count = size_t(g.E + g.S);
+    GEN_CUDA(cudaMemcpyAsync(w.d_w1, w.h_w1.data(), count * sizeof(QuantWeight), cudaMemcpyHostToDevice, g.stream));
+    GEN_CUDA(cudaMemcpyAsync(w.d_w3, w.h_w3.data(), count * sizeof(QuantWeight), cudaMemcpyHostToDevice, g.stream));
+    GEN_CUDA(cudaMemcpyAsync(w.d_w2, w.h_w2.data(), count * sizeof(QuantWeight), cudaMemcpyHostToDevice, g.stream));
   }
   GEN_CUDA(cudaStreamSynchronize(g.stream));
   // A captured decode graph holds the non-expert weights' QuantWeight by

@@ -82,6 +82,15 @@ struct GpuGeneratorOptions {
   // small batch, and a phase's time includes any launch gap the GPU waits
   // through before its first kernel. Results are unchanged.
   bool profile_decode = false;
+  // Opt-in decode speedups (off until measured on the device; results may
+  // differ from the default path within fp32 summation order, see each):
+  // Shared experts run inside MoeDecodeForward as extra experts E..E+S-1,
+  // routed for every token with gate 1 (their w1/w3 are row slices of the
+  // stacked weight, w2 column blocks copied at LoadWeights in the quantized
+  // form, so the same quantized values). Saves the two shared-expert linears
+  // and the SwiGLU launch per MoE layer; changes only fp32 summation order
+  // (the W2 dot split into expert_hidden pieces, summed in the combine).
+  bool fold_shared_experts = false;
 };
 
 class GpuGenerator {

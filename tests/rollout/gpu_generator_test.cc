@@ -45,7 +45,7 @@ constexpr double kRouteTieBound = 4e-3;
 constexpr double kRouteEventRate = 0.03;  // near-tie route events per (row, MoE layer) pair
 constexpr int kNewTokens = 32;
 
-model::ModelConfig SmallConfig() {
+model::ModelConfig SmallConfig(int shared_experts = 1) {
   model::ModelConfig c;
   c.vocab_size = 512;
   c.hidden = 256;
@@ -58,7 +58,7 @@ model::ModelConfig SmallConfig() {
   c.dense_hidden = 512;
   c.experts = 8;
   c.top_k = 2;
-  c.shared_experts = 1;
+  c.shared_experts = shared_experts;
   c.expert_hidden = 128;
   c.score_func = model::ScoreFunc::kSigmoid;
   c.norm_topk = true;
@@ -70,8 +70,8 @@ model::ModelConfig SmallConfig() {
 // Random weights with a clear greedy winner most of the time (see the top),
 // every parameter rounded to bf16 so the GPU's bf16/fp32 copies equal the
 // CPU model's values.
-std::unique_ptr<model::Model> MakeModel(uint64_t seed) {
-  const model::ModelConfig c = SmallConfig();
+std::unique_ptr<model::Model> MakeModel(uint64_t seed, int shared_experts = 1) {
+  const model::ModelConfig c = SmallConfig(shared_experts);
   auto m = model::Model::Create(c, seed);
   EXPECT_TRUE(m.ok()) << m.status().ToString();
   model::Model& mm = **m;
@@ -531,6 +531,44 @@ TEST(GpuGenerator, GraphsEagerAndProfiledGiveTheSameBits) {
       EXPECT_EQ(runs[0][i].logprobs, runs[mode][i].logprobs) << "sequence " << i << ", mode " << mode;
       EXPECT_EQ(runs[0][i].routes, runs[mode][i].routes) << "sequence " << i << ", mode " << mode;
     }
+}
+
+// fold_shared_experts held to the default path's standard against the CPU
+// model (Compare: same near-tie rules and log-prob tolerance): the fold
+// changes only fp32 summation order, far below the bf16 activation rounding
+// the tolerance already covers. Two shared experts, so W2 really is split
+// into column blocks; bf16, int8 (blocks keep the row scale) and int4
+// (blocks take their group scales) shared weights.
+TEST(GpuGenerator, FoldedSharedExpertsMatchTheCpuModel) {
+  SKIP_WITHOUT_GPU();
+  for (PrecisionFormat shared : {PrecisionFormat::kBF16, PrecisionFormat::kInt8, PrecisionFormat::kInt4}) {
+    SCOPED_TRACE("shared experts in format " + std::to_string(int(shared)));
+    const FormatChooser choose = [shared](const actors::TensorSpec& t) -> std::optional<PrecisionFormat> {
+      if (t.name.find("shared") != std::string::npos) return shared;
+      if (t.name.find("moe.experts") != std::string::npos) return PrecisionFormat::kInt8;
+      return std::nullopt;
+    };
+    auto cpu = MakeModel(7, /*shared_experts=*/2);
+    std::vector<actors::TensorSpec> specs;
+    for (const auto& t : cpu->layout().tensors())
+      specs.push_back({t.name, t.shape, uint64_t(t.offset), uint64_t(t.numel)});
+    GpuGeneratorOptions o;
+    o.max_batch = 8;
+    o.kv_memory_fraction = 0.05;
+    o.fold_shared_experts = true;
+    auto gen = GpuGenerator::Create(cpu->config(), o);
+    ASSERT_TRUE(gen.ok()) << gen.status().ToString();
+    ASSERT_TRUE((*gen)->LoadWeights(cpu->params(), choose).ok());
+    std::vector<float> flat(cpu->params().begin(), cpu->params().end());
+    QuantizeInPlace(specs, flat, choose);
+    std::copy(flat.begin(), flat.end(), cpu->params().begin());
+    const auto prompts = Prompts(17, 8, 2, 30);
+    auto want = cpu->Generate(prompts, Greedy(16));
+    auto got = (*gen)->Generate(prompts, Greedy(16));
+    ASSERT_TRUE(want.ok() && got.ok()) << got.status().ToString();
+    Compare(*cpu, prompts, *want, *got);
+    EXPECT_TRUE((*gen)->stats().graphs_used);
+  }
 }
 
 TEST(GpuGenerator, LoadFromDeviceEqualsLoadFromHost) {
