@@ -414,8 +414,13 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
   int32_t* slot_of_row = reinterpret_cast<int32_t*>(ws + l.slot_of_row);
   __nv_bfloat16* h = reinterpret_cast<__nv_bfloat16*>(ws + l.h);
   float* partial = reinterpret_cast<float*>(ws + l.partial);
-  GROVE_RETURN_IF_ERROR(MoeRouteIndex(a.ids, a.m, a.top_k, a.experts, ws + l.route, l.offsets - l.route, offsets,
-                                      row_of_slot, slot_of_row, nullptr, stream));
+  if (a.one_launch_index && int64_t{a.m} * a.top_k <= kMoeRouteIndexOneBlockSlots) {
+    GROVE_RETURN_IF_ERROR(
+        MoeRouteIndexOneBlock(a.ids, a.m, a.top_k, a.experts, offsets, row_of_slot, slot_of_row, nullptr, stream));
+  } else {
+    GROVE_RETURN_IF_ERROR(MoeRouteIndex(a.ids, a.m, a.top_k, a.experts, ws + l.route, l.offsets - l.route, offsets,
+                                        row_of_slot, slot_of_row, nullptr, stream));
+  }
   GROVE_RETURN_IF_ERROR(RecordStage(a, 0, stream));
 
   // At most min(experts, slots) experts are active; blocks past the actual

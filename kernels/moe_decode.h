@@ -49,6 +49,10 @@ struct MoeDecodeArgs {
   // stream after the route indexing, after the up stage and after the down
   // stage, so a caller can time the four stages. Leave null in graphs.
   const cudaEvent_t* stage_events = nullptr;
+  // Group the slots by expert with MoeRouteIndexOneBlock (one launch instead
+  // of three; the same index, so the same result) when m * top_k <=
+  // kMoeRouteIndexOneBlockSlots; larger m ignores it.
+  bool one_launch_index = false;
 };
 
 size_t MoeDecodeWorkspaceBytes(int m, int hidden, int expert_hidden, int experts, int top_k);

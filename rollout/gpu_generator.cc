@@ -619,6 +619,7 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     ma.top_k = int(KS);
     ma.workspace = moe_ws;
     ma.workspace_bytes = moe_ws_bytes;
+    ma.one_launch_index = opt.one_launch_moe_index;
     if (timing) {
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kMoeRouteIndex));
       GROVE_ASSIGN_OR_RETURN(ma.stage_events,

@@ -91,6 +91,10 @@ struct GpuGeneratorOptions {
   // and the SwiGLU launch per MoE layer; changes only fp32 summation order
   // (the W2 dot split into expert_hidden pieces, summed in the combine).
   bool fold_shared_experts = false;
+  // MoeDecodeArgs::one_launch_index: the MoE's slot grouping in one launch
+  // for steps of up to 256 slots (rows * (top_k + folded shared)); the same
+  // index, so the same bits.
+  bool one_launch_moe_index = false;
 };
 
 class GpuGenerator {

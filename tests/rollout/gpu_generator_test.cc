@@ -485,7 +485,7 @@ TEST(GpuGenerator, QuantizedWeightsMatchTheCpuOnRoundTrippedWeights) {
   EXPECT_GE(compared * 2, total) << compared << " of " << total << " sampled log-probs compared";
 }
 
-TEST(GpuGenerator, GraphsEagerAndProfiledGiveTheSameBits) {
+TEST(GpuGenerator, GraphsEagerProfiledAndOneLaunchIndexGiveTheSameBits) {
   SKIP_WITHOUT_GPU();
   auto cpu = MakeModel(7);
   const auto prompts = Prompts(14, 5, 2, 20);
@@ -493,17 +493,19 @@ TEST(GpuGenerator, GraphsEagerAndProfiledGiveTheSameBits) {
   o.max_batch = 8;
   o.kv_memory_fraction = 0.05;
   std::vector<std::vector<model::Completion<float>>> runs;
-  // Graphs, eager, and eager with the per-phase profile (events only).
-  for (int mode = 0; mode < 3; ++mode) {
-    o.cuda_graphs = mode == 0;
+  // Graphs, eager, eager with the per-phase profile (events only), graphs
+  // with the one-launch MoE index (the same index arrays).
+  for (int mode = 0; mode < 4; ++mode) {
+    o.cuda_graphs = mode == 0 || mode == 3;
     o.profile_decode = mode == 2;
+    o.one_launch_moe_index = mode == 3;
     auto g = GpuGenerator::Create(cpu->config(), o);
     ASSERT_TRUE(g.ok()) << g.status().ToString();
     ASSERT_TRUE((*g)->LoadWeights(cpu->params(), nullptr).ok());
     auto r = (*g)->Generate(prompts, Greedy(12));
     ASSERT_TRUE(r.ok()) << r.status().ToString();
     const GpuGenerator::Stats& st = (*g)->stats();
-    EXPECT_EQ(st.graphs_used, mode == 0);
+    EXPECT_EQ(st.graphs_used, mode == 0 || mode == 3);
     double phases = 0;
     for (double v : st.decode_phase_seconds) phases += v;
     if (mode == 2) {
@@ -526,7 +528,7 @@ TEST(GpuGenerator, GraphsEagerAndProfiledGiveTheSameBits) {
     runs.push_back(std::move(*r));
   }
   for (size_t i = 0; i < prompts.size(); ++i)
-    for (int mode = 1; mode < 3; ++mode) {
+    for (int mode = 1; mode < 4; ++mode) {
       EXPECT_EQ(runs[0][i].tokens, runs[mode][i].tokens) << "sequence " << i << ", mode " << mode;
       EXPECT_EQ(runs[0][i].logprobs, runs[mode][i].logprobs) << "sequence " << i << ", mode " << mode;
       EXPECT_EQ(runs[0][i].routes, runs[mode][i].routes) << "sequence " << i << ", mode " << mode;
