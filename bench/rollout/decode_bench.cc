@@ -26,6 +26,11 @@
 // plan of --plans at --profile_batches, 32 new tokens: ms per step per phase
 // (rmsnorm, qkv linear, rope + append, attention, wo, router, shared experts,
 // MoE route index / up / down / combine, lm head, sampling, host).
+//
+// --variants: instead, the engine (graphs on) with each opt-in decode path of
+// GpuGeneratorOptions off and on (base, fold_shared_experts,
+// one_launch_moe_index, all) for --plans at --variant_batches, 32 new
+// tokens: ms per decode step and the speedup over base.
 #include <cuda_runtime_api.h>
 #include <gflags/gflags.h>
 
@@ -55,6 +60,8 @@ DEFINE_bool(quick, false, "32 new tokens, graphs on only");
 DEFINE_uint64(seed, 1, "weights and prompts seed");
 DEFINE_bool(profile, false, "print the eager decode step's time per phase instead of the throughput table");
 DEFINE_string(profile_batches, "1,32", "batch sizes of --profile");
+DEFINE_bool(variants, false, "print ms/step of each opt-in decode path off/on instead of the throughput table");
+DEFINE_string(variant_batches, "1,8,32", "batch sizes of --variants");
 
 namespace grove::rollout {
 namespace {
@@ -210,6 +217,59 @@ int RunProfile(const model::ModelConfig& c, const model::Model& host) {
   return 0;
 }
 
+// The opt-in decode paths of GpuGeneratorOptions, each alone, then all.
+struct Variant {
+  const char* name;
+  void (*set)(GpuGeneratorOptions&);
+};
+const Variant kVariants[] = {
+    {"base", [](GpuGeneratorOptions&) {}},
+    {"fold_shared_experts", [](GpuGeneratorOptions& o) { o.fold_shared_experts = true; }},
+    {"one_launch_moe_index", [](GpuGeneratorOptions& o) { o.one_launch_moe_index = true; }},
+    {"all", [](GpuGeneratorOptions& o) {
+       o.fold_shared_experts = true;
+       o.one_launch_moe_index = true;
+     }},
+};
+
+// --variants: rows (variant, plan), columns ms/step per batch (x speedup
+// over base on the same plan and batch).
+int RunVariants(const model::ModelConfig& c, const model::Model& host) {
+  const std::vector<int> batches = ParseInts(FLAGS_variant_batches);
+  const std::vector<std::string> plans = ParseNames(FLAGS_plans);
+  int max_batch = 1;
+  for (int b : batches) max_batch = std::max(max_batch, b);
+  std::mt19937_64 rng(FLAGS_seed);
+  std::vector<std::vector<double>> base(plans.size(), std::vector<double>(batches.size(), 0));
+  std::printf("\ndecode ms/step (graphs on) per opt-in path; (x speedup over base)\n| variant | plan |");
+  for (int b : batches) std::printf(" b%d |", b);
+  std::printf("\n| --- | --- |");
+  for (size_t i = 0; i < batches.size(); ++i) std::printf(" --- |");
+  std::printf("\n");
+  for (const Variant& v : kVariants) {
+    GpuGeneratorOptions o;
+    o.max_batch = max_batch;
+    o.kv_memory_fraction = 0.1;
+    v.set(o);
+    auto gen = GpuGenerator::Create(c, o);
+    CHECK_OK(gen.status());
+    for (size_t p = 0; p < plans.size(); ++p) {
+      CHECK_OK((*gen)->LoadWeights(host.params(), Plan(plans[p])).status());
+      std::printf("| %s | %s |", v.name, plans[p].c_str());
+      for (size_t i = 0; i < batches.size(); ++i) {
+        const Timed t = TimeGenerate(**gen, batches[i], FLAGS_prompt, 32, rng, int32_t(c.vocab_size));
+        const double ms = t.delta.decode_seconds / double(std::max<int64_t>(1, t.delta.decode_steps)) * 1e3;
+        if (&v == &kVariants[0]) base[p][i] = ms;
+        std::printf(" %.3f (%.2fx) |", ms, ms > 0 ? base[p][i] / ms : 0);
+        std::fflush(stdout);
+      }
+      std::printf("\n");
+    }
+    if (!(*gen)->stats().graphs_used) std::printf("(%s: graph capture failed, eager)\n", v.name);
+  }
+  return 0;
+}
+
 int Run() {
   auto mc = model::ModelConfig::LoadFile(FLAGS_config);
   CHECK_OK(mc.status());
@@ -231,6 +291,7 @@ int Run() {
   std::printf("model %s: %lld parameters, init %.1f s; prompt %d, %d new tokens, greedy\n", FLAGS_config.c_str(),
               (long long)(*host)->layout().total(), Since(t0), FLAGS_prompt, new_tokens);
   if (FLAGS_profile) return RunProfile(c, **host);
+  if (FLAGS_variants) return RunVariants(c, **host);
   const std::vector<int> batches = ParseInts(FLAGS_batches);
   int max_batch = 1;
   for (int b : batches) max_batch = std::max(max_batch, b);
