@@ -104,6 +104,7 @@ __global__ void RouterTopKKernel(RouterArgs a) {
   for (int j = 0; j < a.top_k; ++j) z += __shfl_sync(0xffffffffu, my_score, j);
   if (lane < a.top_k) {
     ids[lane] = static_cast<uint16_t>(my_id);
+    if (a.ids_copy) a.ids_copy[static_cast<int64_t>(token) * a.ids_copy_stride + lane] = static_cast<uint16_t>(my_id);
     const float g = a.norm_topk ? (z > 0.f ? my_score / z : 0.f) : my_score;
     gates[lane] = g * a.route_scale;
   }
@@ -123,6 +124,9 @@ Status RouterTopK(const RouterArgs& a, cudaStream_t stream) {
                                    std::to_string(a.top_k));
   if (a.out_stride != 0 && a.out_stride < a.top_k)
     return Status::InvalidArgument("router: out_stride must be 0 or >= top_k, got " + std::to_string(a.out_stride));
+  if (a.ids_copy && a.ids_copy_stride < a.top_k)
+    return Status::InvalidArgument("router: ids_copy_stride must be >= top_k, got " +
+                                   std::to_string(a.ids_copy_stride));
   if (a.tokens == 0) return Status::OK();
   if (!a.logits || !a.scores || !a.ids || !a.gates)
     return Status::InvalidArgument("router: null logits or outputs");

@@ -33,6 +33,11 @@ struct RouterArgs {
   // columns top_k.. of each row untouched (the rollout engine keeps its
   // shared experts' constant ids/gates there for the fused MoE).
   int out_stride = 0;
+  // Optional second copy of the ids, row stride ids_copy_stride (>= top_k):
+  // the rollout engine's per-layer routes record, written here instead of by
+  // a separate copy.
+  uint16_t* ids_copy = nullptr;
+  int ids_copy_stride = 0;
 };
 
 // Replayed ids must be < experts (checked on the device: an out-of-range id

@@ -597,9 +597,14 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     ra.norm_topk = c.norm_topk;
     ra.route_scale = float(c.route_scale);
     ra.out_stride = int(KS);
+    if (opt.router_writes_routes) {
+      ra.ids_copy = routes + mi * K;
+      ra.ids_copy_stride = int(M * K);
+    }
     GROVE_RETURN_IF_ERROR(kernels::RouterTopK(ra, stream));
-    GEN_CUDA(cudaMemcpy2DAsync(routes + mi * K, M * K * sizeof(uint16_t), ids, KS * sizeof(uint16_t),
-                               K * sizeof(uint16_t), rows, cudaMemcpyDeviceToDevice, stream));
+    if (!opt.router_writes_routes)
+      GEN_CUDA(cudaMemcpy2DAsync(routes + mi * K, M * K * sizeof(uint16_t), ids, KS * sizeof(uint16_t),
+                                 K * sizeof(uint16_t), rows, cudaMemcpyDeviceToDevice, stream));
     GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kSharedExperts));
     if (c.shared_experts > 0 && S == 0)
       GROVE_RETURN_IF_ERROR(Ffn(rows, w.s_w13, w.s_w2, c.shared_experts * c.expert_hidden));

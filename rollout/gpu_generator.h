@@ -95,6 +95,10 @@ struct GpuGeneratorOptions {
   // for steps of up to 256 slots (rows * (top_k + folded shared)); the same
   // index, so the same bits.
   bool one_launch_moe_index = false;
+  // The router kernel writes each MoE layer's ids into the routes record
+  // itself (RouterArgs::ids_copy) instead of a cudaMemcpy2D per layer (a
+  // copy node in the graph); the same bytes.
+  bool router_writes_routes = false;
 };
 
 class GpuGenerator {

@@ -29,7 +29,7 @@
 //
 // --variants: instead, the engine (graphs on) with each opt-in decode path of
 // GpuGeneratorOptions off and on (base, fold_shared_experts,
-// one_launch_moe_index, all) for --plans at --variant_batches, 32 new
+// one_launch_moe_index, router_writes_routes, all) for --plans at --variant_batches, 32 new
 // tokens: ms per decode step and the speedup over base.
 #include <cuda_runtime_api.h>
 #include <gflags/gflags.h>
@@ -226,9 +226,11 @@ const Variant kVariants[] = {
     {"base", [](GpuGeneratorOptions&) {}},
     {"fold_shared_experts", [](GpuGeneratorOptions& o) { o.fold_shared_experts = true; }},
     {"one_launch_moe_index", [](GpuGeneratorOptions& o) { o.one_launch_moe_index = true; }},
+    {"router_writes_routes", [](GpuGeneratorOptions& o) { o.router_writes_routes = true; }},
     {"all", [](GpuGeneratorOptions& o) {
        o.fold_shared_experts = true;
        o.one_launch_moe_index = true;
+       o.router_writes_routes = true;
      }},
 };
 

@@ -28,6 +28,7 @@ struct Case {
   bool sigmoid, norm_topk, with_bias, replay, equal_logits;
   float route_scale;
   int out_stride = 0;  // RouterArgs::out_stride
+  int copy_stride = 0;  // RouterArgs::ids_copy_stride (0: no copy)
 };
 
 void CheckRouter(const Case& c) {
@@ -72,6 +73,12 @@ void CheckRouter(const Case& c) {
   a.norm_topk = c.norm_topk;
   a.route_scale = c.route_scale;
   a.out_stride = c.out_stride;
+  DeviceBuffer<uint16_t> d_copy(size_t(std::max(c.tokens, 1)) * std::max(c.copy_stride, 1));
+  GROVE_CUDA_OK(cudaMemset(d_copy.get(), 0xFF, d_copy.count() * 2));
+  if (c.copy_stride > 0) {
+    a.ids_copy = d_copy.get();
+    a.ids_copy_stride = c.copy_stride;
+  }
   Status s = RouterTopK(a, nullptr);
   ASSERT_TRUE(s.ok()) << s;
   GROVE_CUDA_OK(cudaDeviceSynchronize());
@@ -80,6 +87,14 @@ void CheckRouter(const Case& c) {
   GROVE_CUDA_OK(d_scores.Download(&scores));
   GROVE_CUDA_OK(d_gates.Download(&gates));
   GROVE_CUDA_OK(d_ids.Download(&ids));
+  std::vector<uint16_t> copy;
+  GROVE_CUDA_OK(d_copy.Download(&copy));
+  if (c.copy_stride > 0) {  // the copy holds the ids, the rest of its rows untouched
+    for (int t = 0; t < c.tokens; ++t)
+      for (int j = 0; j < c.copy_stride; ++j)
+        ASSERT_EQ(copy[size_t(t) * c.copy_stride + j], j < c.top_k ? ids[size_t(t) * stride + j] : uint16_t(0xFFFF))
+            << "token " << t << " column " << j;
+  }
 
   size_t bad_scores = 0, bad_ids = 0, bad_gates = 0;
   for (int t = 0; t < c.tokens; ++t) {
@@ -157,10 +172,12 @@ TEST(RouterTest, ReplayedIdsAreUsedAsGiven) {
   CheckRouter({1000, 64, 6, true, true, true, true, false, 1.f});
 }
 
-TEST(RouterTest, WiderOutputRowsLeaveTheRestAlone) {
+TEST(RouterTest, WiderOutputRowsAndTheIdsCopy) {
   GROVE_SKIP_WITHOUT_GPU();
   CheckRouter({1000, 64, 6, true, true, true, false, false, 2.5f, 8});
   CheckRouter({300, 64, 6, true, true, true, true, false, 1.f, 9});
+  CheckRouter({500, 64, 6, true, true, true, false, false, 1.f, 0, 90});  // ids copied into a routes record
+  CheckRouter({77, 8, 2, false, false, false, false, false, 1.f, 4, 2});
 }
 
 TEST(RouterTest, RejectsBadShapes) {
@@ -177,6 +194,11 @@ TEST(RouterTest, RejectsBadShapes) {
   a.out_stride = 1;  // narrower than top_k
   EXPECT_EQ(RouterTopK(a, nullptr).code(), StatusCode::kInvalidArgument);
   a.out_stride = 0;
+  uint16_t dummy = 0;
+  a.ids_copy = &dummy;  // copy stride narrower than top_k
+  a.ids_copy_stride = 1;
+  EXPECT_EQ(RouterTopK(a, nullptr).code(), StatusCode::kInvalidArgument);
+  a.ids_copy = nullptr;
 }
 
 // RouterBackward against model/moe.h's MoeBackward (gates -> scores ->

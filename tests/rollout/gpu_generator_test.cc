@@ -485,7 +485,7 @@ TEST(GpuGenerator, QuantizedWeightsMatchTheCpuOnRoundTrippedWeights) {
   EXPECT_GE(compared * 2, total) << compared << " of " << total << " sampled log-probs compared";
 }
 
-TEST(GpuGenerator, GraphsEagerProfiledAndOneLaunchIndexGiveTheSameBits) {
+TEST(GpuGenerator, GraphsEagerProfiledAndBitExactOptInPathsGiveTheSameBits) {
   SKIP_WITHOUT_GPU();
   auto cpu = MakeModel(7);
   const auto prompts = Prompts(14, 5, 2, 20);
@@ -494,18 +494,20 @@ TEST(GpuGenerator, GraphsEagerProfiledAndOneLaunchIndexGiveTheSameBits) {
   o.kv_memory_fraction = 0.05;
   std::vector<std::vector<model::Completion<float>>> runs;
   // Graphs, eager, eager with the per-phase profile (events only), graphs
-  // with the one-launch MoE index (the same index arrays).
-  for (int mode = 0; mode < 4; ++mode) {
-    o.cuda_graphs = mode == 0 || mode == 3;
+  // with the one-launch MoE index (the same index arrays), graphs with the
+  // router writing the routes record (the same bytes).
+  for (int mode = 0; mode < 5; ++mode) {
+    o.cuda_graphs = mode == 0 || mode >= 3;
     o.profile_decode = mode == 2;
     o.one_launch_moe_index = mode == 3;
+    o.router_writes_routes = mode == 4;
     auto g = GpuGenerator::Create(cpu->config(), o);
     ASSERT_TRUE(g.ok()) << g.status().ToString();
     ASSERT_TRUE((*g)->LoadWeights(cpu->params(), nullptr).ok());
     auto r = (*g)->Generate(prompts, Greedy(12));
     ASSERT_TRUE(r.ok()) << r.status().ToString();
     const GpuGenerator::Stats& st = (*g)->stats();
-    EXPECT_EQ(st.graphs_used, mode == 0 || mode == 3);
+    EXPECT_EQ(st.graphs_used, mode == 0 || mode >= 3);
     double phases = 0;
     for (double v : st.decode_phase_seconds) phases += v;
     if (mode == 2) {
@@ -515,11 +517,14 @@ TEST(GpuGenerator, GraphsEagerProfiledAndOneLaunchIndexGiveTheSameBits) {
       for (DecodePhase p : {DecodePhase::kNorms, DecodePhase::kQkvLinear, DecodePhase::kRopeAppend,
                             DecodePhase::kAttention, DecodePhase::kWo, DecodePhase::kLmHead, DecodePhase::kSampling})
         EXPECT_GT(st.decode_phase_seconds[int(p)], 0.0) << DecodePhaseName(p);
-      if (c.experts > 0)
+      if (c.experts > 0) {
         for (DecodePhase p : {DecodePhase::kRouter, DecodePhase::kMoeRouteIndex, DecodePhase::kMoeUp,
                               DecodePhase::kMoeDown, DecodePhase::kMoeCombine})
           EXPECT_GT(st.decode_phase_seconds[int(p)], 0.0) << DecodePhaseName(p);
-      if (c.dense_layers > 0) EXPECT_GT(st.decode_phase_seconds[int(DecodePhase::kDenseFfn)], 0.0);
+      }
+      if (c.dense_layers > 0) {
+        EXPECT_GT(st.decode_phase_seconds[int(DecodePhase::kDenseFfn)], 0.0);
+      }
       EXPECT_GT(st.decode_steps, 0);
       EXPECT_NEAR(phases, st.decode_seconds, 0.05 * st.decode_seconds);
     } else {
@@ -528,7 +533,7 @@ TEST(GpuGenerator, GraphsEagerProfiledAndOneLaunchIndexGiveTheSameBits) {
     runs.push_back(std::move(*r));
   }
   for (size_t i = 0; i < prompts.size(); ++i)
-    for (int mode = 1; mode < 4; ++mode) {
+    for (int mode = 1; mode < 5; ++mode) {
       EXPECT_EQ(runs[0][i].tokens, runs[mode][i].tokens) << "sequence " << i << ", mode " << mode;
       EXPECT_EQ(runs[0][i].logprobs, runs[mode][i].logprobs) << "sequence " << i << ", mode " << mode;
       EXPECT_EQ(runs[0][i].routes, runs[mode][i].routes) << "sequence " << i << ", mode " << mode;
