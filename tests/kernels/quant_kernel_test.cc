@@ -476,6 +476,18 @@ void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
   ASSERT_EQ(dout.Download(&out_auto), cudaSuccess);
   ASSERT_TRUE(std::memcmp(out_auto.data(), outs[0].data(), out_auto.size() * 4) == 0 ||
               std::memcmp(out_auto.data(), outs[1].data(), out_auto.size() * 4) == 0);
+  // The one-launch index (small m; ignored above its slot limit) builds the
+  // same index: the same bits on both kernel pairs.
+  a.one_launch_index = true;
+  for (int p = 0; p < 2; ++p) {
+    ASSERT_EQ(dout.Upload(out0), cudaSuccess);
+    ASSERT_TRUE(detail::MoeDecodeForwardOnPath(a, paths[p], nullptr).ok());
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    std::vector<float> one;
+    ASSERT_EQ(dout.Download(&one), cudaSuccess);
+    ASSERT_EQ(std::memcmp(one.data(), outs[p].data(), one.size() * 4), 0) << "one-launch index, path " << p;
+  }
+  a.one_launch_index = false;
 
   for (int t = 0; t < c.m; ++t) {
     std::vector<double> ref(H, 0.0), bound(H, 0.0);
