@@ -292,8 +292,12 @@ int Run() {
   bench::FastInit(**host, FLAGS_seed);
   std::printf("model %s: %lld parameters, init %.1f s; prompt %d, %d new tokens, greedy\n", FLAGS_config.c_str(),
               (long long)(*host)->layout().total(), Since(t0), FLAGS_prompt, new_tokens);
-  if (FLAGS_profile) return RunProfile(c, **host);
-  if (FLAGS_variants) return RunVariants(c, **host);
+  // --profile and --variants replace the throughput table (both: both, one model init).
+  if (FLAGS_profile || FLAGS_variants) {
+    if (FLAGS_profile) RunProfile(c, **host);
+    if (FLAGS_variants) RunVariants(c, **host);
+    return 0;
+  }
   const std::vector<int> batches = ParseInts(FLAGS_batches);
   int max_batch = 1;
   for (int b : batches) max_batch = std::max(max_batch, b);
