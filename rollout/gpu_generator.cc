@@ -109,15 +109,16 @@ class PhaseTimer {
     GROVE_RETURN_IF_ERROR(Reserve(phase, &e));
     return Cuda(cudaEventRecord(*e, stream), "cudaEventRecord (profile)");
   }
-  // Reserves `count` consecutive events for a callee to record in order
+  // Reserves consecutive events for a callee to record in order
   // (MoeDecodeArgs::stage_events); phases[i] is the interval event i opens.
+  // The pointer (to contiguous events) is valid until the next Mark or Take.
   Result<const cudaEvent_t*> Take(std::initializer_list<DecodePhase> phases) {
     const size_t first = used_;
     for (DecodePhase p : phases) {
       cudaEvent_t* e = nullptr;
       GROVE_RETURN_IF_ERROR(Reserve(p, &e));
     }
-    return &events_[first];
+    return events_.data() + first;
   }
   // After the stream is synchronized: adds each interval to its phase and
   // returns the first-to-last span in seconds; then starts over.
@@ -147,8 +148,7 @@ class PhaseTimer {
     *e = &events_[used_++];
     return Status::OK();
   }
-  // A deque: Take's pointer stays valid while later events are added.
-  std::deque<cudaEvent_t> events_;
+  std::vector<cudaEvent_t> events_;
   std::vector<DecodePhase> phase_;
   size_t used_ = 0;
 };
