@@ -176,13 +176,19 @@ Status LaunchGemvTokensRows(const __nv_bfloat16* x, int64_t ldx, int count, cons
   if (count <= 8) return LaunchGemv<F, 8, R>(x, ldx, count, w, y, ldy, mode, stream);
   return LaunchGemv<F, 16, R>(x, ldx, count, w, y, ldy, mode, stream);
 }
-// rows_per_warp: 1, 2 (kRows, the default) or 4.
+// QuantLinear's CUDA-core rows per warp (kCudaCore; kAuto at m = 1). Change
+// here to switch the default after measuring (quant_linear_bench
+// --gemv_variants); not gemv::kRows, which the MoE's up kernel needs at 2
+// (its W1/W3 row pair).
+constexpr int kDefaultGemvRows = kRows;
+
+// rows_per_warp: 1, 2 or 4.
 template <QuantFormat F>
 Status LaunchGemvTokens(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y,
                         int64_t ldy, Accumulate mode, int rows_per_warp, cudaStream_t stream) {
   if (rows_per_warp == 1) return LaunchGemvTokensRows<F, 1>(x, ldx, count, w, y, ldy, mode, stream);
   if (rows_per_warp == 4) return LaunchGemvTokensRows<F, 4>(x, ldx, count, w, y, ldy, mode, stream);
-  return LaunchGemvTokensRows<F, kRows>(x, ldx, count, w, y, ldy, mode, stream);
+  return LaunchGemvTokensRows<F, 2>(x, ldx, count, w, y, ldy, mode, stream);
 }
 
 template <int NT>
@@ -337,7 +343,7 @@ Status QuantLinearOnPath(QuantLinearPath path, const __nv_bfloat16* x, int64_t l
   const bool tensor = path == QuantLinearPath::kTensorCore;
   const int rows_per_warp = path == QuantLinearPath::kCudaCoreRows1   ? 1
                             : path == QuantLinearPath::kCudaCoreRows4 ? 4
-                                                                      : kRows;
+                                                                      : kDefaultGemvRows;
   auto smem = [&](int tokens) {
     return tensor ? MmaSmemBytes(w.k, (tokens + 7) / 8)
                   : gemv::ReduceBytes(rows_per_warp) + gemv::XTileBytes(w.k, tokens);
