@@ -267,6 +267,19 @@ bool HaveGpu() { return GpuGenerator::DeviceCount() > 0; }
 // either moves them by far more than kLogprobTol), so matching log-probs
 // checks those paths, not just the embedding.
 TEST(GpuGeneratorModel, TestModelHasClearMargins) {
+  {
+    // The two-shared-expert variant (FoldedSharedExpertsMatchTheCpuModel's
+    // model, its prompts) keeps the clear-margin premise too.
+    auto cpu2 = MakeModel(7, /*shared_experts=*/2);
+    const auto prompts2 = Prompts(17, 8, 2, 30);
+    auto want2 = cpu2->Generate(prompts2, Greedy(16));
+    ASSERT_TRUE(want2.ok()) << want2.status().ToString();
+    int clear2 = 0;
+    for (size_t i = 0; i < prompts2.size(); ++i)
+      clear2 += ClearMargins(Gaps(*cpu2, prompts2[i], (*want2)[i].tokens));
+    EXPECT_GE(clear2, 4) << "of " << prompts2.size() << " sequences (2 shared experts) have all top-2 gaps >= "
+                         << kGapBound;
+  }
   auto cpu = MakeModel(7);
   const auto prompts = Prompts(11, 8, 3, 24);
   auto want = cpu->Generate(prompts, Greedy(kNewTokens));
