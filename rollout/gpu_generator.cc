@@ -15,6 +15,7 @@
 #include "kernels/moe_decode.h"
 #include "kernels/paged_kv.h"
 #include "kernels/quant_linear.h"
+#include "kernels/quant_linear_internal.h"
 #include "kernels/router.h"
 #include "kernels/sampling.h"
 #include "model/layers.h"
@@ -312,6 +313,13 @@ struct GpuGenerator::Impl {
   Status AppendFoldedSharedExperts(LayerWeights& w);
   Result<double> Load(const float* params, bool on_device, const FormatChooser& choose);
   Status Linear(const bf16* x_in, int64_t ldx, int rows, int slot, float* y, int64_t ldy, Accumulate mode) {
+    if (rows == 1 && opt.gemv_rows_per_warp != 0) {
+      using kernels::detail::QuantLinearPath;
+      const QuantLinearPath path = opt.gemv_rows_per_warp == 1   ? QuantLinearPath::kCudaCoreRows1
+                                   : opt.gemv_rows_per_warp == 4 ? QuantLinearPath::kCudaCoreRows4
+                                                                 : QuantLinearPath::kCudaCore;
+      return kernels::detail::QuantLinearOnPath(path, x_in, ldx, rows, slots[slot].qw, y, ldy, mode, stream);
+    }
     return kernels::QuantLinear(x_in, ldx, rows, slots[slot].qw, y, ldy, mode, ql_ws, ql_ws_bytes, stream);
   }
   // x += SwiGLU(h) with width F; w13 = [W1; W3] stacked.
@@ -715,6 +723,9 @@ Result<std::unique_ptr<GpuGenerator>> GpuGenerator::Create(const model::ModelCon
     return Status::InvalidArgument(
         "GpuGenerator: fold_shared_experts needs top_k + shared_experts <= 16 and experts + shared_experts <= 256 "
         "(MoeDecodeForward's limits)");
+  if (options.gemv_rows_per_warp != 0 && options.gemv_rows_per_warp != 1 && options.gemv_rows_per_warp != 2 &&
+      options.gemv_rows_per_warp != 4)
+    return Status::InvalidArgument("GpuGenerator: gemv_rows_per_warp must be 0 (default), 1, 2 or 4");
   if (options.max_batch < 1 || options.page_tokens < 1 || !(options.kv_memory_fraction > 0.0) ||
       options.kv_memory_fraction > 1.0)
     return Status::InvalidArgument("GpuGenerator: max_batch and page_tokens >= 1, kv_memory_fraction in (0, 1]");

@@ -99,6 +99,10 @@ struct GpuGeneratorOptions {
   // itself (RouterArgs::ids_copy) instead of a cudaMemcpy2D per layer (a
   // copy node in the graph); the same bytes.
   bool router_writes_routes = false;
+  // Rows per warp of the m = 1 CUDA-core GEMV in every QuantLinear of a
+  // batch-1 step: 0 = QuantLinear's default, else 1, 2 or 4
+  // (kernels/quant_linear_internal.h's kCudaCoreRows*: the same bits).
+  int gemv_rows_per_warp = 0;
 };
 
 class GpuGenerator {

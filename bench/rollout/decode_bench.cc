@@ -29,7 +29,8 @@
 //
 // --variants: instead, the engine (graphs on) with each opt-in decode path of
 // GpuGeneratorOptions off and on (base, fold_shared_experts,
-// one_launch_moe_index, router_writes_routes, all) for --plans at --variant_batches, 32 new
+// one_launch_moe_index, router_writes_routes, gemv_rows_per_warp 1 / 4
+// (batch 1 only), all = the three launch-saving paths) for --plans at --variant_batches, 32 new
 // tokens: ms per decode step and the speedup over base.
 #include <cuda_runtime_api.h>
 #include <gflags/gflags.h>
@@ -236,6 +237,8 @@ const Variant kVariants[] = {
     {"fold_shared_experts", [](GpuGeneratorOptions& o) { o.fold_shared_experts = true; }},
     {"one_launch_moe_index", [](GpuGeneratorOptions& o) { o.one_launch_moe_index = true; }},
     {"router_writes_routes", [](GpuGeneratorOptions& o) { o.router_writes_routes = true; }},
+    {"gemv_rows_per_warp=1", [](GpuGeneratorOptions& o) { o.gemv_rows_per_warp = 1; }},
+    {"gemv_rows_per_warp=4", [](GpuGeneratorOptions& o) { o.gemv_rows_per_warp = 4; }},
     {"all", [](GpuGeneratorOptions& o) {
        o.fold_shared_experts = true;
        o.one_launch_moe_index = true;

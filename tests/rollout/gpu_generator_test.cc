@@ -508,12 +508,15 @@ TEST(GpuGenerator, GraphsEagerProfiledAndBitExactOptInPathsGiveTheSameBits) {
   std::vector<std::vector<model::Completion<float>>> runs;
   // Graphs, eager, eager with the per-phase profile (events only), graphs
   // with the one-launch MoE index (the same index arrays), graphs with the
-  // router writing the routes record (the same bytes).
-  for (int mode = 0; mode < 5; ++mode) {
+  // router writing the routes record (the same bytes), graphs with the
+  // batch-1 GEMV at 1 and 4 rows per warp (the same bits).
+  constexpr int kModes = 7;
+  for (int mode = 0; mode < kModes; ++mode) {
     o.cuda_graphs = mode == 0 || mode >= 3;
     o.profile_decode = mode == 2;
     o.one_launch_moe_index = mode == 3;
     o.router_writes_routes = mode == 4;
+    o.gemv_rows_per_warp = mode == 5 ? 1 : mode == 6 ? 4 : 0;
     auto g = GpuGenerator::Create(cpu->config(), o);
     ASSERT_TRUE(g.ok()) << g.status().ToString();
     ASSERT_TRUE((*g)->LoadWeights(cpu->params(), nullptr).ok());
@@ -546,7 +549,7 @@ TEST(GpuGenerator, GraphsEagerProfiledAndBitExactOptInPathsGiveTheSameBits) {
     runs.push_back(std::move(*r));
   }
   for (size_t i = 0; i < prompts.size(); ++i)
-    for (int mode = 1; mode < 5; ++mode) {
+    for (int mode = 1; mode < kModes; ++mode) {
       EXPECT_EQ(runs[0][i].tokens, runs[mode][i].tokens) << "sequence " << i << ", mode " << mode;
       EXPECT_EQ(runs[0][i].logprobs, runs[mode][i].logprobs) << "sequence " << i << ", mode " << mode;
       EXPECT_EQ(runs[0][i].routes, runs[mode][i].routes) << "sequence " << i << ", mode " << mode;
@@ -635,6 +638,14 @@ TEST(GpuGenerator, RejectsBadInput) {
   bad.head_dim = 32;
   bad.heads = 8;
   EXPECT_FALSE(GpuGenerator::Create(bad, GpuGeneratorOptions{}).ok());
+  GpuGeneratorOptions rows3;
+  rows3.gemv_rows_per_warp = 3;
+  EXPECT_EQ(GpuGenerator::Create(cpu->config(), rows3).status().code(), StatusCode::kInvalidArgument);
+  model::ModelConfig many_shared = cpu->config();  // top_k + shared > 16: cannot fold
+  many_shared.shared_experts = 15;
+  GpuGeneratorOptions fold;
+  fold.fold_shared_experts = true;
+  EXPECT_EQ(GpuGenerator::Create(many_shared, fold).status().code(), StatusCode::kInvalidArgument);
 }
 
 }  // namespace
