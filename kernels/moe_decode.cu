@@ -66,6 +66,14 @@ Status Launched(const char* what) {
   return Status::Internal(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
+// The optional profiling event `i` of MoeDecodeArgs::stage_events.
+Status RecordStage(const MoeDecodeArgs& a, int i, cudaStream_t stream) {
+  if (!a.stage_events) return Status::OK();
+  const cudaError_t err = cudaEventRecord(a.stage_events[i], stream);
+  if (err == cudaSuccess) return Status::OK();
+  return Status::Internal(std::string("MoeDecodeForward: stage event: ") + cudaGetErrorString(err));
+}
+
 // The `index`-th expert (in id order) with at least one routed row, or -1.
 // Called by the whole block; ends with a barrier.
 __device__ int FindActiveExpert(const int32_t* offsets, int experts, int index) {
@@ -406,8 +414,14 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
   int32_t* slot_of_row = reinterpret_cast<int32_t*>(ws + l.slot_of_row);
   __nv_bfloat16* h = reinterpret_cast<__nv_bfloat16*>(ws + l.h);
   float* partial = reinterpret_cast<float*>(ws + l.partial);
-  GROVE_RETURN_IF_ERROR(MoeRouteIndex(a.ids, a.m, a.top_k, a.experts, ws + l.route, l.offsets - l.route, offsets,
-                                      row_of_slot, slot_of_row, nullptr, stream));
+  if (a.one_launch_index && int64_t{a.m} * a.top_k <= kMoeRouteIndexOneBlockSlots) {
+    GROVE_RETURN_IF_ERROR(
+        MoeRouteIndexOneBlock(a.ids, a.m, a.top_k, a.experts, offsets, row_of_slot, slot_of_row, nullptr, stream));
+  } else {
+    GROVE_RETURN_IF_ERROR(MoeRouteIndex(a.ids, a.m, a.top_k, a.experts, ws + l.route, l.offsets - l.route, offsets,
+                                        row_of_slot, slot_of_row, nullptr, stream));
+  }
+  GROVE_RETURN_IF_ERROR(RecordStage(a, 0, stream));
 
   // At most min(experts, slots) experts are active; blocks past the actual
   // number exit after one look at the offsets.
@@ -425,6 +439,7 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
     MoeUpMmaKernel<<<dim3(a.expert_hidden / mma::kTileRows, max_active), kThreads, up_mma, stream>>>(
         a, offsets, slot_of_row, h);
     GROVE_RETURN_IF_ERROR(Launched("MoeDecodeForward up (tensor cores)"));
+    GROVE_RETURN_IF_ERROR(RecordStage(a, 1, stream));
     GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(MoeDownMmaKernel), down_mma));
     MoeDownMmaKernel<<<dim3(a.hidden / mma::kTileRows, max_active), kThreads, down_mma, stream>>>(a, offsets, h,
                                                                                                  partial);
@@ -434,11 +449,13 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
     MoeUpKernel<<<dim3(a.expert_hidden / kUpSlabUnits, max_active), kThreads, up_smem, stream>>>(a, offsets,
                                                                                                 slot_of_row, h);
     GROVE_RETURN_IF_ERROR(Launched("MoeDecodeForward up"));
+    GROVE_RETURN_IF_ERROR(RecordStage(a, 1, stream));
     GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(MoeDownKernel), down_smem));
     MoeDownKernel<<<dim3(a.hidden / kDownSlabRows, max_active), kThreads, down_smem, stream>>>(a, offsets, h,
                                                                                               partial);
     GROVE_RETURN_IF_ERROR(Launched("MoeDecodeForward down"));
   }
+  GROVE_RETURN_IF_ERROR(RecordStage(a, 2, stream));
   const int64_t threads = int64_t{a.m} * (a.hidden / 4);
   MoeDecodeCombineKernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
       partial, a.gates, row_of_slot, a.out, a.mode, a.m, a.hidden, a.top_k);

@@ -45,6 +45,14 @@ struct MoeDecodeArgs {
   int m = 0, hidden = 0, expert_hidden = 0, experts = 0, top_k = 0;
   void* workspace = nullptr;  // MoeDecodeWorkspaceBytes bytes, 256-byte aligned
   size_t workspace_bytes = 0;
+  // Profiling only (eager launches): when set, three events recorded on the
+  // stream after the route indexing, after the up stage and after the down
+  // stage, so a caller can time the four stages. Leave null in graphs.
+  const cudaEvent_t* stage_events = nullptr;
+  // Group the slots by expert with MoeRouteIndexOneBlock (one launch instead
+  // of three; the same index, so the same result) when m * top_k <=
+  // kMoeRouteIndexOneBlockSlots; larger m ignores it.
+  bool one_launch_index = false;
 };
 
 size_t MoeDecodeWorkspaceBytes(int m, int hidden, int expert_hidden, int experts, int top_k);

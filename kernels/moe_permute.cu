@@ -110,6 +110,54 @@ __global__ void ScatterKernel(const uint16_t* ids, int slots, int experts, int c
   slot_of_row[row] = s;
 }
 
+// MoeRouteIndexOneBlock: one thread per slot (blockDim.x =
+// kMoeRouteIndexOneBlockSlots). Histogram in shared memory, each expert's
+// first row by a serial sum of the counts before it (<= 256 terms), each
+// slot's rank by counting the earlier slots of its expert (<= 255 shared
+// reads, the same index across a warp: broadcasts). Rows by slot order
+// inside an expert, as the three-launch path gives.
+__global__ void __launch_bounds__(kMoeRouteIndexOneBlockSlots)
+    OneBlockIndexKernel(const uint16_t* ids, int slots, int experts, int32_t* expert_offsets, int32_t* row_of_slot,
+                        int32_t* slot_of_row, int32_t* expert_load) {
+  __shared__ int key[kMoeRouteIndexOneBlockSlots];
+  __shared__ int32_t count[kMoeMaxExperts];
+  __shared__ int32_t first[kMoeMaxExperts + 1];
+  const int s = threadIdx.x;
+  for (int e = s; e < experts; e += blockDim.x) count[e] = 0;
+  int k = kNoExpert;
+  if (s < slots) {
+    k = ids[s];
+    if (k >= experts) k = kNoExpert;
+  }
+  key[s] = k;
+  __syncthreads();
+  if (k != kNoExpert) atomicAdd(&count[k], 1);
+  __syncthreads();
+  for (int e = s; e <= experts; e += blockDim.x) {
+    int32_t run = 0;
+    for (int i = 0; i < e; ++i) run += count[i];
+    first[e] = run;
+  }
+  __syncthreads();
+  for (int e = s; e <= experts; e += blockDim.x) {
+    expert_offsets[e] = first[e];
+    if (expert_load && e < experts) expert_load[e] = count[e];
+  }
+  if (s >= slots) return;
+  if (k == kNoExpert) {
+    row_of_slot[s] = -1;
+  } else {
+    int32_t rank = 0;
+    for (int i = 0; i < s; ++i) rank += key[i] == k;
+    const int32_t row = first[k] + rank;
+    row_of_slot[s] = row;
+    slot_of_row[row] = s;
+  }
+  // Rows past the total belong to dropped slots: no slot. (Row s here; the
+  // scatter above writes only rows below the total.)
+  if (s >= first[experts]) slot_of_row[s] = -1;
+}
+
 Status Launched(const char* what) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return Status::Internal(std::string(what) + " launch: " + cudaGetErrorString(err));
@@ -251,6 +299,24 @@ Status MoeRouteIndex(const uint16_t* ids, int tokens, int top_k, int experts, vo
   GROVE_RETURN_IF_ERROR(Launched("MoeRouteIndex scan"));
   ScatterKernel<<<chunks, kChunk, 0, stream>>>(ids, slots, experts, chunks, counts, row_of_slot, slot_of_row);
   return Launched("MoeRouteIndex scatter");
+}
+
+Status MoeRouteIndexOneBlock(const uint16_t* ids, int tokens, int top_k, int experts, int32_t* expert_offsets,
+                             int32_t* row_of_slot, int32_t* slot_of_row, int32_t* expert_load, cudaStream_t stream) {
+  GROVE_RETURN_IF_ERROR(CheckRows("MoeRouteIndexOneBlock", tokens, top_k, 8));
+  if (experts < 1 || experts > kMoeMaxExperts)
+    return Status::InvalidArgument("MoeRouteIndexOneBlock: experts must be in 1.." + std::to_string(kMoeMaxExperts) +
+                                   ", got " + std::to_string(experts));
+  const int64_t slots = static_cast<int64_t>(tokens) * top_k;
+  if (slots > kMoeRouteIndexOneBlockSlots)
+    return Status::InvalidArgument("MoeRouteIndexOneBlock: " + std::to_string(slots) + " slots, at most " +
+                                   std::to_string(kMoeRouteIndexOneBlockSlots));
+  if (!expert_offsets || (slots > 0 && (!ids || !row_of_slot || !slot_of_row)))
+    return Status::InvalidArgument("MoeRouteIndexOneBlock: null pointer");
+  OneBlockIndexKernel<<<1, kMoeRouteIndexOneBlockSlots, 0, stream>>>(ids, static_cast<int>(slots), experts,
+                                                                     expert_offsets, row_of_slot, slot_of_row,
+                                                                     expert_load);
+  return Launched("MoeRouteIndexOneBlock");
 }
 
 Status MoePermute(const __nv_bfloat16* x, const int32_t* slot_of_row, __nv_bfloat16* a, int rows, int top_k,

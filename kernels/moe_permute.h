@@ -44,6 +44,14 @@ Status MoeRouteIndex(const uint16_t* ids, int tokens, int top_k, int experts, vo
                      size_t workspace_bytes, int32_t* expert_offsets, int32_t* row_of_slot, int32_t* slot_of_row,
                      int32_t* expert_load, cudaStream_t stream);
 
+// MoeRouteIndex in one launch (one block) for small batches: the same
+// outputs bit for bit, no workspace; tokens * top_k must be at most
+// kMoeRouteIndexOneBlockSlots (InvalidArgument otherwise). For decode steps,
+// where the three launches of MoeRouteIndex cost more than the work.
+inline constexpr int kMoeRouteIndexOneBlockSlots = 256;
+Status MoeRouteIndexOneBlock(const uint16_t* ids, int tokens, int top_k, int experts, int32_t* expert_offsets,
+                             int32_t* row_of_slot, int32_t* slot_of_row, int32_t* expert_load, cudaStream_t stream);
+
 // x [tokens, hidden] -> a [rows, hidden], rows = tokens * top_k.
 Status MoePermute(const __nv_bfloat16* x, const int32_t* slot_of_row, __nv_bfloat16* a, int rows, int top_k,
                   int hidden, cudaStream_t stream);

@@ -36,7 +36,7 @@ namespace grove::kernels::gemv {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kRows = 2;          // weight rows per warp
+constexpr int kRows = 2;          // weight rows per warp (the default; QuantLinear's R knob varies it)
 constexpr int kMaxTokens = 16;    // activation rows per pass
 constexpr int kPadColumns = 1024; // the largest chunk-iteration span (int4: 32 lanes x 32)
 
@@ -87,8 +87,9 @@ __host__ __device__ inline Split MakeSplit(QuantFormat f, int k) {
 __host__ __device__ inline int64_t XTileBytes(int64_t k, int tokens) {
   return (k + kPadColumns - 1) / kPadColumns * kPadColumns * tokens * 2;
 }
-// Shared bytes of the cross-warp reduction buffer.
-constexpr int kReduceBytes = kWarps * kRows * kMaxTokens * 4;
+// Shared bytes of the cross-warp reduction buffer (rows: weight rows per warp).
+__host__ __device__ constexpr int ReduceBytes(int rows) { return kWarps * rows * kMaxTokens * 4; }
+constexpr int kReduceBytes = ReduceBytes(kRows);
 
 // Stages `count` (<= M) activation rows into x_s in the layout above;
 // row(i) is the bf16 row of token i (16-byte aligned). Ends with a barrier.
@@ -141,8 +142,11 @@ __device__ __forceinline__ void DequantOctet(const uint4& raw, int s, float scal
 
 // acc[r][i] = this lane's part of dot(weight row r, token i) over this warp's
 // iterations (slice of `slices`). rows[r] points at row r's data, scales[r]
-// at its fp32 scales (unused for bf16).
-template <QuantFormat F, int M>
+// at its fp32 scales (unused for bf16). kRows rows per warp by default; R
+// rows put R 16-byte loads per lane in flight per iteration. A row's sum
+// does not depend on R (each row's accumulator sees the same FMAs in the
+// same order), so every R gives the same bits.
+template <QuantFormat F, int M, int kRows = gemv::kRows>
 __device__ __forceinline__ void WarpDot(const uint8_t* const (&rows)[kRows], const float* const (&scales)[kRows],
                                         const uint4* __restrict__ x_s, const Split& split, int slice,
                                         float (&acc)[kRows][M]) {
@@ -200,7 +204,7 @@ __device__ __forceinline__ void WarpDot(const uint8_t* const (&rows)[kRows], con
 }
 
 // Warp-shuffle reduction of acc, then lane 0 stores it to red_s[warp][r][i].
-template <int M>
+template <int M, int kRows = gemv::kRows>
 __device__ __forceinline__ void WarpReduceToShared(float (&acc)[kRows][M], float* red_s) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
@@ -215,6 +219,7 @@ __device__ __forceinline__ void WarpReduceToShared(float (&acc)[kRows][M], float
 }
 
 // The block's total for (row group g, row r, token i): the slices summed in order.
+template <int kRows = gemv::kRows>
 __device__ __forceinline__ float SliceSum(const float* red_s, const Split& split, int g, int r, int i) {
   float v = 0.f;
   for (int j = 0; j < split.slices; ++j) v += red_s[((g * split.slices + j) * kRows + r) * kMaxTokens + i];

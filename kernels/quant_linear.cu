@@ -91,15 +91,17 @@ __global__ void QuantizeInt4Kernel(const float* __restrict__ w, int64_t n, int64
 
 // ---- The GEMV: weight rows streamed once per pass of up to 16 tokens ----
 
-// Blocks loop over "passes" of kRows * groups rows; the activation tile is
-// staged once per block.
-template <QuantFormat F, int M>
+// Blocks loop over "passes" of R * groups rows (R weight rows per warp; n is
+// a multiple of 8, so R in {1, 2, 4} never splits a warp's rows at the end);
+// the activation tile is staged once per block.
+template <QuantFormat F, int M, int R>
 __global__ void __launch_bounds__(kThreads)
     QuantGemvKernel(const __nv_bfloat16* __restrict__ x, int64_t ldx, int count, QuantWeight w, float* y,
                     int64_t ldy, Accumulate mode, int passes) {
+  constexpr int kRows = R;
   extern __shared__ uint4 smem[];
   float* red_s = reinterpret_cast<float*>(smem);
-  uint4* x_s = smem + gemv::kReduceBytes / 16;
+  uint4* x_s = smem + gemv::ReduceBytes(R) / 16;
   const gemv::Split split = gemv::MakeSplit(F, w.k);
   gemv::StageX<F, M>(x_s, w.k, count, [&](int i) { return x + i * ldx; });
 
@@ -111,7 +113,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int pass = blockIdx.x; pass < passes; pass += gridDim.x) {
     const int64_t row0 = int64_t{pass} * rows_per_pass + g * kRows;
     float acc[kRows][M];
-    if (row0 < w.n) {  // n is even: both rows of the warp exist
+    if (row0 < w.n) {  // n is a multiple of 8 >= R: all R rows of the warp exist
       const uint8_t* rows[kRows];
       const float* scales[kRows];
 #pragma unroll
@@ -119,20 +121,20 @@ __global__ void __launch_bounds__(kThreads)
         rows[r] = data + (row0 + r) * row_bytes;
         scales[r] = w.scales + (row0 + r) * row_scales;
       }
-      gemv::WarpDot<F, M>(rows, scales, x_s, split, slice, acc);
+      gemv::WarpDot<F, M, R>(rows, scales, x_s, split, slice, acc);
     } else {
 #pragma unroll
       for (int r = 0; r < kRows; ++r)
 #pragma unroll
         for (int i = 0; i < M; ++i) acc[r][i] = 0.f;
     }
-    gemv::WarpReduceToShared<M>(acc, red_s);
+    gemv::WarpReduceToShared<M, R>(acc, red_s);
     __syncthreads();
     for (int t = threadIdx.x; t < rows_per_pass * M; t += blockDim.x) {
       const int i = t / rows_per_pass, rr = t % rows_per_pass;
       const int64_t row = int64_t{pass} * rows_per_pass + rr;
       if (i >= count || row >= w.n) continue;
-      const float v = gemv::SliceSum(red_s, split, rr / kRows, rr % kRows, i);
+      const float v = gemv::SliceSum<R>(red_s, split, rr / kRows, rr % kRows, i);
       float* out = y + i * ldy + row;
       *out = mode == Accumulate::kAdd ? *out + v : v;
     }
@@ -148,15 +150,15 @@ int SmCount() {
   return sms;
 }
 
-template <QuantFormat F, int M>
+template <QuantFormat F, int M, int R>
 Status LaunchGemv(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y, int64_t ldy,
                   Accumulate mode, cudaStream_t stream) {
   const gemv::Split split = gemv::MakeSplit(F, w.k);
-  const int rows_per_pass = kRows * split.groups;
+  const int rows_per_pass = R * split.groups;
   const int passes = static_cast<int>((w.n + rows_per_pass - 1) / rows_per_pass);
   const int blocks = std::min(passes, SmCount() * 4);
-  const size_t smem = gemv::kReduceBytes + gemv::XTileBytes(w.k, M);
-  auto kernel = QuantGemvKernel<F, M>;
+  const size_t smem = gemv::ReduceBytes(R) + gemv::XTileBytes(w.k, M);
+  auto kernel = QuantGemvKernel<F, M, R>;
   if (smem > 48 * 1024 &&
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
           cudaSuccess)
@@ -165,14 +167,28 @@ Status LaunchGemv(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWei
   return Launched("QuantLinear launch");
 }
 
+template <QuantFormat F, int R>
+Status LaunchGemvTokensRows(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y,
+                            int64_t ldy, Accumulate mode, cudaStream_t stream) {
+  if (count <= 1) return LaunchGemv<F, 1, R>(x, ldx, count, w, y, ldy, mode, stream);
+  if (count <= 2) return LaunchGemv<F, 2, R>(x, ldx, count, w, y, ldy, mode, stream);
+  if (count <= 4) return LaunchGemv<F, 4, R>(x, ldx, count, w, y, ldy, mode, stream);
+  if (count <= 8) return LaunchGemv<F, 8, R>(x, ldx, count, w, y, ldy, mode, stream);
+  return LaunchGemv<F, 16, R>(x, ldx, count, w, y, ldy, mode, stream);
+}
+// QuantLinear's CUDA-core rows per warp (kCudaCore; kAuto at m = 1). Change
+// here to switch the default after measuring (quant_linear_bench
+// --gemv_variants); not gemv::kRows, which the MoE's up kernel needs at 2
+// (its W1/W3 row pair).
+constexpr int kDefaultGemvRows = kRows;
+
+// rows_per_warp: 1, 2 or 4.
 template <QuantFormat F>
 Status LaunchGemvTokens(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y,
-                        int64_t ldy, Accumulate mode, cudaStream_t stream) {
-  if (count <= 1) return LaunchGemv<F, 1>(x, ldx, count, w, y, ldy, mode, stream);
-  if (count <= 2) return LaunchGemv<F, 2>(x, ldx, count, w, y, ldy, mode, stream);
-  if (count <= 4) return LaunchGemv<F, 4>(x, ldx, count, w, y, ldy, mode, stream);
-  if (count <= 8) return LaunchGemv<F, 8>(x, ldx, count, w, y, ldy, mode, stream);
-  return LaunchGemv<F, 16>(x, ldx, count, w, y, ldy, mode, stream);
+                        int64_t ldy, Accumulate mode, int rows_per_warp, cudaStream_t stream) {
+  if (rows_per_warp == 1) return LaunchGemvTokensRows<F, 1>(x, ldx, count, w, y, ldy, mode, stream);
+  if (rows_per_warp == 4) return LaunchGemvTokensRows<F, 4>(x, ldx, count, w, y, ldy, mode, stream);
+  return LaunchGemvTokensRows<F, 2>(x, ldx, count, w, y, ldy, mode, stream);
 }
 
 template <int NT>
@@ -325,8 +341,12 @@ Status QuantLinearOnPath(QuantLinearPath path, const __nv_bfloat16* x, int64_t l
   // Tokens per pass: 16, or fewer when k is so long that 16 rows of x would
   // not fit in shared memory. Each pass streams W once; any m works.
   const bool tensor = path == QuantLinearPath::kTensorCore;
+  const int rows_per_warp = path == QuantLinearPath::kCudaCoreRows1   ? 1
+                            : path == QuantLinearPath::kCudaCoreRows4 ? 4
+                                                                      : kDefaultGemvRows;
   auto smem = [&](int tokens) {
-    return tensor ? MmaSmemBytes(w.k, (tokens + 7) / 8) : gemv::kReduceBytes + gemv::XTileBytes(w.k, tokens);
+    return tensor ? MmaSmemBytes(w.k, (tokens + 7) / 8)
+                  : gemv::ReduceBytes(rows_per_warp) + gemv::XTileBytes(w.k, tokens);
   };
   int per_pass = gemv::kMaxTokens;
   while (per_pass > (tensor ? 8 : 1) && smem(per_pass) > kMaxSmemBytes) per_pass /= 2;
@@ -340,15 +360,18 @@ Status QuantLinearOnPath(QuantLinearPath path, const __nv_bfloat16* x, int64_t l
     switch (w.format) {
       case QuantFormat::kBF16:
         GROVE_RETURN_IF_ERROR(tensor ? LaunchMmaTokens<QuantFormat::kBF16>(xs, ldx, count, w, ys, ldy, mode, stream)
-                                     : LaunchGemvTokens<QuantFormat::kBF16>(xs, ldx, count, w, ys, ldy, mode, stream));
+                                     : LaunchGemvTokens<QuantFormat::kBF16>(xs, ldx, count, w, ys, ldy, mode, rows_per_warp,
+                                                                           stream));
         break;
       case QuantFormat::kInt8:
         GROVE_RETURN_IF_ERROR(tensor ? LaunchMmaTokens<QuantFormat::kInt8>(xs, ldx, count, w, ys, ldy, mode, stream)
-                                     : LaunchGemvTokens<QuantFormat::kInt8>(xs, ldx, count, w, ys, ldy, mode, stream));
+                                     : LaunchGemvTokens<QuantFormat::kInt8>(xs, ldx, count, w, ys, ldy, mode, rows_per_warp,
+                                                                           stream));
         break;
       case QuantFormat::kInt4:
         GROVE_RETURN_IF_ERROR(tensor ? LaunchMmaTokens<QuantFormat::kInt4>(xs, ldx, count, w, ys, ldy, mode, stream)
-                                     : LaunchGemvTokens<QuantFormat::kInt4>(xs, ldx, count, w, ys, ldy, mode, stream));
+                                     : LaunchGemvTokens<QuantFormat::kInt4>(xs, ldx, count, w, ys, ldy, mode, rows_per_warp,
+                                                                           stream));
         break;
     }
   }

@@ -52,8 +52,9 @@ __global__ void RouterTopKKernel(RouterArgs a) {
     const int e = i * 32 + lane;
     key[i] = e < a.experts ? s[i] + (a.bias ? a.bias[e] : 0.f) : -INFINITY;
   }
-  uint16_t* ids = a.ids + static_cast<int64_t>(token) * a.top_k;
-  float* gates = a.gates + static_cast<int64_t>(token) * a.top_k;
+  const int64_t stride = a.out_stride > 0 ? a.out_stride : a.top_k;
+  uint16_t* ids = a.ids + static_cast<int64_t>(token) * stride;
+  float* gates = a.gates + static_cast<int64_t>(token) * stride;
   // Lane j keeps the j-th choice (top_k <= 16 < 32).
   float my_score = 0.f;
   int my_id = 0;
@@ -103,6 +104,7 @@ __global__ void RouterTopKKernel(RouterArgs a) {
   for (int j = 0; j < a.top_k; ++j) z += __shfl_sync(0xffffffffu, my_score, j);
   if (lane < a.top_k) {
     ids[lane] = static_cast<uint16_t>(my_id);
+    if (a.ids_copy) a.ids_copy[static_cast<int64_t>(token) * a.ids_copy_stride + lane] = static_cast<uint16_t>(my_id);
     const float g = a.norm_topk ? (z > 0.f ? my_score / z : 0.f) : my_score;
     gates[lane] = g * a.route_scale;
   }
@@ -120,6 +122,11 @@ Status RouterTopK(const RouterArgs& a, cudaStream_t stream) {
     return Status::InvalidArgument("router: top_k must be in 1..min(experts, " +
                                    std::to_string(kRouterMaxTopK) + "), got " +
                                    std::to_string(a.top_k));
+  if (a.out_stride != 0 && a.out_stride < a.top_k)
+    return Status::InvalidArgument("router: out_stride must be 0 or >= top_k, got " + std::to_string(a.out_stride));
+  if (a.ids_copy && a.ids_copy_stride < a.top_k)
+    return Status::InvalidArgument("router: ids_copy_stride must be >= top_k, got " +
+                                   std::to_string(a.ids_copy_stride));
   if (a.tokens == 0) return Status::OK();
   if (!a.logits || !a.scores || !a.ids || !a.gates)
     return Status::InvalidArgument("router: null logits or outputs");

@@ -29,6 +29,15 @@ struct RouterArgs {
   bool sigmoid = false;                 // false: softmax
   bool norm_topk = false;
   float route_scale = 1.f;
+  // Row stride of ids and gates in elements; 0 means top_k. Larger leaves
+  // columns top_k.. of each row untouched (the rollout engine keeps its
+  // shared experts' constant ids/gates there for the fused MoE).
+  int out_stride = 0;
+  // Optional second copy of the ids, row stride ids_copy_stride (>= top_k):
+  // the rollout engine's per-layer routes record, written here instead of by
+  // a separate copy.
+  uint16_t* ids_copy = nullptr;
+  int ids_copy_stride = 0;
 };
 
 // Replayed ids must be < experts (checked on the device: an out-of-range id

@@ -8,12 +8,14 @@
 #include <chrono>
 #include <cmath>
 #include <deque>
+#include <initializer_list>
 #include <map>
 #include <string>
 
 #include "kernels/moe_decode.h"
 #include "kernels/paged_kv.h"
 #include "kernels/quant_linear.h"
+#include "kernels/quant_linear_internal.h"
 #include "kernels/router.h"
 #include "kernels/sampling.h"
 #include "model/layers.h"
@@ -71,7 +73,21 @@ struct LayerWeights {
   QuantWeight *d_w1 = nullptr, *d_w3 = nullptr, *d_w2 = nullptr;  // device arrays [experts]
   std::vector<QuantWeight> h_w1, h_w3, h_w2;                    // their host copies
   float *attn_norm = nullptr, *ffn_norm = nullptr, *router_bias = nullptr;
+  // fold_shared_experts: the shared W2's column blocks (one per shared
+  // expert, [hidden, expert_hidden] each), copied from s_w2 in its format.
+  uint8_t* s_w2_blocks = nullptr;
+  float* s_w2_block_scales = nullptr;  // int4 only (int8 rows keep s_w2's scale)
 };
+
+// Rows [r0, r0 + n) of a row-major quantized weight (every format is
+// row-major with per-row or per-row-group scales): a view, no copy.
+QuantWeight RowSlice(const QuantWeight& w, int64_t r0, int64_t n) {
+  QuantWeight s = w;
+  s.n = int32_t(n);
+  s.data = static_cast<const uint8_t*>(w.data) + kernels::QuantDataBytes(w.format, r0, w.k);
+  s.scales = w.scales ? w.scales + kernels::QuantScaleCount(w.format, r0, w.k) : nullptr;
+  return s;
+}
 
 struct Seq {
   int idx = 0;       // prompt index
@@ -80,7 +96,88 @@ struct Seq {
   int32_t pending = 0;  // last token, fed at position len - 1 by the next decode
 };
 
+// Events on the stream in launch order, each opening an interval of one
+// DecodePhase that the next event closes (profile_decode).
+class PhaseTimer {
+ public:
+  ~PhaseTimer() {
+    for (cudaEvent_t e : events_) cudaEventDestroy(e);
+  }
+  // Records the next event; the interval it opens counts toward `phase`
+  // (DecodePhase::kCount: closes the last interval, opens none).
+  Status Mark(DecodePhase phase, cudaStream_t stream) {
+    cudaEvent_t* e = nullptr;
+    GROVE_RETURN_IF_ERROR(Reserve(phase, &e));
+    return Cuda(cudaEventRecord(*e, stream), "cudaEventRecord (profile)");
+  }
+  // Reserves consecutive events for a callee to record in order
+  // (MoeDecodeArgs::stage_events); phases[i] is the interval event i opens.
+  // The pointer (to contiguous events) is valid until the next Mark or Take.
+  Result<const cudaEvent_t*> Take(std::initializer_list<DecodePhase> phases) {
+    const size_t first = used_;
+    for (DecodePhase p : phases) {
+      cudaEvent_t* e = nullptr;
+      GROVE_RETURN_IF_ERROR(Reserve(p, &e));
+    }
+    return events_.data() + first;
+  }
+  // After the stream is synchronized: adds each interval to its phase and
+  // returns the first-to-last span in seconds; then starts over.
+  Result<double> Collect(std::array<double, kDecodePhases>* seconds) {
+    double span = 0;
+    for (size_t i = 0; i + 1 < used_; ++i) {
+      float ms = 0;
+      GROVE_RETURN_IF_ERROR(Cuda(cudaEventElapsedTime(&ms, events_[i], events_[i + 1]), "cudaEventElapsedTime"));
+      if (phase_[i] != DecodePhase::kCount) (*seconds)[int(phase_[i])] += ms * 1e-3;
+      span += ms * 1e-3;
+    }
+    used_ = 0;
+    return span;
+  }
+  // Forgets recorded events (a step that failed part-way).
+  void Clear() { used_ = 0; }
+
+ private:
+  Status Reserve(DecodePhase phase, cudaEvent_t** e) {
+    if (used_ == events_.size()) {
+      cudaEvent_t ev = nullptr;
+      GROVE_RETURN_IF_ERROR(Cuda(cudaEventCreate(&ev), "cudaEventCreate (profile)"));
+      events_.push_back(ev);
+      phase_.push_back(DecodePhase::kCount);
+    }
+    phase_[used_] = phase;
+    *e = &events_[used_++];
+    return Status::OK();
+  }
+  std::vector<cudaEvent_t> events_;
+  std::vector<DecodePhase> phase_;
+  size_t used_ = 0;
+};
+
 }  // namespace
+
+const char* DecodePhaseName(DecodePhase phase) {
+  switch (phase) {
+    case DecodePhase::kInputs: return "inputs + embed";
+    case DecodePhase::kNorms: return "rmsnorm";
+    case DecodePhase::kQkvLinear: return "qkv linear";
+    case DecodePhase::kRopeAppend: return "rope + kv append";
+    case DecodePhase::kAttention: return "attention";
+    case DecodePhase::kWo: return "wo linear";
+    case DecodePhase::kDenseFfn: return "dense ffn";
+    case DecodePhase::kRouter: return "router linear + topk";
+    case DecodePhase::kSharedExperts: return "shared experts";
+    case DecodePhase::kMoeRouteIndex: return "moe route index";
+    case DecodePhase::kMoeUp: return "moe up";
+    case DecodePhase::kMoeDown: return "moe down";
+    case DecodePhase::kMoeCombine: return "moe combine";
+    case DecodePhase::kLmHead: return "lm head";
+    case DecodePhase::kSampling: return "sampling + copies";
+    case DecodePhase::kHost: return "host bookkeeping";
+    case DecodePhase::kCount: break;
+  }
+  return "?";
+}
 
 struct GpuGenerator::Impl {
   model::ModelConfig c;
@@ -88,6 +185,9 @@ struct GpuGenerator::Impl {
   GpuGeneratorOptions opt;
   cudaStream_t stream = nullptr;
   int64_t H = 0, qd = 0, kd = 0, V = 0, E = 0, K = 0, M = 0, F_max = 0;
+  // Shared experts folded into the MoE launch (0: not folded); ids/gates
+  // rows are KS = K + S wide, columns K.. constant (ids E + s, gate 1).
+  int64_t S = 0, KS = 0;
   int max_rows = 0;  // rows of one forward (prefill chunk bound)
   std::vector<void*> device_allocs;
   std::vector<void*> host_allocs;
@@ -141,6 +241,10 @@ struct GpuGenerator::Impl {
   bool graphs_failed = false;
 
   Stats stats;
+  // profile_decode: `timing` is set for the span of one decode step.
+  PhaseTimer timer;
+  bool timing = false;
+  Status Mark(DecodePhase phase) { return timing ? timer.Mark(phase, stream) : Status::OK(); }
 
   ~Impl() {
     if (stream) cudaStreamSynchronize(stream);
@@ -206,8 +310,16 @@ struct GpuGenerator::Impl {
   }
 
   Status Build();
+  Status AppendFoldedSharedExperts(LayerWeights& w);
   Result<double> Load(const float* params, bool on_device, const FormatChooser& choose);
   Status Linear(const bf16* x_in, int64_t ldx, int rows, int slot, float* y, int64_t ldy, Accumulate mode) {
+    if (rows == 1 && opt.gemv_rows_per_warp != 0) {
+      using kernels::detail::QuantLinearPath;
+      const QuantLinearPath path = opt.gemv_rows_per_warp == 1   ? QuantLinearPath::kCudaCoreRows1
+                                   : opt.gemv_rows_per_warp == 4 ? QuantLinearPath::kCudaCoreRows4
+                                                                 : QuantLinearPath::kCudaCore;
+      return kernels::detail::QuantLinearOnPath(path, x_in, ldx, rows, slots[slot].qw, y, ldy, mode, stream);
+    }
     return kernels::QuantLinear(x_in, ldx, rows, slots[slot].qw, y, ldy, mode, ql_ws, ql_ws_bytes, stream);
   }
   // x += SwiGLU(h) with width F; w13 = [W1; W3] stacked.
@@ -239,6 +351,8 @@ Status GpuGenerator::Impl::Build() {
   E = c.experts;
   K = c.top_k;
   M = c.moe_layers();
+  S = opt.fold_shared_experts && M > 0 ? c.shared_experts : 0;
+  KS = K + S;
   const int64_t Fs = c.shared_experts * c.expert_hidden;
   F_max = std::max<int64_t>({8, c.dense_layers > 0 ? c.dense_hidden : 0, Fs});
   max_rows = int(std::max<int64_t>({c.max_seq_len, 2048, opt.max_batch}));
@@ -308,9 +422,13 @@ Status GpuGenerator::Impl::Build() {
     GROVE_RETURN_IF_ERROR(Alloc(&w.ffn_norm, H));
     if (c.is_moe_layer(l)) {
       GROVE_RETURN_IF_ERROR(Alloc(&w.router_bias, E));
-      GROVE_RETURN_IF_ERROR(Alloc(&w.d_w1, E));
-      GROVE_RETURN_IF_ERROR(Alloc(&w.d_w3, E));
-      GROVE_RETURN_IF_ERROR(Alloc(&w.d_w2, E));
+      GROVE_RETURN_IF_ERROR(Alloc(&w.d_w1, E + S));
+      GROVE_RETURN_IF_ERROR(Alloc(&w.d_w3, E + S));
+      GROVE_RETURN_IF_ERROR(Alloc(&w.d_w2, E + S));
+      if (S > 0) {
+        GROVE_RETURN_IF_ERROR(Alloc(&w.s_w2_blocks, int64_t(kernels::QuantDataBytes(QuantFormat::kBF16, H, Fs))));
+        GROVE_RETURN_IF_ERROR(Alloc(&w.s_w2_block_scales, kernels::QuantScaleCount(QuantFormat::kInt4, H, Fs)));
+      }
     }
   }
   std::vector<float> cos_t, sin_t;
@@ -331,8 +449,21 @@ Status GpuGenerator::Impl::Build() {
   GROVE_RETURN_IF_ERROR(Alloc(&fh, R * F_max));
   GROVE_RETURN_IF_ERROR(Alloc(&rlogits, R * std::max<int64_t>(E, 1)));
   GROVE_RETURN_IF_ERROR(Alloc(&rscores, R * std::max<int64_t>(E, 1)));
-  GROVE_RETURN_IF_ERROR(Alloc(&gates, R * std::max<int64_t>(K, 1)));
-  GROVE_RETURN_IF_ERROR(Alloc(&ids, R * std::max<int64_t>(K, 1)));
+  GROVE_RETURN_IF_ERROR(Alloc(&gates, R * std::max<int64_t>(KS, 1)));
+  GROVE_RETURN_IF_ERROR(Alloc(&ids, R * std::max<int64_t>(KS, 1)));
+  if (S > 0) {
+    // The folded shared experts' columns, written once (the router fills
+    // only columns 0..K-1 of each row).
+    std::vector<uint16_t> h_ids(size_t(R * KS), 0);
+    std::vector<float> h_gates(size_t(R * KS), 0.f);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t s = 0; s < S; ++s) {
+        h_ids[size_t(r * KS + K + s)] = uint16_t(E + s);
+        h_gates[size_t(r * KS + K + s)] = 1.f;
+      }
+    GEN_CUDA(cudaMemcpy(ids, h_ids.data(), h_ids.size() * sizeof(uint16_t), cudaMemcpyHostToDevice));
+    GEN_CUDA(cudaMemcpy(gates, h_gates.data(), h_gates.size() * sizeof(float), cudaMemcpyHostToDevice));
+  }
   GROVE_RETURN_IF_ERROR(Alloc(&routes, R * std::max<int64_t>(M * K, 1)));
   GROVE_RETURN_IF_ERROR(Alloc(&h_last, Bm * H));
   GROVE_RETURN_IF_ERROR(Alloc(&logits, Bm * V));
@@ -360,7 +491,7 @@ Status GpuGenerator::Impl::Build() {
       ql_ws_bytes = std::max(ql_ws_bytes, kernels::QuantLinearWorkspaceBytes(f, s.n, s.k, R));
   if (ql_ws_bytes > 0) GROVE_RETURN_IF_ERROR(Alloc(reinterpret_cast<char**>(&ql_ws), int64_t(ql_ws_bytes)));
   if (M > 0) {
-    moe_ws_bytes = kernels::MoeDecodeWorkspaceBytes(int(R), int(H), int(c.expert_hidden), int(E), int(K));
+    moe_ws_bytes = kernels::MoeDecodeWorkspaceBytes(int(R), int(H), int(c.expert_hidden), int(E + S), int(KS));
     if (moe_ws_bytes > 0) GROVE_RETURN_IF_ERROR(Alloc(reinterpret_cast<char**>(&moe_ws), int64_t(moe_ws_bytes)));
   }
 
@@ -384,9 +515,50 @@ Status GpuGenerator::Impl::Build() {
   return Status::OK();
 }
 
+// fold_shared_experts: shared expert s as MoE expert E + s. W1/W3 are row
+// slices of the stacked [W1; W3] slot; W2's column block s is copied, in its
+// quantized form, into s_w2_blocks (stream-ordered after s_w2's quantization),
+// so every folded weight holds exactly the values of the unfolded path. An
+// int8 block keeps its row's scale (the same pointer); an int4 block's group
+// scales are the matching [hidden, eh / 128] column block.
+Status GpuGenerator::Impl::AppendFoldedSharedExperts(LayerWeights& w) {
+  if (S == 0) return Status::OK();
+  const int64_t eh = c.expert_hidden, Fs = S * eh;
+  const QuantWeight& up = slots[w.s_w13].qw;
+  const QuantWeight& down = slots[w.s_w2].qw;
+  const QuantFormat f = down.format;
+  const size_t row_bytes = kernels::QuantDataBytes(f, 1, Fs), block_bytes = kernels::QuantDataBytes(f, 1, eh);
+  const int64_t row_scales = kernels::QuantScaleCount(QuantFormat::kInt4, 1, Fs);
+  const int64_t block_scales = kernels::QuantScaleCount(QuantFormat::kInt4, 1, eh);
+  for (int64_t s = 0; s < S; ++s) {
+    w.h_w1.push_back(RowSlice(up, s * eh, eh));
+    w.h_w3.push_back(RowSlice(up, Fs + s * eh, eh));
+    QuantWeight blk;
+    blk.format = f;
+    blk.n = int32_t(H);
+    blk.k = int32_t(eh);
+    uint8_t* dst = w.s_w2_blocks + size_t(s) * size_t(H) * block_bytes;
+    GEN_CUDA(cudaMemcpy2DAsync(dst, block_bytes, static_cast<const uint8_t*>(down.data) + s * block_bytes, row_bytes,
+                               block_bytes, size_t(H), cudaMemcpyDeviceToDevice, stream));
+    blk.data = dst;
+    if (f == QuantFormat::kInt8) {
+      blk.scales = down.scales;
+    } else if (f == QuantFormat::kInt4) {
+      float* sdst = w.s_w2_block_scales + s * H * block_scales;
+      GEN_CUDA(cudaMemcpy2DAsync(sdst, block_scales * sizeof(float), down.scales + s * block_scales,
+                                 row_scales * sizeof(float), block_scales * sizeof(float), size_t(H),
+                                 cudaMemcpyDeviceToDevice, stream));
+      blk.scales = sdst;
+    }
+    w.h_w2.push_back(blk);
+  }
+  return Status::OK();
+}
+
 Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
   const size_t page_layer = size_t(num_pages) * opt.page_tokens * kd;
   kernels::PagedRows pr{d_slot, d_pos, rows};
+  GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kInputs));
   GROVE_RETURN_IF_ERROR(gpu::EmbedRows(d_tokens, embed, x, rows, int(V), int(H), stream));
   for (int64_t l = 0; l < c.layers; ++l) {
     LayerWeights& w = lw[l];
@@ -399,18 +571,26 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     kv.max_pages_per_seq = max_pages_per_seq;
     kv.kv_heads = int(c.kv_heads);
     kv.head_dim = int(c.head_dim);
+    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kNorms));
     GROVE_RETURN_IF_ERROR(gpu::RmsNormRows(x, w.attn_norm, h, rows, int(H), float(c.norm_eps), stream));
+    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kQkvLinear));
     GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w.qkv, qkv, qd + 2 * kd, Accumulate::kOverwrite));
+    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kRopeAppend));
     GROVE_RETURN_IF_ERROR(
         kernels::PagedKvAppend(kv, pr, int(c.heads), qkv, qd + 2 * kd, rope_cos, rope_sin, q, stream));
+    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kAttention));
     GROVE_RETURN_IF_ERROR(kernels::PagedAttention(kv, pr, int(c.heads), q, attn, 0.f, stream));
+    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kWo));
     GROVE_RETURN_IF_ERROR(Linear(attn, qd, rows, w.wo, x, H, Accumulate::kAdd));
+    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kNorms));
     GROVE_RETURN_IF_ERROR(gpu::RmsNormRows(x, w.ffn_norm, h, rows, int(H), float(c.norm_eps), stream));
     if (!c.is_moe_layer(l)) {
+      GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kDenseFfn));
       GROVE_RETURN_IF_ERROR(Ffn(rows, w.w13, w.w2, c.dense_hidden));
       continue;
     }
     const int64_t mi = c.moe_index(l);
+    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kRouter));
     GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w.router, rlogits, E, Accumulate::kOverwrite));
     kernels::RouterArgs ra;
     ra.logits = rlogits;
@@ -424,10 +604,17 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     ra.sigmoid = c.score_func == model::ScoreFunc::kSigmoid;
     ra.norm_topk = c.norm_topk;
     ra.route_scale = float(c.route_scale);
+    ra.out_stride = int(KS);
+    if (opt.router_writes_routes) {
+      ra.ids_copy = routes + mi * K;
+      ra.ids_copy_stride = int(M * K);
+    }
     GROVE_RETURN_IF_ERROR(kernels::RouterTopK(ra, stream));
-    GEN_CUDA(cudaMemcpy2DAsync(routes + mi * K, M * K * sizeof(uint16_t), ids, K * sizeof(uint16_t),
-                               K * sizeof(uint16_t), rows, cudaMemcpyDeviceToDevice, stream));
-    if (c.shared_experts > 0)
+    if (!opt.router_writes_routes)
+      GEN_CUDA(cudaMemcpy2DAsync(routes + mi * K, M * K * sizeof(uint16_t), ids, KS * sizeof(uint16_t),
+                                 K * sizeof(uint16_t), rows, cudaMemcpyDeviceToDevice, stream));
+    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kSharedExperts));
+    if (c.shared_experts > 0 && S == 0)
       GROVE_RETURN_IF_ERROR(Ffn(rows, w.s_w13, w.s_w2, c.shared_experts * c.expert_hidden));
     kernels::MoeDecodeArgs ma;
     ma.x = h;
@@ -441,13 +628,21 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     ma.m = rows;
     ma.hidden = int(H);
     ma.expert_hidden = int(c.expert_hidden);
-    ma.experts = int(E);
-    ma.top_k = int(K);
+    ma.experts = int(E + S);
+    ma.top_k = int(KS);
     ma.workspace = moe_ws;
     ma.workspace_bytes = moe_ws_bytes;
+    ma.one_launch_index = opt.one_launch_moe_index;
+    if (timing) {
+      GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kMoeRouteIndex));
+      GROVE_ASSIGN_OR_RETURN(ma.stage_events,
+                             timer.Take({DecodePhase::kMoeUp, DecodePhase::kMoeDown, DecodePhase::kMoeCombine}));
+    }
     GROVE_RETURN_IF_ERROR(kernels::MoeDecodeForward(ma, stream));
   }
+  GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kNorms));
   GROVE_RETURN_IF_ERROR(gpu::RmsNormRows(x, final_norm, h, rows, int(H), float(c.norm_eps), stream));
+  GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kLmHead));
   const bf16* src = h;
   if (gather_last) {
     GROVE_RETURN_IF_ERROR(gpu::GatherRows(h, d_last, h_last, n_logits, int(H), stream));
@@ -457,7 +652,7 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
 }
 
 Status GpuGenerator::Impl::RunDecode(int bucket) {
-  if (opt.cuda_graphs && !graphs_failed) {
+  if (opt.cuda_graphs && !opt.profile_decode && !graphs_failed) {
     auto it = graphs.find(bucket);
     if (it == graphs.end()) {
       GEN_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
@@ -523,6 +718,14 @@ Result<std::unique_ptr<GpuGenerator>> GpuGenerator::Create(const model::ModelCon
   if (config.experts > kernels::kRouterMaxExperts || config.top_k > kernels::kRouterMaxTopK)
     return Status::InvalidArgument("GpuGenerator: experts <= 256 and top_k <= 16 (router kernel)");
   if (config.hidden % 8 != 0) return Status::InvalidArgument("GpuGenerator: hidden must be a multiple of 8");
+  if (options.fold_shared_experts && config.experts > 0 && config.shared_experts > 0 &&
+      (config.top_k + config.shared_experts > 16 || config.experts + config.shared_experts > 256))
+    return Status::InvalidArgument(
+        "GpuGenerator: fold_shared_experts needs top_k + shared_experts <= 16 and experts + shared_experts <= 256 "
+        "(MoeDecodeForward's limits)");
+  if (options.gemv_rows_per_warp != 0 && options.gemv_rows_per_warp != 1 && options.gemv_rows_per_warp != 2 &&
+      options.gemv_rows_per_warp != 4)
+    return Status::InvalidArgument("GpuGenerator: gemv_rows_per_warp must be 0 (default), 1, 2 or 4");
   if (options.max_batch < 1 || options.page_tokens < 1 || !(options.kv_memory_fraction > 0.0) ||
       options.kv_memory_fraction > 1.0)
     return Status::InvalidArgument("GpuGenerator: max_batch and page_tokens >= 1, kv_memory_fraction in (0, 1]");
@@ -637,9 +840,11 @@ Result<double> GpuGenerator::Impl::Load(const float* params, bool on_device, con
       w.h_w3.push_back(g.slots[w.e_w3[e]].qw);
       w.h_w2.push_back(g.slots[w.e_w2[e]].qw);
     }
-    GEN_CUDA(cudaMemcpyAsync(w.d_w1, w.h_w1.data(), g.E * sizeof(QuantWeight), cudaMemcpyHostToDevice, g.stream));
-    GEN_CUDA(cudaMemcpyAsync(w.d_w3, w.h_w3.data(), g.E * sizeof(QuantWeight), cudaMemcpyHostToDevice, g.stream));
-    GEN_CUDA(cudaMemcpyAsync(w.d_w2, w.h_w2.data(), g.E * sizeof(QuantWeight), cudaMemcpyHostToDevice, g.stream));
+    GROVE_RETURN_IF_ERROR(g.AppendFoldedSharedExperts(w));
+    const size_t count = size_t(g.E + g.S);
+    GEN_CUDA(cudaMemcpyAsync(w.d_w1, w.h_w1.data(), count * sizeof(QuantWeight), cudaMemcpyHostToDevice, g.stream));
+    GEN_CUDA(cudaMemcpyAsync(w.d_w3, w.h_w3.data(), count * sizeof(QuantWeight), cudaMemcpyHostToDevice, g.stream));
+    GEN_CUDA(cudaMemcpyAsync(w.d_w2, w.h_w2.data(), count * sizeof(QuantWeight), cudaMemcpyHostToDevice, g.stream));
   }
   GEN_CUDA(cudaStreamSynchronize(g.stream));
   // A captured decode graph holds the non-expert weights' QuantWeight by
@@ -668,6 +873,7 @@ Result<std::vector<model::Completion<float>>> GpuGenerator::Generate(const std::
     if (t < 0 || t >= V) return Status::InvalidArgument("stop token " + std::to_string(t) + " outside vocabulary");
   if (!g.loaded) return Status::FailedPrecondition("GpuGenerator: Generate before LoadWeights");
   GEN_CUDA(cudaSetDevice(g.opt.device));
+  g.timing = false;  // set only inside a decode step
   const size_t B = prompts.size();
   std::vector<model::Completion<float>> out(B);
   if (B == 0) return out;
@@ -789,17 +995,27 @@ Result<std::vector<model::Completion<float>>> GpuGenerator::Generate(const std::
       }
       // The device page table is current: only admissions change a live
       // slot's entries, and the prefill uploaded them.
+      g.timing = g.opt.profile_decode;
+      g.timer.Clear();
+      GROVE_RETURN_IF_ERROR(g.Mark(DecodePhase::kInputs));
       GEN_CUDA(cudaMemcpyAsync(g.d_tokens, g.h_tokens, bucket * sizeof(int32_t), cudaMemcpyHostToDevice, g.stream));
       GEN_CUDA(cudaMemcpyAsync(g.d_slot, g.h_slot, bucket * sizeof(int32_t), cudaMemcpyHostToDevice, g.stream));
       GEN_CUDA(cudaMemcpyAsync(g.d_pos, g.h_pos, bucket * sizeof(int32_t), cudaMemcpyHostToDevice, g.stream));
       GEN_CUDA(cudaMemcpyAsync(g.d_seq, g.h_seq, n * sizeof(int64_t), cudaMemcpyHostToDevice, g.stream));
       GEN_CUDA(cudaMemcpyAsync(g.d_step, g.h_step, n * sizeof(int32_t), cudaMemcpyHostToDevice, g.stream));
       GROVE_RETURN_IF_ERROR(g.RunDecode(bucket));
+      GROVE_RETURN_IF_ERROR(g.Mark(DecodePhase::kSampling));
       if (MK > 0)
         GEN_CUDA(cudaMemcpyAsync(g.h_routes, g.routes, size_t(n) * MK * sizeof(uint16_t), cudaMemcpyDeviceToHost,
                                  g.stream));
       GROVE_RETURN_IF_ERROR(g.Sample(n, opt));
+      GROVE_RETURN_IF_ERROR(g.Mark(DecodePhase::kCount));
+      g.timing = false;
       GEN_CUDA(cudaStreamSynchronize(g.stream));
+      double gpu_span = 0;
+      if (g.opt.profile_decode) {
+        GROVE_ASSIGN_OR_RETURN(gpu_span, g.timer.Collect(&g.stats.decode_phase_seconds));
+      }
       std::vector<Seq> still;
       for (int a = 0; a < n; ++a) {
         Seq& s = running[a];
@@ -812,7 +1028,10 @@ Result<std::vector<model::Completion<float>>> GpuGenerator::Generate(const std::
       }
       running = std::move(still);
       ++g.stats.decode_steps;
-      g.stats.decode_seconds += Since(t0);
+      const double wall = Since(t0);
+      g.stats.decode_seconds += wall;
+      if (g.opt.profile_decode)
+        g.stats.decode_phase_seconds[int(DecodePhase::kHost)] += std::max(0.0, wall - gpu_span);
     }
   }
   return out;

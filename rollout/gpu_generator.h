@@ -34,6 +34,7 @@
 // Host header, no CUDA. Not thread-safe; one GPU per object.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -46,12 +47,62 @@
 
 namespace grove::rollout {
 
+// The parts of a decode step that profile_decode times separately.
+enum class DecodePhase : int {
+  kInputs,         // embedding lookup (and the step's input uploads before it)
+  kNorms,          // attention, ffn and final RMSNorm
+  kQkvLinear,      // fused q/k/v projection
+  kRopeAppend,     // RoPE + KV-cache append
+  kAttention,      // paged attention
+  kWo,             // attention output projection (+ residual)
+  kDenseFfn,       // dense SwiGLU layers
+  kRouter,         // router linear + top-k (+ the routes copy)
+  kSharedExperts,  // shared-expert SwiGLU
+  kMoeRouteIndex,  // MoeDecodeForward: grouping slots by expert
+  kMoeUp,          // MoeDecodeForward: W1|W3 + SwiGLU
+  kMoeDown,        // MoeDecodeForward: W2
+  kMoeCombine,     // MoeDecodeForward: gated sum into the residual
+  kLmHead,         // final gather + lm_head
+  kSampling,       // sampling + result copies to the host
+  kHost,           // host bookkeeping: step wall time outside the GPU span
+  kCount
+};
+inline constexpr int kDecodePhases = static_cast<int>(DecodePhase::kCount);
+const char* DecodePhaseName(DecodePhase phase);
+
 struct GpuGeneratorOptions {
   int device = 0;
   int max_batch = 128;
   int page_tokens = 16;
   double kv_memory_fraction = 0.6;  // of free memory after weights
   bool cuda_graphs = true;
+  // Profiling: decode steps run eagerly (no graph) with a cudaEvent before
+  // each op, summed per DecodePhase into Stats::decode_phase_seconds. The
+  // events serialize nothing, but eager launches are slower than a graph at
+  // small batch, and a phase's time includes any launch gap the GPU waits
+  // through before its first kernel. Results are unchanged.
+  bool profile_decode = false;
+  // Opt-in decode speedups (off until measured on the device; results may
+  // differ from the default path within fp32 summation order, see each):
+  // Shared experts run inside MoeDecodeForward as extra experts E..E+S-1,
+  // routed for every token with gate 1 (their w1/w3 are row slices of the
+  // stacked weight, w2 column blocks copied at LoadWeights in the quantized
+  // form, so the same quantized values). Saves the two shared-expert linears
+  // and the SwiGLU launch per MoE layer; changes only fp32 summation order
+  // (the W2 dot split into expert_hidden pieces, summed in the combine).
+  bool fold_shared_experts = false;
+  // MoeDecodeArgs::one_launch_index: the MoE's slot grouping in one launch
+  // for steps of up to 256 slots (rows * (top_k + folded shared)); the same
+  // index, so the same bits.
+  bool one_launch_moe_index = false;
+  // The router kernel writes each MoE layer's ids into the routes record
+  // itself (RouterArgs::ids_copy) instead of a cudaMemcpy2D per layer (a
+  // copy node in the graph); the same bytes.
+  bool router_writes_routes = false;
+  // Rows per warp of the m = 1 CUDA-core GEMV in every QuantLinear of a
+  // batch-1 step: 0 = QuantLinear's default, else 1, 2 or 4
+  // (kernels/quant_linear_internal.h's kCudaCoreRows*: the same bits).
+  int gemv_rows_per_warp = 0;
 };
 
 class GpuGenerator {
@@ -88,6 +139,9 @@ class GpuGenerator {
     int64_t decode_steps = 0, prefill_tokens = 0, generated_tokens = 0;
     double decode_seconds = 0, prefill_seconds = 0;
     bool graphs_used = false;
+    // With profile_decode: seconds per DecodePhase over all decode steps
+    // (kHost: each step's wall time minus its first-to-last event span).
+    std::array<double, kDecodePhases> decode_phase_seconds{};
   };
   // Cumulative over Generate calls (kv_pages_total: the pool's size).
   const Stats& stats() const;

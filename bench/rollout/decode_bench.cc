@@ -20,9 +20,23 @@
 //
 // Default run: 4 plans x batches 1, 8, 32, 128 x graphs on/off, 128 new
 // tokens; --quick: 32 new tokens and graphs on only.
+//
+// --profile: instead, the decode step split by phase (GpuGeneratorOptions::
+// profile_decode: eager launches with a cudaEvent before each op) for each
+// plan of --plans at --profile_batches, 32 new tokens: ms per step per phase
+// (rmsnorm, qkv linear, rope + append, attention, wo, router, shared experts,
+// MoE route index / up / down / combine, lm head, sampling, host).
+//
+// --variants: instead, the engine (graphs on) with each opt-in decode path of
+// GpuGeneratorOptions off and on (base, fold_shared_experts,
+// one_launch_moe_index, router_writes_routes, gemv_rows_per_warp 1 / 4
+// (batch 1 only), all = the three launch-saving paths) for --plans at --variant_batches, 32 new
+// tokens: ms per decode step and the speedup over base.
 #include <cuda_runtime_api.h>
 #include <gflags/gflags.h>
 
+#include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdio>
 #include <random>
@@ -45,6 +59,10 @@ DEFINE_int32(new_tokens, 128, "tokens generated per sequence");
 DEFINE_bool(graphs_off, true, "also time without CUDA graphs");
 DEFINE_bool(quick, false, "32 new tokens, graphs on only");
 DEFINE_uint64(seed, 1, "weights and prompts seed");
+DEFINE_bool(profile, false, "print the eager decode step's time per phase instead of the throughput table");
+DEFINE_string(profile_batches, "1,32", "batch sizes of --profile");
+DEFINE_bool(variants, false, "print ms/step of each opt-in decode path off/on instead of the throughput table");
+DEFINE_string(variant_batches, "1,8,32", "batch sizes of --variants");
 
 namespace grove::rollout {
 namespace {
@@ -117,6 +135,155 @@ double StepWeightBytes(const model::Model& m, const FormatChooser& choose, int b
   return bytes;
 }
 
+// One timed Generate of `b` random prompts after a short warm-up one (which
+// captures the bucket's graph); the stats accumulated by the timed call.
+struct Timed {
+  GpuGenerator::Stats delta;
+  double decode_tokens = 0;
+};
+Timed TimeGenerate(GpuGenerator& gen, int b, int prompt_len, int new_tokens, std::mt19937_64& rng, int32_t vocab) {
+  std::uniform_int_distribution<int32_t> tok(0, vocab - 1);
+  std::vector<std::vector<int32_t>> prompts(b, std::vector<int32_t>(prompt_len));
+  for (auto& p : prompts)
+    for (int32_t& t : p) t = tok(rng);
+  model::SamplingOptions so;
+  so.temperature = 0;
+  so.max_new_tokens = 4;
+  std::vector<std::vector<int32_t>> warm(b, std::vector<int32_t>(prompts[0].begin(), prompts[0].begin() + 2));
+  CHECK_OK(gen.Generate(warm, so).status());
+  const GpuGenerator::Stats before = gen.stats();
+  so.max_new_tokens = new_tokens;
+  CHECK_OK(gen.Generate(prompts, so).status());
+  const GpuGenerator::Stats& after = gen.stats();
+  Timed t;
+  t.delta.decode_seconds = after.decode_seconds - before.decode_seconds;
+  t.delta.decode_steps = after.decode_steps - before.decode_steps;
+  t.delta.prefill_seconds = after.prefill_seconds - before.prefill_seconds;
+  t.delta.prefill_tokens = after.prefill_tokens - before.prefill_tokens;
+  t.delta.generated_tokens = after.generated_tokens - before.generated_tokens;
+  for (int i = 0; i < kDecodePhases; ++i)
+    t.delta.decode_phase_seconds[i] = after.decode_phase_seconds[i] - before.decode_phase_seconds[i];
+  // Tokens from decode steps: all but each sequence's first (sampled after its prefill).
+  t.decode_tokens = double(t.delta.generated_tokens) - b;
+  return t;
+}
+
+// --profile: one column per (plan, batch), one row per phase, ms per step.
+int RunProfile(const model::ModelConfig& c, const model::Model& host) {
+  const std::vector<int> batches = ParseInts(FLAGS_profile_batches);
+  int max_batch = 1;
+  for (int b : batches) max_batch = std::max(max_batch, b);
+  std::mt19937_64 rng(FLAGS_seed);
+  std::vector<std::string> heads;
+  std::vector<std::array<double, kDecodePhases>> cols;
+  std::vector<double> totals, graph_totals;
+  // Profiled (eager + events), then the same steps as a graph for reference.
+  for (bool profiled : {true, false}) {
+    GpuGeneratorOptions o;
+    o.max_batch = max_batch;
+    o.kv_memory_fraction = 0.3;
+    o.profile_decode = profiled;
+    auto gen = GpuGenerator::Create(c, o);
+    CHECK_OK(gen.status());
+    for (const std::string& plan : ParseNames(FLAGS_plans)) {
+      CHECK_OK((*gen)->LoadWeights(host.params(), Plan(plan)).status());
+      for (int b : batches) {
+        const Timed t = TimeGenerate(**gen, b, FLAGS_prompt, 32, rng, int32_t(c.vocab_size));
+        const double steps = double(std::max<int64_t>(1, t.delta.decode_steps));
+        if (!profiled) {
+          graph_totals.push_back(t.delta.decode_seconds / steps * 1e3);
+          continue;
+        }
+        std::array<double, kDecodePhases> ms{};
+        for (int i = 0; i < kDecodePhases; ++i) ms[i] = t.delta.decode_phase_seconds[i] / steps * 1e3;
+        heads.push_back(plan + " b" + std::to_string(b));
+        cols.push_back(ms);
+        totals.push_back(t.delta.decode_seconds / steps * 1e3);
+      }
+    }
+  }
+  std::printf("\neager decode step by phase, ms per step (cudaEvents; a phase includes launch gaps before it)\n");
+  std::printf("| phase |");
+  for (const std::string& h : heads) std::printf(" %s |", h.c_str());
+  std::printf("\n| --- |");
+  for (size_t i = 0; i < heads.size(); ++i) std::printf(" --- |");
+  std::printf("\n");
+  for (int p = 0; p < kDecodePhases; ++p) {
+    std::printf("| %s |", DecodePhaseName(DecodePhase(p)));
+    for (const auto& col : cols) std::printf(" %.3f |", col[p]);
+    std::printf("\n");
+  }
+  std::printf("| sum of phases |");
+  for (const auto& col : cols) {
+    double sum = 0;
+    for (double v : col) sum += v;
+    std::printf(" %.3f |", sum);
+  }
+  std::printf("\n| step wall time (eager, profiled) |");
+  for (double t : totals) std::printf(" %.3f |", t);
+  std::printf("\n| step wall time (graph, not profiled) |");
+  for (double t : graph_totals) std::printf(" %.3f |", t);
+  std::printf("\n");
+  return 0;
+}
+
+// The opt-in decode paths of GpuGeneratorOptions, each alone, then all.
+struct Variant {
+  const char* name;
+  void (*set)(GpuGeneratorOptions&);
+};
+const Variant kVariants[] = {
+    {"base", [](GpuGeneratorOptions&) {}},
+    {"fold_shared_experts", [](GpuGeneratorOptions& o) { o.fold_shared_experts = true; }},
+    {"one_launch_moe_index", [](GpuGeneratorOptions& o) { o.one_launch_moe_index = true; }},
+    {"router_writes_routes", [](GpuGeneratorOptions& o) { o.router_writes_routes = true; }},
+    {"gemv_rows_per_warp=1", [](GpuGeneratorOptions& o) { o.gemv_rows_per_warp = 1; }},
+    {"gemv_rows_per_warp=4", [](GpuGeneratorOptions& o) { o.gemv_rows_per_warp = 4; }},
+    {"all", [](GpuGeneratorOptions& o) {
+       o.fold_shared_experts = true;
+       o.one_launch_moe_index = true;
+       o.router_writes_routes = true;
+     }},
+};
+
+// --variants: rows (variant, plan), columns ms/step per batch (x speedup
+// over base on the same plan and batch).
+int RunVariants(const model::ModelConfig& c, const model::Model& host) {
+  const std::vector<int> batches = ParseInts(FLAGS_variant_batches);
+  const std::vector<std::string> plans = ParseNames(FLAGS_plans);
+  int max_batch = 1;
+  for (int b : batches) max_batch = std::max(max_batch, b);
+  std::mt19937_64 rng(FLAGS_seed);
+  std::vector<std::vector<double>> base(plans.size(), std::vector<double>(batches.size(), 0));
+  std::printf("\ndecode ms/step (graphs on) per opt-in path; (x speedup over base)\n| variant | plan |");
+  for (int b : batches) std::printf(" b%d |", b);
+  std::printf("\n| --- | --- |");
+  for (size_t i = 0; i < batches.size(); ++i) std::printf(" --- |");
+  std::printf("\n");
+  for (const Variant& v : kVariants) {
+    GpuGeneratorOptions o;
+    o.max_batch = max_batch;
+    o.kv_memory_fraction = 0.1;
+    v.set(o);
+    auto gen = GpuGenerator::Create(c, o);
+    CHECK_OK(gen.status());
+    for (size_t p = 0; p < plans.size(); ++p) {
+      CHECK_OK((*gen)->LoadWeights(host.params(), Plan(plans[p])).status());
+      std::printf("| %s | %s |", v.name, plans[p].c_str());
+      for (size_t i = 0; i < batches.size(); ++i) {
+        const Timed t = TimeGenerate(**gen, batches[i], FLAGS_prompt, 32, rng, int32_t(c.vocab_size));
+        const double ms = t.delta.decode_seconds / double(std::max<int64_t>(1, t.delta.decode_steps)) * 1e3;
+        if (&v == &kVariants[0]) base[p][i] = ms;
+        std::printf(" %.3f (%.2fx) |", ms, ms > 0 ? base[p][i] / ms : 0);
+        std::fflush(stdout);
+      }
+      std::printf("\n");
+    }
+    if (!(*gen)->stats().graphs_used) std::printf("(%s: graph capture failed, eager)\n", v.name);
+  }
+  return 0;
+}
+
 int Run() {
   auto mc = model::ModelConfig::LoadFile(FLAGS_config);
   CHECK_OK(mc.status());
@@ -137,11 +304,16 @@ int Run() {
   bench::FastInit(**host, FLAGS_seed);
   std::printf("model %s: %lld parameters, init %.1f s; prompt %d, %d new tokens, greedy\n", FLAGS_config.c_str(),
               (long long)(*host)->layout().total(), Since(t0), FLAGS_prompt, new_tokens);
+  // --profile and --variants replace the throughput table (both: both, one model init).
+  if (FLAGS_profile || FLAGS_variants) {
+    if (FLAGS_profile) RunProfile(c, **host);
+    if (FLAGS_variants) RunVariants(c, **host);
+    return 0;
+  }
   const std::vector<int> batches = ParseInts(FLAGS_batches);
   int max_batch = 1;
   for (int b : batches) max_batch = std::max(max_batch, b);
   std::mt19937_64 rng(FLAGS_seed);
-  std::uniform_int_distribution<int32_t> tok(0, int32_t(c.vocab_size) - 1);
 
   // The fp32 weights on the device too, as a weight receive buffer holds
   // them: LoadWeightsFromDevice's re-quantization time per plan.
@@ -172,25 +344,12 @@ int Run() {
       load_lines.push_back("plan " + plan + ": LoadWeights (host fp32) " + std::to_string(*secs) +
                            " s, LoadWeightsFromDevice (re-quantize on the GPU) " + std::to_string(*dev_secs) + " s");
       for (int b : batches) {
-        std::vector<std::vector<int32_t>> prompts(b, std::vector<int32_t>(FLAGS_prompt));
-        for (auto& p : prompts)
-          for (int32_t& t : p) t = tok(rng);
-        model::SamplingOptions so;
-        so.temperature = 0;
-        so.max_new_tokens = 4;
-        // Warm-up on 2-token prompts (a cheap prefill): captures this bucket's graph.
-        std::vector<std::vector<int32_t>> warm(b, std::vector<int32_t>(prompts[0].begin(), prompts[0].begin() + 2));
-        CHECK_OK((*gen)->Generate(warm, so).status());
-        const GpuGenerator::Stats before = (*gen)->stats();
-        so.max_new_tokens = new_tokens;
-        CHECK_OK((*gen)->Generate(prompts, so).status());
-        const GpuGenerator::Stats& after = (*gen)->stats();
-        const double dsec = after.decode_seconds - before.decode_seconds;
-        const int64_t steps = after.decode_steps - before.decode_steps;
-        // Tokens from decode steps: all but each sequence's first (sampled after its prefill).
-        const double dtok = double(after.generated_tokens - before.generated_tokens) - b;
-        const double psec = after.prefill_seconds - before.prefill_seconds;
-        const double ptok = double(after.prefill_tokens - before.prefill_tokens);
+        const Timed t = TimeGenerate(**gen, b, FLAGS_prompt, new_tokens, rng, int32_t(c.vocab_size));
+        const double dsec = t.delta.decode_seconds;
+        const int64_t steps = t.delta.decode_steps;
+        const double dtok = t.decode_tokens;
+        const double psec = t.delta.prefill_seconds;
+        const double ptok = double(t.delta.prefill_tokens);
         const double step_s = steps > 0 ? dsec / double(steps) : 0;
         const double wbytes = StepWeightBytes(**host, choose, b);
         std::printf("| %s | %s | %d | %.0f | %.3f | %.0f | %.3f | %.2f |\n", plan.c_str(), graphs ? "on" : "off", b,

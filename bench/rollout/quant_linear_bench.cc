@@ -17,7 +17,13 @@
 // 256 MB memset outside the timed region, so weights come from HBM as in
 // decode, where a layer's weights are evicted by the other layers.
 //
-// Usage: quant_linear_bench [--quick]   (--quick: 5 repetitions instead of 20)
+//  (e) with --gemv_variants (instead of b-d): the m <= 4 GEMV's variants
+//      (detail::QuantLinearPath: CUDA cores with 1, 2 = default, 4 weight
+//      rows per warp, and tensor cores) on the dense gpu-ref shapes at m = 1
+//      and 4: us and % of the read ceiling, to pick the default from.
+//
+// Usage: quant_linear_bench [--quick] [--gemv_variants]
+//   (--quick: 5 repetitions instead of 20)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -242,6 +248,51 @@ void LinearTable(double read_gbs, std::mt19937_64& rng) {
   cudaFree(y);
 }
 
+void GemvVariantsTable(double read_gbs, std::mt19937_64& rng) {
+  using grove::kernels::detail::QuantLinearPath;
+  const int H = 1024;
+  const std::vector<Shape> shapes = {
+      {"qkv 1024->1536", {{1536, H}}},           {"wo 1024->1024", {{H, 1024}}},
+      {"dense w1|w3 1024->5632", {{5632, H}}},   {"dense w2 2816->1024", {{H, 2816}}},
+      {"expert w1|w3 1024->1024", {{1024, H}}},  {"expert w2 512->1024", {{H, 512}}},
+      {"lm head 1024->32768", {{32768, H}}},
+  };
+  const QuantLinearPath paths[4] = {QuantLinearPath::kCudaCoreRows1, QuantLinearPath::kCudaCore,
+                                    QuantLinearPath::kCudaCoreRows4, QuantLinearPath::kTensorCore};
+  float* scratch = nullptr;
+  CUDA_CHECK(cudaMalloc(&scratch, size_t{32768} * H * 4));
+  __nv_bfloat16* x = nullptr;
+  float* y = nullptr;
+  CUDA_CHECK(cudaMalloc(&x, size_t{4} * 2816 * 2));
+  CUDA_CHECK(cudaMemset(x, 0x3c, size_t{4} * 2816 * 2));
+  CUDA_CHECK(cudaMalloc(&y, size_t{4} * 32768 * 4));
+  std::printf("(e) GEMV variants (detail::QuantLinearPath), us (%% of read ceiling); default at m = 1: cc2, at m >= 2: tc\n");
+  std::printf("%-26s %-5s %2s | %16s | %16s | %16s | %16s\n", "shape", "fmt", "m", "cc1 (rows1)", "cc2 (default)",
+              "cc4 (rows4)", "tc");
+  for (const Shape& shape : shapes) {
+    const auto [n, k] = shape.weights[0];
+    for (int fi = 0; fi < 3; ++fi) {
+      Weight w(kFormats[fi], n, k, rng, scratch);
+      for (int m : {1, 4}) {
+        char cell[4][40];
+        for (int p = 0; p < 4; ++p) {
+          const double us = MedianUs([&] {
+            STATUS_CHECK(grove::kernels::detail::QuantLinearOnPath(paths[p], x, k, m, w.w, y, n,
+                                                                   Accumulate::kOverwrite, nullptr));
+          });
+          std::snprintf(cell[p], sizeof(cell[p]), "%6.1f (%3.0f%%)", us, 100.0 * (w.bytes / us / 1e3) / read_gbs);
+        }
+        std::printf("%-26s %-5s %2d | %16s | %16s | %16s | %16s\n", shape.name, fi == 0 ? "bf16" : fi == 1 ? "int8" : "int4",
+                    m, cell[0], cell[1], cell[2], cell[3]);
+      }
+    }
+  }
+  std::printf("\n");
+  cudaFree(scratch);
+  cudaFree(x);
+  cudaFree(y);
+}
+
 void MoeTable(double read_gbs, std::mt19937_64& rng) {
   const int H = 1024, E = 512, experts = 64, top_k = 6;
   float* scratch = nullptr;
@@ -389,11 +440,14 @@ void QuantizeTable(double read_gbs) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  bool gemv_variants = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) {
       g_reps = 5;
+    } else if (std::strcmp(argv[i], "--gemv_variants") == 0) {
+      gemv_variants = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--quick]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--gemv_variants]\n", argv[0]);
       return 2;
     }
   }
@@ -409,9 +463,13 @@ int main(int argc, char** argv) {
   CUDA_CHECK(cudaMalloc(&g_flush, kFlushBytes));
   std::mt19937_64 rng(1);
   const double read_gbs = Ceilings();
-  LinearTable(read_gbs, rng);
-  MoeTable(read_gbs, rng);
-  QuantizeTable(read_gbs);
+  if (gemv_variants) {
+    GemvVariantsTable(read_gbs, rng);
+  } else {
+    LinearTable(read_gbs, rng);
+    MoeTable(read_gbs, rng);
+    QuantizeTable(read_gbs);
+  }
   cudaFree(g_flush);
   return 0;
 }

@@ -24,12 +24,7 @@ using testing::DeviceBuffer;
 
 enum class Routing { kRandom, kOneExpert, kFewExperts, kWithDropped };
 
-void CheckMoe(int tokens, int top_k, int experts, int hidden, Routing routing) {
-  const uint64_t seed = testing::FreshSeed();
-  SCOPED_TRACE("seed " + std::to_string(seed) + " tokens " + std::to_string(tokens) + " k " +
-               std::to_string(top_k) + " E " + std::to_string(experts) + " hidden " + std::to_string(hidden) +
-               " routing " + std::to_string(int(routing)));
-  std::mt19937_64 rng(seed);
+std::vector<uint16_t> RandomIds(int tokens, int top_k, int experts, Routing routing, std::mt19937_64& rng) {
   const int slots = tokens * top_k;
   std::vector<uint16_t> ids(slots);
   std::vector<int> perm(experts);
@@ -45,7 +40,15 @@ void CheckMoe(int tokens, int top_k, int experts, int hidden, Routing routing) {
       ids[size_t(t) * top_k + j] = uint16_t(e);
     }
   }
-  // CPU reference index: slots grouped by expert, in slot order.
+  return ids;
+}
+
+// CPU reference index: slots grouped by expert, in slot order.
+struct CpuIndex {
+  std::vector<int32_t> offsets, row_of_slot, slot_of_row;
+};
+CpuIndex ReferenceIndex(const std::vector<uint16_t>& ids, int experts) {
+  const int slots = int(ids.size());
   std::vector<int32_t> want_offsets(experts + 1, 0), want_row_of_slot(slots, -1), want_slot_of_row(slots, -1);
   for (int s = 0; s < slots; ++s)
     if (ids[s] < experts) ++want_offsets[ids[s] + 1];
@@ -58,6 +61,54 @@ void CheckMoe(int tokens, int top_k, int experts, int hidden, Routing routing) {
         want_slot_of_row[want_row_of_slot[s]] = s;
       }
   }
+  return {want_offsets, want_row_of_slot, want_slot_of_row};
+}
+
+// MoeRouteIndexOneBlock against the CPU index (which MoeRouteIndex must
+// equal too): the same arrays exactly.
+void CheckOneBlockIndex(int tokens, int top_k, int experts, Routing routing) {
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed) + " tokens " + std::to_string(tokens) + " k " +
+               std::to_string(top_k) + " E " + std::to_string(experts) + " routing " + std::to_string(int(routing)));
+  std::mt19937_64 rng(seed);
+  const std::vector<uint16_t> ids = RandomIds(tokens, top_k, experts, routing, rng);
+  const CpuIndex want = ReferenceIndex(ids, experts);
+  const int slots = tokens * top_k;
+  DeviceBuffer<uint16_t> d_ids(std::max(slots, 1));
+  DeviceBuffer<int32_t> d_offsets(experts + 1), d_row_of_slot(std::max(slots, 1)), d_slot_of_row(std::max(slots, 1)),
+      d_load(experts);
+  if (slots > 0) {
+    GROVE_CUDA_OK(d_ids.Upload(ids));
+  }
+  GROVE_CUDA_OK(cudaMemset(d_offsets.get(), 0x7F, (experts + 1) * 4));
+  GROVE_CUDA_OK(cudaMemset(d_slot_of_row.get(), 0x7F, d_slot_of_row.count() * 4));
+  Status s = MoeRouteIndexOneBlock(d_ids.get(), tokens, top_k, experts, d_offsets.get(), d_row_of_slot.get(),
+                                   d_slot_of_row.get(), d_load.get(), nullptr);
+  ASSERT_TRUE(s.ok()) << s;
+  std::vector<int32_t> offsets, row_of_slot, slot_of_row, load;
+  GROVE_CUDA_OK(d_offsets.Download(&offsets));
+  ASSERT_EQ(offsets, want.offsets);
+  GROVE_CUDA_OK(d_load.Download(&load));
+  for (int e = 0; e < experts; ++e) EXPECT_EQ(load[e], want.offsets[e + 1] - want.offsets[e]) << "expert " << e;
+  if (slots == 0) return;
+  GROVE_CUDA_OK(d_row_of_slot.Download(&row_of_slot));
+  GROVE_CUDA_OK(d_slot_of_row.Download(&slot_of_row));
+  EXPECT_EQ(row_of_slot, want.row_of_slot);
+  EXPECT_EQ(slot_of_row, want.slot_of_row);
+}
+
+void CheckMoe(int tokens, int top_k, int experts, int hidden, Routing routing) {
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed) + " tokens " + std::to_string(tokens) + " k " +
+               std::to_string(top_k) + " E " + std::to_string(experts) + " hidden " + std::to_string(hidden) +
+               " routing " + std::to_string(int(routing)));
+  std::mt19937_64 rng(seed);
+  const int slots = tokens * top_k;
+  const std::vector<uint16_t> ids = RandomIds(tokens, top_k, experts, routing, rng);
+  const CpuIndex want_index = ReferenceIndex(ids, experts);
+  const std::vector<int32_t>& want_offsets = want_index.offsets;
+  const std::vector<int32_t>& want_row_of_slot = want_index.row_of_slot;
+  const std::vector<int32_t>& want_slot_of_row = want_index.slot_of_row;
 
   DeviceBuffer<uint16_t> d_ids(slots);
   DeviceBuffer<int32_t> d_offsets(experts + 1), d_row_of_slot(slots), d_slot_of_row(slots), d_load(experts);
@@ -87,6 +138,7 @@ void CheckMoe(int tokens, int top_k, int experts, int hidden, Routing routing) {
   testing::RandomBf16(rng, size_t(slots) * hidden, &da, &dad);
   testing::RandomBf16(rng, size_t(tokens) * hidden, &y0, &y0d);
   testing::RandomBf16(rng, size_t(tokens) * hidden, &dx0, &dx0d);
+  std::uniform_real_distribution<double> u(0, 1);
   std::vector<float> gates(slots);
   for (float& g : gates) g = float(u(rng));
   DeviceBuffer<__nv_bfloat16> d_x(x.size()), d_a(c.size()), d_c(c.size()), d_y(y0.size()), d_dy(dy.size()),
@@ -192,7 +244,25 @@ TEST(MoePermuteTest, RaggedAndEmptyExperts) {
   CheckMoe(0, 6, 64, 32, Routing::kRandom);
 }
 
+TEST(MoePermuteTest, OneBlockIndexEqualsTheReference) {
+  GROVE_SKIP_WITHOUT_GPU();
+  CheckOneBlockIndex(1, 6, 64, Routing::kRandom);     // decode batch 1
+  CheckOneBlockIndex(1, 8, 66, Routing::kRandom);     // + 2 folded shared experts
+  CheckOneBlockIndex(32, 8, 66, Routing::kRandom);    // 256 slots: the limit
+  CheckOneBlockIndex(16, 16, 256, Routing::kRandom);  // widest
+  CheckOneBlockIndex(37, 5, 7, Routing::kFewExperts);
+  CheckOneBlockIndex(40, 6, 64, Routing::kOneExpert);
+  CheckOneBlockIndex(50, 4, 16, Routing::kWithDropped);
+  CheckOneBlockIndex(3, 1, 1, Routing::kRandom);
+  CheckOneBlockIndex(0, 6, 64, Routing::kRandom);
+}
+
 TEST(MoePermuteTest, RejectsBadShapes) {
+  EXPECT_EQ(MoeRouteIndexOneBlock(nullptr, 33, 8, 64, nullptr, nullptr, nullptr, nullptr, nullptr).code(),
+            StatusCode::kInvalidArgument);  // 264 slots > 256
+  EXPECT_EQ(MoeRouteIndexOneBlock(nullptr, 1, 6, kMoeMaxExperts + 1, nullptr, nullptr, nullptr, nullptr, nullptr)
+                .code(),
+            StatusCode::kInvalidArgument);
   EXPECT_EQ(MoeRouteIndex(nullptr, 4, 2, kMoeMaxExperts + 1, nullptr, 0, nullptr, nullptr, nullptr, nullptr, nullptr)
                 .code(),
             StatusCode::kInvalidArgument);

@@ -213,7 +213,14 @@ TEST(QuantizeWeightGpu, BitIdenticalToTheCpuQuantizers) {
 // y = x W^T (+ y0) against the double-precision reference, every element
 // within the bound of the file comment.
 const char* PathName(QuantLinearPath p) {
-  return p == QuantLinearPath::kAuto ? "auto" : p == QuantLinearPath::kCudaCore ? "cuda-core" : "tensor-core";
+  switch (p) {
+    case QuantLinearPath::kAuto: return "auto";
+    case QuantLinearPath::kCudaCore: return "cuda-core";
+    case QuantLinearPath::kTensorCore: return "tensor-core";
+    case QuantLinearPath::kCudaCoreRows1: return "cuda-core 1 row/warp";
+    case QuantLinearPath::kCudaCoreRows4: return "cuda-core 4 rows/warp";
+  }
+  return "?";
 }
 
 void CheckQuantLinear(std::mt19937_64& rng, QuantFormat f, int64_t n, int64_t k, const std::vector<int>& ms,
@@ -296,6 +303,54 @@ TEST(QuantLinearGpu, BothPathsAtEveryBatchShape) {
     CheckQuantLinear(rng, f, 1024, 2816, {3, 16, 17}, false, QuantLinearPath::kCudaCore);
     CheckQuantLinear(rng, f, 40, 640, {1, 2, 5, 16, 33}, true, QuantLinearPath::kTensorCore);
     CheckQuantLinear(rng, f, 1536, 1024, {1}, false, QuantLinearPath::kTensorCore);
+  }
+}
+
+TEST(QuantLinearGpu, RowsPerWarpVariantsGiveTheSameBits) {
+  // kCudaCoreRows1/4 change only how rows are dealt to warps: against the
+  // reference on small shapes, and bit-equal to kCudaCore on the gpu-ref
+  // decode shapes (qkv, wo, dense w1|w3, dense w2, a lm_head slice) at m =
+  // 1, 4 and 17 (two passes).
+  GROVE_SKIP_WITHOUT_GPU();
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const QuantLinearPath variants[2] = {QuantLinearPath::kCudaCoreRows1, QuantLinearPath::kCudaCoreRows4};
+  const int64_t shapes[5][2] = {{1536, 1024}, {1024, 1024}, {5632, 1024}, {1024, 2816}, {4096, 1024}};
+  for (QuantFormat f : {QuantFormat::kBF16, QuantFormat::kInt8, QuantFormat::kInt4}) {
+    for (QuantLinearPath p : variants) {
+      CheckQuantLinear(rng, f, 8, 128, {1, 3, 16}, true, p);
+      CheckQuantLinear(rng, f, 40, 640, {1, 2, 5, 17}, false, p);
+    }
+    for (const auto& shape : shapes) {
+      const int64_t n = shape[0], k = shape[1];
+      DeviceWeight dw(f, n, k);
+      QuantizeOnGpu(RandomWeights(rng, n, k), &dw);
+      for (int m : {1, 4, 17}) {
+        std::vector<__nv_bfloat16> xb;
+        std::vector<double> xd;
+        testing::RandomBf16(rng, static_cast<size_t>(m) * k, &xb, &xd);
+        DeviceBuffer<__nv_bfloat16> dx(xb.size());
+        ASSERT_EQ(dx.Upload(xb), cudaSuccess);
+        DeviceBuffer<float> want(static_cast<size_t>(m) * n);
+        ASSERT_TRUE(detail::QuantLinearOnPath(QuantLinearPath::kCudaCore, dx.get(), k, m, dw.w, want.get(), n,
+                                              Accumulate::kOverwrite, nullptr)
+                        .ok());
+        std::vector<float> a;
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        ASSERT_EQ(want.Download(&a), cudaSuccess);
+        for (QuantLinearPath p : variants) {
+          DeviceBuffer<float> got(static_cast<size_t>(m) * n);
+          ASSERT_TRUE(
+              detail::QuantLinearOnPath(p, dx.get(), k, m, dw.w, got.get(), n, Accumulate::kOverwrite, nullptr).ok());
+          std::vector<float> b;
+          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+          ASSERT_EQ(got.Download(&b), cudaSuccess);
+          ASSERT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0)
+              << Name(f) << " [" << n << ", " << k << "] m " << m << " " << PathName(p);
+        }
+      }
+    }
   }
 }
 
@@ -421,6 +476,18 @@ void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
   ASSERT_EQ(dout.Download(&out_auto), cudaSuccess);
   ASSERT_TRUE(std::memcmp(out_auto.data(), outs[0].data(), out_auto.size() * 4) == 0 ||
               std::memcmp(out_auto.data(), outs[1].data(), out_auto.size() * 4) == 0);
+  // The one-launch index (small m; ignored above its slot limit) builds the
+  // same index: the same bits on both kernel pairs.
+  a.one_launch_index = true;
+  for (int p = 0; p < 2; ++p) {
+    ASSERT_EQ(dout.Upload(out0), cudaSuccess);
+    ASSERT_TRUE(detail::MoeDecodeForwardOnPath(a, paths[p], nullptr).ok());
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    std::vector<float> one;
+    ASSERT_EQ(dout.Download(&one), cudaSuccess);
+    ASSERT_EQ(std::memcmp(one.data(), outs[p].data(), one.size() * 4), 0) << "one-launch index, path " << p;
+  }
+  a.one_launch_index = false;
 
   for (int t = 0; t < c.m; ++t) {
     std::vector<double> ref(H, 0.0), bound(H, 0.0);

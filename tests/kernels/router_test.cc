@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -26,6 +27,8 @@ struct Case {
   int tokens, experts, top_k;
   bool sigmoid, norm_topk, with_bias, replay, equal_logits;
   float route_scale;
+  int out_stride = 0;  // RouterArgs::out_stride
+  int copy_stride = 0;  // RouterArgs::ids_copy_stride (0: no copy)
 };
 
 void CheckRouter(const Case& c) {
@@ -46,9 +49,10 @@ void CheckRouter(const Case& c) {
     for (int j = 0; j < c.top_k; ++j) replay[size_t(t) * c.top_k + j] = uint16_t(perm[j]);
   }
 
+  const int stride = c.out_stride > 0 ? c.out_stride : c.top_k;
   DeviceBuffer<float> d_logits(logits.size()), d_bias(c.experts), d_scores(logits.size()),
-      d_gates(size_t(c.tokens) * c.top_k);
-  DeviceBuffer<uint16_t> d_ids(size_t(c.tokens) * c.top_k), d_replay(replay.size());
+      d_gates(size_t(c.tokens) * stride);
+  DeviceBuffer<uint16_t> d_ids(size_t(c.tokens) * stride), d_replay(replay.size());
   GROVE_CUDA_OK(d_logits.Upload(logits));
   GROVE_CUDA_OK(d_bias.Upload(bias));
   GROVE_CUDA_OK(d_replay.Upload(replay));
@@ -68,6 +72,13 @@ void CheckRouter(const Case& c) {
   a.sigmoid = c.sigmoid;
   a.norm_topk = c.norm_topk;
   a.route_scale = c.route_scale;
+  a.out_stride = c.out_stride;
+  DeviceBuffer<uint16_t> d_copy(size_t(std::max(c.tokens, 1)) * std::max(c.copy_stride, 1));
+  GROVE_CUDA_OK(cudaMemset(d_copy.get(), 0xFF, d_copy.count() * 2));
+  if (c.copy_stride > 0) {
+    a.ids_copy = d_copy.get();
+    a.ids_copy_stride = c.copy_stride;
+  }
   Status s = RouterTopK(a, nullptr);
   ASSERT_TRUE(s.ok()) << s;
   GROVE_CUDA_OK(cudaDeviceSynchronize());
@@ -76,6 +87,14 @@ void CheckRouter(const Case& c) {
   GROVE_CUDA_OK(d_scores.Download(&scores));
   GROVE_CUDA_OK(d_gates.Download(&gates));
   GROVE_CUDA_OK(d_ids.Download(&ids));
+  std::vector<uint16_t> copy;
+  GROVE_CUDA_OK(d_copy.Download(&copy));
+  if (c.copy_stride > 0) {  // the copy holds the ids, the rest of its rows untouched
+    for (int t = 0; t < c.tokens; ++t)
+      for (int j = 0; j < c.copy_stride; ++j)
+        ASSERT_EQ(copy[size_t(t) * c.copy_stride + j], j < c.top_k ? ids[size_t(t) * stride + j] : uint16_t(0xFFFF))
+            << "token " << t << " column " << j;
+  }
 
   size_t bad_scores = 0, bad_ids = 0, bad_gates = 0;
   for (int t = 0; t < c.tokens; ++t) {
@@ -109,10 +128,16 @@ void CheckRouter(const Case& c) {
     double z = 0;
     for (int j = 0; j < c.top_k; ++j) z += sc[want[j]];
     for (int j = 0; j < c.top_k; ++j) {
-      if (ids[size_t(t) * c.top_k + j] != want[j]) ++bad_ids;
+      if (ids[size_t(t) * stride + j] != want[j]) ++bad_ids;
       const double g = (c.norm_topk ? sc[want[j]] / z : sc[want[j]]) * c.route_scale;
-      if (!(std::fabs(gates[size_t(t) * c.top_k + j] - g) <= 2e-6 * std::fabs(g) + 1e-12))
+      if (!(std::fabs(gates[size_t(t) * stride + j] - g) <= 2e-6 * std::fabs(g) + 1e-12))
         ++bad_gates;
+    }
+    // Columns past top_k keep the 0xFF fill.
+    for (int j = c.top_k; j < stride; ++j) {
+      uint32_t gate_bits = 0;
+      std::memcpy(&gate_bits, &gates[size_t(t) * stride + j], 4);
+      if (ids[size_t(t) * stride + j] != 0xFFFF || gate_bits != 0xFFFFFFFFu) ++bad_ids;
     }
   }
   EXPECT_EQ(bad_scores, 0u);
@@ -147,6 +172,14 @@ TEST(RouterTest, ReplayedIdsAreUsedAsGiven) {
   CheckRouter({1000, 64, 6, true, true, true, true, false, 1.f});
 }
 
+TEST(RouterTest, WiderOutputRowsAndTheIdsCopy) {
+  GROVE_SKIP_WITHOUT_GPU();
+  CheckRouter({1000, 64, 6, true, true, true, false, false, 2.5f, 8});
+  CheckRouter({300, 64, 6, true, true, true, true, false, 1.f, 9});
+  CheckRouter({500, 64, 6, true, true, true, false, false, 1.f, 0, 90});  // ids copied into a routes record
+  CheckRouter({77, 8, 2, false, false, false, false, false, 1.f, 4, 2});
+}
+
 TEST(RouterTest, RejectsBadShapes) {
   RouterArgs a;
   a.tokens = 1;
@@ -158,6 +191,14 @@ TEST(RouterTest, RejectsBadShapes) {
   EXPECT_EQ(RouterTopK(a, nullptr).code(), StatusCode::kInvalidArgument);
   a.top_k = 2;  // null pointers
   EXPECT_EQ(RouterTopK(a, nullptr).code(), StatusCode::kInvalidArgument);
+  a.out_stride = 1;  // narrower than top_k
+  EXPECT_EQ(RouterTopK(a, nullptr).code(), StatusCode::kInvalidArgument);
+  a.out_stride = 0;
+  uint16_t dummy = 0;
+  a.ids_copy = &dummy;  // copy stride narrower than top_k
+  a.ids_copy_stride = 1;
+  EXPECT_EQ(RouterTopK(a, nullptr).code(), StatusCode::kInvalidArgument);
+  a.ids_copy = nullptr;
 }
 
 // RouterBackward against model/moe.h's MoeBackward (gates -> scores ->

@@ -45,7 +45,7 @@ constexpr double kRouteTieBound = 4e-3;
 constexpr double kRouteEventRate = 0.03;  // near-tie route events per (row, MoE layer) pair
 constexpr int kNewTokens = 32;
 
-model::ModelConfig SmallConfig() {
+model::ModelConfig SmallConfig(int shared_experts = 1) {
   model::ModelConfig c;
   c.vocab_size = 512;
   c.hidden = 256;
@@ -58,7 +58,7 @@ model::ModelConfig SmallConfig() {
   c.dense_hidden = 512;
   c.experts = 8;
   c.top_k = 2;
-  c.shared_experts = 1;
+  c.shared_experts = shared_experts;
   c.expert_hidden = 128;
   c.score_func = model::ScoreFunc::kSigmoid;
   c.norm_topk = true;
@@ -70,8 +70,8 @@ model::ModelConfig SmallConfig() {
 // Random weights with a clear greedy winner most of the time (see the top),
 // every parameter rounded to bf16 so the GPU's bf16/fp32 copies equal the
 // CPU model's values.
-std::unique_ptr<model::Model> MakeModel(uint64_t seed) {
-  const model::ModelConfig c = SmallConfig();
+std::unique_ptr<model::Model> MakeModel(uint64_t seed, int shared_experts = 1) {
+  const model::ModelConfig c = SmallConfig(shared_experts);
   auto m = model::Model::Create(c, seed);
   EXPECT_TRUE(m.ok()) << m.status().ToString();
   model::Model& mm = **m;
@@ -267,6 +267,19 @@ bool HaveGpu() { return GpuGenerator::DeviceCount() > 0; }
 // either moves them by far more than kLogprobTol), so matching log-probs
 // checks those paths, not just the embedding.
 TEST(GpuGeneratorModel, TestModelHasClearMargins) {
+  {
+    // The two-shared-expert variant (FoldedSharedExpertsMatchTheCpuModel's
+    // model, its prompts) keeps the clear-margin premise too.
+    auto cpu2 = MakeModel(7, /*shared_experts=*/2);
+    const auto prompts2 = Prompts(17, 8, 2, 30);
+    auto want2 = cpu2->Generate(prompts2, Greedy(16));
+    ASSERT_TRUE(want2.ok()) << want2.status().ToString();
+    int clear2 = 0;
+    for (size_t i = 0; i < prompts2.size(); ++i)
+      clear2 += ClearMargins(Gaps(*cpu2, prompts2[i], (*want2)[i].tokens));
+    EXPECT_GE(clear2, 4) << "of " << prompts2.size() << " sequences (2 shared experts) have all top-2 gaps >= "
+                         << kGapBound;
+  }
   auto cpu = MakeModel(7);
   const auto prompts = Prompts(11, 8, 3, 24);
   auto want = cpu->Generate(prompts, Greedy(kNewTokens));
@@ -485,7 +498,7 @@ TEST(GpuGenerator, QuantizedWeightsMatchTheCpuOnRoundTrippedWeights) {
   EXPECT_GE(compared * 2, total) << compared << " of " << total << " sampled log-probs compared";
 }
 
-TEST(GpuGenerator, GraphsAndEagerGiveTheSameBits) {
+TEST(GpuGenerator, GraphsEagerProfiledAndBitExactOptInPathsGiveTheSameBits) {
   SKIP_WITHOUT_GPU();
   auto cpu = MakeModel(7);
   const auto prompts = Prompts(14, 5, 2, 20);
@@ -493,20 +506,91 @@ TEST(GpuGenerator, GraphsAndEagerGiveTheSameBits) {
   o.max_batch = 8;
   o.kv_memory_fraction = 0.05;
   std::vector<std::vector<model::Completion<float>>> runs;
-  for (bool graphs : {true, false}) {
-    o.cuda_graphs = graphs;
+  // Graphs, eager, eager with the per-phase profile (events only), graphs
+  // with the one-launch MoE index (the same index arrays), graphs with the
+  // router writing the routes record (the same bytes), graphs with the
+  // batch-1 GEMV at 1 and 4 rows per warp (the same bits).
+  constexpr int kModes = 7;
+  for (int mode = 0; mode < kModes; ++mode) {
+    o.cuda_graphs = mode == 0 || mode >= 3;
+    o.profile_decode = mode == 2;
+    o.one_launch_moe_index = mode == 3;
+    o.router_writes_routes = mode == 4;
+    o.gemv_rows_per_warp = mode == 5 ? 1 : mode == 6 ? 4 : 0;
     auto g = GpuGenerator::Create(cpu->config(), o);
     ASSERT_TRUE(g.ok()) << g.status().ToString();
     ASSERT_TRUE((*g)->LoadWeights(cpu->params(), nullptr).ok());
     auto r = (*g)->Generate(prompts, Greedy(12));
     ASSERT_TRUE(r.ok()) << r.status().ToString();
-    EXPECT_EQ((*g)->stats().graphs_used, graphs);
+    const GpuGenerator::Stats& st = (*g)->stats();
+    EXPECT_EQ(st.graphs_used, mode == 0 || mode >= 3);
+    double phases = 0;
+    for (double v : st.decode_phase_seconds) phases += v;
+    if (mode == 2) {
+      // Every phase the model has took time; the phases cover the steps'
+      // wall time (GPU span + host remainder), up to float event rounding.
+      const model::ModelConfig& c = cpu->config();
+      for (DecodePhase p : {DecodePhase::kNorms, DecodePhase::kQkvLinear, DecodePhase::kRopeAppend,
+                            DecodePhase::kAttention, DecodePhase::kWo, DecodePhase::kLmHead, DecodePhase::kSampling})
+        EXPECT_GT(st.decode_phase_seconds[int(p)], 0.0) << DecodePhaseName(p);
+      if (c.experts > 0) {
+        for (DecodePhase p : {DecodePhase::kRouter, DecodePhase::kMoeRouteIndex, DecodePhase::kMoeUp,
+                              DecodePhase::kMoeDown, DecodePhase::kMoeCombine})
+          EXPECT_GT(st.decode_phase_seconds[int(p)], 0.0) << DecodePhaseName(p);
+      }
+      if (c.dense_layers > 0) {
+        EXPECT_GT(st.decode_phase_seconds[int(DecodePhase::kDenseFfn)], 0.0);
+      }
+      EXPECT_GT(st.decode_steps, 0);
+      EXPECT_NEAR(phases, st.decode_seconds, 0.05 * st.decode_seconds);
+    } else {
+      EXPECT_EQ(phases, 0.0) << "no profile unless asked";
+    }
     runs.push_back(std::move(*r));
   }
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    EXPECT_EQ(runs[0][i].tokens, runs[1][i].tokens) << "sequence " << i;
-    EXPECT_EQ(runs[0][i].logprobs, runs[1][i].logprobs) << "sequence " << i;
-    EXPECT_EQ(runs[0][i].routes, runs[1][i].routes) << "sequence " << i;
+  for (size_t i = 0; i < prompts.size(); ++i)
+    for (int mode = 1; mode < kModes; ++mode) {
+      EXPECT_EQ(runs[0][i].tokens, runs[mode][i].tokens) << "sequence " << i << ", mode " << mode;
+      EXPECT_EQ(runs[0][i].logprobs, runs[mode][i].logprobs) << "sequence " << i << ", mode " << mode;
+      EXPECT_EQ(runs[0][i].routes, runs[mode][i].routes) << "sequence " << i << ", mode " << mode;
+    }
+}
+
+// fold_shared_experts held to the default path's standard against the CPU
+// model (Compare: same near-tie rules and log-prob tolerance): the fold
+// changes only fp32 summation order, far below the bf16 activation rounding
+// the tolerance already covers. Two shared experts, so W2 really is split
+// into column blocks; bf16, int8 (blocks keep the row scale) and int4
+// (blocks take their group scales) shared weights.
+TEST(GpuGenerator, FoldedSharedExpertsMatchTheCpuModel) {
+  SKIP_WITHOUT_GPU();
+  for (PrecisionFormat shared : {PrecisionFormat::kBF16, PrecisionFormat::kInt8, PrecisionFormat::kInt4}) {
+    SCOPED_TRACE("shared experts in format " + std::to_string(int(shared)));
+    const FormatChooser choose = [shared](const actors::TensorSpec& t) -> std::optional<PrecisionFormat> {
+      if (t.name.find("shared") != std::string::npos) return shared;
+      if (t.name.find("moe.experts") != std::string::npos) return PrecisionFormat::kInt8;
+      return std::nullopt;
+    };
+    auto cpu = MakeModel(7, /*shared_experts=*/2);
+    std::vector<actors::TensorSpec> specs;
+    for (const auto& t : cpu->layout().tensors())
+      specs.push_back({t.name, t.shape, uint64_t(t.offset), uint64_t(t.numel)});
+    GpuGeneratorOptions o;
+    o.max_batch = 8;
+    o.kv_memory_fraction = 0.05;
+    o.fold_shared_experts = true;
+    auto gen = GpuGenerator::Create(cpu->config(), o);
+    ASSERT_TRUE(gen.ok()) << gen.status().ToString();
+    ASSERT_TRUE((*gen)->LoadWeights(cpu->params(), choose).ok());
+    std::vector<float> flat(cpu->params().begin(), cpu->params().end());
+    QuantizeInPlace(specs, flat, choose);
+    std::copy(flat.begin(), flat.end(), cpu->params().begin());
+    const auto prompts = Prompts(17, 8, 2, 30);
+    auto want = cpu->Generate(prompts, Greedy(16));
+    auto got = (*gen)->Generate(prompts, Greedy(16));
+    ASSERT_TRUE(want.ok() && got.ok()) << got.status().ToString();
+    Compare(*cpu, prompts, *want, *got);
+    EXPECT_TRUE((*gen)->stats().graphs_used);
   }
 }
 
@@ -554,6 +638,14 @@ TEST(GpuGenerator, RejectsBadInput) {
   bad.head_dim = 32;
   bad.heads = 8;
   EXPECT_FALSE(GpuGenerator::Create(bad, GpuGeneratorOptions{}).ok());
+  GpuGeneratorOptions rows3;
+  rows3.gemv_rows_per_warp = 3;
+  EXPECT_EQ(GpuGenerator::Create(cpu->config(), rows3).status().code(), StatusCode::kInvalidArgument);
+  model::ModelConfig many_shared = cpu->config();  // top_k + shared > 16: cannot fold
+  many_shared.shared_experts = 15;
+  GpuGeneratorOptions fold;
+  fold.fold_shared_experts = true;
+  EXPECT_EQ(GpuGenerator::Create(many_shared, fold).status().code(), StatusCode::kInvalidArgument);
 }
 
 }  // namespace
