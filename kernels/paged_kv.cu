@@ -1,6 +1,8 @@
 #include "kernels/paged_kv.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <string>
 
 namespace grove::kernels {
@@ -59,28 +61,45 @@ __global__ void AppendKernel(PagedKvCache c, PagedRows rows, int heads, const fl
   }
 }
 
-// One block of kAttnWarps warps per (row, kv head). The G = heads / kv_heads
-// query heads of that kv head are handled together (each key is read once
-// for all of them). Lane l holds dims [l * E, l * E + E) of every vector
-// (E = HD / 32); warp w takes keys w, w + kAttnWarps, ... with its own online
-// softmax; the warps' partial results are merged at the end.
+// The online-softmax states of a block's warps after AttendKeys.
 template <int HD>
-__global__ void __launch_bounds__(kAttnWarps * 32)
-    AttentionKernel(PagedKvCache c, PagedRows rows, int heads, const __nv_bfloat16* q, __nv_bfloat16* out,
-                    float scale) {
-  constexpr int E = HD / 32;
-  const int r = blockIdx.x, kh = blockIdx.y;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int G = heads / c.kv_heads;
-  const int slot = rows.slot[r], p = rows.pos[r];
-  __nv_bfloat16* o = out + int64_t(r) * heads * HD + int64_t(kh) * G * HD;
-  const bool valid = slot >= 0 && p >= 0 && p < c.page_tokens * c.max_pages_per_seq;
-  if (!valid) {
-    for (int i = threadIdx.x; i < G * HD; i += blockDim.x) o[i] = __float2bfloat16(0.f);
-    return;
+struct WarpStates {
+  float m[kAttnWarps][kPagedMaxGroup], l[kAttnWarps][kPagedMaxGroup];
+  float acc[kAttnWarps][kPagedMaxGroup][HD];
+};
+
+// Merges n softmax states (m_i, l_i, acc_i), state i at m[i * ml_stride],
+// l[i * ml_stride], acc[i * acc_stride], in index order:
+// *mx = max m_i, *den = sum l_i e^(m_i - mx), *num = sum acc_i e^(m_i - mx).
+// A state with l == 0 saw no key and is skipped (den 0 when all are).
+__device__ inline void MergeStates(int n, const float* m, const float* l, const float* acc, int ml_stride,
+                                   int acc_stride, float* mx, float* num, float* den) {
+  float M = -INFINITY;
+  for (int i = 0; i < n; ++i) M = fmaxf(M, m[i * ml_stride]);
+  float nu = 0.f, de = 0.f;
+  for (int i = 0; i < n; ++i) {
+    const float li = l[i * ml_stride];
+    if (li == 0.f) continue;
+    const float f = expf(m[i * ml_stride] - M);
+    nu += acc[i * acc_stride] * f;
+    de += li * f;
   }
+  *mx = M;
+  *num = nu;
+  *den = de;
+}
+
+// The block's kAttnWarps warps attend keys lo..hi (inclusive) of slot
+// through kv head kh for the G query heads at qr (each key is read once for
+// all of them). Lane l holds dims [l * E, l * E + E) of every vector
+// (E = HD / 32); warp w takes keys lo + w, lo + w + kAttnWarps, ... with its
+// own online softmax and leaves its state in st. Ends with __syncthreads.
+template <int HD>
+__device__ void AttendKeys(const PagedKvCache& c, int slot, int kh, int G, const __nv_bfloat16* qr, int lo, int hi,
+                           float scale, WarpStates<HD>& st) {
+  constexpr int E = HD / 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   float qv[kPagedMaxGroup][E], acc[kPagedMaxGroup][E], m[kPagedMaxGroup], l[kPagedMaxGroup];
-  const __nv_bfloat16* qr = q + int64_t(r) * heads * HD + int64_t(kh) * G * HD;
 #pragma unroll
   for (int g = 0; g < kPagedMaxGroup; ++g) {
     m[g] = -INFINITY;
@@ -91,7 +110,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
       acc[g][e] = 0.f;
     }
   }
-  for (int j = warp; j <= p; j += kAttnWarps) {
+  for (int j = lo + warp; j <= hi; j += kAttnWarps) {
     const int64_t off = CacheOffset(c, slot, j, kh);
     if (off < 0) continue;  // a missing page: contract broken, key skipped rather than read out of bounds
     float kv[E], vv[E];
@@ -118,33 +137,107 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
       m[g] = m_new;
     }
   }
-  // Merge the warps: out = sum_w acc_w e^(m_w - M) / sum_w l_w e^(m_w - M).
-  __shared__ float sm_m[kAttnWarps][kPagedMaxGroup], sm_l[kAttnWarps][kPagedMaxGroup];
-  __shared__ float sm_acc[kAttnWarps][kPagedMaxGroup][HD];
 #pragma unroll
   for (int g = 0; g < kPagedMaxGroup; ++g) {
     if (g >= G) break;
     if (lane == 0) {
-      sm_m[warp][g] = m[g];
-      sm_l[warp][g] = l[g];
+      st.m[warp][g] = m[g];
+      st.l[warp][g] = l[g];
     }
 #pragma unroll
-    for (int e = 0; e < E; ++e) sm_acc[warp][g][lane * E + e] = acc[g][e];
+    for (int e = 0; e < E; ++e) st.acc[warp][g][lane * E + e] = acc[g][e];
   }
   __syncthreads();
+}
+
+__device__ inline bool RowValid(const PagedKvCache& c, int slot, int p) {
+  return slot >= 0 && p >= 0 && p < c.page_tokens * c.max_pages_per_seq;
+}
+
+// One block of kAttnWarps warps per (row, kv head): all keys 0..pos, the
+// warps' states merged and normalized.
+template <int HD>
+__global__ void __launch_bounds__(kAttnWarps * 32)
+    AttentionKernel(PagedKvCache c, PagedRows rows, int heads, const __nv_bfloat16* q, __nv_bfloat16* out,
+                    float scale) {
+  const int r = blockIdx.x, kh = blockIdx.y;
+  const int G = heads / c.kv_heads;
+  const int slot = rows.slot[r], p = rows.pos[r];
+  __nv_bfloat16* o = out + int64_t(r) * heads * HD + int64_t(kh) * G * HD;
+  if (!RowValid(c, slot, p)) {
+    for (int i = threadIdx.x; i < G * HD; i += blockDim.x) o[i] = __float2bfloat16(0.f);
+    return;
+  }
+  __shared__ WarpStates<HD> st;
+  AttendKeys<HD>(c, slot, kh, G, q + int64_t(r) * heads * HD + int64_t(kh) * G * HD, 0, p, scale, st);
   for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
     const int g = i / HD, d = i % HD;
-    float M = -INFINITY;
-    for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, sm_m[w][g]);
-    float num = 0.f, den = 0.f;
-    for (int w = 0; w < kAttnWarps; ++w) {
-      if (sm_l[w][g] == 0.f) continue;  // a warp that saw no key
-      const float f = expf(sm_m[w][g] - M);
-      num += sm_acc[w][g][d] * f;
-      den += sm_l[w][g] * f;
-    }
+    float M, num, den;
+    MergeStates(kAttnWarps, &st.m[0][g], &st.l[0][g], &st.acc[0][g][d], kPagedMaxGroup, kPagedMaxGroup * HD, &M,
+                &num, &den);
     o[i] = __float2bfloat16(den > 0.f ? num / den : 0.f);
   }
+}
+
+// Split workspace: three fp32 arrays indexed by state (row * heads + head) *
+// chunks + chunk: m, l (one float per state) and acc (HD floats per state).
+struct SplitWorkspace {
+  float *m, *l, *acc;
+};
+
+inline SplitWorkspace SplitLayout(void* ws, int64_t states) {
+  float* f = static_cast<float*>(ws);
+  return {f, f + states, f + 2 * states};
+}
+
+// Grid (rows * kv_heads, chunks): chunk c of (row, kv head) attends keys
+// [c * T, min((c + 1) * T - 1, pos)] and writes its merged, unnormalized
+// state per query head. Chunks past pos (and invalid rows) write nothing:
+// the combine reads only chunks 0..pos / T of a valid row.
+template <int HD>
+__global__ void __launch_bounds__(kAttnWarps * 32)
+    SplitAttentionKernel(PagedKvCache c, PagedRows rows, int heads, const __nv_bfloat16* q, float scale,
+                         int chunks, SplitWorkspace ws) {
+  constexpr int T = kPagedSplitChunkTokens;
+  const int r = blockIdx.x / c.kv_heads, kh = blockIdx.x % c.kv_heads, chunk = blockIdx.y;
+  const int G = heads / c.kv_heads;
+  const int slot = rows.slot[r], p = rows.pos[r];
+  const int lo = chunk * T;
+  if (!RowValid(c, slot, p) || lo > p) return;
+  const int hi = min(lo + T - 1, p);
+  __shared__ WarpStates<HD> st;
+  AttendKeys<HD>(c, slot, kh, G, q + int64_t(r) * heads * HD + int64_t(kh) * G * HD, lo, hi, scale, st);
+  for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
+    const int g = i / HD, d = i % HD;
+    float M, num, den;
+    MergeStates(kAttnWarps, &st.m[0][g], &st.l[0][g], &st.acc[0][g][d], kPagedMaxGroup, kPagedMaxGroup * HD, &M,
+                &num, &den);
+    const int64_t state = (int64_t(r) * heads + kh * G + g) * chunks + chunk;
+    ws.acc[state * HD + d] = num;
+    if (d == 0) {
+      ws.m[state] = M;
+      ws.l[state] = den;
+    }
+  }
+}
+
+// One block of HD threads per (row, query head): merges the row's chunks
+// 0..min(pos / T, chunks - 1) in chunk order and normalizes.
+template <int HD>
+__global__ void __launch_bounds__(HD)
+    SplitCombineKernel(PagedKvCache c, PagedRows rows, int heads, __nv_bfloat16* out, int chunks, SplitWorkspace ws) {
+  const int r = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+  const int slot = rows.slot[r], p = rows.pos[r];
+  __nv_bfloat16* o = out + (int64_t(r) * heads + h) * HD;
+  if (!RowValid(c, slot, p)) {
+    o[d] = __float2bfloat16(0.f);
+    return;
+  }
+  const int n = min(p / kPagedSplitChunkTokens + 1, chunks);
+  const int64_t first = (int64_t(r) * heads + h) * chunks;
+  float M, num, den;
+  MergeStates(n, ws.m + first, ws.l + first, ws.acc + first * HD + d, 1, HD, &M, &num, &den);
+  o[d] = __float2bfloat16(den > 0.f ? num / den : 0.f);
 }
 
 Status CheckCache(const PagedKvCache& c, int heads, const char* who) {
@@ -193,6 +286,52 @@ Status PagedAttention(const PagedKvCache& cache, const PagedRows& rows, int head
   else
     AttentionKernel<128><<<grid, kAttnWarps * 32, 0, stream>>>(cache, rows, heads, q, out, scale);
   return LaunchStatus("PagedAttention");
+}
+
+int PagedAttentionSplitChunks(const PagedKvCache& cache, int max_pos) {
+  const int64_t cap = int64_t(cache.page_tokens) * cache.max_pages_per_seq;
+  const int64_t bound = max_pos > 0 ? std::min<int64_t>(max_pos, cap) : cap;
+  return int(std::max<int64_t>(1, (bound + kPagedSplitChunkTokens - 1) / kPagedSplitChunkTokens));
+}
+
+size_t PagedAttentionSplitWorkspaceBytes(const PagedKvCache& cache, int rows, int heads, int max_pos) {
+  if (rows <= 0 || heads <= 0) return 0;
+  return size_t(rows) * size_t(heads) * size_t(PagedAttentionSplitChunks(cache, max_pos)) *
+         size_t(cache.head_dim + 2) * sizeof(float);
+}
+
+Status PagedAttentionSplit(const PagedKvCache& cache, const PagedRows& rows, int heads, const __nv_bfloat16* q,
+                           __nv_bfloat16* out, float scale, int max_pos, void* workspace, size_t workspace_bytes,
+                           cudaStream_t stream) {
+  GROVE_RETURN_IF_ERROR(CheckCache(cache, heads, "PagedAttentionSplit"));
+  if (rows.rows < 0) return Status::InvalidArgument("PagedAttentionSplit: rows < 0");
+  if (max_pos < 0) return Status::InvalidArgument("PagedAttentionSplit: max_pos < 0");
+  if (rows.rows == 0) return Status::OK();
+  if (!q || !out || !rows.slot || !rows.pos || !workspace)
+    return Status::InvalidArgument("PagedAttentionSplit: null pointer");
+  if (reinterpret_cast<uintptr_t>(workspace) % alignof(float) != 0)
+    return Status::InvalidArgument("PagedAttentionSplit: workspace not 4-byte aligned");
+  const size_t need = PagedAttentionSplitWorkspaceBytes(cache, rows.rows, heads, max_pos);
+  if (workspace_bytes < need)
+    return Status::InvalidArgument("PagedAttentionSplit: workspace of " + std::to_string(workspace_bytes) +
+                                   " bytes, needs " + std::to_string(need));
+  const int chunks = PagedAttentionSplitChunks(cache, max_pos);
+  if (chunks > 65535) return Status::InvalidArgument("PagedAttentionSplit: more than 65535 chunks");
+  if (int64_t(rows.rows) * cache.kv_heads > 0x7fffffff)
+    return Status::InvalidArgument("PagedAttentionSplit: rows * kv_heads too large");
+  if (scale == 0.f) scale = float(1.0 / std::sqrt(double(cache.head_dim)));
+  const SplitWorkspace ws = SplitLayout(workspace, int64_t(rows.rows) * heads * chunks);
+  const dim3 grid(rows.rows * cache.kv_heads, chunks), combine_grid(rows.rows, heads);
+  if (cache.head_dim == 64) {
+    SplitAttentionKernel<64><<<grid, kAttnWarps * 32, 0, stream>>>(cache, rows, heads, q, scale, chunks, ws);
+    GROVE_RETURN_IF_ERROR(LaunchStatus("PagedAttentionSplit"));
+    SplitCombineKernel<64><<<combine_grid, 64, 0, stream>>>(cache, rows, heads, out, chunks, ws);
+  } else {
+    SplitAttentionKernel<128><<<grid, kAttnWarps * 32, 0, stream>>>(cache, rows, heads, q, scale, chunks, ws);
+    GROVE_RETURN_IF_ERROR(LaunchStatus("PagedAttentionSplit"));
+    SplitCombineKernel<128><<<combine_grid, 128, 0, stream>>>(cache, rows, heads, out, chunks, ws);
+  }
+  return LaunchStatus("PagedAttentionSplit combine");
 }
 
 }  // namespace grove::kernels

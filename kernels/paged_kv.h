@@ -29,6 +29,18 @@
 // position 0..pos[r] of the row's slot was appended (this or an earlier
 // launch) and its pages are in the table.
 //
+// PagedAttentionSplit (flash-decoding): the same result, the keys of each
+// (row, kv head) split into chunks of kPagedSplitChunkTokens positions, chunk
+// c covering [c * T, (c + 1) * T), one block per (row, kv head, chunk), so a
+// small batch still fills the GPU. Each chunk leaves a partial softmax state
+// (max, sum, unnormalized out) per query head in fp32 in the workspace; a
+// combine kernel merges a row's chunks 0..pos / T in chunk order (the same
+// bits every run). The chunk count is fixed by max_pos (a bound on every
+// row's pos + 1, known when a graph is captured; 0 = the cache's capacity),
+// so nothing depends on host-known lengths: chunks past a row's pos exit at
+// once. A row with pos >= max_pos only sees keys below max_pos (contract).
+// Differs from PagedAttention only in fp32 summation order.
+//
 // head_dim 64 or 128; heads / kv_heads <= kPagedMaxGroup. Graph-capturable
 // (no host sync, no allocation). Host header, no device code.
 #pragma once
@@ -36,6 +48,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "base/status.h"
@@ -43,6 +56,7 @@
 namespace grove::kernels {
 
 inline constexpr int kPagedMaxGroup = 8;
+inline constexpr int kPagedSplitChunkTokens = 64;
 
 struct PagedKvCache {
   __nv_bfloat16* k = nullptr;  // one layer: [num_pages, page_tokens, kv_heads, head_dim]
@@ -67,5 +81,20 @@ Status PagedKvAppend(const PagedKvCache& cache, const PagedRows& rows, int heads
 // scale 0 means 1 / sqrt(head_dim).
 Status PagedAttention(const PagedKvCache& cache, const PagedRows& rows, int heads, const __nv_bfloat16* q,
                       __nv_bfloat16* out, float scale, cudaStream_t stream);
+
+// Chunks per (row, kv head) of PagedAttentionSplit for max_pos (0: the
+// cache's capacity, page_tokens * max_pages_per_seq).
+int PagedAttentionSplitChunks(const PagedKvCache& cache, int max_pos);
+
+// Workspace bytes PagedAttentionSplit needs for rows rows (fp32 partials:
+// rows * heads * chunks * (head_dim + 2)).
+size_t PagedAttentionSplitWorkspaceBytes(const PagedKvCache& cache, int rows, int heads, int max_pos);
+
+// scale 0 means 1 / sqrt(head_dim). workspace: device memory of at least
+// PagedAttentionSplitWorkspaceBytes(cache, rows.rows, heads, max_pos) bytes,
+// 4-byte aligned, not used by anything else until the launch completes.
+Status PagedAttentionSplit(const PagedKvCache& cache, const PagedRows& rows, int heads, const __nv_bfloat16* q,
+                           __nv_bfloat16* out, float scale, int max_pos, void* workspace, size_t workspace_bytes,
+                           cudaStream_t stream);
 
 }  // namespace grove::kernels

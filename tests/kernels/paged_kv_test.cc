@@ -1,7 +1,9 @@
 // Paged KV append + paged attention against a CPU reference: ragged
 // sequences over pages handed out in shuffled order, a prefill launch (many
 // rows per sequence) followed by a decode launch (one row per sequence), a
-// padding row, head_dim 64 and 128, GQA groups of 4.
+// padding row, head_dim 64 and 128, GQA groups of 4. Every attention launch
+// also runs PagedAttentionSplit (chunks of kPagedSplitChunkTokens, so the
+// ragged lengths up to 255 cover 1 to 4 chunks) on the same q and cache.
 #include "kernels/paged_kv.h"
 
 #include <gtest/gtest.h>
@@ -77,23 +79,36 @@ void RunCase(const Case& tc, uint64_t seed) {
   PagedKvCache cache{kpool.get(), vpool.get(), d_table.get(), total_pages, P, max_pages, kv_heads, hd};
 
   struct Launch {
-    std::vector<__nv_bfloat16> q, out;
+    std::vector<__nv_bfloat16> q, out, split;
   };
   auto launch = [&](const std::vector<int32_t>& slot, const std::vector<int32_t>& pos, const std::vector<float>& qkv,
                     Launch* res) {
     const int rows = int(slot.size());
     DeviceBuffer<int32_t> d_slot(rows), d_pos(rows);
     DeviceBuffer<float> d_qkv(qkv.size());
-    DeviceBuffer<__nv_bfloat16> d_q(size_t(rows) * qd), d_out(size_t(rows) * qd);
+    DeviceBuffer<__nv_bfloat16> d_q(size_t(rows) * qd), d_out(size_t(rows) * qd), d_split(size_t(rows) * qd);
     GROVE_CUDA_OK(d_slot.Upload(slot));
     GROVE_CUDA_OK(d_pos.Upload(pos));
     GROVE_CUDA_OK(d_qkv.Upload(qkv));
     PagedRows pr{d_slot.get(), d_pos.get(), rows};
     ASSERT_TRUE(PagedKvAppend(cache, pr, heads, d_qkv.get(), ld, d_cos.get(), d_sin.get(), d_q.get(), nullptr).ok());
     ASSERT_TRUE(PagedAttention(cache, pr, heads, d_q.get(), d_out.get(), 0.f, nullptr).ok());
+    ASSERT_EQ(PagedAttentionSplitChunks(cache, max_pos), max_pos / kPagedSplitChunkTokens);
+    const size_t ws_bytes = PagedAttentionSplitWorkspaceBytes(cache, rows, heads, max_pos);
+    DeviceBuffer<float> d_ws(ws_bytes / sizeof(float));
+    // NaN-filled workspace: a partial the combine reads without the split
+    // kernel having written it shows up as a NaN output.
+    GROVE_CUDA_OK(cudaMemset(d_ws.get(), 0xff, ws_bytes));
+    ASSERT_FALSE(PagedAttentionSplit(cache, pr, heads, d_q.get(), d_split.get(), 0.f, max_pos, d_ws.get(),
+                                     ws_bytes - 1, nullptr)
+                     .ok());
+    ASSERT_TRUE(
+        PagedAttentionSplit(cache, pr, heads, d_q.get(), d_split.get(), 0.f, max_pos, d_ws.get(), ws_bytes, nullptr)
+            .ok());
     GROVE_CUDA_OK(cudaDeviceSynchronize());
     GROVE_CUDA_OK(d_q.Download(&res->q));
     GROVE_CUDA_OK(d_out.Download(&res->out));
+    GROVE_CUDA_OK(d_split.Download(&res->split));
   };
   Launch pre, dec;
   launch(pre_slot, pre_pos, pre_qkv, &pre);
@@ -170,15 +185,34 @@ void RunCase(const Case& tc, uint64_t seed) {
         o /= sum;
         const double got = __bfloat162float(out[r * qd + hh * hd + d]);
         const double err = std::fabs(got - o), tol = std::ldexp(std::fabs(o), -8) + 1e-4;
-        worst = std::max(worst, err / tol);
+        worst = std::max(worst, std::isnan(got) ? 1e30 : err / tol);  // NaN: an unwritten partial
       }
     }
   };
   for (size_t r = 0; r + 1 < pre_slot.size(); ++r) check_attn(pre.q, pre.out, r, pre_slot[r], pre_pos[r]);
   for (size_t r = 0; r < dec_slot.size(); ++r) check_attn(dec.q, dec.out, r, dec_slot[r], dec_pos[r]);
   EXPECT_LE(worst, 1.0) << "attention error / tolerance";
+  worst = 0;
+  for (size_t r = 0; r + 1 < pre_slot.size(); ++r) check_attn(pre.q, pre.split, r, pre_slot[r], pre_pos[r]);
+  for (size_t r = 0; r < dec_slot.size(); ++r) check_attn(dec.q, dec.split, r, dec_slot[r], dec_pos[r]);
+  EXPECT_LE(worst, 1.0) << "split attention error / tolerance";
+  // Split vs unsplit: the same fp32 math in another summation order, so the
+  // fp32 values differ by ~1e-6 relative (accumulation over <= 256 keys);
+  // after bf16 rounding that is at most one bf16 step (2^-8 relative, the
+  // two values straddling a rounding boundary) plus the absolute fp32 part.
+  int split_bad = 0;
+  auto compare_split = [&](const Launch& l, size_t rows) {
+    for (size_t i = 0; i < rows * qd; ++i) {
+      const float a = __bfloat162float(l.out[i]), b = __bfloat162float(l.split[i]);
+      split_bad += !(std::fabs(a - b) <= std::ldexp(std::fabs(a), -8) + 1e-5f);
+    }
+  };
+  compare_split(pre, pre_slot.size());
+  compare_split(dec, dec_slot.size());
+  EXPECT_EQ(split_bad, 0) << "split vs unsplit outputs beyond one bf16 step";
   const size_t pad = pre_slot.size() - 1;
   for (int i = 0; i < qd; ++i) ASSERT_EQ(__bfloat162float(pre.out[pad * qd + i]), 0.f) << "padding row";
+  for (int i = 0; i < qd; ++i) ASSERT_EQ(__bfloat162float(pre.split[pad * qd + i]), 0.f) << "split padding row";
 }
 
 TEST(PagedKv, RaggedPrefillThenDecodeHeadDim128) {
@@ -199,6 +233,9 @@ TEST(PagedKv, RejectsBadShapes) {
   c.head_dim = 128;
   c.kv_heads = 1;
   EXPECT_FALSE(PagedAttention(c, r, 16, nullptr, nullptr, 0.f, nullptr).ok());  // group 16 > kPagedMaxGroup
+  EXPECT_FALSE(PagedAttentionSplit(c, r, 16, nullptr, nullptr, 0.f, 0, nullptr, 0, nullptr).ok());
+  c.head_dim = 96;
+  EXPECT_FALSE(PagedAttentionSplit(c, r, 8, nullptr, nullptr, 0.f, 0, nullptr, 0, nullptr).ok());
 }
 
 }  // namespace
