@@ -223,6 +223,8 @@ struct GpuGenerator::Impl {
   size_t ql_ws_bytes = 0;
   void* moe_ws = nullptr;
   size_t moe_ws_bytes = 0;
+  void* attn_ws = nullptr;  // split_kv_attention: PagedAttentionSplit's partials for max_batch rows
+  size_t attn_ws_bytes = 0;
   // Pinned host mirrors.
   int32_t *h_tokens = nullptr, *h_slot = nullptr, *h_pos = nullptr, *h_lastrow = nullptr, *h_step = nullptr;
   int64_t* h_seq = nullptr;
@@ -328,6 +330,8 @@ struct GpuGenerator::Impl {
     GROVE_RETURN_IF_ERROR(gpu::SwiGluRows(fa, rows, int(F), fh, stream));
     return Linear(fh, F, rows, w2, x, H, Accumulate::kAdd);
   }
+  // Layer l's view of the KV pool (pointers null before Build allocates it).
+  kernels::PagedKvCache KvCache(int64_t l) const;
   Status Forward(int rows, int n_logits, bool gather_last);
   Status RunDecode(int bucket);
   Status Sample(int n, const model::SamplingOptions& o);
@@ -498,6 +502,10 @@ Status GpuGenerator::Impl::Build() {
   // KV pages from what is left.
   max_pages_per_seq = int((c.max_seq_len + opt.page_tokens - 1) / opt.page_tokens);
   GROVE_RETURN_IF_ERROR(Alloc(&d_page_table, Bm * max_pages_per_seq));
+  if (opt.split_kv_attention) {
+    attn_ws_bytes = kernels::PagedAttentionSplitWorkspaceBytes(KvCache(0), int(Bm), int(c.heads), int(c.max_seq_len));
+    GROVE_RETURN_IF_ERROR(Alloc(reinterpret_cast<char**>(&attn_ws), int64_t(attn_ws_bytes)));
+  }
   size_t free_bytes = 0, total_bytes = 0;
   GEN_CUDA(cudaMemGetInfo(&free_bytes, &total_bytes));
   const size_t page_elems = size_t(opt.page_tokens) * kd;  // one layer's k (or v) of one page
@@ -555,22 +563,27 @@ Status GpuGenerator::Impl::AppendFoldedSharedExperts(LayerWeights& w) {
   return Status::OK();
 }
 
-Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
+kernels::PagedKvCache GpuGenerator::Impl::KvCache(int64_t l) const {
   const size_t page_layer = size_t(num_pages) * opt.page_tokens * kd;
+  kernels::PagedKvCache kv;
+  kv.k = kv_pool ? kv_pool + (2 * l) * page_layer : nullptr;
+  kv.v = kv_pool ? kv_pool + (2 * l + 1) * page_layer : nullptr;
+  kv.page_table = d_page_table;
+  kv.num_pages = num_pages;
+  kv.page_tokens = opt.page_tokens;
+  kv.max_pages_per_seq = max_pages_per_seq;
+  kv.kv_heads = int(c.kv_heads);
+  kv.head_dim = int(c.head_dim);
+  return kv;
+}
+
+Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
   kernels::PagedRows pr{d_slot, d_pos, rows};
   GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kInputs));
   GROVE_RETURN_IF_ERROR(gpu::EmbedRows(d_tokens, embed, x, rows, int(V), int(H), stream));
   for (int64_t l = 0; l < c.layers; ++l) {
     LayerWeights& w = lw[l];
-    kernels::PagedKvCache kv;
-    kv.k = kv_pool + (2 * l) * page_layer;
-    kv.v = kv_pool + (2 * l + 1) * page_layer;
-    kv.page_table = d_page_table;
-    kv.num_pages = num_pages;
-    kv.page_tokens = opt.page_tokens;
-    kv.max_pages_per_seq = max_pages_per_seq;
-    kv.kv_heads = int(c.kv_heads);
-    kv.head_dim = int(c.head_dim);
+    const kernels::PagedKvCache kv = KvCache(l);
     GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kNorms));
     GROVE_RETURN_IF_ERROR(gpu::RmsNormRows(x, w.attn_norm, h, rows, int(H), float(c.norm_eps), stream));
     GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kQkvLinear));
@@ -579,7 +592,13 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     GROVE_RETURN_IF_ERROR(
         kernels::PagedKvAppend(kv, pr, int(c.heads), qkv, qd + 2 * kd, rope_cos, rope_sin, q, stream));
     GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kAttention));
-    GROVE_RETURN_IF_ERROR(kernels::PagedAttention(kv, pr, int(c.heads), q, attn, 0.f, stream));
+    // Decode steps (one row per sequence, at most max_batch rows) may split
+    // the keys; a prefill's rows already give the unsplit kernel its blocks.
+    if (opt.split_kv_attention && !gather_last)
+      GROVE_RETURN_IF_ERROR(kernels::PagedAttentionSplit(kv, pr, int(c.heads), q, attn, 0.f, int(c.max_seq_len),
+                                                         attn_ws, attn_ws_bytes, stream));
+    else
+      GROVE_RETURN_IF_ERROR(kernels::PagedAttention(kv, pr, int(c.heads), q, attn, 0.f, stream));
     GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kWo));
     GROVE_RETURN_IF_ERROR(Linear(attn, qd, rows, w.wo, x, H, Accumulate::kAdd));
     GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kNorms));

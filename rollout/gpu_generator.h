@@ -103,6 +103,11 @@ struct GpuGeneratorOptions {
   // batch-1 step: 0 = QuantLinear's default, else 1, 2 or 4
   // (kernels/quant_linear_internal.h's kCudaCoreRows*: the same bits).
   int gemv_rows_per_warp = 0;
+  // Decode steps attend with kernels::PagedAttentionSplit (flash-decoding:
+  // the keys split into chunks of 64 positions, one block each, so batch 1
+  // fills more than kv_heads SMs); prefill keeps PagedAttention. Changes
+  // only fp32 summation order in attention.
+  bool split_kv_attention = false;
 };
 
 class GpuGenerator {

@@ -30,7 +30,8 @@
 // --variants: instead, the engine (graphs on) with each opt-in decode path of
 // GpuGeneratorOptions off and on (base, fold_shared_experts,
 // one_launch_moe_index, router_writes_routes, gemv_rows_per_warp 1 / 4
-// (batch 1 only), all = the three launch-saving paths) for --plans at --variant_batches, 32 new
+// (batch 1 only), split_kv = split_kv_attention, all = the three
+// launch-saving paths) for --plans at --variant_batches, 32 new
 // tokens: ms per decode step and the speedup over base.
 #include <cuda_runtime_api.h>
 #include <gflags/gflags.h>
@@ -239,6 +240,7 @@ const Variant kVariants[] = {
     {"router_writes_routes", [](GpuGeneratorOptions& o) { o.router_writes_routes = true; }},
     {"gemv_rows_per_warp=1", [](GpuGeneratorOptions& o) { o.gemv_rows_per_warp = 1; }},
     {"gemv_rows_per_warp=4", [](GpuGeneratorOptions& o) { o.gemv_rows_per_warp = 4; }},
+    {"split_kv", [](GpuGeneratorOptions& o) { o.split_kv_attention = true; }},
     {"all", [](GpuGeneratorOptions& o) {
        o.fold_shared_experts = true;
        o.one_launch_moe_index = true;

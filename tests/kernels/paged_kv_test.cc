@@ -198,13 +198,14 @@ void RunCase(const Case& tc, uint64_t seed) {
   EXPECT_LE(worst, 1.0) << "split attention error / tolerance";
   // Split vs unsplit: the same fp32 math in another summation order, so the
   // fp32 values differ by ~1e-6 relative (accumulation over <= 256 keys);
-  // after bf16 rounding that is at most one bf16 step (2^-8 relative, the
-  // two values straddling a rounding boundary) plus the absolute fp32 part.
+  // after bf16 rounding that is at most one bf16 step (up to 2^-7 of the
+  // value just above a power of two, the two values straddling a rounding
+  // boundary) plus the absolute fp32 part.
   int split_bad = 0;
   auto compare_split = [&](const Launch& l, size_t rows) {
     for (size_t i = 0; i < rows * qd; ++i) {
       const float a = __bfloat162float(l.out[i]), b = __bfloat162float(l.split[i]);
-      split_bad += !(std::fabs(a - b) <= std::ldexp(std::fabs(a), -8) + 1e-5f);
+      split_bad += !(std::fabs(a - b) <= std::ldexp(std::max(std::fabs(a), std::fabs(b)), -7) + 1e-5f);
     }
   };
   compare_split(pre, pre_slot.size());

@@ -29,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/paged_kv.h"
 #include "model/transformer.h"
 #include "rollout/precision_format.h"
 
@@ -588,6 +589,38 @@ TEST(GpuGenerator, FoldedSharedExpertsMatchTheCpuModel) {
     const auto prompts = Prompts(17, 8, 2, 30);
     auto want = cpu->Generate(prompts, Greedy(16));
     auto got = (*gen)->Generate(prompts, Greedy(16));
+    ASSERT_TRUE(want.ok() && got.ok()) << got.status().ToString();
+    Compare(*cpu, prompts, *want, *got);
+    EXPECT_TRUE((*gen)->stats().graphs_used);
+  }
+}
+
+// split_kv_attention held to the default path's standard against the CPU
+// model (Compare: same near-tie rules and log-prob tolerance): the split
+// changes only the fp32 summation order of attention. Prompts of 40..100
+// tokens plus kNewTokens decode steps reach positions up to 131 under
+// max_seq_len 160, so decode rows span 1 to 3 chunks of
+// kPagedSplitChunkTokens (64); batches 1 and 8 (graph buckets of both).
+TEST(GpuGenerator, SplitKvAttentionMatchesTheCpuModel) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = MakeModel(7);
+  ASSERT_EQ(kernels::PagedAttentionSplitChunks(
+                kernels::PagedKvCache{nullptr, nullptr, nullptr, 1, 16, int(cpu->config().max_seq_len + 15) / 16, 1,
+                                      int(cpu->config().head_dim)},
+                int(cpu->config().max_seq_len)),
+            3);
+  for (int max_batch : {1, 8}) {
+    SCOPED_TRACE("max_batch " + std::to_string(max_batch));
+    GpuGeneratorOptions o;
+    o.max_batch = max_batch;
+    o.kv_memory_fraction = 0.05;
+    o.split_kv_attention = true;
+    auto gen = GpuGenerator::Create(cpu->config(), o);
+    ASSERT_TRUE(gen.ok()) << gen.status().ToString();
+    ASSERT_TRUE((*gen)->LoadWeights(cpu->params(), nullptr).ok());
+    const auto prompts = Prompts(19, 8, 40, 100);
+    auto want = cpu->Generate(prompts, Greedy(kNewTokens));
+    auto got = (*gen)->Generate(prompts, Greedy(kNewTokens));
     ASSERT_TRUE(want.ok() && got.ok()) << got.status().ToString();
     Compare(*cpu, prompts, *want, *got);
     EXPECT_TRUE((*gen)->stats().graphs_used);
