@@ -18,6 +18,7 @@
 //
 // Usage: kernel_bench [--quick]   (prints a table; no assertions)
 //        kernel_bench --attention (only the attention table)
+//        kernel_bench --paged     (paged decode attention, split vs unsplit)
 //        kernel_bench --step      (copy ceiling and the step-kernel table)
 //        kernel_bench --profile   (one launch of each wgmma variant and cuBLAS
 //                                  dense at T=16384, bf16 out: for ncu)
@@ -41,6 +42,7 @@
 #include "kernels/grpo_loss.h"
 #include "kernels/logprob_head.h"
 #include "kernels/moe_permute.h"
+#include "kernels/paged_kv.h"
 #include "kernels/rope.h"
 #include "kernels/grouped_gemm.h"
 #include "kernels/rmsnorm.h"
@@ -596,11 +598,88 @@ int Profile(cublasHandle_t h, std::mt19937_64& rng) {
   return 0;
 }
 
+// Decode attention over the paged KV cache at the GPU reference model's
+// shape (8 heads, 2 kv heads of 128, 16-token pages, max_pos 4096): every
+// row of the batch at the same context length, its pages contiguous per
+// slot. PagedAttention (one block per (row, kv head)) against
+// PagedAttentionSplit (one per (row, kv head, 64-position chunk)): median us
+// per launch (the split's two kernels together), the K/V bytes each must
+// read once in GB/s, and the largest output difference between the two.
+void PagedAttentionBench(std::mt19937_64& rng, int reps) {
+  using grove::kernels::PagedKvCache;
+  using grove::kernels::PagedRows;
+  const int heads = 8, kv_heads = 2, hd = 128, page_tokens = 16, max_pos = 4096, max_batch = 128;
+  const int max_pages = max_pos / page_tokens;
+  const size_t page_elems = size_t(page_tokens) * kv_heads * hd;
+  __nv_bfloat16* k = RandomDeviceBf16(size_t(max_batch) * max_pages * page_elems, rng);
+  __nv_bfloat16* v = RandomDeviceBf16(size_t(max_batch) * max_pages * page_elems, rng);
+  __nv_bfloat16* q = RandomDeviceBf16(size_t(max_batch) * heads * hd, rng);
+  std::vector<int32_t> table(size_t(max_batch) * max_pages), slots(max_batch);
+  for (size_t i = 0; i < table.size(); ++i) table[i] = int32_t(i);
+  for (int b = 0; b < max_batch; ++b) slots[b] = b;
+  int32_t *d_table = nullptr, *d_slot = nullptr, *d_pos = nullptr;
+  __nv_bfloat16 *out = nullptr, *out_split = nullptr;
+  CUDA_CHECK(cudaMalloc(&d_table, table.size() * 4));
+  CUDA_CHECK(cudaMalloc(&d_slot, max_batch * 4));
+  CUDA_CHECK(cudaMalloc(&d_pos, max_batch * 4));
+  CUDA_CHECK(cudaMalloc(&out, size_t(max_batch) * heads * hd * 2));
+  CUDA_CHECK(cudaMalloc(&out_split, size_t(max_batch) * heads * hd * 2));
+  CUDA_CHECK(cudaMemcpy(d_table, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMemcpy(d_slot, slots.data(), max_batch * 4, cudaMemcpyHostToDevice));
+  const PagedKvCache cache{k, v, d_table, max_batch * max_pages, page_tokens, max_pages, kv_heads, hd};
+  const size_t ws_bytes = grove::kernels::PagedAttentionSplitWorkspaceBytes(cache, max_batch, heads, max_pos);
+  void* ws = nullptr;
+  CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
+  std::printf("\npaged decode attention (8 heads, 2 kv heads of 128, max_pos %d): us per launch, KV GB/s\n",
+              max_pos);
+  std::printf("| batch | context | unsplit us | unsplit GB/s | split us | split GB/s | speedup | max |diff| |\n");
+  std::printf("| --- | --- | --- | --- | --- | --- | --- | --- |\n");
+  for (int batch : {1, 8, 32, 128}) {
+    for (int context : {128, 512, 2048, 4096}) {
+      const std::vector<int32_t> pos(batch, context - 1);
+      CUDA_CHECK(cudaMemcpy(d_pos, pos.data(), batch * 4, cudaMemcpyHostToDevice));
+      const PagedRows rows{d_slot, d_pos, batch};
+      const double t0 = MedianMs(
+          [&] {
+            if (!grove::kernels::PagedAttention(cache, rows, heads, q, out, 0.f, nullptr).ok()) std::exit(1);
+          },
+          reps);
+      const double t1 = MedianMs(
+          [&] {
+            if (!grove::kernels::PagedAttentionSplit(cache, rows, heads, q, out_split, 0.f, max_pos, ws, ws_bytes,
+                                                     nullptr)
+                     .ok())
+              std::exit(1);
+          },
+          reps);
+      const size_t n = size_t(batch) * heads * hd;
+      std::vector<__nv_bfloat16> a(n), b(n);
+      CUDA_CHECK(cudaMemcpy(a.data(), out, n * 2, cudaMemcpyDeviceToHost));
+      CUDA_CHECK(cudaMemcpy(b.data(), out_split, n * 2, cudaMemcpyDeviceToHost));
+      double diff = 0;
+      for (size_t i = 0; i < n; ++i)
+        diff = std::max(diff, double(std::fabs(__bfloat162float(a[i]) - __bfloat162float(b[i]))));
+      const double gb = double(batch) * context * kv_heads * hd * 2 * 2 / 1e9;
+      std::printf("| %d | %d | %.1f | %.0f | %.1f | %.0f | %.2fx | %.2g |\n", batch, context, t0 * 1e3, gb / (t0 * 1e-3),
+                  t1 * 1e3, gb / (t1 * 1e-3), t0 / t1, diff);
+    }
+  }
+  for (void* p : {static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(q), static_cast<void*>(d_table),
+                  static_cast<void*>(d_slot), static_cast<void*>(d_pos), static_cast<void*>(out),
+                  static_cast<void*>(out_split), ws})
+    CUDA_CHECK(cudaFree(p));
+}
+
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
   if (argc > 1 && std::strcmp(argv[1], "--attention") == 0) {
     std::mt19937_64 rng(7);
     AttentionBench(rng, 20);
+    return 0;
+  }
+  if (argc > 1 && std::strcmp(argv[1], "--paged") == 0) {
+    std::mt19937_64 rng(7);
+    PagedAttentionBench(rng, 20);
     return 0;
   }
   if (argc > 1 && std::strcmp(argv[1], "--step") == 0) {
