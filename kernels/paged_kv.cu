@@ -1,5 +1,7 @@
 #include "kernels/paged_kv.h"
 
+#include "kernels/softmax_merge.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -67,27 +69,6 @@ struct WarpStates {
   float m[kAttnWarps][kPagedMaxGroup], l[kAttnWarps][kPagedMaxGroup];
   float acc[kAttnWarps][kPagedMaxGroup][HD];
 };
-
-// Merges n softmax states (m_i, l_i, acc_i), state i at m[i * ml_stride],
-// l[i * ml_stride], acc[i * acc_stride], in index order:
-// *mx = max m_i, *den = sum l_i e^(m_i - mx), *num = sum acc_i e^(m_i - mx).
-// A state with l == 0 saw no key and is skipped (den 0 when all are).
-__device__ inline void MergeStates(int n, const float* m, const float* l, const float* acc, int ml_stride,
-                                   int acc_stride, float* mx, float* num, float* den) {
-  float M = -INFINITY;
-  for (int i = 0; i < n; ++i) M = fmaxf(M, m[i * ml_stride]);
-  float nu = 0.f, de = 0.f;
-  for (int i = 0; i < n; ++i) {
-    const float li = l[i * ml_stride];
-    if (li == 0.f) continue;
-    const float f = expf(m[i * ml_stride] - M);
-    nu += acc[i * acc_stride] * f;
-    de += li * f;
-  }
-  *mx = M;
-  *num = nu;
-  *den = de;
-}
 
 // The block's kAttnWarps warps attend keys lo..hi (inclusive) of slot
 // through kv head kh for the G query heads at qr (each key is read once for
@@ -173,7 +154,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
     const int g = i / HD, d = i % HD;
     float M, num, den;
-    MergeStates(kAttnWarps, &st.m[0][g], &st.l[0][g], &st.acc[0][g][d], kPagedMaxGroup, kPagedMaxGroup * HD, &M,
+    MergeSoftmaxStates(kAttnWarps, &st.m[0][g], &st.l[0][g], &st.acc[0][g][d], kPagedMaxGroup, kPagedMaxGroup * HD, &M,
                 &num, &den);
     o[i] = __float2bfloat16(den > 0.f ? num / den : 0.f);
   }
@@ -210,7 +191,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
     const int g = i / HD, d = i % HD;
     float M, num, den;
-    MergeStates(kAttnWarps, &st.m[0][g], &st.l[0][g], &st.acc[0][g][d], kPagedMaxGroup, kPagedMaxGroup * HD, &M,
+    MergeSoftmaxStates(kAttnWarps, &st.m[0][g], &st.l[0][g], &st.acc[0][g][d], kPagedMaxGroup, kPagedMaxGroup * HD, &M,
                 &num, &den);
     const int64_t state = (int64_t(r) * heads + kh * G + g) * chunks + chunk;
     ws.acc[state * HD + d] = num;
@@ -236,7 +217,7 @@ __global__ void __launch_bounds__(HD)
   const int n = min(p / kPagedSplitChunkTokens + 1, chunks);
   const int64_t first = (int64_t(r) * heads + h) * chunks;
   float M, num, den;
-  MergeStates(n, ws.m + first, ws.l + first, ws.acc + first * HD + d, 1, HD, &M, &num, &den);
+  MergeSoftmaxStates(n, ws.m + first, ws.l + first, ws.acc + first * HD + d, 1, HD, &M, &num, &den);
   o[d] = __float2bfloat16(den > 0.f ? num / den : 0.f);
 }
 
