@@ -3,10 +3,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <thread>
+#include <vector>
 
 #include <glog/logging.h>
 
@@ -23,6 +25,21 @@
 
 namespace grove::cli {
 namespace {
+
+// The last glog ERROR/FATAL lines of an actor's log (at most `max`), so a
+// dead learner's reason is on the terminal, not only in its log file.
+std::vector<std::string> LastErrorLines(const std::string& log_path, size_t max) {
+  std::ifstream in(log_path);
+  std::vector<std::string> found;
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.size() > 1 && (line[0] == 'E' || line[0] == 'F') && std::isdigit(static_cast<unsigned char>(line[1]))) {
+      found.push_back(line);
+      if (found.size() > max) found.erase(found.begin());
+    }
+  }
+  return found;
+}
 
 int Fail(const Status& s) {
   std::fprintf(stderr, "grove up: %s\n", s.ToString().c_str());
@@ -231,7 +248,11 @@ int CmdUp(int argc, char** argv) {
   launcher_proc.Shutdown(actors::StopSignalled());
   if (!detach) {
     progress.PrintSummary();
-    if (code != 0) std::fprintf(stderr, "grove up: the learner exited with code %d; see %s/logs/learner-0.log\n", code, dir->c_str());
+    if (code != 0) {
+      const std::string log = *dir + "/logs/learner-0.log";
+      std::fprintf(stderr, "grove up: the learner exited with code %d; see %s\n", code, log.c_str());
+      for (const std::string& line : LastErrorLines(log, 3)) std::fprintf(stderr, "  %s\n", line.c_str());
+    }
   }
   return code;
 }

@@ -82,8 +82,11 @@ struct GpuGeneratorOptions {
   // small batch, and a phase's time includes any launch gap the GPU waits
   // through before its first kernel. Results are unchanged.
   bool profile_decode = false;
-  // Opt-in decode speedups (off until measured on the device; results may
-  // differ from the default path within fp32 summation order, see each):
+  // Decode-step paths, measured on an H100 (docs/rollout.md, decode_bench
+  // --variants): one_launch_moe_index, router_writes_routes and
+  // split_kv_attention are on by default (each faster at every batch
+  // measured); fold_shared_experts stays opt-in (1.08x at batch 1, 0.96x at
+  // 32). Where a path changes results it is only fp32 summation order:
   // Shared experts run inside MoeDecodeForward as extra experts E..E+S-1,
   // routed for every token with gate 1 (their w1/w3 are row slices of the
   // stacked weight, w2 column blocks copied at LoadWeights in the quantized
@@ -94,11 +97,11 @@ struct GpuGeneratorOptions {
   // MoeDecodeArgs::one_launch_index: the MoE's slot grouping in one launch
   // for steps of up to 256 slots (rows * (top_k + folded shared)); the same
   // index, so the same bits.
-  bool one_launch_moe_index = false;
+  bool one_launch_moe_index = true;
   // The router kernel writes each MoE layer's ids into the routes record
   // itself (RouterArgs::ids_copy) instead of a cudaMemcpy2D per layer (a
   // copy node in the graph); the same bytes.
-  bool router_writes_routes = false;
+  bool router_writes_routes = true;
   // Rows per warp of the m = 1 CUDA-core GEMV in every QuantLinear of a
   // batch-1 step: 0 = QuantLinear's default, else 1, 2 or 4
   // (kernels/quant_linear_internal.h's kCudaCoreRows*: the same bits).
@@ -107,7 +110,7 @@ struct GpuGeneratorOptions {
   // the keys split into chunks of 64 positions, one block each, so batch 1
   // fills more than kv_heads SMs); prefill keeps PagedAttention. Changes
   // only fp32 summation order in attention.
-  bool split_kv_attention = false;
+  bool split_kv_attention = true;
 };
 
 class GpuGenerator {

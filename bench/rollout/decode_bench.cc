@@ -27,12 +27,13 @@
 // (rmsnorm, qkv linear, rope + append, attention, wo, router, shared experts,
 // MoE route index / up / down / combine, lm head, sampling, host).
 //
-// --variants: instead, the engine (graphs on) with each opt-in decode path of
-// GpuGeneratorOptions off and on (base, fold_shared_experts,
-// one_launch_moe_index, router_writes_routes, gemv_rows_per_warp 1 / 4
-// (batch 1 only), split_kv = split_kv_attention, all = the three
-// launch-saving paths) for --plans at --variant_batches, 32 new
-// tokens: ms per decode step and the speedup over base.
+// --variants: instead, the engine (graphs on) with each decode path of
+// GpuGeneratorOptions alone against all of them off (base; then
+// fold_shared_experts, one_launch_moe_index, router_writes_routes,
+// gemv_rows_per_warp 1 / 4 (batch 1 only), split_kv = split_kv_attention,
+// default = the options' defaults, all = the four paths) for --plans at
+// --variant_batches, 32 new tokens: ms per decode step and the speedup over
+// base.
 #include <cuda_runtime_api.h>
 #include <gflags/gflags.h>
 
@@ -234,19 +235,30 @@ struct Variant {
   void (*set)(GpuGeneratorOptions&);
 };
 const Variant kVariants[] = {
-    {"base", [](GpuGeneratorOptions&) {}},
+    {"base (all off)", [](GpuGeneratorOptions&) {}},
     {"fold_shared_experts", [](GpuGeneratorOptions& o) { o.fold_shared_experts = true; }},
     {"one_launch_moe_index", [](GpuGeneratorOptions& o) { o.one_launch_moe_index = true; }},
     {"router_writes_routes", [](GpuGeneratorOptions& o) { o.router_writes_routes = true; }},
     {"gemv_rows_per_warp=1", [](GpuGeneratorOptions& o) { o.gemv_rows_per_warp = 1; }},
     {"gemv_rows_per_warp=4", [](GpuGeneratorOptions& o) { o.gemv_rows_per_warp = 4; }},
     {"split_kv", [](GpuGeneratorOptions& o) { o.split_kv_attention = true; }},
+    {"default", [](GpuGeneratorOptions& o) { o = GpuGeneratorOptions{}; }},
     {"all", [](GpuGeneratorOptions& o) {
        o.fold_shared_experts = true;
        o.one_launch_moe_index = true;
        o.router_writes_routes = true;
+       o.split_kv_attention = true;
      }},
 };
+
+// Every variant starts from all opt-in paths off, so each row measures its
+// own path against that base whatever the defaults are.
+void AllPathsOff(GpuGeneratorOptions& o) {
+  o.fold_shared_experts = false;
+  o.one_launch_moe_index = false;
+  o.router_writes_routes = false;
+  o.split_kv_attention = false;
+}
 
 // --variants: rows (variant, plan), columns ms/step per batch (x speedup
 // over base on the same plan and batch).
@@ -264,9 +276,10 @@ int RunVariants(const model::ModelConfig& c, const model::Model& host) {
   std::printf("\n");
   for (const Variant& v : kVariants) {
     GpuGeneratorOptions o;
+    AllPathsOff(o);
+    v.set(o);
     o.max_batch = max_batch;
     o.kv_memory_fraction = 0.1;
-    v.set(o);
     auto gen = GpuGenerator::Create(c, o);
     CHECK_OK(gen.status());
     for (size_t p = 0; p < plans.size(); ++p) {

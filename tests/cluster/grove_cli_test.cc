@@ -164,6 +164,9 @@ TEST_F(GroveCli, ForegroundUpEndsWithTheLearnersExitCode) {
   const std::string launcher_log = out;
   EXPECT_NE(launcher_log.find("learner-0 exited: exit 3"), std::string::npos) << out;
   EXPECT_NE(launcher_log.find("rollout-0 exited: exit 0"), std::string::npos) << out;
+  // The learner's last error line is on the terminal, not only in its log.
+  EXPECT_NE(out.find("grove up: the learner exited with code 3"), std::string::npos) << out;
+  EXPECT_NE(out.find("planned failure: exit 3"), std::string::npos) << out;
 }
 
 TEST_F(GroveCli, UpRefusesARoleThisBuildCannotStart) {

@@ -81,6 +81,7 @@ int main(int argc, char** argv) {
   const bool planned_exit = ExitPlan(FLAGS_role, &exit_after_ms, &exit_code);
   while (!(*proc)->draining()) {
     if (planned_exit && grove::actors::MonotonicMs() - started > exit_after_ms) {
+      if (exit_code != 0) LOG(ERROR) << "planned failure: exit " << exit_code;
       return (*proc)->Finish(exit_code, "");
     }
     if (FLAGS_crash_after_ms >= 0 && grove::actors::MonotonicMs() - started > FLAGS_crash_after_ms) {
