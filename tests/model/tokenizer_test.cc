@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include "model/prompt_format.h"
+
 namespace grove::model {
 namespace {
 
@@ -47,6 +49,29 @@ TEST(CharTokenizer, RejectsUnknownInput) {
   EXPECT_FALSE(t.Encode("A").ok());
   EXPECT_FALSE(t.Decode(std::vector<int32_t>{55}).ok());
   EXPECT_FALSE(t.Decode(std::vector<int32_t>{-1}).ok());
+}
+
+// A model whose vocab is padded past the tokenizer's (configs/gpu-1.toml:
+// 64 vs 55) can emit the padding ids; its completion text shows them as
+// U+FFFD instead of failing (a failure stopped the learner's evaluation).
+TEST(DecodeCompletion, PaddingIdsBecomeReplacementCharacters) {
+  CharTokenizer t;
+  auto ids = EncodeCompletion(t, "12+3");
+  ASSERT_TRUE(ids.ok());
+  auto text = DecodeCompletion(t, *ids);
+  ASSERT_TRUE(text.ok()) << text.status();
+  EXPECT_EQ(*text, "12+3");  // <eos> dropped
+  std::vector<int32_t> mixed = {59, ids->at(0), 63, 55, ids->at(1), -4, t.eos_id()};
+  text = DecodeCompletion(t, mixed);
+  ASSERT_TRUE(text.ok()) << text.status();
+  const std::string r(kUnknownTokenText);
+  EXPECT_EQ(*text, r + "1" + r + r + "2" + r);
+  text = DecodeCompletion(t, std::vector<int32_t>{60});
+  ASSERT_TRUE(text.ok());
+  EXPECT_EQ(*text, r);
+  text = DecodeCompletion(t, std::vector<int32_t>{});
+  ASSERT_TRUE(text.ok());
+  EXPECT_EQ(*text, "");
 }
 
 }  // namespace
