@@ -48,6 +48,7 @@
 #include "kernels/rmsnorm.h"
 #include "kernels/router.h"
 #include "kernels/swiglu.h"
+#include "bench/support/bench_util.h"
 
 namespace {
 
@@ -56,14 +57,6 @@ using grove::kernels::GroupedGemm;
 using grove::kernels::GroupedGemmArgs;
 using grove::kernels::GroupedGemmImpl;
 
-#define CUDA_CHECK(x)                                                                   \
-  do {                                                                                  \
-    cudaError_t e_ = (x);                                                               \
-    if (e_ != cudaSuccess) {                                                            \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                     \
-    }                                                                                   \
-  } while (0)
 #define CUBLAS_CHECK(x)                                                            \
   do {                                                                             \
     cublasStatus_t s_ = (x);                                                       \
@@ -77,18 +70,18 @@ using grove::kernels::GroupedGemmImpl;
 // Median time of `reps` runs of fn (each bracketed by events), after warm-up.
 double MedianMs(const std::function<void()>& fn, int reps, int warmup = 3) {
   for (int i = 0; i < warmup; ++i) fn();
-  CUDA_CHECK(cudaDeviceSynchronize());
+  GROVE_BENCH_CUDA_CHECK(cudaDeviceSynchronize());
   std::vector<cudaEvent_t> ev(reps + 1);
-  for (auto& e : ev) CUDA_CHECK(cudaEventCreate(&e));
-  CUDA_CHECK(cudaEventRecord(ev[0]));
+  for (auto& e : ev) GROVE_BENCH_CUDA_CHECK(cudaEventCreate(&e));
+  GROVE_BENCH_CUDA_CHECK(cudaEventRecord(ev[0]));
   for (int i = 0; i < reps; ++i) {
     fn();
-    CUDA_CHECK(cudaEventRecord(ev[i + 1]));
+    GROVE_BENCH_CUDA_CHECK(cudaEventRecord(ev[i + 1]));
   }
-  CUDA_CHECK(cudaEventSynchronize(ev[reps]));
-  CUDA_CHECK(cudaGetLastError());
+  GROVE_BENCH_CUDA_CHECK(cudaEventSynchronize(ev[reps]));
+  GROVE_BENCH_CUDA_CHECK(cudaGetLastError());
   std::vector<float> ms(reps);
-  for (int i = 0; i < reps; ++i) CUDA_CHECK(cudaEventElapsedTime(&ms[i], ev[i], ev[i + 1]));
+  for (int i = 0; i < reps; ++i) GROVE_BENCH_CUDA_CHECK(cudaEventElapsedTime(&ms[i], ev[i], ev[i + 1]));
   for (auto& e : ev) cudaEventDestroy(e);
   std::sort(ms.begin(), ms.end());
   return ms[reps / 2];
@@ -99,8 +92,8 @@ __nv_bfloat16* RandomDeviceBf16(size_t count, std::mt19937_64& rng) {
   std::uniform_real_distribution<float> dist(-1.f, 1.f);
   for (auto& x : h) x = __float2bfloat16(dist(rng));
   __nv_bfloat16* d = nullptr;
-  CUDA_CHECK(cudaMalloc(&d, count * 2));
-  CUDA_CHECK(cudaMemcpy(d, h.data(), count * 2, cudaMemcpyHostToDevice));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d, count * 2));
+  GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d, h.data(), count * 2, cudaMemcpyHostToDevice));
   return d;
 }
 
@@ -134,12 +127,12 @@ std::vector<int> Routing(int rows, int experts, bool skewed, std::mt19937_64& rn
 double MaxRelDiff(const void* x, const void* y, size_t count, GemmOutType out) {
   std::vector<float> hx(count), hy(count);
   if (out == GemmOutType::kF32) {
-    CUDA_CHECK(cudaMemcpy(hx.data(), x, count * 4, cudaMemcpyDeviceToHost));
-    CUDA_CHECK(cudaMemcpy(hy.data(), y, count * 4, cudaMemcpyDeviceToHost));
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(hx.data(), x, count * 4, cudaMemcpyDeviceToHost));
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(hy.data(), y, count * 4, cudaMemcpyDeviceToHost));
   } else {
     std::vector<__nv_bfloat16> bx(count), by(count);
-    CUDA_CHECK(cudaMemcpy(bx.data(), x, count * 2, cudaMemcpyDeviceToHost));
-    CUDA_CHECK(cudaMemcpy(by.data(), y, count * 2, cudaMemcpyDeviceToHost));
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(bx.data(), x, count * 2, cudaMemcpyDeviceToHost));
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(by.data(), y, count * 2, cudaMemcpyDeviceToHost));
     for (size_t i = 0; i < count; ++i) hx[i] = __bfloat162float(bx[i]), hy[i] = __bfloat162float(by[i]);
   }
   double num = 0, den = 0;
@@ -155,11 +148,11 @@ double MaxRelDiff(const void* x, const void* y, size_t count, GemmOutType out) {
 double CopyCeilingGbs() {
   const size_t bytes = size_t{1} << 31;
   void *src, *dst;
-  CUDA_CHECK(cudaMalloc(&src, bytes));
-  CUDA_CHECK(cudaMalloc(&dst, bytes));
-  CUDA_CHECK(cudaMemset(src, 1, bytes));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&src, bytes));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dst, bytes));
+  GROVE_BENCH_CUDA_CHECK(cudaMemset(src, 1, bytes));
   const double ms =
-      MedianMs([&] { CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); }, 10);
+      MedianMs([&] { GROVE_BENCH_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); }, 10);
   const double copy_gbs = 2.0 * bytes / ms / 1e6;
   std::printf("ceiling: device copy %.0f GB/s (read + write)\n", copy_gbs);
   cudaFree(src);
@@ -174,7 +167,7 @@ double Ceilings(cublasHandle_t h, std::mt19937_64& rng) {
   __nv_bfloat16* a = RandomDeviceBf16(size_t(s) * s, rng);
   __nv_bfloat16* b = RandomDeviceBf16(size_t(s) * s, rng);
   __nv_bfloat16* c;
-  CUDA_CHECK(cudaMalloc(&c, size_t(s) * s * 2));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&c, size_t(s) * s * 2));
   ms = MedianMs([&] { CublasLinear(h, a, b, c, s, s, s, GemmOutType::kBF16); }, 10);
   std::printf("ceiling: cuBLAS bf16 GEMM 8192^3 %.0f TFLOP/s\n", 2.0 * s * s * double(s) / ms / 1e9);
   cudaFree(a);
@@ -199,14 +192,14 @@ void MemoryBoundKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
     __nv_bfloat16 *y, *dx;
     float *w, *rstd, *dw;
     void* ws;
-    CUDA_CHECK(cudaMalloc(&y, n * 2));
-    CUDA_CHECK(cudaMalloc(&dx, n * 2));
-    CUDA_CHECK(cudaMalloc(&w, hidden * 4));
-    CUDA_CHECK(cudaMalloc(&rstd, tokens * 4));
-    CUDA_CHECK(cudaMalloc(&dw, hidden * 4));
-    CUDA_CHECK(cudaMalloc(&ws, grove::kernels::RmsNormBackwardWorkspaceBytes(tokens, hidden)));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&y, n * 2));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dx, n * 2));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&w, hidden * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&rstd, tokens * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dw, hidden * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&ws, grove::kernels::RmsNormBackwardWorkspaceBytes(tokens, hidden)));
     std::vector<float> hw(hidden, 1.f);
-    CUDA_CHECK(cudaMemcpy(w, hw.data(), hidden * 4, cudaMemcpyHostToDevice));
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(w, hw.data(), hidden * 4, cudaMemcpyHostToDevice));
     double ms = MedianMs([&] { (void)grove::kernels::RmsNormForward(x, w, y, rstd, tokens, hidden, 1e-6f, nullptr); }, reps);
     report("RMSNorm fwd [16384,1024] bf16", ms, n * 4.0);
     ms = MedianMs([&] { (void)grove::kernels::RmsNormBackward(dy, x, w, rstd, dx, dw, ws, tokens, hidden, nullptr); }, reps);
@@ -219,9 +212,9 @@ void MemoryBoundKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
     __nv_bfloat16* g = RandomDeviceBf16(n, rng);
     __nv_bfloat16* u = RandomDeviceBf16(n, rng);
     __nv_bfloat16 *h, *dg, *du;
-    CUDA_CHECK(cudaMalloc(&h, n * 2));
-    CUDA_CHECK(cudaMalloc(&dg, n * 2));
-    CUDA_CHECK(cudaMalloc(&du, n * 2));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&h, n * 2));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dg, n * 2));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&du, n * 2));
     double ms = MedianMs([&] { (void)grove::kernels::SwiGluForward(g, u, h, n, nullptr); }, reps);
     report("SwiGLU fwd [98304,512] bf16", ms, n * 6.0);
     ms = MedianMs([&] { (void)grove::kernels::SwiGluBackward(h, g, u, dg, du, n, nullptr); }, reps);
@@ -235,11 +228,11 @@ void MemoryBoundKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
     for (float& x : h) x = nd(rng);
     float *logits, *scores, *gates;
     uint16_t* ids;
-    CUDA_CHECK(cudaMalloc(&logits, h.size() * 4));
-    CUDA_CHECK(cudaMalloc(&scores, h.size() * 4));
-    CUDA_CHECK(cudaMalloc(&gates, size_t(tokens) * top_k * 4));
-    CUDA_CHECK(cudaMalloc(&ids, size_t(tokens) * top_k * 2));
-    CUDA_CHECK(cudaMemcpy(logits, h.data(), h.size() * 4, cudaMemcpyHostToDevice));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&logits, h.size() * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&scores, h.size() * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&gates, size_t(tokens) * top_k * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&ids, size_t(tokens) * top_k * 2));
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(logits, h.data(), h.size() * 4, cudaMemcpyHostToDevice));
     grove::kernels::RouterArgs ra;
     ra.logits = logits; ra.scores = scores; ra.gates = gates; ra.ids = ids;
     ra.tokens = tokens; ra.experts = experts; ra.top_k = top_k; ra.sigmoid = true;
@@ -254,10 +247,10 @@ void MemoryBoundKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
     float *p, *g, *m, *v;
     __nv_bfloat16* pb;
     for (float** b : {&p, &g, &m, &v}) {
-      CUDA_CHECK(cudaMalloc(b, n * 4));
-      CUDA_CHECK(cudaMemset(*b, 0, n * 4));
+      GROVE_BENCH_CUDA_CHECK(cudaMalloc(b, n * 4));
+      GROVE_BENCH_CUDA_CHECK(cudaMemset(*b, 0, n * 4));
     }
-    CUDA_CHECK(cudaMalloc(&pb, n * 2));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&pb, n * 2));
     grove::kernels::AdamWHyper hyper;
     double ms = MedianMs([&] { (void)grove::kernels::AdamWStep(p, g, m, v, pb, n, hyper, nullptr); }, reps);
     report("AdamW 128M params (+bf16 copy)", ms, n * 30.0);
@@ -298,18 +291,18 @@ void StepKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
       seen[id] = 1;
     }
     int32_t* d_ids;
-    CUDA_CHECK(cudaMalloc(&d_ids, tokens * 4));
-    CUDA_CHECK(cudaMemcpy(d_ids, ids.data(), tokens * 4, cudaMemcpyHostToDevice));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_ids, tokens * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_ids, ids.data(), tokens * 4, cudaMemcpyHostToDevice));
     __nv_bfloat16* table = RandomDeviceBf16(size_t(vocab) * hidden, rng);
     __nv_bfloat16* dout = RandomDeviceBf16(th, rng);
     __nv_bfloat16* out;
     float* dtable;
     void* ws;
     const size_t ws_bytes = gk::EmbeddingBackwardWorkspaceBytes(tokens, vocab);
-    CUDA_CHECK(cudaMalloc(&out, th * 2));
-    CUDA_CHECK(cudaMalloc(&dtable, size_t(vocab) * hidden * 4));
-    CUDA_CHECK(cudaMemset(dtable, 0, size_t(vocab) * hidden * 4));
-    CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&out, th * 2));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dtable, size_t(vocab) * hidden * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMemset(dtable, 0, size_t(vocab) * hidden * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
     double ms = MedianMs([&] { check(gk::EmbeddingForward(d_ids, table, out, tokens, vocab, hidden, nullptr)); }, reps);
     report("embedding fwd [16384 of 32768, 1024] bf16", ms, th * 4.0);
     ms = MedianMs([&] {
@@ -323,8 +316,8 @@ void StepKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
     std::vector<int32_t> pos(tokens);
     for (int t = 0; t < tokens; ++t) pos[t] = t % 2048;  // 8 sequences of 2048
     int32_t* d_pos;
-    CUDA_CHECK(cudaMalloc(&d_pos, tokens * 4));
-    CUDA_CHECK(cudaMemcpy(d_pos, pos.data(), tokens * 4, cudaMemcpyHostToDevice));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_pos, tokens * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_pos, pos.data(), tokens * 4, cudaMemcpyHostToDevice));
     __nv_bfloat16* q = RandomDeviceBf16(size_t(tokens) * 8 * 128, rng);
     __nv_bfloat16* k = RandomDeviceBf16(size_t(tokens) * 2 * 128, rng);
     double ms = MedianMs([&] { check(gk::RopeForward(q, d_pos, tokens, 8, 128, 10000.0, nullptr)); }, reps);
@@ -348,13 +341,13 @@ void StepKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
     int32_t *offsets, *row_of_slot, *slot_of_row, *load;
     void* ws;
     const size_t ws_bytes = gk::MoeRouteIndexWorkspaceBytes(tokens, top_k, experts);
-    CUDA_CHECK(cudaMalloc(&d_ids, rows * 2));
-    CUDA_CHECK(cudaMemcpy(d_ids, ids.data(), rows * 2, cudaMemcpyHostToDevice));
-    CUDA_CHECK(cudaMalloc(&offsets, (experts + 1) * 4));
-    CUDA_CHECK(cudaMalloc(&row_of_slot, rows * 4));
-    CUDA_CHECK(cudaMalloc(&slot_of_row, rows * 4));
-    CUDA_CHECK(cudaMalloc(&load, experts * 4));
-    CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_ids, rows * 2));
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_ids, ids.data(), rows * 2, cudaMemcpyHostToDevice));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&offsets, (experts + 1) * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&row_of_slot, rows * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&slot_of_row, rows * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&load, experts * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
     double ms = MedianMs([&] {
       check(gk::MoeRouteIndex(d_ids, tokens, top_k, experts, ws, ws_bytes, offsets, row_of_slot, slot_of_row, load,
                               nullptr));
@@ -365,12 +358,12 @@ void StepKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
     __nv_bfloat16* dy = RandomDeviceBf16(th, rng);
     __nv_bfloat16 *a, *y, *dc;
     float *gates, *dgates;
-    CUDA_CHECK(cudaMalloc(&a, rh * 2));
-    CUDA_CHECK(cudaMalloc(&y, th * 2));
-    CUDA_CHECK(cudaMalloc(&dc, rh * 2));
-    CUDA_CHECK(cudaMalloc(&gates, rows * 4));
-    CUDA_CHECK(cudaMalloc(&dgates, rows * 4));
-    CUDA_CHECK(cudaMemset(gates, 0, rows * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&a, rh * 2));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&y, th * 2));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dc, rh * 2));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&gates, rows * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dgates, rows * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMemset(gates, 0, rows * 4));
     ms = MedianMs([&] { check(gk::MoePermute(x, slot_of_row, a, rows, top_k, hidden, nullptr)); }, reps);
     report("MoE permute x -> a [98304, 1024] bf16", ms, rh * 4.0);
     ms = MedianMs([&] { check(gk::MoeCombine(c, gates, row_of_slot, y, false, tokens, top_k, hidden, nullptr)); },
@@ -395,17 +388,17 @@ void StepKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
     int32_t* seq;
     std::vector<int32_t> hseq;
     for (int t = 0; t <= tokens; t += 2048) hseq.push_back(t);
-    CUDA_CHECK(cudaMalloc(&scores, hs.size() * 4));
-    CUDA_CHECK(cudaMalloc(&dlogits, hs.size() * 4));
-    CUDA_CHECK(cudaMalloc(&seq, hseq.size() * 4));
-    CUDA_CHECK(cudaMemcpy(scores, hs.data(), hs.size() * 4, cudaMemcpyHostToDevice));
-    CUDA_CHECK(cudaMemcpy(seq, hseq.data(), hseq.size() * 4, cudaMemcpyHostToDevice));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&scores, hs.size() * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dlogits, hs.size() * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&seq, hseq.size() * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(scores, hs.data(), hs.size() * 4, cudaMemcpyHostToDevice));
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(seq, hseq.data(), hseq.size() * 4, cudaMemcpyHostToDevice));
     void* rws;
     const int seqs = int(hseq.size()) - 1;
     const size_t rws_bytes = gk::RouterBackwardWorkspaceBytes(seqs, tokens, experts);
     float* balance_loss;
-    CUDA_CHECK(cudaMalloc(&balance_loss, 4));
-    CUDA_CHECK(cudaMalloc(&rws, rws_bytes));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&balance_loss, 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&rws, rws_bytes));
     gk::RouterBackwardArgs rb;
     rb.scores = scores; rb.ids = d_ids; rb.dgates = dgates; rb.dlogits = dlogits;
     rb.tokens = tokens; rb.experts = experts; rb.top_k = top_k; rb.sigmoid = true; rb.norm_topk = true;
@@ -426,16 +419,16 @@ void StepKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
     int32_t* d_targets;
     float *logp, *lse, *dlogp, *logits32;
     __nv_bfloat16* dlogits;
-    CUDA_CHECK(cudaMalloc(&d_targets, tokens * 4));
-    CUDA_CHECK(cudaMemcpy(d_targets, targets.data(), tokens * 4, cudaMemcpyHostToDevice));
-    CUDA_CHECK(cudaMalloc(&logp, tokens * 4));
-    CUDA_CHECK(cudaMalloc(&lse, tokens * 4));
-    CUDA_CHECK(cudaMalloc(&dlogp, tokens * 4));
-    CUDA_CHECK(cudaMemset(dlogp, 0, tokens * 4));
-    CUDA_CHECK(cudaMalloc(&dlogits, n * 2));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_targets, tokens * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_targets, targets.data(), tokens * 4, cudaMemcpyHostToDevice));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&logp, tokens * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&lse, tokens * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dlogp, tokens * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMemset(dlogp, 0, tokens * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dlogits, n * 2));
     __nv_bfloat16* logits16 = RandomDeviceBf16(n, rng);
-    CUDA_CHECK(cudaMalloc(&logits32, n * 4));
-    CUDA_CHECK(cudaMemset(logits32, 0, n * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&logits32, n * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMemset(logits32, 0, n * 4));
     double ms = MedianMs([&] { check(gk::TokenLogProbForward(logits32, d_targets, logp, lse, tokens, vocab, nullptr)); },
                          reps);
     report("log-prob fwd fp32 logits [16384, 32768]", ms, n * 4.0);
@@ -467,15 +460,15 @@ void StepKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
     gk::GrpoLossStats* stats;
     void* ws;
     const size_t ws_bytes = gk::GrpoLossWorkspaceBytes(seqs);
-    CUDA_CHECK(cudaMalloc(&d_off, off.size() * 4));
-    CUDA_CHECK(cudaMalloc(&d_lp, tokens * 4));
-    CUDA_CHECK(cudaMalloc(&d_adv, seqs * 4));
-    CUDA_CHECK(cudaMalloc(&d_dlogp, tokens * 4));
-    CUDA_CHECK(cudaMalloc(&stats, sizeof(gk::GrpoLossStats)));
-    CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
-    CUDA_CHECK(cudaMemcpy(d_off, off.data(), off.size() * 4, cudaMemcpyHostToDevice));
-    CUDA_CHECK(cudaMemcpy(d_lp, lp.data(), tokens * 4, cudaMemcpyHostToDevice));
-    CUDA_CHECK(cudaMemcpy(d_adv, adv.data(), seqs * 4, cudaMemcpyHostToDevice));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_off, off.size() * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_lp, tokens * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_adv, seqs * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_dlogp, tokens * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&stats, sizeof(gk::GrpoLossStats)));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_off, off.data(), off.size() * 4, cudaMemcpyHostToDevice));
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_lp, lp.data(), tokens * 4, cudaMemcpyHostToDevice));
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_adv, adv.data(), seqs * 4, cudaMemcpyHostToDevice));
     gk::GrpoLossConfig cfg;
     cfg.beta = 0.0;
     gk::GrpoLossArgs ga;
@@ -510,15 +503,15 @@ void AttentionBench(std::mt19937_64& rng, int reps) {
       __nv_bfloat16 *o, *dq, *dk, *dv;
       float* lse;
       int32_t* cu;
-      CUDA_CHECK(cudaMalloc(&o, nq * 2));
-      CUDA_CHECK(cudaMalloc(&dq, nq * 2));
-      CUDA_CHECK(cudaMalloc(&dk, nk * 2));
-      CUDA_CHECK(cudaMalloc(&dv, nk * 2));
-      CUDA_CHECK(cudaMalloc(&lse, size_t(tokens) * c.heads * 4));
+      GROVE_BENCH_CUDA_CHECK(cudaMalloc(&o, nq * 2));
+      GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dq, nq * 2));
+      GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dk, nk * 2));
+      GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dv, nk * 2));
+      GROVE_BENCH_CUDA_CHECK(cudaMalloc(&lse, size_t(tokens) * c.heads * 4));
       std::vector<int32_t> hcu(batch + 1);
       for (int b = 0; b <= batch; ++b) hcu[b] = b * seqlen;
-      CUDA_CHECK(cudaMalloc(&cu, hcu.size() * 4));
-      CUDA_CHECK(cudaMemcpy(cu, hcu.data(), hcu.size() * 4, cudaMemcpyHostToDevice));
+      GROVE_BENCH_CUDA_CHECK(cudaMalloc(&cu, hcu.size() * 4));
+      GROVE_BENCH_CUDA_CHECK(cudaMemcpy(cu, hcu.data(), hcu.size() * 4, cudaMemcpyHostToDevice));
       grove::kernels::AttentionShape shape;
       shape.cu_seqlens = cu;
       shape.batch = batch;
@@ -528,7 +521,7 @@ void AttentionBench(std::mt19937_64& rng, int reps) {
       shape.num_kv_heads = c.kv_heads;
       shape.head_dim = c.dim;
       void* ws;
-      CUDA_CHECK(cudaMalloc(&ws, grove::kernels::AttentionBackwardWorkspaceBytes(shape)));
+      GROVE_BENCH_CUDA_CHECK(cudaMalloc(&ws, grove::kernels::AttentionBackwardWorkspaceBytes(shape)));
       grove::Status st = grove::kernels::AttentionForward(shape, q, k, v, o, lse, nullptr);
       if (st.ok())
         st = grove::kernels::AttentionBackward(shape, q, k, v, o, d_o, lse, dq, dk, dv, ws, nullptr);
@@ -574,13 +567,13 @@ int Profile(cublasHandle_t h, std::mt19937_64& rng) {
   std::vector<int32_t> offsets(experts + 1);
   for (int e = 0; e <= experts; ++e) offsets[e] = e * (rows / experts);
   int32_t* d_off;
-  CUDA_CHECK(cudaMalloc(&d_off, offsets.size() * 4));
-  CUDA_CHECK(cudaMemcpy(d_off, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_off, offsets.size() * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_off, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
   for (auto [n, k] : {std::pair{512, 1024}, std::pair{1024, 512}}) {
     __nv_bfloat16* a = RandomDeviceBf16(size_t(rows) * k, rng);
     __nv_bfloat16* w = RandomDeviceBf16(size_t(experts) * n * k, rng);
     void* c;
-    CUDA_CHECK(cudaMalloc(&c, size_t(rows) * n * 2));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&c, size_t(rows) * n * 2));
     CublasLinear(h, a, w, c, rows, n, k, GemmOutType::kBF16);
     for (GroupedGemmImpl impl : {GroupedGemmImpl::kWgmmaBn256, GroupedGemmImpl::kWgmmaBn256Bk32,
                                  GroupedGemmImpl::kWgmmaPingpong, GroupedGemmImpl::kWgmmaCluster,
@@ -592,7 +585,7 @@ int Profile(cublasHandle_t h, std::mt19937_64& rng) {
       grove::Status s = GroupedGemm(args, impl, nullptr);
       if (!s.ok()) std::printf("%s\n", s.ToString().c_str());
     }
-    CUDA_CHECK(cudaDeviceSynchronize());
+    GROVE_BENCH_CUDA_CHECK(cudaDeviceSynchronize());
     cudaFree(a); cudaFree(w); cudaFree(c);
   }
   return 0;
@@ -619,17 +612,17 @@ void PagedAttentionBench(std::mt19937_64& rng, int reps) {
   for (int b = 0; b < max_batch; ++b) slots[b] = b;
   int32_t *d_table = nullptr, *d_slot = nullptr, *d_pos = nullptr;
   __nv_bfloat16 *out = nullptr, *out_split = nullptr;
-  CUDA_CHECK(cudaMalloc(&d_table, table.size() * 4));
-  CUDA_CHECK(cudaMalloc(&d_slot, max_batch * 4));
-  CUDA_CHECK(cudaMalloc(&d_pos, max_batch * 4));
-  CUDA_CHECK(cudaMalloc(&out, size_t(max_batch) * heads * hd * 2));
-  CUDA_CHECK(cudaMalloc(&out_split, size_t(max_batch) * heads * hd * 2));
-  CUDA_CHECK(cudaMemcpy(d_table, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
-  CUDA_CHECK(cudaMemcpy(d_slot, slots.data(), max_batch * 4, cudaMemcpyHostToDevice));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_table, table.size() * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_slot, max_batch * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_pos, max_batch * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&out, size_t(max_batch) * heads * hd * 2));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&out_split, size_t(max_batch) * heads * hd * 2));
+  GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_table, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
+  GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_slot, slots.data(), max_batch * 4, cudaMemcpyHostToDevice));
   const PagedKvCache cache{k, v, d_table, max_batch * max_pages, page_tokens, max_pages, kv_heads, hd};
   const size_t ws_bytes = grove::kernels::PagedAttentionSplitWorkspaceBytes(cache, max_batch, heads, max_pos);
   void* ws = nullptr;
-  CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
   std::printf("\npaged decode attention (8 heads, 2 kv heads of 128, max_pos %d): us per launch, KV GB/s\n",
               max_pos);
   std::printf("| batch | context | unsplit us | unsplit GB/s | split us | split GB/s | speedup | max |diff| |\n");
@@ -637,7 +630,7 @@ void PagedAttentionBench(std::mt19937_64& rng, int reps) {
   for (int batch : {1, 8, 32, 128}) {
     for (int context : {128, 512, 2048, 4096}) {
       const std::vector<int32_t> pos(batch, context - 1);
-      CUDA_CHECK(cudaMemcpy(d_pos, pos.data(), batch * 4, cudaMemcpyHostToDevice));
+      GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_pos, pos.data(), batch * 4, cudaMemcpyHostToDevice));
       const PagedRows rows{d_slot, d_pos, batch};
       const double t0 = MedianMs(
           [&] {
@@ -654,8 +647,8 @@ void PagedAttentionBench(std::mt19937_64& rng, int reps) {
           reps);
       const size_t n = size_t(batch) * heads * hd;
       std::vector<__nv_bfloat16> a(n), b(n);
-      CUDA_CHECK(cudaMemcpy(a.data(), out, n * 2, cudaMemcpyDeviceToHost));
-      CUDA_CHECK(cudaMemcpy(b.data(), out_split, n * 2, cudaMemcpyDeviceToHost));
+      GROVE_BENCH_CUDA_CHECK(cudaMemcpy(a.data(), out, n * 2, cudaMemcpyDeviceToHost));
+      GROVE_BENCH_CUDA_CHECK(cudaMemcpy(b.data(), out_split, n * 2, cudaMemcpyDeviceToHost));
       double diff = 0;
       for (size_t i = 0; i < n; ++i)
         diff = std::max(diff, double(std::fabs(__bfloat162float(a[i]) - __bfloat162float(b[i]))));
@@ -667,7 +660,7 @@ void PagedAttentionBench(std::mt19937_64& rng, int reps) {
   for (void* p : {static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(q), static_cast<void*>(d_table),
                   static_cast<void*>(d_slot), static_cast<void*>(d_pos), static_cast<void*>(out),
                   static_cast<void*>(out_split), ws})
-    CUDA_CHECK(cudaFree(p));
+    GROVE_BENCH_CUDA_CHECK(cudaFree(p));
 }
 
 int main(int argc, char** argv) {
@@ -694,7 +687,7 @@ int main(int argc, char** argv) {
     return Profile(h, rng);
   }
   cudaDeviceProp prop;
-  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  GROVE_BENCH_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s, %d SMs, cc %d.%d\n", prop.name, prop.multiProcessorCount, prop.major,
               prop.minor);
   std::mt19937_64 rng(12345);
@@ -724,8 +717,8 @@ int main(int argc, char** argv) {
       std::vector<int32_t> offsets(experts + 1, 0);
       for (int e = 0; e < experts; ++e) offsets[e + 1] = offsets[e] + counts[e];
       int32_t* d_off;
-      CUDA_CHECK(cudaMalloc(&d_off, offsets.size() * 4));
-      CUDA_CHECK(cudaMemcpy(d_off, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
+      GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_off, offsets.size() * 4));
+      GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_off, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
       const int max_count = *std::max_element(counts.begin(), counts.end());
       const int min_count = *std::min_element(counts.begin(), counts.end());
 
@@ -736,8 +729,8 @@ int main(int argc, char** argv) {
           __nv_bfloat16* a = RandomDeviceBf16(size_t(rows) * p.k, rng);
           __nv_bfloat16* w = RandomDeviceBf16(size_t(experts) * p.n * p.k, rng);
           void *c_ref, *c;
-          CUDA_CHECK(cudaMalloc(&c_ref, size_t(rows) * p.n * out_bytes));
-          CUDA_CHECK(cudaMalloc(&c, size_t(rows) * p.n * out_bytes));
+          GROVE_BENCH_CUDA_CHECK(cudaMalloc(&c_ref, size_t(rows) * p.n * out_bytes));
+          GROVE_BENCH_CUDA_CHECK(cudaMalloc(&c, size_t(rows) * p.n * out_bytes));
           const double flops = 2.0 * rows * double(p.n) * p.k;
           char shape[160];
           std::snprintf(shape, sizeof shape, "T=%d %s %s [Te,%d]x[%d,%d] Te %d..%d %s", tokens,
@@ -754,7 +747,7 @@ int main(int argc, char** argv) {
           const double loop_ms = MedianMs(loop, reps);
           const double dense_ms = MedianMs([&] { CublasLinear(h, a, w, c, rows, p.n, p.k, out); }, reps);
           loop();  // c_ref holds the per-expert result for the diff column
-          CUDA_CHECK(cudaDeviceSynchronize());
+          GROVE_BENCH_CUDA_CHECK(cudaDeviceSynchronize());
           // The dense GEMM multiplies every row by expert 0's weight: its diff
           // column shows what a wrong result looks like (order 1).
           add({shape, "cuBLAS dense same work", dense_ms, flops / dense_ms / 1e9, 100.0,
@@ -780,12 +773,12 @@ int main(int argc, char** argv) {
               pc.push_back(static_cast<char*>(c) + size_t(offsets[e]) * p.n * out_bytes);
             }
             const void** d_pw; const void** d_pa; void** d_pc;
-            CUDA_CHECK(cudaMalloc(&d_pw, pw.size() * 8));
-            CUDA_CHECK(cudaMalloc(&d_pa, pa.size() * 8));
-            CUDA_CHECK(cudaMalloc(&d_pc, pc.size() * 8));
-            CUDA_CHECK(cudaMemcpy(d_pw, pw.data(), pw.size() * 8, cudaMemcpyHostToDevice));
-            CUDA_CHECK(cudaMemcpy(d_pa, pa.data(), pa.size() * 8, cudaMemcpyHostToDevice));
-            CUDA_CHECK(cudaMemcpy(d_pc, pc.data(), pc.size() * 8, cudaMemcpyHostToDevice));
+            GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_pw, pw.size() * 8));
+            GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_pa, pa.size() * 8));
+            GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_pc, pc.size() * 8));
+            GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_pw, pw.data(), pw.size() * 8, cudaMemcpyHostToDevice));
+            GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_pa, pa.data(), pa.size() * 8, cudaMemcpyHostToDevice));
+            GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_pc, pc.data(), pc.size() * 8, cudaMemcpyHostToDevice));
             auto grouped = [&]() -> cublasStatus_t {
               return cublasGemmGroupedBatchedEx(
                   h, ta.data(), tb.data(), ms.data(), ns.data(), ks.data(), alpha.data(), d_pw,
@@ -795,7 +788,7 @@ int main(int argc, char** argv) {
             };
             if (grouped() == CUBLAS_STATUS_SUCCESS) {
               const double g_ms = MedianMs([&] { grouped(); }, reps);
-              CUDA_CHECK(cudaDeviceSynchronize());
+              GROVE_BENCH_CUDA_CHECK(cudaDeviceSynchronize());
               add({shape, "cuBLAS grouped-batched", g_ms, flops / g_ms / 1e9,
                                100.0 * dense_ms / g_ms, loop_ms / g_ms,
                                MaxRelDiff(c, c_ref, size_t(rows) * p.n, out)});
@@ -814,13 +807,13 @@ int main(int argc, char** argv) {
             args.a = a; args.w = w; args.c = c; args.expert_offsets = d_off;
             args.total_rows = rows; args.num_experts = experts; args.n = p.n; args.k = p.k;
             args.out_type = out;
-            CUDA_CHECK(cudaMemset(c, 0xFF, size_t(rows) * p.n * out_bytes));
+            GROVE_BENCH_CUDA_CHECK(cudaMemset(c, 0xFF, size_t(rows) * p.n * out_bytes));
             grove::Status s = GroupedGemm(args, impl, nullptr);
             if (!s.ok()) {
               std::printf("%s %s: %s\n", shape, GroupedGemmImplName(impl), s.ToString().c_str());
               continue;
             }
-            CUDA_CHECK(cudaDeviceSynchronize());
+            GROVE_BENCH_CUDA_CHECK(cudaDeviceSynchronize());
             const double diff = MaxRelDiff(c, c_ref, size_t(rows) * p.n, out);
             const double ms = MedianMs([&] { (void)GroupedGemm(args, impl, nullptr); }, reps);
             add({shape, std::string("grove ") + GroupedGemmImplName(impl), ms,

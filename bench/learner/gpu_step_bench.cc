@@ -53,6 +53,7 @@
 #include "model/checkpoint.h"
 #include "model/config.h"
 #include "model/gpu_transformer.h"
+#include "bench/support/bench_util.h"
 
 DEFINE_string(config, "configs/model/gpu-ref.toml", "model config (its [model] section)");
 DEFINE_int32(batch, 32, "sequences per step");
@@ -69,17 +70,8 @@ DEFINE_bool(host_loss, false, "GRPO loss on the host (downloaded log-probs) inst
 namespace grove::learner {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
-#define CHECK_OK(expr)                                                                      \
-  do {                                                                                      \
-    auto _s = (expr);                                                                       \
-    if (!_s.ok()) {                                                                         \
-      std::fprintf(stderr, "%s failed: %s\n", #expr, _s.ToString().c_str());               \
-      std::exit(1);                                                                         \
-    }                                                                                       \
-  } while (0)
+using bench::Clock;
+using bench::Since;
 
 // The weights one token multiplies (see the header).
 double MatmulParamsPerToken(const model::ModelConfig& c) {
@@ -97,7 +89,7 @@ double MatmulParamsPerToken(const model::ModelConfig& c) {
 
 int Run() {
   auto mc = model::ModelConfig::LoadFile(FLAGS_config);
-  CHECK_OK(mc.status());
+  GROVE_BENCH_CHECK_OK(mc.status());
   const model::ModelConfig& c = *mc;
   const int L = FLAGS_prompt + FLAGS_completion, B = FLAGS_batch;
   if (L > c.max_seq_len || B % FLAGS_group != 0 || FLAGS_prompt < 1 || FLAGS_completion < 1) {
@@ -107,13 +99,13 @@ int Run() {
   }
   auto t0 = Clock::now();
   auto host = model::Model::Create(c, FLAGS_seed, /*random_init=*/!FLAGS_fast_init);
-  CHECK_OK(host.status());
+  GROVE_BENCH_CHECK_OK(host.status());
   if (FLAGS_fast_init) bench::FastInit(**host, FLAGS_seed);
   std::printf("model %s: %lld parameters, init %.1f s\n", FLAGS_config.c_str(),
               (long long)(*host)->layout().total(), Since(t0));
   if (!FLAGS_save_checkpoint.empty()) {
     t0 = Clock::now();
-    CHECK_OK(model::SaveModel(FLAGS_save_checkpoint, **host, {{"seed", std::to_string(FLAGS_seed)}}));
+    GROVE_BENCH_CHECK_OK(model::SaveModel(FLAGS_save_checkpoint, **host, {{"seed", std::to_string(FLAGS_seed)}}));
     std::printf("saved the initial parameters to %s (%.1f s)\n", FLAGS_save_checkpoint.c_str(), Since(t0));
   }
   t0 = Clock::now();
@@ -121,7 +113,7 @@ int Run() {
   adam.beta2 = 0.95;
   adam.weight_decay = 0.1;
   auto step = GpuGrpoStep::Create(**host, **host, adam, NoDecayRanges((*host)->layout()));
-  CHECK_OK(step.status());
+  GROVE_BENCH_CHECK_OK(step.status());
   std::printf("uploaded to the GPU in %.1f s\n", Since(t0));
   model::GpuTransformer& policy = (*step)->policy();
 
@@ -144,7 +136,7 @@ int Run() {
   }
   t0 = Clock::now();
   auto own = policy.Score(batch, false);
-  CHECK_OK(own.status());
+  GROVE_BENCH_CHECK_OK(own.status());
   std::printf("routing pass (forward without keep) %.3f s\n", Since(t0));
   std::vector<float> rollout;
   std::vector<int64_t> offsets{0};
@@ -154,13 +146,13 @@ int Run() {
     offsets.push_back(int64_t(rollout.size()));
   }
   auto adv = GroupAdvantages(rewards, group_sizes, AdvantageOptions{});
-  CHECK_OK(adv.status());
+  GROVE_BENCH_CHECK_OK(adv.status());
   PolicyLossConfig loss_cfg;
   loss_cfg.beta = 0;
   loss_cfg.tis_cap = 2.0;
   if (FLAGS_reference) {
     t0 = Clock::now();
-    CHECK_OK((*step)->reference().Score(batch, false).status());
+    GROVE_BENCH_CHECK_OK((*step)->reference().Score(batch, false).status());
     std::printf("reference forward %.3f s\n", Since(t0));
   }
 
@@ -178,9 +170,9 @@ int Run() {
   std::vector<model::PhaseTime> phases;  // summed over the timed steps, in first-seen order
   for (int it = 0; it <= FLAGS_steps; ++it) {
     const auto s0 = Clock::now();
-    CHECK_OK(policy.ZeroGrad());
+    GROVE_BENCH_CHECK_OK(policy.ZeroGrad());
     auto cur = policy.Score(batch, true);
-    CHECK_OK(cur.status());
+    GROVE_BENCH_CHECK_OK(cur.status());
     const double t_fwd = Since(s0);
     const auto s1 = Clock::now();
     PolicyBatch pb;
@@ -193,26 +185,26 @@ int Run() {
       for (const auto& lp : cur->logprobs) logp.insert(logp.end(), lp.begin(), lp.end());
       pb.logp = logp;
       auto out = ComputePolicyLoss(pb, loss_cfg);
-      CHECK_OK(out.status());
+      GROVE_BENCH_CHECK_OK(out.status());
       std::vector<std::vector<float>> dlogp;
       for (int i = 0; i < B; ++i)
         dlogp.emplace_back(out->grad_logp.begin() + offsets[i], out->grad_logp.begin() + offsets[i + 1]);
       t_loss = Since(s1);
       const auto s2 = Clock::now();
-      CHECK_OK(policy.Backward(dlogp));
+      GROVE_BENCH_CHECK_OK(policy.Backward(dlogp));
       t_bwd = Since(s2);
     } else {  // loss and backward in one call; the loss's share is in the profile table
-      CHECK_OK((*step)->LossAndBackward(pb, loss_cfg).status());
+      GROVE_BENCH_CHECK_OK((*step)->LossAndBackward(pb, loss_cfg).status());
       t_bwd = Since(s1);
     }
     const auto s3 = Clock::now();
     auto rep = (*step)->Update(1e-6, 1.0);
-    CHECK_OK(rep.status());
+    GROVE_BENCH_CHECK_OK(rep.status());
     const double t_opt = Since(s3), total = Since(s0);
     std::printf("%-6s %9.3f %9.3f %9.3f %9.3f %9.3f %11.0f %6.1f%%\n", it == 0 ? "warmup" : std::to_string(it).c_str(),
                 t_fwd, t_loss, t_bwd, t_opt, total, tokens / total, 100.0 * flops_per_token * tokens / total / 989.4e12);
     auto prof = policy.profiler().Take();
-    CHECK_OK(prof.status());
+    GROVE_BENCH_CHECK_OK(prof.status());
     if (it > 0)
       for (const model::PhaseTime& p : *prof) {
         auto at = std::find_if(phases.begin(), phases.end(), [&](const model::PhaseTime& q) { return q.phase == p.phase; });
@@ -252,7 +244,7 @@ int Run() {
     }
   }
   t0 = Clock::now();
-  CHECK_OK(policy.DownloadParams((*host)->params()));
+  GROVE_BENCH_CHECK_OK(policy.DownloadParams((*host)->params()));
   std::printf("weights to the host for publishing: %.3f s\n", Since(t0));
   size_t free_b = 0, total_b = 0;
   cudaMemGetInfo(&free_b, &total_b);

@@ -52,6 +52,7 @@
 #include "model/transformer.h"
 #include "rollout/gpu_generator.h"
 #include "rollout/precision_format.h"
+#include "bench/support/bench_util.h"
 
 DEFINE_string(config, "configs/model/gpu-ref.toml", "model config (its [model] section)");
 DEFINE_string(batches, "1,8,32,128", "batch sizes (comma-separated)");
@@ -69,30 +70,8 @@ DEFINE_string(variant_batches, "1,8,32", "batch sizes of --variants");
 namespace grove::rollout {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
-#define CHECK_OK(expr)                                                        \
-  do {                                                                        \
-    auto _s = (expr);                                                         \
-    if (!_s.ok()) {                                                           \
-      std::fprintf(stderr, "%s failed: %s\n", #expr, _s.ToString().c_str()); \
-      std::exit(1);                                                           \
-    }                                                                         \
-  } while (0)
-
-std::vector<int> ParseInts(const std::string& s) {
-  std::vector<int> out;
-  std::stringstream ss(s);
-  for (std::string t; std::getline(ss, t, ',');) out.push_back(std::stoi(t));
-  return out;
-}
-std::vector<std::string> ParseNames(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  for (std::string t; std::getline(ss, t, ',');) out.push_back(t);
-  return out;
-}
+using bench::Clock;
+using bench::Since;
 
 bool IsAttentionOrRouter(const std::string& name) {
   return name.find("attn.") != std::string::npos || name.find("router") != std::string::npos;
@@ -152,10 +131,10 @@ Timed TimeGenerate(GpuGenerator& gen, int b, int prompt_len, int new_tokens, std
   so.temperature = 0;
   so.max_new_tokens = 4;
   std::vector<std::vector<int32_t>> warm(b, std::vector<int32_t>(prompts[0].begin(), prompts[0].begin() + 2));
-  CHECK_OK(gen.Generate(warm, so).status());
+  GROVE_BENCH_CHECK_OK(gen.Generate(warm, so).status());
   const GpuGenerator::Stats before = gen.stats();
   so.max_new_tokens = new_tokens;
-  CHECK_OK(gen.Generate(prompts, so).status());
+  GROVE_BENCH_CHECK_OK(gen.Generate(prompts, so).status());
   const GpuGenerator::Stats& after = gen.stats();
   Timed t;
   t.delta.decode_seconds = after.decode_seconds - before.decode_seconds;
@@ -172,7 +151,7 @@ Timed TimeGenerate(GpuGenerator& gen, int b, int prompt_len, int new_tokens, std
 
 // --profile: one column per (plan, batch), one row per phase, ms per step.
 int RunProfile(const model::ModelConfig& c, const model::Model& host) {
-  const std::vector<int> batches = ParseInts(FLAGS_profile_batches);
+  const std::vector<int> batches = bench::ParseIntList(FLAGS_profile_batches);
   int max_batch = 1;
   for (int b : batches) max_batch = std::max(max_batch, b);
   std::mt19937_64 rng(FLAGS_seed);
@@ -186,9 +165,9 @@ int RunProfile(const model::ModelConfig& c, const model::Model& host) {
     o.kv_memory_fraction = 0.3;
     o.profile_decode = profiled;
     auto gen = GpuGenerator::Create(c, o);
-    CHECK_OK(gen.status());
-    for (const std::string& plan : ParseNames(FLAGS_plans)) {
-      CHECK_OK((*gen)->LoadWeights(host.params(), Plan(plan)).status());
+    GROVE_BENCH_CHECK_OK(gen.status());
+    for (const std::string& plan : bench::SplitCommaList(FLAGS_plans)) {
+      GROVE_BENCH_CHECK_OK((*gen)->LoadWeights(host.params(), Plan(plan)).status());
       for (int b : batches) {
         const Timed t = TimeGenerate(**gen, b, FLAGS_prompt, 32, rng, int32_t(c.vocab_size));
         const double steps = double(std::max<int64_t>(1, t.delta.decode_steps));
@@ -263,8 +242,8 @@ void AllPathsOff(GpuGeneratorOptions& o) {
 // --variants: rows (variant, plan), columns ms/step per batch (x speedup
 // over base on the same plan and batch).
 int RunVariants(const model::ModelConfig& c, const model::Model& host) {
-  const std::vector<int> batches = ParseInts(FLAGS_variant_batches);
-  const std::vector<std::string> plans = ParseNames(FLAGS_plans);
+  const std::vector<int> batches = bench::ParseIntList(FLAGS_variant_batches);
+  const std::vector<std::string> plans = bench::SplitCommaList(FLAGS_plans);
   int max_batch = 1;
   for (int b : batches) max_batch = std::max(max_batch, b);
   std::mt19937_64 rng(FLAGS_seed);
@@ -281,9 +260,9 @@ int RunVariants(const model::ModelConfig& c, const model::Model& host) {
     o.max_batch = max_batch;
     o.kv_memory_fraction = 0.1;
     auto gen = GpuGenerator::Create(c, o);
-    CHECK_OK(gen.status());
+    GROVE_BENCH_CHECK_OK(gen.status());
     for (size_t p = 0; p < plans.size(); ++p) {
-      CHECK_OK((*gen)->LoadWeights(host.params(), Plan(plans[p])).status());
+      GROVE_BENCH_CHECK_OK((*gen)->LoadWeights(host.params(), Plan(plans[p])).status());
       std::printf("| %s | %s |", v.name, plans[p].c_str());
       for (size_t i = 0; i < batches.size(); ++i) {
         const Timed t = TimeGenerate(**gen, batches[i], FLAGS_prompt, 32, rng, int32_t(c.vocab_size));
@@ -301,7 +280,7 @@ int RunVariants(const model::ModelConfig& c, const model::Model& host) {
 
 int Run() {
   auto mc = model::ModelConfig::LoadFile(FLAGS_config);
-  CHECK_OK(mc.status());
+  GROVE_BENCH_CHECK_OK(mc.status());
   const model::ModelConfig& c = *mc;
   const int new_tokens = FLAGS_quick ? 32 : FLAGS_new_tokens;
   const bool graphs_off = FLAGS_graphs_off && !FLAGS_quick;
@@ -315,7 +294,7 @@ int Run() {
   }
   auto t0 = Clock::now();
   auto host = model::Model::Create(c, FLAGS_seed, /*random_init=*/false);
-  CHECK_OK(host.status());
+  GROVE_BENCH_CHECK_OK(host.status());
   bench::FastInit(**host, FLAGS_seed);
   std::printf("model %s: %lld parameters, init %.1f s; prompt %d, %d new tokens, greedy\n", FLAGS_config.c_str(),
               (long long)(*host)->layout().total(), Since(t0), FLAGS_prompt, new_tokens);
@@ -325,7 +304,7 @@ int Run() {
     if (FLAGS_variants) RunVariants(c, **host);
     return 0;
   }
-  const std::vector<int> batches = ParseInts(FLAGS_batches);
+  const std::vector<int> batches = bench::ParseIntList(FLAGS_batches);
   int max_batch = 1;
   for (int b : batches) max_batch = std::max(max_batch, b);
   std::mt19937_64 rng(FLAGS_seed);
@@ -349,13 +328,13 @@ int Run() {
     o.kv_memory_fraction = 0.3;
     o.cuda_graphs = graphs;
     auto gen = GpuGenerator::Create(c, o);
-    CHECK_OK(gen.status());
-    for (const std::string& plan : ParseNames(FLAGS_plans)) {
+    GROVE_BENCH_CHECK_OK(gen.status());
+    for (const std::string& plan : bench::SplitCommaList(FLAGS_plans)) {
       const FormatChooser choose = Plan(plan);
       auto secs = (*gen)->LoadWeights((*host)->params(), choose);
-      CHECK_OK(secs.status());
+      GROVE_BENCH_CHECK_OK(secs.status());
       auto dev_secs = (*gen)->LoadWeightsFromDevice(dev_params, choose);
-      CHECK_OK(dev_secs.status());
+      GROVE_BENCH_CHECK_OK(dev_secs.status());
       load_lines.push_back("plan " + plan + ": LoadWeights (host fp32) " + std::to_string(*secs) +
                            " s, LoadWeightsFromDevice (re-quantize on the GPU) " + std::to_string(*dev_secs) + " s");
       for (int b : batches) {

@@ -36,6 +36,7 @@
 #include "rollout/gpu_generator.h"
 #include "rollout/policy_quantizer.h"
 #include "rollout/sampled_mismatch.h"
+#include "bench/support/bench_util.h"
 
 DEFINE_string(config, "configs/model/gpu-ref.toml", "model config (its [model] section)");
 DEFINE_string(checkpoint, "", "grove safetensors weights (default: random, bench::FastInit)");
@@ -52,25 +53,8 @@ DEFINE_uint64(seed, 1, "weights, prompts and sampling seed");
 namespace grove::rollout {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
-#define CHECK_OK(expr)                                                        \
-  do {                                                                        \
-    auto _s = (expr);                                                         \
-    if (!_s.ok()) {                                                           \
-      std::fprintf(stderr, "%s failed: %s\n", #expr, _s.ToString().c_str()); \
-      std::exit(1);                                                           \
-    }                                                                         \
-  } while (0)
-
-std::vector<std::string> ParseNames(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  for (std::string t; std::getline(ss, t, ',');)
-    if (!t.empty()) out.push_back(t);
-  return out;
-}
+using bench::Clock;
+using bench::Since;
 
 Result<QuantizeMode> ModeOf(const std::string& plan) {
   if (plan == "bf16") return QuantizeMode::kNone;  // nullopt everywhere: the engine's bf16
@@ -82,7 +66,7 @@ Result<QuantizeMode> ModeOf(const std::string& plan) {
 
 int Run() {
   auto mc = model::ModelConfig::LoadFile(FLAGS_config);
-  CHECK_OK(mc.status());
+  GROVE_BENCH_CHECK_OK(mc.status());
   const model::ModelConfig& c = *mc;
   const int prompts_n = FLAGS_quick ? 16 : FLAGS_prompts;
   const int new_tokens = FLAGS_quick ? 64 : FLAGS_new_tokens;
@@ -92,8 +76,8 @@ int Run() {
     std::fprintf(stderr, "mismatch_bench: need positive sizes and --prompt + new tokens <= max_seq_len\n");
     return 2;
   }
-  std::vector<std::string> plans = ParseNames(FLAGS_plans);
-  for (const std::string& p : plans) CHECK_OK(ModeOf(p).status());
+  std::vector<std::string> plans = bench::SplitCommaList(FLAGS_plans);
+  for (const std::string& p : plans) GROVE_BENCH_CHECK_OK(ModeOf(p).status());
   if (GpuGenerator::DeviceCount() == 0) {
     std::printf("mismatch_bench: no CUDA device, nothing to measure\n");
     return 0;
@@ -101,11 +85,11 @@ int Run() {
 
   auto t0 = Clock::now();
   auto host = model::Model::Create(c, FLAGS_seed, /*random_init=*/false);
-  CHECK_OK(host.status());
+  GROVE_BENCH_CHECK_OK(host.status());
   if (FLAGS_checkpoint.empty()) {
     bench::FastInit(**host, FLAGS_seed);
   } else {
-    CHECK_OK(model::LoadParams(FLAGS_checkpoint, host->get()));
+    GROVE_BENCH_CHECK_OK(model::LoadParams(FLAGS_checkpoint, host->get()));
   }
   (*host)->set_threads(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
   const std::vector<float> full((*host)->params().begin(), (*host)->params().end());
@@ -119,13 +103,13 @@ int Run() {
 
   // The learner's view first (its memory before the engine sizes its KV pages).
   auto learner = model::GpuTransformer::Create(c, 0, /*trainable=*/false);
-  CHECK_OK(learner.status());
-  CHECK_OK((*learner)->UploadParams(full));
+  GROVE_BENCH_CHECK_OK(learner.status());
+  GROVE_BENCH_CHECK_OK((*learner)->UploadParams(full));
   GpuGeneratorOptions o;
   o.max_batch = std::max(prompts_n, plan_sequences);
   o.kv_memory_fraction = 0.3;
   auto engine = GpuGenerator::Create(c, o);
-  CHECK_OK(engine.status());
+  GROVE_BENCH_CHECK_OK(engine.status());
 
   std::mt19937_64 rng(FLAGS_seed);
   std::uniform_int_distribution<int32_t> tok(0, int32_t(c.vocab_size) - 1);
@@ -149,7 +133,7 @@ int Run() {
     PolicyQuantizer quantizer(qs, calibration, /*stop_token=*/0);
     auto tp = Clock::now();
     auto choose = quantizer.Formats(1, c, specs, full, host->get());
-    CHECK_OK(choose.status());
+    GROVE_BENCH_CHECK_OK(choose.status());
     if (qs.mode == QuantizeMode::kPlan)
       std::fprintf(stderr, "plan: %s, made in %.1f s on the CPU (exact KL on its batch %.3e, routes differ %.1f%%)\n",
                    quantizer.plan()->Summary().c_str(), Since(tp), quantizer.mismatch().mean_kl,
@@ -162,7 +146,7 @@ int Run() {
                           return PrecisionFormat::kBF16;
                         }).bits_per_weight;
     auto load = (*engine)->LoadWeights(full, *choose);
-    CHECK_OK(load.status());
+    GROVE_BENCH_CHECK_OK(load.status());
 
     model::SamplingOptions so;
     so.temperature = 1.0;
@@ -170,16 +154,16 @@ int Run() {
     so.max_new_tokens = new_tokens;
     auto ts = Clock::now();
     auto completions = (*engine)->Generate(prompts, so);
-    CHECK_OK(completions.status());
+    GROVE_BENCH_CHECK_OK(completions.status());
     const double sample_s = Since(ts);
     auto reqs = ScoreRequestsFor(prompts, *completions);
-    CHECK_OK(reqs.status());
+    GROVE_BENCH_CHECK_OK(reqs.status());
     auto tq = Clock::now();
     auto score = (*learner)->Score(*reqs, /*keep_for_backward=*/false);
-    CHECK_OK(score.status());
+    GROVE_BENCH_CHECK_OK(score.status());
     const double score_s = Since(tq);
     auto m = CompareSampledTokens(prompts, *completions, *score, c.moe_layers(), c.top_k);
-    CHECK_OK(m.status());
+    GROVE_BENCH_CHECK_OK(m.status());
     std::printf("| %s | %.2f | %lld | %.3e | %.3e | %.3e | %.2f%% | %.2f | %.2f | %.2f |\n", plan.c_str(), bits,
                 (long long)m->tokens, m->mean_diff, m->mean_sq_diff, m->max_abs_diff, 100 * m->routes_differ, *load,
                 sample_s, score_s);

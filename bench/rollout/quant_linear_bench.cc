@@ -44,6 +44,7 @@
 #include "kernels/moe_decode_internal.h"
 #include "kernels/quant_linear.h"
 #include "kernels/quant_linear_internal.h"
+#include "bench/support/bench_util.h"
 
 namespace {
 
@@ -51,14 +52,6 @@ using grove::kernels::Accumulate;
 using grove::kernels::QuantFormat;
 using grove::kernels::QuantWeight;
 
-#define CUDA_CHECK(x)                                                                            \
-  do {                                                                                           \
-    cudaError_t e_ = (x);                                                                        \
-    if (e_ != cudaSuccess) {                                                                     \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));    \
-      std::exit(1);                                                                              \
-    }                                                                                            \
-  } while (0)
 #define STATUS_CHECK(x)                                                                  \
   do {                                                                                   \
     const grove::Status s_ = (x);                                                        \
@@ -79,21 +72,21 @@ constexpr size_t kFlushBytes = size_t{256} << 20;
 // flush that is not timed.
 double MedianUs(const std::function<void()>& fn) {
   fn();  // warm-up (and first-launch attribute calls)
-  CUDA_CHECK(cudaDeviceSynchronize());
+  GROVE_BENCH_CUDA_CHECK(cudaDeviceSynchronize());
   std::vector<cudaEvent_t> ev(2 * g_reps);
-  for (auto& e : ev) CUDA_CHECK(cudaEventCreate(&e));
+  for (auto& e : ev) GROVE_BENCH_CUDA_CHECK(cudaEventCreate(&e));
   for (int i = 0; i < g_reps; ++i) {
-    CUDA_CHECK(cudaMemsetAsync(g_flush, i & 0xFF, kFlushBytes, nullptr));
-    CUDA_CHECK(cudaEventRecord(ev[2 * i]));
+    GROVE_BENCH_CUDA_CHECK(cudaMemsetAsync(g_flush, i & 0xFF, kFlushBytes, nullptr));
+    GROVE_BENCH_CUDA_CHECK(cudaEventRecord(ev[2 * i]));
     fn();
-    CUDA_CHECK(cudaEventRecord(ev[2 * i + 1]));
+    GROVE_BENCH_CUDA_CHECK(cudaEventRecord(ev[2 * i + 1]));
   }
-  CUDA_CHECK(cudaDeviceSynchronize());
-  CUDA_CHECK(cudaGetLastError());
+  GROVE_BENCH_CUDA_CHECK(cudaDeviceSynchronize());
+  GROVE_BENCH_CUDA_CHECK(cudaGetLastError());
   std::vector<float> us(g_reps);
   for (int i = 0; i < g_reps; ++i) {
     float ms = 0;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]));
+    GROVE_BENCH_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]));
     us[i] = ms * 1000.f;
   }
   for (auto& e : ev) cudaEventDestroy(e);
@@ -127,13 +120,13 @@ struct Weight {
     w.k = k;
     const size_t data_bytes = grove::kernels::QuantDataBytes(f, n, k);
     const int64_t scale_count = grove::kernels::QuantScaleCount(f, n, k);
-    CUDA_CHECK(cudaMalloc(&data, data_bytes));
-    if (scale_count > 0) CUDA_CHECK(cudaMalloc(&scales, scale_count * sizeof(float)));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&data, data_bytes));
+    if (scale_count > 0) GROVE_BENCH_CUDA_CHECK(cudaMalloc(&scales, scale_count * sizeof(float)));
     bytes = data_bytes + scale_count * sizeof(float);
     const std::vector<float>& host = RandomHost(n, k, rng);
-    CUDA_CHECK(cudaMemcpy(scratch, host.data(), host.size() * 4, cudaMemcpyHostToDevice));
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(scratch, host.data(), host.size() * 4, cudaMemcpyHostToDevice));
     STATUS_CHECK(grove::kernels::QuantizeWeight(scratch, n, k, f, data, scales, nullptr));
-    CUDA_CHECK(cudaDeviceSynchronize());
+    GROVE_BENCH_CUDA_CHECK(cudaDeviceSynchronize());
     w.data = data;
     w.scales = scales;
   }
@@ -147,12 +140,12 @@ double Ceilings() {
   const size_t bytes = size_t{1} << 30;
   void *a = nullptr, *b = nullptr;
   unsigned* sink = nullptr;
-  CUDA_CHECK(cudaMalloc(&a, bytes));
-  CUDA_CHECK(cudaMalloc(&b, bytes));
-  CUDA_CHECK(cudaMalloc(&sink, 4));
-  CUDA_CHECK(cudaMemset(a, 1, bytes));
-  const double read_us = MedianUs([&] { CUDA_CHECK(grove::bench::LaunchHbmRead(a, bytes, sink, nullptr)); });
-  const double copy_us = MedianUs([&] { CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); });
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&a, bytes));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&b, bytes));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&sink, 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMemset(a, 1, bytes));
+  const double read_us = MedianUs([&] { GROVE_BENCH_CUDA_CHECK(grove::bench::LaunchHbmRead(a, bytes, sink, nullptr)); });
+  const double copy_us = MedianUs([&] { GROVE_BENCH_CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); });
   const double read_gbs = bytes / read_us / 1e3, copy_gbs = 2.0 * bytes / copy_us / 1e3;
   std::printf("(a) ceilings over 1 GiB: streaming read %.0f GB/s (%.0f us); cudaMemcpy D2D %.0f GB/s "
               "(read + write, %.0f us)\n\n",
@@ -185,15 +178,15 @@ void LinearTable(double read_gbs, std::mt19937_64& rng) {
       {"active set (26 calls, graph)", active},
   };
   float* scratch = nullptr;
-  CUDA_CHECK(cudaMalloc(&scratch, size_t{32768} * H * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&scratch, size_t{32768} * H * 4));
   const int max_m = 16;
   __nv_bfloat16* x = nullptr;
   float* y = nullptr;
-  CUDA_CHECK(cudaMalloc(&x, size_t{max_m} * 2816 * 2));
-  CUDA_CHECK(cudaMemset(x, 0x3c, size_t{max_m} * 2816 * 2));  // bf16 ~0.0115, finite
-  CUDA_CHECK(cudaMalloc(&y, size_t{max_m} * 32768 * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&x, size_t{max_m} * 2816 * 2));
+  GROVE_BENCH_CUDA_CHECK(cudaMemset(x, 0x3c, size_t{max_m} * 2816 * 2));  // bf16 ~0.0115, finite
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&y, size_t{max_m} * 32768 * 4));
   cudaStream_t stream;
-  CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  GROVE_BENCH_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
 
   std::printf("(b) QuantLinear, y[m, n] = x[m, k] W^T, weights from HBM; us | weight GB/s (%% of read ceiling)\n");
   std::printf("(last column: int4 on the path QuantLinear does not take at that m: tc = tensor cores, cc = CUDA cores)\n");
@@ -219,11 +212,11 @@ void LinearTable(double read_gbs, std::mt19937_64& rng) {
         if (shape.weights.size() == 1) return MedianUs([&] { calls(nullptr); });
         cudaGraph_t graph;
         cudaGraphExec_t exec;
-        CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+        GROVE_BENCH_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
         calls(stream);
-        CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-        CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-        const double t = MedianUs([&] { CUDA_CHECK(cudaGraphLaunch(exec, nullptr)); });
+        GROVE_BENCH_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+        GROVE_BENCH_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+        const double t = MedianUs([&] { GROVE_BENCH_CUDA_CHECK(cudaGraphLaunch(exec, nullptr)); });
         cudaGraphExecDestroy(exec);
         cudaGraphDestroy(graph);
         return t;
@@ -260,12 +253,12 @@ void GemvVariantsTable(double read_gbs, std::mt19937_64& rng) {
   const QuantLinearPath paths[4] = {QuantLinearPath::kCudaCoreRows1, QuantLinearPath::kCudaCore,
                                     QuantLinearPath::kCudaCoreRows4, QuantLinearPath::kTensorCore};
   float* scratch = nullptr;
-  CUDA_CHECK(cudaMalloc(&scratch, size_t{32768} * H * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&scratch, size_t{32768} * H * 4));
   __nv_bfloat16* x = nullptr;
   float* y = nullptr;
-  CUDA_CHECK(cudaMalloc(&x, size_t{4} * 2816 * 2));
-  CUDA_CHECK(cudaMemset(x, 0x3c, size_t{4} * 2816 * 2));
-  CUDA_CHECK(cudaMalloc(&y, size_t{4} * 32768 * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&x, size_t{4} * 2816 * 2));
+  GROVE_BENCH_CUDA_CHECK(cudaMemset(x, 0x3c, size_t{4} * 2816 * 2));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&y, size_t{4} * 32768 * 4));
   std::printf("(e) GEMV variants (detail::QuantLinearPath), us (%% of read ceiling); default at m = 1: cc2, at m >= 2: tc\n");
   std::printf("%-26s %-5s %2s | %16s | %16s | %16s | %16s\n", "shape", "fmt", "m", "cc1 (rows1)", "cc2 (default)",
               "cc4 (rows4)", "tc");
@@ -296,7 +289,7 @@ void GemvVariantsTable(double read_gbs, std::mt19937_64& rng) {
 void MoeTable(double read_gbs, std::mt19937_64& rng) {
   const int H = 1024, E = 512, experts = 64, top_k = 6;
   float* scratch = nullptr;
-  CUDA_CHECK(cudaMalloc(&scratch, size_t{E} * H * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&scratch, size_t{E} * H * 4));
   std::printf("(c) MoeDecodeForward, 64 experts x 512, top-6, hidden 1024; us | GB/s of the touched experts' "
               "weights (%% of read ceiling)\n");
   std::printf("(default = MoeDecodeForward's choice; then each kernel pair's time: cc = CUDA cores, tc = tensor cores)\n");
@@ -306,16 +299,16 @@ void MoeTable(double read_gbs, std::mt19937_64& rng) {
   __nv_bfloat16* x = nullptr;
   float *out = nullptr, *gates = nullptr;
   uint16_t* ids = nullptr;
-  CUDA_CHECK(cudaMalloc(&x, size_t{max_m} * H * 2));
-  CUDA_CHECK(cudaMemset(x, 0x3c, size_t{max_m} * H * 2));
-  CUDA_CHECK(cudaMalloc(&out, size_t{max_m} * H * 4));
-  CUDA_CHECK(cudaMalloc(&gates, size_t{max_m} * top_k * 4));
-  CUDA_CHECK(cudaMalloc(&ids, size_t{max_m} * top_k * 2));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&x, size_t{max_m} * H * 2));
+  GROVE_BENCH_CUDA_CHECK(cudaMemset(x, 0x3c, size_t{max_m} * H * 2));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&out, size_t{max_m} * H * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&gates, size_t{max_m} * top_k * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&ids, size_t{max_m} * top_k * 2));
   const size_t ws_bytes = grove::kernels::MoeDecodeWorkspaceBytes(max_m, H, E, experts, top_k);
   void* ws = nullptr;
-  CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
   QuantWeight* dw = nullptr;
-  CUDA_CHECK(cudaMalloc(&dw, sizeof(QuantWeight) * experts * 3));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dw, sizeof(QuantWeight) * experts * 3));
   for (int mix = 0; mix < 4; ++mix) {  // bf16, int8, int4, mixed (expert e: e % 3)
     std::vector<std::unique_ptr<Weight>> w1, w3, w2;
     std::vector<QuantWeight> q(experts * 3);
@@ -330,7 +323,7 @@ void MoeTable(double read_gbs, std::mt19937_64& rng) {
       q[2 * experts + e] = w2.back()->w;
       expert_bytes[e] = w1.back()->bytes + w3.back()->bytes + w2.back()->bytes;
     }
-    CUDA_CHECK(cudaMemcpy(dw, q.data(), sizeof(QuantWeight) * q.size(), cudaMemcpyHostToDevice));
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(dw, q.data(), sizeof(QuantWeight) * q.size(), cudaMemcpyHostToDevice));
     for (int m : {1, 8, 32, 128}) {
       std::vector<uint16_t> hid;
       std::vector<float> hg(static_cast<size_t>(m) * top_k, 1.f / top_k);
@@ -348,8 +341,8 @@ void MoeTable(double read_gbs, std::mt19937_64& rng) {
       int active = 0;
       for (int e = 0; e < experts; ++e)
         if (touched[e]) bytes += expert_bytes[e], ++active;
-      CUDA_CHECK(cudaMemcpy(ids, hid.data(), hid.size() * 2, cudaMemcpyHostToDevice));
-      CUDA_CHECK(cudaMemcpy(gates, hg.data(), hg.size() * 4, cudaMemcpyHostToDevice));
+      GROVE_BENCH_CUDA_CHECK(cudaMemcpy(ids, hid.data(), hid.size() * 2, cudaMemcpyHostToDevice));
+      GROVE_BENCH_CUDA_CHECK(cudaMemcpy(gates, hg.data(), hg.size() * 4, cudaMemcpyHostToDevice));
       grove::kernels::MoeDecodeArgs a;
       a.x = x;
       a.ids = ids;
@@ -406,8 +399,8 @@ void QuantizeTable(double read_gbs) {
   std::vector<float*> src;
   for (auto [n, k] : layer) {
     float* p = nullptr;
-    CUDA_CHECK(cudaMalloc(&p, static_cast<size_t>(n) * k * 4));
-    CUDA_CHECK(cudaMemset(p, 0x3c, static_cast<size_t>(n) * k * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&p, static_cast<size_t>(n) * k * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMemset(p, 0x3c, static_cast<size_t>(n) * k * 4));
     src.push_back(p);
   }
   std::vector<void*> data;
@@ -415,8 +408,8 @@ void QuantizeTable(double read_gbs) {
   for (auto [n, k] : layer) {
     void* d = nullptr;
     float* sc = nullptr;
-    CUDA_CHECK(cudaMalloc(&d, grove::kernels::QuantDataBytes(QuantFormat::kBF16, n, k)));
-    CUDA_CHECK(cudaMalloc(&sc, grove::kernels::QuantScaleCount(QuantFormat::kInt4, n, k) * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d, grove::kernels::QuantDataBytes(QuantFormat::kBF16, n, k)));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&sc, grove::kernels::QuantScaleCount(QuantFormat::kInt4, n, k) * 4));
     data.push_back(d);
     scales.push_back(sc);
   }
@@ -457,10 +450,10 @@ int main(int argc, char** argv) {
     return 1;
   }
   cudaDeviceProp prop;
-  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  GROVE_BENCH_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s, %d SMs, L2 %d MB; %d repetitions, median, L2 flushed before each\n\n", prop.name,
               prop.multiProcessorCount, prop.l2CacheSize >> 20, g_reps);
-  CUDA_CHECK(cudaMalloc(&g_flush, kFlushBytes));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&g_flush, kFlushBytes));
   std::mt19937_64 rng(1);
   const double read_gbs = Ceilings();
   if (gemv_variants) {
