@@ -2,6 +2,7 @@
 
 #include <glog/logging.h>
 
+#include "actors/transport_gpus.h"
 #include "actors/weights_transport.h"
 #ifdef GROVE_WITH_NCCL
 #include "actors/nccl_group.h"
@@ -137,13 +138,7 @@ class NcclBroadcast : public WeightBroadcast {
 
 Result<std::unique_ptr<DeviceWeightExport>> StartDeviceWeightExport(const Config& root, int gpu) {
   GROVE_ASSIGN_OR_RETURN(actors::WeightsTransportOptions w, actors::WeightsTransportOptions::FromConfig(root));
-#ifdef GROVE_WITH_NCCL
-  const bool gpu_usable = actors::CudaDeviceCount() > gpu;
-#else
-  const bool gpu_usable = false;
-  (void)gpu;
-#endif
-  GROVE_ASSIGN_OR_RETURN(actors::WeightTransport t, w.Choose(gpu_usable));
+  GROVE_ASSIGN_OR_RETURN(actors::WeightTransport t, w.Choose(actors::TransportGpuCount() > gpu));
   if (t == actors::WeightTransport::kZmq) return std::unique_ptr<DeviceWeightExport>();
 #ifdef GROVE_WITH_NCCL
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<DeviceWeightExport> e, IpcWeightExport::Create(gpu));
@@ -157,12 +152,7 @@ Result<std::unique_ptr<DeviceWeightExport>> StartDeviceWeightExport(const Config
 Result<std::unique_ptr<WeightBroadcast>> StartWeightBroadcast(const Config& root, const std::string& learner_id,
                                                               const std::string& coordinator) {
   GROVE_ASSIGN_OR_RETURN(actors::WeightsTransportOptions w, actors::WeightsTransportOptions::FromConfig(root));
-#ifdef GROVE_WITH_NCCL
-  const bool nccl_usable = actors::CudaDeviceCount() > 0;
-#else
-  const bool nccl_usable = false;
-#endif
-  GROVE_ASSIGN_OR_RETURN(actors::WeightTransport t, w.Choose(nccl_usable));
+  GROVE_ASSIGN_OR_RETURN(actors::WeightTransport t, w.Choose(actors::TransportGpuCount() > 0));
   if (t == actors::WeightTransport::kZmq) return std::unique_ptr<WeightBroadcast>();
 #ifdef GROVE_WITH_NCCL
   NcclBroadcasterOptions o;

@@ -4,6 +4,7 @@
 
 #include <glog/logging.h>
 
+#include "actors/transport_gpus.h"
 #include "actors/weights_transport.h"
 #ifdef GROVE_WITH_NCCL
 #include "actors/nccl_group.h"
@@ -94,12 +95,7 @@ class NcclFeed : public WeightFeed {
 Result<std::unique_ptr<WeightFeed>> StartWeightFeed(const Config& root, const std::string& worker_id,
                                                     const std::string& coordinator, int device) {
   GROVE_ASSIGN_OR_RETURN(actors::WeightsTransportOptions w, actors::WeightsTransportOptions::FromConfig(root));
-#ifdef GROVE_WITH_NCCL
-  const bool nccl_usable = actors::CudaDeviceCount() > 0;
-#else
-  const bool nccl_usable = false;
-#endif
-  GROVE_ASSIGN_OR_RETURN(actors::WeightTransport t, w.Choose(nccl_usable));
+  GROVE_ASSIGN_OR_RETURN(actors::WeightTransport t, w.Choose(actors::TransportGpuCount() > 0));
   if (t == actors::WeightTransport::kZmq) return std::unique_ptr<WeightFeed>();
 #ifdef GROVE_WITH_NCCL
   NcclReceiverOptions o;
@@ -123,12 +119,7 @@ Result<std::unique_ptr<WeightSource>> WeightSource::Start(const Config& root, co
                                                           const std::string& coordinator, int gpu,
                                                           FetchOptions fetch) {
   GROVE_ASSIGN_OR_RETURN(actors::WeightsTransportOptions w, actors::WeightsTransportOptions::FromConfig(root));
-#ifdef GROVE_WITH_NCCL
-  const bool nccl_usable = actors::CudaDeviceCount() > 0;
-#else
-  const bool nccl_usable = false;
-#endif
-  GROVE_ASSIGN_OR_RETURN(actors::WeightTransport t, w.Choose(nccl_usable));
+  GROVE_ASSIGN_OR_RETURN(actors::WeightTransport t, w.Choose(actors::TransportGpuCount() > 0));
   std::unique_ptr<WeightSource> src(new WeightSource());
   src->root_ = root;
   src->worker_id_ = worker_id;
