@@ -380,6 +380,24 @@ void Transformer<T>::set_threads(int threads) {
   threads_ = std::max(1, threads);
 }
 
+Status ValidateGenerateRequests(const ModelConfig& c, const std::vector<std::vector<int32_t>>& prompts,
+                                const SamplingOptions& opt) {
+  const int64_t V = c.vocab_size;
+  GROVE_RETURN_IF_ERROR(ValidateSampling(opt));
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const std::string where = "prompt " + std::to_string(i) + ": ";
+    if (prompts[i].empty()) return Status::InvalidArgument(where + "empty");
+    if (int64_t(prompts[i].size()) >= c.max_seq_len)
+      return Status::InvalidArgument(where + std::to_string(prompts[i].size()) +
+                                     " tokens leave no room under max_seq_len " + std::to_string(c.max_seq_len));
+    for (int32_t t : prompts[i])
+      if (t < 0 || t >= V) return Status::InvalidArgument(where + "token " + std::to_string(t) + " outside vocabulary");
+  }
+  for (int32_t t : opt.stop_tokens)
+    if (t < 0 || t >= V) return Status::InvalidArgument("stop token " + std::to_string(t) + " outside vocabulary");
+  return Status::OK();
+}
+
 Status ValidateScoreRequests(const ModelConfig& c, const std::vector<ScoreRequest>& batch) {
   const int64_t M = c.moe_layers(), K = c.top_k, V = c.vocab_size;
   bool any_replay = false;
@@ -664,18 +682,7 @@ Result<std::vector<Completion<T>>> Transformer<T>::Generate(const std::vector<st
                                                              const SamplingOptions& opt) {
   const ModelConfig& c = config_;
   const int64_t V = c.vocab_size, H = c.hidden, M = c.moe_layers(), K = c.top_k, kd = c.kv_heads * c.head_dim;
-  GROVE_RETURN_IF_ERROR(ValidateSampling(opt));
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    const std::string where = "prompt " + std::to_string(i) + ": ";
-    if (prompts[i].empty()) return Status::InvalidArgument(where + "empty");
-    if (int64_t(prompts[i].size()) >= c.max_seq_len)
-      return Status::InvalidArgument(where + std::to_string(prompts[i].size()) +
-                                     " tokens leave no room under max_seq_len " + std::to_string(c.max_seq_len));
-    for (int32_t t : prompts[i])
-      if (t < 0 || t >= V) return Status::InvalidArgument(where + "token " + std::to_string(t) + " outside vocabulary");
-  }
-  for (int32_t t : opt.stop_tokens)
-    if (t < 0 || t >= V) return Status::InvalidArgument("stop token " + std::to_string(t) + " outside vocabulary");
+  GROVE_RETURN_IF_ERROR(ValidateGenerateRequests(c, prompts, opt));
   const size_t B = prompts.size();
   std::vector<Completion<T>> out(B);
   if (B == 0) return out;

@@ -64,6 +64,11 @@ struct SamplingOptions {
   int64_t max_new_tokens = 64;       // also capped by max_seq_len - prompt length
 };
 
+// The checks Generate() makes on prompts and options (InvalidArgument naming
+// the prompt): shared by every implementation of Generate (CPU and GPU).
+Status ValidateGenerateRequests(const ModelConfig& config, const std::vector<std::vector<int32_t>>& prompts,
+                                const SamplingOptions& options);
+
 enum class FinishReason { kStop, kLength };
 
 template <typename T>

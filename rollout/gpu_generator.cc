@@ -877,19 +877,8 @@ Result<std::vector<model::Completion<float>>> GpuGenerator::Generate(const std::
                                                                      const model::SamplingOptions& opt) {
   Impl& g = *impl_;
   const model::ModelConfig& c = g.c;
-  const int64_t V = c.vocab_size, MK = g.M * g.K;
-  GROVE_RETURN_IF_ERROR(model::ValidateSampling(opt));
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    const std::string where = "prompt " + std::to_string(i) + ": ";
-    if (prompts[i].empty()) return Status::InvalidArgument(where + "empty");
-    if (int64_t(prompts[i].size()) >= c.max_seq_len)
-      return Status::InvalidArgument(where + std::to_string(prompts[i].size()) +
-                                     " tokens leave no room under max_seq_len " + std::to_string(c.max_seq_len));
-    for (int32_t t : prompts[i])
-      if (t < 0 || t >= V) return Status::InvalidArgument(where + "token " + std::to_string(t) + " outside vocabulary");
-  }
-  for (int32_t t : opt.stop_tokens)
-    if (t < 0 || t >= V) return Status::InvalidArgument("stop token " + std::to_string(t) + " outside vocabulary");
+  const int64_t MK = g.M * g.K;
+  GROVE_RETURN_IF_ERROR(model::ValidateGenerateRequests(c, prompts, opt));
   if (!g.loaded) return Status::FailedPrecondition("GpuGenerator: Generate before LoadWeights");
   GEN_CUDA(cudaSetDevice(g.opt.device));
   g.timing = false;  // set only inside a decode step
