@@ -1,3 +1,5 @@
+// Support code, not a test: the process helpers of proc_util.h, built once as
+// grove_test_support; the test programs that link it make the assertions.
 #include "tests/support/proc_util.h"
 
 #include <arpa/inet.h>

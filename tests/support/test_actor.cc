@@ -3,6 +3,7 @@
 // statusRequest with commandReply{matched = frames served} and counts bad
 // frames, and publishes its figures in heartbeats. Started by the
 // multi-process tests directly and by `grove up` via [launcher.programs].
+// Not a test itself: the tests that start it make the assertions.
 #include <cctype>
 #include <cstdio>
 #include <cstdlib>
