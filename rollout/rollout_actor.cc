@@ -161,7 +161,8 @@ Status RunRolloutLoop(const RoleArgs& args) {
   FetchOptions fetch;
   fetch.timeout_ms = static_cast<int>(s.request_timeout_ms);
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<WeightSource> weight_source,
-                         WeightSource::Start(args.config, args.id, args.coordinator, engine->gpu(), fetch));
+                         WeightSource::Start(args.config, args.id, args.coordinator, engine->gpu(), fetch,
+                                             [&client] { return client.coordinator_policy_version(); }));
   WeightSource& weights = *weight_source;
   actors::LatencyWindow stall(64);
 

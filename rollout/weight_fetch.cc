@@ -93,7 +93,8 @@ class NcclFeed : public WeightFeed {
 }  // namespace
 
 Result<std::unique_ptr<WeightFeed>> StartWeightFeed(const Config& root, const std::string& worker_id,
-                                                    const std::string& coordinator, int device) {
+                                                    const std::string& coordinator, int device,
+                                                    std::function<int64_t()> learner_version) {
   GROVE_ASSIGN_OR_RETURN(actors::WeightsTransportOptions w, actors::WeightsTransportOptions::FromConfig(root));
   GROVE_ASSIGN_OR_RETURN(actors::WeightTransport t, w.Choose(actors::TransportGpuCount() > 0));
   if (t == actors::WeightTransport::kZmq) return std::unique_ptr<WeightFeed>();
@@ -104,6 +105,7 @@ Result<std::unique_ptr<WeightFeed>> StartWeightFeed(const Config& root, const st
   o.device = device;
   o.deadline_ms = w.deadline_ms;
   o.poll_ms = w.poll_ms;
+  o.learner_version = std::move(learner_version);
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<NcclWeightReceiver> r, NcclWeightReceiver::Start(o));
   LOG(INFO) << "weights: received over NCCL";
   return std::unique_ptr<WeightFeed>(new NcclFeed(std::move(r)));
@@ -111,19 +113,22 @@ Result<std::unique_ptr<WeightFeed>> StartWeightFeed(const Config& root, const st
   (void)worker_id;
   (void)coordinator;
   (void)device;
+  (void)learner_version;
   return Status::Internal("unreachable");
 #endif
 }
 
 Result<std::unique_ptr<WeightSource>> WeightSource::Start(const Config& root, const std::string& worker_id,
                                                           const std::string& coordinator, int gpu,
-                                                          FetchOptions fetch) {
+                                                          FetchOptions fetch,
+                                                          std::function<int64_t()> learner_version) {
   GROVE_ASSIGN_OR_RETURN(actors::WeightsTransportOptions w, actors::WeightsTransportOptions::FromConfig(root));
   GROVE_ASSIGN_OR_RETURN(actors::WeightTransport t, w.Choose(actors::TransportGpuCount() > 0));
   std::unique_ptr<WeightSource> src(new WeightSource());
   src->root_ = root;
   src->worker_id_ = worker_id;
   src->coordinator_ = coordinator;
+  src->learner_version_ = std::move(learner_version);
   src->nccl_device_ = gpu >= 0 ? gpu : 0;
   src->fetch_ = std::move(fetch);
   src->fetch_.device_uuid.clear();
@@ -170,7 +175,7 @@ Status WeightSource::Decide(actors::RpcClient& learner) {
     LOG(INFO) << "weights: the learner is on this worker's GPU " << fetch_.ipc_device << ": CUDA IPC";
     return Status::OK();
   }
-  Result<std::unique_ptr<WeightFeed>> feed = StartWeightFeed(root_, worker_id_, coordinator_, nccl_device_);
+  Result<std::unique_ptr<WeightFeed>> feed = StartWeightFeed(root_, worker_id_, coordinator_, nccl_device_, learner_version_);
   if (!feed.ok() || !*feed)
     return Status::Internal("weights: the NCCL receiver did not start: " +
                             (feed.ok() ? std::string("transport resolved to zmq") : feed.status().ToString()));

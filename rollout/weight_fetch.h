@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -55,9 +56,13 @@ class WeightFeed {
 // Reads [weights]; null when the transport resolves to zmq (fetch with
 // FetchNewerWeights). Errors: InvalidArgument (bad section),
 // FailedPrecondition (transport = "nccl" without NCCL or a visible GPU).
-// device: the GPU this worker's NCCL rank uses.
+// device: the GPU this worker's NCCL rank uses. learner_version: the newest
+// version the learner has published as far as this process knows (the
+// coordinator's); required for nccl (NcclReceiverOptions::learner_version
+// says why).
 Result<std::unique_ptr<WeightFeed>> StartWeightFeed(const Config& root, const std::string& worker_id,
-                                                    const std::string& coordinator, int device = 0);
+                                                    const std::string& coordinator, int device = 0,
+                                                    std::function<int64_t()> learner_version = nullptr);
 
 // Where a rollout worker's versions come from (docs/weights.md): fetched
 // in chunks over ZeroMQ; pushed by the NCCL group (the learner is on another
@@ -69,9 +74,11 @@ Result<std::unique_ptr<WeightFeed>> StartWeightFeed(const Config& root, const st
 class WeightSource {
  public:
   // gpu: the device this worker samples on (-1: none; the NCCL rank then
-  // uses device 0). Errors as StartWeightFeed.
+  // uses device 0). learner_version: as StartWeightFeed (needed once the
+  // source turns to NCCL). Errors as StartWeightFeed.
   static Result<std::unique_ptr<WeightSource>> Start(const Config& root, const std::string& worker_id,
-                                                     const std::string& coordinator, int gpu, FetchOptions fetch);
+                                                     const std::string& coordinator, int gpu, FetchOptions fetch,
+                                                     std::function<int64_t()> learner_version = nullptr);
   ~WeightSource();
 
   // "zmq", "nccl", "cuda-ipc", or "undecided".
@@ -91,6 +98,7 @@ class WeightSource {
 
   Config root_;
   std::string worker_id_, coordinator_;
+  std::function<int64_t()> learner_version_;
   int nccl_device_ = 0;
   FetchOptions fetch_;
   Mode mode_ = Mode::kFetch;

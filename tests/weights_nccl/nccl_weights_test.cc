@@ -178,6 +178,40 @@ TEST_F(NcclWeightsTest, KilledWorkerDoesNotHangTheLearner) {
   EXPECT_LT(secs, 40.0);
 }
 
+// The 2-GPU default run's hang (issue 10): the learner publishes ONE version
+// before any worker exists and never another (it waits for samples); the
+// worker joins, receives it bit for bit, and installs it as an engine does
+// (upload, then a wait for its whole device). A receive posted early for
+// the next version would park an NCCL kernel on the worker's GPU that only
+// the learner's next version ends, and the install's device wait would
+// never return.
+TEST_F(NcclWeightsTest, WorkerJoiningAfterTheOnlyVersionGetsAndInstallsIt) {
+  if (gpus_ < 2) GTEST_SKIP() << "needs 2 GPUs, found " << gpus_;
+  StartCoordinator();
+  const std::vector<std::string> common{"--floats=3000017", "--bucket_bytes=1048576", "--versions=1",
+                                        "--deadline_ms=5000"};
+  auto with = [&](std::vector<std::string> v) {
+    v.insert(v.end(), common.begin(), common.end());
+    return v;
+  };
+  Peer("learner", "learner", 0, with({"--run_ms=30000"}));
+  ASSERT_TRUE(testing::WaitFor([&] { return CountPrefix(Lines(Events("learner")), "published 1") == 1; }, 15000))
+      << ReadFile(Events("learner"));
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the version is old news when the worker comes
+  const auto t0 = std::chrono::steady_clock::now();
+  const int worker = Peer("worker", "rollout-0", 1, with({"--run_ms=20000", "--install"}));
+  int status = -1;
+  ASSERT_TRUE(testing::WaitExit(worker, 25000, &status)) << ReadFile(Events("rollout-0")) << Log("rollout-0");
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  auto lines = Lines(Events("rollout-0"));
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << ReadFile(Events("rollout-0")) << Log("rollout-0");
+  EXPECT_EQ(NewestOk(lines), 1) << ReadFile(Events("rollout-0"));
+  EXPECT_EQ(CountPrefix(lines, "installed 1 ok"), 1) << ReadFile(Events("rollout-0"));
+  // Start, join, one 12 MB version and the install take a few seconds; the
+  // worker's own give-up is at 20 s.
+  EXPECT_LT(secs, 15.0) << ReadFile(Events("rollout-0"));
+}
+
 // With three or more GPUs: a worker that joins mid-run gets the current
 // version at the next epoch while the first worker keeps receiving.
 TEST_F(NcclWeightsTest, WorkerAddedMidRunReceivesCurrentWeights) {

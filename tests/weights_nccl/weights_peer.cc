@@ -11,6 +11,7 @@
 #include <sstream>
 #include <thread>
 
+#include <cuda_runtime_api.h>
 #include <gflags/gflags.h>
 #include <glog/logging.h>
 
@@ -34,6 +35,9 @@ DEFINE_int64(versions, 5, "learner: versions to publish; worker: exit once it ho
 DEFINE_int64(interval_ms, 500, "learner: time between versions");
 DEFINE_int64(run_ms, 20000, "learner: run this long; worker: give up after this long");
 DEFINE_int64(die_at_version, -1, "worker: SIGKILL itself after this version's header arrived");
+DEFINE_bool(install, false,
+            "worker: after each version, install it as an engine would: a device buffer, the upload, "
+            "cudaDeviceSynchronize (waits for every kernel of this process, a parked NCCL receive too)");
 DEFINE_string(out, "", "event log");
 DEFINE_string(frame, "", "ipc_reader: the WeightAnnounce frame to read");
 
@@ -106,6 +110,19 @@ int RunLearner() {
   return 0;
 }
 
+// The device side of an engine's install: allocate, upload, wait for the
+// whole device, free. Returns a CUDA error's name, or "" when it finished.
+std::string InstallOnDevice(const actors::WeightSnapshot& snap) {
+  const size_t bytes = snap.flat.size() * sizeof(float);
+  void* dev = nullptr;
+  cudaError_t e = cudaSetDevice(FLAGS_device);
+  if (e == cudaSuccess) e = cudaMalloc(&dev, bytes);
+  if (e == cudaSuccess) e = cudaMemcpy(dev, snap.flat.data(), bytes, cudaMemcpyHostToDevice);
+  if (e == cudaSuccess) e = cudaDeviceSynchronize();
+  if (dev != nullptr && cudaFree(dev) != cudaSuccess && e == cudaSuccess) e = cudaGetLastError();
+  return e == cudaSuccess ? "" : cudaGetErrorName(e);
+}
+
 int RunWorker() {
   auto client = Register(wire::Role::ROLLOUT);
   if (!client) return 1;
@@ -115,6 +132,8 @@ int RunWorker() {
   o.device = FLAGS_device;
   o.deadline_ms = FLAGS_deadline_ms;
   o.poll_ms = FLAGS_poll_ms;
+  actors::ActorClient* c = client.get();
+  o.learner_version = [c] { return c->coordinator_policy_version(); };
   if (FLAGS_die_at_version >= 0) {
     o.after_header = [](int64_t v) {
       if (v == FLAGS_die_at_version) {
@@ -149,6 +168,12 @@ int RunWorker() {
     rollout::NcclReceiverStats s = (*r)->stats();
     Event("got " + std::to_string(got->version) + (same ? " ok" : " MISMATCH") + " epoch " +
           std::to_string(s.epoch) + " rank " + std::to_string(s.rank) + " ms " + std::to_string(s.last_receive_ms));
+    if (FLAGS_install) {
+      // Give the receiver thread time to post whatever it posts next.
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      const std::string err = InstallOnDevice(*got);
+      Event("installed " + std::to_string(got->version) + (err.empty() ? " ok" : " " + err));
+    }
     have = got->version;
     client->SetPolicyVersion(have);
   }
