@@ -217,9 +217,13 @@ Status RunLearnerLoop(const RoleArgs& args) {
                          actors::ActorProcess::Start(args, wire::Role::LEARNER, publisher->endpoint()));
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<WeightBroadcast> broadcast,
                          StartWeightBroadcast(args.config, args.id, args.coordinator));
+  // The IPC export (device 0, like the GPU step) copies from the step's
+  // device weights when there are any, else from the snapshot.
   auto publish = [&](std::shared_ptr<const actors::WeightSnapshot> snap) {
     if (broadcast) broadcast->Publish(snap);
-    publisher->Publish(std::move(snap));
+    Result<const float*> on_device = trainer->DeviceParams(0);
+    if (!on_device.ok()) LOG(WARNING) << "weights: the step's device weights: " << on_device.status();
+    publisher->Publish(std::move(snap), on_device.ok() ? *on_device : nullptr);
   };
   ReplayLink replay(*proc, args.id, static_cast<int>(s.request_timeout_ms));
 

@@ -25,6 +25,10 @@ struct FetchOptions {
   // handle, read on ipc_device. Empty: chunks only.
   std::string device_uuid;
   int ipc_device = -1;
+  // WeightSource only: versions read through CUDA IPC stay on ipc_device
+  // (WeightSource::device_weights) instead of coming to the host, for an
+  // engine that installs from device memory.
+  bool ipc_to_device = false;
 };
 
 // nullopt when the learner holds nothing newer than have_version. Errors:
@@ -89,7 +93,13 @@ class WeightSource {
   // The newest version if newer than have_version (nullopt: none yet, or
   // undecided without a learner to ask). Errors as FetchNewerWeights, all
   // worth a retry, except Internal: the NCCL receiver could not start.
+  // With FetchOptions::ipc_to_device, a version that came through CUDA IPC
+  // has an empty flat: its bytes are on this worker's GPU at
+  // device_weights() (verified, valid until the next TakeNewer).
   Result<std::optional<actors::WeightSnapshot>> TakeNewer(actors::RpcClient* learner, int64_t have_version);
+  // The device copy of the version the last TakeNewer returned, or null
+  // (it came to the host).
+  const float* device_weights() const { return device_weights_; }
 
  private:
   enum class Mode { kUndecided, kFetch, kIpc, kNccl };
@@ -103,6 +113,8 @@ class WeightSource {
   FetchOptions fetch_;
   Mode mode_ = Mode::kFetch;
   std::unique_ptr<WeightFeed> feed_;
+  std::shared_ptr<void> ipc_staging_;  // actors::IpcDeviceStaging (CUDA builds)
+  const float* device_weights_ = nullptr;
 };
 
 }  // namespace grove::rollout

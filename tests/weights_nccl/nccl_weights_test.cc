@@ -241,25 +241,48 @@ TEST_F(NcclWeightsTest, WorkerAddedMidRunReceivesCurrentWeights) {
   EXPECT_GE(first_version, 2) << "the late worker starts at the version current when it joined";
 }
 
-// Learner and worker on one GPU: the learner's device buffer travels as a
-// CUDA IPC handle inside a WeightAnnounce frame; another process copies it
-// out and verifies the checksum. A frame with a wrong checksum is refused.
+// A slot written as the learner writes it (actors/cuda_ipc.h), freed on
+// scope exit.
+struct TestSlot {
+  void* slot = nullptr;
+  uint64_t* scratch = nullptr;
+  ~TestSlot() {
+    if (slot) cudaFree(slot);
+    if (scratch) cudaFree(scratch);
+  }
+  void Write(const actors::WeightSnapshot& snap) {
+    const size_t bytes = snap.flat.size() * sizeof(float);
+    if (!slot) ASSERT_EQ(cudaMalloc(&slot, actors::kIpcSlotHeaderBytes + bytes), cudaSuccess);
+    if (!scratch) ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&scratch), sizeof(uint64_t)), cudaSuccess);
+    Status s = actors::WriteIpcWeightSlot(slot, snap.flat.data(), false, bytes, snap.version, snap.checksum,
+                                          scratch, nullptr);
+    ASSERT_TRUE(s.ok()) << s;
+  }
+  std::string Frame(const actors::WeightSnapshot& snap, const std::string& path, bool corrupt = false) {
+    capnp::MallocMessageBuilder msg;
+    auto announce = actors::InitEnvelope(msg, "learner", 1).getBody().initWeightAnnounce();
+    Status s = actors::FillIpcWeightAnnounce(snap, slot, snap.flat.size() * sizeof(float), 0, announce);
+    EXPECT_TRUE(s.ok()) << s;
+    if (corrupt) announce.setChecksum(snap.checksum ^ 1);
+    std::ofstream(path, std::ios::binary) << actors::EncodeFrame(msg);
+    return path;
+  }
+};
+
+// Learner and worker on one GPU: the learner's IPC slot travels as a CUDA
+// IPC handle inside a WeightAnnounce frame; another process copies it into
+// its own device memory, verifies it there and on the host. A frame whose
+// checksum disagrees with the slot is refused.
 TEST_F(NcclWeightsTest, CudaIpcMovesWeightsBetweenProcessesOnOneGpu) {
   if (gpus_ < 1) GTEST_SKIP() << "needs a GPU";
   actors::WeightSnapshot snap = testing::PeerWeights(seed_, 7, 5000011);
   const size_t bytes = snap.flat.size() * sizeof(float);
-  void* dev = nullptr;
   ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
-  ASSERT_EQ(cudaMalloc(&dev, bytes), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(dev, snap.flat.data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
+  TestSlot slot;
+  slot.Write(snap);
   for (bool corrupt : {false, true}) {
-    capnp::MallocMessageBuilder msg;
-    auto announce = actors::InitEnvelope(msg, "learner", 1).getBody().initWeightAnnounce();
-    ASSERT_TRUE(actors::FillIpcWeightAnnounce(snap, dev, bytes, 0, announce).ok());
-    if (corrupt) announce.setChecksum(snap.checksum ^ 1);
-    const std::string frame_path = dir_ + "/frame" + std::to_string(corrupt);
+    const std::string frame_path = slot.Frame(snap, dir_ + "/frame" + std::to_string(corrupt), corrupt);
     const std::string out_path = dir_ + "/flat" + std::to_string(corrupt);
-    std::ofstream(frame_path, std::ios::binary) << actors::EncodeFrame(msg);
     int code = -1;
     std::string err = testing::RunCapture({PeerBinary(), "--role=ipc_reader", "--frame=" + frame_path,
                                            "--out=" + out_path},
@@ -270,11 +293,44 @@ TEST_F(NcclWeightsTest, CudaIpcMovesWeightsBetweenProcessesOnOneGpu) {
       continue;
     }
     ASSERT_EQ(code, 0) << err;
+    EXPECT_NE(err.find("torn 0"), std::string::npos) << err;
     const std::string got = ReadFile(out_path);
     ASSERT_EQ(got.size(), bytes);
     EXPECT_EQ(std::memcmp(got.data(), snap.flat.data(), bytes), 0);
   }
-  cudaFree(dev);
+}
+
+// The learner reuses its slots: here the slot holding version 7 is
+// rewritten with version 8 while the reader is half way through its copy.
+// The reader must see the torn read (the slot's generation moved), refuse
+// to hand out the mixed bytes, and on its retry find version 8 in the slot
+// (Aborted: fetch the newest announce); with the announce of 8 it then
+// gets version 8 bit for bit.
+TEST_F(NcclWeightsTest, CudaIpcTornReadIsDetectedAndFetchedAgain) {
+  if (gpus_ < 1) GTEST_SKIP() << "needs a GPU";
+  const size_t floats = 3000017;
+  actors::WeightSnapshot v7 = testing::PeerWeights(seed_, 7, floats);
+  actors::WeightSnapshot v8 = testing::PeerWeights(seed_, 8, floats);
+  ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
+  TestSlot slot;
+  slot.Write(v7);
+  const std::string f7 = slot.Frame(v7, dir_ + "/frame7");
+  // The announce of 8 names the same slot, as the learner's would once it
+  // holds 8; the reader only opens it after the rewrite.
+  const std::string f8 = slot.Frame(v8, dir_ + "/frame8");
+  const std::string out_path = dir_ + "/flat";
+  int code = -1;
+  std::string err = testing::RunCapture({PeerBinary(), "--role=ipc_reader", "--frame=" + f7, "--frame2=" + f8,
+                                         "--rewrite_with_version=8", "--floats=" + std::to_string(floats),
+                                         "--seed=" + std::to_string(seed_), "--out=" + out_path},
+                                        &code, /*with_stderr=*/true);
+  ASSERT_EQ(code, 0) << err;
+  EXPECT_NE(err.find("torn 1"), std::string::npos) << err;
+  EXPECT_NE(err.find("holds version 8"), std::string::npos) << err;
+  EXPECT_NE(err.find("read version 8"), std::string::npos) << err;
+  const std::string got = ReadFile(out_path);
+  ASSERT_EQ(got.size(), floats * sizeof(float));
+  EXPECT_EQ(std::memcmp(got.data(), v8.flat.data(), got.size()), 0);
 }
 
 // Bad input to the group gets a clear error, not a crash or a hang.

@@ -40,6 +40,10 @@ DEFINE_bool(install, false,
             "cudaDeviceSynchronize (waits for every kernel of this process, a parked NCCL receive too)");
 DEFINE_string(out, "", "event log");
 DEFINE_string(frame, "", "ipc_reader: the WeightAnnounce frame to read");
+DEFINE_string(frame2, "", "ipc_reader: the announce to read when the first one's slot moved on (Aborted)");
+DEFINE_int64(rewrite_with_version, -1,
+             "ipc_reader: in the middle of the first copy, rewrite the slot with PeerWeights of this version "
+             "(a learner reusing the slot while this reader reads it)");
 
 namespace {
 
@@ -183,24 +187,63 @@ int RunWorker() {
   return have >= FLAGS_versions && all_ok ? 0 : 1;
 }
 
-// Reads a WeightAnnounce frame carrying a CUDA IPC handle, copies the bytes
-// out of the other process's GPU buffer, and writes them to --out.
+Result<std::string> ReadFrame(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return Status::IOError("cannot read " + path);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// Reads a WeightAnnounce frame carrying a CUDA IPC handle, copies the slot
+// into this process's device memory (verified there), then to the host,
+// checks the announce's checksum, and writes the bytes to --out. With
+// --rewrite_with_version the slot is rewritten mid-copy: the torn read must
+// be seen, and --frame2 (the newer announce) is read instead. Prints
+// "torn N" on stderr. Exit codes: 2 decode, 3 receive, 4 output.
 int RunIpcReader() {
-  std::ifstream in(FLAGS_frame, std::ios::binary);
-  std::string frame((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  auto decoded = actors::DecodeFrame(frame.data(), frame.size(), {actors::BodyKind::WEIGHT_ANNOUNCE}, nullptr);
-  if (!decoded.ok()) {
-    std::fprintf(stderr, "decode: %s\n", decoded.status().ToString().c_str());
-    return 2;
+  actors::IpcReadOptions ro;
+  ro.device = FLAGS_device;
+  if (FLAGS_rewrite_with_version >= 0) {
+    ro.mid_copy = [](int attempt, void* slot) {
+      if (attempt != 0) return;
+      actors::WeightSnapshot next = testing::PeerWeights(FLAGS_seed, FLAGS_rewrite_with_version, FLAGS_floats);
+      uint64_t* scratch = nullptr;
+      Status s = cudaMalloc(reinterpret_cast<void**>(&scratch), sizeof(uint64_t)) == cudaSuccess
+                     ? actors::WriteIpcWeightSlot(slot, next.flat.data(), false, next.flat.size() * sizeof(float),
+                                                  next.version, next.checksum, scratch, nullptr)
+                     : Status::Unavailable("cudaMalloc");
+      if (scratch != nullptr) cudaFree(scratch);
+      if (!s.ok()) std::fprintf(stderr, "rewrite: %s\n", s.ToString().c_str());
+    };
   }
-  auto snap = actors::ReceiveIpcWeights(decoded->envelope().getBody().getWeightAnnounce(), uint64_t{1} << 32);
-  if (!snap.ok()) {
-    std::fprintf(stderr, "receive: %s\n", snap.status().ToString().c_str());
-    return 3;
+  actors::IpcReadStats stats;
+  int tries = 0;
+  for (const std::string& path : {FLAGS_frame, FLAGS_frame2}) {
+    if (path.empty()) break;
+    ++tries;
+    Result<std::string> frame = ReadFrame(path);
+    if (!frame.ok()) {
+      std::fprintf(stderr, "frame: %s\n", frame.status().ToString().c_str());
+      return 2;
+    }
+    auto decoded = actors::DecodeFrame(frame->data(), frame->size(), {actors::BodyKind::WEIGHT_ANNOUNCE}, nullptr);
+    if (!decoded.ok()) {
+      std::fprintf(stderr, "decode: %s\n", decoded.status().ToString().c_str());
+      return 2;
+    }
+    Result<actors::WeightSnapshot> snap =
+        actors::ReceiveIpcWeights(decoded->envelope().getBody().getWeightAnnounce(), uint64_t{1} << 32, ro, &stats);
+    std::fprintf(stderr, "torn %d\n", stats.torn);
+    if (!snap.ok()) {
+      std::fprintf(stderr, "receive: %s\n", snap.status().ToString().c_str());
+      if (snap.status().code() == StatusCode::kAborted && tries == 1 && !FLAGS_frame2.empty()) continue;
+      return 3;
+    }
+    std::fprintf(stderr, "read version %lld\n", static_cast<long long>(snap->version));
+    std::ofstream out(FLAGS_out, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(snap->flat.data()), snap->flat.size() * sizeof(float));
+    return out.good() ? 0 : 4;
   }
-  std::ofstream out(FLAGS_out, std::ios::binary);
-  out.write(reinterpret_cast<const char*>(snap->flat.data()), snap->flat.size() * sizeof(float));
-  return out.good() ? 0 : 4;
+  return 3;
 }
 
 }  // namespace
