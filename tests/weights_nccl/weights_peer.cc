@@ -203,8 +203,10 @@ int RunIpcReader() {
   actors::IpcReadOptions ro;
   ro.device = FLAGS_device;
   if (FLAGS_rewrite_with_version >= 0) {
-    ro.mid_copy = [](int attempt, void* slot) {
-      if (attempt != 0) return;
+    ro.mid_copy = [](int, void* slot) {
+      static bool rewritten = false;  // once: the first copy of the first announce
+      if (rewritten) return;
+      rewritten = true;
       actors::WeightSnapshot next = testing::PeerWeights(FLAGS_seed, FLAGS_rewrite_with_version, FLAGS_floats);
       uint64_t* scratch = nullptr;
       Status s = cudaMalloc(reinterpret_cast<void**>(&scratch), sizeof(uint64_t)) == cudaSuccess
