@@ -19,6 +19,7 @@
 #include "actors/cuda_ipc.h"
 #include "actors/nccl_group.h"
 #include "cluster/coordinator.h"
+#include "learner/ipc_weight_export.h"
 #include "tests/support/proc_util.h"
 #include "tests/weights_nccl/weights_peer.h"
 
@@ -331,6 +332,54 @@ TEST_F(NcclWeightsTest, CudaIpcTornReadIsDetectedAndFetchedAgain) {
   const std::string got = ReadFile(out_path);
   ASSERT_EQ(got.size(), floats * sizeof(float));
   EXPECT_EQ(std::memcmp(got.data(), v8.flat.data(), got.size()), 0);
+}
+
+// The learner's export (learner/ipc_weight_export.h): lazy until a worker on
+// its GPU asks; then every version is copied, device to device when the
+// caller has the bytes on the GPU; the newest two stay announced; what a
+// reader in another process gets is the published version bit for bit.
+TEST_F(NcclWeightsTest, IpcExportIsLazyThenCopiesDeviceToDevice) {
+  if (gpus_ < 1) GTEST_SKIP() << "needs a GPU";
+  const size_t floats = 1000003;
+  auto made = learner::IpcWeightExport::Create(0);
+  ASSERT_TRUE(made.ok()) << made.status();
+  learner::DeviceWeightExport& e = **made;
+  auto announce = [&](const actors::WeightSnapshot& snap, const std::string& path) {
+    capnp::MallocMessageBuilder msg;
+    bool held = e.FillAnnounce(snap, actors::InitEnvelope(msg, "learner", 1).getBody().initWeightAnnounce());
+    if (held) std::ofstream(path, std::ios::binary) << actors::EncodeFrame(msg);
+    return held;
+  };
+  actors::WeightSnapshot v1 = testing::PeerWeights(seed_, 1, floats);
+  actors::WeightSnapshot v2 = testing::PeerWeights(seed_, 2, floats);
+  actors::WeightSnapshot v3 = testing::PeerWeights(seed_, 3, floats);
+  ASSERT_TRUE(e.Publish(v1, nullptr).ok());
+  EXPECT_FALSE(e.wanted());
+  EXPECT_FALSE(announce(v1, dir_ + "/a1")) << "nothing copied before a worker asks";
+  ASSERT_TRUE(e.Export(v1).ok());
+  EXPECT_TRUE(e.wanted());
+  EXPECT_TRUE(announce(v1, dir_ + "/a1"));
+  // v2 from "the learner's masters" on the device.
+  float* masters = nullptr;
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&masters), floats * sizeof(float)), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(masters, v2.flat.data(), floats * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_TRUE(e.Publish(v2, masters).ok());
+  EXPECT_TRUE(announce(v1, dir_ + "/a1")) << "the newest two stay";
+  ASSERT_TRUE(announce(v2, dir_ + "/a2"));
+  for (auto [path, snap] : {std::pair{dir_ + "/a1", &v1}, std::pair{dir_ + "/a2", &v2}}) {
+    int code = -1;
+    const std::string out = path + ".flat";
+    std::string err = testing::RunCapture({PeerBinary(), "--role=ipc_reader", "--frame=" + path, "--out=" + out},
+                                          &code, /*with_stderr=*/true);
+    ASSERT_EQ(code, 0) << err;
+    const std::string got = ReadFile(out);
+    ASSERT_EQ(got.size(), floats * sizeof(float));
+    EXPECT_EQ(std::memcmp(got.data(), snap->flat.data(), got.size()), 0) << path;
+  }
+  ASSERT_TRUE(e.Publish(v3, nullptr).ok());
+  EXPECT_FALSE(announce(v1, dir_ + "/a1")) << "v1's slot now holds v3";
+  EXPECT_TRUE(announce(v3, dir_ + "/a3"));
+  cudaFree(masters);
 }
 
 // Bad input to the group gets a clear error, not a crash or a hang.
