@@ -51,22 +51,17 @@ void FillWeightChunk(const WeightSnapshot& snap, uint64_t offset, uint64_t len,
   out.setData(kj::arrayPtr(base + offset, len));
 }
 
-Status WeightAssembler::Begin(wire::WeightAnnounce::Reader a, uint64_t max_bytes) {
-  snap_.reset();
+Result<WeightSnapshot> ParseWeightAnnounce(wire::WeightAnnounce::Reader a, uint64_t max_bytes) {
   const uint64_t total = a.getTotalBytes();
-  const uint64_t chunk = a.getChunkBytes();
   if (total == 0 || total % sizeof(float) != 0)
     return Status::Corruption("weight announce: total bytes " + std::to_string(total) +
                               " is not a positive multiple of 4");
   if (total > max_bytes)
     return Status::ResourceExhausted("weight announce: " + std::to_string(total) +
                                      " bytes exceed the limit of " + std::to_string(max_bytes));
-  if (chunk == 0 || chunk % sizeof(float) != 0)
-    return Status::Corruption("weight announce: bad chunk size " + std::to_string(chunk));
-  auto snap = std::make_unique<WeightSnapshot>();
-  snap->version = a.getVersion();
-  snap->checksum = a.getChecksum();
-  const uint64_t floats = total / sizeof(float);
+  WeightSnapshot snap;
+  snap.version = a.getVersion();
+  snap.checksum = a.getChecksum();
   for (auto t : a.getTensors()) {
     if (t.getDtype() != wire::DType::F32)
       return Status::InvalidArgument("weight announce: tensor '" + std::string(t.getName().cStr()) +
@@ -90,9 +85,20 @@ Status WeightAssembler::Begin(wire::WeightAnnounce::Reader a, uint64_t max_bytes
     spec.count = t.getBytes() / sizeof(float);
     if (elems != spec.count)
       return Status::Corruption("weight announce: shape of '" + spec.name + "' does not match its size");
-    snap->tensors.push_back(std::move(spec));
+    snap.tensors.push_back(std::move(spec));
   }
-  snap->flat.assign(floats, 0.0f);
+  return snap;
+}
+
+Status WeightAssembler::Begin(wire::WeightAnnounce::Reader a, uint64_t max_bytes) {
+  snap_.reset();
+  const uint64_t total = a.getTotalBytes();
+  const uint64_t chunk = a.getChunkBytes();
+  GROVE_ASSIGN_OR_RETURN(WeightSnapshot parsed, ParseWeightAnnounce(a, max_bytes));
+  if (chunk == 0 || chunk % sizeof(float) != 0)
+    return Status::Corruption("weight announce: bad chunk size " + std::to_string(chunk));
+  auto snap = std::make_unique<WeightSnapshot>(std::move(parsed));
+  snap->flat.assign(total / sizeof(float), 0.0f);
   total_bytes_ = total;
   chunk_bytes_ = chunk;
   chunks_left_ = (total + chunk - 1) / chunk;

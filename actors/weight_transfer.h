@@ -45,6 +45,12 @@ void FillWeightAnnounce(const WeightSnapshot& snap, uint64_t chunk_bytes,
 void FillWeightChunk(const WeightSnapshot& snap, uint64_t offset, uint64_t len,
                      wire::WeightChunk::Builder out);
 
+// The version, checksum and tensor layout an announce describes, checked
+// as Begin checks them (sizes against max_bytes, tensors inside the buffer,
+// shapes matching sizes), without the flat buffer (left empty): for a
+// transport that puts the bytes elsewhere (the worker's GPU).
+Result<WeightSnapshot> ParseWeightAnnounce(wire::WeightAnnounce::Reader announce, uint64_t max_bytes);
+
 // Reassembles one version. Every check that can fail on received bytes
 // returns an error instead of trusting the sender.
 class WeightAssembler {

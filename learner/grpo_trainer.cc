@@ -93,6 +93,17 @@ Status GrpoTrainer::SyncFromGpu() {
   return Status::OK();
 }
 
+Result<const float*> GrpoTrainer::DeviceParams(int device) {
+#ifdef GROVE_LEARNER_GPU
+  if (gpu_ && gpu_->policy().device() == device) {
+    GROVE_RETURN_IF_ERROR(gpu_->policy().Synchronize());
+    return static_cast<const float*>(gpu_->policy().device_params());
+  }
+#endif
+  (void)device;
+  return static_cast<const float*>(nullptr);
+}
+
 Status GrpoTrainer::SyncPolicyToGpu() {
 #ifdef GROVE_LEARNER_GPU
   if (gpu_) return gpu_->policy().UploadParams(policy_->params());

@@ -101,6 +101,12 @@ class GrpoTrainer {
   int64_t rl_steps() const;
   // True when Step() runs on the GPU (GpuGrpoStep).
   bool on_gpu() const { return gpu_ != nullptr; }
+  // The policy's fp32 master weights on `device` (ParamLayout order, the
+  // bytes policy().params() was last synced from), after waiting for the
+  // GPU step's stream, for a device-to-device copy of a published version;
+  // null when the step runs on the CPU or on another device. Valid until
+  // the next Step / SupervisedStep / checkpoint load.
+  Result<const float*> DeviceParams(int device);
   const TrainerOptions& options() const { return options_; }
 
   // Weights (model file), optimizer state beside it, and the version and

@@ -217,9 +217,17 @@ Status RunLearnerLoop(const RoleArgs& args) {
                          actors::ActorProcess::Start(args, wire::Role::LEARNER, publisher->endpoint()));
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<WeightBroadcast> broadcast,
                          StartWeightBroadcast(args.config, args.id, args.coordinator));
+  // The IPC export (device 0, like the GPU step) copies from the step's
+  // device weights when there are any, else from the snapshot. It goes
+  // first: once the broadcaster has the version, its send may sit on this
+  // GPU until the NCCL workers post their receive, which they do when the
+  // coordinator reports the version (SetPolicyVersion, after this); a CUDA
+  // call of the export that waits for the device would wait on that send.
   auto publish = [&](std::shared_ptr<const actors::WeightSnapshot> snap) {
-    if (broadcast) broadcast->Publish(snap);
-    publisher->Publish(std::move(snap));
+    Result<const float*> on_device = trainer->DeviceParams(0);
+    if (!on_device.ok()) LOG(WARNING) << "weights: the step's device weights: " << on_device.status();
+    publisher->Publish(snap, on_device.ok() ? *on_device : nullptr);
+    if (broadcast) broadcast->Publish(std::move(snap));
   };
   ReplayLink replay(*proc, args.id, static_cast<int>(s.request_timeout_ms));
 

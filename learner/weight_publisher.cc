@@ -33,7 +33,7 @@ void WeightPublisher::SetDeviceExport(std::unique_ptr<DeviceWeightExport> device
   device_ = std::move(device);
 }
 
-void WeightPublisher::Publish(std::shared_ptr<const actors::WeightSnapshot> snapshot) {
+void WeightPublisher::Publish(std::shared_ptr<const actors::WeightSnapshot> snapshot, const float* device_flat) {
   std::shared_ptr<DeviceWeightExport> device;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -42,7 +42,7 @@ void WeightPublisher::Publish(std::shared_ptr<const actors::WeightSnapshot> snap
   // Before the version is announced, so an IPC announce never names bytes
   // not yet on the device.
   if (device) {
-    Status s = device->Publish(*snapshot);
+    Status s = device->Publish(*snapshot, device_flat);
     if (!s.ok()) LOG(WARNING) << "weights: device copy of version " << snapshot->version << ": " << s;
   }
   std::lock_guard<std::mutex> lock(mu_);
@@ -92,7 +92,16 @@ void WeightPublisher::Serve() {
       } else if (cur->version <= req.getHaveVersion()) {
         // Nothing newer: an announce of the version alone, without layout.
         out.getBody().initWeightAnnounce().setVersion(cur->version);
-      } else if (!same_gpu || !device->FillAnnounce(*cur, out.getBody().initWeightAnnounce())) {
+      } else if (same_gpu && !device->FillAnnounce(*cur, out.getBody().initWeightAnnounce())) {
+        // The first worker on the learner's GPU (exports are lazy), or a
+        // version the export missed: copy it now and announce the handle.
+        Status exported = device->Export(*cur);
+        if (!exported.ok()) {
+          LOG_EVERY_N(WARNING, 20) << "weights: device copy of version " << cur->version << ": " << exported;
+        }
+        if (!exported.ok() || !device->FillAnnounce(*cur, out.getBody().initWeightAnnounce()))
+          actors::FillWeightAnnounce(*cur, chunk_bytes_, out.getBody().initWeightAnnounce());
+      } else if (!same_gpu) {
         actors::FillWeightAnnounce(*cur, chunk_bytes_, out.getBody().initWeightAnnounce());
       }
       if (device && out.getBody().isWeightAnnounce()) {

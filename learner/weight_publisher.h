@@ -22,17 +22,27 @@ namespace grove::learner {
 
 // Same-GPU weights (docs/weights.md, CUDA IPC): a device copy of the
 // published versions that a rollout worker on the learner's GPU reads
-// through an IPC handle instead of fetching chunks. Thread-safe: Publish is
-// called by the training loop, FillAnnounce by the publisher's thread.
+// through an IPC handle instead of fetching chunks. Lazy: nothing is copied
+// until a worker on this GPU has asked once (Export); from then on every
+// Publish copies. Thread-safe: Publish is called by the training loop,
+// Export and FillAnnounce by the publisher's thread.
 class DeviceWeightExport {
  public:
   virtual ~DeviceWeightExport() = default;
   // The UUID of the GPU the copies lie on (actors::CudaDeviceUuid).
   virtual const std::string& device_uuid() const = 0;
-  // Copies `snapshot` to the device. The two newest versions stay readable;
-  // a reader still copying an older one sees its checksum fail and asks
-  // again.
-  virtual Status Publish(const actors::WeightSnapshot& snapshot) = 0;
+  // True once a worker on this GPU asked (Publish copies from then on).
+  virtual bool wanted() const = 0;
+  // Copies `snapshot` to the device when wanted(), else does nothing.
+  // device_flat: the same bytes already on the export's GPU (the GPU
+  // learner's fp32 masters, complete when called, unchanged until it
+  // returns): copied device to device; null: from snapshot.flat. The newest
+  // two versions stay readable; a reader still copying an older one sees
+  // the slot's sequence lock move (actors/cuda_ipc.h) and asks again.
+  virtual Status Publish(const actors::WeightSnapshot& snapshot, const float* device_flat) = 0;
+  // A worker on this GPU asked for `snapshot`: wanted() from now on, and the
+  // version is copied (from the host) unless held or older than one held.
+  virtual Status Export(const actors::WeightSnapshot& snapshot) = 0;
   // An IPC announce of `snapshot` when its bytes are held; false otherwise
   // (the publisher then announces chunks).
   virtual bool FillAnnounce(const actors::WeightSnapshot& snapshot, wire::WeightAnnounce::Builder out) = 0;
@@ -49,7 +59,9 @@ class WeightPublisher {
   // Also offers every version published from now on through `device`
   // (workers on its GPU get an IPC announce); null: chunks only.
   void SetDeviceExport(std::unique_ptr<DeviceWeightExport> device);
-  void Publish(std::shared_ptr<const actors::WeightSnapshot> snapshot);
+  // device_flat: the snapshot's bytes on the device export's GPU, if the
+  // caller has them there (DeviceWeightExport::Publish); may be null.
+  void Publish(std::shared_ptr<const actors::WeightSnapshot> snapshot, const float* device_flat = nullptr);
   int64_t version() const;
 
   uint64_t bytes_served() const { return bytes_served_.load(); }

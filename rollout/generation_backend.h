@@ -67,6 +67,19 @@ class GenerationBackend {
   // may be overwritten (the CPU engine quantizes it in place).
   virtual Status Install(int64_t version, const std::vector<actors::TensorSpec>& tensors,
                          std::vector<float>& flat) = 0;
+  // True when InstallFromDevice works: a GPU engine whose formats need no
+  // host copy of the weights (every quantize mode but plan).
+  virtual bool installs_from_device() const { return false; }
+  // As Install from fp32 weights already on this engine's GPU (`device_flat`,
+  // complete, unchanged until this returns; e.g. a CUDA IPC copy).
+  // FailedPrecondition where installs_from_device() is false.
+  virtual Status InstallFromDevice(int64_t version, const std::vector<actors::TensorSpec>& tensors,
+                                   const float* device_flat) {
+    (void)version;
+    (void)tensors;
+    (void)device_flat;
+    return Status::FailedPrecondition(name() + " installs weights from the host only");
+  }
   virtual Result<std::vector<model::Completion<float>>> Generate(const std::vector<std::vector<int32_t>>& prompts,
                                                                  const model::SamplingOptions& options) = 0;
   virtual const PolicyQuantizer& quantizer() const = 0;

@@ -27,6 +27,16 @@ class GpuBackend : public GenerationBackend {
     return Status::OK();
   }
 
+  bool installs_from_device() const override { return quantizer_->settings().mode != QuantizeMode::kPlan; }
+  Status InstallFromDevice(int64_t version, const std::vector<actors::TensorSpec>& tensors,
+                           const float* device_flat) override {
+    if (!installs_from_device()) return GenerationBackend::InstallFromDevice(version, tensors, device_flat);
+    // Formats of the non-plan modes read no weight values.
+    GROVE_ASSIGN_OR_RETURN(FormatChooser choose, quantizer_->Formats(version, config_, tensors, {}, nullptr));
+    GROVE_ASSIGN_OR_RETURN(last_load_s_, generator_->LoadWeightsFromDevice(device_flat, choose));
+    return Status::OK();
+  }
+
   Result<std::vector<model::Completion<float>>> Generate(const std::vector<std::vector<int32_t>>& prompts,
                                                          const model::SamplingOptions& options) override {
     return generator_->Generate(prompts, options);

@@ -1,5 +1,7 @@
 #include "rollout/nccl_weight_receiver.h"
 
+#include <algorithm>
+
 #include <glog/logging.h>
 
 #include "actors/nccl_group.h"
@@ -17,8 +19,11 @@ Result<std::unique_ptr<NcclWeightReceiver>> NcclWeightReceiver::Start(NcclReceiv
   if (options.worker_id.empty() || options.coordinator.empty()) {
     return Status::InvalidArgument("NCCL receiver needs the worker id and the coordinator");
   }
-  if (options.poll_ms < 1 || options.deadline_ms < options.poll_ms || options.idle_timeout_ms < options.poll_ms) {
-    return Status::InvalidArgument("NCCL receiver: need 1 <= poll_ms <= deadline_ms, idle_timeout_ms");
+  if (options.poll_ms < 1 || options.deadline_ms < options.poll_ms) {
+    return Status::InvalidArgument("NCCL receiver: need 1 <= poll_ms <= deadline_ms");
+  }
+  if (!options.learner_version) {
+    return Status::InvalidArgument("NCCL receiver: needs learner_version (which versions are on their way)");
   }
   if (Status s = actors::InitCudaDevice(options.device); !s.ok()) {
     return Status::FailedPrecondition("NCCL receiver: " + s.ToString());
@@ -57,6 +62,7 @@ void NcclWeightReceiver::Run() {
   actors::NcclStaging staging;
   uint64_t epoch = 0;         // the epoch `group` belongs to
   uint64_t given_up = 0;      // an epoch this worker failed to join: wait for the next
+  int64_t newest_in_epoch = -1;  // the newest version received in `epoch`
   NcclClock::time_point next_poll{};
 
   // Polled inside every NCCL wait: stop, or the coordinator moved the group
@@ -91,11 +97,24 @@ void NcclWeightReceiver::Run() {
         continue;
       }
       group = std::move(*g);
+      newest_in_epoch = -1;
       LOG(INFO) << "joined weight group epoch " << epoch << " as rank " << group->rank() << " of "
                 << group->size();
       std::lock_guard<std::mutex> lock(mu_);
       stats_.epoch = epoch;
       stats_.rank = group->rank();
+    }
+    // After the epoch's first version: post the next receive only once a
+    // newer version is published (header comment: a parked receive kernel
+    // deadlocks this process's own CUDA work).
+    if (newest_in_epoch >= 0 && o.learner_version() <= newest_in_epoch) {
+      if (epoch_moved()) {
+        group.reset();
+        given_up = epoch;
+        continue;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(std::min<int64_t>(o.poll_ms, 10)));
+      continue;
     }
     actors::NcclReceiveOptions ro;
     ro.max_bytes = o.max_bytes;
@@ -103,7 +122,7 @@ void NcclWeightReceiver::Run() {
     ro.after_header = o.after_header;
     actors::NcclReceiveTiming timing;
     Result<actors::WeightSnapshot> got =
-        actors::ReceiveWeights(*group, staging, ro, actors::NcclDeadlineIn(o.idle_timeout_ms), epoch_moved, &timing);
+        actors::ReceiveWeights(*group, staging, ro, actors::NcclDeadlineIn(o.deadline_ms), epoch_moved, &timing);
     if (!got.ok()) {
       // Aborted: the epoch moved on (normal on joins and deaths). Anything
       // else is a failure of this epoch; either way it is done.
@@ -116,6 +135,7 @@ void NcclWeightReceiver::Run() {
       given_up = epoch;
       continue;
     }
+    newest_in_epoch = std::max(newest_in_epoch, got->version);
     std::lock_guard<std::mutex> lock(mu_);
     stats_.last_version = got->version;
     ++stats_.versions_received;

@@ -6,10 +6,27 @@
 // rollout loop picks the newest verified version up between requests with
 // TakeNewer(), so a group of completions never mixes versions.
 //
-// While it waits for the next version the thread keeps polling the
-// coordinator; an epoch that moved on or was reported failed cancels the
-// wait and aborts the communicator, so a learner's re-formation never waits
-// on this worker, and this worker never waits on a dead peer.
+// No receive is left parked on the GPU between versions. A posted NCCL
+// receive is a kernel that spins until the learner sends; while it spins,
+// any CUDA call of this process that waits for the device to drain (a
+// kernel's first launch under lazy module loading, cudaMalloc / cudaFree, a
+// device synchronize: the engine's install does such things) waits for it
+// too. The learner's next version needs this worker's samples, which need
+// that install: a receive posted for a version not yet published deadlocks
+// the run (issue 10: one NCCL worker, nothing moved for minutes). So the
+// receiver posts the receive of the first version of each epoch at once
+// (the learner sends its current version right after forming the epoch)
+// and each later one only once `learner_version` says that a newer version
+// than the newest received in the epoch exists (the learner hands a version
+// to its broadcaster before it tells the coordinator about it, so the bytes
+// are on their way). A header that then does not come within deadline_ms
+// ends the epoch for this worker (the learner re-forms it when its next
+// send misses its own deadline).
+//
+// While it waits the thread keeps polling the coordinator; an epoch that
+// moved on or was reported failed cancels the wait and aborts the
+// communicator, so a learner's re-formation never waits on this worker, and
+// this worker never waits on a dead peer.
 #pragma once
 
 #include <atomic>
@@ -30,9 +47,13 @@ struct NcclReceiverOptions {
   std::string coordinator;   // tcp://HOST:PORT
   std::string worker_id;     // the worker's registered actor id
   int device = 0;
-  int64_t deadline_ms = 30000;   // forming an epoch; one version's payload
+  int64_t deadline_ms = 30000;   // forming an epoch; one version's header, and its payload
   int64_t poll_ms = 200;
-  int64_t idle_timeout_ms = 3600000;  // waiting for the next version's header
+  // Required: the newest policy version the learner has published as far as
+  // this process knows (a rollout worker: the coordinator's, from its
+  // heartbeat replies, ActorClient::coordinator_policy_version). It gates
+  // every receive after an epoch's first (see the top of this header).
+  std::function<int64_t()> learner_version;
   uint64_t max_bytes = uint64_t{16} << 30;
   int rpc_timeout_ms = 2000;
   // Test-only fault injection: called after a version's header arrived.

@@ -76,9 +76,14 @@ Result<RolloutSettings> ParseSettings(const Config& cfg) {
 
 // Installs a received snapshot into the engine: the layout must match the
 // model's exactly, then the weights are quantized as configured.
-Status InstallWeights(actors::WeightSnapshot& snap, const model::ParamLayout& layout, GenerationBackend& engine) {
+// device_flat: the weights on the engine's GPU (snap.flat is empty then).
+Status InstallWeights(actors::WeightSnapshot& snap, const float* device_flat, const model::ParamLayout& layout,
+                      GenerationBackend& engine) {
   const auto& tensors = layout.tensors();
-  if (snap.tensors.size() != tensors.size() || snap.flat.size() != static_cast<size_t>(layout.total()))
+  uint64_t floats = snap.flat.size();
+  for (const actors::TensorSpec& t : snap.tensors) floats = std::max(floats, t.offset + t.count);
+  if (snap.tensors.size() != tensors.size() || (device_flat == nullptr && snap.flat.size() != floats) ||
+      floats != static_cast<uint64_t>(layout.total()))
     return Status::InvalidArgument("received weights have " + std::to_string(snap.tensors.size()) +
                                    " tensors, this model has " + std::to_string(tensors.size()) +
                                    ": learner and rollout configs differ");
@@ -88,6 +93,7 @@ Status InstallWeights(actors::WeightSnapshot& snap, const model::ParamLayout& la
     if (a.name != b.name || a.shape != b.shape || a.offset != static_cast<uint64_t>(b.offset))
       return Status::InvalidArgument("received tensor '" + a.name + "' does not match this model's '" + b.name + "'");
   }
+  if (device_flat != nullptr) return engine.InstallFromDevice(snap.version, snap.tensors, device_flat);
   return engine.Install(snap.version, snap.tensors, snap.flat);
 }
 
@@ -160,8 +166,10 @@ Status RunRolloutLoop(const RoleArgs& args) {
   VerifierLinks verifiers(*proc, args.id);
   FetchOptions fetch;
   fetch.timeout_ms = static_cast<int>(s.request_timeout_ms);
+  fetch.ipc_to_device = engine->installs_from_device();
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<WeightSource> weight_source,
-                         WeightSource::Start(args.config, args.id, args.coordinator, engine->gpu(), fetch));
+                         WeightSource::Start(args.config, args.id, args.coordinator, engine->gpu(), fetch,
+                                             [&client] { return client.coordinator_policy_version(); }));
   WeightSource& weights = *weight_source;
   actors::LatencyWindow stall(64);
 
@@ -203,7 +211,7 @@ Status RunRolloutLoop(const RoleArgs& args) {
     // when fetched, the hand-over when a feed received it in the background),
     // then quantize and switch the engine to it.
     const auto t1 = std::chrono::steady_clock::now();
-    GROVE_RETURN_IF_ERROR(InstallWeights(**got, layout, *engine));
+    GROVE_RETURN_IF_ERROR(InstallWeights(**got, weights.device_weights(), layout, *engine));
     const QuantizationReport& q = quantizer.report();
     version = (*got)->version;
     client.SetPolicyVersion(version);

@@ -1,5 +1,6 @@
 #include "rollout/weight_fetch.h"
 
+#include <functional>
 #include <limits>
 
 #include <glog/logging.h>
@@ -14,8 +15,14 @@
 
 namespace grove::rollout {
 
-Result<std::optional<actors::WeightSnapshot>> FetchNewerWeights(actors::RpcClient& learner, int64_t have_version,
-                                                                 const FetchOptions& options) {
+namespace {
+
+// Reads the version an IPC announce names (into the host, or onto this
+// worker's GPU).
+using IpcReader = std::function<Result<actors::WeightSnapshot>(wire::WeightAnnounce::Reader)>;
+
+Result<std::optional<actors::WeightSnapshot>> Fetch(actors::RpcClient& learner, int64_t have_version,
+                                                    const FetchOptions& options, const IpcReader& ipc_read) {
   using actors::BodyKind;
   actors::WeightAssembler assembler;
   {
@@ -30,13 +37,8 @@ Result<std::optional<actors::WeightSnapshot>> FetchNewerWeights(actors::RpcClien
     auto ann = reply.envelope().getBody().getWeightAnnounce();
     if (ann.getVersion() <= have_version) return std::optional<actors::WeightSnapshot>();
     if (ann.hasIpcHandle() && ann.getIpcHandle().size() > 0) {
-#ifdef GROVE_WITH_NCCL
-      GROVE_ASSIGN_OR_RETURN(actors::WeightSnapshot snap,
-                             actors::ReceiveIpcWeights(ann, options.max_bytes, options.ipc_device));
+      GROVE_ASSIGN_OR_RETURN(actors::WeightSnapshot snap, ipc_read(ann));
       return std::optional<actors::WeightSnapshot>(std::move(snap));
-#else
-      return Status::FailedPrecondition("the learner sent a CUDA IPC handle to a build without CUDA");
-#endif
     }
     GROVE_RETURN_IF_ERROR(assembler.Begin(ann, options.max_bytes));
   }
@@ -58,6 +60,22 @@ Result<std::optional<actors::WeightSnapshot>> FetchNewerWeights(actors::RpcClien
   }
   GROVE_ASSIGN_OR_RETURN(actors::WeightSnapshot snap, assembler.Finish());
   return std::optional<actors::WeightSnapshot>(std::move(snap));
+}
+
+}  // namespace
+
+Result<std::optional<actors::WeightSnapshot>> FetchNewerWeights(actors::RpcClient& learner, int64_t have_version,
+                                                                 const FetchOptions& options) {
+  return Fetch(learner, have_version, options, [&](wire::WeightAnnounce::Reader ann) -> Result<actors::WeightSnapshot> {
+#ifdef GROVE_WITH_NCCL
+    actors::IpcReadOptions ro;
+    ro.device = options.ipc_device;
+    return actors::ReceiveIpcWeights(ann, options.max_bytes, ro);
+#else
+    (void)ann;
+    return Status::FailedPrecondition("the learner sent a CUDA IPC handle to a build without CUDA");
+#endif
+  });
 }
 
 Result<LearnerWeightsInfo> ProbeLearnerWeights(actors::RpcClient& learner, int timeout_ms) {
@@ -93,7 +111,8 @@ class NcclFeed : public WeightFeed {
 }  // namespace
 
 Result<std::unique_ptr<WeightFeed>> StartWeightFeed(const Config& root, const std::string& worker_id,
-                                                    const std::string& coordinator, int device) {
+                                                    const std::string& coordinator, int device,
+                                                    std::function<int64_t()> learner_version) {
   GROVE_ASSIGN_OR_RETURN(actors::WeightsTransportOptions w, actors::WeightsTransportOptions::FromConfig(root));
   GROVE_ASSIGN_OR_RETURN(actors::WeightTransport t, w.Choose(actors::TransportGpuCount() > 0));
   if (t == actors::WeightTransport::kZmq) return std::unique_ptr<WeightFeed>();
@@ -104,6 +123,7 @@ Result<std::unique_ptr<WeightFeed>> StartWeightFeed(const Config& root, const st
   o.device = device;
   o.deadline_ms = w.deadline_ms;
   o.poll_ms = w.poll_ms;
+  o.learner_version = std::move(learner_version);
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<NcclWeightReceiver> r, NcclWeightReceiver::Start(o));
   LOG(INFO) << "weights: received over NCCL";
   return std::unique_ptr<WeightFeed>(new NcclFeed(std::move(r)));
@@ -111,19 +131,22 @@ Result<std::unique_ptr<WeightFeed>> StartWeightFeed(const Config& root, const st
   (void)worker_id;
   (void)coordinator;
   (void)device;
+  (void)learner_version;
   return Status::Internal("unreachable");
 #endif
 }
 
 Result<std::unique_ptr<WeightSource>> WeightSource::Start(const Config& root, const std::string& worker_id,
                                                           const std::string& coordinator, int gpu,
-                                                          FetchOptions fetch) {
+                                                          FetchOptions fetch,
+                                                          std::function<int64_t()> learner_version) {
   GROVE_ASSIGN_OR_RETURN(actors::WeightsTransportOptions w, actors::WeightsTransportOptions::FromConfig(root));
   GROVE_ASSIGN_OR_RETURN(actors::WeightTransport t, w.Choose(actors::TransportGpuCount() > 0));
   std::unique_ptr<WeightSource> src(new WeightSource());
   src->root_ = root;
   src->worker_id_ = worker_id;
   src->coordinator_ = coordinator;
+  src->learner_version_ = std::move(learner_version);
   src->nccl_device_ = gpu >= 0 ? gpu : 0;
   src->fetch_ = std::move(fetch);
   src->fetch_.device_uuid.clear();
@@ -170,7 +193,7 @@ Status WeightSource::Decide(actors::RpcClient& learner) {
     LOG(INFO) << "weights: the learner is on this worker's GPU " << fetch_.ipc_device << ": CUDA IPC";
     return Status::OK();
   }
-  Result<std::unique_ptr<WeightFeed>> feed = StartWeightFeed(root_, worker_id_, coordinator_, nccl_device_);
+  Result<std::unique_ptr<WeightFeed>> feed = StartWeightFeed(root_, worker_id_, coordinator_, nccl_device_, learner_version_);
   if (!feed.ok() || !*feed)
     return Status::Internal("weights: the NCCL receiver did not start: " +
                             (feed.ok() ? std::string("transport resolved to zmq") : feed.status().ToString()));
@@ -182,6 +205,7 @@ Status WeightSource::Decide(actors::RpcClient& learner) {
 
 Result<std::optional<actors::WeightSnapshot>> WeightSource::TakeNewer(actors::RpcClient* learner,
                                                                       int64_t have_version) {
+  device_weights_ = nullptr;
   if (mode_ == Mode::kNccl) return feed_->TakeNewer(have_version);
   if (learner == nullptr) return std::optional<actors::WeightSnapshot>();
   if (mode_ == Mode::kUndecided) {
@@ -189,6 +213,25 @@ Result<std::optional<actors::WeightSnapshot>> WeightSource::TakeNewer(actors::Rp
     GROVE_RETURN_IF_ERROR(Decide(*learner));
     if (mode_ == Mode::kNccl) return feed_->TakeNewer(have_version);
   }
+#ifdef GROVE_WITH_NCCL
+  if (mode_ == Mode::kIpc && fetch_.ipc_to_device) {
+    if (!ipc_staging_) ipc_staging_ = std::make_shared<actors::IpcDeviceStaging>();
+    auto* staging = static_cast<actors::IpcDeviceStaging*>(ipc_staging_.get());
+    const float* on_device = nullptr;
+    actors::IpcReadOptions ro;
+    ro.device = fetch_.ipc_device;
+    IpcReader to_device = [&](wire::WeightAnnounce::Reader ann) {
+      return actors::ReadIpcWeightSlot(ann, fetch_.max_bytes, *staging, &on_device, ro);
+    };
+    // Aborted: the slot moved on to a newer version while we looked (the
+    // learner reuses its two slots): the next announce names the newest.
+    Result<std::optional<actors::WeightSnapshot>> got = Fetch(*learner, have_version, fetch_, to_device);
+    for (int again = 0; again < 2 && !got.ok() && got.status().code() == StatusCode::kAborted; ++again)
+      got = Fetch(*learner, have_version, fetch_, to_device);
+    if (got.ok() && got->has_value() && (*got)->flat.empty()) device_weights_ = on_device;
+    return got;
+  }
+#endif
   return FetchNewerWeights(*learner, have_version, fetch_);
 }
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -24,6 +25,10 @@ struct FetchOptions {
   // handle, read on ipc_device. Empty: chunks only.
   std::string device_uuid;
   int ipc_device = -1;
+  // WeightSource only: versions read through CUDA IPC stay on ipc_device
+  // (WeightSource::device_weights) instead of coming to the host, for an
+  // engine that installs from device memory.
+  bool ipc_to_device = false;
 };
 
 // nullopt when the learner holds nothing newer than have_version. Errors:
@@ -55,9 +60,13 @@ class WeightFeed {
 // Reads [weights]; null when the transport resolves to zmq (fetch with
 // FetchNewerWeights). Errors: InvalidArgument (bad section),
 // FailedPrecondition (transport = "nccl" without NCCL or a visible GPU).
-// device: the GPU this worker's NCCL rank uses.
+// device: the GPU this worker's NCCL rank uses. learner_version: the newest
+// version the learner has published as far as this process knows (the
+// coordinator's); required for nccl (NcclReceiverOptions::learner_version
+// says why).
 Result<std::unique_ptr<WeightFeed>> StartWeightFeed(const Config& root, const std::string& worker_id,
-                                                    const std::string& coordinator, int device = 0);
+                                                    const std::string& coordinator, int device = 0,
+                                                    std::function<int64_t()> learner_version = nullptr);
 
 // Where a rollout worker's versions come from (docs/weights.md): fetched
 // in chunks over ZeroMQ; pushed by the NCCL group (the learner is on another
@@ -69,9 +78,11 @@ Result<std::unique_ptr<WeightFeed>> StartWeightFeed(const Config& root, const st
 class WeightSource {
  public:
   // gpu: the device this worker samples on (-1: none; the NCCL rank then
-  // uses device 0). Errors as StartWeightFeed.
+  // uses device 0). learner_version: as StartWeightFeed (needed once the
+  // source turns to NCCL). Errors as StartWeightFeed.
   static Result<std::unique_ptr<WeightSource>> Start(const Config& root, const std::string& worker_id,
-                                                     const std::string& coordinator, int gpu, FetchOptions fetch);
+                                                     const std::string& coordinator, int gpu, FetchOptions fetch,
+                                                     std::function<int64_t()> learner_version = nullptr);
   ~WeightSource();
 
   // "zmq", "nccl", "cuda-ipc", or "undecided".
@@ -82,7 +93,13 @@ class WeightSource {
   // The newest version if newer than have_version (nullopt: none yet, or
   // undecided without a learner to ask). Errors as FetchNewerWeights, all
   // worth a retry, except Internal: the NCCL receiver could not start.
+  // With FetchOptions::ipc_to_device, a version that came through CUDA IPC
+  // has an empty flat: its bytes are on this worker's GPU at
+  // device_weights() (verified, valid until the next TakeNewer).
   Result<std::optional<actors::WeightSnapshot>> TakeNewer(actors::RpcClient* learner, int64_t have_version);
+  // The device copy of the version the last TakeNewer returned, or null
+  // (it came to the host).
+  const float* device_weights() const { return device_weights_; }
 
  private:
   enum class Mode { kUndecided, kFetch, kIpc, kNccl };
@@ -91,10 +108,13 @@ class WeightSource {
 
   Config root_;
   std::string worker_id_, coordinator_;
+  std::function<int64_t()> learner_version_;
   int nccl_device_ = 0;
   FetchOptions fetch_;
   Mode mode_ = Mode::kFetch;
   std::unique_ptr<WeightFeed> feed_;
+  std::shared_ptr<void> ipc_staging_;  // actors::IpcDeviceStaging (CUDA builds)
+  const float* device_weights_ = nullptr;
 };
 
 }  // namespace grove::rollout

@@ -3,16 +3,22 @@
 // through the code the roles run, in two processes on GPU 0:
 //   learner (this process): a WeightPublisher with the IpcWeightExport, a
 //     random fp32 version of the model (--config, default the GPU reference
-//     model) published --versions times (a changed value each time);
-//   worker (this program again, --role=worker): a GpuGenerator and the
-//     worker's fetch (FetchNewerWeights with its GPU's UUID: the CUDA IPC
-//     path), then the install: PolicyQuantizer::Formats (--quantize) and
-//     GpuGenerator::LoadWeights, the device quantization.
-// The worker prints one row per version: receive (announce, IPC copy to the
-// host, checksum), install (formats, upload, quantize) and their sum, the
-// stall; the learner prints its side (checksum, device copy for IPC).
+//     model) published --versions times (a changed value each time), with a
+//     device copy of it beside (as the GPU learner's fp32 masters) that the
+//     export copies from device to device;
+//   worker (this program again, --role=worker): a GpuGenerator and, per
+//     version, both paths the worker has:
+//     device (what the roles run): WeightSource::TakeNewer (announce, IPC
+//       copy into the worker's device buffer, headers + device checksum),
+//       then GenerationBackend's InstallFromDevice path: Formats and
+//       GpuGenerator::LoadWeightsFromDevice;
+//     host (the old path, still there for CPU engines and plan mode):
+//       FetchNewerWeights (IPC copy, then to the host, FNV checksum), then
+//       Formats and GpuGenerator::LoadWeights (upload, quantize).
+// The worker prints one row per version and path: receive, install, stall;
+// the learner prints its side (checksum, publish = device copy for IPC).
 // The worker tells the learner it is done with a version through a pipe, so
-// the learner never overwrites a buffer being read.
+// the learner's next version never lands in a slot being read.
 #include <poll.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -25,6 +31,7 @@
 #include <thread>
 #include <vector>
 
+#include <cuda_runtime_api.h>
 #include <gflags/gflags.h>
 
 #include "actors/cuda_ipc.h"
@@ -74,40 +81,69 @@ int RunWorker(const model::ModelConfig& c) {
   Die(gen.status(), "GpuGenerator::Create");
   actors::RpcClient rpc("rollout-0");
   Die(rpc.Connect(FLAGS_endpoint), "connect");
+  // The device path, as rollout_actor sets it up (transport auto, the
+  // learner on this GPU: CUDA IPC, kept on the device).
+  Result<Config> wc = Config::Parse("[weights]\ntransport = \"auto\"\n", "bench");
+  Die(wc.status(), "weights config");
   rollout::FetchOptions fo;
   fo.timeout_ms = 120000;
   fo.max_bytes = uint64_t{64} << 30;
+  fo.ipc_to_device = true;
+  Result<std::unique_ptr<rollout::WeightSource>> source =
+      rollout::WeightSource::Start(*wc, "rollout-0", "tcp://127.0.0.1:1", 0, fo);
+  Die(source.status(), "WeightSource");
+  // The host path: FetchNewerWeights with this GPU's UUID.
+  rollout::FetchOptions host_fo = fo;
   Result<std::string> uuid = actors::CudaDeviceUuid(0);
   Die(uuid.status(), "device UUID");
-  fo.device_uuid = *uuid;
-  fo.ipc_device = 0;
-  std::printf("| version | worker receive ms | install ms | device load ms | stall ms |\n");
-  std::printf("| --- | --- | --- | --- | --- |\n");
+  host_fo.device_uuid = *uuid;
+  host_fo.ipc_device = 0;
+  host_fo.ipc_to_device = false;
+  std::printf("| version | path | worker receive ms | install ms | device load ms | stall ms |\n");
+  std::printf("| --- | --- | --- | --- | --- | --- |\n");
   std::fflush(stdout);
   int64_t have = -1;
   const auto deadline = Clock::now() + std::chrono::minutes(5);
   while (have < FLAGS_versions && Clock::now() < deadline) {
     const auto t0 = Clock::now();
-    Result<std::optional<actors::WeightSnapshot>> got = rollout::FetchNewerWeights(rpc, have, fo);
+    Result<std::optional<actors::WeightSnapshot>> got = (*source)->TakeNewer(&rpc, have);
     if (!got.ok() && got.status().code() == StatusCode::kFailedPrecondition) {  // nothing published yet
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
       continue;
     }
-    Die(got.status(), "fetch");
+    Die(got.status(), "fetch (device path)");
     if (!got->has_value()) {
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
       continue;
     }
     const double receive_ms = Ms(t0);
     actors::WeightSnapshot& snap = **got;
+    const float* on_device = (*source)->device_weights();
+    if (on_device == nullptr) Die(Status::Internal("the version came to the host, not through CUDA IPC"), "fetch");
     const auto t1 = Clock::now();
-    Result<rollout::FormatChooser> choose = quantizer.Formats(snap.version, c, snap.tensors, snap.flat, nullptr);
+    Result<rollout::FormatChooser> choose = quantizer.Formats(snap.version, c, snap.tensors, {}, nullptr);
     Die(choose.status(), "formats");
-    Result<double> load = (*gen)->LoadWeights(snap.flat, *choose);
-    Die(load.status(), "LoadWeights");
+    Result<double> load = (*gen)->LoadWeightsFromDevice(on_device, *choose);
+    Die(load.status(), "LoadWeightsFromDevice");
     const double install_ms = Ms(t1);
-    std::printf("| %lld | %.1f | %.1f | %.1f | %.1f |\n", (long long)snap.version, receive_ms, install_ms, 1e3 * *load,
-                receive_ms + install_ms);
+    std::printf("| %lld | device | %.1f | %.1f | %.1f | %.1f |\n", (long long)snap.version, receive_ms, install_ms,
+                1e3 * *load, receive_ms + install_ms);
+    std::fflush(stdout);
+    // The same version again, the old way.
+    const auto h0 = Clock::now();
+    Result<std::optional<actors::WeightSnapshot>> host = rollout::FetchNewerWeights(rpc, snap.version - 1, host_fo);
+    Die(host.status(), "fetch (host path)");
+    if (!host->has_value() || (*host)->version != snap.version) Die(Status::Internal("host path: another version"), "fetch");
+    const double host_receive_ms = Ms(h0);
+    const auto h1 = Clock::now();
+    Result<rollout::FormatChooser> host_choose =
+        quantizer.Formats((*host)->version, c, (*host)->tensors, (*host)->flat, nullptr);
+    Die(host_choose.status(), "formats");
+    Result<double> host_load = (*gen)->LoadWeights((*host)->flat, *host_choose);
+    Die(host_load.status(), "LoadWeights");
+    const double host_install_ms = Ms(h1);
+    std::printf("| %lld | host | %.1f | %.1f | %.1f | %.1f |\n", (long long)snap.version, host_receive_ms,
+                host_install_ms, 1e3 * *host_load, host_receive_ms + host_install_ms);
     std::fflush(stdout);
     have = snap.version;
     const std::string line = std::to_string(have) + "\n";
@@ -158,6 +194,11 @@ int RunLearner(const model::ModelConfig& c, const char* self) {
   posix_spawn_file_actions_destroy(&fa);
   close(fds[1]);
 
+  // The GPU learner's fp32 masters stand-in: the version on the device,
+  // which the export copies from (device to device) once a worker asked.
+  float* masters = nullptr;
+  if (cudaMalloc(reinterpret_cast<void**>(&masters), flat.size() * sizeof(float)) != cudaSuccess)
+    Die(Status::ResourceExhausted("device copy of the weights"), "cudaMalloc");
   std::vector<std::string> rows;
   std::string pending;
   bool ok = true;
@@ -170,8 +211,10 @@ int RunLearner(const model::ModelConfig& c, const char* self) {
     snap->flat = flat;
     snap->checksum = actors::WeightChecksum(snap->flat.data(), snap->flat.size());
     const double checksum_ms = Ms(tc);
+    if (cudaMemcpy(masters, flat.data(), flat.size() * sizeof(float), cudaMemcpyHostToDevice) != cudaSuccess)
+      Die(Status::Unavailable("upload of the weights"), "cudaMemcpy");
     auto tp = Clock::now();
-    (*pub)->Publish(snap);  // the device copy for IPC, then the announce
+    (*pub)->Publish(snap, masters);  // the device copy for IPC (once asked), then the announce
     const double publish_ms = Ms(tp);
     char buf[96];
     std::snprintf(buf, sizeof buf, "| %d | %.1f | %.1f |", v, checksum_ms, publish_ms);
@@ -196,7 +239,9 @@ int RunLearner(const model::ModelConfig& c, const char* self) {
   }
   int status = 0;
   waitpid(child, &status, 0);
+  cudaFree(masters);
   std::printf("\n| version | learner copy + checksum ms | learner publish (device copy) ms |\n| --- | --- | --- |\n");
+  std::printf("(version 1: no worker had asked yet, nothing copied; the first request copies it from the host)\n");
   for (const std::string& r : rows) std::printf("%s\n", r.c_str());
   if (!ok) std::fprintf(stderr, "ipc_stall_bench: the worker stopped answering\n");
   return ok && WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : 1;

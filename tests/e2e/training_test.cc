@@ -238,4 +238,39 @@ TEST(EndToEnd, GpuOneRunSamplesOnTheGpuWithWeightsThroughCudaIpc) {
   }
 }
 
+// configs/gpu-2.toml, shortened: the learner on GPU 0, ONE rollout worker
+// on GPU 1, versions by NCCL broadcast. Nothing else feeds the learner, so
+// every version must reach the worker and be installed there (issue 10: the
+// worker joined the group, took version 0 and nothing moved for minutes).
+// Skips with fewer than 2 GPUs.
+TEST(EndToEnd, GpuTwoRunTrainsWithWeightsOverNccl) {
+  if (grove::rollout::GenerationGpuCount() < 2) GTEST_SKIP() << "needs 2 GPUs";
+  fs::path runs = FreshDir("gpu2");
+  const std::string cmd = "timeout 300 " + Grove() + " up --config " + Env("GROVE_SOURCE_DIR") +
+                          "/configs/gpu-2.toml --runs_dir " + runs.string() +
+                          " --name gpu2 --set learner.steps=8 --set learner.warmstart_steps=30"
+                          " --set learner.eval_problems=32 --set learner.eval_every=0"
+                          " --set learner.checkpoint_every=4 > " +
+                          (runs / "up.log").string() + " 2>&1";
+  ASSERT_EQ(Shell(cmd), 0) << ReadFile(runs / "up.log");
+  fs::path run = OnlyRun(runs);
+  ASSERT_FALSE(run.empty());
+  std::vector<json> rows = Metrics(run);
+  ASSERT_FALSE(rows.empty());
+  EXPECT_EQ(rows.back().value("step", 0), 8) << rows.back().dump();
+  ExpectVersionsRiseAndNothingReconsumed(rows);
+  const std::string learner = ReadFile(run / "logs" / "learner-0.log");
+  EXPECT_NE(learner.find("the step runs on GPU"), std::string::npos) << learner;
+  const std::string log = ReadFile(run / "logs" / "rollout-0.log");
+  EXPECT_NE(log.find("rollout: sampling on gpu 1"), std::string::npos) << log;
+  EXPECT_NE(log.find("NCCL on GPU 1"), std::string::npos) << log;
+  // Version 0 (the warm start, published before the group formed) and later
+  // ones, each installed: one stall line per version.
+  size_t stalls = 0;
+  for (size_t at = log.find("via nccl: stall"); at != std::string::npos; at = log.find("via nccl: stall", at + 1))
+    ++stalls;
+  EXPECT_GE(stalls, 3u) << log;
+  EXPECT_NE(log.find("policy version 0 on gpu 1 via nccl: stall"), std::string::npos) << log;
+}
+
 }  // namespace

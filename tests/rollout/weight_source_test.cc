@@ -29,9 +29,17 @@ std::shared_ptr<actors::WeightSnapshot> RandomSnapshot(int64_t version, uint64_t
 class FakeDeviceExport : public learner::DeviceWeightExport {
  public:
   const std::string& device_uuid() const override { return uuid_; }
-  Status Publish(const actors::WeightSnapshot& s) override {
+  bool wanted() const override { return wanted_; }
+  Status Publish(const actors::WeightSnapshot& s, const float*) override {
+    if (!wanted_) return Status::OK();
     version_ = s.version;
     ++publishes_;
+    return Status::OK();
+  }
+  Status Export(const actors::WeightSnapshot& s) override {
+    wanted_ = true;
+    version_ = s.version;
+    ++exports_;
     return Status::OK();
   }
   bool FillAnnounce(const actors::WeightSnapshot& s, wire::WeightAnnounce::Builder out) override {
@@ -45,7 +53,8 @@ class FakeDeviceExport : public learner::DeviceWeightExport {
   }
   std::string uuid_ = std::string("GPU-UUID-0123456", 16);
   int64_t version_ = -1;
-  int publishes_ = 0, announces_ = 0;
+  bool wanted_ = false;
+  int publishes_ = 0, exports_ = 0, announces_ = 0;
 };
 
 TEST(WeightSource, ProbeAndFetchByGpu) {
@@ -62,7 +71,7 @@ TEST(WeightSource, ProbeAndFetchByGpu) {
 
   auto v1 = RandomSnapshot(1, 1);
   (*pub)->Publish(v1);
-  EXPECT_EQ(dev->publishes_, 1);
+  EXPECT_EQ(dev->publishes_, 0) << "lazy: no worker on the learner's GPU has asked";
   auto info = ProbeLearnerWeights(rpc, 2000);
   ASSERT_TRUE(info.ok()) << info.status();
   EXPECT_EQ(info->version, 1);
@@ -88,6 +97,7 @@ TEST(WeightSource, ProbeAndFetchByGpu) {
   same.device_uuid = dev->uuid_;
   same.ipc_device = 0;
   auto ipc = FetchNewerWeights(rpc, -1, same);
+  EXPECT_EQ(dev->exports_, 1) << "the first same-GPU request exports the current version";
   EXPECT_EQ(dev->announces_, 1);
   ASSERT_FALSE(ipc.ok());
   EXPECT_NE(ipc.status().ToString().find("IPC"), std::string::npos) << ipc.status();
@@ -96,6 +106,10 @@ TEST(WeightSource, ProbeAndFetchByGpu) {
   ASSERT_TRUE(none.ok());
   EXPECT_FALSE(none->has_value());
   EXPECT_EQ(dev->announces_, 1);
+  // Asked once: every later version is copied as it is published.
+  (*pub)->Publish(RandomSnapshot(2, 2));
+  EXPECT_EQ(dev->publishes_, 1);
+  EXPECT_EQ(dev->exports_, 1);
 }
 
 TEST(WeightSource, ZmqTransportFetchesFromThePublisher) {

@@ -19,6 +19,7 @@
 #include "actors/cuda_ipc.h"
 #include "actors/nccl_group.h"
 #include "cluster/coordinator.h"
+#include "learner/ipc_weight_export.h"
 #include "tests/support/proc_util.h"
 #include "tests/weights_nccl/weights_peer.h"
 
@@ -178,6 +179,40 @@ TEST_F(NcclWeightsTest, KilledWorkerDoesNotHangTheLearner) {
   EXPECT_LT(secs, 40.0);
 }
 
+// The 2-GPU default run's hang (issue 10): the learner publishes ONE version
+// before any worker exists and never another (it waits for samples); the
+// worker joins, receives it bit for bit, and installs it as an engine does
+// (upload, then a wait for its whole device). A receive posted early for
+// the next version would park an NCCL kernel on the worker's GPU that only
+// the learner's next version ends, and the install's device wait would
+// never return.
+TEST_F(NcclWeightsTest, WorkerJoiningAfterTheOnlyVersionGetsAndInstallsIt) {
+  if (gpus_ < 2) GTEST_SKIP() << "needs 2 GPUs, found " << gpus_;
+  StartCoordinator();
+  const std::vector<std::string> common{"--floats=3000017", "--bucket_bytes=1048576", "--versions=1",
+                                        "--deadline_ms=5000"};
+  auto with = [&](std::vector<std::string> v) {
+    v.insert(v.end(), common.begin(), common.end());
+    return v;
+  };
+  Peer("learner", "learner", 0, with({"--run_ms=30000"}));
+  ASSERT_TRUE(testing::WaitFor([&] { return CountPrefix(Lines(Events("learner")), "published 1") == 1; }, 15000))
+      << ReadFile(Events("learner"));
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the version is old news when the worker comes
+  const auto t0 = std::chrono::steady_clock::now();
+  const int worker = Peer("worker", "rollout-0", 1, with({"--run_ms=20000", "--install"}));
+  int status = -1;
+  ASSERT_TRUE(testing::WaitExit(worker, 25000, &status)) << ReadFile(Events("rollout-0")) << Log("rollout-0");
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  auto lines = Lines(Events("rollout-0"));
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << ReadFile(Events("rollout-0")) << Log("rollout-0");
+  EXPECT_EQ(NewestOk(lines), 1) << ReadFile(Events("rollout-0"));
+  EXPECT_EQ(CountPrefix(lines, "installed 1 ok"), 1) << ReadFile(Events("rollout-0"));
+  // Start, join, one 12 MB version and the install take a few seconds; the
+  // worker's own give-up is at 20 s.
+  EXPECT_LT(secs, 15.0) << ReadFile(Events("rollout-0"));
+}
+
 // With three or more GPUs: a worker that joins mid-run gets the current
 // version at the next epoch while the first worker keeps receiving.
 TEST_F(NcclWeightsTest, WorkerAddedMidRunReceivesCurrentWeights) {
@@ -207,25 +242,48 @@ TEST_F(NcclWeightsTest, WorkerAddedMidRunReceivesCurrentWeights) {
   EXPECT_GE(first_version, 2) << "the late worker starts at the version current when it joined";
 }
 
-// Learner and worker on one GPU: the learner's device buffer travels as a
-// CUDA IPC handle inside a WeightAnnounce frame; another process copies it
-// out and verifies the checksum. A frame with a wrong checksum is refused.
+// A slot written as the learner writes it (actors/cuda_ipc.h), freed on
+// scope exit.
+struct TestSlot {
+  void* slot = nullptr;
+  uint64_t* scratch = nullptr;
+  ~TestSlot() {
+    if (slot) cudaFree(slot);
+    if (scratch) cudaFree(scratch);
+  }
+  void Write(const actors::WeightSnapshot& snap) {
+    const size_t bytes = snap.flat.size() * sizeof(float);
+    if (!slot) ASSERT_EQ(cudaMalloc(&slot, actors::kIpcSlotHeaderBytes + bytes), cudaSuccess);
+    if (!scratch) ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&scratch), sizeof(uint64_t)), cudaSuccess);
+    Status s = actors::WriteIpcWeightSlot(slot, snap.flat.data(), false, bytes, snap.version, snap.checksum,
+                                          scratch, nullptr);
+    ASSERT_TRUE(s.ok()) << s;
+  }
+  std::string Frame(const actors::WeightSnapshot& snap, const std::string& path, bool corrupt = false) {
+    capnp::MallocMessageBuilder msg;
+    auto announce = actors::InitEnvelope(msg, "learner", 1).getBody().initWeightAnnounce();
+    Status s = actors::FillIpcWeightAnnounce(snap, slot, snap.flat.size() * sizeof(float), 0, announce);
+    EXPECT_TRUE(s.ok()) << s;
+    if (corrupt) announce.setChecksum(snap.checksum ^ 1);
+    std::ofstream(path, std::ios::binary) << actors::EncodeFrame(msg);
+    return path;
+  }
+};
+
+// Learner and worker on one GPU: the learner's IPC slot travels as a CUDA
+// IPC handle inside a WeightAnnounce frame; another process copies it into
+// its own device memory, verifies it there and on the host. A frame whose
+// checksum disagrees with the slot is refused.
 TEST_F(NcclWeightsTest, CudaIpcMovesWeightsBetweenProcessesOnOneGpu) {
   if (gpus_ < 1) GTEST_SKIP() << "needs a GPU";
   actors::WeightSnapshot snap = testing::PeerWeights(seed_, 7, 5000011);
   const size_t bytes = snap.flat.size() * sizeof(float);
-  void* dev = nullptr;
   ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
-  ASSERT_EQ(cudaMalloc(&dev, bytes), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(dev, snap.flat.data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
+  TestSlot slot;
+  slot.Write(snap);
   for (bool corrupt : {false, true}) {
-    capnp::MallocMessageBuilder msg;
-    auto announce = actors::InitEnvelope(msg, "learner", 1).getBody().initWeightAnnounce();
-    ASSERT_TRUE(actors::FillIpcWeightAnnounce(snap, dev, bytes, 0, announce).ok());
-    if (corrupt) announce.setChecksum(snap.checksum ^ 1);
-    const std::string frame_path = dir_ + "/frame" + std::to_string(corrupt);
+    const std::string frame_path = slot.Frame(snap, dir_ + "/frame" + std::to_string(corrupt), corrupt);
     const std::string out_path = dir_ + "/flat" + std::to_string(corrupt);
-    std::ofstream(frame_path, std::ios::binary) << actors::EncodeFrame(msg);
     int code = -1;
     std::string err = testing::RunCapture({PeerBinary(), "--role=ipc_reader", "--frame=" + frame_path,
                                            "--out=" + out_path},
@@ -236,11 +294,92 @@ TEST_F(NcclWeightsTest, CudaIpcMovesWeightsBetweenProcessesOnOneGpu) {
       continue;
     }
     ASSERT_EQ(code, 0) << err;
+    EXPECT_NE(err.find("torn 0"), std::string::npos) << err;
     const std::string got = ReadFile(out_path);
     ASSERT_EQ(got.size(), bytes);
     EXPECT_EQ(std::memcmp(got.data(), snap.flat.data(), bytes), 0);
   }
-  cudaFree(dev);
+}
+
+// The learner reuses its slots: here the slot holding version 7 is
+// rewritten with version 8 while the reader is half way through its copy.
+// The reader must see the torn read (the slot's generation moved), refuse
+// to hand out the mixed bytes, and on its retry find version 8 in the slot
+// (Aborted: fetch the newest announce); with the announce of 8 it then
+// gets version 8 bit for bit.
+TEST_F(NcclWeightsTest, CudaIpcTornReadIsDetectedAndFetchedAgain) {
+  if (gpus_ < 1) GTEST_SKIP() << "needs a GPU";
+  const size_t floats = 3000017;
+  actors::WeightSnapshot v7 = testing::PeerWeights(seed_, 7, floats);
+  actors::WeightSnapshot v8 = testing::PeerWeights(seed_, 8, floats);
+  ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
+  TestSlot slot;
+  slot.Write(v7);
+  const std::string f7 = slot.Frame(v7, dir_ + "/frame7");
+  // The announce of 8 names the same slot, as the learner's would once it
+  // holds 8; the reader only opens it after the rewrite.
+  const std::string f8 = slot.Frame(v8, dir_ + "/frame8");
+  const std::string out_path = dir_ + "/flat";
+  int code = -1;
+  std::string err = testing::RunCapture({PeerBinary(), "--role=ipc_reader", "--frame=" + f7, "--frame2=" + f8,
+                                         "--rewrite_with_version=8", "--floats=" + std::to_string(floats),
+                                         "--seed=" + std::to_string(seed_), "--out=" + out_path},
+                                        &code, /*with_stderr=*/true);
+  ASSERT_EQ(code, 0) << err;
+  EXPECT_NE(err.find("torn 1"), std::string::npos) << err;
+  EXPECT_NE(err.find("holds version 8"), std::string::npos) << err;
+  EXPECT_NE(err.find("read version 8"), std::string::npos) << err;
+  const std::string got = ReadFile(out_path);
+  ASSERT_EQ(got.size(), floats * sizeof(float));
+  EXPECT_EQ(std::memcmp(got.data(), v8.flat.data(), got.size()), 0);
+}
+
+// The learner's export (learner/ipc_weight_export.h): lazy until a worker on
+// its GPU asks; then every version is copied, device to device when the
+// caller has the bytes on the GPU; the newest two stay announced; what a
+// reader in another process gets is the published version bit for bit.
+TEST_F(NcclWeightsTest, IpcExportIsLazyThenCopiesDeviceToDevice) {
+  if (gpus_ < 1) GTEST_SKIP() << "needs a GPU";
+  const size_t floats = 1000003;
+  auto made = learner::IpcWeightExport::Create(0);
+  ASSERT_TRUE(made.ok()) << made.status();
+  learner::DeviceWeightExport& e = **made;
+  auto announce = [&](const actors::WeightSnapshot& snap, const std::string& path) {
+    capnp::MallocMessageBuilder msg;
+    bool held = e.FillAnnounce(snap, actors::InitEnvelope(msg, "learner", 1).getBody().initWeightAnnounce());
+    if (held) std::ofstream(path, std::ios::binary) << actors::EncodeFrame(msg);
+    return held;
+  };
+  actors::WeightSnapshot v1 = testing::PeerWeights(seed_, 1, floats);
+  actors::WeightSnapshot v2 = testing::PeerWeights(seed_, 2, floats);
+  actors::WeightSnapshot v3 = testing::PeerWeights(seed_, 3, floats);
+  ASSERT_TRUE(e.Publish(v1, nullptr).ok());
+  EXPECT_FALSE(e.wanted());
+  EXPECT_FALSE(announce(v1, dir_ + "/a1")) << "nothing copied before a worker asks";
+  ASSERT_TRUE(e.Export(v1).ok());
+  EXPECT_TRUE(e.wanted());
+  EXPECT_TRUE(announce(v1, dir_ + "/a1"));
+  // v2 from "the learner's masters" on the device.
+  float* masters = nullptr;
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&masters), floats * sizeof(float)), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(masters, v2.flat.data(), floats * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_TRUE(e.Publish(v2, masters).ok());
+  EXPECT_TRUE(announce(v1, dir_ + "/a1")) << "the newest two stay";
+  ASSERT_TRUE(announce(v2, dir_ + "/a2"));
+  for (auto [path, snap] : {std::pair{dir_ + "/a1", &v1}, std::pair{dir_ + "/a2", &v2}}) {
+    int code = -1;
+    const std::string out = path + ".flat";
+    std::string err = testing::RunCapture({PeerBinary(), "--role=ipc_reader", "--frame=" + path, "--out=" + out},
+                                          &code, /*with_stderr=*/true);
+    ASSERT_EQ(code, 0) << err;
+    const std::string got = ReadFile(out);
+    ASSERT_EQ(got.size(), floats * sizeof(float));
+    EXPECT_EQ(std::memcmp(got.data(), snap->flat.data(), got.size()), 0) << path;
+  }
+  ASSERT_TRUE(e.Publish(v3, nullptr).ok());
+  EXPECT_FALSE(announce(v1, dir_ + "/a1")) << "v1's slot now holds v3";
+  EXPECT_TRUE(announce(v3, dir_ + "/a3"));
+  cudaFree(masters);
 }
 
 // Bad input to the group gets a clear error, not a crash or a hang.

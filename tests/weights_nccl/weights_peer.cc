@@ -11,6 +11,7 @@
 #include <sstream>
 #include <thread>
 
+#include <cuda_runtime_api.h>
 #include <gflags/gflags.h>
 #include <glog/logging.h>
 
@@ -34,8 +35,15 @@ DEFINE_int64(versions, 5, "learner: versions to publish; worker: exit once it ho
 DEFINE_int64(interval_ms, 500, "learner: time between versions");
 DEFINE_int64(run_ms, 20000, "learner: run this long; worker: give up after this long");
 DEFINE_int64(die_at_version, -1, "worker: SIGKILL itself after this version's header arrived");
+DEFINE_bool(install, false,
+            "worker: after each version, install it as an engine would: a device buffer, the upload, "
+            "cudaDeviceSynchronize (waits for every kernel of this process, a parked NCCL receive too)");
 DEFINE_string(out, "", "event log");
 DEFINE_string(frame, "", "ipc_reader: the WeightAnnounce frame to read");
+DEFINE_string(frame2, "", "ipc_reader: the announce to read when the first one's slot moved on (Aborted)");
+DEFINE_int64(rewrite_with_version, -1,
+             "ipc_reader: in the middle of the first copy, rewrite the slot with PeerWeights of this version "
+             "(a learner reusing the slot while this reader reads it)");
 
 namespace {
 
@@ -106,6 +114,19 @@ int RunLearner() {
   return 0;
 }
 
+// The device side of an engine's install: allocate, upload, wait for the
+// whole device, free. Returns a CUDA error's name, or "" when it finished.
+std::string InstallOnDevice(const actors::WeightSnapshot& snap) {
+  const size_t bytes = snap.flat.size() * sizeof(float);
+  void* dev = nullptr;
+  cudaError_t e = cudaSetDevice(FLAGS_device);
+  if (e == cudaSuccess) e = cudaMalloc(&dev, bytes);
+  if (e == cudaSuccess) e = cudaMemcpy(dev, snap.flat.data(), bytes, cudaMemcpyHostToDevice);
+  if (e == cudaSuccess) e = cudaDeviceSynchronize();
+  if (dev != nullptr && cudaFree(dev) != cudaSuccess && e == cudaSuccess) e = cudaGetLastError();
+  return e == cudaSuccess ? "" : cudaGetErrorName(e);
+}
+
 int RunWorker() {
   auto client = Register(wire::Role::ROLLOUT);
   if (!client) return 1;
@@ -115,6 +136,8 @@ int RunWorker() {
   o.device = FLAGS_device;
   o.deadline_ms = FLAGS_deadline_ms;
   o.poll_ms = FLAGS_poll_ms;
+  actors::ActorClient* c = client.get();
+  o.learner_version = [c] { return c->coordinator_policy_version(); };
   if (FLAGS_die_at_version >= 0) {
     o.after_header = [](int64_t v) {
       if (v == FLAGS_die_at_version) {
@@ -149,6 +172,12 @@ int RunWorker() {
     rollout::NcclReceiverStats s = (*r)->stats();
     Event("got " + std::to_string(got->version) + (same ? " ok" : " MISMATCH") + " epoch " +
           std::to_string(s.epoch) + " rank " + std::to_string(s.rank) + " ms " + std::to_string(s.last_receive_ms));
+    if (FLAGS_install) {
+      // Give the receiver thread time to post whatever it posts next.
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      const std::string err = InstallOnDevice(*got);
+      Event("installed " + std::to_string(got->version) + (err.empty() ? " ok" : " " + err));
+    }
     have = got->version;
     client->SetPolicyVersion(have);
   }
@@ -158,24 +187,65 @@ int RunWorker() {
   return have >= FLAGS_versions && all_ok ? 0 : 1;
 }
 
-// Reads a WeightAnnounce frame carrying a CUDA IPC handle, copies the bytes
-// out of the other process's GPU buffer, and writes them to --out.
+Result<std::string> ReadFrame(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return Status::IOError("cannot read " + path);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// Reads a WeightAnnounce frame carrying a CUDA IPC handle, copies the slot
+// into this process's device memory (verified there), then to the host,
+// checks the announce's checksum, and writes the bytes to --out. With
+// --rewrite_with_version the slot is rewritten mid-copy: the torn read must
+// be seen, and --frame2 (the newer announce) is read instead. Prints
+// "torn N" on stderr. Exit codes: 2 decode, 3 receive, 4 output.
 int RunIpcReader() {
-  std::ifstream in(FLAGS_frame, std::ios::binary);
-  std::string frame((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  auto decoded = actors::DecodeFrame(frame.data(), frame.size(), {actors::BodyKind::WEIGHT_ANNOUNCE}, nullptr);
-  if (!decoded.ok()) {
-    std::fprintf(stderr, "decode: %s\n", decoded.status().ToString().c_str());
-    return 2;
+  actors::IpcReadOptions ro;
+  ro.device = FLAGS_device;
+  if (FLAGS_rewrite_with_version >= 0) {
+    ro.mid_copy = [](int, void* slot) {
+      static bool rewritten = false;  // once: the first copy of the first announce
+      if (rewritten) return;
+      rewritten = true;
+      actors::WeightSnapshot next = testing::PeerWeights(FLAGS_seed, FLAGS_rewrite_with_version, FLAGS_floats);
+      uint64_t* scratch = nullptr;
+      Status s = cudaMalloc(reinterpret_cast<void**>(&scratch), sizeof(uint64_t)) == cudaSuccess
+                     ? actors::WriteIpcWeightSlot(slot, next.flat.data(), false, next.flat.size() * sizeof(float),
+                                                  next.version, next.checksum, scratch, nullptr)
+                     : Status::Unavailable("cudaMalloc");
+      if (scratch != nullptr) cudaFree(scratch);
+      if (!s.ok()) std::fprintf(stderr, "rewrite: %s\n", s.ToString().c_str());
+    };
   }
-  auto snap = actors::ReceiveIpcWeights(decoded->envelope().getBody().getWeightAnnounce(), uint64_t{1} << 32);
-  if (!snap.ok()) {
-    std::fprintf(stderr, "receive: %s\n", snap.status().ToString().c_str());
-    return 3;
+  actors::IpcReadStats stats;
+  int tries = 0;
+  for (const std::string& path : {FLAGS_frame, FLAGS_frame2}) {
+    if (path.empty()) break;
+    ++tries;
+    Result<std::string> frame = ReadFrame(path);
+    if (!frame.ok()) {
+      std::fprintf(stderr, "frame: %s\n", frame.status().ToString().c_str());
+      return 2;
+    }
+    auto decoded = actors::DecodeFrame(frame->data(), frame->size(), {actors::BodyKind::WEIGHT_ANNOUNCE}, nullptr);
+    if (!decoded.ok()) {
+      std::fprintf(stderr, "decode: %s\n", decoded.status().ToString().c_str());
+      return 2;
+    }
+    Result<actors::WeightSnapshot> snap =
+        actors::ReceiveIpcWeights(decoded->envelope().getBody().getWeightAnnounce(), uint64_t{1} << 32, ro, &stats);
+    std::fprintf(stderr, "torn %d\n", stats.torn);
+    if (!snap.ok()) {
+      std::fprintf(stderr, "receive: %s\n", snap.status().ToString().c_str());
+      if (snap.status().code() == StatusCode::kAborted && tries == 1 && !FLAGS_frame2.empty()) continue;
+      return 3;
+    }
+    std::fprintf(stderr, "read version %lld\n", static_cast<long long>(snap->version));
+    std::ofstream out(FLAGS_out, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(snap->flat.data()), snap->flat.size() * sizeof(float));
+    return out.good() ? 0 : 4;
   }
-  std::ofstream out(FLAGS_out, std::ios::binary);
-  out.write(reinterpret_cast<const char*>(snap->flat.data()), snap->flat.size() * sizeof(float));
-  return out.good() ? 0 : 4;
+  return 3;
 }
 
 }  // namespace

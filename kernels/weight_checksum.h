@@ -1,0 +1,64 @@
+// WeightSum: an order-sensitive 64-bit checksum of a weight buffer that the
+// GPU computes in parallel, for weights that never visit the host (the CUDA
+// IPC path, docs/weights.md). actors::WeightChecksum (FNV-1a) is a chain
+// through every word and cannot be split across threads; this one is a sum
+// mod 2^64 of one mixed term per 8-byte word, the word xor'ed with its
+// index before the mix, so any changed, swapped or shifted word changes it
+// (with the odds of a 64-bit hash), and threads add their terms in any
+// order. A tail of 4 bytes (an odd count of floats) is one more word,
+// zero-padded. Not a cryptographic hash: it catches torn or corrupt copies.
+//
+// WeightSumHost is the reference (and the host side of a check); the device
+// version gives the same value for the same bytes. Header without CUDA.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "base/result.h"
+
+namespace grove::kernels {
+
+// splitmix64's finalizer.
+inline constexpr uint64_t WeightSumMix(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebull;
+  x ^= x >> 31;
+  return x;
+}
+inline constexpr uint64_t WeightSumTerm(uint64_t word, uint64_t index) {
+  return WeightSumMix(word ^ (index * 0x9e3779b97f4a7c15ull + 0x632be59bd9b4e019ull));
+}
+inline constexpr uint64_t WeightSumFinish(uint64_t sum, uint64_t bytes) {
+  return WeightSumMix(sum ^ WeightSumMix(bytes + 0x2545f4914f6cdd1dull));
+}
+
+// bytes must be a multiple of 4.
+inline uint64_t WeightSumHost(const void* data, size_t bytes) {
+  const unsigned char* p = static_cast<const unsigned char*>(data);
+  uint64_t sum = 0;
+  const size_t words = bytes / 8;
+  for (size_t i = 0; i < words; ++i) {
+    uint64_t w;
+    std::memcpy(&w, p + 8 * i, 8);
+    sum += WeightSumTerm(w, i);
+  }
+  if (bytes % 8 != 0) {
+    uint64_t w = 0;
+    std::memcpy(&w, p + 8 * words, bytes % 8);
+    sum += WeightSumTerm(w, words);
+  }
+  return WeightSumFinish(sum, bytes);
+}
+
+// The same on the device: `data` (8-byte aligned, bytes a multiple of 4)
+// on the current device, `scratch` one device uint64 the call overwrites,
+// work enqueued on `stream` (a cudaStream_t), then waited for (the result
+// comes back to the host). InvalidArgument for bad arguments, Internal for a
+// CUDA error.
+Result<uint64_t> WeightSumDevice(const void* data, size_t bytes, uint64_t* scratch, void* stream);
+
+}  // namespace grove::kernels
