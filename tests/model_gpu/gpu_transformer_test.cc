@@ -39,7 +39,6 @@
 #include <random>
 #include <vector>
 
-#include "base/config.h"
 #include "model/config.h"
 #include "model/gpu_transformer.h"
 #include "model/transformer.h"
@@ -86,10 +85,7 @@ ModelConfig SoftmaxConfig() {
 // 56 (the tokenizer's 55 padded to a multiple of 8). init_std and
 // balance_alpha as config 0, so the tolerances' reasoning holds unchanged.
 ModelConfig DefaultRunConfig() {
-  auto file = Config::LoadFile(SourcePath("configs/default.toml"));
-  EXPECT_TRUE(file.ok()) << file.status().ToString();
-  if (!file.ok()) return TinyGpuConfig();
-  auto c = ModelConfig::FromConfig(file->Section("model"));
+  auto c = ModelConfig::LoadFile(SourcePath("configs/default.toml"));
   EXPECT_TRUE(c.ok()) << c.status().ToString();
   if (!c.ok()) return TinyGpuConfig();
   ModelConfig m = *c;

@@ -31,7 +31,6 @@
 #include <string>
 #include <vector>
 
-#include "base/config.h"
 #include "kernels/paged_kv.h"
 #include "model/transformer.h"
 #include "rollout/precision_format.h"
@@ -76,10 +75,7 @@ model::ModelConfig SmallConfig(int shared_experts = 1) {
 // vocab 56 (the tokenizer's 55 padded to a multiple of 8, as in gpu-1.toml).
 model::ModelConfig DefaultRunConfig() {
   const char* root = std::getenv("GROVE_SOURCE_DIR");
-  auto file = Config::LoadFile(std::string(root ? root : ".") + "/configs/default.toml");
-  EXPECT_TRUE(file.ok()) << file.status().ToString();
-  if (!file.ok()) return SmallConfig();
-  auto c = model::ModelConfig::FromConfig(file->Section("model"));
+  auto c = model::ModelConfig::LoadFile(std::string(root ? root : ".") + "/configs/default.toml");
   EXPECT_TRUE(c.ok()) << c.status().ToString();
   if (!c.ok()) return SmallConfig();
   EXPECT_EQ(c->head_dim, 32);
@@ -285,6 +281,27 @@ model::SamplingOptions Greedy(int64_t max_new) {
 
 bool HaveGpu() { return GpuGenerator::DeviceCount() > 0; }
 
+// Near-tied routes (CPU k-th vs (k+1)-th key within kRouteTieBound) over the
+// CPU's greedy sequences: the places where the GPU may legitimately pick
+// another expert.
+struct NearTies {
+  int64_t pairs = 0, near = 0;  // (row, MoE layer) pairs, and how many are near-tied
+};
+NearTies CountNearTiedRoutes(model::Model& cpu, const std::vector<std::vector<int32_t>>& prompts,
+                             const std::vector<model::Completion<float>>& want) {
+  NearTies t;
+  const int64_t E = cpu.config().experts, K = cpu.config().top_k;
+  for (size_t i = 0; i < prompts.size(); ++i)
+    for (const std::vector<float>& k : SelectionKeys(cpu, prompts[i], want[i].tokens))
+      for (size_t row = 0; row * E < k.size(); ++row) {
+        std::vector<float> v(k.begin() + row * E, k.begin() + (row + 1) * E);
+        std::sort(v.begin(), v.end(), std::greater<float>());
+        ++t.pairs;
+        t.near += v[K - 1] - v[K] < kRouteTieBound;
+      }
+  return t;
+}
+
 // Runs without a GPU: the premise that makes the GPU comparison meaningful.
 // (1) Most greedy sequences of the test model have clear margins; (2) the
 // logprobs depend strongly on attention and on the routed experts (removing
@@ -311,20 +328,9 @@ TEST(GpuGeneratorModel, TestModelHasClearMargins) {
   int clear = 0;
   for (size_t i = 0; i < prompts.size(); ++i) clear += ClearMargins(Gaps(*cpu, prompts[i], (*want)[i].tokens));
   EXPECT_GE(clear, 5) << "of " << prompts.size() << " sequences have all top-2 gaps >= " << kGapBound;
-  // Near-tied routes (CPU k-th vs (k+1)-th key within kRouteTieBound): the
-  // places where the GPU may legitimately pick another expert.
-  int64_t pairs = 0, near = 0;
-  const int64_t E = cpu->config().experts, K = cpu->config().top_k;
-  for (size_t i = 0; i < prompts.size(); ++i)
-    for (const std::vector<float>& k : SelectionKeys(*cpu, prompts[i], (*want)[i].tokens))
-      for (size_t row = 0; row * E < k.size(); ++row) {
-        std::vector<float> v(k.begin() + row * E, k.begin() + (row + 1) * E);
-        std::sort(v.begin(), v.end(), std::greater<float>());
-        ++pairs;
-        near += v[K - 1] - v[K] < kRouteTieBound;
-      }
-  std::printf("near-tied routes: %lld of %lld (row, MoE layer) pairs\n", (long long)near, (long long)pairs);
-  EXPECT_LE(double(near), 0.2 * double(pairs));
+  const NearTies ties = CountNearTiedRoutes(*cpu, prompts, *want);
+  std::printf("near-tied routes: %lld of %lld (row, MoE layer) pairs\n", (long long)ties.near, (long long)ties.pairs);
+  EXPECT_LE(double(ties.near), 0.2 * double(ties.pairs));
   for (const char* part : {"attn.wo", "moe.experts"}) {
     auto other = MakeModel(7);
     for (const auto& t : other->layout().tensors())
@@ -358,22 +364,12 @@ TEST(GpuGeneratorModel, DefaultRunModelHasClearMargins) {
   auto want = cpu->Generate(prompts, Greedy(kNewTokens));
   ASSERT_TRUE(want.ok()) << want.status().ToString();
   int clear = 0;
-  int64_t pairs = 0, near = 0;
-  const int64_t E = cpu->config().experts, K = cpu->config().top_k;
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    clear += ClearMargins(Gaps(*cpu, prompts[i], (*want)[i].tokens));
-    for (const std::vector<float>& k : SelectionKeys(*cpu, prompts[i], (*want)[i].tokens))
-      for (size_t row = 0; row * E < k.size(); ++row) {
-        std::vector<float> v(k.begin() + row * E, k.begin() + (row + 1) * E);
-        std::sort(v.begin(), v.end(), std::greater<float>());
-        ++pairs;
-        near += v[K - 1] - v[K] < kRouteTieBound;
-      }
-  }
+  for (size_t i = 0; i < prompts.size(); ++i) clear += ClearMargins(Gaps(*cpu, prompts[i], (*want)[i].tokens));
+  const NearTies ties = CountNearTiedRoutes(*cpu, prompts, *want);
   std::printf("%d of %zu sequences with clear margins; near-tied routes: %lld of %lld (row, MoE layer) pairs\n", clear,
-              prompts.size(), (long long)near, (long long)pairs);
+              prompts.size(), (long long)ties.near, (long long)ties.pairs);
   EXPECT_GE(clear, 5) << "of " << prompts.size() << " sequences have all top-2 gaps >= " << kGapBound;
-  EXPECT_LE(double(near), 0.2 * double(pairs));
+  EXPECT_LE(double(ties.near), 0.2 * double(ties.pairs));
 }
 
 #define SKIP_WITHOUT_GPU() \
