@@ -76,10 +76,17 @@ struct Params {
   float scale;
 };
 
-// Element offset of (row, col) in a swizzled [rows][D] bf16 tile.
+// Element offset of (row, col) in a swizzled [rows][D] bf16 tile. A row of
+// D >= 64 spans all 8 16-byte bank groups of a 128-byte line: its chunks are
+// XORed with row % 8. A row of 32 is 4 chunks, two rows to a line (odd rows
+// in the upper half): its chunks are XORed with (row / 2) % 4, which keeps the
+// chunk index below 4 and still sends rows r..r+7 (r % 8 == 0) of one chunk
+// column to 8 distinct bank groups.
 template <int D>
 __device__ __forceinline__ int Swz(int row, int col) {
-  return row * D + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
+  static_assert(D == 32 || D % 64 == 0, "the swizzle covers head_dim 32 and multiples of 64");
+  const int mask = D == 32 ? ((row >> 1) & 3) : (row & 7);
+  return row * D + (((col >> 3) ^ mask) << 3) + (col & 7);
 }
 
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
@@ -537,8 +544,8 @@ Status CheckShape(const AttentionShape& s) {
   };
   if (s.batch < 0 || s.batch > 65535) return bad("batch must be in [0, 65535]");
   if (s.total_tokens < 0) return bad("total_tokens must be >= 0");
-  if (s.head_dim != 64 && s.head_dim != 128)
-    return bad("head_dim must be 64 or 128, got " + std::to_string(s.head_dim));
+  if (s.head_dim != 32 && s.head_dim != 64 && s.head_dim != 128)
+    return bad("head_dim must be 32, 64 or 128, got " + std::to_string(s.head_dim));
   if (s.num_heads <= 0 || s.num_kv_heads <= 0 || s.num_heads % s.num_kv_heads != 0)
     return bad("num_kv_heads (" + std::to_string(s.num_kv_heads) +
                ") must be positive and divide num_heads (" + std::to_string(s.num_heads) + ")");
@@ -629,8 +636,11 @@ Status AttentionForward(const AttentionShape& shape, const __nv_bfloat16* q,
   p.v = v;
   p.o = out;
   p.lse = lse;
-  return shape.head_dim == 64 ? LaunchForward<64>(shape, p, stream)
-                              : LaunchForward<128>(shape, p, stream);
+  switch (shape.head_dim) {
+    case 32: return LaunchForward<32>(shape, p, stream);
+    case 64: return LaunchForward<64>(shape, p, stream);
+    default: return LaunchForward<128>(shape, p, stream);  // CheckShape allows only these three
+  }
 }
 
 size_t AttentionBackwardWorkspaceBytes(const AttentionShape& shape) {
@@ -667,8 +677,11 @@ Status AttentionBackward(const AttentionShape& shape, const __nv_bfloat16* q,
   cudaError_t err = cudaMemsetAsync(p.dq_accum, 0, acc_bytes, stream);
   if (err != cudaSuccess)
     return Status::Internal(std::string("attention: memset: ") + cudaGetErrorString(err));
-  GROVE_RETURN_IF_ERROR(shape.head_dim == 64 ? LaunchBackward<64>(shape, p, stream)
-                                             : LaunchBackward<128>(shape, p, stream));
+  switch (shape.head_dim) {
+    case 32: GROVE_RETURN_IF_ERROR(LaunchBackward<32>(shape, p, stream)); break;
+    case 64: GROVE_RETURN_IF_ERROR(LaunchBackward<64>(shape, p, stream)); break;
+    default: GROVE_RETURN_IF_ERROR(LaunchBackward<128>(shape, p, stream)); break;
+  }
   const int64_t quads = int64_t{shape.total_tokens} * shape.num_heads * shape.head_dim / 4;
   AttentionDqConvertKernel<<<1024, 256, 0, stream>>>(p.dq_accum, dq, quads, p.scale);
   return LaunchStatus("dq convert launch");

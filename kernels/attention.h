@@ -38,7 +38,7 @@ struct AttentionShape {
   int total_tokens = 0;  // cu_seqlens[batch]
   int num_heads = 0;     // query heads
   int num_kv_heads = 0;  // divides num_heads
-  int head_dim = 0;      // 64 or 128
+  int head_dim = 0;      // 32, 64 or 128
   float softmax_scale = 0.f;  // 0 means 1 / sqrt(head_dim)
 };
 

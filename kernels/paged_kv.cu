@@ -223,7 +223,8 @@ __global__ void __launch_bounds__(HD)
 
 Status CheckCache(const PagedKvCache& c, int heads, const char* who) {
   const std::string w = who;
-  if (c.head_dim != 64 && c.head_dim != 128) return Status::InvalidArgument(w + ": head_dim must be 64 or 128");
+  if (c.head_dim != 32 && c.head_dim != 64 && c.head_dim != 128)
+    return Status::InvalidArgument(w + ": head_dim must be 32, 64 or 128");
   if (c.kv_heads < 1 || heads < 1 || heads % c.kv_heads != 0 || heads / c.kv_heads > kPagedMaxGroup)
     return Status::InvalidArgument(w + ": heads must be a multiple of kv_heads, at most " +
                                    std::to_string(kPagedMaxGroup) + " per kv head");
@@ -237,6 +238,17 @@ Status LaunchStatus(const char* who) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return Status::Internal(std::string(who) + " launch: " + cudaGetErrorString(err));
   return Status::OK();
+}
+
+// The split-KV pass and its combine (HD threads per (row, head)).
+template <int HD>
+Status LaunchSplit(const PagedKvCache& cache, const PagedRows& rows, int heads, const __nv_bfloat16* q,
+                   __nv_bfloat16* out, float scale, int chunks, const SplitWorkspace& ws, dim3 grid, dim3 combine_grid,
+                   cudaStream_t stream) {
+  SplitAttentionKernel<HD><<<grid, kAttnWarps * 32, 0, stream>>>(cache, rows, heads, q, scale, chunks, ws);
+  GROVE_RETURN_IF_ERROR(LaunchStatus("PagedAttentionSplit"));
+  SplitCombineKernel<HD><<<combine_grid, HD, 0, stream>>>(cache, rows, heads, out, chunks, ws);
+  return LaunchStatus("PagedAttentionSplit combine");
 }
 
 }  // namespace
@@ -262,10 +274,11 @@ Status PagedAttention(const PagedKvCache& cache, const PagedRows& rows, int head
   if (!q || !out || !rows.slot || !rows.pos) return Status::InvalidArgument("PagedAttention: null pointer");
   if (scale == 0.f) scale = float(1.0 / std::sqrt(double(cache.head_dim)));
   const dim3 grid(rows.rows, cache.kv_heads);
-  if (cache.head_dim == 64)
-    AttentionKernel<64><<<grid, kAttnWarps * 32, 0, stream>>>(cache, rows, heads, q, out, scale);
-  else
-    AttentionKernel<128><<<grid, kAttnWarps * 32, 0, stream>>>(cache, rows, heads, q, out, scale);
+  switch (cache.head_dim) {
+    case 32: AttentionKernel<32><<<grid, kAttnWarps * 32, 0, stream>>>(cache, rows, heads, q, out, scale); break;
+    case 64: AttentionKernel<64><<<grid, kAttnWarps * 32, 0, stream>>>(cache, rows, heads, q, out, scale); break;
+    default: AttentionKernel<128><<<grid, kAttnWarps * 32, 0, stream>>>(cache, rows, heads, q, out, scale); break;
+  }
   return LaunchStatus("PagedAttention");
 }
 
@@ -303,16 +316,11 @@ Status PagedAttentionSplit(const PagedKvCache& cache, const PagedRows& rows, int
   if (scale == 0.f) scale = float(1.0 / std::sqrt(double(cache.head_dim)));
   const SplitWorkspace ws = SplitLayout(workspace, int64_t(rows.rows) * heads * chunks);
   const dim3 grid(rows.rows * cache.kv_heads, chunks), combine_grid(rows.rows, heads);
-  if (cache.head_dim == 64) {
-    SplitAttentionKernel<64><<<grid, kAttnWarps * 32, 0, stream>>>(cache, rows, heads, q, scale, chunks, ws);
-    GROVE_RETURN_IF_ERROR(LaunchStatus("PagedAttentionSplit"));
-    SplitCombineKernel<64><<<combine_grid, 64, 0, stream>>>(cache, rows, heads, out, chunks, ws);
-  } else {
-    SplitAttentionKernel<128><<<grid, kAttnWarps * 32, 0, stream>>>(cache, rows, heads, q, scale, chunks, ws);
-    GROVE_RETURN_IF_ERROR(LaunchStatus("PagedAttentionSplit"));
-    SplitCombineKernel<128><<<combine_grid, 128, 0, stream>>>(cache, rows, heads, out, chunks, ws);
+  switch (cache.head_dim) {
+    case 32: return LaunchSplit<32>(cache, rows, heads, q, out, scale, chunks, ws, grid, combine_grid, stream);
+    case 64: return LaunchSplit<64>(cache, rows, heads, q, out, scale, chunks, ws, grid, combine_grid, stream);
+    default: return LaunchSplit<128>(cache, rows, heads, q, out, scale, chunks, ws, grid, combine_grid, stream);
   }
-  return LaunchStatus("PagedAttentionSplit combine");
 }
 
 }  // namespace grove::kernels

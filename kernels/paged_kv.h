@@ -41,7 +41,7 @@
 // once. A row with pos >= max_pos only sees keys below max_pos (contract).
 // Differs from PagedAttention only in fp32 summation order.
 //
-// head_dim 64 or 128; heads / kv_heads <= kPagedMaxGroup. Graph-capturable
+// head_dim 32, 64 or 128; heads / kv_heads <= kPagedMaxGroup. Graph-capturable
 // (no host sync, no allocation). Host header, no device code.
 #pragma once
 

@@ -209,9 +209,9 @@ GpuTransformer::~GpuTransformer() {
 
 Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig& c, int device, bool trainable) {
   GROVE_RETURN_IF_ERROR(c.Validate());
-  if (c.head_dim != 64 && c.head_dim != 128)
+  if (c.head_dim != 32 && c.head_dim != 64 && c.head_dim != 128)
     return Status::InvalidArgument("GpuTransformer: head_dim " + std::to_string(c.head_dim) +
-                                   " unsupported (the attention kernel takes 64 or 128)");
+                                   " unsupported (the attention kernel takes 32, 64 or 128)");
   if (c.hidden % 8 != 0 || c.hidden > kernels::kRmsNormMaxHidden)
     return Status::InvalidArgument("GpuTransformer: hidden must be a multiple of 8, at most " +
                                    std::to_string(kernels::kRmsNormMaxHidden));

@@ -15,7 +15,7 @@
 //   fp32 (summed from several branches per layer, rounded to bf16 only where
 //   a GEMM reads it).
 //
-// Supported shapes: head_dim 64 or 128 (the attention kernel), hidden,
+// Supported shapes: head_dim 32, 64 or 128 (the attention kernel), hidden,
 // vocab, widths and every tensor offset multiples of 8 (16-byte rows),
 // experts <= 256, top_k <= 16. Create() says which rule a config breaks.
 //

@@ -729,8 +729,8 @@ GpuGenerator::~GpuGenerator() = default;
 Result<std::unique_ptr<GpuGenerator>> GpuGenerator::Create(const model::ModelConfig& config,
                                                            const GpuGeneratorOptions& options) {
   GROVE_RETURN_IF_ERROR(config.Validate());
-  if (config.head_dim != 64 && config.head_dim != 128)
-    return Status::InvalidArgument("GpuGenerator: head_dim must be 64 or 128 (paged attention)");
+  if (config.head_dim != 32 && config.head_dim != 64 && config.head_dim != 128)
+    return Status::InvalidArgument("GpuGenerator: head_dim must be 32, 64 or 128 (paged attention)");
   if (config.heads % config.kv_heads != 0 || config.heads / config.kv_heads > kernels::kPagedMaxGroup)
     return Status::InvalidArgument("GpuGenerator: at most " + std::to_string(kernels::kPagedMaxGroup) +
                                    " query heads per kv head");

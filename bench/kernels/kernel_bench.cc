@@ -489,7 +489,8 @@ void AttentionBench(std::mt19937_64& rng, int reps) {
   struct Config { int heads, kv_heads, dim; const char* what; };
   const Config configs[] = {{16, 16, 128, "MHA 16x128 (FA paper shape)"},
                             {8, 2, 128, "GQA 8/2x128 (grove model)"},
-                            {32, 32, 64, "MHA 32x64 (FA paper shape)"}};
+                            {32, 32, 64, "MHA 32x64 (FA paper shape)"},
+                            {4, 2, 32, "GQA 4/2x32 (CPU default model)"}};
   std::printf("\n%-30s %6s %5s %9s %8s %9s %8s %12s\n", "causal attention, 16k tokens", "seqlen",
               "batch", "fwd ms", "fwd TF/s", "bwd ms", "bwd TF/s", "FA2 H100 f|b");
   for (const Config& c : configs) {

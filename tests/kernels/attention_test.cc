@@ -1,7 +1,7 @@
 // Causal grouped-query flash attention, forward and backward, against a
 // double-precision CPU loop on fresh random bf16 inputs: ragged batches,
-// length-1 sequences, lengths off the 64-row tile, head_dim 64 and 128,
-// query groups of 1, 4 and 6 heads per KV head.
+// length-1 sequences, lengths off the 64-row tile, head_dim 32, 64 and 128,
+// query groups of 1, 2, 4 and 6 heads per KV head.
 //
 // Tolerances. The reference sees the kernels' bf16 inputs exactly, so only
 // the kernels' own roundings remain: scores and sums in fp32 (relative
@@ -206,16 +206,34 @@ TEST(AttentionTest, RaggedBatchHeadDim64) {
   CheckAttention({{3, 128, 1, 257, 63}, 8, 2, 64});
 }
 
+// head_dim 32 has its own shared-memory swizzle (4 chunks a row, two rows
+// to a 128-byte line): ragged lengths across tile edges.
+TEST(AttentionTest, RaggedBatchHeadDim32) {
+  GROVE_SKIP_WITHOUT_GPU();
+  CheckAttention({{3, 128, 1, 257, 63, 64, 65}, 8, 2, 32});
+}
+
+// The CPU default model's attention (configs/default.toml: 4 heads, 2 KV
+// heads, head_dim 32), at its sequence lengths (max_seq_len 64) and one
+// longer batch.
+TEST(AttentionTest, DefaultModelShapeHeadDim32) {
+  GROVE_SKIP_WITHOUT_GPU();
+  CheckAttention({{12, 40, 64, 1, 33, 57, 20, 64}, 4, 2, 32});
+  CheckAttention({{300, 129}, 4, 2, 32});
+}
+
 TEST(AttentionTest, SingleTokenAndMultiHead) {
   GROVE_SKIP_WITHOUT_GPU();
   CheckAttention({{1}, 4, 4, 128});
   CheckAttention({{1, 1, 2}, 4, 4, 64});
+  CheckAttention({{1, 2, 1}, 4, 4, 32});
 }
 
 TEST(AttentionTest, LargeQueryGroup) {
   GROVE_SKIP_WITHOUT_GPU();
   CheckAttention({{100, 64, 191}, 6, 1, 64, 300});
   CheckAttention({{320}, 8, 2, 128});
+  CheckAttention({{100, 64, 191}, 6, 1, 32, 300});
 }
 
 // Many short sequences under a loose max_seqlen: the grid spans several
@@ -227,6 +245,7 @@ TEST(AttentionTest, ManySequencesLooseBound) {
   for (int i = 0; i < 23; ++i) lens.push_back(1 + (i * 37) % 150);
   CheckAttention({lens, 4, 2, 64, 1100 - 149});
   CheckAttention({lens, 4, 2, 128, 1100 - 149});
+  CheckAttention({lens, 4, 2, 32, 1100 - 149});
 }
 
 TEST(AttentionTest, RejectsBadShapes) {
@@ -241,6 +260,9 @@ TEST(AttentionTest, RejectsBadShapes) {
   s.num_heads = 8;
   s.num_kv_heads = 2;
   s.head_dim = 96;
+  EXPECT_EQ(AttentionForward(s, buf, buf, buf, buf, lse, nullptr).code(),
+            StatusCode::kInvalidArgument);
+  s.head_dim = 16;
   EXPECT_EQ(AttentionForward(s, buf, buf, buf, buf, lse, nullptr).code(),
             StatusCode::kInvalidArgument);
   s.head_dim = 64;

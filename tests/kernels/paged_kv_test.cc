@@ -1,7 +1,7 @@
 // Paged KV append + paged attention against a CPU reference: ragged
 // sequences over pages handed out in shuffled order, a prefill launch (many
 // rows per sequence) followed by a decode launch (one row per sequence), a
-// padding row, head_dim 64 and 128, GQA groups of 4. Every attention launch
+// padding row, head_dim 32, 64 and 128, GQA groups of 4. Every attention launch
 // also runs PagedAttentionSplit (chunks of kPagedSplitChunkTokens, so the
 // ragged lengths up to 255 cover 1 to 4 chunks) on the same q and cache.
 #include "kernels/paged_kv.h"
@@ -226,6 +226,12 @@ TEST(PagedKv, RaggedPrefillThenDecodeHeadDim64) {
   RunCase({64, {3, 15, 16, 48, 129}}, testing::FreshSeed());
 }
 
+// head_dim 32: one element per lane (the configs/default.toml model's shape).
+TEST(PagedKv, RaggedPrefillThenDecodeHeadDim32) {
+  GROVE_SKIP_WITHOUT_GPU();
+  RunCase({32, {1, 3, 16, 17, 40, 64, 129}}, testing::FreshSeed());
+}
+
 TEST(PagedKv, RejectsBadShapes) {
   PagedKvCache c;
   c.head_dim = 96;
@@ -237,6 +243,8 @@ TEST(PagedKv, RejectsBadShapes) {
   EXPECT_FALSE(PagedAttentionSplit(c, r, 16, nullptr, nullptr, 0.f, 0, nullptr, 0, nullptr).ok());
   c.head_dim = 96;
   EXPECT_FALSE(PagedAttentionSplit(c, r, 8, nullptr, nullptr, 0.f, 0, nullptr, 0, nullptr).ok());
+  c.head_dim = 16;
+  EXPECT_FALSE(PagedAttention(c, r, 8, nullptr, nullptr, 0.f, nullptr).ok());
 }
 
 }  // namespace

@@ -53,10 +53,10 @@ std::string SourcePath(const std::string& rel) {
   return std::string(root ? root : ".") + "/" + rel;
 }
 
-// configs/model/tiny.toml with head_dim 64 (its 32 is below what the
-// attention kernel takes) and vocab 64 (55 is not a multiple of 8, which the
-// log-prob head needs): GQA 4/2, shared expert, dense first layer,
-// sigmoid scores with norm_topk, balance loss on.
+// configs/model/tiny.toml with head_dim 64 (its own 32 is config 2's) and
+// vocab 64 (55 is not a multiple of 8, which the log-prob head needs): GQA
+// 4/2, shared expert, dense first layer, sigmoid scores with norm_topk,
+// balance loss on.
 ModelConfig TinyGpuConfig() {
   auto c = ModelConfig::LoadFile(SourcePath("configs/model/tiny.toml"));
   EXPECT_TRUE(c.ok()) << c.status().ToString();
@@ -78,6 +78,22 @@ ModelConfig SoftmaxConfig() {
   c.route_scale = 1.5; c.balance_alpha = 0.01; c.init_std = 0.08;
   EXPECT_TRUE(c.Validate().ok());
   return c;
+}
+
+// The CPU default run's model ([model] of configs/default.toml, what
+// configs/gpu-1.toml trains): GQA 4/2 with head_dim 32, max_seq_len 64, vocab
+// 56 (the tokenizer's 55 padded to a multiple of 8). init_std and
+// balance_alpha as config 0, so the tolerances' reasoning holds unchanged.
+ModelConfig DefaultRunConfig() {
+  auto c = ModelConfig::LoadFile(SourcePath("configs/default.toml"));
+  EXPECT_TRUE(c.ok()) << c.status().ToString();
+  if (!c.ok()) return TinyGpuConfig();
+  ModelConfig m = *c;
+  EXPECT_EQ(m.head_dim, 32);
+  m.vocab_size = 56;
+  m.init_std = 0.08;
+  m.balance_alpha = 0.01;
+  return m;
 }
 
 std::vector<ScoreRequest> RandomBatch(const ModelConfig& c, std::mt19937_64& rng, int n) {
@@ -138,15 +154,26 @@ LogpError CompareLogprobs(const ScoreResult<float>& a, const ScoreResult<float>&
 
 class GpuTransformerTest : public ::testing::TestWithParam<int> {
  protected:
-  ModelConfig Config() const { return GetParam() == 0 ? TinyGpuConfig() : SoftmaxConfig(); }
+  ModelConfig Config() const {
+    switch (GetParam()) {
+      case 0: return TinyGpuConfig();
+      case 1: return SoftmaxConfig();
+      default: return DefaultRunConfig();
+    }
+  }
 };
 
 TEST(GpuTransformerArgs, RejectsUnsupportedShapes) {
   auto tiny = ModelConfig::LoadFile(SourcePath("configs/model/tiny.toml"));
   ASSERT_TRUE(tiny.ok());
-  auto m = GpuTransformer::Create(*tiny, 0);  // head_dim 32
+  ModelConfig odd_dim = *tiny;
+  odd_dim.head_dim = 48;  // the attention kernels take 32, 64 or 128
+  auto m = GpuTransformer::Create(odd_dim, 0);
   ASSERT_FALSE(m.ok());
   EXPECT_NE(m.status().ToString().find("head_dim"), std::string::npos) << m.status().ToString();
+  auto m55 = GpuTransformer::Create(*tiny, 0);  // vocab 55: logit rows not 16-byte multiples
+  ASSERT_FALSE(m55.ok());
+  EXPECT_NE(m55.status().ToString().find("vocab_size"), std::string::npos) << m55.status().ToString();
   ModelConfig odd = TinyGpuConfig();
   odd.experts = 6;  // 6 router-bias floats put the next tensor off a 16-byte boundary
   odd.top_k = 2;
@@ -304,7 +331,7 @@ TEST_P(GpuTransformerTest, GradientsMatchCpuWithReplay) {
               worst_name.c_str(), worst_cos);
 }
 
-INSTANTIATE_TEST_SUITE_P(Configs, GpuTransformerTest, ::testing::Values(0, 1));
+INSTANTIATE_TEST_SUITE_P(Configs, GpuTransformerTest, ::testing::Values(0, 1, 2));
 
 }  // namespace
 }  // namespace grove::model

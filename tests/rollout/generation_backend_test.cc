@@ -212,9 +212,9 @@ TEST_P(GpuConfigs, ParseAndValidate) {
   auto mc = model::ModelConfig::FromConfig(cfg->Section("model"));
   ASSERT_TRUE(mc.ok()) << mc.status();
   // The GPU kernels' shape rules that a config can break (kernels/attention,
-  // quant_linear: head_dim 64 or 128, widths multiples of 8, int4 groups of
+  // quant_linear: head_dim 32, 64 or 128, widths multiples of 8, int4 groups of
   // 128 along every input width).
-  EXPECT_TRUE(mc->head_dim == 64 || mc->head_dim == 128);
+  EXPECT_TRUE(mc->head_dim == 32 || mc->head_dim == 64 || mc->head_dim == 128);
   for (int64_t w : {mc->hidden, mc->vocab_size, mc->dense_hidden, mc->expert_hidden}) EXPECT_EQ(w % 8, 0) << w;
   for (int64_t k : {mc->hidden, mc->dense_hidden, mc->expert_hidden}) EXPECT_EQ(k % 128, 0) << k;
 

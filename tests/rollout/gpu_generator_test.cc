@@ -1,7 +1,8 @@
 // GpuGenerator against the CPU model (model::Transformer<float>::Generate)
 // on the same weights: greedy tokens, log-probs and routes; continuous
 // batching against one-by-one generation; graphs against eager; int8/int4
-// weights against the CPU model on the round-tripped weights.
+// weights against the CPU model on the round-tripped weights; head_dim 64
+// (the test model) and 32 (the CPU default run's model).
 //
 // Why results may legitimately differ: the GPU rounds every matmul input and
 // the KV cache to bf16 (2^-9 relative per rounding, ~4 roundings per layer,
@@ -24,6 +25,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <numeric>
 #include <random>
 #include <string>
@@ -68,11 +70,23 @@ model::ModelConfig SmallConfig(int shared_experts = 1) {
   return c;
 }
 
+// The CPU default run's model ([model] of configs/default.toml, what
+// configs/gpu-1.toml samples from): GQA 4/2 with head_dim 32, max_seq_len 64,
+// vocab 56 (the tokenizer's 55 padded to a multiple of 8, as in gpu-1.toml).
+model::ModelConfig DefaultRunConfig() {
+  const char* root = std::getenv("GROVE_SOURCE_DIR");
+  auto c = model::ModelConfig::LoadFile(std::string(root ? root : ".") + "/configs/default.toml");
+  EXPECT_TRUE(c.ok()) << c.status().ToString();
+  if (!c.ok()) return SmallConfig();
+  EXPECT_EQ(c->head_dim, 32);
+  c->vocab_size = 56;
+  return *c;
+}
+
 // Random weights with a clear greedy winner most of the time (see the top),
 // every parameter rounded to bf16 so the GPU's bf16/fp32 copies equal the
 // CPU model's values.
-std::unique_ptr<model::Model> MakeModel(uint64_t seed, int shared_experts = 1) {
-  const model::ModelConfig c = SmallConfig(shared_experts);
+std::unique_ptr<model::Model> MakeModelFrom(const model::ModelConfig& c, uint64_t seed) {
   auto m = model::Model::Create(c, seed);
   EXPECT_TRUE(m.ok()) << m.status().ToString();
   model::Model& mm = **m;
@@ -92,9 +106,14 @@ std::unique_ptr<model::Model> MakeModel(uint64_t seed, int shared_experts = 1) {
   return std::move(*m);
 }
 
-std::vector<std::vector<int32_t>> Prompts(uint64_t seed, int count, int min_len, int max_len) {
+std::unique_ptr<model::Model> MakeModel(uint64_t seed, int shared_experts = 1) {
+  return MakeModelFrom(SmallConfig(shared_experts), seed);
+}
+
+std::vector<std::vector<int32_t>> Prompts(uint64_t seed, int count, int min_len, int max_len,
+                                          int64_t vocab = SmallConfig().vocab_size) {
   std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int> len(min_len, max_len), tok(0, int(SmallConfig().vocab_size) - 1);
+  std::uniform_int_distribution<int> len(min_len, max_len), tok(0, int(vocab) - 1);
   std::vector<std::vector<int32_t>> out(count);
   for (auto& p : out) {
     p.resize(len(rng));
@@ -262,6 +281,27 @@ model::SamplingOptions Greedy(int64_t max_new) {
 
 bool HaveGpu() { return GpuGenerator::DeviceCount() > 0; }
 
+// Near-tied routes (CPU k-th vs (k+1)-th key within kRouteTieBound) over the
+// CPU's greedy sequences: the places where the GPU may legitimately pick
+// another expert.
+struct NearTies {
+  int64_t pairs = 0, near = 0;  // (row, MoE layer) pairs, and how many are near-tied
+};
+NearTies CountNearTiedRoutes(model::Model& cpu, const std::vector<std::vector<int32_t>>& prompts,
+                             const std::vector<model::Completion<float>>& want) {
+  NearTies t;
+  const int64_t E = cpu.config().experts, K = cpu.config().top_k;
+  for (size_t i = 0; i < prompts.size(); ++i)
+    for (const std::vector<float>& k : SelectionKeys(cpu, prompts[i], want[i].tokens))
+      for (size_t row = 0; row * E < k.size(); ++row) {
+        std::vector<float> v(k.begin() + row * E, k.begin() + (row + 1) * E);
+        std::sort(v.begin(), v.end(), std::greater<float>());
+        ++t.pairs;
+        t.near += v[K - 1] - v[K] < kRouteTieBound;
+      }
+  return t;
+}
+
 // Runs without a GPU: the premise that makes the GPU comparison meaningful.
 // (1) Most greedy sequences of the test model have clear margins; (2) the
 // logprobs depend strongly on attention and on the routed experts (removing
@@ -288,20 +328,9 @@ TEST(GpuGeneratorModel, TestModelHasClearMargins) {
   int clear = 0;
   for (size_t i = 0; i < prompts.size(); ++i) clear += ClearMargins(Gaps(*cpu, prompts[i], (*want)[i].tokens));
   EXPECT_GE(clear, 5) << "of " << prompts.size() << " sequences have all top-2 gaps >= " << kGapBound;
-  // Near-tied routes (CPU k-th vs (k+1)-th key within kRouteTieBound): the
-  // places where the GPU may legitimately pick another expert.
-  int64_t pairs = 0, near = 0;
-  const int64_t E = cpu->config().experts, K = cpu->config().top_k;
-  for (size_t i = 0; i < prompts.size(); ++i)
-    for (const std::vector<float>& k : SelectionKeys(*cpu, prompts[i], (*want)[i].tokens))
-      for (size_t row = 0; row * E < k.size(); ++row) {
-        std::vector<float> v(k.begin() + row * E, k.begin() + (row + 1) * E);
-        std::sort(v.begin(), v.end(), std::greater<float>());
-        ++pairs;
-        near += v[K - 1] - v[K] < kRouteTieBound;
-      }
-  std::printf("near-tied routes: %lld of %lld (row, MoE layer) pairs\n", (long long)near, (long long)pairs);
-  EXPECT_LE(double(near), 0.2 * double(pairs));
+  const NearTies ties = CountNearTiedRoutes(*cpu, prompts, *want);
+  std::printf("near-tied routes: %lld of %lld (row, MoE layer) pairs\n", (long long)ties.near, (long long)ties.pairs);
+  EXPECT_LE(double(ties.near), 0.2 * double(ties.pairs));
   for (const char* part : {"attn.wo", "moe.experts"}) {
     auto other = MakeModel(7);
     for (const auto& t : other->layout().tensors())
@@ -324,6 +353,23 @@ TEST(GpuGeneratorModel, TestModelHasClearMargins) {
         diff += std::fabs(sc->logprobs[i][t] - (*want)[i].logprobs[t]);
     EXPECT_GE(diff / double(n), 5 * kLogprobTol) << "removing " << part << " barely moves the log-probs";
   }
+}
+
+// The CPU default run's model (head_dim 32, DefaultRunConfig), built the same
+// way, keeps the clear-margin premise DefaultRunModelMatchesTheCpuModel rests
+// on.
+TEST(GpuGeneratorModel, DefaultRunModelHasClearMargins) {
+  auto cpu = MakeModelFrom(DefaultRunConfig(), 7);
+  const auto prompts = Prompts(13, 8, 3, 24, cpu->config().vocab_size);
+  auto want = cpu->Generate(prompts, Greedy(kNewTokens));
+  ASSERT_TRUE(want.ok()) << want.status().ToString();
+  int clear = 0;
+  for (size_t i = 0; i < prompts.size(); ++i) clear += ClearMargins(Gaps(*cpu, prompts[i], (*want)[i].tokens));
+  const NearTies ties = CountNearTiedRoutes(*cpu, prompts, *want);
+  std::printf("%d of %zu sequences with clear margins; near-tied routes: %lld of %lld (row, MoE layer) pairs\n", clear,
+              prompts.size(), (long long)ties.near, (long long)ties.pairs);
+  EXPECT_GE(clear, 5) << "of " << prompts.size() << " sequences have all top-2 gaps >= " << kGapBound;
+  EXPECT_LE(double(ties.near), 0.2 * double(ties.pairs));
 }
 
 #define SKIP_WITHOUT_GPU() \
@@ -627,6 +673,31 @@ TEST(GpuGenerator, SplitKvAttentionMatchesTheCpuModel) {
   }
 }
 
+// head_dim 32 (one element per lane in the paged attention kernels) on the
+// model configs/gpu-1.toml trains, with the whole-context and the split-KV
+// attention (max_seq_len 64: one chunk per row).
+TEST(GpuGenerator, DefaultRunModelMatchesTheCpuModel) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = MakeModelFrom(DefaultRunConfig(), 7);
+  const auto prompts = Prompts(13, 8, 3, 24, cpu->config().vocab_size);
+  auto want = cpu->Generate(prompts, Greedy(kNewTokens));
+  ASSERT_TRUE(want.ok()) << want.status().ToString();
+  for (bool split : {false, true}) {
+    SCOPED_TRACE(split ? "split-KV attention" : "paged attention");
+    GpuGeneratorOptions o;
+    o.max_batch = 8;
+    o.kv_memory_fraction = 0.05;
+    o.split_kv_attention = split;
+    auto gen = GpuGenerator::Create(cpu->config(), o);
+    ASSERT_TRUE(gen.ok()) << gen.status().ToString();
+    ASSERT_TRUE((*gen)->LoadWeights(cpu->params(), nullptr).ok());
+    auto got = (*gen)->Generate(prompts, Greedy(kNewTokens));
+    ASSERT_TRUE(got.ok()) << got.status().ToString();
+    Compare(*cpu, prompts, *want, *got);
+    EXPECT_TRUE((*gen)->stats().graphs_used);
+  }
+}
+
 TEST(GpuGenerator, LoadFromDeviceEqualsLoadFromHost) {
   SKIP_WITHOUT_GPU();
   auto cpu = MakeModel(7);
@@ -668,7 +739,7 @@ TEST(GpuGenerator, RejectsBadInput) {
   EXPECT_FALSE(gen->Generate({{1, 100000}}, Greedy(4)).ok());
   EXPECT_FALSE(gen->LoadWeights(std::span<const float>(cpu->params().data(), 10), nullptr).ok());
   model::ModelConfig bad = cpu->config();
-  bad.head_dim = 32;
+  bad.head_dim = 48;  // paged attention takes 32, 64 or 128
   bad.heads = 8;
   EXPECT_FALSE(GpuGenerator::Create(bad, GpuGeneratorOptions{}).ok());
   GpuGeneratorOptions rows3;
