@@ -4,6 +4,9 @@
 #include <cmath>
 #include <string>
 
+#include "kernels/launch.cuh"
+#include "kernels/ptx/griddepcontrol.cuh"
+
 namespace grove::kernels {
 namespace {
 
@@ -12,6 +15,8 @@ constexpr int kWarps = 4;
 
 // Expert e lives in lane e % 32, slot e / 32.
 __global__ void RouterTopKKernel(RouterArgs a) {
+  ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
+  ptx::griddepcontrol_launch_dependents();
   const int lane = threadIdx.x % 32;
   const int token = blockIdx.x * kWarps + threadIdx.x / 32;
   if (token >= a.tokens) return;
@@ -131,8 +136,8 @@ Status RouterTopK(const RouterArgs& a, cudaStream_t stream) {
   if (!a.logits || !a.scores || !a.ids || !a.gates)
     return Status::InvalidArgument("router: null logits or outputs");
   const int blocks = (a.tokens + kWarps - 1) / kWarps;
-  RouterTopKKernel<<<blocks, kWarps * 32, 0, stream>>>(a);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = LaunchKernel(RouterTopKKernel, dim3(blocks), dim3(kWarps * 32), 0, stream, a);
+  if (err == cudaSuccess) err = cudaGetLastError();
   if (err != cudaSuccess)
     return Status::Internal(std::string("router launch: ") + cudaGetErrorString(err));
   return Status::OK();

@@ -33,6 +33,7 @@
 
 #include "kernels/moe_decode.h"
 #include "kernels/moe_decode_internal.h"
+#include "kernels/programmatic_launch.h"
 #include "kernels/quant_linear.h"
 #include "kernels/quant_linear_internal.h"
 #include "kernels/quant_unpack.h"
@@ -354,6 +355,119 @@ TEST(QuantLinearGpu, RowsPerWarpVariantsGiveTheSameBits) {
   }
 }
 
+double Bf16Ulp(double v) {
+  if (v == 0) return std::ldexp(1.0, -133);  // smallest bf16 subnormal step
+  int e;
+  std::frexp(std::fabs(v), &e);  // |v| in [2^(e-1), 2^e)
+  return std::ldexp(1.0, e - 1 - 7);
+}
+
+// QuantLinearRmsNormed: the normed row it writes (block 0) within one bf16
+// ulp of bf16(x * rstd * w) with rstd in double -- the kernel's fp32 rstd
+// (k ordered fp32 adds, relative error <= k 2^-24 = 6e-5 at k = 1024, plus
+// the rsqrt's and two products' roundings) moves the value before rounding
+// by far less than a bf16 ulp (2^-8 relative), so the rounding can flip at
+// most one ulp near a boundary -- and y bit-equal to QuantLinear's m = 1
+// CUDA-core GEMV on that very row (the fused kernel stages the same bf16
+// values into the same GEMV). With programmatic launch on (the attribute and
+// the L2 prefetch prologue) the same bits again.
+void CheckRmsNormed(std::mt19937_64& rng, QuantFormat f, int64_t n, int64_t k, Accumulate mode) {
+  SCOPED_TRACE(std::string(Name(f)) + " [" + std::to_string(n) + ", " + std::to_string(k) + "]" +
+               (mode == Accumulate::kAdd ? " add" : " overwrite"));
+  DeviceWeight dw(f, n, k);
+  QuantizeOnGpu(RandomWeights(rng, n, k), &dw);
+  std::normal_distribution<float> xd(0.f, 3.f), wd(1.f, 0.3f);
+  std::vector<float> x(k), nw(k), y0(n);
+  for (auto& v : x) v = xd(rng);
+  for (auto& v : nw) v = wd(rng);
+  for (auto& v : y0) v = xd(rng);
+  const float eps = 1e-5f;
+  DeviceBuffer<float> dx(k), dnw(k), dy(n), dwant(n);
+  DeviceBuffer<__nv_bfloat16> dnormed(k);
+  ASSERT_EQ(dx.Upload(x), cudaSuccess);
+  ASSERT_EQ(dnw.Upload(nw), cudaSuccess);
+  std::vector<float> y_runs[2];
+  std::vector<__nv_bfloat16> normed;
+  for (int pdl = 0; pdl < 2; ++pdl) {
+    ASSERT_EQ(dy.Upload(y0), cudaSuccess);
+    ASSERT_EQ(cudaMemset(dnormed.get(), 0xFF, k * sizeof(__nv_bfloat16)), cudaSuccess);  // NaN: unwritten shows
+    RmsNormedRow in;
+    in.x = dx.get();
+    in.weight = dnw.get();
+    in.eps = eps;
+    in.normed = dnormed.get();
+    {
+      const ScopedProgrammaticLaunch scope(pdl == 1);
+      const Status s = QuantLinearRmsNormed(in, dw.w, dy.get(), mode, nullptr);
+      ASSERT_TRUE(s.ok()) << s.ToString();
+    }
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_EQ(dy.Download(&y_runs[pdl]), cudaSuccess);
+    std::vector<__nv_bfloat16> got;
+    ASSERT_EQ(dnormed.Download(&got), cudaSuccess);
+    if (pdl == 0) normed = got;
+    else ASSERT_EQ(std::memcmp(got.data(), normed.data(), k * sizeof(__nv_bfloat16)), 0);
+  }
+  ASSERT_EQ(std::memcmp(y_runs[0].data(), y_runs[1].data(), n * sizeof(float)), 0) << "programmatic launch";
+  double ss = 0;
+  for (float v : x) ss += double(v) * v;
+  const double rstd = 1.0 / std::sqrt(ss / double(k) + eps);
+  for (int64_t j = 0; j < k; ++j) {
+    const double want = double(x[j]) * rstd * nw[j];
+    const double got = __bfloat162float(normed[j]);
+    ASSERT_LE(std::fabs(got - want), Bf16Ulp(want)) << "normed column " << j;
+  }
+  // The unfused GEMV on the fused kernel's own normed row.
+  ASSERT_EQ(dwant.Upload(y0), cudaSuccess);
+  ASSERT_TRUE(detail::QuantLinearOnPath(QuantLinearPath::kCudaCore, dnormed.get(), k, 1, dw.w, dwant.get(), n, mode,
+                                        nullptr)
+                  .ok());
+  std::vector<float> want;
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  ASSERT_EQ(dwant.Download(&want), cudaSuccess);
+  ASSERT_EQ(std::memcmp(want.data(), y_runs[0].data(), n * sizeof(float)), 0);
+}
+
+TEST(QuantLinearGpu, RmsNormedEqualsNormThenGemv) {
+  GROVE_SKIP_WITHOUT_GPU();
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  for (QuantFormat f : {QuantFormat::kBF16, QuantFormat::kInt8, QuantFormat::kInt4}) {
+    CheckRmsNormed(rng, f, 8, 128, Accumulate::kOverwrite);
+    CheckRmsNormed(rng, f, 40, 640, Accumulate::kAdd);
+    CheckRmsNormed(rng, f, 1536, 1024, Accumulate::kOverwrite);  // gpu-ref qkv
+    CheckRmsNormed(rng, f, 64, 1024, Accumulate::kOverwrite);    // router
+    CheckRmsNormed(rng, f, 5632, 1024, Accumulate::kAdd);        // dense w1|w3
+    CheckRmsNormed(rng, f, 4096, 1024, Accumulate::kOverwrite);  // a lm_head slice
+  }
+}
+
+TEST(QuantLinearArgs, RmsNormedRejectsBadArguments) {
+  // Each case fails its checks before any CUDA call (host pointers are fine).
+  QuantWeight w;
+  w.format = QuantFormat::kBF16;
+  w.n = 8;
+  w.k = 128;
+  alignas(16) static float buf[256];
+  w.data = buf;
+  RmsNormedRow in;
+  in.x = buf;
+  in.weight = buf;
+  RmsNormedRow no_x = in;
+  no_x.x = nullptr;
+  EXPECT_EQ(QuantLinearRmsNormed(no_x, w, buf, Accumulate::kOverwrite, nullptr).code(), StatusCode::kInvalidArgument);
+  RmsNormedRow odd = in;
+  odd.normed = reinterpret_cast<__nv_bfloat16*>(reinterpret_cast<char*>(buf) + 2);
+  EXPECT_EQ(QuantLinearRmsNormed(odd, w, buf, Accumulate::kOverwrite, nullptr).code(), StatusCode::kInvalidArgument);
+  RmsNormedRow neg = in;
+  neg.eps = -1.f;
+  EXPECT_EQ(QuantLinearRmsNormed(neg, w, buf, Accumulate::kOverwrite, nullptr).code(), StatusCode::kInvalidArgument);
+  QuantWeight bad = w;
+  bad.k = 100;
+  EXPECT_EQ(QuantLinearRmsNormed(in, bad, buf, Accumulate::kOverwrite, nullptr).code(), StatusCode::kInvalidArgument);
+}
+
 TEST(QuantLinearGpu, RowsAreIndependentOfTheBatch) {
   // On each path a token's output is the same bits whatever else shares the
   // call (a prompt's prefill and its decode agree): 37 rows at once (passes
@@ -395,13 +509,6 @@ struct MoeCase {
   std::vector<QuantFormat> formats;  // per expert
   Accumulate mode;
 };
-
-double Bf16Ulp(double v) {
-  if (v == 0) return std::ldexp(1.0, -133);  // smallest bf16 subnormal step
-  int e;
-  std::frexp(std::fabs(v), &e);  // |v| in [2^(e-1), 2^e)
-  return std::ldexp(1.0, e - 1 - 7);
-}
 
 void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
   SCOPED_TRACE("m " + std::to_string(c.m) + " experts " + std::to_string(c.experts) + " top_k " +
