@@ -97,21 +97,22 @@ __global__ void QuantizeInt4Kernel(const float* __restrict__ w, int64_t n, int64
 
 // The prologue a kernel of the decode chain runs before griddepcontrol.wait
 // (only when launched with the programmatic-dependent-launch attribute, so
-// that it overlaps the kernel ahead): an L2 prefetch of every weight row
-// this block will stream (passes blockIdx.x, + gridDim.x, ...; each pass
-// rows_per_pass contiguous rows), one 128-byte line per thread at a time.
-// Weights are written only by QuantizeWeight, long before, so reading their
-// addresses early is safe.
-__device__ __forceinline__ void PrefetchBlockRows(const QuantWeight& w, int rows_per_pass, int passes) {
+// that it overlaps the kernel ahead): an L2 prefetch of the weight rows of
+// this block's first pass (rows_per_pass contiguous rows from pass
+// blockIdx.x), one 128-byte line per thread at a time. Only the first pass:
+// that is what the overlap can hide, and it bounds the prefetch to at most
+// grid x one pass (~4 MB at k = 1024) so a 64 MB lm_head cannot evict its
+// own lines before they are read. Weights are written only by
+// QuantizeWeight, long before, so reading their addresses early is safe.
+__device__ __forceinline__ void PrefetchFirstPassRows(const QuantWeight& w, int rows_per_pass, int passes) {
+  if (static_cast<int>(blockIdx.x) >= passes) return;
   const int64_t row_bytes = gemv::RowBytes(w.format, w.k), row_scales = gemv::RowScales(w.format, w.k);
-  for (int pass = blockIdx.x; pass < passes; pass += gridDim.x) {
-    const int64_t r0 = int64_t{pass} * rows_per_pass;
-    const int64_t r1 = r0 + rows_per_pass < w.n ? r0 + rows_per_pass : w.n;
-    const char* data = static_cast<const char*>(w.data) + r0 * row_bytes;
-    for (int64_t off = int64_t{threadIdx.x} * 128; off < (r1 - r0) * row_bytes; off += int64_t{blockDim.x} * 128)
-      ptx::prefetch_global_L2(data + off);
-    if (row_scales > 0 && threadIdx.x == 0) ptx::prefetch_global_L2(w.scales + r0 * row_scales);
-  }
+  const int64_t r0 = int64_t{blockIdx.x} * rows_per_pass;
+  const int64_t r1 = r0 + rows_per_pass < w.n ? r0 + rows_per_pass : w.n;
+  const char* data = static_cast<const char*>(w.data) + r0 * row_bytes;
+  for (int64_t off = int64_t{threadIdx.x} * 128; off < (r1 - r0) * row_bytes; off += int64_t{blockDim.x} * 128)
+    ptx::prefetch_global_L2(data + off);
+  if (row_scales > 0 && threadIdx.x == 0) ptx::prefetch_global_L2(w.scales + r0 * row_scales);
 }
 
 // The fused RMSNorm input of the m = 1 GEMV (QuantLinearRmsNormed).
@@ -155,7 +156,7 @@ __global__ void __launch_bounds__(kThreads)
   uint4* x_s = smem + gemv::ReduceBytes(R) / 16;
   const gemv::Split split = gemv::MakeSplit(F, w.k);
   const int rows_per_pass = kRows * split.groups;
-  if (prefetch) PrefetchBlockRows(w, rows_per_pass, passes);
+  if (prefetch) PrefetchFirstPassRows(w, rows_per_pass, passes);
   ptx::griddepcontrol_wait();  // x (or norm.x) and y come from earlier kernels
   ptx::griddepcontrol_launch_dependents();
   if constexpr (kNormed) {
@@ -274,7 +275,7 @@ __global__ void __launch_bounds__(kThreads)
   float* red_s = reinterpret_cast<float*>(smem);
   uint4* x_s = smem + kMmaReduceFloats<NT> / 4;
   const mma::Split split = mma::MakeSplit(F, w.k);
-  if (prefetch) PrefetchBlockRows(w, mma::kTileRows * split.groups, passes);
+  if (prefetch) PrefetchFirstPassRows(w, mma::kTileRows * split.groups, passes);
   ptx::griddepcontrol_wait();  // x and y come from earlier kernels
   ptx::griddepcontrol_launch_dependents();
   mma::StageX<F, NT>(x_s, w.k, count, [&](int i) { return x + i * ldx; });
