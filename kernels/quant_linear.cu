@@ -9,6 +9,7 @@
 #include "kernels/ptx/prefetch.cuh"
 #include "kernels/quant_gemv.cuh"
 #include "kernels/rmsnorm_row.cuh"
+#include "kernels/router_topk.cuh"
 #include "kernels/quant_mma.cuh"
 #include "kernels/quant_linear_internal.h"
 
@@ -141,6 +142,29 @@ __device__ __forceinline__ void StageXRmsNormed(uint4* x_s, int k, const NormedI
   });
 }
 
+// The router tail of QuantLinearRmsNormed, after every block has written
+// its logits: the last block to finish (threadfence, then a counter) reads
+// all n logits back through L2 (ld.cg: other SMs wrote them) into shared
+// memory and routes the row with one warp, then resets the counter.
+__device__ __forceinline__ void RouteInLastBlock(const float* y, const RouterTail& route) {
+  __shared__ float logits_s[kRouterMaxExperts];
+  __shared__ bool last;
+  __threadfence();  // this block's y stores visible device-wide before it counts
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(route.counter, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int e = threadIdx.x; e < route.args.experts; e += blockDim.x) logits_s[e] = __ldcg(y + e);
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    RouterArgs a = route.args;
+    a.logits = logits_s;
+    RouterTopKWarp(a, 0);
+  }
+  if (threadIdx.x == 0) *route.counter = 0;
+}
+
 // Blocks loop over "passes" of R * groups rows (R weight rows per warp; n is
 // a multiple of 8, so R in {1, 2, 4} never splits a warp's rows at the end);
 // the activation tile is staged once per block. kNormed (M = 1 only): the
@@ -148,7 +172,7 @@ __device__ __forceinline__ void StageXRmsNormed(uint4* x_s, int k, const NormedI
 template <QuantFormat F, int M, int R, bool kNormed>
 __global__ void __launch_bounds__(kThreads)
     QuantGemvKernel(const __nv_bfloat16* __restrict__ x, int64_t ldx, int count, QuantWeight w, float* y,
-                    int64_t ldy, Accumulate mode, int passes, bool prefetch, NormedInput norm) {
+                    int64_t ldy, Accumulate mode, int passes, bool prefetch, NormedInput norm, RouterTail route) {
   static_assert(!kNormed || M == 1, "the fused RMSNorm stages one row");
   constexpr int kRows = R;
   extern __shared__ uint4 smem[];
@@ -199,6 +223,9 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
   }
+  if constexpr (kNormed) {
+    if (route.counter != nullptr) RouteInLastBlock(y, route);
+  }
 }
 
 int SmCount() {
@@ -216,7 +243,7 @@ Status LaunchedEx(cudaError_t err, const char* what) {
 
 template <QuantFormat F, int M, int R, bool kNormed = false>
 Status LaunchGemv(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y, int64_t ldy,
-                  Accumulate mode, cudaStream_t stream, const NormedInput& norm = {}) {
+                  Accumulate mode, cudaStream_t stream, const NormedInput& norm = {}, const RouterTail& route = {}) {
   const gemv::Split split = gemv::MakeSplit(F, w.k);
   const int rows_per_pass = R * split.groups;
   const int passes = static_cast<int>((w.n + rows_per_pass - 1) / rows_per_pass);
@@ -229,7 +256,7 @@ Status LaunchGemv(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWei
     return Launched("QuantLinear: shared memory attribute");
   const bool prefetch = ProgrammaticLaunchEnabled();
   return LaunchedEx(LaunchKernel(kernel, dim3(blocks), dim3(kThreads), smem, stream, x, ldx, count, w, y, ldy, mode,
-                                 passes, prefetch, norm),
+                                 passes, prefetch, norm, route),
                     "QuantLinear launch");
 }
 
@@ -451,7 +478,7 @@ Status QuantLinearOnPath(QuantLinearPath path, const __nv_bfloat16* x, int64_t l
 }  // namespace detail
 
 Status QuantLinearRmsNormed(const RmsNormedRow& in, const QuantWeight& w, float* y, Accumulate mode,
-                            cudaStream_t stream) {
+                            cudaStream_t stream, const RouterTail* route) {
   GROVE_RETURN_IF_ERROR(CheckShape("QuantLinearRmsNormed", w.format, w.n, w.k));
   if (!Aligned(in.x, 4) || !Aligned(in.weight, 4) || !Aligned(w.data, 16) || !Aligned(y, 4))
     return Status::InvalidArgument("QuantLinearRmsNormed: x, weight and y must be non-null and 4-byte aligned, "
@@ -465,17 +492,25 @@ Status QuantLinearRmsNormed(const RmsNormedRow& in, const QuantWeight& w, float*
   if (static_cast<int64_t>(gemv::ReduceBytes(kDefaultGemvRows) + gemv::XTileBytes(w.k, 1)) > kMaxSmemBytes)
     return Status::InvalidArgument("QuantLinearRmsNormed: k " + std::to_string(w.k) +
                                    " too long for the activation row in shared memory");
+  RouterTail tail;
+  if (route != nullptr) {
+    GROVE_RETURN_IF_ERROR(CheckRouterArgs(route->args));
+    if (route->args.logits != y || route->args.tokens != 1 || route->args.experts != w.n || !route->counter)
+      return Status::InvalidArgument("QuantLinearRmsNormed: the route needs logits == y, tokens 1, experts == n (" +
+                                     std::to_string(w.n) + ") and a counter");
+    tail = *route;
+  }
   const NormedInput norm{in.x, in.weight, in.eps, in.normed};
   switch (w.format) {
     case QuantFormat::kBF16:
       return LaunchGemv<QuantFormat::kBF16, 1, kDefaultGemvRows, true>(nullptr, w.k, 1, w, y, w.n, mode, stream,
-                                                                        norm);
+                                                                        norm, tail);
     case QuantFormat::kInt8:
       return LaunchGemv<QuantFormat::kInt8, 1, kDefaultGemvRows, true>(nullptr, w.k, 1, w, y, w.n, mode, stream,
-                                                                        norm);
+                                                                        norm, tail);
     case QuantFormat::kInt4:
       return LaunchGemv<QuantFormat::kInt4, 1, kDefaultGemvRows, true>(nullptr, w.k, 1, w, y, w.n, mode, stream,
-                                                                        norm);
+                                                                        norm, tail);
   }
   return Status::InvalidArgument("QuantLinearRmsNormed: unknown format");
 }

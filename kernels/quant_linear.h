@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "base/status.h"
+#include "kernels/router.h"
 
 namespace grove::kernels {
 
@@ -95,7 +96,19 @@ struct RmsNormedRow {
 // (both take rstd from kernels/rmsnorm_row.cuh and the products in the same
 // order; QuantLinear's CUDA-core GEMV). Decode at batch 1 only; prefill and
 // larger batches keep the separate norm. Graph-capturable.
+//
+// route (optional): the linear is the MoE router and the row is routed in
+// the same launch -- the block that finishes last (a device counter) runs
+// RouterTopK's per-token work (kernels/router_topk.cuh, the same bits) on
+// the n logits it reads back from y. route->args as for RouterTopK with
+// logits == y, tokens == 1, experts == n; route->counter a device unsigned
+// that is 0 before the first call (each call leaves it 0; calls using one
+// counter must not run concurrently).
+struct RouterTail {
+  RouterArgs args;
+  unsigned* counter = nullptr;
+};
 Status QuantLinearRmsNormed(const RmsNormedRow& in, const QuantWeight& w, float* y, Accumulate mode,
-                            cudaStream_t stream);
+                            cudaStream_t stream, const RouterTail* route = nullptr);
 
 }  // namespace grove::kernels

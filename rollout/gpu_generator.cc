@@ -214,6 +214,7 @@ struct GpuGenerator::Impl {
   bf16* fh = nullptr;
   float *rlogits = nullptr, *rscores = nullptr, *gates = nullptr;
   uint16_t *ids = nullptr, *routes = nullptr;
+  unsigned* route_counter = nullptr;  // fuse_router_topk: the fused router's last-block counter
   bf16* h_last = nullptr;
   float* logits = nullptr;  // [max_batch, V]
   int32_t *d_tokens = nullptr, *d_slot = nullptr, *d_pos = nullptr, *d_last = nullptr, *d_step = nullptr;
@@ -327,13 +328,14 @@ struct GpuGenerator::Impl {
   }
   // y (+)= RMSNorm(x row 0, norm_weight) W^T for one row (fuse_rmsnorm);
   // the normed row also goes to `normed` unless null.
-  Status LinearNormed(const float* norm_weight, bf16* normed, int slot, float* y, Accumulate mode) {
+  Status LinearNormed(const float* norm_weight, bf16* normed, int slot, float* y, Accumulate mode,
+                      const kernels::RouterTail* route = nullptr) {
     kernels::RmsNormedRow in;
     in.x = x;
     in.weight = norm_weight;
     in.eps = float(c.norm_eps);
     in.normed = normed;
-    return kernels::QuantLinearRmsNormed(in, slots[slot].qw, y, mode, stream);
+    return kernels::QuantLinearRmsNormed(in, slots[slot].qw, y, mode, stream, route);
   }
   // x += SwiGLU(h) with width F; w13 = [W1; W3] stacked. fused_norm: one
   // row, h = RMSNorm(x, fused_norm) computed inside the W1|W3 linear.
@@ -484,6 +486,8 @@ Status GpuGenerator::Impl::Build() {
     GEN_CUDA(cudaMemcpy(gates, h_gates.data(), h_gates.size() * sizeof(float), cudaMemcpyHostToDevice));
   }
   GROVE_RETURN_IF_ERROR(Alloc(&routes, R * std::max<int64_t>(M * K, 1)));
+  GROVE_RETURN_IF_ERROR(Alloc(&route_counter, 1));
+  GEN_CUDA(cudaMemset(route_counter, 0, sizeof(unsigned)));  // fuse_router_topk: each launch leaves it 0
   GROVE_RETURN_IF_ERROR(Alloc(&h_last, Bm * H));
   GROVE_RETURN_IF_ERROR(Alloc(&logits, Bm * V));
   GROVE_RETURN_IF_ERROR(Alloc(&d_tokens, R));
@@ -634,12 +638,6 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     }
     const int64_t mi = c.moe_index(l);
     GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kRouter));
-    // Fused: the router's kernel writes h (the normed row) for the shared
-    // experts and the MoE after it.
-    if (fuse_norm)
-      GROVE_RETURN_IF_ERROR(LinearNormed(w.ffn_norm, h, w.router, rlogits, Accumulate::kOverwrite));
-    else
-      GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w.router, rlogits, E, Accumulate::kOverwrite));
     kernels::RouterArgs ra;
     ra.logits = rlogits;
     ra.bias = w.router_bias;
@@ -657,7 +655,18 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
       ra.ids_copy = routes + mi * K;
       ra.ids_copy_stride = int(M * K);
     }
-    GROVE_RETURN_IF_ERROR(kernels::RouterTopK(ra, stream));
+    // Fused: the router's kernel writes h (the normed row) for the shared
+    // experts and the MoE after it, and with fuse_router_topk also routes.
+    if (fuse_norm && opt.fuse_router_topk) {
+      const kernels::RouterTail tail{ra, route_counter};
+      GROVE_RETURN_IF_ERROR(LinearNormed(w.ffn_norm, h, w.router, rlogits, Accumulate::kOverwrite, &tail));
+    } else {
+      if (fuse_norm)
+        GROVE_RETURN_IF_ERROR(LinearNormed(w.ffn_norm, h, w.router, rlogits, Accumulate::kOverwrite));
+      else
+        GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w.router, rlogits, E, Accumulate::kOverwrite));
+      GROVE_RETURN_IF_ERROR(kernels::RouterTopK(ra, stream));
+    }
     if (!opt.router_writes_routes)
       GEN_CUDA(cudaMemcpy2DAsync(routes + mi * K, M * K * sizeof(uint16_t), ids, KS * sizeof(uint16_t),
                                  K * sizeof(uint16_t), rows, cudaMemcpyDeviceToDevice, stream));
@@ -778,6 +787,8 @@ Result<std::unique_ptr<GpuGenerator>> GpuGenerator::Create(const model::ModelCon
     return Status::InvalidArgument(
         "GpuGenerator: fold_shared_experts needs top_k + shared_experts <= 16 and experts + shared_experts <= 256 "
         "(MoeDecodeForward's limits)");
+  if (options.fuse_router_topk && !options.fuse_rmsnorm)
+    return Status::InvalidArgument("GpuGenerator: fuse_router_topk needs fuse_rmsnorm (it routes in the fused kernel)");
   if (options.gemv_rows_per_warp != 0 && options.gemv_rows_per_warp != 1 && options.gemv_rows_per_warp != 2 &&
       options.gemv_rows_per_warp != 4)
     return Status::InvalidArgument("GpuGenerator: gemv_rows_per_warp must be 0 (default), 1, 2 or 4");

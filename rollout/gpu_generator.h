@@ -126,6 +126,11 @@ struct GpuGeneratorOptions {
   // (the norm's rstd and products are the standalone kernel's). Prefill and
   // larger batches keep the separate norm. Off until measured.
   bool fuse_rmsnorm = false;
+  // With fuse_rmsnorm (InvalidArgument without it): the batch-1 router
+  // linear also routes (top-k, gates, the routes record) in its last block
+  // to finish (kernels::RouterTail), one launch fewer per MoE layer. The same
+  // bits (RouterTopK's per-token code). Off until measured.
+  bool fuse_router_topk = false;
 };
 
 class GpuGenerator {

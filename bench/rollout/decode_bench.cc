@@ -31,8 +31,9 @@
 // GpuGeneratorOptions alone against all of them off (base; then
 // fold_shared_experts, one_launch_moe_index, router_writes_routes,
 // gemv_rows_per_warp 1 / 4 (batch 1 only), split_kv = split_kv_attention,
-// programmatic_launch, fuse_rmsnorm (batch 1 only), default = the options'
-// defaults, default+pdl+fuse_rmsnorm, all = the four older paths) for
+// programmatic_launch, fuse_rmsnorm and fuse_rmsnorm+router_topk (batch 1
+// only), default = the options' defaults, default with PDL + the fused norm
+// (+ the fused router), all = the four older paths) for
 // --plans at --variant_batches, 32 new tokens: ms per decode step, the
 // speedup over base, the weight bytes read per second (StepWeightBytes /
 // step) and their share of the 2.82 TB/s read ceiling.
@@ -229,11 +230,21 @@ const Variant kVariants[] = {
     {"split_kv", [](GpuGeneratorOptions& o) { o.split_kv_attention = true; }},
     {"programmatic_launch", [](GpuGeneratorOptions& o) { o.programmatic_launch = true; }},
     {"fuse_rmsnorm", [](GpuGeneratorOptions& o) { o.fuse_rmsnorm = true; }},
+    {"fuse_rmsnorm+router_topk", [](GpuGeneratorOptions& o) {
+       o.fuse_rmsnorm = true;
+       o.fuse_router_topk = true;
+     }},
     {"default", [](GpuGeneratorOptions& o) { o = GpuGeneratorOptions{}; }},
     {"default+pdl+fuse_rmsnorm", [](GpuGeneratorOptions& o) {
        o = GpuGeneratorOptions{};
        o.programmatic_launch = true;
        o.fuse_rmsnorm = true;
+     }},
+    {"default+pdl+fuse_rmsnorm+router_topk", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.programmatic_launch = true;
+       o.fuse_rmsnorm = true;
+       o.fuse_router_topk = true;
      }},
     {"all", [](GpuGeneratorOptions& o) {
        o.fold_shared_experts = true;
@@ -252,6 +263,7 @@ void AllPathsOff(GpuGeneratorOptions& o) {
   o.split_kv_attention = false;
   o.programmatic_launch = false;
   o.fuse_rmsnorm = false;
+  o.fuse_router_topk = false;
 }
 
 // --variants: rows (variant, plan), columns ms/step per batch (x speedup

@@ -37,6 +37,7 @@
 #include "kernels/quant_linear.h"
 #include "kernels/quant_linear_internal.h"
 #include "kernels/quant_unpack.h"
+#include "kernels/router.h"
 #include "rollout/int4_quantizer.h"
 #include "rollout/int8_quantizer.h"
 #include "rollout/precision_format.h"
@@ -443,6 +444,102 @@ TEST(QuantLinearGpu, RmsNormedEqualsNormThenGemv) {
   }
 }
 
+// The router tail (RouterTail): QuantLinearRmsNormed that also routes equals
+// QuantLinearRmsNormed then RouterTopK bit for bit -- logits, scores, ids,
+// gates and the ids copy -- three calls in a row on one counter (each must
+// leave it 0 for the next), sigmoid with bias and norm_topk as the gpu-ref
+// model routes, and softmax; E = 64 (gpu-ref), 256 (the most) and 8.
+void CheckRouted(std::mt19937_64& rng, int experts, int top_k, bool sigmoid) {
+  SCOPED_TRACE("experts " + std::to_string(experts) + " top_k " + std::to_string(top_k) +
+               (sigmoid ? " sigmoid" : " softmax"));
+  const int64_t k = 1024;
+  DeviceWeight dw(QuantFormat::kBF16, experts, k);
+  QuantizeOnGpu(RandomWeights(rng, experts, k), &dw);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> x(k), nw(k, 1.f), bias(experts);
+  for (auto& v : x) v = nd(rng);
+  for (auto& v : bias) v = 0.1f * nd(rng);
+  DeviceBuffer<float> dx(k), dnw(k), dbias(experts);
+  ASSERT_EQ(dx.Upload(x), cudaSuccess);
+  ASSERT_EQ(dnw.Upload(nw), cudaSuccess);
+  ASSERT_EQ(dbias.Upload(bias), cudaSuccess);
+  DeviceBuffer<unsigned> counter(1);
+  ASSERT_EQ(cudaMemset(counter.get(), 0, sizeof(unsigned)), cudaSuccess);
+  const int stride = top_k + 1, copy_stride = 2 * top_k;  // wider rows, as the engine uses them
+  struct Out {
+    std::vector<float> logits, scores, gates;
+    std::vector<uint16_t> ids, copy;
+  };
+  auto run = [&](bool fused, Out* out) {
+    DeviceBuffer<float> logits(experts), scores(experts), gates(stride);
+    DeviceBuffer<uint16_t> ids(stride), copy(copy_stride);
+    ASSERT_EQ(cudaMemset(gates.get(), 0, stride * sizeof(float)), cudaSuccess);
+    ASSERT_EQ(cudaMemset(ids.get(), 0, stride * sizeof(uint16_t)), cudaSuccess);
+    ASSERT_EQ(cudaMemset(copy.get(), 0, copy_stride * sizeof(uint16_t)), cudaSuccess);
+    RmsNormedRow in;
+    in.x = dx.get();
+    in.weight = dnw.get();
+    in.eps = 1e-6f;
+    RouterArgs ra;
+    ra.logits = logits.get();
+    ra.bias = sigmoid ? dbias.get() : nullptr;
+    ra.scores = scores.get();
+    ra.ids = ids.get();
+    ra.gates = gates.get();
+    ra.tokens = 1;
+    ra.experts = experts;
+    ra.top_k = top_k;
+    ra.sigmoid = sigmoid;
+    ra.norm_topk = sigmoid;
+    ra.route_scale = 2.5f;
+    ra.out_stride = stride;
+    ra.ids_copy = copy.get();
+    ra.ids_copy_stride = copy_stride;
+    if (fused) {
+      const RouterTail tail{ra, counter.get()};
+      const Status s = QuantLinearRmsNormed(in, dw.w, logits.get(), Accumulate::kOverwrite, nullptr, &tail);
+      ASSERT_TRUE(s.ok()) << s.ToString();
+    } else {
+      ASSERT_TRUE(QuantLinearRmsNormed(in, dw.w, logits.get(), Accumulate::kOverwrite, nullptr).ok());
+      ASSERT_TRUE(RouterTopK(ra, nullptr).ok());
+    }
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_EQ(logits.Download(&out->logits), cudaSuccess);
+    ASSERT_EQ(scores.Download(&out->scores), cudaSuccess);
+    ASSERT_EQ(gates.Download(&out->gates), cudaSuccess);
+    ASSERT_EQ(ids.Download(&out->ids), cudaSuccess);
+    ASSERT_EQ(copy.Download(&out->copy), cudaSuccess);
+  };
+  Out want;
+  run(false, &want);
+  float gate_sum = 0;
+  for (int j = 0; j < top_k; ++j) gate_sum += want.gates[j];
+  ASSERT_GT(gate_sum, 0.f) << "the reference routed nothing";
+  for (int rep = 0; rep < 3; ++rep) {
+    Out got;
+    run(true, &got);
+    ASSERT_EQ(std::memcmp(got.logits.data(), want.logits.data(), experts * 4), 0) << "call " << rep;
+    ASSERT_EQ(std::memcmp(got.scores.data(), want.scores.data(), experts * 4), 0) << "call " << rep;
+    ASSERT_EQ(std::memcmp(got.gates.data(), want.gates.data(), stride * 4), 0) << "call " << rep;
+    ASSERT_EQ(got.ids, want.ids) << "call " << rep;
+    ASSERT_EQ(got.copy, want.copy) << "call " << rep;
+    unsigned left = 1;
+    ASSERT_EQ(cudaMemcpy(&left, counter.get(), sizeof(unsigned), cudaMemcpyDeviceToHost), cudaSuccess);
+    ASSERT_EQ(left, 0u) << "the fused router must leave its counter at 0";
+  }
+}
+
+TEST(QuantLinearGpu, RmsNormedRouterTailEqualsRouterTopK) {
+  GROVE_SKIP_WITHOUT_GPU();
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  CheckRouted(rng, 64, 6, true);
+  CheckRouted(rng, 64, 6, false);
+  CheckRouted(rng, 256, 16, true);
+  CheckRouted(rng, 8, 2, true);
+}
+
 TEST(QuantLinearArgs, RmsNormedRejectsBadArguments) {
   // Each case fails its checks before any CUDA call (host pointers are fine).
   QuantWeight w;
@@ -466,6 +563,31 @@ TEST(QuantLinearArgs, RmsNormedRejectsBadArguments) {
   QuantWeight bad = w;
   bad.k = 100;
   EXPECT_EQ(QuantLinearRmsNormed(in, bad, buf, Accumulate::kOverwrite, nullptr).code(), StatusCode::kInvalidArgument);
+  // A route whose logits are not y, or with more than one token, or no counter.
+  static unsigned counter = 0;
+  RouterTail tail;
+  tail.args.logits = buf + 64;
+  tail.args.scores = buf;
+  tail.args.ids = reinterpret_cast<uint16_t*>(buf);
+  tail.args.gates = buf;
+  tail.args.tokens = 1;
+  tail.args.experts = 8;
+  tail.args.top_k = 2;
+  tail.counter = &counter;
+  EXPECT_EQ(QuantLinearRmsNormed(in, w, buf, Accumulate::kOverwrite, nullptr, &tail).code(),
+            StatusCode::kInvalidArgument);
+  tail.args.logits = buf;
+  tail.args.tokens = 2;
+  EXPECT_EQ(QuantLinearRmsNormed(in, w, buf, Accumulate::kOverwrite, nullptr, &tail).code(),
+            StatusCode::kInvalidArgument);
+  tail.args.tokens = 1;
+  tail.counter = nullptr;
+  EXPECT_EQ(QuantLinearRmsNormed(in, w, buf, Accumulate::kOverwrite, nullptr, &tail).code(),
+            StatusCode::kInvalidArgument);
+  tail.counter = &counter;
+  tail.args.top_k = 9;  // > experts
+  EXPECT_EQ(QuantLinearRmsNormed(in, w, buf, Accumulate::kOverwrite, nullptr, &tail).code(),
+            StatusCode::kInvalidArgument);
 }
 
 TEST(QuantLinearGpu, RowsAreIndependentOfTheBatch) {
