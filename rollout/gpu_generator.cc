@@ -487,7 +487,9 @@ Status GpuGenerator::Impl::Build() {
   }
   GROVE_RETURN_IF_ERROR(Alloc(&routes, R * std::max<int64_t>(M * K, 1)));
   GROVE_RETURN_IF_ERROR(Alloc(&route_counter, 1));
-  GEN_CUDA(cudaMemset(route_counter, 0, sizeof(unsigned)));  // fuse_router_topk: each launch leaves it 0
+  // fuse_router_topk's counter starts at 0 (each launch leaves it 0); on the
+  // engine's stream, so it is ordered before every kernel that counts.
+  GEN_CUDA(cudaMemsetAsync(route_counter, 0, sizeof(unsigned), stream));
   GROVE_RETURN_IF_ERROR(Alloc(&h_last, Bm * H));
   GROVE_RETURN_IF_ERROR(Alloc(&logits, Bm * V));
   GROVE_RETURN_IF_ERROR(Alloc(&d_tokens, R));
