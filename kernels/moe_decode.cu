@@ -18,8 +18,10 @@
 #include <algorithm>
 #include <string>
 
+#include "kernels/launch.cuh"
 #include "kernels/moe_decode_internal.h"
 #include "kernels/moe_permute.h"
+#include "kernels/ptx/griddepcontrol.cuh"
 #include "kernels/quant_gemv.cuh"
 #include "kernels/quant_mma.cuh"
 
@@ -60,8 +62,8 @@ Layout MakeLayout(int m, int hidden, int expert_hidden, int experts, int top_k) 
   return l;
 }
 
-Status Launched(const char* what) {
-  const cudaError_t err = cudaGetLastError();
+Status Launched(const char* what, cudaError_t launch = cudaSuccess) {
+  const cudaError_t err = launch != cudaSuccess ? launch : cudaGetLastError();
   if (err == cudaSuccess) return Status::OK();
   return Status::Internal(std::string(what) + ": " + cudaGetErrorString(err));
 }
@@ -189,6 +191,8 @@ __device__ void DownSlab(const MoeDecodeArgs& a, const QuantWeight& w2, int begi
 
 __global__ void __launch_bounds__(kThreads)
     MoeUpKernel(MoeDecodeArgs a, const int32_t* offsets, const int32_t* slot_of_row, __nv_bfloat16* h) {
+  ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
+  ptx::griddepcontrol_launch_dependents();
   extern __shared__ uint4 smem[];
   const int e = FindActiveExpert(offsets, a.experts, blockIdx.y);
   if (e < 0) return;
@@ -203,6 +207,8 @@ __global__ void __launch_bounds__(kThreads)
 
 __global__ void __launch_bounds__(kThreads)
     MoeDownKernel(MoeDecodeArgs a, const int32_t* offsets, const __nv_bfloat16* h, float* partial) {
+  ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
+  ptx::griddepcontrol_launch_dependents();
   extern __shared__ uint4 smem[];
   const int e = FindActiveExpert(offsets, a.experts, blockIdx.y);
   if (e < 0) return;
@@ -307,6 +313,8 @@ __device__ void DownTile(const MoeDecodeArgs& a, const QuantWeight& w2, int begi
 
 __global__ void __launch_bounds__(kThreads)
     MoeUpMmaKernel(MoeDecodeArgs a, const int32_t* offsets, const int32_t* slot_of_row, __nv_bfloat16* h) {
+  ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
+  ptx::griddepcontrol_launch_dependents();
   extern __shared__ uint4 smem[];
   const int e = FindActiveExpert(offsets, a.experts, blockIdx.y);
   if (e < 0) return;
@@ -321,6 +329,8 @@ __global__ void __launch_bounds__(kThreads)
 
 __global__ void __launch_bounds__(kThreads)
     MoeDownMmaKernel(MoeDecodeArgs a, const int32_t* offsets, const __nv_bfloat16* h, float* partial) {
+  ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
+  ptx::griddepcontrol_launch_dependents();
   extern __shared__ uint4 smem[];
   const int e = FindActiveExpert(offsets, a.experts, blockIdx.y);
   if (e < 0) return;
@@ -337,6 +347,8 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void MoeDecodeCombineKernel(const float* __restrict__ partial, const float* __restrict__ gates,
                                        const int32_t* __restrict__ row_of_slot, float* out, Accumulate mode, int m,
                                        int hidden, int top_k) {
+  ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
+  ptx::griddepcontrol_launch_dependents();
   const int quads = hidden / 4;
   const int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   if (idx >= int64_t{m} * quads) return;
@@ -436,30 +448,30 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
     if (!mma_fits)
       return Status::InvalidArgument("MoeDecodeForward: hidden / expert_hidden too large for the tensor-core path");
     GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(MoeUpMmaKernel), up_mma));
-    MoeUpMmaKernel<<<dim3(a.expert_hidden / mma::kTileRows, max_active), kThreads, up_mma, stream>>>(
-        a, offsets, slot_of_row, h);
-    GROVE_RETURN_IF_ERROR(Launched("MoeDecodeForward up (tensor cores)"));
+    GROVE_RETURN_IF_ERROR(Launched("MoeDecodeForward up (tensor cores)",
+                                   LaunchKernel(MoeUpMmaKernel, dim3(a.expert_hidden / mma::kTileRows, max_active),
+                                                dim3(kThreads), up_mma, stream, a, offsets, slot_of_row, h)));
     GROVE_RETURN_IF_ERROR(RecordStage(a, 1, stream));
     GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(MoeDownMmaKernel), down_mma));
-    MoeDownMmaKernel<<<dim3(a.hidden / mma::kTileRows, max_active), kThreads, down_mma, stream>>>(a, offsets, h,
-                                                                                                 partial);
-    GROVE_RETURN_IF_ERROR(Launched("MoeDecodeForward down (tensor cores)"));
+    GROVE_RETURN_IF_ERROR(Launched("MoeDecodeForward down (tensor cores)",
+                                   LaunchKernel(MoeDownMmaKernel, dim3(a.hidden / mma::kTileRows, max_active),
+                                                dim3(kThreads), down_mma, stream, a, offsets, h, partial)));
   } else {
     GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(MoeUpKernel), up_smem));
-    MoeUpKernel<<<dim3(a.expert_hidden / kUpSlabUnits, max_active), kThreads, up_smem, stream>>>(a, offsets,
-                                                                                                slot_of_row, h);
-    GROVE_RETURN_IF_ERROR(Launched("MoeDecodeForward up"));
+    GROVE_RETURN_IF_ERROR(
+        Launched("MoeDecodeForward up", LaunchKernel(MoeUpKernel, dim3(a.expert_hidden / kUpSlabUnits, max_active),
+                                                     dim3(kThreads), up_smem, stream, a, offsets, slot_of_row, h)));
     GROVE_RETURN_IF_ERROR(RecordStage(a, 1, stream));
     GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(MoeDownKernel), down_smem));
-    MoeDownKernel<<<dim3(a.hidden / kDownSlabRows, max_active), kThreads, down_smem, stream>>>(a, offsets, h,
-                                                                                              partial);
-    GROVE_RETURN_IF_ERROR(Launched("MoeDecodeForward down"));
+    GROVE_RETURN_IF_ERROR(
+        Launched("MoeDecodeForward down", LaunchKernel(MoeDownKernel, dim3(a.hidden / kDownSlabRows, max_active),
+                                                       dim3(kThreads), down_smem, stream, a, offsets, h, partial)));
   }
   GROVE_RETURN_IF_ERROR(RecordStage(a, 2, stream));
   const int64_t threads = int64_t{a.m} * (a.hidden / 4);
-  MoeDecodeCombineKernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
-      partial, a.gates, row_of_slot, a.out, a.mode, a.m, a.hidden, a.top_k);
-  return Launched("MoeDecodeForward combine");
+  return Launched("MoeDecodeForward combine",
+                  LaunchKernel(MoeDecodeCombineKernel, static_cast<unsigned>((threads + 255) / 256), dim3(256), 0,
+                               stream, partial, a.gates, row_of_slot, a.out, a.mode, a.m, a.hidden, a.top_k));
 }
 
 }  // namespace detail

@@ -2,6 +2,8 @@
 
 #include <string>
 
+#include "kernels/launch.cuh"
+#include "kernels/ptx/griddepcontrol.cuh"
 #include "kernels/vector_io.cuh"
 
 namespace grove::kernels {
@@ -119,6 +121,8 @@ __global__ void ScatterKernel(const uint16_t* ids, int slots, int experts, int c
 __global__ void __launch_bounds__(kMoeRouteIndexOneBlockSlots)
     OneBlockIndexKernel(const uint16_t* ids, int slots, int experts, int32_t* expert_offsets, int32_t* row_of_slot,
                         int32_t* slot_of_row, int32_t* expert_load) {
+  ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
+  ptx::griddepcontrol_launch_dependents();
   __shared__ int key[kMoeRouteIndexOneBlockSlots];
   __shared__ int32_t count[kMoeMaxExperts];
   __shared__ int32_t first[kMoeMaxExperts + 1];
@@ -313,9 +317,10 @@ Status MoeRouteIndexOneBlock(const uint16_t* ids, int tokens, int top_k, int exp
                                    std::to_string(kMoeRouteIndexOneBlockSlots));
   if (!expert_offsets || (slots > 0 && (!ids || !row_of_slot || !slot_of_row)))
     return Status::InvalidArgument("MoeRouteIndexOneBlock: null pointer");
-  OneBlockIndexKernel<<<1, kMoeRouteIndexOneBlockSlots, 0, stream>>>(ids, static_cast<int>(slots), experts,
-                                                                     expert_offsets, row_of_slot, slot_of_row,
-                                                                     expert_load);
+  const cudaError_t err = LaunchKernel(OneBlockIndexKernel, dim3(1), dim3(kMoeRouteIndexOneBlockSlots), 0, stream,
+                                       ids, static_cast<int>(slots), experts, expert_offsets, row_of_slot,
+                                       slot_of_row, expert_load);
+  if (err != cudaSuccess) return Status::Internal(std::string("MoeRouteIndexOneBlock: ") + cudaGetErrorString(err));
   return Launched("MoeRouteIndexOneBlock");
 }
 

@@ -1,5 +1,7 @@
 #include "kernels/paged_kv.h"
 
+#include "kernels/launch.cuh"
+#include "kernels/ptx/griddepcontrol.cuh"
 #include "kernels/softmax_merge.h"
 
 #include <algorithm>
@@ -27,6 +29,8 @@ __device__ inline int64_t CacheOffset(const PagedKvCache& c, int slot, int p, in
 // ((heads + kv_heads) * half), then the v elements (kv_heads * head_dim).
 __global__ void AppendKernel(PagedKvCache c, PagedRows rows, int heads, const float* qkv, int64_t ld,
                              const float* rope_cos, const float* rope_sin, __nv_bfloat16* q_out) {
+  ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
+  ptx::griddepcontrol_launch_dependents();
   const int r = blockIdx.x;
   const int slot = rows.slot[r], p = rows.pos[r];
   const int hd = c.head_dim, half = hd / 2;
@@ -141,6 +145,8 @@ template <int HD>
 __global__ void __launch_bounds__(kAttnWarps * 32)
     AttentionKernel(PagedKvCache c, PagedRows rows, int heads, const __nv_bfloat16* q, __nv_bfloat16* out,
                     float scale) {
+  ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
+  ptx::griddepcontrol_launch_dependents();
   const int r = blockIdx.x, kh = blockIdx.y;
   const int G = heads / c.kv_heads;
   const int slot = rows.slot[r], p = rows.pos[r];
@@ -179,6 +185,8 @@ template <int HD>
 __global__ void __launch_bounds__(kAttnWarps * 32)
     SplitAttentionKernel(PagedKvCache c, PagedRows rows, int heads, const __nv_bfloat16* q, float scale,
                          int chunks, SplitWorkspace ws) {
+  ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
+  ptx::griddepcontrol_launch_dependents();
   constexpr int T = kPagedSplitChunkTokens;
   const int r = blockIdx.x / c.kv_heads, kh = blockIdx.x % c.kv_heads, chunk = blockIdx.y;
   const int G = heads / c.kv_heads;
@@ -207,6 +215,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
 template <int HD>
 __global__ void __launch_bounds__(HD)
     SplitCombineKernel(PagedKvCache c, PagedRows rows, int heads, __nv_bfloat16* out, int chunks, SplitWorkspace ws) {
+  ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
+  ptx::griddepcontrol_launch_dependents();
   const int r = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
   const int slot = rows.slot[r], p = rows.pos[r];
   __nv_bfloat16* o = out + (int64_t(r) * heads + h) * HD;
@@ -234,8 +244,8 @@ Status CheckCache(const PagedKvCache& c, int heads, const char* who) {
   return Status::OK();
 }
 
-Status LaunchStatus(const char* who) {
-  const cudaError_t err = cudaGetLastError();
+Status LaunchStatus(const char* who, cudaError_t launch = cudaSuccess) {
+  const cudaError_t err = launch != cudaSuccess ? launch : cudaGetLastError();
   if (err != cudaSuccess) return Status::Internal(std::string(who) + " launch: " + cudaGetErrorString(err));
   return Status::OK();
 }
@@ -245,10 +255,11 @@ template <int HD>
 Status LaunchSplit(const PagedKvCache& cache, const PagedRows& rows, int heads, const __nv_bfloat16* q,
                    __nv_bfloat16* out, float scale, int chunks, const SplitWorkspace& ws, dim3 grid, dim3 combine_grid,
                    cudaStream_t stream) {
-  SplitAttentionKernel<HD><<<grid, kAttnWarps * 32, 0, stream>>>(cache, rows, heads, q, scale, chunks, ws);
-  GROVE_RETURN_IF_ERROR(LaunchStatus("PagedAttentionSplit"));
-  SplitCombineKernel<HD><<<combine_grid, HD, 0, stream>>>(cache, rows, heads, out, chunks, ws);
-  return LaunchStatus("PagedAttentionSplit combine");
+  GROVE_RETURN_IF_ERROR(LaunchStatus("PagedAttentionSplit",
+                                     LaunchKernel(SplitAttentionKernel<HD>, grid, dim3(kAttnWarps * 32), 0, stream,
+                                                  cache, rows, heads, q, scale, chunks, ws)));
+  return LaunchStatus("PagedAttentionSplit combine", LaunchKernel(SplitCombineKernel<HD>, combine_grid, dim3(HD), 0,
+                                                                  stream, cache, rows, heads, out, chunks, ws));
 }
 
 }  // namespace
@@ -262,8 +273,8 @@ Status PagedKvAppend(const PagedKvCache& cache, const PagedRows& rows, int heads
     return Status::InvalidArgument("PagedKvAppend: ld smaller than the q, k, v columns");
   if (!qkv || !rope_cos || !rope_sin || !q_out || !rows.slot || !rows.pos)
     return Status::InvalidArgument("PagedKvAppend: null pointer");
-  AppendKernel<<<rows.rows, kAppendThreads, 0, stream>>>(cache, rows, heads, qkv, ld, rope_cos, rope_sin, q_out);
-  return LaunchStatus("PagedKvAppend");
+  return LaunchStatus("PagedKvAppend", LaunchKernel(AppendKernel, dim3(rows.rows), dim3(kAppendThreads), 0, stream,
+                                                    cache, rows, heads, qkv, ld, rope_cos, rope_sin, q_out));
 }
 
 Status PagedAttention(const PagedKvCache& cache, const PagedRows& rows, int heads, const __nv_bfloat16* q,
@@ -274,12 +285,9 @@ Status PagedAttention(const PagedKvCache& cache, const PagedRows& rows, int head
   if (!q || !out || !rows.slot || !rows.pos) return Status::InvalidArgument("PagedAttention: null pointer");
   if (scale == 0.f) scale = float(1.0 / std::sqrt(double(cache.head_dim)));
   const dim3 grid(rows.rows, cache.kv_heads);
-  switch (cache.head_dim) {
-    case 32: AttentionKernel<32><<<grid, kAttnWarps * 32, 0, stream>>>(cache, rows, heads, q, out, scale); break;
-    case 64: AttentionKernel<64><<<grid, kAttnWarps * 32, 0, stream>>>(cache, rows, heads, q, out, scale); break;
-    default: AttentionKernel<128><<<grid, kAttnWarps * 32, 0, stream>>>(cache, rows, heads, q, out, scale); break;
-  }
-  return LaunchStatus("PagedAttention");
+  auto kernel = cache.head_dim == 32 ? AttentionKernel<32> : cache.head_dim == 64 ? AttentionKernel<64> : AttentionKernel<128>;
+  return LaunchStatus("PagedAttention",
+                      LaunchKernel(kernel, grid, dim3(kAttnWarps * 32), 0, stream, cache, rows, heads, q, out, scale));
 }
 
 int PagedAttentionSplitChunks(const PagedKvCache& cache, int max_pos) {

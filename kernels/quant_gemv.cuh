@@ -92,9 +92,11 @@ __host__ __device__ constexpr int ReduceBytes(int rows) { return kWarps * rows *
 constexpr int kReduceBytes = ReduceBytes(kRows);
 
 // Stages `count` (<= M) activation rows into x_s in the layout above;
-// row(i) is the bf16 row of token i (16-byte aligned). Ends with a barrier.
-template <QuantFormat F, int M, typename RowOf>
-__device__ __forceinline__ void StageX(uint4* x_s, int k, int count, RowOf row) {
+// octet(i, col) gives token i's 8 bf16 columns col..col+7 as 16 bytes (each
+// (i, col) with i < count and col < k asked for exactly once, by one
+// thread). Ends with a barrier.
+template <QuantFormat F, int M, typename OctetOf>
+__device__ __forceinline__ void StageXOctets(uint4* x_s, int k, int count, OctetOf octet) {
   constexpr int S = Format<F>::kChunkCols / 8;
   const int chunks = k / Format<F>::kChunkCols;
   const int iters = (chunks + 31) / 32;
@@ -106,10 +108,17 @@ __device__ __forceinline__ void StageX(uint4* x_s, int k, int count, RowOf row) 
     const int s = rest % S, it = rest / S;
     const int c = it * 32 + l;
     uint4 v = make_uint4(0, 0, 0, 0);
-    if (c < chunks && i < count) v = *reinterpret_cast<const uint4*>(row(i) + 8 * (c * S + s));
+    if (c < chunks && i < count) v = octet(i, 8 * (c * S + s));
     x_s[idx] = v;
   }
   __syncthreads();
+}
+
+// StageXOctets from bf16 rows: row(i) is the bf16 row of token i (16-byte aligned).
+template <QuantFormat F, int M, typename RowOf>
+__device__ __forceinline__ void StageX(uint4* x_s, int k, int count, RowOf row) {
+  StageXOctets<F, M>(x_s, k, count,
+                     [&](int i, int col) { return *reinterpret_cast<const uint4*>(row(i) + col); });
 }
 
 __device__ __forceinline__ void XOctetToFloats(const uint4& raw, float (&v)[8]) {

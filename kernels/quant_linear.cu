@@ -4,7 +4,12 @@
 #include <cstring>
 #include <string>
 
+#include "kernels/launch.cuh"
+#include "kernels/ptx/griddepcontrol.cuh"
+#include "kernels/ptx/prefetch.cuh"
 #include "kernels/quant_gemv.cuh"
+#include "kernels/rmsnorm_row.cuh"
+#include "kernels/router_topk.cuh"
 #include "kernels/quant_mma.cuh"
 #include "kernels/quant_linear_internal.h"
 
@@ -91,23 +96,101 @@ __global__ void QuantizeInt4Kernel(const float* __restrict__ w, int64_t n, int64
 
 // ---- The GEMV: weight rows streamed once per pass of up to 16 tokens ----
 
+// The prologue a kernel of the decode chain runs before griddepcontrol.wait
+// (only when launched with the programmatic-dependent-launch attribute, so
+// that it overlaps the kernel ahead): an L2 prefetch of the weight rows of
+// this block's first pass (rows_per_pass contiguous rows from pass
+// blockIdx.x), one 128-byte line per thread at a time. Only the first pass:
+// that is what the overlap can hide, and it bounds the prefetch to at most
+// grid x one pass (~4 MB at k = 1024) so a 64 MB lm_head cannot evict its
+// own lines before they are read. Weights are written only by
+// QuantizeWeight, long before, so reading their addresses early is safe.
+__device__ __forceinline__ void PrefetchFirstPassRows(const QuantWeight& w, int rows_per_pass, int passes) {
+  if (static_cast<int>(blockIdx.x) >= passes) return;
+  const int64_t row_bytes = gemv::RowBytes(w.format, w.k), row_scales = gemv::RowScales(w.format, w.k);
+  const int64_t r0 = int64_t{blockIdx.x} * rows_per_pass;
+  const int64_t r1 = r0 + rows_per_pass < w.n ? r0 + rows_per_pass : w.n;
+  const char* data = static_cast<const char*>(w.data) + r0 * row_bytes;
+  for (int64_t off = int64_t{threadIdx.x} * 128; off < (r1 - r0) * row_bytes; off += int64_t{blockDim.x} * 128)
+    ptx::prefetch_global_L2(data + off);
+  if (row_scales > 0 && threadIdx.x == 0) ptx::prefetch_global_L2(w.scales + r0 * row_scales);
+}
+
+// The fused RMSNorm input of the m = 1 GEMV (QuantLinearRmsNormed).
+struct NormedInput {
+  const float* x = nullptr;
+  const float* weight = nullptr;
+  float eps = 0.f;
+  __nv_bfloat16* normed = nullptr;
+};
+
+// Stages bf16(x * rstd * weight) of one fp32 row as StageX stages a bf16
+// row (the same bits as rollout's RmsNormRows: BlockRowRstd, then the same
+// fp32 products rounded to bf16); block 0 also writes the row to in.normed.
+// part: kThreads / 32 floats of shared memory.
+template <QuantFormat F>
+__device__ __forceinline__ void StageXRmsNormed(uint4* x_s, int k, const NormedInput& in, float* part) {
+  const float rstd = BlockRowRstd<kThreads>(in.x, k, in.eps, part);
+  const bool write = blockIdx.x == 0 && in.normed != nullptr;
+  gemv::StageXOctets<F, 1>(x_s, k, 1, [&](int, int col) {
+    alignas(16) __nv_bfloat16 o[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) o[e] = __float2bfloat16(in.x[col + e] * rstd * in.weight[col + e]);
+    const uint4 v = *reinterpret_cast<const uint4*>(o);
+    if (write) *reinterpret_cast<uint4*>(in.normed + col) = v;
+    return v;
+  });
+}
+
+// The router tail of QuantLinearRmsNormed, after every block has written
+// its logits: the last block to finish (threadfence, then a counter) reads
+// all n logits back through L2 (ld.cg: other SMs wrote them) into shared
+// memory and routes the row with one warp, then resets the counter.
+__device__ __forceinline__ void RouteInLastBlock(const float* y, const RouterTail& route) {
+  __shared__ float logits_s[kRouterMaxExperts];
+  __shared__ bool last;
+  __threadfence();  // this block's y stores visible device-wide before it counts
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(route.counter, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int e = threadIdx.x; e < route.args.experts; e += blockDim.x) logits_s[e] = __ldcg(y + e);
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    RouterArgs a = route.args;
+    a.logits = logits_s;
+    RouterTopKWarp(a, 0);
+  }
+  if (threadIdx.x == 0) *route.counter = 0;
+}
+
 // Blocks loop over "passes" of R * groups rows (R weight rows per warp; n is
 // a multiple of 8, so R in {1, 2, 4} never splits a warp's rows at the end);
-// the activation tile is staged once per block.
-template <QuantFormat F, int M, int R>
+// the activation tile is staged once per block. kNormed (M = 1 only): the
+// tile is the RMSNorm of the fp32 row norm.x instead of x.
+template <QuantFormat F, int M, int R, bool kNormed>
 __global__ void __launch_bounds__(kThreads)
     QuantGemvKernel(const __nv_bfloat16* __restrict__ x, int64_t ldx, int count, QuantWeight w, float* y,
-                    int64_t ldy, Accumulate mode, int passes) {
+                    int64_t ldy, Accumulate mode, int passes, bool prefetch, NormedInput norm, RouterTail route) {
+  static_assert(!kNormed || M == 1, "the fused RMSNorm stages one row");
   constexpr int kRows = R;
   extern __shared__ uint4 smem[];
   float* red_s = reinterpret_cast<float*>(smem);
   uint4* x_s = smem + gemv::ReduceBytes(R) / 16;
   const gemv::Split split = gemv::MakeSplit(F, w.k);
-  gemv::StageX<F, M>(x_s, w.k, count, [&](int i) { return x + i * ldx; });
+  const int rows_per_pass = kRows * split.groups;
+  if (prefetch) PrefetchFirstPassRows(w, rows_per_pass, passes);
+  ptx::griddepcontrol_wait();  // x (or norm.x) and y come from earlier kernels
+  ptx::griddepcontrol_launch_dependents();
+  if constexpr (kNormed) {
+    StageXRmsNormed<F>(x_s, w.k, norm, red_s);  // red_s is free until WarpReduceToShared
+  } else {
+    gemv::StageX<F, M>(x_s, w.k, count, [&](int i) { return x + i * ldx; });
+  }
 
   const int warp = threadIdx.x / 32;
   const int g = warp / split.slices, slice = warp % split.slices;
-  const int rows_per_pass = kRows * split.groups;
   const int64_t row_bytes = gemv::RowBytes(F, w.k), row_scales = gemv::RowScales(F, w.k);
   const uint8_t* data = static_cast<const uint8_t*>(w.data);
   for (int pass = blockIdx.x; pass < passes; pass += gridDim.x) {
@@ -140,6 +223,9 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
   }
+  if constexpr (kNormed) {
+    if (route.counter != nullptr) RouteInLastBlock(y, route);
+  }
 }
 
 int SmCount() {
@@ -150,21 +236,28 @@ int SmCount() {
   return sms;
 }
 
-template <QuantFormat F, int M, int R>
+Status LaunchedEx(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) return Status::Internal(std::string(what) + ": " + cudaGetErrorString(err));
+  return Launched(what);
+}
+
+template <QuantFormat F, int M, int R, bool kNormed = false>
 Status LaunchGemv(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y, int64_t ldy,
-                  Accumulate mode, cudaStream_t stream) {
+                  Accumulate mode, cudaStream_t stream, const NormedInput& norm = {}, const RouterTail& route = {}) {
   const gemv::Split split = gemv::MakeSplit(F, w.k);
   const int rows_per_pass = R * split.groups;
   const int passes = static_cast<int>((w.n + rows_per_pass - 1) / rows_per_pass);
   const int blocks = std::min(passes, SmCount() * 4);
   const size_t smem = gemv::ReduceBytes(R) + gemv::XTileBytes(w.k, M);
-  auto kernel = QuantGemvKernel<F, M, R>;
+  auto kernel = QuantGemvKernel<F, M, R, kNormed>;
   if (smem > 48 * 1024 &&
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
           cudaSuccess)
     return Launched("QuantLinear: shared memory attribute");
-  kernel<<<blocks, kThreads, smem, stream>>>(x, ldx, count, w, y, ldy, mode, passes);
-  return Launched("QuantLinear launch");
+  const bool prefetch = ProgrammaticLaunchEnabled();
+  return LaunchedEx(LaunchKernel(kernel, dim3(blocks), dim3(kThreads), smem, stream, x, ldx, count, w, y, ldy, mode,
+                                 passes, prefetch, norm, route),
+                    "QuantLinear launch");
 }
 
 template <QuantFormat F, int R>
@@ -204,11 +297,14 @@ int64_t MmaSmemBytes(int64_t k, int nt) { return int64_t{gemv::kWarps} * nt * 4 
 template <QuantFormat F, int NT>
 __global__ void __launch_bounds__(kThreads)
     QuantMmaKernel(const __nv_bfloat16* __restrict__ x, int64_t ldx, int count, QuantWeight w, float* y,
-                   int64_t ldy, Accumulate mode, int passes) {
+                   int64_t ldy, Accumulate mode, int passes, bool prefetch) {
   extern __shared__ uint4 smem[];
   float* red_s = reinterpret_cast<float*>(smem);
   uint4* x_s = smem + kMmaReduceFloats<NT> / 4;
   const mma::Split split = mma::MakeSplit(F, w.k);
+  if (prefetch) PrefetchFirstPassRows(w, mma::kTileRows * split.groups, passes);
+  ptx::griddepcontrol_wait();  // x and y come from earlier kernels
+  ptx::griddepcontrol_launch_dependents();
   mma::StageX<F, NT>(x_s, w.k, count, [&](int i) { return x + i * ldx; });
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -258,8 +354,9 @@ Status LaunchMma(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeig
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
           cudaSuccess)
     return Launched("QuantLinear: shared memory attribute");
-  kernel<<<blocks, kThreads, smem, stream>>>(x, ldx, count, w, y, ldy, mode, passes);
-  return Launched("QuantLinear tensor-core launch");
+  return LaunchedEx(LaunchKernel(kernel, dim3(blocks), dim3(kThreads), smem, stream, x, ldx, count, w, y, ldy, mode,
+                                 passes, ProgrammaticLaunchEnabled()),
+                    "QuantLinear tensor-core launch");
 }
 
 template <QuantFormat F>
@@ -379,6 +476,44 @@ Status QuantLinearOnPath(QuantLinearPath path, const __nv_bfloat16* x, int64_t l
 }
 
 }  // namespace detail
+
+Status QuantLinearRmsNormed(const RmsNormedRow& in, const QuantWeight& w, float* y, Accumulate mode,
+                            cudaStream_t stream, const RouterTail* route) {
+  GROVE_RETURN_IF_ERROR(CheckShape("QuantLinearRmsNormed", w.format, w.n, w.k));
+  if (!Aligned(in.x, 4) || !Aligned(in.weight, 4) || !Aligned(w.data, 16) || !Aligned(y, 4))
+    return Status::InvalidArgument("QuantLinearRmsNormed: x, weight and y must be non-null and 4-byte aligned, "
+                                   "w.data 16-byte aligned");
+  if (in.normed != nullptr && !Aligned(in.normed, 16))
+    return Status::InvalidArgument("QuantLinearRmsNormed: normed must be 16-byte aligned");
+  if (w.format != QuantFormat::kBF16 && !Aligned(w.scales, 4))
+    return Status::InvalidArgument("QuantLinearRmsNormed: int8/int4 weight without scales");
+  if (!(in.eps >= 0.f))
+    return Status::InvalidArgument("QuantLinearRmsNormed: eps must be >= 0");
+  if (static_cast<int64_t>(gemv::ReduceBytes(kDefaultGemvRows) + gemv::XTileBytes(w.k, 1)) > kMaxSmemBytes)
+    return Status::InvalidArgument("QuantLinearRmsNormed: k " + std::to_string(w.k) +
+                                   " too long for the activation row in shared memory");
+  RouterTail tail;
+  if (route != nullptr) {
+    GROVE_RETURN_IF_ERROR(CheckRouterArgs(route->args));
+    if (route->args.logits != y || route->args.tokens != 1 || route->args.experts != w.n || !route->counter)
+      return Status::InvalidArgument("QuantLinearRmsNormed: the route needs logits == y, tokens 1, experts == n (" +
+                                     std::to_string(w.n) + ") and a counter");
+    tail = *route;
+  }
+  const NormedInput norm{in.x, in.weight, in.eps, in.normed};
+  switch (w.format) {
+    case QuantFormat::kBF16:
+      return LaunchGemv<QuantFormat::kBF16, 1, kDefaultGemvRows, true>(nullptr, w.k, 1, w, y, w.n, mode, stream,
+                                                                        norm, tail);
+    case QuantFormat::kInt8:
+      return LaunchGemv<QuantFormat::kInt8, 1, kDefaultGemvRows, true>(nullptr, w.k, 1, w, y, w.n, mode, stream,
+                                                                        norm, tail);
+    case QuantFormat::kInt4:
+      return LaunchGemv<QuantFormat::kInt4, 1, kDefaultGemvRows, true>(nullptr, w.k, 1, w, y, w.n, mode, stream,
+                                                                        norm, tail);
+  }
+  return Status::InvalidArgument("QuantLinearRmsNormed: unknown format");
+}
 
 Status QuantLinear(const __nv_bfloat16* x, int64_t ldx, int64_t m, const QuantWeight& w, float* y, int64_t ldy,
                    Accumulate mode, void* /*workspace*/, size_t /*workspace_bytes*/, cudaStream_t stream) {

@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "base/status.h"
+#include "kernels/router.h"
 
 namespace grove::kernels {
 
@@ -77,5 +78,37 @@ size_t QuantLinearWorkspaceBytes(QuantFormat f, int64_t n, int64_t k, int64_t m)
 Status QuantLinear(const __nv_bfloat16* x, int64_t ldx, int64_t m, const QuantWeight& w, float* y,
                    int64_t ldy, Accumulate mode, void* workspace, size_t workspace_bytes,
                    cudaStream_t stream);
+
+// One fp32 row and its RMSNorm, the input of QuantLinearRmsNormed.
+struct RmsNormedRow {
+  const float* x = nullptr;       // [k] fp32 (the residual stream)
+  const float* weight = nullptr;  // [k] fp32 norm weight
+  float eps = 0.f;
+  // Optional [k] bf16, 16-byte aligned: receives the normalized row (for
+  // later kernels that read it, e.g. the MoE after a fused router).
+  __nv_bfloat16* normed = nullptr;
+};
+
+// y [1, n] (+)= bf16(x * rstd * weight) W^T with rstd = 1 / sqrt(mean(x^2) +
+// eps): the RMSNorm fused into the m = 1 GEMV, which computes the row's rstd
+// itself (every block re-reads the row: 4 KB at k = 1024) while staging its
+// input. Bit for bit rollout's RmsNormRows followed by QuantLinear at m = 1
+// (both take rstd from kernels/rmsnorm_row.cuh and the products in the same
+// order; QuantLinear's CUDA-core GEMV). Decode at batch 1 only; prefill and
+// larger batches keep the separate norm. Graph-capturable.
+//
+// route (optional): the linear is the MoE router and the row is routed in
+// the same launch -- the block that finishes last (a device counter) runs
+// RouterTopK's per-token work (kernels/router_topk.cuh, the same bits) on
+// the n logits it reads back from y. route->args as for RouterTopK with
+// logits == y, tokens == 1, experts == n; route->counter a device unsigned
+// that is 0 before the first call (each call leaves it 0; calls using one
+// counter must not run concurrently).
+struct RouterTail {
+  RouterArgs args;
+  unsigned* counter = nullptr;
+};
+Status QuantLinearRmsNormed(const RmsNormedRow& in, const QuantWeight& w, float* y, Accumulate mode,
+                            cudaStream_t stream, const RouterTail* route = nullptr);
 
 }  // namespace grove::kernels

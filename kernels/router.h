@@ -44,6 +44,10 @@ struct RouterArgs {
 // gives gate 0 and is written back as given).
 Status RouterTopK(const RouterArgs& args, cudaStream_t stream);
 
+// RouterTopK's argument checks (InvalidArgument naming the bad field), for
+// other kernels that route (quant_linear.h's RouterTail).
+Status CheckRouterArgs(const RouterArgs& args);
+
 // The gradient of RouterTopK's gates with respect to the logits, as
 // model/moe.h's MoeBackward computes it: the selection is a constant, the
 // bias never gets a gradient. Per token, d/ds at the chosen experts

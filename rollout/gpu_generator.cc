@@ -14,6 +14,7 @@
 
 #include "kernels/moe_decode.h"
 #include "kernels/paged_kv.h"
+#include "kernels/programmatic_launch.h"
 #include "kernels/quant_linear.h"
 #include "kernels/quant_linear_internal.h"
 #include "kernels/router.h"
@@ -213,6 +214,7 @@ struct GpuGenerator::Impl {
   bf16* fh = nullptr;
   float *rlogits = nullptr, *rscores = nullptr, *gates = nullptr;
   uint16_t *ids = nullptr, *routes = nullptr;
+  unsigned* route_counter = nullptr;  // fuse_router_topk: the fused router's last-block counter
   bf16* h_last = nullptr;
   float* logits = nullptr;  // [max_batch, V]
   int32_t *d_tokens = nullptr, *d_slot = nullptr, *d_pos = nullptr, *d_last = nullptr, *d_step = nullptr;
@@ -324,9 +326,24 @@ struct GpuGenerator::Impl {
     }
     return kernels::QuantLinear(x_in, ldx, rows, slots[slot].qw, y, ldy, mode, ql_ws, ql_ws_bytes, stream);
   }
-  // x += SwiGLU(h) with width F; w13 = [W1; W3] stacked.
-  Status Ffn(int rows, int w13, int w2, int64_t F) {
-    GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w13, fa, 2 * F, Accumulate::kOverwrite));
+  // y (+)= RMSNorm(x row 0, norm_weight) W^T for one row (fuse_rmsnorm);
+  // the normed row also goes to `normed` unless null.
+  Status LinearNormed(const float* norm_weight, bf16* normed, int slot, float* y, Accumulate mode,
+                      const kernels::RouterTail* route = nullptr) {
+    kernels::RmsNormedRow in;
+    in.x = x;
+    in.weight = norm_weight;
+    in.eps = float(c.norm_eps);
+    in.normed = normed;
+    return kernels::QuantLinearRmsNormed(in, slots[slot].qw, y, mode, stream, route);
+  }
+  // x += SwiGLU(h) with width F; w13 = [W1; W3] stacked. fused_norm: one
+  // row, h = RMSNorm(x, fused_norm) computed inside the W1|W3 linear.
+  Status Ffn(int rows, int w13, int w2, int64_t F, const float* fused_norm = nullptr) {
+    if (fused_norm)
+      GROVE_RETURN_IF_ERROR(LinearNormed(fused_norm, nullptr, w13, fa, Accumulate::kOverwrite));
+    else
+      GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w13, fa, 2 * F, Accumulate::kOverwrite));
     GROVE_RETURN_IF_ERROR(gpu::SwiGluRows(fa, rows, int(F), fh, stream));
     return Linear(fh, F, rows, w2, x, H, Accumulate::kAdd);
   }
@@ -469,6 +486,10 @@ Status GpuGenerator::Impl::Build() {
     GEN_CUDA(cudaMemcpy(gates, h_gates.data(), h_gates.size() * sizeof(float), cudaMemcpyHostToDevice));
   }
   GROVE_RETURN_IF_ERROR(Alloc(&routes, R * std::max<int64_t>(M * K, 1)));
+  GROVE_RETURN_IF_ERROR(Alloc(&route_counter, 1));
+  // fuse_router_topk's counter starts at 0 (each launch leaves it 0); on the
+  // engine's stream, so it is ordered before every kernel that counts.
+  GEN_CUDA(cudaMemsetAsync(route_counter, 0, sizeof(unsigned), stream));
   GROVE_RETURN_IF_ERROR(Alloc(&h_last, Bm * H));
   GROVE_RETURN_IF_ERROR(Alloc(&logits, Bm * V));
   GROVE_RETURN_IF_ERROR(Alloc(&d_tokens, R));
@@ -579,15 +600,22 @@ kernels::PagedKvCache GpuGenerator::Impl::KvCache(int64_t l) const {
 
 Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
   kernels::PagedRows pr{d_slot, d_pos, rows};
+  // A one-row decode step may fuse each RMSNorm into the linear after it.
+  const bool fuse_norm = opt.fuse_rmsnorm && rows == 1 && !gather_last;
   GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kInputs));
   GROVE_RETURN_IF_ERROR(gpu::EmbedRows(d_tokens, embed, x, rows, int(V), int(H), stream));
   for (int64_t l = 0; l < c.layers; ++l) {
     LayerWeights& w = lw[l];
     const kernels::PagedKvCache kv = KvCache(l);
-    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kNorms));
-    GROVE_RETURN_IF_ERROR(gpu::RmsNormRows(x, w.attn_norm, h, rows, int(H), float(c.norm_eps), stream));
-    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kQkvLinear));
-    GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w.qkv, qkv, qd + 2 * kd, Accumulate::kOverwrite));
+    if (fuse_norm) {
+      GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kQkvLinear));
+      GROVE_RETURN_IF_ERROR(LinearNormed(w.attn_norm, nullptr, w.qkv, qkv, Accumulate::kOverwrite));
+    } else {
+      GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kNorms));
+      GROVE_RETURN_IF_ERROR(gpu::RmsNormRows(x, w.attn_norm, h, rows, int(H), float(c.norm_eps), stream));
+      GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kQkvLinear));
+      GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w.qkv, qkv, qd + 2 * kd, Accumulate::kOverwrite));
+    }
     GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kRopeAppend));
     GROVE_RETURN_IF_ERROR(
         kernels::PagedKvAppend(kv, pr, int(c.heads), qkv, qd + 2 * kd, rope_cos, rope_sin, q, stream));
@@ -601,16 +629,17 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
       GROVE_RETURN_IF_ERROR(kernels::PagedAttention(kv, pr, int(c.heads), q, attn, 0.f, stream));
     GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kWo));
     GROVE_RETURN_IF_ERROR(Linear(attn, qd, rows, w.wo, x, H, Accumulate::kAdd));
-    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kNorms));
-    GROVE_RETURN_IF_ERROR(gpu::RmsNormRows(x, w.ffn_norm, h, rows, int(H), float(c.norm_eps), stream));
+    if (!fuse_norm) {
+      GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kNorms));
+      GROVE_RETURN_IF_ERROR(gpu::RmsNormRows(x, w.ffn_norm, h, rows, int(H), float(c.norm_eps), stream));
+    }
     if (!c.is_moe_layer(l)) {
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kDenseFfn));
-      GROVE_RETURN_IF_ERROR(Ffn(rows, w.w13, w.w2, c.dense_hidden));
+      GROVE_RETURN_IF_ERROR(Ffn(rows, w.w13, w.w2, c.dense_hidden, fuse_norm ? w.ffn_norm : nullptr));
       continue;
     }
     const int64_t mi = c.moe_index(l);
     GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kRouter));
-    GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w.router, rlogits, E, Accumulate::kOverwrite));
     kernels::RouterArgs ra;
     ra.logits = rlogits;
     ra.bias = w.router_bias;
@@ -628,7 +657,18 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
       ra.ids_copy = routes + mi * K;
       ra.ids_copy_stride = int(M * K);
     }
-    GROVE_RETURN_IF_ERROR(kernels::RouterTopK(ra, stream));
+    // Fused: the router's kernel writes h (the normed row) for the shared
+    // experts and the MoE after it, and with fuse_router_topk also routes.
+    if (fuse_norm && opt.fuse_router_topk) {
+      const kernels::RouterTail tail{ra, route_counter};
+      GROVE_RETURN_IF_ERROR(LinearNormed(w.ffn_norm, h, w.router, rlogits, Accumulate::kOverwrite, &tail));
+    } else {
+      if (fuse_norm)
+        GROVE_RETURN_IF_ERROR(LinearNormed(w.ffn_norm, h, w.router, rlogits, Accumulate::kOverwrite));
+      else
+        GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w.router, rlogits, E, Accumulate::kOverwrite));
+      GROVE_RETURN_IF_ERROR(kernels::RouterTopK(ra, stream));
+    }
     if (!opt.router_writes_routes)
       GEN_CUDA(cudaMemcpy2DAsync(routes + mi * K, M * K * sizeof(uint16_t), ids, KS * sizeof(uint16_t),
                                  K * sizeof(uint16_t), rows, cudaMemcpyDeviceToDevice, stream));
@@ -659,6 +699,10 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     }
     GROVE_RETURN_IF_ERROR(kernels::MoeDecodeForward(ma, stream));
   }
+  if (fuse_norm) {
+    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kLmHead));
+    return LinearNormed(final_norm, nullptr, lm_head, logits, Accumulate::kOverwrite);
+  }
   GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kNorms));
   GROVE_RETURN_IF_ERROR(gpu::RmsNormRows(x, final_norm, h, rows, int(H), float(c.norm_eps), stream));
   GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kLmHead));
@@ -671,6 +715,9 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
 }
 
 Status GpuGenerator::Impl::RunDecode(int bucket) {
+  // The decode step's kernels, captured or eager, may start early (PDL);
+  // sampling and the copies after it launch as before.
+  const kernels::ScopedProgrammaticLaunch pdl(opt.programmatic_launch);
   if (opt.cuda_graphs && !opt.profile_decode && !graphs_failed) {
     auto it = graphs.find(bucket);
     if (it == graphs.end()) {
@@ -742,6 +789,8 @@ Result<std::unique_ptr<GpuGenerator>> GpuGenerator::Create(const model::ModelCon
     return Status::InvalidArgument(
         "GpuGenerator: fold_shared_experts needs top_k + shared_experts <= 16 and experts + shared_experts <= 256 "
         "(MoeDecodeForward's limits)");
+  if (options.fuse_router_topk && !options.fuse_rmsnorm)
+    return Status::InvalidArgument("GpuGenerator: fuse_router_topk needs fuse_rmsnorm (it routes in the fused kernel)");
   if (options.gemv_rows_per_warp != 0 && options.gemv_rows_per_warp != 1 && options.gemv_rows_per_warp != 2 &&
       options.gemv_rows_per_warp != 4)
     return Status::InvalidArgument("GpuGenerator: gemv_rows_per_warp must be 0 (default), 1, 2 or 4");

@@ -111,6 +111,26 @@ struct GpuGeneratorOptions {
   // fills more than kv_heads SMs); prefill keeps PagedAttention. Changes
   // only fp32 summation order in attention.
   bool split_kv_attention = true;
+  // Programmatic dependent launch for the decode step (sm_90; issue #9):
+  // every kernel of the step is launched with cudaLaunchAttribute-
+  // ProgrammaticStreamSerialization (kernels/programmatic_launch.h), so its
+  // CTAs are scheduled while the kernel ahead still runs; each calls
+  // griddepcontrol.wait before it reads what that kernel wrote, and the
+  // linears prefetch their weight rows into L2 before the wait. The same
+  // arithmetic, so the same bits. Off until measured (decode_bench --variants).
+  bool programmatic_launch = false;
+  // Batch-1 decode steps fuse each RMSNorm into the linear that follows it
+  // (kernels::QuantLinearRmsNormed: the QKV, the dense W1|W3 or the router,
+  // whose kernel also writes the normed row for the shared experts and the
+  // MoE, and the lm_head): 3-4 launches fewer per layer. The same bits
+  // (the norm's rstd and products are the standalone kernel's). Prefill and
+  // larger batches keep the separate norm. Off until measured.
+  bool fuse_rmsnorm = false;
+  // With fuse_rmsnorm (InvalidArgument without it): the batch-1 router
+  // linear also routes (top-k, gates, the routes record) in its last block
+  // to finish (kernels::RouterTail), one launch fewer per MoE layer. The same
+  // bits (RouterTopK's per-token code). Off until measured.
+  bool fuse_router_topk = false;
 };
 
 class GpuGenerator {

@@ -2,18 +2,30 @@
 
 #include <string>
 
+#include "kernels/launch.cuh"
+#include "kernels/ptx/griddepcontrol.cuh"
+#include "kernels/rmsnorm_row.cuh"
+
 namespace grove::rollout::gpu {
 namespace {
 
 constexpr int kNormThreads = 256;
 
-Status LaunchStatus(const char* who) {
-  const cudaError_t err = cudaGetLastError();
+// Every kernel here may be launched with programmatic dependent launch
+// (kernels/launch.cuh): each waits for its predecessor before touching memory.
+__device__ __forceinline__ void WaitForPredecessor() {
+  ptx::griddepcontrol_wait();
+  ptx::griddepcontrol_launch_dependents();
+}
+
+Status LaunchStatus(const char* who, cudaError_t launch = cudaSuccess) {
+  const cudaError_t err = launch != cudaSuccess ? launch : cudaGetLastError();
   if (err != cudaSuccess) return Status::Internal(std::string(who) + " launch: " + cudaGetErrorString(err));
   return Status::OK();
 }
 
 __global__ void EmbedKernel(const int32_t* tokens, const float* table, float* x, int vocab, int hidden) {
+  WaitForPredecessor();
   const int r = blockIdx.x;
   const int t = tokens[r];
   float* xr = x + int64_t(r) * hidden;
@@ -25,21 +37,16 @@ __global__ void EmbedKernel(const int32_t* tokens, const float* table, float* x,
 __global__ void __launch_bounds__(kNormThreads)
     RmsNormKernel(const float* x, const float* w, bf16* y, int hidden, float eps) {
   __shared__ float part[kNormThreads / 32];
+  WaitForPredecessor();
   const int r = blockIdx.x;
   const float* xr = x + int64_t(r) * hidden;
-  float ss = 0.f;
-  for (int j = threadIdx.x; j < hidden; j += kNormThreads) ss += xr[j] * xr[j];
-  for (int d = 16; d > 0; d /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, d);
-  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = ss;
-  __syncthreads();
-  float total = 0.f;
-  for (int i = 0; i < kNormThreads / 32; ++i) total += part[i];
-  const float rstd = rsqrtf(total / float(hidden) + eps);
+  const float rstd = kernels::BlockRowRstd<kNormThreads>(xr, hidden, eps, part);
   bf16* yr = y + int64_t(r) * hidden;
   for (int j = threadIdx.x; j < hidden; j += kNormThreads) yr[j] = __float2bfloat16(xr[j] * rstd * w[j]);
 }
 
 __global__ void SwiGluKernel(const float* ab, int width, bf16* h, int64_t count) {
+  WaitForPredecessor();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / width, j = i % width;
     const float g = ab[r * 2 * width + j], u = ab[r * 2 * width + width + j];
@@ -48,6 +55,7 @@ __global__ void SwiGluKernel(const float* ab, int width, bf16* h, int64_t count)
 }
 
 __global__ void GatherKernel(const bf16* src, const int32_t* index, bf16* dst, int hidden) {
+  WaitForPredecessor();
   const int r = blockIdx.x;
   const bf16* s = src + int64_t(index[r]) * hidden;
   bf16* d = dst + int64_t(r) * hidden;
@@ -59,28 +67,28 @@ __global__ void GatherKernel(const bf16* src, const int32_t* index, bf16* dst, i
 Status EmbedRows(const int32_t* tokens, const float* table, float* x, int rows, int vocab, int hidden,
                  cudaStream_t stream) {
   if (rows == 0) return Status::OK();
-  EmbedKernel<<<rows, 256, 0, stream>>>(tokens, table, x, vocab, hidden);
-  return LaunchStatus("EmbedRows");
+  return LaunchStatus("EmbedRows", kernels::LaunchKernel(EmbedKernel, dim3(rows), dim3(256), 0, stream, tokens, table,
+                                                         x, vocab, hidden));
 }
 
 Status RmsNormRows(const float* x, const float* w, bf16* y, int rows, int hidden, float eps, cudaStream_t stream) {
   if (rows == 0) return Status::OK();
-  RmsNormKernel<<<rows, kNormThreads, 0, stream>>>(x, w, y, hidden, eps);
-  return LaunchStatus("RmsNormRows");
+  return LaunchStatus("RmsNormRows", kernels::LaunchKernel(RmsNormKernel, dim3(rows), dim3(kNormThreads), 0, stream,
+                                                           x, w, y, hidden, eps));
 }
 
 Status SwiGluRows(const float* ab, int rows, int width, bf16* h, cudaStream_t stream) {
   const int64_t count = int64_t(rows) * width;
   if (count == 0) return Status::OK();
   const int64_t blocks = (count + 255) / 256;
-  SwiGluKernel<<<int(blocks < 4096 ? blocks : 4096), 256, 0, stream>>>(ab, width, h, count);
-  return LaunchStatus("SwiGluRows");
+  return LaunchStatus("SwiGluRows", kernels::LaunchKernel(SwiGluKernel, dim3(unsigned(blocks < 4096 ? blocks : 4096)),
+                                                          dim3(256), 0, stream, ab, width, h, count));
 }
 
 Status GatherRows(const bf16* src, const int32_t* index, bf16* dst, int rows, int hidden, cudaStream_t stream) {
   if (rows == 0) return Status::OK();
-  GatherKernel<<<rows, 256, 0, stream>>>(src, index, dst, hidden);
-  return LaunchStatus("GatherRows");
+  return LaunchStatus("GatherRows",
+                      kernels::LaunchKernel(GatherKernel, dim3(rows), dim3(256), 0, stream, src, index, dst, hidden));
 }
 
 }  // namespace grove::rollout::gpu

@@ -31,9 +31,12 @@
 // GpuGeneratorOptions alone against all of them off (base; then
 // fold_shared_experts, one_launch_moe_index, router_writes_routes,
 // gemv_rows_per_warp 1 / 4 (batch 1 only), split_kv = split_kv_attention,
-// default = the options' defaults, all = the four paths) for --plans at
-// --variant_batches, 32 new tokens: ms per decode step and the speedup over
-// base.
+// programmatic_launch, fuse_rmsnorm and fuse_rmsnorm+router_topk (batch 1
+// only), default = the options' defaults, default with PDL + the fused norm
+// (+ the fused router), all = the four older paths) for
+// --plans at --variant_batches, 32 new tokens: ms per decode step, the
+// speedup over base, the weight bytes read per second (StepWeightBytes /
+// step) and their share of the 2.82 TB/s read ceiling.
 #include <cuda_runtime_api.h>
 #include <gflags/gflags.h>
 
@@ -208,6 +211,10 @@ int RunProfile(const model::ModelConfig& c, const model::Model& host) {
   return 0;
 }
 
+// The H100's measured weight-read ceiling (docs/rollout.md: 2.82 TB/s), the
+// yardstick of issue #9's 75% aim at batch 1.
+constexpr double kReadCeilingTBs = 2.82;
+
 // The opt-in decode paths of GpuGeneratorOptions, each alone, then all.
 struct Variant {
   const char* name;
@@ -221,7 +228,24 @@ const Variant kVariants[] = {
     {"gemv_rows_per_warp=1", [](GpuGeneratorOptions& o) { o.gemv_rows_per_warp = 1; }},
     {"gemv_rows_per_warp=4", [](GpuGeneratorOptions& o) { o.gemv_rows_per_warp = 4; }},
     {"split_kv", [](GpuGeneratorOptions& o) { o.split_kv_attention = true; }},
+    {"programmatic_launch", [](GpuGeneratorOptions& o) { o.programmatic_launch = true; }},
+    {"fuse_rmsnorm", [](GpuGeneratorOptions& o) { o.fuse_rmsnorm = true; }},
+    {"fuse_rmsnorm+router_topk", [](GpuGeneratorOptions& o) {
+       o.fuse_rmsnorm = true;
+       o.fuse_router_topk = true;
+     }},
     {"default", [](GpuGeneratorOptions& o) { o = GpuGeneratorOptions{}; }},
+    {"default+pdl+fuse_rmsnorm", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.programmatic_launch = true;
+       o.fuse_rmsnorm = true;
+     }},
+    {"default+pdl+fuse_rmsnorm+router_topk", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.programmatic_launch = true;
+       o.fuse_rmsnorm = true;
+       o.fuse_router_topk = true;
+     }},
     {"all", [](GpuGeneratorOptions& o) {
        o.fold_shared_experts = true;
        o.one_launch_moe_index = true;
@@ -237,6 +261,9 @@ void AllPathsOff(GpuGeneratorOptions& o) {
   o.one_launch_moe_index = false;
   o.router_writes_routes = false;
   o.split_kv_attention = false;
+  o.programmatic_launch = false;
+  o.fuse_rmsnorm = false;
+  o.fuse_router_topk = false;
 }
 
 // --variants: rows (variant, plan), columns ms/step per batch (x speedup
@@ -248,7 +275,10 @@ int RunVariants(const model::ModelConfig& c, const model::Model& host) {
   for (int b : batches) max_batch = std::max(max_batch, b);
   std::mt19937_64 rng(FLAGS_seed);
   std::vector<std::vector<double>> base(plans.size(), std::vector<double>(batches.size(), 0));
-  std::printf("\ndecode ms/step (graphs on) per opt-in path; (x speedup over base)\n| variant | plan |");
+  std::printf(
+      "\ndecode ms/step (graphs on) per opt-in path (x speedup over base; weight GB/s read = StepWeightBytes / step, "
+      "%% of the %.2f TB/s read ceiling)\n| variant | plan |",
+      kReadCeilingTBs);
   for (int b : batches) std::printf(" b%d |", b);
   std::printf("\n| --- | --- |");
   for (size_t i = 0; i < batches.size(); ++i) std::printf(" --- |");
@@ -268,7 +298,9 @@ int RunVariants(const model::ModelConfig& c, const model::Model& host) {
         const Timed t = TimeGenerate(**gen, batches[i], FLAGS_prompt, 32, rng, int32_t(c.vocab_size));
         const double ms = t.delta.decode_seconds / double(std::max<int64_t>(1, t.delta.decode_steps)) * 1e3;
         if (&v == &kVariants[0]) base[p][i] = ms;
-        std::printf(" %.3f (%.2fx) |", ms, ms > 0 ? base[p][i] / ms : 0);
+        const double gbs = ms > 0 ? StepWeightBytes(host, Plan(plans[p]), batches[i]) / (ms * 1e-3) / 1e9 : 0;
+        std::printf(" %.3f (%.2fx, %.0f GB/s, %.1f%%) |", ms, ms > 0 ? base[p][i] / ms : 0, gbs,
+                    100.0 * gbs / (kReadCeilingTBs * 1e3));
         std::fflush(stdout);
       }
       std::printf("\n");

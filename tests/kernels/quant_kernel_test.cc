@@ -33,9 +33,11 @@
 
 #include "kernels/moe_decode.h"
 #include "kernels/moe_decode_internal.h"
+#include "kernels/programmatic_launch.h"
 #include "kernels/quant_linear.h"
 #include "kernels/quant_linear_internal.h"
 #include "kernels/quant_unpack.h"
+#include "kernels/router.h"
 #include "rollout/int4_quantizer.h"
 #include "rollout/int8_quantizer.h"
 #include "rollout/precision_format.h"
@@ -354,6 +356,240 @@ TEST(QuantLinearGpu, RowsPerWarpVariantsGiveTheSameBits) {
   }
 }
 
+double Bf16Ulp(double v) {
+  if (v == 0) return std::ldexp(1.0, -133);  // smallest bf16 subnormal step
+  int e;
+  std::frexp(std::fabs(v), &e);  // |v| in [2^(e-1), 2^e)
+  return std::ldexp(1.0, e - 1 - 7);
+}
+
+// QuantLinearRmsNormed: the normed row it writes (block 0) within one bf16
+// ulp of bf16(x * rstd * w) with rstd in double -- the kernel's fp32 rstd
+// (k ordered fp32 adds, relative error <= k 2^-24 = 6e-5 at k = 1024, plus
+// the rsqrt's and two products' roundings) moves the value before rounding
+// by far less than a bf16 ulp (2^-8 relative), so the rounding can flip at
+// most one ulp near a boundary -- and y bit-equal to QuantLinear's m = 1
+// CUDA-core GEMV on that very row (the fused kernel stages the same bf16
+// values into the same GEMV). With programmatic launch on (the attribute and
+// the L2 prefetch prologue) the same bits again.
+void CheckRmsNormed(std::mt19937_64& rng, QuantFormat f, int64_t n, int64_t k, Accumulate mode) {
+  SCOPED_TRACE(std::string(Name(f)) + " [" + std::to_string(n) + ", " + std::to_string(k) + "]" +
+               (mode == Accumulate::kAdd ? " add" : " overwrite"));
+  DeviceWeight dw(f, n, k);
+  QuantizeOnGpu(RandomWeights(rng, n, k), &dw);
+  std::normal_distribution<float> xd(0.f, 3.f), wd(1.f, 0.3f);
+  std::vector<float> x(k), nw(k), y0(n);
+  for (auto& v : x) v = xd(rng);
+  for (auto& v : nw) v = wd(rng);
+  for (auto& v : y0) v = xd(rng);
+  const float eps = 1e-5f;
+  DeviceBuffer<float> dx(k), dnw(k), dy(n), dwant(n);
+  DeviceBuffer<__nv_bfloat16> dnormed(k);
+  ASSERT_EQ(dx.Upload(x), cudaSuccess);
+  ASSERT_EQ(dnw.Upload(nw), cudaSuccess);
+  std::vector<float> y_runs[2];
+  std::vector<__nv_bfloat16> normed;
+  for (int pdl = 0; pdl < 2; ++pdl) {
+    ASSERT_EQ(dy.Upload(y0), cudaSuccess);
+    ASSERT_EQ(cudaMemset(dnormed.get(), 0xFF, k * sizeof(__nv_bfloat16)), cudaSuccess);  // NaN: unwritten shows
+    RmsNormedRow in;
+    in.x = dx.get();
+    in.weight = dnw.get();
+    in.eps = eps;
+    in.normed = dnormed.get();
+    {
+      const ScopedProgrammaticLaunch scope(pdl == 1);
+      const Status s = QuantLinearRmsNormed(in, dw.w, dy.get(), mode, nullptr);
+      ASSERT_TRUE(s.ok()) << s.ToString();
+    }
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_EQ(dy.Download(&y_runs[pdl]), cudaSuccess);
+    std::vector<__nv_bfloat16> got;
+    ASSERT_EQ(dnormed.Download(&got), cudaSuccess);
+    if (pdl == 0) normed = got;
+    else ASSERT_EQ(std::memcmp(got.data(), normed.data(), k * sizeof(__nv_bfloat16)), 0);
+  }
+  ASSERT_EQ(std::memcmp(y_runs[0].data(), y_runs[1].data(), n * sizeof(float)), 0) << "programmatic launch";
+  double ss = 0;
+  for (float v : x) ss += double(v) * v;
+  const double rstd = 1.0 / std::sqrt(ss / double(k) + eps);
+  for (int64_t j = 0; j < k; ++j) {
+    const double want = double(x[j]) * rstd * nw[j];
+    const double got = __bfloat162float(normed[j]);
+    ASSERT_LE(std::fabs(got - want), Bf16Ulp(want)) << "normed column " << j;
+  }
+  // The unfused GEMV on the fused kernel's own normed row.
+  ASSERT_EQ(dwant.Upload(y0), cudaSuccess);
+  ASSERT_TRUE(detail::QuantLinearOnPath(QuantLinearPath::kCudaCore, dnormed.get(), k, 1, dw.w, dwant.get(), n, mode,
+                                        nullptr)
+                  .ok());
+  std::vector<float> want;
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  ASSERT_EQ(dwant.Download(&want), cudaSuccess);
+  ASSERT_EQ(std::memcmp(want.data(), y_runs[0].data(), n * sizeof(float)), 0);
+}
+
+TEST(QuantLinearGpu, RmsNormedEqualsNormThenGemv) {
+  GROVE_SKIP_WITHOUT_GPU();
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  for (QuantFormat f : {QuantFormat::kBF16, QuantFormat::kInt8, QuantFormat::kInt4}) {
+    CheckRmsNormed(rng, f, 8, 128, Accumulate::kOverwrite);
+    CheckRmsNormed(rng, f, 40, 640, Accumulate::kAdd);
+    CheckRmsNormed(rng, f, 1536, 1024, Accumulate::kOverwrite);  // gpu-ref qkv
+    CheckRmsNormed(rng, f, 64, 1024, Accumulate::kOverwrite);    // router
+    CheckRmsNormed(rng, f, 5632, 1024, Accumulate::kAdd);        // dense w1|w3
+    CheckRmsNormed(rng, f, 4096, 1024, Accumulate::kOverwrite);  // a lm_head slice
+  }
+}
+
+// The router tail (RouterTail): QuantLinearRmsNormed that also routes equals
+// QuantLinearRmsNormed then RouterTopK bit for bit -- logits, scores, ids,
+// gates and the ids copy -- three calls in a row on one counter (each must
+// leave it 0 for the next), sigmoid with bias and norm_topk as the gpu-ref
+// model routes, and softmax; E = 64 (gpu-ref), 256 (the most) and 8.
+void CheckRouted(std::mt19937_64& rng, int experts, int top_k, bool sigmoid) {
+  SCOPED_TRACE("experts " + std::to_string(experts) + " top_k " + std::to_string(top_k) +
+               (sigmoid ? " sigmoid" : " softmax"));
+  const int64_t k = 1024;
+  DeviceWeight dw(QuantFormat::kBF16, experts, k);
+  QuantizeOnGpu(RandomWeights(rng, experts, k), &dw);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> x(k), nw(k, 1.f), bias(experts);
+  for (auto& v : x) v = nd(rng);
+  for (auto& v : bias) v = 0.1f * nd(rng);
+  DeviceBuffer<float> dx(k), dnw(k), dbias(experts);
+  ASSERT_EQ(dx.Upload(x), cudaSuccess);
+  ASSERT_EQ(dnw.Upload(nw), cudaSuccess);
+  ASSERT_EQ(dbias.Upload(bias), cudaSuccess);
+  DeviceBuffer<unsigned> counter(1);
+  ASSERT_EQ(cudaMemset(counter.get(), 0, sizeof(unsigned)), cudaSuccess);
+  const int stride = top_k + 1, copy_stride = 2 * top_k;  // wider rows, as the engine uses them
+  struct Out {
+    std::vector<float> logits, scores, gates;
+    std::vector<uint16_t> ids, copy;
+  };
+  auto run = [&](bool fused, Out* out) {
+    DeviceBuffer<float> logits(experts), scores(experts), gates(stride);
+    DeviceBuffer<uint16_t> ids(stride), copy(copy_stride);
+    ASSERT_EQ(cudaMemset(gates.get(), 0, stride * sizeof(float)), cudaSuccess);
+    ASSERT_EQ(cudaMemset(ids.get(), 0, stride * sizeof(uint16_t)), cudaSuccess);
+    ASSERT_EQ(cudaMemset(copy.get(), 0, copy_stride * sizeof(uint16_t)), cudaSuccess);
+    RmsNormedRow in;
+    in.x = dx.get();
+    in.weight = dnw.get();
+    in.eps = 1e-6f;
+    RouterArgs ra;
+    ra.logits = logits.get();
+    ra.bias = sigmoid ? dbias.get() : nullptr;
+    ra.scores = scores.get();
+    ra.ids = ids.get();
+    ra.gates = gates.get();
+    ra.tokens = 1;
+    ra.experts = experts;
+    ra.top_k = top_k;
+    ra.sigmoid = sigmoid;
+    ra.norm_topk = sigmoid;
+    ra.route_scale = 2.5f;
+    ra.out_stride = stride;
+    ra.ids_copy = copy.get();
+    ra.ids_copy_stride = copy_stride;
+    if (fused) {
+      const RouterTail tail{ra, counter.get()};
+      const Status s = QuantLinearRmsNormed(in, dw.w, logits.get(), Accumulate::kOverwrite, nullptr, &tail);
+      ASSERT_TRUE(s.ok()) << s.ToString();
+    } else {
+      ASSERT_TRUE(QuantLinearRmsNormed(in, dw.w, logits.get(), Accumulate::kOverwrite, nullptr).ok());
+      ASSERT_TRUE(RouterTopK(ra, nullptr).ok());
+    }
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_EQ(logits.Download(&out->logits), cudaSuccess);
+    ASSERT_EQ(scores.Download(&out->scores), cudaSuccess);
+    ASSERT_EQ(gates.Download(&out->gates), cudaSuccess);
+    ASSERT_EQ(ids.Download(&out->ids), cudaSuccess);
+    ASSERT_EQ(copy.Download(&out->copy), cudaSuccess);
+  };
+  Out want;
+  run(false, &want);
+  float gate_sum = 0;
+  for (int j = 0; j < top_k; ++j) gate_sum += want.gates[j];
+  ASSERT_GT(gate_sum, 0.f) << "the reference routed nothing";
+  for (int rep = 0; rep < 3; ++rep) {
+    Out got;
+    run(true, &got);
+    ASSERT_EQ(std::memcmp(got.logits.data(), want.logits.data(), experts * 4), 0) << "call " << rep;
+    ASSERT_EQ(std::memcmp(got.scores.data(), want.scores.data(), experts * 4), 0) << "call " << rep;
+    ASSERT_EQ(std::memcmp(got.gates.data(), want.gates.data(), stride * 4), 0) << "call " << rep;
+    ASSERT_EQ(got.ids, want.ids) << "call " << rep;
+    ASSERT_EQ(got.copy, want.copy) << "call " << rep;
+    unsigned left = 1;
+    ASSERT_EQ(cudaMemcpy(&left, counter.get(), sizeof(unsigned), cudaMemcpyDeviceToHost), cudaSuccess);
+    ASSERT_EQ(left, 0u) << "the fused router must leave its counter at 0";
+  }
+}
+
+TEST(QuantLinearGpu, RmsNormedRouterTailEqualsRouterTopK) {
+  GROVE_SKIP_WITHOUT_GPU();
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  CheckRouted(rng, 64, 6, true);
+  CheckRouted(rng, 64, 6, false);
+  CheckRouted(rng, 256, 16, true);
+  CheckRouted(rng, 8, 2, true);
+}
+
+TEST(QuantLinearArgs, RmsNormedRejectsBadArguments) {
+  // Each case fails its checks before any CUDA call (host pointers are fine).
+  QuantWeight w;
+  w.format = QuantFormat::kBF16;
+  w.n = 8;
+  w.k = 128;
+  alignas(16) static float buf[256];
+  w.data = buf;
+  RmsNormedRow in;
+  in.x = buf;
+  in.weight = buf;
+  RmsNormedRow no_x = in;
+  no_x.x = nullptr;
+  EXPECT_EQ(QuantLinearRmsNormed(no_x, w, buf, Accumulate::kOverwrite, nullptr).code(), StatusCode::kInvalidArgument);
+  RmsNormedRow odd = in;
+  odd.normed = reinterpret_cast<__nv_bfloat16*>(reinterpret_cast<char*>(buf) + 2);
+  EXPECT_EQ(QuantLinearRmsNormed(odd, w, buf, Accumulate::kOverwrite, nullptr).code(), StatusCode::kInvalidArgument);
+  RmsNormedRow neg = in;
+  neg.eps = -1.f;
+  EXPECT_EQ(QuantLinearRmsNormed(neg, w, buf, Accumulate::kOverwrite, nullptr).code(), StatusCode::kInvalidArgument);
+  QuantWeight bad = w;
+  bad.k = 100;
+  EXPECT_EQ(QuantLinearRmsNormed(in, bad, buf, Accumulate::kOverwrite, nullptr).code(), StatusCode::kInvalidArgument);
+  // A route whose logits are not y, or with more than one token, or no counter.
+  static unsigned counter = 0;
+  RouterTail tail;
+  tail.args.logits = buf + 64;
+  tail.args.scores = buf;
+  tail.args.ids = reinterpret_cast<uint16_t*>(buf);
+  tail.args.gates = buf;
+  tail.args.tokens = 1;
+  tail.args.experts = 8;
+  tail.args.top_k = 2;
+  tail.counter = &counter;
+  EXPECT_EQ(QuantLinearRmsNormed(in, w, buf, Accumulate::kOverwrite, nullptr, &tail).code(),
+            StatusCode::kInvalidArgument);
+  tail.args.logits = buf;
+  tail.args.tokens = 2;
+  EXPECT_EQ(QuantLinearRmsNormed(in, w, buf, Accumulate::kOverwrite, nullptr, &tail).code(),
+            StatusCode::kInvalidArgument);
+  tail.args.tokens = 1;
+  tail.counter = nullptr;
+  EXPECT_EQ(QuantLinearRmsNormed(in, w, buf, Accumulate::kOverwrite, nullptr, &tail).code(),
+            StatusCode::kInvalidArgument);
+  tail.counter = &counter;
+  tail.args.top_k = 9;  // > experts
+  EXPECT_EQ(QuantLinearRmsNormed(in, w, buf, Accumulate::kOverwrite, nullptr, &tail).code(),
+            StatusCode::kInvalidArgument);
+}
+
 TEST(QuantLinearGpu, RowsAreIndependentOfTheBatch) {
   // On each path a token's output is the same bits whatever else shares the
   // call (a prompt's prefill and its decode agree): 37 rows at once (passes
@@ -395,13 +631,6 @@ struct MoeCase {
   std::vector<QuantFormat> formats;  // per expert
   Accumulate mode;
 };
-
-double Bf16Ulp(double v) {
-  if (v == 0) return std::ldexp(1.0, -133);  // smallest bf16 subnormal step
-  int e;
-  std::frexp(std::fabs(v), &e);  // |v| in [2^(e-1), 2^e)
-  return std::ldexp(1.0, e - 1 - 7);
-}
 
 void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
   SCOPED_TRACE("m " + std::to_string(c.m) + " experts " + std::to_string(c.experts) + " top_k " +

@@ -698,6 +698,78 @@ TEST(GpuGenerator, DefaultRunModelMatchesTheCpuModel) {
   }
 }
 
+// programmatic_launch, fuse_rmsnorm and fuse_router_topk (issue #9) change
+// no arithmetic: with any of them on, every token, log-prob and route equals the run
+// with both off, bit for bit -- at max_batch 1 (every decode step one row:
+// the fused norm runs in every QKV, dense W1|W3, router and lm_head linear)
+// and 8 (buckets 8, 4, 2, 1 as the different stop points thin the batch), with
+// graphs and eagerly (PDL launches outside capture), in bf16 and in a
+// mixed int4 / int8 / bf16 choice (each GEMV format fused). And the fused,
+// PDL-launched engine still matches the CPU model (Compare).
+TEST(GpuGenerator, ProgrammaticLaunchAndFusedNormGiveTheSameBits) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = MakeModel(7);
+  const FormatChooser mixed = [](const actors::TensorSpec& t) -> std::optional<PrecisionFormat> {
+    if (t.name.find("moe.experts") != std::string::npos) return PrecisionFormat::kInt4;
+    if (t.name.find("mlp") != std::string::npos) return PrecisionFormat::kInt8;
+    if (t.name.find("shared") != std::string::npos) return PrecisionFormat::kInt4;
+    return std::nullopt;  // lm_head bf16
+  };
+  const auto prompts = Prompts(23, 6, 3, 30);
+  // Different lengths of completion: stop at a token some sequences meet early.
+  model::SamplingOptions sampling = Greedy(14);
+  for (int fmt = 0; fmt < 2; ++fmt)
+    for (int max_batch : {1, 8}) {
+      SCOPED_TRACE(std::string(fmt ? "mixed formats" : "bf16") + ", max_batch " + std::to_string(max_batch));
+      std::vector<std::vector<model::Completion<float>>> runs;
+      // mode: bit 0 programmatic_launch, bit 1 fuse_rmsnorm; 4: both, eager;
+      // 5: both + fuse_router_topk; 6: fuse_rmsnorm + fuse_router_topk, eager.
+      constexpr int kModes = 7;
+      for (int mode = 0; mode < kModes; ++mode) {
+        GpuGeneratorOptions o;
+        o.max_batch = max_batch;
+        o.kv_memory_fraction = 0.05;
+        o.programmatic_launch = mode == 4 || mode == 5 || (mode < 4 && (mode & 1));
+        o.fuse_rmsnorm = mode >= 4 || (mode & 2);
+        o.fuse_router_topk = mode >= 5;
+        o.cuda_graphs = mode != 4 && mode != 6;
+        auto g = GpuGenerator::Create(cpu->config(), o);
+        ASSERT_TRUE(g.ok()) << g.status().ToString();
+        ASSERT_TRUE((*g)->LoadWeights(cpu->params(), fmt ? mixed : FormatChooser()).ok());
+        if (mode == 0) {
+          // The stop token: sequence 0's 5th greedy token, so the batch thins.
+          auto probe = (*g)->Generate(prompts, Greedy(14));
+          ASSERT_TRUE(probe.ok()) << probe.status().ToString();
+          sampling.stop_tokens = {(*probe)[0].tokens[4]};
+        }
+        auto r = (*g)->Generate(prompts, sampling);
+        ASSERT_TRUE(r.ok()) << r.status().ToString();
+        EXPECT_EQ((*g)->stats().graphs_used, o.cuda_graphs);
+        runs.push_back(std::move(*r));
+      }
+      for (size_t i = 0; i < prompts.size(); ++i)
+        for (int mode = 1; mode < kModes; ++mode) {
+          EXPECT_EQ(runs[0][i].tokens, runs[mode][i].tokens) << "sequence " << i << ", mode " << mode;
+          EXPECT_EQ(runs[0][i].logprobs, runs[mode][i].logprobs) << "sequence " << i << ", mode " << mode;
+          EXPECT_EQ(runs[0][i].routes, runs[mode][i].routes) << "sequence " << i << ", mode " << mode;
+        }
+    }
+  GpuGeneratorOptions o;
+  o.max_batch = 1;
+  o.kv_memory_fraction = 0.05;
+  o.programmatic_launch = true;
+  o.fuse_rmsnorm = true;
+  o.fuse_router_topk = true;
+  auto gen = GpuGenerator::Create(cpu->config(), o);
+  ASSERT_TRUE(gen.ok()) << gen.status().ToString();
+  ASSERT_TRUE((*gen)->LoadWeights(cpu->params(), nullptr).ok());
+  auto want = cpu->Generate(prompts, Greedy(kNewTokens));
+  auto got = (*gen)->Generate(prompts, Greedy(kNewTokens));
+  ASSERT_TRUE(want.ok() && got.ok()) << got.status().ToString();
+  Compare(*cpu, prompts, *want, *got);
+  EXPECT_TRUE((*gen)->stats().graphs_used);
+}
+
 TEST(GpuGenerator, LoadFromDeviceEqualsLoadFromHost) {
   SKIP_WITHOUT_GPU();
   auto cpu = MakeModel(7);
@@ -750,6 +822,9 @@ TEST(GpuGenerator, RejectsBadInput) {
   GpuGeneratorOptions fold;
   fold.fold_shared_experts = true;
   EXPECT_EQ(GpuGenerator::Create(many_shared, fold).status().code(), StatusCode::kInvalidArgument);
+  GpuGeneratorOptions route_alone;  // fuse_router_topk routes inside the fused norm kernel
+  route_alone.fuse_router_topk = true;
+  EXPECT_EQ(GpuGenerator::Create(cpu->config(), route_alone).status().code(), StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -1,0 +1,28 @@
+// One fp32 row's RMSNorm scale, computed by a whole block: the one
+// definition shared by the engine's RMSNorm kernel (rollout/gpu_generator_
+// kernels.cu) and the GEMV that fuses the norm into its input staging
+// (quant_linear.cu), so both give the same bits.
+#pragma once
+
+#include <cstdint>
+
+namespace grove::kernels {
+
+// rstd = 1 / sqrt(mean(x^2) + eps) over x[0, hidden), summed in a fixed
+// order: thread t takes columns t, t + kThreads, ...; then a warp xor-shuffle
+// tree; then the warps' sums in warp order. kThreads threads call it
+// (blockDim.x == kThreads, a multiple of 32); `part` is kThreads / 32 floats
+// of shared memory, free again only after the next __syncthreads().
+template <int kThreads>
+__device__ __forceinline__ float BlockRowRstd(const float* xr, int hidden, float eps, float* part) {
+  float ss = 0.f;
+  for (int j = threadIdx.x; j < hidden; j += kThreads) ss += xr[j] * xr[j];
+  for (int d = 16; d > 0; d /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, d);
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = ss;
+  __syncthreads();
+  float total = 0.f;
+  for (int i = 0; i < kThreads / 32; ++i) total += part[i];
+  return rsqrtf(total / float(hidden) + eps);
+}
+
+}  // namespace grove::kernels
