@@ -235,15 +235,12 @@ const Variant kVariants[] = {
        o.fuse_router_topk = true;
      }},
     {"default", [](GpuGeneratorOptions& o) { o = GpuGeneratorOptions{}; }},
-    {"default+pdl+fuse_rmsnorm", [](GpuGeneratorOptions& o) {
-       o = GpuGeneratorOptions{};
+    {"programmatic_launch+fuse_rmsnorm", [](GpuGeneratorOptions& o) {
        o.programmatic_launch = true;
        o.fuse_rmsnorm = true;
      }},
-    {"default+pdl+fuse_rmsnorm+router_topk", [](GpuGeneratorOptions& o) {
+    {"default+router_topk", [](GpuGeneratorOptions& o) {
        o = GpuGeneratorOptions{};
-       o.programmatic_launch = true;
-       o.fuse_rmsnorm = true;
        o.fuse_router_topk = true;
      }},
     {"all", [](GpuGeneratorOptions& o) {
