@@ -823,6 +823,7 @@ TEST(GpuGenerator, RejectsBadInput) {
   fold.fold_shared_experts = true;
   EXPECT_EQ(GpuGenerator::Create(many_shared, fold).status().code(), StatusCode::kInvalidArgument);
   GpuGeneratorOptions route_alone;  // fuse_router_topk routes inside the fused norm kernel
+  route_alone.fuse_rmsnorm = false;
   route_alone.fuse_router_topk = true;
   EXPECT_EQ(GpuGenerator::Create(cpu->config(), route_alone).status().code(), StatusCode::kInvalidArgument);
 }
