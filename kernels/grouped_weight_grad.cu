@@ -26,6 +26,7 @@
 
 #include "kernels/grouped_gemm_internal.h"
 #include "kernels/grouped_gemm_store.cuh"
+#include "kernels/grouped_weight_grad_internal.h"
 #include "kernels/ptx/cp_async.cuh"
 #include "kernels/ptx/ldmatrix.cuh"
 #include "kernels/ptx/mma.cuh"
@@ -162,14 +163,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int j = 0; j < 4; ++j) {
         const int col = k0 + wk * 32 + j * 8 + 2 * (lane % 4);
         if (col >= k) continue;
-        float* p = go + static_cast<int64_t>(row) * k + col;
-        float vx = acc[i][j][2 * h], vy = acc[i][j][2 * h + 1];
-        if (accumulate) {
-          const float2 old = *reinterpret_cast<const float2*>(p);
-          vx += old.x;
-          vy += old.y;
-        }
-        detail::StorePair(p, vx, vy);
+        detail::StoreOrAddPair(go + static_cast<int64_t>(row) * k + col, acc[i][j][2 * h],
+                               acc[i][j][2 * h + 1], accumulate);
       }
     }
   }
@@ -206,14 +201,36 @@ Status CheckArgs(const GroupedWeightGradArgs& a) {
 
 }  // namespace
 
-Status GroupedWeightGrad(const GroupedWeightGradArgs& args, cudaStream_t stream) {
+const char* WeightGradImplName(WeightGradImpl impl) {
+  switch (impl) {
+    case WeightGradImpl::kAuto: return "auto";
+    case WeightGradImpl::kMmaSync: return "mma_sync";
+    case WeightGradImpl::kWgmma: return "wgmma";
+    case WeightGradImpl::kWgmmaN256: return "wgmma_n256";
+  }
+  return "unknown";
+}
+
+Status GroupedWeightGrad(const GroupedWeightGradArgs& args, cudaStream_t stream,
+                         WeightGradImpl impl) {
   GROVE_RETURN_IF_ERROR(CheckArgs(args));
   if (args.total_rows == 0 && args.accumulate) return Status::OK();  // every expert is empty
-  int dev = 0, cc_major = 0;
+  int dev = 0, cc_major = 0, cc_minor = 0;
   GROVE_RETURN_IF_ERROR(detail::CudaStatus(cudaGetDevice(&dev), "GroupedWeightGrad: device"));
   GROVE_RETURN_IF_ERROR(detail::CudaStatus(
       cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev),
       "GroupedWeightGrad: compute capability"));
+  GROVE_RETURN_IF_ERROR(detail::CudaStatus(
+      cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, dev),
+      "GroupedWeightGrad: compute capability"));
+  if (impl == WeightGradImpl::kAuto) impl = WeightGradImpl::kMmaSync;
+  if (impl == WeightGradImpl::kWgmma || impl == WeightGradImpl::kWgmmaN256) {
+    // sm_90a machine code runs on compute capability 9.0 only.
+    if (cc_major != 9 || cc_minor != 0)
+      return Status::FailedPrecondition("GroupedWeightGrad: the wgmma path needs an sm_90 GPU");
+    return detail::LaunchWeightGradWgmma(args, impl == WeightGradImpl::kWgmmaN256 ? 256 : 128,
+                                         stream);
+  }
   if (cc_major < 8)
     return Status::FailedPrecondition("GroupedWeightGrad: needs an sm_80 or newer GPU");
   GROVE_RETURN_IF_ERROR(detail::CudaStatus(

@@ -17,6 +17,20 @@
 
 namespace grove::kernels {
 
+// Which implementation runs. All: a plain grid over (expert, output, G
+// tile), the reduction over the expert's rows through a cp.async ring that
+// zero-fills rows past the expert's end. kAuto: kMmaSync (the wgmma ones
+// are the default only once measured on the H100: bench/kernels --dw).
+enum class WeightGradImpl {
+  kAuto,
+  kMmaSync,    // sm_80+: 128 x 128 G tiles, 32 rows per stage, ldmatrix.trans + mma.sync
+  kWgmma,      // sm_90a: 128 x 128 G tiles, 64 rows per stage, wgmma m64n128k16
+               //   with both operands MN-major (as they lie in memory)
+  kWgmmaN256,  // sm_90a: 128 x 256 G tiles, wgmma m64n256k16
+};
+
+const char* WeightGradImplName(WeightGradImpl impl);
+
 struct GroupedWeightGradArgs {
   const __nv_bfloat16* dy = nullptr;        // [total_rows, n] row-major
   const __nv_bfloat16* x = nullptr;         // [total_rows, k] row-major
@@ -42,9 +56,11 @@ struct GroupedWeightGradArgs {
 // violation cannot make the kernel read outside dY/X (rows are clamped to
 // [0, total_rows)) but the sums are then undefined.
 // Returns InvalidArgument for bad shapes, null or misaligned pointers (16
-// bytes for dY, X, G; g_expert_stride % 4 == 0), FailedPrecondition on a
-// GPU older than sm_80, Internal for a CUDA launch error. total_rows == 0
-// with accumulate enqueues nothing; with overwrite it zeroes every G_e.
-Status GroupedWeightGrad(const GroupedWeightGradArgs& args, cudaStream_t stream);
+// bytes for dY, X, G; g_expert_stride % 4 == 0), FailedPrecondition when
+// `impl` cannot run on this GPU (mma.sync: sm_80+; wgmma: sm_90 only),
+// Internal for a CUDA launch error. total_rows == 0 with accumulate enqueues
+// nothing; with overwrite it zeroes every G_e.
+Status GroupedWeightGrad(const GroupedWeightGradArgs& args, cudaStream_t stream,
+                         WeightGradImpl impl = WeightGradImpl::kAuto);
 
 }  // namespace grove::kernels

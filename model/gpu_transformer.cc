@@ -178,11 +178,13 @@ struct GpuTransformer::Impl {
   std::vector<cublasHandle_t> side_cublas;
   std::vector<cudaEvent_t> side_done;
   cudaEvent_t fork = nullptr;
-  // GROVE_EXPERT_DW=grouped: the experts' weight gradients as two
-  // GroupedWeightGrad launches per MoE layer (w2; w1 and w3 together)
-  // instead of two cuBLAS calls per expert. Off by default until measured
-  // on the GPU; the cuBLAS path stays for the comparison.
+  // GROVE_EXPERT_DW=grouped (or an implementation: mma_sync, wgmma,
+  // wgmma_n256): the experts' weight gradients as two GroupedWeightGrad
+  // launches per MoE layer (w2; w1 and w3 together) instead of two cuBLAS
+  // calls per expert. Off ("cublas") by default until measured on the GPU;
+  // the cuBLAS path stays for the comparison.
   bool grouped_dw = false;
+  kernels::WeightGradImpl dw_impl = kernels::WeightGradImpl::kAuto;
 
   void Lap(const char* phase, double flops = 0) { prof->Lap(phase, flops); }
 
@@ -247,9 +249,17 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
   if (const char* env = std::getenv("GROVE_GPU_PROFILE"); env && std::string(env) == "1") im.prof->SetEnabled(true);
   if (const char* env = std::getenv("GROVE_EXPERT_DW")) {
     const std::string v = env;
-    if (v != "grouped" && v != "cublas")
-      return Status::InvalidArgument("GROVE_EXPERT_DW must be 'grouped' or 'cublas', got '" + v + "'");
-    im.grouped_dw = v == "grouped";
+    using kernels::WeightGradImpl;
+    if (v == "grouped" || v == "mma_sync" || v == "wgmma" || v == "wgmma_n256") {
+      im.grouped_dw = true;
+      im.dw_impl = v == "mma_sync" ? WeightGradImpl::kMmaSync
+                   : v == "wgmma"  ? WeightGradImpl::kWgmma
+                   : v == "wgmma_n256" ? WeightGradImpl::kWgmmaN256
+                                       : WeightGradImpl::kAuto;
+    } else if (v != "cublas") {
+      return Status::InvalidArgument(
+          "GROVE_EXPERT_DW must be cublas, grouped, mma_sync, wgmma or wgmma_n256, got '" + v + "'");
+    }
   }
   if (trainable && c.experts > 0) {
     // GROVE_EXPERT_DW_STREAMS=N > 0 runs the experts' dW GEMMs on N side
@@ -962,10 +972,10 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
         wg.g_expert_stride = stride_w1;
         wg.accumulate = true;
         wg.dy = dey; wg.x = lt.eh.as<bf16>(); wg.n = int(H); wg.k = int(F); wg.g = Gf(e0 + "w2");
-        GROVE_RETURN_IF_ERROR(kernels::GroupedWeightGrad(wg, st));
+        GROVE_RETURN_IF_ERROR(kernels::GroupedWeightGrad(wg, st, im.dw_impl));
         wg.dy = dea; wg.dy2 = deb; wg.x = xe; wg.n = int(F); wg.k = int(H);
         wg.g = Gf(e0 + "w1"); wg.g2 = Gf(e0 + "w3");
-        GROVE_RETURN_IF_ERROR(kernels::GroupedWeightGrad(wg, st));
+        GROVE_RETURN_IF_ERROR(kernels::GroupedWeightGrad(wg, st, im.dw_impl));
         im.Lap("expert dW", 6.0 * Pn * F * H);
       }
       const int ns = grouped_dw ? 0 : int(im.side.size());

@@ -570,7 +570,8 @@ struct Row {
 // launch per weight kind), cuBLAS per expert as the step does it (GemmEx
 // for w2, a strided batch of 2 for w1/w3, beta = 1), and cuBLAS on one
 // dense GEMM of the same total work (all rows as one expert). "rel diff":
-// GroupedWeightGrad (overwrite) against the cuBLAS loop (beta = 0).
+// GroupedWeightGrad (overwrite) against the cuBLAS loop (beta = 0), over
+// the whole gradient buffer.
 void WeightGradBench(cublasHandle_t h, std::mt19937_64& rng, int reps) {
   const int experts = 64, top_k = 6, tokens = 32768, H = 1024, F = 512;
   const int rows = tokens * top_k;
@@ -589,8 +590,8 @@ void WeightGradBench(cublasHandle_t h, std::mt19937_64& rng, int reps) {
   const int max_count = *std::max_element(counts.begin(), counts.end());
   std::printf("\nexperts' weight gradients, one layer: %d rows over %d experts (%d..%d per expert)\n",
               rows, experts, min_count, max_count);
-  const char* kHeader = "%-34s %-28s %9s %8s %8s %8s %9s\n";
-  const char* kRowFmt = "%-34s %-28s %9.4f %8.1f %8.1f %8.2f %9.2e\n";
+  const char* kHeader = "%-26s %-36s %9s %8s %8s %8s %9s\n";
+  const char* kRowFmt = "%-26s %-36s %9.4f %8.1f %8.1f %8.2f %9.2e\n";
   std::printf(kHeader, "shape", "method", "ms", "TFLOP/s", "%dense", "x loop", "rel diff");
 
   // Row-major C[M, N] (+)= A^T B, A [t, M], B [t, N], batch of `batch` with
@@ -643,37 +644,51 @@ void WeightGradBench(cublasHandle_t h, std::mt19937_64& rng, int reps) {
       args.dy2 = dy + dy2_stride;
       args.g2 = g + kind.g2_off;
     }
-    auto grove_run = [&](bool accumulate) {
+    using grove::kernels::WeightGradImpl;
+    auto grove_run = [&](bool accumulate, WeightGradImpl impl) {
       args.accumulate = accumulate;
-      const grove::Status s = grove::kernels::GroupedWeightGrad(args, nullptr);
-      if (!s.ok()) {
-        std::fprintf(stderr, "GroupedWeightGrad: %s\n", s.ToString().c_str());
-        std::exit(1);
-      }
+      return grove::kernels::GroupedWeightGrad(args, nullptr, impl);
     };
-
-    // Agreement first (overwrite / beta = 0 from zeroed buffers), then timing.
-    GROVE_BENCH_CUDA_CHECK(cudaMemset(g, 0, g_elems * 4));
-    GROVE_BENCH_CUDA_CHECK(cudaMemset(g_ref, 0, g_elems * 4));
-    loop(0.f);
-    grove_run(false);
-    GROVE_BENCH_CUDA_CHECK(cudaDeviceSynchronize());
-    const double diff = MaxRelDiff(g, g_ref, g_elems, GemmOutType::kF32);
 
     const double loop_ms = MedianMs([&] { loop(1.f); }, reps);
     const double dense_ms = MedianMs(
         [&] {
-          gemm_tn(dy, kind.n, x, kind.k, rows, g_ref + kind.g_off, kind.k, 1.f, kind.outputs,
+          gemm_tn(dy, kind.n, x, kind.k, rows, g + kind.g_off, kind.k, 1.f, kind.outputs,
                   dy2_stride, kind.g2_off - kind.g_off);
         },
         reps);
-    const double grove_ms = MedianMs([&] { grove_run(true); }, reps);
+    GROVE_BENCH_CUDA_CHECK(cudaMemset(g_ref, 0, g_elems * 4));
+    loop(0.f);  // the reference for the diff column (beta = 0 from zero)
+    GROVE_BENCH_CUDA_CHECK(cudaDeviceSynchronize());
     std::printf(kRowFmt, shape, "cuBLAS dense same work", dense_ms, flops / dense_ms / 1e9, 100.0,
                 loop_ms / dense_ms, 0.0);
     std::printf(kRowFmt, shape, "cuBLAS per-expert loop", loop_ms, flops / loop_ms / 1e9,
                 100.0 * dense_ms / loop_ms, 1.0, 0.0);
-    std::printf(kRowFmt, shape, "grove GroupedWeightGrad", grove_ms, flops / grove_ms / 1e9,
-                100.0 * dense_ms / grove_ms, loop_ms / grove_ms, diff);
+    for (WeightGradImpl impl :
+         {WeightGradImpl::kMmaSync, WeightGradImpl::kWgmma, WeightGradImpl::kWgmmaN256}) {
+      const std::string method =
+          std::string("grove GroupedWeightGrad ") + grove::kernels::WeightGradImplName(impl);
+      // Agreement first (overwrite from a poisoned buffer), then timing.
+      GROVE_BENCH_CUDA_CHECK(cudaMemset(g, 0xFF, g_elems * 4));
+      grove::Status s = grove_run(false, impl);
+      if (!s.ok()) {
+        std::printf("%s %s: %s\n", shape, method.c_str(), s.ToString().c_str());
+        continue;
+      }
+      GROVE_BENCH_CUDA_CHECK(cudaDeviceSynchronize());
+      // Only the gradients this kind writes: zero the others in g as in g_ref.
+      for (int e = 0; e < experts; ++e) {
+        float* ge = g + e * stride;
+        const int64_t nk = int64_t(kind.n) * kind.k;
+        for (int64_t off = 0; off < stride; off += nk)
+          if (off != kind.g_off && !(kind.outputs == 2 && off == kind.g2_off))
+            GROVE_BENCH_CUDA_CHECK(cudaMemset(ge + off, 0, nk * 4));
+      }
+      const double diff = MaxRelDiff(g, g_ref, g_elems, GemmOutType::kF32);
+      const double ms = MedianMs([&] { (void)grove_run(true, impl); }, reps);
+      std::printf(kRowFmt, shape, method.c_str(), ms, flops / ms / 1e9, 100.0 * dense_ms / ms,
+                  loop_ms / ms, diff);
+    }
     std::fflush(stdout);
     cudaFree(dy);
     cudaFree(x);

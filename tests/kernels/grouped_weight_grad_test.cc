@@ -32,6 +32,9 @@ namespace {
 
 using testing::DeviceBuffer;
 
+// Starting value of G for overwrite, and of the gaps between experts' G.
+constexpr float kSentinel = 12345.f;
+
 struct Case {
   std::vector<int> counts;  // rows per expert
   int n = 0, k = 0;
@@ -66,6 +69,62 @@ void Reference(const std::vector<double>& dy, const std::vector<double>& x,
       }
     }
   }
+}
+
+// Compares one output's G buffer (`got`, started as `g0`) with the reference.
+void CheckOutput(const Case& c, int64_t stride, const std::vector<float>& g0,
+                 const std::vector<float>& got, const std::vector<double>& ref,
+                 const std::vector<double>& abs_sum) {
+  const int experts = static_cast<int>(c.counts.size());
+  const int64_t nk = static_cast<int64_t>(c.n) * c.k;
+  const int k = c.k;
+  double err2 = 0, ref2 = 0;
+  int bad = 0;
+  for (int e = 0; e < experts; ++e) {
+    const int rows = c.counts[e];
+    for (int64_t i = 0; i < nk; ++i) {
+      const size_t at = static_cast<size_t>(e * stride + i);
+      const double start = c.accumulate ? g0[at] : 0.0;
+      const double want = start + ref[e * nk + i];
+      const double out = got[at];
+      if (rows == 0 && c.accumulate) {
+        // Untouched, bit for bit.
+        if (std::memcmp(&got[at], &g0[at], sizeof(float)) != 0 && bad++ < 5)
+          ADD_FAILURE() << "empty expert " << e << " element " << i << " changed: " << out;
+        continue;
+      }
+      const double bound = 2.0 * rows * std::ldexp(1.0, -23) * abs_sum[e * nk + i] +
+                           std::ldexp(1.0, -23) * (std::fabs(want) + std::fabs(start)) + 1e-30;
+      if (!(std::fabs(out - want) <= bound) && bad++ < 5)
+        ADD_FAILURE() << "expert " << e << " (" << rows << " rows) G[" << i / k << ", " << i % k
+                      << "] = " << out << ", want " << want << " (bound " << bound << ")";
+      err2 += (out - want) * (out - want);
+      ref2 += (want - start) * (want - start);
+    }
+    // Gap after this expert (stride > n * k): never written.
+    if (e + 1 < experts) {
+      for (int64_t i = nk; i < stride; ++i) {
+        if (got[e * stride + i] != kSentinel && bad++ < 5)
+          ADD_FAILURE() << "gap element " << e * stride + i << " written: " << got[e * stride + i];
+      }
+    }
+  }
+  EXPECT_EQ(bad, 0);
+  if (ref2 > 0) {
+    EXPECT_LE(std::sqrt(err2 / ref2), 1e-4);
+  }
+}
+
+const WeightGradImpl kImpls[] = {WeightGradImpl::kAuto, WeightGradImpl::kMmaSync,
+                                 WeightGradImpl::kWgmma, WeightGradImpl::kWgmmaN256};
+
+bool CanRun(WeightGradImpl impl) {
+  int dev = 0, major = 0, minor = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  const bool wgmma = impl == WeightGradImpl::kWgmma || impl == WeightGradImpl::kWgmmaN256;
+  return wgmma ? major == 9 && minor == 0 : major >= 8;
 }
 
 void RunCase(const Case& c) {
@@ -104,7 +163,6 @@ void RunCase(const Case& c) {
   // random in [-1, 1] for accumulate, a sentinel for overwrite; gaps keep
   // the sentinel and must not change.
   const size_t g_elems = static_cast<size_t>(stride) * (experts - 1) + nk;
-  const float kSentinel = 12345.f;
   std::vector<std::vector<float>> g0(outputs, std::vector<float>(g_elems, kSentinel));
   std::uniform_real_distribution<float> unit(-1.f, 1.f);
   for (int o = 0; o < outputs && c.accumulate; ++o)
@@ -122,7 +180,6 @@ void RunCase(const Case& c) {
     if (total_rows > 0) {
       GROVE_CUDA_OK(d_dy[o]->Upload(dy_bf[o]));
     }
-    GROVE_CUDA_OK(d_g[o]->Upload(g0[o]));
   }
   ASSERT_TRUE(d_x.get() && d_off.get());
   if (total_rows > 0) {
@@ -130,65 +187,38 @@ void RunCase(const Case& c) {
   }
   GROVE_CUDA_OK(d_off.Upload(offsets));
 
-  GroupedWeightGradArgs args;
-  args.dy = d_dy[0]->get();
-  args.x = d_x.get();
-  args.expert_offsets = d_off.get();
-  args.total_rows = total_rows;
-  args.num_experts = experts;
-  args.n = n;
-  args.k = k;
-  args.g = d_g[0]->get();
-  args.g_expert_stride = stride;
-  if (c.two_outputs) {
-    args.dy2 = d_dy[1]->get();
-    args.g2 = d_g[1]->get();
-  }
-  args.accumulate = c.accumulate;
-  const Status s = GroupedWeightGrad(args, nullptr);
-  ASSERT_TRUE(s.ok()) << s;
-  GROVE_CUDA_OK(cudaDeviceSynchronize());
+  std::vector<std::vector<double>> ref(outputs), abs_sum(outputs);
+  for (int o = 0; o < outputs; ++o) Reference(dy[o], x, offsets, n, k, &ref[o], &abs_sum[o]);
 
-  for (int o = 0; o < outputs; ++o) {
-    SCOPED_TRACE("output " + std::to_string(o));
-    std::vector<float> got;
-    GROVE_CUDA_OK(d_g[o]->Download(&got));
-    std::vector<double> ref, abs_sum;
-    Reference(dy[o], x, offsets, n, k, &ref, &abs_sum);
-    double err2 = 0, ref2 = 0;
-    int bad = 0;
-    for (int e = 0; e < experts; ++e) {
-      const int rows = c.counts[e];
-      for (int64_t i = 0; i < nk; ++i) {
-        const size_t at = static_cast<size_t>(e * stride + i);
-        const double start = c.accumulate ? g0[o][at] : 0.0;
-        const double want = start + ref[e * nk + i];
-        const double out = got[at];
-        if (rows == 0 && c.accumulate) {
-          // Untouched, bit for bit.
-          if (std::memcmp(&got[at], &g0[o][at], sizeof(float)) != 0 && bad++ < 5)
-            ADD_FAILURE() << "empty expert " << e << " element " << i << " changed: " << out;
-          continue;
-        }
-        const double bound = 2.0 * rows * std::ldexp(1.0, -23) * abs_sum[e * nk + i] +
-                             std::ldexp(1.0, -23) * (std::fabs(want) + std::fabs(start)) + 1e-30;
-        if (!(std::fabs(out - want) <= bound) && bad++ < 5)
-          ADD_FAILURE() << "expert " << e << " (" << rows << " rows) G[" << i / k << ", " << i % k
-                        << "] = " << out << ", want " << want << " (bound " << bound << ")";
-        err2 += (out - want) * (out - want);
-        ref2 += (want - start) * (want - start);
-      }
-      // Gap after this expert (stride > n * k): never written.
-      if (e + 1 < experts) {
-        for (int64_t i = nk; i < stride; ++i) {
-          if (got[e * stride + i] != kSentinel && bad++ < 5)
-            ADD_FAILURE() << "gap element " << e * stride + i << " written: " << got[e * stride + i];
-        }
-      }
+  for (WeightGradImpl impl : kImpls) {
+    if (!CanRun(impl)) continue;
+    SCOPED_TRACE(WeightGradImplName(impl));
+    for (int o = 0; o < outputs; ++o) {
+      GROVE_CUDA_OK(d_g[o]->Upload(g0[o]));
     }
-    EXPECT_EQ(bad, 0);
-    if (ref2 > 0) {
-      EXPECT_LE(std::sqrt(err2 / ref2), 1e-4);
+    GroupedWeightGradArgs args;
+    args.dy = d_dy[0]->get();
+    args.x = d_x.get();
+    args.expert_offsets = d_off.get();
+    args.total_rows = total_rows;
+    args.num_experts = experts;
+    args.n = n;
+    args.k = k;
+    args.g = d_g[0]->get();
+    args.g_expert_stride = stride;
+    if (c.two_outputs) {
+      args.dy2 = d_dy[1]->get();
+      args.g2 = d_g[1]->get();
+    }
+    args.accumulate = c.accumulate;
+    const Status s = GroupedWeightGrad(args, nullptr, impl);
+    ASSERT_TRUE(s.ok()) << s;
+    GROVE_CUDA_OK(cudaDeviceSynchronize());
+    for (int o = 0; o < outputs; ++o) {
+      SCOPED_TRACE("output " + std::to_string(o));
+      std::vector<float> got;
+      GROVE_CUDA_OK(d_g[o]->Download(&got));
+      CheckOutput(c, stride, g0[o], got, ref[o], abs_sum[o]);
     }
   }
 }
