@@ -238,6 +238,12 @@ std::vector<int> SkewedCounts(int experts, int total, uint64_t seed) {
   return counts;
 }
 
+// The simplest case first: one expert, one 128 x 128 tile, one 16-row step.
+TEST(GroupedWeightGradTest, OneTileOneStep) {
+  GROVE_SKIP_WITHOUT_GPU();
+  RunCase({.counts = {16}, .n = 128, .k = 128, .accumulate = false});
+}
+
 TEST(GroupedWeightGradTest, SmallRaggedAccumulate) {
   GROVE_SKIP_WITHOUT_GPU();
   RunCase({.counts = {0, 1, 33, 64, 95, 0, 7}, .n = 40, .k = 24, .accumulate = true,
