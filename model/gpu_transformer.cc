@@ -951,6 +951,7 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
         const std::string base = name(l, "moe.experts.");
         const float* g0 = Gf(base + "0." + w);
         const int64_t stride = E > 1 ? Gf(base + "1." + w) - g0 : 0;
+        if (E > 1 && stride <= 0) return -1;
         for (int64_t e = 2; e < E; ++e)
           if (Gf(base + std::to_string(e) + "." + w) - g0 != e * stride) return -1;
         return stride;
