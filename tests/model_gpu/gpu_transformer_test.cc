@@ -307,10 +307,10 @@ TEST_P(GpuTransformerTest, GradientsMatchCpuWithReplay) {
               worst_name.c_str(), worst_cos);
 }
 
-// GROVE_EXPERT_DW=grouped (kernels::GroupedWeightGrad, two launches per MoE
-// layer) against the default cuBLAS loop, on two models with the same
-// parameters and batch (own routes: both forwards are the same code, so they
-// route alike). Both sum the same exact bf16 products in fp32, in different
+// GROVE_EXPERT_DW=grouped and each implementation (kernels::
+// GroupedWeightGrad, two launches per MoE layer) against the default cuBLAS
+// loop, on models with the same parameters and batch, the CPU model's routes
+// replayed (so a near-tie cannot route differently between runs). Both sum the same exact bf16 products in fp32, in different
 // orders: per tensor ~sqrt(rows) * 2^-24 relative (< 1e-5 at this batch's
 // <= ~1000 rows per expert). Bound 1e-4; a lost expert, row block or wrong
 // transpose gives O(1). The other gradients do not depend on the switch (it
@@ -343,7 +343,8 @@ TEST_P(GpuTransformerTest, GroupedExpertDwMatchesCublas) {
     }
   }
   std::mt19937_64 rng(seed);
-  const std::vector<ScoreRequest> batch = RandomBatch(c, rng, 8);
+  std::vector<ScoreRequest> batch = RandomBatch(c, rng, 8);
+  bool replaying = false;  // the CPU model's routes, replayed by every run
   std::normal_distribution<float> nd(0.f, 1.f);
   std::vector<std::vector<float>> dlogp;
   // Gradients of one backward with GROVE_EXPERT_DW=value; false when that
@@ -352,6 +353,13 @@ TEST_P(GpuTransformerTest, GroupedExpertDwMatchesCublas) {
     Fixture f = make_with(value);
     EXPECT_TRUE(f.gpu);
     if (!f.gpu) return false;
+    if (!replaying) {
+      auto routes = f.cpu->Score(batch, false);
+      EXPECT_TRUE(routes.ok());
+      if (!routes.ok()) return false;
+      for (size_t i = 0; i < batch.size(); ++i) batch[i].replay_routes = routes->routes[i];
+      replaying = true;
+    }
     auto r = f.gpu->Score(batch, true);
     EXPECT_TRUE(r.ok()) << r.status().ToString();
     if (!r.ok()) return false;
