@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <random>
@@ -72,7 +73,7 @@ void Reference(const std::vector<double>& dy, const std::vector<double>& x,
 }
 
 // Compares one output's G buffer (`got`, started as `g0`) with the reference.
-void CheckOutput(const Case& c, int64_t stride, const std::vector<float>& g0,
+void CheckOutput(const Case& c, const char* what, int64_t stride, const std::vector<float>& g0,
                  const std::vector<float>& got, const std::vector<double>& ref,
                  const std::vector<double>& abs_sum) {
   const int experts = static_cast<int>(c.counts.size());
@@ -110,9 +111,9 @@ void CheckOutput(const Case& c, int64_t stride, const std::vector<float>& g0,
     }
   }
   EXPECT_EQ(bad, 0);
-  if (ref2 > 0) {
-    EXPECT_LE(std::sqrt(err2 / ref2), 1e-4);
-  }
+  const double rel = ref2 > 0 ? std::sqrt(err2 / ref2) : 0.0;
+  std::printf("  experts=%d n=%d k=%d %s: relative L2 error %.3g\n", experts, c.n, c.k, what, rel);
+  EXPECT_LE(rel, 1e-4);
 }
 
 const WeightGradImpl kImpls[] = {WeightGradImpl::kAuto, WeightGradImpl::kMmaSync,
@@ -218,7 +219,8 @@ void RunCase(const Case& c) {
       SCOPED_TRACE("output " + std::to_string(o));
       std::vector<float> got;
       GROVE_CUDA_OK(d_g[o]->Download(&got));
-      CheckOutput(c, stride, g0[o], got, ref[o], abs_sum[o]);
+      const std::string what = std::string(WeightGradImplName(impl)) + " output " + std::to_string(o);
+      CheckOutput(c, what.c_str(), stride, g0[o], got, ref[o], abs_sum[o]);
     }
   }
 }
