@@ -27,6 +27,7 @@
 #include "kernels/grouped_gemm_internal.h"
 #include "kernels/grouped_gemm_store.cuh"
 #include "kernels/grouped_weight_grad_internal.h"
+#include "kernels/grouped_weight_grad_tile.cuh"
 #include "kernels/ptx/cp_async.cuh"
 #include "kernels/ptx/ldmatrix.cuh"
 #include "kernels/ptx/mma.cuh"
@@ -67,33 +68,20 @@ __device__ __forceinline__ void LoadTile(__nv_bfloat16* dst, const __nv_bfloat16
 }
 
 __global__ void __launch_bounds__(kThreads, 2)
-    GroupedWeightGradKernel(const __nv_bfloat16* __restrict__ dy,
-                            const __nv_bfloat16* __restrict__ dy2,
-                            const __nv_bfloat16* __restrict__ x,
-                            const int32_t* __restrict__ offsets, int total_rows, int n, int k,
-                            float* g, float* g2, int64_t g_stride, int tiles_per_output,
-                            int k_tiles, bool accumulate) {
+    GroupedWeightGradKernel(const detail::WeightGradParams p) {
   extern __shared__ __align__(128) uint8_t smem_raw[];
   __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(smem_raw);
 
-  const int expert = blockIdx.y;
-  const int output = blockIdx.x / tiles_per_output;
-  const int tile = blockIdx.x - output * tiles_per_output;
-  const int n0 = (tile / k_tiles) * kTileN;
-  const int k0 = (tile % k_tiles) * kTileK;
-  const __nv_bfloat16* dyo = output == 0 ? dy : dy2;
-  float* go = (output == 0 ? g : g2) + expert * g_stride;
-
-  const int begin = min(max(offsets[expert], 0), total_rows);
-  const int end = min(max(offsets[expert + 1], begin), total_rows);
-  if (end == begin && accumulate) return;  // G_e stays as it is
+  const detail::WeightGradTile w = detail::LocateWeightGradTile(p, kTileN, kTileK);
+  const int n = p.n, k = p.k, n0 = w.row0, k0 = w.col0, begin = w.begin, end = w.end;
+  if (end == begin && p.accumulate) return;  // G_e stays as it is
   const int steps = (end - begin + kStepT - 1) / kStepT;
 
   auto load_stage = [&](int s) {
     __nv_bfloat16* st = smem + (s % kStages) * kStageElems;
     const int t0 = begin + s * kStepT;
-    LoadTile(st, dyo, t0, end, n, n0);
-    LoadTile(st + kOperandElems, x, t0, end, k, k0);
+    LoadTile(st, w.dy, t0, end, n, n0);
+    LoadTile(st + kOperandElems, p.x, t0, end, k, k0);
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -163,8 +151,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int j = 0; j < 4; ++j) {
         const int col = k0 + wk * 32 + j * 8 + 2 * (lane % 4);
         if (col >= k) continue;
-        detail::StoreOrAddPair(go + static_cast<int64_t>(row) * k + col, acc[i][j][2 * h],
-                               acc[i][j][2 * h + 1], accumulate);
+        detail::StoreOrAddPair(w.g + static_cast<int64_t>(row) * k + col, acc[i][j][2 * h],
+                               acc[i][j][2 * h + 1], p.accumulate);
       }
     }
   }
@@ -237,18 +225,10 @@ Status GroupedWeightGrad(const GroupedWeightGradArgs& args, cudaStream_t stream,
       cudaFuncSetAttribute(GroupedWeightGradKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            kSmemBytes),
       "GroupedWeightGrad: shared memory attribute"));
-  const int n_tiles = (args.n + kTileN - 1) / kTileN;
-  const int k_tiles = (args.k + kTileK - 1) / kTileK;
-  const int64_t tiles_per_output = static_cast<int64_t>(n_tiles) * k_tiles;
-  const int outputs = args.g2 != nullptr ? 2 : 1;
-  if (tiles_per_output * outputs > INT32_MAX)
-    return Status::InvalidArgument("GroupedWeightGrad: n x k too large for one grid");
-  const dim3 grid(static_cast<unsigned>(tiles_per_output * outputs),
-                  static_cast<unsigned>(args.num_experts));
-  GroupedWeightGradKernel<<<grid, kThreads, kSmemBytes, stream>>>(
-      args.dy, args.dy2, args.x, args.expert_offsets, args.total_rows, args.n, args.k, args.g,
-      args.g2, args.g_expert_stride, static_cast<int>(tiles_per_output), k_tiles,
-      args.accumulate);
+  dim3 grid;
+  detail::WeightGradParams params;
+  GROVE_RETURN_IF_ERROR(detail::MakeWeightGradLaunch(args, kTileN, kTileK, &grid, &params));
+  GroupedWeightGradKernel<<<grid, kThreads, kSmemBytes, stream>>>(params);
   return detail::CudaStatus(cudaGetLastError(), "GroupedWeightGrad launch");
 }
 

@@ -27,6 +27,7 @@
 #include "kernels/grouped_gemm_internal.h"
 #include "kernels/grouped_gemm_store.cuh"
 #include "kernels/grouped_weight_grad_internal.h"
+#include "kernels/grouped_weight_grad_tile.cuh"
 #include "kernels/ptx/cp_async.cuh"
 #include "kernels/ptx/tma.cuh"
 #include "kernels/ptx/wgmma.cuh"
@@ -82,12 +83,7 @@ __device__ __forceinline__ void WgmmaStep(float (&acc)[kTileN / 2], uint64_t des
 
 template <int kTileN>
 __global__ void __launch_bounds__(kThreads, 1)
-    WeightGradWgmmaKernel(const __nv_bfloat16* __restrict__ dy,
-                          const __nv_bfloat16* __restrict__ dy2,
-                          const __nv_bfloat16* __restrict__ x,
-                          const int32_t* __restrict__ offsets, int total_rows, int n, int k,
-                          float* g, float* g2, int64_t g_stride, int tiles_per_output,
-                          int col_tiles, bool accumulate) {
+    WeightGradWgmmaKernel(const WeightGradParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = Tiling<kTileN>;
   constexpr int kLookahead = kStages - 2;
@@ -96,24 +92,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
 
-  const int expert = blockIdx.y;
-  const int output = blockIdx.x / tiles_per_output;
-  const int tile = blockIdx.x - output * tiles_per_output;
-  const int m0 = (tile / col_tiles) * kTileM;
-  const int c0 = (tile % col_tiles) * kTileN;
-  const __nv_bfloat16* dyo = output == 0 ? dy : dy2;
-  float* go = (output == 0 ? g : g2) + expert * g_stride;
-
-  const int begin = min(max(offsets[expert], 0), total_rows);
-  const int end = min(max(offsets[expert + 1], begin), total_rows);
-  if (end == begin && accumulate) return;  // G_e stays as it is
+  const WeightGradTile w = LocateWeightGradTile(p, kTileM, kTileN);
+  const int n = p.n, k = p.k, m0 = w.row0, c0 = w.col0, begin = w.begin, end = w.end;
+  if (end == begin && p.accumulate) return;  // G_e stays as it is
   const int steps = (end - begin + kStepT - 1) / kStepT;
 
   auto load_stage = [&](int s) {
     __nv_bfloat16* st = smem + (s % kStages) * T::kStageElems;
     const int t0 = begin + s * kStepT;
-    LoadSubTiles<kTileM / 64>(st, dyo, t0, end, n, m0);
-    LoadSubTiles<kTileN / 64>(st + T::kDyElems, x, t0, end, k, c0);
+    LoadSubTiles<kTileM / 64>(st, w.dy, t0, end, n, m0);
+    LoadSubTiles<kTileN / 64>(st + T::kDyElems, p.x, t0, end, k, c0);
   };
 #pragma unroll
   for (int s = 0; s < kLookahead; ++s) {
@@ -159,7 +147,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int row = m0 + wg * 64 + 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
     const int col = c0 + 8 * (i / 4) + 2 * (lane % 4);
     if (row < n && col < k)
-      StoreOrAddPair(go + static_cast<int64_t>(row) * k + col, acc[i], acc[i + 1], accumulate);
+      StoreOrAddPair(w.g + static_cast<int64_t>(row) * k + col, acc[i], acc[i + 1], p.accumulate);
   }
 #else
   __trap();  // built for a device without wgmma; the host never launches this
@@ -173,18 +161,10 @@ Status Launch(const GroupedWeightGradArgs& args, cudaStream_t stream) {
   GROVE_RETURN_IF_ERROR(CudaStatus(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes),
       "GroupedWeightGrad wgmma: shared memory attribute"));
-  const int row_tiles = (args.n + kTileM - 1) / kTileM;
-  const int col_tiles = (args.k + kTileN - 1) / kTileN;
-  const int64_t tiles_per_output = static_cast<int64_t>(row_tiles) * col_tiles;
-  const int outputs = args.g2 != nullptr ? 2 : 1;
-  if (tiles_per_output * outputs > INT32_MAX)
-    return Status::InvalidArgument("GroupedWeightGrad: n x k too large for one grid");
-  const dim3 grid(static_cast<unsigned>(tiles_per_output * outputs),
-                  static_cast<unsigned>(args.num_experts));
-  kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(
-      args.dy, args.dy2, args.x, args.expert_offsets, args.total_rows, args.n, args.k, args.g,
-      args.g2, args.g_expert_stride, static_cast<int>(tiles_per_output), col_tiles,
-      args.accumulate);
+  dim3 grid;
+  WeightGradParams params;
+  GROVE_RETURN_IF_ERROR(MakeWeightGradLaunch(args, kTileM, kTileN, &grid, &params));
+  kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(params);
   return CudaStatus(cudaGetLastError(), "GroupedWeightGrad wgmma launch");
 }
 

@@ -102,11 +102,17 @@ TAIL = r'''
 }  // namespace grove::ptx
 '''
 
-def shape(n):
-    regs = n // 2
+def operands(regs):
+    """The accumulator placeholders and output constraints of an N/2-register wgmma."""
     dlist = ", ".join(f"%{i}" for i in range(regs))
     outs = ",\n        ".join(", ".join(f'"+f"(d[{j}])' for j in range(i, min(i + 8, regs)))
                               for i in range(0, regs, 8))
+    return dlist, outs
+
+
+def shape(n):
+    regs = n // 2
+    dlist, outs = operands(regs)
     return f'''
 // wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16: d (+)= A * B^T with A
 // 64x16 and B {n}x16, both K-major in shared memory (descriptors), fp32
@@ -128,9 +134,7 @@ MN_SHAPES = [128, 256]
 
 def shape_mn(n):
     regs = n // 2
-    dlist = ", ".join(f"%{i}" for i in range(regs))
-    outs = ",\n        ".join(", ".join(f'"+f"(d[{j}])' for j in range(i, min(i + 8, regs)))
-                              for i in range(0, regs, 8))
+    dlist, outs = operands(regs)
     return f'''
 // wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 with imm-trans-a = 1
 // and imm-trans-b = 1: d (+)= A * B with A 64x16 stored M-major ([16 k][64 m])
