@@ -110,19 +110,34 @@ def operands(regs):
     return dlist, outs
 
 
-def shape(n):
-    regs = n // 2
-    dlist, outs = operands(regs)
-    return f'''
+KMAJOR_DOC = """
 // wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16: d (+)= A * B^T with A
 // 64x16 and B {n}x16, both K-major in shared memory (descriptors), fp32
-// accumulators in registers. accumulate == 0 ignores d's old value.
-__device__ __forceinline__ void wgmma_m64n{n}k16_f32_bf16_ss(float (&d)[{regs}], uint64_t desc_a,
-                                                            uint64_t desc_b, int accumulate) {{
+// accumulators in registers. accumulate == 0 ignores d's old value."""
+
+MN_DOC = """
+// wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 with imm-trans-a = 1
+// and imm-trans-b = 1: d (+)= A * B with A 64x16 stored M-major ([16 k][64 m])
+// and B 16x{n} stored N-major ([16 k][{n} n]), both in shared memory
+// (make_wgmma_desc_mn_sw128), fp32 accumulators in registers (layout as
+// above). accumulate == 0 ignores d's old value."""
+
+
+def shape(n, mn=False):
+    """One wrapper: K-major operands, or (mn) both operands MN-major."""
+    regs = n // 2
+    dlist, outs = operands(regs)
+    name = f"wgmma_m64n{n}k16_f32_bf16_ss" + ("_mn" if mn else "")
+    indent = " " * (63 if mn else 60)
+    trans = "1, 1" if mn else "0, 0"
+    doc = (MN_DOC if mn else KMAJOR_DOC).format(n=n)
+    return f'''{doc}
+__device__ __forceinline__ void {name}(float (&d)[{regs}], uint64_t desc_a,
+{indent}uint64_t desc_b, int accumulate) {{
   asm volatile(
       "{{\\n .reg .pred p;\\n setp.ne.b32 p, %{regs + 2}, 0;\\n"
       " wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 "
-      "{{{dlist}}}, %{regs}, %{regs + 1}, p, 1, 1, 0, 0;\\n}}\\n"
+      "{{{dlist}}}, %{regs}, %{regs + 1}, p, 1, 1, {trans};\\n}}\\n"
       : {outs}
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }}
@@ -132,26 +147,5 @@ __device__ __forceinline__ void wgmma_m64n{n}k16_f32_bf16_ss(float (&d)[{regs}],
 MN_SHAPES = [128, 256]
 
 
-def shape_mn(n):
-    regs = n // 2
-    dlist, outs = operands(regs)
-    return f'''
-// wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 with imm-trans-a = 1
-// and imm-trans-b = 1: d (+)= A * B with A 64x16 stored M-major ([16 k][64 m])
-// and B 16x{n} stored N-major ([16 k][{n} n]), both in shared memory
-// (make_wgmma_desc_mn_sw128), fp32 accumulators in registers (layout as
-// above). accumulate == 0 ignores d's old value.
-__device__ __forceinline__ void wgmma_m64n{n}k16_f32_bf16_ss_mn(float (&d)[{regs}], uint64_t desc_a,
-                                                               uint64_t desc_b, int accumulate) {{
-  asm volatile(
-      "{{\\n .reg .pred p;\\n setp.ne.b32 p, %{regs + 2}, 0;\\n"
-      " wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 "
-      "{{{dlist}}}, %{regs}, %{regs + 1}, p, 1, 1, 1, 1;\\n}}\\n"
-      : {outs}
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}}
-'''
-
-
-print(HEAD + "".join(shape(n) for n in SHAPES) + "".join(shape_mn(n) for n in MN_SHAPES) + TAIL,
+print(HEAD + "".join(shape(n) for n in SHAPES) + "".join(shape(n, mn=True) for n in MN_SHAPES) + TAIL,
       end="")
