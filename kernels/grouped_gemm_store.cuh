@@ -17,6 +17,17 @@ __device__ __forceinline__ void StorePair(__nv_bfloat16* p, float x, float y) {
   *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(x, y);
 }
 
+// Two adjacent fp32 values written, or added to what is there (a gradient
+// accumulated with beta = 1; the caller owns these elements exclusively).
+__device__ __forceinline__ void StoreOrAddPair(float* p, float x, float y, bool add) {
+  if (add) {
+    const float2 old = *reinterpret_cast<const float2*>(p);
+    x += old.x;
+    y += old.y;
+  }
+  StorePair(p, x, y);
+}
+
 // Four adjacent values (col a multiple of 4): one 16-byte or 8-byte store.
 __device__ __forceinline__ void StoreQuad(float* p, float a, float b, float c, float d) {
   *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);

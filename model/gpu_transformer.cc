@@ -14,6 +14,7 @@
 #include "kernels/attention.h"
 #include "kernels/embedding.h"
 #include "kernels/grouped_gemm.h"
+#include "kernels/grouped_weight_grad.h"
 #include "kernels/logprob_head.h"
 #include "kernels/moe_permute.h"
 #include "kernels/rmsnorm.h"
@@ -177,6 +178,13 @@ struct GpuTransformer::Impl {
   std::vector<cublasHandle_t> side_cublas;
   std::vector<cudaEvent_t> side_done;
   cudaEvent_t fork = nullptr;
+  // GROVE_EXPERT_DW=grouped (or an implementation: mma_sync, wgmma,
+  // wgmma_n256): the experts' weight gradients as two GroupedWeightGrad
+  // launches per MoE layer (w2; w1 and w3 together) instead of two cuBLAS
+  // calls per expert. Off ("cublas") by default until measured on the GPU;
+  // the cuBLAS path stays for the comparison.
+  bool grouped_dw = false;
+  kernels::WeightGradImpl dw_impl = kernels::WeightGradImpl::kAuto;
 
   void Lap(const char* phase, double flops = 0) { prof->Lap(phase, flops); }
 
@@ -239,6 +247,20 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
   GROVE_RETURN_IF_ERROR(Cublas(cublasSetStream(im.cublas, im.stream), "set stream"));
   im.prof = std::make_unique<PhaseTimer>(im.stream);
   if (const char* env = std::getenv("GROVE_GPU_PROFILE"); env && std::string(env) == "1") im.prof->SetEnabled(true);
+  if (const char* env = std::getenv("GROVE_EXPERT_DW")) {
+    const std::string v = env;
+    using kernels::WeightGradImpl;
+    if (v == "grouped" || v == "mma_sync" || v == "wgmma" || v == "wgmma_n256") {
+      im.grouped_dw = true;
+      im.dw_impl = v == "mma_sync" ? WeightGradImpl::kMmaSync
+                   : v == "wgmma"  ? WeightGradImpl::kWgmma
+                   : v == "wgmma_n256" ? WeightGradImpl::kWgmmaN256
+                                       : WeightGradImpl::kAuto;
+    } else if (v != "cublas") {
+      return Status::InvalidArgument(
+          "GROVE_EXPERT_DW must be cublas, grouped, mma_sync, wgmma or wgmma_n256, got '" + v + "'");
+    }
+  }
   if (trainable && c.experts > 0) {
     // GROVE_EXPERT_DW_STREAMS=N > 0 runs the experts' dW GEMMs on N side
     // streams, joined back only before their inputs are next overwritten, so
@@ -922,7 +944,42 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       GPU_LAUNCHED("moe backward");
       GROVE_RETURN_IF_ERROR(kernels::MoePermute(h2, lt.src.as<int32_t>(), xe, int(Pn), int(K), int(H), st));
       im.Lap("moe permute/combine bwd");
-      const int ns = int(im.side.size());
+      // The grouped kernel needs each weight kind's gradients at one stride
+      // between experts (true of ParamLayout: an expert's tensors are
+      // adjacent); -1 when not, and then the cuBLAS loop runs.
+      auto expert_grad_stride = [&](const char* w) -> int64_t {
+        const std::string base = name(l, "moe.experts.");
+        const float* g0 = Gf(base + "0." + w);
+        const int64_t stride = E > 1 ? Gf(base + "1." + w) - g0 : 0;
+        if (E > 1 && stride <= 0) return -1;
+        for (int64_t e = 2; e < E; ++e)
+          if (Gf(base + std::to_string(e) + "." + w) - g0 != e * stride) return -1;
+        return stride;
+      };
+      const int64_t stride_w1 = im.grouped_dw ? expert_grad_stride("w1") : -1;
+      const bool grouped_dw = stride_w1 >= 0 && expert_grad_stride("w2") == stride_w1 &&
+                              expert_grad_stride("w3") == stride_w1;
+      if (im.grouped_dw && !grouped_dw) {
+        LOG_FIRST_N(WARNING, 1) << "GROVE_EXPERT_DW=grouped: experts' gradients not at one stride; cuBLAS loop";
+      }
+      if (grouped_dw) {
+        // One launch per weight kind over all experts, on the main stream,
+        // accumulating (beta = 1) like the cuBLAS calls; empty experts untouched.
+        const std::string e0 = name(l, "moe.experts.0.");
+        kernels::GroupedWeightGradArgs wg;
+        wg.expert_offsets = offsets;
+        wg.total_rows = int(Pn);
+        wg.num_experts = int(E);
+        wg.g_expert_stride = stride_w1;
+        wg.accumulate = true;
+        wg.dy = dey; wg.x = lt.eh.as<bf16>(); wg.n = int(H); wg.k = int(F); wg.g = Gf(e0 + "w2");
+        GROVE_RETURN_IF_ERROR(kernels::GroupedWeightGrad(wg, st, im.dw_impl));
+        wg.dy = dea; wg.dy2 = deb; wg.x = xe; wg.n = int(F); wg.k = int(H);
+        wg.g = Gf(e0 + "w1"); wg.g2 = Gf(e0 + "w3");
+        GROVE_RETURN_IF_ERROR(kernels::GroupedWeightGrad(wg, st, im.dw_impl));
+        im.Lap("expert dW", 6.0 * Pn * F * H);
+      }
+      const int ns = grouped_dw ? 0 : int(im.side.size());
       if (ns > 0) {
         GPU_OK(cudaEventRecord(im.fork, st));
         for (cudaStream_t s : im.side) GPU_OK(cudaStreamWaitEvent(s, im.fork, 0));
@@ -930,7 +987,7 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       int64_t off = 0;
       int call = 0;
       auto handle = [&]() { return ns > 0 ? im.side_cublas[call++ % ns] : cb; };
-      for (int64_t e = 0; e < E; ++e) {
+      for (int64_t e = 0; e < E && !grouped_dw; ++e) {
         const int64_t n = tp.h_counts[mi * E + e];
         if (n > 0) {
           const std::string x = name(l, "moe.experts.") + std::to_string(e) + ".";
@@ -946,7 +1003,7 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       }
       for (int i = 0; i < ns; ++i) GPU_OK(cudaEventRecord(im.side_done[i], im.side[i]));
       dw_pending = ns > 0;
-      if (ns == 0) im.Lap("expert dW", 6.0 * Pn * F * H);
+      if (ns == 0 && !grouped_dw) im.Lap("expert dW", 6.0 * Pn * F * H);
       float* dlogits_f = nullptr;
       GROVE_RETURN_IF_ERROR(im.dlogits_f.Reserve(R * E, &dlogits_f));
       kernels::RouterBackwardArgs rb;

@@ -20,6 +20,8 @@
 //        kernel_bench --attention (only the attention table)
 //        kernel_bench --paged     (paged decode attention, split vs unsplit)
 //        kernel_bench --step      (copy ceiling and the step-kernel table)
+//        kernel_bench --dw        (the experts' weight gradients: GroupedWeightGrad
+//                                  against cuBLAS, gpu-ref's per-layer shapes)
 //        kernel_bench --profile   (one launch of each wgmma variant and cuBLAS
 //                                  dense at T=16384, bf16 out: for ncu)
 #include <cublas_v2.h>
@@ -45,6 +47,7 @@
 #include "kernels/paged_kv.h"
 #include "kernels/rope.h"
 #include "kernels/grouped_gemm.h"
+#include "kernels/grouped_weight_grad.h"
 #include "kernels/rmsnorm.h"
 #include "kernels/router.h"
 #include "kernels/swiglu.h"
@@ -559,6 +562,143 @@ struct Row {
   double ms, tflops, pct_dense, vs_loop, diff;
 };
 
+// The experts' weight gradients of one gpu-ref MoE layer in the backward
+// (32768 tokens x top-6 over 64 experts, skewed routing; H = 1024, F = 512):
+//   w2:    G_e[H, F] += dey_e^T eh_e               (one output)
+//   w1/w3: G_e[F, H] += dea_e^T xe_e, deb_e^T xe_e (two outputs, shared X)
+// into fp32 gradients laid out as the model's (w1, w2, w3 of an expert
+// adjacent: stride 3 F H between experts). Methods: GroupedWeightGrad (one
+// launch per weight kind), cuBLAS per expert as the step does it (GemmEx
+// for w2, a strided batch of 2 for w1/w3, beta = 1), and cuBLAS on one
+// dense GEMM of the same total work (all rows as one expert). "rel diff":
+// GroupedWeightGrad (overwrite) against the cuBLAS loop (beta = 0), over
+// the whole gradient buffer.
+void WeightGradBench(cublasHandle_t h, std::mt19937_64& rng, int reps) {
+  const int experts = 64, top_k = 6, tokens = 32768, H = 1024, F = 512;
+  const int rows = tokens * top_k;
+  const std::vector<int> counts = Routing(rows, experts, /*skewed=*/true, rng);
+  std::vector<int32_t> offsets(experts + 1, 0);
+  for (int e = 0; e < experts; ++e) offsets[e + 1] = offsets[e] + counts[e];
+  int32_t* d_off;
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_off, offsets.size() * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_off, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
+  const int64_t stride = 3LL * F * H;
+  const size_t g_elems = size_t(stride) * experts;
+  float *g, *g_ref;
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&g, g_elems * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&g_ref, g_elems * 4));
+  const int min_count = *std::min_element(counts.begin(), counts.end());
+  const int max_count = *std::max_element(counts.begin(), counts.end());
+  std::printf("\nexperts' weight gradients, one layer: %d rows over %d experts (%d..%d per expert)\n",
+              rows, experts, min_count, max_count);
+  const char* kHeader = "%-26s %-36s %9s %8s %8s %8s %9s\n";
+  const char* kRowFmt = "%-26s %-36s %9.4f %8.1f %8.1f %8.2f %9.2e\n";
+  std::printf(kHeader, "shape", "method", "ms", "TFLOP/s", "%dense", "x loop", "rel diff");
+
+  // Row-major C[M, N] (+)= A^T B, A [t, M], B [t, N], batch of `batch` with
+  // A, C strides (B shared): column-major C^T = B^T A.
+  auto gemm_tn = [&](const __nv_bfloat16* a, int m, const __nv_bfloat16* b, int n, int t, float* c,
+                     int ldc, float beta, int batch, int64_t stride_a, int64_t stride_c) {
+    const float alpha = 1.f;
+    if (batch == 1) {
+      CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_T, n, m, t, &alpha, b, CUDA_R_16BF, n, a,
+                                CUDA_R_16BF, m, &beta, c, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
+                                CUBLAS_GEMM_DEFAULT));
+    } else {
+      CUBLAS_CHECK(cublasGemmStridedBatchedEx(h, CUBLAS_OP_N, CUBLAS_OP_T, n, m, t, &alpha, b,
+                                              CUDA_R_16BF, n, 0, a, CUDA_R_16BF, m, stride_a,
+                                              &beta, c, CUDA_R_32F, ldc, stride_c, batch,
+                                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    }
+  };
+
+  struct Kind { const char* name; int n, k, outputs; int64_t g_off, g2_off; };
+  // Expert e's w1 at e * stride, w2 at + F H, w3 at + 2 F H.
+  for (Kind kind : {Kind{"w2 dW [H,F]", H, F, 1, int64_t(F) * H, 0},
+                    Kind{"w1+w3 dW [F,H] x2", F, H, 2, 0, 2LL * F * H}}) {
+    __nv_bfloat16* dy = RandomDeviceBf16(size_t(rows) * kind.n * kind.outputs, rng);  // dY, then dY2
+    __nv_bfloat16* x = RandomDeviceBf16(size_t(rows) * kind.k, rng);
+    const int64_t dy2_stride = int64_t(rows) * kind.n;
+    const double flops = 2.0 * rows * double(kind.n) * kind.k * kind.outputs;
+    char shape[96];
+    std::snprintf(shape, sizeof shape, "%s T=%d", kind.name, rows);
+
+    auto loop = [&](float beta) {
+      for (int e = 0; e < experts; ++e) {
+        if (counts[e] == 0) continue;
+        float* ge = g_ref + e * stride + kind.g_off;
+        gemm_tn(dy + size_t(offsets[e]) * kind.n, kind.n, x + size_t(offsets[e]) * kind.k, kind.k,
+                counts[e], ge, kind.k, beta, kind.outputs, dy2_stride, kind.g2_off - kind.g_off);
+      }
+    };
+    grove::kernels::GroupedWeightGradArgs args;
+    args.dy = dy;
+    args.x = x;
+    args.expert_offsets = d_off;
+    args.total_rows = rows;
+    args.num_experts = experts;
+    args.n = kind.n;
+    args.k = kind.k;
+    args.g = g + kind.g_off;
+    args.g_expert_stride = stride;
+    if (kind.outputs == 2) {
+      args.dy2 = dy + dy2_stride;
+      args.g2 = g + kind.g2_off;
+    }
+    using grove::kernels::WeightGradImpl;
+    auto grove_run = [&](bool accumulate, WeightGradImpl impl) {
+      args.accumulate = accumulate;
+      return grove::kernels::GroupedWeightGrad(args, nullptr, impl);
+    };
+
+    const double loop_ms = MedianMs([&] { loop(1.f); }, reps);
+    const double dense_ms = MedianMs(
+        [&] {
+          gemm_tn(dy, kind.n, x, kind.k, rows, g + kind.g_off, kind.k, 1.f, kind.outputs,
+                  dy2_stride, kind.g2_off - kind.g_off);
+        },
+        reps);
+    GROVE_BENCH_CUDA_CHECK(cudaMemset(g_ref, 0, g_elems * 4));
+    loop(0.f);  // the reference for the diff column (beta = 0 from zero)
+    GROVE_BENCH_CUDA_CHECK(cudaDeviceSynchronize());
+    std::printf(kRowFmt, shape, "cuBLAS dense same work", dense_ms, flops / dense_ms / 1e9, 100.0,
+                loop_ms / dense_ms, 0.0);
+    std::printf(kRowFmt, shape, "cuBLAS per-expert loop", loop_ms, flops / loop_ms / 1e9,
+                100.0 * dense_ms / loop_ms, 1.0, 0.0);
+    for (WeightGradImpl impl :
+         {WeightGradImpl::kMmaSync, WeightGradImpl::kWgmma, WeightGradImpl::kWgmmaN256}) {
+      const std::string method =
+          std::string("grove GroupedWeightGrad ") + grove::kernels::WeightGradImplName(impl);
+      // Agreement first (overwrite from a poisoned buffer), then timing.
+      GROVE_BENCH_CUDA_CHECK(cudaMemset(g, 0xFF, g_elems * 4));
+      grove::Status s = grove_run(false, impl);
+      if (!s.ok()) {
+        std::printf("%s %s: %s\n", shape, method.c_str(), s.ToString().c_str());
+        continue;
+      }
+      GROVE_BENCH_CUDA_CHECK(cudaDeviceSynchronize());
+      // Only the gradients this kind writes: zero the others in g as in g_ref.
+      for (int e = 0; e < experts; ++e) {
+        float* ge = g + e * stride;
+        const int64_t nk = int64_t(kind.n) * kind.k;
+        for (int64_t off = 0; off < stride; off += nk)
+          if (off != kind.g_off && !(kind.outputs == 2 && off == kind.g2_off))
+            GROVE_BENCH_CUDA_CHECK(cudaMemset(ge + off, 0, nk * 4));
+      }
+      const double diff = MaxRelDiff(g, g_ref, g_elems, GemmOutType::kF32);
+      const double ms = MedianMs([&] { (void)grove_run(true, impl); }, reps);
+      std::printf(kRowFmt, shape, method.c_str(), ms, flops / ms / 1e9, 100.0 * dense_ms / ms,
+                  loop_ms / ms, diff);
+    }
+    std::fflush(stdout);
+    cudaFree(dy);
+    cudaFree(x);
+  }
+  cudaFree(g);
+  cudaFree(g_ref);
+  cudaFree(d_off);
+}
+
 }  // namespace
 
 // One launch per method on the w1/w3 and w2 shapes, nothing else on the GPU
@@ -679,6 +819,14 @@ int main(int argc, char** argv) {
   if (argc > 1 && std::strcmp(argv[1], "--step") == 0) {
     std::mt19937_64 rng(7);
     StepKernels(rng, 30, CopyCeilingGbs());
+    return 0;
+  }
+  if (argc > 1 && std::strcmp(argv[1], "--dw") == 0) {
+    std::mt19937_64 rng(7);
+    cublasHandle_t h;
+    CUBLAS_CHECK(cublasCreate(&h));
+    WeightGradBench(h, rng, 20);
+    cublasDestroy(h);
     return 0;
   }
   if (argc > 1 && std::strcmp(argv[1], "--profile") == 0) {

@@ -25,6 +25,8 @@
 // of the step, and TFLOP/s for the matrix products. GROVE_EXPERT_DW_STREAMS=N
 // runs the experts' weight-gradient GEMMs on N side streams overlapping the
 // rest of the backward (default 0: in order on the model's stream).
+// GROVE_EXPERT_DW=grouped|mma_sync|wgmma|wgmma_n256 runs them as two
+// kernels::GroupedWeightGrad launches per MoE layer instead (default cublas).
 //
 // --fast_init fills the weights with the model's init distribution on all
 // cores (N(0, init_std), output projections scaled, norms 1, router bias 0)
@@ -161,9 +163,10 @@ int Run() {
   const double tokens = double(B) * L;
   std::printf("batch %d x %d tokens (prompt %d + completion %d), N_matmul %.4g, FLOPs/token %.4g\n", B, L,
               FLAGS_prompt, FLAGS_completion, MatmulParamsPerToken(c), flops_per_token);
-  std::printf("GRPO loss on the %s; expert dW streams: %s\n", FLAGS_host_loss ? "host" : "device",
+  std::printf("GRPO loss on the %s; expert dW streams: %s; expert dW: %s\n", FLAGS_host_loss ? "host" : "device",
               std::getenv("GROVE_EXPERT_DW_STREAMS") ? std::getenv("GROVE_EXPERT_DW_STREAMS")
-                                                     : "default (0, in order)");
+                                                     : "default (0, in order)",
+              std::getenv("GROVE_EXPERT_DW") ? std::getenv("GROVE_EXPERT_DW") : "default (cublas)");
   std::printf("%-6s %9s %9s %9s %9s %9s %11s %7s\n", "step", "fwd s", "loss s", "bwd s", "optim s", "total s",
               "tokens/s", "MFU");
   std::vector<double> totals, fwds, bwds, opts, losses;

@@ -66,6 +66,25 @@ __device__ __forceinline__ uint64_t make_wgmma_desc_k_sw64(const void* smem_ptr)
          (uint64_t{2} << 62);
 }
 
+// The descriptor of an MN-major operand (M or N contiguous in memory; used
+// with the wgmma wrappers' _mn forms, imm-trans-a/b = 1) in the 128-byte
+// swizzle layout: rows of 64 bf16 along M/N (128 bytes) for consecutive K,
+// 8 K-rows (1024 bytes) per swizzle atom, atoms along K 1024 bytes apart
+// (stride byte offset), 64-wide M/N blocks `mn_block_bytes` apart (leading
+// byte offset; used when the instruction's M or N exceeds 64), every atom
+// 1024-byte aligned (chunk c of row r at chunk c ^ (r % 8)). To step along
+// K by 16, pass ptr + 16 rows (2048 bytes: whole atoms).
+//   bits  0-13: start address >> 4
+//   bits 16-29: leading byte offset >> 4
+//   bits 32-45: stride byte offset >> 4 (1024 >> 4 = 64)
+//   bits 62-63: layout, 1 = 128-byte swizzle
+__device__ __forceinline__ uint64_t make_wgmma_desc_mn_sw128(const void* smem_ptr,
+                                                             uint32_t mn_block_bytes) {
+  const uint64_t addr = smem_addr(smem_ptr);
+  return ((addr & 0x3FFFF) >> 4) | (uint64_t{(mn_block_bytes >> 4) & 0x3FFF} << 16) |
+         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
 // setmaxnreg: moves registers between the warpgroups of a CTA (sm_90a). Takes
 // effect only in a kernel with a register cap at entry (launch bounds with a
 // minimum of 1 block); every warp of a warpgroup must execute it.
@@ -83,24 +102,50 @@ TAIL = r'''
 }  // namespace grove::ptx
 '''
 
-def shape(n):
-    regs = n // 2
+def operands(regs):
+    """The accumulator placeholders and output constraints of an N/2-register wgmma."""
     dlist = ", ".join(f"%{i}" for i in range(regs))
     outs = ",\n        ".join(", ".join(f'"+f"(d[{j}])' for j in range(i, min(i + 8, regs)))
                               for i in range(0, regs, 8))
-    return f'''
+    return dlist, outs
+
+
+KMAJOR_DOC = """
 // wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16: d (+)= A * B^T with A
 // 64x16 and B {n}x16, both K-major in shared memory (descriptors), fp32
-// accumulators in registers. accumulate == 0 ignores d's old value.
-__device__ __forceinline__ void wgmma_m64n{n}k16_f32_bf16_ss(float (&d)[{regs}], uint64_t desc_a,
-                                                            uint64_t desc_b, int accumulate) {{
+// accumulators in registers. accumulate == 0 ignores d's old value."""
+
+MN_DOC = """
+// wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 with imm-trans-a = 1
+// and imm-trans-b = 1: d (+)= A * B with A 64x16 stored M-major ([16 k][64 m])
+// and B 16x{n} stored N-major ([16 k][{n} n]), both in shared memory
+// (make_wgmma_desc_mn_sw128), fp32 accumulators in registers (layout as
+// above). accumulate == 0 ignores d's old value."""
+
+
+def shape(n, mn=False):
+    """One wrapper: K-major operands, or (mn) both operands MN-major."""
+    regs = n // 2
+    dlist, outs = operands(regs)
+    name = f"wgmma_m64n{n}k16_f32_bf16_ss" + ("_mn" if mn else "")
+    indent = " " * (63 if mn else 60)
+    trans = "1, 1" if mn else "0, 0"
+    doc = (MN_DOC if mn else KMAJOR_DOC).format(n=n)
+    return f'''{doc}
+__device__ __forceinline__ void {name}(float (&d)[{regs}], uint64_t desc_a,
+{indent}uint64_t desc_b, int accumulate) {{
   asm volatile(
       "{{\\n .reg .pred p;\\n setp.ne.b32 p, %{regs + 2}, 0;\\n"
       " wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 "
-      "{{{dlist}}}, %{regs}, %{regs + 1}, p, 1, 1, 0, 0;\\n}}\\n"
+      "{{{dlist}}}, %{regs}, %{regs + 1}, p, 1, 1, {trans};\\n}}\\n"
       : {outs}
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }}
 '''
 
-print(HEAD + "".join(shape(n) for n in SHAPES) + TAIL, end="")
+# MN-major forms (both operands transposed: A stored [K][M], B stored [K][N]).
+MN_SHAPES = [128, 256]
+
+
+print(HEAD + "".join(shape(n) for n in SHAPES) + "".join(shape(n, mn=True) for n in MN_SHAPES) + TAIL,
+      end="")

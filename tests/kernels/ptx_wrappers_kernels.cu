@@ -6,6 +6,8 @@
 #include "kernels/ptx/cp_async.cuh"
 #include "kernels/ptx/ldmatrix.cuh"
 #include "kernels/ptx/mma.cuh"
+#include "kernels/ptx/tma.cuh"
+#include "kernels/ptx/wgmma.cuh"
 #include "kernels/quant_unpack.h"
 
 namespace grove::kernels::testing {
@@ -116,6 +118,43 @@ int Fetch(T* dev, size_t count, std::vector<T>* host) {
   return static_cast<int>(e);
 }
 
+// One warpgroup: C[64][128] = A^T B with A stored [32 k][64 m] and B
+// [32 k][128 n] (both MN-major), two wgmma m64n128k16 _mn steps along k.
+// Tiles in the 128-byte swizzle (chunk c of row k at c ^ (k % 8)); B's two
+// 64-wide halves are 4 KB apart (the descriptor's leading byte offset).
+__global__ void WgmmaMnKernel(const float* a, const float* b, float* c) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __shared__ __align__(1024) __nv_bfloat16 sa[32 * 64];
+  __shared__ __align__(1024) __nv_bfloat16 sb[2 * 32 * 64];
+  for (int i = threadIdx.x; i < 32 * 64; i += 128) {
+    const int k = i / 64, m = i % 64;
+    sa[k * 64 + ((m / 8) ^ (k % 8)) * 8 + m % 8] = __float2bfloat16(a[i]);
+  }
+  for (int i = threadIdx.x; i < 32 * 128; i += 128) {
+    const int k = i / 128, n = i % 128, half = n / 64, col = n % 64;
+    sb[half * 32 * 64 + k * 64 + ((col / 8) ^ (k % 8)) * 8 + col % 8] = __float2bfloat16(b[i]);
+  }
+  ptx::fence_proxy_async_shared_cta();
+  __syncthreads();
+  float acc[64];
+  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+  ptx::wgmma_fence();
+  for (int kk = 0; kk < 2; ++kk)
+    ptx::wgmma_m64n128k16_f32_bf16_ss_mn(acc, ptx::make_wgmma_desc_mn_sw128(sa + kk * 16 * 64, 0),
+                                         ptx::make_wgmma_desc_mn_sw128(sb + kk * 16 * 64, 32 * 64 * 2),
+                                         1);
+  ptx::wgmma_commit_group();
+  ptx::wgmma_wait_group<0>();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int i = 0; i < 64; ++i) {
+    const int row = 16 * warp + lane / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
+    c[row * 128 + col] = acc[i];
+  }
+#else
+  __trap();  // not an sm_90a device: the test skips before launching
+#endif
+}
+
 }  // namespace
 
 int RunLdmatrix(int matrices, bool trans, std::vector<float>* out) {
@@ -176,6 +215,25 @@ int RunQuantUnpack(const std::vector<uint32_t>& words, std::vector<float>* int4_
   if (e != cudaSuccess) return static_cast<int>(e);
   if (const int e4 = Fetch(d4, static_cast<size_t>(count) * 8, int4_out); e4 != 0) return e4;
   return Fetch(d8, static_cast<size_t>(count) * 4, int8_out);
+}
+
+}  // namespace grove::kernels::testing
+
+namespace grove::kernels::testing {
+
+int RunWgmmaMn(const std::vector<float>& a, const std::vector<float>& b, std::vector<float>* c) {
+  float *da, *db, *dc;
+  cudaMalloc(&da, 32 * 64 * 4);
+  cudaMalloc(&db, 32 * 128 * 4);
+  cudaMalloc(&dc, 64 * 128 * 4);
+  cudaMemcpy(da, a.data(), 32 * 64 * 4, cudaMemcpyHostToDevice);
+  cudaMemcpy(db, b.data(), 32 * 128 * 4, cudaMemcpyHostToDevice);
+  WgmmaMnKernel<<<1, 128>>>(da, db, dc);
+  cudaError_t e = cudaDeviceSynchronize();
+  cudaFree(da);
+  cudaFree(db);
+  if (e != cudaSuccess) return static_cast<int>(e);
+  return Fetch(dc, 64 * 128, c);
 }
 
 }  // namespace grove::kernels::testing

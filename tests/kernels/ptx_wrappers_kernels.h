@@ -34,4 +34,9 @@ int RunCpAsync(const std::vector<uint8_t>& src, std::vector<uint8_t>* out);
 // byte c of words[i] as int8.
 int RunQuantUnpack(const std::vector<uint32_t>& words, std::vector<float>* int4_out, std::vector<float>* int8_out);
 
+// sm_90a only: one warpgroup's wgmma m64n128k16 with both operands
+// MN-major (wgmma_m64n128k16_f32_bf16_ss_mn, make_wgmma_desc_mn_sw128), two
+// k steps: c [64][128] = a^T b with a [32 k][64 m], b [32 k][128 n].
+int RunWgmmaMn(const std::vector<float>& a, const std::vector<float>& b, std::vector<float>* c);
+
 }  // namespace grove::kernels::testing

@@ -1,7 +1,8 @@
 // The PTX wrappers one by one, against the register and memory layouts
-// their comments document (the grouped GEMM tests cover the rest: wgmma,
-// TMA, mbarrier, cluster). Values are small integers, exact in bf16 and
+// their comments document (the grouped GEMM tests cover the rest: K-major
+// wgmma, TMA, mbarrier, cluster; MN-major wgmma is checked here). Values are small integers, exact in bf16 and
 // fp32, so every check is an exact comparison.
+#include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
 #include <random>
@@ -77,6 +78,26 @@ TEST(PtxWrappersTest, CpAsyncVariantsAndZeroFill) {
       const bool copied = t % 3 != 2 || i < t % 17;
       ASSERT_EQ(out[16 * t + i], copied ? src[16 * t + i] : 0) << "chunk " << t << " byte " << i;
     }
+}
+
+TEST(PtxWrappersTest, WgmmaBothOperandsMnMajor) {
+  GROVE_SKIP_WITHOUT_GPU();
+  cudaDeviceProp prop;
+  ASSERT_EQ(cudaGetDeviceProperties(&prop, 0), cudaSuccess);
+  if (prop.major != 9 || prop.minor != 0) GTEST_SKIP() << "wgmma needs sm_90";
+  std::mt19937 rng(std::random_device{}());
+  std::uniform_int_distribution<int> small(-3, 3);
+  std::vector<float> a(32 * 64), b(32 * 128), c, want(64 * 128, 0.f);
+  for (float& x : a) x = static_cast<float>(small(rng));
+  for (float& x : b) x = static_cast<float>(small(rng));
+  for (int m = 0; m < 64; ++m)
+    for (int n = 0; n < 128; ++n)
+      for (int k = 0; k < 32; ++k) want[m * 128 + n] += a[k * 64 + m] * b[k * 128 + n];
+  ASSERT_EQ(testing::RunWgmmaMn(a, b, &c), 0);
+  int bad = 0;
+  for (int i = 0; i < 64 * 128; ++i)
+    if (c[i] != want[i] && bad++ < 5) ADD_FAILURE() << "C[" << i / 128 << ", " << i % 128 << "] = " << c[i] << ", want " << want[i];
+  EXPECT_EQ(bad, 0);
 }
 
 }  // namespace

@@ -1,0 +1,66 @@
+// The experts' weight gradients as one grouped launch (a ragged reduction):
+// for every expert e, whose rows are offsets[e] .. offsets[e+1]-1,
+//   G_e[j, i] (+)= sum over those rows t of dY[t, j] * X[t, i]
+// i.e. G_e = dY_e^T X_e, the gradient of a Linear y = x W^T with W [n, k].
+// dY [total_rows, n] and X [total_rows, k] are bf16 row-major, grouped by
+// expert as the forward's permuted rows; G_e is fp32 row-major [n, k] at
+// g + e * g_expert_stride. Products are exact in fp32, sums fp32.
+// All pointers are device pointers; the call only enqueues work on `stream`.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "base/status.h"
+
+namespace grove::kernels {
+
+// Which implementation runs. All: a plain grid over (expert, output, G
+// tile), the reduction over the expert's rows through a cp.async ring that
+// zero-fills rows past the expert's end. kAuto: kMmaSync (the wgmma ones
+// are the default only once measured on the H100: bench/kernels --dw).
+enum class WeightGradImpl {
+  kAuto,
+  kMmaSync,    // sm_80+: 128 x 128 G tiles, 32 rows per stage, ldmatrix.trans + mma.sync
+  kWgmma,      // sm_90a: 128 x 128 G tiles, 64 rows per stage, wgmma m64n128k16
+               //   with both operands MN-major (as they lie in memory)
+  kWgmmaN256,  // sm_90a: 128 x 256 G tiles, wgmma m64n256k16
+};
+
+const char* WeightGradImplName(WeightGradImpl impl);
+
+struct GroupedWeightGradArgs {
+  const __nv_bfloat16* dy = nullptr;        // [total_rows, n] row-major
+  const __nv_bfloat16* x = nullptr;         // [total_rows, k] row-major
+  const int32_t* expert_offsets = nullptr;  // device, [num_experts + 1]
+  int total_rows = 0;
+  int num_experts = 0;
+  int n = 0;  // rows of each G_e (multiple of 8)
+  int k = 0;  // columns of each G_e (multiple of 8)
+  float* g = nullptr;            // G_0; G_e = g + e * g_expert_stride
+  int64_t g_expert_stride = 0;   // elements between experts' G (multiple of 4, >= n * k)
+  // Optional second output sharing X (w1 and w3 share the expert input):
+  // G2_e (+)= dY2_e^T X_e with dY2 shaped like dY and G2_e = g2 + e * stride.
+  // Computed in the same launch; both or neither.
+  const __nv_bfloat16* dy2 = nullptr;
+  float* g2 = nullptr;
+  // true: G (+)= ...; an expert with no rows leaves its G untouched.
+  // false: G = ...; an expert with no rows gets G = 0.
+  bool accumulate = true;
+};
+
+// Contract on expert_offsets (read on the device, so not checked here):
+// offsets[0] >= 0, non-decreasing, offsets[num_experts] <= total_rows. A
+// violation cannot make the kernel read outside dY/X (rows are clamped to
+// [0, total_rows)) but the sums are then undefined.
+// Returns InvalidArgument for bad shapes, null or misaligned pointers (16
+// bytes for dY, X, G; g_expert_stride % 4 == 0), FailedPrecondition when
+// `impl` cannot run on this GPU (mma.sync: sm_80+; wgmma: sm_90 only),
+// Internal for a CUDA launch error. total_rows == 0 with accumulate enqueues
+// nothing; with overwrite it zeroes every G_e.
+Status GroupedWeightGrad(const GroupedWeightGradArgs& args, cudaStream_t stream,
+                         WeightGradImpl impl = WeightGradImpl::kAuto);
+
+}  // namespace grove::kernels

@@ -1,0 +1,71 @@
+// Shared by the GroupedWeightGrad kernels: their launch parameters, the grid
+// (blockIdx.y = expert, blockIdx.x = (output, G row block, G column block),
+// the tiles of one expert adjacent) and where a CTA's tile lies.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "base/status.h"
+#include "kernels/grouped_weight_grad.h"
+
+namespace grove::kernels::detail {
+
+struct WeightGradParams {
+  const __nv_bfloat16* dy;
+  const __nv_bfloat16* dy2;
+  const __nv_bfloat16* x;
+  const int32_t* offsets;
+  int total_rows, n, k;
+  float* g;
+  float* g2;
+  int64_t g_stride;
+  int tiles_per_output;  // G tiles of one expert's one output
+  int col_tiles;         // G column blocks
+  bool accumulate;
+};
+
+// One CTA's work: G rows row0.., columns col0.. of one output of one expert,
+// summed over that expert's rows begin .. end - 1 (clamped to [0, total_rows)).
+struct WeightGradTile {
+  const __nv_bfloat16* dy;  // this output's dY
+  float* g;                 // this output's G of this expert
+  int row0, col0;
+  int begin, end;
+};
+
+__device__ __forceinline__ WeightGradTile LocateWeightGradTile(const WeightGradParams& p,
+                                                               int tile_rows, int tile_cols) {
+  const int expert = blockIdx.y;
+  const int output = blockIdx.x / p.tiles_per_output;
+  const int tile = blockIdx.x - output * p.tiles_per_output;
+  WeightGradTile t;
+  t.dy = output == 0 ? p.dy : p.dy2;
+  t.g = (output == 0 ? p.g : p.g2) + expert * p.g_stride;
+  t.row0 = (tile / p.col_tiles) * tile_rows;
+  t.col0 = (tile % p.col_tiles) * tile_cols;
+  t.begin = min(max(p.offsets[expert], 0), p.total_rows);
+  t.end = min(max(p.offsets[expert + 1], t.begin), p.total_rows);
+  return t;
+}
+
+// The grid and parameters for G tiles of tile_rows x tile_cols.
+inline Status MakeWeightGradLaunch(const GroupedWeightGradArgs& a, int tile_rows, int tile_cols,
+                                   dim3* grid, WeightGradParams* p) {
+  const int row_tiles = (a.n + tile_rows - 1) / tile_rows;
+  const int col_tiles = (a.k + tile_cols - 1) / tile_cols;
+  const int64_t tiles_per_output = static_cast<int64_t>(row_tiles) * col_tiles;
+  const int outputs = a.g2 != nullptr ? 2 : 1;
+  if (tiles_per_output * outputs > INT32_MAX)
+    return Status::InvalidArgument("GroupedWeightGrad: n x k too large for one grid");
+  *grid = dim3(static_cast<unsigned>(tiles_per_output * outputs),
+               static_cast<unsigned>(a.num_experts));
+  *p = WeightGradParams{a.dy, a.dy2, a.x, a.expert_offsets, a.total_rows, a.n, a.k, a.g, a.g2,
+                        a.g_expert_stride, static_cast<int>(tiles_per_output), col_tiles,
+                        a.accumulate};
+  return Status::OK();
+}
+
+}  // namespace grove::kernels::detail
