@@ -545,6 +545,16 @@ TEST(GpuGenerator, QuantizedWeightsMatchTheCpuOnRoundTrippedWeights) {
   EXPECT_GE(compared * 2, total) << compared << " of " << total << " sampled log-probs compared";
 }
 
+// Every run (one per engine mode) gave run 0's tokens, log-probs and routes, bit for bit.
+void ExpectSameBitsAsRun0(const std::vector<std::vector<model::Completion<float>>>& runs) {
+  for (size_t mode = 1; mode < runs.size(); ++mode)
+    for (size_t i = 0; i < runs[0].size(); ++i) {
+      EXPECT_EQ(runs[0][i].tokens, runs[mode][i].tokens) << "sequence " << i << ", mode " << mode;
+      EXPECT_EQ(runs[0][i].logprobs, runs[mode][i].logprobs) << "sequence " << i << ", mode " << mode;
+      EXPECT_EQ(runs[0][i].routes, runs[mode][i].routes) << "sequence " << i << ", mode " << mode;
+    }
+}
+
 TEST(GpuGenerator, GraphsEagerProfiledAndBitExactOptInPathsGiveTheSameBits) {
   SKIP_WITHOUT_GPU();
   auto cpu = MakeModel(7);
@@ -595,12 +605,7 @@ TEST(GpuGenerator, GraphsEagerProfiledAndBitExactOptInPathsGiveTheSameBits) {
     }
     runs.push_back(std::move(*r));
   }
-  for (size_t i = 0; i < prompts.size(); ++i)
-    for (int mode = 1; mode < kModes; ++mode) {
-      EXPECT_EQ(runs[0][i].tokens, runs[mode][i].tokens) << "sequence " << i << ", mode " << mode;
-      EXPECT_EQ(runs[0][i].logprobs, runs[mode][i].logprobs) << "sequence " << i << ", mode " << mode;
-      EXPECT_EQ(runs[0][i].routes, runs[mode][i].routes) << "sequence " << i << ", mode " << mode;
-    }
+  ExpectSameBitsAsRun0(runs);
 }
 
 // fold_shared_experts held to the default path's standard against the CPU
@@ -747,12 +752,7 @@ TEST(GpuGenerator, ProgrammaticLaunchAndFusedNormGiveTheSameBits) {
         EXPECT_EQ((*g)->stats().graphs_used, o.cuda_graphs);
         runs.push_back(std::move(*r));
       }
-      for (size_t i = 0; i < prompts.size(); ++i)
-        for (int mode = 1; mode < kModes; ++mode) {
-          EXPECT_EQ(runs[0][i].tokens, runs[mode][i].tokens) << "sequence " << i << ", mode " << mode;
-          EXPECT_EQ(runs[0][i].logprobs, runs[mode][i].logprobs) << "sequence " << i << ", mode " << mode;
-          EXPECT_EQ(runs[0][i].routes, runs[mode][i].routes) << "sequence " << i << ", mode " << mode;
-        }
+      ExpectSameBitsAsRun0(runs);
     }
   GpuGeneratorOptions o;
   o.max_batch = 1;
