@@ -10,15 +10,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ uint64_t Mix(uint64_t x) {
-  x ^= x >> 30;
-  x *= 0xbf58476d1ce4e5b9ull;
-  x ^= x >> 27;
-  x *= 0x94d049bb133111ebull;
-  x ^= x >> 31;
-  return x;
-}
-
 // Grid-stride over the 8-byte words (plus the zero-padded tail word), one
 // warp-reduced partial per warp added atomically (a sum mod 2^64 is the
 // same in any order).
@@ -27,9 +18,9 @@ __global__ void WeightSumKernel(const uint64_t* words, size_t full_words, uint32
   uint64_t acc = 0;
   const size_t stride = size_t(gridDim.x) * blockDim.x;
   for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < full_words; i += stride)
-    acc += Mix(words[i] ^ (i * 0x9e3779b97f4a7c15ull + 0x632be59bd9b4e019ull));
+    acc += WeightSumTerm(words[i], i);
   if (has_tail && blockIdx.x == 0 && threadIdx.x == 0)
-    acc += Mix(uint64_t(tail) ^ (full_words * 0x9e3779b97f4a7c15ull + 0x632be59bd9b4e019ull));
+    acc += WeightSumTerm(uint64_t(tail), full_words);
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
   if ((threadIdx.x & 31) == 0) atomicAdd(out, static_cast<unsigned long long>(acc));
 }

@@ -18,10 +18,18 @@
 
 #include "base/result.h"
 
+// The recipe below compiles for the host and, under nvcc, for the device:
+// the kernel adds the very same terms.
+#ifdef __CUDACC__
+#define GROVE_WEIGHT_SUM_HD __host__ __device__
+#else
+#define GROVE_WEIGHT_SUM_HD
+#endif
+
 namespace grove::kernels {
 
 // splitmix64's finalizer.
-inline constexpr uint64_t WeightSumMix(uint64_t x) {
+GROVE_WEIGHT_SUM_HD inline constexpr uint64_t WeightSumMix(uint64_t x) {
   x ^= x >> 30;
   x *= 0xbf58476d1ce4e5b9ull;
   x ^= x >> 27;
@@ -29,10 +37,10 @@ inline constexpr uint64_t WeightSumMix(uint64_t x) {
   x ^= x >> 31;
   return x;
 }
-inline constexpr uint64_t WeightSumTerm(uint64_t word, uint64_t index) {
+GROVE_WEIGHT_SUM_HD inline constexpr uint64_t WeightSumTerm(uint64_t word, uint64_t index) {
   return WeightSumMix(word ^ (index * 0x9e3779b97f4a7c15ull + 0x632be59bd9b4e019ull));
 }
-inline constexpr uint64_t WeightSumFinish(uint64_t sum, uint64_t bytes) {
+GROVE_WEIGHT_SUM_HD inline constexpr uint64_t WeightSumFinish(uint64_t sum, uint64_t bytes) {
   return WeightSumMix(sum ^ WeightSumMix(bytes + 0x2545f4914f6cdd1dull));
 }
 

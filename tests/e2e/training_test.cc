@@ -208,25 +208,36 @@ TEST(EndToEnd, KilledLearnerResumesWithoutTrainingOnAGroupTwice) {
   EXPECT_LE(resumed_step, killed_at + 1);
 }
 
+// Runs configs/NAME.toml for 8 GRPO steps (a short warm-start, no
+// evaluations) and checks the run's metrics: it reached step 8, versions
+// rose, no group was trained twice. Returns the run's folder.
+fs::path RunShortGpuConfig(const std::string& name) {
+  fs::path runs = FreshDir(name);
+  const std::string cmd = "timeout 300 " + Grove() + " up --config " + Env("GROVE_SOURCE_DIR") + "/configs/" + name +
+                          ".toml --runs_dir " + runs.string() + " --name " + name +
+                          " --set learner.steps=8 --set learner.warmstart_steps=30"
+                          " --set learner.eval_problems=32 --set learner.eval_every=0"
+                          " --set learner.checkpoint_every=4 > " +
+                          (runs / "up.log").string() + " 2>&1";
+  EXPECT_EQ(Shell(cmd), 0) << ReadFile(runs / "up.log");
+  fs::path run = OnlyRun(runs);
+  EXPECT_FALSE(run.empty());
+  if (run.empty()) return run;
+  std::vector<json> rows = Metrics(run);
+  EXPECT_FALSE(rows.empty());
+  if (rows.empty()) return fs::path();
+  EXPECT_EQ(rows.back().value("step", 0), 8) << rows.back().dump();
+  ExpectVersionsRiseAndNothingReconsumed(rows);
+  return run;
+}
+
 // configs/gpu-1.toml, shortened: learner and both rollout workers on GPU 0,
 // versions through CUDA IPC (the worker's log names the way each version
 // came and its stall), sampling on the GPU engine. Skips without a GPU.
 TEST(EndToEnd, GpuOneRunSamplesOnTheGpuWithWeightsThroughCudaIpc) {
   if (grove::rollout::GenerationGpuCount() == 0) GTEST_SKIP() << "no GPU engine here";
-  fs::path runs = FreshDir("gpu1");
-  const std::string cmd = "timeout 300 " + Grove() + " up --config " + Env("GROVE_SOURCE_DIR") +
-                          "/configs/gpu-1.toml --runs_dir " + runs.string() +
-                          " --name gpu1 --set learner.steps=8 --set learner.warmstart_steps=30"
-                          " --set learner.eval_problems=32 --set learner.eval_every=0"
-                          " --set learner.checkpoint_every=4 > " +
-                          (runs / "up.log").string() + " 2>&1";
-  ASSERT_EQ(Shell(cmd), 0) << ReadFile(runs / "up.log");
-  fs::path run = OnlyRun(runs);
+  const fs::path run = RunShortGpuConfig("gpu-1");
   ASSERT_FALSE(run.empty());
-  std::vector<json> rows = Metrics(run);
-  ASSERT_FALSE(rows.empty());
-  EXPECT_EQ(rows.back().value("step", 0), 8) << rows.back().dump();
-  ExpectVersionsRiseAndNothingReconsumed(rows);
   const std::string learner = ReadFile(run / "logs" / "learner-0.log");
   EXPECT_NE(learner.find("the step runs on GPU"), std::string::npos) << learner;
   EXPECT_NE(learner.find("CUDA IPC for rollout workers"), std::string::npos) << learner;
@@ -245,20 +256,8 @@ TEST(EndToEnd, GpuOneRunSamplesOnTheGpuWithWeightsThroughCudaIpc) {
 // Skips with fewer than 2 GPUs.
 TEST(EndToEnd, GpuTwoRunTrainsWithWeightsOverNccl) {
   if (grove::rollout::GenerationGpuCount() < 2) GTEST_SKIP() << "needs 2 GPUs";
-  fs::path runs = FreshDir("gpu2");
-  const std::string cmd = "timeout 300 " + Grove() + " up --config " + Env("GROVE_SOURCE_DIR") +
-                          "/configs/gpu-2.toml --runs_dir " + runs.string() +
-                          " --name gpu2 --set learner.steps=8 --set learner.warmstart_steps=30"
-                          " --set learner.eval_problems=32 --set learner.eval_every=0"
-                          " --set learner.checkpoint_every=4 > " +
-                          (runs / "up.log").string() + " 2>&1";
-  ASSERT_EQ(Shell(cmd), 0) << ReadFile(runs / "up.log");
-  fs::path run = OnlyRun(runs);
+  const fs::path run = RunShortGpuConfig("gpu-2");
   ASSERT_FALSE(run.empty());
-  std::vector<json> rows = Metrics(run);
-  ASSERT_FALSE(rows.empty());
-  EXPECT_EQ(rows.back().value("step", 0), 8) << rows.back().dump();
-  ExpectVersionsRiseAndNothingReconsumed(rows);
   const std::string learner = ReadFile(run / "logs" / "learner-0.log");
   EXPECT_NE(learner.find("the step runs on GPU"), std::string::npos) << learner;
   const std::string log = ReadFile(run / "logs" / "rollout-0.log");
