@@ -125,10 +125,13 @@ class SlurmDeploy : public ::testing::Test {
     ASSERT_FALSE(cpus.empty() || memory.empty()) << "slurmd -C: " << hw;
     rollout_tasks_ = std::stoi(cpus) >= 2 ? 2 : 1;  // component 1 fits on one node
     conf_ = dir_ + "/slurm.conf";
+    // slurmctld and both slurmds on distinct ports: with a shared one, node1's
+    // slurmd got node0's step launch ("Invalid node name specified", CI).
+    const std::vector<int> ports = testing::FreePorts(3);
     std::ofstream conf(conf_);
     conf << "ClusterName=grovetest\n"
          << "SlurmctldHost=localhost\n"
-         << "SlurmctldPort=" << FreePort() << "\n"
+         << "SlurmctldPort=" << ports[0] << "\n"
          << "SlurmUser=root\nSlurmdUser=root\n"
          << "AuthType=auth/munge\nCredType=cred/munge\n"
          << "AuthInfo=socket=" << munge_socket_ << "\n"
@@ -146,7 +149,7 @@ class SlurmDeploy : public ::testing::Test {
          << "MinJobAge=600\n"  // keeps finished jobs in scontrol show job
          << "SchedulerType=sched/backfill\nSchedulerParameters=bf_interval=1\n";
     for (int n = 0; n < 2; ++n) {
-      conf << "NodeName=node" << n << " NodeHostname=localhost NodeAddr=127.0.0.1 Port=" << FreePort()
+      conf << "NodeName=node" << n << " NodeHostname=localhost NodeAddr=127.0.0.1 Port=" << ports[1 + n]
            << " CPUs=" << cpus << " RealMemory=" << memory << " State=UNKNOWN\n";
     }
     // OverSubscribe: the join job shares a node with the running job.

@@ -110,7 +110,10 @@ std::string TestActorBinary() {
   return p != nullptr ? p : "build/tests/grove_test_actor";
 }
 
-int FreePort() {
+namespace {
+
+// A loopback socket bound to a port the kernel picks; the caller closes it.
+int BindAnyPort(int* port) {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
@@ -118,8 +121,23 @@ int FreePort() {
   bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
   socklen_t len = sizeof(addr);
   getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  close(fd);
-  return ntohs(addr.sin_port);
+  *port = ntohs(addr.sin_port);
+  return fd;
+}
+
+}  // namespace
+
+int FreePort() {
+  int port = 0;
+  close(BindAnyPort(&port));
+  return port;
+}
+
+std::vector<int> FreePorts(int n) {
+  std::vector<int> ports(n), fds(n);
+  for (int i = 0; i < n; ++i) fds[i] = BindAnyPort(&ports[i]);
+  for (int fd : fds) close(fd);
+  return ports;
 }
 
 }  // namespace grove::testing

@@ -21,6 +21,9 @@ std::string ReadFile(const std::string& path);
 // A TCP port on 127.0.0.1 that was free a moment ago (the kernel's pick for
 // an ephemeral bind; another process may take it before the caller does).
 int FreePort();
+// n distinct free loopback ports: every socket stays bound until all n are
+// drawn, so two draws cannot return the same port (FreePort twice can).
+std::vector<int> FreePorts(int n);
 // A fresh directory under $TMPDIR, removed by the caller when wanted.
 std::string MakeTempDir();
 // $GROVE_BIN/grove, and the test actor ($GROVE_TEST_ACTOR).
