@@ -103,7 +103,7 @@ TAIL = r'''
 '''
 
 def operands(regs):
-    """The accumulator placeholders and output constraints of an N/2-register wgmma."""
+    """The inline-asm operand references (%0, %1, ...) of the accumulators and their output constraints, for an N/2-register wgmma."""
     dlist = ", ".join(f"%{i}" for i in range(regs))
     outs = ",\n        ".join(", ".join(f'"+f"(d[{j}])' for j in range(i, min(i + 8, regs)))
                               for i in range(0, regs, 8))
