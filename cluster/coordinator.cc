@@ -362,12 +362,19 @@ void Coordinator::FillStatus(wire::StatusReply::Builder reply, bool include_dead
     a.setUptimeMs(now - r.registered_ms);
     a.setRestarts(r.restarts);
     a.setPolicyVersion(r.policy_version);
-    auto counters = a.initCounters(static_cast<unsigned>(r.counters.size()));
+    // A rollout worker's counters are its own plus the coordinator's view of
+    // the prompts leased to it (the ones re-queued should it die now).
+    const bool rollout = r.role == wire::Role::ROLLOUT;
+    auto counters = a.initCounters(static_cast<unsigned>(r.counters.size() + (rollout ? 1 : 0)));
     unsigned j = 0;
     for (const auto& [name, value] : r.counters) {
       counters[j].setName(name);
       counters[j].setValue(value);
       ++j;
+    }
+    if (rollout) {
+      counters[j].setName("prompts_leased");
+      counters[j].setValue(static_cast<double>(queue_.leased(r.id)));
     }
     a.setRssBytes(r.rss_bytes);
     a.setExitReason(r.exit_reason);

@@ -75,4 +75,9 @@ size_t WorkQueue::leased() const {
   return n;
 }
 
+size_t WorkQueue::leased(const std::string& worker) const {
+  auto it = leases_.find(worker);
+  return it == leases_.end() ? 0 : it->second.size();
+}
+
 }  // namespace grove

@@ -62,6 +62,8 @@ class WorkQueue {
 
   size_t requeued_depth() const { return requeued_.size(); }
   size_t leased() const;
+  // Prompts leased to `worker` now (0 for one the queue never saw).
+  size_t leased(const std::string& worker) const;
   uint64_t handed_out() const { return handed_out_; }
   uint64_t done() const { return done_; }
 

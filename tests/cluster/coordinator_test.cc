@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include "actors/actor_client.h"
+#include "cluster/status_view.h"
 #include "tests/support/proc_util.h"
 
 namespace grove {
@@ -87,6 +88,13 @@ TEST_F(CoordinatorTest, WorkLeasesStalenessGateLookupAndCommands) {
   ASSERT_TRUE(gated.ok());
   EXPECT_TRUE(gated->prompts.empty());
   EXPECT_EQ(gated->retry_after_ms, 50u);
+  // Status shows each worker's leases as the coordinator holds them.
+  auto status = FetchStatus(endpoint_, 2000);
+  ASSERT_TRUE(status.ok()) << status.status();
+  std::map<std::string, double> leased;
+  for (const auto& actor : (*status)["actors"])
+    if (actor["role"] == "rollout") leased[actor["id"]] = actor["counters"].value("prompts_leased", -1.0);
+  EXPECT_EQ(leased, (std::map<std::string, double>{{"r0", 3}, {"r1", 1}}));
 
   // The learner publishes version 1 in its heartbeats; the gate opens and
   // the version reaches the workers through their heartbeat acks.

@@ -38,10 +38,15 @@ TEST(WorkQueue, LeasesAndRequeueFirstInLine) {
   auto b = q.Take("b", 2, 0);
   EXPECT_EQ(Texts(b), (std::vector<std::string>{"p3", "p4"}));
   EXPECT_EQ(q.leased(), 5u);
+  EXPECT_EQ(q.leased("a"), 3u);
+  EXPECT_EQ(q.leased("b"), 2u);
+  EXPECT_EQ(q.leased("nobody"), 0u);
   // a finishes one, then dies: its other two go out first, in order.
   EXPECT_EQ(q.Done("a", {a.prompts[1].id, 999}), 1u);
   EXPECT_EQ(q.Done("b", {a.prompts[0].id}), 0u);  // not b's lease
+  EXPECT_EQ(q.leased("a"), 2u);
   EXPECT_EQ(q.Requeue("a"), 2u);
+  EXPECT_EQ(q.leased("a"), 0u);
   EXPECT_EQ(q.requeued_depth(), 2u);
   auto c = q.Take("c", 3, 0);
   EXPECT_EQ(Texts(c), (std::vector<std::string>{"p0", "p2", "p5"}));

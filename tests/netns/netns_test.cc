@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <filesystem>
 #include <map>
 #include <set>
@@ -264,22 +265,49 @@ class NetworkFaults : public ::testing::Test {
 
 TEST_F(NetworkFaults, CutOffRolloutWorkerIsDeclaredDeadItsPromptsReassignedAndItRejoins) {
   WaitWorking();
-  json before = Status();
-  ASSERT_FALSE(before.is_null());
-  const double sent_before = Counter(before, "rollout-0", "groups_sent");
-  const double done_before = before.at("cluster").value("prompts_done", 0.0);
-
-  lab_->SetLink("hostB", false);
-  const auto cut_at = std::chrono::steady_clock::now();
+  // Cut hostB off while the coordinator holds prompts leased to rollout-0
+  // (a worker waiting at the staleness gate holds none, and then there is
+  // nothing to re-queue). The count is read after the cut, when rollout-0
+  // can no longer return any, and before it is declared dead; a worker that
+  // returned its prompts just before the cut gets its link back and another
+  // try.
   json s;
+  double held = 0;
+  auto cut_at = std::chrono::steady_clock::now();
+  double sent_before = 0, done_before = 0;
+  size_t log_at_cut = 0;  // the coordinator log's length at the (last) cut
+  for (int attempt = 0; attempt < 5 && held == 0; ++attempt) {
+    ASSERT_TRUE(WaitStatus(
+        [](const json& s) { return State(s, "rollout-0") == "healthy" && Counter(s, "rollout-0", "prompts_leased") >= 1; },
+        60000, &s))
+        << s.dump(1);
+    sent_before = Counter(s, "rollout-0", "groups_sent");
+    done_before = s.at("cluster").value("prompts_done", 0.0);
+    log_at_cut = ReadFile(dir_ + "/coordinator.log").size();
+    lab_->SetLink("hostB", false);
+    cut_at = std::chrono::steady_clock::now();
+    // What was already on its way to the coordinator lands first.
+    std::this_thread::sleep_for(std::chrono::milliseconds(kHeartbeatMs / 2));
+    json after = Status();
+    ASSERT_FALSE(after.is_null());
+    if (State(after, "rollout-0") != "dead") held = Counter(after, "rollout-0", "prompts_leased");
+    if (held == 0) {
+      lab_->SetLink("hostB", true);
+      std::fprintf(stderr, "rollout-0 held no prompts at the cut (attempt %d); again\n", attempt);
+      WaitWorking();
+    }
+  }
+  ASSERT_GE(held, 1) << "rollout-0 never held prompts when cut off";
+
   // Dead within the liveness window (plus a sweep and a poll of slack).
   ASSERT_TRUE(WaitStatus([](const json& s) { return State(s, "rollout-0") == "dead"; }, 4 * kHeartbeatMs * kLivenessMisses,
                          &s))
       << s.dump(1);
-  // Its prompts went back to the queue (the coordinator says how many) and
-  // the worker on hostA keeps finishing prompts meanwhile.
-  const std::string coord_log = ReadFile(dir_ + "/coordinator.log");
-  EXPECT_NE(coord_log.find("prompts of dead rollout-0"), std::string::npos) << coord_log;
+  // Exactly the prompts it held went back to the queue, and the worker on
+  // hostA takes them and keeps finishing prompts meanwhile.
+  const std::string coord_log = ReadFile(dir_ + "/coordinator.log").substr(log_at_cut);
+  const std::string requeued = "re-queued " + std::to_string(static_cast<int>(held)) + " prompts of dead rollout-0";
+  EXPECT_NE(coord_log.find(requeued), std::string::npos) << requeued << "\n" << coord_log;
   EXPECT_TRUE(WaitStatus(
       [&](const json& s) {
         return State(s, "rollout-1") == "healthy" && s.at("cluster").value("prompts_done", 0.0) > done_before &&
