@@ -123,5 +123,29 @@ TEST(WeightTransfer, ChecksumCatchesFlippedBit) {
   EXPECT_EQ(w.Finish().status().code(), StatusCode::kCorruption);
 }
 
+// The checksum's four lanes: any flipped bit (in every lane and in the tail
+// past the last 32-byte block), two swapped 32-byte blocks, and two swapped
+// words of one block change it; equal bytes give equal sums.
+TEST(WeightTransfer, ChecksumSeesEveryWordAndItsPlace) {
+  std::mt19937 rng(std::random_device{}());
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  std::vector<float> w(8 * 37 + 5);  // 37 whole blocks and a 20-byte tail
+  for (float& x : w) x = u(rng);
+  const uint64_t base = WeightChecksum(w.data(), w.size());
+  EXPECT_EQ(WeightChecksum(std::vector<float>(w).data(), w.size()), base);
+  for (size_t byte = 0; byte < w.size() * 4; byte += 3) {
+    std::vector<float> f = w;
+    reinterpret_cast<uint8_t*>(f.data())[byte] ^= uint8_t(1u << (byte % 8));
+    ASSERT_NE(WeightChecksum(f.data(), f.size()), base) << "byte " << byte;
+  }
+  std::vector<float> blocks = w;
+  std::swap_ranges(blocks.begin() + 8 * 3, blocks.begin() + 8 * 4, blocks.begin() + 8 * 20);
+  EXPECT_NE(WeightChecksum(blocks.data(), blocks.size()), base);
+  std::vector<float> words = w;
+  std::swap_ranges(words.begin() + 8 * 5, words.begin() + 8 * 5 + 2, words.begin() + 8 * 5 + 4);
+  EXPECT_NE(WeightChecksum(words.data(), words.size()), base);
+  EXPECT_NE(WeightChecksum(w.data(), w.size() - 1), base);
+}
+
 }  // namespace
 }  // namespace grove::actors
