@@ -11,6 +11,16 @@ namespace grove::learner {
 Result<EvalResult> EvaluateHeldOut(model::Model& model, const model::Tokenizer& tokenizer,
                                    const reward::Task& task, const reward::VerifierRegistry& registry,
                                    const EvalOptions& options) {
+  return EvaluateHeldOut(
+      [&model](const std::vector<std::vector<int32_t>>& prompts, const model::SamplingOptions& sampling) {
+        return model.Generate(prompts, sampling);
+      },
+      tokenizer, task, registry, options);
+}
+
+Result<EvalResult> EvaluateHeldOut(const GenerateFn& generate, const model::Tokenizer& tokenizer,
+                                   const reward::Task& task, const reward::VerifierRegistry& registry,
+                                   const EvalOptions& options) {
   const auto t0 = std::chrono::steady_clock::now();
   if (options.problems < 1 || options.batch < 1 || options.max_new_tokens < 1)
     return Status::InvalidArgument("eval needs problems, batch and max_new_tokens >= 1");
@@ -41,7 +51,10 @@ Result<EvalResult> EvaluateHeldOut(model::Model& model, const model::Tokenizer& 
       GROVE_ASSIGN_OR_RETURN(std::vector<int32_t> ids, model::EncodePrompt(tokenizer, problems.back().prompt));
       prompts.push_back(std::move(ids));
     }
-    GROVE_ASSIGN_OR_RETURN(auto completions, model.Generate(prompts, sampling));
+    GROVE_ASSIGN_OR_RETURN(auto completions, generate(prompts, sampling));
+    if (completions.size() != prompts.size())
+      return Status::Internal("eval: " + std::to_string(completions.size()) + " completions for " +
+                              std::to_string(prompts.size()) + " prompts");
     for (size_t i = 0; i < completions.size(); ++i) {
       GROVE_ASSIGN_OR_RETURN(std::string text, model::DecodeCompletion(tokenizer, completions[i].tokens));
       reward::VerifyInput in;

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -33,6 +34,15 @@ struct EvalResult {
   double seconds = 0;
 };
 
+// Whatever completes a batch of prompts (the CPU model's Generate, a GPU
+// engine's): greedy, as EvaluateHeldOut's options say.
+using GenerateFn = std::function<Result<std::vector<model::Completion<float>>>(
+    const std::vector<std::vector<int32_t>>& prompts, const model::SamplingOptions& options)>;
+
+Result<EvalResult> EvaluateHeldOut(const GenerateFn& generate, const model::Tokenizer& tokenizer,
+                                   const reward::Task& task, const reward::VerifierRegistry& registry,
+                                   const EvalOptions& options);
+// On the CPU model itself.
 Result<EvalResult> EvaluateHeldOut(model::Model& model, const model::Tokenizer& tokenizer,
                                    const reward::Task& task, const reward::VerifierRegistry& registry,
                                    const EvalOptions& options);

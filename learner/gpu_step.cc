@@ -65,11 +65,23 @@ Result<std::unique_ptr<GpuGrpoStep>> GpuGrpoStep::Create(const model::Model& pol
   return s;
 }
 
-Result<UpdateReport> GpuGrpoStep::Update(double lr, double max_grad_norm) {
+Result<UpdateReport> GpuGrpoStep::Update(double lr, double max_grad_norm, Phase phase) {
   model::GpuTransformer& p = *policy_;
   GROVE_RETURN_IF_ERROR(Cuda(cudaSetDevice(p.device()), "set device"));
   cudaStream_t stream = static_cast<cudaStream_t>(p.stream());
   const int64_t n = p.layout().total();
+  if (phase != moments_of_) {
+    if (phase == Phase::kWarmStart && step_ > 0)
+      return Status::FailedPrecondition("GpuGrpoStep: a warm-start update after " + std::to_string(step_) +
+                                        " GRPO updates (they share the moment buffers)");
+    // GRPO after warm-start: its own moments start at zero. (Warm-start
+    // before any GRPO update: the moments are still the initial zeros.)
+    if (phase == Phase::kGrpo) {
+      GROVE_RETURN_IF_ERROR(Cuda(cudaMemsetAsync(m_, 0, size_t(n) * sizeof(float), stream), "zero m"));
+      GROVE_RETURN_IF_ERROR(Cuda(cudaMemsetAsync(v_, 0, size_t(n) * sizeof(float), stream), "zero v"));
+    }
+    moments_of_ = phase;
+  }
   float* grads = p.device_grads();
   UpdateReport report;
   report.lr = lr;
@@ -84,13 +96,14 @@ Result<UpdateReport> GpuGrpoStep::Update(double lr, double max_grad_norm) {
     report.skipped = true;
     return report;
   }
-  ++step_;
+  int64_t& taken = phase == Phase::kGrpo ? step_ : warmstart_step_;
+  ++taken;
   kernels::AdamWHyper hyper;
   hyper.lr = float(lr);
   hyper.beta1 = float(options_.beta1);
   hyper.beta2 = float(options_.beta2);
   hyper.eps = float(options_.eps);
-  hyper.step = step_;
+  hyper.step = taken;
   // Clipping is folded into AdamW's read of the gradient (no separate pass).
   if (max_grad_norm > 0 && norm > max_grad_norm) hyper.grad_scale = float(max_grad_norm / double(norm));
   float* params = p.device_params();
@@ -263,6 +276,12 @@ Result<AdamWState> GpuGrpoStep::ExportState() const {
   const int64_t n = policy_->layout().total();
   AdamWState s;
   s.step = step_;
+  if (moments_of_ != Phase::kGrpo) {
+    // The buffers hold the warm-start's moments; GRPO's are still zero.
+    s.m.assign(n, 0.f);
+    s.v.assign(n, 0.f);
+    return s;
+  }
   s.m.resize(n);
   s.v.resize(n);
   GROVE_RETURN_IF_ERROR(Cuda(cudaSetDevice(policy_->device()), "set device"));
@@ -281,6 +300,7 @@ Status GpuGrpoStep::ImportState(const AdamWState& state) {
   GROVE_RETURN_IF_ERROR(Cuda(cudaMemcpy(m_, state.m.data(), n * sizeof(float), cudaMemcpyHostToDevice), "upload m"));
   GROVE_RETURN_IF_ERROR(Cuda(cudaMemcpy(v_, state.v.data(), n * sizeof(float), cudaMemcpyHostToDevice), "upload v"));
   step_ = state.step;
+  moments_of_ = Phase::kGrpo;
   return Status::OK();
 }
 

@@ -37,12 +37,22 @@ class GpuGrpoStep {
   model::GpuTransformer& policy() { return *policy_; }
   model::GpuTransformer& reference() { return *reference_; }
 
+  // Whose optimizer state an update advances: the supervised warm-start's
+  // or the GRPO step's. On the CPU they are two AdamW objects; here they
+  // share the moment buffers (twice the model's size again would not fit the
+  // reference model beside a rollout engine on one GPU). So the first GRPO
+  // update after warm-start updates starts from zero moments, as the CPU's
+  // separate GRPO optimizer does, and a warm-start update once GRPO updates
+  // were taken is FailedPrecondition (the CPU would continue the warm-start's
+  // own moments; the learner never asks for that).
+  enum class Phase { kWarmStart, kGrpo };
+
   // One update from the accumulated device gradients at rate lr: the global
   // norm (cuBLAS nrm2 in fp32), a skip when it is not finite (nothing
   // changes, as learner::ApplyUpdate), clipping to max_grad_norm (<= 0: off),
   // AdamW per contiguous run of decayed / not decayed trainable tensors,
   // then the bf16 compute copies. The parameters stay on the device.
-  Result<UpdateReport> Update(double lr, double max_grad_norm);
+  Result<UpdateReport> Update(double lr, double max_grad_norm, Phase phase = Phase::kGrpo);
 
   // The GRPO policy loss on the device (kernels::GrpoLoss, the same math as
   // learner::ComputePolicyLoss) over the log-probs of the policy's pending
@@ -54,8 +64,11 @@ class GpuGrpoStep {
   Result<PolicyLossOutput> LossAndBackward(const PolicyBatch& batch, const PolicyLossConfig& config,
                                            bool want_grad_logp = false);
 
+  // GRPO updates taken (warm-start ones are not counted here).
   int64_t step() const { return step_; }
-  // Moments and step, for checkpoints (AdamW's format).
+  int64_t warmstart_steps() const { return warmstart_step_; }
+  // The GRPO moments and step, for checkpoints (AdamW's format). Export
+  // after warm-start updates only: the moments are zero then, as GRPO's are.
   Result<AdamWState> ExportState() const;
   Status ImportState(const AdamWState& state);
 
@@ -74,6 +87,8 @@ class GpuGrpoStep {
   void* loss_buf_ = nullptr;         // LossAndBackward's inputs, outputs and workspace
   size_t loss_buf_bytes_ = 0;
   int64_t step_ = 0;
+  int64_t warmstart_step_ = 0;
+  Phase moments_of_ = Phase::kGrpo;  // whose moments m_ and v_ hold
 };
 
 }  // namespace grove::learner

@@ -16,7 +16,7 @@ namespace grove::learner {
 namespace {
 
 Result<std::unique_ptr<model::Model>> CopyModel(const model::Model& from) {
-  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<model::Model> m, model::Model::Create(from.config(), 0));
+  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<model::Model> m, model::Model::Create(from.config(), 0, /*random_init=*/false));
   std::copy(from.params().begin(), from.params().end(), m->params().begin());
   return m;
 }
@@ -93,6 +93,13 @@ Status GrpoTrainer::SyncFromGpu() {
   return Status::OK();
 }
 
+int GrpoTrainer::gpu_device() const {
+#ifdef GROVE_LEARNER_GPU
+  if (gpu_) return gpu_->policy().device();
+#endif
+  return -1;
+}
+
 Result<const float*> GrpoTrainer::DeviceParams(int device) {
 #ifdef GROVE_LEARNER_GPU
   if (gpu_ && gpu_->policy().device() == device) {
@@ -160,6 +167,10 @@ Result<std::unique_ptr<GrpoTrainer>> GrpoTrainer::Create(std::unique_ptr<model::
     return t;
   }
   t->gpu_.reset(gpu->release());
+  // The optimizer state lives on the GPU from here: the host's two AdamW
+  // objects would only hold four unused copies of the model's size.
+  GROVE_ASSIGN_OR_RETURN(t->optimizer_, AdamW::Create(0, t->options_.grpo.optimizer));
+  GROVE_ASSIGN_OR_RETURN(t->sft_optimizer_, AdamW::Create(0, t->options_.grpo.optimizer));
   LOG(INFO) << "learner: the step runs on GPU " << t->gpu_->policy().device();
   return t;
 #else
@@ -170,6 +181,8 @@ Result<std::unique_ptr<GrpoTrainer>> GrpoTrainer::Create(std::unique_ptr<model::
 }
 
 void GrpoTrainer::FreezeReference() {
+  const Status synced = SyncHost();
+  CHECK(synced.ok()) << "the GPU policy's weights to the host: " << synced.ToString();
   std::copy(policy_->params().begin(), policy_->params().end(), reference_->params().begin());
 #ifdef GROVE_LEARNER_GPU
   if (gpu_) {
@@ -327,10 +340,13 @@ Result<GrpoStepStats> GrpoTrainer::Step(const std::vector<TrainingGroup>& groups
   if (!items.empty()) {
 #ifdef GROVE_LEARNER_GPU
     if (gpu_) {
-      // Update on the device, then the host copy for publishing; the router
-      // bias moves on the host and goes back up (a few floats per layer).
+      // Update on the device; the host copy waits for SyncHost (a 1.7B
+      // model's download costs more than its step; CopyParams serves a
+      // published version straight from the device). The router bias is not
+      // trainable: it moves on the host, whose copy of it is always current,
+      // and goes back up (a few floats per layer).
       GROVE_ASSIGN_OR_RETURN(st.update, gpu_->Update(schedule_.At(gpu_->step()), options_.grpo.max_grad_norm));
-      GROVE_RETURN_IF_ERROR(SyncFromGpu());
+      host_behind_ = true;
       if (options_.update_router_bias && mc.moe_layers() > 0) {
         GROVE_RETURN_IF_ERROR(m.UpdateRouterBias(load));
         for (int64_t l = mc.dense_layers; l < mc.layers; ++l) {
@@ -356,10 +372,35 @@ Result<GrpoStepStats> GrpoTrainer::Step(const std::vector<TrainingGroup>& groups
 Result<SupervisedStepStats> GrpoTrainer::SupervisedStep(const std::vector<SupervisedExample>& batch, double lr) {
   if (batch.empty()) return Status::InvalidArgument("supervised step on an empty batch");
   model::Model& m = *policy_;
-  m.ZeroGrad();
   SupervisedStepStats st;
   for (const SupervisedExample& ex : batch) st.tokens += static_cast<int64_t>(ex.completion.size());
   if (st.tokens == 0) return Status::InvalidArgument("supervised batch without completion tokens");
+#ifdef GROVE_LEARNER_GPU
+  model::GpuTransformer* gpu_policy = gpu_ ? &gpu_->policy() : nullptr;
+#endif
+  // The CPU model, or the GPU's (the same math; on the GPU the host copy is
+  // left behind until SyncHost).
+  auto score = [&](const std::vector<model::ScoreRequest>& reqs) -> Result<model::ScoreResult<float>> {
+#ifdef GROVE_LEARNER_GPU
+    if (gpu_policy) return gpu_policy->Score(reqs, true);
+#endif
+    return m.Score(reqs, true);
+  };
+  auto backward = [&](const std::vector<std::vector<float>>& dlogp) -> Status {
+#ifdef GROVE_LEARNER_GPU
+    if (gpu_policy) return gpu_policy->Backward(dlogp);
+#endif
+    return m.Backward(dlogp);
+  };
+#ifdef GROVE_LEARNER_GPU
+  if (gpu_policy) {
+    GROVE_RETURN_IF_ERROR(gpu_policy->ZeroGrad());
+  } else {
+    m.ZeroGrad();
+  }
+#else
+  m.ZeroGrad();
+#endif
   const float scale = -1.0f / static_cast<float>(st.tokens);
   double nll = 0;
   for (size_t b = 0; b < batch.size(); b += options_.micro_batch) {
@@ -372,7 +413,7 @@ Result<SupervisedStepStats> GrpoTrainer::SupervisedStep(const std::vector<Superv
       r.score_from = static_cast<int64_t>(batch[i].prompt.size());
       reqs.push_back(std::move(r));
     }
-    GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> cur, m.Score(reqs, true));
+    GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> cur, score(reqs));
     std::vector<std::vector<float>> dlogp;
     for (const auto& lp : cur.logprobs) {
       for (float v : lp) {
@@ -381,19 +422,47 @@ Result<SupervisedStepStats> GrpoTrainer::SupervisedStep(const std::vector<Superv
       }
       dlogp.emplace_back(lp.size(), scale);
     }
-    GROVE_RETURN_IF_ERROR(m.Backward(dlogp));
+    GROVE_RETURN_IF_ERROR(backward(dlogp));
   }
   st.loss = nll / static_cast<double>(st.tokens);
   st.confident_fraction /= static_cast<double>(st.tokens);
+#ifdef GROVE_LEARNER_GPU
+  if (gpu_) {
+    // The update stays on the device; publishing, evaluation on the host
+    // model and checkpoints wait for SyncHost (a 1.7B model's download per
+    // step would cost more than the step).
+    GROVE_ASSIGN_OR_RETURN(st.update,
+                           gpu_->Update(lr, options_.grpo.max_grad_norm, GpuGrpoStep::Phase::kWarmStart));
+    host_behind_ = true;
+    return st;
+  }
+#endif
   GROVE_ASSIGN_OR_RETURN(LrSchedule constant, LrSchedule::Create(LrScheduleOptions{lr, 0}));
   GROVE_ASSIGN_OR_RETURN(st.update, ApplyUpdate(sft_optimizer_, constant, options_.grpo.max_grad_norm,
                                                 m.params(), m.grads()));
-  // Warm-start steps run on the CPU model; the GPU copy follows.
-  GROVE_RETURN_IF_ERROR(SyncPolicyToGpu());
   return st;
 }
 
-Status GrpoTrainer::SaveCheckpoint(const std::string& dir) const {
+Status GrpoTrainer::SyncHost() {
+  if (!host_behind_) return Status::OK();
+  GROVE_RETURN_IF_ERROR(SyncFromGpu());
+  host_behind_ = false;
+  return Status::OK();
+}
+
+Status GrpoTrainer::CopyParams(std::span<float> out) const {
+  if (out.size() != policy_->params().size())
+    return Status::InvalidArgument("CopyParams: " + std::to_string(out.size()) + " floats for " +
+                                   std::to_string(policy_->params().size()) + " parameters");
+#ifdef GROVE_LEARNER_GPU
+  if (gpu_ && host_behind_) return gpu_->policy().DownloadParams(out);
+#endif
+  std::copy(policy_->params().begin(), policy_->params().end(), out.begin());
+  return Status::OK();
+}
+
+Status GrpoTrainer::SaveCheckpoint(const std::string& dir) {
+  GROVE_RETURN_IF_ERROR(SyncHost());
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec) return Status::IOError("cannot create checkpoint directory '" + dir + "': " + ec.message());
@@ -428,6 +497,7 @@ Status GrpoTrainer::LoadCheckpoint(const std::string& dir) {
   const std::string model_path = dir + "/model.safetensors";
   GROVE_ASSIGN_OR_RETURN(auto meta, model::ReadMetadata(model_path));
   GROVE_RETURN_IF_ERROR(model::LoadParams(model_path, policy_.get()));
+  host_behind_ = false;  // the GPU gets these below
   GROVE_RETURN_IF_ERROR(model::LoadParams(dir + "/reference.safetensors", reference_.get()));
   GROVE_ASSIGN_OR_RETURN(model::OptimizerState os,
                          model::LoadOptimizerState(model::OptimizerStatePath(model_path), policy_->layout(),

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -91,6 +92,15 @@ class GrpoTrainer {
   // One supervised step with its own optimizer state and constant `lr`.
   Result<SupervisedStepStats> SupervisedStep(const std::vector<SupervisedExample>& batch, double lr);
 
+  // On the GPU, Step and SupervisedStep leave their update there: the
+  // parameters of policy() (the host model) are behind until SyncHost
+  // (FreezeReference and SaveCheckpoint sync first). CopyParams and
+  // DeviceParams always have the current weights; the router bias, which
+  // only the host moves, is current on both.
+  Status SyncHost();
+  // The current parameters (ParamLayout order) into `out`, sized to them.
+  Status CopyParams(std::span<float> out) const;
+
   // The reference becomes a copy of the current policy (after warm-start).
   void FreezeReference();
 
@@ -101,6 +111,8 @@ class GrpoTrainer {
   int64_t rl_steps() const;
   // True when Step() runs on the GPU (GpuGrpoStep).
   bool on_gpu() const { return gpu_ != nullptr; }
+  // The CUDA device the step runs on; -1 on the CPU.
+  int gpu_device() const;
   // The policy's fp32 master weights on `device` (ParamLayout order, the
   // bytes policy().params() was last synced from), after waiting for the
   // GPU step's stream, for a device-to-device copy of a published version;
@@ -111,7 +123,7 @@ class GrpoTrainer {
 
   // Weights (model file), optimizer state beside it, and the version and
   // the reference's weights, so a restarted learner continues exactly.
-  Status SaveCheckpoint(const std::string& dir) const;
+  Status SaveCheckpoint(const std::string& dir);
   Status LoadCheckpoint(const std::string& dir);
 
  private:
@@ -129,6 +141,7 @@ class GrpoTrainer {
   AdamW sft_optimizer_;
   LrSchedule schedule_;
   int64_t version_ = 0;
+  bool host_behind_ = false;  // GPU warm-start steps not yet downloaded to policy_
   std::unique_ptr<GpuGrpoStep, GpuGrpoStepDeleter> gpu_;  // null: the step runs on the CPU
 };
 

@@ -16,6 +16,8 @@
 #include "learner/weight_publisher.h"
 #include "model/prompt_format.h"
 #include "model/tokenizer.h"
+#include "rollout/generation_backend.h"
+#include "rollout/policy_quantizer.h"
 #include "reward/registry.h"
 #include "reward/task.h"
 
@@ -41,6 +43,11 @@ struct LearnerSettings {
   int64_t request_timeout_ms = 5000;
   bool routing_replay = true;
   std::string device = "auto";  // where the GRPO step runs: auto | cpu | gpu
+  // Where the held-out evaluation generates: auto = the GPU engine on the
+  // step's GPU when the step runs on one (bf16, from the step's own fp32
+  // weights), else the CPU model; cpu; gpu (an error where it cannot).
+  std::string eval_device = "auto";
+  double eval_kv_memory_fraction = 0.02;  // of the GPU's free memory, for the eval engine's KV pages
 };
 
 Result<LearnerSettings> ParseSettings(const Config& cfg) {
@@ -48,7 +55,8 @@ Result<LearnerSettings> ParseSettings(const Config& cfg) {
   GROVE_RETURN_IF_ERROR(s.CheckKeys({"steps", "batch_groups", "max_staleness", "micro_batch", "checkpoint_every",
                                      "eval_every", "eval_problems", "max_new_tokens", "warmstart_steps",
                                      "warmstart_batch", "warmstart_lr", "seed", "weight_chunk_bytes",
-                                     "request_timeout_ms", "routing_replay", "device", "grpo"}));
+                                     "request_timeout_ms", "routing_replay", "device", "eval_device",
+                                     "eval_kv_memory_fraction", "grpo"}));
   LearnerSettings o;
   GROVE_ASSIGN_OR_RETURN(o.steps, s.Int("steps", o.steps));
   GROVE_ASSIGN_OR_RETURN(o.batch_groups, s.Int("batch_groups", o.batch_groups));
@@ -68,6 +76,11 @@ Result<LearnerSettings> ParseSettings(const Config& cfg) {
   GROVE_ASSIGN_OR_RETURN(o.device, s.String("device", o.device));
   if (!ParseLearnerDevice(o.device).ok())
     return Status::InvalidArgument(cfg.source() + ": learner.device '" + o.device + "' is none of auto, cpu, gpu");
+  GROVE_ASSIGN_OR_RETURN(o.eval_device, s.String("eval_device", o.eval_device));
+  if (!ParseLearnerDevice(o.eval_device).ok())
+    return Status::InvalidArgument(cfg.source() + ": learner.eval_device '" + o.eval_device +
+                                   "' is none of auto, cpu, gpu");
+  GROVE_ASSIGN_OR_RETURN(o.eval_kv_memory_fraction, s.Double("eval_kv_memory_fraction", o.eval_kv_memory_fraction));
   auto bad = [&](const char* key, bool cond) {
     return cond ? Status::InvalidArgument(cfg.source() + ": learner." + key + " is out of range") : Status::OK();
   };
@@ -75,7 +88,8 @@ Result<LearnerSettings> ParseSettings(const Config& cfg) {
   GROVE_RETURN_IF_ERROR(bad("batch_groups", o.batch_groups < 1 || o.batch_groups > 4096));
   GROVE_RETURN_IF_ERROR(bad("max_staleness", o.max_staleness < 0));
   GROVE_RETURN_IF_ERROR(bad("micro_batch", o.micro_batch < 1));
-  GROVE_RETURN_IF_ERROR(bad("checkpoint_every", o.checkpoint_every < 1));
+  GROVE_RETURN_IF_ERROR(bad("checkpoint_every", o.checkpoint_every < 0));
+  GROVE_RETURN_IF_ERROR(bad("eval_kv_memory_fraction", !(o.eval_kv_memory_fraction > 0 && o.eval_kv_memory_fraction < 1)));
   GROVE_RETURN_IF_ERROR(bad("eval_every", o.eval_every < 0));
   GROVE_RETURN_IF_ERROR(bad("eval_problems", o.eval_problems < 1));
   GROVE_RETURN_IF_ERROR(bad("max_new_tokens", o.max_new_tokens < 1));
@@ -87,14 +101,22 @@ Result<LearnerSettings> ParseSettings(const Config& cfg) {
   return o;
 }
 
-std::shared_ptr<const actors::WeightSnapshot> Snapshot(const model::Model& m, int64_t version) {
+std::vector<actors::TensorSpec> TensorSpecs(const model::ParamLayout& layout) {
+  std::vector<actors::TensorSpec> specs;
+  for (const model::TensorInfo& t : layout.tensors())
+    specs.push_back({t.name, t.shape, static_cast<uint64_t>(t.offset), static_cast<uint64_t>(t.numel)});
+  return specs;
+}
+
+// The trainer's current weights (from its GPU when the step runs there).
+Result<std::shared_ptr<const actors::WeightSnapshot>> Snapshot(const GrpoTrainer& trainer) {
   auto snap = std::make_shared<actors::WeightSnapshot>();
-  snap->version = version;
-  for (const model::TensorInfo& t : m.layout().tensors())
-    snap->tensors.push_back({t.name, t.shape, static_cast<uint64_t>(t.offset), static_cast<uint64_t>(t.numel)});
-  snap->flat.assign(m.params().begin(), m.params().end());
+  snap->version = trainer.version();
+  snap->tensors = TensorSpecs(trainer.policy().layout());
+  snap->flat.resize(trainer.policy().params().size());
+  GROVE_RETURN_IF_ERROR(trainer.CopyParams(snap->flat));
   snap->checksum = actors::WeightChecksum(snap->flat.data(), snap->flat.size());
-  return snap;
+  return std::shared_ptr<const actors::WeightSnapshot>(std::move(snap));
 }
 
 class MetricsLog {
@@ -176,6 +198,44 @@ Status WarmStart(GrpoTrainer& trainer, const model::Tokenizer& tok, const reward
   return Status::OK();
 }
 
+// Sequences the GPU eval engine decodes together (its graphs' largest batch).
+constexpr int64_t kEvalEngineBatch = 64;
+
+// The held-out evaluation's GPU engine (learner.eval_device), or null for the
+// CPU model: on the step's GPU, bf16 (quantize "none"), greedy as the CPU.
+// A 1.7B model's evaluation would take the CPU hours; the GPU's bf16
+// forward differs from the CPU's fp32 one by rounding, which can flip a
+// greedy near-tie (accuracy is the same measure, not the same bits).
+Result<std::unique_ptr<rollout::GenerationBackend>> MakeEvalEngine(const LearnerSettings& s,
+                                                                   const GrpoTrainer& trainer, int32_t stop_token) {
+  GROVE_ASSIGN_OR_RETURN(LearnerDevice want, ParseLearnerDevice(s.eval_device));
+  if (want == LearnerDevice::kCpu) return std::unique_ptr<rollout::GenerationBackend>();
+  if (!trainer.on_gpu()) {
+    if (want == LearnerDevice::kGpu)
+      return Status::FailedPrecondition("learner.eval_device = gpu needs the step on a GPU (learner.device)");
+    return std::unique_ptr<rollout::GenerationBackend>();
+  }
+  rollout::BackendSettings bs;
+  bs.device = rollout::RolloutDevice::kGpu;
+  bs.gpu = trainer.gpu_device();
+  bs.max_batch = kEvalEngineBatch;
+  bs.kv_memory_fraction = s.eval_kv_memory_fraction;
+  rollout::QuantizeSettings bf16;
+  bf16.mode = rollout::QuantizeMode::kNone;
+  auto engine = rollout::MakeGenerationBackend(bs, trainer.policy().config(), "learner",
+                                               std::make_unique<rollout::PolicyQuantizer>(bf16,
+                                                   std::vector<std::vector<int32_t>>{}, stop_token));
+  if (!engine.ok()) {
+    if (want == LearnerDevice::kGpu) return engine.status().WithContext("learner.eval_device = gpu");
+    LOG(WARNING) << "learner: held-out evaluation on the CPU: " << engine.status();
+    return std::unique_ptr<rollout::GenerationBackend>();
+  }
+  if (!(*engine)->installs_from_device())
+    return Status::Internal("the eval engine cannot read the step's device weights");
+  LOG(INFO) << "learner: held-out evaluation on " << (*engine)->name() << " (bf16)";
+  return std::move(*engine);
+}
+
 Status RunLearnerLoop(const RoleArgs& args) {
   GROVE_ASSIGN_OR_RETURN(LearnerSettings s, ParseSettings(args.config));
   const std::string run_dir = args.run_dir.empty() ? "grove-learner-" + args.id : args.run_dir;
@@ -234,8 +294,26 @@ Status RunLearnerLoop(const RoleArgs& args) {
   EvalOptions eval_opt;
   eval_opt.problems = s.eval_problems;
   eval_opt.max_new_tokens = s.max_new_tokens;
+  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<rollout::GenerationBackend> eval_engine,
+                         MakeEvalEngine(s, *trainer, tok.eos_id()));
+  if (eval_engine) eval_opt.batch = std::max<int64_t>(eval_opt.batch, kEvalEngineBatch);
+  const std::vector<actors::TensorSpec> tensor_specs = TensorSpecs(trainer->policy().layout());
   auto evaluate = [&](const char* when) -> Result<EvalResult> {
-    GROVE_ASSIGN_OR_RETURN(EvalResult r, EvaluateHeldOut(trainer->policy(), tok, *task, registry, eval_opt));
+    GenerateFn generate = [&](const std::vector<std::vector<int32_t>>& prompts,
+                              const model::SamplingOptions& sampling) {
+      return trainer->policy().Generate(prompts, sampling);
+    };
+    if (!eval_engine) GROVE_RETURN_IF_ERROR(trainer->SyncHost());
+    if (eval_engine) {
+      // The step's weights as they are now (the host copy may be behind).
+      GROVE_ASSIGN_OR_RETURN(const float* weights, trainer->DeviceParams(trainer->gpu_device()));
+      GROVE_RETURN_IF_ERROR(eval_engine->InstallFromDevice(trainer->version(), tensor_specs, weights)
+                                .WithContext("the eval engine's weights"));
+      generate = [&](const std::vector<std::vector<int32_t>>& prompts, const model::SamplingOptions& sampling) {
+        return eval_engine->Generate(prompts, sampling);
+      };
+    }
+    GROVE_ASSIGN_OR_RETURN(EvalResult r, EvaluateHeldOut(generate, tok, *task, registry, eval_opt));
     LOG(INFO) << "eval (" << when << "): accuracy " << r.accuracy << " reward " << r.reward_mean << " format "
               << r.format_rate << " over " << r.problems << " held-out problems";
     for (const std::string& line : r.samples) LOG(INFO) << "  " << line;
@@ -268,13 +346,16 @@ Status RunLearnerLoop(const RoleArgs& args) {
     GROVE_RETURN_IF_ERROR(WarmStart(*trainer, tok, *task, s, *proc));
     trainer->FreezeReference();
     GROVE_ASSIGN_OR_RETURN(EvalResult warm, evaluate("after warm-start"));
-    GROVE_RETURN_IF_ERROR(trainer->SaveCheckpoint(ckpt_dir));
+    if (s.checkpoint_every > 0) GROVE_RETURN_IF_ERROR(trainer->SaveCheckpoint(ckpt_dir));
     metrics.Write({{"step", 0}, {"version", trainer->version()}, {"phase", "warmstart"},
                    {"eval_accuracy", warm.accuracy}, {"eval_reward", warm.reward_mean},
                    {"eval_format", warm.format_rate}, {"init_accuracy", init.accuracy}, {"kl", 0.0},
                    {"time_s", elapsed()}});
   }
-  publish(Snapshot(trainer->policy(), trainer->version()));
+  {
+    GROVE_ASSIGN_OR_RETURN(std::shared_ptr<const actors::WeightSnapshot> snapshot, Snapshot(*trainer));
+    publish(std::move(snapshot));
+  }
   proc->client().SetPolicyVersion(trainer->version());
   proc->client().SetCounter("step", static_cast<double>(trainer->rl_steps()));
 
@@ -348,10 +429,12 @@ Status RunLearnerLoop(const RoleArgs& args) {
       if (!marked.ok()) return marked.WithContext("marking a trained batch consumed");
     }
     if (groups.empty()) continue;
-    publish(Snapshot(trainer->policy(), trainer->version()));
+    GROVE_ASSIGN_OR_RETURN(std::shared_ptr<const actors::WeightSnapshot> snapshot, Snapshot(*trainer));
+    publish(std::move(snapshot));
     proc->client().SetPolicyVersion(trainer->version());
     const int64_t step = trainer->rl_steps();
-    if (step % s.checkpoint_every == 0) GROVE_RETURN_IF_ERROR(trainer->SaveCheckpoint(ckpt_dir));
+    if (s.checkpoint_every > 0 && step % s.checkpoint_every == 0)
+      GROVE_RETURN_IF_ERROR(trainer->SaveCheckpoint(ckpt_dir));
     nlohmann::json line = {{"step", step},
                            {"version", st.version},
                            {"phase", "grpo"},
@@ -390,7 +473,7 @@ Status RunLearnerLoop(const RoleArgs& args) {
     proc->client().SetCounter("weight_bytes_served", static_cast<double>(publisher->bytes_served()));
   }
   proc->ReportDraining();
-  GROVE_RETURN_IF_ERROR(trainer->SaveCheckpoint(ckpt_dir));
+  if (s.checkpoint_every > 0) GROVE_RETURN_IF_ERROR(trainer->SaveCheckpoint(ckpt_dir));
   LOG(INFO) << "learner done at step " << trainer->rl_steps() << ", version " << trainer->version();
   proc->Finish(0, "");
   return Status::OK();

@@ -216,8 +216,7 @@ fs::path RunShortGpuConfig(const std::string& name) {
   const std::string cmd = "timeout 300 " + Grove() + " up --config " + Env("GROVE_SOURCE_DIR") + "/configs/" + name +
                           ".toml --runs_dir " + runs.string() + " --name " + name +
                           " --set learner.steps=8 --set learner.warmstart_steps=30"
-                          " --set learner.eval_problems=32 --set learner.eval_every=0"
-                          " --set learner.checkpoint_every=4 > " +
+                          " --set learner.eval_problems=32 --set learner.eval_every=0 > " +
                           (runs / "up.log").string() + " 2>&1";
   EXPECT_EQ(Shell(cmd), 0) << ReadFile(runs / "up.log");
   fs::path run = OnlyRun(runs);
@@ -231,12 +230,12 @@ fs::path RunShortGpuConfig(const std::string& name) {
   return run;
 }
 
-// configs/gpu-1.toml, shortened: learner and both rollout workers on GPU 0,
-// versions through CUDA IPC (the worker's log names the way each version
-// came and its stall), sampling on the GPU engine. Skips without a GPU.
+// configs/gpu-1-small.toml, shortened: learner and both rollout workers on
+// GPU 0, versions through CUDA IPC (the worker's log names the way each
+// version came and its stall), sampling on the GPU engine. Skips without a GPU.
 TEST(EndToEnd, GpuOneRunSamplesOnTheGpuWithWeightsThroughCudaIpc) {
   if (grove::rollout::GenerationGpuCount() == 0) GTEST_SKIP() << "no GPU engine here";
-  const fs::path run = RunShortGpuConfig("gpu-1");
+  const fs::path run = RunShortGpuConfig("gpu-1-small");
   ASSERT_FALSE(run.empty());
   const std::string learner = ReadFile(run / "logs" / "learner-0.log");
   EXPECT_NE(learner.find("the step runs on GPU"), std::string::npos) << learner;
@@ -247,6 +246,53 @@ TEST(EndToEnd, GpuOneRunSamplesOnTheGpuWithWeightsThroughCudaIpc) {
     EXPECT_NE(log.find("via cuda-ipc: stall"), std::string::npos) << id << ":\n" << log;
     EXPECT_EQ(log.find("NCCL on GPU"), std::string::npos) << id << ":\n" << log;
   }
+}
+
+// The warm-start's mean negative log-likelihood per token at each logged
+// step ("warm-start step K/N loss X"), in order.
+std::vector<double> WarmStartLosses(const std::string& log) {
+  std::vector<double> losses;
+  for (size_t at = log.find("warm-start step "); at != std::string::npos; at = log.find("warm-start step ", at + 1)) {
+    const size_t l = log.find(" loss ", at);
+    if (l == std::string::npos) break;
+    losses.push_back(std::strtod(log.c_str() + l + 6, nullptr));
+  }
+  return losses;
+}
+
+// configs/gpu-1.toml, shortened: the 1.7B GPU reference model on one GPU.
+// The warm-start runs on the GPU and its loss falls; the held-out
+// evaluation runs on the learner's bf16 GPU engine (initial, after the
+// warm-start and at the last step: an accuracy in every row that has one);
+// the worker gets versions through CUDA IPC. Skips without a GPU.
+TEST(EndToEnd, GpuReferenceModelWarmStartsEvaluatesAndTrainsOnOneGpu) {
+  if (grove::rollout::GenerationGpuCount() == 0) GTEST_SKIP() << "no GPU engine here";
+  const fs::path run = RunShortGpuConfig("gpu-1");
+  ASSERT_FALSE(run.empty());
+  const std::string learner = ReadFile(run / "logs" / "learner-0.log");
+  EXPECT_NE(learner.find("the step runs on GPU 0"), std::string::npos) << learner;
+  EXPECT_NE(learner.find("held-out evaluation on gpu 0"), std::string::npos) << learner;
+  const std::vector<double> losses = WarmStartLosses(learner);
+  ASSERT_GE(losses.size(), 2u) << learner;
+  // A random model's first loss is about ln(32768) = 10.4 nats; in 30 steps
+  // it must at least learn that the demonstrations use 55 of those ids
+  // (a fall by ln(32768/55) = 6.4 nats where it has learnt only that): more
+  // than 1 nat is a floor a working warm-start clears and a broken one
+  // (no update, wrong sign, NaN) does not.
+  EXPECT_GT(losses.front(), 8.0) << learner;
+  EXPECT_LT(losses.back(), losses.front() - 1.0) << learner;
+  int evaluated = 0;
+  for (const json& row : Metrics(run)) {
+    if (!row.contains("eval_accuracy")) continue;
+    const double acc = row["eval_accuracy"].get<double>();
+    EXPECT_GE(acc, 0.0);
+    EXPECT_LE(acc, 1.0);
+    ++evaluated;
+  }
+  EXPECT_EQ(evaluated, 2) << "after the warm-start and at step 8";
+  const std::string log = ReadFile(run / "logs" / "rollout-0.log");
+  EXPECT_NE(log.find("rollout: sampling on gpu 0"), std::string::npos) << log;
+  EXPECT_NE(log.find("via cuda-ipc: stall"), std::string::npos) << log;
 }
 
 // configs/gpu-2.toml, shortened: the learner on GPU 0, ONE rollout worker

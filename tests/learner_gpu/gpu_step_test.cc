@@ -19,6 +19,8 @@
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <span>
+#include <string>
 #include <vector>
 
 #include "learner/gpu_step.h"
@@ -93,6 +95,29 @@ std::vector<TrainingGroup> Groups(model::Model& m, std::mt19937_64& rng, int gro
   return out;
 }
 
+// The two trainers' parameter updates (from `start_cpu` and `start_gpu`) as
+// vectors (the file's comment says why these bounds): cosine >= 0.98,
+// relative L2 <= 0.2, and every parameter within 2 x (the sum of the rates
+// of every update either took since they were equal) of the CPU's.
+void ExpectSameUpdate(const std::vector<float>& start_cpu, const std::vector<float>& start_gpu,
+                      std::span<const float> pc, std::span<const float> pg, double lr_sum, const std::string& what) {
+  double num = 0, den = 0, dot = 0, gg = 0, worst = 0;
+  for (size_t i = 0; i < pc.size(); ++i) {
+    const double uc = pc[i] - start_cpu[i], ug = pg[i] - start_gpu[i];
+    num += (uc - ug) * (uc - ug);
+    den += uc * uc;
+    dot += uc * ug;
+    gg += ug * ug;
+    worst = std::max(worst, std::abs(double(pc[i]) - pg[i]));
+  }
+  const double rel = std::sqrt(num / den), cosine = dot / std::sqrt(den * gg);
+  std::printf("%s: update relative L2 %.4g, cosine %.6f, worst element %.3g (rates %.3g)\n", what.c_str(), rel,
+              cosine, worst, lr_sum);
+  EXPECT_GE(cosine, 0.98) << what;
+  EXPECT_LE(rel, 0.2) << what;
+  EXPECT_LE(worst, 2.0 * lr_sum * 1.01 + 1e-6) << what;
+}
+
 TEST(GpuGrpoStep, MatchesTheCpuStep) {
   if (model::GpuTransformer::DeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = std::random_device{}();
@@ -127,27 +152,93 @@ TEST(GpuGrpoStep, MatchesTheCpuStep) {
     EXPECT_NEAR(sg->update.grad_norm, sc->update.grad_norm, tol * sc->update.grad_norm);
     EXPECT_EQ(sg->version, sc->version);
     EXPECT_EQ((*gpu)->rl_steps(), (*cpu)->rl_steps());
+    ASSERT_TRUE((*gpu)->SyncHost().ok());
     std::span<const float> pc = (*cpu)->policy().params(), pg = (*gpu)->policy().params();
-    double num = 0, den = 0, dot = 0, gg = 0, worst = 0;
-    for (size_t i = 0; i < pc.size(); ++i) {
-      const double uc = pc[i] - start[i], ug = pg[i] - start[i];
-      num += (uc - ug) * (uc - ug);
-      den += uc * uc;
-      dot += uc * ug;
-      gg += ug * ug;
-      worst = std::max(worst, std::abs(double(pc[i]) - pg[i]));
-    }
-    const double rel = std::sqrt(num / den), cosine = dot / std::sqrt(den * gg);
-    std::printf("step %d: update relative L2 %.4g, cosine %.6f, worst element %.3g (lr %.3g)\n", step, rel, cosine,
-                worst, opt.grpo.schedule.peak_lr);
-    EXPECT_GE(cosine, 0.98);
-    EXPECT_LE(rel, 0.2);
-    EXPECT_LE(worst, 2.0 * (step + 1) * opt.grpo.schedule.peak_lr * 1.01 + 1e-6);
+    ExpectSameUpdate(start, start, pc, pg, (step + 1) * opt.grpo.schedule.peak_lr, "step " + std::to_string(step));
     for (int64_t l = mc->dense_layers; l < mc->layers; ++l) {
       const model::TensorInfo* b = layout.Find("layers." + std::to_string(l) + ".moe.router_bias");
       for (int64_t e = 0; e < b->numel; ++e) EXPECT_EQ(pc[b->offset + e], pg[b->offset + e]) << b->name;
     }
   }
+}
+
+// The supervised warm-start on the GPU against the CPU's: the same batches,
+// the same rate, AdamW from zero moments (the bounds of the GRPO step
+// above). Until SyncHost the host model keeps the old weights and a
+// checkpoint is refused. The GRPO step that follows starts from zero moments
+// on both devices (the GPU reuses the warm-start's buffers; carried-over
+// moments would turn its update away from the CPU's), and a warm-start step
+// after a GRPO step is refused on the GPU.
+TEST(GpuGrpoStep, WarmStartMatchesTheCpuAndGrpoStartsFromZeroMoments) {
+  if (model::GpuTransformer::DeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  auto mc = model::ModelConfig::LoadFile(SourcePath("configs/model/tiny.toml"));
+  ASSERT_TRUE(mc.ok());
+  mc->head_dim = 64;
+  mc->vocab_size = 64;
+  mc->init_std = 0.08;
+  TrainerOptions opt;
+  opt.grpo.schedule.peak_lr = 1e-3;
+  opt.grpo.loss.beta = 0.04;
+  opt.micro_batch = 3;
+  opt.device = LearnerDevice::kCpu;
+  auto cpu = GrpoTrainer::Create(*model::Model::Create(*mc, seed), opt);
+  opt.device = LearnerDevice::kGpu;
+  auto gpu = GrpoTrainer::Create(*model::Model::Create(*mc, seed), opt);
+  ASSERT_TRUE(cpu.ok() && gpu.ok()) << gpu.status().ToString();
+  ASSERT_TRUE((*gpu)->on_gpu());
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> tok(0, int(mc->vocab_size) - 1);
+  std::vector<SupervisedExample> batch(7);
+  for (size_t i = 0; i < batch.size(); ++i) {
+    for (size_t t = 0; t < 4 + i; ++t) batch[i].prompt.push_back(tok(rng));
+    for (size_t t = 0; t < 3 + (5 * i) % 11; ++t) batch[i].completion.push_back(tok(rng));
+  }
+  const std::vector<float> start((*cpu)->policy().params().begin(), (*cpu)->policy().params().end());
+  const double sft_lr = 1e-3;
+  for (int step = 0; step < 2; ++step) {
+    auto sc = (*cpu)->SupervisedStep(batch, sft_lr);
+    auto sg = (*gpu)->SupervisedStep(batch, sft_lr);
+    ASSERT_TRUE(sc.ok() && sg.ok()) << sg.status().ToString();
+    std::printf("warm-start step %d: loss %.6g vs %.6g, grad norm %.6g vs %.6g\n", step, sc->loss, sg->loss,
+                sc->update.grad_norm, sg->update.grad_norm);
+    const double tol = step == 0 ? 2e-2 : 5e-2;
+    EXPECT_NEAR(sg->loss, sc->loss, tol * sc->loss);
+    EXPECT_NEAR(sg->update.grad_norm, sc->update.grad_norm, tol * sc->update.grad_norm);
+    EXPECT_EQ(sg->tokens, sc->tokens);
+  }
+  EXPECT_EQ((*gpu)->rl_steps(), 0);
+  // The host copy is behind (the start's weights, bit for bit) until
+  // SyncHost; CopyParams has the device's weights all along.
+  std::span<const float> behind = (*gpu)->policy().params();
+  EXPECT_TRUE(std::equal(behind.begin(), behind.end(), start.begin()));
+  std::vector<float> copied(start.size());
+  ASSERT_TRUE((*gpu)->CopyParams(copied).ok());
+  EXPECT_FALSE(std::equal(copied.begin(), copied.end(), start.begin()));
+  ASSERT_TRUE((*gpu)->SyncHost().ok());
+  std::span<const float> synced = (*gpu)->policy().params();
+  EXPECT_TRUE(std::equal(synced.begin(), synced.end(), copied.begin()));
+  ExpectSameUpdate(start, start, (*cpu)->policy().params(), (*gpu)->policy().params(), 2 * sft_lr, "warm-start");
+
+  // GRPO from here: the reference frozen at the warm-started weights on both.
+  (*cpu)->FreezeReference();
+  (*gpu)->FreezeReference();
+  const std::vector<TrainingGroup> groups = Groups((*cpu)->policy(), rng, 3, 4);
+  const std::vector<float> warm_cpu((*cpu)->policy().params().begin(), (*cpu)->policy().params().end());
+  const std::vector<float> warm_gpu((*gpu)->policy().params().begin(), (*gpu)->policy().params().end());
+  auto sc = (*cpu)->Step(groups);
+  auto sg = (*gpu)->Step(groups);
+  ASSERT_TRUE(sc.ok() && sg.ok()) << sg.status().ToString();
+  EXPECT_NEAR(sg->loss, sc->loss, 5e-2 * std::abs(sc->loss) + 1e-4);
+  ASSERT_TRUE((*gpu)->SyncHost().ok());
+  EXPECT_EQ((*gpu)->rl_steps(), 1);
+  EXPECT_EQ((*cpu)->rl_steps(), 1);
+  ExpectSameUpdate(warm_cpu, warm_gpu, (*cpu)->policy().params(), (*gpu)->policy().params(),
+                   2 * sft_lr + opt.grpo.schedule.peak_lr, "grpo after warm-start");
+  auto late = (*gpu)->SupervisedStep(batch, sft_lr);
+  EXPECT_FALSE(late.ok());
+  EXPECT_EQ(late.status().code(), StatusCode::kFailedPrecondition) << late.status().ToString();
 }
 
 // The device GRPO loss (GpuGrpoStep::LossAndBackward, kernels::GrpoLoss) on

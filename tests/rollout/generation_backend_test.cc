@@ -163,7 +163,9 @@ TEST(GenerationBackend, GpuEngineInstallsTheQuantizersChoiceAndSamples) {
     EXPECT_TRUE(std::equal(flat.begin(), flat.end(), (*ref)->params().begin()));  // quantized on the device
     EXPECT_GT((*engine)->last_device_load_seconds(), 0.0);
     EXPECT_LT((*engine)->quantizer().report().bits_per_weight, 32.0);
-    if (mode == QuantizeMode::kPlan) EXPECT_EQ((*engine)->quantizer().plans_made(), 1);
+    if (mode == QuantizeMode::kPlan) {
+      EXPECT_EQ((*engine)->quantizer().plans_made(), 1);
+    }
 
     model::SamplingOptions so;
     so.seed = 3;
@@ -247,7 +249,8 @@ TEST_P(GpuConfigs, ParseAndValidate) {
   EXPECT_TRUE(learner_device.ok()) << learner_device;
 }
 
-INSTANTIATE_TEST_SUITE_P(Configs, GpuConfigs, ::testing::Values("configs/gpu-1.toml", "configs/gpu-2.toml"));
+INSTANTIATE_TEST_SUITE_P(Configs, GpuConfigs, ::testing::Values("configs/gpu-1.toml", "configs/gpu-2.toml",
+                                                                   "configs/gpu-1-small.toml"));
 
 }  // namespace
 }  // namespace grove::rollout

@@ -253,8 +253,12 @@ struct TestSlot {
   }
   void Write(const actors::WeightSnapshot& snap) {
     const size_t bytes = snap.flat.size() * sizeof(float);
-    if (!slot) ASSERT_EQ(cudaMalloc(&slot, actors::kIpcSlotHeaderBytes + bytes), cudaSuccess);
-    if (!scratch) ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&scratch), sizeof(uint64_t)), cudaSuccess);
+    if (!slot) {
+      ASSERT_EQ(cudaMalloc(&slot, actors::kIpcSlotHeaderBytes + bytes), cudaSuccess);
+    }
+    if (!scratch) {
+      ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&scratch), sizeof(uint64_t)), cudaSuccess);
+    }
     Status s = actors::WriteIpcWeightSlot(slot, snap.flat.data(), false, bytes, snap.version, snap.checksum,
                                           scratch, nullptr);
     ASSERT_TRUE(s.ok()) << s;
