@@ -142,41 +142,47 @@ Result<std::unique_ptr<GrpoTrainer>> GrpoTrainer::Create(std::unique_ptr<model::
   if (!policy) return Status::InvalidArgument("GrpoTrainer needs a model");
   if (options.micro_batch < 1) return Status::InvalidArgument("learner micro_batch must be >= 1");
   GROVE_RETURN_IF_ERROR(ValidatePolicyLossConfig(options.grpo.loss));
-  const size_t n = policy->params().size();
-  GROVE_ASSIGN_OR_RETURN(AdamW opt, AdamW::Create(n, options.grpo.optimizer));
-  AdamWOptions sft_options = options.grpo.optimizer;
-  GROVE_ASSIGN_OR_RETURN(AdamW sft, AdamW::Create(n, sft_options));
   std::vector<ParamRange> no_decay = NoDecayRanges(policy->layout());
-  GROVE_RETURN_IF_ERROR(opt.SetNoDecayRanges(no_decay));
-  GROVE_RETURN_IF_ERROR(sft.SetNoDecayRanges(no_decay));
   GROVE_ASSIGN_OR_RETURN(LrSchedule schedule, LrSchedule::Create(options.grpo.schedule));
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<model::Model> reference, CopyModel(*policy));
+  // Host optimizers of the model's size only where the step runs on the
+  // CPU: on the GPU they would be four unused copies of a 1.7B model
+  // (27 GB to allocate and zero).
+  const size_t n = policy->params().size();
+  auto host_optimizers = [no_decay](GrpoTrainer& t, size_t size) -> Status {
+    GROVE_ASSIGN_OR_RETURN(t.optimizer_, AdamW::Create(size, t.options_.grpo.optimizer));
+    GROVE_ASSIGN_OR_RETURN(t.sft_optimizer_, AdamW::Create(size, t.options_.grpo.optimizer));
+    if (size == 0) return Status::OK();
+    GROVE_RETURN_IF_ERROR(t.optimizer_.SetNoDecayRanges(no_decay));
+    return t.sft_optimizer_.SetNoDecayRanges(no_decay);
+  };
+  GROVE_ASSIGN_OR_RETURN(AdamW empty, AdamW::Create(0, options.grpo.optimizer));
   const LearnerDevice device = options.device;
-  std::unique_ptr<GrpoTrainer> t(new GrpoTrainer(std::move(policy), std::move(reference), std::move(options),
-                                                 std::move(opt), std::move(sft), std::move(schedule)));
-  if (device == LearnerDevice::kCpu) return t;
+  std::unique_ptr<GrpoTrainer> t(new GrpoTrainer(std::move(policy), std::move(reference), std::move(options), empty,
+                                                 empty, std::move(schedule)));
+  auto on_cpu = [&]() -> Result<std::unique_ptr<GrpoTrainer>> {
+    GROVE_RETURN_IF_ERROR(host_optimizers(*t, n));
+    return std::move(t);
+  };
+  if (device == LearnerDevice::kCpu) return on_cpu();
 #ifdef GROVE_LEARNER_GPU
   if (device == LearnerDevice::kAuto && model::GpuTransformer::DeviceCount() == 0) {
     LOG(INFO) << "learner: no CUDA device, the step runs on the CPU";
-    return t;
+    return on_cpu();
   }
   auto gpu = GpuGrpoStep::Create(*t->policy_, *t->reference_, t->options_.grpo.optimizer, no_decay);
   if (!gpu.ok()) {
     if (device == LearnerDevice::kGpu) return gpu.status();
     LOG(WARNING) << "learner: the step runs on the CPU: " << gpu.status().ToString();
-    return t;
+    return on_cpu();
   }
   t->gpu_.reset(gpu->release());
-  // The optimizer state lives on the GPU from here: the host's two AdamW
-  // objects would only hold four unused copies of the model's size.
-  GROVE_ASSIGN_OR_RETURN(t->optimizer_, AdamW::Create(0, t->options_.grpo.optimizer));
-  GROVE_ASSIGN_OR_RETURN(t->sft_optimizer_, AdamW::Create(0, t->options_.grpo.optimizer));
   LOG(INFO) << "learner: the step runs on GPU " << t->gpu_->policy().device();
   return t;
 #else
   if (device == LearnerDevice::kGpu)
     return Status::FailedPrecondition("learner device 'gpu' asked for, but grove was built without CUDA");
-  return t;
+  return on_cpu();
 #endif
 }
 
