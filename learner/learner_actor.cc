@@ -31,7 +31,7 @@ struct LearnerSettings {
   int64_t batch_groups = 8;
   int64_t max_staleness = 1;
   int64_t micro_batch = 32;
-  int64_t checkpoint_every = 10;
+  int64_t checkpoint_every = 10;  // GRPO steps; 0: no checkpoints at all (the run cannot resume)
   int64_t eval_every = 10;
   int64_t eval_problems = 64;
   int64_t max_new_tokens = 32;

@@ -3,7 +3,7 @@
 # repository root, programs built on the CPU machine into build/; configs/ and
 # bench/torch/ from the tree).
 #   bench/rollout/run_gpurun_device.sh          tests + mismatch_bench --quick + ipc_stall_bench + HF baseline
-#   bench/rollout/run_gpurun_device.sh e2e      also the shortened gpu-1.toml run (grove up)
+#   bench/rollout/run_gpurun_device.sh e2e      also the shortened gpu-1-small.toml run (grove up)
 # Rough wall time on an H100: tests ~10 s, mismatch_bench --quick ~30-60 s
 # (GPU reference model; most of it the CPU init and the CPU-calibrated plan),
 # ipc_stall_bench ~30-60 s (6.7 GB through host copies and checksums),

@@ -51,7 +51,7 @@ TEST(CharTokenizer, RejectsUnknownInput) {
   EXPECT_FALSE(t.Decode(std::vector<int32_t>{-1}).ok());
 }
 
-// A model whose vocab is padded past the tokenizer's (configs/gpu-1.toml had
+// A model whose vocab is padded past the tokenizer's (configs/gpu-1-small.toml had
 // 64 vs 55) can emit the padding ids; its completion text shows them as
 // U+FFFD instead of failing (a failure stopped the learner's evaluation).
 TEST(DecodeCompletion, PaddingIdsBecomeReplacementCharacters) {

@@ -84,7 +84,7 @@ ModelConfig SoftmaxConfig() {
 }
 
 // The CPU default run's model ([model] of configs/default.toml, what
-// configs/gpu-1.toml trains): GQA 4/2 with head_dim 32, max_seq_len 64, vocab
+// configs/gpu-1-small.toml trains): GQA 4/2 with head_dim 32, max_seq_len 64, vocab
 // 56 (the tokenizer's 55 padded to a multiple of 8). init_std and
 // balance_alpha as config 0, so the tolerances' reasoning holds unchanged.
 ModelConfig DefaultRunConfig() {

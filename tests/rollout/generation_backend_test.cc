@@ -129,12 +129,12 @@ TEST(GenerationBackend, GpuAskedForWithoutOneIsAClearErrorAutoFallsBack) {
   EXPECT_EQ((*fallback)->name(), "cpu");
 }
 
-// The GPU engine behind the worker, on the model of configs/gpu-1.toml:
+// The GPU engine behind the worker, on the model of configs/gpu-1-small.toml:
 // the engine accepts that shape, takes the quantizer's per-tensor choice,
 // and samples well-formed groups close to the full-precision policy.
 TEST(GenerationBackend, GpuEngineInstallsTheQuantizersChoiceAndSamples) {
   if (GenerationGpuCount() == 0) GTEST_SKIP() << "no GPU engine here";
-  auto cfg = Config::LoadFile(SourcePath("configs/gpu-1.toml"));
+  auto cfg = Config::LoadFile(SourcePath("configs/gpu-1-small.toml"));
   ASSERT_TRUE(cfg.ok());
   auto mc = model::ModelConfig::FromConfig(cfg->Section("model"));
   ASSERT_TRUE(mc.ok());
@@ -249,7 +249,7 @@ TEST_P(GpuConfigs, ParseAndValidate) {
   EXPECT_TRUE(learner_device.ok()) << learner_device;
 }
 
-INSTANTIATE_TEST_SUITE_P(Configs, GpuConfigs, ::testing::Values("configs/gpu-1.toml", "configs/gpu-2.toml",
+INSTANTIATE_TEST_SUITE_P(Configs, GpuConfigs, ::testing::Values("configs/gpu-1-small.toml", "configs/gpu-2.toml",
                                                                    "configs/gpu-1-small.toml"));
 
 }  // namespace

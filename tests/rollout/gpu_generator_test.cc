@@ -71,8 +71,8 @@ model::ModelConfig SmallConfig(int shared_experts = 1) {
 }
 
 // The CPU default run's model ([model] of configs/default.toml, what
-// configs/gpu-1.toml samples from): GQA 4/2 with head_dim 32, max_seq_len 64,
-// vocab 56 (the tokenizer's 55 padded to a multiple of 8, as in gpu-1.toml).
+// configs/gpu-1-small.toml samples from): GQA 4/2 with head_dim 32, max_seq_len 64,
+// vocab 56 (the tokenizer's 55 padded to a multiple of 8, as in gpu-1-small.toml).
 model::ModelConfig DefaultRunConfig() {
   const char* root = std::getenv("GROVE_SOURCE_DIR");
   auto c = model::ModelConfig::LoadFile(std::string(root ? root : ".") + "/configs/default.toml");
@@ -679,7 +679,7 @@ TEST(GpuGenerator, SplitKvAttentionMatchesTheCpuModel) {
 }
 
 // head_dim 32 (one element per lane in the paged attention kernels) on the
-// model configs/gpu-1.toml trains, with the whole-context and the split-KV
+// model configs/gpu-1-small.toml trains, with the whole-context and the split-KV
 // attention (max_seq_len 64: one chunk per row).
 TEST(GpuGenerator, DefaultRunModelMatchesTheCpuModel) {
   SKIP_WITHOUT_GPU();
