@@ -198,6 +198,30 @@ void GrpoTrainer::FreezeReference() {
 #endif
 }
 
+Result<model::ScoreResult<float>> GrpoTrainer::ScoreOnStepDevice(bool policy,
+                                                                 const std::vector<model::ScoreRequest>& reqs,
+                                                                 bool keep_for_backward) {
+#ifdef GROVE_LEARNER_GPU
+  if (gpu_) return (policy ? gpu_->policy() : gpu_->reference()).Score(reqs, keep_for_backward);
+#endif
+  return (policy ? *policy_ : *reference_).Score(reqs, keep_for_backward);
+}
+
+Status GrpoTrainer::BackwardOnStepDevice(const std::vector<std::vector<float>>& dlogp) {
+#ifdef GROVE_LEARNER_GPU
+  if (gpu_) return gpu_->policy().Backward(dlogp);
+#endif
+  return policy_->Backward(dlogp);
+}
+
+Status GrpoTrainer::ZeroGradOnStepDevice() {
+#ifdef GROVE_LEARNER_GPU
+  if (gpu_) return gpu_->policy().ZeroGrad();
+#endif
+  policy_->ZeroGrad();
+  return Status::OK();
+}
+
 Result<GrpoStepStats> GrpoTrainer::Step(const std::vector<TrainingGroup>& groups) {
   const auto t0 = std::chrono::steady_clock::now();
   GrpoStepStats st;
@@ -256,33 +280,7 @@ Result<GrpoStepStats> GrpoTrainer::Step(const std::vector<TrainingGroup>& groups
   }
 
   model::Model& m = *policy_;
-#ifdef GROVE_LEARNER_GPU
-  model::GpuTransformer* gpu_policy = gpu_ ? &gpu_->policy() : nullptr;
-  model::GpuTransformer* gpu_reference = gpu_ ? &gpu_->reference() : nullptr;
-#endif
-  // Score / Backward on the device that runs the step.
-  auto score = [&](bool policy, const std::vector<model::ScoreRequest>& reqs,
-                   bool keep) -> Result<model::ScoreResult<float>> {
-#ifdef GROVE_LEARNER_GPU
-    if (gpu_) return (policy ? gpu_policy : gpu_reference)->Score(reqs, keep);
-#endif
-    return (policy ? *policy_ : *reference_).Score(reqs, keep);
-  };
-  auto backward = [&](const std::vector<std::vector<float>>& dlogp) -> Status {
-#ifdef GROVE_LEARNER_GPU
-    if (gpu_) return gpu_policy->Backward(dlogp);
-#endif
-    return m.Backward(dlogp);
-  };
-#ifdef GROVE_LEARNER_GPU
-  if (gpu_) {
-    GROVE_RETURN_IF_ERROR(gpu_policy->ZeroGrad());
-  } else {
-    m.ZeroGrad();
-  }
-#else
-  m.ZeroGrad();
-#endif
+  GROVE_RETURN_IF_ERROR(ZeroGradOnStepDevice());
   int64_t total_tokens = 0;
   for (const Item& it : items) total_tokens += static_cast<int64_t>(it.sample->tokens.size());
   st.sequences = static_cast<int64_t>(items.size());
@@ -294,10 +292,10 @@ Result<GrpoStepStats> GrpoTrainer::Step(const std::vector<TrainingGroup>& groups
     const size_t e = std::min(items.size(), b + static_cast<size_t>(options_.micro_batch));
     std::vector<model::ScoreRequest> reqs;
     for (size_t i = b; i < e; ++i) reqs.push_back(items[i].request);
-    GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> cur, score(true, reqs, /*keep_for_backward=*/true));
+    GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> cur, ScoreOnStepDevice(true, reqs, /*keep_for_backward=*/true));
     // The reference is scored even with beta = 0: KL to it is the run's main
     // drift signal in the metrics, at the cost of one forward without backward.
-    GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> ref, score(false, reqs, false));
+    GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> ref, ScoreOnStepDevice(false, reqs, false));
     std::vector<int64_t> offsets{0};
     std::vector<float> logp, ref_logp, rollout_logp, adv;
     for (size_t i = b; i < e; ++i) {
@@ -337,7 +335,7 @@ Result<GrpoStepStats> GrpoTrainer::Step(const std::vector<TrainingGroup>& groups
       std::vector<std::vector<float>> dlogp;
       for (size_t i = 0; i + 1 < offsets.size(); ++i)
         dlogp.emplace_back(out.grad_logp.begin() + offsets[i], out.grad_logp.begin() + offsets[i + 1]);
-      GROVE_RETURN_IF_ERROR(backward(dlogp));
+      GROVE_RETURN_IF_ERROR(BackwardOnStepDevice(dlogp));
     }
     for (size_t l = 0; l < cur.expert_load.size() && l < load.size(); ++l)
       for (size_t x = 0; x < cur.expert_load[l].size() && x < load[l].size(); ++x) load[l][x] += cur.expert_load[l][x];
@@ -357,7 +355,7 @@ Result<GrpoStepStats> GrpoTrainer::Step(const std::vector<TrainingGroup>& groups
         GROVE_RETURN_IF_ERROR(m.UpdateRouterBias(load));
         for (int64_t l = mc.dense_layers; l < mc.layers; ++l) {
           const model::TensorInfo* b = m.layout().Find("layers." + std::to_string(l) + ".moe.router_bias");
-          GROVE_RETURN_IF_ERROR(gpu_policy->UploadRange(
+          GROVE_RETURN_IF_ERROR(gpu_->policy().UploadRange(
               b->offset, std::span<const float>(m.params().data() + b->offset, size_t(b->numel))));
         }
       }
@@ -381,32 +379,7 @@ Result<SupervisedStepStats> GrpoTrainer::SupervisedStep(const std::vector<Superv
   SupervisedStepStats st;
   for (const SupervisedExample& ex : batch) st.tokens += static_cast<int64_t>(ex.completion.size());
   if (st.tokens == 0) return Status::InvalidArgument("supervised batch without completion tokens");
-#ifdef GROVE_LEARNER_GPU
-  model::GpuTransformer* gpu_policy = gpu_ ? &gpu_->policy() : nullptr;
-#endif
-  // The CPU model, or the GPU's (the same math; on the GPU the host copy is
-  // left behind until SyncHost).
-  auto score = [&](const std::vector<model::ScoreRequest>& reqs) -> Result<model::ScoreResult<float>> {
-#ifdef GROVE_LEARNER_GPU
-    if (gpu_policy) return gpu_policy->Score(reqs, true);
-#endif
-    return m.Score(reqs, true);
-  };
-  auto backward = [&](const std::vector<std::vector<float>>& dlogp) -> Status {
-#ifdef GROVE_LEARNER_GPU
-    if (gpu_policy) return gpu_policy->Backward(dlogp);
-#endif
-    return m.Backward(dlogp);
-  };
-#ifdef GROVE_LEARNER_GPU
-  if (gpu_policy) {
-    GROVE_RETURN_IF_ERROR(gpu_policy->ZeroGrad());
-  } else {
-    m.ZeroGrad();
-  }
-#else
-  m.ZeroGrad();
-#endif
+  GROVE_RETURN_IF_ERROR(ZeroGradOnStepDevice());
   const float scale = -1.0f / static_cast<float>(st.tokens);
   double nll = 0;
   for (size_t b = 0; b < batch.size(); b += options_.micro_batch) {
@@ -419,7 +392,7 @@ Result<SupervisedStepStats> GrpoTrainer::SupervisedStep(const std::vector<Superv
       r.score_from = static_cast<int64_t>(batch[i].prompt.size());
       reqs.push_back(std::move(r));
     }
-    GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> cur, score(reqs));
+    GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> cur, ScoreOnStepDevice(true, reqs, true));
     std::vector<std::vector<float>> dlogp;
     for (const auto& lp : cur.logprobs) {
       for (float v : lp) {
@@ -428,7 +401,7 @@ Result<SupervisedStepStats> GrpoTrainer::SupervisedStep(const std::vector<Superv
       }
       dlogp.emplace_back(lp.size(), scale);
     }
-    GROVE_RETURN_IF_ERROR(backward(dlogp));
+    GROVE_RETURN_IF_ERROR(BackwardOnStepDevice(dlogp));
   }
   st.loss = nll / static_cast<double>(st.tokens);
   st.confident_fraction /= static_cast<double>(st.tokens);

@@ -131,6 +131,12 @@ class GrpoTrainer {
   // and checkpoints read the host Model), and uploads after host changes.
   Status SyncFromGpu();
   Status SyncPolicyToGpu();
+  // Score (policy or frozen reference), Backward and ZeroGrad on the model
+  // the step runs on: the GPU's when there is one, else the host's.
+  Result<model::ScoreResult<float>> ScoreOnStepDevice(bool policy, const std::vector<model::ScoreRequest>& reqs,
+                                                      bool keep_for_backward);
+  Status BackwardOnStepDevice(const std::vector<std::vector<float>>& dlogp);
+  Status ZeroGradOnStepDevice();
   GrpoTrainer(std::unique_ptr<model::Model> policy, std::unique_ptr<model::Model> reference,
               TrainerOptions options, AdamW optimizer, AdamW sft_optimizer, LrSchedule schedule);
 

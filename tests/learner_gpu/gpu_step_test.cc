@@ -61,6 +61,30 @@ TEST(LearnerDevice, AutoFallsBackToCpuForUnsupportedShapes) {
   EXPECT_FALSE(g.ok());
 }
 
+// configs/model/tiny.toml as the GPU kernels take it: head_dim 64 (the
+// attention kernel's smallest head size but 32, which tiny's shape does not
+// need), vocab 64 (a multiple of 8: 16-byte logit rows), and a larger init
+// so that a step moves the losses measurably.
+Result<model::ModelConfig> TestModelConfig() {
+  GROVE_ASSIGN_OR_RETURN(model::ModelConfig mc, model::ModelConfig::LoadFile(SourcePath("configs/model/tiny.toml")));
+  mc.head_dim = 64;
+  mc.vocab_size = 64;
+  mc.init_std = 0.08;
+  return mc;
+}
+
+// Two trainers of `opt` from the same initial weights, on the CPU and on the GPU.
+void MakeTrainers(const model::ModelConfig& mc, uint64_t seed, TrainerOptions opt,
+                  Result<std::unique_ptr<GrpoTrainer>>* cpu, Result<std::unique_ptr<GrpoTrainer>>* gpu) {
+  opt.device = LearnerDevice::kCpu;
+  *cpu = GrpoTrainer::Create(*model::Model::Create(mc, seed), opt);
+  opt.device = LearnerDevice::kGpu;
+  *gpu = GrpoTrainer::Create(*model::Model::Create(mc, seed), opt);
+  ASSERT_TRUE(cpu->ok()) << cpu->status().ToString();
+  ASSERT_TRUE(gpu->ok()) << gpu->status().ToString();
+  ASSERT_TRUE((**gpu)->on_gpu());
+}
+
 // Groups of random tokens whose rollout log-probs are the model's own plus
 // noise (a quantized rollout's mismatch) and whose routes are the model's.
 std::vector<TrainingGroup> Groups(model::Model& m, std::mt19937_64& rng, int groups, int samples) {
@@ -122,21 +146,14 @@ TEST(GpuGrpoStep, MatchesTheCpuStep) {
   if (model::GpuTransformer::DeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
-  auto mc = model::ModelConfig::LoadFile(SourcePath("configs/model/tiny.toml"));
-  ASSERT_TRUE(mc.ok());
-  mc->head_dim = 64;    // the attention kernel's smallest head size
-  mc->vocab_size = 64;  // a multiple of 8 (16-byte logit rows)
-  mc->init_std = 0.08;
+  auto mc = TestModelConfig();
+  ASSERT_TRUE(mc.ok()) << mc.status();
   TrainerOptions opt;
   opt.grpo.schedule.peak_lr = 1e-3;
   opt.grpo.loss.beta = 0.04;  // the reference's KL term on both devices
   opt.micro_batch = 5;        // several backward passes accumulate
-  opt.device = LearnerDevice::kCpu;
-  auto cpu = GrpoTrainer::Create(*model::Model::Create(*mc, seed), opt);
-  opt.device = LearnerDevice::kGpu;
-  auto gpu = GrpoTrainer::Create(*model::Model::Create(*mc, seed), opt);
-  ASSERT_TRUE(cpu.ok() && gpu.ok()) << gpu.status().ToString();
-  ASSERT_TRUE((*gpu)->on_gpu());
+  Result<std::unique_ptr<GrpoTrainer>> cpu = Status::Internal("not made"), gpu = cpu.status();
+  ASSERT_NO_FATAL_FAILURE(MakeTrainers(*mc, seed, opt, &cpu, &gpu));
   std::mt19937_64 rng(seed);
   const std::vector<TrainingGroup> groups = Groups((*cpu)->policy(), rng, 3, 4);
   const std::vector<float> start((*cpu)->policy().params().begin(), (*cpu)->policy().params().end());
@@ -164,8 +181,8 @@ TEST(GpuGrpoStep, MatchesTheCpuStep) {
 
 // The supervised warm-start on the GPU against the CPU's: the same batches,
 // the same rate, AdamW from zero moments (the bounds of the GRPO step
-// above). Until SyncHost the host model keeps the old weights and a
-// checkpoint is refused. The GRPO step that follows starts from zero moments
+// above). Until SyncHost the host model keeps the old weights while
+// CopyParams reads the device's. The GRPO step that follows starts from zero moments
 // on both devices (the GPU reuses the warm-start's buffers; carried-over
 // moments would turn its update away from the CPU's), and a warm-start step
 // after a GRPO step is refused on the GPU.
@@ -173,21 +190,14 @@ TEST(GpuGrpoStep, WarmStartMatchesTheCpuAndGrpoStartsFromZeroMoments) {
   if (model::GpuTransformer::DeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
-  auto mc = model::ModelConfig::LoadFile(SourcePath("configs/model/tiny.toml"));
-  ASSERT_TRUE(mc.ok());
-  mc->head_dim = 64;
-  mc->vocab_size = 64;
-  mc->init_std = 0.08;
+  auto mc = TestModelConfig();
+  ASSERT_TRUE(mc.ok()) << mc.status();
   TrainerOptions opt;
   opt.grpo.schedule.peak_lr = 1e-3;
   opt.grpo.loss.beta = 0.04;
   opt.micro_batch = 3;
-  opt.device = LearnerDevice::kCpu;
-  auto cpu = GrpoTrainer::Create(*model::Model::Create(*mc, seed), opt);
-  opt.device = LearnerDevice::kGpu;
-  auto gpu = GrpoTrainer::Create(*model::Model::Create(*mc, seed), opt);
-  ASSERT_TRUE(cpu.ok() && gpu.ok()) << gpu.status().ToString();
-  ASSERT_TRUE((*gpu)->on_gpu());
+  Result<std::unique_ptr<GrpoTrainer>> cpu = Status::Internal("not made"), gpu = cpu.status();
+  ASSERT_NO_FATAL_FAILURE(MakeTrainers(*mc, seed, opt, &cpu, &gpu));
   std::mt19937_64 rng(seed);
   std::uniform_int_distribution<int> tok(0, int(mc->vocab_size) - 1);
   std::vector<SupervisedExample> batch(7);
@@ -256,11 +266,8 @@ TEST(GpuGrpoStep, DeviceLossMatchesTheHostLoss) {
   if (model::GpuTransformer::DeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
-  auto mc = model::ModelConfig::LoadFile(SourcePath("configs/model/tiny.toml"));
-  ASSERT_TRUE(mc.ok());
-  mc->head_dim = 64;
-  mc->vocab_size = 64;
-  mc->init_std = 0.08;
+  auto mc = TestModelConfig();
+  ASSERT_TRUE(mc.ok()) << mc.status();
   auto host = model::Model::Create(*mc, seed);
   ASSERT_TRUE(host.ok());
   auto step = GpuGrpoStep::Create(**host, **host, AdamWOptions{}, {});
