@@ -3,6 +3,7 @@
 #include <glog/logging.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <numeric>
 #include <cstring>
@@ -286,6 +287,14 @@ void BackwardLayers(const Ctx<T>& cx, Tape<T>& tp, std::vector<T>& dh_final, Wor
     for (int64_t j = 0; j < H; ++j) de[tp.tokens[r] * H + j] += dx[r * H + j];
 }
 
+// splitmix64's finaliser: decorrelates the chunk seeds of the chunked init.
+uint64_t SplitMix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
 // Box-Muller over a 64-bit Mersenne Twister: the same numbers on every platform.
 class Normal {
  public:
@@ -326,20 +335,58 @@ Result<std::unique_ptr<Transformer<T>>> Transformer<T>::Create(const ModelConfig
   layers::RopeTables(config.max_seq_len, config.head_dim, config.rope_base, &m->impl_->rope_cos,
                      &m->impl_->rope_sin);
   if (!random_init) return m;
+  // Up to kChunkedInitMinParams the weights come from one Normal stream in
+  // layout order (what every small model and its measured runs were made
+  // with). Above, one stream of that many values takes a minute (the 1.7B
+  // reference model), so each chunk of kInitChunk values of a tensor has its
+  // own stream, seeded from (seed, tensor, chunk), and the chunks are filled
+  // in parallel: the same weights for the same seed on any machine and any
+  // number of threads.
+  const bool chunked = m->layout_.total() > kChunkedInitMinParams;
   Normal normal(seed);
   const double out_std = config.init_std / std::sqrt(2.0 * double(config.layers));
+  struct Chunk {
+    T* p;
+    int64_t n;
+    double sd;
+    uint64_t seed;
+  };
+  std::vector<Chunk> chunks;
+  int64_t tensor_index = 0;
   for (const TensorInfo& t : m->layout_.tensors()) {
     T* p = m->params_.data() + t.offset;
     const std::string& n = t.name;
     auto ends = [&](const char* s) { return n.size() >= strlen(s) && n.compare(n.size() - strlen(s), strlen(s), s) == 0; };
+    ++tensor_index;
     if (ends("norm")) {
       std::fill(p, p + t.numel, T(1));
     } else if (ends("router_bias")) {
       // zeros
     } else {
       const double sd = (ends("wo") || ends("w2")) ? out_std : config.init_std;
-      for (int64_t i = 0; i < t.numel; ++i) p[i] = T(sd * normal.Next());
+      if (!chunked) {
+        for (int64_t i = 0; i < t.numel; ++i) p[i] = T(sd * normal.Next());
+        continue;
+      }
+      for (int64_t at = 0, c = 0; at < t.numel; at += kInitChunk, ++c) {
+        uint64_t mix = seed ^ (uint64_t(tensor_index) << 40) ^ uint64_t(c);
+        chunks.push_back({p + at, std::min<int64_t>(kInitChunk, t.numel - at), sd, SplitMix64(mix)});
+      }
     }
+  }
+  if (!chunks.empty()) {
+    std::atomic<size_t> next{0};
+    auto fill = [&] {
+      for (size_t i = next++; i < chunks.size(); i = next++) {
+        Normal chunk_normal(chunks[i].seed);
+        for (int64_t j = 0; j < chunks[i].n; ++j) chunks[i].p[j] = T(chunks[i].sd * chunk_normal.Next());
+      }
+    };
+    std::vector<std::thread> threads;
+    const int n = std::max(1, int(std::thread::hardware_concurrency()));
+    for (int i = 1; i < n; ++i) threads.emplace_back(fill);
+    fill();
+    for (std::thread& t : threads) t.join();
   }
   return m;
 }

@@ -102,7 +102,12 @@ class Transformer {
  public:
   // Random init: weights ~ N(0, init_std) (output projections wo/w2 scaled by
   // 1/sqrt(2*layers)), norms 1, router bias 0. Same seed -> same weights.
-  // random_init=false leaves every parameter 0 (for loading a checkpoint).
+  // Models of more than kChunkedInitMinParams parameters draw them in
+  // parallel chunks (transformer.cc says how; still the same weights for the
+  // same seed everywhere). random_init=false leaves every parameter 0 (for
+  // loading a checkpoint).
+  static constexpr int64_t kChunkedInitMinParams = int64_t(1) << 26;
+  static constexpr int64_t kInitChunk = int64_t(1) << 20;
   static Result<std::unique_ptr<Transformer>> Create(const ModelConfig& config, uint64_t seed,
                                                      bool random_init = true);
   ~Transformer();
