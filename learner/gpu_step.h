@@ -2,10 +2,12 @@
 // a GPU: the policy (with gradients) and the frozen reference as
 // model::GpuTransformer, AdamW's moments on the device, and the update
 // (global gradient norm, clipping, fused AdamW with the no-decay ranges)
-// without leaving the GPU. The host Model stays the source of truth for
-// weight publishing and checkpoints: the trainer downloads the parameters
-// after each update (and uploads after anything that changes them on the
-// host: warm-start steps, the router-bias update, checkpoint loads).
+// without leaving the GPU, for the GRPO step and the supervised warm-start.
+// The device holds the current weights: the trainer downloads them to its
+// host Model only when something reads that (a checkpoint, an evaluation on
+// the CPU; GrpoTrainer::SyncHost), serves published versions from the
+// device (CopyParams, DeviceParams), and uploads after anything that
+// changes them on the host (the router-bias update, checkpoint loads).
 //
 // Only built with CUDA (GROVE_HAVE_CUDA); the header needs no CUDA.
 #pragma once
