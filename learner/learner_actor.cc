@@ -13,6 +13,7 @@
 #include "actors/weights_transport.h"
 #include "learner/evaluation.h"
 #include "learner/grpo_trainer.h"
+#include "learner/snapshot_pool.h"
 #include "learner/weight_publisher.h"
 #include "model/prompt_format.h"
 #include "model/tokenizer.h"
@@ -108,12 +109,12 @@ std::vector<actors::TensorSpec> TensorSpecs(const model::ParamLayout& layout) {
   return specs;
 }
 
-// The trainer's current weights (from its GPU when the step runs there).
-Result<std::shared_ptr<const actors::WeightSnapshot>> Snapshot(const GrpoTrainer& trainer) {
-  auto snap = std::make_shared<actors::WeightSnapshot>();
+// The trainer's current weights (from its GPU when the step runs there), in
+// a buffer of `pool`.
+Result<std::shared_ptr<const actors::WeightSnapshot>> Snapshot(const GrpoTrainer& trainer, SnapshotPool& pool) {
+  std::shared_ptr<actors::WeightSnapshot> snap = pool.Take(trainer.policy().params().size());
   snap->version = trainer.version();
   snap->tensors = TensorSpecs(trainer.policy().layout());
-  snap->flat.resize(trainer.policy().params().size());
   GROVE_RETURN_IF_ERROR(trainer.CopyParams(snap->flat));
   snap->checksum = actors::WeightChecksum(snap->flat.data(), snap->flat.size());
   return std::shared_ptr<const actors::WeightSnapshot>(std::move(snap));
@@ -290,6 +291,9 @@ Status RunLearnerLoop(const RoleArgs& args) {
     if (broadcast) broadcast->Publish(std::move(snap));
   };
   ReplayLink replay(*proc, args.id, static_cast<int>(s.request_timeout_ms));
+  // Versions in flight: the publisher's current and previous, one the NCCL
+  // broadcaster may still send, the one being made.
+  SnapshotPool snapshot_pool(/*max_free=*/2);
 
   EvalOptions eval_opt;
   eval_opt.problems = s.eval_problems;
@@ -353,7 +357,7 @@ Status RunLearnerLoop(const RoleArgs& args) {
                    {"time_s", elapsed()}});
   }
   {
-    GROVE_ASSIGN_OR_RETURN(std::shared_ptr<const actors::WeightSnapshot> snapshot, Snapshot(*trainer));
+    GROVE_ASSIGN_OR_RETURN(std::shared_ptr<const actors::WeightSnapshot> snapshot, Snapshot(*trainer, snapshot_pool));
     publish(std::move(snapshot));
   }
   proc->client().SetPolicyVersion(trainer->version());
@@ -429,7 +433,7 @@ Status RunLearnerLoop(const RoleArgs& args) {
       if (!marked.ok()) return marked.WithContext("marking a trained batch consumed");
     }
     if (groups.empty()) continue;
-    GROVE_ASSIGN_OR_RETURN(std::shared_ptr<const actors::WeightSnapshot> snapshot, Snapshot(*trainer));
+    GROVE_ASSIGN_OR_RETURN(std::shared_ptr<const actors::WeightSnapshot> snapshot, Snapshot(*trainer, snapshot_pool));
     publish(std::move(snapshot));
     proc->client().SetPolicyVersion(trainer->version());
     const int64_t step = trainer->rl_steps();
