@@ -81,6 +81,9 @@ Result<LearnerSettings> ParseSettings(const Config& cfg) {
   if (!ParseLearnerDevice(o.eval_device).ok())
     return Status::InvalidArgument(cfg.source() + ": learner.eval_device '" + o.eval_device +
                                    "' is none of auto, cpu, gpu");
+  if (o.eval_device == "gpu" && o.device == "cpu")
+    return Status::InvalidArgument(cfg.source() + ": learner.eval_device = gpu needs learner.device gpu or auto " +
+                                   "(the evaluation engine reads the step's weights on its GPU)");
   GROVE_ASSIGN_OR_RETURN(o.eval_kv_memory_fraction, s.Double("eval_kv_memory_fraction", o.eval_kv_memory_fraction));
   auto bad = [&](const char* key, bool cond) {
     return cond ? Status::InvalidArgument(cfg.source() + ": learner." + key + " is out of range") : Status::OK();
