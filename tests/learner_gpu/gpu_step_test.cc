@@ -240,7 +240,9 @@ TEST(GpuGrpoStep, WarmStartMatchesTheCpuAndGrpoStartsFromZeroMoments) {
   auto sc = (*cpu)->Step(groups);
   auto sg = (*gpu)->Step(groups);
   ASSERT_TRUE(sc.ok() && sg.ok()) << sg.status().ToString();
-  EXPECT_NEAR(sg->loss, sc->loss, 5e-2 * std::abs(sc->loss) + 1e-4);
+  // The two policies start this step apart by two steps' flipped elements
+  // (the test above allows 5e-2 after one): 1e-1.
+  EXPECT_NEAR(sg->loss, sc->loss, 1e-1 * std::abs(sc->loss) + 1e-4);
   ASSERT_TRUE((*gpu)->SyncHost().ok());
   EXPECT_EQ((*gpu)->rl_steps(), 1);
   EXPECT_EQ((*cpu)->rl_steps(), 1);
