@@ -73,17 +73,39 @@ Result<model::ModelConfig> TestModelConfig() {
   return mc;
 }
 
-// Two trainers of `opt` from the same initial weights, on the CPU and on the GPU.
-void MakeTrainers(const model::ModelConfig& mc, uint64_t seed, TrainerOptions opt,
-                  Result<std::unique_ptr<GrpoTrainer>>* cpu, Result<std::unique_ptr<GrpoTrainer>>* gpu) {
-  opt.device = LearnerDevice::kCpu;
-  *cpu = GrpoTrainer::Create(*model::Model::Create(mc, seed), opt);
-  opt.device = LearnerDevice::kGpu;
-  *gpu = GrpoTrainer::Create(*model::Model::Create(mc, seed), opt);
-  ASSERT_TRUE(cpu->ok()) << cpu->status().ToString();
-  ASSERT_TRUE(gpu->ok()) << gpu->status().ToString();
-  ASSERT_TRUE((**gpu)->on_gpu());
-}
+// Two trainers from the same random initial weights (a fresh seed per test,
+// printed), one on the CPU and one on the GPU, at rate 1e-3 with the
+// reference's KL term (beta 0.04) on both devices. Skips without a GPU.
+class CpuAndGpuTrainers : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (model::GpuTransformer::DeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+    seed_ = std::random_device{}();
+    std::printf("seed %llu\n", static_cast<unsigned long long>(seed_));
+    auto mc = TestModelConfig();
+    ASSERT_TRUE(mc.ok()) << mc.status();
+    mc_ = *mc;
+    opt_.grpo.schedule.peak_lr = 1e-3;
+    opt_.grpo.loss.beta = 0.04;
+  }
+  // micro_batch < the batch: several backward passes accumulate.
+  void Make(int64_t micro_batch) {
+    opt_.micro_batch = micro_batch;
+    opt_.device = LearnerDevice::kCpu;
+    auto cpu = GrpoTrainer::Create(*model::Model::Create(mc_, seed_), opt_);
+    opt_.device = LearnerDevice::kGpu;
+    auto gpu = GrpoTrainer::Create(*model::Model::Create(mc_, seed_), opt_);
+    ASSERT_TRUE(cpu.ok()) << cpu.status().ToString();
+    ASSERT_TRUE(gpu.ok()) << gpu.status().ToString();
+    ASSERT_TRUE((*gpu)->on_gpu());
+    cpu_ = std::move(*cpu);
+    gpu_ = std::move(*gpu);
+  }
+  uint64_t seed_ = 0;
+  model::ModelConfig mc_;
+  TrainerOptions opt_;
+  std::unique_ptr<GrpoTrainer> cpu_, gpu_;
+};
 
 // Groups of random tokens whose rollout log-probs are the model's own plus
 // noise (a quantized rollout's mismatch) and whose routes are the model's.
@@ -142,25 +164,15 @@ void ExpectSameUpdate(const std::vector<float>& start_cpu, const std::vector<flo
   EXPECT_LE(worst, 2.0 * lr_sum * 1.01 + 1e-6) << what;
 }
 
-TEST(GpuGrpoStep, MatchesTheCpuStep) {
-  if (model::GpuTransformer::DeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE("seed " + std::to_string(seed));
-  auto mc = TestModelConfig();
-  ASSERT_TRUE(mc.ok()) << mc.status();
-  TrainerOptions opt;
-  opt.grpo.schedule.peak_lr = 1e-3;
-  opt.grpo.loss.beta = 0.04;  // the reference's KL term on both devices
-  opt.micro_batch = 5;        // several backward passes accumulate
-  Result<std::unique_ptr<GrpoTrainer>> cpu = Status::Internal("not made"), gpu = cpu.status();
-  ASSERT_NO_FATAL_FAILURE(MakeTrainers(*mc, seed, opt, &cpu, &gpu));
-  std::mt19937_64 rng(seed);
-  const std::vector<TrainingGroup> groups = Groups((*cpu)->policy(), rng, 3, 4);
-  const std::vector<float> start((*cpu)->policy().params().begin(), (*cpu)->policy().params().end());
-  const model::ParamLayout& layout = (*cpu)->policy().layout();
+TEST_F(CpuAndGpuTrainers, MatchesTheCpuStep) {
+  ASSERT_NO_FATAL_FAILURE(Make(/*micro_batch=*/5));
+  std::mt19937_64 rng(seed_);
+  const std::vector<TrainingGroup> groups = Groups(cpu_->policy(), rng, 3, 4);
+  const std::vector<float> start(cpu_->policy().params().begin(), cpu_->policy().params().end());
+  const model::ParamLayout& layout = cpu_->policy().layout();
   for (int step = 0; step < 2; ++step) {
-    auto sc = (*cpu)->Step(groups);
-    auto sg = (*gpu)->Step(groups);
+    auto sc = cpu_->Step(groups);
+    auto sg = gpu_->Step(groups);
     ASSERT_TRUE(sc.ok() && sg.ok()) << sg.status().ToString();
     std::printf("step %d: loss %.6g vs %.6g, grad norm %.6g vs %.6g, kl %.4g vs %.4g\n", step, sc->loss, sg->loss,
                 sc->update.grad_norm, sg->update.grad_norm, sc->policy.kl_ref_k3_mean, sg->policy.kl_ref_k3_mean);
@@ -168,11 +180,11 @@ TEST(GpuGrpoStep, MatchesTheCpuStep) {
     EXPECT_NEAR(sg->loss, sc->loss, tol * std::abs(sc->loss) + 1e-4);
     EXPECT_NEAR(sg->update.grad_norm, sc->update.grad_norm, tol * sc->update.grad_norm);
     EXPECT_EQ(sg->version, sc->version);
-    EXPECT_EQ((*gpu)->rl_steps(), (*cpu)->rl_steps());
-    ASSERT_TRUE((*gpu)->SyncHost().ok());
-    std::span<const float> pc = (*cpu)->policy().params(), pg = (*gpu)->policy().params();
-    ExpectSameUpdate(start, start, pc, pg, (step + 1) * opt.grpo.schedule.peak_lr, "step " + std::to_string(step));
-    for (int64_t l = mc->dense_layers; l < mc->layers; ++l) {
+    EXPECT_EQ(gpu_->rl_steps(), cpu_->rl_steps());
+    ASSERT_TRUE(gpu_->SyncHost().ok());
+    std::span<const float> pc = cpu_->policy().params(), pg = gpu_->policy().params();
+    ExpectSameUpdate(start, start, pc, pg, (step + 1) * opt_.grpo.schedule.peak_lr, "step " + std::to_string(step));
+    for (int64_t l = mc_.dense_layers; l < mc_.layers; ++l) {
       const model::TensorInfo* b = layout.Find("layers." + std::to_string(l) + ".moe.router_bias");
       for (int64_t e = 0; e < b->numel; ++e) EXPECT_EQ(pc[b->offset + e], pg[b->offset + e]) << b->name;
     }
@@ -186,30 +198,20 @@ TEST(GpuGrpoStep, MatchesTheCpuStep) {
 // on both devices (the GPU reuses the warm-start's buffers; carried-over
 // moments would turn its update away from the CPU's), and a warm-start step
 // after a GRPO step is refused on the GPU.
-TEST(GpuGrpoStep, WarmStartMatchesTheCpuAndGrpoStartsFromZeroMoments) {
-  if (model::GpuTransformer::DeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE("seed " + std::to_string(seed));
-  auto mc = TestModelConfig();
-  ASSERT_TRUE(mc.ok()) << mc.status();
-  TrainerOptions opt;
-  opt.grpo.schedule.peak_lr = 1e-3;
-  opt.grpo.loss.beta = 0.04;
-  opt.micro_batch = 3;
-  Result<std::unique_ptr<GrpoTrainer>> cpu = Status::Internal("not made"), gpu = cpu.status();
-  ASSERT_NO_FATAL_FAILURE(MakeTrainers(*mc, seed, opt, &cpu, &gpu));
-  std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int> tok(0, int(mc->vocab_size) - 1);
+TEST_F(CpuAndGpuTrainers, WarmStartMatchesTheCpuAndGrpoStartsFromZeroMoments) {
+  ASSERT_NO_FATAL_FAILURE(Make(/*micro_batch=*/3));
+  std::mt19937_64 rng(seed_);
+  std::uniform_int_distribution<int> tok(0, int(mc_.vocab_size) - 1);
   std::vector<SupervisedExample> batch(7);
   for (size_t i = 0; i < batch.size(); ++i) {
     for (size_t t = 0; t < 4 + i; ++t) batch[i].prompt.push_back(tok(rng));
     for (size_t t = 0; t < 3 + (5 * i) % 11; ++t) batch[i].completion.push_back(tok(rng));
   }
-  const std::vector<float> start((*cpu)->policy().params().begin(), (*cpu)->policy().params().end());
+  const std::vector<float> start(cpu_->policy().params().begin(), cpu_->policy().params().end());
   const double sft_lr = 1e-3;
   for (int step = 0; step < 2; ++step) {
-    auto sc = (*cpu)->SupervisedStep(batch, sft_lr);
-    auto sg = (*gpu)->SupervisedStep(batch, sft_lr);
+    auto sc = cpu_->SupervisedStep(batch, sft_lr);
+    auto sg = gpu_->SupervisedStep(batch, sft_lr);
     ASSERT_TRUE(sc.ok() && sg.ok()) << sg.status().ToString();
     std::printf("warm-start step %d: loss %.6g vs %.6g, grad norm %.6g vs %.6g\n", step, sc->loss, sg->loss,
                 sc->update.grad_norm, sg->update.grad_norm);
@@ -218,37 +220,37 @@ TEST(GpuGrpoStep, WarmStartMatchesTheCpuAndGrpoStartsFromZeroMoments) {
     EXPECT_NEAR(sg->update.grad_norm, sc->update.grad_norm, tol * sc->update.grad_norm);
     EXPECT_EQ(sg->tokens, sc->tokens);
   }
-  EXPECT_EQ((*gpu)->rl_steps(), 0);
+  EXPECT_EQ(gpu_->rl_steps(), 0);
   // The host copy is behind (the start's weights, bit for bit) until
   // SyncHost; CopyParams has the device's weights all along.
-  std::span<const float> behind = (*gpu)->policy().params();
+  std::span<const float> behind = gpu_->policy().params();
   EXPECT_TRUE(std::equal(behind.begin(), behind.end(), start.begin()));
   std::vector<float> copied(start.size());
-  ASSERT_TRUE((*gpu)->CopyParams(copied).ok());
+  ASSERT_TRUE(gpu_->CopyParams(copied).ok());
   EXPECT_FALSE(std::equal(copied.begin(), copied.end(), start.begin()));
-  ASSERT_TRUE((*gpu)->SyncHost().ok());
-  std::span<const float> synced = (*gpu)->policy().params();
+  ASSERT_TRUE(gpu_->SyncHost().ok());
+  std::span<const float> synced = gpu_->policy().params();
   EXPECT_TRUE(std::equal(synced.begin(), synced.end(), copied.begin()));
-  ExpectSameUpdate(start, start, (*cpu)->policy().params(), (*gpu)->policy().params(), 2 * sft_lr, "warm-start");
+  ExpectSameUpdate(start, start, cpu_->policy().params(), gpu_->policy().params(), 2 * sft_lr, "warm-start");
 
   // GRPO from here: the reference frozen at the warm-started weights on both.
-  (*cpu)->FreezeReference();
-  (*gpu)->FreezeReference();
-  const std::vector<TrainingGroup> groups = Groups((*cpu)->policy(), rng, 3, 4);
-  const std::vector<float> warm_cpu((*cpu)->policy().params().begin(), (*cpu)->policy().params().end());
-  const std::vector<float> warm_gpu((*gpu)->policy().params().begin(), (*gpu)->policy().params().end());
-  auto sc = (*cpu)->Step(groups);
-  auto sg = (*gpu)->Step(groups);
+  cpu_->FreezeReference();
+  gpu_->FreezeReference();
+  const std::vector<TrainingGroup> groups = Groups(cpu_->policy(), rng, 3, 4);
+  const std::vector<float> warm_cpu(cpu_->policy().params().begin(), cpu_->policy().params().end());
+  const std::vector<float> warm_gpu(gpu_->policy().params().begin(), gpu_->policy().params().end());
+  auto sc = cpu_->Step(groups);
+  auto sg = gpu_->Step(groups);
   ASSERT_TRUE(sc.ok() && sg.ok()) << sg.status().ToString();
   // The two policies start this step apart by two steps' flipped elements
   // (the test above allows 5e-2 after one): 1e-1.
   EXPECT_NEAR(sg->loss, sc->loss, 1e-1 * std::abs(sc->loss) + 1e-4);
-  ASSERT_TRUE((*gpu)->SyncHost().ok());
-  EXPECT_EQ((*gpu)->rl_steps(), 1);
-  EXPECT_EQ((*cpu)->rl_steps(), 1);
-  ExpectSameUpdate(warm_cpu, warm_gpu, (*cpu)->policy().params(), (*gpu)->policy().params(),
-                   2 * sft_lr + opt.grpo.schedule.peak_lr, "grpo after warm-start");
-  auto late = (*gpu)->SupervisedStep(batch, sft_lr);
+  ASSERT_TRUE(gpu_->SyncHost().ok());
+  EXPECT_EQ(gpu_->rl_steps(), 1);
+  EXPECT_EQ(cpu_->rl_steps(), 1);
+  ExpectSameUpdate(warm_cpu, warm_gpu, cpu_->policy().params(), gpu_->policy().params(),
+                   2 * sft_lr + opt_.grpo.schedule.peak_lr, "grpo after warm-start");
+  auto late = gpu_->SupervisedStep(batch, sft_lr);
   EXPECT_FALSE(late.ok());
   EXPECT_EQ(late.status().code(), StatusCode::kFailedPrecondition) << late.status().ToString();
 }
