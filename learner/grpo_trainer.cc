@@ -148,20 +148,16 @@ Result<std::unique_ptr<GrpoTrainer>> GrpoTrainer::Create(std::unique_ptr<model::
   // Host optimizers of the model's size only where the step runs on the
   // CPU: on the GPU they would be four unused copies of a 1.7B model
   // (27 GB to allocate and zero).
-  const size_t n = policy->params().size();
-  auto host_optimizers = [no_decay](GrpoTrainer& t, size_t size) -> Status {
-    GROVE_ASSIGN_OR_RETURN(t.optimizer_, AdamW::Create(size, t.options_.grpo.optimizer));
-    GROVE_ASSIGN_OR_RETURN(t.sft_optimizer_, AdamW::Create(size, t.options_.grpo.optimizer));
-    if (size == 0) return Status::OK();
-    GROVE_RETURN_IF_ERROR(t.optimizer_.SetNoDecayRanges(no_decay));
-    return t.sft_optimizer_.SetNoDecayRanges(no_decay);
-  };
   GROVE_ASSIGN_OR_RETURN(AdamW empty, AdamW::Create(0, options.grpo.optimizer));
   const LearnerDevice device = options.device;
   std::unique_ptr<GrpoTrainer> t(new GrpoTrainer(std::move(policy), std::move(reference), std::move(options), empty,
                                                  empty, std::move(schedule)));
   auto on_cpu = [&]() -> Result<std::unique_ptr<GrpoTrainer>> {
-    GROVE_RETURN_IF_ERROR(host_optimizers(*t, n));
+    const size_t n = t->policy_->params().size();
+    for (AdamW* opt : {&t->optimizer_, &t->sft_optimizer_}) {
+      GROVE_ASSIGN_OR_RETURN(*opt, AdamW::Create(n, t->options_.grpo.optimizer));
+      GROVE_RETURN_IF_ERROR(opt->SetNoDecayRanges(no_decay));
+    }
     return std::move(t);
   };
   if (device == LearnerDevice::kCpu) return on_cpu();

@@ -113,11 +113,13 @@ std::vector<actors::TensorSpec> TensorSpecs(const model::ParamLayout& layout) {
 }
 
 // The trainer's current weights (from its GPU when the step runs there), in
-// a buffer of `pool`.
-Result<std::shared_ptr<const actors::WeightSnapshot>> Snapshot(const GrpoTrainer& trainer, SnapshotPool& pool) {
+// a buffer of `pool`; `tensors`: TensorSpecs of its layout.
+Result<std::shared_ptr<const actors::WeightSnapshot>> Snapshot(const GrpoTrainer& trainer,
+                                                               const std::vector<actors::TensorSpec>& tensors,
+                                                               SnapshotPool& pool) {
   std::shared_ptr<actors::WeightSnapshot> snap = pool.Take(trainer.policy().params().size());
   snap->version = trainer.version();
-  snap->tensors = TensorSpecs(trainer.policy().layout());
+  snap->tensors = tensors;
   GROVE_RETURN_IF_ERROR(trainer.CopyParams(snap->flat));
   snap->checksum = actors::WeightChecksum(snap->flat.data(), snap->flat.size());
   return std::shared_ptr<const actors::WeightSnapshot>(std::move(snap));
@@ -281,22 +283,27 @@ Status RunLearnerLoop(const RoleArgs& args) {
                          actors::ActorProcess::Start(args, wire::Role::LEARNER, publisher->endpoint()));
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<WeightBroadcast> broadcast,
                          StartWeightBroadcast(args.config, args.id, args.coordinator));
-  // The IPC export (device 0, like the GPU step) copies from the step's
-  // device weights when there are any, else from the snapshot. It goes
-  // first: once the broadcaster has the version, its send may sit on this
-  // GPU until the NCCL workers post their receive, which they do when the
-  // coordinator reports the version (SetPolicyVersion, after this); a CUDA
-  // call of the export that waits for the device would wait on that send.
-  auto publish = [&](std::shared_ptr<const actors::WeightSnapshot> snap) {
+  const std::vector<actors::TensorSpec> tensor_specs = TensorSpecs(trainer->policy().layout());
+  // Versions in flight: the publisher's current and previous, one the NCCL
+  // broadcaster may still send, the one being made.
+  SnapshotPool snapshot_pool(/*max_free=*/2);
+  // Publishes the trainer's current weights as its current version. The IPC
+  // export (device 0, like the GPU step) copies from the step's device
+  // weights when there are any, else from the snapshot. It goes first: once
+  // the broadcaster has the version, its send may sit on this GPU until the
+  // NCCL workers post their receive, which they do when the coordinator
+  // reports the version (SetPolicyVersion, after this); a CUDA call of the
+  // export that waits for the device would wait on that send.
+  auto publish = [&]() -> Status {
+    GROVE_ASSIGN_OR_RETURN(std::shared_ptr<const actors::WeightSnapshot> snap,
+                           Snapshot(*trainer, tensor_specs, snapshot_pool));
     Result<const float*> on_device = trainer->DeviceParams(0);
     if (!on_device.ok()) LOG(WARNING) << "weights: the step's device weights: " << on_device.status();
     publisher->Publish(snap, on_device.ok() ? *on_device : nullptr);
     if (broadcast) broadcast->Publish(std::move(snap));
+    return Status::OK();
   };
   ReplayLink replay(*proc, args.id, static_cast<int>(s.request_timeout_ms));
-  // Versions in flight: the publisher's current and previous, one the NCCL
-  // broadcaster may still send, the one being made.
-  SnapshotPool snapshot_pool(/*max_free=*/2);
 
   EvalOptions eval_opt;
   eval_opt.problems = s.eval_problems;
@@ -304,23 +311,21 @@ Status RunLearnerLoop(const RoleArgs& args) {
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<rollout::GenerationBackend> eval_engine,
                          MakeEvalEngine(s, *trainer, tok.eos_id()));
   if (eval_engine) eval_opt.batch = std::max<int64_t>(eval_opt.batch, kEvalEngineBatch);
-  const std::vector<actors::TensorSpec> tensor_specs = TensorSpecs(trainer->policy().layout());
   auto evaluate = [&](const char* when) -> Result<EvalResult> {
-    GenerateFn generate = [&](const std::vector<std::vector<int32_t>>& prompts,
-                              const model::SamplingOptions& sampling) {
-      return trainer->policy().Generate(prompts, sampling);
-    };
-    if (!eval_engine) GROVE_RETURN_IF_ERROR(trainer->SyncHost());
     if (eval_engine) {
       // The step's weights as they are now (the host copy may be behind).
       GROVE_ASSIGN_OR_RETURN(const float* weights, trainer->DeviceParams(trainer->gpu_device()));
       GROVE_RETURN_IF_ERROR(eval_engine->InstallFromDevice(trainer->version(), tensor_specs, weights)
                                 .WithContext("the eval engine's weights"));
-      generate = [&](const std::vector<std::vector<int32_t>>& prompts, const model::SamplingOptions& sampling) {
-        return eval_engine->Generate(prompts, sampling);
-      };
+    } else {
+      GROVE_RETURN_IF_ERROR(trainer->SyncHost());
     }
-    GROVE_ASSIGN_OR_RETURN(EvalResult r, EvaluateHeldOut(generate, tok, *task, registry, eval_opt));
+    auto on_engine = [&](const std::vector<std::vector<int32_t>>& prompts, const model::SamplingOptions& sampling) {
+      return eval_engine->Generate(prompts, sampling);
+    };
+    GROVE_ASSIGN_OR_RETURN(EvalResult r, eval_engine
+                                             ? EvaluateHeldOut(on_engine, tok, *task, registry, eval_opt)
+                                             : EvaluateHeldOut(trainer->policy(), tok, *task, registry, eval_opt));
     LOG(INFO) << "eval (" << when << "): accuracy " << r.accuracy << " reward " << r.reward_mean << " format "
               << r.format_rate << " over " << r.problems << " held-out problems";
     for (const std::string& line : r.samples) LOG(INFO) << "  " << line;
@@ -359,10 +364,7 @@ Status RunLearnerLoop(const RoleArgs& args) {
                    {"eval_format", warm.format_rate}, {"init_accuracy", init.accuracy}, {"kl", 0.0},
                    {"time_s", elapsed()}});
   }
-  {
-    GROVE_ASSIGN_OR_RETURN(std::shared_ptr<const actors::WeightSnapshot> snapshot, Snapshot(*trainer, snapshot_pool));
-    publish(std::move(snapshot));
-  }
+  GROVE_RETURN_IF_ERROR(publish());
   proc->client().SetPolicyVersion(trainer->version());
   proc->client().SetCounter("step", static_cast<double>(trainer->rl_steps()));
 
@@ -436,8 +438,7 @@ Status RunLearnerLoop(const RoleArgs& args) {
       if (!marked.ok()) return marked.WithContext("marking a trained batch consumed");
     }
     if (groups.empty()) continue;
-    GROVE_ASSIGN_OR_RETURN(std::shared_ptr<const actors::WeightSnapshot> snapshot, Snapshot(*trainer, snapshot_pool));
-    publish(std::move(snapshot));
+    GROVE_RETURN_IF_ERROR(publish());
     proc->client().SetPolicyVersion(trainer->version());
     const int64_t step = trainer->rl_steps();
     if (s.checkpoint_every > 0 && step % s.checkpoint_every == 0)
