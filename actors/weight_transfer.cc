@@ -1,44 +1,54 @@
 #include "actors/weight_transfer.h"
 
+#include <algorithm>
 #include <cstring>
+#include <thread>
+#include <vector>
+
+#include "kernels/weight_checksum.h"
 
 namespace grove::actors {
 
 uint64_t WeightChecksum(const float* data, size_t count) {
-  // FNV-1a-style over 64-bit words in four interleaved lanes (word i feeds
-  // lane i % 4), folded in lane order, then a final avalanche. Four
-  // independent multiply chains run about four times as fast as one (a
-  // 6.8 GB model is hashed on every published version), and each lane is
-  // still a chain, so swapped or misplaced chunks change the sum.
-  const unsigned char* bytes = reinterpret_cast<const unsigned char*>(data);
-  const size_t n = count * sizeof(float);
-  constexpr uint64_t kBasis = 1469598103934665603ull, kPrime = 1099511628211ull;
-  uint64_t lane[4] = {kBasis, kBasis ^ 1, kBasis ^ 2, kBasis ^ 3};
-  size_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    for (int l = 0; l < 4; ++l) {
+  // kernels::WeightSum: a sum of one mixed term per 8-byte word (the word
+  // and its index), so threads sum disjoint ranges and add the partial sums;
+  // the GPU computes the same value in one pass (WeightSumDevice), so a
+  // version's checksum can be made and checked wherever its bytes lie. A
+  // 6.7 GB model is summed on every publish and every receive: one thread
+  // takes ~1.5 s, the memory bus allows several times that.
+  const size_t bytes = count * sizeof(float);
+  const size_t words = bytes / 8;
+  constexpr size_t kWordsPerThread = size_t{4} << 20;  // 32 MiB: threads only for large buffers
+  const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+  const size_t threads = std::min<size_t>({hw, 16, std::max<size_t>(1, words / kWordsPerThread)});
+  const unsigned char* p = reinterpret_cast<const unsigned char*>(data);
+  auto range_sum = [p](size_t from, size_t to) {
+    uint64_t sum = 0;
+    for (size_t i = from; i < to; ++i) {
       uint64_t w;
-      std::memcpy(&w, bytes + i + 8 * l, 8);
-      lane[l] = (lane[l] ^ w) * kPrime;
-      lane[l] ^= lane[l] >> 29;
+      std::memcpy(&w, p + 8 * i, 8);
+      sum += kernels::WeightSumTerm(w, i);
     }
+    return sum;
+  };
+  uint64_t sum = 0;
+  if (threads <= 1) {
+    sum = range_sum(0, words);
+  } else {
+    std::vector<uint64_t> partial(threads, 0);
+    std::vector<std::thread> pool;
+    const size_t per = (words + threads - 1) / threads;
+    for (size_t t = 0; t < threads; ++t)
+      pool.emplace_back([&, t] { partial[t] = range_sum(std::min(words, t * per), std::min(words, (t + 1) * per)); });
+    for (std::thread& th : pool) th.join();
+    for (uint64_t v : partial) sum += v;
   }
-  uint64_t h = kBasis;
-  for (uint64_t v : lane) {
-    h = (h ^ v) * kPrime;
-    h ^= h >> 29;
+  if (bytes % 8 != 0) {
+    uint64_t w = 0;
+    std::memcpy(&w, p + 8 * words, bytes % 8);
+    sum += kernels::WeightSumTerm(w, words);
   }
-  for (; i + 8 <= n; i += 8) {
-    uint64_t w;
-    std::memcpy(&w, bytes + i, 8);
-    h = (h ^ w) * kPrime;
-    h ^= h >> 29;
-  }
-  for (; i < n; ++i) h = (h ^ bytes[i]) * kPrime;
-  h ^= h >> 33;
-  h *= 0xff51afd7ed558ccdull;
-  h ^= h >> 33;
-  return h;
+  return kernels::WeightSumFinish(sum, bytes);
 }
 
 void FillWeightAnnounce(const WeightSnapshot& snap, uint64_t chunk_bytes,

@@ -34,7 +34,9 @@ struct WeightSnapshot {
 };
 
 // 64-bit checksum of the raw bytes (not cryptographic; catches torn or
-// misordered transfers).
+// misordered transfers): kernels::WeightSumHost's value, computed by
+// several threads for large buffers, so the GPU's WeightSumDevice gives the
+// same for the same bytes on the device.
 uint64_t WeightChecksum(const float* data, size_t count);
 
 // Fills `out` with the version, layout, checksum and chunking of `snap`.

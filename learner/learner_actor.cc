@@ -3,9 +3,14 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
+#include <set>
 
 #include <glog/logging.h>
 #include <nlohmann/json.hpp>
+#ifdef GROVE_LEARNER_GPU
+#include <cuda_runtime_api.h>
+#endif
 
 #include "actors/process.h"
 #include "actors/rpc_client.h"
@@ -123,6 +128,42 @@ Result<std::shared_ptr<const actors::WeightSnapshot>> Snapshot(const GrpoTrainer
   GROVE_RETURN_IF_ERROR(trainer.CopyParams(snap->flat));
   snap->checksum = actors::WeightChecksum(snap->flat.data(), snap->flat.size());
   return std::shared_ptr<const actors::WeightSnapshot>(std::move(snap));
+}
+
+// Buffer hooks that pin the pooled snapshot buffers (page-locked, mapped
+// for the GPU) where the step runs on a GPU: each version is downloaded from
+// the device into one, and the NCCL sender uploads from it; pageable memory
+// goes through the driver's small staging buffers at a fraction of the
+// bus's speed. Pinning costs once per buffer (the pool recycles them); a
+// buffer that cannot be pinned (the limit on locked memory) still works.
+SnapshotPool::BufferHooks SnapshotBufferHooks(const GrpoTrainer& trainer) {
+#ifdef GROVE_LEARNER_GPU
+  if (trainer.on_gpu()) {
+    auto pinned = std::make_shared<std::set<const float*>>();
+    auto mu = std::make_shared<std::mutex>();
+    return SnapshotPool::BufferHooks{
+        [pinned, mu](std::vector<float>& b) {
+          const cudaError_t e = cudaHostRegister(b.data(), b.size() * sizeof(float), cudaHostRegisterDefault);
+          if (e != cudaSuccess) {
+            cudaGetLastError();
+            LOG_FIRST_N(WARNING, 1) << "weights: a snapshot buffer stays pageable: cudaHostRegister: "
+                                    << cudaGetErrorString(e);
+            return;
+          }
+          std::lock_guard<std::mutex> lock(*mu);
+          pinned->insert(b.data());
+        },
+        [pinned, mu](std::vector<float>& b) {
+          {
+            std::lock_guard<std::mutex> lock(*mu);
+            if (pinned->erase(b.data()) == 0) return;
+          }
+          if (cudaHostUnregister(b.data()) != cudaSuccess) cudaGetLastError();
+        }};
+  }
+#endif
+  (void)trainer;
+  return {};
 }
 
 class MetricsLog {
@@ -286,7 +327,7 @@ Status RunLearnerLoop(const RoleArgs& args) {
   const std::vector<actors::TensorSpec> tensor_specs = TensorSpecs(trainer->policy().layout());
   // Versions in flight: the publisher's current and previous, one the NCCL
   // broadcaster may still send, the one being made.
-  SnapshotPool snapshot_pool(/*max_free=*/2);
+  SnapshotPool snapshot_pool(/*max_free=*/2, SnapshotBufferHooks(*trainer));
   // Publishes the trainer's current weights as its current version. The IPC
   // export (device 0, like the GPU step) copies from the step's device
   // weights when there are any, else from the snapshot. It goes first: once

@@ -4,7 +4,15 @@
 
 namespace grove::learner {
 
-SnapshotPool::SnapshotPool(size_t max_free) : shelf_(std::make_shared<Shelf>()) { shelf_->max_free = max_free; }
+SnapshotPool::SnapshotPool(size_t max_free, BufferHooks hooks) : shelf_(std::make_shared<Shelf>()) {
+  shelf_->max_free = max_free;
+  shelf_->hooks = std::move(hooks);
+}
+
+SnapshotPool::Shelf::~Shelf() {
+  if (hooks.freed)
+    for (std::vector<float>& b : free) hooks.freed(b);
+}
 
 std::shared_ptr<actors::WeightSnapshot> SnapshotPool::Take(size_t floats) {
   std::vector<float> buffer;
@@ -19,16 +27,23 @@ std::shared_ptr<actors::WeightSnapshot> SnapshotPool::Take(size_t floats) {
     }
     if (buffer.size() != floats) ++shelf_->made;
   }
-  if (buffer.size() != floats) buffer.resize(floats);
-  // The deleter holds the shelf, not the pool: a snapshot may outlive both.
+  if (buffer.size() != floats) {
+    buffer = std::vector<float>(floats);
+    if (shelf_->hooks.made && floats > 0) shelf_->hooks.made(buffer);
+  }
+  // The deleter holds the shelf, not the pool: a snapshot may outlive both
+  // (then its buffer is freed, through the freed hook it keeps a copy of).
   std::weak_ptr<Shelf> shelf = shelf_;
   auto* snap = new actors::WeightSnapshot();
   snap->flat = std::move(buffer);
-  return std::shared_ptr<actors::WeightSnapshot>(snap, [shelf](actors::WeightSnapshot* s) {
+  return std::shared_ptr<actors::WeightSnapshot>(snap, [shelf, freed = shelf_->hooks.freed](actors::WeightSnapshot* s) {
+    bool kept = false;
     if (auto owner = shelf.lock()) {
       std::lock_guard<std::mutex> lock(owner->mu);
-      if (owner->free.size() < owner->max_free && !s->flat.empty()) owner->free.push_back(std::move(s->flat));
+      kept = owner->free.size() < owner->max_free && !s->flat.empty();
+      if (kept) owner->free.push_back(std::move(s->flat));
     }
+    if (!kept && freed && !s->flat.empty()) freed(s->flat);
     delete s;
   });
 }

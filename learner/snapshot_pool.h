@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -18,8 +19,18 @@ namespace grove::learner {
 
 class SnapshotPool {
  public:
+  // Called on each buffer the pool makes (after it has its size) and on
+  // each it frees (before), also when a snapshot outlives the pool: the GPU
+  // learner pins them (cudaHostRegister) so that the per-version download
+  // and the NCCL sender's upload run at the bus's speed. A made hook that
+  // fails leaves the buffer as it is (it still works, slower); the freed
+  // hook is called for every buffer the made hook was called on.
+  struct BufferHooks {
+    std::function<void(std::vector<float>&)> made;
+    std::function<void(std::vector<float>&)> freed;
+  };
   // Keeps at most `max_free` released buffers (others are freed).
-  explicit SnapshotPool(size_t max_free = 2);
+  explicit SnapshotPool(size_t max_free = 2, BufferHooks hooks = {});
 
   // A snapshot whose `flat` holds `floats` values, unspecified (a released
   // buffer of that size when there is one; else new, zero-filled); the other
@@ -35,10 +46,12 @@ class SnapshotPool {
 
  private:
   struct Shelf {
+    ~Shelf();
     std::mutex mu;
     std::vector<std::vector<float>> free;
     size_t max_free = 0;
     size_t made = 0;
+    BufferHooks hooks;
   };
   std::shared_ptr<Shelf> shelf_;
 };

@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -64,6 +65,46 @@ TEST(SnapshotPool, SnapshotsOutliveTheirPoolAndThreadsShareIt) {
   for (std::thread& t : threads) t.join();
   EXPECT_LE(pool.buffers_made(), 4u);  // at most one buffer per thread at a time
   EXPECT_LE(pool.free_buffers(), 4u);
+}
+
+// The hooks (the GPU learner pins buffers with them): made once per new
+// buffer, never for a recycled one; freed once for each made buffer, at the
+// moment it is freed: beyond max_free, with the pool, or after it.
+TEST(SnapshotPool, HooksSeeEveryBufferMadeAndFreedOnce) {
+  // Live: made and not yet freed (an address may come back after a free).
+  std::set<const float*> live;
+  int made = 0, freed = 0;
+  SnapshotPool::BufferHooks hooks{[&](std::vector<float>& b) {
+                                    ++made;
+                                    EXPECT_TRUE(live.insert(b.data()).second) << "made twice";
+                                  },
+                                  [&](std::vector<float>& b) {
+                                    ++freed;
+                                    EXPECT_EQ(live.erase(b.data()), 1u) << "freed without made, or twice";
+                                  }};
+  std::shared_ptr<actors::WeightSnapshot> late;
+  {
+    SnapshotPool pool(/*max_free=*/1, hooks);
+    auto a = pool.Take(100), b = pool.Take(100);
+    EXPECT_EQ(made, 2);
+    const float* a_data = a->flat.data();
+    a.reset();  // kept on the shelf
+    EXPECT_EQ(freed, 0);
+    b.reset();  // beyond max_free: freed now
+    EXPECT_EQ(freed, 1);
+    auto c = pool.Take(100);  // a's buffer: nothing made
+    EXPECT_EQ(c->flat.data(), a_data);
+    EXPECT_EQ(made, 2);
+    late = std::move(c);
+    auto d = pool.Take(100);  // made; back on the shelf, freed with the pool
+    EXPECT_EQ(made, 3);
+    d.reset();
+    EXPECT_EQ(freed, 1);
+  }
+  EXPECT_EQ(freed, 2);
+  late.reset();  // after the pool
+  EXPECT_EQ(freed, 3);
+  EXPECT_TRUE(live.empty());
 }
 
 }  // namespace

@@ -198,7 +198,18 @@ TEST_F(CpuAndGpuTrainers, MatchesTheCpuStep) {
 // on both devices (the GPU reuses the warm-start's buffers; carried-over
 // moments would turn its update away from the CPU's), and a warm-start step
 // after a GRPO step is refused on the GPU.
+//
+// AdamW's eps is 1e-3 here (both devices), not 1e-8: Adam's first steps
+// move every element by ~lr * sign(gradient), so an element whose gradient
+// lies within bf16's noise of zero takes a 2 x lr different step on the two
+// devices. The random-token demonstrations leave many elements there: at
+// eps 1e-8 an H100 measured cosine 0.966 and relative L2 0.26 while the
+// losses and gradient norms agreed to 0.3% (2026-11-23). An eps of ~1/10
+// of the gradients' rms (~8e-3 for this model) makes those elements' steps
+// proportional to their gradients, so the bounds measure the gradients'
+// agreement above the noise floor, as in the GRPO test above.
 TEST_F(CpuAndGpuTrainers, WarmStartMatchesTheCpuAndGrpoStartsFromZeroMoments) {
+  opt_.grpo.optimizer.eps = 1e-3;
   ASSERT_NO_FATAL_FAILURE(Make(/*micro_batch=*/3));
   std::mt19937_64 rng(seed_);
   std::uniform_int_distribution<int> tok(0, int(mc_.vocab_size) - 1);

@@ -9,6 +9,8 @@
 #include <capnp/serialize.h>
 #include <gtest/gtest.h>
 
+#include "kernels/weight_checksum.h"
+
 namespace grove::actors {
 namespace {
 
@@ -123,9 +125,9 @@ TEST(WeightTransfer, ChecksumCatchesFlippedBit) {
   EXPECT_EQ(w.Finish().status().code(), StatusCode::kCorruption);
 }
 
-// The checksum's four lanes: any flipped bit (in every lane and in the tail
-// past the last 32-byte block), two swapped 32-byte blocks, and two swapped
-// words of one block change it; equal bytes give equal sums.
+// Any flipped bit (also in the 4-byte tail past the last whole word), two
+// swapped 32-byte blocks, and two swapped words change the checksum; equal
+// bytes give equal sums.
 TEST(WeightTransfer, ChecksumSeesEveryWordAndItsPlace) {
   std::mt19937 rng(std::random_device{}());
   std::uniform_real_distribution<float> u(-1.f, 1.f);
@@ -145,6 +147,26 @@ TEST(WeightTransfer, ChecksumSeesEveryWordAndItsPlace) {
   std::swap_ranges(words.begin() + 8 * 5, words.begin() + 8 * 5 + 2, words.begin() + 8 * 5 + 4);
   EXPECT_NE(WeightChecksum(words.data(), words.size()), base);
   EXPECT_NE(WeightChecksum(w.data(), w.size() - 1), base);
+}
+
+// The checksum is kernels::WeightSumHost's value (the GPU's WeightSumDevice
+// gives the same, tests/kernels/weight_checksum_test.cc), also where it
+// splits a large buffer across threads (>= 64 MiB: two or more ranges; an
+// odd float count leaves a 4-byte tail word), and a word moved from one
+// thread's range into another's changes it.
+TEST(WeightTransfer, ChecksumIsTheWeightSumAlsoAcrossThreads) {
+  std::mt19937 rng(std::random_device{}());
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  for (size_t floats : {size_t{1}, size_t{2}, size_t{8 * 37 + 5}, (size_t{17} << 20) + 3}) {
+    std::vector<float> w(floats);
+    for (float& x : w) x = u(rng);
+    const uint64_t sum = WeightChecksum(w.data(), w.size());
+    EXPECT_EQ(sum, kernels::WeightSumHost(w.data(), w.size() * 4)) << floats << " floats";
+    if (floats > (size_t{16} << 20)) {
+      std::swap(w[10], w[floats - 10]);  // first range <-> last range
+      EXPECT_NE(WeightChecksum(w.data(), w.size()), sum);
+    }
+  }
 }
 
 }  // namespace
