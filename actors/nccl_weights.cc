@@ -7,6 +7,7 @@
 #include <cuda_runtime_api.h>
 
 #include "actors/cuda_status.h"
+#include "kernels/weight_checksum.h"
 
 namespace grove::actors {
 namespace {
@@ -66,7 +67,7 @@ NcclStaging::~NcclStaging() {
 }
 
 Result<void*> NcclStaging::Get(int slot, size_t bytes, int device) {
-  if (slot < 0 || slot > 1) return Status::InvalidArgument("staging slot must be 0 or 1");
+  if (slot < 0 || slot >= kSlots) return Status::InvalidArgument("no staging slot " + std::to_string(slot));
   if (device_ >= 0 && device != device_) {
     return Status::InvalidArgument("staging lives on device " + std::to_string(device_));
   }
@@ -121,8 +122,11 @@ Status SendDeviceWeights(NcclGroup& group, const WeightSnapshot& snap, const voi
 Result<WeightSnapshot> ReceiveWeights(NcclGroup& group, NcclStaging& staging,
                                       const NcclReceiveOptions& options,
                                       NcclDeadline header_deadline, const NcclCancel& cancelled,
-                                      NcclReceiveTiming* timing) {
+                                      NcclReceiveTiming* timing, const float** device_flat) {
   if (group.rank() == 0) return Status::FailedPrecondition("rank 0 sends weights, it does not receive");
+  const bool on_device = options.device_slot != 0;
+  if (on_device && (options.device_slot < 1 || options.device_slot > 2 || device_flat == nullptr))
+    return Status::InvalidArgument("a device receive needs payload slot 1 or 2 and somewhere to put its address");
   // A receiver that gives up after the header leaves the sender's next
   // broadcasts unmatched: abort, so the epoch is re-formed.
   auto refuse = [&](Status s) {
@@ -152,7 +156,7 @@ Result<WeightSnapshot> ReceiveWeights(NcclGroup& group, NcclStaging& staging,
   // then the announce and the bytes are checked.
   GROVE_ASSIGN_OR_RETURN(ctl, staging.Get(0, h.announce_bytes, group.device()));
   GROVE_RETURN_IF_ERROR(group.Broadcast(ctl, h.announce_bytes, 0, deadline, cancelled));
-  GROVE_ASSIGN_OR_RETURN(void* payload, staging.Get(1, h.total_bytes, group.device()));
+  GROVE_ASSIGN_OR_RETURN(void* payload, staging.Get(on_device ? options.device_slot : 1, h.total_bytes, group.device()));
   GROVE_RETURN_IF_ERROR(group.Broadcast(payload, h.total_bytes, h.bucket_bytes, deadline, cancelled));
   if (timing != nullptr) timing->broadcast_ms = MsSince(t0);
   auto t1 = NcclClock::now();
@@ -160,6 +164,7 @@ Result<WeightSnapshot> ReceiveWeights(NcclGroup& group, NcclStaging& staging,
   GROVE_RETURN_IF_ERROR(CudaStatus(cudaMemcpy(words.begin(), ctl, h.announce_bytes, cudaMemcpyDeviceToHost),
                                "announce copy"));
   WeightAssembler assembler;
+  Result<WeightSnapshot> layout = Status::Internal("announce not read");
   Status begun;
   try {
     capnp::ReaderOptions ro;
@@ -169,6 +174,9 @@ Result<WeightSnapshot> ReceiveWeights(NcclGroup& group, NcclStaging& staging,
     if (announce.getVersion() != h.version || announce.getTotalBytes() != h.total_bytes ||
         announce.getChecksum() != h.checksum) {
       begun = Status::Corruption("weight announce disagrees with its header");
+    } else if (on_device) {
+      layout = ParseWeightAnnounce(announce, options.max_bytes);
+      begun = layout.status();
     } else {
       begun = assembler.Begin(announce, options.max_bytes);
     }
@@ -177,6 +185,17 @@ Result<WeightSnapshot> ReceiveWeights(NcclGroup& group, NcclStaging& staging,
   }
   // All calls of this version matched: the group stays usable.
   if (!begun.ok()) return begun;
+  if (on_device) {
+    // The bytes stay where NCCL put them; their sum is taken there.
+    GROVE_ASSIGN_OR_RETURN(void* scratch, staging.Get(3, sizeof(uint64_t), group.device()));
+    GROVE_ASSIGN_OR_RETURN(uint64_t sum, kernels::WeightSumDevice(payload, h.total_bytes,
+                                                                  static_cast<uint64_t*>(scratch), stream));
+    if (timing != nullptr) timing->verify_ms = MsSince(t1);
+    if (sum != h.checksum)
+      return Status::Corruption("weights of version " + std::to_string(h.version) + " fail their checksum");
+    *device_flat = static_cast<const float*>(payload);
+    return layout;
+  }
   GROVE_RETURN_IF_ERROR(assembler.FillAll([&](void* dst, uint64_t bytes) {
     return CudaStatus(cudaMemcpyAsync(dst, payload, bytes, cudaMemcpyDeviceToHost, stream) == cudaSuccess
                       ? cudaStreamSynchronize(stream)

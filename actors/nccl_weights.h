@@ -25,17 +25,19 @@ namespace grove::actors {
 // larger), on the group's device. One per sender or receiver thread.
 class NcclStaging {
  public:
+  static constexpr int kSlots = 4;
   NcclStaging() = default;
   ~NcclStaging();
   NcclStaging(const NcclStaging&) = delete;
   NcclStaging& operator=(const NcclStaging&) = delete;
   // Device address of at least `bytes` bytes for `slot` (0: header and
-  // announce, 1: payload), contents undefined.
+  // announce; 1 and 2: payloads; 3: a checksum's scratch word), contents
+  // undefined. Only the slots asked for are ever allocated.
   Result<void*> Get(int slot, size_t bytes, int device);
 
  private:
-  void* ptr_[2] = {nullptr, nullptr};
-  size_t bytes_[2] = {0, 0};
+  void* ptr_[kSlots] = {};
+  size_t bytes_[kSlots] = {};
   int device_ = -1;
 };
 
@@ -62,22 +64,31 @@ struct NcclReceiveOptions {
   // Called once the header of a version arrived, before its payload (a
   // fault-injection point for tests; empty in production).
   std::function<void(int64_t version)> after_header;
+  // 0: the bytes go on to a host snapshot, verified there. 1 or 2: they
+  // stay in that payload slot of the staging, verified on the device (the
+  // WeightSum of kernels/weight_checksum.h, which the version's checksum
+  // is); the snapshot's flat is left empty. A receiver that alternates the
+  // two slots can hand one version to its consumer while it receives the
+  // next.
+  int device_slot = 0;
 };
 
 struct NcclReceiveTiming {
   double broadcast_ms = 0;  // from the header's arrival to the last bucket
-  double copy_ms = 0;       // host buffer + device -> host
-  double verify_ms = 0;     // checksum
+  double copy_ms = 0;       // host buffer + device -> host (0 with a device slot)
+  double verify_ms = 0;     // checksum (on the host, or the device)
 };
 
 // Ranks > 0: waits for the next version until `header_deadline` (or
 // `cancelled`), then receives it. Errors: as NcclGroup::Broadcast, and
-// Corruption / ResourceExhausted for a header, announce or checksum that
-// does not hold up (the group is then aborted too: the sender's next calls
-// would not match ours).
+// Corruption / ResourceExhausted for a header or announce that does not
+// hold up (the group is then aborted too: the sender's next calls would not
+// match ours), Corruption for bytes that fail the checksum (the group stays
+// usable). With options.device_slot, *device_flat (required then) is the
+// slot's address, valid until that slot is received into again.
 Result<WeightSnapshot> ReceiveWeights(NcclGroup& group, NcclStaging& staging,
                                       const NcclReceiveOptions& options,
                                       NcclDeadline header_deadline, const NcclCancel& cancelled,
-                                      NcclReceiveTiming* timing = nullptr);
+                                      NcclReceiveTiming* timing = nullptr, const float** device_flat = nullptr);
 
 }  // namespace grove::actors

@@ -38,11 +38,17 @@ NcclWeightReceiver::~NcclWeightReceiver() {
   if (thread_.joinable()) thread_.join();
 }
 
-std::optional<actors::WeightSnapshot> NcclWeightReceiver::TakeNewer(int64_t have_version) {
+std::optional<actors::WeightSnapshot> NcclWeightReceiver::TakeNewer(int64_t have_version, const float** device_flat) {
+  if (device_flat != nullptr) *device_flat = nullptr;
   std::lock_guard<std::mutex> lock(mu_);
   if (!newest_ || newest_->version <= have_version) return std::nullopt;
   std::optional<actors::WeightSnapshot> out = std::move(newest_);
   newest_.reset();
+  if (newest_slot_ != 0) {
+    held_slot_ = newest_slot_;
+    newest_slot_ = 0;
+    if (device_flat != nullptr) *device_flat = newest_device_;
+  }
   return out;
 }
 
@@ -120,9 +126,21 @@ void NcclWeightReceiver::Run() {
     ro.max_bytes = o.max_bytes;
     ro.payload_timeout_ms = o.deadline_ms;
     ro.after_header = o.after_header;
+    if (o.to_device) {
+      // Never into the slot the consumer holds; into the other free one if
+      // there is one, else over the version waiting untaken (older than the
+      // one coming, which takes its place).
+      std::lock_guard<std::mutex> lock(mu_);
+      ro.device_slot = held_slot_ == 1 || (held_slot_ == 0 && newest_slot_ == 1) ? 2 : 1;
+      if (newest_ && newest_slot_ == ro.device_slot) {
+        newest_.reset();
+        newest_slot_ = 0;
+      }
+    }
     actors::NcclReceiveTiming timing;
-    Result<actors::WeightSnapshot> got =
-        actors::ReceiveWeights(*group, staging, ro, actors::NcclDeadlineIn(o.deadline_ms), epoch_moved, &timing);
+    const float* on_device = nullptr;
+    Result<actors::WeightSnapshot> got = actors::ReceiveWeights(
+        *group, staging, ro, actors::NcclDeadlineIn(o.deadline_ms), epoch_moved, &timing, &on_device);
     if (!got.ok()) {
       // Aborted: the epoch moved on (normal on joins and deaths). Anything
       // else is a failure of this epoch; either way it is done.
@@ -141,6 +159,8 @@ void NcclWeightReceiver::Run() {
     ++stats_.versions_received;
     stats_.last_receive_ms = timing.broadcast_ms + timing.copy_ms + timing.verify_ms;
     newest_ = std::move(*got);
+    newest_slot_ = ro.device_slot;
+    newest_device_ = on_device;
   }
 }
 

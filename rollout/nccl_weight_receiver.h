@@ -58,6 +58,12 @@ struct NcclReceiverOptions {
   int rpc_timeout_ms = 2000;
   // Test-only fault injection: called after a version's header arrived.
   std::function<void(int64_t version)> after_header;
+  // Versions stay on `device` (verified there) instead of coming to a host
+  // snapshot: for an engine that installs from device memory. Two payload
+  // buffers of the model's size then alternate: the one TakeNewer last
+  // handed out is never received into, so it stays valid until the next
+  // TakeNewer that returns a version.
+  bool to_device = false;
 };
 
 struct NcclReceiverStats {
@@ -66,7 +72,7 @@ struct NcclReceiverStats {
   int64_t last_version = -1;
   uint64_t versions_received = 0;
   uint64_t failures = 0;
-  double last_receive_ms = 0;  // header to verified host snapshot
+  double last_receive_ms = 0;  // header to verified version (host snapshot, or device slot)
 };
 
 class NcclWeightReceiver {
@@ -75,7 +81,9 @@ class NcclWeightReceiver {
   ~NcclWeightReceiver();
 
   // The newest verified version if newer than have_version (moved out).
-  std::optional<actors::WeightSnapshot> TakeNewer(int64_t have_version);
+  // With to_device its flat is empty and *device_flat (required then) is
+  // where its bytes lie on the device; nullptr otherwise.
+  std::optional<actors::WeightSnapshot> TakeNewer(int64_t have_version, const float** device_flat = nullptr);
   NcclReceiverStats stats() const;
 
  private:
@@ -85,6 +93,10 @@ class NcclWeightReceiver {
   NcclReceiverOptions options_;
   mutable std::mutex mu_;
   std::optional<actors::WeightSnapshot> newest_;
+  // to_device: the payload slot (1 or 2) newest_'s bytes lie in, and the
+  // one the consumer holds (0: none); their addresses.
+  int newest_slot_ = 0, held_slot_ = 0;
+  const float* newest_device_ = nullptr;
   NcclReceiverStats stats_;
   std::atomic<bool> stop_{false};
   std::thread thread_;

@@ -101,7 +101,9 @@ namespace {
 class NcclFeed : public WeightFeed {
  public:
   explicit NcclFeed(std::unique_ptr<NcclWeightReceiver> r) : r_(std::move(r)) {}
-  std::optional<actors::WeightSnapshot> TakeNewer(int64_t have_version) override { return r_->TakeNewer(have_version); }
+  std::optional<actors::WeightSnapshot> TakeNewer(int64_t have_version, const float** device_flat) override {
+    return r_->TakeNewer(have_version, device_flat);
+  }
 
  private:
   std::unique_ptr<NcclWeightReceiver> r_;
@@ -112,7 +114,7 @@ class NcclFeed : public WeightFeed {
 
 Result<std::unique_ptr<WeightFeed>> StartWeightFeed(const Config& root, const std::string& worker_id,
                                                     const std::string& coordinator, int device,
-                                                    std::function<int64_t()> learner_version) {
+                                                    std::function<int64_t()> learner_version, bool to_device) {
   GROVE_ASSIGN_OR_RETURN(actors::WeightsTransportOptions w, actors::WeightsTransportOptions::FromConfig(root));
   GROVE_ASSIGN_OR_RETURN(actors::WeightTransport t, w.Choose(actors::TransportGpuCount() > 0));
   if (t == actors::WeightTransport::kZmq) return std::unique_ptr<WeightFeed>();
@@ -124,14 +126,16 @@ Result<std::unique_ptr<WeightFeed>> StartWeightFeed(const Config& root, const st
   o.deadline_ms = w.deadline_ms;
   o.poll_ms = w.poll_ms;
   o.learner_version = std::move(learner_version);
+  o.to_device = to_device;
   GROVE_ASSIGN_OR_RETURN(std::unique_ptr<NcclWeightReceiver> r, NcclWeightReceiver::Start(o));
-  LOG(INFO) << "weights: received over NCCL";
+  LOG(INFO) << "weights: received over NCCL" << (to_device ? ", kept on the GPU" : "");
   return std::unique_ptr<WeightFeed>(new NcclFeed(std::move(r)));
 #else
   (void)worker_id;
   (void)coordinator;
   (void)device;
   (void)learner_version;
+  (void)to_device;
   return Status::Internal("unreachable");
 #endif
 }
@@ -193,7 +197,8 @@ Status WeightSource::Decide(actors::RpcClient& learner) {
     LOG(INFO) << "weights: the learner is on this worker's GPU " << fetch_.ipc_device << ": CUDA IPC";
     return Status::OK();
   }
-  Result<std::unique_ptr<WeightFeed>> feed = StartWeightFeed(root_, worker_id_, coordinator_, nccl_device_, learner_version_);
+  Result<std::unique_ptr<WeightFeed>> feed =
+      StartWeightFeed(root_, worker_id_, coordinator_, nccl_device_, learner_version_, fetch_.ipc_to_device);
   if (!feed.ok() || !*feed)
     return Status::Internal("weights: the NCCL receiver did not start: " +
                             (feed.ok() ? std::string("transport resolved to zmq") : feed.status().ToString()));
@@ -206,12 +211,12 @@ Status WeightSource::Decide(actors::RpcClient& learner) {
 Result<std::optional<actors::WeightSnapshot>> WeightSource::TakeNewer(actors::RpcClient* learner,
                                                                       int64_t have_version) {
   device_weights_ = nullptr;
-  if (mode_ == Mode::kNccl) return feed_->TakeNewer(have_version);
+  if (mode_ == Mode::kNccl) return feed_->TakeNewer(have_version, &device_weights_);
   if (learner == nullptr) return std::optional<actors::WeightSnapshot>();
   if (mode_ == Mode::kUndecided) {
     // Nothing published yet, or the learner away: the caller asks again.
     GROVE_RETURN_IF_ERROR(Decide(*learner));
-    if (mode_ == Mode::kNccl) return feed_->TakeNewer(have_version);
+    if (mode_ == Mode::kNccl) return feed_->TakeNewer(have_version, &device_weights_);
   }
 #ifdef GROVE_WITH_NCCL
   if (mode_ == Mode::kIpc && fetch_.ipc_to_device) {

@@ -25,9 +25,9 @@ struct FetchOptions {
   // handle, read on ipc_device. Empty: chunks only.
   std::string device_uuid;
   int ipc_device = -1;
-  // WeightSource only: versions read through CUDA IPC stay on ipc_device
-  // (WeightSource::device_weights) instead of coming to the host, for an
-  // engine that installs from device memory.
+  // WeightSource only: versions read through CUDA IPC or received over
+  // NCCL stay on the worker's GPU (WeightSource::device_weights) instead of
+  // coming to the host, for an engine that installs from device memory.
   bool ipc_to_device = false;
 };
 
@@ -53,8 +53,10 @@ Result<LearnerWeightsInfo> ProbeLearnerWeights(actors::RpcClient& learner, int t
 class WeightFeed {
  public:
   virtual ~WeightFeed() = default;
-  // The newest verified version if newer than have_version.
-  virtual std::optional<actors::WeightSnapshot> TakeNewer(int64_t have_version) = 0;
+  // The newest verified version if newer than have_version. A feed started
+  // with to_device returns it with an empty flat and its bytes at
+  // *device_flat (valid until the next TakeNewer that returns a version).
+  virtual std::optional<actors::WeightSnapshot> TakeNewer(int64_t have_version, const float** device_flat) = 0;
 };
 
 // Reads [weights]; null when the transport resolves to zmq (fetch with
@@ -63,10 +65,11 @@ class WeightFeed {
 // device: the GPU this worker's NCCL rank uses. learner_version: the newest
 // version the learner has published as far as this process knows (the
 // coordinator's); required for nccl (NcclReceiverOptions::learner_version
-// says why).
+// says why). to_device: versions stay on `device` (NcclReceiverOptions).
 Result<std::unique_ptr<WeightFeed>> StartWeightFeed(const Config& root, const std::string& worker_id,
                                                     const std::string& coordinator, int device = 0,
-                                                    std::function<int64_t()> learner_version = nullptr);
+                                                    std::function<int64_t()> learner_version = nullptr,
+                                                    bool to_device = false);
 
 // Where a rollout worker's versions come from (docs/weights.md): fetched
 // in chunks over ZeroMQ; pushed by the NCCL group (the learner is on another
@@ -94,7 +97,7 @@ class WeightSource {
   // undecided without a learner to ask). Errors as FetchNewerWeights, all
   // worth a retry, except Internal: the NCCL receiver could not start.
   // With FetchOptions::ipc_to_device, a version that came through CUDA IPC
-  // has an empty flat: its bytes are on this worker's GPU at
+  // or NCCL has an empty flat: its bytes are on this worker's GPU at
   // device_weights() (verified, valid until the next TakeNewer).
   Result<std::optional<actors::WeightSnapshot>> TakeNewer(actors::RpcClient* learner, int64_t have_version);
   // The device copy of the version the last TakeNewer returned, or null

@@ -98,6 +98,8 @@ class NcclWeightsTest : public ::testing::Test {
   std::string Events(const std::string& id) { return dir_ + "/" + id + ".events"; }
   std::string Log(const std::string& id) { return ReadFile(dir_ + "/" + id + ".log"); }
 
+  std::vector<std::string> ExpectEveryVersionBitForBit(const std::vector<std::string>& worker_flags);
+
   int gpus_ = 0;
   uint64_t seed_ = std::random_device{}();
   std::string dir_, endpoint_;
@@ -111,6 +113,34 @@ class NcclWeightsTest : public ::testing::Test {
 // in buckets that do not divide the buffer.
 TEST_F(NcclWeightsTest, EveryWorkerReceivesEveryVersionBitForBit) {
   if (gpus_ < 2) GTEST_SKIP() << "needs 2 GPUs, found " << gpus_;
+  ExpectEveryVersionBitForBit({});
+}
+
+// The same with versions kept on the workers' GPUs (a GPU engine installs
+// from there): verified on the device, handed out with an empty host copy,
+// and each held for 2 s (two to three newer versions arrive meanwhile) and
+// compared again: the receiver never writes into the version it handed out.
+TEST_F(NcclWeightsTest, VersionsKeptOnTheWorkersGpuAreExactAndStayWhileHeld) {
+  if (gpus_ < 2) GTEST_SKIP() << "needs 2 GPUs, found " << gpus_;
+  const std::vector<std::string> lines = ExpectEveryVersionBitForBit({"--to_device", "--hold_ms=2000"});
+  EXPECT_GE(CountPrefix(lines, "held"), 1);
+  bool newer_arrived_while_held = false;
+  for (const std::string& l : lines) {
+    if (l.rfind("held ", 0) != 0) continue;
+    EXPECT_NE(l.find(" ok "), std::string::npos) << l;
+    std::istringstream in(l.substr(5));
+    int64_t held = -1, newest = -1;
+    std::string ok, w1, w2;
+    in >> held >> ok >> w1 >> w2 >> newest;
+    newer_arrived_while_held = newer_arrived_while_held || newest > held;
+  }
+  EXPECT_TRUE(newer_arrived_while_held) << "no version arrived while one was held: the test proved nothing";
+}
+
+// Runs the learner and 1..3 workers (each with `worker_flags`) until every
+// worker holds version 4, checking each worker's every version; returns the
+// first worker's event lines.
+std::vector<std::string> NcclWeightsTest::ExpectEveryVersionBitForBit(const std::vector<std::string>& worker_flags) {
   StartCoordinator();
   const int workers = std::min(3, gpus_ - 1);
   const std::vector<std::string> common{"--floats=3000001", "--bucket_bytes=1048576", "--versions=4",
@@ -121,21 +151,27 @@ TEST_F(NcclWeightsTest, EveryWorkerReceivesEveryVersionBitForBit) {
   };
   std::vector<int> worker_pids;
   for (int w = 0; w < workers; ++w) {
-    worker_pids.push_back(Peer("worker", "rollout-" + std::to_string(w), w + 1, with({"--run_ms=40000"})));
+    std::vector<std::string> flags = worker_flags;
+    flags.push_back("--run_ms=40000");
+    worker_pids.push_back(Peer("worker", "rollout-" + std::to_string(w), w + 1, with(flags)));
   }
   // Let every worker become a candidate before the first epoch forms.
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
   Peer("learner", "learner", 0, with({"--interval_ms=800", "--run_ms=30000"}));
+  std::vector<std::string> first;
   for (int w = 0; w < workers; ++w) {
     int status = -1;
     const std::string id = "rollout-" + std::to_string(w);
-    ASSERT_TRUE(testing::WaitExit(worker_pids[w], 40000, &status)) << Log(id);
+    const bool exited = testing::WaitExit(worker_pids[w], 40000, &status);
+    EXPECT_TRUE(exited) << Log(id);
     auto lines = Lines(Events(id));
-    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << ReadFile(Events(id)) << Log(id);
+    EXPECT_TRUE(exited && WIFEXITED(status) && WEXITSTATUS(status) == 0) << ReadFile(Events(id)) << Log(id);
     EXPECT_EQ(NewestOk(lines), 4) << ReadFile(Events(id));
     for (const auto& l : lines) EXPECT_EQ(l.find("MISMATCH"), std::string::npos) << l;
     EXPECT_GE(CountPrefix(lines, "got"), 2) << "several versions, not just the last";
+    if (w == 0) first = lines;
   }
+  return first;
 }
 
 // A worker killed by SIGKILL after a version's header (mid-broadcast): the

@@ -38,6 +38,10 @@ DEFINE_int64(die_at_version, -1, "worker: SIGKILL itself after this version's he
 DEFINE_bool(install, false,
             "worker: after each version, install it as an engine would: a device buffer, the upload, "
             "cudaDeviceSynchronize (waits for every kernel of this process, a parked NCCL receive too)");
+DEFINE_bool(to_device, false,
+            "worker: versions stay on the GPU (NcclReceiverOptions::to_device); each is downloaded and compared, "
+            "held --hold_ms while newer ones arrive, and compared again");
+DEFINE_int64(hold_ms, 0, "worker with --to_device: how long to hold each version before comparing it again");
 DEFINE_string(out, "", "event log");
 DEFINE_string(frame, "", "ipc_reader: the WeightAnnounce frame to read");
 DEFINE_string(frame2, "", "ipc_reader: the announce to read when the first one's slot moved on (Aborted)");
@@ -138,6 +142,7 @@ int RunWorker() {
   o.poll_ms = FLAGS_poll_ms;
   actors::ActorClient* c = client.get();
   o.learner_version = [c] { return c->coordinator_policy_version(); };
+  o.to_device = FLAGS_to_device;
   if (FLAGS_die_at_version >= 0) {
     o.after_header = [](int64_t v) {
       if (v == FLAGS_die_at_version) {
@@ -155,12 +160,31 @@ int RunWorker() {
   int64_t have = -1;
   bool all_ok = true;
   while (std::chrono::steady_clock::now() < deadline && have < FLAGS_versions) {
-    std::optional<actors::WeightSnapshot> got = (*r)->TakeNewer(have);
+    const float* on_device = nullptr;
+    std::optional<actors::WeightSnapshot> got = (*r)->TakeNewer(have, &on_device);
     if (!got) {
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
       continue;
     }
     actors::WeightSnapshot expect = testing::PeerWeights(FLAGS_seed, got->version, FLAGS_floats);
+    // A version kept on the device: its flat is empty; its bytes come down
+    // for the comparison.
+    auto download = [&]() -> std::string {
+      if (on_device == nullptr) return "no device copy";
+      got->flat.resize(expect.flat.size());
+      const cudaError_t e =
+          cudaMemcpy(got->flat.data(), on_device, got->flat.size() * sizeof(float), cudaMemcpyDeviceToHost);
+      return e == cudaSuccess ? "" : cudaGetErrorName(e);
+    };
+    if (FLAGS_to_device) {
+      const bool kept_off_host = got->flat.empty();
+      const std::string err = download();
+      if (!kept_off_host || !err.empty()) {
+        Event("got " + std::to_string(got->version) + " MISMATCH: " + (kept_off_host ? err : "a host copy"));
+        all_ok = false;
+        break;
+      }
+    }
     bool same = got->flat.size() == expect.flat.size() &&
                 std::memcmp(got->flat.data(), expect.flat.data(), expect.flat.size() * sizeof(float)) == 0 &&
                 got->checksum == expect.checksum && got->tensors.size() == expect.tensors.size();
@@ -172,6 +196,16 @@ int RunWorker() {
     rollout::NcclReceiverStats s = (*r)->stats();
     Event("got " + std::to_string(got->version) + (same ? " ok" : " MISMATCH") + " epoch " +
           std::to_string(s.epoch) + " rank " + std::to_string(s.rank) + " ms " + std::to_string(s.last_receive_ms));
+    if (FLAGS_to_device && FLAGS_hold_ms > 0) {
+      // Newer versions arrive meanwhile; the held one's bytes must stay.
+      std::this_thread::sleep_for(std::chrono::milliseconds(FLAGS_hold_ms));
+      const std::string err = download();
+      const bool kept = err.empty() && std::memcmp(got->flat.data(), expect.flat.data(),
+                                                    expect.flat.size() * sizeof(float)) == 0;
+      all_ok = all_ok && kept;
+      Event("held " + std::to_string(got->version) + (kept ? " ok" : " MISMATCH " + err) + " newest received " +
+            std::to_string((*r)->stats().last_version));
+    }
     if (FLAGS_install) {
       // Give the receiver thread time to post whatever it posts next.
       std::this_thread::sleep_for(std::chrono::milliseconds(200));
