@@ -94,37 +94,21 @@ Status FillIpcWeightAnnounce(const WeightSnapshot& snap, const void* slot, size_
 }
 
 IpcDeviceStaging::~IpcDeviceStaging() {
-  if (device_ < 0) return;
-  cudaSetDevice(device_);
-  if (data_ != nullptr) cudaFree(data_);
-  if (scratch_ != nullptr) cudaFree(scratch_);
-  if (stream_ != nullptr) cudaStreamDestroy(static_cast<cudaStream_t>(stream_));
+  if (stream_ == nullptr) return;
+  cudaSetDevice(scratch_.device());
+  cudaStreamDestroy(static_cast<cudaStream_t>(stream_));
 }
 
 Result<float*> IpcDeviceStaging::Reserve(size_t bytes, int device) {
-  if (device_ >= 0 && device != device_)
-    return Status::InvalidArgument("IPC staging lives on device " + std::to_string(device_));
-  GROVE_RETURN_IF_ERROR(CudaOk(cudaSetDevice(device), "cudaSetDevice"));
-  device_ = device;
+  GROVE_ASSIGN_OR_RETURN(void* scratch, scratch_.Reserve(sizeof(uint64_t), device, "IPC staging"));
+  (void)scratch;
   if (stream_ == nullptr) {
     cudaStream_t s;
     GROVE_RETURN_IF_ERROR(CudaOk(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate"));
     stream_ = s;
   }
-  if (scratch_ == nullptr) GROVE_RETURN_IF_ERROR(CudaOk(cudaMalloc(reinterpret_cast<void**>(&scratch_), sizeof(uint64_t)), "cudaMalloc"));
-  if (capacity_ < bytes) {
-    if (data_ != nullptr) cudaFree(data_);
-    data_ = nullptr;
-    capacity_ = 0;
-    if (cudaMalloc(reinterpret_cast<void**>(&data_), bytes) != cudaSuccess) {
-      cudaGetLastError();
-      data_ = nullptr;
-      return Status::ResourceExhausted("cannot allocate " + std::to_string(bytes) +
-                                       " bytes for the IPC weights on device " + std::to_string(device));
-    }
-    capacity_ = bytes;
-  }
-  return data_;
+  GROVE_ASSIGN_OR_RETURN(void* data, data_.Reserve(bytes, device, "IPC weights"));
+  return static_cast<float*>(data);
 }
 
 Result<WeightSnapshot> ReadIpcWeightSlot(wire::WeightAnnounce::Reader announce, uint64_t max_bytes,

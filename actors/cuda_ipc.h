@@ -33,6 +33,7 @@
 #include <functional>
 #include <string>
 
+#include "actors/device_buffer.h"
 #include "actors/schema/data.capnp.h"
 #include "actors/weight_transfer.h"
 #include "base/result.h"
@@ -71,16 +72,13 @@ class IpcDeviceStaging {
   IpcDeviceStaging& operator=(const IpcDeviceStaging&) = delete;
   // At least `bytes` of device memory on `device` (contents undefined).
   Result<float*> Reserve(size_t bytes, int device);
-  uint64_t* scratch() const { return scratch_; }
+  uint64_t* scratch() const { return static_cast<uint64_t*>(scratch_.data()); }
   void* stream() const { return stream_; }
-  int device() const { return device_; }
+  int device() const { return scratch_.device(); }
 
  private:
-  float* data_ = nullptr;
-  size_t capacity_ = 0;
-  uint64_t* scratch_ = nullptr;
+  DeviceBuffer data_, scratch_;
   void* stream_ = nullptr;  // cudaStream_t
-  int device_ = -1;
 };
 
 struct IpcReadOptions {

@@ -59,34 +59,12 @@ Status CheckSendArgs(const NcclGroup& group, size_t bucket_bytes) {
 
 }  // namespace
 
-NcclStaging::~NcclStaging() {
-  if (device_ >= 0) cudaSetDevice(device_);
-  for (void* p : ptr_) {
-    if (p != nullptr) cudaFree(p);
-  }
-}
-
 Result<void*> NcclStaging::Get(int slot, size_t bytes, int device) {
   if (slot < 0 || slot >= kSlots) return Status::InvalidArgument("no staging slot " + std::to_string(slot));
-  if (device_ >= 0 && device != device_) {
+  if (device_ >= 0 && device != device_)
     return Status::InvalidArgument("staging lives on device " + std::to_string(device_));
-  }
   device_ = device;
-  cudaSetDevice(device);
-  if (bytes_[slot] < bytes) {
-    if (ptr_[slot] != nullptr) cudaFree(ptr_[slot]);
-    ptr_[slot] = nullptr;
-    bytes_[slot] = 0;
-    void* p = nullptr;
-    if (cudaMalloc(&p, bytes) != cudaSuccess) {
-      cudaGetLastError();
-      return Status::ResourceExhausted("cannot allocate " + std::to_string(bytes) +
-                                       " bytes of weight staging on device " + std::to_string(device));
-    }
-    ptr_[slot] = p;
-    bytes_[slot] = bytes;
-  }
-  return ptr_[slot];
+  return slots_[slot].Reserve(bytes, device, "weight staging");
 }
 
 Status SendWeights(NcclGroup& group, const WeightSnapshot& snap, NcclStaging& staging,

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <functional>
 
+#include "actors/device_buffer.h"
 #include "actors/nccl_group.h"
 #include "actors/weight_transfer.h"
 #include "base/result.h"
@@ -26,18 +27,14 @@ namespace grove::actors {
 class NcclStaging {
  public:
   static constexpr int kSlots = 4;
-  NcclStaging() = default;
-  ~NcclStaging();
-  NcclStaging(const NcclStaging&) = delete;
-  NcclStaging& operator=(const NcclStaging&) = delete;
   // Device address of at least `bytes` bytes for `slot` (0: header and
   // announce; 1 and 2: payloads; 3: a checksum's scratch word), contents
-  // undefined. Only the slots asked for are ever allocated.
+  // undefined. Only the slots asked for are ever allocated; all on the
+  // device of the first.
   Result<void*> Get(int slot, size_t bytes, int device);
 
  private:
-  void* ptr_[kSlots] = {};
-  size_t bytes_[kSlots] = {};
+  DeviceBuffer slots_[kSlots];
   int device_ = -1;
 };
 
