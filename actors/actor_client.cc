@@ -57,8 +57,18 @@ void ActorClient::SetCounter(const std::string& name, double value) {
   counters_[name] = value;
 }
 void ActorClient::SetPolicyVersion(int64_t version) {
-  std::lock_guard<std::mutex> lock(state_mu_);
-  policy_version_ = version;
+  {
+    std::lock_guard<std::mutex> lock(state_mu_);
+    if (policy_version_ == version) return;
+    policy_version_ = version;
+  }
+  // A new version goes out at once, not at the next beat: workers learn of
+  // the learner's versions through the coordinator (a receive of the NCCL
+  // group is posted only then), so each beat of waiting is latency between
+  // a step and the samples of its weights.
+  std::lock_guard<std::mutex> lock(wake_mu_);
+  beat_now_ = true;
+  wake_.notify_all();
 }
 void ActorClient::SetDetail(std::string detail) {
   std::lock_guard<std::mutex> lock(state_mu_);
@@ -127,7 +137,9 @@ Status ActorClient::Start() {
 
 bool ActorClient::SleepFor(int ms) {
   std::unique_lock<std::mutex> lock(wake_mu_);
-  return !wake_.wait_for(lock, std::chrono::milliseconds(ms), [this] { return stop_; });
+  wake_.wait_for(lock, std::chrono::milliseconds(ms), [this] { return stop_ || beat_now_; });
+  beat_now_ = false;
+  return !stop_;
 }
 
 void ActorClient::FillHeartbeat(wire::Heartbeat::Builder hb) {

@@ -68,7 +68,8 @@ class ActorClient {
   // Registers, retrying until register_timeout_ms, then starts heartbeating.
   Status Start();
 
-  // Figures shown in `grove status`; carried by the next heartbeat.
+  // Figures shown in `grove status`; carried by the next heartbeat (a
+  // changed policy version makes that heartbeat go at once).
   void SetCounter(const std::string& name, double value);
   void SetPolicyVersion(int64_t version);
   void SetDetail(std::string detail);
@@ -128,6 +129,7 @@ class ActorClient {
   std::mutex wake_mu_;
   std::condition_variable wake_;
   bool stop_ = false;
+  bool beat_now_ = false;  // SetPolicyVersion changed the version: beat before the interval ends
   std::thread thread_;
 };
 

@@ -21,6 +21,7 @@ Result<WeightGroupView> CallWeightGroup(RpcClient& coordinator, wire::WeightGrou
   for (auto m : r.getMembers()) v.members.emplace_back(m.cStr());
   v.failed = r.getFailed();
   v.reform_needed = r.getReformNeeded();
+  v.policy_version = r.getPolicyVersion();
   if (v.size < 0 || static_cast<size_t>(v.size) != v.members.size() || v.rank >= v.size) {
     return Status::Corruption("weight group reply: rank " + std::to_string(v.rank) + " of size " +
                               std::to_string(v.size) + " with " + std::to_string(v.members.size()) +

@@ -21,6 +21,7 @@ struct WeightGroupView {
   std::vector<std::string> members;  // rank order; members[0] is the learner
   bool failed = false;               // `epoch` was reported failed: members abort it
   bool reform_needed = false;        // for the learner: propose epoch + 1
+  int64_t policy_version = 0;        // the newest version the learner published, as the coordinator knows it
 };
 
 // One weightGroupRequest to the coordinator. `unique_id` only for propose.

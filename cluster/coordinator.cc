@@ -333,6 +333,7 @@ void Coordinator::HandleWeightGroup(const std::string& sender,
   for (unsigned i = 0; i < view.members.size(); ++i) members.set(i, view.members[i]);
   out.setFailed(view.failed);
   out.setReformNeeded(view.reform_needed);
+  out.setPolicyVersion(learner_version_);
 }
 
 void Coordinator::FillStatus(wire::StatusReply::Builder reply, bool include_dead) {

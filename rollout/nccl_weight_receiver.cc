@@ -70,6 +70,10 @@ void NcclWeightReceiver::Run() {
   uint64_t given_up = 0;      // an epoch this worker failed to join: wait for the next
   int64_t newest_in_epoch = -1;  // the newest version received in `epoch`
   NcclClock::time_point next_poll{};
+  // The learner's newest version as the coordinator's weight-group replies
+  // tell it (every poll_ms while a receive waits for one): sooner than this
+  // process's heartbeat replies (learner_version) do.
+  int64_t polled_version = -1;
 
   // Polled inside every NCCL wait: stop, or the coordinator moved the group
   // on (a new epoch, or this one failed).
@@ -78,6 +82,7 @@ void NcclWeightReceiver::Run() {
     if (NcclClock::now() < next_poll) return false;
     next_poll = NcclClock::now() + std::chrono::milliseconds(o.poll_ms);
     auto v = actors::CallWeightGroup(rpc, WeightGroupAction::POLL, epoch, "", o.rpc_timeout_ms);
+    if (v.ok()) polled_version = std::max(polled_version, v->policy_version);
     return v.ok() && (v->epoch != epoch || v->failed);
   };
 
@@ -113,7 +118,7 @@ void NcclWeightReceiver::Run() {
     // After the epoch's first version: post the next receive only once a
     // newer version is published (header comment: a parked receive kernel
     // deadlocks this process's own CUDA work).
-    if (newest_in_epoch >= 0 && o.learner_version() <= newest_in_epoch) {
+    if (newest_in_epoch >= 0 && std::max(o.learner_version(), polled_version) <= newest_in_epoch) {
       if (epoch_moved()) {
         group.reset();
         given_up = epoch;

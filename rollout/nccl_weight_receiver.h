@@ -16,10 +16,12 @@
 // the run (issue 10: one NCCL worker, nothing moved for minutes). So the
 // receiver posts the receive of the first version of each epoch at once
 // (the learner sends its current version right after forming the epoch)
-// and each later one only once `learner_version` says that a newer version
-// than the newest received in the epoch exists (the learner hands a version
-// to its broadcaster before it tells the coordinator about it, so the bytes
-// are on their way). A header that then does not come within deadline_ms
+// and each later one only once the coordinator says that a newer version
+// than the newest received in the epoch exists (`learner_version`, from
+// this process's heartbeat replies, or the weight-group reply polled every
+// poll_ms while the receiver waits; the learner hands a version to its
+// broadcaster before it tells the coordinator about it, so the bytes are
+// on their way). A header that then does not come within deadline_ms
 // ends the epoch for this worker (the learner re-forms it when its next
 // send misses its own deadline).
 //

@@ -173,4 +173,5 @@ struct WeightGroupReply {
   members @4 :List(Text);    # actor ids in rank order; members[0] is the learner
   failed @5 :Bool;           # `epoch` was reported failed: members abort and poll again
   reformNeeded @6 :Bool;     # learner only: the candidates differ from the members (propose)
+  policyVersion @7 :Int64;   # the newest version the learner has published, as the coordinator knows it
 }

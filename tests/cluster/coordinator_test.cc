@@ -9,6 +9,8 @@
 #include <gtest/gtest.h>
 
 #include "actors/actor_client.h"
+#include "actors/rpc_client.h"
+#include "actors/weight_group_client.h"
 #include "cluster/status_view.h"
 #include "tests/support/proc_util.h"
 
@@ -203,6 +205,63 @@ TEST_F(CoordinatorTest, FreshLearnerLeavesTheGateAsItIs) {
   auto a = r0->RequestWork(100, 0);
   ASSERT_TRUE(a.ok()) << a.status();
   EXPECT_EQ(a->prompts.size(), 4u);
+}
+
+// A learner's new policy version reaches the coordinator at once, not at
+// its next heartbeat (the beat is sent when the version changes), and the
+// weight-group reply carries it to a polling worker: with a 3 s heartbeat
+// interval the version is seen within a fraction of it, twice in a row.
+TEST(CoordinatorVersionTest, NewVersionBeatsAtOnceAndTheWeightGroupReplyCarriesIt) {
+  CoordinatorOptions o;
+  o.timing = HealthTiming{3000, 2, 6};
+  o.work = WorkQueueLimits{4, 0};
+  Coordinator coordinator(o, std::make_unique<CountingSource>());
+  auto ep = coordinator.Bind();
+  ASSERT_TRUE(ep.ok()) << ep.status();
+  std::atomic<bool> stop{false};
+  std::thread serving([&] { coordinator.Serve([&] { return stop.load(); }); });
+  struct Join {
+    std::atomic<bool>& stop;
+    std::thread& t;
+    ~Join() {
+      stop = true;
+      t.join();
+    }
+  } join{stop, serving};
+  auto client = [&](const std::string& id, wire::Role role) {
+    ActorClientOptions co;
+    co.id = id;
+    co.role = role;
+    co.coordinator = *ep;
+    co.data_endpoint = "tcp://" + id + ":1";
+    return std::make_unique<ActorClient>(co);
+  };
+  auto learner_client = client("learner-0", wire::Role::LEARNER);
+  auto worker_client = client("rollout-0", wire::Role::ROLLOUT);
+  ActorClient& learner = *learner_client;
+  ASSERT_TRUE(learner.Start().ok());
+  ASSERT_TRUE(worker_client->Start().ok());
+  actors::RpcClient worker("rollout-0");
+  ASSERT_TRUE(worker.Connect(*ep).ok());
+  for (int64_t version : {1, 2}) {
+    // Past the beat that Start() or the previous round sent.
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    const auto t0 = std::chrono::steady_clock::now();
+    learner.SetPolicyVersion(version);
+    int64_t seen = -1;
+    ASSERT_TRUE(testing::WaitFor(
+        [&] {
+          auto v = actors::CallWeightGroup(worker, wire::WeightGroupAction::POLL, 0, "", 1000);
+          if (v.ok()) seen = v->policy_version;
+          return seen == version;
+        },
+        2500))
+        << "version " << version << " not seen; last " << seen;
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    EXPECT_LT(ms, 1000) << "version " << version << " waited for the 3 s beat";
+  }
+  learner.Shutdown(wire::ActorState::STOPPED, "done", false);
+  worker_client->Shutdown(wire::ActorState::STOPPED, "done", false);
 }
 
 }  // namespace
