@@ -22,7 +22,7 @@ struct SlotHeader {
   int64_t version;
   uint64_t bytes;
   uint64_t device_sum;  // kernels::WeightSum of the bytes as written
-  uint64_t checksum;    // the announce's WeightChecksum (FNV) of them
+  uint64_t checksum;    // the announce's WeightChecksum of them (host-computed)
 };
 static_assert(sizeof(SlotHeader) <= kIpcSlotHeaderBytes);
 

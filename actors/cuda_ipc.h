@@ -21,11 +21,11 @@
 //     header's (Corruption otherwise): every byte it installs is the byte
 //     the writer summed.
 // The writer sums the bytes it wrote to the slot; that they are the
-// announced version's bytes (the announce's FNV checksum, computed on the
-// host snapshot) is the writer's own contract: it copies them from that
-// snapshot or from the device buffer the snapshot was downloaded from.
-// ReceiveIpcWeights (the host copy, for a CPU engine) still checks the FNV
-// checksum on top.
+// announced version's bytes (the announce's checksum, the same WeightSum
+// computed on the host snapshot) is the writer's own contract: it copies
+// them from that snapshot or from the device buffer the snapshot was
+// downloaded from. ReceiveIpcWeights (the host copy, for a CPU engine)
+// checks the announce's checksum on the host too.
 #pragma once
 
 #include <cstddef>

@@ -1,7 +1,8 @@
 // WeightSum: an order-sensitive 64-bit checksum of a weight buffer that the
-// GPU computes in parallel, for weights that never visit the host (the CUDA
-// IPC path, docs/weights.md). actors::WeightChecksum (FNV-1a) is a chain
-// through every word and cannot be split across threads; this one is a sum
+// GPU computes in parallel, so weights that never visit the host (CUDA IPC,
+// NCCL to a GPU engine, docs/weights.md) are checked where they lie; the
+// checksum of every published version (actors::WeightChecksum, which splits
+// it across host threads). A chain like FNV could not be split; this one is a sum
 // mod 2^64 of one mixed term per 8-byte word, the word xor'ed with its
 // index before the mix, so any changed, swapped or shifted word changes it
 // (with the odds of a 64-bit hash), and threads add their terms in any

@@ -13,7 +13,7 @@
 //       then GenerationBackend's InstallFromDevice path: Formats and
 //       GpuGenerator::LoadWeightsFromDevice;
 //     host (the old path, still there for CPU engines and plan mode):
-//       FetchNewerWeights (IPC copy, then to the host, FNV checksum), then
+//       FetchNewerWeights (IPC copy, then to the host, host checksum), then
 //       Formats and GpuGenerator::LoadWeights (upload, quantize).
 // The worker prints one row per version and path: receive, install, stall;
 // the learner prints its side (checksum, publish = device copy for IPC).
