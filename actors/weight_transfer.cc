@@ -17,37 +17,21 @@ uint64_t WeightChecksum(const float* data, size_t count) {
   // 6.7 GB model is summed on every publish and every receive: one thread
   // takes ~1.5 s, the memory bus allows several times that.
   const size_t bytes = count * sizeof(float);
-  const size_t words = bytes / 8;
+  const size_t words = kernels::WeightSumWords(bytes);
   constexpr size_t kWordsPerThread = size_t{4} << 20;  // 32 MiB: threads only for large buffers
   const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
   const size_t threads = std::min<size_t>({hw, 16, std::max<size_t>(1, words / kWordsPerThread)});
-  const unsigned char* p = reinterpret_cast<const unsigned char*>(data);
-  auto range_sum = [p](size_t from, size_t to) {
-    uint64_t sum = 0;
-    for (size_t i = from; i < to; ++i) {
-      uint64_t w;
-      std::memcpy(&w, p + 8 * i, 8);
-      sum += kernels::WeightSumTerm(w, i);
-    }
-    return sum;
-  };
+  if (threads <= 1) return kernels::WeightSumHost(data, bytes);
+  std::vector<uint64_t> partial(threads, 0);
+  std::vector<std::thread> pool;
+  const size_t per = (words + threads - 1) / threads;
+  for (size_t t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      partial[t] = kernels::WeightSumRange(data, bytes, std::min(words, t * per), std::min(words, (t + 1) * per));
+    });
+  for (std::thread& th : pool) th.join();
   uint64_t sum = 0;
-  if (threads <= 1) {
-    sum = range_sum(0, words);
-  } else {
-    std::vector<uint64_t> partial(threads, 0);
-    std::vector<std::thread> pool;
-    const size_t per = (words + threads - 1) / threads;
-    for (size_t t = 0; t < threads; ++t)
-      pool.emplace_back([&, t] { partial[t] = range_sum(std::min(words, t * per), std::min(words, (t + 1) * per)); });
-    for (std::thread& th : pool) th.join();
-    for (uint64_t v : partial) sum += v;
-  }
-  if (bytes % 8 != 0) {
-    uint64_t w = 0;
-    std::memcpy(&w, p + 8 * words, bytes % 8);
-    sum += kernels::WeightSumTerm(w, words);
-  }
+  for (uint64_t v : partial) sum += v;
   return kernels::WeightSumFinish(sum, bytes);
 }
 

@@ -45,22 +45,32 @@ GROVE_WEIGHT_SUM_HD inline constexpr uint64_t WeightSumFinish(uint64_t sum, uint
   return WeightSumMix(sum ^ WeightSumMix(bytes + 0x2545f4914f6cdd1dull));
 }
 
-// bytes must be a multiple of 4.
-inline uint64_t WeightSumHost(const void* data, size_t bytes) {
+// The words of a buffer of `bytes` (a 4-byte tail is one more word).
+inline constexpr size_t WeightSumWords(size_t bytes) { return (bytes + 7) / 8; }
+
+// The terms of words [from, to) of `data` (`bytes` long, a multiple of 4),
+// added: the sums of any split of [0, WeightSumWords(bytes)) add up to the
+// buffer's, so threads can take a range each.
+inline uint64_t WeightSumRange(const void* data, size_t bytes, size_t from, size_t to) {
   const unsigned char* p = static_cast<const unsigned char*>(data);
+  const size_t whole = bytes / 8;
   uint64_t sum = 0;
-  const size_t words = bytes / 8;
-  for (size_t i = 0; i < words; ++i) {
+  for (size_t i = from; i < to && i < whole; ++i) {
     uint64_t w;
     std::memcpy(&w, p + 8 * i, 8);
     sum += WeightSumTerm(w, i);
   }
-  if (bytes % 8 != 0) {
+  if (bytes % 8 != 0 && from <= whole && whole < to) {
     uint64_t w = 0;
-    std::memcpy(&w, p + 8 * words, bytes % 8);
-    sum += WeightSumTerm(w, words);
+    std::memcpy(&w, p + 8 * whole, bytes % 8);
+    sum += WeightSumTerm(w, whole);
   }
-  return WeightSumFinish(sum, bytes);
+  return sum;
+}
+
+// bytes must be a multiple of 4.
+inline uint64_t WeightSumHost(const void* data, size_t bytes) {
+  return WeightSumFinish(WeightSumRange(data, bytes, 0, WeightSumWords(bytes)), bytes);
 }
 
 // The same on the device: `data` (8-byte aligned, bytes a multiple of 4)

@@ -60,7 +60,7 @@ Status IpcWeightExport::WriteLocked(const actors::WeightSnapshot& snapshot, cons
     device_source_checked_ = true;
     const char* data = static_cast<const char*>(s.data) + actors::kIpcSlotHeaderBytes;
     GROVE_ASSIGN_OR_RETURN(uint64_t dev_sum, kernels::WeightSumDevice(data, bytes, scratch_, stream_));
-    if (dev_sum != kernels::WeightSumHost(snapshot.flat.data(), bytes)) {
+    if (dev_sum != snapshot.checksum) {  // the snapshot's checksum is the WeightSum of its flat
       LOG(WARNING) << "weights: the learner's device weights differ from the published snapshot of version "
                    << snapshot.version << "; IPC copies come from the host from now on";
       device_source_ok_ = false;

@@ -3,8 +3,6 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
-#include <mutex>
-#include <set>
 
 #include <glog/logging.h>
 #include <nlohmann/json.hpp>
@@ -139,25 +137,17 @@ Result<std::shared_ptr<const actors::WeightSnapshot>> Snapshot(const GrpoTrainer
 SnapshotPool::BufferHooks SnapshotBufferHooks(const GrpoTrainer& trainer) {
 #ifdef GROVE_LEARNER_GPU
   if (trainer.on_gpu()) {
-    auto pinned = std::make_shared<std::set<const float*>>();
-    auto mu = std::make_shared<std::mutex>();
     return SnapshotPool::BufferHooks{
-        [pinned, mu](std::vector<float>& b) {
+        [](std::vector<float>& b) {
           const cudaError_t e = cudaHostRegister(b.data(), b.size() * sizeof(float), cudaHostRegisterDefault);
-          if (e != cudaSuccess) {
-            cudaGetLastError();
-            LOG_FIRST_N(WARNING, 1) << "weights: a snapshot buffer stays pageable: cudaHostRegister: "
-                                    << cudaGetErrorString(e);
-            return;
-          }
-          std::lock_guard<std::mutex> lock(*mu);
-          pinned->insert(b.data());
+          if (e == cudaSuccess) return;
+          cudaGetLastError();
+          LOG_FIRST_N(WARNING, 1) << "weights: a snapshot buffer stays pageable: cudaHostRegister: "
+                                  << cudaGetErrorString(e);
         },
-        [pinned, mu](std::vector<float>& b) {
-          {
-            std::lock_guard<std::mutex> lock(*mu);
-            if (pinned->erase(b.data()) == 0) return;
-          }
+        // A buffer that could not be pinned makes this fail harmlessly
+        // (not registered); the error is cleared.
+        [](std::vector<float>& b) {
           if (cudaHostUnregister(b.data()) != cudaSuccess) cudaGetLastError();
         }};
   }
