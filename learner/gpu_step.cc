@@ -12,9 +12,13 @@
 namespace grove::learner {
 namespace {
 
+// Out of device memory is ResourceExhausted (GrpoTrainer retries the step
+// with smaller micro-batches); any other CUDA error is Internal.
 Status Cuda(cudaError_t err, const char* what) {
   if (err == cudaSuccess) return Status::OK();
-  return Status::Internal(std::string("GpuGrpoStep: ") + what + ": " + cudaGetErrorString(err));
+  const std::string msg = std::string("GpuGrpoStep: ") + what + ": " + cudaGetErrorString(err);
+  if (err == cudaErrorMemoryAllocation) return Status::ResourceExhausted(msg);
+  return Status::Internal(msg);
 }
 
 }  // namespace
@@ -210,7 +214,13 @@ Result<PolicyLossOutput> GpuGrpoStep::LossAndBackward(const PolicyBatch& batch, 
     if (loss_buf_) cudaFree(loss_buf_);
     loss_buf_ = nullptr;
     loss_buf_bytes_ = 0;
-    GROVE_RETURN_IF_ERROR(Cuda(cudaMalloc(&loss_buf_, sizing.used), "allocate the loss buffers"));
+    const cudaError_t err = cudaMalloc(&loss_buf_, sizing.used);
+    if (err != cudaSuccess) {
+      loss_buf_ = nullptr;
+      // Not left as the thread's last error for a later launch check to find.
+      if (cudaPeekAtLastError() == err) cudaGetLastError();
+      return Cuda(err, "allocate the loss buffers");
+    }
     loss_buf_bytes_ = sizing.used;
   }
   Carver at{static_cast<char*>(loss_buf_), 0};
@@ -270,6 +280,16 @@ Result<PolicyLossOutput> GpuGrpoStep::LossAndBackward(const PolicyBatch& batch, 
   out.stats.tis_weight_mean = st.tis_weight_mean;
   out.stats.neg_logp_mean = st.neg_logp_mean;
   return out;
+}
+
+Status GpuGrpoStep::ReleaseActivations() {
+  GROVE_RETURN_IF_ERROR(policy_->ReleaseActivations());
+  GROVE_RETURN_IF_ERROR(reference_->ReleaseActivations());
+  GROVE_RETURN_IF_ERROR(Cuda(cudaSetDevice(policy_->device()), "set device"));
+  if (loss_buf_) cudaFree(loss_buf_);
+  loss_buf_ = nullptr;
+  loss_buf_bytes_ = 0;
+  return Status::OK();
 }
 
 Result<AdamWState> GpuGrpoStep::ExportState() const {

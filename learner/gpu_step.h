@@ -66,6 +66,12 @@ class GpuGrpoStep {
   Result<PolicyLossOutput> LossAndBackward(const PolicyBatch& batch, const PolicyLossConfig& config,
                                            bool want_grad_logp = false);
 
+  // Frees the buffers a step grows to its largest micro-batch: both models'
+  // activations (GpuTransformer::ReleaseActivations) and LossAndBackward's
+  // inputs. Parameters, gradients, moments and the step counts stay. After
+  // running out of device memory, before a retry with smaller micro-batches.
+  Status ReleaseActivations();
+
   // GRPO updates taken (warm-start ones are not counted here).
   int64_t step() const { return step_; }
   int64_t warmstart_steps() const { return warmstart_step_; }

@@ -28,12 +28,18 @@ namespace {
 
 using gpu::bf16;
 
+// Out of device memory is ResourceExhausted (a caller can retry with less,
+// GrpoTrainer does); any other CUDA error is Internal.
 Status Cuda(cudaError_t err, const char* what) {
   if (err == cudaSuccess) return Status::OK();
-  return Status::Internal(std::string("GpuTransformer: ") + what + ": " + cudaGetErrorString(err));
+  const std::string msg = std::string("GpuTransformer: ") + what + ": " + cudaGetErrorString(err);
+  if (err == cudaErrorMemoryAllocation) return Status::ResourceExhausted(msg);
+  return Status::Internal(msg);
 }
 Status Cublas(cublasStatus_t st, const char* what) {
   if (st == CUBLAS_STATUS_SUCCESS) return Status::OK();
+  if (st == CUBLAS_STATUS_ALLOC_FAILED)
+    return Status::ResourceExhausted(std::string("GpuTransformer: cuBLAS ") + what + ": out of device memory");
   return Status::Internal(std::string("GpuTransformer: cuBLAS ") + what + " failed with status " +
                           std::to_string(int(st)));
 }
@@ -48,15 +54,33 @@ class DevBuf {
   DevBuf(const DevBuf&) = delete;
   DevBuf& operator=(const DevBuf&) = delete;
   DevBuf(DevBuf&& o) noexcept : p_(o.p_), bytes_(o.bytes_) { o.p_ = nullptr; o.bytes_ = 0; }
-  ~DevBuf() { if (p_) cudaFree(p_); }
-  Status Reserve(size_t bytes) {
-    if (bytes <= bytes_) return Status::OK();
+  DevBuf& operator=(DevBuf&& o) noexcept {
+    if (this != &o) {
+      Release();
+      p_ = o.p_;
+      bytes_ = o.bytes_;
+      o.p_ = nullptr;
+      o.bytes_ = 0;
+    }
+    return *this;
+  }
+  ~DevBuf() { Release(); }
+  // Frees the allocation (the next Reserve allocates anew).
+  void Release() {
     if (p_) cudaFree(p_);
     p_ = nullptr;
     bytes_ = 0;
+  }
+  Status Reserve(size_t bytes) {
+    if (bytes <= bytes_) return Status::OK();
+    Release();
     const cudaError_t err = cudaMalloc(&p_, std::max<size_t>(bytes, 256));
     if (err != cudaSuccess) {
       p_ = nullptr;
+      // The runtime also recorded the failure as this thread's last error:
+      // clear it, or the next GPU_LAUNCHED check (cudaGetLastError) would
+      // report it as a failed launch, also in a retry with less memory.
+      if (cudaPeekAtLastError() == err) cudaGetLastError();
       return Status::ResourceExhausted("GpuTransformer: cannot allocate " + std::to_string(bytes) +
                                        " bytes on the GPU: " + cudaGetErrorString(err));
     }
@@ -406,6 +430,30 @@ Status GpuTransformer::ZeroGrad() {
   impl_->prof->Start();
   GPU_OK(cudaMemsetAsync(impl_->grads.as<float>(), 0, layout_.total() * sizeof(float), impl_->stream));
   impl_->Lap("zero grads");
+  return Status::OK();
+}
+
+Status GpuTransformer::ReleaseActivations() {
+  GPU_OK(cudaSetDevice(device_));
+  Impl& im = *impl_;
+  // Work still queued may read these buffers (a failed Backward returns
+  // with its kernels in flight, and the experts' dW on the side streams
+  // writes the gradients): let it finish before anything is freed, and so
+  // that a ZeroGrad after this call is ordered after those writes.
+  GPU_OK(cudaStreamSynchronize(im.stream));
+  for (cudaStream_t s : im.side) GPU_OK(cudaStreamSynchronize(s));
+  // Everything a forward or backward sizes to its batch. Not params, grads,
+  // mirror or packs: they are the model (and the gradients an optimizer
+  // step reads), sized to it at Create.
+  im.kept = Tape{};
+  im.scratch = Tape{};
+  for (DevBuf* b : {&im.dres, &im.dres_b, &im.dmain, &im.dmain_b, &im.dq, &im.dk, &im.dv, &im.dout_b, &im.dwork,
+                    &im.dnorm_w, &im.attn_ws, &im.norm_ws, &im.dz, &im.dhs, &im.dlogits, &im.dgate, &im.dea,
+                    &im.deh, &im.dey, &im.dxe1, &im.dxe3, &im.xe, &im.g, &im.router_logits, &im.logits,
+                    &im.index_ws, &im.embed_ws, &im.router_ws, &im.dlogits_f})
+    b->Release();
+  im.h_prob_mean = {};
+  im.h_bal_count = {};
   return Status::OK();
 }
 

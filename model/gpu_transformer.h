@@ -76,6 +76,15 @@ class GpuTransformer {
   Status BackwardFromDevice(const float* dlogprobs);
   Status ZeroGrad();
   Status DownloadGrads(std::span<float> grads) const;
+  // Frees what Score and Backward grow to their largest batch so far (the
+  // tapes of activations kept for the backward, the scratch forward's, the
+  // backward's workspaces), after waiting for this model's streams. Keeps
+  // the parameters, gradients, bf16 mirror and expert packs: the model's
+  // state. A pending Score(keep_for_backward) is dropped (Backward then
+  // fails until the next such Score). For a caller that ran out of device
+  // memory and retries with smaller batches: the buffers grow again, to
+  // those batches' sizes.
+  Status ReleaseActivations();
 
   // For an optimizer on the device (learner/): the fp32 master parameters,
   // their gradients and the bf16 mirror (layout order), and the stream all
