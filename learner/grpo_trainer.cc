@@ -135,12 +135,17 @@ GrpoTrainer::GrpoTrainer(std::unique_ptr<model::Model> policy, std::unique_ptr<m
       options_(std::move(options)),
       optimizer_(std::move(optimizer)),
       sft_optimizer_(std::move(sft_optimizer)),
-      schedule_(std::move(schedule)) {}
+      schedule_(std::move(schedule)) {
+  micro_batch_tokens_ = options_.micro_batch_tokens;
+}
 
 Result<std::unique_ptr<GrpoTrainer>> GrpoTrainer::Create(std::unique_ptr<model::Model> policy,
                                                          TrainerOptions options) {
   if (!policy) return Status::InvalidArgument("GrpoTrainer needs a model");
   if (options.micro_batch < 1) return Status::InvalidArgument("learner micro_batch must be >= 1");
+  if (options.micro_batch_tokens < 0)
+    return Status::InvalidArgument("learner micro_batch_tokens must be >= 0 (0: no bound), got " +
+                                   std::to_string(options.micro_batch_tokens));
   GROVE_RETURN_IF_ERROR(ValidatePolicyLossConfig(options.grpo.loss));
   std::vector<ParamRange> no_decay = NoDecayRanges(policy->layout());
   GROVE_ASSIGN_OR_RETURN(LrSchedule schedule, LrSchedule::Create(options.grpo.schedule));
@@ -218,6 +223,47 @@ Status GrpoTrainer::ZeroGradOnStepDevice() {
   return Status::OK();
 }
 
+Status GrpoTrainer::RunMicroBatches(const std::vector<int64_t>& lengths, const MicroBatchAttempt& attempt) {
+  for (;;) {
+    const std::vector<MicroBatchRange> ranges = CutMicroBatches(lengths, options_.micro_batch, micro_batch_tokens_);
+    size_t started = 0;
+    const Status s = attempt(ranges, started);
+    if (s.ok() || s.code() != StatusCode::kResourceExhausted || !on_gpu() || started == 0) return s;
+#ifdef GROVE_LEARNER_GPU
+    // Out of device memory, most likely because a micro-batch longer than
+    // any before had to grow the activation buffers while another process
+    // (a rollout worker's KV cache) holds the rest of the GPU. The buffers
+    // are left at the sizes of the failed attempt: free them all, so the
+    // retry's smaller micro-batches allocate only what they need.
+    GROVE_RETURN_IF_ERROR(gpu_->ReleaseActivations().WithContext("freeing the activations after: " + s.ToString()));
+    started = std::min(started, ranges.size());
+    const MicroBatchRange& failed = ranges[started - 1];
+    // Only micro-batches of more than one sequence get smaller under a
+    // tighter bound; those all had <= micro_batch_tokens_ tokens, so the new
+    // bound is at most half the old one and the retries end.
+    int64_t splittable = 0;
+    for (size_t i = 0; i < started; ++i)
+      if (ranges[i].end - ranges[i].begin > 1) splittable = std::max(splittable, ranges[i].tokens);
+    const bool alone = failed.end - failed.begin == 1;
+    if (splittable == 0 || (alone && failed.tokens >= splittable)) {
+      return Status::ResourceExhausted(
+          "learner: one sequence of " + std::to_string(failed.tokens) +
+          " tokens (prompt + completion) does not fit in the GPU memory left to the learner's step (" +
+          s.message() +
+          "); leave the learner more memory: lower [rollout] kv_memory_fraction if a rollout worker shares its "
+          "GPU, put the rollout worker on another GPU, or sample shorter completions ([rollout] max_new_tokens)");
+    }
+    const int64_t old_bound = micro_batch_tokens_;
+    micro_batch_tokens_ = std::max<int64_t>(1, splittable / 2);
+    LOG(WARNING) << "learner: out of GPU memory in a micro-batch of " << failed.end - failed.begin
+                 << " sequences and " << failed.tokens << " tokens (" << s.message()
+                 << "); micro_batch_tokens " << (old_bound > 0 ? std::to_string(old_bound) : "unbounded") << " -> "
+                 << micro_batch_tokens_ << " (half of the largest micro-batch tried, " << splittable
+                 << " tokens), kept for the steps after; redoing this step from the start";
+#endif
+  }
+}
+
 Result<GrpoStepStats> GrpoTrainer::Step(const std::vector<TrainingGroup>& groups) {
   const auto t0 = std::chrono::steady_clock::now();
   GrpoStepStats st;
@@ -276,66 +322,81 @@ Result<GrpoStepStats> GrpoTrainer::Step(const std::vector<TrainingGroup>& groups
   }
 
   model::Model& m = *policy_;
-  GROVE_RETURN_IF_ERROR(ZeroGradOnStepDevice());
   int64_t total_tokens = 0;
-  for (const Item& it : items) total_tokens += static_cast<int64_t>(it.sample->tokens.size());
+  std::vector<int64_t> lengths;  // what a micro-batch's activations grow with
+  for (const Item& it : items) {
+    total_tokens += static_cast<int64_t>(it.sample->tokens.size());
+    lengths.push_back(static_cast<int64_t>(it.request.tokens.size()));
+  }
   st.sequences = static_cast<int64_t>(items.size());
   st.tokens = total_tokens;
 
   const model::ModelConfig& mc = m.config();
-  std::vector<std::vector<int64_t>> load(mc.moe_layers(), std::vector<int64_t>(mc.experts, 0));
-  for (size_t b = 0; b < items.size(); b += options_.micro_batch) {
-    const size_t e = std::min(items.size(), b + static_cast<size_t>(options_.micro_batch));
-    std::vector<model::ScoreRequest> reqs;
-    for (size_t i = b; i < e; ++i) reqs.push_back(items[i].request);
-    GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> cur, ScoreOnStepDevice(true, reqs, /*keep_for_backward=*/true));
-    // The reference is scored even with beta = 0: KL to it is the run's main
-    // drift signal in the metrics, at the cost of one forward without backward.
-    GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> ref, ScoreOnStepDevice(false, reqs, false));
-    std::vector<int64_t> offsets{0};
-    std::vector<float> logp, ref_logp, rollout_logp, adv;
-    for (size_t i = b; i < e; ++i) {
-      const auto& lp = cur.logprobs[i - b];
-      logp.insert(logp.end(), lp.begin(), lp.end());
-      ref_logp.insert(ref_logp.end(), ref.logprobs[i - b].begin(), ref.logprobs[i - b].end());
-      rollout_logp.insert(rollout_logp.end(), items[i].sample->rollout_logprobs.begin(),
-                          items[i].sample->rollout_logprobs.end());
-      offsets.push_back(static_cast<int64_t>(logp.size()));
-      adv.push_back(items[i].advantage);
-    }
-    if (rollout_logp.size() != logp.size())
-      return Status::Internal("rollout log-probs and scored log-probs differ in length");
-    PolicyBatch pb;
-    pb.seq_offsets = offsets;
-    pb.logp = logp;
-    // One update per batch: the proximal policy is the current one (ratio 1,
-    // still differentiated); the rollout's own log-probs enter through TIS.
-    pb.ref_logp = ref_logp;
-    pb.rollout_logp = rollout_logp;
-    pb.advantages = adv;
-    pb.total_tokens = total_tokens;
-    pb.total_sequences = st.sequences;
+  std::vector<std::vector<int64_t>> load;
+  auto attempt = [&](const std::vector<MicroBatchRange>& ranges, size_t& started) -> Status {
+    // Sums over micro-batches start over: an attempt that ran out of device
+    // memory may have added some.
+    st.loss = 0;
+    st.policy = PolicyLossStats{};
+    load.assign(mc.moe_layers(), std::vector<int64_t>(mc.experts, 0));
+    GROVE_RETURN_IF_ERROR(ZeroGradOnStepDevice());
+    for (const MicroBatchRange& range : ranges) {
+      ++started;
+      const size_t b = range.begin, e = range.end;
+      std::vector<model::ScoreRequest> reqs;
+      for (size_t i = b; i < e; ++i) reqs.push_back(items[i].request);
+      GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> cur, ScoreOnStepDevice(true, reqs, /*keep_for_backward=*/true));
+      // The reference is scored even with beta = 0: KL to it is the run's main
+      // drift signal in the metrics, at the cost of one forward without backward.
+      GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> ref, ScoreOnStepDevice(false, reqs, false));
+      std::vector<int64_t> offsets{0};
+      std::vector<float> logp, ref_logp, rollout_logp, adv;
+      for (size_t i = b; i < e; ++i) {
+        const auto& lp = cur.logprobs[i - b];
+        logp.insert(logp.end(), lp.begin(), lp.end());
+        ref_logp.insert(ref_logp.end(), ref.logprobs[i - b].begin(), ref.logprobs[i - b].end());
+        rollout_logp.insert(rollout_logp.end(), items[i].sample->rollout_logprobs.begin(),
+                            items[i].sample->rollout_logprobs.end());
+        offsets.push_back(static_cast<int64_t>(logp.size()));
+        adv.push_back(items[i].advantage);
+      }
+      if (rollout_logp.size() != logp.size())
+        return Status::Internal("rollout log-probs and scored log-probs differ in length");
+      PolicyBatch pb;
+      pb.seq_offsets = offsets;
+      pb.logp = logp;
+      // One update per batch: the proximal policy is the current one (ratio 1,
+      // still differentiated); the rollout's own log-probs enter through TIS.
+      pb.ref_logp = ref_logp;
+      pb.rollout_logp = rollout_logp;
+      pb.advantages = adv;
+      pb.total_tokens = total_tokens;
+      pb.total_sequences = st.sequences;
 #ifdef GROVE_LEARNER_GPU
-    if (gpu_) {
-      // The loss kernel reads the device's own log-probs and feeds its
-      // gradient straight to the backward: nothing per token crosses PCIe.
-      GROVE_ASSIGN_OR_RETURN(PolicyLossOutput out, gpu_->LossAndBackward(pb, options_.grpo.loss));
-      st.loss += out.loss;
-      Accumulate(st.policy, out.stats, st.policy.num_tokens);
-    } else
+      if (gpu_) {
+        // The loss kernel reads the device's own log-probs and feeds its
+        // gradient straight to the backward: nothing per token crosses PCIe.
+        GROVE_ASSIGN_OR_RETURN(PolicyLossOutput out, gpu_->LossAndBackward(pb, options_.grpo.loss));
+        st.loss += out.loss;
+        Accumulate(st.policy, out.stats, st.policy.num_tokens);
+      } else
 #endif
-    {
-      GROVE_ASSIGN_OR_RETURN(PolicyLossOutput out, ComputePolicyLoss(pb, options_.grpo.loss));
-      st.loss += out.loss;
-      Accumulate(st.policy, out.stats, st.policy.num_tokens);
-      std::vector<std::vector<float>> dlogp;
-      for (size_t i = 0; i + 1 < offsets.size(); ++i)
-        dlogp.emplace_back(out.grad_logp.begin() + offsets[i], out.grad_logp.begin() + offsets[i + 1]);
-      GROVE_RETURN_IF_ERROR(BackwardOnStepDevice(dlogp));
+      {
+        GROVE_ASSIGN_OR_RETURN(PolicyLossOutput out, ComputePolicyLoss(pb, options_.grpo.loss));
+        st.loss += out.loss;
+        Accumulate(st.policy, out.stats, st.policy.num_tokens);
+        std::vector<std::vector<float>> dlogp;
+        for (size_t i = 0; i + 1 < offsets.size(); ++i)
+          dlogp.emplace_back(out.grad_logp.begin() + offsets[i], out.grad_logp.begin() + offsets[i + 1]);
+        GROVE_RETURN_IF_ERROR(BackwardOnStepDevice(dlogp));
+      }
+      for (size_t l = 0; l < cur.expert_load.size() && l < load.size(); ++l)
+        for (size_t x = 0; x < cur.expert_load[l].size() && x < load[l].size(); ++x)
+          load[l][x] += cur.expert_load[l][x];
     }
-    for (size_t l = 0; l < cur.expert_load.size() && l < load.size(); ++l)
-      for (size_t x = 0; x < cur.expert_load[l].size() && x < load[l].size(); ++x) load[l][x] += cur.expert_load[l][x];
-  }
+    return Status::OK();
+  };
+  GROVE_RETURN_IF_ERROR(RunMicroBatches(lengths, attempt));
 
   if (!items.empty()) {
 #ifdef GROVE_LEARNER_GPU
@@ -375,30 +436,40 @@ Result<SupervisedStepStats> GrpoTrainer::SupervisedStep(const std::vector<Superv
   SupervisedStepStats st;
   for (const SupervisedExample& ex : batch) st.tokens += static_cast<int64_t>(ex.completion.size());
   if (st.tokens == 0) return Status::InvalidArgument("supervised batch without completion tokens");
-  GROVE_RETURN_IF_ERROR(ZeroGradOnStepDevice());
   const float scale = -1.0f / static_cast<float>(st.tokens);
+  std::vector<int64_t> lengths;
+  for (const SupervisedExample& ex : batch)
+    lengths.push_back(static_cast<int64_t>(ex.prompt.size() + ex.completion.size()));
   double nll = 0;
-  for (size_t b = 0; b < batch.size(); b += options_.micro_batch) {
-    const size_t e = std::min(batch.size(), b + static_cast<size_t>(options_.micro_batch));
-    std::vector<model::ScoreRequest> reqs;
-    for (size_t i = b; i < e; ++i) {
-      model::ScoreRequest r;
-      r.tokens = batch[i].prompt;
-      r.tokens.insert(r.tokens.end(), batch[i].completion.begin(), batch[i].completion.end());
-      r.score_from = static_cast<int64_t>(batch[i].prompt.size());
-      reqs.push_back(std::move(r));
-    }
-    GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> cur, ScoreOnStepDevice(true, reqs, true));
-    std::vector<std::vector<float>> dlogp;
-    for (const auto& lp : cur.logprobs) {
-      for (float v : lp) {
-        nll -= v;
-        st.confident_fraction += v > std::log(0.5f) ? 1 : 0;
+  auto attempt = [&](const std::vector<MicroBatchRange>& ranges, size_t& started) -> Status {
+    nll = 0;  // as the gradients, nothing of an attempt that ran out of memory counts
+    st.confident_fraction = 0;
+    GROVE_RETURN_IF_ERROR(ZeroGradOnStepDevice());
+    for (const MicroBatchRange& range : ranges) {
+      ++started;
+      const size_t b = range.begin, e = range.end;
+      std::vector<model::ScoreRequest> reqs;
+      for (size_t i = b; i < e; ++i) {
+        model::ScoreRequest r;
+        r.tokens = batch[i].prompt;
+        r.tokens.insert(r.tokens.end(), batch[i].completion.begin(), batch[i].completion.end());
+        r.score_from = static_cast<int64_t>(batch[i].prompt.size());
+        reqs.push_back(std::move(r));
       }
-      dlogp.emplace_back(lp.size(), scale);
+      GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> cur, ScoreOnStepDevice(true, reqs, true));
+      std::vector<std::vector<float>> dlogp;
+      for (const auto& lp : cur.logprobs) {
+        for (float v : lp) {
+          nll -= v;
+          st.confident_fraction += v > std::log(0.5f) ? 1 : 0;
+        }
+        dlogp.emplace_back(lp.size(), scale);
+      }
+      GROVE_RETURN_IF_ERROR(BackwardOnStepDevice(dlogp));
     }
-    GROVE_RETURN_IF_ERROR(BackwardOnStepDevice(dlogp));
-  }
+    return Status::OK();
+  };
+  GROVE_RETURN_IF_ERROR(RunMicroBatches(lengths, attempt));
   st.loss = nll / static_cast<double>(st.tokens);
   st.confident_fraction /= static_cast<double>(st.tokens);
 #ifdef GROVE_LEARNER_GPU

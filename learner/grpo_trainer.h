@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -26,6 +27,7 @@
 #include "learner/adamw.h"
 #include "learner/grpo_config.h"
 #include "learner/lr_schedule.h"
+#include "learner/micro_batches.h"
 #include "learner/optimizer_step.h"
 #include "learner/training_group.h"
 #include "model/transformer.h"
@@ -50,6 +52,11 @@ struct TrainerOptions {
   bool routing_replay = true;       // score with the experts the rollout chose
   bool update_router_bias = true;   // aux-loss-free balancing after each step
   int64_t micro_batch = 32;         // sequences per forward/backward
+  // Tokens (prompt + completion) per forward/backward, at most; 0: no
+  // bound. A sequence longer than it is a micro-batch of its own. The
+  // step's device memory grows with a micro-batch's tokens, not its
+  // sequences.
+  int64_t micro_batch_tokens = 0;
 };
 
 struct GrpoStepStats {
@@ -120,6 +127,11 @@ class GrpoTrainer {
   // the next Step / SupervisedStep / checkpoint load.
   Result<const float*> DeviceParams(int device);
   const TrainerOptions& options() const { return options_; }
+  // The token bound micro-batches are cut to now (0: none): the options'
+  // micro_batch_tokens, or less once a step on the GPU ran out of device
+  // memory and was redone with half its largest micro-batch's tokens (the
+  // bound stays lowered for the steps after, GRPO and supervised).
+  int64_t micro_batch_tokens() const { return micro_batch_tokens_; }
 
   // Weights (model file), optimizer state beside it, and the version and
   // the reference's weights, so a restarted learner continues exactly.
@@ -137,6 +149,16 @@ class GrpoTrainer {
                                                       bool keep_for_backward);
   Status BackwardOnStepDevice(const std::vector<std::vector<float>>& dlogp);
   Status ZeroGradOnStepDevice();
+  // One step's device work over micro-batches: `attempt` gets the ranges of
+  // the step's sequences and counts in `started` the micro-batches it has
+  // begun. It must start from nothing each call (zero the gradients, reset
+  // its sums): on the GPU, when it fails with ResourceExhausted (out of
+  // device memory), the activations are freed, micro_batch_tokens_ is
+  // lowered to half the largest micro-batch tried that a bound can split,
+  // and `attempt` runs again over the new cut. ResourceExhausted naming what
+  // to change when one sequence alone does not fit; other errors as they are.
+  using MicroBatchAttempt = std::function<Status(const std::vector<MicroBatchRange>& ranges, size_t& started)>;
+  Status RunMicroBatches(const std::vector<int64_t>& lengths, const MicroBatchAttempt& attempt);
   GrpoTrainer(std::unique_ptr<model::Model> policy, std::unique_ptr<model::Model> reference,
               TrainerOptions options, AdamW optimizer, AdamW sft_optimizer, LrSchedule schedule);
 
@@ -147,6 +169,7 @@ class GrpoTrainer {
   AdamW sft_optimizer_;
   LrSchedule schedule_;
   int64_t version_ = 0;
+  int64_t micro_batch_tokens_ = 0;  // see micro_batch_tokens()
   bool host_behind_ = false;  // GPU warm-start steps not yet downloaded to policy_
   std::unique_ptr<GpuGrpoStep, GpuGrpoStepDeleter> gpu_;  // null: the step runs on the CPU
 };

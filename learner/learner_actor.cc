@@ -35,6 +35,10 @@ struct LearnerSettings {
   int64_t batch_groups = 8;
   int64_t max_staleness = 1;
   int64_t micro_batch = 32;
+  // Tokens (prompt + completion) per micro-batch, at most; 0: no bound. The
+  // step's GPU memory grows with it (micro_batch alone does not bound it);
+  // on the GPU the learner lowers it itself after running out of memory.
+  int64_t micro_batch_tokens = 0;
   int64_t checkpoint_every = 10;  // GRPO steps; 0: no checkpoints at all (the run cannot resume)
   int64_t eval_every = 10;
   int64_t eval_problems = 64;
@@ -56,9 +60,9 @@ struct LearnerSettings {
 
 Result<LearnerSettings> ParseSettings(const Config& cfg) {
   Config s = cfg.Section("learner");
-  GROVE_RETURN_IF_ERROR(s.CheckKeys({"steps", "batch_groups", "max_staleness", "micro_batch", "checkpoint_every",
-                                     "eval_every", "eval_problems", "max_new_tokens", "warmstart_steps",
-                                     "warmstart_batch", "warmstart_lr", "seed", "weight_chunk_bytes",
+  GROVE_RETURN_IF_ERROR(s.CheckKeys({"steps", "batch_groups", "max_staleness", "micro_batch", "micro_batch_tokens",
+                                     "checkpoint_every", "eval_every", "eval_problems", "max_new_tokens",
+                                     "warmstart_steps", "warmstart_batch", "warmstart_lr", "seed", "weight_chunk_bytes",
                                      "request_timeout_ms", "routing_replay", "device", "eval_device",
                                      "eval_kv_memory_fraction", "grpo"}));
   LearnerSettings o;
@@ -66,6 +70,7 @@ Result<LearnerSettings> ParseSettings(const Config& cfg) {
   GROVE_ASSIGN_OR_RETURN(o.batch_groups, s.Int("batch_groups", o.batch_groups));
   GROVE_ASSIGN_OR_RETURN(o.max_staleness, s.Int("max_staleness", o.max_staleness));
   GROVE_ASSIGN_OR_RETURN(o.micro_batch, s.Int("micro_batch", o.micro_batch));
+  GROVE_ASSIGN_OR_RETURN(o.micro_batch_tokens, s.Int("micro_batch_tokens", o.micro_batch_tokens));
   GROVE_ASSIGN_OR_RETURN(o.checkpoint_every, s.Int("checkpoint_every", o.checkpoint_every));
   GROVE_ASSIGN_OR_RETURN(o.eval_every, s.Int("eval_every", o.eval_every));
   GROVE_ASSIGN_OR_RETURN(o.eval_problems, s.Int("eval_problems", o.eval_problems));
@@ -95,6 +100,7 @@ Result<LearnerSettings> ParseSettings(const Config& cfg) {
   GROVE_RETURN_IF_ERROR(bad("batch_groups", o.batch_groups < 1 || o.batch_groups > 4096));
   GROVE_RETURN_IF_ERROR(bad("max_staleness", o.max_staleness < 0));
   GROVE_RETURN_IF_ERROR(bad("micro_batch", o.micro_batch < 1));
+  GROVE_RETURN_IF_ERROR(bad("micro_batch_tokens (>= 0; 0: no bound)", o.micro_batch_tokens < 0));
   GROVE_RETURN_IF_ERROR(bad("checkpoint_every", o.checkpoint_every < 0));
   GROVE_RETURN_IF_ERROR(bad("eval_kv_memory_fraction", !(o.eval_kv_memory_fraction > 0 && o.eval_kv_memory_fraction < 1)));
   GROVE_RETURN_IF_ERROR(bad("eval_every", o.eval_every < 0));
@@ -209,6 +215,7 @@ Result<std::unique_ptr<GrpoTrainer>> BuildTrainer(const Config& cfg, const Learn
   TrainerOptions opt;
   GROVE_ASSIGN_OR_RETURN(opt.grpo, ParseGrpoConfig(cfg, "learner.grpo"));
   opt.micro_batch = s.micro_batch;
+  opt.micro_batch_tokens = s.micro_batch_tokens;
   opt.routing_replay = s.routing_replay;
   GROVE_ASSIGN_OR_RETURN(opt.device, ParseLearnerDevice(s.device));
   return GrpoTrainer::Create(std::move(m), std::move(opt));

@@ -4,11 +4,14 @@
 // checkpoint restores the trainer exactly.
 #include "learner/grpo_trainer.h"
 
+#include <cmath>
 #include <filesystem>
+#include <functional>
 #include <numeric>
 
 #include <gtest/gtest.h>
 
+#include "learner/micro_batches.h"
 #include "model/prompt_format.h"
 #include "model/tokenizer.h"
 
@@ -36,7 +39,9 @@ model::ModelConfig TinyConfig() {
   return c;
 }
 
-std::unique_ptr<GrpoTrainer> MakeTrainer(double lr, uint64_t seed = 7) {
+// `tweak` changes the options before Create (micro-batch bounds, AdamW's eps).
+std::unique_ptr<GrpoTrainer> MakeTrainer(double lr, uint64_t seed = 7,
+                                         const std::function<void(TrainerOptions&)>& tweak = {}) {
   auto m = model::Model::Create(TinyConfig(), seed);
   EXPECT_TRUE(m.ok());
   TrainerOptions o;
@@ -45,6 +50,7 @@ std::unique_ptr<GrpoTrainer> MakeTrainer(double lr, uint64_t seed = 7) {
   o.grpo.schedule.peak_lr = lr;
   o.grpo.optimizer.weight_decay = 0;
   o.micro_batch = 3;  // exercise accumulation across micro-batches
+  if (tweak) tweak(o);
   auto t = GrpoTrainer::Create(std::move(*m), o);
   EXPECT_TRUE(t.ok()) << t.status();
   return std::move(*t);
@@ -179,6 +185,123 @@ TEST(GrpoTrainer, CheckpointRestoresEverything) {
     ASSERT_EQ(a->policy().params()[i], b->policy().params()[i]) << i;
   // A checkpoint that is not there is a clear error.
   EXPECT_FALSE(b->LoadCheckpoint(dir + "-missing").ok());
+}
+
+// Micro-batches bounded in tokens change only how the step's sums are
+// split: each micro-batch's loss and gradient are normalized by the whole
+// batch's tokens and sequences, so the step's loss, gradient norm and new
+// weights are the unbounded step's up to fp32 summation order. Tolerances:
+// the gradients are sums over micro-batches in another order (fp32, a few
+// 1e-7 relative), loss and norm 1e-5 relative. AdamW's eps is 1e-3 here
+// (both trainers), not 1e-8: a first Adam step moves each weight by
+// ~lr * g / (|g| + eps), and at eps 1e-8 a gradient element that is zero
+// up to rounding would move by +-lr on either sign of its rounding; at
+// 1e-3 a rounding-sized difference in g moves a weight by ~lr * dg / eps,
+// far below the 1e-6 the weights are compared to (the router bias moves by
+// the expert loads, integer sums over the same tokens: exactly equal).
+void ExpectSameWeights(const GrpoTrainer& a, const GrpoTrainer& b) {
+  std::span<const float> pa = a.policy().params(), pb = b.policy().params();
+  ASSERT_EQ(pa.size(), pb.size());
+  double worst = 0;
+  for (size_t i = 0; i < pa.size(); ++i) worst = std::max(worst, std::abs(double(pa[i]) - pb[i]));
+  std::printf("worst weight difference %.3g\n", worst);
+  EXPECT_LE(worst, 1e-6);
+}
+
+std::vector<int64_t> ScoredLengths(const std::vector<TrainingGroup>& groups) {
+  std::vector<int64_t> lengths;
+  for (const TrainingGroup& g : groups)
+    for (const TrainingSample& s : g.samples) lengths.push_back(int64_t(g.prompt_tokens.size() + s.tokens.size()));
+  return lengths;
+}
+
+TEST(GrpoTrainer, TokenBoundedMicroBatchesGiveTheSameStep) {
+  auto with_bound = [](int64_t tokens) {
+    return [tokens](TrainerOptions& o) {
+      o.micro_batch = 5;
+      o.micro_batch_tokens = tokens;
+      o.grpo.optimizer.eps = 1e-3;
+    };
+  };
+  auto a = MakeTrainer(3e-3, 5, with_bound(0));
+  const std::vector<TrainingGroup> groups = {SampleGroup(*a, {1, 0, 0, 1}, 21), SampleGroup(*a, {0, 1, 1}, 22)};
+  const std::vector<int64_t> lengths = ScoredLengths(groups);
+  // A bound of about two sequences: micro-batches of 1-2 sequences instead
+  // of 5 + 2, so the sums really are split otherwise.
+  const int64_t bound = *std::max_element(lengths.begin(), lengths.end()) + 2;
+  const auto unbounded_cut = CutMicroBatches(lengths, 5, 0), bounded_cut = CutMicroBatches(lengths, 5, bound);
+  ASSERT_EQ(unbounded_cut.size(), 2u);
+  ASSERT_GE(bounded_cut.size(), 4u) << "bound " << bound;
+  auto b = MakeTrainer(3e-3, 5, with_bound(bound));
+  EXPECT_EQ(a->micro_batch_tokens(), 0);
+  EXPECT_EQ(b->micro_batch_tokens(), bound);
+  for (int step = 0; step < 2; ++step) {
+    SCOPED_TRACE("step " + std::to_string(step));
+    Result<GrpoStepStats> sa = a->Step(groups);
+    Result<GrpoStepStats> sb = b->Step(groups);
+    ASSERT_TRUE(sa.ok() && sb.ok()) << sa.status() << sb.status();
+    std::printf("loss %.9g vs %.9g, grad norm %.9g vs %.9g\n", sa->loss, sb->loss, sa->update.grad_norm,
+                sb->update.grad_norm);
+    ASSERT_GT(sa->update.grad_norm, 0);
+    // The first step's loss is ~0 (ratio 1, zero-mean advantages): terms of
+    // size ~|advantage| ~ 1 cancel, leaving fp32 noise of ~1e-8 absolute.
+    EXPECT_NEAR(sb->loss, sa->loss, 1e-5 * std::abs(sa->loss) + 1e-6);
+    EXPECT_NEAR(sb->update.grad_norm, sa->update.grad_norm, 1e-5 * sa->update.grad_norm);
+    EXPECT_NEAR(sb->policy.kl_ref_k3_mean, sa->policy.kl_ref_k3_mean, 1e-6);
+    EXPECT_EQ(sb->policy.num_tokens, sa->policy.num_tokens);
+    EXPECT_EQ(sb->tokens, sa->tokens);
+    ASSERT_NO_FATAL_FAILURE(ExpectSameWeights(*a, *b));
+  }
+  EXPECT_EQ(b->micro_batch_tokens(), bound);  // only running out of GPU memory lowers it
+}
+
+TEST(GrpoTrainer, TokenBoundedMicroBatchesGiveTheSameSupervisedStep) {
+  model::CharTokenizer tok;
+  std::vector<SupervisedExample> batch;
+  std::vector<int64_t> lengths;
+  for (const char* q : {"1+2=", "13+4=", "5+1=", "22+19=", "7+7="}) {
+    SupervisedExample ex;
+    ex.prompt = *model::EncodePrompt(tok, q);
+    ex.completion = *model::EncodeCompletion(tok, std::string("<think>") + q + "</think><answer>3</answer>");
+    lengths.push_back(int64_t(ex.prompt.size() + ex.completion.size()));
+    batch.push_back(ex);
+  }
+  const int64_t bound = *std::max_element(lengths.begin(), lengths.end()) + 2;
+  ASSERT_GE(CutMicroBatches(lengths, 4, bound).size(), 3u);
+  ASSERT_EQ(CutMicroBatches(lengths, 4, 0).size(), 2u);
+  auto opts = [](int64_t tokens) {
+    return [tokens](TrainerOptions& o) {
+      o.micro_batch = 4;
+      o.micro_batch_tokens = tokens;
+      o.grpo.optimizer.eps = 1e-3;
+    };
+  };
+  auto a = MakeTrainer(1e-3, 9, opts(0));
+  auto b = MakeTrainer(1e-3, 9, opts(bound));
+  for (int step = 0; step < 2; ++step) {
+    SCOPED_TRACE("step " + std::to_string(step));
+    Result<SupervisedStepStats> sa = a->SupervisedStep(batch, 1e-2);
+    Result<SupervisedStepStats> sb = b->SupervisedStep(batch, 1e-2);
+    ASSERT_TRUE(sa.ok() && sb.ok()) << sa.status() << sb.status();
+    std::printf("loss %.9g vs %.9g, grad norm %.9g vs %.9g\n", sa->loss, sb->loss, sa->update.grad_norm,
+                sb->update.grad_norm);
+    EXPECT_NEAR(sb->loss, sa->loss, 1e-5 * sa->loss);
+    EXPECT_NEAR(sb->update.grad_norm, sa->update.grad_norm, 1e-5 * sa->update.grad_norm);
+    EXPECT_DOUBLE_EQ(sb->confident_fraction, sa->confident_fraction);
+    EXPECT_EQ(sb->tokens, sa->tokens);
+    ASSERT_NO_FATAL_FAILURE(ExpectSameWeights(*a, *b));
+  }
+}
+
+TEST(GrpoTrainer, NegativeTokenBoundIsRefused) {
+  auto m = model::Model::Create(TinyConfig(), 1);
+  ASSERT_TRUE(m.ok());
+  TrainerOptions o;
+  o.micro_batch_tokens = -1;
+  auto t = GrpoTrainer::Create(std::move(*m), o);
+  ASSERT_FALSE(t.ok());
+  EXPECT_EQ(t.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(t.status().message().find("micro_batch_tokens"), std::string::npos) << t.status();
 }
 
 }  // namespace

@@ -23,6 +23,8 @@ Status Validate(const std::string& learner_keys) {
 TEST(LearnerConfig, RefusesWhatCannotRunNamingTheKey) {
   EXPECT_TRUE(Validate("steps = 3\n").ok()) << Validate("steps = 3\n");
   EXPECT_TRUE(Validate("checkpoint_every = 0\neval_device = \"cpu\"\n").ok());
+  EXPECT_TRUE(Validate("micro_batch_tokens = 4096\n").ok()) << Validate("micro_batch_tokens = 4096\n");
+  EXPECT_TRUE(Validate("micro_batch_tokens = 0\n").ok());
   struct Case {
     const char* keys;
     const char* names;
@@ -30,6 +32,7 @@ TEST(LearnerConfig, RefusesWhatCannotRunNamingTheKey) {
   for (const Case& c : {Case{"eval_device = \"tpu\"\n", "learner.eval_device 'tpu'"},
                         Case{"device = \"cpu\"\neval_device = \"gpu\"\n", "learner.eval_device = gpu needs"},
                         Case{"checkpoint_every = -1\n", "learner.checkpoint_every"},
+                        Case{"micro_batch_tokens = -1\n", "learner.micro_batch_tokens"},
                         Case{"eval_kv_memory_fraction = 1.5\n", "learner.eval_kv_memory_fraction"},
                         Case{"eval_kv_memory_fraction = 0\n", "learner.eval_kv_memory_fraction"},
                         Case{"warmstart_lr = -1.0\n", "learner.warmstart_lr"},
