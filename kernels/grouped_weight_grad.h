@@ -18,15 +18,18 @@
 namespace grove::kernels {
 
 // Which implementation runs. All: a plain grid over (expert, output, G
-// tile), the reduction over the expert's rows through a cp.async ring that
-// zero-fills rows past the expert's end. kAuto: kMmaSync (the wgmma ones
-// are the default only once measured on the H100: bench/kernels --dw).
+// tile) reducing over the expert's rows; rows past the expert's end never
+// enter its sums. kAuto: kTmaN128 on sm_90 (the fastest measured on an
+// H100: bench/kernels --dw), else kMmaSync.
 enum class WeightGradImpl {
   kAuto,
   kMmaSync,    // sm_80+: 128 x 128 G tiles, 32 rows per stage, ldmatrix.trans + mma.sync
   kWgmma,      // sm_90a: 128 x 128 G tiles, 64 rows per stage, wgmma m64n128k16
                //   with both operands MN-major (as they lie in memory)
   kWgmmaN256,  // sm_90a: 128 x 256 G tiles, wgmma m64n256k16
+  kTma,        // sm_90a: 128 x 256 G tiles, a TMA producer warpgroup feeding two
+               //   wgmma consumer warpgroups through mbarriers (4 stages)
+  kTmaN128,    // sm_90a: as kTma with 128 x 128 tiles, 3 stages, 2 CTAs per SM
 };
 
 const char* WeightGradImplName(WeightGradImpl impl);

@@ -1,4 +1,4 @@
-// Internal to GroupedWeightGrad: the sm_90a launcher that grouped_weight_grad.cu
+// Internal to GroupedWeightGrad: the sm_90a launchers that grouped_weight_grad.cu
 // dispatches to after checking the arguments and the device.
 #pragma once
 
@@ -12,5 +12,9 @@ namespace grove::kernels::detail {
 // tile_cols: 128 (WeightGradImpl::kWgmma) or 256 (kWgmmaN256).
 Status LaunchWeightGradWgmma(const GroupedWeightGradArgs& args, int tile_cols,
                              cudaStream_t stream);
+
+// impl: kTma or kTmaN128. total_rows > 0.
+Status LaunchWeightGradTma(const GroupedWeightGradArgs& args, WeightGradImpl impl,
+                           cudaStream_t stream);
 
 }  // namespace grove::kernels::detail

@@ -202,11 +202,13 @@ struct GpuTransformer::Impl {
   std::vector<cublasHandle_t> side_cublas;
   std::vector<cudaEvent_t> side_done;
   cudaEvent_t fork = nullptr;
-  // GROVE_EXPERT_DW=grouped (or an implementation: mma_sync, wgmma,
-  // wgmma_n256): the experts' weight gradients as two GroupedWeightGrad
-  // launches per MoE layer (w2; w1 and w3 together) instead of two cuBLAS
-  // calls per expert. Off ("cublas") by default until measured on the GPU;
-  // the cuBLAS path stays for the comparison.
+  // The experts' weight gradients as two GroupedWeightGrad launches per MoE
+  // layer (w2; w1 and w3 together) instead of two cuBLAS calls per expert:
+  // the default on sm_90, where its TMA kernel beats the cuBLAS loop (gpu-ref
+  // step on an H100: expert dW 24.8 -> 22.3 ms; docs/gpu-learner.md); the
+  // cuBLAS loop elsewhere (the mma.sync kernel loses to it). GROVE_EXPERT_DW
+  // = cublas | grouped | an implementation's name (WeightGradImplName)
+  // overrides, for comparisons.
   bool grouped_dw = false;
   kernels::WeightGradImpl dw_impl = kernels::WeightGradImpl::kAuto;
 
@@ -271,19 +273,27 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
   GROVE_RETURN_IF_ERROR(Cublas(cublasSetStream(im.cublas, im.stream), "set stream"));
   im.prof = std::make_unique<PhaseTimer>(im.stream);
   if (const char* env = std::getenv("GROVE_GPU_PROFILE"); env && std::string(env) == "1") im.prof->SetEnabled(true);
+  {
+    int major = 0, minor = 0;
+    GPU_OK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    GPU_OK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    im.grouped_dw = major == 9 && minor == 0;
+  }
   if (const char* env = std::getenv("GROVE_EXPERT_DW")) {
     const std::string v = env;
     using kernels::WeightGradImpl;
-    if (v == "grouped" || v == "mma_sync" || v == "wgmma" || v == "wgmma_n256") {
-      im.grouped_dw = true;
-      im.dw_impl = v == "mma_sync" ? WeightGradImpl::kMmaSync
-                   : v == "wgmma"  ? WeightGradImpl::kWgmma
-                   : v == "wgmma_n256" ? WeightGradImpl::kWgmmaN256
-                                       : WeightGradImpl::kAuto;
-    } else if (v != "cublas") {
-      return Status::InvalidArgument(
-          "GROVE_EXPERT_DW must be cublas, grouped, mma_sync, wgmma or wgmma_n256, got '" + v + "'");
+    std::string names = "cublas, grouped";
+    bool known = v == "cublas" || v == "grouped";
+    im.grouped_dw = v == "grouped";
+    for (WeightGradImpl impl : {WeightGradImpl::kMmaSync, WeightGradImpl::kWgmma, WeightGradImpl::kWgmmaN256,
+                                WeightGradImpl::kTma, WeightGradImpl::kTmaN128}) {
+      names += std::string(", ") + kernels::WeightGradImplName(impl);
+      if (v == kernels::WeightGradImplName(impl)) {
+        known = im.grouped_dw = true;
+        im.dw_impl = impl;
+      }
     }
+    if (!known) return Status::InvalidArgument("GROVE_EXPERT_DW must be one of " + names + ", got '" + v + "'");
   }
   if (trainable && c.experts > 0) {
     // GROVE_EXPERT_DW_STREAMS=N > 0 runs the experts' dW GEMMs on N side

@@ -666,7 +666,8 @@ void WeightGradBench(cublasHandle_t h, std::mt19937_64& rng, int reps) {
     std::printf(kRowFmt, shape, "cuBLAS per-expert loop", loop_ms, flops / loop_ms / 1e9,
                 100.0 * dense_ms / loop_ms, 1.0, 0.0);
     for (WeightGradImpl impl :
-         {WeightGradImpl::kMmaSync, WeightGradImpl::kWgmma, WeightGradImpl::kWgmmaN256}) {
+         {WeightGradImpl::kMmaSync, WeightGradImpl::kWgmma, WeightGradImpl::kWgmmaN256,
+          WeightGradImpl::kTma, WeightGradImpl::kTmaN128}) {
       const std::string method =
           std::string("grove GroupedWeightGrad ") + grove::kernels::WeightGradImplName(impl);
       // Agreement first (overwrite from a poisoned buffer), then timing.

@@ -116,15 +116,17 @@ void CheckOutput(const Case& c, const char* what, int64_t stride, const std::vec
   EXPECT_LE(rel, 1e-4);
 }
 
-const WeightGradImpl kImpls[] = {WeightGradImpl::kAuto, WeightGradImpl::kMmaSync,
-                                 WeightGradImpl::kWgmma, WeightGradImpl::kWgmmaN256};
+const WeightGradImpl kImpls[] = {WeightGradImpl::kAuto,      WeightGradImpl::kMmaSync,
+                                 WeightGradImpl::kWgmma,     WeightGradImpl::kWgmmaN256,
+                                 WeightGradImpl::kTma,       WeightGradImpl::kTmaN128};
 
 bool CanRun(WeightGradImpl impl) {
   int dev = 0, major = 0, minor = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-  const bool wgmma = impl == WeightGradImpl::kWgmma || impl == WeightGradImpl::kWgmmaN256;
+  const bool wgmma = impl == WeightGradImpl::kWgmma || impl == WeightGradImpl::kWgmmaN256 ||
+                     impl == WeightGradImpl::kTma || impl == WeightGradImpl::kTmaN128;
   return wgmma ? major == 9 && minor == 0 : major >= 8;
 }
 

@@ -335,7 +335,7 @@ TEST_P(GpuTransformerTest, GradientsMatchCpuWithReplay) {
 }
 
 // GROVE_EXPERT_DW=grouped and each implementation (kernels::
-// GroupedWeightGrad, two launches per MoE layer) against the default cuBLAS
+// GroupedWeightGrad, two launches per MoE layer) against the cuBLAS
 // loop, on models with the same parameters and batch, the CPU model's routes
 // replayed (so a near-tie cannot route differently between runs). Both sum the same exact bf16 products in fp32, in different
 // orders: per tensor ~sqrt(rows) * 2^-24 relative (< 1e-5 at this batch's
@@ -413,7 +413,7 @@ TEST_P(GpuTransformerTest, GroupedExpertDwMatchesCublas) {
   auto cpu = Model::Create(c, seed);
   ASSERT_TRUE(cpu.ok());
   const ParamLayout& layout = (*cpu)->layout();
-  for (const char* value : {"grouped", "mma_sync", "wgmma", "wgmma_n256"}) {
+  for (const char* value : {"grouped", "mma_sync", "wgmma", "wgmma_n256", "tma", "tma_n128"}) {
     SCOPED_TRACE(value);
     std::vector<float> gb;
     if (!grads(value, &gb)) continue;
