@@ -518,7 +518,7 @@ Status GrpoTrainer::SaveCheckpoint(const std::string& dir) {
   std::filesystem::remove_all(tmp, ec);
   std::filesystem::create_directories(tmp, ec);
   std::map<std::string, std::string> meta = {{"version", std::to_string(version_)},
-                                             {"rl_steps", std::to_string(optimizer_.step())}};
+                                             {"rl_steps", std::to_string(rl_steps())}};
   GROVE_RETURN_IF_ERROR(model::SaveModel(tmp + "/model.safetensors", *policy_, meta));
   GROVE_RETURN_IF_ERROR(model::SaveModel(tmp + "/reference.safetensors", *reference_, meta));
 #ifdef GROVE_LEARNER_GPU

@@ -166,7 +166,8 @@ int Run() {
   std::printf("GRPO loss on the %s; expert dW streams: %s; expert dW: %s\n", FLAGS_host_loss ? "host" : "device",
               std::getenv("GROVE_EXPERT_DW_STREAMS") ? std::getenv("GROVE_EXPERT_DW_STREAMS")
                                                      : "default (0, in order)",
-              std::getenv("GROVE_EXPERT_DW") ? std::getenv("GROVE_EXPERT_DW") : "default (cublas)");
+              std::getenv("GROVE_EXPERT_DW") ? std::getenv("GROVE_EXPERT_DW")
+                                            : "default (grouped on sm_90, else cublas)");
   std::printf("%-6s %9s %9s %9s %9s %9s %11s %7s\n", "step", "fwd s", "loss s", "bwd s", "optim s", "total s",
               "tokens/s", "MFU");
   std::vector<double> totals, fwds, bwds, opts, losses;

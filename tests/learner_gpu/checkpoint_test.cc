@@ -1,0 +1,142 @@
+// A learner whose step runs on the GPU saves and restores the same
+// checkpoint as on the CPU: weights, the GRPO moments, the step count and
+// version (also in the files' metadata), and the reference. Skips without a
+// GPU.
+#include <gtest/gtest.h>
+
+#include <cuda_runtime.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <random>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "learner/grpo_trainer.h"
+#include "model/checkpoint.h"
+#include "model/config.h"
+#include "model/gpu_transformer.h"
+
+namespace grove::learner {
+namespace {
+
+model::ModelConfig SmallMoeConfig() {
+  model::ModelConfig c;
+  c.vocab_size = 64;
+  c.hidden = 128;
+  c.layers = 2;
+  c.heads = 4;
+  c.kv_heads = 2;
+  c.head_dim = 32;
+  c.max_seq_len = 256;
+  c.dense_layers = 1;
+  c.dense_hidden = 256;
+  c.experts = 8;
+  c.top_k = 2;
+  c.shared_experts = 1;
+  c.expert_hidden = 128;
+  c.score_func = model::ScoreFunc::kSigmoid;
+  c.norm_topk = true;
+  c.init_std = 0.05;
+  return c;
+}
+
+std::vector<TrainingGroup> Groups(const model::ModelConfig& c, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> tok(0, int(c.vocab_size) - 1);
+  std::vector<TrainingGroup> out(4);
+  for (size_t gi = 0; gi < out.size(); ++gi) {
+    TrainingGroup& g = out[gi];
+    g.group_id = "g" + std::to_string(gi);
+    for (int t = 0; t < 12; ++t) g.prompt_tokens.push_back(tok(rng));
+    for (int s = 0; s < 4; ++s) {
+      TrainingSample smp;
+      const int len = 20 + int(rng() % 30);
+      for (int t = 0; t < len; ++t) {
+        smp.tokens.push_back(tok(rng));
+        smp.rollout_logprobs.push_back(-std::log(float(c.vocab_size)));
+      }
+      smp.reward = double((s + gi) % 2);
+      g.samples.push_back(std::move(smp));
+    }
+  }
+  return out;
+}
+
+std::unique_ptr<GrpoTrainer> MakeGpuTrainer(const model::ModelConfig& c, uint64_t seed) {
+  TrainerOptions opt;
+  opt.device = LearnerDevice::kGpu;
+  opt.routing_replay = false;
+  opt.grpo.schedule.peak_lr = 1e-3;
+  opt.grpo.loss.beta = 0.04;  // the reference enters the loss, so a lost one shows
+  auto m = model::Model::Create(c, seed);
+  EXPECT_TRUE(m.ok()) << m.status();
+  auto t = GrpoTrainer::Create(std::move(*m), opt);
+  EXPECT_TRUE(t.ok()) << t.status();
+  return t.ok() ? std::move(*t) : nullptr;
+}
+
+// After a restore, the next step from both trainers must agree to the
+// GPU's run-to-run noise (the same kernels on the same inputs; reductions
+// with atomics may sum in another order: fp32 rounding, ~1e-7 of a weight).
+// A lost optimizer state moves weights by ~lr = 1e-3 (Adam's first step from
+// zero moments is ~lr * sign(g)), a lost reference changes the KL term's
+// gradient: both far above 1e-6 of the largest weight.
+TEST(GpuCheckpoint, RestoresWeightsMomentsStepsAndReference) {
+  if (model::GpuTransformer::DeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+  ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
+  const model::ModelConfig c = SmallMoeConfig();
+  ASSERT_TRUE(c.Validate().ok()) << c.Validate();
+  std::unique_ptr<GrpoTrainer> a = MakeGpuTrainer(c, 5);
+  ASSERT_NE(a, nullptr);
+  ASSERT_TRUE(a->on_gpu());
+  a->FreezeReference();
+  ASSERT_TRUE(a->Step(Groups(c, 1)).ok());
+  ASSERT_TRUE(a->Step(Groups(c, 2)).ok());
+  ASSERT_EQ(a->rl_steps(), 2);
+
+  const std::string dir =
+      (std::filesystem::temp_directory_path() / ("grove_gpu_ckpt_" + std::to_string(getpid()))).string();
+  std::filesystem::remove_all(dir);
+  ASSERT_TRUE(a->SaveCheckpoint(dir).ok());
+  auto meta = model::ReadMetadata(dir + "/model.safetensors");
+  ASSERT_TRUE(meta.ok()) << meta.status();
+  EXPECT_EQ((*meta)["rl_steps"], "2");  // the GPU's count, not the idle host optimizer's
+  EXPECT_EQ((*meta)["version"], "2");
+
+  std::unique_ptr<GrpoTrainer> b = MakeGpuTrainer(c, 99);  // other initial weights
+  ASSERT_NE(b, nullptr);
+  ASSERT_TRUE(b->LoadCheckpoint(dir).ok());
+  EXPECT_EQ(b->version(), 2);
+  EXPECT_EQ(b->rl_steps(), 2);
+  const std::span<const float> host = a->policy().params();  // synced by SaveCheckpoint
+  const std::vector<float> pa(host.begin(), host.end());
+  std::vector<float> pb(pa.size());
+  ASSERT_TRUE(b->CopyParams(pb).ok());  // what the restored GPU step starts from
+  for (size_t i = 0; i < pa.size(); ++i) ASSERT_EQ(pa[i], pb[i]) << i;
+
+  const std::vector<TrainingGroup> next = Groups(c, 3);
+  ASSERT_TRUE(a->Step(next).ok());
+  ASSERT_TRUE(b->Step(next).ok());
+  std::vector<float> na(pa.size()), nb(pa.size());
+  ASSERT_TRUE(a->CopyParams(na).ok());
+  ASSERT_TRUE(b->CopyParams(nb).ok());
+  double worst = 0, largest = 0, moved = 0;
+  for (size_t i = 0; i < na.size(); ++i) {
+    worst = std::max(worst, double(std::abs(na[i] - nb[i])));
+    largest = std::max(largest, double(std::abs(na[i])));
+    moved = std::max(moved, double(std::abs(na[i] - pa[i])));
+  }
+  std::printf("next step after restore: max |a - b| %.3g, max |weight| %.3g, max step %.3g\n", worst, largest,
+              moved);
+  EXPECT_GT(moved, 1e-4);  // the step did move the weights
+  EXPECT_LE(worst, 1e-6 * largest);
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace grove::learner
