@@ -17,8 +17,13 @@ Status CheckArgs(const GroupedGemmArgs& a) {
   if (a.n <= 0 || a.k <= 0 || a.n % 8 != 0 || a.k % 8 != 0)
     return Status::InvalidArgument("grouped GEMM: n and k must be positive multiples of 8, got n=" +
                                    std::to_string(a.n) + " k=" + std::to_string(a.k));
-  if (static_cast<int64_t>(a.num_experts) * a.n > INT32_MAX)
-    return Status::InvalidArgument("grouped GEMM: num_experts * n overflows int32");
+  if (a.w_expert_rows != 0 && a.w_expert_rows < a.n)
+    return Status::InvalidArgument(
+        "grouped GEMM: w_expert_rows " + std::to_string(a.w_expert_rows) +
+        " < n = " + std::to_string(a.n) + ": experts' weights would overlap");
+  const int64_t expert_rows = a.w_expert_rows != 0 ? a.w_expert_rows : a.n;
+  if ((static_cast<int64_t>(a.num_experts) - 1) * expert_rows + a.n > INT32_MAX)
+    return Status::InvalidArgument("grouped GEMM: the weights' rows overflow int32");
   if (a.expert_offsets == nullptr || a.w == nullptr)
     return Status::InvalidArgument("grouped GEMM: null weights or offsets");
   if (a.total_rows > 0 && (a.a == nullptr || a.c == nullptr))
@@ -61,8 +66,10 @@ const char* GroupedGemmImplName(GroupedGemmImpl impl) {
   return "unknown";
 }
 
-Status GroupedGemm(const GroupedGemmArgs& args, GroupedGemmImpl impl, cudaStream_t stream) {
-  GROVE_RETURN_IF_ERROR(CheckArgs(args));
+Status GroupedGemm(const GroupedGemmArgs& given, GroupedGemmImpl impl, cudaStream_t stream) {
+  GROVE_RETURN_IF_ERROR(CheckArgs(given));
+  GroupedGemmArgs args = given;  // the launchers read w_expert_rows as set
+  if (args.w_expert_rows == 0) args.w_expert_rows = args.n;
   if (args.total_rows == 0) return Status::OK();  // nothing routed anywhere
   detail::DeviceInfo dev;
   GROVE_RETURN_IF_ERROR(QueryDevice(&dev));

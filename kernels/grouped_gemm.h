@@ -41,7 +41,7 @@ enum class GroupedGemmImpl {
 
 struct GroupedGemmArgs {
   const __nv_bfloat16* a = nullptr;       // [total_rows, k] row-major
-  const __nv_bfloat16* w = nullptr;       // [num_experts, n, k] row-major
+  const __nv_bfloat16* w = nullptr;       // expert e's [n, k] row-major at w + e * w_expert_rows * k
   void* c = nullptr;                      // [total_rows, n] row-major, float or bf16
   const int32_t* expert_offsets = nullptr;  // device, [num_experts + 1]
   int total_rows = 0;                     // rows of A and C
@@ -49,6 +49,12 @@ struct GroupedGemmArgs {
   int n = 0;                              // output features (multiple of 8)
   int k = 0;                              // input features (multiple of 8)
   GemmOutType out_type = GemmOutType::kF32;
+  // Rows of k elements from one expert's W to the next (>= n); 0: n, i.e.
+  // the experts packed as [num_experts, n, k]. Lets the GEMM read weights
+  // where they lie in a parameter layout that interleaves each expert's
+  // tensors (model/: w1, w2, w3 of one expert, then the next's), with no
+  // packed copy.
+  int w_expert_rows = 0;
 };
 
 // Contract on expert_offsets (read on the device, so not checked here):

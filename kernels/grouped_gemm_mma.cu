@@ -49,7 +49,7 @@ template <typename OutT>
 __global__ void __launch_bounds__(kThreads, 2)
     GroupedGemmMmaKernel(const __nv_bfloat16* __restrict__ a, const __nv_bfloat16* __restrict__ w,
                          const int32_t* __restrict__ offsets, int num_experts, int total_rows,
-                         int n, int k, OutT* __restrict__ c) {
+                         int n, int k, int w_expert_rows, OutT* __restrict__ c) {
   extern __shared__ __align__(128) uint8_t smem_raw[];
   __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(smem_raw);
   int* tile_prefix = reinterpret_cast<int*>(smem_raw + kStages * kStageElems * 2);
@@ -62,13 +62,13 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = warp / 4, wn = warp % 4;
-  const int w_rows = num_experts * n;
+  const int w_rows = (num_experts - 1) * w_expert_rows + n;
   int expert_hint = 0;
 
   for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
     const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBM, kBN, n_tiles,
                                    expert_hint);
-    const int w_row0 = t.expert * n + t.col_begin;
+    const int w_row0 = t.expert * w_expert_rows + t.col_begin;
     // W rows past this expert's n belong to the next expert: harmless
     // (those columns are not stored), but never read past the tensor.
     auto load_stage = [&](int kb) {
@@ -167,7 +167,8 @@ Status Launch(const GroupedGemmArgs& args, const DeviceInfo& dev, cudaStream_t s
                         std::max<int64_t>(max_tiles, 1)));
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(args.a, args.w, args.expert_offsets,
                                                  args.num_experts, args.total_rows, args.n,
-                                                 args.k, static_cast<OutT*>(args.c));
+                                                 args.k, args.w_expert_rows,
+                                                 static_cast<OutT*>(args.c));
   return CudaStatus(cudaGetLastError(), "mma.sync grouped GEMM launch");
 }
 

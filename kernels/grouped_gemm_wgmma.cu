@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     GroupedGemmWgmmaKernel(const __grid_constant__ CUtensorMap tmap_a,
                            const __grid_constant__ CUtensorMap tmap_w,
                            const int32_t* __restrict__ offsets, int num_experts, int total_rows,
-                           int n, int k, OutT* __restrict__ c) {
+                           int n, int k, int w_expert_rows, OutT* __restrict__ c) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int BN = Cfg::kBlockN;
   constexpr int kBlockK = Cfg::kBlockK;
@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
         const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
                                        n_tiles, expert_hint);
-        const int w_row = t.expert * n + t.col_begin;
+        const int w_row = t.expert * w_expert_rows + t.col_begin;
         for (int kb = 0; kb < k_blocks; ++kb) {
           ptx::mbarrier_wait_parity(&empty_bar[stage], phase ^ 1);
           uint8_t* a_dst = smem + stage * Cfg::kStageBytes;
@@ -194,7 +194,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     GroupedGemmWgmmaStagedKernel(const __grid_constant__ CUtensorMap tmap_a,
                                  const __grid_constant__ CUtensorMap tmap_w,
                                  const int32_t* __restrict__ offsets, int num_experts,
-                                 int total_rows, int n, int k, __nv_bfloat16* __restrict__ c) {
+                                 int total_rows, int n, int k, int w_expert_rows,
+                                 __nv_bfloat16* __restrict__ c) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int BN = Cfg::kBlockN;
   constexpr int kBlockK = Cfg::kBlockK;
@@ -241,7 +242,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
         const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
                                        n_tiles, expert_hint);
-        const int w_row = t.expert * n + t.col_begin;
+        const int w_row = t.expert * w_expert_rows + t.col_begin;
         for (int kb = 0; kb < k_blocks; ++kb) {
           ptx::mbarrier_wait_parity(&empty_bar[stage], phase ^ 1);
           uint8_t* a_dst = smem + stage * Cfg::kStageBytes;
@@ -358,7 +359,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     GroupedGemmWgmmaPingpongKernel(const __grid_constant__ CUtensorMap tmap_a,
                                    const __grid_constant__ CUtensorMap tmap_w,
                                    const int32_t* __restrict__ offsets, int num_experts,
-                                   int total_rows, int n, int k, OutT* __restrict__ c) {
+                                   int total_rows, int n, int k, int w_expert_rows,
+                                   OutT* __restrict__ c) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int BN = Cfg::kBlockN;
   constexpr int kBlockK = Cfg::kBlockK;
@@ -401,7 +403,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
         const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
                                        n_tiles, expert_hint);
-        const int w_row = t.expert * n + t.col_begin;
+        const int w_row = t.expert * w_expert_rows + t.col_begin;
         for (int kb = 0; kb < k_blocks; ++kb) {
           ptx::mbarrier_wait_parity(&empty_bar[stage], phase ^ 1);
           uint8_t* a_dst = smem + stage * Cfg::kStageBytes;
@@ -497,7 +499,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     GroupedGemmWgmmaClusterKernel(const __grid_constant__ CUtensorMap tmap_a,
                                   const __grid_constant__ CUtensorMap tmap_w,
                                   const int32_t* __restrict__ offsets, int num_experts,
-                                  int total_rows, int n, int k, OutT* __restrict__ c) {
+                                  int total_rows, int n, int k, int w_expert_rows,
+                                  OutT* __restrict__ c) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int BN = Cfg::kBlockN;
   constexpr int kBlockK = Cfg::kBlockK;
@@ -543,7 +546,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         const TileCoord t = LocateTile(pair, tile_prefix, offsets, total_rows, 2 * kBlockM, BN,
                                        n_tiles, expert_hint);
         const int a_row = t.row_begin + static_cast<int>(rank) * kBlockM;
-        const int w_row = t.expert * n + t.col_begin + static_cast<int>(rank) * (BN / 2);
+        const int w_row =
+            t.expert * w_expert_rows + t.col_begin + static_cast<int>(rank) * (BN / 2);
         for (int kb = 0; kb < k_blocks; ++kb) {
           ptx::mbarrier_wait_parity(&empty_bar[stage], phase ^ 1);
           uint8_t* a_dst = smem + stage * Cfg::kStageBytes;
@@ -622,6 +626,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+// Rows of the [rows, k] view of W that the tensor map covers: up to the
+// last expert's n-th row.
+uint64_t WeightRows(const GroupedGemmArgs& args) {
+  return static_cast<uint64_t>(args.num_experts - 1) * args.w_expert_rows + args.n;
+}
+
 template <typename Cfg, typename OutT, bool kPingpong>
 Status LaunchWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev, cudaStream_t stream) {
   constexpr int BN = Cfg::kBlockN;
@@ -630,7 +640,7 @@ Status LaunchWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev, cudaStrea
       &tmap_a, args.a, static_cast<uint64_t>(args.total_rows), args.k, args.k, kBlockM,
       Cfg::kBlockK, Cfg::kSwizzleBytes));
   GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
-      &tmap_w, args.w, static_cast<uint64_t>(args.num_experts) * args.n, args.k, args.k, BN,
+      &tmap_w, args.w, WeightRows(args), args.k, args.k, BN,
       Cfg::kBlockK, Cfg::kSwizzleBytes));
   auto kernel = [] {
     if constexpr (kPingpong) {
@@ -651,7 +661,7 @@ Status LaunchWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev, cudaStrea
       static_cast<int>(std::min<int64_t>(dev.sm_count, std::max<int64_t>(max_tiles, 1)));
   kernel<<<grid, kThreads, Cfg::kSmemBytes, stream>>>(
       tmap_a, tmap_w, args.expert_offsets, args.num_experts, args.total_rows, args.n, args.k,
-      static_cast<OutT*>(args.c));
+      args.w_expert_rows, static_cast<OutT*>(args.c));
   return CudaStatus(cudaGetLastError(), "wgmma grouped GEMM launch");
 }
 
@@ -664,7 +674,7 @@ Status LaunchWgmmaCluster(const GroupedGemmArgs& args, const DeviceInfo& dev,
       &tmap_a, args.a, static_cast<uint64_t>(args.total_rows), args.k, args.k, kBlockM,
       Cfg::kBlockK, Cfg::kSwizzleBytes));
   GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
-      &tmap_w, args.w, static_cast<uint64_t>(args.num_experts) * args.n, args.k, args.k, BN / 2,
+      &tmap_w, args.w, WeightRows(args), args.k, args.k, BN / 2,
       Cfg::kBlockK, Cfg::kSwizzleBytes));
   auto kernel = GroupedGemmWgmmaClusterKernel<Cfg, OutT>;
   GROVE_RETURN_IF_ERROR(CudaStatus(
@@ -692,12 +702,14 @@ Status LaunchWgmmaCluster(const GroupedGemmArgs& args, const DeviceInfo& dev,
   const int64_t n_tiles = (args.n + BN - 1) / BN;
   const int64_t max_pairs =
       (static_cast<int64_t>(args.total_rows) / (2 * kBlockM) + args.num_experts) * n_tiles;
-  const int clusters = static_cast<int>(std::min<int64_t>(max_clusters, std::max<int64_t>(max_pairs, 1)));
+  const int clusters =
+      static_cast<int>(std::min<int64_t>(max_clusters, std::max<int64_t>(max_pairs, 1)));
   config.gridDim = dim3(2 * clusters);
-  GROVE_RETURN_IF_ERROR(CudaStatus(
-      cudaLaunchKernelEx(&config, kernel, tmap_a, tmap_w, args.expert_offsets, args.num_experts,
-                         args.total_rows, args.n, args.k, static_cast<OutT*>(args.c)),
-      "wgmma cluster grouped GEMM launch"));
+  GROVE_RETURN_IF_ERROR(
+      CudaStatus(cudaLaunchKernelEx(&config, kernel, tmap_a, tmap_w, args.expert_offsets,
+                                    args.num_experts, args.total_rows, args.n, args.k,
+                                    args.w_expert_rows, static_cast<OutT*>(args.c)),
+                 "wgmma cluster grouped GEMM launch"));
   return CudaStatus(cudaGetLastError(), "wgmma cluster grouped GEMM launch");
 }
 
@@ -711,7 +723,7 @@ Status LaunchWgmmaStaged(const GroupedGemmArgs& args, const DeviceInfo& dev,
       &tmap_a, args.a, static_cast<uint64_t>(args.total_rows), args.k, args.k, kBlockM,
       Cfg::kBlockK, Cfg::kSwizzleBytes));
   GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
-      &tmap_w, args.w, static_cast<uint64_t>(args.num_experts) * args.n, args.k, args.k, BN,
+      &tmap_w, args.w, WeightRows(args), args.k, args.k, BN,
       Cfg::kBlockK, Cfg::kSwizzleBytes));
   auto kernel = GroupedGemmWgmmaStagedKernel<Cfg>;
   GROVE_RETURN_IF_ERROR(CudaStatus(
@@ -725,7 +737,7 @@ Status LaunchWgmmaStaged(const GroupedGemmArgs& args, const DeviceInfo& dev,
       static_cast<int>(std::min<int64_t>(dev.sm_count, std::max<int64_t>(max_tiles, 1)));
   kernel<<<grid, kThreads, StagedTile<Cfg>::kSmemBytes, stream>>>(
       tmap_a, tmap_w, args.expert_offsets, args.num_experts, args.total_rows, args.n, args.k,
-      static_cast<__nv_bfloat16*>(args.c));
+      args.w_expert_rows, static_cast<__nv_bfloat16*>(args.c));
   return CudaStatus(cudaGetLastError(), "wgmma staged grouped GEMM launch");
 }
 

@@ -124,8 +124,10 @@ struct Tape {
   bool valid = false;
 };
 
+// The transposed copies the backward's dX GEMMs read (W^T of each expert,
+// packed). The forward reads the experts' weights where they lie in the bf16
+// mirror (GroupedGemmArgs::w_expert_rows): no packed copy of W itself.
 struct ExpertPack {
-  DevBuf w1, w3, w2;     // [E, F, H], [E, F, H], [E, H, F]
   DevBuf w1t, w3t, w2t;  // [E, H, F], [E, H, F], [E, F, H]
 };
 
@@ -333,9 +335,6 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
   im.packs.resize(c.moe_layers());
   for (ExpertPack& pk : im.packs) {
     bf16* d = nullptr;
-    GROVE_RETURN_IF_ERROR(pk.w1.Reserve(E * F * H, &d));
-    GROVE_RETURN_IF_ERROR(pk.w3.Reserve(E * F * H, &d));
-    GROVE_RETURN_IF_ERROR(pk.w2.Reserve(E * F * H, &d));
     if (trainable) {
       GROVE_RETURN_IF_ERROR(pk.w1t.Reserve(E * F * H, &d));
       GROVE_RETURN_IF_ERROR(pk.w3t.Reserve(E * F * H, &d));
@@ -374,9 +373,6 @@ Status GpuTransformer::RefreshComputeCopies(bool mirror_from_master) {
     const bf16* w2 = im.mirror.as<bf16>() + layout_.Offset(p + "w2");
     ExpertPack& pk = im.packs[mi];
     const int E = int(c.experts);
-    gpu::PackExperts(w1, stride, E, int(F), int(H), false, pk.w1.as<bf16>(), im.stream);
-    gpu::PackExperts(w3, stride, E, int(F), int(H), false, pk.w3.as<bf16>(), im.stream);
-    gpu::PackExperts(w2, stride, E, int(H), int(F), false, pk.w2.as<bf16>(), im.stream);
     if (trainable_) {
       gpu::PackExperts(w1, stride, E, int(F), int(H), true, pk.w1t.as<bf16>(), im.stream);
       gpu::PackExperts(w3, stride, E, int(F), int(H), true, pk.w3t.as<bf16>(), im.stream);
@@ -689,20 +685,27 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     im.Lap("router + route index fwd", 2.0 * R * E * H);
     GROVE_RETURN_IF_ERROR(kernels::MoePermute(h2, src_g, xe, int(Pn), int(K), int(H), st));
     im.Lap("moe permute/combine fwd");
-    const ExpertPack& pk = im.packs[mi];
+    // The experts' weights where they lie in the mirror: ParamLayout puts
+    // each expert's w1, w3, w2 together (3 F H elements; RefreshComputeCopies'
+    // transposed packs rely on it too), so expert e's w1 (F rows of H) is 3F
+    // rows of H after expert e-1's, and its w2 (H rows of F) 3H rows of F.
+    const std::string e0 = name(l, "moe.experts.0.");
+    const int64_t expert_stride = 3 * F * H;
     kernels::GroupedGemmArgs ga;
     ga.expert_offsets = offsets;
     ga.total_rows = int(Pn);
     ga.num_experts = int(E);
     ga.out_type = kernels::GemmOutType::kBF16;
-    ga.a = xe; ga.w = pk.w1.as<bf16>(); ga.c = ea; ga.n = int(F); ga.k = int(H);
+    ga.a = xe; ga.w = Wb(e0 + "w1"); ga.c = ea; ga.n = int(F); ga.k = int(H);
+    ga.w_expert_rows = int(expert_stride / H);
     GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
-    ga.w = pk.w3.as<bf16>(); ga.c = eb;
+    ga.w = Wb(e0 + "w3"); ga.c = eb;
     GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
     im.Lap("grouped GEMM fwd", 4.0 * Pn * F * H);
     GROVE_RETURN_IF_ERROR(kernels::SwiGluForward(ea, eb, eh, Pn * F, st));
     im.Lap("swiglu fwd");
-    ga.a = eh; ga.w = pk.w2.as<bf16>(); ga.c = ey; ga.n = int(H); ga.k = int(F);
+    ga.a = eh; ga.w = Wb(e0 + "w2"); ga.c = ey; ga.n = int(H); ga.k = int(F);
+    ga.w_expert_rows = int(expert_stride / F);
     GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
     im.Lap("grouped GEMM fwd", 2.0 * Pn * F * H);
     GROVE_RETURN_IF_ERROR(kernels::MoeCombine(ey, gates, pos_g, xout, /*accumulate=*/true, R, int(K), int(H), st));

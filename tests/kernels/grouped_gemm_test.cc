@@ -71,8 +71,11 @@ bool IsHopper() {
 
 // Runs every implementation and output type on one routing and compares
 // each with the reference. `extra_rows` rows of A/C past offsets.back()
-// must stay untouched.
-void CheckCase(const std::vector<int>& counts, int n, int k, int extra_rows) {
+// must stay untouched. gap_rows > 0: the experts' weights lie
+// w_expert_rows = n + gap_rows rows apart (as in the model's parameter
+// layout), the rows between them NaN, so a weight read from a gap (or from
+// the wrong expert) shows in a stored column.
+void CheckCase(const std::vector<int>& counts, int n, int k, int extra_rows, int gap_rows = 0) {
   const uint64_t seed = testing::FreshSeed();
   SCOPED_TRACE("seed " + std::to_string(seed) + " n=" + std::to_string(n) +
                " k=" + std::to_string(k));
@@ -90,6 +93,17 @@ void CheckCase(const std::vector<int>& counts, int n, int k, int extra_rows) {
   std::vector<double> ref, abs_sum;
   ReferenceGroupedGemm(a, w, offsets, n, k, &ref, &abs_sum);
 
+  if (gap_rows > 0) {
+    __nv_bfloat16_raw nan_bits;
+    nan_bits.x = 0x7FC0;
+    const size_t expert_elems = static_cast<size_t>(n) * k;
+    const size_t stride = static_cast<size_t>(n + gap_rows) * k;
+    std::vector<__nv_bfloat16> spaced((experts - 1) * stride + expert_elems, nan_bits);
+    for (int e = 0; e < experts; ++e)
+      std::copy(w_bf.begin() + e * expert_elems, w_bf.begin() + (e + 1) * expert_elems,
+                spaced.begin() + e * stride);
+    w_bf = std::move(spaced);
+  }
   DeviceBuffer<__nv_bfloat16> d_a(a_bf.size()), d_w(w_bf.size());
   DeviceBuffer<int32_t> d_off(offsets.size());
   DeviceBuffer<float> d_c(static_cast<size_t>(std::max(total_rows, 1)) * n);
@@ -123,6 +137,7 @@ void CheckCase(const std::vector<int>& counts, int n, int k, int extra_rows) {
       args.n = n;
       args.k = k;
       args.out_type = out;
+      args.w_expert_rows = gap_rows > 0 ? n + gap_rows : 0;
       Status s = GroupedGemm(args, impl, nullptr);
       ASSERT_TRUE(s.ok()) << s;
       GROVE_CUDA_OK(cudaDeviceSynchronize());
@@ -201,6 +216,22 @@ TEST(GroupedGemmTest, TrainingShapeDownProjectionRandomRouting) {
   CheckCase(counts, 1024, 512, 0);
 }
 
+// The model's layout: each expert's w1, w2, w3 adjacent, so one expert's
+// w1 (n = F rows of k = H) is 3F rows from the next one's, and its w2
+// (H rows of F) 3H rows. Fewer experts than the model's so the CPU
+// reference stays fast.
+TEST(GroupedGemmTest, WeightsAtAnExpertStrideAsInTheParameterLayout) {
+  GROVE_SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(testing::FreshSeed());
+  std::uniform_int_distribution<int> count(0, 300);
+  std::vector<int> counts(6);
+  for (int& c : counts) c = count(rng);
+  counts[2] = 0;
+  CheckCase(counts, 512, 1024, 0, 2 * 512);  // w1 / w3
+  CheckCase(counts, 1024, 512, 0, 2 * 1024);  // w2
+  CheckCase({0, 1, 127, 129, 45}, 264, 200, 3, 8);  // partial tiles next to the gaps
+}
+
 TEST(GroupedGemmTest, ManyExpertsMostlyEmpty) {
   GROVE_SKIP_WITHOUT_GPU();
   // More experts than a warp's scan chunk (the tile table is built 32 at a time).
@@ -242,6 +273,11 @@ TEST(GroupedGemmTest, RejectsBadShapes) {
   EXPECT_EQ(GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr).code(),
             StatusCode::kInvalidArgument);
   args.a = dummy;
+  args.w_expert_rows = 63;  // fewer rows than n = 64: experts' weights would overlap
+  Status overlap = GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr);
+  EXPECT_EQ(overlap.code(), StatusCode::kInvalidArgument) << overlap;
+  EXPECT_NE(overlap.message().find("w_expert_rows"), std::string::npos) << overlap;
+  args.w_expert_rows = 0;
   args.expert_offsets = nullptr;
   EXPECT_EQ(GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr).code(),
             StatusCode::kInvalidArgument);
