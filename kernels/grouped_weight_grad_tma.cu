@@ -35,6 +35,7 @@
 #include "kernels/grouped_gemm_store.cuh"
 #include "kernels/grouped_weight_grad_internal.h"
 #include "kernels/grouped_weight_grad_tile.cuh"
+#include "kernels/grouped_weight_grad_wgmma.cuh"
 #include "kernels/ptx/mbarrier.cuh"
 #include "kernels/ptx/tensor_map.h"
 #include "kernels/ptx/tma.cuh"
@@ -69,16 +70,6 @@ struct TmaTiling {
   static_assert(kTileN == 128 || kTileN == 256);
   static_assert(kSmemBytes * kMinBlocks <= 227 * 1024, "shared memory");
 };
-
-template <int kTileN>
-__device__ __forceinline__ void WgmmaStepMn(float (&acc)[kTileN / 2], uint64_t desc_a,
-                                            uint64_t desc_b) {
-  if constexpr (kTileN == 256) {
-    ptx::wgmma_m64n256k16_f32_bf16_ss_mn(acc, desc_a, desc_b, 1);
-  } else {
-    ptx::wgmma_m64n128k16_f32_bf16_ss_mn(acc, desc_a, desc_b, 1);
-  }
-}
 
 template <typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
@@ -164,15 +155,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       const __nv_bfloat16* a_tile = reinterpret_cast<const __nv_bfloat16*>(st) + consumer * kSubElems;
       const __nv_bfloat16* b_tile =
           reinterpret_cast<const __nv_bfloat16*>(st) + Cfg::kDySubs * kSubElems;
-      ptx::wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kStepT / 16; ++kk) {
-        // 16 rows of t = two 8-row swizzle atoms = 2048 bytes further.
-        const uint64_t desc_a = ptx::make_wgmma_desc_mn_sw128(a_tile + kk * 16 * 64, kSubBytes);
-        const uint64_t desc_b = ptx::make_wgmma_desc_mn_sw128(b_tile + kk * 16 * 64, kSubBytes);
-        WgmmaStepMn<kTileN>(acc, desc_a, desc_b);
-      }
-      ptx::wgmma_commit_group();
+      WeightGradWgmmaBatch<kTileN, kStepT>(acc, a_tile, b_tile, kSubBytes);
       // The previous stage's wgmmas are done once at most this batch is
       // pending: hand that stage back to the producer.
       ptx::wgmma_wait_group<1>();
@@ -181,17 +164,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     }
     ptx::wgmma_wait_group<0>();
 
-    // Accumulator register i of thread (warp w of the warpgroup, lane l): row
-    // 16 w + l / 4 + 8 ((i / 2) % 2), column 8 (i / 4) + 2 (l % 4) + i % 2.
-    const int warp = (threadIdx.x / 32) % 4;
-#pragma unroll
-    for (int i = 0; i < kTileN / 2; i += 2) {
-      const int row = w.row0 + consumer * 64 + 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
-      const int col = w.col0 + 8 * (i / 4) + 2 * (lane % 4);
-      if (row < p.n && col < p.k)
-        StoreOrAddPair(w.g + static_cast<int64_t>(row) * p.k + col, acc[i], acc[i + 1],
-                       p.accumulate);
-    }
+    StoreWeightGradAccumulator<kTileN>(acc, p, w, w.row0 + consumer * 64);
   }
 #else
   __trap();  // built for a device without wgmma; the host never launches this

@@ -28,6 +28,7 @@
 #include "kernels/grouped_gemm_store.cuh"
 #include "kernels/grouped_weight_grad_internal.h"
 #include "kernels/grouped_weight_grad_tile.cuh"
+#include "kernels/grouped_weight_grad_wgmma.cuh"
 #include "kernels/ptx/cp_async.cuh"
 #include "kernels/ptx/tma.cuh"
 #include "kernels/ptx/wgmma.cuh"
@@ -68,16 +69,6 @@ __device__ __forceinline__ void LoadSubTiles(__nv_bfloat16* dst, const __nv_bflo
     const __nv_bfloat16* g = valid ? src + static_cast<int64_t>(grow) * ld + gcol : src;
     ptx::cp_async_cg_16_zfill(dst + sub * kSubElems + row * 64 + ((c ^ (row & 7)) * 8), g,
                               valid ? 16 : 0);
-  }
-}
-
-template <int kTileN>
-__device__ __forceinline__ void WgmmaStep(float (&acc)[kTileN / 2], uint64_t desc_a,
-                                          uint64_t desc_b) {
-  if constexpr (kTileN == 256) {
-    ptx::wgmma_m64n256k16_f32_bf16_ss_mn(acc, desc_a, desc_b, 1);
-  } else {
-    ptx::wgmma_m64n128k16_f32_bf16_ss_mn(acc, desc_a, desc_b, 1);
   }
 }
 
@@ -124,31 +115,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     const __nv_bfloat16* st = smem + (s % kStages) * T::kStageElems;
     const __nv_bfloat16* a_tile = st + wg * kSubElems;  // this warpgroup's 64 G rows
     const __nv_bfloat16* b_tile = st + T::kDyElems;
-    ptx::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kStepT / 16; ++kk) {
-      // 16 rows of t = two 8-row atoms = 2048 bytes further.
-      const uint64_t desc_a = ptx::make_wgmma_desc_mn_sw128(a_tile + kk * 16 * 64, kSubBytes);
-      const uint64_t desc_b = ptx::make_wgmma_desc_mn_sw128(b_tile + kk * 16 * 64, kSubBytes);
-      WgmmaStep<kTileN>(acc, desc_a, desc_b);
-    }
-    ptx::wgmma_commit_group();
+    WeightGradWgmmaBatch<kTileN, kStepT>(acc, a_tile, b_tile, kSubBytes);
     ptx::wgmma_wait_group<1>();  // batch s - 1 done: its stage may be refilled next iteration
   }
   ptx::wgmma_wait_group<0>();
   ptx::cp_async_wait_all();
 
-  // Accumulator register i of thread (warp w of the warpgroup, lane l): row
-  // 16 w + l / 4 + 8 ((i / 2) % 2), column 8 (i / 4) + 2 (l % 4) + i % 2;
-  // registers i, i + 1 (i even) are adjacent columns of one row.
-  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-#pragma unroll
-  for (int i = 0; i < kTileN / 2; i += 2) {
-    const int row = m0 + wg * 64 + 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
-    const int col = c0 + 8 * (i / 4) + 2 * (lane % 4);
-    if (row < n && col < k)
-      StoreOrAddPair(w.g + static_cast<int64_t>(row) * k + col, acc[i], acc[i + 1], p.accumulate);
-  }
+  StoreWeightGradAccumulator<kTileN>(acc, p, w, m0 + wg * 64);
 #else
   __trap();  // built for a device without wgmma; the host never launches this
 #endif

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "learner/grpo_trainer.h"
+#include "tests/learner_gpu/gpu_trainer_util.h"
 #include "model/checkpoint.h"
 #include "model/config.h"
 #include "model/gpu_transformer.h"
@@ -45,41 +46,6 @@ model::ModelConfig SmallMoeConfig() {
   return c;
 }
 
-std::vector<TrainingGroup> Groups(const model::ModelConfig& c, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int> tok(0, int(c.vocab_size) - 1);
-  std::vector<TrainingGroup> out(4);
-  for (size_t gi = 0; gi < out.size(); ++gi) {
-    TrainingGroup& g = out[gi];
-    g.group_id = "g" + std::to_string(gi);
-    for (int t = 0; t < 12; ++t) g.prompt_tokens.push_back(tok(rng));
-    for (int s = 0; s < 4; ++s) {
-      TrainingSample smp;
-      const int len = 20 + int(rng() % 30);
-      for (int t = 0; t < len; ++t) {
-        smp.tokens.push_back(tok(rng));
-        smp.rollout_logprobs.push_back(-std::log(float(c.vocab_size)));
-      }
-      smp.reward = double((s + gi) % 2);
-      g.samples.push_back(std::move(smp));
-    }
-  }
-  return out;
-}
-
-std::unique_ptr<GrpoTrainer> MakeGpuTrainer(const model::ModelConfig& c, uint64_t seed) {
-  TrainerOptions opt;
-  opt.device = LearnerDevice::kGpu;
-  opt.routing_replay = false;
-  opt.grpo.schedule.peak_lr = 1e-3;
-  opt.grpo.loss.beta = 0.04;  // the reference enters the loss, so a lost one shows
-  auto m = model::Model::Create(c, seed);
-  EXPECT_TRUE(m.ok()) << m.status();
-  auto t = GrpoTrainer::Create(std::move(*m), opt);
-  EXPECT_TRUE(t.ok()) << t.status();
-  return t.ok() ? std::move(*t) : nullptr;
-}
-
 // After a restore, the next step from both trainers must agree to the
 // GPU's run-to-run noise (the same kernels on the same inputs; reductions
 // with atomics may sum in another order: fp32 rounding, ~1e-7 of a weight).
@@ -91,12 +57,12 @@ TEST(GpuCheckpoint, RestoresWeightsMomentsStepsAndReference) {
   ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
   const model::ModelConfig c = SmallMoeConfig();
   ASSERT_TRUE(c.Validate().ok()) << c.Validate();
-  std::unique_ptr<GrpoTrainer> a = MakeGpuTrainer(c, 5);
+  std::unique_ptr<GrpoTrainer> a = testing::MakeGpuTrainer(c, 5);
   ASSERT_NE(a, nullptr);
   ASSERT_TRUE(a->on_gpu());
   a->FreezeReference();
-  ASSERT_TRUE(a->Step(Groups(c, 1)).ok());
-  ASSERT_TRUE(a->Step(Groups(c, 2)).ok());
+  ASSERT_TRUE(a->Step(testing::RandomGroups(c, 1)).ok());
+  ASSERT_TRUE(a->Step(testing::RandomGroups(c, 2)).ok());
   ASSERT_EQ(a->rl_steps(), 2);
 
   const std::string dir =
@@ -108,7 +74,7 @@ TEST(GpuCheckpoint, RestoresWeightsMomentsStepsAndReference) {
   EXPECT_EQ((*meta)["rl_steps"], "2");  // the GPU's count, not the idle host optimizer's
   EXPECT_EQ((*meta)["version"], "2");
 
-  std::unique_ptr<GrpoTrainer> b = MakeGpuTrainer(c, 99);  // other initial weights
+  std::unique_ptr<GrpoTrainer> b = testing::MakeGpuTrainer(c, 99);  // other initial weights
   ASSERT_NE(b, nullptr);
   ASSERT_TRUE(b->LoadCheckpoint(dir).ok());
   EXPECT_EQ(b->version(), 2);
@@ -119,7 +85,7 @@ TEST(GpuCheckpoint, RestoresWeightsMomentsStepsAndReference) {
   ASSERT_TRUE(b->CopyParams(pb).ok());  // what the restored GPU step starts from
   for (size_t i = 0; i < pa.size(); ++i) ASSERT_EQ(pa[i], pb[i]) << i;
 
-  const std::vector<TrainingGroup> next = Groups(c, 3);
+  const std::vector<TrainingGroup> next = testing::RandomGroups(c, 3);
   ASSERT_TRUE(a->Step(next).ok());
   ASSERT_TRUE(b->Step(next).ok());
   std::vector<float> na(pa.size()), nb(pa.size());

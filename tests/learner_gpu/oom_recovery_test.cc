@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "learner/grpo_trainer.h"
+#include "tests/learner_gpu/gpu_trainer_util.h"
 #include "model/config.h"
 #include "model/gpu_transformer.h"
 
@@ -84,49 +85,30 @@ model::ModelConfig BigActivationConfig() {
   return c;
 }
 
-// Random groups without routes (the trainer scores them with its own
-// routing) and rollout log-probs near a uniform model's, so TIS makes the
-// loss depend on the scored log-probs.
-std::vector<TrainingGroup> Groups(const model::ModelConfig& c, uint64_t seed, int groups, int samples) {
-  std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int> tok(0, int(c.vocab_size) - 1);
-  std::normal_distribution<float> noise(0.f, 0.3f);
-  std::vector<TrainingGroup> out(groups);
-  for (int gi = 0; gi < groups; ++gi) {
-    TrainingGroup& g = out[gi];
-    g.group_id = "g" + std::to_string(gi);
-    for (int t = 0; t < 64; ++t) g.prompt_tokens.push_back(tok(rng));
-    for (int s = 0; s < samples; ++s) {
-      TrainingSample smp;
-      const int len = 500 + int(rng() % 400);
-      for (int t = 0; t < len; ++t) {
-        smp.tokens.push_back(tok(rng));
-        smp.rollout_logprobs.push_back(-std::log(float(c.vocab_size)) + noise(rng));
-      }
-      smp.reward = double((s + gi) % 3);
-      g.samples.push_back(std::move(smp));
-    }
-  }
-  return out;
+// 8 groups of 4, prompts of 64 tokens, completions of 500-899, rollout
+// log-probs near a uniform model's (noise 0.3) so TIS makes the loss depend
+// on the scored log-probs.
+std::vector<TrainingGroup> Groups(const model::ModelConfig& c, uint64_t seed) {
+  testing::GroupShape shape;
+  shape.groups = 8;
+  shape.samples = 4;
+  shape.prompt_tokens = 64;
+  shape.min_completion = 500;
+  shape.completion_spread = 400;
+  shape.reward_levels = 3;
+  shape.logprob_noise = 0.3f;
+  return testing::RandomGroups(c, seed, shape);
 }
 
 std::unique_ptr<GrpoTrainer> MakeGpuTrainer(const model::ModelConfig& c, uint64_t seed) {
-  TrainerOptions opt;
-  opt.device = LearnerDevice::kGpu;
-  opt.routing_replay = false;
+  TrainerOptions opt = testing::GpuTrainerOptions();
   opt.micro_batch = 64;  // every sequence in one micro-batch, unless memory runs out
-  opt.grpo.schedule.peak_lr = 1e-3;
-  opt.grpo.loss.beta = 0.04;
   // Truncated IS against the rollout's log-probs: without it the first
   // step's loss is -mean(advantage) (ratio 1, reference = policy), the same
   // however the log-probs came out; with it the loss weighs every token by
   // exp(logp - rollout_logp).
   opt.grpo.loss.tis_cap = 2.0;
-  auto m = model::Model::Create(c, seed);
-  EXPECT_TRUE(m.ok()) << m.status();
-  auto t = GrpoTrainer::Create(std::move(*m), opt);
-  EXPECT_TRUE(t.ok()) << t.status();
-  return t.ok() ? std::move(*t) : nullptr;
+  return testing::MakeGpuTrainer(c, seed, opt);
 }
 
 // Tolerances: the two steps score the same sequences in other micro-batches
@@ -142,7 +124,7 @@ TEST(GpuOutOfMemory, StepIsRedoneWithHalfTheTokensAndGivesTheSameStep) {
   ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
   const model::ModelConfig c = BigActivationConfig();
   ASSERT_TRUE(c.Validate().ok()) << c.Validate();
-  const std::vector<TrainingGroup> groups = Groups(c, 17, 8, 4);
+  const std::vector<TrainingGroup> groups = Groups(c, 17);
   int64_t tokens = 0;
   for (const TrainingGroup& g : groups)
     for (const TrainingSample& s : g.samples) tokens += int64_t(g.prompt_tokens.size() + s.tokens.size());
