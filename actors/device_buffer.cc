@@ -4,10 +4,14 @@
 
 namespace grove::actors {
 
-DeviceBuffer::~DeviceBuffer() {
+DeviceBuffer::~DeviceBuffer() { Release(); }
+
+void DeviceBuffer::Release() {
   if (ptr_ == nullptr) return;
   cudaSetDevice(device_);
   cudaFree(ptr_);
+  ptr_ = nullptr;
+  capacity_ = 0;
 }
 
 Result<void*> DeviceBuffer::Reserve(size_t bytes, int device, const std::string& what) {
@@ -17,9 +21,7 @@ Result<void*> DeviceBuffer::Reserve(size_t bytes, int device, const std::string&
   GROVE_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(device), "cudaSetDevice"));
   device_ = device;
   if (capacity_ >= bytes && ptr_ != nullptr) return ptr_;
-  if (ptr_ != nullptr) cudaFree(ptr_);
-  ptr_ = nullptr;
-  capacity_ = 0;
+  Release();
   if (cudaMalloc(&ptr_, bytes) != cudaSuccess) {
     cudaGetLastError();
     ptr_ = nullptr;

@@ -1,8 +1,9 @@
-// DeviceBuffer: device memory reused from one weight version to the next by
-// the transports' staging (NCCL's, actors/nccl_weights.h; CUDA IPC's reader,
-// actors/cuda_ipc.h): grown on demand (freed and allocated anew when a
-// larger size is asked, contents not kept), on the one device its first
-// Reserve names. Needs a CUDA build (grove_nccl); no CUDA types in here.
+// DeviceBuffer: device memory reused from one use to the next (the
+// transports' staging of weight versions, actors/nccl_weights.h and
+// actors/cuda_ipc.h; the learner's GRPO loss buffers, learner/gpu_step.h):
+// grown on demand (freed and allocated anew when a larger size is asked,
+// contents not kept), on the one device its first Reserve names. Needs a
+// CUDA build (grove_device_buffer); no CUDA types in here.
 #pragma once
 
 #include <cstddef>
@@ -24,6 +25,8 @@ class DeviceBuffer {
   // ResourceExhausted, naming `what`, when the allocation fails (the buffer
   // is empty then); Internal for other CUDA errors.
   Result<void*> Reserve(size_t bytes, int device, const std::string& what);
+  // Frees the allocation (the next Reserve allocates anew, on the same device).
+  void Release();
   void* data() const { return ptr_; }
   size_t capacity() const { return capacity_; }
   int device() const { return device_; }

@@ -218,14 +218,16 @@ Status GroupedWeightGrad(const GroupedWeightGradArgs& args, cudaStream_t stream,
   // w1+w3, every other implementation slower; docs/kernels.md).
   if (impl == WeightGradImpl::kAuto)
     impl = cc_major == 9 && cc_minor == 0 ? WeightGradImpl::kTmaN128 : WeightGradImpl::kMmaSync;
-  const bool tma = impl == WeightGradImpl::kTma || impl == WeightGradImpl::kTmaN128;
-  // No rows: nothing for a tensor map to describe; the mma.sync kernel zeroes
-  // (overwrite) without reading dY or X.
-  if (tma && args.total_rows == 0) impl = WeightGradImpl::kMmaSync;
-  if (tma && args.total_rows > 0) {
-    if (cc_major != 9 || cc_minor != 0)
-      return Status::FailedPrecondition("GroupedWeightGrad: the tma path needs an sm_90 GPU");
-    return detail::LaunchWeightGradTma(args, impl, stream);
+  if (impl == WeightGradImpl::kTma || impl == WeightGradImpl::kTmaN128) {
+    // No rows: nothing for a tensor map to describe; the mma.sync kernel
+    // zeroes every G (overwrite) without reading dY or X.
+    if (args.total_rows == 0) {
+      impl = WeightGradImpl::kMmaSync;
+    } else {
+      if (cc_major != 9 || cc_minor != 0)
+        return Status::FailedPrecondition("GroupedWeightGrad: the tma path needs an sm_90 GPU");
+      return detail::LaunchWeightGradTma(args, impl, stream);
+    }
   }
   if (impl == WeightGradImpl::kWgmma || impl == WeightGradImpl::kWgmmaN256) {
     // sm_90a machine code runs on compute capability 9.0 only.

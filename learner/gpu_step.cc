@@ -27,7 +27,6 @@ GpuGrpoStep::~GpuGrpoStep() {
   if (policy_) cudaSetDevice(policy_->device());
   if (m_) cudaFree(m_);
   if (v_) cudaFree(v_);
-  if (loss_buf_) cudaFree(loss_buf_);
   if (cublas_) cublasDestroy(cublas_);
 }
 
@@ -210,20 +209,10 @@ Result<PolicyLossOutput> GpuGrpoStep::LossAndBackward(const PolicyBatch& batch, 
   };
   Carver sizing;
   carve(sizing);
-  if (sizing.used > loss_buf_bytes_) {
-    if (loss_buf_) cudaFree(loss_buf_);
-    loss_buf_ = nullptr;
-    loss_buf_bytes_ = 0;
-    const cudaError_t err = cudaMalloc(&loss_buf_, sizing.used);
-    if (err != cudaSuccess) {
-      loss_buf_ = nullptr;
-      // Not left as the thread's last error for a later launch check to find.
-      if (cudaPeekAtLastError() == err) cudaGetLastError();
-      return Cuda(err, "allocate the loss buffers");
-    }
-    loss_buf_bytes_ = sizing.used;
-  }
-  Carver at{static_cast<char*>(loss_buf_), 0};
+  // ResourceExhausted when it cannot grow (the trainer then retries smaller).
+  GROVE_ASSIGN_OR_RETURN(void* loss_buf,
+                         loss_buf_.Reserve(sizing.used, policy_->device(), "GpuGrpoStep loss buffers"));
+  Carver at{static_cast<char*>(loss_buf), 0};
   const auto d = carve(at);
   std::vector<int32_t> offsets(batch.seq_offsets.begin(), batch.seq_offsets.end());
   auto up = [&](void* dst, const void* src, size_t bytes) -> Status {
@@ -285,10 +274,7 @@ Result<PolicyLossOutput> GpuGrpoStep::LossAndBackward(const PolicyBatch& batch, 
 Status GpuGrpoStep::ReleaseActivations() {
   GROVE_RETURN_IF_ERROR(policy_->ReleaseActivations());
   GROVE_RETURN_IF_ERROR(reference_->ReleaseActivations());
-  GROVE_RETURN_IF_ERROR(Cuda(cudaSetDevice(policy_->device()), "set device"));
-  if (loss_buf_) cudaFree(loss_buf_);
-  loss_buf_ = nullptr;
-  loss_buf_bytes_ = 0;
+  loss_buf_.Release();
   return Status::OK();
 }
 

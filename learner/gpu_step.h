@@ -16,6 +16,7 @@
 #include <memory>
 #include <vector>
 
+#include "actors/device_buffer.h"
 #include "base/result.h"
 #include "learner/adamw.h"
 #include "learner/grpo_loss.h"
@@ -92,8 +93,7 @@ class GpuGrpoStep {
   float* m_ = nullptr;
   float* v_ = nullptr;
   cublasContext* cublas_ = nullptr;  // on the policy's stream
-  void* loss_buf_ = nullptr;         // LossAndBackward's inputs, outputs and workspace
-  size_t loss_buf_bytes_ = 0;
+  actors::DeviceBuffer loss_buf_;  // LossAndBackward's inputs, outputs and workspace
   int64_t step_ = 0;
   int64_t warmstart_step_ = 0;
   Phase moments_of_ = Phase::kGrpo;  // whose moments m_ and v_ hold
