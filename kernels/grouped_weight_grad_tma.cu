@@ -46,17 +46,18 @@ namespace {
 
 constexpr int kConsumerThreads = 256;  // two consumer warpgroups, threads 0 .. 255
 constexpr int kTileM = 128;    // G rows per CTA (dY columns)
+constexpr int kStepT = 64;     // reduction rows per stage
+constexpr int kSubElems = kStepT * 64;         // one [64 t][64] box
+constexpr uint32_t kSubBytes = kSubElems * 2;  // 8 KB; wgmma's leading byte offset
 
 // kMinBlocks CTAs per SM. One: the producer is a whole warpgroup (threads
 // 256 .. 383) so registers can move to the consumers (setmaxnreg works per
 // warpgroup). Two: the producer is one warp (threads 256 .. 287), so two
-// CTAs of 288 threads get 112 registers each, enough for the m64n128
-// accumulators without moving any (384-thread CTAs would get 80: too few).
+// CTAs of 288 threads may use up to 112 registers each (96 used), enough for
+// the m64n128 accumulators without moving any (384-thread CTAs would get 80:
+// too few).
 template <int kTileN_, int kStages_, int kMinBlocks_>
 struct TmaTiling {
-  static constexpr int kStepT = 64;                     // reduction rows per stage
-  static constexpr int kSubElems = kStepT * 64;         // one [64 t][64] box
-  static constexpr uint32_t kSubBytes = kSubElems * 2;  // 8 KB; wgmma's leading byte offset
   static constexpr int kTileN = kTileN_;
   static constexpr int kStages = kStages_;
   static constexpr int kMinBlocks = kMinBlocks_;
@@ -79,9 +80,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kTileN = Cfg::kTileN;
   constexpr int kStages = Cfg::kStages;
-  constexpr int kStepT = Cfg::kStepT;
-  constexpr int kSubElems = Cfg::kSubElems;
-  constexpr uint32_t kSubBytes = Cfg::kSubBytes;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
@@ -173,7 +171,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 
 template <typename Cfg>
 Status Launch(const GroupedWeightGradArgs& args, cudaStream_t stream) {
-  constexpr int kStepT = Cfg::kStepT;
   const uint64_t rows = static_cast<uint64_t>(args.total_rows);
   CUtensorMap tmap_dy, tmap_dy2, tmap_x;
   GROVE_RETURN_IF_ERROR(

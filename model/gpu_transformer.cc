@@ -332,14 +332,13 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
     GPU_OK(cudaMemset(g, 0, N * sizeof(float)));
   }
   const int64_t E = c.experts, F = c.expert_hidden, H = c.hidden;
-  im.packs.resize(c.moe_layers());
+  // The transposed packs serve the backward only: none without gradients.
+  if (trainable) im.packs.resize(c.moe_layers());
   for (ExpertPack& pk : im.packs) {
     bf16* d = nullptr;
-    if (trainable) {
-      GROVE_RETURN_IF_ERROR(pk.w1t.Reserve(E * F * H, &d));
-      GROVE_RETURN_IF_ERROR(pk.w3t.Reserve(E * F * H, &d));
-      GROVE_RETURN_IF_ERROR(pk.w2t.Reserve(E * F * H, &d));
-    }
+    GROVE_RETURN_IF_ERROR(pk.w1t.Reserve(E * F * H, &d));
+    GROVE_RETURN_IF_ERROR(pk.w3t.Reserve(E * F * H, &d));
+    GROVE_RETURN_IF_ERROR(pk.w2t.Reserve(E * F * H, &d));
   }
   GROVE_RETURN_IF_ERROR(m->RefreshComputeCopies(true));
   GROVE_RETURN_IF_ERROR(m->Synchronize());
@@ -366,18 +365,16 @@ Status GpuTransformer::RefreshComputeCopies(bool mirror_from_master) {
     im.Lap("bf16 mirror from master");
   }
   const int64_t F = c.expert_hidden, H = c.hidden, stride = 3 * F * H;
-  for (int64_t mi = 0; mi < c.moe_layers(); ++mi) {
-    const std::string p = "layers." + std::to_string(c.dense_layers + mi) + ".moe.experts.0.";
+  for (size_t mi = 0; mi < im.packs.size(); ++mi) {  // none without gradients
+    const std::string p = "layers." + std::to_string(c.dense_layers + int64_t(mi)) + ".moe.experts.0.";
     const bf16* w1 = im.mirror.as<bf16>() + layout_.Offset(p + "w1");
     const bf16* w3 = im.mirror.as<bf16>() + layout_.Offset(p + "w3");
     const bf16* w2 = im.mirror.as<bf16>() + layout_.Offset(p + "w2");
     ExpertPack& pk = im.packs[mi];
     const int E = int(c.experts);
-    if (trainable_) {
-      gpu::PackExperts(w1, stride, E, int(F), int(H), true, pk.w1t.as<bf16>(), im.stream);
-      gpu::PackExperts(w3, stride, E, int(F), int(H), true, pk.w3t.as<bf16>(), im.stream);
-      gpu::PackExperts(w2, stride, E, int(H), int(F), true, pk.w2t.as<bf16>(), im.stream);
-    }
+    gpu::PackExperts(w1, stride, E, int(F), int(H), true, pk.w1t.as<bf16>(), im.stream);
+    gpu::PackExperts(w3, stride, E, int(F), int(H), true, pk.w3t.as<bf16>(), im.stream);
+    gpu::PackExperts(w2, stride, E, int(H), int(F), true, pk.w2t.as<bf16>(), im.stream);
   }
   im.Lap("expert repack");
   GPU_LAUNCHED("refresh compute copies");
