@@ -1,6 +1,5 @@
 #include "learner/gpu_step.h"
 
-#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -8,6 +7,7 @@
 
 #include "kernels/adamw.h"
 #include "kernels/grpo_loss.h"
+#include "kernels/sum_of_squares.h"
 
 namespace grove::learner {
 namespace {
@@ -27,7 +27,6 @@ GpuGrpoStep::~GpuGrpoStep() {
   if (policy_) cudaSetDevice(policy_->device());
   if (m_) cudaFree(m_);
   if (v_) cudaFree(v_);
-  if (cublas_) cublasDestroy(cublas_);
 }
 
 Result<std::unique_ptr<GpuGrpoStep>> GpuGrpoStep::Create(const model::Model& policy, const model::Model& reference,
@@ -60,11 +59,9 @@ Result<std::unique_ptr<GpuGrpoStep>> GpuGrpoStep::Create(const model::Model& pol
   GROVE_RETURN_IF_ERROR(Cuda(cudaMalloc(&s->v_, bytes), "allocate AdamW v"));
   GROVE_RETURN_IF_ERROR(Cuda(cudaMemset(s->m_, 0, bytes), "zero m"));
   GROVE_RETURN_IF_ERROR(Cuda(cudaMemset(s->v_, 0, bytes), "zero v"));
-  // The norm's own handle (the model's is private to it), made once: a
-  // cublasCreate per step costs milliseconds.
-  if (cublasCreate(&s->cublas_) != CUBLAS_STATUS_SUCCESS) return Status::Internal("GpuGrpoStep: cublasCreate failed");
-  if (cublasSetStream(s->cublas_, static_cast<cudaStream_t>(s->policy_->stream())) != CUBLAS_STATUS_SUCCESS)
-    return Status::Internal("GpuGrpoStep: cublasSetStream failed");
+  GROVE_RETURN_IF_ERROR(
+      s->norm_buf_.Reserve(sizeof(double) + kernels::SumOfSquaresWorkspaceBytes(), device, "the gradient norm's scratch")
+          .status());
   return s;
 }
 
@@ -90,10 +87,17 @@ Result<UpdateReport> GpuGrpoStep::Update(double lr, double max_grad_norm, Phase 
   report.lr = lr;
   model::PhaseTimer& prof = p.profiler();
   prof.Start();
-  float norm = 0.f;
-  cublasStatus_t cs = cublasSnrm2_v2_64(cublas_, n, grads, 1, &norm);
+  // The global norm in double (kernels/sum_of_squares.h), one pass at the
+  // read bandwidth; the host needs it for the skip and the clip scale.
+  auto* sum_sq = static_cast<double*>(norm_buf_.data());
+  GROVE_RETURN_IF_ERROR(kernels::SumOfSquares(grads, n, sum_sq, sum_sq + 1, kernels::SumOfSquaresWorkspaceBytes(),
+                                              stream));
+  double host_sum_sq = 0;
+  GROVE_RETURN_IF_ERROR(
+      Cuda(cudaMemcpyAsync(&host_sum_sq, sum_sq, sizeof(double), cudaMemcpyDeviceToHost, stream), "read the norm"));
+  GROVE_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream), "gradient norm"));
   prof.Lap("optimizer: grad norm");
-  if (cs != CUBLAS_STATUS_SUCCESS) return Status::Internal("GpuGrpoStep: cuBLAS grad norm failed");
+  const double norm = std::sqrt(host_sum_sq);
   report.grad_norm = norm;
   if (!std::isfinite(norm)) {
     report.skipped = true;

@@ -24,8 +24,6 @@
 #include "model/gpu_transformer.h"
 #include "model/transformer.h"
 
-struct cublasContext;  // cublasHandle_t without cublas_v2.h
-
 namespace grove::learner {
 
 class GpuGrpoStep {
@@ -51,10 +49,10 @@ class GpuGrpoStep {
   enum class Phase { kWarmStart, kGrpo };
 
   // One update from the accumulated device gradients at rate lr: the global
-  // norm (cuBLAS nrm2 in fp32), a skip when it is not finite (nothing
-  // changes, as learner::ApplyUpdate), clipping to max_grad_norm (<= 0: off),
-  // AdamW per contiguous run of decayed / not decayed trainable tensors,
-  // then the bf16 compute copies. The parameters stay on the device.
+  // norm (squares summed in double on the device), a skip when it is not
+  // finite (nothing changes, as learner::ApplyUpdate), clipping to
+  // max_grad_norm (<= 0: off), AdamW per contiguous run of decayed / not
+  // decayed trainable tensors, then the bf16 compute copies. The parameters stay on the device.
   Result<UpdateReport> Update(double lr, double max_grad_norm, Phase phase = Phase::kGrpo);
 
   // The GRPO policy loss on the device (kernels::GrpoLoss, the same math as
@@ -92,7 +90,7 @@ class GpuGrpoStep {
   std::vector<Run> runs_;
   float* m_ = nullptr;
   float* v_ = nullptr;
-  cublasContext* cublas_ = nullptr;  // on the policy's stream
+  actors::DeviceBuffer norm_buf_;  // the gradient norm: its sum of squares, then SumOfSquares' workspace
   actors::DeviceBuffer loss_buf_;  // LossAndBackward's inputs, outputs and workspace
   int64_t step_ = 0;
   int64_t warmstart_step_ = 0;
