@@ -3,6 +3,8 @@
 #include <glog/logging.h>
 
 #include <algorithm>
+#include <span>
+#include <utility>
 #include <atomic>
 #include <cmath>
 #include <numeric>
@@ -445,6 +447,34 @@ Status ValidateGenerateRequests(const ModelConfig& c, const std::vector<std::vec
   return Status::OK();
 }
 
+namespace {
+
+// (min, max) of v ({0, 0} when empty), in eight independent lanes: a single
+// running min/max is a dependency chain the compiler does not vectorize at
+// -O2 (GCC 12: 4x slower on the replay ids).
+template <typename T>
+std::pair<T, T> RangeOf(std::span<const T> v) {
+  if (v.empty()) return {T{}, T{}};
+  constexpr size_t kLanes = 8;
+  T lo[kLanes], hi[kLanes];
+  std::fill_n(lo, kLanes, v[0]);
+  std::fill_n(hi, kLanes, v[0]);
+  size_t i = 0;
+  for (; i + kLanes <= v.size(); i += kLanes)
+    for (size_t k = 0; k < kLanes; ++k) {
+      lo[k] = v[i + k] < lo[k] ? v[i + k] : lo[k];
+      hi[k] = v[i + k] > hi[k] ? v[i + k] : hi[k];
+    }
+  T mn = *std::min_element(lo, lo + kLanes), mx = *std::max_element(hi, hi + kLanes);
+  for (; i < v.size(); ++i) {
+    mn = std::min(mn, v[i]);
+    mx = std::max(mx, v[i]);
+  }
+  return {mn, mx};
+}
+
+}  // namespace
+
 Status ValidateScoreRequests(const ModelConfig& c, const std::vector<ScoreRequest>& batch) {
   const int64_t M = c.moe_layers(), K = c.top_k, V = c.vocab_size;
   bool any_replay = false;
@@ -460,10 +490,14 @@ Status ValidateScoreRequests(const ModelConfig& c, const std::vector<ScoreReques
     if (r.score_from < 1 || r.score_from > L)
       return Status::InvalidArgument(where + "score_from " + std::to_string(r.score_from) + " not in [1, " +
                                      std::to_string(L) + "]");
-    for (int64_t t = 0; t < L; ++t)
-      if (r.tokens[t] < 0 || r.tokens[t] >= V)
-        return Status::InvalidArgument(where + "token " + std::to_string(r.tokens[t]) + " at " +
-                                       std::to_string(t) + " outside vocabulary of " + std::to_string(V));
+    // Branch-free range scans first (a GPU step validates ~3M replayed ids
+    // per batch), the element named only when one is out of range.
+    const auto [lo, hi] = RangeOf<int32_t>(r.tokens);
+    if (lo < 0 || hi >= V)
+      for (int64_t t = 0; t < L; ++t)
+        if (r.tokens[t] < 0 || r.tokens[t] >= V)
+          return Status::InvalidArgument(where + "token " + std::to_string(r.tokens[t]) + " at " +
+                                         std::to_string(t) + " outside vocabulary of " + std::to_string(V));
     const int64_t row_len = M * K;
     if (!r.replay_routes.empty()) {
       if (int64_t(r.replay_routes.size()) < (L - 1) * row_len ||
@@ -471,7 +505,8 @@ Status ValidateScoreRequests(const ModelConfig& c, const std::vector<ScoreReques
         return Status::InvalidArgument(where + "replay_routes has " + std::to_string(r.replay_routes.size()) +
                                        " ids, need a multiple of " + std::to_string(row_len) + " covering " +
                                        std::to_string(L - 1) + " positions");
-      for (int64_t j = 0; j < (L - 1) * row_len; ++j)
+      const uint16_t top = RangeOf<uint16_t>({r.replay_routes.data(), size_t((L - 1) * row_len)}).second;
+      for (int64_t j = 0; top >= c.experts && j < (L - 1) * row_len; ++j)
         if (r.replay_routes[j] >= c.experts)
           return Status::InvalidArgument(where + "replayed expert id " + std::to_string(r.replay_routes[j]) +
                                          " >= experts " + std::to_string(c.experts));

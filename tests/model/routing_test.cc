@@ -73,6 +73,22 @@ TEST(RoutingReplay, RejectsBadRoutes) {
   EXPECT_NE(r.status().message().find("expert id 999"), std::string::npos) << r.status();
 }
 
+TEST(ScoreValidation, NamesTheTokenOutsideTheVocabulary) {
+  auto m = Tiny();
+  const int32_t V = int32_t(m->config().vocab_size);
+  // Positions inside the scan's 8-wide blocks and in its tail, both bounds.
+  for (const auto& [at, token] : std::vector<std::pair<int, int32_t>>{{0, -1}, {5, V}, {9, V + 7}, {10, -3}}) {
+    auto batch = RandomBatch(2, 11, 2);
+    batch[0].tokens[at] = token;  // 11 tokens: one 8-wide block and a tail of 3
+    auto r = m->Score(batch, false);
+    ASSERT_FALSE(r.ok()) << "token " << token << " at " << at;
+    EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(r.status().message().find("score request 0: token " + std::to_string(token) + " at " + std::to_string(at)),
+              std::string::npos)
+        << r.status();
+  }
+}
+
 double MaxOverMean(const std::vector<std::vector<int64_t>>& load) {
   double worst = 0;
   for (const auto& l : load) {
