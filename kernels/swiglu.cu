@@ -12,14 +12,18 @@ constexpr int kThreads = 256;
 
 __device__ __forceinline__ float Sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
 
+// Rows of `row_chunks` 8-element chunks; a row's g and u start ld elements
+// after the previous row's (the flat form: one row, ld unused). Outputs h /
+// dh are dense [rows, width]; dg and du sit at ld_out like g and u.
 __global__ void SwiGluForwardKernel(const __nv_bfloat16* __restrict__ g,
-                                    const __nv_bfloat16* __restrict__ u,
-                                    __nv_bfloat16* __restrict__ h, int64_t chunks) {
+                                    const __nv_bfloat16* __restrict__ u, int64_t ld,
+                                    __nv_bfloat16* __restrict__ h, int64_t chunks, int64_t row_chunks) {
   for (int64_t c = blockIdx.x * int64_t{kThreads} + threadIdx.x; c < chunks;
        c += int64_t{gridDim.x} * kThreads) {
+    const int64_t r = c / row_chunks, in = r * ld + 8 * (c - r * row_chunks);
     float gv[8], uv[8], out[8];
-    LoadBf16x8(g + 8 * c, gv);
-    LoadBf16x8(u + 8 * c, uv);
+    LoadBf16x8(g + in, gv);
+    LoadBf16x8(u + in, uv);
 #pragma unroll
     for (int i = 0; i < 8; ++i) out[i] = gv[i] * Sigmoid(gv[i]) * uv[i];
     StoreBf16x8(h + 8 * c, out);
@@ -28,15 +32,16 @@ __global__ void SwiGluForwardKernel(const __nv_bfloat16* __restrict__ g,
 
 __global__ void SwiGluBackwardKernel(const __nv_bfloat16* __restrict__ dh,
                                      const __nv_bfloat16* __restrict__ g,
-                                     const __nv_bfloat16* __restrict__ u,
+                                     const __nv_bfloat16* __restrict__ u, int64_t ld,
                                      __nv_bfloat16* __restrict__ dg,
-                                     __nv_bfloat16* __restrict__ du, int64_t chunks) {
+                                     __nv_bfloat16* __restrict__ du, int64_t chunks, int64_t row_chunks) {
   for (int64_t c = blockIdx.x * int64_t{kThreads} + threadIdx.x; c < chunks;
        c += int64_t{gridDim.x} * kThreads) {
+    const int64_t r = c / row_chunks, in = r * ld + 8 * (c - r * row_chunks);
     float dhv[8], gv[8], uv[8], dgo[8], duo[8];
     LoadBf16x8(dh + 8 * c, dhv);
-    LoadBf16x8(g + 8 * c, gv);
-    LoadBf16x8(u + 8 * c, uv);
+    LoadBf16x8(g + in, gv);
+    LoadBf16x8(u + in, uv);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const float s = Sigmoid(gv[i]);
@@ -44,8 +49,8 @@ __global__ void SwiGluBackwardKernel(const __nv_bfloat16* __restrict__ dh,
       dgo[i] = dhv[i] * uv[i] * s * (1.f + gv[i] * (1.f - s));
       duo[i] = dhv[i] * silu;
     }
-    StoreBf16x8(dg + 8 * c, dgo);
-    StoreBf16x8(du + 8 * c, duo);
+    StoreBf16x8(dg + in, dgo);
+    StoreBf16x8(du + in, duo);
   }
 }
 
@@ -76,7 +81,7 @@ Status SwiGluForward(const __nv_bfloat16* g, const __nv_bfloat16* u, __nv_bfloat
   if (count == 0) return Status::OK();
   if (!Aligned16(g) || !Aligned16(u) || !Aligned16(h))
     return Status::InvalidArgument("SwiGLU: pointers must be non-null and 16-byte aligned");
-  SwiGluForwardKernel<<<Blocks(count / 8), kThreads, 0, stream>>>(g, u, h, count / 8);
+  SwiGluForwardKernel<<<Blocks(count / 8), kThreads, 0, stream>>>(g, u, 0, h, count / 8, count / 8);
   return LaunchStatus("SwiGLU forward launch");
 }
 
@@ -86,8 +91,43 @@ Status SwiGluBackward(const __nv_bfloat16* dh, const __nv_bfloat16* g, const __n
   if (count == 0) return Status::OK();
   if (!Aligned16(dh) || !Aligned16(g) || !Aligned16(u) || !Aligned16(dg) || !Aligned16(du))
     return Status::InvalidArgument("SwiGLU: pointers must be non-null and 16-byte aligned");
-  SwiGluBackwardKernel<<<Blocks(count / 8), kThreads, 0, stream>>>(dh, g, u, dg, du, count / 8);
+  SwiGluBackwardKernel<<<Blocks(count / 8), kThreads, 0, stream>>>(dh, g, u, 0, dg, du, count / 8, count / 8);
   return LaunchStatus("SwiGLU backward launch");
+}
+
+namespace {
+
+Status CheckPacked(int64_t rows, int width) {
+  if (rows < 0 || width <= 0 || width % 8 != 0)
+    return Status::InvalidArgument("SwiGLU packed: rows must be >= 0 and width a positive multiple of 8, got " +
+                                   std::to_string(rows) + " x " + std::to_string(width));
+  return Status::OK();
+}
+
+}  // namespace
+
+Status SwiGluForwardPacked(const __nv_bfloat16* gu, __nv_bfloat16* h, int64_t rows, int width,
+                           cudaStream_t stream) {
+  GROVE_RETURN_IF_ERROR(CheckPacked(rows, width));
+  if (rows == 0) return Status::OK();
+  if (!Aligned16(gu) || !Aligned16(h))
+    return Status::InvalidArgument("SwiGLU: pointers must be non-null and 16-byte aligned");
+  const int64_t chunks = rows * (width / 8);
+  SwiGluForwardKernel<<<Blocks(chunks), kThreads, 0, stream>>>(gu, gu + width, 2 * int64_t{width}, h, chunks,
+                                                               width / 8);
+  return LaunchStatus("SwiGLU packed forward launch");
+}
+
+Status SwiGluBackwardPacked(const __nv_bfloat16* dh, const __nv_bfloat16* gu, __nv_bfloat16* dgu, int64_t rows,
+                            int width, cudaStream_t stream) {
+  GROVE_RETURN_IF_ERROR(CheckPacked(rows, width));
+  if (rows == 0) return Status::OK();
+  if (!Aligned16(dh) || !Aligned16(gu) || !Aligned16(dgu))
+    return Status::InvalidArgument("SwiGLU: pointers must be non-null and 16-byte aligned");
+  const int64_t chunks = rows * (width / 8);
+  SwiGluBackwardKernel<<<Blocks(chunks), kThreads, 0, stream>>>(dh, gu, gu + width, 2 * int64_t{width}, dgu,
+                                                                dgu + width, chunks, width / 8);
+  return LaunchStatus("SwiGLU packed backward launch");
 }
 
 }  // namespace grove::kernels
