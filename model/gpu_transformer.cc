@@ -9,7 +9,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <string>
+#include <string_view>
 #include <thread>
+#include <utility>
 
 #include "kernels/attention.h"
 #include "kernels/embedding.h"
@@ -101,12 +103,58 @@ class DevBuf {
   size_t bytes_ = 0;
 };
 
+// Whether Backward writes every element of this tensor's gradient in each
+// call (so that after ZeroGrad it can overwrite instead of accumulate): every
+// tensor but the router's selection bias, which gets no gradient. A tensor
+// added to ParamLayout is zeroed by ZeroGrad until Backward learns to write it.
+bool BackwardWritesAll(const std::string& name) {
+  auto ends_with = [&](std::string_view suffix) {
+    return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+  };
+  if (name == "embed" || name == "norm" || name == "lm_head") return true;
+  for (std::string_view s : {".attn_norm", ".attn.wq", ".attn.wk", ".attn.wv", ".attn.wo", ".ffn_norm", ".mlp.w1",
+                             ".mlp.w2", ".mlp.w3", ".moe.router", ".moe.shared.w1", ".moe.shared.w2",
+                             ".moe.shared.w3"})
+    if (ends_with(s)) return true;
+  return name.find(".moe.experts.") != std::string::npos && (ends_with(".w1") || ends_with(".w2") || ends_with(".w3"));
+}
+
+// Page-locked host memory, grown on demand (contents not kept).
+class PinnedBuf {
+ public:
+  PinnedBuf() = default;
+  PinnedBuf(const PinnedBuf&) = delete;
+  PinnedBuf& operator=(const PinnedBuf&) = delete;
+  ~PinnedBuf() { Release(); }
+  void Release() {
+    if (p_) cudaFreeHost(p_);
+    p_ = nullptr;
+    bytes_ = 0;
+  }
+  Result<char*> Reserve(size_t bytes) {
+    if (bytes <= bytes_) return static_cast<char*>(p_);
+    Release();
+    if (cudaMallocHost(&p_, bytes) != cudaSuccess) {
+      cudaGetLastError();
+      p_ = nullptr;
+      return Status::ResourceExhausted("GpuTransformer: cannot allocate " + std::to_string(bytes) +
+                                       " bytes of page-locked host memory");
+    }
+    bytes_ = bytes;
+    return static_cast<char*>(p_);
+  }
+
+ private:
+  void* p_ = nullptr;
+  size_t bytes_ = 0;
+};
+
 // What one layer's forward keeps for the backward.
 struct LayerTape {
   DevBuf x_mid, h1, q, k, v, o, lse, h2, rstd1, rstd2;
-  DevBuf fa, fb, fh;                  // dense SwiGLU or the shared experts, [R, F] bf16
+  DevBuf fab, fh;                     // dense SwiGLU or the shared experts: [R, 2F] = [a | b], h [R, F] bf16
   DevBuf scores, gates, pos, src;     // router and grouping
-  DevBuf ea, eb, eh, ey;              // grouped expert activations
+  DevBuf eab, eh, ey;                 // grouped expert activations (eab = [a | b] per row)
 };
 
 // One forward's state. Score(keep=false) runs in its own Tape that keeps
@@ -128,7 +176,9 @@ struct Tape {
 // packed). The forward reads the experts' weights where they lie in the bf16
 // mirror (GroupedGemmArgs::w_expert_rows): no packed copy of W itself.
 struct ExpertPack {
-  DevBuf w1t, w3t, w2t;  // [E, H, F], [E, H, F], [E, F, H]
+  // w13t: expert e's w1 and w3 stacked ([2F, H], adjacent in the layout),
+  // transposed: [E, H, 2F], so dX through both is one GEMM with k = 2F.
+  DevBuf w13t, w2t;  // [E, H, 2F], [E, F, H]
 };
 
 // Row-major C[M,N] = alpha op(A) op(B) + beta C with bf16 A, B and fp32
@@ -162,20 +212,6 @@ void ParallelFor(int n, F&& fn) {
   for (std::thread& t : pool) t.join();
 }
 
-// Two row-major products of Gemm's shapes at once (strided batch of 2),
-// fp32 C: C_i = op(A_i) op(B_i) + beta C_i with A_i = A + i stride_a, etc.
-Status GemmBatched2(cublasHandle_t h, bool ta, bool tb, int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda,
-                    int64_t stride_a, const bf16* B, int64_t ldb, int64_t stride_b, float* C, int64_t ldc,
-                    int64_t stride_c, float beta, const char* what) {
-  if (M == 0 || N == 0) return Status::OK();
-  const float alpha = 1.f;
-  return Cublas(cublasGemmStridedBatchedEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, int(N),
-                                           int(M), int(K), &alpha, B, CUDA_R_16BF, int(ldb), stride_b, A, CUDA_R_16BF,
-                                           int(lda), stride_a, &beta, C, CUDA_R_32F, int(ldc), stride_c, 2,
-                                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                what);
-}
-
 // Scored rows per LM-head chunk: the fp32 logits of a chunk are at most
 // 2^27 floats (512 MiB), so the [scored, vocab] block is never whole in
 // memory (3.8 GB at 28k rows x 32k vocab); the backward recomputes each
@@ -192,9 +228,16 @@ struct GpuTransformer::Impl {
   Tape kept, scratch;
   // Backward workspace.
   DevBuf dres, dres_b, dmain, dmain_b, dq, dk, dv, dout_b, dwork, dnorm_w, attn_ws, norm_ws, dz, dhs, dlogits,
-      dgate, dea, deh, dey, dxe1, dxe3, xe, g, router_logits, logits, index_ws, embed_ws, router_ws, dlogits_f;
+      dgate, deab, deh, dey, dxe, xe, g, router_logits, logits, index_ws, embed_ws, router_ws, dlogits_f;
   std::vector<float> h_prob_mean;
   std::vector<int32_t> h_bal_count;
+  // Score's index arrays on their way to the device, written straight into
+  // page-locked memory so that the uploads are true asynchronous copies
+  // (from pageable memory the driver stages them at a fraction of the bus
+  // speed, on the step's critical path). `staged` is recorded after the
+  // uploads; the next Score waits for it before refilling.
+  PinnedBuf staging;
+  cudaEvent_t staged = nullptr;
   std::unique_ptr<PhaseTimer> prof;
   // Side streams for the experts' weight gradients, forked from `stream`
   // once their inputs exist and joined back before those are overwritten
@@ -213,6 +256,15 @@ struct GpuTransformer::Impl {
   // overrides, for comparisons.
   bool grouped_dw = false;
   kernels::WeightGradImpl dw_impl = kernels::WeightGradImpl::kAuto;
+  // ZeroGrad zeroes at once only the gradients no backward writes
+  // (`zeroed_now`, [offset, count) runs: the router biases'); every other
+  // tensor's gradient the next Backward writes instead of adding to (beta =
+  // 0 in the GEMMs, overwrite in the experts' dW), which saves the 6.7 GB
+  // memset and the read half of the dW read-modify-writes of the reference
+  // model. `overwrite_pending` from ZeroGrad until a Backward completes;
+  // reading the gradients meanwhile zeroes them first.
+  std::vector<std::pair<int64_t, int64_t>> zeroed_now;
+  bool overwrite_pending = false;
 
   void Lap(const char* phase, double flops = 0) { prof->Lap(phase, flops); }
 
@@ -221,6 +273,7 @@ struct GpuTransformer::Impl {
     for (cudaStream_t s : side) cudaStreamDestroy(s);
     for (cudaEvent_t e : side_done) cudaEventDestroy(e);
     if (fork) cudaEventDestroy(fork);
+    if (staged) cudaEventDestroy(staged);
     prof.reset();
     if (cublas) cublasDestroy(cublas);
     if (stream) cudaStreamDestroy(stream);
@@ -264,6 +317,20 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
       return Status::InvalidArgument("GpuTransformer: tensor " + t.name + " starts at element " +
                                      std::to_string(t.offset) +
                                      ", not a multiple of 8 (16-byte rows); make experts a multiple of 8");
+  // Every SwiGLU's w3 right after its w1 (one [2F, H] matrix for the
+  // forward GEMM, the dX GEMM and the weight gradient), and each expert's
+  // three tensors at one stride: ParamLayout's order, relied on here.
+  for (int64_t l = 0; l < c.layers; ++l) {
+    const std::string p = "layers." + std::to_string(l) + ".";
+    std::vector<std::string> pairs = {c.is_moe_layer(l) ? "moe.shared." : "mlp."};
+    for (int64_t e = 0; c.is_moe_layer(l) && e < c.experts; ++e) pairs.push_back("moe.experts." + std::to_string(e) + ".");
+    for (const std::string& q : pairs) {
+      const TensorInfo* w1 = m->layout_.Find(p + q + "w1");
+      const TensorInfo* w3 = m->layout_.Find(p + q + "w3");
+      if ((w1 == nullptr) != (w3 == nullptr) || (w1 && w3->offset != w1->offset + w1->numel))
+        return Status::Internal("GpuTransformer: " + p + q + "w3 does not follow w1 in the parameter layout");
+    }
+  }
   const int count = DeviceCount();
   if (device < 0 || device >= count)
     return Status::FailedPrecondition("GpuTransformer: device " + std::to_string(device) + " not present (" +
@@ -330,14 +397,20 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
     float* g = nullptr;
     GROVE_RETURN_IF_ERROR(im.grads.Reserve(N, &g));
     GPU_OK(cudaMemset(g, 0, N * sizeof(float)));
+    for (const TensorInfo& t : m->layout_.tensors()) {
+      if (BackwardWritesAll(t.name)) continue;
+      if (!im.zeroed_now.empty() && im.zeroed_now.back().first + im.zeroed_now.back().second == t.offset)
+        im.zeroed_now.back().second += t.numel;
+      else
+        im.zeroed_now.emplace_back(t.offset, t.numel);
+    }
   }
   const int64_t E = c.experts, F = c.expert_hidden, H = c.hidden;
   // The transposed packs serve the backward only: none without gradients.
   if (trainable) im.packs.resize(c.moe_layers());
   for (ExpertPack& pk : im.packs) {
     bf16* d = nullptr;
-    GROVE_RETURN_IF_ERROR(pk.w1t.Reserve(E * F * H, &d));
-    GROVE_RETURN_IF_ERROR(pk.w3t.Reserve(E * F * H, &d));
+    GROVE_RETURN_IF_ERROR(pk.w13t.Reserve(E * 2 * F * H, &d));
     GROVE_RETURN_IF_ERROR(pk.w2t.Reserve(E * F * H, &d));
   }
   GROVE_RETURN_IF_ERROR(m->RefreshComputeCopies(true));
@@ -346,7 +419,20 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
 }
 
 float* GpuTransformer::device_params() { return impl_->params.as<float>(); }
-float* GpuTransformer::device_grads() { return impl_->grads.as<float>(); }
+float* GpuTransformer::device_grads() {
+  // Zeroes what a pending overwrite would have replaced; failures surface
+  // at the caller's next synchronizing call on the stream.
+  if (impl_->overwrite_pending) (void)MaterializeZeroGrad();
+  return impl_->grads.as<float>();
+}
+
+Status GpuTransformer::MaterializeZeroGrad() const {
+  if (!impl_->overwrite_pending) return Status::OK();
+  GPU_OK(cudaSetDevice(device_));
+  GPU_OK(cudaMemsetAsync(impl_->grads.as<float>(), 0, layout_.total() * sizeof(float), impl_->stream));
+  impl_->overwrite_pending = false;
+  return Status::OK();
+}
 void* GpuTransformer::device_params_bf16() { return impl_->mirror.as<void>(); }
 void* GpuTransformer::stream() const { return impl_->stream; }
 PhaseTimer& GpuTransformer::profiler() { return *impl_->prof; }
@@ -367,13 +453,11 @@ Status GpuTransformer::RefreshComputeCopies(bool mirror_from_master) {
   const int64_t F = c.expert_hidden, H = c.hidden, stride = 3 * F * H;
   for (size_t mi = 0; mi < im.packs.size(); ++mi) {  // none without gradients
     const std::string p = "layers." + std::to_string(c.dense_layers + int64_t(mi)) + ".moe.experts.0.";
-    const bf16* w1 = im.mirror.as<bf16>() + layout_.Offset(p + "w1");
-    const bf16* w3 = im.mirror.as<bf16>() + layout_.Offset(p + "w3");
+    const bf16* w1 = im.mirror.as<bf16>() + layout_.Offset(p + "w1");  // w3 follows: [2F, H]
     const bf16* w2 = im.mirror.as<bf16>() + layout_.Offset(p + "w2");
     ExpertPack& pk = im.packs[mi];
     const int E = int(c.experts);
-    gpu::PackExperts(w1, stride, E, int(F), int(H), true, pk.w1t.as<bf16>(), im.stream);
-    gpu::PackExperts(w3, stride, E, int(F), int(H), true, pk.w3t.as<bf16>(), im.stream);
+    gpu::PackExperts(w1, stride, E, int(2 * F), int(H), true, pk.w13t.as<bf16>(), im.stream);
     gpu::PackExperts(w2, stride, E, int(H), int(F), true, pk.w2t.as<bf16>(), im.stream);
   }
   im.Lap("expert repack");
@@ -431,7 +515,10 @@ Status GpuTransformer::ZeroGrad() {
   if (!trainable_) return Status::FailedPrecondition("ZeroGrad on a GpuTransformer created without gradients");
   GPU_OK(cudaSetDevice(device_));
   impl_->prof->Start();
-  GPU_OK(cudaMemsetAsync(impl_->grads.as<float>(), 0, layout_.total() * sizeof(float), impl_->stream));
+  float* g = impl_->grads.as<float>();
+  for (const auto& [offset, count] : impl_->zeroed_now)
+    GPU_OK(cudaMemsetAsync(g + offset, 0, count * sizeof(float), impl_->stream));
+  impl_->overwrite_pending = true;
   impl_->Lap("zero grads");
   return Status::OK();
 }
@@ -451,8 +538,8 @@ Status GpuTransformer::ReleaseActivations() {
   im.kept = Tape{};
   im.scratch = Tape{};
   for (DevBuf* b : {&im.dres, &im.dres_b, &im.dmain, &im.dmain_b, &im.dq, &im.dk, &im.dv, &im.dout_b, &im.dwork,
-                    &im.dnorm_w, &im.attn_ws, &im.norm_ws, &im.dz, &im.dhs, &im.dlogits, &im.dgate, &im.dea,
-                    &im.deh, &im.dey, &im.dxe1, &im.dxe3, &im.xe, &im.g, &im.router_logits, &im.logits,
+                    &im.dnorm_w, &im.attn_ws, &im.norm_ws, &im.dz, &im.dhs, &im.dlogits, &im.dgate, &im.deab,
+                    &im.deh, &im.dey, &im.dxe, &im.xe, &im.g, &im.router_logits, &im.logits,
                     &im.index_ws, &im.embed_ws, &im.router_ws, &im.dlogits_f})
     b->Release();
   im.h_prob_mean = {};
@@ -465,6 +552,7 @@ Status GpuTransformer::DownloadGrads(std::span<float> grads) const {
   if (int64_t(grads.size()) != layout_.total())
     return Status::InvalidArgument("DownloadGrads: room for " + std::to_string(grads.size()) + " of " +
                                    std::to_string(layout_.total()) + " gradients");
+  GROVE_RETURN_IF_ERROR(MaterializeZeroGrad());
   GPU_OK(cudaSetDevice(device_));
   GPU_OK(cudaMemcpyAsync(grads.data(), impl_->grads.as<float>(), grads.size() * sizeof(float),
                          cudaMemcpyDeviceToHost, impl_->stream));
@@ -474,11 +562,11 @@ Status GpuTransformer::DownloadGrads(std::span<float> grads) const {
 namespace {
 
 template <typename T>
-Status Upload(DevBuf& buf, const std::vector<T>& host, cudaStream_t stream) {
+Status Upload(DevBuf& buf, const T* host, int64_t count, cudaStream_t stream) {
   T* d = nullptr;
-  GROVE_RETURN_IF_ERROR(buf.Reserve(int64_t(host.size()), &d));
-  if (host.empty()) return Status::OK();
-  return Cuda(cudaMemcpyAsync(d, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice, stream), "upload");
+  GROVE_RETURN_IF_ERROR(buf.Reserve(count, &d));
+  if (count == 0) return Status::OK();
+  return Cuda(cudaMemcpyAsync(d, host, size_t(count) * sizeof(T), cudaMemcpyHostToDevice, stream), "upload");
 }
 
 }  // namespace
@@ -498,53 +586,71 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   Tape& tp = keep ? im.kept : im.scratch;
   tp.valid = false;
 
-  // Host-side index arrays of the packed batch (row r = input position).
+  // Host-side index arrays of the packed batch (row r = input position),
+  // sized first, then filled per request in parallel straight into the
+  // page-locked staging buffer, then uploaded.
   const bool replay = !batch[0].replay_routes.empty();
-  std::vector<int32_t> tokens, pos, seq, seq_len, cu{0}, sc_row, sc_target;
-  std::vector<uint16_t> replay_ids;
-  tp.sizes.clear();
+  const int B = int(batch.size());
+  std::vector<int32_t> seq_len(B), row0(B + 1, 0), sc0(B + 1, 0);
+  tp.sizes.resize(B);
   int max_len = 0;
-  for (size_t i = 0; i < batch.size(); ++i) {
+  for (int i = 0; i < B; ++i) {
     const ScoreRequest& r = batch[i];
     const int n = int(r.tokens.size()) - 1;
-    const int row0 = int(tokens.size());
-    for (int t = 0; t < n; ++t) {
-      tokens.push_back(r.tokens[t]);
-      pos.push_back(t);
-      seq.push_back(int32_t(i));
-    }
-    for (int64_t t = r.score_from; t < n + 1; ++t) {
-      sc_row.push_back(row0 + int32_t(t) - 1);
-      sc_target.push_back(r.tokens[t]);
-    }
-    tp.sizes.push_back(size_t(n + 1 - r.score_from));
-    seq_len.push_back(n);
-    cu.push_back(row0 + n);
+    seq_len[i] = n;
+    row0[i + 1] = row0[i] + n;
+    tp.sizes[i] = size_t(n + 1 - r.score_from);
+    sc0[i + 1] = sc0[i] + int(tp.sizes[i]);
     max_len = std::max(max_len, n);
   }
-  const int R = int(tokens.size()), S = int(sc_row.size()), B = int(batch.size());
-  if (replay) {  // [moe layer][row][k]
-    replay_ids.resize(size_t(M) * R * K);
-    ParallelFor(B, [&](int i) {
-      const ScoreRequest& r = batch[i];
-      const int n = int(r.tokens.size()) - 1, row0 = cu[i];
+  const int R = row0[B], S = sc0[B];
+  const size_t replay_count = replay ? size_t(M) * R * K : 0;
+  // Layout: tokens, pos, seq [R]; seq_len [B]; cu [B+1]; sc_row, sc_target
+  // [S] (int32); replay ids [M][R][K] (uint16).
+  const size_t n32 = 3 * size_t(R) + 2 * size_t(B) + 1 + 2 * size_t(S);
+  if (!im.staged) GPU_OK(cudaEventCreateWithFlags(&im.staged, cudaEventDisableTiming));
+  GPU_OK(cudaEventSynchronize(im.staged));  // the last Score's uploads have read the buffer
+  GROVE_ASSIGN_OR_RETURN(char* pinned, im.staging.Reserve(n32 * sizeof(int32_t) + replay_count * sizeof(uint16_t)));
+  int32_t* const tokens = reinterpret_cast<int32_t*>(pinned);
+  int32_t* const pos = tokens + R;
+  int32_t* const seq = pos + R;
+  int32_t* const h_seq_len = seq + R;
+  int32_t* const cu = h_seq_len + B;
+  int32_t* const sc_row = cu + B + 1;
+  int32_t* const sc_target = sc_row + S;
+  uint16_t* const replay_ids = reinterpret_cast<uint16_t*>(sc_target + S);
+  std::copy(seq_len.begin(), seq_len.end(), h_seq_len);
+  std::copy(row0.begin(), row0.end(), cu);
+  ParallelFor(B, [&](int i) {
+    const ScoreRequest& r = batch[i];
+    const int n = seq_len[i], r0 = row0[i];
+    std::copy_n(r.tokens.data(), n, tokens + r0);
+    for (int t = 0; t < n; ++t) {
+      pos[r0 + t] = t;
+      seq[r0 + t] = i;
+    }
+    for (int64_t t = r.score_from, j = sc0[i]; t < n + 1; ++t, ++j) {
+      sc_row[j] = r0 + int32_t(t) - 1;
+      sc_target[j] = r.tokens[t];
+    }
+    if (replay)  // [moe layer][row][k]
       for (int64_t mi = 0; mi < M; ++mi)
         for (int t = 0; t < n; ++t)
-          std::copy_n(r.replay_routes.data() + (t * M + mi) * K, K, replay_ids.data() + (mi * R + row0 + t) * K);
-    });
-  }
+          std::copy_n(r.replay_routes.data() + (t * M + mi) * K, K, replay_ids + (mi * R + r0 + t) * K);
+  });
   tp.rows = R;
   tp.seqs = B;
   tp.scored = S;
   tp.max_seqlen = max_len;
-  GROVE_RETURN_IF_ERROR(Upload(tp.tokens, tokens, st));
-  GROVE_RETURN_IF_ERROR(Upload(tp.pos, pos, st));
-  GROVE_RETURN_IF_ERROR(Upload(tp.seq, seq, st));
-  GROVE_RETURN_IF_ERROR(Upload(tp.seq_len, seq_len, st));
-  GROVE_RETURN_IF_ERROR(Upload(tp.cu_seqlens, cu, st));
-  GROVE_RETURN_IF_ERROR(Upload(tp.sc_row, sc_row, st));
-  GROVE_RETURN_IF_ERROR(Upload(tp.sc_target, sc_target, st));
-  if (replay) GROVE_RETURN_IF_ERROR(Upload(tp.replay, replay_ids, st));
+  GROVE_RETURN_IF_ERROR(Upload(tp.tokens, tokens, R, st));
+  GROVE_RETURN_IF_ERROR(Upload(tp.pos, pos, R, st));
+  GROVE_RETURN_IF_ERROR(Upload(tp.seq, seq, R, st));
+  GROVE_RETURN_IF_ERROR(Upload(tp.seq_len, h_seq_len, B, st));
+  GROVE_RETURN_IF_ERROR(Upload(tp.cu_seqlens, cu, B + 1, st));
+  GROVE_RETURN_IF_ERROR(Upload(tp.sc_row, sc_row, S, st));
+  GROVE_RETURN_IF_ERROR(Upload(tp.sc_target, sc_target, S, st));
+  if (replay) GROVE_RETURN_IF_ERROR(Upload(tp.replay, replay_ids, int64_t(replay_count), st));
+  GPU_OK(cudaEventRecord(im.staged, st));
   im.Lap("fwd: host index prep + upload");
   // FLOPs for the timer's TFLOP/s: 2 m n k per product; causal attention
   // 2 (QK^T and PV) x 2 x len^2 / 2 x head_dim per head forward, 2.5x that
@@ -630,14 +736,14 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     const std::string w1n = moe ? "moe.shared.w1" : "mlp.w1", w3n = moe ? "moe.shared.w3" : "mlp.w3",
                       w2n = moe ? "moe.shared.w2" : "mlp.w2";
     if (Fd > 0) {
-      bf16 *fa, *fb, *fh;
-      GROVE_RETURN_IF_ERROR(lt.fa.Reserve(R * Fd, &fa));
-      GROVE_RETURN_IF_ERROR(lt.fb.Reserve(R * Fd, &fb));
+      // w1 and w3 are adjacent in the layout: one GEMM against [W1; W3].
+      bf16 *fab, *fh;
+      GROVE_RETURN_IF_ERROR(lt.fab.Reserve(R * 2 * Fd, &fab));
       GROVE_RETURN_IF_ERROR(lt.fh.Reserve(R * Fd, &fh));
-      GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, Fd, H, h2, H, Wb(name(l, w1n.c_str())), H, fa, false, Fd, 0, "w1"));
-      GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, Fd, H, h2, H, Wb(name(l, w3n.c_str())), H, fb, false, Fd, 0, "w3"));
+      GROVE_RETURN_IF_ERROR(
+          Gemm(cb, false, true, R, 2 * Fd, H, h2, H, Wb(name(l, w1n.c_str())), H, fab, false, 2 * Fd, 0, "w1|w3"));
       im.Lap("dense GEMM fwd", 4.0 * R * Fd * H);
-      GROVE_RETURN_IF_ERROR(kernels::SwiGluForward(fa, fb, fh, R * Fd, st));
+      GROVE_RETURN_IF_ERROR(kernels::SwiGluForwardPacked(fab, fh, R, int(Fd), st));
       im.Lap("swiglu fwd");
       GROVE_RETURN_IF_ERROR(
           Gemm(cb, false, true, R, H, Fd, fh, Fd, Wb(name(l, w2n.c_str())), Fd, xout, false, H, 1, "w2"));
@@ -647,15 +753,14 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     const int64_t mi = c.moe_index(l), F = c.expert_hidden, Pn = int64_t(R) * K;
     float *logits, *scores, *gates;
     int32_t *pos_g, *src_g;
-    bf16 *xe, *ea, *eb, *eh, *ey;
+    bf16 *xe, *eab, *eh, *ey;
     GROVE_RETURN_IF_ERROR(im.router_logits.Reserve(R * E, &logits));
     GROVE_RETURN_IF_ERROR(lt.scores.Reserve(R * E, &scores));
     GROVE_RETURN_IF_ERROR(lt.gates.Reserve(R * K, &gates));
     GROVE_RETURN_IF_ERROR(lt.pos.Reserve(Pn, &pos_g));
     GROVE_RETURN_IF_ERROR(lt.src.Reserve(Pn, &src_g));
     GROVE_RETURN_IF_ERROR(im.xe.Reserve(Pn * H, &xe));
-    GROVE_RETURN_IF_ERROR(lt.ea.Reserve(Pn * F, &ea));
-    GROVE_RETURN_IF_ERROR(lt.eb.Reserve(Pn * F, &eb));
+    GROVE_RETURN_IF_ERROR(lt.eab.Reserve(Pn * 2 * F, &eab));
     GROVE_RETURN_IF_ERROR(lt.eh.Reserve(Pn * F, &eh));
     GROVE_RETURN_IF_ERROR(lt.ey.Reserve(Pn * H, &ey));
     GROVE_RETURN_IF_ERROR(
@@ -693,13 +798,13 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     ga.total_rows = int(Pn);
     ga.num_experts = int(E);
     ga.out_type = kernels::GemmOutType::kBF16;
-    ga.a = xe; ga.w = Wb(e0 + "w1"); ga.c = ea; ga.n = int(F); ga.k = int(H);
+    // w1 and w3 as one [2F, H] matrix per expert (w3 follows w1): one
+    // grouped GEMM writes [a | b] per row.
+    ga.a = xe; ga.w = Wb(e0 + "w1"); ga.c = eab; ga.n = int(2 * F); ga.k = int(H);
     ga.w_expert_rows = int(expert_stride / H);
     GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
-    ga.w = Wb(e0 + "w3"); ga.c = eb;
-    GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
     im.Lap("grouped GEMM fwd", 4.0 * Pn * F * H);
-    GROVE_RETURN_IF_ERROR(kernels::SwiGluForward(ea, eb, eh, Pn * F, st));
+    GROVE_RETURN_IF_ERROR(kernels::SwiGluForwardPacked(eab, eh, Pn, int(F), st));
     im.Lap("swiglu fwd");
     ga.a = eh; ga.w = Wb(e0 + "w2"); ga.c = ey; ga.n = int(H); ga.k = int(F);
     ga.w_expert_rows = int(expert_stride / F);
@@ -873,9 +978,17 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
   GROVE_RETURN_IF_ERROR(im.attn_ws.Reserve(kernels::AttentionBackwardWorkspaceBytes(ash)));
   const double attn_bwd_flops = 5.0 * tp.len_sq * double(hd) * double(c.heads);  // FLOPs as in Score
 
+  // The first Backward after ZeroGrad writes the weights' gradients (beta 0)
+  // instead of adding to them (see Impl::overwrite_pending).
+  const bool overwrite = im.overwrite_pending;
+  const float bw = overwrite ? 0.f : 1.f;
   const float one = 1.f;
-  // y += dweight (an RMSNorm weight's gradient, computed overwritten).
-  auto add_norm_grad = [&](const std::string& n) {
+  // y (+)= dweight (an RMSNorm weight's gradient, computed overwritten).
+  auto add_norm_grad = [&](const std::string& n) -> Status {
+    if (overwrite) {
+      GPU_OK(cudaMemcpyAsync(Gf(n), dnorm_w, H * sizeof(float), cudaMemcpyDeviceToDevice, st));
+      return Status::OK();
+    }
     return Cublas(cublasSaxpy_v2_64(cb, H, &one, dnorm_w, 1, Gf(n), 1), "saxpy");
   };
   // dres += RMSNorm backward of d (fp32 [R,H], rounded to bf16 for the kernel).
@@ -901,6 +1014,7 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
   };
 
   // LM head and final norm.
+  if (overwrite && S == 0) GPU_OK(cudaMemsetAsync(Gf("lm_head"), 0, V * H * sizeof(float), st));
   for (int64_t r0 = 0; r0 < S; r0 += chunk) {
     const int64_t n = std::min<int64_t>(chunk, S - r0);
     const bf16* hs = tp.hs.as<bf16>() + r0 * H;
@@ -909,7 +1023,8 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
                                                         tp.lse.as<float>() + r0, dg + r0, dz, int(n), int(V), st));
     GROVE_RETURN_IF_ERROR(
         Gemm(cb, false, false, n, H, V, dz, V, Wb("lm_head"), H, dhs + r0 * H, true, H, 0, "lm_head dx"));
-    GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, V, H, n, dz, V, hs, H, Gf("lm_head"), true, H, 1, "lm_head dW"));
+    GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, V, H, n, dz, V, hs, H, Gf("lm_head"), true, H,
+                               r0 == 0 ? bw : 1.f, "lm_head dW"));
   }
   im.Lap("lm head + log-prob bwd (recompute, dX, dW)", 6.0 * S * V * H);
   GPU_OK(cudaMemsetAsync(dmain, 0, size_t(R) * H * sizeof(float), st));
@@ -929,25 +1044,22 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
     const std::string w1n = moe ? "moe.shared.w1" : "mlp.w1", w3n = moe ? "moe.shared.w3" : "mlp.w3",
                       w2n = moe ? "moe.shared.w2" : "mlp.w2";
     if (Fd > 0) {  // the first GEMM into dmain overwrites it
-      bf16 *dfh = dout_b, *dfa = dwork, *dfb = dwork + R * Fd;
+      bf16 *dfh = dout_b, *dfab = dwork;  // dfab [R, 2 Fd] = [da | db]
       GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, R, Fd, H, dres_b, H, Wb(name(l, w2n.c_str())), Fd, dfh, false, Fd,
                                  0, "w2 dx"));
       im.Lap("dense GEMM dX", 2.0 * R * Fd * H);
       GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, H, Fd, R, dres_b, H, lt.fh.as<bf16>(), Fd, Gf(name(l, w2n.c_str())),
-                                 true, Fd, 1, "w2 dW"));
+                                 true, Fd, bw, "w2 dW"));
       im.Lap("dense GEMM dW", 2.0 * R * Fd * H);
-      GROVE_RETURN_IF_ERROR(
-          kernels::SwiGluBackward(dfh, lt.fa.as<bf16>(), lt.fb.as<bf16>(), dfa, dfb, R * Fd, st));
+      GROVE_RETURN_IF_ERROR(kernels::SwiGluBackwardPacked(dfh, lt.fab.as<bf16>(), dfab, R, int(Fd), st));
       im.Lap("swiglu bwd");
-      GROVE_RETURN_IF_ERROR(
-          Gemm(cb, false, false, R, H, Fd, dfa, Fd, Wb(name(l, w1n.c_str())), H, dmain, true, H, 0, "w1 dx"));
-      GROVE_RETURN_IF_ERROR(
-          Gemm(cb, false, false, R, H, Fd, dfb, Fd, Wb(name(l, w3n.c_str())), H, dmain, true, H, 1, "w3 dx"));
+      // Through w1 and w3 at once: [da | db] [W1; W3] (k = 2 Fd), and their
+      // gradients as one [2 Fd, H] block (adjacent in the layout).
+      GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, R, H, 2 * Fd, dfab, 2 * Fd, Wb(name(l, w1n.c_str())), H, dmain,
+                                 true, H, 0, "w1|w3 dx"));
       im.Lap("dense GEMM dX", 4.0 * R * Fd * H);
-      GROVE_RETURN_IF_ERROR(
-          Gemm(cb, true, false, Fd, H, R, dfa, Fd, h2, H, Gf(name(l, w1n.c_str())), true, H, 1, "w1 dW"));
-      GROVE_RETURN_IF_ERROR(
-          Gemm(cb, true, false, Fd, H, R, dfb, Fd, h2, H, Gf(name(l, w3n.c_str())), true, H, 1, "w3 dW"));
+      GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, 2 * Fd, H, R, dfab, 2 * Fd, h2, H, Gf(name(l, w1n.c_str())), true,
+                                 H, bw, "w1|w3 dW"));
       im.Lap("dense GEMM dW", 4.0 * R * Fd * H);
     } else {
       GPU_OK(cudaMemsetAsync(dmain, 0, size_t(R) * H * sizeof(float), st));
@@ -958,19 +1070,18 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       const ExpertPack& pk = im.packs[mi];
       const int32_t* pos_g = lt.pos.as<int32_t>();
       const int32_t* offsets = tp.offsets.as<int32_t>() + mi * (E + 1);
-      bf16 *dey, *deh, *dea, *xe, *dxe1, *dxe3;
+      bf16 *dey, *deh, *deab, *xe, *dxe;
       GROVE_RETURN_IF_ERROR(im.dey.Reserve(Pn * H, &dey));
       GROVE_RETURN_IF_ERROR(im.deh.Reserve(Pn * F, &deh));
-      // dea and deb in one buffer, deb right after dea: the w1 and w3
-      // weight gradients of an expert are then one strided-batched GEMM.
-      GROVE_RETURN_IF_ERROR(im.dea.Reserve(2 * Pn * F, &dea));
-      bf16* deb = dea + Pn * F;
-      GROVE_RETURN_IF_ERROR(im.dxe1.Reserve(Pn * H, &dxe1));
-      GROVE_RETURN_IF_ERROR(im.dxe3.Reserve(Pn * H, &dxe3));
+      // [da | db] per row, as the forward's [a | b]: the dX through w1 and
+      // w3 is then one grouped GEMM (k = 2F) and their weight gradients one
+      // [2F, H] block per expert.
+      GROVE_RETURN_IF_ERROR(im.deab.Reserve(2 * Pn * F, &deab));
+      GROVE_RETURN_IF_ERROR(im.dxe.Reserve(Pn * H, &dxe));
       GROVE_RETURN_IF_ERROR(im.xe.Reserve(Pn * H, &xe));
       GROVE_RETURN_IF_ERROR(im.dgate.Reserve(Pn, &dgate));
       GROVE_RETURN_IF_ERROR(im.dlogits.Reserve(R * E, &dlogits));
-      GROVE_RETURN_IF_ERROR(join_dw());  // dey, dea, deb and xe are rewritten below
+      GROVE_RETURN_IF_ERROR(join_dw());  // dey, deab and xe are rewritten below
       GROVE_RETURN_IF_ERROR(kernels::MoeCombineBackward(dres_b, lt.ey.as<bf16>(), lt.gates.as<float>(), pos_g, dey,
                                                         dgate, R, int(K), int(H), st));
       im.Lap("moe permute/combine bwd");
@@ -982,23 +1093,21 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       ga.a = dey; ga.w = pk.w2t.as<bf16>(); ga.c = deh; ga.n = int(F); ga.k = int(H);
       GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
       im.Lap("grouped GEMM dX", 2.0 * Pn * F * H);
-      GROVE_RETURN_IF_ERROR(kernels::SwiGluBackward(deh, lt.ea.as<bf16>(), lt.eb.as<bf16>(), dea, deb, Pn * F, st));
+      GROVE_RETURN_IF_ERROR(kernels::SwiGluBackwardPacked(deh, lt.eab.as<bf16>(), deab, Pn, int(F), st));
       im.Lap("swiglu bwd");
-      // The expert inputs' gradients through w1 and w3 in bf16 (one rounding
-      // each, 2^-9 relative; summed in fp32 below): half the bytes of fp32
-      // through the GEMM's stores and the scatter's loads.
-      ga.a = dea; ga.w = pk.w1t.as<bf16>(); ga.c = dxe1; ga.n = int(H); ga.k = int(F);
-      GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
-      ga.a = deb; ga.w = pk.w3t.as<bf16>(); ga.c = dxe3;
+      // The expert inputs' gradients through w1 and w3 together (summed in
+      // fp32 inside the GEMM, k = 2F), stored bf16 (one rounding, 2^-9
+      // relative): half the bytes of fp32 through the store and the scatter.
+      ga.a = deab; ga.w = pk.w13t.as<bf16>(); ga.c = dxe; ga.n = int(H); ga.k = int(2 * F);
       GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
       im.Lap("grouped GEMM dX", 4.0 * Pn * F * H);
-      gpu::MoeScatterBackward(dxe1, dxe3, pos_g, dmain, R, int(K), int(H), st);
-      // Expert weight gradients, two cuBLAS calls per expert (w2; w1 and w3
-      // batched): fp32 accumulation straight into the layout-ordered
-      // gradient (beta = 1), optionally spread round-robin over the side
-      // streams (disjoint outputs; the
-      // inputs are complete at the fork, and the join precedes the next
-      // writer of dey/dea/deb/xe, the next layer's backward).
+      gpu::MoeScatterBackward(dxe, pos_g, dmain, R, int(K), int(H), st);
+      // Expert weight gradients: the grouped kernel below, or two cuBLAS
+      // calls per expert (w2; w1 and w3 as one [2F, H] block): fp32 straight
+      // into the layout-ordered gradient (beta = 1, or 0 after ZeroGrad),
+      // optionally spread round-robin over the side streams (disjoint
+      // outputs; the inputs are complete at the fork, and the join precedes
+      // the next writer of dey/deab/xe, the next layer's backward).
       GPU_LAUNCHED("moe backward");
       GROVE_RETURN_IF_ERROR(kernels::MoePermute(h2, lt.src.as<int32_t>(), xe, int(Pn), int(K), int(H), st));
       im.Lap("moe permute/combine bwd");
@@ -1022,18 +1131,20 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       }
       if (grouped_dw) {
         // One launch per weight kind over all experts, on the main stream,
-        // accumulating (beta = 1) like the cuBLAS calls; empty experts untouched.
+        // accumulating (or, after ZeroGrad, overwriting: an empty expert's G
+        // then becomes 0) like the cuBLAS calls.
         const std::string e0 = name(l, "moe.experts.0.");
         kernels::GroupedWeightGradArgs wg;
         wg.expert_offsets = offsets;
         wg.total_rows = int(Pn);
         wg.num_experts = int(E);
         wg.g_expert_stride = stride_w1;
-        wg.accumulate = true;
+        wg.accumulate = !overwrite;
         wg.dy = dey; wg.x = lt.eh.as<bf16>(); wg.n = int(H); wg.k = int(F); wg.g = Gf(e0 + "w2");
         GROVE_RETURN_IF_ERROR(kernels::GroupedWeightGrad(wg, st, im.dw_impl));
-        wg.dy = dea; wg.dy2 = deb; wg.x = xe; wg.n = int(F); wg.k = int(H);
-        wg.g = Gf(e0 + "w1"); wg.g2 = Gf(e0 + "w3");
+        // w1 and w3 as one [2F, H] gradient per expert (w3's follows w1's).
+        wg.dy = deab; wg.x = xe; wg.n = int(2 * F); wg.k = int(H);
+        wg.g = Gf(e0 + "w1");
         GROVE_RETURN_IF_ERROR(kernels::GroupedWeightGrad(wg, st, im.dw_impl));
         im.Lap("expert dW", 6.0 * Pn * F * H);
       }
@@ -1047,15 +1158,17 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       auto handle = [&]() { return ns > 0 ? im.side_cublas[call++ % ns] : cb; };
       for (int64_t e = 0; e < E && !grouped_dw; ++e) {
         const int64_t n = tp.h_counts[mi * E + e];
+        const std::string x = name(l, "moe.experts.") + std::to_string(e) + ".";
+        if (n == 0 && overwrite) {
+          for (const char* w : {"w1", "w2", "w3"})
+            GPU_OK(cudaMemsetAsync(Gf(x + w), 0, F * H * sizeof(float), ns > 0 ? im.side[0] : st));
+        }
         if (n > 0) {
-          const std::string x = name(l, "moe.experts.") + std::to_string(e) + ".";
           GROVE_RETURN_IF_ERROR(Gemm(handle(), true, false, H, F, n, dey + off * H, H, lt.eh.as<bf16>() + off * F, F,
-                                     Gf(x + "w2"), true, F, 1, "expert w2 dW"));
-          // w1 and w3 together: batch 2 over (dea, deb) = Pn * F apart and
-          // (w1, w3) gradients adjacent in the layout; xe shared (stride 0).
-          float* g1 = Gf(x + "w1");
-          GROVE_RETURN_IF_ERROR(GemmBatched2(handle(), true, false, F, H, n, dea + off * F, F, Pn * F, xe + off * H, H,
-                                             0, g1, H, Gf(x + "w3") - g1, 1, "expert w1/w3 dW"));
+                                     Gf(x + "w2"), true, F, bw, "expert w2 dW"));
+          // w1 and w3 together: [2F, H] (adjacent in the layout) from [da | db].
+          GROVE_RETURN_IF_ERROR(Gemm(handle(), true, false, 2 * F, H, n, deab + off * 2 * F, 2 * F, xe + off * H, H,
+                                     Gf(x + "w1"), true, H, bw, "expert w1|w3 dW"));
         }
         off += n;
       }
@@ -1089,7 +1202,7 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       GROVE_RETURN_IF_ERROR(
           Gemm(cb, false, false, R, H, E, dlogits, E, Wb(name(l, "moe.router")), H, dmain, true, H, 1, "router dx"));
       GROVE_RETURN_IF_ERROR(
-          Gemm(cb, true, false, E, H, R, dlogits, E, h2, H, Gf(name(l, "moe.router")), true, H, 1, "router dW"));
+          Gemm(cb, true, false, E, H, R, dlogits, E, h2, H, Gf(name(l, "moe.router")), true, H, bw, "router dW"));
       im.Lap("router bwd", 4.0 * R * E * H);
     }
     GROVE_RETURN_IF_ERROR(norm_backward(dmain, lt.x_mid.as<bf16>(), name(l, "ffn_norm"), lt.rstd2.as<float>()));
@@ -1103,7 +1216,7 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
         Gemm(cb, false, false, R, qd, H, dres_b, H, Wb(name(l, "attn.wo")), qd, dout_b, false, qd, 0, "wo dx"));
     im.Lap("dense GEMM dX", 2.0 * R * qd * H);
     GROVE_RETURN_IF_ERROR(
-        Gemm(cb, true, false, H, qd, R, dres_b, H, o, qd, Gf(name(l, "attn.wo")), true, qd, 1, "wo dW"));
+        Gemm(cb, true, false, H, qd, R, dres_b, H, o, qd, Gf(name(l, "attn.wo")), true, qd, bw, "wo dW"));
     im.Lap("dense GEMM dW", 2.0 * R * qd * H);
     GROVE_RETURN_IF_ERROR(kernels::AttentionBackward(ash, q, k, v, o, dout_b, lt.lse.as<float>(), dq, dk, dv,
                                                      im.attn_ws.as<void>(), st));
@@ -1116,19 +1229,21 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
     GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, R, H, kd, dk, kd, Wb(name(l, "attn.wk")), H, dmain, true, H, 1, "wk dx"));
     GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, R, H, kd, dv, kd, Wb(name(l, "attn.wv")), H, dmain, true, H, 1, "wv dx"));
     im.Lap("dense GEMM dX", 2.0 * R * H * (qd + 2 * kd));
-    GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, qd, H, R, dq, qd, h1, H, Gf(name(l, "attn.wq")), true, H, 1, "wq dW"));
-    GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, kd, H, R, dk, kd, h1, H, Gf(name(l, "attn.wk")), true, H, 1, "wk dW"));
-    GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, kd, H, R, dv, kd, h1, H, Gf(name(l, "attn.wv")), true, H, 1, "wv dW"));
+    GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, qd, H, R, dq, qd, h1, H, Gf(name(l, "attn.wq")), true, H, bw, "wq dW"));
+    GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, kd, H, R, dk, kd, h1, H, Gf(name(l, "attn.wk")), true, H, bw, "wk dW"));
+    GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, kd, H, R, dv, kd, h1, H, Gf(name(l, "attn.wv")), true, H, bw, "wv dW"));
     im.Lap("dense GEMM dW", 2.0 * R * H * (qd + 2 * kd));
     GROVE_RETURN_IF_ERROR(norm_backward(dmain, tp.resid[l].as<bf16>(), name(l, "attn_norm"), lt.rstd1.as<float>()));
   }
   gpu::CastToBf16(dres, dres_b, int64_t(R) * H, st);
+  if (overwrite) GPU_OK(cudaMemsetAsync(Gf("embed"), 0, V * H * sizeof(float), st));
   const size_t embed_bytes = kernels::EmbeddingBackwardWorkspaceBytes(R, int(V));
   GROVE_RETURN_IF_ERROR(im.embed_ws.Reserve(embed_bytes));
   GROVE_RETURN_IF_ERROR(kernels::EmbeddingBackward(tp.tokens.as<int32_t>(), dres_b, Gf("embed"), im.embed_ws.as<void>(),
                                                    embed_bytes, R, int(V), int(H), st));
   im.Lap("embedding bwd");
   GROVE_RETURN_IF_ERROR(join_dw());
+  im.overwrite_pending = false;
   return Synchronize();
 }
 

@@ -4,12 +4,16 @@
 //
 // - Parameters: fp32 master copy in ParamLayout order (what Upload/Download
 //   move and what the optimizer updates in place), a bf16 mirror of it in the
-//   same order (the dense weights cuBLAS reads), and the routed experts'
-//   weights packed per kind [experts, n, k] (w1, w3, w2) plus transposed
-//   [experts, k, n] for the backward's dX = dY W, all refreshed from the
-//   mirror by RefreshComputeCopies().
+//   same order (what every GEMM reads, the experts' weights in place), and,
+//   with gradients, the routed experts' weights transposed per kind for the
+//   backward's dX = dY W ([experts, H, 2F] for w1 and w3 stacked, [experts,
+//   F, H] for w2), refreshed from the mirror by RefreshComputeCopies().
 // - Gradients: fp32 in ParamLayout order, accumulated by Backward() (cuBLAS
-//   writes weight gradients straight into them with beta = 1).
+//   writes weight gradients straight into them with beta = 1), except that
+//   the first Backward after ZeroGrad overwrites them (beta = 0): ZeroGrad
+//   itself only marks them zero. Reading them (device_grads, DownloadGrads)
+//   before that Backward zeroes them first, so they always read as zero +
+//   the Backwards since.
 // - Activations: the residual stream is bf16 (what RmsNormForward reads;
 //   every residual add rounds once, ~2^-9 relative per layer), its gradient
 //   fp32 (summed from several branches per layer, rounded to bf16 only where
@@ -74,6 +78,7 @@ class GpuTransformer {
   const float* device_logprobs() const;
   int64_t scored_tokens() const;
   Status BackwardFromDevice(const float* dlogprobs);
+  // Gradients := 0 (lazily, see above: costs no pass over them).
   Status ZeroGrad();
   Status DownloadGrads(std::span<float> grads) const;
   // Frees what Score and Backward grow to their largest batch so far (the
@@ -109,6 +114,8 @@ class GpuTransformer {
 
  private:
   GpuTransformer(const ModelConfig& config, int device, bool trainable);
+  // The memset a ZeroGrad deferred, when no Backward has overwritten yet.
+  Status MaterializeZeroGrad() const;
   ModelConfig config_;
   ParamLayout layout_;
   int device_ = 0;

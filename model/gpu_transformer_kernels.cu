@@ -100,9 +100,8 @@ __global__ void ScatterRowsKernel(const float* src, const int32_t* index, float*
     dst[int64_t(index[i / h]) * h + i % h] = src[i];
 }
 
-// Eight columns per thread: 16-byte loads of a and b, two float4 updates of dx.
-__global__ void MoeScatterBackwardKernel(const bf16* a, const bf16* b, const int32_t* pos, float* dx, int rows,
-                                         int top_k, int h) {
+// Eight columns per thread: 16-byte loads of a, two float4 updates of dx.
+__global__ void MoeScatterBackwardKernel(const bf16* a, const int32_t* pos, float* dx, int rows, int top_k, int h) {
   const int hv = h / 8;
   const int64_t total = int64_t(rows) * hv;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
@@ -111,11 +110,9 @@ __global__ void MoeScatterBackwardKernel(const bf16* a, const bf16* b, const int
     for (int j = 0; j < top_k; ++j) {
       const int64_t p = pos[t * top_k + j];
       const uint4 va = *reinterpret_cast<const uint4*>(a + p * h + c);
-      const uint4 vb = *reinterpret_cast<const uint4*>(b + p * h + c);
       const bf16* ea = reinterpret_cast<const bf16*>(&va);
-      const bf16* eb = reinterpret_cast<const bf16*>(&vb);
 #pragma unroll
-      for (int k = 0; k < 8; ++k) s[k] += __bfloat162float(ea[k]) + __bfloat162float(eb[k]);
+      for (int k = 0; k < 8; ++k) s[k] += __bfloat162float(ea[k]);
     }
     float4* d = reinterpret_cast<float4*>(dx + t * h + c);
     float4 d0 = d[0], d1 = d[1];
@@ -173,10 +170,10 @@ void ScatterRows(const float* src, const int32_t* index, float* dst, int rows, i
   if (rows > 0) ScatterRowsKernel<<<Blocks(int64_t(rows) * h), kThreads, 0, stream>>>(src, index, dst, rows, h);
 }
 
-void MoeScatterBackward(const bf16* a, const bf16* b, const int32_t* pos, float* dx, int rows, int top_k, int h,
+void MoeScatterBackward(const bf16* a, const int32_t* pos, float* dx, int rows, int top_k, int h,
                         cudaStream_t stream) {
   if (rows > 0)
-    MoeScatterBackwardKernel<<<Blocks(int64_t(rows) * (h / 8)), kThreads, 0, stream>>>(a, b, pos, dx, rows, top_k, h);
+    MoeScatterBackwardKernel<<<Blocks(int64_t(rows) * (h / 8)), kThreads, 0, stream>>>(a, pos, dx, rows, top_k, h);
 }
 
 void BalanceStats(const float* scores, const uint16_t* ids, const int32_t* seq, const int32_t* seq_len, int rows,

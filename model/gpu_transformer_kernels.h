@@ -32,13 +32,13 @@ void GatherRows(const bf16* src, const int32_t* index, bf16* dst, int rows, int 
 // dst[index[i]] = src[i] (dst pre-zeroed; indices distinct).
 void ScatterRows(const float* src, const int32_t* index, float* dst, int rows, int h, cudaStream_t stream);
 
-// dx[t] += sum_j (a[p] + b[p]) over p = pos[t,j]: the gradients of the
-// expert inputs through w1 (a) and w3 (b), bf16 (each rounded once by its
-// grouped GEMM), summed in fp32 into the fp32 residual gradient
-// (kernels::MoePermuteBackward gives bf16; this adds two inputs and the
-// residual in one pass). h a multiple of 8.
-void MoeScatterBackward(const bf16* a, const bf16* b, const int32_t* pos, float* dx, int rows, int top_k,
-                        int h, cudaStream_t stream);
+// dx[t] += sum_j a[p] over p = pos[t,j]: the gradients of the expert
+// inputs (through w1 and w3 together, bf16, rounded once by their grouped
+// GEMM) summed in fp32 into the fp32 residual gradient
+// (kernels::MoePermuteBackward gives bf16; this adds into the residual in
+// the same pass). h a multiple of 8.
+void MoeScatterBackward(const bf16* a, const int32_t* pos, float* dx, int rows, int top_k, int h,
+                        cudaStream_t stream);
 
 // Sequence-wise balance loss statistics for its value in the forward
 // (model/moe.h; kernels::RouterBackward has the gradient): per sequence q and

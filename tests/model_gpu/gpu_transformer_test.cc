@@ -32,6 +32,7 @@
 // routes; the per-token bound is checked with the routes replayed.
 // Tensors whose gradient is tiny next to the largest one (norm ~0) are
 // compared with an absolute floor instead: 1e-3 of the largest tensor norm.
+#include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -286,6 +287,11 @@ TEST_P(GpuTransformerTest, GradientsMatchCpuWithReplay) {
     for (size_t j = 0; j < cpu->logprobs[i].size(); ++j) dlogp[i].push_back(nd(rng));
   f.cpu->ZeroGrad();
   ASSERT_TRUE(f.cpu->Backward(dlogp).ok());
+  // NaN in every gradient before ZeroGrad: ZeroGrad zeroes only what no
+  // Backward writes and the first Backward overwrites the rest, so a
+  // gradient that Backward missed shows as NaN below.
+  const size_t n = f.cpu->params().size();
+  ASSERT_EQ(cudaMemset(f.gpu->device_grads(), 0xff, n * sizeof(float)), cudaSuccess);
   ASSERT_TRUE(f.gpu->ZeroGrad().ok());
   // Two backward passes accumulate: score again and add the same gradient.
   ASSERT_TRUE(f.gpu->Backward(dlogp).ok());
@@ -342,6 +348,27 @@ TEST_P(GpuTransformerTest, GradientsMatchCpuWithReplay) {
 // <= ~1000 rows per expert). Bound 1e-4; a lost expert, row block or wrong
 // transpose gives O(1). The other gradients do not depend on the switch (it
 // only writes the experts' dW) and get the same bound.
+TEST_P(GpuTransformerTest, ZeroGradReadsAsZeroWithoutABackward) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = std::random_device{}();
+  const ModelConfig c = Config();
+  Fixture f = Make(c, seed);
+  ASSERT_TRUE(f.gpu);
+  const size_t n = f.cpu->params().size();
+  std::vector<float> g(n, 1.f);
+  // DownloadGrads and device_grads after a ZeroGrad that no Backward
+  // followed: both see zeros where NaN was, not the stale values.
+  ASSERT_EQ(cudaMemset(f.gpu->device_grads(), 0xff, n * sizeof(float)), cudaSuccess);
+  ASSERT_TRUE(f.gpu->ZeroGrad().ok());
+  ASSERT_TRUE(f.gpu->DownloadGrads(g).ok());
+  for (size_t i = 0; i < n; ++i) ASSERT_EQ(g[i], 0.f) << i;
+  ASSERT_EQ(cudaMemset(f.gpu->device_grads(), 0xff, n * sizeof(float)), cudaSuccess);
+  ASSERT_TRUE(f.gpu->ZeroGrad().ok());
+  std::vector<float> raw(n, 1.f);
+  ASSERT_EQ(cudaMemcpy(raw.data(), f.gpu->device_grads(), n * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
+  for (size_t i = 0; i < n; ++i) ASSERT_EQ(raw[i], 0.f) << i;
+}
+
 TEST_P(GpuTransformerTest, GroupedExpertDwMatchesCublas) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = std::random_device{}();
@@ -395,6 +422,9 @@ TEST_P(GpuTransformerTest, GroupedExpertDwMatchesCublas) {
       for (size_t i = 0; i < batch.size(); ++i)
         for (size_t j = 0; j < r->logprobs[i].size(); ++j) dlogp[i].push_back(nd(rng));
     }
+    // NaN before ZeroGrad: the first Backward must overwrite every weight's
+    // gradient on both paths (an expert no token reached included).
+    EXPECT_EQ(cudaMemset(f.gpu->device_grads(), 0xff, f.cpu->params().size() * sizeof(float)), cudaSuccess);
     EXPECT_TRUE(f.gpu->ZeroGrad().ok());
     const Status s = f.gpu->Backward(dlogp);
     if (s.code() == StatusCode::kFailedPrecondition) {
