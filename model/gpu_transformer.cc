@@ -227,7 +227,7 @@ struct GpuTransformer::Impl {
   std::vector<ExpertPack> packs;  // per MoE layer
   Tape kept, scratch;
   // Backward workspace.
-  DevBuf dres, dres_b, dmain, dmain_b, dq, dk, dv, dout_b, dwork, dnorm_w, attn_ws, norm_ws, dz, dhs, dlogits,
+  DevBuf dres, dres_b, dmain, dq, dk, dv, dout_b, dwork, attn_ws, norm_ws, dz, dhs, dlogits,
       dgate, deab, deh, dey, dxe, xe, g, router_logits, logits, index_ws, embed_ws, router_ws, dlogits_f;
   std::vector<float> h_prob_mean;
   std::vector<int32_t> h_bal_count;
@@ -537,8 +537,8 @@ Status GpuTransformer::ReleaseActivations() {
   // step reads), sized to it at Create.
   im.kept = Tape{};
   im.scratch = Tape{};
-  for (DevBuf* b : {&im.dres, &im.dres_b, &im.dmain, &im.dmain_b, &im.dq, &im.dk, &im.dv, &im.dout_b, &im.dwork,
-                    &im.dnorm_w, &im.attn_ws, &im.norm_ws, &im.dz, &im.dhs, &im.dlogits, &im.dgate, &im.deab,
+  for (DevBuf* b : {&im.dres, &im.dres_b, &im.dmain, &im.dq, &im.dk, &im.dv, &im.dout_b, &im.dwork,
+                    &im.attn_ws, &im.norm_ws, &im.dz, &im.dhs, &im.dlogits, &im.dgate, &im.deab,
                     &im.deh, &im.dey, &im.dxe, &im.xe, &im.g, &im.router_logits, &im.logits,
                     &im.index_ws, &im.embed_ws, &im.router_ws, &im.dlogits_f})
     b->Release();
@@ -949,18 +949,16 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
   auto Gf = [&](const std::string& n) { return G + layout_.Offset(n); };
 
   int64_t widest = std::max({qd, c.dense_hidden, c.shared_experts * c.expert_hidden, H});
-  float *dres, *dmain, *dnorm_w, *dhs, *dgate;
-  bf16 *dres_b, *dmain_b, *dq, *dk, *dv, *dout_b, *dwork, *dz, *dlogits;
+  float *dres, *dmain, *dhs, *dgate;
+  bf16 *dres_b, *dq, *dk, *dv, *dout_b, *dwork, *dz, *dlogits;
   GROVE_RETURN_IF_ERROR(im.dres.Reserve(R * H, &dres));
   GROVE_RETURN_IF_ERROR(im.dres_b.Reserve(R * H, &dres_b));
   GROVE_RETURN_IF_ERROR(im.dmain.Reserve(R * H, &dmain));
-  GROVE_RETURN_IF_ERROR(im.dmain_b.Reserve(R * H, &dmain_b));
   GROVE_RETURN_IF_ERROR(im.dq.Reserve(R * qd, &dq));
   GROVE_RETURN_IF_ERROR(im.dk.Reserve(R * kd, &dk));
   GROVE_RETURN_IF_ERROR(im.dv.Reserve(R * kd, &dv));
   GROVE_RETURN_IF_ERROR(im.dout_b.Reserve(R * widest, &dout_b));
   GROVE_RETURN_IF_ERROR(im.dwork.Reserve(2 * R * widest, &dwork));
-  GROVE_RETURN_IF_ERROR(im.dnorm_w.Reserve(H, &dnorm_w));
   GROVE_RETURN_IF_ERROR(im.dhs.Reserve(S * H, &dhs));
   const int64_t chunk = std::min<int64_t>(S, LmHeadChunk(V));
   float* logits = nullptr;
@@ -982,23 +980,27 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
   // instead of adding to them (see Impl::overwrite_pending).
   const bool overwrite = im.overwrite_pending;
   const float bw = overwrite ? 0.f : 1.f;
-  const float one = 1.f;
-  // y (+)= dweight (an RMSNorm weight's gradient, computed overwritten).
-  auto add_norm_grad = [&](const std::string& n) -> Status {
-    if (overwrite) {
-      GPU_OK(cudaMemcpyAsync(Gf(n), dnorm_w, H * sizeof(float), cudaMemcpyDeviceToDevice, st));
-      return Status::OK();
-    }
-    return Cublas(cublasSaxpy_v2_64(cb, H, &one, dnorm_w, 1, Gf(n), 1), "saxpy");
-  };
-  // dres += RMSNorm backward of d (fp32 [R,H], rounded to bf16 for the kernel).
-  auto norm_backward = [&](const float* d, const bf16* x, const std::string& wname, const float* rstd) -> Status {
-    gpu::CastToBf16(d, dmain_b, int64_t(R) * H, st);
-    GROVE_RETURN_IF_ERROR(kernels::RmsNormBackward(dmain_b, x, Pf(wname), rstd, dres_b, dnorm_w,
-                                                   im.norm_ws.as<void>(), R, int(H), st));
-    GROVE_RETURN_IF_ERROR(add_norm_grad(wname));
-    gpu::AddBf16Into(dres_b, dres, int64_t(R) * H, st);
-    im.Lap("rmsnorm bwd (+casts, residual add)");
+  // dres (+)= the RMSNorm input gradient of d (fp32 [R,H]); dres_b = bf16 of
+  // the new dres, which is what the block below reads; the norm weight's
+  // gradient added into G (written, when overwriting). accumulate=false
+  // starts the residual gradient.
+  auto norm_backward = [&](const float* d, const bf16* x, const std::string& wname, const float* rstd,
+                           bool accumulate) -> Status {
+    kernels::RmsNormBackwardResidualArgs a;
+    a.dy = d;
+    a.x = x;
+    a.weight = Pf(wname);
+    a.rstd = rstd;
+    a.dres = dres;
+    a.dres_bf16 = dres_b;
+    a.grad_w = Gf(wname);
+    a.workspace = im.norm_ws.as<void>();
+    a.tokens = R;
+    a.hidden = int(H);
+    a.accumulate_residual = accumulate;
+    a.accumulate_weight_grad = !overwrite;
+    GROVE_RETURN_IF_ERROR(kernels::RmsNormBackwardResidual(a, st));
+    im.Lap("rmsnorm bwd (+residual add, bf16 copy)");
     GPU_LAUNCHED("norm backward");
     return Status::OK();
   };
@@ -1029,16 +1031,16 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
   im.Lap("lm head + log-prob bwd (recompute, dX, dW)", 6.0 * S * V * H);
   GPU_OK(cudaMemsetAsync(dmain, 0, size_t(R) * H * sizeof(float), st));
   gpu::ScatterRows(dhs, tp.sc_row.as<int32_t>(), dmain, S, int(H), st);
-  GPU_OK(cudaMemsetAsync(dres, 0, size_t(R) * H * sizeof(float), st));
   im.Lap("bwd casts, memsets");
-  GROVE_RETURN_IF_ERROR(norm_backward(dmain, tp.resid[c.layers].as<bf16>(), "norm", tp.rstd_final.as<float>()));
+  // The final norm starts the residual gradient (overwrites dres, dres_b).
+  GROVE_RETURN_IF_ERROR(
+      norm_backward(dmain, tp.resid[c.layers].as<bf16>(), "norm", tp.rstd_final.as<float>(), false));
 
   for (int64_t l = c.layers - 1; l >= 0; --l) {
     LayerTape& lt = tp.layers[l];
     const bf16* h2 = lt.h2.as<bf16>();
-    // Feed-forward block: d(output) = dres.
-    gpu::CastToBf16(dres, dres_b, int64_t(R) * H, st);
-    im.Lap("bwd casts, memsets");
+    // Feed-forward block: d(output) = dres, in bf16 in dres_b (written by
+    // the norm backward above it).
     const bool moe = c.is_moe_layer(l);
     const int64_t Fd = moe ? c.shared_experts * c.expert_hidden : c.dense_hidden;
     const std::string w1n = moe ? "moe.shared.w1" : "mlp.w1", w3n = moe ? "moe.shared.w3" : "mlp.w3",
@@ -1205,11 +1207,11 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
           Gemm(cb, true, false, E, H, R, dlogits, E, h2, H, Gf(name(l, "moe.router")), true, H, bw, "router dW"));
       im.Lap("router bwd", 4.0 * R * E * H);
     }
-    GROVE_RETURN_IF_ERROR(norm_backward(dmain, lt.x_mid.as<bf16>(), name(l, "ffn_norm"), lt.rstd2.as<float>()));
+    GROVE_RETURN_IF_ERROR(
+        norm_backward(dmain, lt.x_mid.as<bf16>(), name(l, "ffn_norm"), lt.rstd2.as<float>(), true));
 
-    // Attention block: d(output) = dres again (the residual passes through).
-    gpu::CastToBf16(dres, dres_b, int64_t(R) * H, st);
-    im.Lap("bwd casts, memsets");
+    // Attention block: d(output) = dres again (the residual passes through),
+    // dres_b its bf16 from the FFN norm's backward just above.
     const bf16 *q = lt.q.as<bf16>(), *k = lt.k.as<bf16>(), *v = lt.v.as<bf16>(), *o = lt.o.as<bf16>(),
                *h1 = lt.h1.as<bf16>();
     GROVE_RETURN_IF_ERROR(
@@ -1233,9 +1235,10 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
     GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, kd, H, R, dk, kd, h1, H, Gf(name(l, "attn.wk")), true, H, bw, "wk dW"));
     GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, kd, H, R, dv, kd, h1, H, Gf(name(l, "attn.wv")), true, H, bw, "wv dW"));
     im.Lap("dense GEMM dW", 2.0 * R * H * (qd + 2 * kd));
-    GROVE_RETURN_IF_ERROR(norm_backward(dmain, tp.resid[l].as<bf16>(), name(l, "attn_norm"), lt.rstd1.as<float>()));
+    GROVE_RETURN_IF_ERROR(
+        norm_backward(dmain, tp.resid[l].as<bf16>(), name(l, "attn_norm"), lt.rstd1.as<float>(), true));
   }
-  gpu::CastToBf16(dres, dres_b, int64_t(R) * H, st);
+  // dres_b: the embedding output's gradient, from layer 0's attention norm.
   if (overwrite) GPU_OK(cudaMemsetAsync(Gf("embed"), 0, V * H * sizeof(float), st));
   const size_t embed_bytes = kernels::EmbeddingBackwardWorkspaceBytes(R, int(V));
   GROVE_RETURN_IF_ERROR(im.embed_ws.Reserve(embed_bytes));

@@ -20,6 +20,8 @@
 //        kernel_bench --attention (only the attention table)
 //        kernel_bench --paged     (paged decode attention, split vs unsplit)
 //        kernel_bench --step      (copy ceiling and the step-kernel table)
+//        kernel_bench --norm      (the backward's RMSNorm + residual work:
+//                                  the old five-launch path against the fused kernel)
 //        kernel_bench --dw        (the experts' weight gradients: GroupedWeightGrad
 //                                  against cuBLAS, gpu-ref's per-layer shapes)
 //        kernel_bench --profile   (one launch of each wgmma variant and cuBLAS
@@ -51,6 +53,7 @@
 #include "kernels/rmsnorm.h"
 #include "kernels/router.h"
 #include "kernels/swiglu.h"
+#include "model/gpu_transformer_kernels.h"
 #include "bench/support/bench_util.h"
 
 namespace {
@@ -179,6 +182,69 @@ double Ceilings(cublasHandle_t h, std::mt19937_64& rng) {
   return copy_gbs;
 }
 
+// The training backward's per-RMSNorm work at the learner's step shape
+// (R=32768 tokens, H=1024), issue 8. Old path, as GpuTransformer::Backward
+// ran it: dy fp32 -> bf16 (6 bytes/element), RmsNormBackward (6), saxpy of
+// dweight into the gradient (~0), dx added into the fp32 residual gradient
+// (10), the residual cast to bf16 for the next block (6): 28 bytes/element.
+// Fused: RmsNormBackwardResidual reads dy fp32, x bf16, dres fp32 and
+// writes dres fp32 and bf16: 16. GB/s on each path's own bytes.
+void NormBackwardResidual(std::mt19937_64& rng, int reps, double copy_gbs) {
+  const int tokens = 32768, hidden = 1024;
+  const size_t n = size_t(tokens) * hidden;
+  auto report = [&](const char* name, double ms, double bytes) {
+    std::printf("%-44s %9.1f %9.0f %8.1f\n", name, ms * 1e3, bytes / ms / 1e6,
+                100.0 * bytes / ms / 1e6 / copy_gbs);
+  };
+  std::printf("\n%-44s %9s %9s %8s\n", "RMSNorm bwd + residual [32768,1024]", "us", "GB/s", "%copy");
+  __nv_bfloat16* x = RandomDeviceBf16(n, rng);
+  std::vector<float> h(n);
+  std::uniform_real_distribution<float> unit(-1.f, 1.f);
+  for (float& v : h) v = unit(rng);
+  float *dy, *dres, *w, *rstd, *dnorm_w, *grad_w;
+  __nv_bfloat16 *dy_b, *dres_b;
+  void* ws;
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dy, n * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dres, n * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dy_b, n * 2));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dres_b, n * 2));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&w, hidden * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dnorm_w, hidden * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&grad_w, hidden * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&rstd, tokens * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&ws, grove::kernels::RmsNormBackwardWorkspaceBytes(tokens, hidden)));
+  GROVE_BENCH_CUDA_CHECK(cudaMemcpy(dy, h.data(), n * 4, cudaMemcpyHostToDevice));
+  GROVE_BENCH_CUDA_CHECK(cudaMemcpy(dres, h.data(), n * 4, cudaMemcpyHostToDevice));
+  GROVE_BENCH_CUDA_CHECK(cudaMemset(grad_w, 0, hidden * 4));
+  std::vector<float> hw(hidden, 1.f);
+  GROVE_BENCH_CUDA_CHECK(cudaMemcpy(w, hw.data(), hidden * 4, cudaMemcpyHostToDevice));
+  // rstd from the forward, so the values are a real norm's.
+  GROVE_BENCH_CHECK_OK(grove::kernels::RmsNormForward(x, w, dres_b, rstd, tokens, hidden, 1e-6f, nullptr));
+  cublasHandle_t cb;
+  CUBLAS_CHECK(cublasCreate(&cb));
+  const float one = 1.f;
+  const double old_ms = MedianMs([&] {
+    grove::model::gpu::CastToBf16(dy, dy_b, int64_t(n), nullptr);
+    (void)grove::kernels::RmsNormBackward(dy_b, x, w, rstd, dres_b, dnorm_w, ws, tokens, hidden, nullptr);
+    CUBLAS_CHECK(cublasSaxpy(cb, hidden, &one, dnorm_w, 1, grad_w, 1));
+    grove::model::gpu::AddBf16Into(dres_b, dres, int64_t(n), nullptr);
+    grove::model::gpu::CastToBf16(dres, dres_b, int64_t(n), nullptr);
+  }, reps);
+  report("old: cast, RmsNormBackward, saxpy, add, cast", old_ms, n * 28.0);
+  grove::kernels::RmsNormBackwardResidualArgs a;
+  a.dy = dy; a.x = x; a.weight = w; a.rstd = rstd; a.dres = dres; a.dres_bf16 = dres_b;
+  a.grad_w = grad_w; a.workspace = ws; a.tokens = tokens; a.hidden = hidden;
+  const double fused_ms = MedianMs([&] { (void)grove::kernels::RmsNormBackwardResidual(a, nullptr); }, reps);
+  report("fused: RmsNormBackwardResidual", fused_ms, n * 16.0);
+  std::printf("fused / old time: %.3f (%.1f us saved per norm)\n", fused_ms / old_ms,
+              (old_ms - fused_ms) * 1e3);
+  cublasDestroy(cb);
+  for (void* p : {static_cast<void*>(x), static_cast<void*>(dy), static_cast<void*>(dres),
+                  static_cast<void*>(dy_b), static_cast<void*>(dres_b), static_cast<void*>(w),
+                  static_cast<void*>(dnorm_w), static_cast<void*>(grad_w), static_cast<void*>(rstd), ws})
+    GROVE_BENCH_CUDA_CHECK(cudaFree(p));
+}
+
 // The memory-bound kernels: achieved bandwidth (bytes each must move once)
 // against the device copy ceiling.
 void MemoryBoundKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
@@ -209,6 +275,8 @@ void MemoryBoundKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
     report("RMSNorm bwd [16384,1024] bf16", ms, n * 6.0);
     cudaFree(x); cudaFree(dy); cudaFree(y); cudaFree(dx); cudaFree(w); cudaFree(rstd);
     cudaFree(dw); cudaFree(ws);
+    NormBackwardResidual(rng, reps, copy_gbs);
+    std::printf("\n");
   }
   {
     const size_t n = size_t(16384) * 6 * 512;
@@ -820,6 +888,11 @@ int main(int argc, char** argv) {
   if (argc > 1 && std::strcmp(argv[1], "--step") == 0) {
     std::mt19937_64 rng(7);
     StepKernels(rng, 30, CopyCeilingGbs());
+    return 0;
+  }
+  if (argc > 1 && std::strcmp(argv[1], "--norm") == 0) {
+    std::mt19937_64 rng(7);
+    NormBackwardResidual(rng, 30, CopyCeilingGbs());
     return 0;
   }
   if (argc > 1 && std::strcmp(argv[1], "--dw") == 0) {

@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -104,6 +105,181 @@ void CheckRmsNorm(int tokens, int hidden) {
   for (int j = 0; j < hidden; ++j)
     ASSERT_NEAR(dw[j], dw_ref[j], 1e-5 * dw_abs[j] + tokens * std::ldexp(1.0, -23) * dw_abs[j])
         << "column " << j;
+}
+
+// RmsNormBackwardResidual against a double reference on fresh random
+// inputs: dy fp32 in [-1, 1], x bf16, rstd given (the float of the double
+// rstd, which the reference then uses too, so only the backward is under
+// test), dres and grad_w pre-filled with random values.
+//
+// Tolerances: every output is fp32 and never rounded to bf16 in between, so
+// the error is the fp32 arithmetic's: dx = rstd * (dy*w - xhat*mean) with
+// mean a sum of `hidden` three-rounding products added at most ~50 deep
+// (32 per thread, 5 shuffle levels, up to 8 warps), the residual add one
+// more rounding: well under 1e-5 (~170 ulps) of the sum of the magnitudes
+// that meet in the element. Rounding dy or dx to bf16 (2^-9) would fail it.
+// The weight gradient adds two-rounding products ~100 deep at these shapes
+// (the rows a thread keeps, 8 row groups, ~1056 / 32 + 32 across blocks):
+// also within 1e-5 of the summed magnitudes. dres_bf16 must be exactly the
+// bf16 of the fp32 dres the kernel wrote.
+void CheckRmsNormResidual(int tokens, int hidden, bool accumulate_residual,
+                          bool accumulate_weight_grad) {
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed) + " tokens " + std::to_string(tokens) +
+               " hidden " + std::to_string(hidden) + " accumulate residual " +
+               std::to_string(accumulate_residual) + " weight grad " +
+               std::to_string(accumulate_weight_grad));
+  std::mt19937_64 rng(seed);
+  const size_t n = size_t(tokens) * hidden;
+  std::vector<__nv_bfloat16> x_bf;
+  std::vector<double> x;
+  testing::RandomBf16(rng, n, &x_bf, &x);
+  std::uniform_real_distribution<float> unit(-1.f, 1.f), wd(0.5f, 1.5f);
+  std::vector<float> dy(n), dres0(n), w(hidden), gw0(hidden), rstd(tokens);
+  for (float& v : dy) v = unit(rng);
+  for (float& v : dres0) v = unit(rng);
+  for (float& v : w) v = wd(rng);
+  for (float& v : gw0) v = unit(rng);
+  for (int t = 0; t < tokens; ++t) {
+    double ss = 0;
+    for (int j = 0; j < hidden; ++j) ss += x[size_t(t) * hidden + j] * x[size_t(t) * hidden + j];
+    rstd[t] = float(1.0 / std::sqrt(ss / hidden + 1e-6));
+  }
+
+  std::vector<double> dres_ref(n), dres_scale(n), gw_ref(hidden), gw_scale(hidden);
+  for (int j = 0; j < hidden; ++j) {
+    gw_ref[j] = accumulate_weight_grad ? gw0[j] : 0.0;
+    gw_scale[j] = std::fabs(gw_ref[j]);
+  }
+  for (int t = 0; t < tokens; ++t) {
+    const size_t o = size_t(t) * hidden;
+    const double r = rstd[t];
+    double dot = 0, dot_abs = 0;
+    for (int j = 0; j < hidden; ++j) {
+      const double term = double(dy[o + j]) * w[j] * x[o + j] * r;
+      dot += term;
+      dot_abs += std::fabs(term);
+      gw_ref[j] += double(dy[o + j]) * x[o + j] * r;
+      gw_scale[j] += std::fabs(double(dy[o + j]) * x[o + j] * r);
+    }
+    const double mean = dot / hidden, mean_abs = dot_abs / hidden;
+    for (int j = 0; j < hidden; ++j) {
+      const double base = accumulate_residual ? dres0[o + j] : 0.0;
+      dres_ref[o + j] = base + r * (double(dy[o + j]) * w[j] - x[o + j] * r * mean);
+      dres_scale[o + j] = std::fabs(base) + r * (std::fabs(double(dy[o + j]) * w[j]) +
+                                                 std::fabs(x[o + j]) * r * mean_abs);
+    }
+  }
+
+  DeviceBuffer<__nv_bfloat16> d_x(n), d_dres_bf(n);
+  DeviceBuffer<float> d_dy(n), d_dres(n), d_w(hidden), d_rstd(tokens), d_gw(hidden);
+  DeviceBuffer<uint8_t> d_ws(RmsNormBackwardWorkspaceBytes(tokens, hidden));
+  GROVE_CUDA_OK(d_x.Upload(x_bf));
+  GROVE_CUDA_OK(d_dy.Upload(dy));
+  GROVE_CUDA_OK(d_w.Upload(w));
+  GROVE_CUDA_OK(d_rstd.Upload(rstd));
+  RmsNormBackwardResidualArgs a;
+  a.dy = d_dy.get();
+  a.x = d_x.get();
+  a.weight = d_w.get();
+  a.rstd = d_rstd.get();
+  a.dres = d_dres.get();
+  a.dres_bf16 = d_dres_bf.get();
+  a.grad_w = d_gw.get();
+  a.workspace = d_ws.get();
+  a.tokens = tokens;
+  a.hidden = hidden;
+  a.accumulate_residual = accumulate_residual;
+  a.accumulate_weight_grad = accumulate_weight_grad;
+  // Twice from the same inputs: the weight gradient must repeat bit for bit.
+  std::vector<float> gw_runs[2];
+  std::vector<float> dres;
+  std::vector<__nv_bfloat16> dres_bf;
+  for (std::vector<float>& gw : gw_runs) {
+    GROVE_CUDA_OK(d_dres.Upload(dres0));
+    GROVE_CUDA_OK(d_gw.Upload(gw0));
+    GROVE_CUDA_OK(cudaMemset(d_dres_bf.get(), 0xFF, n * 2));
+    const Status s = RmsNormBackwardResidual(a, nullptr);
+    ASSERT_TRUE(s.ok()) << s;
+    GROVE_CUDA_OK(cudaDeviceSynchronize());
+    GROVE_CUDA_OK(d_gw.Download(&gw));
+  }
+  GROVE_CUDA_OK(d_dres.Download(&dres));
+  GROVE_CUDA_OK(d_dres_bf.Download(&dres_bf));
+
+  size_t bad = 0, bad_bf = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (!(std::fabs(dres[i] - dres_ref[i]) <= 1e-5 * dres_scale[i] + 1e-30)) {
+      if (bad++ < 5) ADD_FAILURE() << "dres[" << i << "] " << dres[i] << " want " << dres_ref[i];
+    }
+    const __nv_bfloat16 want = __float2bfloat16(dres[i]);
+    if (std::memcmp(&want, &dres_bf[i], sizeof want) != 0) ++bad_bf;
+  }
+  EXPECT_EQ(bad, 0u);
+  EXPECT_EQ(bad_bf, 0u) << "dres_bf16 is not the bf16 of dres";
+  for (int j = 0; j < hidden; ++j) {
+    ASSERT_NEAR(gw_runs[0][j], gw_ref[j], 1e-5 * gw_scale[j]) << "column " << j;
+    ASSERT_EQ(std::memcmp(&gw_runs[0][j], &gw_runs[1][j], sizeof(float)), 0)
+        << "column " << j << " differs between runs";
+  }
+}
+
+TEST(RmsNormTest, BackwardResidualShapesAndModes) {
+  GROVE_SKIP_WITHOUT_GPU();
+  // 64 and 1024 one warp per row, 1032 two, 4096 four, 8192 eight.
+  for (int hidden : {64, 1024, 1032, 4096})
+    for (int tokens : {1, 7, 300, 4096})
+      for (bool acc_res : {false, true})
+        for (bool acc_w : {false, true}) CheckRmsNormResidual(tokens, hidden, acc_res, acc_w);
+  CheckRmsNormResidual(5, kRmsNormMaxHidden, true, true);
+  CheckRmsNormResidual(37, kRmsNormMaxHidden, false, false);
+}
+
+TEST(RmsNormTest, BackwardResidualNoTokens) {
+  GROVE_SKIP_WITHOUT_GPU();
+  DeviceBuffer<float> gw(64);
+  const std::vector<float> ones(64, 1.f);
+  RmsNormBackwardResidualArgs a;
+  a.grad_w = gw.get();
+  a.hidden = 64;
+  GROVE_CUDA_OK(gw.Upload(ones));
+  a.accumulate_weight_grad = true;  // nothing to add
+  ASSERT_TRUE(RmsNormBackwardResidual(a, nullptr).ok());
+  std::vector<float> h;
+  GROVE_CUDA_OK(gw.Download(&h));
+  for (float v : h) EXPECT_EQ(v, 1.f);
+  a.accumulate_weight_grad = false;  // the gradient of no rows
+  ASSERT_TRUE(RmsNormBackwardResidual(a, nullptr).ok());
+  GROVE_CUDA_OK(gw.Download(&h));
+  for (float v : h) EXPECT_EQ(v, 0.f);
+}
+
+TEST(RmsNormTest, BackwardResidualRejectsBadArguments) {
+  // Host buffers: every case is refused before anything touches the device.
+  alignas(16) static __nv_bfloat16 xb[64];
+  alignas(16) static float f[64];
+  RmsNormBackwardResidualArgs good;
+  good.dy = f; good.x = xb; good.weight = f; good.rstd = f; good.dres = f;
+  good.dres_bf16 = xb; good.grad_w = f; good.workspace = f;
+  good.tokens = 2; good.hidden = 16;
+  auto code = [&](auto edit) {
+    RmsNormBackwardResidualArgs a = good;
+    edit(a);
+    return RmsNormBackwardResidual(a, nullptr).code();
+  };
+  using A = RmsNormBackwardResidualArgs;
+  EXPECT_EQ(code([](A& a) { a.hidden = 12; }), StatusCode::kInvalidArgument);
+  EXPECT_EQ(code([](A& a) { a.hidden = kRmsNormMaxHidden + 8; }), StatusCode::kInvalidArgument);
+  EXPECT_EQ(code([](A& a) { a.tokens = -1; }), StatusCode::kInvalidArgument);
+  EXPECT_EQ(code([](A& a) { a.dy = nullptr; }), StatusCode::kInvalidArgument);
+  EXPECT_EQ(code([](A& a) { a.x = nullptr; }), StatusCode::kInvalidArgument);
+  EXPECT_EQ(code([](A& a) { a.rstd = nullptr; }), StatusCode::kInvalidArgument);
+  EXPECT_EQ(code([](A& a) { a.dres = nullptr; }), StatusCode::kInvalidArgument);
+  EXPECT_EQ(code([](A& a) { a.dres_bf16 = nullptr; }), StatusCode::kInvalidArgument);
+  EXPECT_EQ(code([](A& a) { a.grad_w = nullptr; }), StatusCode::kInvalidArgument);
+  EXPECT_EQ(code([](A& a) { a.workspace = nullptr; }), StatusCode::kInvalidArgument);
+  EXPECT_EQ(code([](A& a) { a.dres = f + 1; }), StatusCode::kInvalidArgument);
+  EXPECT_EQ(code([](A& a) { a.dres_bf16 = xb + 4; }), StatusCode::kInvalidArgument);
 }
 
 TEST(RmsNormTest, ModelWidth) {
