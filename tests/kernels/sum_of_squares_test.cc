@@ -73,7 +73,8 @@ TEST(SumOfSquaresTest, NonFiniteInputGivesNonFiniteResult) {
   std::vector<float> big(64, 3e30f);
   DeviceBuffer<float> db(big.size());
   GROVE_CUDA_OK(db.Upload(big));
-  EXPECT_NEAR(RunSumOfSquares(db, 64), 64 * 9e60, 1e-12 * 64 * 9e60);
+  const double b = double(big[0]), want = 64 * b * b;  // the float's exact value, squared in double
+  EXPECT_NEAR(RunSumOfSquares(db, 64), want, 1e-12 * want);
 }
 
 TEST(SumOfSquaresTest, RejectsBadArguments) {
