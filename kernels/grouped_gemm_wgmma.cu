@@ -88,15 +88,29 @@ struct WgmmaConfig {
       ptx::wgmma_m64n128k16_f32_bf16_ss(d, desc_a, desc_w, accumulate);
     }
   }
-  // Issues the TMA of k block kb of `expert`'s W tile for output columns
-  // col_begin .. + BN into dst, completing on bar (kBBytes either way; boxes
-  // past n are zero-filled and still count).
-  static __device__ __forceinline__ void LoadW(uint8_t* dst, const CUtensorMap* tmap_w,
-                                               int expert, int w_expert_rows, int col_begin,
-                                               int kb, uint64_t* bar) {
+  // MN-major: the boxes of the column block starting at col_begin that
+  // hold a column < n. The others are not loaded: they would only feed
+  // accumulator columns past n, which are never stored, so their stale
+  // shared memory is harmless (a column of A B depends on B's column only).
+  static __device__ __forceinline__ int WBoxes(int n, int col_begin) {
+    return min(BN / 64, (n - col_begin + 63) / 64);
+  }
+  // The bytes a stage's TMA loads bring for this column block.
+  static __device__ __forceinline__ uint32_t StageBytes(int n, int col_begin) {
     if constexpr (W_MN) {
-#pragma unroll
-      for (int j = 0; j < BN / 64; ++j)
+      return kABytes + WBoxes(n, col_begin) * kWBoxBytes;
+    } else {
+      return kStageBytes;
+    }
+  }
+  // Issues the TMA of k block kb of `expert`'s W tile for output columns
+  // col_begin .. + BN into dst, completing on bar (StageBytes - kABytes).
+  static __device__ __forceinline__ void LoadW(uint8_t* dst, const CUtensorMap* tmap_w,
+                                               int expert, int w_expert_rows, int n,
+                                               int col_begin, int kb, uint64_t* bar) {
+    if constexpr (W_MN) {
+      const int boxes = WBoxes(n, col_begin);
+      for (int j = 0; j < boxes; ++j)
         ptx::cp_async_bulk_tensor_3d_g2s(dst + j * kWBoxBytes, tmap_w, col_begin + 64 * j,
                                          kb * BK, expert, bar);
     } else {
@@ -155,10 +169,11 @@ __global__ void __launch_bounds__(kThreads, 1)
           ptx::mbarrier_wait_parity(&empty_bar[stage], phase ^ 1);
           uint8_t* a_dst = smem + stage * Cfg::kStageBytes;
           uint8_t* w_dst = a_dst + Cfg::kABytes;
-          ptx::mbarrier_arrive_expect_tx(&full_bar[stage], Cfg::kStageBytes);
+          ptx::mbarrier_arrive_expect_tx(&full_bar[stage], Cfg::StageBytes(n, t.col_begin));
           ptx::cp_async_bulk_tensor_2d_g2s(a_dst, &tmap_a, kb * kBlockK, t.row_begin,
                                            &full_bar[stage]);
-          Cfg::LoadW(w_dst, &tmap_w, t.expert, w_expert_rows, t.col_begin, kb, &full_bar[stage]);
+          Cfg::LoadW(w_dst, &tmap_w, t.expert, w_expert_rows, n, t.col_begin, kb,
+                     &full_bar[stage]);
           if (++stage == Cfg::kStages) {
             stage = 0;
             phase ^= 1;
@@ -292,10 +307,11 @@ __global__ void __launch_bounds__(kThreads, 1)
           ptx::mbarrier_wait_parity(&empty_bar[stage], phase ^ 1);
           uint8_t* a_dst = smem + stage * Cfg::kStageBytes;
           uint8_t* w_dst = a_dst + Cfg::kABytes;
-          ptx::mbarrier_arrive_expect_tx(&full_bar[stage], Cfg::kStageBytes);
+          ptx::mbarrier_arrive_expect_tx(&full_bar[stage], Cfg::StageBytes(n, t.col_begin));
           ptx::cp_async_bulk_tensor_2d_g2s(a_dst, &tmap_a, kb * kBlockK, t.row_begin,
                                            &full_bar[stage]);
-          Cfg::LoadW(w_dst, &tmap_w, t.expert, w_expert_rows, t.col_begin, kb, &full_bar[stage]);
+          Cfg::LoadW(w_dst, &tmap_w, t.expert, w_expert_rows, n, t.col_begin, kb,
+                     &full_bar[stage]);
           if (++stage == Cfg::kStages) {
             stage = 0;
             phase ^= 1;
@@ -446,10 +462,11 @@ __global__ void __launch_bounds__(kThreads, 1)
           ptx::mbarrier_wait_parity(&empty_bar[stage], phase ^ 1);
           uint8_t* a_dst = smem + stage * Cfg::kStageBytes;
           uint8_t* w_dst = a_dst + Cfg::kABytes;
-          ptx::mbarrier_arrive_expect_tx(&full_bar[stage], Cfg::kStageBytes);
+          ptx::mbarrier_arrive_expect_tx(&full_bar[stage], Cfg::StageBytes(n, t.col_begin));
           ptx::cp_async_bulk_tensor_2d_g2s(a_dst, &tmap_a, kb * kBlockK, t.row_begin,
                                            &full_bar[stage]);
-          Cfg::LoadW(w_dst, &tmap_w, t.expert, w_expert_rows, t.col_begin, kb, &full_bar[stage]);
+          Cfg::LoadW(w_dst, &tmap_w, t.expert, w_expert_rows, n, t.col_begin, kb,
+                     &full_bar[stage]);
           if (++stage == Cfg::kStages) {
             stage = 0;
             phase ^= 1;

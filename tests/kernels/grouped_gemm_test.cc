@@ -273,9 +273,9 @@ TEST(GroupedGemmTest, WeightsAtAnExpertStrideAsInTheParameterLayout) {
 // weights transposed on the host.
 TEST(GroupedGemmTest, MnMajorRaggedWithEmptyExpertsAndTails) {
   GROVE_SKIP_WITHOUT_GPU();
-  // n = 264: a partial column tile, and a W box (64 columns) wholly past n
-  // in a 256-wide tile; k = 200 and 72: a partial k block, whose rows past
-  // k must read as zeros.
+  // n = 264: a partial column tile, whose 256-wide tile has W boxes (64
+  // columns) wholly past n, which are not loaded; k = 200 and 72: a partial
+  // k block, whose rows past k must read as zeros.
   CheckCase({0, 1, 127, 128, 129, 300, 0, 45}, 264, 200, 0, 0, GemmWeightLayout::kMnMajor);
   CheckCase({33, 0, 190}, 136, 72, 19, 0, GemmWeightLayout::kMnMajor);
 }
