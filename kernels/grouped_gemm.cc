@@ -102,10 +102,13 @@ Status GroupedGemm(const GroupedGemmArgs& given, GroupedGemmImpl impl, cudaStrea
     // kernel is the fastest (its epilogue hides behind the other
     // warpgroup's main loop); at smaller k, where the epilogue weighs more,
     // the 128 x 256 tile with the staged epilogue (fp32: plain 128 x 256).
-    // All three read either weight layout.
-    impl = !hopper          ? GroupedGemmImpl::kMmaSync
-           : args.k >= 1024 ? GroupedGemmImpl::kWgmmaPingpong
-                            : GroupedGemmImpl::kWgmmaStaged;
+    // MN-major weights: the staged kernel at every k (kernel_bench --dx:
+    // at the backward's dX shapes, k = 1024, 599 and 677 TFLOP/s where
+    // ping-pong reads MN-major W tiles at 549 and 555). All of these read
+    // either weight layout.
+    impl = !hopper                 ? GroupedGemmImpl::kMmaSync
+           : mn || args.k < 1024 ? GroupedGemmImpl::kWgmmaStaged
+                                   : GroupedGemmImpl::kWgmmaPingpong;
   }
   switch (impl) {
     case GroupedGemmImpl::kWgmmaBn128:
