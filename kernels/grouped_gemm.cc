@@ -17,12 +17,16 @@ Status CheckArgs(const GroupedGemmArgs& a) {
   if (a.n <= 0 || a.k <= 0 || a.n % 8 != 0 || a.k % 8 != 0)
     return Status::InvalidArgument("grouped GEMM: n and k must be positive multiples of 8, got n=" +
                                    std::to_string(a.n) + " k=" + std::to_string(a.k));
-  if (a.w_expert_rows != 0 && a.w_expert_rows < a.n)
+  // The stored matrix's rows per expert: n of k elements, or k of n.
+  const bool mn = a.w_layout == GemmWeightLayout::kMnMajor;
+  const int own_rows = mn ? a.k : a.n;
+  if (a.w_expert_rows != 0 && a.w_expert_rows < own_rows)
     return Status::InvalidArgument(
-        "grouped GEMM: w_expert_rows " + std::to_string(a.w_expert_rows) +
-        " < n = " + std::to_string(a.n) + ": experts' weights would overlap");
-  const int64_t expert_rows = a.w_expert_rows != 0 ? a.w_expert_rows : a.n;
-  if ((static_cast<int64_t>(a.num_experts) - 1) * expert_rows + a.n > INT32_MAX)
+        "grouped GEMM: w_expert_rows " + std::to_string(a.w_expert_rows) + " < " +
+        (mn ? "k = " : "n = ") + std::to_string(own_rows) +
+        ": experts' weights would overlap");
+  const int64_t expert_rows = a.w_expert_rows != 0 ? a.w_expert_rows : own_rows;
+  if ((static_cast<int64_t>(a.num_experts) - 1) * expert_rows + own_rows > INT32_MAX)
     return Status::InvalidArgument("grouped GEMM: the weights' rows overflow int32");
   if (a.expert_offsets == nullptr || a.w == nullptr)
     return Status::InvalidArgument("grouped GEMM: null weights or offsets");
@@ -49,6 +53,20 @@ Status QueryDevice(detail::DeviceInfo* info) {
   return Status::OK();
 }
 
+// Whether `impl` (kAuto resolved) reads kMnMajor weights.
+bool ReadsMnMajor(GroupedGemmImpl impl) {
+  switch (impl) {
+    case GroupedGemmImpl::kWgmmaBn128:
+    case GroupedGemmImpl::kWgmmaBn256:
+    case GroupedGemmImpl::kWgmmaPingpong:
+    case GroupedGemmImpl::kWgmmaStaged:
+    case GroupedGemmImpl::kMmaSync:
+      return true;
+    default:
+      return false;
+  }
+}
+
 }  // namespace
 
 const char* GroupedGemmImplName(GroupedGemmImpl impl) {
@@ -68,8 +86,12 @@ const char* GroupedGemmImplName(GroupedGemmImpl impl) {
 
 Status GroupedGemm(const GroupedGemmArgs& given, GroupedGemmImpl impl, cudaStream_t stream) {
   GROVE_RETURN_IF_ERROR(CheckArgs(given));
+  const bool mn = given.w_layout == GemmWeightLayout::kMnMajor;
+  if (mn && impl != GroupedGemmImpl::kAuto && !ReadsMnMajor(impl))
+    return Status::InvalidArgument(std::string("grouped GEMM: ") + GroupedGemmImplName(impl) +
+                                   " does not read MN-major weights");
   GroupedGemmArgs args = given;  // the launchers read w_expert_rows as set
-  if (args.w_expert_rows == 0) args.w_expert_rows = args.n;
+  if (args.w_expert_rows == 0) args.w_expert_rows = mn ? args.k : args.n;
   if (args.total_rows == 0) return Status::OK();  // nothing routed anywhere
   detail::DeviceInfo dev;
   GROVE_RETURN_IF_ERROR(QueryDevice(&dev));
@@ -80,9 +102,13 @@ Status GroupedGemm(const GroupedGemmArgs& given, GroupedGemmImpl impl, cudaStrea
     // kernel is the fastest (its epilogue hides behind the other
     // warpgroup's main loop); at smaller k, where the epilogue weighs more,
     // the 128 x 256 tile with the staged epilogue (fp32: plain 128 x 256).
-    impl = !hopper          ? GroupedGemmImpl::kMmaSync
-           : args.k >= 1024 ? GroupedGemmImpl::kWgmmaPingpong
-                            : GroupedGemmImpl::kWgmmaStaged;
+    // MN-major weights: the staged kernel at every k (kernel_bench --dx:
+    // at the backward's dX shapes, k = 1024, 599 and 677 TFLOP/s where
+    // ping-pong reads MN-major W tiles at 549 and 555). All of these read
+    // either weight layout.
+    impl = !hopper                 ? GroupedGemmImpl::kMmaSync
+           : mn || args.k < 1024 ? GroupedGemmImpl::kWgmmaStaged
+                                   : GroupedGemmImpl::kWgmmaPingpong;
   }
   switch (impl) {
     case GroupedGemmImpl::kWgmmaBn128:

@@ -1,8 +1,12 @@
 // The grouped expert GEMM: one launch computes, for every expert e,
-//   C[rows of e] = A[rows of e] * W[e]^T
+//   C[rows of e] = A[rows of e] * W[e]^T      (w_layout kKMajor)
+//   C[rows of e] = A[rows of e] * B[e]        (w_layout kMnMajor)
 // where A holds the tokens routed to the experts, grouped by expert (rows
-// offsets[e] .. offsets[e+1]-1 belong to expert e; any count, zero too), and
-// W[e] is expert e's Linear weight [n, k] (y = x W^T, as in model/).
+// offsets[e] .. offsets[e+1]-1 belong to expert e; any count, zero too),
+// W[e] is expert e's Linear weight [n, k] (y = x W^T, as in model/) and
+// B[e] a [k, n] matrix: e.g. the same Linear weight read for the backward's
+// dX = dY W, where W [out, in] is B with k = out, n = in, so no transposed
+// copy of it is needed.
 // Inputs bf16, accumulation fp32, output fp32 or bf16. All pointers are
 // device pointers; the call only enqueues work on `stream`.
 #pragma once
@@ -18,12 +22,20 @@ namespace grove::kernels {
 
 enum class GemmOutType { kF32, kBF16 };
 
+// How each expert's weight matrix is stored, row-major either way:
+// kKMajor: W[e] is [n, k] (k contiguous; "K-major" for the tensor cores).
+// kMnMajor: B[e] is [k, n] (n contiguous; "MN-major").
+enum class GemmWeightLayout { kKMajor, kMnMajor };
+
 // Most experts one call takes (the tile schedule lives in shared memory).
 inline constexpr int kGroupedGemmMaxExperts = 1024;
 
 // Which implementation runs. kAuto: on sm_90 (H100/H200) kWgmmaPingpong
-// when k >= 1024 and kWgmmaStaged otherwise (measured, docs/kernels.md);
-// kMmaSync elsewhere. The others exist to be compared (bench/kernels) and
+// when k >= 1024 and the weights are kKMajor, kWgmmaStaged otherwise
+// (measured, docs/kernels.md; kernel_bench --dx); kMmaSync elsewhere. kMnMajor weights: kWgmmaBn128, kWgmmaBn256,
+// kWgmmaPingpong, kWgmmaStaged and kMmaSync (so every kAuto pick) read
+// them; kWgmmaBn256Bk32, kWgmmaCluster and kWmma refuse them
+// (InvalidArgument). The others exist to be compared (bench/kernels) and
 // tested against each other. All wgmma ones are sm_90a, persistent and
 // warp-specialized: one producer warpgroup feeds a TMA + mbarrier ring.
 enum class GroupedGemmImpl {
@@ -41,7 +53,9 @@ enum class GroupedGemmImpl {
 
 struct GroupedGemmArgs {
   const __nv_bfloat16* a = nullptr;       // [total_rows, k] row-major
-  const __nv_bfloat16* w = nullptr;       // expert e's [n, k] row-major at w + e * w_expert_rows * k
+  // Expert e's weight: kKMajor [n, k] row-major at w + e * w_expert_rows * k;
+  // kMnMajor [k, n] row-major at w + e * w_expert_rows * n.
+  const __nv_bfloat16* w = nullptr;
   void* c = nullptr;                      // [total_rows, n] row-major, float or bf16
   const int32_t* expert_offsets = nullptr;  // device, [num_experts + 1]
   int total_rows = 0;                     // rows of A and C
@@ -49,11 +63,15 @@ struct GroupedGemmArgs {
   int n = 0;                              // output features (multiple of 8)
   int k = 0;                              // input features (multiple of 8)
   GemmOutType out_type = GemmOutType::kF32;
-  // Rows of k elements from one expert's W to the next (>= n); 0: n, i.e.
-  // the experts packed as [num_experts, n, k]. Lets the GEMM read weights
-  // where they lie in a parameter layout that interleaves each expert's
-  // tensors (model/: w1, w2, w3 of one expert, then the next's), with no
-  // packed copy.
+  GemmWeightLayout w_layout = GemmWeightLayout::kKMajor;
+  // Rows of the stored matrix (of k elements for kKMajor, n for kMnMajor)
+  // from one expert's weight to the next: at least its own rows (n, or k
+  // for kMnMajor); 0: exactly those, i.e. the experts packed as
+  // [num_experts, n, k] (or [num_experts, k, n]). Lets the GEMM read
+  // weights where they lie in a parameter layout that interleaves each
+  // expert's tensors (model/: w1, w3, w2 of one expert, then the next's),
+  // with no packed copy. Rows between experts are never read (kMnMajor too:
+  // a k block past an expert's k rows reads zeros, not the gap).
   int w_expert_rows = 0;
 };
 
@@ -62,8 +80,8 @@ struct GroupedGemmArgs {
 // violation cannot make the kernel read or write outside A, W or C (each
 // expert's rows are clamped to [0, total_rows)), but its rows are then
 // undefined. Rows of C past offsets[num_experts] are not written.
-// Returns InvalidArgument for bad shapes or misaligned pointers (16 bytes),
-// FailedPrecondition if `impl` cannot run on the current device, Internal
+// Returns InvalidArgument for bad shapes or misaligned pointers (16 bytes)
+// or a w_layout that `impl` does not read, FailedPrecondition if `impl` cannot run on the current device, Internal
 // for a CUDA launch error.
 Status GroupedGemm(const GroupedGemmArgs& args, GroupedGemmImpl impl, cudaStream_t stream);
 

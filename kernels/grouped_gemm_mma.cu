@@ -6,6 +6,12 @@
 // c ^ (r % 8), so the 8 row addresses of each ldmatrix hit 8 different bank
 // groups. Warp (wm, wn) of the 2 x 4 warp grid computes rows 64*wm..+63 and
 // columns 32*wn..+31 with 4 x 4 mma.sync m16n8k16 per 16-wide k step.
+//
+// MN-major weights (B [k, n] per expert): the W tile of a stage is instead
+// two [64 k][64 n] halves (n 0-63, 64-127 of the column block), swizzled the
+// same way with k as the row, and the B fragments come from ldmatrix.trans
+// (each 8 x 8 matrix read along k rows and transposed into the fragment
+// that the K-major tile gives without .trans).
 #include <cuda_bf16.h>
 
 #include <type_traits>
@@ -45,7 +51,24 @@ __device__ __forceinline__ void LoadTile(__nv_bfloat16* dst, const __nv_bfloat16
   }
 }
 
-template <typename OutT>
+// The MN-major W tile: k rows k0 .. k0 + 63 (rows >= k zero-filled: they
+// would be the next expert's or a gap) and columns col0 .. col0 + 127
+// (>= n zero-filled) of the expert's [k, n] matrix at w_e.
+__device__ __forceinline__ void LoadTileMn(__nv_bfloat16* dst, const __nv_bfloat16* w_e, int k,
+                                           int n, int k0, int col0) {
+#pragma unroll
+  for (int i = 0; i < kBK * (kBN / 8) / kThreads; ++i) {
+    const int idx = threadIdx.x + i * kThreads;
+    const int row = idx / (kBN / 8), chunk = idx % (kBN / 8);  // row: k; chunk: 8 n
+    const int gk = k0 + row, gcol = col0 + chunk * 8;
+    const bool valid = gk < k && gcol < n;  // n % 8 == 0: chunks are whole
+    const __nv_bfloat16* g = valid ? w_e + static_cast<int64_t>(gk) * n + gcol : w_e;
+    ptx::cp_async_cg_16_zfill(dst + (chunk / 8) * kTileElems / 2 + Swizzled(row, chunk % 8), g,
+                              valid ? 16 : 0);
+  }
+}
+
+template <typename OutT, bool kWMn>
 __global__ void __launch_bounds__(kThreads, 2)
     GroupedGemmMmaKernel(const __nv_bfloat16* __restrict__ a, const __nv_bfloat16* __restrict__ w,
                          const int32_t* __restrict__ offsets, int num_experts, int total_rows,
@@ -69,12 +92,17 @@ __global__ void __launch_bounds__(kThreads, 2)
     const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBM, kBN, n_tiles,
                                    expert_hint);
     const int w_row0 = t.expert * w_expert_rows + t.col_begin;
-    // W rows past this expert's n belong to the next expert: harmless
-    // (those columns are not stored), but never read past the tensor.
+    // K-major: W rows past this expert's n belong to the next expert:
+    // harmless (those columns are not stored), but never read past the tensor.
     auto load_stage = [&](int kb) {
       __nv_bfloat16* st = smem + (kb % kStages) * kStageElems;
       LoadTile(st, a, t.row_begin, total_rows, k, kb * kBK);
-      LoadTile(st + kTileElems, w, w_row0, w_rows, k, kb * kBK);
+      if constexpr (kWMn) {
+        LoadTileMn(st + kTileElems, w + static_cast<int64_t>(t.expert) * w_expert_rows * n, k, n,
+                   kb * kBK, t.col_begin);
+      } else {
+        LoadTile(st + kTileElems, w, w_row0, w_rows, k, kb * kBK);
+      }
     };
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
@@ -109,9 +137,20 @@ __global__ void __launch_bounds__(kThreads, 2)
         }
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          const int row = wn * 32 + j * 16 + (lane % 8) + (lane / 16) * 8;
-          ptx::ldmatrix_x4(bf[2 * j][0], bf[2 * j][1], bf[2 * j + 1][0], bf[2 * j + 1][1],
-                           sw + Swizzled(row, kk * 2 + (lane / 8) % 2));
+          // Lanes 8 g .. 8 g + 7 address matrix g: n 0-7 / 8-15 (g / 2) of
+          // this 16-column group, k 0-7 / 8-15 (g % 2) of the step.
+          if constexpr (kWMn) {
+            const int k_row = kk * 16 + ((lane / 8) % 2) * 8 + lane % 8;
+            const int n_chunk = (wn * 32 + j * 16) / 8 + lane / 16;  // 0 .. 15
+            ptx::ldmatrix_x4_trans(bf[2 * j][0], bf[2 * j][1], bf[2 * j + 1][0],
+                                   bf[2 * j + 1][1],
+                                   sw + (n_chunk / 8) * kTileElems / 2 +
+                                       Swizzled(k_row, n_chunk % 8));
+          } else {
+            const int n_row = wn * 32 + j * 16 + (lane % 8) + (lane / 16) * 8;
+            ptx::ldmatrix_x4(bf[2 * j][0], bf[2 * j][1], bf[2 * j + 1][0], bf[2 * j + 1][1],
+                             sw + Swizzled(n_row, kk * 2 + (lane / 8) % 2));
+          }
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i)
@@ -149,9 +188,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
-template <typename OutT>
+template <typename OutT, bool kWMn>
 Status Launch(const GroupedGemmArgs& args, const DeviceInfo& dev, cudaStream_t stream) {
-  auto kernel = GroupedGemmMmaKernel<OutT>;
+  auto kernel = GroupedGemmMmaKernel<OutT, kWMn>;
   GROVE_RETURN_IF_ERROR(CudaStatus(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes),
       "mma.sync grouped GEMM: shared memory attribute"));
@@ -176,8 +215,12 @@ Status Launch(const GroupedGemmArgs& args, const DeviceInfo& dev, cudaStream_t s
 
 Status LaunchGroupedGemmMmaSync(const GroupedGemmArgs& args, const DeviceInfo& dev,
                                 cudaStream_t stream) {
-  return args.out_type == GemmOutType::kF32 ? Launch<float>(args, dev, stream)
-                                            : Launch<__nv_bfloat16>(args, dev, stream);
+  const bool f32 = args.out_type == GemmOutType::kF32;
+  if (args.w_layout == GemmWeightLayout::kMnMajor)
+    return f32 ? Launch<float, true>(args, dev, stream)
+               : Launch<__nv_bfloat16, true>(args, dev, stream);
+  return f32 ? Launch<float, false>(args, dev, stream)
+             : Launch<__nv_bfloat16, false>(args, dev, stream);
 }
 
 }  // namespace grove::kernels::detail

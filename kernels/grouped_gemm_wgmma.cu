@@ -8,7 +8,8 @@
 // The producer runs ahead across tile boundaries, so the next tile's loads
 // overlap the consumers' epilogue. Rows of a tile past its expert's end are
 // computed from whatever A holds there (or TMA zeros past the tensor) and
-// never stored.
+// never stored. W is K-major or MN-major (GemmWeightLayout; WgmmaConfig
+// says how each is loaded and described to wgmma).
 #include <cuda.h>
 #include <cuda_bf16.h>
 
@@ -28,7 +29,13 @@ constexpr int kBlockM = 128;
 constexpr int kThreads = 384;
 
 // BK is one swizzle span of bf16: 64 (128-byte swizzle) or 32 (64-byte).
-template <int BN, int BK, int STAGES>
+// W_MN: the weights are kMnMajor ([k, n] per expert). A stage's W tile is
+// then BN / 64 TMA boxes of [BK k rows][64 n] (128-byte swizzled, so rows of
+// 64 n along consecutive k: wgmma's MN-major SW128 layout, the one the
+// weight-gradient kernels feed it), read through a 3-D tensor map (n, k,
+// expert) so that k rows past an expert's k read zeros, never the next
+// expert's rows or the gap between them (0 * NaN would be NaN).
+template <int BN, int BK, int STAGES, bool W_MN = false>
 struct WgmmaConfig {
   static constexpr int kBlockN = BN;
   static constexpr int kBlockK = BK;
@@ -42,13 +49,73 @@ struct WgmmaConfig {
   static constexpr int kPrefixOffset = kBarrierOffset + (2 * kStages + 2) * 8;
   static constexpr int kTableEnd = kPrefixOffset + (kMaxExperts + 1) * 4;
   static constexpr int kSmemBytes = kTableEnd + 1024;  // + align slack
+  static constexpr bool kWMnMajor = W_MN;
+  static constexpr uint32_t kWBoxBytes = BK * 128;  // one [BK][64] box of an MN-major W tile
   static_assert(BK == 64 || BK == 32);
+  static_assert(!W_MN || BK == 64, "MN-major W tiles are built and tested with BK = 64 only");
+  static_assert(kWBoxBytes % 1024 == 0, "each box starts a 1024-byte swizzle atom");
   static_assert(kSmemBytes <= 227 * 1024);
+  // A K-major tile (A, or W when !W_MN) at p, k offset included.
   static __device__ __forceinline__ uint64_t Desc(const void* p) {
     if constexpr (BK == 64) {
       return ptx::make_wgmma_desc_k_sw128(p);
     } else {
       return ptx::make_wgmma_desc_k_sw64(p);
+    }
+  }
+  // The W tile's 16-wide k slice kk: 16 elements along a K-major row, or 16
+  // rows (two swizzle atoms) of every MN-major box, the boxes kWBoxBytes
+  // apart (the descriptor's leading byte offset).
+  static __device__ __forceinline__ uint64_t DescW(const __nv_bfloat16* w_tile, int kk) {
+    if constexpr (W_MN) {
+      return ptx::make_wgmma_desc_mn_sw128(w_tile + kk * 16 * 64, kWBoxBytes);
+    } else {
+      return Desc(w_tile + kk * 16);
+    }
+  }
+  // d (+)= A_slice W_slice^T (or A_slice B_slice) for one k slice, N columns.
+  template <int N>
+  static __device__ __forceinline__ void Mma(float (&d)[N / 2], uint64_t desc_a,
+                                             uint64_t desc_w, int accumulate) {
+    static_assert(N == 128 || N == 256);
+    if constexpr (N == 256 && W_MN) {
+      ptx::wgmma_m64n256k16_f32_bf16_ss_bmn(d, desc_a, desc_w, accumulate);
+    } else if constexpr (N == 256) {
+      ptx::wgmma_m64n256k16_f32_bf16_ss(d, desc_a, desc_w, accumulate);
+    } else if constexpr (W_MN) {
+      ptx::wgmma_m64n128k16_f32_bf16_ss_bmn(d, desc_a, desc_w, accumulate);
+    } else {
+      ptx::wgmma_m64n128k16_f32_bf16_ss(d, desc_a, desc_w, accumulate);
+    }
+  }
+  // MN-major: the boxes of the column block starting at col_begin that
+  // hold a column < n. The others are not loaded: they would only feed
+  // accumulator columns past n, which are never stored, so their stale
+  // shared memory is harmless (a column of A B depends on B's column only).
+  static __device__ __forceinline__ int WBoxes(int n, int col_begin) {
+    return min(BN / 64, (n - col_begin + 63) / 64);
+  }
+  // The bytes a stage's TMA loads bring for this column block.
+  static __device__ __forceinline__ uint32_t StageBytes(int n, int col_begin) {
+    if constexpr (W_MN) {
+      return kABytes + WBoxes(n, col_begin) * kWBoxBytes;
+    } else {
+      return kStageBytes;
+    }
+  }
+  // Issues the TMA of k block kb of `expert`'s W tile for output columns
+  // col_begin .. + BN into dst, completing on bar (StageBytes - kABytes).
+  static __device__ __forceinline__ void LoadW(uint8_t* dst, const CUtensorMap* tmap_w,
+                                               int expert, int w_expert_rows, int n,
+                                               int col_begin, int kb, uint64_t* bar) {
+    if constexpr (W_MN) {
+      const int boxes = WBoxes(n, col_begin);
+      for (int j = 0; j < boxes; ++j)
+        ptx::cp_async_bulk_tensor_3d_g2s(dst + j * kWBoxBytes, tmap_w, col_begin + 64 * j,
+                                         kb * BK, expert, bar);
+    } else {
+      ptx::cp_async_bulk_tensor_2d_g2s(dst, tmap_w, kb * BK, expert * w_expert_rows + col_begin,
+                                       bar);
     }
   }
 };
@@ -98,16 +165,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
         const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
                                        n_tiles, expert_hint);
-        const int w_row = t.expert * w_expert_rows + t.col_begin;
         for (int kb = 0; kb < k_blocks; ++kb) {
           ptx::mbarrier_wait_parity(&empty_bar[stage], phase ^ 1);
           uint8_t* a_dst = smem + stage * Cfg::kStageBytes;
           uint8_t* w_dst = a_dst + Cfg::kABytes;
-          ptx::mbarrier_arrive_expect_tx(&full_bar[stage], Cfg::kStageBytes);
+          ptx::mbarrier_arrive_expect_tx(&full_bar[stage], Cfg::StageBytes(n, t.col_begin));
           ptx::cp_async_bulk_tensor_2d_g2s(a_dst, &tmap_a, kb * kBlockK, t.row_begin,
                                            &full_bar[stage]);
-          ptx::cp_async_bulk_tensor_2d_g2s(w_dst, &tmap_w, kb * kBlockK, w_row,
-                                           &full_bar[stage]);
+          Cfg::LoadW(w_dst, &tmap_w, t.expert, w_expert_rows, n, t.col_begin, kb,
+                     &full_bar[stage]);
           if (++stage == Cfg::kStages) {
             stage = 0;
             phase ^= 1;
@@ -138,14 +204,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         ptx::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kBlockK / 16; ++kk) {
-          const uint64_t desc_a = Cfg::Desc(a_tile + kk * 16);
-          const uint64_t desc_w = Cfg::Desc(w_tile + kk * 16);
           const int accumulate = (kb > 0 || kk > 0) ? 1 : 0;
-          if constexpr (BN == 256) {
-            ptx::wgmma_m64n256k16_f32_bf16_ss(acc, desc_a, desc_w, accumulate);
-          } else {
-            ptx::wgmma_m64n128k16_f32_bf16_ss(acc, desc_a, desc_w, accumulate);
-          }
+          Cfg::template Mma<BN>(acc, Cfg::Desc(a_tile + kk * 16), Cfg::DescW(w_tile, kk),
+                                accumulate);
         }
         ptx::wgmma_commit_group();
         // The previous stage's wgmmas are done once at most this batch is
@@ -242,16 +303,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
         const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
                                        n_tiles, expert_hint);
-        const int w_row = t.expert * w_expert_rows + t.col_begin;
         for (int kb = 0; kb < k_blocks; ++kb) {
           ptx::mbarrier_wait_parity(&empty_bar[stage], phase ^ 1);
           uint8_t* a_dst = smem + stage * Cfg::kStageBytes;
           uint8_t* w_dst = a_dst + Cfg::kABytes;
-          ptx::mbarrier_arrive_expect_tx(&full_bar[stage], Cfg::kStageBytes);
+          ptx::mbarrier_arrive_expect_tx(&full_bar[stage], Cfg::StageBytes(n, t.col_begin));
           ptx::cp_async_bulk_tensor_2d_g2s(a_dst, &tmap_a, kb * kBlockK, t.row_begin,
                                            &full_bar[stage]);
-          ptx::cp_async_bulk_tensor_2d_g2s(w_dst, &tmap_w, kb * kBlockK, w_row,
-                                           &full_bar[stage]);
+          Cfg::LoadW(w_dst, &tmap_w, t.expert, w_expert_rows, n, t.col_begin, kb,
+                     &full_bar[stage]);
           if (++stage == Cfg::kStages) {
             stage = 0;
             phase ^= 1;
@@ -299,14 +359,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         ptx::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kBlockK / 16; ++kk) {
-          const uint64_t desc_a = Cfg::Desc(a_tile + kk * 16);
-          const uint64_t desc_w = Cfg::Desc(w_tile + kk * 16);
           const int accumulate = (kb > 0 || kk > 0) ? 1 : 0;
-          if constexpr (BN == 256) {
-            ptx::wgmma_m64n256k16_f32_bf16_ss(acc, desc_a, desc_w, accumulate);
-          } else {
-            ptx::wgmma_m64n128k16_f32_bf16_ss(acc, desc_a, desc_w, accumulate);
-          }
+          Cfg::template Mma<BN>(acc, Cfg::Desc(a_tile + kk * 16), Cfg::DescW(w_tile, kk),
+                                accumulate);
         }
         ptx::wgmma_commit_group();
         ptx::wgmma_wait_group<1>();
@@ -403,16 +458,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
         const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
                                        n_tiles, expert_hint);
-        const int w_row = t.expert * w_expert_rows + t.col_begin;
         for (int kb = 0; kb < k_blocks; ++kb) {
           ptx::mbarrier_wait_parity(&empty_bar[stage], phase ^ 1);
           uint8_t* a_dst = smem + stage * Cfg::kStageBytes;
           uint8_t* w_dst = a_dst + Cfg::kABytes;
-          ptx::mbarrier_arrive_expect_tx(&full_bar[stage], Cfg::kStageBytes);
+          ptx::mbarrier_arrive_expect_tx(&full_bar[stage], Cfg::StageBytes(n, t.col_begin));
           ptx::cp_async_bulk_tensor_2d_g2s(a_dst, &tmap_a, kb * kBlockK, t.row_begin,
                                            &full_bar[stage]);
-          ptx::cp_async_bulk_tensor_2d_g2s(w_dst, &tmap_w, kb * kBlockK, w_row,
-                                           &full_bar[stage]);
+          Cfg::LoadW(w_dst, &tmap_w, t.expert, w_expert_rows, n, t.col_begin, kb,
+                     &full_bar[stage]);
           if (++stage == Cfg::kStages) {
             stage = 0;
             phase ^= 1;
@@ -453,13 +507,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         ptx::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kBlockK / 16; ++kk) {
-          const uint64_t desc_w = Cfg::Desc(w_tile + kk * 16);
+          const uint64_t desc_w = Cfg::DescW(w_tile, kk);
           const int accumulate = (kb > 0 || kk > 0) ? 1 : 0;
-          ptx::wgmma_m64n128k16_f32_bf16_ss(
-              acc[0], Cfg::Desc(a_tile + kk * 16), desc_w, accumulate);
-          ptx::wgmma_m64n128k16_f32_bf16_ss(
-              acc[1], Cfg::Desc(a_tile + 64 * kBlockK + kk * 16), desc_w,
-              accumulate);
+          Cfg::template Mma<BN>(acc[0], Cfg::Desc(a_tile + kk * 16), desc_w, accumulate);
+          Cfg::template Mma<BN>(acc[1], Cfg::Desc(a_tile + 64 * kBlockK + kk * 16), desc_w,
+                                accumulate);
         }
         ptx::wgmma_commit_group();
         ptx::wgmma_wait_group<1>();
@@ -505,6 +557,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int BN = Cfg::kBlockN;
   constexpr int kBlockK = Cfg::kBlockK;
   constexpr int kHalfWBytes = Cfg::kBBytes / 2;
+  static_assert(!Cfg::kWMnMajor, "the cluster kernel reads K-major weights only");
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
@@ -593,14 +646,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         ptx::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kBlockK / 16; ++kk) {
-          const uint64_t desc_a = Cfg::Desc(a_tile + kk * 16);
-          const uint64_t desc_w = Cfg::Desc(w_tile + kk * 16);
           const int accumulate = (kb > 0 || kk > 0) ? 1 : 0;
-          if constexpr (BN == 256) {
-            ptx::wgmma_m64n256k16_f32_bf16_ss(acc, desc_a, desc_w, accumulate);
-          } else {
-            ptx::wgmma_m64n128k16_f32_bf16_ss(acc, desc_a, desc_w, accumulate);
-          }
+          Cfg::template Mma<BN>(acc, Cfg::Desc(a_tile + kk * 16), Cfg::DescW(w_tile, kk),
+                                accumulate);
         }
         ptx::wgmma_commit_group();
         ptx::wgmma_wait_group<1>();
@@ -632,6 +680,20 @@ uint64_t WeightRows(const GroupedGemmArgs& args) {
   return static_cast<uint64_t>(args.num_experts - 1) * args.w_expert_rows + args.n;
 }
 
+// The tensor map of W for a W tile of box_n output columns (BN, or BN / 2
+// per CTA of a cluster pair; K-major only).
+template <typename Cfg>
+Status MakeWeightMap(const GroupedGemmArgs& args, uint32_t box_n, CUtensorMap* map) {
+  if constexpr (Cfg::kWMnMajor) {
+    return ptx::MakeTensorMap3dBf16Swizzled(
+        map, args.w, static_cast<uint64_t>(args.num_experts), args.k, args.n, args.n,
+        static_cast<uint64_t>(args.w_expert_rows) * args.n, Cfg::kBlockK, 64, 128);
+  } else {
+    return ptx::MakeTensorMap2dBf16Swizzled(map, args.w, WeightRows(args), args.k, args.k, box_n,
+                                            Cfg::kBlockK, Cfg::kSwizzleBytes);
+  }
+}
+
 template <typename Cfg, typename OutT, bool kPingpong>
 Status LaunchWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev, cudaStream_t stream) {
   constexpr int BN = Cfg::kBlockN;
@@ -639,9 +701,7 @@ Status LaunchWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev, cudaStrea
   GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
       &tmap_a, args.a, static_cast<uint64_t>(args.total_rows), args.k, args.k, kBlockM,
       Cfg::kBlockK, Cfg::kSwizzleBytes));
-  GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
-      &tmap_w, args.w, WeightRows(args), args.k, args.k, BN,
-      Cfg::kBlockK, Cfg::kSwizzleBytes));
+  GROVE_RETURN_IF_ERROR(MakeWeightMap<Cfg>(args, BN, &tmap_w));
   auto kernel = [] {
     if constexpr (kPingpong) {
       return GroupedGemmWgmmaPingpongKernel<Cfg, OutT>;
@@ -673,9 +733,7 @@ Status LaunchWgmmaCluster(const GroupedGemmArgs& args, const DeviceInfo& dev,
   GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
       &tmap_a, args.a, static_cast<uint64_t>(args.total_rows), args.k, args.k, kBlockM,
       Cfg::kBlockK, Cfg::kSwizzleBytes));
-  GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
-      &tmap_w, args.w, WeightRows(args), args.k, args.k, BN / 2,
-      Cfg::kBlockK, Cfg::kSwizzleBytes));
+  GROVE_RETURN_IF_ERROR(MakeWeightMap<Cfg>(args, BN / 2, &tmap_w));
   auto kernel = GroupedGemmWgmmaClusterKernel<Cfg, OutT>;
   GROVE_RETURN_IF_ERROR(CudaStatus(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
@@ -722,9 +780,7 @@ Status LaunchWgmmaStaged(const GroupedGemmArgs& args, const DeviceInfo& dev,
   GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
       &tmap_a, args.a, static_cast<uint64_t>(args.total_rows), args.k, args.k, kBlockM,
       Cfg::kBlockK, Cfg::kSwizzleBytes));
-  GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
-      &tmap_w, args.w, WeightRows(args), args.k, args.k, BN,
-      Cfg::kBlockK, Cfg::kSwizzleBytes));
+  GROVE_RETURN_IF_ERROR(MakeWeightMap<Cfg>(args, BN, &tmap_w));
   auto kernel = GroupedGemmWgmmaStagedKernel<Cfg>;
   GROVE_RETURN_IF_ERROR(CudaStatus(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -748,31 +804,50 @@ Status LaunchWgmmaOut(const GroupedGemmArgs& args, const DeviceInfo& dev, cudaSt
              : LaunchWgmma<Cfg, __nv_bfloat16, kPingpong>(args, dev, stream);
 }
 
+// launch(Cfg{}) with the tiling's config for the args' weight layout.
+template <int BN, int BK, int STAGES, typename Launch>
+Status WithWeightLayout(const GroupedGemmArgs& args, Launch&& launch) {
+  if (args.w_layout == GemmWeightLayout::kMnMajor)
+    return launch(WgmmaConfig<BN, BK, STAGES, true>{});
+  return launch(WgmmaConfig<BN, BK, STAGES, false>{});
+}
+
 }  // namespace
 
 Status LaunchGroupedGemmWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev,
                               WgmmaVariant variant, cudaStream_t stream) {
+  const bool mn = args.w_layout == GemmWeightLayout::kMnMajor;
+  auto cooperative = [&](auto cfg) {
+    return LaunchWgmmaOut<decltype(cfg), false>(args, dev, stream);
+  };
   switch (variant) {
     case WgmmaVariant::kCooperativeBn128:
-      return LaunchWgmmaOut<WgmmaConfig<128, 64, 6>, false>(args, dev, stream);
+      return WithWeightLayout<128, 64, 6>(args, cooperative);
     case WgmmaVariant::kCooperativeBn256:
-      return LaunchWgmmaOut<WgmmaConfig<256, 64, 4>, false>(args, dev, stream);
-    case WgmmaVariant::kCooperativeBn256Bk32:
-      return LaunchWgmmaOut<WgmmaConfig<256, 32, 8>, false>(args, dev, stream);
+      return WithWeightLayout<256, 64, 4>(args, cooperative);
     case WgmmaVariant::kPingpongBn128:
-      return LaunchWgmmaOut<WgmmaConfig<128, 64, 6>, true>(args, dev, stream);
+      return WithWeightLayout<128, 64, 6>(
+          args, [&](auto cfg) { return LaunchWgmmaOut<decltype(cfg), true>(args, dev, stream); });
     case WgmmaVariant::kStagedBn256:
       // The staged epilogue holds a bf16 tile; fp32 output takes the
       // cooperative kernel's direct stores (already full sectors).
       if (args.out_type == GemmOutType::kF32)
-        return LaunchWgmmaOut<WgmmaConfig<256, 64, 4>, false>(args, dev, stream);
-      return LaunchWgmmaStaged<WgmmaConfig<256, 64, 3>>(args, dev, stream);
-    case WgmmaVariant::kClusterBn256: {
-      using Cfg = WgmmaConfig<256, 64, 4>;
-      return args.out_type == GemmOutType::kF32
-                 ? LaunchWgmmaCluster<Cfg, float>(args, dev, stream)
-                 : LaunchWgmmaCluster<Cfg, __nv_bfloat16>(args, dev, stream);
-    }
+        return WithWeightLayout<256, 64, 4>(args, cooperative);
+      return WithWeightLayout<256, 64, 3>(
+          args, [&](auto cfg) { return LaunchWgmmaStaged<decltype(cfg)>(args, dev, stream); });
+    case WgmmaVariant::kCooperativeBn256Bk32:
+    case WgmmaVariant::kClusterBn256:
+      break;
+  }
+  // K-major weights only (GroupedGemm refuses the rest before this).
+  if (mn) return Status::Internal("wgmma grouped GEMM: this variant reads K-major weights only");
+  if (variant == WgmmaVariant::kCooperativeBn256Bk32)
+    return LaunchWgmmaOut<WgmmaConfig<256, 32, 8>, false>(args, dev, stream);
+  if (variant == WgmmaVariant::kClusterBn256) {
+    using Cfg = WgmmaConfig<256, 64, 4>;
+    return args.out_type == GemmOutType::kF32
+               ? LaunchWgmmaCluster<Cfg, float>(args, dev, stream)
+               : LaunchWgmmaCluster<Cfg, __nv_bfloat16>(args, dev, stream);
   }
   return Status::Internal("unknown wgmma variant");
 }

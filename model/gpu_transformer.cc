@@ -172,15 +172,6 @@ struct Tape {
   bool valid = false;
 };
 
-// The transposed copies the backward's dX GEMMs read (W^T of each expert,
-// packed). The forward reads the experts' weights where they lie in the bf16
-// mirror (GroupedGemmArgs::w_expert_rows): no packed copy of W itself.
-struct ExpertPack {
-  // w13t: expert e's w1 and w3 stacked ([2F, H], adjacent in the layout),
-  // transposed: [E, H, 2F], so dX through both is one GEMM with k = 2F.
-  DevBuf w13t, w2t;  // [E, H, 2F], [E, F, H]
-};
-
 // Row-major C[M,N] = alpha op(A) op(B) + beta C with bf16 A, B and fp32
 // accumulation; C bf16 or fp32. cuBLAS is column-major: C^T = op(B)^T op(A)^T.
 Status Gemm(cublasHandle_t h, bool ta, bool tb, int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda,
@@ -224,7 +215,6 @@ struct GpuTransformer::Impl {
   cudaStream_t stream = nullptr;
   cublasHandle_t cublas = nullptr;
   DevBuf params, grads, mirror;
-  std::vector<ExpertPack> packs;  // per MoE layer
   Tape kept, scratch;
   // Backward workspace.
   DevBuf dres, dres_b, dmain, dq, dk, dv, dout_b, dwork, attn_ws, norm_ws, dz, dhs, dlogits,
@@ -405,14 +395,6 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
         im.zeroed_now.emplace_back(t.offset, t.numel);
     }
   }
-  const int64_t E = c.experts, F = c.expert_hidden, H = c.hidden;
-  // The transposed packs serve the backward only: none without gradients.
-  if (trainable) im.packs.resize(c.moe_layers());
-  for (ExpertPack& pk : im.packs) {
-    bf16* d = nullptr;
-    GROVE_RETURN_IF_ERROR(pk.w13t.Reserve(E * 2 * F * H, &d));
-    GROVE_RETURN_IF_ERROR(pk.w2t.Reserve(E * F * H, &d));
-  }
   GROVE_RETURN_IF_ERROR(m->RefreshComputeCopies(true));
   GROVE_RETURN_IF_ERROR(m->Synchronize());
   return m;
@@ -445,22 +427,12 @@ Status GpuTransformer::Synchronize() const {
 Status GpuTransformer::RefreshComputeCopies(bool mirror_from_master) {
   GPU_OK(cudaSetDevice(device_));
   Impl& im = *impl_;
-  const ModelConfig& c = config_;
+  // The mirror is the only compute copy: every GEMM, the experts' dX
+  // included, reads the weights where they lie in it.
   if (mirror_from_master) {
     gpu::CastToBf16(im.params.as<float>(), im.mirror.as<bf16>(), layout_.total(), im.stream);
     im.Lap("bf16 mirror from master");
   }
-  const int64_t F = c.expert_hidden, H = c.hidden, stride = 3 * F * H;
-  for (size_t mi = 0; mi < im.packs.size(); ++mi) {  // none without gradients
-    const std::string p = "layers." + std::to_string(c.dense_layers + int64_t(mi)) + ".moe.experts.0.";
-    const bf16* w1 = im.mirror.as<bf16>() + layout_.Offset(p + "w1");  // w3 follows: [2F, H]
-    const bf16* w2 = im.mirror.as<bf16>() + layout_.Offset(p + "w2");
-    ExpertPack& pk = im.packs[mi];
-    const int E = int(c.experts);
-    gpu::PackExperts(w1, stride, E, int(2 * F), int(H), true, pk.w13t.as<bf16>(), im.stream);
-    gpu::PackExperts(w2, stride, E, int(H), int(F), true, pk.w2t.as<bf16>(), im.stream);
-  }
-  im.Lap("expert repack");
   GPU_LAUNCHED("refresh compute copies");
   return Status::OK();
 }
@@ -486,17 +458,6 @@ Status GpuTransformer::UploadRange(int64_t offset, std::span<const float> values
   GPU_OK(cudaMemcpyAsync(im.params.as<float>() + offset, values.data(), values.size() * sizeof(float),
                          cudaMemcpyHostToDevice, im.stream));
   gpu::CastToBf16(im.params.as<float>() + offset, im.mirror.as<bf16>() + offset, int64_t(values.size()), im.stream);
-  // Repack the experts only when the range touches expert weights (the
-  // router-bias update after every step does not).
-  const ModelConfig& c = config_;
-  bool experts = false;
-  for (int64_t l = c.dense_layers; l < c.layers && c.experts > 0; ++l) {
-    const std::string p = "layers." + std::to_string(l) + ".moe.experts.";
-    const int64_t lo = layout_.Offset(p + "0.w1");
-    const TensorInfo* last = layout_.Find(p + std::to_string(c.experts - 1) + ".w2");
-    experts |= offset < last->offset + last->numel && offset + int64_t(values.size()) > lo;
-  }
-  if (experts) GROVE_RETURN_IF_ERROR(RefreshComputeCopies(false));
   GPU_LAUNCHED("upload range");
   return Synchronize();
 }
@@ -532,8 +493,8 @@ Status GpuTransformer::ReleaseActivations() {
   // that a ZeroGrad after this call is ordered after those writes.
   GPU_OK(cudaStreamSynchronize(im.stream));
   for (cudaStream_t s : im.side) GPU_OK(cudaStreamSynchronize(s));
-  // Everything a forward or backward sizes to its batch. Not params, grads,
-  // mirror or packs: they are the model (and the gradients an optimizer
+  // Everything a forward or backward sizes to its batch. Not params, grads
+  // or mirror: they are the model (and the gradients an optimizer
   // step reads), sized to it at Create.
   im.kept = Tape{};
   im.scratch = Tape{};
@@ -788,8 +749,8 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     GROVE_RETURN_IF_ERROR(kernels::MoePermute(h2, src_g, xe, int(Pn), int(K), int(H), st));
     im.Lap("moe permute/combine fwd");
     // The experts' weights where they lie in the mirror: ParamLayout puts
-    // each expert's w1, w3, w2 together (3 F H elements; RefreshComputeCopies'
-    // transposed packs rely on it too), so expert e's w1 (F rows of H) is 3F
+    // each expert's w1, w3, w2 together (3 F H elements; the backward's dX
+    // GEMMs read them in place too), so expert e's w1 (F rows of H) is 3F
     // rows of H after expert e-1's, and its w2 (H rows of F) 3H rows of F.
     const std::string e0 = name(l, "moe.experts.0.");
     const int64_t expert_stride = 3 * F * H;
@@ -1069,7 +1030,6 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
     }
     if (moe) {
       const int64_t mi = c.moe_index(l), F = c.expert_hidden, Pn = int64_t(R) * K;
-      const ExpertPack& pk = im.packs[mi];
       const int32_t* pos_g = lt.pos.as<int32_t>();
       const int32_t* offsets = tp.offsets.as<int32_t>() + mi * (E + 1);
       bf16 *dey, *deh, *deab, *xe, *dxe;
@@ -1092,7 +1052,15 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       ga.total_rows = int(Pn);
       ga.num_experts = int(E);
       ga.out_type = kernels::GemmOutType::kBF16;
-      ga.a = dey; ga.w = pk.w2t.as<bf16>(); ga.c = deh; ga.n = int(F); ga.k = int(H);
+      // dX = dY W reads each expert's W [out, in] where it lies in the mirror
+      // as the MN-major B [k = out, n = in] (no transposed copy), experts
+      // 3 F H elements apart as in the forward: w2 [H, F] every 3H rows of
+      // F; w1|w3 [2F, H] every 3F rows of H.
+      const std::string e0 = name(l, "moe.experts.0.");
+      const int64_t expert_stride = 3 * F * H;
+      ga.w_layout = kernels::GemmWeightLayout::kMnMajor;
+      ga.a = dey; ga.w = Wb(e0 + "w2"); ga.c = deh; ga.n = int(F); ga.k = int(H);
+      ga.w_expert_rows = int(expert_stride / F);
       GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
       im.Lap("grouped GEMM dX", 2.0 * Pn * F * H);
       GROVE_RETURN_IF_ERROR(kernels::SwiGluBackwardPacked(deh, lt.eab.as<bf16>(), deab, Pn, int(F), st));
@@ -1100,7 +1068,8 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       // The expert inputs' gradients through w1 and w3 together (summed in
       // fp32 inside the GEMM, k = 2F), stored bf16 (one rounding, 2^-9
       // relative): half the bytes of fp32 through the store and the scatter.
-      ga.a = deab; ga.w = pk.w13t.as<bf16>(); ga.c = dxe; ga.n = int(H); ga.k = int(2 * F);
+      ga.a = deab; ga.w = Wb(e0 + "w1"); ga.c = dxe; ga.n = int(H); ga.k = int(2 * F);
+      ga.w_expert_rows = int(expert_stride / H);
       GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
       im.Lap("grouped GEMM dX", 4.0 * Pn * F * H);
       gpu::MoeScatterBackward(dxe, pos_g, dmain, R, int(K), int(H), st);
@@ -1135,7 +1104,6 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
         // One launch per weight kind over all experts, on the main stream,
         // accumulating (or, after ZeroGrad, overwriting: an empty expert's G
         // then becomes 0) like the cuBLAS calls.
-        const std::string e0 = name(l, "moe.experts.0.");
         kernels::GroupedWeightGradArgs wg;
         wg.expert_offsets = offsets;
         wg.total_rows = int(Pn);

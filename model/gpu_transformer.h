@@ -3,11 +3,12 @@
 // model (transformer.h), computed in bf16 with fp32 accumulation:
 //
 // - Parameters: fp32 master copy in ParamLayout order (what Upload/Download
-//   move and what the optimizer updates in place), a bf16 mirror of it in the
-//   same order (what every GEMM reads, the experts' weights in place), and,
-//   with gradients, the routed experts' weights transposed per kind for the
-//   backward's dX = dY W ([experts, H, 2F] for w1 and w3 stacked, [experts,
-//   F, H] for w2), refreshed from the mirror by RefreshComputeCopies().
+//   move and what the optimizer updates in place) and a bf16 mirror of it in
+//   the same order (what every GEMM reads, the experts' weights in place:
+//   the forward's y = x W^T reads them K-major, the backward's dX = dY W
+//   MN-major, so no other copy of them exists). ParamLayout keeps each
+//   expert's w1, w3, w2 adjacent (3 F H elements per expert), which both
+//   rely on.
 // - Gradients: fp32 in ParamLayout order, accumulated by Backward() (cuBLAS
 //   writes weight gradients straight into them with beta = 1), except that
 //   the first Backward after ZeroGrad overwrites them (beta = 0): ZeroGrad
@@ -48,7 +49,7 @@ class GpuTransformer {
 
   // Allocates everything for `config` on `device`; parameters start at 0
   // (UploadParams them). trainable=false (a frozen reference) allocates no
-  // gradient buffer and no transposed expert copies, and Backward fails.
+  // gradient buffer, and Backward fails.
   static Result<std::unique_ptr<GpuTransformer>> Create(const ModelConfig& config, int device = 0,
                                                         bool trainable = true);
   ~GpuTransformer();
@@ -84,7 +85,7 @@ class GpuTransformer {
   // Frees what Score and Backward grow to their largest batch so far (the
   // tapes of activations kept for the backward, the scratch forward's, the
   // backward's workspaces), after waiting for this model's streams. Keeps
-  // the parameters, gradients, bf16 mirror and expert packs: the model's
+  // the parameters, gradients and bf16 mirror: the model's
   // state. A pending Score(keep_for_backward) is dropped (Backward then
   // fails until the next such Score). For a caller that ran out of device
   // memory and retries with smaller batches: the buffers grow again, to
@@ -100,7 +101,8 @@ class GpuTransformer {
   void* device_params_bf16();
   void* stream() const;
   // mirror_from_master: recompute the bf16 mirror from the fp32 master
-  // (false when an optimizer already wrote it); then repack the experts.
+  // (false when an optimizer already wrote it: nothing else derives from
+  // the mirror, so that is then a no-op).
   Status RefreshComputeCopies(bool mirror_from_master);
   // Waits for the stream.
   Status Synchronize() const;

@@ -57,36 +57,6 @@ bool Aligned32(const void* a, const void* b) {
   return reinterpret_cast<uintptr_t>(a) % 32 == 0 && reinterpret_cast<uintptr_t>(b) % 32 == 0;
 }
 
-// 64 x 64 tiles through shared memory, two bf16 per 4-byte access on both
-// sides (n and k are multiples of 8, so an even index inside the matrix has
-// its pair inside too); blockIdx.z = expert. Row pitch 66: the transposed
-// reads (rows 2t and 2t+1 of one column) hit banks 2-way at most.
-__global__ void PackTransposeKernel(const bf16* src, int64_t stride, int n, int k, bf16* dst) {
-  __shared__ bf16 tile[64][66];
-  const int e = blockIdx.z;
-  const bf16* s = src + e * stride;
-  bf16* d = dst + int64_t(e) * n * k;
-  const int r0 = blockIdx.y * 64, c0 = blockIdx.x * 64, t2 = 2 * threadIdx.x;
-  for (int i = threadIdx.y; i < 64; i += blockDim.y) {
-    const int r = r0 + i, c = c0 + t2;
-    if (r < n && c < k) {
-      const __nv_bfloat162 v = *reinterpret_cast<const __nv_bfloat162*>(s + int64_t(r) * k + c);
-      tile[i][t2] = v.x;
-      tile[i][t2 + 1] = v.y;
-    }
-  }
-  __syncthreads();
-  for (int i = threadIdx.y; i < 64; i += blockDim.y) {
-    const int c = c0 + i, r = r0 + t2;  // out row c (of k), columns r, r + 1 (of n)
-    if (r < n && c < k) {
-      __nv_bfloat162 v;
-      v.x = tile[t2][i];
-      v.y = tile[t2 + 1][i];
-      *reinterpret_cast<__nv_bfloat162*>(d + int64_t(c) * n + r) = v;
-    }
-  }
-}
-
 __global__ void GatherRowsKernel(const bf16* src, const int32_t* index, bf16* dst, int rows, int h) {
   const int64_t total = int64_t(rows) * (h / 8);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
@@ -149,18 +119,6 @@ void CastToBf16(const float* src, bf16* dst, int64_t n, cudaStream_t stream) {
 void AddBf16Into(const bf16* src, float* dst, int64_t n, cudaStream_t stream) {
   const bool vec = Aligned32(src, dst);
   if (n > 0) AddBf16Kernel<<<Blocks(vec ? (n + 7) / 8 : n), kThreads, 0, stream>>>(src, dst, n, vec);
-}
-
-void PackExperts(const bf16* src, int64_t expert_stride, int experts, int n, int k, bool transpose, bf16* dst,
-                 cudaStream_t stream) {
-  if (experts == 0) return;
-  if (!transpose) {
-    cudaMemcpy2DAsync(dst, size_t(n) * k * sizeof(bf16), src, size_t(expert_stride) * sizeof(bf16),
-                      size_t(n) * k * sizeof(bf16), experts, cudaMemcpyDeviceToDevice, stream);
-    return;
-  }
-  dim3 grid((k + 63) / 64, (n + 63) / 64, experts);
-  PackTransposeKernel<<<grid, dim3(32, 8), 0, stream>>>(src, expert_stride, n, k, dst);
 }
 
 void GatherRows(const bf16* src, const int32_t* index, bf16* dst, int rows, int h, cudaStream_t stream) {

@@ -1,5 +1,5 @@
 // Glue kernels of GpuTransformer (internal to model/gpu_transformer.cc):
-// casts, the expert-weight packing, row gathers of the scored positions and
+// casts, row gathers of the scored positions and
 // the forward's balance-loss statistics -- what is specific to how the model
 // lays its tensors out; the step's real kernels are in kernels/. Each launcher only
 // enqueues work on `stream`; shapes are checked by the caller. bf16 is
@@ -21,12 +21,6 @@ void CastToBf16(const float* src, bf16* dst, int64_t n, cudaStream_t stream);
 // dst[i] += float(src[i]). (No longer in the backward, whose RMSNorm adds
 // into the residual itself; kernel_bench times the old path with it.)
 void AddBf16Into(const bf16* src, float* dst, int64_t n, cudaStream_t stream);
-
-// Expert weights from the layout-ordered bf16 mirror into one [experts, n, k]
-// tensor per kind: expert e's [n, k] block starts at src + e * expert_stride.
-// transpose=true writes [experts, k, n] instead (for dA = dY W).
-void PackExperts(const bf16* src, int64_t expert_stride, int experts, int n, int k, bool transpose,
-                 bf16* dst, cudaStream_t stream);
 
 // Rows of src gathered: dst[i] = src[index[i]].
 void GatherRows(const bf16* src, const int32_t* index, bf16* dst, int rows, int h, cudaStream_t stream);

@@ -24,6 +24,10 @@
 //                                  the old five-launch path against the fused kernel)
 //        kernel_bench --dw        (the experts' weight gradients: GroupedWeightGrad
 //                                  against cuBLAS, gpu-ref's per-layer shapes)
+//        kernel_bench --dx        (the backward's expert dX GEMMs at gpu-ref's step
+//                                  shape: the weights' transposed packed copy read
+//                                  K-major against the parameter layout read
+//                                  MN-major in place)
 //        kernel_bench --profile   (one launch of each wgmma variant and cuBLAS
 //                                  dense at T=16384, bf16 out: for ncu)
 #include <cublas_v2.h>
@@ -61,6 +65,7 @@ namespace {
 using grove::kernels::GemmOutType;
 using grove::kernels::GroupedGemm;
 using grove::kernels::GroupedGemmArgs;
+using grove::kernels::GemmWeightLayout;
 using grove::kernels::GroupedGemmImpl;
 
 #define CUBLAS_CHECK(x)                                                            \
@@ -768,6 +773,111 @@ void WeightGradBench(cublasHandle_t h, std::mt19937_64& rng, int reps) {
   cudaFree(d_off);
 }
 
+// The backward's two expert dX GEMMs at the GPU reference model's step
+// shape (196608 rows = 32768 tokens x top-6 over 64 experts, H = 1024,
+// F = 512, bf16 out), each read two ways: K-major from a packed transposed
+// copy of the weights ([E, F, H] for w2, [E, H, 2F] for w1|w3: what the
+// model kept and repacked after every optimizer step), and MN-major from
+// the parameter layout in place (each expert's w1, w3, w2 adjacent, 3 F H
+// elements apart). Both copies hold the same values: "rel diff" is the
+// MN-major kAuto result against the K-major kAuto one.
+void DxBench(std::mt19937_64& rng, int reps) {
+  const int E = 64, H = 1024, F = 512, rows = 32768 * 6;
+  const size_t stride = size_t(3) * F * H;
+  // Values in [-1, 1) from a cheap hash: 100M of them, the host's time matters.
+  std::vector<__nv_bfloat16> layout(E * stride);
+  const uint64_t salt = rng();
+  for (size_t i = 0; i < layout.size(); ++i) {
+    const uint64_t h = (i + salt) * 0x9E3779B97F4A7C15ull;
+    layout[i] = __float2bfloat16(float(h >> 40) / float(1 << 23) - 1.f);
+  }
+  // Expert e: w1|w3 [2F, H] at e * stride, w2 [H, F] at e * stride + 2 F H.
+  std::vector<__nv_bfloat16> w13t(size_t(E) * H * 2 * F), w2t(size_t(E) * F * H);
+  for (int e = 0; e < E; ++e) {
+    const __nv_bfloat16* w13 = layout.data() + e * stride;
+    const __nv_bfloat16* w2 = w13 + size_t(2) * F * H;
+    for (int i = 0; i < 2 * F; ++i)
+      for (int j = 0; j < H; ++j) w13t[(size_t(e) * H + j) * 2 * F + i] = w13[size_t(i) * H + j];
+    for (int i = 0; i < H; ++i)
+      for (int j = 0; j < F; ++j) w2t[(size_t(e) * F + j) * H + i] = w2[size_t(i) * F + j];
+  }
+  auto upload = [](const std::vector<__nv_bfloat16>& h) {
+    __nv_bfloat16* d = nullptr;
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d, h.size() * 2));
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d, h.data(), h.size() * 2, cudaMemcpyHostToDevice));
+    return d;
+  };
+  __nv_bfloat16* d_layout = upload(layout);
+  __nv_bfloat16* d_w13t = upload(w13t);
+  __nv_bfloat16* d_w2t = upload(w2t);
+  // Both shapes have k = 1024 (H for w2, 2F for w1|w3): one A serves both.
+  __nv_bfloat16* a = RandomDeviceBf16(size_t(rows) * 1024, rng);
+  void *c_ref, *c;
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&c_ref, size_t(rows) * 1024 * 2));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&c, size_t(rows) * 1024 * 2));
+  std::printf("%-48s %-34s %9s %8s %9s\n", "shape", "method", "ms", "TFLOP/s", "rel diff");
+  for (bool skewed : {false, true}) {
+    std::vector<int> counts = Routing(rows, E, skewed, rng);
+    std::vector<int32_t> offsets(E + 1, 0);
+    for (int e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + counts[e];
+    int32_t* d_off;
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_off, offsets.size() * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_off, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
+    struct Shape {
+      const char* name;
+      int n, k;
+      const __nv_bfloat16* packed;  // K-major [E, n, k]
+      size_t layout_offset;         // MN-major [k, n] per expert in the layout
+    };
+    for (Shape sh : {Shape{"deh = dey W2", F, H, d_w2t, size_t(2) * F * H},
+                     Shape{"dxe = deab [W1; W3]", H, 2 * F, d_w13t, 0}}) {
+      char shape[128];
+      std::snprintf(shape, sizeof shape, "%s %s [%d,%d]x[%d,%d]", skewed ? "skew" : "even",
+                    sh.name, rows, sh.k, sh.k, sh.n);
+      const double flops = 2.0 * rows * double(sh.n) * sh.k;
+      for (GemmWeightLayout layout_kind : {GemmWeightLayout::kKMajor, GemmWeightLayout::kMnMajor}) {
+        const bool mn = layout_kind == GemmWeightLayout::kMnMajor;
+        for (GroupedGemmImpl impl : {GroupedGemmImpl::kAuto, GroupedGemmImpl::kWgmmaPingpong,
+                                     GroupedGemmImpl::kWgmmaBn256, GroupedGemmImpl::kWgmmaStaged}) {
+          GroupedGemmArgs args;
+          args.a = a;
+          args.c = impl == GroupedGemmImpl::kAuto && !mn ? c_ref : c;
+          args.expert_offsets = d_off;
+          args.total_rows = rows;
+          args.num_experts = E;
+          args.n = sh.n;
+          args.k = sh.k;
+          args.out_type = GemmOutType::kBF16;
+          args.w_layout = layout_kind;
+          args.w = mn ? d_layout + sh.layout_offset : sh.packed;
+          args.w_expert_rows = mn ? int(stride / sh.n) : 0;
+          grove::Status st = GroupedGemm(args, impl, nullptr);
+          const std::string method = std::string(mn ? "MN-major in place " : "K-major packed ") +
+                                     GroupedGemmImplName(impl);
+          if (!st.ok()) {
+            std::printf("%-48s %-34s %s\n", shape, method.c_str(), st.ToString().c_str());
+            continue;
+          }
+          const double ms = MedianMs([&] { (void)GroupedGemm(args, impl, nullptr); }, reps);
+          const double diff = mn && impl == GroupedGemmImpl::kAuto
+                                  ? MaxRelDiff(c, c_ref, size_t(rows) * sh.n, GemmOutType::kBF16)
+                                  : 0.0;
+          std::printf("%-48s %-34s %9.4f %8.1f %9.2e\n", shape, method.c_str(), ms,
+                      flops / ms / 1e9, diff);
+          std::fflush(stdout);
+        }
+      }
+    }
+    cudaFree(d_off);
+  }
+  cudaFree(a);
+  cudaFree(c);
+  cudaFree(c_ref);
+  cudaFree(d_layout);
+  cudaFree(d_w13t);
+  cudaFree(d_w2t);
+}
+
 }  // namespace
 
 // One launch per method on the w1/w3 and w2 shapes, nothing else on the GPU
@@ -901,6 +1011,11 @@ int main(int argc, char** argv) {
     CUBLAS_CHECK(cublasCreate(&h));
     WeightGradBench(h, rng, 20);
     cublasDestroy(h);
+    return 0;
+  }
+  if (argc > 1 && std::strcmp(argv[1], "--dx") == 0) {
+    std::mt19937_64 rng(7);
+    DxBench(rng, 20);
     return 0;
   }
   if (argc > 1 && std::strcmp(argv[1], "--profile") == 0) {

@@ -123,14 +123,24 @@ MN_DOC = """
 // above). accumulate == 0 ignores d's old value."""
 
 
-def shape(n, mn=False):
-    """One wrapper: K-major operands, or (mn) both operands MN-major."""
+BMN_DOC = """
+// wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 with imm-trans-a = 0
+// and imm-trans-b = 1: d (+)= A * B with A 64x16 K-major
+// (make_wgmma_desc_k_sw128) and B 16x{n} stored N-major ([16 k][{n} n],
+// make_wgmma_desc_mn_sw128), both in shared memory, fp32 accumulators in
+// registers (layout as above). accumulate == 0 ignores d's old value."""
+
+
+def shape(n, mn=False, bmn=False):
+    """One wrapper: K-major operands, (mn) both operands MN-major, or (bmn)
+    A K-major and B MN-major."""
     regs = n // 2
     dlist, outs = operands(regs)
-    name = f"wgmma_m64n{n}k16_f32_bf16_ss" + ("_mn" if mn else "")
-    indent = " " * (63 if mn else 60)
-    trans = "1, 1" if mn else "0, 0"
-    doc = (MN_DOC if mn else KMAJOR_DOC).format(n=n)
+    suffix = "_mn" if mn else "_bmn" if bmn else ""
+    name = f"wgmma_m64n{n}k16_f32_bf16_ss" + suffix
+    indent = " " * (60 + len(suffix))
+    trans = "1, 1" if mn else "0, 1" if bmn else "0, 0"
+    doc = (MN_DOC if mn else BMN_DOC if bmn else KMAJOR_DOC).format(n=n)
     return f'''{doc}
 __device__ __forceinline__ void {name}(float (&d)[{regs}], uint64_t desc_a,
 {indent}uint64_t desc_b, int accumulate) {{
@@ -147,5 +157,9 @@ __device__ __forceinline__ void {name}(float (&d)[{regs}], uint64_t desc_a,
 MN_SHAPES = [128, 256]
 
 
-print(HEAD + "".join(shape(n) for n in SHAPES) + "".join(shape(n, mn=True) for n in MN_SHAPES) + TAIL,
-      end="")
+# A K-major, B MN-major (the grouped GEMM reading W stored [k, n]).
+BMN_SHAPES = [128, 256]
+
+
+print(HEAD + "".join(shape(n) for n in SHAPES) + "".join(shape(n, mn=True) for n in MN_SHAPES) +
+      "".join(shape(n, bmn=True) for n in BMN_SHAPES) + TAIL, end="")

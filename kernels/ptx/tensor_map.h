@@ -20,4 +20,15 @@ Status MakeTensorMap2dBf16Swizzled(CUtensorMap* map, const void* base, uint64_t 
                                    uint64_t cols, uint64_t row_stride_elems, uint32_t box_rows,
                                    uint32_t box_cols, uint32_t swizzle_bytes);
 
+// A stack of `planes` such matrices [rows, cols], plane p starting
+// `plane_stride_elems` elements after plane p-1 (a multiple of 8, planes may
+// overlap or leave gaps), read in boxes of [box_rows, box_cols] of one
+// plane (coordinates: column, row, plane). Elements past a plane's `rows`
+// or `cols` are read as zeros even where memory follows (the next plane or
+// a gap): what a 2-D map over all the planes' rows cannot give.
+Status MakeTensorMap3dBf16Swizzled(CUtensorMap* map, const void* base, uint64_t planes,
+                                   uint64_t rows, uint64_t cols, uint64_t row_stride_elems,
+                                   uint64_t plane_stride_elems, uint32_t box_rows,
+                                   uint32_t box_cols, uint32_t swizzle_bytes);
+
 }  // namespace grove::ptx

@@ -27,6 +27,19 @@ __device__ __forceinline__ void cp_async_bulk_tensor_2d_g2s(void* smem_dst,
       : "memory");
 }
 
+// The same for a 3-D tensor map: the box at (c0 innermost, c1, c2).
+__device__ __forceinline__ void cp_async_bulk_tensor_3d_g2s(void* smem_dst,
+                                                            const CUtensorMap* tensor_map,
+                                                            int32_t c0, int32_t c1, int32_t c2,
+                                                            uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(smem_addr(smem_dst)),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(c2),
+      "r"(smem_addr(bar))
+      : "memory");
+}
+
 // prefetch.tensormap: pulls a __grid_constant__ tensor map into the
 // descriptor cache ahead of its first use.
 __device__ __forceinline__ void prefetch_tensormap(const CUtensorMap* tensor_map) {

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <numeric>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "tests/kernels/gpu_test_util.h"
@@ -61,6 +62,14 @@ const GroupedGemmImpl kAllImpls[] = {GroupedGemmImpl::kAuto, GroupedGemmImpl::kW
                                      GroupedGemmImpl::kMmaSync,
                                      GroupedGemmImpl::kWmma};
 
+// The implementations documented to read kMnMajor weights (kAuto: whatever
+// it picks must).
+bool ReadsMnMajor(GroupedGemmImpl impl) {
+  return impl == GroupedGemmImpl::kAuto || impl == GroupedGemmImpl::kWgmmaBn128 ||
+         impl == GroupedGemmImpl::kWgmmaBn256 || impl == GroupedGemmImpl::kWgmmaPingpong ||
+         impl == GroupedGemmImpl::kWgmmaStaged || impl == GroupedGemmImpl::kMmaSync;
+}
+
 bool IsHopper() {
   int dev = 0, major = 0, minor = 0;
   cudaGetDevice(&dev);
@@ -74,11 +83,17 @@ bool IsHopper() {
 // must stay untouched. gap_rows > 0: the experts' weights lie
 // w_expert_rows = n + gap_rows rows apart (as in the model's parameter
 // layout), the rows between them NaN, so a weight read from a gap (or from
-// the wrong expert) shows in a stored column.
-void CheckCase(const std::vector<int>& counts, int n, int k, int extra_rows, int gap_rows = 0) {
+// the wrong expert) shows in a stored column. kMnMajor: each expert's
+// weight is stored transposed ([k, n]; rows of n, gap_rows of them after
+// its k), and the implementations that do not read that layout must
+// refuse it with InvalidArgument (and write nothing).
+void CheckCase(const std::vector<int>& counts, int n, int k, int extra_rows, int gap_rows = 0,
+               GemmWeightLayout layout = GemmWeightLayout::kKMajor) {
+  const bool mn = layout == GemmWeightLayout::kMnMajor;
   const uint64_t seed = testing::FreshSeed();
   SCOPED_TRACE("seed " + std::to_string(seed) + " n=" + std::to_string(n) +
-               " k=" + std::to_string(k));
+               " k=" + std::to_string(k) + (mn ? " MN-major" : " K-major") +
+               " gap_rows=" + std::to_string(gap_rows));
   std::mt19937_64 rng(seed);
   const int experts = static_cast<int>(counts.size());
   std::vector<int32_t> offsets(experts + 1, 0);
@@ -93,11 +108,21 @@ void CheckCase(const std::vector<int>& counts, int n, int k, int extra_rows, int
   std::vector<double> ref, abs_sum;
   ReferenceGroupedGemm(a, w, offsets, n, k, &ref, &abs_sum);
 
+  // The stored matrix per expert: [n, k], or [k, n] for kMnMajor.
+  const int own_rows = mn ? k : n, row_len = mn ? n : k;
+  if (mn) {
+    std::vector<__nv_bfloat16> t(w_bf.size());
+    for (int e = 0; e < experts; ++e)
+      for (int j = 0; j < n; ++j)
+        for (int i = 0; i < k; ++i)
+          t[(static_cast<size_t>(e) * k + i) * n + j] = w_bf[(static_cast<size_t>(e) * n + j) * k + i];
+    w_bf = std::move(t);
+  }
   if (gap_rows > 0) {
     __nv_bfloat16_raw nan_bits;
     nan_bits.x = 0x7FC0;
     const size_t expert_elems = static_cast<size_t>(n) * k;
-    const size_t stride = static_cast<size_t>(n + gap_rows) * k;
+    const size_t stride = static_cast<size_t>(own_rows + gap_rows) * row_len;
     std::vector<__nv_bfloat16> spaced((experts - 1) * stride + expert_elems, nan_bits);
     for (int e = 0; e < experts; ++e)
       std::copy(w_bf.begin() + e * expert_elems, w_bf.begin() + (e + 1) * expert_elems,
@@ -137,8 +162,19 @@ void CheckCase(const std::vector<int>& counts, int n, int k, int extra_rows, int
       args.n = n;
       args.k = k;
       args.out_type = out;
-      args.w_expert_rows = gap_rows > 0 ? n + gap_rows : 0;
+      args.w_layout = layout;
+      args.w_expert_rows = gap_rows > 0 ? own_rows + gap_rows : 0;
       Status s = GroupedGemm(args, impl, nullptr);
+      if (mn && !ReadsMnMajor(impl)) {
+        EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s;
+        EXPECT_NE(s.message().find("MN-major"), std::string::npos) << s;
+        GROVE_CUDA_OK(cudaDeviceSynchronize());
+        std::vector<float> h(d_c.count());
+        GROVE_CUDA_OK(cudaMemcpy(h.data(), d_c.get(), h.size() * 4, cudaMemcpyDeviceToHost));
+        EXPECT_TRUE(std::all_of(h.begin(), h.end(), [](float v) { return std::isnan(v); }))
+            << "a refused call wrote C";
+        continue;
+      }
       ASSERT_TRUE(s.ok()) << s;
       GROVE_CUDA_OK(cudaDeviceSynchronize());
 
@@ -232,6 +268,57 @@ TEST(GroupedGemmTest, WeightsAtAnExpertStrideAsInTheParameterLayout) {
   CheckCase({0, 1, 127, 129, 45}, 264, 200, 3, 8);  // partial tiles next to the gaps
 }
 
+// MN-major weights (B = W^T stored [k, n] per expert, as the backward's
+// dX = dY W reads a Linear weight in place): the same reference, the
+// weights transposed on the host.
+TEST(GroupedGemmTest, MnMajorRaggedWithEmptyExpertsAndTails) {
+  GROVE_SKIP_WITHOUT_GPU();
+  // n = 264: a partial column tile, whose 256-wide tile has W boxes (64
+  // columns) wholly past n, which are not loaded; k = 200 and 72: a partial
+  // k block, whose rows past k must read as zeros.
+  CheckCase({0, 1, 127, 128, 129, 300, 0, 45}, 264, 200, 0, 0, GemmWeightLayout::kMnMajor);
+  CheckCase({33, 0, 190}, 136, 72, 19, 0, GemmWeightLayout::kMnMajor);
+}
+
+TEST(GroupedGemmTest, MnMajorSquareAndRectangularShapes) {
+  GROVE_SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(testing::FreshSeed());
+  std::uniform_int_distribution<int> count(0, 300);
+  for (auto [n, k] : {std::pair{512, 512}, std::pair{1024, 1024}, std::pair{2048, 512},
+                      std::pair{512, 2048}, std::pair{1024, 2048}}) {
+    std::vector<int> counts(6);
+    for (int& c : counts) c = count(rng);
+    counts[3] = 0;
+    CheckCase(counts, n, k, 0, 0, GemmWeightLayout::kMnMajor);
+  }
+}
+
+// Between the experts' [k, n] blocks lie NaN rows (gap_rows of n): a k
+// block past an expert's k rows must read zeros, not the gap (0 * NaN).
+TEST(GroupedGemmTest, MnMajorWeightsAtAnExpertStrideWithNaNGaps) {
+  GROVE_SKIP_WITHOUT_GPU();
+  CheckCase({0, 1, 127, 129, 45}, 264, 200, 3, 8, GemmWeightLayout::kMnMajor);
+  CheckCase({70, 0, 5}, 64, 72, 0, 56, GemmWeightLayout::kMnMajor);
+}
+
+// The GPU reference model's backward dX GEMMs as the model runs them on the
+// bf16 mirror (E = 64, H = 1024, F = 512; each expert's w1, w3, w2
+// adjacent, 3 F H elements per expert): through w2, B = W2 [H, F] (k = H,
+// n = F) every 3H rows of F; through w1|w3, B = [w1; w3] [2F, H] (k = 2F,
+// n = H) every 3F rows of H. Fewer tokens than a step so the CPU reference
+// stays fast; routing drawn fresh, one expert empty.
+TEST(GroupedGemmTest, MnMajorGpuRefBackwardShapesInTheParameterLayout) {
+  GROVE_SKIP_WITHOUT_GPU();
+  const int E = 64, H = 1024, F = 512;
+  std::mt19937_64 rng(testing::FreshSeed());
+  std::uniform_int_distribution<int> count(0, 48);
+  std::vector<int> counts(E);
+  for (int& c : counts) c = count(rng);
+  counts[17] = 0;
+  CheckCase(counts, F, H, 0, 3 * H - H, GemmWeightLayout::kMnMajor);          // deh = dey W2
+  CheckCase(counts, H, 2 * F, 0, 3 * F - 2 * F, GemmWeightLayout::kMnMajor);  // dxe = deab W13
+}
+
 TEST(GroupedGemmTest, ManyExpertsMostlyEmpty) {
   GROVE_SKIP_WITHOUT_GPU();
   // More experts than a warp's scan chunk (the tile table is built 32 at a time).
@@ -277,6 +364,25 @@ TEST(GroupedGemmTest, RejectsBadShapes) {
   Status overlap = GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr);
   EXPECT_EQ(overlap.code(), StatusCode::kInvalidArgument) << overlap;
   EXPECT_NE(overlap.message().find("w_expert_rows"), std::string::npos) << overlap;
+  // MN-major: w_expert_rows counts rows of n, at least k of them.
+  args.w_layout = GemmWeightLayout::kMnMajor;
+  args.n = 128;
+  args.w_expert_rows = 64;  // k = 64: fits, though < n
+  Status mn_ok = GroupedGemm(args, GroupedGemmImpl::kWmma, nullptr);  // refused for the layout
+  EXPECT_EQ(mn_ok.code(), StatusCode::kInvalidArgument) << mn_ok;
+  EXPECT_NE(mn_ok.message().find("MN-major"), std::string::npos) << mn_ok;
+  args.w_expert_rows = 56;  // < k
+  Status mn_overlap = GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr);
+  EXPECT_EQ(mn_overlap.code(), StatusCode::kInvalidArgument) << mn_overlap;
+  EXPECT_NE(mn_overlap.message().find("k = 64"), std::string::npos) << mn_overlap;
+  for (GroupedGemmImpl impl : {GroupedGemmImpl::kWgmmaBn256Bk32, GroupedGemmImpl::kWgmmaCluster,
+                               GroupedGemmImpl::kWmma}) {
+    args.w_expert_rows = 0;
+    EXPECT_EQ(GroupedGemm(args, impl, nullptr).code(), StatusCode::kInvalidArgument)
+        << GroupedGemmImplName(impl);
+  }
+  args.w_layout = GemmWeightLayout::kKMajor;
+  args.n = 64;
   args.w_expert_rows = 0;
   args.expert_offsets = nullptr;
   EXPECT_EQ(GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr).code(),
