@@ -32,10 +32,10 @@ inline constexpr int kGroupedGemmMaxExperts = 1024;
 
 // Which implementation runs. kAuto: on sm_90 (H100/H200) kWgmmaPingpong
 // when k >= 1024 and the weights are kKMajor, kWgmmaStaged otherwise
-// (measured, docs/kernels.md; kernel_bench --dx); kMmaSync elsewhere. kMnMajor weights: kWgmmaBn128, kWgmmaBn256,
-// kWgmmaPingpong, kWgmmaStaged and kMmaSync (so every kAuto pick) read
-// them; kWgmmaBn256Bk32, kWgmmaCluster and kWmma refuse them
-// (InvalidArgument). The others exist to be compared (bench/kernels) and
+// (measured, docs/kernels.md; kernel_bench --dx); kMmaSync elsewhere.
+// kMnMajor weights: kWgmmaBn128, kWgmmaBn256, kWgmmaPingpong, kWgmmaStaged
+// and kMmaSync (so every kAuto pick) read them; kWgmmaBn256Bk32,
+// kWgmmaCluster and kWmma refuse them (InvalidArgument). The others exist to be compared (bench/kernels) and
 // tested against each other. All wgmma ones are sm_90a, persistent and
 // warp-specialized: one producer warpgroup feeds a TMA + mbarrier ring.
 enum class GroupedGemmImpl {
@@ -81,8 +81,8 @@ struct GroupedGemmArgs {
 // expert's rows are clamped to [0, total_rows)), but its rows are then
 // undefined. Rows of C past offsets[num_experts] are not written.
 // Returns InvalidArgument for bad shapes or misaligned pointers (16 bytes)
-// or a w_layout that `impl` does not read, FailedPrecondition if `impl` cannot run on the current device, Internal
-// for a CUDA launch error.
+// or a w_layout that `impl` does not read, FailedPrecondition if `impl`
+// cannot run on the current device, Internal for a CUDA launch error.
 Status GroupedGemm(const GroupedGemmArgs& args, GroupedGemmImpl impl, cudaStream_t stream);
 
 const char* GroupedGemmImplName(GroupedGemmImpl impl);
