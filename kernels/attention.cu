@@ -70,6 +70,10 @@ struct Params {
   bf16* dk;
   bf16* dv;
   const int32_t* cu_seqlens;
+  // Row strides in elements: q and dq; k, v, dk, dv (AttentionShape's, 0
+  // resolved to packed). out, dout and the dQ accumulator are packed rows of
+  // num_heads * D. CheckShape bounds them by INT_MAX.
+  int q_rs, kv_rs;
   int total_tokens, num_heads, num_kv_heads, group, batch;
   int tiles;        // query (forward) or key (backward) tiles of the longest sequence
   int chunk_pairs;  // see OrderTiles
@@ -222,12 +226,12 @@ __global__ void __launch_bounds__(kThreads) AttentionForwardKernel(Params p) {
   const int kvh = h / p.group;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, q = lane & 3;
   const int wrow = warp * kFwdRowsPerWarp;  // the warp's first row in the tile
-  const int64_t q_stride = int64_t{p.num_heads} * D, kv_stride = int64_t{p.num_kv_heads} * D;
-  const bf16* g_k = p.k + (int64_t{start} * p.num_kv_heads + kvh) * D;
-  const bf16* g_v = p.v + (int64_t{start} * p.num_kv_heads + kvh) * D;
+  const int64_t q_stride = p.q_rs, kv_stride = p.kv_rs, o_stride = int64_t{p.num_heads} * D;
+  const bf16* g_k = p.k + int64_t{start} * kv_stride + kvh * D;
+  const bf16* g_v = p.v + int64_t{start} * kv_stride + kvh * D;
 
-  LoadTile<D, kFwdBlockM>(s_q, p.q + (int64_t{start + m0} * p.num_heads + h) * D, q_stride,
-                          len - m0, tid);
+  LoadTile<D, kFwdBlockM>(s_q, p.q + int64_t{start + m0} * q_stride + h * D, q_stride, len - m0,
+                          tid);
   LoadTile<D>(s_k, g_k, kv_stride, len, tid);
   LoadTile<D>(s_v, g_v, kv_stride, len, tid);
   cp_async_commit_group();
@@ -356,8 +360,8 @@ __global__ void __launch_bounds__(kThreads) AttentionForwardKernel(Params p) {
     StoreAccToTile<D>(s_q, wrow + mt * 16, o[mt], inv[0], inv[1], lane);
   }
   __syncwarp();
-  StoreRows<D, kFwdRowsPerWarp>(p.o + (int64_t{start + m0 + wrow} * p.num_heads + h) * D,
-                                q_stride, s_q, wrow, len - m0 - wrow, lane);
+  StoreRows<D, kFwdRowsPerWarp>(p.o + int64_t{start + m0 + wrow} * o_stride + h * D, o_stride,
+                                s_q, wrow, len - m0 - wrow, lane);
 }
 
 // dvec[h, t] = sum_d dO[t, h, d] * O[t, h, d]; one warp per (token, head).
@@ -403,15 +407,15 @@ __global__ void __launch_bounds__(kThreads) AttentionBackwardKernel(Params p) {
   const int n0 = n_block * kTile;
   if (n0 >= len) return;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, q = lane & 3;
-  const int64_t q_stride = int64_t{p.num_heads} * D, kv_stride = int64_t{p.num_kv_heads} * D;
   const int per_head = (len + kTile - 1) / kTile - n_block;
   const int steps = p.group * per_head;
 
   auto load_step = [&](int t, int st) {
     const int h = kvh * p.group + t / per_head, m0 = (n_block + t % per_head) * kTile;
-    const int64_t off = (int64_t{start + m0} * p.num_heads + h) * D;
-    LoadTile<D>(s_q + st * kTile * D, p.q + off, q_stride, len - m0, tid);
-    LoadTile<D>(s_do + st * kTile * D, p.dout + off, q_stride, len - m0, tid);
+    const int64_t row = start + m0;
+    LoadTile<D>(s_q + st * kTile * D, p.q + row * p.q_rs + h * D, p.q_rs, len - m0, tid);
+    LoadTile<D>(s_do + st * kTile * D, p.dout + (row * p.num_heads + h) * D, p.num_heads * D,
+                len - m0, tid);
     if (tid < kTile) {
       const bool ok = m0 + tid < len;
       const int64_t i = int64_t{h} * p.total_tokens + start + (ok ? m0 + tid : 0);
@@ -419,9 +423,9 @@ __global__ void __launch_bounds__(kThreads) AttentionBackwardKernel(Params p) {
       cp_async_ca_4_zfill(s_dvec + st * kTile + tid, p.dvec + i, ok ? 4 : 0);
     }
   };
-  const int64_t kv_off = (int64_t{start + n0} * p.num_kv_heads + kvh) * D;
-  LoadTile<D>(s_k, p.k + kv_off, kv_stride, len - n0, tid);
-  LoadTile<D>(s_v, p.v + kv_off, kv_stride, len - n0, tid);
+  const int64_t kv_off = int64_t{start + n0} * p.kv_rs + kvh * D;
+  LoadTile<D>(s_k, p.k + kv_off, p.kv_rs, len - n0, tid);
+  LoadTile<D>(s_v, p.v + kv_off, p.kv_rs, len - n0, tid);
   load_step(0, 0);
   cp_async_commit_group();
 
@@ -505,7 +509,7 @@ __global__ void __launch_bounds__(kThreads) AttentionBackwardKernel(Params p) {
 #pragma unroll
         for (int r = 0; r < 2; ++r)
           if (row_ok[r])
-            atomicAdd(reinterpret_cast<float2*>(dq_rows + r * 8 * q_stride + d),
+            atomicAdd(reinterpret_cast<float2*>(dq_rows + r * 8 * (int64_t{p.num_heads} * D) + d),
                       make_float2(acc[nt][2 * r], acc[nt][2 * r + 1]));
       }
     }
@@ -516,21 +520,25 @@ __global__ void __launch_bounds__(kThreads) AttentionBackwardKernel(Params p) {
   StoreAccToTile<D>(s_do, warp * 16, dv, 1.f, 1.f, lane);
   __syncwarp();
   const int valid = len - n0 - warp * 16;
-  const int64_t row_off = (int64_t{start + n0 + warp * 16} * p.num_kv_heads + kvh) * D;
-  StoreRows<D>(p.dk + row_off, kv_stride, s_q, warp * 16, valid, lane);
-  StoreRows<D>(p.dv + row_off, kv_stride, s_do, warp * 16, valid, lane);
+  const int64_t row_off = int64_t{start + n0 + warp * 16} * p.kv_rs + kvh * D;
+  StoreRows<D>(p.dk + row_off, p.kv_rs, s_q, warp * 16, valid, lane);
+  StoreRows<D>(p.dv + row_off, p.kv_rs, s_do, warp * 16, valid, lane);
 }
 
-// dq = bf16(dq_accum * scale), 4 elements per thread.
+// dq = bf16(dq_accum * scale), 4 elements per thread: quad i is column quad
+// i % row_quads of row i / row_quads, whose dq row starts row_stride
+// elements after the previous one (a multiple of 4: 8-byte stores).
 __global__ void AttentionDqConvertKernel(const float* __restrict__ acc, bf16* __restrict__ dq,
-                                         int64_t quads, float scale) {
+                                         int64_t quads, int row_quads, int64_t row_stride,
+                                         float scale) {
   for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < quads;
        i += int64_t{gridDim.x} * blockDim.x) {
     const float4 v = reinterpret_cast<const float4*>(acc)[i];
     uint2 out;
     out.x = PackBf16(v.x * scale, v.y * scale);
     out.y = PackBf16(v.z * scale, v.w * scale);
-    reinterpret_cast<uint2*>(dq)[i] = out;
+    const int64_t row = i / row_quads;
+    *reinterpret_cast<uint2*>(dq + row * row_stride + (i - row * row_quads) * 4) = out;
   }
 }
 
@@ -552,6 +560,15 @@ Status CheckShape(const AttentionShape& s) {
   if (s.num_heads > 65535) return bad("num_heads must be <= 65535");
   if (!(std::isfinite(s.softmax_scale) && s.softmax_scale >= 0.f))
     return bad("softmax_scale must be finite and >= 0 (0: 1/sqrt(head_dim))");
+  auto check_stride = [&](int64_t stride, int heads, const char* which) -> Status {
+    const int64_t packed = int64_t{heads} * s.head_dim;
+    if (stride != 0 && (stride < packed || stride % 8 != 0 || stride > INT_MAX))
+      return bad(std::string(which) + " must be 0 (packed) or a multiple of 8 (16-byte rows) in [" +
+                 std::to_string(packed) + ", INT_MAX], got " + std::to_string(stride));
+    return Status::OK();
+  };
+  GROVE_RETURN_IF_ERROR(check_stride(s.q_row_stride, s.num_heads, "q_row_stride"));
+  GROVE_RETURN_IF_ERROR(check_stride(s.kv_row_stride, s.num_kv_heads, "kv_row_stride"));
   if (s.batch > 0 && s.total_tokens > 0) {
     if (s.max_seqlen <= 0) return bad("max_seqlen must be positive");
     if (s.cu_seqlens == nullptr || !Aligned(s.cu_seqlens, 4)) return bad("cu_seqlens is null");
@@ -568,6 +585,8 @@ Params MakeParams(const AttentionShape& s) {
   p.num_heads = s.num_heads;
   p.num_kv_heads = s.num_kv_heads;
   p.group = s.num_heads / s.num_kv_heads;
+  p.q_rs = int(s.q_row_stride > 0 ? s.q_row_stride : int64_t{s.num_heads} * s.head_dim);
+  p.kv_rs = int(s.kv_row_stride > 0 ? s.kv_row_stride : int64_t{s.num_kv_heads} * s.head_dim);
   p.batch = s.batch;
   p.scale = s.softmax_scale > 0.f ? s.softmax_scale : 1.f / std::sqrt(float(s.head_dim));
   return p;
@@ -683,7 +702,9 @@ Status AttentionBackward(const AttentionShape& shape, const __nv_bfloat16* q,
     default: GROVE_RETURN_IF_ERROR(LaunchBackward<128>(shape, p, stream)); break;
   }
   const int64_t quads = int64_t{shape.total_tokens} * shape.num_heads * shape.head_dim / 4;
-  AttentionDqConvertKernel<<<1024, 256, 0, stream>>>(p.dq_accum, dq, quads, p.scale);
+  AttentionDqConvertKernel<<<1024, 256, 0, stream>>>(p.dq_accum, dq, quads,
+                                                     shape.num_heads * shape.head_dim / 4, p.q_rs,
+                                                     p.scale);
   return LaunchStatus("dq convert launch");
 }
 

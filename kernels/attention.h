@@ -10,9 +10,14 @@
 // keys x 64 queries), mma.sync m16n8k16 through kernels/ptx; the backward
 // recomputes P from lse (no S or P is ever stored in global memory).
 //
-// Layouts (all device pointers, 16-byte aligned, rows packed by token):
+// Layouts (all device pointers, 16-byte aligned, one row per token):
 //   q, out, dout, dq: [total_tokens, num_heads,    head_dim]
 //   k, v, dk, dv:     [total_tokens, num_kv_heads, head_dim]
+// out and dout rows are packed (num_heads * head_dim elements apart); q and
+// dq rows are q_row_stride elements apart, k, v, dk, dv kv_row_stride (0:
+// packed), so q, k, v can be column slices of one fused [tokens, qd + 2 kd]
+// projection output and dq, dk, dv slices of its gradient. Elements of a
+// row past its heads are neither read nor written.
 //   lse:              [num_heads, total_tokens] fp32 (natural log)
 //   cu_seqlens:       [batch + 1] int32 on the device: sequence b is tokens
 //                     cu_seqlens[b] .. cu_seqlens[b+1]-1; cu_seqlens[0] = 0,
@@ -40,6 +45,11 @@ struct AttentionShape {
   int num_kv_heads = 0;  // divides num_heads
   int head_dim = 0;      // 32, 64 or 128
   float softmax_scale = 0.f;  // 0 means 1 / sqrt(head_dim)
+  // Elements between consecutive tokens' rows (see Layouts): 0 or a multiple
+  // of 8 (16-byte rows) at least num_heads * head_dim (q, dq) or
+  // num_kv_heads * head_dim (k, v, dk, dv).
+  int64_t q_row_stride = 0;
+  int64_t kv_row_stride = 0;
 };
 
 // out and lse are overwritten (rows of every sequence; nothing else).

@@ -151,7 +151,7 @@ class PinnedBuf {
 
 // What one layer's forward keeps for the backward.
 struct LayerTape {
-  DevBuf x_mid, h1, q, k, v, o, lse, h2, rstd1, rstd2;
+  DevBuf x_mid, h1, qkv, o, lse, h2, rstd1, rstd2;  // qkv [R, qd + 2 kd] = [q | k | v] per row
   DevBuf fab, fh;                     // dense SwiGLU or the shared experts: [R, 2F] = [a | b], h [R, F] bf16
   DevBuf scores, gates, pos, src;     // router and grouping
   DevBuf eab, eh, ey;                 // grouped expert activations (eab = [a | b] per row)
@@ -217,7 +217,7 @@ struct GpuTransformer::Impl {
   DevBuf params, grads, mirror;
   Tape kept, scratch;
   // Backward workspace.
-  DevBuf dres, dres_b, dmain, dq, dk, dv, dout_b, dwork, attn_ws, norm_ws, dz, dhs, dlogits,
+  DevBuf dres, dres_b, dmain, dqkv, dout_b, dwork, attn_ws, norm_ws, dz, dhs, dlogits,
       dgate, deab, deh, dey, dxe, xe, g, router_logits, logits, index_ws, embed_ws, router_ws, dlogits_f;
   std::vector<float> h_prob_mean;
   std::vector<int32_t> h_bal_count;
@@ -308,18 +308,23 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
                                      std::to_string(t.offset) +
                                      ", not a multiple of 8 (16-byte rows); make experts a multiple of 8");
   // Every SwiGLU's w3 right after its w1 (one [2F, H] matrix for the
-  // forward GEMM, the dX GEMM and the weight gradient), and each expert's
+  // forward GEMM, the dX GEMM and the weight gradient), wk right after wq and
+  // wv after wk (one [qd + 2 kd, H] matrix, likewise), and each expert's
   // three tensors at one stride: ParamLayout's order, relied on here.
+  auto follows = [&](const std::string& first, const std::string& next) -> Status {
+    const TensorInfo* a = m->layout_.Find(first);
+    const TensorInfo* b = m->layout_.Find(next);
+    if ((a == nullptr) != (b == nullptr) || (a && b->offset != a->offset + a->numel))
+      return Status::Internal("GpuTransformer: " + next + " does not follow " + first + " in the parameter layout");
+    return Status::OK();
+  };
   for (int64_t l = 0; l < c.layers; ++l) {
     const std::string p = "layers." + std::to_string(l) + ".";
+    GROVE_RETURN_IF_ERROR(follows(p + "attn.wq", p + "attn.wk"));
+    GROVE_RETURN_IF_ERROR(follows(p + "attn.wk", p + "attn.wv"));
     std::vector<std::string> pairs = {c.is_moe_layer(l) ? "moe.shared." : "mlp."};
     for (int64_t e = 0; c.is_moe_layer(l) && e < c.experts; ++e) pairs.push_back("moe.experts." + std::to_string(e) + ".");
-    for (const std::string& q : pairs) {
-      const TensorInfo* w1 = m->layout_.Find(p + q + "w1");
-      const TensorInfo* w3 = m->layout_.Find(p + q + "w3");
-      if ((w1 == nullptr) != (w3 == nullptr) || (w1 && w3->offset != w1->offset + w1->numel))
-        return Status::Internal("GpuTransformer: " + p + q + "w3 does not follow w1 in the parameter layout");
-    }
+    for (const std::string& q : pairs) GROVE_RETURN_IF_ERROR(follows(p + q + "w1", p + q + "w3"));
   }
   const int count = DeviceCount();
   if (device < 0 || device >= count)
@@ -498,7 +503,7 @@ Status GpuTransformer::ReleaseActivations() {
   // step reads), sized to it at Create.
   im.kept = Tape{};
   im.scratch = Tape{};
-  for (DevBuf* b : {&im.dres, &im.dres_b, &im.dmain, &im.dq, &im.dk, &im.dv, &im.dout_b, &im.dwork,
+  for (DevBuf* b : {&im.dres, &im.dres_b, &im.dmain, &im.dqkv, &im.dout_b, &im.dwork,
                     &im.attn_ws, &im.norm_ws, &im.dz, &im.dhs, &im.dlogits, &im.dgate, &im.deab,
                     &im.deh, &im.dey, &im.dxe, &im.xe, &im.g, &im.router_logits, &im.logits,
                     &im.index_ws, &im.embed_ws, &im.router_ws, &im.dlogits_f})
@@ -543,7 +548,7 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   cudaStream_t st = im.stream;
   cublasHandle_t cb = im.cublas;
   const int64_t M = c.moe_layers(), K = c.top_k, E = c.experts, V = c.vocab_size, H = c.hidden,
-                hd = c.head_dim, qd = c.heads * hd, kd = c.kv_heads * hd;
+                hd = c.head_dim, qd = c.heads * hd, kd = c.kv_heads * hd, qkvd = qd + 2 * kd;
   Tape& tp = keep ? im.kept : im.scratch;
   tp.valid = false;
 
@@ -650,6 +655,7 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   ash.num_heads = int(c.heads);
   ash.num_kv_heads = int(c.kv_heads);
   ash.head_dim = int(hd);
+  ash.q_row_stride = ash.kv_row_stride = qkvd;
 
   GROVE_RETURN_IF_ERROR(
       kernels::EmbeddingForward(tp.tokens.as<int32_t>(), Wb("embed"), resid(0).as<bf16>(), R, int(V), int(H), st));
@@ -659,12 +665,10 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     LayerTape& lt = tp.layers[keep ? l : 0];
     bf16* xin = resid(l).as<bf16>();
     bf16* xout = resid(l + 1).as<bf16>();
-    bf16 *h1, *q, *k, *v, *o, *x_mid, *h2;
+    bf16 *h1, *qkv, *o, *x_mid, *h2;
     float *rstd1, *rstd2, *lse;
     GROVE_RETURN_IF_ERROR(lt.h1.Reserve(R * H, &h1));
-    GROVE_RETURN_IF_ERROR(lt.q.Reserve(R * qd, &q));
-    GROVE_RETURN_IF_ERROR(lt.k.Reserve(R * kd, &k));
-    GROVE_RETURN_IF_ERROR(lt.v.Reserve(R * kd, &v));
+    GROVE_RETURN_IF_ERROR(lt.qkv.Reserve(R * qkvd, &qkv));
     GROVE_RETURN_IF_ERROR(lt.o.Reserve(R * qd, &o));
     GROVE_RETURN_IF_ERROR(lt.x_mid.Reserve(R * H, &x_mid));
     GROVE_RETURN_IF_ERROR(lt.h2.Reserve(R * H, &h2));
@@ -674,14 +678,16 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     // Attention block.
     GROVE_RETURN_IF_ERROR(kernels::RmsNormForward(xin, Pf(name(l, "attn_norm")), h1, rstd1, R, int(H), eps, st));
     im.Lap("rmsnorm fwd");
-    GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, qd, H, h1, H, Wb(name(l, "attn.wq")), H, q, false, qd, 0, "wq"));
-    GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, kd, H, h1, H, Wb(name(l, "attn.wk")), H, k, false, kd, 0, "wk"));
-    GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, kd, H, h1, H, Wb(name(l, "attn.wv")), H, v, false, kd, 0, "wv"));
-    im.Lap("dense GEMM fwd", 2.0 * R * H * (qd + 2 * kd));
-    GROVE_RETURN_IF_ERROR(kernels::RopeForward(q, tp.pos.as<int32_t>(), R, int(c.heads), int(hd), c.rope_base, st));
-    GROVE_RETURN_IF_ERROR(kernels::RopeForward(k, tp.pos.as<int32_t>(), R, int(c.kv_heads), int(hd), c.rope_base, st));
+    // wq, wk, wv are adjacent in the layout (checked at Create): one GEMM
+    // against [Wq; Wk; Wv] gives every row's [q | k | v].
+    GROVE_RETURN_IF_ERROR(
+        Gemm(cb, false, true, R, qkvd, H, h1, H, Wb(name(l, "attn.wq")), H, qkv, false, qkvd, 0, "wq|wk|wv"));
+    im.Lap("dense GEMM fwd", 2.0 * R * H * qkvd);
+    // q's and k's heads are adjacent in a row: one rotation over both.
+    GROVE_RETURN_IF_ERROR(kernels::RopeForward(qkv, tp.pos.as<int32_t>(), R, int(c.heads + c.kv_heads), int(hd),
+                                               c.rope_base, st, qkvd));
     im.Lap("rope");
-    GROVE_RETURN_IF_ERROR(kernels::AttentionForward(ash, q, k, v, o, lse, st));
+    GROVE_RETURN_IF_ERROR(kernels::AttentionForward(ash, qkv, qkv + qd, qkv + qd + kd, o, lse, st));
     im.Lap("attention fwd", attn_fwd_flops);
     GPU_OK(cudaMemcpyAsync(x_mid, xin, size_t(R) * H * sizeof(bf16), cudaMemcpyDeviceToDevice, st));
     im.Lap("residual copies");
@@ -899,7 +905,7 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
   cudaStream_t st = im.stream;
   cublasHandle_t cb = im.cublas;
   const int64_t K = c.top_k, E = c.experts, V = c.vocab_size, H = c.hidden,
-                hd = c.head_dim, qd = c.heads * hd, kd = c.kv_heads * hd;
+                hd = c.head_dim, qd = c.heads * hd, kd = c.kv_heads * hd, qkvd = qd + 2 * kd;
   const int R = tp.rows, S = tp.scored, B = tp.seqs;
   const float* P = im.params.as<float>();
   const bf16* W = im.mirror.as<bf16>();
@@ -911,13 +917,11 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
 
   int64_t widest = std::max({qd, c.dense_hidden, c.shared_experts * c.expert_hidden, H});
   float *dres, *dmain, *dhs, *dgate;
-  bf16 *dres_b, *dq, *dk, *dv, *dout_b, *dwork, *dz, *dlogits;
+  bf16 *dres_b, *dqkv, *dout_b, *dwork, *dz, *dlogits;
   GROVE_RETURN_IF_ERROR(im.dres.Reserve(R * H, &dres));
   GROVE_RETURN_IF_ERROR(im.dres_b.Reserve(R * H, &dres_b));
   GROVE_RETURN_IF_ERROR(im.dmain.Reserve(R * H, &dmain));
-  GROVE_RETURN_IF_ERROR(im.dq.Reserve(R * qd, &dq));
-  GROVE_RETURN_IF_ERROR(im.dk.Reserve(R * kd, &dk));
-  GROVE_RETURN_IF_ERROR(im.dv.Reserve(R * kd, &dv));
+  GROVE_RETURN_IF_ERROR(im.dqkv.Reserve(R * qkvd, &dqkv));  // [dq | dk | dv] rows, as the forward's qkv
   GROVE_RETURN_IF_ERROR(im.dout_b.Reserve(R * widest, &dout_b));
   GROVE_RETURN_IF_ERROR(im.dwork.Reserve(2 * R * widest, &dwork));
   GROVE_RETURN_IF_ERROR(im.dhs.Reserve(S * H, &dhs));
@@ -934,6 +938,7 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
   ash.num_heads = int(c.heads);
   ash.num_kv_heads = int(c.kv_heads);
   ash.head_dim = int(hd);
+  ash.q_row_stride = ash.kv_row_stride = qkvd;
   GROVE_RETURN_IF_ERROR(im.attn_ws.Reserve(kernels::AttentionBackwardWorkspaceBytes(ash)));
   const double attn_bwd_flops = 5.0 * tp.len_sq * double(hd) * double(c.heads);  // FLOPs as in Score
 
@@ -1180,29 +1185,29 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
 
     // Attention block: d(output) = dres again (the residual passes through),
     // dres_b its bf16 from the FFN norm's backward just above.
-    const bf16 *q = lt.q.as<bf16>(), *k = lt.k.as<bf16>(), *v = lt.v.as<bf16>(), *o = lt.o.as<bf16>(),
-               *h1 = lt.h1.as<bf16>();
+    const bf16 *qkv = lt.qkv.as<bf16>(), *o = lt.o.as<bf16>(), *h1 = lt.h1.as<bf16>();
     GROVE_RETURN_IF_ERROR(
         Gemm(cb, false, false, R, qd, H, dres_b, H, Wb(name(l, "attn.wo")), qd, dout_b, false, qd, 0, "wo dx"));
     im.Lap("dense GEMM dX", 2.0 * R * qd * H);
     GROVE_RETURN_IF_ERROR(
         Gemm(cb, true, false, H, qd, R, dres_b, H, o, qd, Gf(name(l, "attn.wo")), true, qd, bw, "wo dW"));
     im.Lap("dense GEMM dW", 2.0 * R * qd * H);
-    GROVE_RETURN_IF_ERROR(kernels::AttentionBackward(ash, q, k, v, o, dout_b, lt.lse.as<float>(), dq, dk, dv,
+    GROVE_RETURN_IF_ERROR(kernels::AttentionBackward(ash, qkv, qkv + qd, qkv + qd + kd, o, dout_b,
+                                                     lt.lse.as<float>(), dqkv, dqkv + qd, dqkv + qd + kd,
                                                      im.attn_ws.as<void>(), st));
     im.Lap("attention bwd", attn_bwd_flops);
-    GROVE_RETURN_IF_ERROR(kernels::RopeBackward(dq, tp.pos.as<int32_t>(), R, int(c.heads), int(hd), c.rope_base, st));
-    GROVE_RETURN_IF_ERROR(
-        kernels::RopeBackward(dk, tp.pos.as<int32_t>(), R, int(c.kv_heads), int(hd), c.rope_base, st));
+    GROVE_RETURN_IF_ERROR(kernels::RopeBackward(dqkv, tp.pos.as<int32_t>(), R, int(c.heads + c.kv_heads), int(hd),
+                                                c.rope_base, st, qkvd));
     im.Lap("rope");
-    GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, R, H, qd, dq, qd, Wb(name(l, "attn.wq")), H, dmain, true, H, 0, "wq dx"));
-    GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, R, H, kd, dk, kd, Wb(name(l, "attn.wk")), H, dmain, true, H, 1, "wk dx"));
-    GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, R, H, kd, dv, kd, Wb(name(l, "attn.wv")), H, dmain, true, H, 1, "wv dx"));
-    im.Lap("dense GEMM dX", 2.0 * R * H * (qd + 2 * kd));
-    GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, qd, H, R, dq, qd, h1, H, Gf(name(l, "attn.wq")), true, H, bw, "wq dW"));
-    GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, kd, H, R, dk, kd, h1, H, Gf(name(l, "attn.wk")), true, H, bw, "wk dW"));
-    GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, kd, H, R, dv, kd, h1, H, Gf(name(l, "attn.wv")), true, H, bw, "wv dW"));
-    im.Lap("dense GEMM dW", 2.0 * R * H * (qd + 2 * kd));
+    // Through [Wq; Wk; Wv] at once (k = qd + 2 kd; the first write into
+    // dmain after the norm backward read it), and the three weights'
+    // gradients as one [qd + 2 kd, H] block.
+    GROVE_RETURN_IF_ERROR(
+        Gemm(cb, false, false, R, H, qkvd, dqkv, qkvd, Wb(name(l, "attn.wq")), H, dmain, true, H, 0, "wq|wk|wv dx"));
+    im.Lap("dense GEMM dX", 2.0 * R * H * qkvd);
+    GROVE_RETURN_IF_ERROR(
+        Gemm(cb, true, false, qkvd, H, R, dqkv, qkvd, h1, H, Gf(name(l, "attn.wq")), true, H, bw, "wq|wk|wv dW"));
+    im.Lap("dense GEMM dW", 2.0 * R * H * qkvd);
     GROVE_RETURN_IF_ERROR(
         norm_backward(dmain, tp.resid[l].as<bf16>(), name(l, "attn_norm"), lt.rstd1.as<float>(), true));
   }

@@ -14,6 +14,12 @@
 // thousands of rows), dQ/dK/dV to 2e-2 norm-wise (dS = P (dP - rowsum)
 // loses digits to cancellation where dP ~ rowsum, hence the wider bound),
 // and the fp32 log-sum-exp to 1e-4 absolute (a relative 1e-6 of scores ~10).
+//
+// Every case also runs with q, k, v (and dq, dk, dv) in strided rows: the
+// arithmetic is the same, so O, lse, dK and dV must equal the packed run's
+// bit for bit; dQ's fp32 atomics add in a run-dependent order, so dQ is held
+// to the reference as above. Columns outside the tensors hold NaN and must
+// be neither read (a NaN would reach the outputs) nor written.
 #include "kernels/attention.h"
 
 #include <gtest/gtest.h>
@@ -21,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -118,6 +125,124 @@ std::vector<double> ToDouble(const std::vector<__nv_bfloat16>& x) {
   return out;
 }
 
+// Elements whose bits differ (sizes must match).
+template <typename T>
+size_t BitDiffs(const std::vector<T>& a, const std::vector<T>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  size_t n = 0;
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) n += std::memcmp(&a[i], &b[i], sizeof(T)) != 0;
+  return n;
+}
+
+// A bf16 NaN, all bits set: what cudaMemset(0xFF) writes.
+__nv_bfloat16 NanBf16() {
+  __nv_bfloat16_raw raw;
+  raw.x = 0xFFFF;
+  return raw;
+}
+
+// Where q, k, v lie (elements, in one buffer of `total`), and dq, dk, dv in a
+// second buffer placed alike. fused: [q | k | v | pad] in each row, one
+// stride for all, as GpuTransformer's projection output. Otherwise q in rows
+// [q | pad] and, after all of them, k and v in rows [k | v | pad] of another
+// stride (different from q's even when q and [k | v] are as wide).
+struct Placement {
+  size_t q = 0, k = 0, v = 0, total = 0;
+  int64_t q_rs = 0, kv_rs = 0;
+};
+
+Placement Place(bool fused, int T, int64_t qw, int64_t kw) {
+  constexpr int64_t kPad = 8;  // keeps rows 16-byte aligned
+  Placement p;
+  if (fused) {
+    p.q_rs = p.kv_rs = qw + 2 * kw + kPad;
+    p.k = size_t(qw);
+    p.v = size_t(qw + kw);
+    p.total = size_t(T) * p.q_rs;
+  } else {
+    p.q_rs = qw + kPad;
+    p.kv_rs = 2 * kw + 2 * kPad;
+    p.k = size_t(T) * p.q_rs;
+    p.v = p.k + size_t(kw);
+    p.total = p.k + size_t(T) * p.kv_rs;
+  }
+  return p;
+}
+
+// Copies packed [T, width] rows to (to_strided) or from strided rows at
+// buf + at (stride elements apart); copying out replaces the source with NaN
+// bits, so that what is left of buf afterwards is what no tensor covers.
+void Move(std::vector<__nv_bfloat16>& packed, std::vector<__nv_bfloat16>& buf, size_t at, int64_t stride,
+          int64_t width, int T, bool to_strided) {
+  packed.resize(size_t(T) * width);
+  for (int t = 0; t < T; ++t)
+    for (int64_t c = 0; c < width; ++c) {
+      __nv_bfloat16& strided = buf[at + size_t(t) * stride + c];
+      __nv_bfloat16& dense = packed[size_t(t) * width + c];
+      if (to_strided) {
+        strided = dense;
+      } else {
+        dense = strided;
+        strided = NanBf16();
+      }
+    }
+}
+
+// The packed run's results CheckStrided compares against.
+struct PackedRun {
+  std::vector<__nv_bfloat16> q, k, v, dout, o, dk, dv;
+  std::vector<float> lse;
+};
+
+void CheckStrided(const Case& c, AttentionShape shape, bool fused, const PackedRun& packed,
+                  const Reference& ref) {
+  SCOPED_TRACE(fused ? "fused [q | k | v] rows" : "q rows and [k | v] rows of different strides");
+  const int T = shape.total_tokens;
+  const int64_t qw = int64_t(c.heads) * c.head_dim, kw = int64_t(c.kv_heads) * c.head_dim;
+  const Placement at = Place(fused, T, qw, kw);
+  const __nv_bfloat16 nan = NanBf16();
+  std::vector<__nv_bfloat16> in(at.total, nan);
+  std::vector<__nv_bfloat16> q = packed.q, k = packed.k, v = packed.v;
+  Move(q, in, at.q, at.q_rs, qw, T, true);
+  Move(k, in, at.k, at.kv_rs, kw, T, true);
+  Move(v, in, at.v, at.kv_rs, kw, T, true);
+  DeviceBuffer<__nv_bfloat16> d_in(in.size()), d_grad(in.size()), d_do(packed.dout.size()),
+      d_o(packed.o.size());
+  DeviceBuffer<float> d_lse(packed.lse.size());
+  DeviceBuffer<char> ws(AttentionBackwardWorkspaceBytes(shape));  // strides do not change it
+  GROVE_CUDA_OK(d_in.Upload(in));
+  GROVE_CUDA_OK(d_do.Upload(packed.dout));
+  GROVE_CUDA_OK(cudaMemset(d_grad.get(), 0xFF, d_grad.count() * 2));
+  GROVE_CUDA_OK(cudaMemset(d_o.get(), 0xFF, d_o.count() * 2));
+  GROVE_CUDA_OK(cudaMemset(d_lse.get(), 0xFF, d_lse.count() * 4));
+  GROVE_CUDA_OK(cudaMemset(ws.get(), 0xFF, ws.count()));
+  shape.q_row_stride = at.q_rs;
+  shape.kv_row_stride = at.kv_rs;
+  const __nv_bfloat16* base = d_in.get();
+  __nv_bfloat16* grad = d_grad.get();
+  Status st = AttentionForward(shape, base + at.q, base + at.k, base + at.v, d_o.get(), d_lse.get(), nullptr);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  st = AttentionBackward(shape, base + at.q, base + at.k, base + at.v, d_o.get(), d_do.get(), d_lse.get(),
+                         grad + at.q, grad + at.k, grad + at.v, ws.get(), nullptr);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  GROVE_CUDA_OK(cudaDeviceSynchronize());
+  std::vector<__nv_bfloat16> o, grads, dq, dk, dv;
+  std::vector<float> lse;
+  GROVE_CUDA_OK(d_o.Download(&o));
+  GROVE_CUDA_OK(d_lse.Download(&lse));
+  GROVE_CUDA_OK(d_grad.Download(&grads));
+  Move(dq, grads, at.q, at.q_rs, qw, T, false);
+  Move(dk, grads, at.k, at.kv_rs, kw, T, false);
+  Move(dv, grads, at.v, at.kv_rs, kw, T, false);
+  EXPECT_EQ(BitDiffs(o, packed.o), 0u);
+  EXPECT_EQ(BitDiffs(lse, packed.lse), 0u);
+  EXPECT_EQ(BitDiffs(dk, packed.dk), 0u);
+  EXPECT_EQ(BitDiffs(dv, packed.dv), 0u);
+  EXPECT_LE(testing::RelativeError(ToDouble(dq), ref.dq), c.dqk_tolerance);
+  EXPECT_EQ(BitDiffs(grads, std::vector<__nv_bfloat16>(grads.size(), nan)), 0u)
+      << "elements outside dq, dk, dv written";
+}
+
 void CheckAttention(const Case& c) {
   const uint64_t seed = testing::FreshSeed();
   SCOPED_TRACE("seed " + std::to_string(seed) + " " + Describe(c));
@@ -201,6 +326,9 @@ void CheckAttention(const Case& c) {
   EXPECT_LE(err_dq, c.dqk_tolerance);
   EXPECT_LE(err_dk, c.dqk_tolerance);
   EXPECT_LE(err_dv, 2e-2);
+
+  const PackedRun packed{q_bf, k_bf, v_bf, do_bf, o_bf, dk_bf, dv_bf, lse};
+  for (bool fused : {true, false}) CheckStrided(c, shape, fused, packed, ref);
 }
 
 TEST(AttentionTest, RaggedBatchHeadDim128) {
@@ -292,8 +420,34 @@ TEST(AttentionTest, RejectsBadShapes) {
   EXPECT_EQ(AttentionBackward(s, buf, buf, buf, buf, buf, lse, buf, buf, buf, nullptr, nullptr)
                 .code(),
             StatusCode::kInvalidArgument);
-  s.batch = 0;  // nothing to do
+  // Row strides: below the heads' width, not a multiple of 8, or negative
+  // (q: 8 heads x 64 = 512 elements, k and v: 2 x 64 = 128).
+  for (int64_t bad_q : {int64_t{504}, int64_t{516}, int64_t{-8}}) {
+    s.q_row_stride = bad_q;
+    EXPECT_EQ(AttentionForward(s, buf, buf, buf, buf, lse, nullptr).code(), StatusCode::kInvalidArgument)
+        << bad_q;
+    EXPECT_EQ(AttentionBackward(s, buf, buf, buf, buf, buf, lse, buf, buf, buf, buf, nullptr).code(),
+              StatusCode::kInvalidArgument)
+        << bad_q;
+  }
+  s.q_row_stride = 0;
+  for (int64_t bad_kv : {int64_t{120}, int64_t{132}, int64_t{-128}}) {
+    s.kv_row_stride = bad_kv;
+    EXPECT_EQ(AttentionForward(s, buf, buf, buf, buf, lse, nullptr).code(), StatusCode::kInvalidArgument)
+        << bad_kv;
+    EXPECT_EQ(AttentionBackward(s, buf, buf, buf, buf, buf, lse, buf, buf, buf, buf, nullptr).code(),
+              StatusCode::kInvalidArgument)
+        << bad_kv;
+  }
+  s.kv_row_stride = 0;
+  s.batch = 0;  // nothing to do, after the shape checks: valid strides pass them
   EXPECT_TRUE(AttentionForward(s, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr).ok());
+  s.q_row_stride = 512 + 2 * 128;
+  s.kv_row_stride = 512 + 2 * 128;
+  EXPECT_TRUE(AttentionForward(s, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr).ok());
+  s.kv_row_stride = 8;
+  EXPECT_EQ(AttentionForward(s, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr).code(),
+            StatusCode::kInvalidArgument);
 }
 
 }  // namespace

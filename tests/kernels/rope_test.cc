@@ -75,6 +75,10 @@ TEST(RopeTest, GpuReferenceShapes) {
   CheckRope(4100, 8, 128, 0, 4096, false);  // q
   CheckRope(4100, 2, 128, 0, 4096, false);  // k
   CheckRope(4100, 8, 128, 0, 4096, true);
+  // GpuTransformer's call: q's 8 and k's 2 heads at once in fused [q | k | v]
+  // rows (v, past the rotated heads, must stay as it was).
+  CheckRope(4100, 8 + 2, 128, (8 + 2 * 2) * 128, 4096, false);
+  CheckRope(4100, 8 + 2, 128, (8 + 2 * 2) * 128, 4096, true);
 }
 
 TEST(RopeTest, StridedAndScalarPaths) {
