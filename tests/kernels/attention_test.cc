@@ -422,22 +422,21 @@ TEST(AttentionTest, RejectsBadShapes) {
             StatusCode::kInvalidArgument);
   // Row strides: below the heads' width, not a multiple of 8, or negative
   // (q: 8 heads x 64 = 512 elements, k and v: 2 x 64 = 128).
-  for (int64_t bad_q : {int64_t{504}, int64_t{516}, int64_t{-8}}) {
-    s.q_row_stride = bad_q;
+  auto expect_refused = [&](const char* which, int64_t stride) {
     EXPECT_EQ(AttentionForward(s, buf, buf, buf, buf, lse, nullptr).code(), StatusCode::kInvalidArgument)
-        << bad_q;
+        << which << " " << stride;
     EXPECT_EQ(AttentionBackward(s, buf, buf, buf, buf, buf, lse, buf, buf, buf, buf, nullptr).code(),
               StatusCode::kInvalidArgument)
-        << bad_q;
+        << which << " " << stride;
+  };
+  for (int64_t bad_q : {int64_t{504}, int64_t{516}, int64_t{-8}}) {
+    s.q_row_stride = bad_q;
+    expect_refused("q", bad_q);
   }
   s.q_row_stride = 0;
   for (int64_t bad_kv : {int64_t{120}, int64_t{132}, int64_t{-128}}) {
     s.kv_row_stride = bad_kv;
-    EXPECT_EQ(AttentionForward(s, buf, buf, buf, buf, lse, nullptr).code(), StatusCode::kInvalidArgument)
-        << bad_kv;
-    EXPECT_EQ(AttentionBackward(s, buf, buf, buf, buf, buf, lse, buf, buf, buf, buf, nullptr).code(),
-              StatusCode::kInvalidArgument)
-        << bad_kv;
+    expect_refused("kv", bad_kv);
   }
   s.kv_row_stride = 0;
   s.batch = 0;  // nothing to do, after the shape checks: valid strides pass them
