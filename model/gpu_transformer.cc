@@ -246,6 +246,10 @@ struct GpuTransformer::Impl {
   // overrides, for comparisons.
   bool grouped_dw = false;
   kernels::WeightGradImpl dw_impl = kernels::WeightGradImpl::kAuto;
+  // The forward's grouped expert GEMMs (K-major, weights in the mirror):
+  // kAuto unless GROVE_GROUPED_GEMM names an implementation
+  // (GroupedGemmImplName), for comparing them inside the whole step.
+  kernels::GroupedGemmImpl fwd_gemm_impl = kernels::GroupedGemmImpl::kAuto;
   // ZeroGrad zeroes at once only the gradients no backward writes
   // (`zeroed_now`, [offset, count) runs: the router biases'); every other
   // tensor's gradient the next Backward writes instead of adding to (beta =
@@ -358,6 +362,23 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
       }
     }
     if (!known) return Status::InvalidArgument("GROVE_EXPERT_DW must be one of " + names + ", got '" + v + "'");
+  }
+  if (const char* env = std::getenv("GROVE_GROUPED_GEMM")) {
+    using kernels::GroupedGemmImpl;
+    const std::string v = env;
+    std::string names;
+    bool known = false;
+    for (GroupedGemmImpl impl :
+         {GroupedGemmImpl::kAuto, GroupedGemmImpl::kWgmmaBn128, GroupedGemmImpl::kWgmmaBn256,
+          GroupedGemmImpl::kWgmmaBn256Bk32, GroupedGemmImpl::kWgmmaPingpong, GroupedGemmImpl::kWgmmaCluster,
+          GroupedGemmImpl::kWgmmaStaged, GroupedGemmImpl::kMmaSync, GroupedGemmImpl::kWmma}) {
+      names += std::string(names.empty() ? "" : ", ") + kernels::GroupedGemmImplName(impl);
+      if (v == kernels::GroupedGemmImplName(impl)) {
+        known = true;
+        im.fwd_gemm_impl = impl;
+      }
+    }
+    if (!known) return Status::InvalidArgument("GROVE_GROUPED_GEMM must be one of " + names + ", got '" + v + "'");
   }
   if (trainable && c.experts > 0) {
     // GROVE_EXPERT_DW_STREAMS=N > 0 runs the experts' dW GEMMs on N side
@@ -769,13 +790,13 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     // grouped GEMM writes [a | b] per row.
     ga.a = xe; ga.w = Wb(e0 + "w1"); ga.c = eab; ga.n = int(2 * F); ga.k = int(H);
     ga.w_expert_rows = int(expert_stride / H);
-    GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
+    GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, im.fwd_gemm_impl, st));
     im.Lap("grouped GEMM fwd", 4.0 * Pn * F * H);
     GROVE_RETURN_IF_ERROR(kernels::SwiGluForwardPacked(eab, eh, Pn, int(F), st));
     im.Lap("swiglu fwd");
     ga.a = eh; ga.w = Wb(e0 + "w2"); ga.c = ey; ga.n = int(H); ga.k = int(F);
     ga.w_expert_rows = int(expert_stride / F);
-    GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
+    GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, im.fwd_gemm_impl, st));
     im.Lap("grouped GEMM fwd", 2.0 * Pn * F * H);
     GROVE_RETURN_IF_ERROR(kernels::MoeCombine(ey, gates, pos_g, xout, /*accumulate=*/true, R, int(K), int(H), st));
     if (c.balance_alpha > 0)

@@ -868,6 +868,46 @@ void DxBench(std::mt19937_64& rng, int reps) {
         }
       }
     }
+    // The forward's two expert GEMMs as the model runs them: K-major, the
+    // weights read in place in the layout (w1|w3 [2F, H] 3F rows apart, w2
+    // [H, F] 3H rows apart), per implementation against kAuto's result.
+    struct Forward {
+      const char* name;
+      int n, k;
+      size_t layout_offset;
+    };
+    for (Forward fw : {Forward{"eab = xe [W1; W3]^T", 2 * F, H, 0}, Forward{"ey = eh W2^T", H, F, size_t(2) * F * H}}) {
+      char shape[128];
+      std::snprintf(shape, sizeof shape, "%s fwd %s [%d,%d]x[%d,%d]", skewed ? "skew" : "even", fw.name, rows,
+                    fw.k, fw.k, fw.n);
+      const double flops = 2.0 * rows * double(fw.n) * fw.k;
+      for (GroupedGemmImpl impl : {GroupedGemmImpl::kAuto, GroupedGemmImpl::kWgmmaPingpong,
+                                   GroupedGemmImpl::kWgmmaBn256, GroupedGemmImpl::kWgmmaStaged}) {
+        GroupedGemmArgs args;
+        args.a = a;
+        args.c = impl == GroupedGemmImpl::kAuto ? c_ref : c;
+        args.expert_offsets = d_off;
+        args.total_rows = rows;
+        args.num_experts = E;
+        args.n = fw.n;
+        args.k = fw.k;
+        args.out_type = GemmOutType::kBF16;
+        args.w = d_layout + fw.layout_offset;
+        args.w_expert_rows = int(stride / fw.k);
+        const std::string method = std::string("K-major in place ") + GroupedGemmImplName(impl);
+        grove::Status st = GroupedGemm(args, impl, nullptr);
+        if (!st.ok()) {
+          std::printf("%-48s %-34s %s\n", shape, method.c_str(), st.ToString().c_str());
+          continue;
+        }
+        const double ms = MedianMs([&] { (void)GroupedGemm(args, impl, nullptr); }, reps);
+        const double diff = impl == GroupedGemmImpl::kAuto
+                                ? 0.0
+                                : MaxRelDiff(c, c_ref, size_t(rows) * fw.n, GemmOutType::kBF16);
+        std::printf("%-48s %-34s %9.4f %8.1f %9.2e\n", shape, method.c_str(), ms, flops / ms / 1e9, diff);
+        std::fflush(stdout);
+      }
+    }
     cudaFree(d_off);
   }
   cudaFree(a);
