@@ -104,11 +104,17 @@ Status GroupedGemm(const GroupedGemmArgs& given, GroupedGemmImpl impl, cudaStrea
     // the 128 x 256 tile with the staged epilogue (fp32: plain 128 x 256).
     // MN-major weights: the staged kernel at every k (kernel_bench --dx:
     // at the backward's dX shapes, k = 1024, 599 and 677 TFLOP/s where
-    // ping-pong reads MN-major W tiles at 549 and 555). All of these read
-    // either weight layout.
-    impl = !hopper                 ? GroupedGemmImpl::kMmaSync
-           : mn || args.k < 1024 ? GroupedGemmImpl::kWgmmaStaged
-                                   : GroupedGemmImpl::kWgmmaPingpong;
+    // ping-pong reads MN-major W tiles at 549 and 555). And at n >= 1024
+    // with bf16 out (the model's forward of w1|w3 stacked: 196608 rows, n =
+    // k = 1024, weights in place) staged again: 700 / 688 TFLOP/s (even /
+    // skewed routing) against ping-pong's 614 / 611, gpu-ref step 187 vs
+    // 188-191 ms (H100, kernel_bench --dx, GROVE_GROUPED_GEMM). All of these
+    // read either weight layout.
+    const bool pingpong =
+        !mn && args.k >= 1024 && (args.n < 1024 || args.out_type == GemmOutType::kF32);
+    impl = !hopper     ? GroupedGemmImpl::kMmaSync
+           : pingpong ? GroupedGemmImpl::kWgmmaPingpong
+                      : GroupedGemmImpl::kWgmmaStaged;
   }
   switch (impl) {
     case GroupedGemmImpl::kWgmmaBn128:

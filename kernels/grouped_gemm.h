@@ -31,7 +31,8 @@ enum class GemmWeightLayout { kKMajor, kMnMajor };
 inline constexpr int kGroupedGemmMaxExperts = 1024;
 
 // Which implementation runs. kAuto: on sm_90 (H100/H200) kWgmmaPingpong
-// when k >= 1024 and the weights are kKMajor, kWgmmaStaged otherwise
+// when k >= 1024, the weights are kKMajor and n < 1024 (or the output
+// fp32), kWgmmaStaged otherwise
 // (measured, docs/kernels.md; kernel_bench --dx); kMmaSync elsewhere.
 // kMnMajor weights: kWgmmaBn128, kWgmmaBn256, kWgmmaPingpong, kWgmmaStaged
 // and kMmaSync (so every kAuto pick) read them; kWgmmaBn256Bk32,
