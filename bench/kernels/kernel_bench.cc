@@ -823,6 +823,30 @@ void DxBench(std::mt19937_64& rng, int reps) {
     int32_t* d_off;
     GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_off, offsets.size() * 4));
     GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_off, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
+    // One implementation on one shape: run once (into c_ref when it is the
+    // reference), time, and print; `compare`: the max relative difference
+    // of its output against c_ref's.
+    auto time_one = [&](const char* shape, const std::string& method, GroupedGemmArgs args, GroupedGemmImpl impl,
+                        bool is_ref, bool compare) {
+      args.a = a;
+      args.c = is_ref ? c_ref : c;
+      args.expert_offsets = d_off;
+      args.total_rows = rows;
+      args.num_experts = E;
+      args.out_type = GemmOutType::kBF16;
+      const grove::Status st = GroupedGemm(args, impl, nullptr);
+      if (!st.ok()) {
+        std::printf("%-48s %-34s %s\n", shape, method.c_str(), st.ToString().c_str());
+        return;
+      }
+      const double ms = MedianMs([&] { (void)GroupedGemm(args, impl, nullptr); }, reps);
+      const double diff = compare ? MaxRelDiff(c, c_ref, size_t(rows) * args.n, GemmOutType::kBF16) : 0.0;
+      std::printf("%-48s %-34s %9.4f %8.1f %9.2e\n", shape, method.c_str(), ms,
+                  2.0 * rows * double(args.n) * args.k / ms / 1e9, diff);
+      std::fflush(stdout);
+    };
+    const GroupedGemmImpl kImpls[] = {GroupedGemmImpl::kAuto, GroupedGemmImpl::kWgmmaPingpong,
+                                      GroupedGemmImpl::kWgmmaBn256, GroupedGemmImpl::kWgmmaStaged};
     struct Shape {
       const char* name;
       int n, k;
@@ -834,37 +858,18 @@ void DxBench(std::mt19937_64& rng, int reps) {
       char shape[128];
       std::snprintf(shape, sizeof shape, "%s %s [%d,%d]x[%d,%d]", skewed ? "skew" : "even",
                     sh.name, rows, sh.k, sh.k, sh.n);
-      const double flops = 2.0 * rows * double(sh.n) * sh.k;
       for (GemmWeightLayout layout_kind : {GemmWeightLayout::kKMajor, GemmWeightLayout::kMnMajor}) {
         const bool mn = layout_kind == GemmWeightLayout::kMnMajor;
-        for (GroupedGemmImpl impl : {GroupedGemmImpl::kAuto, GroupedGemmImpl::kWgmmaPingpong,
-                                     GroupedGemmImpl::kWgmmaBn256, GroupedGemmImpl::kWgmmaStaged}) {
+        for (GroupedGemmImpl impl : kImpls) {
           GroupedGemmArgs args;
-          args.a = a;
-          args.c = impl == GroupedGemmImpl::kAuto && !mn ? c_ref : c;
-          args.expert_offsets = d_off;
-          args.total_rows = rows;
-          args.num_experts = E;
           args.n = sh.n;
           args.k = sh.k;
-          args.out_type = GemmOutType::kBF16;
           args.w_layout = layout_kind;
           args.w = mn ? d_layout + sh.layout_offset : sh.packed;
           args.w_expert_rows = mn ? int(stride / sh.n) : 0;
-          grove::Status st = GroupedGemm(args, impl, nullptr);
-          const std::string method = std::string(mn ? "MN-major in place " : "K-major packed ") +
-                                     GroupedGemmImplName(impl);
-          if (!st.ok()) {
-            std::printf("%-48s %-34s %s\n", shape, method.c_str(), st.ToString().c_str());
-            continue;
-          }
-          const double ms = MedianMs([&] { (void)GroupedGemm(args, impl, nullptr); }, reps);
-          const double diff = mn && impl == GroupedGemmImpl::kAuto
-                                  ? MaxRelDiff(c, c_ref, size_t(rows) * sh.n, GemmOutType::kBF16)
-                                  : 0.0;
-          std::printf("%-48s %-34s %9.4f %8.1f %9.2e\n", shape, method.c_str(), ms,
-                      flops / ms / 1e9, diff);
-          std::fflush(stdout);
+          const bool auto_impl = impl == GroupedGemmImpl::kAuto;
+          time_one(shape, std::string(mn ? "MN-major in place " : "K-major packed ") + GroupedGemmImplName(impl),
+                   args, impl, auto_impl && !mn, auto_impl && mn);
         }
       }
     }
@@ -880,32 +885,15 @@ void DxBench(std::mt19937_64& rng, int reps) {
       char shape[128];
       std::snprintf(shape, sizeof shape, "%s fwd %s [%d,%d]x[%d,%d]", skewed ? "skew" : "even", fw.name, rows,
                     fw.k, fw.k, fw.n);
-      const double flops = 2.0 * rows * double(fw.n) * fw.k;
-      for (GroupedGemmImpl impl : {GroupedGemmImpl::kAuto, GroupedGemmImpl::kWgmmaPingpong,
-                                   GroupedGemmImpl::kWgmmaBn256, GroupedGemmImpl::kWgmmaStaged}) {
+      for (GroupedGemmImpl impl : kImpls) {
         GroupedGemmArgs args;
-        args.a = a;
-        args.c = impl == GroupedGemmImpl::kAuto ? c_ref : c;
-        args.expert_offsets = d_off;
-        args.total_rows = rows;
-        args.num_experts = E;
         args.n = fw.n;
         args.k = fw.k;
-        args.out_type = GemmOutType::kBF16;
         args.w = d_layout + fw.layout_offset;
         args.w_expert_rows = int(stride / fw.k);
-        const std::string method = std::string("K-major in place ") + GroupedGemmImplName(impl);
-        grove::Status st = GroupedGemm(args, impl, nullptr);
-        if (!st.ok()) {
-          std::printf("%-48s %-34s %s\n", shape, method.c_str(), st.ToString().c_str());
-          continue;
-        }
-        const double ms = MedianMs([&] { (void)GroupedGemm(args, impl, nullptr); }, reps);
-        const double diff = impl == GroupedGemmImpl::kAuto
-                                ? 0.0
-                                : MaxRelDiff(c, c_ref, size_t(rows) * fw.n, GemmOutType::kBF16);
-        std::printf("%-48s %-34s %9.4f %8.1f %9.2e\n", shape, method.c_str(), ms, flops / ms / 1e9, diff);
-        std::fflush(stdout);
+        const bool auto_impl = impl == GroupedGemmImpl::kAuto;
+        time_one(shape, std::string("K-major in place ") + GroupedGemmImplName(impl), args, impl, auto_impl,
+                 !auto_impl);
       }
     }
     cudaFree(d_off);
