@@ -120,8 +120,7 @@ Result<UpdateReport> GpuGrpoStep::Update(double lr, double max_grad_norm, Phase 
     GROVE_RETURN_IF_ERROR(kernels::AdamWStep(params + r.offset, grads + r.offset, m_ + r.offset, v_ + r.offset,
                                              mirror + r.offset, r.count, hyper, stream));
   }
-  prof.Lap("optimizer: AdamW");
-  GROVE_RETURN_IF_ERROR(p.RefreshComputeCopies(/*mirror_from_master=*/false));
+  prof.Lap("optimizer: AdamW");  // which wrote the bf16 mirror too: nothing to refresh
   GROVE_RETURN_IF_ERROR(p.Synchronize());
   return report;
 }

@@ -8,6 +8,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <initializer_list>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -105,18 +107,33 @@ class DevBuf {
 
 // Whether Backward writes every element of this tensor's gradient in each
 // call (so that after ZeroGrad it can overwrite instead of accumulate): every
-// tensor but the router's selection bias, which gets no gradient. A tensor
-// added to ParamLayout is zeroed by ZeroGrad until Backward learns to write it.
+// tensor but the router's selection bias, which gets no gradient, and the
+// embedding, whose gradient is a scatter-add (ZeroGrad zeroes both: 134 MB
+// for gpu-ref's embedding). A tensor added to ParamLayout is zeroed by
+// ZeroGrad until Backward learns to write it.
 bool BackwardWritesAll(const std::string& name) {
   auto ends_with = [&](std::string_view suffix) {
     return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
   };
-  if (name == "embed" || name == "norm" || name == "lm_head") return true;
+  if (name == "norm" || name == "lm_head") return true;
   for (std::string_view s : {".attn_norm", ".attn.wq", ".attn.wk", ".attn.wv", ".attn.wo", ".ffn_norm", ".mlp.w1",
                              ".mlp.w2", ".mlp.w3", ".moe.router", ".moe.shared.w1", ".moe.shared.w2",
                              ".moe.shared.w3"})
     if (ends_with(s)) return true;
   return name.find(".moe.experts.") != std::string::npos && (ends_with(".w1") || ends_with(".w2") || ends_with(".w3"));
+}
+
+// The one of `impls` that `name_of` calls `v` (none: nullopt); appends all
+// their names to `names` (", "-separated) for the caller's error message.
+template <typename Impl>
+std::optional<Impl> ImplNamed(const std::string& v, std::initializer_list<Impl> impls, const char* (*name_of)(Impl),
+                              std::string* names) {
+  std::optional<Impl> found;
+  for (Impl impl : impls) {
+    *names += std::string(names->empty() ? "" : ", ") + name_of(impl);
+    if (v == name_of(impl)) found = impl;
+  }
+  return found;
 }
 
 // Page-locked host memory, grown on demand (contents not kept).
@@ -250,12 +267,12 @@ struct GpuTransformer::Impl {
   // kAuto unless GROVE_GROUPED_GEMM names an implementation
   // (GroupedGemmImplName), for comparing them inside the whole step.
   kernels::GroupedGemmImpl fwd_gemm_impl = kernels::GroupedGemmImpl::kAuto;
-  // ZeroGrad zeroes at once only the gradients no backward writes
-  // (`zeroed_now`, [offset, count) runs: the router biases'); every other
-  // tensor's gradient the next Backward writes instead of adding to (beta =
-  // 0 in the GEMMs, overwrite in the experts' dW), which saves the 6.7 GB
-  // memset and the read half of the dW read-modify-writes of the reference
-  // model. `overwrite_pending` from ZeroGrad until a Backward completes;
+  // ZeroGrad zeroes at once only the gradients no backward writes whole
+  // (`zeroed_now`, [offset, count) runs: the embedding's and the router
+  // biases'); every other tensor's gradient the next Backward writes
+  // instead of adding to (beta = 0 in the GEMMs, overwrite in the experts'
+  // dW), which saves most of the 6.7 GB memset and the read half of the dW
+  // read-modify-writes of the reference model. `overwrite_pending` from ZeroGrad until a Backward completes;
   // reading the gradients meanwhile zeroes them first.
   std::vector<std::pair<int64_t, int64_t>> zeroed_now;
   bool overwrite_pending = false;
@@ -351,34 +368,28 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
     const std::string v = env;
     using kernels::WeightGradImpl;
     std::string names = "cublas, grouped";
-    bool known = v == "cublas" || v == "grouped";
-    im.grouped_dw = v == "grouped";
-    for (WeightGradImpl impl : {WeightGradImpl::kMmaSync, WeightGradImpl::kWgmma, WeightGradImpl::kWgmmaN256,
-                                WeightGradImpl::kTma, WeightGradImpl::kTmaN128}) {
-      names += std::string(", ") + kernels::WeightGradImplName(impl);
-      if (v == kernels::WeightGradImplName(impl)) {
-        known = im.grouped_dw = true;
-        im.dw_impl = impl;
-      }
-    }
-    if (!known) return Status::InvalidArgument("GROVE_EXPERT_DW must be one of " + names + ", got '" + v + "'");
+    const std::optional<WeightGradImpl> impl =
+        ImplNamed(v,
+                  {WeightGradImpl::kMmaSync, WeightGradImpl::kWgmma, WeightGradImpl::kWgmmaN256,
+                   WeightGradImpl::kTma, WeightGradImpl::kTmaN128},
+                  kernels::WeightGradImplName, &names);
+    if (!impl && v != "cublas" && v != "grouped")
+      return Status::InvalidArgument("GROVE_EXPERT_DW must be one of " + names + ", got '" + v + "'");
+    im.grouped_dw = v != "cublas";
+    if (impl) im.dw_impl = *impl;
   }
   if (const char* env = std::getenv("GROVE_GROUPED_GEMM")) {
-    using kernels::GroupedGemmImpl;
     const std::string v = env;
+    using kernels::GroupedGemmImpl;
     std::string names;
-    bool known = false;
-    for (GroupedGemmImpl impl :
-         {GroupedGemmImpl::kAuto, GroupedGemmImpl::kWgmmaBn128, GroupedGemmImpl::kWgmmaBn256,
-          GroupedGemmImpl::kWgmmaBn256Bk32, GroupedGemmImpl::kWgmmaPingpong, GroupedGemmImpl::kWgmmaCluster,
-          GroupedGemmImpl::kWgmmaStaged, GroupedGemmImpl::kMmaSync, GroupedGemmImpl::kWmma}) {
-      names += std::string(names.empty() ? "" : ", ") + kernels::GroupedGemmImplName(impl);
-      if (v == kernels::GroupedGemmImplName(impl)) {
-        known = true;
-        im.fwd_gemm_impl = impl;
-      }
-    }
-    if (!known) return Status::InvalidArgument("GROVE_GROUPED_GEMM must be one of " + names + ", got '" + v + "'");
+    const std::optional<GroupedGemmImpl> impl =
+        ImplNamed(v,
+                  {GroupedGemmImpl::kAuto, GroupedGemmImpl::kWgmmaBn128, GroupedGemmImpl::kWgmmaBn256,
+                   GroupedGemmImpl::kWgmmaBn256Bk32, GroupedGemmImpl::kWgmmaPingpong, GroupedGemmImpl::kWgmmaCluster,
+                   GroupedGemmImpl::kWgmmaStaged, GroupedGemmImpl::kMmaSync, GroupedGemmImpl::kWmma},
+                  kernels::GroupedGemmImplName, &names);
+    if (!impl) return Status::InvalidArgument("GROVE_GROUPED_GEMM must be one of " + names + ", got '" + v + "'");
+    im.fwd_gemm_impl = *impl;
   }
   if (trainable && c.experts > 0) {
     // GROVE_EXPERT_DW_STREAMS=N > 0 runs the experts' dW GEMMs on N side
@@ -421,7 +432,7 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
         im.zeroed_now.emplace_back(t.offset, t.numel);
     }
   }
-  GROVE_RETURN_IF_ERROR(m->RefreshComputeCopies(true));
+  GROVE_RETURN_IF_ERROR(m->RefreshMirror());
   GROVE_RETURN_IF_ERROR(m->Synchronize());
   return m;
 }
@@ -450,16 +461,12 @@ Status GpuTransformer::Synchronize() const {
   return Cuda(cudaStreamSynchronize(impl_->stream), "synchronize");
 }
 
-Status GpuTransformer::RefreshComputeCopies(bool mirror_from_master) {
+Status GpuTransformer::RefreshMirror() {
   GPU_OK(cudaSetDevice(device_));
   Impl& im = *impl_;
-  // The mirror is the only compute copy: every GEMM, the experts' dX
-  // included, reads the weights where they lie in it.
-  if (mirror_from_master) {
-    gpu::CastToBf16(im.params.as<float>(), im.mirror.as<bf16>(), layout_.total(), im.stream);
-    im.Lap("bf16 mirror from master");
-  }
-  GPU_LAUNCHED("refresh compute copies");
+  gpu::CastToBf16(im.params.as<float>(), im.mirror.as<bf16>(), layout_.total(), im.stream);
+  im.Lap("bf16 mirror from master");
+  GPU_LAUNCHED("refresh mirror");
   return Status::OK();
 }
 
@@ -470,7 +477,7 @@ Status GpuTransformer::UploadParams(std::span<const float> params) {
   GPU_OK(cudaSetDevice(device_));
   GPU_OK(cudaMemcpyAsync(impl_->params.as<float>(), params.data(), params.size() * sizeof(float),
                          cudaMemcpyHostToDevice, impl_->stream));
-  GROVE_RETURN_IF_ERROR(RefreshComputeCopies(true));
+  GROVE_RETURN_IF_ERROR(RefreshMirror());
   return Synchronize();
 }
 
@@ -721,8 +728,8 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     im.Lap("residual copies");
     const bool moe = c.is_moe_layer(l);
     const int64_t Fd = moe ? c.shared_experts * c.expert_hidden : c.dense_hidden;
-    const std::string w1n = moe ? "moe.shared.w1" : "mlp.w1", w3n = moe ? "moe.shared.w3" : "mlp.w3",
-                      w2n = moe ? "moe.shared.w2" : "mlp.w2";
+    // w1n names [W1; W3] (w3 follows w1, checked at Create).
+    const std::string w1n = moe ? "moe.shared.w1" : "mlp.w1", w2n = moe ? "moe.shared.w2" : "mlp.w2";
     if (Fd > 0) {
       // w1 and w3 are adjacent in the layout: one GEMM against [W1; W3].
       bf16 *fab, *fh;
@@ -1030,8 +1037,8 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
     // the norm backward above it).
     const bool moe = c.is_moe_layer(l);
     const int64_t Fd = moe ? c.shared_experts * c.expert_hidden : c.dense_hidden;
-    const std::string w1n = moe ? "moe.shared.w1" : "mlp.w1", w3n = moe ? "moe.shared.w3" : "mlp.w3",
-                      w2n = moe ? "moe.shared.w2" : "mlp.w2";
+    // w1n names [W1; W3] (w3 follows w1, checked at Create).
+    const std::string w1n = moe ? "moe.shared.w1" : "mlp.w1", w2n = moe ? "moe.shared.w2" : "mlp.w2";
     if (Fd > 0) {  // the first GEMM into dmain overwrites it
       bf16 *dfh = dout_b, *dfab = dwork;  // dfab [R, 2 Fd] = [da | db]
       GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, R, Fd, H, dres_b, H, Wb(name(l, w2n.c_str())), Fd, dfh, false, Fd,
@@ -1232,8 +1239,8 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
     GROVE_RETURN_IF_ERROR(
         norm_backward(dmain, tp.resid[l].as<bf16>(), name(l, "attn_norm"), lt.rstd1.as<float>(), true));
   }
-  // dres_b: the embedding output's gradient, from layer 0's attention norm.
-  if (overwrite) GPU_OK(cudaMemsetAsync(Gf("embed"), 0, V * H * sizeof(float), st));
+  // dres_b: the embedding output's gradient, from layer 0's attention norm;
+  // added into the embedding's gradient, which ZeroGrad zeroed.
   const size_t embed_bytes = kernels::EmbeddingBackwardWorkspaceBytes(R, int(V));
   GROVE_RETURN_IF_ERROR(im.embed_ws.Reserve(embed_bytes));
   GROVE_RETURN_IF_ERROR(kernels::EmbeddingBackward(tp.tokens.as<int32_t>(), dres_b, Gf("embed"), im.embed_ws.as<void>(),

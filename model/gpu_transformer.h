@@ -94,20 +94,20 @@ class GpuTransformer {
 
   // For an optimizer on the device (learner/): the fp32 master parameters,
   // their gradients and the bf16 mirror (layout order), and the stream all
-  // work is enqueued on (a cudaStream_t). After changing parameters on the
-  // device, call RefreshComputeCopies (the mirror first if not written).
+  // work is enqueued on (a cudaStream_t). After changing the fp32
+  // parameters on the device without writing the mirror too, call
+  // RefreshMirror.
   float* device_params();
   float* device_grads();
   void* device_params_bf16();
   void* stream() const;
-  // mirror_from_master: recompute the bf16 mirror from the fp32 master
-  // (false when an optimizer already wrote it: nothing else derives from
-  // the mirror, so that is then a no-op).
-  Status RefreshComputeCopies(bool mirror_from_master);
+  // Recomputes the bf16 mirror from the fp32 master (the only compute copy:
+  // every GEMM reads the weights where they lie in it).
+  Status RefreshMirror();
   // Waits for the stream.
   Status Synchronize() const;
 
-  // Per-phase timing of Score, Backward and RefreshComputeCopies (and of
+  // Per-phase timing of Score, Backward and RefreshMirror (and of
   // whatever else a caller laps on this model's stream, e.g. the
   // optimizer); off unless GROVE_GPU_PROFILE=1 at Create or SetEnabled.
   PhaseTimer& profiler();
