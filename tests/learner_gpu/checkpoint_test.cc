@@ -25,27 +25,6 @@
 namespace grove::learner {
 namespace {
 
-model::ModelConfig SmallMoeConfig() {
-  model::ModelConfig c;
-  c.vocab_size = 64;
-  c.hidden = 128;
-  c.layers = 2;
-  c.heads = 4;
-  c.kv_heads = 2;
-  c.head_dim = 32;
-  c.max_seq_len = 256;
-  c.dense_layers = 1;
-  c.dense_hidden = 256;
-  c.experts = 8;
-  c.top_k = 2;
-  c.shared_experts = 1;
-  c.expert_hidden = 128;
-  c.score_func = model::ScoreFunc::kSigmoid;
-  c.norm_topk = true;
-  c.init_std = 0.05;
-  return c;
-}
-
 // After a restore, the next step from both trainers must agree to the
 // GPU's run-to-run noise (the same kernels on the same inputs; reductions
 // with atomics may sum in another order: fp32 rounding, ~1e-7 of a weight).
@@ -55,7 +34,7 @@ model::ModelConfig SmallMoeConfig() {
 TEST(GpuCheckpoint, RestoresWeightsMomentsStepsAndReference) {
   if (model::GpuTransformer::DeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
   ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
-  const model::ModelConfig c = SmallMoeConfig();
+  const model::ModelConfig c = testing::SmallMoeConfig();
   ASSERT_TRUE(c.Validate().ok()) << c.Validate();
   std::unique_ptr<GrpoTrainer> a = testing::MakeGpuTrainer(c, 5);
   ASSERT_NE(a, nullptr);

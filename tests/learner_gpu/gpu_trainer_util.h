@@ -17,6 +17,29 @@
 
 namespace grove::learner::testing {
 
+// A small MoE model the GPU learner runs: one dense layer, then 8 experts
+// (top 2, one shared), sigmoid routing.
+inline model::ModelConfig SmallMoeConfig() {
+  model::ModelConfig c;
+  c.vocab_size = 64;
+  c.hidden = 128;
+  c.layers = 2;
+  c.heads = 4;
+  c.kv_heads = 2;
+  c.head_dim = 32;
+  c.max_seq_len = 256;
+  c.dense_layers = 1;
+  c.dense_hidden = 256;
+  c.experts = 8;
+  c.top_k = 2;
+  c.shared_experts = 1;
+  c.expert_hidden = 128;
+  c.score_func = model::ScoreFunc::kSigmoid;
+  c.norm_topk = true;
+  c.init_std = 0.05;
+  return c;
+}
+
 // Step on the GPU, own routing (no replay), rate 1e-3, the KL term on
 // (beta 0.04) so the reference enters the loss.
 inline TrainerOptions GpuTrainerOptions() {

@@ -65,23 +65,15 @@ class Filler {
 // the reference's forward and the backward's workspaces): 32 sequences of
 // ~700 tokens need ~2 GB.
 model::ModelConfig BigActivationConfig() {
-  model::ModelConfig c;
-  c.vocab_size = 64;
+  model::ModelConfig c = testing::SmallMoeConfig();
   c.hidden = 512;
   c.layers = 4;
   c.heads = 8;
   c.kv_heads = 4;
   c.head_dim = 64;
   c.max_seq_len = 1024;
-  c.dense_layers = 1;
   c.dense_hidden = 1024;
-  c.experts = 8;
-  c.top_k = 2;
-  c.shared_experts = 1;
   c.expert_hidden = 512;
-  c.score_func = model::ScoreFunc::kSigmoid;
-  c.norm_topk = true;
-  c.init_std = 0.05;
   return c;
 }
 
