@@ -657,16 +657,12 @@ Status AttentionForwardWith(AttentionForwardImpl impl, const AttentionShape& sha
     }
   }
   Params p = MakeParams(shape);
-  if (impl != AttentionForwardImpl::kMmaSync) {
+  if (impl == AttentionForwardImpl::kWgmma) {
     if (!AttentionForwardWgmmaSupported(shape.head_dim))
       return Status::FailedPrecondition(
           "attention forward: the wgmma kernel needs an sm_90 GPU and head_dim 128");
-    const int variant = impl == AttentionForwardImpl::kWgmmaV0   ? 0
-                        : impl == AttentionForwardImpl::kWgmmaV1 ? 1
-                        : impl == AttentionForwardImpl::kWgmmaV2 ? 2
-                                                                 : -1;
     return detail::LaunchAttentionForwardWgmma(shape, q, k, v, out, lse, p.q_rs, p.kv_rs, p.scale,
-                                               variant, stream);
+                                               stream);
   }
   p.q = q;
   p.k = k;

@@ -17,9 +17,7 @@ namespace grove::kernels {
 // only; FailedPrecondition elsewhere). kAuto: what AttentionForward runs:
 // the environment variable GROVE_ATTENTION_FWD=mma|wgmma if set, else
 // kWgmma where it can run and kMmaSync elsewhere.
-// kWgmmaV0 / V1 / V2: the wgmma kernel's variants (attention_wgmma.cu), for
-// tests and timing; kWgmma is the default one.
-enum class AttentionForwardImpl { kAuto, kMmaSync, kWgmma, kWgmmaV0, kWgmmaV1, kWgmmaV2 };
+enum class AttentionForwardImpl { kAuto, kMmaSync, kWgmma };
 
 // AttentionForward (same contract) with the kernel chosen by `impl`.
 Status AttentionForwardWith(AttentionForwardImpl impl, const AttentionShape& shape,
@@ -34,13 +32,11 @@ namespace detail {
 
 // The wgmma forward (attention_wgmma.cu) on a shape AttentionForward has
 // checked (head_dim 128, non-empty), on an sm_90 device. Row strides are
-// resolved (never 0); scale is the softmax scale (> 0). variant: 0, 1 or 2
-// (see the kernel), -1 the default.
+// resolved (never 0); scale is the softmax scale (> 0).
 Status LaunchAttentionForwardWgmma(const AttentionShape& shape, const __nv_bfloat16* q,
                                    const __nv_bfloat16* k, const __nv_bfloat16* v,
                                    __nv_bfloat16* out, float* lse, int64_t q_row_stride,
-                                   int64_t kv_row_stride, float scale, int variant,
-                                   cudaStream_t stream);
+                                   int64_t kv_row_stride, float scale, cudaStream_t stream);
 
 }  // namespace detail
 }  // namespace grove::kernels

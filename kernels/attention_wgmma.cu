@@ -15,12 +15,23 @@
 //   S = Q K^T               wgmma m64n128k16, Q and K K-major in shared memory
 //   online softmax on S     fp32 in registers, exp2 with scale * log2(e) folded
 //   O += P V                wgmma m64n128k16 with P (bf16) from registers and
-//                           V [keys][dims] an MN-major B (transpose bit)
-// overlapping the two inside a warpgroup: S of tile i is issued together
-// with P.V of tile i - 1, and the softmax of tile i runs while P.V is in
-// flight (only then are O rescaled and P overwritten). The diagonal tile
-// (first processed) is the only one masked; tiles wholly after the queries
-// are never loaded.
+//                           V [keys][dims] an MN-major B (transpose bit),
+// with S of tile i issued together with P.V of tile i - 1 and the softmax
+// of tile i written between the waits for the two (only after the second
+// are O rescaled and P overwritten). The overlap inside a warpgroup that
+// this order is meant for does not survive ptxas: the SASS (cuobjdump on
+// the H100, 2026-11-23) has the wait for P.V hoisted to just after the
+// row-max shuffles, so the exponentials run once P.V is done; only the
+// other consumer warpgroup's wgmmas can fill that gap (not profiled).
+// Two variants were built, tested and timed against this one (H100, same
+// run, kernel_bench --attention): O rescaled under the next S before P.V
+// is issued, with ex2.approx.ftz: within 2% at 512-1024 keys, 3% slower at
+// 2048; the same with the P.V wait predicated on the softmax's row sums
+// (to pin it after the exponentials): ptxas then serialized every wgmma
+// (a wait after each), 3-11% slower. Neither was kept.
+//
+// The diagonal tile (first processed) is the only one masked; tiles wholly
+// after the queries are never loaded.
 //
 // Rows past the sequence's end: the TMA boxes of the last query and key
 // tiles run past it into the next sequence's rows (or TMA zeros past the
@@ -68,9 +79,6 @@ constexpr int kBarOffset = kVOffset + kStages * kTileBytes;
 constexpr int kBarriers = 1 + 3 * kStages;  // q_full, k_full[], v_full[], empty[]
 constexpr int kSmemBytes = kBarOffset + kBarriers * 8 + 1024;  // + 1024-byte alignment slack
 static_assert(kSmemBytes <= 227 * 1024);
-
-// The variant LaunchAttentionForwardWgmma runs unless told (see the kernel).
-constexpr int kDefaultWgmmaVariant = 1;
 
 struct FwdArgs {
   bf16* o;
@@ -136,23 +144,12 @@ __device__ __forceinline__ void IssuePV(float (&o)[64], const uint32_t (&p)[8][4
         (accumulate || kk > 0) ? 1 : 0);
 }
 
-// 2^x by ex2.approx.ftz: exp2f adds a range check and two multiplies per
-// call to keep results below 2^-126 (which the ftz form flushes to 0, a
-// probability no bf16 P.V would notice).
-__device__ __forceinline__ float Exp2Ftz(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // Online softmax of one tile: updates the thread's two rows' running max
 // (of raw scores) and partial sum (its own columns only; the quad's are
 // added at the end), turns s into exp2(s * sl2 - max * sl2) in place and
 // returns in corr the factor the old O and sums take.
-template <bool kFtz>
 __device__ __forceinline__ void Softmax(float (&s)[64], float (&row_max)[2], float (&row_sum)[2],
                                         float (&corr)[2], float sl2) {
-  auto exp2 = [](float x) { return kFtz ? Exp2Ftz(x) : exp2f(x); };
   float mx[2] = {row_max[0], row_max[1]};
 #pragma unroll
   for (int i = 0; i < 64; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
@@ -162,14 +159,14 @@ __device__ __forceinline__ void Softmax(float (&s)[64], float (&row_max)[2], flo
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
     base[r] = (mx[r] == -INFINITY ? 0.f : mx[r]) * sl2;
-    corr[r] = exp2(row_max[r] * sl2 - base[r]);
+    corr[r] = exp2f(row_max[r] * sl2 - base[r]);
     row_max[r] = mx[r];
     row_sum[r] *= corr[r];
   }
 #pragma unroll
   for (int i = 0; i < 64; ++i) {
     const int r = (i >> 1) & 1;
-    s[i] = exp2(fmaf(s[i], sl2, -base[r]));
+    s[i] = exp2f(fmaf(s[i], sl2, -base[r]));
     row_sum[r] += s[i];
   }
 }
@@ -182,32 +179,13 @@ __device__ __forceinline__ void ToBf16(uint32_t (&p)[8][4], const float (&s)[64]
     for (int e = 0; e < 4; ++e) p[kk][e] = PackBf16(s[8 * kk + 2 * e], s[8 * kk + 2 * e + 1]);
 }
 
-// wgmma.wait_group 0 behind a predicate computed from the softmax's row
-// sums (always true: sums of exponentials are >= 0, and a NaN sum also
-// waits). In SASS the wait has no operands, and ptxas was seen hoisting it
-// above the softmax's exponentials, so that they ran after P.V completed
-// instead of under it; the predicate makes the wait depend on them.
-__device__ __forceinline__ void WaitAllAfter(float row_sum) {
-  asm volatile(
-      "{\n .reg .pred p;\n setp.geu.f32 p, %0, 0f00000000;\n"
-      " @p wgmma.wait_group.sync.aligned 0;\n}\n" ::"f"(row_sum)
-      : "memory");
-}
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-// Variants, kept, tested and timed until one wins on the GPU:
-//   0: O rescaled after P.V completes (this warpgroup then has no wgmma in
-//      flight), exp2f;
-//   1: O rescaled by the last softmax's factor while S of the next tile
-//      runs, before P.V is issued; ex2.approx.ftz;
-//   2: 1, and the wait for P.V made to depend on the softmax (WaitAllAfter).
-template <int kVariant>
 __global__ void __launch_bounds__(kThreads, 1)
     AttentionForwardWgmmaKernel(const __grid_constant__ CUtensorMap tmap_q,
                                 const __grid_constant__ CUtensorMap tmap_k,
                                 const __grid_constant__ CUtensorMap tmap_v, FwdArgs a) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr bool kEarlyRescale = kVariant >= 1;
   const TileOrder order = OrderTiles(blockIdx.x, a.tiles, a.num_heads * a.batch, a.chunk_pairs);
   const int h = order.pair % a.num_heads, b = order.pair / a.num_heads;
   const int m_block = a.tiles - 1 - order.tile;  // the last query tiles have the most keys
@@ -293,50 +271,30 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int col = 8 * (i >> 2) + 2 * qd + (i & 1);
       if (col > row) s[i] = -INFINITY;
     }
-    Softmax<kEarlyRescale>(s, row_max, row_sum, corr, sl2);
+    Softmax(s, row_max, row_sum, corr, sl2);
     ToBf16(p, s);
-    // o *= corr (o is 0 before the first P.V, and so stays 0 without NaN).
-    auto rescale = [&] {
-#pragma unroll
-      for (int j = 0; j < 64; ++j) o[j] *= corr[(j >> 1) & 1];
-    };
 
     for (int i = 1; i < n_blocks; ++i) {
       const int st = i % kStages, prev = (i - 1) % kStages;
       ptx::mbarrier_wait_parity(&k_full[st], (i / kStages) & 1);
-      if constexpr (kEarlyRescale) {
-        ptx::wgmma_fence();
-        IssueQK(s, q_tile, c, k_tile(st));
-        ptx::wgmma_commit_group();
-        rescale();  // tile i - 1's factor, while S runs
-        ptx::mbarrier_wait_parity(&v_full[prev], ((i - 1) / kStages) & 1);
-        ptx::wgmma_fence();
-        IssuePV(o, p, v_tile(prev), i > 1);
-        ptx::wgmma_commit_group();
-      } else {
-        ptx::mbarrier_wait_parity(&v_full[prev], ((i - 1) / kStages) & 1);
-        ptx::wgmma_fence();
-        IssueQK(s, q_tile, c, k_tile(st));
-        ptx::wgmma_commit_group();
-        IssuePV(o, p, v_tile(prev), i > 1);
-        ptx::wgmma_commit_group();
-      }
+      ptx::mbarrier_wait_parity(&v_full[prev], ((i - 1) / kStages) & 1);
+      ptx::wgmma_fence();
+      IssueQK(s, q_tile, c, k_tile(st));
+      ptx::wgmma_commit_group();
+      IssuePV(o, p, v_tile(prev), i > 1);
+      ptx::wgmma_commit_group();
       ptx::wgmma_wait_group<1>();  // S done; P.V still in flight (o, p untouched)
       PinRegs(s);
-      Softmax<kEarlyRescale>(s, row_max, row_sum, corr, sl2);
-      if constexpr (kVariant == 2) {
-        WaitAllAfter(row_sum[0] + row_sum[1]);
-      } else {
-        ptx::wgmma_wait_group<0>();
-      }
+      Softmax(s, row_max, row_sum, corr, sl2);
+      ptx::wgmma_wait_group<0>();
       PinRegs(o);
       PinRegs(p);
       if (lane == 0) ptx::mbarrier_arrive(&empty[prev]);
-      if constexpr (!kEarlyRescale) rescale();
+#pragma unroll
+      for (int j = 0; j < 64; ++j) o[j] *= corr[(j >> 1) & 1];
       ToBf16(p, s);
     }
     const int last = (n_blocks - 1) % kStages;
-    if constexpr (kEarlyRescale) rescale();
     ptx::mbarrier_wait_parity(&v_full[last], ((n_blocks - 1) / kStages) & 1);
     ptx::wgmma_fence();
     IssuePV(o, p, v_tile(last), n_blocks > 1);
@@ -400,8 +358,7 @@ Status CudaError(cudaError_t err, const char* what) {
 
 Status LaunchAttentionForwardWgmma(const AttentionShape& shape, const bf16* q, const bf16* k,
                                    const bf16* v, bf16* out, float* lse, int64_t q_row_stride,
-                                   int64_t kv_row_stride, float scale, int variant,
-                                   cudaStream_t stream) {
+                                   int64_t kv_row_stride, float scale, cudaStream_t stream) {
   if (shape.head_dim != kD)
     return Status::InvalidArgument("attention wgmma forward: head_dim must be 128");
   const uint64_t tokens = static_cast<uint64_t>(shape.total_tokens);
@@ -425,16 +382,12 @@ Status LaunchAttentionForwardWgmma(const AttentionShape& shape, const bf16* q, c
   args.scale = scale;
   const int64_t ctas = int64_t{args.tiles} * shape.num_heads * shape.batch;
   if (ctas > INT32_MAX) return Status::InvalidArgument("attention: too many query tiles");
-  if (variant < 0) variant = kDefaultWgmmaVariant;
-  if (variant > 2)
-    return Status::InvalidArgument("attention wgmma forward: variant must be 0, 1 or 2");
-  auto kernel = variant == 2   ? AttentionForwardWgmmaKernel<2>
-                : variant == 1 ? AttentionForwardWgmmaKernel<1>
-                               : AttentionForwardWgmmaKernel<0>;
   GROVE_RETURN_IF_ERROR(CudaError(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes),
+      cudaFuncSetAttribute(AttentionForwardWgmmaKernel,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes),
       "shared memory attribute"));
-  kernel<<<unsigned(ctas), kThreads, kSmemBytes, stream>>>(tmap_q, tmap_k, tmap_v, args);
+  AttentionForwardWgmmaKernel<<<unsigned(ctas), kThreads, kSmemBytes, stream>>>(tmap_q, tmap_k,
+                                                                                tmap_v, args);
   return CudaError(cudaGetLastError(), "launch");
 }
 

@@ -561,9 +561,8 @@ void StepKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
 // Causal attention at batch * seqlen = 16384 tokens, and at gpu-ref's
 // training step (32 x 1024 tokens, q / k / v column slices of one
 // [tokens, 1536] projection output). The forward is timed with both
-// kernels (mma.sync, and both variants of the wgmma one where the GPU is
-// sm_90 and head_dim 128), in the same run; "wg2/mma" is the relative L2
-// difference of the outputs of wgmma variant 2 and mma.sync.
+// kernels (mma.sync, and wgmma where the GPU is sm_90 and head_dim 128), in
+// the same run; "wg/mma" is the relative L2 difference of their outputs.
 // The backward reads the mma.sync forward's O and lse. The FlashAttention-2
 // H100 figures are those of the FlashAttention-3 paper (Shah et al. 2024,
 // arXiv 2407.08608, Fig. 5 forward causal head dim 128; Fig. 6 backward head
@@ -624,20 +623,14 @@ void AttentionRow(std::mt19937_64& rng, int reps, const char* what, int heads, i
                                        nullptr);
       },
       reps);
-  // The wgmma variants (attention_wgmma.cu); the last one's output in o_wg
-  // for the comparison.
-  constexpr gk::AttentionForwardImpl kVariants[] = {gk::AttentionForwardImpl::kWgmmaV0,
-                                                    gk::AttentionForwardImpl::kWgmmaV1,
-                                                    gk::AttentionForwardImpl::kWgmmaV2};
-  double wg_ms[3] = {0, 0, 0}, diff = 0;
+  double wg_ms = 0, diff = 0;
   if (wgmma) {
-    for (int variant = 0; variant < 3; ++variant) {
-      const auto impl = kVariants[variant];
-      fail(gk::AttentionForwardWith(impl, shape, q, k, v, o_wg, lse_wg, nullptr));
-      wg_ms[variant] = MedianMs(
-          [&] { (void)gk::AttentionForwardWith(impl, shape, q, k, v, o_wg, lse_wg, nullptr); },
-          reps);
-    }
+    wg_ms = MedianMs(
+        [&] {
+          (void)gk::AttentionForwardWith(gk::AttentionForwardImpl::kWgmma, shape, q, k, v, o_wg,
+                                         lse_wg, nullptr);
+        },
+        reps);
     std::vector<__nv_bfloat16> a(nq), b(nq);
     GROVE_BENCH_CUDA_CHECK(cudaMemcpy(a.data(), o, nq * 2, cudaMemcpyDeviceToHost));
     GROVE_BENCH_CUDA_CHECK(cudaMemcpy(b.data(), o_wg, nq * 2, cudaMemcpyDeviceToHost));
@@ -655,12 +648,9 @@ void AttentionRow(std::mt19937_64& rng, int reps, const char* what, int heads, i
   const double fwd_flop = 4.0 * batch * double(seqlen) * seqlen * heads * dim / 2;
   const int fa2_fwd = dim == 128 ? (seqlen == 512 ? 191 : seqlen == 1024 ? 260 : 298) : 0;
   const int fa2_bwd = dim == 128 ? (seqlen == 512 ? 214 : seqlen == 1024 ? 260 : 291) : 0;
-  char fa2[32] = "n/a", wg[96] = "       -        -        -        -        -        -        -";
+  char fa2[32] = "n/a", wg[48] = "       -        -        -";
   if (fa2_fwd) std::snprintf(fa2, sizeof fa2, "%d|%d*", fa2_fwd, fa2_bwd);
-  if (wgmma)
-    std::snprintf(wg, sizeof wg, "%8.4f %8.1f %8.4f %8.1f %8.4f %8.1f %8.1e", wg_ms[0],
-                  fwd_flop / wg_ms[0] / 1e9, wg_ms[1], fwd_flop / wg_ms[1] / 1e9, wg_ms[2],
-                  fwd_flop / wg_ms[2] / 1e9, diff);
+  if (wgmma) std::snprintf(wg, sizeof wg, "%8.4f %8.1f %8.1e", wg_ms, fwd_flop / wg_ms / 1e9, diff);
   std::printf("%-32s %6d %5d %9.4f %8.1f %s %9.4f %8.1f %12s\n", what, seqlen, batch, mma_ms,
               fwd_flop / mma_ms / 1e9, wg, bwd_ms, 2.5 * fwd_flop / bwd_ms / 1e9, fa2);
   for (void* p : {(void*)qkv, (void*)d_o, (void*)o, (void*)o_wg, (void*)dqkv, (void*)lse,
@@ -674,9 +664,9 @@ void AttentionBench(std::mt19937_64& rng, int reps) {
                             {8, 2, 128, "GQA 8/2x128 (grove model)"},
                             {32, 32, 64, "MHA 32x64 (FA paper shape)"},
                             {4, 2, 32, "GQA 4/2x32 (CPU default model)"}};
-  std::printf("\n%-32s %6s %5s %9s %8s %8s %8s %8s %8s %8s %8s %8s %9s %8s %12s\n",
-              "causal attention", "seqlen", "batch", "mma ms", "TF/s", "wg0 ms", "TF/s", "wg1 ms",
-              "TF/s", "wg2 ms", "TF/s", "wg2/mma", "bwd ms", "bwd TF/s", "FA2 H100 f|b");
+  std::printf("\n%-32s %6s %5s %9s %8s %8s %8s %8s %9s %8s %12s\n", "causal attention", "seqlen",
+              "batch", "mma ms", "TF/s", "wgmma ms", "TF/s", "wg/mma", "bwd ms", "bwd TF/s",
+              "FA2 H100 f|b");
   for (const Config& c : configs)
     for (int seqlen : {512, 1024, 2048})
       AttentionRow(rng, reps, c.what, c.heads, c.kv_heads, c.dim, seqlen, 16384 / seqlen, false);

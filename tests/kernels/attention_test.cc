@@ -484,43 +484,32 @@ void CheckWgmmaForward(const Case& c) {
   shape.head_dim = D;
 
   const Reference ref = RunReference(c, cu, q, k, v, {}, 1.0 / std::sqrt(double(D)), false);
+  const ForwardRun wg = RunForward(AttentionForwardImpl::kWgmma, shape, std::nullopt, q_bf, k_bf, v_bf);
   const ForwardRun mma = RunForward(AttentionForwardImpl::kMmaSync, shape, std::nullopt, q_bf, k_bf, v_bf);
-  for (const auto& [impl, name] : {std::pair{AttentionForwardImpl::kWgmmaV0, "variant 0"},
-                                  std::pair{AttentionForwardImpl::kWgmmaV1, "variant 1"},
-                                  std::pair{AttentionForwardImpl::kWgmmaV2, "variant 2"}}) {
-    SCOPED_TRACE(name);
-    const ForwardRun wg = RunForward(impl, shape, std::nullopt, q_bf, k_bf, v_bf);
-    const std::vector<double> o = ToDouble(wg.o);
-    double worst_row = 0;
-    for (size_t row = 0; row < size_t(T) * H; ++row) {
-      std::vector<double> got(o.begin() + row * D, o.begin() + (row + 1) * D);
-      std::vector<double> want(ref.o.begin() + row * D, ref.o.begin() + (row + 1) * D);
-      worst_row = std::max(worst_row, testing::RelativeError(got, want));
-    }
-    const double err_o = testing::RelativeError(o, ref.o);
-    const double err_lse = MaxAbsDiff(wg.lse, ref.lse);
-    const double vs_mma_o = testing::RelativeError(o, ToDouble(mma.o));
-    const double vs_mma_lse =
-        MaxAbsDiff(wg.lse, std::vector<double>(mma.lse.begin(), mma.lse.end()));
-    std::printf(
-        "wgmma fwd (%s) %s: rel err O %.2e (worst row %.2e), |lse| %.1e; vs mma.sync O %.2e, "
-        "|lse| %.1e\n",
-        name, Describe(c).c_str(), err_o, worst_row, err_lse, vs_mma_o, vs_mma_lse);
-    EXPECT_LE(err_o, 1e-2);
-    EXPECT_LE(worst_row, 3e-2);
-    EXPECT_LE(err_lse, 1e-4);
-    EXPECT_LE(vs_mma_o, 1e-2);
-    EXPECT_LE(vs_mma_lse, 1e-4);
-    for (bool fused : {true, false}) {
-      SCOPED_TRACE(fused ? "fused [q | k | v] rows" : "q rows and [k | v] rows of different strides");
-      const ForwardRun strided = RunForward(impl, shape, fused, q_bf, k_bf, v_bf);
-      EXPECT_EQ(BitDiffs(strided.o, wg.o), 0u);
-      EXPECT_EQ(BitDiffs(strided.lse, wg.lse), 0u);
-    }
+  const std::vector<double> o = ToDouble(wg.o);
+  double worst_row = 0;
+  for (size_t row = 0; row < size_t(T) * H; ++row) {
+    std::vector<double> got(o.begin() + row * D, o.begin() + (row + 1) * D);
+    std::vector<double> want(ref.o.begin() + row * D, ref.o.begin() + (row + 1) * D);
+    worst_row = std::max(worst_row, testing::RelativeError(got, want));
   }
-  // The default (kWgmma) is one of the two.
-  const ForwardRun def = RunForward(AttentionForwardImpl::kWgmma, shape, std::nullopt, q_bf, k_bf, v_bf);
-  EXPECT_LE(testing::RelativeError(ToDouble(def.o), ref.o), 1e-2);
+  const double err_o = testing::RelativeError(o, ref.o);
+  const double err_lse = MaxAbsDiff(wg.lse, ref.lse);
+  const double vs_mma_o = testing::RelativeError(o, ToDouble(mma.o));
+  const double vs_mma_lse = MaxAbsDiff(wg.lse, std::vector<double>(mma.lse.begin(), mma.lse.end()));
+  std::printf("wgmma fwd %s: rel err O %.2e (worst row %.2e), |lse| %.1e; vs mma.sync O %.2e, |lse| %.1e\n",
+              Describe(c).c_str(), err_o, worst_row, err_lse, vs_mma_o, vs_mma_lse);
+  EXPECT_LE(err_o, 1e-2);
+  EXPECT_LE(worst_row, 3e-2);
+  EXPECT_LE(err_lse, 1e-4);
+  EXPECT_LE(vs_mma_o, 1e-2);
+  EXPECT_LE(vs_mma_lse, 1e-4);
+  for (bool fused : {true, false}) {
+    SCOPED_TRACE(fused ? "fused [q | k | v] rows" : "q rows and [k | v] rows of different strides");
+    const ForwardRun strided = RunForward(AttentionForwardImpl::kWgmma, shape, fused, q_bf, k_bf, v_bf);
+    EXPECT_EQ(BitDiffs(strided.o, wg.o), 0u);
+    EXPECT_EQ(BitDiffs(strided.lse, wg.lse), 0u);
+  }
 }
 
 #define GROVE_SKIP_WITHOUT_WGMMA_ATTENTION()                                              \
