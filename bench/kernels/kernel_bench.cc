@@ -7,9 +7,11 @@
 // the two ceilings (device copy bandwidth, a large cuBLAS bf16 GEMM) and
 // prints each implementation's agreement with the cuBLAS loop.
 //
-// Then causal flash attention forward and backward in TFLOP/s at 16k tokens
-// per batch (FLOPs counted as in FlashAttention's benchmarks: 4 * B * L^2 *
-// H * D for the forward, halved for the causal mask; the backward 2.5x).
+// Then causal flash attention forward (the mma.sync and, on sm_90 at head
+// dim 128, the wgmma kernel, same run) and backward in TFLOP/s at 16k tokens
+// per batch and at gpu-ref's step shape (FLOPs counted as in
+// FlashAttention's benchmarks: 4 * B * L^2 * H * D for the forward, halved
+// for the causal mask; the backward 2.5x).
 //
 // The training step's other kernels (embedding, RoPE, MoE permutation and
 // combine, router backward, log-prob head, GRPO loss) at the GPU reference
