@@ -119,6 +119,24 @@ __device__ __forceinline__ void WarpgroupSync(int c) {
   asm volatile("bar.sync %0, 128;\n" ::"r"(1 + c) : "memory");
 }
 
+// Named barrier over both consumer warpgroups (id 3, 256 threads).
+__device__ __forceinline__ void ConsumersSync() { asm volatile("bar.sync 3, 256;\n" ::: "memory"); }
+
+// Zeroes rows first_row .. 127 of a [128][128] V tile (both boxes; the
+// swizzle permutes 16-byte chunks within a row, so whole rows stay rows).
+// Called by all 256 consumer threads together, then made visible to wgmma
+// (the async proxy) and waited for by both warpgroups.
+__device__ __forceinline__ void ClearTileRowsFrom(uint8_t* tile, int first_row) {
+  const int rows = kBlockN - first_row, chunks = 2 * rows * 8;
+  for (int idx = int(threadIdx.x) - 128; idx < chunks; idx += 256) {
+    const int box = idx / (rows * 8), rem = idx % (rows * 8);
+    *reinterpret_cast<uint4*>(tile + box * kBoxBytes + (first_row + rem / 8) * 128 + (rem % 8) * 16) =
+        make_uint4(0, 0, 0, 0);
+  }
+  ptx::fence_proxy_async_shared_cta();
+  ConsumersSync();
+}
+
 // S (64 x 128 keys, fp32 accumulators) = Q rows of warpgroup c times K^T:
 // 8 k-slices of 16 head dims, the first four in box 0 of each tile.
 __device__ __forceinline__ void IssueQK(float (&s)[64], const uint8_t* q_tile, int c,
@@ -256,6 +274,16 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int j = 0; j < 64; ++j) o[j] = 0.f;  // overwritten by the first P.V (accumulate 0)
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f}, corr[2];
+    // The diagonal tile (stage 0, walked first) is the only one with keys
+    // past the sequence's end: the next sequence's rows, or TMA's zero fill
+    // past the tensor. Their P is 0, but 0 * NaN is NaN, so a non-finite
+    // value there would leak into this sequence's O: those V rows are zeroed
+    // before P.V reads the tile (K needs nothing: masked S is set, not
+    // scaled). Uniform over the CTA, so both warpgroups reach the barrier.
+    const int keys_in_diagonal = len - m0;
+    auto clear_diagonal_v_tail = [&] {
+      if (keys_in_diagonal < kBlockN) ClearTileRowsFrom(v_tile(0), keys_in_diagonal);
+    };
 
     // Tile 0 of the walk: the diagonal, masked (key > query), no O yet.
     ptx::mbarrier_wait_parity(q_full, 0);
@@ -278,6 +306,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int st = i % kStages, prev = (i - 1) % kStages;
       ptx::mbarrier_wait_parity(&k_full[st], (i / kStages) & 1);
       ptx::mbarrier_wait_parity(&v_full[prev], ((i - 1) / kStages) & 1);
+      if (i == 1) clear_diagonal_v_tail();
       ptx::wgmma_fence();
       IssueQK(s, q_tile, c, k_tile(st));
       ptx::wgmma_commit_group();
@@ -296,6 +325,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     const int last = (n_blocks - 1) % kStages;
     ptx::mbarrier_wait_parity(&v_full[last], ((n_blocks - 1) / kStages) & 1);
+    if (n_blocks == 1) clear_diagonal_v_tail();
     ptx::wgmma_fence();
     IssuePV(o, p, v_tile(last), n_blocks > 1);
     ptx::wgmma_commit_group();

@@ -547,6 +547,62 @@ TEST(AttentionWgmmaForwardTest, TrainingShapeHeads) {
   CheckWgmmaForward({{1024, 1024}, 8, 2, 128});
 }
 
+// A sequence's last query tile reads key/value rows past its end (the next
+// sequence's, in the same tensor). Their probabilities are 0, but 0 * NaN is
+// NaN: non-finite values in one sequence must not reach another's outputs.
+// Both forwards, lengths off the tile so the shared tile is partial.
+TEST(AttentionForwardTest, NonFiniteNextSequenceDoesNotLeak) {
+  GROVE_SKIP_WITHOUT_GPU();
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int H = 8, Hk = 2, D = 128;
+  const std::vector<int32_t> cu = {0, 100, 160, 290};
+  const int T = cu.back();
+  std::vector<__nv_bfloat16> q, k, v;
+  std::vector<double> unused;
+  testing::RandomBf16(rng, size_t(T) * H * D, &q, &unused);
+  testing::RandomBf16(rng, size_t(T) * Hk * D, &k, &unused);
+  testing::RandomBf16(rng, size_t(T) * Hk * D, &v, &unused);
+  // Sequence 1 (rows 100..159) poisoned: NaN and inf in its keys and values.
+  std::vector<__nv_bfloat16> k_bad = k, v_bad = v;
+  for (size_t i = size_t(cu[1]) * Hk * D; i < size_t(cu[2]) * Hk * D; ++i) {
+    k_bad[i] = i % 2 ? NanBf16() : __float2bfloat16(INFINITY);
+    v_bad[i] = i % 3 ? NanBf16() : __float2bfloat16(-INFINITY);
+  }
+  DeviceBuffer<int32_t> d_cu(cu.size());
+  GROVE_CUDA_OK(d_cu.Upload(cu));
+  AttentionShape shape;
+  shape.cu_seqlens = d_cu.get();
+  shape.batch = 3;
+  shape.max_seqlen = 130;
+  shape.total_tokens = T;
+  shape.num_heads = H;
+  shape.num_kv_heads = Hk;
+  shape.head_dim = D;
+  std::vector<AttentionForwardImpl> impls = {AttentionForwardImpl::kMmaSync};
+  if (AttentionForwardWgmmaSupported(D)) impls.push_back(AttentionForwardImpl::kWgmma);
+  for (AttentionForwardImpl impl : impls) {
+    SCOPED_TRACE(impl == AttentionForwardImpl::kWgmma ? "wgmma" : "mma.sync");
+    const ForwardRun clean = RunForward(impl, shape, std::nullopt, q, k, v);
+    const ForwardRun poisoned = RunForward(impl, shape, std::nullopt, q, k_bad, v_bad);
+    // Sequences 0 and 2: the same bits as with finite neighbours.
+    for (int seq : {0, 2}) {
+      const size_t lo = size_t(cu[seq]) * H * D, hi = size_t(cu[seq + 1]) * H * D;
+      size_t diffs = 0, non_finite = 0;
+      for (size_t i = lo; i < hi; ++i) {
+        diffs += std::memcmp(&clean.o[i], &poisoned.o[i], sizeof(__nv_bfloat16)) != 0;
+        non_finite += !std::isfinite(__bfloat162float(poisoned.o[i]));
+      }
+      EXPECT_EQ(diffs, 0u) << "sequence " << seq;
+      EXPECT_EQ(non_finite, 0u) << "sequence " << seq;
+      for (int h = 0; h < H; ++h)
+        for (int t = cu[seq]; t < cu[seq + 1]; ++t)
+          ASSERT_EQ(clean.lse[size_t(h) * T + t], poisoned.lse[size_t(h) * T + t]) << "sequence " << seq;
+    }
+  }
+}
+
 TEST(AttentionWgmmaForwardTest, RefusedWhereItCannotRun) {
   GROVE_SKIP_WITHOUT_GPU();
   alignas(16) static __nv_bfloat16 buf[64];
