@@ -27,8 +27,11 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
 #include <string>
 
+#include "kernels/attention_internal.h"
+#include "kernels/attention_tile_order.cuh"
 #include "kernels/ptx/cp_async.cuh"
 #include "kernels/ptx/ldmatrix.cuh"
 #include "kernels/ptx/mma.cuh"
@@ -45,6 +48,8 @@ using ptx::ldmatrix_x4;
 using ptx::ldmatrix_x4_trans;
 using ptx::mma_m16n8k16_bf16_f32;
 using ptx::stmatrix_x4;
+using detail::OrderTiles;
+using detail::TileOrder;
 
 constexpr int kTile = 64;  // queries per forward CTA, keys per backward CTA, and the step
 constexpr int kThreads = 128;
@@ -52,8 +57,6 @@ constexpr int kThreads = 128;
 // fragment, halving the shared-memory reads per mma against 16 rows a warp).
 constexpr int kFwdRowsPerWarp = 32;
 constexpr int kFwdBlockM = 4 * kFwdRowsPerWarp;
-// About how many CTAs an H100 runs at once (132 SMs x 2): the chunk size of OrderTiles.
-constexpr int kResidentCtas = 256;
 constexpr float kLog2e = 1.4426950408889634f;
 
 struct Params {
@@ -189,26 +192,6 @@ __device__ __forceinline__ void StoreRows(bf16* dst, int64_t stride, const bf16*
       *reinterpret_cast<uint4*>(dst + r * stride + ch * 8) =
           *reinterpret_cast<const uint4*>(tile + Swz<D>(row0 + r, ch * 8));
   }
-}
-
-// The 1-D grid's order. CTAs are numbered chunk by chunk, a chunk being
-// `chunk_pairs` (sequence, head) pairs and all their tiles, tile-major inside
-// it: the CTAs resident at once (about one chunk: ~256 of them) share a few
-// pairs, whose K/V (forward) or Q/dO/dQ (backward) then stay in L2, and the
-// heaviest tiles (tile 0) of a chunk start first, so the short ones fill the
-// tail. (Heaviest-first over the whole grid, tried first, helped the GQA
-// backward but made the MHA backward 1.5x slower; the suspected cause, not
-// profiled: every resident CTA then reads a different pair's Q/dO and adds
-// into a different pair's dQ, a working set far beyond L2.)
-struct TileOrder {
-  int tile, pair;
-};
-__device__ __forceinline__ TileOrder OrderTiles(int idx, int tiles, int pairs, int chunk_pairs) {
-  const int chunk = idx / (chunk_pairs * tiles);
-  const int first = chunk * chunk_pairs;
-  const int in_chunk = min(chunk_pairs, pairs - first);
-  const int within = idx - chunk * chunk_pairs * tiles;
-  return {within / in_chunk, first + within % in_chunk};
 }
 
 template <int D>
@@ -612,7 +595,7 @@ Status LaunchForward(const AttentionShape& s, const Params& p, cudaStream_t stre
     return Status::Internal(std::string("attention: smem attribute: ") + cudaGetErrorString(err));
   Params args = p;
   args.tiles = (s.max_seqlen + kFwdBlockM - 1) / kFwdBlockM;
-  args.chunk_pairs = std::max(1, kResidentCtas / args.tiles);
+  args.chunk_pairs = std::max(1, detail::kAttentionResidentCtas / args.tiles);
   const int64_t ctas = int64_t{args.tiles} * s.num_heads * s.batch;
   if (ctas > INT32_MAX) return Status::InvalidArgument("attention: too many query tiles");
   AttentionForwardKernel<D><<<unsigned(ctas), kThreads, smem, stream>>>(args);
@@ -630,7 +613,7 @@ Status LaunchBackward(const AttentionShape& s, const Params& p, cudaStream_t str
     return Status::Internal(std::string("attention: smem attribute: ") + cudaGetErrorString(err));
   Params args = p;
   args.tiles = (s.max_seqlen + kTile - 1) / kTile;
-  args.chunk_pairs = std::max(1, kResidentCtas / args.tiles);
+  args.chunk_pairs = std::max(1, detail::kAttentionResidentCtas / args.tiles);
   const int64_t ctas = int64_t{args.tiles} * s.num_kv_heads * s.batch;
   if (ctas > INT32_MAX) return Status::InvalidArgument("attention: too many key tiles");
   AttentionBackwardKernel<D><<<unsigned(ctas), kThreads, smem, stream>>>(args);
@@ -640,16 +623,47 @@ Status LaunchBackward(const AttentionShape& s, const Params& p, cudaStream_t str
 
 }  // namespace
 
-Status AttentionForward(const AttentionShape& shape, const __nv_bfloat16* q,
-                        const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* out,
-                        float* lse, cudaStream_t stream) {
+bool AttentionForwardWgmmaSupported(int head_dim) {
+  int dev = 0, major = 0, minor = 0;
+  if (head_dim != 128 || cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
+    return false;
+  return major == 9 && minor == 0;  // sm_90a machine code runs on 9.0 only
+}
+
+Status AttentionForwardWith(AttentionForwardImpl impl, const AttentionShape& shape,
+                            const __nv_bfloat16* q, const __nv_bfloat16* k,
+                            const __nv_bfloat16* v, __nv_bfloat16* out, float* lse,
+                            cudaStream_t stream) {
   GROVE_RETURN_IF_ERROR(CheckShape(shape));
   if (Empty(shape)) return Status::OK();
   if (!Aligned(q, 16) || !Aligned(k, 16) || !Aligned(v, 16) || !Aligned(out, 16) ||
       !Aligned(lse, 4))
     return Status::InvalidArgument(
         "attention forward: q, k, v, out must be non-null and 16-byte aligned, lse non-null");
+  if (impl == AttentionForwardImpl::kAuto) {
+    const char* env = std::getenv("GROVE_ATTENTION_FWD");
+    if (env == nullptr || *env == '\0') {
+      impl = AttentionForwardWgmmaSupported(shape.head_dim) ? AttentionForwardImpl::kWgmma
+                                                            : AttentionForwardImpl::kMmaSync;
+    } else if (std::string(env) == "mma") {
+      impl = AttentionForwardImpl::kMmaSync;
+    } else if (std::string(env) == "wgmma") {
+      impl = AttentionForwardImpl::kWgmma;
+    } else {
+      return Status::InvalidArgument(std::string("GROVE_ATTENTION_FWD must be mma or wgmma, got ") +
+                                     env);
+    }
+  }
   Params p = MakeParams(shape);
+  if (impl == AttentionForwardImpl::kWgmma) {
+    if (!AttentionForwardWgmmaSupported(shape.head_dim))
+      return Status::FailedPrecondition(
+          "attention forward: the wgmma kernel needs an sm_90 GPU and head_dim 128");
+    return detail::LaunchAttentionForwardWgmma(shape, q, k, v, out, lse, p.q_rs, p.kv_rs, p.scale,
+                                               stream);
+  }
   p.q = q;
   p.k = k;
   p.v = v;
@@ -660,6 +674,12 @@ Status AttentionForward(const AttentionShape& shape, const __nv_bfloat16* q,
     case 64: return LaunchForward<64>(shape, p, stream);
     default: return LaunchForward<128>(shape, p, stream);  // CheckShape allows only these three
   }
+}
+
+Status AttentionForward(const AttentionShape& shape, const __nv_bfloat16* q,
+                        const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* out,
+                        float* lse, cudaStream_t stream) {
+  return AttentionForwardWith(AttentionForwardImpl::kAuto, shape, q, k, v, out, lse, stream);
 }
 
 size_t AttentionBackwardWorkspaceBytes(const AttentionShape& shape) {

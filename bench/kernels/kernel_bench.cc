@@ -7,9 +7,11 @@
 // the two ceilings (device copy bandwidth, a large cuBLAS bf16 GEMM) and
 // prints each implementation's agreement with the cuBLAS loop.
 //
-// Then causal flash attention forward and backward in TFLOP/s at 16k tokens
-// per batch (FLOPs counted as in FlashAttention's benchmarks: 4 * B * L^2 *
-// H * D for the forward, halved for the causal mask; the backward 2.5x).
+// Then causal flash attention forward (the mma.sync and, on sm_90 at head
+// dim 128, the wgmma kernel, same run) and backward in TFLOP/s at 16k tokens
+// per batch and at gpu-ref's step shape (FLOPs counted as in
+// FlashAttention's benchmarks: 4 * B * L^2 * H * D for the forward, halved
+// for the causal mask; the backward 2.5x).
 //
 // The training step's other kernels (embedding, RoPE, MoE permutation and
 // combine, router backward, log-prob head, GRPO loss) at the GPU reference
@@ -46,6 +48,7 @@
 
 #include "kernels/adamw.h"
 #include "kernels/attention.h"
+#include "kernels/attention_internal.h"
 #include "kernels/embedding.h"
 #include "kernels/grpo_loss.h"
 #include "kernels/logprob_head.h"
@@ -557,77 +560,123 @@ void StepKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
   }
 }
 
-// Causal attention at batch * seqlen = 16384 tokens. The FlashAttention-2
+// Causal attention at batch * seqlen = 16384 tokens, and at gpu-ref's
+// training step (32 x 1024 tokens, q / k / v column slices of one
+// [tokens, 1536] projection output). The forward is timed with both
+// kernels (mma.sync, and wgmma where the GPU is sm_90 and head_dim 128), in
+// the same run; "wg/mma" is the relative L2 difference of their outputs.
+// The backward reads the mma.sync forward's O and lse. The FlashAttention-2
 // H100 figures are those of the FlashAttention-3 paper (Shah et al. 2024,
 // arXiv 2407.08608, Fig. 5 forward causal head dim 128; Fig. 6 backward head
 // dim 128 is the non-causal one, no causal FA2 backward figure was found).
+void AttentionRow(std::mt19937_64& rng, int reps, const char* what, int heads, int kv_heads,
+                  int dim, int seqlen, int batch, bool fused) {
+  namespace gk = grove::kernels;
+  const int tokens = batch * seqlen;
+  const int64_t qw = int64_t(heads) * dim, kw = int64_t(kv_heads) * dim;
+  const size_t nq = size_t(tokens) * qw, nk = size_t(tokens) * kw;
+  // fused: one buffer of rows [q | k | v]; otherwise three packed tensors.
+  __nv_bfloat16* qkv = RandomDeviceBf16(fused ? size_t(tokens) * (qw + 2 * kw) : nq + 2 * nk, rng);
+  const __nv_bfloat16* q = qkv;
+  const __nv_bfloat16* k = fused ? qkv + qw : qkv + nq;
+  const __nv_bfloat16* v = fused ? qkv + qw + kw : qkv + nq + nk;
+  __nv_bfloat16* d_o = RandomDeviceBf16(nq, rng);
+  __nv_bfloat16 *o, *o_wg, *dqkv;
+  float *lse, *lse_wg;
+  int32_t* cu;
+  const size_t n_grad = fused ? size_t(tokens) * (qw + 2 * kw) : nq + 2 * nk;
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&o, nq * 2));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&o_wg, nq * 2));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dqkv, n_grad * 2));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&lse, size_t(tokens) * heads * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&lse_wg, size_t(tokens) * heads * 4));
+  __nv_bfloat16* dq = dqkv;
+  __nv_bfloat16* dk = fused ? dqkv + qw : dqkv + nq;
+  __nv_bfloat16* dv = fused ? dqkv + qw + kw : dqkv + nq + nk;
+  std::vector<int32_t> hcu(batch + 1);
+  for (int b = 0; b <= batch; ++b) hcu[b] = b * seqlen;
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&cu, hcu.size() * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMemcpy(cu, hcu.data(), hcu.size() * 4, cudaMemcpyHostToDevice));
+  gk::AttentionShape shape;
+  shape.cu_seqlens = cu;
+  shape.batch = batch;
+  shape.max_seqlen = seqlen;
+  shape.total_tokens = tokens;
+  shape.num_heads = heads;
+  shape.num_kv_heads = kv_heads;
+  shape.head_dim = dim;
+  if (fused) shape.q_row_stride = shape.kv_row_stride = qw + 2 * kw;
+  void* ws;
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&ws, gk::AttentionBackwardWorkspaceBytes(shape)));
+  const bool wgmma = gk::AttentionForwardWgmmaSupported(dim);
+  auto fail = [&](const grove::Status& st) {
+    if (st.ok()) return;
+    std::printf("%s: %s\n", what, st.ToString().c_str());
+    std::exit(1);
+  };
+  fail(gk::AttentionForwardWith(gk::AttentionForwardImpl::kMmaSync, shape, q, k, v, o, lse, nullptr));
+  if (wgmma)
+    fail(gk::AttentionForwardWith(gk::AttentionForwardImpl::kWgmma, shape, q, k, v, o_wg, lse_wg, nullptr));
+  fail(gk::AttentionBackward(shape, q, k, v, o, d_o, lse, dq, dk, dv, ws, nullptr));
+  GROVE_BENCH_CUDA_CHECK(cudaDeviceSynchronize());
+  const double mma_ms = MedianMs(
+      [&] {
+        (void)gk::AttentionForwardWith(gk::AttentionForwardImpl::kMmaSync, shape, q, k, v, o, lse,
+                                       nullptr);
+      },
+      reps);
+  double wg_ms = 0, diff = 0;
+  if (wgmma) {
+    wg_ms = MedianMs(
+        [&] {
+          (void)gk::AttentionForwardWith(gk::AttentionForwardImpl::kWgmma, shape, q, k, v, o_wg,
+                                         lse_wg, nullptr);
+        },
+        reps);
+    std::vector<__nv_bfloat16> a(nq), b(nq);
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(a.data(), o, nq * 2, cudaMemcpyDeviceToHost));
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(b.data(), o_wg, nq * 2, cudaMemcpyDeviceToHost));
+    double num = 0, den = 0;
+    for (size_t i = 0; i < nq; ++i) {
+      const double x = __bfloat162float(a[i]), y = __bfloat162float(b[i]);
+      num += (x - y) * (x - y);
+      den += x * x;
+    }
+    diff = std::sqrt(num / den);
+  }
+  const double bwd_ms = MedianMs(
+      [&] { (void)gk::AttentionBackward(shape, q, k, v, o, d_o, lse, dq, dk, dv, ws, nullptr); },
+      reps);
+  const double fwd_flop = 4.0 * batch * double(seqlen) * seqlen * heads * dim / 2;
+  const int fa2_fwd = dim == 128 ? (seqlen == 512 ? 191 : seqlen == 1024 ? 260 : 298) : 0;
+  const int fa2_bwd = dim == 128 ? (seqlen == 512 ? 214 : seqlen == 1024 ? 260 : 291) : 0;
+  char fa2[32] = "n/a", wg[48] = "       -        -        -";
+  if (fa2_fwd) std::snprintf(fa2, sizeof fa2, "%d|%d*", fa2_fwd, fa2_bwd);
+  if (wgmma) std::snprintf(wg, sizeof wg, "%8.4f %8.1f %8.1e", wg_ms, fwd_flop / wg_ms / 1e9, diff);
+  std::printf("%-32s %6d %5d %9.4f %8.1f %s %9.4f %8.1f %12s\n", what, seqlen, batch, mma_ms,
+              fwd_flop / mma_ms / 1e9, wg, bwd_ms, 2.5 * fwd_flop / bwd_ms / 1e9, fa2);
+  for (void* p : {(void*)qkv, (void*)d_o, (void*)o, (void*)o_wg, (void*)dqkv, (void*)lse,
+                  (void*)lse_wg, (void*)cu, ws})
+    cudaFree(p);
+}
+
 void AttentionBench(std::mt19937_64& rng, int reps) {
   struct Config { int heads, kv_heads, dim; const char* what; };
   const Config configs[] = {{16, 16, 128, "MHA 16x128 (FA paper shape)"},
                             {8, 2, 128, "GQA 8/2x128 (grove model)"},
                             {32, 32, 64, "MHA 32x64 (FA paper shape)"},
                             {4, 2, 32, "GQA 4/2x32 (CPU default model)"}};
-  std::printf("\n%-30s %6s %5s %9s %8s %9s %8s %12s\n", "causal attention, 16k tokens", "seqlen",
-              "batch", "fwd ms", "fwd TF/s", "bwd ms", "bwd TF/s", "FA2 H100 f|b");
-  for (const Config& c : configs) {
-    for (int seqlen : {512, 1024, 2048}) {
-      const int batch = 16384 / seqlen, tokens = batch * seqlen;
-      const size_t nq = size_t(tokens) * c.heads * c.dim, nk = size_t(tokens) * c.kv_heads * c.dim;
-      __nv_bfloat16* q = RandomDeviceBf16(nq, rng);
-      __nv_bfloat16* k = RandomDeviceBf16(nk, rng);
-      __nv_bfloat16* v = RandomDeviceBf16(nk, rng);
-      __nv_bfloat16* d_o = RandomDeviceBf16(nq, rng);
-      __nv_bfloat16 *o, *dq, *dk, *dv;
-      float* lse;
-      int32_t* cu;
-      GROVE_BENCH_CUDA_CHECK(cudaMalloc(&o, nq * 2));
-      GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dq, nq * 2));
-      GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dk, nk * 2));
-      GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dv, nk * 2));
-      GROVE_BENCH_CUDA_CHECK(cudaMalloc(&lse, size_t(tokens) * c.heads * 4));
-      std::vector<int32_t> hcu(batch + 1);
-      for (int b = 0; b <= batch; ++b) hcu[b] = b * seqlen;
-      GROVE_BENCH_CUDA_CHECK(cudaMalloc(&cu, hcu.size() * 4));
-      GROVE_BENCH_CUDA_CHECK(cudaMemcpy(cu, hcu.data(), hcu.size() * 4, cudaMemcpyHostToDevice));
-      grove::kernels::AttentionShape shape;
-      shape.cu_seqlens = cu;
-      shape.batch = batch;
-      shape.max_seqlen = seqlen;
-      shape.total_tokens = tokens;
-      shape.num_heads = c.heads;
-      shape.num_kv_heads = c.kv_heads;
-      shape.head_dim = c.dim;
-      void* ws;
-      GROVE_BENCH_CUDA_CHECK(cudaMalloc(&ws, grove::kernels::AttentionBackwardWorkspaceBytes(shape)));
-      grove::Status st = grove::kernels::AttentionForward(shape, q, k, v, o, lse, nullptr);
-      if (st.ok())
-        st = grove::kernels::AttentionBackward(shape, q, k, v, o, d_o, lse, dq, dk, dv, ws, nullptr);
-      if (!st.ok()) {
-        std::printf("%s: %s\n", c.what, st.ToString().c_str());
-        std::exit(1);
-      }
-      const double fwd_ms = MedianMs(
-          [&] { (void)grove::kernels::AttentionForward(shape, q, k, v, o, lse, nullptr); }, reps);
-      const double bwd_ms = MedianMs(
-          [&] {
-            (void)grove::kernels::AttentionBackward(shape, q, k, v, o, d_o, lse, dq, dk, dv, ws,
-                                                    nullptr);
-          },
-          reps);
-      const double fwd_flop = 4.0 * batch * double(seqlen) * seqlen * c.heads * c.dim / 2;
-      const int fa2_fwd = c.dim == 128 ? (seqlen == 512 ? 191 : seqlen == 1024 ? 260 : 298) : 0;
-      const int fa2_bwd = c.dim == 128 ? (seqlen == 512 ? 214 : seqlen == 1024 ? 260 : 291) : 0;
-      char fa2[32] = "n/a";
-      if (fa2_fwd) std::snprintf(fa2, sizeof fa2, "%d|%d*", fa2_fwd, fa2_bwd);
-      std::printf("%-30s %6d %5d %9.4f %8.1f %9.4f %8.1f %12s\n", c.what, seqlen, batch, fwd_ms,
-                  fwd_flop / fwd_ms / 1e9, bwd_ms, 2.5 * fwd_flop / bwd_ms / 1e9, fa2);
-      for (void* p : {(void*)q, (void*)k, (void*)v, (void*)d_o, (void*)o, (void*)dq, (void*)dk,
-                      (void*)dv, (void*)lse, (void*)cu, ws})
-        cudaFree(p);
-    }
-  }
-  std::printf("(* FA2 H100 SXM5 figures from the FlashAttention-3 paper, Figs. 5-6: forward\n"
-              "   causal hdim 128; the backward one is non-causal, the only one published there)\n");
+  std::printf("\n%-32s %6s %5s %9s %8s %8s %8s %8s %9s %8s %12s\n", "causal attention", "seqlen",
+              "batch", "mma ms", "TF/s", "wgmma ms", "TF/s", "wg/mma", "bwd ms", "bwd TF/s",
+              "FA2 H100 f|b");
+  for (const Config& c : configs)
+    for (int seqlen : {512, 1024, 2048})
+      AttentionRow(rng, reps, c.what, c.heads, c.kv_heads, c.dim, seqlen, 16384 / seqlen, false);
+  AttentionRow(rng, reps, "gpu-ref step 8/2x128, qkv rows", 8, 2, 128, 1024, 32, true);
+  std::printf("(16k tokens a row but the last: gpu-ref's training step, 32 x 1024 tokens, q/k/v\n"
+              "   column slices of one [tokens, 1536] buffer. * FA2 H100 SXM5 figures from the\n"
+              "   FlashAttention-3 paper, Figs. 5-6: forward causal hdim 128; the backward one is\n"
+              "   non-causal, the only one published there)\n");
 }
 
 struct Row {

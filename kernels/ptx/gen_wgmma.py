@@ -153,6 +153,41 @@ __device__ __forceinline__ void {name}(float (&d)[{regs}], uint64_t desc_a,
 }}
 '''
 
+RS_BMN_DOC = """
+// wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 with A from registers
+// and imm-trans-b = 1: d (+)= A * B with A 64x16 in registers and B 16x{n}
+// stored N-major ([16 k][{n} n], make_wgmma_desc_mn_sw128) in shared memory.
+// A's four registers per thread (bf16 pairs, low half the lower column) are
+// the mma.sync m16n8k16 A fragment of the thread's warp's 16 rows: warp w of
+// the group, lane l, g = l / 4, c = 2 * (l % 4):
+//   a[0] = (16w + g, c..c+1), a[1] = (16w + g + 8, c..c+1),
+//   a[2] = (16w + g, c+8..c+9), a[3] = (16w + g + 8, c+8..c+9),
+// which is the fp32 accumulator layout above at columns 16j..16j+15 (registers
+// 8j..8j+7, paired) rounded to bf16: a product's accumulator feeds the next
+// product's A without a shuffle. The registers must not change until the
+// wgmma has completed (wgmma_wait_group). accumulate == 0 ignores d's old
+// value."""
+
+
+def shape_rs_bmn(n):
+    """One wrapper with A from registers and B MN-major."""
+    regs = n // 2
+    dlist, outs = operands(regs)
+    name = f"wgmma_m64n{n}k16_f32_bf16_rs_bmn"
+    indent = " " * (60 + 4)
+    return f'''{RS_BMN_DOC.format(n=n)}
+__device__ __forceinline__ void {name}(float (&d)[{regs}], const uint32_t (&a)[4],
+{indent}uint64_t desc_b, int accumulate) {{
+  asm volatile(
+      "{{\\n .reg .pred p;\\n setp.ne.b32 p, %{regs + 5}, 0;\\n"
+      " wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 "
+      "{{{dlist}}}, {{%{regs}, %{regs + 1}, %{regs + 2}, %{regs + 3}}}, %{regs + 4}, p, 1, 1, 1;\\n}}\\n"
+      : {outs}
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+}}
+'''
+
+
 # MN-major forms (both operands transposed: A stored [K][M], B stored [K][N]).
 MN_SHAPES = [128, 256]
 
@@ -160,6 +195,11 @@ MN_SHAPES = [128, 256]
 # A K-major, B MN-major (the grouped GEMM reading W stored [k, n]).
 BMN_SHAPES = [128, 256]
 
+# A from registers, B MN-major (attention's O += P V, P in registers, V
+# stored [keys][head_dim]).
+RS_BMN_SHAPES = [128]
+
 
 print(HEAD + "".join(shape(n) for n in SHAPES) + "".join(shape(n, mn=True) for n in MN_SHAPES) +
-      "".join(shape(n, bmn=True) for n in BMN_SHAPES) + TAIL, end="")
+      "".join(shape(n, bmn=True) for n in BMN_SHAPES) +
+      "".join(shape_rs_bmn(n) for n in RS_BMN_SHAPES) + TAIL, end="")

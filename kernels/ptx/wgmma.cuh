@@ -255,4 +255,34 @@ __device__ __forceinline__ void wgmma_m64n256k16_f32_bf16_ss_bmn(float (&d)[128]
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
+// wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 with A from registers
+// and imm-trans-b = 1: d (+)= A * B with A 64x16 in registers and B 16x128
+// stored N-major ([16 k][128 n], make_wgmma_desc_mn_sw128) in shared memory.
+// A's four registers per thread (bf16 pairs, low half the lower column) are
+// the mma.sync m16n8k16 A fragment of the thread's warp's 16 rows: warp w of
+// the group, lane l, g = l / 4, c = 2 * (l % 4):
+//   a[0] = (16w + g, c..c+1), a[1] = (16w + g + 8, c..c+1),
+//   a[2] = (16w + g, c+8..c+9), a[3] = (16w + g + 8, c+8..c+9),
+// which is the fp32 accumulator layout above at columns 16j..16j+15 (registers
+// 8j..8j+7, paired) rounded to bf16: a product's accumulator feeds the next
+// product's A without a shuffle. The registers must not change until the
+// wgmma has completed (wgmma_wait_group). accumulate == 0 ignores d's old
+// value.
+__device__ __forceinline__ void wgmma_m64n128k16_f32_bf16_rs_bmn(float (&d)[64], const uint32_t (&a)[4],
+                                                                uint64_t desc_b, int accumulate) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %69, 0;\n"
+      " wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+}
+
 }  // namespace grove::ptx

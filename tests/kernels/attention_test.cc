@@ -1,7 +1,10 @@
 // Causal grouped-query flash attention, forward and backward, against a
 // double-precision CPU loop on fresh random bf16 inputs: ragged batches,
 // length-1 sequences, lengths off the 64-row tile, head_dim 32, 64 and 128,
-// query groups of 1, 2, 4 and 6 heads per KV head.
+// query groups of 1, 2, 4 and 6 heads per KV head. AttentionForward runs
+// the wgmma kernel at head_dim 128 on sm_90 (kAuto), the mma.sync one
+// elsewhere; AttentionWgmmaForwardTest below checks the wgmma forward alone
+// and against the mma.sync one.
 //
 // Tolerances. The reference sees the kernels' bf16 inputs exactly, so only
 // the kernels' own roundings remain: scores and sums in fp32 (relative
@@ -28,9 +31,11 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "kernels/attention_internal.h"
 #include "tests/kernels/gpu_test_util.h"
 
 namespace grove::kernels {
@@ -58,14 +63,15 @@ std::string Describe(const Case& c) {
   return s;
 }
 
-// Double-precision causal GQA attention of one batch, forward and backward.
+// Double-precision causal GQA attention of one batch, forward and (unless
+// !backward) backward.
 struct Reference {
   std::vector<double> o, lse, dq, dk, dv;
 };
 
 Reference RunReference(const Case& c, const std::vector<int>& cu, const std::vector<double>& q,
                        const std::vector<double>& k, const std::vector<double>& v,
-                       const std::vector<double>& dout, double scale) {
+                       const std::vector<double>& dout, double scale, bool backward = true) {
   const int H = c.heads, Hk = c.kv_heads, D = c.head_dim, T = cu.back();
   Reference r;
   r.o.assign(size_t(T) * H * D, 0);
@@ -97,7 +103,7 @@ Reference RunReference(const Case& c, const std::vector<int>& cu, const std::vec
           for (int d = 0; d < D; ++d) r.o[qi(s0 + i, h) + d] += pij * v[ki(s0 + j, kh) + d];
         }
       }
-      for (int i = 0; i < len; ++i) {
+      for (int i = 0; i < len && backward; ++i) {
         double rowdot = 0;
         for (int d = 0; d < D; ++d) rowdot += dout[qi(s0 + i, h) + d] * r.o[qi(s0 + i, h) + d];
         for (int j = 0; j <= i; ++j) {
@@ -381,6 +387,238 @@ TEST(AttentionTest, ManySequencesLooseBound) {
   CheckAttention({lens, 4, 2, 64, 1100 - 149});
   CheckAttention({lens, 4, 2, 128, 1100 - 149});
   CheckAttention({lens, 4, 2, 32, 1100 - 149});
+}
+
+// ---- The wgmma forward (sm_90, head_dim 128) ----
+//
+// Against the double reference with the tolerances above (its roundings are
+// the mma.sync kernel's: bf16 P before P.V, bf16 O; fp32 scores and sums),
+// and against the mma.sync kernel on the same inputs: the two differ only in
+// where those roundings fall (128-key tiles instead of 64 move the running
+// max at which P is rounded), so O is held to the same 1e-2 norm-wise and
+// lse to 1e-4. In strided rows (NaN in every column outside q, k, v) O and
+// lse must equal the packed run's bit for bit. Every output starts as NaN:
+// a row left unwritten fails the reference check.
+
+struct ForwardRun {
+  std::vector<__nv_bfloat16> o;
+  std::vector<float> lse;
+};
+
+// One forward with `impl` on packed q, k, v ([T, heads * D] rows), or with
+// them in strided rows of a NaN-filled buffer (fused: Place's layouts).
+ForwardRun RunForward(AttentionForwardImpl impl, AttentionShape shape, std::optional<bool> fused,
+                      const std::vector<__nv_bfloat16>& q, const std::vector<__nv_bfloat16>& k,
+                      const std::vector<__nv_bfloat16>& v) {
+  const int T = shape.total_tokens;
+  const int64_t qw = int64_t(shape.num_heads) * shape.head_dim;
+  const int64_t kw = int64_t(shape.num_kv_heads) * shape.head_dim;
+  Placement at;
+  if (fused.has_value()) {
+    at = Place(*fused, T, qw, kw);
+  } else {  // packed: q, then k, then v
+    at.q_rs = qw;
+    at.kv_rs = kw;
+    at.k = size_t(T) * qw;
+    at.v = at.k + size_t(T) * kw;
+    at.total = at.v + size_t(T) * kw;
+  }
+  std::vector<__nv_bfloat16> in(at.total, NanBf16());
+  std::vector<__nv_bfloat16> qc = q, kc = k, vc = v;
+  Move(qc, in, at.q, at.q_rs, qw, T, true);
+  Move(kc, in, at.k, at.kv_rs, kw, T, true);
+  Move(vc, in, at.v, at.kv_rs, kw, T, true);
+  DeviceBuffer<__nv_bfloat16> d_in(in.size()), d_o(size_t(T) * qw);
+  DeviceBuffer<float> d_lse(size_t(shape.num_heads) * T);
+  EXPECT_EQ(d_in.Upload(in), cudaSuccess);
+  EXPECT_EQ(cudaMemset(d_o.get(), 0xFF, d_o.count() * 2), cudaSuccess);
+  EXPECT_EQ(cudaMemset(d_lse.get(), 0xFF, d_lse.count() * 4), cudaSuccess);
+  if (fused.has_value()) {
+    shape.q_row_stride = at.q_rs;
+    shape.kv_row_stride = at.kv_rs;
+  }
+  const __nv_bfloat16* base = d_in.get();
+  const Status st = AttentionForwardWith(impl, shape, base + at.q, base + at.k, base + at.v,
+                                         d_o.get(), d_lse.get(), nullptr);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  ForwardRun run;
+  EXPECT_EQ(d_o.Download(&run.o), cudaSuccess);
+  EXPECT_EQ(d_lse.Download(&run.lse), cudaSuccess);
+  return run;
+}
+
+double MaxAbsDiff(const std::vector<float>& a, const std::vector<double>& b) {
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i)
+    worst = std::max(worst, std::isfinite(a[i]) ? std::fabs(a[i] - b[i]) : INFINITY);
+  return worst;
+}
+
+void CheckWgmmaForward(const Case& c) {
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed) + " " + Describe(c));
+  std::mt19937_64 rng(seed);
+  const int H = c.heads, Hk = c.kv_heads, D = c.head_dim;
+  std::vector<int> cu{0};
+  for (int l : c.lens) cu.push_back(cu.back() + l);
+  const int T = cu.back();
+  std::vector<__nv_bfloat16> q_bf, k_bf, v_bf;
+  std::vector<double> q, k, v;
+  testing::RandomBf16(rng, size_t(T) * H * D, &q_bf, &q);
+  testing::RandomBf16(rng, size_t(T) * Hk * D, &k_bf, &k);
+  testing::RandomBf16(rng, size_t(T) * Hk * D, &v_bf, &v);
+  for (size_t i = 0; i < q.size(); ++i) {  // peaked softmax rows, as in CheckAttention
+    q_bf[i] = __float2bfloat16(6.f * __bfloat162float(q_bf[i]));
+    q[i] = __bfloat162float(q_bf[i]);
+  }
+  DeviceBuffer<int32_t> d_cu(cu.size());
+  GROVE_CUDA_OK(d_cu.Upload(std::vector<int32_t>(cu.begin(), cu.end())));
+  AttentionShape shape;
+  shape.cu_seqlens = d_cu.get();
+  shape.batch = int(c.lens.size());
+  shape.max_seqlen = *std::max_element(c.lens.begin(), c.lens.end()) + c.max_seqlen_slack;
+  shape.total_tokens = T;
+  shape.num_heads = H;
+  shape.num_kv_heads = Hk;
+  shape.head_dim = D;
+
+  const Reference ref = RunReference(c, cu, q, k, v, {}, 1.0 / std::sqrt(double(D)), false);
+  const ForwardRun wg = RunForward(AttentionForwardImpl::kWgmma, shape, std::nullopt, q_bf, k_bf, v_bf);
+  const ForwardRun mma = RunForward(AttentionForwardImpl::kMmaSync, shape, std::nullopt, q_bf, k_bf, v_bf);
+  const std::vector<double> o = ToDouble(wg.o);
+  double worst_row = 0;
+  for (size_t row = 0; row < size_t(T) * H; ++row) {
+    std::vector<double> got(o.begin() + row * D, o.begin() + (row + 1) * D);
+    std::vector<double> want(ref.o.begin() + row * D, ref.o.begin() + (row + 1) * D);
+    worst_row = std::max(worst_row, testing::RelativeError(got, want));
+  }
+  const double err_o = testing::RelativeError(o, ref.o);
+  const double err_lse = MaxAbsDiff(wg.lse, ref.lse);
+  const double vs_mma_o = testing::RelativeError(o, ToDouble(mma.o));
+  const double vs_mma_lse = MaxAbsDiff(wg.lse, std::vector<double>(mma.lse.begin(), mma.lse.end()));
+  std::printf("wgmma fwd %s: rel err O %.2e (worst row %.2e), |lse| %.1e; vs mma.sync O %.2e, |lse| %.1e\n",
+              Describe(c).c_str(), err_o, worst_row, err_lse, vs_mma_o, vs_mma_lse);
+  EXPECT_LE(err_o, 1e-2);
+  EXPECT_LE(worst_row, 3e-2);
+  EXPECT_LE(err_lse, 1e-4);
+  EXPECT_LE(vs_mma_o, 1e-2);
+  EXPECT_LE(vs_mma_lse, 1e-4);
+  for (bool fused : {true, false}) {
+    SCOPED_TRACE(fused ? "fused [q | k | v] rows" : "q rows and [k | v] rows of different strides");
+    const ForwardRun strided = RunForward(AttentionForwardImpl::kWgmma, shape, fused, q_bf, k_bf, v_bf);
+    EXPECT_EQ(BitDiffs(strided.o, wg.o), 0u);
+    EXPECT_EQ(BitDiffs(strided.lse, wg.lse), 0u);
+  }
+}
+
+#define GROVE_SKIP_WITHOUT_WGMMA_ATTENTION()                                              \
+  do {                                                                                    \
+    GROVE_SKIP_WITHOUT_GPU();                                                             \
+    if (!AttentionForwardWgmmaSupported(128)) GTEST_SKIP() << "no sm_90 GPU for wgmma"; \
+  } while (0)
+
+// Ragged lengths: 1, off the 128-row tile on both sides, exact multiples.
+TEST(AttentionWgmmaForwardTest, RaggedBatchGqa4) {
+  GROVE_SKIP_WITHOUT_WGMMA_ATTENTION();
+  CheckWgmmaForward({{1, 17, 64, 65, 127, 128, 129, 200, 255, 256, 257, 384}, 8, 2, 128});
+}
+
+TEST(AttentionWgmmaForwardTest, QueryGroupsOf1And8) {
+  GROVE_SKIP_WITHOUT_WGMMA_ATTENTION();
+  CheckWgmmaForward({{1, 300, 129}, 4, 4, 128});
+  CheckWgmmaForward({{383, 5, 700}, 8, 1, 128});
+}
+
+// Many short sequences under a loose max_seqlen: most CTAs find their
+// query tile past their sequence's end, and many tiles' TMA boxes run into
+// the next sequence's rows.
+TEST(AttentionWgmmaForwardTest, ManyShortSequencesLooseBound) {
+  GROVE_SKIP_WITHOUT_WGMMA_ATTENTION();
+  std::vector<int> lens;
+  for (int i = 0; i < 41; ++i) lens.push_back(1 + (i * 37) % 150);
+  CheckWgmmaForward({lens, 4, 2, 128, 1100 - 149});
+}
+
+// The gpu-ref training shape's heads (8 / 2 x 128) at its sequence length,
+// two sequences (the reference is a CPU loop).
+TEST(AttentionWgmmaForwardTest, TrainingShapeHeads) {
+  GROVE_SKIP_WITHOUT_WGMMA_ATTENTION();
+  CheckWgmmaForward({{1024, 1024}, 8, 2, 128});
+}
+
+// A sequence's last query tile reads key/value rows past its end (the next
+// sequence's, in the same tensor). Their probabilities are 0, but 0 * NaN is
+// NaN: non-finite values in one sequence must not reach another's outputs.
+// Both forwards, lengths off the tile so the shared tile is partial.
+TEST(AttentionForwardTest, NonFiniteNextSequenceDoesNotLeak) {
+  GROVE_SKIP_WITHOUT_GPU();
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int H = 8, Hk = 2, D = 128;
+  const std::vector<int32_t> cu = {0, 100, 160, 290};
+  const int T = cu.back();
+  std::vector<__nv_bfloat16> q, k, v;
+  std::vector<double> unused;
+  testing::RandomBf16(rng, size_t(T) * H * D, &q, &unused);
+  testing::RandomBf16(rng, size_t(T) * Hk * D, &k, &unused);
+  testing::RandomBf16(rng, size_t(T) * Hk * D, &v, &unused);
+  // Sequence 1 (rows 100..159) poisoned: NaN and inf in its keys and values.
+  std::vector<__nv_bfloat16> k_bad = k, v_bad = v;
+  for (size_t i = size_t(cu[1]) * Hk * D; i < size_t(cu[2]) * Hk * D; ++i) {
+    k_bad[i] = i % 2 ? NanBf16() : __float2bfloat16(INFINITY);
+    v_bad[i] = i % 3 ? NanBf16() : __float2bfloat16(-INFINITY);
+  }
+  DeviceBuffer<int32_t> d_cu(cu.size());
+  GROVE_CUDA_OK(d_cu.Upload(cu));
+  AttentionShape shape;
+  shape.cu_seqlens = d_cu.get();
+  shape.batch = 3;
+  shape.max_seqlen = 130;
+  shape.total_tokens = T;
+  shape.num_heads = H;
+  shape.num_kv_heads = Hk;
+  shape.head_dim = D;
+  std::vector<AttentionForwardImpl> impls = {AttentionForwardImpl::kMmaSync};
+  if (AttentionForwardWgmmaSupported(D)) impls.push_back(AttentionForwardImpl::kWgmma);
+  for (AttentionForwardImpl impl : impls) {
+    SCOPED_TRACE(impl == AttentionForwardImpl::kWgmma ? "wgmma" : "mma.sync");
+    const ForwardRun clean = RunForward(impl, shape, std::nullopt, q, k, v);
+    const ForwardRun poisoned = RunForward(impl, shape, std::nullopt, q, k_bad, v_bad);
+    // Sequences 0 and 2: the same bits as with finite neighbours.
+    for (int seq : {0, 2}) {
+      const size_t lo = size_t(cu[seq]) * H * D, hi = size_t(cu[seq + 1]) * H * D;
+      size_t diffs = 0, non_finite = 0;
+      for (size_t i = lo; i < hi; ++i) {
+        diffs += std::memcmp(&clean.o[i], &poisoned.o[i], sizeof(__nv_bfloat16)) != 0;
+        non_finite += !std::isfinite(__bfloat162float(poisoned.o[i]));
+      }
+      EXPECT_EQ(diffs, 0u) << "sequence " << seq;
+      EXPECT_EQ(non_finite, 0u) << "sequence " << seq;
+      for (int h = 0; h < H; ++h)
+        for (int t = cu[seq]; t < cu[seq + 1]; ++t)
+          ASSERT_EQ(clean.lse[size_t(h) * T + t], poisoned.lse[size_t(h) * T + t]) << "sequence " << seq;
+    }
+  }
+}
+
+TEST(AttentionWgmmaForwardTest, RefusedWhereItCannotRun) {
+  GROVE_SKIP_WITHOUT_GPU();
+  alignas(16) static __nv_bfloat16 buf[64];
+  alignas(16) static float lse[64];
+  alignas(16) static int32_t cu[2] = {0, 4};
+  AttentionShape s;
+  s.cu_seqlens = cu;
+  s.batch = 1;
+  s.max_seqlen = 4;
+  s.total_tokens = 4;
+  s.num_heads = 2;
+  s.num_kv_heads = 1;
+  s.head_dim = 64;
+  EXPECT_EQ(AttentionForwardWith(AttentionForwardImpl::kWgmma, s, buf, buf, buf, buf, lse, nullptr)
+                .code(),
+            StatusCode::kFailedPrecondition);
 }
 
 TEST(AttentionTest, RejectsBadShapes) {
