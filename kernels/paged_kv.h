@@ -78,6 +78,20 @@ struct PagedRows {
 Status PagedKvAppend(const PagedKvCache& cache, const PagedRows& rows, int heads, const float* qkv, int64_t ld,
                      const float* rope_cos, const float* rope_sin, __nv_bfloat16* q_out, cudaStream_t stream);
 
+// PagedKvAppend's arguments as one value (the QKV linear that appends in its
+// last block, QuantLinearRmsNormed's RopeAppendTail), and their checks.
+struct PagedAppendArgs {
+  PagedKvCache cache;
+  PagedRows rows;
+  int heads = 0;
+  const float* qkv = nullptr;
+  int64_t ld = 0;
+  const float* rope_cos = nullptr;
+  const float* rope_sin = nullptr;
+  __nv_bfloat16* q_out = nullptr;
+};
+Status CheckPagedKvAppend(const PagedAppendArgs& args);
+
 // scale 0 means 1 / sqrt(head_dim).
 Status PagedAttention(const PagedKvCache& cache, const PagedRows& rows, int heads, const __nv_bfloat16* q,
                       __nv_bfloat16* out, float scale, cudaStream_t stream);
@@ -96,5 +110,25 @@ size_t PagedAttentionSplitWorkspaceBytes(const PagedKvCache& cache, int rows, in
 Status PagedAttentionSplit(const PagedKvCache& cache, const PagedRows& rows, int heads, const __nv_bfloat16* q,
                            __nv_bfloat16* out, float scale, int max_pos, void* workspace, size_t workspace_bytes,
                            cudaStream_t stream);
+
+// Where PagedAttentionSplitPartials leaves the chunks' partial softmax
+// states, for a consumer that merges them itself (QuantLinearSplitKv: the wo
+// linear staging the combined row as its input). Plain values; the
+// workspace's layout is kernels/paged_kv_device.cuh's SplitLayout.
+struct PagedSplitPartials {
+  const float* workspace = nullptr;
+  PagedRows rows;
+  int heads = 0, head_dim = 0, chunks = 0;
+  int capacity = 0;  // page_tokens * max_pages_per_seq: rows with pos >= it are invalid (zeros)
+};
+
+// PagedAttentionSplit without its combine launch: the split pass only, its
+// partials described in *partials (same arguments and contract; the
+// workspace must stay untouched until the consumer has read it). The
+// consumer's merge (paged_kv_device.cuh's SplitCombined) is the combine
+// kernel's, so the same bits as PagedAttentionSplit's out.
+Status PagedAttentionSplitPartials(const PagedKvCache& cache, const PagedRows& rows, int heads,
+                                   const __nv_bfloat16* q, float scale, int max_pos, void* workspace,
+                                   size_t workspace_bytes, cudaStream_t stream, PagedSplitPartials* partials);
 
 }  // namespace grove::kernels

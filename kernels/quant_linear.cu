@@ -5,6 +5,8 @@
 #include <string>
 
 #include "kernels/launch.cuh"
+#include "kernels/moe_index_block.cuh"
+#include "kernels/paged_kv_device.cuh"
 #include "kernels/ptx/griddepcontrol.cuh"
 #include "kernels/ptx/prefetch.cuh"
 #include "kernels/quant_gemv.cuh"
@@ -142,19 +144,45 @@ __device__ __forceinline__ void StageXRmsNormed(uint4* x_s, int k, const NormedI
   });
 }
 
-// The router tail of QuantLinearRmsNormed, after every block has written
-// its logits: the last block to finish (threadfence, then a counter) reads
-// all n logits back through L2 (ld.cg: other SMs wrote them) into shared
-// memory and routes the row with one warp, then resets the counter.
-__device__ __forceinline__ void RouteInLastBlock(const float* y, const RouterTail& route) {
-  __shared__ float logits_s[kRouterMaxExperts];
+// Octet (8 columns from col) of row r of the split-KV combined attention
+// output: each value merged from the chunks' partial states by
+// paged::SplitCombined, the combine kernel's code (the same bits). A linear
+// staging its input this way merges the whole rows in every block (heads x
+// chunks x (head_dim + 2) floats per row from L2) instead of a combine
+// launch writing them once.
+__device__ __forceinline__ uint4 SplitKvOctet(const PagedSplitPartials& in, int r, int col) {
+  const paged::SplitWorkspace ws =
+      paged::SplitLayout(const_cast<float*>(in.workspace), int64_t(in.rows.rows) * in.heads * in.chunks);
+  const int slot = in.rows.slot[r], p = in.rows.pos[r];
+  const int h = col / in.head_dim, d = col % in.head_dim;  // head_dim is a multiple of 8: one head per octet
+  alignas(16) __nv_bfloat16 o[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e)
+    o[e] = paged::SplitCombined(ws, in.heads, in.head_dim, in.chunks, in.capacity, r, slot, p, h, d + e);
+  return *reinterpret_cast<const uint4*>(o);
+}
+
+// After every block has written its part of y: true in the one block that
+// finished last (threadfence, then a device counter; the counter is reset
+// for the next launch before this returns). Its reads of y must go through
+// L2 (ld.cg): other SMs wrote them. Called by every thread of every block.
+__device__ __forceinline__ bool LastBlockToFinish(unsigned* counter) {
   __shared__ bool last;
   __threadfence();  // this block's y stores visible device-wide before it counts
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(route.counter, 1u) == gridDim.x - 1;
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
   __syncthreads();
-  if (!last) return;
+  if (!last) return false;
   __threadfence();
+  if (threadIdx.x == 0) *counter = 0;  // every block has counted
+  return true;
+}
+
+// The router tail of QuantLinearRmsNormed: the last block reads all n
+// logits back into shared memory and routes the row with one warp.
+__device__ __forceinline__ void RouteInLastBlock(const float* y, const RouterTail& route) {
+  __shared__ float logits_s[kRouterMaxExperts];
+  if (!LastBlockToFinish(route.counter)) return;
   for (int e = threadIdx.x; e < route.args.experts; e += blockDim.x) logits_s[e] = __ldcg(y + e);
   __syncthreads();
   if (threadIdx.x < 32) {
@@ -162,18 +190,42 @@ __device__ __forceinline__ void RouteInLastBlock(const float* y, const RouterTai
     a.logits = logits_s;
     RouterTopKWarp(a, 0);
   }
-  if (threadIdx.x == 0) *route.counter = 0;
+  if (route.index.expert_offsets == nullptr) return;
+  __syncthreads();  // warp 0's ids stores visible to the block
+  static_assert(kThreads == kMoeRouteIndexOneBlockSlots, "one thread per slot");
+  const MoeSlotIndex& x = route.index;
+  RouteIndexOneBlock(route.args.ids, x.slots, x.experts, x.expert_offsets, x.row_of_slot, x.slot_of_row, nullptr);
 }
+
+// The RoPE + KV-append tail of QuantLinearRmsNormed: the last block runs
+// PagedKvAppend's row work (paged::AppendRow, reading q | k | v back from y
+// through L2) for the step's one row.
+__device__ __forceinline__ void AppendInLastBlock(const RopeAppendTail& tail) {
+  if (!LastBlockToFinish(tail.counter)) return;
+  const PagedAppendArgs& a = tail.append;
+  paged::AppendRow(a.cache, a.heads, a.rows.slot[0], a.rows.pos[0], a.qkv, a.rope_cos, a.rope_sin, a.q_out,
+                   threadIdx.x, blockDim.x);
+}
+
+// Where the m = 1 GEMV's input row comes from.
+enum class GemvInput : int {
+  kRows = 0,    // bf16 x (any M)
+  kNormed = 1,  // RMSNorm of an fp32 row (QuantLinearRmsNormed)
+  kSplitKv = 2  // the split-KV attention combine (QuantLinearSplitKv)
+};
 
 // Blocks loop over "passes" of R * groups rows (R weight rows per warp; n is
 // a multiple of 8, so R in {1, 2, 4} never splits a warp's rows at the end);
-// the activation tile is staged once per block. kNormed (M = 1 only): the
-// tile is the RMSNorm of the fp32 row norm.x instead of x.
-template <QuantFormat F, int M, int R, bool kNormed>
+// the activation tile is staged once per block. kIn (M = 1 only unless
+// kRows): the tile is the RMSNorm of the fp32 row norm.x, or the split-KV
+// combine of skv, instead of x. Tails (kNormed, the last block to finish):
+// route, or append.
+template <QuantFormat F, int M, int R, GemvInput kIn>
 __global__ void __launch_bounds__(kThreads)
     QuantGemvKernel(const __nv_bfloat16* __restrict__ x, int64_t ldx, int count, QuantWeight w, float* y,
-                    int64_t ldy, Accumulate mode, int passes, bool prefetch, NormedInput norm, RouterTail route) {
-  static_assert(!kNormed || M == 1, "the fused RMSNorm stages one row");
+                    int64_t ldy, Accumulate mode, int passes, bool prefetch, NormedInput norm, RouterTail route,
+                    PagedSplitPartials skv, RopeAppendTail append) {
+  static_assert(kIn == GemvInput::kRows || M == 1, "the fused inputs stage one row");
   constexpr int kRows = R;
   extern __shared__ uint4 smem[];
   float* red_s = reinterpret_cast<float*>(smem);
@@ -183,8 +235,10 @@ __global__ void __launch_bounds__(kThreads)
   if (prefetch) PrefetchFirstPassRows(w, rows_per_pass, passes);
   ptx::griddepcontrol_wait();  // x (or norm.x) and y come from earlier kernels
   ptx::griddepcontrol_launch_dependents();
-  if constexpr (kNormed) {
+  if constexpr (kIn == GemvInput::kNormed) {
     StageXRmsNormed<F>(x_s, w.k, norm, red_s);  // red_s is free until WarpReduceToShared
+  } else if constexpr (kIn == GemvInput::kSplitKv) {
+    gemv::StageXOctets<F, 1>(x_s, w.k, 1, [&](int, int col) { return SplitKvOctet(skv, 0, col); });
   } else {
     gemv::StageX<F, M>(x_s, w.k, count, [&](int i) { return x + i * ldx; });
   }
@@ -223,8 +277,9 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
   }
-  if constexpr (kNormed) {
+  if constexpr (kIn == GemvInput::kNormed) {
     if (route.counter != nullptr) RouteInLastBlock(y, route);
+    if (append.counter != nullptr) AppendInLastBlock(append);
   }
 }
 
@@ -241,22 +296,23 @@ Status LaunchedEx(cudaError_t err, const char* what) {
   return Launched(what);
 }
 
-template <QuantFormat F, int M, int R, bool kNormed = false>
+template <QuantFormat F, int M, int R, GemvInput kIn = GemvInput::kRows>
 Status LaunchGemv(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y, int64_t ldy,
-                  Accumulate mode, cudaStream_t stream, const NormedInput& norm = {}, const RouterTail& route = {}) {
+                  Accumulate mode, cudaStream_t stream, const NormedInput& norm = {}, const RouterTail& route = {},
+                  const PagedSplitPartials& skv = {}, const RopeAppendTail& append = {}) {
   const gemv::Split split = gemv::MakeSplit(F, w.k);
   const int rows_per_pass = R * split.groups;
   const int passes = static_cast<int>((w.n + rows_per_pass - 1) / rows_per_pass);
   const int blocks = std::min(passes, SmCount() * 4);
   const size_t smem = gemv::ReduceBytes(R) + gemv::XTileBytes(w.k, M);
-  auto kernel = QuantGemvKernel<F, M, R, kNormed>;
+  auto kernel = QuantGemvKernel<F, M, R, kIn>;
   if (smem > 48 * 1024 &&
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
           cudaSuccess)
     return Launched("QuantLinear: shared memory attribute");
   const bool prefetch = ProgrammaticLaunchEnabled();
   return LaunchedEx(LaunchKernel(kernel, dim3(blocks), dim3(kThreads), smem, stream, x, ldx, count, w, y, ldy, mode,
-                                 passes, prefetch, norm, route),
+                                 passes, prefetch, norm, route, skv, append),
                     "QuantLinear launch");
 }
 
@@ -294,10 +350,12 @@ int64_t MmaSmemBytes(int64_t k, int nt) { return int64_t{gemv::kWarps} * nt * 4 
 // group of `slices` warps per 16-row tile, passes over tiles as the CUDA-core
 // kernel does; partial tiles reduced across slices in order through shared
 // memory ([warp][NT][4][32] floats, then x).
-template <QuantFormat F, int NT>
+// kSplitKv: token i's row is the split-KV combine of row skv_row0 + i of
+// skv (QuantLinearSplitKv) instead of x's row i.
+template <QuantFormat F, int NT, bool kSplitKv>
 __global__ void __launch_bounds__(kThreads)
     QuantMmaKernel(const __nv_bfloat16* __restrict__ x, int64_t ldx, int count, QuantWeight w, float* y,
-                   int64_t ldy, Accumulate mode, int passes, bool prefetch) {
+                   int64_t ldy, Accumulate mode, int passes, bool prefetch, PagedSplitPartials skv, int skv_row0) {
   extern __shared__ uint4 smem[];
   float* red_s = reinterpret_cast<float*>(smem);
   uint4* x_s = smem + kMmaReduceFloats<NT> / 4;
@@ -305,7 +363,11 @@ __global__ void __launch_bounds__(kThreads)
   if (prefetch) PrefetchFirstPassRows(w, mma::kTileRows * split.groups, passes);
   ptx::griddepcontrol_wait();  // x and y come from earlier kernels
   ptx::griddepcontrol_launch_dependents();
-  mma::StageX<F, NT>(x_s, w.k, count, [&](int i) { return x + i * ldx; });
+  if constexpr (kSplitKv) {
+    mma::StageXOctets<F, NT>(x_s, w.k, count, [&](int i, int col) { return SplitKvOctet(skv, skv_row0 + i, col); });
+  } else {
+    mma::StageX<F, NT>(x_s, w.k, count, [&](int i) { return x + i * ldx; });
+  }
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wg = warp / split.slices, slice = warp % split.slices;
@@ -341,29 +403,29 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <QuantFormat F, int NT>
+template <QuantFormat F, int NT, bool kSplitKv = false>
 Status LaunchMma(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y, int64_t ldy,
-                 Accumulate mode, cudaStream_t stream) {
+                 Accumulate mode, cudaStream_t stream, const PagedSplitPartials& skv = {}, int skv_row0 = 0) {
   const mma::Split split = mma::MakeSplit(F, w.k);
   const int rows_per_pass = mma::kTileRows * split.groups;
   const int passes = static_cast<int>((w.n + rows_per_pass - 1) / rows_per_pass);
   const int blocks = std::min(passes, SmCount() * 4);
   const size_t smem = MmaSmemBytes(w.k, NT);
-  auto kernel = QuantMmaKernel<F, NT>;
+  auto kernel = QuantMmaKernel<F, NT, kSplitKv>;
   if (smem > 48 * 1024 &&
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
           cudaSuccess)
     return Launched("QuantLinear: shared memory attribute");
   return LaunchedEx(LaunchKernel(kernel, dim3(blocks), dim3(kThreads), smem, stream, x, ldx, count, w, y, ldy, mode,
-                                 passes, ProgrammaticLaunchEnabled()),
+                                 passes, ProgrammaticLaunchEnabled(), skv, skv_row0),
                     "QuantLinear tensor-core launch");
 }
 
-template <QuantFormat F>
+template <QuantFormat F, bool kSplitKv = false>
 Status LaunchMmaTokens(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y, int64_t ldy,
-                       Accumulate mode, cudaStream_t stream) {
-  if (count <= 8) return LaunchMma<F, 1>(x, ldx, count, w, y, ldy, mode, stream);
-  return LaunchMma<F, 2>(x, ldx, count, w, y, ldy, mode, stream);
+                       Accumulate mode, cudaStream_t stream, const PagedSplitPartials& skv = {}, int skv_row0 = 0) {
+  if (count <= 8) return LaunchMma<F, 1, kSplitKv>(x, ldx, count, w, y, ldy, mode, stream, skv, skv_row0);
+  return LaunchMma<F, 2, kSplitKv>(x, ldx, count, w, y, ldy, mode, stream, skv, skv_row0);
 }
 
 Status CheckShape(const char* what, QuantFormat f, int64_t n, int64_t k) {
@@ -477,42 +539,116 @@ Status QuantLinearOnPath(QuantLinearPath path, const __nv_bfloat16* x, int64_t l
 
 }  // namespace detail
 
+namespace {
+
+// The m = 1 GEMV with a fused input (kNormed, kSplitKv) in w's format.
+template <GemvInput kIn>
+Status LaunchFusedRow(const QuantWeight& w, float* y, Accumulate mode, cudaStream_t stream, const NormedInput& norm,
+                      const RouterTail& route, const PagedSplitPartials& skv, const RopeAppendTail& append) {
+  switch (w.format) {
+    case QuantFormat::kBF16:
+      return LaunchGemv<QuantFormat::kBF16, 1, kDefaultGemvRows, kIn>(nullptr, w.k, 1, w, y, w.n, mode, stream, norm,
+                                                                      route, skv, append);
+    case QuantFormat::kInt8:
+      return LaunchGemv<QuantFormat::kInt8, 1, kDefaultGemvRows, kIn>(nullptr, w.k, 1, w, y, w.n, mode, stream, norm,
+                                                                      route, skv, append);
+    case QuantFormat::kInt4:
+      return LaunchGemv<QuantFormat::kInt4, 1, kDefaultGemvRows, kIn>(nullptr, w.k, 1, w, y, w.n, mode, stream, norm,
+                                                                      route, skv, append);
+  }
+  return Status::InvalidArgument("QuantLinear: unknown format");
+}
+
+// The checks QuantLinearRmsNormed and QuantLinearSplitKv share: w's shape
+// and pointers, y, and room for the one-row tile.
+Status CheckFusedRow(const char* what, const QuantWeight& w, const float* y) {
+  GROVE_RETURN_IF_ERROR(CheckShape(what, w.format, w.n, w.k));
+  if (!Aligned(w.data, 16) || !Aligned(y, 4))
+    return Status::InvalidArgument(std::string(what) + ": w.data must be 16-byte aligned and y 4-byte aligned");
+  if (w.format != QuantFormat::kBF16 && !Aligned(w.scales, 4))
+    return Status::InvalidArgument(std::string(what) + ": int8/int4 weight without scales");
+  if (static_cast<int64_t>(gemv::ReduceBytes(kDefaultGemvRows) + gemv::XTileBytes(w.k, 1)) > kMaxSmemBytes)
+    return Status::InvalidArgument(std::string(what) + ": k " + std::to_string(w.k) +
+                                   " too long for the activation row in shared memory");
+  return Status::OK();
+}
+
+}  // namespace
+
 Status QuantLinearRmsNormed(const RmsNormedRow& in, const QuantWeight& w, float* y, Accumulate mode,
-                            cudaStream_t stream, const RouterTail* route) {
-  GROVE_RETURN_IF_ERROR(CheckShape("QuantLinearRmsNormed", w.format, w.n, w.k));
-  if (!Aligned(in.x, 4) || !Aligned(in.weight, 4) || !Aligned(w.data, 16) || !Aligned(y, 4))
-    return Status::InvalidArgument("QuantLinearRmsNormed: x, weight and y must be non-null and 4-byte aligned, "
-                                   "w.data 16-byte aligned");
+                            cudaStream_t stream, const RouterTail* route, const RopeAppendTail* append) {
+  GROVE_RETURN_IF_ERROR(CheckFusedRow("QuantLinearRmsNormed", w, y));
+  if (!Aligned(in.x, 4) || !Aligned(in.weight, 4))
+    return Status::InvalidArgument("QuantLinearRmsNormed: x and weight must be non-null and 4-byte aligned");
   if (in.normed != nullptr && !Aligned(in.normed, 16))
     return Status::InvalidArgument("QuantLinearRmsNormed: normed must be 16-byte aligned");
-  if (w.format != QuantFormat::kBF16 && !Aligned(w.scales, 4))
-    return Status::InvalidArgument("QuantLinearRmsNormed: int8/int4 weight without scales");
   if (!(in.eps >= 0.f))
     return Status::InvalidArgument("QuantLinearRmsNormed: eps must be >= 0");
-  if (static_cast<int64_t>(gemv::ReduceBytes(kDefaultGemvRows) + gemv::XTileBytes(w.k, 1)) > kMaxSmemBytes)
-    return Status::InvalidArgument("QuantLinearRmsNormed: k " + std::to_string(w.k) +
-                                   " too long for the activation row in shared memory");
+  if (route != nullptr && append != nullptr)
+    return Status::InvalidArgument("QuantLinearRmsNormed: a route or an append tail, not both");
   RouterTail tail;
   if (route != nullptr) {
     GROVE_RETURN_IF_ERROR(CheckRouterArgs(route->args));
     if (route->args.logits != y || route->args.tokens != 1 || route->args.experts != w.n || !route->counter)
       return Status::InvalidArgument("QuantLinearRmsNormed: the route needs logits == y, tokens 1, experts == n (" +
                                      std::to_string(w.n) + ") and a counter");
+    const MoeSlotIndex& x = route->index;
+    if (x.expert_offsets != nullptr &&
+        (!x.row_of_slot || !x.slot_of_row || x.slots != (route->args.out_stride != 0 ? route->args.out_stride : route->args.top_k) ||
+         x.slots > kMoeRouteIndexOneBlockSlots || x.experts < route->args.experts || x.experts > kMoeMaxExperts))
+      return Status::InvalidArgument("QuantLinearRmsNormed: the route's index needs its three arrays, slots == "
+                                     "out_stride (<= 256) and experts in [router experts, 256]");
     tail = *route;
   }
-  const NormedInput norm{in.x, in.weight, in.eps, in.normed};
-  switch (w.format) {
-    case QuantFormat::kBF16:
-      return LaunchGemv<QuantFormat::kBF16, 1, kDefaultGemvRows, true>(nullptr, w.k, 1, w, y, w.n, mode, stream,
-                                                                        norm, tail);
-    case QuantFormat::kInt8:
-      return LaunchGemv<QuantFormat::kInt8, 1, kDefaultGemvRows, true>(nullptr, w.k, 1, w, y, w.n, mode, stream,
-                                                                        norm, tail);
-    case QuantFormat::kInt4:
-      return LaunchGemv<QuantFormat::kInt4, 1, kDefaultGemvRows, true>(nullptr, w.k, 1, w, y, w.n, mode, stream,
-                                                                        norm, tail);
+  RopeAppendTail app;
+  if (append != nullptr) {
+    const PagedAppendArgs& a = append->append;
+    GROVE_RETURN_IF_ERROR(CheckPagedKvAppend(a));
+    if (a.qkv != y || a.rows.rows != 1 || a.ld < w.n || !append->counter ||
+        w.n < int64_t(a.heads + 2 * a.cache.kv_heads) * a.cache.head_dim)
+      return Status::InvalidArgument("QuantLinearRmsNormed: the append needs qkv == y, one row, n >= its q, k, v "
+                                     "columns and a counter");
+    app = *append;
   }
-  return Status::InvalidArgument("QuantLinearRmsNormed: unknown format");
+  const NormedInput norm{in.x, in.weight, in.eps, in.normed};
+  return LaunchFusedRow<GemvInput::kNormed>(w, y, mode, stream, norm, tail, {}, app);
+}
+
+Status QuantLinearSplitKv(const PagedSplitPartials& in, const QuantWeight& w, float* y, int64_t ldy,
+                          Accumulate mode, cudaStream_t stream) {
+  GROVE_RETURN_IF_ERROR(CheckFusedRow("QuantLinearSplitKv", w, y));
+  const int m = in.rows.rows;
+  if (m < 1 || !in.rows.slot || !in.rows.pos || !Aligned(in.workspace, 4))
+    return Status::InvalidArgument("QuantLinearSplitKv: needs rows >= 1 (slot, pos) and the partials' workspace");
+  if (in.head_dim % 8 != 0 || in.head_dim <= 0 || in.heads <= 0 || in.chunks <= 0 ||
+      int64_t(in.heads) * in.head_dim != w.k)
+    return Status::InvalidArgument("QuantLinearSplitKv: k (" + std::to_string(w.k) +
+                                   ") must be heads * head_dim with head_dim a multiple of 8");
+  if (ldy < w.n) return Status::InvalidArgument("QuantLinearSplitKv: ldy " + std::to_string(ldy) + " < n");
+  if (m == 1) return LaunchFusedRow<GemvInput::kSplitKv>(w, y, mode, stream, {}, {}, in, {});
+  // m >= 2: QuantLinear's tensor-core passes of 16 tokens (its kAuto choice
+  // at this m), so the same kernels and sums as QuantLinear on the combined rows.
+  if (MmaSmemBytes(w.k, 2) > kMaxSmemBytes)
+    return Status::InvalidArgument("QuantLinearSplitKv: k " + std::to_string(w.k) + " too long for the tensor-core path");
+  for (int m0 = 0; m0 < m; m0 += gemv::kMaxTokens) {
+    const int count = std::min(gemv::kMaxTokens, m - m0);
+    float* ys = y + int64_t(m0) * ldy;
+    switch (w.format) {
+      case QuantFormat::kBF16:
+        GROVE_RETURN_IF_ERROR(
+            (LaunchMmaTokens<QuantFormat::kBF16, true>(nullptr, w.k, count, w, ys, ldy, mode, stream, in, m0)));
+        break;
+      case QuantFormat::kInt8:
+        GROVE_RETURN_IF_ERROR(
+            (LaunchMmaTokens<QuantFormat::kInt8, true>(nullptr, w.k, count, w, ys, ldy, mode, stream, in, m0)));
+        break;
+      case QuantFormat::kInt4:
+        GROVE_RETURN_IF_ERROR(
+            (LaunchMmaTokens<QuantFormat::kInt4, true>(nullptr, w.k, count, w, ys, ldy, mode, stream, in, m0)));
+        break;
+    }
+  }
+  return Status::OK();
 }
 
 Status QuantLinear(const __nv_bfloat16* x, int64_t ldx, int64_t m, const QuantWeight& w, float* y, int64_t ldy,
