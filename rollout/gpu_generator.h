@@ -134,6 +134,22 @@ struct GpuGeneratorOptions {
   // bits (RouterTopK's per-token code). Off: measured 0.98x at batch 1 and
   // 1.00x at 8 on top of the defaults (H200, gpu-ref).
   bool fuse_router_topk = false;
+  // With fuse_router_topk (InvalidArgument without it): the fused router's
+  // last block also groups the row's slots by expert for the MoE
+  // (MoeRouteIndexOneBlock's code; MoeDecodeArgs::index_ready), one launch
+  // fewer per MoE layer. The same bits.
+  bool fuse_moe_index = false;
+  // With fuse_rmsnorm (InvalidArgument without it): the batch-1 QKV linear
+  // also applies RoPE and appends k, v to the cache in its last block to
+  // finish (kernels::RopeAppendTail), one launch fewer per layer. The same
+  // bits (PagedKvAppend's row code).
+  bool fuse_rope_append = false;
+  // With split_kv_attention: decode steps skip the split-KV combine launch;
+  // the wo linear's blocks merge the chunks' partial states while staging
+  // their input rows (kernels::QuantLinearSplitKv), one launch fewer per
+  // layer. The same bits (the combine's code, the same GEMV/mma kernel).
+  // Each block re-merges its rows, so the cost grows with the context.
+  bool fuse_attention_combine = false;
 };
 
 class GpuGenerator {

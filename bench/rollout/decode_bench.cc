@@ -33,7 +33,9 @@
 // gemv_rows_per_warp 1 / 4 (batch 1 only), split_kv = split_kv_attention,
 // programmatic_launch, fuse_rmsnorm and fuse_rmsnorm+router_topk (batch 1
 // only), default = the options' defaults, default with PDL + the fused norm
-// (+ the fused router), all = the four older paths) for
+// (+ the fused router), default + each issue-9 launch fold (attention_combine,
+// rope_append, router_topk+moe_index) and all of them, all = the four older
+// paths; --variant_names picks rows) for
 // --plans at --variant_batches, 32 new tokens: ms per decode step, the
 // speedup over base, the weight bytes read per second (StepWeightBytes /
 // step) and their share of the 2.82 TB/s read ceiling.
@@ -69,6 +71,8 @@ DEFINE_bool(profile, false, "print the eager decode step's time per phase instea
 DEFINE_string(profile_batches, "1,32", "batch sizes of --profile");
 DEFINE_bool(variants, false, "print ms/step of each opt-in decode path off/on instead of the throughput table");
 DEFINE_string(variant_batches, "1,8,32", "batch sizes of --variants");
+DEFINE_string(variant_names, "", "--variants: only the rows whose name contains one of these (comma-separated); "
+              "the base row always runs (the speedups' reference)");
 
 namespace grove::rollout {
 namespace {
@@ -243,6 +247,31 @@ const Variant kVariants[] = {
        o = GpuGeneratorOptions{};
        o.fuse_router_topk = true;
      }},
+    {"default+attention_combine", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.fuse_attention_combine = true;
+     }},
+    {"default+rope_append", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.fuse_rope_append = true;
+     }},
+    {"default+router_topk+moe_index", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.fuse_router_topk = true;
+       o.fuse_moe_index = true;
+     }},
+    {"default+combine+rope", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.fuse_attention_combine = true;
+       o.fuse_rope_append = true;
+     }},
+    {"default+combine+rope+router_topk+moe_index", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.fuse_attention_combine = true;
+       o.fuse_rope_append = true;
+       o.fuse_router_topk = true;
+       o.fuse_moe_index = true;
+     }},
     {"all", [](GpuGeneratorOptions& o) {
        o.fold_shared_experts = true;
        o.one_launch_moe_index = true;
@@ -261,6 +290,9 @@ void AllPathsOff(GpuGeneratorOptions& o) {
   o.programmatic_launch = false;
   o.fuse_rmsnorm = false;
   o.fuse_router_topk = false;
+  o.fuse_moe_index = false;
+  o.fuse_rope_append = false;
+  o.fuse_attention_combine = false;
 }
 
 // --variants: rows (variant, plan), columns ms/step per batch (x speedup
@@ -280,7 +312,12 @@ int RunVariants(const model::ModelConfig& c, const model::Model& host) {
   std::printf("\n| --- | --- |");
   for (size_t i = 0; i < batches.size(); ++i) std::printf(" --- |");
   std::printf("\n");
+  const std::vector<std::string> only = bench::SplitCommaList(FLAGS_variant_names);
   for (const Variant& v : kVariants) {
+    const std::string name = v.name;
+    if (&v != &kVariants[0] && !only.empty() &&
+        std::none_of(only.begin(), only.end(), [&](const std::string& w) { return name.find(w) != std::string::npos; }))
+      continue;
     GpuGeneratorOptions o;
     AllPathsOff(o);
     v.set(o);

@@ -770,6 +770,73 @@ TEST(GpuGenerator, ProgrammaticLaunchAndFusedNormGiveTheSameBits) {
   EXPECT_TRUE((*gen)->stats().graphs_used);
 }
 
+// fuse_attention_combine, fuse_rope_append and fuse_moe_index (issue #9:
+// the split-KV combine merged by the wo linear, RoPE + append in the QKV
+// linear's last block, the MoE slot index in the fused router's) change no
+// arithmetic: against the defaults, every token, log-prob and route is the
+// same bits, each alone and all together, graphs and eager, at max_batch 1
+// (the batch-1 fusions) and 8 (the combine in the tensor-core wo), bf16 and
+// mixed formats; and with folded shared experts (the index over routed +
+// shared slots). Prompts of 60-100 tokens and 30 new ones: rows attend 1-3
+// chunks of 64 keys, so the merge sees several partial states.
+TEST(GpuGenerator, FusedAttentionNeighboursGiveTheSameBits) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = MakeModel(7);
+  const FormatChooser mixed = [](const actors::TensorSpec& t) -> std::optional<PrecisionFormat> {
+    if (t.name.find("moe.experts") != std::string::npos) return PrecisionFormat::kInt4;
+    if (t.name.find("mlp") != std::string::npos) return PrecisionFormat::kInt8;
+    if (t.name.find("shared") != std::string::npos) return PrecisionFormat::kInt4;
+    return std::nullopt;
+  };
+  const auto prompts = Prompts(29, 6, 60, 100);
+  model::SamplingOptions sampling = Greedy(30);
+  // mode 0: defaults; 1: + fuse_attention_combine; 2: + fuse_rope_append;
+  // 3: + fuse_router_topk + fuse_moe_index; 4: all of them; 5: all, eager.
+  // 6, 7: fold_shared_experts alone and with all (compared with each other).
+  constexpr int kModes = 8;
+  auto options = [](int mode, int max_batch) {
+    GpuGeneratorOptions o;
+    o.max_batch = max_batch;
+    o.kv_memory_fraction = 0.05;
+    const bool all = mode == 4 || mode == 5 || mode == 7;
+    o.fuse_attention_combine = all || mode == 1;
+    o.fuse_rope_append = all || mode == 2;
+    o.fuse_router_topk = o.fuse_moe_index = all || mode == 3;
+    o.cuda_graphs = mode != 5;
+    o.fold_shared_experts = mode >= 6;
+    return o;
+  };
+  for (int fmt = 0; fmt < 2; ++fmt)
+    for (int max_batch : {1, 8}) {
+      SCOPED_TRACE(std::string(fmt ? "mixed formats" : "bf16") + ", max_batch " + std::to_string(max_batch));
+      std::vector<std::vector<model::Completion<float>>> runs, folded;
+      for (int mode = 0; mode < kModes; ++mode) {
+        const GpuGeneratorOptions o = options(mode, max_batch);
+        auto g = GpuGenerator::Create(cpu->config(), o);
+        ASSERT_TRUE(g.ok()) << g.status().ToString();
+        ASSERT_TRUE((*g)->LoadWeights(cpu->params(), fmt ? mixed : FormatChooser()).ok());
+        if (mode == 0) {
+          auto probe = (*g)->Generate(prompts, Greedy(30));  // a stop token met early, so the batch thins
+          ASSERT_TRUE(probe.ok()) << probe.status().ToString();
+          sampling.stop_tokens = {(*probe)[0].tokens[6]};
+        }
+        auto r = (*g)->Generate(prompts, sampling);
+        ASSERT_TRUE(r.ok()) << r.status().ToString();
+        EXPECT_EQ((*g)->stats().graphs_used, o.cuda_graphs);
+        (mode >= 6 ? folded : runs).push_back(std::move(*r));
+      }
+      ExpectSameBitsAsRun0(runs);
+      ExpectSameBitsAsRun0(folded);
+    }
+  GpuGeneratorOptions bad;
+  bad.fuse_rmsnorm = false;
+  bad.fuse_rope_append = true;
+  EXPECT_EQ(GpuGenerator::Create(cpu->config(), bad).status().code(), StatusCode::kInvalidArgument);
+  GpuGeneratorOptions index_alone;
+  index_alone.fuse_moe_index = true;
+  EXPECT_EQ(GpuGenerator::Create(cpu->config(), index_alone).status().code(), StatusCode::kInvalidArgument);
+}
+
 TEST(GpuGenerator, LoadFromDeviceEqualsLoadFromHost) {
   SKIP_WITHOUT_GPU();
   auto cpu = MakeModel(7);
