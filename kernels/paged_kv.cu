@@ -133,10 +133,15 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
 // [c * T, min((c + 1) * T - 1, pos)] and writes its merged, unnormalized
 // state per query head. Chunks past pos (and invalid rows) write nothing:
 // the combine reads only chunks 0..pos / T of a valid row.
+// With an append (app.qkv non-null): the rows' q, k, v are still fp32 in
+// app.qkv; each block ropes its G query heads into shared memory, and the
+// block whose chunk holds the row's position first appends k, v of its kv
+// head (the position only it reads) -- PagedKvAppend's arithmetic
+// (paged::RopePair, bf16 rounding), so the same bits as appending first.
 template <int HD>
 __global__ void __launch_bounds__(kAttnWarps * 32)
     SplitAttentionKernel(PagedKvCache c, PagedRows rows, int heads, const __nv_bfloat16* q, float scale,
-                         int chunks, SplitWorkspace ws) {
+                         int chunks, SplitWorkspace ws, PagedFusedAppend app) {
   ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
   ptx::griddepcontrol_launch_dependents();
   constexpr int T = kPagedSplitChunkTokens;
@@ -147,7 +152,41 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   if (!RowValid(c, slot, p) || lo > p) return;
   const int hi = min(lo + T - 1, p);
   __shared__ WarpStates<HD> st;
-  AttendKeys<HD>(c, slot, kh, G, q + int64_t(r) * heads * HD + int64_t(kh) * G * HD, lo, hi, scale, st);
+  __shared__ __nv_bfloat16 q_s[kPagedMaxGroup * HD];
+  const __nv_bfloat16* qr = q_s;
+  if (app.qkv == nullptr) {
+    qr = q + int64_t(r) * heads * HD + int64_t(kh) * G * HD;
+  } else {
+    constexpr int half = HD / 2;
+    const float* row = app.qkv + int64_t(r) * app.ld;
+    const float* cs = app.rope_cos + int64_t(p) * half;
+    const float* sn = app.rope_sin + int64_t(p) * half;
+    for (int i = threadIdx.x; i < G * half; i += blockDim.x) {
+      const int g = i / half, j = i % half;
+      const float* x = row + int64_t(kh * G + g) * HD;
+      float y0, y1;
+      paged::RopePair(x[j], x[j + half], cs[j], sn[j], y0, y1);
+      q_s[g * HD + j] = __float2bfloat16(y0);
+      q_s[g * HD + j + half] = __float2bfloat16(y1);
+    }
+    if (p / T == chunk) {
+      const int64_t off = CacheOffset(c, slot, p, kh);
+      for (int i = threadIdx.x; off >= 0 && i < half + HD; i += blockDim.x) {
+        if (i < half) {
+          const float* x = row + int64_t(heads + kh) * HD;
+          float y0, y1;
+          paged::RopePair(x[i], x[i + half], cs[i], sn[i], y0, y1);
+          c.k[off + i] = __float2bfloat16(y0);
+          c.k[off + i + half] = __float2bfloat16(y1);
+        } else {
+          const int d = i - half;
+          c.v[off + d] = __float2bfloat16(row[int64_t(heads + c.kv_heads + kh) * HD + d]);
+        }
+      }
+    }
+    __syncthreads();  // q_s and this block's k, v stores visible to its warps
+  }
+  AttendKeys<HD>(c, slot, kh, G, qr, lo, hi, scale, st);
   for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
     const int g = i / HD, d = i % HD;
     float M, num, den;
@@ -187,6 +226,19 @@ Status CheckCache(const PagedKvCache& c, int heads, const char* who) {
   return Status::OK();
 }
 
+// PagedKvAppend's checks; need_q_out false for the split pass's fused
+// append (q stays in shared memory).
+Status CheckAppend(const PagedAppendArgs& a, bool need_q_out) {
+  GROVE_RETURN_IF_ERROR(CheckCache(a.cache, a.heads, "PagedKvAppend"));
+  if (a.rows.rows < 0) return Status::InvalidArgument("PagedKvAppend: rows < 0");
+  if (a.rows.rows == 0) return Status::OK();
+  if (a.ld < int64_t(a.heads + 2 * a.cache.kv_heads) * a.cache.head_dim)
+    return Status::InvalidArgument("PagedKvAppend: ld smaller than the q, k, v columns");
+  if (!a.qkv || !a.rope_cos || !a.rope_sin || (need_q_out && !a.q_out) || !a.rows.slot || !a.rows.pos)
+    return Status::InvalidArgument("PagedKvAppend: null pointer");
+  return Status::OK();
+}
+
 Status LaunchStatus(const char* who, cudaError_t launch = cudaSuccess) {
   const cudaError_t err = launch != cudaSuccess ? launch : cudaGetLastError();
   if (err != cudaSuccess) return Status::Internal(std::string(who) + " launch: " + cudaGetErrorString(err));
@@ -198,10 +250,10 @@ Status LaunchStatus(const char* who, cudaError_t launch = cudaSuccess) {
 template <int HD>
 Status LaunchSplit(const PagedKvCache& cache, const PagedRows& rows, int heads, const __nv_bfloat16* q,
                    __nv_bfloat16* out, float scale, int chunks, const SplitWorkspace& ws, dim3 grid, dim3 combine_grid,
-                   cudaStream_t stream) {
+                   const PagedFusedAppend& app, cudaStream_t stream) {
   GROVE_RETURN_IF_ERROR(LaunchStatus("PagedAttentionSplit",
                                      LaunchKernel(SplitAttentionKernel<HD>, grid, dim3(kAttnWarps * 32), 0, stream,
-                                                  cache, rows, heads, q, scale, chunks, ws)));
+                                                  cache, rows, heads, q, scale, chunks, ws, app)));
   if (out == nullptr) return Status::OK();
   return LaunchStatus("PagedAttentionSplit combine", LaunchKernel(SplitCombineKernel<HD>, combine_grid, dim3(HD), 0,
                                                                   stream, cache, rows, heads, out, chunks, ws));
@@ -211,13 +263,23 @@ Status LaunchSplit(const PagedKvCache& cache, const PagedRows& rows, int heads, 
 // partials' description in *partials when not null).
 Status SplitAttention(const char* who, const PagedKvCache& cache, const PagedRows& rows, int heads,
                       const __nv_bfloat16* q, __nv_bfloat16* out, float scale, int max_pos, void* workspace,
-                      size_t workspace_bytes, cudaStream_t stream, PagedSplitPartials* partials) {
+                      size_t workspace_bytes, cudaStream_t stream, PagedSplitPartials* partials,
+                      const PagedFusedAppend* append) {
   const std::string w = who;
   GROVE_RETURN_IF_ERROR(CheckCache(cache, heads, who));
   if (rows.rows < 0) return Status::InvalidArgument(w + ": rows < 0");
   if (max_pos < 0) return Status::InvalidArgument(w + ": max_pos < 0");
   if (rows.rows == 0 && !partials) return Status::OK();
-  if (!q || (!out && !partials) || !rows.slot || !rows.pos || !workspace)
+  PagedFusedAppend app;
+  if (append != nullptr) {
+    GROVE_RETURN_IF_ERROR(
+        CheckAppend({cache, rows, heads, append->qkv, append->ld, append->rope_cos, append->rope_sin, nullptr},
+                    /*need_q_out=*/false));
+    app = *append;
+  } else if (!q) {
+    return Status::InvalidArgument(w + ": null q");
+  }
+  if ((!out && !partials) || !rows.slot || !rows.pos || !workspace)
     return Status::InvalidArgument(w + ": null pointer");
   if (reinterpret_cast<uintptr_t>(workspace) % alignof(float) != 0)
     return Status::InvalidArgument(w + ": workspace not 4-byte aligned");
@@ -242,24 +304,15 @@ Status SplitAttention(const char* who, const PagedKvCache& cache, const PagedRow
   const SplitWorkspace ws = SplitLayout(workspace, int64_t(rows.rows) * heads * chunks);
   const dim3 grid(rows.rows * cache.kv_heads, chunks), combine_grid(rows.rows, heads);
   switch (cache.head_dim) {
-    case 32: return LaunchSplit<32>(cache, rows, heads, q, out, scale, chunks, ws, grid, combine_grid, stream);
-    case 64: return LaunchSplit<64>(cache, rows, heads, q, out, scale, chunks, ws, grid, combine_grid, stream);
-    default: return LaunchSplit<128>(cache, rows, heads, q, out, scale, chunks, ws, grid, combine_grid, stream);
+    case 32: return LaunchSplit<32>(cache, rows, heads, q, out, scale, chunks, ws, grid, combine_grid, app, stream);
+    case 64: return LaunchSplit<64>(cache, rows, heads, q, out, scale, chunks, ws, grid, combine_grid, app, stream);
+    default: return LaunchSplit<128>(cache, rows, heads, q, out, scale, chunks, ws, grid, combine_grid, app, stream);
   }
 }
 
 }  // namespace
 
-Status CheckPagedKvAppend(const PagedAppendArgs& a) {
-  GROVE_RETURN_IF_ERROR(CheckCache(a.cache, a.heads, "PagedKvAppend"));
-  if (a.rows.rows < 0) return Status::InvalidArgument("PagedKvAppend: rows < 0");
-  if (a.rows.rows == 0) return Status::OK();
-  if (a.ld < int64_t(a.heads + 2 * a.cache.kv_heads) * a.cache.head_dim)
-    return Status::InvalidArgument("PagedKvAppend: ld smaller than the q, k, v columns");
-  if (!a.qkv || !a.rope_cos || !a.rope_sin || !a.q_out || !a.rows.slot || !a.rows.pos)
-    return Status::InvalidArgument("PagedKvAppend: null pointer");
-  return Status::OK();
-}
+Status CheckPagedKvAppend(const PagedAppendArgs& a) { return CheckAppend(a, true); }
 
 Status PagedKvAppend(const PagedKvCache& cache, const PagedRows& rows, int heads, const float* qkv, int64_t ld,
                      const float* rope_cos, const float* rope_sin, __nv_bfloat16* q_out, cudaStream_t stream) {
@@ -296,18 +349,19 @@ size_t PagedAttentionSplitWorkspaceBytes(const PagedKvCache& cache, int rows, in
 
 Status PagedAttentionSplit(const PagedKvCache& cache, const PagedRows& rows, int heads, const __nv_bfloat16* q,
                            __nv_bfloat16* out, float scale, int max_pos, void* workspace, size_t workspace_bytes,
-                           cudaStream_t stream) {
+                           cudaStream_t stream, const PagedFusedAppend* append) {
   if (!out && rows.rows > 0) return Status::InvalidArgument("PagedAttentionSplit: null pointer");
   return SplitAttention("PagedAttentionSplit", cache, rows, heads, q, out, scale, max_pos, workspace, workspace_bytes,
-                        stream, nullptr);
+                        stream, nullptr, append);
 }
 
 Status PagedAttentionSplitPartials(const PagedKvCache& cache, const PagedRows& rows, int heads,
                                    const __nv_bfloat16* q, float scale, int max_pos, void* workspace,
-                                   size_t workspace_bytes, cudaStream_t stream, PagedSplitPartials* partials) {
+                                   size_t workspace_bytes, cudaStream_t stream, PagedSplitPartials* partials,
+                                   const PagedFusedAppend* append) {
   if (!partials) return Status::InvalidArgument("PagedAttentionSplitPartials: null partials");
   return SplitAttention("PagedAttentionSplitPartials", cache, rows, heads, q, nullptr, scale, max_pos, workspace,
-                        workspace_bytes, stream, partials);
+                        workspace_bytes, stream, partials, append);
 }
 
 }  // namespace grove::kernels

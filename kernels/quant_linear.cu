@@ -144,22 +144,74 @@ __device__ __forceinline__ void StageXRmsNormed(uint4* x_s, int k, const NormedI
   });
 }
 
-// Octet (8 columns from col) of row r of the split-KV combined attention
-// output: each value merged from the chunks' partial states by
-// paged::SplitCombined, the combine kernel's code (the same bits). A linear
-// staging its input this way merges the whole rows in every block (heads x
-// chunks x (head_dim + 2) floats per row from L2) instead of a combine
-// launch writing them once.
-__device__ __forceinline__ uint4 SplitKvOctet(const PagedSplitPartials& in, int r, int col) {
-  const paged::SplitWorkspace ws =
-      paged::SplitLayout(const_cast<float*>(in.workspace), int64_t(in.rows.rows) * in.heads * in.chunks);
-  const int slot = in.rows.slot[r], p = in.rows.pos[r];
+// Staging the split-KV combined attention rows (QuantLinearSplitKv) in
+// place of x: MergeSoftmaxStates (the combine kernel's merge) in two phases
+// so the block's threads work in parallel instead of each walking a head's
+// chunks once per output value. Per (token, head) the factors and
+// denominator take kSplitKvScalars(chunks) floats of shared memory.
+__host__ __device__ inline int SplitKvScalars(int chunks) { return chunks + 2; }
+int64_t SplitKvSharedBytes(const PagedSplitPartials& in, int tokens) {
+  return int64_t{tokens} * in.heads * SplitKvScalars(in.chunks) * 4;
+}
+
+// Phase 1, one thread per (token i < count, head h) of rows row0 + i: the
+// merge's scalars as MergeSoftmaxStates computes them -- mx = max m over the
+// row's chunks 0..n-1 (n = 0 for an invalid row), then in chunk order each
+// state's factor (-1: skipped, l == 0) with den summed -- into f_s at
+// ((i * heads + h) * SplitKvScalars(chunks)): the factors, den, then n (as
+// int bits). Ends with a barrier.
+__device__ __forceinline__ void SplitKvMergeFactors(const PagedSplitPartials& in, const paged::SplitWorkspace& ws,
+                                                    int row0, int count, float* f_s) {
+  for (int t = threadIdx.x; t < count * in.heads; t += blockDim.x) {
+    const int i = t / in.heads, h = t % in.heads, r = row0 + i;
+    float* f = f_s + int64_t(t) * SplitKvScalars(in.chunks);
+    const int slot = in.rows.slot[r], p = in.rows.pos[r];
+    const int n = paged::RowValid(in.capacity, slot, p) ? min(p / kPagedSplitChunkTokens + 1, in.chunks) : 0;
+    const int64_t first = (int64_t(r) * in.heads + h) * in.chunks;
+    float mx = -INFINITY;
+    for (int c = 0; c < n; ++c) mx = fmaxf(mx, ws.m[first + c]);
+    float den = 0.f;
+    for (int c = 0; c < n; ++c) {
+      const float l = ws.l[first + c];
+      if (l == 0.f) {
+        f[c] = -1.f;
+        continue;
+      }
+      f[c] = SoftmaxMergeFactor(ws.m[first + c], mx);
+      SoftmaxMergeAdd(den, l, f[c]);
+    }
+    f[in.chunks] = den;
+    f[in.chunks + 1] = __int_as_float(n);
+  }
+  __syncthreads();
+}
+
+// Phase 2: octet (8 columns from col) of token i (row r): each value's
+// numerator summed over the chunks in order with phase 1's factors, then
+// num / den rounded to bf16 (0 when den is 0) -- the combine's value.
+__device__ __forceinline__ uint4 SplitKvOctet(const PagedSplitPartials& in, const paged::SplitWorkspace& ws,
+                                              const float* f_s, int i, int r, int col) {
   const int h = col / in.head_dim, d = col % in.head_dim;  // head_dim is a multiple of 8: one head per octet
+  const float* f = f_s + int64_t(i * in.heads + h) * SplitKvScalars(in.chunks);
+  const float den = f[in.chunks];
+  const int n = __float_as_int(f[in.chunks + 1]);
+  const float* acc = ws.acc + (int64_t(r) * in.heads + h) * in.chunks * in.head_dim + d;
+  float num[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int c = 0; c < n; ++c) {
+    const float fc = f[c];
+    if (fc < 0.f) continue;  // l == 0: MergeSoftmaxStates skips the state
+    const float* a = acc + int64_t(c) * in.head_dim;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) SoftmaxMergeAdd(num[e], a[e], fc);
+  }
   alignas(16) __nv_bfloat16 o[8];
 #pragma unroll
-  for (int e = 0; e < 8; ++e)
-    o[e] = paged::SplitCombined(ws, in.heads, in.head_dim, in.chunks, in.capacity, r, slot, p, h, d + e);
+  for (int e = 0; e < 8; ++e) o[e] = __float2bfloat16(den > 0.f ? num[e] / den : 0.f);
   return *reinterpret_cast<const uint4*>(o);
+}
+
+__device__ __forceinline__ paged::SplitWorkspace SplitKvLayout(const PagedSplitPartials& in) {
+  return paged::SplitLayout(const_cast<float*>(in.workspace), int64_t(in.rows.rows) * in.heads * in.chunks);
 }
 
 // After every block has written its part of y: true in the one block that
@@ -238,7 +290,10 @@ __global__ void __launch_bounds__(kThreads)
   if constexpr (kIn == GemvInput::kNormed) {
     StageXRmsNormed<F>(x_s, w.k, norm, red_s);  // red_s is free until WarpReduceToShared
   } else if constexpr (kIn == GemvInput::kSplitKv) {
-    gemv::StageXOctets<F, 1>(x_s, w.k, 1, [&](int, int col) { return SplitKvOctet(skv, 0, col); });
+    float* f_s = reinterpret_cast<float*>(x_s + gemv::XTileBytes(w.k, M) / 16);
+    const paged::SplitWorkspace ws = SplitKvLayout(skv);
+    SplitKvMergeFactors(skv, ws, 0, 1, f_s);
+    gemv::StageXOctets<F, 1>(x_s, w.k, 1, [&](int, int col) { return SplitKvOctet(skv, ws, f_s, 0, 0, col); });
   } else {
     gemv::StageX<F, M>(x_s, w.k, count, [&](int i) { return x + i * ldx; });
   }
@@ -304,7 +359,8 @@ Status LaunchGemv(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWei
   const int rows_per_pass = R * split.groups;
   const int passes = static_cast<int>((w.n + rows_per_pass - 1) / rows_per_pass);
   const int blocks = std::min(passes, SmCount() * 4);
-  const size_t smem = gemv::ReduceBytes(R) + gemv::XTileBytes(w.k, M);
+  const size_t smem = gemv::ReduceBytes(R) + gemv::XTileBytes(w.k, M) +
+                      (kIn == GemvInput::kSplitKv ? SplitKvSharedBytes(skv, M) : 0);
   auto kernel = QuantGemvKernel<F, M, R, kIn>;
   if (smem > 48 * 1024 &&
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
@@ -364,7 +420,11 @@ __global__ void __launch_bounds__(kThreads)
   ptx::griddepcontrol_wait();  // x and y come from earlier kernels
   ptx::griddepcontrol_launch_dependents();
   if constexpr (kSplitKv) {
-    mma::StageXOctets<F, NT>(x_s, w.k, count, [&](int i, int col) { return SplitKvOctet(skv, skv_row0 + i, col); });
+    float* f_s = reinterpret_cast<float*>(x_s + mma::XBytes(w.k, NT) / 16);
+    const paged::SplitWorkspace ws = SplitKvLayout(skv);
+    SplitKvMergeFactors(skv, ws, skv_row0, count, f_s);
+    mma::StageXOctets<F, NT>(x_s, w.k, count,
+                             [&](int i, int col) { return SplitKvOctet(skv, ws, f_s, i, skv_row0 + i, col); });
   } else {
     mma::StageX<F, NT>(x_s, w.k, count, [&](int i) { return x + i * ldx; });
   }
@@ -410,7 +470,7 @@ Status LaunchMma(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeig
   const int rows_per_pass = mma::kTileRows * split.groups;
   const int passes = static_cast<int>((w.n + rows_per_pass - 1) / rows_per_pass);
   const int blocks = std::min(passes, SmCount() * 4);
-  const size_t smem = MmaSmemBytes(w.k, NT);
+  const size_t smem = MmaSmemBytes(w.k, NT) + (kSplitKv ? SplitKvSharedBytes(skv, 8 * NT) : 0);
   auto kernel = QuantMmaKernel<F, NT, kSplitKv>;
   if (smem > 48 * 1024 &&
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
@@ -625,13 +685,22 @@ Status QuantLinearSplitKv(const PagedSplitPartials& in, const QuantWeight& w, fl
     return Status::InvalidArgument("QuantLinearSplitKv: k (" + std::to_string(w.k) +
                                    ") must be heads * head_dim with head_dim a multiple of 8");
   if (ldy < w.n) return Status::InvalidArgument("QuantLinearSplitKv: ldy " + std::to_string(ldy) + " < n");
-  if (m == 1) return LaunchFusedRow<GemvInput::kSplitKv>(w, y, mode, stream, {}, {}, in, {});
-  // m >= 2: QuantLinear's tensor-core passes of 16 tokens (its kAuto choice
-  // at this m), so the same kernels and sums as QuantLinear on the combined rows.
-  if (MmaSmemBytes(w.k, 2) > kMaxSmemBytes)
-    return Status::InvalidArgument("QuantLinearSplitKv: k " + std::to_string(w.k) + " too long for the tensor-core path");
-  for (int m0 = 0; m0 < m; m0 += gemv::kMaxTokens) {
-    const int count = std::min(gemv::kMaxTokens, m - m0);
+  if (m == 1) {
+    if (gemv::ReduceBytes(kDefaultGemvRows) + gemv::XTileBytes(w.k, 1) + SplitKvSharedBytes(in, 1) > kMaxSmemBytes)
+      return Status::InvalidArgument("QuantLinearSplitKv: too many chunks for the merge's shared memory");
+    return LaunchFusedRow<GemvInput::kSplitKv>(w, y, mode, stream, {}, {}, in, {});
+  }
+  // m >= 2: QuantLinear's tensor-core kernel (its kAuto choice at this m),
+  // in passes of 16 tokens, or 8 when the merge's shared memory needs it (a
+  // token's row has the same bits in either: quant_linear.h).
+  int per_pass = gemv::kMaxTokens;
+  while (per_pass > 8 && MmaSmemBytes(w.k, per_pass / 8) + SplitKvSharedBytes(in, per_pass) > kMaxSmemBytes)
+    per_pass /= 2;
+  if (MmaSmemBytes(w.k, per_pass / 8) + SplitKvSharedBytes(in, per_pass) > kMaxSmemBytes)
+    return Status::InvalidArgument("QuantLinearSplitKv: k " + std::to_string(w.k) + " and " +
+                                   std::to_string(in.chunks) + " chunks too large for the tensor-core path");
+  for (int m0 = 0; m0 < m; m0 += per_pass) {
+    const int count = std::min(per_pass, m - m0);
     float* ys = y + int64_t(m0) * ldy;
     switch (w.format) {
       case QuantFormat::kBF16:

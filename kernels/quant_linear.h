@@ -138,11 +138,12 @@ Status QuantLinearRmsNormed(const RmsNormedRow& in, const QuantWeight& w, float*
 // while staging their input rows (paged_kv_device.cuh's SplitCombined, the
 // combine kernel's code), so the combine launch goes and the result is bit
 // for bit PagedAttentionSplit followed by QuantLinear (m = 1: the CUDA-core
-// GEMV; m >= 2: the tensor-core passes of 16 rows QuantLinear takes for k
-// up to ~5000). k == heads * head_dim. Every block re-merges its rows:
-// heads * chunks_used * (head_dim + 2) floats per row from L2, cheap at
-// short contexts, a cost that grows with the rows' positions
-// (docs/kernels.md). Graph-capturable.
+// GEMV; m >= 2: the tensor-core kernel QuantLinear takes for k up to
+// ~5000). k == heads * head_dim. Every block re-merges its rows (heads *
+// chunks_used * (head_dim + 2) floats per row from L2), in two phases: a
+// thread per (row, head) the softmax factors into shared memory (heads *
+// (chunks + 2) floats per row: InvalidArgument when they do not fit beside
+// the rows), then every value's sum. Graph-capturable.
 Status QuantLinearSplitKv(const PagedSplitPartials& in, const QuantWeight& w, float* y, int64_t ldy,
                           Accumulate mode, cudaStream_t stream);
 

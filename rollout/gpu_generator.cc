@@ -623,7 +623,11 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kQkvLinear));
       GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w.qkv, qkv, qd + 2 * kd, Accumulate::kOverwrite));
     }
-    if (!(fuse_norm && opt.fuse_rope_append)) {
+    // fuse_append_attention: the split pass ropes and appends itself.
+    const bool split = opt.split_kv_attention && !gather_last;
+    const kernels::PagedFusedAppend fused_append{qkv, qd + 2 * kd, rope_cos, rope_sin};
+    const kernels::PagedFusedAppend* split_append = split && opt.fuse_append_attention ? &fused_append : nullptr;
+    if (!(fuse_norm && opt.fuse_rope_append) && split_append == nullptr) {
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kRopeAppend));
       GROVE_RETURN_IF_ERROR(kernels::PagedKvAppend(append.cache, append.rows, append.heads, append.qkv, append.ld,
                                                    append.rope_cos, append.rope_sin, append.q_out, stream));
@@ -633,17 +637,17 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     // the keys; a prefill's rows already give the unsplit kernel its blocks.
     // fuse_attention_combine: the wo linear merges the chunks' partials
     // itself, no combine launch.
-    const bool split = opt.split_kv_attention && !gather_last;
     if (split && opt.fuse_attention_combine) {
       kernels::PagedSplitPartials partials;
       GROVE_RETURN_IF_ERROR(kernels::PagedAttentionSplitPartials(kv, pr, int(c.heads), q, 0.f, int(c.max_seq_len),
-                                                                 attn_ws, attn_ws_bytes, stream, &partials));
+                                                                 attn_ws, attn_ws_bytes, stream, &partials,
+                                                                 split_append));
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kWo));
       GROVE_RETURN_IF_ERROR(kernels::QuantLinearSplitKv(partials, slots[w.wo].qw, x, H, Accumulate::kAdd, stream));
     } else {
       if (split)
         GROVE_RETURN_IF_ERROR(kernels::PagedAttentionSplit(kv, pr, int(c.heads), q, attn, 0.f, int(c.max_seq_len),
-                                                           attn_ws, attn_ws_bytes, stream));
+                                                           attn_ws, attn_ws_bytes, stream, split_append));
       else
         GROVE_RETURN_IF_ERROR(kernels::PagedAttention(kv, pr, int(c.heads), q, attn, 0.f, stream));
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kWo));
@@ -820,6 +824,9 @@ Result<std::unique_ptr<GpuGenerator>> GpuGenerator::Create(const model::ModelCon
     return Status::InvalidArgument("GpuGenerator: fuse_router_topk needs fuse_rmsnorm (it routes in the fused kernel)");
   if (options.fuse_moe_index && !options.fuse_router_topk)
     return Status::InvalidArgument("GpuGenerator: fuse_moe_index needs fuse_router_topk (it indexes in the router's tail)");
+  if (options.fuse_append_attention && (!options.split_kv_attention || options.fuse_rope_append))
+    return Status::InvalidArgument(
+        "GpuGenerator: fuse_append_attention needs split_kv_attention and excludes fuse_rope_append");
   if (options.fuse_rope_append && !options.fuse_rmsnorm)
     return Status::InvalidArgument("GpuGenerator: fuse_rope_append needs fuse_rmsnorm (it appends in the fused kernel)");
   if (options.gemv_rows_per_warp != 0 && options.gemv_rows_per_warp != 1 && options.gemv_rows_per_warp != 2 &&

@@ -144,6 +144,12 @@ struct GpuGeneratorOptions {
   // finish (kernels::RopeAppendTail), one launch fewer per layer. The same
   // bits (PagedKvAppend's row code).
   bool fuse_rope_append = false;
+  // With split_kv_attention (InvalidArgument without it, or with
+  // fuse_rope_append): decode steps skip the RoPE + KV-append launch; the
+  // split-KV pass ropes its query heads and appends each row's k, v itself
+  // (kernels::PagedFusedAppend), one launch fewer per layer at every batch.
+  // The same bits (RopePair, the append's rounding).
+  bool fuse_append_attention = false;
   // With split_kv_attention: decode steps skip the split-KV combine launch;
   // the wo linear's blocks merge the chunks' partial states while staging
   // their input rows (kernels::QuantLinearSplitKv), one launch fewer per

@@ -34,7 +34,8 @@
 // programmatic_launch, fuse_rmsnorm and fuse_rmsnorm+router_topk (batch 1
 // only), default = the options' defaults, default with PDL + the fused norm
 // (+ the fused router), default + each issue-9 launch fold (attention_combine,
-// rope_append, router_topk+moe_index) and all of them, all = the four older
+// rope_append, append_attention, router_topk+moe_index) and combinations,
+// all = the four older
 // paths; --variant_names picks rows) for
 // --plans at --variant_batches, 32 new tokens: ms per decode step, the
 // speedup over base, the weight bytes read per second (StepWeightBytes /
@@ -71,8 +72,8 @@ DEFINE_bool(profile, false, "print the eager decode step's time per phase instea
 DEFINE_string(profile_batches, "1,32", "batch sizes of --profile");
 DEFINE_bool(variants, false, "print ms/step of each opt-in decode path off/on instead of the throughput table");
 DEFINE_string(variant_batches, "1,8,32", "batch sizes of --variants");
-DEFINE_string(variant_names, "", "--variants: only the rows whose name contains one of these (comma-separated); "
-              "the base row always runs (the speedups' reference)");
+DEFINE_string(variant_names, "", "--variants: only the rows whose name contains one of these (comma-separated; "
+              "=name: exactly that row); the base row always runs (the speedups' reference)");
 
 namespace grove::rollout {
 namespace {
@@ -255,20 +256,24 @@ const Variant kVariants[] = {
        o = GpuGeneratorOptions{};
        o.fuse_rope_append = true;
      }},
+    {"default+append_attention", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.fuse_append_attention = true;
+     }},
+    {"default+combine+append_attention", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.fuse_attention_combine = true;
+       o.fuse_append_attention = true;
+     }},
     {"default+router_topk+moe_index", [](GpuGeneratorOptions& o) {
        o = GpuGeneratorOptions{};
        o.fuse_router_topk = true;
        o.fuse_moe_index = true;
      }},
-    {"default+combine+rope", [](GpuGeneratorOptions& o) {
+    {"default+combine+append_attention+router_topk+moe_index", [](GpuGeneratorOptions& o) {
        o = GpuGeneratorOptions{};
        o.fuse_attention_combine = true;
-       o.fuse_rope_append = true;
-     }},
-    {"default+combine+rope+router_topk+moe_index", [](GpuGeneratorOptions& o) {
-       o = GpuGeneratorOptions{};
-       o.fuse_attention_combine = true;
-       o.fuse_rope_append = true;
+       o.fuse_append_attention = true;
        o.fuse_router_topk = true;
        o.fuse_moe_index = true;
      }},
@@ -293,6 +298,7 @@ void AllPathsOff(GpuGeneratorOptions& o) {
   o.fuse_moe_index = false;
   o.fuse_rope_append = false;
   o.fuse_attention_combine = false;
+  o.fuse_append_attention = false;
 }
 
 // --variants: rows (variant, plan), columns ms/step per batch (x speedup
@@ -316,7 +322,9 @@ int RunVariants(const model::ModelConfig& c, const model::Model& host) {
   for (const Variant& v : kVariants) {
     const std::string name = v.name;
     if (&v != &kVariants[0] && !only.empty() &&
-        std::none_of(only.begin(), only.end(), [&](const std::string& w) { return name.find(w) != std::string::npos; }))
+        std::none_of(only.begin(), only.end(), [&](const std::string& w) {
+          return w[0] == '=' ? name == w.substr(1) : name.find(w) != std::string::npos;
+        }))
       continue;
     GpuGeneratorOptions o;
     AllPathsOff(o);

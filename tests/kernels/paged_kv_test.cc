@@ -133,6 +133,19 @@ void RunCase(const Case& tc, uint64_t seed) {
     GROVE_CUDA_OK(d_pos.Upload(pos));
     GROVE_CUDA_OK(d_qkv.Upload(qkv));
     PagedRows pr{d_slot.get(), d_pos.get(), rows};
+    // Decode rows (one per sequence): the split pass with the append folded
+    // in (PagedFusedAppend), before anything appended these positions; its
+    // output must be the bits of append + split below.
+    const bool decode = &qkv == &dec_qkv;
+    const size_t fused_ws_bytes = PagedAttentionSplitWorkspaceBytes(cache, rows, heads, max_pos);
+    DeviceBuffer<float> d_fused_ws(fused_ws_bytes / sizeof(float));
+    DeviceBuffer<__nv_bfloat16> d_fused(size_t(rows) * qd);
+    if (decode) {
+      const PagedFusedAppend fa{d_qkv.get(), ld, d_cos.get(), d_sin.get()};
+      ASSERT_TRUE(PagedAttentionSplit(cache, pr, heads, nullptr, d_fused.get(), 0.f, max_pos, d_fused_ws.get(),
+                                      fused_ws_bytes, nullptr, &fa)
+                      .ok());
+    }
     ASSERT_TRUE(PagedKvAppend(cache, pr, heads, d_qkv.get(), ld, d_cos.get(), d_sin.get(), d_q.get(), nullptr).ok());
     ASSERT_TRUE(PagedAttention(cache, pr, heads, d_q.get(), d_out.get(), 0.f, nullptr).ok());
     ASSERT_EQ(PagedAttentionSplitChunks(cache, max_pos), max_pos / kPagedSplitChunkTokens);
@@ -152,6 +165,13 @@ void RunCase(const Case& tc, uint64_t seed) {
     GROVE_CUDA_OK(d_q.Download(&res->q));
     GROVE_CUDA_OK(d_out.Download(&res->out));
     GROVE_CUDA_OK(d_split.Download(&res->split));
+    if (decode) {
+      std::vector<__nv_bfloat16> fused;
+      GROVE_CUDA_OK(d_fused.Download(&fused));
+      int differ = 0;
+      for (size_t i = 0; i < fused.size(); ++i) differ += std::memcmp(&fused[i], &res->split[i], 2) != 0;
+      EXPECT_EQ(differ, 0) << "split pass with the append folded in vs append + split";
+    }
   };
   Launch pre, dec;
   launch(pre_slot, pre_pos, pre_qkv, &pre);

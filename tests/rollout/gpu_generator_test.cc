@@ -770,9 +770,10 @@ TEST(GpuGenerator, ProgrammaticLaunchAndFusedNormGiveTheSameBits) {
   EXPECT_TRUE((*gen)->stats().graphs_used);
 }
 
-// fuse_attention_combine, fuse_rope_append and fuse_moe_index (issue #9:
-// the split-KV combine merged by the wo linear, RoPE + append in the QKV
-// linear's last block, the MoE slot index in the fused router's) change no
+// fuse_attention_combine, fuse_rope_append, fuse_append_attention and
+// fuse_moe_index (issue #9: the split-KV combine merged by the wo linear,
+// RoPE + append in the QKV linear's last block or in the split pass, the
+// MoE slot index in the fused router's) change no
 // arithmetic: against the defaults, every token, log-prob and route is the
 // same bits, each alone and all together, graphs and eager, at max_batch 1
 // (the batch-1 fusions) and 8 (the combine in the tensor-core wo), bf16 and
@@ -791,19 +792,21 @@ TEST(GpuGenerator, FusedAttentionNeighboursGiveTheSameBits) {
   const auto prompts = Prompts(29, 6, 60, 100);
   model::SamplingOptions sampling = Greedy(30);
   // mode 0: defaults; 1: + fuse_attention_combine; 2: + fuse_rope_append;
-  // 3: + fuse_router_topk + fuse_moe_index; 4: all of them; 5: all, eager.
-  // 6, 7: fold_shared_experts alone and with all (compared with each other).
-  constexpr int kModes = 8;
+  // 3: + fuse_append_attention; 4: + fuse_router_topk + fuse_moe_index;
+  // 5: 1 + 3 + 4; 6: the same, eager; 7: 1 + 2 + 4. 8, 9: fold_shared_experts
+  // alone and with 5 (compared with each other).
+  constexpr int kModes = 10;
   auto options = [](int mode, int max_batch) {
     GpuGeneratorOptions o;
     o.max_batch = max_batch;
     o.kv_memory_fraction = 0.05;
-    const bool all = mode == 4 || mode == 5 || mode == 7;
-    o.fuse_attention_combine = all || mode == 1;
-    o.fuse_rope_append = all || mode == 2;
-    o.fuse_router_topk = o.fuse_moe_index = all || mode == 3;
-    o.cuda_graphs = mode != 5;
-    o.fold_shared_experts = mode >= 6;
+    const bool all = mode == 5 || mode == 6 || mode == 9;
+    o.fuse_attention_combine = all || mode == 1 || mode == 7;
+    o.fuse_rope_append = mode == 2 || mode == 7;
+    o.fuse_append_attention = all || mode == 3;
+    o.fuse_router_topk = o.fuse_moe_index = all || mode == 4 || mode == 7;
+    o.cuda_graphs = mode != 6;
+    o.fold_shared_experts = mode >= 8;
     return o;
   };
   for (int fmt = 0; fmt < 2; ++fmt)
@@ -823,7 +826,7 @@ TEST(GpuGenerator, FusedAttentionNeighboursGiveTheSameBits) {
         auto r = (*g)->Generate(prompts, sampling);
         ASSERT_TRUE(r.ok()) << r.status().ToString();
         EXPECT_EQ((*g)->stats().graphs_used, o.cuda_graphs);
-        (mode >= 6 ? folded : runs).push_back(std::move(*r));
+        (mode >= 8 ? folded : runs).push_back(std::move(*r));
       }
       ExpectSameBitsAsRun0(runs);
       ExpectSameBitsAsRun0(folded);
@@ -835,6 +838,9 @@ TEST(GpuGenerator, FusedAttentionNeighboursGiveTheSameBits) {
   GpuGeneratorOptions index_alone;
   index_alone.fuse_moe_index = true;
   EXPECT_EQ(GpuGenerator::Create(cpu->config(), index_alone).status().code(), StatusCode::kInvalidArgument);
+  GpuGeneratorOptions both_appends;
+  both_appends.fuse_rope_append = both_appends.fuse_append_attention = true;
+  EXPECT_EQ(GpuGenerator::Create(cpu->config(), both_appends).status().code(), StatusCode::kInvalidArgument);
 }
 
 TEST(GpuGenerator, LoadFromDeviceEqualsLoadFromHost) {
