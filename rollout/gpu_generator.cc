@@ -623,10 +623,12 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kQkvLinear));
       GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w.qkv, qkv, qd + 2 * kd, Accumulate::kOverwrite));
     }
-    // fuse_append_attention: the split pass ropes and appends itself.
+    // fuse_append_attention: the split pass ropes and appends itself,
+    // unless the QKV linear already did (fuse_rope_append).
     const bool split = opt.split_kv_attention && !gather_last;
     const kernels::PagedFusedAppend fused_append{qkv, qd + 2 * kd, rope_cos, rope_sin};
-    const kernels::PagedFusedAppend* split_append = split && opt.fuse_append_attention ? &fused_append : nullptr;
+    const kernels::PagedFusedAppend* split_append =
+        split && opt.fuse_append_attention && !(fuse_norm && opt.fuse_rope_append) ? &fused_append : nullptr;
     if (!(fuse_norm && opt.fuse_rope_append) && split_append == nullptr) {
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kRopeAppend));
       GROVE_RETURN_IF_ERROR(kernels::PagedKvAppend(append.cache, append.rows, append.heads, append.qkv, append.ld,
@@ -824,9 +826,6 @@ Result<std::unique_ptr<GpuGenerator>> GpuGenerator::Create(const model::ModelCon
     return Status::InvalidArgument("GpuGenerator: fuse_router_topk needs fuse_rmsnorm (it routes in the fused kernel)");
   if (options.fuse_moe_index && !options.fuse_router_topk)
     return Status::InvalidArgument("GpuGenerator: fuse_moe_index needs fuse_router_topk (it indexes in the router's tail)");
-  if (options.fuse_append_attention && (!options.split_kv_attention || options.fuse_rope_append))
-    return Status::InvalidArgument(
-        "GpuGenerator: fuse_append_attention needs split_kv_attention and excludes fuse_rope_append");
   if (options.fuse_rope_append && !options.fuse_rmsnorm)
     return Status::InvalidArgument("GpuGenerator: fuse_rope_append needs fuse_rmsnorm (it appends in the fused kernel)");
   if (options.gemv_rows_per_warp != 0 && options.gemv_rows_per_warp != 1 && options.gemv_rows_per_warp != 2 &&
