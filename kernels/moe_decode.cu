@@ -426,9 +426,7 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
   int32_t* slot_of_row = reinterpret_cast<int32_t*>(ws + l.slot_of_row);
   __nv_bfloat16* h = reinterpret_cast<__nv_bfloat16*>(ws + l.h);
   float* partial = reinterpret_cast<float*>(ws + l.partial);
-  if (a.index_ready) {
-    // computed ahead (MoeDecodeSlotIndex): nothing to launch
-  } else if (a.one_launch_index && int64_t{a.m} * a.top_k <= kMoeRouteIndexOneBlockSlots) {
+  if (a.one_launch_index && int64_t{a.m} * a.top_k <= kMoeRouteIndexOneBlockSlots) {
     GROVE_RETURN_IF_ERROR(
         MoeRouteIndexOneBlock(a.ids, a.m, a.top_k, a.experts, offsets, row_of_slot, slot_of_row, nullptr, stream));
   } else {
@@ -477,23 +475,6 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
 }
 
 }  // namespace detail
-
-Status MoeDecodeSlotIndex(const MoeDecodeArgs& a, MoeSlotIndex* index) {
-  if (!index || a.m < 1 || a.top_k < 1 || a.experts < 1 || a.experts > kMoeMaxExperts || a.hidden <= 0 ||
-      a.expert_hidden <= 0 || int64_t{a.m} * a.top_k > kMoeRouteIndexOneBlockSlots)
-    return Status::InvalidArgument("MoeDecodeSlotIndex: bad shape, or m * top_k above the one-block index's " +
-                                   std::to_string(kMoeRouteIndexOneBlockSlots) + " slots");
-  const Layout l = MakeLayout(a.m, a.hidden, a.expert_hidden, a.experts, a.top_k);
-  if (!a.workspace || reinterpret_cast<uintptr_t>(a.workspace) % 256 != 0 || a.workspace_bytes < l.total)
-    return Status::InvalidArgument("MoeDecodeSlotIndex: workspace null, unaligned or too small");
-  uint8_t* ws = static_cast<uint8_t*>(a.workspace);
-  index->expert_offsets = reinterpret_cast<int32_t*>(ws + l.offsets);
-  index->row_of_slot = reinterpret_cast<int32_t*>(ws + l.row_of_slot);
-  index->slot_of_row = reinterpret_cast<int32_t*>(ws + l.slot_of_row);
-  index->slots = a.m * a.top_k;
-  index->experts = a.experts;
-  return Status::OK();
-}
 
 Status MoeDecodeForward(const MoeDecodeArgs& a, cudaStream_t stream) {
   return detail::MoeDecodeForwardOnPath(a, detail::MoeDecodePath::kAuto, stream);

@@ -27,7 +27,6 @@
 #include <cstdint>
 
 #include "base/status.h"
-#include "kernels/moe_permute.h"
 #include "kernels/quant_linear.h"
 
 namespace grove::kernels {
@@ -54,21 +53,11 @@ struct MoeDecodeArgs {
   // of three; the same index, so the same result) when m * top_k <=
   // kMoeRouteIndexOneBlockSlots; larger m ignores it.
   bool one_launch_index = false;
-  // The slot index of ids is already in the workspace where
-  // MoeDecodeSlotIndex says (a fused router computed it): no index launch.
-  bool index_ready = false;
 };
 
 size_t MoeDecodeWorkspaceBytes(int m, int hidden, int expert_hidden, int experts, int top_k);
 
 // Graph-capturable (no host sync, no allocation).
 Status MoeDecodeForward(const MoeDecodeArgs& args, cudaStream_t stream);
-
-// Where MoeDecodeForward keeps the slot index of args (m, top_k, experts,
-// workspace) in its workspace, for a kernel that computes it ahead
-// (index_ready). InvalidArgument on a bad shape, a workspace too small, or
-// m * top_k > kMoeRouteIndexOneBlockSlots (only the one-block index can be
-// computed elsewhere).
-Status MoeDecodeSlotIndex(const MoeDecodeArgs& args, MoeSlotIndex* index);
 
 }  // namespace grove::kernels

@@ -3,7 +3,6 @@
 #include <string>
 
 #include "kernels/launch.cuh"
-#include "kernels/moe_index_block.cuh"
 #include "kernels/ptx/griddepcontrol.cuh"
 #include "kernels/vector_io.cuh"
 
@@ -113,13 +112,54 @@ __global__ void ScatterKernel(const uint16_t* ids, int slots, int experts, int c
   slot_of_row[row] = s;
 }
 
-// MoeRouteIndexOneBlock: kernels/moe_index_block.cuh's RouteIndexOneBlock.
+// MoeRouteIndexOneBlock: one thread per slot (blockDim.x =
+// kMoeRouteIndexOneBlockSlots). Histogram in shared memory, each expert's
+// first row by a serial sum of the counts before it (<= 256 terms), each
+// slot's rank by counting the earlier slots of its expert (<= 255 shared
+// reads, the same index across a warp: broadcasts). Rows by slot order
+// inside an expert, as the three-launch path gives.
 __global__ void __launch_bounds__(kMoeRouteIndexOneBlockSlots)
     OneBlockIndexKernel(const uint16_t* ids, int slots, int experts, int32_t* expert_offsets, int32_t* row_of_slot,
                         int32_t* slot_of_row, int32_t* expert_load) {
   ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
   ptx::griddepcontrol_launch_dependents();
-  RouteIndexOneBlock(ids, slots, experts, expert_offsets, row_of_slot, slot_of_row, expert_load);
+  __shared__ int key[kMoeRouteIndexOneBlockSlots];
+  __shared__ int32_t count[kMoeMaxExperts];
+  __shared__ int32_t first[kMoeMaxExperts + 1];
+  const int s = threadIdx.x;
+  for (int e = s; e < experts; e += blockDim.x) count[e] = 0;
+  int k = kNoExpert;
+  if (s < slots) {
+    k = ids[s];
+    if (k >= experts) k = kNoExpert;
+  }
+  key[s] = k;
+  __syncthreads();
+  if (k != kNoExpert) atomicAdd(&count[k], 1);
+  __syncthreads();
+  for (int e = s; e <= experts; e += blockDim.x) {
+    int32_t run = 0;
+    for (int i = 0; i < e; ++i) run += count[i];
+    first[e] = run;
+  }
+  __syncthreads();
+  for (int e = s; e <= experts; e += blockDim.x) {
+    expert_offsets[e] = first[e];
+    if (expert_load && e < experts) expert_load[e] = count[e];
+  }
+  if (s >= slots) return;
+  if (k == kNoExpert) {
+    row_of_slot[s] = -1;
+  } else {
+    int32_t rank = 0;
+    for (int i = 0; i < s; ++i) rank += key[i] == k;
+    const int32_t row = first[k] + rank;
+    row_of_slot[s] = row;
+    slot_of_row[row] = s;
+  }
+  // Rows past the total belong to dropped slots: no slot. (Row s here; the
+  // scatter above writes only rows below the total.)
+  if (s >= first[experts]) slot_of_row[s] = -1;
 }
 
 Status Launched(const char* what) {

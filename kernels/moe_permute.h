@@ -52,17 +52,6 @@ inline constexpr int kMoeRouteIndexOneBlockSlots = 256;
 Status MoeRouteIndexOneBlock(const uint16_t* ids, int tokens, int top_k, int experts, int32_t* expert_offsets,
                              int32_t* row_of_slot, int32_t* slot_of_row, int32_t* expert_load, cudaStream_t stream);
 
-// Where a one-block index of `slots` slots (tokens * top_k) over `experts`
-// experts goes: MoeRouteIndexOneBlock's outputs (no expert_load), for a
-// kernel that computes the index in its tail (QuantLinearRmsNormed's router
-// tail; MoeDecodeSlotIndex gives MoeDecodeForward's).
-struct MoeSlotIndex {
-  int32_t* expert_offsets = nullptr;
-  int32_t* row_of_slot = nullptr;
-  int32_t* slot_of_row = nullptr;
-  int slots = 0, experts = 0;
-};
-
 // x [tokens, hidden] -> a [rows, hidden], rows = tokens * top_k.
 Status MoePermute(const __nv_bfloat16* x, const int32_t* slot_of_row, __nv_bfloat16* a, int rows, int top_k,
                   int hidden, cudaStream_t stream);

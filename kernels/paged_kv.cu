@@ -1,7 +1,6 @@
 #include "kernels/paged_kv.h"
 
 #include "kernels/launch.cuh"
-#include "kernels/paged_kv_device.cuh"
 #include "kernels/ptx/griddepcontrol.cuh"
 #include "kernels/softmax_merge.h"
 
@@ -16,18 +15,65 @@ namespace {
 constexpr int kAppendThreads = 256;
 constexpr int kAttnWarps = 4;
 
-using paged::CacheOffset;
-using paged::SplitLayout;
-using paged::SplitWorkspace;
+// Element offset of (page row of position p, kv head kh, dim 0) in one
+// layer's k or v pages; -1 when the position has no valid page.
+__device__ inline int64_t CacheOffset(const PagedKvCache& c, int slot, int p, int kh) {
+  const int page_index = p / c.page_tokens;
+  if (p < 0 || page_index >= c.max_pages_per_seq) return -1;
+  const int page = c.page_table[int64_t(slot) * c.max_pages_per_seq + page_index];
+  if (page < 0 || page >= c.num_pages) return -1;
+  return ((int64_t(page) * c.page_tokens + p % c.page_tokens) * c.kv_heads + kh) * c.head_dim;
+}
 
-// One block per row (paged::AppendRow).
+// Rotary embedding of one pair (a = x[j], b = x[j + half]) with each product
+// rounded before the difference/sum, as model/layers.h's RopeRow computes it
+// on the host (no fma contraction). AppendKernel and the split pass's fused
+// append both use it, so they write the same bits.
+__device__ __forceinline__ void RopePair(float a, float b, float cs, float sn, float& y0, float& y1) {
+  y0 = __fsub_rn(__fmul_rn(a, cs), __fmul_rn(b, sn));
+  y1 = __fadd_rn(__fmul_rn(a, sn), __fmul_rn(b, cs));
+}
+
+// One block per row. Work items: rope pairs of the q heads and the k heads
+// ((heads + kv_heads) * half), then the v elements (kv_heads * head_dim).
 __global__ void AppendKernel(PagedKvCache c, PagedRows rows, int heads, const float* qkv, int64_t ld,
                              const float* rope_cos, const float* rope_sin, __nv_bfloat16* q_out) {
   ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
   ptx::griddepcontrol_launch_dependents();
   const int r = blockIdx.x;
-  paged::AppendRow(c, heads, rows.slot[r], rows.pos[r], qkv + int64_t(r) * ld, rope_cos, rope_sin,
-                   q_out + int64_t(r) * heads * c.head_dim, threadIdx.x, blockDim.x);
+  const int slot = rows.slot[r], p = rows.pos[r];
+  const int hd = c.head_dim, half = hd / 2;
+  const float* row = qkv + int64_t(r) * ld;
+  __nv_bfloat16* qo = q_out + int64_t(r) * heads * hd;
+  const int pairs = (heads + c.kv_heads) * half;
+  const int vcount = c.kv_heads * hd;
+  for (int i = threadIdx.x; i < pairs + vcount; i += blockDim.x) {
+    if (i < pairs) {
+      const int head = i / half, j = i % half;  // head < heads: q, else k head (head - heads)
+      const float* x = row + int64_t(head) * hd;    // q heads then k heads are contiguous in qkv
+      float cs = 0.f, sn = 0.f;
+      if (slot >= 0) {
+        cs = rope_cos[int64_t(p) * half + j];
+        sn = rope_sin[int64_t(p) * half + j];
+      }
+      float y0, y1;
+      RopePair(x[j], x[j + half], cs, sn, y0, y1);
+      if (head < heads) {
+        qo[head * hd + j] = __float2bfloat16(y0);
+        qo[head * hd + j + half] = __float2bfloat16(y1);
+      } else if (slot >= 0) {
+        const int64_t off = CacheOffset(c, slot, p, head - heads);
+        if (off >= 0) {
+          c.k[off + j] = __float2bfloat16(y0);
+          c.k[off + j + half] = __float2bfloat16(y1);
+        }
+      }
+    } else if (slot >= 0) {
+      const int e = i - pairs, kh = e / hd, d = e % hd;
+      const int64_t off = CacheOffset(c, slot, p, kh);
+      if (off >= 0) c.v[off + d] = __float2bfloat16(row[int64_t(heads + c.kv_heads) * hd + e]);
+    }
+  }
 }
 
 // The online-softmax states of a block's warps after AttendKeys.
@@ -99,7 +145,7 @@ __device__ void AttendKeys(const PagedKvCache& c, int slot, int kh, int G, const
 }
 
 __device__ inline bool RowValid(const PagedKvCache& c, int slot, int p) {
-  return paged::RowValid(c.page_tokens * c.max_pages_per_seq, slot, p);
+  return slot >= 0 && p >= 0 && p < c.page_tokens * c.max_pages_per_seq;
 }
 
 // One block of kAttnWarps warps per (row, kv head): all keys 0..pos, the
@@ -129,6 +175,17 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   }
 }
 
+// Split workspace: three fp32 arrays indexed by state (row * heads + head) *
+// chunks + chunk: m, l (one float per state) and acc (HD floats per state).
+struct SplitWorkspace {
+  float *m, *l, *acc;
+};
+
+inline SplitWorkspace SplitLayout(void* ws, int64_t states) {
+  float* f = static_cast<float*>(ws);
+  return {f, f + states, f + 2 * states};
+}
+
 // Grid (rows * kv_heads, chunks): chunk c of (row, kv head) attends keys
 // [c * T, min((c + 1) * T - 1, pos)] and writes its merged, unnormalized
 // state per query head. Chunks past pos (and invalid rows) write nothing:
@@ -136,8 +193,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
 // With an append (app.qkv non-null): the rows' q, k, v are still fp32 in
 // app.qkv; each block ropes its G query heads into shared memory, and the
 // block whose chunk holds the row's position first appends k, v of its kv
-// head (the position only it reads) -- PagedKvAppend's arithmetic
-// (paged::RopePair, bf16 rounding), so the same bits as appending first.
+// head (the position only it reads) -- AppendKernel's arithmetic (RopePair,
+// bf16 rounding), so the same bits as appending first.
 template <int HD>
 __global__ void __launch_bounds__(kAttnWarps * 32)
     SplitAttentionKernel(PagedKvCache c, PagedRows rows, int heads, const __nv_bfloat16* q, float scale,
@@ -165,7 +222,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
       const int g = i / half, j = i % half;
       const float* x = row + int64_t(kh * G + g) * HD;
       float y0, y1;
-      paged::RopePair(x[j], x[j + half], cs[j], sn[j], y0, y1);
+      RopePair(x[j], x[j + half], cs[j], sn[j], y0, y1);
       q_s[g * HD + j] = __float2bfloat16(y0);
       q_s[g * HD + j + half] = __float2bfloat16(y1);
     }
@@ -175,7 +232,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
         if (i < half) {
           const float* x = row + int64_t(heads + kh) * HD;
           float y0, y1;
-          paged::RopePair(x[i], x[i + half], cs[i], sn[i], y0, y1);
+          RopePair(x[i], x[i + half], cs[i], sn[i], y0, y1);
           c.k[off + i] = __float2bfloat16(y0);
           c.k[off + i + half] = __float2bfloat16(y1);
         } else {
@@ -209,8 +266,17 @@ __global__ void __launch_bounds__(HD)
   ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
   ptx::griddepcontrol_launch_dependents();
   const int r = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
-  out[(int64_t(r) * heads + h) * HD + d] = paged::SplitCombined(ws, heads, HD, chunks, c.page_tokens * c.max_pages_per_seq,
-                                                                r, rows.slot[r], rows.pos[r], h, d);
+  const int slot = rows.slot[r], p = rows.pos[r];
+  __nv_bfloat16* o = out + (int64_t(r) * heads + h) * HD;
+  if (!RowValid(c, slot, p)) {
+    o[d] = __float2bfloat16(0.f);
+    return;
+  }
+  const int n = min(p / kPagedSplitChunkTokens + 1, chunks);
+  const int64_t first = (int64_t(r) * heads + h) * chunks;
+  float M, num, den;
+  MergeSoftmaxStates(n, ws.m + first, ws.l + first, ws.acc + first * HD + d, 1, HD, &M, &num, &den);
+  o[d] = __float2bfloat16(den > 0.f ? num / den : 0.f);
 }
 
 Status CheckCache(const PagedKvCache& c, int heads, const char* who) {
@@ -226,16 +292,14 @@ Status CheckCache(const PagedKvCache& c, int heads, const char* who) {
   return Status::OK();
 }
 
-// PagedKvAppend's checks; need_q_out false for the split pass's fused
-// append (q stays in shared memory).
-Status CheckAppend(const PagedAppendArgs& a, bool need_q_out) {
-  GROVE_RETURN_IF_ERROR(CheckCache(a.cache, a.heads, "PagedKvAppend"));
-  if (a.rows.rows < 0) return Status::InvalidArgument("PagedKvAppend: rows < 0");
-  if (a.rows.rows == 0) return Status::OK();
-  if (a.ld < int64_t(a.heads + 2 * a.cache.kv_heads) * a.cache.head_dim)
-    return Status::InvalidArgument("PagedKvAppend: ld smaller than the q, k, v columns");
-  if (!a.qkv || !a.rope_cos || !a.rope_sin || (need_q_out && !a.q_out) || !a.rows.slot || !a.rows.pos)
-    return Status::InvalidArgument("PagedKvAppend: null pointer");
+// The fp32 q | k | v input of an append (PagedKvAppend, or the split pass's
+// fused append).
+Status CheckAppendInput(const PagedKvCache& c, int heads, const float* qkv, int64_t ld, const float* rope_cos,
+                        const float* rope_sin, const char* who) {
+  const std::string w = who;
+  if (ld < int64_t(heads + 2 * c.kv_heads) * c.head_dim)
+    return Status::InvalidArgument(w + ": ld smaller than the q, k, v columns");
+  if (!qkv || !rope_cos || !rope_sin) return Status::InvalidArgument(w + ": null pointer");
   return Status::OK();
 }
 
@@ -245,8 +309,7 @@ Status LaunchStatus(const char* who, cudaError_t launch = cudaSuccess) {
   return Status::OK();
 }
 
-// The split-KV pass, then its combine (HD threads per (row, head)) unless
-// out is null (PagedAttentionSplitPartials: the consumer merges).
+// The split-KV pass and its combine (HD threads per (row, head)).
 template <int HD>
 Status LaunchSplit(const PagedKvCache& cache, const PagedRows& rows, int heads, const __nv_bfloat16* q,
                    __nv_bfloat16* out, float scale, int chunks, const SplitWorkspace& ws, dim3 grid, dim3 combine_grid,
@@ -254,70 +317,19 @@ Status LaunchSplit(const PagedKvCache& cache, const PagedRows& rows, int heads, 
   GROVE_RETURN_IF_ERROR(LaunchStatus("PagedAttentionSplit",
                                      LaunchKernel(SplitAttentionKernel<HD>, grid, dim3(kAttnWarps * 32), 0, stream,
                                                   cache, rows, heads, q, scale, chunks, ws, app)));
-  if (out == nullptr) return Status::OK();
   return LaunchStatus("PagedAttentionSplit combine", LaunchKernel(SplitCombineKernel<HD>, combine_grid, dim3(HD), 0,
                                                                   stream, cache, rows, heads, out, chunks, ws));
 }
 
-// PagedAttentionSplit with the combine (out) or without it (out null; the
-// partials' description in *partials when not null).
-Status SplitAttention(const char* who, const PagedKvCache& cache, const PagedRows& rows, int heads,
-                      const __nv_bfloat16* q, __nv_bfloat16* out, float scale, int max_pos, void* workspace,
-                      size_t workspace_bytes, cudaStream_t stream, PagedSplitPartials* partials,
-                      const PagedFusedAppend* append) {
-  const std::string w = who;
-  GROVE_RETURN_IF_ERROR(CheckCache(cache, heads, who));
-  if (rows.rows < 0) return Status::InvalidArgument(w + ": rows < 0");
-  if (max_pos < 0) return Status::InvalidArgument(w + ": max_pos < 0");
-  if (rows.rows == 0 && !partials) return Status::OK();
-  PagedFusedAppend app;
-  if (append != nullptr) {
-    GROVE_RETURN_IF_ERROR(
-        CheckAppend({cache, rows, heads, append->qkv, append->ld, append->rope_cos, append->rope_sin, nullptr},
-                    /*need_q_out=*/false));
-    app = *append;
-  } else if (!q) {
-    return Status::InvalidArgument(w + ": null q");
-  }
-  if ((!out && !partials) || !rows.slot || !rows.pos || !workspace)
-    return Status::InvalidArgument(w + ": null pointer");
-  if (reinterpret_cast<uintptr_t>(workspace) % alignof(float) != 0)
-    return Status::InvalidArgument(w + ": workspace not 4-byte aligned");
-  const size_t need = PagedAttentionSplitWorkspaceBytes(cache, rows.rows, heads, max_pos);
-  if (workspace_bytes < need)
-    return Status::InvalidArgument(w + ": workspace of " + std::to_string(workspace_bytes) + " bytes, needs " +
-                                   std::to_string(need));
-  const int chunks = PagedAttentionSplitChunks(cache, max_pos);
-  if (chunks > 65535) return Status::InvalidArgument(w + ": more than 65535 chunks");
-  if (int64_t(rows.rows) * cache.kv_heads > 0x7fffffff)
-    return Status::InvalidArgument(w + ": rows * kv_heads too large");
-  if (partials) {
-    partials->workspace = static_cast<const float*>(workspace);
-    partials->rows = rows;
-    partials->heads = heads;
-    partials->head_dim = cache.head_dim;
-    partials->chunks = chunks;
-    partials->capacity = cache.page_tokens * cache.max_pages_per_seq;
-  }
-  if (rows.rows == 0) return Status::OK();
-  if (scale == 0.f) scale = float(1.0 / std::sqrt(double(cache.head_dim)));
-  const SplitWorkspace ws = SplitLayout(workspace, int64_t(rows.rows) * heads * chunks);
-  const dim3 grid(rows.rows * cache.kv_heads, chunks), combine_grid(rows.rows, heads);
-  switch (cache.head_dim) {
-    case 32: return LaunchSplit<32>(cache, rows, heads, q, out, scale, chunks, ws, grid, combine_grid, app, stream);
-    case 64: return LaunchSplit<64>(cache, rows, heads, q, out, scale, chunks, ws, grid, combine_grid, app, stream);
-    default: return LaunchSplit<128>(cache, rows, heads, q, out, scale, chunks, ws, grid, combine_grid, app, stream);
-  }
-}
-
 }  // namespace
-
-Status CheckPagedKvAppend(const PagedAppendArgs& a) { return CheckAppend(a, true); }
 
 Status PagedKvAppend(const PagedKvCache& cache, const PagedRows& rows, int heads, const float* qkv, int64_t ld,
                      const float* rope_cos, const float* rope_sin, __nv_bfloat16* q_out, cudaStream_t stream) {
-  GROVE_RETURN_IF_ERROR(CheckPagedKvAppend({cache, rows, heads, qkv, ld, rope_cos, rope_sin, q_out}));
+  GROVE_RETURN_IF_ERROR(CheckCache(cache, heads, "PagedKvAppend"));
+  if (rows.rows < 0) return Status::InvalidArgument("PagedKvAppend: rows < 0");
   if (rows.rows == 0) return Status::OK();
+  GROVE_RETURN_IF_ERROR(CheckAppendInput(cache, heads, qkv, ld, rope_cos, rope_sin, "PagedKvAppend"));
+  if (!q_out || !rows.slot || !rows.pos) return Status::InvalidArgument("PagedKvAppend: null pointer");
   return LaunchStatus("PagedKvAppend", LaunchKernel(AppendKernel, dim3(rows.rows), dim3(kAppendThreads), 0, stream,
                                                     cache, rows, heads, qkv, ld, rope_cos, rope_sin, q_out));
 }
@@ -350,18 +362,38 @@ size_t PagedAttentionSplitWorkspaceBytes(const PagedKvCache& cache, int rows, in
 Status PagedAttentionSplit(const PagedKvCache& cache, const PagedRows& rows, int heads, const __nv_bfloat16* q,
                            __nv_bfloat16* out, float scale, int max_pos, void* workspace, size_t workspace_bytes,
                            cudaStream_t stream, const PagedFusedAppend* append) {
-  if (!out && rows.rows > 0) return Status::InvalidArgument("PagedAttentionSplit: null pointer");
-  return SplitAttention("PagedAttentionSplit", cache, rows, heads, q, out, scale, max_pos, workspace, workspace_bytes,
-                        stream, nullptr, append);
-}
-
-Status PagedAttentionSplitPartials(const PagedKvCache& cache, const PagedRows& rows, int heads,
-                                   const __nv_bfloat16* q, float scale, int max_pos, void* workspace,
-                                   size_t workspace_bytes, cudaStream_t stream, PagedSplitPartials* partials,
-                                   const PagedFusedAppend* append) {
-  if (!partials) return Status::InvalidArgument("PagedAttentionSplitPartials: null partials");
-  return SplitAttention("PagedAttentionSplitPartials", cache, rows, heads, q, nullptr, scale, max_pos, workspace,
-                        workspace_bytes, stream, partials, append);
+  GROVE_RETURN_IF_ERROR(CheckCache(cache, heads, "PagedAttentionSplit"));
+  if (rows.rows < 0) return Status::InvalidArgument("PagedAttentionSplit: rows < 0");
+  if (max_pos < 0) return Status::InvalidArgument("PagedAttentionSplit: max_pos < 0");
+  if (rows.rows == 0) return Status::OK();
+  PagedFusedAppend app;
+  if (append != nullptr) {
+    GROVE_RETURN_IF_ERROR(CheckAppendInput(cache, heads, append->qkv, append->ld, append->rope_cos,
+                                           append->rope_sin, "PagedAttentionSplit (fused append)"));
+    app = *append;
+  } else if (!q) {
+    return Status::InvalidArgument("PagedAttentionSplit: null q");
+  }
+  if (!out || !rows.slot || !rows.pos || !workspace)
+    return Status::InvalidArgument("PagedAttentionSplit: null pointer");
+  if (reinterpret_cast<uintptr_t>(workspace) % alignof(float) != 0)
+    return Status::InvalidArgument("PagedAttentionSplit: workspace not 4-byte aligned");
+  const size_t need = PagedAttentionSplitWorkspaceBytes(cache, rows.rows, heads, max_pos);
+  if (workspace_bytes < need)
+    return Status::InvalidArgument("PagedAttentionSplit: workspace of " + std::to_string(workspace_bytes) +
+                                   " bytes, needs " + std::to_string(need));
+  const int chunks = PagedAttentionSplitChunks(cache, max_pos);
+  if (chunks > 65535) return Status::InvalidArgument("PagedAttentionSplit: more than 65535 chunks");
+  if (int64_t(rows.rows) * cache.kv_heads > 0x7fffffff)
+    return Status::InvalidArgument("PagedAttentionSplit: rows * kv_heads too large");
+  if (scale == 0.f) scale = float(1.0 / std::sqrt(double(cache.head_dim)));
+  const SplitWorkspace ws = SplitLayout(workspace, int64_t(rows.rows) * heads * chunks);
+  const dim3 grid(rows.rows * cache.kv_heads, chunks), combine_grid(rows.rows, heads);
+  switch (cache.head_dim) {
+    case 32: return LaunchSplit<32>(cache, rows, heads, q, out, scale, chunks, ws, grid, combine_grid, app, stream);
+    case 64: return LaunchSplit<64>(cache, rows, heads, q, out, scale, chunks, ws, grid, combine_grid, app, stream);
+    default: return LaunchSplit<128>(cache, rows, heads, q, out, scale, chunks, ws, grid, combine_grid, app, stream);
+  }
 }
 
 }  // namespace grove::kernels

@@ -78,20 +78,6 @@ struct PagedRows {
 Status PagedKvAppend(const PagedKvCache& cache, const PagedRows& rows, int heads, const float* qkv, int64_t ld,
                      const float* rope_cos, const float* rope_sin, __nv_bfloat16* q_out, cudaStream_t stream);
 
-// PagedKvAppend's arguments as one value (the QKV linear that appends in its
-// last block, QuantLinearRmsNormed's RopeAppendTail), and their checks.
-struct PagedAppendArgs {
-  PagedKvCache cache;
-  PagedRows rows;
-  int heads = 0;
-  const float* qkv = nullptr;
-  int64_t ld = 0;
-  const float* rope_cos = nullptr;
-  const float* rope_sin = nullptr;
-  __nv_bfloat16* q_out = nullptr;
-};
-Status CheckPagedKvAppend(const PagedAppendArgs& args);
-
 // scale 0 means 1 / sqrt(head_dim).
 Status PagedAttention(const PagedKvCache& cache, const PagedRows& rows, int heads, const __nv_bfloat16* q,
                       __nv_bfloat16* out, float scale, cudaStream_t stream);
@@ -104,15 +90,15 @@ int PagedAttentionSplitChunks(const PagedKvCache& cache, int max_pos);
 // rows * heads * chunks * (head_dim + 2)).
 size_t PagedAttentionSplitWorkspaceBytes(const PagedKvCache& cache, int rows, int heads, int max_pos);
 
-// PagedKvAppend folded into the split pass (PagedAttentionSplit /
-// PagedAttentionSplitPartials `append`): the rows' fp32 q | k | v (qkv, row
-// stride ld, PagedKvAppend's input) are roped by the pass itself -- each
-// block its query heads into shared memory, the block whose chunk holds the
-// row's position the k, v of its kv head into the cache before it attends
-// -- so no append launch and no bf16 q buffer (q may be null). The same
-// arithmetic (paged_kv_device.cuh's RopePair), so the same bits as
-// PagedKvAppend then the split pass. Decode rows only (one row per slot per
-// launch: a row must not attend another row's new key).
+// PagedKvAppend folded into the split pass (PagedAttentionSplit's
+// `append`): the rows' fp32 q | k | v (qkv, row stride ld, PagedKvAppend's
+// input) are roped by the pass itself -- each block its query heads into
+// shared memory, the block whose chunk holds the row's position the k, v of
+// its kv head into the cache before it attends -- so no append launch and
+// no bf16 q buffer (q may be null). The same arithmetic (paged_kv.cu's
+// RopePair), so the same bits as PagedKvAppend then the split pass. Decode
+// rows only (one row per slot per launch: a row must not attend another
+// row's new key).
 struct PagedFusedAppend {
   const float* qkv = nullptr;
   int64_t ld = 0;
@@ -126,26 +112,5 @@ struct PagedFusedAppend {
 Status PagedAttentionSplit(const PagedKvCache& cache, const PagedRows& rows, int heads, const __nv_bfloat16* q,
                            __nv_bfloat16* out, float scale, int max_pos, void* workspace, size_t workspace_bytes,
                            cudaStream_t stream, const PagedFusedAppend* append = nullptr);
-
-// Where PagedAttentionSplitPartials leaves the chunks' partial softmax
-// states, for a consumer that merges them itself (QuantLinearSplitKv: the wo
-// linear staging the combined row as its input). Plain values; the
-// workspace's layout is kernels/paged_kv_device.cuh's SplitLayout.
-struct PagedSplitPartials {
-  const float* workspace = nullptr;
-  PagedRows rows;
-  int heads = 0, head_dim = 0, chunks = 0;
-  int capacity = 0;  // page_tokens * max_pages_per_seq: rows with pos >= it are invalid (zeros)
-};
-
-// PagedAttentionSplit without its combine launch: the split pass only, its
-// partials described in *partials (same arguments and contract; the
-// workspace must stay untouched until the consumer has read it). The
-// consumer's merge (paged_kv_device.cuh's SplitCombined) is the combine
-// kernel's, so the same bits as PagedAttentionSplit's out.
-Status PagedAttentionSplitPartials(const PagedKvCache& cache, const PagedRows& rows, int heads,
-                                   const __nv_bfloat16* q, float scale, int max_pos, void* workspace,
-                                   size_t workspace_bytes, cudaStream_t stream, PagedSplitPartials* partials,
-                                   const PagedFusedAppend* append = nullptr);
 
 }  // namespace grove::kernels

@@ -5,8 +5,6 @@
 #include <string>
 
 #include "kernels/launch.cuh"
-#include "kernels/moe_index_block.cuh"
-#include "kernels/paged_kv_device.cuh"
 #include "kernels/ptx/griddepcontrol.cuh"
 #include "kernels/ptx/prefetch.cuh"
 #include "kernels/quant_gemv.cuh"
@@ -144,97 +142,19 @@ __device__ __forceinline__ void StageXRmsNormed(uint4* x_s, int k, const NormedI
   });
 }
 
-// Staging the split-KV combined attention rows (QuantLinearSplitKv) in
-// place of x: MergeSoftmaxStates (the combine kernel's merge) in two phases
-// so the block's threads work in parallel instead of each walking a head's
-// chunks once per output value. Per (token, head) the factors and
-// denominator take kSplitKvScalars(chunks) floats of shared memory.
-__host__ __device__ inline int SplitKvScalars(int chunks) { return chunks + 2; }
-int64_t SplitKvSharedBytes(const PagedSplitPartials& in, int tokens) {
-  return int64_t{tokens} * in.heads * SplitKvScalars(in.chunks) * 4;
-}
-
-// Phase 1, one thread per (token i < count, head h) of rows row0 + i: the
-// merge's scalars as MergeSoftmaxStates computes them -- mx = max m over the
-// row's chunks 0..n-1 (n = 0 for an invalid row), then in chunk order each
-// state's factor (-1: skipped, l == 0) with den summed -- into f_s at
-// ((i * heads + h) * SplitKvScalars(chunks)): the factors, den, then n (as
-// int bits). Ends with a barrier.
-__device__ __forceinline__ void SplitKvMergeFactors(const PagedSplitPartials& in, const paged::SplitWorkspace& ws,
-                                                    int row0, int count, float* f_s) {
-  for (int t = threadIdx.x; t < count * in.heads; t += blockDim.x) {
-    const int i = t / in.heads, h = t % in.heads, r = row0 + i;
-    float* f = f_s + int64_t(t) * SplitKvScalars(in.chunks);
-    const int slot = in.rows.slot[r], p = in.rows.pos[r];
-    const int n = paged::RowValid(in.capacity, slot, p) ? min(p / kPagedSplitChunkTokens + 1, in.chunks) : 0;
-    const int64_t first = (int64_t(r) * in.heads + h) * in.chunks;
-    float mx = -INFINITY;
-    for (int c = 0; c < n; ++c) mx = fmaxf(mx, ws.m[first + c]);
-    float den = 0.f;
-    for (int c = 0; c < n; ++c) {
-      const float l = ws.l[first + c];
-      if (l == 0.f) {
-        f[c] = -1.f;
-        continue;
-      }
-      f[c] = SoftmaxMergeFactor(ws.m[first + c], mx);
-      SoftmaxMergeAdd(den, l, f[c]);
-    }
-    f[in.chunks] = den;
-    f[in.chunks + 1] = __int_as_float(n);
-  }
-  __syncthreads();
-}
-
-// Phase 2: octet (8 columns from col) of token i (row r): each value's
-// numerator summed over the chunks in order with phase 1's factors, then
-// num / den rounded to bf16 (0 when den is 0) -- the combine's value.
-__device__ __forceinline__ uint4 SplitKvOctet(const PagedSplitPartials& in, const paged::SplitWorkspace& ws,
-                                              const float* f_s, int i, int r, int col) {
-  const int h = col / in.head_dim, d = col % in.head_dim;  // head_dim is a multiple of 8: one head per octet
-  const float* f = f_s + int64_t(i * in.heads + h) * SplitKvScalars(in.chunks);
-  const float den = f[in.chunks];
-  const int n = __float_as_int(f[in.chunks + 1]);
-  const float* acc = ws.acc + (int64_t(r) * in.heads + h) * in.chunks * in.head_dim + d;
-  float num[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  for (int c = 0; c < n; ++c) {
-    const float fc = f[c];
-    if (fc < 0.f) continue;  // l == 0: MergeSoftmaxStates skips the state
-    const float* a = acc + int64_t(c) * in.head_dim;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) SoftmaxMergeAdd(num[e], a[e], fc);
-  }
-  alignas(16) __nv_bfloat16 o[8];
-#pragma unroll
-  for (int e = 0; e < 8; ++e) o[e] = __float2bfloat16(den > 0.f ? num[e] / den : 0.f);
-  return *reinterpret_cast<const uint4*>(o);
-}
-
-__device__ __forceinline__ paged::SplitWorkspace SplitKvLayout(const PagedSplitPartials& in) {
-  return paged::SplitLayout(const_cast<float*>(in.workspace), int64_t(in.rows.rows) * in.heads * in.chunks);
-}
-
-// After every block has written its part of y: true in the one block that
-// finished last (threadfence, then a device counter; the counter is reset
-// for the next launch before this returns). Its reads of y must go through
-// L2 (ld.cg): other SMs wrote them. Called by every thread of every block.
-__device__ __forceinline__ bool LastBlockToFinish(unsigned* counter) {
+// The router tail of QuantLinearRmsNormed, after every block has written
+// its logits: the last block to finish (threadfence, then a counter) reads
+// all n logits back through L2 (ld.cg: other SMs wrote them) into shared
+// memory and routes the row with one warp, then resets the counter.
+__device__ __forceinline__ void RouteInLastBlock(const float* y, const RouterTail& route) {
+  __shared__ float logits_s[kRouterMaxExperts];
   __shared__ bool last;
   __threadfence();  // this block's y stores visible device-wide before it counts
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  if (threadIdx.x == 0) last = atomicAdd(route.counter, 1u) == gridDim.x - 1;
   __syncthreads();
-  if (!last) return false;
+  if (!last) return;
   __threadfence();
-  if (threadIdx.x == 0) *counter = 0;  // every block has counted
-  return true;
-}
-
-// The router tail of QuantLinearRmsNormed: the last block reads all n
-// logits back into shared memory and routes the row with one warp.
-__device__ __forceinline__ void RouteInLastBlock(const float* y, const RouterTail& route) {
-  __shared__ float logits_s[kRouterMaxExperts];
-  if (!LastBlockToFinish(route.counter)) return;
   for (int e = threadIdx.x; e < route.args.experts; e += blockDim.x) logits_s[e] = __ldcg(y + e);
   __syncthreads();
   if (threadIdx.x < 32) {
@@ -242,42 +162,18 @@ __device__ __forceinline__ void RouteInLastBlock(const float* y, const RouterTai
     a.logits = logits_s;
     RouterTopKWarp(a, 0);
   }
-  if (route.index.expert_offsets == nullptr) return;
-  __syncthreads();  // warp 0's ids stores visible to the block
-  static_assert(kThreads == kMoeRouteIndexOneBlockSlots, "one thread per slot");
-  const MoeSlotIndex& x = route.index;
-  RouteIndexOneBlock(route.args.ids, x.slots, x.experts, x.expert_offsets, x.row_of_slot, x.slot_of_row, nullptr);
+  if (threadIdx.x == 0) *route.counter = 0;
 }
-
-// The RoPE + KV-append tail of QuantLinearRmsNormed: the last block runs
-// PagedKvAppend's row work (paged::AppendRow, reading q | k | v back from y
-// through L2) for the step's one row.
-__device__ __forceinline__ void AppendInLastBlock(const RopeAppendTail& tail) {
-  if (!LastBlockToFinish(tail.counter)) return;
-  const PagedAppendArgs& a = tail.append;
-  paged::AppendRow(a.cache, a.heads, a.rows.slot[0], a.rows.pos[0], a.qkv, a.rope_cos, a.rope_sin, a.q_out,
-                   threadIdx.x, blockDim.x);
-}
-
-// Where the m = 1 GEMV's input row comes from.
-enum class GemvInput : int {
-  kRows = 0,    // bf16 x (any M)
-  kNormed = 1,  // RMSNorm of an fp32 row (QuantLinearRmsNormed)
-  kSplitKv = 2  // the split-KV attention combine (QuantLinearSplitKv)
-};
 
 // Blocks loop over "passes" of R * groups rows (R weight rows per warp; n is
 // a multiple of 8, so R in {1, 2, 4} never splits a warp's rows at the end);
-// the activation tile is staged once per block. kIn (M = 1 only unless
-// kRows): the tile is the RMSNorm of the fp32 row norm.x, or the split-KV
-// combine of skv, instead of x. Tails (kNormed, the last block to finish):
-// route, or append.
-template <QuantFormat F, int M, int R, GemvInput kIn>
+// the activation tile is staged once per block. kNormed (M = 1 only): the
+// tile is the RMSNorm of the fp32 row norm.x instead of x.
+template <QuantFormat F, int M, int R, bool kNormed>
 __global__ void __launch_bounds__(kThreads)
     QuantGemvKernel(const __nv_bfloat16* __restrict__ x, int64_t ldx, int count, QuantWeight w, float* y,
-                    int64_t ldy, Accumulate mode, int passes, bool prefetch, NormedInput norm, RouterTail route,
-                    PagedSplitPartials skv, RopeAppendTail append) {
-  static_assert(kIn == GemvInput::kRows || M == 1, "the fused inputs stage one row");
+                    int64_t ldy, Accumulate mode, int passes, bool prefetch, NormedInput norm, RouterTail route) {
+  static_assert(!kNormed || M == 1, "the fused RMSNorm stages one row");
   constexpr int kRows = R;
   extern __shared__ uint4 smem[];
   float* red_s = reinterpret_cast<float*>(smem);
@@ -287,13 +183,8 @@ __global__ void __launch_bounds__(kThreads)
   if (prefetch) PrefetchFirstPassRows(w, rows_per_pass, passes);
   ptx::griddepcontrol_wait();  // x (or norm.x) and y come from earlier kernels
   ptx::griddepcontrol_launch_dependents();
-  if constexpr (kIn == GemvInput::kNormed) {
+  if constexpr (kNormed) {
     StageXRmsNormed<F>(x_s, w.k, norm, red_s);  // red_s is free until WarpReduceToShared
-  } else if constexpr (kIn == GemvInput::kSplitKv) {
-    float* f_s = reinterpret_cast<float*>(x_s + gemv::XTileBytes(w.k, M) / 16);
-    const paged::SplitWorkspace ws = SplitKvLayout(skv);
-    SplitKvMergeFactors(skv, ws, 0, 1, f_s);
-    gemv::StageXOctets<F, 1>(x_s, w.k, 1, [&](int, int col) { return SplitKvOctet(skv, ws, f_s, 0, 0, col); });
   } else {
     gemv::StageX<F, M>(x_s, w.k, count, [&](int i) { return x + i * ldx; });
   }
@@ -332,9 +223,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
   }
-  if constexpr (kIn == GemvInput::kNormed) {
+  if constexpr (kNormed) {
     if (route.counter != nullptr) RouteInLastBlock(y, route);
-    if (append.counter != nullptr) AppendInLastBlock(append);
   }
 }
 
@@ -351,24 +241,22 @@ Status LaunchedEx(cudaError_t err, const char* what) {
   return Launched(what);
 }
 
-template <QuantFormat F, int M, int R, GemvInput kIn = GemvInput::kRows>
+template <QuantFormat F, int M, int R, bool kNormed = false>
 Status LaunchGemv(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y, int64_t ldy,
-                  Accumulate mode, cudaStream_t stream, const NormedInput& norm = {}, const RouterTail& route = {},
-                  const PagedSplitPartials& skv = {}, const RopeAppendTail& append = {}) {
+                  Accumulate mode, cudaStream_t stream, const NormedInput& norm = {}, const RouterTail& route = {}) {
   const gemv::Split split = gemv::MakeSplit(F, w.k);
   const int rows_per_pass = R * split.groups;
   const int passes = static_cast<int>((w.n + rows_per_pass - 1) / rows_per_pass);
   const int blocks = std::min(passes, SmCount() * 4);
-  const size_t smem = gemv::ReduceBytes(R) + gemv::XTileBytes(w.k, M) +
-                      (kIn == GemvInput::kSplitKv ? SplitKvSharedBytes(skv, M) : 0);
-  auto kernel = QuantGemvKernel<F, M, R, kIn>;
+  const size_t smem = gemv::ReduceBytes(R) + gemv::XTileBytes(w.k, M);
+  auto kernel = QuantGemvKernel<F, M, R, kNormed>;
   if (smem > 48 * 1024 &&
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
           cudaSuccess)
     return Launched("QuantLinear: shared memory attribute");
   const bool prefetch = ProgrammaticLaunchEnabled();
   return LaunchedEx(LaunchKernel(kernel, dim3(blocks), dim3(kThreads), smem, stream, x, ldx, count, w, y, ldy, mode,
-                                 passes, prefetch, norm, route, skv, append),
+                                 passes, prefetch, norm, route),
                     "QuantLinear launch");
 }
 
@@ -406,12 +294,10 @@ int64_t MmaSmemBytes(int64_t k, int nt) { return int64_t{gemv::kWarps} * nt * 4 
 // group of `slices` warps per 16-row tile, passes over tiles as the CUDA-core
 // kernel does; partial tiles reduced across slices in order through shared
 // memory ([warp][NT][4][32] floats, then x).
-// kSplitKv: token i's row is the split-KV combine of row skv_row0 + i of
-// skv (QuantLinearSplitKv) instead of x's row i.
-template <QuantFormat F, int NT, bool kSplitKv>
+template <QuantFormat F, int NT>
 __global__ void __launch_bounds__(kThreads)
     QuantMmaKernel(const __nv_bfloat16* __restrict__ x, int64_t ldx, int count, QuantWeight w, float* y,
-                   int64_t ldy, Accumulate mode, int passes, bool prefetch, PagedSplitPartials skv, int skv_row0) {
+                   int64_t ldy, Accumulate mode, int passes, bool prefetch) {
   extern __shared__ uint4 smem[];
   float* red_s = reinterpret_cast<float*>(smem);
   uint4* x_s = smem + kMmaReduceFloats<NT> / 4;
@@ -419,15 +305,7 @@ __global__ void __launch_bounds__(kThreads)
   if (prefetch) PrefetchFirstPassRows(w, mma::kTileRows * split.groups, passes);
   ptx::griddepcontrol_wait();  // x and y come from earlier kernels
   ptx::griddepcontrol_launch_dependents();
-  if constexpr (kSplitKv) {
-    float* f_s = reinterpret_cast<float*>(x_s + mma::XBytes(w.k, NT) / 16);
-    const paged::SplitWorkspace ws = SplitKvLayout(skv);
-    SplitKvMergeFactors(skv, ws, skv_row0, count, f_s);
-    mma::StageXOctets<F, NT>(x_s, w.k, count,
-                             [&](int i, int col) { return SplitKvOctet(skv, ws, f_s, i, skv_row0 + i, col); });
-  } else {
-    mma::StageX<F, NT>(x_s, w.k, count, [&](int i) { return x + i * ldx; });
-  }
+  mma::StageX<F, NT>(x_s, w.k, count, [&](int i) { return x + i * ldx; });
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wg = warp / split.slices, slice = warp % split.slices;
@@ -463,29 +341,29 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <QuantFormat F, int NT, bool kSplitKv = false>
+template <QuantFormat F, int NT>
 Status LaunchMma(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y, int64_t ldy,
-                 Accumulate mode, cudaStream_t stream, const PagedSplitPartials& skv = {}, int skv_row0 = 0) {
+                 Accumulate mode, cudaStream_t stream) {
   const mma::Split split = mma::MakeSplit(F, w.k);
   const int rows_per_pass = mma::kTileRows * split.groups;
   const int passes = static_cast<int>((w.n + rows_per_pass - 1) / rows_per_pass);
   const int blocks = std::min(passes, SmCount() * 4);
-  const size_t smem = MmaSmemBytes(w.k, NT) + (kSplitKv ? SplitKvSharedBytes(skv, 8 * NT) : 0);
-  auto kernel = QuantMmaKernel<F, NT, kSplitKv>;
+  const size_t smem = MmaSmemBytes(w.k, NT);
+  auto kernel = QuantMmaKernel<F, NT>;
   if (smem > 48 * 1024 &&
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
           cudaSuccess)
     return Launched("QuantLinear: shared memory attribute");
   return LaunchedEx(LaunchKernel(kernel, dim3(blocks), dim3(kThreads), smem, stream, x, ldx, count, w, y, ldy, mode,
-                                 passes, ProgrammaticLaunchEnabled(), skv, skv_row0),
+                                 passes, ProgrammaticLaunchEnabled()),
                     "QuantLinear tensor-core launch");
 }
 
-template <QuantFormat F, bool kSplitKv = false>
+template <QuantFormat F>
 Status LaunchMmaTokens(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y, int64_t ldy,
-                       Accumulate mode, cudaStream_t stream, const PagedSplitPartials& skv = {}, int skv_row0 = 0) {
-  if (count <= 8) return LaunchMma<F, 1, kSplitKv>(x, ldx, count, w, y, ldy, mode, stream, skv, skv_row0);
-  return LaunchMma<F, 2, kSplitKv>(x, ldx, count, w, y, ldy, mode, stream, skv, skv_row0);
+                       Accumulate mode, cudaStream_t stream) {
+  if (count <= 8) return LaunchMma<F, 1>(x, ldx, count, w, y, ldy, mode, stream);
+  return LaunchMma<F, 2>(x, ldx, count, w, y, ldy, mode, stream);
 }
 
 Status CheckShape(const char* what, QuantFormat f, int64_t n, int64_t k) {
@@ -599,125 +477,42 @@ Status QuantLinearOnPath(QuantLinearPath path, const __nv_bfloat16* x, int64_t l
 
 }  // namespace detail
 
-namespace {
-
-// The m = 1 GEMV with a fused input (kNormed, kSplitKv) in w's format.
-template <GemvInput kIn>
-Status LaunchFusedRow(const QuantWeight& w, float* y, Accumulate mode, cudaStream_t stream, const NormedInput& norm,
-                      const RouterTail& route, const PagedSplitPartials& skv, const RopeAppendTail& append) {
-  switch (w.format) {
-    case QuantFormat::kBF16:
-      return LaunchGemv<QuantFormat::kBF16, 1, kDefaultGemvRows, kIn>(nullptr, w.k, 1, w, y, w.n, mode, stream, norm,
-                                                                      route, skv, append);
-    case QuantFormat::kInt8:
-      return LaunchGemv<QuantFormat::kInt8, 1, kDefaultGemvRows, kIn>(nullptr, w.k, 1, w, y, w.n, mode, stream, norm,
-                                                                      route, skv, append);
-    case QuantFormat::kInt4:
-      return LaunchGemv<QuantFormat::kInt4, 1, kDefaultGemvRows, kIn>(nullptr, w.k, 1, w, y, w.n, mode, stream, norm,
-                                                                      route, skv, append);
-  }
-  return Status::InvalidArgument("QuantLinear: unknown format");
-}
-
-// The checks QuantLinearRmsNormed and QuantLinearSplitKv share: w's shape
-// and pointers, y, and room for the one-row tile.
-Status CheckFusedRow(const char* what, const QuantWeight& w, const float* y) {
-  GROVE_RETURN_IF_ERROR(CheckShape(what, w.format, w.n, w.k));
-  if (!Aligned(w.data, 16) || !Aligned(y, 4))
-    return Status::InvalidArgument(std::string(what) + ": w.data must be 16-byte aligned and y 4-byte aligned");
-  if (w.format != QuantFormat::kBF16 && !Aligned(w.scales, 4))
-    return Status::InvalidArgument(std::string(what) + ": int8/int4 weight without scales");
-  if (static_cast<int64_t>(gemv::ReduceBytes(kDefaultGemvRows) + gemv::XTileBytes(w.k, 1)) > kMaxSmemBytes)
-    return Status::InvalidArgument(std::string(what) + ": k " + std::to_string(w.k) +
-                                   " too long for the activation row in shared memory");
-  return Status::OK();
-}
-
-}  // namespace
-
 Status QuantLinearRmsNormed(const RmsNormedRow& in, const QuantWeight& w, float* y, Accumulate mode,
-                            cudaStream_t stream, const RouterTail* route, const RopeAppendTail* append) {
-  GROVE_RETURN_IF_ERROR(CheckFusedRow("QuantLinearRmsNormed", w, y));
-  if (!Aligned(in.x, 4) || !Aligned(in.weight, 4))
-    return Status::InvalidArgument("QuantLinearRmsNormed: x and weight must be non-null and 4-byte aligned");
+                            cudaStream_t stream, const RouterTail* route) {
+  GROVE_RETURN_IF_ERROR(CheckShape("QuantLinearRmsNormed", w.format, w.n, w.k));
+  if (!Aligned(in.x, 4) || !Aligned(in.weight, 4) || !Aligned(w.data, 16) || !Aligned(y, 4))
+    return Status::InvalidArgument("QuantLinearRmsNormed: x, weight and y must be non-null and 4-byte aligned, "
+                                   "w.data 16-byte aligned");
   if (in.normed != nullptr && !Aligned(in.normed, 16))
     return Status::InvalidArgument("QuantLinearRmsNormed: normed must be 16-byte aligned");
+  if (w.format != QuantFormat::kBF16 && !Aligned(w.scales, 4))
+    return Status::InvalidArgument("QuantLinearRmsNormed: int8/int4 weight without scales");
   if (!(in.eps >= 0.f))
     return Status::InvalidArgument("QuantLinearRmsNormed: eps must be >= 0");
-  if (route != nullptr && append != nullptr)
-    return Status::InvalidArgument("QuantLinearRmsNormed: a route or an append tail, not both");
+  if (static_cast<int64_t>(gemv::ReduceBytes(kDefaultGemvRows) + gemv::XTileBytes(w.k, 1)) > kMaxSmemBytes)
+    return Status::InvalidArgument("QuantLinearRmsNormed: k " + std::to_string(w.k) +
+                                   " too long for the activation row in shared memory");
   RouterTail tail;
   if (route != nullptr) {
     GROVE_RETURN_IF_ERROR(CheckRouterArgs(route->args));
     if (route->args.logits != y || route->args.tokens != 1 || route->args.experts != w.n || !route->counter)
       return Status::InvalidArgument("QuantLinearRmsNormed: the route needs logits == y, tokens 1, experts == n (" +
                                      std::to_string(w.n) + ") and a counter");
-    const MoeSlotIndex& x = route->index;
-    if (x.expert_offsets != nullptr &&
-        (!x.row_of_slot || !x.slot_of_row || x.slots != (route->args.out_stride != 0 ? route->args.out_stride : route->args.top_k) ||
-         x.slots > kMoeRouteIndexOneBlockSlots || x.experts < route->args.experts || x.experts > kMoeMaxExperts))
-      return Status::InvalidArgument("QuantLinearRmsNormed: the route's index needs its three arrays, slots == "
-                                     "out_stride (<= 256) and experts in [router experts, 256]");
     tail = *route;
   }
-  RopeAppendTail app;
-  if (append != nullptr) {
-    const PagedAppendArgs& a = append->append;
-    GROVE_RETURN_IF_ERROR(CheckPagedKvAppend(a));
-    if (a.qkv != y || a.rows.rows != 1 || a.ld < w.n || !append->counter ||
-        w.n < int64_t(a.heads + 2 * a.cache.kv_heads) * a.cache.head_dim)
-      return Status::InvalidArgument("QuantLinearRmsNormed: the append needs qkv == y, one row, n >= its q, k, v "
-                                     "columns and a counter");
-    app = *append;
-  }
   const NormedInput norm{in.x, in.weight, in.eps, in.normed};
-  return LaunchFusedRow<GemvInput::kNormed>(w, y, mode, stream, norm, tail, {}, app);
-}
-
-Status QuantLinearSplitKv(const PagedSplitPartials& in, const QuantWeight& w, float* y, int64_t ldy,
-                          Accumulate mode, cudaStream_t stream) {
-  GROVE_RETURN_IF_ERROR(CheckFusedRow("QuantLinearSplitKv", w, y));
-  const int m = in.rows.rows;
-  if (m < 1 || !in.rows.slot || !in.rows.pos || !Aligned(in.workspace, 4))
-    return Status::InvalidArgument("QuantLinearSplitKv: needs rows >= 1 (slot, pos) and the partials' workspace");
-  if (in.head_dim % 8 != 0 || in.head_dim <= 0 || in.heads <= 0 || in.chunks <= 0 ||
-      int64_t(in.heads) * in.head_dim != w.k)
-    return Status::InvalidArgument("QuantLinearSplitKv: k (" + std::to_string(w.k) +
-                                   ") must be heads * head_dim with head_dim a multiple of 8");
-  if (ldy < w.n) return Status::InvalidArgument("QuantLinearSplitKv: ldy " + std::to_string(ldy) + " < n");
-  if (m == 1) {
-    if (gemv::ReduceBytes(kDefaultGemvRows) + gemv::XTileBytes(w.k, 1) + SplitKvSharedBytes(in, 1) > kMaxSmemBytes)
-      return Status::InvalidArgument("QuantLinearSplitKv: too many chunks for the merge's shared memory");
-    return LaunchFusedRow<GemvInput::kSplitKv>(w, y, mode, stream, {}, {}, in, {});
+  switch (w.format) {
+    case QuantFormat::kBF16:
+      return LaunchGemv<QuantFormat::kBF16, 1, kDefaultGemvRows, true>(nullptr, w.k, 1, w, y, w.n, mode, stream,
+                                                                        norm, tail);
+    case QuantFormat::kInt8:
+      return LaunchGemv<QuantFormat::kInt8, 1, kDefaultGemvRows, true>(nullptr, w.k, 1, w, y, w.n, mode, stream,
+                                                                        norm, tail);
+    case QuantFormat::kInt4:
+      return LaunchGemv<QuantFormat::kInt4, 1, kDefaultGemvRows, true>(nullptr, w.k, 1, w, y, w.n, mode, stream,
+                                                                        norm, tail);
   }
-  // m >= 2: QuantLinear's tensor-core kernel (its kAuto choice at this m),
-  // in passes of 16 tokens, or 8 when the merge's shared memory needs it (a
-  // token's row has the same bits in either: quant_linear.h).
-  int per_pass = gemv::kMaxTokens;
-  while (per_pass > 8 && MmaSmemBytes(w.k, per_pass / 8) + SplitKvSharedBytes(in, per_pass) > kMaxSmemBytes)
-    per_pass /= 2;
-  if (MmaSmemBytes(w.k, per_pass / 8) + SplitKvSharedBytes(in, per_pass) > kMaxSmemBytes)
-    return Status::InvalidArgument("QuantLinearSplitKv: k " + std::to_string(w.k) + " and " +
-                                   std::to_string(in.chunks) + " chunks too large for the tensor-core path");
-  for (int m0 = 0; m0 < m; m0 += per_pass) {
-    const int count = std::min(per_pass, m - m0);
-    float* ys = y + int64_t(m0) * ldy;
-    switch (w.format) {
-      case QuantFormat::kBF16:
-        GROVE_RETURN_IF_ERROR(
-            (LaunchMmaTokens<QuantFormat::kBF16, true>(nullptr, w.k, count, w, ys, ldy, mode, stream, in, m0)));
-        break;
-      case QuantFormat::kInt8:
-        GROVE_RETURN_IF_ERROR(
-            (LaunchMmaTokens<QuantFormat::kInt8, true>(nullptr, w.k, count, w, ys, ldy, mode, stream, in, m0)));
-        break;
-      case QuantFormat::kInt4:
-        GROVE_RETURN_IF_ERROR(
-            (LaunchMmaTokens<QuantFormat::kInt4, true>(nullptr, w.k, count, w, ys, ldy, mode, stream, in, m0)));
-        break;
-    }
-  }
-  return Status::OK();
+  return Status::InvalidArgument("QuantLinearRmsNormed: unknown format");
 }
 
 Status QuantLinear(const __nv_bfloat16* x, int64_t ldx, int64_t m, const QuantWeight& w, float* y, int64_t ldy,

@@ -22,8 +22,6 @@
 #include <cstdint>
 
 #include "base/status.h"
-#include "kernels/moe_permute.h"
-#include "kernels/paged_kv.h"
 #include "kernels/router.h"
 
 namespace grove::kernels {
@@ -106,45 +104,11 @@ struct RmsNormedRow {
 // logits == y, tokens == 1, experts == n; route->counter a device unsigned
 // that is 0 before the first call (each call leaves it 0; calls using one
 // counter must not run concurrently).
-//
-// route->index (optional, expert_offsets non-null): after routing, the same
-// block groups the row's slots by expert into it (MoeRouteIndexOneBlock's
-// code, kernels/moe_index_block.cuh: the same index) -- for MoeDecodeForward
-// with index_ready, one launch fewer. index.slots == the ids' row stride (the
-// row's slots, routed and pre-filled), at most kMoeRouteIndexOneBlockSlots.
 struct RouterTail {
   RouterArgs args;
   unsigned* counter = nullptr;
-  MoeSlotIndex index = {};
-};
-//
-// append (optional; not with route): the linear is the QKV projection of a
-// one-row decode step and the last block to finish also applies RoPE and
-// appends k, v (PagedKvAppend's row code, kernels/paged_kv_device.cuh, the
-// same bits) -- one launch fewer per layer. append->append as for
-// PagedKvAppend with qkv == y and rows.rows == 1; append->counter as
-// route->counter (its own: not shared with a route counter in flight).
-struct RopeAppendTail {
-  PagedAppendArgs append;
-  unsigned* counter = nullptr;
 };
 Status QuantLinearRmsNormed(const RmsNormedRow& in, const QuantWeight& w, float* y, Accumulate mode,
-                            cudaStream_t stream, const RouterTail* route = nullptr,
-                            const RopeAppendTail* append = nullptr);
-
-// y [m, n] (row stride ldy >= n) (+)= a W^T where a is the split-KV
-// attention output of the m = in.rows.rows rows of `in`
-// (PagedAttentionSplitPartials): the blocks merge the chunks' partial states
-// while staging their input rows (paged_kv_device.cuh's SplitCombined, the
-// combine kernel's code), so the combine launch goes and the result is bit
-// for bit PagedAttentionSplit followed by QuantLinear (m = 1: the CUDA-core
-// GEMV; m >= 2: the tensor-core kernel QuantLinear takes for k up to
-// ~5000). k == heads * head_dim. Every block re-merges its rows (heads *
-// chunks_used * (head_dim + 2) floats per row from L2), in two phases: a
-// thread per (row, head) the softmax factors into shared memory (heads *
-// (chunks + 2) floats per row: InvalidArgument when they do not fit beside
-// the rows), then every value's sum. Graph-capturable.
-Status QuantLinearSplitKv(const PagedSplitPartials& in, const QuantWeight& w, float* y, int64_t ldy,
-                          Accumulate mode, cudaStream_t stream);
+                            cudaStream_t stream, const RouterTail* route = nullptr);
 
 }  // namespace grove::kernels

@@ -51,11 +51,10 @@ __device__ __forceinline__ int XIndex(int it, int s, int S, int T, int token, in
   return ((it * S + s) * T + token) * 4 + q;
 }
 
-// Stages `count` (<= 8 * NT) token rows of k columns; octet(i, col) gives
-// token i's 8 bf16 columns col..col+7 as 16 bytes (each (i, col) with i <
-// count asked for exactly once, by one thread). Ends with a barrier.
-template <QuantFormat F, int NT, typename OctetOf>
-__device__ __forceinline__ void StageXOctets(uint4* x_s, int k, int count, OctetOf octet_of) {
+// Stages `count` (<= 8 * NT) token rows of k columns; row(i) is token i's
+// bf16 row (16-byte aligned). Ends with a barrier.
+template <QuantFormat F, int NT, typename RowOf>
+__device__ __forceinline__ void StageX(uint4* x_s, int k, int count, RowOf row) {
   constexpr int S = gemv::Format<F>::kChunkCols / 8, T = 8 * NT;
   const int iters = k / (4 * gemv::Format<F>::kChunkCols);
   for (int idx = threadIdx.x; idx < iters * S * T * 4; idx += blockDim.x) {
@@ -63,17 +62,10 @@ __device__ __forceinline__ void StageXOctets(uint4* x_s, int k, int count, Octet
     const int s = rest % S, it = rest / S;
     const int octet = (4 * it + q) * S + s;
     uint4 v = make_uint4(0, 0, 0, 0);
-    if (token < count) v = octet_of(token, 8 * octet);
+    if (token < count) v = *reinterpret_cast<const uint4*>(row(token) + 8 * octet);
     x_s[idx] = v;
   }
   __syncthreads();
-}
-
-// StageXOctets from bf16 rows: row(i) is token i's bf16 row (16-byte aligned).
-template <QuantFormat F, int NT, typename RowOf>
-__device__ __forceinline__ void StageX(uint4* x_s, int k, int count, RowOf row) {
-  StageXOctets<F, NT>(x_s, k, count,
-                      [&](int i, int col) { return *reinterpret_cast<const uint4*>(row(i) + col); });
 }
 
 // The 8 columns of octet s of a loaded chunk as 4 bf16 pairs (elements

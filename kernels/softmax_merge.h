@@ -18,14 +18,6 @@
 
 namespace grove::kernels {
 
-// The two per-state steps of a merge, one definition for MergeSoftmaxStates
-// and for code that merges in phases (quant_linear.cu's split-KV staging:
-// the factors of a head's states once, then each output dim), so both give
-// the same bits: state i's factor e^(m_i - mx), and sum += x * factor as
-// one fma (no contraction left to the compiler).
-GROVE_SOFTMAX_HD float SoftmaxMergeFactor(float m_i, float mx) { return expf(m_i - mx); }
-GROVE_SOFTMAX_HD void SoftmaxMergeAdd(float& sum, float x, float factor) { sum = fmaf(x, factor, sum); }
-
 // Merges n states, state i at m[i * ml_stride], l[i * ml_stride],
 // acc[i * acc_stride], in index order (so the same bits every run):
 // *mx = max m_i, *den = sum l_i e^(m_i - mx), *num = sum acc_i e^(m_i - mx);
@@ -38,9 +30,11 @@ GROVE_SOFTMAX_HD void MergeSoftmaxStates(int n, const float* m, const float* l, 
   for (int i = 0; i < n; ++i) {
     const float li = l[i * ml_stride];
     if (li == 0.f) continue;
-    const float f = SoftmaxMergeFactor(m[i * ml_stride], M);
-    SoftmaxMergeAdd(nu, acc[i * acc_stride], f);
-    SoftmaxMergeAdd(de, li, f);
+    const float f = expf(m[i * ml_stride] - M);
+    // Explicit fmas (no contraction left to the compiler): the same bits on
+    // the host and in every kernel that inlines this.
+    nu = fmaf(acc[i * acc_stride], f, nu);
+    de = fmaf(li, f, de);
   }
   *mx = M;
   *num = nu;

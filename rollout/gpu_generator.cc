@@ -215,7 +215,6 @@ struct GpuGenerator::Impl {
   float *rlogits = nullptr, *rscores = nullptr, *gates = nullptr;
   uint16_t *ids = nullptr, *routes = nullptr;
   unsigned* route_counter = nullptr;  // fuse_router_topk: the fused router's last-block counter
-  unsigned* append_counter = nullptr;  // fuse_rope_append: the fused QKV's last-block counter
   bf16* h_last = nullptr;
   float* logits = nullptr;  // [max_batch, V]
   int32_t *d_tokens = nullptr, *d_slot = nullptr, *d_pos = nullptr, *d_last = nullptr, *d_step = nullptr;
@@ -330,13 +329,13 @@ struct GpuGenerator::Impl {
   // y (+)= RMSNorm(x row 0, norm_weight) W^T for one row (fuse_rmsnorm);
   // the normed row also goes to `normed` unless null.
   Status LinearNormed(const float* norm_weight, bf16* normed, int slot, float* y, Accumulate mode,
-                      const kernels::RouterTail* route = nullptr, const kernels::RopeAppendTail* append = nullptr) {
+                      const kernels::RouterTail* route = nullptr) {
     kernels::RmsNormedRow in;
     in.x = x;
     in.weight = norm_weight;
     in.eps = float(c.norm_eps);
     in.normed = normed;
-    return kernels::QuantLinearRmsNormed(in, slots[slot].qw, y, mode, stream, route, append);
+    return kernels::QuantLinearRmsNormed(in, slots[slot].qw, y, mode, stream, route);
   }
   // x += SwiGLU(h) with width F; w13 = [W1; W3] stacked. fused_norm: one
   // row, h = RMSNorm(x, fused_norm) computed inside the W1|W3 linear.
@@ -488,11 +487,9 @@ Status GpuGenerator::Impl::Build() {
   }
   GROVE_RETURN_IF_ERROR(Alloc(&routes, R * std::max<int64_t>(M * K, 1)));
   GROVE_RETURN_IF_ERROR(Alloc(&route_counter, 1));
-  GROVE_RETURN_IF_ERROR(Alloc(&append_counter, 1));
-  // The fused tails' counters start at 0 (each launch leaves them 0); on the
-  // engine's stream, so they are ordered before every kernel that counts.
+  // fuse_router_topk's counter starts at 0 (each launch leaves it 0); on the
+  // engine's stream, so it is ordered before every kernel that counts.
   GEN_CUDA(cudaMemsetAsync(route_counter, 0, sizeof(unsigned), stream));
-  GEN_CUDA(cudaMemsetAsync(append_counter, 0, sizeof(unsigned), stream));
   GROVE_RETURN_IF_ERROR(Alloc(&h_last, Bm * H));
   GROVE_RETURN_IF_ERROR(Alloc(&logits, Bm * V));
   GROVE_RETURN_IF_ERROR(Alloc(&d_tokens, R));
@@ -610,51 +607,34 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
   for (int64_t l = 0; l < c.layers; ++l) {
     LayerWeights& w = lw[l];
     const kernels::PagedKvCache kv = KvCache(l);
-    const kernels::PagedAppendArgs append{kv, pr, int(c.heads), qkv, qd + 2 * kd, rope_cos, rope_sin, q};
     if (fuse_norm) {
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kQkvLinear));
-      // fuse_rope_append: the QKV kernel's last block also ropes and appends.
-      const kernels::RopeAppendTail tail{append, append_counter};
-      GROVE_RETURN_IF_ERROR(LinearNormed(w.attn_norm, nullptr, w.qkv, qkv, Accumulate::kOverwrite, nullptr,
-                                         opt.fuse_rope_append ? &tail : nullptr));
+      GROVE_RETURN_IF_ERROR(LinearNormed(w.attn_norm, nullptr, w.qkv, qkv, Accumulate::kOverwrite));
     } else {
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kNorms));
       GROVE_RETURN_IF_ERROR(gpu::RmsNormRows(x, w.attn_norm, h, rows, int(H), float(c.norm_eps), stream));
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kQkvLinear));
       GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w.qkv, qkv, qd + 2 * kd, Accumulate::kOverwrite));
     }
-    // fuse_append_attention: the split pass ropes and appends itself,
-    // unless the QKV linear already did (fuse_rope_append).
-    const bool split = opt.split_kv_attention && !gather_last;
-    const kernels::PagedFusedAppend fused_append{qkv, qd + 2 * kd, rope_cos, rope_sin};
-    const kernels::PagedFusedAppend* split_append =
-        split && opt.fuse_append_attention && !(fuse_norm && opt.fuse_rope_append) ? &fused_append : nullptr;
-    if (!(fuse_norm && opt.fuse_rope_append) && split_append == nullptr) {
-      GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kRopeAppend));
-      GROVE_RETURN_IF_ERROR(kernels::PagedKvAppend(append.cache, append.rows, append.heads, append.qkv, append.ld,
-                                                   append.rope_cos, append.rope_sin, append.q_out, stream));
-    }
-    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kAttention));
     // Decode steps (one row per sequence, at most max_batch rows) may split
     // the keys; a prefill's rows already give the unsplit kernel its blocks.
-    // fuse_attention_combine: the wo linear merges the chunks' partials
-    // itself, no combine launch.
-    if (split && opt.fuse_attention_combine) {
-      kernels::PagedSplitPartials partials;
-      GROVE_RETURN_IF_ERROR(kernels::PagedAttentionSplitPartials(kv, pr, int(c.heads), q, 0.f, int(c.max_seq_len),
-                                                                 attn_ws, attn_ws_bytes, stream, &partials,
-                                                                 split_append));
-      GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kWo));
-      GROVE_RETURN_IF_ERROR(kernels::QuantLinearSplitKv(partials, slots[w.wo].qw, x, H, Accumulate::kAdd, stream));
-    } else {
-      if (split)
-        GROVE_RETURN_IF_ERROR(kernels::PagedAttentionSplit(kv, pr, int(c.heads), q, attn, 0.f, int(c.max_seq_len),
-                                                           attn_ws, attn_ws_bytes, stream, split_append));
-      else
-        GROVE_RETURN_IF_ERROR(kernels::PagedAttention(kv, pr, int(c.heads), q, attn, 0.f, stream));
-      GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kWo));
-      GROVE_RETURN_IF_ERROR(Linear(attn, qd, rows, w.wo, x, H, Accumulate::kAdd));
+    // fuse_append_attention: the split pass ropes and appends itself.
+    const bool split = opt.split_kv_attention && !gather_last;
+    const kernels::PagedFusedAppend fused_append{qkv, qd + 2 * kd, rope_cos, rope_sin};
+    const kernels::PagedFusedAppend* split_append = split && opt.fuse_append_attention ? &fused_append : nullptr;
+    if (split_append == nullptr) {
+      GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kRopeAppend));
+      GROVE_RETURN_IF_ERROR(
+          kernels::PagedKvAppend(kv, pr, int(c.heads), qkv, qd + 2 * kd, rope_cos, rope_sin, q, stream));
     }
+    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kAttention));
+    if (split)
+      GROVE_RETURN_IF_ERROR(kernels::PagedAttentionSplit(kv, pr, int(c.heads), q, attn, 0.f, int(c.max_seq_len),
+                                                         attn_ws, attn_ws_bytes, stream, split_append));
+    else
+      GROVE_RETURN_IF_ERROR(kernels::PagedAttention(kv, pr, int(c.heads), q, attn, 0.f, stream));
+    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kWo));
+    GROVE_RETURN_IF_ERROR(Linear(attn, qd, rows, w.wo, x, H, Accumulate::kAdd));
     if (!fuse_norm) {
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kNorms));
       GROVE_RETURN_IF_ERROR(gpu::RmsNormRows(x, w.ffn_norm, h, rows, int(H), float(c.norm_eps), stream));
@@ -683,6 +663,24 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
       ra.ids_copy = routes + mi * K;
       ra.ids_copy_stride = int(M * K);
     }
+    // Fused: the router's kernel writes h (the normed row) for the shared
+    // experts and the MoE after it, and with fuse_router_topk also routes.
+    if (fuse_norm && opt.fuse_router_topk) {
+      const kernels::RouterTail tail{ra, route_counter};
+      GROVE_RETURN_IF_ERROR(LinearNormed(w.ffn_norm, h, w.router, rlogits, Accumulate::kOverwrite, &tail));
+    } else {
+      if (fuse_norm)
+        GROVE_RETURN_IF_ERROR(LinearNormed(w.ffn_norm, h, w.router, rlogits, Accumulate::kOverwrite));
+      else
+        GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w.router, rlogits, E, Accumulate::kOverwrite));
+      GROVE_RETURN_IF_ERROR(kernels::RouterTopK(ra, stream));
+    }
+    if (!opt.router_writes_routes)
+      GEN_CUDA(cudaMemcpy2DAsync(routes + mi * K, M * K * sizeof(uint16_t), ids, KS * sizeof(uint16_t),
+                                 K * sizeof(uint16_t), rows, cudaMemcpyDeviceToDevice, stream));
+    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kSharedExperts));
+    if (c.shared_experts > 0 && S == 0)
+      GROVE_RETURN_IF_ERROR(Ffn(rows, w.s_w13, w.s_w2, c.shared_experts * c.expert_hidden));
     kernels::MoeDecodeArgs ma;
     ma.x = h;
     ma.ids = ids;
@@ -700,31 +698,6 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     ma.workspace = moe_ws;
     ma.workspace_bytes = moe_ws_bytes;
     ma.one_launch_index = opt.one_launch_moe_index;
-    // Fused: the router's kernel writes h (the normed row) for the shared
-    // experts and the MoE after it, and with fuse_router_topk also routes
-    // (and with fuse_moe_index also builds the MoE's slot index).
-    if (fuse_norm && opt.fuse_router_topk) {
-      kernels::RouterTail tail;
-      tail.args = ra;
-      tail.counter = route_counter;
-      if (opt.fuse_moe_index) {
-        GROVE_RETURN_IF_ERROR(kernels::MoeDecodeSlotIndex(ma, &tail.index));
-        ma.index_ready = true;
-      }
-      GROVE_RETURN_IF_ERROR(LinearNormed(w.ffn_norm, h, w.router, rlogits, Accumulate::kOverwrite, &tail));
-    } else {
-      if (fuse_norm)
-        GROVE_RETURN_IF_ERROR(LinearNormed(w.ffn_norm, h, w.router, rlogits, Accumulate::kOverwrite));
-      else
-        GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w.router, rlogits, E, Accumulate::kOverwrite));
-      GROVE_RETURN_IF_ERROR(kernels::RouterTopK(ra, stream));
-    }
-    if (!opt.router_writes_routes)
-      GEN_CUDA(cudaMemcpy2DAsync(routes + mi * K, M * K * sizeof(uint16_t), ids, KS * sizeof(uint16_t),
-                                 K * sizeof(uint16_t), rows, cudaMemcpyDeviceToDevice, stream));
-    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kSharedExperts));
-    if (c.shared_experts > 0 && S == 0)
-      GROVE_RETURN_IF_ERROR(Ffn(rows, w.s_w13, w.s_w2, c.shared_experts * c.expert_hidden));
     if (timing) {
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kMoeRouteIndex));
       GROVE_ASSIGN_OR_RETURN(ma.stage_events,
@@ -824,10 +797,6 @@ Result<std::unique_ptr<GpuGenerator>> GpuGenerator::Create(const model::ModelCon
         "(MoeDecodeForward's limits)");
   if (options.fuse_router_topk && !options.fuse_rmsnorm)
     return Status::InvalidArgument("GpuGenerator: fuse_router_topk needs fuse_rmsnorm (it routes in the fused kernel)");
-  if (options.fuse_moe_index && !options.fuse_router_topk)
-    return Status::InvalidArgument("GpuGenerator: fuse_moe_index needs fuse_router_topk (it indexes in the router's tail)");
-  if (options.fuse_rope_append && !options.fuse_rmsnorm)
-    return Status::InvalidArgument("GpuGenerator: fuse_rope_append needs fuse_rmsnorm (it appends in the fused kernel)");
   if (options.gemv_rows_per_warp != 0 && options.gemv_rows_per_warp != 1 && options.gemv_rows_per_warp != 2 &&
       options.gemv_rows_per_warp != 4)
     return Status::InvalidArgument("GpuGenerator: gemv_rows_per_warp must be 0 (default), 1, 2 or 4");

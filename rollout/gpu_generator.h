@@ -134,35 +134,14 @@ struct GpuGeneratorOptions {
   // bits (RouterTopK's per-token code). Off: measured 0.98x at batch 1 and
   // 1.00x at 8 on top of the defaults (H200, gpu-ref).
   bool fuse_router_topk = false;
-  // With fuse_router_topk (InvalidArgument without it): the fused router's
-  // last block also groups the row's slots by expert for the MoE
-  // (MoeRouteIndexOneBlock's code; MoeDecodeArgs::index_ready), one launch
-  // fewer per MoE layer. The same bits. Off: with fuse_router_topk 0.99-1.01x
-  // at batch 1 over the defaults (H100, gpu-ref), within the noise.
-  bool fuse_moe_index = false;
-  // With fuse_rmsnorm (InvalidArgument without it): the batch-1 QKV linear
-  // also applies RoPE and appends k, v to the cache in its last block to
-  // finish (kernels::RopeAppendTail), one launch fewer per layer. The same
-  // bits (PagedKvAppend's row code). Off: 0.98-0.99x at batch 1 (H100,
-  // gpu-ref; the append runs serially after the GEMV's last block), and
-  // fuse_append_attention saves the same launch faster.
-  bool fuse_rope_append = false;
   // Decode steps with split_kv_attention (ignored without it) skip the RoPE
   // + KV-append launch: the split-KV pass ropes its query heads and appends
   // each row's k, v itself (kernels::PagedFusedAppend), one launch fewer per
-  // layer at every batch; batch-1 steps with fuse_rope_append keep that
-  // instead. The same bits (RopePair, the append's rounding). On: 1.03-1.04x
-  // at batch 1 and 1.03x at batch 8 over the other defaults (H100, gpu-ref,
-  // bf16 and int4, decode_bench --variants; docs/kernels.md).
+  // layer at every batch. The same bits (RopePair, the append's rounding).
+  // On: 1.03-1.04x at batch 1 and 1.03x at batch 8 over the other defaults
+  // (H100, gpu-ref, bf16 and int4, decode_bench --variants; docs/kernels.md,
+  // which also has the folds tried beside it and removed).
   bool fuse_append_attention = true;
-  // With split_kv_attention: decode steps skip the split-KV combine launch;
-  // the wo linear's blocks merge the chunks' partial states while staging
-  // their input rows (kernels::QuantLinearSplitKv), one launch fewer per
-  // layer. The same bits (the combine's code, the same GEMV/mma kernel).
-  // Each block re-merges its rows, so the cost grows with the context. Off:
-  // 0.99x at batch 1 and 0.96-0.99x at 8 with a 64-token prompt, 0.91x /
-  // 0.62x with 1024 (H100, gpu-ref).
-  bool fuse_attention_combine = false;
 };
 
 class GpuGenerator {

@@ -33,10 +33,9 @@
 // gemv_rows_per_warp 1 / 4 (batch 1 only), split_kv = split_kv_attention,
 // programmatic_launch, fuse_rmsnorm and fuse_rmsnorm+router_topk (batch 1
 // only), default = the options' defaults, default with PDL + the fused norm
-// (+ the fused router), default + each issue-9 launch fold (attention_combine,
-// rope_append, append_attention, router_topk+moe_index) and combinations,
-// all = the four older
-// paths; --variant_names picks rows) for
+// (+ the fused router), default without fuse_append_attention (the RoPE +
+// append folded into the split-KV pass), all = the four older paths;
+// --variant_names picks rows) for
 // --plans at --variant_batches, 32 new tokens: ms per decode step, the
 // speedup over base, the weight bytes read per second (StepWeightBytes /
 // step) and their share of the 2.82 TB/s read ceiling.
@@ -248,34 +247,9 @@ const Variant kVariants[] = {
        o = GpuGeneratorOptions{};
        o.fuse_router_topk = true;
      }},
-    {"default+attention_combine", [](GpuGeneratorOptions& o) {
+    {"default-append_attention", [](GpuGeneratorOptions& o) {
        o = GpuGeneratorOptions{};
-       o.fuse_attention_combine = true;
-     }},
-    {"default+rope_append", [](GpuGeneratorOptions& o) {
-       o = GpuGeneratorOptions{};
-       o.fuse_rope_append = true;
-     }},
-    {"default+append_attention", [](GpuGeneratorOptions& o) {
-       o = GpuGeneratorOptions{};
-       o.fuse_append_attention = true;
-     }},
-    {"default+combine+append_attention", [](GpuGeneratorOptions& o) {
-       o = GpuGeneratorOptions{};
-       o.fuse_attention_combine = true;
-       o.fuse_append_attention = true;
-     }},
-    {"default+router_topk+moe_index", [](GpuGeneratorOptions& o) {
-       o = GpuGeneratorOptions{};
-       o.fuse_router_topk = true;
-       o.fuse_moe_index = true;
-     }},
-    {"default+combine+append_attention+router_topk+moe_index", [](GpuGeneratorOptions& o) {
-       o = GpuGeneratorOptions{};
-       o.fuse_attention_combine = true;
-       o.fuse_append_attention = true;
-       o.fuse_router_topk = true;
-       o.fuse_moe_index = true;
+       o.fuse_append_attention = false;
      }},
     {"all", [](GpuGeneratorOptions& o) {
        o.fold_shared_experts = true;
@@ -295,9 +269,6 @@ void AllPathsOff(GpuGeneratorOptions& o) {
   o.programmatic_launch = false;
   o.fuse_rmsnorm = false;
   o.fuse_router_topk = false;
-  o.fuse_moe_index = false;
-  o.fuse_rope_append = false;
-  o.fuse_attention_combine = false;
   o.fuse_append_attention = false;
 }
 
