@@ -25,6 +25,15 @@ __device__ inline int64_t CacheOffset(const PagedKvCache& c, int slot, int p, in
   return ((int64_t(page) * c.page_tokens + p % c.page_tokens) * c.kv_heads + kh) * c.head_dim;
 }
 
+// Rotary embedding of one pair (a = x[j], b = x[j + half]) with each product
+// rounded before the difference/sum, as model/layers.h's RopeRow computes it
+// on the host (no fma contraction). AppendKernel and the split pass's fused
+// append both use it, so they write the same bits.
+__device__ __forceinline__ void RopePair(float a, float b, float cs, float sn, float& y0, float& y1) {
+  y0 = __fsub_rn(__fmul_rn(a, cs), __fmul_rn(b, sn));
+  y1 = __fadd_rn(__fmul_rn(a, sn), __fmul_rn(b, cs));
+}
+
 // One block per row. Work items: rope pairs of the q heads and the k heads
 // ((heads + kv_heads) * half), then the v elements (kv_heads * head_dim).
 __global__ void AppendKernel(PagedKvCache c, PagedRows rows, int heads, const float* qkv, int64_t ld,
@@ -47,8 +56,8 @@ __global__ void AppendKernel(PagedKvCache c, PagedRows rows, int heads, const fl
         cs = rope_cos[int64_t(p) * half + j];
         sn = rope_sin[int64_t(p) * half + j];
       }
-      const float a = x[j], b = x[j + half];
-      const float y0 = a * cs - b * sn, y1 = a * sn + b * cs;
+      float y0, y1;
+      RopePair(x[j], x[j + half], cs, sn, y0, y1);
       if (head < heads) {
         qo[head * hd + j] = __float2bfloat16(y0);
         qo[head * hd + j + half] = __float2bfloat16(y1);
@@ -181,10 +190,15 @@ inline SplitWorkspace SplitLayout(void* ws, int64_t states) {
 // [c * T, min((c + 1) * T - 1, pos)] and writes its merged, unnormalized
 // state per query head. Chunks past pos (and invalid rows) write nothing:
 // the combine reads only chunks 0..pos / T of a valid row.
+// With an append (app.qkv non-null): the rows' q, k, v are still fp32 in
+// app.qkv; each block ropes its G query heads into shared memory, and the
+// block whose chunk holds the row's position first appends k, v of its kv
+// head (the position only it reads) -- AppendKernel's arithmetic (RopePair,
+// bf16 rounding), so the same bits as appending first.
 template <int HD>
 __global__ void __launch_bounds__(kAttnWarps * 32)
     SplitAttentionKernel(PagedKvCache c, PagedRows rows, int heads, const __nv_bfloat16* q, float scale,
-                         int chunks, SplitWorkspace ws) {
+                         int chunks, SplitWorkspace ws, PagedFusedAppend app) {
   ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
   ptx::griddepcontrol_launch_dependents();
   constexpr int T = kPagedSplitChunkTokens;
@@ -195,7 +209,41 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   if (!RowValid(c, slot, p) || lo > p) return;
   const int hi = min(lo + T - 1, p);
   __shared__ WarpStates<HD> st;
-  AttendKeys<HD>(c, slot, kh, G, q + int64_t(r) * heads * HD + int64_t(kh) * G * HD, lo, hi, scale, st);
+  __shared__ __nv_bfloat16 q_s[kPagedMaxGroup * HD];
+  const __nv_bfloat16* qr = q_s;
+  if (app.qkv == nullptr) {
+    qr = q + int64_t(r) * heads * HD + int64_t(kh) * G * HD;
+  } else {
+    constexpr int half = HD / 2;
+    const float* row = app.qkv + int64_t(r) * app.ld;
+    const float* cs = app.rope_cos + int64_t(p) * half;
+    const float* sn = app.rope_sin + int64_t(p) * half;
+    for (int i = threadIdx.x; i < G * half; i += blockDim.x) {
+      const int g = i / half, j = i % half;
+      const float* x = row + int64_t(kh * G + g) * HD;
+      float y0, y1;
+      RopePair(x[j], x[j + half], cs[j], sn[j], y0, y1);
+      q_s[g * HD + j] = __float2bfloat16(y0);
+      q_s[g * HD + j + half] = __float2bfloat16(y1);
+    }
+    if (p / T == chunk) {
+      const int64_t off = CacheOffset(c, slot, p, kh);
+      for (int i = threadIdx.x; off >= 0 && i < half + HD; i += blockDim.x) {
+        if (i < half) {
+          const float* x = row + int64_t(heads + kh) * HD;
+          float y0, y1;
+          RopePair(x[i], x[i + half], cs[i], sn[i], y0, y1);
+          c.k[off + i] = __float2bfloat16(y0);
+          c.k[off + i + half] = __float2bfloat16(y1);
+        } else {
+          const int d = i - half;
+          c.v[off + d] = __float2bfloat16(row[int64_t(heads + c.kv_heads + kh) * HD + d]);
+        }
+      }
+    }
+    __syncthreads();  // q_s and this block's k, v stores visible to its warps
+  }
+  AttendKeys<HD>(c, slot, kh, G, qr, lo, hi, scale, st);
   for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
     const int g = i / HD, d = i % HD;
     float M, num, den;
@@ -244,6 +292,17 @@ Status CheckCache(const PagedKvCache& c, int heads, const char* who) {
   return Status::OK();
 }
 
+// The fp32 q | k | v input of an append (PagedKvAppend, or the split pass's
+// fused append).
+Status CheckAppendInput(const PagedKvCache& c, int heads, const float* qkv, int64_t ld, const float* rope_cos,
+                        const float* rope_sin, const char* who) {
+  const std::string w = who;
+  if (ld < int64_t(heads + 2 * c.kv_heads) * c.head_dim)
+    return Status::InvalidArgument(w + ": ld smaller than the q, k, v columns");
+  if (!qkv || !rope_cos || !rope_sin) return Status::InvalidArgument(w + ": null pointer");
+  return Status::OK();
+}
+
 Status LaunchStatus(const char* who, cudaError_t launch = cudaSuccess) {
   const cudaError_t err = launch != cudaSuccess ? launch : cudaGetLastError();
   if (err != cudaSuccess) return Status::Internal(std::string(who) + " launch: " + cudaGetErrorString(err));
@@ -254,10 +313,10 @@ Status LaunchStatus(const char* who, cudaError_t launch = cudaSuccess) {
 template <int HD>
 Status LaunchSplit(const PagedKvCache& cache, const PagedRows& rows, int heads, const __nv_bfloat16* q,
                    __nv_bfloat16* out, float scale, int chunks, const SplitWorkspace& ws, dim3 grid, dim3 combine_grid,
-                   cudaStream_t stream) {
+                   const PagedFusedAppend& app, cudaStream_t stream) {
   GROVE_RETURN_IF_ERROR(LaunchStatus("PagedAttentionSplit",
                                      LaunchKernel(SplitAttentionKernel<HD>, grid, dim3(kAttnWarps * 32), 0, stream,
-                                                  cache, rows, heads, q, scale, chunks, ws)));
+                                                  cache, rows, heads, q, scale, chunks, ws, app)));
   return LaunchStatus("PagedAttentionSplit combine", LaunchKernel(SplitCombineKernel<HD>, combine_grid, dim3(HD), 0,
                                                                   stream, cache, rows, heads, out, chunks, ws));
 }
@@ -269,10 +328,8 @@ Status PagedKvAppend(const PagedKvCache& cache, const PagedRows& rows, int heads
   GROVE_RETURN_IF_ERROR(CheckCache(cache, heads, "PagedKvAppend"));
   if (rows.rows < 0) return Status::InvalidArgument("PagedKvAppend: rows < 0");
   if (rows.rows == 0) return Status::OK();
-  if (ld < int64_t(heads + 2 * cache.kv_heads) * cache.head_dim)
-    return Status::InvalidArgument("PagedKvAppend: ld smaller than the q, k, v columns");
-  if (!qkv || !rope_cos || !rope_sin || !q_out || !rows.slot || !rows.pos)
-    return Status::InvalidArgument("PagedKvAppend: null pointer");
+  GROVE_RETURN_IF_ERROR(CheckAppendInput(cache, heads, qkv, ld, rope_cos, rope_sin, "PagedKvAppend"));
+  if (!q_out || !rows.slot || !rows.pos) return Status::InvalidArgument("PagedKvAppend: null pointer");
   return LaunchStatus("PagedKvAppend", LaunchKernel(AppendKernel, dim3(rows.rows), dim3(kAppendThreads), 0, stream,
                                                     cache, rows, heads, qkv, ld, rope_cos, rope_sin, q_out));
 }
@@ -304,12 +361,20 @@ size_t PagedAttentionSplitWorkspaceBytes(const PagedKvCache& cache, int rows, in
 
 Status PagedAttentionSplit(const PagedKvCache& cache, const PagedRows& rows, int heads, const __nv_bfloat16* q,
                            __nv_bfloat16* out, float scale, int max_pos, void* workspace, size_t workspace_bytes,
-                           cudaStream_t stream) {
+                           cudaStream_t stream, const PagedFusedAppend* append) {
   GROVE_RETURN_IF_ERROR(CheckCache(cache, heads, "PagedAttentionSplit"));
   if (rows.rows < 0) return Status::InvalidArgument("PagedAttentionSplit: rows < 0");
   if (max_pos < 0) return Status::InvalidArgument("PagedAttentionSplit: max_pos < 0");
   if (rows.rows == 0) return Status::OK();
-  if (!q || !out || !rows.slot || !rows.pos || !workspace)
+  PagedFusedAppend app;
+  if (append != nullptr) {
+    GROVE_RETURN_IF_ERROR(CheckAppendInput(cache, heads, append->qkv, append->ld, append->rope_cos,
+                                           append->rope_sin, "PagedAttentionSplit (fused append)"));
+    app = *append;
+  } else if (!q) {
+    return Status::InvalidArgument("PagedAttentionSplit: null q");
+  }
+  if (!out || !rows.slot || !rows.pos || !workspace)
     return Status::InvalidArgument("PagedAttentionSplit: null pointer");
   if (reinterpret_cast<uintptr_t>(workspace) % alignof(float) != 0)
     return Status::InvalidArgument("PagedAttentionSplit: workspace not 4-byte aligned");
@@ -325,9 +390,9 @@ Status PagedAttentionSplit(const PagedKvCache& cache, const PagedRows& rows, int
   const SplitWorkspace ws = SplitLayout(workspace, int64_t(rows.rows) * heads * chunks);
   const dim3 grid(rows.rows * cache.kv_heads, chunks), combine_grid(rows.rows, heads);
   switch (cache.head_dim) {
-    case 32: return LaunchSplit<32>(cache, rows, heads, q, out, scale, chunks, ws, grid, combine_grid, stream);
-    case 64: return LaunchSplit<64>(cache, rows, heads, q, out, scale, chunks, ws, grid, combine_grid, stream);
-    default: return LaunchSplit<128>(cache, rows, heads, q, out, scale, chunks, ws, grid, combine_grid, stream);
+    case 32: return LaunchSplit<32>(cache, rows, heads, q, out, scale, chunks, ws, grid, combine_grid, app, stream);
+    case 64: return LaunchSplit<64>(cache, rows, heads, q, out, scale, chunks, ws, grid, combine_grid, app, stream);
+    default: return LaunchSplit<128>(cache, rows, heads, q, out, scale, chunks, ws, grid, combine_grid, app, stream);
   }
 }
 

@@ -90,11 +90,27 @@ int PagedAttentionSplitChunks(const PagedKvCache& cache, int max_pos);
 // rows * heads * chunks * (head_dim + 2)).
 size_t PagedAttentionSplitWorkspaceBytes(const PagedKvCache& cache, int rows, int heads, int max_pos);
 
+// PagedKvAppend folded into the split pass (PagedAttentionSplit's
+// `append`): the rows' fp32 q | k | v (qkv, row stride ld, PagedKvAppend's
+// input) are roped by the pass itself -- each block its query heads into
+// shared memory, the block whose chunk holds the row's position the k, v of
+// its kv head into the cache before it attends -- so no append launch and
+// no bf16 q buffer (q may be null). The same arithmetic (paged_kv.cu's
+// RopePair), so the same bits as PagedKvAppend then the split pass. Decode
+// rows only (one row per slot per launch: a row must not attend another
+// row's new key).
+struct PagedFusedAppend {
+  const float* qkv = nullptr;
+  int64_t ld = 0;
+  const float* rope_cos = nullptr;
+  const float* rope_sin = nullptr;
+};
+
 // scale 0 means 1 / sqrt(head_dim). workspace: device memory of at least
 // PagedAttentionSplitWorkspaceBytes(cache, rows.rows, heads, max_pos) bytes,
 // 4-byte aligned, not used by anything else until the launch completes.
 Status PagedAttentionSplit(const PagedKvCache& cache, const PagedRows& rows, int heads, const __nv_bfloat16* q,
                            __nv_bfloat16* out, float scale, int max_pos, void* workspace, size_t workspace_bytes,
-                           cudaStream_t stream);
+                           cudaStream_t stream, const PagedFusedAppend* append = nullptr);
 
 }  // namespace grove::kernels

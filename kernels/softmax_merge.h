@@ -31,8 +31,10 @@ GROVE_SOFTMAX_HD void MergeSoftmaxStates(int n, const float* m, const float* l, 
     const float li = l[i * ml_stride];
     if (li == 0.f) continue;
     const float f = expf(m[i * ml_stride] - M);
-    nu += acc[i * acc_stride] * f;
-    de += li * f;
+    // Explicit fmas (no contraction left to the compiler): the same bits on
+    // the host and in every kernel that inlines this.
+    nu = fmaf(acc[i * acc_stride], f, nu);
+    de = fmaf(li, f, de);
   }
   *mx = M;
   *num = nu;

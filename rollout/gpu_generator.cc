@@ -616,15 +616,21 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kQkvLinear));
       GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w.qkv, qkv, qd + 2 * kd, Accumulate::kOverwrite));
     }
-    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kRopeAppend));
-    GROVE_RETURN_IF_ERROR(
-        kernels::PagedKvAppend(kv, pr, int(c.heads), qkv, qd + 2 * kd, rope_cos, rope_sin, q, stream));
-    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kAttention));
     // Decode steps (one row per sequence, at most max_batch rows) may split
     // the keys; a prefill's rows already give the unsplit kernel its blocks.
-    if (opt.split_kv_attention && !gather_last)
+    // fuse_append_attention: the split pass ropes and appends itself.
+    const bool split = opt.split_kv_attention && !gather_last;
+    const kernels::PagedFusedAppend fused_append{qkv, qd + 2 * kd, rope_cos, rope_sin};
+    const kernels::PagedFusedAppend* split_append = split && opt.fuse_append_attention ? &fused_append : nullptr;
+    if (split_append == nullptr) {
+      GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kRopeAppend));
+      GROVE_RETURN_IF_ERROR(
+          kernels::PagedKvAppend(kv, pr, int(c.heads), qkv, qd + 2 * kd, rope_cos, rope_sin, q, stream));
+    }
+    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kAttention));
+    if (split)
       GROVE_RETURN_IF_ERROR(kernels::PagedAttentionSplit(kv, pr, int(c.heads), q, attn, 0.f, int(c.max_seq_len),
-                                                         attn_ws, attn_ws_bytes, stream));
+                                                         attn_ws, attn_ws_bytes, stream, split_append));
     else
       GROVE_RETURN_IF_ERROR(kernels::PagedAttention(kv, pr, int(c.heads), q, attn, 0.f, stream));
     GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kWo));

@@ -134,6 +134,14 @@ struct GpuGeneratorOptions {
   // bits (RouterTopK's per-token code). Off: measured 0.98x at batch 1 and
   // 1.00x at 8 on top of the defaults (H200, gpu-ref).
   bool fuse_router_topk = false;
+  // Decode steps with split_kv_attention (ignored without it) skip the RoPE
+  // + KV-append launch: the split-KV pass ropes its query heads and appends
+  // each row's k, v itself (kernels::PagedFusedAppend), one launch fewer per
+  // layer at every batch. The same bits (RopePair, the append's rounding).
+  // On: 1.03-1.04x at batch 1 and 1.03x at batch 8 over the other defaults
+  // (H100, gpu-ref, bf16 and int4, decode_bench --variants; docs/kernels.md,
+  // which also has the folds tried beside it and removed).
+  bool fuse_append_attention = true;
 };
 
 class GpuGenerator {

@@ -33,7 +33,9 @@
 // gemv_rows_per_warp 1 / 4 (batch 1 only), split_kv = split_kv_attention,
 // programmatic_launch, fuse_rmsnorm and fuse_rmsnorm+router_topk (batch 1
 // only), default = the options' defaults, default with PDL + the fused norm
-// (+ the fused router), all = the four older paths) for
+// (+ the fused router), default without fuse_append_attention (the RoPE +
+// append folded into the split-KV pass), all = the four older paths;
+// --variant_names picks rows) for
 // --plans at --variant_batches, 32 new tokens: ms per decode step, the
 // speedup over base, the weight bytes read per second (StepWeightBytes /
 // step) and their share of the 2.82 TB/s read ceiling.
@@ -69,6 +71,8 @@ DEFINE_bool(profile, false, "print the eager decode step's time per phase instea
 DEFINE_string(profile_batches, "1,32", "batch sizes of --profile");
 DEFINE_bool(variants, false, "print ms/step of each opt-in decode path off/on instead of the throughput table");
 DEFINE_string(variant_batches, "1,8,32", "batch sizes of --variants");
+DEFINE_string(variant_names, "", "--variants: only the rows whose name contains one of these (comma-separated; "
+              "=name: exactly that row); the base row always runs (the speedups' reference)");
 
 namespace grove::rollout {
 namespace {
@@ -243,6 +247,10 @@ const Variant kVariants[] = {
        o = GpuGeneratorOptions{};
        o.fuse_router_topk = true;
      }},
+    {"default-append_attention", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.fuse_append_attention = false;
+     }},
     {"all", [](GpuGeneratorOptions& o) {
        o.fold_shared_experts = true;
        o.one_launch_moe_index = true;
@@ -261,6 +269,7 @@ void AllPathsOff(GpuGeneratorOptions& o) {
   o.programmatic_launch = false;
   o.fuse_rmsnorm = false;
   o.fuse_router_topk = false;
+  o.fuse_append_attention = false;
 }
 
 // --variants: rows (variant, plan), columns ms/step per batch (x speedup
@@ -280,7 +289,14 @@ int RunVariants(const model::ModelConfig& c, const model::Model& host) {
   std::printf("\n| --- | --- |");
   for (size_t i = 0; i < batches.size(); ++i) std::printf(" --- |");
   std::printf("\n");
+  const std::vector<std::string> only = bench::SplitCommaList(FLAGS_variant_names);
   for (const Variant& v : kVariants) {
+    const std::string name = v.name;
+    if (&v != &kVariants[0] && !only.empty() &&
+        std::none_of(only.begin(), only.end(), [&](const std::string& w) {
+          return w[0] == '=' ? name == w.substr(1) : name.find(w) != std::string::npos;
+        }))
+      continue;
     GpuGeneratorOptions o;
     AllPathsOff(o);
     v.set(o);

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -91,6 +92,19 @@ void RunCase(const Case& tc, uint64_t seed) {
     GROVE_CUDA_OK(d_pos.Upload(pos));
     GROVE_CUDA_OK(d_qkv.Upload(qkv));
     PagedRows pr{d_slot.get(), d_pos.get(), rows};
+    // Decode rows (one per sequence): the split pass with the append folded
+    // in (PagedFusedAppend), before anything appended these positions; its
+    // output must be the bits of append + split below.
+    const bool decode = &qkv == &dec_qkv;
+    const size_t fused_ws_bytes = PagedAttentionSplitWorkspaceBytes(cache, rows, heads, max_pos);
+    DeviceBuffer<float> d_fused_ws(fused_ws_bytes / sizeof(float));
+    DeviceBuffer<__nv_bfloat16> d_fused(size_t(rows) * qd);
+    if (decode) {
+      const PagedFusedAppend fa{d_qkv.get(), ld, d_cos.get(), d_sin.get()};
+      ASSERT_TRUE(PagedAttentionSplit(cache, pr, heads, nullptr, d_fused.get(), 0.f, max_pos, d_fused_ws.get(),
+                                      fused_ws_bytes, nullptr, &fa)
+                      .ok());
+    }
     ASSERT_TRUE(PagedKvAppend(cache, pr, heads, d_qkv.get(), ld, d_cos.get(), d_sin.get(), d_q.get(), nullptr).ok());
     ASSERT_TRUE(PagedAttention(cache, pr, heads, d_q.get(), d_out.get(), 0.f, nullptr).ok());
     ASSERT_EQ(PagedAttentionSplitChunks(cache, max_pos), max_pos / kPagedSplitChunkTokens);
@@ -109,6 +123,13 @@ void RunCase(const Case& tc, uint64_t seed) {
     GROVE_CUDA_OK(d_q.Download(&res->q));
     GROVE_CUDA_OK(d_out.Download(&res->out));
     GROVE_CUDA_OK(d_split.Download(&res->split));
+    if (decode) {
+      std::vector<__nv_bfloat16> fused;
+      GROVE_CUDA_OK(d_fused.Download(&fused));
+      int differ = 0;
+      for (size_t i = 0; i < fused.size(); ++i) differ += std::memcmp(&fused[i], &res->split[i], 2) != 0;
+      EXPECT_EQ(differ, 0) << "split pass with the append folded in vs append + split";
+    }
   };
   Launch pre, dec;
   launch(pre_slot, pre_pos, pre_qkv, &pre);
@@ -118,7 +139,8 @@ void RunCase(const Case& tc, uint64_t seed) {
   GROVE_CUDA_OK(vpool.Download(&vh));
 
   // Reference K/V/Q per sequence position, fp32 rotation then bf16 rounding.
-  // The GPU's fp32 products may be contracted to FMAs, which moves the fp32
+  // (paged_kv.cu's RopePair rounds each product as the host does, so the fp32 values
+  // should agree; the bound still allows FMA contraction.) An FMA moves the fp32
   // result by up to ~2 ulps of the larger term (2^-23 (|a c| + |b s|)); where
   // the two terms cancel that is far more than a bf16 step of the result, so
   // the bound is one bf16 step of the result (the two fp32 values straddle a
