@@ -43,6 +43,19 @@ __device__ __forceinline__ void StoreQuad(__nv_bfloat16* p, float a, float b, fl
   *reinterpret_cast<uint2*>(p) = v;
 }
 
+// 8 values as bf16 in one 16-byte st.global (16-byte aligned p). Not
+// vector_io's StoreBf16x8: in the wgmma SwiGLU epilogue nvcc split one of its
+// two uint4 stores per step into four 4-byte ones (PTX), alignment hints or not.
+__device__ __forceinline__ void StoreBf16x8Global(__nv_bfloat16* p, const float (&v)[8]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+    w[i] = *reinterpret_cast<const uint32_t*>(&h);
+  }
+  __stcg(reinterpret_cast<uint4*>(p), make_uint4(w[0], w[1], w[2], w[3]));
+}
+
 // Stores one warp's share of a wgmma m64nNk16 fp32 accumulator (N/2
 // registers; layout in kernels/ptx/wgmma.cuh): rows row0 + lane/4 (+8) of
 // the warp's 16, columns col0 .. col0 + N - 1. Only rows < rows_valid

@@ -13,6 +13,9 @@
 #include <cuda.h>
 #include <cuda_bf16.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "kernels/grouped_gemm_internal.h"
 #include "kernels/grouped_gemm_schedule.cuh"
 #include "kernels/grouped_gemm_store.cuh"
@@ -265,50 +268,85 @@ struct StagedTile {
   static constexpr int kSmemBytes = kOffset + kBlockM * kPitchBytes + 1024;
 };
 
-// The SwiGLU epilogue's storers: the [a | b] rows of tile t (its columns of
-// a and of b: one bulk prefetch per row half) into L2, spread over them.
+// How the SwiGLU epilogue brings the forward's a, b towards the storers
+// ahead of use. MEASURING (temporary knob): kAbPrefetchLines: the storers
+// prefetch.global.L2 each 128-byte line of the next tile's rows;
+// kAbPrefetchTensor: the producer thread one TMA tensor prefetch per 64
+// columns of a and of b at the start of each tile's loads.
+// (cp.async.bulk.prefetch.L2 per 256-byte row half -- 256 TMA operations
+// per tile besides the ring's 48 -- ran the kernel at 1.07 ms against
+// 0.67 ms unfused at the model's shape.)
+enum AbPrefetch { kAbPrefetchNone = 0, kAbPrefetchLines = 1, kAbPrefetchTensor = 2 };
+
+// The SwiGLU epilogue's storers: every 128-byte line of tile t's columns of
+// a and of b into L2, spread over them.
 template <int BN>
-__device__ __forceinline__ void PrefetchSwiGluBwdRows(const __nv_bfloat16* ab, int n,
-                                                      const TileCoord& t, int sid) {
-  const uint32_t bytes = static_cast<uint32_t>(min(BN, n - t.col_begin)) * 2;  // n % 8 == 0
-  for (int i = sid; i < 2 * t.rows; i += kStorers) {
-    const int64_t row = t.row_begin + i / 2;
-    ptx::prefetch_bulk_L2(ab + row * 2 * n + (i % 2) * n + t.col_begin, bytes);
+__device__ __forceinline__ void PrefetchSwiGluBwdLines(const __nv_bfloat16* ab, int n,
+                                                       const TileCoord& t, int sid) {
+  constexpr int kLinesPerHalf = BN * 2 / 128;
+  const int cols = min(BN, n - t.col_begin);
+  for (int i = sid; i < 2 * kLinesPerHalf * t.rows; i += kStorers) {
+    const int row = i / (2 * kLinesPerHalf), half = i / kLinesPerHalf % 2,
+              line = i % kLinesPerHalf;
+    if (line * 64 < cols)
+      ptx::prefetch_global_L2(ab + (t.row_begin + row) * 2 * int64_t{n} + half * n + t.col_begin +
+                              line * 64);
   }
+}
+
+// One step of a storer's work in the SwiGLU epilogue: kUnroll chunks of 8
+// columns of a row (16 bytes of each bf16 operand), kStorers chunks apart;
+// ok[u]: chunk u exists (a row of the tile, a column < n).
+template <int kUnroll>
+struct SwiGluBwdBatch {
+  uint4 a[kUnroll], b[kUnroll];
+  bool ok[kUnroll];
+};
+
+template <int BN, int kUnroll>
+__device__ __forceinline__ SwiGluBwdBatch<kUnroll> LoadSwiGluBwdBatch(
+    const __nv_bfloat16* __restrict__ ab, int n, const TileCoord& t, int base) {
+  constexpr int kChunksPerRow = BN / 8;
+  SwiGluBwdBatch<kUnroll> batch;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int idx = base + u * kStorers;
+    const int col = t.col_begin + idx % kChunksPerRow * 8;
+    batch.ok[u] = idx < t.rows * kChunksPerRow && col < n;
+    if (batch.ok[u]) {
+      const __nv_bfloat16* p = ab + (t.row_begin + idx / kChunksPerRow) * 2 * int64_t{n} + col;
+      batch.a[u] = __ldg(reinterpret_cast<const uint4*>(p));
+      batch.b[u] = __ldg(reinterpret_cast<const uint4*>(p + n));
+    }
+  }
+  return batch;
 }
 
 // The SwiGLU epilogue's storers on one tile: dh (fp32, the consumers' dump
 // in c_tile) and the forward's a, b (ab) give da, db into c ([rows, 2n]
-// like ab). A storer takes 8 columns of a row per step (16 bytes of each
-// bf16 operand, a warp covering 2 rows' 256 contiguous bytes), the global
-// loads of kUnroll steps issued before any math so that enough bytes are in
-// flight. Rows past the expert's end and columns past n are not touched.
-template <int BN, int kPitch>
+// like ab); a warp's 16-byte accesses cover 2 rows' 256 contiguous bytes.
+// The global loads run one step ahead of the math (the first step's before
+// wait_for_dh(), which returns once the consumers' dump is complete): they
+// do not depend on dh. Rows past the expert's end and columns past n are
+// not touched.
+template <int BN, int kPitch, typename WaitForDh>
 __device__ __forceinline__ void StoreSwiGluBwdTile(const uint8_t* c_tile,
                                                    const __nv_bfloat16* __restrict__ ab,
                                                    __nv_bfloat16* __restrict__ c, int n,
-                                                   const TileCoord& t, int sid) {
+                                                   const TileCoord& t, int sid,
+                                                   WaitForDh&& wait_for_dh) {
   constexpr int kChunksPerRow = BN / 8;
-  constexpr int kUnroll = 8;
+  constexpr int kUnroll = 4;
+  constexpr int kStep = kStorers * kUnroll;
   const int chunks = t.rows * kChunksPerRow;
   const int64_t ld = 2 * int64_t{n};
-  for (int base = sid; base < chunks; base += kStorers * kUnroll) {
-    uint4 a_raw[kUnroll], b_raw[kUnroll];
-    bool ok[kUnroll];
+  SwiGluBwdBatch<kUnroll> cur = LoadSwiGluBwdBatch<BN, kUnroll>(ab, n, t, sid);
+  wait_for_dh();
+  for (int base = sid; base < chunks; base += kStep) {
+    const SwiGluBwdBatch<kUnroll> next = LoadSwiGluBwdBatch<BN, kUnroll>(ab, n, t, base + kStep);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int idx = base + u * kStorers;
-      const int col = t.col_begin + idx % kChunksPerRow * 8;
-      ok[u] = idx < chunks && col < n;
-      if (ok[u]) {
-        const __nv_bfloat16* p = ab + (t.row_begin + idx / kChunksPerRow) * ld + col;
-        a_raw[u] = __ldg(reinterpret_cast<const uint4*>(p));
-        b_raw[u] = __ldg(reinterpret_cast<const uint4*>(p + n));
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (!ok[u]) continue;
+      if (!cur.ok[u]) continue;
       const int idx = base + u * kStorers;
       const int r = idx / kChunksPerRow, ch = idx % kChunksPerRow;
       // dh's 8 values are two 16-byte halves. The 8 lanes of a wavefront
@@ -321,8 +359,8 @@ __device__ __forceinline__ void StoreSwiGluBwdTile(const uint8_t* c_tile,
       const float4 y = *reinterpret_cast<const float4*>(dh_row + (4 - first));
       const float4 lo = first ? y : x, hi = first ? x : y;
       const float dh[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-      const __nv_bfloat162* a2 = reinterpret_cast<const __nv_bfloat162*>(&a_raw[u]);
-      const __nv_bfloat162* b2 = reinterpret_cast<const __nv_bfloat162*>(&b_raw[u]);
+      const __nv_bfloat162* a2 = reinterpret_cast<const __nv_bfloat162*>(&cur.a[u]);
+      const __nv_bfloat162* b2 = reinterpret_cast<const __nv_bfloat162*>(&cur.b[u]);
       float da[8], db[8];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -331,16 +369,20 @@ __device__ __forceinline__ void StoreSwiGluBwdTile(const uint8_t* c_tile,
         SwiGluBackwardElement(dh[2 * i + 1], av.y, bv.y, da[2 * i + 1], db[2 * i + 1]);
       }
       __nv_bfloat16* out = c + (t.row_begin + r) * ld + t.col_begin + ch * 8;
-      StoreBf16x8(out, da);
-      StoreBf16x8(out + n, db);
+      StoreBf16x8Global(out, da);
+      StoreBf16x8Global(out + n, db);
     }
+    cur = next;
   }
 }
 
-template <typename Cfg, bool kSwiGluBwd>
+// tmap_ab: kSwiGluBwd with kAbPrefetchTensor only, [total_rows, 2n] in
+// boxes of [kBlockM rows][64 columns].
+template <typename Cfg, bool kSwiGluBwd, int kAbPrefetch = kAbPrefetchNone>
 __global__ void __launch_bounds__(kThreads, 1)
     GroupedGemmWgmmaStagedKernel(const __grid_constant__ CUtensorMap tmap_a,
                                  const __grid_constant__ CUtensorMap tmap_w,
+                                 const __grid_constant__ CUtensorMap tmap_ab,
                                  const int32_t* __restrict__ offsets, int num_experts,
                                  int total_rows, int n, int k, int w_expert_rows,
                                  __nv_bfloat16* __restrict__ c,
@@ -367,6 +409,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     ptx::prefetch_tensormap(&tmap_a);
     ptx::prefetch_tensormap(&tmap_w);
+    if constexpr (kSwiGluBwd && kAbPrefetch == kAbPrefetchTensor) ptx::prefetch_tensormap(&tmap_ab);
     for (int s = 0; s < Cfg::kStages; ++s) {
       ptx::mbarrier_init(&full_bar[s], 1);
       ptx::mbarrier_init(&empty_bar[s], 8);
@@ -393,6 +436,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
         const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
                                        n_tiles, expert_hint);
+        if constexpr (kSwiGluBwd && kAbPrefetch == kAbPrefetchTensor) {
+          // This tile's a, b: the storers read them after its main loop.
+          for (int col = t.col_begin; col < min(t.col_begin + BN, n); col += 64) {
+            ptx::cp_async_bulk_prefetch_tensor_2d_L2(&tmap_ab, col, t.row_begin);
+            ptx::cp_async_bulk_prefetch_tensor_2d_L2(&tmap_ab, n + col, t.row_begin);
+          }
+        }
         for (int kb = 0; kb < k_blocks; ++kb) {
           ptx::mbarrier_wait_parity(&empty_bar[stage], phase ^ 1);
           uint8_t* a_dst = smem + stage * Cfg::kStageBytes;
@@ -411,30 +461,31 @@ __global__ void __launch_bounds__(kThreads, 1)
     } else if (threadIdx.x >= 32) {
       const int sid = threadIdx.x - 32;  // storer 0..95
       uint32_t j = 0;
-      int ahead_hint = 0;  // kSwiGluBwd: LocateTile's for the tile being prefetched
-      if constexpr (kSwiGluBwd) {
+      [[maybe_unused]] int ahead_hint = 0;  // kAbPrefetchLines: LocateTile's for the tile being prefetched
+      if constexpr (kSwiGluBwd && kAbPrefetch == kAbPrefetchLines) {
         if (static_cast<int>(blockIdx.x) < total_tiles)
-          PrefetchSwiGluBwdRows<BN>(ab, n,
-                                    LocateTile(blockIdx.x, tile_prefix, offsets, total_rows,
-                                               kBlockM, BN, n_tiles, ahead_hint),
-                                    sid);
+          PrefetchSwiGluBwdLines<BN>(ab, n,
+                                     LocateTile(blockIdx.x, tile_prefix, offsets, total_rows,
+                                                kBlockM, BN, n_tiles, ahead_hint),
+                                     sid);
       }
       for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x, ++j) {
         const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
                                        n_tiles, expert_hint);
-        if constexpr (kSwiGluBwd) {
+        if constexpr (kSwiGluBwd && kAbPrefetch == kAbPrefetchLines) {
           // The next tile's a, b head for L2 while this one's main loop runs.
           const int next = tile + static_cast<int>(gridDim.x);
           if (next < total_tiles)
-            PrefetchSwiGluBwdRows<BN>(ab, n,
-                                      LocateTile(next, tile_prefix, offsets, total_rows, kBlockM,
-                                                 BN, n_tiles, ahead_hint),
-                                      sid);
+            PrefetchSwiGluBwdLines<BN>(ab, n,
+                                       LocateTile(next, tile_prefix, offsets, total_rows, kBlockM,
+                                                  BN, n_tiles, ahead_hint),
+                                       sid);
         }
-        ptx::mbarrier_wait_parity(c_full, j & 1);
         if constexpr (kSwiGluBwd) {
-          StoreSwiGluBwdTile<BN, kPitch>(c_tile, ab, c, n, t, sid);
+          StoreSwiGluBwdTile<BN, kPitch>(c_tile, ab, c, n, t, sid,
+                                         [&] { ptx::mbarrier_wait_parity(c_full, j & 1); });
         } else {
+          ptx::mbarrier_wait_parity(c_full, j & 1);
           for (int idx = sid; idx < t.rows * kChunksPerRow; idx += kStorers) {
             const int r = idx / kChunksPerRow, ch = idx % kChunksPerRow;
             const int col = t.col_begin + ch * 8;
@@ -890,18 +941,25 @@ Status LaunchWgmmaCluster(const GroupedGemmArgs& args, const DeviceInfo& dev,
   return CudaStatus(cudaGetLastError(), "wgmma cluster grouped GEMM launch");
 }
 
-template <typename Cfg, bool kSwiGluBwd>
+template <typename Cfg, bool kSwiGluBwd, int kAbPrefetch = kAbPrefetchNone>
 Status LaunchWgmmaStaged(const GroupedGemmArgs& args, const DeviceInfo& dev,
                          cudaStream_t stream) {
   using Tile = StagedTile<Cfg, kSwiGluBwd>;
   static_assert(Tile::kSmemBytes <= 227 * 1024);
   constexpr int BN = Cfg::kBlockN;
-  CUtensorMap tmap_a, tmap_w;
+  CUtensorMap tmap_a, tmap_w, tmap_ab = {};
   GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
       &tmap_a, args.a, static_cast<uint64_t>(args.total_rows), args.k, args.k, kBlockM,
       Cfg::kBlockK, Cfg::kSwizzleBytes));
   GROVE_RETURN_IF_ERROR(MakeWeightMap<Cfg>(args, BN, &tmap_w));
-  auto kernel = GroupedGemmWgmmaStagedKernel<Cfg, kSwiGluBwd>;
+  if constexpr (kSwiGluBwd && kAbPrefetch == kAbPrefetchTensor) {
+    // Only prefetched into L2, never landed in shared memory: the swizzle
+    // is the encoder's required form, not a layout anyone reads.
+    GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
+        &tmap_ab, args.swiglu_bwd_ab, static_cast<uint64_t>(args.total_rows), 2 * uint64_t(args.n),
+        2 * uint64_t(args.n), kBlockM, 64, 128));
+  }
+  auto kernel = GroupedGemmWgmmaStagedKernel<Cfg, kSwiGluBwd, kAbPrefetch>;
   GROVE_RETURN_IF_ERROR(CudaStatus(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes),
       "wgmma staged grouped GEMM: shared memory attribute"));
@@ -911,7 +969,7 @@ Status LaunchWgmmaStaged(const GroupedGemmArgs& args, const DeviceInfo& dev,
   const int grid =
       static_cast<int>(std::min<int64_t>(dev.sm_count, std::max<int64_t>(max_tiles, 1)));
   kernel<<<grid, kThreads, Tile::kSmemBytes, stream>>>(
-      tmap_a, tmap_w, args.expert_offsets, args.num_experts, args.total_rows, args.n, args.k,
+      tmap_a, tmap_w, tmap_ab, args.expert_offsets, args.num_experts, args.total_rows, args.n, args.k,
       args.w_expert_rows, static_cast<__nv_bfloat16*>(args.c), args.swiglu_bwd_ab);
   return CudaStatus(cudaGetLastError(), "wgmma staged grouped GEMM launch");
 }
@@ -950,9 +1008,17 @@ Status LaunchGroupedGemmWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev
     case WgmmaVariant::kStagedBn256:
       // The SwiGLU epilogue's fp32 tile: 128 x 128 tiles, 4-stage ring
       // (70 KB tile + 128 KB ring, where the plain one has 66 + 144).
-      if (args.swiglu_bwd_ab != nullptr)  // bf16 out (checked by GroupedGemm)
-        return WithWeightLayout<128, 64, 4>(
-            args, [&](auto cfg) { return LaunchWgmmaStaged<decltype(cfg), true>(args, dev, stream); });
+      if (args.swiglu_bwd_ab != nullptr) {  // bf16 out (checked by GroupedGemm)
+        // MEASURING (temporary): GROVE_SWIGLU_EPI_PREFETCH=none|lines|tensor.
+        const char* env = std::getenv("GROVE_SWIGLU_EPI_PREFETCH");
+        const std::string mode = env ? env : "tensor";
+        return WithWeightLayout<128, 64, 4>(args, [&](auto cfg) {
+          using Cfg = decltype(cfg);
+          if (mode == "none") return LaunchWgmmaStaged<Cfg, true, kAbPrefetchNone>(args, dev, stream);
+          if (mode == "lines") return LaunchWgmmaStaged<Cfg, true, kAbPrefetchLines>(args, dev, stream);
+          return LaunchWgmmaStaged<Cfg, true, kAbPrefetchTensor>(args, dev, stream);
+        });
+      }
       // The staged epilogue holds a bf16 tile; fp32 output takes the
       // cooperative kernel's direct stores (already full sectors).
       if (args.out_type == GemmOutType::kF32)
