@@ -13,8 +13,6 @@
 #include <cuda.h>
 #include <cuda_bf16.h>
 
-#include <cstdlib>
-#include <string>
 
 #include "kernels/grouped_gemm_internal.h"
 #include "kernels/grouped_gemm_schedule.cuh"
@@ -22,7 +20,6 @@
 #include "kernels/vector_io.cuh"
 #include "kernels/ptx/cluster.cuh"
 #include "kernels/ptx/mbarrier.cuh"
-#include "kernels/ptx/prefetch.cuh"
 #include "kernels/ptx/tensor_map.h"
 #include "kernels/ptx/tma.cuh"
 #include "kernels/ptx/wgmma.cuh"
@@ -249,11 +246,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 //
 // kSwiGluBwd (GroupedGemmArgs::swiglu_bwd_ab), run on 128 x 128 tiles with
 // a 4-stage ring: the consumers dump dh in fp32 instead (70 KB at BN = 128;
-// a 128 x 256 fp32 tile would leave no room for a ring), and the
-// storers compute the SwiGLU backward from it and the forward's a, b, which
-// they prefetch into L2 one tile ahead, so that the epilogue's extra global
-// traffic overlaps the tensor cores like the plain store does. The
-// consumers' code is the same but for the dump.
+// a 128 x 256 fp32 tile would leave no room for a ring), and the storers
+// compute the SwiGLU backward from it and the forward's a, b, meant to
+// overlap the epilogue's extra global traffic with the tensor cores like
+// the plain store. Measured (H100, kernel_bench --dx-swiglu, the model's
+// w2 shape): 0.88 ms against 0.67 for the GEMM (0.32) and
+// SwiGluBackwardPacked (0.355) apart, so the storers, not the main loop,
+// set the pace (~19 us a tile against a ~7 us main loop). Prefetching the
+// next tile's a, b into L2 did not help: per 128-byte line by the storers
+// 0.93 ms, per 256-byte row half by cp.async.bulk.prefetch (256 TMA
+// operations a tile next to the ring's 48) 1.07 ms. The consumers' code is
+// the same but for the dump.
 constexpr int kStorers = 96;
 static_assert(kStorers % 8 == 0, "StoreSwiGluBwdTile's bank spread needs whole 8-lane groups");
 
@@ -267,32 +270,6 @@ struct StagedTile {
   static constexpr int kOffset = (Cfg::kTableEnd + 127) / 128 * 128;
   static constexpr int kSmemBytes = kOffset + kBlockM * kPitchBytes + 1024;
 };
-
-// How the SwiGLU epilogue brings the forward's a, b towards the storers
-// ahead of use. MEASURING (temporary knob): kAbPrefetchLines: the storers
-// prefetch.global.L2 each 128-byte line of the next tile's rows;
-// kAbPrefetchTensor: the producer thread one TMA tensor prefetch per 64
-// columns of a and of b at the start of each tile's loads.
-// (cp.async.bulk.prefetch.L2 per 256-byte row half -- 256 TMA operations
-// per tile besides the ring's 48 -- ran the kernel at 1.07 ms against
-// 0.67 ms unfused at the model's shape.)
-enum AbPrefetch { kAbPrefetchNone = 0, kAbPrefetchLines = 1, kAbPrefetchTensor = 2 };
-
-// The SwiGLU epilogue's storers: every 128-byte line of tile t's columns of
-// a and of b into L2, spread over them.
-template <int BN>
-__device__ __forceinline__ void PrefetchSwiGluBwdLines(const __nv_bfloat16* ab, int n,
-                                                       const TileCoord& t, int sid) {
-  constexpr int kLinesPerHalf = BN * 2 / 128;
-  const int cols = min(BN, n - t.col_begin);
-  for (int i = sid; i < 2 * kLinesPerHalf * t.rows; i += kStorers) {
-    const int row = i / (2 * kLinesPerHalf), half = i / kLinesPerHalf % 2,
-              line = i % kLinesPerHalf;
-    if (line * 64 < cols)
-      ptx::prefetch_global_L2(ab + (t.row_begin + row) * 2 * int64_t{n} + half * n + t.col_begin +
-                              line * 64);
-  }
-}
 
 // One step of a storer's work in the SwiGLU epilogue: kUnroll chunks of 8
 // columns of a row (16 bytes of each bf16 operand), kStorers chunks apart;
@@ -376,13 +353,10 @@ __device__ __forceinline__ void StoreSwiGluBwdTile(const uint8_t* c_tile,
   }
 }
 
-// tmap_ab: kSwiGluBwd with kAbPrefetchTensor only, [total_rows, 2n] in
-// boxes of [kBlockM rows][64 columns].
-template <typename Cfg, bool kSwiGluBwd, int kAbPrefetch = kAbPrefetchNone>
+template <typename Cfg, bool kSwiGluBwd>
 __global__ void __launch_bounds__(kThreads, 1)
     GroupedGemmWgmmaStagedKernel(const __grid_constant__ CUtensorMap tmap_a,
                                  const __grid_constant__ CUtensorMap tmap_w,
-                                 const __grid_constant__ CUtensorMap tmap_ab,
                                  const int32_t* __restrict__ offsets, int num_experts,
                                  int total_rows, int n, int k, int w_expert_rows,
                                  __nv_bfloat16* __restrict__ c,
@@ -409,7 +383,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     ptx::prefetch_tensormap(&tmap_a);
     ptx::prefetch_tensormap(&tmap_w);
-    if constexpr (kSwiGluBwd && kAbPrefetch == kAbPrefetchTensor) ptx::prefetch_tensormap(&tmap_ab);
     for (int s = 0; s < Cfg::kStages; ++s) {
       ptx::mbarrier_init(&full_bar[s], 1);
       ptx::mbarrier_init(&empty_bar[s], 8);
@@ -436,13 +409,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
         const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
                                        n_tiles, expert_hint);
-        if constexpr (kSwiGluBwd && kAbPrefetch == kAbPrefetchTensor) {
-          // This tile's a, b: the storers read them after its main loop.
-          for (int col = t.col_begin; col < min(t.col_begin + BN, n); col += 64) {
-            ptx::cp_async_bulk_prefetch_tensor_2d_L2(&tmap_ab, col, t.row_begin);
-            ptx::cp_async_bulk_prefetch_tensor_2d_L2(&tmap_ab, n + col, t.row_begin);
-          }
-        }
         for (int kb = 0; kb < k_blocks; ++kb) {
           ptx::mbarrier_wait_parity(&empty_bar[stage], phase ^ 1);
           uint8_t* a_dst = smem + stage * Cfg::kStageBytes;
@@ -461,26 +427,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     } else if (threadIdx.x >= 32) {
       const int sid = threadIdx.x - 32;  // storer 0..95
       uint32_t j = 0;
-      [[maybe_unused]] int ahead_hint = 0;  // kAbPrefetchLines: LocateTile's for the tile being prefetched
-      if constexpr (kSwiGluBwd && kAbPrefetch == kAbPrefetchLines) {
-        if (static_cast<int>(blockIdx.x) < total_tiles)
-          PrefetchSwiGluBwdLines<BN>(ab, n,
-                                     LocateTile(blockIdx.x, tile_prefix, offsets, total_rows,
-                                                kBlockM, BN, n_tiles, ahead_hint),
-                                     sid);
-      }
       for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x, ++j) {
         const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
                                        n_tiles, expert_hint);
-        if constexpr (kSwiGluBwd && kAbPrefetch == kAbPrefetchLines) {
-          // The next tile's a, b head for L2 while this one's main loop runs.
-          const int next = tile + static_cast<int>(gridDim.x);
-          if (next < total_tiles)
-            PrefetchSwiGluBwdLines<BN>(ab, n,
-                                       LocateTile(next, tile_prefix, offsets, total_rows, kBlockM,
-                                                  BN, n_tiles, ahead_hint),
-                                       sid);
-        }
         if constexpr (kSwiGluBwd) {
           StoreSwiGluBwdTile<BN, kPitch>(c_tile, ab, c, n, t, sid,
                                          [&] { ptx::mbarrier_wait_parity(c_full, j & 1); });
@@ -941,25 +890,18 @@ Status LaunchWgmmaCluster(const GroupedGemmArgs& args, const DeviceInfo& dev,
   return CudaStatus(cudaGetLastError(), "wgmma cluster grouped GEMM launch");
 }
 
-template <typename Cfg, bool kSwiGluBwd, int kAbPrefetch = kAbPrefetchNone>
+template <typename Cfg, bool kSwiGluBwd>
 Status LaunchWgmmaStaged(const GroupedGemmArgs& args, const DeviceInfo& dev,
                          cudaStream_t stream) {
   using Tile = StagedTile<Cfg, kSwiGluBwd>;
   static_assert(Tile::kSmemBytes <= 227 * 1024);
   constexpr int BN = Cfg::kBlockN;
-  CUtensorMap tmap_a, tmap_w, tmap_ab = {};
+  CUtensorMap tmap_a, tmap_w;
   GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
       &tmap_a, args.a, static_cast<uint64_t>(args.total_rows), args.k, args.k, kBlockM,
       Cfg::kBlockK, Cfg::kSwizzleBytes));
   GROVE_RETURN_IF_ERROR(MakeWeightMap<Cfg>(args, BN, &tmap_w));
-  if constexpr (kSwiGluBwd && kAbPrefetch == kAbPrefetchTensor) {
-    // Only prefetched into L2, never landed in shared memory: the swizzle
-    // is the encoder's required form, not a layout anyone reads.
-    GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
-        &tmap_ab, args.swiglu_bwd_ab, static_cast<uint64_t>(args.total_rows), 2 * uint64_t(args.n),
-        2 * uint64_t(args.n), kBlockM, 64, 128));
-  }
-  auto kernel = GroupedGemmWgmmaStagedKernel<Cfg, kSwiGluBwd, kAbPrefetch>;
+  auto kernel = GroupedGemmWgmmaStagedKernel<Cfg, kSwiGluBwd>;
   GROVE_RETURN_IF_ERROR(CudaStatus(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes),
       "wgmma staged grouped GEMM: shared memory attribute"));
@@ -969,7 +911,7 @@ Status LaunchWgmmaStaged(const GroupedGemmArgs& args, const DeviceInfo& dev,
   const int grid =
       static_cast<int>(std::min<int64_t>(dev.sm_count, std::max<int64_t>(max_tiles, 1)));
   kernel<<<grid, kThreads, Tile::kSmemBytes, stream>>>(
-      tmap_a, tmap_w, tmap_ab, args.expert_offsets, args.num_experts, args.total_rows, args.n, args.k,
+      tmap_a, tmap_w, args.expert_offsets, args.num_experts, args.total_rows, args.n, args.k,
       args.w_expert_rows, static_cast<__nv_bfloat16*>(args.c), args.swiglu_bwd_ab);
   return CudaStatus(cudaGetLastError(), "wgmma staged grouped GEMM launch");
 }
@@ -1008,17 +950,9 @@ Status LaunchGroupedGemmWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev
     case WgmmaVariant::kStagedBn256:
       // The SwiGLU epilogue's fp32 tile: 128 x 128 tiles, 4-stage ring
       // (70 KB tile + 128 KB ring, where the plain one has 66 + 144).
-      if (args.swiglu_bwd_ab != nullptr) {  // bf16 out (checked by GroupedGemm)
-        // MEASURING (temporary): GROVE_SWIGLU_EPI_PREFETCH=none|lines|tensor.
-        const char* env = std::getenv("GROVE_SWIGLU_EPI_PREFETCH");
-        const std::string mode = env ? env : "tensor";
-        return WithWeightLayout<128, 64, 4>(args, [&](auto cfg) {
-          using Cfg = decltype(cfg);
-          if (mode == "none") return LaunchWgmmaStaged<Cfg, true, kAbPrefetchNone>(args, dev, stream);
-          if (mode == "lines") return LaunchWgmmaStaged<Cfg, true, kAbPrefetchLines>(args, dev, stream);
-          return LaunchWgmmaStaged<Cfg, true, kAbPrefetchTensor>(args, dev, stream);
-        });
-      }
+      if (args.swiglu_bwd_ab != nullptr)  // bf16 out (checked by GroupedGemm)
+        return WithWeightLayout<128, 64, 4>(
+            args, [&](auto cfg) { return LaunchWgmmaStaged<decltype(cfg), true>(args, dev, stream); });
       // The staged epilogue holds a bf16 tile; fp32 output takes the
       // cooperative kernel's direct stores (already full sectors).
       if (args.out_type == GemmOutType::kF32)

@@ -40,17 +40,6 @@ __device__ __forceinline__ void cp_async_bulk_tensor_3d_g2s(void* smem_dst,
       : "memory");
 }
 
-// cp.async.bulk.prefetch.tensor.2d.L2: brings the box at (c0 innermost, c1)
-// into L2, no shared memory or barrier involved (a hint: elements outside
-// the tensor are skipped).
-__device__ __forceinline__ void cp_async_bulk_prefetch_tensor_2d_L2(const CUtensorMap* tensor_map,
-                                                                    int32_t c0, int32_t c1) {
-  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];\n" ::"l"(
-                   reinterpret_cast<uint64_t>(tensor_map)),
-               "r"(c0), "r"(c1)
-               : "memory");
-}
-
 // prefetch.tensormap: pulls a __grid_constant__ tensor map into the
 // descriptor cache ahead of its first use.
 __device__ __forceinline__ void prefetch_tensormap(const CUtensorMap* tensor_map) {
