@@ -267,11 +267,13 @@ struct GpuTransformer::Impl {
   // kAuto unless GROVE_GROUPED_GEMM names an implementation
   // (GroupedGemmImplName), for comparing them inside the whole step.
   kernels::GroupedGemmImpl fwd_gemm_impl = kernels::GroupedGemmImpl::kAuto;
-  // The MoE backward's SwiGLU backward runs in the epilogue of the dX GEMM
-  // through w2 (GroupedGemmArgs::swiglu_bwd_ab: no [Pn, F] bf16 dh written
-  // and read back, and one rounding fewer); GROVE_FUSED_SWIGLU_BWD=0 runs
-  // the GEMM to dh and SwiGluBackwardPacked instead, for comparisons.
-  bool fused_swiglu_bwd = true;
+  // GROVE_FUSED_SWIGLU_BWD=1 runs the MoE backward's SwiGLU backward in the
+  // epilogue of the dX GEMM through w2 (GroupedGemmArgs::swiglu_bwd_ab: no
+  // [Pn, F] bf16 dh written and read back, one rounding fewer). Off by
+  // default: slower so far (H100, gpu-ref step 189-190 ms against 185-186
+  // unfused; the fused kernel 0.88 ms against 0.67 for the GEMM and
+  // SwiGluBackwardPacked apart: docs/kernels.md).
+  bool fused_swiglu_bwd = false;
   // ZeroGrad zeroes at once only the gradients no backward writes whole
   // (`zeroed_now`, [offset, count) runs: the embedding's and the router
   // biases'); every other tensor's gradient the next Backward writes
@@ -383,7 +385,7 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
     im.grouped_dw = v != "cublas";
     if (impl) im.dw_impl = *impl;
   }
-  if (const char* env = std::getenv("GROVE_FUSED_SWIGLU_BWD")) im.fused_swiglu_bwd = std::string(env) != "0";
+  if (const char* env = std::getenv("GROVE_FUSED_SWIGLU_BWD")) im.fused_swiglu_bwd = std::string(env) == "1";
   if (const char* env = std::getenv("GROVE_GROUPED_GEMM")) {
     const std::string v = env;
     using kernels::GroupedGemmImpl;
