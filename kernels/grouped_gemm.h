@@ -99,8 +99,9 @@ struct GroupedGemmArgs {
 // expert's rows are clamped to [0, total_rows)), but its rows are then
 // undefined. Rows of C past offsets[num_experts] are not written.
 // Returns InvalidArgument for bad shapes or misaligned pointers (16 bytes)
-// or a w_layout or epilogue that `impl` does not support, FailedPrecondition if `impl`
-// cannot run on the current device, Internal for a CUDA launch error.
+// or a w_layout or epilogue that `impl` does not support,
+// FailedPrecondition if `impl` cannot run on the current device, Internal
+// for a CUDA launch error.
 Status GroupedGemm(const GroupedGemmArgs& args, GroupedGemmImpl impl, cudaStream_t stream);
 
 const char* GroupedGemmImplName(GroupedGemmImpl impl);
