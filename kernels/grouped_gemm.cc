@@ -35,6 +35,12 @@ Status CheckArgs(const GroupedGemmArgs& a) {
   auto misaligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 != 0; };
   if (misaligned(a.a) || misaligned(a.w) || misaligned(a.c))
     return Status::InvalidArgument("grouped GEMM: A, W and C must be 16-byte aligned");
+  if (a.swiglu_bwd_ab != nullptr) {
+    if (a.out_type != GemmOutType::kBF16)
+      return Status::InvalidArgument("grouped GEMM: the SwiGLU backward epilogue writes bf16 only");
+    if (misaligned(a.swiglu_bwd_ab))
+      return Status::InvalidArgument("grouped GEMM: swiglu_bwd_ab must be 16-byte aligned");
+  }
   return Status::OK();
 }
 
@@ -67,6 +73,11 @@ bool ReadsMnMajor(GroupedGemmImpl impl) {
   }
 }
 
+// Whether `impl` (kAuto resolved) has the SwiGLU backward epilogue.
+bool FusesSwiGluBackward(GroupedGemmImpl impl) {
+  return impl == GroupedGemmImpl::kWgmmaStaged || impl == GroupedGemmImpl::kMmaSync;
+}
+
 }  // namespace
 
 const char* GroupedGemmImplName(GroupedGemmImpl impl) {
@@ -90,6 +101,10 @@ Status GroupedGemm(const GroupedGemmArgs& given, GroupedGemmImpl impl, cudaStrea
   if (mn && impl != GroupedGemmImpl::kAuto && !ReadsMnMajor(impl))
     return Status::InvalidArgument(std::string("grouped GEMM: ") + GroupedGemmImplName(impl) +
                                    " does not read MN-major weights");
+  const bool swiglu = given.swiglu_bwd_ab != nullptr;
+  if (swiglu && impl != GroupedGemmImpl::kAuto && !FusesSwiGluBackward(impl))
+    return Status::InvalidArgument(std::string("grouped GEMM: ") + GroupedGemmImplName(impl) +
+                                   " has no SwiGLU backward epilogue");
   GroupedGemmArgs args = given;  // the launchers read w_expert_rows as set
   if (args.w_expert_rows == 0) args.w_expert_rows = mn ? args.k : args.n;
   if (args.total_rows == 0) return Status::OK();  // nothing routed anywhere
@@ -109,9 +124,9 @@ Status GroupedGemm(const GroupedGemmArgs& given, GroupedGemmImpl impl, cudaStrea
     // k = 1024, weights in place) staged again: 700 / 688 TFLOP/s (even /
     // skewed routing) against ping-pong's 614 / 611, gpu-ref step 187 vs
     // 188-191 ms (H100, kernel_bench --dx, GROVE_GROUPED_GEMM). All of these
-    // read either weight layout.
-    const bool pingpong =
-        !mn && args.k >= 1024 && (args.n < 1024 || args.out_type == GemmOutType::kF32);
+    // read either weight layout. The SwiGLU epilogue: staged, which has it.
+    const bool pingpong = !mn && !swiglu && args.k >= 1024 &&
+                          (args.n < 1024 || args.out_type == GemmOutType::kF32);
     impl = !hopper     ? GroupedGemmImpl::kMmaSync
            : pingpong ? GroupedGemmImpl::kWgmmaPingpong
                       : GroupedGemmImpl::kWgmmaStaged;

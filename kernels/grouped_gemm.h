@@ -32,7 +32,7 @@ inline constexpr int kGroupedGemmMaxExperts = 1024;
 
 // Which implementation runs. kAuto: on sm_90 (H100/H200) kWgmmaPingpong
 // when k >= 1024, the weights are kKMajor and n < 1024 (or the output
-// fp32), kWgmmaStaged otherwise
+// fp32) and no fused epilogue is asked for, kWgmmaStaged otherwise
 // (measured, docs/kernels.md; kernel_bench --dx); kMmaSync elsewhere.
 // kMnMajor weights: kWgmmaBn128, kWgmmaBn256, kWgmmaPingpong, kWgmmaStaged
 // and kMmaSync (so every kAuto pick) read them; kWgmmaBn256Bk32,
@@ -74,6 +74,23 @@ struct GroupedGemmArgs {
   // with no packed copy. Rows between experts are never read (kMnMajor too:
   // a k block past an expert's k rows reads zeros, not the gap).
   int w_expert_rows = 0;
+  // Optional fused epilogue, the SwiGLU backward (the MoE backward's dX
+  // through w2 and the gate in one launch): when set, the GEMM's result is
+  // dh, the gradient of h = silu(a) * b, never stored; this points at the
+  // forward's [a | b] rows ([total_rows, 2n] row-major, a in columns
+  // 0..n-1, b in n..2n-1, 16-byte aligned), and C (bf16, [total_rows, 2n],
+  // not overlapping it) receives [da | db] as SwiGluBackwardPacked
+  // (kernels/swiglu.h) would from dh. The difference: da and db come from
+  // the fp32 accumulator itself, so dh skips the bf16 rounding (2^-9
+  // relative) that the unfused GEMM -> bf16 dh -> SwiGluBackwardPacked
+  // path has; da and db are each rounded to bf16 once, as there. Requires
+  // out_type kBF16. Implementations: kWgmmaStaged (its own 128 x 128 tile
+  // variant: the producer warps compute the epilogue from an fp32 tile in
+  // shared memory) and kMmaSync; kAuto picks one of them; the others return
+  // InvalidArgument. Rows of C past offsets[num_experts] are not written.
+  // Speed: at the model's w2 shape on an H100 slower (0.88 ms) than the
+  // GEMM and SwiGluBackwardPacked apart (0.32 + 0.355); docs/kernels.md.
+  const __nv_bfloat16* swiglu_bwd_ab = nullptr;
 };
 
 // Contract on expert_offsets (read on the device, so not checked here):
@@ -82,8 +99,9 @@ struct GroupedGemmArgs {
 // expert's rows are clamped to [0, total_rows)), but its rows are then
 // undefined. Rows of C past offsets[num_experts] are not written.
 // Returns InvalidArgument for bad shapes or misaligned pointers (16 bytes)
-// or a w_layout that `impl` does not read, FailedPrecondition if `impl`
-// cannot run on the current device, Internal for a CUDA launch error.
+// or a w_layout or epilogue that `impl` does not support,
+// FailedPrecondition if `impl` cannot run on the current device, Internal
+// for a CUDA launch error.
 Status GroupedGemm(const GroupedGemmArgs& args, GroupedGemmImpl impl, cudaStream_t stream);
 
 const char* GroupedGemmImplName(GroupedGemmImpl impl);

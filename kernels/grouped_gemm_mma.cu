@@ -68,11 +68,15 @@ __device__ __forceinline__ void LoadTileMn(__nv_bfloat16* dst, const __nv_bfloat
   }
 }
 
-template <typename OutT, bool kWMn>
+// kSwiGluBwd (OutT bf16): the SwiGLU backward epilogue
+// (GroupedGemmArgs::swiglu_bwd_ab): c and ab are [rows, 2n].
+template <typename OutT, bool kWMn, bool kSwiGluBwd>
 __global__ void __launch_bounds__(kThreads, 2)
     GroupedGemmMmaKernel(const __nv_bfloat16* __restrict__ a, const __nv_bfloat16* __restrict__ w,
                          const int32_t* __restrict__ offsets, int num_experts, int total_rows,
-                         int n, int k, int w_expert_rows, OutT* __restrict__ c) {
+                         int n, int k, int w_expert_rows, OutT* __restrict__ c,
+                         const __nv_bfloat16* __restrict__ ab) {
+  static_assert(!kSwiGluBwd || std::is_same_v<OutT, __nv_bfloat16>);
   extern __shared__ __align__(128) uint8_t smem_raw[];
   __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(smem_raw);
   int* tile_prefix = reinterpret_cast<int*>(smem_raw + kStages * kStageElems * 2);
@@ -177,6 +181,11 @@ __global__ void __launch_bounds__(kThreads, 2)
             if (row < t.rows && col < n)
               StorePair(c + grow * n + col, acc[i][j][2 * h], acc[i][j][2 * h + 1]);
           }
+        } else if constexpr (kSwiGluBwd) {
+#pragma unroll
+          for (int j = 0; j < 4; j += 2)
+            StoreSwappedQuadSwiGluBwd(c, ab, n, grow, row < t.rows, t.col_begin + wn * 32 + j * 8,
+                                      &acc[i][j][2 * h], &acc[i][j + 1][2 * h]);
         } else {
 #pragma unroll
           for (int j = 0; j < 4; j += 2)
@@ -188,9 +197,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
-template <typename OutT, bool kWMn>
+template <typename OutT, bool kWMn, bool kSwiGluBwd = false>
 Status Launch(const GroupedGemmArgs& args, const DeviceInfo& dev, cudaStream_t stream) {
-  auto kernel = GroupedGemmMmaKernel<OutT, kWMn>;
+  auto kernel = GroupedGemmMmaKernel<OutT, kWMn, kSwiGluBwd>;
   GROVE_RETURN_IF_ERROR(CudaStatus(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes),
       "mma.sync grouped GEMM: shared memory attribute"));
@@ -207,7 +216,7 @@ Status Launch(const GroupedGemmArgs& args, const DeviceInfo& dev, cudaStream_t s
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(args.a, args.w, args.expert_offsets,
                                                  args.num_experts, args.total_rows, args.n,
                                                  args.k, args.w_expert_rows,
-                                                 static_cast<OutT*>(args.c));
+                                                 static_cast<OutT*>(args.c), args.swiglu_bwd_ab);
   return CudaStatus(cudaGetLastError(), "mma.sync grouped GEMM launch");
 }
 
@@ -216,6 +225,10 @@ Status Launch(const GroupedGemmArgs& args, const DeviceInfo& dev, cudaStream_t s
 Status LaunchGroupedGemmMmaSync(const GroupedGemmArgs& args, const DeviceInfo& dev,
                                 cudaStream_t stream) {
   const bool f32 = args.out_type == GemmOutType::kF32;
+  if (args.swiglu_bwd_ab != nullptr)  // bf16 out (checked by GroupedGemm)
+    return args.w_layout == GemmWeightLayout::kMnMajor
+               ? Launch<__nv_bfloat16, true, true>(args, dev, stream)
+               : Launch<__nv_bfloat16, false, true>(args, dev, stream);
   if (args.w_layout == GemmWeightLayout::kMnMajor)
     return f32 ? Launch<float, true>(args, dev, stream)
                : Launch<__nv_bfloat16, true>(args, dev, stream);

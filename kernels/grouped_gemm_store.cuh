@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "kernels/swiglu_math.cuh"
+
 namespace grove::kernels::detail {
 
 // Two adjacent fp32 accumulators (columns col, col + 1; col even, row
@@ -41,6 +43,19 @@ __device__ __forceinline__ void StoreQuad(__nv_bfloat16* p, float a, float b, fl
   *reinterpret_cast<uint2*>(p) = v;
 }
 
+// 8 values as bf16 in one 16-byte st.global (16-byte aligned p). Not
+// vector_io's StoreBf16x8: in the wgmma SwiGLU epilogue nvcc split one of its
+// two uint4 stores per step into four 4-byte ones (PTX), alignment hints or not.
+__device__ __forceinline__ void StoreBf16x8Global(__nv_bfloat16* p, const float (&v)[8]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+    w[i] = *reinterpret_cast<const uint32_t*>(&h);
+  }
+  __stcg(reinterpret_cast<uint4*>(p), make_uint4(w[0], w[1], w[2], w[3]));
+}
+
 // Stores one warp's share of a wgmma m64nNk16 fp32 accumulator (N/2
 // registers; layout in kernels/ptx/wgmma.cuh): rows row0 + lane/4 (+8) of
 // the warp's 16, columns col0 .. col0 + N - 1. Only rows < rows_valid
@@ -55,25 +70,59 @@ __device__ __forceinline__ void StoreQuad(__nv_bfloat16* p, float a, float b, fl
 // second, and each store instruction covers 32 (bf16) or 64 (fp32)
 // contiguous bytes per row. mma.sync's m16n8 accumulators have the same
 // per-quad layout.
-template <typename OutT>
-__device__ __forceinline__ void StoreSwappedQuad(OutT* c, int n, int64_t row, bool row_ok,
-                                                 int col_group0, const float* mine,
-                                                 const float* next) {
+// The swap of StoreSwappedQuad: v receives the 4 adjacent values this lane
+// owns after it; returns the first of their columns.
+__device__ __forceinline__ int SwapQuad(int col_group0, const float* mine, const float* next,
+                                        float (&v)[4]) {
   const int q = threadIdx.x % 4;
   const bool odd = q & 1;
   const float send_x = odd ? mine[0] : next[0];
   const float send_y = odd ? mine[1] : next[1];
   const float got_x = __shfl_xor_sync(0xffffffffu, send_x, 1);
   const float got_y = __shfl_xor_sync(0xffffffffu, send_y, 1);
-  const int col = odd ? col_group0 + 8 + 2 * (q - 1) : col_group0 + 2 * q;
-  if (row_ok && col < n) {
-    OutT* p = c + row * n + col;
-    if (odd) {
-      StoreQuad(p, got_x, got_y, next[0], next[1]);
-    } else {
-      StoreQuad(p, mine[0], mine[1], got_x, got_y);
-    }
+  if (odd) {
+    v[0] = got_x, v[1] = got_y, v[2] = next[0], v[3] = next[1];
+    return col_group0 + 8 + 2 * (q - 1);
   }
+  v[0] = mine[0], v[1] = mine[1], v[2] = got_x, v[3] = got_y;
+  return col_group0 + 2 * q;
+}
+
+template <typename OutT>
+__device__ __forceinline__ void StoreSwappedQuad(OutT* c, int n, int64_t row, bool row_ok,
+                                                 int col_group0, const float* mine,
+                                                 const float* next) {
+  float v[4];
+  const int col = SwapQuad(col_group0, mine, next, v);
+  if (row_ok && col < n) StoreQuad(c + row * n + col, v[0], v[1], v[2], v[3]);
+}
+
+// StoreSwappedQuad's quads as dh of the SwiGLU backward epilogue
+// (GroupedGemmArgs::swiglu_bwd_ab): each lane reads its 4 columns of a and
+// of b (8 bytes each, the quads of a row contiguous like the stores) from
+// ab ([rows, 2n]) and writes da, db at the same places of c ([rows, 2n]).
+__device__ __forceinline__ void StoreSwappedQuadSwiGluBwd(__nv_bfloat16* c,
+                                                          const __nv_bfloat16* ab, int n,
+                                                          int64_t row, bool row_ok,
+                                                          int col_group0, const float* mine,
+                                                          const float* next) {
+  float dh[4];
+  const int col = SwapQuad(col_group0, mine, next, dh);
+  if (!row_ok || col >= n) return;
+  const int64_t at = row * 2 * n + col;
+  const uint2 a_raw = *reinterpret_cast<const uint2*>(ab + at);
+  const uint2 b_raw = *reinterpret_cast<const uint2*>(ab + at + n);
+  const __nv_bfloat162* a2 = reinterpret_cast<const __nv_bfloat162*>(&a_raw);
+  const __nv_bfloat162* b2 = reinterpret_cast<const __nv_bfloat162*>(&b_raw);
+  float da[4], db[4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float2 a = __bfloat1622float2(a2[i]), b = __bfloat1622float2(b2[i]);
+    SwiGluBackwardElement(dh[2 * i], a.x, b.x, da[2 * i], db[2 * i]);
+    SwiGluBackwardElement(dh[2 * i + 1], a.y, b.y, da[2 * i + 1], db[2 * i + 1]);
+  }
+  StoreQuad(c + at, da[0], da[1], da[2], da[3]);
+  StoreQuad(c + at + n, db[0], db[1], db[2], db[3]);
 }
 
 template <int kRegs, typename OutT>

@@ -13,9 +13,11 @@
 #include <cuda.h>
 #include <cuda_bf16.h>
 
+
 #include "kernels/grouped_gemm_internal.h"
 #include "kernels/grouped_gemm_schedule.cuh"
 #include "kernels/grouped_gemm_store.cuh"
+#include "kernels/vector_io.cuh"
 #include "kernels/ptx/cluster.cuh"
 #include "kernels/ptx/mbarrier.cuh"
 #include "kernels/ptx/tensor_map.h"
@@ -241,28 +243,129 @@ __global__ void __launch_bounds__(kThreads, 1)
 // end. "c_full" (256 consumer arrivals) hands the tile to the storers,
 // "c_empty" (96 storer arrivals) hands the buffer back. The ring is 3 stages
 // deep to make room for the 66 KB tile.
-// The staged-epilogue kernel's bf16 output tile, after the tile table: rows
-// padded by 16 bytes against bank conflicts.
-template <typename Cfg>
+//
+// kSwiGluBwd (GroupedGemmArgs::swiglu_bwd_ab), run on 128 x 128 tiles with
+// a 4-stage ring: the consumers dump dh in fp32 instead (70 KB at BN = 128;
+// a 128 x 256 fp32 tile would leave no room for a ring), and the storers
+// compute the SwiGLU backward from it and the forward's a, b, meant to
+// overlap the epilogue's extra global traffic with the tensor cores like
+// the plain store. Measured (H100, kernel_bench --dx-swiglu, the model's
+// w2 shape): 0.88 ms against 0.67 for the GEMM (0.32) and
+// SwiGluBackwardPacked (0.355) apart, so the storers, not the main loop,
+// set the pace (~19 us a tile against a ~7 us main loop). Prefetching the
+// next tile's a, b into L2 did not help: per 128-byte line by the storers
+// 0.93 ms, per 256-byte row half by cp.async.bulk.prefetch (256 TMA
+// operations a tile next to the ring's 48) 1.07 ms. The consumers' code is
+// the same but for the dump.
+constexpr int kStorers = 96;
+static_assert(kStorers % 8 == 0, "StoreSwiGluBwdTile's bank spread needs whole 8-lane groups");
+
+// The staged-epilogue kernel's output tile, after the tile table: bf16
+// rows padded by 16 bytes against bank conflicts; fp32 ones (kSwiGluBwd) by
+// 32, so that the 4 rows of each half-warp's 8-byte dump stores and the 8
+// chunks of each quarter-warp's 16-byte storer loads hit distinct banks.
+template <typename Cfg, bool kSwiGluBwd = false>
 struct StagedTile {
-  static constexpr int kPitchBytes = Cfg::kBlockN * 2 + 16;
+  static constexpr int kPitchBytes = kSwiGluBwd ? Cfg::kBlockN * 4 + 32 : Cfg::kBlockN * 2 + 16;
   static constexpr int kOffset = (Cfg::kTableEnd + 127) / 128 * 128;
   static constexpr int kSmemBytes = kOffset + kBlockM * kPitchBytes + 1024;
 };
 
-template <typename Cfg>
+// One step of a storer's work in the SwiGLU epilogue: kUnroll chunks of 8
+// columns of a row (16 bytes of each bf16 operand), kStorers chunks apart;
+// ok[u]: chunk u exists (a row of the tile, a column < n).
+template <int kUnroll>
+struct SwiGluBwdBatch {
+  uint4 a[kUnroll], b[kUnroll];
+  bool ok[kUnroll];
+};
+
+template <int BN, int kUnroll>
+__device__ __forceinline__ SwiGluBwdBatch<kUnroll> LoadSwiGluBwdBatch(
+    const __nv_bfloat16* __restrict__ ab, int n, const TileCoord& t, int base) {
+  constexpr int kChunksPerRow = BN / 8;
+  SwiGluBwdBatch<kUnroll> batch;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int idx = base + u * kStorers;
+    const int col = t.col_begin + idx % kChunksPerRow * 8;
+    batch.ok[u] = idx < t.rows * kChunksPerRow && col < n;
+    if (batch.ok[u]) {
+      const __nv_bfloat16* p = ab + (t.row_begin + idx / kChunksPerRow) * 2 * int64_t{n} + col;
+      batch.a[u] = __ldg(reinterpret_cast<const uint4*>(p));
+      batch.b[u] = __ldg(reinterpret_cast<const uint4*>(p + n));
+    }
+  }
+  return batch;
+}
+
+// The SwiGLU epilogue's storers on one tile: dh (fp32, the consumers' dump
+// in c_tile) and the forward's a, b (ab) give da, db into c ([rows, 2n]
+// like ab); a warp's 16-byte accesses cover 2 rows' 256 contiguous bytes.
+// The global loads run one step ahead of the math (the first step's before
+// wait_for_dh(), which returns once the consumers' dump is complete): they
+// do not depend on dh. Rows past the expert's end and columns past n are
+// not touched.
+template <int BN, int kPitch, typename WaitForDh>
+__device__ __forceinline__ void StoreSwiGluBwdTile(const uint8_t* c_tile,
+                                                   const __nv_bfloat16* __restrict__ ab,
+                                                   __nv_bfloat16* __restrict__ c, int n,
+                                                   const TileCoord& t, int sid,
+                                                   WaitForDh&& wait_for_dh) {
+  constexpr int kChunksPerRow = BN / 8;
+  constexpr int kUnroll = 4;
+  constexpr int kStep = kStorers * kUnroll;
+  const int chunks = t.rows * kChunksPerRow;
+  const int64_t ld = 2 * int64_t{n};
+  SwiGluBwdBatch<kUnroll> cur = LoadSwiGluBwdBatch<BN, kUnroll>(ab, n, t, sid);
+  wait_for_dh();
+  for (int base = sid; base < chunks; base += kStep) {
+    const SwiGluBwdBatch<kUnroll> next = LoadSwiGluBwdBatch<BN, kUnroll>(ab, n, t, base + kStep);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (!cur.ok[u]) continue;
+      const int idx = base + u * kStorers;
+      const int r = idx / kChunksPerRow, ch = idx % kChunksPerRow;
+      // dh's 8 values are two 16-byte halves. The 8 lanes of a wavefront
+      // hold 8 consecutive chunks of one row (kStorers and the step are
+      // multiples of 8); chunks 4-7 of them read their second half first,
+      // so each load's 8 lanes cover all 32 banks once.
+      const float* dh_row = reinterpret_cast<const float*>(c_tile + r * kPitch) + ch * 8;
+      const int first = ch & 4;
+      const float4 x = *reinterpret_cast<const float4*>(dh_row + first);
+      const float4 y = *reinterpret_cast<const float4*>(dh_row + (4 - first));
+      const float4 lo = first ? y : x, hi = first ? x : y;
+      const float dh[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+      const __nv_bfloat162* a2 = reinterpret_cast<const __nv_bfloat162*>(&cur.a[u]);
+      const __nv_bfloat162* b2 = reinterpret_cast<const __nv_bfloat162*>(&cur.b[u]);
+      float da[8], db[8];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 av = __bfloat1622float2(a2[i]), bv = __bfloat1622float2(b2[i]);
+        SwiGluBackwardElement(dh[2 * i], av.x, bv.x, da[2 * i], db[2 * i]);
+        SwiGluBackwardElement(dh[2 * i + 1], av.y, bv.y, da[2 * i + 1], db[2 * i + 1]);
+      }
+      __nv_bfloat16* out = c + (t.row_begin + r) * ld + t.col_begin + ch * 8;
+      StoreBf16x8Global(out, da);
+      StoreBf16x8Global(out + n, db);
+    }
+    cur = next;
+  }
+}
+
+template <typename Cfg, bool kSwiGluBwd>
 __global__ void __launch_bounds__(kThreads, 1)
     GroupedGemmWgmmaStagedKernel(const __grid_constant__ CUtensorMap tmap_a,
                                  const __grid_constant__ CUtensorMap tmap_w,
                                  const int32_t* __restrict__ offsets, int num_experts,
                                  int total_rows, int n, int k, int w_expert_rows,
-                                 __nv_bfloat16* __restrict__ c) {
+                                 __nv_bfloat16* __restrict__ c,
+                                 const __nv_bfloat16* __restrict__ ab) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int BN = Cfg::kBlockN;
   constexpr int kBlockK = Cfg::kBlockK;
-  constexpr int kPitch = StagedTile<Cfg>::kPitchBytes;
+  constexpr int kPitch = StagedTile<Cfg, kSwiGluBwd>::kPitchBytes;
   constexpr int kChunksPerRow = BN * 2 / 16;
-  constexpr int kStorers = 96;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
@@ -271,7 +374,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t* c_full = empty_bar + Cfg::kStages;
   uint64_t* c_empty = c_full + 1;
   int* tile_prefix = reinterpret_cast<int*>(smem + Cfg::kPrefixOffset);
-  uint8_t* c_tile = smem + StagedTile<Cfg>::kOffset;
+  uint8_t* c_tile = smem + StagedTile<Cfg, kSwiGluBwd>::kOffset;
 
   const int warpgroup = threadIdx.x / 128;
   const int n_tiles = (n + BN - 1) / BN;
@@ -295,7 +398,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int total_tiles = tile_prefix[num_experts];
 
   if (warpgroup == 0) {
-    ptx::setmaxnreg_dec<40>();
+    // The plain kernel moves registers to the consumers' 128 accumulators;
+    // the SwiGLU one keeps the even split (168 each): its consumers hold 64,
+    // its storers the loads in flight.
+    if constexpr (!kSwiGluBwd) ptx::setmaxnreg_dec<40>();
     int expert_hint = 0;
     if (threadIdx.x == 0) {
       int stage = 0;
@@ -324,20 +430,25 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x, ++j) {
         const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
                                        n_tiles, expert_hint);
-        ptx::mbarrier_wait_parity(c_full, j & 1);
-        for (int idx = sid; idx < t.rows * kChunksPerRow; idx += kStorers) {
-          const int r = idx / kChunksPerRow, ch = idx % kChunksPerRow;
-          const int col = t.col_begin + ch * 8;
-          if (col < n) {
-            const uint4 v = *reinterpret_cast<const uint4*>(c_tile + r * kPitch + ch * 16);
-            *reinterpret_cast<uint4*>(c + static_cast<int64_t>(t.row_begin + r) * n + col) = v;
+        if constexpr (kSwiGluBwd) {
+          StoreSwiGluBwdTile<BN, kPitch>(c_tile, ab, c, n, t, sid,
+                                         [&] { ptx::mbarrier_wait_parity(c_full, j & 1); });
+        } else {
+          ptx::mbarrier_wait_parity(c_full, j & 1);
+          for (int idx = sid; idx < t.rows * kChunksPerRow; idx += kStorers) {
+            const int r = idx / kChunksPerRow, ch = idx % kChunksPerRow;
+            const int col = t.col_begin + ch * 8;
+            if (col < n) {
+              const uint4 v = *reinterpret_cast<const uint4*>(c_tile + r * kPitch + ch * 16);
+              *reinterpret_cast<uint4*>(c + static_cast<int64_t>(t.row_begin + r) * n + col) = v;
+            }
           }
         }
         ptx::mbarrier_arrive(c_empty);
       }
     }
   } else {
-    ptx::setmaxnreg_inc<232>();
+    if constexpr (!kSwiGluBwd) ptx::setmaxnreg_inc<232>();
     const int consumer = warpgroup - 1;
     const int warp_in_group = (threadIdx.x / 32) % 4;
     const int lane = threadIdx.x % 32;
@@ -376,16 +487,24 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (prev_stage >= 0 && lane == 0) ptx::mbarrier_arrive(&empty_bar[prev_stage]);
 
       // Dump: the previous tile must have left the buffer. Rows 528 bytes
-      // apart put the 8 rows x 4 lanes of each store in 32 distinct banks.
+      // apart put the 8 rows x 4 lanes of each store in 32 distinct banks
+      // (fp32: 544 bytes, each half-warp's 4 rows x 4 lanes).
       if (j > 0) ptx::mbarrier_wait_parity(c_empty, (j - 1) & 1);
       const int r0 = consumer * 64 + warp_in_group * 16 + lane / 4;
 #pragma unroll
       for (int i = 0; i < BN / 2; i += 4) {
         const int col = 8 * (i / 4) + 2 * (lane % 4);
-        *reinterpret_cast<__nv_bfloat162*>(c_tile + r0 * kPitch + col * 2) =
-            __floats2bfloat162_rn(acc[i], acc[i + 1]);
-        *reinterpret_cast<__nv_bfloat162*>(c_tile + (r0 + 8) * kPitch + col * 2) =
-            __floats2bfloat162_rn(acc[i + 2], acc[i + 3]);
+        if constexpr (kSwiGluBwd) {
+          *reinterpret_cast<float2*>(c_tile + r0 * kPitch + col * 4) =
+              make_float2(acc[i], acc[i + 1]);
+          *reinterpret_cast<float2*>(c_tile + (r0 + 8) * kPitch + col * 4) =
+              make_float2(acc[i + 2], acc[i + 3]);
+        } else {
+          *reinterpret_cast<__nv_bfloat162*>(c_tile + r0 * kPitch + col * 2) =
+              __floats2bfloat162_rn(acc[i], acc[i + 1]);
+          *reinterpret_cast<__nv_bfloat162*>(c_tile + (r0 + 8) * kPitch + col * 2) =
+              __floats2bfloat162_rn(acc[i + 2], acc[i + 3]);
+        }
       }
       ptx::mbarrier_arrive(c_full);
     }
@@ -771,29 +890,29 @@ Status LaunchWgmmaCluster(const GroupedGemmArgs& args, const DeviceInfo& dev,
   return CudaStatus(cudaGetLastError(), "wgmma cluster grouped GEMM launch");
 }
 
-template <typename Cfg>
+template <typename Cfg, bool kSwiGluBwd>
 Status LaunchWgmmaStaged(const GroupedGemmArgs& args, const DeviceInfo& dev,
                          cudaStream_t stream) {
-  static_assert(StagedTile<Cfg>::kSmemBytes <= 227 * 1024);
+  using Tile = StagedTile<Cfg, kSwiGluBwd>;
+  static_assert(Tile::kSmemBytes <= 227 * 1024);
   constexpr int BN = Cfg::kBlockN;
   CUtensorMap tmap_a, tmap_w;
   GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
       &tmap_a, args.a, static_cast<uint64_t>(args.total_rows), args.k, args.k, kBlockM,
       Cfg::kBlockK, Cfg::kSwizzleBytes));
   GROVE_RETURN_IF_ERROR(MakeWeightMap<Cfg>(args, BN, &tmap_w));
-  auto kernel = GroupedGemmWgmmaStagedKernel<Cfg>;
+  auto kernel = GroupedGemmWgmmaStagedKernel<Cfg, kSwiGluBwd>;
   GROVE_RETURN_IF_ERROR(CudaStatus(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           StagedTile<Cfg>::kSmemBytes),
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes),
       "wgmma staged grouped GEMM: shared memory attribute"));
   const int64_t n_tiles = (args.n + BN - 1) / BN;
   const int64_t max_tiles =
       (static_cast<int64_t>(args.total_rows) / kBlockM + args.num_experts) * n_tiles;
   const int grid =
       static_cast<int>(std::min<int64_t>(dev.sm_count, std::max<int64_t>(max_tiles, 1)));
-  kernel<<<grid, kThreads, StagedTile<Cfg>::kSmemBytes, stream>>>(
+  kernel<<<grid, kThreads, Tile::kSmemBytes, stream>>>(
       tmap_a, tmap_w, args.expert_offsets, args.num_experts, args.total_rows, args.n, args.k,
-      args.w_expert_rows, static_cast<__nv_bfloat16*>(args.c));
+      args.w_expert_rows, static_cast<__nv_bfloat16*>(args.c), args.swiglu_bwd_ab);
   return CudaStatus(cudaGetLastError(), "wgmma staged grouped GEMM launch");
 }
 
@@ -829,12 +948,17 @@ Status LaunchGroupedGemmWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev
       return WithWeightLayout<128, 64, 6>(
           args, [&](auto cfg) { return LaunchWgmmaOut<decltype(cfg), true>(args, dev, stream); });
     case WgmmaVariant::kStagedBn256:
+      // The SwiGLU epilogue's fp32 tile: 128 x 128 tiles, 4-stage ring
+      // (70 KB tile + 128 KB ring, where the plain one has 66 + 144).
+      if (args.swiglu_bwd_ab != nullptr)  // bf16 out (checked by GroupedGemm)
+        return WithWeightLayout<128, 64, 4>(
+            args, [&](auto cfg) { return LaunchWgmmaStaged<decltype(cfg), true>(args, dev, stream); });
       // The staged epilogue holds a bf16 tile; fp32 output takes the
       // cooperative kernel's direct stores (already full sectors).
       if (args.out_type == GemmOutType::kF32)
         return WithWeightLayout<256, 64, 4>(args, cooperative);
       return WithWeightLayout<256, 64, 3>(
-          args, [&](auto cfg) { return LaunchWgmmaStaged<decltype(cfg)>(args, dev, stream); });
+          args, [&](auto cfg) { return LaunchWgmmaStaged<decltype(cfg), false>(args, dev, stream); });
     case WgmmaVariant::kCooperativeBn256Bk32:
     case WgmmaVariant::kClusterBn256:
       break;

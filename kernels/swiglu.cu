@@ -3,14 +3,13 @@
 #include <algorithm>
 #include <string>
 
+#include "kernels/swiglu_math.cuh"
 #include "kernels/vector_io.cuh"
 
 namespace grove::kernels {
 namespace {
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float Sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
 
 // Rows of `row_chunks` 8-element chunks; a row's g and u start ld elements
 // after the previous row's (the flat form: one row, ld unused). Outputs h /
@@ -25,7 +24,7 @@ __global__ void SwiGluForwardKernel(const __nv_bfloat16* __restrict__ g,
     LoadBf16x8(g + in, gv);
     LoadBf16x8(u + in, uv);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = gv[i] * Sigmoid(gv[i]) * uv[i];
+    for (int i = 0; i < 8; ++i) out[i] = SwiGluForwardElement(gv[i], uv[i]);
     StoreBf16x8(h + 8 * c, out);
   }
 }
@@ -43,12 +42,7 @@ __global__ void SwiGluBackwardKernel(const __nv_bfloat16* __restrict__ dh,
     LoadBf16x8(g + in, gv);
     LoadBf16x8(u + in, uv);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const float s = Sigmoid(gv[i]);
-      const float silu = gv[i] * s;
-      dgo[i] = dhv[i] * uv[i] * s * (1.f + gv[i] * (1.f - s));
-      duo[i] = dhv[i] * silu;
-    }
+    for (int i = 0; i < 8; ++i) SwiGluBackwardElement(dhv[i], gv[i], uv[i], dgo[i], duo[i]);
     StoreBf16x8(dg + in, dgo);
     StoreBf16x8(du + in, duo);
   }

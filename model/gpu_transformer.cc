@@ -267,6 +267,13 @@ struct GpuTransformer::Impl {
   // kAuto unless GROVE_GROUPED_GEMM names an implementation
   // (GroupedGemmImplName), for comparing them inside the whole step.
   kernels::GroupedGemmImpl fwd_gemm_impl = kernels::GroupedGemmImpl::kAuto;
+  // GROVE_FUSED_SWIGLU_BWD=1 runs the MoE backward's SwiGLU backward in the
+  // epilogue of the dX GEMM through w2 (GroupedGemmArgs::swiglu_bwd_ab: no
+  // [Pn, F] bf16 dh written and read back, one rounding fewer). Off by
+  // default: slower so far (H100, gpu-ref step 189-190 ms against 185-186
+  // unfused; the fused kernel 0.88 ms against 0.67 for the GEMM and
+  // SwiGluBackwardPacked apart: docs/kernels.md).
+  bool fused_swiglu_bwd = false;
   // ZeroGrad zeroes at once only the gradients no backward writes whole
   // (`zeroed_now`, [offset, count) runs: the embedding's and the router
   // biases'); every other tensor's gradient the next Backward writes
@@ -378,6 +385,7 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
     im.grouped_dw = v != "cublas";
     if (impl) im.dw_impl = *impl;
   }
+  if (const char* env = std::getenv("GROVE_FUSED_SWIGLU_BWD")) im.fused_swiglu_bwd = std::string(env) == "1";
   if (const char* env = std::getenv("GROVE_GROUPED_GEMM")) {
     const std::string v = env;
     using kernels::GroupedGemmImpl;
@@ -1065,9 +1073,9 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       const int64_t mi = c.moe_index(l), F = c.expert_hidden, Pn = int64_t(R) * K;
       const int32_t* pos_g = lt.pos.as<int32_t>();
       const int32_t* offsets = tp.offsets.as<int32_t>() + mi * (E + 1);
-      bf16 *dey, *deh, *deab, *xe, *dxe;
+      bf16 *dey, *deh = nullptr, *deab, *xe, *dxe;
       GROVE_RETURN_IF_ERROR(im.dey.Reserve(Pn * H, &dey));
-      GROVE_RETURN_IF_ERROR(im.deh.Reserve(Pn * F, &deh));
+      if (!im.fused_swiglu_bwd) GROVE_RETURN_IF_ERROR(im.deh.Reserve(Pn * F, &deh));
       // [da | db] per row, as the forward's [a | b]: the dX through w1 and
       // w3 is then one grouped GEMM (k = 2F) and their weight gradients one
       // [2F, H] block per expert.
@@ -1092,12 +1100,22 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       const std::string e0 = name(l, "moe.experts.0.");
       const int64_t expert_stride = 3 * F * H;
       ga.w_layout = kernels::GemmWeightLayout::kMnMajor;
-      ga.a = dey; ga.w = Wb(e0 + "w2"); ga.c = deh; ga.n = int(F); ga.k = int(H);
+      ga.a = dey; ga.w = Wb(e0 + "w2"); ga.n = int(F); ga.k = int(H);
       ga.w_expert_rows = int(expert_stride / F);
-      GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
-      im.Lap("grouped GEMM dX", 2.0 * Pn * F * H);
-      GROVE_RETURN_IF_ERROR(kernels::SwiGluBackwardPacked(deh, lt.eab.as<bf16>(), deab, Pn, int(F), st));
-      im.Lap("swiglu bwd");
+      if (im.fused_swiglu_bwd) {
+        // deab = SwiGLU backward of dh = dey W2, dh never leaving the GEMM.
+        ga.c = deab;
+        ga.swiglu_bwd_ab = lt.eab.as<bf16>();
+        GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
+        ga.swiglu_bwd_ab = nullptr;
+        im.Lap("grouped GEMM dX w2 + swiglu bwd", 2.0 * Pn * F * H);
+      } else {
+        ga.c = deh;
+        GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
+        im.Lap("grouped GEMM dX", 2.0 * Pn * F * H);
+        GROVE_RETURN_IF_ERROR(kernels::SwiGluBackwardPacked(deh, lt.eab.as<bf16>(), deab, Pn, int(F), st));
+        im.Lap("swiglu bwd");
+      }
       // The expert inputs' gradients through w1 and w3 together (summed in
       // fp32 inside the GEMM, k = 2F), stored bf16 (one rounding, 2^-9
       // relative): half the bytes of fp32 through the store and the scatter.

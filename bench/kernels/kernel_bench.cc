@@ -29,7 +29,10 @@
 //        kernel_bench --dx        (the backward's expert dX GEMMs at gpu-ref's step
 //                                  shape: the weights' transposed packed copy read
 //                                  K-major against the parameter layout read
-//                                  MN-major in place)
+//                                  MN-major in place; then the w2 one with the
+//                                  SwiGLU backward after it or fused into its
+//                                  epilogue)
+//        kernel_bench --dx-swiglu (only that last table)
 //        kernel_bench --profile   (one launch of each wgmma variant and cuBLAS
 //                                  dense at T=16384, bf16 out: for ncu)
 #include <cublas_v2.h>
@@ -955,6 +958,83 @@ void DxBench(std::mt19937_64& rng, int reps) {
   cudaFree(d_w2t);
 }
 
+// The w2 dX GEMM with the SwiGLU backward after it, at the same step shape
+// (the w2 weights 3 F H elements apart as in the parameter layout): the
+// GEMM to bf16 dh, then SwiGluBackwardPacked (dh and the forward's [a | b]
+// into [da | db]: the model's path without the fused epilogue), against
+// the SwiGLU epilogue (GroupedGemmArgs::swiglu_bwd_ab). TFLOP/s: the
+// GEMM's FLOPs; "rel diff": the fused [da | db] against the unfused one.
+void SwiGluEpilogueBench(std::mt19937_64& rng, int reps) {
+  const int E = 64, H = 1024, F = 512, rows = 32768 * 6;
+  const size_t stride = size_t(3) * F * H;
+  __nv_bfloat16* w = RandomDeviceBf16(E * stride, rng);
+  __nv_bfloat16* a = RandomDeviceBf16(size_t(rows) * H, rng);
+  __nv_bfloat16* ab = RandomDeviceBf16(size_t(rows) * 2 * F, rng);
+  __nv_bfloat16 *dh, *unfused, *fused;
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dh, size_t(rows) * F * 2));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&unfused, size_t(rows) * 2 * F * 2));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&fused, size_t(rows) * 2 * F * 2));
+  std::printf("%-48s %-34s %9s %8s %9s\n", "shape", "method", "ms", "TFLOP/s", "rel diff");
+  for (bool skewed : {false, true}) {
+    std::vector<int> counts = Routing(rows, E, skewed, rng);
+    std::vector<int32_t> offsets(E + 1, 0);
+    for (int e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + counts[e];
+    int32_t* d_off;
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_off, offsets.size() * 4));
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_off, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
+    char shape[128];
+    std::snprintf(shape, sizeof shape, "%s deab = swiglu'(dey W2) [%d,%d]x[%d,%d]", skewed ? "skew" : "even", rows,
+                  H, H, F);
+    GroupedGemmArgs args;
+    args.a = a;
+    args.w = w + size_t(2) * F * H;  // w2 [H, F] after w1|w3, read MN-major
+    args.expert_offsets = d_off;
+    args.total_rows = rows;
+    args.num_experts = E;
+    args.n = F;
+    args.k = H;
+    args.out_type = GemmOutType::kBF16;
+    args.w_layout = GemmWeightLayout::kMnMajor;
+    args.w_expert_rows = int(stride / F);
+    args.c = dh;
+    auto report = [&](const char* method, const std::function<grove::Status()>& fn, bool compare) {
+      const grove::Status st = fn();
+      if (!st.ok()) {
+        std::printf("%-48s %-34s %s\n", shape, method, st.ToString().c_str());
+        return;
+      }
+      const double ms = MedianMs([&] { (void)fn(); }, reps);
+      const double diff = compare ? MaxRelDiff(fused, unfused, size_t(rows) * 2 * F, GemmOutType::kBF16) : 0.0;
+      std::printf("%-48s %-34s %9.4f %8.1f %9.2e\n", shape, method, ms, 2.0 * rows * double(F) * H / ms / 1e9,
+                  diff);
+      std::fflush(stdout);
+    };
+    report("GEMM auto alone", [&] { return GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr); }, false);
+    report("SwiGluBackwardPacked alone",
+           [&] { return grove::kernels::SwiGluBackwardPacked(dh, ab, unfused, rows, F, nullptr); }, false);
+    report("GEMM auto + SwiGluBackwardPacked",
+           [&] {
+             const grove::Status st = GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr);
+             return st.ok() ? grove::kernels::SwiGluBackwardPacked(dh, ab, unfused, rows, F, nullptr) : st;
+           },
+           false);
+    GroupedGemmArgs fused_args = args;
+    fused_args.c = fused;
+    fused_args.swiglu_bwd_ab = ab;
+    for (GroupedGemmImpl impl : {GroupedGemmImpl::kAuto, GroupedGemmImpl::kMmaSync}) {
+      const std::string method = std::string("fused epilogue ") + GroupedGemmImplName(impl);
+      report(method.c_str(), [&] { return GroupedGemm(fused_args, impl, nullptr); }, true);
+    }
+    cudaFree(d_off);
+  }
+  cudaFree(w);
+  cudaFree(a);
+  cudaFree(ab);
+  cudaFree(dh);
+  cudaFree(unfused);
+  cudaFree(fused);
+}
+
 }  // namespace
 
 // One launch per method on the w1/w3 and w2 shapes, nothing else on the GPU
@@ -1093,6 +1173,12 @@ int main(int argc, char** argv) {
   if (argc > 1 && std::strcmp(argv[1], "--dx") == 0) {
     std::mt19937_64 rng(7);
     DxBench(rng, 20);
+    SwiGluEpilogueBench(rng, 20);
+    return 0;
+  }
+  if (argc > 1 && std::strcmp(argv[1], "--dx-swiglu") == 0) {
+    std::mt19937_64 rng(7);
+    SwiGluEpilogueBench(rng, 20);
     return 0;
   }
   if (argc > 1 && std::strcmp(argv[1], "--profile") == 0) {

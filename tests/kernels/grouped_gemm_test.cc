@@ -16,12 +16,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <numeric>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "kernels/swiglu.h"
 #include "tests/kernels/gpu_test_util.h"
 
 namespace grove::kernels {
@@ -78,6 +80,35 @@ bool IsHopper() {
   return major == 9 && minor == 0;
 }
 
+// The experts' weights [experts, n, k] as GroupedGemm reads them: the
+// stored matrix per expert is [n, k], or [k, n] for kMnMajor; gap_rows > 0:
+// w_expert_rows = own rows + gap_rows apart, the rows between them NaN.
+std::vector<__nv_bfloat16> StoredWeights(std::vector<__nv_bfloat16> w_bf, int experts, int n, int k,
+                                         GemmWeightLayout layout, int gap_rows) {
+  const bool mn = layout == GemmWeightLayout::kMnMajor;
+  const int own_rows = mn ? k : n, row_len = mn ? n : k;
+  if (mn) {
+    std::vector<__nv_bfloat16> t(w_bf.size());
+    for (int e = 0; e < experts; ++e)
+      for (int j = 0; j < n; ++j)
+        for (int i = 0; i < k; ++i)
+          t[(static_cast<size_t>(e) * k + i) * n + j] = w_bf[(static_cast<size_t>(e) * n + j) * k + i];
+    w_bf = std::move(t);
+  }
+  if (gap_rows > 0) {
+    __nv_bfloat16_raw nan_bits;
+    nan_bits.x = 0x7FC0;
+    const size_t expert_elems = static_cast<size_t>(n) * k;
+    const size_t stride = static_cast<size_t>(own_rows + gap_rows) * row_len;
+    std::vector<__nv_bfloat16> spaced((experts - 1) * stride + expert_elems, nan_bits);
+    for (int e = 0; e < experts; ++e)
+      std::copy(w_bf.begin() + e * expert_elems, w_bf.begin() + (e + 1) * expert_elems,
+                spaced.begin() + e * stride);
+    w_bf = std::move(spaced);
+  }
+  return w_bf;
+}
+
 // Runs every implementation and output type on one routing and compares
 // each with the reference. `extra_rows` rows of A/C past offsets.back()
 // must stay untouched. gap_rows > 0: the experts' weights lie
@@ -108,27 +139,8 @@ void CheckCase(const std::vector<int>& counts, int n, int k, int extra_rows, int
   std::vector<double> ref, abs_sum;
   ReferenceGroupedGemm(a, w, offsets, n, k, &ref, &abs_sum);
 
-  // The stored matrix per expert: [n, k], or [k, n] for kMnMajor.
-  const int own_rows = mn ? k : n, row_len = mn ? n : k;
-  if (mn) {
-    std::vector<__nv_bfloat16> t(w_bf.size());
-    for (int e = 0; e < experts; ++e)
-      for (int j = 0; j < n; ++j)
-        for (int i = 0; i < k; ++i)
-          t[(static_cast<size_t>(e) * k + i) * n + j] = w_bf[(static_cast<size_t>(e) * n + j) * k + i];
-    w_bf = std::move(t);
-  }
-  if (gap_rows > 0) {
-    __nv_bfloat16_raw nan_bits;
-    nan_bits.x = 0x7FC0;
-    const size_t expert_elems = static_cast<size_t>(n) * k;
-    const size_t stride = static_cast<size_t>(own_rows + gap_rows) * row_len;
-    std::vector<__nv_bfloat16> spaced((experts - 1) * stride + expert_elems, nan_bits);
-    for (int e = 0; e < experts; ++e)
-      std::copy(w_bf.begin() + e * expert_elems, w_bf.begin() + (e + 1) * expert_elems,
-                spaced.begin() + e * stride);
-    w_bf = std::move(spaced);
-  }
+  const int own_rows = mn ? k : n;
+  w_bf = StoredWeights(std::move(w_bf), experts, n, k, layout, gap_rows);
   DeviceBuffer<__nv_bfloat16> d_a(a_bf.size()), d_w(w_bf.size());
   DeviceBuffer<int32_t> d_off(offsets.size());
   DeviceBuffer<float> d_c(static_cast<size_t>(std::max(total_rows, 1)) * n);
@@ -319,6 +331,178 @@ TEST(GroupedGemmTest, MnMajorGpuRefBackwardShapesInTheParameterLayout) {
   CheckCase(counts, H, 2 * F, 0, 3 * F - 2 * F, GemmWeightLayout::kMnMajor);  // dxe = deab W13
 }
 
+// The SwiGLU backward epilogue (GroupedGemmArgs::swiglu_bwd_ab): C = [da |
+// db] from dh = the GEMM's fp32 result and the forward's [a | b] rows.
+//
+// Against the double reference of (A W, then the SwiGLU backward), per
+// element: 2^-8 |ref| for the one bf16 rounding of da / db (2^-9 relative)
+// with as much again for the fp32 arithmetic of the sigmoid and products
+// (~1e-6 relative) plus 1e-5 of the factors' magnitude (silu'(g) crosses
+// zero near g = -1.28, where the relative error is unbounded but the
+// absolute one is not: swiglu_test's bound), plus dh's fp32 accumulation
+// error (CheckCase's 2 k 2^-23 sum |a w|) times the factor that multiplies
+// dh (|u silu'(g)| for da, |silu(g)| for db).
+//
+// Against the unfused path (the GEMM to bf16 dh, then SwiGluBackwardPacked):
+// that path rounds dh to bf16 once more (2^-9 relative, carried linearly
+// into da and db), and each output is rounded on both sides, so they may
+// sit up to one rounding apart (2 x 2^-9) on top of that: 3 x 2^-9 < 2^-7
+// of |ref|, plus both sides' accumulation error and the same 1e-5 slack.
+// The gates a are scaled to [-6, 6] to span silu's curved range.
+void CheckSwiGluEpilogueCase(const std::vector<int>& counts, int n, int k, int extra_rows,
+                             int gap_rows = 0, GemmWeightLayout layout = GemmWeightLayout::kMnMajor) {
+  const bool mn = layout == GemmWeightLayout::kMnMajor;
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("SwiGLU epilogue seed " + std::to_string(seed) + " n=" + std::to_string(n) +
+               " k=" + std::to_string(k) + (mn ? " MN-major" : " K-major") +
+               " gap_rows=" + std::to_string(gap_rows));
+  std::mt19937_64 rng(seed);
+  const int experts = static_cast<int>(counts.size());
+  std::vector<int32_t> offsets(experts + 1, 0);
+  for (int e = 0; e < experts; ++e) offsets[e + 1] = offsets[e] + counts[e];
+  const int routed = offsets.back();
+  const int total_rows = routed + extra_rows;
+  const size_t out_elems = static_cast<size_t>(total_rows) * 2 * n;
+
+  std::vector<__nv_bfloat16> a_bf, w_bf, ab_bf;
+  std::vector<double> a, w, ab;
+  testing::RandomBf16(rng, static_cast<size_t>(total_rows) * k, &a_bf, &a);
+  testing::RandomBf16(rng, static_cast<size_t>(experts) * n * k, &w_bf, &w);
+  testing::RandomBf16(rng, out_elems, &ab_bf, &ab);
+  for (int r = 0; r < total_rows; ++r) {
+    for (int j = 0; j < n; ++j) {
+      const size_t i = static_cast<size_t>(r) * 2 * n + j;
+      ab_bf[i] = __float2bfloat16(6.f * __bfloat162float(ab_bf[i]));
+      ab[i] = __bfloat162float(ab_bf[i]);
+    }
+  }
+  std::vector<double> dh, abs_sum;
+  ReferenceGroupedGemm(a, w, offsets, n, k, &dh, &abs_sum);
+
+  DeviceBuffer<__nv_bfloat16> d_a(a_bf.size()), d_ab(out_elems), d_c(out_elems), d_dh(out_elems / 2),
+      d_unfused(out_elems);
+  const std::vector<__nv_bfloat16> stored = StoredWeights(std::move(w_bf), experts, n, k, layout, gap_rows);
+  DeviceBuffer<__nv_bfloat16> d_w(stored.size());
+  DeviceBuffer<int32_t> d_off(offsets.size());
+  ASSERT_TRUE(d_a.get() && d_w.get() && d_ab.get() && d_c.get() && d_off.get());
+  GROVE_CUDA_OK(d_a.Upload(a_bf));
+  GROVE_CUDA_OK(d_w.Upload(stored));
+  GROVE_CUDA_OK(d_ab.Upload(ab_bf));
+  GROVE_CUDA_OK(d_off.Upload(offsets));
+
+  GroupedGemmArgs args;
+  args.a = d_a.get();
+  args.w = d_w.get();
+  args.expert_offsets = d_off.get();
+  args.total_rows = total_rows;
+  args.num_experts = experts;
+  args.n = n;
+  args.k = k;
+  args.out_type = GemmOutType::kBF16;
+  args.w_layout = layout;
+  args.w_expert_rows = gap_rows > 0 ? (mn ? k : n) + gap_rows : 0;
+
+  // The unfused path, on kAuto: dh to bf16, then SwiGluBackwardPacked.
+  args.c = d_dh.get();
+  ASSERT_TRUE(GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr).ok());
+  ASSERT_TRUE(SwiGluBackwardPacked(d_dh.get(), d_ab.get(), d_unfused.get(), routed, n, nullptr).ok());
+  GROVE_CUDA_OK(cudaDeviceSynchronize());
+  std::vector<__nv_bfloat16> unfused;
+  GROVE_CUDA_OK(d_unfused.Download(&unfused));
+
+  args.c = d_c.get();
+  args.swiglu_bwd_ab = d_ab.get();
+  for (GroupedGemmImpl impl : kAllImpls) {
+    SCOPED_TRACE(GroupedGemmImplName(impl));
+    const bool fuses = impl == GroupedGemmImpl::kAuto || impl == GroupedGemmImpl::kWgmmaStaged ||
+                       impl == GroupedGemmImpl::kMmaSync;
+    if (!fuses) {
+      const Status s = GroupedGemm(args, impl, nullptr);
+      EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s;
+      continue;
+    }
+    if (impl == GroupedGemmImpl::kWgmmaStaged && !IsHopper()) continue;
+    // Poison: 0xFF bytes are bf16 NaN.
+    GROVE_CUDA_OK(cudaMemset(d_c.get(), 0xFF, out_elems * 2));
+    const Status s = GroupedGemm(args, impl, nullptr);
+    ASSERT_TRUE(s.ok()) << s;
+    GROVE_CUDA_OK(cudaDeviceSynchronize());
+    std::vector<__nv_bfloat16> got;
+    GROVE_CUDA_OK(d_c.Download(&got));
+
+    size_t poisoned_tail = 0;
+    for (size_t i = static_cast<size_t>(routed) * 2 * n; i < got.size(); ++i)
+      poisoned_tail += std::isnan(__bfloat162float(got[i])) ? 1 : 0;
+    EXPECT_EQ(poisoned_tail, static_cast<size_t>(extra_rows) * 2 * n)
+        << "rows past the last expert were written";
+
+    size_t bad_ref = 0, bad_unfused = 0, differ = 0, first_bad = 0;
+    std::vector<double> got_d, ref_d;
+    for (int r = 0; r < routed; ++r) {
+      for (int j = 0; j < n; ++j) {
+        const size_t o = static_cast<size_t>(r) * n + j, ia = static_cast<size_t>(r) * 2 * n + j,
+                     ib = ia + n;
+        const double g = ab[ia], u = ab[ib], sig = 1.0 / (1.0 + std::exp(-g));
+        const double dsilu = sig * (1.0 + g * (1.0 - sig)), silu = g * sig;
+        const double acc_err = 2.0 * k * std::ldexp(1.0, -23) * abs_sum[o];
+        const double want[2] = {dh[o] * u * dsilu, dh[o] * silu};
+        const double factor[2] = {std::fabs(u * dsilu), std::fabs(silu)};
+        const double scale[2] = {std::fabs(dh[o] * u), std::fabs(dh[o] * g)};
+        const size_t at[2] = {ia, ib};
+        for (int h = 0; h < 2; ++h) {
+          const double x = __bfloat162float(got[at[h]]), y = __bfloat162float(unfused[at[h]]);
+          got_d.push_back(x);
+          ref_d.push_back(want[h]);
+          const double ref_bound = std::ldexp(1.0, -8) * std::fabs(want[h]) + factor[h] * acc_err +
+                                   1e-5 * scale[h] + 1e-30;
+          if (!(std::fabs(x - want[h]) <= ref_bound)) {
+            if (bad_ref == 0) first_bad = at[h];
+            ++bad_ref;
+          }
+          const double unfused_bound = std::ldexp(1.0, -7) * std::fabs(want[h]) +
+                                       2.0 * factor[h] * acc_err + 2e-5 * scale[h] + 1e-30;
+          if (!(std::fabs(x - y) <= unfused_bound)) ++bad_unfused;
+          differ += x != y ? 1 : 0;
+        }
+      }
+    }
+    const double rel = RelativeError(got_d, ref_d);
+    EXPECT_LT(rel, 5e-3);
+    EXPECT_EQ(bad_ref, 0u) << "first bad element row " << first_bad / (2 * n) << " col "
+                           << first_bad % (2 * n) << ": got " << __bfloat162float(got[first_bad])
+                           << " (rel err " << rel << ")";
+    EXPECT_EQ(bad_unfused, 0u) << "beyond one rounding from GEMM + SwiGluBackwardPacked";
+    // Informative: how often dh's extra rounding changes the bf16 result.
+    std::printf("  %s: %zu of %zu outputs differ from the unfused path's, rel err %.2e\n",
+                GroupedGemmImplName(impl), differ, got_d.size(), rel);
+  }
+}
+
+TEST(GroupedGemmTest, SwiGluEpilogueRaggedWithEmptyExpertsAndTails) {
+  GROVE_SKIP_WITHOUT_GPU();
+  // Empty experts, rows around the 128-row tile, n = 264 (a partial column
+  // tile: 8 columns past 256), k = 200 (a partial k block), 7 NaN-poisoned
+  // rows past the last expert; both weight layouts.
+  CheckSwiGluEpilogueCase({0, 1, 127, 128, 129, 300, 0, 45}, 264, 200, 7);
+  CheckSwiGluEpilogueCase({0, 1, 127, 128, 129, 300, 0, 45}, 264, 200, 7, 0, GemmWeightLayout::kKMajor);
+  CheckSwiGluEpilogueCase({70, 0, 5}, 64, 72, 3, 56);
+}
+
+// The model's call: dey [Pn, H] through w2 read MN-major in the parameter
+// layout (B = W2 [H, F] every 3H rows of F), E = 64, H = 1024, F = 512;
+// fewer tokens than a step so the CPU reference stays fast.
+TEST(GroupedGemmTest, SwiGluEpilogueGpuRefShapeInTheParameterLayout) {
+  GROVE_SKIP_WITHOUT_GPU();
+  const int E = 64, H = 1024, F = 512;
+  std::mt19937_64 rng(testing::FreshSeed());
+  std::uniform_int_distribution<int> count(0, 48);
+  std::vector<int> counts(E);
+  for (int& c : counts) c = count(rng);
+  counts[17] = 0;
+  counts[63] = 0;
+  CheckSwiGluEpilogueCase(counts, F, H, 5, 3 * H - H);
+}
+
 TEST(GroupedGemmTest, ManyExpertsMostlyEmpty) {
   GROVE_SKIP_WITHOUT_GPU();
   // More experts than a warp's scan chunk (the tile table is built 32 at a time).
@@ -384,6 +568,26 @@ TEST(GroupedGemmTest, RejectsBadShapes) {
   args.w_layout = GemmWeightLayout::kKMajor;
   args.n = 64;
   args.w_expert_rows = 0;
+  // The SwiGLU epilogue: bf16 out only, an aligned ab, and only the
+  // implementations that have it.
+  args.swiglu_bwd_ab = dummy;
+  args.out_type = GemmOutType::kF32;
+  Status f32 = GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr);
+  EXPECT_EQ(f32.code(), StatusCode::kInvalidArgument) << f32;
+  EXPECT_NE(f32.message().find("SwiGLU"), std::string::npos) << f32;
+  args.out_type = GemmOutType::kBF16;
+  args.swiglu_bwd_ab = dummy + 1;
+  EXPECT_EQ(GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr).code(), StatusCode::kInvalidArgument);
+  args.swiglu_bwd_ab = dummy;
+  for (GroupedGemmImpl impl : {GroupedGemmImpl::kWgmmaBn128, GroupedGemmImpl::kWgmmaBn256,
+                               GroupedGemmImpl::kWgmmaBn256Bk32, GroupedGemmImpl::kWgmmaPingpong,
+                               GroupedGemmImpl::kWgmmaCluster, GroupedGemmImpl::kWmma}) {
+    Status refused = GroupedGemm(args, impl, nullptr);
+    EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument) << GroupedGemmImplName(impl);
+    EXPECT_NE(refused.message().find("SwiGLU"), std::string::npos) << refused;
+  }
+  args.swiglu_bwd_ab = nullptr;
+  args.out_type = GemmOutType::kF32;
   args.expert_offsets = nullptr;
   EXPECT_EQ(GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr).code(),
             StatusCode::kInvalidArgument);
