@@ -587,9 +587,13 @@ TEST(GpuGenerator, GraphsEagerProfiledAndBitExactOptInPathsGiveTheSameBits) {
       // Every phase the model has took time; the phases cover the steps'
       // wall time (GPU span + host remainder), up to float event rounding.
       const model::ModelConfig& c = cpu->config();
-      for (DecodePhase p : {DecodePhase::kNorms, DecodePhase::kQkvLinear, DecodePhase::kRopeAppend,
-                            DecodePhase::kAttention, DecodePhase::kWo, DecodePhase::kLmHead, DecodePhase::kSampling})
+      for (DecodePhase p : {DecodePhase::kNorms, DecodePhase::kQkvLinear, DecodePhase::kAttention, DecodePhase::kWo,
+                            DecodePhase::kLmHead, DecodePhase::kSampling})
         EXPECT_GT(st.decode_phase_seconds[int(p)], 0.0) << DecodePhaseName(p);
+      // With the append fused into the split attention pass (the default),
+      // decode steps have no separate RoPE + append: its time is attention's.
+      const bool append_fused = o.split_kv_attention && o.fuse_append_attention;
+      EXPECT_EQ(st.decode_phase_seconds[int(DecodePhase::kRopeAppend)] > 0.0, !append_fused);
       if (c.experts > 0) {
         for (DecodePhase p : {DecodePhase::kRouter, DecodePhase::kMoeRouteIndex, DecodePhase::kMoeUp,
                               DecodePhase::kMoeDown, DecodePhase::kMoeCombine})
