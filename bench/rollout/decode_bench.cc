@@ -226,7 +226,7 @@ struct Variant {
 };
 const Variant kVariants[] = {
     {"base (all off)", [](GpuGeneratorOptions&) {}},
-    {"fold_shared_experts", [](GpuGeneratorOptions& o) { o.fold_shared_experts = true; }},
+    {"fold_shared_experts", [](GpuGeneratorOptions& o) { o.fold_shared_experts = SharedExpertFold::kAlways; }},
     {"one_launch_moe_index", [](GpuGeneratorOptions& o) { o.one_launch_moe_index = true; }},
     {"router_writes_routes", [](GpuGeneratorOptions& o) { o.router_writes_routes = true; }},
     {"gemv_rows_per_warp=1", [](GpuGeneratorOptions& o) { o.gemv_rows_per_warp = 1; }},
@@ -252,7 +252,7 @@ const Variant kVariants[] = {
        o.fuse_append_attention = false;
      }},
     {"all", [](GpuGeneratorOptions& o) {
-       o.fold_shared_experts = true;
+       o.fold_shared_experts = SharedExpertFold::kAlways;
        o.one_launch_moe_index = true;
        o.router_writes_routes = true;
        o.split_kv_attention = true;
@@ -262,7 +262,7 @@ const Variant kVariants[] = {
 // Every variant starts from all opt-in paths off, so each row measures its
 // own path against that base whatever the defaults are.
 void AllPathsOff(GpuGeneratorOptions& o) {
-  o.fold_shared_experts = false;
+  o.fold_shared_experts = SharedExpertFold::kNever;
   o.one_launch_moe_index = false;
   o.router_writes_routes = false;
   o.split_kv_attention = false;

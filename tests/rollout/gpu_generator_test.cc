@@ -634,7 +634,7 @@ TEST(GpuGenerator, FoldedSharedExpertsMatchTheCpuModel) {
     GpuGeneratorOptions o;
     o.max_batch = 8;
     o.kv_memory_fraction = 0.05;
-    o.fold_shared_experts = true;
+    o.fold_shared_experts = SharedExpertFold::kAlways;
     auto gen = GpuGenerator::Create(cpu->config(), o);
     ASSERT_TRUE(gen.ok()) << gen.status().ToString();
     ASSERT_TRUE((*gen)->LoadWeights(cpu->params(), choose).ok());
@@ -801,7 +801,7 @@ TEST(GpuGenerator, FusedAppendAttentionGivesTheSameBits) {
     o.kv_memory_fraction = 0.05;
     o.fuse_append_attention = mode == 1 || mode == 2 || mode == 4;
     o.cuda_graphs = mode != 2;
-    o.fold_shared_experts = mode >= 3;
+    o.fold_shared_experts = mode >= 3 ? SharedExpertFold::kAlways : SharedExpertFold::kNever;
     return o;
   };
   for (int fmt = 0; fmt < 2; ++fmt)
@@ -878,7 +878,7 @@ TEST(GpuGenerator, RejectsBadInput) {
   model::ModelConfig many_shared = cpu->config();  // top_k + shared > 16: cannot fold
   many_shared.shared_experts = 15;
   GpuGeneratorOptions fold;
-  fold.fold_shared_experts = true;
+  fold.fold_shared_experts = SharedExpertFold::kAlways;
   EXPECT_EQ(GpuGenerator::Create(many_shared, fold).status().code(), StatusCode::kInvalidArgument);
   GpuGeneratorOptions route_alone;  // fuse_router_topk routes inside the fused norm kernel
   route_alone.fuse_rmsnorm = false;
