@@ -42,8 +42,9 @@
 // speedup over base, the weight bytes read per second (StepWeightBytes /
 // step) and their share of the 2.82 TB/s read ceiling. --variant_repeats N
 // runs the picked rows (base included) N times in turn, each against its own
-// repeat's base, then prints the median ms/step and speedup of each cell:
-// run to run a cell moves by up to ~2%, as much as some paths gain.
+// repeat's base, then prints the median ms/step and speedup of each cell
+// (and, where the default row is picked, the median speedup over it): run
+// to run a cell moves by up to ~2%, as much as some paths gain.
 #include <cuda_runtime_api.h>
 #include <gflags/gflags.h>
 
@@ -356,19 +357,28 @@ int RunVariants(const model::ModelConfig& c, const model::Model& host) {
     const size_t n = v.size();
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
   };
+  // The defaults' row, where picked: options on top of the defaults are
+  // judged against it (each repeat's ratio, then the median).
+  size_t defaults = 0;
+  for (size_t vi = 0; vi < picked.size(); ++vi)
+    if (std::string(picked[vi]->name) == "default") defaults = vi;
   std::snprintf(title, sizeof(title),
-                "medians over %d repeats: ms/step (median of each repeat's speedup over its base; min-max ms)",
-                repeats);
+                "medians over %d repeats: ms/step (median of each repeat's speedup over its base%s; min-max ms)",
+                repeats, defaults ? ", then over its default row" : "");
   header(title);
   for (size_t vi = 0; vi < picked.size(); ++vi)
     for (size_t p = 0; p < plans.size(); ++p) {
       std::printf("| %s | %s |", picked[vi]->name, plans[p].c_str());
       for (size_t i = 0; i < batches.size(); ++i) {
         const std::vector<double>& m = ms[vi][p][i];
-        std::vector<double> speedup;
-        for (size_t r = 0; r < m.size(); ++r) speedup.push_back(m[r] > 0 ? ms[0][p][i][r] / m[r] : 0);
-        std::printf(" %.3f (%.3fx; %.3f-%.3f) |", median(m), median(speedup), *std::min_element(m.begin(), m.end()),
-                    *std::max_element(m.begin(), m.end()));
+        std::vector<double> speedup, over_defaults;
+        for (size_t r = 0; r < m.size(); ++r) {
+          speedup.push_back(m[r] > 0 ? ms[0][p][i][r] / m[r] : 0);
+          over_defaults.push_back(m[r] > 0 ? ms[defaults][p][i][r] / m[r] : 0);
+        }
+        std::printf(" %.3f (%.3fx", median(m), median(speedup));
+        if (defaults) std::printf(", %.3fx", median(over_defaults));
+        std::printf("; %.3f-%.3f) |", *std::min_element(m.begin(), m.end()), *std::max_element(m.begin(), m.end()));
       }
       std::printf("\n");
     }
