@@ -180,15 +180,25 @@ const char* DecodePhaseName(DecodePhase phase) {
   return "?";
 }
 
+const char* SharedExpertFoldName(SharedExpertFold fold) {
+  switch (fold) {
+    case SharedExpertFold::kNever: return "never";
+    case SharedExpertFold::kBatchOne: return "batch one";
+    case SharedExpertFold::kAlways: return "always";
+  }
+  return "?";
+}
+
 struct GpuGenerator::Impl {
   model::ModelConfig c;
   model::ParamLayout layout;
   GpuGeneratorOptions opt;
   cudaStream_t stream = nullptr;
   int64_t H = 0, qd = 0, kd = 0, V = 0, E = 0, K = 0, M = 0, F_max = 0;
-  // Shared experts folded into the MoE launch (0: not folded); ids/gates
-  // rows are KS = K + S wide, columns K.. constant (ids E + s, gate 1).
+  // Shared experts that folded forwards run as MoE experts E..E+S-1 (0:
+  // none folds); KS = K + S.
   int64_t S = 0, KS = 0;
+  int fold_rows = 0;  // rows of fold_ids / fold_gates: the most a folded forward has
   int max_rows = 0;  // rows of one forward (prefill chunk bound)
   std::vector<void*> device_allocs;
   std::vector<void*> host_allocs;
@@ -213,7 +223,12 @@ struct GpuGenerator::Impl {
   float* fa = nullptr;  // [rows, 2F]: x W1^T | x W3^T
   bf16* fh = nullptr;
   float *rlogits = nullptr, *rscores = nullptr, *gates = nullptr;
-  uint16_t *ids = nullptr, *routes = nullptr;
+  uint16_t *ids = nullptr, *routes = nullptr;  // ids, gates: [rows, K] (unfolded forwards)
+  // Folded forwards' routing: [fold_rows, KS], columns K.. constant (ids E +
+  // s, gate 1, written once at Build), so unfolded forwards, whose router
+  // writes K-wide rows, keep their own buffers.
+  uint16_t* fold_ids = nullptr;
+  float* fold_gates = nullptr;
   unsigned* route_counter = nullptr;  // fuse_router_topk: the fused router's last-block counter
   bf16* h_last = nullptr;
   float* logits = nullptr;  // [max_batch, V]
@@ -314,6 +329,12 @@ struct GpuGenerator::Impl {
   }
 
   Status Build();
+  // Whether a forward of `rows` rows runs the shared experts folded into
+  // the MoE (opt.fold_shared_experts; kBatchOne: only one-row forwards, the
+  // batch size where the fold was measured to win).
+  bool Folds(int rows) const {
+    return S > 0 && (opt.fold_shared_experts == SharedExpertFold::kAlways || rows == 1);
+  }
   Status AppendFoldedSharedExperts(LayerWeights& w);
   Result<double> Load(const float* params, bool on_device, const FormatChooser& choose);
   Status Linear(const bf16* x_in, int64_t ldx, int rows, int slot, float* y, int64_t ldy, Accumulate mode) {
@@ -372,11 +393,12 @@ Status GpuGenerator::Impl::Build() {
   E = c.experts;
   K = c.top_k;
   M = c.moe_layers();
-  S = opt.fold_shared_experts && M > 0 ? c.shared_experts : 0;
+  S = opt.fold_shared_experts != SharedExpertFold::kNever && M > 0 ? c.shared_experts : 0;
   KS = K + S;
   const int64_t Fs = c.shared_experts * c.expert_hidden;
   F_max = std::max<int64_t>({8, c.dense_layers > 0 ? c.dense_hidden : 0, Fs});
   max_rows = int(std::max<int64_t>({c.max_seq_len, 2048, opt.max_batch}));
+  fold_rows = S == 0 ? 0 : opt.fold_shared_experts == SharedExpertFold::kAlways ? max_rows : 1;
 
   // Weight slots, in layout order.
   for (int64_t l = 0; l < L; ++l) {
@@ -437,6 +459,10 @@ Status GpuGenerator::Impl::Build() {
   // fp32 tensors.
   GROVE_RETURN_IF_ERROR(Alloc(&embed, V * H));
   GROVE_RETURN_IF_ERROR(Alloc(&final_norm, H));
+  // Per MoE layer, what folding adds to the unfolded weights (which stay).
+  const size_t fold_block_bytes = S == 0 ? 0
+                                         : kernels::QuantDataBytes(QuantFormat::kBF16, H, Fs) +
+                                               sizeof(float) * kernels::QuantScaleCount(QuantFormat::kInt4, H, Fs);
   for (int64_t l = 0; l < L; ++l) {
     LayerWeights& w = lw[l];
     GROVE_RETURN_IF_ERROR(Alloc(&w.attn_norm, H));
@@ -470,20 +496,23 @@ Status GpuGenerator::Impl::Build() {
   GROVE_RETURN_IF_ERROR(Alloc(&fh, R * F_max));
   GROVE_RETURN_IF_ERROR(Alloc(&rlogits, R * std::max<int64_t>(E, 1)));
   GROVE_RETURN_IF_ERROR(Alloc(&rscores, R * std::max<int64_t>(E, 1)));
-  GROVE_RETURN_IF_ERROR(Alloc(&gates, R * std::max<int64_t>(KS, 1)));
-  GROVE_RETURN_IF_ERROR(Alloc(&ids, R * std::max<int64_t>(KS, 1)));
+  GROVE_RETURN_IF_ERROR(Alloc(&gates, R * std::max<int64_t>(K, 1)));
+  GROVE_RETURN_IF_ERROR(Alloc(&ids, R * std::max<int64_t>(K, 1)));
   if (S > 0) {
     // The folded shared experts' columns, written once (the router fills
     // only columns 0..K-1 of each row).
-    std::vector<uint16_t> h_ids(size_t(R * KS), 0);
-    std::vector<float> h_gates(size_t(R * KS), 0.f);
-    for (int64_t r = 0; r < R; ++r)
+    const int64_t FR = fold_rows;
+    GROVE_RETURN_IF_ERROR(Alloc(&fold_gates, FR * KS));
+    GROVE_RETURN_IF_ERROR(Alloc(&fold_ids, FR * KS));
+    std::vector<uint16_t> h_ids(size_t(FR * KS), 0);
+    std::vector<float> h_gates(size_t(FR * KS), 0.f);
+    for (int64_t r = 0; r < FR; ++r)
       for (int64_t s = 0; s < S; ++s) {
         h_ids[size_t(r * KS + K + s)] = uint16_t(E + s);
         h_gates[size_t(r * KS + K + s)] = 1.f;
       }
-    GEN_CUDA(cudaMemcpy(ids, h_ids.data(), h_ids.size() * sizeof(uint16_t), cudaMemcpyHostToDevice));
-    GEN_CUDA(cudaMemcpy(gates, h_gates.data(), h_gates.size() * sizeof(float), cudaMemcpyHostToDevice));
+    GEN_CUDA(cudaMemcpy(fold_ids, h_ids.data(), h_ids.size() * sizeof(uint16_t), cudaMemcpyHostToDevice));
+    GEN_CUDA(cudaMemcpy(fold_gates, h_gates.data(), h_gates.size() * sizeof(float), cudaMemcpyHostToDevice));
   }
   GROVE_RETURN_IF_ERROR(Alloc(&routes, R * std::max<int64_t>(M * K, 1)));
   GROVE_RETURN_IF_ERROR(Alloc(&route_counter, 1));
@@ -516,7 +545,12 @@ Status GpuGenerator::Impl::Build() {
       ql_ws_bytes = std::max(ql_ws_bytes, kernels::QuantLinearWorkspaceBytes(f, s.n, s.k, R));
   if (ql_ws_bytes > 0) GROVE_RETURN_IF_ERROR(Alloc(reinterpret_cast<char**>(&ql_ws), int64_t(ql_ws_bytes)));
   if (M > 0) {
-    moe_ws_bytes = kernels::MoeDecodeWorkspaceBytes(int(R), int(H), int(c.expert_hidden), int(E + S), int(KS));
+    // Each form at the most rows it runs with (kBatchOne: folded one row).
+    if (fold_rows < R)
+      moe_ws_bytes = kernels::MoeDecodeWorkspaceBytes(int(R), int(H), int(c.expert_hidden), int(E), int(K));
+    if (S > 0)
+      moe_ws_bytes = std::max(moe_ws_bytes, kernels::MoeDecodeWorkspaceBytes(fold_rows, int(H), int(c.expert_hidden),
+                                                                             int(E + S), int(KS)));
     if (moe_ws_bytes > 0) GROVE_RETURN_IF_ERROR(Alloc(reinterpret_cast<char**>(&moe_ws), int64_t(moe_ws_bytes)));
   }
 
@@ -540,7 +574,9 @@ Status GpuGenerator::Impl::Build() {
   stats.kv_pages_total = num_pages;
   LOG(INFO) << "GpuGenerator: " << slots.size() << " weights, " << (arena >> 20) << " MiB weight arena, "
             << num_pages << " KV pages of " << opt.page_tokens << " tokens (" << ((size_t(num_pages) * page_bytes) >> 20)
-            << " MiB)";
+            << " MiB), MoE workspace " << (moe_ws_bytes >> 20) << " MiB, shared experts folded: "
+            << SharedExpertFoldName(S > 0 ? opt.fold_shared_experts : SharedExpertFold::kNever)
+            << (S > 0 ? " (W2 block copies " + std::to_string((fold_block_bytes * M) >> 20) + " MiB)" : std::string());
   return Status::OK();
 }
 
@@ -602,6 +638,12 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
   kernels::PagedRows pr{d_slot, d_pos, rows};
   // A one-row decode step may fuse each RMSNorm into the linear after it.
   const bool fuse_norm = opt.fuse_rmsnorm && rows == 1 && !gather_last;
+  // This forward's routing rows: K router columns, then with the fold the
+  // S constant shared-expert columns.
+  const bool fold = Folds(rows);
+  const int64_t route_width = fold ? KS : K;
+  uint16_t* const route_ids = fold ? fold_ids : ids;
+  float* const route_gates = fold ? fold_gates : gates;
   GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kInputs));
   GROVE_RETURN_IF_ERROR(gpu::EmbedRows(d_tokens, embed, x, rows, int(V), int(H), stream));
   for (int64_t l = 0; l < c.layers; ++l) {
@@ -650,15 +692,15 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     ra.logits = rlogits;
     ra.bias = w.router_bias;
     ra.scores = rscores;
-    ra.ids = ids;
-    ra.gates = gates;
+    ra.ids = route_ids;
+    ra.gates = route_gates;
     ra.tokens = rows;
     ra.experts = int(E);
     ra.top_k = int(K);
     ra.sigmoid = c.score_func == model::ScoreFunc::kSigmoid;
     ra.norm_topk = c.norm_topk;
     ra.route_scale = float(c.route_scale);
-    ra.out_stride = int(KS);
+    ra.out_stride = int(route_width);
     if (opt.router_writes_routes) {
       ra.ids_copy = routes + mi * K;
       ra.ids_copy_stride = int(M * K);
@@ -676,15 +718,16 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
       GROVE_RETURN_IF_ERROR(kernels::RouterTopK(ra, stream));
     }
     if (!opt.router_writes_routes)
-      GEN_CUDA(cudaMemcpy2DAsync(routes + mi * K, M * K * sizeof(uint16_t), ids, KS * sizeof(uint16_t),
-                                 K * sizeof(uint16_t), rows, cudaMemcpyDeviceToDevice, stream));
+      GEN_CUDA(cudaMemcpy2DAsync(routes + mi * K, M * K * sizeof(uint16_t), route_ids,
+                                 route_width * sizeof(uint16_t), K * sizeof(uint16_t), rows, cudaMemcpyDeviceToDevice,
+                                 stream));
     GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kSharedExperts));
-    if (c.shared_experts > 0 && S == 0)
+    if (c.shared_experts > 0 && !fold)
       GROVE_RETURN_IF_ERROR(Ffn(rows, w.s_w13, w.s_w2, c.shared_experts * c.expert_hidden));
     kernels::MoeDecodeArgs ma;
     ma.x = h;
-    ma.ids = ids;
-    ma.gates = gates;
+    ma.ids = route_ids;
+    ma.gates = route_gates;
     ma.w1 = w.d_w1;
     ma.w3 = w.d_w3;
     ma.w2 = w.d_w2;
@@ -693,8 +736,8 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     ma.m = rows;
     ma.hidden = int(H);
     ma.expert_hidden = int(c.expert_hidden);
-    ma.experts = int(E + S);
-    ma.top_k = int(KS);
+    ma.experts = int(fold ? E + S : E);
+    ma.top_k = int(route_width);
     ma.workspace = moe_ws;
     ma.workspace_bytes = moe_ws_bytes;
     ma.one_launch_index = opt.one_launch_moe_index;
@@ -790,7 +833,7 @@ Result<std::unique_ptr<GpuGenerator>> GpuGenerator::Create(const model::ModelCon
   if (config.experts > kernels::kRouterMaxExperts || config.top_k > kernels::kRouterMaxTopK)
     return Status::InvalidArgument("GpuGenerator: experts <= 256 and top_k <= 16 (router kernel)");
   if (config.hidden % 8 != 0) return Status::InvalidArgument("GpuGenerator: hidden must be a multiple of 8");
-  if (options.fold_shared_experts && config.experts > 0 && config.shared_experts > 0 &&
+  if (options.fold_shared_experts != SharedExpertFold::kNever && config.experts > 0 && config.shared_experts > 0 &&
       (config.top_k + config.shared_experts > 16 || config.experts + config.shared_experts > 256))
     return Status::InvalidArgument(
         "GpuGenerator: fold_shared_experts needs top_k + shared_experts <= 16 and experts + shared_experts <= 256 "

@@ -70,6 +70,17 @@ enum class DecodePhase : int {
 inline constexpr int kDecodePhases = static_cast<int>(DecodePhase::kCount);
 const char* DecodePhaseName(DecodePhase phase);
 
+// Where GpuGeneratorOptions::fold_shared_experts runs the shared experts
+// inside MoeDecodeForward (as extra experts E..E+S-1, gate 1 for every
+// token) instead of as their own SwiGLU linears.
+enum class SharedExpertFold : int {
+  kNever,     // every forward runs them as their own linears
+  kBatchOne,  // one-row forwards fold them (the batch-1 decode step, and a
+              // lone one-token prompt's prefill); every other forward does not
+  kAlways,    // every forward folds them, prefill included
+};
+const char* SharedExpertFoldName(SharedExpertFold fold);
+
 struct GpuGeneratorOptions {
   int device = 0;
   int max_batch = 128;
@@ -85,15 +96,23 @@ struct GpuGeneratorOptions {
   // Decode-step paths, measured on an H100 (docs/rollout.md, decode_bench
   // --variants): one_launch_moe_index, router_writes_routes and
   // split_kv_attention are on by default (each faster at every batch
-  // measured); fold_shared_experts stays opt-in (1.08x at batch 1, 0.96x at
-  // 32). Where a path changes results it is only fp32 summation order:
+  // measured); fold_shared_experts stays opt-in (folding every forward:
+  // 1.08x at batch 1, 0.96x at 32). Where a path changes results it is only
+  // fp32 summation order:
   // Shared experts run inside MoeDecodeForward as extra experts E..E+S-1,
   // routed for every token with gate 1 (their w1/w3 are row slices of the
   // stacked weight, w2 column blocks copied at LoadWeights in the quantized
   // form, so the same quantized values). Saves the two shared-expert linears
   // and the SwiGLU launch per MoE layer; changes only fp32 summation order
-  // (the W2 dot split into expert_hidden pieces, summed in the combine).
-  bool fold_shared_experts = false;
+  // (the W2 dot split into expert_hidden pieces, summed in the combine), so a
+  // folded forward is not bit-equal to an unfolded one. kBatchOne folds only
+  // where the fold won (one-row forwards): larger forwards are the kNever
+  // forward bit for bit, one-row forwards the kAlways one. Memory: kBatchOne
+  // and kAlways both keep the unfolded shared weights (the folded w1/w3 are
+  // views of them) plus a W2 block copy per MoE layer, capacity for bf16
+  // (gpu-ref: 2 MiB per layer, 30 MiB); kAlways also sizes the MoE workspace
+  // for max_rows * (top_k + shared) slots, kBatchOne for max_rows * top_k.
+  SharedExpertFold fold_shared_experts = SharedExpertFold::kNever;
   // MoeDecodeArgs::one_launch_index: the MoE's slot grouping in one launch
   // for steps of up to 256 slots (rows * (top_k + folded shared)); the same
   // index, so the same bits.

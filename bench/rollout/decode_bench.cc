@@ -29,16 +29,22 @@
 //
 // --variants: instead, the engine (graphs on) with each decode path of
 // GpuGeneratorOptions alone against all of them off (base; then
-// fold_shared_experts, one_launch_moe_index, router_writes_routes,
+// fold_shared_experts (SharedExpertFold::kAlways), fold_batch_one
+// (kBatchOne), one_launch_moe_index, router_writes_routes,
 // gemv_rows_per_warp 1 / 4 (batch 1 only), split_kv = split_kv_attention,
 // programmatic_launch, fuse_rmsnorm and fuse_rmsnorm+router_topk (batch 1
 // only), default = the options' defaults, default with PDL + the fused norm
 // (+ the fused router), default without fuse_append_attention (the RoPE +
-// append folded into the split-KV pass), all = the four older paths;
-// --variant_names picks rows) for
+// append folded into the split-KV pass), default+fold_batch_one and
+// default+fold_always (the defaults with SharedExpertFold::kBatchOne /
+// kAlways), all = the four older paths; --variant_names picks rows) for
 // --plans at --variant_batches, 32 new tokens: ms per decode step, the
 // speedup over base, the weight bytes read per second (StepWeightBytes /
-// step) and their share of the 2.82 TB/s read ceiling.
+// step) and their share of the 2.82 TB/s read ceiling. --variant_repeats N
+// runs the picked rows (base included) N times in turn, each against its own
+// repeat's base, then prints the median ms/step and speedup of each cell
+// (and, where the default row is picked, the median speedup over it): run
+// to run a cell moves by up to ~2%, as much as some paths gain.
 #include <cuda_runtime_api.h>
 #include <gflags/gflags.h>
 
@@ -73,6 +79,7 @@ DEFINE_bool(variants, false, "print ms/step of each opt-in decode path off/on in
 DEFINE_string(variant_batches, "1,8,32", "batch sizes of --variants");
 DEFINE_string(variant_names, "", "--variants: only the rows whose name contains one of these (comma-separated; "
               "=name: exactly that row); the base row always runs (the speedups' reference)");
+DEFINE_int32(variant_repeats, 1, "--variants: run the rows this many times in turn and add a table of medians");
 
 namespace grove::rollout {
 namespace {
@@ -226,7 +233,8 @@ struct Variant {
 };
 const Variant kVariants[] = {
     {"base (all off)", [](GpuGeneratorOptions&) {}},
-    {"fold_shared_experts", [](GpuGeneratorOptions& o) { o.fold_shared_experts = true; }},
+    {"fold_shared_experts", [](GpuGeneratorOptions& o) { o.fold_shared_experts = SharedExpertFold::kAlways; }},
+    {"fold_batch_one", [](GpuGeneratorOptions& o) { o.fold_shared_experts = SharedExpertFold::kBatchOne; }},
     {"one_launch_moe_index", [](GpuGeneratorOptions& o) { o.one_launch_moe_index = true; }},
     {"router_writes_routes", [](GpuGeneratorOptions& o) { o.router_writes_routes = true; }},
     {"gemv_rows_per_warp=1", [](GpuGeneratorOptions& o) { o.gemv_rows_per_warp = 1; }},
@@ -251,8 +259,16 @@ const Variant kVariants[] = {
        o = GpuGeneratorOptions{};
        o.fuse_append_attention = false;
      }},
+    {"default+fold_batch_one", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.fold_shared_experts = SharedExpertFold::kBatchOne;
+     }},
+    {"default+fold_always", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.fold_shared_experts = SharedExpertFold::kAlways;
+     }},
     {"all", [](GpuGeneratorOptions& o) {
-       o.fold_shared_experts = true;
+       o.fold_shared_experts = SharedExpertFold::kAlways;
        o.one_launch_moe_index = true;
        o.router_writes_routes = true;
        o.split_kv_attention = true;
@@ -262,7 +278,7 @@ const Variant kVariants[] = {
 // Every variant starts from all opt-in paths off, so each row measures its
 // own path against that base whatever the defaults are.
 void AllPathsOff(GpuGeneratorOptions& o) {
-  o.fold_shared_experts = false;
+  o.fold_shared_experts = SharedExpertFold::kNever;
   o.one_launch_moe_index = false;
   o.router_writes_routes = false;
   o.split_kv_attention = false;
@@ -273,53 +289,99 @@ void AllPathsOff(GpuGeneratorOptions& o) {
 }
 
 // --variants: rows (variant, plan), columns ms/step per batch (x speedup
-// over base on the same plan and batch).
+// over base on the same plan and batch); with --variant_repeats, then the
+// medians over the repeats.
 int RunVariants(const model::ModelConfig& c, const model::Model& host) {
   const std::vector<int> batches = bench::ParseIntList(FLAGS_variant_batches);
   const std::vector<std::string> plans = bench::SplitCommaList(FLAGS_plans);
+  const int repeats = std::max(1, FLAGS_variant_repeats);
   int max_batch = 1;
   for (int b : batches) max_batch = std::max(max_batch, b);
   std::mt19937_64 rng(FLAGS_seed);
-  std::vector<std::vector<double>> base(plans.size(), std::vector<double>(batches.size(), 0));
-  std::printf(
-      "\ndecode ms/step (graphs on) per opt-in path (x speedup over base; weight GB/s read = StepWeightBytes / step, "
-      "%% of the %.2f TB/s read ceiling)\n| variant | plan |",
-      kReadCeilingTBs);
-  for (int b : batches) std::printf(" b%d |", b);
-  std::printf("\n| --- | --- |");
-  for (size_t i = 0; i < batches.size(); ++i) std::printf(" --- |");
-  std::printf("\n");
   const std::vector<std::string> only = bench::SplitCommaList(FLAGS_variant_names);
+  std::vector<const Variant*> picked;
   for (const Variant& v : kVariants) {
     const std::string name = v.name;
-    if (&v != &kVariants[0] && !only.empty() &&
-        std::none_of(only.begin(), only.end(), [&](const std::string& w) {
+    if (&v == &kVariants[0] || only.empty() || std::any_of(only.begin(), only.end(), [&](const std::string& w) {
           return w[0] == '=' ? name == w.substr(1) : name.find(w) != std::string::npos;
         }))
-      continue;
-    GpuGeneratorOptions o;
-    AllPathsOff(o);
-    v.set(o);
-    o.max_batch = max_batch;
-    o.kv_memory_fraction = 0.1;
-    auto gen = GpuGenerator::Create(c, o);
-    GROVE_BENCH_CHECK_OK(gen.status());
+      picked.push_back(&v);
+  }
+  // ms[variant][plan][batch]: one entry per repeat.
+  std::vector<std::vector<std::vector<std::vector<double>>>> ms(
+      picked.size(), std::vector<std::vector<std::vector<double>>>(plans.size(),
+                                                                  std::vector<std::vector<double>>(batches.size())));
+  auto header = [&](const char* what) {
+    std::printf("\n%s\n| variant | plan |", what);
+    for (int b : batches) std::printf(" b%d |", b);
+    std::printf("\n| --- | --- |");
+    for (size_t i = 0; i < batches.size(); ++i) std::printf(" --- |");
+    std::printf("\n");
+  };
+  char title[256];
+  std::snprintf(title, sizeof(title),
+                "decode ms/step (graphs on) per opt-in path (x speedup over base; weight GB/s read = StepWeightBytes / "
+                "step, %% of the %.2f TB/s read ceiling)",
+                kReadCeilingTBs);
+  header(title);
+  for (int r = 0; r < repeats; ++r)
+    for (size_t vi = 0; vi < picked.size(); ++vi) {
+      const Variant& v = *picked[vi];
+      GpuGeneratorOptions o;
+      AllPathsOff(o);
+      v.set(o);
+      o.max_batch = max_batch;
+      o.kv_memory_fraction = 0.1;
+      auto gen = GpuGenerator::Create(c, o);
+      GROVE_BENCH_CHECK_OK(gen.status());
+      for (size_t p = 0; p < plans.size(); ++p) {
+        GROVE_BENCH_CHECK_OK((*gen)->LoadWeights(host.params(), Plan(plans[p])).status());
+        std::printf("| %s | %s |", v.name, plans[p].c_str());
+        for (size_t i = 0; i < batches.size(); ++i) {
+          const Timed t = TimeGenerate(**gen, batches[i], FLAGS_prompt, 32, rng, int32_t(c.vocab_size));
+          const double step_ms = t.delta.decode_seconds / double(std::max<int64_t>(1, t.delta.decode_steps)) * 1e3;
+          ms[vi][p][i].push_back(step_ms);
+          const double base = ms[0][p][i].back();  // this repeat's base (row 0 runs first)
+          const double gbs = step_ms > 0 ? StepWeightBytes(host, Plan(plans[p]), batches[i]) / (step_ms * 1e-3) / 1e9 : 0;
+          std::printf(" %.3f (%.2fx, %.0f GB/s, %.1f%%) |", step_ms, step_ms > 0 ? base / step_ms : 0, gbs,
+                      100.0 * gbs / (kReadCeilingTBs * 1e3));
+          std::fflush(stdout);
+        }
+        std::printf("\n");
+      }
+      if (!(*gen)->stats().graphs_used) std::printf("(%s: graph capture failed, eager)\n", v.name);
+    }
+  if (repeats == 1) return 0;
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    const size_t n = v.size();
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+  };
+  // The defaults' row, where picked: options on top of the defaults are
+  // judged against it (each repeat's ratio, then the median).
+  size_t defaults = 0;
+  for (size_t vi = 0; vi < picked.size(); ++vi)
+    if (std::string(picked[vi]->name) == "default") defaults = vi;
+  std::snprintf(title, sizeof(title),
+                "medians over %d repeats: ms/step (median of each repeat's speedup over its base%s; min-max ms)",
+                repeats, defaults ? ", then over its default row" : "");
+  header(title);
+  for (size_t vi = 0; vi < picked.size(); ++vi)
     for (size_t p = 0; p < plans.size(); ++p) {
-      GROVE_BENCH_CHECK_OK((*gen)->LoadWeights(host.params(), Plan(plans[p])).status());
-      std::printf("| %s | %s |", v.name, plans[p].c_str());
+      std::printf("| %s | %s |", picked[vi]->name, plans[p].c_str());
       for (size_t i = 0; i < batches.size(); ++i) {
-        const Timed t = TimeGenerate(**gen, batches[i], FLAGS_prompt, 32, rng, int32_t(c.vocab_size));
-        const double ms = t.delta.decode_seconds / double(std::max<int64_t>(1, t.delta.decode_steps)) * 1e3;
-        if (&v == &kVariants[0]) base[p][i] = ms;
-        const double gbs = ms > 0 ? StepWeightBytes(host, Plan(plans[p]), batches[i]) / (ms * 1e-3) / 1e9 : 0;
-        std::printf(" %.3f (%.2fx, %.0f GB/s, %.1f%%) |", ms, ms > 0 ? base[p][i] / ms : 0, gbs,
-                    100.0 * gbs / (kReadCeilingTBs * 1e3));
-        std::fflush(stdout);
+        const std::vector<double>& m = ms[vi][p][i];
+        std::vector<double> speedup, over_defaults;
+        for (size_t r = 0; r < m.size(); ++r) {
+          speedup.push_back(m[r] > 0 ? ms[0][p][i][r] / m[r] : 0);
+          over_defaults.push_back(m[r] > 0 ? ms[defaults][p][i][r] / m[r] : 0);
+        }
+        std::printf(" %.3f (%.3fx", median(m), median(speedup));
+        if (defaults) std::printf(", %.3fx", median(over_defaults));
+        std::printf("; %.3f-%.3f) |", *std::min_element(m.begin(), m.end()), *std::max_element(m.begin(), m.end()));
       }
       std::printf("\n");
     }
-    if (!(*gen)->stats().graphs_used) std::printf("(%s: graph capture failed, eager)\n", v.name);
-  }
   return 0;
 }
 

@@ -122,6 +122,43 @@ std::vector<std::vector<int32_t>> Prompts(uint64_t seed, int count, int min_len,
   return out;
 }
 
+// ThinningBatch: a batch that thins to one row at a known step. The
+// two-shared-expert test model with max_seq_len 64, prompts of 4, 40, 44, 48
+// and 52 tokens and kThinningNewTokens greedy tokens each, no stop token, so
+// each sequence's length is its cap min(kThinningNewTokens, 64 - prompt):
+// 32, 24, 20, 16, 12. Decode step t (t >= 1 samples every running
+// sequence's token t) runs 5 rows (bucket 8) up to step 11, then 4, 3, 2,
+// and from step 24 only sequence 0's row (bucket 1).
+constexpr int kThinningNewTokens = 32;
+struct ThinningBatch {
+  model::ModelConfig config;
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<int64_t> lengths;  // completion tokens per sequence
+  int64_t first_solo_step = 0;   // the first decode step with one running row
+};
+ThinningBatch MakeThinningBatch() {
+  ThinningBatch b;
+  b.config = SmallConfig(/*shared_experts=*/2);
+  b.config.max_seq_len = 64;
+  // Seed 47: on the CPU every sequence has clear token margins
+  // (ThinningBatchHasClearMargins) and at most one route within 3e-4 of a
+  // tie (seeds 37-56 scanned), so a CPU comparison of only five sequences
+  // still expects most of them to agree in full.
+  std::mt19937_64 rng(47);
+  std::uniform_int_distribution<int> tok(0, int(b.config.vocab_size) - 1);
+  for (int len : {4, 40, 44, 48, 52}) {
+    b.prompts.emplace_back(len);
+    for (int32_t& t : b.prompts.back()) t = tok(rng);
+    b.lengths.push_back(std::min<int64_t>(kThinningNewTokens, b.config.max_seq_len - len));
+  }
+  for (int64_t t = 1;; ++t)
+    if (std::count_if(b.lengths.begin(), b.lengths.end(), [t](int64_t n) { return n > t; }) <= 1) {
+      b.first_solo_step = t;
+      break;
+    }
+  return b;
+}
+
 // The CPU's top-2 logit gap before each completion token.
 std::vector<double> Gaps(model::Model& m, const std::vector<int32_t>& prompt, const std::vector<int32_t>& completion) {
   std::vector<int32_t> all = prompt;
@@ -369,6 +406,28 @@ TEST(GpuGeneratorModel, DefaultRunModelHasClearMargins) {
   std::printf("%d of %zu sequences with clear margins; near-tied routes: %lld of %lld (row, MoE layer) pairs\n", clear,
               prompts.size(), (long long)ties.near, (long long)ties.pairs);
   EXPECT_GE(clear, 5) << "of " << prompts.size() << " sequences have all top-2 gaps >= " << kGapBound;
+  EXPECT_LE(double(ties.near), 0.2 * double(ties.pairs));
+}
+
+// ThinningBatch's model and prompts keep the clear-margin premise that
+// BatchOneFoldEqualsTheNeverFoldOnLargerSteps's CPU comparison rests on, and
+// its batch does thin to one row (a one-row step exists).
+TEST(GpuGeneratorModel, ThinningBatchHasClearMargins) {
+  const ThinningBatch b = MakeThinningBatch();
+  EXPECT_EQ(b.first_solo_step, 24);
+  EXPECT_EQ(std::count_if(b.lengths.begin(), b.lengths.end(), [&](int64_t n) { return n > b.first_solo_step; }), 1);
+  auto cpu = MakeModelFrom(b.config, 7);
+  auto want = cpu->Generate(b.prompts, Greedy(kThinningNewTokens));
+  ASSERT_TRUE(want.ok()) << want.status().ToString();
+  int clear = 0;
+  for (size_t i = 0; i < b.prompts.size(); ++i) {
+    EXPECT_EQ(int64_t((*want)[i].tokens.size()), b.lengths[i]) << "sequence " << i;
+    clear += ClearMargins(Gaps(*cpu, b.prompts[i], (*want)[i].tokens));
+  }
+  const NearTies ties = CountNearTiedRoutes(*cpu, b.prompts, *want);
+  std::printf("%d of %zu sequences with clear margins; near-tied routes: %lld of %lld (row, MoE layer) pairs\n", clear,
+              b.prompts.size(), (long long)ties.near, (long long)ties.pairs);
+  EXPECT_GE(clear, 4) << "of " << b.prompts.size() << " sequences have all top-2 gaps >= " << kGapBound;
   EXPECT_LE(double(ties.near), 0.2 * double(ties.pairs));
 }
 
@@ -634,7 +693,7 @@ TEST(GpuGenerator, FoldedSharedExpertsMatchTheCpuModel) {
     GpuGeneratorOptions o;
     o.max_batch = 8;
     o.kv_memory_fraction = 0.05;
-    o.fold_shared_experts = true;
+    o.fold_shared_experts = SharedExpertFold::kAlways;
     auto gen = GpuGenerator::Create(cpu->config(), o);
     ASSERT_TRUE(gen.ok()) << gen.status().ToString();
     ASSERT_TRUE((*gen)->LoadWeights(cpu->params(), choose).ok());
@@ -647,6 +706,132 @@ TEST(GpuGenerator, FoldedSharedExpertsMatchTheCpuModel) {
     ASSERT_TRUE(want.ok() && got.ok()) << got.status().ToString();
     Compare(*cpu, prompts, *want, *got);
     EXPECT_TRUE((*gen)->stats().graphs_used);
+  }
+}
+
+// SharedExpertFold::kBatchOne at max_batch 1. One-token prompts: every
+// forward (prefill too) has one row, so every one folds, and the tokens,
+// log-probs and routes are kAlways's bit for bit (graphs and eager; bf16 and
+// int4 shared experts), while kNever's differ (the fold does change bits
+// here, so the equality says something). Longer prompts (prefill unfolded,
+// decode folded: a mix no other mode runs) are held to the CPU model
+// (Compare), as FoldedSharedExpertsMatchTheCpuModel holds kAlways.
+TEST(GpuGenerator, BatchOneFoldEqualsTheAlwaysFoldAtBatchOne) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = MakeModel(7, /*shared_experts=*/2);
+  const FormatChooser int4_shared = [](const actors::TensorSpec& t) -> std::optional<PrecisionFormat> {
+    if (t.name.find("shared") != std::string::npos) return PrecisionFormat::kInt4;
+    if (t.name.find("moe.experts") != std::string::npos) return PrecisionFormat::kInt8;
+    return std::nullopt;
+  };
+  const auto one_token = Prompts(31, 6, 1, 1);
+  for (int fmt = 0; fmt < 2; ++fmt) {
+    SCOPED_TRACE(fmt ? "int4 shared experts" : "bf16");
+    // mode 0: kAlways; 1: kBatchOne; 2: kBatchOne, eager; 3: kNever.
+    std::vector<std::vector<model::Completion<float>>> runs;
+    std::vector<model::Completion<float>> never;
+    for (int mode = 0; mode < 4; ++mode) {
+      GpuGeneratorOptions o;
+      o.max_batch = 1;
+      o.kv_memory_fraction = 0.05;
+      o.fold_shared_experts = mode == 0   ? SharedExpertFold::kAlways
+                              : mode == 3 ? SharedExpertFold::kNever
+                                          : SharedExpertFold::kBatchOne;
+      o.cuda_graphs = mode != 2;
+      auto g = GpuGenerator::Create(cpu->config(), o);
+      ASSERT_TRUE(g.ok()) << g.status().ToString();
+      ASSERT_TRUE((*g)->LoadWeights(cpu->params(), fmt ? int4_shared : FormatChooser()).ok());
+      auto r = (*g)->Generate(one_token, Greedy(kNewTokens));
+      ASSERT_TRUE(r.ok()) << r.status().ToString();
+      EXPECT_EQ((*g)->stats().graphs_used, o.cuda_graphs);
+      if (mode == 3)
+        never = std::move(*r);
+      else
+        runs.push_back(std::move(*r));
+    }
+    ExpectSameBitsAsRun0(runs);
+    bool differs = false;
+    for (size_t i = 0; i < never.size(); ++i) differs |= never[i].logprobs != runs[0][i].logprobs;
+    EXPECT_TRUE(differs) << "kNever gave kAlways's bits: the comparison cannot tell folded from unfolded";
+  }
+  GpuGeneratorOptions o;
+  o.max_batch = 1;
+  o.kv_memory_fraction = 0.05;
+  o.fold_shared_experts = SharedExpertFold::kBatchOne;
+  auto gen = GpuGenerator::Create(cpu->config(), o);
+  ASSERT_TRUE(gen.ok()) << gen.status().ToString();
+  ASSERT_TRUE((*gen)->LoadWeights(cpu->params(), nullptr).ok());
+  const auto prompts = Prompts(17, 8, 2, 30);
+  auto want = cpu->Generate(prompts, Greedy(16));
+  auto got = (*gen)->Generate(prompts, Greedy(16));
+  ASSERT_TRUE(want.ok() && got.ok()) << got.status().ToString();
+  Compare(*cpu, prompts, *want, *got);
+  EXPECT_TRUE((*gen)->stats().graphs_used);
+}
+
+// SharedExpertFold::kBatchOne with several sequences (max_batch 8, the
+// ThinningBatch): steps of two or more rows, and the multi-row prefill, run
+// unfolded, kNever's forward bit for bit; from ThinningBatch::first_solo_step
+// sequence 0 runs alone, folded. So every token, log-prob and route made
+// before that step equals kNever's: all of sequences 1-4, the head of
+// sequence 0 (its tail, folded steps on a cache the unfolded steps wrote,
+// matches no other mode's bits; BatchOneFoldEqualsTheAlwaysFoldAtBatchOne
+// shows one-row forwards fold). The whole run, tail included, is held to the
+// CPU model (Compare). Graphs and eager; bf16 and int4 shared experts (the
+// CPU comparison on bf16).
+TEST(GpuGenerator, BatchOneFoldEqualsTheNeverFoldOnLargerSteps) {
+  SKIP_WITHOUT_GPU();
+  const ThinningBatch b = MakeThinningBatch();
+  auto cpu = MakeModelFrom(b.config, 7);
+  const int64_t MK = b.config.moe_layers() * b.config.top_k;
+  const FormatChooser int4_shared = [](const actors::TensorSpec& t) -> std::optional<PrecisionFormat> {
+    if (t.name.find("shared") != std::string::npos) return PrecisionFormat::kInt4;
+    if (t.name.find("moe.experts") != std::string::npos) return PrecisionFormat::kInt8;
+    return std::nullopt;
+  };
+  for (int fmt = 0; fmt < 2; ++fmt) {
+    SCOPED_TRACE(fmt ? "int4 shared experts" : "bf16");
+    // mode 0: kNever; 1: kBatchOne; 2: kBatchOne, eager.
+    std::vector<std::vector<model::Completion<float>>> runs;
+    for (int mode = 0; mode < 3; ++mode) {
+      GpuGeneratorOptions o;
+      o.max_batch = 8;
+      o.kv_memory_fraction = 0.05;
+      o.fold_shared_experts = mode == 0 ? SharedExpertFold::kNever : SharedExpertFold::kBatchOne;
+      o.cuda_graphs = mode != 2;
+      auto g = GpuGenerator::Create(cpu->config(), o);
+      ASSERT_TRUE(g.ok()) << g.status().ToString();
+      ASSERT_TRUE((*g)->LoadWeights(cpu->params(), fmt ? int4_shared : FormatChooser()).ok());
+      auto r = (*g)->Generate(b.prompts, Greedy(kThinningNewTokens));
+      ASSERT_TRUE(r.ok()) << r.status().ToString();
+      EXPECT_EQ((*g)->stats().graphs_used, o.cuda_graphs);
+      runs.push_back(std::move(*r));
+    }
+    ExpectSameBitsAsRun0({runs[1], runs[2]});
+    for (int mode = 1; mode < 3; ++mode)
+      for (size_t i = 0; i < b.prompts.size(); ++i) {
+        SCOPED_TRACE("mode " + std::to_string(mode) + ", sequence " + std::to_string(i));
+        const model::Completion<float>& never = runs[0][i];
+        const model::Completion<float>& once = runs[mode][i];
+        ASSERT_EQ(int64_t(never.tokens.size()), b.lengths[i]);
+        ASSERT_EQ(int64_t(once.tokens.size()), b.lengths[i]);
+        // Tokens 0..n-1 come from the prefill and steps 1..n-1; the routes
+        // from the prompt rows and those steps' rows.
+        const int64_t n = std::min(b.lengths[i], b.first_solo_step);
+        const int64_t route_entries = (int64_t(b.prompts[i].size()) + n - 1) * MK;
+        EXPECT_EQ(std::vector<int32_t>(never.tokens.begin(), never.tokens.begin() + n),
+                  std::vector<int32_t>(once.tokens.begin(), once.tokens.begin() + n));
+        EXPECT_EQ(std::vector<float>(never.logprobs.begin(), never.logprobs.begin() + n),
+                  std::vector<float>(once.logprobs.begin(), once.logprobs.begin() + n));
+        ASSERT_LE(route_entries, int64_t(std::min(never.routes.size(), once.routes.size())));
+        EXPECT_EQ(std::vector<uint16_t>(never.routes.begin(), never.routes.begin() + route_entries),
+                  std::vector<uint16_t>(once.routes.begin(), once.routes.begin() + route_entries));
+      }
+    if (fmt == 0) {
+      auto want = cpu->Generate(b.prompts, Greedy(kThinningNewTokens));
+      ASSERT_TRUE(want.ok()) << want.status().ToString();
+      Compare(*cpu, b.prompts, *want, runs[1]);
+    }
   }
 }
 
@@ -801,7 +986,7 @@ TEST(GpuGenerator, FusedAppendAttentionGivesTheSameBits) {
     o.kv_memory_fraction = 0.05;
     o.fuse_append_attention = mode == 1 || mode == 2 || mode == 4;
     o.cuda_graphs = mode != 2;
-    o.fold_shared_experts = mode >= 3;
+    o.fold_shared_experts = mode >= 3 ? SharedExpertFold::kAlways : SharedExpertFold::kNever;
     return o;
   };
   for (int fmt = 0; fmt < 2; ++fmt)
@@ -878,7 +1063,9 @@ TEST(GpuGenerator, RejectsBadInput) {
   model::ModelConfig many_shared = cpu->config();  // top_k + shared > 16: cannot fold
   many_shared.shared_experts = 15;
   GpuGeneratorOptions fold;
-  fold.fold_shared_experts = true;
+  fold.fold_shared_experts = SharedExpertFold::kAlways;
+  EXPECT_EQ(GpuGenerator::Create(many_shared, fold).status().code(), StatusCode::kInvalidArgument);
+  fold.fold_shared_experts = SharedExpertFold::kBatchOne;  // folds batch-1 steps: the same limits
   EXPECT_EQ(GpuGenerator::Create(many_shared, fold).status().code(), StatusCode::kInvalidArgument);
   GpuGeneratorOptions route_alone;  // fuse_router_topk routes inside the fused norm kernel
   route_alone.fuse_rmsnorm = false;
