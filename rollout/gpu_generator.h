@@ -96,9 +96,11 @@ struct GpuGeneratorOptions {
   // Decode-step paths, measured on an H100 (docs/rollout.md, decode_bench
   // --variants): one_launch_moe_index, router_writes_routes and
   // split_kv_attention are on by default (each faster at every batch
-  // measured); fold_shared_experts stays opt-in (folding every forward:
-  // 1.08x at batch 1, 0.96x at 32). Where a path changes results it is only
-  // fp32 summation order:
+  // measured); fold_shared_experts is kBatchOne by default (H100, medians
+  // of 5 repeats against the other defaults: 1.086x bf16 / 1.082x int4 at
+  // batch 1, 0.995x at batch 8 = the same graph; folding every forward
+  // loses at batch >= 8: 0.97-0.98x). Where a path changes results it is
+  // only fp32 summation order:
   // Shared experts run inside MoeDecodeForward as extra experts E..E+S-1,
   // routed for every token with gate 1 (their w1/w3 are row slices of the
   // stacked weight, w2 column blocks copied at LoadWeights in the quantized
@@ -112,7 +114,7 @@ struct GpuGeneratorOptions {
   // views of them) plus a W2 block copy per MoE layer, capacity for bf16
   // (gpu-ref: 2 MiB per layer, 30 MiB); kAlways also sizes the MoE workspace
   // for max_rows * (top_k + shared) slots, kBatchOne for max_rows * top_k.
-  SharedExpertFold fold_shared_experts = SharedExpertFold::kNever;
+  SharedExpertFold fold_shared_experts = SharedExpertFold::kBatchOne;
   // MoeDecodeArgs::one_launch_index: the MoE's slot grouping in one launch
   // for steps of up to 256 slots (rows * (top_k + folded shared)); the same
   // index, so the same bits.
