@@ -603,9 +603,7 @@ Status LaunchForward(const AttentionShape& s, const Params& p, cudaStream_t stre
 }
 
 template <int D>
-Status LaunchBackward(const AttentionShape& s, const Params& p, cudaStream_t stream) {
-  AttentionRowDotKernel<D><<<1024, 256, 0, stream>>>(p);
-  GROVE_RETURN_IF_ERROR(LaunchStatus("row-dot launch"));
+Status LaunchBackwardMain(const AttentionShape& s, const Params& p, cudaStream_t stream) {
   const size_t smem = BackwardSmem(D);
   cudaError_t err = cudaFuncSetAttribute(AttentionBackwardKernel<D>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
@@ -617,8 +615,7 @@ Status LaunchBackward(const AttentionShape& s, const Params& p, cudaStream_t str
   const int64_t ctas = int64_t{args.tiles} * s.num_kv_heads * s.batch;
   if (ctas > INT32_MAX) return Status::InvalidArgument("attention: too many key tiles");
   AttentionBackwardKernel<D><<<unsigned(ctas), kThreads, smem, stream>>>(args);
-  GROVE_RETURN_IF_ERROR(LaunchStatus("backward launch"));
-  return Status::OK();
+  return LaunchStatus("backward launch");
 }
 
 }  // namespace
@@ -688,11 +685,12 @@ size_t AttentionBackwardWorkspaceBytes(const AttentionShape& shape) {
   return rows * shape.head_dim * sizeof(float) + (rows * sizeof(float) + 15) / 16 * 16;
 }
 
-Status AttentionBackward(const AttentionShape& shape, const __nv_bfloat16* q,
-                         const __nv_bfloat16* k, const __nv_bfloat16* v,
-                         const __nv_bfloat16* out, const __nv_bfloat16* dout, const float* lse,
-                         __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv,
-                         void* workspace, cudaStream_t stream) {
+Status AttentionBackwardWith(AttentionBackwardImpl impl, const AttentionShape& shape,
+                             const __nv_bfloat16* q, const __nv_bfloat16* k,
+                             const __nv_bfloat16* v, const __nv_bfloat16* out,
+                             const __nv_bfloat16* dout, const float* lse, __nv_bfloat16* dq,
+                             __nv_bfloat16* dk, __nv_bfloat16* dv, void* workspace,
+                             cudaStream_t stream) {
   GROVE_RETURN_IF_ERROR(CheckShape(shape));
   if (Empty(shape)) return Status::OK();
   const void* tensors[] = {q, k, v, out, dout, dq, dk, dv, workspace};
@@ -701,6 +699,20 @@ Status AttentionBackward(const AttentionShape& shape, const __nv_bfloat16* q,
       return Status::InvalidArgument(
           "attention backward: tensors and workspace must be non-null and 16-byte aligned");
   if (!Aligned(lse, 4)) return Status::InvalidArgument("attention backward: lse is null");
+  if (impl == AttentionBackwardImpl::kAuto) {
+    const char* env = std::getenv("GROVE_ATTENTION_BWD");
+    if (env == nullptr || *env == '\0' || std::string(env) == "mma") {
+      impl = AttentionBackwardImpl::kMmaSync;
+    } else if (std::string(env) == "wgmma") {
+      impl = AttentionBackwardImpl::kWgmma;
+    } else {
+      return Status::InvalidArgument(std::string("GROVE_ATTENTION_BWD must be mma or wgmma, got ") +
+                                     env);
+    }
+  }
+  if (impl == AttentionBackwardImpl::kWgmma && !AttentionForwardWgmmaSupported(shape.head_dim))
+    return Status::FailedPrecondition(
+        "attention backward: the wgmma kernel needs an sm_90 GPU and head_dim 128");
   Params p = MakeParams(shape);
   p.q = q;
   p.k = k;
@@ -717,15 +729,35 @@ Status AttentionBackward(const AttentionShape& shape, const __nv_bfloat16* q,
   if (err != cudaSuccess)
     return Status::Internal(std::string("attention: memset: ") + cudaGetErrorString(err));
   switch (shape.head_dim) {
-    case 32: GROVE_RETURN_IF_ERROR(LaunchBackward<32>(shape, p, stream)); break;
-    case 64: GROVE_RETURN_IF_ERROR(LaunchBackward<64>(shape, p, stream)); break;
-    default: GROVE_RETURN_IF_ERROR(LaunchBackward<128>(shape, p, stream)); break;
+    case 32: AttentionRowDotKernel<32><<<1024, 256, 0, stream>>>(p); break;
+    case 64: AttentionRowDotKernel<64><<<1024, 256, 0, stream>>>(p); break;
+    default: AttentionRowDotKernel<128><<<1024, 256, 0, stream>>>(p); break;
+  }
+  GROVE_RETURN_IF_ERROR(LaunchStatus("row-dot launch"));
+  if (impl == AttentionBackwardImpl::kWgmma) {
+    GROVE_RETURN_IF_ERROR(detail::LaunchAttentionBackwardWgmma(
+        shape, q, k, v, dout, lse, p.dvec, p.dq_accum, dk, dv, p.q_rs, p.kv_rs, p.scale, stream));
+  } else {
+    switch (shape.head_dim) {
+      case 32: GROVE_RETURN_IF_ERROR(LaunchBackwardMain<32>(shape, p, stream)); break;
+      case 64: GROVE_RETURN_IF_ERROR(LaunchBackwardMain<64>(shape, p, stream)); break;
+      default: GROVE_RETURN_IF_ERROR(LaunchBackwardMain<128>(shape, p, stream)); break;
+    }
   }
   const int64_t quads = int64_t{shape.total_tokens} * shape.num_heads * shape.head_dim / 4;
   AttentionDqConvertKernel<<<1024, 256, 0, stream>>>(p.dq_accum, dq, quads,
                                                      shape.num_heads * shape.head_dim / 4, p.q_rs,
                                                      p.scale);
   return LaunchStatus("dq convert launch");
+}
+
+Status AttentionBackward(const AttentionShape& shape, const __nv_bfloat16* q,
+                         const __nv_bfloat16* k, const __nv_bfloat16* v,
+                         const __nv_bfloat16* out, const __nv_bfloat16* dout, const float* lse,
+                         __nv_bfloat16* dq, __nv_bfloat16* dk, __nv_bfloat16* dv,
+                         void* workspace, cudaStream_t stream) {
+  return AttentionBackwardWith(AttentionBackwardImpl::kAuto, shape, q, k, v, out, dout, lse, dq,
+                               dk, dv, workspace, stream);
 }
 
 }  // namespace grove::kernels

@@ -1,5 +1,6 @@
-// The attention forward's kernel choice, for tests and kernel_bench, and the
-// entry point of the sm_90a kernel (attention_wgmma.cu). Host-only.
+// The attention forward's and backward's kernel choices, for tests and
+// kernel_bench, and the entry points of the sm_90a kernels
+// (attention_wgmma.cu, attention_wgmma_bwd.cu). Host-only.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -28,6 +29,23 @@ Status AttentionForwardWith(AttentionForwardImpl impl, const AttentionShape& sha
 // Whether the current device can run kWgmma at this head_dim.
 bool AttentionForwardWgmmaSupported(int head_dim);
 
+// The backward's main kernel (the D pre-pass and the dQ post-pass are
+// shared). kMmaSync: attention.cu's (any GPU, head_dim 32, 64, 128).
+// kWgmma: attention_wgmma_bwd.cu's (sm_90 and head_dim 128 only;
+// FailedPrecondition elsewhere). kAuto: what AttentionBackward runs: the
+// environment variable GROVE_ATTENTION_BWD=mma|wgmma if set, else kMmaSync
+// (the wgmma kernel is opt-in until it is measured correct and faster on
+// the H100).
+enum class AttentionBackwardImpl { kAuto, kMmaSync, kWgmma };
+
+// AttentionBackward (same contract) with the main kernel chosen by `impl`.
+Status AttentionBackwardWith(AttentionBackwardImpl impl, const AttentionShape& shape,
+                             const __nv_bfloat16* q, const __nv_bfloat16* k,
+                             const __nv_bfloat16* v, const __nv_bfloat16* out,
+                             const __nv_bfloat16* dout, const float* lse, __nv_bfloat16* dq,
+                             __nv_bfloat16* dk, __nv_bfloat16* dv, void* workspace,
+                             cudaStream_t stream);
+
 namespace detail {
 
 // The wgmma forward (attention_wgmma.cu) on a shape AttentionForward has
@@ -37,6 +55,17 @@ Status LaunchAttentionForwardWgmma(const AttentionShape& shape, const __nv_bfloa
                                    const __nv_bfloat16* k, const __nv_bfloat16* v,
                                    __nv_bfloat16* out, float* lse, int64_t q_row_stride,
                                    int64_t kv_row_stride, float scale, cudaStream_t stream);
+
+// The wgmma backward's main kernel (attention_wgmma_bwd.cu), same
+// conditions as above, after the D pre-pass filled dvec [num_heads,
+// total_tokens] and with dq_accum [total_tokens, num_heads, 128] zeroed:
+// adds dS K (unscaled) into dq_accum, writes dk (times scale) and dv.
+Status LaunchAttentionBackwardWgmma(const AttentionShape& shape, const __nv_bfloat16* q,
+                                    const __nv_bfloat16* k, const __nv_bfloat16* v,
+                                    const __nv_bfloat16* dout, const float* lse,
+                                    const float* dvec, float* dq_accum, __nv_bfloat16* dk,
+                                    __nv_bfloat16* dv, int64_t q_row_stride,
+                                    int64_t kv_row_stride, float scale, cudaStream_t stream);
 
 }  // namespace detail
 }  // namespace grove::kernels

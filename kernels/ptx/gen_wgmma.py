@@ -189,7 +189,7 @@ __device__ __forceinline__ void {name}(float (&d)[{regs}], const uint32_t (&a)[4
 
 
 # MN-major forms (both operands transposed: A stored [K][M], B stored [K][N]).
-MN_SHAPES = [128, 256]
+MN_SHAPES = [64, 128, 256]
 
 
 # A K-major, B MN-major (the grouped GEMM reading W stored [k, n]).
