@@ -568,10 +568,26 @@ void StepKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
 // [tokens, 1536] projection output). The forward is timed with both
 // kernels (mma.sync, and wgmma where the GPU is sm_90 and head_dim 128), in
 // the same run; "wg/mma" is the relative L2 difference of their outputs.
-// The backward reads the mma.sync forward's O and lse. The FlashAttention-2
+// The backward reads the mma.sync forward's O and lse; it too is timed with
+// both main kernels (mma.sync, and wgmma on sm_90 at head_dim 128), "wg/mma"
+// after it being the relative L2 difference of dq, dk, dv together. The FlashAttention-2
 // H100 figures are those of the FlashAttention-3 paper (Shah et al. 2024,
 // arXiv 2407.08608, Fig. 5 forward causal head dim 128; Fig. 6 backward head
 // dim 128 is the non-causal one, no causal FA2 backward figure was found).
+// Relative L2 difference of two bf16 device arrays of n elements (b against a).
+double RelativeL2Bf16(const __nv_bfloat16* a_dev, const __nv_bfloat16* b_dev, size_t n) {
+  std::vector<__nv_bfloat16> a(n), b(n);
+  GROVE_BENCH_CUDA_CHECK(cudaMemcpy(a.data(), a_dev, n * 2, cudaMemcpyDeviceToHost));
+  GROVE_BENCH_CUDA_CHECK(cudaMemcpy(b.data(), b_dev, n * 2, cudaMemcpyDeviceToHost));
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const double x = __bfloat162float(a[i]), y = __bfloat162float(b[i]);
+    num += (x - y) * (x - y);
+    den += x * x;
+  }
+  return std::sqrt(num / den);
+}
+
 void AttentionRow(std::mt19937_64& rng, int reps, const char* what, int heads, int kv_heads,
                   int dim, int seqlen, int batch, bool fused) {
   namespace gk = grove::kernels;
@@ -584,18 +600,26 @@ void AttentionRow(std::mt19937_64& rng, int reps, const char* what, int heads, i
   const __nv_bfloat16* k = fused ? qkv + qw : qkv + nq;
   const __nv_bfloat16* v = fused ? qkv + qw + kw : qkv + nq + nk;
   __nv_bfloat16* d_o = RandomDeviceBf16(nq, rng);
-  __nv_bfloat16 *o, *o_wg, *dqkv;
+  __nv_bfloat16 *o, *o_wg, *dqkv, *dqkv_wg;
   float *lse, *lse_wg;
   int32_t* cu;
   const size_t n_grad = fused ? size_t(tokens) * (qw + 2 * kw) : nq + 2 * nk;
   GROVE_BENCH_CUDA_CHECK(cudaMalloc(&o, nq * 2));
   GROVE_BENCH_CUDA_CHECK(cudaMalloc(&o_wg, nq * 2));
   GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dqkv, n_grad * 2));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dqkv_wg, n_grad * 2));
+  // Both backwards' gradient buffers start equal (padding columns of the
+  // fused rows are never written), so their difference covers dq, dk, dv.
+  GROVE_BENCH_CUDA_CHECK(cudaMemset(dqkv, 0, n_grad * 2));
+  GROVE_BENCH_CUDA_CHECK(cudaMemset(dqkv_wg, 0, n_grad * 2));
   GROVE_BENCH_CUDA_CHECK(cudaMalloc(&lse, size_t(tokens) * heads * 4));
   GROVE_BENCH_CUDA_CHECK(cudaMalloc(&lse_wg, size_t(tokens) * heads * 4));
   __nv_bfloat16* dq = dqkv;
   __nv_bfloat16* dk = fused ? dqkv + qw : dqkv + nq;
   __nv_bfloat16* dv = fused ? dqkv + qw + kw : dqkv + nq + nk;
+  __nv_bfloat16* dq_wg = dqkv_wg + (dq - dqkv);
+  __nv_bfloat16* dk_wg = dqkv_wg + (dk - dqkv);
+  __nv_bfloat16* dv_wg = dqkv_wg + (dv - dqkv);
   std::vector<int32_t> hcu(batch + 1);
   for (int b = 0; b <= batch; ++b) hcu[b] = b * seqlen;
   GROVE_BENCH_CUDA_CHECK(cudaMalloc(&cu, hcu.size() * 4));
@@ -620,7 +644,11 @@ void AttentionRow(std::mt19937_64& rng, int reps, const char* what, int heads, i
   fail(gk::AttentionForwardWith(gk::AttentionForwardImpl::kMmaSync, shape, q, k, v, o, lse, nullptr));
   if (wgmma)
     fail(gk::AttentionForwardWith(gk::AttentionForwardImpl::kWgmma, shape, q, k, v, o_wg, lse_wg, nullptr));
-  fail(gk::AttentionBackward(shape, q, k, v, o, d_o, lse, dq, dk, dv, ws, nullptr));
+  fail(gk::AttentionBackwardWith(gk::AttentionBackwardImpl::kMmaSync, shape, q, k, v, o, d_o, lse,
+                                 dq, dk, dv, ws, nullptr));
+  if (wgmma)
+    fail(gk::AttentionBackwardWith(gk::AttentionBackwardImpl::kWgmma, shape, q, k, v, o, d_o, lse,
+                                   dq_wg, dk_wg, dv_wg, ws, nullptr));
   GROVE_BENCH_CUDA_CHECK(cudaDeviceSynchronize());
   const double mma_ms = MedianMs(
       [&] {
@@ -636,30 +664,38 @@ void AttentionRow(std::mt19937_64& rng, int reps, const char* what, int heads, i
                                          lse_wg, nullptr);
         },
         reps);
-    std::vector<__nv_bfloat16> a(nq), b(nq);
-    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(a.data(), o, nq * 2, cudaMemcpyDeviceToHost));
-    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(b.data(), o_wg, nq * 2, cudaMemcpyDeviceToHost));
-    double num = 0, den = 0;
-    for (size_t i = 0; i < nq; ++i) {
-      const double x = __bfloat162float(a[i]), y = __bfloat162float(b[i]);
-      num += (x - y) * (x - y);
-      den += x * x;
-    }
-    diff = std::sqrt(num / den);
+    diff = RelativeL2Bf16(o, o_wg, nq);
   }
   const double bwd_ms = MedianMs(
-      [&] { (void)gk::AttentionBackward(shape, q, k, v, o, d_o, lse, dq, dk, dv, ws, nullptr); },
+      [&] {
+        (void)gk::AttentionBackwardWith(gk::AttentionBackwardImpl::kMmaSync, shape, q, k, v, o, d_o,
+                                        lse, dq, dk, dv, ws, nullptr);
+      },
       reps);
+  double wg_bwd_ms = 0, bwd_diff = 0;
+  if (wgmma) {
+    wg_bwd_ms = MedianMs(
+        [&] {
+          (void)gk::AttentionBackwardWith(gk::AttentionBackwardImpl::kWgmma, shape, q, k, v, o,
+                                          d_o, lse, dq_wg, dk_wg, dv_wg, ws, nullptr);
+        },
+        reps);
+    bwd_diff = RelativeL2Bf16(dqkv, dqkv_wg, n_grad);
+  }
   const double fwd_flop = 4.0 * batch * double(seqlen) * seqlen * heads * dim / 2;
   const int fa2_fwd = dim == 128 ? (seqlen == 512 ? 191 : seqlen == 1024 ? 260 : 298) : 0;
   const int fa2_bwd = dim == 128 ? (seqlen == 512 ? 214 : seqlen == 1024 ? 260 : 291) : 0;
-  char fa2[32] = "n/a", wg[48] = "       -        -        -";
+  char fa2[32] = "n/a", wg[48] = "       -        -        -", wg_bwd[48] = "       -        -        -";
   if (fa2_fwd) std::snprintf(fa2, sizeof fa2, "%d|%d*", fa2_fwd, fa2_bwd);
-  if (wgmma) std::snprintf(wg, sizeof wg, "%8.4f %8.1f %8.1e", wg_ms, fwd_flop / wg_ms / 1e9, diff);
-  std::printf("%-32s %6d %5d %9.4f %8.1f %s %9.4f %8.1f %12s\n", what, seqlen, batch, mma_ms,
-              fwd_flop / mma_ms / 1e9, wg, bwd_ms, 2.5 * fwd_flop / bwd_ms / 1e9, fa2);
-  for (void* p : {(void*)qkv, (void*)d_o, (void*)o, (void*)o_wg, (void*)dqkv, (void*)lse,
-                  (void*)lse_wg, (void*)cu, ws})
+  if (wgmma) {
+    std::snprintf(wg, sizeof wg, "%8.4f %8.1f %8.1e", wg_ms, fwd_flop / wg_ms / 1e9, diff);
+    std::snprintf(wg_bwd, sizeof wg_bwd, "%9.4f %8.1f %8.1e", wg_bwd_ms,
+                  2.5 * fwd_flop / wg_bwd_ms / 1e9, bwd_diff);
+  }
+  std::printf("%-32s %6d %5d %9.4f %8.1f %s %9.4f %8.1f %s %12s\n", what, seqlen, batch, mma_ms,
+              fwd_flop / mma_ms / 1e9, wg, bwd_ms, 2.5 * fwd_flop / bwd_ms / 1e9, wg_bwd, fa2);
+  for (void* p : {(void*)qkv, (void*)d_o, (void*)o, (void*)o_wg, (void*)dqkv, (void*)dqkv_wg,
+                  (void*)lse, (void*)lse_wg, (void*)cu, ws})
     cudaFree(p);
 }
 
@@ -669,9 +705,9 @@ void AttentionBench(std::mt19937_64& rng, int reps) {
                             {8, 2, 128, "GQA 8/2x128 (grove model)"},
                             {32, 32, 64, "MHA 32x64 (FA paper shape)"},
                             {4, 2, 32, "GQA 4/2x32 (CPU default model)"}};
-  std::printf("\n%-32s %6s %5s %9s %8s %8s %8s %8s %9s %8s %12s\n", "causal attention", "seqlen",
-              "batch", "mma ms", "TF/s", "wgmma ms", "TF/s", "wg/mma", "bwd ms", "bwd TF/s",
-              "FA2 H100 f|b");
+  std::printf("\n%-32s %6s %5s %9s %8s %8s %8s %8s %9s %8s %9s %8s %8s %12s\n",
+              "causal attention", "seqlen", "batch", "mma ms", "TF/s", "wgmma ms", "TF/s", "wg/mma",
+              "bwd ms", "bwd TF/s", "wg bwd ms", "TF/s", "wg/mma", "FA2 H100 f|b");
   for (const Config& c : configs)
     for (int seqlen : {512, 1024, 2048})
       AttentionRow(rng, reps, c.what, c.heads, c.kv_heads, c.dim, seqlen, 16384 / seqlen, false);

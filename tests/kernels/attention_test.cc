@@ -405,6 +405,18 @@ struct ForwardRun {
   std::vector<float> lse;
 };
 
+// Place's layouts (fused), or packed q, then k, then v (nullopt).
+Placement PlaceOrPack(std::optional<bool> fused, int T, int64_t qw, int64_t kw) {
+  if (fused.has_value()) return Place(*fused, T, qw, kw);
+  Placement at;
+  at.q_rs = qw;
+  at.kv_rs = kw;
+  at.k = size_t(T) * qw;
+  at.v = at.k + size_t(T) * kw;
+  at.total = at.v + size_t(T) * kw;
+  return at;
+}
+
 // One forward with `impl` on packed q, k, v ([T, heads * D] rows), or with
 // them in strided rows of a NaN-filled buffer (fused: Place's layouts).
 ForwardRun RunForward(AttentionForwardImpl impl, AttentionShape shape, std::optional<bool> fused,
@@ -413,16 +425,7 @@ ForwardRun RunForward(AttentionForwardImpl impl, AttentionShape shape, std::opti
   const int T = shape.total_tokens;
   const int64_t qw = int64_t(shape.num_heads) * shape.head_dim;
   const int64_t kw = int64_t(shape.num_kv_heads) * shape.head_dim;
-  Placement at;
-  if (fused.has_value()) {
-    at = Place(*fused, T, qw, kw);
-  } else {  // packed: q, then k, then v
-    at.q_rs = qw;
-    at.kv_rs = kw;
-    at.k = size_t(T) * qw;
-    at.v = at.k + size_t(T) * kw;
-    at.total = at.v + size_t(T) * kw;
-  }
+  const Placement at = PlaceOrPack(fused, T, qw, kw);
   std::vector<__nv_bfloat16> in(at.total, NanBf16());
   std::vector<__nv_bfloat16> qc = q, kc = k, vc = v;
   Move(qc, in, at.q, at.q_rs, qw, T, true);
@@ -601,6 +604,250 @@ TEST(AttentionForwardTest, NonFiniteNextSequenceDoesNotLeak) {
           ASSERT_EQ(clean.lse[size_t(h) * T + t], poisoned.lse[size_t(h) * T + t]) << "sequence " << seq;
     }
   }
+}
+
+// ---- The wgmma backward (sm_90, head_dim 128) ----
+//
+// Its main kernel against the double reference with the backward
+// tolerances above (same roundings as the mma.sync kernel: bf16 P^T before
+// P^T dO, bf16 dS before dS K and dS^T Q, fp32 everywhere else; P is
+// recomputed from lse, so no tile size moves a rounding) and against the
+// mma.sync backward on the same forward's O and lse: there only the fp32
+// summation order differs, so dQ, dK, dV are held to 1e-2 norm-wise. In
+// strided rows (NaN in every column outside q, k, v, and in every gradient
+// column outside dq, dk, dv, which must stay NaN) dK and dV must equal the
+// packed run's bit for bit; dQ (fp32 atomics in a run-dependent order) is
+// held to the reference.
+
+struct BackwardRun {
+  std::vector<__nv_bfloat16> dq, dk, dv;
+};
+
+// One backward with `impl` (q, k, v and the gradients packed, or in strided
+// rows: PlaceOrPack), o, dout and lse packed as always. Checks that nothing
+// outside dq, dk, dv was written.
+BackwardRun RunBackward(AttentionBackwardImpl impl, AttentionShape shape, std::optional<bool> fused,
+                        const std::vector<__nv_bfloat16>& q, const std::vector<__nv_bfloat16>& k,
+                        const std::vector<__nv_bfloat16>& v, const std::vector<__nv_bfloat16>& o,
+                        const std::vector<__nv_bfloat16>& dout, const std::vector<float>& lse) {
+  const int T = shape.total_tokens;
+  const int64_t qw = int64_t(shape.num_heads) * shape.head_dim;
+  const int64_t kw = int64_t(shape.num_kv_heads) * shape.head_dim;
+  const Placement at = PlaceOrPack(fused, T, qw, kw);
+  std::vector<__nv_bfloat16> in(at.total, NanBf16());
+  std::vector<__nv_bfloat16> qc = q, kc = k, vc = v;
+  Move(qc, in, at.q, at.q_rs, qw, T, true);
+  Move(kc, in, at.k, at.kv_rs, kw, T, true);
+  Move(vc, in, at.v, at.kv_rs, kw, T, true);
+  DeviceBuffer<__nv_bfloat16> d_in(in.size()), d_grad(in.size()), d_o(o.size()), d_do(dout.size());
+  DeviceBuffer<float> d_lse(lse.size());
+  DeviceBuffer<char> ws(AttentionBackwardWorkspaceBytes(shape));
+  EXPECT_EQ(d_in.Upload(in), cudaSuccess);
+  EXPECT_EQ(d_o.Upload(o), cudaSuccess);
+  EXPECT_EQ(d_do.Upload(dout), cudaSuccess);
+  EXPECT_EQ(d_lse.Upload(lse), cudaSuccess);
+  EXPECT_EQ(cudaMemset(d_grad.get(), 0xFF, d_grad.count() * 2), cudaSuccess);
+  EXPECT_EQ(cudaMemset(ws.get(), 0xFF, ws.count()), cudaSuccess);
+  shape.q_row_stride = at.q_rs;
+  shape.kv_row_stride = at.kv_rs;
+  const __nv_bfloat16* base = d_in.get();
+  __nv_bfloat16* grad = d_grad.get();
+  const Status st = AttentionBackwardWith(impl, shape, base + at.q, base + at.k, base + at.v,
+                                          d_o.get(), d_do.get(), d_lse.get(), grad + at.q,
+                                          grad + at.k, grad + at.v, ws.get(), nullptr);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<__nv_bfloat16> grads;
+  EXPECT_EQ(d_grad.Download(&grads), cudaSuccess);
+  BackwardRun run;
+  Move(run.dq, grads, at.q, at.q_rs, qw, T, false);
+  Move(run.dk, grads, at.k, at.kv_rs, kw, T, false);
+  Move(run.dv, grads, at.v, at.kv_rs, kw, T, false);
+  EXPECT_EQ(BitDiffs(grads, std::vector<__nv_bfloat16>(grads.size(), NanBf16())), 0u)
+      << "elements outside dq, dk, dv written";
+  return run;
+}
+
+void CheckWgmmaBackward(const Case& c) {
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed) + " " + Describe(c));
+  std::mt19937_64 rng(seed);
+  const int H = c.heads, Hk = c.kv_heads, D = c.head_dim;
+  std::vector<int> cu{0};
+  for (int l : c.lens) cu.push_back(cu.back() + l);
+  const int T = cu.back();
+  std::vector<__nv_bfloat16> q_bf, k_bf, v_bf, do_bf;
+  std::vector<double> q, k, v, dout;
+  testing::RandomBf16(rng, size_t(T) * H * D, &q_bf, &q);
+  testing::RandomBf16(rng, size_t(T) * Hk * D, &k_bf, &k);
+  testing::RandomBf16(rng, size_t(T) * Hk * D, &v_bf, &v);
+  testing::RandomBf16(rng, size_t(T) * H * D, &do_bf, &dout);
+  for (size_t i = 0; i < q.size(); ++i) {  // peaked softmax rows, as in CheckAttention
+    q_bf[i] = __float2bfloat16(6.f * __bfloat162float(q_bf[i]));
+    q[i] = __bfloat162float(q_bf[i]);
+  }
+  DeviceBuffer<int32_t> d_cu(cu.size());
+  GROVE_CUDA_OK(d_cu.Upload(std::vector<int32_t>(cu.begin(), cu.end())));
+  AttentionShape shape;
+  shape.cu_seqlens = d_cu.get();
+  shape.batch = int(c.lens.size());
+  shape.max_seqlen = *std::max_element(c.lens.begin(), c.lens.end()) + c.max_seqlen_slack;
+  shape.total_tokens = T;
+  shape.num_heads = H;
+  shape.num_kv_heads = Hk;
+  shape.head_dim = D;
+
+  const ForwardRun fwd =
+      RunForward(AttentionForwardImpl::kMmaSync, shape, std::nullopt, q_bf, k_bf, v_bf);
+  const Reference ref = RunReference(c, cu, q, k, v, dout, 1.0 / std::sqrt(double(D)));
+  const BackwardRun wg = RunBackward(AttentionBackwardImpl::kWgmma, shape, std::nullopt, q_bf, k_bf,
+                                     v_bf, fwd.o, do_bf, fwd.lse);
+  const BackwardRun mma = RunBackward(AttentionBackwardImpl::kMmaSync, shape, std::nullopt, q_bf,
+                                      k_bf, v_bf, fwd.o, do_bf, fwd.lse);
+  const double err_dq = testing::RelativeError(ToDouble(wg.dq), ref.dq);
+  const double err_dk = testing::RelativeError(ToDouble(wg.dk), ref.dk);
+  const double err_dv = testing::RelativeError(ToDouble(wg.dv), ref.dv);
+  const double vs_dq = testing::RelativeError(ToDouble(wg.dq), ToDouble(mma.dq));
+  const double vs_dk = testing::RelativeError(ToDouble(wg.dk), ToDouble(mma.dk));
+  const double vs_dv = testing::RelativeError(ToDouble(wg.dv), ToDouble(mma.dv));
+  std::printf("wgmma bwd %s: rel err dQ %.2e dK %.2e dV %.2e; vs mma.sync dQ %.2e dK %.2e dV %.2e\n",
+              Describe(c).c_str(), err_dq, err_dk, err_dv, vs_dq, vs_dk, vs_dv);
+  EXPECT_LE(err_dq, c.dqk_tolerance);
+  EXPECT_LE(err_dk, c.dqk_tolerance);
+  EXPECT_LE(err_dv, 2e-2);
+  EXPECT_LE(vs_dq, 1e-2);
+  EXPECT_LE(vs_dk, 1e-2);
+  EXPECT_LE(vs_dv, 1e-2);
+  for (bool fused : {true, false}) {
+    SCOPED_TRACE(fused ? "fused [q | k | v] rows" : "q rows and [k | v] rows of different strides");
+    const BackwardRun strided = RunBackward(AttentionBackwardImpl::kWgmma, shape, fused, q_bf, k_bf,
+                                            v_bf, fwd.o, do_bf, fwd.lse);
+    EXPECT_EQ(BitDiffs(strided.dk, wg.dk), 0u);
+    EXPECT_EQ(BitDiffs(strided.dv, wg.dv), 0u);
+    EXPECT_LE(testing::RelativeError(ToDouble(strided.dq), ref.dq), c.dqk_tolerance);
+  }
+}
+
+#define GROVE_SKIP_WITHOUT_WGMMA_ATTENTION_BWD()                                          \
+  do {                                                                                    \
+    GROVE_SKIP_WITHOUT_GPU();                                                             \
+    if (!AttentionForwardWgmmaSupported(128)) GTEST_SKIP() << "no sm_90 GPU for wgmma"; \
+  } while (0)
+
+// Ragged lengths: 1, off the 64-query and 128-key tiles on both sides,
+// exact multiples.
+TEST(AttentionWgmmaBackwardTest, RaggedBatchGqa4) {
+  GROVE_SKIP_WITHOUT_WGMMA_ATTENTION_BWD();
+  CheckWgmmaBackward({{1, 17, 63, 64, 65, 127, 128, 129, 200, 255, 256, 257, 384}, 8, 2, 128});
+}
+
+TEST(AttentionWgmmaBackwardTest, QueryGroupsOf1And8) {
+  GROVE_SKIP_WITHOUT_WGMMA_ATTENTION_BWD();
+  CheckWgmmaBackward({{1, 300, 129}, 4, 4, 128});
+  CheckWgmmaBackward({{383, 5, 700}, 8, 1, 128});
+}
+
+// Many short sequences under a loose max_seqlen: most CTAs find their key
+// tile past their sequence's end, and most tiles' TMA boxes run into the
+// next sequence's rows.
+TEST(AttentionWgmmaBackwardTest, ManyShortSequencesLooseBound) {
+  GROVE_SKIP_WITHOUT_WGMMA_ATTENTION_BWD();
+  std::vector<int> lens;
+  for (int i = 0; i < 41; ++i) lens.push_back(1 + (i * 37) % 150);
+  CheckWgmmaBackward({lens, 4, 2, 128, 1100 - 149});
+}
+
+// The gpu-ref training shape's heads (8 / 2 x 128) at its sequence length.
+TEST(AttentionWgmmaBackwardTest, TrainingShapeHeads) {
+  GROVE_SKIP_WITHOUT_WGMMA_ATTENTION_BWD();
+  CheckWgmmaBackward({{1024, 300}, 8, 2, 128});
+}
+
+// The backward's last query and key tiles of a sequence read q, k, v, dO
+// rows past its end (the next sequence's). Non-finite values there (and in
+// that sequence's O, lse) must not reach another sequence's gradients: dK,
+// dV of sequences 0 and 2 bit-equal to a run with finite neighbours, dQ
+// finite and equal up to the atomics' order. Both backwards.
+TEST(AttentionBackwardTest, NonFiniteNextSequenceDoesNotLeak) {
+  GROVE_SKIP_WITHOUT_GPU();
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int H = 8, Hk = 2, D = 128;
+  const std::vector<int32_t> cu = {0, 100, 160, 290};
+  const int T = cu.back();
+  std::vector<__nv_bfloat16> q, k, v, dout;
+  std::vector<double> unused;
+  testing::RandomBf16(rng, size_t(T) * H * D, &q, &unused);
+  testing::RandomBf16(rng, size_t(T) * Hk * D, &k, &unused);
+  testing::RandomBf16(rng, size_t(T) * Hk * D, &v, &unused);
+  testing::RandomBf16(rng, size_t(T) * H * D, &dout, &unused);
+  DeviceBuffer<int32_t> d_cu(cu.size());
+  GROVE_CUDA_OK(d_cu.Upload(cu));
+  AttentionShape shape;
+  shape.cu_seqlens = d_cu.get();
+  shape.batch = 3;
+  shape.max_seqlen = 130;
+  shape.total_tokens = T;
+  shape.num_heads = H;
+  shape.num_kv_heads = Hk;
+  shape.head_dim = D;
+  const ForwardRun fwd = RunForward(AttentionForwardImpl::kMmaSync, shape, std::nullopt, q, k, v);
+  // Sequence 1 (rows 100..159) poisoned: NaN and inf in every input row.
+  std::vector<__nv_bfloat16> q_bad = q, k_bad = k, v_bad = v, do_bad = dout, o_bad = fwd.o;
+  std::vector<float> lse_bad = fwd.lse;
+  auto poison = [&](std::vector<__nv_bfloat16>& x, int width) {
+    for (size_t i = size_t(cu[1]) * width; i < size_t(cu[2]) * width; ++i)
+      x[i] = i % 2 ? NanBf16() : __float2bfloat16(i % 3 ? INFINITY : -INFINITY);
+  };
+  poison(q_bad, H * D);
+  poison(k_bad, Hk * D);
+  poison(v_bad, Hk * D);
+  poison(do_bad, H * D);
+  poison(o_bad, H * D);
+  for (int h = 0; h < H; ++h)
+    for (int t = cu[1]; t < cu[2]; ++t) lse_bad[size_t(h) * T + t] = t % 2 ? NAN : INFINITY;
+  std::vector<AttentionBackwardImpl> impls = {AttentionBackwardImpl::kMmaSync};
+  if (AttentionForwardWgmmaSupported(D)) impls.push_back(AttentionBackwardImpl::kWgmma);
+  for (AttentionBackwardImpl impl : impls) {
+    SCOPED_TRACE(impl == AttentionBackwardImpl::kWgmma ? "wgmma" : "mma.sync");
+    const BackwardRun clean = RunBackward(impl, shape, std::nullopt, q, k, v, fwd.o, dout, fwd.lse);
+    const BackwardRun poisoned =
+        RunBackward(impl, shape, std::nullopt, q_bad, k_bad, v_bad, o_bad, do_bad, lse_bad);
+    for (int seq : {0, 2}) {
+      SCOPED_TRACE("sequence " + std::to_string(seq));
+      auto rows = [&](const std::vector<__nv_bfloat16>& x, int width) {
+        return std::vector<__nv_bfloat16>(x.begin() + size_t(cu[seq]) * width,
+                                          x.begin() + size_t(cu[seq + 1]) * width);
+      };
+      EXPECT_EQ(BitDiffs(rows(poisoned.dk, Hk * D), rows(clean.dk, Hk * D)), 0u);
+      EXPECT_EQ(BitDiffs(rows(poisoned.dv, Hk * D), rows(clean.dv, Hk * D)), 0u);
+      const std::vector<double> dq_bad = ToDouble(rows(poisoned.dq, H * D));
+      size_t non_finite = 0;
+      for (double x : dq_bad) non_finite += !std::isfinite(x);
+      EXPECT_EQ(non_finite, 0u);
+      EXPECT_LE(testing::RelativeError(dq_bad, ToDouble(rows(clean.dq, H * D))), 1e-3);
+    }
+  }
+}
+
+TEST(AttentionWgmmaBackwardTest, RefusedWhereItCannotRun) {
+  GROVE_SKIP_WITHOUT_GPU();
+  alignas(16) static __nv_bfloat16 buf[64];
+  alignas(16) static float lse[64];
+  alignas(16) static int32_t cu[2] = {0, 4};
+  AttentionShape s;
+  s.cu_seqlens = cu;
+  s.batch = 1;
+  s.max_seqlen = 4;
+  s.total_tokens = 4;
+  s.num_heads = 2;
+  s.num_kv_heads = 1;
+  s.head_dim = 64;
+  EXPECT_EQ(AttentionBackwardWith(AttentionBackwardImpl::kWgmma, s, buf, buf, buf, buf, buf, lse,
+                                  buf, buf, buf, buf, nullptr)
+                .code(),
+            StatusCode::kFailedPrecondition);
 }
 
 TEST(AttentionWgmmaForwardTest, RefusedWhereItCannotRun) {
