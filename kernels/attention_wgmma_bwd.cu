@@ -61,7 +61,7 @@ using bf16 = __nv_bfloat16;
 constexpr int kD = 128;       // head_dim
 constexpr int kBlockN = 128;  // keys per CTA: two consumer warpgroups x 64
 constexpr int kBlockM = 64;   // queries per step
-constexpr int kStages = 2;
+constexpr int kStages = 3;
 constexpr int kThreads = 384;
 // TMA boxes are [rows][64 columns] bf16 (128-byte rows): K/V boxes of 128
 // rows, Q/dO boxes of 64 rows; a tile is two boxes (dims 0..63, 64..127).
