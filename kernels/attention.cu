@@ -629,6 +629,26 @@ bool AttentionForwardWgmmaSupported(int head_dim) {
   return major == 9 && minor == 0;  // sm_90a machine code runs on 9.0 only
 }
 
+namespace {
+
+// kAuto's kernel: the environment variable `var` (mma | wgmma) where set,
+// else wgmma where it runs (sm_90, head_dim 128; measured faster there in
+// both directions, docs/kernels.md), else mma.sync.
+Status AutoChoosesWgmma(const char* var, int head_dim, bool* wgmma) {
+  const char* env = std::getenv(var);
+  if (env == nullptr || *env == '\0') {
+    *wgmma = AttentionForwardWgmmaSupported(head_dim);
+    return Status::OK();
+  }
+  const std::string choice = env;
+  if (choice != "mma" && choice != "wgmma")
+    return Status::InvalidArgument(std::string(var) + " must be mma or wgmma, got " + choice);
+  *wgmma = choice == "wgmma";
+  return Status::OK();
+}
+
+}  // namespace
+
 Status AttentionForwardWith(AttentionForwardImpl impl, const AttentionShape& shape,
                             const __nv_bfloat16* q, const __nv_bfloat16* k,
                             const __nv_bfloat16* v, __nv_bfloat16* out, float* lse,
@@ -640,18 +660,9 @@ Status AttentionForwardWith(AttentionForwardImpl impl, const AttentionShape& sha
     return Status::InvalidArgument(
         "attention forward: q, k, v, out must be non-null and 16-byte aligned, lse non-null");
   if (impl == AttentionForwardImpl::kAuto) {
-    const char* env = std::getenv("GROVE_ATTENTION_FWD");
-    if (env == nullptr || *env == '\0') {
-      impl = AttentionForwardWgmmaSupported(shape.head_dim) ? AttentionForwardImpl::kWgmma
-                                                            : AttentionForwardImpl::kMmaSync;
-    } else if (std::string(env) == "mma") {
-      impl = AttentionForwardImpl::kMmaSync;
-    } else if (std::string(env) == "wgmma") {
-      impl = AttentionForwardImpl::kWgmma;
-    } else {
-      return Status::InvalidArgument(std::string("GROVE_ATTENTION_FWD must be mma or wgmma, got ") +
-                                     env);
-    }
+    bool wgmma = false;
+    GROVE_RETURN_IF_ERROR(AutoChoosesWgmma("GROVE_ATTENTION_FWD", shape.head_dim, &wgmma));
+    impl = wgmma ? AttentionForwardImpl::kWgmma : AttentionForwardImpl::kMmaSync;
   }
   Params p = MakeParams(shape);
   if (impl == AttentionForwardImpl::kWgmma) {
@@ -700,15 +711,9 @@ Status AttentionBackwardWith(AttentionBackwardImpl impl, const AttentionShape& s
           "attention backward: tensors and workspace must be non-null and 16-byte aligned");
   if (!Aligned(lse, 4)) return Status::InvalidArgument("attention backward: lse is null");
   if (impl == AttentionBackwardImpl::kAuto) {
-    const char* env = std::getenv("GROVE_ATTENTION_BWD");
-    if (env == nullptr || *env == '\0' || std::string(env) == "mma") {
-      impl = AttentionBackwardImpl::kMmaSync;
-    } else if (std::string(env) == "wgmma") {
-      impl = AttentionBackwardImpl::kWgmma;
-    } else {
-      return Status::InvalidArgument(std::string("GROVE_ATTENTION_BWD must be mma or wgmma, got ") +
-                                     env);
-    }
+    bool wgmma = false;
+    GROVE_RETURN_IF_ERROR(AutoChoosesWgmma("GROVE_ATTENTION_BWD", shape.head_dim, &wgmma));
+    impl = wgmma ? AttentionBackwardImpl::kWgmma : AttentionBackwardImpl::kMmaSync;
   }
   if (impl == AttentionBackwardImpl::kWgmma && !AttentionForwardWgmmaSupported(shape.head_dim))
     return Status::FailedPrecondition(

@@ -9,9 +9,11 @@
 // (forward: 128 queries x 64 keys per step, online softmax; backward: 64
 // keys x 64 queries), mma.sync m16n8k16 through kernels/ptx; the backward
 // recomputes P from lse (no S or P is ever stored in global memory). On an
-// sm_90 GPU at head_dim 128 the forward runs a wgmma + TMA kernel instead
-// (128 x 128-key steps; attention_wgmma.cu, attention_internal.h for the
-// choice and the GROVE_ATTENTION_FWD=mma|wgmma override).
+// sm_90 GPU at head_dim 128 both directions run wgmma + TMA kernels instead
+// (forward 128 queries x 128-key steps, attention_wgmma.cu; backward 128
+// keys x 64-query steps, attention_wgmma_bwd.cu; attention_internal.h for
+// the choice and the GROVE_ATTENTION_FWD / GROVE_ATTENTION_BWD=mma|wgmma
+// overrides).
 //
 // Layouts (all device pointers, 16-byte aligned, one row per token):
 //   q, out, dout, dq: [total_tokens, num_heads,    head_dim]

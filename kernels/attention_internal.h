@@ -33,9 +33,9 @@ bool AttentionForwardWgmmaSupported(int head_dim);
 // shared). kMmaSync: attention.cu's (any GPU, head_dim 32, 64, 128).
 // kWgmma: attention_wgmma_bwd.cu's (sm_90 and head_dim 128 only;
 // FailedPrecondition elsewhere). kAuto: what AttentionBackward runs: the
-// environment variable GROVE_ATTENTION_BWD=mma|wgmma if set, else kMmaSync
-// (the wgmma kernel is opt-in until it is measured correct and faster on
-// the H100).
+// environment variable GROVE_ATTENTION_BWD=mma|wgmma if set, else kWgmma
+// where it runs and kMmaSync elsewhere (H100: 233 vs 159 TFLOP/s at the
+// gpu-ref step shape, dK/dV bit-equal to mma.sync's; docs/kernels.md).
 enum class AttentionBackwardImpl { kAuto, kMmaSync, kWgmma };
 
 // AttentionBackward (same contract) with the main kernel chosen by `impl`.
