@@ -36,9 +36,10 @@
 // Rows past the sequence's end: the TMA boxes of the last query and key
 // tiles run past it into the next sequence's rows (or TMA zeros past the
 // tensor). A key there is after every real query of the tile, so causality
-// gives it P = 0 exactly, and the real inputs there are finite: it adds
-// nothing. A query row there only feeds its own row of S, P and O, which is
-// never stored.
+// sets its S to -inf and P = 0 exactly; but 0 * NaN is NaN, so the diagonal
+// tile's V rows past the end are zeroed before P.V reads them (a non-finite
+// value in the next sequence would otherwise reach this one's O). A query
+// row there only feeds its own row of S, P and O, which is never stored.
 //
 // The epilogue normalizes O, rounds it to bf16 into the warpgroup's own Q
 // rows of shared memory (same swizzle), and stores whole 16-byte chunks of
@@ -53,6 +54,7 @@
 
 #include "kernels/attention_internal.h"
 #include "kernels/attention_tile_order.cuh"
+#include "kernels/attention_wgmma_common.cuh"
 #include "kernels/ptx/mbarrier.cuh"
 #include "kernels/ptx/tensor_map.h"
 #include "kernels/ptx/tma.cuh"
@@ -93,26 +95,6 @@ struct FwdArgs {
 // The device helpers exist in the sm_90a pass only (the compute_90 pass
 // compiles the kernel's body out).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-constexpr float kLog2e = 1.4426950408889634f;
-
-__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-
-// Keeps the compiler from moving accesses to registers that an in-flight
-// wgmma reads or writes across this point (it does not know about them).
-__device__ __forceinline__ void PinRegs(float (&r)[64]) {
-#pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-__device__ __forceinline__ void PinRegs(uint32_t (&r)[8][4]) {
-#pragma unroll
-  for (int i = 0; i < 8; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(r[i][e])::"memory");
-}
-
 // Named barrier over the 128 threads of consumer warpgroup c (ids 1, 2; 0
 // is __syncthreads').
 __device__ __forceinline__ void WarpgroupSync(int c) {
@@ -121,21 +103,6 @@ __device__ __forceinline__ void WarpgroupSync(int c) {
 
 // Named barrier over both consumer warpgroups (id 3, 256 threads).
 __device__ __forceinline__ void ConsumersSync() { asm volatile("bar.sync 3, 256;\n" ::: "memory"); }
-
-// Zeroes rows first_row .. 127 of a [128][128] V tile (both boxes; the
-// swizzle permutes 16-byte chunks within a row, so whole rows stay rows).
-// Called by all 256 consumer threads together, then made visible to wgmma
-// (the async proxy) and waited for by both warpgroups.
-__device__ __forceinline__ void ClearTileRowsFrom(uint8_t* tile, int first_row) {
-  const int rows = kBlockN - first_row, chunks = 2 * rows * 8;
-  for (int idx = int(threadIdx.x) - 128; idx < chunks; idx += 256) {
-    const int box = idx / (rows * 8), rem = idx % (rows * 8);
-    *reinterpret_cast<uint4*>(tile + box * kBoxBytes + (first_row + rem / 8) * 128 + (rem % 8) * 16) =
-        make_uint4(0, 0, 0, 0);
-  }
-  ptx::fence_proxy_async_shared_cta();
-  ConsumersSync();
-}
 
 // S (64 x 128 keys, fp32 accumulators) = Q rows of warpgroup c times K^T:
 // 8 k-slices of 16 head dims, the first four in box 0 of each tile.
@@ -282,7 +249,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     // scaled). Uniform over the CTA, so both warpgroups reach the barrier.
     const int keys_in_diagonal = len - m0;
     auto clear_diagonal_v_tail = [&] {
-      if (keys_in_diagonal < kBlockN) ClearTileRowsFrom(v_tile(0), keys_in_diagonal);
+      if (keys_in_diagonal >= kBlockN) return;
+      ClearRowsFrom(v_tile(0), kBlockN, keys_in_diagonal);
+      ptx::fence_proxy_async_shared_cta();
+      ConsumersSync();
     };
 
     // Tile 0 of the walk: the diagonal, masked (key > query), no O yet.

@@ -48,6 +48,7 @@
 
 #include "kernels/attention_internal.h"
 #include "kernels/attention_tile_order.cuh"
+#include "kernels/attention_wgmma_common.cuh"
 #include "kernels/ptx/mbarrier.cuh"
 #include "kernels/ptx/tensor_map.h"
 #include "kernels/ptx/tma.cuh"
@@ -98,43 +99,9 @@ struct BwdArgs {
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-constexpr float kLog2e = 1.4426950408889634f;
-
-__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-
-// Keeps the compiler from moving accesses to registers an in-flight wgmma
-// reads or writes across this point (it does not know about them).
-template <int N>
-__device__ __forceinline__ void PinRegs(float (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-__device__ __forceinline__ void PinRegs(uint32_t (&r)[4][4]) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(r[i][e])::"memory");
-}
-
 // Named barrier over both consumer warpgroups (id 1, 256 threads; 0 is
 // __syncthreads').
 __device__ __forceinline__ void ConsumersSync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
-
-// Zeroes rows first_row .. rows-1 of a two-box tile of `rows`-row boxes (the
-// swizzle permutes 16-byte chunks within a row, so rows stay rows). All 256
-// consumer threads call it; the zeros are then made visible to wgmma (the
-// async proxy) and waited for by both warpgroups.
-__device__ __forceinline__ void ClearRowsFrom(uint8_t* tile, int rows, int first_row) {
-  const int clear = rows - first_row, chunks = 2 * clear * 8;
-  for (int idx = int(threadIdx.x) - 128; idx < chunks; idx += 256) {
-    const int box = idx / (clear * 8), rem = idx % (clear * 8);
-    *reinterpret_cast<uint4*>(tile + box * rows * 128 + (first_row + rem / 8) * 128 +
-                              (rem % 8) * 16) = make_uint4(0, 0, 0, 0);
-  }
-}
 
 // acc (64 keys x 64 queries) = rows 64c.. of a [128][128] K or V tile times
 // the transpose of a [64][128] Q or dO tile: 8 k-slices of 16 dims, the first
