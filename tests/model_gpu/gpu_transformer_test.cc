@@ -39,6 +39,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <random>
 #include <vector>
@@ -466,6 +467,81 @@ TEST_P(GpuTransformerTest, GroupedExpertDwMatchesCublas) {
     EXPECT_GT(expert_tensors, 0);
     std::printf("[config %d] GROVE_EXPERT_DW=%s vs cublas: worst relative L2 %.3g over %d expert tensors\n",
                 GetParam(), value, worst, expert_tensors);
+  }
+}
+
+// Keeping the experts' permuted inputs from the forward (GROVE_KEEP_EXPERT_INPUTS
+// = 1) instead of permuting again in the backward (0) must give the same
+// gradients bit for bit, also on a second step whose batch routes
+// differently (a kept buffer from the first step must not be read); auto
+// (the default) is one of the two per layer. A bad value is refused.
+TEST_P(GpuTransformerTest, KeptExpertInputsGiveTheSameGradients) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  const ModelConfig c = Config();
+  const char* old = std::getenv("GROVE_KEEP_EXPERT_INPUTS");
+  const std::string saved = old ? old : "";
+  auto restore = [&] {
+    if (old) {
+      setenv("GROVE_KEEP_EXPERT_INPUTS", saved.c_str(), 1);
+    } else {
+      unsetenv("GROVE_KEEP_EXPERT_INPUTS");
+    }
+  };
+  {
+    setenv("GROVE_KEEP_EXPERT_INPUTS", "sometimes", 1);
+    auto bad = GpuTransformer::Create(c, 0);
+    restore();
+    ASSERT_FALSE(bad.ok());
+    EXPECT_NE(bad.status().ToString().find("GROVE_KEEP_EXPERT_INPUTS"), std::string::npos);
+  }
+  std::mt19937_64 rng(seed);
+  const std::vector<ScoreRequest> first = RandomBatch(c, rng, 8), second = RandomBatch(c, rng, 5);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<std::vector<float>> dlogp_first, dlogp_second;
+  auto draw = [&](const ScoreResult<float>& r, std::vector<std::vector<float>>& d) {
+    if (!d.empty()) return;
+    d.resize(r.logprobs.size());
+    for (size_t i = 0; i < r.logprobs.size(); ++i)
+      for (size_t j = 0; j < r.logprobs[i].size(); ++j) d[i].push_back(nd(rng));
+  };
+  // Gradients after each of two steps (ZeroGrad, Score, Backward).
+  auto run = [&](const char* value, std::vector<float>* g1, std::vector<float>* g2) {
+    setenv("GROVE_KEEP_EXPERT_INPUTS", value, 1);
+    Fixture f = Make(c, seed);
+    restore();
+    ASSERT_TRUE(f.gpu);
+    for (int step = 0; step < 2; ++step) {
+      auto r = f.gpu->Score(step == 0 ? first : second, true);
+      ASSERT_TRUE(r.ok()) << r.status().ToString();
+      std::vector<std::vector<float>>& d = step == 0 ? dlogp_first : dlogp_second;
+      draw(*r, d);
+      ASSERT_TRUE(f.gpu->ZeroGrad().ok());
+      const Status s = f.gpu->Backward(d);
+      ASSERT_TRUE(s.ok()) << value << ": " << s.ToString();
+      std::vector<float>* g = step == 0 ? g1 : g2;
+      g->assign(f.cpu->params().size(), 0.f);
+      ASSERT_TRUE(f.gpu->DownloadGrads(*g).ok());
+    }
+  };
+  std::vector<float> recompute1, recompute2;
+  ASSERT_NO_FATAL_FAILURE(run("0", &recompute1, &recompute2));
+  double norm = 0;
+  for (float x : recompute2) norm += double(x) * x;
+  EXPECT_GT(norm, 0);  // a real gradient, so equality below means something
+  for (const char* value : {"1", "auto"}) {
+    SCOPED_TRACE(value);
+    std::vector<float> g1, g2;
+    ASSERT_NO_FATAL_FAILURE(run(value, &g1, &g2));
+    ASSERT_EQ(g1.size(), recompute1.size());
+    int64_t differ1 = 0, differ2 = 0;
+    for (size_t i = 0; i < g1.size(); ++i) {
+      differ1 += std::memcmp(&g1[i], &recompute1[i], sizeof(float)) != 0;
+      differ2 += std::memcmp(&g2[i], &recompute2[i], sizeof(float)) != 0;
+    }
+    EXPECT_EQ(differ1, 0);
+    EXPECT_EQ(differ2, 0);
   }
 }
 
