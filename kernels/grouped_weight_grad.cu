@@ -197,6 +197,9 @@ const char* WeightGradImplName(WeightGradImpl impl) {
     case WeightGradImpl::kWgmmaN256: return "wgmma_n256";
     case WeightGradImpl::kTma: return "tma";
     case WeightGradImpl::kTmaN128: return "tma_n128";
+    case WeightGradImpl::kTmaPersistent: return "tma_persistent";
+    case WeightGradImpl::kTmaPersistentRed: return "tma_persistent_red";
+    case WeightGradImpl::kTmaPersistentN256: return "tma_persistent_n256";
   }
   return "unknown";
 }
@@ -218,7 +221,9 @@ Status GroupedWeightGrad(const GroupedWeightGradArgs& args, cudaStream_t stream,
   // w1+w3, every other implementation slower; docs/kernels.md).
   if (impl == WeightGradImpl::kAuto)
     impl = cc_major == 9 && cc_minor == 0 ? WeightGradImpl::kTmaN128 : WeightGradImpl::kMmaSync;
-  if (impl == WeightGradImpl::kTma || impl == WeightGradImpl::kTmaN128) {
+  if (impl == WeightGradImpl::kTma || impl == WeightGradImpl::kTmaN128 ||
+      impl == WeightGradImpl::kTmaPersistent || impl == WeightGradImpl::kTmaPersistentRed ||
+      impl == WeightGradImpl::kTmaPersistentN256) {
     // No rows: nothing for a tensor map to describe; the mma.sync kernel
     // zeroes every G (overwrite) without reading dY or X.
     if (args.total_rows == 0) {

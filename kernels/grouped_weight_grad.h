@@ -30,6 +30,11 @@ enum class WeightGradImpl {
   kTma,        // sm_90a: 128 x 256 G tiles, a TMA producer warpgroup feeding two
                //   wgmma consumer warpgroups through mbarriers (4 stages)
   kTmaN128,    // sm_90a: as kTma with 128 x 128 tiles, 3 stages, 2 CTAs per SM
+  // sm_90a, persistent grids walking one tile queue, longest experts first
+  // (same bits as kTmaN128 / kTma):
+  kTmaPersistent,     // kTmaN128's tiling; old G loaded in batches of 8 pairs
+  kTmaPersistentRed,  // kTmaN128's tiling; G += by red.global.add.v2.f32
+  kTmaPersistentN256, // kTma's tiling (128 x 256, 1 CTA/SM); red.global.add
 };
 
 const char* WeightGradImplName(WeightGradImpl impl);
