@@ -177,12 +177,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 #endif
 }
 
-// WeightGradImpl::kTmaPersistent*: the same pipeline in a persistent grid
-// (#SMs x CTAs per SM) that walks one tile queue. Why: in the plain grid
-// the hardware hands out CTAs in expert order, so the experts' ragged row
-// counts (1109..7511 in a gpu-ref layer) leave an uneven last wave, and a
-// CTA's epilogue (the fp32 read-modify-write of its G tile) overlaps only
-// the other CTA of the SM, if any. Here
+// WeightGradImpl::kTmaPersistentN256 / kTmaPersistentRed: the same
+// pipeline (kTma's / kTmaN128's tiling) in a persistent grid (#SMs x CTAs
+// per SM) that walks one tile queue. Why: in the plain grid the hardware
+// hands out CTAs in expert order, so the experts' ragged row counts
+// (1109..7511 in a gpu-ref layer) leave an uneven last wave, and a CTA's
+// epilogue (the fp32 read-modify-write of its G tile) overlaps nothing of
+// its own (kTma: nothing at all, one CTA per SM). Here
 // - the queue holds every expert's tiles, experts longest first (ranked in
 //   shared memory from the offsets; ties by expert id), one expert's tiles
 //   adjacent (they share its rows in L2);
@@ -193,19 +194,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 // - the producer runs on into the next tile's stages while the consumers
 //   store the last one (the ring's stage / phase count continues across
 //   tiles);
-// - the accumulate epilogue either loads the old G 8 pairs at a time before
-//   adding and storing (kBatchedLoads), or hands each pair to L2 as
-//   red.global.add.v2.f32 (kRedAdd) so the consumers go on to the next tile
-//   without waiting for memory at all.
+// - accumulate hands each G pair to L2 as red.global.add.v2.f32, so the
+//   consumers start the next tile without waiting for the old G (overwrite:
+//   plain stores, as before).
 // Each tile is still reduced by one CTA, over the same rows in the same
-// stage order as kTmaN128 / kTma, and each G element gets one add per
-// launch: the same bits, every run.
-enum class DwEpilogue { kBatchedLoads, kRedAdd };
-
+// stage order as kTma / kTmaN128, and each G element gets exactly one add
+// per launch: the same bits as those kernels, every run (no ordering
+// between CTAs is needed: no two touch one element).
 // (+)= of a warpgroup's m64 x kTileN accumulator into G as
-// StoreWeightGradAccumulator does, the loads of the old values in batches
-// or the adds done by L2 (DwEpilogue).
-template <int kTileN, DwEpilogue kEpilogue>
+// StoreWeightGradAccumulator does, but each accumulate pair handed to L2 as
+// red.global.add.v2.f32: the consumers go on to the next tile without a
+// round trip to memory per pair.
+template <int kTileN>
 __device__ __forceinline__ void AddWeightGradAccumulator(const float (&acc)[kTileN / 2],
                                                          const WeightGradParams& p,
                                                          const WeightGradTile& w, int row0) {
@@ -214,45 +214,16 @@ __device__ __forceinline__ void AddWeightGradAccumulator(const float (&acc)[kTil
     return;
   }
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  auto element = [&](int i, int* row, int* col) {
-    *row = row0 + 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
-    *col = w.col0 + 8 * (i / 4) + 2 * (lane % 4);
-    return *row < p.n && *col < p.k;
-  };
-  if constexpr (kEpilogue == DwEpilogue::kRedAdd) {
 #pragma unroll
-    for (int i = 0; i < kTileN / 2; i += 2) {
-      int row, col;
-      if (element(i, &row, &col))
-        ptx::red_global_add_v2_f32(w.g + static_cast<int64_t>(row) * p.k + col, acc[i],
-                                   acc[i + 1]);
-    }
-  } else {
-    constexpr int kBatch = 8;  // pairs whose loads are in flight together
-    static_assert((kTileN / 4) % kBatch == 0);
-#pragma unroll
-    for (int b = 0; b < kTileN / 2; b += 2 * kBatch) {
-      float2 old[kBatch];
-#pragma unroll
-      for (int q = 0; q < kBatch; ++q) {
-        int row, col;
-        old[q] = element(b + 2 * q, &row, &col)
-                     ? *reinterpret_cast<const float2*>(w.g + static_cast<int64_t>(row) * p.k + col)
-                     : make_float2(0.f, 0.f);
-      }
-#pragma unroll
-      for (int q = 0; q < kBatch; ++q) {
-        const int i = b + 2 * q;
-        int row, col;
-        if (element(i, &row, &col))
-          StorePair(w.g + static_cast<int64_t>(row) * p.k + col, acc[i] + old[q].x,
-                    acc[i + 1] + old[q].y);
-      }
-    }
+  for (int i = 0; i < kTileN / 2; i += 2) {
+    const int row = row0 + 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
+    const int col = w.col0 + 8 * (i / 4) + 2 * (lane % 4);
+    if (row < p.n && col < p.k)
+      ptx::red_global_add_v2_f32(w.g + static_cast<int64_t>(row) * p.k + col, acc[i], acc[i + 1]);
   }
 }
 
-template <typename Cfg, DwEpilogue kEpilogue>
+template <typename Cfg>
 __device__ __forceinline__ void WeightGradTmaPersistentBody(const CUtensorMap* tmap_dy,
                                                             const CUtensorMap* tmap_dy2,
                                                             const CUtensorMap* tmap_x,
@@ -368,7 +339,7 @@ __device__ __forceinline__ void WeightGradTmaPersistentBody(const CUtensorMap* t
       // The tile's last stage back to the producer before the epilogue, so
       // the next tile's loads run under it.
       if (prev_stage >= 0 && lane == 0) ptx::mbarrier_arrive(&empty_bar[prev_stage]);
-      AddWeightGradAccumulator<kTileN, kEpilogue>(acc, p, w, w.row0 + consumer * 64);
+      AddWeightGradAccumulator<kTileN>(acc, p, w, w.row0 + consumer * 64);
     }
   }
 }
@@ -376,7 +347,7 @@ __device__ __forceinline__ void WeightGradTmaPersistentBody(const CUtensorMap* t
 // Two CTAs of 288 threads per SM (kTmaN128's tiling). 112 registers: the
 // most they can have (18 warps x 32 x 112 <= 64 K); __launch_bounds__(288,
 // 2) made ptxas stop at 96 and spill the queue's state.
-template <typename Cfg, DwEpilogue kEpilogue>
+template <typename Cfg>
 __global__ void __maxnreg__(112)
     WeightGradTmaPersistent2Kernel(const __grid_constant__ CUtensorMap tmap_dy,
                                    const __grid_constant__ CUtensorMap tmap_dy2,
@@ -385,7 +356,7 @@ __global__ void __maxnreg__(112)
                                    int tiles_per_expert) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(Cfg::kMinBlocks == 2);
-  WeightGradTmaPersistentBody<Cfg, kEpilogue>(&tmap_dy, &tmap_dy2, &tmap_x, p, num_experts,
+  WeightGradTmaPersistentBody<Cfg>(&tmap_dy, &tmap_dy2, &tmap_x, p, num_experts,
                                               tiles_per_expert);
 #else
   __trap();  // built for a device without wgmma; the host never launches this
@@ -394,7 +365,7 @@ __global__ void __maxnreg__(112)
 
 // One CTA of 384 threads per SM (kTma's tiling: the producer warpgroup
 // gives its registers to the consumers' m64n256 accumulators).
-template <typename Cfg, DwEpilogue kEpilogue>
+template <typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     WeightGradTmaPersistent1Kernel(const __grid_constant__ CUtensorMap tmap_dy,
                                    const __grid_constant__ CUtensorMap tmap_dy2,
@@ -403,7 +374,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                                    int tiles_per_expert) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(Cfg::kMinBlocks == 1);
-  WeightGradTmaPersistentBody<Cfg, kEpilogue>(&tmap_dy, &tmap_dy2, &tmap_x, p, num_experts,
+  WeightGradTmaPersistentBody<Cfg>(&tmap_dy, &tmap_dy2, &tmap_x, p, num_experts,
                                               tiles_per_expert);
 #else
   __trap();  // built for a device without wgmma; the host never launches this
@@ -431,7 +402,7 @@ Status Launch(const GroupedWeightGradArgs& args, cudaStream_t stream) {
   return CudaStatus(cudaGetLastError(), "GroupedWeightGrad tma launch");
 }
 
-template <typename Cfg, DwEpilogue kEpilogue>
+template <typename Cfg>
 Status LaunchPersistent(const GroupedWeightGradArgs& args, cudaStream_t stream) {
   const uint64_t rows = static_cast<uint64_t>(args.total_rows);
   CUtensorMap tmap_dy, tmap_dy2, tmap_x;
@@ -443,9 +414,9 @@ Status LaunchPersistent(const GroupedWeightGradArgs& args, cudaStream_t stream) 
       ptx::MakeTensorMap2dBf16Swizzled(&tmap_x, args.x, rows, args.k, args.k, kStepT, 64, 128));
   const auto kernel = [] {
     if constexpr (Cfg::kMinBlocks == 2) {
-      return &WeightGradTmaPersistent2Kernel<Cfg, kEpilogue>;
+      return &WeightGradTmaPersistent2Kernel<Cfg>;
     } else {
-      return &WeightGradTmaPersistent1Kernel<Cfg, kEpilogue>;
+      return &WeightGradTmaPersistent1Kernel<Cfg>;
     }
   }();
   GROVE_RETURN_IF_ERROR(CudaStatus(
@@ -484,12 +455,10 @@ Status LaunchWeightGradTma(const GroupedWeightGradArgs& args, WeightGradImpl imp
       return Launch<TmaTiling<256, 4, 1>>(args, stream);
     case WeightGradImpl::kTmaN128:
       return Launch<TmaTiling<128, 3, 2>>(args, stream);
-    case WeightGradImpl::kTmaPersistent:
-      return LaunchPersistent<TmaTiling<128, 3, 2>, DwEpilogue::kBatchedLoads>(args, stream);
     case WeightGradImpl::kTmaPersistentRed:
-      return LaunchPersistent<TmaTiling<128, 3, 2>, DwEpilogue::kRedAdd>(args, stream);
+      return LaunchPersistent<TmaTiling<128, 3, 2>>(args, stream);
     case WeightGradImpl::kTmaPersistentN256:
-      return LaunchPersistent<TmaTiling<256, 4, 1>, DwEpilogue::kRedAdd>(args, stream);
+      return LaunchPersistent<TmaTiling<256, 4, 1>>(args, stream);
     default:
       return Status::Internal("GroupedWeightGrad tma: not a tma implementation");
   }

@@ -378,7 +378,7 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
     const std::optional<WeightGradImpl> impl =
         ImplNamed(v,
                   {WeightGradImpl::kMmaSync, WeightGradImpl::kWgmma, WeightGradImpl::kWgmmaN256,
-                   WeightGradImpl::kTma, WeightGradImpl::kTmaN128, WeightGradImpl::kTmaPersistent,
+                   WeightGradImpl::kTma, WeightGradImpl::kTmaN128,
                    WeightGradImpl::kTmaPersistentRed, WeightGradImpl::kTmaPersistentN256},
                   kernels::WeightGradImplName, &names);
     if (!impl && v != "cublas" && v != "grouped")

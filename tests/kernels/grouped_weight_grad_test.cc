@@ -119,7 +119,7 @@ void CheckOutput(const Case& c, const char* what, int64_t stride, const std::vec
 const WeightGradImpl kImpls[] = {WeightGradImpl::kAuto,      WeightGradImpl::kMmaSync,
                                  WeightGradImpl::kWgmma,     WeightGradImpl::kWgmmaN256,
                                  WeightGradImpl::kTma,       WeightGradImpl::kTmaN128,
-                                 WeightGradImpl::kTmaPersistent, WeightGradImpl::kTmaPersistentRed,
+                                 WeightGradImpl::kTmaPersistentRed,
                                  WeightGradImpl::kTmaPersistentN256};
 
 bool CanRun(WeightGradImpl impl) {
@@ -129,7 +129,6 @@ bool CanRun(WeightGradImpl impl) {
   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
   const bool wgmma = impl == WeightGradImpl::kWgmma || impl == WeightGradImpl::kWgmmaN256 ||
                      impl == WeightGradImpl::kTma || impl == WeightGradImpl::kTmaN128 ||
-                     impl == WeightGradImpl::kTmaPersistent ||
                      impl == WeightGradImpl::kTmaPersistentRed ||
                      impl == WeightGradImpl::kTmaPersistentN256;
   return wgmma ? major == 9 && minor == 0 : major >= 8;
@@ -314,7 +313,7 @@ TEST(GroupedWeightGradTest, ManyExpertsUnranked) {
 // accumulate and overwrite. No CPU reference (the sums are checked above).
 TEST(GroupedWeightGradTest, PersistentSameBitsAsPlainGrid) {
   GROVE_SKIP_WITHOUT_GPU();
-  if (!CanRun(WeightGradImpl::kTmaPersistent)) GTEST_SKIP() << "needs sm_90";
+  if (!CanRun(WeightGradImpl::kTmaPersistentN256)) GTEST_SKIP() << "needs sm_90";
   const uint64_t seed = testing::FreshSeed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
@@ -367,7 +366,6 @@ TEST(GroupedWeightGradTest, PersistentSameBitsAsPlainGrid) {
       GROVE_CUDA_OK(d_g.Download(got));
     };
     const std::pair<WeightGradImpl, WeightGradImpl> pairs[] = {
-        {WeightGradImpl::kTmaN128, WeightGradImpl::kTmaPersistent},
         {WeightGradImpl::kTmaN128, WeightGradImpl::kTmaPersistentRed},
         {WeightGradImpl::kTma, WeightGradImpl::kTmaPersistentN256}};
     for (const auto& [plain, persistent] : pairs) {
