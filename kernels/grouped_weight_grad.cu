@@ -197,6 +197,8 @@ const char* WeightGradImplName(WeightGradImpl impl) {
     case WeightGradImpl::kWgmmaN256: return "wgmma_n256";
     case WeightGradImpl::kTma: return "tma";
     case WeightGradImpl::kTmaN128: return "tma_n128";
+    case WeightGradImpl::kTmaPersistentRed: return "tma_persistent_red";
+    case WeightGradImpl::kTmaPersistentN256: return "tma_persistent_n256";
   }
   return "unknown";
 }
@@ -214,11 +216,13 @@ Status GroupedWeightGrad(const GroupedWeightGradArgs& args, cudaStream_t stream,
       cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, dev),
       "GroupedWeightGrad: compute capability"));
   // kAuto: the fastest measured where it runs (H100, kernel_bench --dw, one
-  // gpu-ref layer: tma_n128 1.36x / 1.04x the per-expert cuBLAS loop for w2 /
-  // w1+w3, every other implementation slower; docs/kernels.md).
+  // gpu-ref layer: tma_persistent_n256 1.37x tma_n128 on both w2 and w1+w3,
+  // 2.15x / 1.45x the per-expert cuBLAS loop; docs/kernels.md).
   if (impl == WeightGradImpl::kAuto)
-    impl = cc_major == 9 && cc_minor == 0 ? WeightGradImpl::kTmaN128 : WeightGradImpl::kMmaSync;
-  if (impl == WeightGradImpl::kTma || impl == WeightGradImpl::kTmaN128) {
+    impl = cc_major == 9 && cc_minor == 0 ? WeightGradImpl::kTmaPersistentN256
+                                          : WeightGradImpl::kMmaSync;
+  if (impl == WeightGradImpl::kTma || impl == WeightGradImpl::kTmaN128 ||
+      impl == WeightGradImpl::kTmaPersistentRed || impl == WeightGradImpl::kTmaPersistentN256) {
     // No rows: nothing for a tensor map to describe; the mma.sync kernel
     // zeroes every G (overwrite) without reading dY or X.
     if (args.total_rows == 0) {

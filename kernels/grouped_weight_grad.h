@@ -19,8 +19,8 @@ namespace grove::kernels {
 
 // Which implementation runs. All: a plain grid over (expert, output, G
 // tile) reducing over the expert's rows; rows past the expert's end never
-// enter its sums. kAuto: kTmaN128 on sm_90 (the fastest measured on an
-// H100: bench/kernels --dw), else kMmaSync.
+// enter its sums. kAuto: kTmaPersistentN256 on sm_90 (the fastest measured
+// on an H100: bench/kernels --dw), else kMmaSync.
 enum class WeightGradImpl {
   kAuto,
   kMmaSync,    // sm_80+: 128 x 128 G tiles, 32 rows per stage, ldmatrix.trans + mma.sync
@@ -30,6 +30,10 @@ enum class WeightGradImpl {
   kTma,        // sm_90a: 128 x 256 G tiles, a TMA producer warpgroup feeding two
                //   wgmma consumer warpgroups through mbarriers (4 stages)
   kTmaN128,    // sm_90a: as kTma with 128 x 128 tiles, 3 stages, 2 CTAs per SM
+  // sm_90a: the TMA pipelines in a persistent grid walking one tile queue,
+  // longest experts first, G += by red.global.add (same bits as kTma / kTmaN128):
+  kTmaPersistentRed,   // kTmaN128's tiling (128 x 128, 2 CTAs per SM)
+  kTmaPersistentN256,  // kTma's tiling (128 x 256, 1 CTA per SM)
 };
 
 const char* WeightGradImplName(WeightGradImpl impl);

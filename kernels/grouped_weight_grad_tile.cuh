@@ -36,11 +36,13 @@ struct WeightGradTile {
   int begin, end;
 };
 
-__device__ __forceinline__ WeightGradTile LocateWeightGradTile(const WeightGradParams& p,
-                                                               int tile_rows, int tile_cols) {
-  const int expert = blockIdx.y;
-  const int output = blockIdx.x / p.tiles_per_output;
-  const int tile = blockIdx.x - output * p.tiles_per_output;
+// `expert_tile`: the tile's index among the expert's tiles of every output
+// (blockIdx.x of the plain grid).
+__device__ __forceinline__ WeightGradTile LocateWeightGradTileAt(const WeightGradParams& p,
+                                                                 int expert, int expert_tile,
+                                                                 int tile_rows, int tile_cols) {
+  const int output = expert_tile / p.tiles_per_output;
+  const int tile = expert_tile - output * p.tiles_per_output;
   WeightGradTile t;
   t.dy = output == 0 ? p.dy : p.dy2;
   t.g = (output == 0 ? p.g : p.g2) + expert * p.g_stride;
@@ -49,6 +51,12 @@ __device__ __forceinline__ WeightGradTile LocateWeightGradTile(const WeightGradP
   t.begin = min(max(p.offsets[expert], 0), p.total_rows);
   t.end = min(max(p.offsets[expert + 1], t.begin), p.total_rows);
   return t;
+}
+
+// The plain grid's tile: blockIdx.y = expert, blockIdx.x = its tile.
+__device__ __forceinline__ WeightGradTile LocateWeightGradTile(const WeightGradParams& p,
+                                                               int tile_rows, int tile_cols) {
+  return LocateWeightGradTileAt(p, blockIdx.y, blockIdx.x, tile_rows, tile_cols);
 }
 
 // The grid and parameters for G tiles of tile_rows x tile_cols.

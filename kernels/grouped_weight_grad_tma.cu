@@ -29,6 +29,7 @@
 #include <cuda.h>
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "kernels/grouped_gemm_internal.h"
@@ -37,6 +38,7 @@
 #include "kernels/grouped_weight_grad_tile.cuh"
 #include "kernels/grouped_weight_grad_wgmma.cuh"
 #include "kernels/ptx/mbarrier.cuh"
+#include "kernels/ptx/red.cuh"
 #include "kernels/ptx/tensor_map.h"
 #include "kernels/ptx/tma.cuh"
 #include "kernels/ptx/wgmma.cuh"
@@ -71,6 +73,23 @@ struct TmaTiling {
   static_assert(kTileN == 128 || kTileN == 256);
   static_assert(kSmemBytes * kMinBlocks <= 227 * 1024, "shared memory");
 };
+
+// The ragged edge (file comment): rows valid .. kStepT - 1 of every one of
+// the stage's kSubs boxes set to zero by the 256 consumer threads (ctid),
+// fenced against the wgmmas' async-proxy reads; all consumers call it.
+template <int kSubs>
+__device__ __forceinline__ void ZeroStageRowsPastEnd(uint8_t* st, int valid, int ctid) {
+  constexpr int kChunksPerRow = 8;  // 16-byte chunks of a 128-byte row
+  const int tail_chunks = (kStepT - valid) * kChunksPerRow;
+  for (int i = ctid; i < kSubs * tail_chunks; i += kConsumerThreads) {
+    const int sub = i / tail_chunks, r = valid + (i % tail_chunks) / kChunksPerRow,
+              c = i % kChunksPerRow;
+    *reinterpret_cast<uint4*>(st + sub * kSubBytes + r * 128 + c * 16) = make_uint4(0, 0, 0, 0);
+  }
+  ptx::fence_proxy_async_shared_cta();  // these stores before the wgmmas' async reads
+  // Named barrier 1 (0 is __syncthreads): the consumers meet without the producer.
+  asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+}
 
 template <typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
@@ -138,18 +157,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       ptx::mbarrier_wait_parity(&full_bar[stage], (s / kStages) & 1);
       uint8_t* st = smem + stage * Cfg::kStageBytes;
       const int valid = w.end - (w.begin + s * kStepT);
-      if (valid < kStepT) {  // uniform: every consumer thread sees the same tail
-        constexpr int kChunksPerRow = 8;  // 16-byte chunks of a 128-byte row
-        const int tail_chunks = (kStepT - valid) * kChunksPerRow;
-        for (int i = ctid; i < Cfg::kSubs * tail_chunks; i += kConsumerThreads) {
-          const int sub = i / tail_chunks, r = valid + (i % tail_chunks) / kChunksPerRow,
-                    c = i % kChunksPerRow;
-          *reinterpret_cast<uint4*>(st + sub * kSubBytes + r * 128 + c * 16) = make_uint4(0, 0, 0, 0);
-        }
-        ptx::fence_proxy_async_shared_cta();  // these stores before the wgmmas' async reads
-        // Named barrier 1 (0 is __syncthreads): the consumers meet without the producer.
-        asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
-      }
+      if (valid < kStepT) ZeroStageRowsPastEnd<Cfg::kSubs>(st, valid, ctid);  // uniform
       const __nv_bfloat16* a_tile = reinterpret_cast<const __nv_bfloat16*>(st) + consumer * kSubElems;
       const __nv_bfloat16* b_tile =
           reinterpret_cast<const __nv_bfloat16*>(st) + Cfg::kDySubs * kSubElems;
@@ -164,6 +172,210 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 
     StoreWeightGradAccumulator<kTileN>(acc, p, w, w.row0 + consumer * 64);
   }
+#else
+  __trap();  // built for a device without wgmma; the host never launches this
+#endif
+}
+
+// WeightGradImpl::kTmaPersistentN256 / kTmaPersistentRed: the same
+// pipeline (kTma's / kTmaN128's tiling) in a persistent grid (#SMs x CTAs
+// per SM) that walks one tile queue. Why: in the plain grid the hardware
+// hands out CTAs in expert order, so the experts' ragged row counts
+// (1109..7511 in a gpu-ref layer) leave an uneven last wave, and a CTA's
+// epilogue (the fp32 read-modify-write of its G tile) overlaps nothing of
+// its own (kTma: nothing at all, one CTA per SM). Here
+// - the queue holds every expert's tiles, experts longest first (ranked in
+//   shared memory from the offsets; ties by expert id), one expert's tiles
+//   adjacent (they share its rows in L2);
+// - CTA b takes queue entries wave by wave, in a snake: entry j G + b in
+//   even waves, j G + (G - 1 - b) in odd ones (G CTAs), so the long tiles
+//   of each wave do not all land on the same CTAs (static: no counter to
+//   reset between launches, any stream);
+// - the producer runs on into the next tile's stages while the consumers
+//   store the last one (the ring's stage / phase count continues across
+//   tiles);
+// - accumulate hands each G pair to L2 as red.global.add.v2.f32, so the
+//   consumers start the next tile without waiting for the old G (overwrite:
+//   plain stores, as before).
+// Each tile is still reduced by one CTA, over the same rows in the same
+// stage order as kTma / kTmaN128, and each G element gets exactly one add
+// per launch: the same bits as those kernels, every run (no ordering
+// between CTAs is needed: no two touch one element).
+// (+)= of a warpgroup's m64 x kTileN accumulator into G as
+// StoreWeightGradAccumulator does, but each accumulate pair handed to L2 as
+// red.global.add.v2.f32: the consumers go on to the next tile without a
+// round trip to memory per pair.
+template <int kTileN>
+__device__ __forceinline__ void AddWeightGradAccumulator(const float (&acc)[kTileN / 2],
+                                                         const WeightGradParams& p,
+                                                         const WeightGradTile& w, int row0) {
+  if (!p.accumulate) {
+    StoreWeightGradAccumulator<kTileN>(acc, p, w, row0);
+    return;
+  }
+  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int i = 0; i < kTileN / 2; i += 2) {
+    const int row = row0 + 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
+    const int col = w.col0 + 8 * (i / 4) + 2 * (lane % 4);
+    if (row < p.n && col < p.k)
+      ptx::red_global_add_v2_f32(w.g + static_cast<int64_t>(row) * p.k + col, acc[i], acc[i + 1]);
+  }
+}
+
+template <typename Cfg>
+__device__ __forceinline__ void WeightGradTmaPersistentBody(const CUtensorMap* tmap_dy,
+                                                            const CUtensorMap* tmap_dy2,
+                                                            const CUtensorMap* tmap_x,
+                                                            const WeightGradParams& p,
+                                                            int num_experts,
+                                                            int tiles_per_expert) {
+  constexpr int kTileN = Cfg::kTileN;
+  constexpr int kStages = Cfg::kStages;
+  constexpr int kMaxRankedExperts = 1024;  // more: the queue keeps expert order
+  extern __shared__ uint8_t smem_raw[];
+  __shared__ int expert_rows[kMaxRankedExperts];
+  __shared__ int rank_order[kMaxRankedExperts];  // rank_order[r]: the r-th longest expert
+  uint8_t* smem = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  uint64_t* full_bar = reinterpret_cast<uint64_t*>(smem + Cfg::kBarrierOffset);
+  uint64_t* empty_bar = full_bar + kStages;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      ptx::mbarrier_init(&full_bar[s], 1);
+      ptx::mbarrier_init(&empty_bar[s], 8);  // one arrival per consumer warp
+    }
+    ptx::fence_mbarrier_init();
+  }
+  const bool ranked = num_experts <= kMaxRankedExperts;
+  if (ranked) {
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+      const int begin = min(max(p.offsets[e], 0), p.total_rows);
+      expert_rows[e] = min(max(p.offsets[e + 1], begin), p.total_rows) - begin;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+      const int rows = expert_rows[e];
+      int rank = 0;
+      for (int f = 0; f < num_experts; ++f) {
+        const int other = expert_rows[f];
+        rank += other > rows || (other == rows && f < e);
+      }
+      rank_order[rank] = e;
+    }
+  }
+  __syncthreads();
+
+  const int total_tiles = num_experts * tiles_per_expert;
+  const int grid = static_cast<int>(gridDim.x), cta = static_cast<int>(blockIdx.x);
+  // This CTA's j-th queue entry (the snake above); >= total_tiles: done.
+  auto queue_entry = [&](int j) { return j * grid + ((j & 1) ? grid - 1 - cta : cta); };
+  auto locate = [&](int entry) {
+    const int slot = entry / tiles_per_expert;
+    return LocateWeightGradTileAt(p, ranked ? rank_order[slot] : slot, entry % tiles_per_expert,
+                                  kTileM, kTileN);
+  };
+
+  if (threadIdx.x >= kConsumerThreads) {
+    if constexpr (Cfg::kMinBlocks == 1) ptx::setmaxnreg_dec<40>();
+    if (threadIdx.x != kConsumerThreads) return;
+    ptx::prefetch_tensormap(tmap_dy);
+    if (p.dy2 != nullptr) ptx::prefetch_tensormap(tmap_dy2);
+    ptx::prefetch_tensormap(tmap_x);
+    int ring = 0;  // stages issued so far, over every tile
+    for (int j = 0;; ++j) {
+      const int entry = queue_entry(j);
+      if (entry >= total_tiles) break;
+      const WeightGradTile w = locate(entry);
+      const CUtensorMap* tmap_a =
+          entry % tiles_per_expert >= p.tiles_per_output ? tmap_dy2 : tmap_dy;
+      for (int t0 = w.begin; t0 < w.end; t0 += kStepT, ++ring) {
+        const int stage = ring % kStages;
+        ptx::mbarrier_wait_parity(&empty_bar[stage], ((ring / kStages) & 1) ^ 1);
+        uint8_t* dst = smem + stage * Cfg::kStageBytes;
+        ptx::mbarrier_arrive_expect_tx(&full_bar[stage], Cfg::kStageBytes);
+#pragma unroll
+        for (int i = 0; i < Cfg::kDySubs; ++i)
+          ptx::cp_async_bulk_tensor_2d_g2s(dst + i * kSubBytes, tmap_a, w.row0 + 64 * i, t0,
+                                           &full_bar[stage]);
+#pragma unroll
+        for (int i = 0; i < Cfg::kXSubs; ++i)
+          ptx::cp_async_bulk_tensor_2d_g2s(dst + (Cfg::kDySubs + i) * kSubBytes, tmap_x,
+                                           w.col0 + 64 * i, t0, &full_bar[stage]);
+      }
+    }
+  } else {
+    if constexpr (Cfg::kMinBlocks == 1) ptx::setmaxnreg_inc<232>();
+    const int consumer = threadIdx.x / 128;  // G rows consumer * 64 .. + 63 of the tile
+    const int ctid = threadIdx.x;            // 0 .. 255 over both consumers
+    const int lane = threadIdx.x % 32;
+    int ring = 0;  // stages consumed so far, over every tile (as the producer's count)
+    for (int j = 0;; ++j) {
+      const int entry = queue_entry(j);
+      if (entry >= total_tiles) break;
+      const WeightGradTile w = locate(entry);
+      if (w.end == w.begin && p.accumulate) continue;  // G_e stays as it is
+      float acc[kTileN / 2];
+#pragma unroll
+      for (int i = 0; i < kTileN / 2; ++i) acc[i] = 0.f;
+      int prev_stage = -1;
+      for (int t0 = w.begin; t0 < w.end; t0 += kStepT, ++ring) {
+        const int stage = ring % kStages;
+        ptx::mbarrier_wait_parity(&full_bar[stage], (ring / kStages) & 1);
+        uint8_t* st = smem + stage * Cfg::kStageBytes;
+        const int valid = w.end - t0;
+        if (valid < kStepT) ZeroStageRowsPastEnd<Cfg::kSubs>(st, valid, ctid);  // uniform
+        const __nv_bfloat16* a_tile =
+            reinterpret_cast<const __nv_bfloat16*>(st) + consumer * kSubElems;
+        const __nv_bfloat16* b_tile =
+            reinterpret_cast<const __nv_bfloat16*>(st) + Cfg::kDySubs * kSubElems;
+        WeightGradWgmmaBatch<kTileN, kStepT>(acc, a_tile, b_tile, kSubBytes);
+        ptx::wgmma_wait_group<1>();  // the previous stage's wgmmas are done
+        if (prev_stage >= 0 && lane == 0) ptx::mbarrier_arrive(&empty_bar[prev_stage]);
+        prev_stage = stage;
+      }
+      ptx::wgmma_wait_group<0>();
+      // The tile's last stage back to the producer before the epilogue, so
+      // the next tile's loads run under it.
+      if (prev_stage >= 0 && lane == 0) ptx::mbarrier_arrive(&empty_bar[prev_stage]);
+      AddWeightGradAccumulator<kTileN>(acc, p, w, w.row0 + consumer * 64);
+    }
+  }
+}
+
+// Two CTAs of 288 threads per SM (kTmaN128's tiling). 112 registers: the
+// most they can have (18 warps x 32 x 112 <= 64 K); __launch_bounds__(288,
+// 2) made ptxas stop at 96 and spill the queue's state.
+template <typename Cfg>
+__global__ void __maxnreg__(112)
+    WeightGradTmaPersistent2Kernel(const __grid_constant__ CUtensorMap tmap_dy,
+                                   const __grid_constant__ CUtensorMap tmap_dy2,
+                                   const __grid_constant__ CUtensorMap tmap_x,
+                                   const WeightGradParams p, int num_experts,
+                                   int tiles_per_expert) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  static_assert(Cfg::kMinBlocks == 2);
+  WeightGradTmaPersistentBody<Cfg>(&tmap_dy, &tmap_dy2, &tmap_x, p, num_experts,
+                                              tiles_per_expert);
+#else
+  __trap();  // built for a device without wgmma; the host never launches this
+#endif
+}
+
+// One CTA of 384 threads per SM (kTma's tiling: the producer warpgroup
+// gives its registers to the consumers' m64n256 accumulators).
+template <typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    WeightGradTmaPersistent1Kernel(const __grid_constant__ CUtensorMap tmap_dy,
+                                   const __grid_constant__ CUtensorMap tmap_dy2,
+                                   const __grid_constant__ CUtensorMap tmap_x,
+                                   const WeightGradParams p, int num_experts,
+                                   int tiles_per_expert) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  static_assert(Cfg::kMinBlocks == 1);
+  WeightGradTmaPersistentBody<Cfg>(&tmap_dy, &tmap_dy2, &tmap_x, p, num_experts,
+                                              tiles_per_expert);
 #else
   __trap();  // built for a device without wgmma; the host never launches this
 #endif
@@ -190,6 +402,47 @@ Status Launch(const GroupedWeightGradArgs& args, cudaStream_t stream) {
   return CudaStatus(cudaGetLastError(), "GroupedWeightGrad tma launch");
 }
 
+template <typename Cfg>
+Status LaunchPersistent(const GroupedWeightGradArgs& args, cudaStream_t stream) {
+  const uint64_t rows = static_cast<uint64_t>(args.total_rows);
+  CUtensorMap tmap_dy, tmap_dy2, tmap_x;
+  GROVE_RETURN_IF_ERROR(
+      ptx::MakeTensorMap2dBf16Swizzled(&tmap_dy, args.dy, rows, args.n, args.n, kStepT, 64, 128));
+  GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
+      &tmap_dy2, args.dy2 != nullptr ? args.dy2 : args.dy, rows, args.n, args.n, kStepT, 64, 128));
+  GROVE_RETURN_IF_ERROR(
+      ptx::MakeTensorMap2dBf16Swizzled(&tmap_x, args.x, rows, args.k, args.k, kStepT, 64, 128));
+  const auto kernel = [] {
+    if constexpr (Cfg::kMinBlocks == 2) {
+      return &WeightGradTmaPersistent2Kernel<Cfg>;
+    } else {
+      return &WeightGradTmaPersistent1Kernel<Cfg>;
+    }
+  }();
+  GROVE_RETURN_IF_ERROR(CudaStatus(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
+      "GroupedWeightGrad tma_persistent: shared memory attribute"));
+  dim3 plain_grid;
+  WeightGradParams params;
+  GROVE_RETURN_IF_ERROR(MakeWeightGradLaunch(args, kTileM, Cfg::kTileN, &plain_grid, &params));
+  const int64_t total_tiles = static_cast<int64_t>(plain_grid.x) * args.num_experts;
+  if (total_tiles > INT32_MAX)
+    return Status::InvalidArgument("GroupedWeightGrad tma_persistent: too many tiles");
+  int dev = 0, sms = 0, per_sm = 0;
+  GROVE_RETURN_IF_ERROR(CudaStatus(cudaGetDevice(&dev), "GroupedWeightGrad: device"));
+  GROVE_RETURN_IF_ERROR(CudaStatus(
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "GroupedWeightGrad: SMs"));
+  GROVE_RETURN_IF_ERROR(CudaStatus(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::kThreads,
+                                                    Cfg::kSmemBytes),
+      "GroupedWeightGrad tma_persistent: occupancy"));
+  const int64_t ctas = std::min<int64_t>(total_tiles, static_cast<int64_t>(sms) * std::max(per_sm, 1));
+  if (ctas == 0) return Status::OK();  // no experts
+  kernel<<<static_cast<unsigned>(ctas), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
+      tmap_dy, tmap_dy2, tmap_x, params, args.num_experts, static_cast<int>(plain_grid.x));
+  return CudaStatus(cudaGetLastError(), "GroupedWeightGrad tma_persistent launch");
+}
+
 }  // namespace
 
 Status LaunchWeightGradTma(const GroupedWeightGradArgs& args, WeightGradImpl impl,
@@ -202,6 +455,10 @@ Status LaunchWeightGradTma(const GroupedWeightGradArgs& args, WeightGradImpl imp
       return Launch<TmaTiling<256, 4, 1>>(args, stream);
     case WeightGradImpl::kTmaN128:
       return Launch<TmaTiling<128, 3, 2>>(args, stream);
+    case WeightGradImpl::kTmaPersistentRed:
+      return LaunchPersistent<TmaTiling<128, 3, 2>>(args, stream);
+    case WeightGradImpl::kTmaPersistentN256:
+      return LaunchPersistent<TmaTiling<256, 4, 1>>(args, stream);
     default:
       return Status::Internal("GroupedWeightGrad tma: not a tma implementation");
   }

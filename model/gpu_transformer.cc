@@ -417,7 +417,8 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
     const std::optional<WeightGradImpl> impl =
         ImplNamed(v,
                   {WeightGradImpl::kMmaSync, WeightGradImpl::kWgmma, WeightGradImpl::kWgmmaN256,
-                   WeightGradImpl::kTma, WeightGradImpl::kTmaN128},
+                   WeightGradImpl::kTma, WeightGradImpl::kTmaN128,
+                   WeightGradImpl::kTmaPersistentRed, WeightGradImpl::kTmaPersistentN256},
                   kernels::WeightGradImplName, &names);
     if (!impl && v != "cublas" && v != "grouped")
       return Status::InvalidArgument("GROVE_EXPERT_DW must be one of " + names + ", got '" + v + "'");

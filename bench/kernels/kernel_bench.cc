@@ -831,7 +831,8 @@ void WeightGradBench(cublasHandle_t h, std::mt19937_64& rng, int reps) {
                 100.0 * dense_ms / loop_ms, 1.0, 0.0);
     for (WeightGradImpl impl :
          {WeightGradImpl::kMmaSync, WeightGradImpl::kWgmma, WeightGradImpl::kWgmmaN256,
-          WeightGradImpl::kTma, WeightGradImpl::kTmaN128}) {
+          WeightGradImpl::kTma, WeightGradImpl::kTmaN128,
+          WeightGradImpl::kTmaPersistentRed, WeightGradImpl::kTmaPersistentN256}) {
       const std::string method =
           std::string("grove GroupedWeightGrad ") + grove::kernels::WeightGradImplName(impl);
       // Agreement first (overwrite from a poisoned buffer), then timing.

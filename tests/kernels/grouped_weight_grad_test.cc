@@ -118,7 +118,9 @@ void CheckOutput(const Case& c, const char* what, int64_t stride, const std::vec
 
 const WeightGradImpl kImpls[] = {WeightGradImpl::kAuto,      WeightGradImpl::kMmaSync,
                                  WeightGradImpl::kWgmma,     WeightGradImpl::kWgmmaN256,
-                                 WeightGradImpl::kTma,       WeightGradImpl::kTmaN128};
+                                 WeightGradImpl::kTma,       WeightGradImpl::kTmaN128,
+                                 WeightGradImpl::kTmaPersistentRed,
+                                 WeightGradImpl::kTmaPersistentN256};
 
 bool CanRun(WeightGradImpl impl) {
   int dev = 0, major = 0, minor = 0;
@@ -126,7 +128,9 @@ bool CanRun(WeightGradImpl impl) {
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
   const bool wgmma = impl == WeightGradImpl::kWgmma || impl == WeightGradImpl::kWgmmaN256 ||
-                     impl == WeightGradImpl::kTma || impl == WeightGradImpl::kTmaN128;
+                     impl == WeightGradImpl::kTma || impl == WeightGradImpl::kTmaN128 ||
+                     impl == WeightGradImpl::kTmaPersistentRed ||
+                     impl == WeightGradImpl::kTmaPersistentN256;
   return wgmma ? major == 9 && minor == 0 : major >= 8;
 }
 
@@ -291,6 +295,92 @@ TEST(GroupedWeightGradTest, GpuRefW1W3) {
 TEST(GroupedWeightGradTest, NoRowsOverwriteZeroes) {
   GROVE_SKIP_WITHOUT_GPU();
   RunCase({.counts = {0, 0, 0}, .n = 16, .k = 8, .accumulate = false});
+}
+
+// More experts than the persistent kernels rank in shared memory (1024):
+// their queue keeps expert order. One tiny tile each.
+TEST(GroupedWeightGradTest, ManyExpertsUnranked) {
+  GROVE_SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(testing::FreshSeed());
+  std::vector<int> counts(1100);
+  for (int& c : counts) c = static_cast<int>(rng() % 5);
+  RunCase({.counts = counts, .n = 16, .k = 8, .accumulate = true, .extra_rows = 2});
+}
+
+// The persistent implementations reduce each tile over the same rows in the
+// same order as the plain-grid kernel of their tiling and add to G once:
+// the same bits, at gpu-ref scale (many tiles per CTA, long experts), for
+// accumulate and overwrite. No CPU reference (the sums are checked above).
+TEST(GroupedWeightGradTest, PersistentSameBitsAsPlainGrid) {
+  GROVE_SKIP_WITHOUT_GPU();
+  if (!CanRun(WeightGradImpl::kTmaPersistentN256)) GTEST_SKIP() << "needs sm_90";
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> unit(-1.f, 1.f);
+  const std::vector<int> counts = SkewedCounts(64, 40000, seed);
+  std::vector<int32_t> offsets(counts.size() + 1, 0);
+  for (size_t e = 0; e < counts.size(); ++e) offsets[e + 1] = offsets[e] + counts[e];
+  const int rows = offsets.back() + 3, experts = static_cast<int>(counts.size());
+  struct Shape { int n, k; bool two, accumulate; };
+  for (const Shape sh : {Shape{1024, 512, false, true}, Shape{512, 1024, true, false}}) {
+    SCOPED_TRACE("n=" + std::to_string(sh.n) + " k=" + std::to_string(sh.k));
+    const int64_t stride = 3LL * sh.n * sh.k;
+    auto random_bf16 = [&](size_t count) {
+      std::vector<__nv_bfloat16> v(count);
+      for (auto& b : v) b = __float2bfloat16(unit(rng));
+      return v;
+    };
+    const int outputs = sh.two ? 2 : 1;
+    DeviceBuffer<__nv_bfloat16> d_dy(static_cast<size_t>(rows) * sh.n * outputs),
+        d_x(static_cast<size_t>(rows) * sh.k);
+    DeviceBuffer<int32_t> d_off(offsets.size());
+    const size_t g_elems = static_cast<size_t>(stride) * experts;
+    DeviceBuffer<float> d_g(g_elems);
+    ASSERT_TRUE(d_dy.get() && d_x.get() && d_off.get() && d_g.get());
+    GROVE_CUDA_OK(d_dy.Upload(random_bf16(static_cast<size_t>(rows) * sh.n * outputs)));
+    GROVE_CUDA_OK(d_x.Upload(random_bf16(static_cast<size_t>(rows) * sh.k)));
+    GROVE_CUDA_OK(d_off.Upload(offsets));
+    std::vector<float> g0(g_elems);
+    for (float& v : g0) v = unit(rng);
+    auto run = [&](WeightGradImpl impl, std::vector<float>* got) {
+      GROVE_CUDA_OK(d_g.Upload(g0));
+      GroupedWeightGradArgs args;
+      args.dy = d_dy.get();
+      args.x = d_x.get();
+      args.expert_offsets = d_off.get();
+      args.total_rows = rows;
+      args.num_experts = experts;
+      args.n = sh.n;
+      args.k = sh.k;
+      args.g = d_g.get();
+      args.g_expert_stride = stride;
+      if (sh.two) {
+        args.dy2 = d_dy.get() + static_cast<size_t>(rows) * sh.n;
+        args.g2 = d_g.get() + static_cast<int64_t>(sh.n) * sh.k;
+      }
+      args.accumulate = sh.accumulate;
+      const Status s = GroupedWeightGrad(args, nullptr, impl);
+      ASSERT_TRUE(s.ok()) << s;
+      GROVE_CUDA_OK(cudaDeviceSynchronize());
+      GROVE_CUDA_OK(d_g.Download(got));
+    };
+    const std::pair<WeightGradImpl, WeightGradImpl> pairs[] = {
+        {WeightGradImpl::kTmaN128, WeightGradImpl::kTmaPersistentRed},
+        {WeightGradImpl::kTma, WeightGradImpl::kTmaPersistentN256}};
+    for (const auto& [plain, persistent] : pairs) {
+      SCOPED_TRACE(std::string(WeightGradImplName(persistent)) + " vs " +
+                   WeightGradImplName(plain));
+      std::vector<float> want, got;
+      run(plain, &want);
+      run(persistent, &got);
+      ASSERT_EQ(want.size(), got.size());
+      size_t differ = 0, first = 0;
+      for (size_t i = 0; i < want.size(); ++i)
+        if (std::memcmp(&want[i], &got[i], sizeof(float)) != 0 && differ++ == 0) first = i;
+      EXPECT_EQ(differ, 0u) << "first at " << first << ": " << got[first] << " vs " << want[first];
+    }
+  }
 }
 
 // Argument checks happen before any CUDA call: runs without a GPU too.

@@ -444,7 +444,8 @@ TEST_P(GpuTransformerTest, GroupedExpertDwMatchesCublas) {
   auto cpu = Model::Create(c, seed);
   ASSERT_TRUE(cpu.ok());
   const ParamLayout& layout = (*cpu)->layout();
-  for (const char* value : {"grouped", "mma_sync", "wgmma", "wgmma_n256", "tma", "tma_n128"}) {
+  for (const char* value : {"grouped", "mma_sync", "wgmma", "wgmma_n256", "tma", "tma_n128",
+                            "tma_persistent_red", "tma_persistent_n256"}) {
     SCOPED_TRACE(value);
     std::vector<float> gb;
     if (!grads(value, &gb)) continue;
