@@ -170,36 +170,6 @@ __device__ __forceinline__ void IssueDq(float (&dq)[32], const uint8_t* ds, cons
         1 - (kk == 0));
 }
 
-// The same with A (rows 64c.. of the K or V tile) from registers: `frag`
-// from LoadKeyFragments.
-__device__ __forceinline__ void IssueKeyRegsTimesQueriesT(float (&acc)[32],
-                                                          const uint32_t (&frag)[8][4],
-                                                          const uint8_t* q_tile) {
-#pragma unroll
-  for (int kk = 0; kk < kD / 16; ++kk)
-    ptx::wgmma_m64n64k16_f32_bf16_rs(
-        acc, frag[kk], ptx::make_wgmma_desc_k_sw128(q_tile + (kk / 4) * kQBoxBytes + (kk % 4) * 32),
-        1 - (kk == 0));
-}
-
-// Rows 64c.. of a [128 keys][128 dims] K or V tile (two 128-byte-swizzled
-// [128][64] boxes) as wgmma A fragments, k-slice kk = dims 16kk..16kk+15:
-// a[kk][e] = (row 16 warp + g + 8 (e & 1), dims 16kk + 8 (e >> 1) + 2 qd, +1).
-__device__ __forceinline__ void LoadKeyFragments(uint32_t (&frag)[8][4], const uint8_t* kv_tile,
-                                                 int c, int tid) {
-  const int warp = tid / 32, g = (tid % 32) / 4, qd = tid % 4;
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = 64 * c + 16 * warp + g + 8 * (e & 1);
-      const int dim = (16 * kk + 8 * (e >> 1) + 2 * qd) % 64;
-      frag[kk][e] = *reinterpret_cast<const uint32_t*>(
-          kv_tile + (kk / 4) * kKvBoxBytes + row * 128 + (((dim / 8) ^ (row % 8)) * 16) +
-          (dim % 8) * 2);
-    }
-}
-
 // A fragments of a 64 x 64 accumulator: k-slice kk is registers 8kk..8kk+7 in pairs.
 __device__ __forceinline__ void ToBf16(uint32_t (&a)[4][4], const float (&s)[32]) {
 #pragma unroll
@@ -224,10 +194,7 @@ __device__ __forceinline__ void StoreRowsBf16(bf16* dst, int64_t row_stride, con
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-// kKvInRegs: 0, or 1 (K's 64 rows of the warpgroup held as wgmma A
-// fragments in registers: S^T = K Q^T reads only Q from shared memory), or
-// 2 (V's too, for dP^T = V dO^T). GROVE_ATTENTION_BWD_KV_REGS picks it.
-template <bool kDqByTma, int kKvInRegs>
+template <bool kDqByTma>
 __global__ void __launch_bounds__(kThreads, 1)
     AttentionBackwardWgmmaKernel(const __grid_constant__ CUtensorMap tmap_q,
                                  const __grid_constant__ CUtensorMap tmap_k,
@@ -354,9 +321,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       ptx::fence_proxy_async_shared_cta();
       ConsumersSync();
     }
-    uint32_t k_frag[8][4], v_frag[8][4];
-    if constexpr (kKvInRegs >= 1) LoadKeyFragments(k_frag, k_tile, c, tid);
-    if constexpr (kKvInRegs >= 2) LoadKeyFragments(v_frag, v_tile, c, tid);
 
     for (int t = 0; t < steps; ++t) {
       const int st = t % kStages;
@@ -374,11 +338,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       float s[32], dp[32];
       ptx::wgmma_fence();
-      if constexpr (kKvInRegs >= 1) IssueKeyRegsTimesQueriesT(s, k_frag, qt);
-      else IssueKeysTimesQueriesT(s, k_tile, c, qt);
+      IssueKeysTimesQueriesT(s, k_tile, c, qt);
       ptx::wgmma_commit_group();
-      if constexpr (kKvInRegs >= 2) IssueKeyRegsTimesQueriesT(dp, v_frag, dot);
-      else IssueKeysTimesQueriesT(dp, v_tile, c, dot);
+      IssueKeysTimesQueriesT(dp, v_tile, c, dot);
       ptx::wgmma_commit_group();
       ptx::wgmma_wait_group<1>();
       PinRegs(s);
@@ -436,8 +398,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       PinRegs(p_bf);
       PinRegs(ds_bf);
       PinRegs(dq);
-      if constexpr (kKvInRegs >= 1) PinRegs(k_frag);
-      if constexpr (kKvInRegs >= 2) PinRegs(v_frag);
       if (lane == 0) ptx::mbarrier_arrive(&empty[st]);
 
       // dQ rows (queries) 16 warp + g (+8), dims 64c + 8 (i / 4) + 2 qd.
@@ -525,13 +485,6 @@ Status LaunchAttentionBackwardWgmma(const AttentionShape& shape, const bf16* q, 
                                      choice);
     dq_by_tma = choice == "tma";
   }
-  int kv_in_regs = 0;
-  if (const char* env = std::getenv("GROVE_ATTENTION_BWD_KV_REGS"); env != nullptr && *env != '\0') {
-    const std::string choice = env;
-    if (choice != "0" && choice != "1" && choice != "2")
-      return Status::InvalidArgument("GROVE_ATTENTION_BWD_KV_REGS must be 0, 1 or 2, got " + choice);
-    kv_in_regs = choice[0] - '0';
-  }
   BwdArgs args{};
   args.lse = lse;
   args.dvec = dvec;
@@ -550,10 +503,7 @@ Status LaunchAttentionBackwardWgmma(const AttentionShape& shape, const bf16* q, 
   args.scale = scale;
   const int64_t ctas = int64_t{args.tiles} * shape.num_kv_heads * shape.batch;
   if (ctas > INT32_MAX) return Status::InvalidArgument("attention: too many key tiles");
-  auto* kernel = !dq_by_tma        ? AttentionBackwardWgmmaKernel<false, 0>
-                 : kv_in_regs == 0 ? AttentionBackwardWgmmaKernel<true, 0>
-                 : kv_in_regs == 1 ? AttentionBackwardWgmmaKernel<true, 1>
-                                   : AttentionBackwardWgmmaKernel<true, 2>;
+  auto* kernel = dq_by_tma ? AttentionBackwardWgmmaKernel<true> : AttentionBackwardWgmmaKernel<false>;
   GROVE_RETURN_IF_ERROR(CudaError(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes),
       "shared memory attribute"));

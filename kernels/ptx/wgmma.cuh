@@ -273,24 +273,6 @@ __device__ __forceinline__ void wgmma_m64n256k16_f32_bf16_ss_bmn(float (&d)[128]
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
-// wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 with A from registers
-// and B K-major: d (+)= A * B^T with A 64x16 in registers (the fragment
-// layout of wgmma_m64n128k16_f32_bf16_rs_bmn below) and B 64x16 K-major in
-// shared memory (make_wgmma_desc_k_sw128). The registers must not change
-// until the wgmma has completed. accumulate == 0 ignores d's old value.
-__device__ __forceinline__ void wgmma_m64n64k16_f32_bf16_rs(float (&d)[32], const uint32_t (&a)[4],
-                                                            uint64_t desc_b, int accumulate) {
-  asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"
-      " wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
-}
-
 // wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 with A from registers
 // and imm-trans-b = 1: d (+)= A * B with A 64x16 in registers and B 16x128
 // stored N-major ([16 k][128 n], make_wgmma_desc_mn_sw128) in shared memory.
