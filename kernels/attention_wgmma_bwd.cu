@@ -26,9 +26,9 @@
 //   then dQ is added into the fp32 workspace: by default (kDqByTma) the
 //   warpgroup writes it to its own shared-memory buffer and the producer
 //   warpgroup's second warp adds the buffer with two TMA reductions
-//   (cp.reduce.async.bulk.tensor .add, one 16-byte-chunked bulk operation
-//   where the atomics were 2048 float2 red.global per warpgroup), so the
-//   math warpgroups neither issue nor wait on the global reduction;
+//   (cp.reduce.async.bulk.tensor .add: two bulk operations where the
+//   atomics were 2048 float2 red.global per warpgroup), so the math
+//   warpgroups neither issue nor wait on the global reduction;
 //   GROVE_ATTENTION_BWD_DQ=atomic keeps red.global.add (float2) from the
 //   math warpgroups (the first version).
 // dS^T is double-buffered: a warpgroup writes buffer t % 2 at step t only
