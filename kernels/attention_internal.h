@@ -34,7 +34,7 @@ bool AttentionForwardWgmmaSupported(int head_dim);
 // kWgmma: attention_wgmma_bwd.cu's (sm_90 and head_dim 128 only;
 // FailedPrecondition elsewhere). kAuto: what AttentionBackward runs: the
 // environment variable GROVE_ATTENTION_BWD=mma|wgmma if set, else kWgmma
-// where it runs and kMmaSync elsewhere (H100: 233 vs 159 TFLOP/s at the
+// where it runs and kMmaSync elsewhere (H100: 257 vs 159 TFLOP/s at the
 // gpu-ref step shape, dK/dV bit-equal to mma.sync's; docs/kernels.md).
 enum class AttentionBackwardImpl { kAuto, kMmaSync, kWgmma };
 

@@ -23,7 +23,14 @@
 //   dQ[:, 64c..64c+63] = dS K[:, 64c..]   wgmma m64n64k16 both MN-major
 //          (dS^T rows are dS's K-rows; K [keys][dims] is [K][N]), over all
 //          128 keys: both warpgroups' dS^T, so a 256-thread barrier between,
-//   then red.global.add (float2) of dQ into the fp32 workspace.
+//   then dQ is added into the fp32 workspace: by default (kDqByTma) the
+//   warpgroup writes it to its own shared-memory buffer and the producer
+//   warpgroup's second warp adds the buffer with two TMA reductions
+//   (cp.reduce.async.bulk.tensor .add: two bulk operations where the
+//   atomics were 2048 float2 red.global per warpgroup), so the math
+//   warpgroups neither issue nor wait on the global reduction;
+//   GROVE_ATTENTION_BWD_DQ=atomic keeps red.global.add (float2) from the
+//   math warpgroups (the first version).
 // dS^T is double-buffered: a warpgroup writes buffer t % 2 at step t only
 // after the barrier of step t - 1, which the other passed after its dQ
 // wgmma of step t - 2 (the last reader of that buffer) had completed.
@@ -37,13 +44,18 @@
 //   head (dK += dS^T Q and dV += P^T dO read every query row),
 // V rows need nothing (they only feed dP^T rows of keys past the end, whose
 // dS is set to 0); dQ rows past the end are not added, dK / dV rows past
-// the end are not stored.
+// the end are not stored. The TMA dQ reduction adds the whole 64-query box:
+// its rows past the end are set to +0 in the buffer (selected: with a
+// non-finite K row of this sequence, 0 * inf would make them NaN) and so
+// leave the next sequence's rows as they are (x + 0 == x), or are dropped
+// past the tensor.
 #include <cuda.h>
 #include <cuda_bf16.h>
 
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
 #include <string>
 
 #include "kernels/attention_internal.h"
@@ -71,13 +83,18 @@ constexpr int kQBoxBytes = kBlockM * 128;
 constexpr int kKvTileBytes = 2 * kKvBoxBytes;
 constexpr int kQTileBytes = 2 * kQBoxBytes;
 constexpr int kDsBytes = kBlockN * kBlockM * 2;  // dS^T [128 keys][64 queries] bf16
+// dQ partials for the TMA reduction: per consumer warpgroup [64 queries][64
+// dims] fp32 as two [64][32] boxes (128-byte rows, 128-byte swizzle).
+constexpr int kDqBoxBytes = kBlockM * 128;
+constexpr int kDqWgBytes = 2 * kDqBoxBytes;
 // Shared memory (every tile 1024-byte aligned, as the swizzle needs).
 constexpr int kKOffset = 0;
 constexpr int kVOffset = kKOffset + kKvTileBytes;
 constexpr int kQOffset = kVOffset + kKvTileBytes;
 constexpr int kDoOffset = kQOffset + kStages * kQTileBytes;
 constexpr int kDsOffset = kDoOffset + kStages * kQTileBytes;
-constexpr int kLseOffset = kDsOffset + 2 * kDsBytes;           // [kStages][64] fp32
+constexpr int kDqOffset = kDsOffset + 2 * kDsBytes;
+constexpr int kLseOffset = kDqOffset + 2 * kDqWgBytes;          // [kStages][64] fp32
 constexpr int kDvecOffset = kLseOffset + kStages * kBlockM * 4;  // [kStages][64] fp32
 constexpr int kBarOffset = kDvecOffset + kStages * kBlockM * 4;
 constexpr int kBarriers = 1 + 2 * kStages;  // kv_full, full[], empty[]
@@ -102,6 +119,18 @@ struct BwdArgs {
 // Named barrier over both consumer warpgroups (id 1, 256 threads; 0 is
 // __syncthreads').
 __device__ __forceinline__ void ConsumersSync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+
+// The dQ hand-over between consumer warpgroup c (128 threads) and the dQ
+// writer warp (32): barrier 2 + c "buffer c full" (the warpgroup arrives,
+// the writer waits), 4 + c "buffer c read" (the writer arrives, the
+// warpgroup waits).
+constexpr int kDqThreads = 128 + 32;
+__device__ __forceinline__ void NamedBarrierSync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void NamedBarrierArrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 
 // acc (64 keys x 64 queries) = rows 64c.. of a [128][128] K or V tile times
 // the transpose of a [64][128] Q or dO tile: 8 k-slices of 16 dims, the first
@@ -165,11 +194,13 @@ __device__ __forceinline__ void StoreRowsBf16(bf16* dst, int64_t row_stride, con
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
+template <bool kDqByTma>
 __global__ void __launch_bounds__(kThreads, 1)
     AttentionBackwardWgmmaKernel(const __grid_constant__ CUtensorMap tmap_q,
                                  const __grid_constant__ CUtensorMap tmap_k,
                                  const __grid_constant__ CUtensorMap tmap_v,
-                                 const __grid_constant__ CUtensorMap tmap_do, BwdArgs a) {
+                                 const __grid_constant__ CUtensorMap tmap_do,
+                                 const __grid_constant__ CUtensorMap tmap_dq, BwdArgs a) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   const TileOrder order = OrderTiles(blockIdx.x, a.tiles, a.num_kv_heads * a.batch, a.chunk_pairs);
   const int kvh = order.pair % a.num_kv_heads, b = order.pair / a.num_kv_heads;
@@ -247,6 +278,30 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       }
+    } else if (kDqByTma && threadIdx.x < 64) {
+      // The dQ writer: per step, each consumer warpgroup's buffer once it is
+      // full, two TMA reductions (dims 64c .. 64c + 31, + 32 .. + 63), then
+      // "read" once the TMA has read the buffer (not the last step: nobody
+      // waits for it).
+      const int lane = threadIdx.x % 32;
+      if (lane == 0) ptx::prefetch_tensormap(&tmap_dq);
+      for (int t = 0; t < steps; ++t) {
+        const int h = kvh * a.group + t / per_head, m0 = n0 + (t % per_head) * kBlockM;
+        for (int c = 0; c < 2; ++c) {
+          NamedBarrierSync(2 + c, kDqThreads);
+          if (lane == 0) {
+            const uint8_t* buf = smem + kDqOffset + c * kDqWgBytes;
+            for (int box = 0; box < 2; ++box)
+              ptx::cp_reduce_async_bulk_tensor_2d_s2g_add(
+                  &tmap_dq, h * kD + 64 * c + 32 * box, start + m0, buf + box * kDqBoxBytes);
+            ptx::cp_async_bulk_commit_group();
+            ptx::cp_async_bulk_wait_group_read<0>();
+          }
+          __syncwarp();
+          if (t + 1 < steps) NamedBarrierArrive(4 + c, kDqThreads);
+        }
+      }
+      if (lane == 0) ptx::cp_async_bulk_wait_group<0>();
     }
   } else {
     ptx::setmaxnreg_inc<232>();
@@ -346,6 +401,29 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (lane == 0) ptx::mbarrier_arrive(&empty[st]);
 
       // dQ rows (queries) 16 warp + g (+8), dims 64c + 8 (i / 4) + 2 qd.
+      if constexpr (kDqByTma) {
+        // Into box j / 4 of this warpgroup's buffer (fp32 columns 8 (j % 4) +
+        // 2 qd: 16-byte chunk 2 (j % 4) + qd / 2, XORed with row % 8), once
+        // the writer has read step t - 1's; then hand it over.
+        uint8_t* buf = smem + kDqOffset + c * kDqWgBytes;
+        if (t > 0) NamedBarrierSync(4 + c, kDqThreads);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = 16 * warp + g + 8 * r;
+          const bool past_end = m0 + row >= len;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            const int chunk = 2 * (j % 4) + qd / 2;
+            *reinterpret_cast<float2*>(buf + (j / 4) * kDqBoxBytes + row * 128 +
+                                       ((chunk ^ (row % 8)) * 16) + (qd % 2) * 8) =
+                past_end ? make_float2(0.f, 0.f)
+                         : make_float2(dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
+          }
+        }
+        ptx::fence_proxy_async_shared_cta();
+        NamedBarrierArrive(2 + c, kDqThreads);
+        continue;
+      }
       const int64_t q_pitch = int64_t{a.num_heads} * kD;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -386,7 +464,7 @@ Status LaunchAttentionBackwardWgmma(const AttentionShape& shape, const bf16* q, 
     return Status::InvalidArgument("attention wgmma backward: head_dim must be 128");
   const uint64_t tokens = static_cast<uint64_t>(shape.total_tokens);
   const uint64_t q_cols = uint64_t(shape.num_heads) * kD, kv_cols = uint64_t(shape.num_kv_heads) * kD;
-  CUtensorMap tmap_q, tmap_k, tmap_v, tmap_do;
+  CUtensorMap tmap_q, tmap_k, tmap_v, tmap_do, tmap_dq;
   GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(&tmap_q, q, tokens, q_cols, q_row_stride,
                                                          kBlockM, 64, 128));
   GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(&tmap_do, dout, tokens, q_cols, q_cols,
@@ -395,6 +473,18 @@ Status LaunchAttentionBackwardWgmma(const AttentionShape& shape, const bf16* q, 
                                                          kv_row_stride, kBlockN, 64, 128));
   GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(&tmap_v, v, tokens, kv_cols,
                                                          kv_row_stride, kBlockN, 64, 128));
+  GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dF32Swizzled(&tmap_dq, dq_accum, tokens, q_cols,
+                                                        q_cols, kBlockM, 32, 128));
+  // GROVE_ATTENTION_BWD_DQ=atomic|tma (default tma): how dQ reaches the
+  // workspace (see the header comment).
+  bool dq_by_tma = true;
+  if (const char* env = std::getenv("GROVE_ATTENTION_BWD_DQ"); env != nullptr && *env != '\0') {
+    const std::string choice = env;
+    if (choice != "atomic" && choice != "tma")
+      return Status::InvalidArgument("GROVE_ATTENTION_BWD_DQ must be atomic or tma, got " +
+                                     choice);
+    dq_by_tma = choice == "tma";
+  }
   BwdArgs args{};
   args.lse = lse;
   args.dvec = dvec;
@@ -413,12 +503,12 @@ Status LaunchAttentionBackwardWgmma(const AttentionShape& shape, const bf16* q, 
   args.scale = scale;
   const int64_t ctas = int64_t{args.tiles} * shape.num_kv_heads * shape.batch;
   if (ctas > INT32_MAX) return Status::InvalidArgument("attention: too many key tiles");
+  auto* kernel = dq_by_tma ? AttentionBackwardWgmmaKernel<true> : AttentionBackwardWgmmaKernel<false>;
   GROVE_RETURN_IF_ERROR(CudaError(
-      cudaFuncSetAttribute(AttentionBackwardWgmmaKernel,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes),
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes),
       "shared memory attribute"));
-  AttentionBackwardWgmmaKernel<<<unsigned(ctas), kThreads, kSmemBytes, stream>>>(
-      tmap_q, tmap_k, tmap_v, tmap_do, args);
+  kernel<<<unsigned(ctas), kThreads, kSmemBytes, stream>>>(tmap_q, tmap_k, tmap_v, tmap_do,
+                                                            tmap_dq, args);
   return CudaError(cudaGetLastError(), "launch");
 }
 

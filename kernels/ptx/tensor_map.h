@@ -31,4 +31,14 @@ Status MakeTensorMap3dBf16Swizzled(CUtensorMap* map, const void* base, uint64_t 
                                    uint64_t plane_stride_elems, uint32_t box_rows,
                                    uint32_t box_cols, uint32_t swizzle_bytes);
 
+// A 2-D row-major fp32 tensor [rows, cols] (row stride `row_stride_elems`
+// >= cols, a multiple of 4 so rows start 16-byte aligned) in boxes of
+// [box_rows, box_cols] whose rows are one swizzle span: box_cols * 4 ==
+// swizzle_bytes (64 or 128), box_rows <= 256, `base` 16-byte aligned. For
+// TMA reductions (cp_reduce_async_bulk_tensor_2d_s2g_add): box elements
+// outside the tensor are dropped.
+Status MakeTensorMap2dF32Swizzled(CUtensorMap* map, const void* base, uint64_t rows,
+                                  uint64_t cols, uint64_t row_stride_elems, uint32_t box_rows,
+                                  uint32_t box_cols, uint32_t swizzle_bytes);
+
 }  // namespace grove::ptx

@@ -40,6 +40,44 @@ __device__ __forceinline__ void cp_async_bulk_tensor_3d_g2s(void* smem_dst,
       : "memory");
 }
 
+// cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group:
+// adds the box at `smem_src` (laid out and aligned as the map's swizzle
+// says) into global memory at (c0 innermost, c1), element-wise, in the
+// map's data type; elements outside the tensor are dropped. Asynchronous:
+// commit with cp_async_bulk_commit_group and wait (at least for the reads of
+// `smem_src`) with cp_async_bulk_wait_group_read before reusing the buffer.
+// The caller orders its generic-proxy writes of `smem_src` first
+// (fence_proxy_async_shared_cta, then a barrier with the writers).
+__device__ __forceinline__ void cp_reduce_async_bulk_tensor_2d_s2g_add(const CUtensorMap* tensor_map,
+                                                                      int32_t c0, int32_t c1,
+                                                                      const void* smem_src) {
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group"
+      " [%0, {%1, %2}], [%3];\n" ::"l"(reinterpret_cast<uint64_t>(tensor_map)),
+      "r"(c0), "r"(c1), "r"(smem_addr(smem_src))
+      : "memory");
+}
+
+// cp.async.bulk.commit_group: closes this thread's bulk-group of the bulk
+// stores / reductions issued since the last commit.
+__device__ __forceinline__ void cp_async_bulk_commit_group() {
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+
+// cp.async.bulk.wait_group.read N: waits until at most N of this thread's
+// bulk-groups still read their shared-memory sources.
+template <int N>
+__device__ __forceinline__ void cp_async_bulk_wait_group_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+
+// cp.async.bulk.wait_group N: waits until at most N of this thread's
+// bulk-groups are incomplete (their global writes done).
+template <int N>
+__device__ __forceinline__ void cp_async_bulk_wait_group() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 // prefetch.tensormap: pulls a __grid_constant__ tensor map into the
 // descriptor cache ahead of its first use.
 __device__ __forceinline__ void prefetch_tensormap(const CUtensorMap* tensor_map) {

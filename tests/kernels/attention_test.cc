@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -761,6 +762,54 @@ TEST(AttentionWgmmaBackwardTest, ManyShortSequencesLooseBound) {
 TEST(AttentionWgmmaBackwardTest, TrainingShapeHeads) {
   GROVE_SKIP_WITHOUT_WGMMA_ATTENTION_BWD();
   CheckWgmmaBackward({{1024, 300}, 8, 2, 128});
+}
+
+// dQ reaches the fp32 workspace by TMA reductions (default) or by float2
+// atomics (GROVE_ATTENTION_BWD_DQ=atomic): the same dK, dV bits (that path
+// does not change), dQ equal up to the order of the additions (bf16 dQ: a
+// rounding flip in some elements, far below 1e-3 relative). Ragged lengths
+// put every sequence's last query tile past its end.
+TEST(AttentionWgmmaBackwardTest, DqByAtomicsMatchesDqByTma) {
+  GROVE_SKIP_WITHOUT_WGMMA_ATTENTION_BWD();
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int H = 8, Hk = 2, D = 128;
+  const std::vector<int32_t> cu = {0, 1, 66, 195, 495, 1519};
+  const int T = cu.back();
+  std::vector<__nv_bfloat16> q, k, v, dout;
+  std::vector<double> unused;
+  testing::RandomBf16(rng, size_t(T) * H * D, &q, &unused);
+  testing::RandomBf16(rng, size_t(T) * Hk * D, &k, &unused);
+  testing::RandomBf16(rng, size_t(T) * Hk * D, &v, &unused);
+  testing::RandomBf16(rng, size_t(T) * H * D, &dout, &unused);
+  DeviceBuffer<int32_t> d_cu(cu.size());
+  GROVE_CUDA_OK(d_cu.Upload(cu));
+  AttentionShape shape;
+  shape.cu_seqlens = d_cu.get();
+  shape.batch = int(cu.size()) - 1;
+  shape.max_seqlen = 1024;
+  shape.total_tokens = T;
+  shape.num_heads = H;
+  shape.num_kv_heads = Hk;
+  shape.head_dim = D;
+  const ForwardRun fwd = RunForward(AttentionForwardImpl::kMmaSync, shape, std::nullopt, q, k, v);
+  const char* previous = std::getenv("GROVE_ATTENTION_BWD_DQ");
+  const std::string saved = previous ? previous : "";
+  auto run_with = [&](const char* dq_path) {
+    setenv("GROVE_ATTENTION_BWD_DQ", dq_path, 1);
+    return RunBackward(AttentionBackwardImpl::kWgmma, shape, std::nullopt, q, k, v, fwd.o, dout,
+                       fwd.lse);
+  };
+  const BackwardRun by_tma = run_with("tma");
+  const BackwardRun by_atomics = run_with("atomic");
+  if (previous) setenv("GROVE_ATTENTION_BWD_DQ", saved.c_str(), 1);
+  else unsetenv("GROVE_ATTENTION_BWD_DQ");
+  EXPECT_EQ(BitDiffs(by_tma.dk, by_atomics.dk), 0u);
+  EXPECT_EQ(BitDiffs(by_tma.dv, by_atomics.dv), 0u);
+  const double vs_dq = testing::RelativeError(ToDouble(by_tma.dq), ToDouble(by_atomics.dq));
+  std::printf("wgmma bwd dQ by TMA vs by atomics: rel diff %.2e\n", vs_dq);
+  EXPECT_LE(vs_dq, 1e-3);
 }
 
 // The backward's last query and key tiles of a sequence read q, k, v, dO
