@@ -144,6 +144,24 @@ std::vector<int> Routing(int rows, int experts, bool skewed, std::mt19937_64& rn
   return counts;
 }
 
+// A routing's per-expert row counts, their prefix offsets, and the offsets
+// on the device (the caller frees d_offsets).
+struct ExpertRouting {
+  std::vector<int> counts;
+  std::vector<int32_t> offsets;
+  int32_t* d_offsets = nullptr;
+};
+ExpertRouting RouteToDevice(int rows, int experts, bool skewed, std::mt19937_64& rng) {
+  ExpertRouting r;
+  r.counts = Routing(rows, experts, skewed, rng);
+  r.offsets.assign(experts + 1, 0);
+  for (int e = 0; e < experts; ++e) r.offsets[e + 1] = r.offsets[e] + r.counts[e];
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&r.d_offsets, r.offsets.size() * 4));
+  GROVE_BENCH_CUDA_CHECK(
+      cudaMemcpy(r.d_offsets, r.offsets.data(), r.offsets.size() * 4, cudaMemcpyHostToDevice));
+  return r;
+}
+
 double MaxRelDiff(const void* x, const void* y, size_t count, GemmOutType out) {
   std::vector<float> hx(count), hy(count);
   if (out == GemmOutType::kF32) {
@@ -740,12 +758,10 @@ struct Row {
 void WeightGradBench(cublasHandle_t h, std::mt19937_64& rng, int reps) {
   const int experts = 64, top_k = 6, tokens = 32768, H = 1024, F = 512;
   const int rows = tokens * top_k;
-  const std::vector<int> counts = Routing(rows, experts, /*skewed=*/true, rng);
-  std::vector<int32_t> offsets(experts + 1, 0);
-  for (int e = 0; e < experts; ++e) offsets[e + 1] = offsets[e] + counts[e];
-  int32_t* d_off;
-  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_off, offsets.size() * 4));
-  GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_off, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
+  const ExpertRouting routing = RouteToDevice(rows, experts, /*skewed=*/true, rng);
+  const std::vector<int>& counts = routing.counts;
+  const std::vector<int32_t>& offsets = routing.offsets;
+  int32_t* d_off = routing.d_offsets;
   const int64_t stride = 3LL * F * H;
   const size_t g_elems = size_t(stride) * experts;
   float *g, *g_ref;
@@ -1191,12 +1207,9 @@ void PagedAttentionBench(std::mt19937_64& rng, int reps) {
 void GroupedStepShapes(cublasHandle_t h, std::mt19937_64& rng, int reps) {
   const int experts = 64, top_k = 6, hidden = 1024, expert_hidden = 512, tokens = 32768;
   const int rows = tokens * top_k;
-  const std::vector<int> counts = Routing(rows, experts, /*skewed=*/true, rng);
-  std::vector<int32_t> offsets(experts + 1, 0);
-  for (int e = 0; e < experts; ++e) offsets[e + 1] = offsets[e] + counts[e];
-  int32_t* d_off;
-  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_off, offsets.size() * 4));
-  GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_off, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
+  const ExpertRouting routing = RouteToDevice(rows, experts, /*skewed=*/true, rng);
+  const std::vector<int>& counts = routing.counts;
+  int32_t* d_off = routing.d_offsets;
   const size_t expert_elems = size_t(3) * expert_hidden * hidden;
   __nv_bfloat16* weights = RandomDeviceBf16(size_t(experts) * expert_elems, rng);
   const __nv_bfloat16* w1 = weights;  // [2F, H]: w1 then w3
