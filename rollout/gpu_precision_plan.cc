@@ -41,7 +41,13 @@ class DeviceBuffer {
       if (p_) cudaFree(p_);
       p_ = nullptr;
       bytes_ = 0;
-      GROVE_RETURN_IF_ERROR(Cuda(cudaMalloc(&p_, bytes), "allocation"));
+      const cudaError_t err = cudaMalloc(&p_, bytes);
+      if (err != cudaSuccess) {
+        p_ = nullptr;
+        // Not left as the thread's last error for a later launch check.
+        if (cudaPeekAtLastError() == err) cudaGetLastError();
+        return Cuda(err, "allocation");
+      }
       bytes_ = bytes;
     }
     return static_cast<T*>(p_);
@@ -99,33 +105,41 @@ struct TensorRange {
 };
 
 // Round-trips tensors of the model's fp32 master in place (refreshing the
-// bf16 mirror) and puts them back: a device copy of each is kept meanwhile.
+// bf16 mirror) and puts them back: from a device copy of each kept
+// meanwhile, or, where the device has no room for that copy (a whole
+// model's FFN weights: 6 GB on gpu-ref), from `host` (the full weights on
+// the host, when given).
 class DeviceRoundTrip {
  public:
-  explicit DeviceRoundTrip(model::GpuTransformer& m) : m_(m) {}
+  explicit DeviceRoundTrip(model::GpuTransformer& m, std::span<const float> host = {}) : m_(m), host_(host) {}
   ~DeviceRoundTrip() { (void)Restore(); }
   Status Apply(std::vector<TensorRange> ranges) {
     GROVE_RETURN_IF_ERROR(Restore());
     ranges_ = std::move(ranges);
     int64_t total = 0;
     for (const TensorRange& r : ranges_) total += r.rows * r.cols;
-    GROVE_ASSIGN_OR_RETURN(float* backup, backup_.Get<float>(total));
+    Result<float*> backup = backup_.Get<float>(total);
+    if (!backup.ok() && (backup.status().code() != StatusCode::kResourceExhausted || host_.empty()))
+      return backup.status();
+    from_host_ = !backup.ok();
     cudaStream_t st = static_cast<cudaStream_t>(m_.stream());
     float* P = m_.device_params();
     int64_t at = 0;
+    applied_ = true;
     for (const TensorRange& r : ranges_) {
       const int64_t n = r.rows * r.cols;
-      PLAN_CUDA(cudaMemcpyAsync(backup + at, P + r.offset, n * sizeof(float), cudaMemcpyDeviceToDevice, st));
+      if (!from_host_)
+        PLAN_CUDA(cudaMemcpyAsync(*backup + at, P + r.offset, n * sizeof(float), cudaMemcpyDeviceToDevice, st));
       RoundTripOnDevice(r.format, P + r.offset, r.rows, r.cols, st);
       at += n;
     }
-    applied_ = true;
     PLAN_CUDA(cudaGetLastError());
     return m_.RefreshMirror();
   }
   Status Restore() {
     if (!applied_) return Status::OK();
     applied_ = false;
+    if (from_host_) return m_.UploadParams(host_);
     cudaStream_t st = static_cast<cudaStream_t>(m_.stream());
     GROVE_ASSIGN_OR_RETURN(float* backup, backup_.Get<float>(0));
     float* P = m_.device_params();
@@ -140,9 +154,10 @@ class DeviceRoundTrip {
 
  private:
   model::GpuTransformer& m_;
+  std::span<const float> host_;
   DeviceBuffer backup_;
   std::vector<TensorRange> ranges_;
-  bool applied_ = false;
+  bool applied_ = false, from_host_ = false;
 };
 
 TensorRange RangeOf(const model::ParamLayout& layout, const std::string& name, PrecisionFormat f) {
@@ -417,7 +432,8 @@ Status MeasureUnitErrorsOnGpu(model::GpuTransformer& model, const std::vector<mo
 }
 
 Result<MismatchReport> MeasureMismatchOnGpu(model::GpuTransformer& model, const FormatChooser& choose,
-                                            const std::vector<model::ScoreRequest>& sequences) {
+                                            const std::vector<model::ScoreRequest>& sequences,
+                                            std::span<const float> full) {
   const model::ModelConfig& c = model.config();
   std::vector<TensorRange> ranges;
   for (const model::TensorInfo& t : model.layout().tensors()) {
@@ -429,9 +445,10 @@ Result<MismatchReport> MeasureMismatchOnGpu(model::GpuTransformer& model, const 
   }
   KlOfLastScore kl;
   GROVE_RETURN_IF_ERROR(kl.Init(model));
-  GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> full, model.Score(sequences, /*keep_for_backward=*/false));
+  GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> reference,
+                         model.Score(sequences, /*keep_for_backward=*/false));
   GROVE_RETURN_IF_ERROR(kl.KeepReference());
-  DeviceRoundTrip rt(model);
+  DeviceRoundTrip rt(model, full);
   GROVE_RETURN_IF_ERROR(rt.Apply(std::move(ranges)));
   GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> quantized, model.Score(sequences, /*keep_for_backward=*/false));
   GROVE_ASSIGN_OR_RETURN(double mean_kl, kl.MeanKl());
@@ -445,7 +462,7 @@ Result<MismatchReport> MeasureMismatchOnGpu(model::GpuTransformer& model, const 
   for (size_t s = 0; s < sequences.size() && row > 0; ++s) {
     const int64_t L = int64_t(sequences[s].tokens.size());
     for (int64_t t = sequences[s].score_from - 1; t < L - 1; ++t)
-      differ += RouteSetsDiffer(full.routes[s].data() + t * row, quantized.routes[s].data() + t * row, M, K);
+      differ += RouteSetsDiffer(reference.routes[s].data() + t * row, quantized.routes[s].data() + t * row, M, K);
   }
   if (rep.tokens > 0) rep.routes_differ = double(differ) / double(rep.tokens);
   return rep;
@@ -466,6 +483,7 @@ Result<std::vector<model::ScoreRequest>> GpuPlanMeasurer::Calibrate(std::span<co
   if (prompts.empty()) return Status::InvalidArgument("calibration needs at least one prompt");
   const auto t0 = std::chrono::steady_clock::now();
   GROVE_RETURN_IF_ERROR(model_->UploadParams(full));
+  full_ = full;
   model::SamplingOptions so;
   so.temperature = 1.0;
   so.max_new_tokens = max_new_tokens;
@@ -483,7 +501,7 @@ Status GpuPlanMeasurer::MeasureUnitErrors(const std::vector<model::ScoreRequest>
 
 Result<MismatchReport> GpuPlanMeasurer::MeasureMismatch(const FormatChooser& choose,
                                                         const std::vector<model::ScoreRequest>& calibration) {
-  return MeasureMismatchOnGpu(*model_, choose, calibration);
+  return MeasureMismatchOnGpu(*model_, choose, calibration, full_);
 }
 
 }  // namespace grove::rollout

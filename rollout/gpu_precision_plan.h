@@ -58,9 +58,13 @@ Status ScaleByLayerSensitivityOnGpu(model::GpuTransformer& model,
 // As MeasureMismatch: `model` holds the full-precision weights; the
 // rollout's are their round trips through `choose` (each planned tensor's
 // format; bf16 and unplanned tensors as the bf16 mirror has them, which is
-// what bf16 is). The model's weights are restored on return.
+// what bf16 is). The model's weights are restored on return: from a device
+// copy of the rounded tensors, or where the device lacks the room for it,
+// by uploading `full` (the same weights on the host; empty: no fallback,
+// ResourceExhausted).
 Result<MismatchReport> MeasureMismatchOnGpu(model::GpuTransformer& model, const FormatChooser& choose,
-                                            const std::vector<model::ScoreRequest>& sequences);
+                                            const std::vector<model::ScoreRequest>& sequences,
+                                            std::span<const float> full = {});
 
 // PolicyQuantizer's plan mode measured on a GPU: a frozen GpuTransformer
 // (fp32 master + bf16 mirror of the model: ~6 bytes per parameter on the
@@ -94,6 +98,9 @@ class GpuPlanMeasurer : public PlanMeasurer {
       : model_(std::move(m)), sampler_(std::move(s)) {}
   std::unique_ptr<model::GpuTransformer> model_;
   Sampler sampler_;
+  // The weights of the last Calibrate (PolicyQuantizer keeps them alive
+  // until its MeasureMismatch): MeasureMismatchOnGpu's fallback.
+  std::span<const float> full_;
   double sample_s_ = 0;
   GpuPlanTiming timing_;
 };
