@@ -236,6 +236,7 @@ struct GpuTransformer::Impl {
   cublasHandle_t cublas = nullptr;
   DevBuf params, grads, mirror;
   Tape kept, scratch;
+  const Tape* last = nullptr;  // the last Score's tape (its final hidden rows)
   // Backward workspace.
   DevBuf dres, dres_b, dmain, dqkv, dout_b, dwork, attn_ws, norm_ws, dz, dhs, dlogits,
       dgate, deab, deh, dey, dxe, xe, g, router_logits, logits, index_ws, embed_ws, router_ws, dlogits_f;
@@ -586,6 +587,7 @@ Status GpuTransformer::ReleaseActivations() {
   // step reads), sized to it at Create.
   im.kept = Tape{};
   im.scratch = Tape{};
+  im.last = nullptr;
   for (DevBuf* b : {&im.dres, &im.dres_b, &im.dmain, &im.dqkv, &im.dout_b, &im.dwork,
                     &im.attn_ws, &im.norm_ws, &im.dz, &im.dhs, &im.dlogits, &im.dgate, &im.deab,
                     &im.deh, &im.dey, &im.dxe, &im.xe, &im.g, &im.router_logits, &im.logits,
@@ -623,8 +625,6 @@ Status Upload(DevBuf& buf, const T* host, int64_t count, cudaStream_t stream) {
 Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>& batch, bool keep) {
   const ModelConfig& c = config_;
   GROVE_RETURN_IF_ERROR(ValidateScoreRequests(c, batch));
-  if (keep && !trainable_)
-    return Status::FailedPrecondition("Score(keep_for_backward) on a GpuTransformer created without gradients");
   GPU_OK(cudaSetDevice(device_));
   Impl& im = *impl_;
   im.prof->Start();
@@ -634,6 +634,7 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
                 hd = c.head_dim, qd = c.heads * hd, kd = c.kv_heads * hd, qkvd = qd + 2 * kd;
   Tape& tp = keep ? im.kept : im.scratch;
   tp.valid = false;
+  im.last = &tp;
 
   // Host-side index arrays of the packed batch (row r = input position),
   // sized first, then filled per request in parallel straight into the
@@ -972,6 +973,28 @@ Status GpuTransformer::Backward(const std::vector<std::vector<float>>& dlogprobs
   im.Lap("bwd: host prep + upload");
   return BackwardFromDevice(dg);
 }
+
+Result<GpuTransformer::DeviceFfnInputs> GpuTransformer::KeptFfn(int64_t layer) const {
+  const Tape& tp = impl_->kept;
+  if (!tp.valid) return Status::FailedPrecondition("KeptFfn needs a Score(keep_for_backward=true) before it");
+  if (layer < 0 || layer >= config_.layers)
+    return Status::InvalidArgument("KeptFfn: layer " + std::to_string(layer) + " not in [0, " +
+                                   std::to_string(config_.layers) + ")");
+  DeviceFfnInputs in;
+  in.rows = tp.rows;
+  in.x = tp.layers[layer].h2.as<void>();
+  if (config_.is_moe_layer(layer)) {
+    in.experts = tp.ids.as<uint16_t>() + config_.moe_index(layer) * int64_t(tp.rows) * config_.top_k;
+    in.gates = tp.layers[layer].gates.as<float>();
+  }
+  return in;
+}
+
+const void* GpuTransformer::last_scored_hidden() const {
+  return impl_->last ? impl_->last->hs.as<void>() : nullptr;
+}
+
+int64_t GpuTransformer::last_scored_rows() const { return impl_->last ? impl_->last->scored : 0; }
 
 const float* GpuTransformer::device_logprobs() const { return impl_->kept.valid ? impl_->kept.logp.as<float>() : nullptr; }
 

@@ -69,7 +69,29 @@ class GpuTransformer {
   // As Transformer::Score (same validation, same semantics: routing replay,
   // routes, expert_load, balance_loss). keep_for_backward keeps this
   // batch's activations for one Backward(); a Score without it leaves them.
+  // A frozen model (trainable=false) keeps them too, for KeptFfn; only its
+  // Backward fails.
   Result<ScoreResult<float>> Score(const std::vector<ScoreRequest>& batch, bool keep_for_backward);
+
+  // After a Score(keep_for_backward=true), layer `layer`'s FFN input as
+  // Transformer::KeptFfnInputs has it, on the device (stream() order; valid
+  // until the next Score(keep) or ReleaseActivations): x the ffn_norm output
+  // (bf16 [rows, hidden], rows = the packed batch's input positions,
+  // requests in order); MoE layers: experts (uint16 [rows, top_k]) and gates
+  // (fp32 [rows, top_k]), null for dense layers. For measuring quantization
+  // error on real activations (rollout/gpu_precision_plan.h).
+  struct DeviceFfnInputs {
+    int64_t rows = 0;
+    const void* x = nullptr;
+    const uint16_t* experts = nullptr;
+    const float* gates = nullptr;
+  };
+  Result<DeviceFfnInputs> KeptFfn(int64_t layer) const;
+  // The last Score's final-norm output on its scored rows (bf16
+  // [last_scored_rows(), hidden], requests in order): lm_head of it gives
+  // the full next-token logits. Valid until the next Score.
+  const void* last_scored_hidden() const;
+  int64_t last_scored_rows() const;
   // As Transformer::Backward: accumulates into the device gradients.
   Status Backward(const std::vector<std::vector<float>>& dlogprobs);
   // The last Score(keep_for_backward=true)'s log-probs on the device

@@ -1,8 +1,12 @@
 #include "rollout/gpu_generation_backend.h"
 
+#include <memory>
 #include <string>
 
+#include <glog/logging.h>
+
 #include "rollout/gpu_generator.h"
+#include "rollout/gpu_precision_plan.h"
 
 namespace grove::rollout {
 
@@ -68,11 +72,34 @@ Result<std::unique_ptr<GenerationBackend>> MakeGpuBackend(const BackendSettings&
   o.max_batch = static_cast<int>(settings.max_batch);
   o.kv_memory_fraction = settings.kv_memory_fraction;
   o.cuda_graphs = settings.cuda_graphs;
-  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<GpuGenerator> g, GpuGenerator::Create(config, o));
+  // Plan mode measures on this GPU (gpu_precision_plan.h: seconds where the
+  // CPU model takes minutes on the GPU reference model), its frozen copy of
+  // the model allocated before the engine sizes its KV pages from what is
+  // free; the engine samples the calibration completions. Where the copy
+  // cannot be made (a shape GpuTransformer does not support, or no memory
+  // for it), on a CPU copy of the model as before.
   std::unique_ptr<model::Model> plan_model;
+  // The engine, once made (below; the sampler runs only after it is): the
+  // backend owns both, the engine outliving the quantizer's measurer.
+  auto engine = std::make_shared<GpuGenerator*>(nullptr);
   if (quantizer->settings().mode == QuantizeMode::kPlan) {
-    GROVE_ASSIGN_OR_RETURN(plan_model, model::Model::Create(config, 0));
+    auto measurer = GpuPlanMeasurer::Create(
+        config, device,
+        [engine](std::span<const float> full, const std::vector<std::vector<int32_t>>& prompts,
+                  const model::SamplingOptions& so) -> Result<std::vector<model::Completion<float>>> {
+          if (*engine == nullptr) return Status::FailedPrecondition("precision plan: the engine was not made");
+          GROVE_RETURN_IF_ERROR((*engine)->LoadWeights(full, nullptr).status());  // bf16: the full policy
+          return (*engine)->Generate(prompts, so);
+        });
+    if (measurer.ok()) {
+      quantizer->set_measurer(std::move(*measurer));
+    } else {
+      LOG(WARNING) << "precision plan: measuring on the CPU, not on GPU " << device << ": " << measurer.status();
+      GROVE_ASSIGN_OR_RETURN(plan_model, model::Model::Create(config, 0));
+    }
   }
+  GROVE_ASSIGN_OR_RETURN(std::unique_ptr<GpuGenerator> g, GpuGenerator::Create(config, o));
+  *engine = g.get();
   return std::unique_ptr<GenerationBackend>(
       new GpuBackend(config, device, std::move(g), std::move(quantizer), std::move(plan_model)));
 }

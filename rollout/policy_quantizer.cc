@@ -73,14 +73,23 @@ PolicyQuantizer::PolicyQuantizer(QuantizeSettings settings, std::vector<std::vec
     : settings_(settings), prompts_(std::move(calibration_prompts)), stop_token_(stop_token),
       trigger_(settings.replan) {}
 
-Status PolicyQuantizer::MakePlan(int64_t version, std::span<const float> full, model::Model& model) {
+Status PolicyQuantizer::MakePlan(int64_t version, const model::ModelConfig& config, std::span<const float> full,
+                                 model::Model* model) {
   const auto t0 = std::chrono::steady_clock::now();
-  std::copy(full.begin(), full.end(), model.params().begin());
-  GROVE_ASSIGN_OR_RETURN(calibration_,
-                         CalibrationBatch(model, prompts_, settings_.plan_max_new_tokens, stop_token_,
-                                          static_cast<uint64_t>(version) * 0x9e3779b97f4a7c15ull + 1));
-  std::vector<PlanUnit> units = PlanUnits(model.config());
-  GROVE_RETURN_IF_ERROR(MeasureUnitErrors(model, calibration_, units));
+  const uint64_t seed = static_cast<uint64_t>(version) * 0x9e3779b97f4a7c15ull + 1;
+  std::vector<PlanUnit> units;
+  if (measurer_) {
+    GROVE_ASSIGN_OR_RETURN(calibration_, measurer_->Calibrate(full, prompts_, settings_.plan_max_new_tokens,
+                                                              stop_token_, seed));
+    units = PlanUnits(config);
+    GROVE_RETURN_IF_ERROR(measurer_->MeasureUnitErrors(calibration_, units));
+  } else {
+    std::copy(full.begin(), full.end(), model->params().begin());
+    GROVE_ASSIGN_OR_RETURN(calibration_,
+                           CalibrationBatch(*model, prompts_, settings_.plan_max_new_tokens, stop_token_, seed));
+    units = PlanUnits(model->config());
+    GROVE_RETURN_IF_ERROR(MeasureUnitErrors(*model, calibration_, units));
+  }
   GROVE_RETURN_IF_ERROR(ChooseFormats(settings_.plan_bits, units));
   plan_ = PrecisionPlan{settings_.plan_bits, std::move(units)};
   trigger_.Planned(version, full);
@@ -103,9 +112,10 @@ Result<FormatChooser> PolicyQuantizer::Choose(int64_t version, const model::Mode
       return UniformFfn(config, PrecisionFormat::kInt4);
     case QuantizeMode::kPlan:
       if (prompts_.empty()) return Status::FailedPrecondition("plan mode needs calibration prompts");
-      if (model == nullptr) return Status::FailedPrecondition("plan mode needs a CPU model to calibrate on");
+      if (model == nullptr && !measurer_)
+        return Status::FailedPrecondition("plan mode needs a CPU model or a measurer to calibrate on");
       if (trigger_.Due(version, flat)) {
-        GROVE_RETURN_IF_ERROR(MakePlan(version, flat, *model));
+        GROVE_RETURN_IF_ERROR(MakePlan(version, config, flat, model));
         *remade = true;
       }
       return plan_->Chooser();
@@ -114,13 +124,20 @@ Result<FormatChooser> PolicyQuantizer::Choose(int64_t version, const model::Mode
 }
 
 Status PolicyQuantizer::MeasurePlan(int64_t version, const std::vector<actors::TensorSpec>& tensors,
-                                    std::span<const float> full, model::Model& model) {
-  std::vector<float> planned(full.begin(), full.end());
-  const QuantizationReport q = QuantizeInPlace(tensors, planned, plan_->Chooser());
-  std::copy(planned.begin(), planned.end(), model.params().begin());
-  GROVE_ASSIGN_OR_RETURN(mismatch_, MeasureMismatch(model, full, calibration_));
+                                    std::span<const float> full, model::Model* model) {
+  std::string where = "the CPU";
+  if (measurer_) {
+    GROVE_ASSIGN_OR_RETURN(mismatch_, measurer_->MeasureMismatch(plan_->Chooser(), calibration_));
+    where = measurer_->where();
+  } else {
+    std::vector<float> planned(full.begin(), full.end());
+    QuantizeInPlace(tensors, planned, plan_->Chooser());
+    std::copy(planned.begin(), planned.end(), model->params().begin());
+    GROVE_ASSIGN_OR_RETURN(mismatch_, MeasureMismatch(*model, full, calibration_));
+  }
+  const QuantizationReport q = StorageReport(tensors, plan_->Chooser());
   LOG(INFO) << "precision plan for version " << version << ": " << plan_->Summary() << " (" << Fixed(plan_seconds_, 2)
-            << " s on " << calibration_.size() << " sequences); model " << Fixed(q.bits_per_weight, 2)
+            << " s on " << where << ", " << calibration_.size() << " sequences); model " << Fixed(q.bits_per_weight, 2)
             << " b/w; vs full precision: KL " << mismatch_.mean_kl << " per token, routes differ on "
             << Fixed(100 * mismatch_.routes_differ, 1) << "% of " << mismatch_.tokens << " tokens";
   return Status::OK();
@@ -133,7 +150,7 @@ Status PolicyQuantizer::Install(int64_t version, const std::vector<actors::Tenso
                                    std::to_string(model.params().size()));
   bool remade = false;
   GROVE_ASSIGN_OR_RETURN(FormatChooser choose, Choose(version, model.config(), flat, &model, &remade));
-  if (remade) GROVE_RETURN_IF_ERROR(MeasurePlan(version, tensors, flat, model));
+  if (remade) GROVE_RETURN_IF_ERROR(MeasurePlan(version, tensors, flat, &model));
   report_ = QuantizeInPlace(tensors, flat, choose);
   std::copy(flat.begin(), flat.end(), model.params().begin());
   return Status::OK();
@@ -144,7 +161,7 @@ Result<FormatChooser> PolicyQuantizer::Formats(int64_t version, const model::Mod
                                                std::span<const float> flat, model::Model* plan_model) {
   bool remade = false;
   GROVE_ASSIGN_OR_RETURN(FormatChooser choose, Choose(version, config, flat, plan_model, &remade));
-  if (remade) GROVE_RETURN_IF_ERROR(MeasurePlan(version, tensors, flat, *plan_model));
+  if (remade) GROVE_RETURN_IF_ERROR(MeasurePlan(version, tensors, flat, plan_model));
   report_ = StorageReport(tensors, choose);
   return choose;
 }

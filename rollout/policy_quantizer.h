@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <span>
 #include <string>
@@ -47,6 +48,28 @@ const std::vector<std::string_view>& QuantizeKeys();
 // for an unknown mode or a bad value.
 Result<QuantizeSettings> ParseQuantizeSettings(const Config& rollout);
 
+// Plan mode's measurements done elsewhere than on a CPU model (a GPU:
+// gpu_precision_plan.h's GpuPlanMeasurer), with the CPU path's definitions.
+class PlanMeasurer {
+ public:
+  virtual ~PlanMeasurer() = default;
+  // Takes `full` (the version's fp32 weights, layout order) as the
+  // full-precision policy of the calls below, and returns the calibration
+  // sequences: `prompts` completed by that policy as CalibrationBatch does.
+  virtual Result<std::vector<model::ScoreRequest>> Calibrate(std::span<const float> full,
+                                                             const std::vector<std::vector<int32_t>>& prompts,
+                                                             int64_t max_new_tokens, int32_t stop_token,
+                                                             uint64_t seed) = 0;
+  // As MeasureUnitErrors.
+  virtual Status MeasureUnitErrors(const std::vector<model::ScoreRequest>& calibration,
+                                   std::vector<PlanUnit>& units) = 0;
+  // As MeasureMismatch, the rollout weights being `choose`'s round trips.
+  virtual Result<MismatchReport> MeasureMismatch(const FormatChooser& choose,
+                                                 const std::vector<model::ScoreRequest>& calibration) = 0;
+  // Where it measures, for logs ("GPU 0").
+  virtual std::string where() const = 0;
+};
+
 class PolicyQuantizer {
  public:
   // calibration_prompts: token ids of task prompts (plan mode only; at least
@@ -71,6 +94,11 @@ class PolicyQuantizer {
                                 const std::vector<actors::TensorSpec>& tensors, std::span<const float> flat,
                                 model::Model* plan_model);
 
+  // Plan mode measures with `measurer` from now on (then Formats needs no
+  // plan_model); null: on the CPU model again.
+  void set_measurer(std::unique_ptr<PlanMeasurer> measurer) { measurer_ = std::move(measurer); }
+  const PlanMeasurer* measurer() const { return measurer_.get(); }
+
   const QuantizeSettings& settings() const { return settings_; }
   const QuantizationReport& report() const { return report_; }
   // Plan mode, after the first Install: the plan in force, its mismatch on
@@ -83,18 +111,21 @@ class PolicyQuantizer {
   std::string Detail() const;
 
  private:
-  Status MakePlan(int64_t version, std::span<const float> full, model::Model& model);
+  // On `model`, or on measurer_ when set (model may then be null).
+  Status MakePlan(int64_t version, const model::ModelConfig& config, std::span<const float> full,
+                  model::Model* model);
   // The chooser of the configured mode (plan mode: of the plan in force);
   // *remade is set when the plan was remade for this version.
   Result<FormatChooser> Choose(int64_t version, const model::ModelConfig& config, std::span<const float> flat,
                                model::Model* model, bool* remade);
   // After a remake: the plan's mismatch against `full`, on `model`.
   Status MeasurePlan(int64_t version, const std::vector<actors::TensorSpec>& tensors, std::span<const float> full,
-                     model::Model& model);
+                     model::Model* model);
 
   QuantizeSettings settings_;
   std::vector<std::vector<int32_t>> prompts_;
   int32_t stop_token_;
+  std::unique_ptr<PlanMeasurer> measurer_;
   ReplanTrigger trigger_;
   QuantizationReport report_;
   std::optional<PrecisionPlan> plan_;

@@ -181,6 +181,12 @@ std::vector<PlanUnit> PlanUnits(const model::ModelConfig& config) {
 
 Status MeasureUnitErrors(model::Model& model, const std::vector<model::ScoreRequest>& calibration,
                          std::vector<PlanUnit>& units) {
+  GROVE_RETURN_IF_ERROR(MeasureLocalUnitErrors(model, calibration, units));
+  return ScaleByLayerSensitivity(model, calibration, units);
+}
+
+Status MeasureLocalUnitErrors(model::Model& model, const std::vector<model::ScoreRequest>& calibration,
+                              std::vector<PlanUnit>& units) {
   const model::ModelConfig& c = model.config();
   const model::ParamLayout& layout = model.layout();
   for (const PlanUnit& u : units)
@@ -231,7 +237,7 @@ Status MeasureUnitErrors(model::Model& model, const std::vector<model::ScoreRequ
       u.error[fi] = e;
     }
   }
-  return ScaleByLayerSensitivity(model, calibration, units);
+  return Status::OK();
 }
 
 Status ScaleByLayerSensitivity(model::Model& model, const std::vector<model::ScoreRequest>& calibration,
@@ -313,6 +319,14 @@ Result<std::vector<model::ScoreRequest>> CalibrationBatch(model::Model& model,
   so.stop_tokens = {stop_token};
   so.seed = seed;
   GROVE_ASSIGN_OR_RETURN(auto completions, model.Generate(prompts, so));
+  return CalibrationRequests(prompts, completions);
+}
+
+Result<std::vector<model::ScoreRequest>> CalibrationRequests(const std::vector<std::vector<int32_t>>& prompts,
+                                                             const std::vector<model::Completion<float>>& completions) {
+  if (completions.size() != prompts.size())
+    return Status::InvalidArgument("calibration: " + std::to_string(completions.size()) + " completions for " +
+                                   std::to_string(prompts.size()) + " prompts");
   std::vector<model::ScoreRequest> batch;
   for (size_t i = 0; i < prompts.size(); ++i) {
     if (completions[i].tokens.empty()) continue;  // prompt already at the context limit

@@ -82,6 +82,11 @@ std::vector<PlanUnit> PlanUnits(const model::ModelConfig& config);
 Status MeasureUnitErrors(model::Model& model, const std::vector<model::ScoreRequest>& calibration,
                          std::vector<PlanUnit>& units);
 
+// Its first half, the local errors only (unscaled; exposed for tests, e.g.
+// against the GPU's in gpu_precision_plan.h).
+Status MeasureLocalUnitErrors(model::Model& model, const std::vector<model::ScoreRequest>& calibration,
+                              std::vector<PlanUnit>& units);
+
 // The per-layer KL scaling above (part of MeasureUnitErrors; exposed for
 // tests): `units` hold local errors, `model` the full-precision weights
 // (restored on return).
@@ -99,6 +104,12 @@ Result<std::vector<model::ScoreRequest>> CalibrationBatch(model::Model& model,
                                                           const std::vector<std::vector<int32_t>>& prompts,
                                                           int64_t max_new_tokens, int32_t stop_token,
                                                           uint64_t seed);
+
+// CalibrationBatch's second half: each prompt with its completion as a
+// score request over the completion (prompts left no room skipped;
+// InvalidArgument when none is left).
+Result<std::vector<model::ScoreRequest>> CalibrationRequests(const std::vector<std::vector<int32_t>>& prompts,
+                                                             const std::vector<model::Completion<float>>& completions);
 
 // How far a quantized copy of the policy is from the full-precision one, on
 // the scored positions of `sequences` (the completion tokens).

@@ -1,7 +1,11 @@
 // Decode throughput of the GPU rollout engine (rollout/gpu_generator.h) on a
 // model config (default the GPU reference model), random weights
-// (bench::FastInit): for each weight plan (bf16, int8, int4, and a mix:
-// routed experts alternately int4/int8 by expert id, the rest int8), each
+// (bench::FastInit): for each weight plan (bf16, int8, int4, a mix:
+// routed experts alternately int4/int8 by expert id, the rest int8; and
+// plan: a precision plan measured on the GPU at --plan_bits, as a GPU
+// rollout worker makes it: --plan_sequences random prompts completed by the
+// engine, units' errors measured by GpuPlanMeasurer, gpu_precision_plan.h,
+// the time it took printed), each
 // batch size, CUDA graphs on and off: --batch prompts of --prompt random
 // tokens, greedy, --new_tokens tokens each (no stop token).
 //
@@ -62,12 +66,16 @@
 #include "model/config.h"
 #include "model/transformer.h"
 #include "rollout/gpu_generator.h"
+#include "rollout/gpu_precision_plan.h"
 #include "rollout/precision_format.h"
 #include "bench/support/bench_util.h"
 
 DEFINE_string(config, "configs/model/gpu-ref.toml", "model config (its [model] section)");
 DEFINE_string(batches, "1,8,32,128", "batch sizes (comma-separated)");
-DEFINE_string(plans, "bf16,int8,int4,mixed", "weight plans: bf16, int8, int4, mixed");
+DEFINE_string(plans, "bf16,int8,int4,mixed,plan", "weight plans: bf16, int8, int4, mixed, plan");
+DEFINE_double(plan_bits, 5.0, "plan: average bits per FFN weight");
+DEFINE_int32(plan_sequences, 8, "plan: calibration prompts (of --prompt random tokens)");
+DEFINE_int32(plan_new_tokens, 32, "plan: tokens sampled per calibration prompt");
 DEFINE_int32(prompt, 64, "prompt tokens (>= 2)");
 DEFINE_int32(new_tokens, 128, "tokens generated per sequence");
 DEFINE_bool(graphs_off, true, "also time without CUDA graphs");
@@ -91,9 +99,13 @@ bool IsAttentionOrRouter(const std::string& name) {
   return name.find("attn.") != std::string::npos || name.find("router") != std::string::npos;
 }
 
+// The measured plan's chooser (MeasurePlan; "plan" in --plans).
+FormatChooser measured_plan;
+
 // The chooser of a plan (the engine keeps attention and router bf16 anyway).
 FormatChooser Plan(const std::string& plan) {
   if (plan == "bf16") return nullptr;
+  if (plan == "plan") return measured_plan;
   const PrecisionFormat all = plan == "int4" ? PrecisionFormat::kInt4 : PrecisionFormat::kInt8;
   const bool mixed = plan == "mixed";
   return [all, mixed](const actors::TensorSpec& t) -> std::optional<PrecisionFormat> {
@@ -385,6 +397,47 @@ int RunVariants(const model::ModelConfig& c, const model::Model& host) {
   return 0;
 }
 
+// A precision plan for the model's weights, measured as a GPU worker does
+// (its own engine and GPU copy of the model, both freed before the timed
+// engines are made): the time each phase took printed.
+void MeasurePlan(const model::ModelConfig& c, const model::Model& host, std::mt19937_64& rng) {
+  auto t0 = Clock::now();
+  GpuGeneratorOptions o;
+  o.max_batch = FLAGS_plan_sequences;
+  o.kv_memory_fraction = 0.1;
+  auto gen = GpuGenerator::Create(c, o);
+  GROVE_BENCH_CHECK_OK(gen.status());
+  GpuGenerator* engine = gen->get();
+  auto m = GpuPlanMeasurer::Create(c, 0,
+                                   [engine](std::span<const float> w, const std::vector<std::vector<int32_t>>& ps,
+                                            const model::SamplingOptions& so)
+                                       -> Result<std::vector<model::Completion<float>>> {
+                                     GROVE_RETURN_IF_ERROR(engine->LoadWeights(w, nullptr).status());
+                                     return engine->Generate(ps, so);
+                                   });
+  GROVE_BENCH_CHECK_OK(m.status());
+  const double setup_s = Since(t0);
+  std::uniform_int_distribution<int32_t> tok(0, int32_t(c.vocab_size) - 1);
+  std::vector<std::vector<int32_t>> prompts(FLAGS_plan_sequences, std::vector<int32_t>(FLAGS_prompt));
+  for (auto& p : prompts)
+    for (int32_t& t : p) t = tok(rng);
+  auto tc = Clock::now();
+  auto calib = (*m)->Calibrate(host.params(), prompts, FLAGS_plan_new_tokens, /*stop_token=*/0, FLAGS_seed);
+  GROVE_BENCH_CHECK_OK(calib.status());
+  std::vector<PlanUnit> units = PlanUnits(c);
+  GROVE_BENCH_CHECK_OK((*m)->MeasureUnitErrors(*calib, units));
+  GROVE_BENCH_CHECK_OK(ChooseFormats(FLAGS_plan_bits, units));
+  const double plan_s = Since(tc);
+  const PrecisionPlan plan{FLAGS_plan_bits, std::move(units)};
+  int64_t rows = 0;
+  for (const model::ScoreRequest& r : *calib) rows += int64_t(r.tokens.size()) - 1;
+  std::printf("measured plan at %.2f b/w: %s in %.2f s on GPU 0 (%zu sequences, %lld rows: sampling %.2f s, kept "
+              "forward %.3f s, local errors %.3f s, per-layer KL %.3f s; engine + model copy set up in %.1f s)\n",
+              FLAGS_plan_bits, plan.Summary().c_str(), plan_s, calib->size(), (long long)rows,
+              (*m)->sample_seconds(), (*m)->timing().forward_s, (*m)->timing().local_s, (*m)->timing().kl_s, setup_s);
+  measured_plan = plan.Chooser();
+}
+
 int Run() {
   auto mc = model::ModelConfig::LoadFile(FLAGS_config);
   GROVE_BENCH_CHECK_OK(mc.status());
@@ -405,6 +458,9 @@ int Run() {
   bench::FastInit(**host, FLAGS_seed);
   std::printf("model %s: %lld parameters, init %.1f s; prompt %d, %d new tokens, greedy\n", FLAGS_config.c_str(),
               (long long)(*host)->layout().total(), Since(t0), FLAGS_prompt, new_tokens);
+  std::mt19937_64 plan_rng(FLAGS_seed + 1);
+  for (const std::string& p : bench::SplitCommaList(FLAGS_plans))
+    if (p == "plan" && !measured_plan) MeasurePlan(c, **host, plan_rng);
   // --profile and --variants replace the throughput table (both: both, one model init).
   if (FLAGS_profile || FLAGS_variants) {
     if (FLAGS_profile) RunProfile(c, **host);

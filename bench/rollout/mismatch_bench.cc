@@ -3,8 +3,10 @@
 // (rollout/gpu_generator.h) samples --prompts random prompts at temperature
 // 1 with weights quantized as a rollout worker's PolicyQuantizer chooses
 // (bf16 = quantize "none": the engine's bf16; int8; int4 = FFN int4, the
-// rest bf16; plan = the per-expert plan at --plan_bits, calibrated on the
-// CPU as a worker does); the learner's model::GpuTransformer (fp32 master,
+// rest bf16; plan = the per-expert plan at --plan_bits, calibrated as a GPU
+// worker does: completions sampled by the engine, errors measured on the
+// GPU by GpuPlanMeasurer, gpu_precision_plan.h; --plan_on_cpu: on the CPU
+// model, minutes on gpu-ref); the learner's model::GpuTransformer (fp32 master,
 // bf16 compute: what the GPU learner scores with) scores the same tokens.
 // Reported over the sampled tokens (rollout/sampled_mismatch.h):
 //   KL k1     mean(rollout log-prob - learner log-prob): the sampled-token
@@ -16,7 +18,8 @@
 // sharper distributions give larger, more telling numbers.
 //
 // Default: the GPU reference model, 32 prompts of 64 tokens, 128 new tokens.
-// --quick: 16 prompts, 64 new tokens, the plan calibrated on 2 x 8 tokens.
+// --quick: 16 prompts, 64 new tokens (with --plan_on_cpu, the plan
+// calibrated on 2 x 8 tokens).
 #include <gflags/gflags.h>
 
 #include <algorithm>
@@ -34,6 +37,7 @@
 #include "model/gpu_transformer.h"
 #include "model/transformer.h"
 #include "rollout/gpu_generator.h"
+#include "rollout/gpu_precision_plan.h"
 #include "rollout/policy_quantizer.h"
 #include "rollout/sampled_mismatch.h"
 #include "bench/support/bench_util.h"
@@ -42,12 +46,13 @@ DEFINE_string(config, "configs/model/gpu-ref.toml", "model config (its [model] s
 DEFINE_string(checkpoint, "", "grove safetensors weights (default: random, bench::FastInit)");
 DEFINE_string(plans, "bf16,int8,int4,plan", "weight plans: bf16, int8, int4, plan");
 DEFINE_double(plan_bits, 5.0, "plan: average bits per FFN weight");
-DEFINE_int32(plan_sequences, 4, "plan: calibration prompts");
-DEFINE_int32(plan_new_tokens, 16, "plan: tokens sampled per calibration prompt");
+DEFINE_int32(plan_sequences, 8, "plan: calibration prompts");
+DEFINE_int32(plan_new_tokens, 32, "plan: tokens sampled per calibration prompt");
 DEFINE_int32(prompts, 32, "sequences sampled per plan");
 DEFINE_int32(prompt, 64, "prompt tokens");
 DEFINE_int32(new_tokens, 128, "tokens sampled per sequence");
-DEFINE_bool(quick, false, "16 prompts, 64 new tokens, plan calibrated on 2 x 8 tokens");
+DEFINE_bool(plan_on_cpu, false, "plan: calibrate and measure on the CPU model (the reference path)");
+DEFINE_bool(quick, false, "16 prompts, 64 new tokens (--plan_on_cpu: plan calibrated on 2 x 8 tokens)");
 DEFINE_uint64(seed, 1, "weights, prompts and sampling seed");
 
 namespace grove::rollout {
@@ -70,8 +75,9 @@ int Run() {
   const model::ModelConfig& c = *mc;
   const int prompts_n = FLAGS_quick ? 16 : FLAGS_prompts;
   const int new_tokens = FLAGS_quick ? 64 : FLAGS_new_tokens;
-  const int plan_sequences = FLAGS_quick ? 2 : FLAGS_plan_sequences;
-  const int plan_new_tokens = FLAGS_quick ? 8 : FLAGS_plan_new_tokens;
+  // --quick shrinks the plan's calibration only where it runs on the CPU.
+  const int plan_sequences = FLAGS_quick && FLAGS_plan_on_cpu ? 2 : FLAGS_plan_sequences;
+  const int plan_new_tokens = FLAGS_quick && FLAGS_plan_on_cpu ? 8 : FLAGS_plan_new_tokens;
   if (FLAGS_prompt < 1 || prompts_n < 1 || new_tokens < 1 || FLAGS_prompt + new_tokens > c.max_seq_len) {
     std::fprintf(stderr, "mismatch_bench: need positive sizes and --prompt + new tokens <= max_seq_len\n");
     return 2;
@@ -131,13 +137,36 @@ int Run() {
     // Stop token 0: any id is as good on random prompts (a calibration
     // completion that draws it just ends early).
     PolicyQuantizer quantizer(qs, calibration, /*stop_token=*/0);
+    GpuPlanMeasurer* on_gpu = nullptr;
+    if (qs.mode == QuantizeMode::kPlan && !FLAGS_plan_on_cpu) {
+      GpuGenerator* gen = engine->get();
+      auto m = GpuPlanMeasurer::Create(
+          c, 0,
+          [gen](std::span<const float> w, const std::vector<std::vector<int32_t>>& ps,
+                const model::SamplingOptions& so) -> Result<std::vector<model::Completion<float>>> {
+            GROVE_RETURN_IF_ERROR(gen->LoadWeights(w, nullptr).status());
+            return gen->Generate(ps, so);
+          });
+      GROVE_BENCH_CHECK_OK(m.status());
+      on_gpu = m->get();
+      quantizer.set_measurer(std::move(*m));
+    }
     auto tp = Clock::now();
     auto choose = quantizer.Formats(1, c, specs, full, host->get());
     GROVE_BENCH_CHECK_OK(choose.status());
-    if (qs.mode == QuantizeMode::kPlan)
-      std::fprintf(stderr, "plan: %s, made in %.1f s on the CPU (exact KL on its batch %.3e, routes differ %.1f%%)\n",
-                   quantizer.plan()->Summary().c_str(), Since(tp), quantizer.mismatch().mean_kl,
-                   100 * quantizer.mismatch().routes_differ);
+    if (qs.mode == QuantizeMode::kPlan) {
+      std::printf("plan: %s, made in %.2f s on %s (%zu calibration sequences of %d prompt + <= %d sampled tokens)",
+                  quantizer.plan()->Summary().c_str(), quantizer.plan_seconds(),
+                  on_gpu ? on_gpu->where().c_str() : "the CPU", (size_t)plan_sequences, FLAGS_prompt,
+                  plan_new_tokens);
+      if (on_gpu)
+        std::printf(": sampling %.2f s, kept forward %.3f s, local errors %.3f s, per-layer KL %.3f s",
+                    on_gpu->sample_seconds(), on_gpu->timing().forward_s, on_gpu->timing().local_s,
+                    on_gpu->timing().kl_s);
+      std::printf("; with its mismatch measured %.2f s in all. Exact KL on its calibration batch %.3e, routes "
+                  "differ %.1f%%\n",
+                  Since(tp), quantizer.mismatch().mean_kl, 100 * quantizer.mismatch().routes_differ);
+    }
     // Storage as the engine holds it: what the chooser leaves (nullopt) is
     // bf16 there for every 2-D weight but the embedding table.
     const double bits = StorageReport(specs, [&](const actors::TensorSpec& t) -> std::optional<PrecisionFormat> {

@@ -16,6 +16,7 @@ export GROVE_SOURCE_DIR=$PWD GROVE_BIN=$PWD/build/bin
 build/tests/generation_backend_test --gtest_brief=1 || rc=1
 build/tests/weight_source_test --gtest_brief=1 || rc=1
 build/tests/sampled_mismatch_test --gtest_brief=1 || rc=1
+build/tests/gpu_precision_plan_test --gtest_brief=1 || rc=1
 build/tests/learner_gpu_tests --gtest_brief=1 || rc=1
 if [ "${1:-}" = "e2e" ]; then
   build/tests/e2e_training_test --gtest_filter='*Gpu*' || rc=1

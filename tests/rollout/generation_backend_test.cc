@@ -165,6 +165,12 @@ TEST(GenerationBackend, GpuEngineInstallsTheQuantizersChoiceAndSamples) {
     EXPECT_LT((*engine)->quantizer().report().bits_per_weight, 32.0);
     if (mode == QuantizeMode::kPlan) {
       EXPECT_EQ((*engine)->quantizer().plans_made(), 1);
+      // Measured on the GPU (gpu_precision_plan.h), not on a CPU copy.
+      ASSERT_NE((*engine)->quantizer().measurer(), nullptr);
+      EXPECT_EQ((*engine)->quantizer().measurer()->where(), "GPU 0");
+      EXPECT_GT((*engine)->quantizer().mismatch().tokens, 0);
+      std::printf("plan on %s: %s in %.3f s\n", (*engine)->quantizer().measurer()->where().c_str(),
+                  (*engine)->quantizer().plan()->Summary().c_str(), (*engine)->quantizer().plan_seconds());
     }
 
     model::SamplingOptions so;
