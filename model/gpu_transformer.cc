@@ -1159,7 +1159,7 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       GROVE_RETURN_IF_ERROR(join_dw());  // dey, deab and xe are rewritten below
       GROVE_RETURN_IF_ERROR(kernels::MoeCombineBackward(dres_b, lt.ey.as<bf16>(), lt.gates.as<float>(), pos_g, dey,
                                                         dgate, R, int(K), int(H), st));
-      im.Lap("moe permute/combine bwd");
+      im.Lap("moe combine bwd");
       kernels::GroupedGemmArgs ga;
       ga.expert_offsets = offsets;
       ga.total_rows = int(Pn);
@@ -1206,7 +1206,7 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       if (!lt.xe_kept) {
         GROVE_RETURN_IF_ERROR(kernels::MoePermute(h2, lt.src.as<int32_t>(), xe, int(Pn), int(K), int(H), st));
       }
-      im.Lap("moe permute/combine bwd");
+      im.Lap("moe scatter bwd (+ re-permute if xe not kept)");
       // The grouped kernel needs each weight kind's gradients at one stride
       // between experts (true of ParamLayout: an expert's tensors are
       // adjacent); -1 when not, and then the cuBLAS loop runs.
@@ -1294,11 +1294,12 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       GROVE_RETURN_IF_ERROR(kernels::RouterBackward(rb, st));
       gpu::CastToBf16(dlogits_f, dlogits, R * E, st);  // the GEMMs below read bf16
       GPU_LAUNCHED("router backward");
+      im.Lap("router bwd (kernel, cast)");
       GROVE_RETURN_IF_ERROR(
           Gemm(cb, false, false, R, H, E, dlogits, E, Wb(name(l, "moe.router")), H, dmain, true, H, 1, "router dx"));
       GROVE_RETURN_IF_ERROR(
           Gemm(cb, true, false, E, H, R, dlogits, E, h2, H, Gf(name(l, "moe.router")), true, H, bw, "router dW"));
-      im.Lap("router bwd", 4.0 * R * E * H);
+      im.Lap("router bwd (dX, dW GEMMs)", 4.0 * R * E * H);
     }
     GROVE_RETURN_IF_ERROR(
         norm_backward(dmain, lt.x_mid.as<bf16>(), name(l, "ffn_norm"), lt.rstd2.as<float>(), true));
