@@ -810,7 +810,7 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     GROVE_RETURN_IF_ERROR(lt.gates.Reserve(R * K, &gates));
     GROVE_RETURN_IF_ERROR(lt.pos.Reserve(Pn, &pos_g));
     GROVE_RETURN_IF_ERROR(lt.src.Reserve(Pn, &src_g));
-    lt.xe_kept = keep && trainable_ && im.KeepExpertInputs(lt, Pn, R, H, F);  // a frozen model never backs up
+    lt.xe_kept = keep && trainable_ && im.KeepExpertInputs(lt, Pn, R, H, F);  // only a trainable model runs a backward
     GROVE_RETURN_IF_ERROR((lt.xe_kept ? lt.xe : im.xe).Reserve(Pn * H, &xe));
     GROVE_RETURN_IF_ERROR(lt.eab.Reserve(Pn * 2 * F, &eab));
     GROVE_RETURN_IF_ERROR(lt.eh.Reserve(Pn * F, &eh));
