@@ -280,5 +280,36 @@ TEST(ReplanTrigger, VersionsAndWeightChange) {
   EXPECT_TRUE(moved.Due(5, std::vector<float>(3, 1.0f)));  // another model shape
 }
 
+// The trigger's sums run over 1M-element blocks on several threads: over
+// 3.5 blocks of random weights they must equal one serial pass (to double
+// rounding), and a change confined to the last partial block, or to the
+// first element, must count exactly as much as anywhere else.
+TEST(ReplanTrigger, RelativeChangeOverManyBlocksMatchesASerialPass) {
+  std::mt19937_64 rng(std::random_device{}());
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const size_t n = (size_t(7) << 20) / 2 + 123;
+  std::vector<float> plan(n), now(n);
+  for (size_t i = 0; i < n; ++i) {
+    plan[i] = nd(rng);
+    now[i] = plan[i] + 0.01f * nd(rng);
+  }
+  ReplanTrigger trigger({.every_versions = 0, .max_rel_change = 0.05});
+  trigger.Planned(1, plan);
+  double d2 = 0, r2 = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const double d = double(now[i]) - plan[i];
+    d2 += d * d;
+    r2 += double(plan[i]) * plan[i];
+  }
+  EXPECT_NEAR(trigger.RelativeChange(now), std::sqrt(d2 / r2), 1e-12);
+  EXPECT_EQ(trigger.RelativeChange(plan), 0.0);  // the copy Planned kept is exact
+  for (size_t where : {n - 1, size_t(0), (size_t(3) << 20) + 5}) {
+    std::vector<float> one = plan;
+    one[where] += 1000.f;
+    const double moved = double(one[where]) - plan[where];  // 1000 after float rounding
+    EXPECT_NEAR(trigger.RelativeChange(one), std::abs(moved) / std::sqrt(r2), 1e-12) << "changed element " << where;
+  }
+}
+
 }  // namespace
 }  // namespace grove::rollout
