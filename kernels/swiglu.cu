@@ -124,4 +124,61 @@ Status SwiGluBackwardPacked(const __nv_bfloat16* dh, const __nv_bfloat16* gu, __
   return LaunchStatus("SwiGLU packed backward launch");
 }
 
+namespace {
+
+// One warp per row: the dot product <dh_ungated, h> is a warp reduction.
+constexpr int kGatedWarps = 8;
+
+__global__ void __launch_bounds__(32 * kGatedWarps)
+    SwiGluBackwardGatedKernel(const __nv_bfloat16* __restrict__ dhu, const __nv_bfloat16* __restrict__ gu,
+                              const int32_t* __restrict__ slot_of_row, const float* __restrict__ slot_gates,
+                              __nv_bfloat16* __restrict__ dgu, __nv_bfloat16* __restrict__ h_gated,
+                              float* __restrict__ slot_dgates, int64_t rows, int width) {
+  const int lane = threadIdx.x % 32;
+  const int chunks = width / 8;
+  for (int64_t r = blockIdx.x * int64_t{kGatedWarps} + threadIdx.x / 32; r < rows;
+       r += int64_t{gridDim.x} * kGatedWarps) {
+    const int32_t slot = slot_of_row[r];
+    const float gate = slot_gates[slot];
+    const __nv_bfloat16* g_row = gu + r * 2 * width;
+    const __nv_bfloat16* u_row = g_row + width;
+    float dot = 0.f;
+    for (int c = lane; c < chunks; c += 32) {
+      float dv[8], gv[8], uv[8], dgo[8], duo[8], hg[8];
+      LoadBf16x8(dhu + r * width + 8 * c, dv);
+      LoadBf16x8(g_row + 8 * c, gv);
+      LoadBf16x8(u_row + 8 * c, uv);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float h = SwiGluForwardElement(gv[i], uv[i]);
+        dot = fmaf(dv[i], h, dot);
+        hg[i] = gate * h;
+        SwiGluBackwardElement(gate * dv[i], gv[i], uv[i], dgo[i], duo[i]);
+      }
+      StoreBf16x8(dgu + r * 2 * width + 8 * c, dgo);
+      StoreBf16x8(dgu + r * 2 * width + width + 8 * c, duo);
+      StoreBf16x8(h_gated + r * width + 8 * c, hg);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+    if (lane == 0) slot_dgates[slot] = dot;
+  }
+}
+
+}  // namespace
+
+Status SwiGluBackwardGated(const __nv_bfloat16* dh_ungated, const __nv_bfloat16* gu, const int32_t* slot_of_row,
+                           const float* slot_gates, __nv_bfloat16* dgu, __nv_bfloat16* h_gated, float* slot_dgates,
+                           int64_t rows, int width, cudaStream_t stream) {
+  GROVE_RETURN_IF_ERROR(CheckPacked(rows, width));
+  if (rows == 0) return Status::OK();
+  if (!Aligned16(dh_ungated) || !Aligned16(gu) || !Aligned16(dgu) || !Aligned16(h_gated) ||
+      slot_of_row == nullptr || slot_gates == nullptr || slot_dgates == nullptr)
+    return Status::InvalidArgument("SwiGluBackwardGated: pointers must be non-null and 16-byte aligned");
+  const int64_t blocks = std::min<int64_t>((rows + kGatedWarps - 1) / kGatedWarps, 132 * 16);
+  SwiGluBackwardGatedKernel<<<static_cast<int>(blocks), 32 * kGatedWarps, 0, stream>>>(
+      dh_ungated, gu, slot_of_row, slot_gates, dgu, h_gated, slot_dgates, rows, width);
+  return LaunchStatus("SwiGLU gated backward launch");
+}
+
 }  // namespace grove::kernels

@@ -172,7 +172,7 @@ struct LayerTape {
   DevBuf x_mid, h1, qkv, o, lse, h2, rstd1, rstd2;  // qkv [R, qd + 2 kd] = [q | k | v] per row
   DevBuf fab, fh;                     // dense SwiGLU or the shared experts: [R, 2F] = [a | b], h [R, F] bf16
   DevBuf scores, gates, pos, src;     // router and grouping
-  DevBuf eab, eh, ey;                 // grouped expert activations (eab = [a | b] per row)
+  DevBuf eab;                         // the experts' [a | b] per row (h and y are not kept: SwiGluBackwardGated)
   DevBuf xe;                          // the experts' inputs in expert order, when kept
   bool xe_kept = false;               // xe holds this forward's permuted h2
 };
@@ -237,6 +237,11 @@ struct GpuTransformer::Impl {
   DevBuf params, grads, mirror;
   Tape kept, scratch;
   const Tape* last = nullptr;  // the last Score's tape (its final hidden rows)
+  // The MoE forward's expert h [Pn, F] and y [Pn, H] (bf16), not kept for
+  // the backward, which recomputes h from eab and needs no y (the router
+  // gate stays out of the GEMMs: kernels::SwiGluBackwardGated); the
+  // backward reuses expert_h for gate * h, the x of w2's weight gradient.
+  DevBuf expert_h, expert_y;
   // Backward workspace.
   DevBuf dres, dres_b, dmain, dqkv, dout_b, dwork, attn_ws, norm_ws, dz, dhs, dlogits,
       dgate, deab, deh, dey, dxe, xe, g, router_logits, logits, index_ws, embed_ws, router_ws, dlogits_f;
@@ -271,13 +276,6 @@ struct GpuTransformer::Impl {
   // kAuto unless GROVE_GROUPED_GEMM names an implementation
   // (GroupedGemmImplName), for comparing them inside the whole step.
   kernels::GroupedGemmImpl fwd_gemm_impl = kernels::GroupedGemmImpl::kAuto;
-  // GROVE_FUSED_SWIGLU_BWD=1 runs the MoE backward's SwiGLU backward in the
-  // epilogue of the dX GEMM through w2 (GroupedGemmArgs::swiglu_bwd_ab: no
-  // [Pn, F] bf16 dh written and read back, one rounding fewer). Off by
-  // default: slower so far (H100, gpu-ref step 189-190 ms against 185-186
-  // unfused; the fused kernel 0.88 ms against 0.67 for the GEMM and
-  // SwiGluBackwardPacked apart: docs/kernels.md).
-  bool fused_swiglu_bwd = false;
   // Whether an MoE layer's expert-ordered inputs xe (h2 permuted, [Pn, H]
   // bf16) are kept from the forward for the backward's w1|w3 weight
   // gradient, instead of permuting h2 again there: saves a Pn x H gather and
@@ -426,7 +424,6 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
     im.grouped_dw = v != "cublas";
     if (impl) im.dw_impl = *impl;
   }
-  if (const char* env = std::getenv("GROVE_FUSED_SWIGLU_BWD")) im.fused_swiglu_bwd = std::string(env) == "1";
   if (const char* env = std::getenv("GROVE_KEEP_EXPERT_INPUTS")) {
     const std::string v = env;
     if (v == "auto") im.keep_xe = Impl::KeepExpertInputsMode::kAuto;
@@ -813,8 +810,8 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     lt.xe_kept = keep && trainable_ && im.KeepExpertInputs(lt, Pn, R, H, F);  // only a trainable model runs a backward
     GROVE_RETURN_IF_ERROR((lt.xe_kept ? lt.xe : im.xe).Reserve(Pn * H, &xe));
     GROVE_RETURN_IF_ERROR(lt.eab.Reserve(Pn * 2 * F, &eab));
-    GROVE_RETURN_IF_ERROR(lt.eh.Reserve(Pn * F, &eh));
-    GROVE_RETURN_IF_ERROR(lt.ey.Reserve(Pn * H, &ey));
+    GROVE_RETURN_IF_ERROR(im.expert_h.Reserve(Pn * F, &eh));
+    GROVE_RETURN_IF_ERROR(im.expert_y.Reserve(Pn * H, &ey));
     GROVE_RETURN_IF_ERROR(
         Gemm(cb, false, true, R, E, H, h2, H, Wb(name(l, "moe.router")), H, logits, true, E, 0, "router"));
     kernels::RouterArgs ra;
@@ -1144,9 +1141,10 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       const int64_t mi = c.moe_index(l), F = c.expert_hidden, Pn = int64_t(R) * K;
       const int32_t* pos_g = lt.pos.as<int32_t>();
       const int32_t* offsets = tp.offsets.as<int32_t>() + mi * (E + 1);
-      bf16 *dey, *deh = nullptr, *deab, *xe, *dxe;
+      bf16 *dey, *deh, *deab, *xe, *dxe, *ehg;
       GROVE_RETURN_IF_ERROR(im.dey.Reserve(Pn * H, &dey));
-      if (!im.fused_swiglu_bwd) GROVE_RETURN_IF_ERROR(im.deh.Reserve(Pn * F, &deh));
+      GROVE_RETURN_IF_ERROR(im.deh.Reserve(Pn * F, &deh));
+      GROVE_RETURN_IF_ERROR(im.expert_h.Reserve(Pn * F, &ehg));
       // [da | db] per row, as the forward's [a | b]: the dX through w1 and
       // w3 is then one grouped GEMM (k = 2F) and their weight gradients one
       // [2F, H] block per expert.
@@ -1156,9 +1154,11 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       else GROVE_RETURN_IF_ERROR(im.xe.Reserve(Pn * H, &xe));
       GROVE_RETURN_IF_ERROR(im.dgate.Reserve(Pn, &dgate));
       GROVE_RETURN_IF_ERROR(im.dlogits.Reserve(R * E, &dlogits));
-      GROVE_RETURN_IF_ERROR(join_dw());  // dey, deab and xe are rewritten below
-      GROVE_RETURN_IF_ERROR(kernels::MoeCombineBackward(dres_b, lt.ey.as<bf16>(), lt.gates.as<float>(), pos_g, dey,
-                                                        dgate, R, int(K), int(H), st));
+      GROVE_RETURN_IF_ERROR(join_dw());  // dey, deab, ehg and xe are rewritten below
+      // The combine's backward without the gate: each expert row gets its
+      // token's dY as it is (the gate is applied in SwiGluBackwardGated, and
+      // the gate's gradient comes from there too, so y is not read).
+      GROVE_RETURN_IF_ERROR(kernels::MoePermute(dres_b, lt.src.as<int32_t>(), dey, int(Pn), int(K), int(H), st));
       im.Lap("moe combine bwd");
       kernels::GroupedGemmArgs ga;
       ga.expert_offsets = offsets;
@@ -1174,20 +1174,12 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       ga.w_layout = kernels::GemmWeightLayout::kMnMajor;
       ga.a = dey; ga.w = Wb(e0 + "w2"); ga.n = int(F); ga.k = int(H);
       ga.w_expert_rows = int(expert_stride / F);
-      if (im.fused_swiglu_bwd) {
-        // deab = SwiGLU backward of dh = dey W2, dh never leaving the GEMM.
-        ga.c = deab;
-        ga.swiglu_bwd_ab = lt.eab.as<bf16>();
-        GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
-        ga.swiglu_bwd_ab = nullptr;
-        im.Lap("grouped GEMM dX w2 + swiglu bwd", 2.0 * Pn * F * H);
-      } else {
-        ga.c = deh;
-        GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
-        im.Lap("grouped GEMM dX", 2.0 * Pn * F * H);
-        GROVE_RETURN_IF_ERROR(kernels::SwiGluBackwardPacked(deh, lt.eab.as<bf16>(), deab, Pn, int(F), st));
-        im.Lap("swiglu bwd");
-      }
+      ga.c = deh;  // dh before the gate
+      GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
+      im.Lap("grouped GEMM dX", 2.0 * Pn * F * H);
+      GROVE_RETURN_IF_ERROR(kernels::SwiGluBackwardGated(deh, lt.eab.as<bf16>(), lt.src.as<int32_t>(),
+                                                         lt.gates.as<float>(), deab, ehg, dgate, Pn, int(F), st));
+      im.Lap("swiglu bwd");
       // The expert inputs' gradients through w1 and w3 together (summed in
       // fp32 inside the GEMM, k = 2F), stored bf16 (one rounding, 2^-9
       // relative): half the bytes of fp32 through the store and the scatter.
@@ -1235,7 +1227,7 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
         wg.num_experts = int(E);
         wg.g_expert_stride = stride_w1;
         wg.accumulate = !overwrite;
-        wg.dy = dey; wg.x = lt.eh.as<bf16>(); wg.n = int(H); wg.k = int(F); wg.g = Gf(e0 + "w2");
+        wg.dy = dey; wg.x = ehg; wg.n = int(H); wg.k = int(F); wg.g = Gf(e0 + "w2");
         GROVE_RETURN_IF_ERROR(kernels::GroupedWeightGrad(wg, st, im.dw_impl));
         // w1 and w3 as one [2F, H] gradient per expert (w3's follows w1's).
         wg.dy = deab; wg.x = xe; wg.n = int(2 * F); wg.k = int(H);
@@ -1259,7 +1251,7 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
             GPU_OK(cudaMemsetAsync(Gf(x + w), 0, F * H * sizeof(float), ns > 0 ? im.side[0] : st));
         }
         if (n > 0) {
-          GROVE_RETURN_IF_ERROR(Gemm(handle(), true, false, H, F, n, dey + off * H, H, lt.eh.as<bf16>() + off * F, F,
+          GROVE_RETURN_IF_ERROR(Gemm(handle(), true, false, H, F, n, dey + off * H, H, ehg + off * F, F,
                                      Gf(x + "w2"), true, F, bw, "expert w2 dW"));
           // w1 and w3 together: [2F, H] (adjacent in the layout) from [da | db].
           GROVE_RETURN_IF_ERROR(Gemm(handle(), true, false, 2 * F, H, n, deab + off * 2 * F, 2 * F, xe + off * H, H,

@@ -8,7 +8,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -130,6 +132,86 @@ TEST(SwiGluTest, PackedEqualsFlat) {
   CheckPackedEqualsFlat(70001, 512);  // more chunks than the grid: the grid-stride loop
 }
 
+// The gated backward of the MoE (swiglu.h: the router gate kept out of the
+// GEMMs) against a double reference: rows in a random slot order, gates in
+// (0, 1]; dg, du and gate * h within the elementwise bound above; each
+// slot's dgate = <dh_ungated, h> within 1e-5 of the sum of |terms| (fp32
+// accumulation over `width` products, __expf's few ulp) -- and written for
+// every slot (the buffer starts as NaN).
+void CheckGated(int64_t tokens, int top_k, int width) {
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed) + " tokens " + std::to_string(tokens) + " width " +
+               std::to_string(width));
+  std::mt19937_64 rng(seed);
+  const int64_t rows = tokens * top_k, count = rows * width;
+  std::vector<__nv_bfloat16> gu_bf(2 * count), dhu_bf;
+  std::vector<double> dhu, gu_d;
+  testing::RandomBf16(rng, 2 * count, &gu_bf, &gu_d);
+  for (int64_t r = 0; r < rows; ++r)  // g spans silu's interesting range: [-6, 6]
+    for (int j = 0; j < width; ++j) {
+      const int64_t i = r * 2 * width + j;
+      gu_bf[i] = __float2bfloat16(6.f * __bfloat162float(gu_bf[i]));
+      gu_d[i] = __bfloat162float(gu_bf[i]);
+    }
+  testing::RandomBf16(rng, count, &dhu_bf, &dhu);
+  std::vector<int32_t> slot_of_row(rows);
+  for (int64_t r = 0; r < rows; ++r) slot_of_row[r] = int32_t(r);
+  std::shuffle(slot_of_row.begin(), slot_of_row.end(), rng);
+  std::vector<float> gates(rows);
+  std::uniform_real_distribution<float> unit(0.f, 1.f);
+  for (float& g : gates) g = 1.f - unit(rng);  // (0, 1]
+  DeviceBuffer<__nv_bfloat16> d_dhu(count), d_gu(2 * count), d_dgu(2 * count), d_hg(count);
+  DeviceBuffer<int32_t> d_slot(rows);
+  DeviceBuffer<float> d_gates(rows), d_dgates(rows);
+  GROVE_CUDA_OK(d_dhu.Upload(dhu_bf));
+  GROVE_CUDA_OK(d_gu.Upload(gu_bf));
+  GROVE_CUDA_OK(d_slot.Upload(slot_of_row));
+  GROVE_CUDA_OK(d_gates.Upload(gates));
+  GROVE_CUDA_OK(cudaMemset(d_dgu.get(), 0xFF, 2 * count * 2));
+  GROVE_CUDA_OK(cudaMemset(d_hg.get(), 0xFF, count * 2));
+  GROVE_CUDA_OK(cudaMemset(d_dgates.get(), 0xFF, rows * 4));
+  ASSERT_TRUE(SwiGluBackwardGated(d_dhu.get(), d_gu.get(), d_slot.get(), d_gates.get(), d_dgu.get(), d_hg.get(),
+                                  d_dgates.get(), rows, width, nullptr)
+                  .ok());
+  GROVE_CUDA_OK(cudaDeviceSynchronize());
+  std::vector<__nv_bfloat16> dgu, hg;
+  std::vector<float> dgates;
+  GROVE_CUDA_OK(d_dgu.Download(&dgu));
+  GROVE_CUDA_OK(d_hg.Download(&hg));
+  GROVE_CUDA_OK(d_dgates.Download(&dgates));
+  size_t bad = 0, bad_dgate = 0;
+  auto check = [&](double got, double want, double scale) {
+    if (!(std::fabs(got - want) <= std::ldexp(1.0, -8) * std::fabs(want) + 1e-5 * scale + 1e-30)) ++bad;
+  };
+  for (int64_t r = 0; r < rows; ++r) {
+    const double gate = gates[slot_of_row[r]];
+    double dot = 0, dot_abs = 0;
+    for (int j = 0; j < width; ++j) {
+      const double g = gu_d[r * 2 * width + j], u = gu_d[r * 2 * width + width + j];
+      const double dh_u = dhu[r * width + j], dh = gate * dh_u;
+      const double sg = 1.0 / (1.0 + std::exp(-g)), h = g * sg * u;
+      dot += dh_u * h;
+      dot_abs += std::fabs(dh_u * h);
+      check(__bfloat162float(dgu[r * 2 * width + j]), dh * u * sg * (1.0 + g * (1.0 - sg)),
+            std::fabs(dh * u) * (1.0 + std::fabs(g)));
+      check(__bfloat162float(dgu[r * 2 * width + width + j]), dh * g * sg, std::fabs(dh * g));
+      check(__bfloat162float(hg[r * width + j]), gate * h, std::fabs(gate * g * u));
+    }
+    const double got = dgates[slot_of_row[r]];
+    if (!(std::fabs(got - dot) <= 1e-5 * dot_abs + 1e-30)) ++bad_dgate;
+  }
+  EXPECT_EQ(bad, 0u);
+  EXPECT_EQ(bad_dgate, 0u);
+}
+
+TEST(SwiGluTest, GatedBackwardMatchesReference) {
+  GROVE_SKIP_WITHOUT_GPU();
+  CheckGated(1, 1, 8);
+  CheckGated(37, 6, 264);  // width not a multiple of 32 chunks: lanes without a chunk
+  CheckGated(2000, 6, 512);
+  CheckGated(6000, 6, 512);  // more rows than the grid's warps: the grid-stride loop
+}
+
 TEST(SwiGluTest, RejectsBadCounts) {
   alignas(16) static __nv_bfloat16 buf[16];
   EXPECT_EQ(SwiGluForward(buf, buf, buf, 12, nullptr).code(), StatusCode::kInvalidArgument);
@@ -138,6 +220,12 @@ TEST(SwiGluTest, RejectsBadCounts) {
   EXPECT_EQ(SwiGluForward(buf + 1, buf, buf, 8, nullptr).code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(SwiGluForwardPacked(buf, buf, 1, 12, nullptr).code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(SwiGluBackwardPacked(buf, buf, buf, -1, 8, nullptr).code(), StatusCode::kInvalidArgument);
+  alignas(16) static int32_t slots[4];
+  alignas(16) static float gates[4];
+  EXPECT_EQ(SwiGluBackwardGated(buf, buf, nullptr, gates, buf, buf, gates, 1, 8, nullptr).code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(SwiGluBackwardGated(buf, buf, slots, gates, buf, buf, gates, 1, 12, nullptr).code(),
+            StatusCode::kInvalidArgument);
   EXPECT_EQ(SwiGluBackwardPacked(buf, buf + 1, buf, 1, 8, nullptr).code(), StatusCode::kInvalidArgument);
 }
 
