@@ -188,7 +188,9 @@ struct Tape {
   std::vector<DevBuf> resid;      // residual stream entering each layer (+ the final one)
   std::vector<LayerTape> layers;
   DevBuf ids, counts, offsets, prob_mean, bal_count;  // [moe layers, ...]
-  DevBuf rstd_final, h_final, hs, lse, logp;  // logits are recomputed per chunk, never kept
+  DevBuf rstd_final, h_final, hs, lse, logp;
+  DevBuf logits;             // [scored, vocab] fp32, when kept (Impl::keep_logits); else recomputed per chunk
+  bool logits_kept = false;
   bool valid = false;
 };
 
@@ -224,9 +226,10 @@ void ParallelFor(int n, F&& fn) {
 }
 
 // Scored rows per LM-head chunk: the fp32 logits of a chunk are at most
-// 2^27 floats (512 MiB), so the [scored, vocab] block is never whole in
-// memory (3.8 GB at 28k rows x 32k vocab); the backward recomputes each
-// chunk's logits (one more lm_head GEMM, ~1% of a step's FLOPs).
+// 2^27 floats (512 MiB), so the [scored, vocab] block (3.8 GB at 28k rows x
+// 32k vocab) need not be whole in memory: unless the forward keeps it
+// (Impl::keep_logits), the backward recomputes each chunk's logits (one
+// more lm_head GEMM, ~1% of a step's FLOPs).
 int64_t LmHeadChunk(int64_t vocab) { return std::max<int64_t>(1, (int64_t(1) << 27) / vocab); }
 
 }  // namespace
@@ -285,8 +288,15 @@ struct GpuTransformer::Impl {
   // it plus what the backward's workspace may still need
   // (BackwardWorkspaceEstimate), else that layer recomputes; the results are
   // the same bits either way. GROVE_KEEP_EXPERT_INPUTS = auto | 1 | 0.
-  enum class KeepExpertInputsMode { kAuto, kAlways, kNever };
-  KeepExpertInputsMode keep_xe = KeepExpertInputsMode::kAuto;
+  enum class KeepMode { kAuto, kAlways, kNever };
+  KeepMode keep_xe = KeepMode::kAuto;
+  // Whether the LM head's fp32 logits of the scored rows ([S, V]) are kept
+  // from the forward, so that the backward skips their recompute (one
+  // lm_head GEMM of 2 S V H FLOPs and its fp32 write, ~3 ms of the gpu-ref
+  // step) for S V 4 bytes (3.8 GB at gpu-ref's 28k scored rows and 32k
+  // vocabulary). kAuto as for xe. Both sides run the same chunked GEMMs, so
+  // the results are the same bits either way. GROVE_KEEP_LOGITS = auto | 1 | 0.
+  KeepMode keep_logits = KeepMode::kAuto;
   // ZeroGrad zeroes at once only the gradients no backward writes whole
   // (`zeroed_now`, [offset, count) runs: the embedding's and the router
   // biases'); every other tensor's gradient the next Backward writes
@@ -311,17 +321,22 @@ struct GpuTransformer::Impl {
     return (want > held ? want - held : 0) + (size_t(1) << 30);
   }
 
-  // Whether this forward keeps layer `lt`'s expert inputs (keep_xe).
-  bool KeepExpertInputs(const LayerTape& lt, int64_t Pn, int64_t R, int64_t H, int64_t F) const {
-    if (keep_xe != KeepExpertInputsMode::kAuto) return keep_xe == KeepExpertInputsMode::kAlways;
-    const size_t need = size_t(Pn) * size_t(H) * 2;
-    if (lt.xe.bytes() >= need) return true;  // held since an earlier forward
+  // Whether a forward keeps `need` bytes for its backward in `buf` (which
+  // may hold some from an earlier forward) under `mode`: kAuto when free
+  // device memory exceeds what is still to allocate plus `reserve`.
+  static bool Keeps(KeepMode mode, const DevBuf& buf, size_t need, size_t reserve) {
+    if (mode != KeepMode::kAuto) return mode == KeepMode::kAlways;
+    if (buf.bytes() >= need) return true;  // held since an earlier forward
     size_t free_bytes = 0, total_bytes = 0;
     if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) {
       cudaGetLastError();
       return false;
     }
-    return free_bytes > need - lt.xe.bytes() + BackwardWorkspaceEstimate(Pn, R, H, F);
+    return free_bytes > need - buf.bytes() + reserve;
+  }
+  // Whether this forward keeps layer `lt`'s expert inputs (keep_xe).
+  bool KeepExpertInputs(const LayerTape& lt, int64_t Pn, int64_t R, int64_t H, int64_t F) const {
+    return Keeps(keep_xe, lt.xe, size_t(Pn) * size_t(H) * 2, BackwardWorkspaceEstimate(Pn, R, H, F));
   }
 
   ~Impl() {
@@ -426,10 +441,17 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
   }
   if (const char* env = std::getenv("GROVE_KEEP_EXPERT_INPUTS")) {
     const std::string v = env;
-    if (v == "auto") im.keep_xe = Impl::KeepExpertInputsMode::kAuto;
-    else if (v == "1") im.keep_xe = Impl::KeepExpertInputsMode::kAlways;
-    else if (v == "0") im.keep_xe = Impl::KeepExpertInputsMode::kNever;
+    if (v == "auto") im.keep_xe = Impl::KeepMode::kAuto;
+    else if (v == "1") im.keep_xe = Impl::KeepMode::kAlways;
+    else if (v == "0") im.keep_xe = Impl::KeepMode::kNever;
     else return Status::InvalidArgument("GROVE_KEEP_EXPERT_INPUTS must be auto, 1 or 0, got '" + v + "'");
+  }
+  if (const char* env = std::getenv("GROVE_KEEP_LOGITS")) {
+    const std::string v = env;
+    if (v == "auto") im.keep_logits = Impl::KeepMode::kAuto;
+    else if (v == "1") im.keep_logits = Impl::KeepMode::kAlways;
+    else if (v == "0") im.keep_logits = Impl::KeepMode::kNever;
+    else return Status::InvalidArgument("GROVE_KEEP_LOGITS must be auto, 1 or 0, got '" + v + "'");
   }
   if (const char* env = std::getenv("GROVE_GROUPED_GEMM")) {
     const std::string v = env;
@@ -873,7 +895,13 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   GROVE_RETURN_IF_ERROR(tp.h_final.Reserve(R * H, &hf));
   GROVE_RETURN_IF_ERROR(tp.rstd_final.Reserve(R, &rstd_f));
   GROVE_RETURN_IF_ERROR(tp.hs.Reserve(S * H, &hs));
-  GROVE_RETURN_IF_ERROR(im.logits.Reserve(chunk * V, &logits));
+  {
+    const int64_t Pn_max = c.moe_layers() > 0 ? int64_t(R) * K : 0;
+    tp.logits_kept = keep && trainable_ &&
+                     Impl::Keeps(im.keep_logits, tp.logits, size_t(S) * size_t(V) * sizeof(float),
+                                 im.BackwardWorkspaceEstimate(Pn_max, R, H, c.expert_hidden));
+  }
+  GROVE_RETURN_IF_ERROR(tp.logits_kept ? tp.logits.Reserve(S * V, &logits) : im.logits.Reserve(chunk * V, &logits));
   GROVE_RETURN_IF_ERROR(tp.lse.Reserve(S, &lse));
   GROVE_RETURN_IF_ERROR(tp.logp.Reserve(S, &logp));
   GROVE_RETURN_IF_ERROR(
@@ -882,9 +910,10 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   im.Lap("rmsnorm fwd");
   for (int64_t r0 = 0; r0 < S; r0 += chunk) {
     const int64_t n = std::min<int64_t>(chunk, S - r0);
+    float* out = tp.logits_kept ? logits + r0 * V : logits;
     GROVE_RETURN_IF_ERROR(
-        Gemm(cb, false, true, n, V, H, hs + r0 * H, H, Wb("lm_head"), H, logits, true, V, 0, "lm_head"));
-    GROVE_RETURN_IF_ERROR(kernels::TokenLogProbForward(logits, tp.sc_target.as<int32_t>() + r0, logp + r0, lse + r0,
+        Gemm(cb, false, true, n, V, H, hs + r0 * H, H, Wb("lm_head"), H, out, true, V, 0, "lm_head"));
+    GROVE_RETURN_IF_ERROR(kernels::TokenLogProbForward(out, tp.sc_target.as<int32_t>() + r0, logp + r0, lse + r0,
                                                        int(n), int(V), st));
   }
   im.Lap("lm head + log-prob fwd", 2.0 * S * V * H);
@@ -1032,7 +1061,7 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
   const int64_t chunk = std::min<int64_t>(S, LmHeadChunk(V));
   float* logits = nullptr;
   GROVE_RETURN_IF_ERROR(im.dz.Reserve(chunk * V, &dz));
-  GROVE_RETURN_IF_ERROR(im.logits.Reserve(chunk * V, &logits));
+  if (!tp.logits_kept) GROVE_RETURN_IF_ERROR(im.logits.Reserve(chunk * V, &logits));
   GROVE_RETURN_IF_ERROR(im.norm_ws.Reserve(kernels::RmsNormBackwardWorkspaceBytes(R, int(H))));
   kernels::AttentionShape ash;
   ash.cu_seqlens = tp.cu_seqlens.as<int32_t>();
@@ -1090,15 +1119,22 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
   for (int64_t r0 = 0; r0 < S; r0 += chunk) {
     const int64_t n = std::min<int64_t>(chunk, S - r0);
     const bf16* hs = tp.hs.as<bf16>() + r0 * H;
-    GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, n, V, H, hs, H, Wb("lm_head"), H, logits, true, V, 0, "lm_head"));
-    GROVE_RETURN_IF_ERROR(kernels::TokenLogProbBackward(logits, tp.sc_target.as<int32_t>() + r0,
+    const float* chunk_logits = logits;
+    if (tp.logits_kept) {
+      chunk_logits = tp.logits.as<float>() + r0 * V;
+    } else {
+      GROVE_RETURN_IF_ERROR(
+          Gemm(cb, false, true, n, V, H, hs, H, Wb("lm_head"), H, logits, true, V, 0, "lm_head"));
+    }
+    GROVE_RETURN_IF_ERROR(kernels::TokenLogProbBackward(chunk_logits, tp.sc_target.as<int32_t>() + r0,
                                                         tp.lse.as<float>() + r0, dg + r0, dz, int(n), int(V), st));
     GROVE_RETURN_IF_ERROR(
         Gemm(cb, false, false, n, H, V, dz, V, Wb("lm_head"), H, dhs + r0 * H, true, H, 0, "lm_head dx"));
     GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, V, H, n, dz, V, hs, H, Gf("lm_head"), true, H,
                                r0 == 0 ? bw : 1.f, "lm_head dW"));
   }
-  im.Lap("lm head + log-prob bwd (recompute, dX, dW)", 6.0 * S * V * H);
+  im.Lap(tp.logits_kept ? "lm head + log-prob bwd (dX, dW)" : "lm head + log-prob bwd (recompute, dX, dW)",
+         (tp.logits_kept ? 4.0 : 6.0) * S * V * H);
   GPU_OK(cudaMemsetAsync(dmain, 0, size_t(R) * H * sizeof(float), st));
   gpu::ScatterRows(dhs, tp.sc_row.as<int32_t>(), dmain, S, int(H), st);
   im.Lap("bwd casts, memsets");

@@ -471,31 +471,41 @@ TEST_P(GpuTransformerTest, GroupedExpertDwMatchesCublas) {
   }
 }
 
-// Keeping the experts' permuted inputs from the forward (GROVE_KEEP_EXPERT_INPUTS
-// = 1) instead of permuting again in the backward (0) must give the same
-// gradients bit for bit, also on a second step whose batch routes
-// differently (a kept buffer from the first step must not be read); auto
-// (the default) is one of the two per layer. A bad value is refused.
-TEST_P(GpuTransformerTest, KeptExpertInputsGiveTheSameGradients) {
+// What a forward may keep for its backward instead of recomputing it there:
+// the experts' permuted inputs (GROVE_KEEP_EXPERT_INPUTS) and the LM head's
+// logits (GROVE_KEEP_LOGITS), each 1 | 0 | auto (the default: per buffer,
+// as memory allows). Every combination must give the same log-probs and
+// gradients bit for bit as recomputing both, also on a second step whose
+// batch differs (a buffer kept from the first step must not be read). Bad
+// values are refused.
+TEST_P(GpuTransformerTest, KeptActivationsGiveTheSameGradients) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
   const ModelConfig c = Config();
-  const char* old = std::getenv("GROVE_KEEP_EXPERT_INPUTS");
-  const std::string saved = old ? old : "";
+  const char* kVars[2] = {"GROVE_KEEP_EXPERT_INPUTS", "GROVE_KEEP_LOGITS"};
+  std::string saved[2];
+  bool had[2];
+  for (int v = 0; v < 2; ++v) {
+    const char* old = std::getenv(kVars[v]);
+    had[v] = old != nullptr;
+    saved[v] = old ? old : "";
+  }
   auto restore = [&] {
-    if (old) {
-      setenv("GROVE_KEEP_EXPERT_INPUTS", saved.c_str(), 1);
-    } else {
-      unsetenv("GROVE_KEEP_EXPERT_INPUTS");
+    for (int v = 0; v < 2; ++v) {
+      if (had[v]) {
+        setenv(kVars[v], saved[v].c_str(), 1);
+      } else {
+        unsetenv(kVars[v]);
+      }
     }
   };
-  {
-    setenv("GROVE_KEEP_EXPERT_INPUTS", "sometimes", 1);
+  for (const char* var : kVars) {
+    setenv(var, "sometimes", 1);
     auto bad = GpuTransformer::Create(c, 0);
     restore();
-    ASSERT_FALSE(bad.ok());
-    EXPECT_NE(bad.status().ToString().find("GROVE_KEEP_EXPERT_INPUTS"), std::string::npos);
+    ASSERT_FALSE(bad.ok()) << var;
+    EXPECT_NE(bad.status().ToString().find(var), std::string::npos);
   }
   std::mt19937_64 rng(seed);
   const std::vector<ScoreRequest> first = RandomBatch(c, rng, 8), second = RandomBatch(c, rng, 5);
@@ -507,42 +517,49 @@ TEST_P(GpuTransformerTest, KeptExpertInputsGiveTheSameGradients) {
     for (size_t i = 0; i < r.logprobs.size(); ++i)
       for (size_t j = 0; j < r.logprobs[i].size(); ++j) d[i].push_back(nd(rng));
   };
-  // Gradients after each of two steps (ZeroGrad, Score, Backward).
-  auto run = [&](const char* value, std::vector<float>* g1, std::vector<float>* g2) {
-    setenv("GROVE_KEEP_EXPERT_INPUTS", value, 1);
+  struct Run {
+    std::vector<float> logp[2], grads[2];  // per step
+  };
+  // Two steps (Score, ZeroGrad, Backward) with the variables at `xe`, `logits`.
+  auto run = [&](const char* xe, const char* logits, Run* out) {
+    setenv(kVars[0], xe, 1);
+    setenv(kVars[1], logits, 1);
     Fixture f = Make(c, seed);
     restore();
     ASSERT_TRUE(f.gpu);
     for (int step = 0; step < 2; ++step) {
       auto r = f.gpu->Score(step == 0 ? first : second, true);
       ASSERT_TRUE(r.ok()) << r.status().ToString();
+      for (const auto& lp : r->logprobs) out->logp[step].insert(out->logp[step].end(), lp.begin(), lp.end());
       std::vector<std::vector<float>>& d = step == 0 ? dlogp_first : dlogp_second;
       draw(*r, d);
       ASSERT_TRUE(f.gpu->ZeroGrad().ok());
       const Status s = f.gpu->Backward(d);
-      ASSERT_TRUE(s.ok()) << value << ": " << s.ToString();
-      std::vector<float>* g = step == 0 ? g1 : g2;
-      g->assign(f.cpu->params().size(), 0.f);
-      ASSERT_TRUE(f.gpu->DownloadGrads(*g).ok());
+      ASSERT_TRUE(s.ok()) << s.ToString();
+      out->grads[step].assign(f.cpu->params().size(), 0.f);
+      ASSERT_TRUE(f.gpu->DownloadGrads(out->grads[step]).ok());
     }
   };
-  std::vector<float> recompute1, recompute2;
-  ASSERT_NO_FATAL_FAILURE(run("0", &recompute1, &recompute2));
+  auto differing = [](const std::vector<float>& a, const std::vector<float>& b) {
+    if (a.size() != b.size()) return int64_t(-1);
+    int64_t n = 0;
+    for (size_t i = 0; i < a.size(); ++i) n += std::memcmp(&a[i], &b[i], sizeof(float)) != 0;
+    return n;
+  };
+  Run recompute;
+  ASSERT_NO_FATAL_FAILURE(run("0", "0", &recompute));
   double norm = 0;
-  for (float x : recompute2) norm += double(x) * x;
+  for (float x : recompute.grads[1]) norm += double(x) * x;
   EXPECT_GT(norm, 0);  // a real gradient, so equality below means something
-  for (const char* value : {"1", "auto"}) {
-    SCOPED_TRACE(value);
-    std::vector<float> g1, g2;
-    ASSERT_NO_FATAL_FAILURE(run(value, &g1, &g2));
-    ASSERT_EQ(g1.size(), recompute1.size());
-    int64_t differ1 = 0, differ2 = 0;
-    for (size_t i = 0; i < g1.size(); ++i) {
-      differ1 += std::memcmp(&g1[i], &recompute1[i], sizeof(float)) != 0;
-      differ2 += std::memcmp(&g2[i], &recompute2[i], sizeof(float)) != 0;
+  const std::pair<const char*, const char*> kept[] = {{"1", "1"}, {"1", "0"}, {"0", "1"}, {"auto", "auto"}};
+  for (const auto& [xe, logits] : kept) {
+    SCOPED_TRACE(std::string("expert inputs ") + xe + ", logits " + logits);
+    Run r;
+    ASSERT_NO_FATAL_FAILURE(run(xe, logits, &r));
+    for (int step = 0; step < 2; ++step) {
+      EXPECT_EQ(differing(r.logp[step], recompute.logp[step]), 0) << "step " << step;
+      EXPECT_EQ(differing(r.grads[step], recompute.grads[step]), 0) << "step " << step;
     }
-    EXPECT_EQ(differ1, 0);
-    EXPECT_EQ(differ2, 0);
   }
 }
 
