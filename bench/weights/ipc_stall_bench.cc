@@ -165,11 +165,11 @@ int RunWorker(const model::ModelConfig& c) {
       Die(backend->InstallFromDevice(snap.version, snap.tensors, on_device), "InstallFromDevice");
       const double install_ms = Ms(t1);
       const rollout::PolicyQuantizer& pq = backend->quantizer();
-      const bool planned = pq.plans_made() > plans_before;
-      std::printf("| %lld | device, plan %s | %.1f | %.1f | %.1f | %.1f |\n", (long long)snap.version,
-                  planned ? ("made in " + std::to_string(pq.plan_seconds()).substr(0, 5) + " s").c_str()
-                          : ("kept, change " + std::to_string(pq.last_weight_change())).c_str(),
-                  receive_ms, install_ms, 1e3 * backend->last_device_load_seconds(), receive_ms + install_ms);
+      char what[64];
+      if (pq.plans_made() > plans_before) std::snprintf(what, sizeof what, "plan made in %.3f s", pq.plan_seconds());
+      else std::snprintf(what, sizeof what, "plan kept, change %.2e", pq.last_weight_change());
+      std::printf("| %lld | device, %s | %.1f | %.1f | %.1f | %.1f |\n", (long long)snap.version, what, receive_ms,
+                  install_ms, 1e3 * backend->last_device_load_seconds(), receive_ms + install_ms);
       std::fflush(stdout);
       have = snap.version;
       const std::string line = std::to_string(have) + "\n";
