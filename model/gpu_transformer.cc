@@ -556,6 +556,15 @@ Status GpuTransformer::UploadParams(std::span<const float> params) {
   return Synchronize();
 }
 
+Status GpuTransformer::LoadParamsFromDevice(const float* params) {
+  if (params == nullptr) return Status::InvalidArgument("LoadParamsFromDevice: null params");
+  GPU_OK(cudaSetDevice(device_));
+  GPU_OK(cudaMemcpyAsync(impl_->params.as<float>(), params, size_t(layout_.total()) * sizeof(float),
+                         cudaMemcpyDeviceToDevice, impl_->stream));
+  GROVE_RETURN_IF_ERROR(RefreshMirror());
+  return Synchronize();
+}
+
 Status GpuTransformer::UploadRange(int64_t offset, std::span<const float> values) {
   if (offset < 0 || offset + int64_t(values.size()) > layout_.total())
     return Status::InvalidArgument("UploadRange: [" + std::to_string(offset) + ", " +

@@ -61,6 +61,12 @@ class GpuTransformer {
   // Whole parameter buffer, layout().total() floats (InvalidArgument
   // otherwise); Upload refreshes the compute copies.
   Status UploadParams(std::span<const float> params);
+  // As UploadParams from fp32 params already on this model's device
+  // (layout().total() floats in layout order, complete when called, e.g. a
+  // CUDA IPC copy): copied device to device, the bf16 mirror refreshed;
+  // returns once both are done. On failure the master and mirror may hold a
+  // mix: load them again before use.
+  Status LoadParamsFromDevice(const float* params);
   Status DownloadParams(std::span<float> params) const;
   // Replaces params[offset, offset + values.size()) and refreshes the
   // compute copies of that range (e.g. the router bias after its update).

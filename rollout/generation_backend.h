@@ -68,11 +68,14 @@ class GenerationBackend {
   virtual Status Install(int64_t version, const std::vector<actors::TensorSpec>& tensors,
                          std::vector<float>& flat) = 0;
   // True when InstallFromDevice works: a GPU engine whose formats need no
-  // host copy of the weights (every quantize mode but plan).
+  // host copy of the weights (every quantize mode; plan mode where its plan
+  // is measured on that GPU, not on a CPU copy of the model).
   virtual bool installs_from_device() const { return false; }
   // As Install from fp32 weights already on this engine's GPU (`device_flat`,
   // complete, unchanged until this returns; e.g. a CUDA IPC copy).
-  // FailedPrecondition where installs_from_device() is false.
+  // FailedPrecondition where installs_from_device() is false. On failure of
+  // either install the GPU engine holds no version: Generate is
+  // FailedPrecondition until an install succeeds.
   virtual Status InstallFromDevice(int64_t version, const std::vector<actors::TensorSpec>& tensors,
                                    const float* device_flat) {
     (void)version;

@@ -23,26 +23,39 @@ class GpuBackend : public GenerationBackend {
   int gpu() const override { return device_; }
   bool joins_groups() const override { return true; }
 
+  // Failure leaves no version installed: a plan made for it may have loaded
+  // the engine with the version's full weights to sample its calibration,
+  // so Generate refuses (FailedPrecondition) until an install succeeds.
   Status Install(int64_t version, const std::vector<actors::TensorSpec>& tensors,
                  std::vector<float>& flat) override {
+    installed_ = false;
     GROVE_ASSIGN_OR_RETURN(FormatChooser choose,
                            quantizer_->Formats(version, config_, tensors, flat, plan_model_.get()));
     GROVE_ASSIGN_OR_RETURN(last_load_s_, generator_->LoadWeights(flat, choose));
+    installed_ = true;
     return Status::OK();
   }
 
-  bool installs_from_device() const override { return quantizer_->settings().mode != QuantizeMode::kPlan; }
+  // Every mode but plan reads no weight values to choose formats; plan mode
+  // does with its GPU measurer (its trigger, calibration and mismatch on
+  // this device: PolicyQuantizer::FormatsFromDevice), not with a CPU copy.
+  bool installs_from_device() const override {
+    return quantizer_->settings().mode != QuantizeMode::kPlan ||
+           (quantizer_->measurer() != nullptr && quantizer_->measurer()->measures_from_device());
+  }
   Status InstallFromDevice(int64_t version, const std::vector<actors::TensorSpec>& tensors,
                            const float* device_flat) override {
     if (!installs_from_device()) return GenerationBackend::InstallFromDevice(version, tensors, device_flat);
-    // Formats of the non-plan modes read no weight values.
-    GROVE_ASSIGN_OR_RETURN(FormatChooser choose, quantizer_->Formats(version, config_, tensors, {}, nullptr));
+    installed_ = false;
+    GROVE_ASSIGN_OR_RETURN(FormatChooser choose, quantizer_->FormatsFromDevice(version, config_, tensors, device_flat));
     GROVE_ASSIGN_OR_RETURN(last_load_s_, generator_->LoadWeightsFromDevice(device_flat, choose));
+    installed_ = true;
     return Status::OK();
   }
 
   Result<std::vector<model::Completion<float>>> Generate(const std::vector<std::vector<int32_t>>& prompts,
                                                          const model::SamplingOptions& options) override {
+    if (!installed_) return Status::FailedPrecondition(name() + ": no policy version installed (none yet, or the last install failed)");
     return generator_->Generate(prompts, options);
   }
   const PolicyQuantizer& quantizer() const override { return *quantizer_; }
@@ -60,6 +73,7 @@ class GpuBackend : public GenerationBackend {
   std::unique_ptr<PolicyQuantizer> quantizer_;
   std::unique_ptr<model::Model> plan_model_;  // plan mode: the CPU copy the plan calibrates on
   double last_load_s_ = 0;
+  bool installed_ = false;
 };
 
 }  // namespace
@@ -85,10 +99,12 @@ Result<std::unique_ptr<GenerationBackend>> MakeGpuBackend(const BackendSettings&
   if (quantizer->settings().mode == QuantizeMode::kPlan) {
     auto measurer = GpuPlanMeasurer::Create(
         config, device,
-        [engine](std::span<const float> full, const std::vector<std::vector<int32_t>>& prompts,
-                  const model::SamplingOptions& so) -> Result<std::vector<model::Completion<float>>> {
+        [engine](const float* device_full, std::span<const float>, const std::vector<std::vector<int32_t>>& prompts,
+                 const model::SamplingOptions& so) -> Result<std::vector<model::Completion<float>>> {
           if (*engine == nullptr) return Status::FailedPrecondition("precision plan: the engine was not made");
-          GROVE_RETURN_IF_ERROR((*engine)->LoadWeights(full, nullptr).status());  // bf16: the full policy
+          // bf16: the full policy, from the measurer's device copy (host and
+          // device installs alike: the same values, no second upload).
+          GROVE_RETURN_IF_ERROR((*engine)->LoadWeightsFromDevice(device_full, nullptr).status());
           return (*engine)->Generate(prompts, so);
         });
     if (measurer.ok()) {

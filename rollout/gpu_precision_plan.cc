@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <map>
 #include <string>
 
@@ -107,11 +108,13 @@ struct TensorRange {
 // Round-trips tensors of the model's fp32 master in place (refreshing the
 // bf16 mirror) and puts them back: from a device copy of each kept
 // meanwhile, or, where the device has no room for that copy (a whole
-// model's FFN weights: 6 GB on gpu-ref), from `host` (the full weights on
-// the host, when given).
+// model's FFN weights: 6 GB on gpu-ref), from `device_full` (the full
+// weights elsewhere on the device) or `host` (on the host), when given.
 class DeviceRoundTrip {
  public:
-  explicit DeviceRoundTrip(model::GpuTransformer& m, std::span<const float> host = {}) : m_(m), host_(host) {}
+  explicit DeviceRoundTrip(model::GpuTransformer& m, std::span<const float> host = {},
+                           const float* device_full = nullptr)
+      : m_(m), host_(host), device_full_(device_full) {}
   ~DeviceRoundTrip() { (void)Restore(); }
   Status Apply(std::vector<TensorRange> ranges) {
     GROVE_RETURN_IF_ERROR(Restore());
@@ -119,7 +122,8 @@ class DeviceRoundTrip {
     int64_t total = 0;
     for (const TensorRange& r : ranges_) total += r.rows * r.cols;
     Result<float*> backup = backup_.Get<float>(total);
-    if (!backup.ok() && (backup.status().code() != StatusCode::kResourceExhausted || host_.empty()))
+    if (!backup.ok() &&
+        (backup.status().code() != StatusCode::kResourceExhausted || (host_.empty() && device_full_ == nullptr)))
       return backup.status();
     from_host_ = !backup.ok();
     cudaStream_t st = static_cast<cudaStream_t>(m_.stream());
@@ -139,7 +143,7 @@ class DeviceRoundTrip {
   Status Restore() {
     if (!applied_) return Status::OK();
     applied_ = false;
-    if (from_host_) return m_.UploadParams(host_);
+    if (from_host_) return device_full_ ? m_.LoadParamsFromDevice(device_full_) : m_.UploadParams(host_);
     cudaStream_t st = static_cast<cudaStream_t>(m_.stream());
     GROVE_ASSIGN_OR_RETURN(float* backup, backup_.Get<float>(0));
     float* P = m_.device_params();
@@ -155,6 +159,7 @@ class DeviceRoundTrip {
  private:
   model::GpuTransformer& m_;
   std::span<const float> host_;
+  const float* device_full_;
   DeviceBuffer backup_;
   std::vector<TensorRange> ranges_;
   bool applied_ = false, from_host_ = false;
@@ -433,7 +438,7 @@ Status MeasureUnitErrorsOnGpu(model::GpuTransformer& model, const std::vector<mo
 
 Result<MismatchReport> MeasureMismatchOnGpu(model::GpuTransformer& model, const FormatChooser& choose,
                                             const std::vector<model::ScoreRequest>& sequences,
-                                            std::span<const float> full) {
+                                            std::span<const float> full, const float* device_full) {
   const model::ModelConfig& c = model.config();
   std::vector<TensorRange> ranges;
   for (const model::TensorInfo& t : model.layout().tensors()) {
@@ -448,7 +453,7 @@ Result<MismatchReport> MeasureMismatchOnGpu(model::GpuTransformer& model, const 
   GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> reference,
                          model.Score(sequences, /*keep_for_backward=*/false));
   GROVE_RETURN_IF_ERROR(kl.KeepReference());
-  DeviceRoundTrip rt(model, full);
+  DeviceRoundTrip rt(model, full, device_full);
   GROVE_RETURN_IF_ERROR(rt.Apply(std::move(ranges)));
   GROVE_ASSIGN_OR_RETURN(model::ScoreResult<float> quantized, model.Score(sequences, /*keep_for_backward=*/false));
   GROVE_ASSIGN_OR_RETURN(double mean_kl, kl.MeanKl());
@@ -468,6 +473,27 @@ Result<MismatchReport> MeasureMismatchOnGpu(model::GpuTransformer& model, const 
   return rep;
 }
 
+Result<double> RelativeChangeOnGpu(model::GpuTransformer& model, const float* w, const float* ref, int64_t n,
+                                   double* scratch) {
+  if (w == nullptr || ref == nullptr || scratch == nullptr)
+    return Status::InvalidArgument("RelativeChangeOnGpu: null pointer");
+  PLAN_CUDA(cudaSetDevice(model.device()));
+  cudaStream_t st = static_cast<cudaStream_t>(model.stream());
+  double* sums = scratch + 2 * gpu_plan::kRelativeChangeBlocks;
+  gpu_plan::RelativeChangeSums(w, ref, n, scratch, sums, st);
+  PLAN_CUDA(cudaGetLastError());
+  double h[2] = {0, 0};
+  PLAN_CUDA(cudaMemcpyAsync(h, sums, sizeof h, cudaMemcpyDeviceToHost, st));
+  PLAN_CUDA(cudaStreamSynchronize(st));
+  const double d2 = h[0], r2 = h[1];
+  // ReplanTrigger::RelativeChange's definition, its zero cases included.
+  return r2 > 0 ? std::sqrt(d2 / r2) : (d2 > 0 ? INFINITY : 0.0);
+}
+
+GpuPlanMeasurer::~GpuPlanMeasurer() {
+  if (change_scratch_) cudaFree(change_scratch_);
+}
+
 Result<std::unique_ptr<GpuPlanMeasurer>> GpuPlanMeasurer::Create(const model::ModelConfig& config, int device,
                                                                  Sampler sampler) {
   if (!sampler) return Status::InvalidArgument("GpuPlanMeasurer needs a sampler for its calibration completions");
@@ -482,16 +508,53 @@ Result<std::vector<model::ScoreRequest>> GpuPlanMeasurer::Calibrate(std::span<co
                                                                     uint64_t seed) {
   if (prompts.empty()) return Status::InvalidArgument("calibration needs at least one prompt");
   const auto t0 = std::chrono::steady_clock::now();
+  full_ = {};
+  device_full_ = nullptr;
   GROVE_RETURN_IF_ERROR(model_->UploadParams(full));
   full_ = full;
+  return Sample(full, prompts, max_new_tokens, stop_token, seed, t0);
+}
+
+Result<std::vector<model::ScoreRequest>> GpuPlanMeasurer::CalibrateFromDevice(
+    const float* device_full, const std::vector<std::vector<int32_t>>& prompts, int64_t max_new_tokens,
+    int32_t stop_token, uint64_t seed) {
+  if (prompts.empty()) return Status::InvalidArgument("calibration needs at least one prompt");
+  const auto t0 = std::chrono::steady_clock::now();
+  full_ = {};
+  device_full_ = nullptr;
+  GROVE_RETURN_IF_ERROR(model_->LoadParamsFromDevice(device_full));
+  device_full_ = device_full;
+  return Sample({}, prompts, max_new_tokens, stop_token, seed, t0);
+}
+
+Result<std::vector<model::ScoreRequest>> GpuPlanMeasurer::Sample(std::span<const float> host_full,
+                                                                 const std::vector<std::vector<int32_t>>& prompts,
+                                                                 int64_t max_new_tokens, int32_t stop_token,
+                                                                 uint64_t seed,
+                                                                 std::chrono::steady_clock::time_point t0) {
   model::SamplingOptions so;
   so.temperature = 1.0;
   so.max_new_tokens = max_new_tokens;
   so.stop_tokens = {stop_token};
   so.seed = seed;
-  GROVE_ASSIGN_OR_RETURN(std::vector<model::Completion<float>> completions, sampler_(full, prompts, so));
+  GROVE_ASSIGN_OR_RETURN(std::vector<model::Completion<float>> completions,
+                         sampler_(model_->device_params(), host_full, prompts, so));
   sample_s_ = Seconds(t0);
   return CalibrationRequests(prompts, completions);
+}
+
+Result<double> GpuPlanMeasurer::RelativeChangeFromDevice(const float* device_full) {
+  if (change_scratch_ == nullptr) {
+    PLAN_CUDA(cudaSetDevice(model_->device()));
+    const cudaError_t err = cudaMalloc(&change_scratch_, (2 * gpu_plan::kRelativeChangeBlocks + 2) * sizeof(double));
+    if (err != cudaSuccess) {
+      change_scratch_ = nullptr;
+      if (cudaPeekAtLastError() == err) cudaGetLastError();
+      return Cuda(err, "relative change scratch");
+    }
+  }
+  return RelativeChangeOnGpu(*model_, device_full, model_->device_params(), model_->layout().total(),
+                             change_scratch_);
 }
 
 Status GpuPlanMeasurer::MeasureUnitErrors(const std::vector<model::ScoreRequest>& calibration,
@@ -501,7 +564,7 @@ Status GpuPlanMeasurer::MeasureUnitErrors(const std::vector<model::ScoreRequest>
 
 Result<MismatchReport> GpuPlanMeasurer::MeasureMismatch(const FormatChooser& choose,
                                                         const std::vector<model::ScoreRequest>& calibration) {
-  return MeasureMismatchOnGpu(*model_, choose, calibration, full_);
+  return MeasureMismatchOnGpu(*model_, choose, calibration, full_, device_full_);
 }
 
 }  // namespace grove::rollout

@@ -17,6 +17,7 @@
 // The model's weights are restored on return (master and bf16 mirror).
 #pragma once
 
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <span>
@@ -60,28 +61,51 @@ Status ScaleByLayerSensitivityOnGpu(model::GpuTransformer& model,
 // format; bf16 and unplanned tensors as the bf16 mirror has them, which is
 // what bf16 is). The model's weights are restored on return: from a device
 // copy of the rounded tensors, or where the device lacks the room for it,
-// by uploading `full` (the same weights on the host; empty: no fallback,
-// ResourceExhausted).
+// by copying back the same weights from `device_full` (on the model's
+// device) or else uploading `full` (on the host); neither: no fallback,
+// ResourceExhausted.
 Result<MismatchReport> MeasureMismatchOnGpu(model::GpuTransformer& model, const FormatChooser& choose,
                                             const std::vector<model::ScoreRequest>& sequences,
-                                            std::span<const float> full = {});
+                                            std::span<const float> full = {}, const float* device_full = nullptr);
+
+// ||w - ref|| / ||ref|| of n fp32 values on the model's device (w, ref),
+// as ReplanTrigger::RelativeChange computes it on the host (sums in double;
+// deterministic: gpu_precision_plan_kernels.h), on the model's stream.
+// `scratch`: kRelativeChangeBlocks * 2 + 2 doubles on the device.
+Result<double> RelativeChangeOnGpu(model::GpuTransformer& model, const float* w, const float* ref, int64_t n,
+                                   double* scratch);
 
 // PolicyQuantizer's plan mode measured on a GPU: a frozen GpuTransformer
 // (fp32 master + bf16 mirror of the model: ~6 bytes per parameter on the
 // device) holds each version's full-precision weights; the calibration
 // completions come from `sampler` (a rollout engine: GpuGenerator with the
 // full weights loaded in bf16), handed the full weights and the prompts.
+// Between plans the model's fp32 master holds the last Calibrate's weights
+// (every measurement restores them; nothing else writes them), which is
+// what RelativeChangeFromDevice compares against.
 class GpuPlanMeasurer : public PlanMeasurer {
  public:
+  // device_full: the full weights on the measurer's device (its model's fp32
+  // master, loaded and synchronized: e.g. GpuGenerator::LoadWeightsFromDevice
+  // them); host_full: the same on the host when the version came from the
+  // host, empty when it came from the device.
   using Sampler = std::function<Result<std::vector<model::Completion<float>>>(
-      std::span<const float> full, const std::vector<std::vector<int32_t>>& prompts, const model::SamplingOptions&)>;
+      const float* device_full, std::span<const float> host_full, const std::vector<std::vector<int32_t>>& prompts,
+      const model::SamplingOptions&)>;
   static Result<std::unique_ptr<GpuPlanMeasurer>> Create(const model::ModelConfig& config, int device,
                                                          Sampler sampler);
+  ~GpuPlanMeasurer() override;
 
   Result<std::vector<model::ScoreRequest>> Calibrate(std::span<const float> full,
                                                      const std::vector<std::vector<int32_t>>& prompts,
                                                      int64_t max_new_tokens, int32_t stop_token,
                                                      uint64_t seed) override;
+  bool measures_from_device() const override { return true; }
+  Result<std::vector<model::ScoreRequest>> CalibrateFromDevice(const float* device_full,
+                                                               const std::vector<std::vector<int32_t>>& prompts,
+                                                               int64_t max_new_tokens, int32_t stop_token,
+                                                               uint64_t seed) override;
+  Result<double> RelativeChangeFromDevice(const float* device_full) override;
   Status MeasureUnitErrors(const std::vector<model::ScoreRequest>& calibration,
                            std::vector<PlanUnit>& units) override;
   Result<MismatchReport> MeasureMismatch(const FormatChooser& choose,
@@ -97,10 +121,18 @@ class GpuPlanMeasurer : public PlanMeasurer {
   GpuPlanMeasurer(std::unique_ptr<model::GpuTransformer> m, Sampler s)
       : model_(std::move(m)), sampler_(std::move(s)) {}
   std::unique_ptr<model::GpuTransformer> model_;
+  // Calibrate's second half, the weights loaded into model_.
+  Result<std::vector<model::ScoreRequest>> Sample(std::span<const float> host_full,
+                                                  const std::vector<std::vector<int32_t>>& prompts,
+                                                  int64_t max_new_tokens, int32_t stop_token, uint64_t seed,
+                                                  std::chrono::steady_clock::time_point t0);
   Sampler sampler_;
-  // The weights of the last Calibrate (PolicyQuantizer keeps them alive
-  // until its MeasureMismatch): MeasureMismatchOnGpu's fallback.
+  // The weights of the last Calibrate, on the host or on the device
+  // (PolicyQuantizer keeps them alive and unchanged until its
+  // MeasureMismatch): MeasureMismatchOnGpu's restore fallback.
   std::span<const float> full_;
+  const float* device_full_ = nullptr;
+  double* change_scratch_ = nullptr;  // RelativeChangeOnGpu's, allocated at first use
   double sample_s_ = 0;
   GpuPlanTiming timing_;
 };

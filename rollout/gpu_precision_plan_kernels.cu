@@ -199,4 +199,77 @@ void AccumulateRowKl(const float* zp, const float* zq, double* kl, int64_t rows,
   RowKlKernel<<<unsigned(rows), 256, 0, S(stream)>>>(zp, zq, kl, vocab);
 }
 
+namespace {
+
+constexpr int kRelativeChangeThreads = 256;
+
+// Block b: elements (as float4 where both pointers allow) i = b*T + t,
+// stepping by blocks*T; each thread's sums in its fixed element order, then
+// the warp butterfly, then the warps in order.
+__global__ void RelativeChangeBlockKernel(const float* w, const float* ref, int64_t n, bool vec4, double* partials) {
+  double d2 = 0, r2 = 0;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t tail = 0;
+  if (vec4) {
+    const int64_t n4 = n / 4;
+    const float4* w4 = reinterpret_cast<const float4*>(w);
+    const float4* r4 = reinterpret_cast<const float4*>(ref);
+    for (int64_t i = first; i < n4; i += stride) {
+      const float4 a = w4[i], r = r4[i];
+      const double e[4] = {double(a.x) - r.x, double(a.y) - r.y, double(a.z) - r.z, double(a.w) - r.w};
+      d2 += e[0] * e[0];
+      d2 += e[1] * e[1];
+      d2 += e[2] * e[2];
+      d2 += e[3] * e[3];
+      r2 += double(r.x) * r.x;
+      r2 += double(r.y) * r.y;
+      r2 += double(r.z) * r.z;
+      r2 += double(r.w) * r.w;
+    }
+    tail = n4 * 4;
+  }
+  for (int64_t i = tail + first; i < n; i += stride) {
+    const double e = double(w[i]) - ref[i];
+    d2 += e * e;
+    r2 += double(ref[i]) * ref[i];
+  }
+  __shared__ double sh[2][kRelativeChangeThreads / 32];
+  d2 = WarpSum(d2);
+  r2 = WarpSum(r2);
+  if (threadIdx.x % 32 == 0) {
+    sh[0][threadIdx.x / 32] = d2;
+    sh[1][threadIdx.x / 32] = r2;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double bd = 0, br = 0;
+    for (int i = 0; i < int(blockDim.x / 32); ++i) {
+      bd += sh[0][i];
+      br += sh[1][i];
+    }
+    partials[blockIdx.x] = bd;
+    partials[gridDim.x + blockIdx.x] = br;
+  }
+}
+
+__global__ void SumPartialsInOrderKernel(const double* partials, int blocks, double* sums) {
+  double d2 = 0, r2 = 0;
+  for (int b = 0; b < blocks; ++b) {
+    d2 += partials[b];
+    r2 += partials[blocks + b];
+  }
+  sums[0] = d2;
+  sums[1] = r2;
+}
+
+}  // namespace
+
+void RelativeChangeSums(const float* w, const float* ref, int64_t n, double* partials, double* sums, void* stream) {
+  const bool vec4 = reinterpret_cast<uintptr_t>(w) % 16 == 0 && reinterpret_cast<uintptr_t>(ref) % 16 == 0;
+  RelativeChangeBlockKernel<<<kRelativeChangeBlocks, kRelativeChangeThreads, 0, S(stream)>>>(w, ref, n, vec4,
+                                                                                              partials);
+  SumPartialsInOrderKernel<<<1, 1, 0, S(stream)>>>(partials, kRelativeChangeBlocks, sums);
+}
+
 }  // namespace grove::rollout::gpu_plan

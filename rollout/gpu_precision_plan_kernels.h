@@ -33,4 +33,16 @@ void AccumulateWeightedSqDiff(const float* y, const float* ref, const int32_t* u
 // row's KL clamped at 0 as on the CPU; sums in double).
 void AccumulateRowKl(const float* zp, const float* zq, double* kl, int64_t rows, int64_t vocab, void* stream);
 
+// The sums behind the replan trigger's ||w - ref|| / ||ref||: sums[0] =
+// sum_i (w_i - ref_i)^2 and sums[1] = sum_i ref_i^2 over i in [0, n) (w, ref
+// fp32 on the device; `partials`: kRelativeChangeBlocks * 2 doubles of
+// scratch). In double, and deterministic: kRelativeChangeBlocks blocks, a
+// fixed share of the elements each (grid stride), reduced in a fixed order
+// within the block, their partials summed in block order by one thread, so
+// the same inputs give the same bits on any GPU. Double costs nothing here:
+// the pass is bound by reading 8 bytes per element (two fp64 FMAs per 8
+// bytes is ~1 TFLOP/s fp64 at H100 bandwidth, a few % of its fp64 rate).
+inline constexpr int kRelativeChangeBlocks = 1024;
+void RelativeChangeSums(const float* w, const float* ref, int64_t n, double* partials, double* sums, void* stream);
+
 }  // namespace grove::rollout::gpu_plan

@@ -73,34 +73,83 @@ PolicyQuantizer::PolicyQuantizer(QuantizeSettings settings, std::vector<std::vec
     : settings_(settings), prompts_(std::move(calibration_prompts)), stop_token_(stop_token),
       trigger_(settings.replan) {}
 
-Status PolicyQuantizer::MakePlan(int64_t version, const model::ModelConfig& config, std::span<const float> full,
-                                 model::Model* model) {
+Status PolicyQuantizer::MakePlan(int64_t version, const model::ModelConfig& config,
+                                 const std::vector<actors::TensorSpec>& tensors, Weights w, model::Model* model) {
   const auto t0 = std::chrono::steady_clock::now();
   const uint64_t seed = static_cast<uint64_t>(version) * 0x9e3779b97f4a7c15ull + 1;
+  // The measurer's copy is about to hold this version's weights; it holds
+  // the plan's again only once this plan takes effect.
+  plan_weights_on_measurer_ = false;
   std::vector<PlanUnit> units;
+  std::vector<model::ScoreRequest> calibration;
   if (measurer_) {
-    GROVE_ASSIGN_OR_RETURN(calibration_, measurer_->Calibrate(full, prompts_, settings_.plan_max_new_tokens,
-                                                              stop_token_, seed));
+    if (w.device) {
+      GROVE_ASSIGN_OR_RETURN(calibration, measurer_->CalibrateFromDevice(w.device, prompts_,
+                                                                         settings_.plan_max_new_tokens, stop_token_,
+                                                                         seed));
+    } else {
+      GROVE_ASSIGN_OR_RETURN(calibration, measurer_->Calibrate(w.host, prompts_, settings_.plan_max_new_tokens,
+                                                               stop_token_, seed));
+    }
     units = PlanUnits(config);
-    GROVE_RETURN_IF_ERROR(measurer_->MeasureUnitErrors(calibration_, units));
+    GROVE_RETURN_IF_ERROR(measurer_->MeasureUnitErrors(calibration, units));
   } else {
-    std::copy(full.begin(), full.end(), model->params().begin());
-    GROVE_ASSIGN_OR_RETURN(calibration_,
+    if (w.device) return Status::FailedPrecondition("plan mode from device weights needs a GPU measurer");
+    std::copy(w.host.begin(), w.host.end(), model->params().begin());
+    GROVE_ASSIGN_OR_RETURN(calibration,
                            CalibrationBatch(*model, prompts_, settings_.plan_max_new_tokens, stop_token_, seed));
     units = PlanUnits(model->config());
-    GROVE_RETURN_IF_ERROR(MeasureUnitErrors(*model, calibration_, units));
+    GROVE_RETURN_IF_ERROR(MeasureUnitErrors(*model, calibration, units));
   }
   GROVE_RETURN_IF_ERROR(ChooseFormats(settings_.plan_bits, units));
-  plan_ = PrecisionPlan{settings_.plan_bits, std::move(units)};
-  trigger_.Planned(version, full);
-  plan_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  PrecisionPlan plan{settings_.plan_bits, std::move(units)};
+  const double plan_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  // Its mismatch against the full weights.
+  std::string where = "the CPU";
+  MismatchReport mismatch;
+  if (measurer_) {
+    GROVE_ASSIGN_OR_RETURN(mismatch, measurer_->MeasureMismatch(plan.Chooser(), calibration));
+    where = measurer_->where();
+  } else {
+    std::vector<float> planned(w.host.begin(), w.host.end());
+    QuantizeInPlace(tensors, planned, plan.Chooser());
+    std::copy(planned.begin(), planned.end(), model->params().begin());
+    GROVE_ASSIGN_OR_RETURN(mismatch, MeasureMismatch(*model, w.host, calibration));
+  }
+  // Made and measured: it takes effect.
+  plan_ = std::move(plan);
+  calibration_ = std::move(calibration);
+  mismatch_ = mismatch;
+  if (w.device) trigger_.Planned(version);
+  else trigger_.Planned(version, w.host);
+  plan_weights_on_measurer_ = measurer_ != nullptr;
+  plan_seconds_ = plan_seconds;
   ++plans_made_;
+  const QuantizationReport q = StorageReport(tensors, plan_->Chooser());
+  LOG(INFO) << "precision plan for version " << version << ": " << plan_->Summary() << " (" << Fixed(plan_seconds_, 2)
+            << " s on " << where << (w.device ? " from device weights" : "") << ", " << calibration_.size()
+            << " sequences); model " << Fixed(q.bits_per_weight, 2) << " b/w; vs full precision: KL "
+            << mismatch_.mean_kl << " per token, routes differ on " << Fixed(100 * mismatch_.routes_differ, 1)
+            << "% of " << mismatch_.tokens << " tokens";
   return Status::OK();
 }
 
+Result<bool> PolicyQuantizer::PlanDue(int64_t version, Weights w) {
+  if (!w.device) return trigger_.Due(version, w.host);
+  if (trigger_.DueByCount(version)) return true;
+  const double max_change = trigger_.policy().max_rel_change;
+  if (!(max_change > 0)) return false;
+  // Without the plan's weights on the device there is nothing to compare
+  // with: a failed plan left the measurer other weights, or the plan was
+  // made elsewhere.
+  if (!plan_weights_on_measurer_) return true;
+  GROVE_ASSIGN_OR_RETURN(last_weight_change_, measurer_->RelativeChangeFromDevice(w.device));
+  return last_weight_change_ > max_change;
+}
+
 Result<FormatChooser> PolicyQuantizer::Choose(int64_t version, const model::ModelConfig& config,
-                                               std::span<const float> flat, model::Model* model, bool* remade) {
-  *remade = false;
+                                               const std::vector<actors::TensorSpec>& tensors, Weights w,
+                                               model::Model* model) {
   switch (settings_.mode) {
     case QuantizeMode::kNone:
       return FormatChooser([](const actors::TensorSpec&) { return std::optional<PrecisionFormat>(); });
@@ -110,37 +159,18 @@ Result<FormatChooser> PolicyQuantizer::Choose(int64_t version, const model::Mode
       });
     case QuantizeMode::kInt4:
       return UniformFfn(config, PrecisionFormat::kInt4);
-    case QuantizeMode::kPlan:
+    case QuantizeMode::kPlan: {
       if (prompts_.empty()) return Status::FailedPrecondition("plan mode needs calibration prompts");
+      if (w.device && !(measurer_ && measurer_->measures_from_device()))
+        return Status::FailedPrecondition("plan mode from device weights needs a measurer on that GPU");
       if (model == nullptr && !measurer_)
         return Status::FailedPrecondition("plan mode needs a CPU model or a measurer to calibrate on");
-      if (trigger_.Due(version, flat)) {
-        GROVE_RETURN_IF_ERROR(MakePlan(version, config, flat, model));
-        *remade = true;
-      }
+      GROVE_ASSIGN_OR_RETURN(bool due, PlanDue(version, w));
+      if (due) GROVE_RETURN_IF_ERROR(MakePlan(version, config, tensors, w, model));
       return plan_->Chooser();
+    }
   }
   return Status::Internal("unknown quantize mode");
-}
-
-Status PolicyQuantizer::MeasurePlan(int64_t version, const std::vector<actors::TensorSpec>& tensors,
-                                    std::span<const float> full, model::Model* model) {
-  std::string where = "the CPU";
-  if (measurer_) {
-    GROVE_ASSIGN_OR_RETURN(mismatch_, measurer_->MeasureMismatch(plan_->Chooser(), calibration_));
-    where = measurer_->where();
-  } else {
-    std::vector<float> planned(full.begin(), full.end());
-    QuantizeInPlace(tensors, planned, plan_->Chooser());
-    std::copy(planned.begin(), planned.end(), model->params().begin());
-    GROVE_ASSIGN_OR_RETURN(mismatch_, MeasureMismatch(*model, full, calibration_));
-  }
-  const QuantizationReport q = StorageReport(tensors, plan_->Chooser());
-  LOG(INFO) << "precision plan for version " << version << ": " << plan_->Summary() << " (" << Fixed(plan_seconds_, 2)
-            << " s on " << where << ", " << calibration_.size() << " sequences); model " << Fixed(q.bits_per_weight, 2)
-            << " b/w; vs full precision: KL " << mismatch_.mean_kl << " per token, routes differ on "
-            << Fixed(100 * mismatch_.routes_differ, 1) << "% of " << mismatch_.tokens << " tokens";
-  return Status::OK();
 }
 
 Status PolicyQuantizer::Install(int64_t version, const std::vector<actors::TensorSpec>& tensors,
@@ -148,9 +178,7 @@ Status PolicyQuantizer::Install(int64_t version, const std::vector<actors::Tenso
   if (flat.size() != model.params().size())
     return Status::InvalidArgument("weights of " + std::to_string(flat.size()) + " values for a model of " +
                                    std::to_string(model.params().size()));
-  bool remade = false;
-  GROVE_ASSIGN_OR_RETURN(FormatChooser choose, Choose(version, model.config(), flat, &model, &remade));
-  if (remade) GROVE_RETURN_IF_ERROR(MeasurePlan(version, tensors, flat, &model));
+  GROVE_ASSIGN_OR_RETURN(FormatChooser choose, Choose(version, model.config(), tensors, Weights{flat}, &model));
   report_ = QuantizeInPlace(tensors, flat, choose);
   std::copy(flat.begin(), flat.end(), model.params().begin());
   return Status::OK();
@@ -159,9 +187,17 @@ Status PolicyQuantizer::Install(int64_t version, const std::vector<actors::Tenso
 Result<FormatChooser> PolicyQuantizer::Formats(int64_t version, const model::ModelConfig& config,
                                                const std::vector<actors::TensorSpec>& tensors,
                                                std::span<const float> flat, model::Model* plan_model) {
-  bool remade = false;
-  GROVE_ASSIGN_OR_RETURN(FormatChooser choose, Choose(version, config, flat, plan_model, &remade));
-  if (remade) GROVE_RETURN_IF_ERROR(MeasurePlan(version, tensors, flat, plan_model));
+  GROVE_ASSIGN_OR_RETURN(FormatChooser choose, Choose(version, config, tensors, Weights{flat}, plan_model));
+  report_ = StorageReport(tensors, choose);
+  return choose;
+}
+
+Result<FormatChooser> PolicyQuantizer::FormatsFromDevice(int64_t version, const model::ModelConfig& config,
+                                                         const std::vector<actors::TensorSpec>& tensors,
+                                                         const float* device_flat) {
+  if (device_flat == nullptr) return Status::InvalidArgument("FormatsFromDevice: null weights");
+  GROVE_ASSIGN_OR_RETURN(FormatChooser choose,
+                         Choose(version, config, tensors, Weights{{}, device_flat}, nullptr));
   report_ = StorageReport(tensors, choose);
   return choose;
 }

@@ -15,6 +15,7 @@
 //   plan_weight_change = 0.05       ... or when ||w - w_plan|| / ||w_plan|| exceeds this (0: off)
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -68,6 +69,28 @@ class PlanMeasurer {
                                                  const std::vector<model::ScoreRequest>& calibration) = 0;
   // Where it measures, for logs ("GPU 0").
   virtual std::string where() const = 0;
+
+  // The device path (PolicyQuantizer::FormatsFromDevice), for a measurer on
+  // the GPU the weights arrive on. Without it (false), the two calls below
+  // are FailedPrecondition.
+  virtual bool measures_from_device() const { return false; }
+  // As Calibrate from the version's fp32 weights on the measurer's device
+  // (layout order, complete when called, unchanged until the plan's
+  // MeasureMismatch returns).
+  virtual Result<std::vector<model::ScoreRequest>> CalibrateFromDevice(
+      const float* device_full, const std::vector<std::vector<int32_t>>& prompts, int64_t max_new_tokens,
+      int32_t stop_token, uint64_t seed) {
+    (void)device_full, (void)prompts, (void)max_new_tokens, (void)stop_token, (void)seed;
+    return Status::FailedPrecondition(where() + " calibrates from host weights only");
+  }
+  // ||w - w_cal|| / ||w_cal|| (as ReplanTrigger::RelativeChange) of
+  // `device_full` (as above) against the weights of the last Calibrate or
+  // CalibrateFromDevice, which the measurer holds between plans; computed
+  // on the device.
+  virtual Result<double> RelativeChangeFromDevice(const float* device_full) {
+    (void)device_full;
+    return Status::FailedPrecondition(where() + " keeps no device copy of the plan's weights");
+  }
 };
 
 class PolicyQuantizer {
@@ -94,9 +117,32 @@ class PolicyQuantizer {
                                 const std::vector<actors::TensorSpec>& tensors, std::span<const float> flat,
                                 model::Model* plan_model);
 
+  // As Formats from `device_flat`: the version's fp32 weights on the GPU
+  // (complete when called, unchanged until this returns; e.g. a CUDA IPC
+  // copy). Other modes read no weight values. Plan mode needs a measurer
+  // that measures_from_device(), on that GPU (FailedPrecondition otherwise)
+  // and reads and keeps no host copy of the weights: the trigger's relative
+  // change is computed on the device against the measurer's copy of the
+  // plan-time weights, and a plan due is calibrated and measured from
+  // device_flat. A plan made here keeps no host copy for the trigger, so a
+  // later Formats from host weights remakes the plan (the reverse needs
+  // nothing: both paths leave the plan's weights in the measurer).
+  Result<FormatChooser> FormatsFromDevice(int64_t version, const model::ModelConfig& config,
+                                          const std::vector<actors::TensorSpec>& tensors, const float* device_flat);
+
+  // Failure (plan mode, all three of Install, Formats, FormatsFromDevice):
+  // the plan in force, its mismatch, report() and the trigger's plan-time
+  // version and weights stay as they were; a new plan takes effect only
+  // once made and measured. The measurer (or plan_model) may be left
+  // holding other weights than the plan's: the next device-path call then
+  // remakes the plan whenever the weight-change rule is on.
+
   // Plan mode measures with `measurer` from now on (then Formats needs no
   // plan_model); null: on the CPU model again.
-  void set_measurer(std::unique_ptr<PlanMeasurer> measurer) { measurer_ = std::move(measurer); }
+  void set_measurer(std::unique_ptr<PlanMeasurer> measurer) {
+    measurer_ = std::move(measurer);
+    plan_weights_on_measurer_ = false;
+  }
   const PlanMeasurer* measurer() const { return measurer_.get(); }
 
   const QuantizeSettings& settings() const { return settings_; }
@@ -107,20 +153,31 @@ class PolicyQuantizer {
   const MismatchReport& mismatch() const { return mismatch_; }
   double plan_seconds() const { return plan_seconds_; }
   int64_t plans_made() const { return plans_made_; }
+  // The device path's last ||w - w_plan|| / ||w_plan|| (NaN until one was
+  // computed; not computed when a plan was due anyway).
+  double last_weight_change() const { return last_weight_change_; }
   // One line for `grove status`.
   std::string Detail() const;
 
  private:
-  // On `model`, or on measurer_ when set (model may then be null).
-  Status MakePlan(int64_t version, const model::ModelConfig& config, std::span<const float> full,
-                  model::Model* model);
-  // The chooser of the configured mode (plan mode: of the plan in force);
-  // *remade is set when the plan was remade for this version.
-  Result<FormatChooser> Choose(int64_t version, const model::ModelConfig& config, std::span<const float> flat,
-                               model::Model* model, bool* remade);
-  // After a remake: the plan's mismatch against `full`, on `model`.
-  Status MeasurePlan(int64_t version, const std::vector<actors::TensorSpec>& tensors, std::span<const float> full,
-                     model::Model* model);
+  // A version's full-precision weights: on the host, or (device path) on
+  // the measurer's GPU.
+  struct Weights {
+    std::span<const float> host;
+    const float* device = nullptr;
+  };
+  // Makes the plan of `w` and measures its mismatch, on `model` or on
+  // measurer_ when set (model may then be null), and only then makes it the
+  // plan in force (the failure contract above).
+  Status MakePlan(int64_t version, const model::ModelConfig& config,
+                  const std::vector<actors::TensorSpec>& tensors, Weights w, model::Model* model);
+  // Plan mode: whether `w` needs a new plan (the device path computes the
+  // weight change on the measurer's device).
+  Result<bool> PlanDue(int64_t version, Weights w);
+  // The chooser of the configured mode (plan mode: of the plan in force,
+  // remade first when due).
+  Result<FormatChooser> Choose(int64_t version, const model::ModelConfig& config,
+                               const std::vector<actors::TensorSpec>& tensors, Weights w, model::Model* model);
 
   QuantizeSettings settings_;
   std::vector<std::vector<int32_t>> prompts_;
@@ -133,6 +190,11 @@ class PolicyQuantizer {
   MismatchReport mismatch_;
   double plan_seconds_ = 0;
   int64_t plans_made_ = 0;
+  // True while measurer_'s device copy holds the plan in force's weights
+  // (set when a plan made with measurer_ took effect, cleared when one is
+  // started).
+  bool plan_weights_on_measurer_ = false;
+  double last_weight_change_ = std::nan("");
 };
 
 }  // namespace grove::rollout

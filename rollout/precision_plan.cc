@@ -417,9 +417,18 @@ double ReplanTrigger::RelativeChange(std::span<const float> weights) const {
   return r2 > 0 ? std::sqrt(d2 / r2) : (d2 > 0 ? INFINITY : 0.0);
 }
 
-bool ReplanTrigger::Due(int64_t version, std::span<const float> weights) const {
+void ReplanTrigger::Planned(int64_t version) {
+  plan_version_ = version;
+  plan_weights_ = {};
+}
+
+bool ReplanTrigger::DueByCount(int64_t version) const {
   if (!has_plan()) return true;
-  if (policy_.every_versions > 0 && version - plan_version_ >= policy_.every_versions) return true;
+  return policy_.every_versions > 0 && version - plan_version_ >= policy_.every_versions;
+}
+
+bool ReplanTrigger::Due(int64_t version, std::span<const float> weights) const {
+  if (DueByCount(version)) return true;
   if (policy_.max_rel_change > 0 && RelativeChange(weights) > policy_.max_rel_change) return true;
   return false;
 }

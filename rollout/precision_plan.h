@@ -148,9 +148,17 @@ class ReplanTrigger {
   bool has_plan() const { return plan_version_ >= 0; }
   // Records the version and full-precision weights a plan was made from.
   void Planned(int64_t version, std::span<const float> weights);
+  // Records the version only, the weights being kept elsewhere (a device
+  // copy: PolicyQuantizer::FormatsFromDevice); drops any host copy, so
+  // RelativeChange is infinite (a Due from host weights is true) until the
+  // next Planned with weights.
+  void Planned(int64_t version);
   // True when no plan exists or the policy asks for a new one.
   bool Due(int64_t version, std::span<const float> weights) const;
+  // The version half of Due: no plan, or every_versions reached.
+  bool DueByCount(int64_t version) const;
   double RelativeChange(std::span<const float> weights) const;
+  const ReplanPolicy& policy() const { return policy_; }
 
  private:
   ReplanPolicy policy_;

@@ -409,7 +409,7 @@ void MeasurePlan(const model::ModelConfig& c, const model::Model& host, std::mt1
   GROVE_BENCH_CHECK_OK(gen.status());
   GpuGenerator* engine = gen->get();
   auto m = GpuPlanMeasurer::Create(c, 0,
-                                   [engine](std::span<const float> w, const std::vector<std::vector<int32_t>>& ps,
+                                   [engine](const float*, std::span<const float> w, const std::vector<std::vector<int32_t>>& ps,
                                             const model::SamplingOptions& so)
                                        -> Result<std::vector<model::Completion<float>>> {
                                      GROVE_RETURN_IF_ERROR(engine->LoadWeights(w, nullptr).status());

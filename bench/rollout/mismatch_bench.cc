@@ -142,7 +142,7 @@ int Run() {
       GpuGenerator* gen = engine->get();
       auto m = GpuPlanMeasurer::Create(
           c, 0,
-          [gen](std::span<const float> w, const std::vector<std::vector<int32_t>>& ps,
+          [gen](const float*, std::span<const float> w, const std::vector<std::vector<int32_t>>& ps,
                 const model::SamplingOptions& so) -> Result<std::vector<model::Completion<float>>> {
             GROVE_RETURN_IF_ERROR(gen->LoadWeights(w, nullptr).status());
             return gen->Generate(ps, so);

@@ -12,9 +12,18 @@
 //       copy into the worker's device buffer, headers + device checksum),
 //       then GenerationBackend's InstallFromDevice path: Formats and
 //       GpuGenerator::LoadWeightsFromDevice;
-//     host (the old path, still there for CPU engines and plan mode):
+//     host (the old path, still there for CPU engines):
 //       FetchNewerWeights (IPC copy, then to the host, host checksum), then
 //       Formats and GpuGenerator::LoadWeights (upload, quantize).
+//   --quantize=plan: the worker is the GPU engine of a plan-mode rollout
+//     worker (MakeGpuBackend: GpuPlanMeasurer on this GPU, random-token
+//     calibration prompts) and each version takes the device path only,
+//     GenerationBackend::InstallFromDevice: the weight-change trigger on the
+//     device, a plan when due (the first version; every
+//     --plan_every_versions), LoadWeightsFromDevice. (The host path would
+//     remake the plan on every version here: a plan made from device
+//     weights keeps no host copy to compare with; docs/rollout.md has its
+//     cost.)
 // The worker prints one row per version and path: receive, install, stall;
 // the learner prints its side (checksum, publish = device copy for IPC).
 // The worker tells the learner it is done with a version through a pipe, so
@@ -40,13 +49,16 @@
 #include "learner/weight_publisher.h"
 #include "model/config.h"
 #include "model/param_layout.h"
+#include "rollout/generation_backend.h"
+#include "rollout/gpu_generation_backend.h"
 #include "rollout/gpu_generator.h"
 #include "rollout/policy_quantizer.h"
 #include "rollout/weight_fetch.h"
 
 DEFINE_string(config, "configs/model/gpu-ref.toml", "model config (its [model] section)");
 DEFINE_int32(versions, 3, "versions published");
-DEFINE_string(quantize, "int8", "the worker's [rollout] quantize: none, int8 or int4");
+DEFINE_string(quantize, "int8", "the worker's [rollout] quantize: none, int8, int4 or plan");
+DEFINE_int32(plan_every_versions, 0, "plan mode: the worker's [rollout] plan_every_versions (0: by weight change)");
 DEFINE_string(role, "learner", "learner (starts the worker) | worker");
 DEFINE_string(endpoint, "", "worker: the learner's publisher");
 
@@ -68,17 +80,44 @@ constexpr int kDoneFd = 3;  // the worker's end of the pipe back to the learner
 
 int RunWorker(const model::ModelConfig& c) {
   rollout::QuantizeSettings qs;
-  Result<Config> qc = Config::Parse("[rollout]\nquantize = \"" + FLAGS_quantize + "\"\n", "--quantize");
+  Result<Config> qc = Config::Parse("[rollout]\nquantize = \"" + FLAGS_quantize + "\"\nplan_every_versions = " +
+                                        std::to_string(FLAGS_plan_every_versions) + "\n",
+                                    "--quantize");
   Die(qc.status(), "quantize flag");
   Result<rollout::QuantizeSettings> parsed = rollout::ParseQuantizeSettings(qc->Section("rollout"));
   Die(parsed.status(), "quantize flag");
-  if (parsed->mode == rollout::QuantizeMode::kPlan) Die(Status::InvalidArgument("plan needs a task"), "quantize");
+  const bool plan = parsed->mode == rollout::QuantizeMode::kPlan;
   rollout::PolicyQuantizer quantizer(*parsed, {}, 0);
-  rollout::GpuGeneratorOptions o;
-  o.max_batch = 8;
-  o.kv_memory_fraction = 0.05;
-  Result<std::unique_ptr<rollout::GpuGenerator>> gen = rollout::GpuGenerator::Create(c, o);
-  Die(gen.status(), "GpuGenerator::Create");
+  std::unique_ptr<rollout::GpuGenerator> gen;
+  std::unique_ptr<rollout::GenerationBackend> backend;  // plan mode
+  if (plan) {
+    // Calibration prompts: plan_sequences of 16 random tokens (what the
+    // plan costs depends on their count and lengths, not on the task).
+    std::vector<std::vector<int32_t>> prompts(size_t(parsed->plan_sequences));
+    uint64_t x = 17;
+    for (auto& p : prompts)
+      for (int i = 0; i < 16; ++i) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        p.push_back(int32_t((x >> 33) % uint64_t(c.vocab_size)));
+      }
+    auto q = std::make_unique<rollout::PolicyQuantizer>(*parsed, std::move(prompts), 0);
+    rollout::BackendSettings bs;
+    bs.device = rollout::RolloutDevice::kGpu;
+    bs.max_batch = 8;
+    bs.kv_memory_fraction = 0.05;
+    Result<std::unique_ptr<rollout::GenerationBackend>> b = rollout::MakeGpuBackend(bs, 0, c, q);
+    Die(b.status(), "MakeGpuBackend");
+    backend = std::move(*b);
+    if (!backend->installs_from_device())
+      Die(Status::FailedPrecondition("plan mode without its GPU measurer installs from the host only"), "backend");
+  } else {
+    rollout::GpuGeneratorOptions o;
+    o.max_batch = 8;
+    o.kv_memory_fraction = 0.05;
+    Result<std::unique_ptr<rollout::GpuGenerator>> g = rollout::GpuGenerator::Create(c, o);
+    Die(g.status(), "GpuGenerator::Create");
+    gen = std::move(*g);
+  }
   actors::RpcClient rpc("rollout-0");
   Die(rpc.Connect(FLAGS_endpoint), "connect");
   // The device path, as rollout_actor sets it up (transport auto, the
@@ -121,9 +160,26 @@ int RunWorker(const model::ModelConfig& c) {
     const float* on_device = (*source)->device_weights();
     if (on_device == nullptr) Die(Status::Internal("the version came to the host, not through CUDA IPC"), "fetch");
     const auto t1 = Clock::now();
+    if (plan) {
+      const int64_t plans_before = backend->quantizer().plans_made();
+      Die(backend->InstallFromDevice(snap.version, snap.tensors, on_device), "InstallFromDevice");
+      const double install_ms = Ms(t1);
+      const rollout::PolicyQuantizer& pq = backend->quantizer();
+      char what[64];
+      if (pq.plans_made() > plans_before) std::snprintf(what, sizeof what, "plan made in %.3f s", pq.plan_seconds());
+      else std::snprintf(what, sizeof what, "plan kept, change %.2e", pq.last_weight_change());
+      std::printf("| %lld | device, %s | %.1f | %.1f | %.1f | %.1f |\n", (long long)snap.version, what, receive_ms,
+                  install_ms, 1e3 * backend->last_device_load_seconds(), receive_ms + install_ms);
+      std::fflush(stdout);
+      have = snap.version;
+      const std::string line = std::to_string(have) + "\n";
+      if (write(kDoneFd, line.data(), line.size()) != static_cast<ssize_t>(line.size()))
+        Die(Status::IOError("pipe to the learner"), "done");
+      continue;
+    }
     Result<rollout::FormatChooser> choose = quantizer.Formats(snap.version, c, snap.tensors, {}, nullptr);
     Die(choose.status(), "formats");
-    Result<double> load = (*gen)->LoadWeightsFromDevice(on_device, *choose);
+    Result<double> load = gen->LoadWeightsFromDevice(on_device, *choose);
     Die(load.status(), "LoadWeightsFromDevice");
     const double install_ms = Ms(t1);
     std::printf("| %lld | device | %.1f | %.1f | %.1f | %.1f |\n", (long long)snap.version, receive_ms, install_ms,
@@ -139,7 +195,7 @@ int RunWorker(const model::ModelConfig& c) {
     Result<rollout::FormatChooser> host_choose =
         quantizer.Formats((*host)->version, c, (*host)->tensors, (*host)->flat, nullptr);
     Die(host_choose.status(), "formats");
-    Result<double> host_load = (*gen)->LoadWeights((*host)->flat, *host_choose);
+    Result<double> host_load = gen->LoadWeights((*host)->flat, *host_choose);
     Die(host_load.status(), "LoadWeights");
     const double host_install_ms = Ms(h1);
     std::printf("| %lld | host | %.1f | %.1f | %.1f | %.1f |\n", (long long)snap.version, host_receive_ms,
@@ -185,10 +241,12 @@ int RunLearner(const model::ModelConfig& c, const char* self) {
   posix_spawn_file_actions_adddup2(&fa, fds[1], kDoneFd);
   posix_spawn_file_actions_addclose(&fa, fds[0]);
   const std::string a_config = "--config=" + FLAGS_config, a_versions = "--versions=" + std::to_string(FLAGS_versions),
-                    a_quant = "--quantize=" + FLAGS_quantize, a_end = "--endpoint=" + (*pub)->endpoint();
+                    a_quant = "--quantize=" + FLAGS_quantize, a_end = "--endpoint=" + (*pub)->endpoint(),
+                    a_every = "--plan_every_versions=" + std::to_string(FLAGS_plan_every_versions);
   std::vector<char*> argv = {const_cast<char*>(self), const_cast<char*>("--role=worker"),
                              const_cast<char*>(a_config.c_str()), const_cast<char*>(a_versions.c_str()),
-                             const_cast<char*>(a_quant.c_str()), const_cast<char*>(a_end.c_str()), nullptr};
+                             const_cast<char*>(a_quant.c_str()), const_cast<char*>(a_end.c_str()),
+                             const_cast<char*>(a_every.c_str()), nullptr};
   pid_t child = 0;
   if (posix_spawn(&child, self, &fa, nullptr, argv.data(), environ) != 0) Die(Status::IOError("spawn"), "worker");
   posix_spawn_file_actions_destroy(&fa);

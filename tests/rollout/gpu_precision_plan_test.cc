@@ -264,7 +264,8 @@ TEST(GpuPlan, PolicyQuantizerMeasuresOnTheGpu) {
   model::Model* cpu = m.cpu.get();
   auto measurer = GpuPlanMeasurer::Create(
       c, 0,
-      [cpu](std::span<const float> w, const std::vector<std::vector<int32_t>>& ps, const model::SamplingOptions& so) {
+      [cpu](const float*, std::span<const float> w, const std::vector<std::vector<int32_t>>& ps,
+             const model::SamplingOptions& so) {
         std::copy(w.begin(), w.end(), cpu->params().begin());
         return cpu->Generate(ps, so);
       });
