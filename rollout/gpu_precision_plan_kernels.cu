@@ -13,50 +13,38 @@ constexpr int kGroup = 128;  // int4 group, as QuantizeInt4Grouped's default
 
 cudaStream_t S(void* s) { return static_cast<cudaStream_t>(s); }
 
-__device__ float WarpMax(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ double WarpSum(double v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ float WarpSumF(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
+struct MaxOp {  // fmaxf: a NaN operand yields the other, as before
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct SumOp {
+  template <typename T>
+  __device__ T operator()(T a, T b) const { return a + b; }
+};
 
-// Block-wide max / sum of blockDim.x (a multiple of 32, <= 1024) threads.
-__device__ float BlockMax(float v, float* sh) {
-  v = WarpMax(v);
+template <typename T, typename Op>
+__device__ T WarpReduce(T v, Op op) {
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ double WarpSum(double v) { return WarpReduce(v, SumOp{}); }
+
+// Block-wide reduction of blockDim.x (a multiple of 32, <= 1024) threads,
+// `init` the operation's identity; every thread gets the result. The warps'
+// partials are combined in warp order (the same sum every run).
+template <typename T, typename Op>
+__device__ T BlockReduce(T v, T* sh, T init, Op op) {
+  v = WarpReduce(v, op);
   const int w = threadIdx.x / 32, nw = blockDim.x / 32;
   __syncthreads();
   if (threadIdx.x % 32 == 0) sh[w] = v;
   __syncthreads();
-  float r = -FLT_MAX;
-  for (int i = 0; i < nw; ++i) r = fmaxf(r, sh[i]);
+  T r = init;
+  for (int i = 0; i < nw; ++i) r = op(r, sh[i]);
   return r;
 }
-__device__ float BlockSumF(float v, float* sh) {
-  v = WarpSumF(v);
-  const int w = threadIdx.x / 32, nw = blockDim.x / 32;
-  __syncthreads();
-  if (threadIdx.x % 32 == 0) sh[w] = v;
-  __syncthreads();
-  float r = 0;
-  for (int i = 0; i < nw; ++i) r += sh[i];
-  return r;
-}
-__device__ double BlockSum(double v, double* sh) {
-  v = WarpSum(v);
-  const int w = threadIdx.x / 32, nw = blockDim.x / 32;
-  __syncthreads();
-  if (threadIdx.x % 32 == 0) sh[w] = v;
-  __syncthreads();
-  double r = 0;
-  for (int i = 0; i < nw; ++i) r += sh[i];
-  return r;
-}
+__device__ float BlockMax(float v, float* sh) { return BlockReduce(v, sh, -FLT_MAX, MaxOp{}); }
+__device__ float BlockSumF(float v, float* sh) { return BlockReduce(v, sh, 0.f, SumOp{}); }
+__device__ double BlockSum(double v, double* sh) { return BlockReduce(v, sh, 0.0, SumOp{}); }
 
 // One block of 128 threads per (group, row): the CPU's amax / 7, then
 // clamp(nearbyint(w / scale), -7, 7) * scale (IEEE division and rounding

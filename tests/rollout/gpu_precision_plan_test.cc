@@ -13,39 +13,17 @@
 #include <map>
 #include <random>
 
+#include "tests/rollout/plan_test_util.h"
 
 namespace grove::rollout {
 namespace {
 
-std::string SourcePath(const std::string& rel) {
-  const char* root = std::getenv("GROVE_SOURCE_DIR");
-  return std::string(root ? root : ".") + "/" + rel;
-}
-
 bool HaveGpu() { return model::GpuTransformer::DeviceCount() > 0; }
 
-// tiny.toml with a vocabulary padded to a multiple of 8 (GpuTransformer's
-// rule) and weights large enough that int4's error stands far above the
-// bf16 forward's rounding (as gpu_transformer_test's tiny config).
-model::ModelConfig Config() {
-  auto c = model::ModelConfig::LoadFile(SourcePath("configs/model/tiny.toml"));
-  EXPECT_TRUE(c.ok()) << c.status();
-  model::ModelConfig m = *c;
-  m.vocab_size = 64;
-  m.init_std = 0.08;
-  return m;
-}
+using plan_testing::RandomSequences;
+using plan_testing::SourcePath;
 
-std::vector<model::ScoreRequest> RandomSequences(const model::ModelConfig& c, int n, int len, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<model::ScoreRequest> b(n);
-  for (auto& r : b) {
-    r.tokens.resize(len);
-    for (auto& t : r.tokens) t = int32_t(rng() % c.vocab_size);
-    r.score_from = len / 3;
-  }
-  return b;
-}
+model::ModelConfig Config() { return plan_testing::TinyGpuConfig(); }
 
 struct Models {
   std::unique_ptr<model::Model> cpu;

@@ -12,26 +12,15 @@
 
 #include "rollout/generation_backend.h"
 #include "rollout/gpu_precision_plan.h"
+#include "tests/rollout/plan_test_util.h"
 
 namespace grove::rollout {
 namespace {
 
-std::string SourcePath(const std::string& rel) {
-  const char* root = std::getenv("GROVE_SOURCE_DIR");
-  return std::string(root ? root : ".") + "/" + rel;
-}
-
 bool HaveGpu() { return model::GpuTransformer::DeviceCount() > 0; }
 
-// tiny.toml with a vocabulary GpuTransformer takes (a multiple of 8) and
-// weights large enough for the plan's formats to differ (as
-// gpu_precision_plan_test's).
-model::ModelConfig TinyConfig() {
-  model::ModelConfig c = *model::ModelConfig::LoadFile(SourcePath("configs/model/tiny.toml"));
-  c.vocab_size = 64;
-  c.init_std = 0.08;
-  return c;
-}
+using plan_testing::SourcePath;
+using plan_testing::TinyGpuConfig;
 
 // fp32 values on device 0, freed on scope exit.
 class DeviceFloats {
@@ -83,7 +72,7 @@ std::vector<float> Moved(const std::vector<float>& w, double rel, uint64_t seed)
 // many blocks' shares; a misaligned start (scalar path); the zero cases.
 TEST(PlanFromDevice, RelativeChangeIsTheHosts) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
-  const model::ModelConfig c = TinyConfig();
+  const model::ModelConfig c = TinyGpuConfig();
   auto gm = model::GpuTransformer::Create(c, 0, /*trainable=*/false);
   ASSERT_TRUE(gm.ok()) << gm.status();
   double* scratch = nullptr;
@@ -128,7 +117,7 @@ struct Quantizers {
   bool fail_sampling = false;
 
   Quantizers() {
-    const model::ModelConfig c = TinyConfig();
+    const model::ModelConfig c = TinyGpuConfig();
     cpu = std::move(*model::Model::Create(c, 7));
     cpu->set_threads(2);
     w0.assign(cpu->params().begin(), cpu->params().end());

@@ -6,13 +6,13 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/rollout/plan_test_util.h"
+
 namespace grove::rollout {
 namespace {
 
-std::string SourcePath(const std::string& rel) {
-  const char* root = std::getenv("GROVE_SOURCE_DIR");
-  return std::string(root ? root : ".") + "/" + rel;
-}
+using plan_testing::RandomSequences;
+using plan_testing::SourcePath;
 
 std::unique_ptr<model::Model> TinyModel(uint64_t seed = 7) {
   auto c = model::ModelConfig::LoadFile(SourcePath("configs/model/tiny.toml"));
@@ -23,16 +23,6 @@ std::unique_ptr<model::Model> TinyModel(uint64_t seed = 7) {
   return std::move(*m);
 }
 
-std::vector<model::ScoreRequest> RandomSequences(const model::ModelConfig& c, int n, int len, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<model::ScoreRequest> b(n);
-  for (auto& r : b) {
-    r.tokens.resize(len);
-    for (auto& t : r.tokens) t = int32_t(rng() % c.vocab_size);
-    r.score_from = len / 3;
-  }
-  return b;
-}
 
 std::span<float> Tensor(model::Model& m, const std::string& name) {
   const model::TensorInfo* t = m.layout().Find(name);
