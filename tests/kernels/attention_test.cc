@@ -764,6 +764,33 @@ TEST(AttentionWgmmaBackwardTest, TrainingShapeHeads) {
   CheckWgmmaBackward({{1024, 300}, 8, 2, 128});
 }
 
+// Random bf16 q, k, v and dO rows of packed sequences `cu` (H query heads,
+// Hk KV heads of head_dim D), the offsets on the device and the shape over
+// them: the backward tests' common inputs.
+struct PackedBackwardInputs {
+  PackedBackwardInputs(std::mt19937_64& rng, const std::vector<int32_t>& offsets, int H, int Hk, int D,
+                       int max_seqlen)
+      : cu(offsets.size()) {
+    const int T = offsets.back();
+    std::vector<double> unused;
+    testing::RandomBf16(rng, size_t(T) * H * D, &q, &unused);
+    testing::RandomBf16(rng, size_t(T) * Hk * D, &k, &unused);
+    testing::RandomBf16(rng, size_t(T) * Hk * D, &v, &unused);
+    testing::RandomBf16(rng, size_t(T) * H * D, &dout, &unused);
+    EXPECT_EQ(cu.Upload(offsets), cudaSuccess);
+    shape.cu_seqlens = cu.get();
+    shape.batch = int(offsets.size()) - 1;
+    shape.max_seqlen = max_seqlen;
+    shape.total_tokens = T;
+    shape.num_heads = H;
+    shape.num_kv_heads = Hk;
+    shape.head_dim = D;
+  }
+  std::vector<__nv_bfloat16> q, k, v, dout;
+  DeviceBuffer<int32_t> cu;
+  AttentionShape shape;
+};
+
 // dQ reaches the fp32 workspace by TMA reductions (default) or by float2
 // atomics (GROVE_ATTENTION_BWD_DQ=atomic): the same dK, dV bits (that path
 // does not change), dQ equal up to the order of the additions (bf16 dQ: a
@@ -774,25 +801,9 @@ TEST(AttentionWgmmaBackwardTest, DqByAtomicsMatchesDqByTma) {
   const uint64_t seed = testing::FreshSeed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
-  const int H = 8, Hk = 2, D = 128;
-  const std::vector<int32_t> cu = {0, 1, 66, 195, 495, 1519};
-  const int T = cu.back();
-  std::vector<__nv_bfloat16> q, k, v, dout;
-  std::vector<double> unused;
-  testing::RandomBf16(rng, size_t(T) * H * D, &q, &unused);
-  testing::RandomBf16(rng, size_t(T) * Hk * D, &k, &unused);
-  testing::RandomBf16(rng, size_t(T) * Hk * D, &v, &unused);
-  testing::RandomBf16(rng, size_t(T) * H * D, &dout, &unused);
-  DeviceBuffer<int32_t> d_cu(cu.size());
-  GROVE_CUDA_OK(d_cu.Upload(cu));
-  AttentionShape shape;
-  shape.cu_seqlens = d_cu.get();
-  shape.batch = int(cu.size()) - 1;
-  shape.max_seqlen = 1024;
-  shape.total_tokens = T;
-  shape.num_heads = H;
-  shape.num_kv_heads = Hk;
-  shape.head_dim = D;
+  const PackedBackwardInputs in(rng, {0, 1, 66, 195, 495, 1519}, /*H=*/8, /*Hk=*/2, /*D=*/128, /*max_seqlen=*/1024);
+  const AttentionShape& shape = in.shape;
+  const std::vector<__nv_bfloat16>&q = in.q, &k = in.k, &v = in.v, &dout = in.dout;
   const ForwardRun fwd = RunForward(AttentionForwardImpl::kMmaSync, shape, std::nullopt, q, k, v);
   const char* previous = std::getenv("GROVE_ATTENTION_BWD_DQ");
   const std::string saved = previous ? previous : "";
@@ -825,22 +836,9 @@ TEST(AttentionBackwardTest, NonFiniteNextSequenceDoesNotLeak) {
   const int H = 8, Hk = 2, D = 128;
   const std::vector<int32_t> cu = {0, 100, 160, 290};
   const int T = cu.back();
-  std::vector<__nv_bfloat16> q, k, v, dout;
-  std::vector<double> unused;
-  testing::RandomBf16(rng, size_t(T) * H * D, &q, &unused);
-  testing::RandomBf16(rng, size_t(T) * Hk * D, &k, &unused);
-  testing::RandomBf16(rng, size_t(T) * Hk * D, &v, &unused);
-  testing::RandomBf16(rng, size_t(T) * H * D, &dout, &unused);
-  DeviceBuffer<int32_t> d_cu(cu.size());
-  GROVE_CUDA_OK(d_cu.Upload(cu));
-  AttentionShape shape;
-  shape.cu_seqlens = d_cu.get();
-  shape.batch = 3;
-  shape.max_seqlen = 130;
-  shape.total_tokens = T;
-  shape.num_heads = H;
-  shape.num_kv_heads = Hk;
-  shape.head_dim = D;
+  const PackedBackwardInputs in(rng, cu, H, Hk, D, /*max_seqlen=*/130);
+  const AttentionShape& shape = in.shape;
+  const std::vector<__nv_bfloat16>&q = in.q, &k = in.k, &v = in.v, &dout = in.dout;
   const ForwardRun fwd = RunForward(AttentionForwardImpl::kMmaSync, shape, std::nullopt, q, k, v);
   // Sequence 1 (rows 100..159) poisoned: NaN and inf in every input row.
   std::vector<__nv_bfloat16> q_bad = q, k_bad = k, v_bad = v, do_bad = dout, o_bad = fwd.o;
