@@ -213,14 +213,8 @@ __device__ __forceinline__ void AddWeightGradAccumulator(const float (&acc)[kTil
     StoreWeightGradAccumulator<kTileN>(acc, p, w, row0);
     return;
   }
-  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-#pragma unroll
-  for (int i = 0; i < kTileN / 2; i += 2) {
-    const int row = row0 + 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
-    const int col = w.col0 + 8 * (i / 4) + 2 * (lane % 4);
-    if (row < p.n && col < p.k)
-      ptx::red_global_add_v2_f32(w.g + static_cast<int64_t>(row) * p.k + col, acc[i], acc[i + 1]);
-  }
+  ForEachWeightGradPair<kTileN>(acc, p, w, row0,
+                                [](float* g, float x, float y) { ptx::red_global_add_v2_f32(g, x, y); });
 }
 
 template <typename Cfg>

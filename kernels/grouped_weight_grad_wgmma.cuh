@@ -40,19 +40,29 @@ __device__ __forceinline__ void WeightGradWgmmaBatch(float (&acc)[kTileN / 2],
 // the warpgroup, lane l): row 16 w + l / 4 + 8 ((i / 2) % 2), column
 // 8 (i / 4) + 2 (l % 4) + i % 2; registers i, i + 1 (i even) are adjacent
 // columns of one row.
-template <int kTileN>
-__device__ __forceinline__ void StoreWeightGradAccumulator(const float (&acc)[kTileN / 2],
-                                                           const WeightGradParams& p,
-                                                           const WeightGradTile& w, int row0) {
+// write_pair(g, x, y) for each in-bounds pair (g: its first element in G).
+template <int kTileN, typename WritePair>
+__device__ __forceinline__ void ForEachWeightGradPair(const float (&acc)[kTileN / 2],
+                                                      const WeightGradParams& p,
+                                                      const WeightGradTile& w, int row0,
+                                                      WritePair write_pair) {
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
 #pragma unroll
   for (int i = 0; i < kTileN / 2; i += 2) {
     const int row = row0 + 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
     const int col = w.col0 + 8 * (i / 4) + 2 * (lane % 4);
     if (row < p.n && col < p.k)
-      StoreOrAddPair(w.g + static_cast<int64_t>(row) * p.k + col, acc[i], acc[i + 1],
-                     p.accumulate);
+      write_pair(w.g + static_cast<int64_t>(row) * p.k + col, acc[i], acc[i + 1]);
   }
+}
+
+template <int kTileN>
+__device__ __forceinline__ void StoreWeightGradAccumulator(const float (&acc)[kTileN / 2],
+                                                           const WeightGradParams& p,
+                                                           const WeightGradTile& w, int row0) {
+  ForEachWeightGradPair<kTileN>(acc, p, w, row0, [&](float* g, float x, float y) {
+    StoreOrAddPair(g, x, y, p.accumulate);
+  });
 }
 
 }  // namespace grove::kernels::detail
