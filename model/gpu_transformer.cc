@@ -439,20 +439,19 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
     im.grouped_dw = v != "cublas";
     if (impl) im.dw_impl = *impl;
   }
-  if (const char* env = std::getenv("GROVE_KEEP_EXPERT_INPUTS")) {
+  // auto | 1 | 0 (unset: as initialized).
+  auto keep_mode = [](const char* var, Impl::KeepMode* mode) -> Status {
+    const char* env = std::getenv(var);
+    if (env == nullptr) return Status::OK();
     const std::string v = env;
-    if (v == "auto") im.keep_xe = Impl::KeepMode::kAuto;
-    else if (v == "1") im.keep_xe = Impl::KeepMode::kAlways;
-    else if (v == "0") im.keep_xe = Impl::KeepMode::kNever;
-    else return Status::InvalidArgument("GROVE_KEEP_EXPERT_INPUTS must be auto, 1 or 0, got '" + v + "'");
-  }
-  if (const char* env = std::getenv("GROVE_KEEP_LOGITS")) {
-    const std::string v = env;
-    if (v == "auto") im.keep_logits = Impl::KeepMode::kAuto;
-    else if (v == "1") im.keep_logits = Impl::KeepMode::kAlways;
-    else if (v == "0") im.keep_logits = Impl::KeepMode::kNever;
-    else return Status::InvalidArgument("GROVE_KEEP_LOGITS must be auto, 1 or 0, got '" + v + "'");
-  }
+    if (v == "auto") *mode = Impl::KeepMode::kAuto;
+    else if (v == "1") *mode = Impl::KeepMode::kAlways;
+    else if (v == "0") *mode = Impl::KeepMode::kNever;
+    else return Status::InvalidArgument(std::string(var) + " must be auto, 1 or 0, got '" + v + "'");
+    return Status::OK();
+  };
+  GROVE_RETURN_IF_ERROR(keep_mode("GROVE_KEEP_EXPERT_INPUTS", &im.keep_xe));
+  GROVE_RETURN_IF_ERROR(keep_mode("GROVE_KEEP_LOGITS", &im.keep_logits));
   if (const char* env = std::getenv("GROVE_GROUPED_GEMM")) {
     const std::string v = env;
     using kernels::GroupedGemmImpl;
