@@ -635,19 +635,25 @@ namespace {
 // else wgmma where it runs (sm_90, head_dim 128; measured faster there in
 // both directions, docs/kernels.md), else mma.sync.
 Status AutoChoosesWgmma(const char* var, int head_dim, bool* wgmma) {
-  const char* env = std::getenv(var);
-  if (env == nullptr || *env == '\0') {
-    *wgmma = AttentionForwardWgmmaSupported(head_dim);
-    return Status::OK();
-  }
-  const std::string choice = env;
-  if (choice != "mma" && choice != "wgmma")
-    return Status::InvalidArgument(std::string(var) + " must be mma or wgmma, got " + choice);
-  *wgmma = choice == "wgmma";
-  return Status::OK();
+  *wgmma = AttentionForwardWgmmaSupported(head_dim);
+  return detail::ReadPathChoice(var, "mma", "wgmma", wgmma);
 }
 
 }  // namespace
+
+namespace detail {
+
+Status ReadPathChoice(const char* var, const char* first, const char* second, bool* chose_second) {
+  const char* env = std::getenv(var);
+  if (env == nullptr || *env == '\0') return Status::OK();
+  const std::string choice = env;
+  if (choice != first && choice != second)
+    return Status::InvalidArgument(std::string(var) + " must be " + first + " or " + second + ", got " + choice);
+  *chose_second = choice == second;
+  return Status::OK();
+}
+
+}  // namespace detail
 
 Status AttentionForwardWith(AttentionForwardImpl impl, const AttentionShape& shape,
                             const __nv_bfloat16* q, const __nv_bfloat16* k,

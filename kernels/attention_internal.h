@@ -48,6 +48,11 @@ Status AttentionBackwardWith(AttentionBackwardImpl impl, const AttentionShape& s
 
 namespace detail {
 
+// The environment variable `var` naming one of two kernel paths, `first` or
+// `second`: *chose_second set accordingly; left as it is when `var` is unset
+// or empty; InvalidArgument naming both when it names neither.
+Status ReadPathChoice(const char* var, const char* first, const char* second, bool* chose_second);
+
 // The wgmma forward (attention_wgmma.cu) on a shape AttentionForward has
 // checked (head_dim 128, non-empty), on an sm_90 device. Row strides are
 // resolved (never 0); scale is the softmax scale (> 0).

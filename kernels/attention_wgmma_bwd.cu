@@ -55,7 +55,6 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
-#include <cstdlib>
 #include <string>
 
 #include "kernels/attention_internal.h"
@@ -478,13 +477,7 @@ Status LaunchAttentionBackwardWgmma(const AttentionShape& shape, const bf16* q, 
   // GROVE_ATTENTION_BWD_DQ=atomic|tma (default tma): how dQ reaches the
   // workspace (see the header comment).
   bool dq_by_tma = true;
-  if (const char* env = std::getenv("GROVE_ATTENTION_BWD_DQ"); env != nullptr && *env != '\0') {
-    const std::string choice = env;
-    if (choice != "atomic" && choice != "tma")
-      return Status::InvalidArgument("GROVE_ATTENTION_BWD_DQ must be atomic or tma, got " +
-                                     choice);
-    dq_by_tma = choice == "tma";
-  }
+  GROVE_RETURN_IF_ERROR(ReadPathChoice("GROVE_ATTENTION_BWD_DQ", "atomic", "tma", &dq_by_tma));
   BwdArgs args{};
   args.lse = lse;
   args.dvec = dvec;
