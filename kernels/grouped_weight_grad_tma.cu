@@ -375,16 +375,22 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #endif
 }
 
+// The kernels' tensor maps: dY (and the second output's dY2, dY where there
+// is none) [rows, n] and X [rows, k], in boxes of kStepT rows x 64 columns.
+Status MakeTensorMaps(const GroupedWeightGradArgs& args, CUtensorMap* tmap_dy, CUtensorMap* tmap_dy2,
+                      CUtensorMap* tmap_x) {
+  const uint64_t rows = static_cast<uint64_t>(args.total_rows);
+  GROVE_RETURN_IF_ERROR(
+      ptx::MakeTensorMap2dBf16Swizzled(tmap_dy, args.dy, rows, args.n, args.n, kStepT, 64, 128));
+  GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
+      tmap_dy2, args.dy2 != nullptr ? args.dy2 : args.dy, rows, args.n, args.n, kStepT, 64, 128));
+  return ptx::MakeTensorMap2dBf16Swizzled(tmap_x, args.x, rows, args.k, args.k, kStepT, 64, 128);
+}
+
 template <typename Cfg>
 Status Launch(const GroupedWeightGradArgs& args, cudaStream_t stream) {
-  const uint64_t rows = static_cast<uint64_t>(args.total_rows);
   CUtensorMap tmap_dy, tmap_dy2, tmap_x;
-  GROVE_RETURN_IF_ERROR(
-      ptx::MakeTensorMap2dBf16Swizzled(&tmap_dy, args.dy, rows, args.n, args.n, kStepT, 64, 128));
-  GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
-      &tmap_dy2, args.dy2 != nullptr ? args.dy2 : args.dy, rows, args.n, args.n, kStepT, 64, 128));
-  GROVE_RETURN_IF_ERROR(
-      ptx::MakeTensorMap2dBf16Swizzled(&tmap_x, args.x, rows, args.k, args.k, kStepT, 64, 128));
+  GROVE_RETURN_IF_ERROR(MakeTensorMaps(args, &tmap_dy, &tmap_dy2, &tmap_x));
   auto kernel = WeightGradTmaKernel<Cfg>;
   GROVE_RETURN_IF_ERROR(CudaStatus(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
@@ -398,14 +404,8 @@ Status Launch(const GroupedWeightGradArgs& args, cudaStream_t stream) {
 
 template <typename Cfg>
 Status LaunchPersistent(const GroupedWeightGradArgs& args, cudaStream_t stream) {
-  const uint64_t rows = static_cast<uint64_t>(args.total_rows);
   CUtensorMap tmap_dy, tmap_dy2, tmap_x;
-  GROVE_RETURN_IF_ERROR(
-      ptx::MakeTensorMap2dBf16Swizzled(&tmap_dy, args.dy, rows, args.n, args.n, kStepT, 64, 128));
-  GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
-      &tmap_dy2, args.dy2 != nullptr ? args.dy2 : args.dy, rows, args.n, args.n, kStepT, 64, 128));
-  GROVE_RETURN_IF_ERROR(
-      ptx::MakeTensorMap2dBf16Swizzled(&tmap_x, args.x, rows, args.k, args.k, kStepT, 64, 128));
+  GROVE_RETURN_IF_ERROR(MakeTensorMaps(args, &tmap_dy, &tmap_dy2, &tmap_x));
   const auto kernel = [] {
     if constexpr (Cfg::kMinBlocks == 2) {
       return &WeightGradTmaPersistent2Kernel<Cfg>;
