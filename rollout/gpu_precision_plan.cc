@@ -26,42 +26,22 @@ Status Cublas(cublasStatus_t st, const char* what) {
 }
 #define PLAN_CUDA(expr) GROVE_RETURN_IF_ERROR(Cuda((expr), #expr))
 
-// A device allocation freed on scope exit.
-class DeviceBuffer {
- public:
-  DeviceBuffer() = default;
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer() {
-    if (p_) cudaFree(p_);
-  }
-  template <typename T>
-  Result<T*> Get(int64_t count) {
-    const size_t bytes = size_t(std::max<int64_t>(count, 1)) * sizeof(T);
-    if (bytes > bytes_) {
-      if (p_) cudaFree(p_);
-      p_ = nullptr;
-      bytes_ = 0;
-      const cudaError_t err = cudaMalloc(&p_, bytes);
-      if (err != cudaSuccess) {
-        p_ = nullptr;
-        // Not left as the thread's last error for a later launch check.
-        if (cudaPeekAtLastError() == err) cudaGetLastError();
-        return Cuda(err, "allocation");
-      }
-      bytes_ = bytes;
-    }
-    return static_cast<T*>(p_);
-  }
+using actors::DeviceBuffer;
 
- private:
-  void* p_ = nullptr;
-  size_t bytes_ = 0;
-};
+// `count` Ts (at least one) of `buf` on the current device, grown on demand
+// (contents not kept); ResourceExhausted when the device has no room.
+template <typename T>
+Result<T*> Get(DeviceBuffer& buf, int64_t count) {
+  int device = 0;
+  PLAN_CUDA(cudaGetDevice(&device));
+  GROVE_ASSIGN_OR_RETURN(void* p, buf.Reserve(size_t(std::max<int64_t>(count, 1)) * sizeof(T), device,
+                                               "gpu plan workspace"));
+  return static_cast<T*>(p);
+}
 
 template <typename T>
 Status Upload(DeviceBuffer& buf, const std::vector<T>& host, T** out, cudaStream_t st) {
-  GROVE_ASSIGN_OR_RETURN(*out, buf.Get<T>(int64_t(host.size())));
+  GROVE_ASSIGN_OR_RETURN(*out, Get<T>(buf, int64_t(host.size())));
   if (host.empty()) return Status::OK();
   return Cuda(cudaMemcpyAsync(*out, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice, st), "upload");
 }
@@ -121,7 +101,7 @@ class DeviceRoundTrip {
     ranges_ = std::move(ranges);
     int64_t total = 0;
     for (const TensorRange& r : ranges_) total += r.rows * r.cols;
-    Result<float*> backup = backup_.Get<float>(total);
+    Result<float*> backup = Get<float>(backup_, total);
     if (!backup.ok() &&
         (backup.status().code() != StatusCode::kResourceExhausted || (host_.empty() && device_full_ == nullptr)))
       return backup.status();
@@ -145,7 +125,7 @@ class DeviceRoundTrip {
     applied_ = false;
     if (from_host_) return device_full_ ? m_.LoadParamsFromDevice(device_full_) : m_.UploadParams(host_);
     cudaStream_t st = static_cast<cudaStream_t>(m_.stream());
-    GROVE_ASSIGN_OR_RETURN(float* backup, backup_.Get<float>(0));
+    float* backup = static_cast<float*>(backup_.data());
     float* P = m_.device_params();
     int64_t at = 0;
     for (const TensorRange& r : ranges_) {
@@ -191,7 +171,7 @@ class KlOfLastScore {
   // Copies the last Score's hidden rows as the reference p.
   Status KeepReference() {
     const int64_t n = m_->last_scored_rows() * m_->config().hidden;
-    GROVE_ASSIGN_OR_RETURN(ref_, ref_buf_.Get<uint16_t>(n));
+    GROVE_ASSIGN_OR_RETURN(ref_, Get<uint16_t>(ref_buf_, n));
     rows_ = m_->last_scored_rows();
     return Cuda(cudaMemcpyAsync(ref_, m_->last_scored_hidden(), n * sizeof(uint16_t), cudaMemcpyDeviceToDevice,
                                 static_cast<cudaStream_t>(m_->stream())),
@@ -203,9 +183,9 @@ class KlOfLastScore {
     const int64_t V = m_->config().vocab_size, H = m_->config().hidden;
     cudaStream_t st = static_cast<cudaStream_t>(m_->stream());
     const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(rows_, (int64_t(1) << 26) / V));
-    GROVE_ASSIGN_OR_RETURN(float* zp, zp_buf_.Get<float>(chunk * V));
-    GROVE_ASSIGN_OR_RETURN(float* zq, zq_buf_.Get<float>(chunk * V));
-    GROVE_ASSIGN_OR_RETURN(double* kl, kl_buf_.Get<double>(1));
+    GROVE_ASSIGN_OR_RETURN(float* zp, Get<float>(zp_buf_, chunk * V));
+    GROVE_ASSIGN_OR_RETURN(float* zq, Get<float>(zq_buf_, chunk * V));
+    GROVE_ASSIGN_OR_RETURN(double* kl, Get<double>(kl_buf_, 1));
     PLAN_CUDA(cudaMemsetAsync(kl, 0, sizeof(double), st));
     const void* W = static_cast<const uint16_t*>(m_->device_params_bf16()) + m_->layout().Offset("lm_head");
     const uint16_t* hq = static_cast<const uint16_t*>(m_->last_scored_hidden());
@@ -301,14 +281,14 @@ Status LocalErrorsOfKeptForward(model::GpuTransformer& model, std::vector<PlanUn
     GROVE_RETURN_IF_ERROR(Upload(rows_b, rows, &d_rows, st));
     GROVE_RETURN_IF_ERROR(Upload(unit_b, unit_of_row, &d_unit, st));
     GROVE_RETURN_IF_ERROR(Upload(g2_b, g2, &d_g2, st));
-    GROVE_ASSIGN_OR_RETURN(float* xg, xg_b.Get<float>(Pn * H));
-    GROVE_ASSIGN_OR_RETURN(float* a, a_b.Get<float>(h_total));
-    GROVE_ASSIGN_OR_RETURN(float* b, b_b.Get<float>(h_total));
-    GROVE_ASSIGN_OR_RETURN(float* h, h_b.Get<float>(h_total));
-    GROVE_ASSIGN_OR_RETURN(float* yref, yref_b.Get<float>(Pn * H));
-    GROVE_ASSIGN_OR_RETURN(float* yq, yq_b.Get<float>(Pn * H));
+    GROVE_ASSIGN_OR_RETURN(float* xg, Get<float>(xg_b, Pn * H));
+    GROVE_ASSIGN_OR_RETURN(float* a, Get<float>(a_b, h_total));
+    GROVE_ASSIGN_OR_RETURN(float* b, Get<float>(b_b, h_total));
+    GROVE_ASSIGN_OR_RETURN(float* h, Get<float>(h_b, h_total));
+    GROVE_ASSIGN_OR_RETURN(float* yref, Get<float>(yref_b, Pn * H));
+    GROVE_ASSIGN_OR_RETURN(float* yq, Get<float>(yq_b, Pn * H));
     const int64_t nu = int64_t(members.size()), nf = int64_t(kPlanFormats.size());
-    GROVE_ASSIGN_OR_RETURN(double* err, err_b.Get<double>(nf * nu));
+    GROVE_ASSIGN_OR_RETURN(double* err, Get<double>(err_b, nf * nu));
     PLAN_CUDA(cudaMemsetAsync(err, 0, nf * nu * sizeof(double), st));
     gpu_plan::GatherRowsToF32(in.x, d_rows, xg, Pn, H, st);
     // The weights each unit reads: the master itself, or a packed copy of
@@ -320,7 +300,7 @@ Status LocalErrorsOfKeptForward(model::GpuTransformer& model, std::vector<PlanUn
         packed[s][i] = w_total;
         w_total += segs[s].F * H;
       }
-    GROVE_ASSIGN_OR_RETURN(float* wq, w_b.Get<float>(w_total));
+    GROVE_ASSIGN_OR_RETURN(float* wq, Get<float>(w_b, w_total));
     auto forward = [&](const float* base, bool from_packed, float* y) -> Status {
       for (size_t s = 0; s < segs.size(); ++s) {
         const Segment& g = segs[s];
@@ -490,10 +470,6 @@ Result<double> RelativeChangeOnGpu(model::GpuTransformer& model, const float* w,
   return r2 > 0 ? std::sqrt(d2 / r2) : (d2 > 0 ? INFINITY : 0.0);
 }
 
-GpuPlanMeasurer::~GpuPlanMeasurer() {
-  if (change_scratch_) cudaFree(change_scratch_);
-}
-
 Result<std::unique_ptr<GpuPlanMeasurer>> GpuPlanMeasurer::Create(const model::ModelConfig& config, int device,
                                                                  Sampler sampler) {
   if (!sampler) return Status::InvalidArgument("GpuPlanMeasurer needs a sampler for its calibration completions");
@@ -544,17 +520,11 @@ Result<std::vector<model::ScoreRequest>> GpuPlanMeasurer::Sample(std::span<const
 }
 
 Result<double> GpuPlanMeasurer::RelativeChangeFromDevice(const float* device_full) {
-  if (change_scratch_ == nullptr) {
-    PLAN_CUDA(cudaSetDevice(model_->device()));
-    const cudaError_t err = cudaMalloc(&change_scratch_, (2 * gpu_plan::kRelativeChangeBlocks + 2) * sizeof(double));
-    if (err != cudaSuccess) {
-      change_scratch_ = nullptr;
-      if (cudaPeekAtLastError() == err) cudaGetLastError();
-      return Cuda(err, "relative change scratch");
-    }
-  }
+  GROVE_ASSIGN_OR_RETURN(void* scratch,
+                         change_scratch_.Reserve((2 * gpu_plan::kRelativeChangeBlocks + 2) * sizeof(double),
+                                                 model_->device(), "relative change scratch"));
   return RelativeChangeOnGpu(*model_, device_full, model_->device_params(), model_->layout().total(),
-                             change_scratch_);
+                             static_cast<double*>(scratch));
 }
 
 Status GpuPlanMeasurer::MeasureUnitErrors(const std::vector<model::ScoreRequest>& calibration,

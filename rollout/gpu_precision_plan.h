@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "actors/device_buffer.h"
 #include "base/result.h"
 #include "model/gpu_transformer.h"
 #include "model/transformer.h"
@@ -94,8 +95,6 @@ class GpuPlanMeasurer : public PlanMeasurer {
       const model::SamplingOptions&)>;
   static Result<std::unique_ptr<GpuPlanMeasurer>> Create(const model::ModelConfig& config, int device,
                                                          Sampler sampler);
-  ~GpuPlanMeasurer() override;
-
   Result<std::vector<model::ScoreRequest>> Calibrate(std::span<const float> full,
                                                      const std::vector<std::vector<int32_t>>& prompts,
                                                      int64_t max_new_tokens, int32_t stop_token,
@@ -132,7 +131,7 @@ class GpuPlanMeasurer : public PlanMeasurer {
   // MeasureMismatch): MeasureMismatchOnGpu's restore fallback.
   std::span<const float> full_;
   const float* device_full_ = nullptr;
-  double* change_scratch_ = nullptr;  // RelativeChangeOnGpu's, allocated at first use
+  actors::DeviceBuffer change_scratch_;  // RelativeChangeOnGpu's, allocated at first use
   double sample_s_ = 0;
   GpuPlanTiming timing_;
 };
