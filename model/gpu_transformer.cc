@@ -5,16 +5,15 @@
 #include <glog/logging.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <initializer_list>
 #include <optional>
 #include <string>
 #include <string_view>
-#include <thread>
 #include <utility>
 
+#include "base/parallel_for.h"
 #include "kernels/attention.h"
 #include "kernels/embedding.h"
 #include "kernels/grouped_gemm.h"
@@ -206,23 +205,12 @@ Status Gemm(cublasHandle_t h, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
                 what);
 }
 
-// fn(i) for i in [0, n) on up to 8 host threads: Score's per-request index
-// loops over a 32k-row batch (~3M route ids each way) take ~10 ms on one core.
+// Score's per-request index loops on up to 8 host threads: over a 32k-row
+// batch (~3M route ids each way) they take ~10 ms on one core; fewer than 4
+// requests run inline (not worth the threads' start).
 template <typename F>
-void ParallelFor(int n, F&& fn) {
-  const int threads = std::min({n, 8, int(std::max(1u, std::thread::hardware_concurrency()))});
-  if (threads <= 1 || n < 4) {
-    for (int i = 0; i < n; ++i) fn(i);
-    return;
-  }
-  std::atomic<int> next{0};
-  auto work = [&] {
-    for (int i; (i = next.fetch_add(1)) < n;) fn(i);
-  };
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(work);
-  work();
-  for (std::thread& t : pool) t.join();
+void ForEachRequest(int n, F&& fn) {
+  grove::ParallelFor(n, n < 4 ? 1 : 8, [&](int64_t i) { fn(int(i)); });
 }
 
 // Scored rows per LM-head chunk: the fp32 logits of a chunk are at most
@@ -698,7 +686,7 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   uint16_t* const replay_ids = reinterpret_cast<uint16_t*>(sc_target + S);
   std::copy(seq_len.begin(), seq_len.end(), h_seq_len);
   std::copy(row0.begin(), row0.end(), cu);
-  ParallelFor(B, [&](int i) {
+  ForEachRequest(B, [&](int i) {
     const ScoreRequest& r = batch[i];
     const int n = seq_len[i], r0 = row0[i];
     std::copy_n(r.tokens.data(), n, tokens + r0);
@@ -954,7 +942,7 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   out.routes.resize(B);
   std::vector<size_t> at(B + 1, 0);
   for (int i = 0; i < B; ++i) at[i + 1] = at[i] + tp.sizes[i];
-  ParallelFor(B, [&](int i) {
+  ForEachRequest(B, [&](int i) {
     out.logprobs[i].assign(h_logp.begin() + at[i], h_logp.begin() + at[i + 1]);
     const int n = seq_len[i], row0 = cu[i];
     std::vector<uint16_t>& rt = out.routes[i];

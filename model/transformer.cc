@@ -5,13 +5,13 @@
 #include <algorithm>
 #include <span>
 #include <utility>
-#include <atomic>
 #include <cmath>
 #include <numeric>
 #include <cstring>
 #include <string>
 #include <thread>
 
+#include "base/parallel_for.h"
 #include "model/layers.h"
 #include "model/moe.h"
 #include "model/sampling.h"
@@ -377,18 +377,10 @@ Result<std::unique_ptr<Transformer<T>>> Transformer<T>::Create(const ModelConfig
     }
   }
   if (!chunks.empty()) {
-    std::atomic<size_t> next{0};
-    auto fill = [&] {
-      for (size_t i = next++; i < chunks.size(); i = next++) {
-        Normal chunk_normal(chunks[i].seed);
-        for (int64_t j = 0; j < chunks[i].n; ++j) chunks[i].p[j] = T(chunks[i].sd * chunk_normal.Next());
-      }
-    };
-    std::vector<std::thread> threads;
-    const int n = std::max(1, int(std::thread::hardware_concurrency()));
-    for (int i = 1; i < n; ++i) threads.emplace_back(fill);
-    fill();
-    for (std::thread& t : threads) t.join();
+    ParallelFor(int64_t(chunks.size()), int(std::thread::hardware_concurrency()), [&](int64_t i) {
+      Normal chunk_normal(chunks[i].seed);
+      for (int64_t j = 0; j < chunks[i].n; ++j) chunks[i].p[j] = T(chunks[i].sd * chunk_normal.Next());
+    });
   }
   return m;
 }

@@ -1,13 +1,12 @@
 #include "rollout/precision_plan.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <map>
 #include <memory>
-#include <thread>
 
+#include "base/parallel_for.h"
 #include "model/layers.h"
 
 namespace grove::rollout {
@@ -374,15 +373,9 @@ constexpr size_t kReplanBlock = size_t(1) << 20;
 template <typename Fn>
 void ForEachBlock(size_t n, Fn&& fn) {
   const size_t blocks = (n + kReplanBlock - 1) / kReplanBlock;
-  const size_t threads = std::min<size_t>({blocks, 16, std::max(1u, std::thread::hardware_concurrency())});
-  std::atomic<size_t> next{0};
-  auto work = [&] {
-    for (size_t b; (b = next.fetch_add(1)) < blocks;) fn(b * kReplanBlock, std::min(n, (b + 1) * kReplanBlock), b);
-  };
-  std::vector<std::thread> pool;
-  for (size_t t = 1; t < threads; ++t) pool.emplace_back(work);
-  work();
-  for (std::thread& t : pool) t.join();
+  ParallelFor(int64_t(blocks), 16, [&](int64_t b) {
+    fn(size_t(b) * kReplanBlock, std::min(n, size_t(b + 1) * kReplanBlock), size_t(b));
+  });
 }
 
 }  // namespace
