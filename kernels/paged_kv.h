@@ -30,9 +30,9 @@
 // launch) and its pages are in the table.
 //
 // PagedAttentionSplit (flash-decoding): the same result, the keys of each
-// (row, kv head) split into chunks of kPagedSplitChunkTokens positions, chunk
-// c covering [c * T, (c + 1) * T), one block per (row, kv head, chunk), so a
-// small batch still fills the GPU. Each chunk leaves a partial softmax state
+// (row, kv head) split into chunks of T = PagedAttentionSplitChunkTokens(rows,
+// kv_heads) positions, chunk c covering [c * T, (c + 1) * T), one block per
+// (row, kv head, chunk), so a small batch still fills the GPU. Each chunk leaves a partial softmax state
 // (max, sum, unnormalized out) per query head in fp32 in the workspace; a
 // combine kernel merges a row's chunks 0..pos / T in chunk order (the same
 // bits every run). The chunk count is fixed by max_pos (a bound on every
@@ -56,7 +56,26 @@
 namespace grove::kernels {
 
 inline constexpr int kPagedMaxGroup = 8;
+// Chunk lengths of the split pass: T = kPagedSplitChunkTokens, or
+// kPagedSplitChunkTokensFew when a launch has at most kPagedSplitFewPairs
+// (row, kv head) pairs. A chunk's block is latency-bound (its warps walk
+// their keys one after another through shuffles and exps), so with few rows
+// short chunks put more blocks to work: at batch 1 on gpu-ref (H100,
+// decode_bench) 16-token chunks take the step from 1.14 to 0.93 ms (bf16);
+// with more rows there are blocks enough, and the extra chunks cost (batch
+// 32, 1024-token prompts: 5.01 ms at 64 against 5.57 at 16).
 inline constexpr int kPagedSplitChunkTokens = 64;
+inline constexpr int kPagedSplitChunkTokensFew = 16;
+inline constexpr int kPagedSplitFewPairs = 4;
+
+// The chunk length PagedAttentionSplit uses for a launch of `rows` rows
+// (also called from device code: the persistent decode step's rows == 1).
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline int PagedAttentionSplitChunkTokens(int rows, int kv_heads) {
+  return int64_t(rows) * kv_heads <= kPagedSplitFewPairs ? kPagedSplitChunkTokensFew : kPagedSplitChunkTokens;
+}
 
 struct PagedKvCache {
   __nv_bfloat16* k = nullptr;  // one layer: [num_pages, page_tokens, kv_heads, head_dim]
@@ -84,10 +103,11 @@ Status PagedAttention(const PagedKvCache& cache, const PagedRows& rows, int head
 
 // Chunks per (row, kv head) of PagedAttentionSplit for max_pos (0: the
 // cache's capacity, page_tokens * max_pages_per_seq).
-int PagedAttentionSplitChunks(const PagedKvCache& cache, int max_pos);
+int PagedAttentionSplitChunks(const PagedKvCache& cache, int max_pos, int chunk_tokens = kPagedSplitChunkTokens);
 
-// Workspace bytes PagedAttentionSplit needs for rows rows (fp32 partials:
-// rows * heads * chunks * (head_dim + 2)).
+// Workspace bytes PagedAttentionSplit needs for any launch of at most rows
+// rows (fp32 partials: rows * heads * chunks * (head_dim + 2), chunks at
+// each row count's chunk length).
 size_t PagedAttentionSplitWorkspaceBytes(const PagedKvCache& cache, int rows, int heads, int max_pos);
 
 // PagedKvAppend folded into the split pass (PagedAttentionSplit's

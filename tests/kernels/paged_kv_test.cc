@@ -3,7 +3,7 @@
 // rows per sequence) followed by a decode launch (one row per sequence), a
 // padding row, head_dim 32, 64 and 128, GQA groups of 4. Every attention launch
 // also runs PagedAttentionSplit (chunks of kPagedSplitChunkTokens, so the
-// ragged lengths up to 255 cover 1 to 4 chunks) on the same q and cache.
+// ragged lengths up to 255 cover 1 to 16 chunks) on the same q and cache.
 #include "kernels/paged_kv.h"
 
 #include <gtest/gtest.h>
