@@ -12,6 +12,7 @@
 #include <map>
 #include <string>
 
+#include "kernels/decode_step.h"
 #include "kernels/moe_decode.h"
 #include "kernels/paged_kv.h"
 #include "kernels/programmatic_launch.h"
@@ -240,6 +241,12 @@ struct GpuGenerator::Impl {
   size_t ql_ws_bytes = 0;
   void* moe_ws = nullptr;
   size_t moe_ws_bytes = 0;
+  // persistent_decode: the layer table (device) and the kernel's workspace.
+  kernels::DecodeStepLayer* step_layers = nullptr;
+  uint64_t* step_clock = nullptr;  // persistent_stage_clock: [2 * kDecodeStepMaxMarks]
+  std::vector<uint64_t> h_step_clock;
+  void* step_ws = nullptr;
+  size_t step_ws_bytes = 0;
   void* attn_ws = nullptr;  // split_kv_attention: PagedAttentionSplit's partials for max_batch rows
   size_t attn_ws_bytes = 0;
   // Pinned host mirrors.
@@ -371,6 +378,25 @@ struct GpuGenerator::Impl {
   // Layer l's view of the KV pool (pointers null before Build allocates it).
   kernels::PagedKvCache KvCache(int64_t l) const;
   Status Forward(int rows, int n_logits, bool gather_last);
+  // Whether a forward runs as kernels::DecodeStepOneRow (persistent_decode).
+  bool Persistent(int rows, bool gather_last) const {
+    return opt.persistent_decode && rows == 1 && !gather_last && opt.fuse_rmsnorm && opt.split_kv_attention &&
+           opt.fuse_append_attention && (M == 0 || c.shared_experts == 0 || Folds(1)) && !timing;
+  }
+  kernels::DecodeStepArgs StepArgs() const;
+  // persistent_stage_clock: the last step's stage ends into stats.
+  Status AddStageClock() {
+    GEN_CUDA(cudaMemcpy(h_step_clock.data(), step_clock, h_step_clock.size() * sizeof(uint64_t),
+                        cudaMemcpyDeviceToHost));
+    for (int i = 1; i < kernels::kDecodeStepMaxMarks; ++i) {
+      const uint64_t stage = h_step_clock[2 * i], t = h_step_clock[2 * i + 1], t0 = h_step_clock[2 * i - 1];
+      if (stage == 0 || stage >= uint64_t(kernels::DecodeStage::kCount) || t < t0) break;
+      stats.persistent_stage_seconds[stage] += double(t - t0) * 1e-9;
+    }
+    GEN_CUDA(cudaMemset(step_clock, 0, h_step_clock.size() * sizeof(uint64_t)));
+    return Status::OK();
+  }
+  Status UploadStepLayers();
   Status RunDecode(int bucket);
   Status Sample(int n, const model::SamplingOptions& o);
   std::vector<QuantFormat> Formats() const {
@@ -561,6 +587,24 @@ Status GpuGenerator::Impl::Build() {
     attn_ws_bytes = kernels::PagedAttentionSplitWorkspaceBytes(KvCache(0), int(Bm), int(c.heads), int(c.max_seq_len));
     GROVE_RETURN_IF_ERROR(Alloc(reinterpret_cast<char**>(&attn_ws), int64_t(attn_ws_bytes)));
   }
+  if (opt.persistent_decode) {
+    const Status fits = kernels::DecodeStepFits(StepArgs());
+    if (!fits.ok()) {
+      LOG(WARNING) << "GpuGenerator: persistent_decode off for this model: " << fits.ToString();
+      opt.persistent_decode = false;
+    }
+  }
+  if (opt.persistent_decode) {
+    GROVE_RETURN_IF_ERROR(Alloc(&step_layers, L));
+    if (opt.persistent_stage_clock) {
+      GROVE_RETURN_IF_ERROR(Alloc(&step_clock, 2 * kernels::kDecodeStepMaxMarks));
+      h_step_clock.resize(2 * kernels::kDecodeStepMaxMarks);
+    }
+    step_ws_bytes = kernels::DecodeStepWorkspaceBytes(StepArgs());
+    GROVE_RETURN_IF_ERROR(Alloc(reinterpret_cast<char**>(&step_ws), int64_t(step_ws_bytes)));
+    // Zeroed once: the kernel leaves its barrier counters at zero.
+    GEN_CUDA(cudaMemsetAsync(step_ws, 0, step_ws_bytes, stream));
+  }
   size_t free_bytes = 0, total_bytes = 0;
   GEN_CUDA(cudaMemGetInfo(&free_bytes, &total_bytes));
   const size_t page_elems = size_t(opt.page_tokens) * kd;  // one layer's k (or v) of one page
@@ -620,6 +664,75 @@ Status GpuGenerator::Impl::AppendFoldedSharedExperts(LayerWeights& w) {
   return Status::OK();
 }
 
+// The one-row step's arguments; the layer table is uploaded by
+// UploadStepLayers after each LoadWeights (formats change there).
+kernels::DecodeStepArgs GpuGenerator::Impl::StepArgs() const {
+  kernels::DecodeStepArgs a;
+  a.layers = step_layers;
+  a.num_layers = int(c.layers);
+  a.hidden = int(H);
+  a.heads = int(c.heads);
+  a.kv_heads = int(c.kv_heads);
+  a.head_dim = int(c.head_dim);
+  a.vocab = int(V);
+  a.experts = M > 0 ? int(E) : 0;
+  a.top_k = M > 0 ? int(K) : 0;
+  a.shared_experts = M > 0 ? int(S) : 0;
+  a.expert_hidden = int(c.expert_hidden);
+  a.dense_hidden = c.dense_layers > 0 ? int(c.dense_hidden) : 0;
+  a.norm_eps = float(c.norm_eps);
+  a.sigmoid = c.score_func == model::ScoreFunc::kSigmoid;
+  a.norm_topk = c.norm_topk;
+  a.route_scale = float(c.route_scale);
+  a.token = d_tokens;
+  a.row = kernels::PagedRows{d_slot, d_pos, 1};
+  a.max_pos = int(c.max_seq_len);
+  a.embed = embed;
+  a.rope_cos = rope_cos;
+  a.rope_sin = rope_sin;
+  a.final_norm = final_norm;
+  if (lm_head >= 0) a.lm_head = slots[lm_head].qw;
+  a.x = x;
+  a.logits = logits;
+  a.router_scores = rscores;
+  a.ids = S > 0 ? fold_ids : ids;
+  a.gates = S > 0 ? fold_gates : gates;
+  a.workspace = step_ws;
+  a.workspace_bytes = step_ws_bytes;
+  a.stage_clock = step_clock;
+  return a;
+}
+
+Status GpuGenerator::Impl::UploadStepLayers() {
+  if (!step_layers) return Status::OK();
+  std::vector<kernels::DecodeStepLayer> table(size_t(c.layers));
+  for (int64_t l = 0; l < c.layers; ++l) {
+    const LayerWeights& w = lw[l];
+    kernels::DecodeStepLayer& t = table[size_t(l)];
+    t.qkv = slots[w.qkv].qw;
+    t.wo = slots[w.wo].qw;
+    t.attn_norm = w.attn_norm;
+    t.ffn_norm = w.ffn_norm;
+    t.kv = KvCache(l);
+    if (!c.is_moe_layer(l)) {
+      t.moe = 0;
+      t.w13 = slots[w.w13].qw;
+      t.w2 = slots[w.w2].qw;
+      continue;
+    }
+    t.moe = 1;
+    t.router = slots[w.router].qw;
+    t.router_bias = w.router_bias;
+    t.expert_w1 = w.d_w1;
+    t.expert_w3 = w.d_w3;
+    t.expert_w2 = w.d_w2;
+    t.routes = routes + c.moe_index(l) * K;
+  }
+  GEN_CUDA(cudaMemcpy(step_layers, table.data(), table.size() * sizeof(kernels::DecodeStepLayer),
+                      cudaMemcpyHostToDevice));
+  return Status::OK();
+}
+
 kernels::PagedKvCache GpuGenerator::Impl::KvCache(int64_t l) const {
   const size_t page_layer = size_t(num_pages) * opt.page_tokens * kd;
   kernels::PagedKvCache kv;
@@ -644,6 +757,7 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
   const int64_t route_width = fold ? KS : K;
   uint16_t* const route_ids = fold ? fold_ids : ids;
   float* const route_gates = fold ? fold_gates : gates;
+  if (Persistent(rows, gather_last)) return kernels::DecodeStepOneRow(StepArgs(), stream);
   GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kInputs));
   GROVE_RETURN_IF_ERROR(gpu::EmbedRows(d_tokens, embed, x, rows, int(V), int(H), stream));
   for (int64_t l = 0; l < c.layers; ++l) {
@@ -964,6 +1078,7 @@ Result<double> GpuGenerator::Impl::Load(const float* params, bool on_device, con
     GEN_CUDA(cudaMemcpyAsync(w.d_w2, w.h_w2.data(), count * sizeof(QuantWeight), cudaMemcpyHostToDevice, g.stream));
   }
   GEN_CUDA(cudaStreamSynchronize(g.stream));
+  GROVE_RETURN_IF_ERROR(g.UploadStepLayers());
   // A captured decode graph holds the non-expert weights' QuantWeight by
   // value; buffers never move, so only a format change invalidates it.
   if (!g.graphs.empty() && g.Formats() != g.graph_formats) g.DropGraphs();
@@ -1110,6 +1225,8 @@ Result<std::vector<model::Completion<float>>> GpuGenerator::Generate(const std::
       GEN_CUDA(cudaMemcpyAsync(g.d_seq, g.h_seq, n * sizeof(int64_t), cudaMemcpyHostToDevice, g.stream));
       GEN_CUDA(cudaMemcpyAsync(g.d_step, g.h_step, n * sizeof(int32_t), cudaMemcpyHostToDevice, g.stream));
       GROVE_RETURN_IF_ERROR(g.RunDecode(bucket));
+      const bool persistent = g.Persistent(bucket, false);
+      if (persistent) ++g.stats.persistent_decode_steps;
       GROVE_RETURN_IF_ERROR(g.Mark(DecodePhase::kSampling));
       if (MK > 0)
         GEN_CUDA(cudaMemcpyAsync(g.h_routes, g.routes, size_t(n) * MK * sizeof(uint16_t), cudaMemcpyDeviceToHost,
@@ -1118,6 +1235,7 @@ Result<std::vector<model::Completion<float>>> GpuGenerator::Generate(const std::
       GROVE_RETURN_IF_ERROR(g.Mark(DecodePhase::kCount));
       g.timing = false;
       GEN_CUDA(cudaStreamSynchronize(g.stream));
+      if (persistent && g.step_clock) GROVE_RETURN_IF_ERROR(g.AddStageClock());
       double gpu_span = 0;
       if (g.opt.profile_decode) {
         GROVE_ASSIGN_OR_RETURN(gpu_span, g.timer.Collect(&g.stats.decode_phase_seconds));

@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "base/result.h"
+#include "kernels/decode_step.h"
 #include "model/config.h"
 #include "model/transformer.h"
 #include "rollout/precision_format.h"
@@ -163,6 +164,20 @@ struct GpuGeneratorOptions {
   // (H100, gpu-ref, bf16 and int4, decode_bench --variants; docs/kernels.md,
   // which also has the folds tried beside it and removed).
   bool fuse_append_attention = true;
+  // Batch-1 decode steps run as one persistent kernel
+  // (kernels::DecodeStepOneRow: every layer's stages meet at grid barriers
+  // instead of ~10 launches a layer) when the step would otherwise take the
+  // fused paths above: fuse_rmsnorm, split_kv_attention with
+  // fuse_append_attention, and the shared experts folded (or none). The same
+  // bits as those launches (gpu_generator_test checks tokens, log-probs and
+  // routes). Off: slower so far, 1.26 against 0.93 ms per step on gpu-ref in
+  // bf16 (H100; decode_bench --step_stages splits its time by stage and
+  // docs/rollout.md says where it goes).
+  bool persistent_decode = false;
+  // With persistent_decode: each persistent step records when its stages
+  // end (kernels::DecodeStepArgs::stage_clock) and Stats sums them per
+  // stage (a device-to-host copy and sync per step: profiling only).
+  bool persistent_stage_clock = false;
 };
 
 class GpuGenerator {
@@ -197,11 +212,14 @@ class GpuGenerator {
   struct Stats {
     int64_t kv_pages_total = 0, kv_pages_peak = 0;
     int64_t decode_steps = 0, prefill_tokens = 0, generated_tokens = 0;
+    int64_t persistent_decode_steps = 0;  // decode steps run as kernels::DecodeStepOneRow
     double decode_seconds = 0, prefill_seconds = 0;
     bool graphs_used = false;
     // With profile_decode: seconds per DecodePhase over all decode steps
     // (kHost: each step's wall time minus its first-to-last event span).
     std::array<double, kDecodePhases> decode_phase_seconds{};
+    // With persistent_stage_clock: seconds per kernels::DecodeStage.
+    std::array<double, static_cast<int>(kernels::DecodeStage::kCount)> persistent_stage_seconds{};
   };
   // Cumulative over Generate calls (kv_pages_total: the pool's size).
   const Stats& stats() const;

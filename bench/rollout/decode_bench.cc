@@ -41,7 +41,9 @@
 // (+ the fused router), default without fuse_append_attention (the RoPE +
 // append folded into the split-KV pass), default-fold_batch_one and
 // default+fold_always (the defaults with SharedExpertFold::kNever /
-// kAlways instead of the default kBatchOne), all = the four older paths; --variant_names picks rows) for
+// kAlways instead of the default kBatchOne), default+persistent (the
+// batch-1 step as one persistent kernel), all = the four older paths;
+// --variant_names picks rows) for
 // --plans at --variant_batches, 32 new tokens: ms per decode step, the
 // speedup over base, the weight bytes read per second (StepWeightBytes /
 // step) and their share of the 2.82 TB/s read ceiling. --variant_repeats N
@@ -87,6 +89,9 @@ DEFINE_bool(variants, false, "print ms/step of each opt-in decode path off/on in
 DEFINE_string(variant_batches, "1,8,32", "batch sizes of --variants");
 DEFINE_string(variant_names, "", "--variants: only the rows whose name contains one of these (comma-separated; "
               "=name: exactly that row); the base row always runs (the speedups' reference)");
+DEFINE_bool(step_stages, false,
+            "print the persistent batch-1 step's time per stage (kernels::DecodeStage, from its stage clock) "
+            "instead of the throughput table");
 DEFINE_int32(variant_repeats, 1, "--variants: run the rows this many times in turn and add a table of medians");
 
 namespace grove::rollout {
@@ -173,6 +178,58 @@ Timed TimeGenerate(GpuGenerator& gen, int b, int prompt_len, int new_tokens, std
   // Tokens from decode steps: all but each sequence's first (sampled after its prefill).
   t.decode_tokens = double(t.delta.generated_tokens) - b;
   return t;
+}
+
+// --step_stages: the persistent batch-1 step (graph) with its stage clock,
+// one column per plan, ms per step per stage (block 0's view: a stage ends
+// when block 0 leaves its grid barrier), with the step's wall time.
+int RunStepStages(const model::ModelConfig& c, const model::Model& host) {
+  GpuGeneratorOptions o;
+  o.max_batch = 1;
+  o.kv_memory_fraction = 0.3;
+  o.persistent_decode = true;
+  o.persistent_stage_clock = true;
+  auto gen = GpuGenerator::Create(c, o);
+  GROVE_BENCH_CHECK_OK(gen.status());
+  std::mt19937_64 rng(FLAGS_seed);
+  constexpr int kStages = int(kernels::DecodeStage::kCount);
+  std::vector<std::string> heads;
+  std::vector<std::array<double, kStages>> cols;
+  std::vector<double> walls;
+  for (const std::string& plan : bench::SplitCommaList(FLAGS_plans)) {
+    GROVE_BENCH_CHECK_OK((*gen)->LoadWeights(host.params(), Plan(plan)).status());
+    const auto before = (*gen)->stats().persistent_stage_seconds;
+    const Timed t = TimeGenerate(**gen, 1, FLAGS_prompt, 32, rng, int32_t(c.vocab_size));
+    const auto& after = (*gen)->stats().persistent_stage_seconds;
+    const double steps = double(std::max<int64_t>(1, t.delta.decode_steps));
+    std::array<double, kStages> ms{};
+    for (int i = 0; i < kStages; ++i) ms[i] = (after[i] - before[i]) / steps * 1e3;
+    heads.push_back(plan);
+    cols.push_back(ms);
+    walls.push_back(t.delta.decode_seconds / steps * 1e3);
+  }
+  std::printf("\npersistent batch-1 step by stage, ms per step (stage clock; %d-token prompts, 32 new)\n",
+              FLAGS_prompt);
+  std::printf("| stage |");
+  for (const std::string& h : heads) std::printf(" %s |", h.c_str());
+  std::printf("\n| --- |");
+  for (size_t i = 0; i < heads.size(); ++i) std::printf(" --- |");
+  std::printf("\n");
+  for (int st = 1; st < kStages; ++st) {
+    std::printf("| %s |", kernels::DecodeStageName(kernels::DecodeStage(st)));
+    for (const auto& col : cols) std::printf(" %.3f |", col[st]);
+    std::printf("\n");
+  }
+  std::printf("| sum of stages |");
+  for (const auto& col : cols) {
+    double sum = 0;
+    for (double v : col) sum += v;
+    std::printf(" %.3f |", sum);
+  }
+  std::printf("\n| step wall time (with the clock's copy) |");
+  for (double w : walls) std::printf(" %.3f |", w);
+  std::printf("\n");
+  return 0;
 }
 
 // --profile: one column per (plan, batch), one row per phase, ms per step.
@@ -275,6 +332,10 @@ const Variant kVariants[] = {
        o = GpuGeneratorOptions{};
        o.fold_shared_experts = SharedExpertFold::kNever;
      }},
+    {"default+persistent", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.persistent_decode = true;
+     }},
     {"default+fold_always", [](GpuGeneratorOptions& o) {
        o = GpuGeneratorOptions{};
        o.fold_shared_experts = SharedExpertFold::kAlways;
@@ -298,6 +359,7 @@ void AllPathsOff(GpuGeneratorOptions& o) {
   o.fuse_rmsnorm = false;
   o.fuse_router_topk = false;
   o.fuse_append_attention = false;
+  o.persistent_decode = false;
 }
 
 // --variants: rows (variant, plan), columns ms/step per batch (x speedup
@@ -462,6 +524,7 @@ int Run() {
   for (const std::string& p : bench::SplitCommaList(FLAGS_plans))
     if (p == "plan" && !measured_plan) MeasurePlan(c, **host, plan_rng);
   // --profile and --variants replace the throughput table (both: both, one model init).
+  if (FLAGS_step_stages) return RunStepStages(c, **host);
   if (FLAGS_profile || FLAGS_variants) {
     if (FLAGS_profile) RunProfile(c, **host);
     if (FLAGS_variants) RunVariants(c, **host);

@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/decode_step.h"
 #include "kernels/paged_kv.h"
 #include "model/transformer.h"
 #include "rollout/precision_format.h"
@@ -839,16 +840,19 @@ TEST(GpuGenerator, BatchOneFoldEqualsTheNeverFoldOnLargerSteps) {
 // model (Compare: same near-tie rules and log-prob tolerance): the split
 // changes only the fp32 summation order of attention. Prompts of 40..100
 // tokens plus kNewTokens decode steps reach positions up to 131 under
-// max_seq_len 160, so decode rows span 1 to 3 chunks of
-// kPagedSplitChunkTokens (64); batches 1 and 8 (graph buckets of both).
+// max_seq_len 160, so decode rows span 3 to 9 of the 10 chunks of
+// kPagedSplitChunkTokensFew (16) at batch 1 and 1 to 3 of the 3 chunks of
+// kPagedSplitChunkTokens (64) at batch 8 (graph buckets of both).
 TEST(GpuGenerator, SplitKvAttentionMatchesTheCpuModel) {
   SKIP_WITHOUT_GPU();
   auto cpu = MakeModel(7);
-  ASSERT_EQ(kernels::PagedAttentionSplitChunks(
-                kernels::PagedKvCache{nullptr, nullptr, nullptr, 1, 16, int(cpu->config().max_seq_len + 15) / 16, 1,
-                                      int(cpu->config().head_dim)},
-                int(cpu->config().max_seq_len)),
-            3);
+  const kernels::PagedKvCache shape{nullptr, nullptr, nullptr, 1, 16, int(cpu->config().max_seq_len + 15) / 16, 2,
+                                    int(cpu->config().head_dim)};
+  ASSERT_EQ(kernels::PagedAttentionSplitChunkTokens(1, 2), kernels::kPagedSplitChunkTokensFew);
+  ASSERT_EQ(kernels::PagedAttentionSplitChunkTokens(8, 2), kernels::kPagedSplitChunkTokens);
+  ASSERT_EQ(kernels::PagedAttentionSplitChunks(shape, int(cpu->config().max_seq_len), kernels::kPagedSplitChunkTokensFew),
+            10);
+  ASSERT_EQ(kernels::PagedAttentionSplitChunks(shape, int(cpu->config().max_seq_len)), 3);
   for (int max_batch : {1, 8}) {
     SCOPED_TRACE("max_batch " + std::to_string(max_batch));
     GpuGeneratorOptions o;
@@ -963,7 +967,7 @@ TEST(GpuGenerator, ProgrammaticLaunchAndFusedNormGiveTheSameBits) {
 // pass) changes no arithmetic: against the same engine with it off, every
 // token, log-prob and route is the same bits, graphs and eager, at max_batch
 // 1 and 8, bf16 and mixed formats; and with folded shared experts. Prompts
-// of 60-100 tokens and 30 new ones: rows attend 1-3 chunks of 64 keys, so
+// of 60-100 tokens and 30 new ones: rows attend 4-9 chunks of 16 keys, so
 // the appending block is not always the first chunk's.
 TEST(GpuGenerator, FusedAppendAttentionGivesTheSameBits) {
   SKIP_WITHOUT_GPU();
@@ -1011,6 +1015,113 @@ TEST(GpuGenerator, FusedAppendAttentionGivesTheSameBits) {
       ExpectSameBitsAsRun0(runs);
       ExpectSameBitsAsRun0(folded);
     }
+}
+
+// persistent_decode (issue #9: the batch-1 step as one persistent kernel,
+// kernels::DecodeStepOneRow) changes no arithmetic: against the same engine
+// with it off, every token, log-prob and route is the same bits, as a graph
+// and eagerly, in bf16, all-int8, all-int4 and mixed formats. Prompts of
+// 2-100 tokens and 20 new ones (1-8 chunks of 16 keys: the wo stage merges
+// the chunks itself) and of 560-700 tokens (36-45 chunks: the separate
+// merge stage). max_batch 1
+// runs every decode step persistently; at max_batch 4 only the steps where
+// one sequence is left do.
+TEST(GpuGenerator, PersistentDecodeGivesTheSameBits) {
+  SKIP_WITHOUT_GPU();
+  const FormatChooser int8 = [](const actors::TensorSpec&) -> std::optional<PrecisionFormat> {
+    return PrecisionFormat::kInt8;
+  };
+  const FormatChooser int4 = [](const actors::TensorSpec&) -> std::optional<PrecisionFormat> {
+    return PrecisionFormat::kInt4;
+  };
+  const FormatChooser mixed = [](const actors::TensorSpec& t) -> std::optional<PrecisionFormat> {
+    if (t.name.find("moe.experts.1.") != std::string::npos) return PrecisionFormat::kInt8;
+    if (t.name.find("moe.experts") != std::string::npos) return PrecisionFormat::kInt4;
+    if (t.name.find("mlp") != std::string::npos) return PrecisionFormat::kInt8;
+    if (t.name.find("shared") != std::string::npos) return PrecisionFormat::kInt4;
+    return std::nullopt;
+  };
+  const std::pair<const char*, FormatChooser> formats[] = {
+      {"bf16", FormatChooser()}, {"int8", int8}, {"int4", int4}, {"mixed", mixed}};
+  for (int long_prompts = 0; long_prompts < 2; ++long_prompts) {
+    model::ModelConfig c = SmallConfig(2);
+    if (long_prompts) c.max_seq_len = 768;
+    auto cpu = MakeModelFrom(c, 31);
+    // Five prompts: at max_batch 4 the fifth is admitted when the first
+    // stops, and finishes alone after the others.
+    const auto prompts = long_prompts ? Prompts(37, 5, 560, 700) : Prompts(37, 5, 2, 100);
+    for (const auto& [name, chooser] : formats)
+      for (int max_batch : {1, 4}) {
+        SCOPED_TRACE(std::string(name) + (long_prompts ? ", long prompts" : ", short prompts") + ", max_batch " +
+                     std::to_string(max_batch));
+        model::SamplingOptions sampling = Greedy(20);
+        std::vector<std::vector<model::Completion<float>>> runs;
+        // mode 0: persistent_decode off; 1: on (graphs); 2: on, eager.
+        for (int mode = 0; mode < 3; ++mode) {
+          GpuGeneratorOptions o;
+          o.max_batch = max_batch;
+          o.kv_memory_fraction = 0.05;
+          o.persistent_decode = mode > 0;
+          o.cuda_graphs = mode != 2;
+          auto g = GpuGenerator::Create(c, o);
+          ASSERT_TRUE(g.ok()) << g.status().ToString();
+          ASSERT_TRUE((*g)->LoadWeights(cpu->params(), chooser).ok());
+          if (mode == 0) {
+            auto probe = (*g)->Generate(prompts, Greedy(20));  // a stop token met early, so the batch thins
+            ASSERT_TRUE(probe.ok()) << probe.status().ToString();
+            sampling.stop_tokens = {(*probe)[0].tokens[5]};
+          }
+          auto r = (*g)->Generate(prompts, sampling);
+          ASSERT_TRUE(r.ok()) << r.status().ToString();
+          const GpuGenerator::Stats& st = (*g)->stats();
+          EXPECT_EQ(st.graphs_used, o.cuda_graphs);
+          if (mode == 0) {
+            EXPECT_EQ(st.persistent_decode_steps, 0);
+          } else if (max_batch == 1) {
+            EXPECT_EQ(st.persistent_decode_steps, st.decode_steps);
+          } else {
+            EXPECT_GT(st.persistent_decode_steps, 0);
+            EXPECT_LT(st.persistent_decode_steps, st.decode_steps);
+          }
+          runs.push_back(std::move(*r));
+        }
+        ExpectSameBitsAsRun0(runs);
+      }
+  }
+}
+
+// The persistent step's own argument checks (kernels::DecodeStepOneRow):
+// bad shapes and pointers are refused before anything is launched.
+TEST(DecodeStepOneRow, RejectsBadArguments) {
+  SKIP_WITHOUT_GPU();
+  kernels::DecodeStepArgs a;
+  EXPECT_EQ(kernels::DecodeStepOneRow(a, nullptr).code(), StatusCode::kInvalidArgument);  // no layers
+  kernels::DecodeStepLayer* layers = nullptr;
+  ASSERT_EQ(cudaMalloc(&layers, sizeof(kernels::DecodeStepLayer)), cudaSuccess);
+  a.layers = layers;
+  a.num_layers = 1;
+  a.hidden = 200;  // not a multiple of 128
+  a.heads = 2;
+  a.kv_heads = 1;
+  a.head_dim = 64;
+  auto s = kernels::DecodeStepOneRow(a, nullptr);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("multiples of 128"), std::string::npos) << s.ToString();
+  a.hidden = 256;
+  a.head_dim = 96;
+  EXPECT_EQ(kernels::DecodeStepOneRow(a, nullptr).code(), StatusCode::kInvalidArgument);
+  a.head_dim = 64;
+  a.experts = 8;
+  a.expert_hidden = 128;
+  a.top_k = 9;  // more than experts
+  s = kernels::DecodeStepOneRow(a, nullptr);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("top_k"), std::string::npos) << s.ToString();
+  a.top_k = 2;
+  s = kernels::DecodeStepOneRow(a, nullptr);  // no token / row pointers
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("one row"), std::string::npos) << s.ToString();
+  cudaFree(layers);
 }
 
 TEST(GpuGenerator, LoadFromDeviceEqualsLoadFromHost) {
