@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <string>
+#include <type_traits>
 
 #include "kernels/launch.cuh"
 #include "kernels/moe_decode_internal.h"
@@ -109,11 +110,36 @@ __device__ int FindActiveExpert(const int32_t* offsets, int experts, int index) 
 
 __device__ __forceinline__ float Silu(float g) { return g / (1.f + expf(-g)); }
 
+// The reduction buffer ahead of the activation tile, sized for the most
+// rows per warp any slab uses.
+constexpr int kMaxSlabRows = 4;
+constexpr int kSlabReduceBytes = gemv::ReduceBytes(kMaxSlabRows);
+
+// Rows per warp of a slab pass: with one or two tokens as many as fill the
+// slab in one pass (up to kMaxSlabRows: more 16-byte loads in flight per
+// lane, the same per-row sums, since a row's sum does not depend on how many
+// rows its warp streams); with more tokens the accumulators grow with M, so
+// gemv::kRows.
+__device__ __forceinline__ int SlabRowsPerWarp(int count, int slab_rows, int groups) {
+  if (count > 2) return gemv::kRows;
+  const int r = slab_rows / groups;
+  return r >= kMaxSlabRows ? kMaxSlabRows : r >= 4 ? 4 : 2;
+}
+
+template <typename Body>
+__device__ __forceinline__ void DispatchRows(int rows, Body&& body) {
+  if (rows >= 4) body(std::integral_constant<int, 4>{});
+  else body(std::integral_constant<int, 2>{});
+}
+
+// Units (a W1 row and the W3 row of the same hidden unit) [unit0, unit0 +
+// kUpSlabUnits) for the expert's tokens: a warp takes R / 2 units a pass
+// (rows[0, R/2) its W1 rows, rows[R/2, R) their W3 rows).
 template <QuantFormat F>
 __device__ void UpSlab(const MoeDecodeArgs& a, const QuantWeight& w1, const QuantWeight& w3, int begin, int end,
                        const int32_t* slot_of_row, __nv_bfloat16* h, uint4* smem) {
   float* red_s = reinterpret_cast<float*>(smem);
-  uint4* x_s = smem + gemv::kReduceBytes / 16;
+  uint4* x_s = smem + kSlabReduceBytes / 16;
   const gemv::Split split = gemv::MakeSplit(F, a.hidden);
   const int warp = threadIdx.x / 32, g = warp / split.slices, slice = warp % split.slices;
   const int64_t row_bytes = gemv::RowBytes(F, a.hidden), row_scales = gemv::RowScales(F, a.hidden);
@@ -125,25 +151,37 @@ __device__ void UpSlab(const MoeDecodeArgs& a, const QuantWeight& w1, const Quan
       gemv::StageX<F, M>(x_s, a.hidden, count, [&](int i) {
         return a.x + static_cast<int64_t>(slot_of_row[t0 + i] / a.top_k) * a.hidden;
       });
-      for (int pass = 0; pass < kUpSlabUnits / split.groups; ++pass) {
-        const int unit = unit0 + pass * split.groups + g;
-        const uint8_t* rows[kRows] = {static_cast<const uint8_t*>(w1.data) + unit * row_bytes,
-                                      static_cast<const uint8_t*>(w3.data) + unit * row_bytes};
-        const float* scales[kRows] = {w1.scales + unit * row_scales, w3.scales + unit * row_scales};
-        float acc[kRows][M];
-        gemv::WarpDot<F, M>(rows, scales, x_s, split, slice, acc);
-        gemv::WarpReduceToShared<M>(acc, red_s);
-        __syncthreads();
-        for (int t = threadIdx.x; t < split.groups * M; t += blockDim.x) {
-          const int gg = t % split.groups, i = t / split.groups;
-          if (i >= count) continue;
-          const float gv = gemv::SliceSum(red_s, split, gg, 0, i);
-          const float uv = gemv::SliceSum(red_s, split, gg, 1, i);
-          h[static_cast<int64_t>(t0 + i) * a.expert_hidden + unit0 + pass * split.groups + gg] =
-              __float2bfloat16_rn(Silu(gv) * uv);
+      DispatchRows(SlabRowsPerWarp(M, 2 * kUpSlabUnits, split.groups), [&](auto rows_tag) {
+        constexpr int R = M > 2 ? gemv::kRows : decltype(rows_tag)::value;
+        constexpr int U = R / 2;
+        const int units_per_pass = split.groups * U;
+        for (int pass = 0; pass < kUpSlabUnits / units_per_pass; ++pass) {
+          const int ubase = unit0 + pass * units_per_pass + g * U;
+          const uint8_t* rows[R];
+          const float* scales[R];
+#pragma unroll
+          for (int r = 0; r < U; ++r) {
+            rows[r] = static_cast<const uint8_t*>(w1.data) + (ubase + r) * row_bytes;
+            rows[U + r] = static_cast<const uint8_t*>(w3.data) + (ubase + r) * row_bytes;
+            scales[r] = w1.scales + (ubase + r) * row_scales;
+            scales[U + r] = w3.scales + (ubase + r) * row_scales;
+          }
+          float acc[R][M];
+          gemv::WarpDot<F, M, R>(rows, scales, x_s, split, slice, acc);
+          gemv::WarpReduceToShared<M, R>(acc, red_s);
+          __syncthreads();
+          for (int t = threadIdx.x; t < units_per_pass * M; t += blockDim.x) {
+            const int uu = t % units_per_pass, i = t / units_per_pass;
+            if (i >= count) continue;
+            const int gg = uu / U, r = uu % U;
+            const float gv = gemv::SliceSum<R>(red_s, split, gg, r, i);
+            const float uv = gemv::SliceSum<R>(red_s, split, gg, U + r, i);
+            h[static_cast<int64_t>(t0 + i) * a.expert_hidden + unit0 + pass * units_per_pass + uu] =
+                __float2bfloat16_rn(Silu(gv) * uv);
+          }
+          __syncthreads();
         }
-        __syncthreads();
-      }
+      });
     });
   }
 }
@@ -152,10 +190,9 @@ template <QuantFormat F>
 __device__ void DownSlab(const MoeDecodeArgs& a, const QuantWeight& w2, int begin, int end,
                          const __nv_bfloat16* h, float* partial, uint4* smem) {
   float* red_s = reinterpret_cast<float*>(smem);
-  uint4* x_s = smem + gemv::kReduceBytes / 16;
+  uint4* x_s = smem + kSlabReduceBytes / 16;
   const gemv::Split split = gemv::MakeSplit(F, a.expert_hidden);
   const int warp = threadIdx.x / 32, g = warp / split.slices, slice = warp % split.slices;
-  const int rows_per_pass = kRows * split.groups;
   const int64_t row_bytes = gemv::RowBytes(F, a.expert_hidden), row_scales = gemv::RowScales(F, a.expert_hidden);
   const int slab0 = blockIdx.x * kDownSlabRows;
   for (int t0 = begin; t0 < end; t0 += gemv::kMaxTokens) {
@@ -164,32 +201,38 @@ __device__ void DownSlab(const MoeDecodeArgs& a, const QuantWeight& w2, int begi
       constexpr int M = decltype(tokens)::value;
       gemv::StageX<F, M>(x_s, a.expert_hidden, count,
                          [&](int i) { return h + static_cast<int64_t>(t0 + i) * a.expert_hidden; });
-      for (int pass = 0; pass < kDownSlabRows / rows_per_pass; ++pass) {
-        const int row0 = slab0 + pass * rows_per_pass + g * kRows;
-        const uint8_t* rows[kRows];
-        const float* scales[kRows];
+      DispatchRows(SlabRowsPerWarp(M, kDownSlabRows, split.groups), [&](auto rows_tag) {
+        constexpr int R = M > 2 ? gemv::kRows : decltype(rows_tag)::value;
+        const int rows_per_pass = R * split.groups;
+        for (int pass = 0; pass < kDownSlabRows / rows_per_pass; ++pass) {
+          const int row0 = slab0 + pass * rows_per_pass + g * R;
+          const uint8_t* rows[R];
+          const float* scales[R];
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          rows[r] = static_cast<const uint8_t*>(w2.data) + (row0 + r) * row_bytes;
-          scales[r] = w2.scales + (row0 + r) * row_scales;
+          for (int r = 0; r < R; ++r) {
+            rows[r] = static_cast<const uint8_t*>(w2.data) + (row0 + r) * row_bytes;
+            scales[r] = w2.scales + (row0 + r) * row_scales;
+          }
+          float acc[R][M];
+          gemv::WarpDot<F, M, R>(rows, scales, x_s, split, slice, acc);
+          gemv::WarpReduceToShared<M, R>(acc, red_s);
+          __syncthreads();
+          for (int t = threadIdx.x; t < rows_per_pass * M; t += blockDim.x) {
+            const int rr = t % rows_per_pass, i = t / rows_per_pass;
+            if (i >= count) continue;
+            partial[static_cast<int64_t>(t0 + i) * a.hidden + slab0 + pass * rows_per_pass + rr] =
+                gemv::SliceSum<R>(red_s, split, rr / R, rr % R, i);
+          }
+          __syncthreads();
         }
-        float acc[kRows][M];
-        gemv::WarpDot<F, M>(rows, scales, x_s, split, slice, acc);
-        gemv::WarpReduceToShared<M>(acc, red_s);
-        __syncthreads();
-        for (int t = threadIdx.x; t < rows_per_pass * M; t += blockDim.x) {
-          const int rr = t % rows_per_pass, i = t / rows_per_pass;
-          if (i >= count) continue;
-          partial[static_cast<int64_t>(t0 + i) * a.hidden + slab0 + pass * rows_per_pass + rr] =
-              gemv::SliceSum(red_s, split, rr / kRows, rr % kRows, i);
-        }
-        __syncthreads();
-      }
+      });
     });
   }
 }
 
-__global__ void __launch_bounds__(kThreads)
+// Two blocks an SM (<= 128 registers): the m = 1 slabs keep up to 8 rows of
+// loads in flight a warp, and a second block hides the other's reductions.
+__global__ void __launch_bounds__(kThreads, 2)
     MoeUpKernel(MoeDecodeArgs a, const int32_t* offsets, const int32_t* slot_of_row, __nv_bfloat16* h) {
   ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
   ptx::griddepcontrol_launch_dependents();
@@ -205,7 +248,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     MoeDownKernel(MoeDecodeArgs a, const int32_t* offsets, const __nv_bfloat16* h, float* partial) {
   ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
   ptx::griddepcontrol_launch_dependents();
@@ -415,8 +458,8 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
   if (a.workspace_bytes < l.total)
     return Status::InvalidArgument("MoeDecodeForward: workspace of " + std::to_string(a.workspace_bytes) +
                                    " bytes, needs " + std::to_string(l.total));
-  const size_t up_smem = gemv::kReduceBytes + gemv::XTileBytes(a.hidden, gemv::kMaxTokens);
-  const size_t down_smem = gemv::kReduceBytes + gemv::XTileBytes(a.expert_hidden, gemv::kMaxTokens);
+  const size_t up_smem = kSlabReduceBytes + gemv::XTileBytes(a.hidden, gemv::kMaxTokens);
+  const size_t down_smem = kSlabReduceBytes + gemv::XTileBytes(a.expert_hidden, gemv::kMaxTokens);
   if (static_cast<int64_t>(std::max(up_smem, down_smem)) > kMaxSmemBytes)
     return Status::InvalidArgument("MoeDecodeForward: hidden / expert_hidden too large for the shared activation tile");
 
