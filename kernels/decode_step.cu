@@ -528,6 +528,19 @@ __global__ void __launch_bounds__(kThreads, 1) DecodeStepKernel(DecodeStepArgs a
   PrefetchLinear(lc[0].layer.qkv);
   bar.Wait(DecodeStage::kEmbed);
 
+  // A layer's last barrier: while it waits, the next layer's descriptors
+  // come into shared memory and its QKV rows (or the lm_head's) into L2.
+  auto finish_layer = [&](int l, DecodeStage stage) {
+    bar.Arrive();
+    if (l + 1 < a.num_layers) {
+      LoadLayer(a, l + 1, lc[(l + 1) & 1]);
+      __syncthreads();
+      PrefetchLinear(lc[(l + 1) & 1].layer.qkv);
+    } else {
+      PrefetchLinear(a.lm_head);
+    }
+    bar.Wait(stage);
+  };
   const float scale = a.attn_scale != 0.f ? a.attn_scale : 1.f / sqrtf(float(hd));
   const int eh = a.expert_hidden;
   const int warp = threadIdx.x / 32;
@@ -663,15 +676,7 @@ __global__ void __launch_bounds__(kThreads, 1) DecodeStepKernel(DecodeStepArgs a
         });
         return static_cast<const uint4*>(sm.x_gen);
       });
-      bar.Arrive();
-      if (l + 1 < a.num_layers) {
-        LoadLayer(a, l + 1, lc[(l + 1) & 1]);
-        __syncthreads();
-        PrefetchLinear(lc[(l + 1) & 1].layer.qkv);
-      } else {
-        PrefetchLinear(a.lm_head);
-      }
-      bar.Wait(DecodeStage::kDenseW2);
+      finish_layer(l, DecodeStage::kDenseW2);
       continue;
     }
 
@@ -811,15 +816,7 @@ __global__ void __launch_bounds__(kThreads, 1) DecodeStepKernel(DecodeStepArgs a
         }
       }
     }
-    bar.Arrive();
-    if (l + 1 < a.num_layers) {
-      LoadLayer(a, l + 1, lc[(l + 1) & 1]);
-      __syncthreads();
-      PrefetchLinear(lc[(l + 1) & 1].layer.qkv);
-    } else {
-      PrefetchLinear(a.lm_head);
-    }
-    bar.Wait(DecodeStage::kExpertDown);
+    finish_layer(l, DecodeStage::kExpertDown);
   }
 
   // Final RMSNorm + lm_head.
