@@ -1043,16 +1043,20 @@ TEST(GpuGenerator, PersistentDecodeGivesTheSameBits) {
   };
   const std::pair<const char*, FormatChooser> formats[] = {
       {"bf16", FormatChooser()}, {"int8", int8}, {"int4", int4}, {"mixed", mixed}};
-  for (int long_prompts = 0; long_prompts < 2; ++long_prompts) {
-    model::ModelConfig c = SmallConfig(2);
+  // Models: two shared experts (short and long prompts), none (the MoE's
+  // slots are the routed ones only), and the CPU default run's (head_dim 32).
+  for (int model = 0; model < 4; ++model) {
+    const bool long_prompts = model == 1;
+    model::ModelConfig c = model == 3 ? DefaultRunConfig() : SmallConfig(model == 2 ? 0 : 2);
     if (long_prompts) c.max_seq_len = 768;
     auto cpu = MakeModelFrom(c, 31);
     // Five prompts: at max_batch 4 the fifth is admitted when the first
     // stops, and finishes alone after the others.
-    const auto prompts = long_prompts ? Prompts(37, 5, 560, 700) : Prompts(37, 5, 2, 100);
+    const int max_len = int(std::min<int64_t>(100, c.max_seq_len - 24));
+    const auto prompts = long_prompts ? Prompts(37, 5, 560, 700, int(c.vocab_size)) : Prompts(37, 5, 2, max_len, int(c.vocab_size));
     for (const auto& [name, chooser] : formats)
       for (int max_batch : {1, 4}) {
-        SCOPED_TRACE(std::string(name) + (long_prompts ? ", long prompts" : ", short prompts") + ", max_batch " +
+        SCOPED_TRACE(std::string(name) + ", model " + std::to_string(model) + ", max_batch " +
                      std::to_string(max_batch));
         model::SamplingOptions sampling = Greedy(20);
         std::vector<std::vector<model::Completion<float>>> runs;
