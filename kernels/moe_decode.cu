@@ -12,7 +12,8 @@
 //       routed row;
 //  6.   combine: out[t] (+)= sum over slots j in order of gate * partial.
 // Each expert's weight format is read on the device (QuantWeight.format) and
-// chosen per block.
+// chosen per block. One token on the CUDA cores skips 1-3: block y of up and
+// down is slot y.
 #include "kernels/moe_decode.h"
 
 #include <algorithm>
@@ -148,8 +149,9 @@ __device__ void UpSlab(const MoeDecodeArgs& a, const QuantWeight& w1, const Quan
     const int count = min(gemv::kMaxTokens, end - t0);
     gemv::DispatchTokens(count, [&](auto tokens) {
       constexpr int M = decltype(tokens)::value;
+      // One token (no index): every row is token 0's.
       gemv::StageX<F, M>(x_s, a.hidden, count, [&](int i) {
-        return a.x + static_cast<int64_t>(slot_of_row[t0 + i] / a.top_k) * a.hidden;
+        return a.x + (slot_of_row ? static_cast<int64_t>(slot_of_row[t0 + i] / a.top_k) * a.hidden : 0);
       });
       DispatchRows(SlabRowsPerWarp(M, 2 * kUpSlabUnits, split.groups), [&](auto rows_tag) {
         constexpr int R = M > 2 ? gemv::kRows : decltype(rows_tag)::value;
@@ -230,6 +232,24 @@ __device__ void DownSlab(const MoeDecodeArgs& a, const QuantWeight& w2, int begi
   }
 }
 
+// This block's expert and its rows [begin, end) of h / partial: from the
+// route index (offsets), or with one token and no index (offsets null)
+// block y is slot y, its row y (a slot whose id is out of range: none).
+__device__ __forceinline__ bool ExpertRows(const MoeDecodeArgs& a, const int32_t* offsets, int* e, int* begin,
+                                           int* end) {
+  if (offsets == nullptr) {
+    *e = a.ids[blockIdx.y];
+    *begin = blockIdx.y;
+    *end = blockIdx.y + 1;
+    return *e < a.experts;
+  }
+  *e = FindActiveExpert(offsets, a.experts, blockIdx.y);
+  if (*e < 0) return false;
+  *begin = offsets[*e];
+  *end = offsets[*e + 1];
+  return true;
+}
+
 // Two blocks an SM (<= 128 registers): the m = 1 slabs keep up to 8 rows of
 // loads in flight a warp, and a second block hides the other's reductions.
 __global__ void __launch_bounds__(kThreads, 2)
@@ -237,9 +257,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
   ptx::griddepcontrol_launch_dependents();
   extern __shared__ uint4 smem[];
-  const int e = FindActiveExpert(offsets, a.experts, blockIdx.y);
-  if (e < 0) return;
-  const int begin = offsets[e], end = offsets[e + 1];
+  int e, begin, end;
+  if (!ExpertRows(a, offsets, &e, &begin, &end)) return;
   const QuantWeight w1 = a.w1[e], w3 = a.w3[e];
   switch (w1.format) {
     case QuantFormat::kBF16: UpSlab<QuantFormat::kBF16>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
@@ -253,9 +272,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
   ptx::griddepcontrol_launch_dependents();
   extern __shared__ uint4 smem[];
-  const int e = FindActiveExpert(offsets, a.experts, blockIdx.y);
-  if (e < 0) return;
-  const int begin = offsets[e], end = offsets[e + 1];
+  int e, begin, end;
+  if (!ExpertRows(a, offsets, &e, &begin, &end)) return;
   const QuantWeight w2 = a.w2[e];
   switch (w2.format) {
     case QuantFormat::kBF16: DownSlab<QuantFormat::kBF16>(a, w2, begin, end, h, partial, smem); break;
@@ -388,8 +406,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // One thread per (token, 4 columns): the top_k partials in slot order.
 __global__ void MoeDecodeCombineKernel(const float* __restrict__ partial, const float* __restrict__ gates,
-                                       const int32_t* __restrict__ row_of_slot, float* out, Accumulate mode, int m,
-                                       int hidden, int top_k) {
+                                       const int32_t* __restrict__ row_of_slot, const uint16_t* __restrict__ ids,
+                                       int experts, float* out, Accumulate mode, int m, int hidden, int top_k) {
   ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
   ptx::griddepcontrol_launch_dependents();
   const int quads = hidden / 4;
@@ -398,7 +416,8 @@ __global__ void MoeDecodeCombineKernel(const float* __restrict__ partial, const 
   const int t = static_cast<int>(idx / quads), c = static_cast<int>(idx % quads) * 4;
   float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int j = 0; j < top_k; ++j) {
-    const int row = row_of_slot[t * top_k + j];
+    // No index (one token): slot j's row is j, dropped when its id is out of range.
+    const int row = row_of_slot ? row_of_slot[t * top_k + j] : (ids[t * top_k + j] < experts ? j : -1);
     if (row < 0) continue;  // dropped slot (id out of range): no contribution
     const float gate = gates[t * top_k + j];
     const float4 p = *reinterpret_cast<const float4*>(partial + static_cast<int64_t>(row) * hidden + c);
@@ -469,7 +488,20 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
   int32_t* slot_of_row = reinterpret_cast<int32_t*>(ws + l.slot_of_row);
   __nv_bfloat16* h = reinterpret_cast<__nv_bfloat16*>(ws + l.h);
   float* partial = reinterpret_cast<float*>(ws + l.partial);
-  if (a.one_launch_index && int64_t{a.m} * a.top_k <= kMoeRouteIndexOneBlockSlots) {
+  const size_t up_mma = kMmaUpReduceFloats * 4 + mma::XBytes(a.hidden, 2);
+  const size_t down_mma = kMmaDownReduceFloats * 4 + mma::XBytes(a.expert_hidden, 2);
+  const bool mma_fits = static_cast<int64_t>(std::max(up_mma, down_mma)) <= kMaxSmemBytes;
+  if (path == MoeDecodePath::kAuto)
+    path = mma_fits && int64_t{a.m} * a.top_k >= 4 * int64_t{a.experts} ? MoeDecodePath::kTensorCore
+                                                                          : MoeDecodePath::kCudaCore;
+  // One token on the CUDA cores needs no index: block y of the up and down
+  // launches is slot y (its own row of h and of the partials), and the
+  // combine reads slot j's row j -- the same sums in the same order, one
+  // launch fewer.
+  const bool direct = a.m == 1 && path == MoeDecodePath::kCudaCore;
+  if (direct) {
+    offsets = row_of_slot = slot_of_row = nullptr;
+  } else if (a.one_launch_index && int64_t{a.m} * a.top_k <= kMoeRouteIndexOneBlockSlots) {
     GROVE_RETURN_IF_ERROR(
         MoeRouteIndexOneBlock(a.ids, a.m, a.top_k, a.experts, offsets, row_of_slot, slot_of_row, nullptr, stream));
   } else {
@@ -481,12 +513,6 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
   // At most min(experts, slots) experts are active; blocks past the actual
   // number exit after one look at the offsets.
   const int max_active = static_cast<int>(std::min<int64_t>(a.experts, int64_t{a.m} * a.top_k));
-  const size_t up_mma = kMmaUpReduceFloats * 4 + mma::XBytes(a.hidden, 2);
-  const size_t down_mma = kMmaDownReduceFloats * 4 + mma::XBytes(a.expert_hidden, 2);
-  const bool mma_fits = static_cast<int64_t>(std::max(up_mma, down_mma)) <= kMaxSmemBytes;
-  if (path == MoeDecodePath::kAuto)
-    path = mma_fits && int64_t{a.m} * a.top_k >= 4 * int64_t{a.experts} ? MoeDecodePath::kTensorCore
-                                                                          : MoeDecodePath::kCudaCore;
   if (path == MoeDecodePath::kTensorCore) {
     if (!mma_fits)
       return Status::InvalidArgument("MoeDecodeForward: hidden / expert_hidden too large for the tensor-core path");
@@ -514,7 +540,8 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
   const int64_t threads = int64_t{a.m} * (a.hidden / 4);
   return Launched("MoeDecodeForward combine",
                   LaunchKernel(MoeDecodeCombineKernel, static_cast<unsigned>((threads + 255) / 256), dim3(256), 0,
-                               stream, partial, a.gates, row_of_slot, a.out, a.mode, a.m, a.hidden, a.top_k));
+                               stream, partial, a.gates, row_of_slot, a.ids, a.experts, a.out, a.mode, a.m, a.hidden,
+                               a.top_k));
 }
 
 }  // namespace detail

@@ -717,6 +717,27 @@ void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
     ASSERT_EQ(std::memcmp(one.data(), outs[p].data(), one.size() * 4), 0) << "one-launch index, path " << p;
   }
   a.one_launch_index = false;
+  // Each token alone (m = 1: no route index, block y is slot y) gives its
+  // row of the batch's CUDA-core result, bit for bit (dropped ids included).
+  if (c.m > 1) {
+    for (int t = 0; t < c.m; ++t) {
+      ASSERT_EQ(dout.Upload(out0), cudaSuccess);
+      MoeDecodeArgs one = a;
+      one.m = 1;
+      one.x = dx.get() + static_cast<size_t>(t) * H;
+      one.ids = dids.get() + static_cast<size_t>(t) * c.top_k;
+      one.gates = dgates.get() + static_cast<size_t>(t) * c.top_k;
+      one.out = dout.get() + static_cast<size_t>(t) * H;
+      ASSERT_TRUE(detail::MoeDecodeForwardOnPath(one, detail::MoeDecodePath::kCudaCore, nullptr).ok());
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      std::vector<float> alone;
+      ASSERT_EQ(dout.Download(&alone), cudaSuccess);
+      ASSERT_EQ(std::memcmp(alone.data() + static_cast<size_t>(t) * H, outs[0].data() + static_cast<size_t>(t) * H,
+                            sizeof(float) * H),
+                0)
+          << "token " << t << " alone";
+    }
+  }
 
   for (int t = 0; t < c.m; ++t) {
     std::vector<double> ref(H, 0.0), bound(H, 0.0);
