@@ -170,9 +170,9 @@ struct GpuGeneratorOptions {
   // fused paths above: fuse_rmsnorm, split_kv_attention with
   // fuse_append_attention, and the shared experts folded (or none). The same
   // bits as those launches (gpu_generator_test checks tokens, log-probs and
-  // routes). Off: slower so far, 1.26 against 0.93 ms per step on gpu-ref in
+  // routes). Off: slower so far, 1.30 against 0.85 ms per step on gpu-ref in
   // bf16 (H100; decode_bench --step_stages splits its time by stage and
-  // docs/rollout.md says where it goes).
+  // docs/kernels.md says where it goes).
   bool persistent_decode = false;
   // With persistent_decode: each persistent step records when its stages
   // end (kernels::DecodeStepArgs::stage_clock) and Stats sums them per
