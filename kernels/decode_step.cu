@@ -11,6 +11,7 @@
 #include "kernels/quant_gemv.cuh"
 #include "kernels/rmsnorm_row.cuh"
 #include "kernels/router_topk.cuh"
+#include "kernels/swiglu_math.cuh"
 
 namespace grove::kernels {
 namespace {
@@ -270,18 +271,7 @@ __device__ __forceinline__ void PrefetchLinear(const QuantWeight& w) {
 
 // ---- Staging (gemv::StageXOctets layouts, M = 1) ----
 
-// bf16(x * rstd * w) for columns col..col+7: StageXRmsNormed's and
-// RmsNormRows's arithmetic.
-__device__ __forceinline__ uint4 NormedOctet(const float* x, const float* w, float rstd, int col) {
-  alignas(16) bf16 o[8];
-#pragma unroll
-  for (int e = 0; e < 8; ++e) o[e] = __float2bfloat16(x[col + e] * rstd * w[col + e]);
-  return *reinterpret_cast<const uint4*>(o);
-}
-
-__device__ __forceinline__ float Silu(float g) { return g / (1.f + expf(-g)); }
-
-// The shared-memory plan (dynamic): see SharedPlan below.
+// The dynamic shared memory, laid out by SmemPlan below.
 struct Smem {
   float* red_s;       // [kMaxItemRows * kMaxSlices] (also BlockRowRstd's scratch)
   uint4* x_gen;       // one staged row of up to max_k columns
@@ -295,9 +285,14 @@ struct SmemSizes {
   size_t red, gen, norm, slot, raw, slot_red, total;
 };
 
+// The MoE's slots per token: the routed ones, then the shared experts.
+__host__ __device__ inline int SlotCount(const DecodeStepArgs& a) {
+  return a.experts > 0 ? a.top_k + a.shared_experts : 0;
+}
+
 __host__ __device__ inline SmemSizes SmemPlan(const DecodeStepArgs& a) {
   auto al = [](size_t b) { return (b + 15) / 16 * 16; };
-  const int slots = a.experts > 0 ? a.top_k + a.shared_experts : 0;
+  const int slots = SlotCount(a);
   int max_k = a.hidden > a.heads * a.head_dim ? a.hidden : a.heads * a.head_dim;
   if (a.dense_hidden > max_k) max_k = a.dense_hidden;
   SmemSizes s;
@@ -305,7 +300,7 @@ __host__ __device__ inline SmemSizes SmemPlan(const DecodeStepArgs& a) {
   s.gen = al(size_t(gemv::XTileBytes(max_k, 1)));
   s.norm = al(size_t(gemv::XTileBytes(a.hidden, 1)));
   s.slot = slots > 0 ? al(size_t(gemv::XTileBytes(a.expert_hidden, 1))) : 0;
-  s.raw = al(sizeof(bf16) * size_t(slots) * (slots > 0 ? a.expert_hidden : 0));
+  s.raw = al(sizeof(bf16) * size_t(slots) * a.expert_hidden);
   s.slot_red = al(sizeof(float) * slots * kDownItemRows * kMaxSlices);
   s.total = s.red + s.gen + 3 * s.norm + slots * s.slot + s.raw + s.slot_red;
   return s;
@@ -323,12 +318,9 @@ struct Work {
   size_t total;
 };
 
+// The split-KV chunks of the step's one row (PagedAttentionSplit's count).
 __host__ __device__ inline int SplitChunks(const DecodeStepArgs& a, const PagedKvCache& kv) {
-  const int64_t cap = int64_t(kv.page_tokens) * kv.max_pages_per_seq;
-  const int64_t bound = a.max_pos > 0 ? (a.max_pos < cap ? a.max_pos : cap) : cap;
-  const int T = PagedAttentionSplitChunkTokens(1, a.kv_heads);
-  const int64_t n = (bound + T - 1) / T;
-  return int(n < 1 ? 1 : n);
+  return PagedAttentionSplitChunks(kv, a.max_pos, PagedAttentionSplitChunkTokens(1, a.kv_heads));
 }
 
 __host__ __device__ inline Work WorkPlan(const DecodeStepArgs& a, const PagedKvCache& kv, void* base) {
@@ -338,7 +330,7 @@ __host__ __device__ inline Work WorkPlan(const DecodeStepArgs& a, const PagedKvC
   Work w;
   const int qd = a.heads * a.head_dim, kd = a.kv_heads * a.head_dim;
   const int64_t states = int64_t(a.heads) * SplitChunks(a, kv);
-  const int slots = a.experts > 0 ? a.top_k + a.shared_experts : 0;
+  const int slots = SlotCount(a);
   w.barrier = reinterpret_cast<uint32_t*>(p + at);
   at += al(2 * sizeof(uint32_t));
   w.qkv = reinterpret_cast<float*>(p + at);
@@ -384,7 +376,7 @@ __device__ void LinearStage(const QuantWeight& w, float* y, bool add, float* red
 }
 
 // The RMSNorm'd row of x staged for format F (x_norm[F]), computed at most
-// once per format per stage group (staged_mask tracks which).
+// once per format per stage group (`staged` has a bit per format done).
 struct NormedRow {
   const float* x;
   const float* weight;
@@ -404,7 +396,7 @@ struct NormedRow {
     uint4* x_s = sm.x_norm[int(F)];
     if (!(staged & (1u << int(F)))) {
       const float r = rstd;
-      gemv::StageXOctets<F, 1>(x_s, hidden, 1, [&](int, int col) { return NormedOctet(x, weight, r, col); });
+      gemv::StageXOctets<F, 1>(x_s, hidden, 1, [&](int, int col) { return RmsNormedOctet(x, weight, r, col); });
       staged |= 1u << int(F);
     }
     return x_s;
@@ -439,7 +431,7 @@ __device__ void UpItem(const QuantWeight& w1, const QuantWeight& w3, int u0, int
   for (int t = threadIdx.x; t < nunits; t += blockDim.x) {
     const float g = SlicesOf(red_s, t, rows.slices);
     const float u = SlicesOf(red_s, kMaxUpItemUnits + t, rows.slices);
-    h_out[u0 + t] = __float2bfloat16_rn(Silu(g) * u);
+    h_out[u0 + t] = __float2bfloat16_rn(SiluExact(g) * u);
   }
   __syncthreads();
 }
@@ -496,7 +488,7 @@ __global__ void __launch_bounds__(kThreads, 1) DecodeStepKernel(DecodeStepArgs a
       p += sz.norm;
     }
     sm.x_slot = reinterpret_cast<uint4*>(p);
-    p += (a.experts > 0 ? a.top_k + a.shared_experts : 0) * sz.slot;
+    p += SlotCount(a) * sz.slot;
     sm.eh_raw = reinterpret_cast<bf16*>(p);
     p += sz.raw;
     sm.slot_red = reinterpret_cast<float*>(p);
@@ -506,7 +498,7 @@ __global__ void __launch_bounds__(kThreads, 1) DecodeStepKernel(DecodeStepArgs a
   GridBarrier bar{work.barrier, a.stage_clock};
   bar.Stamp(DecodeStage::kStart);
   const int H = a.hidden, hd = a.head_dim, qd = a.heads * hd, kd = a.kv_heads * hd;
-  const int slots = a.experts > 0 ? a.top_k + a.shared_experts : 0;
+  const int slots = SlotCount(a);
   const int slot = a.row.slot[0], pos = a.row.pos[0];
   float* x = a.x;
   if (threadIdx.x == 0) {
@@ -671,7 +663,7 @@ __global__ void __launch_bounds__(kThreads, 1) DecodeStepKernel(DecodeStepArgs a
         gemv::StageXOctets<Fmt, 1>(sm.x_gen, F, 1, [&](int, int col) {
           alignas(16) bf16 o[8];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) o[e] = __float2bfloat16(Silu(work.fa[col + e]) * work.fa[F + col + e]);
+          for (int e = 0; e < 8; ++e) o[e] = __float2bfloat16(SiluExact(work.fa[col + e]) * work.fa[F + col + e]);
           return *reinterpret_cast<const uint4*>(o);
         });
         return static_cast<const uint4*>(sm.x_gen);

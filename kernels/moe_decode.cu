@@ -26,6 +26,7 @@
 #include "kernels/ptx/griddepcontrol.cuh"
 #include "kernels/quant_gemv.cuh"
 #include "kernels/quant_mma.cuh"
+#include "kernels/swiglu_math.cuh"
 
 namespace grove::kernels {
 namespace {
@@ -109,8 +110,6 @@ __device__ int FindActiveExpert(const int32_t* offsets, int experts, int index) 
   return found_s;
 }
 
-__device__ __forceinline__ float Silu(float g) { return g / (1.f + expf(-g)); }
-
 // The reduction buffer ahead of the activation tile, sized for the most
 // rows per warp any slab uses.
 constexpr int kMaxSlabRows = 4;
@@ -123,8 +122,7 @@ constexpr int kSlabReduceBytes = gemv::ReduceBytes(kMaxSlabRows);
 // gemv::kRows.
 __device__ __forceinline__ int SlabRowsPerWarp(int count, int slab_rows, int groups) {
   if (count > 2) return gemv::kRows;
-  const int r = slab_rows / groups;
-  return r >= kMaxSlabRows ? kMaxSlabRows : r >= 4 ? 4 : 2;
+  return slab_rows / groups >= kMaxSlabRows ? kMaxSlabRows : 2;
 }
 
 template <typename Body>
@@ -179,7 +177,7 @@ __device__ void UpSlab(const MoeDecodeArgs& a, const QuantWeight& w1, const Quan
             const float gv = gemv::SliceSum<R>(red_s, split, gg, r, i);
             const float uv = gemv::SliceSum<R>(red_s, split, gg, U + r, i);
             h[static_cast<int64_t>(t0 + i) * a.expert_hidden + unit0 + pass * units_per_pass + uu] =
-                __float2bfloat16_rn(Silu(gv) * uv);
+                __float2bfloat16_rn(SiluExact(gv) * uv);
           }
           __syncthreads();
         }
@@ -250,8 +248,9 @@ __device__ __forceinline__ bool ExpertRows(const MoeDecodeArgs& a, const int32_t
   return true;
 }
 
-// Two blocks an SM (<= 128 registers): the m = 1 slabs keep up to 8 rows of
-// loads in flight a warp, and a second block hides the other's reductions.
+// Two blocks an SM (<= 128 registers): the one- and two-token slabs keep up
+// to kMaxSlabRows rows of loads in flight a warp, and a second block hides
+// the other's reductions.
 __global__ void __launch_bounds__(kThreads, 2)
     MoeUpKernel(MoeDecodeArgs a, const int32_t* offsets, const int32_t* slot_of_row, __nv_bfloat16* h) {
   ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
@@ -327,7 +326,7 @@ __device__ void UpTile(const MoeDecodeArgs& a, const QuantWeight& w1, const Quan
           uv += red_s[(((j * 2 + 1) * NT + t) * 4 + r) * 32 + l];
         }
         h[static_cast<int64_t>(t0 + token) * a.expert_hidden + u0 + mma::TileRow(l, r)] =
-            __float2bfloat16_rn(Silu(gv) * uv);
+            __float2bfloat16_rn(SiluExact(gv) * uv);
       }
       __syncthreads();
     };

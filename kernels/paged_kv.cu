@@ -196,12 +196,6 @@ Status PagedAttention(const PagedKvCache& cache, const PagedRows& rows, int head
                       LaunchKernel(kernel, grid, dim3(kAttnWarps * 32), 0, stream, cache, rows, heads, q, out, scale));
 }
 
-int PagedAttentionSplitChunks(const PagedKvCache& cache, int max_pos, int chunk_tokens) {
-  const int64_t cap = int64_t(cache.page_tokens) * cache.max_pages_per_seq;
-  const int64_t bound = max_pos > 0 ? std::min<int64_t>(max_pos, cap) : cap;
-  return int(std::max<int64_t>(1, (bound + chunk_tokens - 1) / chunk_tokens));
-}
-
 size_t PagedAttentionSplitWorkspaceBytes(const PagedKvCache& cache, int rows, int heads, int max_pos) {
   if (rows <= 0 || heads <= 0) return 0;
   // The most states of a launch of r <= rows rows: r = rows, or the most

@@ -103,7 +103,16 @@ Status PagedAttention(const PagedKvCache& cache, const PagedRows& rows, int head
 
 // Chunks per (row, kv head) of PagedAttentionSplit for max_pos (0: the
 // cache's capacity, page_tokens * max_pages_per_seq).
-int PagedAttentionSplitChunks(const PagedKvCache& cache, int max_pos, int chunk_tokens = kPagedSplitChunkTokens);
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline int PagedAttentionSplitChunks(const PagedKvCache& cache, int max_pos,
+                                     int chunk_tokens = kPagedSplitChunkTokens) {
+  const int64_t cap = int64_t(cache.page_tokens) * cache.max_pages_per_seq;
+  const int64_t bound = max_pos > 0 && max_pos < cap ? max_pos : cap;
+  const int64_t n = (bound + chunk_tokens - 1) / chunk_tokens;
+  return int(n < 1 ? 1 : n);
+}
 
 // Workspace bytes PagedAttentionSplit needs for any launch of at most rows
 // rows (fp32 partials: rows * heads * chunks * (head_dim + 2), chunks at

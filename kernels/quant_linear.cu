@@ -133,10 +133,7 @@ __device__ __forceinline__ void StageXRmsNormed(uint4* x_s, int k, const NormedI
   const float rstd = BlockRowRstd<kThreads>(in.x, k, in.eps, part);
   const bool write = blockIdx.x == 0 && in.normed != nullptr;
   gemv::StageXOctets<F, 1>(x_s, k, 1, [&](int, int col) {
-    alignas(16) __nv_bfloat16 o[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) o[e] = __float2bfloat16(in.x[col + e] * rstd * in.weight[col + e]);
-    const uint4 v = *reinterpret_cast<const uint4*>(o);
+    const uint4 v = RmsNormedOctet(in.x, in.weight, rstd, col);
     if (write) *reinterpret_cast<uint4*>(in.normed + col) = v;
     return v;
   });

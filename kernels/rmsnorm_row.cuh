@@ -4,6 +4,8 @@
 // (quant_linear.cu), so both give the same bits.
 #pragma once
 
+#include <cuda_bf16.h>
+
 #include <cstdint>
 
 namespace grove::kernels {
@@ -23,6 +25,15 @@ __device__ __forceinline__ float BlockRowRstd(const float* xr, int hidden, float
   float total = 0.f;
   for (int i = 0; i < kThreads / 32; ++i) total += part[i];
   return rsqrtf(total / float(hidden) + eps);
+}
+
+// bf16(x[c] * rstd * w[c]) for the 8 columns col..col+7, as 16 bytes: the
+// normed row's bf16 values as RmsNormRows writes them.
+__device__ __forceinline__ uint4 RmsNormedOctet(const float* x, const float* w, float rstd, int col) {
+  alignas(16) __nv_bfloat16 o[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) o[e] = __float2bfloat16(x[col + e] * rstd * w[col + e]);
+  return *reinterpret_cast<const uint4*>(o);
 }
 
 }  // namespace grove::kernels

@@ -21,4 +21,9 @@ __device__ __forceinline__ void SwiGluBackwardElement(float dh, float g, float u
   du = dh * (g * s);
 }
 
+// silu(g) with the accurate expf, as the rollout engine's decode computes it
+// (its SwiGLU kernels, the MoE decode slabs and the persistent decode step
+// share it, so they give the same bits).
+__device__ __forceinline__ float SiluExact(float g) { return g / (1.f + expf(-g)); }
+
 }  // namespace grove::kernels

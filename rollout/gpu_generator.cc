@@ -748,6 +748,7 @@ kernels::PagedKvCache GpuGenerator::Impl::KvCache(int64_t l) const {
 }
 
 Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
+  if (Persistent(rows, gather_last)) return kernels::DecodeStepOneRow(StepArgs(), stream);
   kernels::PagedRows pr{d_slot, d_pos, rows};
   // A one-row decode step may fuse each RMSNorm into the linear after it.
   const bool fuse_norm = opt.fuse_rmsnorm && rows == 1 && !gather_last;
@@ -757,7 +758,6 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
   const int64_t route_width = fold ? KS : K;
   uint16_t* const route_ids = fold ? fold_ids : ids;
   float* const route_gates = fold ? fold_gates : gates;
-  if (Persistent(rows, gather_last)) return kernels::DecodeStepOneRow(StepArgs(), stream);
   GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kInputs));
   GROVE_RETURN_IF_ERROR(gpu::EmbedRows(d_tokens, embed, x, rows, int(V), int(H), stream));
   for (int64_t l = 0; l < c.layers; ++l) {

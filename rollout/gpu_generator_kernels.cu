@@ -5,6 +5,7 @@
 #include "kernels/launch.cuh"
 #include "kernels/ptx/griddepcontrol.cuh"
 #include "kernels/rmsnorm_row.cuh"
+#include "kernels/swiglu_math.cuh"
 
 namespace grove::rollout::gpu {
 namespace {
@@ -50,7 +51,7 @@ __global__ void SwiGluKernel(const float* ab, int width, bf16* h, int64_t count)
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / width, j = i % width;
     const float g = ab[r * 2 * width + j], u = ab[r * 2 * width + width + j];
-    h[i] = __float2bfloat16(g / (1.f + expf(-g)) * u);
+    h[i] = __float2bfloat16(kernels::SiluExact(g) * u);
   }
 }
 
