@@ -180,6 +180,36 @@ Timed TimeGenerate(GpuGenerator& gen, int b, int prompt_len, int new_tokens, std
   return t;
 }
 
+// A ms-per-step table: one column per head, one row per name (names[i]
+// with values cols[c][first + i]), a "sum of <what>" row over every row
+// shown, then the extra rows (label, one value per column).
+void PrintStepTable(const char* what, const std::vector<std::string>& heads, const std::vector<std::string>& names,
+                    int first, const std::vector<std::vector<double>>& cols,
+                    const std::vector<std::pair<std::string, std::vector<double>>>& extra) {
+  std::printf("| %s |", what);
+  for (const std::string& h : heads) std::printf(" %s |", h.c_str());
+  std::printf("\n| --- |");
+  for (size_t i = 0; i < heads.size(); ++i) std::printf(" --- |");
+  std::printf("\n");
+  for (size_t r = 0; r < names.size(); ++r) {
+    std::printf("| %s |", names[r].c_str());
+    for (const auto& col : cols) std::printf(" %.3f |", col[first + r]);
+    std::printf("\n");
+  }
+  std::printf("| sum of %ss |", what);
+  for (const auto& col : cols) {
+    double sum = 0;
+    for (size_t r = 0; r < names.size(); ++r) sum += col[first + r];
+    std::printf(" %.3f |", sum);
+  }
+  std::printf("\n");
+  for (const auto& [label, values] : extra) {
+    std::printf("| %s |", label.c_str());
+    for (double v : values) std::printf(" %.3f |", v);
+    std::printf("\n");
+  }
+}
+
 // --step_stages: the persistent batch-1 step (graph) with its stage clock,
 // one column per plan, ms per step per stage (block 0's view: a stage ends
 // when block 0 leaves its grid barrier), with the step's wall time.
@@ -194,7 +224,7 @@ int RunStepStages(const model::ModelConfig& c, const model::Model& host) {
   std::mt19937_64 rng(FLAGS_seed);
   constexpr int kStages = int(kernels::DecodeStage::kCount);
   std::vector<std::string> heads;
-  std::vector<std::array<double, kStages>> cols;
+  std::vector<std::vector<double>> cols;
   std::vector<double> walls;
   for (const std::string& plan : bench::SplitCommaList(FLAGS_plans)) {
     GROVE_BENCH_CHECK_OK((*gen)->LoadWeights(host.params(), Plan(plan)).status());
@@ -202,7 +232,7 @@ int RunStepStages(const model::ModelConfig& c, const model::Model& host) {
     const Timed t = TimeGenerate(**gen, 1, FLAGS_prompt, 32, rng, int32_t(c.vocab_size));
     const auto& after = (*gen)->stats().persistent_stage_seconds;
     const double steps = double(std::max<int64_t>(1, t.delta.decode_steps));
-    std::array<double, kStages> ms{};
+    std::vector<double> ms(kStages);
     for (int i = 0; i < kStages; ++i) ms[i] = (after[i] - before[i]) / steps * 1e3;
     heads.push_back(plan);
     cols.push_back(ms);
@@ -210,25 +240,9 @@ int RunStepStages(const model::ModelConfig& c, const model::Model& host) {
   }
   std::printf("\npersistent batch-1 step by stage, ms per step (stage clock; %d-token prompts, 32 new)\n",
               FLAGS_prompt);
-  std::printf("| stage |");
-  for (const std::string& h : heads) std::printf(" %s |", h.c_str());
-  std::printf("\n| --- |");
-  for (size_t i = 0; i < heads.size(); ++i) std::printf(" --- |");
-  std::printf("\n");
-  for (int st = 1; st < kStages; ++st) {
-    std::printf("| %s |", kernels::DecodeStageName(kernels::DecodeStage(st)));
-    for (const auto& col : cols) std::printf(" %.3f |", col[st]);
-    std::printf("\n");
-  }
-  std::printf("| sum of stages |");
-  for (const auto& col : cols) {
-    double sum = 0;
-    for (double v : col) sum += v;
-    std::printf(" %.3f |", sum);
-  }
-  std::printf("\n| step wall time (with the clock's copy) |");
-  for (double w : walls) std::printf(" %.3f |", w);
-  std::printf("\n");
+  std::vector<std::string> names;
+  for (int st = 1; st < kStages; ++st) names.push_back(kernels::DecodeStageName(kernels::DecodeStage(st)));
+  PrintStepTable("stage", heads, names, 1, cols, {{"step wall time (with the clock's copy)", walls}});
   return 0;
 }
 
@@ -239,7 +253,7 @@ int RunProfile(const model::ModelConfig& c, const model::Model& host) {
   for (int b : batches) max_batch = std::max(max_batch, b);
   std::mt19937_64 rng(FLAGS_seed);
   std::vector<std::string> heads;
-  std::vector<std::array<double, kDecodePhases>> cols;
+  std::vector<std::vector<double>> cols;
   std::vector<double> totals, graph_totals;
   // Profiled (eager + events), then the same steps as a graph for reference.
   for (bool profiled : {true, false}) {
@@ -258,7 +272,7 @@ int RunProfile(const model::ModelConfig& c, const model::Model& host) {
           graph_totals.push_back(t.delta.decode_seconds / steps * 1e3);
           continue;
         }
-        std::array<double, kDecodePhases> ms{};
+        std::vector<double> ms(kDecodePhases);
         for (int i = 0; i < kDecodePhases; ++i) ms[i] = t.delta.decode_phase_seconds[i] / steps * 1e3;
         heads.push_back(plan + " b" + std::to_string(b));
         cols.push_back(ms);
@@ -267,27 +281,10 @@ int RunProfile(const model::ModelConfig& c, const model::Model& host) {
     }
   }
   std::printf("\neager decode step by phase, ms per step (cudaEvents; a phase includes launch gaps before it)\n");
-  std::printf("| phase |");
-  for (const std::string& h : heads) std::printf(" %s |", h.c_str());
-  std::printf("\n| --- |");
-  for (size_t i = 0; i < heads.size(); ++i) std::printf(" --- |");
-  std::printf("\n");
-  for (int p = 0; p < kDecodePhases; ++p) {
-    std::printf("| %s |", DecodePhaseName(DecodePhase(p)));
-    for (const auto& col : cols) std::printf(" %.3f |", col[p]);
-    std::printf("\n");
-  }
-  std::printf("| sum of phases |");
-  for (const auto& col : cols) {
-    double sum = 0;
-    for (double v : col) sum += v;
-    std::printf(" %.3f |", sum);
-  }
-  std::printf("\n| step wall time (eager, profiled) |");
-  for (double t : totals) std::printf(" %.3f |", t);
-  std::printf("\n| step wall time (graph, not profiled) |");
-  for (double t : graph_totals) std::printf(" %.3f |", t);
-  std::printf("\n");
+  std::vector<std::string> names;
+  for (int p = 0; p < kDecodePhases; ++p) names.push_back(DecodePhaseName(DecodePhase(p)));
+  PrintStepTable("phase", heads, names, 0, cols,
+                 {{"step wall time (eager, profiled)", totals}, {"step wall time (graph, not profiled)", graph_totals}});
   return 0;
 }
 
