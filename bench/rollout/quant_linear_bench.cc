@@ -22,7 +22,13 @@
 //      rows per warp, and tensor cores) on the dense gpu-ref shapes at m = 1
 //      and 4: us and % of the read ceiling, to pick the default from.
 //
-// Usage: quant_linear_bench [--quick] [--gemv_variants]
+//  (f) with --launch_chain (instead of b-d): us per link of a chain of 150
+//      dependent kernels in one CUDA graph (a decode step's length), with and
+//      without programmatic dependent launch, empty or streaming 2 MiB of
+//      weights each (before or after griddepcontrol.wait): the floor the
+//      launches of the batch-1 step stand on.
+//
+// Usage: quant_linear_bench [--quick] [--gemv_variants] [--launch_chain]
 //   (--quick: 5 repetitions instead of 20)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -40,6 +46,7 @@
 #include <vector>
 
 #include "bench/rollout/hbm_read.h"
+#include "bench/rollout/launch_chain.h"
 #include "kernels/moe_decode.h"
 #include "kernels/moe_decode_internal.h"
 #include "kernels/quant_linear.h"
@@ -433,14 +440,16 @@ void QuantizeTable(double read_gbs) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool gemv_variants = false;
+  bool gemv_variants = false, launch_chain = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) {
       g_reps = 5;
     } else if (std::strcmp(argv[i], "--gemv_variants") == 0) {
       gemv_variants = true;
+    } else if (std::strcmp(argv[i], "--launch_chain") == 0) {
+      launch_chain = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--quick] [--gemv_variants]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--gemv_variants] [--launch_chain]\n", argv[0]);
       return 2;
     }
   }
@@ -456,7 +465,9 @@ int main(int argc, char** argv) {
   GROVE_BENCH_CUDA_CHECK(cudaMalloc(&g_flush, kFlushBytes));
   std::mt19937_64 rng(1);
   const double read_gbs = Ceilings();
-  if (gemv_variants) {
+  if (launch_chain) {
+    grove::bench::LaunchChainTable(150, g_reps);
+  } else if (gemv_variants) {
     GemvVariantsTable(read_gbs, rng);
   } else {
     LinearTable(read_gbs, rng);
