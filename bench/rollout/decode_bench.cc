@@ -13,10 +13,12 @@
 // per-step sampling and host sync included), ms per decode step, prefill
 // tokens/s, and at every batch the bytes of weights one decode step must
 // read (attention, router, dense/shared SwiGLU, lm_head, and the routed
-// experts the batch touches: min(experts, batch * top_k) per MoE layer, an
-// upper bound at batch >= 2) over the step time: the achieved weight
-// bandwidth, against the H100's ~3.35 TB/s HBM3 (3.02 TB/s measured copy,
-// docs/kernels.md).
+// experts the step's rows chose: the distinct ids in each MoE layer of each
+// step, averaged, from the completions' routes -- with random weights a
+// batch's rows share most of their experts, far below min(experts, batch *
+// top_k)) over the step time: the achieved weight bandwidth, against the
+// H100's ~3.35 TB/s HBM3 (2.82 TB/s measured read, docs/rollout.md); and
+// those experts per MoE layer.
 //
 // Also printed: the seconds LoadWeights (fp32 from the host) and
 // LoadWeightsFromDevice (fp32 already on the GPU: the re-quantization a
@@ -129,10 +131,10 @@ kernels::QuantFormat ToQuant(std::optional<PrecisionFormat> f) {
   return *f == PrecisionFormat::kInt8 ? kernels::QuantFormat::kInt8 : kernels::QuantFormat::kInt4;
 }
 
-// Bytes of weights (data + scales) a decode step of `batch` rows reads.
-double StepWeightBytes(const model::Model& m, const FormatChooser& choose, int batch) {
+// Bytes of weights (data + scales) a decode step reads whose MoE layers
+// touch `touched` routed experts each (on average).
+double StepWeightBytes(const model::Model& m, const FormatChooser& choose, double touched) {
   const model::ModelConfig& c = m.config();
-  const double touched = c.experts > 0 ? std::min<double>(double(c.experts), double(batch) * double(c.top_k)) : 0;
   double bytes = 0;
   for (const model::TensorInfo& t : m.layout().tensors()) {
     if (t.shape.size() != 2 || t.name == "embed") continue;
@@ -152,9 +154,51 @@ double StepWeightBytes(const model::Model& m, const FormatChooser& choose, int b
 struct Timed {
   GpuGenerator::Stats delta;
   double decode_tokens = 0;
+  // Routed experts a decode step's MoE layer touched, on average over the
+  // steps and layers: the distinct ids the step's rows chose (from the
+  // completions' routes). Random weights route the rows of a batch to
+  // far fewer experts than batch * top_k, so the weight bytes a step reads
+  // come from the routes, not from that bound.
+  double touched_experts = 0;
 };
-Timed TimeGenerate(GpuGenerator& gen, int b, int prompt_len, int new_tokens, std::mt19937_64& rng, int32_t vocab) {
-  std::uniform_int_distribution<int32_t> tok(0, vocab - 1);
+
+// The mean over decode steps and MoE layers of the number of distinct
+// routed experts the step's rows chose. Decode step d of a sequence with a
+// P-token prompt feeds its completion token d: routes row P + d.
+double TouchedExperts(const model::ModelConfig& c, const std::vector<std::vector<int32_t>>& prompts,
+                      const std::vector<model::Completion<float>>& done) {
+  const int64_t L = c.moe_layers(), K = c.top_k;
+  if (L == 0 || done.empty()) return 0;
+  size_t steps = 0;
+  for (const auto& d : done) steps = std::max(steps, d.tokens.size() > 0 ? d.tokens.size() - 1 : 0);
+  double sum = 0;
+  int64_t count = 0;
+  std::vector<char> seen(size_t(c.experts));
+  for (size_t d = 0; d < steps; ++d)
+    for (int64_t l = 0; l < L; ++l) {
+      std::fill(seen.begin(), seen.end(), 0);
+      int distinct = 0, rows = 0;
+      for (size_t s = 0; s < done.size(); ++s) {
+        const size_t row = prompts[s].size() + d;
+        if ((row + 1) * L * K > done[s].routes.size()) continue;  // finished before step d
+        ++rows;
+        for (int64_t j = 0; j < K; ++j) {
+          const uint16_t e = done[s].routes[(row * L + l) * K + j];
+          if (e < c.experts && !seen[e]) {
+            seen[e] = 1;
+            ++distinct;
+          }
+        }
+      }
+      if (rows == 0) continue;
+      sum += distinct;
+      ++count;
+    }
+  return count > 0 ? sum / double(count) : 0;
+}
+Timed TimeGenerate(GpuGenerator& gen, const model::ModelConfig& c, int b, int prompt_len, int new_tokens,
+                   std::mt19937_64& rng) {
+  std::uniform_int_distribution<int32_t> tok(0, int32_t(c.vocab_size) - 1);
   std::vector<std::vector<int32_t>> prompts(b, std::vector<int32_t>(prompt_len));
   for (auto& p : prompts)
     for (int32_t& t : p) t = tok(rng);
@@ -165,9 +209,11 @@ Timed TimeGenerate(GpuGenerator& gen, int b, int prompt_len, int new_tokens, std
   GROVE_BENCH_CHECK_OK(gen.Generate(warm, so).status());
   const GpuGenerator::Stats before = gen.stats();
   so.max_new_tokens = new_tokens;
-  GROVE_BENCH_CHECK_OK(gen.Generate(prompts, so).status());
+  auto done = gen.Generate(prompts, so);
+  GROVE_BENCH_CHECK_OK(done.status());
   const GpuGenerator::Stats& after = gen.stats();
   Timed t;
+  t.touched_experts = TouchedExperts(c, prompts, *done);
   t.delta.decode_seconds = after.decode_seconds - before.decode_seconds;
   t.delta.decode_steps = after.decode_steps - before.decode_steps;
   t.delta.prefill_seconds = after.prefill_seconds - before.prefill_seconds;
@@ -229,7 +275,7 @@ int RunStepStages(const model::ModelConfig& c, const model::Model& host) {
   for (const std::string& plan : bench::SplitCommaList(FLAGS_plans)) {
     GROVE_BENCH_CHECK_OK((*gen)->LoadWeights(host.params(), Plan(plan)).status());
     const auto before = (*gen)->stats().persistent_stage_seconds;
-    const Timed t = TimeGenerate(**gen, 1, FLAGS_prompt, 32, rng, int32_t(c.vocab_size));
+    const Timed t = TimeGenerate(**gen, c, 1, FLAGS_prompt, 32, rng);
     const auto& after = (*gen)->stats().persistent_stage_seconds;
     const double steps = double(std::max<int64_t>(1, t.delta.decode_steps));
     std::vector<double> ms(kStages);
@@ -266,7 +312,7 @@ int RunProfile(const model::ModelConfig& c, const model::Model& host) {
     for (const std::string& plan : bench::SplitCommaList(FLAGS_plans)) {
       GROVE_BENCH_CHECK_OK((*gen)->LoadWeights(host.params(), Plan(plan)).status());
       for (int b : batches) {
-        const Timed t = TimeGenerate(**gen, b, FLAGS_prompt, 32, rng, int32_t(c.vocab_size));
+        const Timed t = TimeGenerate(**gen, c, b, FLAGS_prompt, 32, rng);
         const double steps = double(std::max<int64_t>(1, t.delta.decode_steps));
         if (!profiled) {
           graph_totals.push_back(t.delta.decode_seconds / steps * 1e3);
@@ -409,11 +455,12 @@ int RunVariants(const model::ModelConfig& c, const model::Model& host) {
         GROVE_BENCH_CHECK_OK((*gen)->LoadWeights(host.params(), Plan(plans[p])).status());
         std::printf("| %s | %s |", v.name, plans[p].c_str());
         for (size_t i = 0; i < batches.size(); ++i) {
-          const Timed t = TimeGenerate(**gen, batches[i], FLAGS_prompt, 32, rng, int32_t(c.vocab_size));
+          const Timed t = TimeGenerate(**gen, c, batches[i], FLAGS_prompt, 32, rng);
           const double step_ms = t.delta.decode_seconds / double(std::max<int64_t>(1, t.delta.decode_steps)) * 1e3;
           ms[vi][p][i].push_back(step_ms);
           const double base = ms[0][p][i].back();  // this repeat's base (row 0 runs first)
-          const double gbs = step_ms > 0 ? StepWeightBytes(host, Plan(plans[p]), batches[i]) / (step_ms * 1e-3) / 1e9 : 0;
+          const double gbs =
+              step_ms > 0 ? StepWeightBytes(host, Plan(plans[p]), t.touched_experts) / (step_ms * 1e-3) / 1e9 : 0;
           std::printf(" %.3f (%.2fx, %.0f GB/s, %.1f%%) |", step_ms, step_ms > 0 ? base / step_ms : 0, gbs,
                       100.0 * gbs / (kReadCeilingTBs * 1e3));
           std::fflush(stdout);
@@ -541,8 +588,10 @@ int Run() {
     std::fprintf(stderr, "decode_bench: cannot stage the weights on the device\n");
     return 1;
   }
-  std::printf("\n| plan | graphs | batch | decode tok/s | ms/step | prefill tok/s | weight GB/step | weight TB/s |\n");
-  std::printf("| --- | --- | --- | --- | --- | --- | --- | --- |\n");
+  std::printf(
+      "\n| plan | graphs | batch | decode tok/s | ms/step | prefill tok/s | weight GB/step | weight TB/s | experts "
+      "/ MoE layer |\n");
+  std::printf("| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
   std::vector<std::string> load_lines;
   for (bool graphs : {true, false}) {
     if (!graphs && !graphs_off) continue;
@@ -561,17 +610,17 @@ int Run() {
       load_lines.push_back("plan " + plan + ": LoadWeights (host fp32) " + std::to_string(*secs) +
                            " s, LoadWeightsFromDevice (re-quantize on the GPU) " + std::to_string(*dev_secs) + " s");
       for (int b : batches) {
-        const Timed t = TimeGenerate(**gen, b, FLAGS_prompt, new_tokens, rng, int32_t(c.vocab_size));
+        const Timed t = TimeGenerate(**gen, c, b, FLAGS_prompt, new_tokens, rng);
         const double dsec = t.delta.decode_seconds;
         const int64_t steps = t.delta.decode_steps;
         const double dtok = t.decode_tokens;
         const double psec = t.delta.prefill_seconds;
         const double ptok = double(t.delta.prefill_tokens);
         const double step_s = steps > 0 ? dsec / double(steps) : 0;
-        const double wbytes = StepWeightBytes(**host, choose, b);
-        std::printf("| %s | %s | %d | %.0f | %.3f | %.0f | %.3f | %.2f |\n", plan.c_str(), graphs ? "on" : "off", b,
-                    dsec > 0 ? dtok / dsec : 0, step_s * 1e3, psec > 0 ? ptok / psec : 0, wbytes / 1e9,
-                    step_s > 0 ? wbytes / step_s / 1e12 : 0);
+        const double wbytes = StepWeightBytes(**host, choose, t.touched_experts);
+        std::printf("| %s | %s | %d | %.0f | %.3f | %.0f | %.3f | %.2f | %.1f |\n", plan.c_str(), graphs ? "on" : "off",
+                    b, dsec > 0 ? dtok / dsec : 0, step_s * 1e3, psec > 0 ? ptok / psec : 0, wbytes / 1e9,
+                    step_s > 0 ? wbytes / step_s / 1e12 : 0, t.touched_experts);
         std::fflush(stdout);
       }
     }
