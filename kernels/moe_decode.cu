@@ -248,10 +248,26 @@ __device__ __forceinline__ bool ExpertRows(const MoeDecodeArgs& a, const int32_t
   return true;
 }
 
-// Two blocks an SM (<= 128 registers): the one- and two-token slabs keep up
-// to kMaxSlabRows rows of loads in flight a warp, and a second block hides
-// the other's reductions.
-__global__ void __launch_bounds__(kThreads, 2)
+// kBlocksPerSm blocks an SM. One token (no index): 2 (<= 128 registers),
+// so its slabs keep up to kMaxSlabRows rows of loads in flight a warp and a
+// second block hides the other's reductions. Decode batches (the index):
+// each of their thousands of blocks (experts x slabs) streams only 16-32 KB
+// between a chain of dependent round trips (its expert, its rows, its
+// activations), so more resident blocks hide more of those chains -- where
+// the registers lost do not cost more, which depends on the format
+// (MoeDecodeArgs::widest_format): bf16 3 (<= 80 registers), int4 4 (<= 64),
+// int8 2. H100, gpu-ref, decode_bench ms/step at batches 8 / 16 / 32 against
+// 2 an SM: bf16 with 3 0.94x / 0.93x / 0.91x (with 4 1.00x / 0.99x / 0.95x);
+// int4 with 4 0.96x / 0.93x / 0.94x (with 3 0.99x / 0.97x / 0.96x); int8
+// with 3 1.04x / 1.04x / 1.02x, with 4 1.22x / 1.19x / 1.04x. One token
+// loses 4% with 3 or 4, so keeps 2.
+constexpr int kDirectBlocksPerSm = 2;
+constexpr int kIndexedBlocksPerSmBf16 = 3;
+constexpr int kIndexedBlocksPerSmInt8 = 2;
+constexpr int kIndexedBlocksPerSmInt4 = 4;
+
+template <int kBlocksPerSm>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     MoeUpKernel(MoeDecodeArgs a, const int32_t* offsets, const int32_t* slot_of_row, __nv_bfloat16* h) {
   ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
   ptx::griddepcontrol_launch_dependents();
@@ -266,7 +282,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
-__global__ void __launch_bounds__(kThreads, 2)
+template <int kBlocksPerSm>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     MoeDownKernel(MoeDecodeArgs a, const int32_t* offsets, const __nv_bfloat16* h, float* partial) {
   ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
   ptx::griddepcontrol_launch_dependents();
@@ -525,14 +542,23 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
                                    LaunchKernel(MoeDownMmaKernel, dim3(a.hidden / mma::kTileRows, max_active),
                                                 dim3(kThreads), down_mma, stream, a, offsets, h, partial)));
   } else {
-    GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(MoeUpKernel), up_smem));
+    const QuantFormat f = a.widest_format;
+    auto up_kernel = direct                    ? MoeUpKernel<kDirectBlocksPerSm>
+                     : f == QuantFormat::kInt4 ? MoeUpKernel<kIndexedBlocksPerSmInt4>
+                     : f == QuantFormat::kInt8 ? MoeUpKernel<kIndexedBlocksPerSmInt8>
+                                               : MoeUpKernel<kIndexedBlocksPerSmBf16>;
+    auto down_kernel = direct                    ? MoeDownKernel<kDirectBlocksPerSm>
+                       : f == QuantFormat::kInt4 ? MoeDownKernel<kIndexedBlocksPerSmInt4>
+                       : f == QuantFormat::kInt8 ? MoeDownKernel<kIndexedBlocksPerSmInt8>
+                                                 : MoeDownKernel<kIndexedBlocksPerSmBf16>;
+    GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(up_kernel), up_smem));
     GROVE_RETURN_IF_ERROR(
-        Launched("MoeDecodeForward up", LaunchKernel(MoeUpKernel, dim3(a.expert_hidden / kUpSlabUnits, max_active),
+        Launched("MoeDecodeForward up", LaunchKernel(up_kernel, dim3(a.expert_hidden / kUpSlabUnits, max_active),
                                                      dim3(kThreads), up_smem, stream, a, offsets, slot_of_row, h)));
     GROVE_RETURN_IF_ERROR(RecordStage(a, 1, stream));
-    GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(MoeDownKernel), down_smem));
+    GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(down_kernel), down_smem));
     GROVE_RETURN_IF_ERROR(
-        Launched("MoeDecodeForward down", LaunchKernel(MoeDownKernel, dim3(a.hidden / kDownSlabRows, max_active),
+        Launched("MoeDecodeForward down", LaunchKernel(down_kernel, dim3(a.hidden / kDownSlabRows, max_active),
                                                        dim3(kThreads), down_smem, stream, a, offsets, h, partial)));
   }
   GROVE_RETURN_IF_ERROR(RecordStage(a, 2, stream));

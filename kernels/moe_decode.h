@@ -53,6 +53,11 @@ struct MoeDecodeArgs {
   // of three; the same index, so the same result) when m * top_k <=
   // kMoeRouteIndexOneBlockSlots; larger m ignores it.
   bool one_launch_index = false;
+  // The widest format among the experts' weights (bf16, then int8, then
+  // int4): a hint for the CUDA-core launches' blocks per SM only (what each
+  // format's slabs run fastest with, kernels/moe_decode.cu), so any value
+  // gives the same results.
+  QuantFormat widest_format = QuantFormat::kBF16;
 };
 
 size_t MoeDecodeWorkspaceBytes(int m, int hidden, int expert_hidden, int experts, int top_k);

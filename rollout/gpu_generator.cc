@@ -74,6 +74,7 @@ struct LayerWeights {
   std::vector<int> e_w1, e_w3, e_w2;            // routed experts
   QuantWeight *d_w1 = nullptr, *d_w3 = nullptr, *d_w2 = nullptr;  // device arrays [experts]
   std::vector<QuantWeight> h_w1, h_w3, h_w2;                    // their host copies
+  QuantFormat experts_widest = QuantFormat::kBF16;  // MoeDecodeArgs::widest_format
   float *attn_norm = nullptr, *ffn_norm = nullptr, *router_bias = nullptr;
   // fold_shared_experts: the shared W2's column blocks (one per shared
   // expert, [hidden, expert_hidden] each), copied from s_w2 in its format.
@@ -855,6 +856,7 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     ma.workspace = moe_ws;
     ma.workspace_bytes = moe_ws_bytes;
     ma.one_launch_index = opt.one_launch_moe_index;
+    ma.widest_format = w.experts_widest;
     if (timing) {
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kMoeRouteIndex));
       GROVE_ASSIGN_OR_RETURN(ma.stage_events,
@@ -1072,6 +1074,10 @@ Result<double> GpuGenerator::Impl::Load(const float* params, bool on_device, con
       w.h_w2.push_back(g.slots[w.e_w2[e]].qw);
     }
     GROVE_RETURN_IF_ERROR(g.AppendFoldedSharedExperts(w));
+    // kBF16 < kInt8 < kInt4: the widest format is the smallest value.
+    w.experts_widest = QuantFormat::kInt4;
+    for (const auto* v : {&w.h_w1, &w.h_w2})
+      for (const QuantWeight& q : *v) w.experts_widest = std::min(w.experts_widest, q.format);
     const size_t count = size_t(g.E + g.S);
     GEN_CUDA(cudaMemcpyAsync(w.d_w1, w.h_w1.data(), count * sizeof(QuantWeight), cudaMemcpyHostToDevice, g.stream));
     GEN_CUDA(cudaMemcpyAsync(w.d_w3, w.h_w3.data(), count * sizeof(QuantWeight), cudaMemcpyHostToDevice, g.stream));

@@ -717,6 +717,19 @@ void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
     ASSERT_EQ(std::memcmp(one.data(), outs[p].data(), one.size() * 4), 0) << "one-launch index, path " << p;
   }
   a.one_launch_index = false;
+  // The occupancy hint (a narrow widest format: 4 blocks an SM instead of
+  // 3 on the indexed CUDA-core path) changes no bits, whatever the experts'
+  // formats really are.
+  for (QuantFormat hint : {QuantFormat::kInt8, QuantFormat::kInt4}) {
+    MoeDecodeArgs hinted = a;
+    hinted.widest_format = hint;
+    ASSERT_EQ(dout.Upload(out0), cudaSuccess);
+    ASSERT_TRUE(detail::MoeDecodeForwardOnPath(hinted, detail::MoeDecodePath::kCudaCore, nullptr).ok());
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    std::vector<float> got;
+    ASSERT_EQ(dout.Download(&got), cudaSuccess);
+    ASSERT_EQ(std::memcmp(got.data(), outs[0].data(), got.size() * 4), 0) << "widest_format " << Name(hint);
+  }
   // Each token alone (m = 1: no route index, block y is slot y) gives its
   // row of the batch's CUDA-core result, bit for bit (dropped ids included).
   if (c.m > 1) {
