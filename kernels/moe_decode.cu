@@ -257,10 +257,10 @@ __device__ __forceinline__ bool ExpertRows(const MoeDecodeArgs& a, const int32_t
 // the registers lost do not cost more, which depends on the format
 // (MoeDecodeArgs::widest_format): bf16 3 (<= 80 registers), int4 4 (<= 64),
 // int8 2. H100, gpu-ref, decode_bench ms/step at batches 8 / 16 / 32 against
-// 2 an SM: bf16 with 3 0.94x / 0.93x / 0.91x (with 4 1.00x / 0.99x / 0.95x);
-// int4 with 4 0.96x / 0.93x / 0.94x (with 3 0.99x / 0.97x / 0.96x); int8
-// with 3 1.04x / 1.04x / 1.02x, with 4 1.22x / 1.19x / 1.04x. One token
-// loses 4% with 3 or 4, so keeps 2.
+// 2 an SM: bf16 with 3 0.94x / 0.93x / 0.92x (with 4 1.00x / 0.98x / 0.94x);
+// int4 with 4 0.96x / 0.92x / 0.95x (with 3 1.00x / 0.96x / 0.95x); int8
+// with 3 1.04x / 1.04x / 1.02x, with 4 1.22x / 1.18x / 1.04x. One token
+// loses 4% with 3 or 4, so keeps 2 (docs/kernels.md has the table).
 constexpr int kDirectBlocksPerSm = 2;
 constexpr int kIndexedBlocksPerSmBf16 = 3;
 constexpr int kIndexedBlocksPerSmInt8 = 2;
