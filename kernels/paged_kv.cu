@@ -202,7 +202,7 @@ size_t PagedAttentionSplitWorkspaceBytes(const PagedKvCache& cache, int rows, in
   // rows that still take the short chunks.
   auto states = [&](int r) {
     return size_t(r) * size_t(heads) *
-           size_t(PagedAttentionSplitChunks(cache, max_pos, PagedAttentionSplitChunkTokens(r, cache.kv_heads)));
+           size_t(PagedAttentionSplitChunks(cache, max_pos, PagedAttentionSplitChunkTokens(r, cache.kv_heads, max_pos)));
   };
   const int few_rows = std::max(1, kPagedSplitFewPairs / std::max(1, cache.kv_heads));
   return std::max(states(rows), states(std::min(rows, few_rows))) * size_t(cache.head_dim + 2) * sizeof(float);
@@ -231,7 +231,7 @@ Status PagedAttentionSplit(const PagedKvCache& cache, const PagedRows& rows, int
   if (workspace_bytes < need)
     return Status::InvalidArgument("PagedAttentionSplit: workspace of " + std::to_string(workspace_bytes) +
                                    " bytes, needs " + std::to_string(need));
-  const int chunk_tokens = PagedAttentionSplitChunkTokens(rows.rows, cache.kv_heads);
+  const int chunk_tokens = PagedAttentionSplitChunkTokens(rows.rows, cache.kv_heads, max_pos);
   const int chunks = PagedAttentionSplitChunks(cache, max_pos, chunk_tokens);
   if (chunks > 65535) return Status::InvalidArgument("PagedAttentionSplit: more than 65535 chunks");
   if (int64_t(rows.rows) * cache.kv_heads > 0x7fffffff)

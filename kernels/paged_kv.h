@@ -31,7 +31,7 @@
 //
 // PagedAttentionSplit (flash-decoding): the same result, the keys of each
 // (row, kv head) split into chunks of T = PagedAttentionSplitChunkTokens(rows,
-// kv_heads) positions, chunk c covering [c * T, (c + 1) * T), one block per
+// kv_heads, max_pos) positions, chunk c covering [c * T, (c + 1) * T), one block per
 // (row, kv head, chunk), so a small batch still fills the GPU. Each chunk leaves a partial softmax state
 // (max, sum, unnormalized out) per query head in fp32 in the workspace; a
 // combine kernel merges a row's chunks 0..pos / T in chunk order (the same
@@ -64,17 +64,23 @@ inline constexpr int kPagedMaxGroup = 8;
 // decode_bench) 16-token chunks take the step from 1.14 to 0.93 ms (bf16);
 // with more rows there are blocks enough, and the extra chunks cost (batch
 // 32, 1024-token prompts: 5.01 ms at 64 against 5.57 at 16).
+// Short contexts take the short chunks at any row count: a launch whose
+// max_pos is at most kPagedSplitShortContext has at most 4 chunks of 64
+// keys per (row, kv head), too few blocks to hide their serial key walks.
 inline constexpr int kPagedSplitChunkTokens = 64;
 inline constexpr int kPagedSplitChunkTokensFew = 16;
 inline constexpr int kPagedSplitFewPairs = 4;
+inline constexpr int kPagedSplitShortContext = 256;
 
 // The chunk length PagedAttentionSplit uses for a launch of `rows` rows
-// (also called from device code: the persistent decode step's rows == 1).
+// bounded by max_pos (0: the cache's capacity; also called from device
+// code: the persistent decode step's rows == 1).
 #if defined(__CUDACC__)
 __host__ __device__
 #endif
-inline int PagedAttentionSplitChunkTokens(int rows, int kv_heads) {
-  return int64_t(rows) * kv_heads <= kPagedSplitFewPairs ? kPagedSplitChunkTokensFew : kPagedSplitChunkTokens;
+inline int PagedAttentionSplitChunkTokens(int rows, int kv_heads, int max_pos = 0) {
+  if (int64_t(rows) * kv_heads <= kPagedSplitFewPairs) return kPagedSplitChunkTokensFew;
+  return max_pos > 0 && max_pos <= kPagedSplitShortContext ? kPagedSplitChunkTokensFew : kPagedSplitChunkTokens;
 }
 
 struct PagedKvCache {

@@ -263,7 +263,12 @@ struct GpuGenerator::Impl {
   int32_t* d_page_table = nullptr;  // mirrors a Generate call's KvPageTable::table()
 
   // Decode graphs per bucket, valid for the weight formats in graph_formats.
+  // Decode graphs by (bucket, context class): key = 2 * bucket + short.
   std::map<int, cudaGraphExec_t> graphs;
+  // The split-KV bound of the next decode forward: every row's pos + 1 is
+  // at most this (max_seq_len, or opt.split_kv_short_context when all
+  // rows are that short: PagedAttentionSplit then takes short chunks).
+  int attn_max_pos = 0;
   std::vector<QuantFormat> graph_formats;
   bool graphs_failed = false;
 
@@ -585,7 +590,11 @@ Status GpuGenerator::Impl::Build() {
   max_pages_per_seq = int((c.max_seq_len + opt.page_tokens - 1) / opt.page_tokens);
   GROVE_RETURN_IF_ERROR(Alloc(&d_page_table, Bm * max_pages_per_seq));
   if (opt.split_kv_attention) {
+    // Sized for both context classes of a decode step (short: more, shorter chunks).
     attn_ws_bytes = kernels::PagedAttentionSplitWorkspaceBytes(KvCache(0), int(Bm), int(c.heads), int(c.max_seq_len));
+    if (opt.split_kv_short_context > 0 && opt.split_kv_short_context < c.max_seq_len)
+      attn_ws_bytes = std::max(attn_ws_bytes, kernels::PagedAttentionSplitWorkspaceBytes(
+                                                  KvCache(0), int(Bm), int(c.heads), opt.split_kv_short_context));
     GROVE_RETURN_IF_ERROR(Alloc(reinterpret_cast<char**>(&attn_ws), int64_t(attn_ws_bytes)));
   }
   if (opt.persistent_decode) {
@@ -786,7 +795,8 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     }
     GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kAttention));
     if (split)
-      GROVE_RETURN_IF_ERROR(kernels::PagedAttentionSplit(kv, pr, int(c.heads), q, attn, 0.f, int(c.max_seq_len),
+      GROVE_RETURN_IF_ERROR(kernels::PagedAttentionSplit(kv, pr, int(c.heads), q, attn, 0.f,
+                                                         attn_max_pos > 0 ? attn_max_pos : int(c.max_seq_len),
                                                          attn_ws, attn_ws_bytes, stream, split_append));
     else
       GROVE_RETURN_IF_ERROR(kernels::PagedAttention(kv, pr, int(c.heads), q, attn, 0.f, stream));
@@ -884,7 +894,8 @@ Status GpuGenerator::Impl::RunDecode(int bucket) {
   // sampling and the copies after it launch as before.
   const kernels::ScopedProgrammaticLaunch pdl(opt.programmatic_launch);
   if (opt.cuda_graphs && !opt.profile_decode && !graphs_failed) {
-    auto it = graphs.find(bucket);
+    const int key = 2 * bucket + (attn_max_pos > 0 && attn_max_pos < c.max_seq_len ? 1 : 0);
+    auto it = graphs.find(key);
     if (it == graphs.end()) {
       GEN_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
       const Status fwd = Forward(bucket, bucket, false);
@@ -901,7 +912,7 @@ Status GpuGenerator::Impl::RunDecode(int bucket) {
                      << (fwd.ok() ? cudaGetErrorString(end != cudaSuccess ? end : inst) : fwd.ToString())
                      << "); running it eagerly";
       } else {
-        it = graphs.emplace(bucket, exec).first;
+        it = graphs.emplace(key, exec).first;
         graph_formats = Formats();
       }
     }
@@ -954,6 +965,9 @@ Result<std::unique_ptr<GpuGenerator>> GpuGenerator::Create(const model::ModelCon
     return Status::InvalidArgument(
         "GpuGenerator: fold_shared_experts needs top_k + shared_experts <= 16 and experts + shared_experts <= 256 "
         "(MoeDecodeForward's limits)");
+  if (options.split_kv_short_context < 0)
+    return Status::InvalidArgument("GpuGenerator: split_kv_short_context must be >= 0, got " +
+                                   std::to_string(options.split_kv_short_context));
   if (options.fuse_router_topk && !options.fuse_rmsnorm)
     return Status::InvalidArgument("GpuGenerator: fuse_router_topk needs fuse_rmsnorm (it routes in the fused kernel)");
   if (options.gemv_rows_per_warp != 0 && options.gemv_rows_per_warp != 1 && options.gemv_rows_per_warp != 2 &&
@@ -1210,6 +1224,7 @@ Result<std::vector<model::Completion<float>>> GpuGenerator::Generate(const std::
       int bucket = 1;
       while (bucket < n) bucket *= 2;
       bucket = std::min(bucket, g.opt.max_batch);
+      int64_t longest = 0;  // the largest pos + 1 of the step's rows
       for (int a = 0; a < bucket; ++a) {
         const bool real = a < n;
         g.h_tokens[a] = real ? running[a].pending : 0;
@@ -1218,8 +1233,13 @@ Result<std::vector<model::Completion<float>>> GpuGenerator::Generate(const std::
         if (real) {
           g.h_seq[a] = running[a].idx;
           g.h_step[a] = int32_t(out[running[a].idx].tokens.size());
+          longest = std::max<int64_t>(longest, running[a].len);
         }
       }
+      const int short_bound = g.opt.split_kv_short_context;
+      g.attn_max_pos = short_bound > 0 && short_bound < g.c.max_seq_len && longest <= short_bound
+                           ? short_bound
+                           : int(g.c.max_seq_len);
       // The device page table is current: only admissions change a live
       // slot's entries, and the prefill uploaded them.
       g.timing = g.opt.profile_decode;

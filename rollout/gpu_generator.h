@@ -133,6 +133,12 @@ struct GpuGeneratorOptions {
   // fills more than kv_heads SMs); prefill keeps PagedAttention. Changes
   // only fp32 summation order in attention.
   bool split_kv_attention = true;
+  // With split_kv_attention: decode steps whose rows are all at most this
+  // long (positions + 1) bound the split by it instead of max_seq_len, so
+  // PagedAttentionSplit takes its short chunks at every batch
+  // (kernels::kPagedSplitShortContext; a graph per bucket and context
+  // class). 0: always max_seq_len. Changes only fp32 summation order.
+  int split_kv_short_context = kernels::kPagedSplitShortContext;
   // Programmatic dependent launch for the decode step (sm_90; issue #9):
   // every kernel of the step is launched with cudaLaunchAttribute-
   // ProgrammaticStreamSerialization (kernels/programmatic_launch.h), so its

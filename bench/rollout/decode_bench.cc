@@ -41,7 +41,8 @@
 // programmatic_launch, fuse_rmsnorm and fuse_rmsnorm+router_topk (batch 1
 // only), default = the options' defaults, default with PDL + the fused norm
 // (+ the fused router), default without fuse_append_attention (the RoPE +
-// append folded into the split-KV pass), default-fold_batch_one and
+// append folded into the split-KV pass), default-short_context (the
+// defaults with split_kv_short_context 0), default-fold_batch_one and
 // default+fold_always (the defaults with SharedExpertFold::kNever /
 // kAlways instead of the default kBatchOne), default+persistent (the
 // batch-1 step as one persistent kernel), all = the four older paths;
@@ -374,6 +375,10 @@ const Variant kVariants[] = {
     {"default-fold_batch_one", [](GpuGeneratorOptions& o) {
        o = GpuGeneratorOptions{};
        o.fold_shared_experts = SharedExpertFold::kNever;
+     }},
+    {"default-short_context", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.split_kv_short_context = 0;
      }},
     {"default+persistent", [](GpuGeneratorOptions& o) {
        o = GpuGeneratorOptions{};

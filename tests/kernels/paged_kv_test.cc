@@ -27,13 +27,18 @@ float Bf(float x) { return __bfloat162float(__float2bfloat16(x)); }
 struct Case {
   int head_dim;
   std::vector<int> lengths;  // tokens per sequence (all appended; the last one by the decode launch)
+  // Pages per sequence: max_pos = 16 * max_pages. At most
+  // kPagedSplitShortContext (16 pages) the split takes its short chunks at
+  // any row count, beyond it the long ones where a launch has many rows.
+  int max_pages = 16;
 };
 
 void RunCase(const Case& tc, uint64_t seed) {
-  SCOPED_TRACE("head_dim " + std::to_string(tc.head_dim) + " seed " + std::to_string(seed));
+  SCOPED_TRACE("head_dim " + std::to_string(tc.head_dim) + " max_pages " + std::to_string(tc.max_pages) + " seed " +
+               std::to_string(seed));
   std::mt19937_64 rng(seed);
   const int heads = 8, kv_heads = 2, hd = tc.head_dim, half = hd / 2, P = 16, G = heads / kv_heads;
-  const int S = int(tc.lengths.size()), max_pages = 16, max_pos = P * max_pages;
+  const int S = int(tc.lengths.size()), max_pages = tc.max_pages, max_pos = P * max_pages;
   const int qd = heads * hd, kd = kv_heads * hd, ld = qd + 2 * kd;
   // Pages: each sequence's in a random order over the pool, plus spare pages.
   std::vector<int> need(S);
@@ -241,6 +246,7 @@ void RunCase(const Case& tc, uint64_t seed) {
 TEST(PagedKv, RaggedPrefillThenDecodeHeadDim128) {
   GROVE_SKIP_WITHOUT_GPU();
   RunCase({128, {1, 2, 16, 17, 33, 100, 255}}, testing::FreshSeed());
+  RunCase({128, {1, 2, 16, 17, 33, 100, 255, 300}, 20}, testing::FreshSeed());  // 64-key chunks
 }
 
 TEST(PagedKv, RaggedPrefillThenDecodeHeadDim64) {

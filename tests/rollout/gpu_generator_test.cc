@@ -838,31 +838,45 @@ TEST(GpuGenerator, BatchOneFoldEqualsTheNeverFoldOnLargerSteps) {
 
 // split_kv_attention held to the default path's standard against the CPU
 // model (Compare: same near-tie rules and log-prob tolerance): the split
-// changes only the fp32 summation order of attention. Prompts of 40..100
-// tokens plus kNewTokens decode steps reach positions up to 131 under
-// max_seq_len 160, so decode rows span 3 to 9 of the 10 chunks of
-// kPagedSplitChunkTokensFew (16) at batch 1 and 1 to 3 of the 3 chunks of
-// kPagedSplitChunkTokens (64) at batch 8 (graph buckets of both).
+// changes only the fp32 summation order of attention. The test model with
+// max_seq_len 320 (past kPagedSplitShortContext), prompts of 40..100 tokens
+// plus kNewTokens decode steps (positions up to 131): at batch 1 rows span
+// 3 to 9 of the 20 chunks of kPagedSplitChunkTokensFew (16); at batch 8 with
+// split_kv_short_context 0 1 to 3 of the 5 chunks of kPagedSplitChunkTokens
+// (64), with the default (256) 3 to 9 of the 16 short chunks; and with 96
+// and prompts of 40..80 the steps start in the short class and cross into
+// the long one (a graph of each for a bucket, switched mid-generation).
 TEST(GpuGenerator, SplitKvAttentionMatchesTheCpuModel) {
   SKIP_WITHOUT_GPU();
-  auto cpu = MakeModel(7);
-  const kernels::PagedKvCache shape{nullptr, nullptr, nullptr, 1, 16, int(cpu->config().max_seq_len + 15) / 16, 2,
-                                    int(cpu->config().head_dim)};
+  model::ModelConfig config = SmallConfig();
+  config.max_seq_len = 320;
+  auto cpu = MakeModelFrom(config, 7);
+  const kernels::PagedKvCache shape{nullptr, nullptr, nullptr, 1, 16, int(config.max_seq_len + 15) / 16, 2,
+                                    int(config.head_dim)};
   ASSERT_EQ(kernels::PagedAttentionSplitChunkTokens(1, 2), kernels::kPagedSplitChunkTokensFew);
   ASSERT_EQ(kernels::PagedAttentionSplitChunkTokens(8, 2), kernels::kPagedSplitChunkTokens);
-  ASSERT_EQ(kernels::PagedAttentionSplitChunks(shape, int(cpu->config().max_seq_len), kernels::kPagedSplitChunkTokensFew),
-            10);
-  ASSERT_EQ(kernels::PagedAttentionSplitChunks(shape, int(cpu->config().max_seq_len)), 3);
-  for (int max_batch : {1, 8}) {
-    SCOPED_TRACE("max_batch " + std::to_string(max_batch));
+  ASSERT_EQ(kernels::PagedAttentionSplitChunkTokens(8, 2, 320), kernels::kPagedSplitChunkTokens);
+  ASSERT_EQ(kernels::PagedAttentionSplitChunkTokens(8, 2, kernels::kPagedSplitShortContext),
+            kernels::kPagedSplitChunkTokensFew);
+  ASSERT_EQ(kernels::PagedAttentionSplitChunks(shape, int(config.max_seq_len), kernels::kPagedSplitChunkTokensFew),
+            20);
+  ASSERT_EQ(kernels::PagedAttentionSplitChunks(shape, int(config.max_seq_len)), 5);
+  struct Case {
+    int max_batch, short_context, min_len, max_len;
+  };
+  for (const Case& k : {Case{1, kernels::kPagedSplitShortContext, 40, 100}, Case{8, 0, 40, 100},
+                        Case{8, kernels::kPagedSplitShortContext, 40, 100}, Case{8, 96, 40, 80}}) {
+    SCOPED_TRACE("max_batch " + std::to_string(k.max_batch) + ", short context " + std::to_string(k.short_context) +
+                 ", prompts " + std::to_string(k.min_len) + ".." + std::to_string(k.max_len));
     GpuGeneratorOptions o;
-    o.max_batch = max_batch;
+    o.max_batch = k.max_batch;
     o.kv_memory_fraction = 0.05;
     o.split_kv_attention = true;
+    o.split_kv_short_context = k.short_context;
     auto gen = GpuGenerator::Create(cpu->config(), o);
     ASSERT_TRUE(gen.ok()) << gen.status().ToString();
     ASSERT_TRUE((*gen)->LoadWeights(cpu->params(), nullptr).ok());
-    const auto prompts = Prompts(19, 8, 40, 100);
+    const auto prompts = Prompts(19, 8, k.min_len, k.max_len);
     auto want = cpu->Generate(prompts, Greedy(kNewTokens));
     auto got = (*gen)->Generate(prompts, Greedy(kNewTokens));
     ASSERT_TRUE(want.ok() && got.ok()) << got.status().ToString();
@@ -1186,6 +1200,9 @@ TEST(GpuGenerator, RejectsBadInput) {
   route_alone.fuse_rmsnorm = false;
   route_alone.fuse_router_topk = true;
   EXPECT_EQ(GpuGenerator::Create(cpu->config(), route_alone).status().code(), StatusCode::kInvalidArgument);
+  GpuGeneratorOptions negative_context;
+  negative_context.split_kv_short_context = -1;
+  EXPECT_EQ(GpuGenerator::Create(cpu->config(), negative_context).status().code(), StatusCode::kInvalidArgument);
 }
 
 }  // namespace
