@@ -262,8 +262,9 @@ struct GpuGenerator::Impl {
   int num_pages = 0, max_pages_per_seq = 0;
   int32_t* d_page_table = nullptr;  // mirrors a Generate call's KvPageTable::table()
 
-  // Decode graphs per bucket, valid for the weight formats in graph_formats.
-  // Decode graphs by (bucket, context class): key = 2 * bucket + short.
+  // Decode graphs by (bucket, context class): key = 2 * bucket + 1 for the
+  // short class (attn_max_pos below max_seq_len); valid for the weight
+  // formats in graph_formats.
   std::map<int, cudaGraphExec_t> graphs;
   // The split-KV bound of the next decode forward: every row's pos + 1 is
   // at most this (max_seq_len, or opt.split_kv_short_context when all
