@@ -262,9 +262,14 @@ __device__ __forceinline__ bool ExpertRows(const MoeDecodeArgs& a, const int32_t
 // with 3 1.04x / 1.04x / 1.02x, with 4 1.22x / 1.18x / 1.04x. One token
 // loses 4% with 3 or 4, so keeps 2 (docs/kernels.md has the table).
 constexpr int kDirectBlocksPerSm = 2;
-constexpr int kIndexedBlocksPerSmBf16 = 3;
-constexpr int kIndexedBlocksPerSmInt8 = 2;
-constexpr int kIndexedBlocksPerSmInt4 = 4;
+int IndexedBlocksPerSm(QuantFormat widest) {
+  switch (widest) {
+    case QuantFormat::kInt4: return 4;
+    case QuantFormat::kInt8: return 2;
+    case QuantFormat::kBF16: break;
+  }
+  return 3;
+}
 
 template <int kBlocksPerSm>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
@@ -548,15 +553,9 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
                                    LaunchKernel(MoeDownMmaKernel, dim3(a.hidden / mma::kTileRows, max_active),
                                                 dim3(kThreads), down_mma, stream, a, offsets, h, partial)));
   } else {
-    const QuantFormat f = a.widest_format;
-    auto up_kernel = direct                    ? MoeUpKernel<kDirectBlocksPerSm>
-                     : f == QuantFormat::kInt4 ? MoeUpKernel<kIndexedBlocksPerSmInt4>
-                     : f == QuantFormat::kInt8 ? MoeUpKernel<kIndexedBlocksPerSmInt8>
-                                               : MoeUpKernel<kIndexedBlocksPerSmBf16>;
-    auto down_kernel = direct                    ? MoeDownKernel<kDirectBlocksPerSm>
-                       : f == QuantFormat::kInt4 ? MoeDownKernel<kIndexedBlocksPerSmInt4>
-                       : f == QuantFormat::kInt8 ? MoeDownKernel<kIndexedBlocksPerSmInt8>
-                                                 : MoeDownKernel<kIndexedBlocksPerSmBf16>;
+    const int per_sm = direct ? kDirectBlocksPerSm : IndexedBlocksPerSm(a.widest_format);
+    auto up_kernel = per_sm == 4 ? MoeUpKernel<4> : per_sm == 3 ? MoeUpKernel<3> : MoeUpKernel<2>;
+    auto down_kernel = per_sm == 4 ? MoeDownKernel<4> : per_sm == 3 ? MoeDownKernel<3> : MoeDownKernel<2>;
     GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(up_kernel), up_smem));
     GROVE_RETURN_IF_ERROR(
         Launched("MoeDecodeForward up", LaunchKernel(up_kernel, dim3(a.expert_hidden / kUpSlabUnits, max_active),

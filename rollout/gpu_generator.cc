@@ -262,14 +262,13 @@ struct GpuGenerator::Impl {
   int num_pages = 0, max_pages_per_seq = 0;
   int32_t* d_page_table = nullptr;  // mirrors a Generate call's KvPageTable::table()
 
-  // Decode graphs by (bucket, context class): key = 2 * bucket + 1 for the
-  // short class (attn_max_pos below max_seq_len); valid for the weight
-  // formats in graph_formats.
+  // Decode graphs by (bucket, context class): key = 2 * bucket +
+  // short_context; valid for the weight formats in graph_formats.
   std::map<int, cudaGraphExec_t> graphs;
-  // The split-KV bound of the next decode forward: every row's pos + 1 is
-  // at most this (max_seq_len, or opt.split_kv_short_context when all
-  // rows are that short: PagedAttentionSplit then takes short chunks).
-  int attn_max_pos = 0;
+  // Whether every row of the next decode forward is at most
+  // opt.split_kv_short_context long (pos + 1): its split-KV is then bounded
+  // by that instead of max_seq_len, so PagedAttentionSplit takes short chunks.
+  bool short_context = false;
   std::vector<QuantFormat> graph_formats;
   bool graphs_failed = false;
 
@@ -405,6 +404,12 @@ struct GpuGenerator::Impl {
   }
   Status UploadStepLayers();
   Status RunDecode(int bucket);
+  // Whether decode steps may take the short context class at all.
+  bool ShortContexts() const {
+    return opt.split_kv_short_context > 0 && opt.split_kv_short_context < c.max_seq_len;
+  }
+  // The split-KV bound of the next decode forward.
+  int AttnMaxPos() const { return short_context ? opt.split_kv_short_context : int(c.max_seq_len); }
   Status Sample(int n, const model::SamplingOptions& o);
   std::vector<QuantFormat> Formats() const {
     std::vector<QuantFormat> f;
@@ -593,7 +598,7 @@ Status GpuGenerator::Impl::Build() {
   if (opt.split_kv_attention) {
     // Sized for both context classes of a decode step (short: more, shorter chunks).
     attn_ws_bytes = kernels::PagedAttentionSplitWorkspaceBytes(KvCache(0), int(Bm), int(c.heads), int(c.max_seq_len));
-    if (opt.split_kv_short_context > 0 && opt.split_kv_short_context < c.max_seq_len)
+    if (ShortContexts())
       attn_ws_bytes = std::max(attn_ws_bytes, kernels::PagedAttentionSplitWorkspaceBytes(
                                                   KvCache(0), int(Bm), int(c.heads), opt.split_kv_short_context));
     GROVE_RETURN_IF_ERROR(Alloc(reinterpret_cast<char**>(&attn_ws), int64_t(attn_ws_bytes)));
@@ -796,9 +801,8 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     }
     GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kAttention));
     if (split)
-      GROVE_RETURN_IF_ERROR(kernels::PagedAttentionSplit(kv, pr, int(c.heads), q, attn, 0.f,
-                                                         attn_max_pos > 0 ? attn_max_pos : int(c.max_seq_len),
-                                                         attn_ws, attn_ws_bytes, stream, split_append));
+      GROVE_RETURN_IF_ERROR(kernels::PagedAttentionSplit(kv, pr, int(c.heads), q, attn, 0.f, AttnMaxPos(), attn_ws,
+                                                         attn_ws_bytes, stream, split_append));
     else
       GROVE_RETURN_IF_ERROR(kernels::PagedAttention(kv, pr, int(c.heads), q, attn, 0.f, stream));
     GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kWo));
@@ -895,7 +899,7 @@ Status GpuGenerator::Impl::RunDecode(int bucket) {
   // sampling and the copies after it launch as before.
   const kernels::ScopedProgrammaticLaunch pdl(opt.programmatic_launch);
   if (opt.cuda_graphs && !opt.profile_decode && !graphs_failed) {
-    const int key = 2 * bucket + (attn_max_pos > 0 && attn_max_pos < c.max_seq_len ? 1 : 0);
+    const int key = 2 * bucket + (short_context ? 1 : 0);
     auto it = graphs.find(key);
     if (it == graphs.end()) {
       GEN_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
@@ -1237,10 +1241,7 @@ Result<std::vector<model::Completion<float>>> GpuGenerator::Generate(const std::
           longest = std::max<int64_t>(longest, running[a].len);
         }
       }
-      const int short_bound = g.opt.split_kv_short_context;
-      g.attn_max_pos = short_bound > 0 && short_bound < g.c.max_seq_len && longest <= short_bound
-                           ? short_bound
-                           : int(g.c.max_seq_len);
+      g.short_context = g.ShortContexts() && longest <= g.opt.split_kv_short_context;
       // The device page table is current: only admissions change a live
       // slot's entries, and the prefill uploaded them.
       g.timing = g.opt.profile_decode;
