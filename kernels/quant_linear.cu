@@ -100,20 +100,50 @@ __global__ void QuantizeInt4Kernel(const float* __restrict__ w, int64_t n, int64
 // (only when launched with the programmatic-dependent-launch attribute, so
 // that it overlaps the kernel ahead): an L2 prefetch of the weight rows of
 // this block's first pass (rows_per_pass contiguous rows from pass
-// blockIdx.x), one 128-byte line per thread at a time. Only the first pass:
+// row_block), one 128-byte line per thread at a time. Only the first pass:
 // that is what the overlap can hide, and it bounds the prefetch to at most
 // grid x one pass (~4 MB at k = 1024) so a 64 MB lm_head cannot evict its
 // own lines before they are read. Weights are written only by
 // QuantizeWeight, long before, so reading their addresses early is safe.
-__device__ __forceinline__ void PrefetchFirstPassRows(const QuantWeight& w, int rows_per_pass, int passes) {
-  if (static_cast<int>(blockIdx.x) >= passes) return;
+__device__ __forceinline__ void PrefetchFirstPassRows(const QuantWeight& w, int rows_per_pass, int passes,
+                                                      int row_block) {
+  if (row_block >= passes) return;
   const int64_t row_bytes = gemv::RowBytes(w.format, w.k), row_scales = gemv::RowScales(w.format, w.k);
-  const int64_t r0 = int64_t{blockIdx.x} * rows_per_pass;
+  const int64_t r0 = int64_t{row_block} * rows_per_pass;
   const int64_t r1 = r0 + rows_per_pass < w.n ? r0 + rows_per_pass : w.n;
   const char* data = static_cast<const char*>(w.data) + r0 * row_bytes;
   for (int64_t off = int64_t{threadIdx.x} * 128; off < (r1 - r0) * row_bytes; off += int64_t{blockDim.x} * 128)
     ptx::prefetch_global_L2(data + off);
   if (row_scales > 0 && threadIdx.x == 0) ptx::prefetch_global_L2(w.scales + r0 * row_scales);
+}
+
+// The m rows of x as chunks of up to per_chunk tokens, all in one launch:
+// block b works on chunk b % chunks, over the row passes b / chunks,
+// b / chunks + gridDim.x / chunks, ... So the blocks of one pass's chunks
+// are neighbours in launch order and the chunks after the first read the
+// pass's weight rows from L2. Each chunk computes exactly what a launch of
+// its rows alone would (a token's sums do not depend on the others).
+struct TokenChunks {
+  int64_t m = 1;
+  int per_chunk = 1;
+  int chunks = 1;
+};
+
+struct ChunkOfBlock {
+  int64_t t0;     // first token of the chunk
+  int count;      // tokens in it
+  int row_block;  // first pass of this block
+  int row_blocks; // stride over passes
+};
+
+__device__ __forceinline__ ChunkOfBlock ThisBlocksChunk(const TokenChunks& tc) {
+  const int chunk = static_cast<int>(blockIdx.x) % tc.chunks;
+  ChunkOfBlock c;
+  c.t0 = int64_t{chunk} * tc.per_chunk;
+  c.count = static_cast<int>(tc.m - c.t0 < tc.per_chunk ? tc.m - c.t0 : tc.per_chunk);
+  c.row_block = static_cast<int>(blockIdx.x) / tc.chunks;
+  c.row_blocks = static_cast<int>(gridDim.x) / tc.chunks;
+  return c;
 }
 
 // The fused RMSNorm input of the m = 1 GEMV (QuantLinearRmsNormed).
@@ -168,7 +198,7 @@ __device__ __forceinline__ void RouteInLastBlock(const float* y, const RouterTai
 // tile is the RMSNorm of the fp32 row norm.x instead of x.
 template <QuantFormat F, int M, int R, bool kNormed>
 __global__ void __launch_bounds__(kThreads)
-    QuantGemvKernel(const __nv_bfloat16* __restrict__ x, int64_t ldx, int count, QuantWeight w, float* y,
+    QuantGemvKernel(const __nv_bfloat16* __restrict__ x, int64_t ldx, TokenChunks tc, QuantWeight w, float* y,
                     int64_t ldy, Accumulate mode, int passes, bool prefetch, NormedInput norm, RouterTail route) {
   static_assert(!kNormed || M == 1, "the fused RMSNorm stages one row");
   constexpr int kRows = R;
@@ -177,7 +207,11 @@ __global__ void __launch_bounds__(kThreads)
   uint4* x_s = smem + gemv::ReduceBytes(R) / 16;
   const gemv::Split split = gemv::MakeSplit(F, w.k);
   const int rows_per_pass = kRows * split.groups;
-  if (prefetch) PrefetchFirstPassRows(w, rows_per_pass, passes);
+  const ChunkOfBlock chunk = ThisBlocksChunk(tc);
+  const int count = chunk.count;
+  x += chunk.t0 * ldx;
+  y += chunk.t0 * ldy;
+  if (prefetch && chunk.t0 == 0) PrefetchFirstPassRows(w, rows_per_pass, passes, chunk.row_block);
   ptx::griddepcontrol_wait();  // x (or norm.x) and y come from earlier kernels
   ptx::griddepcontrol_launch_dependents();
   if constexpr (kNormed) {
@@ -190,7 +224,7 @@ __global__ void __launch_bounds__(kThreads)
   const int g = warp / split.slices, slice = warp % split.slices;
   const int64_t row_bytes = gemv::RowBytes(F, w.k), row_scales = gemv::RowScales(F, w.k);
   const uint8_t* data = static_cast<const uint8_t*>(w.data);
-  for (int pass = blockIdx.x; pass < passes; pass += gridDim.x) {
+  for (int pass = chunk.row_block; pass < passes; pass += chunk.row_blocks) {
     const int64_t row0 = int64_t{pass} * rows_per_pass + g * kRows;
     float acc[kRows][M];
     if (row0 < w.n) {  // n is a multiple of 8 >= R: all R rows of the warp exist
@@ -238,13 +272,21 @@ Status LaunchedEx(cudaError_t err, const char* what) {
   return Launched(what);
 }
 
+// Blocks of one launch: up to 4 an SM in all (one wave), at least one per
+// chunk; each chunk gets the same row blocks.
+int ChunkedBlocks(int passes, int chunks) {
+  const int row_blocks = std::max(1, std::min(passes, SmCount() * 4 / chunks));
+  return row_blocks * chunks;
+}
+
 template <QuantFormat F, int M, int R, bool kNormed = false>
-Status LaunchGemv(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y, int64_t ldy,
-                  Accumulate mode, cudaStream_t stream, const NormedInput& norm = {}, const RouterTail& route = {}) {
+Status LaunchGemv(const __nv_bfloat16* x, int64_t ldx, const TokenChunks& tc, const QuantWeight& w, float* y,
+                  int64_t ldy, Accumulate mode, cudaStream_t stream, const NormedInput& norm = {},
+                  const RouterTail& route = {}) {
   const gemv::Split split = gemv::MakeSplit(F, w.k);
   const int rows_per_pass = R * split.groups;
   const int passes = static_cast<int>((w.n + rows_per_pass - 1) / rows_per_pass);
-  const int blocks = std::min(passes, SmCount() * 4);
+  const int blocks = ChunkedBlocks(passes, tc.chunks);
   const size_t smem = gemv::ReduceBytes(R) + gemv::XTileBytes(w.k, M);
   auto kernel = QuantGemvKernel<F, M, R, kNormed>;
   if (smem > 48 * 1024 &&
@@ -252,19 +294,21 @@ Status LaunchGemv(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWei
           cudaSuccess)
     return Launched("QuantLinear: shared memory attribute");
   const bool prefetch = ProgrammaticLaunchEnabled();
-  return LaunchedEx(LaunchKernel(kernel, dim3(blocks), dim3(kThreads), smem, stream, x, ldx, count, w, y, ldy, mode,
+  return LaunchedEx(LaunchKernel(kernel, dim3(blocks), dim3(kThreads), smem, stream, x, ldx, tc, w, y, ldy, mode,
                                  passes, prefetch, norm, route),
                     "QuantLinear launch");
 }
 
+// The kernel's token capacity is that of a full chunk.
 template <QuantFormat F, int R>
-Status LaunchGemvTokensRows(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y,
-                            int64_t ldy, Accumulate mode, cudaStream_t stream) {
-  if (count <= 1) return LaunchGemv<F, 1, R>(x, ldx, count, w, y, ldy, mode, stream);
-  if (count <= 2) return LaunchGemv<F, 2, R>(x, ldx, count, w, y, ldy, mode, stream);
-  if (count <= 4) return LaunchGemv<F, 4, R>(x, ldx, count, w, y, ldy, mode, stream);
-  if (count <= 8) return LaunchGemv<F, 8, R>(x, ldx, count, w, y, ldy, mode, stream);
-  return LaunchGemv<F, 16, R>(x, ldx, count, w, y, ldy, mode, stream);
+Status LaunchGemvTokensRows(const __nv_bfloat16* x, int64_t ldx, const TokenChunks& tc, const QuantWeight& w,
+                            float* y, int64_t ldy, Accumulate mode, cudaStream_t stream) {
+  const int count = tc.per_chunk;
+  if (count <= 1) return LaunchGemv<F, 1, R>(x, ldx, tc, w, y, ldy, mode, stream);
+  if (count <= 2) return LaunchGemv<F, 2, R>(x, ldx, tc, w, y, ldy, mode, stream);
+  if (count <= 4) return LaunchGemv<F, 4, R>(x, ldx, tc, w, y, ldy, mode, stream);
+  if (count <= 8) return LaunchGemv<F, 8, R>(x, ldx, tc, w, y, ldy, mode, stream);
+  return LaunchGemv<F, 16, R>(x, ldx, tc, w, y, ldy, mode, stream);
 }
 // QuantLinear's CUDA-core rows per warp (kCudaCore; kAuto at m = 1). Change
 // here to switch the default after measuring (quant_linear_bench
@@ -274,11 +318,11 @@ constexpr int kDefaultGemvRows = kRows;
 
 // rows_per_warp: 1, 2 or 4.
 template <QuantFormat F>
-Status LaunchGemvTokens(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y,
+Status LaunchGemvTokens(const __nv_bfloat16* x, int64_t ldx, const TokenChunks& tc, const QuantWeight& w, float* y,
                         int64_t ldy, Accumulate mode, int rows_per_warp, cudaStream_t stream) {
-  if (rows_per_warp == 1) return LaunchGemvTokensRows<F, 1>(x, ldx, count, w, y, ldy, mode, stream);
-  if (rows_per_warp == 4) return LaunchGemvTokensRows<F, 4>(x, ldx, count, w, y, ldy, mode, stream);
-  return LaunchGemvTokensRows<F, 2>(x, ldx, count, w, y, ldy, mode, stream);
+  if (rows_per_warp == 1) return LaunchGemvTokensRows<F, 1>(x, ldx, tc, w, y, ldy, mode, stream);
+  if (rows_per_warp == 4) return LaunchGemvTokensRows<F, 4>(x, ldx, tc, w, y, ldy, mode, stream);
+  return LaunchGemvTokensRows<F, 2>(x, ldx, tc, w, y, ldy, mode, stream);
 }
 
 template <int NT>
@@ -293,13 +337,17 @@ int64_t MmaSmemBytes(int64_t k, int nt) { return int64_t{gemv::kWarps} * nt * 4 
 // memory ([warp][NT][4][32] floats, then x).
 template <QuantFormat F, int NT>
 __global__ void __launch_bounds__(kThreads)
-    QuantMmaKernel(const __nv_bfloat16* __restrict__ x, int64_t ldx, int count, QuantWeight w, float* y,
+    QuantMmaKernel(const __nv_bfloat16* __restrict__ x, int64_t ldx, TokenChunks tc, QuantWeight w, float* y,
                    int64_t ldy, Accumulate mode, int passes, bool prefetch) {
   extern __shared__ uint4 smem[];
   float* red_s = reinterpret_cast<float*>(smem);
   uint4* x_s = smem + kMmaReduceFloats<NT> / 4;
   const mma::Split split = mma::MakeSplit(F, w.k);
-  if (prefetch) PrefetchFirstPassRows(w, mma::kTileRows * split.groups, passes);
+  const ChunkOfBlock chunk = ThisBlocksChunk(tc);
+  const int count = chunk.count;
+  x += chunk.t0 * ldx;
+  y += chunk.t0 * ldy;
+  if (prefetch && chunk.t0 == 0) PrefetchFirstPassRows(w, mma::kTileRows * split.groups, passes, chunk.row_block);
   ptx::griddepcontrol_wait();  // x and y come from earlier kernels
   ptx::griddepcontrol_launch_dependents();
   mma::StageX<F, NT>(x_s, w.k, count, [&](int i) { return x + i * ldx; });
@@ -307,7 +355,7 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wg = warp / split.slices, slice = warp % split.slices;
   const int rows_per_pass = mma::kTileRows * split.groups;
-  for (int pass = blockIdx.x; pass < passes; pass += gridDim.x) {
+  for (int pass = chunk.row_block; pass < passes; pass += chunk.row_blocks) {
     const int64_t r0 = int64_t{pass} * rows_per_pass + wg * mma::kTileRows;
     float acc[NT][4];
     if (r0 < w.n) {
@@ -339,28 +387,28 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <QuantFormat F, int NT>
-Status LaunchMma(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y, int64_t ldy,
-                 Accumulate mode, cudaStream_t stream) {
+Status LaunchMma(const __nv_bfloat16* x, int64_t ldx, const TokenChunks& tc, const QuantWeight& w, float* y,
+                 int64_t ldy, Accumulate mode, cudaStream_t stream) {
   const mma::Split split = mma::MakeSplit(F, w.k);
   const int rows_per_pass = mma::kTileRows * split.groups;
   const int passes = static_cast<int>((w.n + rows_per_pass - 1) / rows_per_pass);
-  const int blocks = std::min(passes, SmCount() * 4);
+  const int blocks = ChunkedBlocks(passes, tc.chunks);
   const size_t smem = MmaSmemBytes(w.k, NT);
   auto kernel = QuantMmaKernel<F, NT>;
   if (smem > 48 * 1024 &&
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
           cudaSuccess)
     return Launched("QuantLinear: shared memory attribute");
-  return LaunchedEx(LaunchKernel(kernel, dim3(blocks), dim3(kThreads), smem, stream, x, ldx, count, w, y, ldy, mode,
+  return LaunchedEx(LaunchKernel(kernel, dim3(blocks), dim3(kThreads), smem, stream, x, ldx, tc, w, y, ldy, mode,
                                  passes, ProgrammaticLaunchEnabled()),
                     "QuantLinear tensor-core launch");
 }
 
 template <QuantFormat F>
-Status LaunchMmaTokens(const __nv_bfloat16* x, int64_t ldx, int count, const QuantWeight& w, float* y, int64_t ldy,
-                       Accumulate mode, cudaStream_t stream) {
-  if (count <= 8) return LaunchMma<F, 1>(x, ldx, count, w, y, ldy, mode, stream);
-  return LaunchMma<F, 2>(x, ldx, count, w, y, ldy, mode, stream);
+Status LaunchMmaTokens(const __nv_bfloat16* x, int64_t ldx, const TokenChunks& tc, const QuantWeight& w, float* y,
+                       int64_t ldy, Accumulate mode, cudaStream_t stream) {
+  if (tc.per_chunk <= 8) return LaunchMma<F, 1>(x, ldx, tc, w, y, ldy, mode, stream);
+  return LaunchMma<F, 2>(x, ldx, tc, w, y, ldy, mode, stream);
 }
 
 Status CheckShape(const char* what, QuantFormat f, int64_t n, int64_t k) {
@@ -447,27 +495,24 @@ Status QuantLinearOnPath(QuantLinearPath path, const __nv_bfloat16* x, int64_t l
   if (smem(per_pass) > kMaxSmemBytes)
     return Status::InvalidArgument("QuantLinear: k " + std::to_string(w.k) +
                                    " too long for the activation rows in shared memory");
-  for (int64_t m0 = 0; m0 < m; m0 += per_pass) {
-    const int count = static_cast<int>(std::min<int64_t>(per_pass, m - m0));
-    const __nv_bfloat16* xs = x + m0 * ldx;
-    float* ys = y + m0 * ldy;
-    switch (w.format) {
-      case QuantFormat::kBF16:
-        GROVE_RETURN_IF_ERROR(tensor ? LaunchMmaTokens<QuantFormat::kBF16>(xs, ldx, count, w, ys, ldy, mode, stream)
-                                     : LaunchGemvTokens<QuantFormat::kBF16>(xs, ldx, count, w, ys, ldy, mode, rows_per_warp,
-                                                                           stream));
-        break;
-      case QuantFormat::kInt8:
-        GROVE_RETURN_IF_ERROR(tensor ? LaunchMmaTokens<QuantFormat::kInt8>(xs, ldx, count, w, ys, ldy, mode, stream)
-                                     : LaunchGemvTokens<QuantFormat::kInt8>(xs, ldx, count, w, ys, ldy, mode, rows_per_warp,
-                                                                           stream));
-        break;
-      case QuantFormat::kInt4:
-        GROVE_RETURN_IF_ERROR(tensor ? LaunchMmaTokens<QuantFormat::kInt4>(xs, ldx, count, w, ys, ldy, mode, stream)
-                                     : LaunchGemvTokens<QuantFormat::kInt4>(xs, ldx, count, w, ys, ldy, mode, rows_per_warp,
-                                                                           stream));
-        break;
-    }
+  // One launch: the chunks of per_pass tokens side by side on the grid.
+  TokenChunks tc;
+  tc.m = m;
+  tc.per_chunk = static_cast<int>(std::min<int64_t>(per_pass, m));
+  const int64_t chunks = (m + per_pass - 1) / per_pass;
+  if (chunks > (int64_t{1} << 24))  // the grid's x extent stays far below 2^31
+    return Status::InvalidArgument("QuantLinear: m " + std::to_string(m) + " is more rows than one launch takes");
+  tc.chunks = static_cast<int>(chunks);
+  switch (w.format) {
+    case QuantFormat::kBF16:
+      return tensor ? LaunchMmaTokens<QuantFormat::kBF16>(x, ldx, tc, w, y, ldy, mode, stream)
+                    : LaunchGemvTokens<QuantFormat::kBF16>(x, ldx, tc, w, y, ldy, mode, rows_per_warp, stream);
+    case QuantFormat::kInt8:
+      return tensor ? LaunchMmaTokens<QuantFormat::kInt8>(x, ldx, tc, w, y, ldy, mode, stream)
+                    : LaunchGemvTokens<QuantFormat::kInt8>(x, ldx, tc, w, y, ldy, mode, rows_per_warp, stream);
+    case QuantFormat::kInt4:
+      return tensor ? LaunchMmaTokens<QuantFormat::kInt4>(x, ldx, tc, w, y, ldy, mode, stream)
+                    : LaunchGemvTokens<QuantFormat::kInt4>(x, ldx, tc, w, y, ldy, mode, rows_per_warp, stream);
   }
   return Status::OK();
 }
@@ -500,14 +545,14 @@ Status QuantLinearRmsNormed(const RmsNormedRow& in, const QuantWeight& w, float*
   const NormedInput norm{in.x, in.weight, in.eps, in.normed};
   switch (w.format) {
     case QuantFormat::kBF16:
-      return LaunchGemv<QuantFormat::kBF16, 1, kDefaultGemvRows, true>(nullptr, w.k, 1, w, y, w.n, mode, stream,
-                                                                        norm, tail);
+      return LaunchGemv<QuantFormat::kBF16, 1, kDefaultGemvRows, true>(nullptr, w.k, TokenChunks{}, w, y, w.n, mode,
+                                                                        stream, norm, tail);
     case QuantFormat::kInt8:
-      return LaunchGemv<QuantFormat::kInt8, 1, kDefaultGemvRows, true>(nullptr, w.k, 1, w, y, w.n, mode, stream,
-                                                                        norm, tail);
+      return LaunchGemv<QuantFormat::kInt8, 1, kDefaultGemvRows, true>(nullptr, w.k, TokenChunks{}, w, y, w.n, mode,
+                                                                        stream, norm, tail);
     case QuantFormat::kInt4:
-      return LaunchGemv<QuantFormat::kInt4, 1, kDefaultGemvRows, true>(nullptr, w.k, 1, w, y, w.n, mode, stream,
-                                                                        norm, tail);
+      return LaunchGemv<QuantFormat::kInt4, 1, kDefaultGemvRows, true>(nullptr, w.k, TokenChunks{}, w, y, w.n, mode,
+                                                                        stream, norm, tail);
   }
   return Status::InvalidArgument("QuantLinearRmsNormed: unknown format");
 }
