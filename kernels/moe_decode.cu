@@ -303,21 +303,26 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   }
 }
 
-// ---- Tensor-core variants (busy experts): a block owns one 16-row tile of
-// its expert's W1 and W3 (up) or W2 (down), all 8 warps splitting k, the
-// warps' partial tiles summed in warp order through shared memory. ----
+// ---- Tensor-core variants: a block owns TB 16-row tiles of its expert's
+// W1 and W3 (up) or W2 (down); the 8 warps split into TB groups of 8 / TB,
+// one group a tile, whose warps split k ("slices") and are summed in warp
+// order through shared memory. More tiles a block: fewer blocks staging the
+// same activation rows, more iterations in flight per warp; fewer: more
+// blocks. TB changes the fp32 summation order (the slices), so it is a
+// fixed choice per format (MoeDecodeArgs::mma_tiles_per_block). ----
 
 constexpr int kMmaWarps = gemv::kWarps;
 constexpr int kMmaUpReduceFloats = kMmaWarps * 2 * 2 * 4 * 32;    // [warp][g, u][NT <= 2][4][32]
 constexpr int kMmaDownReduceFloats = kMmaWarps * 2 * 4 * 32;      // [warp][NT <= 2][4][32]
 
-template <QuantFormat F>
+template <QuantFormat F, int TB>
 __device__ void UpTile(const MoeDecodeArgs& a, const QuantWeight& w1, const QuantWeight& w3, int begin, int end,
                        const int32_t* slot_of_row, __nv_bfloat16* h, uint4* smem) {
+  constexpr int kSlices = kMmaWarps / TB;
   float* red_s = reinterpret_cast<float*>(smem);
   uint4* x_s = smem + kMmaUpReduceFloats / 4;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int u0 = blockIdx.x * mma::kTileRows;
+  const int u0 = (blockIdx.x * TB + warp / kSlices) * mma::kTileRows;
   for (int t0 = begin; t0 < end; t0 += 16) {
     const int count = min(16, end - t0);
     auto body = [&](auto tiles) {
@@ -326,10 +331,10 @@ __device__ void UpTile(const MoeDecodeArgs& a, const QuantWeight& w1, const Quan
         return a.x + static_cast<int64_t>(slot_of_row[t0 + i] / a.top_k) * a.hidden;
       });
       float g[NT][4], u[NT][4];
-      mma::WarpTile<F, NT>(static_cast<const uint8_t*>(w1.data), w1.scales, a.expert_hidden, u0, a.hidden, x_s, warp,
-                           kMmaWarps, g);
-      mma::WarpTile<F, NT>(static_cast<const uint8_t*>(w3.data), w3.scales, a.expert_hidden, u0, a.hidden, x_s, warp,
-                           kMmaWarps, u);
+      mma::WarpTile<F, NT>(static_cast<const uint8_t*>(w1.data), w1.scales, a.expert_hidden, u0, a.hidden, x_s,
+                           warp % kSlices, kSlices, g);
+      mma::WarpTile<F, NT>(static_cast<const uint8_t*>(w3.data), w3.scales, a.expert_hidden, u0, a.hidden, x_s,
+                           warp % kSlices, kSlices, u);
 #pragma unroll
       for (int t = 0; t < NT; ++t)
 #pragma unroll
@@ -338,17 +343,17 @@ __device__ void UpTile(const MoeDecodeArgs& a, const QuantWeight& w1, const Quan
           red_s[(((warp * 2 + 1) * NT + t) * 4 + r) * 32 + lane] = u[t][r];
         }
       __syncthreads();
-      for (int idx = threadIdx.x; idx < NT * 4 * 32; idx += blockDim.x) {
-        const int l = idx % 32, r = (idx / 32) % 4, t = idx / 128;
+      for (int idx = threadIdx.x; idx < TB * NT * 4 * 32; idx += blockDim.x) {
+        const int l = idx % 32, r = (idx / 32) % 4, t = (idx / 128) % NT, tile = idx / (128 * NT);
         const int token = mma::TileToken(l, t, r);
         if (token >= count) continue;
         float gv = 0.f, uv = 0.f;
-        for (int j = 0; j < kMmaWarps; ++j) {
+        for (int j = tile * kSlices; j < (tile + 1) * kSlices; ++j) {
           gv += red_s[(((j * 2 + 0) * NT + t) * 4 + r) * 32 + l];
           uv += red_s[(((j * 2 + 1) * NT + t) * 4 + r) * 32 + l];
         }
-        h[static_cast<int64_t>(t0 + token) * a.expert_hidden + u0 + mma::TileRow(l, r)] =
-            __float2bfloat16_rn(SiluExact(gv) * uv);
+        const int unit = (blockIdx.x * TB + tile) * mma::kTileRows + mma::TileRow(l, r);
+        h[static_cast<int64_t>(t0 + token) * a.expert_hidden + unit] = __float2bfloat16_rn(SiluExact(gv) * uv);
       }
       __syncthreads();
     };
@@ -357,13 +362,14 @@ __device__ void UpTile(const MoeDecodeArgs& a, const QuantWeight& w1, const Quan
   }
 }
 
-template <QuantFormat F>
+template <QuantFormat F, int TB>
 __device__ void DownTile(const MoeDecodeArgs& a, const QuantWeight& w2, int begin, int end, const __nv_bfloat16* h,
                          float* partial, uint4* smem) {
+  constexpr int kSlices = kMmaWarps / TB;
   float* red_s = reinterpret_cast<float*>(smem);
   uint4* x_s = smem + kMmaDownReduceFloats / 4;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int r0 = blockIdx.x * mma::kTileRows;
+  const int r0 = (blockIdx.x * TB + warp / kSlices) * mma::kTileRows;
   for (int t0 = begin; t0 < end; t0 += 16) {
     const int count = min(16, end - t0);
     auto body = [&](auto tiles) {
@@ -371,20 +377,21 @@ __device__ void DownTile(const MoeDecodeArgs& a, const QuantWeight& w2, int begi
       mma::StageX<F, NT>(x_s, a.expert_hidden, count,
                          [&](int i) { return h + static_cast<int64_t>(t0 + i) * a.expert_hidden; });
       float acc[NT][4];
-      mma::WarpTile<F, NT>(static_cast<const uint8_t*>(w2.data), w2.scales, a.hidden, r0, a.expert_hidden, x_s, warp,
-                           kMmaWarps, acc);
+      mma::WarpTile<F, NT>(static_cast<const uint8_t*>(w2.data), w2.scales, a.hidden, r0, a.expert_hidden, x_s,
+                           warp % kSlices, kSlices, acc);
 #pragma unroll
       for (int t = 0; t < NT; ++t)
 #pragma unroll
         for (int r = 0; r < 4; ++r) red_s[((warp * NT + t) * 4 + r) * 32 + lane] = acc[t][r];
       __syncthreads();
-      for (int idx = threadIdx.x; idx < NT * 4 * 32; idx += blockDim.x) {
-        const int l = idx % 32, r = (idx / 32) % 4, t = idx / 128;
+      for (int idx = threadIdx.x; idx < TB * NT * 4 * 32; idx += blockDim.x) {
+        const int l = idx % 32, r = (idx / 32) % 4, t = (idx / 128) % NT, tile = idx / (128 * NT);
         const int token = mma::TileToken(l, t, r);
         if (token >= count) continue;
         float v = 0.f;
-        for (int j = 0; j < kMmaWarps; ++j) v += red_s[((j * NT + t) * 4 + r) * 32 + l];
-        partial[static_cast<int64_t>(t0 + token) * a.hidden + r0 + mma::TileRow(l, r)] = v;
+        for (int j = tile * kSlices; j < (tile + 1) * kSlices; ++j) v += red_s[((j * NT + t) * 4 + r) * 32 + l];
+        const int row = (blockIdx.x * TB + tile) * mma::kTileRows + mma::TileRow(l, r);
+        partial[static_cast<int64_t>(t0 + token) * a.hidden + row] = v;
       }
       __syncthreads();
     };
@@ -399,6 +406,7 @@ __device__ void DownTile(const MoeDecodeArgs& a, const QuantWeight& w2, int begi
 // decode_bench, batch 64 / 128, medians of 4 runs in 2 calls: bf16 0.96x /
 // 0.96x ms per step, int8 0.94x / 0.96x, int4 0.94x / 0.95x; up 4 and down
 // 5 no better.
+template <int TB>
 __global__ void __launch_bounds__(kThreads, 3)
     MoeUpMmaKernel(MoeDecodeArgs a, const int32_t* offsets, const int32_t* slot_of_row, __nv_bfloat16* h) {
   ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
@@ -409,12 +417,13 @@ __global__ void __launch_bounds__(kThreads, 3)
   const int begin = offsets[e], end = offsets[e + 1];
   const QuantWeight w1 = a.w1[e], w3 = a.w3[e];
   switch (w1.format) {
-    case QuantFormat::kBF16: UpTile<QuantFormat::kBF16>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
-    case QuantFormat::kInt8: UpTile<QuantFormat::kInt8>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
-    case QuantFormat::kInt4: UpTile<QuantFormat::kInt4>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
+    case QuantFormat::kBF16: UpTile<QuantFormat::kBF16, TB>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
+    case QuantFormat::kInt8: UpTile<QuantFormat::kInt8, TB>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
+    case QuantFormat::kInt4: UpTile<QuantFormat::kInt4, TB>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
   }
 }
 
+template <int TB>
 __global__ void __launch_bounds__(kThreads, 4)
     MoeDownMmaKernel(MoeDecodeArgs a, const int32_t* offsets, const __nv_bfloat16* h, float* partial) {
   ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
@@ -425,9 +434,9 @@ __global__ void __launch_bounds__(kThreads, 4)
   const int begin = offsets[e], end = offsets[e + 1];
   const QuantWeight w2 = a.w2[e];
   switch (w2.format) {
-    case QuantFormat::kBF16: DownTile<QuantFormat::kBF16>(a, w2, begin, end, h, partial, smem); break;
-    case QuantFormat::kInt8: DownTile<QuantFormat::kInt8>(a, w2, begin, end, h, partial, smem); break;
-    case QuantFormat::kInt4: DownTile<QuantFormat::kInt4>(a, w2, begin, end, h, partial, smem); break;
+    case QuantFormat::kBF16: DownTile<QuantFormat::kBF16, TB>(a, w2, begin, end, h, partial, smem); break;
+    case QuantFormat::kInt8: DownTile<QuantFormat::kInt8, TB>(a, w2, begin, end, h, partial, smem); break;
+    case QuantFormat::kInt4: DownTile<QuantFormat::kInt4, TB>(a, w2, begin, end, h, partial, smem); break;
   }
 }
 
@@ -492,6 +501,12 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
                                    std::to_string(a.expert_hidden) + ") must be positive multiples of 128");
   if (a.experts < 1 || a.experts > kMoeMaxExperts)
     return Status::InvalidArgument("MoeDecodeForward: experts must be in 1.." + std::to_string(kMoeMaxExperts));
+  if (a.mma_tiles_per_block != 1 && a.mma_tiles_per_block != 2 && a.mma_tiles_per_block != 4)
+    return Status::InvalidArgument("MoeDecodeForward: mma_tiles_per_block must be 1, 2 or 4, got " +
+                                   std::to_string(a.mma_tiles_per_block));
+  if (a.mma_min_slots_per_expert < 0)
+    return Status::InvalidArgument("MoeDecodeForward: mma_min_slots_per_expert must be >= 0, got " +
+                                   std::to_string(a.mma_min_slots_per_expert));
   if (a.top_k < 1 || a.top_k > std::min(a.experts, kMaxTopK))
     return Status::InvalidArgument("MoeDecodeForward: top_k must be in 1..min(experts, 16), got " +
                                    std::to_string(a.top_k));
@@ -519,8 +534,9 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
   const size_t down_mma = kMmaDownReduceFloats * 4 + mma::XBytes(a.expert_hidden, 2);
   const bool mma_fits = static_cast<int64_t>(std::max(up_mma, down_mma)) <= kMaxSmemBytes;
   if (path == MoeDecodePath::kAuto)
-    path = mma_fits && int64_t{a.m} * a.top_k >= 4 * int64_t{a.experts} ? MoeDecodePath::kTensorCore
-                                                                          : MoeDecodePath::kCudaCore;
+    path = mma_fits && int64_t{a.m} * a.top_k >= int64_t{a.mma_min_slots_per_expert} * a.experts
+               ? MoeDecodePath::kTensorCore
+               : MoeDecodePath::kCudaCore;
   // One token on the CUDA cores needs no index: block y of the up and down
   // launches is slot y (its own row of h and of the partials), and the
   // combine reads slot j's row j -- the same sums in the same order, one
@@ -543,14 +559,18 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
   if (path == MoeDecodePath::kTensorCore) {
     if (!mma_fits)
       return Status::InvalidArgument("MoeDecodeForward: hidden / expert_hidden too large for the tensor-core path");
-    GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(MoeUpMmaKernel), up_mma));
+    const int tb = a.mma_tiles_per_block;
+    auto up_kernel = tb == 4 ? MoeUpMmaKernel<4> : tb == 2 ? MoeUpMmaKernel<2> : MoeUpMmaKernel<1>;
+    auto down_kernel = tb == 4 ? MoeDownMmaKernel<4> : tb == 2 ? MoeDownMmaKernel<2> : MoeDownMmaKernel<1>;
+    const int tile_rows = mma::kTileRows * tb;
+    GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(up_kernel), up_mma));
     GROVE_RETURN_IF_ERROR(Launched("MoeDecodeForward up (tensor cores)",
-                                   LaunchKernel(MoeUpMmaKernel, dim3(a.expert_hidden / mma::kTileRows, max_active),
+                                   LaunchKernel(up_kernel, dim3(a.expert_hidden / tile_rows, max_active),
                                                 dim3(kThreads), up_mma, stream, a, offsets, slot_of_row, h)));
     GROVE_RETURN_IF_ERROR(RecordStage(a, 1, stream));
-    GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(MoeDownMmaKernel), down_mma));
+    GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(down_kernel), down_mma));
     GROVE_RETURN_IF_ERROR(Launched("MoeDecodeForward down (tensor cores)",
-                                   LaunchKernel(MoeDownMmaKernel, dim3(a.hidden / mma::kTileRows, max_active),
+                                   LaunchKernel(down_kernel, dim3(a.hidden / tile_rows, max_active),
                                                 dim3(kThreads), down_mma, stream, a, offsets, h, partial)));
   } else {
     const int per_sm = direct ? kDirectBlocksPerSm : IndexedBlocksPerSm(a.widest_format);

@@ -58,6 +58,22 @@ struct MoeDecodeArgs {
   // format's slabs run fastest with, kernels/moe_decode.cu), so any value
   // gives the same results.
   QuantFormat widest_format = QuantFormat::kBF16;
+  // The automatic choice of the tensor-core pair: taken when the slots
+  // average at least this many per expert (m * top_k >= this * experts) and
+  // the activation tiles fit; else the CUDA-core pair. Both are checked
+  // against the same reference; they differ in fp32 summation order. 0 (the
+  // default): the tensor-core pair at every batch -- on gpu-ref (H100) it
+  // was the faster pair from 1 token up (bf16 batch 1 / 8 / 32: 0.824 /
+  // 1.772 / 2.55 ms per decode step against 0.873 / 1.983 / 3.48 with the
+  // CUDA-core pair below 4 slots per expert).
+  int mma_min_slots_per_expert = 0;
+  // 16-row weight tiles per block of the tensor-core pair: 1, 2 or 4 (hidden
+  // and expert_hidden are multiples of 128, so any of them divides). Changes
+  // the fp32 summation order (8 / tiles warps split k per tile). 2: on
+  // gpu-ref (H100, decode_bench) 1 was 3% faster at batch 1 in bf16 but 4-9%
+  // slower at batches 8-256, 4 another 0-5% faster at 8-256 in int8 / int4
+  // but 6-13% slower at batch 1.
+  int mma_tiles_per_block = 2;
 };
 
 size_t MoeDecodeWorkspaceBytes(int m, int hidden, int expert_hidden, int experts, int top_k);

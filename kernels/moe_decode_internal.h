@@ -7,7 +7,7 @@
 namespace grove::kernels::detail {
 
 enum class MoeDecodePath {
-  kAuto,        // kTensorCore when experts average >= 4 routed rows (m * top_k >= 4 * experts)
+  kAuto,        // kTensorCore when m * top_k >= args.mma_min_slots_per_expert * experts (default: always)
   kCudaCore,    // kernels/quant_gemv.cuh: fp32 FMAs, up to 16 rows per pass
   kTensorCore,  // kernels/quant_mma.cuh: mma.sync 16-row tiles, up to 16 rows per pass
 };

@@ -872,6 +872,8 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     ma.workspace_bytes = moe_ws_bytes;
     ma.one_launch_index = opt.one_launch_moe_index;
     ma.widest_format = w.experts_widest;
+    ma.mma_min_slots_per_expert = opt.moe_mma_min_slots_per_expert;
+    ma.mma_tiles_per_block = opt.moe_mma_tiles_per_block;
     if (timing) {
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kMoeRouteIndex));
       GROVE_ASSIGN_OR_RETURN(ma.stage_events,
@@ -970,6 +972,13 @@ Result<std::unique_ptr<GpuGenerator>> GpuGenerator::Create(const model::ModelCon
     return Status::InvalidArgument(
         "GpuGenerator: fold_shared_experts needs top_k + shared_experts <= 16 and experts + shared_experts <= 256 "
         "(MoeDecodeForward's limits)");
+  if (options.moe_mma_tiles_per_block != 1 && options.moe_mma_tiles_per_block != 2 &&
+      options.moe_mma_tiles_per_block != 4)
+    return Status::InvalidArgument("GpuGenerator: moe_mma_tiles_per_block must be 1, 2 or 4, got " +
+                                   std::to_string(options.moe_mma_tiles_per_block));
+  if (options.moe_mma_min_slots_per_expert < 0)
+    return Status::InvalidArgument("GpuGenerator: moe_mma_min_slots_per_expert must be >= 0, got " +
+                                   std::to_string(options.moe_mma_min_slots_per_expert));
   if (options.split_kv_short_context < 0)
     return Status::InvalidArgument("GpuGenerator: split_kv_short_context must be >= 0, got " +
                                    std::to_string(options.split_kv_short_context));

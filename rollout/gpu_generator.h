@@ -128,6 +128,11 @@ struct GpuGeneratorOptions {
   // batch-1 step: 0 = QuantLinear's default, else 1, 2 or 4
   // (kernels/quant_linear_internal.h's kCudaCoreRows*: the same bits).
   int gemv_rows_per_warp = 0;
+  // MoeDecodeArgs::mma_min_slots_per_expert: MoE forwards whose slots
+  // average at least this many per routed expert run the tensor-core pair.
+  int moe_mma_min_slots_per_expert = 0;
+  // MoeDecodeArgs::mma_tiles_per_block of every MoE forward.
+  int moe_mma_tiles_per_block = 2;
   // Decode steps attend with kernels::PagedAttentionSplit (flash-decoding:
   // the keys split into chunks of 64 positions, one block each, so batch 1
   // fills more than kv_heads SMs); prefill keeps PagedAttention. Changes
@@ -175,10 +180,13 @@ struct GpuGeneratorOptions {
   // instead of ~10 launches a layer) when the step would otherwise take the
   // fused paths above: fuse_rmsnorm, split_kv_attention with
   // fuse_append_attention, and the shared experts folded (or none). The same
-  // bits as those launches (gpu_generator_test checks tokens, log-probs and
-  // routes). Off: slower so far, 1.30 against 0.85 ms per step on gpu-ref in
-  // bf16 (H100; decode_bench --step_stages splits its time by stage and
-  // docs/kernels.md says where it goes).
+  // bits as those launches with the MoE's CUDA-core pair at one row
+  // (moe_mma_min_slots_per_expert above top_k + shared experts;
+  // gpu_generator_test checks tokens, log-probs and routes); with the default
+  // tensor-core pair only fp32 summation order differs. Off: slower so far,
+  // 1.30 against 0.85 ms per step on gpu-ref in bf16 (H100; decode_bench
+  // --step_stages splits its time by stage and docs/kernels.md says where it
+  // goes).
   bool persistent_decode = false;
   // With persistent_decode: each persistent step records when its stages
   // end (kernels::DecodeStepArgs::stage_clock) and Stats sums them per

@@ -384,6 +384,22 @@ const Variant kVariants[] = {
        o = GpuGeneratorOptions{};
        o.persistent_decode = true;
      }},
+    {"default+moe_mma=1", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.moe_mma_min_slots_per_expert = 1;
+     }},
+    {"default+moe_tiles=1", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.moe_mma_tiles_per_block = 1;
+     }},
+    {"default+moe_tiles=4", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.moe_mma_tiles_per_block = 4;
+     }},
+    {"default+moe_mma=4", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.moe_mma_min_slots_per_expert = 4;
+     }},
     {"default+fold_always", [](GpuGeneratorOptions& o) {
        o = GpuGeneratorOptions{};
        o.fold_shared_experts = SharedExpertFold::kAlways;

@@ -143,6 +143,14 @@ TEST(MoeDecodeArgs, BadArgumentsAreRejected) {
   EXPECT_FALSE(MoeDecodeForward(a, nullptr).ok());  // null pointers
   a.m = 0;
   EXPECT_TRUE(MoeDecodeForward(a, nullptr).ok());   // nothing to do
+  a.mma_tiles_per_block = 3;                        // rejected even with nothing to do
+  Status s = MoeDecodeForward(a, nullptr);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.ToString().find("mma_tiles_per_block"), std::string::npos) << s.ToString();
+  a.mma_tiles_per_block = 4;
+  a.mma_min_slots_per_expert = -1;
+  s = MoeDecodeForward(a, nullptr);
+  EXPECT_NE(s.ToString().find("mma_min_slots_per_expert"), std::string::npos) << s.ToString();
 }
 
 // ---- GPU ----
@@ -697,6 +705,18 @@ void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     ASSERT_EQ(dout.Download(&outs[p]), cudaSuccess);
   }
+  // The tensor-core pair with 2 and 4 tiles a block (another slice order):
+  // checked against the same reference below.
+  std::vector<float> tiled[2];
+  for (int i = 0; i < 2; ++i) {
+    MoeDecodeArgs wide = a;
+    wide.mma_tiles_per_block = 2 << i;
+    ASSERT_EQ(dout.Upload(out0), cudaSuccess);
+    const Status s = detail::MoeDecodeForwardOnPath(wide, detail::MoeDecodePath::kTensorCore, nullptr);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_EQ(dout.Download(&tiled[i]), cudaSuccess);
+  }
   // And the public entry point (kAuto picks one of the two) runs.
   ASSERT_EQ(dout.Upload(out0), cudaSuccess);
   ASSERT_TRUE(MoeDecodeForward(a, nullptr).ok());
@@ -796,6 +816,8 @@ void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
       }
       ASSERT_NEAR(outs[0][t * H + r], want, b) << "CUDA-core path, token " << t << " column " << r;
       ASSERT_NEAR(outs[1][t * H + r], want, b) << "tensor-core path, token " << t << " column " << r;
+      ASSERT_NEAR(tiled[0][t * H + r], want, b) << "tensor-core path, 2 tiles, token " << t << " column " << r;
+      ASSERT_NEAR(tiled[1][t * H + r], want, b) << "tensor-core path, 4 tiles, token " << t << " column " << r;
     }
   }
 }

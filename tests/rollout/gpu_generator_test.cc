@@ -1081,6 +1081,10 @@ TEST(GpuGenerator, PersistentDecodeGivesTheSameBits) {
           o.kv_memory_fraction = 0.05;
           o.persistent_decode = mode > 0;
           o.cuda_graphs = mode != 2;
+          // The persistent step computes the MoE with the CUDA-core pair's
+          // arithmetic: the launches it is held to take that pair at every
+          // batch (top_k + shared slots per row never reach 1000 an expert).
+          o.moe_mma_min_slots_per_expert = 1000;
           auto g = GpuGenerator::Create(c, o);
           ASSERT_TRUE(g.ok()) << g.status().ToString();
           ASSERT_TRUE((*g)->LoadWeights(cpu->params(), chooser).ok());
