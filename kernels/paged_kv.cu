@@ -13,6 +13,10 @@
 namespace grove::kernels {
 namespace {
 
+// Query heads per kv head up to which the attention kernels size their
+// per-head registers for 4 instead of kPagedMaxGroup (gpu-ref: 8 / 2 = 4).
+constexpr int kSmallGroup = 4;
+
 using namespace paged_device;
 
 constexpr int kAppendThreads = 256;
@@ -61,7 +65,7 @@ __global__ void AppendKernel(PagedKvCache c, PagedRows rows, int heads, const fl
 
 // One block of kAttnWarps warps per (row, kv head): all keys 0..pos, the
 // warps' states merged and normalized.
-template <int HD>
+template <int HD, int kG>
 __global__ void __launch_bounds__(kAttnWarps * 32)
     AttentionKernel(PagedKvCache c, PagedRows rows, int heads, const __nv_bfloat16* q, __nv_bfloat16* out,
                     float scale) {
@@ -75,13 +79,12 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
     for (int i = threadIdx.x; i < G * HD; i += blockDim.x) o[i] = __float2bfloat16(0.f);
     return;
   }
-  __shared__ WarpStates<HD> st;
-  AttendKeys<HD>(c, slot, kh, G, q + int64_t(r) * heads * HD + int64_t(kh) * G * HD, 0, p, scale, st);
+  __shared__ WarpStates<HD, kG> st;
+  AttendKeys<HD, kG>(c, slot, kh, G, q + int64_t(r) * heads * HD + int64_t(kh) * G * HD, 0, p, scale, st);
   for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
     const int g = i / HD, d = i % HD;
     float M, num, den;
-    MergeSoftmaxStates(kAttnWarps, &st.m[0][g], &st.l[0][g], &st.acc[0][g][d], kPagedMaxGroup, kPagedMaxGroup * HD, &M,
-                &num, &den);
+    MergeSoftmaxStates(kAttnWarps, &st.m[0][g], &st.l[0][g], &st.acc[0][g][d], kG, kG * HD, &M, &num, &den);
     o[i] = __float2bfloat16(den > 0.f ? num / den : 0.f);
   }
 }
@@ -95,13 +98,13 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
 // block whose chunk holds the row's position first appends k, v of its kv
 // head (the position only it reads) -- AppendKernel's arithmetic (RopePair,
 // bf16 rounding), so the same bits as appending first.
-template <int HD>
+template <int HD, int kG>
 __global__ void __launch_bounds__(kAttnWarps * 32)
     SplitAttentionKernel(PagedKvCache c, PagedRows rows, int heads, const __nv_bfloat16* q, float scale,
                          int chunk_tokens, int chunks, SplitWorkspace ws, PagedFusedAppend app) {
   ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
   ptx::griddepcontrol_launch_dependents();
-  SplitAttendChunk<HD>(c, rows, heads, q, scale, chunk_tokens, chunks, ws, app, blockIdx.x / c.kv_heads,
+  SplitAttendChunk<HD, kG>(c, rows, heads, q, scale, chunk_tokens, chunks, ws, app, blockIdx.x / c.kv_heads,
                        blockIdx.x % c.kv_heads, blockIdx.y);
 }
 
@@ -162,9 +165,11 @@ template <int HD>
 Status LaunchSplit(const PagedKvCache& cache, const PagedRows& rows, int heads, const __nv_bfloat16* q,
                    __nv_bfloat16* out, float scale, int chunk_tokens, int chunks, const SplitWorkspace& ws, dim3 grid,
                    dim3 combine_grid, const PagedFusedAppend& app, cudaStream_t stream) {
+  auto kernel = heads / cache.kv_heads <= kSmallGroup ? SplitAttentionKernel<HD, kSmallGroup>
+                                                      : SplitAttentionKernel<HD, kPagedMaxGroup>;
   GROVE_RETURN_IF_ERROR(LaunchStatus("PagedAttentionSplit",
-                                     LaunchKernel(SplitAttentionKernel<HD>, grid, dim3(kAttnWarps * 32), 0, stream,
-                                                  cache, rows, heads, q, scale, chunk_tokens, chunks, ws, app)));
+                                     LaunchKernel(kernel, grid, dim3(kAttnWarps * 32), 0, stream, cache, rows, heads, q,
+                                                  scale, chunk_tokens, chunks, ws, app)));
   return LaunchStatus("PagedAttentionSplit combine",
                       LaunchKernel(SplitCombineKernel<HD>, combine_grid, dim3(HD), 0, stream, cache, rows, heads, out,
                                    chunk_tokens, chunks, ws));
@@ -191,7 +196,10 @@ Status PagedAttention(const PagedKvCache& cache, const PagedRows& rows, int head
   if (!q || !out || !rows.slot || !rows.pos) return Status::InvalidArgument("PagedAttention: null pointer");
   if (scale == 0.f) scale = float(1.0 / std::sqrt(double(cache.head_dim)));
   const dim3 grid(rows.rows, cache.kv_heads);
-  auto kernel = cache.head_dim == 32 ? AttentionKernel<32> : cache.head_dim == 64 ? AttentionKernel<64> : AttentionKernel<128>;
+  const bool small = heads / cache.kv_heads <= kSmallGroup;
+  auto kernel = cache.head_dim == 32   ? (small ? AttentionKernel<32, kSmallGroup> : AttentionKernel<32, kPagedMaxGroup>)
+                : cache.head_dim == 64 ? (small ? AttentionKernel<64, kSmallGroup> : AttentionKernel<64, kPagedMaxGroup>)
+                                       : (small ? AttentionKernel<128, kSmallGroup> : AttentionKernel<128, kPagedMaxGroup>);
   return LaunchStatus("PagedAttention",
                       LaunchKernel(kernel, grid, dim3(kAttnWarps * 32), 0, stream, cache, rows, heads, q, out, scale));
 }

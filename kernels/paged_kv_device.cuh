@@ -36,11 +36,12 @@ __device__ __forceinline__ void RopePair(float a, float b, float cs, float sn, f
   y1 = __fadd_rn(__fmul_rn(a, sn), __fmul_rn(b, cs));
 }
 
-// The online-softmax states of a block's warps after AttendKeys.
-template <int HD>
+// The online-softmax states of a block's warps after AttendKeys, for up to
+// kG query heads per kv head.
+template <int HD, int kG = kPagedMaxGroup>
 struct WarpStates {
-  float m[kAttnWarps][kPagedMaxGroup], l[kAttnWarps][kPagedMaxGroup];
-  float acc[kAttnWarps][kPagedMaxGroup][HD];
+  float m[kAttnWarps][kG], l[kAttnWarps][kG];
+  float acc[kAttnWarps][kG][HD];
 };
 
 // The block's kAttnWarps warps attend keys lo..hi (inclusive) of slot
@@ -49,14 +50,16 @@ struct WarpStates {
 // closing barrier. Lane l holds dims [l * E, l * E + E) of every vector
 // (E = HD / 32); warp w takes keys lo + w, lo + w + kAttnWarps, ... with its
 // own online softmax and leaves its state in st. Ends with __syncthreads.
-template <int HD>
+// kG >= G sizes the per-head registers (kG = 4 for G <= 4 halves them: more
+// blocks an SM); each head's arithmetic is the same for any kG.
+template <int HD, int kG = kPagedMaxGroup>
 __device__ void AttendKeys(const PagedKvCache& c, int slot, int kh, int G, const __nv_bfloat16* qr, int lo, int hi,
-                           float scale, WarpStates<HD>& st) {
+                           float scale, WarpStates<HD, kG>& st) {
   constexpr int E = HD / 32;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  float qv[kPagedMaxGroup][E], acc[kPagedMaxGroup][E], m[kPagedMaxGroup], l[kPagedMaxGroup];
+  float qv[kG][E], acc[kG][E], m[kG], l[kG];
 #pragma unroll
-  for (int g = 0; g < kPagedMaxGroup; ++g) {
+  for (int g = 0; g < kG; ++g) {
     m[g] = -INFINITY;
     l[g] = 0.f;
 #pragma unroll
@@ -104,7 +107,7 @@ __device__ void AttendKeys(const PagedKvCache& c, int slot, int kh, int G, const
       have[i] = ahead <= hi && load_key(ahead, kb[i], vb[i]);
       if (!valid) continue;
 #pragma unroll
-      for (int g = 0; g < kPagedMaxGroup; ++g) {
+      for (int g = 0; g < kG; ++g) {
         if (g >= G) break;
         float s = 0.f;
 #pragma unroll
@@ -123,7 +126,7 @@ __device__ void AttendKeys(const PagedKvCache& c, int slot, int kh, int G, const
     }
   }
 #pragma unroll
-  for (int g = 0; g < kPagedMaxGroup; ++g) {
+  for (int g = 0; g < kG; ++g) {
     if (g >= G || warp >= kAttnWarps) break;
     if (lane == 0) {
       st.m[warp][g] = m[g];
@@ -160,7 +163,7 @@ __host__ __device__ inline SplitWorkspace SplitLayout(void* ws, int64_t states) 
 // arithmetic (RopePair, bf16 rounding), so the same bits as appending first.
 // Called by the whole block (kAttnWarps warps or more); a caller that runs
 // it again must __syncthreads() between calls (shared state is reused).
-template <int HD>
+template <int HD, int kG = kPagedMaxGroup>
 __device__ void SplitAttendChunk(const PagedKvCache& c, const PagedRows& rows, int heads, const __nv_bfloat16* q,
                                  float scale, int chunk_tokens, int chunks, const SplitWorkspace& ws,
                                  const PagedFusedAppend& app, int r, int kh, int chunk) {
@@ -170,8 +173,8 @@ __device__ void SplitAttendChunk(const PagedKvCache& c, const PagedRows& rows, i
   const int lo = chunk * T;
   if (!RowValid(c, slot, p) || lo > p) return;
   const int hi = min(lo + T - 1, p);
-  __shared__ WarpStates<HD> st;
-  __shared__ __nv_bfloat16 q_s[kPagedMaxGroup * HD];
+  __shared__ WarpStates<HD, kG> st;
+  __shared__ __nv_bfloat16 q_s[kG * HD];
   const __nv_bfloat16* qr = q_s;
   if (app.qkv == nullptr) {
     qr = q + int64_t(r) * heads * HD + int64_t(kh) * G * HD;
@@ -205,12 +208,11 @@ __device__ void SplitAttendChunk(const PagedKvCache& c, const PagedRows& rows, i
     }
     __syncthreads();  // q_s and this block's k, v stores visible to its warps
   }
-  AttendKeys<HD>(c, slot, kh, G, qr, lo, hi, scale, st);
+  AttendKeys<HD, kG>(c, slot, kh, G, qr, lo, hi, scale, st);
   for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
     const int g = i / HD, d = i % HD;
     float M, num, den;
-    MergeSoftmaxStates(kAttnWarps, &st.m[0][g], &st.l[0][g], &st.acc[0][g][d], kPagedMaxGroup, kPagedMaxGroup * HD, &M,
-                &num, &den);
+    MergeSoftmaxStates(kAttnWarps, &st.m[0][g], &st.l[0][g], &st.acc[0][g][d], kG, kG * HD, &M, &num, &den);
     const int64_t state = (int64_t(r) * heads + kh * G + g) * chunks + chunk;
     ws.acc[state * HD + d] = num;
     if (d == 0) {

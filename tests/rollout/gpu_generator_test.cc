@@ -1207,6 +1207,12 @@ TEST(GpuGenerator, RejectsBadInput) {
   GpuGeneratorOptions negative_context;
   negative_context.split_kv_short_context = -1;
   EXPECT_EQ(GpuGenerator::Create(cpu->config(), negative_context).status().code(), StatusCode::kInvalidArgument);
+  GpuGeneratorOptions three_tiles;
+  three_tiles.moe_mma_tiles_per_block = 3;
+  EXPECT_EQ(GpuGenerator::Create(cpu->config(), three_tiles).status().code(), StatusCode::kInvalidArgument);
+  GpuGeneratorOptions negative_slots;
+  negative_slots.moe_mma_min_slots_per_expert = -1;
+  EXPECT_EQ(GpuGenerator::Create(cpu->config(), negative_slots).status().code(), StatusCode::kInvalidArgument);
 }
 
 }  // namespace
