@@ -328,7 +328,7 @@ __device__ void UpTile(const MoeDecodeArgs& a, const QuantWeight& w1, const Quan
     auto body = [&](auto tiles) {
       constexpr int NT = decltype(tiles)::value;
       mma::StageX<F, NT>(x_s, a.hidden, count, [&](int i) {
-        return a.x + static_cast<int64_t>(slot_of_row[t0 + i] / a.top_k) * a.hidden;
+        return a.x + (slot_of_row ? static_cast<int64_t>(slot_of_row[t0 + i] / a.top_k) * a.hidden : 0);
       });
       float g[NT][4], u[NT][4];
       mma::WarpTile<F, NT>(static_cast<const uint8_t*>(w1.data), w1.scales, a.expert_hidden, u0, a.hidden, x_s,
@@ -412,9 +412,8 @@ __global__ void __launch_bounds__(kThreads, 3)
   ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
   ptx::griddepcontrol_launch_dependents();
   extern __shared__ uint4 smem[];
-  const int e = FindActiveExpert(offsets, a.experts, blockIdx.y);
-  if (e < 0) return;
-  const int begin = offsets[e], end = offsets[e + 1];
+  int e, begin, end;
+  if (!ExpertRows(a, offsets, &e, &begin, &end)) return;
   const QuantWeight w1 = a.w1[e], w3 = a.w3[e];
   switch (w1.format) {
     case QuantFormat::kBF16: UpTile<QuantFormat::kBF16, TB>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
@@ -429,9 +428,8 @@ __global__ void __launch_bounds__(kThreads, 4)
   ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
   ptx::griddepcontrol_launch_dependents();
   extern __shared__ uint4 smem[];
-  const int e = FindActiveExpert(offsets, a.experts, blockIdx.y);
-  if (e < 0) return;
-  const int begin = offsets[e], end = offsets[e + 1];
+  int e, begin, end;
+  if (!ExpertRows(a, offsets, &e, &begin, &end)) return;
   const QuantWeight w2 = a.w2[e];
   switch (w2.format) {
     case QuantFormat::kBF16: DownTile<QuantFormat::kBF16, TB>(a, w2, begin, end, h, partial, smem); break;
@@ -537,11 +535,11 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
     path = mma_fits && int64_t{a.m} * a.top_k >= int64_t{a.mma_min_slots_per_expert} * a.experts
                ? MoeDecodePath::kTensorCore
                : MoeDecodePath::kCudaCore;
-  // One token on the CUDA cores needs no index: block y of the up and down
+  // One token needs no index (on either pair): block y of the up and down
   // launches is slot y (its own row of h and of the partials), and the
   // combine reads slot j's row j -- the same sums in the same order, one
   // launch fewer.
-  const bool direct = a.m == 1 && path == MoeDecodePath::kCudaCore;
+  const bool direct = a.m == 1;
   if (direct) {
     offsets = row_of_slot = slot_of_row = nullptr;
   } else if (a.one_launch_index && int64_t{a.m} * a.top_k <= kMoeRouteIndexOneBlockSlots) {

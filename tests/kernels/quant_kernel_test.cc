@@ -751,8 +751,10 @@ void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
     ASSERT_EQ(std::memcmp(got.data(), outs[0].data(), got.size() * 4), 0) << "widest_format " << Name(hint);
   }
   // Each token alone (m = 1: no route index, block y is slot y) gives its
-  // row of the batch's CUDA-core result, bit for bit (dropped ids included).
-  if (c.m > 1) {
+  // row of the batch's result on the same pair, bit for bit (dropped ids
+  // included).
+  for (int p = 0; p < 2 && c.m > 1; ++p) {
+    SCOPED_TRACE(p == 0 ? "CUDA-core pair" : "tensor-core pair");
     for (int t = 0; t < c.m; ++t) {
       ASSERT_EQ(dout.Upload(out0), cudaSuccess);
       MoeDecodeArgs one = a;
@@ -761,11 +763,11 @@ void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
       one.ids = dids.get() + static_cast<size_t>(t) * c.top_k;
       one.gates = dgates.get() + static_cast<size_t>(t) * c.top_k;
       one.out = dout.get() + static_cast<size_t>(t) * H;
-      ASSERT_TRUE(detail::MoeDecodeForwardOnPath(one, detail::MoeDecodePath::kCudaCore, nullptr).ok());
+      ASSERT_TRUE(detail::MoeDecodeForwardOnPath(one, paths[p], nullptr).ok());
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       std::vector<float> alone;
       ASSERT_EQ(dout.Download(&alone), cudaSuccess);
-      ASSERT_EQ(std::memcmp(alone.data() + static_cast<size_t>(t) * H, outs[0].data() + static_cast<size_t>(t) * H,
+      ASSERT_EQ(std::memcmp(alone.data() + static_cast<size_t>(t) * H, outs[p].data() + static_cast<size_t>(t) * H,
                             sizeof(float) * H),
                 0)
           << "token " << t << " alone";
