@@ -308,8 +308,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
 // one group a tile, whose warps split k ("slices") and are summed in warp
 // order through shared memory. More tiles a block: fewer blocks staging the
 // same activation rows, more iterations in flight per warp; fewer: more
-// blocks. TB changes the fp32 summation order (the slices), so it is a
-// fixed choice per format (MoeDecodeArgs::mma_tiles_per_block). ----
+// blocks. TB changes the fp32 summation order (the slices), so it is one
+// fixed setting (MoeDecodeArgs::mma_tiles_per_block), not chosen per batch. ----
 
 constexpr int kMmaWarps = gemv::kWarps;
 constexpr int kMmaUpReduceFloats = kMmaWarps * 2 * 2 * 4 * 32;    // [warp][g, u][NT <= 2][4][32]
@@ -400,8 +400,8 @@ __device__ void DownTile(const MoeDecodeArgs& a, const QuantWeight& w2, int begi
   }
 }
 
-// Blocks per SM of the tensor-core pair, as for the CUDA-core one (a block
-// is one 16-row tile, 32 KB of bf16 weights): up 3 (<= 80 registers; it
+// Blocks per SM of the tensor-core pair, as for the CUDA-core one (measured
+// when a block was one 16-row tile, 32 KB of bf16 weights): up 3 (<= 80 registers; it
 // used 111, so 2), down 4 (<= 64; it used 74, so 3). H100, gpu-ref,
 // decode_bench, batch 64 / 128, medians of 4 runs in 2 calls: bf16 0.96x /
 // 0.96x ms per step, int8 0.94x / 0.96x, int4 0.94x / 0.95x; up 4 and down
