@@ -499,7 +499,7 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
                                    std::to_string(a.expert_hidden) + ") must be positive multiples of 128");
   if (a.experts < 1 || a.experts > kMoeMaxExperts)
     return Status::InvalidArgument("MoeDecodeForward: experts must be in 1.." + std::to_string(kMoeMaxExperts));
-  if (a.mma_tiles_per_block != 1 && a.mma_tiles_per_block != 2 && a.mma_tiles_per_block != 4)
+  if (!ValidMoeMmaTilesPerBlock(a.mma_tiles_per_block))
     return Status::InvalidArgument("MoeDecodeForward: mma_tiles_per_block must be 1, 2 or 4, got " +
                                    std::to_string(a.mma_tiles_per_block));
   if (a.mma_min_slots_per_expert < 0)

@@ -76,6 +76,9 @@ struct MoeDecodeArgs {
   int mma_tiles_per_block = 2;
 };
 
+// The values MoeDecodeArgs::mma_tiles_per_block takes.
+inline bool ValidMoeMmaTilesPerBlock(int tiles) { return tiles == 1 || tiles == 2 || tiles == 4; }
+
 size_t MoeDecodeWorkspaceBytes(int m, int hidden, int expert_hidden, int experts, int top_k);
 
 // Graph-capturable (no host sync, no allocation).

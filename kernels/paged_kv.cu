@@ -16,6 +16,7 @@ namespace {
 // Query heads per kv head up to which the attention kernels size their
 // per-head registers for 4 instead of kPagedMaxGroup (gpu-ref: 8 / 2 = 4).
 constexpr int kSmallGroup = 4;
+bool SmallGroup(const PagedKvCache& c, int heads) { return heads / c.kv_heads <= kSmallGroup; }
 
 using namespace paged_device;
 
@@ -165,8 +166,8 @@ template <int HD>
 Status LaunchSplit(const PagedKvCache& cache, const PagedRows& rows, int heads, const __nv_bfloat16* q,
                    __nv_bfloat16* out, float scale, int chunk_tokens, int chunks, const SplitWorkspace& ws, dim3 grid,
                    dim3 combine_grid, const PagedFusedAppend& app, cudaStream_t stream) {
-  auto kernel = heads / cache.kv_heads <= kSmallGroup ? SplitAttentionKernel<HD, kSmallGroup>
-                                                      : SplitAttentionKernel<HD, kPagedMaxGroup>;
+  auto kernel = SmallGroup(cache, heads) ? SplitAttentionKernel<HD, kSmallGroup>
+                                         : SplitAttentionKernel<HD, kPagedMaxGroup>;
   GROVE_RETURN_IF_ERROR(LaunchStatus("PagedAttentionSplit",
                                      LaunchKernel(kernel, grid, dim3(kAttnWarps * 32), 0, stream, cache, rows, heads, q,
                                                   scale, chunk_tokens, chunks, ws, app)));
@@ -196,7 +197,7 @@ Status PagedAttention(const PagedKvCache& cache, const PagedRows& rows, int head
   if (!q || !out || !rows.slot || !rows.pos) return Status::InvalidArgument("PagedAttention: null pointer");
   if (scale == 0.f) scale = float(1.0 / std::sqrt(double(cache.head_dim)));
   const dim3 grid(rows.rows, cache.kv_heads);
-  const bool small = heads / cache.kv_heads <= kSmallGroup;
+  const bool small = SmallGroup(cache, heads);
   auto kernel = cache.head_dim == 32   ? (small ? AttentionKernel<32, kSmallGroup> : AttentionKernel<32, kPagedMaxGroup>)
                 : cache.head_dim == 64 ? (small ? AttentionKernel<64, kSmallGroup> : AttentionKernel<64, kPagedMaxGroup>)
                                        : (small ? AttentionKernel<128, kSmallGroup> : AttentionKernel<128, kPagedMaxGroup>);

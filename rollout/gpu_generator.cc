@@ -972,8 +972,7 @@ Result<std::unique_ptr<GpuGenerator>> GpuGenerator::Create(const model::ModelCon
     return Status::InvalidArgument(
         "GpuGenerator: fold_shared_experts needs top_k + shared_experts <= 16 and experts + shared_experts <= 256 "
         "(MoeDecodeForward's limits)");
-  if (options.moe_mma_tiles_per_block != 1 && options.moe_mma_tiles_per_block != 2 &&
-      options.moe_mma_tiles_per_block != 4)
+  if (!kernels::ValidMoeMmaTilesPerBlock(options.moe_mma_tiles_per_block))
     return Status::InvalidArgument("GpuGenerator: moe_mma_tiles_per_block must be 1, 2 or 4, got " +
                                    std::to_string(options.moe_mma_tiles_per_block));
   if (options.moe_mma_min_slots_per_expert < 0)
