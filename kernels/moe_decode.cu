@@ -7,7 +7,8 @@
 //       16 of the expert's tokens through the shared GEMV core
 //       (kernels/quant_gemv.cuh; one warp group owns a W1 row and the W3 row
 //       of the same hidden unit), and writes h = silu(g) * u rounded to bf16
-//       per routed row;
+//       per routed row; the tensor-core pair's blocks are (tile, expert,
+//       16-row chunk) instead, one chunk each;
 //  5.   down: the same over row slabs of W2, writing fp32 partial outputs per
 //       routed row;
 //  6.   combine: out[t] (+)= sum over slots j in order of gate * partial.
@@ -248,6 +249,67 @@ __device__ __forceinline__ bool ExpertRows(const MoeDecodeArgs& a, const int32_t
   return true;
 }
 
+// The tensor-core pair's unit of work: 16 of an expert's rows
+// (kMmaChunkRows; the tile's tokens per pass over its weights).
+constexpr int kMmaChunkRows = 16;
+
+// The `index`-th (expert, chunk) pair in (expert id, chunk) order, where
+// expert e has ceil(rows_e / kMmaChunkRows) chunks, or false past the last.
+// Called by the whole block; ends with a barrier.
+__device__ bool FindExpertChunk(const int32_t* offsets, int experts, int index, int* e, int* chunk) {
+  __shared__ int found_s[2];
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    int target = index, found = -1, found_chunk = 0;
+    for (int base = 0; base < experts && found < 0; base += 32) {
+      const int ex = base + lane;
+      const int chunks = ex < experts ? (offsets[ex + 1] - offsets[ex] + kMmaChunkRows - 1) / kMmaChunkRows : 0;
+      int before = chunks;  // inclusive prefix sum over the 32 lanes, then exclusive
+#pragma unroll
+      for (int d = 1; d < 32; d *= 2) {
+        const int v = __shfl_up_sync(0xffffffffu, before, d);
+        if (lane >= d) before += v;
+      }
+      const int total = __shfl_sync(0xffffffffu, before, 31);
+      before -= chunks;
+      const unsigned hit = __ballot_sync(0xffffffffu, target >= before && target < before + chunks);
+      if (hit != 0) {
+        const int l = __ffs(hit) - 1;
+        found = base + l;
+        found_chunk = target - __shfl_sync(0xffffffffu, before, l);
+      } else {
+        target -= total;
+      }
+    }
+    if (lane == 0) {
+      found_s[0] = found;
+      found_s[1] = found_chunk;
+    }
+  }
+  __syncthreads();
+  *e = found_s[0];
+  *chunk = found_s[1];
+  return *e >= 0;
+}
+
+// ExpertRows for the tensor-core pair: block y is the y-th (expert, chunk)
+// pair, its rows that chunk's up to kMmaChunkRows. The blocks of one
+// expert's chunks are neighbours on the grid, so they read its weight tile
+// at about the same time: once from DRAM, the rest from L2. (One block
+// walking all of an expert's chunks re-read the tile after every other
+// resident block had streamed its own: at batch 256 on gpu-ref the up stage
+// read 227 MB of DRAM for 134 MB of weights.) The same rows of 16 in the
+// same order, so the same bits.
+__device__ __forceinline__ bool ExpertChunkRows(const MoeDecodeArgs& a, const int32_t* offsets, int* e, int* begin,
+                                                int* end) {
+  if (offsets == nullptr) return ExpertRows(a, offsets, e, begin, end);
+  int chunk = 0;
+  if (!FindExpertChunk(offsets, a.experts, blockIdx.y, e, &chunk)) return false;
+  *begin = offsets[*e] + chunk * kMmaChunkRows;
+  *end = min(*begin + kMmaChunkRows, offsets[*e + 1]);
+  return true;
+}
+
 // kBlocksPerSm blocks an SM. One token (no index): 2 (<= 128 registers),
 // so its slabs keep up to kMaxSlabRows rows of loads in flight a warp and a
 // second block hides the other's reductions. Decode batches (the index):
@@ -408,12 +470,14 @@ __device__ void DownTile(const MoeDecodeArgs& a, const QuantWeight& w2, int begi
 // 5 no better.
 template <int TB>
 __global__ void __launch_bounds__(kThreads, 3)
-    MoeUpMmaKernel(MoeDecodeArgs a, const int32_t* offsets, const int32_t* slot_of_row, __nv_bfloat16* h) {
+    MoeUpMmaKernel(MoeDecodeArgs a, const int32_t* offsets, const int32_t* slot_of_row, __nv_bfloat16* h,
+                   bool chunked) {
   ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
   ptx::griddepcontrol_launch_dependents();
   extern __shared__ uint4 smem[];
   int e, begin, end;
-  if (!ExpertRows(a, offsets, &e, &begin, &end)) return;
+  if (!(chunked ? ExpertChunkRows(a, offsets, &e, &begin, &end) : ExpertRows(a, offsets, &e, &begin, &end)))
+    return;
   const QuantWeight w1 = a.w1[e], w3 = a.w3[e];
   switch (w1.format) {
     case QuantFormat::kBF16: UpTile<QuantFormat::kBF16, TB>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
@@ -424,12 +488,14 @@ __global__ void __launch_bounds__(kThreads, 3)
 
 template <int TB>
 __global__ void __launch_bounds__(kThreads, 4)
-    MoeDownMmaKernel(MoeDecodeArgs a, const int32_t* offsets, const __nv_bfloat16* h, float* partial) {
+    MoeDownMmaKernel(MoeDecodeArgs a, const int32_t* offsets, const __nv_bfloat16* h, float* partial,
+                     bool chunked) {
   ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
   ptx::griddepcontrol_launch_dependents();
   extern __shared__ uint4 smem[];
   int e, begin, end;
-  if (!ExpertRows(a, offsets, &e, &begin, &end)) return;
+  if (!(chunked ? ExpertChunkRows(a, offsets, &e, &begin, &end) : ExpertRows(a, offsets, &e, &begin, &end)))
+    return;
   const QuantWeight w2 = a.w2[e];
   switch (w2.format) {
     case QuantFormat::kBF16: DownTile<QuantFormat::kBF16, TB>(a, w2, begin, end, h, partial, smem); break;
@@ -492,7 +558,8 @@ size_t MoeDecodeWorkspaceBytes(int m, int hidden, int expert_hidden, int experts
 
 namespace detail {
 
-Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaStream_t stream) {
+Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaStream_t stream,
+                              int max_chunk_blocks) {
   if (a.m < 0) return Status::InvalidArgument("MoeDecodeForward: m must be >= 0");
   if (a.hidden <= 0 || a.hidden % 128 != 0 || a.expert_hidden <= 0 || a.expert_hidden % 128 != 0)
     return Status::InvalidArgument("MoeDecodeForward: hidden (" + std::to_string(a.hidden) + ") and expert_hidden (" +
@@ -555,6 +622,16 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
   // number exit after one look at the offsets.
   const int max_active = static_cast<int>(std::min<int64_t>(a.experts, int64_t{a.m} * a.top_k));
   if (path == MoeDecodePath::kTensorCore) {
+    // (expert, chunk) pairs: sum of ceil(rows_e / 16) <= slots / 16 + the
+    // active experts, and never more than the slots (one token: the slots).
+    const int64_t slots = int64_t{a.m} * a.top_k;
+    const int max_chunks =
+        direct ? static_cast<int>(slots)
+               : static_cast<int>(std::min<int64_t>(slots, (slots + kMmaChunkRows - 1) / kMmaChunkRows + max_active));
+    // Past the grid's y extent (prefills of ~170k tokens and more) a block
+    // walks all of its expert's chunks instead.
+    const bool chunked = max_chunks <= std::min(max_chunk_blocks, kMoeMaxChunkBlocks);
+    const int blocks_y = chunked ? max_chunks : max_active;
     if (!mma_fits)
       return Status::InvalidArgument("MoeDecodeForward: hidden / expert_hidden too large for the tensor-core path");
     const int tb = a.mma_tiles_per_block;
@@ -563,13 +640,15 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
     const int tile_rows = mma::kTileRows * tb;
     GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(up_kernel), up_mma));
     GROVE_RETURN_IF_ERROR(Launched("MoeDecodeForward up (tensor cores)",
-                                   LaunchKernel(up_kernel, dim3(a.expert_hidden / tile_rows, max_active),
-                                                dim3(kThreads), up_mma, stream, a, offsets, slot_of_row, h)));
+                                   LaunchKernel(up_kernel, dim3(a.expert_hidden / tile_rows, blocks_y),
+                                                dim3(kThreads), up_mma, stream, a, offsets, slot_of_row, h,
+                                                chunked)));
     GROVE_RETURN_IF_ERROR(RecordStage(a, 1, stream));
     GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(down_kernel), down_mma));
     GROVE_RETURN_IF_ERROR(Launched("MoeDecodeForward down (tensor cores)",
-                                   LaunchKernel(down_kernel, dim3(a.hidden / tile_rows, max_active),
-                                                dim3(kThreads), down_mma, stream, a, offsets, h, partial)));
+                                   LaunchKernel(down_kernel, dim3(a.hidden / tile_rows, blocks_y),
+                                                dim3(kThreads), down_mma, stream, a, offsets, h, partial,
+                                                chunked)));
   } else {
     const int per_sm = direct ? kDirectBlocksPerSm : IndexedBlocksPerSm(a.widest_format);
     auto up_kernel = per_sm == 4 ? MoeUpKernel<4> : per_sm == 3 ? MoeUpKernel<3> : MoeUpKernel<2>;

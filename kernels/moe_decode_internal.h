@@ -12,6 +12,13 @@ enum class MoeDecodePath {
   kTensorCore,  // kernels/quant_mma.cuh: mma.sync 16-row tiles, up to 16 rows per pass
 };
 
-Status MoeDecodeForwardOnPath(const MoeDecodeArgs& args, MoeDecodePath path, cudaStream_t stream);
+// The most (expert, 16-row chunk) blocks a tensor-core launch spreads over
+// its grid's y extent; past it each block walks all of its expert's chunks.
+constexpr int kMoeMaxChunkBlocks = 65535;
+
+// max_chunk_blocks: kMoeMaxChunkBlocks, or less so that a test can reach the
+// walking blocks with a small batch (the same bits either way).
+Status MoeDecodeForwardOnPath(const MoeDecodeArgs& args, MoeDecodePath path, cudaStream_t stream,
+                              int max_chunk_blocks = kMoeMaxChunkBlocks);
 
 }  // namespace grove::kernels::detail

@@ -717,6 +717,18 @@ void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     ASSERT_EQ(dout.Download(&tiled[i]), cudaSuccess);
   }
+  // Tensor-core blocks walking all of an expert's chunks (what a launch
+  // past the grid's y extent does) give the same bits as a block a chunk.
+  {
+    ASSERT_EQ(dout.Upload(out0), cudaSuccess);
+    const Status s = detail::MoeDecodeForwardOnPath(a, detail::MoeDecodePath::kTensorCore, nullptr,
+                                                    /*max_chunk_blocks=*/0);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    std::vector<float> walked;
+    ASSERT_EQ(dout.Download(&walked), cudaSuccess);
+    ASSERT_EQ(std::memcmp(walked.data(), outs[1].data(), walked.size() * 4), 0) << "walking blocks";
+  }
   // And the public entry point (kAuto picks one of the two) runs.
   ASSERT_EQ(dout.Upload(out0), cudaSuccess);
   ASSERT_TRUE(MoeDecodeForward(a, nullptr).ok());
@@ -840,8 +852,19 @@ TEST(MoeDecodeGpu, GpuRefShapeMixedFormats) {
   const uint64_t seed = testing::FreshSeed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
-  for (int m : {1, 5}) {
+  for (int m : {1, 5, 40}) {
     MoeCase c{m, 1024, 512, 64, 6, DistinctIds(rng, m, 64, 6), {}, m == 1 ? Accumulate::kAdd : Accumulate::kOverwrite};
+    if (m == 40) {
+      // Experts 40 and 41 (past the first 32 the chunk search scans) take
+      // slot 0 of 20 tokens each: two 16-row chunks apiece.
+      for (int t = 0; t < m; ++t) {
+        const uint16_t busy = static_cast<uint16_t>(40 + t % 2);
+        auto row = c.ids.begin() + t * 6;
+        auto dup = std::find(row, row + 6, busy);
+        if (dup != row + 6) *dup = row[0];
+        row[0] = busy;
+      }
+    }
     for (int e = 0; e < 64; ++e) c.formats.push_back(static_cast<QuantFormat>(e % 3));
     CheckMoe(rng, c);
   }
