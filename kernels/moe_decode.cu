@@ -377,7 +377,9 @@ constexpr int kMmaWarps = gemv::kWarps;
 constexpr int kMmaUpReduceFloats = kMmaWarps * 2 * 2 * 4 * 32;    // [warp][g, u][NT <= 2][4][32]
 constexpr int kMmaDownReduceFloats = kMmaWarps * 2 * 4 * 32;      // [warp][NT <= 2][4][32]
 
-template <QuantFormat F, int TB>
+// kPaired: MoeDecodeArgs::mma_paired_up_max_tokens's choice (a template
+// argument: one loop body per kernel keeps the registers of each).
+template <QuantFormat F, int TB, bool kPaired>
 __device__ void UpTile(const MoeDecodeArgs& a, const QuantWeight& w1, const QuantWeight& w3, int begin, int end,
                        const int32_t* slot_of_row, __nv_bfloat16* h, uint4* smem) {
   constexpr int kSlices = kMmaWarps / TB;
@@ -392,11 +394,19 @@ __device__ void UpTile(const MoeDecodeArgs& a, const QuantWeight& w1, const Quan
       mma::StageX<F, NT>(x_s, a.hidden, count, [&](int i) {
         return a.x + (slot_of_row ? static_cast<int64_t>(slot_of_row[t0 + i] / a.top_k) * a.hidden : 0);
       });
-      float g[NT][4], u[NT][4];
-      mma::WarpTile<F, NT>(static_cast<const uint8_t*>(w1.data), w1.scales, a.expert_hidden, u0, a.hidden, x_s,
-                           warp % kSlices, kSlices, g);
-      mma::WarpTile<F, NT>(static_cast<const uint8_t*>(w3.data), w3.scales, a.expert_hidden, u0, a.hidden, x_s,
-                           warp % kSlices, kSlices, u);
+      float gu[2][NT][4];
+      if constexpr (kPaired) {
+        const uint8_t* const data[2] = {static_cast<const uint8_t*>(w1.data), static_cast<const uint8_t*>(w3.data)};
+        const float* const scales[2] = {w1.scales, w3.scales};
+        mma::WarpTilePair<F, NT>(data, scales, a.expert_hidden, u0, a.hidden, x_s, warp % kSlices, kSlices, gu);
+      } else {
+        mma::WarpTile<F, NT>(static_cast<const uint8_t*>(w1.data), w1.scales, a.expert_hidden, u0, a.hidden, x_s,
+                             warp % kSlices, kSlices, gu[0]);
+        mma::WarpTile<F, NT>(static_cast<const uint8_t*>(w3.data), w3.scales, a.expert_hidden, u0, a.hidden, x_s,
+                             warp % kSlices, kSlices, gu[1]);
+      }
+      const auto& g = gu[0];
+      const auto& u = gu[1];
 #pragma unroll
       for (int t = 0; t < NT; ++t)
 #pragma unroll
@@ -468,8 +478,10 @@ __device__ void DownTile(const MoeDecodeArgs& a, const QuantWeight& w2, int begi
 // decode_bench, batch 64 / 128, medians of 4 runs in 2 calls: bf16 0.96x /
 // 0.96x ms per step, int8 0.94x / 0.96x, int4 0.94x / 0.95x; up 4 and down
 // 5 no better.
-template <int TB>
-__global__ void __launch_bounds__(kThreads, 3)
+// The paired loop keeps both weights' next chunks in registers: at the
+// 80 registers of 3 blocks an SM it spilled 432 bytes, so it takes 2.
+template <int TB, bool kPaired>
+__global__ void __launch_bounds__(kThreads, kPaired ? 2 : 3)
     MoeUpMmaKernel(MoeDecodeArgs a, const int32_t* offsets, const int32_t* slot_of_row, __nv_bfloat16* h,
                    bool chunked) {
   ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
@@ -480,9 +492,9 @@ __global__ void __launch_bounds__(kThreads, 3)
     return;
   const QuantWeight w1 = a.w1[e], w3 = a.w3[e];
   switch (w1.format) {
-    case QuantFormat::kBF16: UpTile<QuantFormat::kBF16, TB>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
-    case QuantFormat::kInt8: UpTile<QuantFormat::kInt8, TB>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
-    case QuantFormat::kInt4: UpTile<QuantFormat::kInt4, TB>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
+    case QuantFormat::kBF16: UpTile<QuantFormat::kBF16, TB, kPaired>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
+    case QuantFormat::kInt8: UpTile<QuantFormat::kInt8, TB, kPaired>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
+    case QuantFormat::kInt4: UpTile<QuantFormat::kInt4, TB, kPaired>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
   }
 }
 
@@ -569,6 +581,9 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
   if (!ValidMoeMmaTilesPerBlock(a.mma_tiles_per_block))
     return Status::InvalidArgument("MoeDecodeForward: mma_tiles_per_block must be 1, 2 or 4, got " +
                                    std::to_string(a.mma_tiles_per_block));
+  if (a.mma_paired_up_max_tokens < 0)
+    return Status::InvalidArgument("MoeDecodeForward: mma_paired_up_max_tokens must be >= 0, got " +
+                                   std::to_string(a.mma_paired_up_max_tokens));
   if (a.mma_min_slots_per_expert < 0)
     return Status::InvalidArgument("MoeDecodeForward: mma_min_slots_per_expert must be >= 0, got " +
                                    std::to_string(a.mma_min_slots_per_expert));
@@ -635,7 +650,10 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
     if (!mma_fits)
       return Status::InvalidArgument("MoeDecodeForward: hidden / expert_hidden too large for the tensor-core path");
     const int tb = a.mma_tiles_per_block;
-    auto up_kernel = tb == 4 ? MoeUpMmaKernel<4> : tb == 2 ? MoeUpMmaKernel<2> : MoeUpMmaKernel<1>;
+    const bool paired = a.m <= a.mma_paired_up_max_tokens;
+    auto up_kernel = tb == 4   ? (paired ? MoeUpMmaKernel<4, true> : MoeUpMmaKernel<4, false>)
+                     : tb == 2 ? (paired ? MoeUpMmaKernel<2, true> : MoeUpMmaKernel<2, false>)
+                               : (paired ? MoeUpMmaKernel<1, true> : MoeUpMmaKernel<1, false>);
     auto down_kernel = tb == 4 ? MoeDownMmaKernel<4> : tb == 2 ? MoeDownMmaKernel<2> : MoeDownMmaKernel<1>;
     const int tile_rows = mma::kTileRows * tb;
     GROVE_RETURN_IF_ERROR(SetSmem(reinterpret_cast<const void*>(up_kernel), up_mma));

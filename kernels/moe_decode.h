@@ -74,6 +74,12 @@ struct MoeDecodeArgs {
   // slower at batches 8-256, 4 another 0-5% faster at 8-256 in int8 / int4
   // but 6-13% slower at batch 1.
   int mma_tiles_per_block = 2;
+  // The tensor-core up stage of calls with m <= this loads W1's and W3's
+  // chunks together (one loop over both, 2 blocks an SM) instead of W1's,
+  // then W3's (3 blocks an SM): the same bits, so chosen per call. 32: on
+  // gpu-ref (H100, decode_bench) paired was 5% faster at batch 1 in bf16 (2%
+  // in int4), level at 8-32, 2-3% slower at 128-256.
+  int mma_paired_up_max_tokens = 32;
 };
 
 // The values MoeDecodeArgs::mma_tiles_per_block takes.

@@ -874,6 +874,7 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     ma.widest_format = w.experts_widest;
     ma.mma_min_slots_per_expert = opt.moe_mma_min_slots_per_expert;
     ma.mma_tiles_per_block = opt.moe_mma_tiles_per_block;
+    ma.mma_paired_up_max_tokens = opt.moe_mma_paired_up_max_tokens;
     if (timing) {
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kMoeRouteIndex));
       GROVE_ASSIGN_OR_RETURN(ma.stage_events,
@@ -975,6 +976,9 @@ Result<std::unique_ptr<GpuGenerator>> GpuGenerator::Create(const model::ModelCon
   if (!kernels::ValidMoeMmaTilesPerBlock(options.moe_mma_tiles_per_block))
     return Status::InvalidArgument("GpuGenerator: moe_mma_tiles_per_block must be 1, 2 or 4, got " +
                                    std::to_string(options.moe_mma_tiles_per_block));
+  if (options.moe_mma_paired_up_max_tokens < 0)
+    return Status::InvalidArgument("GpuGenerator: moe_mma_paired_up_max_tokens must be >= 0, got " +
+                                   std::to_string(options.moe_mma_paired_up_max_tokens));
   if (options.moe_mma_min_slots_per_expert < 0)
     return Status::InvalidArgument("GpuGenerator: moe_mma_min_slots_per_expert must be >= 0, got " +
                                    std::to_string(options.moe_mma_min_slots_per_expert));

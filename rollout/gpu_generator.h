@@ -133,6 +133,8 @@ struct GpuGeneratorOptions {
   int moe_mma_min_slots_per_expert = 0;
   // MoeDecodeArgs::mma_tiles_per_block of every MoE forward.
   int moe_mma_tiles_per_block = 2;
+  // MoeDecodeArgs::mma_paired_up_max_tokens of every MoE forward (>= 0).
+  int moe_mma_paired_up_max_tokens = 32;
   // Decode steps attend with kernels::PagedAttentionSplit (flash-decoding:
   // the keys split into chunks of 64 positions, one block each, so batch 1
   // fills more than kv_heads SMs); prefill keeps PagedAttention. Changes

@@ -396,6 +396,14 @@ const Variant kVariants[] = {
        o = GpuGeneratorOptions{};
        o.moe_mma_tiles_per_block = 4;
      }},
+    {"default-moe_paired_up", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.moe_mma_paired_up_max_tokens = 0;
+     }},
+    {"default+moe_paired_up_always", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.moe_mma_paired_up_max_tokens = 1 << 20;
+     }},
     {"default+moe_mma=4", [](GpuGeneratorOptions& o) {
        o = GpuGeneratorOptions{};
        o.moe_mma_min_slots_per_expert = 4;

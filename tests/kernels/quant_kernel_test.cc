@@ -151,6 +151,11 @@ TEST(MoeDecodeArgs, BadArgumentsAreRejected) {
   a.mma_min_slots_per_expert = -1;
   s = MoeDecodeForward(a, nullptr);
   EXPECT_NE(s.ToString().find("mma_min_slots_per_expert"), std::string::npos) << s.ToString();
+  a.mma_min_slots_per_expert = 0;
+  a.mma_paired_up_max_tokens = -1;
+  s = MoeDecodeForward(a, nullptr);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.ToString().find("mma_paired_up_max_tokens"), std::string::npos) << s.ToString();
 }
 
 // ---- GPU ----
@@ -716,6 +721,23 @@ void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
     ASSERT_TRUE(s.ok()) << s.ToString();
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     ASSERT_EQ(dout.Download(&tiled[i]), cudaSuccess);
+  }
+  // The up stage's W1 and W3 in one loop: the same bits, at each tile count.
+  for (int tiles : {1, 2, 4}) {
+    MoeDecodeArgs base = a, paired = a;
+    base.mma_tiles_per_block = paired.mma_tiles_per_block = tiles;
+    base.mma_paired_up_max_tokens = 0;
+    paired.mma_paired_up_max_tokens = a.m;
+    std::vector<float> got[2];
+    const MoeDecodeArgs* args[2] = {&base, &paired};
+    for (int i = 0; i < 2; ++i) {
+      ASSERT_EQ(dout.Upload(out0), cudaSuccess);
+      const Status s = detail::MoeDecodeForwardOnPath(*args[i], detail::MoeDecodePath::kTensorCore, nullptr);
+      ASSERT_TRUE(s.ok()) << s.ToString();
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      ASSERT_EQ(dout.Download(&got[i]), cudaSuccess);
+    }
+    ASSERT_EQ(std::memcmp(got[0].data(), got[1].data(), got[0].size() * 4), 0) << "paired up, " << tiles << " tiles";
   }
   // Tensor-core blocks walking all of an expert's chunks (what a launch
   // past the grid's y extent does) give the same bits as a block a chunk.
