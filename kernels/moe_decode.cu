@@ -300,9 +300,11 @@ __device__ bool FindExpertChunk(const int32_t* offsets, int experts, int index, 
 // resident block had streamed its own: at batch 256 on gpu-ref the up stage
 // read 227 MB of DRAM for 134 MB of weights.) The same rows of 16 in the
 // same order, so the same bits.
-__device__ __forceinline__ bool ExpertChunkRows(const MoeDecodeArgs& a, const int32_t* offsets, int* e, int* begin,
-                                                int* end) {
-  if (offsets == nullptr) return ExpertRows(a, offsets, e, begin, end);
+// chunked false (a grid past its y extent): ExpertRows, the block walking
+// all of its expert's chunks.
+__device__ __forceinline__ bool ExpertChunkRows(const MoeDecodeArgs& a, const int32_t* offsets, bool chunked, int* e,
+                                                int* begin, int* end) {
+  if (offsets == nullptr || !chunked) return ExpertRows(a, offsets, e, begin, end);
   int chunk = 0;
   if (!FindExpertChunk(offsets, a.experts, blockIdx.y, e, &chunk)) return false;
   *begin = offsets[*e] + chunk * kMmaChunkRows;
@@ -488,8 +490,7 @@ __global__ void __launch_bounds__(kThreads, kPaired ? 2 : 3)
   ptx::griddepcontrol_launch_dependents();
   extern __shared__ uint4 smem[];
   int e, begin, end;
-  if (!(chunked ? ExpertChunkRows(a, offsets, &e, &begin, &end) : ExpertRows(a, offsets, &e, &begin, &end)))
-    return;
+  if (!ExpertChunkRows(a, offsets, chunked, &e, &begin, &end)) return;
   const QuantWeight w1 = a.w1[e], w3 = a.w3[e];
   switch (w1.format) {
     case QuantFormat::kBF16: UpTile<QuantFormat::kBF16, TB, kPaired>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
@@ -506,8 +507,7 @@ __global__ void __launch_bounds__(kThreads, 4)
   ptx::griddepcontrol_launch_dependents();
   extern __shared__ uint4 smem[];
   int e, begin, end;
-  if (!(chunked ? ExpertChunkRows(a, offsets, &e, &begin, &end) : ExpertRows(a, offsets, &e, &begin, &end)))
-    return;
+  if (!ExpertChunkRows(a, offsets, chunked, &e, &begin, &end)) return;
   const QuantWeight w2 = a.w2[e];
   switch (w2.format) {
     case QuantFormat::kBF16: DownTile<QuantFormat::kBF16, TB>(a, w2, begin, end, h, partial, smem); break;

@@ -96,8 +96,7 @@ __device__ __forceinline__ void OctetPairs(const uint4& raw, int s, uint32_t (&p
 
 // The sums of one iteration of a warp's tile, unscaled: d[t] = the 16 rows'
 // chunks (wa: row g, wb: row g + 8) dotted with the staged tokens of tile t,
-// the k16 steps added in octet order. `it` indexes x_s's iterations (the
-// weight's own iteration, or its place in a stage of a few).
+// the k16 steps added in octet order; `it` is the iteration.
 template <QuantFormat F, int NT>
 __device__ __forceinline__ void IterationSums(const uint4& wa, const uint4& wb, const uint4* x_s, int it,
                                               float (&d)[NT][4]) {

@@ -700,27 +700,26 @@ void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
   a.top_k = c.top_k;
   a.workspace = ws.get();
   a.workspace_bytes = ws_bytes;
+  // One forward from the same starting out on `path`, its out downloaded.
+  auto run_on = [&](const MoeDecodeArgs& args, detail::MoeDecodePath path, std::vector<float>* got,
+                    int max_chunk_blocks = detail::kMoeMaxChunkBlocks) {
+    ASSERT_EQ(dout.Upload(out0), cudaSuccess);
+    const Status s = detail::MoeDecodeForwardOnPath(args, path, nullptr, max_chunk_blocks);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_EQ(dout.Download(got), cudaSuccess);
+  };
   // Both kernel pairs, each from the same starting out, against one reference.
   std::vector<float> outs[2];
   const detail::MoeDecodePath paths[2] = {detail::MoeDecodePath::kCudaCore, detail::MoeDecodePath::kTensorCore};
-  for (int p = 0; p < 2; ++p) {
-    ASSERT_EQ(dout.Upload(out0), cudaSuccess);
-    const Status s = detail::MoeDecodeForwardOnPath(a, paths[p], nullptr);
-    ASSERT_TRUE(s.ok()) << s.ToString();
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    ASSERT_EQ(dout.Download(&outs[p]), cudaSuccess);
-  }
+  for (int p = 0; p < 2; ++p) ASSERT_NO_FATAL_FAILURE(run_on(a, paths[p], &outs[p]));
   // The tensor-core pair with 2 and 4 tiles a block (another slice order):
   // checked against the same reference below.
   std::vector<float> tiled[2];
   for (int i = 0; i < 2; ++i) {
     MoeDecodeArgs wide = a;
     wide.mma_tiles_per_block = 2 << i;
-    ASSERT_EQ(dout.Upload(out0), cudaSuccess);
-    const Status s = detail::MoeDecodeForwardOnPath(wide, detail::MoeDecodePath::kTensorCore, nullptr);
-    ASSERT_TRUE(s.ok()) << s.ToString();
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    ASSERT_EQ(dout.Download(&tiled[i]), cudaSuccess);
+    ASSERT_NO_FATAL_FAILURE(run_on(wide, detail::MoeDecodePath::kTensorCore, &tiled[i]));
   }
   // The up stage's W1 and W3 in one loop: the same bits, at each tile count.
   for (int tiles : {1, 2, 4}) {
@@ -729,28 +728,15 @@ void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
     base.mma_paired_up_max_tokens = 0;
     paired.mma_paired_up_max_tokens = a.m;
     std::vector<float> got[2];
-    const MoeDecodeArgs* args[2] = {&base, &paired};
-    for (int i = 0; i < 2; ++i) {
-      ASSERT_EQ(dout.Upload(out0), cudaSuccess);
-      const Status s = detail::MoeDecodeForwardOnPath(*args[i], detail::MoeDecodePath::kTensorCore, nullptr);
-      ASSERT_TRUE(s.ok()) << s.ToString();
-      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-      ASSERT_EQ(dout.Download(&got[i]), cudaSuccess);
-    }
+    ASSERT_NO_FATAL_FAILURE(run_on(base, detail::MoeDecodePath::kTensorCore, &got[0]));
+    ASSERT_NO_FATAL_FAILURE(run_on(paired, detail::MoeDecodePath::kTensorCore, &got[1]));
     ASSERT_EQ(std::memcmp(got[0].data(), got[1].data(), got[0].size() * 4), 0) << "paired up, " << tiles << " tiles";
   }
   // Tensor-core blocks walking all of an expert's chunks (what a launch
   // past the grid's y extent does) give the same bits as a block a chunk.
-  {
-    ASSERT_EQ(dout.Upload(out0), cudaSuccess);
-    const Status s = detail::MoeDecodeForwardOnPath(a, detail::MoeDecodePath::kTensorCore, nullptr,
-                                                    /*max_chunk_blocks=*/0);
-    ASSERT_TRUE(s.ok()) << s.ToString();
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    std::vector<float> walked;
-    ASSERT_EQ(dout.Download(&walked), cudaSuccess);
-    ASSERT_EQ(std::memcmp(walked.data(), outs[1].data(), walked.size() * 4), 0) << "walking blocks";
-  }
+  std::vector<float> walked;
+  ASSERT_NO_FATAL_FAILURE(run_on(a, detail::MoeDecodePath::kTensorCore, &walked, /*max_chunk_blocks=*/0));
+  ASSERT_EQ(std::memcmp(walked.data(), outs[1].data(), walked.size() * 4), 0) << "walking blocks";
   // And the public entry point (kAuto picks one of the two) runs.
   ASSERT_EQ(dout.Upload(out0), cudaSuccess);
   ASSERT_TRUE(MoeDecodeForward(a, nullptr).ok());
@@ -763,11 +749,8 @@ void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
   // same index: the same bits on both kernel pairs.
   a.one_launch_index = true;
   for (int p = 0; p < 2; ++p) {
-    ASSERT_EQ(dout.Upload(out0), cudaSuccess);
-    ASSERT_TRUE(detail::MoeDecodeForwardOnPath(a, paths[p], nullptr).ok());
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     std::vector<float> one;
-    ASSERT_EQ(dout.Download(&one), cudaSuccess);
+    ASSERT_NO_FATAL_FAILURE(run_on(a, paths[p], &one));
     ASSERT_EQ(std::memcmp(one.data(), outs[p].data(), one.size() * 4), 0) << "one-launch index, path " << p;
   }
   a.one_launch_index = false;
@@ -777,11 +760,8 @@ void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
   for (QuantFormat hint : {QuantFormat::kInt8, QuantFormat::kInt4}) {
     MoeDecodeArgs hinted = a;
     hinted.widest_format = hint;
-    ASSERT_EQ(dout.Upload(out0), cudaSuccess);
-    ASSERT_TRUE(detail::MoeDecodeForwardOnPath(hinted, detail::MoeDecodePath::kCudaCore, nullptr).ok());
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     std::vector<float> got;
-    ASSERT_EQ(dout.Download(&got), cudaSuccess);
+    ASSERT_NO_FATAL_FAILURE(run_on(hinted, detail::MoeDecodePath::kCudaCore, &got));
     ASSERT_EQ(std::memcmp(got.data(), outs[0].data(), got.size() * 4), 0) << "widest_format " << Name(hint);
   }
   // Each token alone (m = 1: no route index, block y is slot y) gives its
