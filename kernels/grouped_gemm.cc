@@ -41,6 +41,15 @@ Status CheckArgs(const GroupedGemmArgs& a) {
     if (misaligned(a.swiglu_bwd_ab))
       return Status::InvalidArgument("grouped GEMM: swiglu_bwd_ab must be 16-byte aligned");
   }
+  if (a.swiglu_out != nullptr) {
+    if (a.out_type != GemmOutType::kBF16 || a.w_layout != GemmWeightLayout::kKMajor ||
+        a.n % 16 != 0 || a.swiglu_bwd_ab != nullptr)
+      return Status::InvalidArgument(
+          "grouped GEMM: the SwiGLU forward epilogue needs bf16 output, K-major weights, n a "
+          "multiple of 16 and no SwiGLU backward epilogue");
+    if (misaligned(a.swiglu_out))
+      return Status::InvalidArgument("grouped GEMM: swiglu_out must be 16-byte aligned");
+  }
   return Status::OK();
 }
 
@@ -105,6 +114,10 @@ Status GroupedGemm(const GroupedGemmArgs& given, GroupedGemmImpl impl, cudaStrea
   if (swiglu && impl != GroupedGemmImpl::kAuto && !FusesSwiGluBackward(impl))
     return Status::InvalidArgument(std::string("grouped GEMM: ") + GroupedGemmImplName(impl) +
                                    " has no SwiGLU backward epilogue");
+  const bool swiglu_fwd = given.swiglu_out != nullptr;
+  if (swiglu_fwd && impl != GroupedGemmImpl::kAuto && impl != GroupedGemmImpl::kWgmmaStaged)
+    return Status::InvalidArgument(std::string("grouped GEMM: ") + GroupedGemmImplName(impl) +
+                                   " has no SwiGLU forward epilogue");
   GroupedGemmArgs args = given;  // the launchers read w_expert_rows as set
   if (args.w_expert_rows == 0) args.w_expert_rows = mn ? args.k : args.n;
   if (args.total_rows == 0) return Status::OK();  // nothing routed anywhere
@@ -112,6 +125,9 @@ Status GroupedGemm(const GroupedGemmArgs& given, GroupedGemmImpl impl, cudaStrea
   GROVE_RETURN_IF_ERROR(QueryDevice(&dev));
   // sm_90a machine code runs on compute capability 9.0 only.
   const bool hopper = dev.cc_major == 9 && dev.cc_minor == 0;
+  if (swiglu_fwd && !hopper)
+    return Status::FailedPrecondition(
+        "grouped GEMM: the SwiGLU forward epilogue needs an sm_90 GPU (kWgmmaStaged)");
   if (impl == GroupedGemmImpl::kAuto) {
     // Measured on an H100 (docs/kernels.md): at k >= 1024 the ping-pong
     // kernel is the fastest (its epilogue hides behind the other
@@ -125,7 +141,8 @@ Status GroupedGemm(const GroupedGemmArgs& given, GroupedGemmImpl impl, cudaStrea
     // skewed routing) against ping-pong's 614 / 611, gpu-ref step 187 vs
     // 188-191 ms (H100, kernel_bench --dx, GROVE_GROUPED_GEMM). All of these
     // read either weight layout. The SwiGLU epilogue: staged, which has it.
-    const bool pingpong = !mn && !swiglu && args.k >= 1024 &&
+    // The SwiGLU forward epilogue: staged, the only one with it.
+    const bool pingpong = !mn && !swiglu && !swiglu_fwd && args.k >= 1024 &&
                           (args.n < 1024 || args.out_type == GemmOutType::kF32);
     impl = !hopper     ? GroupedGemmImpl::kMmaSync
            : pingpong ? GroupedGemmImpl::kWgmmaPingpong

@@ -91,6 +91,21 @@ struct GroupedGemmArgs {
   // Speed: at the model's w2 shape on an H100 slower (0.88 ms) than the
   // GEMM and SwiGluBackwardPacked apart (0.32 + 0.355); docs/kernels.md.
   const __nv_bfloat16* swiglu_bwd_ab = nullptr;
+  // Optional fused epilogue, the SwiGLU forward (the MoE forward's w1|w3
+  // GEMM and the gate in one launch): when set, each expert's n weight
+  // rows are w1 (rows 0..n/2-1) then w3 (n/2..n-1), C receives [a | b] as
+  // without it (a = A w1^T in columns 0..n/2-1, b = A w3^T in n/2..n-1),
+  // and this ([total_rows, n/2] bf16 row-major, 16-byte aligned, not
+  // overlapping C) receives h = silu(a) * b computed from the bf16 a and b
+  // that C holds, bit for bit what SwiGluForwardPacked(C, h, rows, n/2)
+  // would write, without reading C back. A tile's W rows are w1's and
+  // w3's rows of the same features (two TMA boxes), so one tile's
+  // accumulator holds a and b of the same 128 features. Requires out_type
+  // kBF16, kKMajor weights, n % 16 == 0 and no swiglu_bwd_ab.
+  // Implementations: kWgmmaStaged only (kAuto picks it on sm_90 and
+  // returns FailedPrecondition elsewhere); the others return
+  // InvalidArgument. Rows past offsets[num_experts] are not written.
+  __nv_bfloat16* swiglu_out = nullptr;
 };
 
 // Contract on expert_offsets (read on the device, so not checked here):

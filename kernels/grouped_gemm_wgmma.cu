@@ -353,16 +353,73 @@ __device__ __forceinline__ void StoreSwiGluBwdTile(const uint8_t* c_tile,
   }
 }
 
-template <typename Cfg, bool kSwiGluBwd>
+// The SwiGLU forward epilogue's storers on one tile (kSwiGluFwd below):
+// the dumped bf16 tile holds a in chunks 0..BN/16-1 of each row and b of
+// the same features in BN/16..BN/8-1. A storer takes one 8-feature chunk
+// pair: a to c[row, feature], b to c[row, f + feature] (c is [rows, 2f]),
+// h to h_out[row, feature]; a quarter-warp's 8 pairs are one row's 128
+// contiguous smem bytes of each half (no bank conflicts) and a warp's
+// stores cover 2 rows' 256 contiguous bytes of each output. h is computed
+// from the bf16 a and b as SwiGluForwardPacked does (swiglu.cu: bf16 ->
+// fp32, SwiGluForwardElement, round to bf16), so its bits match it.
+template <int BN, int kPitch>
+__device__ __forceinline__ void StoreSwiGluFwdTile(const uint8_t* c_tile,
+                                                   __nv_bfloat16* __restrict__ c,
+                                                   __nv_bfloat16* __restrict__ h_out, int f,
+                                                   const TileCoord& t, int sid) {
+  constexpr int kPairsPerRow = BN / 16;
+#pragma unroll 1
+  for (int idx = sid; idx < t.rows * kPairsPerRow; idx += kStorers) {
+    const int r = idx / kPairsPerRow, ch = idx % kPairsPerRow;
+    const int feature = t.col_begin + ch * 8;
+    if (feature >= f) continue;
+    const uint4 av = *reinterpret_cast<const uint4*>(c_tile + r * kPitch + ch * 16);
+    const uint4 bv =
+        *reinterpret_cast<const uint4*>(c_tile + r * kPitch + (kPairsPerRow + ch) * 16);
+    const int64_t row = t.row_begin + r;
+    __nv_bfloat16* out = c + row * 2 * f + feature;
+    *reinterpret_cast<uint4*>(out) = av;
+    *reinterpret_cast<uint4*>(out + f) = bv;
+    const __nv_bfloat162* a2 = reinterpret_cast<const __nv_bfloat162*>(&av);
+    const __nv_bfloat162* b2 = reinterpret_cast<const __nv_bfloat162*>(&bv);
+    uint32_t hw[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 a = __bfloat1622float2(a2[i]), b = __bfloat1622float2(b2[i]);
+      const __nv_bfloat162 h2 =
+          __floats2bfloat162_rn(SwiGluForwardElement(a.x, b.x), SwiGluForwardElement(a.y, b.y));
+      hw[i] = *reinterpret_cast<const uint32_t*>(&h2);
+    }
+    *reinterpret_cast<uint4*>(h_out + row * f + feature) = make_uint4(hw[0], hw[1], hw[2], hw[3]);
+  }
+}
+
+// kSwiGluFwd (GroupedGemmArgs::swiglu_out; K-major W, bf16 out): the
+// schedule tiles the f = n / 2 features in blocks of BN / 2, and a stage's
+// W tile is two [BN / 2][BK] boxes, w1's rows of the block's features then
+// w3's (tmap_w's box is BN / 2 rows), so accumulator columns 0..BN/2-1 are
+// a and BN/2.. are b of the same features. The consumers' dump is the
+// plain one (bf16); the storers write a and b where the unfused GEMM
+// would (C columns feature and f + feature) and h = silu(a) * b from those
+// bf16 values into h_out ([rows, f]), the arithmetic of
+// SwiGluForwardPacked. Features past f (a partial last block) are computed
+// from w3's rows or the rows past them and never stored.
+template <typename Cfg, bool kSwiGluBwd, bool kSwiGluFwd = false>
 __global__ void __launch_bounds__(kThreads, 1)
     GroupedGemmWgmmaStagedKernel(const __grid_constant__ CUtensorMap tmap_a,
                                  const __grid_constant__ CUtensorMap tmap_w,
                                  const int32_t* __restrict__ offsets, int num_experts,
                                  int total_rows, int n, int k, int w_expert_rows,
                                  __nv_bfloat16* __restrict__ c,
-                                 const __nv_bfloat16* __restrict__ ab) {
+                                 const __nv_bfloat16* __restrict__ ab,
+                                 __nv_bfloat16* __restrict__ h_out) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  static_assert(!(kSwiGluBwd && kSwiGluFwd));
+  static_assert(!kSwiGluFwd || !Cfg::kWMnMajor, "the SwiGLU forward reads K-major w1|w3");
   constexpr int BN = Cfg::kBlockN;
+  // Columns of the schedule's blocks: C's, or (kSwiGluFwd) features.
+  constexpr int kTileCols = kSwiGluFwd ? BN / 2 : BN;
+  const int sched_cols = kSwiGluFwd ? n / 2 : n;
   constexpr int kBlockK = Cfg::kBlockK;
   constexpr int kPitch = StagedTile<Cfg, kSwiGluBwd>::kPitchBytes;
   constexpr int kChunksPerRow = BN * 2 / 16;
@@ -377,7 +434,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* c_tile = smem + StagedTile<Cfg, kSwiGluBwd>::kOffset;
 
   const int warpgroup = threadIdx.x / 128;
-  const int n_tiles = (n + BN - 1) / BN;
+  const int n_tiles = (sched_cols + kTileCols - 1) / kTileCols;
   const int k_blocks = (k + kBlockK - 1) / kBlockK;
 
   if (threadIdx.x == 0) {
@@ -401,13 +458,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The plain kernel moves registers to the consumers' 128 accumulators;
     // the SwiGLU one keeps the even split (168 each): its consumers hold 64,
     // its storers the loads in flight.
-    if constexpr (!kSwiGluBwd) ptx::setmaxnreg_dec<40>();
+    // kSwiGluFwd: the storers' sigmoid (an IEEE division, as in
+    // SwiGluForwardPacked) spills at 40 registers; 56 and the consumers'
+    // 224 keep the 3 x 168 total.
+    if constexpr (kSwiGluFwd) {
+      ptx::setmaxnreg_dec<56>();
+    } else if constexpr (!kSwiGluBwd) {
+      ptx::setmaxnreg_dec<40>();
+    }
     int expert_hint = 0;
     if (threadIdx.x == 0) {
       int stage = 0;
       uint32_t phase = 0;
       for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
-        const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
+        const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, kTileCols,
                                        n_tiles, expert_hint);
         for (int kb = 0; kb < k_blocks; ++kb) {
           ptx::mbarrier_wait_parity(&empty_bar[stage], phase ^ 1);
@@ -416,8 +480,16 @@ __global__ void __launch_bounds__(kThreads, 1)
           ptx::mbarrier_arrive_expect_tx(&full_bar[stage], Cfg::StageBytes(n, t.col_begin));
           ptx::cp_async_bulk_tensor_2d_g2s(a_dst, &tmap_a, kb * kBlockK, t.row_begin,
                                            &full_bar[stage]);
-          Cfg::LoadW(w_dst, &tmap_w, t.expert, w_expert_rows, n, t.col_begin, kb,
-                     &full_bar[stage]);
+          if constexpr (kSwiGluFwd) {
+            const int w1_row = t.expert * w_expert_rows + t.col_begin;
+            ptx::cp_async_bulk_tensor_2d_g2s(w_dst, &tmap_w, kb * kBlockK, w1_row,
+                                             &full_bar[stage]);
+            ptx::cp_async_bulk_tensor_2d_g2s(w_dst + Cfg::kBBytes / 2, &tmap_w, kb * kBlockK,
+                                             w1_row + sched_cols, &full_bar[stage]);
+          } else {
+            Cfg::LoadW(w_dst, &tmap_w, t.expert, w_expert_rows, n, t.col_begin, kb,
+                       &full_bar[stage]);
+          }
           if (++stage == Cfg::kStages) {
             stage = 0;
             phase ^= 1;
@@ -428,9 +500,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int sid = threadIdx.x - 32;  // storer 0..95
       uint32_t j = 0;
       for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x, ++j) {
-        const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
+        const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, kTileCols,
                                        n_tiles, expert_hint);
-        if constexpr (kSwiGluBwd) {
+        if constexpr (kSwiGluFwd) {
+          ptx::mbarrier_wait_parity(c_full, j & 1);
+          StoreSwiGluFwdTile<BN, kPitch>(c_tile, c, h_out, sched_cols, t, sid);
+        } else if constexpr (kSwiGluBwd) {
           StoreSwiGluBwdTile<BN, kPitch>(c_tile, ab, c, n, t, sid,
                                          [&] { ptx::mbarrier_wait_parity(c_full, j & 1); });
         } else {
@@ -448,7 +523,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   } else {
-    if constexpr (!kSwiGluBwd) ptx::setmaxnreg_inc<232>();
+    if constexpr (kSwiGluFwd) {
+      ptx::setmaxnreg_inc<224>();
+    } else if constexpr (!kSwiGluBwd) {
+      ptx::setmaxnreg_inc<232>();
+    }
     const int consumer = warpgroup - 1;
     const int warp_in_group = (threadIdx.x / 32) % 4;
     const int lane = threadIdx.x % 32;
@@ -458,7 +537,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint32_t j = 0;
     float acc[BN / 2];
     for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x, ++j) {
-      LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN, n_tiles, expert_hint);
+      LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, kTileCols, n_tiles,
+                 expert_hint);
       int prev_stage = -1;
       for (int kb = 0; kb < k_blocks; ++kb) {
         ptx::mbarrier_wait_parity(&full_bar[stage], phase);
@@ -890,7 +970,7 @@ Status LaunchWgmmaCluster(const GroupedGemmArgs& args, const DeviceInfo& dev,
   return CudaStatus(cudaGetLastError(), "wgmma cluster grouped GEMM launch");
 }
 
-template <typename Cfg, bool kSwiGluBwd>
+template <typename Cfg, bool kSwiGluBwd, bool kSwiGluFwd = false>
 Status LaunchWgmmaStaged(const GroupedGemmArgs& args, const DeviceInfo& dev,
                          cudaStream_t stream) {
   using Tile = StagedTile<Cfg, kSwiGluBwd>;
@@ -900,19 +980,22 @@ Status LaunchWgmmaStaged(const GroupedGemmArgs& args, const DeviceInfo& dev,
   GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
       &tmap_a, args.a, static_cast<uint64_t>(args.total_rows), args.k, args.k, kBlockM,
       Cfg::kBlockK, Cfg::kSwizzleBytes));
-  GROVE_RETURN_IF_ERROR(MakeWeightMap<Cfg>(args, BN, &tmap_w));
-  auto kernel = GroupedGemmWgmmaStagedKernel<Cfg, kSwiGluBwd>;
+  // kSwiGluFwd: a W tile is two boxes of BN / 2 rows (w1's, w3's).
+  GROVE_RETURN_IF_ERROR(MakeWeightMap<Cfg>(args, kSwiGluFwd ? BN / 2 : BN, &tmap_w));
+  auto kernel = GroupedGemmWgmmaStagedKernel<Cfg, kSwiGluBwd, kSwiGluFwd>;
   GROVE_RETURN_IF_ERROR(CudaStatus(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes),
       "wgmma staged grouped GEMM: shared memory attribute"));
-  const int64_t n_tiles = (args.n + BN - 1) / BN;
+  const int64_t n_tiles =
+      kSwiGluFwd ? (args.n / 2 + BN / 2 - 1) / (BN / 2) : (args.n + BN - 1) / BN;
   const int64_t max_tiles =
       (static_cast<int64_t>(args.total_rows) / kBlockM + args.num_experts) * n_tiles;
   const int grid =
       static_cast<int>(std::min<int64_t>(dev.sm_count, std::max<int64_t>(max_tiles, 1)));
   kernel<<<grid, kThreads, Tile::kSmemBytes, stream>>>(
       tmap_a, tmap_w, args.expert_offsets, args.num_experts, args.total_rows, args.n, args.k,
-      args.w_expert_rows, static_cast<__nv_bfloat16*>(args.c), args.swiglu_bwd_ab);
+      args.w_expert_rows, static_cast<__nv_bfloat16*>(args.c), args.swiglu_bwd_ab,
+      args.swiglu_out);
   return CudaStatus(cudaGetLastError(), "wgmma staged grouped GEMM launch");
 }
 
@@ -950,6 +1033,12 @@ Status LaunchGroupedGemmWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev
     case WgmmaVariant::kStagedBn256:
       // The SwiGLU epilogue's fp32 tile: 128 x 128 tiles, 4-stage ring
       // (70 KB tile + 128 KB ring, where the plain one has 66 + 144).
+      // The SwiGLU forward epilogue: the plain staged tiling (bf16 out,
+      // K-major W: checked by GroupedGemm).
+      if (args.swiglu_out != nullptr) {
+        if (mn) return Status::Internal("wgmma grouped GEMM: SwiGLU forward with MN-major W");
+        return LaunchWgmmaStaged<WgmmaConfig<256, 64, 3>, false, true>(args, dev, stream);
+      }
       if (args.swiglu_bwd_ab != nullptr)  // bf16 out (checked by GroupedGemm)
         return WithWeightLayout<128, 64, 4>(
             args, [&](auto cfg) { return LaunchWgmmaStaged<decltype(cfg), true>(args, dev, stream); });

@@ -503,6 +503,152 @@ TEST(GroupedGemmTest, SwiGluEpilogueGpuRefShapeInTheParameterLayout) {
   CheckSwiGluEpilogueCase(counts, F, H, 5, 3 * H - H);
 }
 
+// The SwiGLU forward epilogue (GroupedGemmArgs::swiglu_out): each
+// expert's 2f weight rows are w1 then w3; C = [a | b] and h = silu(a) * b.
+// The contract is bit equality with the unfused path (the same GEMM
+// without the epilogue, then SwiGluForwardPacked on its bf16 [a | b]), so
+// both are compared bit for bit (a tolerance would hide a tile that holds
+// a and b of different features: its h is still a plausible number). C is
+// also checked against the double reference (CheckCase's norm-wise 5e-3
+// for bf16 output), so that a broken unfused path cannot make both agree.
+// Rows of A past the last expert are NaN: a partial tile computes them,
+// and nothing may store them (C and h start NaN-poisoned there and must
+// stay so; every routed row must be finite).
+void CheckSwiGluForwardCase(const std::vector<int>& counts, int f, int k, int extra_rows,
+                            int gap_rows = 0) {
+  const int n = 2 * f;
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("SwiGLU forward seed " + std::to_string(seed) + " f=" + std::to_string(f) +
+               " k=" + std::to_string(k) + " gap_rows=" + std::to_string(gap_rows));
+  std::mt19937_64 rng(seed);
+  const int experts = static_cast<int>(counts.size());
+  std::vector<int32_t> offsets(experts + 1, 0);
+  for (int e = 0; e < experts; ++e) offsets[e + 1] = offsets[e] + counts[e];
+  const int routed = offsets.back();
+  const int total_rows = routed + extra_rows;
+  const size_t c_elems = static_cast<size_t>(total_rows) * n, h_elems = c_elems / 2;
+
+  std::vector<__nv_bfloat16> a_bf, w_bf;
+  std::vector<double> a, w;
+  testing::RandomBf16(rng, static_cast<size_t>(total_rows) * k, &a_bf, &a);
+  testing::RandomBf16(rng, static_cast<size_t>(experts) * n * k, &w_bf, &w);
+  __nv_bfloat16_raw nan_bits;
+  nan_bits.x = 0x7FC0;
+  for (size_t i = static_cast<size_t>(routed) * k; i < a_bf.size(); ++i) a_bf[i] = nan_bits;
+  std::vector<double> ref, abs_sum;
+  a.resize(static_cast<size_t>(routed) * k);
+  ReferenceGroupedGemm(a, w, offsets, n, k, &ref, &abs_sum);
+
+  const std::vector<__nv_bfloat16> stored =
+      StoredWeights(std::move(w_bf), experts, n, k, GemmWeightLayout::kKMajor, gap_rows);
+  DeviceBuffer<__nv_bfloat16> d_a(a_bf.size()), d_w(stored.size()), d_c_ref(c_elems),
+      d_h_ref(h_elems), d_c(c_elems), d_h(h_elems);
+  DeviceBuffer<int32_t> d_off(offsets.size());
+  ASSERT_TRUE(d_a.get() && d_w.get() && d_c.get() && d_h.get() && d_off.get());
+  GROVE_CUDA_OK(d_a.Upload(a_bf));
+  GROVE_CUDA_OK(d_w.Upload(stored));
+  GROVE_CUDA_OK(d_off.Upload(offsets));
+
+  GroupedGemmArgs args;
+  args.a = d_a.get();
+  args.w = d_w.get();
+  args.expert_offsets = d_off.get();
+  args.total_rows = total_rows;
+  args.num_experts = experts;
+  args.n = n;
+  args.k = k;
+  args.out_type = GemmOutType::kBF16;
+  args.w_expert_rows = gap_rows > 0 ? n + gap_rows : 0;
+
+  // The unfused path: the GEMM (kAuto), then SwiGluForwardPacked.
+  args.c = d_c_ref.get();
+  ASSERT_TRUE(GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr).ok());
+  ASSERT_TRUE(SwiGluForwardPacked(d_c_ref.get(), d_h_ref.get(), routed, f, nullptr).ok());
+  GROVE_CUDA_OK(cudaDeviceSynchronize());
+  std::vector<__nv_bfloat16> c_ref, h_ref;
+  GROVE_CUDA_OK(d_c_ref.Download(&c_ref));
+  GROVE_CUDA_OK(d_h_ref.Download(&h_ref));
+  {
+    std::vector<double> got(ref.size());
+    for (size_t i = 0; i < ref.size(); ++i) got[i] = __bfloat162float(c_ref[i]);
+    EXPECT_LT(RelativeError(got, ref), 5e-3) << "the unfused GEMM disagrees with the reference";
+  }
+
+  args.c = d_c.get();
+  args.swiglu_out = d_h.get();
+  for (GroupedGemmImpl impl : kAllImpls) {
+    SCOPED_TRACE(GroupedGemmImplName(impl));
+    if (impl != GroupedGemmImpl::kAuto && impl != GroupedGemmImpl::kWgmmaStaged) {
+      const Status s = GroupedGemm(args, impl, nullptr);
+      EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s;
+      continue;
+    }
+    if (!IsHopper()) {
+      EXPECT_EQ(GroupedGemm(args, impl, nullptr).code(), StatusCode::kFailedPrecondition);
+      continue;
+    }
+    GROVE_CUDA_OK(cudaMemset(d_c.get(), 0xFF, c_elems * 2));  // bf16 NaN
+    GROVE_CUDA_OK(cudaMemset(d_h.get(), 0xFF, h_elems * 2));
+    const Status s = GroupedGemm(args, impl, nullptr);
+    ASSERT_TRUE(s.ok()) << s;
+    GROVE_CUDA_OK(cudaDeviceSynchronize());
+    std::vector<__nv_bfloat16> c_got, h_got;
+    GROVE_CUDA_OK(d_c.Download(&c_got));
+    GROVE_CUDA_OK(d_h.Download(&h_got));
+    auto bits = [](__nv_bfloat16 x) { return reinterpret_cast<const __nv_bfloat16_raw&>(x).x; };
+    auto check = [&](const std::vector<__nv_bfloat16>& got, const std::vector<__nv_bfloat16>& want,
+                     int width, const char* what) {
+      size_t differ = 0, not_finite = 0, first = 0, tail_written = 0;
+      const size_t routed_elems = static_cast<size_t>(routed) * width;
+      for (size_t i = 0; i < routed_elems; ++i) {
+        if (bits(got[i]) != bits(want[i])) {
+          if (differ == 0) first = i;
+          ++differ;
+        }
+        not_finite += std::isfinite(__bfloat162float(got[i])) ? 0 : 1;
+      }
+      for (size_t i = routed_elems; i < got.size(); ++i) tail_written += bits(got[i]) != 0xFFFF;
+      EXPECT_EQ(differ, 0u) << what << ": first differing element row " << first / width << " col "
+                            << first % width << ": got " << __bfloat162float(got[first])
+                            << ", unfused " << __bfloat162float(want[first]);
+      EXPECT_EQ(not_finite, 0u) << what << " has non-finite routed elements";
+      EXPECT_EQ(tail_written, 0u) << what << ": rows past the last expert were written";
+    };
+    check(c_got, c_ref, n, "[a | b]");
+    check(h_got, h_ref, f, "h");
+  }
+}
+
+TEST(GroupedGemmTest, SwiGluForwardRaggedWithEmptyExpertsAndTails) {
+  GROVE_SKIP_WITHOUT_GPU();
+  // Empty experts, rows around the 128-row tile, f = 136 (a partial
+  // feature block: 8 features past 128), k = 200 (a partial k block), 7
+  // NaN rows of A past the last expert.
+  CheckSwiGluForwardCase({0, 1, 127, 128, 129, 300, 0, 45}, 136, 200, 7);
+  // f = 64 < the 128-feature block, the experts' weights n + 56 rows
+  // apart with NaN between: the w3 box of a block reads the gap into
+  // accumulator columns that must never be stored.
+  CheckSwiGluForwardCase({70, 0, 5, 131}, 64, 72, 3, 56);
+  // Several feature blocks, the last partial, k = 1024 (kAuto's unfused
+  // GEMM picks a different kernel below n = 1024).
+  CheckSwiGluForwardCase({33, 0, 260}, 264, 1024, 2, 8);
+}
+
+// The model's call: xe [Pn, H] through w1|w3 read K-major in the parameter
+// layout (each expert's w1, w3, w2: 3F rows of H apart), E = 64, H = 1024,
+// F = 512; fewer tokens than a step so the CPU reference stays fast.
+TEST(GroupedGemmTest, SwiGluForwardGpuRefShapeInTheParameterLayout) {
+  GROVE_SKIP_WITHOUT_GPU();
+  const int E = 64, H = 1024, F = 512;
+  std::mt19937_64 rng(testing::FreshSeed());
+  std::uniform_int_distribution<int> count(0, 48);
+  std::vector<int> counts(E);
+  for (int& c : counts) c = count(rng);
+  counts[17] = 0;
+  counts[63] = 0;
+  CheckSwiGluForwardCase(counts, F, H, 5, 3 * F - 2 * F);
+}
+
 TEST(GroupedGemmTest, ManyExpertsMostlyEmpty) {
   GROVE_SKIP_WITHOUT_GPU();
   // More experts than a warp's scan chunk (the tile table is built 32 at a time).
@@ -587,6 +733,35 @@ TEST(GroupedGemmTest, RejectsBadShapes) {
     EXPECT_NE(refused.message().find("SwiGLU"), std::string::npos) << refused;
   }
   args.swiglu_bwd_ab = nullptr;
+  // The SwiGLU forward epilogue: bf16 out, K-major, n % 16 == 0, an
+  // aligned output, not with the backward one, kAuto or kWgmmaStaged only.
+  args.swiglu_out = dummy;
+  args.out_type = GemmOutType::kF32;
+  Status fwd_f32 = GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr);
+  EXPECT_EQ(fwd_f32.code(), StatusCode::kInvalidArgument) << fwd_f32;
+  EXPECT_NE(fwd_f32.message().find("SwiGLU forward"), std::string::npos) << fwd_f32;
+  args.out_type = GemmOutType::kBF16;
+  args.n = 24;  // a multiple of 8, not of 16
+  EXPECT_EQ(GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr).code(), StatusCode::kInvalidArgument);
+  args.n = 64;
+  args.w_layout = GemmWeightLayout::kMnMajor;
+  EXPECT_EQ(GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr).code(), StatusCode::kInvalidArgument);
+  args.w_layout = GemmWeightLayout::kKMajor;
+  args.swiglu_bwd_ab = dummy;
+  EXPECT_EQ(GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr).code(), StatusCode::kInvalidArgument);
+  args.swiglu_bwd_ab = nullptr;
+  args.swiglu_out = dummy + 1;
+  EXPECT_EQ(GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr).code(), StatusCode::kInvalidArgument);
+  args.swiglu_out = dummy;
+  for (GroupedGemmImpl impl : {GroupedGemmImpl::kWgmmaBn128, GroupedGemmImpl::kWgmmaBn256,
+                               GroupedGemmImpl::kWgmmaBn256Bk32, GroupedGemmImpl::kWgmmaPingpong,
+                               GroupedGemmImpl::kWgmmaCluster, GroupedGemmImpl::kMmaSync,
+                               GroupedGemmImpl::kWmma}) {
+    Status refused = GroupedGemm(args, impl, nullptr);
+    EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument) << GroupedGemmImplName(impl);
+    EXPECT_NE(refused.message().find("SwiGLU forward"), std::string::npos) << refused;
+  }
+  args.swiglu_out = nullptr;
   args.out_type = GemmOutType::kF32;
   args.expert_offsets = nullptr;
   EXPECT_EQ(GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr).code(),
