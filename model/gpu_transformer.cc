@@ -267,6 +267,13 @@ struct GpuTransformer::Impl {
   // kAuto unless GROVE_GROUPED_GEMM names an implementation
   // (GroupedGemmImplName), for comparing them inside the whole step.
   kernels::GroupedGemmImpl fwd_gemm_impl = kernels::GroupedGemmImpl::kAuto;
+  // The MoE forward's SwiGLU in the epilogue of the w1|w3 grouped GEMM
+  // (GroupedGemmArgs::swiglu_out: h written from the tile, eab not read
+  // back; the same bits as GEMM + SwiGluForwardPacked). Only where the GEMM
+  // has it: sm_90 with fwd_gemm_impl kAuto or kWgmmaStaged; elsewhere the
+  // unfused path runs. GROVE_FUSED_SWIGLU_FWD=0|1 overrides the default.
+  bool fused_swiglu_fwd = false;
+  bool hopper = false;
   // Whether an MoE layer's expert-ordered inputs xe (h2 permuted, [Pn, H]
   // bf16) are kept from the forward for the backward's w1|w3 weight
   // gradient, instead of permuting h2 again there: saves a Pn x H gather and
@@ -411,6 +418,7 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
     GPU_OK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     GPU_OK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
     im.grouped_dw = major == 9 && minor == 0;
+    im.hopper = major == 9 && minor == 0;
   }
   if (const char* env = std::getenv("GROVE_EXPERT_DW")) {
     const std::string v = env;
@@ -427,6 +435,7 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
     im.grouped_dw = v != "cublas";
     if (impl) im.dw_impl = *impl;
   }
+  if (const char* env = std::getenv("GROVE_FUSED_SWIGLU_FWD")) im.fused_swiglu_fwd = std::string(env) == "1";
   // auto | 1 | 0 (unset: as initialized).
   auto keep_mode = [](const char* var, Impl::KeepMode* mode) -> Status {
     const char* env = std::getenv(var);
@@ -869,10 +878,17 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     // grouped GEMM writes [a | b] per row.
     ga.a = xe; ga.w = Wb(e0 + "w1"); ga.c = eab; ga.n = int(2 * F); ga.k = int(H);
     ga.w_expert_rows = int(expert_stride / H);
+    const bool fuse_swiglu = im.fused_swiglu_fwd && im.hopper &&
+                             (im.fwd_gemm_impl == kernels::GroupedGemmImpl::kAuto ||
+                              im.fwd_gemm_impl == kernels::GroupedGemmImpl::kWgmmaStaged);
+    if (fuse_swiglu) ga.swiglu_out = eh;  // h from the GEMM's epilogue
     GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, im.fwd_gemm_impl, st));
-    im.Lap("grouped GEMM fwd", 4.0 * Pn * F * H);
-    GROVE_RETURN_IF_ERROR(kernels::SwiGluForwardPacked(eab, eh, Pn, int(F), st));
-    im.Lap("swiglu fwd");
+    ga.swiglu_out = nullptr;
+    im.Lap(fuse_swiglu ? "grouped GEMM + swiglu fwd" : "grouped GEMM fwd", 4.0 * Pn * F * H);
+    if (!fuse_swiglu) {
+      GROVE_RETURN_IF_ERROR(kernels::SwiGluForwardPacked(eab, eh, Pn, int(F), st));
+      im.Lap("swiglu fwd");
+    }
     ga.a = eh; ga.w = Wb(e0 + "w2"); ga.c = ey; ga.n = int(H); ga.k = int(F);
     ga.w_expert_rows = int(expert_stride / F);
     GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, im.fwd_gemm_impl, st));

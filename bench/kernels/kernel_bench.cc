@@ -1255,6 +1255,36 @@ void GroupedStepShapes(cublasHandle_t h, std::mt19937_64& rng, int reps) {
     std::fflush(stdout);
     cudaFree(a); cudaFree(dense_w); cudaFree(c);
   }
+  // The forward's w1|w3 GEMM with the SwiGLU forward in its epilogue
+  // (GroupedGemmArgs::swiglu_out) against the GEMM and SwiGluForwardPacked
+  // apart (what it replaces), and each of those alone.
+  {
+    __nv_bfloat16* a = RandomDeviceBf16(size_t(rows) * H, rng);
+    __nv_bfloat16 *c, *hbuf;
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&c, size_t(rows) * 2 * F * 2));
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(&hbuf, size_t(rows) * F * 2));
+    GroupedGemmArgs args;
+    args.a = a; args.w = w1; args.c = c; args.expert_offsets = d_off;
+    args.total_rows = rows; args.num_experts = experts; args.n = 2 * F; args.k = H;
+    args.out_type = GemmOutType::kBF16; args.w_expert_rows = int(expert_elems / H);
+    GroupedGemmArgs fused = args;
+    fused.swiglu_out = hbuf;
+    const grove::Status s = GroupedGemm(fused, GroupedGemmImpl::kAuto, nullptr);
+    if (!s.ok()) {
+      std::printf("fused SwiGLU fwd: %s\n", s.ToString().c_str());
+    } else {
+      const double gemm_ms = MedianMs([&] { (void)GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr); }, reps);
+      const double swiglu_ms =
+          MedianMs([&] { (void)grove::kernels::SwiGluForwardPacked(c, hbuf, rows, F, nullptr); }, reps);
+      const double fused_ms = MedianMs([&] { (void)GroupedGemm(fused, GroupedGemmImpl::kAuto, nullptr); }, reps);
+      const double flops = 2.0 * rows * 2.0 * F * H;
+      std::printf("fwd w1|w3 + SwiGLU: GEMM %.4f ms + SwiGluForwardPacked %.4f ms = %.4f ms; fused %.4f ms "
+                  "(%.1f TF/s)\n",
+                  gemm_ms, swiglu_ms, gemm_ms + swiglu_ms, fused_ms, flops / fused_ms / 1e9);
+    }
+    std::fflush(stdout);
+    cudaFree(a); cudaFree(c); cudaFree(hbuf);
+  }
   cudaFree(weights);
   cudaFree(d_off);
 }
