@@ -361,14 +361,16 @@ __device__ __forceinline__ void StoreSwiGluBwdTile(const uint8_t* c_tile,
 // contiguous smem bytes of each half (no bank conflicts) and a warp's
 // stores cover 2 rows' 256 contiguous bytes of each output. h is computed
 // from the bf16 a and b as SwiGluForwardPacked does (swiglu.cu: bf16 ->
-// fp32, SwiGluForwardElement, round to bf16), so its bits match it.
+// fp32, SwiGluForwardElement, round to bf16), so its bits match it. The
+// sigmoid's division is the fast one (swiglu_math.cuh): with the IEEE
+// division the storers set the pace (0.92-0.95 ms against 0.81 for the GEMM
+// and SwiGluForwardPacked apart, H100), with it they keep up (0.64).
 template <int BN, int kPitch>
 __device__ __forceinline__ void StoreSwiGluFwdTile(const uint8_t* c_tile,
                                                    __nv_bfloat16* __restrict__ c,
                                                    __nv_bfloat16* __restrict__ h_out, int f,
                                                    const TileCoord& t, int sid) {
   constexpr int kPairsPerRow = BN / 16;
-#pragma unroll 1
   for (int idx = sid; idx < t.rows * kPairsPerRow; idx += kStorers) {
     const int r = idx / kPairsPerRow, ch = idx % kPairsPerRow;
     const int feature = t.col_begin + ch * 8;
@@ -457,10 +459,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warpgroup == 0) {
     // The plain kernel moves registers to the consumers' 128 accumulators;
     // the SwiGLU one keeps the even split (168 each): its consumers hold 64,
-    // its storers the loads in flight.
-    // kSwiGluFwd: the storers' sigmoid (an IEEE division, as in
-    // SwiGluForwardPacked) spills at 40 registers; 56 and the consumers'
-    // 224 keep the 3 x 168 total.
+    // its storers the loads in flight. kSwiGluFwd: the storers' h math gets
+    // 56 (it spilled at 40 with the IEEE division); with the consumers' 224
+    // the total stays 3 x 168.
     if constexpr (kSwiGluFwd) {
       ptx::setmaxnreg_dec<56>();
     } else if constexpr (!kSwiGluBwd) {

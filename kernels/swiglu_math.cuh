@@ -1,11 +1,16 @@
 // SwiGLU's per-element arithmetic (fp32), shared by the elementwise kernels
-// (swiglu.cu) and the grouped GEMM's fused backward epilogue, so that both
-// compute the same function the same way.
+// (swiglu.cu) and the grouped GEMM's fused forward and backward epilogues,
+// so that they compute the same function the same way (the same bits).
 #pragma once
 
 namespace grove::kernels {
 
-__device__ __forceinline__ float SwiGluSigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+// The fast division (rcp.approx, 2 ulp; 0 for 1 + e^-x past 2^126, where
+// the sigmoid is below 2^-126 anyway): the IEEE one is a ~10-instruction
+// sequence that set the pace of the fused SwiGLU-forward epilogue's storers
+// (grouped_gemm_wgmma.cu). Either is far inside the bf16 rounding every
+// caller applies next.
+__device__ __forceinline__ float SwiGluSigmoid(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
 
 // h = silu(g) * u.
 __device__ __forceinline__ float SwiGluForwardElement(float g, float u) {

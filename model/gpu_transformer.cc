@@ -271,8 +271,9 @@ struct GpuTransformer::Impl {
   // (GroupedGemmArgs::swiglu_out: h written from the tile, eab not read
   // back; the same bits as GEMM + SwiGluForwardPacked). Only where the GEMM
   // has it: sm_90 with fwd_gemm_impl kAuto or kWgmmaStaged; elsewhere the
-  // unfused path runs. GROVE_FUSED_SWIGLU_FWD=0|1 overrides the default.
-  bool fused_swiglu_fwd = false;
+  // unfused path runs. On: 0.81 -> 0.64 ms a gpu-ref MoE layer, step 165 ->
+  // 162 ms (H100; docs/gpu-learner.md). GROVE_FUSED_SWIGLU_FWD=0 turns it off.
+  bool fused_swiglu_fwd = true;
   bool hopper = false;
   // Whether an MoE layer's expert-ordered inputs xe (h2 permuted, [Pn, H]
   // bf16) are kept from the forward for the backward's w1|w3 weight
@@ -435,7 +436,11 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
     im.grouped_dw = v != "cublas";
     if (impl) im.dw_impl = *impl;
   }
-  if (const char* env = std::getenv("GROVE_FUSED_SWIGLU_FWD")) im.fused_swiglu_fwd = std::string(env) == "1";
+  if (const char* env = std::getenv("GROVE_FUSED_SWIGLU_FWD")) {
+    const std::string v = env;
+    if (v != "0" && v != "1") return Status::InvalidArgument("GROVE_FUSED_SWIGLU_FWD must be 0 or 1, got '" + v + "'");
+    im.fused_swiglu_fwd = v == "1";
+  }
   // auto | 1 | 0 (unset: as initialized).
   auto keep_mode = [](const char* var, Impl::KeepMode* mode) -> Status {
     const char* env = std::getenv(var);
@@ -878,7 +883,7 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     // grouped GEMM writes [a | b] per row.
     ga.a = xe; ga.w = Wb(e0 + "w1"); ga.c = eab; ga.n = int(2 * F); ga.k = int(H);
     ga.w_expert_rows = int(expert_stride / H);
-    const bool fuse_swiglu = im.fused_swiglu_fwd && im.hopper &&
+    const bool fuse_swiglu = im.fused_swiglu_fwd && im.hopper && F % 8 == 0 &&
                              (im.fwd_gemm_impl == kernels::GroupedGemmImpl::kAuto ||
                               im.fwd_gemm_impl == kernels::GroupedGemmImpl::kWgmmaStaged);
     if (fuse_swiglu) ga.swiglu_out = eh;  // h from the GEMM's epilogue

@@ -595,7 +595,7 @@ void CheckSwiGluForwardCase(const std::vector<int>& counts, int f, int k, int ex
     std::vector<__nv_bfloat16> c_got, h_got;
     GROVE_CUDA_OK(d_c.Download(&c_got));
     GROVE_CUDA_OK(d_h.Download(&h_got));
-    auto bits = [](__nv_bfloat16 x) { return reinterpret_cast<const __nv_bfloat16_raw&>(x).x; };
+    auto bits = [](__nv_bfloat16 x) { return static_cast<__nv_bfloat16_raw>(x).x; };
     auto check = [&](const std::vector<__nv_bfloat16>& got, const std::vector<__nv_bfloat16>& want,
                      int width, const char* what) {
       size_t differ = 0, not_finite = 0, first = 0, tail_written = 0;
