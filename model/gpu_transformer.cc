@@ -25,6 +25,7 @@
 #include "kernels/router.h"
 #include "kernels/swiglu.h"
 #include "model/gpu_transformer_kernels.h"
+#include "model/residual_gemm.h"
 
 namespace grove::model {
 namespace {
@@ -225,6 +226,11 @@ int64_t LmHeadChunk(int64_t vocab) { return std::max<int64_t>(1, (int64_t(1) << 
 struct GpuTransformer::Impl {
   cudaStream_t stream = nullptr;
   cublasHandle_t cublas = nullptr;
+  // The forward's residual updates (wo; the shared or dense w2) read the
+  // stream and write the next one in one GEMM (model/residual_gemm.h)
+  // instead of a copy and an accumulating cublasGemmEx. Null:
+  // GROVE_RESIDUAL_GEMM=copy, the old path, kept for comparing the two.
+  std::unique_ptr<ResidualGemm> residual_gemm;
   DevBuf params, grads, mirror;
   Tape kept, scratch;
   const Tape* last = nullptr;  // the last Score's tape (its final hidden rows)
@@ -412,6 +418,15 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
   GPU_OK(cudaStreamCreateWithFlags(&im.stream, cudaStreamNonBlocking));
   GROVE_RETURN_IF_ERROR(Cublas(cublasCreate(&im.cublas), "create"));
   GROVE_RETURN_IF_ERROR(Cublas(cublasSetStream(im.cublas, im.stream), "set stream"));
+  {
+    const char* env = std::getenv("GROVE_RESIDUAL_GEMM");
+    const std::string v = env ? env : "lt";
+    if (v != "lt" && v != "copy")
+      return Status::InvalidArgument("GROVE_RESIDUAL_GEMM must be lt or copy, got '" + v + "'");
+    if (v == "lt") {
+      GROVE_ASSIGN_OR_RETURN(im.residual_gemm, ResidualGemm::Create());
+    }
+  }
   im.prof = std::make_unique<PhaseTimer>(im.stream);
   if (const char* env = std::getenv("GROVE_GPU_PROFILE"); env && std::string(env) == "1") im.prof->SetEnabled(true);
   {
@@ -802,17 +817,28 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     im.Lap("rope");
     GROVE_RETURN_IF_ERROR(kernels::AttentionForward(ash, qkv, qkv + qd, qkv + qd + kd, o, lse, st));
     im.Lap("attention fwd", attn_fwd_flops);
-    GPU_OK(cudaMemcpyAsync(x_mid, xin, size_t(R) * H * sizeof(bf16), cudaMemcpyDeviceToDevice, st));
-    im.Lap("residual copies");
-    GROVE_RETURN_IF_ERROR(Gemm(cb, false, true, R, H, qd, o, qd, Wb(name(l, "attn.wo")), qd, x_mid, false, H, 1, "wo"));
+    if (im.residual_gemm) {
+      GROVE_RETURN_IF_ERROR(im.residual_gemm->Run(R, H, qd, o, qd, Wb(name(l, "attn.wo")), qd, xin, x_mid, H, st));
+    } else {
+      GPU_OK(cudaMemcpyAsync(x_mid, xin, size_t(R) * H * sizeof(bf16), cudaMemcpyDeviceToDevice, st));
+      im.Lap("residual copies");
+      GROVE_RETURN_IF_ERROR(
+          Gemm(cb, false, true, R, H, qd, o, qd, Wb(name(l, "attn.wo")), qd, x_mid, false, H, 1, "wo"));
+    }
     im.Lap("dense GEMM fwd", 2.0 * R * H * qd);
     // Feed-forward block.
     GROVE_RETURN_IF_ERROR(kernels::RmsNormForward(x_mid, Pf(name(l, "ffn_norm")), h2, rstd2, R, int(H), eps, st));
     im.Lap("rmsnorm fwd");
-    GPU_OK(cudaMemcpyAsync(xout, x_mid, size_t(R) * H * sizeof(bf16), cudaMemcpyDeviceToDevice, st));
-    im.Lap("residual copies");
     const bool moe = c.is_moe_layer(l);
     const int64_t Fd = moe ? c.shared_experts * c.expert_hidden : c.dense_hidden;
+    // xout = x_mid + the shared (or dense) FFN, then the routed experts'
+    // combine adds into it. With a residual GEMM and an FFN the copy is
+    // folded into the GEMM.
+    const bool fold_copy = im.residual_gemm && Fd > 0;
+    if (!fold_copy) {
+      GPU_OK(cudaMemcpyAsync(xout, x_mid, size_t(R) * H * sizeof(bf16), cudaMemcpyDeviceToDevice, st));
+      im.Lap("residual copies");
+    }
     // w1n names [W1; W3] (w3 follows w1, checked at Create).
     const std::string w1n = moe ? "moe.shared.w1" : "mlp.w1", w2n = moe ? "moe.shared.w2" : "mlp.w2";
     if (Fd > 0) {
@@ -825,8 +851,12 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
       im.Lap("dense GEMM fwd", 4.0 * R * Fd * H);
       GROVE_RETURN_IF_ERROR(kernels::SwiGluForwardPacked(fab, fh, R, int(Fd), st));
       im.Lap("swiglu fwd");
-      GROVE_RETURN_IF_ERROR(
-          Gemm(cb, false, true, R, H, Fd, fh, Fd, Wb(name(l, w2n.c_str())), Fd, xout, false, H, 1, "w2"));
+      if (fold_copy) {
+        GROVE_RETURN_IF_ERROR(im.residual_gemm->Run(R, H, Fd, fh, Fd, Wb(name(l, w2n.c_str())), Fd, x_mid, xout, H, st));
+      } else {
+        GROVE_RETURN_IF_ERROR(
+            Gemm(cb, false, true, R, H, Fd, fh, Fd, Wb(name(l, w2n.c_str())), Fd, xout, false, H, 1, "w2"));
+      }
       im.Lap("dense GEMM fwd", 2.0 * R * Fd * H);
     }
     if (!moe) continue;
