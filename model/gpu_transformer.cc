@@ -25,7 +25,7 @@
 #include "kernels/router.h"
 #include "kernels/swiglu.h"
 #include "model/gpu_transformer_kernels.h"
-#include "model/residual_gemm.h"
+#include "model/tuned_gemm.h"
 
 namespace grove::model {
 namespace {
@@ -194,16 +194,40 @@ struct Tape {
   bool valid = false;
 };
 
+// How the model runs its dense GEMMs: cublasGemmEx on `handle` (bound to
+// the model's stream), or the algorithm measured fastest per shape
+// (model/tuned_gemm.h) when `tuned` is set.
+struct GemmRunner {
+  cublasHandle_t handle = nullptr;
+  TunedGemm* tuned = nullptr;
+};
+
 // Row-major C[M,N] = alpha op(A) op(B) + beta C with bf16 A, B and fp32
 // accumulation; C bf16 or fp32. cuBLAS is column-major: C^T = op(B)^T op(A)^T.
-Status Gemm(cublasHandle_t h, bool ta, bool tb, int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda,
+Status Gemm(const GemmRunner& g, bool ta, bool tb, int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda,
             const bf16* B, int64_t ldb, void* C, bool c_f32, int64_t ldc, float beta, const char* what) {
   if (M == 0 || N == 0) return Status::OK();
+  if (g.tuned) {
+    GemmCall call{ta, tb, M, N, K, A, lda, B, ldb, beta, C, C, c_f32, ldc};
+    const Status s = g.tuned->Run(call);
+    if (s.ok()) return s;
+    return Status(s.code(), std::string("GpuTransformer: GEMM ") + what + ": " + s.message());
+  }
   const float alpha = 1.f;
-  return Cublas(cublasGemmEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, int(N), int(M),
-                             int(K), &alpha, B, CUDA_R_16BF, int(ldb), A, CUDA_R_16BF, int(lda), &beta, C,
+  return Cublas(cublasGemmEx(g.handle, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, int(N),
+                             int(M), int(K), &alpha, B, CUDA_R_16BF, int(ldb), A, CUDA_R_16BF, int(lda), &beta, C,
                              c_f32 ? CUDA_R_32F : CUDA_R_16BF, int(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                 what);
+}
+
+// Row-major D[M,N] = A B^T + C (bf16), C and D apart: the residual updates.
+// Needs the tuned runner (cublasGemmEx has one C).
+Status ResidualGemm(const GemmRunner& g, int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda,
+                    const bf16* B, int64_t ldb, const bf16* C, bf16* D, int64_t ldc, const char* what) {
+  GemmCall call{false, true, M, N, K, A, lda, B, ldb, 1.f, C, D, false, ldc};
+  const Status s = g.tuned->Run(call);
+  if (s.ok()) return s;
+  return Status(s.code(), std::string("GpuTransformer: GEMM ") + what + ": " + s.message());
 }
 
 // Score's per-request index loops on up to 8 host threads: over a 32k-row
@@ -226,11 +250,12 @@ int64_t LmHeadChunk(int64_t vocab) { return std::max<int64_t>(1, (int64_t(1) << 
 struct GpuTransformer::Impl {
   cudaStream_t stream = nullptr;
   cublasHandle_t cublas = nullptr;
-  // The forward's residual updates (wo; the shared or dense w2) read the
-  // stream and write the next one in one GEMM (model/residual_gemm.h)
-  // instead of a copy and an accumulating cublasGemmEx. Null:
-  // GROVE_RESIDUAL_GEMM=copy, the old path, kept for comparing the two.
-  std::unique_ptr<ResidualGemm> residual_gemm;
+  // The dense GEMMs, each shape with the algorithm measured fastest
+  // (model/tuned_gemm.h); the forward's residual updates (wo; the shared
+  // or dense w2) read the stream and write the next one in one GEMM
+  // instead of a copy and an accumulating cublasGemmEx. Null with
+  // GROVE_GEMM=cublas: cublasGemmEx and the copies, kept for comparing.
+  std::unique_ptr<TunedGemm> tuned_gemm;
   DevBuf params, grads, mirror;
   Tape kept, scratch;
   const Tape* last = nullptr;  // the last Score's tape (its final hidden rows)
@@ -419,12 +444,12 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
   GROVE_RETURN_IF_ERROR(Cublas(cublasCreate(&im.cublas), "create"));
   GROVE_RETURN_IF_ERROR(Cublas(cublasSetStream(im.cublas, im.stream), "set stream"));
   {
-    const char* env = std::getenv("GROVE_RESIDUAL_GEMM");
-    const std::string v = env ? env : "lt";
-    if (v != "lt" && v != "copy")
-      return Status::InvalidArgument("GROVE_RESIDUAL_GEMM must be lt or copy, got '" + v + "'");
-    if (v == "lt") {
-      GROVE_ASSIGN_OR_RETURN(im.residual_gemm, ResidualGemm::Create());
+    const char* env = std::getenv("GROVE_GEMM");
+    const std::string v = env ? env : "tuned";
+    if (v != "tuned" && v != "cublas")
+      return Status::InvalidArgument("GROVE_GEMM must be tuned or cublas, got '" + v + "'");
+    if (v == "tuned") {
+      GROVE_ASSIGN_OR_RETURN(im.tuned_gemm, TunedGemm::Create(im.cublas, im.stream));
     }
   }
   im.prof = std::make_unique<PhaseTimer>(im.stream);
@@ -673,7 +698,7 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   Impl& im = *impl_;
   im.prof->Start();
   cudaStream_t st = im.stream;
-  cublasHandle_t cb = im.cublas;
+  const GemmRunner cb{im.cublas, im.tuned_gemm.get()};
   const int64_t M = c.moe_layers(), K = c.top_k, E = c.experts, V = c.vocab_size, H = c.hidden,
                 hd = c.head_dim, qd = c.heads * hd, kd = c.kv_heads * hd, qkvd = qd + 2 * kd;
   Tape& tp = keep ? im.kept : im.scratch;
@@ -817,8 +842,8 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     im.Lap("rope");
     GROVE_RETURN_IF_ERROR(kernels::AttentionForward(ash, qkv, qkv + qd, qkv + qd + kd, o, lse, st));
     im.Lap("attention fwd", attn_fwd_flops);
-    if (im.residual_gemm) {
-      GROVE_RETURN_IF_ERROR(im.residual_gemm->Run(R, H, qd, o, qd, Wb(name(l, "attn.wo")), qd, xin, x_mid, H, st));
+    if (im.tuned_gemm) {
+      GROVE_RETURN_IF_ERROR(ResidualGemm(cb, R, H, qd, o, qd, Wb(name(l, "attn.wo")), qd, xin, x_mid, H, "wo"));
     } else {
       GPU_OK(cudaMemcpyAsync(x_mid, xin, size_t(R) * H * sizeof(bf16), cudaMemcpyDeviceToDevice, st));
       im.Lap("residual copies");
@@ -834,7 +859,7 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     // xout = x_mid + the shared (or dense) FFN, then the routed experts'
     // combine adds into it. With a residual GEMM and an FFN the copy is
     // folded into the GEMM.
-    const bool fold_copy = im.residual_gemm && Fd > 0;
+    const bool fold_copy = im.tuned_gemm && Fd > 0;
     if (!fold_copy) {
       GPU_OK(cudaMemcpyAsync(xout, x_mid, size_t(R) * H * sizeof(bf16), cudaMemcpyDeviceToDevice, st));
       im.Lap("residual copies");
@@ -852,7 +877,8 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
       GROVE_RETURN_IF_ERROR(kernels::SwiGluForwardPacked(fab, fh, R, int(Fd), st));
       im.Lap("swiglu fwd");
       if (fold_copy) {
-        GROVE_RETURN_IF_ERROR(im.residual_gemm->Run(R, H, Fd, fh, Fd, Wb(name(l, w2n.c_str())), Fd, x_mid, xout, H, st));
+        GROVE_RETURN_IF_ERROR(
+            ResidualGemm(cb, R, H, Fd, fh, Fd, Wb(name(l, w2n.c_str())), Fd, x_mid, xout, H, "w2"));
       } else {
         GROVE_RETURN_IF_ERROR(
             Gemm(cb, false, true, R, H, Fd, fh, Fd, Wb(name(l, w2n.c_str())), Fd, xout, false, H, 1, "w2"));
@@ -1083,7 +1109,7 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
   GPU_OK(cudaSetDevice(device_));
   const ModelConfig& c = config_;
   cudaStream_t st = im.stream;
-  cublasHandle_t cb = im.cublas;
+  const GemmRunner cb{im.cublas, im.tuned_gemm.get()};
   const int64_t K = c.top_k, E = c.experts, V = c.vocab_size, H = c.hidden,
                 hd = c.head_dim, qd = c.heads * hd, kd = c.kv_heads * hd, qkvd = qd + 2 * kd;
   const int R = tp.rows, S = tp.scored, B = tp.seqs;
@@ -1325,7 +1351,8 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       }
       int64_t off = 0;
       int call = 0;
-      auto handle = [&]() { return ns > 0 ? im.side_cublas[call++ % ns] : cb; };
+      // The side streams' handles run cublasGemmEx (the tuned GEMM is on st).
+      auto handle = [&]() { return ns > 0 ? GemmRunner{im.side_cublas[call++ % ns], nullptr} : cb; };
       for (int64_t e = 0; e < E && !grouped_dw; ++e) {
         const int64_t n = tp.h_counts[mi * E + e];
         const std::string x = name(l, "moe.experts.") + std::to_string(e) + ".";
