@@ -41,6 +41,14 @@ Status CheckArgs(const GroupedGemmArgs& a) {
     if (misaligned(a.swiglu_bwd_ab))
       return Status::InvalidArgument("grouped GEMM: swiglu_bwd_ab must be 16-byte aligned");
   }
+  const int gated = (a.swiglu_bwd_slot_of_row != nullptr) + (a.swiglu_bwd_slot_gates != nullptr) +
+                    (a.swiglu_bwd_h_gated != nullptr) + (a.swiglu_bwd_dgate_partial != nullptr);
+  if (gated != 0 && (gated != 4 || a.swiglu_bwd_ab == nullptr))
+    return Status::InvalidArgument(
+        "grouped GEMM: the gated SwiGLU backward needs swiglu_bwd_ab and all four of its slot_of_row, "
+        "slot_gates, h_gated and dgate_partial");
+  if (gated != 0 && misaligned(a.swiglu_bwd_h_gated))
+    return Status::InvalidArgument("grouped GEMM: swiglu_bwd_h_gated must be 16-byte aligned");
   if (a.swiglu_out != nullptr) {
     if (a.out_type != GemmOutType::kBF16 || a.w_layout != GemmWeightLayout::kKMajor ||
         a.n % 16 != 0 || a.swiglu_bwd_ab != nullptr)
@@ -115,6 +123,10 @@ Status GroupedGemm(const GroupedGemmArgs& given, GroupedGemmImpl impl, cudaStrea
     return Status::InvalidArgument(std::string("grouped GEMM: ") + GroupedGemmImplName(impl) +
                                    " has no SwiGLU backward epilogue");
   const bool swiglu_fwd = given.swiglu_out != nullptr;
+  const bool swiglu_gated = given.swiglu_bwd_slot_of_row != nullptr;
+  if (swiglu_gated && impl != GroupedGemmImpl::kAuto && impl != GroupedGemmImpl::kWgmmaStaged)
+    return Status::InvalidArgument(std::string("grouped GEMM: ") + GroupedGemmImplName(impl) +
+                                   " has no gated SwiGLU backward epilogue");
   if (swiglu_fwd && impl != GroupedGemmImpl::kAuto && impl != GroupedGemmImpl::kWgmmaStaged)
     return Status::InvalidArgument(std::string("grouped GEMM: ") + GroupedGemmImplName(impl) +
                                    " has no SwiGLU forward epilogue");
@@ -125,6 +137,9 @@ Status GroupedGemm(const GroupedGemmArgs& given, GroupedGemmImpl impl, cudaStrea
   GROVE_RETURN_IF_ERROR(QueryDevice(&dev));
   // sm_90a machine code runs on compute capability 9.0 only.
   const bool hopper = dev.cc_major == 9 && dev.cc_minor == 0;
+  if (swiglu_gated && !hopper)
+    return Status::FailedPrecondition(
+        "grouped GEMM: the gated SwiGLU backward epilogue needs an sm_90 GPU (kWgmmaStaged)");
   if (swiglu_fwd && !hopper)
     return Status::FailedPrecondition(
         "grouped GEMM: the SwiGLU forward epilogue needs an sm_90 GPU (kWgmmaStaged)");

@@ -88,9 +88,24 @@ struct GroupedGemmArgs {
   // variant: the producer warps compute the epilogue from an fp32 tile in
   // shared memory) and kMmaSync; kAuto picks one of them; the others return
   // InvalidArgument. Rows of C past offsets[num_experts] are not written.
-  // Speed: at the model's w2 shape on an H100 slower (0.88 ms) than the
-  // GEMM and SwiGluBackwardPacked apart (0.32 + 0.355); docs/kernels.md.
+  // Speed: at the model's w2 shape on an H100 faster (0.57-0.61 ms) than
+  // the GEMM and SwiGluBackwardPacked apart (0.67) since the fast sigmoid
+  // (0.88 before); docs/kernels.md.
   const __nv_bfloat16* swiglu_bwd_ab = nullptr;
+  // With swiglu_bwd_ab, the router gate of the gated SwiGLU backward
+  // (SwiGluBackwardGated's contract, kernels/swiglu.h), all four or none:
+  // dh is then the ungated gradient, row r's gate is
+  // slot_gates[slot_of_row[r]], C receives [da | db] of gate * dh, h_gated
+  // ([total_rows, n] bf16) gate * h, and dgate_partial ([total_rows,
+  // SwiGluGatePartials(n)] fp32) each 128-column block's part of <dh, h>,
+  // which SwiGluGateGradFromPartials (swiglu.h) sums into the slots.
+  // kWgmmaStaged only (kAuto picks it on sm_90; FailedPrecondition
+  // elsewhere). Speed: at the model's w2 shape on an H100 slower (0.98 ms)
+  // than the GEMM and SwiGluBackwardGated apart (0.76); docs/kernels.md.
+  const int32_t* swiglu_bwd_slot_of_row = nullptr;
+  const float* swiglu_bwd_slot_gates = nullptr;
+  __nv_bfloat16* swiglu_bwd_h_gated = nullptr;
+  float* swiglu_bwd_dgate_partial = nullptr;
   // Optional fused epilogue, the SwiGLU forward (the MoE forward's w1|w3
   // GEMM and the gate in one launch): when set, each expert's n weight
   // rows are w1 (rows 0..n/2-1) then w3 (n/2..n-1), C receives [a | b] as
@@ -118,6 +133,9 @@ struct GroupedGemmArgs {
 // FailedPrecondition if `impl` cannot run on the current device, Internal
 // for a CUDA launch error.
 Status GroupedGemm(const GroupedGemmArgs& args, GroupedGemmImpl impl, cudaStream_t stream);
+
+// Columns of GroupedGemmArgs::swiglu_bwd_dgate_partial for n output features.
+inline int SwiGluGatePartials(int n) { return (n + 127) / 128; }
 
 const char* GroupedGemmImplName(GroupedGemmImpl impl);
 

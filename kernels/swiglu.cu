@@ -165,7 +165,29 @@ __global__ void __launch_bounds__(32 * kGatedWarps)
   }
 }
 
+__global__ void GateGradFromPartialsKernel(const float* __restrict__ partials, int parts,
+                                           const int32_t* __restrict__ slot_of_row, float* __restrict__ slot_dgates,
+                                           int64_t rows) {
+  for (int64_t r = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; r < rows; r += int64_t{gridDim.x} * blockDim.x) {
+    float sum = 0.f;
+    for (int j = 0; j < parts; ++j) sum += partials[r * parts + j];
+    slot_dgates[slot_of_row[r]] = sum;
+  }
+}
+
 }  // namespace
+
+Status SwiGluGateGradFromPartials(const float* partials, int parts, const int32_t* slot_of_row, float* slot_dgates,
+                                  int64_t rows, cudaStream_t stream) {
+  if (rows < 0 || parts < 1) return Status::InvalidArgument("SwiGluGateGradFromPartials: bad rows or parts");
+  if (rows == 0) return Status::OK();
+  if (partials == nullptr || slot_of_row == nullptr || slot_dgates == nullptr)
+    return Status::InvalidArgument("SwiGluGateGradFromPartials: null pointer");
+  const int64_t blocks = std::min<int64_t>((rows + kThreads - 1) / kThreads, 132 * 8);
+  GateGradFromPartialsKernel<<<static_cast<int>(blocks), kThreads, 0, stream>>>(partials, parts, slot_of_row,
+                                                                                slot_dgates, rows);
+  return LaunchStatus("SwiGLU gate gradient from partials launch");
+}
 
 Status SwiGluBackwardGated(const __nv_bfloat16* dh_ungated, const __nv_bfloat16* gu, const int32_t* slot_of_row,
                            const float* slot_gates, __nv_bfloat16* dgu, __nv_bfloat16* h_gated, float* slot_dgates,

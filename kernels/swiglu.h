@@ -51,4 +51,12 @@ Status SwiGluBackwardGated(const __nv_bfloat16* dh_ungated, const __nv_bfloat16*
                            const float* slot_gates, __nv_bfloat16* dgu, __nv_bfloat16* h_gated, float* slot_dgates,
                            int64_t rows, int width, cudaStream_t stream);
 
+// The gate's gradient when the gated SwiGLU backward runs in the w2 dX
+// GEMM's epilogue (GroupedGemmArgs::swiglu_bwd_slot_of_row): that epilogue
+// leaves each row's <dh_ungated, h> in `parts` partial sums ([rows, parts]
+// fp32, one per 128-column block); this adds them in column order into
+// slot_dgates[slot_of_row[r]]. Every slot must own exactly one row.
+Status SwiGluGateGradFromPartials(const float* partials, int parts, const int32_t* slot_of_row, float* slot_dgates,
+                                  int64_t rows, cudaStream_t stream);
+
 }  // namespace grove::kernels

@@ -266,7 +266,7 @@ struct GpuTransformer::Impl {
   DevBuf expert_h, expert_y;
   // Backward workspace.
   DevBuf dres, dres_b, dmain, dqkv, dout_b, dwork, attn_ws, norm_ws, dz, dhs, dlogits,
-      dgate, deab, deh, dey, dxe, xe, g, router_logits, logits, index_ws, embed_ws, router_ws, dlogits_f;
+      dgate, deab, deh, dey, dxe, xe, g, dgate_partial, router_logits, logits, index_ws, embed_ws, router_ws, dlogits_f;
   std::vector<float> h_prob_mean;
   std::vector<int32_t> h_bal_count;
   // Score's index arrays on their way to the device, written straight into
@@ -305,6 +305,13 @@ struct GpuTransformer::Impl {
   // unfused path runs. On: 0.81 -> 0.64 ms a gpu-ref MoE layer, step 165 ->
   // 162 ms (H100; docs/gpu-learner.md). GROVE_FUSED_SWIGLU_FWD=0 turns it off.
   bool fused_swiglu_fwd = true;
+  // The MoE backward's gated SwiGLU in the epilogue of the w2 dX grouped
+  // GEMM (GroupedGemmArgs::swiglu_bwd_slot_of_row: no dh in memory, one
+  // bf16 rounding fewer than GEMM + SwiGluBackwardGated). sm_90 only. Off:
+  // slower so far (H100: 0.98 ms a gpu-ref layer against 0.76 apart, step
+  // 167 vs 160 ms; its three storer warps set the pace).
+  // GROVE_FUSED_SWIGLU_BWD=1 turns it on.
+  bool fused_swiglu_bwd = false;
   bool hopper = false;
   // Whether an MoE layer's expert-ordered inputs xe (h2 permuted, [Pn, H]
   // bf16) are kept from the forward for the backward's w1|w3 weight
@@ -476,10 +483,13 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
     im.grouped_dw = v != "cublas";
     if (impl) im.dw_impl = *impl;
   }
-  if (const char* env = std::getenv("GROVE_FUSED_SWIGLU_FWD")) {
+  for (auto [var, flag] : {std::pair{"GROVE_FUSED_SWIGLU_FWD", &im.fused_swiglu_fwd},
+                           std::pair{"GROVE_FUSED_SWIGLU_BWD", &im.fused_swiglu_bwd}}) {
+    const char* env = std::getenv(var);
+    if (env == nullptr) continue;
     const std::string v = env;
-    if (v != "0" && v != "1") return Status::InvalidArgument("GROVE_FUSED_SWIGLU_FWD must be 0 or 1, got '" + v + "'");
-    im.fused_swiglu_fwd = v == "1";
+    if (v != "0" && v != "1") return Status::InvalidArgument(std::string(var) + " must be 0 or 1, got '" + v + "'");
+    *flag = v == "1";
   }
   // auto | 1 | 0 (unset: as initialized).
   auto keep_mode = [](const char* var, Impl::KeepMode* mode) -> Status {
@@ -659,7 +669,7 @@ Status GpuTransformer::ReleaseActivations() {
   im.last = nullptr;
   for (DevBuf* b : {&im.dres, &im.dres_b, &im.dmain, &im.dqkv, &im.dout_b, &im.dwork,
                     &im.attn_ws, &im.norm_ws, &im.dz, &im.dhs, &im.dlogits, &im.dgate, &im.deab,
-                    &im.deh, &im.dey, &im.dxe, &im.xe, &im.g, &im.router_logits, &im.logits,
+                    &im.deh, &im.dey, &im.dxe, &im.xe, &im.g, &im.dgate_partial, &im.router_logits, &im.logits,
                     &im.index_ws, &im.embed_ws, &im.router_ws, &im.dlogits_f})
     b->Release();
   im.h_prob_mean = {};
@@ -1252,7 +1262,8 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       const int32_t* offsets = tp.offsets.as<int32_t>() + mi * (E + 1);
       bf16 *dey, *deh, *deab, *xe, *dxe, *ehg;
       GROVE_RETURN_IF_ERROR(im.dey.Reserve(Pn * H, &dey));
-      GROVE_RETURN_IF_ERROR(im.deh.Reserve(Pn * F, &deh));
+      deh = nullptr;  // only the unfused SwiGLU backward stores dh
+      if (!(im.fused_swiglu_bwd && im.hopper)) GROVE_RETURN_IF_ERROR(im.deh.Reserve(Pn * F, &deh));
       GROVE_RETURN_IF_ERROR(im.expert_h.Reserve(Pn * F, &ehg));
       // [da | db] per row, as the forward's [a | b]: the dX through w1 and
       // w3 is then one grouped GEMM (k = 2F) and their weight gradients one
@@ -1283,12 +1294,35 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       ga.w_layout = kernels::GemmWeightLayout::kMnMajor;
       ga.a = dey; ga.w = Wb(e0 + "w2"); ga.n = int(F); ga.k = int(H);
       ga.w_expert_rows = int(expert_stride / F);
-      ga.c = deh;  // dh before the gate
-      GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
-      im.Lap("grouped GEMM dX", 2.0 * Pn * F * H);
-      GROVE_RETURN_IF_ERROR(kernels::SwiGluBackwardGated(deh, lt.eab.as<bf16>(), lt.src.as<int32_t>(),
-                                                         lt.gates.as<float>(), deab, ehg, dgate, Pn, int(F), st));
-      im.Lap("swiglu bwd");
+      if (im.fused_swiglu_bwd && im.hopper) {
+        // The gated SwiGLU backward in this GEMM's epilogue: dh never in
+        // memory; the gate's gradient from per-block partial sums.
+        const int parts = kernels::SwiGluGatePartials(int(F));
+        float* partial;
+        GROVE_RETURN_IF_ERROR(im.dgate_partial.Reserve(Pn * parts, &partial));
+        ga.c = deab;
+        ga.swiglu_bwd_ab = lt.eab.as<bf16>();
+        ga.swiglu_bwd_slot_of_row = lt.src.as<int32_t>();
+        ga.swiglu_bwd_slot_gates = lt.gates.as<float>();
+        ga.swiglu_bwd_h_gated = ehg;
+        ga.swiglu_bwd_dgate_partial = partial;
+        GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
+        GROVE_RETURN_IF_ERROR(
+            kernels::SwiGluGateGradFromPartials(partial, parts, lt.src.as<int32_t>(), dgate, Pn, st));
+        ga.swiglu_bwd_ab = nullptr;
+        ga.swiglu_bwd_slot_of_row = nullptr;
+        ga.swiglu_bwd_slot_gates = nullptr;
+        ga.swiglu_bwd_h_gated = nullptr;
+        ga.swiglu_bwd_dgate_partial = nullptr;
+        im.Lap("grouped GEMM dX + swiglu bwd", 2.0 * Pn * F * H);
+      } else {
+        ga.c = deh;  // dh before the gate
+        GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
+        im.Lap("grouped GEMM dX", 2.0 * Pn * F * H);
+        GROVE_RETURN_IF_ERROR(kernels::SwiGluBackwardGated(deh, lt.eab.as<bf16>(), lt.src.as<int32_t>(),
+                                                           lt.gates.as<float>(), deab, ehg, dgate, Pn, int(F), st));
+        im.Lap("swiglu bwd");
+      }
       // The expert inputs' gradients through w1 and w3 together (summed in
       // fp32 inside the GEMM, k = 2F), stored bf16 (one rounding, 2^-9
       // relative): half the bytes of fp32 through the store and the scatter.

@@ -43,6 +43,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <numeric>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -1080,6 +1081,52 @@ void SwiGluEpilogueBench(std::mt19937_64& rng, int reps) {
     for (GroupedGemmImpl impl : {GroupedGemmImpl::kAuto, GroupedGemmImpl::kMmaSync}) {
       const std::string method = std::string("fused epilogue ") + GroupedGemmImplName(impl);
       report(method.c_str(), [&] { return GroupedGemm(fused_args, impl, nullptr); }, true);
+    }
+    // The model's path since session 10: the router gate applied in the
+    // SwiGLU backward (SwiGluBackwardGated: also gate * h and the gate's
+    // gradient), against the same in the epilogue (+ the partials' sum).
+    {
+      std::vector<int32_t> slots(rows);
+      std::iota(slots.begin(), slots.end(), 0);
+      std::shuffle(slots.begin(), slots.end(), rng);
+      std::vector<float> gates(rows, 0.5f);
+      const int parts = grove::kernels::SwiGluGatePartials(F);
+      int32_t* d_slots;
+      float *d_gates, *d_dgate, *d_partial;
+      __nv_bfloat16* hg;
+      GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_slots, size_t(rows) * 4));
+      GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_gates, size_t(rows) * 4));
+      GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_dgate, size_t(rows) * 4));
+      GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_partial, size_t(rows) * parts * 4));
+      GROVE_BENCH_CUDA_CHECK(cudaMalloc(&hg, size_t(rows) * F * 2));
+      GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_slots, slots.data(), size_t(rows) * 4, cudaMemcpyHostToDevice));
+      GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_gates, gates.data(), size_t(rows) * 4, cudaMemcpyHostToDevice));
+      report("GEMM auto + SwiGluBackwardGated",
+             [&] {
+               const grove::Status st = GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr);
+               return st.ok() ? grove::kernels::SwiGluBackwardGated(dh, ab, d_slots, d_gates, unfused, hg, d_dgate,
+                                                                    rows, F, nullptr)
+                              : st;
+             },
+             false);
+      GroupedGemmArgs gated = fused_args;
+      gated.swiglu_bwd_slot_of_row = d_slots;
+      gated.swiglu_bwd_slot_gates = d_gates;
+      gated.swiglu_bwd_h_gated = hg;
+      gated.swiglu_bwd_dgate_partial = d_partial;
+      report("fused gated epilogue + partials",
+             [&] {
+               const grove::Status st = GroupedGemm(gated, GroupedGemmImpl::kAuto, nullptr);
+               return st.ok() ? grove::kernels::SwiGluGateGradFromPartials(d_partial, parts, d_slots, d_dgate, rows,
+                                                                           nullptr)
+                              : st;
+             },
+             true);
+      cudaFree(d_slots);
+      cudaFree(d_gates);
+      cudaFree(d_dgate);
+      cudaFree(d_partial);
+      cudaFree(hg);
     }
     cudaFree(d_off);
   }

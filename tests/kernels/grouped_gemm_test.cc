@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <cstring>
 #include <numeric>
+#include <random>
 #include <string>
 #include <utility>
 #include <vector>
@@ -476,6 +477,144 @@ void CheckSwiGluEpilogueCase(const std::vector<int>& counts, int n, int k, int e
     std::printf("  %s: %zu of %zu outputs differ from the unfused path's, rel err %.2e\n",
                 GroupedGemmImplName(impl), differ, got_d.size(), rel);
   }
+}
+
+// The gated SwiGLU backward in the w2 dX epilogue (swiglu_bwd_slot_of_row
+// and the rest) against a double reference: dh = A W^T exact, each row's
+// gate from a random slot permutation, then da, db of gate * dh, gate * h
+// and, through SwiGluGateGradFromPartials, <dh, h> per slot. Bounds: one
+// bf16 rounding (2^-8 of the value) plus the fp32 accumulation of dh
+// (2 k 2^-23 of its terms' absolute sum, times the output's factor) and
+// the fast sigmoid (1e-5 of the operands' scale); the gate's gradient
+// within 1e-5 of sum |dh h| plus the dh errors times |h|.
+void CheckGatedSwiGluEpilogueCase(const std::vector<int>& counts, int n, int k, int extra_rows, int gap_rows,
+                                  GemmWeightLayout layout) {
+  const bool mn = layout == GemmWeightLayout::kMnMajor;
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("gated SwiGLU epilogue seed " + std::to_string(seed) + " n=" + std::to_string(n) +
+               " k=" + std::to_string(k) + (mn ? " MN-major" : " K-major"));
+  std::mt19937_64 rng(seed);
+  const int experts = static_cast<int>(counts.size());
+  std::vector<int32_t> offsets(experts + 1, 0);
+  for (int e = 0; e < experts; ++e) offsets[e + 1] = offsets[e] + counts[e];
+  const int routed = offsets.back();
+  const int total_rows = routed + extra_rows;
+  const size_t out_elems = static_cast<size_t>(total_rows) * 2 * n;
+  const int parts = SwiGluGatePartials(n);
+
+  std::vector<__nv_bfloat16> a_bf, w_bf, ab_bf;
+  std::vector<double> a, w, ab;
+  testing::RandomBf16(rng, static_cast<size_t>(total_rows) * k, &a_bf, &a);
+  testing::RandomBf16(rng, static_cast<size_t>(experts) * n * k, &w_bf, &w);
+  testing::RandomBf16(rng, out_elems, &ab_bf, &ab);
+  for (size_t i = 0; i < out_elems; ++i) {  // g over [-6, 6]: the sigmoid's whole range
+    if (i % (2 * n) >= static_cast<size_t>(n)) continue;
+    ab_bf[i] = __float2bfloat16(6.f * __bfloat162float(ab_bf[i]));
+    ab[i] = __bfloat162float(ab_bf[i]);
+  }
+  std::vector<int32_t> slot_of_row(routed);
+  std::iota(slot_of_row.begin(), slot_of_row.end(), 0);
+  std::shuffle(slot_of_row.begin(), slot_of_row.end(), rng);
+  std::uniform_real_distribution<float> gate_dist(0.05f, 1.f);
+  std::vector<float> slot_gates(std::max(routed, 1));
+  for (float& g : slot_gates) g = gate_dist(rng);
+  std::vector<double> dh, abs_sum;
+  ReferenceGroupedGemm(a, w, offsets, n, k, &dh, &abs_sum);
+
+  DeviceBuffer<__nv_bfloat16> d_a(a_bf.size()), d_ab(out_elems), d_c(out_elems),
+      d_hg(static_cast<size_t>(total_rows) * n);
+  const std::vector<__nv_bfloat16> stored = StoredWeights(std::move(w_bf), experts, n, k, layout, gap_rows);
+  DeviceBuffer<__nv_bfloat16> d_w(stored.size());
+  DeviceBuffer<int32_t> d_off(offsets.size()), d_slots(std::max(routed, 1));
+  DeviceBuffer<float> d_gates(slot_gates.size()), d_partial(static_cast<size_t>(total_rows) * parts),
+      d_dgate(slot_gates.size());
+  GROVE_CUDA_OK(d_a.Upload(a_bf));
+  GROVE_CUDA_OK(d_w.Upload(stored));
+  GROVE_CUDA_OK(d_ab.Upload(ab_bf));
+  GROVE_CUDA_OK(d_off.Upload(offsets));
+  if (routed > 0) GROVE_CUDA_OK(d_slots.Upload(slot_of_row));
+  GROVE_CUDA_OK(d_gates.Upload(slot_gates));
+
+  GroupedGemmArgs args;
+  args.a = d_a.get();
+  args.w = d_w.get();
+  args.expert_offsets = d_off.get();
+  args.total_rows = total_rows;
+  args.num_experts = experts;
+  args.n = n;
+  args.k = k;
+  args.out_type = GemmOutType::kBF16;
+  args.w_layout = layout;
+  args.w_expert_rows = gap_rows > 0 ? (mn ? k : n) + gap_rows : 0;
+  args.c = d_c.get();
+  args.swiglu_bwd_ab = d_ab.get();
+  args.swiglu_bwd_slot_of_row = d_slots.get();
+  args.swiglu_bwd_slot_gates = d_gates.get();
+  args.swiglu_bwd_h_gated = d_hg.get();
+  args.swiglu_bwd_dgate_partial = d_partial.get();
+  for (GroupedGemmImpl impl : kAllImpls) {
+    if (impl == GroupedGemmImpl::kAuto || impl == GroupedGemmImpl::kWgmmaStaged) continue;
+    EXPECT_EQ(GroupedGemm(args, impl, nullptr).code(), StatusCode::kInvalidArgument) << GroupedGemmImplName(impl);
+  }
+  if (!IsHopper()) {
+    EXPECT_EQ(GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr).code(), StatusCode::kFailedPrecondition);
+    return;
+  }
+  GROVE_CUDA_OK(cudaMemset(d_c.get(), 0xFF, out_elems * 2));  // bf16 NaN
+  GROVE_CUDA_OK(cudaMemset(d_hg.get(), 0xFF, static_cast<size_t>(total_rows) * n * 2));
+  ASSERT_TRUE(GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr).ok());
+  ASSERT_TRUE(
+      SwiGluGateGradFromPartials(d_partial.get(), parts, d_slots.get(), d_dgate.get(), routed, nullptr).ok());
+  GROVE_CUDA_OK(cudaDeviceSynchronize());
+  std::vector<__nv_bfloat16> got, hg;
+  std::vector<float> dgate;
+  GROVE_CUDA_OK(d_c.Download(&got));
+  GROVE_CUDA_OK(d_hg.Download(&hg));
+  GROVE_CUDA_OK(d_dgate.Download(&dgate));
+  size_t tail_written = 0;
+  for (size_t i = static_cast<size_t>(routed) * 2 * n; i < got.size(); ++i)
+    tail_written += std::isnan(__bfloat162float(got[i])) ? 0 : 1;
+  for (size_t i = static_cast<size_t>(routed) * n; i < hg.size(); ++i)
+    tail_written += std::isnan(__bfloat162float(hg[i])) ? 0 : 1;
+  EXPECT_EQ(tail_written, 0u) << "rows past the last expert were written";
+  size_t bad = 0, bad_gate = 0;
+  for (int r = 0; r < routed; ++r) {
+    const double gate = slot_gates[slot_of_row[r]];
+    double dot = 0, dot_bound = 0;
+    for (int j = 0; j < n; ++j) {
+      const size_t o = static_cast<size_t>(r) * n + j, ia = static_cast<size_t>(r) * 2 * n + j, ib = ia + n;
+      const double g = ab[ia], u = ab[ib], sig = 1.0 / (1.0 + std::exp(-g));
+      const double dsilu = sig * (1.0 + g * (1.0 - sig)), silu = g * sig, h = silu * u;
+      const double acc_err = 2.0 * k * std::ldexp(1.0, -23) * abs_sum[o];
+      const double want[3] = {gate * dh[o] * u * dsilu, gate * dh[o] * silu, gate * h};
+      const double factor[3] = {gate * std::fabs(u * dsilu), gate * std::fabs(silu), 0.0};
+      const double scale[3] = {gate * std::fabs(dh[o] * u), gate * std::fabs(dh[o] * g), gate * std::fabs(g * u)};
+      const double x[3] = {__bfloat162float(got[ia]), __bfloat162float(got[ib]), __bfloat162float(hg[o])};
+      for (int t = 0; t < 3; ++t) {
+        const double bound = std::ldexp(1.0, -8) * std::fabs(want[t]) + factor[t] * acc_err + 1e-5 * scale[t] + 1e-30;
+        if (!(std::fabs(x[t] - want[t]) <= bound) && ++bad <= 5)
+          ADD_FAILURE() << "row " << r << " col " << j << " output " << t << ": got " << x[t] << ", want "
+                        << want[t] << " (bound " << bound << ")";
+      }
+      dot += dh[o] * h;
+      dot_bound += 1e-5 * std::fabs(dh[o] * h) + std::fabs(h) * acc_err;
+    }
+    const double g_got = dgate[slot_of_row[r]];
+    if (!(std::fabs(g_got - dot) <= dot_bound + 1e-30) && ++bad_gate <= 5)
+      ADD_FAILURE() << "row " << r << " dgate " << g_got << ", want " << dot << " (bound " << dot_bound << ")";
+  }
+  EXPECT_EQ(bad, 0u);
+  EXPECT_EQ(bad_gate, 0u);
+}
+
+TEST(GroupedGemmTest, GatedSwiGluEpilogueRaggedWithEmptyExpertsAndTails) {
+  GROVE_SKIP_WITHOUT_GPU();
+  // n = 264: a last 128-column block of 8 columns (3 partials a row).
+  CheckGatedSwiGluEpilogueCase({0, 1, 127, 128, 129, 300, 0, 45}, 264, 200, 7, 0, GemmWeightLayout::kMnMajor);
+  CheckGatedSwiGluEpilogueCase({70, 0, 5}, 64, 72, 3, 56, GemmWeightLayout::kMnMajor);
+  // The model's w2 shape (n = F = 512, k = H = 1024, MN-major in place), fewer rows.
+  CheckGatedSwiGluEpilogueCase({200, 0, 333, 1, 129, 256, 90, 64}, 512, 1024, 5, 2 * 1024,
+                               GemmWeightLayout::kMnMajor);
 }
 
 TEST(GroupedGemmTest, SwiGluEpilogueRaggedWithEmptyExpertsAndTails) {
