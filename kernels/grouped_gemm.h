@@ -85,12 +85,12 @@ struct GroupedGemmArgs {
   // relative) that the unfused GEMM -> bf16 dh -> SwiGluBackwardPacked
   // path has; da and db are each rounded to bf16 once, as there. Requires
   // out_type kBF16. Implementations: kWgmmaStaged (its own 128 x 128 tile
-  // variant: the producer warps compute the epilogue from an fp32 tile in
+  // variant: 7 storer warps compute the epilogue from an fp32 tile in
   // shared memory) and kMmaSync; kAuto picks one of them; the others return
   // InvalidArgument. Rows of C past offsets[num_experts] are not written.
-  // Speed: at the model's w2 shape on an H100 faster (0.57-0.61 ms) than
-  // the GEMM and SwiGluBackwardPacked apart (0.67) since the fast sigmoid
-  // (0.88 before); docs/kernels.md.
+  // Speed: at the model's w2 shape on an H100 0.50 ms against 0.67 for
+  // the GEMM and SwiGluBackwardPacked apart (0.88 with the IEEE sigmoid
+  // and 3 storer warps); docs/kernels.md.
   const __nv_bfloat16* swiglu_bwd_ab = nullptr;
   // With swiglu_bwd_ab, the router gate of the gated SwiGLU backward
   // (SwiGluBackwardGated's contract, kernels/swiglu.h), all four or none:
@@ -100,8 +100,8 @@ struct GroupedGemmArgs {
   // SwiGluGatePartials(n)] fp32) each 128-column block's part of <dh, h>,
   // which SwiGluGateGradFromPartials (swiglu.h) sums into the slots.
   // kWgmmaStaged only (kAuto picks it on sm_90; FailedPrecondition
-  // elsewhere). Speed: at the model's w2 shape on an H100 slower (0.98 ms)
-  // than the GEMM and SwiGluBackwardGated apart (0.76); docs/kernels.md.
+  // elsewhere). Speed: at the model's w2 shape on an H100 0.66-0.68 ms
+  // against 0.75 for the GEMM and SwiGluBackwardGated apart; docs/kernels.md.
   const int32_t* swiglu_bwd_slot_of_row = nullptr;
   const float* swiglu_bwd_slot_gates = nullptr;
   __nv_bfloat16* swiglu_bwd_h_gated = nullptr;

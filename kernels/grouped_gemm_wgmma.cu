@@ -249,14 +249,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 // a 128 x 256 fp32 tile would leave no room for a ring), and the storers
 // compute the SwiGLU backward from it and the forward's a, b, meant to
 // overlap the epilogue's extra global traffic with the tensor cores like
-// the plain store. Measured (H100, kernel_bench --dx-swiglu, the model's
-// w2 shape): 0.88 ms against 0.67 for the GEMM (0.32) and
-// SwiGluBackwardPacked (0.355) apart, so the storers, not the main loop,
-// set the pace (~19 us a tile against a ~7 us main loop). Prefetching the
-// next tile's a, b into L2 did not help: per 128-byte line by the storers
-// 0.93 ms, per 256-byte row half by cp.async.bulk.prefetch (256 TMA
-// operations a tile next to the ring's 48) 1.07 ms. The consumers' code is
-// the same but for the dump.
+// the plain store. With the 3 storer warps and the IEEE sigmoid it was
+// slower (H100, kernel_bench --dx-swiglu, the model's w2 shape: 0.88 ms
+// against 0.67 for the GEMM and SwiGluBackwardPacked apart: the storers,
+// not the main loop, set the pace; prefetching the next tile's a, b into
+// L2 did not help, 0.93 / 1.07 ms). It now runs a fourth warpgroup of
+// storers (224 in all, StagedStorers) at 128 registers a thread, and the
+// fast sigmoid: 0.50 ms. The consumers' code is the same but for the dump.
 constexpr int kStorers = 96;
 static_assert(kStorers % 8 == 0, "StoreSwiGluBwdTile's bank spread needs whole 8-lane groups");
 
@@ -290,14 +289,14 @@ struct SwiGluBwdBatch {
   bool ok[kUnroll];
 };
 
-template <int BN, int kUnroll>
+template <int BN, int kUnroll, int kNumStorers>
 __device__ __forceinline__ SwiGluBwdBatch<kUnroll> LoadSwiGluBwdBatch(
     const __nv_bfloat16* __restrict__ ab, int n, const TileCoord& t, int base, const SwiGluBwdGate& gate) {
   constexpr int kChunksPerRow = BN / 8;
   SwiGluBwdBatch<kUnroll> batch;
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
-    const int idx = base + u * kStorers;
+    const int idx = base + u * kNumStorers;
     const int col = t.col_begin + idx % kChunksPerRow * 8;
     batch.ok[u] = idx < t.rows * kChunksPerRow && col < n;
     batch.gate[u] = 0.f;
@@ -324,10 +323,9 @@ __device__ __forceinline__ SwiGluBwdBatch<kUnroll> LoadSwiGluBwdBatch(
 // columns -- summed over a chunk's 8, then over the half-warp that holds
 // the row's 16 chunks (BN = 128), in a fixed order -- goes to
 // dgate_partial[row, col_begin / 128]. Measured (H100, the model's w2
-// shape, kernel_bench --dx-swiglu): 0.98 ms against 0.76 for the GEMM and
-// SwiGluBackwardGated apart -- the three storer warps set the pace -- so
-// the model keeps it off (GROVE_FUSED_SWIGLU_BWD=1 turns it on).
-template <int BN, int kPitch, typename WaitForDh>
+// shape, kernel_bench --dx-swiglu): 0.66-0.68 ms against 0.75 for the GEMM
+// and SwiGluBackwardGated apart with 7 storer warps; 0.98 with 3.
+template <int BN, int kPitch, int kNumStorers, typename WaitForDh>
 __device__ __forceinline__ void StoreSwiGluBwdTile(const uint8_t* c_tile,
                                                    const __nv_bfloat16* __restrict__ ab,
                                                    __nv_bfloat16* __restrict__ c, int n,
@@ -336,22 +334,24 @@ __device__ __forceinline__ void StoreSwiGluBwdTile(const uint8_t* c_tile,
                                                    WaitForDh&& wait_for_dh) {
   constexpr int kChunksPerRow = BN / 8;
   constexpr int kUnroll = 4;
-  constexpr int kStep = kStorers * kUnroll;
+  constexpr int kStep = kNumStorers * kUnroll;
   static_assert(kChunksPerRow == 16, "a row's chunks are one half-warp");
+  static_assert(kNumStorers % 32 == 0, "whole storer warps");
   const int chunks = t.rows * kChunksPerRow;
   const int64_t ld = 2 * int64_t{n};
   const bool gated = gate.slot_of_row != nullptr;
   const int partials = (n + 127) / 128;
   const int lane = sid % 32;
-  SwiGluBwdBatch<kUnroll> cur = LoadSwiGluBwdBatch<BN, kUnroll>(ab, n, t, sid, gate);
+  SwiGluBwdBatch<kUnroll> cur = LoadSwiGluBwdBatch<BN, kUnroll, kNumStorers>(ab, n, t, sid, gate);
   wait_for_dh();
   // Gated, the loop runs while any lane of the warp has a chunk (the
   // half-warp sums need every lane).
   for (int base = sid; (gated ? base - lane : base) < chunks; base += kStep) {
-    const SwiGluBwdBatch<kUnroll> next = LoadSwiGluBwdBatch<BN, kUnroll>(ab, n, t, base + kStep, gate);
+    const SwiGluBwdBatch<kUnroll> next =
+        LoadSwiGluBwdBatch<BN, kUnroll, kNumStorers>(ab, n, t, base + kStep, gate);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int idx = base + u * kStorers;
+      const int idx = base + u * kNumStorers;
       const int r = idx / kChunksPerRow, ch = idx % kChunksPerRow;
       float dot = 0.f;
       if (cur.ok[u]) {
@@ -461,8 +461,16 @@ __device__ __forceinline__ void StoreSwiGluFwdTile(const uint8_t* c_tile,
 // bf16 values into h_out ([rows, f]), the arithmetic of
 // SwiGluForwardPacked. Features past f (a partial last block) are computed
 // from w3's rows or the rows past them and never stored.
+// The SwiGLU backward's storers set its pace (docs/kernels.md): it runs a
+// fourth warpgroup of storers (7 storer warps, not 3) at 128 registers a
+// thread, which its 128 x 128 tiles' consumers (64 accumulators) can spare.
+template <bool kSwiGluBwd>
+__host__ __device__ constexpr int StagedThreads() { return kSwiGluBwd ? 512 : kThreads; }
+template <bool kSwiGluBwd>
+__host__ __device__ constexpr int StagedStorers() { return kSwiGluBwd ? 224 : kStorers; }
+
 template <typename Cfg, bool kSwiGluBwd, bool kSwiGluFwd = false>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(StagedThreads<kSwiGluBwd>(), 1)
     GroupedGemmWgmmaStagedKernel(const __grid_constant__ CUtensorMap tmap_a,
                                  const __grid_constant__ CUtensorMap tmap_w,
                                  const int32_t* __restrict__ offsets, int num_experts,
@@ -502,7 +510,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       ptx::mbarrier_init(&empty_bar[s], 8);
     }
     ptx::mbarrier_init(c_full, 256);
-    ptx::mbarrier_init(c_empty, kStorers);
+    ptx::mbarrier_init(c_empty, StagedStorers<kSwiGluBwd>());
     ptx::fence_mbarrier_init();
   }
   if (threadIdx.x / 32 == 1) {
@@ -511,7 +519,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   const int total_tiles = tile_prefix[num_experts];
 
-  if (warpgroup == 0) {
+  if (warpgroup == 0 || warpgroup == 3) {
     // The plain kernel moves registers to the consumers' 128 accumulators;
     // the SwiGLU one keeps the even split (168 each): its consumers hold 64,
     // its storers the loads in flight. kSwiGluFwd: the storers' h math gets
@@ -553,7 +561,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     } else if (threadIdx.x >= 32) {
-      const int sid = threadIdx.x - 32;  // storer 0..95
+      // storers 0..95 in warpgroup 0, 96.. in warpgroup 3 (kSwiGluBwd)
+      const int sid = warpgroup == 0 ? threadIdx.x - 32 : threadIdx.x - 384 + kStorers;
       uint32_t j = 0;
       for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x, ++j) {
         const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, kTileCols,
@@ -562,7 +571,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           ptx::mbarrier_wait_parity(c_full, j & 1);
           StoreSwiGluFwdTile<BN, kPitch>(c_tile, c, h_out, sched_cols, t, sid);
         } else if constexpr (kSwiGluBwd) {
-          StoreSwiGluBwdTile<BN, kPitch>(c_tile, ab, c, n, t, sid, gate,
+          StoreSwiGluBwdTile<BN, kPitch, StagedStorers<kSwiGluBwd>()>(c_tile, ab, c, n, t, sid, gate,
                                          [&] { ptx::mbarrier_wait_parity(c_full, j & 1); });
         } else {
           ptx::mbarrier_wait_parity(c_full, j & 1);
@@ -1048,7 +1057,7 @@ Status LaunchWgmmaStaged(const GroupedGemmArgs& args, const DeviceInfo& dev,
       (static_cast<int64_t>(args.total_rows) / kBlockM + args.num_experts) * n_tiles;
   const int grid =
       static_cast<int>(std::min<int64_t>(dev.sm_count, std::max<int64_t>(max_tiles, 1)));
-  kernel<<<grid, kThreads, Tile::kSmemBytes, stream>>>(
+  kernel<<<grid, StagedThreads<kSwiGluBwd>(), Tile::kSmemBytes, stream>>>(
       tmap_a, tmap_w, args.expert_offsets, args.num_experts, args.total_rows, args.n, args.k,
       args.w_expert_rows, static_cast<__nv_bfloat16*>(args.c), args.swiglu_bwd_ab,
       args.swiglu_out,

@@ -307,11 +307,10 @@ struct GpuTransformer::Impl {
   bool fused_swiglu_fwd = true;
   // The MoE backward's gated SwiGLU in the epilogue of the w2 dX grouped
   // GEMM (GroupedGemmArgs::swiglu_bwd_slot_of_row: no dh in memory, one
-  // bf16 rounding fewer than GEMM + SwiGluBackwardGated). sm_90 only. Off:
-  // slower so far (H100: 0.98 ms a gpu-ref layer against 0.76 apart, step
-  // 167 vs 160 ms; its three storer warps set the pace).
-  // GROVE_FUSED_SWIGLU_BWD=1 turns it on.
-  bool fused_swiglu_bwd = false;
+  // bf16 rounding fewer than GEMM + SwiGluBackwardGated). sm_90 only. On:
+  // 0.75 -> 0.67 ms a gpu-ref layer (H100, 7 storer warps; with 3 it was
+  // 0.98). GROVE_FUSED_SWIGLU_BWD=0 turns it off.
+  bool fused_swiglu_bwd = true;
   bool hopper = false;
   // Whether an MoE layer's expert-ordered inputs xe (h2 permuted, [Pn, H]
   // bf16) are kept from the forward for the backward's w1|w3 weight
