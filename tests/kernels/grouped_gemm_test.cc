@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
@@ -332,6 +333,62 @@ TEST(GroupedGemmTest, MnMajorGpuRefBackwardShapesInTheParameterLayout) {
   CheckCase(counts, H, 2 * F, 0, 3 * F - 2 * F, GemmWeightLayout::kMnMajor);  // dxe = deab W13
 }
 
+// What both SwiGLU-backward epilogue checks start from: A and W (stored in
+// `layout`, gap_rows between experts), the forward's [a | b] with a scaled
+// to [-6, 6] to span silu's curved range, dh = A W^T in double with its
+// terms' absolute sums, all uploaded, and the GEMM's args (C unset).
+struct SwiGluBwdInputs {
+  SwiGluBwdInputs(const std::vector<int>& counts, int n_, int k_, int extra_rows, int gap_rows,
+                  GemmWeightLayout layout, std::mt19937_64& rng)
+      : n(n_), k(k_), experts(static_cast<int>(counts.size())), offsets(experts + 1, 0) {
+    for (int e = 0; e < experts; ++e) offsets[e + 1] = offsets[e] + counts[e];
+    routed = offsets.back();
+    total_rows = routed + extra_rows;
+    out_elems = static_cast<size_t>(total_rows) * 2 * n;
+    std::vector<__nv_bfloat16> a_bf, w_bf;
+    std::vector<double> a, w;
+    testing::RandomBf16(rng, static_cast<size_t>(total_rows) * k, &a_bf, &a);
+    testing::RandomBf16(rng, static_cast<size_t>(experts) * n * k, &w_bf, &w);
+    testing::RandomBf16(rng, out_elems, &ab_bf, &ab);
+    for (int r = 0; r < total_rows; ++r) {
+      for (int j = 0; j < n; ++j) {
+        const size_t i = static_cast<size_t>(r) * 2 * n + j;
+        ab_bf[i] = __float2bfloat16(6.f * __bfloat162float(ab_bf[i]));
+        ab[i] = __bfloat162float(ab_bf[i]);
+      }
+    }
+    ReferenceGroupedGemm(a, w, offsets, n, k, &dh, &abs_sum);
+    const std::vector<__nv_bfloat16> stored = StoredWeights(std::move(w_bf), experts, n, k, layout, gap_rows);
+    d_a = std::make_unique<DeviceBuffer<__nv_bfloat16>>(a_bf.size());
+    d_w = std::make_unique<DeviceBuffer<__nv_bfloat16>>(stored.size());
+    d_ab = std::make_unique<DeviceBuffer<__nv_bfloat16>>(out_elems);
+    d_off = std::make_unique<DeviceBuffer<int32_t>>(offsets.size());
+    ok = d_a->get() && d_w->get() && d_ab->get() && d_off->get() && d_a->Upload(a_bf) == cudaSuccess &&
+         d_w->Upload(stored) == cudaSuccess && d_ab->Upload(ab_bf) == cudaSuccess &&
+         d_off->Upload(offsets) == cudaSuccess;
+    const bool mn = layout == GemmWeightLayout::kMnMajor;
+    args.a = d_a->get();
+    args.w = d_w->get();
+    args.expert_offsets = d_off->get();
+    args.total_rows = total_rows;
+    args.num_experts = experts;
+    args.n = n;
+    args.k = k;
+    args.out_type = GemmOutType::kBF16;
+    args.w_layout = layout;
+    args.w_expert_rows = gap_rows > 0 ? (mn ? k : n) + gap_rows : 0;
+  }
+  int n, k, experts, routed = 0, total_rows = 0;
+  size_t out_elems = 0;
+  std::vector<int32_t> offsets;
+  std::vector<__nv_bfloat16> ab_bf;
+  std::vector<double> ab, dh, abs_sum;
+  std::unique_ptr<DeviceBuffer<__nv_bfloat16>> d_a, d_w, d_ab;
+  std::unique_ptr<DeviceBuffer<int32_t>> d_off;
+  GroupedGemmArgs args;
+  bool ok = false;  // allocated and uploaded
+};
+
 // The SwiGLU backward epilogue (GroupedGemmArgs::swiglu_bwd_ab): C = [da |
 // db] from dh = the GEMM's fp32 result and the forward's [a | b] rows.
 //
@@ -358,61 +415,28 @@ void CheckSwiGluEpilogueCase(const std::vector<int>& counts, int n, int k, int e
                " k=" + std::to_string(k) + (mn ? " MN-major" : " K-major") +
                " gap_rows=" + std::to_string(gap_rows));
   std::mt19937_64 rng(seed);
-  const int experts = static_cast<int>(counts.size());
-  std::vector<int32_t> offsets(experts + 1, 0);
-  for (int e = 0; e < experts; ++e) offsets[e + 1] = offsets[e] + counts[e];
-  const int routed = offsets.back();
-  const int total_rows = routed + extra_rows;
-  const size_t out_elems = static_cast<size_t>(total_rows) * 2 * n;
-
-  std::vector<__nv_bfloat16> a_bf, w_bf, ab_bf;
-  std::vector<double> a, w, ab;
-  testing::RandomBf16(rng, static_cast<size_t>(total_rows) * k, &a_bf, &a);
-  testing::RandomBf16(rng, static_cast<size_t>(experts) * n * k, &w_bf, &w);
-  testing::RandomBf16(rng, out_elems, &ab_bf, &ab);
-  for (int r = 0; r < total_rows; ++r) {
-    for (int j = 0; j < n; ++j) {
-      const size_t i = static_cast<size_t>(r) * 2 * n + j;
-      ab_bf[i] = __float2bfloat16(6.f * __bfloat162float(ab_bf[i]));
-      ab[i] = __bfloat162float(ab_bf[i]);
-    }
-  }
-  std::vector<double> dh, abs_sum;
-  ReferenceGroupedGemm(a, w, offsets, n, k, &dh, &abs_sum);
-
-  DeviceBuffer<__nv_bfloat16> d_a(a_bf.size()), d_ab(out_elems), d_c(out_elems), d_dh(out_elems / 2),
-      d_unfused(out_elems);
-  const std::vector<__nv_bfloat16> stored = StoredWeights(std::move(w_bf), experts, n, k, layout, gap_rows);
-  DeviceBuffer<__nv_bfloat16> d_w(stored.size());
-  DeviceBuffer<int32_t> d_off(offsets.size());
-  ASSERT_TRUE(d_a.get() && d_w.get() && d_ab.get() && d_c.get() && d_off.get());
-  GROVE_CUDA_OK(d_a.Upload(a_bf));
-  GROVE_CUDA_OK(d_w.Upload(stored));
-  GROVE_CUDA_OK(d_ab.Upload(ab_bf));
-  GROVE_CUDA_OK(d_off.Upload(offsets));
-
-  GroupedGemmArgs args;
-  args.a = d_a.get();
-  args.w = d_w.get();
-  args.expert_offsets = d_off.get();
-  args.total_rows = total_rows;
-  args.num_experts = experts;
-  args.n = n;
-  args.k = k;
-  args.out_type = GemmOutType::kBF16;
-  args.w_layout = layout;
-  args.w_expert_rows = gap_rows > 0 ? (mn ? k : n) + gap_rows : 0;
+  SwiGluBwdInputs in(counts, n, k, extra_rows, gap_rows, layout, rng);
+  ASSERT_TRUE(in.ok);
+  const int routed = in.routed;
+  const size_t out_elems = in.out_elems;
+  const std::vector<double>& ab = in.ab;
+  const std::vector<double>& dh = in.dh;
+  const std::vector<double>& abs_sum = in.abs_sum;
+  DeviceBuffer<__nv_bfloat16> d_c(out_elems), d_dh(out_elems / 2), d_unfused(out_elems);
+  ASSERT_TRUE(d_c.get() && d_dh.get() && d_unfused.get());
+  const __nv_bfloat16* d_ab = in.d_ab->get();
+  GroupedGemmArgs args = in.args;
 
   // The unfused path, on kAuto: dh to bf16, then SwiGluBackwardPacked.
   args.c = d_dh.get();
   ASSERT_TRUE(GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr).ok());
-  ASSERT_TRUE(SwiGluBackwardPacked(d_dh.get(), d_ab.get(), d_unfused.get(), routed, n, nullptr).ok());
+  ASSERT_TRUE(SwiGluBackwardPacked(d_dh.get(), d_ab, d_unfused.get(), routed, n, nullptr).ok());
   GROVE_CUDA_OK(cudaDeviceSynchronize());
   std::vector<__nv_bfloat16> unfused;
   GROVE_CUDA_OK(d_unfused.Download(&unfused));
 
   args.c = d_c.get();
-  args.swiglu_bwd_ab = d_ab.get();
+  args.swiglu_bwd_ab = d_ab;
   for (GroupedGemmImpl impl : kAllImpls) {
     SCOPED_TRACE(GroupedGemmImplName(impl));
     const bool fuses = impl == GroupedGemmImpl::kAuto || impl == GroupedGemmImpl::kWgmmaStaged ||
@@ -494,60 +518,32 @@ void CheckGatedSwiGluEpilogueCase(const std::vector<int>& counts, int n, int k, 
   SCOPED_TRACE("gated SwiGLU epilogue seed " + std::to_string(seed) + " n=" + std::to_string(n) +
                " k=" + std::to_string(k) + (mn ? " MN-major" : " K-major"));
   std::mt19937_64 rng(seed);
-  const int experts = static_cast<int>(counts.size());
-  std::vector<int32_t> offsets(experts + 1, 0);
-  for (int e = 0; e < experts; ++e) offsets[e + 1] = offsets[e] + counts[e];
-  const int routed = offsets.back();
-  const int total_rows = routed + extra_rows;
-  const size_t out_elems = static_cast<size_t>(total_rows) * 2 * n;
+  SwiGluBwdInputs in(counts, n, k, extra_rows, gap_rows, layout, rng);
+  ASSERT_TRUE(in.ok);
+  const int routed = in.routed, total_rows = in.total_rows;
+  const size_t out_elems = in.out_elems;
+  const std::vector<double>& ab = in.ab;
+  const std::vector<double>& dh = in.dh;
+  const std::vector<double>& abs_sum = in.abs_sum;
   const int parts = SwiGluGatePartials(n);
-
-  std::vector<__nv_bfloat16> a_bf, w_bf, ab_bf;
-  std::vector<double> a, w, ab;
-  testing::RandomBf16(rng, static_cast<size_t>(total_rows) * k, &a_bf, &a);
-  testing::RandomBf16(rng, static_cast<size_t>(experts) * n * k, &w_bf, &w);
-  testing::RandomBf16(rng, out_elems, &ab_bf, &ab);
-  for (size_t i = 0; i < out_elems; ++i) {  // g over [-6, 6]: the sigmoid's whole range
-    if (i % (2 * n) >= static_cast<size_t>(n)) continue;
-    ab_bf[i] = __float2bfloat16(6.f * __bfloat162float(ab_bf[i]));
-    ab[i] = __bfloat162float(ab_bf[i]);
-  }
   std::vector<int32_t> slot_of_row(routed);
   std::iota(slot_of_row.begin(), slot_of_row.end(), 0);
   std::shuffle(slot_of_row.begin(), slot_of_row.end(), rng);
   std::uniform_real_distribution<float> gate_dist(0.05f, 1.f);
   std::vector<float> slot_gates(std::max(routed, 1));
   for (float& g : slot_gates) g = gate_dist(rng);
-  std::vector<double> dh, abs_sum;
-  ReferenceGroupedGemm(a, w, offsets, n, k, &dh, &abs_sum);
-
-  DeviceBuffer<__nv_bfloat16> d_a(a_bf.size()), d_ab(out_elems), d_c(out_elems),
-      d_hg(static_cast<size_t>(total_rows) * n);
-  const std::vector<__nv_bfloat16> stored = StoredWeights(std::move(w_bf), experts, n, k, layout, gap_rows);
-  DeviceBuffer<__nv_bfloat16> d_w(stored.size());
-  DeviceBuffer<int32_t> d_off(offsets.size()), d_slots(std::max(routed, 1));
+  DeviceBuffer<__nv_bfloat16> d_c(out_elems), d_hg(static_cast<size_t>(total_rows) * n);
+  DeviceBuffer<int32_t> d_slots(std::max(routed, 1));
   DeviceBuffer<float> d_gates(slot_gates.size()), d_partial(static_cast<size_t>(total_rows) * parts),
       d_dgate(slot_gates.size());
-  GROVE_CUDA_OK(d_a.Upload(a_bf));
-  GROVE_CUDA_OK(d_w.Upload(stored));
-  GROVE_CUDA_OK(d_ab.Upload(ab_bf));
-  GROVE_CUDA_OK(d_off.Upload(offsets));
-  if (routed > 0) GROVE_CUDA_OK(d_slots.Upload(slot_of_row));
+  if (routed > 0) {
+    GROVE_CUDA_OK(d_slots.Upload(slot_of_row));
+  }
   GROVE_CUDA_OK(d_gates.Upload(slot_gates));
 
-  GroupedGemmArgs args;
-  args.a = d_a.get();
-  args.w = d_w.get();
-  args.expert_offsets = d_off.get();
-  args.total_rows = total_rows;
-  args.num_experts = experts;
-  args.n = n;
-  args.k = k;
-  args.out_type = GemmOutType::kBF16;
-  args.w_layout = layout;
-  args.w_expert_rows = gap_rows > 0 ? (mn ? k : n) + gap_rows : 0;
+  GroupedGemmArgs args = in.args;
   args.c = d_c.get();
-  args.swiglu_bwd_ab = d_ab.get();
+  args.swiglu_bwd_ab = in.d_ab->get();
   args.swiglu_bwd_slot_of_row = d_slots.get();
   args.swiglu_bwd_slot_gates = d_gates.get();
   args.swiglu_bwd_h_gated = d_hg.get();
@@ -617,6 +613,19 @@ TEST(GroupedGemmTest, GatedSwiGluEpilogueRaggedWithEmptyExpertsAndTails) {
                                GemmWeightLayout::kMnMajor);
 }
 
+// 64 experts of 0..48 rows each (two of them empty): the gpu-ref layer's
+// expert count with fewer tokens than a step, so the CPU reference stays
+// fast.
+std::vector<int> GpuRefExpertCounts() {
+  std::mt19937_64 rng(testing::FreshSeed());
+  std::uniform_int_distribution<int> count(0, 48);
+  std::vector<int> counts(64);
+  for (int& c : counts) c = count(rng);
+  counts[17] = 0;
+  counts[63] = 0;
+  return counts;
+}
+
 TEST(GroupedGemmTest, SwiGluEpilogueRaggedWithEmptyExpertsAndTails) {
   GROVE_SKIP_WITHOUT_GPU();
   // Empty experts, rows around the 128-row tile, n = 264 (a partial column
@@ -632,13 +641,8 @@ TEST(GroupedGemmTest, SwiGluEpilogueRaggedWithEmptyExpertsAndTails) {
 // fewer tokens than a step so the CPU reference stays fast.
 TEST(GroupedGemmTest, SwiGluEpilogueGpuRefShapeInTheParameterLayout) {
   GROVE_SKIP_WITHOUT_GPU();
-  const int E = 64, H = 1024, F = 512;
-  std::mt19937_64 rng(testing::FreshSeed());
-  std::uniform_int_distribution<int> count(0, 48);
-  std::vector<int> counts(E);
-  for (int& c : counts) c = count(rng);
-  counts[17] = 0;
-  counts[63] = 0;
+  const int H = 1024, F = 512;
+  const std::vector<int> counts = GpuRefExpertCounts();
   CheckSwiGluEpilogueCase(counts, F, H, 5, 3 * H - H);
 }
 
@@ -778,13 +782,8 @@ TEST(GroupedGemmTest, SwiGluForwardRaggedWithEmptyExpertsAndTails) {
 // F = 512; fewer tokens than a step so the CPU reference stays fast.
 TEST(GroupedGemmTest, SwiGluForwardGpuRefShapeInTheParameterLayout) {
   GROVE_SKIP_WITHOUT_GPU();
-  const int E = 64, H = 1024, F = 512;
-  std::mt19937_64 rng(testing::FreshSeed());
-  std::uniform_int_distribution<int> count(0, 48);
-  std::vector<int> counts(E);
-  for (int& c : counts) c = count(rng);
-  counts[17] = 0;
-  counts[63] = 0;
+  const int H = 1024, F = 512;
+  const std::vector<int> counts = GpuRefExpertCounts();
   CheckSwiGluForwardCase(counts, F, H, 5, 3 * F - 2 * F);
 }
 

@@ -370,6 +370,18 @@ TEST_P(GpuTransformerTest, ZeroGradReadsAsZeroWithoutABackward) {
   for (size_t i = 0; i < n; ++i) ASSERT_EQ(raw[i], 0.f) << i;
 }
 
+// ||b - a|| / ||a|| over one tensor's slice of two flat gradient vectors
+// (||b - a|| where a is zero; infinite if b has a non-finite element).
+double TensorRelL2(const TensorInfo& t, const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < t.numel; ++i) {
+    const double x = a[t.offset + i], y = b[t.offset + i];
+    num += std::isfinite(y) ? (x - y) * (x - y) : INFINITY;
+    den += x * x;
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
 // GROVE_FUSED_SWIGLU_BWD=1 (the gated SwiGLU backward in the w2 dX
 // epilogue, sm_90; elsewhere the flag changes nothing) against the
 // default unfused path: the same routes (replayed), the same upstream
@@ -428,13 +440,7 @@ TEST_P(GpuTransformerTest, FusedSwiGluBackwardMatchesUnfused) {
   ASSERT_TRUE(cpu.ok());
   double worst = 0;
   for (const TensorInfo& t : (*cpu)->layout().tensors()) {
-    double num = 0, den = 0;
-    for (int64_t i = 0; i < t.numel; ++i) {
-      const double x = unfused[t.offset + i], y = fused[t.offset + i];
-      num += std::isfinite(y) ? (x - y) * (x - y) : INFINITY;
-      den += x * x;
-    }
-    const double rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+    const double rel = TensorRelL2(t, unfused, fused);
     EXPECT_LE(rel, 2e-2) << t.name;
     worst = std::max(worst, rel);
   }
@@ -523,13 +529,7 @@ TEST_P(GpuTransformerTest, GroupedExpertDwMatchesCublas) {
     double worst = 0;
     int expert_tensors = 0;
     for (const TensorInfo& t : layout.tensors()) {
-      double num = 0, den = 0;
-      for (int64_t i = 0; i < t.numel; ++i) {
-        const double x = ga[t.offset + i], y = gb[t.offset + i];
-        num += std::isfinite(y) ? (x - y) * (x - y) : INFINITY;
-        den += x * x;
-      }
-      const double rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+      const double rel = TensorRelL2(t, ga, gb);
       EXPECT_LE(rel, 1e-4) << t.name;
       if (t.name.find("moe.experts.") != std::string::npos) {
         ++expert_tensors;
