@@ -123,13 +123,13 @@ Status GroupedGemm(const GroupedGemmArgs& given, GroupedGemmImpl impl, cudaStrea
     return Status::InvalidArgument(std::string("grouped GEMM: ") + GroupedGemmImplName(impl) +
                                    " has no SwiGLU backward epilogue");
   const bool swiglu_fwd = given.swiglu_out != nullptr;
-  const bool swiglu_gated = given.swiglu_bwd_slot_of_row != nullptr;
-  if (swiglu_gated && impl != GroupedGemmImpl::kAuto && impl != GroupedGemmImpl::kWgmmaStaged)
-    return Status::InvalidArgument(std::string("grouped GEMM: ") + GroupedGemmImplName(impl) +
-                                   " has no gated SwiGLU backward epilogue");
-  if (swiglu_fwd && impl != GroupedGemmImpl::kAuto && impl != GroupedGemmImpl::kWgmmaStaged)
-    return Status::InvalidArgument(std::string("grouped GEMM: ") + GroupedGemmImplName(impl) +
-                                   " has no SwiGLU forward epilogue");
+  // The epilogues only kWgmmaStaged has (sm_90).
+  const char* staged_only = swiglu_fwd                                      ? "SwiGLU forward"
+                            : given.swiglu_bwd_slot_of_row != nullptr ? "gated SwiGLU backward"
+                                                                      : nullptr;
+  if (staged_only && impl != GroupedGemmImpl::kAuto && impl != GroupedGemmImpl::kWgmmaStaged)
+    return Status::InvalidArgument(std::string("grouped GEMM: ") + GroupedGemmImplName(impl) + " has no " +
+                                   staged_only + " epilogue");
   GroupedGemmArgs args = given;  // the launchers read w_expert_rows as set
   if (args.w_expert_rows == 0) args.w_expert_rows = mn ? args.k : args.n;
   if (args.total_rows == 0) return Status::OK();  // nothing routed anywhere
@@ -137,12 +137,9 @@ Status GroupedGemm(const GroupedGemmArgs& given, GroupedGemmImpl impl, cudaStrea
   GROVE_RETURN_IF_ERROR(QueryDevice(&dev));
   // sm_90a machine code runs on compute capability 9.0 only.
   const bool hopper = dev.cc_major == 9 && dev.cc_minor == 0;
-  if (swiglu_gated && !hopper)
-    return Status::FailedPrecondition(
-        "grouped GEMM: the gated SwiGLU backward epilogue needs an sm_90 GPU (kWgmmaStaged)");
-  if (swiglu_fwd && !hopper)
-    return Status::FailedPrecondition(
-        "grouped GEMM: the SwiGLU forward epilogue needs an sm_90 GPU (kWgmmaStaged)");
+  if (staged_only && !hopper)
+    return Status::FailedPrecondition(std::string("grouped GEMM: the ") + staged_only +
+                                      " epilogue needs an sm_90 GPU (kWgmmaStaged)");
   if (impl == GroupedGemmImpl::kAuto) {
     // Measured on an H100 (docs/kernels.md): at k >= 1024 the ping-pong
     // kernel is the fastest (its epilogue hides behind the other

@@ -562,7 +562,7 @@ __global__ void __launch_bounds__(StagedThreads<kSwiGluBwd>(), 1)
       }
     } else if (threadIdx.x >= 32) {
       // storers 0..95 in warpgroup 0, 96.. in warpgroup 3 (kSwiGluBwd)
-      const int sid = warpgroup == 0 ? threadIdx.x - 32 : threadIdx.x - 384 + kStorers;
+      const int sid = warpgroup == 0 ? threadIdx.x - 32 : threadIdx.x - 3 * 128 + kStorers;
       uint32_t j = 0;
       for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x, ++j) {
         const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, kTileCols,

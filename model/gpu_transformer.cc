@@ -202,17 +202,18 @@ struct GemmRunner {
   TunedGemm* tuned = nullptr;
 };
 
+Status RunTuned(TunedGemm& tuned, const GemmCall& call, const char* what) {
+  const Status s = tuned.Run(call);
+  if (s.ok()) return s;
+  return Status(s.code(), std::string("GpuTransformer: GEMM ") + what + ": " + s.message());
+}
+
 // Row-major C[M,N] = alpha op(A) op(B) + beta C with bf16 A, B and fp32
 // accumulation; C bf16 or fp32. cuBLAS is column-major: C^T = op(B)^T op(A)^T.
 Status Gemm(const GemmRunner& g, bool ta, bool tb, int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda,
             const bf16* B, int64_t ldb, void* C, bool c_f32, int64_t ldc, float beta, const char* what) {
   if (M == 0 || N == 0) return Status::OK();
-  if (g.tuned) {
-    GemmCall call{ta, tb, M, N, K, A, lda, B, ldb, beta, C, C, c_f32, ldc};
-    const Status s = g.tuned->Run(call);
-    if (s.ok()) return s;
-    return Status(s.code(), std::string("GpuTransformer: GEMM ") + what + ": " + s.message());
-  }
+  if (g.tuned) return RunTuned(*g.tuned, GemmCall{ta, tb, M, N, K, A, lda, B, ldb, beta, C, C, c_f32, ldc}, what);
   const float alpha = 1.f;
   return Cublas(cublasGemmEx(g.handle, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, int(N),
                              int(M), int(K), &alpha, B, CUDA_R_16BF, int(ldb), A, CUDA_R_16BF, int(lda), &beta, C,
@@ -224,10 +225,7 @@ Status Gemm(const GemmRunner& g, bool ta, bool tb, int64_t M, int64_t N, int64_t
 // Needs the tuned runner (cublasGemmEx has one C).
 Status ResidualGemm(const GemmRunner& g, int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda,
                     const bf16* B, int64_t ldb, const bf16* C, bf16* D, int64_t ldc, const char* what) {
-  GemmCall call{false, true, M, N, K, A, lda, B, ldb, 1.f, C, D, false, ldc};
-  const Status s = g.tuned->Run(call);
-  if (s.ok()) return s;
-  return Status(s.code(), std::string("GpuTransformer: GEMM ") + what + ": " + s.message());
+  return RunTuned(*g.tuned, GemmCall{false, true, M, N, K, A, lda, B, ldb, 1.f, C, D, false, ldc}, what);
 }
 
 // Score's per-request index loops on up to 8 host threads: over a 32k-row
@@ -464,8 +462,8 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
     int major = 0, minor = 0;
     GPU_OK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     GPU_OK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-    im.grouped_dw = major == 9 && minor == 0;
     im.hopper = major == 9 && minor == 0;
+    im.grouped_dw = im.hopper;
   }
   if (const char* env = std::getenv("GROVE_EXPERT_DW")) {
     const std::string v = env;
@@ -951,9 +949,9 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     const bool fuse_swiglu = im.fused_swiglu_fwd && im.hopper && F % 8 == 0 &&
                              (im.fwd_gemm_impl == kernels::GroupedGemmImpl::kAuto ||
                               im.fwd_gemm_impl == kernels::GroupedGemmImpl::kWgmmaStaged);
-    if (fuse_swiglu) ga.swiglu_out = eh;  // h from the GEMM's epilogue
-    GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, im.fwd_gemm_impl, st));
-    ga.swiglu_out = nullptr;
+    kernels::GroupedGemmArgs up = ga;
+    if (fuse_swiglu) up.swiglu_out = eh;  // h from the GEMM's epilogue
+    GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(up, im.fwd_gemm_impl, st));
     im.Lap(fuse_swiglu ? "grouped GEMM + swiglu fwd" : "grouped GEMM fwd", 4.0 * Pn * F * H);
     if (!fuse_swiglu) {
       GROVE_RETURN_IF_ERROR(kernels::SwiGluForwardPacked(eab, eh, Pn, int(F), st));
@@ -1261,8 +1259,9 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       const int32_t* offsets = tp.offsets.as<int32_t>() + mi * (E + 1);
       bf16 *dey, *deh, *deab, *xe, *dxe, *ehg;
       GROVE_RETURN_IF_ERROR(im.dey.Reserve(Pn * H, &dey));
+      const bool fuse_swiglu_bwd = im.fused_swiglu_bwd && im.hopper;
       deh = nullptr;  // only the unfused SwiGLU backward stores dh
-      if (!(im.fused_swiglu_bwd && im.hopper)) GROVE_RETURN_IF_ERROR(im.deh.Reserve(Pn * F, &deh));
+      if (!fuse_swiglu_bwd) GROVE_RETURN_IF_ERROR(im.deh.Reserve(Pn * F, &deh));
       GROVE_RETURN_IF_ERROR(im.expert_h.Reserve(Pn * F, &ehg));
       // [da | db] per row, as the forward's [a | b]: the dX through w1 and
       // w3 is then one grouped GEMM (k = 2F) and their weight gradients one
@@ -1293,26 +1292,22 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       ga.w_layout = kernels::GemmWeightLayout::kMnMajor;
       ga.a = dey; ga.w = Wb(e0 + "w2"); ga.n = int(F); ga.k = int(H);
       ga.w_expert_rows = int(expert_stride / F);
-      if (im.fused_swiglu_bwd && im.hopper) {
+      if (fuse_swiglu_bwd) {
         // The gated SwiGLU backward in this GEMM's epilogue: dh never in
         // memory; the gate's gradient from per-block partial sums.
         const int parts = kernels::SwiGluGatePartials(int(F));
         float* partial;
         GROVE_RETURN_IF_ERROR(im.dgate_partial.Reserve(Pn * parts, &partial));
-        ga.c = deab;
-        ga.swiglu_bwd_ab = lt.eab.as<bf16>();
-        ga.swiglu_bwd_slot_of_row = lt.src.as<int32_t>();
-        ga.swiglu_bwd_slot_gates = lt.gates.as<float>();
-        ga.swiglu_bwd_h_gated = ehg;
-        ga.swiglu_bwd_dgate_partial = partial;
-        GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
+        kernels::GroupedGemmArgs gated = ga;
+        gated.c = deab;
+        gated.swiglu_bwd_ab = lt.eab.as<bf16>();
+        gated.swiglu_bwd_slot_of_row = lt.src.as<int32_t>();
+        gated.swiglu_bwd_slot_gates = lt.gates.as<float>();
+        gated.swiglu_bwd_h_gated = ehg;
+        gated.swiglu_bwd_dgate_partial = partial;
+        GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(gated, kernels::GroupedGemmImpl::kAuto, st));
         GROVE_RETURN_IF_ERROR(
             kernels::SwiGluGateGradFromPartials(partial, parts, lt.src.as<int32_t>(), dgate, Pn, st));
-        ga.swiglu_bwd_ab = nullptr;
-        ga.swiglu_bwd_slot_of_row = nullptr;
-        ga.swiglu_bwd_slot_gates = nullptr;
-        ga.swiglu_bwd_h_gated = nullptr;
-        ga.swiglu_bwd_dgate_partial = nullptr;
         im.Lap("grouped GEMM dX + swiglu bwd", 2.0 * Pn * F * H);
       } else {
         ga.c = deh;  // dh before the gate
