@@ -58,7 +58,9 @@ Status Check(int64_t count) {
 }
 
 int Blocks(int64_t chunks) {
-  return static_cast<int>(std::min<int64_t>((chunks + kThreads - 1) / kThreads, 132 * 16));
+  // A grid the size of the data (one chunk per thread): as AdamW's
+  // (kernels/adamw.cu), a few blocks per SM looping fell short of the copy rate.
+  return static_cast<int>(std::min<int64_t>((chunks + kThreads - 1) / kThreads, int64_t{1} << 30));
 }
 
 Status LaunchStatus(const char* what) {
