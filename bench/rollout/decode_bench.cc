@@ -372,6 +372,10 @@ const Variant kVariants[] = {
        o = GpuGeneratorOptions{};
        o.fuse_append_attention = false;
      }},
+    {"default-programmatic_launch", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.programmatic_launch = false;
+     }},
     {"default-fold_batch_one", [](GpuGeneratorOptions& o) {
        o = GpuGeneratorOptions{};
        o.fold_shared_experts = SharedExpertFold::kNever;
