@@ -1,5 +1,6 @@
 #include "rollout/gpu_generator.h"
 
+#include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 #include <glog/logging.h>
@@ -278,8 +279,13 @@ struct GpuGenerator::Impl {
   bool timing = false;
   Status Mark(DecodePhase phase) { return timing ? timer.Mark(phase, stream) : Status::OK(); }
 
+  // cuBLAS for the bf16 linears of large calls (cublas_min_rows), on
+  // `stream`, with its own workspace so that graph capture allocates nothing.
+  cublasHandle_t cublas = nullptr;
+
   ~Impl() {
     if (stream) cudaStreamSynchronize(stream);
+    if (cublas) cublasDestroy(cublas);
     for (auto& [b, g] : graphs) cudaGraphExecDestroy(g);
     for (void* p : device_allocs) cudaFree(p);
     for (void* p : host_allocs) cudaFreeHost(p);
@@ -351,6 +357,19 @@ struct GpuGenerator::Impl {
   Status AppendFoldedSharedExperts(LayerWeights& w);
   Result<double> Load(const float* params, bool on_device, const FormatChooser& choose);
   Status Linear(const bf16* x_in, int64_t ldx, int rows, int slot, float* y, int64_t ldy, Accumulate mode) {
+    const kernels::QuantWeight& w = slots[slot].qw;
+    if (w.format == QuantFormat::kBF16 && opt.cublas_min_rows > 0 && rows >= opt.cublas_min_rows) {
+      // Row-major y [rows, n] = x [rows, k] W^T, W row-major [n, k]: in
+      // cuBLAS's column-major terms y^T = W^T' x^T with W read transposed.
+      const float alpha = 1.f, beta = mode == Accumulate::kAdd ? 1.f : 0.f;
+      const cublasStatus_t st =
+          cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(w.n), rows, int(w.k), &alpha, w.data, CUDA_R_16BF,
+                       int(w.k), x_in, CUDA_R_16BF, int(ldx), &beta, y, CUDA_R_32F, int(ldy), CUBLAS_COMPUTE_32F,
+                       CUBLAS_GEMM_DEFAULT);
+      if (st != CUBLAS_STATUS_SUCCESS)
+        return Status::Internal("GpuGenerator: cublasGemmEx failed (" + std::to_string(int(st)) + ")");
+      return Status::OK();
+    }
     if (rows == 1 && opt.gemv_rows_per_warp != 0) {
       using kernels::detail::QuantLinearPath;
       const QuantLinearPath path = opt.gemv_rows_per_warp == 1   ? QuantLinearPath::kCudaCoreRows1
@@ -1003,6 +1022,16 @@ Result<std::unique_ptr<GpuGenerator>> GpuGenerator::Create(const model::ModelCon
   impl->layout = model::ParamLayout(config);
   impl->opt = options;
   GEN_CUDA(cudaStreamCreateWithFlags(&impl->stream, cudaStreamNonBlocking));
+  if (options.cublas_min_rows > 0) {
+    if (cublasCreate(&impl->cublas) != CUBLAS_STATUS_SUCCESS)
+      return Status::Internal("GpuGenerator: cublasCreate failed");
+    constexpr int64_t kCublasWorkspaceBytes = int64_t{32} << 20;
+    void* ws = nullptr;
+    GROVE_RETURN_IF_ERROR(impl->Alloc(reinterpret_cast<char**>(&ws), kCublasWorkspaceBytes));
+    if (cublasSetStream(impl->cublas, impl->stream) != CUBLAS_STATUS_SUCCESS ||
+        cublasSetWorkspace(impl->cublas, ws, kCublasWorkspaceBytes) != CUBLAS_STATUS_SUCCESS)
+      return Status::Internal("GpuGenerator: cuBLAS stream or workspace");
+  }
   GROVE_RETURN_IF_ERROR(impl->Build());
   return std::unique_ptr<GpuGenerator>(new GpuGenerator(std::move(impl)));
 }

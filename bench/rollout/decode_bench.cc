@@ -372,6 +372,18 @@ const Variant kVariants[] = {
        o = GpuGeneratorOptions{};
        o.fuse_append_attention = false;
      }},
+    {"default-cublas", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.cublas_min_rows = 0;
+     }},
+    {"default+cublas=64", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.cublas_min_rows = 64;
+     }},
+    {"default+cublas=128", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.cublas_min_rows = 128;
+     }},
     {"default-programmatic_launch", [](GpuGeneratorOptions& o) {
        o = GpuGeneratorOptions{};
        o.programmatic_launch = false;
@@ -436,6 +448,7 @@ void AllPathsOff(GpuGeneratorOptions& o) {
   o.fuse_router_topk = false;
   o.fuse_append_attention = false;
   o.persistent_decode = false;
+  o.cublas_min_rows = 0;
 }
 
 // --variants: rows (variant, plan), columns ms/step per batch (x speedup

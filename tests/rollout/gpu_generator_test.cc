@@ -435,10 +435,13 @@ TEST(GpuGeneratorModel, ThinningBatchHasClearMargins) {
 #define SKIP_WITHOUT_GPU() \
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device"
 
-std::unique_ptr<GpuGenerator> MakeEngine(const model::Model& cpu, int max_batch, const FormatChooser& choose) {
+// cublas_min_rows: GpuGeneratorOptions::cublas_min_rows, -1 for its default.
+std::unique_ptr<GpuGenerator> MakeEngine(const model::Model& cpu, int max_batch, const FormatChooser& choose,
+                                         int cublas_min_rows = -1) {
   GpuGeneratorOptions o;
   o.max_batch = max_batch;
   o.kv_memory_fraction = 0.05;  // the test model needs little; leave the GPU to others
+  if (cublas_min_rows >= 0) o.cublas_min_rows = cublas_min_rows;
   auto g = GpuGenerator::Create(cpu.config(), o);
   EXPECT_TRUE(g.ok()) << g.status().ToString();
   if (!g.ok()) return nullptr;
@@ -495,13 +498,33 @@ TEST(GpuGenerator, GreedyMatchesTheCpuModel) {
   EXPECT_LE((*capped)[0].tokens.size(), 3u);
 }
 
+// The bf16 linears of large calls through cuBLAS (cublas_min_rows 1: every
+// bf16 linear of every call) against the CPU model, as the QuantLinear path
+// is checked above.
+TEST(GpuGenerator, CublasLinearsMatchTheCpuModel) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = MakeModel(7);
+  const auto prompts = Prompts(11, 8, 3, 24);
+  auto want = cpu->Generate(prompts, Greedy(kNewTokens));
+  ASSERT_TRUE(want.ok());
+  auto gen = MakeEngine(*cpu, 16, nullptr, /*cublas_min_rows=*/1);
+  ASSERT_TRUE(gen);
+  auto got = gen->Generate(prompts, Greedy(kNewTokens));
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  Compare(*cpu, prompts, *want, *got);
+  EXPECT_TRUE(gen->stats().graphs_used) << "CUDA graph capture with cuBLAS failed (see the log)";
+}
+
 TEST(GpuGenerator, ContinuousBatchingMatchesOneByOne) {
   SKIP_WITHOUT_GPU();
   auto cpu = MakeModel(7);
   // More prompts than slots, lengths 1..40: sequences join as others finish.
   auto prompts = Prompts(12, 11, 1, 40);
   model::SamplingOptions o = Greedy(kNewTokens);
-  auto gen = MakeEngine(*cpu, 4, nullptr);
+  // QuantLinear only (cublas_min_rows 0): its rows' sums do not depend on
+  // the call's other rows, so a sequence gets the same log-probs in any
+  // batch. cuBLAS's do (prefills of 64 rows and more would take it here).
+  auto gen = MakeEngine(*cpu, 4, nullptr, /*cublas_min_rows=*/0);
   ASSERT_TRUE(gen);
   auto batched = gen->Generate(prompts, o);
   ASSERT_TRUE(batched.ok()) << batched.status().ToString();
