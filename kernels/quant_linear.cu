@@ -94,6 +94,39 @@ __global__ void QuantizeInt4Kernel(const float* __restrict__ w, int64_t n, int64
   }
 }
 
+// ---- Dequantization to bf16 (DequantizeToBf16): one thread per 8 columns ----
+__global__ void DequantizeToBf16Kernel(QuantWeight w, __nv_bfloat16* __restrict__ out) {
+  const int64_t octets = int64_t{w.n} * (w.k / 8);
+  const int64_t o = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (o >= octets) return;
+  const int64_t r = o / (w.k / 8), c0 = (o % (w.k / 8)) * 8;
+  float v[8];
+  if (w.format == QuantFormat::kInt8) {
+    const int8_t* q = static_cast<const int8_t*>(w.data) + r * w.k + c0;
+    const float s = w.scales[r];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = float(q[j]) * s;
+  } else {
+    // kInt4: word (c0 / 8) of the row holds columns c0..c0+7; element j in
+    // nibble slot j / 2 (even j) or 4 + j / 2 (odd j), stored as q + 8.
+    const uint32_t word = static_cast<const uint32_t*>(w.data)[r * (w.k / 8) + c0 / 8];
+    const float s = w.scales[r * (w.k / 128) + c0 / 128];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int slot = (j % 2 == 0) ? j / 2 : 4 + j / 2;
+      v[j] = float(int((word >> (4 * slot)) & 0xFu) - 8) * s;
+    }
+  }
+  uint4 packed;
+  uint32_t* p = &packed.x;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
+    std::memcpy(&p[j], &h, 4);
+  }
+  *reinterpret_cast<uint4*>(out + r * w.k + c0) = packed;
+}
+
 // ---- The GEMV: weight rows streamed once per pass of up to 16 tokens ----
 
 // The prologue a kernel of the decode chain runs before griddepcontrol.wait
@@ -462,6 +495,21 @@ Status QuantizeWeight(const float* w, int64_t n, int64_t k, QuantFormat f, void*
 }
 
 size_t QuantLinearWorkspaceBytes(QuantFormat, int64_t, int64_t, int64_t) { return 0; }
+
+Status DequantizeToBf16(const QuantWeight& w, __nv_bfloat16* out, cudaStream_t stream) {
+  GROVE_RETURN_IF_ERROR(CheckShape("DequantizeToBf16", w.format, w.n, w.k));
+  if (!Aligned(w.data, 16) || !Aligned(out, 16))
+    return Status::InvalidArgument("DequantizeToBf16: data and out must be non-null and 16-byte aligned");
+  if (w.format == QuantFormat::kBF16) {
+    if (cudaMemcpyAsync(out, w.data, size_t(w.n) * size_t(w.k) * 2, cudaMemcpyDeviceToDevice, stream) != cudaSuccess)
+      return Launched("DequantizeToBf16 copy");
+    return Status::OK();
+  }
+  if (!Aligned(w.scales, 4)) return Status::InvalidArgument("DequantizeToBf16: int8/int4 weight without scales");
+  const int64_t octets = int64_t{w.n} * (w.k / 8);
+  DequantizeToBf16Kernel<<<static_cast<unsigned>((octets + 255) / 256), 256, 0, stream>>>(w, out);
+  return Launched("DequantizeToBf16");
+}
 
 namespace detail {
 

@@ -48,6 +48,13 @@ int64_t QuantScaleCount(QuantFormat f, int64_t n, int64_t k);
 Status QuantizeWeight(const float* w, int64_t n, int64_t k, QuantFormat f, void* data, float* scales,
                       cudaStream_t stream);
 
+// out [n, k] (bf16, device, row-major) = the weight's values rounded to
+// bf16: int8 q * row scale, int4 q * group scale (each product in fp32, as
+// the CPU's dequantization, then rounded to nearest even); bf16 copied.
+// For callers that run a quantized weight through a bf16 GEMM (cuBLAS) where
+// a call has enough rows that weight bytes no longer set its time.
+Status DequantizeToBf16(const QuantWeight& w, __nv_bfloat16* out, cudaStream_t stream);
+
 // How y is written: overwritten, or added to (residual adds fused).
 enum class Accumulate : int32_t { kOverwrite = 0, kAdd = 1 };
 

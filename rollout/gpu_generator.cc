@@ -66,6 +66,11 @@ struct WeightSlot {
   void* data = nullptr;
   float* scales = nullptr;
   QuantWeight qw;
+  // A linear's int4 weight rounded to bf16 (kernels::DequantizeToBf16)
+  // for the cuBLAS path of large calls (GpuGeneratorOptions::
+  // cublas_min_rows); allocated at the first LoadWeights that quantizes it,
+  // rewritten by every LoadWeights. Null: none (QuantLinear runs them all).
+  bf16* dequant = nullptr;
 };
 
 struct LayerWeights {
@@ -358,12 +363,13 @@ struct GpuGenerator::Impl {
   Result<double> Load(const float* params, bool on_device, const FormatChooser& choose);
   Status Linear(const bf16* x_in, int64_t ldx, int rows, int slot, float* y, int64_t ldy, Accumulate mode) {
     const kernels::QuantWeight& w = slots[slot].qw;
-    if (w.format == QuantFormat::kBF16 && opt.cublas_min_rows > 0 && rows >= opt.cublas_min_rows) {
+    const void* bf16_w = w.format == QuantFormat::kBF16 ? w.data : slots[slot].dequant;
+    if (bf16_w != nullptr && cublas != nullptr && opt.cublas_min_rows > 0 && rows >= opt.cublas_min_rows) {
       // Row-major y [rows, n] = x [rows, k] W^T, W row-major [n, k]: in
       // cuBLAS's column-major terms y^T = W^T' x^T with W read transposed.
       const float alpha = 1.f, beta = mode == Accumulate::kAdd ? 1.f : 0.f;
       const cublasStatus_t st =
-          cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(w.n), rows, int(w.k), &alpha, w.data, CUDA_R_16BF,
+          cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(w.n), rows, int(w.k), &alpha, bf16_w, CUDA_R_16BF,
                        int(w.k), x_in, CUDA_R_16BF, int(ldx), &beta, y, CUDA_R_32F, int(ldy), CUBLAS_COMPUTE_32F,
                        CUBLAS_GEMM_DEFAULT);
       if (st != CUBLAS_STATUS_SUCCESS)
@@ -1119,6 +1125,23 @@ Result<double> GpuGenerator::Impl::Load(const float* params, bool on_device, con
       s.qw.scales = f == QuantFormat::kBF16 ? nullptr : s.scales;
     }
     i = j;
+  }
+  // The quantized linears' bf16 roundings for cuBLAS (cublas_min_rows).
+  if (g.cublas != nullptr) {
+    std::vector<int> linears = {g.lm_head};
+    for (const LayerWeights& w : g.lw)
+      for (int slot : {w.qkv, w.wo, w.w13, w.w2, w.router, w.s_w13, w.s_w2}) linears.push_back(slot);
+    for (int slot : linears) {
+      if (slot < 0) continue;
+      WeightSlot& s = g.slots[slot];
+      // int4 only: its group scales cannot be applied after the GEMM, and
+      // next to its quantization step the bf16 rounding of q * scale is
+      // small (int8's step is 18x finer: int8 linears stay on QuantLinear,
+      // whose sums of q * scale are exact, as the CPU's).
+      if (s.qw.format != QuantFormat::kInt4) continue;
+      if (s.dequant == nullptr) GROVE_RETURN_IF_ERROR(g.Alloc(&s.dequant, s.n * s.k));
+      GROVE_RETURN_IF_ERROR(kernels::DequantizeToBf16(s.qw, s.dequant, g.stream));
+    }
   }
   for (int64_t l = 0; l < g.c.layers; ++l) {
     LayerWeights& w = g.lw[l];

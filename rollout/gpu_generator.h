@@ -135,16 +135,20 @@ struct GpuGeneratorOptions {
   int moe_mma_tiles_per_block = 2;
   // MoeDecodeArgs::mma_paired_up_max_tokens of every MoE forward (>= 0).
   int moe_mma_paired_up_max_tokens = 32;
-  // Linears with bf16 weights in calls of at least this many rows (large
-  // decode batches, prefill) run as cublasGemmEx (bf16 in, fp32 sums and
-  // out) instead of QuantLinear's 16-token chunks; 0: never. fp32 summation
-  // order differs from QuantLinear's, so a row's sums depend on whether its
-  // call crossed the bound (route near-ties can then flip with the batch).
-  // H100, gpu-ref, decode_bench --variants, medians of 2, against 0: bf16
-  // batch 32 / 64 / 128 / 256 1.02x / 1.04x / 1.07x / 1.14x, int4 (whose
-  // attention linears stay bf16) 1.01x / 1.00x / 1.02x / 1.04x; 64 as the
-  // bound lost the 2% at batch 32. The first call of each new cuBLAS kernel
-  // loads it (tens of ms, once per process).
+  // Linears (not the routed experts) in calls of at least this many rows
+  // (large decode batches, prefill) run as cublasGemmEx (bf16 in, fp32 sums
+  // and out) instead of QuantLinear's 16-token chunks; 0: never. An int4
+  // linear then reads its values rounded to bf16 (a copy made at
+  // LoadWeights, kernels::DequantizeToBf16: n * k * 2 bytes per int4 linear,
+  // the lm_head's 64 MiB on gpu-ref); int8 linears stay on QuantLinear
+  // (their exact q * scale sums: int8's step is too fine to round over).
+  // fp32 summation order differs from QuantLinear's, so a row's sums depend
+  // on whether its call crossed the bound (route near-ties can then flip
+  // with the batch). H100, gpu-ref, decode_bench --variants, medians of 2,
+  // against 0: bf16 batch 32 / 64 / 128 / 256 1.02x / 1.04x / 1.07x /
+  // 1.14x, int4 1.01x / 1.06x / 1.11x / 1.16x; 64 as the bound lost 2% at
+  // batch 32. The first call of each new cuBLAS kernel loads it (tens of ms,
+  // once per process).
   int cublas_min_rows = 32;
   // Decode steps attend with kernels::PagedAttentionSplit (flash-decoding:
   // the keys split into chunks of 64 positions, one block each, so batch 1

@@ -225,6 +225,43 @@ TEST(QuantizeWeightGpu, BitIdenticalToTheCpuQuantizers) {
   }
 }
 
+// DequantizeToBf16 (the cuBLAS path's copy of a quantized linear): every
+// element the bf16 rounding of the CPU dequantizer's fp32 value, bit for bit.
+TEST(QuantizeWeightGpu, DequantizeToBf16IsTheCpuValueRounded) {
+  GROVE_SKIP_WITHOUT_GPU();
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int64_t shapes[][2] = {{8, 128}, {40, 640}, {1024, 2816}};
+  for (const auto& shape : shapes) {
+    const int64_t n = shape[0], k = shape[1];
+    const std::vector<float> w = RandomWeights(rng, n, k);
+    for (QuantFormat f : {QuantFormat::kBF16, QuantFormat::kInt8, QuantFormat::kInt4}) {
+      SCOPED_TRACE(std::string(Name(f)) + " [" + std::to_string(n) + ", " + std::to_string(k) + "]");
+      DeviceWeight dw(f, n, k);
+      QuantizeOnGpu(w, &dw);
+      DeviceBuffer<uint16_t> out(n * k);
+      const Status st = DequantizeToBf16(dw.w, reinterpret_cast<__nv_bfloat16*>(out.get()), nullptr);
+      ASSERT_TRUE(st.ok()) << st.ToString();
+      std::vector<uint16_t> got;
+      ASSERT_EQ(out.Download(&got), cudaSuccess);
+      for (int64_t i = 0; i < n * k; ++i) {
+        const float want = rollout::RoundToBf16(dw.dequant[i]);
+        uint32_t bits;
+        std::memcpy(&bits, &want, 4);
+        ASSERT_EQ(got[i], bits >> 16) << "element " << i << " (" << dw.dequant[i] << ")";
+      }
+    }
+  }
+  // Bad arguments: a shape QuantLinear refuses, a null output.
+  DeviceWeight dw(QuantFormat::kInt4, 8, 128);
+  QuantWeight bad = dw.w;
+  bad.k = 100;
+  DeviceBuffer<uint16_t> out(8 * 128);
+  EXPECT_FALSE(DequantizeToBf16(bad, reinterpret_cast<__nv_bfloat16*>(out.get()), nullptr).ok());
+  EXPECT_FALSE(DequantizeToBf16(dw.w, nullptr, nullptr).ok());
+}
+
 // y = x W^T (+ y0) against the double-precision reference, every element
 // within the bound of the file comment.
 const char* PathName(QuantLinearPath p) {

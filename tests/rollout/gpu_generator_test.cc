@@ -515,6 +515,33 @@ TEST(GpuGenerator, CublasLinearsMatchTheCpuModel) {
   EXPECT_TRUE(gen->stats().graphs_used) << "CUDA graph capture with cuBLAS failed (see the log)";
 }
 
+// int4 linears (dense and shared SwiGLU, lm_head) through cuBLAS on their
+// bf16 roundings in every call (cublas_min_rows 1), routed experts int4 on
+// the MoE kernels, against the CPU model on the same int4 round trip.
+TEST(GpuGenerator, CublasOnInt4LinearsMatchesTheCpuOnRoundTrippedWeights) {
+  SKIP_WITHOUT_GPU();
+  const FormatChooser choose = [](const actors::TensorSpec& t) -> std::optional<PrecisionFormat> {
+    if (t.name.find("moe.experts") != std::string::npos || t.name.find("mlp.") != std::string::npos ||
+        t.name.find("shared") != std::string::npos || t.name == "lm_head")
+      return PrecisionFormat::kInt4;
+    return std::nullopt;
+  };
+  auto cpu = MakeModel(7);
+  auto gen = MakeEngine(*cpu, 8, choose, /*cublas_min_rows=*/1);
+  ASSERT_TRUE(gen);
+  std::vector<actors::TensorSpec> specs;
+  for (const auto& t : cpu->layout().tensors())
+    specs.push_back({t.name, t.shape, uint64_t(t.offset), uint64_t(t.numel)});
+  std::vector<float> flat(cpu->params().begin(), cpu->params().end());
+  QuantizeInPlace(specs, flat, choose);
+  std::copy(flat.begin(), flat.end(), cpu->params().begin());
+  const auto prompts = Prompts(13, 6, 2, 30);
+  auto want = cpu->Generate(prompts, Greedy(16));
+  auto got = gen->Generate(prompts, Greedy(16));
+  ASSERT_TRUE(want.ok() && got.ok()) << got.status().ToString();
+  Compare(*cpu, prompts, *want, *got);
+}
+
 TEST(GpuGenerator, ContinuousBatchingMatchesOneByOne) {
   SKIP_WITHOUT_GPU();
   auto cpu = MakeModel(7);
@@ -562,6 +589,8 @@ TEST(GpuGenerator, QuantizedWeightsMatchTheCpuOnRoundTrippedWeights) {
   auto cpu = MakeModel(7);
   auto gen = MakeEngine(*cpu, 8, choose);
   ASSERT_TRUE(gen);
+  // The int8 linears stay on QuantLinear whatever cublas_min_rows says; the
+  // int4 ones take cuBLAS on their bf16 roundings (below).
   // The CPU model on the same round trip (weights already bf16-exact).
   std::vector<actors::TensorSpec> specs;
   for (const auto& t : cpu->layout().tensors())
