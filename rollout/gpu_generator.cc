@@ -363,7 +363,11 @@ struct GpuGenerator::Impl {
   Result<double> Load(const float* params, bool on_device, const FormatChooser& choose);
   Status Linear(const bf16* x_in, int64_t ldx, int rows, int slot, float* y, int64_t ldy, Accumulate mode) {
     const kernels::QuantWeight& w = slots[slot].qw;
-    const void* bf16_w = w.format == QuantFormat::kBF16 ? w.data : slots[slot].dequant;
+    // bf16 weights as they are, int4 through their bf16 copy (a copy left
+    // from an earlier int4 version of an int8 slot is never read).
+    const void* bf16_w = w.format == QuantFormat::kBF16   ? w.data
+                         : w.format == QuantFormat::kInt4 ? slots[slot].dequant
+                                                          : nullptr;
     if (bf16_w != nullptr && cublas != nullptr && opt.cublas_min_rows > 0 && rows >= opt.cublas_min_rows) {
       // Row-major y [rows, n] = x [rows, k] W^T, W row-major [n, k]: in
       // cuBLAS's column-major terms y^T = W^T' x^T with W read transposed.
@@ -1126,7 +1130,7 @@ Result<double> GpuGenerator::Impl::Load(const float* params, bool on_device, con
     }
     i = j;
   }
-  // The quantized linears' bf16 roundings for cuBLAS (cublas_min_rows).
+  // The int4 linears' bf16 roundings for cuBLAS (cublas_min_rows).
   if (g.cublas != nullptr) {
     std::vector<int> linears = {g.lm_head};
     for (const LayerWeights& w : g.lw)

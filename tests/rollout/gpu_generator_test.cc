@@ -540,6 +540,24 @@ TEST(GpuGenerator, CublasOnInt4LinearsMatchesTheCpuOnRoundTrippedWeights) {
   auto got = gen->Generate(prompts, Greedy(16));
   ASSERT_TRUE(want.ok() && got.ok()) << got.status().ToString();
   Compare(*cpu, prompts, *want, *got);
+
+  // The same linears int8 in a later version: QuantLinear again, not the
+  // int4 version's bf16 copy (still allocated).
+  const FormatChooser choose8 = [](const actors::TensorSpec& t) -> std::optional<PrecisionFormat> {
+    if (t.name.find("mlp.") != std::string::npos || t.name.find("shared") != std::string::npos ||
+        t.name == "lm_head")
+      return PrecisionFormat::kInt8;
+    return std::nullopt;
+  };
+  auto cpu8 = MakeModel(7);
+  ASSERT_TRUE(gen->LoadWeights(cpu8->params(), choose8).ok());
+  std::vector<float> flat8(cpu8->params().begin(), cpu8->params().end());
+  QuantizeInPlace(specs, flat8, choose8);
+  std::copy(flat8.begin(), flat8.end(), cpu8->params().begin());
+  auto want8 = cpu8->Generate(prompts, Greedy(16));
+  auto got8 = gen->Generate(prompts, Greedy(16));
+  ASSERT_TRUE(want8.ok() && got8.ok()) << got8.status().ToString();
+  Compare(*cpu8, prompts, *want8, *got8);
 }
 
 TEST(GpuGenerator, ContinuousBatchingMatchesOneByOne) {
