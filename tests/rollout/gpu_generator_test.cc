@@ -450,6 +450,38 @@ std::unique_ptr<GpuGenerator> MakeEngine(const model::Model& cpu, int max_batch,
   return std::move(*g);
 }
 
+// The CPU model's weights through the quantization round trip the engine
+// applies under `choose` (rollout::QuantizeInPlace over the whole layout).
+void RoundTripWeights(model::Model* cpu, const FormatChooser& choose) {
+  std::vector<actors::TensorSpec> specs;
+  for (const auto& t : cpu->layout().tensors())
+    specs.push_back({t.name, t.shape, uint64_t(t.offset), uint64_t(t.numel)});
+  std::vector<float> flat(cpu->params().begin(), cpu->params().end());
+  QuantizeInPlace(specs, flat, choose);
+  std::copy(flat.begin(), flat.end(), cpu->params().begin());
+}
+
+// An engine for MakeModel(7) with its weights under `choose`, and the CPU
+// model on the same round trip; greedy generation of `prompts` on both must
+// agree (Compare). Both returned for further checks.
+struct RoundTripRun {
+  std::unique_ptr<model::Model> cpu;
+  std::unique_ptr<GpuGenerator> gen;
+};
+RoundTripRun GreedyOnRoundTrippedWeights(const FormatChooser& choose, int cublas_min_rows,
+                                         const std::vector<std::vector<int32_t>>& prompts) {
+  RoundTripRun r;
+  r.cpu = MakeModel(7);
+  r.gen = MakeEngine(*r.cpu, 8, choose, cublas_min_rows);
+  if (!r.gen) return r;
+  RoundTripWeights(r.cpu.get(), choose);
+  auto want = r.cpu->Generate(prompts, Greedy(16));
+  auto got = r.gen->Generate(prompts, Greedy(16));
+  EXPECT_TRUE(want.ok() && got.ok()) << got.status().ToString();
+  if (want.ok() && got.ok()) Compare(*r.cpu, prompts, *want, *got);
+  return r;
+}
+
 TEST(GpuGenerator, GreedyMatchesTheCpuModel) {
   SKIP_WITHOUT_GPU();
   auto cpu = MakeModel(7);
@@ -526,20 +558,10 @@ TEST(GpuGenerator, CublasOnInt4LinearsMatchesTheCpuOnRoundTrippedWeights) {
       return PrecisionFormat::kInt4;
     return std::nullopt;
   };
-  auto cpu = MakeModel(7);
-  auto gen = MakeEngine(*cpu, 8, choose, /*cublas_min_rows=*/1);
-  ASSERT_TRUE(gen);
-  std::vector<actors::TensorSpec> specs;
-  for (const auto& t : cpu->layout().tensors())
-    specs.push_back({t.name, t.shape, uint64_t(t.offset), uint64_t(t.numel)});
-  std::vector<float> flat(cpu->params().begin(), cpu->params().end());
-  QuantizeInPlace(specs, flat, choose);
-  std::copy(flat.begin(), flat.end(), cpu->params().begin());
   const auto prompts = Prompts(13, 6, 2, 30);
-  auto want = cpu->Generate(prompts, Greedy(16));
-  auto got = gen->Generate(prompts, Greedy(16));
-  ASSERT_TRUE(want.ok() && got.ok()) << got.status().ToString();
-  Compare(*cpu, prompts, *want, *got);
+  RoundTripRun run = GreedyOnRoundTrippedWeights(choose, /*cublas_min_rows=*/1, prompts);
+  ASSERT_TRUE(run.gen);
+  GpuGenerator* gen = run.gen.get();
 
   // The same linears int8 in a later version: QuantLinear again, not the
   // int4 version's bf16 copy (still allocated).
@@ -551,9 +573,7 @@ TEST(GpuGenerator, CublasOnInt4LinearsMatchesTheCpuOnRoundTrippedWeights) {
   };
   auto cpu8 = MakeModel(7);
   ASSERT_TRUE(gen->LoadWeights(cpu8->params(), choose8).ok());
-  std::vector<float> flat8(cpu8->params().begin(), cpu8->params().end());
-  QuantizeInPlace(specs, flat8, choose8);
-  std::copy(flat8.begin(), flat8.end(), cpu8->params().begin());
+  RoundTripWeights(cpu8.get(), choose8);
   auto want8 = cpu8->Generate(prompts, Greedy(16));
   auto got8 = gen->Generate(prompts, Greedy(16));
   ASSERT_TRUE(want8.ok() && got8.ok()) << got8.status().ToString();
@@ -604,23 +624,13 @@ TEST(GpuGenerator, QuantizedWeightsMatchTheCpuOnRoundTrippedWeights) {
       return PrecisionFormat::kInt8;
     return std::nullopt;
   };
-  auto cpu = MakeModel(7);
-  auto gen = MakeEngine(*cpu, 8, choose);
-  ASSERT_TRUE(gen);
-  // The int8 linears stay on QuantLinear whatever cublas_min_rows says; the
-  // int4 ones take cuBLAS on their bf16 roundings (below).
-  // The CPU model on the same round trip (weights already bf16-exact).
-  std::vector<actors::TensorSpec> specs;
-  for (const auto& t : cpu->layout().tensors())
-    specs.push_back({t.name, t.shape, uint64_t(t.offset), uint64_t(t.numel)});
-  std::vector<float> flat(cpu->params().begin(), cpu->params().end());
-  QuantizeInPlace(specs, flat, choose);
-  std::copy(flat.begin(), flat.end(), cpu->params().begin());
+  // The int8 linears run on QuantLinear whatever cublas_min_rows says
+  // (CublasOnInt4LinearsMatchesTheCpuOnRoundTrippedWeights has the int4 ones).
   const auto prompts = Prompts(13, 6, 2, 30);
-  auto want = cpu->Generate(prompts, Greedy(16));
-  auto got = gen->Generate(prompts, Greedy(16));
-  ASSERT_TRUE(want.ok() && got.ok()) << got.status().ToString();
-  Compare(*cpu, prompts, *want, *got);
+  RoundTripRun run = GreedyOnRoundTrippedWeights(choose, /*cublas_min_rows=*/-1, prompts);
+  ASSERT_TRUE(run.gen);
+  model::Model* cpu = run.cpu.get();
+  GpuGenerator* gen = run.gen.get();
   // Sampling path on quantized weights: well-formed, in range, repeatable.
   model::SamplingOptions s;
   s.temperature = 0.8;
@@ -758,9 +768,6 @@ TEST(GpuGenerator, FoldedSharedExpertsMatchTheCpuModel) {
       return std::nullopt;
     };
     auto cpu = MakeModel(7, /*shared_experts=*/2);
-    std::vector<actors::TensorSpec> specs;
-    for (const auto& t : cpu->layout().tensors())
-      specs.push_back({t.name, t.shape, uint64_t(t.offset), uint64_t(t.numel)});
     GpuGeneratorOptions o;
     o.max_batch = 8;
     o.kv_memory_fraction = 0.05;
@@ -768,9 +775,7 @@ TEST(GpuGenerator, FoldedSharedExpertsMatchTheCpuModel) {
     auto gen = GpuGenerator::Create(cpu->config(), o);
     ASSERT_TRUE(gen.ok()) << gen.status().ToString();
     ASSERT_TRUE((*gen)->LoadWeights(cpu->params(), choose).ok());
-    std::vector<float> flat(cpu->params().begin(), cpu->params().end());
-    QuantizeInPlace(specs, flat, choose);
-    std::copy(flat.begin(), flat.end(), cpu->params().begin());
+    RoundTripWeights(cpu.get(), choose);
     const auto prompts = Prompts(17, 8, 2, 30);
     auto want = cpu->Generate(prompts, Greedy(16));
     auto got = (*gen)->Generate(prompts, Greedy(16));
