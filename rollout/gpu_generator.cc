@@ -1143,7 +1143,14 @@ Result<double> GpuGenerator::Impl::Load(const float* params, bool on_device, con
       // small (int8's step is 18x finer: int8 linears stay on QuantLinear,
       // whose sums of q * scale are exact, as the CPU's).
       if (s.qw.format != QuantFormat::kInt4) continue;
-      if (s.dequant == nullptr) GROVE_RETURN_IF_ERROR(g.Alloc(&s.dequant, s.n * s.k));
+      if (s.dequant == nullptr && !g.Alloc(&s.dequant, s.n * s.k).ok()) {
+        // No room (the KV pool took its share of free memory at Create):
+        // this linear stays on QuantLinear at every size.
+        cudaGetLastError();
+        LOG(WARNING) << "GpuGenerator: no memory for the bf16 copy of " << s.name << " (" << s.n * s.k * 2
+                     << " bytes); its large calls stay on QuantLinear";
+        continue;
+      }
       GROVE_RETURN_IF_ERROR(kernels::DequantizeToBf16(s.qw, s.dequant, g.stream));
     }
   }
