@@ -11,6 +11,7 @@
 #include "kernels/rmsnorm_row.cuh"
 #include "kernels/router_topk.cuh"
 #include "kernels/quant_mma.cuh"
+#include "kernels/quant_unpack.h"
 #include "kernels/quant_linear_internal.h"
 
 namespace grove::kernels {
@@ -100,23 +101,24 @@ __global__ void DequantizeToBf16Kernel(QuantWeight w, __nv_bfloat16* __restrict_
   const int64_t o = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   if (o >= octets) return;
   const int64_t r = o / (w.k / 8), c0 = (o % (w.k / 8)) * 8;
+  // The columns' q in column order by quant_unpack.h's decoders, times the
+  // scale in fp32 (the CPU dequantizer's product).
   float v[8];
+  float s;
   if (w.format == QuantFormat::kInt8) {
-    const int8_t* q = static_cast<const int8_t*>(w.data) + r * w.k + c0;
-    const float s = w.scales[r];
+    const uint2 words = reinterpret_cast<const uint2*>(w.data)[(r * w.k + c0) / 8];
+    float lo[4], hi[4];
+    Int8WordToFloats(words.x, lo);
+    Int8WordToFloats(words.y, hi);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = float(q[j]) * s;
-  } else {
-    // kInt4: word (c0 / 8) of the row holds columns c0..c0+7; element j in
-    // nibble slot j / 2 (even j) or 4 + j / 2 (odd j), stored as q + 8.
-    const uint32_t word = static_cast<const uint32_t*>(w.data)[r * (w.k / 8) + c0 / 8];
-    const float s = w.scales[r * (w.k / 128) + c0 / 128];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int slot = (j % 2 == 0) ? j / 2 : 4 + j / 2;
-      v[j] = float(int((word >> (4 * slot)) & 0xFu) - 8) * s;
-    }
+    for (int j = 0; j < 4; ++j) v[j] = lo[j], v[4 + j] = hi[j];
+    s = w.scales[r];
+  } else {  // kInt4: word c0 / 8 of the row holds columns c0..c0+7
+    Int4WordToFloats(static_cast<const uint32_t*>(w.data)[r * (w.k / 8) + c0 / 8], v);
+    s = w.scales[r * (w.k / 128) + c0 / 128];
   }
+#pragma unroll
+  for (int j = 0; j < 8; ++j) v[j] *= s;
   uint4 packed;
   uint32_t* p = &packed.x;
 #pragma unroll
