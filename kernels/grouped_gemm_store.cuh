@@ -21,13 +21,15 @@ __device__ __forceinline__ void StorePair(__nv_bfloat16* p, float x, float y) {
 
 // Two adjacent fp32 values written, or added to what is there (a gradient
 // accumulated with beta = 1; the caller owns these elements exclusively).
-__device__ __forceinline__ void StoreOrAddPair(float* p, float x, float y, bool add) {
+// Returns the values stored.
+__device__ __forceinline__ float2 StoreOrAddPair(float* p, float x, float y, bool add) {
   if (add) {
     const float2 old = *reinterpret_cast<const float2*>(p);
     x += old.x;
     y += old.y;
   }
   StorePair(p, x, y);
+  return make_float2(x, y);
 }
 
 // Four adjacent values (col a multiple of 4): one 16-byte or 8-byte store.

@@ -141,6 +141,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Accumulator (i, j): rows n0 + 64 wn + 16 i + lane/4 (+8), columns
   // k0 + 32 wk + 8 j + 2 (lane % 4) (+1). Each (row, column pair) belongs to
   // exactly one thread of the grid, so the read-modify-write needs no atomics.
+  // The tile is one sum_sq block; warp w its storing warp w.
+  float sq = 0.f;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
 #pragma unroll
@@ -151,11 +153,13 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int j = 0; j < 4; ++j) {
         const int col = k0 + wk * 32 + j * 8 + 2 * (lane % 4);
         if (col >= k) continue;
-        detail::StoreOrAddPair(w.g + static_cast<int64_t>(row) * k + col, acc[i][j][2 * h],
-                               acc[i][j][2 * h + 1], p.accumulate);
+        const float2 v = detail::StoreOrAddPair(w.g + static_cast<int64_t>(row) * k + col,
+                                                acc[i][j][2 * h], acc[i][j][2 * h + 1], p.accumulate);
+        sq = fmaf(v.y, v.y, fmaf(v.x, v.x, sq));
       }
     }
   }
+  if (p.sum_sq != nullptr) detail::WriteSquareSlot(p.sum_sq + w.square_slot0 + warp, sq);
 }
 
 Status CheckArgs(const GroupedWeightGradArgs& a) {
@@ -180,6 +184,8 @@ Status CheckArgs(const GroupedWeightGradArgs& a) {
   if (a.num_experts > 1 && a.g_expert_stride < static_cast<int64_t>(a.n) * a.k)
     return Status::InvalidArgument(where + "g_expert_stride " + std::to_string(a.g_expert_stride) +
                                    " < n * k: experts' gradients would overlap");
+  if (a.sum_sq != nullptr && reinterpret_cast<uintptr_t>(a.sum_sq) % 8 != 0)
+    return Status::InvalidArgument(where + "sum_sq must be 8-byte aligned");
   auto misaligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 != 0; };
   if (misaligned(a.dy) || misaligned(a.x) || misaligned(a.g) || misaligned(a.dy2) ||
       misaligned(a.g2))
@@ -188,6 +194,13 @@ Status CheckArgs(const GroupedWeightGradArgs& a) {
 }
 
 }  // namespace
+
+int64_t GroupedWeightGradSquareSlots(const GroupedWeightGradArgs& a) {
+  if (a.num_experts <= 0 || a.n <= 0 || a.k <= 0) return 0;
+  const int64_t blocks = int64_t{(a.n + detail::kSquareBlock - 1) / detail::kSquareBlock} *
+                         ((a.k + detail::kSquareBlock - 1) / detail::kSquareBlock);
+  return int64_t{a.num_experts} * (a.g2 != nullptr ? 2 : 1) * blocks * detail::kSquareSlotsPerBlock;
+}
 
 const char* WeightGradImplName(WeightGradImpl impl) {
   switch (impl) {

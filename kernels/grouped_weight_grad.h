@@ -56,7 +56,25 @@ struct GroupedWeightGradArgs {
   // true: G (+)= ...; an expert with no rows leaves its G untouched.
   // false: G = ...; an expert with no rows gets G = 0.
   bool accumulate = true;
+  // Optional (device, GroupedWeightGradSquareSlots(args) doubles): the sum
+  // of the squares of what the launch leaves in G (and G2), so that a
+  // gradient norm needs no second pass over them. Slot
+  //   (((e * outputs + o) * row_blocks + rb) * col_blocks + cb) * 8 + w
+  // (outputs 1 or 2, blocks of 128 x 128 elements of one G_e, w a warp of
+  // the eight that store the block) holds that warp's share; the eight of a
+  // block sum to the block's sum of squares. Squares and each thread's sums
+  // (at most 64 values) in fp32, the warp's sum in double: within ~4e-6
+  // relative of the exact sum; an element beyond ~1.8e19 makes it Inf. A
+  // launch writes the slots of the blocks it writes; with accumulate, an
+  // expert with no rows writes neither (its slots keep what they held, so a
+  // buffer that described G before the launch still does). The persistent
+  // TMA implementation then adds to G by load, add, store instead of
+  // red.global.add (it must see the new values): the same bits, slower.
+  double* sum_sq = nullptr;
 };
+
+// Slots GroupedWeightGradArgs::sum_sq needs for `args` (0 for bad shapes).
+int64_t GroupedWeightGradSquareSlots(const GroupedWeightGradArgs& args);
 
 // Contract on expert_offsets (read on the device, so not checked here):
 // offsets[0] >= 0, non-decreasing, offsets[num_experts] <= total_rows. A

@@ -25,7 +25,13 @@ struct WeightGradParams {
   int tiles_per_output;  // G tiles of one expert's one output
   int col_tiles;         // G column blocks
   bool accumulate;
+  // GroupedWeightGradArgs::sum_sq (null: none) and its 128 x 128 block grid.
+  double* sum_sq;
+  int outputs, sq_row_blocks, sq_col_blocks;
 };
+
+constexpr int kSquareBlock = 128;        // sum_sq's blocks of G: 128 x 128 elements
+constexpr int kSquareSlotsPerBlock = 8;  // one per storing warp
 
 // One CTA's work: G rows row0.., columns col0.. of one output of one expert,
 // summed over that expert's rows begin .. end - 1 (clamped to [0, total_rows)).
@@ -34,6 +40,7 @@ struct WeightGradTile {
   float* g;                 // this output's G of this expert
   int row0, col0;
   int begin, end;
+  int64_t square_slot0;  // sum_sq slot of (this tile's first 128 x 128 block, warp 0)
 };
 
 // `expert_tile`: the tile's index among the expert's tiles of every output
@@ -50,6 +57,9 @@ __device__ __forceinline__ WeightGradTile LocateWeightGradTileAt(const WeightGra
   t.col0 = (tile % p.col_tiles) * tile_cols;
   t.begin = min(max(p.offsets[expert], 0), p.total_rows);
   t.end = min(max(p.offsets[expert + 1], t.begin), p.total_rows);
+  t.square_slot0 = ((static_cast<int64_t>(expert * p.outputs + output) * p.sq_row_blocks +
+                     t.row0 / kSquareBlock) * p.sq_col_blocks + t.col0 / kSquareBlock) *
+                   kSquareSlotsPerBlock;
   return t;
 }
 
@@ -72,8 +82,17 @@ inline Status MakeWeightGradLaunch(const GroupedWeightGradArgs& a, int tile_rows
                static_cast<unsigned>(a.num_experts));
   *p = WeightGradParams{a.dy, a.dy2, a.x, a.expert_offsets, a.total_rows, a.n, a.k, a.g, a.g2,
                         a.g_expert_stride, static_cast<int>(tiles_per_output), col_tiles,
-                        a.accumulate};
+                        a.accumulate, a.sum_sq, outputs, (a.n + kSquareBlock - 1) / kSquareBlock,
+                        (a.k + kSquareBlock - 1) / kSquareBlock};
   return Status::OK();
+}
+
+// A warp's share of one block's sum of squares into its sum_sq slot (lane
+// 0 writes; every lane of the warp calls, with its own partial sum).
+__device__ __forceinline__ void WriteSquareSlot(double* slot, float partial) {
+  double v = partial;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (threadIdx.x % 32 == 0) *slot = v;
 }
 
 }  // namespace grove::kernels::detail

@@ -209,12 +209,14 @@ template <int kTileN>
 __device__ __forceinline__ void AddWeightGradAccumulator(const float (&acc)[kTileN / 2],
                                                          const WeightGradParams& p,
                                                          const WeightGradTile& w, int row0) {
-  if (!p.accumulate) {
+  // The squares need the new values: load, add, store (sum_sq's contract).
+  if (!p.accumulate || p.sum_sq != nullptr) {
     StoreWeightGradAccumulator<kTileN>(acc, p, w, row0);
     return;
   }
-  ForEachWeightGradPair<kTileN>(acc, p, w, row0,
-                                [](float* g, float x, float y) { ptx::red_global_add_v2_f32(g, x, y); });
+  ForEachWeightGradPair<kTileN>(acc, p, w, row0, [](float* g, float x, float y, int) {
+    ptx::red_global_add_v2_f32(g, x, y);
+  });
 }
 
 template <typename Cfg>

@@ -39,8 +39,8 @@ __device__ __forceinline__ void WeightGradWgmmaBatch(float (&acc)[kTileN / 2],
 // (+)= acc, clipped to n x k. Accumulator register i of thread (warp w of
 // the warpgroup, lane l): row 16 w + l / 4 + 8 ((i / 2) % 2), column
 // 8 (i / 4) + 2 (l % 4) + i % 2; registers i, i + 1 (i even) are adjacent
-// columns of one row.
-// write_pair(g, x, y) for each in-bounds pair (g: its first element in G).
+// columns of one row, in the tile's 128-column block i / 64.
+// write_pair(g, x, y, i) for each in-bounds pair (g: its first element in G).
 template <int kTileN, typename WritePair>
 __device__ __forceinline__ void ForEachWeightGradPair(const float (&acc)[kTileN / 2],
                                                       const WeightGradParams& p,
@@ -52,17 +52,32 @@ __device__ __forceinline__ void ForEachWeightGradPair(const float (&acc)[kTileN 
     const int row = row0 + 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
     const int col = w.col0 + 8 * (i / 4) + 2 * (lane % 4);
     if (row < p.n && col < p.k)
-      write_pair(w.g + static_cast<int64_t>(row) * p.k + col, acc[i], acc[i + 1]);
+      write_pair(w.g + static_cast<int64_t>(row) * p.k + col, acc[i], acc[i + 1], i);
   }
 }
 
+// Stores (or load-adds) a warpgroup's accumulator as ForEachWeightGradPair
+// walks it and, with p.sum_sq, writes its warps' sum_sq slots: warp w of
+// the warpgroup at rows row0.. is the tile's storing warp 4 (row0 - w.row0)
+// / 64 + w of each 128-column block.
 template <int kTileN>
 __device__ __forceinline__ void StoreWeightGradAccumulator(const float (&acc)[kTileN / 2],
                                                            const WeightGradParams& p,
                                                            const WeightGradTile& w, int row0) {
-  ForEachWeightGradPair<kTileN>(acc, p, w, row0, [&](float* g, float x, float y) {
-    StoreOrAddPair(g, x, y, p.accumulate);
+  constexpr int kBlocks = kTileN / kSquareBlock;
+  float sq[kBlocks];
+#pragma unroll
+  for (int b = 0; b < kBlocks; ++b) sq[b] = 0.f;
+  ForEachWeightGradPair<kTileN>(acc, p, w, row0, [&](float* g, float x, float y, int i) {
+    const float2 v = StoreOrAddPair(g, x, y, p.accumulate);
+    sq[i / 64] = fmaf(v.y, v.y, fmaf(v.x, v.x, sq[i / 64]));
   });
+  if (p.sum_sq == nullptr) return;
+  const int warp = (row0 - w.row0) / 64 * 4 + (threadIdx.x / 32) % 4;
+#pragma unroll
+  for (int b = 0; b < kBlocks; ++b)
+    if (w.col0 / kSquareBlock + b < p.sq_col_blocks)
+      WriteSquareSlot(p.sum_sq + w.square_slot0 + b * kSquareSlotsPerBlock + warp, sq[b]);
 }
 
 }  // namespace grove::kernels::detail

@@ -26,9 +26,13 @@ __device__ double BlockSum(double v, double* smem) {
   return v;
 }
 
-__global__ void __launch_bounds__(kThreads) PartialSumsKernel(const float* __restrict__ x, int64_t count,
-                                                              double* __restrict__ partials) {
-  __shared__ double smem[kThreads / 32];
+struct Runs {
+  SquaresRun run[kSumOfSquaresMaxRuns];
+  int count;
+};
+
+// This thread's share of one run: a fixed strided slice, in double.
+__device__ __forceinline__ double RunSquares(const float* __restrict__ x, int64_t count) {
   const int64_t quads = count / 4;
   const float4* x4 = reinterpret_cast<const float4*>(x);
   const int64_t stride = int64_t(gridDim.x) * kThreads;
@@ -52,6 +56,16 @@ __global__ void __launch_bounds__(kThreads) PartialSumsKernel(const float* __res
     const float t = x[quads * 4 + threadIdx.x];
     acc += double(t) * t;
   }
+  return acc;
+}
+
+__global__ void __launch_bounds__(kThreads) PartialSumsKernel(const Runs runs, const double* __restrict__ extra,
+                                                              int64_t extra_count, double* __restrict__ partials) {
+  __shared__ double smem[kThreads / 32];
+  double acc = 0;
+  for (int r = 0; r < runs.count; ++r) acc += RunSquares(runs.run[r].data, runs.run[r].count);
+  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < extra_count; i += int64_t(gridDim.x) * kThreads)
+    acc += extra[i];
   const double block = BlockSum(acc, smem);
   if (threadIdx.x == 0) partials[blockIdx.x] = block;
 }
@@ -69,22 +83,41 @@ __global__ void __launch_bounds__(kThreads) FinalSumKernel(const double* __restr
 
 size_t SumOfSquaresWorkspaceBytes() { return sizeof(double) * kBlocks; }
 
+Status SumOfSquaresOfRuns(const SquaresRun* runs, int run_count, const double* partials, int64_t partial_count,
+                          double* result, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (run_count < 0 || run_count > kSumOfSquaresMaxRuns || (run_count > 0 && !runs))
+    return Status::InvalidArgument("SumOfSquares: " + std::to_string(run_count) + " runs, at most " +
+                                   std::to_string(kSumOfSquaresMaxRuns));
+  if (partial_count < 0 || (partial_count > 0 && !partials))
+    return Status::InvalidArgument("SumOfSquares: negative partial count or null partials");
+  if (!result || !workspace) return Status::InvalidArgument("SumOfSquares: null result or workspace");
+  Runs table{};
+  for (int i = 0; i < run_count; ++i) {
+    const SquaresRun& r = runs[i];
+    if (r.count < 0) return Status::InvalidArgument("SumOfSquares: negative count " + std::to_string(r.count));
+    if (r.count > 0 && !r.data) return Status::InvalidArgument("SumOfSquares: null input");
+    if (reinterpret_cast<uintptr_t>(r.data) % 16 != 0)
+      return Status::InvalidArgument("SumOfSquares: input not 16-byte aligned");
+    table.run[table.count++] = r;
+  }
+  if (workspace_bytes < SumOfSquaresWorkspaceBytes())
+    return Status::InvalidArgument("SumOfSquares: workspace of " + std::to_string(workspace_bytes) + " bytes, needs " +
+                                   std::to_string(SumOfSquaresWorkspaceBytes()));
+  auto* block_sums = static_cast<double*>(workspace);
+  PartialSumsKernel<<<kBlocks, kThreads, 0, stream>>>(table, partials, partial_count, block_sums);
+  FinalSumKernel<<<1, kThreads, 0, stream>>>(block_sums, kBlocks, result);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return Status::Internal(std::string("SumOfSquares: launch: ") + cudaGetErrorString(err));
+  return Status::OK();
+}
+
 Status SumOfSquares(const float* x, int64_t count, double* result, void* workspace, size_t workspace_bytes,
                     cudaStream_t stream) {
   if (count < 0) return Status::InvalidArgument("SumOfSquares: negative count " + std::to_string(count));
   if (!result || !workspace || (count > 0 && !x))
     return Status::InvalidArgument("SumOfSquares: null input, result or workspace");
-  if (reinterpret_cast<uintptr_t>(x) % 16 != 0)
-    return Status::InvalidArgument("SumOfSquares: input not 16-byte aligned");
-  if (workspace_bytes < SumOfSquaresWorkspaceBytes())
-    return Status::InvalidArgument("SumOfSquares: workspace of " + std::to_string(workspace_bytes) + " bytes, needs " +
-                                   std::to_string(SumOfSquaresWorkspaceBytes()));
-  auto* partials = static_cast<double*>(workspace);
-  PartialSumsKernel<<<kBlocks, kThreads, 0, stream>>>(x, count, partials);
-  FinalSumKernel<<<1, kThreads, 0, stream>>>(partials, kBlocks, result);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return Status::Internal(std::string("SumOfSquares: launch: ") + cudaGetErrorString(err));
-  return Status::OK();
+  const SquaresRun run{x, count};
+  return SumOfSquaresOfRuns(&run, 1, nullptr, 0, result, workspace, workspace_bytes, stream);
 }
 
 }  // namespace grove::kernels

@@ -28,4 +28,21 @@ size_t SumOfSquaresWorkspaceBytes();
 Status SumOfSquares(const float* x, int64_t count, double* result, void* workspace, size_t workspace_bytes,
                     cudaStream_t stream);
 
+// A piece of a sum of squares: `count` floats from `data` (device, 16-byte
+// aligned; count >= 0).
+struct SquaresRun {
+  const float* data = nullptr;
+  int64_t count = 0;
+};
+constexpr int kSumOfSquaresMaxRuns = 128;
+
+// *result = the sum of x^2 over every element of runs[0 .. run_count) plus the sum of
+// partials[0 .. partial_count) (device doubles, e.g. the squares a kernel
+// summed as it wrote its output: GroupedWeightGradArgs::sum_sq), in the
+// same deterministic way as SumOfSquares (with one run and no partials, the
+// same bits). At most kSumOfSquaresMaxRuns runs (host array); InvalidArgument
+// beyond, or as SumOfSquares.
+Status SumOfSquaresOfRuns(const SquaresRun* runs, int run_count, const double* partials, int64_t partial_count,
+                          double* result, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
 }  // namespace grove::kernels

@@ -82,16 +82,17 @@ Result<UpdateReport> GpuGrpoStep::Update(double lr, double max_grad_norm, Phase 
     }
     moments_of_ = phase;
   }
-  float* grads = p.device_grads();
   UpdateReport report;
   report.lr = lr;
   model::PhaseTimer& prof = p.profiler();
   prof.Start();
-  // The global norm in double (kernels/sum_of_squares.h), one pass at the
-  // read bandwidth; the host needs it for the skip and the clip scale.
+  // The global norm in double (kernels/sum_of_squares.h): the model reads
+  // the gradients its expert dW kernels did not already sum the squares of
+  // (GpuTransformer::GradSumOfSquares); the host needs it for the skip and
+  // the clip scale.
   auto* sum_sq = static_cast<double*>(norm_buf_.data());
-  GROVE_RETURN_IF_ERROR(kernels::SumOfSquares(grads, n, sum_sq, sum_sq + 1, kernels::SumOfSquaresWorkspaceBytes(),
-                                              stream));
+  GROVE_RETURN_IF_ERROR(p.GradSumOfSquares(sum_sq, sum_sq + 1, kernels::SumOfSquaresWorkspaceBytes()).status());
+  float* grads = p.device_grads();  // after the norm: taking it forgets the kernels' sums
   double host_sum_sq = 0;
   GROVE_RETURN_IF_ERROR(
       Cuda(cudaMemcpyAsync(&host_sum_sq, sum_sq, sizeof(double), cudaMemcpyDeviceToHost, stream), "read the norm"));

@@ -23,6 +23,7 @@
 #include "kernels/rmsnorm.h"
 #include "kernels/rope.h"
 #include "kernels/router.h"
+#include "kernels/sum_of_squares.h"
 #include "kernels/swiglu.h"
 #include "model/gpu_transformer_kernels.h"
 #include "model/tuned_gemm.h"
@@ -337,6 +338,22 @@ struct GpuTransformer::Impl {
   // reading the gradients meanwhile zeroes them first.
   std::vector<std::pair<int64_t, int64_t>> zeroed_now;
   bool overwrite_pending = false;
+  // The experts' dW kernels' sums of the squares of what they write
+  // (GroupedWeightGradArgs::sum_sq; one region per MoE layer, two launches
+  // each), so the optimizer's norm reads only the other gradients
+  // (GradSumOfSquares). `squares_unread`: the layout runs those sums do not
+  // cover, set when a Backward leaves them describing the gradients (every
+  // MoE layer on the grouped kernel, after an overwrite or on top of valid
+  // sums); empty otherwise. Anything else that may change the gradients
+  // (ZeroGrad, its deferred memset, device_grads) clears it.
+  DevBuf dw_squares;
+  int64_t dw_square_slots = 0;
+  std::vector<kernels::SquaresRun> squares_unread;
+  bool squares_valid = false;
+  void ForgetSquares() {
+    squares_valid = false;
+    squares_unread.clear();
+  }
 
   void Lap(const char* phase, double flops = 0) { prof->Lap(phase, flops); }
 
@@ -547,6 +564,16 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
     float* g = nullptr;
     GROVE_RETURN_IF_ERROR(im.grads.Reserve(N, &g));
     GPU_OK(cudaMemset(g, 0, N * sizeof(float)));
+    // Two grouped dW launches per MoE layer: w2 [H, F] and w1|w3 [2F, H].
+    const ModelConfig& c = m->config_;
+    kernels::GroupedWeightGradArgs w2, w13;
+    w2.num_experts = w13.num_experts = int(c.experts);
+    w2.n = int(c.hidden), w2.k = int(c.expert_hidden);
+    w13.n = int(2 * c.expert_hidden), w13.k = int(c.hidden);
+    im.dw_square_slots = c.moe_layers() * (kernels::GroupedWeightGradSquareSlots(w2) +
+                                           kernels::GroupedWeightGradSquareSlots(w13));
+    double* slots = nullptr;
+    GROVE_RETURN_IF_ERROR(im.dw_squares.Reserve(im.dw_square_slots, &slots));
     for (const TensorInfo& t : m->layout_.tensors()) {
       if (BackwardWritesAll(t.name)) continue;
       if (!im.zeroed_now.empty() && im.zeroed_now.back().first + im.zeroed_now.back().second == t.offset)
@@ -565,6 +592,7 @@ float* GpuTransformer::device_grads() {
   // Zeroes what a pending overwrite would have replaced; failures surface
   // at the caller's next synchronizing call on the stream.
   if (impl_->overwrite_pending) (void)MaterializeZeroGrad();
+  impl_->ForgetSquares();  // the caller may write through the pointer
   return impl_->grads.as<float>();
 }
 
@@ -573,7 +601,27 @@ Status GpuTransformer::MaterializeZeroGrad() const {
   GPU_OK(cudaSetDevice(device_));
   GPU_OK(cudaMemsetAsync(impl_->grads.as<float>(), 0, layout_.total() * sizeof(float), impl_->stream));
   impl_->overwrite_pending = false;
+  impl_->ForgetSquares();
   return Status::OK();
+}
+
+Result<int64_t> GpuTransformer::GradSumOfSquares(double* result, void* workspace, size_t workspace_bytes) {
+  if (!trainable_) return Status::FailedPrecondition("GradSumOfSquares on a GpuTransformer created without gradients");
+  GPU_OK(cudaSetDevice(device_));
+  Impl& im = *impl_;
+  GROVE_RETURN_IF_ERROR(MaterializeZeroGrad());
+  const float* g = im.grads.as<float>();
+  if (im.squares_valid && im.squares_unread.size() <= size_t(kernels::kSumOfSquaresMaxRuns)) {
+    int64_t read = 0;
+    for (const kernels::SquaresRun& r : im.squares_unread) read += r.count;
+    GROVE_RETURN_IF_ERROR(kernels::SumOfSquaresOfRuns(im.squares_unread.data(), int(im.squares_unread.size()),
+                                                      im.dw_squares.as<double>(),
+                                                      im.dw_square_slots, result, workspace, workspace_bytes,
+                                                      im.stream));
+    return read;
+  }
+  GROVE_RETURN_IF_ERROR(kernels::SumOfSquares(g, layout_.total(), result, workspace, workspace_bytes, im.stream));
+  return layout_.total();
 }
 void* GpuTransformer::device_params_bf16() { return impl_->mirror.as<void>(); }
 void* GpuTransformer::stream() const { return impl_->stream; }
@@ -645,6 +693,7 @@ Status GpuTransformer::ZeroGrad() {
   for (const auto& [offset, count] : impl_->zeroed_now)
     GPU_OK(cudaMemsetAsync(g + offset, 0, count * sizeof(float), impl_->stream));
   impl_->overwrite_pending = true;
+  impl_->ForgetSquares();
   impl_->Lap("zero grads");
   return Status::OK();
 }
@@ -1159,6 +1208,16 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
   // instead of adding to them (see Impl::overwrite_pending).
   const bool overwrite = im.overwrite_pending;
   const float bw = overwrite ? 0.f : 1.f;
+  // The experts' dW kernels sum the squares of what they write when that
+  // leaves sums that describe the gradients (Impl::dw_squares): after an
+  // overwrite, or added to sums that still do (then the persistent kernel
+  // load-adds instead of red.global.add, the price of seeing the values).
+  const bool squares_before = im.squares_valid;
+  im.ForgetSquares();
+  const bool want_squares = overwrite || squares_before;
+  bool all_squares = true;
+  std::vector<std::pair<int64_t, int64_t>> squares_covered;  // [begin, end) of the layout
+  int64_t square_slot = 0;
   // dres (+)= the RMSNorm input gradient of d (fp32 [R,H]); dres_b = bf16 of
   // the new dres, which is what the block below reads; the norm weight's
   // gradient added into G (written, when overwriting). accumulate=false
@@ -1364,13 +1423,34 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
         wg.num_experts = int(E);
         wg.g_expert_stride = stride_w1;
         wg.accumulate = !overwrite;
+        // Each launch's squares in the next slots of dw_squares (allocated
+        // at Create for every MoE layer's two launches), and the elements
+        // it writes noted as covered.
+        auto with_squares = [&](kernels::GroupedWeightGradArgs& a) {
+          if (!want_squares) return;
+          const int64_t slots = kernels::GroupedWeightGradSquareSlots(a);
+          if (square_slot + slots > im.dw_square_slots) {
+            all_squares = false;
+            return;
+          }
+          a.sum_sq = im.dw_squares.as<double>() + square_slot;
+          square_slot += slots;
+          const int64_t g0 = a.g - G;
+          for (int64_t e = 0; e < E; ++e)
+            squares_covered.emplace_back(g0 + e * stride_w1, g0 + e * stride_w1 + int64_t(a.n) * a.k);
+        };
         wg.dy = dey; wg.x = ehg; wg.n = int(H); wg.k = int(F); wg.g = Gf(e0 + "w2");
+        with_squares(wg);
         GROVE_RETURN_IF_ERROR(kernels::GroupedWeightGrad(wg, st, im.dw_impl));
         // w1 and w3 as one [2F, H] gradient per expert (w3's follows w1's).
         wg.dy = deab; wg.x = xe; wg.n = int(2 * F); wg.k = int(H);
         wg.g = Gf(e0 + "w1");
+        wg.sum_sq = nullptr;
+        with_squares(wg);
         GROVE_RETURN_IF_ERROR(kernels::GroupedWeightGrad(wg, st, im.dw_impl));
         im.Lap("expert dW", 6.0 * Pn * F * H);
+      } else {
+        all_squares = false;
       }
       const int ns = grouped_dw ? 0 : int(im.side.size());
       if (ns > 0) {
@@ -1471,6 +1551,17 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
   im.Lap("embedding bwd");
   GROVE_RETURN_IF_ERROR(join_dw());
   im.overwrite_pending = false;
+  if (want_squares && all_squares && square_slot == im.dw_square_slots) {
+    // What the slots do not cover: the complement of the written blocks.
+    std::sort(squares_covered.begin(), squares_covered.end());
+    int64_t at = 0;
+    for (const auto& [begin, end] : squares_covered) {
+      if (begin > at) im.squares_unread.push_back({G + at, begin - at});
+      at = std::max(at, end);
+    }
+    if (at < layout_.total()) im.squares_unread.push_back({G + at, layout_.total() - at});
+    im.squares_valid = true;
+  }
   return Synchronize();
 }
 

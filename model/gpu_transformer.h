@@ -109,6 +109,17 @@ class GpuTransformer {
   Status BackwardFromDevice(const float* dlogprobs);
   // Gradients := 0 (lazily, see above: costs no pass over them).
   Status ZeroGrad();
+  // *result (device double, stream() order) = the sum of the squares of
+  // every gradient element, for the optimizer's global norm. Where the
+  // experts' weight gradients were written by their grouped dW kernels and
+  // have not changed otherwise since (ZeroGrad, or device_grads: a writable
+  // pointer, in between), those kernels' own sums of what they wrote
+  // (kernels::GroupedWeightGradArgs::sum_sq) stand in for reading them:
+  // ~90% of gpu-ref's gradients; the rest is read. Either way the exact sum
+  // within ~4e-6 relative. workspace: kernels::SumOfSquaresWorkspaceBytes().
+  // Returns how many gradient elements the pass read (layout().total() when
+  // the kernels' sums were not usable).
+  Result<int64_t> GradSumOfSquares(double* result, void* workspace, size_t workspace_bytes);
   Status DownloadGrads(std::span<float> grads) const;
   // Frees what Score and Backward grow to their largest batch so far (the
   // tapes of activations kept for the backward, the scratch forward's, the
@@ -121,8 +132,9 @@ class GpuTransformer {
   Status ReleaseActivations();
 
   // For an optimizer on the device (learner/): the fp32 master parameters,
-  // their gradients and the bf16 mirror (layout order), and the stream all
-  // work is enqueued on (a cudaStream_t). After changing the fp32
+  // their gradients (writable: taking the pointer forgets the dW kernels'
+  // sums of squares, see GradSumOfSquares) and the bf16 mirror (layout
+  // order), and the stream all work is enqueued on (a cudaStream_t). After changing the fp32
   // parameters on the device without writing the mirror too, call
   // RefreshMirror.
   float* device_params();

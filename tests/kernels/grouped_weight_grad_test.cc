@@ -116,6 +116,36 @@ void CheckOutput(const Case& c, const char* what, int64_t stride, const std::vec
   EXPECT_LE(rel, 1e-4);
 }
 
+// GroupedWeightGradArgs::sum_sq's blocks of G_e (128 x 128) and slots a block.
+constexpr int kSquareBlock = 128, kSlotsPerBlock = 8;
+
+// Each block's sum of squares of `g` (one output's buffer), long double, in
+// sum_sq's slot order: [expert][row block][column block].
+std::vector<long double> BlockSquares(const Case& c, int64_t stride, const std::vector<float>& g) {
+  const int rbs = (c.n + kSquareBlock - 1) / kSquareBlock, cbs = (c.k + kSquareBlock - 1) / kSquareBlock;
+  std::vector<long double> out(c.counts.size() * rbs * cbs, 0.0L);
+  for (size_t e = 0; e < c.counts.size(); ++e)
+    for (int r = 0; r < c.n; ++r)
+      for (int i = 0; i < c.k; ++i) {
+        const long double v = g[e * stride + static_cast<int64_t>(r) * c.k + i];
+        out[(e * rbs + r / kSquareBlock) * cbs + i / kSquareBlock] += v * v;
+      }
+  return out;
+}
+
+// sum_sq's slots laid out for these outputs' blocks: a block's sum in its
+// first slot, zeros in the others (what a buffer that describes G may hold).
+std::vector<double> SlotsOf(const Case& c, const std::vector<std::vector<long double>>& blocks) {
+  const size_t per_output = blocks[0].size() / c.counts.size();
+  std::vector<double> slots(blocks.size() * blocks[0].size() * kSlotsPerBlock, 0.0);
+  for (size_t e = 0; e < c.counts.size(); ++e)
+    for (size_t o = 0; o < blocks.size(); ++o)
+      for (size_t b = 0; b < per_output; ++b)
+        slots[((e * blocks.size() + o) * per_output + b) * kSlotsPerBlock] =
+            static_cast<double>(blocks[o][e * per_output + b]);
+  return slots;
+}
+
 const WeightGradImpl kImpls[] = {WeightGradImpl::kAuto,      WeightGradImpl::kMmaSync,
                                  WeightGradImpl::kWgmma,     WeightGradImpl::kWgmmaN256,
                                  WeightGradImpl::kTma,       WeightGradImpl::kTmaN128,
@@ -197,12 +227,21 @@ void RunCase(const Case& c) {
   std::vector<std::vector<double>> ref(outputs), abs_sum(outputs);
   for (int o = 0; o < outputs; ++o) Reference(dy[o], x, offsets, n, k, &ref[o], &abs_sum[o]);
 
+  // sum_sq starts as the squares of the starting G (blocks of empty experts
+  // must keep them when accumulating; every other block is rewritten).
+  std::vector<std::vector<long double>> start_blocks;
+  for (int o = 0; o < outputs; ++o) start_blocks.push_back(BlockSquares(c, stride, g0[o]));
+  const std::vector<double> slots0 = SlotsOf(c, start_blocks);
+  DeviceBuffer<double> d_slots(slots0.size());
+  ASSERT_TRUE(d_slots.get());
+
   for (WeightGradImpl impl : kImpls) {
     if (!CanRun(impl)) continue;
     SCOPED_TRACE(WeightGradImplName(impl));
     for (int o = 0; o < outputs; ++o) {
       GROVE_CUDA_OK(d_g[o]->Upload(g0[o]));
     }
+    GROVE_CUDA_OK(d_slots.Upload(slots0));
     GroupedWeightGradArgs args;
     args.dy = d_dy[0]->get();
     args.x = d_x.get();
@@ -218,16 +257,37 @@ void RunCase(const Case& c) {
       args.g2 = d_g[1]->get();
     }
     args.accumulate = c.accumulate;
+    args.sum_sq = d_slots.get();
+    ASSERT_EQ(GroupedWeightGradSquareSlots(args), static_cast<int64_t>(slots0.size()));
     const Status s = GroupedWeightGrad(args, nullptr, impl);
     ASSERT_TRUE(s.ok()) << s;
     GROVE_CUDA_OK(cudaDeviceSynchronize());
+    std::vector<std::vector<long double>> got_blocks;
     for (int o = 0; o < outputs; ++o) {
       SCOPED_TRACE("output " + std::to_string(o));
       std::vector<float> got;
       GROVE_CUDA_OK(d_g[o]->Download(&got));
       const std::string what = std::string(WeightGradImplName(impl)) + " output " + std::to_string(o);
       CheckOutput(c, what.c_str(), stride, g0[o], got, ref[o], abs_sum[o]);
+      got_blocks.push_back(BlockSquares(c, stride, got));
     }
+    // Each block's eight slots sum to its elements' squares: fp32 squares
+    // and per-thread sums of <= 64 of them err by <= 64 * 2^-24 ~ 3.8e-6
+    // relative (all terms positive); a missed, misplaced or stale slot is
+    // off by a whole block (>= 1% between random blocks, the sentinel's
+    // 1.5e8 per element where overwrite should have written).
+    std::vector<double> slots;
+    GROVE_CUDA_OK(d_slots.Download(&slots));
+    const std::vector<double> want = SlotsOf(c, got_blocks);
+    int bad = 0;
+    for (size_t b = 0; b < want.size() / kSlotsPerBlock; ++b) {
+      double sum = 0;
+      for (int w = 0; w < kSlotsPerBlock; ++w) sum += slots[b * kSlotsPerBlock + w];
+      const double expect = want[b * kSlotsPerBlock];
+      if (!(std::fabs(sum - expect) <= 1e-5 * expect + 1e-30) && bad++ < 5)
+        ADD_FAILURE() << "sum_sq block " << b << ": slots sum to " << sum << ", G's squares " << expect;
+    }
+    EXPECT_EQ(bad, 0);
   }
 }
 

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "tests/kernels/gpu_test_util.h"
@@ -77,6 +78,51 @@ TEST(SumOfSquaresTest, NonFiniteInputGivesNonFiniteResult) {
   EXPECT_NEAR(RunSumOfSquares(db, 64), want, 1e-12 * want);
 }
 
+// Several runs of one buffer (gaps between them not counted, tails not a
+// multiple of 4) plus device partials (a kernel's own sums of squares), as
+// the optimizer's norm reads the gradients the expert dW kernels did not sum.
+TEST(SumOfSquaresTest, RunsAndPartialsMatchLongDoubleSum) {
+  GROVE_SKIP_WITHOUT_GPU();
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> mag(-12.f, 4.f), sign(-1.f, 1.f);
+  std::vector<float> x(3 * 1048576 + 64);
+  for (float& v : x) v = std::copysign(std::exp2(mag(rng)), sign(rng));
+  std::vector<double> partials(700001);
+  std::uniform_real_distribution<double> positive(0.0, 5.0);
+  for (double& p : partials) p = positive(rng);
+  DeviceBuffer<float> d(x.size());
+  DeviceBuffer<double> dp(partials.size()), result(1);
+  DeviceBuffer<char> ws(SumOfSquaresWorkspaceBytes());
+  GROVE_CUDA_OK(d.Upload(x));
+  GROVE_CUDA_OK(dp.Upload(partials));
+  // Runs start 16-byte aligned (multiples of 4 elements).
+  const std::vector<std::pair<int64_t, int64_t>> pieces = {{0, 5}, {8, 1023}, {2048, 1048576 + 3},
+                                                           {2 * 1048576, 0}, {2 * 1048576 + 4, 1000000}};
+  std::vector<SquaresRun> runs;
+  long double exact = 0;
+  for (const auto& [begin, count] : pieces) {
+    runs.push_back({d.get() + begin, count});
+    for (int64_t i = begin; i < begin + count; ++i) exact += static_cast<long double>(x[i]) * x[i];
+  }
+  for (double p : partials) exact += p;
+  auto run = [&](int64_t partial_count) {
+    const Status s = SumOfSquaresOfRuns(runs.data(), int(runs.size()), dp.get(), partial_count, result.get(),
+                                        ws.get(), SumOfSquaresWorkspaceBytes(), nullptr);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    std::vector<double> host;
+    EXPECT_EQ(result.Download(&host), cudaSuccess);
+    return host[0];
+  };
+  const double got = run(int64_t(partials.size()));
+  EXPECT_NEAR(got, double(exact), 1e-12 * double(exact));
+  EXPECT_EQ(got, run(int64_t(partials.size()))) << "not deterministic";
+  // One run and no partials: SumOfSquares' bits.
+  runs = {{d.get(), int64_t(x.size())}};
+  EXPECT_EQ(run(0), RunSumOfSquares(d, int64_t(x.size())));
+}
+
 TEST(SumOfSquaresTest, RejectsBadArguments) {
   GROVE_SKIP_WITHOUT_GPU();
   DeviceBuffer<float> x(16);
@@ -89,6 +135,16 @@ TEST(SumOfSquaresTest, RejectsBadArguments) {
   EXPECT_EQ(SumOfSquares(x.get() + 1, 4, result.get(), ws.get(), wsb, nullptr).code(),
             StatusCode::kInvalidArgument);
   EXPECT_EQ(SumOfSquares(x.get(), 4, result.get(), ws.get(), wsb - 8, nullptr).code(),
+            StatusCode::kInvalidArgument);
+  std::vector<SquaresRun> runs(kSumOfSquaresMaxRuns + 1, SquaresRun{x.get(), 4});
+  EXPECT_EQ(SumOfSquaresOfRuns(runs.data(), int(runs.size()), nullptr, 0, result.get(), ws.get(), wsb, nullptr).code(),
+            StatusCode::kInvalidArgument);
+  runs = {{x.get(), 4}, {x.get() + 2, 4}};  // the second run misaligned
+  EXPECT_EQ(SumOfSquaresOfRuns(runs.data(), 2, nullptr, 0, result.get(), ws.get(), wsb, nullptr).code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(SumOfSquaresOfRuns(runs.data(), 1, nullptr, 3, result.get(), ws.get(), wsb, nullptr).code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(SumOfSquaresOfRuns(runs.data(), -1, nullptr, 0, result.get(), ws.get(), wsb, nullptr).code(),
             StatusCode::kInvalidArgument);
 }
 

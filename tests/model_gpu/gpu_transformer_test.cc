@@ -40,11 +40,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "model/config.h"
+#include "kernels/sum_of_squares.h"
 #include "model/gpu_transformer.h"
 #include "model/transformer.h"
 
@@ -368,6 +371,89 @@ TEST_P(GpuTransformerTest, ZeroGradReadsAsZeroWithoutABackward) {
   std::vector<float> raw(n, 1.f);
   ASSERT_EQ(cudaMemcpy(raw.data(), f.gpu->device_grads(), n * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
   for (size_t i = 0; i < n; ++i) ASSERT_EQ(raw[i], 0.f) << i;
+}
+
+// GradSumOfSquares (the optimizer's norm) against a long-double sum of the
+// downloaded gradients: after an overwriting Backward and an accumulating
+// one (on sm_90, where the experts' dW runs on the grouped kernel, its own
+// sums of squares stand in for reading those gradients: fewer elements
+// read), after a write through device_grads (which must forget those sums:
+// everything read, the written value counted) and after ZeroGrad (zero).
+// Tolerance: the dW kernels square and sum <= 64 values a thread in fp32
+// (<= 3.8e-6 relative, all terms positive), the rest in double; 1e-5. A
+// stale or missing block of expert gradients is off by its share (> 1e-3
+// of the total at these sizes).
+TEST_P(GpuTransformerTest, GradSumOfSquaresMatchesTheGradients) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  const ModelConfig c = Config();
+  Fixture f = Make(c, seed);
+  ASSERT_TRUE(f.gpu);
+  std::mt19937_64 rng(seed);
+  const std::vector<ScoreRequest> batch = RandomBatch(c, rng, 6);
+  int dev = 0, major = 0, minor = 0;
+  ASSERT_EQ(cudaGetDevice(&dev), cudaSuccess);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  const bool grouped_dw = major == 9 && minor == 0 && std::getenv("GROVE_EXPERT_DW") == nullptr;
+  const int64_t total = f.gpu->layout().total();
+  int64_t expert_elems = 0;
+  for (const TensorInfo& t : f.gpu->layout().tensors())
+    if (t.name.find("moe.experts.") != std::string::npos) expert_elems += t.numel;
+  ASSERT_GT(expert_elems, 0);
+
+  // The result, then the workspace.
+  const size_t ws_bytes = kernels::SumOfSquaresWorkspaceBytes();
+  void* raw = nullptr;
+  ASSERT_EQ(cudaMalloc(&raw, sizeof(double) + ws_bytes), cudaSuccess);
+  std::unique_ptr<void, decltype(&cudaFree)> scratch(raw, &cudaFree);
+  double* result = static_cast<double*>(raw);
+  auto sum_of_squares = [&]() {
+    const Result<int64_t> read = f.gpu->GradSumOfSquares(result, result + 1, ws_bytes);
+    double got = -1;
+    EXPECT_TRUE(read.ok()) << read.status().ToString();
+    EXPECT_EQ(cudaMemcpy(&got, result, sizeof(double), cudaMemcpyDeviceToHost), cudaSuccess);
+    return std::make_pair(read.ok() ? *read : int64_t{-1}, got);
+  };
+  auto check = [&](int64_t want_read, const char* when) {
+    SCOPED_TRACE(when);
+    const auto [read, got] = sum_of_squares();
+    EXPECT_EQ(read, want_read);
+    std::vector<float> g(total);
+    ASSERT_TRUE(f.gpu->DownloadGrads(g).ok());
+    long double exact = 0;
+    for (float v : g) exact += static_cast<long double>(v) * v;
+    EXPECT_NEAR(got, double(exact), 1e-5 * double(exact)) << "sum of squares";
+    std::printf("[config %d] %s: sum of squares %.9g (exact %.9Lg), %lld of %lld read\n", GetParam(), when, got,
+                exact, static_cast<long long>(read), static_cast<long long>(total));
+  };
+  std::normal_distribution<float> nd(0.f, 1.f);
+  auto backward = [&]() {
+    auto scored = f.gpu->Score(batch, true);
+    ASSERT_TRUE(scored.ok()) << scored.status().ToString();
+    std::vector<std::vector<float>> dlogp(batch.size());
+    for (size_t i = 0; i < batch.size(); ++i)
+      for (size_t j = 0; j < scored->logprobs[i].size(); ++j) dlogp[i].push_back(nd(rng));
+    ASSERT_TRUE(f.gpu->Backward(dlogp).ok());
+  };
+  const int64_t after_backward = grouped_dw ? total - expert_elems : total;
+  ASSERT_TRUE(f.gpu->ZeroGrad().ok());
+  backward();
+  check(after_backward, "overwriting backward");
+  backward();
+  check(after_backward, "accumulating backward");
+  // A write through device_grads into an expert's gradient: counted.
+  const int64_t at = f.gpu->layout().Offset("layers." + std::to_string(c.layers - 1) + ".moe.experts.0.w2");
+  const float big = 1e3f;
+  ASSERT_EQ(cudaMemcpy(f.gpu->device_grads() + at, &big, sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+  check(total, "after a write through device_grads");
+  backward();  // accumulates onto gradients whose squares are not known: all read
+  check(total, "accumulating after the write");
+  ASSERT_TRUE(f.gpu->ZeroGrad().ok());
+  const auto [read, zero] = sum_of_squares();
+  EXPECT_EQ(read, total);
+  EXPECT_EQ(zero, 0.0) << "after ZeroGrad";
 }
 
 // ||b - a|| / ||a|| over one tensor's slice of two flat gradient vectors
