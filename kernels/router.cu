@@ -35,6 +35,9 @@ Status CheckRouterArgs(const RouterArgs& a) {
                                    std::to_string(a.top_k));
   if (a.out_stride != 0 && a.out_stride < a.top_k)
     return Status::InvalidArgument("router: out_stride must be 0 or >= top_k, got " + std::to_string(a.out_stride));
+  if (a.replay_stride != 0 && a.replay_stride < a.top_k)
+    return Status::InvalidArgument("router: replay_stride must be 0 or >= top_k, got " +
+                                   std::to_string(a.replay_stride));
   if (a.ids_copy && a.ids_copy_stride < a.top_k)
     return Status::InvalidArgument("router: ids_copy_stride must be >= top_k, got " +
                                    std::to_string(a.ids_copy_stride));

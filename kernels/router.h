@@ -19,7 +19,7 @@ inline constexpr int kRouterMaxTopK = 16;
 struct RouterArgs {
   const float* logits = nullptr;        // [tokens, experts]
   const float* bias = nullptr;          // [experts]; null = no bias
-  const uint16_t* replay_ids = nullptr; // [tokens, top_k]; null = select
+  const uint16_t* replay_ids = nullptr; // [tokens, top_k] (row stride replay_stride); null = select
   float* scores = nullptr;              // [tokens, experts] out (kept for backward)
   uint16_t* ids = nullptr;              // [tokens, top_k] out, in selection order
   float* gates = nullptr;               // [tokens, top_k] out
@@ -38,6 +38,11 @@ struct RouterArgs {
   // a separate copy.
   uint16_t* ids_copy = nullptr;
   int ids_copy_stride = 0;
+  // Row stride of replay_ids in elements; 0 means top_k. The learner
+  // uploads a batch's replayed routes as the requests hold them, [token]
+  // [moe layer][top_k], and each layer reads its slice with stride
+  // layers * top_k (no transposition on the host).
+  int replay_stride = 0;
 };
 
 // Replayed ids must be < experts (checked on the device: an out-of-range id

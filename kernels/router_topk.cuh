@@ -62,7 +62,7 @@ __device__ __forceinline__ void RouterTopKWarp(const RouterArgs& a, int token) {
   for (int j = 0; j < a.top_k; ++j) {
     int best_e;
     if (a.replay_ids) {
-      best_e = a.replay_ids[static_cast<int64_t>(token) * a.top_k + j];
+      best_e = a.replay_ids[static_cast<int64_t>(token) * (a.replay_stride > 0 ? a.replay_stride : a.top_k) + j];
     } else {
       // This lane's best (lowest id among equal keys), then the warp's.
       float best = -INFINITY;

@@ -781,7 +781,8 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   const int R = row0[B], S = sc0[B];
   const size_t replay_count = replay ? size_t(M) * R * K : 0;
   // Layout: tokens, pos, seq [R]; seq_len [B]; cu [B+1]; sc_row, sc_target
-  // [S] (int32); replay ids [M][R][K] (uint16).
+  // [S] (int32); replay ids [R][M][K] (uint16: as the requests hold them,
+  // one copy per request; each layer's router reads its slice with stride M K).
   const size_t n32 = 3 * size_t(R) + 2 * size_t(B) + 1 + 2 * size_t(S);
   if (!im.staged) GPU_OK(cudaEventCreateWithFlags(&im.staged, cudaEventDisableTiming));
   GPU_OK(cudaEventSynchronize(im.staged));  // the last Score's uploads have read the buffer
@@ -808,10 +809,7 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
       sc_row[j] = r0 + int32_t(t) - 1;
       sc_target[j] = r.tokens[t];
     }
-    if (replay)  // [moe layer][row][k]
-      for (int64_t mi = 0; mi < M; ++mi)
-        for (int t = 0; t < n; ++t)
-          std::copy_n(r.replay_routes.data() + (t * M + mi) * K, K, replay_ids + (mi * R + r0 + t) * K);
+    if (replay) std::copy_n(r.replay_routes.data(), size_t(n) * M * K, replay_ids + size_t(r0) * M * K);
   });
   tp.rows = R;
   tp.seqs = B;
@@ -961,7 +959,8 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     kernels::RouterArgs ra;
     ra.logits = logits;
     ra.bias = Pf(name(l, "moe.router_bias"));
-    ra.replay_ids = replay ? tp.replay.as<uint16_t>() + mi * R * K : nullptr;
+    ra.replay_ids = replay ? tp.replay.as<uint16_t>() + mi * K : nullptr;
+    ra.replay_stride = int(M * K);
     ra.scores = scores;
     ra.ids = ids_all + mi * R * K;
     ra.gates = gates;

@@ -29,6 +29,7 @@ struct Case {
   float route_scale;
   int out_stride = 0;  // RouterArgs::out_stride
   int copy_stride = 0;  // RouterArgs::ids_copy_stride (0: no copy)
+  int replay_stride = 0;  // RouterArgs::replay_stride
 };
 
 void CheckRouter(const Case& c) {
@@ -41,12 +42,15 @@ void CheckRouter(const Case& c) {
   for (float& x : logits) x = c.equal_logits ? 0.5f : nd(rng);
   if (c.with_bias)
     for (float& b : bias) b = 0.05f * nd(rng);
-  std::vector<uint16_t> replay(size_t(c.tokens) * c.top_k);
+  // Replayed ids in rows of replay_stride; the columns past top_k hold an
+  // id no router may read (out of range: it would zero a gate).
+  const int rstride = c.replay_stride > 0 ? c.replay_stride : c.top_k;
+  std::vector<uint16_t> replay(size_t(c.tokens) * rstride, uint16_t(0xBEEF));
   for (int t = 0; t < c.tokens; ++t) {
     std::vector<int> perm(c.experts);
     std::iota(perm.begin(), perm.end(), 0);
     std::shuffle(perm.begin(), perm.end(), rng);
-    for (int j = 0; j < c.top_k; ++j) replay[size_t(t) * c.top_k + j] = uint16_t(perm[j]);
+    for (int j = 0; j < c.top_k; ++j) replay[size_t(t) * rstride + j] = uint16_t(perm[j]);
   }
 
   const int stride = c.out_stride > 0 ? c.out_stride : c.top_k;
@@ -73,6 +77,7 @@ void CheckRouter(const Case& c) {
   a.norm_topk = c.norm_topk;
   a.route_scale = c.route_scale;
   a.out_stride = c.out_stride;
+  a.replay_stride = c.replay_stride;
   DeviceBuffer<uint16_t> d_copy(size_t(std::max(c.tokens, 1)) * std::max(c.copy_stride, 1));
   GROVE_CUDA_OK(cudaMemset(d_copy.get(), 0xFF, d_copy.count() * 2));
   if (c.copy_stride > 0) {
@@ -114,7 +119,7 @@ void CheckRouter(const Case& c) {
     // The CPU rule on the kernel's scores.
     std::vector<int> want(c.top_k);
     if (c.replay) {
-      for (int j = 0; j < c.top_k; ++j) want[j] = replay[size_t(t) * c.top_k + j];
+      for (int j = 0; j < c.top_k; ++j) want[j] = replay[size_t(t) * rstride + j];
     } else {
       std::vector<float> key(c.experts);
       for (int e = 0; e < c.experts; ++e) key[e] = sc[e] + bias[e];
@@ -170,6 +175,10 @@ TEST(RouterTest, TiesGoToTheLowerId) {
 TEST(RouterTest, ReplayedIdsAreUsedAsGiven) {
   GROVE_SKIP_WITHOUT_GPU();
   CheckRouter({1000, 64, 6, true, true, true, true, false, 1.f});
+  // One layer's slice of the learner's [token][layer][top_k] routes.
+  Case strided{1000, 64, 6, true, true, true, true, false, 1.f};
+  strided.replay_stride = 15 * 6;
+  CheckRouter(strided);
 }
 
 TEST(RouterTest, WiderOutputRowsAndTheIdsCopy) {

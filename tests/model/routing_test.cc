@@ -89,6 +89,24 @@ TEST(ScoreValidation, NamesTheTokenOutsideTheVocabulary) {
   }
 }
 
+// Requests are checked on several threads; the error is still the first
+// bad request's in batch order, whichever thread found which first.
+TEST(ScoreValidation, ReportsTheFirstBadRequestInBatchOrder) {
+  auto m = Tiny();
+  const int32_t V = int32_t(m->config().vocab_size);
+  for (int first_bad : {0, 3, 11}) {
+    auto batch = RandomBatch(16, 30, 2);  // 30 .. 15 tokens
+    for (int i = first_bad; i < 16; i += 2) batch[i].tokens[4] = V + i;  // every other request after it
+    batch[15].tokens.resize(1);                                         // and a short one last
+    auto r = m->Score(batch, false);
+    ASSERT_FALSE(r.ok());
+    EXPECT_NE(r.status().message().find("score request " + std::to_string(first_bad) + ": token " +
+                                        std::to_string(V + first_bad)),
+              std::string::npos)
+        << r.status();
+  }
+}
+
 double MaxOverMean(const std::vector<std::vector<int64_t>>& load) {
   double worst = 0;
   for (const auto& l : load) {
