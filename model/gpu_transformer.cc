@@ -19,6 +19,7 @@
 #include "kernels/grouped_gemm.h"
 #include "kernels/grouped_weight_grad.h"
 #include "kernels/logprob_head.h"
+#include "kernels/moe_input_grad.h"
 #include "kernels/moe_permute.h"
 #include "kernels/rmsnorm.h"
 #include "kernels/rope.h"
@@ -310,6 +311,13 @@ struct GpuTransformer::Impl {
   // 0.75 -> 0.67 ms a gpu-ref layer (H100, 7 storer warps; with 3 it was
   // 0.98). GROVE_FUSED_SWIGLU_BWD=0 turns it off.
   bool fused_swiglu_bwd = true;
+  // The MoE block input's gradient from the experts' rows and from the
+  // router in one pass over the residual gradient (kernels::MoeInputGrad)
+  // instead of the rows' scatter and a cuBLAS GEMM with beta = 1 (H100,
+  // gpu-ref: 225 + 135 -> 281 us a layer; docs/gpu-learner.md). Where its
+  // shape rules hold (experts a multiple of 8, <= 256; top_k <= 16).
+  // GROVE_FUSED_MOE_INPUT_GRAD=0 turns it off.
+  bool fused_input_grad = true;
   bool hopper = false;
   // Whether an MoE layer's expert-ordered inputs xe (h2 permuted, [Pn, H]
   // bf16) are kept from the forward for the backward's w1|w3 weight
@@ -498,7 +506,8 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
     if (impl) im.dw_impl = *impl;
   }
   for (auto [var, flag] : {std::pair{"GROVE_FUSED_SWIGLU_FWD", &im.fused_swiglu_fwd},
-                           std::pair{"GROVE_FUSED_SWIGLU_BWD", &im.fused_swiglu_bwd}}) {
+                           std::pair{"GROVE_FUSED_SWIGLU_BWD", &im.fused_swiglu_bwd},
+                           std::pair{"GROVE_FUSED_MOE_INPUT_GRAD", &im.fused_input_grad}}) {
     const char* env = std::getenv(var);
     if (env == nullptr) continue;
     const std::string v = env;
@@ -1382,7 +1391,52 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       ga.w_expert_rows = int(expert_stride / H);
       GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, st));
       im.Lap("grouped GEMM dX", 4.0 * Pn * F * H);
-      gpu::MoeScatterBackward(dxe, pos_g, dmain, R, int(K), int(H), st);
+      float* dlogits_f = nullptr;
+      GROVE_RETURN_IF_ERROR(im.dlogits_f.Reserve(R * E, &dlogits_f));
+      kernels::RouterBackwardArgs rb;
+      rb.scores = lt.scores.as<float>();
+      rb.ids = tp.ids.as<uint16_t>() + mi * R * K;
+      rb.dgates = dgate;
+      rb.dlogits = dlogits_f;
+      rb.tokens = R;
+      rb.experts = int(E);
+      rb.top_k = int(K);
+      rb.sigmoid = c.score_func == ScoreFunc::kSigmoid;
+      rb.norm_topk = c.norm_topk;
+      rb.route_scale = float(c.route_scale);
+      if (c.balance_alpha > 0) {
+        rb.balance_alpha = float(c.balance_alpha);
+        rb.seq_offsets = tp.cu_seqlens.as<int32_t>();
+        rb.sequences = B;
+        rb.workspace_bytes = kernels::RouterBackwardWorkspaceBytes(B, R, int(E));
+        GROVE_RETURN_IF_ERROR(im.router_ws.Reserve(rb.workspace_bytes));
+        rb.workspace = im.router_ws.as<void>();
+      }
+      GROVE_RETURN_IF_ERROR(kernels::RouterBackward(rb, st));
+      gpu::CastToBf16(dlogits_f, dlogits, R * E, st);  // what the router's dX and dW read
+      GPU_LAUNCHED("router backward");
+      im.Lap("router bwd (kernel, cast)");
+      // The block input's gradient from the experts (their rows through
+      // w1|w3) and from the router (dlogits W_router) added into dmain in
+      // one pass (kernels/moe_input_grad.h); where its shape rules do not
+      // hold, the rows' scatter here and a cuBLAS GEMM for the router's part
+      // below.
+      const bool fused_input_grad = im.fused_input_grad && E % 8 == 0 && E <= 256 && K <= 16;
+      if (fused_input_grad) {
+        kernels::MoeInputGradArgs ig;
+        ig.da = dxe;
+        ig.row_of_slot = pos_g;
+        ig.dlogits = dlogits;
+        ig.w_router = Wb(name(l, "moe.router"));
+        ig.dx = dmain;
+        ig.tokens = R;
+        ig.top_k = int(K);
+        ig.experts = int(E);
+        ig.h = int(H);
+        GROVE_RETURN_IF_ERROR(kernels::MoeInputGrad(ig, st));
+      } else {
+        gpu::MoeScatterBackward(dxe, pos_g, dmain, R, int(K), int(H), st);
+      }
       // Expert weight gradients: the grouped kernel below, or two cuBLAS
       // calls per expert (w2; w1 and w3 as one [2F, H] block): fp32 straight
       // into the layout-ordered gradient (beta = 1, or 0 after ZeroGrad),
@@ -1393,7 +1447,7 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       if (!lt.xe_kept) {
         GROVE_RETURN_IF_ERROR(kernels::MoePermute(h2, lt.src.as<int32_t>(), xe, int(Pn), int(K), int(H), st));
       }
-      im.Lap("moe scatter bwd (+ re-permute if xe not kept)");
+      im.Lap("moe scatter + router dX bwd (+ re-permute if xe not kept)");
       // The grouped kernel needs each weight kind's gradients at one stride
       // between experts (true of ParamLayout: an expert's tensors are
       // adjacent); -1 when not, and then the cuBLAS loop runs.
@@ -1479,36 +1533,14 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       for (int i = 0; i < ns; ++i) GPU_OK(cudaEventRecord(im.side_done[i], im.side[i]));
       dw_pending = ns > 0;
       if (ns == 0 && !grouped_dw) im.Lap("expert dW", 6.0 * Pn * F * H);
-      float* dlogits_f = nullptr;
-      GROVE_RETURN_IF_ERROR(im.dlogits_f.Reserve(R * E, &dlogits_f));
-      kernels::RouterBackwardArgs rb;
-      rb.scores = lt.scores.as<float>();
-      rb.ids = tp.ids.as<uint16_t>() + mi * R * K;
-      rb.dgates = dgate;
-      rb.dlogits = dlogits_f;
-      rb.tokens = R;
-      rb.experts = int(E);
-      rb.top_k = int(K);
-      rb.sigmoid = c.score_func == ScoreFunc::kSigmoid;
-      rb.norm_topk = c.norm_topk;
-      rb.route_scale = float(c.route_scale);
-      if (c.balance_alpha > 0) {
-        rb.balance_alpha = float(c.balance_alpha);
-        rb.seq_offsets = tp.cu_seqlens.as<int32_t>();
-        rb.sequences = B;
-        rb.workspace_bytes = kernels::RouterBackwardWorkspaceBytes(B, R, int(E));
-        GROVE_RETURN_IF_ERROR(im.router_ws.Reserve(rb.workspace_bytes));
-        rb.workspace = im.router_ws.as<void>();
+      if (!fused_input_grad) {
+        GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, R, H, E, dlogits, E, Wb(name(l, "moe.router")), H, dmain, true,
+                                   H, 1, "router dx"));
       }
-      GROVE_RETURN_IF_ERROR(kernels::RouterBackward(rb, st));
-      gpu::CastToBf16(dlogits_f, dlogits, R * E, st);  // the GEMMs below read bf16
-      GPU_LAUNCHED("router backward");
-      im.Lap("router bwd (kernel, cast)");
-      GROVE_RETURN_IF_ERROR(
-          Gemm(cb, false, false, R, H, E, dlogits, E, Wb(name(l, "moe.router")), H, dmain, true, H, 1, "router dx"));
       GROVE_RETURN_IF_ERROR(
           Gemm(cb, true, false, E, H, R, dlogits, E, h2, H, Gf(name(l, "moe.router")), true, H, bw, "router dW"));
-      im.Lap("router bwd (dX, dW GEMMs)", 4.0 * R * E * H);
+      im.Lap(fused_input_grad ? "router bwd (dW GEMM)" : "router bwd (dX, dW GEMMs)",
+             (fused_input_grad ? 2.0 : 4.0) * R * E * H);
     }
     GROVE_RETURN_IF_ERROR(
         norm_backward(dmain, lt.x_mid.as<bf16>(), name(l, "ffn_norm"), lt.rstd2.as<float>(), true));

@@ -468,28 +468,23 @@ double TensorRelL2(const TensorInfo& t, const std::vector<float>& a, const std::
   return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
 
-// GROVE_FUSED_SWIGLU_BWD=1 (the gated SwiGLU backward in the w2 dX
-// epilogue, sm_90; elsewhere the flag changes nothing) against the
-// default unfused path: the same routes (replayed), the same upstream
-// gradient; every tensor's gradient within 2e-2 relative L2 (the fused
-// path skips dh's bf16 rounding, 2^-9 relative, which the weight and
-// router gradients carry through their sums). A value other than 0 or 1
-// is refused at Create.
-TEST_P(GpuTransformerTest, FusedSwiGluBackwardMatchesUnfused) {
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+// The model's gradients with a fused backward path (`var` = 1) against the
+// unfused one (0): the same routes (replayed), the same upstream gradient;
+// every tensor's gradient within 2e-2 relative L2. A value other than 0 or
+// 1 is refused at Create.
+void CompareFusedWithUnfused(const char* var, const ModelConfig& c, int param) {
   const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE("seed " + std::to_string(seed));
-  const ModelConfig c = Config();
-  const char* old = std::getenv("GROVE_FUSED_SWIGLU_BWD");
+  SCOPED_TRACE(std::string(var) + " seed " + std::to_string(seed));
+  const char* old = std::getenv(var);
   const std::string saved = old ? old : "";
   auto restore = [&] {
     if (old) {
-      setenv("GROVE_FUSED_SWIGLU_BWD", saved.c_str(), 1);
+      setenv(var, saved.c_str(), 1);
     } else {
-      unsetenv("GROVE_FUSED_SWIGLU_BWD");
+      unsetenv(var);
     }
   };
-  setenv("GROVE_FUSED_SWIGLU_BWD", "maybe", 1);
+  setenv(var, "maybe", 1);
   EXPECT_EQ(GpuTransformer::Create(c, 0).status().code(), StatusCode::kInvalidArgument);
   restore();
   std::mt19937_64 rng(seed);
@@ -497,7 +492,7 @@ TEST_P(GpuTransformerTest, FusedSwiGluBackwardMatchesUnfused) {
   std::normal_distribution<float> nd(0.f, 1.f);
   std::vector<std::vector<float>> dlogp;
   auto grads = [&](const char* value, std::vector<float>* g) {
-    setenv("GROVE_FUSED_SWIGLU_BWD", value, 1);
+    setenv(var, value, 1);
     Fixture f = Make(c, seed);
     restore();
     ASSERT_TRUE(f.gpu);
@@ -530,7 +525,24 @@ TEST_P(GpuTransformerTest, FusedSwiGluBackwardMatchesUnfused) {
     EXPECT_LE(rel, 2e-2) << t.name;
     worst = std::max(worst, rel);
   }
-  std::printf("[config %d] GROVE_FUSED_SWIGLU_BWD=1 vs 0: worst relative L2 %.3g\n", GetParam(), worst);
+  std::printf("[config %d] %s=1 vs 0: worst relative L2 %.3g\n", param, var, worst);
+}
+
+// GROVE_FUSED_SWIGLU_BWD: the gated SwiGLU backward in the w2 dX epilogue
+// (sm_90; elsewhere the flag changes nothing). The fused path skips dh's
+// bf16 rounding, 2^-9 relative, which the weight and router gradients carry
+// through their sums: hence 2e-2.
+TEST_P(GpuTransformerTest, FusedSwiGluBackwardMatchesUnfused) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  CompareFusedWithUnfused("GROVE_FUSED_SWIGLU_BWD", Config(), GetParam());
+}
+
+// The experts' and the router's input gradients in one pass
+// (kernels::MoeInputGrad) against the scatter and the cuBLAS GEMM: the same
+// fp32 terms added in another order, so within the bound above.
+TEST_P(GpuTransformerTest, FusedMoeInputGradMatchesUnfused) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  CompareFusedWithUnfused("GROVE_FUSED_MOE_INPUT_GRAD", Config(), GetParam());
 }
 
 TEST_P(GpuTransformerTest, GroupedExpertDwMatchesCublas) {
