@@ -52,9 +52,10 @@ inline constexpr int kMoeRouteIndexOneBlockSlots = 256;
 Status MoeRouteIndexOneBlock(const uint16_t* ids, int tokens, int top_k, int experts, int32_t* expert_offsets,
                              int32_t* row_of_slot, int32_t* slot_of_row, int32_t* expert_load, cudaStream_t stream);
 
-// x [tokens, hidden] -> a [rows, hidden], rows = tokens * top_k.
-Status MoePermute(const __nv_bfloat16* x, const int32_t* slot_of_row, __nv_bfloat16* a, int rows, int top_k,
-                  int hidden, cudaStream_t stream);
+// x [tokens, hidden] -> a [rows, hidden], rows = tokens * top_k; both index
+// arrays from MoeRouteIndex (a row no slot points at is zeroed).
+Status MoePermute(const __nv_bfloat16* x, const int32_t* row_of_slot, const int32_t* slot_of_row, __nv_bfloat16* a,
+                  int rows, int top_k, int hidden, cudaStream_t stream);
 
 // c [rows, hidden] (expert outputs), gates fp32 [tokens, top_k] -> y [tokens, hidden].
 Status MoeCombine(const __nv_bfloat16* c, const float* gates, const int32_t* row_of_slot, __nv_bfloat16* y,

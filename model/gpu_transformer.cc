@@ -986,7 +986,7 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     GROVE_RETURN_IF_ERROR(kernels::MoeRouteIndex(ra.ids, R, int(K), int(E), im.index_ws.as<void>(), index_bytes,
                                                  offsets, pos_g, src_g, counts_all + mi * E, st));
     im.Lap("router + route index fwd", 2.0 * R * E * H);
-    GROVE_RETURN_IF_ERROR(kernels::MoePermute(h2, src_g, xe, int(Pn), int(K), int(H), st));
+    GROVE_RETURN_IF_ERROR(kernels::MoePermute(h2, pos_g, src_g, xe, int(Pn), int(K), int(H), st));
     im.Lap("moe permute/combine fwd");
     // The experts' weights where they lie in the mirror: ParamLayout puts
     // each expert's w1, w3, w2 together (3 F H elements; the backward's dX
@@ -1343,7 +1343,7 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       // The combine's backward without the gate: each expert row gets its
       // token's dY as it is (the gate is applied in SwiGluBackwardGated, and
       // the gate's gradient comes from there too, so y is not read).
-      GROVE_RETURN_IF_ERROR(kernels::MoePermute(dres_b, lt.src.as<int32_t>(), dey, int(Pn), int(K), int(H), st));
+      GROVE_RETURN_IF_ERROR(kernels::MoePermute(dres_b, lt.pos.as<int32_t>(), lt.src.as<int32_t>(), dey, int(Pn), int(K), int(H), st));
       im.Lap("moe combine bwd");
       kernels::GroupedGemmArgs ga;
       ga.expert_offsets = offsets;
@@ -1445,7 +1445,7 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       // the next writer of dey/deab/xe, the next layer's backward).
       GPU_LAUNCHED("moe backward");
       if (!lt.xe_kept) {
-        GROVE_RETURN_IF_ERROR(kernels::MoePermute(h2, lt.src.as<int32_t>(), xe, int(Pn), int(K), int(H), st));
+        GROVE_RETURN_IF_ERROR(kernels::MoePermute(h2, lt.pos.as<int32_t>(), lt.src.as<int32_t>(), xe, int(Pn), int(K), int(H), st));
       }
       im.Lap("moe scatter + router dX bwd (+ re-permute if xe not kept)");
       // The grouped kernel needs each weight kind's gradients at one stride

@@ -468,7 +468,7 @@ void StepKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
     GROVE_BENCH_CUDA_CHECK(cudaMalloc(&gates, rows * 4));
     GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dgates, rows * 4));
     GROVE_BENCH_CUDA_CHECK(cudaMemset(gates, 0, rows * 4));
-    ms = MedianMs([&] { check(gk::MoePermute(x, slot_of_row, a, rows, top_k, hidden, nullptr)); }, reps);
+    ms = MedianMs([&] { check(gk::MoePermute(x, row_of_slot, slot_of_row, a, rows, top_k, hidden, nullptr)); }, reps);
     report("MoE permute x -> a [98304, 1024] bf16", ms, rh * 4.0);
     ms = MedianMs([&] { check(gk::MoeCombine(c, gates, row_of_slot, y, false, tokens, top_k, hidden, nullptr)); },
                   reps);

@@ -152,7 +152,8 @@ void CheckMoe(int tokens, int top_k, int experts, int hidden, Routing routing) {
   GROVE_CUDA_OK(cudaMemset(d_a.get(), 0x7F, d_a.count() * 2));
   GROVE_CUDA_OK(cudaMemset(d_dc.get(), 0x7F, d_dc.count() * 2));
 
-  ASSERT_TRUE(MoePermute(d_x.get(), d_slot_of_row.get(), d_a.get(), slots, top_k, hidden, nullptr).ok());
+  ASSERT_TRUE(
+      MoePermute(d_x.get(), d_row_of_slot.get(), d_slot_of_row.get(), d_a.get(), slots, top_k, hidden, nullptr).ok());
   std::vector<__nv_bfloat16> a;
   GROVE_CUDA_OK(d_a.Download(&a));
   size_t bad_gather = 0;
@@ -266,7 +267,7 @@ TEST(MoePermuteTest, RejectsBadShapes) {
   EXPECT_EQ(MoeRouteIndex(nullptr, 4, 2, kMoeMaxExperts + 1, nullptr, 0, nullptr, nullptr, nullptr, nullptr, nullptr)
                 .code(),
             StatusCode::kInvalidArgument);
-  EXPECT_EQ(MoePermute(nullptr, nullptr, nullptr, 7, 2, 16, nullptr).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(MoePermute(nullptr, nullptr, nullptr, nullptr, 7, 2, 16, nullptr).code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(MoeCombine(nullptr, nullptr, nullptr, nullptr, false, 4, 2, 12, nullptr).code(),
             StatusCode::kInvalidArgument);
   EXPECT_EQ(MoeCombine(nullptr, nullptr, nullptr, nullptr, false, 4, 17, 16, nullptr).code(),
