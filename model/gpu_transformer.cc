@@ -276,6 +276,14 @@ struct GpuTransformer::Impl {
   // uploads; the next Score waits for it before refilling.
   PinnedBuf staging;
   cudaEvent_t staged = nullptr;
+  // Score's routes for its result as the requests hold them, [row][moe
+  // layer][k]: each layer's router writes a copy of its ids here
+  // (RouterArgs::ids_copy), downloaded into page-locked memory, so each
+  // request's routes are one copy (the [layer][row][k] ids the backward
+  // reads, downloaded to pageable memory and transposed on the host, kept
+  // the GPU idle ~2 ms a gpu-ref step).
+  DevBuf route_rows;
+  PinnedBuf route_host;
   std::unique_ptr<PhaseTimer> prof;
   // Side streams for the experts' weight gradients, forked from `stream`
   // once their inputs exist and joined back before those are overwritten
@@ -725,7 +733,7 @@ Status GpuTransformer::ReleaseActivations() {
   for (DevBuf* b : {&im.dres, &im.dres_b, &im.dmain, &im.dqkv, &im.dout_b, &im.dwork,
                     &im.attn_ws, &im.norm_ws, &im.dz, &im.dhs, &im.dlogits, &im.dgate, &im.deab,
                     &im.deh, &im.dey, &im.dxe, &im.xe, &im.g, &im.dgate_partial, &im.router_logits, &im.logits,
-                    &im.index_ws, &im.embed_ws, &im.router_ws, &im.dlogits_f})
+                    &im.index_ws, &im.embed_ws, &im.router_ws, &im.dlogits_f, &im.route_rows})
     b->Release();
   im.h_prob_mean = {};
   im.h_bal_count = {};
@@ -858,6 +866,7 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   int32_t *counts_all = nullptr, *offsets_all = nullptr, *bal_count = nullptr;
   float* prob_mean = nullptr;
   GROVE_RETURN_IF_ERROR(tp.ids.Reserve(M * R * K, &ids_all));
+  GROVE_RETURN_IF_ERROR(im.route_rows.Reserve(size_t(std::max<int64_t>(M * R * K, 1)) * sizeof(uint16_t)));
   GROVE_RETURN_IF_ERROR(tp.counts.Reserve(M * E, &counts_all));
   GROVE_RETURN_IF_ERROR(tp.offsets.Reserve(M * (E + 1), &offsets_all));
   GROVE_RETURN_IF_ERROR(tp.bal_count.Reserve(M * B * E, &bal_count));
@@ -972,6 +981,8 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     ra.replay_stride = int(M * K);
     ra.scores = scores;
     ra.ids = ids_all + mi * R * K;
+    ra.ids_copy = im.route_rows.as<uint16_t>() + mi * K;
+    ra.ids_copy_stride = int(M * K);
     ra.gates = gates;
     ra.tokens = R;
     ra.experts = int(E);
@@ -1058,11 +1069,14 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
 
   // Results to the host.
   std::vector<float> h_logp(S);
-  std::vector<uint16_t> h_ids(size_t(M) * R * K);
+  const size_t route_count = size_t(M) * R * K;
+  GROVE_ASSIGN_OR_RETURN(char* route_pinned, im.route_host.Reserve(std::max<size_t>(route_count, 1) * sizeof(uint16_t)));
+  const uint16_t* h_routes = reinterpret_cast<const uint16_t*>(route_pinned);
   tp.h_counts.assign(size_t(M) * E, 0);
   GPU_OK(cudaMemcpyAsync(h_logp.data(), logp, S * sizeof(float), cudaMemcpyDeviceToHost, st));
   if (M > 0) {
-    GPU_OK(cudaMemcpyAsync(h_ids.data(), ids_all, h_ids.size() * sizeof(uint16_t), cudaMemcpyDeviceToHost, st));
+    GPU_OK(cudaMemcpyAsync(route_pinned, im.route_rows.as<uint16_t>(), route_count * sizeof(uint16_t),
+                           cudaMemcpyDeviceToHost, st));
     GPU_OK(cudaMemcpyAsync(tp.h_counts.data(), counts_all, tp.h_counts.size() * sizeof(int32_t),
                            cudaMemcpyDeviceToHost, st));
   }
@@ -1085,12 +1099,8 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   for (int i = 0; i < B; ++i) at[i + 1] = at[i] + tp.sizes[i];
   ForEachRequest(B, [&](int i) {
     out.logprobs[i].assign(h_logp.begin() + at[i], h_logp.begin() + at[i + 1]);
-    const int n = seq_len[i], row0 = cu[i];
-    std::vector<uint16_t>& rt = out.routes[i];
-    rt.resize(size_t(n) * M * K);
-    for (int64_t mi = 0; mi < M; ++mi)
-      for (int t = 0; t < n; ++t)
-        std::copy_n(h_ids.data() + (mi * R + row0 + t) * K, K, rt.data() + (t * M + mi) * K);
+    const size_t row_len = size_t(M) * K, first = size_t(cu[i]) * row_len;
+    out.routes[i].assign(h_routes + first, h_routes + first + size_t(seq_len[i]) * row_len);
   });
   out.expert_load.assign(M, std::vector<int64_t>(E, 0));
   for (int64_t mi = 0; mi < M; ++mi)
