@@ -11,14 +11,14 @@
 namespace grove::kernels {
 namespace {
 
-constexpr int kPerLane = kRouterPerLane;
 constexpr int kWarps = 4;
 
+template <int kSlots>
 __global__ void RouterTopKKernel(RouterArgs a) {
   ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
   ptx::griddepcontrol_launch_dependents();
   const int token = blockIdx.x * kWarps + threadIdx.x / 32;
-  if (token < a.tokens) RouterTopKWarp(a, token);
+  if (token < a.tokens) RouterTopKWarpN<kSlots>(a, token);
 }
 
 }  // namespace
@@ -50,7 +50,14 @@ Status RouterTopK(const RouterArgs& a, cudaStream_t stream) {
   GROVE_RETURN_IF_ERROR(CheckRouterArgs(a));
   if (a.tokens == 0) return Status::OK();
   const int blocks = (a.tokens + kWarps - 1) / kWarps;
-  cudaError_t err = LaunchKernel(RouterTopKKernel, dim3(blocks), dim3(kWarps * 32), 0, stream, a);
+  auto kernel = RouterTopKKernel<8>;
+  switch (RouterSlotsPerLane(a.experts)) {
+    case 1: kernel = RouterTopKKernel<1>; break;
+    case 2: kernel = RouterTopKKernel<2>; break;
+    case 4: kernel = RouterTopKKernel<4>; break;
+    default: break;
+  }
+  cudaError_t err = LaunchKernel(kernel, dim3(blocks), dim3(kWarps * 32), 0, stream, a);
   if (err == cudaSuccess) err = cudaGetLastError();
   if (err != cudaSuccess)
     return Status::Internal(std::string("router launch: ") + cudaGetErrorString(err));
@@ -92,15 +99,16 @@ __device__ __forceinline__ float WarpSum(float v) {
 
 // One warp per token; expert e in lane e % 32, slot e / 32 (as the forward).
 // Lane j < top_k holds choice j, so the gate terms need no serial loads.
+template <int kSlots>
 __global__ void RouterBackwardKernel(RouterBackwardArgs a, const int32_t* counts, float* token_loss) {
   const int lane = threadIdx.x % 32;
   const int token = blockIdx.x * kWarps + threadIdx.x / 32;
   if (token >= a.tokens) return;
   const int E = a.experts, K = a.top_k;
   const float* sc = a.scores + static_cast<int64_t>(token) * E;
-  float s[kPerLane], dl[kPerLane];
+  float s[kSlots], dl[kSlots];
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
+  for (int i = 0; i < kSlots; ++i) {
     const int e = i * 32 + lane;
     s[i] = e < E ? sc[e] : 0.f;
     dl[i] = 0.f;
@@ -125,7 +133,7 @@ __global__ void RouterBackwardKernel(RouterBackwardArgs a, const int32_t* counts
     const float dj = __shfl_sync(0xffffffffu, d, j);
     if (e >= E || e % 32 != lane) continue;
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i)
+    for (int i = 0; i < kSlots; ++i)
       if (i == e / 32) dl[i] += dj;
   }
   if (counts) {  // balance loss through s / sum(s)
@@ -141,35 +149,35 @@ __global__ void RouterBackwardKernel(RouterBackwardArgs a, const int32_t* counts
       const double len = t1 - t0;
       const double unit = double(a.balance_alpha) * E / (K * len) / len;
       const int32_t* c = counts + static_cast<int64_t>(lo) * E;
-      float fe[kPerLane], zs = 0.f;
+      float fe[kSlots], zs = 0.f;
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) {
+      for (int i = 0; i < kSlots; ++i) {
         fe[i] = i * 32 + lane < E ? static_cast<float>(unit * c[i * 32 + lane]) : 0.f;
         zs += s[i];
       }
       zs = WarpSum(zs);
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) fdot += fe[i] * s[i] / zs;
+      for (int i = 0; i < kSlots; ++i) fdot += fe[i] * s[i] / zs;
       fdot = WarpSum(fdot);
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) dl[i] += (fe[i] - fdot) / zs;
+      for (int i = 0; i < kSlots; ++i) dl[i] += (fe[i] - fdot) / zs;
     }
     if (token_loss && lane == 0) token_loss[token] = fdot;  // this token's share of alpha sum_e f_e P_e
   }
   if (a.sigmoid) {
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) dl[i] *= s[i] * (1.f - s[i]);
+    for (int i = 0; i < kSlots; ++i) dl[i] *= s[i] * (1.f - s[i]);
   } else {
     float sdot = 0.f;
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) sdot += dl[i] * s[i];
+    for (int i = 0; i < kSlots; ++i) sdot += dl[i] * s[i];
     sdot = WarpSum(sdot);
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) dl[i] = s[i] * (dl[i] - sdot);
+    for (int i = 0; i < kSlots; ++i) dl[i] = s[i] * (dl[i] - sdot);
   }
   float* out = a.dlogits + static_cast<int64_t>(token) * E;
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i)
+  for (int i = 0; i < kSlots; ++i)
     if (i * 32 + lane < E) out[i * 32 + lane] = dl[i];
 }
 
@@ -240,7 +248,14 @@ Status RouterBackward(const RouterBackwardArgs& a, cudaStream_t stream) {
     if (err != cudaSuccess) return Status::Internal(std::string("router balance launch: ") + cudaGetErrorString(err));
   }
   const int blocks = (a.tokens + kWarps - 1) / kWarps;
-  RouterBackwardKernel<<<blocks, kWarps * 32, 0, stream>>>(a, counts, token_loss);
+  auto kernel = RouterBackwardKernel<8>;  // the fewest slots a lane needs (RouterSlotsPerLane): same bits
+  switch (RouterSlotsPerLane(a.experts)) {
+    case 1: kernel = RouterBackwardKernel<1>; break;
+    case 2: kernel = RouterBackwardKernel<2>; break;
+    case 4: kernel = RouterBackwardKernel<4>; break;
+    default: break;
+  }
+  kernel<<<blocks, kWarps * 32, 0, stream>>>(a, counts, token_loss);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return Status::Internal(std::string("router backward launch: ") + cudaGetErrorString(err));
   if (token_loss) {

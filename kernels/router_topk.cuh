@@ -11,45 +11,54 @@
 
 namespace grove::kernels {
 
-constexpr int kRouterPerLane = kRouterMaxExperts / 32;
+// The slots a lane needs for `experts` (1, 2, 4 or 8): a lane walks only
+// those (with all 8 for gpu-ref's 64 experts the kernel was instruction-
+// bound: 58 us for 32k tokens on the H100). Any count >= the need gives the
+// same bits: the extra slots hold -inf keys and 0 scores, which no max,
+// argmax or sum changes.
+__host__ __device__ constexpr int RouterSlotsPerLane(int experts) {
+  return experts <= 32 ? 1 : experts <= 64 ? 2 : experts <= 128 ? 4 : 8;
+}
 
-// The whole warp calls it (shuffles); expert e lives in lane e % 32, slot e / 32.
-__device__ __forceinline__ void RouterTopKWarp(const RouterArgs& a, int token) {
+// The whole warp calls it (shuffles); expert e lives in lane e % 32, slot e
+// / 32; kPerLane >= RouterSlotsPerLane(a.experts).
+template <int kPerLane>
+__device__ __forceinline__ void RouterTopKWarpN(const RouterArgs& a, int token) {
   const int lane = threadIdx.x % 32;
   const float* logits = a.logits + static_cast<int64_t>(token) * a.experts;
-  float s[kRouterPerLane];
+  float s[kPerLane];
 #pragma unroll
-  for (int i = 0; i < kRouterPerLane; ++i) {
+  for (int i = 0; i < kPerLane; ++i) {
     const int e = i * 32 + lane;
     s[i] = e < a.experts ? logits[e] : -INFINITY;
   }
   if (a.sigmoid) {
 #pragma unroll
-    for (int i = 0; i < kRouterPerLane; ++i) s[i] = 1.f / (1.f + expf(-s[i]));
+    for (int i = 0; i < kPerLane; ++i) s[i] = 1.f / (1.f + expf(-s[i]));
   } else {
     float mx = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < kRouterPerLane; ++i) mx = fmaxf(mx, s[i]);
+    for (int i = 0; i < kPerLane; ++i) mx = fmaxf(mx, s[i]);
     for (int d = 16; d > 0; d /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, d));
     float sum = 0.f;
 #pragma unroll
-    for (int i = 0; i < kRouterPerLane; ++i) {
+    for (int i = 0; i < kPerLane; ++i) {
       s[i] = i * 32 + lane < a.experts ? expf(s[i] - mx) : 0.f;
       sum += s[i];
     }
     for (int d = 16; d > 0; d /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, d);
 #pragma unroll
-    for (int i = 0; i < kRouterPerLane; ++i) s[i] /= sum;
+    for (int i = 0; i < kPerLane; ++i) s[i] /= sum;
   }
   float* scores = a.scores + static_cast<int64_t>(token) * a.experts;
 #pragma unroll
-  for (int i = 0; i < kRouterPerLane; ++i)
+  for (int i = 0; i < kPerLane; ++i)
     if (i * 32 + lane < a.experts) scores[i * 32 + lane] = s[i];
 
   // Selection key s + bias; taken experts drop to -inf.
-  float key[kRouterPerLane];
+  float key[kPerLane];
 #pragma unroll
-  for (int i = 0; i < kRouterPerLane; ++i) {
+  for (int i = 0; i < kPerLane; ++i) {
     const int e = i * 32 + lane;
     key[i] = e < a.experts ? s[i] + (a.bias ? a.bias[e] : 0.f) : -INFINITY;
   }
@@ -68,7 +77,7 @@ __device__ __forceinline__ void RouterTopKWarp(const RouterArgs& a, int token) {
       float best = -INFINITY;
       best_e = 0x7fffffff;
 #pragma unroll
-      for (int i = 0; i < kRouterPerLane; ++i) {
+      for (int i = 0; i < kPerLane; ++i) {
         const int e = i * 32 + lane;
         if (e < a.experts && (key[i] > best || (key[i] == best && e < best_e))) {
           best = key[i];
@@ -84,14 +93,14 @@ __device__ __forceinline__ void RouterTopKWarp(const RouterArgs& a, int token) {
         }
       }
 #pragma unroll
-      for (int i = 0; i < kRouterPerLane; ++i)
+      for (int i = 0; i < kPerLane; ++i)
         if (i * 32 + lane == best_e) key[i] = -INFINITY;
     }
     // The chosen expert's score, from the lane that holds it.
     float sc = 0.f;
     const bool valid = best_e >= 0 && best_e < a.experts;
 #pragma unroll
-    for (int i = 0; i < kRouterPerLane; ++i)
+    for (int i = 0; i < kPerLane; ++i)
       if (valid && i * 32 + lane == best_e) sc = s[i];
     sc = __shfl_sync(0xffffffffu, sc, valid ? best_e % 32 : 0);
     if (lane == j) {
@@ -108,6 +117,16 @@ __device__ __forceinline__ void RouterTopKWarp(const RouterArgs& a, int token) {
     if (a.ids_copy) a.ids_copy[static_cast<int64_t>(token) * a.ids_copy_stride + lane] = static_cast<uint16_t>(my_id);
     const float g = a.norm_topk ? (z > 0.f ? my_score / z : 0.f) : my_score;
     gates[lane] = g * a.route_scale;
+  }
+}
+
+// RouterTopKWarpN for a's expert count (a uniform branch).
+__device__ __forceinline__ void RouterTopKWarp(const RouterArgs& a, int token) {
+  switch (RouterSlotsPerLane(a.experts)) {
+    case 1: RouterTopKWarpN<1>(a, token); break;
+    case 2: RouterTopKWarpN<2>(a, token); break;
+    case 4: RouterTopKWarpN<4>(a, token); break;
+    default: RouterTopKWarpN<8>(a, token); break;
   }
 }
 

@@ -165,6 +165,9 @@ TEST(RouterTest, WidestAndNarrowest) {
   CheckRouter({777, 256, 16, true, true, true, false, false, 1.f});
   CheckRouter({100, 3, 1, false, false, true, false, false, 1.f});
   CheckRouter({100, 40, 7, false, true, false, false, false, 1.f});
+  // Each count of slots a lane walks (RouterSlotsPerLane): 1, 2, 4, 8, at both ends of each.
+  for (int experts : {32, 33, 65, 128, 129})
+    CheckRouter({300, experts, 8, experts % 2 == 1, true, true, false, false, 1.f});
 }
 
 TEST(RouterTest, TiesGoToTheLowerId) {
@@ -361,6 +364,8 @@ TEST(RouterBackwardTest, SoftmaxAndOtherShapes) {
   CheckRouterBackward({1000, 64, 6, false, true, 2.5f, 0.01f, 9});
   CheckRouterBackward({333, 256, 16, true, false, 1.5f, 0.01f, 4});
   CheckRouterBackward({100, 3, 1, false, true, 1.f, 0.1f, 2});
+  for (int experts : {32, 33, 65, 128, 129})  // every count of slots a lane walks
+    CheckRouterBackward({500, experts, 8, experts % 2 == 0, true, 1.f, 0.01f, 3});
 }
 
 TEST(RouterBackwardTest, RejectsBadShapes) {
