@@ -186,7 +186,7 @@ struct Tape {
   double len_sq = 0;              // sum of squared sequence lengths (attention FLOPs)
   std::vector<size_t> sizes;      // log-probs per request
   std::vector<int32_t> h_counts;  // [moe layers, experts] of the last forward
-  DevBuf tokens, pos, seq, seq_len, cu_seqlens, sc_row, sc_target, replay;
+  DevBuf tokens, pos, cu_seqlens, sc_row, sc_target, replay;
   std::vector<DevBuf> resid;      // residual stream entering each layer (+ the final one)
   std::vector<LayerTape> layers;
   DevBuf ids, counts, offsets, prob_mean, bal_count;  // [moe layers, ...]
@@ -284,6 +284,7 @@ struct GpuTransformer::Impl {
   // the GPU idle ~2 ms a gpu-ref step).
   DevBuf route_rows;
   PinnedBuf route_host;
+  DevBuf balance_ws;  // gpu::BalanceStats' per-split sums
   std::unique_ptr<PhaseTimer> prof;
   // Side streams for the experts' weight gradients, forked from `stream`
   // once their inputs exist and joined back before those are overwritten
@@ -733,7 +734,8 @@ Status GpuTransformer::ReleaseActivations() {
   for (DevBuf* b : {&im.dres, &im.dres_b, &im.dmain, &im.dqkv, &im.dout_b, &im.dwork,
                     &im.attn_ws, &im.norm_ws, &im.dz, &im.dhs, &im.dlogits, &im.dgate, &im.deab,
                     &im.deh, &im.dey, &im.dxe, &im.xe, &im.g, &im.dgate_partial, &im.router_logits, &im.logits,
-                    &im.index_ws, &im.embed_ws, &im.router_ws, &im.dlogits_f, &im.route_rows})
+                    &im.index_ws, &im.embed_ws, &im.router_ws, &im.dlogits_f, &im.route_rows,
+                    &im.balance_ws})
     b->Release();
   im.h_prob_mean = {};
   im.h_bal_count = {};
@@ -797,31 +799,25 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   }
   const int R = row0[B], S = sc0[B];
   const size_t replay_count = replay ? size_t(M) * R * K : 0;
-  // Layout: tokens, pos, seq [R]; seq_len [B]; cu [B+1]; sc_row, sc_target
-  // [S] (int32); replay ids [R][M][K] (uint16: as the requests hold them,
-  // one copy per request; each layer's router reads its slice with stride M K).
-  const size_t n32 = 3 * size_t(R) + 2 * size_t(B) + 1 + 2 * size_t(S);
+  // Layout: tokens, pos [R]; cu [B+1]; sc_row, sc_target [S] (int32);
+  // replay ids [R][M][K] (uint16: as the requests hold them, one copy per
+  // request; each layer's router reads its slice with stride M K).
+  const size_t n32 = 2 * size_t(R) + size_t(B) + 1 + 2 * size_t(S);
   if (!im.staged) GPU_OK(cudaEventCreateWithFlags(&im.staged, cudaEventDisableTiming));
   GPU_OK(cudaEventSynchronize(im.staged));  // the last Score's uploads have read the buffer
   GROVE_ASSIGN_OR_RETURN(char* pinned, im.staging.Reserve(n32 * sizeof(int32_t) + replay_count * sizeof(uint16_t)));
   int32_t* const tokens = reinterpret_cast<int32_t*>(pinned);
   int32_t* const pos = tokens + R;
-  int32_t* const seq = pos + R;
-  int32_t* const h_seq_len = seq + R;
-  int32_t* const cu = h_seq_len + B;
+  int32_t* const cu = pos + R;
   int32_t* const sc_row = cu + B + 1;
   int32_t* const sc_target = sc_row + S;
   uint16_t* const replay_ids = reinterpret_cast<uint16_t*>(sc_target + S);
-  std::copy(seq_len.begin(), seq_len.end(), h_seq_len);
   std::copy(row0.begin(), row0.end(), cu);
   ForEachRequest(B, [&](int i) {
     const ScoreRequest& r = batch[i];
     const int n = seq_len[i], r0 = row0[i];
     std::copy_n(r.tokens.data(), n, tokens + r0);
-    for (int t = 0; t < n; ++t) {
-      pos[r0 + t] = t;
-      seq[r0 + t] = i;
-    }
+    for (int t = 0; t < n; ++t) pos[r0 + t] = t;
     for (int64_t t = r.score_from, j = sc0[i]; t < n + 1; ++t, ++j) {
       sc_row[j] = r0 + int32_t(t) - 1;
       sc_target[j] = r.tokens[t];
@@ -834,8 +830,6 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   tp.max_seqlen = max_len;
   GROVE_RETURN_IF_ERROR(Upload(tp.tokens, tokens, R, st));
   GROVE_RETURN_IF_ERROR(Upload(tp.pos, pos, R, st));
-  GROVE_RETURN_IF_ERROR(Upload(tp.seq, seq, R, st));
-  GROVE_RETURN_IF_ERROR(Upload(tp.seq_len, h_seq_len, B, st));
   GROVE_RETURN_IF_ERROR(Upload(tp.cu_seqlens, cu, B + 1, st));
   GROVE_RETURN_IF_ERROR(Upload(tp.sc_row, sc_row, S, st));
   GROVE_RETURN_IF_ERROR(Upload(tp.sc_target, sc_target, S, st));
@@ -870,6 +864,8 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   GROVE_RETURN_IF_ERROR(tp.counts.Reserve(M * E, &counts_all));
   GROVE_RETURN_IF_ERROR(tp.offsets.Reserve(M * (E + 1), &offsets_all));
   GROVE_RETURN_IF_ERROR(tp.bal_count.Reserve(M * B * E, &bal_count));
+  GROVE_RETURN_IF_ERROR(im.balance_ws.Reserve(std::max<size_t>(gpu::BalanceStatsWorkspaceBytes(B, int(E)), 1)));
+  void* const balance_ws = im.balance_ws.as<void>();
   GROVE_RETURN_IF_ERROR(tp.prob_mean.Reserve(M * B * E, &prob_mean));
 
   kernels::AttentionShape ash;
@@ -1031,7 +1027,7 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     im.Lap("grouped GEMM fwd", 2.0 * Pn * F * H);
     GROVE_RETURN_IF_ERROR(kernels::MoeCombine(ey, gates, pos_g, xout, /*accumulate=*/true, R, int(K), int(H), st));
     if (c.balance_alpha > 0)
-      gpu::BalanceStats(scores, ra.ids, tp.seq.as<int32_t>(), tp.seq_len.as<int32_t>(), R, B, int(E), int(K),
+      gpu::BalanceStats(scores, ra.ids, tp.cu_seqlens.as<int32_t>(), B, int(E), int(K), balance_ws,
                         prob_mean + mi * B * E, bal_count + mi * B * E, st);
     im.Lap("moe permute/combine fwd");
     GPU_LAUNCHED("moe combine");

@@ -93,20 +93,70 @@ __global__ void MoeScatterBackwardKernel(const bf16* a, const int32_t* pos, floa
   }
 }
 
-// One warp per row.
-__global__ void BalanceStatsKernel(const float* scores, const uint16_t* ids, const int32_t* seq,
-                                   const int32_t* seq_len, int rows, int experts, int top_k, float* prob_mean,
-                                   int32_t* count) {
-  const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
-  for (int64_t t = blockIdx.x * int64_t(warps) + threadIdx.x / 32; t < rows; t += int64_t(gridDim.x) * warps) {
-    const float* s = scores + t * experts;
-    float z = 0.f;
-    for (int e = lane; e < experts; e += 32) z += s[e];
+// Block (q, split) of 8 warps: sequence q's split-th share of rows, a warp
+// a row in turn; lane l sums experts l, l + 32, ... in row order, the warps'
+// sums are added in warp order. Counts: shared-memory integer atomics
+// (exact, order-free).
+constexpr int kBalanceWarps = 8;
+constexpr int kBalanceMaxExperts = 256;
+__global__ void __launch_bounds__(kBalanceWarps * 32)
+    BalancePartialKernel(const float* scores, const uint16_t* ids, const int32_t* cu_seqlens, int experts, int top_k,
+                         float* part_prob, int32_t* part_count) {
+  __shared__ float warp_sum[kBalanceWarps][kBalanceMaxExperts];
+  __shared__ int hist[kBalanceMaxExperts];
+  const int q = blockIdx.x, split = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) hist[e] = 0;
+  __syncthreads();
+  const int r0 = cu_seqlens[q], r1 = cu_seqlens[q + 1], len = r1 - r0;
+  const int share = (len + gridDim.y - 1) / gridDim.y;
+  const int begin = r0 + share * split, end = min(r1, begin + share);
+  constexpr int kSlots = kBalanceMaxExperts / 32;
+  float acc[kSlots];
+#pragma unroll
+  for (int i = 0; i < kSlots; ++i) acc[i] = 0.f;
+  for (int t = begin + warp; t < end; t += kBalanceWarps) {
+    const float* s = scores + int64_t(t) * experts;
+    float v[kSlots], z = 0.f;
+#pragma unroll
+    for (int i = 0; i < kSlots; ++i) {
+      v[i] = i * 32 + lane < experts ? s[i * 32 + lane] : 0.f;
+      z += v[i];
+    }
     for (int d = 16; d > 0; d /= 2) z += __shfl_xor_sync(0xffffffffu, z, d);
-    const int q = seq[t];
-    const float w = 1.f / (z * float(seq_len[q]));
-    for (int e = lane; e < experts; e += 32) atomicAdd(prob_mean + int64_t(q) * experts + e, s[e] * w);
-    if (lane < top_k) atomicAdd(count + int64_t(q) * experts + ids[t * top_k + lane], 1);
+    const float w = 1.f / (z * float(len));
+#pragma unroll
+    for (int i = 0; i < kSlots; ++i) acc[i] += v[i] * w;
+    if (lane < top_k) {
+      const int e = ids[int64_t(t) * top_k + lane];
+      if (e < experts) atomicAdd(&hist[e], 1);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kSlots; ++i)
+    if (i * 32 + lane < experts) warp_sum[warp][i * 32 + lane] = acc[i];
+  __syncthreads();
+  const int64_t out = (int64_t(q) * gridDim.y + split) * experts;
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+    float sum = 0.f;
+    for (int w = 0; w < kBalanceWarps; ++w) sum += warp_sum[w][e];
+    part_prob[out + e] = sum;
+    part_count[out + e] = hist[e];
+  }
+}
+
+// The splits' shares in split order.
+__global__ void BalanceFinalKernel(const float* part_prob, const int32_t* part_count, int experts, float* prob_mean,
+                                   int32_t* count) {
+  const int q = blockIdx.x;
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+    float p = 0.f;
+    int32_t c = 0;
+    for (int k = 0; k < kBalanceSplits; ++k) {
+      p += part_prob[(int64_t(q) * kBalanceSplits + k) * experts + e];
+      c += part_count[(int64_t(q) * kBalanceSplits + k) * experts + e];
+    }
+    prob_mean[int64_t(q) * experts + e] = p;
+    count[int64_t(q) * experts + e] = c;
   }
 }
 
@@ -134,13 +184,18 @@ void MoeScatterBackward(const bf16* a, const int32_t* pos, float* dx, int rows, 
     MoeScatterBackwardKernel<<<Blocks(int64_t(rows) * (h / 8)), kThreads, 0, stream>>>(a, pos, dx, rows, top_k, h);
 }
 
-void BalanceStats(const float* scores, const uint16_t* ids, const int32_t* seq, const int32_t* seq_len, int rows,
-                  int seqs, int experts, int top_k, float* prob_mean, int32_t* count, cudaStream_t stream) {
-  cudaMemsetAsync(prob_mean, 0, sizeof(float) * seqs * experts, stream);
-  cudaMemsetAsync(count, 0, sizeof(int32_t) * seqs * experts, stream);
-  if (rows > 0)
-    BalanceStatsKernel<<<Blocks(rows, kThreads / 32), kThreads, 0, stream>>>(scores, ids, seq, seq_len, rows, experts,
-                                                                             top_k, prob_mean, count);
+size_t BalanceStatsWorkspaceBytes(int seqs, int experts) {
+  return size_t(seqs) * kBalanceSplits * experts * (sizeof(float) + sizeof(int32_t));
+}
+
+void BalanceStats(const float* scores, const uint16_t* ids, const int32_t* cu_seqlens, int seqs, int experts,
+                  int top_k, void* workspace, float* prob_mean, int32_t* count, cudaStream_t stream) {
+  if (seqs <= 0 || experts <= 0) return;
+  auto* part_prob = static_cast<float*>(workspace);
+  auto* part_count = reinterpret_cast<int32_t*>(part_prob + size_t(seqs) * kBalanceSplits * experts);
+  BalancePartialKernel<<<dim3(seqs, kBalanceSplits), kBalanceWarps * 32, 0, stream>>>(
+      scores, ids, cu_seqlens, experts, top_k, part_prob, part_count);
+  BalanceFinalKernel<<<seqs, 256, 0, stream>>>(part_prob, part_count, experts, prob_mean, count);
 }
 
 }  // namespace grove::model::gpu

@@ -38,10 +38,14 @@ void MoeScatterBackward(const bf16* a, const int32_t* pos, float* dx, int rows, 
 // Sequence-wise balance loss statistics for its value in the forward
 // (model/moe.h; kernels::RouterBackward has the gradient): per sequence q and
 // expert e, prob_mean[q,e] = mean over its rows of s_e / sum s, count[q,e]
-// = routed pairs. seq[r]: the row's sequence; seq_len[q] rows of q. Both
-// outputs are overwritten.
-void BalanceStats(const float* scores, const uint16_t* ids, const int32_t* seq, const int32_t* seq_len,
-                  int rows, int seqs, int experts, int top_k, float* prob_mean, int32_t* count,
-                  cudaStream_t stream);
+// = routed pairs; sequence q's rows are cu_seqlens[q] .. cu_seqlens[q+1]-1.
+// Both outputs are overwritten, the same bits every run: each of
+// kBalanceSplits blocks a sequence sums its share of rows in a fixed order
+// into `workspace` (BalanceStatsWorkspaceBytes), a second pass adds the
+// shares in order. experts <= 256.
+constexpr int kBalanceSplits = 16;
+size_t BalanceStatsWorkspaceBytes(int seqs, int experts);
+void BalanceStats(const float* scores, const uint16_t* ids, const int32_t* cu_seqlens, int seqs, int experts,
+                  int top_k, void* workspace, float* prob_mean, int32_t* count, cudaStream_t stream);
 
 }  // namespace grove::model::gpu

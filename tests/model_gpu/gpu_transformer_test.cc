@@ -268,6 +268,14 @@ TEST_P(GpuTransformerTest, ScoreMatchesCpu) {
   for (size_t i = 0; i < batch.size(); ++i) EXPECT_EQ(gpu_r->routes[i], cpu->routes[i]);
   EXPECT_EQ(gpu_r->expert_load, cpu->expert_load);
   EXPECT_NEAR(gpu_r->balance_loss, cpu->balance_loss, 1e-2 * std::abs(cpu->balance_loss) + 1e-9);
+  // The same batch again: the same bits (no float atomics anywhere in the
+  // forward, the balance statistics included).
+  auto again = f.gpu->Score(batch, false);
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_EQ(again->logprobs, gpu_r->logprobs);
+  EXPECT_EQ(again->routes, gpu_r->routes);
+  EXPECT_EQ(std::memcmp(&again->balance_loss, &gpu_r->balance_loss, sizeof(double)), 0)
+      << again->balance_loss << " vs " << gpu_r->balance_loss;
 }
 
 TEST_P(GpuTransformerTest, GradientsMatchCpuWithReplay) {
