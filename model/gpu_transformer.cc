@@ -359,10 +359,10 @@ struct GpuTransformer::Impl {
   // (GroupedWeightGradArgs::sum_sq; one region per MoE layer, two launches
   // each), so the optimizer's norm reads only the other gradients
   // (GradSumOfSquares). `squares_unread`: the layout runs those sums do not
-  // cover, set when a Backward leaves them describing the gradients (every
-  // MoE layer on the grouped kernel, after an overwrite or on top of valid
-  // sums); empty otherwise. Anything else that may change the gradients
-  // (ZeroGrad, its deferred memset, device_grads) clears it.
+  // cover, set when an overwriting Backward leaves them describing the
+  // gradients (every MoE layer on the grouped kernel); empty otherwise.
+  // Anything else that may change the gradients (an accumulating Backward,
+  // ZeroGrad, its deferred memset, device_grads) clears it.
   DevBuf dw_squares;
   int64_t dw_square_slots = 0;
   std::vector<kernels::SquaresRun> squares_unread;
@@ -1222,13 +1222,14 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
   // instead of adding to them (see Impl::overwrite_pending).
   const bool overwrite = im.overwrite_pending;
   const float bw = overwrite ? 0.f : 1.f;
-  // The experts' dW kernels sum the squares of what they write when that
-  // leaves sums that describe the gradients (Impl::dw_squares): after an
-  // overwrite, or added to sums that still do (then the persistent kernel
-  // load-adds instead of red.global.add, the price of seeing the values).
-  const bool squares_before = im.squares_valid;
+  // The experts' dW kernels sum the squares of what they write in the
+  // Backward that overwrites (Impl::dw_squares). Not in one that adds: the
+  // persistent kernel would then have to load-add instead of handing its
+  // adds to L2 (red.global.add), a price paid by every micro-batch after the
+  // first against one 2 ms pass saved; the norm reads everything then, as
+  // before.
   im.ForgetSquares();
-  const bool want_squares = overwrite || squares_before;
+  const bool want_squares = overwrite;
   bool all_squares = true;
   std::vector<std::pair<int64_t, int64_t>> squares_covered;  // [begin, end) of the layout
   int64_t square_slot = 0;

@@ -111,9 +111,10 @@ class GpuTransformer {
   Status ZeroGrad();
   // *result (device double, stream() order) = the sum of the squares of
   // every gradient element, for the optimizer's global norm. Where the
-  // experts' weight gradients were written by their grouped dW kernels and
-  // have not changed otherwise since (ZeroGrad, or device_grads: a writable
-  // pointer, in between), those kernels' own sums of what they wrote
+  // experts' weight gradients were last written by their grouped dW kernels
+  // in the Backward that overwrote them (one micro-batch since ZeroGrad, and
+  // no device_grads since: a writable pointer), those kernels' own sums of
+  // what they wrote
   // (kernels::GroupedWeightGradArgs::sum_sq) stand in for reading them:
   // ~90% of gpu-ref's gradients; the rest is read. Either way the exact sum
   // within ~4e-6 relative. workspace: kernels::SumOfSquaresWorkspaceBytes().
@@ -134,9 +135,9 @@ class GpuTransformer {
   // For an optimizer on the device (learner/): the fp32 master parameters,
   // their gradients (writable: taking the pointer forgets the dW kernels'
   // sums of squares, see GradSumOfSquares) and the bf16 mirror (layout
-  // order), and the stream all work is enqueued on (a cudaStream_t). After changing the fp32
-  // parameters on the device without writing the mirror too, call
-  // RefreshMirror.
+  // order), and the stream all work is enqueued on (a cudaStream_t). After
+  // changing the fp32 parameters on the device without writing the mirror
+  // too, call RefreshMirror.
   float* device_params();
   float* device_grads();
   void* device_params_bf16();

@@ -382,11 +382,12 @@ TEST_P(GpuTransformerTest, ZeroGradReadsAsZeroWithoutABackward) {
 }
 
 // GradSumOfSquares (the optimizer's norm) against a long-double sum of the
-// downloaded gradients: after an overwriting Backward and an accumulating
-// one (on sm_90, where the experts' dW runs on the grouped kernel, its own
-// sums of squares stand in for reading those gradients: fewer elements
-// read), after a write through device_grads (which must forget those sums:
-// everything read, the written value counted) and after ZeroGrad (zero).
+// downloaded gradients: after an overwriting Backward (on sm_90, where the
+// experts' dW runs on the grouped kernel, its own sums of squares stand in
+// for reading those gradients: fewer elements read), an accumulating one
+// (everything read), a write through device_grads after a new overwriting
+// one (which must forget the sums: everything read, the written value
+// counted) and after ZeroGrad (zero).
 // Tolerance: the dW kernels square and sum <= 64 values a thread in fp32
 // (<= 3.8e-6 relative, all terms positive), the rest in double; 1e-5. A
 // stale or missing block of expert gradients is off by its share (> 1e-3
@@ -450,14 +451,15 @@ TEST_P(GpuTransformerTest, GradSumOfSquaresMatchesTheGradients) {
   backward();
   check(after_backward, "overwriting backward");
   backward();
-  check(after_backward, "accumulating backward");
+  check(total, "accumulating backward");
+  ASSERT_TRUE(f.gpu->ZeroGrad().ok());
+  backward();
+  check(after_backward, "overwriting backward again");
   // A write through device_grads into an expert's gradient: counted.
   const int64_t at = f.gpu->layout().Offset("layers." + std::to_string(c.layers - 1) + ".moe.experts.0.w2");
   const float big = 1e3f;
   ASSERT_EQ(cudaMemcpy(f.gpu->device_grads() + at, &big, sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
   check(total, "after a write through device_grads");
-  backward();  // accumulates onto gradients whose squares are not known: all read
-  check(total, "accumulating after the write");
   ASSERT_TRUE(f.gpu->ZeroGrad().ok());
   const auto [read, zero] = sum_of_squares();
   EXPECT_EQ(read, total);
