@@ -358,19 +358,17 @@ struct GpuTransformer::Impl {
   // The experts' dW kernels' sums of the squares of what they write
   // (GroupedWeightGradArgs::sum_sq; one region per MoE layer, two launches
   // each), so the optimizer's norm reads only the other gradients
-  // (GradSumOfSquares). `squares_unread`: the layout runs those sums do not
-  // cover, set when an overwriting Backward leaves them describing the
-  // gradients (every MoE layer on the grouped kernel); empty otherwise.
-  // Anything else that may change the gradients (an accumulating Backward,
-  // ZeroGrad, its deferred memset, device_grads) clears it.
+  // (GradSumOfSquares): `squares_unread`, the layout's runs outside the
+  // experts' weights (fixed at Create). `squares_valid` while the sums
+  // describe the gradients: set by an overwriting Backward with every MoE
+  // layer on the grouped kernel; anything else that may change the
+  // gradients (an accumulating Backward, ZeroGrad, its deferred memset,
+  // device_grads) clears it.
   DevBuf dw_squares;
   int64_t dw_square_slots = 0;
   std::vector<kernels::SquaresRun> squares_unread;
   bool squares_valid = false;
-  void ForgetSquares() {
-    squares_valid = false;
-    squares_unread.clear();
-  }
+  void ForgetSquares() { squares_valid = false; }
 
   void Lap(const char* phase, double flops = 0) { prof->Lap(phase, flops); }
 
@@ -590,8 +588,19 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
     w13.n = int(2 * c.expert_hidden), w13.k = int(c.hidden);
     im.dw_square_slots = c.moe_layers() * (kernels::GroupedWeightGradSquareSlots(w2) +
                                            kernels::GroupedWeightGradSquareSlots(w13));
-    double* slots = nullptr;
-    GROVE_RETURN_IF_ERROR(im.dw_squares.Reserve(im.dw_square_slots, &slots));
+    GROVE_RETURN_IF_ERROR(im.dw_squares.Reserve(size_t(std::max<int64_t>(im.dw_square_slots, 1)) * sizeof(double)));
+    // What those kernels' sums leave to read: everything outside the
+    // experts' weight tensors (what the grouped dW writes).
+    std::vector<std::pair<int64_t, int64_t>> experts;  // [begin, end) of the layout
+    for (const TensorInfo& t : m->layout_.tensors())
+      if (t.name.find("moe.experts.") != std::string::npos) experts.emplace_back(t.offset, t.offset + t.numel);
+    std::sort(experts.begin(), experts.end());
+    int64_t at = 0;
+    for (const auto& [begin, end] : experts) {
+      if (begin > at) im.squares_unread.push_back({g + at, begin - at});
+      at = std::max(at, end);
+    }
+    if (at < N) im.squares_unread.push_back({g + at, N - at});
     for (const TensorInfo& t : m->layout_.tensors()) {
       if (BackwardWritesAll(t.name)) continue;
       if (!im.zeroed_now.empty() && im.zeroed_now.back().first + im.zeroed_now.back().second == t.offset)
@@ -1066,7 +1075,8 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   // Results to the host.
   std::vector<float> h_logp(S);
   const size_t route_count = size_t(M) * R * K;
-  GROVE_ASSIGN_OR_RETURN(char* route_pinned, im.route_host.Reserve(std::max<size_t>(route_count, 1) * sizeof(uint16_t)));
+  GROVE_ASSIGN_OR_RETURN(char* route_pinned,
+                         im.route_host.Reserve(std::max<size_t>(route_count, 1) * sizeof(uint16_t)));
   const uint16_t* h_routes = reinterpret_cast<const uint16_t*>(route_pinned);
   tp.h_counts.assign(size_t(M) * E, 0);
   GPU_OK(cudaMemcpyAsync(h_logp.data(), logp, S * sizeof(float), cudaMemcpyDeviceToHost, st));
@@ -1231,7 +1241,6 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
   im.ForgetSquares();
   const bool want_squares = overwrite;
   bool all_squares = true;
-  std::vector<std::pair<int64_t, int64_t>> squares_covered;  // [begin, end) of the layout
   int64_t square_slot = 0;
   // dres (+)= the RMSNorm input gradient of d (fp32 [R,H]); dres_b = bf16 of
   // the new dres, which is what the block below reads; the norm weight's
@@ -1350,7 +1359,8 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       // The combine's backward without the gate: each expert row gets its
       // token's dY as it is (the gate is applied in SwiGluBackwardGated, and
       // the gate's gradient comes from there too, so y is not read).
-      GROVE_RETURN_IF_ERROR(kernels::MoePermute(dres_b, lt.pos.as<int32_t>(), lt.src.as<int32_t>(), dey, int(Pn), int(K), int(H), st));
+      GROVE_RETURN_IF_ERROR(
+          kernels::MoePermute(dres_b, lt.pos.as<int32_t>(), lt.src.as<int32_t>(), dey, int(Pn), int(K), int(H), st));
       im.Lap("moe combine bwd");
       kernels::GroupedGemmArgs ga;
       ga.expert_offsets = offsets;
@@ -1452,7 +1462,8 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       // the next writer of dey/deab/xe, the next layer's backward).
       GPU_LAUNCHED("moe backward");
       if (!lt.xe_kept) {
-        GROVE_RETURN_IF_ERROR(kernels::MoePermute(h2, lt.pos.as<int32_t>(), lt.src.as<int32_t>(), xe, int(Pn), int(K), int(H), st));
+        GROVE_RETURN_IF_ERROR(
+            kernels::MoePermute(h2, lt.pos.as<int32_t>(), lt.src.as<int32_t>(), xe, int(Pn), int(K), int(H), st));
       }
       im.Lap("moe scatter + router dX bwd (+ re-permute if xe not kept)");
       // The grouped kernel needs each weight kind's gradients at one stride
@@ -1484,8 +1495,9 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
         wg.g_expert_stride = stride_w1;
         wg.accumulate = !overwrite;
         // Each launch's squares in the next slots of dw_squares (allocated
-        // at Create for every MoE layer's two launches), and the elements
-        // it writes noted as covered.
+        // at Create for every MoE layer's two launches; together the
+        // launches write every expert weight gradient, which Create left
+        // out of squares_unread).
         auto with_squares = [&](kernels::GroupedWeightGradArgs& a) {
           if (!want_squares) return;
           const int64_t slots = kernels::GroupedWeightGradSquareSlots(a);
@@ -1495,9 +1507,6 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
           }
           a.sum_sq = im.dw_squares.as<double>() + square_slot;
           square_slot += slots;
-          const int64_t g0 = a.g - G;
-          for (int64_t e = 0; e < E; ++e)
-            squares_covered.emplace_back(g0 + e * stride_w1, g0 + e * stride_w1 + int64_t(a.n) * a.k);
         };
         wg.dy = dey; wg.x = ehg; wg.n = int(H); wg.k = int(F); wg.g = Gf(e0 + "w2");
         with_squares(wg);
@@ -1589,17 +1598,7 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
   im.Lap("embedding bwd");
   GROVE_RETURN_IF_ERROR(join_dw());
   im.overwrite_pending = false;
-  if (want_squares && all_squares && square_slot == im.dw_square_slots) {
-    // What the slots do not cover: the complement of the written blocks.
-    std::sort(squares_covered.begin(), squares_covered.end());
-    int64_t at = 0;
-    for (const auto& [begin, end] : squares_covered) {
-      if (begin > at) im.squares_unread.push_back({G + at, begin - at});
-      at = std::max(at, end);
-    }
-    if (at < layout_.total()) im.squares_unread.push_back({G + at, layout_.total() - at});
-    im.squares_valid = true;
-  }
+  im.squares_valid = want_squares && all_squares && square_slot == im.dw_square_slots;
   return Synchronize();
 }
 
