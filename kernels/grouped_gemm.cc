@@ -58,6 +58,14 @@ Status CheckArgs(const GroupedGemmArgs& a) {
     if (misaligned(a.swiglu_out))
       return Status::InvalidArgument("grouped GEMM: swiglu_out must be 16-byte aligned");
   }
+  if ((a.logit_targets == nullptr) != (a.logit_target == nullptr))
+    return Status::InvalidArgument("grouped GEMM: logit_targets and logit_target go together");
+  if (a.logit_block_stats == nullptr && a.logit_targets != nullptr)
+    return Status::InvalidArgument("grouped GEMM: logit_targets without logit_block_stats");
+  if (a.logit_block_stats != nullptr &&
+      (a.out_type != GemmOutType::kBF16 || mn || a.swiglu_bwd_ab != nullptr || a.swiglu_out != nullptr))
+    return Status::InvalidArgument(
+        "grouped GEMM: the log-prob head epilogue needs bf16 output, K-major weights and no SwiGLU epilogue");
   return Status::OK();
 }
 
@@ -130,6 +138,12 @@ Status GroupedGemm(const GroupedGemmArgs& given, GroupedGemmImpl impl, cudaStrea
   if (staged_only && impl != GroupedGemmImpl::kAuto && impl != GroupedGemmImpl::kWgmmaStaged)
     return Status::InvalidArgument(std::string("grouped GEMM: ") + GroupedGemmImplName(impl) + " has no " +
                                    staged_only + " epilogue");
+  // The epilogue only the register-epilogue wgmma kernels have (sm_90).
+  const bool logit_stats = given.logit_block_stats != nullptr;
+  if (logit_stats && impl != GroupedGemmImpl::kAuto && impl != GroupedGemmImpl::kWgmmaPingpong &&
+      impl != GroupedGemmImpl::kWgmmaBn128 && impl != GroupedGemmImpl::kWgmmaBn256)
+    return Status::InvalidArgument(std::string("grouped GEMM: ") + GroupedGemmImplName(impl) +
+                                   " has no log-prob head epilogue");
   GroupedGemmArgs args = given;  // the launchers read w_expert_rows as set
   if (args.w_expert_rows == 0) args.w_expert_rows = mn ? args.k : args.n;
   if (args.total_rows == 0) return Status::OK();  // nothing routed anywhere
@@ -140,6 +154,9 @@ Status GroupedGemm(const GroupedGemmArgs& given, GroupedGemmImpl impl, cudaStrea
   if (staged_only && !hopper)
     return Status::FailedPrecondition(std::string("grouped GEMM: the ") + staged_only +
                                       " epilogue needs an sm_90 GPU (kWgmmaStaged)");
+  if (logit_stats && !hopper)
+    return Status::FailedPrecondition(
+        "grouped GEMM: the log-prob head epilogue needs an sm_90 GPU (wgmma)");
   if (impl == GroupedGemmImpl::kAuto) {
     // Measured on an H100 (docs/kernels.md): at k >= 1024 the ping-pong
     // kernel is the fastest (its epilogue hides behind the other
@@ -156,9 +173,10 @@ Status GroupedGemm(const GroupedGemmArgs& given, GroupedGemmImpl impl, cudaStrea
     // The SwiGLU forward epilogue: staged, the only one with it.
     const bool pingpong = !mn && !swiglu && !swiglu_fwd && args.k >= 1024 &&
                           (args.n < 1024 || args.out_type == GemmOutType::kF32);
-    impl = !hopper     ? GroupedGemmImpl::kMmaSync
-           : pingpong ? GroupedGemmImpl::kWgmmaPingpong
-                      : GroupedGemmImpl::kWgmmaStaged;
+    impl = !hopper       ? GroupedGemmImpl::kMmaSync
+           : logit_stats ? GroupedGemmImpl::kWgmmaBn256
+           : pingpong    ? GroupedGemmImpl::kWgmmaPingpong
+                         : GroupedGemmImpl::kWgmmaStaged;
   }
   switch (impl) {
     case GroupedGemmImpl::kWgmmaBn128:

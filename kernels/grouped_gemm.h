@@ -121,7 +121,34 @@ struct GroupedGemmArgs {
   // returns FailedPrecondition elsewhere); the others return
   // InvalidArgument. Rows past offsets[num_experts] are not written.
   __nv_bfloat16* swiglu_out = nullptr;
+  // Optional fused epilogue, the log-prob head (model/'s lm_head GEMM, one
+  // expert): when set, the fp32 product z never reaches memory. For each
+  // row r and 128-column block j (columns 128 j .. 128 j + 127, those < n)
+  // with m = max of z over the block's columns in row r:
+  //   C (bf16)                       gets u = z - m, rounded once;
+  //   logit_block_stats[r * LogitBlocks(n) + j] gets (m, sum of exp(z - m)
+  //                                   over the block) from the fp32 z;
+  //   logit_target[r]                 gets z[r, logit_targets[r]] in fp32,
+  //                                   where 0 <= logit_targets[r] < n (rows
+  //                                   with other targets: untouched).
+  // kernels/logprob_head.h turns these into log-probs and their gradient.
+  // Why u and not z in bf16: u <= 0, and an element whose probability p is
+  // worth anything has |u| <= -ln p (m <= the row's log-sum-exp), so
+  // exp(u + m - lse) carries a relative error of about -ln(p) * 2^-8 (bf16's
+  // unit roundoff) and the gradient's error p * ln(1/p) * 2^-8 <= 2^-8 / e
+  // of |dlogp|, where bf16 z would err by |z| * 2^-8 (logits of 20 -> 8%). logit_targets and logit_target
+  // go together (both or neither). Requires out_type kBF16, kKMajor
+  // weights, no SwiGLU epilogue; kWgmmaPingpong only (kAuto picks it on
+  // sm_90 and returns FailedPrecondition elsewhere). Rows past
+  // offsets[num_experts] are not written.
+  float2* logit_block_stats = nullptr;
+  const int32_t* logit_targets = nullptr;
+  float* logit_target = nullptr;
 };
+
+// Blocks of GroupedGemmArgs::logit_block_stats per row for n columns.
+inline constexpr int kLogitBlockColumns = 128;
+inline int LogitBlocks(int n) { return (n + kLogitBlockColumns - 1) / kLogitBlockColumns; }
 
 // Contract on expert_offsets (read on the device, so not checked here):
 // offsets[0] == 0, non-decreasing, offsets[num_experts] <= total_rows. A

@@ -52,19 +52,32 @@ struct TileCoord {
 
 // Maps tile number `tile` (< tile_prefix[num_experts]) to its coordinates.
 // `expert_hint` carries the last expert found between calls: tiles of a CTA
-// only increase, so the search moves forward only.
+// only increase, so the search moves forward only. rows_fastest: within an
+// expert the row blocks of one n-block are adjacent instead (column by
+// column), for a W[e] much larger than the expert's rows of A (the LM
+// head: 64 MB of W against 8 MB of A a chunk), so that the CTAs running at
+// once share W tiles and A stays in L2, instead of W streaming from memory
+// once per row block.
 __device__ __forceinline__ TileCoord LocateTile(int tile, const int* tile_prefix,
                                                 const int32_t* __restrict__ offsets,
                                                 int total_rows, int block_m, int block_n,
-                                                int n_tiles, int& expert_hint) {
+                                                int n_tiles, int& expert_hint,
+                                                bool rows_fastest = false) {
   int e = expert_hint;
   while (tile_prefix[e + 1] <= tile) ++e;
   expert_hint = e;
   const int local = tile - tile_prefix[e];
-  const int m_block = local / n_tiles;
-  const int n_block = local - m_block * n_tiles;
   const int begin = min(max(offsets[e], 0), total_rows);
   const int end = min(max(offsets[e + 1], begin), total_rows);
+  int m_block, n_block;
+  if (rows_fastest) {
+    const int m_blocks = (end - begin + block_m - 1) / block_m;
+    n_block = local / m_blocks;
+    m_block = local - n_block * m_blocks;
+  } else {
+    m_block = local / n_tiles;
+    n_block = local - m_block * n_tiles;
+  }
   TileCoord t;
   t.expert = e;
   t.row_begin = begin + m_block * block_m;

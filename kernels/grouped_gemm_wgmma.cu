@@ -11,6 +11,7 @@
 // never stored. W is K-major or MN-major (GemmWeightLayout; WgmmaConfig
 // says how each is loaded and described to wgmma).
 #include <cuda.h>
+#include <type_traits>
 #include <cuda_bf16.h>
 
 
@@ -19,6 +20,7 @@
 #include "kernels/grouped_gemm_store.cuh"
 #include "kernels/vector_io.cuh"
 #include "kernels/ptx/cluster.cuh"
+#include "kernels/ptx/math.cuh"
 #include "kernels/ptx/mbarrier.cuh"
 #include "kernels/ptx/tensor_map.h"
 #include "kernels/ptx/tma.cuh"
@@ -122,12 +124,100 @@ struct WgmmaConfig {
   }
 };
 
-template <typename Cfg, typename OutT>
+// The log-prob head epilogue's outputs (GroupedGemmArgs::logit_block_stats
+// and the rest).
+struct LogitStatsOut {
+  float2* block_stats = nullptr;
+  const int32_t* targets = nullptr;  // null: no target logits
+  float* target_logit = nullptr;
+};
+
+// The log-prob head epilogue on one warp's share of an m64nN accumulator
+// (N = 2 kRegs: rows row0 + lane/4 (+8), columns col0 .. col0 + N - 1,
+// N / 128 logit blocks, since tiles start at multiples of 128): per row and
+// block the max m and the sum of exp(z - m) over its columns < n, reduced
+// over the 4 lanes of a quad that hold the row; the target's fp32 z from
+// the lane that holds it; then the accumulator becomes u = z - m (columns
+// >= n: -inf, never stored) for the caller's bf16 store. The quad shuffles
+// run on every lane (rows past rows_valid included) and only the writes
+// are masked.
+template <int kRegs>
+__device__ __forceinline__ void LogitStatsEpilogue(float (&acc)[kRegs], int n, int64_t row0,
+                                                   int rows_valid, int col0,
+                                                   const LogitStatsOut& out) {
+  static_assert(kRegs % 64 == 0, "whole 128-column logit blocks");
+  constexpr int kGroups = kRegs / 4;  // 8-column groups
+  constexpr float kLog2e = 1.4426950408889634f;
+  const int lane = threadIdx.x % 32;
+  const int q = lane % 4;
+  const int blocks = (n + kLogitBlockColumns - 1) / kLogitBlockColumns;  // LogitBlocks(n), host-only
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = lane / 4 + 8 * h;
+    const bool row_ok = r < rows_valid;
+    const int64_t row = row0 + r;
+    if (out.targets != nullptr && row_ok) {
+      // Lane q holds columns 8 g + 2 q + e (e = 0, 1) of the tile: only the
+      // lane that holds the target walks its registers, storing from the one
+      // that matches (a select chain over them made nvcc index the
+      // registers, moving the accumulators to local memory).
+      const int t = __ldg(out.targets + row);
+      const int rel = t < n ? t - col0 - 2 * q : -1;
+      if (rel >= 0 && rel < 8 * kGroups && rel % 8 < 2) {
+#pragma unroll
+        for (int g = 0; g < kGroups; ++g) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            if (rel == 8 * g + e) out.target_logit[row] = acc[4 * g + 2 * h + e];
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int jb = 0; jb < kGroups / 16; ++jb) {
+      const int block_col0 = col0 + jb * kLogitBlockColumns;
+      // Two max and four sum chains: the consumer warps are few (2 per
+      // scheduler), so the epilogue needs instruction-level parallelism.
+      float m2[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int g = 16 * jb; g < 16 * jb + 16; ++g) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& z = acc[4 * g + 2 * h + e];
+          if (col0 + 8 * g + 2 * q + e >= n) z = -INFINITY;
+          m2[e] = fmaxf(m2[e], z);
+        }
+      }
+      float m = fmaxf(m2[0], m2[1]);
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+      float s4[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int g = 16 * jb; g < 16 * jb + 16; ++g) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& z = acc[4 * g + 2 * h + e];
+          z -= m;
+          s4[(2 * g + e) % 4] += ptx::ex2_approx_ftz_f32(z * kLog2e);
+        }
+      }
+      float sum = (s4[0] + s4[1]) + (s4[2] + s4[3]);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      // A block wholly past n (a 256-wide tile's second half) writes nothing.
+      if (q == 0 && row_ok && block_col0 < n)
+        out.block_stats[row * blocks + block_col0 / kLogitBlockColumns] = make_float2(m, sum);
+    }
+  }
+}
+
+template <typename Cfg, typename OutT, bool kLogitStats = false>
 __global__ void __launch_bounds__(kThreads, 1)
     GroupedGemmWgmmaKernel(const __grid_constant__ CUtensorMap tmap_a,
                            const __grid_constant__ CUtensorMap tmap_w,
                            const int32_t* __restrict__ offsets, int num_experts, int total_rows,
-                           int n, int k, int w_expert_rows, OutT* __restrict__ c) {
+                           int n, int k, int w_expert_rows, OutT* __restrict__ c,
+                           LogitStatsOut logit_out = {}, bool rows_fastest = false) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int BN = Cfg::kBlockN;
   constexpr int kBlockK = Cfg::kBlockK;
@@ -166,7 +256,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       int expert_hint = 0;
       for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
         const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
-                                       n_tiles, expert_hint);
+                                       n_tiles, expert_hint, rows_fastest);
         for (int kb = 0; kb < k_blocks; ++kb) {
           ptx::mbarrier_wait_parity(&empty_bar[stage], phase ^ 1);
           uint8_t* a_dst = smem + stage * Cfg::kStageBytes;
@@ -194,7 +284,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float acc[BN / 2];
     for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
       const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
-                                     n_tiles, expert_hint);
+                                     n_tiles, expert_hint, rows_fastest);
       int prev_stage = -1;
       for (int kb = 0; kb < k_blocks; ++kb) {
         ptx::mbarrier_wait_parity(&full_bar[stage], phase);
@@ -226,6 +316,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       // Epilogue: this warp's 16 rows of the consumer's 64 x BN block.
       const int row_off = consumer * 64 + warp_in_group * 16;
+      if constexpr (kLogitStats) {
+        LogitStatsEpilogue(acc, n, static_cast<int64_t>(t.row_begin) + row_off, t.rows - row_off,
+                           t.col_begin, logit_out);
+      }
       StoreWgmmaAccumulator(acc, c, n, static_cast<int64_t>(t.row_begin) + row_off,
                             t.rows - row_off, t.col_begin);
     }
@@ -673,13 +767,14 @@ __global__ void __launch_bounds__(StagedThreads<kSwiGluBwd>(), 1)
 // waits up to there. So the main loops take turns: "turn" mbarrier w
 // completes when warpgroup 1-w has waited on every stage of its tile, and
 // warpgroup w waits for it before its next main loop.
-template <typename Cfg, typename OutT>
+template <typename Cfg, typename OutT, bool kLogitStats = false>
 __global__ void __launch_bounds__(kThreads, 1)
     GroupedGemmWgmmaPingpongKernel(const __grid_constant__ CUtensorMap tmap_a,
                                    const __grid_constant__ CUtensorMap tmap_w,
                                    const int32_t* __restrict__ offsets, int num_experts,
                                    int total_rows, int n, int k, int w_expert_rows,
-                                   OutT* __restrict__ c) {
+                                   OutT* __restrict__ c, LogitStatsOut logit_out = {},
+                                   bool rows_fastest = false) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int BN = Cfg::kBlockN;
   constexpr int kBlockK = Cfg::kBlockK;
@@ -721,7 +816,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       int expert_hint = 0;
       for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
         const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
-                                       n_tiles, expert_hint);
+                                       n_tiles, expert_hint, rows_fastest);
         for (int kb = 0; kb < k_blocks; ++kb) {
           ptx::mbarrier_wait_parity(&empty_bar[stage], phase ^ 1);
           uint8_t* a_dst = smem + stage * Cfg::kStageBytes;
@@ -749,7 +844,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x, ++iter) {
       if ((iter & 1) != consumer) continue;
       const TileCoord t = LocateTile(tile, tile_prefix, offsets, total_rows, kBlockM, BN,
-                                     n_tiles, expert_hint);
+                                     n_tiles, expert_hint, rows_fastest);
       // This warpgroup's j-th tile (j = iter / 2) waits for completion j of
       // its turn barrier (warpgroup 0's first tile waits for nothing).
       const int j = iter / 2;
@@ -791,6 +886,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int row_off = half * 64 + warp_in_group * 16;
+        if constexpr (kLogitStats) {
+          static_assert(BN == kLogitBlockColumns, "a tile's columns are one logit block");
+          LogitStatsEpilogue(acc[half], n, static_cast<int64_t>(t.row_begin) + row_off,
+                             t.rows - row_off, t.col_begin, logit_out);
+        }
         StoreWgmmaAccumulator(acc[half], c, n, static_cast<int64_t>(t.row_begin) + row_off,
                               t.rows - row_off, t.col_begin);
       }
@@ -958,8 +1058,9 @@ Status MakeWeightMap(const GroupedGemmArgs& args, uint32_t box_n, CUtensorMap* m
   }
 }
 
-template <typename Cfg, typename OutT, bool kPingpong>
+template <typename Cfg, typename OutT, bool kPingpong, bool kLogitStats = false>
 Status LaunchWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev, cudaStream_t stream) {
+  static_assert(!kLogitStats || std::is_same_v<OutT, __nv_bfloat16>);
   constexpr int BN = Cfg::kBlockN;
   CUtensorMap tmap_a, tmap_w;
   GROVE_RETURN_IF_ERROR(ptx::MakeTensorMap2dBf16Swizzled(
@@ -968,9 +1069,9 @@ Status LaunchWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev, cudaStrea
   GROVE_RETURN_IF_ERROR(MakeWeightMap<Cfg>(args, BN, &tmap_w));
   auto kernel = [] {
     if constexpr (kPingpong) {
-      return GroupedGemmWgmmaPingpongKernel<Cfg, OutT>;
+      return GroupedGemmWgmmaPingpongKernel<Cfg, OutT, kLogitStats>;
     } else {
-      return GroupedGemmWgmmaKernel<Cfg, OutT>;
+      return GroupedGemmWgmmaKernel<Cfg, OutT, kLogitStats>;
     }
   }();
   GROVE_RETURN_IF_ERROR(CudaStatus(
@@ -983,9 +1084,13 @@ Status LaunchWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev, cudaStrea
       (static_cast<int64_t>(args.total_rows) / kBlockM + args.num_experts) * n_tiles;
   const int grid =
       static_cast<int>(std::min<int64_t>(dev.sm_count, std::max<int64_t>(max_tiles, 1)));
+  // Column by column when W[e] outweighs the expert's rows of A
+  // (LocateTile): n above the average rows an expert has.
+  const bool rows_fastest = int64_t{args.n} * args.num_experts > args.total_rows;
   kernel<<<grid, kThreads, Cfg::kSmemBytes, stream>>>(
       tmap_a, tmap_w, args.expert_offsets, args.num_experts, args.total_rows, args.n, args.k,
-      args.w_expert_rows, static_cast<OutT*>(args.c));
+      args.w_expert_rows, static_cast<OutT*>(args.c),
+      LogitStatsOut{args.logit_block_stats, args.logit_targets, args.logit_target}, rows_fastest);
   return CudaStatus(cudaGetLastError(), "wgmma grouped GEMM launch");
 }
 
@@ -1089,6 +1194,20 @@ Status LaunchGroupedGemmWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev
   auto cooperative = [&](auto cfg) {
     return LaunchWgmmaOut<decltype(cfg), false>(args, dev, stream);
   };
+  // The log-prob head epilogue: bf16 out, K-major W (checked by GroupedGemm).
+  if (args.logit_block_stats != nullptr) {
+    if (mn) return Status::Internal("wgmma grouped GEMM: log-prob head epilogue with MN-major W");
+    switch (variant) {
+      case WgmmaVariant::kCooperativeBn128:
+        return LaunchWgmma<WgmmaConfig<128, 64, 6>, __nv_bfloat16, false, true>(args, dev, stream);
+      case WgmmaVariant::kCooperativeBn256:
+        return LaunchWgmma<WgmmaConfig<256, 64, 4>, __nv_bfloat16, false, true>(args, dev, stream);
+      case WgmmaVariant::kPingpongBn128:
+        return LaunchWgmma<WgmmaConfig<128, 64, 6>, __nv_bfloat16, true, true>(args, dev, stream);
+      default:
+        return Status::Internal("wgmma grouped GEMM: no log-prob head epilogue in this variant");
+    }
+  }
   switch (variant) {
     case WgmmaVariant::kCooperativeBn128:
       return WithWeightLayout<128, 64, 6>(args, cooperative);

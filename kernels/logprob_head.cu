@@ -1,5 +1,6 @@
 #include "kernels/logprob_head.h"
 
+#include <algorithm>
 #include <string>
 
 #include "kernels/vector_io.cuh"
@@ -98,6 +99,63 @@ __global__ void BackwardKernel(const T* logits, const int32_t* targets, const fl
   }
 }
 
+// One warp per row over its blocks' (m, s): the max first, then the sum
+// rescaled to it (both in the order of the lanes' strided walk and the
+// fixed butterfly, so the same bits every run).
+__global__ void FromBlockStatsKernel(const float2* __restrict__ stats, const float* __restrict__ target_logit,
+                                     const int32_t* __restrict__ targets, float* __restrict__ logp,
+                                     float* __restrict__ lse, int rows, int vocab, int blocks) {
+  const int lane = threadIdx.x % 32;
+  const int warps = blockDim.x / 32;
+  for (int64_t r = int64_t{blockIdx.x} * warps + threadIdx.x / 32; r < rows; r += int64_t{gridDim.x} * warps) {
+    const float2* row = stats + r * blocks;
+    float m = -INFINITY;
+    for (int j = lane; j < blocks; j += 32) m = fmaxf(m, row[j].x);
+    for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float s = 0.f;
+    if (m != -INFINITY) {
+      for (int j = lane; j < blocks; j += 32) {
+        const float2 b = row[j];
+        s += b.y * exp2f((b.x - m) * kLog2e);
+      }
+    }
+    for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) {
+      const float l = m + logf(s);
+      const int target = targets[r];
+      lse[r] = l;
+      logp[r] = (target >= 0 && target < vocab) ? target_logit[r] - l : 0.f;
+    }
+  }
+}
+
+// No __restrict__ on shifted / dlogits: they may be one buffer.
+__global__ void BackwardFromShiftedKernel(const __nv_bfloat16* shifted, const float2* __restrict__ stats,
+                                          const int32_t* __restrict__ targets, const float* __restrict__ lse,
+                                          const float* __restrict__ dlogp, __nv_bfloat16* dlogits, int rows,
+                                          int vocab, int blocks) {
+  for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+    const int64_t at = static_cast<int64_t>(r) * vocab;
+    const int target = targets[r];
+    const bool valid = target >= 0 && target < vocab;
+    const float g = valid ? dlogp[r] : 0.f;
+    const float l = lse[r];
+    for (int c = threadIdx.x * 8; c < vocab; c += kThreads * 8) {
+      // u + (m_j - lse): m_j - lse <= 0 is exact enough in fp32 and u is
+      // small wherever p matters (logprob_head.h, grouped_gemm.h).
+      const float shift = stats[static_cast<int64_t>(r) * blocks + c / kLogitBlockColumns].x - l;
+      float v[8];
+      LoadBf16x8(shifted + at + c, v);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float p = exp2f((v[i] + shift) * kLog2e);
+        v[i] = g * ((c + i == target ? 1.f : 0.f) - p);
+      }
+      StoreBf16x8(dlogits + at + c, v);
+    }
+  }
+}
+
 Status Check(const char* what, const void* logits, const void* a, const void* b, const void* c, int rows,
              int vocab) {
   if (rows < 0 || vocab < 8 || vocab % 8 != 0 || vocab > kLogProbMaxVocab)
@@ -139,6 +197,31 @@ Status Backward(const T* logits, const int32_t* targets, const float* lse, const
 }
 
 }  // namespace
+
+Status TokenLogProbFromBlockStats(const float2* block_stats, const float* target_logit, const int32_t* targets,
+                                  float* logp, float* lse, int rows, int vocab, cudaStream_t stream) {
+  GROVE_RETURN_IF_ERROR(Check("TokenLogProbFromBlockStats", block_stats, targets, logp, lse, rows, vocab));
+  if (rows == 0) return Status::OK();
+  if (!target_logit) return Status::InvalidArgument("TokenLogProbFromBlockStats: null target_logit");
+  constexpr int kWarps = 8;
+  const int grid = static_cast<int>(std::min<int64_t>((int64_t{rows} + kWarps - 1) / kWarps, 65536));
+  FromBlockStatsKernel<<<grid, 32 * kWarps, 0, stream>>>(block_stats, target_logit, targets, logp, lse, rows,
+                                                          vocab, LogitBlocks(vocab));
+  return Launched("TokenLogProbFromBlockStats");
+}
+
+Status TokenLogProbBackwardFromShifted(const __nv_bfloat16* shifted, const float2* block_stats,
+                                       const int32_t* targets, const float* lse, const float* dlogp,
+                                       __nv_bfloat16* dlogits, int rows, int vocab, cudaStream_t stream) {
+  GROVE_RETURN_IF_ERROR(Check("TokenLogProbBackwardFromShifted", shifted, targets, lse, dlogp, rows, vocab));
+  if (rows == 0) return Status::OK();
+  if (!block_stats || !dlogits || reinterpret_cast<uintptr_t>(dlogits) % 16 != 0)
+    return Status::InvalidArgument(
+        "TokenLogProbBackwardFromShifted: block_stats and dlogits must be non-null, dlogits 16-byte aligned");
+  BackwardFromShiftedKernel<<<Blocks(rows), kThreads, 0, stream>>>(shifted, block_stats, targets, lse, dlogp,
+                                                                    dlogits, rows, vocab, LogitBlocks(vocab));
+  return Launched("TokenLogProbBackwardFromShifted");
+}
 
 Status TokenLogProbForward(const float* logits, const int32_t* targets, float* logp, float* lse, int rows, int vocab,
                            cudaStream_t stream) {

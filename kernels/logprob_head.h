@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "base/status.h"
+#include "kernels/grouped_gemm.h"
 
 namespace grove::kernels {
 
@@ -34,5 +35,26 @@ Status TokenLogProbBackward(const float* logits, const int32_t* targets, const f
                             __nv_bfloat16* dlogits, int rows, int vocab, cudaStream_t stream);
 Status TokenLogProbBackward(const __nv_bfloat16* logits, const int32_t* targets, const float* lse,
                             const float* dlogp, __nv_bfloat16* dlogits, int rows, int vocab, cudaStream_t stream);
+
+// The same head from the fused lm_head GEMM's epilogue
+// (GroupedGemmArgs::logit_block_stats, kernels/grouped_gemm.h), where no
+// fp32 logits exist: per row, `block_stats` [rows, blocks] holds each
+// 128-column block's (max m_j, sum of exp(z - m_j)) and `target_logit` the
+// target's fp32 logit; `shifted` [rows, vocab] bf16 holds u = z - m_j.
+// lse_r = M + log sum_j s_j exp(m_j - M) with M = max_j m_j (one warp a
+// row), logp_r = target_logit_r - lse_r; rows with a target outside
+// [0, vocab) get logp 0 and never read target_logit. blocks =
+// LogitBlocks(vocab).
+Status TokenLogProbFromBlockStats(const float2* block_stats, const float* target_logit,
+                                  const int32_t* targets, float* logp, float* lse, int rows, int vocab,
+                                  cudaStream_t stream);
+
+// dlogits_rv = dlogp_r * (onehot(y_r)_v - exp(u_rv + m_rj - lse_r)), j the
+// block of v: the backward above from u. dlogits may be `shifted` itself
+// (each element is read before it is written, by the same thread), which
+// is how the learner turns its kept u into dz without another buffer.
+Status TokenLogProbBackwardFromShifted(const __nv_bfloat16* shifted, const float2* block_stats,
+                                       const int32_t* targets, const float* lse, const float* dlogp,
+                                       __nv_bfloat16* dlogits, int rows, int vocab, cudaStream_t stream);
 
 }  // namespace grove::kernels

@@ -33,6 +33,9 @@
 //                                  SwiGLU backward after it or fused into its
 //                                  epilogue)
 //        kernel_bench --dx-swiglu (only that last table)
+//        kernel_bench --lm-head   (the LM head's chunk: cuBLAS fp32 logits and the
+//                                  log-prob kernels against the GEMM with the
+//                                  block-statistics epilogue)
 //        kernel_bench --grouped-step (the step's four grouped expert GEMMs at
 //                                  gpu-ref's 32768-token shape, kAuto against
 //                                  cuBLAS dense of the same work)
@@ -49,6 +52,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <random>
 #include <string>
 #include <vector>
@@ -1017,6 +1021,113 @@ void DxBench(std::mt19937_64& rng, int reps) {
 
 // The w2 dX GEMM with the SwiGLU backward after it, at the same step shape
 // (the w2 weights 3 F H elements apart as in the parameter layout): the
+// The learner's LM head on one chunk of scored rows (4096 x vocab 32768,
+// hidden 1024: gpu-ref's chunk), forward and the gradient up to dz:
+// cuBLAS fp32 logits + TokenLogProbForward / TokenLogProbBackward (the
+// unfused path, logits kept in fp32) against the ping-pong GEMM with the
+// block-statistics epilogue + TokenLogProbFromBlockStats /
+// TokenLogProbBackwardFromShifted (in place over the kept bf16 u). Also the
+// plain GEMMs alone (the epilogue's cost). "max |dlogp|": the fused log-probs
+// against the unfused ones.
+void LmHeadBench(cublasHandle_t h, std::mt19937_64& rng, int reps) {
+  namespace gk = grove::kernels;
+  const int rows = 4096, V = 32768, H = 1024;
+  __nv_bfloat16* a = RandomDeviceBf16(size_t(rows) * H, rng);
+  __nv_bfloat16* w = RandomDeviceBf16(size_t(V) * H, rng);
+  std::vector<int32_t> targets(rows);
+  std::uniform_int_distribution<int> pick(0, V - 1);
+  for (int32_t& t : targets) t = pick(rng);
+  const int blocks = gk::LogitBlocks(V);
+  int32_t *d_targets, *d_off;
+  float *logits32, *logp, *lse, *logp_fused, *lse_fused, *dlogp, *target_logit;
+  float2* stats;
+  __nv_bfloat16 *u, *dz, *plain16;
+  const int32_t off[2] = {0, rows};
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_targets, rows * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_targets, targets.data(), rows * 4, cudaMemcpyHostToDevice));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&d_off, 8));
+  GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_off, off, 8, cudaMemcpyHostToDevice));
+  for (float** p : {&logp, &lse, &logp_fused, &lse_fused, &dlogp, &target_logit})
+    GROVE_BENCH_CUDA_CHECK(cudaMalloc(p, rows * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMemset(dlogp, 0, rows * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&logits32, size_t(rows) * V * 4));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&stats, size_t(rows) * blocks * 8));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&u, size_t(rows) * V * 2));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&dz, size_t(rows) * V * 2));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&plain16, size_t(rows) * V * 2));
+  auto check = [](const grove::Status& st) {
+    if (!st.ok()) {
+      std::fprintf(stderr, "%s\n", st.ToString().c_str());
+      std::exit(1);
+    }
+  };
+  GroupedGemmArgs args;
+  args.a = a;
+  args.w = w;
+  args.expert_offsets = d_off;
+  args.total_rows = rows;
+  args.num_experts = 1;
+  args.n = V;
+  args.k = H;
+  args.out_type = GemmOutType::kBF16;
+  GroupedGemmArgs fused = args;
+  fused.c = u;
+  fused.logit_block_stats = stats;
+  fused.logit_targets = d_targets;
+  fused.logit_target = target_logit;
+  args.c = plain16;
+  const double flops = 2.0 * rows * V * H;
+  std::printf("%-58s %9s %8s\n", "LM head chunk [4096 x 1024] x [1024 x 32768]", "ms", "TFLOP/s");
+  auto row = [&](const char* what, double ms, bool gemm) {
+    if (gemm) {
+      std::printf("%-58s %9.4f %8.1f\n", what, ms, flops / ms / 1e9);
+    } else {
+      std::printf("%-58s %9.4f %8s\n", what, ms, "");
+    }
+  };
+  row("cuBLAS GEMM, fp32 logits", MedianMs([&] { CublasLinear(h, a, w, logits32, rows, V, H, GemmOutType::kF32); },
+                                           reps), true);
+  row("cuBLAS GEMM, bf16 logits", MedianMs([&] { CublasLinear(h, a, w, plain16, rows, V, H, GemmOutType::kBF16); },
+                                           reps), true);
+  row("grove ping-pong GEMM, bf16 out, no epilogue",
+      MedianMs([&] { check(gk::GroupedGemm(args, gk::GroupedGemmImpl::kWgmmaPingpong, nullptr)); }, reps), true);
+  row("grove cooperative 128x256 GEMM, bf16 out, no epilogue",
+      MedianMs([&] { check(gk::GroupedGemm(args, gk::GroupedGemmImpl::kWgmmaBn256, nullptr)); }, reps), true);
+  for (gk::GroupedGemmImpl impl : {gk::GroupedGemmImpl::kWgmmaPingpong, gk::GroupedGemmImpl::kWgmmaBn128,
+                                   gk::GroupedGemmImpl::kWgmmaBn256, gk::GroupedGemmImpl::kAuto}) {
+    const std::string what = std::string("grove ") + gk::GroupedGemmImplName(impl) + ", block-statistics epilogue";
+    row(what.c_str(), MedianMs([&] { check(gk::GroupedGemm(fused, impl, nullptr)); }, reps), true);
+  }
+  const double unfused_fwd = MedianMs([&] {
+    CublasLinear(h, a, w, logits32, rows, V, H, GemmOutType::kF32);
+    check(gk::TokenLogProbForward(logits32, d_targets, logp, lse, rows, V, nullptr));
+  }, reps);
+  const double fused_fwd = MedianMs([&] {
+    check(gk::GroupedGemm(fused, gk::GroupedGemmImpl::kAuto, nullptr));
+    check(gk::TokenLogProbFromBlockStats(stats, target_logit, d_targets, logp_fused, lse_fused, rows, V, nullptr));
+  }, reps);
+  row("forward, unfused (cuBLAS fp32 + TokenLogProbForward)", unfused_fwd, true);
+  row("forward, fused (epilogue + TokenLogProbFromBlockStats)", fused_fwd, true);
+  row("backward to dz, unfused (TokenLogProbBackward, fp32 kept)",
+      MedianMs([&] { check(gk::TokenLogProbBackward(logits32, d_targets, lse, dlogp, dz, rows, V, nullptr)); }, reps),
+      false);
+  // In place over a copy of u each time would time the copy too; dz apart
+  // reads and writes the same bytes.
+  row("backward to dz, fused (TokenLogProbBackwardFromShifted)",
+      MedianMs([&] {
+        check(gk::TokenLogProbBackwardFromShifted(u, stats, d_targets, lse_fused, dlogp, dz, rows, V, nullptr));
+      }, reps), false);
+  std::vector<float> l0(rows), l1(rows);
+  GROVE_BENCH_CUDA_CHECK(cudaMemcpy(l0.data(), logp, rows * 4, cudaMemcpyDeviceToHost));
+  GROVE_BENCH_CUDA_CHECK(cudaMemcpy(l1.data(), logp_fused, rows * 4, cudaMemcpyDeviceToHost));
+  double worst = 0;
+  for (int r = 0; r < rows; ++r) worst = std::max(worst, double(std::fabs(l0[r] - l1[r])));
+  std::printf("max |logp fused - logp unfused| over the chunk: %.3g\n", worst);
+  for (void* p : std::initializer_list<void*>{a, w, d_targets, d_off, logits32, logp, lse, logp_fused, lse_fused,
+                                              dlogp, target_logit, stats, u, dz, plain16})
+    cudaFree(p);
+}
+
 // GEMM to bf16 dh, then SwiGluBackwardPacked (dh and the forward's [a | b]
 // into [da | db]: the model's path without the fused epilogue), against
 // the SwiGLU epilogue (GroupedGemmArgs::swiglu_bwd_ab). TFLOP/s: the
@@ -1370,6 +1481,14 @@ int main(int argc, char** argv) {
     std::mt19937_64 rng(7);
     DxBench(rng, 20);
     SwiGluEpilogueBench(rng, 20);
+    return 0;
+  }
+  if (argc > 1 && std::strcmp(argv[1], "--lm-head") == 0) {
+    std::mt19937_64 rng(7);
+    cublasHandle_t h;
+    CUBLAS_CHECK(cublasCreate(&h));
+    LmHeadBench(h, rng, 20);
+    cublasDestroy(h);
     return 0;
   }
   if (argc > 1 && std::strcmp(argv[1], "--dx-swiglu") == 0) {
