@@ -187,12 +187,19 @@ struct Tape {
   std::vector<size_t> sizes;      // log-probs per request
   std::vector<int32_t> h_counts;  // [moe layers, experts] of the last forward
   DevBuf tokens, pos, cu_seqlens, sc_row, sc_target, replay;
+  DevBuf lm_offsets;              // [chunks][2] int32: {0, the chunk's rows}, the fused head's one expert
   std::vector<DevBuf> resid;      // residual stream entering each layer (+ the final one)
   std::vector<LayerTape> layers;
   DevBuf ids, counts, offsets, prob_mean, bal_count;  // [moe layers, ...]
   DevBuf rstd_final, h_final, hs, lse, logp;
-  DevBuf logits;             // [scored, vocab] fp32, when kept (Impl::keep_logits); else recomputed per chunk
+  // [scored, vocab], when kept (Impl::keep_logits); else recomputed per
+  // chunk. fp32 logits, or with the fused head (fused_head) bf16 u = z - m
+  // of each 128-column block (GroupedGemmArgs::logit_block_stats), whose
+  // (m, sum) pairs logit_stats holds [scored, LogitBlocks(vocab)] and the
+  // targets' fp32 logits target_logit.
+  DevBuf logits, logit_stats, target_logit;
   bool logits_kept = false;
+  bool fused_head = false;
   bool valid = false;
 };
 
@@ -327,6 +334,12 @@ struct GpuTransformer::Impl {
   // shape rules hold (experts a multiple of 8, <= 256; top_k <= 16).
   // GROVE_FUSED_MOE_INPUT_GRAD=0 turns it off.
   bool fused_input_grad = true;
+  // The LM head with the log-softmax statistics in the lm_head GEMM's
+  // epilogue (GroupedGemmArgs::logit_block_stats, sm_90 only): no fp32
+  // logits written and read back, the kept ones half the size (bf16 u),
+  // the gradient written over them in place. GROVE_FUSED_LM_HEAD=0 turns it
+  // off (cuBLAS fp32 logits and kernels::TokenLogProbForward/Backward).
+  bool fused_lm_head = true;
   bool hopper = false;
   // Whether an MoE layer's expert-ordered inputs xe (h2 permuted, [Pn, H]
   // bf16) are kept from the forward for the backward's w1|w3 weight
@@ -339,12 +352,18 @@ struct GpuTransformer::Impl {
   // the same bits either way. GROVE_KEEP_EXPERT_INPUTS = auto | 1 | 0.
   enum class KeepMode { kAuto, kAlways, kNever };
   KeepMode keep_xe = KeepMode::kAuto;
-  // Whether the LM head's fp32 logits of the scored rows ([S, V]) are kept
-  // from the forward, so that the backward skips their recompute (one
-  // lm_head GEMM of 2 S V H FLOPs and its fp32 write, ~3 ms of the gpu-ref
-  // step) for S V 4 bytes (3.8 GB at gpu-ref's 28k scored rows and 32k
-  // vocabulary). kAuto as for xe. Both sides run the same chunked GEMMs, so
-  // the results are the same bits either way. GROVE_KEEP_LOGITS = auto | 1 | 0.
+  // Whether the LM head's logits of the scored rows ([S, V]) are kept from
+  // the forward, so that the backward skips their recompute (one lm_head
+  // GEMM of 2 S V H FLOPs, ~3 ms of the gpu-ref step) for S V 4 bytes of
+  // fp32 logits (3.8 GB at gpu-ref's 28k scored rows and 32k vocabulary),
+  // or S V 2 of bf16 u with the fused head (fused_lm_head). kAuto as for
+  // xe. Both sides run the same chunked forward GEMMs, so the log-probs are
+  // the same bits either way, and so are the gradients up to one chunk of
+  // scored rows (LmHeadChunk: 4096 at gpu-ref's vocabulary); beyond it the
+  // fused head with kept u runs the lm_head dX and dW GEMMs over all rows
+  // at once (no per-chunk read-modify-write of the fp32 dW: 6.3 -> 6.0 ms
+  // at gpu-ref), which sums the same products in another order.
+  // GROVE_KEEP_LOGITS = auto | 1 | 0.
   KeepMode keep_logits = KeepMode::kAuto;
   // ZeroGrad zeroes at once only the gradients no backward writes whole
   // (`zeroed_now`, [offset, count) runs: the embedding's and the router
@@ -384,6 +403,26 @@ struct GpuTransformer::Impl {
     return (want > held ? want - held : 0) + (size_t(1) << 30);
   }
 
+  // The fused LM head's GEMM on one chunk of scored rows (n of them; the
+  // chunk's {0, n} offsets on the device): u into `u` [n, V] bf16, block
+  // statistics into `stats`, the targets' logits when `targets` is set.
+  Status FusedLmHead(const __nv_bfloat16* hs, const __nv_bfloat16* w, const int32_t* offsets, int n, int V, int H,
+                     __nv_bfloat16* u, float2* stats, const int32_t* targets, float* target_logit) const {
+    kernels::GroupedGemmArgs ga;
+    ga.a = hs;
+    ga.w = w;
+    ga.c = u;
+    ga.expert_offsets = offsets;
+    ga.total_rows = n;
+    ga.num_experts = 1;
+    ga.n = V;
+    ga.k = H;
+    ga.out_type = kernels::GemmOutType::kBF16;
+    ga.logit_block_stats = stats;
+    ga.logit_targets = targets;
+    ga.logit_target = target_logit;
+    return kernels::GroupedGemm(ga, kernels::GroupedGemmImpl::kAuto, stream);
+  }
   // Whether a forward keeps `need` bytes for its backward in `buf` (which
   // may hold some from an earlier forward) under `mode`: kAuto when free
   // device memory exceeds what is still to allocate plus `reserve`.
@@ -514,7 +553,8 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
   }
   for (auto [var, flag] : {std::pair{"GROVE_FUSED_SWIGLU_FWD", &im.fused_swiglu_fwd},
                            std::pair{"GROVE_FUSED_SWIGLU_BWD", &im.fused_swiglu_bwd},
-                           std::pair{"GROVE_FUSED_MOE_INPUT_GRAD", &im.fused_input_grad}}) {
+                           std::pair{"GROVE_FUSED_MOE_INPUT_GRAD", &im.fused_input_grad},
+                           std::pair{"GROVE_FUSED_LM_HEAD", &im.fused_lm_head}}) {
     const char* env = std::getenv(var);
     if (env == nullptr) continue;
     const std::string v = env;
@@ -808,10 +848,14 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   }
   const int R = row0[B], S = sc0[B];
   const size_t replay_count = replay ? size_t(M) * R * K : 0;
-  // Layout: tokens, pos [R]; cu [B+1]; sc_row, sc_target [S] (int32);
-  // replay ids [R][M][K] (uint16: as the requests hold them, one copy per
-  // request; each layer's router reads its slice with stride M K).
-  const size_t n32 = 2 * size_t(R) + size_t(B) + 1 + 2 * size_t(S);
+  // The LM head runs on chunks of the scored rows (LmHeadChunk).
+  const int64_t lm_chunk = std::min<int64_t>(S, LmHeadChunk(V));
+  const int64_t lm_chunks = S > 0 ? (S + lm_chunk - 1) / lm_chunk : 0;
+  // Layout: tokens, pos [R]; cu [B+1]; sc_row, sc_target [S]; lm_off
+  // [lm_chunks][2] (int32); replay ids [R][M][K] (uint16: as the requests
+  // hold them, one copy per request; each layer's router reads its slice
+  // with stride M K).
+  const size_t n32 = 2 * size_t(R) + size_t(B) + 1 + 2 * size_t(S) + 2 * size_t(lm_chunks);
   if (!im.staged) GPU_OK(cudaEventCreateWithFlags(&im.staged, cudaEventDisableTiming));
   GPU_OK(cudaEventSynchronize(im.staged));  // the last Score's uploads have read the buffer
   GROVE_ASSIGN_OR_RETURN(char* pinned, im.staging.Reserve(n32 * sizeof(int32_t) + replay_count * sizeof(uint16_t)));
@@ -820,8 +864,13 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   int32_t* const cu = pos + R;
   int32_t* const sc_row = cu + B + 1;
   int32_t* const sc_target = sc_row + S;
-  uint16_t* const replay_ids = reinterpret_cast<uint16_t*>(sc_target + S);
+  int32_t* const lm_off = sc_target + S;
+  uint16_t* const replay_ids = reinterpret_cast<uint16_t*>(lm_off + 2 * lm_chunks);
   std::copy(row0.begin(), row0.end(), cu);
+  for (int64_t i = 0; i < lm_chunks; ++i) {
+    lm_off[2 * i] = 0;
+    lm_off[2 * i + 1] = int32_t(std::min<int64_t>(lm_chunk, S - i * lm_chunk));
+  }
   ForEachRequest(B, [&](int i) {
     const ScoreRequest& r = batch[i];
     const int n = seq_len[i], r0 = row0[i];
@@ -842,6 +891,7 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   GROVE_RETURN_IF_ERROR(Upload(tp.cu_seqlens, cu, B + 1, st));
   GROVE_RETURN_IF_ERROR(Upload(tp.sc_row, sc_row, S, st));
   GROVE_RETURN_IF_ERROR(Upload(tp.sc_target, sc_target, S, st));
+  GROVE_RETURN_IF_ERROR(Upload(tp.lm_offsets, lm_off, 2 * lm_chunks, st));
   if (replay) GROVE_RETURN_IF_ERROR(Upload(tp.replay, replay_ids, int64_t(replay_count), st));
   GPU_OK(cudaEventRecord(im.staged, st));
   im.Lap("fwd: host index prep + upload");
@@ -1043,18 +1093,33 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   }
   // Final norm, LM head on the scored rows, log-probs.
   bf16 *hf, *hs;
-  float *rstd_f, *logits, *lse, *logp;
-  const int64_t chunk = std::min<int64_t>(S, LmHeadChunk(V));
+  float *rstd_f, *lse, *logp;
+  const int64_t chunk = lm_chunk;
   GROVE_RETURN_IF_ERROR(tp.h_final.Reserve(R * H, &hf));
   GROVE_RETURN_IF_ERROR(tp.rstd_final.Reserve(R, &rstd_f));
   GROVE_RETURN_IF_ERROR(tp.hs.Reserve(S * H, &hs));
+  tp.fused_head = im.fused_lm_head && im.hopper;
+  const size_t logit_bytes = tp.fused_head ? sizeof(bf16) : sizeof(float);
   {
     const int64_t Pn_max = c.moe_layers() > 0 ? int64_t(R) * K : 0;
     tp.logits_kept = keep && trainable_ &&
-                     Impl::Keeps(im.keep_logits, tp.logits, size_t(S) * size_t(V) * sizeof(float),
+                     Impl::Keeps(im.keep_logits, tp.logits, size_t(S) * size_t(V) * logit_bytes,
                                  im.BackwardWorkspaceEstimate(Pn_max, R, H, c.expert_hidden));
   }
-  GROVE_RETURN_IF_ERROR(tp.logits_kept ? tp.logits.Reserve(S * V, &logits) : im.logits.Reserve(chunk * V, &logits));
+  // The chunk buffer when not kept: the fused head's u goes where the
+  // backward's dz will (the same [chunk, V] bf16).
+  void* logits = nullptr;
+  GROVE_RETURN_IF_ERROR(tp.logits_kept    ? tp.logits.Reserve(size_t(std::max<int64_t>(S * V, 1)) * logit_bytes)
+                        : tp.fused_head ? im.dz.Reserve(size_t(chunk * V) * logit_bytes)
+                                        : im.logits.Reserve(size_t(chunk * V) * logit_bytes));
+  logits = tp.logits_kept ? tp.logits.as<void>() : tp.fused_head ? im.dz.as<void>() : im.logits.as<void>();
+  const int logit_blocks = kernels::LogitBlocks(int(V));
+  float2* logit_stats = nullptr;
+  float* target_logit = nullptr;
+  if (tp.fused_head) {
+    GROVE_RETURN_IF_ERROR(tp.logit_stats.Reserve(S * logit_blocks, &logit_stats));
+    GROVE_RETURN_IF_ERROR(tp.target_logit.Reserve(S, &target_logit));
+  }
   GROVE_RETURN_IF_ERROR(tp.lse.Reserve(S, &lse));
   GROVE_RETURN_IF_ERROR(tp.logp.Reserve(S, &logp));
   GROVE_RETURN_IF_ERROR(
@@ -1063,12 +1128,22 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   im.Lap("rmsnorm fwd");
   for (int64_t r0 = 0; r0 < S; r0 += chunk) {
     const int64_t n = std::min<int64_t>(chunk, S - r0);
-    float* out = tp.logits_kept ? logits + r0 * V : logits;
+    if (tp.fused_head) {
+      bf16* out = static_cast<bf16*>(logits) + (tp.logits_kept ? r0 * V : 0);
+      GROVE_RETURN_IF_ERROR(im.FusedLmHead(hs + r0 * H, Wb("lm_head"), tp.lm_offsets.as<int32_t>() + 2 * (r0 / chunk),
+                                           int(n), int(V), int(H), out, logit_stats + r0 * logit_blocks,
+                                           tp.sc_target.as<int32_t>() + r0, target_logit + r0));
+      continue;
+    }
+    float* out = static_cast<float*>(logits) + (tp.logits_kept ? r0 * V : 0);
     GROVE_RETURN_IF_ERROR(
         Gemm(cb, false, true, n, V, H, hs + r0 * H, H, Wb("lm_head"), H, out, true, V, 0, "lm_head"));
     GROVE_RETURN_IF_ERROR(kernels::TokenLogProbForward(out, tp.sc_target.as<int32_t>() + r0, logp + r0, lse + r0,
                                                        int(n), int(V), st));
   }
+  if (tp.fused_head)
+    GROVE_RETURN_IF_ERROR(kernels::TokenLogProbFromBlockStats(logit_stats, target_logit, tp.sc_target.as<int32_t>(),
+                                                              logp, lse, int(S), int(V), st));
   im.Lap("lm head + log-prob fwd", 2.0 * S * V * H);
   GPU_LAUNCHED("log-probs");
 
@@ -1203,7 +1278,7 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
 
   int64_t widest = std::max({qd, c.dense_hidden, c.shared_experts * c.expert_hidden, H});
   float *dres, *dmain, *dhs, *dgate;
-  bf16 *dres_b, *dqkv, *dout_b, *dwork, *dz, *dlogits;
+  bf16 *dres_b, *dqkv, *dout_b, *dwork, *dz = nullptr, *dlogits;
   GROVE_RETURN_IF_ERROR(im.dres.Reserve(R * H, &dres));
   GROVE_RETURN_IF_ERROR(im.dres_b.Reserve(R * H, &dres_b));
   GROVE_RETURN_IF_ERROR(im.dmain.Reserve(R * H, &dmain));
@@ -1213,8 +1288,9 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
   GROVE_RETURN_IF_ERROR(im.dhs.Reserve(S * H, &dhs));
   const int64_t chunk = std::min<int64_t>(S, LmHeadChunk(V));
   float* logits = nullptr;
-  GROVE_RETURN_IF_ERROR(im.dz.Reserve(chunk * V, &dz));
-  if (!tp.logits_kept) GROVE_RETURN_IF_ERROR(im.logits.Reserve(chunk * V, &logits));
+  // The fused head with kept logits writes dz over them: no chunk buffer.
+  if (!(tp.fused_head && tp.logits_kept)) GROVE_RETURN_IF_ERROR(im.dz.Reserve(chunk * V, &dz));
+  if (!tp.logits_kept && !tp.fused_head) GROVE_RETURN_IF_ERROR(im.logits.Reserve(chunk * V, &logits));
   GROVE_RETURN_IF_ERROR(im.norm_ws.Reserve(kernels::RmsNormBackwardWorkspaceBytes(R, int(H))));
   kernels::AttentionShape ash;
   ash.cu_seqlens = tp.cu_seqlens.as<int32_t>();
@@ -1279,21 +1355,42 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
 
   // LM head and final norm.
   if (overwrite && S == 0) GPU_OK(cudaMemsetAsync(Gf("lm_head"), 0, V * H * sizeof(float), st));
-  for (int64_t r0 = 0; r0 < S; r0 += chunk) {
-    const int64_t n = std::min<int64_t>(chunk, S - r0);
+  // The fused head with kept u: dz over all scored rows in place, then one
+  // dX and one dW GEMM over all of them (no per-chunk read-modify-write of
+  // the fp32 lm_head gradient, 256 MB a chunk at gpu-ref). Otherwise chunk
+  // by chunk, recomputing u (fused; the same GEMM on the same inputs, so
+  // the same u and statistics, written over the forward's with equal bits)
+  // or the fp32 logits.
+  const int64_t step = tp.fused_head && tp.logits_kept ? std::max<int64_t>(S, 1) : chunk;
+  for (int64_t r0 = 0; r0 < S; r0 += step) {
+    const int64_t n = std::min<int64_t>(step, S - r0);
     const bf16* hs = tp.hs.as<bf16>() + r0 * H;
-    const float* chunk_logits = logits;
-    if (tp.logits_kept) {
-      chunk_logits = tp.logits.as<float>() + r0 * V;
+    const bf16* dz_rows = dz;
+    if (tp.fused_head) {
+      const int blocks = kernels::LogitBlocks(int(V));
+      float2* stats = tp.logit_stats.as<float2>() + r0 * blocks;
+      bf16* u = tp.logits_kept ? tp.logits.as<bf16>() + r0 * V : dz;
+      if (!tp.logits_kept)
+        GROVE_RETURN_IF_ERROR(im.FusedLmHead(hs, Wb("lm_head"), tp.lm_offsets.as<int32_t>() + 2 * (r0 / chunk),
+                                             int(n), int(V), int(H), u, stats, nullptr, nullptr));
+      GROVE_RETURN_IF_ERROR(kernels::TokenLogProbBackwardFromShifted(u, stats, tp.sc_target.as<int32_t>() + r0,
+                                                                     tp.lse.as<float>() + r0, dg + r0, u, int(n),
+                                                                     int(V), st));
+      dz_rows = u;
     } else {
-      GROVE_RETURN_IF_ERROR(
-          Gemm(cb, false, true, n, V, H, hs, H, Wb("lm_head"), H, logits, true, V, 0, "lm_head"));
+      const float* chunk_logits = logits;
+      if (tp.logits_kept) {
+        chunk_logits = tp.logits.as<float>() + r0 * V;
+      } else {
+        GROVE_RETURN_IF_ERROR(
+            Gemm(cb, false, true, n, V, H, hs, H, Wb("lm_head"), H, logits, true, V, 0, "lm_head"));
+      }
+      GROVE_RETURN_IF_ERROR(kernels::TokenLogProbBackward(chunk_logits, tp.sc_target.as<int32_t>() + r0,
+                                                          tp.lse.as<float>() + r0, dg + r0, dz, int(n), int(V), st));
     }
-    GROVE_RETURN_IF_ERROR(kernels::TokenLogProbBackward(chunk_logits, tp.sc_target.as<int32_t>() + r0,
-                                                        tp.lse.as<float>() + r0, dg + r0, dz, int(n), int(V), st));
     GROVE_RETURN_IF_ERROR(
-        Gemm(cb, false, false, n, H, V, dz, V, Wb("lm_head"), H, dhs + r0 * H, true, H, 0, "lm_head dx"));
-    GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, V, H, n, dz, V, hs, H, Gf("lm_head"), true, H,
+        Gemm(cb, false, false, n, H, V, dz_rows, V, Wb("lm_head"), H, dhs + r0 * H, true, H, 0, "lm_head dx"));
+    GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, V, H, n, dz_rows, V, hs, H, Gf("lm_head"), true, H,
                                r0 == 0 ? bw : 1.f, "lm_head dW"));
   }
   im.Lap(tp.logits_kept ? "lm head + log-prob bwd (dX, dW)" : "lm head + log-prob bwd (recompute, dX, dW)",

@@ -478,10 +478,12 @@ double TensorRelL2(const TensorInfo& t, const std::vector<float>& a, const std::
   return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
 
-// The model's gradients with a fused backward path (`var` = 1) against the
-// unfused one (0): the same routes (replayed), the same upstream gradient;
-// every tensor's gradient within 2e-2 relative L2. A value other than 0 or
-// 1 is refused at Create.
+// The model's gradients with a fused path (`var` = 1) against the unfused
+// one (0): the same routes (replayed), the same upstream gradient; every
+// tensor's gradient within 2e-2 relative L2, and the log-probs within 1e-4
+// absolute (a fused forward may sum the same fp32 products in another
+// order: ~1e-6 here; a wrong block or target would be off by > 1e-2). A
+// value other than 0 or 1 is refused at Create.
 void CompareFusedWithUnfused(const char* var, const ModelConfig& c, int param) {
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE(std::string(var) + " seed " + std::to_string(seed));
@@ -501,7 +503,7 @@ void CompareFusedWithUnfused(const char* var, const ModelConfig& c, int param) {
   std::vector<ScoreRequest> batch = RandomBatch(c, rng, 8);
   std::normal_distribution<float> nd(0.f, 1.f);
   std::vector<std::vector<float>> dlogp;
-  auto grads = [&](const char* value, std::vector<float>* g) {
+  auto grads = [&](const char* value, std::vector<float>* g, std::vector<float>* logp) {
     setenv(var, value, 1);
     Fixture f = Make(c, seed);
     restore();
@@ -513,6 +515,7 @@ void CompareFusedWithUnfused(const char* var, const ModelConfig& c, int param) {
     }
     auto r = f.gpu->Score(batch, true);
     ASSERT_TRUE(r.ok()) << r.status().ToString();
+    for (const auto& lp : r->logprobs) logp->insert(logp->end(), lp.begin(), lp.end());
     if (dlogp.empty()) {
       dlogp.resize(batch.size());
       for (size_t i = 0; i < batch.size(); ++i)
@@ -523,10 +526,15 @@ void CompareFusedWithUnfused(const char* var, const ModelConfig& c, int param) {
     g->assign(f.cpu->params().size(), 0.f);
     ASSERT_TRUE(f.gpu->DownloadGrads(*g).ok());
   };
-  std::vector<float> unfused, fused;
-  grads("0", &unfused);
-  grads("1", &fused);
+  std::vector<float> unfused, fused, logp_unfused, logp_fused;
+  grads("0", &unfused, &logp_unfused);
+  grads("1", &fused, &logp_fused);
   ASSERT_EQ(unfused.size(), fused.size());
+  ASSERT_EQ(logp_unfused.size(), logp_fused.size());
+  double worst_logp = 0;
+  for (size_t i = 0; i < logp_fused.size(); ++i)
+    worst_logp = std::max(worst_logp, double(std::fabs(logp_fused[i] - logp_unfused[i])));
+  EXPECT_LE(worst_logp, 1e-4);
   auto cpu = Model::Create(c, seed);
   ASSERT_TRUE(cpu.ok());
   double worst = 0;
@@ -535,7 +543,8 @@ void CompareFusedWithUnfused(const char* var, const ModelConfig& c, int param) {
     EXPECT_LE(rel, 2e-2) << t.name;
     worst = std::max(worst, rel);
   }
-  std::printf("[config %d] %s=1 vs 0: worst relative L2 %.3g\n", param, var, worst);
+  std::printf("[config %d] %s=1 vs 0: worst relative L2 %.3g, worst |dlogp| %.3g\n", param, var, worst,
+              worst_logp);
 }
 
 // GROVE_FUSED_SWIGLU_BWD: the gated SwiGLU backward in the w2 dX epilogue
@@ -553,6 +562,16 @@ TEST_P(GpuTransformerTest, FusedSwiGluBackwardMatchesUnfused) {
 TEST_P(GpuTransformerTest, FusedMoeInputGradMatchesUnfused) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
   CompareFusedWithUnfused("GROVE_FUSED_MOE_INPUT_GRAD", Config(), GetParam());
+}
+
+// The LM head with the log-softmax statistics in the GEMM's epilogue and
+// the kept bf16 u = z - m (sm_90; elsewhere the flag changes nothing)
+// against cuBLAS fp32 logits: the gradient through p = exp(u + m - lse)
+// errs by at most |dlogp| 2^-8 / e per logit (grouped_gemm.h), below dz's
+// own bf16 rounding, so within the bound above.
+TEST_P(GpuTransformerTest, FusedLmHeadMatchesUnfused) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  CompareFusedWithUnfused("GROVE_FUSED_LM_HEAD", Config(), GetParam());
 }
 
 TEST_P(GpuTransformerTest, GroupedExpertDwMatchesCublas) {
@@ -656,7 +675,9 @@ TEST_P(GpuTransformerTest, GroupedExpertDwMatchesCublas) {
 // as memory allows). Every combination must give the same log-probs and
 // gradients bit for bit as recomputing both, also on a second step whose
 // batch differs (a buffer kept from the first step must not be read). Bad
-// values are refused.
+// values are refused. (The scored rows here fit one LM head chunk; past
+// one, the fused head's kept-u backward sums lm_head's gradient products
+// in another order: Impl::keep_logits.)
 TEST_P(GpuTransformerTest, KeptActivationsGiveTheSameGradients) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = std::random_device{}();
