@@ -188,6 +188,7 @@ struct Tape {
   std::vector<int32_t> h_counts;  // [moe layers, experts] of the last forward
   DevBuf tokens, pos, cu_seqlens, sc_row, sc_target, replay;
   DevBuf lm_offsets;              // [chunks][2] int32: {0, the chunk's rows}, the fused head's one expert
+  DevBuf row_offsets;             // {0, rows} int32: the dense FFN's GEMMs run as one grouped-GEMM expert
   std::vector<DevBuf> resid;      // residual stream entering each layer (+ the final one)
   std::vector<LayerTape> layers;
   DevBuf ids, counts, offsets, prob_mean, bal_count;  // [moe layers, ...]
@@ -340,6 +341,13 @@ struct GpuTransformer::Impl {
   // the gradient written over them in place. GROVE_FUSED_LM_HEAD=0 turns it
   // off (cuBLAS fp32 logits and kernels::TokenLogProbForward/Backward).
   bool fused_lm_head = true;
+  // The dense and shared-expert FFNs' SwiGLU in their GEMMs' epilogues, as
+  // the routed experts' (fused_swiglu_fwd / _bwd): the w1|w3 GEMM and the
+  // w2 dX GEMM run as grove's grouped GEMM with one expert (sm_90) instead
+  // of cuBLAS + SwiGluForwardPacked / SwiGluBackwardPacked, so [a | b] is
+  // not read back for h and dh never reaches memory.
+  // GROVE_FUSED_DENSE_SWIGLU=0 turns it off.
+  bool fused_dense_swiglu = true;
   bool hopper = false;
   // Whether an MoE layer's expert-ordered inputs xe (h2 permuted, [Pn, H]
   // bf16) are kept from the forward for the backward's w1|w3 weight
@@ -403,6 +411,11 @@ struct GpuTransformer::Impl {
     return (want > held ? want - held : 0) + (size_t(1) << 30);
   }
 
+  // Whether the dense / shared FFN of hidden Fd runs its SwiGLU in the
+  // grouped GEMM's epilogues (fused_dense_swiglu; the shapes the epilogues take).
+  bool DenseSwiGluFused(int64_t Fd, int64_t H) const {
+    return fused_dense_swiglu && hopper && Fd % 8 == 0 && H % 8 == 0;
+  }
   // The fused LM head's GEMM on one chunk of scored rows (n of them; the
   // chunk's {0, n} offsets on the device): u into `u` [n, V] bf16, block
   // statistics into `stats`, the targets' logits when `targets` is set.
@@ -554,7 +567,8 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
   for (auto [var, flag] : {std::pair{"GROVE_FUSED_SWIGLU_FWD", &im.fused_swiglu_fwd},
                            std::pair{"GROVE_FUSED_SWIGLU_BWD", &im.fused_swiglu_bwd},
                            std::pair{"GROVE_FUSED_MOE_INPUT_GRAD", &im.fused_input_grad},
-                           std::pair{"GROVE_FUSED_LM_HEAD", &im.fused_lm_head}}) {
+                           std::pair{"GROVE_FUSED_LM_HEAD", &im.fused_lm_head},
+                           std::pair{"GROVE_FUSED_DENSE_SWIGLU", &im.fused_dense_swiglu}}) {
     const char* env = std::getenv(var);
     if (env == nullptr) continue;
     const std::string v = env;
@@ -852,10 +866,10 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   const int64_t lm_chunk = std::min<int64_t>(S, LmHeadChunk(V));
   const int64_t lm_chunks = S > 0 ? (S + lm_chunk - 1) / lm_chunk : 0;
   // Layout: tokens, pos [R]; cu [B+1]; sc_row, sc_target [S]; lm_off
-  // [lm_chunks][2] (int32); replay ids [R][M][K] (uint16: as the requests
+  // [lm_chunks][2]; row_off {0, R} (int32); replay ids [R][M][K] (uint16: as the requests
   // hold them, one copy per request; each layer's router reads its slice
   // with stride M K).
-  const size_t n32 = 2 * size_t(R) + size_t(B) + 1 + 2 * size_t(S) + 2 * size_t(lm_chunks);
+  const size_t n32 = 2 * size_t(R) + size_t(B) + 1 + 2 * size_t(S) + 2 * size_t(lm_chunks) + 2;
   if (!im.staged) GPU_OK(cudaEventCreateWithFlags(&im.staged, cudaEventDisableTiming));
   GPU_OK(cudaEventSynchronize(im.staged));  // the last Score's uploads have read the buffer
   GROVE_ASSIGN_OR_RETURN(char* pinned, im.staging.Reserve(n32 * sizeof(int32_t) + replay_count * sizeof(uint16_t)));
@@ -865,7 +879,10 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   int32_t* const sc_row = cu + B + 1;
   int32_t* const sc_target = sc_row + S;
   int32_t* const lm_off = sc_target + S;
-  uint16_t* const replay_ids = reinterpret_cast<uint16_t*>(lm_off + 2 * lm_chunks);
+  int32_t* const row_off = lm_off + 2 * lm_chunks;
+  row_off[0] = 0;
+  row_off[1] = R;
+  uint16_t* const replay_ids = reinterpret_cast<uint16_t*>(row_off + 2);
   std::copy(row0.begin(), row0.end(), cu);
   for (int64_t i = 0; i < lm_chunks; ++i) {
     lm_off[2 * i] = 0;
@@ -892,6 +909,7 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   GROVE_RETURN_IF_ERROR(Upload(tp.sc_row, sc_row, S, st));
   GROVE_RETURN_IF_ERROR(Upload(tp.sc_target, sc_target, S, st));
   GROVE_RETURN_IF_ERROR(Upload(tp.lm_offsets, lm_off, 2 * lm_chunks, st));
+  GROVE_RETURN_IF_ERROR(Upload(tp.row_offsets, row_off, 2, st));
   if (replay) GROVE_RETURN_IF_ERROR(Upload(tp.replay, replay_ids, int64_t(replay_count), st));
   GPU_OK(cudaEventRecord(im.staged, st));
   im.Lap("fwd: host index prep + upload");
@@ -998,11 +1016,27 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
       bf16 *fab, *fh;
       GROVE_RETURN_IF_ERROR(lt.fab.Reserve(R * 2 * Fd, &fab));
       GROVE_RETURN_IF_ERROR(lt.fh.Reserve(R * Fd, &fh));
-      GROVE_RETURN_IF_ERROR(
-          Gemm(cb, false, true, R, 2 * Fd, H, h2, H, Wb(name(l, w1n.c_str())), H, fab, false, 2 * Fd, 0, "w1|w3"));
-      im.Lap("dense GEMM fwd", 4.0 * R * Fd * H);
-      GROVE_RETURN_IF_ERROR(kernels::SwiGluForwardPacked(fab, fh, R, int(Fd), st));
-      im.Lap("swiglu fwd");
+      if (im.DenseSwiGluFused(Fd, H)) {
+        kernels::GroupedGemmArgs up;
+        up.a = h2;
+        up.w = Wb(name(l, w1n.c_str()));
+        up.c = fab;
+        up.expert_offsets = tp.row_offsets.as<int32_t>();
+        up.total_rows = R;
+        up.num_experts = 1;
+        up.n = int(2 * Fd);
+        up.k = int(H);
+        up.out_type = kernels::GemmOutType::kBF16;
+        up.swiglu_out = fh;
+        GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(up, kernels::GroupedGemmImpl::kAuto, st));
+        im.Lap("dense GEMM + swiglu fwd", 4.0 * R * Fd * H);
+      } else {
+        GROVE_RETURN_IF_ERROR(
+            Gemm(cb, false, true, R, 2 * Fd, H, h2, H, Wb(name(l, w1n.c_str())), H, fab, false, 2 * Fd, 0, "w1|w3"));
+        im.Lap("dense GEMM fwd", 4.0 * R * Fd * H);
+        GROVE_RETURN_IF_ERROR(kernels::SwiGluForwardPacked(fab, fh, R, int(Fd), st));
+        im.Lap("swiglu fwd");
+      }
       if (fold_copy) {
         GROVE_RETURN_IF_ERROR(
             ResidualGemm(cb, R, H, Fd, fh, Fd, Wb(name(l, w2n.c_str())), Fd, x_mid, xout, H, "w2"));
@@ -1413,14 +1447,36 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
     const std::string w1n = moe ? "moe.shared.w1" : "mlp.w1", w2n = moe ? "moe.shared.w2" : "mlp.w2";
     if (Fd > 0) {  // the first GEMM into dmain overwrites it
       bf16 *dfh = dout_b, *dfab = dwork;  // dfab [R, 2 Fd] = [da | db]
-      GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, R, Fd, H, dres_b, H, Wb(name(l, w2n.c_str())), Fd, dfh, false, Fd,
-                                 0, "w2 dx"));
-      im.Lap("dense GEMM dX", 2.0 * R * Fd * H);
+      const bool fused_swiglu = im.DenseSwiGluFused(Fd, H);
+      if (fused_swiglu) {
+        // dX through w2 ([H, Fd], read as B [k = H][n = Fd]) with the
+        // SwiGLU backward in the epilogue: [da | db] straight from dh's fp32.
+        kernels::GroupedGemmArgs dx;
+        dx.a = dres_b;
+        dx.w = Wb(name(l, w2n.c_str()));
+        dx.c = dfab;
+        dx.expert_offsets = tp.row_offsets.as<int32_t>();
+        dx.total_rows = R;
+        dx.num_experts = 1;
+        dx.n = int(Fd);
+        dx.k = int(H);
+        dx.out_type = kernels::GemmOutType::kBF16;
+        dx.w_layout = kernels::GemmWeightLayout::kMnMajor;
+        dx.swiglu_bwd_ab = lt.fab.as<bf16>();
+        GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(dx, kernels::GroupedGemmImpl::kAuto, st));
+        im.Lap("dense GEMM dX + swiglu bwd", 2.0 * R * Fd * H);
+      } else {
+        GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, R, Fd, H, dres_b, H, Wb(name(l, w2n.c_str())), Fd, dfh, false,
+                                   Fd, 0, "w2 dx"));
+        im.Lap("dense GEMM dX", 2.0 * R * Fd * H);
+      }
       GROVE_RETURN_IF_ERROR(Gemm(cb, true, false, H, Fd, R, dres_b, H, lt.fh.as<bf16>(), Fd, Gf(name(l, w2n.c_str())),
                                  true, Fd, bw, "w2 dW"));
       im.Lap("dense GEMM dW", 2.0 * R * Fd * H);
-      GROVE_RETURN_IF_ERROR(kernels::SwiGluBackwardPacked(dfh, lt.fab.as<bf16>(), dfab, R, int(Fd), st));
-      im.Lap("swiglu bwd");
+      if (!fused_swiglu) {
+        GROVE_RETURN_IF_ERROR(kernels::SwiGluBackwardPacked(dfh, lt.fab.as<bf16>(), dfab, R, int(Fd), st));
+        im.Lap("swiglu bwd");
+      }
       // Through w1 and w3 at once: [da | db] [W1; W3] (k = 2 Fd), and their
       // gradients as one [2 Fd, H] block (adjacent in the layout).
       GROVE_RETURN_IF_ERROR(Gemm(cb, false, false, R, H, 2 * Fd, dfab, 2 * Fd, Wb(name(l, w1n.c_str())), H, dmain,

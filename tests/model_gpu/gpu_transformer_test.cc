@@ -574,6 +574,15 @@ TEST_P(GpuTransformerTest, FusedLmHeadMatchesUnfused) {
   CompareFusedWithUnfused("GROVE_FUSED_LM_HEAD", Config(), GetParam());
 }
 
+// The dense and shared-expert FFNs' SwiGLU in grove's GEMM epilogues
+// against cuBLAS + the SwiGLU kernels (sm_90; elsewhere the flag changes
+// nothing): the forward's products summed in another order, the backward
+// without dh's bf16 rounding, so within the bound above.
+TEST_P(GpuTransformerTest, FusedDenseSwiGluMatchesUnfused) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  CompareFusedWithUnfused("GROVE_FUSED_DENSE_SWIGLU", Config(), GetParam());
+}
+
 TEST_P(GpuTransformerTest, GroupedExpertDwMatchesCublas) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = std::random_device{}();
