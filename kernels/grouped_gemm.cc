@@ -66,6 +66,14 @@ Status CheckArgs(const GroupedGemmArgs& a) {
       (a.out_type != GemmOutType::kBF16 || mn || a.swiglu_bwd_ab != nullptr || a.swiglu_out != nullptr))
     return Status::InvalidArgument(
         "grouped GEMM: the log-prob head epilogue needs bf16 output, K-major weights and no SwiGLU epilogue");
+  if (a.rope_table != nullptr) {
+    if (a.rope_positions == nullptr || a.rope_columns < 0 || a.rope_columns % 128 != 0 || a.rope_columns > a.n ||
+        a.n % 128 != 0 || a.out_type != GemmOutType::kBF16 || a.swiglu_bwd_ab != nullptr ||
+        a.swiglu_out != nullptr || a.logit_block_stats != nullptr)
+      return Status::InvalidArgument(
+          "grouped GEMM: the rotary epilogue needs positions, rope_columns a multiple of 128 up to n, n a multiple "
+          "of 128, bf16 output and no other epilogue");
+  }
   return Status::OK();
 }
 
@@ -134,6 +142,7 @@ Status GroupedGemm(const GroupedGemmArgs& given, GroupedGemmImpl impl, cudaStrea
   // The epilogues only kWgmmaStaged has (sm_90).
   const char* staged_only = swiglu_fwd                                      ? "SwiGLU forward"
                             : given.swiglu_bwd_slot_of_row != nullptr ? "gated SwiGLU backward"
+                            : given.rope_table != nullptr             ? "rotary embedding"
                                                                       : nullptr;
   if (staged_only && impl != GroupedGemmImpl::kAuto && impl != GroupedGemmImpl::kWgmmaStaged)
     return Status::InvalidArgument(std::string("grouped GEMM: ") + GroupedGemmImplName(impl) + " has no " +
@@ -171,7 +180,7 @@ Status GroupedGemm(const GroupedGemmArgs& given, GroupedGemmImpl impl, cudaStrea
     // 188-191 ms (H100, kernel_bench --dx, GROVE_GROUPED_GEMM). All of these
     // read either weight layout. The SwiGLU epilogue: staged, which has it.
     // The SwiGLU forward epilogue: staged, the only one with it.
-    const bool pingpong = !mn && !swiglu && !swiglu_fwd && args.k >= 1024 &&
+    const bool pingpong = !mn && !swiglu && !swiglu_fwd && !staged_only && args.k >= 1024 &&
                           (args.n < 1024 || args.out_type == GemmOutType::kF32);
     impl = !hopper       ? GroupedGemmImpl::kMmaSync
            : logit_stats ? GroupedGemmImpl::kWgmmaBn256

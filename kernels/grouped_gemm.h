@@ -144,6 +144,18 @@ struct GroupedGemmArgs {
   float2* logit_block_stats = nullptr;
   const int32_t* logit_targets = nullptr;
   float* logit_target = nullptr;
+  // Optional fused epilogue, the rotary position embedding (model/'s QKV
+  // projection): when rope_table is set, C's columns are heads of 128 and
+  // each head starting below rope_columns (a multiple of 128: the q and k
+  // heads) is rotated as kernels::RopeForward (kernels/rope.h) would rotate
+  // C after the GEMM, row r at position rope_positions[r], with the (cos,
+  // sin) pairs of rope_table ([positions][64] float2, RopeCosSinTable): the
+  // same fp32 arithmetic on the same bf16 values, so the same bits. Requires
+  // out_type kBF16, n % 128 == 0, no other epilogue; kWgmmaStaged only
+  // (kAuto picks it on sm_90 and returns FailedPrecondition elsewhere).
+  const float2* rope_table = nullptr;
+  const int32_t* rope_positions = nullptr;
+  int rope_columns = 0;
 };
 
 // Blocks of GroupedGemmArgs::logit_block_stats per row for n columns.

@@ -18,6 +18,7 @@
 #include "kernels/grouped_gemm_internal.h"
 #include "kernels/grouped_gemm_schedule.cuh"
 #include "kernels/grouped_gemm_store.cuh"
+#include "kernels/rope_math.cuh"
 #include "kernels/vector_io.cuh"
 #include "kernels/ptx/cluster.cuh"
 #include "kernels/ptx/math.cuh"
@@ -502,6 +503,82 @@ __device__ __forceinline__ void StoreSwiGluBwdTile(const uint8_t* c_tile,
   }
 }
 
+// The rotary-embedding epilogue's operands (GroupedGemmArgs::rope_table
+// and the rest); table null: none.
+struct RopeEpilogue {
+  const float2* table = nullptr;
+  const int32_t* positions = nullptr;
+  int columns = 0;
+};
+
+// The plain staged tile's storers with the rotary embedding
+// (GroupedGemmArgs::rope_table, kRope below): a unit is one row's chunk j
+// (8 columns) of x_i and chunk j + 8 of x_{i+64}, i = 8 j .. 8 j + 7, in
+// every 128-column head of the dumped bf16 tile; the unit's 8 (cos, sin)
+// pairs are read once for all of the tile's heads (they depend on the row's
+// position only), one unit ahead of their use (they come from L2: with the
+// reads waited for in turn the storers set the pace). Heads starting at or
+// past rope.columns are stored as they are. The rotation is RopeForward's
+// (RotatePair, kernels/rope_math.cuh) on the same bf16 values with the same
+// fp32 cosines and sines, so C gets the bits RopeForward would leave. A
+// quarter-warp's 8 units are one row's 8 chunks: each 16-byte read of the
+// quarter covers 128 contiguous bytes of the row.
+struct RopeUnitAngles {
+  float4 cs[4];  // (cos, sin) of pairs 2p, 2p + 1
+};
+
+__device__ __forceinline__ RopeUnitAngles LoadRopeAngles(const RopeEpilogue& rope, const TileCoord& t, int idx,
+                                                         int units) {
+  RopeUnitAngles angles;
+  if (idx < units) {
+    const int64_t row = t.row_begin + idx / 8;
+    const float4* cs =
+        reinterpret_cast<const float4*>(rope.table + int64_t{__ldg(rope.positions + row)} * 64 + 8 * (idx % 8));
+#pragma unroll
+    for (int p = 0; p < 4; ++p) angles.cs[p] = __ldg(cs + p);
+  }
+  return angles;
+}
+
+template <int BN, int kPitch>
+__device__ __forceinline__ void StoreRopeTile(const uint8_t* c_tile, __nv_bfloat16* __restrict__ c, int n,
+                                              const TileCoord& t, int sid, const RopeEpilogue& rope) {
+  constexpr int kHead = 128, kHalf = 64;
+  const int units = t.rows * 8;
+  RopeUnitAngles cur = LoadRopeAngles(rope, t, sid, units);
+  for (int idx = sid; idx < units; idx += kStorers) {
+    const RopeUnitAngles next = LoadRopeAngles(rope, t, idx + kStorers, units);
+    const int r = idx / 8, j = idx % 8;
+    const int64_t row = t.row_begin + r;
+#pragma unroll 1
+    for (int hh = 0; hh < BN / kHead; ++hh) {
+      const int col_lo = hh * kHead + 8 * j;  // in the tile
+      if (t.col_begin + col_lo >= n) continue;
+      uint4 lo = *reinterpret_cast<const uint4*>(c_tile + r * kPitch + col_lo * 2);
+      uint4 hi = *reinterpret_cast<const uint4*>(c_tile + r * kPitch + (col_lo + kHalf) * 2);
+      if (t.col_begin + hh * kHead < rope.columns) {
+        __nv_bfloat162* a2 = reinterpret_cast<__nv_bfloat162*>(&lo);
+        __nv_bfloat162* b2 = reinterpret_cast<__nv_bfloat162*>(&hi);
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+          const float4 w = cur.cs[p];
+          const float2 a = __bfloat1622float2(a2[p]);
+          const float2 b = __bfloat1622float2(b2[p]);
+          float x0, y0, x1, y1;
+          RotatePair(a.x, b.x, w.x, w.y, x0, y0);
+          RotatePair(a.y, b.y, w.z, w.w, x1, y1);
+          a2[p] = __floats2bfloat162_rn(x0, x1);
+          b2[p] = __floats2bfloat162_rn(y0, y1);
+        }
+      }
+      __nv_bfloat16* out = c + row * n + t.col_begin + col_lo;
+      *reinterpret_cast<uint4*>(out) = lo;
+      *reinterpret_cast<uint4*>(out + kHalf) = hi;
+    }
+    cur = next;
+  }
+}
+
 // The SwiGLU forward epilogue's storers on one tile (kSwiGluFwd below):
 // the dumped bf16 tile holds a in chunks 0..BN/16-1 of each row and b of
 // the same features in BN/16..BN/8-1. A storer takes one 8-feature chunk
@@ -563,7 +640,7 @@ __host__ __device__ constexpr int StagedThreads() { return kSwiGluBwd ? 512 : kT
 template <bool kSwiGluBwd>
 __host__ __device__ constexpr int StagedStorers() { return kSwiGluBwd ? 224 : kStorers; }
 
-template <typename Cfg, bool kSwiGluBwd, bool kSwiGluFwd = false>
+template <typename Cfg, bool kSwiGluBwd, bool kSwiGluFwd = false, bool kRope = false>
 __global__ void __launch_bounds__(StagedThreads<kSwiGluBwd>(), 1)
     GroupedGemmWgmmaStagedKernel(const __grid_constant__ CUtensorMap tmap_a,
                                  const __grid_constant__ CUtensorMap tmap_w,
@@ -571,9 +648,10 @@ __global__ void __launch_bounds__(StagedThreads<kSwiGluBwd>(), 1)
                                  int total_rows, int n, int k, int w_expert_rows,
                                  __nv_bfloat16* __restrict__ c,
                                  const __nv_bfloat16* __restrict__ ab,
-                                 __nv_bfloat16* __restrict__ h_out, SwiGluBwdGate gate) {
+                                 __nv_bfloat16* __restrict__ h_out, SwiGluBwdGate gate,
+                                 RopeEpilogue rope = {}) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  static_assert(!(kSwiGluBwd && kSwiGluFwd));
+  static_assert(int{kSwiGluBwd} + int{kSwiGluFwd} + int{kRope} <= 1);
   static_assert(!kSwiGluFwd || !Cfg::kWMnMajor, "the SwiGLU forward reads K-major w1|w3");
   constexpr int BN = Cfg::kBlockN;
   // Columns of the schedule's blocks: C's, or (kSwiGluFwd) features.
@@ -619,7 +697,9 @@ __global__ void __launch_bounds__(StagedThreads<kSwiGluBwd>(), 1)
     // its storers the loads in flight. kSwiGluFwd: the storers' h math gets
     // 56 (it spilled at 40 with the IEEE division); with the consumers' 224
     // the total stays 3 x 168.
-    if constexpr (kSwiGluFwd) {
+    if constexpr (kRope) {  // a unit's angles a step ahead
+      ptx::setmaxnreg_dec<80>();
+    } else if constexpr (kSwiGluFwd) {
       ptx::setmaxnreg_dec<56>();
     } else if constexpr (!kSwiGluBwd) {
       ptx::setmaxnreg_dec<40>();
@@ -667,6 +747,9 @@ __global__ void __launch_bounds__(StagedThreads<kSwiGluBwd>(), 1)
         } else if constexpr (kSwiGluBwd) {
           StoreSwiGluBwdTile<BN, kPitch, StagedStorers<kSwiGluBwd>()>(c_tile, ab, c, n, t, sid, gate,
                                          [&] { ptx::mbarrier_wait_parity(c_full, j & 1); });
+        } else if (kRope && t.col_begin < rope.columns) {
+          ptx::mbarrier_wait_parity(c_full, j & 1);
+          StoreRopeTile<BN, kPitch>(c_tile, c, n, t, sid, rope);
         } else {
           ptx::mbarrier_wait_parity(c_full, j & 1);
           for (int idx = sid; idx < t.rows * kChunksPerRow; idx += kStorers) {
@@ -682,7 +765,9 @@ __global__ void __launch_bounds__(StagedThreads<kSwiGluBwd>(), 1)
       }
     }
   } else {
-    if constexpr (kSwiGluFwd) {
+    if constexpr (kRope) {
+      ptx::setmaxnreg_inc<208>();
+    } else if constexpr (kSwiGluFwd) {
       ptx::setmaxnreg_inc<224>();
     } else if constexpr (!kSwiGluBwd) {
       ptx::setmaxnreg_inc<232>();
@@ -1140,7 +1225,7 @@ Status LaunchWgmmaCluster(const GroupedGemmArgs& args, const DeviceInfo& dev,
   return CudaStatus(cudaGetLastError(), "wgmma cluster grouped GEMM launch");
 }
 
-template <typename Cfg, bool kSwiGluBwd, bool kSwiGluFwd = false>
+template <typename Cfg, bool kSwiGluBwd, bool kSwiGluFwd = false, bool kRope = false>
 Status LaunchWgmmaStaged(const GroupedGemmArgs& args, const DeviceInfo& dev,
                          cudaStream_t stream) {
   using Tile = StagedTile<Cfg, kSwiGluBwd>;
@@ -1152,7 +1237,7 @@ Status LaunchWgmmaStaged(const GroupedGemmArgs& args, const DeviceInfo& dev,
       Cfg::kBlockK, Cfg::kSwizzleBytes));
   // kSwiGluFwd: a W tile is two boxes of BN / 2 rows (w1's, w3's).
   GROVE_RETURN_IF_ERROR(MakeWeightMap<Cfg>(args, kSwiGluFwd ? BN / 2 : BN, &tmap_w));
-  auto kernel = GroupedGemmWgmmaStagedKernel<Cfg, kSwiGluBwd, kSwiGluFwd>;
+  auto kernel = GroupedGemmWgmmaStagedKernel<Cfg, kSwiGluBwd, kSwiGluFwd, kRope>;
   GROVE_RETURN_IF_ERROR(CudaStatus(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes),
       "wgmma staged grouped GEMM: shared memory attribute"));
@@ -1167,7 +1252,8 @@ Status LaunchWgmmaStaged(const GroupedGemmArgs& args, const DeviceInfo& dev,
       args.w_expert_rows, static_cast<__nv_bfloat16*>(args.c), args.swiglu_bwd_ab,
       args.swiglu_out,
       SwiGluBwdGate{args.swiglu_bwd_slot_of_row, args.swiglu_bwd_slot_gates, args.swiglu_bwd_h_gated,
-                    args.swiglu_bwd_dgate_partial});
+                    args.swiglu_bwd_dgate_partial},
+      RopeEpilogue{args.rope_table, args.rope_positions, args.rope_columns});
   return CudaStatus(cudaGetLastError(), "wgmma staged grouped GEMM launch");
 }
 
@@ -1232,6 +1318,10 @@ Status LaunchGroupedGemmWgmma(const GroupedGemmArgs& args, const DeviceInfo& dev
       // cooperative kernel's direct stores (already full sectors).
       if (args.out_type == GemmOutType::kF32)
         return WithWeightLayout<256, 64, 4>(args, cooperative);
+      if (args.rope_table != nullptr)  // bf16 out (checked by GroupedGemm)
+        return WithWeightLayout<256, 64, 3>(args, [&](auto cfg) {
+          return LaunchWgmmaStaged<decltype(cfg), false, false, true>(args, dev, stream);
+        });
       return WithWeightLayout<256, 64, 3>(
           args, [&](auto cfg) { return LaunchWgmmaStaged<decltype(cfg), false>(args, dev, stream); });
     case WgmmaVariant::kCooperativeBn256Bk32:

@@ -1,5 +1,8 @@
 #include "kernels/rope.h"
 
+#include "kernels/rope_math.cuh"
+
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -61,19 +64,38 @@ __global__ void RopeKernel(__nv_bfloat16* x, const int32_t* positions, int token
           const float2 b = __bfloat1622float2(b2[p]);
           const float c0 = cos_s[i0 + 2 * p], s0 = sin_s[i0 + 2 * p];
           const float c1 = cos_s[i0 + 2 * p + 1], s1 = sin_s[i0 + 2 * p + 1];
-          a2[p] = __floats2bfloat162_rn(a.x * c0 - b.x * s0, a.y * c1 - b.y * s1);
-          b2[p] = __floats2bfloat162_rn(a.x * s0 + b.x * c0, a.y * s1 + b.y * c1);
+          float x0, y0, x1, y1;
+          RotatePair(a.x, b.x, c0, s0, x0, y0);
+          RotatePair(a.y, b.y, c1, s1, x1, y1);
+          a2[p] = __floats2bfloat162_rn(x0, x1);
+          b2[p] = __floats2bfloat162_rn(y0, y1);
         }
         *reinterpret_cast<uint4*>(lo) = a_raw;
         *reinterpret_cast<uint4*>(hi) = b_raw;
       } else {
         const float a = __bfloat162float(*lo), b = __bfloat162float(*hi);
         const float c = cos_s[i0], s = sin_s[i0];
-        *lo = __float2bfloat16_rn(a * c - b * s);
-        *hi = __float2bfloat16_rn(a * s + b * c);
+        float x, y;
+        RotatePair(a, b, c, s, x, y);
+        *lo = __float2bfloat16_rn(x);
+        *hi = __float2bfloat16_rn(y);
       }
     }
     __syncthreads();
+  }
+}
+
+// One thread per (position, i): inv_freq and the angle exactly as
+// RopeKernel computes them.
+__global__ void RopeTableKernel(float2* table, int positions, int head_dim, double base) {
+  const int half = head_dim / 2;
+  const int64_t total = static_cast<int64_t>(positions) * half;
+  for (int64_t k = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; k < total; k += int64_t{gridDim.x} * blockDim.x) {
+    const int i = static_cast<int>(k % half);
+    const double inv_freq = pow(base, -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
+    double s, c;
+    sincos(static_cast<double>(k / half) * inv_freq, &s, &c);
+    table[k] = make_float2(static_cast<float>(c), static_cast<float>(s));
   }
 }
 
@@ -104,6 +126,21 @@ Status Rope(const char* what, __nv_bfloat16* x, const int32_t* positions, int to
 }
 
 }  // namespace
+
+Status RopeCosSinTable(float2* table, int positions, int head_dim, double base, cudaStream_t stream) {
+  if (positions < 0 || head_dim < 2 || head_dim % 2 != 0 || head_dim > kRopeMaxHeadDim || !(base > 1.0) ||
+      !std::isfinite(base))
+    return Status::InvalidArgument("RopeCosSinTable: need positions >= 0, head_dim even in 2.." +
+                                   std::to_string(kRopeMaxHeadDim) + ", base a finite value > 1");
+  if (positions == 0) return Status::OK();
+  if (!table) return Status::InvalidArgument("RopeCosSinTable: null table");
+  const int64_t total = static_cast<int64_t>(positions) * (head_dim / 2);
+  const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 4096));
+  RopeTableKernel<<<blocks, 256, 0, stream>>>(table, positions, head_dim, base);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return Status::Internal(std::string("RopeCosSinTable launch: ") + cudaGetErrorString(err));
+  return Status::OK();
+}
 
 Status RopeForward(__nv_bfloat16* x, const int32_t* positions, int tokens, int heads, int head_dim, double base,
                    cudaStream_t stream, int64_t row_stride) {

@@ -34,4 +34,12 @@ Status RopeForward(__nv_bfloat16* x, const int32_t* positions, int tokens, int h
 Status RopeBackward(__nv_bfloat16* dx, const int32_t* positions, int tokens, int heads, int head_dim, double base,
                     cudaStream_t stream, int64_t row_stride = 0);
 
+// The (cos, sin) pairs RopeForward rotates with, for positions 0 ..
+// positions - 1: table[pos * head_dim / 2 + i] = (cos, sin) of pos *
+// base^(-2i/head_dim), computed as RopeForward computes them (double, then
+// rounded to fp32), so an epilogue that rotates from the table
+// (GroupedGemmArgs::rope_table) gives RopeForward's bits. table: device,
+// [positions, head_dim / 2] float2.
+Status RopeCosSinTable(float2* table, int positions, int head_dim, double base, cudaStream_t stream);
+
 }  // namespace grove::kernels

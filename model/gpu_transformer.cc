@@ -348,6 +348,13 @@ struct GpuTransformer::Impl {
   // not read back for h and dh never reaches memory.
   // GROVE_FUSED_DENSE_SWIGLU=0 turns it off.
   bool fused_dense_swiglu = true;
+  // The forward's rotary embedding in the QKV GEMM's epilogue
+  // (GroupedGemmArgs::rope_table: grove's GEMM, RopeForward's bits on its
+  // output) instead of cuBLAS + RopeForward. sm_90, head_dim 128.
+  // GROVE_FUSED_ROPE=0 turns it off. rope_table ([max_seq_len, 64] (cos,
+  // sin), RopeCosSinTable) is made at Create when it is on; empty otherwise.
+  bool fused_rope = true;
+  DevBuf rope_table;
   bool hopper = false;
   // Whether an MoE layer's expert-ordered inputs xe (h2 permuted, [Pn, H]
   // bf16) are kept from the forward for the backward's w1|w3 weight
@@ -568,7 +575,8 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
                            std::pair{"GROVE_FUSED_SWIGLU_BWD", &im.fused_swiglu_bwd},
                            std::pair{"GROVE_FUSED_MOE_INPUT_GRAD", &im.fused_input_grad},
                            std::pair{"GROVE_FUSED_LM_HEAD", &im.fused_lm_head},
-                           std::pair{"GROVE_FUSED_DENSE_SWIGLU", &im.fused_dense_swiglu}}) {
+                           std::pair{"GROVE_FUSED_DENSE_SWIGLU", &im.fused_dense_swiglu},
+                           std::pair{"GROVE_FUSED_ROPE", &im.fused_rope}}) {
     const char* env = std::getenv(var);
     if (env == nullptr) continue;
     const std::string v = env;
@@ -588,6 +596,12 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
   };
   GROVE_RETURN_IF_ERROR(keep_mode("GROVE_KEEP_EXPERT_INPUTS", &im.keep_xe));
   GROVE_RETURN_IF_ERROR(keep_mode("GROVE_KEEP_LOGITS", &im.keep_logits));
+  if (im.fused_rope && im.hopper && c.head_dim == 128 && c.hidden % 8 == 0) {
+    float2* table = nullptr;
+    GROVE_RETURN_IF_ERROR(im.rope_table.Reserve(c.max_seq_len * (c.head_dim / 2), &table));
+    GROVE_RETURN_IF_ERROR(
+        kernels::RopeCosSinTable(table, int(c.max_seq_len), int(c.head_dim), c.rope_base, im.stream));
+  }
   if (const char* env = std::getenv("GROVE_GROUPED_GEMM")) {
     const std::string v = env;
     using kernels::GroupedGemmImpl;
@@ -978,13 +992,33 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     im.Lap("rmsnorm fwd");
     // wq, wk, wv are adjacent in the layout (checked at Create): one GEMM
     // against [Wq; Wk; Wv] gives every row's [q | k | v].
-    GROVE_RETURN_IF_ERROR(
-        Gemm(cb, false, true, R, qkvd, H, h1, H, Wb(name(l, "attn.wq")), H, qkv, false, qkvd, 0, "wq|wk|wv"));
-    im.Lap("dense GEMM fwd", 2.0 * R * H * qkvd);
-    // q's and k's heads are adjacent in a row: one rotation over both.
-    GROVE_RETURN_IF_ERROR(kernels::RopeForward(qkv, tp.pos.as<int32_t>(), R, int(c.heads + c.kv_heads), int(hd),
-                                               c.rope_base, st, qkvd));
-    im.Lap("rope");
+    if (im.rope_table.bytes() > 0) {
+      // The rotation in the GEMM's epilogue (fused_rope): q's and k's heads
+      // are the first (heads + kv_heads) 128-column heads of a row.
+      kernels::GroupedGemmArgs qkv_gemm;
+      qkv_gemm.a = h1;
+      qkv_gemm.w = Wb(name(l, "attn.wq"));
+      qkv_gemm.c = qkv;
+      qkv_gemm.expert_offsets = tp.row_offsets.as<int32_t>();
+      qkv_gemm.total_rows = R;
+      qkv_gemm.num_experts = 1;
+      qkv_gemm.n = int(qkvd);
+      qkv_gemm.k = int(H);
+      qkv_gemm.out_type = kernels::GemmOutType::kBF16;
+      qkv_gemm.rope_table = im.rope_table.as<float2>();
+      qkv_gemm.rope_positions = tp.pos.as<int32_t>();
+      qkv_gemm.rope_columns = int(qd + kd);
+      GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(qkv_gemm, kernels::GroupedGemmImpl::kAuto, st));
+      im.Lap("dense GEMM + rope fwd", 2.0 * R * H * qkvd);
+    } else {
+      GROVE_RETURN_IF_ERROR(
+          Gemm(cb, false, true, R, qkvd, H, h1, H, Wb(name(l, "attn.wq")), H, qkv, false, qkvd, 0, "wq|wk|wv"));
+      im.Lap("dense GEMM fwd", 2.0 * R * H * qkvd);
+      // q's and k's heads are adjacent in a row: one rotation over both.
+      GROVE_RETURN_IF_ERROR(kernels::RopeForward(qkv, tp.pos.as<int32_t>(), R, int(c.heads + c.kv_heads), int(hd),
+                                                 c.rope_base, st, qkvd));
+      im.Lap("rope");
+    }
     GROVE_RETURN_IF_ERROR(kernels::AttentionForward(ash, qkv, qkv + qd, qkv + qd + kd, o, lse, st));
     im.Lap("attention fwd", attn_fwd_flops);
     if (im.tuned_gemm) {

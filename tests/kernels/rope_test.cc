@@ -10,9 +10,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
+#include "kernels/grouped_gemm.h"
 #include "tests/kernels/gpu_test_util.h"
 
 namespace grove::kernels {
@@ -87,6 +89,108 @@ TEST(RopeTest, StridedAndScalarPaths) {
   CheckRope(333, 3, 6, 0, 50, false);                           // half = 3: scalar path
   CheckRope(333, 3, 6, 21, 50, true);
   CheckRope(1, 1, 2, 0, 1, false);
+}
+
+bool IsHopper() {
+  int dev = 0, major = 0, minor = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  return major == 9 && minor == 0;
+}
+
+// The grouped GEMM's rotary epilogue (GroupedGemmArgs::rope_table) against
+// the same GEMM followed by RopeForward: the same bits, heads past
+// rope_columns untouched; ragged experts, rows not a multiple of the tile,
+// a rope_columns that ends inside a 256-column tile.
+void CheckRopeEpilogue(const std::vector<int>& counts, int n, int k, int rope_columns) {
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed) + " n " + std::to_string(n) + " rope_columns " +
+               std::to_string(rope_columns));
+  std::mt19937_64 rng(seed);
+  const int experts = int(counts.size());
+  std::vector<int32_t> offsets(experts + 1, 0);
+  for (int e = 0; e < experts; ++e) offsets[e + 1] = offsets[e] + counts[e];
+  const int rows = offsets[experts], max_pos = 300;
+  std::vector<__nv_bfloat16> a, w;
+  std::vector<double> unused;
+  testing::RandomBf16(rng, size_t(rows) * k, &a, &unused);
+  testing::RandomBf16(rng, size_t(experts) * n * k, &w, &unused);
+  std::vector<int32_t> pos(rows);
+  std::uniform_int_distribution<int> pick(0, max_pos - 1);
+  for (int32_t& p : pos) p = pick(rng);
+  DeviceBuffer<__nv_bfloat16> d_a(a.size()), d_w(w.size()), d_plain(size_t(rows) * n), d_fused(size_t(rows) * n);
+  DeviceBuffer<int32_t> d_off(offsets.size()), d_pos(rows);
+  DeviceBuffer<float2> d_table(size_t(max_pos) * 64);
+  GROVE_CUDA_OK(d_a.Upload(a));
+  GROVE_CUDA_OK(d_w.Upload(w));
+  GROVE_CUDA_OK(d_off.Upload(offsets));
+  GROVE_CUDA_OK(d_pos.Upload(pos));
+  ASSERT_TRUE(RopeCosSinTable(d_table.get(), max_pos, 128, 10000.0, nullptr).ok());
+  GroupedGemmArgs args;
+  args.a = d_a.get();
+  args.w = d_w.get();
+  args.c = d_plain.get();
+  args.expert_offsets = d_off.get();
+  args.total_rows = rows;
+  args.num_experts = experts;
+  args.n = n;
+  args.k = k;
+  args.out_type = GemmOutType::kBF16;
+  Status s = GroupedGemm(args, GroupedGemmImpl::kWgmmaStaged, nullptr);
+  ASSERT_TRUE(s.ok()) << s;
+  s = RopeForward(d_plain.get(), d_pos.get(), rows, rope_columns / 128, 128, 10000.0, nullptr, n);
+  ASSERT_TRUE(s.ok()) << s;
+  args.c = d_fused.get();
+  args.rope_table = d_table.get();
+  args.rope_positions = d_pos.get();
+  args.rope_columns = rope_columns;
+  s = GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr);
+  ASSERT_TRUE(s.ok()) << s;
+  std::vector<__nv_bfloat16> plain, fused;
+  GROVE_CUDA_OK(d_plain.Download(&plain));
+  GROVE_CUDA_OK(d_fused.Download(&fused));
+  size_t differ = 0;
+  for (size_t i = 0; i < plain.size(); ++i) differ += std::memcmp(&plain[i], &fused[i], 2) != 0;
+  EXPECT_EQ(differ, 0u) << "of " << plain.size();
+}
+
+TEST(RopeTest, GroupedGemmEpilogueGivesRopeForwardsBits) {
+  GROVE_SKIP_WITHOUT_GPU();
+  if (!IsHopper()) GTEST_SKIP() << "the rotary epilogue is sm_90 only";
+  CheckRopeEpilogue({1000}, 1536, 1024, 1280);   // gpu-ref's q, k, v heads
+  CheckRopeEpilogue({77, 0, 200}, 640, 256, 384);  // ends inside a tile
+  CheckRopeEpilogue({33}, 256, 64, 256);
+}
+
+TEST(RopeTest, GroupedGemmEpilogueRejectsBadArguments) {
+  // Argument checks run before any device query.
+  __nv_bfloat16* dummy = reinterpret_cast<__nv_bfloat16*>(uintptr_t{256});
+  GroupedGemmArgs args;
+  args.a = dummy;
+  args.w = dummy;
+  args.c = dummy;
+  args.expert_offsets = reinterpret_cast<int32_t*>(uintptr_t{512});
+  args.num_experts = 1;
+  args.n = 256;
+  args.k = 64;
+  args.out_type = GemmOutType::kBF16;
+  args.rope_table = reinterpret_cast<float2*>(uintptr_t{1024});
+  args.rope_positions = args.expert_offsets;
+  args.rope_columns = 128;
+  EXPECT_TRUE(GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr).ok());  // no rows: nothing to do
+  EXPECT_EQ(GroupedGemm(args, GroupedGemmImpl::kMmaSync, nullptr).code(), StatusCode::kInvalidArgument);
+  for (int columns : {100, 384, -128}) {
+    args.rope_columns = columns;
+    EXPECT_EQ(GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr).code(), StatusCode::kInvalidArgument) << columns;
+  }
+  args.rope_columns = 128;
+  args.out_type = GemmOutType::kF32;
+  EXPECT_EQ(GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr).code(), StatusCode::kInvalidArgument);
+  args.out_type = GemmOutType::kBF16;
+  args.rope_positions = nullptr;
+  EXPECT_EQ(GroupedGemm(args, GroupedGemmImpl::kAuto, nullptr).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(RopeCosSinTable(nullptr, 10, 127, 10000.0, nullptr).code(), StatusCode::kInvalidArgument);
 }
 
 TEST(RopeTest, RejectsBadShapes) {

@@ -583,6 +583,14 @@ TEST_P(GpuTransformerTest, FusedDenseSwiGluMatchesUnfused) {
   CompareFusedWithUnfused("GROVE_FUSED_DENSE_SWIGLU", Config(), GetParam());
 }
 
+// The rotary embedding in grove's QKV GEMM epilogue against cuBLAS +
+// RopeForward (sm_90, head_dim 128; elsewhere the flag changes nothing):
+// the same rotation of differently summed products.
+TEST_P(GpuTransformerTest, FusedRopeMatchesUnfused) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  CompareFusedWithUnfused("GROVE_FUSED_ROPE", Config(), GetParam());
+}
+
 TEST_P(GpuTransformerTest, GroupedExpertDwMatchesCublas) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = std::random_device{}();
