@@ -35,6 +35,7 @@
 #include "kernels/ptx/cp_async.cuh"
 #include "kernels/ptx/ldmatrix.cuh"
 #include "kernels/ptx/mma.cuh"
+#include "kernels/rope_math.cuh"
 
 namespace grove::kernels {
 namespace {
@@ -525,6 +526,55 @@ __global__ void AttentionDqConvertKernel(const float* __restrict__ acc, bf16* __
   }
 }
 
+// The same with the rotary embedding's backward (AttentionShape::
+// rope_table): a unit is one quad of a head's first half (columns 4 j ..
+// 4 j + 3) and its partner quad half a head later; each value is rounded to
+// bf16 as above, then rotated by -angle as RopeBackward rotates the stored
+// dq (RotatePair with -sin) and rounded again: RopeBackward's bits.
+__global__ void AttentionDqConvertRopeKernel(const float* __restrict__ acc, bf16* __restrict__ dq, int64_t units,
+                                             int heads, int head_dim, int64_t row_stride, float scale,
+                                             const float2* __restrict__ table,
+                                             const int32_t* __restrict__ positions) {
+  const int half = head_dim / 2, per_head = half / 4, per_row = heads * per_head;
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < units; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t row = i / per_row;
+    const int rem = int(i - row * per_row), h = rem / per_head, j = rem % per_head;
+    const float* src = acc + (row * heads + h) * head_dim + 4 * j;
+    const float4 a = *reinterpret_cast<const float4*>(src);
+    const float4 b = *reinterpret_cast<const float4*>(src + half);
+    const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+    const float2* w = table + int64_t{positions[row]} * half + 4 * j;
+    float x[4], y[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float lo = __bfloat162float(__float2bfloat16_rn(av[e] * scale));
+      const float hi = __bfloat162float(__float2bfloat16_rn(bv[e] * scale));
+      const float2 cs = w[e];
+      RotatePair(lo, hi, cs.x, -cs.y, x[e], y[e]);
+    }
+    bf16* out = dq + row * row_stride + int64_t{h} * head_dim + 4 * j;
+    *reinterpret_cast<uint2*>(out) = make_uint2(PackBf16(x[0], x[1]), PackBf16(x[2], x[3]));
+    *reinterpret_cast<uint2*>(out + half) = make_uint2(PackBf16(y[0], y[1]), PackBf16(y[2], y[3]));
+  }
+}
+
+// dk in place by -angle from the table (the mma.sync path, whose dK stores
+// have no rotation of their own): RopeBackward's arithmetic, pair by pair.
+__global__ void RotateRowsBackKernel(bf16* x, int64_t pairs, int heads, int head_dim, int64_t row_stride,
+                                     const float2* __restrict__ table, const int32_t* __restrict__ positions) {
+  const int half = head_dim / 2, per_row = heads * half;
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < pairs; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t row = i / per_row;
+    const int rem = int(i - row * per_row), h = rem / half, k = rem % half;
+    bf16* lo = x + row * row_stride + int64_t{h} * head_dim + k;
+    const float2 cs = table[int64_t{positions[row]} * half + k];
+    float a, b;
+    RotatePair(__bfloat162float(*lo), __bfloat162float(lo[half]), cs.x, -cs.y, a, b);
+    *lo = __float2bfloat16_rn(a);
+    lo[half] = __float2bfloat16_rn(b);
+  }
+}
+
 bool Aligned(const void* ptr, uintptr_t to) {
   return ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % to == 0;
 }
@@ -552,6 +602,8 @@ Status CheckShape(const AttentionShape& s) {
   };
   GROVE_RETURN_IF_ERROR(check_stride(s.q_row_stride, s.num_heads, "q_row_stride"));
   GROVE_RETURN_IF_ERROR(check_stride(s.kv_row_stride, s.num_kv_heads, "kv_row_stride"));
+  if ((s.rope_table == nullptr) != (s.rope_positions == nullptr))
+    return bad("rope_table and rope_positions go together");
   if (s.batch > 0 && s.total_tokens > 0) {
     if (s.max_seqlen <= 0) return bad("max_seqlen must be positive");
     if (s.cu_seqlens == nullptr || !Aligned(s.cu_seqlens, 4)) return bad("cu_seqlens is null");
@@ -756,6 +808,18 @@ Status AttentionBackwardWith(AttentionBackwardImpl impl, const AttentionShape& s
     }
   }
   const int64_t quads = int64_t{shape.total_tokens} * shape.num_heads * shape.head_dim / 4;
+  if (shape.rope_table != nullptr) {
+    if (impl != AttentionBackwardImpl::kWgmma) {  // the wgmma kernel rotates dK as it stores it
+      const int64_t pairs = int64_t{shape.total_tokens} * shape.num_kv_heads * shape.head_dim / 2;
+      RotateRowsBackKernel<<<1024, 256, 0, stream>>>(dk, pairs, shape.num_kv_heads, shape.head_dim, p.kv_rs,
+                                                     shape.rope_table, shape.rope_positions);
+      GROVE_RETURN_IF_ERROR(LaunchStatus("dk rotation launch"));
+    }
+    AttentionDqConvertRopeKernel<<<1024, 256, 0, stream>>>(p.dq_accum, dq, quads / 2, shape.num_heads,
+                                                           shape.head_dim, p.q_rs, p.scale, shape.rope_table,
+                                                           shape.rope_positions);
+    return LaunchStatus("dq convert launch");
+  }
   AttentionDqConvertKernel<<<1024, 256, 0, stream>>>(p.dq_accum, dq, quads,
                                                      shape.num_heads * shape.head_dim / 4, p.q_rs,
                                                      p.scale);

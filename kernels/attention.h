@@ -55,6 +55,15 @@ struct AttentionShape {
   // num_kv_heads * head_dim (k, v, dk, dv).
   int64_t q_row_stride = 0;
   int64_t kv_row_stride = 0;
+  // Backward only, optional: the rotary embedding's backward folded into
+  // the gradients' stores. When rope_table is set, dq's and dk's heads
+  // come out rotated by -angle exactly as kernels::RopeBackward
+  // (kernels/rope.h) would leave them after the call (the same bits:
+  // RopeBackward's fp32 rotation of the same bf16 values), token t at
+  // position rope_positions[t] (device, int32), with the (cos, sin) pairs
+  // of rope_table ([positions][head_dim / 2] float2, RopeCosSinTable).
+  const float2* rope_table = nullptr;
+  const int32_t* rope_positions = nullptr;
 };
 
 // out and lse are overwritten (rows of every sequence; nothing else).

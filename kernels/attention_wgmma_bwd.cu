@@ -60,6 +60,7 @@
 #include "kernels/attention_internal.h"
 #include "kernels/attention_tile_order.cuh"
 #include "kernels/attention_wgmma_common.cuh"
+#include "kernels/rope_math.cuh"
 #include "kernels/ptx/mbarrier.cuh"
 #include "kernels/ptx/tensor_map.h"
 #include "kernels/ptx/tma.cuh"
@@ -112,6 +113,8 @@ struct BwdArgs {
   int tiles;        // key tiles of the longest sequence
   int chunk_pairs;  // see OrderTiles
   float scale;
+  const float2* rope_table;  // AttentionShape's; null: dK as it is
+  const int32_t* rope_positions;
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -189,6 +192,32 @@ __device__ __forceinline__ void StoreRowsBf16(bf16* dst, int64_t row_stride, con
     if (row < valid)
       *reinterpret_cast<uint32_t*>(dst + row * row_stride + col) =
           PackBf16(acc[i] * scale, acc[i + 1] * scale);
+  }
+}
+
+// StoreRowsBf16 of dK with the rotary embedding's backward
+// (AttentionShape::rope_table): a thread's columns col and col + 64 (its
+// registers i and i + 32) are one rotation pair; each is rounded to bf16
+// first, as the unfused path stores it, then rotated by -angle as
+// RopeBackward rotates it (RotatePair with -sin) and rounded again, so the
+// bits are RopeBackward's. positions: the rows' positions (row 0 first).
+__device__ __forceinline__ void StoreRowsBf16Rope(bf16* dst, int64_t row_stride, const float (&acc)[64],
+                                                  float scale, int valid, int tid, const float2* table,
+                                                  const int32_t* positions) {
+  const int warp = tid / 32, g = (tid % 32) / 4, qd = tid % 4;
+#pragma unroll
+  for (int i = 0; i < 32; i += 2) {
+    const int row = 16 * warp + g + 8 * ((i >> 1) & 1);
+    const int col = 8 * (i >> 2) + 2 * qd;  // < 64; its partner col + 64 is register i + 32
+    if (row >= valid) continue;
+    const float2 lo = __bfloat1622float2(__floats2bfloat162_rn(acc[i] * scale, acc[i + 1] * scale));
+    const float2 hi = __bfloat1622float2(__floats2bfloat162_rn(acc[i + 32] * scale, acc[i + 33] * scale));
+    const float4 w = *reinterpret_cast<const float4*>(table + int64_t{positions[row]} * (kD / 2) + col);
+    float x0, y0, x1, y1;
+    RotatePair(lo.x, hi.x, w.x, -w.y, x0, y0);
+    RotatePair(lo.y, hi.y, w.z, -w.w, x1, y1);
+    *reinterpret_cast<uint32_t*>(dst + row * row_stride + col) = PackBf16(x0, x1);
+    *reinterpret_cast<uint32_t*>(dst + row * row_stride + col + kD / 2) = PackBf16(y0, y1);
   }
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
@@ -438,7 +467,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     const int valid = len - n0 - 64 * c;
     const int64_t row0 = int64_t{start + n0 + 64 * c} * a.kv_row_stride + kvh * kD;
-    StoreRowsBf16(a.dk + row0, a.kv_row_stride, dk, a.scale, valid, tid);
+    if (a.rope_table != nullptr) {
+      StoreRowsBf16Rope(a.dk + row0, a.kv_row_stride, dk, a.scale, valid, tid, a.rope_table,
+                        a.rope_positions + start + n0 + 64 * c);
+    } else {
+      StoreRowsBf16(a.dk + row0, a.kv_row_stride, dk, a.scale, valid, tid);
+    }
     StoreRowsBf16(a.dv + row0, a.kv_row_stride, dv, 1.f, valid, tid);
   }
 #else
@@ -494,6 +528,8 @@ Status LaunchAttentionBackwardWgmma(const AttentionShape& shape, const bf16* q, 
   args.tiles = (shape.max_seqlen + kBlockN - 1) / kBlockN;
   args.chunk_pairs = std::max(1, kAttentionResidentCtas / args.tiles);
   args.scale = scale;
+  args.rope_table = shape.rope_table;
+  args.rope_positions = shape.rope_positions;
   const int64_t ctas = int64_t{args.tiles} * shape.num_kv_heads * shape.batch;
   if (ctas > INT32_MAX) return Status::InvalidArgument("attention: too many key tiles");
   auto* kernel = dq_by_tma ? AttentionBackwardWgmmaKernel<true> : AttentionBackwardWgmmaKernel<false>;

@@ -350,7 +350,9 @@ struct GpuTransformer::Impl {
   bool fused_dense_swiglu = true;
   // The forward's rotary embedding in the QKV GEMM's epilogue
   // (GroupedGemmArgs::rope_table: grove's GEMM, RopeForward's bits on its
-  // output) instead of cuBLAS + RopeForward. sm_90, head_dim 128.
+  // output) instead of cuBLAS + RopeForward, and the backward's in the
+  // attention backward's dq and dk stores (AttentionShape::rope_table,
+  // RopeBackward's bits) instead of RopeBackward. sm_90, head_dim 128.
   // GROVE_FUSED_ROPE=0 turns it off. rope_table ([max_seq_len, 64] (cos,
   // sin), RopeCosSinTable) is made at Create when it is on; empty otherwise.
   bool fused_rope = true;
@@ -1369,6 +1371,10 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
   ash.num_kv_heads = int(c.kv_heads);
   ash.head_dim = int(hd);
   ash.q_row_stride = ash.kv_row_stride = qkvd;
+  if (im.rope_table.bytes() > 0) {  // fused_rope: RopeBackward in dq's and dk's stores
+    ash.rope_table = im.rope_table.as<float2>();
+    ash.rope_positions = tp.pos.as<int32_t>();
+  }
   GROVE_RETURN_IF_ERROR(im.attn_ws.Reserve(kernels::AttentionBackwardWorkspaceBytes(ash)));
   const double attn_bwd_flops = 5.0 * tp.len_sq * double(hd) * double(c.heads);  // FLOPs as in Score
 
@@ -1761,9 +1767,11 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
                                                      lt.lse.as<float>(), dqkv, dqkv + qd, dqkv + qd + kd,
                                                      im.attn_ws.as<void>(), st));
     im.Lap("attention bwd", attn_bwd_flops);
-    GROVE_RETURN_IF_ERROR(kernels::RopeBackward(dqkv, tp.pos.as<int32_t>(), R, int(c.heads + c.kv_heads), int(hd),
-                                                c.rope_base, st, qkvd));
-    im.Lap("rope");
+    if (ash.rope_table == nullptr) {  // else rotated back as the attention backward stored dq and dk
+      GROVE_RETURN_IF_ERROR(kernels::RopeBackward(dqkv, tp.pos.as<int32_t>(), R, int(c.heads + c.kv_heads),
+                                                  int(hd), c.rope_base, st, qkvd));
+      im.Lap("rope");
+    }
     // Through [Wq; Wk; Wv] at once (k = qd + 2 kd; the first write into
     // dmain after the norm backward read it), and the three weights'
     // gradients as one [qd + 2 kd, H] block.

@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "kernels/attention_internal.h"
+#include "kernels/rope.h"
 #include "tests/kernels/gpu_test_util.h"
 
 namespace grove::kernels {
@@ -821,6 +822,59 @@ TEST(AttentionWgmmaBackwardTest, DqByAtomicsMatchesDqByTma) {
   const double vs_dq = testing::RelativeError(ToDouble(by_tma.dq), ToDouble(by_atomics.dq));
   std::printf("wgmma bwd dQ by TMA vs by atomics: rel diff %.2e\n", vs_dq);
   EXPECT_LE(vs_dq, 1e-3);
+}
+
+// AttentionShape::rope_table: dq and dk come out as RopeBackward would
+// leave the plain backward's, bit for bit, dv untouched; both backwards
+// (wgmma where it runs: its dK stores rotate; mma.sync: a pass after), the
+// gradients in the fused qkv layout the learner uses.
+TEST(AttentionBackwardTest, RopeInTheStoresGivesRopeBackwardsBits) {
+  GROVE_SKIP_WITHOUT_GPU();
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const std::vector<int32_t> offsets = {0, 1, 66, 195, 495};
+  const PackedBackwardInputs in(rng, offsets, /*H=*/8, /*Hk=*/2, /*D=*/128, /*max_seqlen=*/300);
+  const int T = offsets.back(), H = 8, Hk = 2, D = 128;
+  std::vector<int32_t> pos(T);
+  for (size_t b = 0; b + 1 < offsets.size(); ++b)
+    for (int t = offsets[b]; t < offsets[b + 1]; ++t) pos[t] = t - offsets[b];
+  DeviceBuffer<int32_t> d_pos(T);
+  DeviceBuffer<float2> d_table(size_t(300) * D / 2);
+  GROVE_CUDA_OK(d_pos.Upload(pos));
+  ASSERT_TRUE(RopeCosSinTable(d_table.get(), 300, D, 10000.0, nullptr).ok());
+  const ForwardRun fwd = RunForward(AttentionForwardImpl::kMmaSync, in.shape, std::nullopt, in.q, in.k, in.v);
+  // RopeBackward on the device over one gradient ([T, heads, D] packed).
+  auto rotate_back = [&](std::vector<__nv_bfloat16> g, int heads) {
+    DeviceBuffer<__nv_bfloat16> d(g.size());
+    EXPECT_EQ(d.Upload(g), cudaSuccess);
+    EXPECT_TRUE(RopeBackward(d.get(), d_pos.get(), T, heads, D, 10000.0, nullptr).ok());
+    EXPECT_EQ(d.Download(&g), cudaSuccess);
+    return g;
+  };
+  for (AttentionBackwardImpl impl : {AttentionBackwardImpl::kMmaSync, AttentionBackwardImpl::kWgmma}) {
+    if (impl == AttentionBackwardImpl::kWgmma && !AttentionForwardWgmmaSupported(D)) continue;
+    SCOPED_TRACE(impl == AttentionBackwardImpl::kWgmma ? "wgmma" : "mma.sync");
+    const BackwardRun plain = RunBackward(impl, in.shape, true, in.q, in.k, in.v, fwd.o, in.dout, fwd.lse);
+    AttentionShape with_rope = in.shape;
+    with_rope.rope_table = d_table.get();
+    with_rope.rope_positions = d_pos.get();
+    const BackwardRun fused = RunBackward(impl, with_rope, true, in.q, in.k, in.v, fwd.o, in.dout, fwd.lse);
+    // dQ's fp32 sums run in a run-dependent order (TMA / atomics), so the
+    // plain run's bf16 dq may differ from the fused run's input to the
+    // rotation in a last bit: compare dq within that, dk and dv bit for bit.
+    EXPECT_EQ(BitDiffs(fused.dk, rotate_back(plain.dk, Hk)), 0u);
+    EXPECT_EQ(BitDiffs(fused.dv, plain.dv), 0u);
+    const double dq_diff = testing::RelativeError(ToDouble(fused.dq), ToDouble(rotate_back(plain.dq, H)));
+    EXPECT_LE(dq_diff, 1e-3);
+    EXPECT_GT(testing::RelativeError(ToDouble(fused.dq), ToDouble(plain.dq)), 0.1) << "dq was not rotated";
+  }
+  AttentionShape half = in.shape;
+  half.rope_table = d_table.get();  // without positions
+  EXPECT_EQ(AttentionBackwardWith(AttentionBackwardImpl::kMmaSync, half, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                  nullptr, nullptr, nullptr, nullptr, nullptr, nullptr)
+                .code(),
+            StatusCode::kInvalidArgument);
 }
 
 // The backward's last query and key tiles of a sequence read q, k, v, dO
