@@ -246,11 +246,29 @@ void ForEachRequest(int n, F&& fn) {
   grove::ParallelFor(n, n < 4 ? 1 : 8, [&](int64_t i) { fn(int(i)); });
 }
 
-// Scored rows per LM-head chunk: the fp32 logits of a chunk are at most
-// 2^27 floats (512 MiB), so the [scored, vocab] block (3.8 GB at 28k rows x
-// 32k vocab) need not be whole in memory: unless the forward keeps it
-// (Impl::keep_logits), the backward recomputes each chunk's logits (one
-// more lm_head GEMM, ~1% of a step's FLOPs).
+// grove's grouped GEMM as a dense one: a single expert over all `rows` rows
+// (offsets: {0, rows} on the device), bf16 out, K-major W; the caller adds
+// the epilogue.
+kernels::GroupedGemmArgs OneExpertGemm(const __nv_bfloat16* a, const __nv_bfloat16* w, __nv_bfloat16* c,
+                                       const int32_t* offsets, int64_t rows, int64_t n, int64_t k) {
+  kernels::GroupedGemmArgs g;
+  g.a = a;
+  g.w = w;
+  g.c = c;
+  g.expert_offsets = offsets;
+  g.total_rows = int(rows);
+  g.num_experts = 1;
+  g.n = int(n);
+  g.k = int(k);
+  g.out_type = kernels::GemmOutType::kBF16;
+  return g;
+}
+
+// Scored rows per LM-head chunk: a chunk's logits are at most 2^27 values
+// (512 MiB of fp32, half that of the fused head's bf16 u), so the [scored,
+// vocab] block (3.8 GB of fp32 at 28k rows x 32k vocab) need not be whole in
+// memory: unless the forward keeps it (Impl::keep_logits), the backward
+// recomputes each chunk's (one more lm_head GEMM, ~1% of a step's FLOPs).
 int64_t LmHeadChunk(int64_t vocab) { return std::max<int64_t>(1, (int64_t(1) << 27) / vocab); }
 
 }  // namespace
@@ -430,16 +448,7 @@ struct GpuTransformer::Impl {
   // statistics into `stats`, the targets' logits when `targets` is set.
   Status FusedLmHead(const __nv_bfloat16* hs, const __nv_bfloat16* w, const int32_t* offsets, int n, int V, int H,
                      __nv_bfloat16* u, float2* stats, const int32_t* targets, float* target_logit) const {
-    kernels::GroupedGemmArgs ga;
-    ga.a = hs;
-    ga.w = w;
-    ga.c = u;
-    ga.expert_offsets = offsets;
-    ga.total_rows = n;
-    ga.num_experts = 1;
-    ga.n = V;
-    ga.k = H;
-    ga.out_type = kernels::GemmOutType::kBF16;
+    kernels::GroupedGemmArgs ga = OneExpertGemm(hs, w, u, offsets, n, V, H);
     ga.logit_block_stats = stats;
     ga.logit_targets = targets;
     ga.logit_target = target_logit;
@@ -997,16 +1006,8 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     if (im.rope_table.bytes() > 0) {
       // The rotation in the GEMM's epilogue (fused_rope): q's and k's heads
       // are the first (heads + kv_heads) 128-column heads of a row.
-      kernels::GroupedGemmArgs qkv_gemm;
-      qkv_gemm.a = h1;
-      qkv_gemm.w = Wb(name(l, "attn.wq"));
-      qkv_gemm.c = qkv;
-      qkv_gemm.expert_offsets = tp.row_offsets.as<int32_t>();
-      qkv_gemm.total_rows = R;
-      qkv_gemm.num_experts = 1;
-      qkv_gemm.n = int(qkvd);
-      qkv_gemm.k = int(H);
-      qkv_gemm.out_type = kernels::GemmOutType::kBF16;
+      kernels::GroupedGemmArgs qkv_gemm =
+          OneExpertGemm(h1, Wb(name(l, "attn.wq")), qkv, tp.row_offsets.as<int32_t>(), R, qkvd, H);
       qkv_gemm.rope_table = im.rope_table.as<float2>();
       qkv_gemm.rope_positions = tp.pos.as<int32_t>();
       qkv_gemm.rope_columns = int(qd + kd);
@@ -1053,16 +1054,8 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
       GROVE_RETURN_IF_ERROR(lt.fab.Reserve(R * 2 * Fd, &fab));
       GROVE_RETURN_IF_ERROR(lt.fh.Reserve(R * Fd, &fh));
       if (im.DenseSwiGluFused(Fd, H)) {
-        kernels::GroupedGemmArgs up;
-        up.a = h2;
-        up.w = Wb(name(l, w1n.c_str()));
-        up.c = fab;
-        up.expert_offsets = tp.row_offsets.as<int32_t>();
-        up.total_rows = R;
-        up.num_experts = 1;
-        up.n = int(2 * Fd);
-        up.k = int(H);
-        up.out_type = kernels::GemmOutType::kBF16;
+        kernels::GroupedGemmArgs up =
+            OneExpertGemm(h2, Wb(name(l, w1n.c_str())), fab, tp.row_offsets.as<int32_t>(), R, 2 * Fd, H);
         up.swiglu_out = fh;
         GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(up, kernels::GroupedGemmImpl::kAuto, st));
         im.Lap("dense GEMM + swiglu fwd", 4.0 * R * Fd * H);
@@ -1491,16 +1484,8 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
       if (fused_swiglu) {
         // dX through w2 ([H, Fd], read as B [k = H][n = Fd]) with the
         // SwiGLU backward in the epilogue: [da | db] straight from dh's fp32.
-        kernels::GroupedGemmArgs dx;
-        dx.a = dres_b;
-        dx.w = Wb(name(l, w2n.c_str()));
-        dx.c = dfab;
-        dx.expert_offsets = tp.row_offsets.as<int32_t>();
-        dx.total_rows = R;
-        dx.num_experts = 1;
-        dx.n = int(Fd);
-        dx.k = int(H);
-        dx.out_type = kernels::GemmOutType::kBF16;
+        kernels::GroupedGemmArgs dx =
+            OneExpertGemm(dres_b, Wb(name(l, w2n.c_str())), dfab, tp.row_offsets.as<int32_t>(), R, Fd, H);
         dx.w_layout = kernels::GemmWeightLayout::kMnMajor;
         dx.swiglu_bwd_ab = lt.fab.as<bf16>();
         GROVE_RETURN_IF_ERROR(kernels::GroupedGemm(dx, kernels::GroupedGemmImpl::kAuto, st));

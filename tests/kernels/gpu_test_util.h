@@ -19,6 +19,15 @@ inline bool HaveGpu() {
   return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
 }
 
+// Whether the current device runs sm_90a code (wgmma, TMA): an H100 / H200.
+inline bool IsHopper() {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  return major == 9 && minor == 0;
+}
+
 #define GROVE_SKIP_WITHOUT_GPU() \
   do {                           \
     if (!::grove::kernels::testing::HaveGpu()) GTEST_SKIP() << "no CUDA device"; \

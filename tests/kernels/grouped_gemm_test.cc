@@ -32,6 +32,7 @@ namespace grove::kernels {
 namespace {
 
 using testing::DeviceBuffer;
+using testing::IsHopper;
 using testing::RelativeError;
 
 // C[r, j] = sum_k A[r, k] * W[e(r), j, k] in double, with |.|-sums for the bound.
@@ -74,13 +75,6 @@ bool ReadsMnMajor(GroupedGemmImpl impl) {
          impl == GroupedGemmImpl::kWgmmaStaged || impl == GroupedGemmImpl::kMmaSync;
 }
 
-bool IsHopper() {
-  int dev = 0, major = 0, minor = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-  return major == 9 && minor == 0;
-}
 
 // The experts' weights [experts, n, k] as GroupedGemm reads them: the
 // stored matrix per expert is [n, k], or [k, n] for kMnMajor; gap_rows > 0:

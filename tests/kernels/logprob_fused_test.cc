@@ -30,14 +30,8 @@ namespace grove::kernels {
 namespace {
 
 using testing::DeviceBuffer;
+using testing::IsHopper;
 
-bool IsHopper() {
-  int dev = 0, major = 0, minor = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-  return major == 9 && minor == 0;
-}
 
 // counts: rows per expert (one expert: the learner's lm_head; several: the
 // epilogue is the grouped GEMM's, so ragged experts must work as well).

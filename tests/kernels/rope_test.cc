@@ -21,6 +21,7 @@ namespace grove::kernels {
 namespace {
 
 using testing::DeviceBuffer;
+using testing::IsHopper;
 
 void CheckRope(int tokens, int heads, int head_dim, int64_t row_stride, int max_len, bool backward) {
   const uint64_t seed = testing::FreshSeed();
@@ -91,13 +92,6 @@ TEST(RopeTest, StridedAndScalarPaths) {
   CheckRope(1, 1, 2, 0, 1, false);
 }
 
-bool IsHopper() {
-  int dev = 0, major = 0, minor = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-  return major == 9 && minor == 0;
-}
 
 // The grouped GEMM's rotary epilogue (GroupedGemmArgs::rope_table) against
 // the same GEMM followed by RopeForward: the same bits, heads past
