@@ -35,6 +35,7 @@
 #include "kernels/ptx/cp_async.cuh"
 #include "kernels/ptx/ldmatrix.cuh"
 #include "kernels/ptx/mma.cuh"
+#include "kernels/rope.h"
 #include "kernels/rope_math.cuh"
 
 namespace grove::kernels {
@@ -558,23 +559,6 @@ __global__ void AttentionDqConvertRopeKernel(const float* __restrict__ acc, bf16
   }
 }
 
-// dk in place by -angle from the table (the mma.sync path, whose dK stores
-// have no rotation of their own): RopeBackward's arithmetic, pair by pair.
-__global__ void RotateRowsBackKernel(bf16* x, int64_t pairs, int heads, int head_dim, int64_t row_stride,
-                                     const float2* __restrict__ table, const int32_t* __restrict__ positions) {
-  const int half = head_dim / 2, per_row = heads * half;
-  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < pairs; i += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t row = i / per_row;
-    const int rem = int(i - row * per_row), h = rem / half, k = rem % half;
-    bf16* lo = x + row * row_stride + int64_t{h} * head_dim + k;
-    const float2 cs = table[int64_t{positions[row]} * half + k];
-    float a, b;
-    RotatePair(__bfloat162float(*lo), __bfloat162float(lo[half]), cs.x, -cs.y, a, b);
-    *lo = __float2bfloat16_rn(a);
-    lo[half] = __float2bfloat16_rn(b);
-  }
-}
-
 bool Aligned(const void* ptr, uintptr_t to) {
   return ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % to == 0;
 }
@@ -810,10 +794,8 @@ Status AttentionBackwardWith(AttentionBackwardImpl impl, const AttentionShape& s
   const int64_t quads = int64_t{shape.total_tokens} * shape.num_heads * shape.head_dim / 4;
   if (shape.rope_table != nullptr) {
     if (impl != AttentionBackwardImpl::kWgmma) {  // the wgmma kernel rotates dK as it stores it
-      const int64_t pairs = int64_t{shape.total_tokens} * shape.num_kv_heads * shape.head_dim / 2;
-      RotateRowsBackKernel<<<1024, 256, 0, stream>>>(dk, pairs, shape.num_kv_heads, shape.head_dim, p.kv_rs,
-                                                     shape.rope_table, shape.rope_positions);
-      GROVE_RETURN_IF_ERROR(LaunchStatus("dk rotation launch"));
+      GROVE_RETURN_IF_ERROR(RopeBackwardFromTable(dk, shape.rope_positions, shape.total_tokens, shape.num_kv_heads,
+                                                  shape.head_dim, shape.rope_table, stream, p.kv_rs));
     }
     AttentionDqConvertRopeKernel<<<1024, 256, 0, stream>>>(p.dq_accum, dq, quads / 2, shape.num_heads,
                                                            shape.head_dim, p.q_rs, p.scale, shape.rope_table,

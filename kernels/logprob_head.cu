@@ -99,9 +99,9 @@ __global__ void BackwardKernel(const T* logits, const int32_t* targets, const fl
   }
 }
 
-// One warp per row over its blocks' (m, s): the max first, then the sum
-// rescaled to it (both in the order of the lanes' strided walk and the
-// fixed butterfly, so the same bits every run).
+// One warp per row over its blocks' (m, s), merged as RowLse merges its
+// partial (max, sum) pairs (in base 2: m prescaled by log2 e), in the order
+// of the lanes' strided walk and the fixed butterfly: the same bits every run.
 __global__ void FromBlockStatsKernel(const float2* __restrict__ stats, const float* __restrict__ target_logit,
                                      const int32_t* __restrict__ targets, float* __restrict__ logp,
                                      float* __restrict__ lse, int rows, int vocab, int blocks) {
@@ -109,19 +109,12 @@ __global__ void FromBlockStatsKernel(const float2* __restrict__ stats, const flo
   const int warps = blockDim.x / 32;
   for (int64_t r = int64_t{blockIdx.x} * warps + threadIdx.x / 32; r < rows; r += int64_t{gridDim.x} * warps) {
     const float2* row = stats + r * blocks;
-    float m = -INFINITY;
-    for (int j = lane; j < blocks; j += 32) m = fmaxf(m, row[j].x);
-    for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    float s = 0.f;
-    if (m != -INFINITY) {
-      for (int j = lane; j < blocks; j += 32) {
-        const float2 b = row[j];
-        s += b.y * exp2f((b.x - m) * kLog2e);
-      }
-    }
-    for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+    MaxSum acc{-INFINITY, 0.f};
+    for (int j = lane; j < blocks; j += 32) acc = Merge(acc, {row[j].x * kLog2e, row[j].y});
+    for (int o = 16; o > 0; o /= 2)
+      acc = Merge(acc, {__shfl_xor_sync(0xffffffffu, acc.m, o), __shfl_xor_sync(0xffffffffu, acc.s, o)});
     if (lane == 0) {
-      const float l = m + logf(s);
+      const float l = (acc.m + log2f(acc.s)) * kLn2;
       const int target = targets[r];
       lse[r] = l;
       logp[r] = (target >= 0 && target < vocab) ? target_logit[r] - l : 0.f;

@@ -23,8 +23,7 @@ __global__ void RopeKernel(__nv_bfloat16* x, const int32_t* positions, int token
   __shared__ float sin_s[kRopeMaxHeadDim / 2];
   const int half = head_dim / 2;
   const int groups = half / V;  // vectors per half-head
-  for (int i = threadIdx.x; i < half; i += blockDim.x)
-    inv_freq[i] = pow(base, -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
+  for (int i = threadIdx.x; i < half; i += blockDim.x) inv_freq[i] = RopeInvFreq(i, head_dim, base);
   for (int t = blockIdx.x; t < tokens; t += gridDim.x) {
     __nv_bfloat16* row = x + static_cast<int64_t>(t) * row_stride;
     // V == 8: this thread's first pair of vectors is loaded before the
@@ -91,11 +90,27 @@ __global__ void RopeTableKernel(float2* table, int positions, int head_dim, doub
   const int half = head_dim / 2;
   const int64_t total = static_cast<int64_t>(positions) * half;
   for (int64_t k = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; k < total; k += int64_t{gridDim.x} * blockDim.x) {
-    const int i = static_cast<int>(k % half);
-    const double inv_freq = pow(base, -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
     double s, c;
-    sincos(static_cast<double>(k / half) * inv_freq, &s, &c);
+    sincos(static_cast<double>(k / half) * RopeInvFreq(static_cast<int>(k % half), head_dim, base), &s, &c);
     table[k] = make_float2(static_cast<float>(c), static_cast<float>(s));
+  }
+}
+
+// x in place by -angle from the table, pair by pair: RopeKernel's backward
+// arithmetic (RotatePair with -sin) with the table's cosines and sines.
+__global__ void RopeBackwardFromTableKernel(__nv_bfloat16* x, int64_t pairs, int heads, int head_dim,
+                                            int64_t row_stride, const float2* __restrict__ table,
+                                            const int32_t* __restrict__ positions) {
+  const int half = head_dim / 2, per_row = heads * half;
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < pairs; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t row = i / per_row;
+    const int rem = int(i - row * per_row), h = rem / half, k = rem % half;
+    __nv_bfloat16* lo = x + row * row_stride + int64_t{h} * head_dim + k;
+    const float2 cs = table[int64_t{positions[row]} * half + k];
+    float a, b;
+    RotatePair(__bfloat162float(*lo), __bfloat162float(lo[half]), cs.x, -cs.y, a, b);
+    *lo = __float2bfloat16_rn(a);
+    lo[half] = __float2bfloat16_rn(b);
   }
 }
 
@@ -139,6 +154,21 @@ Status RopeCosSinTable(float2* table, int positions, int head_dim, double base, 
   RopeTableKernel<<<blocks, 256, 0, stream>>>(table, positions, head_dim, base);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return Status::Internal(std::string("RopeCosSinTable launch: ") + cudaGetErrorString(err));
+  return Status::OK();
+}
+
+Status RopeBackwardFromTable(__nv_bfloat16* dx, const int32_t* positions, int tokens, int heads, int head_dim,
+                             const float2* table, cudaStream_t stream, int64_t row_stride) {
+  if (tokens < 0 || heads < 1 || head_dim < 2 || head_dim % 2 != 0 || head_dim > kRopeMaxHeadDim)
+    return Status::InvalidArgument("RopeBackwardFromTable: bad shape");
+  if (row_stride == 0) row_stride = static_cast<int64_t>(heads) * head_dim;
+  if (tokens == 0) return Status::OK();
+  if (!dx || !positions || !table) return Status::InvalidArgument("RopeBackwardFromTable: null pointer");
+  const int64_t pairs = static_cast<int64_t>(tokens) * heads * (head_dim / 2);
+  RopeBackwardFromTableKernel<<<1024, 256, 0, stream>>>(dx, pairs, heads, head_dim, row_stride, table, positions);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    return Status::Internal(std::string("RopeBackwardFromTable launch: ") + cudaGetErrorString(err));
   return Status::OK();
 }
 

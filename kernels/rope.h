@@ -42,4 +42,9 @@ Status RopeBackward(__nv_bfloat16* dx, const int32_t* positions, int tokens, int
 // [positions, head_dim / 2] float2.
 Status RopeCosSinTable(float2* table, int positions, int head_dim, double base, cudaStream_t stream);
 
+// RopeBackward with the angles from such a table (positions < the table's),
+// the same bits.
+Status RopeBackwardFromTable(__nv_bfloat16* dx, const int32_t* positions, int tokens, int heads, int head_dim,
+                             const float2* table, cudaStream_t stream, int64_t row_stride = 0);
+
 }  // namespace grove::kernels

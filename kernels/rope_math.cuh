@@ -7,6 +7,12 @@
 
 namespace grove::kernels {
 
+// base^(-2i/head_dim) in double: the frequency of pair i, one expression
+// for every place that computes angles (RopeKernel, RopeTableKernel).
+__device__ __forceinline__ double RopeInvFreq(int i, int head_dim, double base) {
+  return pow(base, -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
+}
+
 // (x, y) = (a cos - b sin, a sin + b cos) in fp32.
 __device__ __forceinline__ void RotatePair(float a, float b, float cos_a, float sin_a, float& x, float& y) {
   x = __fsub_rn(__fmul_rn(a, cos_a), __fmul_rn(b, sin_a));

@@ -51,12 +51,7 @@ Status RouterTopK(const RouterArgs& a, cudaStream_t stream) {
   if (a.tokens == 0) return Status::OK();
   const int blocks = (a.tokens + kWarps - 1) / kWarps;
   auto kernel = RouterTopKKernel<8>;
-  switch (RouterSlotsPerLane(a.experts)) {
-    case 1: kernel = RouterTopKKernel<1>; break;
-    case 2: kernel = RouterTopKKernel<2>; break;
-    case 4: kernel = RouterTopKKernel<4>; break;
-    default: break;
-  }
+  WithRouterSlots(a.experts, [&](auto slots) { kernel = RouterTopKKernel<decltype(slots)::value>; });
   cudaError_t err = LaunchKernel(kernel, dim3(blocks), dim3(kWarps * 32), 0, stream, a);
   if (err == cudaSuccess) err = cudaGetLastError();
   if (err != cudaSuccess)
@@ -248,13 +243,9 @@ Status RouterBackward(const RouterBackwardArgs& a, cudaStream_t stream) {
     if (err != cudaSuccess) return Status::Internal(std::string("router balance launch: ") + cudaGetErrorString(err));
   }
   const int blocks = (a.tokens + kWarps - 1) / kWarps;
-  auto kernel = RouterBackwardKernel<8>;  // the fewest slots a lane needs (RouterSlotsPerLane): same bits
-  switch (RouterSlotsPerLane(a.experts)) {
-    case 1: kernel = RouterBackwardKernel<1>; break;
-    case 2: kernel = RouterBackwardKernel<2>; break;
-    case 4: kernel = RouterBackwardKernel<4>; break;
-    default: break;
-  }
+  // The fewest slots a lane needs (RouterSlotsPerLane): same bits.
+  auto kernel = RouterBackwardKernel<8>;
+  WithRouterSlots(a.experts, [&](auto slots) { kernel = RouterBackwardKernel<decltype(slots)::value>; });
   kernel<<<blocks, kWarps * 32, 0, stream>>>(a, counts, token_loss);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return Status::Internal(std::string("router backward launch: ") + cudaGetErrorString(err));

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/router.h"
 
@@ -120,14 +121,21 @@ __device__ __forceinline__ void RouterTopKWarpN(const RouterArgs& a, int token) 
   }
 }
 
+// f(std::integral_constant<int, RouterSlotsPerLane(experts)>{}): picks the
+// template instance for an expert count (host launches, device dispatch).
+template <typename F>
+__host__ __device__ __forceinline__ void WithRouterSlots(int experts, F&& f) {
+  switch (RouterSlotsPerLane(experts)) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
 // RouterTopKWarpN for a's expert count (a uniform branch).
 __device__ __forceinline__ void RouterTopKWarp(const RouterArgs& a, int token) {
-  switch (RouterSlotsPerLane(a.experts)) {
-    case 1: RouterTopKWarpN<1>(a, token); break;
-    case 2: RouterTopKWarpN<2>(a, token); break;
-    case 4: RouterTopKWarpN<4>(a, token); break;
-    default: RouterTopKWarpN<8>(a, token); break;
-  }
+  WithRouterSlots(a.experts, [&](auto slots) { RouterTopKWarpN<decltype(slots)::value>(a, token); });
 }
 
 }  // namespace grove::kernels

@@ -194,13 +194,12 @@ struct Tape {
   DevBuf ids, counts, offsets, prob_mean, bal_count;  // [moe layers, ...]
   DevBuf rstd_final, h_final, hs, lse, logp;
   // [scored, vocab], when kept (Impl::keep_logits); else recomputed per
-  // chunk. fp32 logits, or with the fused head (fused_head) bf16 u = z - m
+  // chunk. fp32 logits, or with the fused head (Impl::fused_lm_head) bf16 u = z - m
   // of each 128-column block (GroupedGemmArgs::logit_block_stats), whose
   // (m, sum) pairs logit_stats holds [scored, LogitBlocks(vocab)] and the
   // targets' fp32 logits target_logit.
   DevBuf logits, logit_stats, target_logit;
   bool logits_kept = false;
-  bool fused_head = false;
   bool valid = false;
 };
 
@@ -354,7 +353,8 @@ struct GpuTransformer::Impl {
   // GROVE_FUSED_MOE_INPUT_GRAD=0 turns it off.
   bool fused_input_grad = true;
   // The LM head with the log-softmax statistics in the lm_head GEMM's
-  // epilogue (GroupedGemmArgs::logit_block_stats, sm_90 only): no fp32
+  // epilogue (GroupedGemmArgs::logit_block_stats; sm_90 only: Create clears
+  // it elsewhere): no fp32
   // logits written and read back, the kept ones half the size (bf16 u),
   // the gradient written over them in place. GROVE_FUSED_LM_HEAD=0 turns it
   // off (cuBLAS fp32 logits and kernels::TokenLogProbForward/Backward).
@@ -607,6 +607,7 @@ Result<std::unique_ptr<GpuTransformer>> GpuTransformer::Create(const ModelConfig
   };
   GROVE_RETURN_IF_ERROR(keep_mode("GROVE_KEEP_EXPERT_INPUTS", &im.keep_xe));
   GROVE_RETURN_IF_ERROR(keep_mode("GROVE_KEEP_LOGITS", &im.keep_logits));
+  im.fused_lm_head = im.fused_lm_head && im.hopper;
   if (im.fused_rope && im.hopper && c.head_dim == 128 && c.hidden % 8 == 0) {
     float2* table = nullptr;
     GROVE_RETURN_IF_ERROR(im.rope_table.Reserve(c.max_seq_len * (c.head_dim / 2), &table));
@@ -1161,8 +1162,8 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   GROVE_RETURN_IF_ERROR(tp.h_final.Reserve(R * H, &hf));
   GROVE_RETURN_IF_ERROR(tp.rstd_final.Reserve(R, &rstd_f));
   GROVE_RETURN_IF_ERROR(tp.hs.Reserve(S * H, &hs));
-  tp.fused_head = im.fused_lm_head && im.hopper;
-  const size_t logit_bytes = tp.fused_head ? sizeof(bf16) : sizeof(float);
+  const bool fused_head = im.fused_lm_head;
+  const size_t logit_bytes = fused_head ? sizeof(bf16) : sizeof(float);
   {
     const int64_t Pn_max = c.moe_layers() > 0 ? int64_t(R) * K : 0;
     tp.logits_kept = keep && trainable_ &&
@@ -1171,15 +1172,14 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   }
   // The chunk buffer when not kept: the fused head's u goes where the
   // backward's dz will (the same [chunk, V] bf16).
-  void* logits = nullptr;
-  GROVE_RETURN_IF_ERROR(tp.logits_kept    ? tp.logits.Reserve(size_t(std::max<int64_t>(S * V, 1)) * logit_bytes)
-                        : tp.fused_head ? im.dz.Reserve(size_t(chunk * V) * logit_bytes)
-                                        : im.logits.Reserve(size_t(chunk * V) * logit_bytes));
-  logits = tp.logits_kept ? tp.logits.as<void>() : tp.fused_head ? im.dz.as<void>() : im.logits.as<void>();
+  DevBuf& logit_buf = tp.logits_kept ? tp.logits : fused_head ? im.dz : im.logits;
+  const int64_t logit_count = std::max<int64_t>(tp.logits_kept ? S * V : chunk * V, 1);
+  GROVE_RETURN_IF_ERROR(logit_buf.Reserve(size_t(logit_count) * logit_bytes));
+  void* const logits = logit_buf.as<void>();
   const int logit_blocks = kernels::LogitBlocks(int(V));
   float2* logit_stats = nullptr;
   float* target_logit = nullptr;
-  if (tp.fused_head) {
+  if (fused_head) {
     GROVE_RETURN_IF_ERROR(tp.logit_stats.Reserve(S * logit_blocks, &logit_stats));
     GROVE_RETURN_IF_ERROR(tp.target_logit.Reserve(S, &target_logit));
   }
@@ -1191,7 +1191,7 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   im.Lap("rmsnorm fwd");
   for (int64_t r0 = 0; r0 < S; r0 += chunk) {
     const int64_t n = std::min<int64_t>(chunk, S - r0);
-    if (tp.fused_head) {
+    if (fused_head) {
       bf16* out = static_cast<bf16*>(logits) + (tp.logits_kept ? r0 * V : 0);
       GROVE_RETURN_IF_ERROR(im.FusedLmHead(hs + r0 * H, Wb("lm_head"), tp.lm_offsets.as<int32_t>() + 2 * (r0 / chunk),
                                            int(n), int(V), int(H), out, logit_stats + r0 * logit_blocks,
@@ -1204,7 +1204,7 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     GROVE_RETURN_IF_ERROR(kernels::TokenLogProbForward(out, tp.sc_target.as<int32_t>() + r0, logp + r0, lse + r0,
                                                        int(n), int(V), st));
   }
-  if (tp.fused_head)
+  if (fused_head)
     GROVE_RETURN_IF_ERROR(kernels::TokenLogProbFromBlockStats(logit_stats, target_logit, tp.sc_target.as<int32_t>(),
                                                               logp, lse, int(S), int(V), st));
   im.Lap("lm head + log-prob fwd", 2.0 * S * V * H);
@@ -1352,8 +1352,9 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
   const int64_t chunk = std::min<int64_t>(S, LmHeadChunk(V));
   float* logits = nullptr;
   // The fused head with kept logits writes dz over them: no chunk buffer.
-  if (!(tp.fused_head && tp.logits_kept)) GROVE_RETURN_IF_ERROR(im.dz.Reserve(chunk * V, &dz));
-  if (!tp.logits_kept && !tp.fused_head) GROVE_RETURN_IF_ERROR(im.logits.Reserve(chunk * V, &logits));
+  const bool fused_head = im.fused_lm_head;
+  if (!(fused_head && tp.logits_kept)) GROVE_RETURN_IF_ERROR(im.dz.Reserve(chunk * V, &dz));
+  if (!tp.logits_kept && !fused_head) GROVE_RETURN_IF_ERROR(im.logits.Reserve(chunk * V, &logits));
   GROVE_RETURN_IF_ERROR(im.norm_ws.Reserve(kernels::RmsNormBackwardWorkspaceBytes(R, int(H))));
   kernels::AttentionShape ash;
   ash.cu_seqlens = tp.cu_seqlens.as<int32_t>();
@@ -1428,12 +1429,12 @@ Status GpuTransformer::BackwardFromDevice(const float* dg) {
   // by chunk, recomputing u (fused; the same GEMM on the same inputs, so
   // the same u and statistics, written over the forward's with equal bits)
   // or the fp32 logits.
-  const int64_t step = tp.fused_head && tp.logits_kept ? std::max<int64_t>(S, 1) : chunk;
+  const int64_t step = fused_head && tp.logits_kept ? std::max<int64_t>(S, 1) : chunk;
   for (int64_t r0 = 0; r0 < S; r0 += step) {
     const int64_t n = std::min<int64_t>(step, S - r0);
     const bf16* hs = tp.hs.as<bf16>() + r0 * H;
     const bf16* dz_rows = dz;
-    if (tp.fused_head) {
+    if (fused_head) {
       const int blocks = kernels::LogitBlocks(int(V));
       float2* stats = tp.logit_stats.as<float2>() + r0 * blocks;
       bf16* u = tp.logits_kept ? tp.logits.as<bf16>() + r0 * V : dz;
