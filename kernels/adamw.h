@@ -6,6 +6,12 @@
 //   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
 //   p -= lr * (m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + wd * p)
 // Device pointers, 16-byte aligned; count a multiple of 4; step t >= 1.
+//
+// With bf16 moments (the second overload) m and v are computed in fp32 from
+// the stored values, the parameter is updated with those, and they are
+// stored rounded stochastically with kernels/stochastic_round.h's bits for
+// global index index_base + i and the step (learner::AdamW's on the host):
+// 22 bytes of traffic a parameter instead of 30.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -31,6 +37,10 @@ struct AdamWHyper {
 // param_bf16 (may be null) receives the updated parameters rounded to bf16.
 Status AdamWStep(float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
                  __nv_bfloat16* param_bf16, int64_t count, const AdamWHyper& hyper,
+                 cudaStream_t stream);
+// m and v 8-byte aligned here; index_base a multiple of 4.
+Status AdamWStep(float* param, const float* grad, __nv_bfloat16* exp_avg, __nv_bfloat16* exp_avg_sq,
+                 __nv_bfloat16* param_bf16, int64_t count, int64_t index_base, const AdamWHyper& hyper,
                  cudaStream_t stream);
 
 }  // namespace grove::kernels

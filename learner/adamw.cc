@@ -3,6 +3,8 @@
 #include <cmath>
 #include <string>
 
+#include "kernels/stochastic_round.h"
+
 namespace grove::learner {
 
 Status ValidateAdamWOptions(const AdamWOptions& o) {
@@ -43,6 +45,14 @@ Status AdamW::SetNoDecayRanges(std::span<const ParamRange> ranges) {
   return Status::OK();
 }
 
+Result<MomentPrecision> ParseMomentPrecision(std::string_view name) {
+  if (name == "fp32") return MomentPrecision::kFp32;
+  if (name == "bf16") return MomentPrecision::kBf16;
+  return Status::InvalidArgument("adamw moments: unknown precision '" + std::string(name) + "' (known: fp32, bf16)");
+}
+
+const char* MomentPrecisionName(MomentPrecision p) { return p == MomentPrecision::kBf16 ? "bf16" : "fp32"; }
+
 Status AdamW::Step(std::span<float> params, std::span<const float> grads, double lr) {
   const size_t n = m_.size();
   if (params.size() != n || grads.size() != n)
@@ -68,22 +78,38 @@ Status AdamW::Step(std::span<float> params, std::span<const float> grads, double
   float* __restrict v = v_.data();
   // Two copies of a branch-free body (with and without a mask) so the
   // compiler vectorizes both; the mask picks the decay factor by a select.
-  auto update = [&](auto decay_of) {
+  // The stored moments are rounded after the parameter's update used them.
+  auto update = [&](auto decay_of, auto store_moments) {
     for (size_t i = 0; i < n; ++i) {
       const float gi = g[i];
       const float mi = b1 * m[i] + one_minus_b1 * gi;
       const float vi = b2 * v[i] + one_minus_b2 * gi * gi;
-      m[i] = mi;
-      v[i] = vi;
+      store_moments(i, mi, vi);
       p[i] = p[i] * decay_of(i) - step_size * mi / (std::sqrt(vi) * inv_sqrt_bc2 + eps);
     }
   };
-  if (decay_mask_.empty()) {
-    update([decay](size_t) { return decay; });
-  } else {
-    const uint8_t* mask = decay_mask_.data();
-    update([decay, mask](size_t i) { return mask[i] != 0 ? decay : 1.0f; });
+  auto with_decay = [&](auto store_moments) {
+    if (decay_mask_.empty()) {
+      update([decay](size_t) { return decay; }, store_moments);
+    } else {
+      const uint8_t* mask = decay_mask_.data();
+      update([decay, mask](size_t i) { return mask[i] != 0 ? decay : 1.0f; }, store_moments);
+    }
+  };
+  if (options_.moments == MomentPrecision::kFp32) {
+    with_decay([m, v](size_t i, float mi, float vi) {
+      m[i] = mi;
+      v[i] = vi;
+    });
+    return Status::OK();
   }
+  const int64_t step = step_;
+  with_decay([m, v, step](size_t i, float mi, float vi) {
+    // The same bits as kernels/adamw.cu's for this index and step.
+    const uint32_t r = kernels::StochasticRoundBits(kernels::StochasticRoundStepKey(step, uint64_t(i) >> 32), i);
+    m[i] = kernels::Bf16BitsToFloat(kernels::Bf16StochasticRound(mi, r));
+    v[i] = kernels::Bf16BitsToFloat(kernels::Bf16StochasticRound(vi, r >> 16));
+  });
   return Status::OK();
 }
 
@@ -98,6 +124,10 @@ Status AdamW::ImportState(const AdamWState& s) {
   step_ = s.step;
   m_ = s.m;
   v_ = s.v;
+  if (options_.moments == MomentPrecision::kBf16) {
+    for (float& x : m_) x = kernels::Bf16BitsToFloat(kernels::Bf16RoundNearest(x));
+    for (float& x : v_) x = kernels::Bf16BitsToFloat(kernels::Bf16RoundNearest(x));
+  }
   return Status::OK();
 }
 

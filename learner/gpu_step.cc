@@ -4,9 +4,12 @@
 
 #include <cmath>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "kernels/adamw.h"
 #include "kernels/grpo_loss.h"
+#include "kernels/stochastic_round.h"
 #include "kernels/sum_of_squares.h"
 
 namespace grove::learner {
@@ -54,7 +57,7 @@ Result<std::unique_ptr<GpuGrpoStep>> GpuGrpoStep::Create(const model::Model& pol
       s->runs_.push_back({t.offset, t.numel, decay});
     }
   }
-  const size_t bytes = size_t(layout.total()) * sizeof(float);
+  const size_t bytes = s->MomentBytes();
   GROVE_RETURN_IF_ERROR(Cuda(cudaMalloc(&s->m_, bytes), "allocate AdamW m"));
   GROVE_RETURN_IF_ERROR(Cuda(cudaMalloc(&s->v_, bytes), "allocate AdamW v"));
   GROVE_RETURN_IF_ERROR(Cuda(cudaMemset(s->m_, 0, bytes), "zero m"));
@@ -65,11 +68,14 @@ Result<std::unique_ptr<GpuGrpoStep>> GpuGrpoStep::Create(const model::Model& pol
   return s;
 }
 
+size_t GpuGrpoStep::MomentBytes() const {
+  return size_t(policy_->layout().total()) * (options_.moments == MomentPrecision::kBf16 ? 2 : 4);
+}
+
 Result<UpdateReport> GpuGrpoStep::Update(double lr, double max_grad_norm, Phase phase) {
   model::GpuTransformer& p = *policy_;
   GROVE_RETURN_IF_ERROR(Cuda(cudaSetDevice(p.device()), "set device"));
   cudaStream_t stream = static_cast<cudaStream_t>(p.stream());
-  const int64_t n = p.layout().total();
   if (phase != moments_of_) {
     if (phase == Phase::kWarmStart && step_ > 0)
       return Status::FailedPrecondition("GpuGrpoStep: a warm-start update after " + std::to_string(step_) +
@@ -77,8 +83,8 @@ Result<UpdateReport> GpuGrpoStep::Update(double lr, double max_grad_norm, Phase 
     // GRPO after warm-start: its own moments start at zero. (Warm-start
     // before any GRPO update: the moments are still the initial zeros.)
     if (phase == Phase::kGrpo) {
-      GROVE_RETURN_IF_ERROR(Cuda(cudaMemsetAsync(m_, 0, size_t(n) * sizeof(float), stream), "zero m"));
-      GROVE_RETURN_IF_ERROR(Cuda(cudaMemsetAsync(v_, 0, size_t(n) * sizeof(float), stream), "zero v"));
+      GROVE_RETURN_IF_ERROR(Cuda(cudaMemsetAsync(m_, 0, MomentBytes(), stream), "zero m"));
+      GROVE_RETURN_IF_ERROR(Cuda(cudaMemsetAsync(v_, 0, MomentBytes(), stream), "zero v"));
     }
     moments_of_ = phase;
   }
@@ -118,8 +124,16 @@ Result<UpdateReport> GpuGrpoStep::Update(double lr, double max_grad_norm, Phase 
   auto* mirror = static_cast<__nv_bfloat16*>(p.device_params_bf16());
   for (const Run& r : runs_) {
     hyper.weight_decay = r.decay ? float(options_.weight_decay) : 0.f;
-    GROVE_RETURN_IF_ERROR(kernels::AdamWStep(params + r.offset, grads + r.offset, m_ + r.offset, v_ + r.offset,
-                                             mirror + r.offset, r.count, hyper, stream));
+    if (options_.moments == MomentPrecision::kBf16) {
+      GROVE_RETURN_IF_ERROR(kernels::AdamWStep(params + r.offset, grads + r.offset,
+                                               static_cast<__nv_bfloat16*>(m_) + r.offset,
+                                               static_cast<__nv_bfloat16*>(v_) + r.offset, mirror + r.offset, r.count,
+                                               /*index_base=*/r.offset, hyper, stream));
+    } else {
+      GROVE_RETURN_IF_ERROR(kernels::AdamWStep(params + r.offset, grads + r.offset, static_cast<float*>(m_) + r.offset,
+                                               static_cast<float*>(v_) + r.offset, mirror + r.offset, r.count, hyper,
+                                               stream));
+    }
   }
   prof.Lap("optimizer: AdamW");  // which wrote the bf16 mirror too: nothing to refresh
   GROVE_RETURN_IF_ERROR(p.Synchronize());
@@ -295,8 +309,16 @@ Result<AdamWState> GpuGrpoStep::ExportState() const {
   s.m.resize(n);
   s.v.resize(n);
   GROVE_RETURN_IF_ERROR(Cuda(cudaSetDevice(policy_->device()), "set device"));
-  GROVE_RETURN_IF_ERROR(Cuda(cudaMemcpy(s.m.data(), m_, n * sizeof(float), cudaMemcpyDeviceToHost), "download m"));
-  GROVE_RETURN_IF_ERROR(Cuda(cudaMemcpy(s.v.data(), v_, n * sizeof(float), cudaMemcpyDeviceToHost), "download v"));
+  if (options_.moments == MomentPrecision::kFp32) {
+    GROVE_RETURN_IF_ERROR(Cuda(cudaMemcpy(s.m.data(), m_, n * sizeof(float), cudaMemcpyDeviceToHost), "download m"));
+    GROVE_RETURN_IF_ERROR(Cuda(cudaMemcpy(s.v.data(), v_, n * sizeof(float), cudaMemcpyDeviceToHost), "download v"));
+    return s;
+  }
+  std::vector<uint16_t> bits(n);
+  for (auto [from, to] : {std::pair{m_, &s.m}, std::pair{v_, &s.v}}) {
+    GROVE_RETURN_IF_ERROR(Cuda(cudaMemcpy(bits.data(), from, n * 2, cudaMemcpyDeviceToHost), "download moments"));
+    for (int64_t i = 0; i < n; ++i) (*to)[i] = kernels::Bf16BitsToFloat(bits[i]);
+  }
   return s;
 }
 
@@ -307,8 +329,17 @@ Status GpuGrpoStep::ImportState(const AdamWState& state) {
                                    std::to_string(state.v.size()) + " values for " + std::to_string(n) +
                                    " parameters");
   GROVE_RETURN_IF_ERROR(Cuda(cudaSetDevice(policy_->device()), "set device"));
-  GROVE_RETURN_IF_ERROR(Cuda(cudaMemcpy(m_, state.m.data(), n * sizeof(float), cudaMemcpyHostToDevice), "upload m"));
-  GROVE_RETURN_IF_ERROR(Cuda(cudaMemcpy(v_, state.v.data(), n * sizeof(float), cudaMemcpyHostToDevice), "upload v"));
+  if (options_.moments == MomentPrecision::kFp32) {
+    GROVE_RETURN_IF_ERROR(Cuda(cudaMemcpy(m_, state.m.data(), n * sizeof(float), cudaMemcpyHostToDevice), "upload m"));
+    GROVE_RETURN_IF_ERROR(Cuda(cudaMemcpy(v_, state.v.data(), n * sizeof(float), cudaMemcpyHostToDevice), "upload v"));
+  } else {
+    // To the nearest bf16, as learner::AdamW::ImportState rounds.
+    std::vector<uint16_t> bits(n);
+    for (auto [from, to] : {std::pair{&state.m, m_}, std::pair{&state.v, v_}}) {
+      for (int64_t i = 0; i < n; ++i) bits[i] = kernels::Bf16RoundNearest((*from)[i]);
+      GROVE_RETURN_IF_ERROR(Cuda(cudaMemcpy(to, bits.data(), n * 2, cudaMemcpyHostToDevice), "upload moments"));
+    }
+  }
   step_ = state.step;
   moments_of_ = Phase::kGrpo;
   return Status::OK();

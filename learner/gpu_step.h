@@ -88,8 +88,10 @@ class GpuGrpoStep {
   std::unique_ptr<model::GpuTransformer> policy_, reference_;
   AdamWOptions options_;
   std::vector<Run> runs_;
-  float* m_ = nullptr;
-  float* v_ = nullptr;
+  // fp32 or bf16 moments (options_.moments): MomentBytes() each.
+  size_t MomentBytes() const;
+  void* m_ = nullptr;
+  void* v_ = nullptr;
   actors::DeviceBuffer norm_buf_;  // the gradient norm: its sum of squares, then SumOfSquares' workspace
   actors::DeviceBuffer loss_buf_;  // LossAndBackward's inputs, outputs and workspace
   int64_t step_ = 0;

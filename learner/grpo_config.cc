@@ -112,13 +112,17 @@ Result<GrpoConfig> ParseGrpoConfig(const Config& root, std::string_view path) {
   GROVE_ASSIGN_OR_RETURN(c.dynamic_sampling, s.Bool("dynamic_sampling", c.dynamic_sampling));
 
   const Config opt = root.Section(opt_path);
-  GROVE_RETURN_IF_ERROR(opt.CheckKeys({"lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm"}));
+  GROVE_RETURN_IF_ERROR(opt.CheckKeys({"lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm", "moments"}));
   GROVE_ASSIGN_OR_RETURN(c.schedule.peak_lr, opt.Double("lr", c.schedule.peak_lr));
   GROVE_ASSIGN_OR_RETURN(c.optimizer.beta1, opt.Double("beta1", c.optimizer.beta1));
   GROVE_ASSIGN_OR_RETURN(c.optimizer.beta2, opt.Double("beta2", c.optimizer.beta2));
   GROVE_ASSIGN_OR_RETURN(c.optimizer.eps, opt.Double("eps", c.optimizer.eps));
   GROVE_ASSIGN_OR_RETURN(c.optimizer.weight_decay, opt.Double("weight_decay", c.optimizer.weight_decay));
   GROVE_ASSIGN_OR_RETURN(c.max_grad_norm, opt.Double("max_grad_norm", c.max_grad_norm));
+  GROVE_ASSIGN_OR_RETURN(std::string moments, opt.String("moments", MomentPrecisionName(c.optimizer.moments)));
+  Result<MomentPrecision> moment_precision = ParseMomentPrecision(moments);
+  if (!moment_precision.ok()) return moment_precision.status().WithContext(Where(root, opt_path, "moments"));
+  c.optimizer.moments = *moment_precision;
   Status opt_ok = ValidateAdamWOptions(c.optimizer);
   if (!opt_ok.ok()) return opt_ok.WithContext(root.source() + ": " + std::string(path));
   if (!(c.max_grad_norm >= 0.0) || !std::isfinite(c.max_grad_norm))

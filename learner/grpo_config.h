@@ -17,6 +17,7 @@
 //   [learner.grpo.optimizer]
 //   lr = 1e-6  beta1 = 0.9  beta2 = 0.999  eps = 1e-8  weight_decay = 0.01
 //   max_grad_norm = 1.0         # 0 disables clipping
+//   moments = "fp32"            # fp32 | bf16: AdamW's m and v (learner/adamw.h)
 //   [learner.grpo.schedule]
 //   warmup_steps = 0  decay = "constant"  total_steps = 0  min_lr = 0.0
 //

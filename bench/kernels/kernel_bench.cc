@@ -22,6 +22,7 @@
 //        kernel_bench --attention (only the attention table)
 //        kernel_bench --paged     (paged decode attention, split vs unsplit)
 //        kernel_bench --step      (copy ceiling and the step-kernel table)
+//        kernel_bench --memory    (the memory-bound kernels: casts, norms, AdamW fp32 / bf16 moments)
 //        kernel_bench --norm      (the backward's RMSNorm + residual work:
 //                                  the old five-launch path against the fused kernel)
 //        kernel_bench --dw        (the experts' weight gradients: GroupedWeightGrad
@@ -362,6 +363,11 @@ void MemoryBoundKernels(std::mt19937_64& rng, int reps, double copy_gbs) {
     grove::kernels::AdamWHyper hyper;
     double ms = MedianMs([&] { (void)grove::kernels::AdamWStep(p, g, m, v, pb, n, hyper, nullptr); }, reps);
     report("AdamW 128M params (+bf16 copy)", ms, n * 30.0);
+    // bf16 moments (the first n * 2 bytes of m and v reinterpreted; zeros either way).
+    auto* mb = reinterpret_cast<__nv_bfloat16*>(m);
+    auto* vb = reinterpret_cast<__nv_bfloat16*>(v);
+    ms = MedianMs([&] { (void)grove::kernels::AdamWStep(p, g, mb, vb, pb, n, 0, hyper, nullptr); }, reps);
+    report("AdamW 128M params, bf16 moments (+bf16 copy)", ms, n * 22.0);
     for (float* b : {p, g, m, v}) cudaFree(b);
     cudaFree(pb);
   }
@@ -1462,6 +1468,11 @@ int main(int argc, char** argv) {
   if (argc > 1 && std::strcmp(argv[1], "--step") == 0) {
     std::mt19937_64 rng(7);
     StepKernels(rng, 30, CopyCeilingGbs());
+    return 0;
+  }
+  if (argc > 1 && std::strcmp(argv[1], "--memory") == 0) {  // the memory-bound rows alone (AdamW among them)
+    std::mt19937_64 rng(7);
+    MemoryBoundKernels(rng, 30, CopyCeilingGbs());
     return 0;
   }
   if (argc > 1 && std::strcmp(argv[1], "--norm") == 0) {

@@ -67,6 +67,7 @@ DEFINE_bool(reference, false, "also time one reference forward (beta > 0 needs i
 DEFINE_string(save_checkpoint, "", "write the initial parameters here (safetensors)");
 DEFINE_uint64(seed, 1, "init and token seed");
 DEFINE_bool(fast_init, true, "fill the weights on all cores (same distribution as Model::Create)");
+DEFINE_string(adam_moments, "fp32", "AdamW's moments: fp32 | bf16 (stochastically rounded, as DeepSeek-V3 keeps them)");
 DEFINE_bool(host_loss, false, "GRPO loss on the host (downloaded log-probs) instead of on the device");
 
 namespace grove::learner {
@@ -114,6 +115,9 @@ int Run() {
   AdamWOptions adam;
   adam.beta2 = 0.95;
   adam.weight_decay = 0.1;
+  auto moments = ParseMomentPrecision(FLAGS_adam_moments);
+  GROVE_BENCH_CHECK_OK(moments.status());
+  adam.moments = *moments;
   auto step = GpuGrpoStep::Create(**host, **host, adam, NoDecayRanges((*host)->layout()));
   GROVE_BENCH_CHECK_OK(step.status());
   std::printf("uploaded to the GPU in %.1f s\n", Since(t0));
@@ -163,6 +167,7 @@ int Run() {
   const double tokens = double(B) * L;
   std::printf("batch %d x %d tokens (prompt %d + completion %d), N_matmul %.4g, FLOPs/token %.4g\n", B, L,
               FLAGS_prompt, FLAGS_completion, MatmulParamsPerToken(c), flops_per_token);
+  std::printf("AdamW moments: %s\n", MomentPrecisionName(adam.moments));
   std::printf("GRPO loss on the %s; expert dW streams: %s; expert dW: %s\n", FLAGS_host_loss ? "host" : "device",
               std::getenv("GROVE_EXPERT_DW_STREAMS") ? std::getenv("GROVE_EXPERT_DW_STREAMS")
                                                      : "default (0, in order)",

@@ -91,6 +91,7 @@ beta2 = 0.95
 eps = 1e-6
 weight_decay = 0.1
 max_grad_norm = 0.5
+moments = "bf16"
 [learner.grpo.schedule]
 warmup_steps = 5
 decay = "cosine"
@@ -109,6 +110,7 @@ min_lr = 1e-5
   EXPECT_DOUBLE_EQ(c->optimizer.beta2, 0.95);
   EXPECT_DOUBLE_EQ(c->optimizer.weight_decay, 0.1);
   EXPECT_DOUBLE_EQ(c->max_grad_norm, 0.5);
+  EXPECT_EQ(c->optimizer.moments, MomentPrecision::kBf16);
   EXPECT_EQ(c->schedule.warmup_steps, 5);
   EXPECT_EQ(c->schedule.decay, LrDecay::kCosine);
   EXPECT_EQ(c->schedule.total_steps, 100);
@@ -130,6 +132,8 @@ TEST(GrpoConfig, ClearErrors) {
   ExpectError("[learner.grpo.optimizer]\nbeta2 = 1.0\n", "beta2");
   ExpectError("[learner.grpo.optimizer]\nmax_grad_norm = -1\n", "max_grad_norm");
   ExpectError("[learner.grpo.optimizer]\nlr = 0\n", "learning rate");
+  ExpectError("[learner.grpo.optimizer]\nmoments = \"fp16\"\n", "unknown precision 'fp16' (known: fp32, bf16)");
+  ExpectError("[learner.grpo.optimizer]\nmoments = \"fp16\"\n", "learner.grpo.optimizer.moments");
   ExpectError("[learner.grpo.schedule]\ndecay = \"linear\"\n", "learner.grpo.schedule.decay");
   ExpectError("[learner.grpo.schedule]\ndecay = \"cosine\"\nwarmup_steps = 10\ntotal_steps = 5\n", "total_steps");
   ExpectError("[learner.grpo]\nvariant = \"dapo\"\nmax_tokens = 0\nloss_aggregation = \"seq_mean_token_sum_norm\"\n",

@@ -17,15 +17,18 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <filesystem>
 #include <cstdio>
 #include <random>
 #include <span>
 #include <string>
 #include <vector>
 
+#include "kernels/stochastic_round.h"
 #include "learner/gpu_step.h"
 #include "learner/grpo_loss.h"
 #include "learner/grpo_trainer.h"
+#include "model/checkpoint.h"
 #include "model/config.h"
 #include "model/gpu_transformer.h"
 
@@ -105,6 +108,7 @@ class CpuAndGpuTrainers : public ::testing::Test {
   model::ModelConfig mc_;
   TrainerOptions opt_;
   std::unique_ptr<GrpoTrainer> cpu_, gpu_;
+  void ExpectSameSteps();
 };
 
 // Groups of random tokens whose rollout log-probs are the model's own plus
@@ -164,7 +168,9 @@ void ExpectSameUpdate(const std::vector<float>& start_cpu, const std::vector<flo
   EXPECT_LE(worst, 2.0 * lr_sum * 1.01 + 1e-6) << what;
 }
 
-TEST_F(CpuAndGpuTrainers, MatchesTheCpuStep) {
+// Two GRPO steps on both devices from the same groups: losses, gradient
+// norms, the updates (ExpectSameUpdate) and the router biases.
+void CpuAndGpuTrainers::ExpectSameSteps() {
   ASSERT_NO_FATAL_FAILURE(Make(/*micro_batch=*/5));
   std::mt19937_64 rng(seed_);
   const std::vector<TrainingGroup> groups = Groups(cpu_->policy(), rng, 3, 4);
@@ -189,6 +195,34 @@ TEST_F(CpuAndGpuTrainers, MatchesTheCpuStep) {
       for (int64_t e = 0; e < b->numel; ++e) EXPECT_EQ(pc[b->offset + e], pg[b->offset + e]) << b->name;
     }
   }
+}
+
+TEST_F(CpuAndGpuTrainers, MatchesTheCpuStep) { ExpectSameSteps(); }
+
+// The same with AdamW's moments in bf16 on both devices (stochastically
+// rounded with the same bits a parameter and step: learner/adamw.h). The
+// bounds are the fp32 ones: the rounding moves an update by ~0.6%
+// (tests/learner/adamw_test.cc), far inside them.
+TEST_F(CpuAndGpuTrainers, MatchesTheCpuStepWithBf16Moments) {
+  opt_.grpo.optimizer.moments = MomentPrecision::kBf16;
+  ExpectSameSteps();
+  // A checkpoint holds the device's moments as the bf16 values they are.
+  const std::string dir = ::testing::TempDir() + "/bf16_moments_" + std::to_string(seed_);
+  ASSERT_TRUE(gpu_->SaveCheckpoint(dir).ok());
+  auto state = model::LoadOptimizerState(model::OptimizerStatePath(dir + "/model.safetensors"),
+                                         gpu_->policy().layout(), {"adam_m", "adam_v"});
+  ASSERT_TRUE(state.ok()) << state.status();
+  size_t nonzero = 0, values = 0;
+  for (const auto& [name, moments] : state->buffers) {
+    values += moments.size();
+    for (float x : moments) {
+      ASSERT_EQ(kernels::Bf16BitsToFloat(kernels::Bf16RoundNearest(x)), x) << name;
+      nonzero += x != 0.f;
+    }
+  }
+  EXPECT_EQ(values, 2 * gpu_->policy().params().size());
+  EXPECT_GT(nonzero, values / 2);
+  std::filesystem::remove_all(dir);
 }
 
 // The supervised warm-start on the GPU against the CPU's: the same batches,
@@ -264,6 +298,41 @@ TEST_F(CpuAndGpuTrainers, WarmStartMatchesTheCpuAndGrpoStartsFromZeroMoments) {
   auto late = gpu_->SupervisedStep(batch, sft_lr);
   EXPECT_FALSE(late.ok());
   EXPECT_EQ(late.status().code(), StatusCode::kFailedPrecondition) << late.status().ToString();
+}
+
+// Optimizer state into and out of bf16 device moments: imported fp32
+// values are rounded to nearest as the host AdamW rounds them, exported
+// ones come back exactly; a state of the wrong size is refused.
+TEST(GpuGrpoStep, Bf16MomentsImportAndExportLikeTheHost) {
+  if (model::GpuTransformer::DeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  auto mc = TestModelConfig();
+  ASSERT_TRUE(mc.ok()) << mc.status();
+  auto host = model::Model::Create(*mc, seed);
+  ASSERT_TRUE(host.ok());
+  AdamWOptions options;
+  options.moments = MomentPrecision::kBf16;
+  auto step = GpuGrpoStep::Create(**host, **host, options, {});
+  ASSERT_TRUE(step.ok()) << step.status().ToString();
+  const size_t n = (*host)->params().size();
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  AdamWState in{7, std::vector<float>(n), std::vector<float>(n)};
+  for (size_t i = 0; i < n; ++i) in.m[i] = 1e-3f * nd(rng), in.v[i] = 1e-6f * std::abs(nd(rng));
+  ASSERT_TRUE((*step)->ImportState(in).ok());
+  auto out = (*step)->ExportState();
+  ASSERT_TRUE(out.ok()) << out.status();
+  auto cpu = AdamW::Create(n, options);
+  ASSERT_TRUE(cpu.ok());
+  ASSERT_TRUE(cpu->ImportState(in).ok());
+  const AdamWState want = cpu->ExportState();
+  EXPECT_EQ(out->step, 7);
+  EXPECT_EQ(out->m, want.m);
+  EXPECT_EQ(out->v, want.v);
+  EXPECT_NE(out->m, in.m);  // rounded, not kept as fp32
+  in.v.pop_back();
+  EXPECT_EQ((*step)->ImportState(in).code(), StatusCode::kInvalidArgument);
 }
 
 // The device GRPO loss (GpuGrpoStep::LossAndBackward, kernels::GrpoLoss) on
