@@ -203,7 +203,11 @@ Result<model::ScoreResult<float>> GrpoTrainer::ScoreOnStepDevice(bool policy,
                                                                  const std::vector<model::ScoreRequest>& reqs,
                                                                  bool keep_for_backward) {
 #ifdef GROVE_LEARNER_GPU
-  if (gpu_) return (policy ? gpu_->policy() : gpu_->reference()).Score(reqs, keep_for_backward);
+  // The step reads the log-probs and expert loads, never the routes (it
+  // replays them): not copying them saves ~1 ms of host time a 32k-token
+  // micro-batch with the GPU idle.
+  if (gpu_)
+    return (policy ? gpu_->policy() : gpu_->reference()).Score(reqs, keep_for_backward, /*return_routes=*/false);
 #endif
   return (policy ? *policy_ : *reference_).Score(reqs, keep_for_backward);
 }

@@ -144,7 +144,8 @@ class GrpoTrainer {
   Status SyncFromGpu();
   Status SyncPolicyToGpu();
   // Score (policy or frozen reference), Backward and ZeroGrad on the model
-  // the step runs on: the GPU's when there is one, else the host's.
+  // the step runs on: the GPU's when there is one, else the host's. The
+  // GPU's Score returns no routes (the steps do not read them).
   Result<model::ScoreResult<float>> ScoreOnStepDevice(bool policy, const std::vector<model::ScoreRequest>& reqs,
                                                       bool keep_for_backward);
   Status BackwardOnStepDevice(const std::vector<std::vector<float>>& dlogp);

@@ -245,6 +245,19 @@ void ForEachRequest(int n, F&& fn) {
   grove::ParallelFor(n, n < 4 ? 1 : 8, [&](int64_t i) { fn(int(i)); });
 }
 
+// dst[0, n) = src[0, n), returning the largest value copied: one pass that
+// both stages and range-checks (the compiler vectorizes the select).
+template <typename T>
+T CopyAndMax(const T* __restrict src, int64_t n, T* __restrict dst, T init) {
+  T hi = init;
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = src[i];
+    dst[i] = v;
+    hi = v > hi ? v : hi;
+  }
+  return hi;
+}
+
 // grove's grouped GEMM as a dense one: a single expert over all `rows` rows
 // (offsets: {0, rows} on the device), bf16 out, K-major W; the caller adds
 // the epilogue.
@@ -855,9 +868,12 @@ Status Upload(DevBuf& buf, const T* host, int64_t count, cudaStream_t stream) {
 
 }  // namespace
 
-Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>& batch, bool keep) {
+Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>& batch, bool keep,
+                                                 bool return_routes) {
   const ModelConfig& c = config_;
-  GROVE_RETURN_IF_ERROR(ValidateScoreRequests(c, batch));
+  // The lengths here, the values as the staging copy below reads them (the
+  // GPU idles while the host checks and stages: one pass, not two).
+  GROVE_RETURN_IF_ERROR(ValidateScoreShapes(c, batch));
   GPU_OK(cudaSetDevice(device_));
   Impl& im = *impl_;
   im.prof->Start();
@@ -866,8 +882,6 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   const int64_t M = c.moe_layers(), K = c.top_k, E = c.experts, V = c.vocab_size, H = c.hidden,
                 hd = c.head_dim, qd = c.heads * hd, kd = c.kv_heads * hd, qkvd = qd + 2 * kd;
   Tape& tp = keep ? im.kept : im.scratch;
-  tp.valid = false;
-  im.last = &tp;
 
   // Host-side index arrays of the packed batch (row r = input position),
   // sized first, then filled per request in parallel straight into the
@@ -875,15 +889,15 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   const bool replay = !batch[0].replay_routes.empty();
   const int B = int(batch.size());
   std::vector<int32_t> seq_len(B), row0(B + 1, 0), sc0(B + 1, 0);
-  tp.sizes.resize(B);
+  std::vector<size_t> scored(B);
   int max_len = 0;
   for (int i = 0; i < B; ++i) {
     const ScoreRequest& r = batch[i];
     const int n = int(r.tokens.size()) - 1;
     seq_len[i] = n;
     row0[i + 1] = row0[i] + n;
-    tp.sizes[i] = size_t(n + 1 - r.score_from);
-    sc0[i + 1] = sc0[i] + int(tp.sizes[i]);
+    scored[i] = size_t(n + 1 - r.score_from);
+    sc0[i + 1] = sc0[i] + int(scored[i]);
     max_len = std::max(max_len, n);
   }
   const int R = row0[B], S = sc0[B];
@@ -914,17 +928,35 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
     lm_off[2 * i] = 0;
     lm_off[2 * i + 1] = int32_t(std::min<int64_t>(lm_chunk, S - i * lm_chunk));
   }
+  std::vector<uint8_t> values_ok(B);
   ForEachRequest(B, [&](int i) {
     const ScoreRequest& r = batch[i];
     const int n = seq_len[i], r0 = row0[i];
-    std::copy_n(r.tokens.data(), n, tokens + r0);
+    // Token ids are checked through min and max: a negative id is a huge
+    // unsigned one.
+    const uint32_t top_token =
+        std::max(CopyAndMax(reinterpret_cast<const uint32_t*>(r.tokens.data()), n,
+                            reinterpret_cast<uint32_t*>(tokens + r0), 0u),
+                 uint32_t(r.tokens[n]));
     for (int t = 0; t < n; ++t) pos[r0 + t] = t;
     for (int64_t t = r.score_from, j = sc0[i]; t < n + 1; ++t, ++j) {
       sc_row[j] = r0 + int32_t(t) - 1;
       sc_target[j] = r.tokens[t];
     }
-    if (replay) std::copy_n(r.replay_routes.data(), size_t(n) * M * K, replay_ids + size_t(r0) * M * K);
+    const uint16_t top_expert =
+        replay ? CopyAndMax(r.replay_routes.data(), int64_t(n) * M * K, replay_ids + size_t(r0) * M * K, uint16_t{0})
+               : uint16_t{0};
+    values_ok[i] = top_token < uint32_t(V) && (!replay || top_expert < E);
   });
+  if (std::find(values_ok.begin(), values_ok.end(), 0) != values_ok.end()) {
+    // Nothing was launched; the full check names the request and element.
+    Status bad = ValidateScoreRequests(c, batch);
+    return bad.ok() ? Status::Internal("Score: a value check failed that ValidateScoreRequests passes") : bad;
+  }
+  // The batch is good: from here this Score replaces the tape's last one.
+  tp.valid = false;
+  im.last = &tp;
+  tp.sizes = std::move(scored);
   tp.rows = R;
   tp.seqs = B;
   tp.scored = S;
@@ -1219,8 +1251,9 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
   tp.h_counts.assign(size_t(M) * E, 0);
   GPU_OK(cudaMemcpyAsync(h_logp.data(), logp, S * sizeof(float), cudaMemcpyDeviceToHost, st));
   if (M > 0) {
-    GPU_OK(cudaMemcpyAsync(route_pinned, im.route_rows.as<uint16_t>(), route_count * sizeof(uint16_t),
-                           cudaMemcpyDeviceToHost, st));
+    if (return_routes)
+      GPU_OK(cudaMemcpyAsync(route_pinned, im.route_rows.as<uint16_t>(), route_count * sizeof(uint16_t),
+                             cudaMemcpyDeviceToHost, st));
     GPU_OK(cudaMemcpyAsync(tp.h_counts.data(), counts_all, tp.h_counts.size() * sizeof(int32_t),
                            cudaMemcpyDeviceToHost, st));
   }
@@ -1238,14 +1271,18 @@ Result<ScoreResult<float>> GpuTransformer::Score(const std::vector<ScoreRequest>
 
   ScoreResult<float> out;
   out.logprobs.resize(B);
-  out.routes.resize(B);
-  std::vector<size_t> at(B + 1, 0);
-  for (int i = 0; i < B; ++i) at[i + 1] = at[i] + tp.sizes[i];
-  ForEachRequest(B, [&](int i) {
-    out.logprobs[i].assign(h_logp.begin() + at[i], h_logp.begin() + at[i + 1]);
-    const size_t row_len = size_t(M) * K, first = size_t(cu[i]) * row_len;
-    out.routes[i].assign(h_routes + first, h_routes + first + size_t(seq_len[i]) * row_len);
-  });
+  for (int i = 0, at = 0; i < B; at += int(tp.sizes[i]), ++i)
+    out.logprobs[i].assign(h_logp.begin() + at, h_logp.begin() + at + tp.sizes[i]);
+  if (return_routes) {
+    // ~6 MB of ids into fresh vectors for a 32k-row batch: ~1 ms of host
+    // time with the GPU idle, which a caller that replays routes (or only
+    // wants log-probs) skips.
+    out.routes.resize(B);
+    ForEachRequest(B, [&](int i) {
+      const size_t row_len = size_t(M) * K, first = size_t(cu[i]) * row_len;
+      out.routes[i].assign(h_routes + first, h_routes + first + size_t(seq_len[i]) * row_len);
+    });
+  }
   out.expert_load.assign(M, std::vector<int64_t>(E, 0));
   for (int64_t mi = 0; mi < M; ++mi)
     for (int64_t e = 0; e < E; ++e) out.expert_load[mi][e] = tp.h_counts[mi * E + e];

@@ -76,8 +76,12 @@ class GpuTransformer {
   // routes, expert_load, balance_loss). keep_for_backward keeps this
   // batch's activations for one Backward(); a Score without it leaves them.
   // A frozen model (trainable=false) keeps them too, for KeptFfn; only its
-  // Backward fails.
-  Result<ScoreResult<float>> Score(const std::vector<ScoreRequest>& batch, bool keep_for_backward);
+  // Backward fails. return_routes = false leaves ScoreResult::routes empty
+  // (the learner's step, which replays them, reads only the log-probs and
+  // expert_load). A batch that fails the checks changes nothing here: a
+  // pending Score(keep_for_backward)'s activations stay for its Backward.
+  Result<ScoreResult<float>> Score(const std::vector<ScoreRequest>& batch, bool keep_for_backward,
+                                   bool return_routes = true);
 
   // After a Score(keep_for_backward=true), layer `layer`'s FFN input as
   // Transformer::KeptFfnInputs has it, on the device (stream() order; valid

@@ -465,48 +465,72 @@ std::pair<T, T> RangeOf(std::span<const T> v) {
   return {mn, mx};
 }
 
+std::string RequestWhere(size_t i) { return "score request " + std::to_string(i) + ": "; }
+
+// Request i's lengths: token count, score_from, replayed-id count.
+Status CheckRequestShape(const ModelConfig& c, const ScoreRequest& r, size_t i, bool any_replay) {
+  const int64_t L = int64_t(r.tokens.size()), row_len = c.moe_layers() * c.top_k;
+  if (L < 2) return Status::InvalidArgument(RequestWhere(i) + "needs at least 2 tokens");
+  if (L > c.max_seq_len)
+    return Status::InvalidArgument(RequestWhere(i) + std::to_string(L) + " tokens > max_seq_len " +
+                                   std::to_string(c.max_seq_len));
+  if (r.score_from < 1 || r.score_from > L)
+    return Status::InvalidArgument(RequestWhere(i) + "score_from " + std::to_string(r.score_from) + " not in [1, " +
+                                   std::to_string(L) + "]");
+  if (!r.replay_routes.empty()) {
+    if (int64_t(r.replay_routes.size()) < (L - 1) * row_len ||
+        int64_t(r.replay_routes.size()) % std::max<int64_t>(row_len, 1) != 0)
+      return Status::InvalidArgument(RequestWhere(i) + "replay_routes has " + std::to_string(r.replay_routes.size()) +
+                                     " ids, need a multiple of " + std::to_string(row_len) + " covering " +
+                                     std::to_string(L - 1) + " positions");
+  } else if (any_replay) {
+    return Status::InvalidArgument(RequestWhere(i) + "replay_routes missing while other requests of the batch replay");
+  }
+  return Status::OK();
+}
+
+// Request i's values (its shape checked): token ids in the vocabulary,
+// the replayed ids of its L - 1 positions below the expert count.
+// Branch-free range scans first (a GPU step validates ~3M replayed ids per
+// batch), the element named only when one is out of range.
+Status CheckRequestValues(const ModelConfig& c, const ScoreRequest& r, size_t i) {
+  const int64_t L = int64_t(r.tokens.size()), V = c.vocab_size, row_len = c.moe_layers() * c.top_k;
+  const auto [lo, hi] = RangeOf<int32_t>(r.tokens);
+  if (lo < 0 || hi >= V)
+    for (int64_t t = 0; t < L; ++t)
+      if (r.tokens[t] < 0 || r.tokens[t] >= V)
+        return Status::InvalidArgument(RequestWhere(i) + "token " + std::to_string(r.tokens[t]) + " at " +
+                                       std::to_string(t) + " outside vocabulary of " + std::to_string(V));
+  if (r.replay_routes.empty()) return Status::OK();
+  const uint16_t top = RangeOf<uint16_t>({r.replay_routes.data(), size_t((L - 1) * row_len)}).second;
+  for (int64_t j = 0; top >= c.experts && j < (L - 1) * row_len; ++j)
+    if (r.replay_routes[j] >= c.experts)
+      return Status::InvalidArgument(RequestWhere(i) + "replayed expert id " + std::to_string(r.replay_routes[j]) +
+                                     " >= experts " + std::to_string(c.experts));
+  return Status::OK();
+}
+
+bool AnyReplay(const std::vector<ScoreRequest>& batch) {
+  for (const ScoreRequest& r : batch)
+    if (!r.replay_routes.empty()) return true;
+  return false;
+}
+
 }  // namespace
 
-Status ValidateScoreRequests(const ModelConfig& c, const std::vector<ScoreRequest>& batch) {
-  const int64_t M = c.moe_layers(), K = c.top_k, V = c.vocab_size;
+Status ValidateScoreShapes(const ModelConfig& c, const std::vector<ScoreRequest>& batch) {
   if (batch.empty()) return Status::InvalidArgument("Score: empty batch");
-  bool any_replay = false;
-  for (const ScoreRequest& r : batch) any_replay |= !r.replay_routes.empty();
+  const bool any_replay = AnyReplay(batch);
+  for (size_t i = 0; i < batch.size(); ++i) GROVE_RETURN_IF_ERROR(CheckRequestShape(c, batch[i], i, any_replay));
+  return Status::OK();
+}
+
+Status ValidateScoreRequests(const ModelConfig& c, const std::vector<ScoreRequest>& batch) {
+  if (batch.empty()) return Status::InvalidArgument("Score: empty batch");
+  const bool any_replay = AnyReplay(batch);
   auto check = [&](size_t i) -> Status {
-    const ScoreRequest& r = batch[i];
-    const int64_t L = int64_t(r.tokens.size());
-    auto where = [&]() { return "score request " + std::to_string(i) + ": "; };
-    if (L < 2) return Status::InvalidArgument(where() + "needs at least 2 tokens");
-    if (L > c.max_seq_len)
-      return Status::InvalidArgument(where() + std::to_string(L) + " tokens > max_seq_len " +
-                                     std::to_string(c.max_seq_len));
-    if (r.score_from < 1 || r.score_from > L)
-      return Status::InvalidArgument(where() + "score_from " + std::to_string(r.score_from) + " not in [1, " +
-                                     std::to_string(L) + "]");
-    // Branch-free range scans first (a GPU step validates ~3M replayed ids
-    // per batch), the element named only when one is out of range.
-    const auto [lo, hi] = RangeOf<int32_t>(r.tokens);
-    if (lo < 0 || hi >= V)
-      for (int64_t t = 0; t < L; ++t)
-        if (r.tokens[t] < 0 || r.tokens[t] >= V)
-          return Status::InvalidArgument(where() + "token " + std::to_string(r.tokens[t]) + " at " +
-                                         std::to_string(t) + " outside vocabulary of " + std::to_string(V));
-    const int64_t row_len = M * K;
-    if (!r.replay_routes.empty()) {
-      if (int64_t(r.replay_routes.size()) < (L - 1) * row_len ||
-          int64_t(r.replay_routes.size()) % std::max<int64_t>(row_len, 1) != 0)
-        return Status::InvalidArgument(where() + "replay_routes has " + std::to_string(r.replay_routes.size()) +
-                                       " ids, need a multiple of " + std::to_string(row_len) + " covering " +
-                                       std::to_string(L - 1) + " positions");
-      const uint16_t top = RangeOf<uint16_t>({r.replay_routes.data(), size_t((L - 1) * row_len)}).second;
-      for (int64_t j = 0; top >= c.experts && j < (L - 1) * row_len; ++j)
-        if (r.replay_routes[j] >= c.experts)
-          return Status::InvalidArgument(where() + "replayed expert id " + std::to_string(r.replay_routes[j]) +
-                                         " >= experts " + std::to_string(c.experts));
-    } else if (any_replay) {
-      return Status::InvalidArgument(where() + "replay_routes missing while other requests of the batch replay");
-    }
-    return Status::OK();
+    GROVE_RETURN_IF_ERROR(CheckRequestShape(c, batch[i], i, any_replay));
+    return CheckRequestValues(c, batch[i], i);
   };
   // Requests on up to 8 threads (a GPU step's batch holds ~6 MB of replayed
   // ids: ~1 ms on one core, the GPU idle meanwhile); the first bad request

@@ -46,6 +46,12 @@ struct ScoreRequest {
 // The checks Score() makes on a batch (InvalidArgument naming the request):
 // shared by every implementation of Score (CPU and GPU).
 Status ValidateScoreRequests(const ModelConfig& config, const std::vector<ScoreRequest>& batch);
+// Its first half alone, the lengths (token counts, score_from, replayed-id
+// counts; a few comparisons a request), for a Score that checks the values
+// -- token ids in the vocabulary, replayed ids below the expert count -- as
+// it copies them and calls ValidateScoreRequests for the message when one
+// is out of range (the GPU's).
+Status ValidateScoreShapes(const ModelConfig& config, const std::vector<ScoreRequest>& batch);
 
 template <typename T>
 struct ScoreResult {

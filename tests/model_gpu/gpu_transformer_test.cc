@@ -231,6 +231,74 @@ TEST_P(GpuTransformerTest, ParamsRoundTripAndBadInput) {
   EXPECT_FALSE(f.gpu->Backward({{1.f}}).ok());  // nothing kept
 }
 
+// Out-of-range values are checked while the batch is staged (the GPU's
+// Score checks only the lengths up front): each bad batch is refused with
+// exactly ValidateScoreRequests's message -- a token past the vocabulary
+// inside a request and as its last token (which is a target, not staged as
+// an input), a negative token, a replayed expert id past the experts -- and
+// changes nothing: the pending Score(keep)'s Backward gives the gradients it
+// gave before (to the atomics' 1e-3). return_routes = false returns the
+// same log-probs and no routes.
+TEST_P(GpuTransformerTest, BadValuesAreRefusedAndLoseNothing) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  const ModelConfig c = Config();
+  Fixture f = Make(c, seed);
+  ASSERT_TRUE(f.gpu);
+  std::mt19937_64 rng(seed);
+  std::vector<ScoreRequest> batch = RandomBatch(c, rng, 6);
+  auto own = f.cpu->Score(batch, false);
+  ASSERT_TRUE(own.ok());
+  const bool moe = c.moe_layers() > 0;
+  for (size_t i = 0; i < batch.size(); ++i) batch[i].replay_routes = own->routes[i];
+  auto with_routes = f.gpu->Score(batch, true);
+  ASSERT_TRUE(with_routes.ok()) << with_routes.status();
+  auto first = f.gpu->Score(batch, true, /*return_routes=*/false);
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_TRUE(first->routes.empty());
+  ASSERT_EQ(with_routes->routes.size(), batch.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    EXPECT_EQ(with_routes->routes[i], batch[i].replay_routes) << i;
+    ASSERT_EQ(first->logprobs[i].size(), with_routes->logprobs[i].size());
+    for (size_t j = 0; j < first->logprobs[i].size(); ++j)
+      EXPECT_NEAR(first->logprobs[i][j], with_routes->logprobs[i][j], 1e-6) << i << " " << j;
+  }
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<std::vector<float>> dlogp(batch.size());
+  for (size_t i = 0; i < batch.size(); ++i)
+    for (size_t j = 0; j < first->logprobs[i].size(); ++j) dlogp[i].push_back(nd(rng));
+  const size_t n = f.cpu->params().size();
+  std::vector<float> g1(n), g2(n);
+  ASSERT_TRUE(f.gpu->ZeroGrad().ok());
+  ASSERT_TRUE(f.gpu->Backward(dlogp).ok());
+  ASSERT_TRUE(f.gpu->DownloadGrads(g1).ok());
+
+  ASSERT_TRUE(f.gpu->Score(batch, true).ok());  // pending again
+  std::vector<std::vector<ScoreRequest>> bad(4, batch);
+  bad[0][2].tokens[3] = int32_t(c.vocab_size);
+  bad[1][4].tokens.back() = int32_t(c.vocab_size) + 7;
+  bad[2][3].tokens[10] = -1;
+  if (moe) {
+    bad[3][1].replay_routes.back() = uint16_t(c.experts);
+    bad.push_back(batch);
+    bad[4][5].replay_routes[17] = 65535;
+  } else {
+    bad.pop_back();
+  }
+  for (size_t b = 0; b < bad.size(); ++b) {
+    const Status want = ValidateScoreRequests(c, bad[b]);
+    ASSERT_FALSE(want.ok()) << b;
+    auto r = f.gpu->Score(bad[b], b % 2 == 0);
+    ASSERT_FALSE(r.ok()) << b;
+    EXPECT_EQ(r.status().ToString(), want.ToString()) << b;
+  }
+  ASSERT_TRUE(f.gpu->ZeroGrad().ok());
+  ASSERT_TRUE(f.gpu->Backward(dlogp).ok());
+  ASSERT_TRUE(f.gpu->DownloadGrads(g2).ok());
+  for (size_t i = 0; i < n; ++i) ASSERT_NEAR(g2[i], g1[i], 1e-3 * std::abs(g1[i]) + 1e-6) << i;
+}
+
 TEST_P(GpuTransformerTest, ScoreMatchesCpu) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = std::random_device{}();
