@@ -245,15 +245,26 @@ void ForEachRequest(int n, F&& fn) {
   grove::ParallelFor(n, n < 4 ? 1 : 8, [&](int64_t i) { fn(int(i)); });
 }
 
-// dst[0, n) = src[0, n), returning the largest value copied: one pass that
-// both stages and range-checks (the compiler vectorizes the select).
+// dst[0, n) = src[0, n), returning the largest value copied (init if
+// none): one pass that both stages and range-checks. Sixteen independent
+// maxima, so that GCC's -O2 cost model vectorizes the loop (one running
+// maximum it leaves scalar: 4.6x slower over replayed ids).
 template <typename T>
 T CopyAndMax(const T* __restrict src, int64_t n, T* __restrict dst, T init) {
-  T hi = init;
-  for (int64_t i = 0; i < n; ++i) {
-    const T v = src[i];
-    dst[i] = v;
-    hi = v > hi ? v : hi;
+  constexpr int64_t kLanes = 16;
+  T lane[kLanes];
+  std::fill_n(lane, kLanes, init);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const T v = src[i + k];
+      dst[i + k] = v;
+      lane[k] = v > lane[k] ? v : lane[k];
+    }
+  T hi = *std::max_element(lane, lane + kLanes);
+  for (; i < n; ++i) {
+    dst[i] = src[i];
+    hi = std::max(hi, src[i]);
   }
   return hi;
 }

@@ -60,6 +60,9 @@
 
 DEFINE_string(config, "configs/model/gpu-ref.toml", "model config (its [model] section)");
 DEFINE_int32(batch, 32, "sequences per step");
+DEFINE_int32(micro_batch, 0,
+             "sequences per forward + backward (0: the whole batch); a step accumulates the gradients of "
+             "batch / micro_batch of them before its one update, as GrpoTrainer's micro-batches do");
 DEFINE_int32(group, 8, "completions per prompt");
 DEFINE_int32(prompt, 128, "prompt tokens");
 DEFINE_int32(completion, 896, "completion tokens");
@@ -96,8 +99,12 @@ int Run() {
   GROVE_BENCH_CHECK_OK(mc.status());
   const model::ModelConfig& c = *mc;
   const int L = FLAGS_prompt + FLAGS_completion, B = FLAGS_batch;
-  if (L > c.max_seq_len || B % FLAGS_group != 0 || FLAGS_prompt < 1 || FLAGS_completion < 1) {
-    std::fprintf(stderr, "bad shape: prompt + completion <= max_seq_len %lld, batch a multiple of group\n",
+  const int MB = FLAGS_micro_batch > 0 ? FLAGS_micro_batch : B;
+  if (L > c.max_seq_len || B % FLAGS_group != 0 || FLAGS_prompt < 1 || FLAGS_completion < 1 || B % MB != 0 ||
+      (FLAGS_host_loss && MB != B)) {
+    std::fprintf(stderr,
+                 "bad shape: prompt + completion <= max_seq_len %lld, batch a multiple of group and of micro_batch "
+                 "(--host_loss: one micro-batch)\n",
                  (long long)c.max_seq_len);
     return 2;
   }
@@ -142,16 +149,24 @@ int Run() {
     }
   }
   t0 = Clock::now();
-  auto own = policy.Score(batch, false);
-  GROVE_BENCH_CHECK_OK(own.status());
-  std::printf("routing pass (forward without keep) %.3f s\n", Since(t0));
   std::vector<float> rollout;
   std::vector<int64_t> offsets{0};
-  for (int i = 0; i < B; ++i) {
-    batch[i].replay_routes = own->routes[i];
-    rollout.insert(rollout.end(), own->logprobs[i].begin(), own->logprobs[i].end());
-    offsets.push_back(int64_t(rollout.size()));
+  // The micro-batches' requests, and each one's offsets into rollout from 0.
+  std::vector<std::vector<model::ScoreRequest>> micro(B / MB);
+  std::vector<std::vector<int64_t>> micro_offsets(B / MB);
+  for (int m = 0; m < B / MB; ++m) {
+    micro[m].assign(batch.begin() + m * MB, batch.begin() + (m + 1) * MB);
+    auto own = policy.Score(micro[m], false);
+    GROVE_BENCH_CHECK_OK(own.status());
+    micro_offsets[m].push_back(0);
+    for (int i = 0; i < MB; ++i) {
+      micro[m][i].replay_routes = batch[m * MB + i].replay_routes = own->routes[i];
+      rollout.insert(rollout.end(), own->logprobs[i].begin(), own->logprobs[i].end());
+      offsets.push_back(int64_t(rollout.size()));
+      micro_offsets[m].push_back(offsets.back() - offsets[m * MB]);
+    }
   }
+  std::printf("routing pass (forward without keep) %.3f s\n", Since(t0));
   auto adv = GroupAdvantages(rewards, group_sizes, AdvantageOptions{});
   GROVE_BENCH_CHECK_OK(adv.status());
   PolicyLossConfig loss_cfg;
@@ -178,8 +193,9 @@ int Run() {
   const double flops_per_token =
       6 * MatmulParamsPerToken(c) + 6.0 * double(c.layers * c.heads * c.head_dim) * double(L);
   const double tokens = double(B) * L;
-  std::printf("batch %d x %d tokens (prompt %d + completion %d), N_matmul %.4g, FLOPs/token %.4g\n", B, L,
-              FLAGS_prompt, FLAGS_completion, MatmulParamsPerToken(c), flops_per_token);
+  std::printf("batch %d x %d tokens (prompt %d + completion %d) in %d micro-batch(es), N_matmul %.4g, FLOPs/token "
+              "%.4g\n",
+              B, L, FLAGS_prompt, FLAGS_completion, B / MB, MatmulParamsPerToken(c), flops_per_token);
   std::printf("AdamW moments: %s\n", MomentPrecisionName(adam.moments));
   std::printf("GRPO loss on the %s; expert dW streams: %s; expert dW: %s\n", FLAGS_host_loss ? "host" : "device",
               std::getenv("GROVE_EXPERT_DW_STREAMS") ? std::getenv("GROVE_EXPERT_DW_STREAMS")
@@ -193,31 +209,37 @@ int Run() {
   for (int it = 0; it <= FLAGS_steps; ++it) {
     const auto s0 = Clock::now();
     GROVE_BENCH_CHECK_OK(policy.ZeroGrad());
-    auto cur = policy.Score(batch, true, /*return_routes=*/false);  // as GrpoTrainer's step
-    GROVE_BENCH_CHECK_OK(cur.status());
-    const double t_fwd = Since(s0);
-    const auto s1 = Clock::now();
-    PolicyBatch pb;
-    pb.seq_offsets = offsets;
-    pb.rollout_logp = rollout;
-    pb.advantages = *adv;
-    double t_loss = 0, t_bwd = 0;
-    if (FLAGS_host_loss) {
-      std::vector<float> logp;
-      for (const auto& lp : cur->logprobs) logp.insert(logp.end(), lp.begin(), lp.end());
-      pb.logp = logp;
-      auto out = ComputePolicyLoss(pb, loss_cfg);
-      GROVE_BENCH_CHECK_OK(out.status());
-      std::vector<std::vector<float>> dlogp;
-      for (int i = 0; i < B; ++i)
-        dlogp.emplace_back(out->grad_logp.begin() + offsets[i], out->grad_logp.begin() + offsets[i + 1]);
-      t_loss = Since(s1);
-      const auto s2 = Clock::now();
-      GROVE_BENCH_CHECK_OK(policy.Backward(dlogp));
-      t_bwd = Since(s2);
-    } else {  // loss and backward in one call; the loss's share is in the profile table
-      GROVE_BENCH_CHECK_OK((*step)->LossAndBackward(pb, loss_cfg).status());
-      t_bwd = Since(s1);
+    double t_fwd = 0, t_loss = 0, t_bwd = 0;
+    for (int m = 0; m < B / MB; ++m) {
+      auto sm = Clock::now();
+      auto cur = policy.Score(micro[m], true, /*return_routes=*/false);  // as GrpoTrainer's step
+      GROVE_BENCH_CHECK_OK(cur.status());
+      t_fwd += Since(sm);
+      const auto s1 = Clock::now();
+      const int64_t first = offsets[m * MB], scored = offsets[(m + 1) * MB] - first;
+      PolicyBatch pb;
+      pb.seq_offsets = micro_offsets[m];
+      pb.rollout_logp = std::span<const float>(rollout).subspan(first, scored);
+      pb.advantages = std::span<const float>(*adv).subspan(m * MB, MB);
+      pb.total_tokens = offsets.back();  // the loss normalizes over the whole step's batch
+      pb.total_sequences = B;
+      if (FLAGS_host_loss) {
+        std::vector<float> logp;
+        for (const auto& lp : cur->logprobs) logp.insert(logp.end(), lp.begin(), lp.end());
+        pb.logp = logp;
+        auto out = ComputePolicyLoss(pb, loss_cfg);
+        GROVE_BENCH_CHECK_OK(out.status());
+        std::vector<std::vector<float>> dlogp;
+        for (int i = 0; i < B; ++i)
+          dlogp.emplace_back(out->grad_logp.begin() + offsets[i], out->grad_logp.begin() + offsets[i + 1]);
+        t_loss += Since(s1);
+        const auto s2 = Clock::now();
+        GROVE_BENCH_CHECK_OK(policy.Backward(dlogp));
+        t_bwd += Since(s2);
+      } else {  // loss and backward in one call; the loss's share is in the profile table
+        GROVE_BENCH_CHECK_OK((*step)->LossAndBackward(pb, loss_cfg).status());
+        t_bwd += Since(s1);
+      }
     }
     const auto s3 = Clock::now();
     auto rep = (*step)->Update(1e-6, 1.0);
