@@ -8,6 +8,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -82,11 +83,15 @@ TEST(AdamWTest, MatchesReferenceOverSteps) {
 // round an fp32 moment 1 ulp apart (nvcc contracts a * b + c into an fma),
 // and such an ulp flips the stochastic bf16 rounding when the dropped bits
 // plus the random ones land on 2^16 exactly: ~2^-15 of elements and steps.
-// So: moments bit-equal on >= 99.9% of elements and within 2 bf16 ulps
-// (2^-6 relative) everywhere; parameters within 1e-5 (|p| + lr) on >= 99.9%
-// and within 1e-5 |p| + 0.05 lr everywhere (a flipped moment moves one
-// step's update by < 2^-7 relative, ~0.01 lr, in each of 5 steps); the
-// bf16 copy the fp32 result rounded to nearest-even, bit for bit.
+// So: moments bit-equal on >= 99.9% of elements, and everywhere within 2^-6
+// of the largest magnitude that element's moment had over the steps (a flip
+// is one bf16 ulp, 2^-8 relative, of some stored value, carried on with a
+// factor beta < 1; relative to the current value alone it is unbounded
+// where m cancels toward 0); parameters within 1e-5 (|p| + lr) on >= 99.9%
+// and within 1e-5 |p| + 0.1 lr everywhere (a flipped moment moves a step's
+// update by ~2^-8 of Adam's largest normalized step, (1 - b1) /
+// sqrt(1 - b2) ~ 3, i.e. ~0.012 lr, in each of 5 steps); the bf16 copy the
+// fp32 result rounded to nearest-even, bit for bit.
 TEST(AdamWTest, Bf16MomentsMatchHostEmulation) {
   GROVE_SKIP_WITHOUT_GPU();
   const uint64_t seed = testing::FreshSeed();
@@ -98,7 +103,7 @@ TEST(AdamWTest, Bf16MomentsMatchHostEmulation) {
   std::normal_distribution<float> nd(0.f, 1.f);
   std::vector<float> p(count);
   for (float& x : p) x = nd(rng);
-  std::vector<float> rp = p, rm(count, 0.f), rv(count, 0.f);
+  std::vector<float> rp = p, rm(count, 0.f), rv(count, 0.f), rm_max(count, 0.f), rv_max(count, 0.f);
   DeviceBuffer<float> d_p(count), d_g(count);
   DeviceBuffer<__nv_bfloat16> d_m(count), d_v(count), d_pb(count);
   GROVE_CUDA_OK(d_p.Upload(p));
@@ -128,6 +133,8 @@ TEST(AdamWTest, Bf16MomentsMatchHostEmulation) {
       const uint32_t r = StochasticRoundBits(StochasticRoundStepKey(step, index >> 32), index);
       rm[i] = Bf16BitsToFloat(Bf16StochasticRound(mi, r));
       rv[i] = Bf16BitsToFloat(Bf16StochasticRound(vi, r >> 16));
+      rm_max[i] = std::max(rm_max[i], std::fabs(rm[i]));
+      rv_max[i] = std::max(rv_max[i], std::fabs(rv[i]));
     }
   }
   GROVE_CUDA_OK(cudaDeviceSynchronize());
@@ -140,16 +147,16 @@ TEST(AdamWTest, Bf16MomentsMatchHostEmulation) {
   for (int64_t i = 0; i < count; ++i) {
     const float mi = __bfloat162float(m[i]), vi = __bfloat162float(v[i]);
     moment_flips += (mi != rm[i]) || (vi != rv[i]);
-    moment_bad += !(std::fabs(mi - rm[i]) <= 0x1p-6f * std::fabs(rm[i])) ||
-                  !(std::fabs(vi - rv[i]) <= 0x1p-6f * std::fabs(rv[i]));
+    moment_bad += !(std::fabs(mi - rm[i]) <= 0x1p-6f * rm_max[i]) || !(std::fabs(vi - rv[i]) <= 0x1p-6f * rv_max[i]);
     const double err = std::fabs(double(p[i]) - rp[i]);
     p_loose += !(err <= 1e-5 * (std::fabs(rp[i]) + h.lr));
-    p_bad += !(err <= 1e-5 * std::fabs(rp[i]) + 0.05 * h.lr);
+    p_bad += !(err <= 1e-5 * std::fabs(rp[i]) + 0.1 * h.lr);
     const __nv_bfloat16 want = __float2bfloat16_rn(p[i]);
     if (std::memcmp(&want, &pb[i], 2) != 0) ++bad_bf16;
   }
-  std::printf("bf16 moments: %zu of %lld elements' moments differ from the host's, %zu parameters past 1e-5\n",
-              moment_flips, (long long)count, p_loose);
+  std::printf("bf16 moments: %zu of %lld elements' moments differ from the host's (%zu past the bound), %zu "
+              "parameters past 1e-5 (%zu past the bound)\n",
+              moment_flips, (long long)count, moment_bad, p_loose, p_bad);
   EXPECT_LE(moment_flips, size_t(count / 1000));
   EXPECT_EQ(moment_bad, 0u);
   EXPECT_LE(p_loose, size_t(count / 1000));

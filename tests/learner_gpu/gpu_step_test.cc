@@ -76,6 +76,12 @@ Result<model::ModelConfig> TestModelConfig() {
   return mc;
 }
 
+// The test model with random weights from `seed`.
+Result<std::unique_ptr<model::Model>> TestModel(uint64_t seed) {
+  GROVE_ASSIGN_OR_RETURN(model::ModelConfig mc, TestModelConfig());
+  return model::Model::Create(mc, seed);
+}
+
 // Two trainers from the same random initial weights (a fresh seed per test,
 // printed), one on the CPU and one on the GPU, at rate 1e-3 with the
 // reference's KL term (beta 0.04) on both devices. Skips without a GPU.
@@ -307,10 +313,8 @@ TEST(GpuGrpoStep, Bf16MomentsImportAndExportLikeTheHost) {
   if (model::GpuTransformer::DeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
-  auto mc = TestModelConfig();
-  ASSERT_TRUE(mc.ok()) << mc.status();
-  auto host = model::Model::Create(*mc, seed);
-  ASSERT_TRUE(host.ok());
+  auto host = TestModel(seed);
+  ASSERT_TRUE(host.ok()) << host.status();
   AdamWOptions options;
   options.moments = MomentPrecision::kBf16;
   auto step = GpuGrpoStep::Create(**host, **host, options, {});
@@ -350,16 +354,14 @@ TEST(GpuGrpoStep, DeviceLossMatchesTheHostLoss) {
   if (model::GpuTransformer::DeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
-  auto mc = TestModelConfig();
-  ASSERT_TRUE(mc.ok()) << mc.status();
-  auto host = model::Model::Create(*mc, seed);
-  ASSERT_TRUE(host.ok());
+  auto host = TestModel(seed);
+  ASSERT_TRUE(host.ok()) << host.status();
   auto step = GpuGrpoStep::Create(**host, **host, AdamWOptions{}, {});
   ASSERT_TRUE(step.ok()) << step.status().ToString();
   model::GpuTransformer& policy = (*step)->policy();
 
   std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int> tok(0, int(mc->vocab_size) - 1);
+  std::uniform_int_distribution<int> tok(0, int((*host)->config().vocab_size) - 1);
   std::normal_distribution<float> noise(0.f, 0.3f);
   std::vector<model::ScoreRequest> batch(6);
   for (size_t i = 0; i < batch.size(); ++i) {

@@ -116,6 +116,13 @@ std::vector<ScoreRequest> RandomBatch(const ModelConfig& c, std::mt19937_64& rng
   return batch;
 }
 
+// Sets every request's replay_routes to the CPU model's own routes for it.
+Status ReplayOwnRoutes(Model& cpu, std::vector<ScoreRequest>& batch) {
+  GROVE_ASSIGN_OR_RETURN(ScoreResult<float> own, cpu.Score(batch, false));
+  for (size_t i = 0; i < batch.size(); ++i) batch[i].replay_routes = own.routes[i];
+  return Status::OK();
+}
+
 struct Fixture {
   std::unique_ptr<Model> cpu;
   std::unique_ptr<GpuTransformer> gpu;
@@ -248,10 +255,8 @@ TEST_P(GpuTransformerTest, BadValuesAreRefusedAndLoseNothing) {
   ASSERT_TRUE(f.gpu);
   std::mt19937_64 rng(seed);
   std::vector<ScoreRequest> batch = RandomBatch(c, rng, 6);
-  auto own = f.cpu->Score(batch, false);
-  ASSERT_TRUE(own.ok());
+  ASSERT_TRUE(ReplayOwnRoutes(*f.cpu, batch).ok());
   const bool moe = c.moe_layers() > 0;
-  for (size_t i = 0; i < batch.size(); ++i) batch[i].replay_routes = own->routes[i];
   auto with_routes = f.gpu->Score(batch, true);
   ASSERT_TRUE(with_routes.ok()) << with_routes.status();
   auto first = f.gpu->Score(batch, true, /*return_routes=*/false);
@@ -355,9 +360,7 @@ TEST_P(GpuTransformerTest, GradientsMatchCpuWithReplay) {
   ASSERT_TRUE(f.gpu);
   std::mt19937_64 rng(seed);
   std::vector<ScoreRequest> batch = RandomBatch(c, rng, 8);
-  auto routes = f.cpu->Score(batch, false);
-  ASSERT_TRUE(routes.ok());
-  for (size_t i = 0; i < batch.size(); ++i) batch[i].replay_routes = routes->routes[i];
+  ASSERT_TRUE(ReplayOwnRoutes(*f.cpu, batch).ok());
   auto cpu = f.cpu->Score(batch, true);
   auto gpu = f.gpu->Score(batch, true);
   ASSERT_TRUE(cpu.ok() && gpu.ok()) << gpu.status().ToString();
@@ -576,11 +579,7 @@ void CompareFusedWithUnfused(const char* var, const ModelConfig& c, int param) {
     Fixture f = Make(c, seed);
     restore();
     ASSERT_TRUE(f.gpu);
-    if (dlogp.empty()) {
-      auto routes = f.cpu->Score(batch, false);
-      ASSERT_TRUE(routes.ok());
-      for (size_t i = 0; i < batch.size(); ++i) batch[i].replay_routes = routes->routes[i];
-    }
+    if (dlogp.empty()) ASSERT_TRUE(ReplayOwnRoutes(*f.cpu, batch).ok());
     auto r = f.gpu->Score(batch, true);
     ASSERT_TRUE(r.ok()) << r.status().ToString();
     for (const auto& lp : r->logprobs) logp->insert(logp->end(), lp.begin(), lp.end());
@@ -698,10 +697,9 @@ TEST_P(GpuTransformerTest, GroupedExpertDwMatchesCublas) {
     EXPECT_TRUE(f.gpu);
     if (!f.gpu) return false;
     if (!replaying) {
-      auto routes = f.cpu->Score(batch, false);
-      EXPECT_TRUE(routes.ok());
-      if (!routes.ok()) return false;
-      for (size_t i = 0; i < batch.size(); ++i) batch[i].replay_routes = routes->routes[i];
+      const Status replayed = ReplayOwnRoutes(*f.cpu, batch);
+      EXPECT_TRUE(replayed.ok()) << replayed;
+      if (!replayed.ok()) return false;
       replaying = true;
     }
     auto r = f.gpu->Score(batch, true);
