@@ -172,22 +172,11 @@ int Run() {
   PolicyLossConfig loss_cfg;
   loss_cfg.beta = 0;
   loss_cfg.tis_cap = 2.0;
-  {
-    // The host's share of a forward before its first launch: the request
-    // checks (the GPU idles meanwhile), median of 5.
-    std::vector<double> ms;
-    for (int i = 0; i < 5; ++i) {
-      t0 = Clock::now();
-      GROVE_BENCH_CHECK_OK(model::ValidateScoreRequests(c, batch));
-      ms.push_back(Since(t0) * 1e3);
-    }
-    std::sort(ms.begin(), ms.end());
-    std::printf("host: checking the requests %.3f ms (median of 5)\n", ms[2]);
-  }
   if (FLAGS_reference) {
     t0 = Clock::now();
-    GROVE_BENCH_CHECK_OK((*step)->reference().Score(batch, false).status());
-    std::printf("reference forward %.3f s\n", Since(t0));
+    for (const auto& requests : micro)
+      GROVE_BENCH_CHECK_OK((*step)->reference().Score(requests, false, /*return_routes=*/false).status());
+    std::printf("reference forward %.3f s (%zu micro-batch(es))\n", Since(t0), micro.size());
   }
 
   const double flops_per_token =
