@@ -14,7 +14,6 @@ constexpr int kThreads = 256;
 // The moments' storage: fp32 as they are, or bf16 (four in 8 bytes)
 // rounded stochastically on store.
 struct Fp32Moments {
-  using Quad = float4;
   float* m;
   float* v;
   __device__ void Load(int64_t q, float* mq, float* vq) const {
