@@ -42,6 +42,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <iterator>
 #include <map>
 #include <random>
 #include <string>
@@ -155,12 +156,13 @@ int Run() {
   std::vector<std::vector<model::ScoreRequest>> micro(B / MB);
   std::vector<std::vector<int64_t>> micro_offsets(B / MB);
   for (int m = 0; m < B / MB; ++m) {
-    micro[m].assign(batch.begin() + m * MB, batch.begin() + (m + 1) * MB);
+    micro[m].assign(std::make_move_iterator(batch.begin() + m * MB),
+                    std::make_move_iterator(batch.begin() + (m + 1) * MB));
     auto own = policy.Score(micro[m], false);
     GROVE_BENCH_CHECK_OK(own.status());
     micro_offsets[m].push_back(0);
     for (int i = 0; i < MB; ++i) {
-      micro[m][i].replay_routes = batch[m * MB + i].replay_routes = own->routes[i];
+      micro[m][i].replay_routes = std::move(own->routes[i]);
       rollout.insert(rollout.end(), own->logprobs[i].begin(), own->logprobs[i].end());
       offsets.push_back(int64_t(rollout.size()));
       micro_offsets[m].push_back(offsets.back() - offsets[m * MB]);
