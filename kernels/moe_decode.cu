@@ -682,6 +682,9 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
                                                        dim3(kThreads), down_smem, stream, a, offsets, h, partial)));
   }
   GROVE_RETURN_IF_ERROR(RecordStage(a, 2, stream));
+  if (a.combine_after != nullptr)
+    GROVE_RETURN_IF_ERROR(
+        Launched("MoeDecodeForward: waiting for combine_after", cudaStreamWaitEvent(stream, a.combine_after, 0)));
   const int64_t threads = int64_t{a.m} * (a.hidden / 4);
   return Launched("MoeDecodeForward combine",
                   LaunchKernel(MoeDecodeCombineKernel, static_cast<unsigned>((threads + 255) / 256), dim3(256), 0,

@@ -80,6 +80,10 @@ struct MoeDecodeArgs {
   // gpu-ref (H100, decode_bench) paired was 5% faster at batch 1 in bf16 (2%
   // in int4), level at 8-32, 2-3% slower at 128-256.
   int mma_paired_up_max_tokens = 32;
+  // Optional: an event the combine launch waits for (cudaStreamWaitEvent),
+  // e.g. a producer on another stream that also adds into `out` and must do
+  // so first; the route index and the up and down launches do not wait.
+  cudaEvent_t combine_after = nullptr;
 };
 
 // The values MoeDecodeArgs::mma_tiles_per_block takes.

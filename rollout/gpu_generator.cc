@@ -288,13 +288,40 @@ struct GpuGenerator::Impl {
   // `stream`, with its own workspace so that graph capture allocates nothing.
   cublasHandle_t cublas = nullptr;
 
+  // shared_experts_stream: the second lane the shared experts run on,
+  // beside the router and the routed experts (its own cuBLAS handle and
+  // QuantLinear workspace: two linears run at once), and the events that
+  // fork it from and join it back into `stream`.
+  cudaStream_t side_stream = nullptr;
+  cublasHandle_t side_cublas = nullptr;
+  void* side_ql_ws = nullptr;
+  cudaEvent_t fork_event = nullptr, join_event = nullptr;
+  // Where a linear runs: `stream` with its handle and workspace, or the side lane.
+  struct Lane {
+    cudaStream_t stream;
+    cublasHandle_t cublas;
+    void* ql_ws;
+  };
+  Lane MainLane() const { return {stream, cublas, ql_ws}; }
+  Lane SideLane() const { return {side_stream, side_cublas, side_ql_ws}; }
+  // Whether a forward of `rows` rows runs its MoE layers' shared experts on
+  // the side lane (not folded, not profiled: the phase timer marks one stream).
+  bool SharedOnSide(int rows) const {
+    return side_stream != nullptr && M > 0 && c.shared_experts > 0 && !Folds(rows) && !timing;
+  }
+
   ~Impl() {
     if (stream) cudaStreamSynchronize(stream);
+    if (side_stream) cudaStreamSynchronize(side_stream);
     if (cublas) cublasDestroy(cublas);
+    if (side_cublas) cublasDestroy(side_cublas);
+    if (fork_event) cudaEventDestroy(fork_event);
+    if (join_event) cudaEventDestroy(join_event);
     for (auto& [b, g] : graphs) cudaGraphExecDestroy(g);
     for (void* p : device_allocs) cudaFree(p);
     for (void* p : host_allocs) cudaFreeHost(p);
     if (stream) cudaStreamDestroy(stream);
+    if (side_stream) cudaStreamDestroy(side_stream);
   }
 
   template <typename T>
@@ -361,19 +388,21 @@ struct GpuGenerator::Impl {
   }
   Status AppendFoldedSharedExperts(LayerWeights& w);
   Result<double> Load(const float* params, bool on_device, const FormatChooser& choose);
-  Status Linear(const bf16* x_in, int64_t ldx, int rows, int slot, float* y, int64_t ldy, Accumulate mode) {
+  Status Linear(const bf16* x_in, int64_t ldx, int rows, int slot, float* y, int64_t ldy, Accumulate mode,
+                const Lane* on = nullptr) {
+    const Lane lane = on ? *on : MainLane();
     const kernels::QuantWeight& w = slots[slot].qw;
     // bf16 weights as they are, int4 through their bf16 copy (a copy left
     // from an earlier int4 version of an int8 slot is never read).
     const void* bf16_w = w.format == QuantFormat::kBF16   ? w.data
                          : w.format == QuantFormat::kInt4 ? slots[slot].dequant
                                                           : nullptr;
-    if (bf16_w != nullptr && cublas != nullptr && opt.cublas_min_rows > 0 && rows >= opt.cublas_min_rows) {
+    if (bf16_w != nullptr && lane.cublas != nullptr && opt.cublas_min_rows > 0 && rows >= opt.cublas_min_rows) {
       // Row-major y [rows, n] = x [rows, k] W^T, W row-major [n, k]: in
       // cuBLAS's column-major terms y^T = W^T' x^T with W read transposed.
       const float alpha = 1.f, beta = mode == Accumulate::kAdd ? 1.f : 0.f;
       const cublasStatus_t st =
-          cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(w.n), rows, int(w.k), &alpha, bf16_w, CUDA_R_16BF,
+          cublasGemmEx(lane.cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(w.n), rows, int(w.k), &alpha, bf16_w, CUDA_R_16BF,
                        int(w.k), x_in, CUDA_R_16BF, int(ldx), &beta, y, CUDA_R_32F, int(ldy), CUBLAS_COMPUTE_32F,
                        CUBLAS_GEMM_DEFAULT);
       if (st != CUBLAS_STATUS_SUCCESS)
@@ -385,9 +414,9 @@ struct GpuGenerator::Impl {
       const QuantLinearPath path = opt.gemv_rows_per_warp == 1   ? QuantLinearPath::kCudaCoreRows1
                                    : opt.gemv_rows_per_warp == 4 ? QuantLinearPath::kCudaCoreRows4
                                                                  : QuantLinearPath::kCudaCore;
-      return kernels::detail::QuantLinearOnPath(path, x_in, ldx, rows, slots[slot].qw, y, ldy, mode, stream);
+      return kernels::detail::QuantLinearOnPath(path, x_in, ldx, rows, slots[slot].qw, y, ldy, mode, lane.stream);
     }
-    return kernels::QuantLinear(x_in, ldx, rows, slots[slot].qw, y, ldy, mode, ql_ws, ql_ws_bytes, stream);
+    return kernels::QuantLinear(x_in, ldx, rows, slots[slot].qw, y, ldy, mode, lane.ql_ws, ql_ws_bytes, lane.stream);
   }
   // y (+)= RMSNorm(x row 0, norm_weight) W^T for one row (fuse_rmsnorm);
   // the normed row also goes to `normed` unless null.
@@ -402,13 +431,14 @@ struct GpuGenerator::Impl {
   }
   // x += SwiGLU(h) with width F; w13 = [W1; W3] stacked. fused_norm: one
   // row, h = RMSNorm(x, fused_norm) computed inside the W1|W3 linear.
-  Status Ffn(int rows, int w13, int w2, int64_t F, const float* fused_norm = nullptr) {
+  // on: the lane (default `stream`); a fused norm runs on `stream` only.
+  Status Ffn(int rows, int w13, int w2, int64_t F, const float* fused_norm = nullptr, const Lane* on = nullptr) {
     if (fused_norm)
       GROVE_RETURN_IF_ERROR(LinearNormed(fused_norm, nullptr, w13, fa, Accumulate::kOverwrite));
     else
-      GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w13, fa, 2 * F, Accumulate::kOverwrite));
-    GROVE_RETURN_IF_ERROR(gpu::SwiGluRows(fa, rows, int(F), fh, stream));
-    return Linear(fh, F, rows, w2, x, H, Accumulate::kAdd);
+      GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w13, fa, 2 * F, Accumulate::kOverwrite, on));
+    GROVE_RETURN_IF_ERROR(gpu::SwiGluRows(fa, rows, int(F), fh, on ? on->stream : stream));
+    return Linear(fh, F, rows, w2, x, H, Accumulate::kAdd, on);
   }
   // Layer l's view of the KV pool (pointers null before Build allocates it).
   kernels::PagedKvCache KvCache(int64_t l) const;
@@ -611,6 +641,8 @@ Status GpuGenerator::Impl::Build() {
     for (QuantFormat f : {QuantFormat::kBF16, QuantFormat::kInt8, QuantFormat::kInt4})
       ql_ws_bytes = std::max(ql_ws_bytes, kernels::QuantLinearWorkspaceBytes(f, s.n, s.k, R));
   if (ql_ws_bytes > 0) GROVE_RETURN_IF_ERROR(Alloc(reinterpret_cast<char**>(&ql_ws), int64_t(ql_ws_bytes)));
+  if (ql_ws_bytes > 0 && side_stream != nullptr)
+    GROVE_RETURN_IF_ERROR(Alloc(reinterpret_cast<char**>(&side_ql_ws), int64_t(ql_ws_bytes)));
   if (M > 0) {
     // Each form at the most rows it runs with (kBatchOne: folded one row).
     if (fold_rows < R)
@@ -846,6 +878,20 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
       continue;
     }
     const int64_t mi = c.moe_index(l);
+    // shared_experts_stream: the shared experts fork off once h (the normed
+    // row) is written -- by the norm above, or with fuse_norm by the router's
+    // kernel -- and join before the MoE's combine, the first kernel after
+    // them that writes x (the shared W2 adds into x first, as in one lane).
+    const bool shared_on_side = SharedOnSide(rows);
+    auto fork_shared_experts = [&]() -> Status {
+      GEN_CUDA(cudaEventRecord(fork_event, stream));
+      GEN_CUDA(cudaStreamWaitEvent(side_stream, fork_event, 0));
+      const Lane side = SideLane();
+      GROVE_RETURN_IF_ERROR(Ffn(rows, w.s_w13, w.s_w2, c.shared_experts * c.expert_hidden, nullptr, &side));
+      GEN_CUDA(cudaEventRecord(join_event, side_stream));
+      return Status::OK();
+    };
+    if (shared_on_side && !fuse_norm) GROVE_RETURN_IF_ERROR(fork_shared_experts());
     GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kRouter));
     kernels::RouterArgs ra;
     ra.logits = rlogits;
@@ -880,8 +926,9 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
       GEN_CUDA(cudaMemcpy2DAsync(routes + mi * K, M * K * sizeof(uint16_t), route_ids,
                                  route_width * sizeof(uint16_t), K * sizeof(uint16_t), rows, cudaMemcpyDeviceToDevice,
                                  stream));
+    if (shared_on_side && fuse_norm) GROVE_RETURN_IF_ERROR(fork_shared_experts());
     GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kSharedExperts));
-    if (c.shared_experts > 0 && !fold)
+    if (c.shared_experts > 0 && !fold && !shared_on_side)
       GROVE_RETURN_IF_ERROR(Ffn(rows, w.s_w13, w.s_w2, c.shared_experts * c.expert_hidden));
     kernels::MoeDecodeArgs ma;
     ma.x = h;
@@ -904,6 +951,7 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     ma.mma_min_slots_per_expert = opt.moe_mma_min_slots_per_expert;
     ma.mma_tiles_per_block = opt.moe_mma_tiles_per_block;
     ma.mma_paired_up_max_tokens = opt.moe_mma_paired_up_max_tokens;
+    ma.combine_after = shared_on_side ? join_event : nullptr;
     if (timing) {
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kMoeRouteIndex));
       GROVE_ASSIGN_OR_RETURN(ma.stage_events,
@@ -1032,15 +1080,26 @@ Result<std::unique_ptr<GpuGenerator>> GpuGenerator::Create(const model::ModelCon
   impl->layout = model::ParamLayout(config);
   impl->opt = options;
   GEN_CUDA(cudaStreamCreateWithFlags(&impl->stream, cudaStreamNonBlocking));
-  if (options.cublas_min_rows > 0) {
-    if (cublasCreate(&impl->cublas) != CUBLAS_STATUS_SUCCESS)
-      return Status::Internal("GpuGenerator: cublasCreate failed");
+  if (options.shared_experts_stream && config.experts > 0 && config.shared_experts > 0) {
+    GEN_CUDA(cudaStreamCreateWithFlags(&impl->side_stream, cudaStreamNonBlocking));
+    GEN_CUDA(cudaEventCreateWithFlags(&impl->fork_event, cudaEventDisableTiming));
+    GEN_CUDA(cudaEventCreateWithFlags(&impl->join_event, cudaEventDisableTiming));
+  }
+  // A cuBLAS handle per lane, each with its own workspace so that graph
+  // capture allocates nothing and the lanes' GEMMs never share scratch.
+  auto make_cublas = [&](cudaStream_t s, cublasHandle_t* handle) -> Status {
+    if (cublasCreate(handle) != CUBLAS_STATUS_SUCCESS) return Status::Internal("GpuGenerator: cublasCreate failed");
     constexpr int64_t kCublasWorkspaceBytes = int64_t{32} << 20;
     void* ws = nullptr;
     GROVE_RETURN_IF_ERROR(impl->Alloc(reinterpret_cast<char**>(&ws), kCublasWorkspaceBytes));
-    if (cublasSetStream(impl->cublas, impl->stream) != CUBLAS_STATUS_SUCCESS ||
-        cublasSetWorkspace(impl->cublas, ws, kCublasWorkspaceBytes) != CUBLAS_STATUS_SUCCESS)
+    if (cublasSetStream(*handle, s) != CUBLAS_STATUS_SUCCESS ||
+        cublasSetWorkspace(*handle, ws, kCublasWorkspaceBytes) != CUBLAS_STATUS_SUCCESS)
       return Status::Internal("GpuGenerator: cuBLAS stream or workspace");
+    return Status::OK();
+  };
+  if (options.cublas_min_rows > 0) {
+    GROVE_RETURN_IF_ERROR(make_cublas(impl->stream, &impl->cublas));
+    if (impl->side_stream != nullptr) GROVE_RETURN_IF_ERROR(make_cublas(impl->side_stream, &impl->side_cublas));
   }
   GROVE_RETURN_IF_ERROR(impl->Build());
   return std::unique_ptr<GpuGenerator>(new GpuGenerator(std::move(impl)));

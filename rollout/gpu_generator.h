@@ -135,6 +135,18 @@ struct GpuGeneratorOptions {
   int moe_mma_tiles_per_block = 2;
   // MoeDecodeArgs::mma_paired_up_max_tokens of every MoE forward (>= 0).
   int moe_mma_paired_up_max_tokens = 32;
+  // MoE layers whose shared experts are not folded (forwards of more than
+  // one row under kBatchOne) run them on a second stream beside the router,
+  // its top-k and the routed experts, joining before the MoE's combine (a
+  // fork and a join per MoE layer, in the graph too): they need only the
+  // normed row, and the routing chain is latency-bound. The same kernels in
+  // the same order on x, so the same bits. Its own cuBLAS handle and
+  // QuantLinear workspace (+32 MiB with cublas_min_rows). On: H100, gpu-ref,
+  // decode_bench --variants, medians of 2, against off: bf16 batch 8 / 16 /
+  // 32 / 128 1.08-1.10x / 1.10x / 1.07-1.08x / 1.08x, int4 1.08-1.12x /
+  // 1.09x / 1.10-1.11x / 1.08x; batch 1 (folded) unchanged. Unfolded at
+  // batch 1 it matched the fold (bf16 1.02x, int4 1.00x), which stays.
+  bool shared_experts_stream = true;
   // Linears (not the routed experts) in calls of at least this many rows
   // (large decode batches, prefill) run as cublasGemmEx (bf16 in, fp32 sums
   // and out) instead of QuantLinear's 16-token chunks; 0: never. An int4

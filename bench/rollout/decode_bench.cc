@@ -424,6 +424,10 @@ const Variant kVariants[] = {
        o = GpuGeneratorOptions{};
        o.moe_mma_min_slots_per_expert = 4;
      }},
+    {"default-shared_stream", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.shared_experts_stream = false;
+     }},
     {"default+fold_always", [](GpuGeneratorOptions& o) {
        o = GpuGeneratorOptions{};
        o.fold_shared_experts = SharedExpertFold::kAlways;
@@ -449,6 +453,7 @@ void AllPathsOff(GpuGeneratorOptions& o) {
   o.fuse_append_attention = false;
   o.persistent_decode = false;
   o.cublas_min_rows = 0;
+  o.shared_experts_stream = false;
 }
 
 // --variants: rows (variant, plan), columns ms/step per batch (x speedup

@@ -706,21 +706,23 @@ TEST(GpuGenerator, GraphsEagerProfiledAndBitExactOptInPathsGiveTheSameBits) {
   // Graphs, eager, eager with the per-phase profile (events only), graphs
   // with the one-launch MoE index (the same index arrays), graphs with the
   // router writing the routes record (the same bytes), graphs with the
-  // batch-1 GEMV at 1 and 4 rows per warp (the same bits).
-  constexpr int kModes = 7;
+  // batch-1 GEMV at 1 and 4 rows per warp (the same bits), the shared
+  // experts on their own stream as a graph and eagerly (the same kernels).
+  constexpr int kModes = 9;
   for (int mode = 0; mode < kModes; ++mode) {
-    o.cuda_graphs = mode == 0 || mode >= 3;
+    o.cuda_graphs = mode == 0 || (mode >= 3 && mode != 8);
     o.profile_decode = mode == 2;
     o.one_launch_moe_index = mode == 3;
     o.router_writes_routes = mode == 4;
     o.gemv_rows_per_warp = mode == 5 ? 1 : mode == 6 ? 4 : 0;
+    o.shared_experts_stream = mode >= 7;
     auto g = GpuGenerator::Create(cpu->config(), o);
     ASSERT_TRUE(g.ok()) << g.status().ToString();
     ASSERT_TRUE((*g)->LoadWeights(cpu->params(), nullptr).ok());
     auto r = (*g)->Generate(prompts, Greedy(12));
     ASSERT_TRUE(r.ok()) << r.status().ToString();
     const GpuGenerator::Stats& st = (*g)->stats();
-    EXPECT_EQ(st.graphs_used, mode == 0 || mode >= 3);
+    EXPECT_EQ(st.graphs_used, o.cuda_graphs);
     double phases = 0;
     for (double v : st.decode_phase_seconds) phases += v;
     if (mode == 2) {
@@ -750,6 +752,27 @@ TEST(GpuGenerator, GraphsEagerProfiledAndBitExactOptInPathsGiveTheSameBits) {
     runs.push_back(std::move(*r));
   }
   ExpectSameBitsAsRun0(runs);
+  // The side lane's own cuBLAS handle (the linears of 2+ rows on cuBLAS),
+  // and one-row steps with the shared experts unfolded (the side lane forks
+  // after the fused norm + router kernel writes h): the one-lane bits.
+  for (int max_batch : {8, 1}) {
+    runs.clear();
+    for (bool side : {false, true}) {
+      GpuGeneratorOptions cb;
+      cb.max_batch = max_batch;
+      cb.kv_memory_fraction = 0.05;
+      cb.cublas_min_rows = max_batch == 8 ? 2 : 32;
+      cb.fold_shared_experts = max_batch == 8 ? SharedExpertFold::kBatchOne : SharedExpertFold::kNever;
+      cb.shared_experts_stream = side;
+      auto g = GpuGenerator::Create(cpu->config(), cb);
+      ASSERT_TRUE(g.ok()) << g.status().ToString();
+      ASSERT_TRUE((*g)->LoadWeights(cpu->params(), nullptr).ok());
+      auto r = (*g)->Generate(prompts, Greedy(12));
+      ASSERT_TRUE(r.ok()) << r.status().ToString();
+      runs.push_back(std::move(*r));
+    }
+    ExpectSameBitsAsRun0(runs);
+  }
 }
 
 // fold_shared_experts held to the default path's standard against the CPU
