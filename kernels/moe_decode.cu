@@ -25,6 +25,7 @@
 #include "kernels/moe_decode_internal.h"
 #include "kernels/moe_permute.h"
 #include "kernels/ptx/griddepcontrol.cuh"
+#include "kernels/ptx/prefetch.cuh"
 #include "kernels/quant_gemv.cuh"
 #include "kernels/quant_mma.cuh"
 #include "kernels/swiglu_math.cuh"
@@ -482,6 +483,16 @@ __device__ void DownTile(const MoeDecodeArgs& a, const QuantWeight& w2, int begi
 // 5 no better.
 // The paired loop keeps both weights' next chunks in registers: at the
 // 80 registers of 3 blocks an SM it spilled 432 bytes, so it takes 2.
+// MoeDecodeArgs::mma_prefetch_rows: the block's `rows` weight rows from
+// `first` into L2, one 128-byte line a thread at a time, before the block
+// stages its activations.
+__device__ __forceinline__ void PrefetchRowsL2(const QuantWeight& w, int64_t first, int rows, int k) {
+  const int64_t row_bytes = gemv::RowBytes(w.format, k);
+  const uint8_t* base = static_cast<const uint8_t*>(w.data) + first * row_bytes;
+  for (int64_t at = int64_t{threadIdx.x} * 128; at < rows * row_bytes; at += int64_t{blockDim.x} * 128)
+    ptx::prefetch_global_L2(base + at);
+}
+
 template <int TB, bool kPaired>
 __global__ void __launch_bounds__(kThreads, kPaired ? 2 : 3)
     MoeUpMmaKernel(MoeDecodeArgs a, const int32_t* offsets, const int32_t* slot_of_row, __nv_bfloat16* h,
@@ -492,6 +503,10 @@ __global__ void __launch_bounds__(kThreads, kPaired ? 2 : 3)
   int e, begin, end;
   if (!ExpertChunkRows(a, offsets, chunked, &e, &begin, &end)) return;
   const QuantWeight w1 = a.w1[e], w3 = a.w3[e];
+  if (a.mma_prefetch_rows && w1.format != QuantFormat::kBF16) {
+    PrefetchRowsL2(w1, int64_t{blockIdx.x} * TB * mma::kTileRows, TB * mma::kTileRows, a.hidden);
+    PrefetchRowsL2(w3, int64_t{blockIdx.x} * TB * mma::kTileRows, TB * mma::kTileRows, a.hidden);
+  }
   switch (w1.format) {
     case QuantFormat::kBF16: UpTile<QuantFormat::kBF16, TB, kPaired>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
     case QuantFormat::kInt8: UpTile<QuantFormat::kInt8, TB, kPaired>(a, w1, w3, begin, end, slot_of_row, h, smem); break;
@@ -509,6 +524,8 @@ __global__ void __launch_bounds__(kThreads, 4)
   int e, begin, end;
   if (!ExpertChunkRows(a, offsets, chunked, &e, &begin, &end)) return;
   const QuantWeight w2 = a.w2[e];
+  if (a.mma_prefetch_rows && w2.format != QuantFormat::kBF16)
+    PrefetchRowsL2(w2, int64_t{blockIdx.x} * TB * mma::kTileRows, TB * mma::kTileRows, a.expert_hidden);
   switch (w2.format) {
     case QuantFormat::kBF16: DownTile<QuantFormat::kBF16, TB>(a, w2, begin, end, h, partial, smem); break;
     case QuantFormat::kInt8: DownTile<QuantFormat::kInt8, TB>(a, w2, begin, end, h, partial, smem); break;

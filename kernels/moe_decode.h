@@ -80,6 +80,12 @@ struct MoeDecodeArgs {
   // gpu-ref (H100, decode_bench) paired was 5% faster at batch 1 in bf16 (2%
   // in int4), level at 8-32, 2-3% slower at 128-256.
   int mma_paired_up_max_tokens = 32;
+  // The tensor-core pair's blocks of int8 and int4 experts prefetch their
+  // weight rows into L2 as soon as their expert is known, before staging
+  // their activations (a hint: the same loads, so the same bits). Not bf16:
+  // its blocks already stream near the read rate from batch 16 up, where
+  // the prefetch cost 3-5% (H100, gpu-ref).
+  bool mma_prefetch_rows = false;
   // Optional: an event the combine launch waits for (cudaStreamWaitEvent),
   // e.g. a producer on another stream that also adds into `out` and must do
   // so first; the route index and the up and down launches do not wait.

@@ -952,6 +952,7 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     ma.mma_tiles_per_block = opt.moe_mma_tiles_per_block;
     ma.mma_paired_up_max_tokens = opt.moe_mma_paired_up_max_tokens;
     ma.combine_after = shared_on_side ? join_event : nullptr;
+    ma.mma_prefetch_rows = opt.moe_prefetch_rows;
     if (timing) {
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kMoeRouteIndex));
       GROVE_ASSIGN_OR_RETURN(ma.stage_events,

@@ -424,6 +424,10 @@ const Variant kVariants[] = {
        o = GpuGeneratorOptions{};
        o.moe_mma_min_slots_per_expert = 4;
      }},
+    {"default-moe_prefetch", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.moe_prefetch_rows = false;
+     }},
     {"default-shared_stream", [](GpuGeneratorOptions& o) {
        o = GpuGeneratorOptions{};
        o.shared_experts_stream = false;
@@ -454,6 +458,7 @@ void AllPathsOff(GpuGeneratorOptions& o) {
   o.persistent_decode = false;
   o.cublas_min_rows = 0;
   o.shared_experts_stream = false;
+  o.moe_prefetch_rows = false;
 }
 
 // --variants: rows (variant, plan), columns ms/step per batch (x speedup

@@ -774,6 +774,14 @@ void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
   std::vector<float> walked;
   ASSERT_NO_FATAL_FAILURE(run_on(a, detail::MoeDecodePath::kTensorCore, &walked, /*max_chunk_blocks=*/0));
   ASSERT_EQ(std::memcmp(walked.data(), outs[1].data(), walked.size() * 4), 0) << "walking blocks";
+  // The L2 prefetch of int8 / int4 blocks' weight rows is a hint: the same bits.
+  {
+    MoeDecodeArgs prefetching = a;
+    prefetching.mma_prefetch_rows = true;
+    std::vector<float> got;
+    ASSERT_NO_FATAL_FAILURE(run_on(prefetching, detail::MoeDecodePath::kTensorCore, &got));
+    ASSERT_EQ(std::memcmp(got.data(), outs[1].data(), got.size() * 4), 0) << "prefetching rows";
+  }
   // And the public entry point (kAuto picks one of the two) runs.
   ASSERT_EQ(dout.Upload(out0), cudaSuccess);
   ASSERT_TRUE(MoeDecodeForward(a, nullptr).ok());
