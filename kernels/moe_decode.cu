@@ -28,6 +28,7 @@
 #include "kernels/ptx/prefetch.cuh"
 #include "kernels/quant_gemv.cuh"
 #include "kernels/quant_mma.cuh"
+#include "kernels/rmsnorm_row.cuh"
 #include "kernels/swiglu_math.cuh"
 
 namespace grove::kernels {
@@ -533,16 +534,13 @@ __global__ void __launch_bounds__(kThreads, 4)
   }
 }
 
-// One thread per (token, 4 columns): the top_k partials in slot order.
-__global__ void MoeDecodeCombineKernel(const float* __restrict__ partial, const float* __restrict__ gates,
-                                       const int32_t* __restrict__ row_of_slot, const uint16_t* __restrict__ ids,
-                                       int experts, float* out, Accumulate mode, int m, int hidden, int top_k) {
-  ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
-  ptx::griddepcontrol_launch_dependents();
-  const int quads = hidden / 4;
-  const int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (idx >= int64_t{m} * quads) return;
-  const int t = static_cast<int>(idx / quads), c = static_cast<int>(idx % quads) * 4;
+// out[t, c..c+3] (+)= the top_k partials of token t in slot order, each
+// times its gate: MoeDecodeCombineKernel's and MoeDecodeCombineNormKernel's
+// one definition (the same sums in the same order).
+__device__ __forceinline__ void CombineQuad(const float* __restrict__ partial, const float* __restrict__ gates,
+                                            const int32_t* __restrict__ row_of_slot,
+                                            const uint16_t* __restrict__ ids, int experts, float* out,
+                                            Accumulate mode, int t, int c, int hidden, int top_k) {
   float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int j = 0; j < top_k; ++j) {
     // No index (one token): slot j's row is j, dropped when its id is out of range.
@@ -564,6 +562,40 @@ __global__ void MoeDecodeCombineKernel(const float* __restrict__ partial, const 
     s.w += old.w;
   }
   *o = s;
+}
+
+// One thread per (token, 4 columns).
+__global__ void MoeDecodeCombineKernel(const float* __restrict__ partial, const float* __restrict__ gates,
+                                       const int32_t* __restrict__ row_of_slot, const uint16_t* __restrict__ ids,
+                                       int experts, float* out, Accumulate mode, int m, int hidden, int top_k) {
+  ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
+  ptx::griddepcontrol_launch_dependents();
+  const int quads = hidden / 4;
+  const int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (idx >= int64_t{m} * quads) return;
+  CombineQuad(partial, gates, row_of_slot, ids, experts, out, mode, static_cast<int>(idx / quads),
+              static_cast<int>(idx % quads) * 4, hidden, top_k);
+}
+
+// MoeDecodeArgs::normed: one block per token, the combine of its row, then
+// RmsNormRows's arithmetic on the finished row (BlockRowRstd reads it back:
+// this block's own global writes, ordered by the barrier inside).
+__global__ void __launch_bounds__(kRmsNormRowThreads)
+    MoeDecodeCombineNormKernel(const float* __restrict__ partial, const float* __restrict__ gates,
+                               const int32_t* __restrict__ row_of_slot, const uint16_t* __restrict__ ids,
+                               int experts, float* out, Accumulate mode, int hidden, int top_k,
+                               const float* __restrict__ norm_weight, __nv_bfloat16* normed, float eps) {
+  ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
+  ptx::griddepcontrol_launch_dependents();
+  __shared__ float part[kRmsNormRowThreads / 32];
+  const int t = blockIdx.x;
+  for (int q = threadIdx.x; q < hidden / 4; q += kRmsNormRowThreads)
+    CombineQuad(partial, gates, row_of_slot, ids, experts, out, mode, t, 4 * q, hidden, top_k);
+  __syncthreads();
+  const float* xr = out + int64_t{t} * hidden;
+  const float rstd = BlockRowRstd<kRmsNormRowThreads>(xr, hidden, eps, part);
+  __nv_bfloat16* yr = normed + int64_t{t} * hidden;
+  for (int j = threadIdx.x; j < hidden; j += kRmsNormRowThreads) yr[j] = __float2bfloat16(xr[j] * rstd * norm_weight[j]);
 }
 
 // Opts in above the default 48 KB per block, which counts the kernels'
@@ -608,6 +640,8 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
     return Status::InvalidArgument("MoeDecodeForward: top_k must be in 1..min(experts, 16), got " +
                                    std::to_string(a.top_k));
   if (a.m == 0) return Status::OK();
+  if ((a.norm_weight == nullptr) != (a.normed == nullptr))
+    return Status::InvalidArgument("MoeDecodeForward: norm_weight and normed go together (both set or both null)");
   if (!Aligned16(a.x) || !Aligned16(a.out) || !a.ids || !a.gates || !a.w1 || !a.w3 || !a.w2 || !a.workspace)
     return Status::InvalidArgument("MoeDecodeForward: null pointer, or x / out not 16-byte aligned");
   if (reinterpret_cast<uintptr_t>(a.workspace) % 256 != 0)
@@ -702,6 +736,11 @@ Status MoeDecodeForwardOnPath(const MoeDecodeArgs& a, MoeDecodePath path, cudaSt
   if (a.combine_after != nullptr)
     GROVE_RETURN_IF_ERROR(
         Launched("MoeDecodeForward: waiting for combine_after", cudaStreamWaitEvent(stream, a.combine_after, 0)));
+  if (a.normed != nullptr)
+    return Launched("MoeDecodeForward combine + norm",
+                    LaunchKernel(MoeDecodeCombineNormKernel, dim3(a.m), dim3(kRmsNormRowThreads), 0, stream, partial,
+                                 a.gates, row_of_slot, a.ids, a.experts, a.out, a.mode, a.hidden, a.top_k,
+                                 a.norm_weight, a.normed, a.norm_eps));
   const int64_t threads = int64_t{a.m} * (a.hidden / 4);
   return Launched("MoeDecodeForward combine",
                   LaunchKernel(MoeDecodeCombineKernel, static_cast<unsigned>((threads + 255) / 256), dim3(256), 0,

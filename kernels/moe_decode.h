@@ -86,6 +86,14 @@ struct MoeDecodeArgs {
   // its blocks already stream near the read rate from batch 16 up, where
   // the prefetch cost 3-5% (H100, gpu-ref).
   bool mma_prefetch_rows = false;
+  // Optional: the RMSNorm after this layer folded into the combine: each
+  // token's block, once its out row is final, writes normed = bf16(out *
+  // rstd * norm_weight) [m, hidden], exactly as the engine's RmsNormRows
+  // (kernels/rmsnorm_row.cuh), so the same bits and one launch fewer. Both
+  // set or both null.
+  const float* norm_weight = nullptr;
+  __nv_bfloat16* normed = nullptr;
+  float norm_eps = 0.f;
   // Optional: an event the combine launch waits for (cudaStreamWaitEvent),
   // e.g. a producer on another stream that also adds into `out` and must do
   // so first; the route index and the up and down launches do not wait.

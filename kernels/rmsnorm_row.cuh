@@ -10,6 +10,11 @@
 
 namespace grove::kernels {
 
+// Threads of the blocks that norm one row each (the engine's RMSNorm kernel
+// and MoeDecodeForward's combine with the next norm folded in): the same
+// count, so the same order of BlockRowRstd's sums.
+inline constexpr int kRmsNormRowThreads = 256;
+
 // rstd = 1 / sqrt(mean(x^2) + eps) over x[0, hidden), summed in a fixed
 // order: thread t takes columns t, t + kThreads, ...; then a warp xor-shuffle
 // tree; then the warps' sums in warp order. kThreads threads call it

@@ -837,6 +837,9 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
   float* const route_gates = fold ? fold_gates : gates;
   GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kInputs));
   GROVE_RETURN_IF_ERROR(gpu::EmbedRows(d_tokens, embed, x, rows, int(V), int(H), stream));
+  // fuse_combine_norm: the MoE combine before has already written h = the
+  // next RMSNorm of x (the next layer's attention norm, or the final norm).
+  bool normed_ahead = false;
   for (int64_t l = 0; l < c.layers; ++l) {
     LayerWeights& w = lw[l];
     const kernels::PagedKvCache kv = KvCache(l);
@@ -844,8 +847,11 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kQkvLinear));
       GROVE_RETURN_IF_ERROR(LinearNormed(w.attn_norm, nullptr, w.qkv, qkv, Accumulate::kOverwrite));
     } else {
-      GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kNorms));
-      GROVE_RETURN_IF_ERROR(gpu::RmsNormRows(x, w.attn_norm, h, rows, int(H), float(c.norm_eps), stream));
+      if (!normed_ahead) {
+        GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kNorms));
+        GROVE_RETURN_IF_ERROR(gpu::RmsNormRows(x, w.attn_norm, h, rows, int(H), float(c.norm_eps), stream));
+      }
+      normed_ahead = false;
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kQkvLinear));
       GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w.qkv, qkv, qd + 2 * kd, Accumulate::kOverwrite));
     }
@@ -953,6 +959,14 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     ma.mma_paired_up_max_tokens = opt.moe_mma_paired_up_max_tokens;
     ma.combine_after = shared_on_side ? join_event : nullptr;
     ma.mma_prefetch_rows = opt.moe_prefetch_rows;
+    if (!fuse_norm && opt.fuse_combine_norm) {
+      // h (the MoE's input) is free once the down stage and the shared
+      // experts are done, which the combine waits for.
+      ma.norm_weight = l + 1 < c.layers ? lw[l + 1].attn_norm : final_norm;
+      ma.normed = h;
+      ma.norm_eps = float(c.norm_eps);
+      normed_ahead = true;
+    }
     if (timing) {
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kMoeRouteIndex));
       GROVE_ASSIGN_OR_RETURN(ma.stage_events,
@@ -964,8 +978,10 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kLmHead));
     return LinearNormed(final_norm, nullptr, lm_head, logits, Accumulate::kOverwrite);
   }
-  GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kNorms));
-  GROVE_RETURN_IF_ERROR(gpu::RmsNormRows(x, final_norm, h, rows, int(H), float(c.norm_eps), stream));
+  if (!normed_ahead) {
+    GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kNorms));
+    GROVE_RETURN_IF_ERROR(gpu::RmsNormRows(x, final_norm, h, rows, int(H), float(c.norm_eps), stream));
+  }
   GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kLmHead));
   const bf16* src = h;
   if (gather_last) {

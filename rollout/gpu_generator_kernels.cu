@@ -10,7 +10,7 @@
 namespace grove::rollout::gpu {
 namespace {
 
-constexpr int kNormThreads = 256;
+constexpr int kNormThreads = kernels::kRmsNormRowThreads;
 
 // Every kernel here may be launched with programmatic dependent launch
 // (kernels/launch.cuh): each waits for its predecessor before touching memory.

@@ -428,6 +428,10 @@ const Variant kVariants[] = {
        o = GpuGeneratorOptions{};
        o.moe_prefetch_rows = false;
      }},
+    {"default-combine_norm", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.fuse_combine_norm = false;
+     }},
     {"default-shared_stream", [](GpuGeneratorOptions& o) {
        o = GpuGeneratorOptions{};
        o.shared_experts_stream = false;
@@ -459,6 +463,7 @@ void AllPathsOff(GpuGeneratorOptions& o) {
   o.cublas_min_rows = 0;
   o.shared_experts_stream = false;
   o.moe_prefetch_rows = false;
+  o.fuse_combine_norm = false;
 }
 
 // --variants: rows (variant, plan), columns ms/step per batch (x speedup

@@ -782,6 +782,39 @@ void CheckMoe(std::mt19937_64& rng, const MoeCase& c) {
     ASSERT_NO_FATAL_FAILURE(run_on(prefetching, detail::MoeDecodePath::kTensorCore, &got));
     ASSERT_EQ(std::memcmp(got.data(), outs[1].data(), got.size() * 4), 0) << "prefetching rows";
   }
+  // The next RMSNorm folded into the combine: out is the same bits, and
+  // normed is RMSNorm(out row) * weight rounded to bf16 (checked against a
+  // double reference: within bf16's half ulp plus fp32 rounding of the
+  // sum and of rsqrtf, 2^-8 of the value and 1e-6 absolute).
+  {
+    std::vector<float> norm_w(H);
+    for (auto& v : norm_w) v = u01(rng);
+    DeviceBuffer<float> dnorm(H);
+    DeviceBuffer<__nv_bfloat16> dnormed(static_cast<size_t>(c.m) * H);
+    ASSERT_EQ(dnorm.Upload(norm_w), cudaSuccess);
+    MoeDecodeArgs norming = a;
+    norming.norm_weight = dnorm.get();
+    norming.normed = dnormed.get();
+    norming.norm_eps = 1e-6f;
+    std::vector<float> got;
+    ASSERT_NO_FATAL_FAILURE(run_on(norming, detail::MoeDecodePath::kTensorCore, &got));
+    ASSERT_EQ(std::memcmp(got.data(), outs[1].data(), got.size() * 4), 0) << "combine + norm: out";
+    std::vector<__nv_bfloat16> normed;
+    ASSERT_EQ(dnormed.Download(&normed), cudaSuccess);
+    for (int t = 0; t < c.m; ++t) {
+      double ss = 0;
+      for (int j = 0; j < H; ++j) ss += double(got[t * H + j]) * got[t * H + j];
+      const double rstd = 1.0 / std::sqrt(ss / H + 1e-6);
+      for (int j = 0; j < H; ++j) {
+        const double want = got[t * H + j] * rstd * norm_w[j];
+        ASSERT_NEAR(__bfloat162float(normed[t * H + j]), want, std::fabs(want) / 256 + 1e-6)
+            << "normed, token " << t << " column " << j;
+      }
+    }
+    MoeDecodeArgs half = a;
+    half.normed = dnormed.get();  // without its weight
+    EXPECT_EQ(MoeDecodeForward(half, nullptr).code(), StatusCode::kInvalidArgument);
+  }
   // And the public entry point (kAuto picks one of the two) runs.
   ASSERT_EQ(dout.Upload(out0), cudaSuccess);
   ASSERT_TRUE(MoeDecodeForward(a, nullptr).ok());

@@ -707,8 +707,10 @@ TEST(GpuGenerator, GraphsEagerProfiledAndBitExactOptInPathsGiveTheSameBits) {
   // with the one-launch MoE index (the same index arrays), graphs with the
   // router writing the routes record (the same bytes), graphs with the
   // batch-1 GEMV at 1 and 4 rows per warp (the same bits), the shared
-  // experts on their own stream as a graph and eagerly (the same kernels).
-  constexpr int kModes = 9;
+  // experts on their own stream as a graph and eagerly (the same kernels),
+  // the RMSNorm after each MoE layer not folded into its combine (the
+  // default folds it, RmsNormRows's arithmetic; prefill and decode).
+  constexpr int kModes = 10;
   for (int mode = 0; mode < kModes; ++mode) {
     o.cuda_graphs = mode == 0 || (mode >= 3 && mode != 8);
     o.profile_decode = mode == 2;
@@ -716,6 +718,7 @@ TEST(GpuGenerator, GraphsEagerProfiledAndBitExactOptInPathsGiveTheSameBits) {
     o.router_writes_routes = mode == 4;
     o.gemv_rows_per_warp = mode == 5 ? 1 : mode == 6 ? 4 : 0;
     o.shared_experts_stream = mode >= 7;
+    o.fuse_combine_norm = mode != 9;  // on by default: mode 9 runs it off
     auto g = GpuGenerator::Create(cpu->config(), o);
     ASSERT_TRUE(g.ok()) << g.status().ToString();
     ASSERT_TRUE((*g)->LoadWeights(cpu->params(), nullptr).ok());
