@@ -81,6 +81,10 @@ struct LayerWeights {
   QuantWeight *d_w1 = nullptr, *d_w3 = nullptr, *d_w2 = nullptr;  // device arrays [experts]
   std::vector<QuantWeight> h_w1, h_w3, h_w2;                    // their host copies
   QuantFormat experts_widest = QuantFormat::kBF16;  // MoeDecodeArgs::widest_format
+  // The widest format of the routed experts alone (not the folded shared
+  // ones): picks moe_mma_tiles_per_block_narrow, the same whether or not a
+  // forward folds the shared experts in.
+  QuantFormat routed_widest = QuantFormat::kBF16;
   float *attn_norm = nullptr, *ffn_norm = nullptr, *router_bias = nullptr;
   // fold_shared_experts: the shared W2's column blocks (one per shared
   // expert, [hidden, expert_hidden] each), copied from s_w2 in its format.
@@ -955,7 +959,9 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     ma.one_launch_index = opt.one_launch_moe_index;
     ma.widest_format = w.experts_widest;
     ma.mma_min_slots_per_expert = opt.moe_mma_min_slots_per_expert;
-    ma.mma_tiles_per_block = opt.moe_mma_tiles_per_block;
+    ma.mma_tiles_per_block = w.routed_widest != QuantFormat::kBF16 && opt.moe_mma_tiles_per_block_narrow != 0
+                                 ? opt.moe_mma_tiles_per_block_narrow
+                                 : opt.moe_mma_tiles_per_block;
     ma.mma_paired_up_max_tokens = opt.moe_mma_paired_up_max_tokens;
     ma.combine_after = shared_on_side ? join_event : nullptr;
     ma.mma_prefetch_rows = opt.moe_prefetch_rows;
@@ -1070,6 +1076,10 @@ Result<std::unique_ptr<GpuGenerator>> GpuGenerator::Create(const model::ModelCon
   if (!kernels::ValidMoeMmaTilesPerBlock(options.moe_mma_tiles_per_block))
     return Status::InvalidArgument("GpuGenerator: moe_mma_tiles_per_block must be 1, 2 or 4, got " +
                                    std::to_string(options.moe_mma_tiles_per_block));
+  if (options.moe_mma_tiles_per_block_narrow != 0 &&
+      !kernels::ValidMoeMmaTilesPerBlock(options.moe_mma_tiles_per_block_narrow))
+    return Status::InvalidArgument("GpuGenerator: moe_mma_tiles_per_block_narrow must be 0, 1, 2 or 4, got " +
+                                   std::to_string(options.moe_mma_tiles_per_block_narrow));
   if (options.moe_mma_paired_up_max_tokens < 0)
     return Status::InvalidArgument("GpuGenerator: moe_mma_paired_up_max_tokens must be >= 0, got " +
                                    std::to_string(options.moe_mma_paired_up_max_tokens));
@@ -1243,8 +1253,11 @@ Result<double> GpuGenerator::Impl::Load(const float* params, bool on_device, con
       w.h_w3.push_back(g.slots[w.e_w3[e]].qw);
       w.h_w2.push_back(g.slots[w.e_w2[e]].qw);
     }
-    GROVE_RETURN_IF_ERROR(g.AppendFoldedSharedExperts(w));
     // kBF16 < kInt8 < kInt4: the widest format is the smallest value.
+    w.routed_widest = QuantFormat::kInt4;
+    for (const auto* v : {&w.h_w1, &w.h_w2})
+      for (const QuantWeight& q : *v) w.routed_widest = std::min(w.routed_widest, q.format);
+    GROVE_RETURN_IF_ERROR(g.AppendFoldedSharedExperts(w));
     w.experts_widest = QuantFormat::kInt4;
     for (const auto* v : {&w.h_w1, &w.h_w2})
       for (const QuantWeight& q : *v) w.experts_widest = std::min(w.experts_widest, q.format);

@@ -133,6 +133,17 @@ struct GpuGeneratorOptions {
   int moe_mma_min_slots_per_expert = 0;
   // MoeDecodeArgs::mma_tiles_per_block of every MoE forward.
   int moe_mma_tiles_per_block = 2;
+  // The same for MoE layers whose routed experts are all int8 or int4 (0:
+  // moe_mma_tiles_per_block). Fixed by the layer's formats, never by the
+  // batch or the shared-expert fold, so a row's bits do not depend on its
+  // batch. 4: narrow blocks carry 4 tiles' bytes through their chain of
+  // round trips. H100, gpu-ref, decode_bench --variants, medians of 2, ms
+  // per step against 2 at batch 1 / 8 / 16 / 32 / 128: int4 0.98x / 1.05x /
+  // 1.06x / 1.09x / 1.04x, int8 0.96x / 1.01x / 1.02x / 1.07x / 1.02x, the
+  // half-int4 mix 0.97x / 1.03x / 1.03x / 1.05x / 1.03x, a measured 5.0 b/w
+  // plan 0.97x / 1.03x / 1.03x / 1.07x / 1.04x: rollout batches gain, the
+  // one-row tail of a batch loses 2-4%.
+  int moe_mma_tiles_per_block_narrow = 4;
   // MoeDecodeArgs::mma_paired_up_max_tokens of every MoE forward (>= 0).
   int moe_mma_paired_up_max_tokens = 32;
   // Forwards without fuse_rmsnorm's one-row path (every forward of more

@@ -428,6 +428,10 @@ const Variant kVariants[] = {
        o = GpuGeneratorOptions{};
        o.moe_prefetch_rows = false;
      }},
+    {"default-narrow_tiles", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.moe_mma_tiles_per_block_narrow = 0;
+     }},
     {"default-combine_norm", [](GpuGeneratorOptions& o) {
        o = GpuGeneratorOptions{};
        o.fuse_combine_norm = false;
@@ -464,6 +468,7 @@ void AllPathsOff(GpuGeneratorOptions& o) {
   o.shared_experts_stream = false;
   o.moe_prefetch_rows = false;
   o.fuse_combine_norm = false;
+  o.moe_mma_tiles_per_block_narrow = 0;
 }
 
 // --variants: rows (variant, plan), columns ms/step per batch (x speedup

@@ -1314,6 +1314,9 @@ TEST(GpuGenerator, RejectsBadInput) {
   GpuGeneratorOptions negative_slots;
   negative_slots.moe_mma_min_slots_per_expert = -1;
   EXPECT_EQ(GpuGenerator::Create(cpu->config(), negative_slots).status().code(), StatusCode::kInvalidArgument);
+  GpuGeneratorOptions three_narrow_tiles;
+  three_narrow_tiles.moe_mma_tiles_per_block_narrow = 3;
+  EXPECT_EQ(GpuGenerator::Create(cpu->config(), three_narrow_tiles).status().code(), StatusCode::kInvalidArgument);
   GpuGeneratorOptions negative_paired;
   negative_paired.moe_mma_paired_up_max_tokens = -1;
   EXPECT_EQ(GpuGenerator::Create(cpu->config(), negative_paired).status().code(), StatusCode::kInvalidArgument);
