@@ -476,14 +476,6 @@ __device__ void DownTile(const MoeDecodeArgs& a, const QuantWeight& w2, int begi
   }
 }
 
-// Blocks per SM of the tensor-core pair, as for the CUDA-core one (measured
-// when a block was one 16-row tile, 32 KB of bf16 weights): up 3 (<= 80 registers; it
-// used 111, so 2), down 4 (<= 64; it used 74, so 3). H100, gpu-ref,
-// decode_bench, batch 64 / 128, medians of 4 runs in 2 calls: bf16 0.96x /
-// 0.96x ms per step, int8 0.94x / 0.96x, int4 0.94x / 0.95x; up 4 and down
-// 5 no better.
-// The paired loop keeps both weights' next chunks in registers: at the
-// 80 registers of 3 blocks an SM it spilled 432 bytes, so it takes 2.
 // MoeDecodeArgs::mma_prefetch_rows: the block's `rows` weight rows from
 // `first` into L2, one 128-byte line a thread at a time, before the block
 // stages its activations.
@@ -494,6 +486,14 @@ __device__ __forceinline__ void PrefetchRowsL2(const QuantWeight& w, int64_t fir
     ptx::prefetch_global_L2(base + at);
 }
 
+// Blocks per SM of the tensor-core pair, as for the CUDA-core one (measured
+// when a block was one 16-row tile, 32 KB of bf16 weights): up 3 (<= 80 registers; it
+// used 111, so 2), down 4 (<= 64; it used 74, so 3). H100, gpu-ref,
+// decode_bench, batch 64 / 128, medians of 4 runs in 2 calls: bf16 0.96x /
+// 0.96x ms per step, int8 0.94x / 0.96x, int4 0.94x / 0.95x; up 4 and down
+// 5 no better.
+// The paired loop keeps both weights' next chunks in registers: at the
+// 80 registers of 3 blocks an SM it spilled 432 bytes, so it takes 2.
 template <int TB, bool kPaired>
 __global__ void __launch_bounds__(kThreads, kPaired ? 2 : 3)
     MoeUpMmaKernel(MoeDecodeArgs a, const int32_t* offsets, const int32_t* slot_of_row, __nv_bfloat16* h,
