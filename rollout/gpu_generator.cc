@@ -309,10 +309,9 @@ struct GpuGenerator::Impl {
   Lane MainLane() const { return {stream, cublas, ql_ws}; }
   Lane SideLane() const { return {side_stream, side_cublas, side_ql_ws}; }
   // Whether a forward of `rows` rows runs its MoE layers' shared experts on
-  // the side lane (not folded, not profiled: the phase timer marks one stream).
-  bool SharedOnSide(int rows) const {
-    return side_stream != nullptr && M > 0 && c.shared_experts > 0 && !Folds(rows) && !timing;
-  }
+  // the side lane (not folded, not profiled: the phase timer marks one
+  // stream). The lane exists only for models with shared experts.
+  bool SharedOnSide(int rows) const { return side_stream != nullptr && !Folds(rows) && !timing; }
 
   ~Impl() {
     if (stream) cudaStreamSynchronize(stream);
