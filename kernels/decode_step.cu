@@ -320,7 +320,7 @@ struct Work {
 
 // The split-KV chunks of the step's one row (PagedAttentionSplit's count).
 __host__ __device__ inline int SplitChunks(const DecodeStepArgs& a, const PagedKvCache& kv) {
-  return PagedAttentionSplitChunks(kv, a.max_pos, PagedAttentionSplitChunkTokens(1, a.kv_heads));
+  return PagedAttentionSplitChunks(kv, a.max_pos, PagedAttentionSplitWalkChunkTokens(1, a.kv_heads));
 }
 
 __host__ __device__ inline Work WorkPlan(const DecodeStepArgs& a, const PagedKvCache& kv, void* base) {
@@ -553,7 +553,7 @@ __global__ void __launch_bounds__(kThreads, 1) DecodeStepKernel(DecodeStepArgs a
     const PagedKvCache& kv = L.kv;
     const int chunks = SplitChunks(a, kv);
     const bool row_ok = paged_device::RowValid(kv, slot, pos);
-    const int chunk_tokens = PagedAttentionSplitChunkTokens(1, a.kv_heads);
+    const int chunk_tokens = PagedAttentionSplitWalkChunkTokens(1, a.kv_heads);
     const int live = row_ok ? min(pos / chunk_tokens + 1, chunks) : 0;
     {
       const PagedFusedAppend app{work.qkv, qd + 2 * kd, a.rope_cos, a.rope_sin};

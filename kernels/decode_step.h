@@ -10,7 +10,8 @@
 //
 // Same bits as the multi-launch step it replaces (rollout/gpu_generator.cc's
 // Forward at rows == 1 with fuse_rmsnorm, split-KV attention with the fused
-// append, and the shared experts folded): every output row's sum is the
+// append through the warp-walk chunk kernel (split_kv_tiled off:
+// PagedAttentionSplitWalk), and the shared experts folded): every output row's sum is the
 // gemv core's (kernels/quant_gemv.cuh: a row's value depends only on the
 // row, x and k), attention is paged_kv_device.cuh's chunk function, the top-k
 // is router_topk.cuh's warp, and the MoE's combine adds the slots' gated
@@ -83,7 +84,7 @@ struct DecodeStepArgs {
 
   const int32_t* token = nullptr;  // [1]; outside [0, vocab): a zero embedding
   PagedRows row;                   // rows == 1
-  int max_pos = 0;                 // split-KV chunk bound (PagedAttentionSplit's)
+  int max_pos = 0;                 // split-KV chunk bound (PagedAttentionSplitWalk's)
   const float* embed = nullptr;    // fp32 [vocab, hidden]
   const float* rope_cos = nullptr;
   const float* rope_sin = nullptr;

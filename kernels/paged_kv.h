@@ -32,7 +32,8 @@
 // PagedAttentionSplit (flash-decoding): the same result, the keys of each
 // (row, kv head) split into chunks of T = PagedAttentionSplitChunkTokens(rows,
 // kv_heads, max_pos) positions, chunk c covering [c * T, (c + 1) * T), one block per
-// (row, kv head, chunk), so a small batch still fills the GPU. Each chunk leaves a partial softmax state
+// (row, kv head, chunk), so a small batch still fills the GPU (the chunk
+// kernels: below). Each chunk leaves a partial softmax state
 // (max, sum, unnormalized out) per query head in fp32 in the workspace; a
 // combine kernel merges a row's chunks 0..pos / T in chunk order (the same
 // bits every run). The chunk count is fixed by max_pos (a bound on every
@@ -56,31 +57,33 @@
 namespace grove::kernels {
 
 inline constexpr int kPagedMaxGroup = 8;
-// Chunk lengths of the split pass: T = kPagedSplitChunkTokens, or
-// kPagedSplitChunkTokensFew when a launch has at most kPagedSplitFewPairs
-// (row, kv head) pairs. A chunk's block is latency-bound (its warps walk
-// their keys one after another through shuffles and exps), so with few rows
-// short chunks put more blocks to work: at batch 1 on gpu-ref (H100,
-// decode_bench) 16-token chunks take the step from 1.14 to 0.93 ms (bf16);
-// with more rows there are blocks enough, and the extra chunks cost (batch
-// 32, 1024-token prompts: 5.01 ms at 64 against 5.57 at 16).
-// Short contexts take the short chunks at any row count: a launch whose
-// max_pos is at most kPagedSplitShortContext has at most 4 chunks of 64
-// keys per (row, kv head), too few blocks to hide their serial key walks.
+// Chunk lengths of the split pass. Its chunks run the tiled kernel (a
+// chunk's K and V copied into shared memory, a thread per key for q.k) at
+// kPagedSplitChunkTokens keys, or at kPagedSplitChunkTokensFew for a launch
+// bounded by kPagedSplitShortContext positions with at most
+// kPagedSplitFewPairs (row, kv head) pairs (there 64-key chunks leave too
+// few blocks). With at most kPagedWalkFewPairs pairs and short contexts
+// they run the warp walk at kPagedWalkChunkTokensFew keys instead: at batch
+// 1 a chunk holds a handful of keys, and the walk's shorter chain of
+// dependent steps wins (the tiled kernel's copy, q.k, softmax and P V
+// phases follow one another). Chosen by kernel_bench --paged and
+// decode_bench --variants on an H100 (docs/kernels.md "The tiled chunk
+// kernel").
 inline constexpr int kPagedSplitChunkTokens = 64;
-inline constexpr int kPagedSplitChunkTokensFew = 16;
-inline constexpr int kPagedSplitFewPairs = 4;
+inline constexpr int kPagedSplitChunkTokensFew = 32;
+inline constexpr int kPagedSplitFewPairs = 16;
 inline constexpr int kPagedSplitShortContext = 256;
+inline constexpr int kPagedWalkChunkTokens = 64;
+inline constexpr int kPagedWalkChunkTokensFew = 16;
+inline constexpr int kPagedWalkFewPairs = 4;
 
 // The chunk length PagedAttentionSplit uses for a launch of `rows` rows
-// bounded by max_pos (0: the cache's capacity; also called from device
-// code: the persistent decode step's rows == 1).
-#if defined(__CUDACC__)
-__host__ __device__
-#endif
+// bounded by max_pos (0: the cache's capacity); 16 means the warp walk.
 inline int PagedAttentionSplitChunkTokens(int rows, int kv_heads, int max_pos = 0) {
-  if (int64_t(rows) * kv_heads <= kPagedSplitFewPairs) return kPagedSplitChunkTokensFew;
-  return max_pos > 0 && max_pos <= kPagedSplitShortContext ? kPagedSplitChunkTokensFew : kPagedSplitChunkTokens;
+  const bool short_context = max_pos > 0 && max_pos <= kPagedSplitShortContext;
+  const int64_t pairs = int64_t(rows) * kv_heads;
+  if (short_context && pairs <= kPagedWalkFewPairs) return kPagedWalkChunkTokensFew;
+  return short_context && pairs <= kPagedSplitFewPairs ? kPagedSplitChunkTokensFew : kPagedSplitChunkTokens;
 }
 
 struct PagedKvCache {
@@ -122,7 +125,7 @@ inline int PagedAttentionSplitChunks(const PagedKvCache& cache, int max_pos,
 
 // Workspace bytes PagedAttentionSplit needs for any launch of at most rows
 // rows (fp32 partials: rows * heads * chunks * (head_dim + 2), chunks at
-// each row count's chunk length).
+// each row count's chunk length), also enough for PagedAttentionSplitWalk.
 size_t PagedAttentionSplitWorkspaceBytes(const PagedKvCache& cache, int rows, int heads, int max_pos);
 
 // PagedKvAppend folded into the split pass (PagedAttentionSplit's
@@ -147,5 +150,21 @@ struct PagedFusedAppend {
 Status PagedAttentionSplit(const PagedKvCache& cache, const PagedRows& rows, int heads, const __nv_bfloat16* q,
                            __nv_bfloat16* out, float scale, int max_pos, void* workspace, size_t workspace_bytes,
                            cudaStream_t stream, const PagedFusedAppend* append = nullptr);
+
+// PagedAttentionSplit through the chunk kernel it had before the tiled one
+// (each of 4 warps walks its keys, a key's dims across the lanes; 16-key
+// chunks for few pairs or short contexts, else 64): the opt-out of
+// GpuGeneratorOptions::split_kv_tiled, and the arithmetic the persistent
+// batch-1 decode step (decode_step.h) shares. The same contract.
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline int PagedAttentionSplitWalkChunkTokens(int rows, int kv_heads, int max_pos = 0) {
+  if (int64_t(rows) * kv_heads <= kPagedWalkFewPairs) return kPagedWalkChunkTokensFew;
+  return max_pos > 0 && max_pos <= kPagedSplitShortContext ? kPagedWalkChunkTokensFew : kPagedWalkChunkTokens;
+}
+Status PagedAttentionSplitWalk(const PagedKvCache& cache, const PagedRows& rows, int heads, const __nv_bfloat16* q,
+                               __nv_bfloat16* out, float scale, int max_pos, void* workspace, size_t workspace_bytes,
+                               cudaStream_t stream, const PagedFusedAppend* append = nullptr);
 
 }  // namespace grove::kernels

@@ -871,8 +871,8 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     }
     GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kAttention));
     if (split)
-      GROVE_RETURN_IF_ERROR(kernels::PagedAttentionSplit(kv, pr, int(c.heads), q, attn, 0.f, AttnMaxPos(), attn_ws,
-                                                         attn_ws_bytes, stream, split_append));
+      GROVE_RETURN_IF_ERROR((opt.split_kv_tiled ? kernels::PagedAttentionSplit : kernels::PagedAttentionSplitWalk)(
+          kv, pr, int(c.heads), q, attn, 0.f, AttnMaxPos(), attn_ws, attn_ws_bytes, stream, split_append));
     else
       GROVE_RETURN_IF_ERROR(kernels::PagedAttention(kv, pr, int(c.heads), q, attn, 0.f, stream));
     GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kWo));

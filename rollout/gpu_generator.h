@@ -190,10 +190,17 @@ struct GpuGeneratorOptions {
   // once per process).
   int cublas_min_rows = 32;
   // Decode steps attend with kernels::PagedAttentionSplit (flash-decoding:
-  // the keys split into chunks of 64 positions, one block each, so batch 1
+  // the keys split into chunks of 32-64 positions, one block each, so batch 1
   // fills more than kv_heads SMs); prefill keeps PagedAttention. Changes
   // only fp32 summation order in attention.
   bool split_kv_attention = true;
+  // With split_kv_attention: the split pass's chunks run the tiled kernel
+  // (kernels::PagedAttentionSplit: a chunk's K and V copied into shared
+  // memory at once, a thread per key for q.k); off, the warp walk it had
+  // before (kernels::PagedAttentionSplitWalk). H100, gpu-ref, 2048-token
+  // prompts: 1.3-1.4x the decode step at batch 128 (docs/kernels.md "The
+  // tiled chunk kernel"). Changes only fp32 summation order.
+  bool split_kv_tiled = true;
   // With split_kv_attention: decode steps whose rows are all at most this
   // long (positions + 1) bound the split by it instead of max_seq_len, so
   // PagedAttentionSplit takes its short chunks at every batch
@@ -236,7 +243,8 @@ struct GpuGeneratorOptions {
   // instead of ~10 launches a layer) when the step would otherwise take the
   // fused paths above: fuse_rmsnorm, split_kv_attention with
   // fuse_append_attention, and the shared experts folded (or none). The same
-  // bits as those launches with the MoE's CUDA-core pair at one row
+  // bits as those launches with split_kv_tiled off (the warp walk's
+  // attention) and the MoE's CUDA-core pair at one row
   // (moe_mma_min_slots_per_expert above top_k + shared experts;
   // gpu_generator_test checks tokens, log-probs and routes); with the default
   // tensor-core pair only fp32 summation order differs. Off: slower so far,

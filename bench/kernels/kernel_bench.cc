@@ -54,6 +54,7 @@
 #include <cstring>
 #include <functional>
 #include <initializer_list>
+#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
@@ -66,6 +67,7 @@
 #include "kernels/logprob_head.h"
 #include "kernels/moe_permute.h"
 #include "kernels/paged_kv.h"
+#include "kernels/paged_kv_internal.h"
 #include "kernels/rope.h"
 #include "kernels/grouped_gemm.h"
 #include "kernels/grouped_weight_grad.h"
@@ -1291,11 +1293,13 @@ int Profile(cublasHandle_t h, std::mt19937_64& rng) {
 // Decode attention over the paged KV cache at the GPU reference model's
 // shape (8 heads, 2 kv heads of 128, 16-token pages, max_pos 4096): every
 // row of the batch at the same context length, its pages contiguous per
-// slot. PagedAttention (one block per (row, kv head)) against
-// PagedAttentionSplit (one per (row, kv head, 64-position chunk)): median us
-// per launch (the split's two kernels together), the K/V bytes each must
-// read once in GB/s, and the largest output difference between the two.
+// slot. PagedAttention (one block per (row, kv head)) against the split pass
+// (PagedAttentionSplitAt) at each chunk kernel and length, and the length
+// and kernel PagedAttentionSplit picks: median us per launch (a split's two
+// kernels together) with the K/V bytes each must read once in GB/s, and the
+// largest output difference of any split from the unsplit kernel.
 void PagedAttentionBench(std::mt19937_64& rng, int reps) {
+  using grove::kernels::PagedChunkKernel;
   using grove::kernels::PagedKvCache;
   using grove::kernels::PagedRows;
   const int heads = 8, kv_heads = 2, hd = 128, page_tokens = 16, max_pos = 4096, max_batch = 128;
@@ -1317,41 +1321,69 @@ void PagedAttentionBench(std::mt19937_64& rng, int reps) {
   GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_table, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
   GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_slot, slots.data(), max_batch * 4, cudaMemcpyHostToDevice));
   const PagedKvCache cache{k, v, d_table, max_batch * max_pages, page_tokens, max_pages, kv_heads, hd};
-  const size_t ws_bytes = grove::kernels::PagedAttentionSplitWorkspaceBytes(cache, max_batch, heads, max_pos);
+  // Room for the shortest chunks (16 keys) at the largest batch.
+  const size_t ws_bytes = grove::kernels::PagedAttentionSplitWorkspaceBytesAt(cache, max_batch, heads, max_pos, 16);
   void* ws = nullptr;
   GROVE_BENCH_CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
-  std::printf("\npaged decode attention (8 heads, 2 kv heads of 128, max_pos %d): us per launch, KV GB/s\n",
-              max_pos);
-  std::printf("| batch | context | unsplit us | unsplit GB/s | split us | split GB/s | speedup | max |diff| |\n");
-  std::printf("| --- | --- | --- | --- | --- | --- | --- | --- |\n");
+  struct Variant {
+    const char* name;
+    int chunk_tokens;  // 0: PagedAttentionSplit's own choice
+    PagedChunkKernel kernel;
+  };
+  const Variant variants[] = {{"walk 16", 16, PagedChunkKernel::kWarpWalk}, {"walk 64", 64, PagedChunkKernel::kWarpWalk},
+                              {"tiled 32", 32, PagedChunkKernel::kTiled},   {"tiled 64", 64, PagedChunkKernel::kTiled},
+                              {"tiled 128", 128, PagedChunkKernel::kTiled}, {"default", 0, PagedChunkKernel::kTiled}};
+  std::printf(
+      "\npaged decode attention (8 heads, 2 kv heads of 128; split bound max_pos %d, or %d for contexts up to it): us "
+      "per launch (KV GB/s)\n",
+      max_pos, grove::kernels::kPagedSplitShortContext);
+  std::printf("| batch | context | unsplit |");
+  for (const Variant& var : variants) std::printf(" %s |", var.name);
+  std::printf(" max |diff| |\n| --- | --- | --- |");
+  for (size_t i = 0; i < std::size(variants); ++i) std::printf(" --- |");
+  std::printf(" --- |\n");
   for (int batch : {1, 8, 32, 128}) {
-    for (int context : {128, 512, 2048, 4096}) {
+    for (int context : {96, 256, 512, 1024, 2048, 4096}) {
+      // Contexts of at most kPagedSplitShortContext positions bounded by
+      // it, as the engine bounds such decode steps (its short class).
+      const int bound = context <= grove::kernels::kPagedSplitShortContext ? grove::kernels::kPagedSplitShortContext
+                                                                            : max_pos;
       const std::vector<int32_t> pos(batch, context - 1);
       GROVE_BENCH_CUDA_CHECK(cudaMemcpy(d_pos, pos.data(), batch * 4, cudaMemcpyHostToDevice));
       const PagedRows rows{d_slot, d_pos, batch};
+      const double gb = double(batch) * context * kv_heads * hd * 2 * 2 / 1e9;
       const double t0 = MedianMs(
           [&] {
             if (!grove::kernels::PagedAttention(cache, rows, heads, q, out, 0.f, nullptr).ok()) std::exit(1);
           },
           reps);
-      const double t1 = MedianMs(
-          [&] {
-            if (!grove::kernels::PagedAttentionSplit(cache, rows, heads, q, out_split, 0.f, max_pos, ws, ws_bytes,
-                                                     nullptr)
-                     .ok())
-              std::exit(1);
-          },
-          reps);
+      std::printf("| %d | %d | %.1f (%.0f) |", batch, context, t0 * 1e3, gb / (t0 * 1e-3));
       const size_t n = size_t(batch) * heads * hd;
       std::vector<__nv_bfloat16> a(n), b(n);
       GROVE_BENCH_CUDA_CHECK(cudaMemcpy(a.data(), out, n * 2, cudaMemcpyDeviceToHost));
-      GROVE_BENCH_CUDA_CHECK(cudaMemcpy(b.data(), out_split, n * 2, cudaMemcpyDeviceToHost));
       double diff = 0;
-      for (size_t i = 0; i < n; ++i)
-        diff = std::max(diff, double(std::fabs(__bfloat162float(a[i]) - __bfloat162float(b[i]))));
-      const double gb = double(batch) * context * kv_heads * hd * 2 * 2 / 1e9;
-      std::printf("| %d | %d | %.1f | %.0f | %.1f | %.0f | %.2fx | %.2g |\n", batch, context, t0 * 1e3, gb / (t0 * 1e-3),
-                  t1 * 1e3, gb / (t1 * 1e-3), t0 / t1, diff);
+      for (const Variant& var : variants) {
+        const double t1 = MedianMs(
+            [&] {
+              const grove::Status st =
+                  var.chunk_tokens == 0
+                      ? grove::kernels::PagedAttentionSplit(cache, rows, heads, q, out_split, 0.f, bound, ws, ws_bytes,
+                                                            nullptr)
+                      : grove::kernels::PagedAttentionSplitAt(cache, rows, heads, q, out_split, 0.f, bound, ws,
+                                                              ws_bytes, nullptr, nullptr, var.chunk_tokens,
+                                                              var.kernel);
+              if (!st.ok()) {
+                std::fprintf(stderr, "%s\n", st.ToString().c_str());
+                std::exit(1);
+              }
+            },
+            reps);
+        GROVE_BENCH_CUDA_CHECK(cudaMemcpy(b.data(), out_split, n * 2, cudaMemcpyDeviceToHost));
+        for (size_t i = 0; i < n; ++i)
+          diff = std::max(diff, double(std::fabs(__bfloat162float(a[i]) - __bfloat162float(b[i]))));
+        std::printf(" %.1f (%.0f) |", t1 * 1e3, gb / (t1 * 1e-3));
+      }
+      std::printf(" %.2g |\n", diff);
     }
   }
   for (void* p : {static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(q), static_cast<void*>(d_table),

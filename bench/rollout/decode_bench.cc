@@ -42,7 +42,8 @@
 // only), default = the options' defaults, default with PDL + the fused norm
 // (+ the fused router), default without fuse_append_attention (the RoPE +
 // append folded into the split-KV pass), default-short_context (the
-// defaults with split_kv_short_context 0), default-fold_batch_one and
+// defaults with split_kv_short_context 0), default-split_kv_tiled (the
+// split pass's warp-walk chunk kernel), default-fold_batch_one and
 // default+fold_always (the defaults with SharedExpertFold::kNever /
 // kAlways instead of the default kBatchOne), default+persistent (the
 // batch-1 step as one persistent kernel), all = the four older paths;
@@ -395,6 +396,10 @@ const Variant kVariants[] = {
     {"default-short_context", [](GpuGeneratorOptions& o) {
        o = GpuGeneratorOptions{};
        o.split_kv_short_context = 0;
+     }},
+    {"default-split_kv_tiled", [](GpuGeneratorOptions& o) {
+       o = GpuGeneratorOptions{};
+       o.split_kv_tiled = false;
      }},
     {"default+persistent", [](GpuGeneratorOptions& o) {
        o = GpuGeneratorOptions{};

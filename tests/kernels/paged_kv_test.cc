@@ -2,8 +2,10 @@
 // sequences over pages handed out in shuffled order, a prefill launch (many
 // rows per sequence) followed by a decode launch (one row per sequence), a
 // padding row, head_dim 32, 64 and 128, GQA groups of 4. Every attention launch
-// also runs PagedAttentionSplit (chunks of kPagedSplitChunkTokens, so the
-// ragged lengths up to 255 cover 1 to 16 chunks) on the same q and cache.
+// also runs PagedAttentionSplit (the chunk length and kernel its policy picks)
+// and PagedAttentionSplitAt at every chunk kernel and length (the warp walk
+// at 16 and 64 keys, the tiled kernel at 32, 64 and 128), with and without
+// the fused append, on the same q and cache.
 #include "kernels/paged_kv.h"
 
 #include <gtest/gtest.h>
@@ -15,6 +17,7 @@
 #include <random>
 #include <vector>
 
+#include "kernels/paged_kv_internal.h"
 #include "tests/kernels/gpu_test_util.h"
 
 namespace grove::kernels {
@@ -86,6 +89,19 @@ void RunCase(const Case& tc, uint64_t seed) {
 
   struct Launch {
     std::vector<__nv_bfloat16> q, out, split;
+    std::vector<std::vector<__nv_bfloat16>> at;  // one per kAtVariants entry
+  };
+  struct AtVariant {
+    int chunk_tokens;
+    PagedChunkKernel kernel;
+  };
+  static constexpr AtVariant kAtVariants[] = {{16, PagedChunkKernel::kWarpWalk},
+                                              {64, PagedChunkKernel::kWarpWalk},
+                                              {32, PagedChunkKernel::kTiled},
+                                              {64, PagedChunkKernel::kTiled},
+                                              {128, PagedChunkKernel::kTiled}};
+  auto variant_name = [](const AtVariant& v) {
+    return std::string(v.kernel == PagedChunkKernel::kTiled ? "tiled " : "warp walk ") + std::to_string(v.chunk_tokens);
   };
   auto launch = [&](const std::vector<int32_t>& slot, const std::vector<int32_t>& pos, const std::vector<float>& qkv,
                     Launch* res) {
@@ -124,6 +140,34 @@ void RunCase(const Case& tc, uint64_t seed) {
     ASSERT_TRUE(
         PagedAttentionSplit(cache, pr, heads, d_q.get(), d_split.get(), 0.f, max_pos, d_ws.get(), ws_bytes, nullptr)
             .ok());
+    // Every (kernel, length): after the append, and (decode rows) with the
+    // append folded in again (it rewrites the same bits at the same places).
+    for (const AtVariant& v : kAtVariants) {
+      SCOPED_TRACE(variant_name(v));
+      const size_t at_bytes = PagedAttentionSplitWorkspaceBytesAt(cache, rows, heads, max_pos, v.chunk_tokens);
+      DeviceBuffer<float> d_at_ws(at_bytes / sizeof(float));
+      DeviceBuffer<__nv_bfloat16> d_at(size_t(rows) * qd), d_at_fused(size_t(rows) * qd);
+      GROVE_CUDA_OK(cudaMemset(d_at_ws.get(), 0xff, at_bytes));
+      ASSERT_FALSE(PagedAttentionSplitAt(cache, pr, heads, d_q.get(), d_at.get(), 0.f, max_pos, d_at_ws.get(),
+                                         at_bytes - 1, nullptr, nullptr, v.chunk_tokens, v.kernel)
+                       .ok());
+      ASSERT_TRUE(PagedAttentionSplitAt(cache, pr, heads, d_q.get(), d_at.get(), 0.f, max_pos, d_at_ws.get(), at_bytes,
+                                        nullptr, nullptr, v.chunk_tokens, v.kernel)
+                      .ok());
+      res->at.emplace_back();
+      GROVE_CUDA_OK(d_at.Download(&res->at.back()));
+      if (decode) {
+        const PagedFusedAppend fa{d_qkv.get(), ld, d_cos.get(), d_sin.get()};
+        ASSERT_TRUE(PagedAttentionSplitAt(cache, pr, heads, nullptr, d_at_fused.get(), 0.f, max_pos, d_at_ws.get(),
+                                          at_bytes, nullptr, &fa, v.chunk_tokens, v.kernel)
+                        .ok());
+        std::vector<__nv_bfloat16> fused;
+        GROVE_CUDA_OK(d_at_fused.Download(&fused));
+        int differ = 0;
+        for (size_t i = 0; i < fused.size(); ++i) differ += std::memcmp(&fused[i], &res->at.back()[i], 2) != 0;
+        EXPECT_EQ(differ, 0) << "the append folded in vs append + split";
+      }
+    }
     GROVE_CUDA_OK(cudaDeviceSynchronize());
     GROVE_CUDA_OK(d_q.Download(&res->q));
     GROVE_CUDA_OK(d_out.Download(&res->out));
@@ -223,6 +267,12 @@ void RunCase(const Case& tc, uint64_t seed) {
   for (size_t r = 0; r + 1 < pre_slot.size(); ++r) check_attn(pre.q, pre.split, r, pre_slot[r], pre_pos[r]);
   for (size_t r = 0; r < dec_slot.size(); ++r) check_attn(dec.q, dec.split, r, dec_slot[r], dec_pos[r]);
   EXPECT_LE(worst, 1.0) << "split attention error / tolerance";
+  for (size_t vi = 0; vi < std::size(kAtVariants); ++vi) {
+    worst = 0;
+    for (size_t r = 0; r + 1 < pre_slot.size(); ++r) check_attn(pre.q, pre.at[vi], r, pre_slot[r], pre_pos[r]);
+    for (size_t r = 0; r < dec_slot.size(); ++r) check_attn(dec.q, dec.at[vi], r, dec_slot[r], dec_pos[r]);
+    EXPECT_LE(worst, 1.0) << variant_name(kAtVariants[vi]) << ": attention error / tolerance";
+  }
   // Split vs unsplit: the same fp32 math in another summation order, so the
   // fp32 values differ by ~1e-6 relative (accumulation over <= 256 keys);
   // after bf16 rounding that is at most one bf16 step (up to 2^-7 of the
@@ -241,6 +291,9 @@ void RunCase(const Case& tc, uint64_t seed) {
   const size_t pad = pre_slot.size() - 1;
   for (int i = 0; i < qd; ++i) ASSERT_EQ(__bfloat162float(pre.out[pad * qd + i]), 0.f) << "padding row";
   for (int i = 0; i < qd; ++i) ASSERT_EQ(__bfloat162float(pre.split[pad * qd + i]), 0.f) << "split padding row";
+  for (size_t vi = 0; vi < std::size(kAtVariants); ++vi)
+    for (int i = 0; i < qd; ++i)
+      ASSERT_EQ(__bfloat162float(pre.at[vi][pad * qd + i]), 0.f) << variant_name(kAtVariants[vi]) << ": padding row";
 }
 
 TEST(PagedKv, RaggedPrefillThenDecodeHeadDim128) {
@@ -273,6 +326,22 @@ TEST(PagedKv, RejectsBadShapes) {
   EXPECT_FALSE(PagedAttentionSplit(c, r, 8, nullptr, nullptr, 0.f, 0, nullptr, 0, nullptr).ok());
   c.head_dim = 16;
   EXPECT_FALSE(PagedAttention(c, r, 8, nullptr, nullptr, 0.f, nullptr).ok());
+  // The tiled kernel holds 32, 64 or 128 keys a chunk; the warp walk any.
+  c.head_dim = 128;
+  c.kv_heads = 2;
+  c.page_tokens = c.max_pages_per_seq = c.num_pages = 1;
+  __nv_bfloat16* any = reinterpret_cast<__nv_bfloat16*>(uintptr_t{256});
+  c.k = c.v = any;
+  c.page_table = reinterpret_cast<const int32_t*>(any);
+  for (int bad : {0, 16, 48, 256}) {
+    const Status st =
+        PagedAttentionSplitAt(c, r, 8, nullptr, nullptr, 0.f, 0, nullptr, 0, nullptr, nullptr, bad, PagedChunkKernel::kTiled);
+    EXPECT_FALSE(st.ok()) << bad;
+    EXPECT_NE(st.message().find("-key chunks"), std::string::npos) << st.ToString();
+  }
+  EXPECT_FALSE(
+      PagedAttentionSplitAt(c, r, 8, nullptr, nullptr, 0.f, 0, nullptr, 0, nullptr, nullptr, 0, PagedChunkKernel::kWarpWalk)
+          .ok());
 }
 
 }  // namespace

@@ -941,12 +941,14 @@ TEST(GpuGenerator, BatchOneFoldEqualsTheNeverFoldOnLargerSteps) {
 // model (Compare: same near-tie rules and log-prob tolerance): the split
 // changes only the fp32 summation order of attention. The test model with
 // max_seq_len 320 (past kPagedSplitShortContext), prompts of 40..100 tokens
-// plus kNewTokens decode steps (positions up to 131): at batch 1 rows span
-// 3 to 9 of the 20 chunks of kPagedSplitChunkTokensFew (16); at batch 8 with
-// split_kv_short_context 0 1 to 3 of the 5 chunks of kPagedSplitChunkTokens
-// (64), with the default (256) 3 to 9 of the 16 short chunks; and with 96
-// and prompts of 40..80 the steps start in the short class and cross into
-// the long one (a graph of each for a bucket, switched mid-generation).
+// plus kNewTokens decode steps (positions up to 131), through the tiled
+// chunk kernel (the default) and the warp walk (split_kv_tiled off): at
+// batch 1 (short class: the warp walk either way) rows span 3 to 9 of 16
+// chunks of 16 keys; at batch 8 with the default short context (256) 2 to 5
+// of the 8 tiled chunks of 32 keys (walk: 3 to 9 of 16); at batch 8 with split_kv_short_context 0 1 to 3 of the 5
+// chunks of 64 (both kernels); and with 96 and prompts of 40..80 the steps start
+// in the short class and cross into the long one (a graph of each for a
+// bucket, switched mid-generation).
 TEST(GpuGenerator, SplitKvAttentionMatchesTheCpuModel) {
   SKIP_WITHOUT_GPU();
   model::ModelConfig config = SmallConfig();
@@ -954,35 +956,42 @@ TEST(GpuGenerator, SplitKvAttentionMatchesTheCpuModel) {
   auto cpu = MakeModelFrom(config, 7);
   const kernels::PagedKvCache shape{nullptr, nullptr, nullptr, 1, 16, int(config.max_seq_len + 15) / 16, 2,
                                     int(config.head_dim)};
-  ASSERT_EQ(kernels::PagedAttentionSplitChunkTokens(1, 2), kernels::kPagedSplitChunkTokensFew);
-  ASSERT_EQ(kernels::PagedAttentionSplitChunkTokens(8, 2), kernels::kPagedSplitChunkTokens);
-  ASSERT_EQ(kernels::PagedAttentionSplitChunkTokens(8, 2, 320), kernels::kPagedSplitChunkTokens);
-  ASSERT_EQ(kernels::PagedAttentionSplitChunkTokens(8, 2, kernels::kPagedSplitShortContext),
-            kernels::kPagedSplitChunkTokensFew);
-  ASSERT_EQ(kernels::PagedAttentionSplitChunks(shape, int(config.max_seq_len), kernels::kPagedSplitChunkTokensFew),
-            20);
+  ASSERT_EQ(kernels::PagedAttentionSplitChunkTokens(1, 2), 64);
+  ASSERT_EQ(kernels::PagedAttentionSplitChunkTokens(1, 2, kernels::kPagedSplitShortContext), 16);
+  ASSERT_EQ(kernels::PagedAttentionSplitChunkTokens(4, 2, kernels::kPagedSplitShortContext), 32);
+  ASSERT_EQ(kernels::PagedAttentionSplitChunkTokens(8, 2), 64);
+  ASSERT_EQ(kernels::PagedAttentionSplitChunkTokens(8, 2, 320), 64);
+  ASSERT_EQ(kernels::PagedAttentionSplitChunkTokens(8, 2, kernels::kPagedSplitShortContext), 32);
+  ASSERT_EQ(kernels::PagedAttentionSplitWalkChunkTokens(1, 2), 16);
+  ASSERT_EQ(kernels::PagedAttentionSplitWalkChunkTokens(8, 2, 320), 64);
+  ASSERT_EQ(kernels::PagedAttentionSplitWalkChunkTokens(8, 2, kernels::kPagedSplitShortContext), 16);
+  ASSERT_EQ(kernels::PagedAttentionSplitChunks(shape, int(config.max_seq_len), 16), 20);
   ASSERT_EQ(kernels::PagedAttentionSplitChunks(shape, int(config.max_seq_len)), 5);
   struct Case {
     int max_batch, short_context, min_len, max_len;
   };
-  for (const Case& k : {Case{1, kernels::kPagedSplitShortContext, 40, 100}, Case{8, 0, 40, 100},
-                        Case{8, kernels::kPagedSplitShortContext, 40, 100}, Case{8, 96, 40, 80}}) {
-    SCOPED_TRACE("max_batch " + std::to_string(k.max_batch) + ", short context " + std::to_string(k.short_context) +
-                 ", prompts " + std::to_string(k.min_len) + ".." + std::to_string(k.max_len));
-    GpuGeneratorOptions o;
-    o.max_batch = k.max_batch;
-    o.kv_memory_fraction = 0.05;
-    o.split_kv_attention = true;
-    o.split_kv_short_context = k.short_context;
-    auto gen = GpuGenerator::Create(cpu->config(), o);
-    ASSERT_TRUE(gen.ok()) << gen.status().ToString();
-    ASSERT_TRUE((*gen)->LoadWeights(cpu->params(), nullptr).ok());
-    const auto prompts = Prompts(19, 8, k.min_len, k.max_len);
-    auto want = cpu->Generate(prompts, Greedy(kNewTokens));
-    auto got = (*gen)->Generate(prompts, Greedy(kNewTokens));
-    ASSERT_TRUE(want.ok() && got.ok()) << got.status().ToString();
-    Compare(*cpu, prompts, *want, *got);
-    EXPECT_TRUE((*gen)->stats().graphs_used);
+  for (bool tiled : {true, false}) {
+    for (const Case& k : {Case{1, kernels::kPagedSplitShortContext, 40, 100}, Case{8, 0, 40, 100},
+                          Case{8, kernels::kPagedSplitShortContext, 40, 100}, Case{8, 96, 40, 80}}) {
+      SCOPED_TRACE(std::string(tiled ? "tiled" : "warp walk") + ", max_batch " + std::to_string(k.max_batch) +
+                   ", short context " + std::to_string(k.short_context) + ", prompts " + std::to_string(k.min_len) +
+                   ".." + std::to_string(k.max_len));
+      GpuGeneratorOptions o;
+      o.max_batch = k.max_batch;
+      o.kv_memory_fraction = 0.05;
+      o.split_kv_attention = true;
+      o.split_kv_tiled = tiled;
+      o.split_kv_short_context = k.short_context;
+      auto gen = GpuGenerator::Create(cpu->config(), o);
+      ASSERT_TRUE(gen.ok()) << gen.status().ToString();
+      ASSERT_TRUE((*gen)->LoadWeights(cpu->params(), nullptr).ok());
+      const auto prompts = Prompts(19, 8, k.min_len, k.max_len);
+      auto want = cpu->Generate(prompts, Greedy(kNewTokens));
+      auto got = (*gen)->Generate(prompts, Greedy(kNewTokens));
+      ASSERT_TRUE(want.ok() && got.ok()) << got.status().ToString();
+      Compare(*cpu, prompts, *want, *got);
+      EXPECT_TRUE((*gen)->stats().graphs_used);
+    }
   }
 }
 
@@ -1186,6 +1195,9 @@ TEST(GpuGenerator, PersistentDecodeGivesTheSameBits) {
           // arithmetic: the launches it is held to take that pair at every
           // batch (top_k + shared slots per row never reach 1000 an expert).
           o.moe_mma_min_slots_per_expert = 1000;
+          // And attention with the warp walk's (the tiled chunk kernel is
+          // held to the CPU model by SplitKvAttentionMatchesTheCpuModel).
+          o.split_kv_tiled = false;
           auto g = GpuGenerator::Create(c, o);
           ASSERT_TRUE(g.ok()) << g.status().ToString();
           ASSERT_TRUE((*g)->LoadWeights(cpu->params(), chooser).ok());
