@@ -1,7 +1,7 @@
 // Paged KV append + paged attention against a CPU reference: ragged
 // sequences over pages handed out in shuffled order, a prefill launch (many
 // rows per sequence) followed by a decode launch (one row per sequence), a
-// padding row, head_dim 32, 64 and 128, GQA groups of 4. Every attention launch
+// padding row, head_dim 32, 64 and 128, GQA groups of 4 (and 8, 2). Every attention launch
 // also runs PagedAttentionSplit (the chunk length and kernel its policy picks)
 // and PagedAttentionSplitAt at every chunk kernel and length (the warp walk
 // at 16 and 64 keys, the tiled kernel at 32, 64 and 128), with and without
@@ -34,13 +34,16 @@ struct Case {
   // kPagedSplitShortContext (16 pages) the split takes its short chunks at
   // any row count, beyond it the long ones where a launch has many rows.
   int max_pages = 16;
+  // Of the 8 query heads: groups of 4 (gpu-ref's), 8 (the kernels' widest:
+  // their per-head registers sized for kPagedMaxGroup) or 2.
+  int kv_heads = 2;
 };
 
 void RunCase(const Case& tc, uint64_t seed) {
-  SCOPED_TRACE("head_dim " + std::to_string(tc.head_dim) + " max_pages " + std::to_string(tc.max_pages) + " seed " +
-               std::to_string(seed));
+  SCOPED_TRACE("head_dim " + std::to_string(tc.head_dim) + " max_pages " + std::to_string(tc.max_pages) +
+               " kv_heads " + std::to_string(tc.kv_heads) + " seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
-  const int heads = 8, kv_heads = 2, hd = tc.head_dim, half = hd / 2, P = 16, G = heads / kv_heads;
+  const int heads = 8, kv_heads = tc.kv_heads, hd = tc.head_dim, half = hd / 2, P = 16, G = heads / kv_heads;
   const int S = int(tc.lengths.size()), max_pages = tc.max_pages, max_pos = P * max_pages;
   const int qd = heads * hd, kd = kv_heads * hd, ld = qd + 2 * kd;
   // Pages: each sequence's in a random order over the pool, plus spare pages.
@@ -300,6 +303,14 @@ TEST(PagedKv, RaggedPrefillThenDecodeHeadDim128) {
   GROVE_SKIP_WITHOUT_GPU();
   RunCase({128, {1, 2, 16, 17, 33, 100, 255}}, testing::FreshSeed());
   RunCase({128, {1, 2, 16, 17, 33, 100, 255, 300}, 20}, testing::FreshSeed());  // 64-key chunks
+}
+
+// One kv head for all 8 query heads (the kernels' kPagedMaxGroup-wide
+// registers) and 4 kv heads (groups of 2).
+TEST(PagedKv, RaggedPrefillThenDecodeOtherGroups) {
+  GROVE_SKIP_WITHOUT_GPU();
+  RunCase({128, {1, 17, 100, 255, 300}, 20, 1}, testing::FreshSeed());
+  RunCase({64, {3, 16, 129, 200}, 16, 4}, testing::FreshSeed());
 }
 
 TEST(PagedKv, RaggedPrefillThenDecodeHeadDim64) {
