@@ -16,6 +16,7 @@
 #include "kernels/decode_step.h"
 #include "kernels/moe_decode.h"
 #include "kernels/paged_kv.h"
+#include "kernels/paged_kv_internal.h"
 #include "kernels/programmatic_launch.h"
 #include "kernels/quant_linear.h"
 #include "kernels/quant_linear_internal.h"
@@ -35,6 +36,11 @@ using kernels::Accumulate;
 using kernels::QuantFormat;
 using kernels::QuantWeight;
 using Clock = std::chrono::steady_clock;
+
+// split_kv_prefill: the split pass's chunk length for prefill rows, and the
+// rows a launch must hold at the longest prompt (the workspace's floor).
+constexpr int kPrefillSplitChunkTokens = 64;
+constexpr int64_t kPrefillSplitRows = 256;
 
 double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
@@ -260,6 +266,7 @@ struct GpuGenerator::Impl {
   size_t step_ws_bytes = 0;
   void* attn_ws = nullptr;  // split_kv_attention: PagedAttentionSplit's partials for max_batch rows
   size_t attn_ws_bytes = 0;
+  int prefill_bound = 0;  // split_kv_prefill: the longest prompt of the prefill forward being run
   // Pinned host mirrors.
   int32_t *h_tokens = nullptr, *h_slot = nullptr, *h_pos = nullptr, *h_lastrow = nullptr, *h_step = nullptr;
   int64_t* h_seq = nullptr;
@@ -665,6 +672,10 @@ Status GpuGenerator::Impl::Build() {
     if (ShortContexts())
       attn_ws_bytes = std::max(attn_ws_bytes, kernels::PagedAttentionSplitWorkspaceBytes(
                                                   KvCache(0), int(Bm), int(c.heads), opt.split_kv_short_context));
+    if (opt.split_kv_prefill)  // and a prefill group of kPrefillSplitRows rows at the longest prompt
+      attn_ws_bytes = std::max(attn_ws_bytes, kernels::PagedAttentionSplitWorkspaceBytesAt(
+                                                  KvCache(0), int(std::min<int64_t>(R, kPrefillSplitRows)),
+                                                  int(c.heads), int(c.max_seq_len), kPrefillSplitChunkTokens));
     GROVE_RETURN_IF_ERROR(Alloc(reinterpret_cast<char**>(&attn_ws), int64_t(attn_ws_bytes)));
   }
   if (opt.persistent_decode) {
@@ -862,6 +873,7 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
     // the keys; a prefill's rows already give the unsplit kernel its blocks.
     // fuse_append_attention: the split pass ropes and appends itself.
     const bool split = opt.split_kv_attention && !gather_last;
+    const bool split_prefill = opt.split_kv_attention && opt.split_kv_prefill && gather_last && prefill_bound > 0;
     const kernels::PagedFusedAppend fused_append{qkv, qd + 2 * kd, rope_cos, rope_sin};
     const kernels::PagedFusedAppend* split_append = split && opt.fuse_append_attention ? &fused_append : nullptr;
     if (split_append == nullptr) {
@@ -870,11 +882,24 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
           kernels::PagedKvAppend(kv, pr, int(c.heads), qkv, qd + 2 * kd, rope_cos, rope_sin, q, stream));
     }
     GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kAttention));
-    if (split)
+    if (split) {
       GROVE_RETURN_IF_ERROR((opt.split_kv_tiled ? kernels::PagedAttentionSplit : kernels::PagedAttentionSplitWalk)(
           kv, pr, int(c.heads), q, attn, 0.f, AttnMaxPos(), attn_ws, attn_ws_bytes, stream, split_append));
-    else
+    } else if (split_prefill) {
+      // As many rows a launch as the workspace holds at this bound (at
+      // least kPrefillSplitRows: sized so at Build).
+      const int chunks = kernels::PagedAttentionSplitChunks(kv, prefill_bound, kPrefillSplitChunkTokens);
+      const int group = int(std::max<size_t>(1, attn_ws_bytes / (size_t(c.heads) * size_t(chunks) *
+                                                                  size_t(c.head_dim + 2) * sizeof(float))));
+      for (int r0 = 0; r0 < rows; r0 += group) {
+        const kernels::PagedRows sub{d_slot + r0, d_pos + r0, std::min(group, rows - r0)};
+        GROVE_RETURN_IF_ERROR(kernels::PagedAttentionSplitAt(
+            kv, sub, int(c.heads), q + int64_t(r0) * qd, attn + int64_t(r0) * qd, 0.f, prefill_bound, attn_ws,
+            attn_ws_bytes, stream, nullptr, kPrefillSplitChunkTokens, kernels::PagedChunkKernel::kTiled));
+      }
+    } else {
       GROVE_RETURN_IF_ERROR(kernels::PagedAttention(kv, pr, int(c.heads), q, attn, 0.f, stream));
+    }
     GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kWo));
     GROVE_RETURN_IF_ERROR(Linear(attn, qd, rows, w.wo, x, H, Accumulate::kAdd));
     if (!fuse_norm) {
@@ -1344,6 +1369,7 @@ Result<std::vector<model::Completion<float>>> GpuGenerator::Generate(const std::
       }
       const int a = int(admitted.size());
       g.h_lastrow[a] = rows + L - 1;
+      g.prefill_bound = a == 0 ? L : std::max(g.prefill_bound, L);
       g.h_seq[a] = i;
       g.h_step[a] = 0;
       rows += L;

@@ -201,6 +201,13 @@ struct GpuGeneratorOptions {
   // prompts: 1.3-1.4x the decode step at batch 128 (docs/kernels.md "The
   // tiled chunk kernel"). Changes only fp32 summation order.
   bool split_kv_tiled = true;
+  // With split_kv_attention: prefill forwards attend through the split pass
+  // too (kernels::PagedAttentionSplitAt, the tiled kernel at 64-key chunks,
+  // bounded by the forward's longest prompt, its rows in groups whose
+  // partials fit the workspace) instead of PagedAttention's warp walk over
+  // every key of every row. A row's arithmetic does not depend on its group
+  // or the bound; against the walk only fp32 summation order changes.
+  bool split_kv_prefill = true;
   // With split_kv_attention: decode steps whose rows are all at most this
   // long (positions + 1) bound the split by it instead of max_seq_len, so
   // PagedAttentionSplit takes its short chunks at every batch

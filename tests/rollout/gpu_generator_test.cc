@@ -995,6 +995,43 @@ TEST(GpuGenerator, SplitKvAttentionMatchesTheCpuModel) {
   }
 }
 
+// split_kv_prefill (prefill rows through the tiled split pass, in groups of
+// rows whose partials fit the workspace) and without it (PagedAttention's
+// walk), each held to the CPU model by Compare: prompts of 2..130 tokens
+// (1..3 chunks of 64 keys; Compare's full matches need every route of every
+// prompt row to agree, which longer prompts rarely give in either path),
+// several in one prefill forward -- at max_batch 8 ~500 rows, so two or
+// three groups of at least 256 -- and one at a time at max_batch 1, on the
+// test model (head_dim 64) and the CPU default run's (head_dim 32).
+// (ContinuousBatchingMatchesOneByOne checks that a row's bits do not
+// depend on the prefill it is packed in.)
+TEST(GpuGenerator, SplitKvPrefillMatchesTheCpuModel) {
+  SKIP_WITHOUT_GPU();
+  for (int model = 0; model < 2; ++model) {
+    model::ModelConfig config = model == 0 ? SmallConfig() : DefaultRunConfig();
+    config.max_seq_len = 320;
+    auto cpu = MakeModelFrom(config, 11);
+    const auto prompts = Prompts(23, 8, 2, 130, int(config.vocab_size));
+    auto want = cpu->Generate(prompts, Greedy(kNewTokens));
+    ASSERT_TRUE(want.ok()) << want.status().ToString();
+    for (bool split_prefill : {true, false})
+      for (int max_batch : {1, 8}) {
+        SCOPED_TRACE(std::string(split_prefill ? "split prefill" : "walk prefill") + ", model " +
+                     std::to_string(model) + ", max_batch " + std::to_string(max_batch));
+        GpuGeneratorOptions o;
+        o.max_batch = max_batch;
+        o.kv_memory_fraction = 0.05;
+        o.split_kv_prefill = split_prefill;
+        auto gen = GpuGenerator::Create(cpu->config(), o);
+        ASSERT_TRUE(gen.ok()) << gen.status().ToString();
+        ASSERT_TRUE((*gen)->LoadWeights(cpu->params(), nullptr).ok());
+        auto got = (*gen)->Generate(prompts, Greedy(kNewTokens));
+        ASSERT_TRUE(got.ok()) << got.status().ToString();
+        Compare(*cpu, prompts, *want, *got);
+      }
+  }
+}
+
 // head_dim 32 (one element per lane in the paged attention kernels) on the
 // model configs/gpu-1-small.toml trains, with the whole-context and the split-KV
 // attention (max_seq_len 64: one chunk per row).
