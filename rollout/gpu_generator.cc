@@ -869,9 +869,11 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kQkvLinear));
       GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w.qkv, qkv, qd + 2 * kd, Accumulate::kOverwrite));
     }
-    // Decode steps (one row per sequence, at most max_batch rows) may split
-    // the keys; a prefill's rows already give the unsplit kernel its blocks.
-    // fuse_append_attention: the split pass ropes and appends itself.
+    // Decode steps (one row per sequence, at most max_batch rows) split the
+    // keys through PagedAttentionSplit's policy; prefill rows
+    // (split_kv_prefill) through the tiled kernel at 64-key chunks, bounded
+    // by the longest prompt. fuse_append_attention: the decode split pass
+    // ropes and appends itself.
     const bool split = opt.split_kv_attention && !gather_last;
     const bool split_prefill = opt.split_kv_attention && opt.split_kv_prefill && gather_last && prefill_bound > 0;
     const kernels::PagedFusedAppend fused_append{qkv, qd + 2 * kd, rope_cos, rope_sin};

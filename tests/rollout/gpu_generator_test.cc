@@ -937,6 +937,23 @@ TEST(GpuGenerator, BatchOneFoldEqualsTheNeverFoldOnLargerSteps) {
   }
 }
 
+// An engine with options o on cpu's weights generates greedily from prompts,
+// held by Compare to the CPU model's own greedy generations (computed once
+// per call). Returns whether its decode steps ran as CUDA graphs.
+bool GeneratesLikeTheCpuModel(model::Model& cpu, const GpuGeneratorOptions& o,
+                              const std::vector<std::vector<int32_t>>& prompts) {
+  auto gen = GpuGenerator::Create(cpu.config(), o);
+  EXPECT_TRUE(gen.ok()) << gen.status().ToString();
+  if (!gen.ok()) return false;
+  EXPECT_TRUE((*gen)->LoadWeights(cpu.params(), nullptr).ok());
+  auto want = cpu.Generate(prompts, Greedy(kNewTokens));
+  auto got = (*gen)->Generate(prompts, Greedy(kNewTokens));
+  EXPECT_TRUE(want.ok() && got.ok()) << got.status().ToString();
+  if (!want.ok() || !got.ok()) return false;
+  Compare(cpu, prompts, *want, *got);
+  return (*gen)->stats().graphs_used;
+}
+
 // split_kv_attention held to the default path's standard against the CPU
 // model (Compare: same near-tie rules and log-prob tolerance): the split
 // changes only the fp32 summation order of attention. The test model with
@@ -982,15 +999,7 @@ TEST(GpuGenerator, SplitKvAttentionMatchesTheCpuModel) {
       o.split_kv_attention = true;
       o.split_kv_tiled = tiled;
       o.split_kv_short_context = k.short_context;
-      auto gen = GpuGenerator::Create(cpu->config(), o);
-      ASSERT_TRUE(gen.ok()) << gen.status().ToString();
-      ASSERT_TRUE((*gen)->LoadWeights(cpu->params(), nullptr).ok());
-      const auto prompts = Prompts(19, 8, k.min_len, k.max_len);
-      auto want = cpu->Generate(prompts, Greedy(kNewTokens));
-      auto got = (*gen)->Generate(prompts, Greedy(kNewTokens));
-      ASSERT_TRUE(want.ok() && got.ok()) << got.status().ToString();
-      Compare(*cpu, prompts, *want, *got);
-      EXPECT_TRUE((*gen)->stats().graphs_used);
+      EXPECT_TRUE(GeneratesLikeTheCpuModel(*cpu, o, Prompts(19, 8, k.min_len, k.max_len)));
     }
   }
 }
@@ -1012,8 +1021,6 @@ TEST(GpuGenerator, SplitKvPrefillMatchesTheCpuModel) {
     config.max_seq_len = 320;
     auto cpu = MakeModelFrom(config, 11);
     const auto prompts = Prompts(23, 8, 2, 130, int(config.vocab_size));
-    auto want = cpu->Generate(prompts, Greedy(kNewTokens));
-    ASSERT_TRUE(want.ok()) << want.status().ToString();
     for (bool split_prefill : {true, false})
       for (int max_batch : {1, 8}) {
         SCOPED_TRACE(std::string(split_prefill ? "split prefill" : "walk prefill") + ", model " +
@@ -1022,12 +1029,7 @@ TEST(GpuGenerator, SplitKvPrefillMatchesTheCpuModel) {
         o.max_batch = max_batch;
         o.kv_memory_fraction = 0.05;
         o.split_kv_prefill = split_prefill;
-        auto gen = GpuGenerator::Create(cpu->config(), o);
-        ASSERT_TRUE(gen.ok()) << gen.status().ToString();
-        ASSERT_TRUE((*gen)->LoadWeights(cpu->params(), nullptr).ok());
-        auto got = (*gen)->Generate(prompts, Greedy(kNewTokens));
-        ASSERT_TRUE(got.ok()) << got.status().ToString();
-        Compare(*cpu, prompts, *want, *got);
+        GeneratesLikeTheCpuModel(*cpu, o, prompts);
       }
   }
 }
