@@ -365,8 +365,8 @@ __global__ void __launch_bounds__(kTiledThreads)
 
 // One block of HD threads per (row, query head): merges the row's chunks
 // 0..min(pos / T, chunks - 1) in chunk order and normalizes, with
-// MergeSoftmaxStates's arithmetic (the same expf arguments, the same fmaf
-// chain in chunk order, states with l == 0 skipped), but not its serial
+// MergeSoftmaxStates's arithmetic (its MergeFactor and MergeAdd in chunk
+// order, states with l == 0 skipped), but not its serial
 // loop: the chunks' factors are computed in parallel a tile of HD chunks at
 // a time, and a thread's acc loads of 8 chunks are issued together, so a
 // row of n chunks waits on ~n / 8 dependent L2 round trips instead of ~n.
@@ -404,7 +404,7 @@ __global__ void __launch_bounds__(HD)
     if (d < count) {
       const float li = ws.l[first + t0 + d];
       l_s[d] = li;
-      f_s[d] = li == 0.f ? 0.f : expf(ws.m[first + t0 + d] - M);
+      f_s[d] = MergeFactor(ws.m[first + t0 + d], li, M);
     }
     __syncthreads();
     const float* acc = ws.acc + (first + t0) * HD + d;
@@ -415,8 +415,7 @@ __global__ void __launch_bounds__(HD)
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
         if (i + u >= count || l_s[i + u] == 0.f) continue;
-        num = fmaf(a[u], f_s[i + u], num);
-        den = fmaf(l_s[i + u], f_s[i + u], den);
+        MergeAdd(a[u], l_s[i + u], f_s[i + u], &num, &den);
       }
     }
   }

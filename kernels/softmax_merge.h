@@ -18,6 +18,18 @@
 
 namespace grove::kernels {
 
+// State (m, l)'s factor in a merge whose maximum is M: e^(m - M), or 0 for
+// a state that saw no key (l == 0; such states add nothing).
+GROVE_SOFTMAX_HD float MergeFactor(float m, float l, float M) { return l == 0.f ? 0.f : expf(m - M); }
+
+// Adds a state (acc, l) with factor f to (num, den). Explicit fmas (no
+// contraction left to the compiler): the same bits on the host and in every
+// kernel that inlines this.
+GROVE_SOFTMAX_HD void MergeAdd(float acc, float l, float f, float* num, float* den) {
+  *num = fmaf(acc, f, *num);
+  *den = fmaf(l, f, *den);
+}
+
 // Merges n states, state i at m[i * ml_stride], l[i * ml_stride],
 // acc[i * acc_stride], in index order (so the same bits every run):
 // *mx = max m_i, *den = sum l_i e^(m_i - mx), *num = sum acc_i e^(m_i - mx);
@@ -30,11 +42,7 @@ GROVE_SOFTMAX_HD void MergeSoftmaxStates(int n, const float* m, const float* l, 
   for (int i = 0; i < n; ++i) {
     const float li = l[i * ml_stride];
     if (li == 0.f) continue;
-    const float f = expf(m[i * ml_stride] - M);
-    // Explicit fmas (no contraction left to the compiler): the same bits on
-    // the host and in every kernel that inlines this.
-    nu = fmaf(acc[i * acc_stride], f, nu);
-    de = fmaf(li, f, de);
+    MergeAdd(acc[i * acc_stride], li, MergeFactor(m[i * ml_stride], li, M), &nu, &de);
   }
   *mx = M;
   *num = nu;
