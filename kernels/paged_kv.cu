@@ -5,6 +5,7 @@
 #include "kernels/paged_kv_internal.h"
 #include "kernels/ptx/cp_async.cuh"
 #include "kernels/ptx/griddepcontrol.cuh"
+#include "kernels/ptx/prefetch.cuh"
 #include "kernels/softmax_merge.h"
 
 #include <algorithm>
@@ -92,6 +93,27 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   }
 }
 
+// With the fused append the split pass may read its cached keys, the page
+// table and the rows before griddepcontrol.wait (PagedFusedAppend's
+// contract); without it an append kernel ahead writes the keys.
+__device__ inline bool KeysFinalBeforeWait(const PagedFusedAppend& app) { return app.qkv != nullptr; }
+
+// L2 prefetch of the cached K and V rows of keys lo .. min(lo + T, p) - 1
+// of (slot, kv head kh): the chunk's keys but the row's own (position p,
+// written by the pass). A hint, by the block's threads.
+__device__ inline void PrefetchChunkKeysL2(const PagedKvCache& c, int slot, int p, int kh, int lo, int T) {
+  if (!RowValid(c, slot, p) || lo >= p) return;
+  const int n = min(T, p - lo);
+  const int lines = c.head_dim * 2 > 128 ? c.head_dim * 2 / 128 : 1;  // 128-byte lines of a key's row
+  for (int i = threadIdx.x; i < n * lines; i += blockDim.x) {
+    const int j = i / lines, line = i % lines;
+    const int64_t off = CacheOffset(c, slot, lo + j, kh);
+    if (off < 0) continue;
+    ptx::prefetch_global_L2(c.k + off + line * 64);
+    ptx::prefetch_global_L2(c.v + off + line * 64);
+  }
+}
+
 // Grid (rows * kv_heads, chunks): chunk c of (row, kv head) attends keys
 // [c * T, min((c + 1) * T - 1, pos)] and writes its merged, unnormalized
 // state per query head. Chunks past pos (and invalid rows) write nothing:
@@ -105,6 +127,13 @@ template <int HD, int kG>
 __global__ void __launch_bounds__(kAttnWarps * 32)
     SplitAttentionKernel(PagedKvCache c, PagedRows rows, int heads, const __nv_bfloat16* q, float scale,
                          int chunk_tokens, int chunks, SplitWorkspace ws, PagedFusedAppend app) {
+  // With the fused append the chunk's cached keys are final before the
+  // step's kernels run (KeysFinalBeforeWait): pull them into L2 while the
+  // QKV linear ahead finishes, so the walk's loads after the wait hit L2.
+  if (KeysFinalBeforeWait(app)) {
+    const int r = blockIdx.x / c.kv_heads, kh = blockIdx.x % c.kv_heads;
+    PrefetchChunkKeysL2(c, rows.slot[r], rows.pos[r], kh, blockIdx.y * chunk_tokens, chunk_tokens);
+  }
   ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
   ptx::griddepcontrol_launch_dependents();
   SplitAttendChunk<HD, kG>(c, rows, heads, q, scale, chunk_tokens, chunks, ws, app, blockIdx.x / c.kv_heads,
@@ -160,8 +189,15 @@ __global__ void __launch_bounds__(kTiledThreads)
   int64_t* off_s = reinterpret_cast<int64_t*>(smem + L::kOff);
   float* m_s = reinterpret_cast<float*>(smem + L::kM);
   float* l_s = reinterpret_cast<float*>(smem + L::kL);
-  ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
-  ptx::griddepcontrol_launch_dependents();
+  // With the fused append (decode steps) the offsets and the copies of the
+  // chunk's cached keys go out before griddepcontrol.wait, overlapping the
+  // QKV linear ahead (KeysFinalBeforeWait says why that is safe); without it
+  // an append kernel ahead writes keys this chunk reads, so the wait is first.
+  const bool copies_before_wait = KeysFinalBeforeWait(app);
+  if (!copies_before_wait) {
+    ptx::griddepcontrol_wait();  // launched with PDL: predecessors' writes visible from here
+    ptx::griddepcontrol_launch_dependents();
+  }
   const int r = blockIdx.x / c.kv_heads, kh = blockIdx.x % c.kv_heads, chunk = blockIdx.y;
   const int G = heads / c.kv_heads;
   const int slot = rows.slot[r], p = rows.pos[r];
@@ -191,6 +227,10 @@ __global__ void __launch_bounds__(kTiledThreads)
     else ptx::cp_async_cg_16(dst, c.v + off_s[j] + o * 8);
   }
   ptx::cp_async_commit_group();
+  if (copies_before_wait) {
+    ptx::griddepcontrol_wait();  // the qkv row (and the cache write below) only from here
+    ptx::griddepcontrol_launch_dependents();
+  }
   // q (and the fused append) while the copies fly.
   if (app.qkv == nullptr) {
     const __nv_bfloat16* qr = q + (int64_t(r) * heads + int64_t(kh) * G) * HD;

@@ -136,7 +136,13 @@ size_t PagedAttentionSplitWorkspaceBytes(const PagedKvCache& cache, int rows, in
 // no bf16 q buffer (q may be null). The same arithmetic (paged_kv.cu's
 // RopePair), so the same bits as PagedKvAppend then the split pass. Decode
 // rows only (one row per slot per launch: a row must not attend another
-// row's new key).
+// row's new key). Launched with programmatic dependent launch, the pass
+// reads the page table, the rows' slots and positions and every cached key
+// but the rows' own before its griddepcontrol.wait (so those reads overlap
+// the kernel ahead): with an append, no kernel that may still be running
+// in the stream may write any of them -- true of a decode step, whose
+// inputs are host copies made before its first kernel and whose only cache
+// writes are each layer's pass at the rows' own positions.
 struct PagedFusedAppend {
   const float* qkv = nullptr;
   int64_t ld = 0;
