@@ -236,43 +236,16 @@ __global__ void __launch_bounds__(kTiledThreads)
     const __nv_bfloat16* qr = q + (int64_t(r) * heads + int64_t(kh) * G) * HD;
     for (int i = tid; i < kG * HD; i += kTiledThreads) q_s[i] = i < G * HD ? __bfloat162float(qr[i]) : 0.f;
   } else {
-    constexpr int half = HD / 2;
-    const float* row = app.qkv + int64_t(r) * app.ld;
-    const float* cs = app.rope_cos + int64_t(p) * half;
-    const float* sn = app.rope_sin + int64_t(p) * half;
-    for (int i = tid; i < kG * half; i += kTiledThreads) {
-      const int g = i / half, j = i % half;
-      float y0 = 0.f, y1 = 0.f;
-      if (g < G) {
-        const float* x = row + int64_t(kh * G + g) * HD;
-        RopePair(x[j], x[j + half], cs[j], sn[j], y0, y1);
-      }
-      // The bf16 q the separate append would have written, back in fp32.
-      q_s[g * HD + j] = __bfloat162float(__float2bfloat16(y0));
-      q_s[g * HD + j + half] = __bfloat162float(__float2bfloat16(y1));
-    }
+    // The bf16 q the separate append would have written, back in fp32.
+    FusedRopeQueryHeads<HD>(app, r, p, kh, G, kG,
+                            [&](int g, int d, __nv_bfloat16 b) { q_s[g * HD + d] = __bfloat162float(b); });
     if (own >= 0 && off_s[own] >= 0) {
-      const int64_t off = off_s[own];
       __nv_bfloat16* k_row = reinterpret_cast<__nv_bfloat16*>(k_s + own * L::kOct);
       __nv_bfloat16* v_row = reinterpret_cast<__nv_bfloat16*>(v_s + own * L::kOct);
-      auto k_at = [&](int d) { return k_row + ((d >> 3) ^ L::Swizzle(own)) * 8 + (d & 7); };
-      for (int i = tid; i < half + HD; i += kTiledThreads) {
-        if (i < half) {
-          const float* x = row + int64_t(heads + kh) * HD;
-          float y0, y1;
-          RopePair(x[i], x[i + half], cs[i], sn[i], y0, y1);
-          const __nv_bfloat16 b0 = __float2bfloat16(y0), b1 = __float2bfloat16(y1);
-          c.k[off + i] = b0;
-          c.k[off + i + half] = b1;
-          *k_at(i) = b0;
-          *k_at(i + half) = b1;
-        } else {
-          const int d = i - half;
-          const __nv_bfloat16 b = __float2bfloat16(row[int64_t(heads + c.kv_heads + kh) * HD + d]);
-          c.v[off + d] = b;
-          v_row[d] = b;
-        }
-      }
+      FusedAppendOwnKeyValue<HD>(
+          app, c, heads, r, p, kh, off_s[own],
+          [&](int d, __nv_bfloat16 b) { k_row[((d >> 3) ^ L::Swizzle(own)) * 8 + (d & 7)] = b; },
+          [&](int d, __nv_bfloat16 b) { v_row[d] = b; });
     } else if (own >= 0) {
       for (int i = tid; i < L::kOct; i += kTiledThreads) k_s[own * L::kOct + i] = v_s[own * L::kOct + i] = zero;
     }

@@ -153,6 +153,61 @@ __host__ __device__ inline SplitWorkspace SplitLayout(void* ws, int64_t states) 
   return {f, f + states, f + 2 * states};
 }
 
+// The fused append's arithmetic (PagedFusedAppend), shared by the split
+// pass's two chunk kernels so both write PagedKvAppend's bits. A block's
+// threads split the work; each value goes to a sink the caller gives.
+//
+// The G query heads of kv head kh of row r at position p, roped and rounded
+// to bf16 as PagedKvAppend writes q: q_sink(g, j, y) for head g, dim j.
+// Heads g in [G, padded) get zeros (for callers that size by kG).
+template <int HD, typename QSink>
+__device__ void FusedRopeQueryHeads(const PagedFusedAppend& app, int r, int p, int kh, int G, int padded,
+                                    QSink q_sink) {
+  constexpr int half = HD / 2;
+  const float* row = app.qkv + int64_t(r) * app.ld;
+  const float* cs = app.rope_cos + int64_t(p) * half;
+  const float* sn = app.rope_sin + int64_t(p) * half;
+  for (int i = threadIdx.x; i < padded * half; i += blockDim.x) {
+    const int g = i / half, j = i % half;
+    float y0 = 0.f, y1 = 0.f;
+    if (g < G) {
+      const float* x = row + int64_t(kh * G + g) * HD;
+      RopePair(x[j], x[j + half], cs[j], sn[j], y0, y1);
+    }
+    q_sink(g, j, __float2bfloat16(y0));
+    q_sink(g, j + half, __float2bfloat16(y1));
+  }
+}
+
+// The row's own k (roped) and v of kv head kh, written to the cache at
+// element offset off (>= 0: CacheOffset of (slot, p, kh)) and handed to
+// k_sink(d, b) / v_sink(d, b) as well.
+template <int HD, typename KSink, typename VSink>
+__device__ void FusedAppendOwnKeyValue(const PagedFusedAppend& app, const PagedKvCache& c, int heads, int r, int p,
+                                       int kh, int64_t off, KSink k_sink, VSink v_sink) {
+  constexpr int half = HD / 2;
+  const float* row = app.qkv + int64_t(r) * app.ld;
+  const float* cs = app.rope_cos + int64_t(p) * half;
+  const float* sn = app.rope_sin + int64_t(p) * half;
+  for (int i = threadIdx.x; i < half + HD; i += blockDim.x) {
+    if (i < half) {
+      const float* x = row + int64_t(heads + kh) * HD;
+      float y0, y1;
+      RopePair(x[i], x[i + half], cs[i], sn[i], y0, y1);
+      const __nv_bfloat16 b0 = __float2bfloat16(y0), b1 = __float2bfloat16(y1);
+      c.k[off + i] = b0;
+      c.k[off + i + half] = b1;
+      k_sink(i, b0);
+      k_sink(i + half, b1);
+    } else {
+      const int d = i - half;
+      const __nv_bfloat16 b = __float2bfloat16(row[int64_t(heads + c.kv_heads + kh) * HD + d]);
+      c.v[off + d] = b;
+      v_sink(d, b);
+    }
+  }
+}
+
 // One split-KV chunk: chunk `chunk` of (row r, kv head kh) attends keys
 // [chunk * T, min((chunk + 1) * T - 1, pos)] (T = chunk_tokens) and writes its merged,
 // unnormalized state per query head into ws. Chunks past pos (and invalid
@@ -179,32 +234,11 @@ __device__ void SplitAttendChunk(const PagedKvCache& c, const PagedRows& rows, i
   if (app.qkv == nullptr) {
     qr = q + int64_t(r) * heads * HD + int64_t(kh) * G * HD;
   } else {
-    constexpr int half = HD / 2;
-    const float* row = app.qkv + int64_t(r) * app.ld;
-    const float* cs = app.rope_cos + int64_t(p) * half;
-    const float* sn = app.rope_sin + int64_t(p) * half;
-    for (int i = threadIdx.x; i < G * half; i += blockDim.x) {
-      const int g = i / half, j = i % half;
-      const float* x = row + int64_t(kh * G + g) * HD;
-      float y0, y1;
-      RopePair(x[j], x[j + half], cs[j], sn[j], y0, y1);
-      q_s[g * HD + j] = __float2bfloat16(y0);
-      q_s[g * HD + j + half] = __float2bfloat16(y1);
-    }
+    FusedRopeQueryHeads<HD>(app, r, p, kh, G, G, [&](int g, int d, __nv_bfloat16 b) { q_s[g * HD + d] = b; });
     if (p / T == chunk) {
       const int64_t off = CacheOffset(c, slot, p, kh);
-      for (int i = threadIdx.x; off >= 0 && i < half + HD; i += blockDim.x) {
-        if (i < half) {
-          const float* x = row + int64_t(heads + kh) * HD;
-          float y0, y1;
-          RopePair(x[i], x[i + half], cs[i], sn[i], y0, y1);
-          c.k[off + i] = __float2bfloat16(y0);
-          c.k[off + i + half] = __float2bfloat16(y1);
-        } else {
-          const int d = i - half;
-          c.v[off + d] = __float2bfloat16(row[int64_t(heads + c.kv_heads + kh) * HD + d]);
-        }
-      }
+      const auto none = [](int, __nv_bfloat16) {};
+      if (off >= 0) FusedAppendOwnKeyValue<HD>(app, c, heads, r, p, kh, off, none, none);
     }
     __syncthreads();  // q_s and this block's k, v stores visible to its warps
   }
