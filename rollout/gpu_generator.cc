@@ -854,6 +854,18 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
   // fuse_combine_norm: the MoE combine before has already written h = the
   // next RMSNorm of x (the next layer's attention norm, or the final norm).
   bool normed_ahead = false;
+  // Decode steps (one row per sequence, at most max_batch rows) split the
+  // keys through PagedAttentionSplit's policy; prefill rows
+  // (split_kv_prefill) through the tiled kernel at 64-key chunks, bounded
+  // by the longest prompt, as many rows a launch as the workspace holds at
+  // that bound (at least kPrefillSplitRows: sized so at Build).
+  const bool split = opt.split_kv_attention && !gather_last;
+  const bool split_prefill = opt.split_kv_attention && opt.split_kv_prefill && gather_last && prefill_bound > 0;
+  const int prefill_group =
+      split_prefill ? int(std::max<size_t>(1, attn_ws_bytes / kernels::PagedAttentionSplitWorkspaceBytesAt(
+                                                                 KvCache(0), 1, int(c.heads), prefill_bound,
+                                                                 kPrefillSplitChunkTokens)))
+                    : 0;
   for (int64_t l = 0; l < c.layers; ++l) {
     LayerWeights& w = lw[l];
     const kernels::PagedKvCache kv = KvCache(l);
@@ -869,13 +881,7 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
       GROVE_RETURN_IF_ERROR(Mark(DecodePhase::kQkvLinear));
       GROVE_RETURN_IF_ERROR(Linear(h, H, rows, w.qkv, qkv, qd + 2 * kd, Accumulate::kOverwrite));
     }
-    // Decode steps (one row per sequence, at most max_batch rows) split the
-    // keys through PagedAttentionSplit's policy; prefill rows
-    // (split_kv_prefill) through the tiled kernel at 64-key chunks, bounded
-    // by the longest prompt. fuse_append_attention: the decode split pass
-    // ropes and appends itself.
-    const bool split = opt.split_kv_attention && !gather_last;
-    const bool split_prefill = opt.split_kv_attention && opt.split_kv_prefill && gather_last && prefill_bound > 0;
+    // fuse_append_attention: the decode split pass ropes and appends itself.
     const kernels::PagedFusedAppend fused_append{qkv, qd + 2 * kd, rope_cos, rope_sin};
     const kernels::PagedFusedAppend* split_append = split && opt.fuse_append_attention ? &fused_append : nullptr;
     if (split_append == nullptr) {
@@ -888,13 +894,8 @@ Status GpuGenerator::Impl::Forward(int rows, int n_logits, bool gather_last) {
       GROVE_RETURN_IF_ERROR((opt.split_kv_tiled ? kernels::PagedAttentionSplit : kernels::PagedAttentionSplitWalk)(
           kv, pr, int(c.heads), q, attn, 0.f, AttnMaxPos(), attn_ws, attn_ws_bytes, stream, split_append));
     } else if (split_prefill) {
-      // As many rows a launch as the workspace holds at this bound (at
-      // least kPrefillSplitRows: sized so at Build).
-      const int chunks = kernels::PagedAttentionSplitChunks(kv, prefill_bound, kPrefillSplitChunkTokens);
-      const int group = int(std::max<size_t>(1, attn_ws_bytes / (size_t(c.heads) * size_t(chunks) *
-                                                                  size_t(c.head_dim + 2) * sizeof(float))));
-      for (int r0 = 0; r0 < rows; r0 += group) {
-        const kernels::PagedRows sub{d_slot + r0, d_pos + r0, std::min(group, rows - r0)};
+      for (int r0 = 0; r0 < rows; r0 += prefill_group) {
+        const kernels::PagedRows sub{d_slot + r0, d_pos + r0, std::min(prefill_group, rows - r0)};
         GROVE_RETURN_IF_ERROR(kernels::PagedAttentionSplitAt(
             kv, sub, int(c.heads), q + int64_t(r0) * qd, attn + int64_t(r0) * qd, 0.f, prefill_bound, attn_ws,
             attn_ws_bytes, stream, nullptr, kPrefillSplitChunkTokens, kernels::PagedChunkKernel::kTiled));
