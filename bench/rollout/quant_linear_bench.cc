@@ -27,8 +27,11 @@
 //      without programmatic dependent launch, empty or streaming 2 MiB of
 //      weights each (before or after griddepcontrol.wait): the floor the
 //      launches of the batch-1 step stand on.
+//  (g) with --grid_barrier (instead of b-d): us per grid barrier of one
+//      persistent kernel (a block an SM), for several ways of building it,
+//      bare and with a stage head: the floor the persistent step stands on.
 //
-// Usage: quant_linear_bench [--quick] [--gemv_variants] [--launch_chain]
+// Usage: quant_linear_bench [--quick] [--gemv_variants] [--launch_chain] [--grid_barrier]
 //   (--quick: 5 repetitions instead of 20)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -46,6 +49,7 @@
 #include <vector>
 
 #include "bench/rollout/hbm_read.h"
+#include "bench/rollout/grid_barrier.h"
 #include "bench/rollout/launch_chain.h"
 #include "kernels/moe_decode.h"
 #include "kernels/moe_decode_internal.h"
@@ -440,7 +444,7 @@ void QuantizeTable(double read_gbs) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool gemv_variants = false, launch_chain = false;
+  bool gemv_variants = false, launch_chain = false, grid_barrier = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) {
       g_reps = 5;
@@ -448,8 +452,10 @@ int main(int argc, char** argv) {
       gemv_variants = true;
     } else if (std::strcmp(argv[i], "--launch_chain") == 0) {
       launch_chain = true;
+    } else if (std::strcmp(argv[i], "--grid_barrier") == 0) {
+      grid_barrier = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--quick] [--gemv_variants] [--launch_chain]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--gemv_variants] [--launch_chain] [--grid_barrier]\n", argv[0]);
       return 2;
     }
   }
@@ -465,7 +471,9 @@ int main(int argc, char** argv) {
   GROVE_BENCH_CUDA_CHECK(cudaMalloc(&g_flush, kFlushBytes));
   std::mt19937_64 rng(1);
   const double read_gbs = Ceilings();
-  if (launch_chain) {
+  if (grid_barrier) {
+    grove::bench::GridBarrierTable(2000, g_reps);
+  } else if (launch_chain) {
     grove::bench::LaunchChainTable(150, g_reps);
   } else if (gemv_variants) {
     GemvVariantsTable(read_gbs, rng);
