@@ -30,8 +30,11 @@
 //  (g) with --grid_barrier (instead of b-d): us per grid barrier of one
 //      persistent kernel (a block an SM), for several ways of building it,
 //      bare and with a stage head: the floor the persistent step stands on.
+//  (h) with --dataflow_step (instead of b-d): a probe of a persistent,
+//      dataflow batch-1 step at gpu-ref's shapes (bench/rollout/
+//      dataflow_step.h): ms a step and its weight bytes' rate against (a).
 //
-// Usage: quant_linear_bench [--quick] [--gemv_variants] [--launch_chain] [--grid_barrier]
+// Usage: quant_linear_bench [--quick] [--gemv_variants] [--launch_chain] [--grid_barrier] [--dataflow_step]
 //   (--quick: 5 repetitions instead of 20)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -49,6 +52,7 @@
 #include <vector>
 
 #include "bench/rollout/hbm_read.h"
+#include "bench/rollout/dataflow_step.h"
 #include "bench/rollout/grid_barrier.h"
 #include "bench/rollout/launch_chain.h"
 #include "kernels/moe_decode.h"
@@ -444,7 +448,7 @@ void QuantizeTable(double read_gbs) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool gemv_variants = false, launch_chain = false, grid_barrier = false;
+  bool gemv_variants = false, launch_chain = false, grid_barrier = false, dataflow_step = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) {
       g_reps = 5;
@@ -454,8 +458,10 @@ int main(int argc, char** argv) {
       launch_chain = true;
     } else if (std::strcmp(argv[i], "--grid_barrier") == 0) {
       grid_barrier = true;
+    } else if (std::strcmp(argv[i], "--dataflow_step") == 0) {
+      dataflow_step = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--quick] [--gemv_variants] [--launch_chain] [--grid_barrier]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--gemv_variants] [--launch_chain] [--grid_barrier] [--dataflow_step]\n", argv[0]);
       return 2;
     }
   }
@@ -471,7 +477,9 @@ int main(int argc, char** argv) {
   GROVE_BENCH_CUDA_CHECK(cudaMalloc(&g_flush, kFlushBytes));
   std::mt19937_64 rng(1);
   const double read_gbs = Ceilings();
-  if (grid_barrier) {
+  if (dataflow_step) {
+    grove::bench::DataflowStepTable(read_gbs, g_reps);
+  } else if (grid_barrier) {
     grove::bench::GridBarrierTable(2000, g_reps);
   } else if (launch_chain) {
     grove::bench::LaunchChainTable(150, g_reps);

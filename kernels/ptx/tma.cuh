@@ -27,6 +27,19 @@ __device__ __forceinline__ void cp_async_bulk_tensor_2d_g2s(void* smem_dst,
       : "memory");
 }
 
+// cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes: copies
+// `bytes` contiguous bytes (a multiple of 16; both addresses 16-byte
+// aligned) from global memory into `smem_dst` and signals them on `bar`; no
+// tensor map (a 1-D bulk copy).
+__device__ __forceinline__ void cp_async_bulk_g2s(void* smem_dst, const void* gmem_src, uint32_t bytes,
+                                                  uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+          smem_addr(smem_dst)),
+      "l"(reinterpret_cast<uint64_t>(gmem_src)), "r"(bytes), "r"(smem_addr(bar))
+      : "memory");
+}
+
 // The same for a 3-D tensor map: the box at (c0 innermost, c1, c2).
 __device__ __forceinline__ void cp_async_bulk_tensor_3d_g2s(void* smem_dst,
                                                             const CUtensorMap* tensor_map,

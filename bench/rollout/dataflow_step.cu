@@ -1,0 +1,527 @@
+#include "bench/rollout/dataflow_step.h"
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <vector>
+
+#include "bench/support/bench_util.h"
+#include "kernels/ptx/grid_sync.cuh"
+#include "kernels/ptx/mbarrier.cuh"
+#include "kernels/ptx/tma.cuh"
+
+namespace grove::bench {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+// gpu-ref's shapes (configs/model/gpu-ref.toml), every layer an MoE layer.
+constexpr int kH = 1024, kQkv = 1536, kQd = 1024, kHd = 128, kKvHeads = 2, kGroup = 4;
+constexpr int kExperts = 64, kTopK = 6, kShared = 2, kEh = 512, kLayers = 16, kVocab = 32768;
+constexpr int kMoeSlots = kTopK + kShared;
+constexpr int kRsRows = kExperts + 2 * kShared * kEh;  // router rows, then each shared expert's W1 rows and W3 rows
+constexpr int kUpRows = kTopK * 2 * kEh;              // each routed expert's W1 rows and W3 rows
+constexpr int kCtx = 96, kCtxChunk = 16, kCtxChunks = kCtx / kCtxChunk;
+constexpr int kAttItems = kKvHeads * kCtxChunks;
+constexpr int kConsumers = 256;  // 8 warps; one more warp produces
+constexpr int kThreads = kConsumers + 32;
+constexpr int kChunkRows = 8;                      // a chunk: one row per consumer warp
+constexpr int kRingSlots = 12;
+constexpr int kSlotBytes = kChunkRows * kH * 2;    // 8 bf16 rows of k = 1024
+constexpr int kXinValues = kMoeSlots * kEh;        // the largest stage input (the down's 8 x 512)
+enum Stage { kQkvS, kAttS, kWoS, kRsS, kUpS, kDownS, kStages };
+
+struct Args {
+  const bf16 *qkv, *wo, *rs, *w13, *w2, *lm, *kc, *vc;
+  float *x, *aqkv, *attn, *ars, *up, *logits;
+  uint32_t* counters;  // [kLayers][kStages]: items done, monotonic over launches
+  uint32_t step;       // launches before this one
+  // [blocks][kProbes]: cycles thread 0 / the producer's lane 0 spent in each
+  // kind of wait during the last launch (where the step's time goes).
+  unsigned long long* probes;
+  // Diagnostic cuts (0 in the real structure): kNoRouteWait lets the
+  // producer fetch the routed experts without waiting for the logits (a
+  // stale route); kNoCounterWait drops every consumer wait as well (the
+  // structure's streaming rate with no dependency at all).
+  int cuts;
+};
+constexpr int kNoRouteWait = 1, kNoCounterWait = 2;
+enum Probe { kTotal, kCounterWait, kFullWait, kEmptyWait, kRouteWait, kProbes };
+
+__device__ __forceinline__ int RowsPerBlock(int n) {
+  const int per = (n + int(gridDim.x) - 1) / int(gridDim.x);
+  return (per + kChunkRows - 1) / kChunkRows * kChunkRows;
+}
+__device__ __forceinline__ int Items(int n) {
+  const int r = RowsPerBlock(n);
+  return (n + r - 1) / r;
+}
+__device__ __forceinline__ uint32_t Target(const Args& a, int items) { return (a.step + 1) * uint32_t(items); }
+__device__ __forceinline__ uint32_t* Counter(const Args& a, int l, Stage s) { return a.counters + l * kStages + s; }
+
+// A pseudo-random per-(layer, step, expert) bias in [0, 4): with constant
+// weights every logit is equal, so this decides the route, and it changes
+// from step to step as real routing does.
+__device__ __forceinline__ float RouteBias(int l, uint32_t step, int e) {
+  uint32_t h = uint32_t(l) * 2654435761u ^ step * 40503u ^ uint32_t(e) * 2246822519u;
+  h ^= h >> 13;
+  h *= 0x5bd1e995u;
+  h ^= h >> 15;
+  return float(h & 0xffffu) * (4.f / 65536.f);
+}
+
+// Top-k of the layer's router logits by one warp (every lane gets the same
+// ids and gates, normalized over the k).
+__device__ void RouteWarp(const Args& a, int l, int* ids, float* gates) {
+  const int lane = threadIdx.x % 32;
+  const float* lg = a.ars + size_t(l) * kRsRows;
+  float v[2];
+  for (int i = 0; i < 2; ++i) {
+    const int e = lane + 32 * i;
+    v[i] = 1.f / (1.f + expf(-lg[e])) + RouteBias(l, a.step, e);
+  }
+  float sum = 0.f;
+  for (int t = 0; t < kTopK; ++t) {
+    const int mine = v[0] >= v[1] ? 0 : 1;
+    float best = v[mine];
+    int arg = lane + 32 * mine;
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oa = __shfl_xor_sync(0xffffffffu, arg, o);
+      if (ob > best || (ob == best && oa < arg)) {
+        best = ob;
+        arg = oa;
+      }
+    }
+    ids[t] = arg;
+    gates[t] = best;
+    sum += best;
+    if (arg % 32 == lane) v[arg / 32] = -INFINITY;
+  }
+  for (int t = 0; t < kTopK; ++t) gates[t] /= sum;
+}
+
+__device__ __forceinline__ void ConsumerSync() { asm volatile("bar.sync 1, 256;" ::: "memory"); }
+
+// The producer warp: every weight chunk the block's consumers will read,
+// in their order, into the ring; lane 0 issues.
+__device__ void Produce(const Args& a, uint8_t* ring, uint64_t* full, uint64_t* empty) {
+  const int lane = threadIdx.x % 32;
+  uint32_t chunk = 0;
+  long long empty_wait = 0, route_wait = 0;
+  auto issue = [&](const bf16* src, int k) {
+    const uint32_t slot = chunk % kRingSlots, use = chunk / kRingSlots;
+    if (lane == 0) {
+      const long long t = clock64();
+      ptx::mbarrier_wait_parity(&empty[slot], (use & 1u) ^ 1u);
+      empty_wait += clock64() - t;
+      const uint32_t bytes = uint32_t(kChunkRows) * k * 2;
+      ptx::mbarrier_arrive_expect_tx(&full[slot], bytes);
+      ptx::cp_async_bulk_g2s(ring + size_t(slot) * kSlotBytes, src, bytes, &full[slot]);
+    }
+    ++chunk;
+  };
+  auto linear = [&](const bf16* w, int n, int k) {  // w: row 0 of this layer's matrix
+    const int rpb = RowsPerBlock(n), r0 = int(blockIdx.x) * rpb, r1 = min(n, r0 + rpb);
+    for (int r = r0; r < r1; r += kChunkRows) issue(w + size_t(r) * k, k);
+  };
+  int ids[kTopK];
+  float gates[kTopK];
+  for (int l = 0; l < kLayers; ++l) {
+    linear(a.qkv + size_t(l) * kQkv * kH, kQkv, kH);
+    linear(a.wo + size_t(l) * kH * kQd, kH, kQd);
+    linear(a.rs + size_t(l) * kRsRows * kH, kRsRows, kH);
+    // The routed experts' rows only once the logits are final.
+    if (lane == 0) {
+      const long long t = clock64();
+      while (!(a.cuts & kNoRouteWait) && ptx::ld_acquire_gpu(Counter(a, l, kRsS)) < Target(a, Items(kRsRows))) {
+      }
+      route_wait += clock64() - t;
+    }
+    __syncwarp();
+    RouteWarp(a, l, ids, gates);
+    {
+      const int rpb = RowsPerBlock(kUpRows), r0 = int(blockIdx.x) * rpb, r1 = min(kUpRows, r0 + rpb);
+      for (int r = r0; r < r1; r += kChunkRows) {
+        const int j = r / (2 * kEh), rr = r % (2 * kEh);
+        issue(a.w13 + ((size_t(l) * kExperts + ids[j]) * 2 * kEh + rr) * kH, kH);
+      }
+    }
+    {
+      const int rpb = RowsPerBlock(kH), r0 = int(blockIdx.x) * rpb, r1 = min(kH, r0 + rpb);
+      for (int r = r0; r < r1; r += kChunkRows)
+        for (int j = 0; j < kMoeSlots; ++j) {
+          const int e = j < kTopK ? ids[j] : kExperts + (j - kTopK);
+          issue(a.w2 + ((size_t(l) * (kExperts + kShared) + e) * kH + r) * kEh, kEh);
+        }
+    }
+  }
+  linear(a.lm, kVocab, kH);
+  if (lane == 0) {
+    a.probes[blockIdx.x * kProbes + kEmptyWait] = empty_wait;
+    a.probes[blockIdx.x * kProbes + kRouteWait] = route_wait;
+  }
+}
+
+struct ConsumerState {
+  const Args& a;
+  const uint8_t* ring;
+  uint64_t* full;
+  uint64_t* empty;
+  bf16* xin;   // [kXinValues]: the stage's input row(s), bf16 as the engine stages them
+  float* red;  // [8]
+  uint32_t chunk = 0;
+  long long counter_wait = 0, full_wait = 0;
+
+  __device__ void Wait(uint32_t* c, uint32_t target) {
+    if (threadIdx.x == 0) {
+      const long long t = clock64();
+      while (!(a.cuts & kNoCounterWait) && ptx::ld_acquire_gpu(c) < target) {
+      }
+      counter_wait += clock64() - t;
+    }
+    ConsumerSync();
+  }
+  // The block's writes of a stage before its count: consumers meet, then
+  // thread 0's release add (cumulative through the named barrier).
+  __device__ void Signal(uint32_t* c) {
+    ConsumerSync();
+    if (threadIdx.x == 0) ptx::red_release_gpu_add(c, 1u);
+  }
+  // xin = RMSNorm(x) (unit weights).
+  __device__ void NormInput() {
+    float v[kH / kConsumers], ss = 0.f;
+    for (int i = 0; i < kH / kConsumers; ++i) {
+      v[i] = a.x[threadIdx.x + i * kConsumers];
+      ss += v[i] * v[i];
+    }
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = ss;
+    ConsumerSync();
+    float t = 0.f;
+    for (int w = 0; w < kConsumers / 32; ++w) t += red[w];
+    const float rstd = rsqrtf(t / kH + 1e-6f);
+    for (int i = 0; i < kH / kConsumers; ++i) xin[threadIdx.x + i * kConsumers] = __float2bfloat16(v[i] * rstd);
+    ConsumerSync();
+  }
+  // The next chunk once landed: this warp's row of it against x_s (K bf16
+  // values); every lane gets the dot. Frees the slot. All of a lane's
+  // 16-byte loads are issued before its first FMA.
+  template <int K>
+  __device__ float Take(const bf16* x_s) {
+    constexpr int kIters = K / 8 / 32;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const uint32_t slot = chunk % kRingSlots, use = chunk / kRingSlots;
+    const long long t = clock64();
+    ptx::mbarrier_wait_parity(&full[slot], use & 1u);
+    if (threadIdx.x == 0) full_wait += clock64() - t;
+    const uint4* row = reinterpret_cast<const uint4*>(ring + size_t(slot) * kSlotBytes + size_t(warp) * K * 2);
+    uint4 w[kIters], xv[kIters];
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      w[i] = row[lane + 32 * i];
+      xv[i] = reinterpret_cast<const uint4*>(x_s)[lane + 32 * i];
+    }
+    float acc = 0.f;
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&w[i]);
+      const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&xv[i]);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 wf = __bfloat1622float2(wp[e]), xf = __bfloat1622float2(xp[e]);
+        acc = fmaf(wf.x, xf.x, acc);
+        acc = fmaf(wf.y, xf.y, acc);
+      }
+    }
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    __syncwarp();
+    if (lane == 0) ptx::mbarrier_arrive(&empty[slot]);
+    ++chunk;
+    return acc;
+  }
+  // A linear stage: out[r] (+)= row r . xin for this block's rows.
+  template <int K>
+  __device__ void Linear(int n, float* out, bool add) {
+    const int rpb = RowsPerBlock(n), r0 = int(blockIdx.x) * rpb, r1 = min(n, r0 + rpb);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int r = r0; r < r1; r += kChunkRows) {
+      const float v = Take<K>(xin);
+      if (lane == 0) out[r + warp] = add ? out[r + warp] + v : v;
+    }
+  }
+};
+
+__device__ float Silu(float g) { return g / (1.f + expf(-g)); }
+
+// Attention item (kv head kh, context chunk c): the group's 4 query heads
+// against 16 cached keys, softmax-free; warp w takes head w % 4 and half of
+// the keys, lane l dims [4 l, 4 l + 4).
+__device__ void AttendItem(const Args& a, int l, int kh, int c, float* scratch) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = warp % kGroup, half = warp / kGroup;
+  const float* q = a.aqkv + size_t(l) * kQkv + (kh * kGroup + g) * kHd + 4 * lane;
+  float qv[4], acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int e = 0; e < 4; ++e) qv[e] = q[e];
+  const size_t base = (size_t(l) * kKvHeads + kh) * kCtx;
+  for (int t = c * kCtxChunk + half * (kCtxChunk / 2); t < c * kCtxChunk + (half + 1) * (kCtxChunk / 2); ++t) {
+    const uint2 kr = *reinterpret_cast<const uint2*>(a.kc + (base + t) * kHd + 4 * lane);
+    const uint2 vr = *reinterpret_cast<const uint2*>(a.vc + (base + t) * kHd + 4 * lane);
+    const float2 k0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&kr.x));
+    const float2 k1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&kr.y));
+    float s = qv[0] * k0.x + qv[1] * k0.y + qv[2] * k1.x + qv[3] * k1.y;
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    const float2 v0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&vr.x));
+    const float2 v1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&vr.y));
+    acc[0] = fmaf(s, v0.x, acc[0]);
+    acc[1] = fmaf(s, v0.y, acc[1]);
+    acc[2] = fmaf(s, v1.x, acc[2]);
+    acc[3] = fmaf(s, v1.y, acc[3]);
+  }
+  if (half == 1)
+    for (int e = 0; e < 4; ++e) scratch[g * kHd + 4 * lane + e] = acc[e];
+  ConsumerSync();
+  if (half == 0) {
+    float* out = a.attn + (size_t(l) * kCtxChunks + c) * kQd + (kh * kGroup + g) * kHd + 4 * lane;
+    for (int e = 0; e < 4; ++e) out[e] = acc[e] + scratch[g * kHd + 4 * lane + e];
+  }
+}
+
+__device__ void Consume(const Args& a, const uint8_t* ring, uint64_t* full, uint64_t* empty, bf16* xin, float* red,
+                        int* ids, float* gates) {
+  ConsumerState cs{a, ring, full, empty, xin, red};
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const bool has_qkv = int(blockIdx.x) < Items(kQkv), has_wo = int(blockIdx.x) < Items(kH);
+  const bool has_rs = int(blockIdx.x) < Items(kRsRows), has_up = int(blockIdx.x) < Items(kUpRows);
+  for (int l = 0; l < kLayers; ++l) {
+    if (has_qkv) {
+      if (l > 0) cs.Wait(Counter(a, l - 1, kDownS), Target(a, Items(kH)));
+      cs.NormInput();
+      cs.Linear<kH>(kQkv, a.aqkv + size_t(l) * kQkv, false);
+      cs.Signal(Counter(a, l, kQkvS));
+    }
+    if (int(blockIdx.x) < kAttItems) {
+      cs.Wait(Counter(a, l, kQkvS), Target(a, Items(kQkv)));
+      AttendItem(a, l, int(blockIdx.x) % kKvHeads, int(blockIdx.x) / kKvHeads, reinterpret_cast<float*>(xin));
+      cs.Signal(Counter(a, l, kAttS));
+    }
+    if (has_wo) {
+      cs.Wait(Counter(a, l, kAttS), Target(a, kAttItems));
+      for (int i = threadIdx.x; i < kQd; i += kConsumers) {
+        float p[kCtxChunks], s = 0.f;
+        for (int c = 0; c < kCtxChunks; ++c) p[c] = a.attn[(size_t(l) * kCtxChunks + c) * kQd + i];
+        for (int c = 0; c < kCtxChunks; ++c) s += p[c];
+        xin[i] = __float2bfloat16(s);
+      }
+      ConsumerSync();
+      cs.Linear<kQd>(kH, a.x, true);
+      cs.Signal(Counter(a, l, kWoS));
+    }
+    if (has_rs || has_up) {
+      cs.Wait(Counter(a, l, kWoS), Target(a, Items(kH)));
+      cs.NormInput();  // x is final until the down stage
+    }
+    if (has_rs) {
+      cs.Linear<kH>(kRsRows, a.ars + size_t(l) * kRsRows, false);
+      cs.Signal(Counter(a, l, kRsS));
+    }
+    if (has_up) {
+      cs.Wait(Counter(a, l, kRsS), Target(a, Items(kRsRows)));
+      cs.Linear<kH>(kUpRows, a.up + size_t(l) * kUpRows, false);
+      cs.Signal(Counter(a, l, kUpS));
+    }
+    if (has_wo) {  // the down: the same row split as wo
+      cs.Wait(Counter(a, l, kUpS), Target(a, Items(kUpRows)));
+      if (warp == 0) {
+        int wid[kTopK];
+        float wg[kTopK];
+        RouteWarp(a, l, wid, wg);
+        if (lane < kTopK) gates[lane] = wg[lane];
+        if (lane < kShared) gates[kTopK + lane] = 1.f;
+      }
+      for (int i = threadIdx.x; i < kXinValues; i += kConsumers) {
+        const int j = i / kEh, u = i % kEh;
+        const float* h = j < kTopK ? a.up + size_t(l) * kUpRows + j * 2 * kEh
+                                   : a.ars + size_t(l) * kRsRows + kExperts + (j - kTopK) * 2 * kEh;
+        xin[i] = __float2bfloat16(Silu(h[u]) * h[kEh + u]);
+      }
+      ConsumerSync();
+      const int rpb = RowsPerBlock(kH), r0 = int(blockIdx.x) * rpb, r1 = min(kH, r0 + rpb);
+      for (int r = r0; r < r1; r += kChunkRows) {
+        float acc = 0.f;
+        for (int j = 0; j < kMoeSlots; ++j) acc = fmaf(gates[j], cs.Take<kEh>(xin + j * kEh), acc);
+        if (lane == 0) a.x[r + warp] += acc;
+      }
+      cs.Signal(Counter(a, l, kDownS));
+    }
+  }
+  cs.Wait(Counter(a, kLayers - 1, kDownS), Target(a, Items(kH)));
+  cs.NormInput();
+  cs.Linear<kH>(kVocab, a.logits, false);
+  if (threadIdx.x == 0) {
+    a.probes[blockIdx.x * kProbes + kCounterWait] = cs.counter_wait;
+    a.probes[blockIdx.x * kProbes + kFullWait] = cs.full_wait;
+  }
+  (void)ids;
+}
+
+__global__ void __launch_bounds__(kThreads, 1) DataflowStepKernel(Args a) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  __shared__ uint64_t full[kRingSlots], empty[kRingSlots];
+  __shared__ float red[kConsumers / 32];
+  __shared__ int ids[kTopK];
+  __shared__ float gates[kMoeSlots];
+  uint8_t* ring = smem;
+  bf16* xin = reinterpret_cast<bf16*>(smem + size_t(kRingSlots) * kSlotBytes);
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kRingSlots; ++i) {
+      ptx::mbarrier_init(&full[i], 1);
+      ptx::mbarrier_init(&empty[i], kConsumers / 32);
+    }
+    ptx::fence_mbarrier_init();
+  }
+  __syncthreads();
+  const long long t0 = clock64();
+  if (threadIdx.x >= kConsumers) Produce(a, ring, full, empty);
+  else Consume(a, ring, full, empty, xin, red, ids, gates);
+  if (threadIdx.x == 0) a.probes[blockIdx.x * kProbes + kTotal] = clock64() - t0;
+}
+
+}  // namespace
+
+void DataflowStepTable(double read_gbs, int reps) {
+  int device = 0, sms = 0;
+  GROVE_BENCH_CUDA_CHECK(cudaGetDevice(&device));
+  GROVE_BENCH_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const size_t qkv = size_t(kLayers) * kQkv * kH, wo = size_t(kLayers) * kH * kQd, rs = size_t(kLayers) * kRsRows * kH;
+  const size_t w13 = size_t(kLayers) * kExperts * 2 * kEh * kH, w2 = size_t(kLayers) * (kExperts + kShared) * kH * kEh;
+  const size_t lm = size_t(kVocab) * kH, kv = size_t(kLayers) * kKvHeads * kCtx * kHd;
+  const size_t weights = qkv + wo + rs + w13 + w2 + lm + 2 * kv;
+  bf16* w = nullptr;
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&w, weights * sizeof(bf16)));
+  GROVE_BENCH_CUDA_CHECK(cudaMemset(w, 0x3c, weights * sizeof(bf16)));  // every weight bf16 0x3c3c ~ 0.0115
+  Args a{};
+  a.qkv = w;
+  a.wo = a.qkv + qkv;
+  a.rs = a.wo + wo;
+  a.w13 = a.rs + rs;
+  a.w2 = a.w13 + w13;
+  a.lm = a.w2 + w2;
+  a.kc = a.lm + lm;
+  a.vc = a.kc + kv;
+  const size_t acts = kH + size_t(kLayers) * (kQkv + kCtxChunks * kQd + kRsRows + kUpRows) + kVocab;
+  float* f = nullptr;
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&f, acts * sizeof(float)));
+  GROVE_BENCH_CUDA_CHECK(cudaMemset(f, 0, acts * sizeof(float)));
+  std::vector<float> x0(kH);
+  for (int i = 0; i < kH; ++i) x0[i] = std::sin(0.1f * i);
+  a.x = f;
+  a.aqkv = a.x + kH;
+  a.attn = a.aqkv + size_t(kLayers) * kQkv;
+  a.ars = a.attn + size_t(kLayers) * kCtxChunks * kQd;
+  a.up = a.ars + size_t(kLayers) * kRsRows;
+  a.logits = a.up + size_t(kLayers) * kUpRows;
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&a.counters, sizeof(uint32_t) * kLayers * kStages));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&a.probes, sizeof(unsigned long long) * sms * kProbes));
+  GROVE_BENCH_CUDA_CHECK(cudaMemset(a.counters, 0, sizeof(uint32_t) * kLayers * kStages));
+
+  const size_t smem = size_t(kRingSlots) * kSlotBytes + sizeof(float) * kXinValues;
+  GROVE_BENCH_CUDA_CHECK(
+      cudaFuncSetAttribute(DataflowStepKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  cudaStream_t stream;
+  GROVE_BENCH_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaEvent_t t0, t1;
+  GROVE_BENCH_CUDA_CHECK(cudaEventCreate(&t0));
+  GROVE_BENCH_CUDA_CHECK(cudaEventCreate(&t1));
+  uint32_t step = 0;
+  auto launch = [&] {
+    a.step = step++;
+    void* params[] = {&a};
+    GROVE_BENCH_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(DataflowStepKernel), dim3(sms),
+                                                       dim3(kThreads), params, smem, stream));
+  };
+  // Each rep starts from the same residual so the numbers stay finite.
+  auto reset_x = [&] {
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpyAsync(a.x, x0.data(), sizeof(float) * kH, cudaMemcpyHostToDevice, stream));
+  };
+  auto items = [&](int n) {
+    const int per = (n + sms - 1) / sms, rpb = (per + kChunkRows - 1) / kChunkRows * kChunkRows;
+    return uint32_t((n + rpb - 1) / rpb);
+  };
+  const uint32_t want[kStages] = {items(kQkv), kAttItems, items(kH), items(kRsRows), items(kUpRows), items(kH)};
+  const size_t step_bytes =
+      sizeof(bf16) * (size_t(kLayers) * (size_t(kQkv) * kH + size_t(kH) * kQd + size_t(kRsRows) * kH +
+                                          size_t(kUpRows) * kH + size_t(kMoeSlots) * kH * kEh + 2 * kKvHeads * kCtx * kHd) +
+                      lm);
+  int clock_khz = 0;
+  GROVE_BENCH_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device));
+  constexpr int kStepsPerRep = 20;
+  std::printf("dataflow decode step (gpu-ref shapes, bf16, 16 MoE layers, 96 cached keys; %d blocks x %d threads, "
+              "%d-slot ring of %d KB; %.1f MB of weights a step): median of %d x %d launches\n",
+              sms, kThreads, kRingSlots, kSlotBytes / 1024, step_bytes / 1e6, reps, kStepsPerRep);
+  const struct {
+    int cuts;
+    const char* name;
+  } rows[] = {{0, "the step"},
+              {kNoRouteWait, "cut: routed experts fetched without waiting for the logits"},
+              {kNoRouteWait | kNoCounterWait, "cut: no waits at all (streaming only)"}};
+  for (const auto& row : rows) {
+    a.cuts = row.cuts;
+    for (int i = 0; i < 3; ++i) {
+      reset_x();
+      launch();
+    }
+    GROVE_BENCH_CUDA_CHECK(cudaStreamSynchronize(stream));
+    std::vector<float> ms;
+    for (int r = 0; r < reps; ++r) {
+      GROVE_BENCH_CUDA_CHECK(cudaEventRecord(t0, stream));
+      for (int i = 0; i < kStepsPerRep; ++i) launch();
+      GROVE_BENCH_CUDA_CHECK(cudaEventRecord(t1, stream));
+      GROVE_BENCH_CUDA_CHECK(cudaEventSynchronize(t1));
+      float t = 0.f;
+      GROVE_BENCH_CUDA_CHECK(cudaEventElapsedTime(&t, t0, t1));
+      ms.push_back(t / kStepsPerRep);
+      reset_x();
+    }
+    std::sort(ms.begin(), ms.end());
+    // Every counter must stand at its stage's items times the launches made.
+    std::vector<uint32_t> counters(kLayers * kStages);
+    GROVE_BENCH_CUDA_CHECK(
+        cudaMemcpy(counters.data(), a.counters, sizeof(uint32_t) * counters.size(), cudaMemcpyDeviceToHost));
+    bool counts_ok = true;
+    for (int l = 0; l < kLayers; ++l)
+      for (int s = 0; s < kStages; ++s) counts_ok = counts_ok && counters[l * kStages + s] == want[s] * step;
+    std::vector<float> logits(kVocab);
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(logits.data(), a.logits, sizeof(float) * kVocab, cudaMemcpyDeviceToHost));
+    bool finite = true;
+    for (float v : logits) finite = finite && std::isfinite(v);
+    const double med = ms[ms.size() / 2];
+    std::printf("%s: %.3f ms a step (min %.3f): %.0f GB/s = %.0f%% of the %.0f GB/s read ceiling; counters %s, "
+                "logits %s\n",
+                row.name, med, ms.front(), step_bytes / med / 1e6, 100.0 * step_bytes / med / 1e6 / read_gbs, read_gbs,
+                counts_ok ? "as expected" : "WRONG", finite ? "finite" : "NOT FINITE");
+    // Where the last launch's time went, averaged over the blocks.
+    std::vector<unsigned long long> probes(size_t(sms) * kProbes);
+    GROVE_BENCH_CUDA_CHECK(
+        cudaMemcpy(probes.data(), a.probes, sizeof(unsigned long long) * probes.size(), cudaMemcpyDeviceToHost));
+    double mean[kProbes] = {};
+    for (int b = 0; b < sms; ++b)
+      for (int p = 0; p < kProbes; ++p) mean[p] += double(probes[size_t(b) * kProbes + p]) / sms;
+    auto us = [&](double cycles) { return cycles / clock_khz * 1e3; };
+    std::printf("  a block's last launch, mean over blocks (us at %d MHz): in the kernel %.1f; consumers waiting on "
+                "counters %.1f, on landed weights %.1f; producer waiting on free slots %.1f, on the routes %.1f\n",
+                clock_khz / 1000, us(mean[kTotal]), us(mean[kCounterWait]), us(mean[kFullWait]), us(mean[kEmptyWait]),
+                us(mean[kRouteWait]));
+  }
+  cudaFree(a.probes);
+  cudaFree(w);
+  cudaFree(f);
+  cudaFree(a.counters);
+  cudaStreamDestroy(stream);
+}
+
+}  // namespace grove::bench
