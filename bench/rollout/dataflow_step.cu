@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <vector>
 
 #include "bench/support/bench_util.h"
@@ -37,20 +38,54 @@ enum Stage { kQkvS, kAttS, kWoS, kRsS, kUpS, kDownS, kStages };
 
 struct Args {
   const bf16 *qkv, *wo, *rs, *w13, *w2, *lm, *kc, *vc;
-  float *x, *aqkv, *attn, *ars, *up, *logits;
+  float* x;       // [kH]: the residual in (and out); each owner block keeps its rows in registers meanwhile
+  float* logits;  // [kVocab] out
+  // Stage outputs as tagged words (value bits | (step + 1) << 32), one
+  // array a layer: qkv [kQkv], the attention chunks [kCtxChunks][kQd], the
+  // residual after wo (xw) and after the down (xd) [kH], the router logits
+  // + shared up [kRsRows], the routed up [kUpRows].
+  uint64_t *aqkv, *attn, *xw, *xd, *ars, *up;
   uint32_t* counters;  // [kLayers][kStages]: items done, monotonic over launches
   uint32_t step;       // launches before this one
+  uint32_t route_seed;  // RouteBias's
   // [blocks][kProbes]: cycles thread 0 / the producer's lane 0 spent in each
   // kind of wait during the last launch (where the step's time goes).
   unsigned long long* probes;
   // Diagnostic cuts (0 in the real structure): kNoRouteWait lets the
   // producer fetch the routed experts without waiting for the logits (a
-  // stale route); kNoCounterWait drops every consumer wait as well (the
+  // stale route); kNoInputWait drops every consumer wait as well (the
   // structure's streaming rate with no dependency at all).
   int cuts;
 };
-constexpr int kNoRouteWait = 1, kNoCounterWait = 2;
-enum Probe { kTotal, kCounterWait, kFullWait, kEmptyWait, kRouteWait, kProbes };
+constexpr int kNoRouteWait = 1, kNoInputWait = 2;
+
+__device__ __forceinline__ uint32_t Tag(const Args& a) { return a.step + 1; }
+__device__ __forceinline__ uint64_t LoadRelaxed64(const uint64_t* p) {
+  uint64_t w;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(w) : "l"(p) : "memory");
+  return w;
+}
+// One 8-byte store: a reader sees the old word or the new one, never a mix,
+// so the tag tells it whether the value is this step's.
+__device__ __forceinline__ void StoreTagged(uint64_t* p, float v, uint32_t tag) {
+  const uint64_t w = (uint64_t(tag) << 32) | __float_as_uint(v);
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(w) : "memory");
+}
+// N words at base[first + i * stride], all loads in flight at once; with
+// `spin`, each re-read until it carries `tag`.
+template <int N>
+__device__ __forceinline__ void LoadTagged(const uint64_t* base, int first, int stride, uint32_t tag, bool spin,
+                                           float (&out)[N]) {
+  uint64_t w[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) w[i] = LoadRelaxed64(base + first + i * stride);
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    while (spin && uint32_t(w[i] >> 32) != tag) w[i] = LoadRelaxed64(base + first + i * stride);
+    out[i] = __uint_as_float(uint32_t(w[i]));
+  }
+}
+enum Probe { kTotal, kInputWait, kFullWait, kEmptyWait, kRouteWait, kProbes };
 
 __device__ __forceinline__ int RowsPerBlock(int n) {
   const int per = (n + int(gridDim.x) - 1) / int(gridDim.x);
@@ -63,7 +98,7 @@ __device__ __forceinline__ int Items(int n) {
 __device__ __forceinline__ uint32_t Target(const Args& a, int items) { return (a.step + 1) * uint32_t(items); }
 __device__ __forceinline__ uint32_t* Counter(const Args& a, int l, Stage s) { return a.counters + l * kStages + s; }
 
-// A pseudo-random per-(layer, step, expert) bias in [0, 4): with constant
+// A pseudo-random per-(layer, seed, expert) bias in [0, 4): with constant
 // weights every logit is equal, so this decides the route, and it changes
 // from step to step as real routing does.
 __device__ __forceinline__ float RouteBias(int l, uint32_t step, int e) {
@@ -76,14 +111,11 @@ __device__ __forceinline__ float RouteBias(int l, uint32_t step, int e) {
 
 // Top-k of the layer's router logits by one warp (every lane gets the same
 // ids and gates, normalized over the k).
-__device__ void RouteWarp(const Args& a, int l, int* ids, float* gates) {
+__device__ void RouteWarp(const Args& a, int l, bool spin, int* ids, float* gates) {
   const int lane = threadIdx.x % 32;
-  const float* lg = a.ars + size_t(l) * kRsRows;
-  float v[2];
-  for (int i = 0; i < 2; ++i) {
-    const int e = lane + 32 * i;
-    v[i] = 1.f / (1.f + expf(-lg[e])) + RouteBias(l, a.step, e);
-  }
+  float lg[2], v[2];
+  LoadTagged<2>(a.ars + size_t(l) * kRsRows, lane, 32, Tag(a), spin, lg);
+  for (int i = 0; i < 2; ++i) v[i] = 1.f / (1.f + expf(-lg[i])) + RouteBias(l, a.route_seed, lane + 32 * i);
   float sum = 0.f;
   for (int t = 0; t < kTopK; ++t) {
     const int mine = v[0] >= v[1] ? 0 : 1;
@@ -109,6 +141,7 @@ __device__ __forceinline__ void ConsumerSync() { asm volatile("bar.sync 1, 256;"
 
 // The producer warp: every weight chunk the block's consumers will read,
 // in their order, into the ring; lane 0 issues.
+template <bool kTagged>
 __device__ void Produce(const Args& a, uint8_t* ring, uint64_t* full, uint64_t* empty) {
   const int lane = threadIdx.x % 32;
   uint32_t chunk = 0;
@@ -135,15 +168,15 @@ __device__ void Produce(const Args& a, uint8_t* ring, uint64_t* full, uint64_t* 
     linear(a.qkv + size_t(l) * kQkv * kH, kQkv, kH);
     linear(a.wo + size_t(l) * kH * kQd, kH, kQd);
     linear(a.rs + size_t(l) * kRsRows * kH, kRsRows, kH);
-    // The routed experts' rows only once the logits are final.
-    if (lane == 0) {
-      const long long t = clock64();
+    // The routed experts' rows only once the logits are final: their
+    // counter, or (tagged) the logits themselves.
+    const long long t = clock64();
+    if (!kTagged && lane == 0)
       while (!(a.cuts & kNoRouteWait) && ptx::ld_acquire_gpu(Counter(a, l, kRsS)) < Target(a, Items(kRsRows))) {
       }
-      route_wait += clock64() - t;
-    }
     __syncwarp();
-    RouteWarp(a, l, ids, gates);
+    RouteWarp(a, l, kTagged && !(a.cuts & kNoRouteWait), ids, gates);
+    if (lane == 0) route_wait += clock64() - t;
     {
       const int rpb = RowsPerBlock(kUpRows), r0 = int(blockIdx.x) * rpb, r1 = min(kUpRows, r0 + rpb);
       for (int r = r0; r < r1; r += kChunkRows) {
@@ -167,6 +200,7 @@ __device__ void Produce(const Args& a, uint8_t* ring, uint64_t* full, uint64_t* 
   }
 }
 
+template <bool kTagged>
 struct ConsumerState {
   const Args& a;
   const uint8_t* ring;
@@ -175,37 +209,55 @@ struct ConsumerState {
   bf16* xin;   // [kXinValues]: the stage's input row(s), bf16 as the engine stages them
   float* red;  // [8]
   uint32_t chunk = 0;
-  long long counter_wait = 0, full_wait = 0;
+  long long input_wait = 0, full_wait = 0;
 
+  // Tagged words spin on their tags unless the counters order the stage
+  // (or the diagnostic cut drops every wait).
+  __device__ bool Spin() const { return kTagged && !(a.cuts & kNoInputWait); }
+  // Counter mode: the stage's input is complete once the producing stage's
+  // counter reaches its target (thread 0 acquires, the named barrier
+  // orders the rest). Tagged mode: nothing to wait for here.
   __device__ void Wait(uint32_t* c, uint32_t target) {
-    if (threadIdx.x == 0) {
+    if (!kTagged && threadIdx.x == 0) {
       const long long t = clock64();
-      while (!(a.cuts & kNoCounterWait) && ptx::ld_acquire_gpu(c) < target) {
+      while (!(a.cuts & kNoInputWait) && ptx::ld_acquire_gpu(c) < target) {
       }
-      counter_wait += clock64() - t;
+      input_wait += clock64() - t;
     }
     ConsumerSync();
   }
-  // The block's writes of a stage before its count: consumers meet, then
-  // thread 0's release add (cumulative through the named barrier).
+  // The stage's items done: consumers meet, then thread 0's release add
+  // (cumulative through the named barrier). Tagged mode still counts, for
+  // the host's check, but nobody waits on it.
   __device__ void Signal(uint32_t* c) {
     ConsumerSync();
     if (threadIdx.x == 0) ptx::red_release_gpu_add(c, 1u);
   }
-  // xin = RMSNorm(x) (unit weights).
-  __device__ void NormInput() {
-    float v[kH / kConsumers], ss = 0.f;
-    for (int i = 0; i < kH / kConsumers; ++i) {
-      v[i] = a.x[threadIdx.x + i * kConsumers];
-      ss += v[i] * v[i];
+  // N tagged words per thread at base[threadIdx.x + i * kConsumers].
+  template <int N>
+  __device__ void Gather(const uint64_t* base, float (&out)[N]) {
+    const long long t = clock64();
+    LoadTagged<N>(base, threadIdx.x, kConsumers, Tag(a), Spin(), out);
+    if (threadIdx.x == 0) input_wait += clock64() - t;
+  }
+  // xin = RMSNorm(row) (unit weights); the row is the tagged src, or the
+  // plain a.x for the first layer.
+  __device__ void NormInput(const uint64_t* src) {
+    constexpr int kPer = kH / kConsumers;
+    float v[kPer], ss = 0.f;
+    if (src) {
+      Gather<kPer>(src, v);
+    } else {
+      for (int i = 0; i < kPer; ++i) v[i] = a.x[threadIdx.x + i * kConsumers];
     }
+    for (int i = 0; i < kPer; ++i) ss += v[i] * v[i];
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
     if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = ss;
     ConsumerSync();
     float t = 0.f;
     for (int w = 0; w < kConsumers / 32; ++w) t += red[w];
     const float rstd = rsqrtf(t / kH + 1e-6f);
-    for (int i = 0; i < kH / kConsumers; ++i) xin[threadIdx.x + i * kConsumers] = __float2bfloat16(v[i] * rstd);
+    for (int i = 0; i < kPer; ++i) xin[threadIdx.x + i * kConsumers] = __float2bfloat16(v[i] * rstd);
     ConsumerSync();
   }
   // The next chunk once landed: this warp's row of it against x_s (K bf16
@@ -244,14 +296,14 @@ struct ConsumerState {
     ++chunk;
     return acc;
   }
-  // A linear stage: out[r] (+)= row r . xin for this block's rows.
+  // A linear stage into tagged words: out[r] = row r . xin for this block's rows.
   template <int K>
-  __device__ void Linear(int n, float* out, bool add) {
+  __device__ void Linear(int n, uint64_t* out) {
     const int rpb = RowsPerBlock(n), r0 = int(blockIdx.x) * rpb, r1 = min(n, r0 + rpb);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int r = r0; r < r1; r += kChunkRows) {
       const float v = Take<K>(xin);
-      if (lane == 0) out[r + warp] = add ? out[r + warp] + v : v;
+      if (lane == 0) StoreTagged(out + r + warp, v, Tag(a));
     }
   }
 };
@@ -261,12 +313,13 @@ __device__ float Silu(float g) { return g / (1.f + expf(-g)); }
 // Attention item (kv head kh, context chunk c): the group's 4 query heads
 // against 16 cached keys, softmax-free; warp w takes head w % 4 and half of
 // the keys, lane l dims [4 l, 4 l + 4).
-__device__ void AttendItem(const Args& a, int l, int kh, int c, float* scratch) {
+template <bool kTagged>
+__device__ void AttendItem(ConsumerState<kTagged>& cs, int l, int kh, int c, float* scratch) {
+  const Args& a = cs.a;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = warp % kGroup, half = warp / kGroup;
-  const float* q = a.aqkv + size_t(l) * kQkv + (kh * kGroup + g) * kHd + 4 * lane;
   float qv[4], acc[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int e = 0; e < 4; ++e) qv[e] = q[e];
+  LoadTagged<4>(a.aqkv + size_t(l) * kQkv + (kh * kGroup + g) * kHd + 4 * lane, 0, 1, Tag(a), cs.Spin(), qv);
   const size_t base = (size_t(l) * kKvHeads + kh) * kCtx;
   for (int t = c * kCtxChunk + half * (kCtxChunk / 2); t < c * kCtxChunk + (half + 1) * (kCtxChunk / 2); ++t) {
     const uint2 kr = *reinterpret_cast<const uint2*>(a.kc + (base + t) * kHd + 4 * lane);
@@ -286,94 +339,115 @@ __device__ void AttendItem(const Args& a, int l, int kh, int c, float* scratch) 
     for (int e = 0; e < 4; ++e) scratch[g * kHd + 4 * lane + e] = acc[e];
   ConsumerSync();
   if (half == 0) {
-    float* out = a.attn + (size_t(l) * kCtxChunks + c) * kQd + (kh * kGroup + g) * kHd + 4 * lane;
-    for (int e = 0; e < 4; ++e) out[e] = acc[e] + scratch[g * kHd + 4 * lane + e];
+    uint64_t* out = a.attn + (size_t(l) * kCtxChunks + c) * kQd + (kh * kGroup + g) * kHd + 4 * lane;
+    for (int e = 0; e < 4; ++e) StoreTagged(out + e, acc[e] + scratch[g * kHd + 4 * lane + e], Tag(a));
   }
 }
 
+template <bool kTagged>
 __device__ void Consume(const Args& a, const uint8_t* ring, uint64_t* full, uint64_t* empty, bf16* xin, float* red,
-                        int* ids, float* gates) {
-  ConsumerState cs{a, ring, full, empty, xin, red};
+                        float* gates) {
+  ConsumerState<kTagged> cs{a, ring, full, empty, xin, red};
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const bool has_qkv = int(blockIdx.x) < Items(kQkv), has_wo = int(blockIdx.x) < Items(kH);
   const bool has_rs = int(blockIdx.x) < Items(kRsRows), has_up = int(blockIdx.x) < Items(kUpRows);
+  // The residual rows this block owns (wo and the down add into them; the
+  // host checks there are 8 a block): row r0 + warp, in lane 0.
+  const int own = int(blockIdx.x) * kChunkRows + warp;
+  float x_own = has_wo && lane == 0 ? a.x[own] : 0.f;
   for (int l = 0; l < kLayers; ++l) {
     if (has_qkv) {
       if (l > 0) cs.Wait(Counter(a, l - 1, kDownS), Target(a, Items(kH)));
-      cs.NormInput();
-      cs.Linear<kH>(kQkv, a.aqkv + size_t(l) * kQkv, false);
+      cs.NormInput(l > 0 ? a.xd + size_t(l - 1) * kH : nullptr);
+      cs.template Linear<kH>(kQkv, a.aqkv + size_t(l) * kQkv);
       cs.Signal(Counter(a, l, kQkvS));
     }
     if (int(blockIdx.x) < kAttItems) {
       cs.Wait(Counter(a, l, kQkvS), Target(a, Items(kQkv)));
-      AttendItem(a, l, int(blockIdx.x) % kKvHeads, int(blockIdx.x) / kKvHeads, reinterpret_cast<float*>(xin));
+      AttendItem(cs, l, int(blockIdx.x) % kKvHeads, int(blockIdx.x) / kKvHeads, reinterpret_cast<float*>(xin));
       cs.Signal(Counter(a, l, kAttS));
     }
     if (has_wo) {
       cs.Wait(Counter(a, l, kAttS), Target(a, kAttItems));
-      for (int i = threadIdx.x; i < kQd; i += kConsumers) {
-        float p[kCtxChunks], s = 0.f;
-        for (int c = 0; c < kCtxChunks; ++c) p[c] = a.attn[(size_t(l) * kCtxChunks + c) * kQd + i];
-        for (int c = 0; c < kCtxChunks; ++c) s += p[c];
-        xin[i] = __float2bfloat16(s);
+      constexpr int kPer = kQd / kConsumers;
+      float p[kCtxChunks * kPer];
+      cs.template Gather<kCtxChunks * kPer>(a.attn + size_t(l) * kCtxChunks * kQd, p);  // chunk c at i / kPer
+      for (int i = 0; i < kPer; ++i) {
+        float s = 0.f;
+        for (int c = 0; c < kCtxChunks; ++c) s += p[c * kPer + i];
+        xin[threadIdx.x + i * kConsumers] = __float2bfloat16(s);
       }
       ConsumerSync();
-      cs.Linear<kQd>(kH, a.x, true);
+      const float v = cs.template Take<kQd>(xin);
+      if (lane == 0) {
+        x_own += v;
+        StoreTagged(a.xw + size_t(l) * kH + own, x_own, Tag(a));
+      }
       cs.Signal(Counter(a, l, kWoS));
     }
     if (has_rs || has_up) {
       cs.Wait(Counter(a, l, kWoS), Target(a, Items(kH)));
-      cs.NormInput();  // x is final until the down stage
+      cs.NormInput(a.xw + size_t(l) * kH);  // the up's input too: x is final until the down
     }
     if (has_rs) {
-      cs.Linear<kH>(kRsRows, a.ars + size_t(l) * kRsRows, false);
+      cs.template Linear<kH>(kRsRows, a.ars + size_t(l) * kRsRows);
       cs.Signal(Counter(a, l, kRsS));
     }
     if (has_up) {
-      cs.Wait(Counter(a, l, kRsS), Target(a, Items(kRsRows)));
-      cs.Linear<kH>(kUpRows, a.up + size_t(l) * kUpRows, false);
+      cs.template Linear<kH>(kUpRows, a.up + size_t(l) * kUpRows);
       cs.Signal(Counter(a, l, kUpS));
     }
-    if (has_wo) {  // the down: the same row split as wo
+    if (has_wo) {  // the down: the same rows as wo
       cs.Wait(Counter(a, l, kUpS), Target(a, Items(kUpRows)));
       if (warp == 0) {
         int wid[kTopK];
         float wg[kTopK];
-        RouteWarp(a, l, wid, wg);
+        RouteWarp(a, l, cs.Spin(), wid, wg);
         if (lane < kTopK) gates[lane] = wg[lane];
         if (lane < kShared) gates[kTopK + lane] = 1.f;
       }
-      for (int i = threadIdx.x; i < kXinValues; i += kConsumers) {
-        const int j = i / kEh, u = i % kEh;
-        const float* h = j < kTopK ? a.up + size_t(l) * kUpRows + j * 2 * kEh
-                                   : a.ars + size_t(l) * kRsRows + kExperts + (j - kTopK) * 2 * kEh;
-        xin[i] = __float2bfloat16(Silu(h[u]) * h[kEh + u]);
+      // h = silu(W1 x) * (W3 x) of every slot: routed slot j's W1 rows at
+      // up[j * 2 kEh], W3 rows kEh after; shared s's in ars after the logits.
+      constexpr int kPer = kEh / kConsumers;
+      for (int j = 0; j < kMoeSlots; ++j) {
+        const uint64_t* h = j < kTopK ? a.up + size_t(l) * kUpRows + j * 2 * kEh
+                                      : a.ars + size_t(l) * kRsRows + kExperts + (j - kTopK) * 2 * kEh;
+        float g[kPer], u[kPer];
+        cs.template Gather<kPer>(h, g);
+        cs.template Gather<kPer>(h + kEh, u);
+        for (int i = 0; i < kPer; ++i) xin[j * kEh + threadIdx.x + i * kConsumers] = __float2bfloat16(Silu(g[i]) * u[i]);
       }
       ConsumerSync();
-      const int rpb = RowsPerBlock(kH), r0 = int(blockIdx.x) * rpb, r1 = min(kH, r0 + rpb);
-      for (int r = r0; r < r1; r += kChunkRows) {
-        float acc = 0.f;
-        for (int j = 0; j < kMoeSlots; ++j) acc = fmaf(gates[j], cs.Take<kEh>(xin + j * kEh), acc);
-        if (lane == 0) a.x[r + warp] += acc;
+      float acc = 0.f;
+      for (int j = 0; j < kMoeSlots; ++j) acc = fmaf(gates[j], cs.template Take<kEh>(xin + j * kEh), acc);
+      if (lane == 0) {
+        x_own += acc;
+        StoreTagged(a.xd + size_t(l) * kH + own, x_own, Tag(a));
       }
       cs.Signal(Counter(a, l, kDownS));
     }
   }
   cs.Wait(Counter(a, kLayers - 1, kDownS), Target(a, Items(kH)));
-  cs.NormInput();
-  cs.Linear<kH>(kVocab, a.logits, false);
+  cs.NormInput(a.xd + size_t(kLayers - 1) * kH);
+  {
+    const int rpb = RowsPerBlock(kVocab), r0 = int(blockIdx.x) * rpb, r1 = min(kVocab, r0 + rpb);
+    for (int r = r0; r < r1; r += kChunkRows) {
+      const float v = cs.template Take<kH>(xin);
+      if (lane == 0) a.logits[r + warp] = v;
+    }
+  }
+  if (has_wo && lane == 0) a.x[own] = x_own;
   if (threadIdx.x == 0) {
-    a.probes[blockIdx.x * kProbes + kCounterWait] = cs.counter_wait;
+    a.probes[blockIdx.x * kProbes + kInputWait] = cs.input_wait;
     a.probes[blockIdx.x * kProbes + kFullWait] = cs.full_wait;
   }
-  (void)ids;
 }
 
+template <bool kTagged>
 __global__ void __launch_bounds__(kThreads, 1) DataflowStepKernel(Args a) {
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ uint64_t full[kRingSlots], empty[kRingSlots];
   __shared__ float red[kConsumers / 32];
-  __shared__ int ids[kTopK];
   __shared__ float gates[kMoeSlots];
   uint8_t* ring = smem;
   bf16* xin = reinterpret_cast<bf16*>(smem + size_t(kRingSlots) * kSlotBytes);
@@ -386,8 +460,8 @@ __global__ void __launch_bounds__(kThreads, 1) DataflowStepKernel(Args a) {
   }
   __syncthreads();
   const long long t0 = clock64();
-  if (threadIdx.x >= kConsumers) Produce(a, ring, full, empty);
-  else Consume(a, ring, full, empty, xin, red, ids, gates);
+  if (threadIdx.x >= kConsumers) Produce<kTagged>(a, ring, full, empty);
+  else Consume<kTagged>(a, ring, full, empty, xin, red, gates);
   if (threadIdx.x == 0) a.probes[blockIdx.x * kProbes + kTotal] = clock64() - t0;
 }
 
@@ -397,6 +471,10 @@ void DataflowStepTable(double read_gbs, int reps) {
   int device = 0, sms = 0;
   GROVE_BENCH_CUDA_CHECK(cudaGetDevice(&device));
   GROVE_BENCH_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  if ((kH + sms - 1) / sms > kChunkRows || sms < kAttItems) {  // a block owns at most one chunk of residual rows
+    std::printf("dataflow step probe: needs at least %d SMs (has %d)\n", kH / kChunkRows, sms);
+    return;
+  }
   const size_t qkv = size_t(kLayers) * kQkv * kH, wo = size_t(kLayers) * kH * kQd, rs = size_t(kLayers) * kRsRows * kH;
   const size_t w13 = size_t(kLayers) * kExperts * 2 * kEh * kH, w2 = size_t(kLayers) * (kExperts + kShared) * kH * kEh;
   const size_t lm = size_t(kVocab) * kH, kv = size_t(kLayers) * kKvHeads * kCtx * kHd;
@@ -413,36 +491,47 @@ void DataflowStepTable(double read_gbs, int reps) {
   a.lm = a.w2 + w2;
   a.kc = a.lm + lm;
   a.vc = a.kc + kv;
-  const size_t acts = kH + size_t(kLayers) * (kQkv + kCtxChunks * kQd + kRsRows + kUpRows) + kVocab;
   float* f = nullptr;
-  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&f, acts * sizeof(float)));
-  GROVE_BENCH_CUDA_CHECK(cudaMemset(f, 0, acts * sizeof(float)));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&f, sizeof(float) * (kH + kVocab)));
+  GROVE_BENCH_CUDA_CHECK(cudaMemset(f, 0, sizeof(float) * (kH + kVocab)));
+  a.x = f;
+  a.logits = f + kH;
+  const size_t tagged = size_t(kLayers) * (kQkv + kCtxChunks * kQd + 2 * kH + kRsRows + kUpRows);
+  uint64_t* words = nullptr;
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&words, sizeof(uint64_t) * tagged));
+  GROVE_BENCH_CUDA_CHECK(cudaMemset(words, 0, sizeof(uint64_t) * tagged));  // tag 0: no step's
+  a.aqkv = words;
+  a.attn = a.aqkv + size_t(kLayers) * kQkv;
+  a.xw = a.attn + size_t(kLayers) * kCtxChunks * kQd;
+  a.xd = a.xw + size_t(kLayers) * kH;
+  a.ars = a.xd + size_t(kLayers) * kH;
+  a.up = a.ars + size_t(kLayers) * kRsRows;
   std::vector<float> x0(kH);
   for (int i = 0; i < kH; ++i) x0[i] = std::sin(0.1f * i);
-  a.x = f;
-  a.aqkv = a.x + kH;
-  a.attn = a.aqkv + size_t(kLayers) * kQkv;
-  a.ars = a.attn + size_t(kLayers) * kCtxChunks * kQd;
-  a.up = a.ars + size_t(kLayers) * kRsRows;
-  a.logits = a.up + size_t(kLayers) * kUpRows;
   GROVE_BENCH_CUDA_CHECK(cudaMalloc(&a.counters, sizeof(uint32_t) * kLayers * kStages));
   GROVE_BENCH_CUDA_CHECK(cudaMalloc(&a.probes, sizeof(unsigned long long) * sms * kProbes));
   GROVE_BENCH_CUDA_CHECK(cudaMemset(a.counters, 0, sizeof(uint32_t) * kLayers * kStages));
 
   const size_t smem = size_t(kRingSlots) * kSlotBytes + sizeof(float) * kXinValues;
   GROVE_BENCH_CUDA_CHECK(
-      cudaFuncSetAttribute(DataflowStepKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      cudaFuncSetAttribute(DataflowStepKernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  GROVE_BENCH_CUDA_CHECK(
+      cudaFuncSetAttribute(DataflowStepKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   cudaStream_t stream;
   GROVE_BENCH_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   cudaEvent_t t0, t1;
   GROVE_BENCH_CUDA_CHECK(cudaEventCreate(&t0));
   GROVE_BENCH_CUDA_CHECK(cudaEventCreate(&t1));
   uint32_t step = 0;
+  bool tagged_mode = false;
+  bool fixed_route = false;
   auto launch = [&] {
+    a.route_seed = fixed_route ? 12345u : step;
     a.step = step++;
     void* params[] = {&a};
-    GROVE_BENCH_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(DataflowStepKernel), dim3(sms),
-                                                       dim3(kThreads), params, smem, stream));
+    void* kernel = tagged_mode ? reinterpret_cast<void*>(DataflowStepKernel<true>)
+                               : reinterpret_cast<void*>(DataflowStepKernel<false>);
+    GROVE_BENCH_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(sms), dim3(kThreads), params, smem, stream));
   };
   // Each rep starts from the same residual so the numbers stay finite.
   auto reset_x = [&] {
@@ -464,12 +553,15 @@ void DataflowStepTable(double read_gbs, int reps) {
               "%d-slot ring of %d KB; %.1f MB of weights a step): median of %d x %d launches\n",
               sms, kThreads, kRingSlots, kSlotBytes / 1024, step_bytes / 1e6, reps, kStepsPerRep);
   const struct {
+    bool tagged;
     int cuts;
     const char* name;
-  } rows[] = {{0, "the step"},
-              {kNoRouteWait, "cut: routed experts fetched without waiting for the logits"},
-              {kNoRouteWait | kNoCounterWait, "cut: no waits at all (streaming only)"}};
+  } rows[] = {{false, 0, "counters: a stage waits for its producers' counter, then reads"},
+              {true, 0, "tagged data: a stage spins on its input words' step tags"},
+              {true, kNoRouteWait, "tagged, cut: routed experts fetched without waiting for the logits"},
+              {true, kNoRouteWait | kNoInputWait, "cut: no waits at all (streaming only)"}};
   for (const auto& row : rows) {
+    tagged_mode = row.tagged;
     a.cuts = row.cuts;
     for (int i = 0; i < 3; ++i) {
       reset_x();
@@ -513,13 +605,30 @@ void DataflowStepTable(double read_gbs, int reps) {
       for (int p = 0; p < kProbes; ++p) mean[p] += double(probes[size_t(b) * kProbes + p]) / sms;
     auto us = [&](double cycles) { return cycles / clock_khz * 1e3; };
     std::printf("  a block's last launch, mean over blocks (us at %d MHz): in the kernel %.1f; consumers waiting on "
-                "counters %.1f, on landed weights %.1f; producer waiting on free slots %.1f, on the routes %.1f\n",
-                clock_khz / 1000, us(mean[kTotal]), us(mean[kCounterWait]), us(mean[kFullWait]), us(mean[kEmptyWait]),
+                "inputs %.1f, on landed weights %.1f; producer waiting on free slots %.1f, on the routes %.1f\n",
+                clock_khz / 1000, us(mean[kTotal]), us(mean[kInputWait]), us(mean[kFullWait]), us(mean[kEmptyWait]),
                 us(mean[kRouteWait]));
   }
+  // The two protocols must compute the same step: one launch of each from
+  // the same residual with the same routes, logits compared bit for bit.
+  fixed_route = true;
+  a.cuts = 0;
+  std::vector<float> by_mode[2];
+  for (int m = 0; m < 2; ++m) {
+    tagged_mode = m == 1;
+    reset_x();
+    launch();
+    GROVE_BENCH_CUDA_CHECK(cudaStreamSynchronize(stream));
+    by_mode[m].resize(kVocab);
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(by_mode[m].data(), a.logits, sizeof(float) * kVocab, cudaMemcpyDeviceToHost));
+  }
+  int differ = 0;
+  for (int i = 0; i < kVocab; ++i) differ += std::memcmp(&by_mode[0][i], &by_mode[1][i], sizeof(float)) != 0;
+  std::printf("one step by each protocol, same residual and routes: %d of %d logits differ\n", differ, kVocab);
   cudaFree(a.probes);
   cudaFree(w);
   cudaFree(f);
+  cudaFree(words);
   cudaFree(a.counters);
   cudaStreamDestroy(stream);
 }
