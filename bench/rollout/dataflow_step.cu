@@ -29,6 +29,7 @@ constexpr int kUpRows = kTopK * 2 * kEh;              // each routed expert's W1
 constexpr int kCtx = 96, kCtxChunk = 16, kCtxChunks = kCtx / kCtxChunk;
 constexpr int kAttItems = kKvHeads * kCtxChunks;
 constexpr int kConsumers = 256;  // 8 warps; one more warp produces
+constexpr int kConsumerWarps = kConsumers / 32;
 constexpr int kThreads = kConsumers + 32;
 constexpr int kChunkRows = 8;                      // a chunk: one row per consumer warp
 constexpr int kRingSlots = 12;
@@ -56,6 +57,10 @@ struct Args {
   // stale route); kNoInputWait drops every consumer wait as well (the
   // structure's streaming rate with no dependency at all).
   int cuts;
+  // Bulk copies in flight per block at most (<= kRingSlots): every copy
+  // in flight queues ahead of the stage heads' loads in the memory system,
+  // so more than the bandwidth needs only adds latency.
+  int in_flight;
 };
 constexpr int kNoRouteWait = 1, kNoInputWait = 2;
 
@@ -85,7 +90,7 @@ __device__ __forceinline__ void LoadTagged(const uint64_t* base, int first, int 
     out[i] = __uint_as_float(uint32_t(w[i]));
   }
 }
-enum Probe { kTotal, kInputWait, kFullWait, kEmptyWait, kRouteWait, kProbes };
+enum Probe { kTotal, kInputWait, kFullWait, kEmptyWait, kRouteWait, kRouteLoad, kProbes };
 
 __device__ __forceinline__ int RowsPerBlock(int n) {
   const int per = (n + int(gridDim.x) - 1) / int(gridDim.x);
@@ -111,10 +116,12 @@ __device__ __forceinline__ float RouteBias(int l, uint32_t step, int e) {
 
 // Top-k of the layer's router logits by one warp (every lane gets the same
 // ids and gates, normalized over the k).
-__device__ void RouteWarp(const Args& a, int l, bool spin, int* ids, float* gates) {
+__device__ void RouteWarp(const Args& a, int l, bool spin, int* ids, float* gates, long long* load_cycles = nullptr) {
   const int lane = threadIdx.x % 32;
   float lg[2], v[2];
+  const long long t0 = clock64();
   LoadTagged<2>(a.ars + size_t(l) * kRsRows, lane, 32, Tag(a), spin, lg);
+  if (load_cycles) *load_cycles += clock64() - t0;
   for (int i = 0; i < 2; ++i) v[i] = 1.f / (1.f + expf(-lg[i])) + RouteBias(l, a.route_seed, lane + 32 * i);
   float sum = 0.f;
   for (int t = 0; t < kTopK; ++t) {
@@ -145,12 +152,16 @@ template <bool kTagged>
 __device__ void Produce(const Args& a, uint8_t* ring, uint64_t* full, uint64_t* empty) {
   const int lane = threadIdx.x % 32;
   uint32_t chunk = 0;
-  long long empty_wait = 0, route_wait = 0;
+  long long empty_wait = 0, route_wait = 0, route_load = 0;
   auto issue = [&](const bf16* src, int k) {
     const uint32_t slot = chunk % kRingSlots, use = chunk / kRingSlots;
     if (lane == 0) {
       const long long t = clock64();
       ptx::mbarrier_wait_parity(&empty[slot], (use & 1u) ^ 1u);
+      if (chunk >= uint32_t(a.in_flight)) {  // chunk - in_flight has landed
+        const uint32_t back = chunk - uint32_t(a.in_flight);
+        ptx::mbarrier_wait_parity(&full[back % kRingSlots], (back / kRingSlots) & 1u);
+      }
       empty_wait += clock64() - t;
       const uint32_t bytes = uint32_t(kChunkRows) * k * 2;
       ptx::mbarrier_arrive_expect_tx(&full[slot], bytes);
@@ -175,7 +186,7 @@ __device__ void Produce(const Args& a, uint8_t* ring, uint64_t* full, uint64_t* 
       while (!(a.cuts & kNoRouteWait) && ptx::ld_acquire_gpu(Counter(a, l, kRsS)) < Target(a, Items(kRsRows))) {
       }
     __syncwarp();
-    RouteWarp(a, l, kTagged && !(a.cuts & kNoRouteWait), ids, gates);
+    RouteWarp(a, l, kTagged && !(a.cuts & kNoRouteWait), ids, gates, &route_load);
     if (lane == 0) route_wait += clock64() - t;
     {
       const int rpb = RowsPerBlock(kUpRows), r0 = int(blockIdx.x) * rpb, r1 = min(kUpRows, r0 + rpb);
@@ -197,6 +208,7 @@ __device__ void Produce(const Args& a, uint8_t* ring, uint64_t* full, uint64_t* 
   if (lane == 0) {
     a.probes[blockIdx.x * kProbes + kEmptyWait] = empty_wait;
     a.probes[blockIdx.x * kProbes + kRouteWait] = route_wait;
+    a.probes[blockIdx.x * kProbes + kRouteLoad] = route_load;
   }
 }
 
@@ -260,51 +272,64 @@ struct ConsumerState {
     for (int i = 0; i < kPer; ++i) xin[threadIdx.x + i * kConsumers] = __float2bfloat16(v[i] * rstd);
     ConsumerSync();
   }
-  // The next chunk once landed: this warp's row of it against x_s (K bf16
-  // values); every lane gets the dot. Frees the slot. All of a lane's
-  // 16-byte loads are issued before its first FMA.
+  // Chunk `c` of the block's sequence once landed, by warp c % 8 alone:
+  // its 8 rows against x_s (K bf16 values); lane r < 8 gets row r's dot.
+  // Frees the slot. Eight warps thus work on eight chunks at once.
   template <int K>
-  __device__ float Take(const bf16* x_s) {
+  __device__ float TakeChunk(uint32_t c, const bf16* x_s) {
     constexpr int kIters = K / 8 / 32;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const uint32_t slot = chunk % kRingSlots, use = chunk / kRingSlots;
+    const int lane = threadIdx.x % 32;
+    const uint32_t slot = c % kRingSlots, use = c / kRingSlots;
     const long long t = clock64();
     ptx::mbarrier_wait_parity(&full[slot], use & 1u);
     if (threadIdx.x == 0) full_wait += clock64() - t;
-    const uint4* row = reinterpret_cast<const uint4*>(ring + size_t(slot) * kSlotBytes + size_t(warp) * K * 2);
-    uint4 w[kIters], xv[kIters];
+    uint4 xv[kIters];
 #pragma unroll
-    for (int i = 0; i < kIters; ++i) {
-      w[i] = row[lane + 32 * i];
-      xv[i] = reinterpret_cast<const uint4*>(x_s)[lane + 32 * i];
-    }
-    float acc = 0.f;
+    for (int i = 0; i < kIters; ++i) xv[i] = reinterpret_cast<const uint4*>(x_s)[lane + 32 * i];
+    float mine = 0.f;
 #pragma unroll
-    for (int i = 0; i < kIters; ++i) {
-      const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&w[i]);
-      const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&xv[i]);
+    for (int half = 0; half < 2; ++half) {
+      uint4 w[4][kIters];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float2 wf = __bfloat1622float2(wp[e]), xf = __bfloat1622float2(xp[e]);
-        acc = fmaf(wf.x, xf.x, acc);
-        acc = fmaf(wf.y, xf.y, acc);
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int i = 0; i < kIters; ++i)
+          w[r][i] = reinterpret_cast<const uint4*>(ring + size_t(slot) * kSlotBytes + size_t(half * 4 + r) * K * 2)[lane + 32 * i];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        float acc = 0.f;
+#pragma unroll
+        for (int i = 0; i < kIters; ++i) {
+          const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&w[r][i]);
+          const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&xv[i]);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float2 wf = __bfloat1622float2(wp[e]), xf = __bfloat1622float2(xp[e]);
+            acc = fmaf(wf.x, xf.x, acc);
+            acc = fmaf(wf.y, xf.y, acc);
+          }
+        }
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (lane == half * 4 + r) mine = acc;
       }
     }
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     __syncwarp();
     if (lane == 0) ptx::mbarrier_arrive(&empty[slot]);
-    ++chunk;
-    return acc;
+    return mine;
   }
-  // A linear stage into tagged words: out[r] = row r . xin for this block's rows.
+  // A linear stage into tagged words: out[r] = row r . xin for this block's
+  // rows, its chunks dealt to the warps in turn.
   template <int K>
   __device__ void Linear(int n, uint64_t* out) {
     const int rpb = RowsPerBlock(n), r0 = int(blockIdx.x) * rpb, r1 = min(n, r0 + rpb);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int r = r0; r < r1; r += kChunkRows) {
-      const float v = Take<K>(xin);
-      if (lane == 0) StoreTagged(out + r + warp, v, Tag(a));
-    }
+    const int chunks = (r1 - r0 + kChunkRows - 1) / kChunkRows;
+    for (int i = 0; i < chunks; ++i)
+      if ((chunk + i) % kConsumerWarps == uint32_t(warp)) {
+        const float v = TakeChunk<K>(chunk + i, xin);
+        if (lane < kChunkRows) StoreTagged(out + r0 + i * kChunkRows + lane, v, Tag(a));
+      }
+    chunk += chunks;
   }
 };
 
@@ -346,15 +371,16 @@ __device__ void AttendItem(ConsumerState<kTagged>& cs, int l, int kh, int c, flo
 
 template <bool kTagged>
 __device__ void Consume(const Args& a, const uint8_t* ring, uint64_t* full, uint64_t* empty, bf16* xin, float* red,
-                        float* gates) {
+                        float* gates, float* partial) {
   ConsumerState<kTagged> cs{a, ring, full, empty, xin, red};
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const bool has_qkv = int(blockIdx.x) < Items(kQkv), has_wo = int(blockIdx.x) < Items(kH);
   const bool has_rs = int(blockIdx.x) < Items(kRsRows), has_up = int(blockIdx.x) < Items(kUpRows);
   // The residual rows this block owns (wo and the down add into them; the
-  // host checks there are 8 a block): row r0 + warp, in lane 0.
-  const int own = int(blockIdx.x) * kChunkRows + warp;
-  float x_own = has_wo && lane == 0 ? a.x[own] : 0.f;
+  // host checks there are 8 a block): row r0 + t in consumer thread t < 8.
+  const bool owner = has_wo && threadIdx.x < kChunkRows;
+  const int own = int(blockIdx.x) * kChunkRows + int(threadIdx.x);
+  float x_own = owner ? a.x[own] : 0.f;
   for (int l = 0; l < kLayers; ++l) {
     if (has_qkv) {
       if (l > 0) cs.Wait(Counter(a, l - 1, kDownS), Target(a, Items(kH)));
@@ -378,9 +404,14 @@ __device__ void Consume(const Args& a, const uint8_t* ring, uint64_t* full, uint
         xin[threadIdx.x + i * kConsumers] = __float2bfloat16(s);
       }
       ConsumerSync();
-      const float v = cs.template Take<kQd>(xin);
-      if (lane == 0) {
-        x_own += v;
+      if (cs.chunk % kConsumerWarps == uint32_t(warp)) {
+        const float v = cs.template TakeChunk<kQd>(cs.chunk, xin);
+        if (lane < kChunkRows) partial[lane] = v;
+      }
+      ++cs.chunk;
+      ConsumerSync();
+      if (owner) {
+        x_own += partial[threadIdx.x];
         StoreTagged(a.xw + size_t(l) * kH + own, x_own, Tag(a));
       }
       cs.Signal(Counter(a, l, kWoS));
@@ -407,20 +438,29 @@ __device__ void Consume(const Args& a, const uint8_t* ring, uint64_t* full, uint
         if (lane < kShared) gates[kTopK + lane] = 1.f;
       }
       // h = silu(W1 x) * (W3 x) of every slot: routed slot j's W1 rows at
-      // up[j * 2 kEh], W3 rows kEh after; shared s's in ars after the logits.
-      constexpr int kPer = kEh / kConsumers;
-      for (int j = 0; j < kMoeSlots; ++j) {
-        const uint64_t* h = j < kTopK ? a.up + size_t(l) * kUpRows + j * 2 * kEh
-                                      : a.ars + size_t(l) * kRsRows + kExperts + (j - kTopK) * 2 * kEh;
-        float g[kPer], u[kPer];
-        cs.template Gather<kPer>(h, g);
-        cs.template Gather<kPer>(h + kEh, u);
-        for (int i = 0; i < kPer; ++i) xin[j * kEh + threadIdx.x + i * kConsumers] = __float2bfloat16(Silu(g[i]) * u[i]);
+      // up[j * 2 kEh], W3 rows kEh after; shared s's in ars after the
+      // logits. Two gathers with every load in flight: word t + i * 256 is
+      // slot i / 4's W1 (i % 4 < 2) or W3 value, its partner 512 words on.
+      constexpr int kPer = 2 * kEh / kConsumers;  // words of a slot a thread
+      float hr[kTopK * kPer], hs[kShared * kPer];
+      cs.template Gather<kTopK * kPer>(a.up + size_t(l) * kUpRows, hr);
+      cs.template Gather<kShared * kPer>(a.ars + size_t(l) * kRsRows + kExperts, hs);
+      for (int i = 0; i < kMoeSlots * kPer; ++i) {
+        if (i % kPer >= kPer / 2) continue;
+        const float* h = i < kTopK * kPer ? hr + i : hs + (i - kTopK * kPer);
+        xin[(i / kPer) * kEh + (i % kPer) * kConsumers + threadIdx.x] = __float2bfloat16(Silu(h[0]) * h[kPer / 2]);
       }
       ConsumerSync();
-      float acc = 0.f;
-      for (int j = 0; j < kMoeSlots; ++j) acc = fmaf(gates[j], cs.template Take<kEh>(xin + j * kEh), acc);
-      if (lane == 0) {
+      for (int j = 0; j < kMoeSlots; ++j)  // chunk j: slot j's 8 rows
+        if ((cs.chunk + j) % kConsumerWarps == uint32_t(warp)) {
+          const float v = cs.template TakeChunk<kEh>(cs.chunk + j, xin + j * kEh);
+          if (lane < kChunkRows) partial[j * kChunkRows + lane] = v;
+        }
+      cs.chunk += kMoeSlots;
+      ConsumerSync();
+      if (owner) {
+        float acc = 0.f;
+        for (int j = 0; j < kMoeSlots; ++j) acc = fmaf(gates[j], partial[j * kChunkRows + threadIdx.x], acc);
         x_own += acc;
         StoreTagged(a.xd + size_t(l) * kH + own, x_own, Tag(a));
       }
@@ -431,12 +471,15 @@ __device__ void Consume(const Args& a, const uint8_t* ring, uint64_t* full, uint
   cs.NormInput(a.xd + size_t(kLayers - 1) * kH);
   {
     const int rpb = RowsPerBlock(kVocab), r0 = int(blockIdx.x) * rpb, r1 = min(kVocab, r0 + rpb);
-    for (int r = r0; r < r1; r += kChunkRows) {
-      const float v = cs.template Take<kH>(xin);
-      if (lane == 0) a.logits[r + warp] = v;
-    }
+    const int chunks = (r1 - r0 + kChunkRows - 1) / kChunkRows;
+    for (int i = 0; i < chunks; ++i)
+      if ((cs.chunk + i) % kConsumerWarps == uint32_t(warp)) {
+        const float v = cs.template TakeChunk<kH>(cs.chunk + i, xin);
+        if (lane < kChunkRows) a.logits[r0 + i * kChunkRows + lane] = v;
+      }
+    cs.chunk += chunks;
   }
-  if (has_wo && lane == 0) a.x[own] = x_own;
+  if (owner) a.x[own] = x_own;
   if (threadIdx.x == 0) {
     a.probes[blockIdx.x * kProbes + kInputWait] = cs.input_wait;
     a.probes[blockIdx.x * kProbes + kFullWait] = cs.full_wait;
@@ -449,19 +492,20 @@ __global__ void __launch_bounds__(kThreads, 1) DataflowStepKernel(Args a) {
   __shared__ uint64_t full[kRingSlots], empty[kRingSlots];
   __shared__ float red[kConsumers / 32];
   __shared__ float gates[kMoeSlots];
+  __shared__ float partial[kMoeSlots * kChunkRows];  // a stage's per-chunk row sums, for the owner threads
   uint8_t* ring = smem;
   bf16* xin = reinterpret_cast<bf16*>(smem + size_t(kRingSlots) * kSlotBytes);
   if (threadIdx.x == 0) {
     for (int i = 0; i < kRingSlots; ++i) {
       ptx::mbarrier_init(&full[i], 1);
-      ptx::mbarrier_init(&empty[i], kConsumers / 32);
+      ptx::mbarrier_init(&empty[i], 1);  // the one warp that read the chunk
     }
     ptx::fence_mbarrier_init();
   }
   __syncthreads();
   const long long t0 = clock64();
   if (threadIdx.x >= kConsumers) Produce<kTagged>(a, ring, full, empty);
-  else Consume<kTagged>(a, ring, full, empty, xin, red, gates);
+  else Consume<kTagged>(a, ring, full, empty, xin, red, gates, partial);
   if (threadIdx.x == 0) a.probes[blockIdx.x * kProbes + kTotal] = clock64() - t0;
 }
 
@@ -554,15 +598,21 @@ void DataflowStepTable(double read_gbs, int reps) {
               sms, kThreads, kRingSlots, kSlotBytes / 1024, step_bytes / 1e6, reps, kStepsPerRep);
   const struct {
     bool tagged;
-    int cuts;
+    int cuts, in_flight;
     const char* name;
-  } rows[] = {{false, 0, "counters: a stage waits for its producers' counter, then reads"},
-              {true, 0, "tagged data: a stage spins on its input words' step tags"},
-              {true, kNoRouteWait, "tagged, cut: routed experts fetched without waiting for the logits"},
-              {true, kNoRouteWait | kNoInputWait, "cut: no waits at all (streaming only)"}};
+  } rows[] = {{false, 0, kRingSlots, "counters, 12 copies in flight"},
+              {false, 0, 6, "counters, 6 in flight"},
+              {false, 0, 4, "counters, 4 in flight"},
+              {false, 0, 3, "counters, 3 in flight"},
+              {false, 0, 2, "counters, 2 in flight"},
+              {true, 0, 4, "tagged data, 4 in flight"},
+              {false, kNoRouteWait, 4, "counters, 4 in flight, cut: routed experts fetched without the logits"},
+              {false, kNoRouteWait | kNoInputWait, 4, "4 in flight, cut: no waits at all (streaming only)"},
+              {false, kNoRouteWait | kNoInputWait, kRingSlots, "12 in flight, cut: no waits at all (streaming only)"}};
   for (const auto& row : rows) {
     tagged_mode = row.tagged;
     a.cuts = row.cuts;
+    a.in_flight = row.in_flight;
     for (int i = 0; i < 3; ++i) {
       reset_x();
       launch();
@@ -605,14 +655,15 @@ void DataflowStepTable(double read_gbs, int reps) {
       for (int p = 0; p < kProbes; ++p) mean[p] += double(probes[size_t(b) * kProbes + p]) / sms;
     auto us = [&](double cycles) { return cycles / clock_khz * 1e3; };
     std::printf("  a block's last launch, mean over blocks (us at %d MHz): in the kernel %.1f; consumers waiting on "
-                "inputs %.1f, on landed weights %.1f; producer waiting on free slots %.1f, on the routes %.1f\n",
+                "inputs %.1f, on landed weights %.1f; producer waiting on free slots %.1f, on the routes %.1f (their logits' load %.1f)\n",
                 clock_khz / 1000, us(mean[kTotal]), us(mean[kInputWait]), us(mean[kFullWait]), us(mean[kEmptyWait]),
-                us(mean[kRouteWait]));
+                us(mean[kRouteWait]), us(mean[kRouteLoad]));
   }
   // The two protocols must compute the same step: one launch of each from
   // the same residual with the same routes, logits compared bit for bit.
   fixed_route = true;
   a.cuts = 0;
+  a.in_flight = 4;
   std::vector<float> by_mode[2];
   for (int m = 0; m < 2; ++m) {
     tagged_mode = m == 1;
