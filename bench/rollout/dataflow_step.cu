@@ -31,7 +31,7 @@ constexpr int kAttItems = kKvHeads * kCtxChunks;
 constexpr int kConsumers = 256;  // 8 warps; one more warp produces
 constexpr int kConsumerWarps = kConsumers / 32;
 constexpr int kThreads = kConsumers + 32;
-constexpr int kChunkRows = 8;                      // a chunk: one row per consumer warp
+constexpr int kChunkRows = 8;                      // rows of a chunk (one bulk copy; one warp reads it)
 constexpr int kRingSlots = 12;
 constexpr int kSlotBytes = kChunkRows * kH * 2;    // 8 bf16 rows of k = 1024
 constexpr int kXinValues = kMoeSlots * kEh;        // the largest stage input (the down's 8 x 512)
@@ -70,6 +70,32 @@ __device__ __forceinline__ uint64_t LoadRelaxed64(const uint64_t* p) {
   asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(w) : "l"(p) : "memory");
   return w;
 }
+// A wait that never ends is a bug in the probe's protocol: after 2 s of
+// spinning, say which wait and trap (the launch fails instead of hanging).
+__device__ __forceinline__ uint64_t GlobalNs() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+struct Watchdog {
+  const char* what;
+  uint64_t start = 0;
+  uint32_t polls = 0;
+  __device__ void Poll() {
+    if ((++polls & 1023u) != 0) return;
+    const uint64_t now = GlobalNs();
+    if (start == 0) start = now;
+    else if (now - start > 2000000000ull) {
+      printf("dataflow probe: block %d thread %d stuck in %s\n", int(blockIdx.x), int(threadIdx.x), what);
+      __trap();
+    }
+  }
+};
+__device__ __forceinline__ void WaitParity(uint64_t* bar, uint32_t parity, const char* what) {
+  Watchdog dog{what};
+  while (!ptx::mbarrier_try_wait_parity(bar, parity)) dog.Poll();
+}
+
 // One 8-byte store: a reader sees the old word or the new one, never a mix,
 // so the tag tells it whether the value is this step's.
 __device__ __forceinline__ void StoreTagged(uint64_t* p, float v, uint32_t tag) {
@@ -86,11 +112,15 @@ __device__ __forceinline__ void LoadTagged(const uint64_t* base, int first, int 
   for (int i = 0; i < N; ++i) w[i] = LoadRelaxed64(base + first + i * stride);
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    while (spin && uint32_t(w[i] >> 32) != tag) w[i] = LoadRelaxed64(base + first + i * stride);
+    Watchdog dog{"a tagged word"};
+    while (spin && uint32_t(w[i] >> 32) != tag) {
+      w[i] = LoadRelaxed64(base + first + i * stride);
+      dog.Poll();
+    }
     out[i] = __uint_as_float(uint32_t(w[i]));
   }
 }
-enum Probe { kTotal, kInputWait, kFullWait, kEmptyWait, kRouteWait, kRouteLoad, kProbes };
+enum Probe { kTotal, kInputWait, kFullWait, kEmptyWait, kRouteWait, kProbes };
 
 __device__ __forceinline__ int RowsPerBlock(int n) {
   const int per = (n + int(gridDim.x) - 1) / int(gridDim.x);
@@ -106,8 +136,8 @@ __device__ __forceinline__ uint32_t* Counter(const Args& a, int l, Stage s) { re
 // A pseudo-random per-(layer, seed, expert) bias in [0, 4): with constant
 // weights every logit is equal, so this decides the route, and it changes
 // from step to step as real routing does.
-__device__ __forceinline__ float RouteBias(int l, uint32_t step, int e) {
-  uint32_t h = uint32_t(l) * 2654435761u ^ step * 40503u ^ uint32_t(e) * 2246822519u;
+__device__ __forceinline__ float RouteBias(int l, uint32_t seed, int e) {
+  uint32_t h = uint32_t(l) * 2654435761u ^ seed * 40503u ^ uint32_t(e) * 2246822519u;
   h ^= h >> 13;
   h *= 0x5bd1e995u;
   h ^= h >> 15;
@@ -116,12 +146,10 @@ __device__ __forceinline__ float RouteBias(int l, uint32_t step, int e) {
 
 // Top-k of the layer's router logits by one warp (every lane gets the same
 // ids and gates, normalized over the k).
-__device__ void RouteWarp(const Args& a, int l, bool spin, int* ids, float* gates, long long* load_cycles = nullptr) {
+__device__ void RouteWarp(const Args& a, int l, bool spin, int* ids, float* gates) {
   const int lane = threadIdx.x % 32;
   float lg[2], v[2];
-  const long long t0 = clock64();
   LoadTagged<2>(a.ars + size_t(l) * kRsRows, lane, 32, Tag(a), spin, lg);
-  if (load_cycles) *load_cycles += clock64() - t0;
   for (int i = 0; i < 2; ++i) v[i] = 1.f / (1.f + expf(-lg[i])) + RouteBias(l, a.route_seed, lane + 32 * i);
   float sum = 0.f;
   for (int t = 0; t < kTopK; ++t) {
@@ -152,15 +180,15 @@ template <bool kTagged>
 __device__ void Produce(const Args& a, uint8_t* ring, uint64_t* full, uint64_t* empty) {
   const int lane = threadIdx.x % 32;
   uint32_t chunk = 0;
-  long long empty_wait = 0, route_wait = 0, route_load = 0;
+  long long empty_wait = 0, route_wait = 0;
   auto issue = [&](const bf16* src, int k) {
     const uint32_t slot = chunk % kRingSlots, use = chunk / kRingSlots;
     if (lane == 0) {
       const long long t = clock64();
-      ptx::mbarrier_wait_parity(&empty[slot], (use & 1u) ^ 1u);
+      WaitParity(&empty[slot], (use & 1u) ^ 1u, "the producer's free-slot wait");
       if (chunk >= uint32_t(a.in_flight)) {  // chunk - in_flight has landed
         const uint32_t back = chunk - uint32_t(a.in_flight);
-        ptx::mbarrier_wait_parity(&full[back % kRingSlots], (back / kRingSlots) & 1u);
+        WaitParity(&full[back % kRingSlots], (back / kRingSlots) & 1u, "the producer's in-flight cap");
       }
       empty_wait += clock64() - t;
       const uint32_t bytes = uint32_t(kChunkRows) * k * 2;
@@ -183,10 +211,11 @@ __device__ void Produce(const Args& a, uint8_t* ring, uint64_t* full, uint64_t* 
     // counter, or (tagged) the logits themselves.
     const long long t = clock64();
     if (!kTagged && lane == 0)
-      while (!(a.cuts & kNoRouteWait) && ptx::ld_acquire_gpu(Counter(a, l, kRsS)) < Target(a, Items(kRsRows))) {
-      }
+      for (Watchdog dog{"the producer's router counter"};
+           !(a.cuts & kNoRouteWait) && ptx::ld_acquire_gpu(Counter(a, l, kRsS)) < Target(a, Items(kRsRows));)
+        dog.Poll();
     __syncwarp();
-    RouteWarp(a, l, kTagged && !(a.cuts & kNoRouteWait), ids, gates, &route_load);
+    RouteWarp(a, l, kTagged && !(a.cuts & kNoRouteWait), ids, gates);
     if (lane == 0) route_wait += clock64() - t;
     {
       const int rpb = RowsPerBlock(kUpRows), r0 = int(blockIdx.x) * rpb, r1 = min(kUpRows, r0 + rpb);
@@ -208,7 +237,6 @@ __device__ void Produce(const Args& a, uint8_t* ring, uint64_t* full, uint64_t* 
   if (lane == 0) {
     a.probes[blockIdx.x * kProbes + kEmptyWait] = empty_wait;
     a.probes[blockIdx.x * kProbes + kRouteWait] = route_wait;
-    a.probes[blockIdx.x * kProbes + kRouteLoad] = route_load;
   }
 }
 
@@ -232,8 +260,8 @@ struct ConsumerState {
   __device__ void Wait(uint32_t* c, uint32_t target) {
     if (!kTagged && threadIdx.x == 0) {
       const long long t = clock64();
-      while (!(a.cuts & kNoInputWait) && ptx::ld_acquire_gpu(c) < target) {
-      }
+      for (Watchdog dog{"a consumer's stage counter"}; !(a.cuts & kNoInputWait) && ptx::ld_acquire_gpu(c) < target;)
+        dog.Poll();
       input_wait += clock64() - t;
     }
     ConsumerSync();
@@ -281,7 +309,7 @@ struct ConsumerState {
     const int lane = threadIdx.x % 32;
     const uint32_t slot = c % kRingSlots, use = c / kRingSlots;
     const long long t = clock64();
-    ptx::mbarrier_wait_parity(&full[slot], use & 1u);
+    WaitParity(&full[slot], use & 1u, "a consumer's landed-chunk wait");
     if (threadIdx.x == 0) full_wait += clock64() - t;
     uint4 xv[kIters];
 #pragma unroll
@@ -509,6 +537,168 @@ __global__ void __launch_bounds__(kThreads, 1) DataflowStepKernel(Args a) {
   if (threadIdx.x == 0) a.probes[blockIdx.x * kProbes + kTotal] = clock64() - t0;
 }
 
+// ---- The latency of one dependent L2 load while the SMs stream HBM ----
+// Lane 0 of warp 8 of every block chases a chain of indices through a
+// 1 MB array that L2 holds (ld.relaxed.gpu, as the step's polls and stage
+// heads read), while warps 0-7 stream a buffer far larger than L2: with
+// 16-byte loads (mode 1) or with 16 KB bulk copies, `copies` in flight a
+// block (mode 2). The step above depends on exactly such loads while its
+// weights stream.
+constexpr int kChainWords = 1 << 18;  // 1 MB of uint32
+constexpr int kHops = 2000;
+
+struct ChaseArgs {
+  const uint32_t* chain;
+  const uint4* stream;  // stream_words uint4
+  size_t stream_words;
+  int mode, copies;
+  unsigned long long* hop_cycles;   // [blocks]
+  unsigned long long* bytes;        // [blocks]
+};
+
+__global__ void __launch_bounds__(kThreads, 1) ChaseUnderStreamKernel(ChaseArgs c) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  __shared__ uint64_t bars[kRingSlots];
+  __shared__ volatile int stop;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) {
+    stop = 0;
+    for (int i = 0; i < kRingSlots; ++i) ptx::mbarrier_init(&bars[i], 1);
+    ptx::fence_mbarrier_init();
+  }
+  __syncthreads();
+  if (warp == kConsumerWarps) {
+    if (lane == 0) {
+      uint32_t idx = (blockIdx.x * 977u) % kChainWords;
+      const long long t0 = clock64();
+      for (int h = 0; h < kHops; ++h) {
+        asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(idx) : "l"(c.chain + idx) : "memory");
+      }
+      c.hop_cycles[blockIdx.x] = (clock64() - t0) / kHops + (idx == 0xffffffffu);
+      stop = 1;
+    }
+    return;
+  }
+  unsigned long long bytes = 0;
+  const size_t per_block = c.stream_words / gridDim.x;
+  const uint4* mine = c.stream + per_block * blockIdx.x;
+  if (c.mode == 1) {
+    uint32_t x = 0;
+    size_t at = threadIdx.x;
+    while (!stop) {
+      uint4 v[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[i] = __ldg(mine + (at + i * kConsumers) % per_block);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) x ^= v[i].x ^ v[i].w;
+      at += 4 * kConsumers;
+      bytes += 4 * 16;
+    }
+    if (x == 0x12345678u) c.bytes[gridDim.x] = x;  // keeps the loads
+  } else if (c.mode == 2 && threadIdx.x == 0) {
+    const size_t chunk_words = kSlotBytes / 16;
+    uint32_t issued = 0;
+    while (!stop) {
+      const uint32_t slot = issued % kRingSlots, use = issued / kRingSlots;
+      if (issued >= uint32_t(c.copies)) {  // the copy `copies` back has landed
+        const uint32_t back = issued - uint32_t(c.copies);
+        WaitParity(&bars[back % kRingSlots], (back / kRingSlots) & 1u, "the streaming copies");
+      }
+      (void)use;
+      ptx::mbarrier_arrive_expect_tx(&bars[slot], kSlotBytes);
+      ptx::cp_async_bulk_g2s(smem + size_t(slot) * kSlotBytes, mine + (size_t(issued) * chunk_words) % (per_block - chunk_words),
+                             kSlotBytes, &bars[slot]);
+      ++issued;
+      bytes += kSlotBytes;
+    }
+    for (uint32_t b = issued > uint32_t(kRingSlots) ? issued - kRingSlots : 0; b < issued; ++b)
+      WaitParity(&bars[b % kRingSlots], (b / kRingSlots) & 1u, "the last streaming copies");
+  }
+  if (c.mode == 1) {
+    __shared__ unsigned long long sum;
+    if (threadIdx.x == 0) sum = 0;
+    asm volatile("bar.sync 1, 256;" ::: "memory");
+    atomicAdd(&sum, bytes);
+    asm volatile("bar.sync 1, 256;" ::: "memory");
+    if (threadIdx.x == 0) c.bytes[blockIdx.x] = sum;
+  } else if (threadIdx.x == 0) {
+    c.bytes[blockIdx.x] = bytes;
+  }
+}
+
+void ChaseUnderStreamTable(int sms) {
+  uint32_t* chain = nullptr;
+  uint4* stream = nullptr;
+  const size_t stream_bytes = size_t(2) << 30;
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&chain, sizeof(uint32_t) * kChainWords));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&stream, stream_bytes));
+  GROVE_BENCH_CUDA_CHECK(cudaMemset(stream, 1, stream_bytes));
+  // One cycle through every 32nd word (a new 128-byte line each hop), in a
+  // scrambled order so that no prefetcher helps.
+  std::vector<uint32_t> h(kChainWords, 0);
+  const uint32_t lines = kChainWords / 32;
+  std::vector<uint32_t> order(lines);
+  for (uint32_t i = 0; i < lines; ++i) order[i] = i;
+  uint64_t r = 88172645463325252ull;
+  for (uint32_t i = lines - 1; i > 0; --i) {
+    r ^= r << 13;
+    r ^= r >> 7;
+    r ^= r << 17;
+    std::swap(order[i], order[r % (i + 1)]);
+  }
+  for (uint32_t i = 0; i < lines; ++i) h[order[i] * 32] = order[(i + 1) % lines] * 32;
+  for (uint32_t i = 0; i < kChainWords; ++i)
+    if (i % 32) h[i] = h[i - i % 32];
+  GROVE_BENCH_CUDA_CHECK(cudaMemcpy(chain, h.data(), sizeof(uint32_t) * kChainWords, cudaMemcpyHostToDevice));
+  unsigned long long *hops = nullptr, *bytes = nullptr;
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&hops, sizeof(unsigned long long) * sms));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&bytes, sizeof(unsigned long long) * (sms + 1)));
+  const size_t smem = size_t(kRingSlots) * kSlotBytes;
+  GROVE_BENCH_CUDA_CHECK(cudaFuncSetAttribute(ChaseUnderStreamKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  int device = 0, clock_khz = 0;
+  GROVE_BENCH_CUDA_CHECK(cudaGetDevice(&device));
+  GROVE_BENCH_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device));
+  cudaEvent_t t0, t1;
+  GROVE_BENCH_CUDA_CHECK(cudaEventCreate(&t0));
+  GROVE_BENCH_CUDA_CHECK(cudaEventCreate(&t1));
+  std::printf("\none dependent L2 load (ld.relaxed.gpu, a 1 MB chain L2 holds) while every SM streams a 2 GB buffer:\n");
+  const struct {
+    int mode, copies;
+    const char* name;
+  } rows[] = {{0, 0, "nothing streaming"},
+              {1, 0, "8 warps of 16-byte loads, 4 in flight a thread"},
+              {2, 1, "bulk copies of 16 KB, 1 in flight a block"},
+              {2, 2, "bulk copies, 2 in flight a block"},
+              {2, 4, "bulk copies, 4 in flight a block"},
+              {2, 12, "bulk copies, 12 in flight a block"}};
+  for (const auto& row : rows) {
+    ChaseArgs c{chain, stream, stream_bytes / 16, row.mode, row.copies, hops, bytes};
+    float ms = 0.f;
+    for (int rep = 0; rep < 2; ++rep) {  // the first run warms L2 with the chain
+      GROVE_BENCH_CUDA_CHECK(cudaEventRecord(t0));
+      ChaseUnderStreamKernel<<<sms, kThreads, smem>>>(c);
+      GROVE_BENCH_CUDA_CHECK(cudaEventRecord(t1));
+      GROVE_BENCH_CUDA_CHECK(cudaEventSynchronize(t1));
+      GROVE_BENCH_CUDA_CHECK(cudaGetLastError());
+      GROVE_BENCH_CUDA_CHECK(cudaEventElapsedTime(&ms, t0, t1));
+    }
+    std::vector<unsigned long long> hh(sms), bb(sms + 1);
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(hh.data(), hops, sizeof(unsigned long long) * sms, cudaMemcpyDeviceToHost));
+    GROVE_BENCH_CUDA_CHECK(cudaMemcpy(bb.data(), bytes, sizeof(unsigned long long) * (sms + 1), cudaMemcpyDeviceToHost));
+    double hop = 0.0, total = 0.0;
+    for (int b = 0; b < sms; ++b) {
+      hop += double(hh[b]) / sms;
+      total += double(bb[b]);
+    }
+    std::printf("  %-48s %7.0f cycles = %5.2f us a load; streaming %6.0f GB/s\n", row.name, hop, hop / clock_khz * 1e3,
+                row.mode ? total / (ms * 1e-3) / 1e9 : 0.0);
+  }
+  cudaFree(chain);
+  cudaFree(stream);
+  cudaFree(hops);
+  cudaFree(bytes);
+}
+
 }  // namespace
 
 void DataflowStepTable(double read_gbs, int reps) {
@@ -655,9 +845,9 @@ void DataflowStepTable(double read_gbs, int reps) {
       for (int p = 0; p < kProbes; ++p) mean[p] += double(probes[size_t(b) * kProbes + p]) / sms;
     auto us = [&](double cycles) { return cycles / clock_khz * 1e3; };
     std::printf("  a block's last launch, mean over blocks (us at %d MHz): in the kernel %.1f; consumers waiting on "
-                "inputs %.1f, on landed weights %.1f; producer waiting on free slots %.1f, on the routes %.1f (their logits' load %.1f)\n",
+                "inputs %.1f, on landed weights %.1f; producer waiting on free slots %.1f, on the routes %.1f\n",
                 clock_khz / 1000, us(mean[kTotal]), us(mean[kInputWait]), us(mean[kFullWait]), us(mean[kEmptyWait]),
-                us(mean[kRouteWait]), us(mean[kRouteLoad]));
+                us(mean[kRouteWait]));
   }
   // The two protocols must compute the same step: one launch of each from
   // the same residual with the same routes, logits compared bit for bit.
@@ -676,6 +866,7 @@ void DataflowStepTable(double read_gbs, int reps) {
   int differ = 0;
   for (int i = 0; i < kVocab; ++i) differ += std::memcmp(&by_mode[0][i], &by_mode[1][i], sizeof(float)) != 0;
   std::printf("one step by each protocol, same residual and routes: %d of %d logits differ\n", differ, kVocab);
+  ChaseUnderStreamTable(sms);
   cudaFree(a.probes);
   cudaFree(w);
   cudaFree(f);
