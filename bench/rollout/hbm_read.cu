@@ -2,6 +2,9 @@
 
 #include <cstdint>
 
+#include "kernels/ptx/mbarrier.cuh"
+#include "kernels/ptx/tma.cuh"
+
 namespace grove::bench {
 namespace {
 
@@ -14,7 +17,46 @@ __global__ void HbmReadKernel(const uint4* __restrict__ p, size_t count, unsigne
   if (acc == 0x9E3779B9u) *sink = acc;  // practically never taken; the loads must happen
 }
 
+constexpr int kBulkSlots = 8;
+constexpr uint32_t kBulkBytes = 16384;
+
+// One block an SM; thread 0 streams the block's contiguous slice into a
+// ring of shared-memory slots with 1-D bulk copies, `in_flight` at a time.
+__global__ void HbmBulkReadKernel(const uint8_t* p, size_t bytes, int in_flight) {
+  extern __shared__ __align__(128) uint8_t ring[];
+  __shared__ uint64_t bars[kBulkSlots];
+  if (threadIdx.x != 0) return;
+  for (int i = 0; i < kBulkSlots; ++i) ptx::mbarrier_init(&bars[i], 1);
+  ptx::fence_mbarrier_init();
+  const size_t chunks = bytes / kBulkBytes;
+  const size_t first = chunks * blockIdx.x / gridDim.x, last = chunks * (blockIdx.x + 1) / gridDim.x;
+  uint32_t issued = 0;
+  for (size_t c = first; c < last; ++c, ++issued) {
+    if (issued >= uint32_t(in_flight)) {  // the copy in_flight back (its slot's last use) has landed
+      const uint32_t back = issued - uint32_t(in_flight);
+      ptx::mbarrier_wait_parity(&bars[back % kBulkSlots], (back / kBulkSlots) & 1u);
+    }
+    const uint32_t slot = issued % kBulkSlots;
+    ptx::mbarrier_arrive_expect_tx(&bars[slot], kBulkBytes);
+    ptx::cp_async_bulk_g2s(ring + size_t(slot) * kBulkBytes, p + c * kBulkBytes, kBulkBytes, &bars[slot]);
+  }
+  for (uint32_t b = issued > uint32_t(in_flight) ? issued - uint32_t(in_flight) : 0; b < issued; ++b)
+    ptx::mbarrier_wait_parity(&bars[b % kBulkSlots], (b / kBulkSlots) & 1u);
+}
+
 }  // namespace
+
+cudaError_t LaunchHbmBulkRead(const void* buf, size_t bytes, int in_flight, cudaStream_t stream) {
+  if (in_flight < 1 || in_flight > kBulkSlots) return cudaErrorInvalidValue;
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int smem = kBulkSlots * int(kBulkBytes);
+  cudaError_t err = cudaFuncSetAttribute(HbmBulkReadKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  HbmBulkReadKernel<<<sms, 32, smem, stream>>>(static_cast<const uint8_t*>(buf), bytes, in_flight);
+  return cudaGetLastError();
+}
 
 cudaError_t LaunchHbmRead(const void* buf, size_t bytes, unsigned* sink, cudaStream_t stream) {
   int device = 0, sms = 0;

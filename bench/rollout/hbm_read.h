@@ -13,4 +13,9 @@ namespace grove::bench {
 // `sink` (one device uint32) keeps the compiler from dropping the loads.
 cudaError_t LaunchHbmRead(const void* buf, size_t bytes, unsigned* sink, cudaStream_t stream);
 
+// The same read done by the bulk-copy engine (sm_90): one block an SM
+// copies its slice into shared memory in 16 KB pieces, `in_flight` (1-8)
+// at a time. `bytes` a multiple of 16 KB.
+cudaError_t LaunchHbmBulkRead(const void* buf, size_t bytes, int in_flight, cudaStream_t stream);
+
 }  // namespace grove::bench
