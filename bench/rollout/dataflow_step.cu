@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "bench/support/bench_util.h"
+#include "bench/support/timed_stream.h"
 #include "kernels/ptx/grid_sync.cuh"
 #include "kernels/ptx/mbarrier.cuh"
 #include "kernels/ptx/tma.cuh"
@@ -628,11 +629,11 @@ __global__ void __launch_bounds__(kThreads, 1) ChaseUnderStreamKernel(ChaseArgs 
 
 void ChaseUnderStreamTable(int sms) {
   uint32_t* chain = nullptr;
-  uint4* stream = nullptr;
+  uint4* streamed = nullptr;
   const size_t stream_bytes = size_t(2) << 30;
   GROVE_BENCH_CUDA_CHECK(cudaMalloc(&chain, sizeof(uint32_t) * kChainWords));
-  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&stream, stream_bytes));
-  GROVE_BENCH_CUDA_CHECK(cudaMemset(stream, 1, stream_bytes));
+  GROVE_BENCH_CUDA_CHECK(cudaMalloc(&streamed, stream_bytes));
+  GROVE_BENCH_CUDA_CHECK(cudaMemset(streamed, 1, stream_bytes));
   // One cycle through every 32nd word (a new 128-byte line each hop), in a
   // scrambled order so that no prefetcher helps.
   std::vector<uint32_t> h(kChainWords, 0);
@@ -658,9 +659,7 @@ void ChaseUnderStreamTable(int sms) {
   int device = 0, clock_khz = 0;
   GROVE_BENCH_CUDA_CHECK(cudaGetDevice(&device));
   GROVE_BENCH_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device));
-  cudaEvent_t t0, t1;
-  GROVE_BENCH_CUDA_CHECK(cudaEventCreate(&t0));
-  GROVE_BENCH_CUDA_CHECK(cudaEventCreate(&t1));
+  TimedStream timed;
   std::printf("\none dependent L2 load (ld.relaxed.gpu, a 1 MB chain L2 holds) while every SM streams a 2 GB buffer:\n");
   const struct {
     int mode, copies;
@@ -672,15 +671,13 @@ void ChaseUnderStreamTable(int sms) {
               {2, 4, "bulk copies, 4 in flight a block"},
               {2, 12, "bulk copies, 12 in flight a block"}};
   for (const auto& row : rows) {
-    ChaseArgs c{chain, stream, stream_bytes / 16, row.mode, row.copies, hops, bytes};
+    ChaseArgs c{chain, streamed, stream_bytes / 16, row.mode, row.copies, hops, bytes};
     float ms = 0.f;
     for (int rep = 0; rep < 2; ++rep) {  // the first run warms L2 with the chain
-      GROVE_BENCH_CUDA_CHECK(cudaEventRecord(t0));
-      ChaseUnderStreamKernel<<<sms, kThreads, smem>>>(c);
-      GROVE_BENCH_CUDA_CHECK(cudaEventRecord(t1));
-      GROVE_BENCH_CUDA_CHECK(cudaEventSynchronize(t1));
+      timed.Start();
+      ChaseUnderStreamKernel<<<sms, kThreads, smem, timed.stream()>>>(c);
       GROVE_BENCH_CUDA_CHECK(cudaGetLastError());
-      GROVE_BENCH_CUDA_CHECK(cudaEventElapsedTime(&ms, t0, t1));
+      ms = timed.StopMs();
     }
     std::vector<unsigned long long> hh(sms), bb(sms + 1);
     GROVE_BENCH_CUDA_CHECK(cudaMemcpy(hh.data(), hops, sizeof(unsigned long long) * sms, cudaMemcpyDeviceToHost));
@@ -694,7 +691,7 @@ void ChaseUnderStreamTable(int sms) {
                 row.mode ? total / (ms * 1e-3) / 1e9 : 0.0);
   }
   cudaFree(chain);
-  cudaFree(stream);
+  cudaFree(streamed);
   cudaFree(hops);
   cudaFree(bytes);
 }
@@ -751,11 +748,8 @@ void DataflowStepTable(double read_gbs, int reps) {
       cudaFuncSetAttribute(DataflowStepKernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   GROVE_BENCH_CUDA_CHECK(
       cudaFuncSetAttribute(DataflowStepKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  cudaStream_t stream;
-  GROVE_BENCH_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cudaEvent_t t0, t1;
-  GROVE_BENCH_CUDA_CHECK(cudaEventCreate(&t0));
-  GROVE_BENCH_CUDA_CHECK(cudaEventCreate(&t1));
+  TimedStream timed;
+  cudaStream_t stream = timed.stream();
   uint32_t step = 0;
   bool tagged_mode = false;
   bool fixed_route = false;
@@ -810,13 +804,9 @@ void DataflowStepTable(double read_gbs, int reps) {
     GROVE_BENCH_CUDA_CHECK(cudaStreamSynchronize(stream));
     std::vector<float> ms;
     for (int r = 0; r < reps; ++r) {
-      GROVE_BENCH_CUDA_CHECK(cudaEventRecord(t0, stream));
+      timed.Start();
       for (int i = 0; i < kStepsPerRep; ++i) launch();
-      GROVE_BENCH_CUDA_CHECK(cudaEventRecord(t1, stream));
-      GROVE_BENCH_CUDA_CHECK(cudaEventSynchronize(t1));
-      float t = 0.f;
-      GROVE_BENCH_CUDA_CHECK(cudaEventElapsedTime(&t, t0, t1));
-      ms.push_back(t / kStepsPerRep);
+      ms.push_back(timed.StopMs() / kStepsPerRep);
       reset_x();
     }
     std::sort(ms.begin(), ms.end());
@@ -872,7 +862,6 @@ void DataflowStepTable(double read_gbs, int reps) {
   cudaFree(f);
   cudaFree(words);
   cudaFree(a.counters);
-  cudaStreamDestroy(stream);
 }
 
 }  // namespace grove::bench

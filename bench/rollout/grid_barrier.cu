@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "bench/support/bench_util.h"
+#include "bench/support/timed_stream.h"
 #include "kernels/ptx/grid_sync.cuh"
 
 namespace grove::bench {
@@ -133,11 +134,8 @@ void GridBarrierTable(int barriers, int reps) {
   GROVE_BENCH_CUDA_CHECK(cudaMalloc(&sync, sync_bytes));
   GROVE_BENCH_CUDA_CHECK(cudaMalloc(&row, sizeof(float) * 2 * kRow));
   GROVE_BENCH_CUDA_CHECK(cudaMalloc(&sink, sizeof(float) * sms));
-  cudaStream_t stream;
-  GROVE_BENCH_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cudaEvent_t t0, t1;
-  GROVE_BENCH_CUDA_CHECK(cudaEventCreate(&t0));
-  GROVE_BENCH_CUDA_CHECK(cudaEventCreate(&t1));
+  TimedStream timed;
+  cudaStream_t stream = timed.stream();
   const Variant variants[] = {
       {"release add, acquire spin (decode_step's)", BarrierKernel<Kind::kReleaseAcquire>},
       {"release add, relaxed spin + acq_rel fence", BarrierKernel<Kind::kRelaxedPollFence>},
@@ -157,13 +155,10 @@ void GridBarrierTable(int barriers, int reps) {
         GROVE_BENCH_CUDA_CHECK(cudaMemsetAsync(sync, 0, sync_bytes, stream));
         Args args{sync, row, sink, barriers, head == 1};
         void* params[] = {&args};
-        GROVE_BENCH_CUDA_CHECK(cudaEventRecord(t0, stream));
+        timed.Start();
         GROVE_BENCH_CUDA_CHECK(
             cudaLaunchCooperativeKernel(reinterpret_cast<void*>(v.kernel), dim3(sms), dim3(kThreads), params, 0, stream));
-        GROVE_BENCH_CUDA_CHECK(cudaEventRecord(t1, stream));
-        GROVE_BENCH_CUDA_CHECK(cudaEventSynchronize(t1));
-        float ms = 0.f;
-        GROVE_BENCH_CUDA_CHECK(cudaEventElapsedTime(&ms, t0, t1));
+        const float ms = timed.StopMs();
         if (r > 0) t.push_back(ms);  // the first launch is a warm-up
       }
       std::sort(t.begin(), t.end());
@@ -174,7 +169,6 @@ void GridBarrierTable(int barriers, int reps) {
   cudaFree(sync);
   cudaFree(row);
   cudaFree(sink);
-  cudaStreamDestroy(stream);
 }
 
 }  // namespace grove::bench

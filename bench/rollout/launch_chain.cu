@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "bench/support/bench_util.h"
+#include "bench/support/timed_stream.h"
 #include "kernels/launch.cuh"
 #include "kernels/programmatic_launch.h"
 #include "kernels/ptx/griddepcontrol.cuh"
@@ -67,11 +68,8 @@ void LaunchChainTable(int links, int reps) {
   GROVE_BENCH_CUDA_CHECK(cudaMemset(w, 1, link_w * 16 * links));
   GROVE_BENCH_CUDA_CHECK(cudaMalloc(&vec, 2 * kVector * sizeof(float)));
   GROVE_BENCH_CUDA_CHECK(cudaMemset(vec, 0, 2 * kVector * sizeof(float)));
-  cudaStream_t stream;
-  GROVE_BENCH_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cudaEvent_t t0, t1;
-  GROVE_BENCH_CUDA_CHECK(cudaEventCreate(&t0));
-  GROVE_BENCH_CUDA_CHECK(cudaEventCreate(&t1));
+  TimedStream timed;
+  cudaStream_t stream = timed.stream();
 
   const Variant variants[] = {
       {"empty, 1 block", 1, 32, false, false, false, false},
@@ -108,22 +106,15 @@ void LaunchChainTable(int links, int reps) {
     GROVE_BENCH_CUDA_CHECK(cudaGraphLaunch(exec, stream));  // warm-up
     std::vector<float> ms;
     for (int r = 0; r < reps; ++r) {
-      GROVE_BENCH_CUDA_CHECK(cudaEventRecord(t0, stream));
+      timed.Start();
       GROVE_BENCH_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-      GROVE_BENCH_CUDA_CHECK(cudaEventRecord(t1, stream));
-      GROVE_BENCH_CUDA_CHECK(cudaEventSynchronize(t1));
-      float m = 0.f;
-      GROVE_BENCH_CUDA_CHECK(cudaEventElapsedTime(&m, t0, t1));
-      ms.push_back(m);
+      ms.push_back(timed.StopMs());
     }
     std::sort(ms.begin(), ms.end());
     std::printf("| %s | %.2f |\n", v.name, 1000.0 * ms[ms.size() / 2] / links);
     GROVE_BENCH_CUDA_CHECK(cudaGraphExecDestroy(exec));
     GROVE_BENCH_CUDA_CHECK(cudaGraphDestroy(graph));
   }
-  cudaEventDestroy(t0);
-  cudaEventDestroy(t1);
-  cudaStreamDestroy(stream);
   cudaFree(vec);
   cudaFree(w);
 }
