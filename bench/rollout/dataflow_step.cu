@@ -10,6 +10,7 @@
 #include <cstring>
 #include <vector>
 
+#include "bench/rollout/bulk_read_ring.cuh"
 #include "bench/support/bench_util.h"
 #include "bench/support/timed_stream.h"
 #include "kernels/ptx/grid_sync.cuh"
@@ -562,10 +563,10 @@ __global__ void __launch_bounds__(kThreads, 1) ChaseUnderStreamKernel(ChaseArgs 
   __shared__ uint64_t bars[kRingSlots];
   __shared__ volatile int stop;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  BulkReadRing<kRingSlots> reader{smem, bars, kSlotBytes, uint32_t(c.copies)};
   if (threadIdx.x == 0) {
     stop = 0;
-    for (int i = 0; i < kRingSlots; ++i) ptx::mbarrier_init(&bars[i], 1);
-    ptx::fence_mbarrier_init();
+    reader.Init();
   }
   __syncthreads();
   if (warp == kConsumerWarps) {
@@ -598,22 +599,11 @@ __global__ void __launch_bounds__(kThreads, 1) ChaseUnderStreamKernel(ChaseArgs 
     if (x == 0x12345678u) c.bytes[gridDim.x] = x;  // keeps the loads
   } else if (c.mode == 2 && threadIdx.x == 0) {
     const size_t chunk_words = kSlotBytes / 16;
-    uint32_t issued = 0;
     while (!stop) {
-      const uint32_t slot = issued % kRingSlots, use = issued / kRingSlots;
-      if (issued >= uint32_t(c.copies)) {  // the copy `copies` back has landed
-        const uint32_t back = issued - uint32_t(c.copies);
-        WaitParity(&bars[back % kRingSlots], (back / kRingSlots) & 1u, "the streaming copies");
-      }
-      (void)use;
-      ptx::mbarrier_arrive_expect_tx(&bars[slot], kSlotBytes);
-      ptx::cp_async_bulk_g2s(smem + size_t(slot) * kSlotBytes, mine + (size_t(issued) * chunk_words) % (per_block - chunk_words),
-                             kSlotBytes, &bars[slot]);
-      ++issued;
+      reader.Read(mine + (size_t(reader.issued) * chunk_words) % (per_block - chunk_words));
       bytes += kSlotBytes;
     }
-    for (uint32_t b = issued > uint32_t(kRingSlots) ? issued - kRingSlots : 0; b < issued; ++b)
-      WaitParity(&bars[b % kRingSlots], (b / kRingSlots) & 1u, "the last streaming copies");
+    reader.Drain();
   }
   if (c.mode == 1) {
     __shared__ unsigned long long sum;

@@ -2,8 +2,7 @@
 
 #include <cstdint>
 
-#include "kernels/ptx/mbarrier.cuh"
-#include "kernels/ptx/tma.cuh"
+#include "bench/rollout/bulk_read_ring.cuh"
 
 namespace grove::bench {
 namespace {
@@ -26,22 +25,12 @@ __global__ void HbmBulkReadKernel(const uint8_t* p, size_t bytes, int in_flight)
   extern __shared__ __align__(128) uint8_t ring[];
   __shared__ uint64_t bars[kBulkSlots];
   if (threadIdx.x != 0) return;
-  for (int i = 0; i < kBulkSlots; ++i) ptx::mbarrier_init(&bars[i], 1);
-  ptx::fence_mbarrier_init();
+  BulkReadRing<kBulkSlots> reader{ring, bars, kBulkBytes, uint32_t(in_flight)};
+  reader.Init();
   const size_t chunks = bytes / kBulkBytes;
   const size_t first = chunks * blockIdx.x / gridDim.x, last = chunks * (blockIdx.x + 1) / gridDim.x;
-  uint32_t issued = 0;
-  for (size_t c = first; c < last; ++c, ++issued) {
-    if (issued >= uint32_t(in_flight)) {  // the copy in_flight back (its slot's last use) has landed
-      const uint32_t back = issued - uint32_t(in_flight);
-      ptx::mbarrier_wait_parity(&bars[back % kBulkSlots], (back / kBulkSlots) & 1u);
-    }
-    const uint32_t slot = issued % kBulkSlots;
-    ptx::mbarrier_arrive_expect_tx(&bars[slot], kBulkBytes);
-    ptx::cp_async_bulk_g2s(ring + size_t(slot) * kBulkBytes, p + c * kBulkBytes, kBulkBytes, &bars[slot]);
-  }
-  for (uint32_t b = issued > uint32_t(in_flight) ? issued - uint32_t(in_flight) : 0; b < issued; ++b)
-    ptx::mbarrier_wait_parity(&bars[b % kBulkSlots], (b / kBulkSlots) & 1u);
+  for (size_t c = first; c < last; ++c) reader.Read(p + c * kBulkBytes);
+  reader.Drain();
 }
 
 }  // namespace
